@@ -1,0 +1,76 @@
+"""Backend switch: ``triton`` kernels or the pure-PyTorch ``reference``.
+
+``auto`` (the default) picks Triton where it can run — CUDA tensors, or any tensor when the Triton
+CPU interpreter is on (``TRITON_INTERPRET=1`` set before import) — and the reference otherwise, with
+one warning. Set globally with :func:`set_backend` or the ``SMET_BACKEND`` environment variable, or
+per call with the ``backend=`` argument of the ops.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+BACKENDS = ("auto", "triton", "reference")
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+try:
+    import triton  # noqa: F401
+
+    TRITON_AVAILABLE = True
+except ImportError:  # pragma: no cover - triton is a runtime dependency
+    TRITON_AVAILABLE = False
+
+_backend = os.environ.get("SMET_BACKEND", "auto")
+_warned = False
+
+
+def _check_name(name: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    return name
+
+
+def set_backend(name: str) -> None:
+    """Select the default backend for every op: ``auto``, ``triton`` or ``reference``."""
+    global _backend
+    _backend = _check_name(name)
+
+
+def get_backend() -> str:
+    return _check_name(_backend)
+
+
+def triton_can_run(device: torch.device) -> bool:
+    """True when Triton kernels can execute on tensors of ``device``."""
+    if not TRITON_AVAILABLE:
+        return False
+    if INTERPRET:
+        return device.type == "cpu"
+    return device.type == "cuda"
+
+
+def resolve_backend(device: torch.device, backend: str | None = None) -> str:
+    """The concrete backend (``triton`` | ``reference``) for tensors on ``device``."""
+    global _warned
+    name = _check_name(backend if backend is not None else get_backend())
+    if name == "reference":
+        return name
+    if triton_can_run(device):
+        return "triton"
+    if name == "triton":
+        raise ValueError(
+            f"backend='triton' cannot run on device {device}: Triton needs a CUDA tensor, or "
+            "TRITON_INTERPRET=1 set before importing smet_kernels for CPU tensors"
+        )
+    if not _warned:
+        warnings.warn(
+            f"smet_kernels: Triton cannot run on device '{device}' (no CUDA, TRITON_INTERPRET unset); "
+            "using the pure-PyTorch reference ops",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        _warned = True
+    return "reference"
