@@ -206,6 +206,13 @@ class BlockLayout:
             )
         return self._cache[key]
 
+    def block_indices_on(self, device: torch.device | str) -> torch.Tensor:
+        """:attr:`block_indices` as contiguous int32 ``[nnz, 2]`` on ``device`` (cached per version)."""
+        key = ("block_indices_i32", self.version, str(torch.device(device)))
+        if key not in self._cache:
+            self._cache[key] = self._block_indices.to(device=device, dtype=torch.int32).contiguous()
+        return self._cache[key]
+
     # ------------------------------------------------------------------ topology updates
     def replace_blocks(self, slots: torch.Tensor, new_blocks: torch.Tensor) -> None:
         """Move value slots ``slots`` to blocks ``new_blocks [n, 2]`` in place (prune + regrow).

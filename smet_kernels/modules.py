@@ -1,0 +1,199 @@
+"""``BlockSparseLinear`` (compact block-sparse ``nn.Linear``) and ``sparsify`` (swap the linears of any model)."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from .distribution import layer_densities
+from .functional import block_sparse_linear, from_dense, to_dense
+from .layout import BlockLayout, check_block_size, check_density
+
+
+class BlockSparseLinear(nn.Module):
+    """``y = x Wᵀ + b`` with ``W [out_features, in_features]`` block-sparse; only active blocks are stored.
+
+    ``values`` is one ``nn.Parameter [nnz, b, b]`` (slot ``k`` holds block ``layout.block_indices[k]``) and carries
+    the attribute ``values.smet_layout`` so that optimizers and the SMET controller find its layout. The layout is
+    part of the ``state_dict`` (extra state) and is restored in place.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        density: float | None = None,
+        block_size: int = 128,
+        bias: bool = False,
+        layout: BlockLayout | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        generator: torch.Generator | None = None,
+        backend: str | None = None,
+    ):
+        super().__init__()
+        if layout is None:
+            if density is None:
+                raise TypeError("BlockSparseLinear needs density (or an explicit layout)")
+            layout = BlockLayout.random(out_features, in_features, block_size, density, generator=generator)
+        elif not isinstance(layout, BlockLayout):
+            raise TypeError(f"layout must be a BlockLayout, got {type(layout).__name__}")
+        elif layout.shape != (out_features, in_features):
+            raise ValueError(f"layout.shape {layout.shape} does not match (out_features, in_features)="
+                             f"{(out_features, in_features)}")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.layout = layout
+        self.backend = backend
+        b = layout.block_size
+        self.values = nn.Parameter(torch.empty(layout.nnz, b, b, device=device, dtype=dtype))
+        self.values.smet_layout = layout
+        self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
+        self.reset_parameters(generator)
+
+    @property
+    def block_size(self) -> int:
+        return self.layout.block_size
+
+    @property
+    def density(self) -> float:
+        return self.layout.density
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """``nn.Linear``'s init: ``U(-1/√in, 1/√in)`` for the active weights and the bias."""
+        bound = 1.0 / math.sqrt(self.in_features)
+        with torch.no_grad():
+            self.values.uniform_(-bound, bound, generator=generator)
+            if self.bias is not None:
+                self.bias.uniform_(-bound, bound, generator=generator)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return block_sparse_linear(x, self.values, self.layout, self.bias, backend=self.backend)
+
+    def to_dense_weight(self) -> torch.Tensor:
+        """The dense ``[out, in]`` weight (zeros at inactive blocks)."""
+        return to_dense(self.values, self.layout)
+
+    @classmethod
+    def from_linear(
+        cls, linear: nn.Linear, layout: BlockLayout, backend: str | None = None
+    ) -> "BlockSparseLinear":
+        """A block-sparse copy of ``linear`` keeping the weights of the blocks active in ``layout``."""
+        weight = linear.weight
+        module = cls(
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            layout=layout,
+            device=weight.device,
+            dtype=weight.dtype,
+            backend=backend,
+        )
+        with torch.no_grad():
+            module.values.copy_(from_dense(weight.detach(), layout))
+            if linear.bias is not None:
+                module.bias.copy_(linear.bias.detach())
+        return module
+
+    def get_extra_state(self) -> dict:
+        return self.layout.state_dict()
+
+    def set_extra_state(self, state: dict) -> None:
+        if tuple(state["shape"]) != self.layout.shape or int(state["block_size"]) != self.layout.block_size:
+            raise ValueError(
+                f"checkpoint layout (shape {tuple(state['shape'])}, block_size {state['block_size']}) does not match "
+                f"this layer (shape {self.layout.shape}, block_size {self.layout.block_size})"
+            )
+        self.layout.set_block_indices(state["block_indices"])
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, block_size={self.block_size}, "
+            f"nnz={self.layout.nnz}, density={self.density:.4f}, bias={self.bias is not None}"
+        )
+
+
+def _name_filter(patterns: Iterable[str] | str | None, name: str) -> list[str] | None:
+    if patterns is None:
+        return None
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    patterns = list(patterns)
+    for pattern in patterns:
+        if not isinstance(pattern, str):
+            raise TypeError(f"{name} must hold regular expressions (str), got {type(pattern).__name__}")
+        try:
+            re.compile(pattern)
+        except re.error as err:
+            raise ValueError(f"{name} holds an invalid regular expression {pattern!r}: {err}") from None
+    return patterns
+
+
+def sparse_linear_names(
+    model: nn.Module, include: Iterable[str] | str | None = None, exclude: Iterable[str] | str | None = None
+) -> list[str]:
+    """Qualified names of the ``nn.Linear`` modules selected by ``include``/``exclude`` (regexes searched in names)."""
+    include_p = _name_filter(include, "include")
+    exclude_p = _name_filter(exclude, "exclude")
+    names = []
+    for name, module in model.named_modules():
+        if type(module) is not nn.Linear:
+            continue
+        if include_p is not None and not any(re.search(p, name) for p in include_p):
+            continue
+        if exclude_p is not None and any(re.search(p, name) for p in exclude_p):
+            continue
+        names.append(name)
+    return names
+
+
+def sparsify(
+    model: nn.Module,
+    density: float,
+    block_size: int = 128,
+    distribution: str = "uniform",
+    include: Iterable[str] | str | None = None,
+    exclude: Iterable[str] | str | None = None,
+    generator: torch.Generator | None = None,
+    backend: str | None = None,
+) -> nn.Module:
+    """Replace the selected ``nn.Linear`` layers of ``model`` (in place) by ``BlockSparseLinear``.
+
+    Per-layer densities follow ``distribution`` (``uniform`` | ``erk``) for the global ``density``; each layer's
+    active blocks are chosen at random (``generator``) and keep the dense layer's weights. ``include`` / ``exclude``
+    are regular expressions searched in module names (default: every ``nn.Linear``). Returns ``model``.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    density = check_density(density)
+    check_block_size(block_size)
+    names = sparse_linear_names(model, include, exclude)
+    if not names:
+        raise ValueError("sparsify found no nn.Linear layer to sparsify (check include/exclude)")
+    modules = dict(model.named_modules())
+    shapes = {}
+    if names == [""]:
+        raise ValueError("model is itself an nn.Linear: use BlockSparseLinear.from_linear(model, layout)")
+    for name in names:
+        linear = modules[name]
+        for size, what in ((linear.out_features, "out_features"), (linear.in_features, "in_features")):
+            if size % block_size:
+                raise ValueError(
+                    f"layer '{name}': {what}={size} is not divisible by block_size={block_size} (exclude it or "
+                    "choose another block_size)"
+                )
+        shapes[name] = (linear.out_features, linear.in_features)
+    densities = layer_densities(shapes, density, distribution)
+    for name in names:
+        linear = modules[name]
+        layout = BlockLayout.random(
+            linear.out_features, linear.in_features, block_size, densities[name], generator=generator
+        )
+        parent_name, _, child = name.rpartition(".")
+        parent = modules[parent_name] if parent_name else model
+        setattr(parent, child, BlockSparseLinear.from_linear(linear, layout, backend=backend))
+    return model

@@ -1,0 +1,123 @@
+import pytest
+import torch
+
+from smet_kernels import BlockLayout
+from smet_kernels.distribution import layer_densities
+
+
+def test_from_mask_row_major_slots():
+    mask = torch.tensor([[False, True, True], [True, False, False]])
+    layout = BlockLayout.from_mask(mask, 16)
+    assert layout.shape == (32, 48)
+    assert layout.block_size == 16
+    assert layout.nnz == 3
+    assert layout.density == pytest.approx(0.5)
+    assert layout.block_indices.tolist() == [[0, 1], [0, 2], [1, 0]]
+    assert torch.equal(layout.mask, mask)
+
+
+@pytest.mark.parametrize("density", [0.01, 0.25, 0.5, 1.0])
+def test_random_exact_nnz_and_seeded(density):
+    layout = BlockLayout.random(128, 256, 16, density, generator=torch.Generator().manual_seed(3))
+    blocks = (128 // 16) * (256 // 16)
+    assert layout.nnz == max(1, round(density * blocks))
+    again = BlockLayout.random(128, 256, 16, density, generator=torch.Generator().manual_seed(3))
+    assert layout == again
+    flat = layout.block_indices[:, 0] * 16 + layout.block_indices[:, 1]
+    assert torch.equal(flat, flat.sort().values)  # row-major slots
+
+
+def test_row_and_col_index_cover_every_slot():
+    layout = BlockLayout.random(96, 160, 32, 0.4, generator=torch.Generator().manual_seed(0))
+    rows, cols = layout.block_shape
+    row = layout.row_index()
+    col = layout.col_index()
+    assert row.ptr.tolist()[-1] == layout.nnz and col.ptr.tolist()[-1] == layout.nnz
+    assert sorted(row.slots.tolist()) == list(range(layout.nnz))
+    assert sorted(col.slots.tolist()) == list(range(layout.nnz))
+    for r in range(rows):
+        for p in range(row.ptr[r], row.ptr[r + 1]):
+            slot = row.slots[p].item()
+            assert layout.block_indices[slot].tolist() == [r, row.minor[p].item()]
+    for c in range(cols):
+        for p in range(col.ptr[c], col.ptr[c + 1]):
+            slot = col.slots[p].item()
+            assert layout.block_indices[slot].tolist() == [col.minor[p].item(), c]
+
+
+def test_index_cached_until_layout_changes():
+    layout = BlockLayout.random(64, 64, 16, 0.5, generator=torch.Generator().manual_seed(1))
+    first = layout.row_index()
+    assert layout.row_index() is first
+    inactive = (~layout.mask).nonzero()[:2]
+    layout.replace_blocks(torch.tensor([0, 3]), inactive)
+    assert layout.version == 1
+    rebuilt = layout.row_index()
+    assert rebuilt is not first
+    assert layout.block_indices[[0, 3]].tolist() == inactive.tolist()
+    assert layout.mask[inactive[:, 0], inactive[:, 1]].all()
+
+
+def test_replace_blocks_rejects_duplicates_and_bad_slots():
+    layout = BlockLayout.random(64, 64, 16, 0.5, generator=torch.Generator().manual_seed(1))
+    taken = layout.block_indices[1:2]
+    with pytest.raises(ValueError, match="duplicate"):
+        layout.replace_blocks(torch.tensor([0]), taken)
+    with pytest.raises(ValueError, match="slots"):
+        layout.replace_blocks(torch.tensor([layout.nnz]), (~layout.mask).nonzero()[:1])
+    with pytest.raises(ValueError, match="differ in length"):
+        layout.replace_blocks(torch.tensor([0, 1]), (~layout.mask).nonzero()[:1])
+    assert layout.version == 0
+
+
+def test_state_dict_round_trip():
+    layout = BlockLayout.random(64, 128, 32, 0.5, generator=torch.Generator().manual_seed(2))
+    assert BlockLayout.from_state_dict(layout.state_dict()) == layout
+
+
+@pytest.mark.parametrize(
+    "call, exc, word",
+    [
+        (lambda: BlockLayout.random(64, 64, 24, 0.5), ValueError, "block_size"),
+        (lambda: BlockLayout.random(64, 64, 16.0, 0.5), TypeError, "block_size"),
+        (lambda: BlockLayout.random(60, 64, 16, 0.5), ValueError, "out_features"),
+        (lambda: BlockLayout.random(64, 72, 16, 0.5), ValueError, "in_features"),
+        (lambda: BlockLayout.random(64, 64, 16, 0.0), ValueError, "density"),
+        (lambda: BlockLayout.random(64, 64, 16, 1.5), ValueError, "density"),
+        (lambda: BlockLayout.random(64, 64, 16, "0.5"), TypeError, "density"),
+        (lambda: BlockLayout.from_mask(torch.zeros(2, 2, dtype=torch.bool), 16), ValueError, "mask"),
+        (lambda: BlockLayout.from_mask(torch.ones(2, 2), 16), TypeError, "mask"),
+        (lambda: BlockLayout.from_mask(torch.ones(2, dtype=torch.bool), 16), ValueError, "mask"),
+        (lambda: BlockLayout(torch.tensor([[0, 5]]), (32, 32), 16), ValueError, "block_indices"),
+        (lambda: BlockLayout(torch.tensor([[0, 0], [0, 0]]), (32, 32), 16), ValueError, "duplicate"),
+        (lambda: BlockLayout(torch.zeros(0, 2, dtype=torch.long), (32, 32), 16), ValueError, "nnz"),
+        (lambda: BlockLayout(torch.tensor([[0.0, 0.0]]), (32, 32), 16), TypeError, "block_indices"),
+    ],
+)
+def test_bad_input_names_the_argument(call, exc, word):
+    with pytest.raises(exc, match=word):
+        call()
+
+
+def test_erk_densities_hit_the_global_budget():
+    shapes = {"small": (64, 64), "wide": (64, 1024), "big": (1024, 1024)}
+    dens = layer_densities(shapes, 0.3, "erk")
+    total = sum(o * i for o, i in shapes.values())
+    active = sum(dens[n] * o * i for n, (o, i) in shapes.items())
+    assert active == pytest.approx(0.3 * total, rel=1e-9)
+    assert dens["small"] >= dens["wide"] > dens["big"]  # ERK favours small layers
+    assert dens["big"] < 0.3
+    assert all(0 < d <= 1 for d in dens.values())
+
+
+def test_erk_caps_layers_at_dense():
+    shapes = {"tiny": (16, 16), "big": (2048, 2048)}
+    dens = layer_densities(shapes, 0.5, "erk")
+    assert dens["tiny"] == 1.0
+    active = sum(dens[n] * o * i for n, (o, i) in shapes.items())
+    assert active == pytest.approx(0.5 * (16 * 16 + 2048 * 2048))
+
+
+def test_layer_densities_bad_distribution():
+    with pytest.raises(ValueError, match="distribution"):
+        layer_densities({"a": (16, 16)}, 0.5, "gaussian")

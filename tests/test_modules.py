@@ -1,0 +1,95 @@
+import pytest
+import torch
+from torch import nn
+
+from smet_kernels import BlockLayout, BlockSparseLinear, from_dense, sparsify, to_dense
+
+
+def test_block_sparse_linear_matches_dense_linear():
+    torch.manual_seed(0)
+    layer = BlockSparseLinear(48, 32, density=0.5, block_size=16, bias=True)
+    assert isinstance(layer.values, nn.Parameter) and layer.values.shape == (layer.layout.nnz, 16, 16)
+    assert layer.values.smet_layout is layer.layout
+    x = torch.randn(2, 5, 48)
+    expected = nn.functional.linear(x, to_dense(layer.values, layer.layout), layer.bias)
+    torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=1e-5)
+    layer(x).sum().backward()
+    assert layer.values.grad.shape == layer.values.shape and layer.bias.grad.shape == (32,)
+
+
+def test_state_dict_restores_layout_in_place():
+    src = BlockSparseLinear(64, 64, density=0.25, block_size=16, generator=torch.Generator().manual_seed(1))
+    dst = BlockSparseLinear(64, 64, density=0.25, block_size=16, generator=torch.Generator().manual_seed(2))
+    assert src.layout != dst.layout
+    layout_object = dst.layout
+    dst.load_state_dict(src.state_dict())
+    assert dst.layout is layout_object and dst.values.smet_layout is layout_object
+    assert dst.layout == src.layout
+    assert torch.equal(dst.values, src.values)
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(dst(x), src(x))
+
+
+def test_state_dict_with_mismatched_layout_shape_fails():
+    src = BlockSparseLinear(64, 64, density=0.25, block_size=16)
+    dst = BlockSparseLinear(64, 64, density=0.25, block_size=32)
+    with pytest.raises((ValueError, RuntimeError)):
+        dst.load_state_dict(src.state_dict())
+
+
+class _Mlp(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up = nn.Linear(32, 64)
+        self.down = nn.Linear(64, 32, bias=False)
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x):
+        return self.head(self.down(torch.relu(self.up(x))))
+
+
+def test_sparsify_keeps_the_weights_of_kept_blocks():
+    torch.manual_seed(0)
+    model = _Mlp()
+    dense_up = model.up.weight.detach().clone()
+    sparsify(model, density=0.5, block_size=16, exclude=["head"], generator=torch.Generator().manual_seed(0))
+    assert isinstance(model.up, BlockSparseLinear) and isinstance(model.down, BlockSparseLinear)
+    assert type(model.head) is nn.Linear
+    assert torch.equal(model.up.values, from_dense(dense_up, model.up.layout))
+    assert model.up.bias is not None and model.down.bias is None
+    assert model(torch.randn(4, 32)).shape == (4, 10)
+
+
+def test_sparsify_include_and_erk():
+    model = _Mlp()
+    sparsify(model, density=0.5, block_size=16, include=[r"^up$"])
+    assert isinstance(model.up, BlockSparseLinear) and type(model.down) is nn.Linear
+    model = nn.Sequential(nn.Linear(16, 16), nn.Linear(256, 256))
+    sparsify(model, density=0.3, block_size=16, distribution="erk")
+    assert model[0].density == 1.0 and model[1].density < 0.3
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, word",
+    [
+        ({"density": 0.0}, ValueError, "density"),
+        ({"density": 0.5, "block_size": 48}, ValueError, "block_size"),
+        ({"density": 0.5, "block_size": 64}, ValueError, "not divisible by block_size"),
+        ({"density": 0.5, "include": ["nothing-matches"]}, ValueError, "no nn.Linear"),
+        ({"density": 0.5, "include": ["("]}, ValueError, "include"),
+        ({"density": 0.5, "distribution": "normal"}, ValueError, "distribution"),
+    ],
+)
+def test_sparsify_bad_arguments(kwargs, exc, word):
+    kwargs.setdefault("block_size", 16)
+    with pytest.raises(exc, match=word):
+        sparsify(_Mlp(), exclude=["head"] if "include" not in kwargs else None, **kwargs)
+
+
+def test_block_sparse_linear_bad_arguments():
+    with pytest.raises(TypeError, match="density"):
+        BlockSparseLinear(32, 32, block_size=16)
+    with pytest.raises(ValueError, match="layout.shape"):
+        BlockSparseLinear(32, 32, layout=BlockLayout.random(64, 32, 16, 0.5))
+    with pytest.raises(ValueError, match="in_features"):
+        BlockSparseLinear(40, 32, density=0.5, block_size=16)
