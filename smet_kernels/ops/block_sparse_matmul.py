@@ -45,109 +45,66 @@ def _prune_configs(configs, named_args, **kwargs):
 
 @triton.autotune(
     configs=_matmul_configs((64, 128, 256)),
-    key=["M", "N", "K", "BLOCK_SIZE"],
+    key=["M", "IN_COLS", "OUT_COLS", "BLOCK_SIZE", "TRANSPOSE_BLOCKS"],
     prune_configs_by={"early_config_prune": _prune_configs},
 )
 @triton.jit
-def _bsmm_forward_kernel(
-    x_ptr,
+def _bsmm_dense_sparse_kernel(
+    a_ptr,
     values_ptr,
     bias_ptr,
-    y_ptr,
-    row_ptr_ptr,
-    row_slots_ptr,
-    row_cols_ptr,
+    out_ptr,
+    index_ptr_ptr,
+    index_slots_ptr,
+    index_minor_ptr,
     M,
-    N,
-    K,
-    stride_xm,
-    stride_ym,
+    IN_COLS,
+    OUT_COLS,
+    stride_am,
+    stride_om,
     HAS_BIAS: tl.constexpr,
+    TRANSPOSE_BLOCKS: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     UPCAST: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
 ):
+    """``out[m, j] = Σ_p a[m, minor(p)] · B_p (+ bias[j])`` over the active blocks ``p`` of output block ``j``.
+
+    Forward: ``a = x``, CSR index of W (``j`` = block row), ``B_p = W_pᵀ``. Input grad: ``a = dy``, CSC index of W
+    (``j`` = block column), ``B_p = W_p``.
+    """
     pid_m = tl.program_id(0)
-    block_row = tl.program_id(1)
+    out_block = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_b = tl.arange(0, BLOCK_SIZE)
     m_mask = offs_m < M
-    start = tl.load(row_ptr_ptr + block_row)
-    end = tl.load(row_ptr_ptr + block_row + 1)
+    start = tl.load(index_ptr_ptr + out_block)
+    end = tl.load(index_ptr_ptr + out_block + 1)
+    if TRANSPOSE_BLOCKS:
+        block_offsets = offs_b[None, :] * BLOCK_SIZE + offs_b[:, None]
+    else:
+        block_offsets = offs_b[:, None] * BLOCK_SIZE + offs_b[None, :]
     acc = tl.zeros((BLOCK_M, BLOCK_SIZE), dtype=tl.float32)
     for p in range(start, end):
-        slot = tl.load(row_slots_ptr + p).to(tl.int64)
-        col = tl.load(row_cols_ptr + p)
-        x = tl.load(
-            x_ptr + offs_m[:, None] * stride_xm + (col * BLOCK_SIZE + offs_b)[None, :],
+        slot = tl.load(index_slots_ptr + p).to(tl.int64)
+        minor = tl.load(index_minor_ptr + p)
+        a = tl.load(
+            a_ptr + offs_m[:, None] * stride_am + (minor * BLOCK_SIZE + offs_b)[None, :],
             mask=m_mask[:, None],
             other=0.0,
         )
-        # W block is [out i, in j] row-major; load its transpose [j, i].
-        w_t = tl.load(values_ptr + slot * BLOCK_SIZE * BLOCK_SIZE + offs_b[None, :] * BLOCK_SIZE + offs_b[:, None])
+        block = tl.load(values_ptr + slot * BLOCK_SIZE * BLOCK_SIZE + block_offsets)
         if UPCAST:
-            x = x.to(tl.float32)
-            w_t = w_t.to(tl.float32)
-        acc = tl.dot(x, w_t, acc, input_precision=INPUT_PRECISION)
-    offs_n = block_row * BLOCK_SIZE + offs_b
+            a = a.to(tl.float32)
+            block = block.to(tl.float32)
+        acc = tl.dot(a, block, acc, input_precision=INPUT_PRECISION)
+    offs_out = out_block * BLOCK_SIZE + offs_b
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n).to(tl.float32)[None, :]
+        acc += tl.load(bias_ptr + offs_out).to(tl.float32)[None, :]
     tl.store(
-        y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :],
-        acc.to(y_ptr.dtype.element_ty),
-        mask=m_mask[:, None],
-    )
-
-
-@triton.autotune(
-    configs=_matmul_configs((64, 128, 256)),
-    key=["M", "N", "K", "BLOCK_SIZE"],
-    prune_configs_by={"early_config_prune": _prune_configs},
-)
-@triton.jit
-def _bsmm_grad_input_kernel(
-    dy_ptr,
-    values_ptr,
-    dx_ptr,
-    col_ptr_ptr,
-    col_slots_ptr,
-    col_rows_ptr,
-    M,
-    N,
-    K,
-    stride_dym,
-    stride_dxm,
-    BLOCK_SIZE: tl.constexpr,
-    UPCAST: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-):
-    pid_m = tl.program_id(0)
-    block_col = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_b = tl.arange(0, BLOCK_SIZE)
-    m_mask = offs_m < M
-    start = tl.load(col_ptr_ptr + block_col)
-    end = tl.load(col_ptr_ptr + block_col + 1)
-    acc = tl.zeros((BLOCK_M, BLOCK_SIZE), dtype=tl.float32)
-    for p in range(start, end):
-        slot = tl.load(col_slots_ptr + p).to(tl.int64)
-        row = tl.load(col_rows_ptr + p)
-        dy = tl.load(
-            dy_ptr + offs_m[:, None] * stride_dym + (row * BLOCK_SIZE + offs_b)[None, :],
-            mask=m_mask[:, None],
-            other=0.0,
-        )
-        w = tl.load(values_ptr + slot * BLOCK_SIZE * BLOCK_SIZE + offs_b[:, None] * BLOCK_SIZE + offs_b[None, :])
-        if UPCAST:
-            dy = dy.to(tl.float32)
-            w = w.to(tl.float32)
-        acc = tl.dot(dy, w, acc, input_precision=INPUT_PRECISION)
-    offs_k = block_col * BLOCK_SIZE + offs_b
-    tl.store(
-        dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :],
-        acc.to(dx_ptr.dtype.element_ty),
+        out_ptr + offs_m[:, None] * stride_om + offs_out[None, :],
+        acc.to(out_ptr.dtype.element_ty),
         mask=m_mask[:, None],
     )
 
@@ -221,72 +178,72 @@ def default_split_k(m: int, nnz: int, device: torch.device) -> int:
     return max(1, min(max_split, triton.cdiv(programs_wanted, nnz), 16))
 
 
+def _check_row_major(**tensors: torch.Tensor) -> None:
+    for name, tensor in tensors.items():
+        if tensor.dim() != 2 or tensor.stride(1) != 1:
+            raise ValueError(f"{name} must be a 2-D tensor with unit stride along its last dimension")
+
+
+def _dense_sparse(
+    a: torch.Tensor,
+    values: torch.Tensor,
+    index,
+    out_cols: int,
+    block_size: int,
+    transpose_blocks: bool,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    m, in_cols = a.shape
+    out = torch.empty((m, out_cols), dtype=a.dtype, device=a.device)
+
+    def grid(meta):
+        return (triton.cdiv(m, meta["BLOCK_M"]), out_cols // block_size)
+
+    _bsmm_dense_sparse_kernel[grid](
+        a,
+        values,
+        bias if bias is not None else out,
+        out,
+        index.ptr,
+        index.slots,
+        index.minor,
+        m,
+        in_cols,
+        out_cols,
+        a.stride(0),
+        out.stride(0),
+        HAS_BIAS=bias is not None,
+        TRANSPOSE_BLOCKS=transpose_blocks,
+        BLOCK_SIZE=block_size,
+        **_kernel_flags(a.dtype),
+    )
+    return out
+
+
 def bsmm_forward(
     x: torch.Tensor, values: torch.Tensor, layout: BlockLayout, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """``y [M, N] = x [M, K] · Wᵀ (+ bias)``. Inputs are checked by the caller (see ``functional``)."""
-    m, k = x.shape
-    n = layout.shape[0]
-    b = layout.block_size
+    """``y [M, N] = x [M, K] · Wᵀ (+ bias)``, walking the active blocks of each block row (CSR).
+
+    Shapes and dtypes are checked by the caller (see ``functional``).
+    """
+    _check_row_major(x=x)
     index = layout.row_index(x.device)
-    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
-
-    def grid(meta):
-        return (triton.cdiv(m, meta["BLOCK_M"]), n // b)
-
-    _bsmm_forward_kernel[grid](
-        x,
-        values,
-        bias if bias is not None else y,
-        y,
-        index.ptr,
-        index.slots,
-        index.minor,
-        m,
-        n,
-        k,
-        x.stride(0),
-        y.stride(0),
-        HAS_BIAS=bias is not None,
-        BLOCK_SIZE=b,
-        **_kernel_flags(x.dtype),
-    )
-    return y
+    return _dense_sparse(x, values, index, layout.shape[0], layout.block_size, True, bias)
 
 
 def bsmm_grad_input(dy: torch.Tensor, values: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
-    """``dx [M, K] = dy [M, N] · W``, walking the active blocks of each block column (CSC)."""
-    m, n = dy.shape
-    k = layout.shape[1]
-    b = layout.block_size
+    """``dx [M, K] = dy [M, N] · W``, walking the active blocks of each block column (CSC) over the same values."""
+    _check_row_major(dy=dy)
     index = layout.col_index(dy.device)
-    dx = torch.empty((m, k), dtype=dy.dtype, device=dy.device)
-
-    def grid(meta):
-        return (triton.cdiv(m, meta["BLOCK_M"]), k // b)
-
-    _bsmm_grad_input_kernel[grid](
-        dy,
-        values,
-        dx,
-        index.ptr,
-        index.slots,
-        index.minor,
-        m,
-        n,
-        k,
-        dy.stride(0),
-        dx.stride(0),
-        BLOCK_SIZE=b,
-        **_kernel_flags(dy.dtype),
-    )
-    return dx
+    return _dense_sparse(dy, values, index, layout.shape[1], layout.block_size, False)
 
 
 def bsmm_grad_weight(
     dy: torch.Tensor, x: torch.Tensor, layout: BlockLayout, split_k: int | None = None
 ) -> torch.Tensor:
     """``dvalues [nnz, b, b]``: ``dvalues[k] = dy[:, rows(k)]ᵀ · x[:, cols(k)]``; never a dense ``[N, K]`` gradient."""
+    _check_row_major(dy=dy, x=x)
     m, k = x.shape
     n = layout.shape[0]
     b = layout.block_size
