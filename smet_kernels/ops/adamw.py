@@ -1,0 +1,321 @@
+"""Fused SMET AdamW step: one Triton launch updates every tensor of a parameter group (multi-tensor apply).
+
+Per element of value slot ``k`` (SPEC §2; local step ``t_k`` incremented first, ``s`` = ``t_k`` or the global step)::
+
+    m = b1 m + (1 - b1) g,   v = b2 v + (1 - b2) g^2,   m_hat = m / (1 - b1^s),   v_hat = v / (1 - b2^s)
+    w = min(t_k / W, 1) (linear) | m <- m min(t_k / W, 1) stored (momentum_ramp) | 1 (none)
+    theta = theta - lr_l (w m_hat / (sqrt(v_hat) + eps) + weight_decay theta)
+
+Scheme. The launcher groups the tensors of one call by (device, parameter dtype, state dtype) and builds, per
+group, three device tables: ``pointers [T, 5]`` (int64 addresses of param, grad, exp_avg, exp_avg_sq, block_step;
+0 = dense tensor without slots), ``sizes [T, 2]`` (numel, elements per slot) and ``work [P, 3]`` (tensor, first
+slot, end slot): each program owns whole slots, so it alone reads and bumps their ``block_step``. The kernel casts
+the addresses to typed pointers (this works under the Triton interpreter too). Pointer and work tables are cached
+while the tensors' addresses stay the same; a small ``scalars [T, 2]`` table (effective lr, global step for the
+bias correction, 0 = local) is rebuilt every call (pinned, asynchronous copy on CUDA; the host-built tables
+rule out CUDA-graph capture). A dense tensor is cut into pseudo-slots of
+``ELEMENTS_PER_PROGRAM`` elements and takes the plain AdamW update (no warm-up, global step).
+
+No autotuning: the kernel updates memory in place through addresses held in tables, which autotune's benchmark
+runs could not restore; one config (``BLOCK`` elements per tile, 4 warps) suits this memory-bound loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from ..backend import INTERPRET, resolve_backend
+from ..reference.adamw import WARMUP_MODES, smet_adamw_step_reference
+
+BLOCK = 4096 if INTERPRET else 1024
+ELEMENTS_PER_PROGRAM = 16384
+NUM_WARPS = 4
+PARAM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+_WARMUP_CODES = {"none": 0, "linear": 1, "momentum_ramp": 2}
+
+
+@triton.jit
+def _smet_adamw_kernel(
+    pointers_ptr,
+    sizes_ptr,
+    scalars_ptr,
+    work_ptr,
+    beta1,
+    beta2,
+    one_minus_beta1,
+    one_minus_beta2,
+    log2_beta1,
+    log2_beta2,
+    eps,
+    weight_decay,
+    warmup_steps,
+    PARAM_DTYPE: tl.constexpr,
+    STATE_DTYPE: tl.constexpr,
+    WARMUP: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    tensor = tl.load(work_ptr + pid * 3).to(tl.int64)
+    slot_begin = tl.load(work_ptr + pid * 3 + 1).to(tl.int64)
+    slot_end = tl.load(work_ptr + pid * 3 + 2).to(tl.int64)
+    param_ptr = tl.load(pointers_ptr + tensor * 5).to(tl.pointer_type(PARAM_DTYPE))
+    grad_ptr = tl.load(pointers_ptr + tensor * 5 + 1).to(tl.pointer_type(PARAM_DTYPE))
+    exp_avg_ptr = tl.load(pointers_ptr + tensor * 5 + 2).to(tl.pointer_type(STATE_DTYPE))
+    exp_avg_sq_ptr = tl.load(pointers_ptr + tensor * 5 + 3).to(tl.pointer_type(STATE_DTYPE))
+    block_step_address = tl.load(pointers_ptr + tensor * 5 + 4)
+    block_step_ptr = block_step_address.to(tl.pointer_type(tl.int32))
+    has_slots = block_step_address != 0
+    numel = tl.load(sizes_ptr + tensor * 2)
+    slot_numel = tl.load(sizes_ptr + tensor * 2 + 1)
+    lr = tl.load(scalars_ptr + tensor * 2)
+    global_step = tl.load(scalars_ptr + tensor * 2 + 1)
+
+    begin = slot_begin * slot_numel
+    end = tl.minimum(slot_end * slot_numel, numel)
+    # bounds of the block_step accesses: empty for a dense tensor (single comparisons make the masks)
+    step_end = tl.where(has_slots, end, begin)
+    step_slot_end = tl.where(has_slots, slot_end, slot_begin)
+    for start in range(begin, end, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        mask = offs < end
+        local_step = tl.load(block_step_ptr + offs // slot_numel, mask=offs < step_end, other=0)
+        local_step = local_step.to(tl.float32) + 1.0
+        ramp = tl.where(has_slots, tl.minimum(local_step / warmup_steps, 1.0), 1.0)
+        corrected_step = tl.where(global_step > 0, global_step, local_step)
+
+        g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        theta = tl.load(param_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        m = tl.load(exp_avg_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        v = tl.load(exp_avg_sq_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        m = beta1 * m + one_minus_beta1 * g
+        v = beta2 * v + one_minus_beta2 * g * g
+        if WARMUP == 2:
+            m = m * ramp
+        m_hat = m / (1.0 - tl.exp2(corrected_step * log2_beta1))
+        v_hat = v / (1.0 - tl.exp2(corrected_step * log2_beta2))
+        update = m_hat / (tl.sqrt(v_hat) + eps)
+        if WARMUP == 1:
+            update = update * ramp
+        theta = theta - lr * (update + weight_decay * theta)
+        tl.store(param_ptr + offs, theta.to(PARAM_DTYPE), mask=mask)
+        tl.store(exp_avg_ptr + offs, m.to(STATE_DTYPE), mask=mask)
+        tl.store(exp_avg_sq_ptr + offs, v.to(STATE_DTYPE), mask=mask)
+
+    # every lane has read its slots' old steps before any is bumped
+    tl.debug_barrier()
+    for start in range(slot_begin, slot_end, BLOCK):
+        slots = start + tl.arange(0, BLOCK)
+        slot_mask = slots < step_slot_end
+        step = tl.load(block_step_ptr + slots, mask=slot_mask, other=0)
+        tl.store(block_step_ptr + slots, step + 1, mask=slot_mask)
+
+
+def _log2(beta: float) -> float:
+    return -math.inf if beta == 0.0 else math.log2(beta)
+
+
+def _to_device(table: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host table -> device without a stream sync (pinned, asynchronous copy on CUDA)."""
+    if device.type != "cuda":
+        return table.to(device)
+    return table.pin_memory().to(device, non_blocking=True)
+
+
+def _build_tables(tensors: list[tuple], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``pointers [T, 5]``, ``sizes [T, 2]``, ``work [P, 3]`` for tensors ``(param, grad, m, v, block_step)``."""
+    pointers, sizes, work = [], [], []
+    for index, (param, grad, exp_avg, exp_avg_sq, block_step) in enumerate(tensors):
+        pointers.append(
+            [
+                param.data_ptr(),
+                grad.data_ptr(),
+                exp_avg.data_ptr(),
+                exp_avg_sq.data_ptr(),
+                0 if block_step is None else block_step.data_ptr(),
+            ]
+        )
+        numel = param.numel()
+        slot_numel = ELEMENTS_PER_PROGRAM if block_step is None else numel // param.shape[0]
+        sizes.append([numel, slot_numel])
+        num_slots = -(-numel // slot_numel)
+        slots_per_program = max(1, ELEMENTS_PER_PROGRAM // slot_numel)
+        firsts = torch.arange(0, num_slots, slots_per_program, dtype=torch.int64)
+        work.append(
+            torch.stack(
+                [torch.full_like(firsts, index), firsts, torch.clamp(firsts + slots_per_program, max=num_slots)], 1
+            )
+        )
+    return (
+        _to_device(torch.tensor(pointers, dtype=torch.int64), device),
+        _to_device(torch.tensor(sizes, dtype=torch.int64), device),
+        _to_device(torch.cat(work).to(torch.int32), device),
+    )
+
+
+def _launch(
+    tensors: list[tuple],
+    lrs: list[float],
+    global_steps: list[int | None],
+    *,
+    betas: tuple[float, float],
+    eps: float,
+    weight_decay: float,
+    warmup: str,
+    warmup_steps: int,
+    cache: dict | None,
+    cache_key,
+) -> None:
+    param = tensors[0][0]
+    device = param.device
+    signature = tuple(
+        (*(0 if t is None else t.data_ptr() for t in entry), tuple(entry[0].shape)) for entry in tensors
+    )
+    cached = cache.get(cache_key) if cache is not None else None
+    if cached is not None and cached[0] == signature:
+        pointers, sizes, work = cached[1]
+    else:
+        pointers, sizes, work = _build_tables(tensors, device)
+        if cache is not None:
+            cache[cache_key] = (signature, (pointers, sizes, work))
+    if work.shape[0] == 0:  # only empty tensors
+        return
+    rows = [[lr, 0.0 if step is None else float(step)] for lr, step in zip(lrs, global_steps)]
+    scalars = _to_device(torch.tensor(rows, dtype=torch.float32), device)
+    beta1, beta2 = betas
+    grid = (work.shape[0],)
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        _smet_adamw_kernel[grid](
+            pointers,
+            sizes,
+            scalars,
+            work,
+            beta1,
+            beta2,
+            1.0 - beta1,
+            1.0 - beta2,
+            _log2(beta1),
+            _log2(beta2),
+            eps,
+            weight_decay,
+            float(warmup_steps),
+            PARAM_DTYPE=_TL_DTYPES[param.dtype],
+            STATE_DTYPE=_TL_DTYPES[tensors[0][2].dtype],
+            WARMUP=_WARMUP_CODES[warmup],
+            BLOCK=BLOCK,
+            num_warps=NUM_WARPS,
+        )
+
+
+def _check_tensors(params, grads, exp_avgs, exp_avg_sqs, block_steps, lrs, global_steps) -> None:
+    lists = {"grads": grads, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs, "block_steps": block_steps,
+             "lrs": lrs, "global_steps": global_steps}  # fmt: skip
+    for name, values in lists.items():
+        if len(values) != len(params):
+            raise ValueError(f"{name} has {len(values)} entries but params has {len(params)}")
+    for i, (p, g, m, v, s) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, block_steps)):
+        for name, t in (("params", p), ("grads", g), ("exp_avgs", m), ("exp_avg_sqs", v)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name}[{i}] must be a torch.Tensor, got {type(t).__name__}")
+            if t.device != p.device:
+                raise ValueError(f"{name}[{i}] is on {t.device} but params[{i}] is on {p.device}")
+            if not t.is_contiguous():
+                raise ValueError(f"{name}[{i}] must be contiguous")
+            if t.shape != p.shape:
+                raise ValueError(f"{name}[{i}] has shape {tuple(t.shape)} but params[{i}] has {tuple(p.shape)}")
+        if p.dtype not in PARAM_DTYPES:
+            raise TypeError(f"params[{i}] must be one of {PARAM_DTYPES}, got {p.dtype}")
+        if g.dtype != p.dtype:
+            raise TypeError(f"grads[{i}] has dtype {g.dtype} but params[{i}] has {p.dtype}")
+        if m.dtype not in PARAM_DTYPES or v.dtype != m.dtype:
+            raise TypeError(f"exp_avgs[{i}]/exp_avg_sqs[{i}] must share a float dtype, got {m.dtype}/{v.dtype}")
+        if s is None:
+            if global_steps[i] is None:
+                raise ValueError(f"global_steps[{i}] is required for a dense tensor (block_steps[{i}] is None)")
+        else:
+            if p.dim() != 3 or p.shape[1] != p.shape[2]:
+                raise ValueError(f"params[{i}] with a block_step must be values [nnz, b, b], got {tuple(p.shape)}")
+            if not isinstance(s, torch.Tensor) or s.dtype != torch.int32:
+                raise TypeError(f"block_steps[{i}] must be an int32 tensor")
+            if s.shape != (p.shape[0],) or s.device != p.device or not s.is_contiguous():
+                raise ValueError(f"block_steps[{i}] must be a contiguous [{p.shape[0]}] tensor on {p.device}")
+        if not lrs[i] >= 0.0:
+            raise ValueError(f"lrs[{i}] must be >= 0, got {lrs[i]}")
+        if global_steps[i] is not None and global_steps[i] < 1:
+            raise ValueError(f"global_steps[{i}] must be >= 1 (count including this step), got {global_steps[i]}")
+
+
+def check_hyperparameters(betas, eps: float, weight_decay: float, warmup: str, warmup_steps: int) -> None:
+    """Raise ``ValueError``/``TypeError`` naming the first invalid AdamW hyper-parameter."""
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise TypeError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+    for i, beta in enumerate(betas):
+        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0.0 <= beta < 1.0:
+            raise ValueError(f"betas[{i}] must be a float in [0, 1), got {beta!r}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0.0:
+        raise ValueError(f"eps must be > 0, got {eps!r}")
+    if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) or not weight_decay >= 0.0:
+        raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
+    if warmup not in WARMUP_MODES:
+        raise ValueError(f"warmup must be one of {WARMUP_MODES}, got {warmup!r}")
+    if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int):
+        raise TypeError(f"warmup_steps must be an int, got {type(warmup_steps).__name__}")
+    if warmup_steps < 1:
+        raise ValueError(f"warmup_steps must be >= 1, got {warmup_steps}")
+
+
+@torch.no_grad()
+def smet_adamw_step(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    exp_avgs: Sequence[torch.Tensor],
+    exp_avg_sqs: Sequence[torch.Tensor],
+    block_steps: Sequence[torch.Tensor | None],
+    lrs: Sequence[float],
+    global_steps: Sequence[int | None],
+    *,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    warmup: str = "linear",
+    warmup_steps: int = 100,
+    backend: str | None = None,
+    cache: dict | None = None,
+) -> None:
+    """Apply one SMET AdamW step to every tensor, in place (one fused launch per device/dtype group).
+
+    ``block_steps[i]``: int32 ``[nnz]`` local steps of sparse values ``[nnz, b, b]`` (bumped by one), or None for
+    a dense tensor. ``lrs[i]``: effective learning rate (density factor included). ``global_steps[i]``: step
+    count including this step used for the bias correction instead of the local one, or None (local; sparse
+    only). ``cache``: a dict kept by the caller so device tables are reused while tensor addresses are unchanged.
+    """
+    check_hyperparameters(betas, eps, weight_decay, warmup, warmup_steps)
+    params, grads, exp_avgs, exp_avg_sqs = list(params), list(grads), list(exp_avgs), list(exp_avg_sqs)
+    block_steps, lrs, global_steps = list(block_steps), [float(lr) for lr in lrs], list(global_steps)
+    _check_tensors(params, grads, exp_avgs, exp_avg_sqs, block_steps, lrs, global_steps)
+    groups: dict[tuple, list[int]] = {}
+    for i, (p, m) in enumerate(zip(params, exp_avgs)):
+        groups.setdefault((p.device, p.dtype, m.dtype), []).append(i)
+    hyper = dict(betas=tuple(betas), eps=eps, weight_decay=weight_decay, warmup=warmup, warmup_steps=warmup_steps)
+    for key, indices in groups.items():
+        if resolve_backend(key[0], backend) == "reference":
+            for i in indices:
+                smet_adamw_step_reference(
+                    params[i], grads[i], exp_avgs[i], exp_avg_sqs[i], block_steps[i],
+                    lr=lrs[i], global_step=global_steps[i], **hyper,
+                )  # fmt: skip
+            continue
+        _launch(
+            [(params[i], grads[i], exp_avgs[i], exp_avg_sqs[i], block_steps[i]) for i in indices],
+            [lrs[i] for i in indices],
+            [global_steps[i] for i in indices],
+            cache=cache,
+            cache_key=key,
+            **hyper,
+        )

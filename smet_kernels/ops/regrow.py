@@ -1,0 +1,163 @@
+"""Regrow initialisation: write the values of newly grown blocks and reset their optimizer state, in one launch.
+
+For every regrown slot ``k = slots[i]`` (SPEC §2)::
+
+    values[k] = 0  (init="zeros")   |   values[k] = init_std * N(0, 1)  (init="normal")
+    exp_avg[k] = exp_avg_sq[k] = 0,   block_step[k] = 0
+
+One program per (regrown slot, tile of ``BLOCK`` elements of the ``b x b`` block); the tile-0 program resets the
+slot's step. Normal draws are made with ``generator`` before the launch, so the Triton and the reference backend
+write identical values. The state tensors are optional: pass None when the optimizer holds no state for the
+parameter yet.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..backend import resolve_backend
+from ..reference.regrow import regrow_blocks_reference
+
+INIT_MODES = ("zeros", "normal")
+MAX_BLOCK = 4096
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@triton.jit
+def _regrow_kernel(
+    values_ptr,
+    new_values_ptr,
+    exp_avg_ptr,
+    exp_avg_sq_ptr,
+    block_step_ptr,
+    slots_ptr,
+    block_numel,
+    HAS_NEW_VALUES: tl.constexpr,
+    HAS_EXP_AVG: tl.constexpr,
+    HAS_EXP_AVG_SQ: tl.constexpr,
+    HAS_BLOCK_STEP: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    index = tl.program_id(0).to(tl.int64)
+    tile = tl.program_id(1)
+    slot = tl.load(slots_ptr + index)
+    offs = tile * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < block_numel
+    dst = slot * block_numel + offs
+    if HAS_NEW_VALUES:
+        new_values = tl.load(new_values_ptr + index * block_numel + offs, mask=mask, other=0.0)
+    else:
+        new_values = tl.zeros((BLOCK,), dtype=tl.float32)
+    tl.store(values_ptr + dst, new_values.to(values_ptr.dtype.element_ty), mask=mask)
+    if HAS_EXP_AVG:
+        tl.store(exp_avg_ptr + dst, tl.zeros((BLOCK,), dtype=exp_avg_ptr.dtype.element_ty), mask=mask)
+    if HAS_EXP_AVG_SQ:
+        tl.store(exp_avg_sq_ptr + dst, tl.zeros((BLOCK,), dtype=exp_avg_sq_ptr.dtype.element_ty), mask=mask)
+    if HAS_BLOCK_STEP:
+        if tile == 0:
+            tl.store(block_step_ptr + slot, 0)
+
+
+def _check_state(name: str, state: torch.Tensor | None, values: torch.Tensor) -> None:
+    if state is None:
+        return
+    if not isinstance(state, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(state).__name__}")
+    if state.shape != values.shape:
+        raise ValueError(f"{name} has shape {tuple(state.shape)} but values has {tuple(values.shape)}")
+    if state.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a float tensor, got {state.dtype}")
+    if state.device != values.device or not state.is_contiguous():
+        raise ValueError(f"{name} must be a contiguous tensor on {values.device}")
+
+
+def _check_inputs(values, slots, exp_avg, exp_avg_sq, block_step, init, init_std, generator) -> None:
+    if not isinstance(values, torch.Tensor):
+        raise TypeError(f"values must be a torch.Tensor, got {type(values).__name__}")
+    if values.dim() != 3 or values.shape[1] != values.shape[2]:
+        raise ValueError(f"values must have shape [nnz, b, b], got {tuple(values.shape)}")
+    if values.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"values must be one of {_FLOAT_DTYPES}, got {values.dtype}")
+    if not values.is_contiguous():
+        raise ValueError("values must be contiguous")
+    if not isinstance(slots, torch.Tensor):
+        raise TypeError(f"slots must be a LongTensor, got {type(slots).__name__}")
+    if slots.dtype not in (torch.int64, torch.int32) or slots.dim() != 1:
+        raise TypeError(f"slots must be a 1-D int64/int32 tensor, got {slots.dtype} of shape {tuple(slots.shape)}")
+    if slots.device != values.device:
+        raise ValueError(f"slots is on {slots.device} but values is on {values.device}")
+    if slots.numel():
+        low, high = int(slots.min()), int(slots.max())
+        if low < 0 or high >= values.shape[0]:
+            raise ValueError(f"slots must lie in [0, {values.shape[0]}), got range [{low}, {high}]")
+        if torch.unique(slots).numel() != slots.numel():
+            raise ValueError("slots must not repeat")
+    _check_state("exp_avg", exp_avg, values)
+    _check_state("exp_avg_sq", exp_avg_sq, values)
+    if block_step is not None:
+        if not isinstance(block_step, torch.Tensor) or block_step.dtype != torch.int32:
+            raise TypeError("block_step must be an int32 tensor or None")
+        if block_step.shape != (values.shape[0],) or block_step.device != values.device:
+            raise ValueError(f"block_step must have shape [{values.shape[0]}] on {values.device}")
+    if init not in INIT_MODES:
+        raise ValueError(f"init must be one of {INIT_MODES}, got {init!r}")
+    if isinstance(init_std, bool) or not isinstance(init_std, (int, float)) or not init_std >= 0.0:
+        raise ValueError(f"init_std must be a float >= 0, got {init_std!r}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+
+
+def _launch(values, slots, new_values, exp_avg, exp_avg_sq, block_step) -> None:
+    block_numel = values.shape[1] * values.shape[2]
+    block = min(triton.next_power_of_2(block_numel), MAX_BLOCK)
+    grid = (slots.numel(), triton.cdiv(block_numel, block))
+    _regrow_kernel[grid](
+        values,
+        new_values if new_values is not None else values,
+        exp_avg if exp_avg is not None else values,
+        exp_avg_sq if exp_avg_sq is not None else values,
+        block_step if block_step is not None else slots,
+        slots.to(torch.int64).contiguous(),
+        block_numel,
+        HAS_NEW_VALUES=new_values is not None,
+        HAS_EXP_AVG=exp_avg is not None,
+        HAS_EXP_AVG_SQ=exp_avg_sq is not None,
+        HAS_BLOCK_STEP=block_step is not None,
+        BLOCK=block,
+    )
+
+
+@torch.no_grad()
+def regrow_blocks(
+    values: torch.Tensor,
+    slots: torch.Tensor,
+    exp_avg: torch.Tensor | None = None,
+    exp_avg_sq: torch.Tensor | None = None,
+    block_step: torch.Tensor | None = None,
+    init: str = "zeros",
+    init_std: float = 0.02,
+    generator: torch.Generator | None = None,
+    backend: str | None = None,
+) -> None:
+    """Initialise regrown slots of ``values [nnz, b, b]`` in place and reset their AdamW state.
+
+    ``slots``: distinct slot indices ``[n]``. ``init="zeros"`` writes zero blocks; ``init="normal"`` writes
+    ``N(0, init_std^2)`` drawn (fp32, then cast to ``values.dtype``) with ``generator`` on its device.
+    ``exp_avg``/``exp_avg_sq`` (shape of ``values``) are zeroed and ``block_step`` (int32 ``[nnz]``) set to 0
+    at those slots; any of them may be None.
+    """
+    _check_inputs(values, slots, exp_avg, exp_avg_sq, block_step, init, init_std, generator)
+    if slots.numel() == 0:
+        return
+    new_values = None
+    if init == "normal":
+        b = values.shape[1]
+        draw_device = generator.device if generator is not None else values.device
+        noise = torch.randn((slots.numel(), b, b), generator=generator, device=draw_device, dtype=torch.float32)
+        new_values = (noise * init_std).to(values.device)
+    if resolve_backend(values.device, backend) == "reference":
+        regrow_blocks_reference(values, slots, new_values, exp_avg, exp_avg_sq, block_step)
+    else:
+        _launch(values, slots, new_values, exp_avg, exp_avg_sq, block_step)

@@ -1,0 +1,196 @@
+"""SMETAdamW: AdamW over compact block-sparse values with per-block local steps, warm-up and density-aware LR.
+
+Sparse parameters are recognised by their ``smet_layout`` attribute (a :class:`~smet_kernels.layout.BlockLayout`;
+values ``[nnz, b, b]``). Per element of slot ``k`` (SPEC §2), local step ``t_k`` incremented before the update::
+
+    m = b1 m + (1 - b1) g,   v = b2 v + (1 - b2) g^2
+    m_hat = m / (1 - b1^s),  v_hat = v / (1 - b2^s)       s = t_k ("local") or the global step ("global")
+    w = min(t_k / W, 1) ("linear") | m <- m min(t_k / W, 1), stored ("momentum_ramp") | 1 ("none")
+    lr_l = lr * density^(-alpha)                           alpha = density_lr_exponent (0 disables)
+    theta = theta - lr_l (w m_hat / (sqrt(v_hat) + eps) + weight_decay theta)
+
+Every other parameter (embeddings, norms, head) takes the standard AdamW update with its own step count: no
+warm-up, no density factor, decoupled weight decay. All tensors of a parameter group go through one fused
+Triton launch per (device, dtype) (``smet_kernels.ops.adamw``), or the PyTorch reference.
+
+``bias_correction="global"`` with ``warmup="none"`` is the **naive DST (cold start)** baseline: a regrown block
+restarts from m = v = 0 but is bias-corrected with the parameter's global step count, so its first update is
+about (1 - b1)/sqrt(1 - b2) times the learning rate (3.16x for the default betas) — the spike SMET removes.
+With ``"global"`` the warm-up (if any) still follows the local step.
+
+State of a sparse parameter: ``exp_avg``, ``exp_avg_sq`` (shape of the values, ``state_dtype``) and
+``block_step`` (int32 ``[nnz]``), plus ``step`` (CPU float scalar, the global count) in ``"global"`` mode. Dense
+parameters hold ``exp_avg``, ``exp_avg_sq`` and ``step``. Regrown slots are reset by
+:func:`smet_kernels.ops.regrow.regrow_blocks` with these state tensors.
+"""
+
+from __future__ import annotations
+
+import math
+from itertools import chain
+from typing import Any, Callable, Iterable
+
+import torch
+
+from ..backend import BACKENDS
+from ..ops.adamw import PARAM_DTYPES, check_hyperparameters, smet_adamw_step
+
+BIAS_CORRECTIONS = ("local", "global")
+
+
+def _check_group(group: dict) -> None:
+    lr = group["lr"]
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr >= 0.0:
+        raise ValueError(f"lr must be a float >= 0, got {lr!r}")
+    check_hyperparameters(group["betas"], group["eps"], group["weight_decay"], group["warmup"], group["warmup_steps"])
+    alpha = group["density_lr_exponent"]
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not (0.0 <= alpha < math.inf):
+        raise ValueError(f"density_lr_exponent must be a finite float >= 0, got {alpha!r}")
+    if group["bias_correction"] not in BIAS_CORRECTIONS:
+        raise ValueError(f"bias_correction must be one of {BIAS_CORRECTIONS}, got {group['bias_correction']!r}")
+    if not isinstance(group["state_dtype"], torch.dtype):
+        raise TypeError(f"state_dtype must be a torch.dtype, got {type(group['state_dtype']).__name__}")
+    if group["state_dtype"] not in PARAM_DTYPES:
+        raise ValueError(f"state_dtype must be one of {PARAM_DTYPES}, got {group['state_dtype']}")
+    if group["backend"] is not None and group["backend"] not in BACKENDS:
+        raise ValueError(f"backend must be None or one of {BACKENDS}, got {group['backend']!r}")
+
+
+class SMETAdamW(torch.optim.Optimizer):
+    """AdamW for SMET: compact sparse values get per-block local steps, warm-up and ``lr * density^-alpha``.
+
+    Args: ``lr``, ``betas``, ``eps``, ``weight_decay`` (decoupled) as in AdamW; ``warmup``: ``"linear"``,
+    ``"momentum_ramp"`` or ``"none"`` over ``warmup_steps`` local steps; ``density_lr_exponent``: alpha;
+    ``bias_correction``: ``"local"`` (per block) or ``"global"`` (per parameter; the naive-DST baseline with
+    ``warmup="none"``); ``state_dtype``: dtype of the moments (fp32 by default, also for bf16 weights);
+    ``backend``: ``None``/``"auto"``, ``"triton"`` or ``"reference"``. All may be set per parameter group.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        warmup: str = "linear",
+        warmup_steps: int = 100,
+        density_lr_exponent: float = 1.0,
+        bias_correction: str = "local",
+        state_dtype: torch.dtype = torch.float32,
+        backend: str | None = None,
+    ):
+        defaults = dict(
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            warmup=warmup,
+            warmup_steps=warmup_steps,
+            density_lr_exponent=density_lr_exponent,
+            bias_correction=bias_correction,
+            state_dtype=state_dtype,
+            backend=backend,
+        )
+        _check_group(defaults)
+        self._tables: dict[int, dict] = {}
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        _check_group(self.param_groups[-1])
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Standard restore, but keep the saved state dtypes (torch casts float state to the parameter dtype,
+        which would turn fp32 moments of bf16/fp16 weights into bf16/fp16)."""
+        super().load_state_dict(state_dict)
+        saved_ids = chain.from_iterable(group["params"] for group in state_dict["param_groups"])
+        params = chain.from_iterable(group["params"] for group in self.param_groups)
+        for saved_id, param in zip(saved_ids, params):
+            for key, value in state_dict["state"].get(saved_id, {}).items():
+                if key != "step" and isinstance(value, torch.Tensor) and value.dtype != self.state[param][key].dtype:
+                    self.state[param][key] = value.to(device=param.device, copy=True)
+
+    def _init_state(self, param: torch.Tensor, sparse: bool, group: dict) -> None:
+        state = self.state[param]
+        state["exp_avg"] = torch.zeros_like(param, dtype=group["state_dtype"], memory_format=torch.contiguous_format)
+        state["exp_avg_sq"] = torch.zeros_like(param, dtype=group["state_dtype"], memory_format=torch.contiguous_format)
+        if sparse:
+            state["block_step"] = torch.zeros(param.shape[0], dtype=torch.int32, device=param.device)
+        else:
+            state["step"] = torch.tensor(0.0)
+
+    @staticmethod
+    def _check_param(param: torch.Tensor, name: str) -> None:
+        grad = param.grad
+        if grad.is_sparse:
+            raise TypeError(f"{name}: torch sparse gradients are not supported (SMET grads are compact dense values)")
+        if grad.shape != param.shape:
+            raise ValueError(f"{name}: grad has shape {tuple(grad.shape)} but the parameter has {tuple(param.shape)}")
+        if grad.dtype != param.dtype:
+            raise TypeError(f"{name}: grad has dtype {grad.dtype} but the parameter has {param.dtype}")
+        if not param.is_contiguous():
+            raise ValueError(f"{name} must be contiguous")
+        layout = getattr(param, "smet_layout", None)
+        if layout is not None:
+            b = layout.block_size
+            if tuple(param.shape) != (layout.nnz, b, b):
+                raise ValueError(
+                    f"{name}: sparse values must have shape {(layout.nnz, b, b)} (its smet_layout), "
+                    f"got {tuple(param.shape)}"
+                )
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """One optimizer step over every parameter with a gradient; returns ``closure()`` when given."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group_index, group in enumerate(self.param_groups):
+            params, grads, exp_avgs, exp_avg_sqs, block_steps, lrs, global_steps = [], [], [], [], [], [], []
+            for param_index, param in enumerate(group["params"]):
+                if param.grad is None:
+                    continue
+                self._check_param(param, f"parameter {param_index} of param group {group_index}")
+                layout = getattr(param, "smet_layout", None)
+                state = self.state[param]
+                if not state:
+                    self._init_state(param, layout is not None, group)
+                if layout is not None:
+                    block_steps.append(state["block_step"])
+                    lrs.append(group["lr"] * layout.density ** (-group["density_lr_exponent"]))
+                    if group["bias_correction"] == "global":
+                        state.setdefault("step", torch.tensor(0.0))
+                        state["step"] += 1
+                        global_steps.append(int(state["step"].item()))
+                    else:
+                        global_steps.append(None)
+                else:
+                    state["step"] += 1
+                    block_steps.append(None)
+                    lrs.append(group["lr"])
+                    global_steps.append(int(state["step"].item()))
+                params.append(param)
+                grads.append(param.grad.contiguous())
+                exp_avgs.append(state["exp_avg"])
+                exp_avg_sqs.append(state["exp_avg_sq"])
+            if not params:
+                continue
+            smet_adamw_step(
+                params,
+                grads,
+                exp_avgs,
+                exp_avg_sqs,
+                block_steps,
+                lrs,
+                global_steps,
+                betas=tuple(group["betas"]),
+                eps=group["eps"],
+                weight_decay=group["weight_decay"],
+                warmup=group["warmup"],
+                warmup_steps=group["warmup_steps"],
+                backend=group["backend"],
+                cache=self._tables.setdefault(group_index, {}),
+            )
+        return loss

@@ -1,0 +1,180 @@
+"""Fused SMET AdamW kernel (smet_kernels.ops.adamw) against the PyTorch reference."""
+
+import pytest
+import torch
+
+from smet_kernels.ops.adamw import smet_adamw_step
+
+GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+HYPER = dict(betas=(0.9, 0.99), eps=1e-6, weight_decay=0.1, warmup_steps=4)
+
+
+def make_tensors(spec, dtype, device, generator, state_dtype=torch.float32):
+    """spec: list of (nnz, b) for sparse values or a shape tuple prefixed by 'dense'."""
+    tensors = []
+    for entry in spec:
+        dense = entry[0] == "dense"
+        shape = entry[1] if dense else (entry[0], entry[1], entry[1])
+        param = torch.randn(shape, generator=generator).to(device=device, dtype=dtype)
+        grad = torch.randn(shape, generator=generator).to(device=device, dtype=dtype)
+        exp_avg = (0.1 * torch.randn(shape, generator=generator)).to(device=device, dtype=state_dtype)
+        exp_avg_sq = (0.01 * torch.rand(shape, generator=generator)).to(device=device, dtype=state_dtype)
+        block_step = None
+        if not dense:
+            # local steps across warm-up, including 0 (a block regrown just before this step)
+            block_step = torch.randint(0, 7, (entry[0],), generator=generator, dtype=torch.int32).to(device)
+            block_step[0] = 0
+        tensors.append([param, grad, exp_avg, exp_avg_sq, block_step])
+    return tensors
+
+
+def clone_all(tensors):
+    return [[None if t is None else t.clone() for t in entry] for entry in tensors]
+
+
+def run(tensors, lrs, global_steps, backend, **kwargs):
+    columns = [[entry[i] for entry in tensors] for i in range(5)]
+    smet_adamw_step(*columns, lrs, global_steps, backend=backend, **{**HYPER, **kwargs})
+
+
+def assert_close(tensors, expected, dtype):
+    tol = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 1e-2}[dtype]
+    for got_entry, want_entry in zip(tensors, expected):
+        param, _, exp_avg, exp_avg_sq, block_step = got_entry
+        torch.testing.assert_close(param.float(), want_entry[0].float(), rtol=tol, atol=tol)
+        torch.testing.assert_close(exp_avg.float(), want_entry[2].float(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(exp_avg_sq.float(), want_entry[3].float(), rtol=1e-5, atol=1e-7)
+        if block_step is not None:
+            assert torch.equal(block_step, want_entry[4])
+
+
+@pytest.mark.parametrize("warmup", ["linear", "momentum_ramp", "none"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_kernel_matches_reference_multi_tensor(warmup, dtype, device):
+    generator = torch.Generator().manual_seed(0)
+    spec = [(5, 16), (3, 32), (70, 16), ("dense", (37, 29)), (2, 64)]
+    tensors = make_tensors(spec, dtype, device, generator)
+    expected = clone_all(tensors)
+    lrs = [0.1, 0.2, 0.05, 0.01, 0.3]
+    global_steps = [None, 7, None, 3, None]
+    run(tensors, lrs, global_steps, "triton", warmup=warmup)
+    run(expected, lrs, global_steps, "reference", warmup=warmup)
+    assert_close(tensors, expected, dtype)
+
+
+def test_kernel_mixed_dtypes_and_state_dtype(device):
+    """Tensors of different parameter/state dtypes in one call are grouped into separate launches."""
+    generator = torch.Generator().manual_seed(1)
+    tensors = make_tensors([(4, 16)], torch.float32, device, generator)
+    tensors += make_tensors([(3, 16), ("dense", ())], torch.float16, device, generator)
+    tensors += make_tensors([(2, 32)], torch.float32, device, generator, state_dtype=torch.float16)
+    expected = clone_all(tensors)
+    lrs, steps = [0.1] * 4, [None, None, 2, None]
+    run(tensors, lrs, steps, "triton")
+    run(expected, lrs, steps, "reference")
+    assert_close(tensors[:1], expected[:1], torch.float32)
+    assert_close(tensors[1:3], expected[1:3], torch.float16)
+    assert_close(tensors[3:], expected[3:], torch.float16)
+
+
+def test_bfloat16_weights_fp32_state(device):
+    generator = torch.Generator().manual_seed(2)
+    tensors = make_tensors([(3, 16), ("dense", (33,))], torch.bfloat16, device, generator)
+    expected = clone_all(tensors)
+    run(tensors, [0.05, 0.05], [None, 4], "triton")
+    run(expected, [0.05, 0.05], [None, 4], "reference")
+    assert_close(tensors, expected, torch.bfloat16)
+
+
+def test_table_cache_reused_and_rebuilt(device):
+    generator = torch.Generator().manual_seed(3)
+    tensors = make_tensors([(3, 16), (2, 32)], torch.float32, device, generator)
+    expected = clone_all(tensors)
+    cache = {}
+    for step in range(3):
+        if step == 2:  # a new grad tensor (new address) must rebuild the tables
+            for entries in (tensors, expected):
+                entries[0][1] = entries[0][1] * 2
+        run(tensors, [0.1, 0.1], [None, None], "triton", cache=cache)
+        run(expected, [0.1, 0.1], [None, None], "reference")
+        assert len(cache) == 1
+    assert_close(tensors, expected, torch.float32)
+    assert torch.equal(tensors[0][4], expected[0][4])
+
+
+def test_first_update_of_regrown_block_is_warmed_up(device):
+    """t = 0 -> first update with t = 1: |m_hat / sqrt(v_hat)| = 1, so the step is lr * 1/W (linear warm-up)."""
+    values = torch.zeros(2, 16, 16, device=device)
+    grad = torch.randn(2, 16, 16, device=device)
+    exp_avg, exp_avg_sq = torch.zeros_like(values), torch.zeros_like(values)
+    block_step = torch.zeros(2, dtype=torch.int32, device=device)
+    smet_adamw_step(
+        [values], [grad], [exp_avg], [exp_avg_sq], [block_step], [0.1], [None],
+        betas=(0.9, 0.999), eps=1e-12, warmup="linear", warmup_steps=10, backend="triton",
+    )  # fmt: skip
+    torch.testing.assert_close(values, -0.01 * torch.sign(grad), rtol=1e-5, atol=1e-7)
+    assert block_step.tolist() == [1, 1]
+
+
+@pytest.mark.gpu
+@GPU
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_matches_reference_gpu_large(dtype):
+    generator = torch.Generator().manual_seed(4)
+    spec = [(300, 64), (40, 128), (1000, 16), ("dense", (1000, 333))]
+    tensors = make_tensors(spec, dtype, "cuda", generator)
+    expected = clone_all(tensors)
+    lrs, steps = [0.01] * 4, [None, None, 12, 5]
+    run(tensors, lrs, steps, "triton")
+    run(expected, lrs, steps, "reference")
+    assert_close(tensors, expected, dtype)
+
+
+def _valid(device):
+    generator = torch.Generator().manual_seed(5)
+    return make_tensors([(2, 16)], torch.float32, device, generator)[0]
+
+
+@pytest.mark.parametrize(
+    "mutate, error, match",
+    [
+        (lambda t: t.__setitem__(1, t[1].half()), TypeError, r"grads\[0\] has dtype"),
+        (lambda t: t.__setitem__(1, t[1][:1].clone()), ValueError, r"grads\[0\] has shape"),
+        (lambda t: t.__setitem__(4, t[4].long()), TypeError, r"block_steps\[0\] must be an int32"),
+        (lambda t: t.__setitem__(4, t[4][:1].clone()), ValueError, r"block_steps\[0\] must be a contiguous"),
+        (lambda t: t.__setitem__(2, t[2].transpose(1, 2)), ValueError, r"exp_avgs\[0\] must be contiguous"),
+        (lambda t: t.__setitem__(3, t[3].half()), TypeError, r"exp_avgs\[0\]/exp_avg_sqs\[0\]"),
+        (lambda t: t.__setitem__(4, None), ValueError, r"global_steps\[0\] is required"),
+    ],
+)
+def test_bad_tensors_raise(mutate, error, match, device):
+    tensors = _valid(device)
+    mutate(tensors)
+    with pytest.raises(error, match=match):
+        smet_adamw_step(*[[t] for t in tensors], [0.1], [None], backend="triton")
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(betas=(1.0, 0.9)), ValueError, r"betas\[0\]"),
+        (dict(betas=(0.9, -0.1)), ValueError, r"betas\[1\]"),
+        (dict(eps=0.0), ValueError, "eps"),
+        (dict(weight_decay=-1.0), ValueError, "weight_decay"),
+        (dict(warmup="cosine"), ValueError, "warmup"),
+        (dict(warmup_steps=0), ValueError, "warmup_steps"),
+        (dict(warmup_steps=2.5), TypeError, "warmup_steps"),
+    ],
+)
+def test_bad_hyperparameters_raise(kwargs, error, match, device):
+    tensors = _valid(device)
+    with pytest.raises(error, match=match):
+        smet_adamw_step(*[[t] for t in tensors], [0.1], [None], backend="triton", **kwargs)
+
+
+def test_bad_lr_and_lengths_raise(device):
+    tensors = _valid(device)
+    with pytest.raises(ValueError, match=r"lrs\[0\] must be >= 0"):
+        smet_adamw_step(*[[t] for t in tensors], [-0.1], [None])
+    with pytest.raises(ValueError, match="global_steps has 2 entries"):
+        smet_adamw_step(*[[t] for t in tensors], [0.1], [None, None])

@@ -1,0 +1,111 @@
+"""Regrow initialisation kernel (smet_kernels.ops.regrow) against the PyTorch reference."""
+
+import pytest
+import torch
+
+from smet_kernels.ops.regrow import regrow_blocks
+
+GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def make_state(nnz, b, dtype, device, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    values = torch.randn(nnz, b, b, generator=generator).to(device=device, dtype=dtype)
+    exp_avg = torch.randn(nnz, b, b, generator=generator).to(device)
+    exp_avg_sq = torch.rand(nnz, b, b, generator=generator).to(device)
+    block_step = torch.randint(1, 50, (nnz,), generator=generator, dtype=torch.int32).to(device)
+    return values, exp_avg, exp_avg_sq, block_step
+
+
+def regrow_both_backends(nnz, b, dtype, device, slots, init, with_state=True):
+    results = []
+    for backend in ("triton", "reference"):
+        values, exp_avg, exp_avg_sq, block_step = make_state(nnz, b, dtype, device)
+        if not with_state:
+            exp_avg = exp_avg_sq = block_step = None
+        generator = torch.Generator().manual_seed(7)
+        regrow_blocks(
+            values, slots.to(device), exp_avg, exp_avg_sq, block_step,
+            init=init, init_std=0.05, generator=generator, backend=backend,
+        )  # fmt: skip
+        results.append((values, exp_avg, exp_avg_sq, block_step))
+    return results
+
+
+@pytest.mark.parametrize("init", ["zeros", "normal"])
+@pytest.mark.parametrize("b", [16, 32, 64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_kernel_matches_reference(init, b, dtype, device):
+    slots = torch.tensor([5, 0, 3])
+    (values, exp_avg, exp_avg_sq, block_step), expected = regrow_both_backends(6, b, dtype, device, slots, init)
+    assert torch.equal(values, expected[0])
+    assert torch.equal(exp_avg, expected[1])
+    assert torch.equal(exp_avg_sq, expected[2])
+    assert torch.equal(block_step, expected[3])
+    untouched = torch.tensor([1, 2, 4])
+    original = make_state(6, b, dtype, device)
+    assert torch.equal(values[untouched], original[0][untouched])
+    assert torch.equal(exp_avg[untouched], original[1][untouched])
+    assert block_step[slots].tolist() == [0, 0, 0]
+    assert torch.equal(block_step[untouched], original[3][untouched])
+    assert not exp_avg[slots].any() and not exp_avg_sq[slots].any()
+    if init == "zeros":
+        assert not values[slots].any()
+
+
+def test_normal_init_statistics_and_determinism(device):
+    values, *_ = make_state(8, 32, torch.float32, device)
+    slots = torch.arange(8, device=device)
+    regrow_blocks(values, slots, init="normal", init_std=0.02, generator=torch.Generator().manual_seed(11))
+    assert abs(values.std().item() - 0.02) < 0.001 and abs(values.mean().item()) < 0.001
+    again = torch.empty_like(values)
+    regrow_blocks(again, slots, init="normal", init_std=0.02, generator=torch.Generator().manual_seed(11))
+    assert torch.equal(values, again)
+
+
+def test_without_optimizer_state(device):
+    slots = torch.tensor([2, 1])
+    (values, *_), expected = regrow_both_backends(4, 16, torch.float32, device, slots, "normal", with_state=False)
+    assert torch.equal(values, expected[0])
+
+
+def test_empty_slots_is_a_no_op(device):
+    values, exp_avg, exp_avg_sq, block_step = make_state(3, 16, torch.float32, device)
+    before = values.clone()
+    regrow_blocks(values, torch.empty(0, dtype=torch.int64, device=device), exp_avg, exp_avg_sq, block_step)
+    assert torch.equal(values, before)
+
+
+@pytest.mark.gpu
+@GPU
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_kernel_matches_reference_gpu(dtype):
+    slots = torch.randperm(300)[:40]
+    (values, exp_avg, exp_avg_sq, block_step), expected = regrow_both_backends(300, 128, dtype, "cuda", slots, "normal")
+    assert torch.equal(values, expected[0]) and torch.equal(block_step, expected[3])
+    assert torch.equal(exp_avg, expected[1]) and torch.equal(exp_avg_sq, expected[2])
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(slots=torch.tensor([0, 4])), ValueError, "slots must lie in"),
+        (dict(slots=torch.tensor([1, 1])), ValueError, "slots must not repeat"),
+        (dict(slots=torch.tensor([0.0])), TypeError, "slots must be a 1-D"),
+        (dict(slots=[0, 1]), TypeError, "slots must be a LongTensor"),
+        (dict(values=torch.zeros(4, 16, 8)), ValueError, "values must have shape"),
+        (dict(values=torch.zeros(4, 16, 16, dtype=torch.int32)), TypeError, "values must be one of"),
+        (dict(exp_avg=torch.zeros(4, 16, 32)), ValueError, "exp_avg has shape"),
+        (dict(exp_avg_sq=torch.zeros(4, 16, 16, dtype=torch.int64)), TypeError, "exp_avg_sq must be a float"),
+        (dict(block_step=torch.zeros(4, dtype=torch.int64)), TypeError, "block_step must be an int32"),
+        (dict(block_step=torch.zeros(3, dtype=torch.int32)), ValueError, "block_step must have shape"),
+        (dict(init="uniform"), ValueError, "init must be one of"),
+        (dict(init_std=-1.0), ValueError, "init_std"),
+        (dict(generator=3), TypeError, "generator"),
+    ],
+)
+def test_bad_arguments_raise(kwargs, error, match):
+    arguments = dict(values=torch.zeros(4, 16, 16), slots=torch.tensor([0, 2]), init="normal")
+    arguments.update(kwargs)
+    with pytest.raises(error, match=match):
+        regrow_blocks(**arguments, backend="triton")

@@ -1,0 +1,267 @@
+"""SMETAdamW against a plain per-block loop of the SPEC §2 formulas, with regrows, param groups and resume."""
+
+import io
+import math
+
+import pytest
+import torch
+
+from smet_kernels.layout import BlockLayout
+from smet_kernels.ops.regrow import regrow_blocks
+from smet_kernels.optim.smet_adamw import SMETAdamW
+
+BETAS, EPS = (0.9, 0.99), 1e-8
+
+
+def sparse_param(out_features, in_features, block_size, density, seed, dtype=torch.float32, device="cpu"):
+    generator = torch.Generator().manual_seed(seed)
+    layout = BlockLayout.random(out_features, in_features, block_size, density, generator=generator)
+    values = torch.randn(layout.nnz, block_size, block_size, generator=generator)
+    param = torch.nn.Parameter(values.to(device=device, dtype=dtype))
+    param.smet_layout = layout
+    return param
+
+
+def dense_param(shape, seed, dtype=torch.float32, device="cpu"):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.nn.Parameter(torch.randn(shape, generator=generator).to(device=device, dtype=dtype))
+
+
+class SpecLoop:
+    """SPEC §2, one slot (sparse) or one tensor (dense) at a time, in float64 Python arithmetic."""
+
+    def __init__(self, params, lrs, weight_decays, warmup, warmup_steps, alpha, bias_correction):
+        self.theta = [p.detach().double().clone() for p in params]
+        self.m = [torch.zeros_like(t) for t in self.theta]
+        self.v = [torch.zeros_like(t) for t in self.theta]
+        self.local = [[0] * p.shape[0] if hasattr(p, "smet_layout") else None for p in params]
+        self.steps = [0] * len(params)
+        self.density = [p.smet_layout.density if hasattr(p, "smet_layout") else None for p in params]
+        self.lrs, self.weight_decays = lrs, weight_decays
+        self.warmup, self.warmup_steps, self.alpha = warmup, warmup_steps, alpha
+        self.bias_correction = bias_correction
+
+    def update(self, i, k, grad, t, s, lr, ramp, warmup):
+        beta1, beta2 = BETAS
+        theta, m, v = self.theta[i], self.m[i], self.v[i]
+        index = slice(None) if k is None else k
+        m[index] = beta1 * m[index] + (1 - beta1) * grad
+        v[index] = beta2 * v[index] + (1 - beta2) * grad * grad
+        if warmup == "momentum_ramp":
+            m[index] = m[index] * ramp
+        m_hat = m[index] / (1 - beta1**s)
+        v_hat = v[index] / (1 - beta2**s)
+        w = ramp if warmup == "linear" else 1.0
+        theta[index] = theta[index] - lr * (w * m_hat / (v_hat.sqrt() + EPS) + self.weight_decays[i] * theta[index])
+
+    def step(self, grads):
+        for i, grad in enumerate(grads):
+            if grad is None:
+                continue
+            grad = grad.double()
+            self.steps[i] += 1
+            if self.local[i] is None:  # dense: standard AdamW with the parameter's step
+                self.update(i, None, grad, None, self.steps[i], self.lrs[i], 1.0, "none")
+                continue
+            lr = self.lrs[i] * self.density[i] ** (-self.alpha)
+            for k in range(len(self.local[i])):
+                self.local[i][k] += 1
+                t = self.local[i][k]
+                s = self.steps[i] if self.bias_correction == "global" else t
+                ramp = min(t / self.warmup_steps, 1.0)
+                self.update(i, k, grad[k], t, s, lr, ramp, self.warmup)
+
+    def regrow(self, i, slots):
+        for k in slots.tolist():
+            self.theta[i][k] = 0.0
+            self.m[i][k] = 0.0
+            self.v[i][k] = 0.0
+            self.local[i][k] = 0
+
+
+def make_params(device, dtype=torch.float32):
+    return [
+        sparse_param(64, 48, 16, 0.5, seed=1, dtype=dtype, device=device),
+        dense_param((8, 24), seed=2, dtype=dtype, device=device),
+        sparse_param(64, 64, 32, 0.75, seed=3, dtype=dtype, device=device),
+        dense_param((24,), seed=4, dtype=dtype, device=device),
+    ]
+
+
+def grads_for(step, params):
+    generator = torch.Generator().manual_seed(1000 + step)
+    grads = [torch.randn(p.shape, generator=generator).to(device=p.device, dtype=p.dtype) for p in params]
+    if step == 10:
+        grads[0] = None  # a parameter without a gradient is skipped (no step counted)
+    return grads
+
+
+def regrow(optimizer, param, slots):
+    state = optimizer.state[param]
+    regrow_blocks(param.data, slots.to(param.device), state["exp_avg"], state["exp_avg_sq"], state["block_step"])
+
+
+CASES = [(w, a, "local") for w in ("linear", "momentum_ramp", "none") for a in (0.0, 0.5, 1.0)]
+CASES.append(("none", 1.0, "global"))  # naive DST (cold start)
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("warmup, alpha, bias_correction", CASES)
+def test_matches_spec_loop_with_regrows(warmup, alpha, bias_correction, backend, device):
+    params = make_params(device)
+    hyper = dict(betas=BETAS, eps=EPS, warmup=warmup, warmup_steps=5, density_lr_exponent=alpha,
+                 bias_correction=bias_correction, backend=backend)  # fmt: skip
+    optimizer = SMETAdamW(
+        [{"params": params[:2], "lr": 0.01, "weight_decay": 0.1}, {"params": params[2:], "lr": 0.02}], **hyper
+    )
+    loop = SpecLoop(params, [0.01, 0.01, 0.02, 0.02], [0.1, 0.1, 0.0, 0.0], warmup, 5, alpha, bias_correction)
+    regrows = {7: (0, torch.tensor([1, 4])), 14: (2, torch.tensor([0])), 15: (0, torch.tensor([4, 5]))}
+    for step in range(20):
+        grads = grads_for(step, params)
+        for p, g in zip(params, grads):
+            p.grad = g
+        optimizer.step()
+        loop.step(grads)
+        if step in regrows:
+            i, slots = regrows[step]
+            regrow(optimizer, params[i], slots)
+            loop.regrow(i, slots)
+    for p, want in zip(params, loop.theta):
+        torch.testing.assert_close(p.detach().double(), want, rtol=1e-4, atol=1e-5)
+    for i in (0, 2):
+        assert optimizer.state[params[i]]["block_step"].tolist() == loop.local[i]
+        torch.testing.assert_close(optimizer.state[params[i]]["exp_avg"].double(), loop.m[i], rtol=1e-4, atol=1e-6)
+
+
+def test_state_layout(device):
+    params = make_params(device, dtype=torch.float16)
+    optimizer = SMETAdamW(params, lr=0.01)
+    for p, g in zip(params, grads_for(0, params)):
+        p.grad = g
+    optimizer.step()
+    sparse, dense = optimizer.state[params[0]], optimizer.state[params[1]]
+    assert set(sparse) == {"exp_avg", "exp_avg_sq", "block_step"}
+    assert sparse["exp_avg"].dtype == torch.float32 and sparse["exp_avg"].shape == params[0].shape
+    assert sparse["block_step"].dtype == torch.int32 and sparse["block_step"].tolist() == [1] * params[0].shape[0]
+    assert set(dense) == {"exp_avg", "exp_avg_sq", "step"}
+    global_optimizer = SMETAdamW(params[:1], lr=0.01, bias_correction="global", warmup="none")
+    params[0].grad = torch.ones_like(params[0])
+    global_optimizer.step()
+    assert set(global_optimizer.state[params[0]]) == {"exp_avg", "exp_avg_sq", "block_step", "step"}
+
+
+def run_steps(optimizer, params, steps):
+    for step in steps:
+        for p, g in zip(params, grads_for(step, params)):
+            p.grad = g
+        optimizer.step()
+        if step == 2:
+            regrow(optimizer, params[0], torch.tensor([3, 0]))
+
+
+@pytest.mark.parametrize("bias_correction", ["local", "global"])
+def test_state_dict_resume_is_bit_exact(bias_correction, device):
+    params = make_params(device) + [sparse_param(32, 32, 16, 0.5, seed=9, dtype=torch.float16, device=device)]
+    hyper = dict(lr=0.01, weight_decay=0.05, warmup_steps=3, bias_correction=bias_correction)
+    optimizer = SMETAdamW(params, **hyper)
+    run_steps(optimizer, params, range(0, 5))
+    buffer = io.BytesIO()
+    torch.save({"params": [p.detach().clone() for p in params], "optimizer": optimizer.state_dict()}, buffer)
+    run_steps(optimizer, params, range(5, 10))
+
+    buffer.seek(0)
+    checkpoint = torch.load(buffer)
+    resumed = make_params(device) + [sparse_param(32, 32, 16, 0.5, seed=9, dtype=torch.float16, device=device)]
+    with torch.no_grad():
+        for p, saved in zip(resumed, checkpoint["params"]):
+            p.copy_(saved)
+    resumed_optimizer = SMETAdamW(resumed, **hyper)
+    resumed_optimizer.load_state_dict(checkpoint["optimizer"])
+    assert resumed_optimizer.state[resumed[4]]["exp_avg"].dtype == torch.float32  # not cast to the fp16 weights
+    run_steps(resumed_optimizer, resumed, range(5, 10))
+
+    for p, q in zip(params, resumed):
+        assert torch.equal(p, q)
+        for key, value in optimizer.state[p].items():
+            assert torch.equal(value, resumed_optimizer.state[q][key]), key
+
+
+def test_naive_cold_start_spikes_and_warmup_does_not(device):
+    """After many steps a regrown block's first update is ~(1-b1)/sqrt(1-b2) lr (global) vs lr/W (SMET)."""
+    lr, warmup_steps = 0.01, 10
+    sizes = {}
+    for mode, warmup in (("global", "none"), ("local", "linear")):
+        param = sparse_param(32, 32, 16, 1.0, seed=5, device=device)
+        optimizer = SMETAdamW([param], lr=lr, betas=(0.9, 0.999), eps=1e-12, warmup=warmup,
+                              warmup_steps=warmup_steps, density_lr_exponent=0.0, bias_correction=mode)  # fmt: skip
+        param.grad = torch.ones_like(param)
+        optimizer.step()
+        state = optimizer.state[param]
+        if mode == "global":
+            state["step"].fill_(100_000)  # a long run so far
+        else:
+            state["block_step"].fill_(100_000)
+        regrow(optimizer, param, torch.tensor([0]))
+        optimizer.step()
+        sizes[mode] = param.detach()[0].abs().mean().item()
+    assert sizes["global"] == pytest.approx(lr * 0.1 / math.sqrt(0.001), rel=1e-3)
+    assert sizes["local"] == pytest.approx(lr / warmup_steps, rel=1e-3)
+
+
+def test_closure_and_module_integration(device):
+    """SMETAdamW(model.parameters()) finds BlockSparseLinear values by their smet_layout."""
+    from smet_kernels.modules import BlockSparseLinear
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        BlockSparseLinear(32, 32, density=0.5, block_size=16, bias=True, device=device), torch.nn.Linear(32, 4)
+    ).to(device)
+    optimizer = SMETAdamW(model.parameters(), lr=0.01, warmup_steps=1)
+    x, target = torch.randn(8, 32, device=device), torch.randn(8, 4, device=device)
+
+    def closure():
+        optimizer.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), target)
+        loss.backward()
+        return loss
+
+    first = optimizer.step(closure)
+    for _ in range(5):
+        last = optimizer.step(closure)
+    assert last.item() < first.item()
+    assert "block_step" in optimizer.state[model[0].values]
+    assert "block_step" not in optimizer.state[model[0].bias]
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(lr=-1.0), ValueError, "lr"),
+        (dict(eps=0.0), ValueError, "eps"),
+        (dict(betas=(0.9, 1.0)), ValueError, r"betas\[1\]"),
+        (dict(betas=0.9), TypeError, "betas"),
+        (dict(weight_decay=-0.1), ValueError, "weight_decay"),
+        (dict(warmup="cosine"), ValueError, "warmup"),
+        (dict(warmup_steps=0), ValueError, "warmup_steps"),
+        (dict(warmup_steps=10.0), TypeError, "warmup_steps"),
+        (dict(density_lr_exponent=-1.0), ValueError, "density_lr_exponent"),
+        (dict(bias_correction="none"), ValueError, "bias_correction"),
+        (dict(state_dtype="float32"), TypeError, "state_dtype"),
+        (dict(state_dtype=torch.int32), ValueError, "state_dtype"),
+        (dict(backend="cuda"), ValueError, "backend"),
+    ],
+)
+def test_bad_arguments_raise(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        SMETAdamW([dense_param((4,), seed=0)], **kwargs)
+
+
+def test_bad_param_group_and_values_shape_raise(device):
+    optimizer = SMETAdamW([dense_param((4,), seed=0, device=device)])
+    with pytest.raises(ValueError, match="warmup_steps"):
+        optimizer.add_param_group({"params": [dense_param((4,), seed=1, device=device)], "warmup_steps": -3})
+    param = sparse_param(32, 32, 16, 0.5, seed=0, device=device)
+    param.smet_layout = BlockLayout.random(32, 32, 16, 1.0)  # nnz 4, values hold 2 slots
+    param.grad = torch.zeros_like(param)
+    with pytest.raises(ValueError, match="sparse values must have shape"):
+        SMETAdamW([param]).step()
