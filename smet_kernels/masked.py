@@ -1,0 +1,157 @@
+"""Masked dynamic sparse training baseline (SPEC §4): dense weights times a block mask.
+
+``MaskedLinear`` computes ``y = x (W ⊙ M)ᵀ + b`` with a dense ``weight [out, in]`` and the ``b x b`` block mask
+``M`` of a :class:`BlockLayout` expanded to ``[out, in]``. Gradients and (``torch.optim.AdamW``) optimizer states are
+dense, as in mask-based DST libraries — the memory the compact ``BlockSparseLinear`` saves. The weight carries
+``weight.smet_mask_layout`` (not ``smet_layout``, which marks compact values) so that the
+:class:`~smet_kernels.topology.SMET` controller prunes and regrows its blocks.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .layout import BlockLayout
+from .modules import sparse_linear_names, sparsify
+
+
+class MaskedLinear(nn.Module):
+    """``y = x (W ⊙ M)ᵀ + b``: dense ``weight [out, in]``, block mask ``M`` from ``layout`` (kept current by version).
+
+    Inactive blocks of ``weight`` are kept at zero by the controller; the mask makes them irrelevant to the
+    output and gives them zero gradient. The layout is part of the ``state_dict`` (extra state), restored in place.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        density: float | None = None,
+        block_size: int = 128,
+        bias: bool = False,
+        layout: BlockLayout | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        generator: torch.Generator | None = None,
+    ):
+        super().__init__()
+        if layout is None:
+            if density is None:
+                raise TypeError("MaskedLinear needs density (or an explicit layout)")
+            layout = BlockLayout.random(out_features, in_features, block_size, density, generator=generator)
+        elif not isinstance(layout, BlockLayout):
+            raise TypeError(f"layout must be a BlockLayout, got {type(layout).__name__}")
+        elif layout.shape != (out_features, in_features):
+            raise ValueError(
+                f"layout.shape {layout.shape} does not match (out_features, in_features)={(out_features, in_features)}"
+            )
+        self.in_features = in_features
+        self.out_features = out_features
+        self.layout = layout
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype))
+        self.weight.smet_mask_layout = layout
+        self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
+        self._mask_key: tuple | None = None
+        self._dense_mask: torch.Tensor | None = None
+        self.reset_parameters(generator)
+
+    @property
+    def block_size(self) -> int:
+        return self.layout.block_size
+
+    @property
+    def density(self) -> float:
+        return self.layout.density
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """``nn.Linear``'s init ``U(-1/√in, 1/√in)``, then zeros at inactive blocks."""
+        bound = 1.0 / math.sqrt(self.in_features)
+        with torch.no_grad():
+            self.weight.uniform_(-bound, bound, generator=generator)
+            self.weight.mul_(self.dense_mask())
+            if self.bias is not None:
+                self.bias.uniform_(-bound, bound, generator=generator)
+
+    def dense_mask(self) -> torch.Tensor:
+        """``M`` expanded to ``[out, in]`` in the weight's dtype and device, rebuilt when the layout changes."""
+        key = (self.layout.version, self.weight.device, self.weight.dtype)
+        if self._mask_key != key:
+            b = self.layout.block_size
+            block_mask = self.layout.mask.to(device=self.weight.device, dtype=self.weight.dtype)
+            self._dense_mask = block_mask.repeat_interleave(b, dim=0).repeat_interleave(b, dim=1)
+            self._mask_key = key
+        return self._dense_mask
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight * self.dense_mask(), self.bias)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, layout: BlockLayout) -> "MaskedLinear":
+        """A masked copy of ``linear`` keeping the weights of the blocks active in ``layout`` (zeros elsewhere)."""
+        weight = linear.weight
+        module = cls(
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            layout=layout,
+            device=weight.device,
+            dtype=weight.dtype,
+        )
+        with torch.no_grad():
+            module.weight.copy_(weight.detach() * module.dense_mask())
+            if linear.bias is not None:
+                module.bias.copy_(linear.bias.detach())
+        return module
+
+    def get_extra_state(self) -> dict:
+        return self.layout.state_dict()
+
+    def set_extra_state(self, state: dict) -> None:
+        if tuple(state["shape"]) != self.layout.shape or int(state["block_size"]) != self.layout.block_size:
+            raise ValueError(
+                f"checkpoint layout (shape {tuple(state['shape'])}, block_size {state['block_size']}) does not match "
+                f"this layer (shape {self.layout.shape}, block_size {self.layout.block_size})"
+            )
+        self.layout.set_block_indices(state["block_indices"])
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, block_size={self.block_size}, "
+            f"nnz={self.layout.nnz}, density={self.density:.4f}, bias={self.bias is not None}"
+        )
+
+
+def masked_sparsify(
+    model: nn.Module,
+    density: float,
+    block_size: int = 128,
+    distribution: str = "uniform",
+    include: Iterable[str] | str | None = None,
+    exclude: Iterable[str] | str | None = None,
+    generator: torch.Generator | None = None,
+) -> nn.Module:
+    """Replace the selected ``nn.Linear`` layers of ``model`` (in place) by :class:`MaskedLinear`.
+
+    Runs :func:`smet_kernels.modules.sparsify` (same arguments: ``include``/``exclude`` regexes searched in module
+    names, ``distribution`` ``uniform`` | ``erk``, random blocks from ``generator``) and turns each new layer into a
+    ``MaskedLinear`` over the same layout, so both storage schemes start from the same topology and weights for
+    the same generator state. Returns ``model``.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if isinstance(model, nn.Linear):
+        raise ValueError("model is itself an nn.Linear: use MaskedLinear.from_linear(model, layout)")
+    names = sparse_linear_names(model, include, exclude)
+    dense_linears = {name: module for name, module in model.named_modules() if name in names}
+    sparsify(model, density, block_size, distribution, include, exclude, generator)
+    modules = dict(model.named_modules())
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = modules[parent_name] if parent_name else model
+        setattr(parent, child, MaskedLinear.from_linear(dense_linears[name], modules[name].layout))
+    return model

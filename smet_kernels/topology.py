@@ -1,0 +1,427 @@
+"""The SMET topology controller: periodic prune + regrow of the active blocks of every sparse layer.
+
+Every ``ΔT = update_interval`` optimizer steps, from step ``ΔT`` up to and including ``T_end``, each sparse
+layer with ``nnz`` active blocks trades ``n = floor(ζ_t · nnz)`` of them, with the cosine-decayed fraction
+
+    ζ_t = ζ_min + (ζ0 − ζ_min) · (1 + cos(π t / T_end)) / 2
+
+* prune: the ``n`` active blocks of smallest block L1 norm ``Σ|w|`` (ties: lower slot first);
+* regrow: ``n`` blocks that were inactive before this update (so never one just pruned), either
+  ``random`` (SET: uniform, from a generator seeded with ``seed``) or ``gradient`` (RigL: largest block L1
+  norm of the dense gradient ``dL/dW = dyᵀx`` of this step; ties: lower row-major block index first).
+
+Regrown blocks reuse the pruned blocks' value slots, so parameter shapes never change. Two kinds of
+sparse parameters are handled, found in ``model.parameters()`` by a marker attribute:
+
+* compact values ``[nnz, b, b]`` carrying ``p.smet_layout`` (``BlockSparseLinear``): the layout's slots
+  are moved with :meth:`BlockLayout.replace_blocks` and the slots' values, Adam moments and per-block
+  step are reset by :func:`smet_kernels.ops.regrow.regrow_blocks`;
+* dense masked weights ``[out, in]`` carrying ``p.smet_mask_layout`` (:class:`smet_kernels.masked.MaskedLinear`):
+  the layout (hence the mask) is updated the same way, pruned blocks are zeroed, regrown blocks get the
+  init values and any dense Adam moments of the optimizer are zeroed there.
+
+Both kinds share one selection function, :func:`choose_blocks`.
+
+**Dense gradients (RigL).** Only on update steps: when ``regrow="gradient"`` the controller registers
+forward hooks on the sparse layers right before an update step (:meth:`SMET.needs_dense_grad` is then
+True) and removes them after it. While armed, every backward through such a layer accumulates
+``dyᵀx`` (fp32, ``[out, in]``) for it; gradient accumulation over micro-batches therefore sums as the
+parameter gradients do. The training loop needs no change: ``forward, backward, optimizer.step(),
+smet.step()`` as usual.
+
+**Distributed.** Decisions depend only on weights (identical across DDP ranks), the step and the seeded
+generator (consumed identically on every rank). In addition, when ``torch.distributed`` is initialised the
+dense RigL gradients are averaged over ranks before scoring, and the chosen slots and blocks of all layers
+are broadcast from rank 0 in one small int64 tensor, so every rank applies exactly rank 0's update.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .layout import BlockLayout
+from .ops.regrow import regrow_blocks
+
+REGROW_MODES = ("random", "gradient")
+REGROW_INITS = ("zeros", "normal")
+_MASKED_STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+
+
+# ---------------------------------------------------------------------------------------------- schedule
+def cosine_prune_fraction(step: int, end_step: int | None, prune_fraction: float, min_prune_fraction: float) -> float:
+    """``ζ_t = ζ_min + (ζ0 − ζ_min)(1 + cos(π t / T_end)) / 2`` with t clamped to ``T_end``; ``ζ0`` if no ``T_end``."""
+    if end_step is None:
+        return float(prune_fraction)
+    t = min(max(step, 0), end_step)
+    return min_prune_fraction + (prune_fraction - min_prune_fraction) * (1.0 + math.cos(math.pi * t / end_step)) / 2.0
+
+
+# ---------------------------------------------------------------------------------------------- selection
+def choose_blocks(
+    layout: BlockLayout,
+    prune_scores: torch.Tensor,
+    n: int,
+    regrow_scores: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pick ``n`` slots to prune and ``n`` currently inactive blocks to regrow into them.
+
+    ``prune_scores [nnz]``: score of each slot's block (its L1 norm); the ``n`` smallest are pruned, ties
+    to the lower slot. ``regrow_scores [rows, cols]`` (RigL): the ``n`` inactive blocks with the largest
+    score are grown, ties to the lower row-major index; ``None`` grows ``n`` inactive blocks uniformly at
+    random with ``generator`` (CPU). ``n`` is capped at the number of inactive blocks.
+
+    Returns CPU int64 ``slots [n]`` (ascending) and ``new_blocks [n, 2]`` (row-major ascending), ready for
+    :meth:`BlockLayout.replace_blocks`.
+    """
+    prune_scores = prune_scores.detach().cpu()
+    if prune_scores.shape != (layout.nnz,):
+        raise ValueError(f"prune_scores must have shape [{layout.nnz}], got {tuple(prune_scores.shape)}")
+    inactive = (~layout.mask.cpu()).flatten().nonzero().squeeze(1)
+    n = min(int(n), inactive.numel())
+    if n <= 0:
+        return torch.empty(0, dtype=torch.int64), torch.empty(0, 2, dtype=torch.int64)
+    slots = torch.sort(prune_scores, stable=True).indices[:n]
+    if regrow_scores is None:
+        grown = inactive[torch.randperm(inactive.numel(), generator=generator)[:n]]
+    else:
+        regrow_scores = regrow_scores.detach().cpu()
+        if regrow_scores.shape != layout.block_shape:
+            raise ValueError(
+                f"regrow_scores must have shape {list(layout.block_shape)}, got {tuple(regrow_scores.shape)}"
+            )
+        candidate_scores = regrow_scores.flatten()[inactive]
+        grown = inactive[torch.sort(candidate_scores, descending=True, stable=True).indices[:n]]
+    grown = grown.sort().values
+    n_cols = layout.block_shape[1]
+    return slots.sort().values, torch.stack([grown // n_cols, grown % n_cols], dim=1)
+
+
+def block_l1(weight: torch.Tensor, block_size: int) -> torch.Tensor:
+    """``[out//b, in//b]`` block L1 norms ``Σ|w|`` of a dense ``[out, in]`` tensor, in fp32."""
+    out_features, in_features = weight.shape
+    blocks = weight.detach().reshape(out_features // block_size, block_size, in_features // block_size, block_size)
+    return blocks.abs().sum(dim=(1, 3), dtype=torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------- controller
+@dataclass(eq=False)
+class _SparseTarget:
+    """One sparse parameter under control: ``kind`` is ``compact`` (values) or ``masked`` (dense weight)."""
+
+    name: str
+    param: nn.Parameter
+    layout: BlockLayout
+    kind: str
+    module: nn.Module
+    dense_grad: torch.Tensor | None = None
+    hook: object = field(default=None, repr=False)
+
+
+def _check_int(value, name: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _check_float(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    return float(value)
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _collective_device() -> torch.device:
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+class SMET:
+    """Topology controller for dynamic sparse training; call :meth:`step` after every ``optimizer.step()``.
+
+    Args:
+        model: module whose parameters include compact sparse values (``p.smet_layout``) and/or masked
+            dense weights (``p.smet_mask_layout``).
+        optimizer: the optimizer of ``model``; its per-parameter state is reset for regrown blocks.
+        update_interval: ``ΔT``, optimizer steps between topology updates (first update at step ``ΔT``).
+        prune_fraction: ``ζ0`` in (0, 1), the fraction of each layer's active blocks swapped at t = 0.
+        min_prune_fraction: ``ζ_min`` in [0, ζ0], the fraction reached at ``T_end``.
+        end_step: ``T_end``, the last step at which an update may happen and the period of the cosine decay.
+            ``None`` means "the whole run": ``total_steps`` when given; when both are None the fraction stays
+            ``ζ0`` and updates never stop.
+        total_steps: length of the run, the default ``T_end``.
+        regrow: ``"random"`` (SET) or ``"gradient"`` (RigL, dense gradient formed on update steps only).
+        regrow_init: values of regrown blocks, ``"zeros"`` or ``"normal"`` (``N(0, init_std²)``).
+        init_std: standard deviation of the ``"normal"`` regrow init.
+        seed: seed of the controller's CPU generator (random regrow and normal init).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        update_interval: int = 100,
+        prune_fraction: float = 0.2,
+        min_prune_fraction: float = 0.005,
+        end_step: int | None = None,
+        total_steps: int | None = None,
+        regrow: str = "random",
+        regrow_init: str = "zeros",
+        init_std: float = 0.02,
+        seed: int = 0,
+    ):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        self.update_interval = _check_int(update_interval, "update_interval", 1)
+        self.prune_fraction = _check_float(prune_fraction, "prune_fraction")
+        if not 0.0 < self.prune_fraction < 1.0:
+            raise ValueError(f"prune_fraction must be in (0, 1), got {prune_fraction}")
+        self.min_prune_fraction = _check_float(min_prune_fraction, "min_prune_fraction")
+        if not 0.0 <= self.min_prune_fraction <= self.prune_fraction:
+            raise ValueError(
+                f"min_prune_fraction must be in [0, prune_fraction={self.prune_fraction}], got {min_prune_fraction}"
+            )
+        if end_step is not None:
+            _check_int(end_step, "end_step", 1)
+        if total_steps is not None:
+            _check_int(total_steps, "total_steps", 1)
+        self.end_step = end_step if end_step is not None else total_steps
+        if regrow not in REGROW_MODES:
+            raise ValueError(f"regrow must be one of {REGROW_MODES}, got {regrow!r}")
+        self.regrow = regrow
+        if regrow_init not in REGROW_INITS:
+            raise ValueError(f"regrow_init must be one of {REGROW_INITS}, got {regrow_init!r}")
+        self.regrow_init = regrow_init
+        self.init_std = _check_float(init_std, "init_std")
+        if not 0.0 < self.init_std < math.inf:
+            raise ValueError(f"init_std must be a finite float > 0, got {init_std}")
+        self.seed = _check_int(seed, "seed", 0)
+
+        self.model = model
+        self.optimizer = optimizer
+        self.targets = self._find_targets(model)
+        if not self.targets:
+            raise ValueError(
+                "model has no sparse parameters (none carries smet_layout or smet_mask_layout); "
+                "sparsify it first (smet_kernels.modules.sparsify or smet_kernels.masked.masked_sparsify)"
+            )
+        self.generator = torch.Generator(device="cpu").manual_seed(self.seed)
+        self.history: list[dict] = []
+        self._step = 0
+        self._sync_hooks()
+
+    # ------------------------------------------------------------------ discovery
+    @staticmethod
+    def _find_targets(model: nn.Module) -> list[_SparseTarget]:
+        owners: dict[int, nn.Module] = {}
+        for module in model.modules():
+            for param in module.parameters(recurse=False):
+                owners.setdefault(id(param), module)
+        targets = []
+        for name, param in model.named_parameters():
+            if hasattr(param, "smet_layout"):
+                targets.append(_SparseTarget(name, param, param.smet_layout, "compact", owners[id(param)]))
+            elif hasattr(param, "smet_mask_layout"):
+                targets.append(_SparseTarget(name, param, param.smet_mask_layout, "masked", owners[id(param)]))
+        return targets
+
+    # ------------------------------------------------------------------ schedule
+    @property
+    def step_count(self) -> int:
+        """Optimizer steps counted so far."""
+        return self._step
+
+    def is_update_step(self, step: int) -> bool:
+        """True when a topology update happens after optimizer step ``step`` (1-based)."""
+        return (
+            step >= self.update_interval
+            and step % self.update_interval == 0
+            and (self.end_step is None or step <= self.end_step)
+        )
+
+    def prune_fraction_at(self, step: int) -> float:
+        """``ζ_t`` of the cosine schedule at ``step``."""
+        return cosine_prune_fraction(step, self.end_step, self.prune_fraction, self.min_prune_fraction)
+
+    def needs_dense_grad(self) -> bool:
+        """True when the next backward must record dense gradients (RigL, next step is an update step)."""
+        return self.regrow == "gradient" and self.is_update_step(self._step + 1)
+
+    # ------------------------------------------------------------------ stepping
+    def step(self) -> dict | None:
+        """Count one optimizer step; on update steps prune + regrow every layer and return the record."""
+        self._step += 1
+        record = self._update() if self.is_update_step(self._step) else None
+        self._sync_hooks()
+        return record
+
+    @torch.no_grad()
+    def _update(self) -> dict:
+        zeta = self.prune_fraction_at(self._step)
+        decisions = []
+        for target in self.targets:
+            n = math.floor(zeta * target.layout.nnz)
+            decisions.append(
+                choose_blocks(target.layout, self._prune_scores(target), n, self._regrow_scores(target), self.generator)
+            )
+        if _distributed():
+            decisions = self._broadcast(decisions)
+        record = {"step": self._step, "prune_fraction": zeta, "layers": {}}
+        for target, (slots, new_blocks) in zip(self.targets, decisions):
+            if slots.numel():
+                self._apply(target, slots, new_blocks)
+            record["layers"][target.name] = {"pruned": int(slots.numel()), "regrown": int(new_blocks.shape[0])}
+            target.dense_grad = None
+        self.history.append(record)
+        return record
+
+    def _prune_scores(self, target: _SparseTarget) -> torch.Tensor:
+        if target.kind == "compact":
+            return target.param.detach().abs().sum(dim=(1, 2), dtype=torch.float32)
+        indices = target.layout.block_indices.to(target.param.device)
+        return block_l1(target.param, target.layout.block_size)[indices[:, 0], indices[:, 1]]
+
+    def _regrow_scores(self, target: _SparseTarget) -> torch.Tensor | None:
+        if self.regrow == "random":
+            return None
+        if target.dense_grad is None:
+            raise RuntimeError(
+                f"regrow='gradient' needs the dense gradient of {target.name!r} at update step {self._step}, but "
+                "no backward pass went through its layer since the previous optimizer step"
+            )
+        if _distributed():
+            dist.all_reduce(target.dense_grad)
+            target.dense_grad.div_(dist.get_world_size())
+        return block_l1(target.dense_grad, target.layout.block_size)
+
+    @staticmethod
+    def _broadcast(decisions: list[tuple[torch.Tensor, torch.Tensor]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        packed = torch.cat([torch.cat([slots, blocks.flatten()]) for slots, blocks in decisions])
+        packed = packed.to(_collective_device())
+        dist.broadcast(packed, src=0)
+        packed = packed.cpu()
+        out, offset = [], 0
+        for slots, _ in decisions:
+            n = slots.numel()
+            out.append((packed[offset : offset + n], packed[offset + n : offset + 3 * n].reshape(n, 2)))
+            offset += 3 * n
+        return out
+
+    def _init_values(self, n: int, block_size: int, like: torch.Tensor) -> torch.Tensor:
+        """Regrown block values for a masked weight, drawn as :func:`regrow_blocks` draws them (fp32 on CPU)."""
+        if self.regrow_init == "zeros":
+            return torch.zeros(n, block_size, block_size, dtype=like.dtype, device=like.device)
+        noise = torch.randn((n, block_size, block_size), generator=self.generator, dtype=torch.float32)
+        return (noise * self.init_std).to(dtype=like.dtype, device=like.device)
+
+    def _apply(self, target: _SparseTarget, slots: torch.Tensor, new_blocks: torch.Tensor) -> None:
+        layout, param, b = target.layout, target.param, target.layout.block_size
+        state = self.optimizer.state.get(param, {})
+        if target.kind == "compact":
+            layout.replace_blocks(slots, new_blocks)
+            regrow_blocks(
+                param.data,
+                slots.to(param.device),
+                state.get("exp_avg"),
+                state.get("exp_avg_sq"),
+                state.get("block_step"),
+                init=self.regrow_init,
+                init_std=self.init_std,
+                generator=self.generator,
+            )
+            return
+        pruned_blocks = layout.block_indices[slots.to(layout.device)].cpu()
+        layout.replace_blocks(slots, new_blocks)
+        rows_b, cols_b = layout.block_shape
+        moments = [state[key] for key in _MASKED_STATE_KEYS if isinstance(state.get(key), torch.Tensor)]
+        pruned = pruned_blocks.to(param.device)
+        grown = new_blocks.to(param.device)
+        for tensor in [param.data] + [m for m in moments if m.shape == param.shape]:
+            blocks = tensor.view(rows_b, b, cols_b, b).permute(0, 2, 1, 3)
+            blocks[pruned[:, 0], pruned[:, 1]] = 0
+            blocks[grown[:, 0], grown[:, 1]] = 0
+        param.data.view(rows_b, b, cols_b, b).permute(0, 2, 1, 3)[grown[:, 0], grown[:, 1]] = self._init_values(
+            slots.numel(), b, param
+        )
+
+    # ------------------------------------------------------------------ dense-gradient hooks (RigL)
+    def _sync_hooks(self) -> None:
+        armed = self.needs_dense_grad()
+        for target in self.targets:
+            if armed and target.hook is None:
+                target.hook = target.module.register_forward_hook(self._make_recorder(target))
+            elif not armed and target.hook is not None:
+                target.hook.remove()
+                target.hook = None
+
+    @staticmethod
+    def _make_recorder(target: _SparseTarget):
+        def record_input(module, inputs, output):
+            if not (torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad):
+                return
+            x = inputs[0].detach()
+
+            def accumulate_dense_grad(dy: torch.Tensor) -> None:
+                grad = dy.detach().reshape(-1, dy.shape[-1]).float().t() @ x.reshape(-1, x.shape[-1]).float()
+                target.dense_grad = grad if target.dense_grad is None else target.dense_grad.add_(grad)
+
+            output.register_hook(accumulate_dense_grad)
+
+        return record_input
+
+    def remove_hooks(self) -> None:
+        """Detach the controller's dense-gradient hooks (re-armed by the next :meth:`step` when due)."""
+        for target in self.targets:
+            if target.hook is not None:
+                target.hook.remove()
+                target.hook = None
+
+    # ------------------------------------------------------------------ checkpointing
+    def state_dict(self) -> dict:
+        """Step counter, generator state, history and every layer's slot -> block map (by parameter name)."""
+        return {
+            "step": self._step,
+            "generator": self.generator.get_state(),
+            "history": copy.deepcopy(self.history),
+            "layouts": {target.name: target.layout.state_dict() for target in self.targets},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict` output; layouts are restored in place (same objects as the layers')."""
+        layouts = state["layouts"]
+        names = {target.name for target in self.targets}
+        if set(layouts) != names:
+            raise ValueError(
+                f"state's layouts are for {sorted(layouts)}, this controller manages {sorted(names)}"
+            )
+        for target in self.targets:
+            saved = layouts[target.name]
+            if tuple(saved["shape"]) != target.layout.shape or int(saved["block_size"]) != target.layout.block_size:
+                raise ValueError(f"layout of {target.name!r} in state does not match the model's layer")
+            target.layout.set_block_indices(saved["block_indices"])
+            target.dense_grad = None
+        self._step = int(state["step"])
+        self.generator.set_state(state["generator"])
+        self.history = copy.deepcopy(state["history"])
+        self._sync_hooks()
+
+    def __repr__(self) -> str:
+        return (
+            f"SMET(layers={len(self.targets)}, update_interval={self.update_interval}, "
+            f"prune_fraction={self.prune_fraction}, min_prune_fraction={self.min_prune_fraction}, "
+            f"end_step={self.end_step}, regrow={self.regrow!r}, regrow_init={self.regrow_init!r}, step={self._step})"
+        )

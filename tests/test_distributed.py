@@ -1,0 +1,79 @@
+"""SMET under torch.distributed: two gloo processes on CPU (DDP) end with identical topologies and weights."""
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from smet_kernels.masked import MaskedLinear
+from smet_kernels.modules import BlockSparseLinear
+from smet_kernels.optim.smet_adamw import SMETAdamW
+from smet_kernels.topology import SMET
+
+WORLD = 2
+B = 16
+STEPS = 6
+# (name, SMET keyword arguments, whether the controller seed differs per rank)
+SCENARIOS = [
+    ("random", dict(regrow="random", regrow_init="normal"), False),
+    ("gradient", dict(regrow="gradient"), False),
+    ("rank_seeds", dict(regrow="random"), True),  # rank 0's broadcast decisions win
+]
+
+
+def _model() -> nn.Module:
+    gen = torch.Generator().manual_seed(0)
+    return nn.Sequential(
+        BlockSparseLinear(32, 64, 0.5, B, generator=gen, backend="reference"),
+        nn.ReLU(),
+        MaskedLinear(64, 32, 0.5, B, generator=gen),
+    )
+
+
+def _worker(rank: int, init_file: str, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        for name, kwargs, rank_seed in SCENARIOS:
+            model = DistributedDataParallel(_model())
+            opt = SMETAdamW(model.parameters(), lr=1e-2, warmup_steps=2, backend="reference")
+            smet = SMET(model, opt, update_interval=2, prune_fraction=0.5, seed=rank if rank_seed else 0, **kwargs)
+            data = torch.Generator().manual_seed(100 + rank)  # every rank sees different data
+            for _ in range(STEPS):
+                x, target = torch.randn(8, 32, generator=data), torch.randn(8, 32, generator=data)
+                opt.zero_grad(set_to_none=True)
+                (model(x) - target).pow(2).mean().backward()
+                opt.step()
+                smet.step()
+            torch.save(
+                {
+                    "layouts": {t.name: t.layout.block_indices.clone() for t in smet.targets},
+                    "params": {n: p.detach().clone() for n, p in model.named_parameters()},
+                    "history": smet.history,
+                },
+                os.path.join(out_dir, f"{name}_{rank}.pt"),
+            )
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+def test_two_gloo_ranks_keep_identical_topology(tmp_path):
+    mp.spawn(_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
+    initial = _model()
+    initial_layouts = {
+        "module.0.values": initial[0].layout.block_indices,
+        "module.2.weight": initial[2].layout.block_indices,
+    }
+    for name, _, _ in SCENARIOS:
+        rank0, rank1 = (torch.load(tmp_path / f"{name}_{rank}.pt", weights_only=False) for rank in range(WORLD))
+        assert len(rank0["history"]) == STEPS // 2 and rank0["history"] == rank1["history"], name
+        assert rank0["layouts"].keys() == initial_layouts.keys()
+        for layer, indices in rank0["layouts"].items():
+            assert torch.equal(indices, rank1["layouts"][layer]), (name, layer)
+            assert not torch.equal(indices, initial_layouts[layer]), (name, layer)  # the topology did move
+        for param, value in rank0["params"].items():
+            assert torch.equal(value, rank1["params"][param]), (name, param)

@@ -1,0 +1,181 @@
+"""Masked-DST baseline: MaskedLinear, masked_sparsify, and the SMET controller on dense masked weights."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from smet_kernels.functional import to_dense
+from smet_kernels.layout import BlockLayout
+from smet_kernels.masked import MaskedLinear, masked_sparsify
+from smet_kernels.modules import BlockSparseLinear, sparsify
+from smet_kernels.topology import SMET
+
+B = 16
+
+
+def expand(layout):
+    return layout.mask.repeat_interleave(B, 0).repeat_interleave(B, 1)
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q_proj = nn.Linear(32, 64, bias=False)
+        self.up_proj = nn.Linear(64, 64, bias=True)
+        self.lm_head = nn.Linear(64, 48, bias=False)
+
+    def forward(self, x):
+        return self.lm_head(torch.relu(self.up_proj(self.q_proj(x))))
+
+
+def test_forward_and_gradient_are_masked():
+    layer = MaskedLinear(64, 32, density=0.5, block_size=B, bias=True, generator=torch.Generator().manual_seed(0))
+    mask = expand(layer.layout)
+    assert torch.all(layer.weight.detach()[~mask] == 0) and layer.weight.smet_mask_layout is layer.layout
+    assert not hasattr(layer.weight, "smet_layout")
+    with torch.no_grad():
+        layer.weight.add_(1.0)  # inactive entries must not leak into the output
+    x = torch.randn(5, 64, requires_grad=True)
+    y = layer(x)
+    torch.testing.assert_close(y, F.linear(x, layer.weight * mask, layer.bias))
+    y.sum().backward()
+    assert torch.all(layer.weight.grad[~mask] == 0) and torch.any(layer.weight.grad[mask] != 0)
+
+
+def test_mask_follows_layout_updates():
+    layer = MaskedLinear(32, 32, density=0.5, block_size=B, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(3, 32)
+    layer(x)
+    inactive = (~layer.layout.mask).nonzero()[0]
+    layer.layout.replace_blocks(torch.tensor([0]), inactive[None])
+    torch.testing.assert_close(layer(x), F.linear(x, layer.weight * expand(layer.layout), layer.bias))
+
+
+def test_constructor_validation():
+    with pytest.raises(TypeError, match="density"):
+        MaskedLinear(32, 32, block_size=B)
+    with pytest.raises(TypeError, match="layout"):
+        MaskedLinear(32, 32, layout="dense")
+    with pytest.raises(ValueError, match="layout.shape"):
+        MaskedLinear(32, 64, layout=BlockLayout.random(32, 32, B, 0.5))
+    with pytest.raises(ValueError, match="density"):
+        MaskedLinear(32, 32, density=1.5, block_size=B)
+
+
+def test_from_linear_keeps_active_blocks():
+    linear = nn.Linear(32, 48, bias=True)
+    layout = BlockLayout.random(48, 32, B, 0.5, generator=torch.Generator().manual_seed(1))
+    masked = MaskedLinear.from_linear(linear, layout)
+    torch.testing.assert_close(masked.weight, linear.weight * expand(layout), rtol=0, atol=0)
+    torch.testing.assert_close(masked.bias, linear.bias, rtol=0, atol=0)
+
+
+def test_masked_sparsify_matches_sparsify():
+    torch.manual_seed(0)
+    dense = Block()
+    compact_model, masked_model = Block(), Block()
+    compact_model.load_state_dict(dense.state_dict())
+    masked_model.load_state_dict(dense.state_dict())
+    sparsify(compact_model, 0.5, B, "erk", exclude="lm_head", generator=torch.Generator().manual_seed(3))
+    masked_sparsify(masked_model, 0.5, B, "erk", exclude="lm_head", generator=torch.Generator().manual_seed(3))
+    assert isinstance(masked_model.q_proj, MaskedLinear) and isinstance(masked_model.up_proj, MaskedLinear)
+    assert type(masked_model.lm_head) is nn.Linear
+    for name in ("q_proj", "up_proj"):
+        c, m = getattr(compact_model, name), getattr(masked_model, name)
+        assert c.layout == m.layout
+        torch.testing.assert_close(m.weight, to_dense(c.values, c.layout), rtol=0, atol=0)
+    torch.testing.assert_close(masked_model.up_proj.bias, dense.up_proj.bias, rtol=0, atol=0)
+    x = torch.randn(4, 32)
+    torch.testing.assert_close(masked_model(x), compact_model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_masked_sparsify_validation():
+    with pytest.raises(TypeError, match="model"):
+        masked_sparsify("model", 0.5, B)
+    with pytest.raises(ValueError, match="density"):
+        masked_sparsify(Block(), 0.0, B)
+    with pytest.raises(ValueError, match="no nn.Linear"):
+        masked_sparsify(Block(), 0.5, B, include="nothing_matches")
+    with pytest.raises(ValueError, match="nn.Linear"):
+        masked_sparsify(nn.Linear(32, 32), 0.5, B)
+
+
+def test_layout_round_trips_through_state_dict():
+    source = MaskedLinear(32, 64, density=0.5, block_size=B, generator=torch.Generator().manual_seed(0))
+    target = MaskedLinear(32, 64, density=0.5, block_size=B, generator=torch.Generator().manual_seed(1))
+    layout_object = target.layout
+    target.load_state_dict(source.state_dict())
+    assert target.layout is layout_object and target.layout == source.layout
+    x = torch.randn(2, 32)
+    torch.testing.assert_close(target(x), source(x), rtol=0, atol=0)
+
+
+def _masked_model(seed=0):
+    torch.manual_seed(seed)
+    model = Block()
+    return masked_sparsify(model, 0.5, B, exclude="lm_head", generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("regrow_init", ["zeros", "normal"])
+def test_controller_on_masked_weights(regrow_init):
+    model = _masked_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    smet = SMET(model, opt, update_interval=2, prune_fraction=0.4, regrow_init=regrow_init, init_std=0.1)
+    assert {t.name for t in smet.targets} == {"q_proj.weight", "up_proj.weight"}
+    for step in range(1, 5):
+        x = torch.randn(4, 32)
+        opt.zero_grad()
+        model(x).pow(2).mean().backward()
+        opt.step()
+        old = {n: (m.layout.mask.clone(), m.weight.detach().clone()) for n, m in model.named_modules()
+               if isinstance(m, MaskedLinear)}
+        record = smet.step()
+        if record is None:
+            continue
+        for name, (old_mask, old_weight) in old.items():
+            layer = getattr(model, name)
+            state = opt.state[layer.weight]
+            new_mask = layer.layout.mask
+            pruned, grown = old_mask & ~new_mask, new_mask & ~old_mask
+            n = record["layers"][f"{name}.weight"]["pruned"]
+            assert n > 0 and int(pruned.sum()) == int(grown.sum()) == n and layer.layout.nnz == int(old_mask.sum())
+            w = layer.weight.detach().reshape(new_mask.shape[0], B, new_mask.shape[1], B).permute(0, 2, 1, 3)
+            assert torch.all(w[pruned] == 0)
+            if regrow_init == "zeros":
+                assert torch.all(w[grown] == 0)
+            else:
+                assert torch.all(w[grown] != 0) and w[grown].std() < 0.2
+            for key in ("exp_avg", "exp_avg_sq"):
+                moments = state[key].reshape(new_mask.shape[0], B, new_mask.shape[1], B).permute(0, 2, 1, 3)
+                assert torch.all(moments[grown] == 0)
+            kept = old_mask & new_mask
+            old_w = old_weight.reshape(new_mask.shape[0], B, new_mask.shape[1], B).permute(0, 2, 1, 3)
+            assert torch.equal(w[kept], old_w[kept])
+            l1 = old_w.abs().sum((2, 3))
+            assert l1[pruned].max() < l1[kept].min()
+            x = torch.randn(2, layer.in_features)
+            torch.testing.assert_close(layer(x), F.linear(x, layer.weight * expand(layer.layout), layer.bias))
+
+
+@pytest.mark.parametrize("regrow", ["random", "gradient"])
+def test_compact_and_masked_make_identical_decisions(regrow):
+    """One selection function serves both storage schemes: same weights, seed and gradients -> same topology."""
+    compact = nn.Sequential(BlockSparseLinear(64, 64, 0.5, B, generator=torch.Generator().manual_seed(4),
+                                              backend="reference"))
+    masked = nn.Sequential(MaskedLinear(64, 64, layout=compact[0].layout.clone()))
+    with torch.no_grad():
+        masked[0].weight.copy_(to_dense(compact[0].values, compact[0].layout))
+    runs = []
+    for model in (compact, masked):
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)
+        smet = SMET(model, opt, update_interval=1, prune_fraction=0.5, regrow=regrow, regrow_init="normal", seed=9)
+        x = torch.randn(6, 64, generator=torch.Generator().manual_seed(0))
+        model(x).pow(2).sum().backward()
+        opt.step()
+        smet.step()
+        layer = model[0]
+        weight = layer.to_dense_weight() if isinstance(layer, BlockSparseLinear) else layer.weight
+        runs.append((layer.layout.mask.clone(), weight.detach().clone()))
+    assert torch.equal(runs[0][0], runs[1][0])
+    torch.testing.assert_close(runs[0][1], runs[1][1], rtol=0, atol=0)

@@ -1,0 +1,372 @@
+"""SMET topology controller: schedule, prune/regrow invariants, RigL dense gradients, determinism, resume; SμPar."""
+
+import copy
+import io
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from smet_kernels.layout import BlockLayout
+from smet_kernels.modules import BlockSparseLinear
+from smet_kernels.optim.smet_adamw import SMETAdamW
+from smet_kernels.supar import supar_init_, supar_init_std, supar_lr, supar_multiplier, supar_param_groups
+from smet_kernels.topology import SMET, choose_blocks, cosine_prune_fraction
+
+B = 16  # block size
+FEATURES = 64  # 4 x 4 blocks per layer
+
+
+class TinyMLP(nn.Module):
+    def __init__(self, seed: int = 0, density: float = 0.5):
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        self.up = BlockSparseLinear(FEATURES, 2 * FEATURES, density, B, generator=gen, backend="reference")
+        self.down = BlockSparseLinear(2 * FEATURES, FEATURES, density, B, generator=gen, backend="reference")
+
+    def forward(self, x):
+        return self.down(torch.relu(self.up(x)))
+
+
+def make_run(seed=0, model_seed=0, regrow="random", regrow_init="zeros", update_interval=2, **kwargs):
+    model = TinyMLP(model_seed)
+    opt = SMETAdamW(model.parameters(), lr=1e-2, warmup_steps=4, backend="reference")
+    smet = SMET(
+        model, opt, update_interval=update_interval, prune_fraction=0.3, regrow=regrow, regrow_init=regrow_init,
+        seed=seed, **kwargs,
+    )
+    return model, opt, smet
+
+
+def batch(step: int, rows: int = 8):
+    gen = torch.Generator().manual_seed(1000 + step)
+    return torch.randn(rows, FEATURES, generator=gen), torch.randn(rows, FEATURES, generator=gen)
+
+
+def train_step(model, opt, smet, step):
+    x, target = batch(step)
+    loss = (model(x) - target).pow(2).mean()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return smet.step()
+
+
+# ---------------------------------------------------------------------------------------------- schedule
+def test_cosine_schedule_values():
+    assert cosine_prune_fraction(0, 100, 0.2, 0.005) == pytest.approx(0.2)
+    assert cosine_prune_fraction(50, 100, 0.2, 0.005) == pytest.approx((0.2 + 0.005) / 2)
+    assert cosine_prune_fraction(100, 100, 0.2, 0.005) == pytest.approx(0.005)
+    assert cosine_prune_fraction(25, 100, 0.2, 0.005) == pytest.approx(0.005 + 0.195 * (1 + math.cos(math.pi / 4)) / 2)
+    assert cosine_prune_fraction(500, 100, 0.2, 0.005) == pytest.approx(0.005)  # clamped past T_end
+    assert cosine_prune_fraction(10, None, 0.2, 0.005) == 0.2  # no T_end: constant ζ0
+
+
+def test_update_steps_and_end_step():
+    model, opt, _ = make_run()
+    smet = SMET(model, opt, update_interval=3, end_step=9)
+    assert [t for t in range(1, 20) if smet.is_update_step(t)] == [3, 6, 9]
+    assert SMET(model, opt, update_interval=3, total_steps=7).end_step == 7
+    assert SMET(model, opt, update_interval=3, end_step=5, total_steps=7).end_step == 5
+    forever = SMET(model, opt, update_interval=4)
+    assert forever.end_step is None and forever.is_update_step(4000)
+    assert forever.prune_fraction_at(4000) == forever.prune_fraction
+
+
+def test_step_returns_records_only_on_update_steps():
+    model, opt, smet = make_run(update_interval=2, end_step=4)
+    records = [train_step(model, opt, smet, t) for t in range(1, 7)]
+    assert [r is not None for r in records] == [False, True, False, True, False, False]
+    assert smet.history == [records[1], records[3]]
+    first = records[1]
+    assert first["step"] == 2 and first["prune_fraction"] == pytest.approx(smet.prune_fraction_at(2))
+    nnz = model.up.layout.nnz
+    assert first["layers"]["up.values"] == {"pruned": math.floor(first["prune_fraction"] * nnz),
+                                            "regrown": math.floor(first["prune_fraction"] * nnz)}
+    assert set(first["layers"]) == {"up.values", "down.values"}
+
+
+# ---------------------------------------------------------------------------------------------- selection
+def test_choose_blocks_prunes_smallest_and_grows_inactive():
+    layout = BlockLayout.from_mask(torch.tensor([[True, True, False], [True, False, False]]), B)
+    scores = torch.tensor([3.0, 1.0, 2.0])  # slot 1 (block (0,1)) is the smallest
+    slots, blocks = choose_blocks(layout, scores, 1, regrow_scores=torch.tensor([[9.0, 9.0, 1.0], [9.0, 5.0, 4.0]]))
+    assert slots.tolist() == [1]
+    assert blocks.tolist() == [[1, 1]]  # largest inactive score; active blocks' 9.0 ignored
+    # ties: lower slot pruned first, lower row-major block grown first
+    slots, blocks = choose_blocks(layout, torch.ones(3), 2, regrow_scores=torch.zeros(2, 3))
+    assert slots.tolist() == [0, 1] and blocks.tolist() == [[0, 2], [1, 1]]
+    # n capped at the number of inactive blocks
+    slots, blocks = choose_blocks(layout, scores, 10, generator=torch.Generator().manual_seed(0))
+    assert slots.numel() == 3 and sorted(map(tuple, blocks.tolist())) == [(0, 2), (1, 1), (1, 2)]
+
+
+def test_choose_blocks_rejects_bad_scores():
+    layout = BlockLayout.from_mask(torch.tensor([[True, False]]), B)
+    with pytest.raises(ValueError, match="prune_scores"):
+        choose_blocks(layout, torch.ones(2), 1)
+    with pytest.raises(ValueError, match="regrow_scores"):
+        choose_blocks(layout, torch.ones(1), 1, regrow_scores=torch.ones(2, 2))
+
+
+# ---------------------------------------------------------------------------------------------- invariants
+def _snapshot(model, opt):
+    snap = {}
+    for name, p in model.named_parameters():
+        state = opt.state[p]
+        snap[name] = dict(
+            indices=p.smet_layout.block_indices.clone(),
+            mask=p.smet_layout.mask.clone(),
+            values=p.detach().clone(),
+            block_step=state["block_step"].clone(),
+        )
+    return snap
+
+
+@pytest.mark.parametrize("regrow", ["random", "gradient"])
+def test_invariants_after_every_update(regrow):
+    model, opt, smet = make_run(regrow=regrow, update_interval=2)
+    params = dict(model.named_parameters())
+    updates = 0
+    for step in range(1, 9):
+        x, target = batch(step)
+        opt.zero_grad(set_to_none=True)
+        (model(x) - target).pow(2).mean().backward()
+        opt.step()
+        before = _snapshot(model, opt)
+        record = smet.step()
+        if record is None:
+            assert all(torch.equal(before[n]["indices"], p.smet_layout.block_indices) for n, p in params.items())
+            continue
+        updates += 1
+        for name, layer in record["layers"].items():
+            p, layout, state, old = params[name], params[name].smet_layout, opt.state[params[name]], before[name]
+            n = layer["pruned"]
+            assert n == layer["regrown"] == math.floor(record["prune_fraction"] * layout.nnz) > 0
+            assert layout.nnz == p.shape[0] == old["indices"].shape[0]
+            flat = layout.block_indices[:, 0] * layout.block_shape[1] + layout.block_indices[:, 1]
+            assert flat.unique().numel() == layout.nnz  # no duplicate blocks
+            changed = (layout.block_indices != old["indices"]).any(1)
+            assert int(changed.sum()) == n
+            # the pruned slots held the n smallest blocks by L1 norm
+            l1 = old["values"].abs().sum((1, 2))
+            assert l1[changed].max() < l1[~changed].min()
+            # kept slots: untouched block, values and local step
+            assert torch.equal(p.detach()[~changed], old["values"][~changed])
+            assert torch.equal(state["block_step"][~changed], old["block_step"][~changed])
+            # regrown slots: zero values, zero moments, local step 0
+            assert torch.all(p.detach()[changed] == 0)
+            assert torch.all(state["exp_avg"][changed] == 0) and torch.all(state["exp_avg_sq"][changed] == 0)
+            assert torch.all(state["block_step"][changed] == 0)
+            # no regrown block was active before the update (so none of the just-pruned)
+            grown = layout.block_indices[changed]
+            assert not old["mask"][grown[:, 0], grown[:, 1]].any()
+    assert updates == 4
+
+
+def test_regrow_normal_init_and_no_optimizer_state():
+    model = TinyMLP()
+    opt = SMETAdamW(model.parameters(), lr=1e-2, backend="reference")
+    smet = SMET(model, opt, update_interval=1, prune_fraction=0.5, regrow_init="normal", init_std=0.5, seed=3)
+    old = model.up.layout.block_indices.clone()
+    smet.step()  # before any optimizer step: state is empty, values still re-initialised
+    changed = (model.up.layout.block_indices != old).any(1)
+    regrown = model.up.values.detach()[changed]
+    assert regrown.numel() > 0 and 0.3 < regrown.std().item() < 0.7
+    assert len(opt.state) == 0
+
+
+# ---------------------------------------------------------------------------------------------- RigL
+def test_rigl_regrows_largest_dense_gradient_blocks():
+    model, opt, smet = make_run(regrow="gradient", update_interval=2, end_step=2)
+    assert not smet.needs_dense_grad()
+    train_step(model, opt, smet, 1)
+    assert smet.needs_dense_grad() and len(model.up._forward_hooks) == 1
+    # two micro-batches: the recorded dense gradient is their sum, like the parameter gradients
+    up_inputs, dys = [], []
+    opt.zero_grad(set_to_none=True)
+    for micro in range(2):
+        x, target = batch(10 + micro)
+        up_inputs.append(x)
+        h = model.up(x)
+        h.retain_grad()
+        (model.down(torch.relu(h)) - target).pow(2).mean().backward()
+        dys.append(h.grad.clone())
+        h.grad = None
+    dense_grad = sum(dy.t() @ x for dy, x in zip(dys, up_inputs))
+    dys.clear()
+    opt.step()
+    layout = model.up.layout
+    mask_before = layout.mask.clone()
+    old = layout.block_indices.clone()
+    record = smet.step()
+    assert not smet.needs_dense_grad() and len(model.up._forward_hooks) == 0
+    n = record["layers"]["up.values"]["regrown"]
+    block_scores = dense_grad.reshape(8, B, 4, B).abs().sum((1, 3))
+    block_scores[mask_before] = -1.0
+    expected = block_scores.flatten().argsort(descending=True)[:n].sort().values
+    changed = (layout.block_indices != old).any(1)
+    grown = layout.block_indices[changed]
+    assert (grown[:, 0] * 4 + grown[:, 1]).sort().values.tolist() == expected.tolist()
+
+
+def test_rigl_without_backward_raises():
+    model, opt, smet = make_run(regrow="gradient", update_interval=1)
+    with pytest.raises(RuntimeError, match="dense gradient"):
+        smet.step()
+
+
+def test_rigl_ignores_no_grad_forwards():
+    model, opt, smet = make_run(regrow="gradient", update_interval=1)
+    with torch.no_grad():
+        model(batch(0)[0])
+    assert all(t.dense_grad is None for t in smet.targets)
+
+
+# ---------------------------------------------------------------------------------------------- determinism
+def _layouts(model):
+    return {name: p.smet_layout.block_indices.clone() for name, p in model.named_parameters()}
+
+
+def test_deterministic_from_seed():
+    runs = []
+    for seed in (0, 0, 1):
+        model, opt, smet = make_run(seed=seed, regrow_init="normal")
+        for step in range(1, 7):
+            train_step(model, opt, smet, step)
+        runs.append((_layouts(model), [p.detach().clone() for p in model.parameters()]))
+    (a, va), (b, vb), (c, _) = runs
+    assert all(torch.equal(a[k], b[k]) for k in a) and all(torch.equal(x, y) for x, y in zip(va, vb))
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+
+
+def test_resume_is_bit_exact():
+    total, cut = 9, 5
+    model, opt, smet = make_run(regrow_init="normal", update_interval=2, total_steps=total)
+    for step in range(1, cut + 1):
+        train_step(model, opt, smet, step)
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "smet": smet.state_dict()}, buffer)
+    for step in range(cut + 1, total + 1):
+        train_step(model, opt, smet, step)
+
+    resumed, ropt, rsmet = make_run(model_seed=7, seed=5, regrow_init="normal", update_interval=2, total_steps=total)
+    buffer.seek(0)
+    ckpt = torch.load(buffer, weights_only=False)
+    resumed.load_state_dict(ckpt["model"])
+    ropt.load_state_dict(ckpt["opt"])
+    rsmet.load_state_dict(ckpt["smet"])
+    for step in range(cut + 1, total + 1):
+        train_step(resumed, ropt, rsmet, step)
+    assert rsmet.history == smet.history and rsmet.step_count == total
+    for (name, p), q in zip(model.named_parameters(), resumed.parameters()):
+        assert torch.equal(p, q), name
+        assert torch.equal(p.smet_layout.block_indices, q.smet_layout.block_indices), name
+        assert torch.equal(opt.state[p]["block_step"], ropt.state[q]["block_step"])
+
+
+def test_load_state_dict_rejects_other_model():
+    _, _, smet = make_run()
+    other = nn.Sequential(BlockSparseLinear(FEATURES, FEATURES, 0.5, B))
+    smet_other = SMET(other, SMETAdamW(other.parameters()), update_interval=2)
+    with pytest.raises(ValueError, match="layouts"):
+        smet.load_state_dict(smet_other.state_dict())
+
+
+def test_works_with_hand_built_sparse_parameter():
+    layout = BlockLayout.random(32, 32, B, 0.5, generator=torch.Generator().manual_seed(0))
+    values = nn.Parameter(torch.randn(layout.nnz, B, B))
+    values.smet_layout = layout
+    holder = nn.Module()
+    holder.values = values
+    opt = torch.optim.SGD([values], lr=0.1)
+    smet = SMET(holder, opt, update_interval=1, prune_fraction=0.5)
+    smallest = values.detach().abs().sum((1, 2)).argmin().item()
+    old = layout.block_indices.clone()
+    record = smet.step()
+    assert record["layers"]["values"]["pruned"] == 1
+    assert (layout.block_indices != old).any(1).nonzero().flatten().tolist() == [smallest]
+
+
+# ---------------------------------------------------------------------------------------------- validation
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(update_interval=0), ValueError, "update_interval"),
+        (dict(update_interval=2.0), TypeError, "update_interval"),
+        (dict(prune_fraction=0.0), ValueError, "prune_fraction"),
+        (dict(prune_fraction=1.0), ValueError, "prune_fraction"),
+        (dict(prune_fraction="0.2"), TypeError, "prune_fraction"),
+        (dict(min_prune_fraction=0.5), ValueError, "min_prune_fraction"),
+        (dict(min_prune_fraction=-0.1), ValueError, "min_prune_fraction"),
+        (dict(end_step=0), ValueError, "end_step"),
+        (dict(total_steps=-3), ValueError, "total_steps"),
+        (dict(regrow="magnitude"), ValueError, "regrow"),
+        (dict(regrow_init="ones"), ValueError, "regrow_init"),
+        (dict(init_std=0.0), ValueError, "init_std"),
+        (dict(init_std=float("inf")), ValueError, "init_std"),
+        (dict(seed=-1), ValueError, "seed"),
+    ],
+)
+def test_bad_arguments(kwargs, error, match):
+    model = TinyMLP()
+    opt = SMETAdamW(model.parameters(), backend="reference")
+    with pytest.raises(error, match=match):
+        SMET(model, opt, **kwargs)
+
+
+def test_bad_model_and_optimizer():
+    model = TinyMLP()
+    with pytest.raises(TypeError, match="model"):
+        SMET(object(), SMETAdamW(model.parameters()))
+    with pytest.raises(TypeError, match="optimizer"):
+        SMET(model, object())
+    dense = nn.Linear(4, 4)
+    with pytest.raises(ValueError, match="no sparse parameters"):
+        SMET(dense, torch.optim.SGD(dense.parameters(), lr=0.1))
+
+
+# ---------------------------------------------------------------------------------------------- SμPar
+def test_supar_formulas():
+    assert supar_multiplier(1024, 256, 0.25, 1.0) == pytest.approx(1.0)
+    assert supar_init_std(0.02, 1024, 256, 0.5) == pytest.approx(0.02 / math.sqrt(2.0))
+    assert supar_lr(1e-3, 512, 256, 0.1, 0.2) == pytest.approx(1e-3 / (2.0 * 0.5))
+    for bad in (dict(width=0), dict(base_width=-1), dict(density=1.5), dict(base_density=0.0)):
+        args = dict(width=512, base_width=256, density=0.5, base_density=1.0) | bad
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            supar_lr(1e-3, **args)
+    with pytest.raises(TypeError, match="width"):
+        supar_lr(1e-3, "512", 256, 0.5)
+
+
+def test_supar_param_groups_and_init():
+    model = nn.Sequential(nn.Linear(FEATURES, FEATURES), TinyMLP())
+    groups = supar_param_groups(model, lr=1e-3, width=FEATURES, base_width=FEATURES // 2, weight_decay=0.1)
+    assert len(groups) == 3 and len(groups[0]["params"]) == 2 and groups[0]["lr"] == 1e-3
+    for group in groups[1:]:
+        (param,) = group["params"]
+        assert group["lr"] == pytest.approx(1e-3 / (2 * param.smet_layout.density))
+        assert group["density_lr_exponent"] == 0.0 and group["weight_decay"] == 0.1
+    SMETAdamW(copy.deepcopy(groups), backend="reference")
+    torch.optim.AdamW(groups)
+    supar_init_(model, 0.02, width=8 * FEATURES, base_width=FEATURES, generator=torch.Generator().manual_seed(0))
+    std = model[1].up.values.std().item()
+    assert std == pytest.approx(0.02 / math.sqrt(8 * 0.5), rel=0.1)
+    with pytest.raises(ValueError, match="no sparse parameters"):
+        supar_param_groups(nn.Linear(4, 4), 1e-3, 4, 4)
+
+
+def test_kernels_follow_the_updated_topology():
+    """After an update the (Triton, interpreted on CPU) layer computes with the new blocks."""
+    gen = torch.Generator().manual_seed(0)
+    layer = BlockSparseLinear(32, 32, 0.5, B, generator=gen)
+    opt = SMETAdamW(layer.parameters(), lr=1e-2)
+    smet = SMET(layer, opt, update_interval=1, prune_fraction=0.5, regrow_init="normal", init_std=0.5)
+    x = torch.randn(4, 32, generator=gen)
+    layer(x).sum().backward()
+    opt.step()
+    old = layer.layout.block_indices.clone()
+    smet.step()
+    assert not torch.equal(layer.layout.block_indices, old)
+    torch.testing.assert_close(layer(x), x @ layer.to_dense_weight().t(), rtol=1e-4, atol=1e-4)
