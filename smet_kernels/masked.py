@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .layout import BlockLayout
-from .modules import sparse_linear_names, sparsify
+from .modules import sparsify
 
 
 class MaskedLinear(nn.Module):
@@ -137,21 +137,13 @@ def masked_sparsify(
 ) -> nn.Module:
     """Replace the selected ``nn.Linear`` layers of ``model`` (in place) by :class:`MaskedLinear`.
 
-    Runs :func:`smet_kernels.modules.sparsify` (same arguments: ``include``/``exclude`` regexes searched in module
-    names, ``distribution`` ``uniform`` | ``erk``, random blocks from ``generator``) and turns each new layer into a
-    ``MaskedLinear`` over the same layout, so both storage schemes start from the same topology and weights for
-    the same generator state. Returns ``model``.
+    Same selection and topology as :func:`smet_kernels.modules.sparsify` (``include``/``exclude`` regexes searched
+    in module names, ``distribution`` ``uniform`` | ``erk``, random blocks from ``generator``), so both storage
+    schemes start from the same topology and weights for the same generator state. Returns ``model``.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if isinstance(model, nn.Linear):
         raise ValueError("model is itself an nn.Linear: use MaskedLinear.from_linear(model, layout)")
-    names = sparse_linear_names(model, include, exclude)
-    dense_linears = {name: module for name, module in model.named_modules() if name in names}
-    sparsify(model, density, block_size, distribution, include, exclude, generator)
-    modules = dict(model.named_modules())
-    for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = modules[parent_name] if parent_name else model
-        setattr(parent, child, MaskedLinear.from_linear(dense_linears[name], modules[name].layout))
+    sparsify(
+        model, density, block_size, distribution, include, exclude, generator, layer_factory=MaskedLinear.from_linear
+    )
     return model

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -160,12 +160,14 @@ def sparsify(
     exclude: Iterable[str] | str | None = None,
     generator: torch.Generator | None = None,
     backend: str | None = None,
+    layer_factory: Callable[[nn.Linear, BlockLayout], nn.Module] | None = None,
 ) -> nn.Module:
     """Replace the selected ``nn.Linear`` layers of ``model`` (in place) by ``BlockSparseLinear``.
 
     Per-layer densities follow ``distribution`` (``uniform`` | ``erk``) for the global ``density``; each layer's
     active blocks are chosen at random (``generator``) and keep the dense layer's weights. ``include`` / ``exclude``
-    are regular expressions searched in module names (default: every ``nn.Linear``). Returns ``model``.
+    are regular expressions searched in module names (default: every ``nn.Linear``). ``layer_factory(linear,
+    layout)`` builds the replacement (default: ``BlockSparseLinear.from_linear``). Returns ``model``.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -195,5 +197,9 @@ def sparsify(
         )
         parent_name, _, child = name.rpartition(".")
         parent = modules[parent_name] if parent_name else model
-        setattr(parent, child, BlockSparseLinear.from_linear(linear, layout, backend=backend))
+        if layer_factory is None:
+            replacement = BlockSparseLinear.from_linear(linear, layout, backend=backend)
+        else:
+            replacement = layer_factory(linear, layout)
+        setattr(parent, child, replacement)
     return model
