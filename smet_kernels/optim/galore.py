@@ -1,0 +1,153 @@
+"""GaLore-style AdamW (Zhao et al. 2024): Adam moments in a low-rank projection of the gradient.
+
+For a 2-D weight ``W [m, n]`` in a param group with a ``rank`` key (``r``), at step ``t`` (0-based):
+
+```
+every update_proj_gap steps:  U, S, Vᵀ = svd(G)
+    P = Vᵀ[:r]  (right, when m >= n)          or   P = U[:, :r]  (left, when m < n)
+R = G Pᵀ   (right)                            or   R = Pᵀ G                  # projected gradient
+m = β1 m + (1-β1) R ;  v = β2 v + (1-β2) R²
+N = m / (sqrt(v) + ε)
+Δ = scale · (N P)   (right)                   or   scale · (P N)             # back-projection
+W = W - lr · sqrt(1-β2^(t+1)) / (1-β1^(t+1)) · Δ ;  W = W - lr · λ · W
+```
+
+Groups without ``rank`` get the same AdamW step without projection. This matches the published
+``galore_torch.GaLoreAdamW`` (``proj_type="std"``) step for step, including its bias-correction form
+(folded into the step size, ε added to the uncorrected ``sqrt(v)``) and weight decay applied after the
+update. The projection matrix lives in ``state["projection"]`` so ``state_dict`` round-trips.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+# GaLore paper defaults (rank per model size; gap 200; scale 0.25). tiny/20m/7b extrapolate the table.
+GALORE_DEFAULT_RANK = {"tiny": 16, "20m": 64, "60m": 128, "130m": 256, "350m": 256, "1b": 512, "7b": 1024}
+GALORE_DEFAULT_UPDATE_PROJ_GAP = 200
+GALORE_DEFAULT_SCALE = 0.25
+
+
+def _check_positive_int(value: int, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value <= 0:
+        raise ValueError(f"{name} must be positive, got {value}")
+    return value
+
+
+class GaLoreAdamW(torch.optim.Optimizer):
+    """AdamW whose param groups with a ``rank`` key are updated in a GaLore low-rank gradient subspace.
+
+    Group keys: ``lr``, ``betas``, ``eps``, ``weight_decay`` and, for projected groups, ``rank``,
+    ``update_proj_gap``, ``scale`` (the defaults of the last three apply to groups that set ``rank``).
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.0,
+        update_proj_gap: int = GALORE_DEFAULT_UPDATE_PROJ_GAP,
+        scale: float = GALORE_DEFAULT_SCALE,
+    ):
+        if not lr >= 0.0:
+            raise ValueError(f"lr must be >= 0, got {lr}")
+        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
+            raise ValueError(f"betas must lie in [0, 1), got {betas}")
+        if not eps >= 0.0:
+            raise ValueError(f"eps must be >= 0, got {eps}")
+        if not weight_decay >= 0.0:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        _check_positive_int(update_proj_gap, "update_proj_gap")
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        self._projection_defaults = dict(update_proj_gap=update_proj_gap, scale=scale)
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict) -> None:
+        if "rank" in param_group:
+            _check_positive_int(param_group["rank"], "rank")
+            for key, value in self._projection_defaults.items():
+                param_group.setdefault(key, value)
+            _check_positive_int(param_group["update_proj_gap"], "update_proj_gap")
+            for p in param_group["params"]:
+                if p.dim() != 2:
+                    raise ValueError(f"params of a group with 'rank' must be 2-D, got shape {tuple(p.shape)}")
+        super().add_param_group(param_group)
+
+    @staticmethod
+    def _projection(grad: torch.Tensor, rank: int) -> torch.Tensor:
+        """Top-``rank`` singular vectors of ``grad``: ``Vᵀ[:r]`` when tall (m >= n), else ``U[:, :r]``."""
+        matrix = grad if grad.dtype in (torch.float32, torch.float64) else grad.float()  # SVD needs fp32+
+        u, _, vh = torch.linalg.svd(matrix, full_matrices=False)
+        basis = vh[:rank] if grad.shape[0] >= grad.shape[1] else u[:, :rank]
+        return basis.to(grad.dtype, copy=True)  # a copy: a view would keep the whole SVD factor alive
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            projected = "rank" in group
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                grad = p.grad
+                state = self.state[p]
+                step = state.get("step", 0)
+                tall = projected and p.shape[0] >= p.shape[1]
+                if projected:
+                    if "projection" not in state or step % group["update_proj_gap"] == 0:
+                        state["projection"] = self._projection(grad, group["rank"])
+                    basis = state["projection"]
+                    grad = grad @ basis.t() if tall else basis.t() @ grad
+                if "exp_avg" not in state:
+                    state["exp_avg"] = torch.zeros_like(grad)
+                    state["exp_avg_sq"] = torch.zeros_like(grad)
+                exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+                step += 1
+                state["step"] = step
+                exp_avg.mul_(beta1).add_(grad, alpha=1.0 - beta1)
+                exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+                step_size = group["lr"] * math.sqrt(1.0 - beta2**step) / (1.0 - beta1**step)
+                update = exp_avg / exp_avg_sq.sqrt().add_(group["eps"])
+                if projected:
+                    basis = state["projection"]
+                    update = (update @ basis if tall else basis @ update) * group["scale"]
+                p.add_(update, alpha=-step_size)
+                if group["weight_decay"] > 0.0:
+                    p.add_(p, alpha=-group["lr"] * group["weight_decay"])
+        return loss
+
+
+def galore_param_groups(
+    model: nn.Module,
+    rank: int,
+    update_proj_gap: int = GALORE_DEFAULT_UPDATE_PROJ_GAP,
+    scale: float = GALORE_DEFAULT_SCALE,
+    target_names: Iterable[str] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+) -> list[dict]:
+    """Two param groups: the weights of ``nn.Linear`` layers whose name ends with one of ``target_names``
+    (projected, with ``rank``/``update_proj_gap``/``scale``) and every other parameter (plain AdamW)."""
+    _check_positive_int(rank, "rank")
+    targets = tuple(target_names)
+    projected = []
+    projected_ids = set()
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and name.split(".")[-1] in targets:
+            projected.append(module.weight)
+            projected_ids.add(id(module.weight))
+    plain = [p for p in model.parameters() if id(p) not in projected_ids and p.requires_grad]
+    groups = [{"params": plain}]
+    if projected:
+        groups.append({"params": projected, "rank": rank, "update_proj_gap": update_proj_gap, "scale": scale})
+    return groups

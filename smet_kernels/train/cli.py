@@ -1,0 +1,172 @@
+"""``smet-train``: command-line front end of :func:`smet_kernels.train.trainer.train`.
+
+Bad arguments, unusable data and bad configurations end with one line ``smet-train: error: ...`` and exit
+code 2. ``--resume DIR`` continues the run saved in ``DIR`` (an out-dir or one checkpoint folder) with its saved
+configuration; options given next to it override that configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from ..layout import SUPPORTED_BLOCK_SIZES
+from .model import MODEL_CONFIGS
+from .trainer import OPTIMIZERS, PRECISIONS, ConfigError, TrainConfig, load_checkpoint_config, train
+
+DEFAULTS = TrainConfig()
+
+
+def _int_at_least(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def _float_in(low: float, high: float, low_open: bool = False, high_open: bool = False):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not (low <= value <= high) or (low_open and value == low) or (high_open and value == high):
+            interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+            raise argparse.ArgumentTypeError(f"must be in {interval}, got {text}")
+        return value
+
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="smet-train",
+        description="Train a small LLaMA with SMET dynamic block-sparse training or a baseline optimizer; "
+        "writes metrics.jsonl, summary.json and checkpoints to --out-dir.",
+        argument_default=argparse.SUPPRESS,
+    )
+    d = DEFAULTS
+    inf = float("inf")
+    model = parser.add_argument_group("model and method")
+    model.add_argument("--config", dest="model", choices=list(MODEL_CONFIGS),
+                       help=f"LLaMA size preset (default: {d.model})")
+    model.add_argument("--optimizer", choices=OPTIMIZERS,
+                       help="adamw: dense; galore: dense + GaLore projection; smet: compact block-sparse SMET; "
+                       "masked-dst: dense weights x mask + AdamW; naive-dst: SMET without warm-up (cold start) "
+                       f"(default: {d.optimizer})")
+    model.add_argument("--density", type=_float_in(0.0, 1.0, low_open=True),
+                       help=f"global density of the hidden linear layers in (0, 1] (default: {d.density})")
+    model.add_argument("--block-size", type=int, choices=SUPPORTED_BLOCK_SIZES,
+                       help="block size b of the b x b blocks (default: largest with >= 4 blocks per hidden row)")
+    model.add_argument("--distribution", choices=("uniform", "erk"),
+                       help=f"per-layer density distribution (default: {d.distribution})")
+    model.add_argument("--supar", action="store_true",
+                       help="SuPar: scale hidden init variance and Adam LR by 1/(width mult x density mult)")
+    model.add_argument("--supar-base-width", type=_int_at_least(1),
+                       help=f"SuPar base width: width mult = hidden size / base width (default: {d.supar_base_width})")
+    smet = parser.add_argument_group("SMET topology and optimizer")
+    smet.add_argument("--update-interval", type=_int_at_least(1),
+                      help=f"optimizer steps between topology updates (default: {d.update_interval})")
+    smet.add_argument("--prune-fraction", type=_float_in(0.0, 1.0, True, True),
+                      help=f"initial fraction of active blocks swapped per update, cosine-decayed "
+                      f"(default: {d.prune_fraction})")
+    smet.add_argument("--regrow", choices=("random", "gradient"),
+                      help=f"regrow criterion: random (SET) or gradient (RigL) (default: {d.regrow})")
+    smet.add_argument("--warmup-mode", choices=("linear", "momentum_ramp", "none"),
+                      help=f"per-block optimizer warm-up of SMETAdamW (default: {d.warmup_mode})")
+    smet.add_argument("--optimizer-warmup-steps", type=_int_at_least(1),
+                      help=f"per-block warm-up length in local steps (default: {d.optimizer_warmup_steps})")
+    smet.add_argument("--density-lr-exponent", type=_float_in(0.0, inf),
+                      help=f"alpha of the density-aware LR lr x density^-alpha, 0 disables "
+                      f"(default: {d.density_lr_exponent})")
+    galore = parser.add_argument_group("GaLore")
+    galore.add_argument("--galore-rank", type=_int_at_least(1),
+                        help="projection rank (default: per model size, GaLore paper: 128/256/256/512 for "
+                        "60m/130m/350m/1b)")
+    galore.add_argument("--galore-update-gap", type=_int_at_least(1),
+                        help=f"steps between projection refreshes (default: {d.galore_update_gap})")
+    galore.add_argument("--galore-scale", type=_float_in(0.0, inf, low_open=True),
+                        help=f"scale of the projected-back update (default: {d.galore_scale})")
+    opt = parser.add_argument_group("optimization")
+    opt.add_argument("--lr", type=_float_in(0.0, inf, low_open=True),
+                     help=f"peak learning rate; cosine decay to 10%% at --max-steps (default: {d.lr})")
+    opt.add_argument("--lr-warmup-steps", type=_int_at_least(0),
+                     help=f"linear LR warm-up steps (default: {d.lr_warmup_steps})")
+    opt.add_argument("--weight-decay", type=_float_in(0.0, inf),
+                     help=f"decoupled weight decay (default: {d.weight_decay})")
+    opt.add_argument("--precision", choices=PRECISIONS,
+                     help="fp32; bf16-autocast (fp32 weights, bf16 matmuls); bf16 (bf16 weights, fp32 optimizer "
+                     f"states for SMET) (default: {d.precision})")
+    opt.add_argument("--batch-size", type=_int_at_least(1),
+                     help=f"global batch in sequences per optimizer step, split over --grad-accum micro-steps and "
+                     f"the data-parallel ranks (default: {d.batch_size})")
+    opt.add_argument("--seq-len", type=_int_at_least(1), help=f"tokens per sequence (default: {d.seq_len})")
+    opt.add_argument("--grad-accum", type=_int_at_least(1),
+                     help=f"micro-steps per optimizer step (default: {d.grad_accum})")
+    opt.add_argument("--grad-clip", type=_float_in(0.0, inf),
+                     help=f"max global gradient norm, 0 disables (default: {d.grad_clip})")
+    opt.add_argument("--max-steps", type=_int_at_least(1), help=f"optimizer steps to train (default: {d.max_steps})")
+    opt.add_argument("--seed", type=_int_at_least(0), help=f"seed of init, topology and data order (default: {d.seed})")
+    run = parser.add_argument_group("data, evaluation and output")
+    run.add_argument("--data",
+                     help="'stdlib' (Python standard library sources, byte tokens), a text file, a folder of text "
+                     f"files, a uint16 .bin token file, or hf:NAME[:CONFIG] (default: {d.data})")
+    run.add_argument("--eval-every", type=_int_at_least(0),
+                     help=f"validate every N steps (and at step 0 and the end), 0 disables (default: {d.eval_every})")
+    run.add_argument("--eval-batches", type=_int_at_least(0),
+                     help=f"validation batches per evaluation (default: {d.eval_batches})")
+    run.add_argument("--log-every", type=_int_at_least(1),
+                     help=f"write a metrics.jsonl record every N steps (default: {d.log_every})")
+    run.add_argument("--spike-window", type=_int_at_least(1),
+                     help=f"k of the loss-spike diagnostic around topology updates (default: {d.spike_window})")
+    run.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: auto; under torchrun cuda:LOCAL_RANK)")
+    run.add_argument("--backend", choices=("auto", "triton", "reference"),
+                     help="kernels: triton, the pure-PyTorch reference, or auto (default: auto)")
+    run.add_argument("--out-dir", help="output folder for metrics.jsonl, summary.json, checkpoints/ "
+                     "(default: runs/CONFIG-OPTIMIZER)")
+    run.add_argument("--checkpoint-every", type=_int_at_least(0),
+                     help=f"checkpoint every N steps and at the end, 0 disables (default: {d.checkpoint_every})")
+    run.add_argument("--resume", metavar="DIR",
+                     help="continue from the latest checkpoint in DIR (an out-dir or a checkpoints/step_* folder)")
+    run.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """A :class:`TrainConfig` from parsed arguments (on ``--resume``, the saved config plus given options)."""
+    given = vars(args)
+    if "resume" in given:
+        values = load_checkpoint_config(given["resume"]).to_dict()
+        values.update({k: v for k, v in given.items() if k != "resume"})
+    else:
+        values = TrainConfig().to_dict()
+        values.update(given)
+        values["out_dir"] = values["out_dir"] or f"runs/{values['model']}-{values['optimizer']}"
+    return TrainConfig.from_dict(values)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        config = config_from_args(args)
+        summary = train(config)
+    except ConfigError as error:
+        parser.error(" ".join(str(error).split()))
+    if summary["rank"] == 0:
+        keys = ("steps", "initial_val_loss", "final_val_loss", "tokens_per_s", "peak_mem_bytes")
+        brief = {k: summary[k] for k in keys}
+        brief["loss_spikes"] = summary["loss_spikes"]
+        print(json.dumps(brief))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,250 @@
+"""Training data: token corpora and deterministic, resumable packed batches.
+
+Sources (:func:`load_corpus`):
+
+* ``"stdlib"`` (default): the ``*.py`` files of the Python standard library (``sysconfig`` ``stdlib`` path,
+  ``site-packages`` excluded), sorted, byte-level tokens (vocab 256). A file goes to validation when
+  ``crc32(relative path) % 100 < val_percent`` — the split depends only on the path.
+* a text file: byte-level tokens, the last ``val_percent`` % of the bytes is validation;
+* a folder: its text files (recursively, sorted), split by path like ``stdlib``;
+* a ``.bin`` file of uint16 tokens: the last ``val_percent`` % is validation; vocab = max token + 1;
+* ``hf:NAME[:CONFIG]``: a Hugging Face dataset (needs ``datasets``), text column byte-tokenised.
+
+Tokenised text corpora are cached as ``.bin`` files (uint8) under ``$SMET_CACHE_DIR`` or
+``~/.cache/smet_kernels``, keyed by the files' paths, sizes and mtimes, and memory-mapped.
+
+:class:`PackedBatches` cuts a token stream into windows of ``seq_len + 1`` tokens (window ``i`` starts at
+``i * seq_len``), visits them in a per-epoch random order drawn from the seed, and splits each global batch
+across gradient-accumulation micro-steps and data-parallel ranks. Its position is a small state dict.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sysconfig
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+SKIPPED_DIRS = {"site-packages", "dist-packages", "__pycache__", ".git"}
+TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".c", ".h", ".json", ".html", ".tex", ".csv", ".yaml", ".yml", ""}
+
+
+class DataError(ValueError):
+    """The data source cannot be read or is unusable (raised with a one-line message)."""
+
+
+@dataclass
+class Corpus:
+    """Train and validation token streams (1-D integer arrays, usually memory-mapped)."""
+
+    train: np.ndarray
+    val: np.ndarray
+    vocab_size: int
+    name: str
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SMET_CACHE_DIR", Path.home() / ".cache" / "smet_kernels"))
+
+
+def _is_val(relative_path: str, val_percent: float) -> bool:
+    return zlib.crc32(relative_path.encode()) % 10000 < val_percent * 100
+
+
+def _list_files(root: Path, suffixes: set[str] | None) -> list[Path]:
+    files = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in SKIPPED_DIRS and not d.startswith("."))
+        for filename in sorted(filenames):
+            path = Path(dirpath) / filename
+            if filename.startswith("."):
+                continue
+            if suffixes is None or path.suffix.lower() in suffixes:
+                files.append(path)
+    return sorted(files, key=lambda p: p.relative_to(root).as_posix())
+
+
+def _cached_split(files: list[Path], root: Path, val_percent: float, tag: str) -> tuple[np.ndarray, np.ndarray]:
+    """Byte tokens of ``files`` split by path, written once to the cache and memory-mapped."""
+    key = hashlib.sha256(f"{tag}|{root}|{val_percent}".encode())
+    for path in files:
+        stat = path.stat()
+        key.update(f"{path.relative_to(root).as_posix()}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    stem = cache_dir() / f"{tag}-{key.hexdigest()[:16]}"
+    paths = {split: stem.with_name(f"{stem.name}.{split}.bin") for split in ("train", "val")}
+    if not all(p.exists() for p in paths.values()):
+        paths["train"].parent.mkdir(parents=True, exist_ok=True)
+        chunks: dict[str, list[bytes]] = {"train": [], "val": []}
+        for path in files:
+            split = "val" if _is_val(path.relative_to(root).as_posix(), val_percent) else "train"
+            chunks[split].append(path.read_bytes())
+        if not chunks["train"] or not chunks["val"]:
+            # too few files for a split by path: split the concatenation by position instead
+            data = b"\n".join(chunks["train"] + chunks["val"])
+            cut = len(data) - max(1, int(len(data) * val_percent / 100))
+            chunks = {"train": [data[:cut]], "val": [data[cut:]]}
+        for split, target in paths.items():
+            tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
+            tmp.write_bytes(b"\n".join(chunks[split]))
+            os.replace(tmp, target)
+    return tuple(np.memmap(paths[s], dtype=np.uint8, mode="r") for s in ("train", "val"))
+
+
+def _split_by_position(tokens: np.ndarray, val_percent: float) -> tuple[np.ndarray, np.ndarray]:
+    cut = len(tokens) - max(1, int(len(tokens) * val_percent / 100))
+    return tokens[:cut], tokens[cut:]
+
+
+def _load_hf(spec: str, val_percent: float) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"data {spec!r} needs the 'datasets' package (pip install datasets)") from None
+    name, _, subset = spec[len("hf:") :].partition(":")
+    key = hashlib.sha256(f"hf|{name}|{subset}|{val_percent}".encode()).hexdigest()[:16]
+    stem = cache_dir() / f"hf-{key}"
+    paths = {split: stem.with_name(f"{stem.name}.{split}.bin") for split in ("train", "val")}
+    if not all(p.exists() for p in paths.values()):
+        try:
+            dataset = datasets.load_dataset(name, subset or None)
+        except Exception as error:  # the hub raises many exception types
+            raise DataError(f"cannot load Hugging Face dataset {name!r}: {error}") from None
+        text_column = "text" if "text" in dataset["train"].column_names else dataset["train"].column_names[0]
+
+        def encode(split: str) -> bytes:
+            return "\n".join(dataset[split][text_column]).encode("utf-8")
+
+        train = encode("train")
+        val_split = next((s for s in ("validation", "valid", "test") if s in dataset), None)
+        if val_split is None:
+            cut = len(train) - max(1, int(len(train) * val_percent / 100))
+            train, val = train[:cut], train[cut:]
+        else:
+            val = encode(val_split)
+        paths["train"].parent.mkdir(parents=True, exist_ok=True)
+        for target, data in ((paths["train"], train), (paths["val"], val)):
+            tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
+            tmp.write_bytes(data)
+            os.replace(tmp, target)
+    return tuple(np.memmap(paths[s], dtype=np.uint8, mode="r") for s in ("train", "val"))
+
+
+def load_corpus(data: str = "stdlib", val_percent: float = 2.0) -> Corpus:
+    """Token streams for ``data`` (see the module docstring); raises :class:`DataError` when unreadable."""
+    if not isinstance(data, str) or not data:
+        raise DataError(f"data must be 'stdlib', a path or 'hf:NAME', got {data!r}")
+    if not (0.0 < val_percent < 100.0):
+        raise DataError(f"val_percent must be in (0, 100), got {val_percent}")
+    try:
+        if data == "stdlib":
+            root = Path(sysconfig.get_paths()["stdlib"])
+            files = _list_files(root, {".py"})
+            if not files:
+                raise DataError(f"no .py files found in the standard library at {root}")
+            train, val = _cached_split(files, root, val_percent, "stdlib")
+            vocab = 256
+        elif data.startswith("hf:"):
+            train, val = _load_hf(data, val_percent)
+            vocab = 256
+        else:
+            path = Path(data).expanduser()
+            if not path.exists():
+                raise DataError(f"data path {data!r} does not exist (use 'stdlib', a file, a folder or 'hf:NAME')")
+            if path.is_dir():
+                files = _list_files(path, TEXT_SUFFIXES)
+                if not files:
+                    raise DataError(f"data folder {data!r} holds no text files")
+                train, val = _cached_split(files, path.resolve(), val_percent, "dir")
+                vocab = 256
+            elif path.suffix == ".bin":
+                if path.stat().st_size == 0 or path.stat().st_size % 2 != 0:
+                    raise DataError(f"data file {data!r} is not a uint16 token file (empty or odd byte count)")
+                tokens = np.memmap(path, dtype=np.uint16, mode="r")
+                train, val = _split_by_position(tokens, val_percent)
+                vocab = int(tokens.max()) + 1 if len(tokens) else 0
+            else:
+                train, val = _cached_split([path.resolve()], path.resolve().parent, val_percent, "file")
+                vocab = 256
+    except OSError as error:
+        raise DataError(f"cannot read data {data!r}: {error.strerror or error}") from None
+    return Corpus(train=train, val=val, vocab_size=vocab, name=data)
+
+
+def num_windows(tokens: np.ndarray, seq_len: int) -> int:
+    """How many ``seq_len + 1`` windows starting at multiples of ``seq_len`` fit in ``tokens``."""
+    return max(0, (len(tokens) - 1) // seq_len)
+
+
+def window_batch(tokens: np.ndarray, starts: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and targets ``[len(starts), seq_len]`` (int64) of the windows at window indices ``starts``."""
+    rows = [np.asarray(tokens[i * seq_len : i * seq_len + seq_len + 1], dtype=np.int64) for i in starts.tolist()]
+    batch = torch.from_numpy(np.stack(rows)) if rows else torch.empty(0, seq_len + 1, dtype=torch.int64)
+    return batch[:, :-1], batch[:, 1:]
+
+
+class PackedBatches:
+    """Global batches of ``batch_size`` windows in a seeded per-epoch order; resumable via ``state_dict``.
+
+    :meth:`next_global` returns the window indices of the next global batch; :meth:`shard` picks the ones
+    for micro-step ``micro`` of rank ``rank`` (global batch viewed as ``[grad_accum, world_size, micro_batch]``).
+    """
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, seed: int):
+        self.tokens = tokens
+        self.seq_len = seq_len
+        self.batch_size = batch_size
+        self.seed = seed
+        self.num_windows = num_windows(tokens, seq_len)
+        if self.num_windows < batch_size:
+            raise DataError(
+                f"training data holds {self.num_windows} windows of seq_len+1={seq_len + 1} tokens, "
+                f"fewer than batch_size={batch_size}"
+            )
+        self.epoch = 0
+        self.position = 0
+        self._order: torch.Tensor | None = None
+
+    def _epoch_order(self) -> torch.Tensor:
+        if self._order is None:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            self._order = torch.randperm(self.num_windows, generator=generator)
+        return self._order
+
+    def next_global(self) -> torch.Tensor:
+        """Window indices ``[batch_size]`` of the next global batch (an epoch's tail is skipped)."""
+        if self.position + self.batch_size > self.num_windows:
+            self.epoch += 1
+            self.position = 0
+            self._order = None
+        indices = self._epoch_order()[self.position : self.position + self.batch_size]
+        self.position += self.batch_size
+        return indices
+
+    @staticmethod
+    def shard(indices: torch.Tensor, micro: int, grad_accum: int, rank: int, world_size: int) -> torch.Tensor:
+        return indices.view(grad_accum, world_size, -1)[micro, rank]
+
+    def batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return window_batch(self.tokens, indices, self.seq_len)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch = int(state["epoch"])
+        self.position = int(state["position"])
+        self.seed = int(state["seed"])
+        self._order = None
+
+
+def eval_windows(tokens: np.ndarray, seq_len: int, count: int) -> torch.Tensor:
+    """``count`` window indices spread evenly over a validation stream (the same every evaluation)."""
+    available = num_windows(tokens, seq_len)
+    if available == 0:
+        raise DataError(f"validation data is shorter than seq_len+1={seq_len + 1} tokens")
+    return torch.linspace(0, available - 1, count).round().long() if count > 1 else torch.zeros(1, dtype=torch.long)

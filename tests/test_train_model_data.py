@@ -1,0 +1,141 @@
+"""LLaMA model, data pipeline and loss-spike diagnostics of the reference trainer."""
+
+import numpy as np
+import pytest
+import torch
+
+from smet_kernels.train import data as data_module
+from smet_kernels.train.data import DataError, PackedBatches, eval_windows, load_corpus
+from smet_kernels.train.model import LlamaModel, lm_loss, model_config
+from smet_kernels.train.spikes import SpikeTracker
+
+
+@pytest.fixture(autouse=True)
+def cache_dir(tmp_path_factory, monkeypatch):
+    path = tmp_path_factory.getbasetemp() / "smet_cache"
+    monkeypatch.setenv("SMET_CACHE_DIR", str(path))
+    return path
+
+
+# ------------------------------------------------------------------------------------------------ model
+def test_model_configs_round_intermediate_to_128():
+    assert model_config("1b", block_size=128).intermediate_size == 5504
+    assert model_config("350m", block_size=32).intermediate_size == 2816
+    assert model_config("20m", block_size=16).intermediate_size == 688
+    assert model_config("20m", block_size=32).intermediate_size == 768
+    assert model_config("7b").intermediate_size == 11008
+    with pytest.raises(ValueError, match="config"):
+        model_config("3b")
+    with pytest.raises(ValueError, match="block_size"):
+        model_config("tiny", block_size=128)
+
+
+def test_model_is_causal_and_learns_shapes():
+    torch.manual_seed(0)
+    model = LlamaModel(model_config("tiny", max_seq_len=16))
+    tokens = torch.randint(0, 256, (2, 16))
+    logits = model(tokens)
+    assert logits.shape == (2, 16, 256)
+    changed = tokens.clone()
+    changed[:, 10:] = (changed[:, 10:] + 1) % 256
+    torch.testing.assert_close(model(changed)[:, :10], logits[:, :10])
+    assert not torch.allclose(model(changed)[:, 10:], logits[:, 10:])
+    loss = lm_loss(logits, tokens)
+    assert abs(loss.item() - np.log(256)) < 0.2  # small init: near-uniform predictions
+    names = {name.split(".")[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert names == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"}
+    with pytest.raises(ValueError, match="max_seq_len"):
+        model(torch.zeros(1, 17, dtype=torch.long))
+
+
+# ------------------------------------------------------------------------------------------------ data
+def test_stdlib_corpus_split_is_by_path_and_cached():
+    first = load_corpus("stdlib")
+    assert first.vocab_size == 256 and first.train.dtype == np.uint8
+    assert len(first.train) > 5_000_000 and 0 < len(first.val) < len(first.train) // 10
+    again = load_corpus("stdlib")  # from the memory-mapped cache
+    assert np.array_equal(first.val[:1000], again.val[:1000])
+    assert bytes(first.val[:4000]).decode("utf-8", errors="replace").count("def ") > 0
+    assert data_module._is_val("a/b.py", 2.0) == data_module._is_val("a/b.py", 2.0)
+
+
+def test_text_file_folder_and_bin(tmp_path):
+    text = tmp_path / "corpus.txt"
+    text.write_bytes(b"hello world " * 500)
+    corpus = load_corpus(str(text))
+    assert len(corpus.train) + len(corpus.val) == 6000 and len(corpus.val) == 120
+    assert bytes(corpus.train[:11]) == b"hello world"
+    folder = tmp_path / "folder"
+    (folder / "sub").mkdir(parents=True)
+    for i in range(60):
+        (folder / "sub" / f"f{i:02d}.txt").write_text(f"file {i}\n" * 20)
+    corpus = load_corpus(str(folder))
+    assert len(corpus.val) > 0 and len(corpus.train) > len(corpus.val)
+    tokens = np.arange(3000, dtype=np.uint16) % 1000
+    tokens.tofile(tmp_path / "tokens.bin")
+    corpus = load_corpus(str(tmp_path / "tokens.bin"))
+    assert corpus.vocab_size == 1000 and corpus.train.dtype == np.uint16
+    assert len(corpus.train) + len(corpus.val) == 3000
+
+
+def test_unreadable_data_raises_one_line_error(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        load_corpus(str(tmp_path / "missing.txt"))
+    (tmp_path / "odd.bin").write_bytes(b"abc")
+    with pytest.raises(DataError, match="uint16"):
+        load_corpus(str(tmp_path / "odd.bin"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no text files"):
+        load_corpus(str(tmp_path / "empty"))
+    try:
+        import datasets  # noqa: F401
+    except ImportError:
+        with pytest.raises(DataError, match="needs the 'datasets' package"):
+            load_corpus("hf:wikitext")
+
+
+def test_packed_batches_deterministic_resumable_and_sharded():
+    tokens = np.arange(10 * 8 + 1, dtype=np.uint16)
+    batches = PackedBatches(tokens, seq_len=8, batch_size=4, seed=3)
+    assert batches.num_windows == 10
+    seen = [batches.next_global() for _ in range(2)]
+    state = batches.state_dict()
+    rest = [batches.next_global() for _ in range(3)]  # crosses into epoch 1 (the tail of 2 windows is skipped)
+    resumed = PackedBatches(tokens, seq_len=8, batch_size=4, seed=3)
+    resumed.load_state_dict(state)
+    assert all(torch.equal(a, resumed.next_global()) for a in rest)
+    assert len(set(torch.cat(seen).tolist())) == 8  # no window twice within an epoch
+    x, y = batches.batch(seen[0])
+    assert torch.equal(x[:, 1:], y[:, :-1]) and torch.equal(x[:, 0], seen[0] * 8)
+    shards = [PackedBatches.shard(seen[0], m, 2, r, 2) for m in range(2) for r in range(2)]
+    assert sorted(torch.cat(shards).tolist()) == sorted(seen[0].tolist())
+    other_seed = PackedBatches(tokens, seq_len=8, batch_size=4, seed=4)
+    assert not torch.equal(other_seed.next_global(), seen[0])
+    with pytest.raises(DataError, match="fewer than batch_size"):
+        PackedBatches(tokens, seq_len=8, batch_size=11, seed=0)
+    assert eval_windows(tokens, 8, 3).tolist() == [0, 4, 9]
+
+
+# ------------------------------------------------------------------------------------------------ spikes
+def test_spike_tracker_rise_after_update():
+    tracker = SpikeTracker(window=3)
+    losses = {1: 5.0, 2: 4.0, 3: 3.0, 4: 2.9, 5: 3.6, 6: 2.8, 7: 2.7}
+    done = []
+    for step, loss in losses.items():
+        done += tracker.add_loss(step, loss)
+        if step == 3:
+            tracker.add_update(3)
+        if step == 7:
+            tracker.add_update(7)
+    assert len(done) == 1 and done[0]["update_step"] == 3
+    assert done[0]["loss_before"] == pytest.approx(4.0)
+    assert done[0]["rise"] == pytest.approx(-0.4) and done[0]["max_loss_after"] == 3.6
+    assert tracker.finish() == []  # no loss after the update at step 7
+    summary = tracker.summary()
+    assert summary["count"] == 1 and summary["max_rise"] == pytest.approx(-0.4)
+    assert summary["mean_relative_rise"] == pytest.approx(-0.1)
+    restored = SpikeTracker(window=1)
+    restored.load_state_dict(tracker.state_dict())
+    assert restored.summary() == summary
+    with pytest.raises(ValueError, match="window"):
+        SpikeTracker(window=0)

@@ -1,0 +1,194 @@
+"""The reference trainer end to end on the tiny model (reference backend, CPU): learning in every optimizer mode,
+metrics, exact resume, atomic checkpoints and one-line CLI errors."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from smet_kernels.train import cli, trainer
+from smet_kernels.train.trainer import ConfigError, TrainConfig, find_checkpoint, load_checkpoint_config, train
+
+
+@pytest.fixture(autouse=True)
+def cache_dir(tmp_path_factory, monkeypatch):
+    path = tmp_path_factory.getbasetemp() / "smet_cache"
+    monkeypatch.setenv("SMET_CACHE_DIR", str(path))
+    return path
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and spinning threads crawl on an oversubscribed CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_config(**overrides) -> TrainConfig:
+    values = dict(model="tiny", batch_size=4, seq_len=64, max_steps=24, lr=3e-3, eval_every=12, eval_batches=2,
+                  update_interval=6, optimizer_warmup_steps=4, spike_window=3, backend="reference",
+                  progress=False, galore_update_gap=10)
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def read_metrics(out_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize(
+    "optimizer, options",
+    [("adamw", {}), ("galore", {}), ("smet", {}), ("smet", {"regrow": "gradient", "distribution": "erk"}),
+     ("smet", {"supar": True, "warmup_mode": "momentum_ramp"}), ("masked-dst", {}), ("naive-dst", {})],
+    ids=["adamw", "galore", "smet", "smet-rigl-erk", "smet-supar-momentum-ramp", "masked-dst", "naive-dst"],
+)
+def test_tiny_model_learns_in_every_mode(optimizer, options, tmp_path):
+    summary = train(tiny_config(optimizer=optimizer, out_dir=str(tmp_path), **options))
+    assert summary["steps"] == 24
+    assert summary["final_val_loss"] < summary["initial_val_loss"] - 0.7, summary
+    records = read_metrics(tmp_path)
+    train_records = [r for r in records if r["type"] == "train"]
+    assert [r["step"] for r in train_records] == list(range(1, 25))
+    for record in train_records:
+        assert {"step", "loss", "lr", "tokens_per_s", "peak_mem_bytes"} <= set(record)
+        assert record["peak_mem_bytes"] > 0 and record["tokens_per_s"] > 0
+    assert [r["step"] for r in train_records if "val_loss" in r] == [12, 24]
+    assert all(r["val_ppl"] == pytest.approx(torch.tensor(r["val_loss"]).exp().item()) for r in records
+               if "val_loss" in r)
+    updates = [r for r in records if r["type"] == "topology_update"]
+    saved = json.loads((tmp_path / "summary.json").read_text())
+    assert saved["final_val_loss"] == summary["final_val_loss"] and saved["peak_mem_kind"] == "cpu_peak_rss"
+    if optimizer in ("smet", "masked-dst", "naive-dst"):
+        assert [r["step"] for r in updates] == [6, 12, 18, 24]
+        assert all(r["pruned"] == r["regrown"] for r in updates)
+        assert updates[0]["pruned"] > 0 and updates[-1]["prune_fraction"] == pytest.approx(0.005)  # cosine decay
+        spikes = [r for r in records if r["type"] == "loss_spike"]
+        assert [(r["update_step"], r["step"]) for r in spikes] == [(6, 9), (12, 15), (18, 21)]  # none after 24
+        assert summary["loss_spikes"]["count"] == 3
+        assert summary["loss_spikes"]["max_rise"] == max(r["rise"] for r in spikes)
+    else:
+        assert updates == [] and summary["loss_spikes"]["count"] == 0
+
+
+@pytest.mark.parametrize("optimizer", ["smet", "masked-dst", "galore"])
+def test_resume_continues_exactly(optimizer, tmp_path):
+    full_dir, resumed_dir = tmp_path / "full", tmp_path / "resumed"
+    config = tiny_config(optimizer=optimizer, max_steps=8, update_interval=2, checkpoint_every=4, eval_every=0,
+                         lr_warmup_steps=2, grad_accum=2, galore_update_gap=3, out_dir=str(full_dir))
+    train(config)
+    checkpoints = sorted(p.name for p in (full_dir / "checkpoints").iterdir())
+    assert checkpoints == ["step_0000004", "step_0000008"]
+    assert cli.main(["--resume", str(full_dir / "checkpoints" / "step_0000004"), "--out-dir", str(resumed_dir),
+                     "--no-progress"]) == 0
+    def losses_and_updates(out_dir):
+        records = read_metrics(out_dir)
+        losses = {r["step"]: (r["loss"], r["lr"]) for r in records if r["type"] == "train" and r["step"] > 4}
+        return losses, [r for r in records if r["type"] == "topology_update" and r["step"] > 4]
+
+    full_losses, full_updates = losses_and_updates(full_dir)
+    resumed_losses, resumed_updates = losses_and_updates(resumed_dir)
+    assert sorted(resumed_losses) == [5, 6, 7, 8]
+    assert resumed_losses == full_losses  # bit-for-bit: same floats, not approximately
+    assert resumed_updates == full_updates
+    assert [r["step"] for r in resumed_updates] == ([6, 8] if optimizer != "galore" else [])
+    final_a = torch.load(full_dir / "checkpoints/step_0000008/state.pt", weights_only=False)["model"]
+    final_b = torch.load(resumed_dir / "checkpoints/step_0000008/state.pt", weights_only=False)["model"]
+    for key, value in final_a.items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(value, final_b[key]), key
+    assert load_checkpoint_config(resumed_dir).max_steps == 8
+    # resuming in place (the interrupted run's own out-dir) rewrites the metrics after the checkpoint identically
+    def deterministic_fields(out_dir):
+        timing = {"tokens_per_s", "peak_mem_bytes"}
+        return [{k: v for k, v in r.items() if k not in timing} for r in read_metrics(out_dir)]
+
+    before = deterministic_fields(full_dir)
+    assert cli.main(["--resume", str(full_dir / "checkpoints" / "step_0000004"), "--no-progress"]) == 0
+    assert deterministic_fields(full_dir) == before
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    real_save = torch.save
+    calls = []
+
+    def save_then_crash(obj, path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) == 2:
+            Path(path).write_bytes(b"half a checkpoint")
+            raise OSError("disk full")
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(trainer.torch, "save", save_then_crash)
+    with pytest.raises(OSError, match="disk full"):
+        train(tiny_config(optimizer="adamw", max_steps=4, checkpoint_every=2, eval_every=0, out_dir=str(tmp_path)))
+    visible = sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if not p.name.startswith("."))
+    assert visible == ["step_0000002"]
+    assert find_checkpoint(tmp_path).name == "step_0000002"
+    state = torch.load(tmp_path / "checkpoints/step_0000002/state.pt", weights_only=False)
+    assert state["step"] == 2 and state["data"]["position"] == 8
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--density", "1.5"], "argument --density: must be in (0.0, 1.0]"),
+        (["--optimizer", "sgd"], "argument --optimizer: invalid choice"),
+        (["--max-steps", "0"], "argument --max-steps: must be >= 1"),
+        (["--batch-size", "x"], "argument --batch-size: expected an integer"),
+        (["--data", "/nonexistent/corpus.txt"], "does not exist"),
+        (["--batch-size", "6", "--grad-accum", "4"], "batch_size (6) must be divisible by grad_accum (4)"),
+        (["--optimizer", "adamw", "--supar"], "supar needs a sparse optimizer mode"),
+        (["--resume", "/nonexistent/run"], "no checkpoint found"),
+        (["--device", "tpu:0"], "device must be"),
+        (["--block-size", "128", "--config", "tiny"], "does not divide the hidden size 64"),
+    ],
+)
+def test_bad_arguments_give_one_line_errors(argv, message, capsys, tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv + ["--out-dir", str(tmp_path), "--no-progress", "--max-steps", "1"] if "--max-steps" not in argv
+                 else argv + ["--out-dir", str(tmp_path)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("smet-train: error: ") and message in err[-1], err
+    assert not any("Traceback" in line for line in err)
+
+
+def test_config_validation_names_the_field():
+    with pytest.raises(ConfigError, match="prune_fraction"):
+        tiny_config(prune_fraction=1.0).validate()
+    with pytest.raises(ConfigError, match="regrow"):
+        tiny_config(regrow="magnitude").validate()
+    with pytest.raises(ConfigError, match="lr_warmup_steps"):
+        tiny_config(lr_warmup_steps=24).validate()
+    assert tiny_config().resolved_block_size() == 16 and tiny_config(model="60m").resolved_block_size() == 128
+
+
+def test_lr_schedule_warmup_then_cosine_to_ten_percent():
+    assert trainer.lr_factor(1, 4, 20) == 0.25 and trainer.lr_factor(4, 4, 20) == 1.0
+    assert trainer.lr_factor(20, 4, 20) == pytest.approx(0.1)
+    assert trainer.lr_factor(12, 4, 20) == pytest.approx(0.55)
+
+
+def test_triton_kernels_train_like_the_reference(tmp_path):
+    """The same two SMET steps through the Triton kernels (interpreter on CPU) and the PyTorch reference."""
+    small = dict(optimizer="smet", batch_size=2, seq_len=16, max_steps=2, eval_every=0, update_interval=1,
+                 progress=False)
+    triton_run = train(tiny_config(backend="triton", out_dir=str(tmp_path / "triton"), **small))
+    reference_run = train(tiny_config(backend="reference", out_dir=str(tmp_path / "reference"), **small))
+    assert triton_run["topology_updates"] == reference_run["topology_updates"] == 2
+    losses = {name: [r["loss"] for r in read_metrics(tmp_path / name) if r["type"] == "train"]
+              for name in ("triton", "reference")}
+    assert losses["triton"] == pytest.approx(losses["reference"], rel=1e-4)
+
+
+def test_issue_acceptance_command(tmp_path, capsys):
+    """``smet-train --config tiny --optimizer smet --density 0.5 --max-steps 40 --out-dir DIR``: the loss falls."""
+    assert cli.main(["--config", "tiny", "--optimizer", "smet", "--density", "0.5", "--max-steps", "40",
+                     "--out-dir", str(tmp_path), "--backend", "reference", "--no-progress"]) == 0
+    brief = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert brief["steps"] == 40 and brief["final_val_loss"] < brief["initial_val_loss"] - 1.0
+    losses = [r["loss"] for r in read_metrics(tmp_path) if r["type"] == "train"]
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 1.0
