@@ -1,0 +1,397 @@
+"""``smet-bench``: run the benchmark suites into resumable CSVs and render the markdown report.
+
+    smet-bench run --quick --out-dir reports/quick        # a few minutes on a laptop CPU
+    smet-bench run                                        # full grid on a GPU -> reports/<gpu-slug>/
+    smet-bench report --out-dir reports/<gpu-slug>        # report.md + PNG plots
+
+Also runnable as ``python -m bench.cli``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+SUITES = ("kernels", "optimizer", "training")
+
+
+def _csv_list(kind):
+    def parse(text: str):
+        items = [item.strip() for item in text.split(",") if item.strip()]
+        if not items:
+            raise argparse.ArgumentTypeError("expected a comma-separated list")
+        try:
+            return [kind(item) for item in items]
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="smet-bench",
+        description="Benchmarks of smet_kernels: kernels, optimizer step, end-to-end training memory and speed.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{run,report}")
+
+    run = commands.add_parser(
+        "run",
+        help="measure and append results to <out-dir>/kernels.csv and training.csv (resumable)",
+        description="Measure the selected suites; rows already in the CSVs are skipped, so an interrupted run "
+        "resumes where it stopped. Lists are comma-separated.",
+    )
+    run.add_argument(
+        "--suites",
+        type=_csv_list(str),
+        default=list(SUITES),
+        help=f"suites to run, from {','.join(SUITES)} (default: all)",
+    )
+    run.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny grid (config tiny, 64 tokens, block size 32, densities 0.5,0.25 for kernels) that finishes "
+        "in a few minutes on a 2-core CPU; explicit options still override it",
+    )
+    run.add_argument(
+        "--out-dir",
+        default=None,
+        help="folder of the CSVs (default: reports/<device-name-slug>)",
+    )
+    run.add_argument(
+        "--configs",
+        type=_csv_list(str),
+        default=None,
+        help="model configurations (SPEC §5: tiny,20m,60m,130m,350m,1b,7b); default: 20m..7b for kernels and "
+        "optimizer, 60m,130m,350m,1b for training (tiny with --quick)",
+    )
+    run.add_argument(
+        "--densities",
+        type=_csv_list(float),
+        default=None,
+        help="block densities; default 0.5,0.25,0.1,0.05 (kernels, optimizer) and 0.5,0.25,0.1 (training)",
+    )
+    run.add_argument(
+        "--block-sizes",
+        type=_csv_list(int),
+        default=None,
+        help="block sizes for kernels and optimizer; default 32,64,128 (32 with --quick)",
+    )
+    run.add_argument(
+        "--tokens",
+        type=_csv_list(int),
+        default=None,
+        help="token counts M of the kernel benchmarks; default 8192,16384 (64 with --quick)",
+    )
+    run.add_argument(
+        "--providers",
+        type=_csv_list(str),
+        default=None,
+        help="kernel providers from smet,cublas_dense,masked_dense,torch_bsr and optimizer providers from "
+        "smet,torch_adamw_fused,torch_adamw_foreach (default: all that apply)",
+    )
+    run.add_argument(
+        "--methods",
+        type=_csv_list(str),
+        default=None,
+        help="training methods from dense,galore,masked,smet (default: all)",
+    )
+    run.add_argument(
+        "--training-block-size",
+        type=int,
+        default=None,
+        help="block size of the training benchmarks (default 64; 32 with --quick)",
+    )
+    run.add_argument("--batch-size", type=int, default=None, help="training batch size (default 16; 2 with --quick)")
+    run.add_argument(
+        "--seq-len", type=int, default=None, help="training sequence length (default 256; 32 with --quick)"
+    )
+    run.add_argument(
+        "--steps", type=int, default=None, help="timed training steps per case (default 10; 3 with --quick)"
+    )
+    run.add_argument(
+        "--dtype",
+        choices=("bf16", "fp16", "fp32"),
+        default=None,
+        help="kernel and training dtype (default bf16 on GPU, fp32 on CPU where Triton's interpreter mishandles "
+        "bf16 dot products); optimizer benchmarks always use fp32 parameters",
+    )
+    run.add_argument(
+        "--backend",
+        choices=("auto", "triton", "reference"),
+        default="auto",
+        help="smet_kernels backend: Triton kernels (the CPU interpreter without a GPU) or the PyTorch reference",
+    )
+    run.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    run.add_argument("--seed", type=int, default=0, help="seed of layouts, weights and tokens (default 0)")
+    run.add_argument("--no-progress", action="store_true", help="hide the tqdm progress bars")
+    run.add_argument(
+        "--max-minutes",
+        type=float,
+        default=None,
+        help="start no new case after this many minutes (the CSVs stay consistent; rerun the same command to resume)",
+    )
+
+    report = commands.add_parser(
+        "report",
+        help="write <out-dir>/report.md with tables and PNG plots from the CSVs",
+        description="Render report.md (tabulate tables) and PNG plots (seaborn) from kernels.csv, training.csv "
+        "and any pytest-benchmark JSON files.",
+    )
+    report.add_argument("--out-dir", required=True, help="folder holding kernels.csv / training.csv")
+    report.add_argument(
+        "--benchmark-json",
+        nargs="*",
+        default=None,
+        help="pytest-benchmark JSON files (pytest bench --benchmark-json=FILE) to include; default: every "
+        "*.json in --out-dir that pytest-benchmark wrote",
+    )
+    return parser
+
+
+def _resolve_device(name: str | None) -> torch.device:
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("smet-bench: --device cuda requested but CUDA is not available")
+    return device
+
+
+def _prepare_interpreter(device: torch.device, backend: str) -> None:
+    """Route Triton kernels through the CPU interpreter on CPU runs (must precede importing smet_kernels)."""
+    if device.type == "cpu" and backend != "reference" and "smet_kernels" not in sys.modules:
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+COMMANDS_FILE = "commands.txt"
+
+
+def _log_command(out_dir: Path, argv: list[str] | None) -> None:
+    """Append ``<UTC time> smet-bench <args>`` to ``<out-dir>/commands.txt`` (the report lists the commands)."""
+    if argv is None:
+        return
+    import datetime as dt
+    import shlex
+
+    stamp = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    with (out_dir / COMMANDS_FILE).open("a") as handle:
+        handle.write(f"{stamp} smet-bench {shlex.join(argv)}\n")
+
+
+class _Deadline:
+    """``expired()`` once ``minutes`` have passed since construction (never when ``minutes`` is None)."""
+
+    def __init__(self, minutes: float | None):
+        self.end = None if minutes is None else time.monotonic() + 60.0 * minutes
+        self.hit = False
+
+    def expired(self) -> bool:
+        if self.end is not None and time.monotonic() >= self.end:
+            self.hit = True
+        return self.hit
+
+
+def _progress(items, description: str, disable: bool):
+    from tqdm import tqdm
+
+    return tqdm(items, desc=description, unit="case", disable=disable, dynamic_ncols=True)
+
+
+def _run_kernels(args, device, backend, dtype, out_dir, timing_kwargs, deadline) -> int:
+    from . import kernels
+    from .results import environment, kernels_file
+
+    file = kernels_file(out_dir)
+    providers = [p for p in (args.providers or kernels.PROVIDERS) if p in kernels.PROVIDERS]
+    cases = list(
+        kernels.kernel_cases(
+            args.configs or (kernels.QUICK_CONFIGS if args.quick else kernels.FULL_CONFIGS),
+            args.densities or (kernels.QUICK_DENSITIES if args.quick else kernels.FULL_DENSITIES),
+            args.block_sizes or (kernels.QUICK_BLOCK_SIZES if args.quick else kernels.FULL_BLOCK_SIZES),
+            args.tokens or (kernels.QUICK_TOKENS if args.quick else kernels.FULL_TOKENS),
+            dtype,
+            providers=providers,
+        )
+    )
+    todo = [case for case in cases if not file.done(case.key_row(backend))]
+    print(f"kernels: {len(cases)} cases, {len(cases) - len(todo)} already in {file.path}, {len(todo)} to run")
+    failures = 0
+    operands_key, operands = None, None
+    for case in _progress(todo, "kernels", args.no_progress):
+        if deadline.expired():
+            break
+        try:
+            if kernels.operands_key(case) != operands_key:
+                operands_key = kernels.operands_key(case)
+                operands = kernels.make_operands(case, device, args.seed, previous=operands)
+            result = kernels.run_case(case, operands, backend, device, timing_kwargs)
+        except Exception:  # a broken case must not stop a long run; it is reported and retried next time
+            failures += 1
+            print(f"\nkernels: {case} failed:\n{traceback.format_exc()}", file=sys.stderr)
+            continue
+        file.append(case.key_row(backend) | result | environment(device))
+    return failures
+
+
+def _run_optimizer(args, device, backend, out_dir, timing_kwargs, deadline) -> int:
+    from . import kernels, optimizer
+    from .results import environment, kernels_file
+
+    file = kernels_file(out_dir)
+    providers = [p for p in (args.providers or optimizer.PROVIDERS) if p in optimizer.PROVIDERS]
+    cases = list(
+        optimizer.optimizer_cases(
+            args.configs or (kernels.QUICK_CONFIGS if args.quick else kernels.FULL_CONFIGS),
+            args.densities or (kernels.QUICK_DENSITIES if args.quick else kernels.FULL_DENSITIES),
+            args.block_sizes or (kernels.QUICK_BLOCK_SIZES if args.quick else kernels.FULL_BLOCK_SIZES),
+            providers=providers,
+        )
+    )
+    todo = [case for case in cases if not file.done(case.key_row(backend))]
+    print(f"optimizer: {len(cases)} cases, {len(cases) - len(todo)} already in {file.path}, {len(todo)} to run")
+    failures = 0
+    for case in _progress(todo, "optimizer", args.no_progress):
+        if deadline.expired():
+            break
+        try:
+            result = optimizer.run_case(case, device, timing_kwargs, args.seed, backend)
+        except Exception:
+            failures += 1
+            print(f"\noptimizer: {case} failed:\n{traceback.format_exc()}", file=sys.stderr)
+            continue
+        file.append(case.key_row(backend) | result | environment(device))
+    return failures
+
+
+def _run_training(args, device, backend, dtype, out_dir, deadline) -> int:
+    from . import training
+    from .results import environment, training_file
+
+    file = training_file(out_dir)
+    quick = args.quick
+    block_size = args.training_block_size or (32 if quick else 64)
+    cases = list(
+        training.training_cases(
+            args.configs or (training.QUICK_CONFIGS if quick else training.FULL_CONFIGS),
+            args.methods or training.METHODS,
+            args.densities or (training.QUICK_DENSITIES if quick else training.FULL_DENSITIES),
+            block_size,
+            args.batch_size or (2 if quick else 16),
+            args.seq_len or (32 if quick else 256),
+            dtype,
+        )
+    )
+    todo = [case for case in cases if not file.done(case.key_row(backend))]
+    print(f"training: {len(cases)} cases, {len(cases) - len(todo)} already in {file.path}, {len(todo)} to run")
+    steps = args.steps or (3 if quick else 10)
+    failures = 0
+    for case in _progress(todo, "training", args.no_progress):
+        if deadline.expired():
+            break
+        try:
+            result = training.run_case(case, device, backend, steps, args.seed)
+        except Exception:
+            failures += 1
+            print(f"\ntraining: {case} failed:\n{traceback.format_exc()}", file=sys.stderr)
+            continue
+        file.append(case.key_row(backend) | result | environment(device))
+    return failures
+
+
+def _validate(args) -> None:
+    """Reject bad options up front (SystemExit naming the option) rather than failing case by case."""
+    from smet_kernels.layout import SUPPORTED_BLOCK_SIZES
+    from smet_kernels.train.model import MODEL_CONFIGS
+
+    from . import kernels, optimizer, training
+
+    def fail(message: str):
+        raise SystemExit(f"smet-bench: {message}")
+
+    unknown = [s for s in args.suites if s not in SUITES]
+    if unknown:
+        fail(f"--suites must be from {SUITES}, got {unknown}")
+    providers = set(kernels.PROVIDERS) | set(optimizer.PROVIDERS)
+    if args.providers and any(p not in providers for p in args.providers):
+        fail(f"--providers must be from {sorted(providers)}, got {args.providers}")
+    if args.configs and any(c not in MODEL_CONFIGS for c in args.configs):
+        fail(f"--configs must be from {sorted(MODEL_CONFIGS)}, got {args.configs}")
+    if args.methods and any(m not in training.METHODS for m in args.methods):
+        fail(f"--methods must be from {training.METHODS}, got {args.methods}")
+    if args.densities and any(not 0.0 < d <= 1.0 for d in args.densities):
+        fail(f"--densities must lie in (0, 1], got {args.densities}")
+    for option, values in (("--block-sizes", args.block_sizes), ("--training-block-size", [args.training_block_size])):
+        if any(v is not None and v not in SUPPORTED_BLOCK_SIZES for v in values or []):
+            fail(f"{option} must be from {SUPPORTED_BLOCK_SIZES}, got {values}")
+    if args.max_minutes is not None and args.max_minutes <= 0:
+        fail(f"--max-minutes must be positive, got {args.max_minutes}")
+    for option, values in (
+        ("--tokens", args.tokens),
+        ("--batch-size", [args.batch_size]),
+        ("--seq-len", [args.seq_len]),
+        ("--steps", [args.steps]),
+    ):
+        if any(v is not None and v < 1 for v in values or []):
+            fail(f"{option} must be positive, got {values}")
+
+
+def run(args) -> int:
+    device = _resolve_device(args.device)
+    _prepare_interpreter(device, args.backend)
+    _validate(args)
+
+    from profiling.memory_model import parse_dtype
+    from smet_kernels.backend import resolve_backend
+
+    from .results import device_slug
+
+    backend = resolve_backend(device, None if args.backend == "auto" else args.backend)
+    dtype = parse_dtype(args.dtype or ("bf16" if device.type == "cuda" else "fp32"))
+    out_dir = Path(args.out_dir) if args.out_dir else Path("reports") / device_slug(device)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _log_command(out_dir, getattr(args, "argv", None))
+    if device.type == "cuda":
+        timing_kwargs = {}
+    else:
+        timing_kwargs = {"warmup": 1, "min_repeats": 3, "max_repeats": 20, "budget_s": 0.05 if args.quick else 0.5}
+    print(f"smet-bench: device {device}, backend {backend}, dtype {dtype}, out-dir {out_dir}")
+    deadline = _Deadline(args.max_minutes)
+    failures = 0
+    if "kernels" in args.suites:
+        failures += _run_kernels(args, device, backend, dtype, out_dir, timing_kwargs, deadline)
+    if "optimizer" in args.suites:
+        failures += _run_optimizer(args, device, backend, out_dir, timing_kwargs, deadline)
+    if "training" in args.suites:
+        failures += _run_training(args, device, backend, dtype, out_dir, deadline)
+    if failures:
+        print(f"smet-bench: {failures} case(s) failed (see above); rerun to retry them", file=sys.stderr)
+        return 1
+    if deadline.hit:
+        print(f"smet-bench: stopped after --max-minutes {args.max_minutes:g}; rerun the same command to resume")
+        return 0
+    print(f"smet-bench: results in {out_dir}; render with: smet-bench report --out-dir {out_dir}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    if args.command == "run":
+        args.argv = argv
+        return run(args)
+    from .report import write_report
+
+    path = write_report(args.out_dir, benchmark_json=args.benchmark_json)
+    print(f"smet-bench: wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

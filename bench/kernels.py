@@ -1,0 +1,282 @@
+"""Kernel benchmarks: forward, grad_input and grad_weight of a block-sparse linear layer.
+
+For tokens ``x [M, K]``, a weight ``W [N, K]`` with a random block layout of density ``d`` and block size ``b``,
+and ``dy [M, N]``:
+
+* ``forward``      ``y = x Wᵀ``
+* ``grad_input``   ``dx = dy W``
+* ``grad_weight``  ``dW = dyᵀ x`` (at the active blocks only, for the sparse providers)
+
+Providers: ``smet`` (this library's kernels, or its PyTorch reference with ``backend="reference"``),
+``cublas_dense`` (``F.linear`` / ``torch.mm`` on the dense weight; once per shape, density 1), ``masked_dense``
+(``W ⊙ mask`` then the dense matmul — what mask-based DST does) and ``torch_bsr`` (PyTorch's BSR Triton ops
+``bsr_dense_mm`` and ``sampled_addmm``, CUDA only; recorded as skipped elsewhere).
+
+Useful FLOPs are ``2 M K N`` dense and ``2 M K N d`` sparse (``d`` the layout's exact density); effective
+TFLOP/s = useful FLOPs / median time.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+
+from .timing import Timing, measure
+
+OPS = ("forward", "grad_input", "grad_weight")
+SPARSE_PROVIDERS = ("smet", "masked_dense", "torch_bsr")
+PROVIDERS = ("cublas_dense",) + SPARSE_PROVIDERS
+FULL_CONFIGS = ("20m", "60m", "130m", "350m", "1b", "7b")
+FULL_DENSITIES = (0.5, 0.25, 0.1, 0.05)
+FULL_BLOCK_SIZES = (32, 64, 128)
+FULL_TOKENS = (8192, 16384)
+QUICK_CONFIGS = ("tiny",)
+QUICK_DENSITIES = (0.5, 0.25)
+QUICK_BLOCK_SIZES = (32,)
+QUICK_TOKENS = (64,)
+
+
+@dataclass(frozen=True)
+class LinearShape:
+    """A linear layer ``W [N, K]`` of a model configuration (``label`` names config and layers)."""
+
+    label: str
+    N: int
+    K: int
+
+
+def linear_shapes(config_names) -> list[LinearShape]:
+    """The distinct ``(N, K)`` hidden linear shapes of the SPEC §5 configurations ``config_names``.
+
+    The SwiGLU width is rounded up to a multiple of 128 when 128 does not divide it (SPEC §5), so that every
+    block size of the grid divides every shape and the dense baseline has the same shape for all of them.
+    """
+    from smet_kernels.train.model import MODEL_CONFIGS
+
+    shapes: dict[tuple[int, int], LinearShape] = {}
+    for name in config_names:
+        if name not in MODEL_CONFIGS:
+            raise ValueError(f"configs must name presets of {sorted(MODEL_CONFIGS)}, got {name!r}")
+        config = MODEL_CONFIGS[name]
+        h = config.hidden_size
+        i = config.intermediate_size
+        i = i if i % 128 == 0 else 128 * math.ceil(i / 128)
+        for layers, (n, k) in (("qkvo", (h, h)), ("gate_up", (i, h)), ("down", (h, i))):
+            shapes.setdefault((n, k), LinearShape(f"{name}:{layers}", n, k))
+    return list(shapes.values())
+
+
+@dataclass(frozen=True)
+class KernelCase:
+    """One measurement: ``op`` by ``provider`` at ``M`` tokens of ``shape`` (``block_size``/``density`` for sparse)."""
+
+    op: str
+    provider: str
+    shape: LinearShape
+    M: int
+    block_size: int | None
+    density: float
+    dtype: torch.dtype
+
+    def key_row(self, backend: str) -> dict:
+        return {
+            "suite": "kernels",
+            "op": self.op,
+            "provider": self.provider,
+            "variant": self.shape.label,
+            "M": self.M,
+            "K": self.shape.K,
+            "N": self.shape.N,
+            "block_size": self.block_size,
+            "density": self.density,
+            "dtype": dtype_name(self.dtype),
+            "backend": backend if self.provider == "smet" else "torch",
+        }
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, str(dtype))
+
+
+def kernel_cases(
+    config_names, densities, block_sizes, tokens, dtype: torch.dtype, providers=PROVIDERS, ops=OPS
+) -> Iterator[KernelCase]:
+    """Every case of the grid; dense cases once per shape, sparse ones per block size and density.
+    Block sizes that do not divide a shape are left out."""
+    for provider in providers:
+        if provider not in PROVIDERS:
+            raise ValueError(f"providers must be in {PROVIDERS}, got {provider!r}")
+    for op in ops:
+        if op not in OPS:
+            raise ValueError(f"ops must be in {OPS}, got {op!r}")
+    for shape in linear_shapes(config_names):
+        for m in tokens:
+            if "cublas_dense" in providers:
+                for op in ops:
+                    yield KernelCase(op, "cublas_dense", shape, m, None, 1.0, dtype)
+            for b in block_sizes:
+                if shape.N % b or shape.K % b:
+                    continue
+                for d in densities:
+                    for op in ops:
+                        for provider in providers:
+                            if provider != "cublas_dense":
+                                yield KernelCase(op, provider, shape, m, b, d, dtype)
+
+
+class _Operands:
+    """Inputs of one (shape, M, block size, density) point, shared by its providers and ops.
+
+    Tokens ``x`` and ``dy`` are drawn on the device (fast at full size) and reused from ``previous`` when only the
+    block size or density changed; the layout is drawn on the CPU so it is the same on every machine."""
+
+    def __init__(self, case: KernelCase, device: torch.device, seed: int, previous: "_Operands | None" = None):
+        from smet_kernels.functional import to_dense
+        from smet_kernels.layout import BlockLayout
+
+        n, k, m = case.shape.N, case.shape.K, case.M
+        self.tokens_key = (case.shape, m, case.dtype, str(device), seed)
+        generator = torch.Generator(device=device).manual_seed(seed)
+
+        def randn(*size):
+            values = torch.randn(*size, generator=generator, device=device, dtype=torch.float32)
+            return (0.02 * values).to(case.dtype)
+
+        if previous is not None and previous.tokens_key == self.tokens_key:
+            self.x, self.dy = previous.x, previous.dy
+        else:
+            self.x, self.dy = randn(m, k), randn(m, n)
+        if case.block_size is None:
+            self.weight = randn(n, k)
+            self.layout = None
+            return
+        b = case.block_size
+        layout_generator = torch.Generator().manual_seed(seed)
+        self.layout = BlockLayout.random(n, k, b, case.density, generator=layout_generator).to(device)
+        self.values = randn(self.layout.nnz, b, b)
+        self.weight = to_dense(self.values, self.layout)
+        self.mask = self.layout.mask.repeat_interleave(b, 0).repeat_interleave(b, 1).to(case.dtype)
+
+
+class KernelUnavailable(Exception):
+    """A provider that cannot run here (the reason is recorded as a skipped row)."""
+
+
+def _smet_fns(ops: _Operands, backend: str) -> dict[str, Callable[[], torch.Tensor]]:
+    """The raw ops of this library: Triton kernels, or their PyTorch references with ``backend="reference"``."""
+    if backend == "triton":
+        from smet_kernels.ops import block_sparse_matmul as bsmm
+
+        forward, grad_input, grad_weight = bsmm.bsmm_forward, bsmm.bsmm_grad_input, bsmm.bsmm_grad_weight
+    else:
+        from smet_kernels.reference import matmul as reference
+
+        forward = reference.bsmm_forward_reference
+        grad_input = reference.bsmm_grad_input_reference
+        grad_weight = reference.bsmm_grad_weight_reference
+    return {
+        "forward": lambda: forward(ops.x, ops.values, ops.layout),
+        "grad_input": lambda: grad_input(ops.dy, ops.values, ops.layout),
+        "grad_weight": lambda: grad_weight(ops.dy, ops.x, ops.layout),
+    }
+
+
+def _torch_bsr_fns(ops: _Operands) -> dict[str, Callable[[], torch.Tensor]]:
+    """``y = (W xᵀ)ᵀ``, ``dx = (Wᵀ dyᵀ)ᵀ`` with ``bsr_dense_mm``; ``dW = dyᵀ x`` at W's blocks with ``sampled_addmm``.
+    The BSR tensors and transposed operands are built outside the timed region."""
+    if ops.x.device.type != "cuda":
+        raise KernelUnavailable("torch.sparse._triton_ops needs CUDA")
+    from torch.sparse import _triton_ops
+
+    if _triton_ops.bsr_dense_mm is None:
+        raise KernelUnavailable("torch.sparse._triton_ops.bsr_dense_mm is unavailable (torch built without triton)")
+    b = ops.layout.block_size
+    w_bsr = ops.weight.to_sparse_bsr((b, b))
+    wt_bsr = ops.weight.t().contiguous().to_sparse_bsr((b, b))
+    x_t = ops.x.t().contiguous()
+    dy_t = ops.dy.t().contiguous()
+    return {
+        "forward": lambda: _triton_ops.bsr_dense_mm(w_bsr, x_t),
+        "grad_input": lambda: _triton_ops.bsr_dense_mm(wt_bsr, dy_t),
+        "grad_weight": lambda: _triton_ops.sampled_addmm(w_bsr, dy_t, ops.x, beta=0.0),
+    }
+
+
+def case_function(case: KernelCase, ops: _Operands, backend: str) -> Callable[[], torch.Tensor]:
+    """The timed callable of ``case`` (raises :class:`KernelUnavailable` for providers that cannot run here)."""
+    if case.provider == "cublas_dense":
+        return {
+            "forward": lambda: F.linear(ops.x, ops.weight),
+            "grad_input": lambda: ops.dy @ ops.weight,
+            "grad_weight": lambda: ops.dy.t() @ ops.x,
+        }[case.op]
+    if case.provider == "masked_dense":
+        return {
+            "forward": lambda: F.linear(ops.x, ops.weight * ops.mask),
+            "grad_input": lambda: ops.dy @ (ops.weight * ops.mask),
+            "grad_weight": lambda: (ops.dy.t() @ ops.x) * ops.mask,
+        }[case.op]
+    if case.provider == "smet":
+        return _smet_fns(ops, backend)[case.op]
+    return _torch_bsr_fns(ops)[case.op]
+
+
+def check_smet_result(case: KernelCase, ops: _Operands, result: torch.Tensor) -> str:
+    """Empty when the smet result matches the dense computation, else a note with the error."""
+    from smet_kernels.functional import from_dense
+
+    x, dy, w = ops.x.float(), ops.dy.float(), ops.weight.float()
+    if case.op == "forward":
+        expected = x @ w.t()
+    elif case.op == "grad_input":
+        expected = dy @ w
+    else:
+        expected = from_dense(dy.t() @ x, ops.layout)
+    scale = expected.abs().max().item() + 1e-12
+    error = (result.float() - expected).abs().max().item() / scale
+    tolerance = 2e-2 if case.dtype in (torch.float16, torch.bfloat16) else 1e-3
+    return "" if error <= tolerance else f"max relative error {error:.3g} > {tolerance}"
+
+
+def useful_flops(case: KernelCase, ops: _Operands) -> int:
+    flops = 2 * case.M * case.shape.K * case.shape.N
+    if ops.layout is None:
+        return flops
+    return int(flops * ops.layout.density)
+
+
+def run_case(case: KernelCase, ops: _Operands, backend: str, device: torch.device, timing_kwargs: dict) -> dict:
+    """Measure ``case``; returns the result columns (``status`` ok | skipped | wrong, ``note``)."""
+    result = {"nnz_blocks": ops.layout.nnz if ops.layout is not None else None, "status": "ok", "note": ""}
+    try:
+        fn = case_function(case, ops, backend)
+    except KernelUnavailable as reason:
+        return result | {"status": "skipped", "note": str(reason)}
+    if case.provider == "smet":
+        note = check_smet_result(case, ops, fn())
+        if note:
+            result |= {"status": "wrong", "note": note}
+    timing: Timing = measure(fn, device, **timing_kwargs)
+    flops = useful_flops(case, ops)
+    return result | {
+        "ms_p20": timing.ms_p20,
+        "ms_p50": timing.ms_p50,
+        "ms_p80": timing.ms_p80,
+        "useful_flops": flops,
+        "tflops": flops / (timing.ms_p50 * 1e-3) / 1e12,
+    }
+
+
+def operands_key(case: KernelCase) -> tuple:
+    return (case.shape, case.M, case.block_size, case.density, case.dtype)
+
+
+def make_operands(
+    case: KernelCase, device: torch.device, seed: int = 0, previous: _Operands | None = None
+) -> _Operands:
+    """Operands of ``case``; ``previous`` operands of the same shape and token count lend their ``x`` and ``dy``."""
+    return _Operands(case, device, seed, previous)

@@ -1,0 +1,159 @@
+"""Long-format result files: one CSV row per measurement, appended as measured, resumable.
+
+``kernels.csv`` holds kernel and optimizer-step timings, ``training.csv`` end-to-end training steps.
+A row's *key* (its configuration columns) identifies the measurement: a resumed run skips every key
+already in the file. Rows that could not be measured are written with ``status = "skipped"`` and the
+reason in ``note``, so they are recorded once and not retried on the same machine.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import math
+import os
+import platform
+import re
+from pathlib import Path
+
+import torch
+
+ENVIRONMENT_COLUMNS = ["gpu", "device", "torch", "triton", "timestamp"]
+
+KERNEL_KEY = ["suite", "op", "provider", "variant", "M", "K", "N", "block_size", "density", "dtype", "backend"]
+KERNEL_COLUMNS = (
+    KERNEL_KEY
+    + [
+        "nnz_blocks",
+        "ms_p20",
+        "ms_p50",
+        "ms_p80",
+        "useful_flops",
+        "tflops",
+        "bytes_moved",
+        "gbps",
+        "status",
+        "note",
+    ]
+    + ENVIRONMENT_COLUMNS
+)
+
+MEMORY_COMPONENTS = ["weights", "gradients", "optimizer", "activations", "rest"]
+
+TRAINING_KEY = ["config", "method", "density", "block_size", "batch_size", "seq_len", "dtype", "backend"]
+TRAINING_COLUMNS = (
+    TRAINING_KEY
+    + ["steps", "ms_p20", "ms_p50", "ms_p80", "tokens_per_s", "peak_allocated_bytes", "nvml_peak_bytes", "nvml_status"]
+    + [f"{c}_bytes" for c in MEMORY_COMPONENTS]
+    + [f"pred_{c}_bytes" for c in MEMORY_COMPONENTS]
+    + ["pred_peak_bytes", "peak_source", "status", "note"]
+    + ENVIRONMENT_COLUMNS
+)
+
+
+def slugify(text: str) -> str:
+    """Lower-case, runs of anything but letters and digits become one ``-``."""
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def device_name(device: torch.device | str) -> str:
+    """The GPU's name (``NVIDIA H100 80GB HBM3``) or ``cpu-<machine>-<n>cores`` on CPU."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu-{platform.machine() or 'unknown'}-{os.cpu_count() or 0}cores"
+
+
+def device_slug(device: torch.device | str) -> str:
+    """Folder name of a device's reports: ``reports/<slug>/``."""
+    return slugify(device_name(device))
+
+
+def environment(device: torch.device | str) -> dict:
+    """The environment columns common to every row measured now on ``device``."""
+    import triton
+
+    return {
+        "gpu": device_name(device),
+        "device": str(torch.device(device)),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _canonical(value) -> str:
+    """Key values compare as text: numbers in one spelling (``0.5`` == ``0.50``, ``64`` == ``64.0``)."""
+    if value is None:
+        return ""
+    if isinstance(value, float) and math.isnan(value):
+        return ""
+    text = str(value)
+    try:
+        number = float(text)
+    except ValueError:
+        return text
+    return f"{number:.6g}"
+
+
+class ResultsFile:
+    """A CSV of ``columns`` keyed by ``key`` columns; rows are appended and flushed one at a time."""
+
+    def __init__(self, path: str | os.PathLike, columns: list[str], key: list[str]):
+        missing = [k for k in key if k not in columns]
+        if missing:
+            raise ValueError(f"key columns {missing} are not in columns")
+        self.path = Path(path)
+        self.columns = list(columns)
+        self.key = list(key)
+        self._done: set[tuple[str, ...]] = set()
+        if self.path.exists() and self.path.stat().st_size > 0:
+            with self.path.open(newline="") as handle:
+                reader = csv.DictReader(handle)
+                header = reader.fieldnames or []
+                if header != self.columns:
+                    raise ValueError(
+                        f"{self.path} has columns {header}, expected {self.columns}; "
+                        "write to a fresh --out-dir or delete the file"
+                    )
+                for row in reader:
+                    self._done.add(self.key_of(row))
+
+    def key_of(self, row: dict) -> tuple[str, ...]:
+        return tuple(_canonical(row.get(k)) for k in self.key)
+
+    def done(self, row: dict) -> bool:
+        """True when a row with the same key is already in the file."""
+        return self.key_of(row) in self._done
+
+    def __len__(self) -> int:
+        return len(self._done)
+
+    def append(self, row: dict) -> None:
+        unknown = sorted(set(row) - set(self.columns))
+        if unknown:
+            raise ValueError(f"row has columns not in the schema: {unknown}")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        write_header = not self.path.exists() or self.path.stat().st_size == 0
+        with self.path.open("a", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=self.columns)
+            if write_header:
+                writer.writeheader()
+            writer.writerow({c: _cell(row.get(c)) for c in self.columns})
+        self._done.add(self.key_of(row))
+
+
+def _cell(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return "" if math.isnan(value) else f"{value:.6g}"
+    return str(value)
+
+
+def kernels_file(out_dir: str | os.PathLike) -> ResultsFile:
+    return ResultsFile(Path(out_dir) / "kernels.csv", KERNEL_COLUMNS, KERNEL_KEY)
+
+
+def training_file(out_dir: str | os.PathLike) -> ResultsFile:
+    return ResultsFile(Path(out_dir) / "training.csv", TRAINING_COLUMNS, TRAINING_KEY)

@@ -1,0 +1,59 @@
+"""Kernel timings under pytest-benchmark: the SPEC §7 anchor shapes at b = 128 on a GPU, a tiny shape on CPU."""
+
+import pytest
+import torch
+
+from bench.conftest import DEVICE, FULL_SIZE
+from bench.kernels import OPS, KernelCase, KernelUnavailable, LinearShape, case_function, make_operands, useful_flops
+from smet_kernels.backend import resolve_backend
+
+if FULL_SIZE:
+    SHAPES = [
+        LinearShape("7b:qkvo", 4096, 4096),
+        LinearShape("7b:gate_up", 11008, 4096),
+        LinearShape("350m:gate_up", 4096, 1024),
+    ]
+    TOKENS = {"7b:qkvo": 8192, "7b:gate_up": 8192, "350m:gate_up": 16384}
+    DENSITIES, BLOCK_SIZE, DTYPE = (0.5, 0.25, 0.1), 128, torch.bfloat16
+else:
+    SHAPES = [LinearShape("tiny:gate_up", 128, 64)]
+    TOKENS = {"tiny:gate_up": 64}
+    DENSITIES, BLOCK_SIZE, DTYPE = (0.5,), 32, torch.float32
+
+BACKEND = resolve_backend(DEVICE)
+
+
+def _case(op, provider, shape, density):
+    block_size = None if provider == "cublas_dense" else BLOCK_SIZE
+    return KernelCase(op, provider, shape, TOKENS[shape.label], block_size, density, DTYPE)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s.label}-{s.N}x{s.K}")
+@pytest.mark.parametrize("op", OPS)
+def test_dense(timed, shape, op):
+    case = _case(op, "cublas_dense", shape, 1.0)
+    operands = make_operands(case, DEVICE)
+    timed(case_function(case, operands, BACKEND), flops=useful_flops(case, operands), M=case.M, K=shape.K, N=shape.N)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s.label}-{s.N}x{s.K}")
+@pytest.mark.parametrize("density", DENSITIES)
+@pytest.mark.parametrize("provider", ["smet", "masked_dense", "torch_bsr"])
+@pytest.mark.parametrize("op", OPS)
+def test_sparse(timed, shape, density, provider, op):
+    case = _case(op, provider, shape, density)
+    operands = make_operands(case, DEVICE)
+    try:
+        fn = case_function(case, operands, BACKEND)
+    except KernelUnavailable as reason:
+        pytest.skip(str(reason))
+    timed(
+        fn,
+        flops=useful_flops(case, operands),
+        M=case.M,
+        K=shape.K,
+        N=shape.N,
+        block_size=BLOCK_SIZE,
+        density=operands.layout.density,
+        backend=BACKEND if provider == "smet" else "torch",
+    )

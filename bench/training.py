@@ -1,0 +1,223 @@
+"""End-to-end training-step benchmarks: tokens/s and peak memory per method, with the memory split.
+
+Methods (SPEC §4): ``dense`` (``nn.Linear`` + ``torch.optim.AdamW(fused=True)``), ``galore`` (GaLore-style
+AdamW with the paper's rank), ``masked`` (dense weights × block mask, dense gradients and AdamW states) and
+``smet`` (``BlockSparseLinear`` + ``SMETAdamW``: compact values, gradients and states). All methods train the
+same model shape (the SwiGLU width rounded for the block size, SPEC §5) on random tokens, with parameters, gradients
+and optimizer states in the benchmark dtype for every method (``SMETAdamW(state_dtype=dtype)``, like torch AdamW),
+so that the methods differ only in what they store, not in precision.
+
+Per case: two warm-up steps (kernels compiled/autotuned, optimizer states allocated), one measured-memory
+step (:func:`profiling.memory_breakdown.measure_step_memory`, with NVML sampling device memory in a background
+thread), then ``steps`` timed steps (device synchronised around each). tokens/s = batch · seq / median step
+time. GaLore's SVD runs on the first warm-up step and then every 200 steps, so it is not in the timed steps.
+The SMET topology update (every 100 steps) is not part of a step either.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from .kernels import dtype_name
+from .timing import QUANTILES
+
+METHODS = ("dense", "galore", "masked", "smet")
+SPARSE_METHODS = ("masked", "smet")
+FULL_CONFIGS = ("60m", "130m", "350m", "1b")
+FULL_DENSITIES = (0.5, 0.25, 0.1)
+QUICK_CONFIGS = ("tiny",)
+QUICK_DENSITIES = (0.5, 0.25, 0.1)
+
+
+@dataclass(frozen=True)
+class TrainingCase:
+    config: str
+    method: str
+    density: float
+    block_size: int
+    batch_size: int
+    seq_len: int
+    dtype: torch.dtype
+
+    def key_row(self, backend: str) -> dict:
+        return {
+            "config": self.config,
+            "method": self.method,
+            "density": self.density,
+            "block_size": self.block_size,
+            "batch_size": self.batch_size,
+            "seq_len": self.seq_len,
+            "dtype": dtype_name(self.dtype),
+            "backend": backend if self.method == "smet" else "torch",
+        }
+
+
+def training_cases(
+    config_names, methods, densities, block_size: int, batch_size: int, seq_len: int, dtype: torch.dtype
+) -> Iterator[TrainingCase]:
+    """Dense and GaLore once per configuration, masked and SMET at every density."""
+    for method in methods:
+        if method not in METHODS:
+            raise ValueError(f"methods must be in {METHODS}, got {method!r}")
+    for config in config_names:
+        for method in methods:
+            for density in densities if method in SPARSE_METHODS else (1.0,):
+                yield TrainingCase(config, method, density, block_size, batch_size, seq_len, dtype)
+
+
+def _hidden_linear_patterns() -> list[str]:
+    from smet_kernels.train.model import HIDDEN_LINEAR_NAMES
+
+    return [rf"\.{name}$" for name in HIDDEN_LINEAR_NAMES]
+
+
+def model_config_for(case: TrainingCase):
+    from smet_kernels.train.model import model_config
+
+    return model_config(case.config, vocab_size=256, block_size=case.block_size, max_seq_len=case.seq_len)
+
+
+def build(case: TrainingCase, device: torch.device, backend: str | None, seed: int = 0):
+    """``(model, optimizer)`` of ``case`` on ``device``."""
+    from smet_kernels.train.model import LlamaModel
+
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    model = LlamaModel(model_config_for(case), device=device, dtype=case.dtype)
+    lr = 1e-4
+    if case.method == "smet":
+        from smet_kernels.modules import sparsify
+        from smet_kernels.optim.smet_adamw import SMETAdamW
+
+        sparsify(
+            model,
+            case.density,
+            block_size=case.block_size,
+            include=_hidden_linear_patterns(),
+            generator=generator,
+            backend=backend,
+        )
+        return model, SMETAdamW(model.parameters(), lr=lr, state_dtype=case.dtype, backend=backend)
+    if case.method == "galore":
+        from smet_kernels.optim.galore import GALORE_DEFAULT_RANK, GaLoreAdamW, galore_param_groups
+
+        return model, GaLoreAdamW(galore_param_groups(model, GALORE_DEFAULT_RANK[case.config]), lr=lr)
+    if case.method == "masked":
+        from smet_kernels.masked import masked_sparsify
+
+        masked_sparsify(
+            model, case.density, block_size=case.block_size, include=_hidden_linear_patterns(), generator=generator
+        )
+    return model, torch.optim.AdamW(model.parameters(), lr=lr, fused=True)
+
+
+def predicted_memory(case: TrainingCase):
+    from profiling.memory_model import predict_memory
+    from smet_kernels.optim.galore import GALORE_DEFAULT_RANK
+
+    return predict_memory(
+        model_config_for(case),
+        case.method,
+        density=case.density,
+        block_size=case.block_size,
+        batch_size=case.batch_size,
+        seq_len=case.seq_len,
+        param_dtype=case.dtype,
+        rank=GALORE_DEFAULT_RANK.get(case.config) if case.method == "galore" else None,
+    )
+
+
+class _NoSampler:
+    """Stands in for the NVML sampler on CPU runs."""
+
+    status = "unavailable: device is cpu"
+    peak_used_bytes = None
+
+    def __enter__(self) -> "_NoSampler":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _measure(case: TrainingCase, device: torch.device, backend: str | None, steps: int, seed: int):
+    """Build ``case``, warm up, measure one step's memory, then time ``steps`` steps."""
+    from profiling.memory_breakdown import measure_step_memory
+    from profiling.nvml import NvmlMemorySampler
+    from smet_kernels.train.model import lm_loss
+
+    model, optimizer = build(case, device, backend, seed)
+    generator = torch.Generator().manual_seed(seed + 1)
+    tokens = torch.randint(0, model.config.vocab_size, (case.batch_size, case.seq_len + 1), generator=generator)
+    tokens = tokens.to(device)
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+
+    def forward() -> torch.Tensor:
+        return lm_loss(model(inputs), targets)
+
+    def step() -> None:
+        forward().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=False)
+
+    for _ in range(2):
+        step()
+    sampler = NvmlMemorySampler(device.index or 0) if device.type == "cuda" else _NoSampler()
+    with sampler:
+        memory = measure_step_memory(model, optimizer, forward, device)
+        times_ms = []
+        for _ in range(steps):
+            _sync(device)
+            t0 = time.perf_counter()
+            step()
+            _sync(device)
+            times_ms.append((time.perf_counter() - t0) * 1e3)
+    return memory, sampler, times_ms
+
+
+def run_case(case: TrainingCase, device: torch.device, backend: str | None, steps: int, seed: int = 0) -> dict:
+    """Measure ``case``: timing quantiles, tokens/s, measured and predicted memory components."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    try:
+        memory, sampler, times_ms = _measure(case, device, backend, steps, seed)
+    except torch.cuda.OutOfMemoryError as error:
+        return {"status": "oom", "note": str(error).splitlines()[0][:200]}
+    finally:
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    p20, p50, p80 = (float(q) for q in np.quantile(np.asarray(times_ms), QUANTILES))
+    predicted = predicted_memory(case)
+    row = {
+        "steps": steps,
+        "ms_p20": p20,
+        "ms_p50": p50,
+        "ms_p80": p80,
+        "tokens_per_s": case.batch_size * case.seq_len / (p50 * 1e-3),
+        "peak_allocated_bytes": memory.peak,
+        "nvml_peak_bytes": sampler.peak_used_bytes,
+        "nvml_status": sampler.status,
+        "peak_source": memory.peak_source,
+        "pred_peak_bytes": predicted.peak,
+        "status": "ok",
+        "note": "",
+    }
+    for component, value in memory.as_dict().items():
+        if component != "peak":
+            row[f"{component}_bytes"] = value
+    for component, value in predicted.as_dict().items():
+        if component != "peak":
+            row[f"pred_{component}_bytes"] = value
+    return row

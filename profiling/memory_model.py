@@ -1,0 +1,167 @@
+"""Analytic memory model of one training step of the LLaMA model in :mod:`smet_kernels.train.model`.
+
+Components (bytes), for ``T = batch · seq`` tokens, hidden ``h``, SwiGLU width ``i``, ``L`` layers, ``a`` heads,
+vocab ``V``, element sizes ``e`` (parameters/activations), ``s`` (optimizer states):
+
+* **weights**: dense parameters (embedding ``V h``, LM head ``h V``, norms ``(2L + 1) h``) plus the hidden
+  linear layers — ``L (4h² + 3hi)`` dense, or ``Σ nnz_ℓ b²`` compact values for ``smet`` (+ ``int64 [nnz, 2]``
+  block indices, which live with the weights); ``masked`` also keeps each mask expanded to ``[out, in]``;
+* **gradients**: one gradient per parameter element (compact for ``smet``; dense for ``masked`` and ``galore``);
+* **optimizer**: AdamW ``2 s`` per element; ``smet`` adds ``int32 block_step [nnz]``; ``galore`` keeps the
+  moments of a hidden ``[m, n]`` weight in the projected space (``2 r max(m, n)``, ``r <= min(m, n)``) plus the
+  projector ``r min(m, n)`` (in the parameter dtype);
+* **activations** (tensors autograd saves for backward), per decoder layer
+  ``T h (8 + 8 e) + 4 e T i + 4 B a S + 8 T`` — two RMSNorms (fp32 input, normed, output: ``2 (4 + 2e)``; fp32
+  ``rsqrt`` per token: ``2 · 4``), SDPA's rotated q and k, v, output (``4e``; ``o_proj``'s input is a view of the
+  output) and logsumexp (``4 B a S``), SwiGLU's gate, silu, up and product (``4e`` per ``i``); RoPE saves only its
+  cos/sin tables (``2 S (h/a) e`` per layer when they are cast from fp32); ``masked`` layers also save
+  ``W ⊙ M`` (``4h² + 3hi`` per layer). Plus the final norm
+  ``(4 + 2e) T h + 4 T``, cross-entropy's fp32 log-softmax ``4 T V`` and the int64 token ids and targets ``16 T``;
+* **rest**: the largest working set of the backward pass, an estimate — the loss backward holds the bf16/fp32
+  logits, their fp32 copy and the log-softmax gradient (``(8 + e) T V``), a SwiGLU backward holds three
+  ``T × i`` gradients (``3 e T i``): ``max`` of the two.
+
+The measured split (:mod:`profiling.memory_breakdown`) keeps gradients allocated between steps
+(``zero_grad(set_to_none=False)``), so the five components add up to the peak.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+METHODS = ("dense", "galore", "masked", "smet")
+COMPONENTS = ("weights", "gradients", "optimizer", "activations", "rest")
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes per component; :attr:`peak` is their sum."""
+
+    weights: int
+    gradients: int
+    optimizer: int
+    activations: int
+    rest: int
+
+    @property
+    def peak(self) -> int:
+        return self.weights + self.gradients + self.optimizer + self.activations + self.rest
+
+    def as_dict(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in COMPONENTS} | {"peak": self.peak}
+
+
+def element_size(dtype: torch.dtype | str) -> int:
+    """Bytes per element of a torch dtype or its name (``"bf16"``, ``"float32"``...)."""
+    if isinstance(dtype, str):
+        dtype = parse_dtype(dtype)
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype must be a torch.dtype or a name, got {type(dtype).__name__}")
+    return torch.empty((), dtype=dtype).element_size()
+
+
+_DTYPE_NAMES = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    if name not in _DTYPE_NAMES:
+        raise ValueError(f"dtype must be one of {sorted(_DTYPE_NAMES)}, got {name!r}")
+    return _DTYPE_NAMES[name]
+
+
+def hidden_linear_shapes(config) -> dict[str, tuple[int, int]]:
+    """``name -> (out_features, in_features)`` of every hidden linear layer of ``config`` (a ``LlamaConfig``)."""
+    h, i = config.hidden_size, config.intermediate_size
+    per_layer = {
+        "attn.q_proj": (h, h),
+        "attn.k_proj": (h, h),
+        "attn.v_proj": (h, h),
+        "attn.o_proj": (h, h),
+        "mlp.gate_proj": (i, h),
+        "mlp.up_proj": (i, h),
+        "mlp.down_proj": (h, i),
+    }
+    return {f"layers.{layer}.{name}": shape for layer in range(config.num_layers) for name, shape in per_layer.items()}
+
+
+def predict_memory(
+    config,
+    method: str,
+    *,
+    density: float = 1.0,
+    block_size: int = 64,
+    batch_size: int,
+    seq_len: int,
+    param_dtype: torch.dtype = torch.float32,
+    state_dtype: torch.dtype | None = None,
+    rank: int | None = None,
+    distribution: str = "uniform",
+) -> MemoryEstimate:
+    """Predicted bytes per component of one training step of ``config`` trained with ``method``.
+
+    ``method``: ``dense`` (AdamW), ``galore`` (low-rank projected AdamW, ``rank`` required), ``masked``
+    (dense weights × block mask, dense gradients and states) or ``smet`` (compact values, gradients, states).
+    ``state_dtype`` defaults to ``param_dtype`` (what ``torch.optim.AdamW`` allocates).
+    """
+    from smet_kernels.distribution import layer_densities
+    from smet_kernels.layout import check_block_size, check_density, nnz_for_density
+
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    density = check_density(density)
+    check_block_size(block_size)
+    for name, value in (("batch_size", batch_size), ("seq_len", seq_len)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if method == "galore" and (rank is None or rank < 1):
+        raise ValueError(f"rank must be a positive int for method 'galore', got {rank!r}")
+    e = element_size(param_dtype)
+    s = element_size(state_dtype if state_dtype is not None else param_dtype)
+    h, i, L, V = config.hidden_size, config.intermediate_size, config.num_layers, config.vocab_size
+    T = batch_size * seq_len
+
+    shapes = hidden_linear_shapes(config)
+    dense_other = 2 * V * h + (2 * L + 1) * h  # embedding, LM head, norms
+    hidden_dense = sum(out_f * in_f for out_f, in_f in shapes.values())
+
+    if method == "smet":
+        densities = layer_densities(shapes, density, distribution)
+        nnz = {
+            name: nnz_for_density((out_f // block_size) * (in_f // block_size), densities[name])
+            for name, (out_f, in_f) in shapes.items()
+        }
+        hidden_elements = sum(nnz.values()) * block_size * block_size
+        weights = (dense_other + hidden_elements) * e + sum(nnz.values()) * 2 * 8
+        gradients = (dense_other + hidden_elements) * e
+        optimizer = 2 * (dense_other + hidden_elements) * s + sum(nnz.values()) * 4
+    elif method == "galore":
+        weights = (dense_other + hidden_dense) * e
+        gradients = weights
+        projected = 0
+        for out_f, in_f in shapes.values():
+            r = min(rank, out_f, in_f)  # the SVD yields at most min(m, n) singular vectors
+            projected += 2 * r * max(out_f, in_f) * s + r * min(out_f, in_f) * e
+        optimizer = 2 * dense_other * s + projected
+    else:
+        mask = hidden_dense * e if method == "masked" else 0  # the expanded [out, in] mask, in the weight dtype
+        weights = (dense_other + hidden_dense) * e + mask
+        gradients = (dense_other + hidden_dense) * e
+        optimizer = 2 * (dense_other + hidden_dense) * s
+
+    per_layer = T * h * (8 + 8 * e) + 4 * e * T * i + 4 * batch_size * config.num_heads * seq_len + 8 * T
+    if e != 4:
+        per_layer += 2 * seq_len * (h // config.num_heads) * e  # cos/sin cast to the activation dtype
+    activations = L * per_layer + (4 + 2 * e) * T * h + 4 * T + 4 * T * V + 16 * T
+    if method == "masked":
+        activations += hidden_dense * e  # the masked weight W ⊙ M each linear saves for its backward
+    rest = max((8 + e) * T * V, 3 * e * T * i)
+    return MemoryEstimate(int(weights), int(gradients), int(optimizer), int(activations), int(rest))

@@ -1,0 +1,103 @@
+"""Device memory sampled by NVML (``pynvml``) in a background thread.
+
+``torch.cuda.max_memory_allocated`` sees only the caching allocator's live tensors; NVML sees what the
+driver has handed to the process (allocator cache, CUDA context, cuBLAS workspaces, Triton modules).
+The sampler polls ``nvmlDeviceGetMemoryInfo(handle).used`` every ``interval_s`` and keeps the peak.
+
+Without a GPU, without the ``nvidia-ml-py`` package or without an NVIDIA driver it does not fail: it
+reports ``available = False`` and a ``status`` string that says why, and its peak is ``None``.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+
+class NvmlMemorySampler:
+    """Context manager: ``with NvmlMemorySampler(device_index) as s: ...; s.peak_used_bytes``.
+
+    ``status`` is ``"ok"`` when sampling worked, else ``"unavailable: <reason>"``.
+    """
+
+    def __init__(self, device_index: int = 0, interval_s: float = 0.005):
+        if isinstance(device_index, bool) or not isinstance(device_index, int) or device_index < 0:
+            raise ValueError(f"device_index must be a non-negative int, got {device_index!r}")
+        if not isinstance(interval_s, (int, float)) or interval_s <= 0:
+            raise ValueError(f"interval_s must be a positive number, got {interval_s!r}")
+        self.device_index = device_index
+        self.interval_s = float(interval_s)
+        self.status = "not started"
+        self.samples = 0
+        self.peak_used_bytes: int | None = None
+        self.baseline_used_bytes: int | None = None
+        self._nvml = None
+        self._handle = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def available(self) -> bool:
+        """True once sampling has started successfully (stays True after :meth:`stop`)."""
+        return self.status == "ok"
+
+    def _open(self) -> None:
+        try:
+            import pynvml
+        except ImportError:
+            self.status = "unavailable: the nvidia-ml-py package (pynvml) is not installed"
+            return
+        try:
+            pynvml.nvmlInit()
+            count = pynvml.nvmlDeviceGetCount()
+            if self.device_index >= count:
+                pynvml.nvmlShutdown()
+                self.status = f"unavailable: NVML sees {count} device(s), no index {self.device_index}"
+                return
+            self._handle = pynvml.nvmlDeviceGetHandleByIndex(self.device_index)
+            self._nvml = pynvml
+        except pynvml.NVMLError as error:
+            self.status = f"unavailable: {type(error).__name__}: {error}"
+
+    def _used(self) -> int:
+        return int(self._nvml.nvmlDeviceGetMemoryInfo(self._handle).used)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            used = self._used()
+            self.samples += 1
+            if self.peak_used_bytes is None or used > self.peak_used_bytes:
+                self.peak_used_bytes = used
+            time.sleep(self.interval_s)
+
+    def start(self) -> "NvmlMemorySampler":
+        self._open()
+        if self._handle is None:
+            return self
+        self.baseline_used_bytes = self._used()
+        self.peak_used_bytes = self.baseline_used_bytes
+        self.samples = 1
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="nvml-memory-sampler", daemon=True)
+        self._thread.start()
+        self.status = "ok"
+        return self
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._thread = None
+            used = self._used()
+            self.samples += 1
+            self.peak_used_bytes = max(self.peak_used_bytes or 0, used)
+        if self._nvml is not None:
+            self._nvml.nvmlShutdown()
+            self._nvml = None
+            self._handle = None
+
+    def __enter__(self) -> "NvmlMemorySampler":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

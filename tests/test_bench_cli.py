@@ -1,0 +1,180 @@
+"""smet-bench end to end on CPU: a tiny grid, CSV schema, resume, report with tables and plots."""
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.cli import build_parser, main
+from bench.results import KERNEL_COLUMNS, TRAINING_COLUMNS
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--quick", "--configs", "tiny", "--densities", "0.5", "--steps", "1", "--no-progress"]
+REQUIRED_KERNEL_COLUMNS = [
+    "op", "provider", "M", "K", "N", "block_size", "density", "dtype",
+    "ms_p20", "ms_p50", "ms_p80", "gpu", "torch", "triton", "timestamp",
+]  # fmt: skip
+
+
+def _rows(path: Path) -> list[dict]:
+    with path.open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("bench")
+    assert main(["run", *TINY, "--out-dir", str(out_dir)]) == 0
+    return out_dir
+
+
+def test_kernel_csv_schema_and_rows(quick_run):
+    path = quick_run / "kernels.csv"
+    with path.open(newline="") as handle:
+        header = next(csv.reader(handle))
+    assert header == KERNEL_COLUMNS
+    assert set(REQUIRED_KERNEL_COLUMNS) <= set(header)
+    rows = _rows(path)
+    ops = {row["op"] for row in rows}
+    providers = {row["provider"] for row in rows}
+    assert {"forward", "grad_input", "grad_weight", "adamw"} <= ops
+    assert {
+        "smet",
+        "cublas_dense",
+        "masked_dense",
+        "torch_bsr",
+        "torch_adamw_fused",
+        "torch_adamw_foreach",
+    } <= providers
+    for row in rows:
+        if row["status"] == "skipped":
+            assert row["provider"] == "torch_bsr" and "CUDA" in row["note"]
+            continue
+        assert row["status"] == "ok", row
+        p20, p50, p80 = float(row["ms_p20"]), float(row["ms_p50"]), float(row["ms_p80"])
+        assert 0 < p20 <= p50 <= p80
+        assert row["gpu"].startswith("cpu-") and row["torch"] and row["triton"] and row["timestamp"]
+    smet_forward = [r for r in rows if r["op"] == "forward" and r["provider"] == "smet"]
+    assert smet_forward and all(float(r["tflops"]) > 0 and r["density"] == "0.5" for r in smet_forward)
+    adamw = [r for r in rows if r["op"] == "adamw"]
+    assert adamw and all(float(r["gbps"]) > 0 for r in adamw)
+
+
+def test_training_csv_rows(quick_run):
+    rows = _rows(quick_run / "training.csv")
+    with (quick_run / "training.csv").open(newline="") as handle:
+        assert next(csv.reader(handle)) == TRAINING_COLUMNS
+    assert {(r["method"], r["density"]) for r in rows} == {
+        ("dense", "1"),
+        ("galore", "1"),
+        ("masked", "0.5"),
+        ("smet", "0.5"),
+    }
+    for row in rows:
+        assert row["status"] == "ok"
+        assert float(row["tokens_per_s"]) > 0
+        assert row["nvml_status"].startswith("unavailable")
+        for component in ("weights", "gradients", "optimizer", "activations"):
+            assert int(row[f"{component}_bytes"]) > 0 and int(row[f"pred_{component}_bytes"]) > 0
+    by_method = {r["method"]: r for r in rows}
+    assert int(by_method["smet"]["optimizer_bytes"]) < int(by_method["masked"]["optimizer_bytes"])
+
+
+def test_resume_skips_measured_rows(quick_run, capsys):
+    before = {name: len(_rows(quick_run / name)) for name in ("kernels.csv", "training.csv")}
+    assert main(["run", *TINY, "--out-dir", str(quick_run)]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.endswith("to run")]
+    assert len(lines) == 3 and all(line.endswith(" 0 to run") for line in lines)
+    assert {name: len(_rows(quick_run / name)) for name in before} == before
+
+
+def test_report_renders_tables_and_plots(quick_run):
+    assert main(["report", "--out-dir", str(quick_run)]) == 0
+    report = (quick_run / "report.md").read_text()
+    for heading in ("## Kernels", "## Optimizer step", "## End-to-end training step", "## Memory model"):
+        assert heading in report
+    assert "| op " in report and "vs d×dense" in report and "median abs error" in report
+    assert "smet-bench run --quick --configs tiny" in report  # the commands that made it
+    for plot in (
+        "kernel_time_vs_density.png",
+        "peak_memory_vs_model.png",
+        "memory_vs_density.png",
+        "throughput_vs_density.png",
+        "memory_model.png",
+    ):
+        assert f"]({plot})" in report
+        assert (quick_run / plot).stat().st_size > 1000
+
+
+def test_report_without_results_fails_clearly(tmp_path):
+    with pytest.raises(ValueError, match="smet-bench run"):
+        main(["report", "--out-dir", str(tmp_path)])
+
+
+def test_every_option_has_help():
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if a.choices and "run" in a.choices).choices
+    for name in ("run", "report"):
+        for action in subparsers[name]._actions:
+            assert action.help, f"{name} {action.option_strings} lacks --help text"
+
+
+def test_module_entry_point_help():
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.cli", "run", "--help"], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0
+    assert "--quick" in result.stdout and "--out-dir" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "option, value",
+    [
+        ("--suites", "kernels,nope"),
+        ("--providers", "cutlass"),
+        ("--methods", "sgd"),
+        ("--configs", "70b"),
+        ("--densities", "0,0.5"),
+        ("--block-sizes", "48"),
+        ("--tokens", "0"),
+        ("--steps", "0"),
+    ],
+)
+def test_bad_options_are_rejected(tmp_path, option, value):
+    with pytest.raises(SystemExit, match=option.lstrip("-")):
+        main(["run", option, value, "--out-dir", str(tmp_path)])
+    assert not (tmp_path / "kernels.csv").exists()
+
+
+def test_report_reads_pytest_benchmark_json(quick_run):
+    (quick_run / "pytest-benchmark.json").write_text(
+        '{"machine_info": {}, "benchmarks": [{"name": "test_dense[forward]", "group": null, '
+        '"stats": {"q1": 0.001, "median": 0.002, "q3": 0.003, "rounds": 20}, "extra_info": {"tflops": 512.0}}]}'
+    )
+    assert main(["report", "--out-dir", str(quick_run)]) == 0
+    report = (quick_run / "report.md").read_text()
+    assert "## pytest-benchmark" in report and "test_dense[forward]" in report and "2 [1–3]" in report
+
+
+def test_pytest_benchmark_suite_collects():
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "bench", "--collect-only", "-q", "-p", "no:cacheprovider"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "test_kernel_speed.py::test_sparse" in result.stdout and "test_training_speed.py" in result.stdout
+
+
+def test_max_minutes_stops_and_resume_completes(tmp_path, capsys):
+    args = ["run", "--quick", "--suites", "optimizer", "--no-progress", "--out-dir", str(tmp_path)]
+    assert main([*args, "--max-minutes", "1e-9"]) == 0
+    assert "rerun the same command to resume" in capsys.readouterr().out
+    assert not (tmp_path / "kernels.csv").exists()
+    assert main(args) == 0
+    rows = _rows(tmp_path / "kernels.csv")
+    assert {r["provider"] for r in rows} == {"device_copy", "smet", "torch_adamw_fused", "torch_adamw_foreach"}

@@ -1,0 +1,114 @@
+"""Analytic memory model: hand computation, additivity, agreement with measured tensors; NVML degrades gracefully."""
+
+import sys
+
+import pytest
+import torch
+
+from bench.training import TrainingCase, build
+from profiling.memory_breakdown import measure_step_memory
+from profiling.memory_model import COMPONENTS, predict_memory
+from profiling.nvml import NvmlMemorySampler
+from smet_kernels.train.model import lm_loss, model_config
+
+TINY = model_config("tiny", block_size=32, max_seq_len=32)  # h 64, i 128, 2 heads, 2 layers, vocab 256
+
+
+def test_dense_matches_hand_computation():
+    estimate = predict_memory(TINY, "dense", batch_size=2, seq_len=32)
+    # embedding + head 2·256·64, norms 5·64, per layer 4·64² + 3·64·128 (x2 layers), fp32
+    params = 2 * 256 * 64 + 5 * 64 + 2 * (4 * 64 * 64 + 3 * 64 * 128)
+    assert estimate.weights == estimate.gradients == 4 * params == 460032
+    assert estimate.optimizer == 2 * 4 * params
+    tokens = 64
+    per_layer = tokens * 64 * (8 + 8 * 4) + 4 * 4 * tokens * 128 + 4 * 2 * 2 * 32 + 8 * tokens
+    final = (4 + 2 * 4) * tokens * 64 + 4 * tokens + 4 * tokens * 256 + 16 * tokens
+    assert estimate.activations == 2 * per_layer + final == 707840
+    assert estimate.rest == max((8 + 4) * tokens * 256, 3 * 4 * tokens * 128)
+    assert estimate.peak == sum(getattr(estimate, c) for c in COMPONENTS)
+    assert estimate.as_dict()["peak"] == estimate.peak
+
+
+def test_smet_matches_hand_computation():
+    estimate = predict_memory(TINY, "smet", density=0.5, block_size=32, batch_size=2, seq_len=32)
+    # half of the 32x32 blocks: q,k,v,o 2 of 4, gate/up/down 4 of 8 -> 20 blocks per layer, 40 in all
+    nnz = 2 * (4 * 2 + 3 * 4)
+    dense_other = 2 * 256 * 64 + 5 * 64
+    elements = dense_other + nnz * 32 * 32
+    assert estimate.weights == 4 * elements + 16 * nnz
+    assert estimate.gradients == 4 * elements
+    assert estimate.optimizer == 8 * elements + 4 * nnz
+    dense = predict_memory(TINY, "dense", batch_size=2, seq_len=32)
+    assert estimate.activations == dense.activations
+
+
+def test_bf16_and_galore_and_masked_components():
+    dense = predict_memory(TINY, "dense", batch_size=2, seq_len=32, param_dtype=torch.bfloat16)
+    assert dense.weights == 460032 // 2
+    masked = predict_memory(TINY, "masked", density=0.25, block_size=32, batch_size=2, seq_len=32)
+    hidden = 2 * (4 * 64 * 64 + 3 * 64 * 128)
+    assert masked.weights == 460032 + 4 * hidden  # expanded fp32 mask
+    galore = predict_memory(TINY, "galore", batch_size=2, seq_len=32, rank=16)
+    # per layer: q,k,v,o 2·16·64 moments + 16·64 projector; gate/up, down 2·16·128 + 16·64
+    projected = 2 * (4 * (2 * 16 * 64 + 16 * 64) + 3 * (2 * 16 * 128 + 16 * 64))
+    assert galore.optimizer == 4 * (2 * (2 * 256 * 64 + 5 * 64) + projected)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"method": "sparse"}, "method"),
+        ({"method": "smet", "density": 0.0}, "density"),
+        ({"method": "galore"}, "rank"),
+        ({"method": "dense", "batch_size": 0}, "batch_size"),
+    ],
+)
+def test_bad_arguments(kwargs, match):
+    args = {"batch_size": 2, "seq_len": 32} | kwargs
+    with pytest.raises(ValueError, match=match):
+        predict_memory(TINY, **args)
+
+
+@pytest.mark.parametrize("method, density", [("dense", 1.0), ("masked", 0.5), ("smet", 0.25)])
+def test_prediction_matches_measured_tensors(method, density):
+    case = TrainingCase("tiny", method, density, 32, 2, 32, torch.float32)
+    model, optimizer = build(case, torch.device("cpu"), backend="reference")
+    tokens = torch.randint(0, 256, (2, 33), generator=torch.Generator().manual_seed(0))
+
+    def forward():
+        return lm_loss(model(tokens[:, :-1]), tokens[:, 1:])
+
+    forward().backward()
+    optimizer.step()
+    measured = measure_step_memory(model, optimizer, forward, "cpu")
+    predicted = predict_memory(TINY, method, density=density, block_size=32, batch_size=2, seq_len=32)
+    assert measured.peak is None and measured.rest is None
+    assert measured.weights == predicted.weights
+    assert measured.gradients == predicted.gradients
+    assert measured.optimizer == pytest.approx(predicted.optimizer, rel=1e-3)  # + torch's scalar step tensors
+    assert measured.activations == pytest.approx(predicted.activations, rel=1e-3)
+
+
+def test_nvml_without_gpu_reports_unavailable():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the sampler works here")
+    with NvmlMemorySampler() as sampler:
+        torch.ones(8).sum()
+    assert not sampler.available
+    assert sampler.status.startswith("unavailable: ")
+    assert sampler.peak_used_bytes is None
+
+
+def test_nvml_without_package_reports_unavailable(monkeypatch):
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # import pynvml -> ImportError
+    sampler = NvmlMemorySampler().start()
+    sampler.stop()
+    assert sampler.status == "unavailable: the nvidia-ml-py package (pynvml) is not installed"
+    assert sampler.peak_used_bytes is None
+
+
+def test_nvml_bad_arguments():
+    with pytest.raises(ValueError, match="device_index"):
+        NvmlMemorySampler(-1)
+    with pytest.raises(ValueError, match="interval_s"):
+        NvmlMemorySampler(0, interval_s=0)
