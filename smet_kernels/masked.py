@@ -17,10 +17,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .layout import BlockLayout
-from .modules import sparsify
+from .modules import BlockLayoutLinear, sparsify
 
 
-class MaskedLinear(nn.Module):
+class MaskedLinear(BlockLayoutLinear):
     """``y = x (W ⊙ M)ᵀ + b``: dense ``weight [out, in]``, block mask ``M`` from ``layout`` (kept current by version).
 
     Inactive blocks of ``weight`` are kept at zero by the controller; the mask makes them irrelevant to the
@@ -39,34 +39,13 @@ class MaskedLinear(nn.Module):
         dtype: torch.dtype | None = None,
         generator: torch.Generator | None = None,
     ):
-        super().__init__()
-        if layout is None:
-            if density is None:
-                raise TypeError("MaskedLinear needs density (or an explicit layout)")
-            layout = BlockLayout.random(out_features, in_features, block_size, density, generator=generator)
-        elif not isinstance(layout, BlockLayout):
-            raise TypeError(f"layout must be a BlockLayout, got {type(layout).__name__}")
-        elif layout.shape != (out_features, in_features):
-            raise ValueError(
-                f"layout.shape {layout.shape} does not match (out_features, in_features)={(out_features, in_features)}"
-            )
-        self.in_features = in_features
-        self.out_features = out_features
-        self.layout = layout
+        super().__init__(in_features, out_features, density, block_size, layout, generator)
         self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype))
-        self.weight.smet_mask_layout = layout
+        self.weight.smet_mask_layout = self.layout
         self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
         self._mask_key: tuple | None = None
         self._dense_mask: torch.Tensor | None = None
         self.reset_parameters(generator)
-
-    @property
-    def block_size(self) -> int:
-        return self.layout.block_size
-
-    @property
-    def density(self) -> float:
-        return self.layout.density
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         """``nn.Linear``'s init ``U(-1/√in, 1/√in)``, then zeros at inactive blocks."""
@@ -107,23 +86,6 @@ class MaskedLinear(nn.Module):
             if linear.bias is not None:
                 module.bias.copy_(linear.bias.detach())
         return module
-
-    def get_extra_state(self) -> dict:
-        return self.layout.state_dict()
-
-    def set_extra_state(self, state: dict) -> None:
-        if tuple(state["shape"]) != self.layout.shape or int(state["block_size"]) != self.layout.block_size:
-            raise ValueError(
-                f"checkpoint layout (shape {tuple(state['shape'])}, block_size {state['block_size']}) does not match "
-                f"this layer (shape {self.layout.shape}, block_size {self.layout.block_size})"
-            )
-        self.layout.set_block_indices(state["block_indices"])
-
-    def extra_repr(self) -> str:
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, block_size={self.block_size}, "
-            f"nnz={self.layout.nnz}, density={self.density:.4f}, bias={self.bias is not None}"
-        )
 
 
 def masked_sparsify(

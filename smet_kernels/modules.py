@@ -14,7 +14,64 @@ from .functional import block_sparse_linear, from_dense, to_dense
 from .layout import BlockLayout, check_block_size, check_density
 
 
-class BlockSparseLinear(nn.Module):
+class BlockLayoutLinear(nn.Module):
+    """Base of the linear layers whose weight follows a :class:`BlockLayout`.
+
+    Resolves the layout (given, or random at ``density``), checks it against the features, keeps it in the
+    ``state_dict`` as extra state (restored in place, so references to the layout stay valid) and shows it in repr.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        density: float | None,
+        block_size: int,
+        layout: BlockLayout | None,
+        generator: torch.Generator | None,
+    ):
+        super().__init__()
+        if layout is None:
+            if density is None:
+                raise TypeError(f"{type(self).__name__} needs density (or an explicit layout)")
+            layout = BlockLayout.random(out_features, in_features, block_size, density, generator=generator)
+        elif not isinstance(layout, BlockLayout):
+            raise TypeError(f"layout must be a BlockLayout, got {type(layout).__name__}")
+        elif layout.shape != (out_features, in_features):
+            raise ValueError(
+                f"layout.shape {layout.shape} does not match (out_features, in_features)={(out_features, in_features)}"
+            )
+        self.in_features = in_features
+        self.out_features = out_features
+        self.layout = layout
+
+    @property
+    def block_size(self) -> int:
+        return self.layout.block_size
+
+    @property
+    def density(self) -> float:
+        return self.layout.density
+
+    def get_extra_state(self) -> dict:
+        return self.layout.state_dict()
+
+    def set_extra_state(self, state: dict) -> None:
+        if tuple(state["shape"]) != self.layout.shape or int(state["block_size"]) != self.layout.block_size:
+            raise ValueError(
+                f"checkpoint layout (shape {tuple(state['shape'])}, block_size {state['block_size']}) does not match "
+                f"this layer (shape {self.layout.shape}, block_size {self.layout.block_size})"
+            )
+        self.layout.set_block_indices(state["block_indices"])
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, block_size={self.block_size}, "
+            f"nnz={self.layout.nnz}, density={self.density:.4f}, bias={self.bias is not None}"
+        )
+
+
+class BlockSparseLinear(BlockLayoutLinear):
     """``y = x Wᵀ + b`` with ``W [out_features, in_features]`` block-sparse; only active blocks are stored.
 
     ``values`` is one ``nn.Parameter [nnz, b, b]`` (slot ``k`` holds block ``layout.block_indices[k]``) and carries
@@ -35,33 +92,13 @@ class BlockSparseLinear(nn.Module):
         generator: torch.Generator | None = None,
         backend: str | None = None,
     ):
-        super().__init__()
-        if layout is None:
-            if density is None:
-                raise TypeError("BlockSparseLinear needs density (or an explicit layout)")
-            layout = BlockLayout.random(out_features, in_features, block_size, density, generator=generator)
-        elif not isinstance(layout, BlockLayout):
-            raise TypeError(f"layout must be a BlockLayout, got {type(layout).__name__}")
-        elif layout.shape != (out_features, in_features):
-            raise ValueError(f"layout.shape {layout.shape} does not match (out_features, in_features)="
-                             f"{(out_features, in_features)}")
-        self.in_features = in_features
-        self.out_features = out_features
-        self.layout = layout
+        super().__init__(in_features, out_features, density, block_size, layout, generator)
         self.backend = backend
-        b = layout.block_size
-        self.values = nn.Parameter(torch.empty(layout.nnz, b, b, device=device, dtype=dtype))
-        self.values.smet_layout = layout
+        b = self.layout.block_size
+        self.values = nn.Parameter(torch.empty(self.layout.nnz, b, b, device=device, dtype=dtype))
+        self.values.smet_layout = self.layout
         self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
         self.reset_parameters(generator)
-
-    @property
-    def block_size(self) -> int:
-        return self.layout.block_size
-
-    @property
-    def density(self) -> float:
-        return self.layout.density
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         """``nn.Linear``'s init: ``U(-1/√in, 1/√in)`` for the active weights and the bias."""
@@ -98,23 +135,6 @@ class BlockSparseLinear(nn.Module):
             if linear.bias is not None:
                 module.bias.copy_(linear.bias.detach())
         return module
-
-    def get_extra_state(self) -> dict:
-        return self.layout.state_dict()
-
-    def set_extra_state(self, state: dict) -> None:
-        if tuple(state["shape"]) != self.layout.shape or int(state["block_size"]) != self.layout.block_size:
-            raise ValueError(
-                f"checkpoint layout (shape {tuple(state['shape'])}, block_size {state['block_size']}) does not match "
-                f"this layer (shape {self.layout.shape}, block_size {self.layout.block_size})"
-            )
-        self.layout.set_block_indices(state["block_indices"])
-
-    def extra_repr(self) -> str:
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, block_size={self.block_size}, "
-            f"nnz={self.layout.nnz}, density={self.density:.4f}, bias={self.bias is not None}"
-        )
 
 
 def _name_filter(patterns: Iterable[str] | str | None, name: str) -> list[str] | None:
