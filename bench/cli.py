@@ -204,9 +204,29 @@ def _progress(items, description: str, disable: bool):
     return tqdm(items, desc=description, unit="case", disable=disable, dynamic_ncols=True)
 
 
+def _run_cases(suite, cases, run_one, file, backend, device, no_progress, deadline) -> int:
+    """Run the cases not yet in ``file``, appending one row each; returns the number of failed cases."""
+    from .results import environment
+
+    todo = [case for case in cases if not file.done(case.key_row(backend))]
+    print(f"{suite}: {len(cases)} cases, {len(cases) - len(todo)} already in {file.path}, {len(todo)} to run")
+    failures = 0
+    for case in _progress(todo, suite, no_progress):
+        if deadline.expired():
+            break
+        try:
+            result = run_one(case)
+        except Exception:  # a broken case must not stop a long run; it is reported and retried next time
+            failures += 1
+            print(f"\n{suite}: {case} failed:\n{traceback.format_exc()}", file=sys.stderr)
+            continue
+        file.append(case.key_row(backend) | result | environment(device))
+    return failures
+
+
 def _run_kernels(args, device, backend, dtype, out_dir, timing_kwargs, deadline) -> int:
     from . import kernels
-    from .results import environment, kernels_file
+    from .results import kernels_file
 
     file = kernels_file(out_dir)
     providers = [p for p in (args.providers or kernels.PROVIDERS) if p in kernels.PROVIDERS]
@@ -220,29 +240,20 @@ def _run_kernels(args, device, backend, dtype, out_dir, timing_kwargs, deadline)
             providers=providers,
         )
     )
-    todo = [case for case in cases if not file.done(case.key_row(backend))]
-    print(f"kernels: {len(cases)} cases, {len(cases) - len(todo)} already in {file.path}, {len(todo)} to run")
-    failures = 0
-    operands_key, operands = None, None
-    for case in _progress(todo, "kernels", args.no_progress):
-        if deadline.expired():
-            break
-        try:
-            if kernels.operands_key(case) != operands_key:
-                operands_key = kernels.operands_key(case)
-                operands = kernels.make_operands(case, device, args.seed, previous=operands)
-            result = kernels.run_case(case, operands, backend, device, timing_kwargs)
-        except Exception:  # a broken case must not stop a long run; it is reported and retried next time
-            failures += 1
-            print(f"\nkernels: {case} failed:\n{traceback.format_exc()}", file=sys.stderr)
-            continue
-        file.append(case.key_row(backend) | result | environment(device))
-    return failures
+    state = {"key": None, "operands": None}
+
+    def run_one(case):
+        if kernels.operands_key(case) != state["key"]:
+            state["key"] = kernels.operands_key(case)
+            state["operands"] = kernels.make_operands(case, device, args.seed, previous=state["operands"])
+        return kernels.run_case(case, state["operands"], backend, device, timing_kwargs)
+
+    return _run_cases("kernels", cases, run_one, file, backend, device, args.no_progress, deadline)
 
 
 def _run_optimizer(args, device, backend, out_dir, timing_kwargs, deadline) -> int:
     from . import kernels, optimizer
-    from .results import environment, kernels_file
+    from .results import kernels_file
 
     file = kernels_file(out_dir)
     providers = [p for p in (args.providers or optimizer.PROVIDERS) if p in optimizer.PROVIDERS]
@@ -254,25 +265,21 @@ def _run_optimizer(args, device, backend, out_dir, timing_kwargs, deadline) -> i
             providers=providers,
         )
     )
-    todo = [case for case in cases if not file.done(case.key_row(backend))]
-    print(f"optimizer: {len(cases)} cases, {len(cases) - len(todo)} already in {file.path}, {len(todo)} to run")
-    failures = 0
-    for case in _progress(todo, "optimizer", args.no_progress):
-        if deadline.expired():
-            break
-        try:
-            result = optimizer.run_case(case, device, timing_kwargs, args.seed, backend)
-        except Exception:
-            failures += 1
-            print(f"\noptimizer: {case} failed:\n{traceback.format_exc()}", file=sys.stderr)
-            continue
-        file.append(case.key_row(backend) | result | environment(device))
-    return failures
+    return _run_cases(
+        "optimizer",
+        cases,
+        lambda case: optimizer.run_case(case, device, timing_kwargs, args.seed, backend),
+        file,
+        backend,
+        device,
+        args.no_progress,
+        deadline,
+    )
 
 
 def _run_training(args, device, backend, dtype, out_dir, deadline) -> int:
     from . import training
-    from .results import environment, training_file
+    from .results import training_file
 
     file = training_file(out_dir)
     quick = args.quick
@@ -288,21 +295,17 @@ def _run_training(args, device, backend, dtype, out_dir, deadline) -> int:
             dtype,
         )
     )
-    todo = [case for case in cases if not file.done(case.key_row(backend))]
-    print(f"training: {len(cases)} cases, {len(cases) - len(todo)} already in {file.path}, {len(todo)} to run")
     steps = args.steps or (3 if quick else 10)
-    failures = 0
-    for case in _progress(todo, "training", args.no_progress):
-        if deadline.expired():
-            break
-        try:
-            result = training.run_case(case, device, backend, steps, args.seed)
-        except Exception:
-            failures += 1
-            print(f"\ntraining: {case} failed:\n{traceback.format_exc()}", file=sys.stderr)
-            continue
-        file.append(case.key_row(backend) | result | environment(device))
-    return failures
+    return _run_cases(
+        "training",
+        cases,
+        lambda case: training.run_case(case, device, backend, steps, args.seed),
+        file,
+        backend,
+        device,
+        args.no_progress,
+        deadline,
+    )
 
 
 def _validate(args) -> None:
