@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .layout import BlockLayout
-from .modules import BlockLayoutLinear, sparsify
+from .modules import BlockLayoutLinear, sparsify, uniform_init_
 
 
 class MaskedLinear(BlockLayoutLinear):
@@ -50,11 +50,11 @@ class MaskedLinear(BlockLayoutLinear):
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         """``nn.Linear``'s init ``U(-1/√in, 1/√in)``, then zeros at inactive blocks."""
         bound = 1.0 / math.sqrt(self.in_features)
+        uniform_init_(self.weight, bound, generator)
         with torch.no_grad():
-            self.weight.uniform_(-bound, bound, generator=generator)
             self.weight.mul_(self.dense_mask())
-            if self.bias is not None:
-                self.bias.uniform_(-bound, bound, generator=generator)
+        if self.bias is not None:
+            uniform_init_(self.bias, bound, generator)
 
     def dense_mask(self) -> torch.Tensor:
         """``M`` expanded to ``[out, in]`` in the weight's dtype and device, rebuilt when the layout changes."""

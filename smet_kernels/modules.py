@@ -14,6 +14,15 @@ from .functional import block_sparse_linear, from_dense, to_dense
 from .layout import BlockLayout, check_block_size, check_density
 
 
+def uniform_init_(tensor: torch.Tensor, bound: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Fill ``tensor`` with ``U(-bound, bound)`` drawn in fp32 on the generator's device (a CPU generator may seed
+    a CUDA layer), then copied in."""
+    draw_device = generator.device if generator is not None else tensor.device
+    with torch.no_grad():
+        noise = torch.empty(tensor.shape, device=draw_device).uniform_(-bound, bound, generator=generator)
+        return tensor.copy_(noise)
+
+
 class BlockLayoutLinear(nn.Module):
     """Base of the linear layers whose weight follows a :class:`BlockLayout`.
 
@@ -103,10 +112,9 @@ class BlockSparseLinear(BlockLayoutLinear):
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         """``nn.Linear``'s init: ``U(-1/√in, 1/√in)`` for the active weights and the bias."""
         bound = 1.0 / math.sqrt(self.in_features)
-        with torch.no_grad():
-            self.values.uniform_(-bound, bound, generator=generator)
-            if self.bias is not None:
-                self.bias.uniform_(-bound, bound, generator=generator)
+        uniform_init_(self.values, bound, generator)
+        if self.bias is not None:
+            uniform_init_(self.bias, bound, generator)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return block_sparse_linear(x, self.values, self.layout, self.bias, backend=self.backend)

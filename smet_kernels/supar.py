@@ -76,7 +76,10 @@ def supar_init_(
             continue
         found = True
         std = supar_init_std(base_std, width, base_width, layout.density, base_density)
-        param.normal_(0.0, std, generator=generator)
+        # drawn where the generator lives (a CPU generator may seed a CUDA model), in fp32, then copied
+        draw_device = generator.device if generator is not None else param.device
+        noise = torch.randn(param.shape, generator=generator, device=draw_device, dtype=torch.float32)
+        param.copy_(noise.mul_(std))
         if hasattr(param, "smet_mask_layout"):
             b = layout.block_size
             mask = layout.mask.to(device=param.device, dtype=param.dtype)

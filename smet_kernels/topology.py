@@ -415,7 +415,7 @@ class SMET:
             target.layout.set_block_indices(saved["block_indices"])
             target.dense_grad = None
         self._step = int(state["step"])
-        self.generator.set_state(state["generator"])
+        self.generator.set_state(state["generator"].cpu())  # a CPU ByteTensor even if the state was mapped to a GPU
         self.history = copy.deepcopy(state["history"])
         self._sync_hooks()
 

@@ -83,6 +83,18 @@ def test_state_dict_round_trip():
     assert torch.equal(a, b)
 
 
+def test_projected_group_accepts_a_generator_or_a_single_tensor():
+    """``{"params": layer.parameters(), "rank": r}`` (a generator) must keep its parameters, as torch groups do."""
+    gen = torch.Generator().manual_seed(4)
+    a, b = nn.Parameter(torch.randn(8, 6, generator=gen)), nn.Parameter(torch.randn(6, 8, generator=gen))
+    opt = GaLoreAdamW([{"params": (p for p in [a]), "rank": 2}, {"params": b, "rank": 2}], lr=0.1)
+    assert [g["params"] for g in opt.param_groups] == [[a], [b]]
+    before = [a.detach().clone(), b.detach().clone()]
+    a.grad, b.grad = torch.randn(8, 6, generator=gen), torch.randn(6, 8, generator=gen)
+    opt.step()
+    assert not torch.equal(a, before[0]) and not torch.equal(b, before[1])
+
+
 def test_param_groups_and_bad_input():
     model = nn.ModuleDict({"q_proj": nn.Linear(8, 8, bias=False), "other": nn.Linear(8, 4)})
     groups = galore_param_groups(model, rank=2, update_proj_gap=5, scale=0.5)

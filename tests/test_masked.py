@@ -52,6 +52,16 @@ def test_mask_follows_layout_updates():
     torch.testing.assert_close(layer(x), F.linear(x, layer.weight * expand(layer.layout), layer.bias))
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_layer_with_a_cpu_generator():
+    """A CPU generator seeds a CUDA layer (as sparsify's does) and gives the CPU layer's weights."""
+    layers = [MaskedLinear(64, 32, 0.5, B, bias=True, device=device, generator=torch.Generator().manual_seed(0))
+              for device in ("cpu", "cuda")]
+    torch.testing.assert_close(layers[1].weight.cpu(), layers[0].weight)
+    torch.testing.assert_close(layers[1].bias.cpu(), layers[0].bias)
+
+
 def test_constructor_validation():
     with pytest.raises(TypeError, match="density"):
         MaskedLinear(32, 32, block_size=B)

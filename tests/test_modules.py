@@ -93,3 +93,12 @@ def test_block_sparse_linear_bad_arguments():
         BlockSparseLinear(32, 32, layout=BlockLayout.random(64, 32, 16, 0.5))
     with pytest.raises(ValueError, match="in_features"):
         BlockSparseLinear(40, 32, density=0.5, block_size=16)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu
+def test_cuda_layer_seeded_by_a_cpu_generator():
+    layer = BlockSparseLinear(64, 64, density=0.5, block_size=16, bias=True, device="cuda",
+                              generator=torch.Generator().manual_seed(0))
+    again = BlockSparseLinear(64, 64, density=0.5, block_size=16, bias=True, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(layer.values.cpu(), again.values)

@@ -86,6 +86,18 @@ def test_kernel_matches_reference_gpu(dtype):
     assert torch.equal(exp_avg, expected[1]) and torch.equal(exp_avg_sq, expected[2])
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_kernel_on_a_device_other_than_the_current_one():
+    slots = torch.tensor([4, 1])
+    with torch.cuda.device(0):
+        (values, exp_avg, exp_avg_sq, block_step), expected = regrow_both_backends(
+            6, 32, torch.float32, "cuda:1", slots, "normal"
+        )
+    assert torch.equal(values, expected[0]) and torch.equal(block_step, expected[3])
+    assert torch.equal(exp_avg, expected[1]) and torch.equal(exp_avg_sq, expected[2])
+
+
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [
@@ -99,8 +111,10 @@ def test_kernel_matches_reference_gpu(dtype):
         (dict(exp_avg_sq=torch.zeros(4, 16, 16, dtype=torch.int64)), TypeError, "exp_avg_sq must be a float"),
         (dict(block_step=torch.zeros(4, dtype=torch.int64)), TypeError, "block_step must be an int32"),
         (dict(block_step=torch.zeros(3, dtype=torch.int32)), ValueError, "block_step must have shape"),
+        (dict(block_step=torch.zeros(8, dtype=torch.int32)[::2]), ValueError, "block_step must be contiguous"),
         (dict(init="uniform"), ValueError, "init must be one of"),
         (dict(init_std=-1.0), ValueError, "init_std"),
+        (dict(init_std=float("inf")), ValueError, "init_std"),
         (dict(generator=3), TypeError, "generator"),
     ],
 )

@@ -2,6 +2,7 @@
 
 import io
 import math
+import warnings
 
 import pytest
 import torch
@@ -133,6 +134,29 @@ def test_matches_spec_loop_with_regrows(warmup, alpha, bias_correction, backend,
         torch.testing.assert_close(optimizer.state[params[i]]["exp_avg"].double(), loop.m[i], rtol=1e-4, atol=1e-6)
 
 
+def test_groups_differing_only_in_lr_share_one_fused_call(device, monkeypatch):
+    """SμPar gives every sparse layer its own group (own lr): still one fused step, not one per tensor."""
+    import smet_kernels.optim.smet_adamw as smet_adamw_module
+
+    calls = []
+    real_step = smet_adamw_module.smet_adamw_step
+    monkeypatch.setattr(smet_adamw_module, "smet_adamw_step", lambda *a, **k: calls.append(1) or real_step(*a, **k))
+    params = make_params(device)
+    lrs = [0.01, 0.02, 0.03, 0.04]
+    optimizer = SMETAdamW([{"params": [p], "lr": lr} for p, lr in zip(params, lrs)], betas=BETAS, eps=EPS,
+                          warmup_steps=3, density_lr_exponent=1.0, backend="triton")
+    loop = SpecLoop(params, lrs, [0.0] * 4, "linear", 3, 1.0, "local")
+    for step in range(4):
+        grads = grads_for(step, params)
+        for p, g in zip(params, grads):
+            p.grad = g
+        optimizer.step()
+        loop.step(grads)
+    assert len(calls) == 4  # one per optimizer step
+    for p, want in zip(params, loop.theta):
+        torch.testing.assert_close(p.detach().double(), want, rtol=1e-4, atol=1e-5)
+
+
 def test_state_layout(device):
     params = make_params(device, dtype=torch.float16)
     optimizer = SMETAdamW(params, lr=0.01)
@@ -258,8 +282,15 @@ def test_bad_arguments_raise(kwargs, error, match):
 
 def test_bad_param_group_and_values_shape_raise(device):
     optimizer = SMETAdamW([dense_param((4,), seed=0, device=device)])
+    rejected = dense_param((4,), seed=1, device=device)
     with pytest.raises(ValueError, match="warmup_steps"):
-        optimizer.add_param_group({"params": [dense_param((4,), seed=1, device=device)], "warmup_steps": -3})
+        optimizer.add_param_group({"params": [rejected], "warmup_steps": -3})
+    assert len(optimizer.param_groups) == 1  # the rejected group is not left behind
+    optimizer.add_param_group({"params": [rejected]})  # so its parameter can still be added properly
+    twice = sparse_param(32, 32, 16, 0.5, seed=2, device=device)
+    with warnings.catch_warnings(), pytest.raises(ValueError, match="must not repeat"):
+        warnings.simplefilter("ignore")  # torch itself only warns about the repeat
+        SMETAdamW([twice, twice])  # two programs of the fused step would update it at once
     param = sparse_param(32, 32, 16, 0.5, seed=0, device=device)
     param.smet_layout = BlockLayout.random(32, 32, 16, 1.0)  # nnz 4, values hold 2 slots
     param.grad = torch.zeros_like(param)

@@ -266,6 +266,22 @@ def test_resume_is_bit_exact():
         assert torch.equal(opt.state[p]["block_step"], ropt.state[q]["block_step"])
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_load_state_dict_mapped_to_cuda():
+    """A controller state read with ``map_location="cuda"`` still restores (the generator state goes back to CPU)."""
+    model, opt, smet = make_run(regrow_init="normal")
+    for step in range(1, 4):
+        train_step(model, opt, smet, step)
+    buffer = io.BytesIO()
+    torch.save(smet.state_dict(), buffer)
+    buffer.seek(0)
+    _, _, resumed = make_run(model_seed=7, seed=5, regrow_init="normal")
+    resumed.load_state_dict(torch.load(buffer, map_location="cuda", weights_only=False))
+    assert torch.equal(resumed.generator.get_state(), smet.generator.get_state())
+    assert resumed.step_count == smet.step_count
+
+
 def test_load_state_dict_rejects_other_model():
     _, _, smet = make_run()
     other = nn.Sequential(BlockSparseLinear(FEATURES, FEATURES, 0.5, B))
@@ -355,6 +371,17 @@ def test_supar_param_groups_and_init():
     assert std == pytest.approx(0.02 / math.sqrt(8 * 0.5), rel=0.1)
     with pytest.raises(ValueError, match="no sparse parameters"):
         supar_param_groups(nn.Linear(4, 4), 1e-3, 4, 4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_supar_init_on_cuda_with_a_cpu_generator():
+    """The trainer seeds init with a CPU generator; a CUDA model gets the same draws as a CPU one."""
+    on_cpu, on_cuda = TinyMLP(), TinyMLP().cuda()
+    for model in (on_cpu, on_cuda):
+        supar_init_(model, 0.02, width=2 * FEATURES, base_width=FEATURES, generator=torch.Generator().manual_seed(0))
+    for p, q in zip(on_cpu.parameters(), on_cuda.parameters()):
+        torch.testing.assert_close(q.cpu(), p)
 
 
 def test_kernels_follow_the_updated_topology():

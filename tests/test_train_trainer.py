@@ -1,7 +1,9 @@
 """The reference trainer end to end on the tiny model (reference backend, CPU): learning in every optimizer mode,
 metrics, exact resume, atomic checkpoints and one-line CLI errors."""
 
+import dataclasses
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -110,6 +112,24 @@ def test_resume_continues_exactly(optimizer, tmp_path):
     assert deterministic_fields(full_dir) == before
 
 
+def test_steady_throughput_leaves_out_the_first_step(tmp_path, monkeypatch):
+    """The first step of a process pays for kernel compilation/autotuning; ``steady_tokens_per_s`` excludes it."""
+    real_step = trainer._Run.train_step
+    calls = []
+
+    def slow_first_step(self):
+        calls.append(1)
+        if len(calls) == 1:
+            time.sleep(1.0)  # stands for Triton JIT + autotune on a GPU
+        return real_step(self)
+
+    monkeypatch.setattr(trainer._Run, "train_step", slow_first_step)
+    summary = train(tiny_config(optimizer="adamw", max_steps=4, eval_every=0, out_dir=str(tmp_path)))
+    assert summary["steady_tokens_per_s"] > 2 * summary["tokens_per_s"]
+    step_tokens = 4 * 64
+    assert summary["steady_tokens_per_s"] > step_tokens / 0.5  # a tiny step takes far less than 0.5 s
+
+
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     real_save = torch.save
     calls = []
@@ -192,3 +212,18 @@ def test_issue_acceptance_command(tmp_path, capsys):
     assert brief["steps"] == 40 and brief["final_val_loss"] < brief["initial_val_loss"] - 1.0
     losses = [r["loss"] for r in read_metrics(tmp_path) if r["type"] == "train"]
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 1.0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_resume_on_cuda(tmp_path):
+    """A checkpoint written on the GPU resumes there (RNG states are read back as CPU ByteTensors)."""
+    config = tiny_config(optimizer="smet", max_steps=6, update_interval=2, checkpoint_every=3, eval_every=0,
+                         device="cuda", out_dir=str(tmp_path / "full"))
+    train(config)
+    train(dataclasses.replace(config, out_dir=str(tmp_path / "resumed"),
+                              resume=str(tmp_path / "full" / "checkpoints" / "step_0000003")))
+    full = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "full") if r["type"] == "train" and r["step"] > 3}
+    resumed = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "resumed") if r["type"] == "train"}
+    assert sorted(resumed) == [4, 5, 6]
+    assert [resumed[s] for s in (4, 5, 6)] == pytest.approx([full[s] for s in (4, 5, 6)], rel=1e-5)

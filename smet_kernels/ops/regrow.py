@@ -13,6 +13,9 @@ parameter yet.
 
 from __future__ import annotations
 
+import contextlib
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -101,10 +104,12 @@ def _check_inputs(values, slots, exp_avg, exp_avg_sq, block_step, init, init_std
             raise TypeError("block_step must be an int32 tensor or None")
         if block_step.shape != (values.shape[0],) or block_step.device != values.device:
             raise ValueError(f"block_step must have shape [{values.shape[0]}] on {values.device}")
+        if not block_step.is_contiguous():
+            raise ValueError("block_step must be contiguous")
     if init not in INIT_MODES:
         raise ValueError(f"init must be one of {INIT_MODES}, got {init!r}")
-    if isinstance(init_std, bool) or not isinstance(init_std, (int, float)) or not init_std >= 0.0:
-        raise ValueError(f"init_std must be a float >= 0, got {init_std!r}")
+    if isinstance(init_std, bool) or not isinstance(init_std, (int, float)) or not 0.0 <= init_std < math.inf:
+        raise ValueError(f"init_std must be a finite float >= 0, got {init_std!r}")
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
 
@@ -113,20 +118,21 @@ def _launch(values, slots, new_values, exp_avg, exp_avg_sq, block_step) -> None:
     block_numel = values.shape[1] * values.shape[2]
     block = min(triton.next_power_of_2(block_numel), MAX_BLOCK)
     grid = (slots.numel(), triton.cdiv(block_numel, block))
-    _regrow_kernel[grid](
-        values,
-        new_values if new_values is not None else values,
-        exp_avg if exp_avg is not None else values,
-        exp_avg_sq if exp_avg_sq is not None else values,
-        block_step if block_step is not None else slots,
-        slots.to(torch.int64).contiguous(),
-        block_numel,
-        HAS_NEW_VALUES=new_values is not None,
-        HAS_EXP_AVG=exp_avg is not None,
-        HAS_EXP_AVG_SQ=exp_avg_sq is not None,
-        HAS_BLOCK_STEP=block_step is not None,
-        BLOCK=block,
-    )
+    with torch.cuda.device(values.device) if values.device.type == "cuda" else contextlib.nullcontext():
+        _regrow_kernel[grid](
+            values,
+            new_values if new_values is not None else values,
+            exp_avg if exp_avg is not None else values,
+            exp_avg_sq if exp_avg_sq is not None else values,
+            block_step if block_step is not None else slots,
+            slots.to(torch.int64).contiguous(),
+            block_numel,
+            HAS_NEW_VALUES=new_values is not None,
+            HAS_EXP_AVG=exp_avg is not None,
+            HAS_EXP_AVG_SQ=exp_avg_sq is not None,
+            HAS_BLOCK_STEP=block_step is not None,
+            BLOCK=block,
+        )
 
 
 @torch.no_grad()

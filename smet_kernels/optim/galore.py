@@ -71,6 +71,11 @@ class GaLoreAdamW(torch.optim.Optimizer):
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict) -> None:
+        params = param_group["params"]
+        if isinstance(params, torch.Tensor):
+            param_group["params"] = [params]
+        elif not isinstance(params, set):  # torch rejects sets; a generator must be read only once
+            param_group["params"] = list(params)
         if "rank" in param_group:
             _check_positive_int(param_group["rank"], "rank")
             for key, value in self._projection_defaults.items():

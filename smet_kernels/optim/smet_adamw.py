@@ -10,8 +10,9 @@ values ``[nnz, b, b]``). Per element of slot ``k`` (SPEC §2), local step ``t_k`
     theta = theta - lr_l (w m_hat / (sqrt(v_hat) + eps) + weight_decay theta)
 
 Every other parameter (embeddings, norms, head) takes the standard AdamW update with its own step count: no
-warm-up, no density factor, decoupled weight decay. All tensors of a parameter group go through one fused
-Triton launch per (device, dtype) (``smet_kernels.ops.adamw``), or the PyTorch reference.
+warm-up, no density factor, decoupled weight decay. All tensors of the parameter groups that share betas, eps,
+weight decay, warm-up and backend go through one fused Triton launch per (device, dtype)
+(``smet_kernels.ops.adamw``; lr and bias correction are per tensor), or the PyTorch reference.
 
 ``bias_correction="global"`` with ``warmup="none"`` is the **naive DST (cold start)** baseline: a regrown block
 restarts from m = v = 0 but is bias-corrected with the parameter's global step count, so its first update is
@@ -36,6 +37,7 @@ from ..backend import BACKENDS
 from ..ops.adamw import PARAM_DTYPES, check_hyperparameters, smet_adamw_step
 
 BIAS_CORRECTIONS = ("local", "global")
+_BATCH_FIELDS = ("params", "grads", "exp_avgs", "exp_avg_sqs", "block_steps", "lrs", "global_steps")
 
 
 def _check_group(group: dict) -> None:
@@ -93,12 +95,24 @@ class SMETAdamW(torch.optim.Optimizer):
             backend=backend,
         )
         _check_group(defaults)
-        self._tables: dict[int, dict] = {}
+        self._tables: dict[tuple, dict] = {}  # device tables of the fused step, per batch of groups
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group (defaults filled in); a group with an invalid option raises and is not added.
+
+        A parameter listed twice is rejected (torch only warns): the fused step would update it from two
+        programs at once.
+        """
         super().add_param_group(param_group)
-        _check_group(self.param_groups[-1])
+        try:
+            group = self.param_groups[-1]
+            if len(set(group["params"])) != len(group["params"]):
+                raise ValueError("params of a parameter group must not repeat a parameter")
+            _check_group(group)
+        except (TypeError, ValueError):
+            self.param_groups.pop()
+            raise
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Standard restore, but keep the saved state dtypes (torch casts float state to the parameter dtype,
@@ -142,13 +156,20 @@ class SMETAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        """One optimizer step over every parameter with a gradient; returns ``closure()`` when given."""
+        """One optimizer step over every parameter with a gradient; returns ``closure()`` when given.
+
+        Groups that share betas, eps, weight decay, warm-up and backend are stepped together (one fused launch
+        per device and dtype): lr, the density factor and the bias-correction step are per tensor.
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        batches: dict[tuple, dict[str, list]] = {}
         for group_index, group in enumerate(self.param_groups):
-            params, grads, exp_avgs, exp_avg_sqs, block_steps, lrs, global_steps = [], [], [], [], [], [], []
+            key = (tuple(group["betas"]), group["eps"], group["weight_decay"], group["warmup"],
+                   group["warmup_steps"], group["backend"])  # fmt: skip
+            batch = batches.setdefault(key, {name: [] for name in _BATCH_FIELDS})
             for param_index, param in enumerate(group["params"]):
                 if param.grad is None:
                     continue
@@ -158,39 +179,35 @@ class SMETAdamW(torch.optim.Optimizer):
                 if not state:
                     self._init_state(param, layout is not None, group)
                 if layout is not None:
-                    block_steps.append(state["block_step"])
-                    lrs.append(group["lr"] * layout.density ** (-group["density_lr_exponent"]))
+                    batch["block_steps"].append(state["block_step"])
+                    batch["lrs"].append(group["lr"] * layout.density ** (-group["density_lr_exponent"]))
                     if group["bias_correction"] == "global":
                         state.setdefault("step", torch.tensor(0.0))
                         state["step"] += 1
-                        global_steps.append(int(state["step"].item()))
+                        batch["global_steps"].append(int(state["step"].item()))
                     else:
-                        global_steps.append(None)
+                        batch["global_steps"].append(None)
                 else:
                     state["step"] += 1
-                    block_steps.append(None)
-                    lrs.append(group["lr"])
-                    global_steps.append(int(state["step"].item()))
-                params.append(param)
-                grads.append(param.grad.contiguous())
-                exp_avgs.append(state["exp_avg"])
-                exp_avg_sqs.append(state["exp_avg_sq"])
-            if not params:
+                    batch["block_steps"].append(None)
+                    batch["lrs"].append(group["lr"])
+                    batch["global_steps"].append(int(state["step"].item()))
+                batch["params"].append(param)
+                batch["grads"].append(param.grad.contiguous())
+                batch["exp_avgs"].append(state["exp_avg"])
+                batch["exp_avg_sqs"].append(state["exp_avg_sq"])
+        for key, batch in batches.items():
+            if not batch["params"]:
                 continue
+            betas, eps, weight_decay, warmup, warmup_steps, backend = key
             smet_adamw_step(
-                params,
-                grads,
-                exp_avgs,
-                exp_avg_sqs,
-                block_steps,
-                lrs,
-                global_steps,
-                betas=tuple(group["betas"]),
-                eps=group["eps"],
-                weight_decay=group["weight_decay"],
-                warmup=group["warmup"],
-                warmup_steps=group["warmup_steps"],
-                backend=group["backend"],
-                cache=self._tables.setdefault(group_index, {}),
+                *(batch[name] for name in _BATCH_FIELDS),
+                betas=betas,
+                eps=eps,
+                weight_decay=weight_decay,
+                warmup=warmup,
+                warmup_steps=warmup_steps,
+                backend=backend,
+                cache=self._tables.setdefault(key, {}),
             )
         return loss

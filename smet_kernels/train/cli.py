@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         parser.error(" ".join(str(error).split()))
     if summary["rank"] == 0:
-        keys = ("steps", "initial_val_loss", "final_val_loss", "tokens_per_s", "peak_mem_bytes")
+        keys = ("steps", "initial_val_loss", "final_val_loss", "tokens_per_s", "steady_tokens_per_s", "peak_mem_bytes")
         brief = {k: summary[k] for k in keys}
         brief["loss_spikes"] = summary["loss_spikes"]
         print(json.dumps(brief))

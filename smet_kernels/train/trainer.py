@@ -18,7 +18,10 @@ Outputs in ``out_dir`` (rank 0): ``metrics.jsonl`` (one object per logged step: 
 process peak resident set size (``ru_maxrss``) on CPU — plus ``val_loss``/``val_ppl`` on eval steps; one
 ``type="topology_update"`` object per update and one ``type="loss_spike"`` object per measured spike, written
 at the step its window closes, ``update_step`` naming the update; ``step`` is always the step of writing),
-``summary.json`` and ``checkpoints/step_XXXXXXX/`` (written to a temporary folder, then renamed).
+``summary.json`` and ``checkpoints/step_XXXXXXX/`` (written to a temporary folder, then renamed). The summary's
+``tokens_per_s`` is all tokens over all step time (kernel compilation and autotuning of the first steps
+included); ``steady_tokens_per_s`` is one step's tokens over the median step time of this process, its first
+step left out.
 
 Multi-process: under ``torchrun`` (``WORLD_SIZE > 1``) the process group is initialised from the environment
 (``nccl`` on CUDA, ``gloo`` on CPU) and the model is wrapped in ``DistributedDataParallel`` (on the compact
@@ -35,6 +38,7 @@ import os
 import random
 import resource
 import shutil
+import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -474,7 +478,8 @@ class _Run:
         return final
 
     def _load(self, checkpoint: Path) -> None:
-        state = torch.load(checkpoint / "state.pt", map_location=self.device, weights_only=False)
+        # read to CPU: RNG states must stay CPU ByteTensors; the load_state_dict calls move the rest to the device
+        state = torch.load(checkpoint / "state.pt", map_location="cpu", weights_only=False)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.controller is not None:
@@ -591,6 +596,7 @@ def _train_loop(run: _Run) -> dict:
     bar = tqdm(total=config.max_steps, initial=run.step, disable=not (config.progress and run.is_main),
                desc="smet-train", dynamic_ncols=True)
     window_tokens, window_time, last_loss = 0, 0.0, float("nan")
+    step_times: list[float] = []  # this process's step times, for the steady-state throughput
     while run.step < config.max_steps:
         run._synchronize()
         started = time.perf_counter()
@@ -600,6 +606,7 @@ def _train_loop(run: _Run) -> dict:
         elapsed = time.perf_counter() - started
         step = run.step
         run.train_time += elapsed
+        step_times.append(elapsed)
         run.tokens_seen += tokens_per_step
         window_tokens += tokens_per_step
         window_time += elapsed
@@ -656,6 +663,7 @@ def _train_loop(run: _Run) -> dict:
         "tokens": run.tokens_seen,
         "train_time_s": run.train_time,
         "tokens_per_s": run.tokens_seen / run.train_time if run.train_time > 0 else None,
+        "steady_tokens_per_s": tokens_per_step / statistics.median(step_times[1:]) if len(step_times) > 1 else None,
         "peak_mem_bytes": peak,
         "peak_mem_kind": peak_kind,
         "num_parameters": sum(p.numel() for p in run.model.parameters()),
