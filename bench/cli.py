@@ -3,6 +3,7 @@
     smet-bench run --quick --out-dir reports/quick        # a few minutes on a laptop CPU
     smet-bench run                                        # full grid on a GPU -> reports/<gpu-slug>/
     smet-bench report --out-dir reports/<gpu-slug>        # report.md + PNG plots
+    smet-bench stability run --quick                      # stability study (issue 7), CPU pilot; see bench/stability.py
 
 Also runnable as ``python -m bench.cli``.
 """
@@ -39,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="smet-bench",
         description="Benchmarks of smet_kernels: kernels, optimizer step, end-to-end training memory and speed.",
     )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{run,report}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{run,report,stability}")
 
     run = commands.add_parser(
         "run",
@@ -152,6 +153,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="pytest-benchmark JSON files (pytest bench --benchmark-json=FILE) to include; default: every "
         "*.json in --out-dir that pytest-benchmark wrote",
     )
+
+    from .stability import add_arguments as add_stability_arguments
+
+    stability = commands.add_parser(
+        "stability",
+        help="loss-spike / quality study (issue 7): `stability run` trains the sweep, `stability report` renders it",
+        description="Stability study: naive DST vs SMET loss spikes after topology updates, quality vs dense and "
+        "GaLore at equal tokens, density x alpha sweep (see bench/stability.py).",
+    )
+    add_stability_arguments(stability)
     return parser
 
 
@@ -386,6 +397,10 @@ def run(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    if args.command == "stability":
+        from .stability import main_from_args
+
+        return main_from_args(args, "smet-bench", argv)
     if args.command == "run":
         args.argv = argv
         return run(args)

@@ -1,0 +1,243 @@
+"""Stability-study tooling (bench/stability.py): sweep enumeration, resume, spike statistics, report rendering."""
+
+import dataclasses
+import gzip
+import json
+import math
+
+import pytest
+import torch
+
+from bench import stability
+from bench.cli import main as bench_main
+from bench.stability import (
+    PRESETS,
+    RunSpec,
+    enumerate_runs,
+    load_study,
+    quality_table,
+    run_sweep,
+    spike_events,
+    spike_table,
+    write_report,
+)
+
+
+def test_h100_sweep_enumerates_every_method_density_alpha_seed():
+    spec = PRESETS["h100"]
+    runs = enumerate_runs(spec)
+    per_config_seed = 1 + 1 + 3 + 3 * 3 * 3  # adamw, galore, masked-dst x d, 3 SMETAdamW methods x d x alpha
+    assert len(runs) == per_config_seed * len(spec.configs) * len(spec.seeds)
+    assert len({(r.config, r.name) for r in runs}) == len(runs)
+    assert spec.tokens_per_run >= 50_000_000
+    assert RunSpec("20m", "adamw", None, None, 0) in runs
+    assert RunSpec("60m", "naive-dst", 0.1, 0.5, 1) in runs
+    assert RunSpec("20m", "masked-dst", 0.25, None, 0) in runs
+    assert not any(r.method == "masked-dst" and r.alpha is not None for r in runs)
+    configs = [r.train_config(spec, "out") for r in runs]
+    for run, config in zip(runs, configs):  # same data, seed list and token budget for every method
+        assert (config.max_steps, config.batch_size, config.seq_len, config.data) == (4000, 64, 256, "stdlib")
+        assert config.out_dir.endswith(f"runs/{run.config}/{run.name}")
+        config.validate()
+    naive = next(c for r, c in zip(runs, configs) if r.method == "naive-dst")
+    ramp = next(c for r, c in zip(runs, configs) if r.method == "smet-momentum_ramp")
+    assert naive.optimizer == "naive-dst" and ramp.optimizer == "smet" and ramp.warmup_mode == "momentum_ramp"
+    assert RunSpec("20m", "smet-linear", 0.25, 0.5, 1).name == "smet-linear-d0.25-a0.5-s1"
+
+
+def test_study_blocks_move_at_the_lowest_density():
+    """Every sparse layer must trade >= 1 block at the first update, else the spike study measures nothing."""
+    from smet_kernels.train.model import model_config
+
+    spec = PRESETS["h100"]
+    for config in spec.configs:
+        block = spec.block_sizes[config]
+        shape = model_config(config, 256, block)
+        zeta = 0.005 + (spec.prune_fraction - 0.005) * (1 + math.cos(math.pi * spec.update_interval / spec.steps)) / 2
+        for out_f, in_f in ((shape.hidden_size, shape.hidden_size), (shape.intermediate_size, shape.hidden_size)):
+            nnz = round(min(spec.densities) * (out_f // block) * (in_f // block))
+            assert math.floor(zeta * nnz) >= 1, (config, out_f, in_f, block)
+
+
+def test_spec_validation_names_the_field():
+    with pytest.raises(ValueError, match="methods"):
+        dataclasses.replace(PRESETS["pilot"], methods=("adamw", "sgd")).validate()
+    with pytest.raises(ValueError, match="densities"):
+        dataclasses.replace(PRESETS["pilot"], densities=(0.5, 1.5)).validate()
+    with pytest.raises(ValueError, match="adamw"):
+        dataclasses.replace(PRESETS["pilot"], methods=("smet-linear",)).validate()
+    assert bench_main(["stability", "run", "--quick", "--densities", "0", "--dry-run"]) == 2
+
+
+def _fake_train(calls):
+    def train_one(config_dict):
+        calls.append(config_dict["out_dir"])
+        from pathlib import Path
+
+        out = Path(config_dict["out_dir"])
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.jsonl").write_text("")
+        (out / "summary.json").write_text(json.dumps({"config": config_dict, "final_val_loss": 1.0}))
+
+    return train_one
+
+
+def test_finished_runs_are_skipped_and_mismatches_refused(tmp_path, monkeypatch):
+    spec = dataclasses.replace(PRESETS["pilot"], methods=("adamw", "naive-dst"), densities=(0.5,), alphas=(1.0,),
+                               seeds=(0,))
+    calls = []
+    monkeypatch.setattr(stability, "_train_in_this_process", _fake_train(calls))
+    first = run_sweep(spec, tmp_path, isolate=False, log=lambda *_: None)
+    assert first == {"total": 2, "skipped": 0, "trained": 2, "failed": 0, "not_started": 0}
+    calls.clear()
+    more_seeds = dataclasses.replace(spec, seeds=(0, 1))
+    second = run_sweep(more_seeds, tmp_path, isolate=False, log=lambda *_: None)
+    assert second["skipped"] == 2 and second["trained"] == 2
+    assert all(path.endswith("-s1") for path in calls)
+    with pytest.raises(ValueError, match="max_steps"):
+        run_sweep(dataclasses.replace(spec, steps=300), tmp_path, isolate=False, log=lambda *_: None)
+
+
+def test_interrupted_run_resumes_from_its_latest_checkpoint(tmp_path, monkeypatch):
+    spec = dataclasses.replace(PRESETS["pilot"], methods=("adamw",), seeds=(0,), checkpoint_every=50)
+    run_dir = enumerate_runs(spec)[0].directory(tmp_path)
+    for step in (50, 100):
+        (run_dir / "checkpoints" / f"step_{step:07d}").mkdir(parents=True)
+        (run_dir / "checkpoints" / f"step_{step:07d}" / "state.pt").write_bytes(b"")
+    resumed = []
+    monkeypatch.setattr(stability, "_train_in_this_process", lambda config: resumed.append(config["resume"]))
+    counts = run_sweep(spec, tmp_path, isolate=False, log=lambda *_: None)
+    assert resumed == [str(run_dir / "checkpoints" / "step_0000100")]
+    assert counts["failed"] == 1  # the stub wrote no summary.json: reported, retried next time
+
+
+def _write_run(root, run: RunSpec, losses, updates=(), window=3, val_loss=2.0, peak=1 << 20):
+    """A finished run folder with a synthetic metrics.jsonl (the trainer's record format)."""
+    from smet_kernels.train.spikes import SpikeTracker
+
+    spec = dataclasses.replace(PRESETS["pilot"], steps=len(losses), spike_window=window, update_interval=10)
+    config = run.train_config(spec, root).to_dict()
+    out = run.directory(root)
+    out.mkdir(parents=True)
+    tracker, records = SpikeTracker(window), [{"type": "eval", "step": 0, "val_loss": val_loss + 1.0}]
+    updates = dict(updates)
+    for step, loss in enumerate(losses, start=1):
+        done = tracker.add_loss(step, loss)
+        record = {"type": "train", "step": step, "loss": loss}
+        if step == len(losses):
+            record["val_loss"] = val_loss
+        records.append(record)
+        if step in updates:
+            tracker.add_update(step)
+            records.append({"type": "topology_update", "step": step, "pruned": updates[step],
+                            "regrown": updates[step], "layers": {}})
+        records += [{"type": "loss_spike", **spike, "step": step} for spike in done]
+    records += [{"type": "loss_spike", **spike, "step": len(losses)} for spike in tracker.finish()]
+    with gzip.open(out / "metrics.jsonl.gz", "wt") as handle:
+        handle.writelines(json.dumps(r) + "\n" for r in records)
+    summary = {"steps": len(losses), "tokens": len(losses) * 512, "final_val_loss": val_loss,
+               "final_val_ppl": math.exp(val_loss), "peak_mem_bytes": peak, "peak_mem_kind": "cpu_peak_rss",
+               "tokens_per_s": 1000.0, "num_parameters": 10, "device": "cpu", "config": config}
+    (out / "summary.json").write_text(json.dumps(summary))
+
+
+def _synthetic_study(root, seeds=(0,), naive_spike=0.5, smet_spike=0.0):
+    """Flat loss 2.0; naive-DST jumps by ``naive_spike`` 2 steps after the update at step 10 (a no-op update at
+    step 20 moves nothing); SMET by ``smet_spike``; dense has a small wiggle at the same place."""
+    for seed in seeds:
+        flat = [2.0] * 30
+        wiggle = list(flat)
+        wiggle[11] = 2.0 + 0.01 * (seed + 1)
+        naive, smet = list(flat), list(flat)
+        naive[11] += naive_spike * (1 + 0.1 * seed)
+        smet[11] += smet_spike
+        updates = {10: 4, 20: 0}
+        _write_run(root, RunSpec("tiny", "adamw", None, None, seed), wiggle, val_loss=2.0 + 0.01 * seed)
+        _write_run(root, RunSpec("tiny", "naive-dst", 0.5, 1.0, seed), naive, updates, val_loss=2.3 + 0.01 * seed)
+        _write_run(root, RunSpec("tiny", "smet-linear", 0.5, 1.0, seed), smet, updates, val_loss=2.1 + 0.01 * seed)
+
+
+def test_spike_table_on_a_known_spike(tmp_path):
+    _synthetic_study(tmp_path)
+    data = load_study(tmp_path)
+    table, thresholds = spike_table(data)
+    rows = {row["method"]: row for row in table.to_dict("records")}
+    naive = rows["naive-dst"]
+    assert naive["updates"] == "1/2"  # the update at step 20 moved no block
+    assert naive["spikes"] == 1
+    assert naive["mean_rise"] == pytest.approx(0.5) and naive["max_rise"] == pytest.approx(0.5)
+    assert naive["mean_rel_rise"] == pytest.approx(0.25)
+    assert naive["mean_excess"] == pytest.approx(0.49)  # minus the dense wiggle at the same step
+    assert rows["smet-linear"]["mean_rise"] == pytest.approx(0.0) and rows["smet-linear"]["spikes"] == 0
+    assert rows["adamw"]["updates"] == "1 (control)" and rows["adamw"]["mean_rise"] == pytest.approx(0.01)
+    assert thresholds == {"tiny": 0.0}  # one dense rise: no spread to estimate, threshold 0
+
+
+def test_quality_and_findings_with_seed_noise(tmp_path):
+    _synthetic_study(tmp_path, seeds=(0, 1, 2))
+    data = load_study(tmp_path)
+    quality = quality_table(data).set_index("method")
+    assert quality.loc["naive-dst", "vs_dense"] == pytest.approx(0.3)
+    assert quality.loc["smet-linear", "ppl_vs_dense"] == pytest.approx(math.exp(0.1), rel=1e-3)
+    lines = "\n".join(stability.findings(data, spike_events(data), quality_table(data)))
+    assert "tiny, d=0.5, α=1: +0.5" in lines and "spikes above dense: holds" in lines
+    assert "smet-linear removes the spike** — naive-DST rise minus smet-linear rise: holds in 1, reversed in 0" in lines
+    assert "tiny naive-dst d=0.5 (best α=1 of 1): +0.3000" in lines and "worse than dense" in lines
+    assert "naive-DST at α=0" not in lines  # no α=0 runs: no consistency check
+
+
+def test_findings_say_within_noise_when_it_is(tmp_path):
+    _synthetic_study(tmp_path, seeds=(0, 1), naive_spike=0.0, smet_spike=0.0)
+    lines = "\n".join(stability.findings(load_study(tmp_path), spike_events(load_study(tmp_path)),
+                                         quality_table(load_study(tmp_path))))
+    assert "within noise in 1" in lines
+
+
+def test_report_from_short_real_runs(tmp_path):
+    """Three 6-step tiny runs through the trainer (one process), then stability.md with tables and PNGs."""
+    spec = dataclasses.replace(
+        PRESETS["pilot"], methods=("adamw", "naive-dst", "smet-linear"), densities=(0.5,), alphas=(1.0,), seeds=(0,),
+        steps=6,
+        batch_size=2, seq_len=16, update_interval=2, spike_window=2, optimizer_warmup_steps=2, lr_warmup_steps=0,
+        eval_every=3, eval_batches=1,
+    )
+    counts = run_sweep(spec, tmp_path, isolate=False, log=lambda *_: None)
+    assert counts["trained"] == 3 and counts["failed"] == 0
+    data = load_study(tmp_path)
+    assert len(data.runs) == 3 and set(data.runs["tokens"]) == {6 * 2 * 16}
+    assert len(data.updates) > 0 and (data.updates["moved"] > 0).any()
+    path = write_report(tmp_path)
+    text = path.read_text()
+    for heading in ("CPU pilot, not the H100 study", "## Reproduce", "## What holds and what does not",
+                    "## Loss spikes per topology update", "## Final validation loss and perplexity",
+                    "## Peak memory and throughput per run", "stability_val_loss_tiny.png"):
+        assert heading in text
+    assert (tmp_path / "stability_val_loss_tiny.png").stat().st_size > 1000
+    assert (tmp_path / "stability_spikes_tiny.png").stat().st_size > 1000
+    assert "naive-dst" in text and "smet-linear" in text
+
+
+def test_report_command_on_synthetic_runs(tmp_path, capsys):
+    _synthetic_study(tmp_path, seeds=(0, 1))
+    assert bench_main(["stability", "report", "--out-dir", str(tmp_path)]) == 0
+    text = (tmp_path / "stability.md").read_text()
+    assert "CPU pilot" in text and "smet-bench stability report --out-dir" in text
+    assert bench_main(["stability", "report", "--out-dir", str(tmp_path / "empty")]) == 2
+    assert "no finished runs" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_h100_preset_settings_train_on_the_gpu(tmp_path):
+    """A few steps of every method with the H100 preset's settings (20m, Triton backend) on the GPU."""
+    spec = dataclasses.replace(PRESETS["h100"], configs=("20m",), densities=(0.1,), alphas=(1.0,), seeds=(0,),
+                               steps=8, update_interval=2, spike_window=2, lr_warmup_steps=0, eval_every=4,
+                               eval_batches=1, checkpoint_every=4)
+    counts = run_sweep(spec, tmp_path, log=lambda *_: None)
+    assert counts["failed"] == 0 and counts["trained"] == len(enumerate_runs(spec))
+    data = load_study(tmp_path)
+    first_update = data.updates[data.updates["step"] == 2]
+    assert len(first_update) == 4 and (first_update["moved"] > 0).all()  # masked, naive, 2 x smet
+    assert set(data.runs["peak_mem_kind"]) == {"cuda_max_memory_allocated"}
+    assert not any((tmp_path / "runs").glob("*/*/checkpoints"))
+    write_report(tmp_path)
