@@ -406,7 +406,10 @@ def main(argv: list[str] | None = None) -> int:
         return run(args)
     from .report import write_report
 
-    path = write_report(args.out_dir, benchmark_json=args.benchmark_json)
+    try:
+        path = write_report(args.out_dir, benchmark_json=args.benchmark_json)
+    except (ValueError, FileNotFoundError) as err:
+        raise SystemExit(f"smet-bench: error: {err}") from None
     print(f"smet-bench: wrote {path}")
     return 0
 

@@ -109,8 +109,10 @@ def test_report_renders_tables_and_plots(quick_run):
 
 
 def test_report_without_results_fails_clearly(tmp_path):
-    with pytest.raises(ValueError, match="smet-bench run"):
+    with pytest.raises(SystemExit, match="smet-bench: error: .*smet-bench run"):
         main(["report", "--out-dir", str(tmp_path)])
+    with pytest.raises(SystemExit, match="smet-bench: error: .*not a folder"):
+        main(["report", "--out-dir", str(tmp_path / "missing")])
 
 
 def test_every_option_has_help():
