@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -218,6 +219,15 @@ class SMET:
             raise ValueError(
                 "model has no sparse parameters (none carries smet_layout or smet_mask_layout); "
                 "sparsify it first (smet_kernels.modules.sparsify or smet_kernels.masked.masked_sparsify)"
+            )
+        static = [t.name for t in self.targets if math.floor(self.prune_fraction * t.layout.nnz) == 0]
+        if static:
+            warnings.warn(
+                f"SMET: prune_fraction={self.prune_fraction} moves no block of {len(static)} layer(s) whose nnz is "
+                f"below {math.ceil(1 / self.prune_fraction)} (floor(ζ0·nnz) = 0), e.g. '{static[0]}'; their topology "
+                "stays fixed. Use a smaller block size or a higher density.",
+                RuntimeWarning,
+                stacklevel=2,
             )
         self.generator = torch.Generator(device="cpu").manual_seed(self.seed)
         self.history: list[dict] = []

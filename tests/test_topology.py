@@ -397,3 +397,10 @@ def test_kernels_follow_the_updated_topology():
     smet.step()
     assert not torch.equal(layer.layout.block_indices, old)
     torch.testing.assert_close(layer(x), x @ layer.to_dense_weight().t(), rtol=1e-4, atol=1e-4)
+
+
+def test_layers_too_small_to_move_a_block_are_reported():
+    layer = torch.nn.Sequential(BlockSparseLinear(64, 64, density=0.25, block_size=16))  # nnz = 4 < 1 / 0.2
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
+    with pytest.warns(RuntimeWarning, match="moves no block of 1 layer"):
+        SMET(layer, optimizer, update_interval=1, prune_fraction=0.2)

@@ -227,3 +227,11 @@ def test_resume_on_cuda(tmp_path):
     resumed = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "resumed") if r["type"] == "train"}
     assert sorted(resumed) == [4, 5, 6]
     assert [resumed[s] for s in (4, 5, 6)] == pytest.approx([full[s] for s in (4, 5, 6)], rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    "model, density, expected",
+    [("20m", 0.5, 64), ("20m", 0.1, 32), ("60m", 0.5, 128), ("60m", 0.1, 64), ("tiny", 0.5, 16)],
+)
+def test_default_block_size_lets_updates_move_blocks(model, density, expected):
+    assert TrainConfig(model=model, density=density).resolved_block_size() == expected

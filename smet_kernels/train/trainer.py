@@ -51,7 +51,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import backend as backend_module
-from ..layout import SUPPORTED_BLOCK_SIZES
+from ..layout import SUPPORTED_BLOCK_SIZES, nnz_for_density
 from ..optim.galore import GALORE_DEFAULT_RANK, GaLoreAdamW, galore_param_groups
 from .data import DataError, PackedBatches, eval_windows, load_corpus, window_batch
 from .model import HIDDEN_LINEAR_NAMES, MODEL_CONFIGS, LlamaModel, lm_loss, model_config
@@ -113,11 +113,18 @@ class TrainConfig:
     progress: bool = True
 
     def resolved_block_size(self) -> int:
-        """``block_size``, or by default the largest supported size giving at least 4 blocks per hidden row."""
+        """``block_size``, or by default the largest supported size that gives at least 4 blocks per hidden row and
+        lets the first topology update move a block of a ``hidden × hidden`` layer (``⌊ζ0 · nnz⌋ ≥ 1``)."""
         if self.block_size is not None:
             return self.block_size
         hidden = MODEL_CONFIGS[self.model].hidden_size
-        return max(b for b in SUPPORTED_BLOCK_SIZES if hidden % b == 0 and hidden // b >= 4)
+        candidates = [b for b in SUPPORTED_BLOCK_SIZES if hidden % b == 0 and hidden // b >= 4]
+        movable = [
+            b
+            for b in candidates
+            if math.floor(self.prune_fraction * nnz_for_density((hidden // b) ** 2, self.density)) >= 1
+        ]
+        return max(movable or [min(SUPPORTED_BLOCK_SIZES)])
 
     def validate(self) -> "TrainConfig":
         """Raise :class:`ConfigError` naming the first bad field."""
@@ -673,6 +680,7 @@ def _train_loop(run: _Run) -> dict:
         "rank": run.ddp.rank,
         "ranks_in_sync": run.ranks_in_sync(),
         "device": str(run.device),
+        "block_size": config.resolved_block_size() if config.optimizer in SPARSE_OPTIMIZERS else None,
         "config": config.to_dict(),
     }
     if run.is_main and run.out_dir:
