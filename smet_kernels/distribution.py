@@ -16,6 +16,15 @@ def layer_densities(shapes: dict[str, tuple[int, int]], density: float, distribu
     density = check_density(density)
     if distribution not in DISTRIBUTIONS:
         raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, got {distribution!r}")
+    if not isinstance(shapes, dict):
+        raise TypeError(f"shapes must be a dict name -> (out_features, in_features), got {type(shapes).__name__}")
+    for name, shape in shapes.items():
+        if (
+            not isinstance(shape, (tuple, list))
+            or len(shape) != 2
+            or any(isinstance(size, bool) or not isinstance(size, int) or size <= 0 for size in shape)
+        ):
+            raise ValueError(f"shapes[{name!r}] must be (out_features, in_features) of positive ints, got {shape!r}")
     if not shapes:
         return {}
     if distribution == "uniform":

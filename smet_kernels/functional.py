@@ -8,6 +8,7 @@ only) and ``bias`` (``Σ_m dy``). It runs the Triton kernels or the PyTorch refe
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from .backend import resolve_backend
 from .layout import BlockLayout
@@ -56,7 +57,10 @@ class BlockSparseLinearFunction(torch.autograd.Function):
         ctx.layout_version = layout.version
         ctx.backend = backend
         ctx.has_bias = bias is not None
-        ctx.save_for_backward(x, values)
+        # dx needs only values and dvalues only x: a frozen layer (or a constant input) keeps no extra activation
+        ctx.save_for_backward(
+            x if ctx.needs_input_grad[1] else None, values if ctx.needs_input_grad[0] else None
+        )
         if backend == "triton":
             from .ops.block_sparse_matmul import bsmm_forward
 
@@ -65,30 +69,36 @@ class BlockSparseLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        x, values = ctx.saved_tensors
-        layout = ctx.layout
-        if layout.version != ctx.layout_version:
+        if ctx.layout.version != ctx.layout_version:
             raise RuntimeError(
                 "the layout of a block-sparse layer changed between forward and backward; "
                 "perform topology updates only after optimizer.step()"
             )
-        dy = dy.contiguous()
-        dx = dvalues = dbias = None
         if ctx.backend == "triton":
-            from .ops.block_sparse_matmul import bsmm_grad_input, bsmm_grad_weight
+            return _backward_triton(ctx, dy)
+        return _backward(ctx, dy, bsmm_grad_input_reference, bsmm_grad_weight_reference)
 
-            if ctx.needs_input_grad[0]:
-                dx = bsmm_grad_input(dy, values, layout)
-            if ctx.needs_input_grad[1]:
-                dvalues = bsmm_grad_weight(dy, x, layout)
-        else:
-            if ctx.needs_input_grad[0]:
-                dx = bsmm_grad_input_reference(dy, values, layout)
-            if ctx.needs_input_grad[1]:
-                dvalues = bsmm_grad_weight_reference(dy, x, layout)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            dbias = dy.sum(0, dtype=torch.float64 if dy.dtype == torch.float64 else torch.float32).to(dy.dtype)
-        return dx, dvalues, dbias, None, None
+
+def _backward(ctx, dy, grad_input, grad_weight):
+    """``dx = dy W``, ``dvalues`` at the active blocks, ``dbias = Σ_m dy`` (each only when needed)."""
+    x, values = ctx.saved_tensors
+    dy = dy.contiguous()
+    dx = dvalues = dbias = None
+    if ctx.needs_input_grad[0]:
+        dx = grad_input(dy, values, ctx.layout)
+    if ctx.needs_input_grad[1]:
+        dvalues = grad_weight(dy, x, ctx.layout)
+    if ctx.has_bias and ctx.needs_input_grad[2]:
+        dbias = dy.sum(0, dtype=torch.float64 if dy.dtype == torch.float64 else torch.float32).to(dy.dtype)
+    return dx, dvalues, dbias, None, None
+
+
+@once_differentiable
+def _backward_triton(ctx, dy):
+    """The Triton backward; its kernels are not differentiable, so double backward raises (use the reference)."""
+    from .ops.block_sparse_matmul import bsmm_grad_input, bsmm_grad_weight
+
+    return _backward(ctx, dy, bsmm_grad_input, bsmm_grad_weight)
 
 
 def block_sparse_linear(
@@ -101,7 +111,8 @@ def block_sparse_linear(
     """``y = x Wᵀ + bias`` for ``x [..., in_features]`` and block-sparse ``W [out_features, in_features]``.
 
     ``values [nnz, b, b]`` holds block ``layout.block_indices[k]`` in slot ``k``. Under autocast the operands are cast
-    to the autocast dtype (gradients flow back to the original dtypes).
+    to the autocast dtype (gradients flow back to the original dtypes). Under ``torch.compile`` the op runs eagerly
+    (a graph break); the Triton backward is not differentiable again (double backward raises).
     """
     _check_layout(layout)
     if not isinstance(x, torch.Tensor):
@@ -131,10 +142,17 @@ def block_sparse_linear(
     lead_shape = x.shape[:-1]
     x2d = x.reshape(-1, in_features).contiguous()
     values = values.contiguous()
-    name = _select_backend(x, backend)
-    with torch.autocast(x.device.type, enabled=False):
-        y = BlockSparseLinearFunction.apply(x2d, values, bias, layout, name)
+    bias = bias.contiguous() if bias is not None else None
+    y = _apply_block_sparse_linear(x2d, values, bias, layout, _select_backend(x, backend))
     return y.reshape(*lead_shape, out_features)
+
+
+@torch.compiler.disable
+def _apply_block_sparse_linear(x, values, bias, layout, backend):
+    """Runs eagerly under ``torch.compile`` (a graph break): the layout's cached index structures and the Triton
+    launch stay outside the traced graph."""
+    with torch.autocast(x.device.type, enabled=False):
+        return BlockSparseLinearFunction.apply(x, values, bias, layout, backend)
 
 
 def to_dense(values: torch.Tensor, layout: BlockLayout) -> torch.Tensor:

@@ -32,7 +32,6 @@ class BlockIndex:
     ptr: torch.Tensor
     slots: torch.Tensor
     minor: torch.Tensor
-    max_per_major: int
 
 
 def check_block_size(block_size: int, name: str = "block_size") -> int:
@@ -127,7 +126,8 @@ class BlockLayout:
         density = check_density(density)
         rows, cols = out_features // block_size, in_features // block_size
         nnz = nnz_for_density(rows * cols, density)
-        chosen = torch.randperm(rows * cols, generator=generator)[:nnz].sort().values
+        draw_device = generator.device if generator is not None else "cpu"  # a CUDA generator draws on CUDA
+        chosen = torch.randperm(rows * cols, generator=generator, device=draw_device)[:nnz].sort().values.cpu()
         indices = torch.stack([chosen // cols, chosen % cols], dim=1)
         return cls(indices.to(device or "cpu"), (out_features, in_features), block_size)
 
@@ -202,7 +202,6 @@ class BlockLayout:
                 ptr=ptr.to(device=device, dtype=torch.int32),
                 slots=order.to(device=device, dtype=torch.int32),
                 minor=minor_idx[order].to(device=device, dtype=torch.int32),
-                max_per_major=int(counts.max()),
             )
         return self._cache[key]
 

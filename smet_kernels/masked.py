@@ -27,6 +27,8 @@ class MaskedLinear(BlockLayoutLinear):
     output and gives them zero gradient. The layout is part of the ``state_dict`` (extra state), restored in place.
     """
 
+    layout_attribute = ("weight", "smet_mask_layout")
+
     def __init__(
         self,
         in_features: int,
@@ -41,7 +43,6 @@ class MaskedLinear(BlockLayoutLinear):
     ):
         super().__init__(in_features, out_features, density, block_size, layout, generator)
         self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype))
-        self.weight.smet_mask_layout = self.layout
         self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
         self._mask_key: tuple | None = None
         self._dense_mask: torch.Tensor | None = None

@@ -30,6 +30,11 @@ class BlockLayoutLinear(nn.Module):
     ``state_dict`` as extra state (restored in place, so references to the layout stay valid) and shows it in repr.
     """
 
+    #: ``(parameter name, attribute name)``: the parameter that carries the layout as an attribute. The attribute is
+    #: re-attached whenever that parameter object is replaced (``load_state_dict(assign=True)``, ``copy.deepcopy``,
+    #: ``.to()`` with parameter overwrite), which would otherwise drop it silently.
+    layout_attribute: tuple[str, str] | None = None
+
     def __init__(
         self,
         in_features: int,
@@ -62,6 +67,29 @@ class BlockLayoutLinear(nn.Module):
     def density(self) -> float:
         return self.layout.density
 
+    def _attach_layout(self) -> None:
+        if self.layout_attribute is None:
+            return
+        param_name, attribute = self.layout_attribute
+        param = self._parameters.get(param_name)
+        layout = self.__dict__.get("layout")
+        if param is not None and layout is not None:
+            setattr(param, attribute, layout)
+
+    def __setattr__(self, name: str, value) -> None:
+        super().__setattr__(name, value)
+        if self.layout_attribute is not None and name in (self.layout_attribute[0], "layout"):
+            self._attach_layout()
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._attach_layout()
+
+    def _apply(self, fn, recurse=True):
+        module = super()._apply(fn, recurse)
+        self._attach_layout()
+        return module
+
     def get_extra_state(self) -> dict:
         return self.layout.state_dict()
 
@@ -88,6 +116,8 @@ class BlockSparseLinear(BlockLayoutLinear):
     part of the ``state_dict`` (extra state) and is restored in place.
     """
 
+    layout_attribute = ("values", "smet_layout")
+
     def __init__(
         self,
         in_features: int,
@@ -104,8 +134,7 @@ class BlockSparseLinear(BlockLayoutLinear):
         super().__init__(in_features, out_features, density, block_size, layout, generator)
         self.backend = backend
         b = self.layout.block_size
-        self.values = nn.Parameter(torch.empty(self.layout.nnz, b, b, device=device, dtype=dtype))
-        self.values.smet_layout = self.layout
+        self.values = nn.Parameter(torch.empty(self.layout.nnz, b, b, device=device, dtype=dtype))  # tagged by setattr
         self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
         self.reset_parameters(generator)
 
@@ -161,22 +190,44 @@ def _name_filter(patterns: Iterable[str] | str | None, name: str) -> list[str] |
     return patterns
 
 
+def _linear_occurrences(model: nn.Module) -> dict[int, list[str]]:
+    """``id(linear) -> every qualified name`` of each ``nn.Linear`` of ``model`` (a shared module has several)."""
+    occurrences: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if type(module) is nn.Linear:
+            occurrences.setdefault(id(module), []).append(name)
+    return occurrences
+
+
 def sparse_linear_names(
     model: nn.Module, include: Iterable[str] | str | None = None, exclude: Iterable[str] | str | None = None
 ) -> list[str]:
-    """Qualified names of the ``nn.Linear`` modules selected by ``include``/``exclude`` (regexes searched in names)."""
+    """Qualified names of the ``nn.Linear`` modules selected by ``include``/``exclude`` (regexes searched in names).
+
+    A module reachable under several names (shared) is listed once, by its first name; it is selected when one of
+    its names matches ``include`` and none matches ``exclude``.
+    """
     include_p = _name_filter(include, "include")
     exclude_p = _name_filter(exclude, "exclude")
     names = []
-    for name, module in model.named_modules():
-        if type(module) is not nn.Linear:
+    for aliases in _linear_occurrences(model).values():
+        if include_p is not None and not any(re.search(p, name) for p in include_p for name in aliases):
             continue
-        if include_p is not None and not any(re.search(p, name) for p in include_p):
+        if exclude_p is not None and any(re.search(p, name) for p in exclude_p for name in aliases):
             continue
-        if exclude_p is not None and any(re.search(p, name) for p in exclude_p):
-            continue
-        names.append(name)
+        names.append(aliases[0])
     return names
+
+
+def _check_untied(model: nn.Module, linear: nn.Linear, aliases: list[str]) -> None:
+    """Raise when a parameter of ``linear`` is also held outside it (tied weights): sparsifying would untie it."""
+    own = {f"{alias}.{attr}".lstrip(".") for alias in aliases for attr in ("weight", "bias")}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if name not in own and any(param is p for p in (linear.weight, linear.bias)):
+            raise ValueError(
+                f"layer '{aliases[0]}' shares a parameter with '{name}' (tied weights); sparsifying it would untie "
+                "them: exclude it"
+            )
 
 
 def sparsify(
@@ -195,7 +246,9 @@ def sparsify(
     Per-layer densities follow ``distribution`` (``uniform`` | ``erk``) for the global ``density``; each layer's
     active blocks are chosen at random (``generator``) and keep the dense layer's weights. ``include`` / ``exclude``
     are regular expressions searched in module names (default: every ``nn.Linear``). ``layer_factory(linear,
-    layout)`` builds the replacement (default: ``BlockSparseLinear.from_linear``). Returns ``model``.
+    layout)`` builds the replacement (default: ``BlockSparseLinear.from_linear``). A layer reachable under several
+    names is replaced everywhere by one replacement (it stays shared); a layer whose weight is tied to another
+    module's parameter (e.g. an LM head tied to the embedding) raises ``ValueError``: exclude it. Returns ``model``.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -204,10 +257,11 @@ def sparsify(
     names = sparse_linear_names(model, include, exclude)
     if not names:
         raise ValueError("sparsify found no nn.Linear layer to sparsify (check include/exclude)")
-    modules = dict(model.named_modules())
-    shapes = {}
     if names == [""]:
         raise ValueError("model is itself an nn.Linear: use BlockSparseLinear.from_linear(model, layout)")
+    modules = dict(model.named_modules(remove_duplicate=False))
+    occurrences = _linear_occurrences(model)
+    shapes = {}
     for name in names:
         linear = modules[name]
         for size, what in ((linear.out_features, "out_features"), (linear.in_features, "in_features")):
@@ -216,6 +270,7 @@ def sparsify(
                     f"layer '{name}': {what}={size} is not divisible by block_size={block_size} (exclude it or "
                     "choose another block_size)"
                 )
+        _check_untied(model, linear, occurrences[id(linear)])
         shapes[name] = (linear.out_features, linear.in_features)
     densities = layer_densities(shapes, density, distribution)
     for name in names:
@@ -223,11 +278,11 @@ def sparsify(
         layout = BlockLayout.random(
             linear.out_features, linear.in_features, block_size, densities[name], generator=generator
         )
-        parent_name, _, child = name.rpartition(".")
-        parent = modules[parent_name] if parent_name else model
         if layer_factory is None:
             replacement = BlockSparseLinear.from_linear(linear, layout, backend=backend)
         else:
             replacement = layer_factory(linear, layout)
-        setattr(parent, child, replacement)
+        for alias in occurrences[id(linear)]:  # a shared layer stays shared
+            parent_name, _, child = alias.rpartition(".")
+            setattr(modules[parent_name] if parent_name else model, child, replacement)
     return model

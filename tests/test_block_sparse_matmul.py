@@ -182,3 +182,109 @@ def test_layout_change_between_forward_and_backward_is_an_error():
     layout.replace_blocks(torch.tensor([0]), (~layout.mask).nonzero()[:1])
     with pytest.raises(RuntimeError, match="layout"):
         y.backward(dy)
+
+
+def test_non_contiguous_bias_is_read_by_its_strides():
+    layout = _mask_layout("random", 2, 3, 16)
+    x, values, _, _ = _inputs(layout, 5, torch.float32)
+    strided_bias = torch.randn(2 * layout.shape[0], generator=torch.Generator().manual_seed(1)).to(DEVICE)[::2]
+    assert not strided_bias.is_contiguous()
+    _close(
+        block_sparse_linear(x, values, layout, strided_bias, backend="triton"),
+        bsmm_forward_reference(x, values, layout, strided_bias.contiguous()),
+        torch.float32,
+    )
+
+
+def test_row_offsets_past_int32():
+    """Row ``m`` of a ``[M, K]`` operand starts at ``m * stride``: past 2**31 elements for long token batches."""
+    layout = BlockLayout.from_mask(torch.ones(1, 1, dtype=torch.bool), 16)
+    stride = 2**30 + 16  # row 2 starts at element 2**31 + 32
+    try:  # 4 GiB of fp16, of which only the three rows are touched
+        storage = torch.empty(2 * stride + 16, dtype=torch.float16, device=DEVICE)
+    except (RuntimeError, MemoryError):
+        pytest.skip("cannot reserve 4 GiB of address space here")
+    g = torch.Generator().manual_seed(0)
+    strided = storage.as_strided((3, 16), (stride, 1))  # x, and dy of the 16 x 16 layer
+    strided.copy_(torch.randn(3, 16, generator=g))
+    rows = strided.contiguous()
+    values = torch.randn(1, 16, 16, generator=g).to(DEVICE, torch.float16)
+    _close(bsmm_forward(strided, values, layout), bsmm_forward_reference(rows, values, layout), torch.float16)
+    _close(bsmm_grad_input(strided, values, layout), bsmm_grad_input_reference(rows, values, layout), torch.float16)
+    _close(bsmm_grad_weight(strided, strided, layout), bsmm_grad_weight_reference(rows, rows, layout), torch.float16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_kernels_after_topology_update(dtype):
+    """After ``replace_blocks`` the slots are no longer in row-major order; the kernels go through the indices."""
+    layout = _mask_layout("random", 3, 4, 16)
+    inactive = (~layout.mask).nonzero()
+    layout.replace_blocks(torch.tensor([0, layout.nnz - 1]), inactive[[-1, 0]])
+    flat = layout.block_indices[:, 0] * 4 + layout.block_indices[:, 1]
+    assert not torch.equal(flat, flat.sort().values)
+    x, values, dy, bias = _inputs(layout, 19, dtype)
+    _close(bsmm_forward(x, values, layout, bias), bsmm_forward_reference(x, values, layout, bias), dtype)
+    _close(bsmm_grad_input(dy, values, layout), bsmm_grad_input_reference(dy, values, layout), dtype)
+    _close(bsmm_grad_weight(dy, x, layout), bsmm_grad_weight_reference(dy, x, layout), dtype)
+
+
+@pytest.mark.parametrize("needs", [(True, False, False), (False, True, False), (False, False, True)])
+def test_only_the_requested_gradients(needs):
+    layout = _mask_layout("random", 2, 3, 16)
+    x, values, dy, bias = _inputs(layout, 6, torch.float32)
+    grads = {}
+    for backend in ("triton", "reference"):
+        leaves = [t.clone().requires_grad_(need) for t, need in zip((x, values, bias), needs)]
+        block_sparse_linear(leaves[0], leaves[1], layout, leaves[2], backend=backend).backward(dy)
+        assert [leaf.grad is not None for leaf in leaves] == list(needs)
+        grads[backend] = next(leaf.grad for leaf in leaves if leaf.grad is not None)
+    _close(grads["triton"], grads["reference"], torch.float32)
+
+
+def test_double_backward_through_the_triton_kernels_raises():
+    layout = _mask_layout("random", 2, 2, 16)
+    x, values, _, _ = _inputs(layout, 4, torch.float32)
+    x.requires_grad_()
+    values.requires_grad_()
+    y = block_sparse_linear(x, values, layout, backend="triton")
+    (dx,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        (y.sum() + dx.square().sum()).backward()  # the penalty term must not be silently dropped
+
+
+def test_autocast_bf16_gives_bf16_output_and_fp32_gradients():
+    layout = _mask_layout("random", 2, 2, 16)
+    x, values, dy, bias = _inputs(layout, 4, torch.float32)
+    leaves = [t.requires_grad_() for t in (x, values, bias)]
+    with torch.autocast(torch.device(DEVICE).type, dtype=torch.bfloat16):
+        y = block_sparse_linear(x, values, layout, bias)
+    assert y.dtype == torch.bfloat16
+    y.backward(dy.to(torch.bfloat16))
+    assert all(leaf.grad.dtype == torch.float32 for leaf in leaves)
+    _close(values.grad, bsmm_grad_weight_reference(dy, x.detach(), layout), torch.bfloat16)
+
+
+def test_torch_compile_runs_the_layer_eagerly():
+    layout = _mask_layout("random", 2, 2, 16)
+    x, values, dy, _ = _inputs(layout, 4, torch.float32)
+    values.requires_grad_()
+    def layer(a, v):
+        return torch.relu(block_sparse_linear(a, v, layout, backend="triton"))
+
+    compiled = torch.compile(layer, backend="eager")
+    y = compiled(x, values)
+    y.backward(dy)
+    expected = torch.relu(bsmm_forward_reference(x, values.detach(), layout))
+    _close(y, expected, torch.float32)
+    _close(values.grad, bsmm_grad_weight_reference(dy * (expected > 0), x, layout), torch.float32)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+@pytest.mark.gpu
+def test_kernels_launch_on_the_operands_device():
+    layout = _mask_layout("random", 2, 3, 16)
+    x, values, dy, bias = (t.to("cuda:1") for t in _inputs(layout, 9, torch.float32))
+    with torch.cuda.device(0):
+        _close(bsmm_forward(x, values, layout, bias), bsmm_forward_reference(x, values, layout, bias), torch.float32)
+        _close(bsmm_grad_input(dy, values, layout), bsmm_grad_input_reference(dy, values, layout), torch.float32)
+        _close(bsmm_grad_weight(dy, x, layout), bsmm_grad_weight_reference(dy, x, layout), torch.float32)

@@ -121,3 +121,40 @@ def test_erk_caps_layers_at_dense():
 def test_layer_densities_bad_distribution():
     with pytest.raises(ValueError, match="distribution"):
         layer_densities({"a": (16, 16)}, 0.5, "gaussian")
+
+
+@pytest.mark.parametrize(
+    "shapes, exc",
+    [
+        ({"a": (0, 16)}, ValueError),
+        ({"a": (16,)}, ValueError),
+        ({"a": (16.0, 16)}, ValueError),
+        ([("a", (16, 16))], TypeError),
+    ],
+)
+def test_layer_densities_bad_shapes(shapes, exc):
+    with pytest.raises(exc, match="shapes"):
+        layer_densities(shapes, 0.5, "erk")
+
+
+def test_erk_degenerate_cases():
+    assert layer_densities({"only": (64, 256)}, 0.3, "erk")["only"] == pytest.approx(0.3)
+    assert set(layer_densities({"a": (16, 16), "b": (64, 32)}, 1.0, "erk").values()) == {1.0}
+    assert layer_densities({}, 0.5, "erk") == {}
+    same = layer_densities({"a": (64, 64), "b": (64, 64)}, 0.25, "erk")
+    assert same["a"] == pytest.approx(0.25) and same["b"] == pytest.approx(0.25)
+
+
+def test_layout_device_moves_keep_caches_per_device():
+    layout = BlockLayout.random(64, 64, 16, 0.5, generator=torch.Generator().manual_seed(0))
+    assert layout.to("cpu") is layout
+    meta = layout.row_index("meta")
+    assert meta.ptr.device.type == "meta" and layout.row_index().ptr.device.type == "cpu"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu
+def test_random_layout_from_a_cuda_generator():
+    layout = BlockLayout.random(64, 64, 16, 0.5, generator=torch.Generator("cuda").manual_seed(0), device="cuda")
+    again = BlockLayout.random(64, 64, 16, 0.5, generator=torch.Generator("cuda").manual_seed(0), device="cuda")
+    assert layout == again and layout.nnz == 8 and layout.device.type == "cuda"

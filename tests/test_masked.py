@@ -189,3 +189,14 @@ def test_compact_and_masked_make_identical_decisions(regrow):
         runs.append((layer.layout.mask.clone(), weight.detach().clone()))
     assert torch.equal(runs[0][0], runs[1][0])
     torch.testing.assert_close(runs[0][1], runs[1][1], rtol=0, atol=0)
+
+
+def test_weight_keeps_its_mask_layout_tag_when_replaced():
+    import copy
+
+    layer = MaskedLinear(32, 32, density=0.5, block_size=16)
+    assert layer.weight.smet_mask_layout is layer.layout
+    clone = copy.deepcopy(layer)
+    assert clone.weight.smet_mask_layout is clone.layout
+    layer.load_state_dict(clone.state_dict(), assign=True)
+    assert layer.weight.smet_mask_layout is layer.layout

@@ -102,3 +102,54 @@ def test_cuda_layer_seeded_by_a_cpu_generator():
                               generator=torch.Generator().manual_seed(0))
     again = BlockSparseLinear(64, 64, density=0.5, block_size=16, bias=True, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(layer.values.cpu(), again.values)
+
+
+def test_values_keep_their_layout_tag_when_the_parameter_object_is_replaced():
+    import copy
+
+    layer = BlockSparseLinear(32, 32, density=0.5, block_size=16)
+    twin = copy.deepcopy(layer)
+    assert twin.values.smet_layout is twin.layout and twin.layout == layer.layout
+    other = BlockSparseLinear(32, 32, density=0.5, block_size=16)
+    other.load_state_dict(layer.state_dict(), assign=True)
+    assert other.values.smet_layout is other.layout and other.layout == layer.layout
+    overwrite = torch.__future__.get_overwrite_module_params_on_conversion()
+    torch.__future__.set_overwrite_module_params_on_conversion(True)
+    try:
+        layer.double()
+    finally:
+        torch.__future__.set_overwrite_module_params_on_conversion(overwrite)
+    assert layer.values.dtype == torch.float64 and layer.values.smet_layout is layer.layout
+
+
+def test_sparsify_keeps_a_shared_layer_shared():
+    shared = nn.Sequential(nn.Linear(32, 32))
+    model = nn.ModuleDict({"first": shared, "second": shared, "own": nn.Linear(32, 32)})
+    sparsify(model, density=0.5, block_size=16, include=[r"^second\."])  # matches the second name only
+    assert isinstance(model["first"][0], BlockSparseLinear) and model["first"][0] is model["second"][0]
+    assert type(model["own"]) is nn.Linear
+    again = nn.Linear(32, 32)
+    model = nn.ModuleDict({"a": again, "b": again})
+    sparsify(model, density=0.5, block_size=16)
+    assert isinstance(model["a"], BlockSparseLinear) and model["a"] is model["b"]
+
+
+def test_sparsify_refuses_to_untie_tied_weights():
+    embed = nn.Embedding(64, 32)
+    head = nn.Linear(32, 64, bias=False)
+    head.weight = embed.weight
+    model = nn.ModuleDict({"embed": embed, "up": nn.Linear(32, 32), "head": head})
+    with pytest.raises(ValueError, match="'head' shares a parameter with 'embed.weight'"):
+        sparsify(model, density=0.5, block_size=16)
+    sparsify(model, density=0.5, block_size=16, exclude="head")
+    assert isinstance(model["up"], BlockSparseLinear) and model["head"].weight is model["embed"].weight
+
+
+def test_sparsify_an_already_sparsified_model():
+    model = _Mlp()
+    sparsify(model, density=0.5, block_size=16, include="up")
+    up = model.up
+    sparsify(model, density=0.5, block_size=16, exclude="head")
+    assert model.up is up and isinstance(model.down, BlockSparseLinear)
+    with pytest.raises(ValueError, match="no nn.Linear"):
+        sparsify(model, density=0.5, block_size=16, exclude="head")

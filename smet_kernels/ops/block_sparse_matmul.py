@@ -13,6 +13,7 @@ All accumulate in fp32 and store in the input dtype. Under the Triton interprete
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -77,6 +78,7 @@ def _bsmm_dense_sparse_kernel(
     pid_m = tl.program_id(0)
     out_block = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    token_rows = offs_m.to(tl.int64)  # row offsets reach M * stride, past int32 for long token batches
     offs_b = tl.arange(0, BLOCK_SIZE)
     m_mask = offs_m < M
     start = tl.load(index_ptr_ptr + out_block)
@@ -90,7 +92,7 @@ def _bsmm_dense_sparse_kernel(
         slot = tl.load(index_slots_ptr + p).to(tl.int64)
         minor = tl.load(index_minor_ptr + p)
         a = tl.load(
-            a_ptr + offs_m[:, None] * stride_am + (minor * BLOCK_SIZE + offs_b)[None, :],
+            a_ptr + token_rows[:, None] * stride_am + (minor * BLOCK_SIZE + offs_b)[None, :],
             mask=m_mask[:, None],
             other=0.0,
         )
@@ -103,7 +105,7 @@ def _bsmm_dense_sparse_kernel(
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_out).to(tl.float32)[None, :]
     tl.store(
-        out_ptr + offs_m[:, None] * stride_om + offs_out[None, :],
+        out_ptr + token_rows[:, None] * stride_om + offs_out[None, :],
         acc.to(out_ptr.dtype.element_ty),
         mask=m_mask[:, None],
     )
@@ -146,9 +148,10 @@ def _bsmm_grad_weight_kernel(
     acc = tl.zeros((BLOCK_SIZE, BLOCK_SIZE), dtype=tl.float32)
     for tile in range(first, last):
         offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+        token_rows = offs_m.to(tl.int64)
         m_mask = offs_m < M
-        dy_t = tl.load(dy_ptr + offs_m[None, :] * stride_dym + offs_n[:, None], mask=m_mask[None, :], other=0.0)
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=m_mask[:, None], other=0.0)
+        dy_t = tl.load(dy_ptr + token_rows[None, :] * stride_dym + offs_n[:, None], mask=m_mask[None, :], other=0.0)
+        x = tl.load(x_ptr + token_rows[:, None] * stride_xm + offs_k[None, :], mask=m_mask[:, None], other=0.0)
         if UPCAST:
             dy_t = dy_t.to(tl.float32)
             x = x.to(tl.float32)
@@ -178,6 +181,11 @@ def default_split_k(m: int, nnz: int, device: torch.device) -> int:
     return max(1, min(max_split, triton.cdiv(programs_wanted, nnz), 16))
 
 
+def _device_guard(device: torch.device):
+    """Triton launches on the current CUDA device: make it the operands' device (``cuda:1`` while ``cuda:0`` is set)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def _check_row_major(**tensors: torch.Tensor) -> None:
     for name, tensor in tensors.items():
         if tensor.dim() != 2 or tensor.stride(1) != 1:
@@ -199,24 +207,25 @@ def _dense_sparse(
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]), out_cols // block_size)
 
-    _bsmm_dense_sparse_kernel[grid](
-        a,
-        values,
-        bias if bias is not None else out,
-        out,
-        index.ptr,
-        index.slots,
-        index.minor,
-        m,
-        in_cols,
-        out_cols,
-        a.stride(0),
-        out.stride(0),
-        HAS_BIAS=bias is not None,
-        TRANSPOSE_BLOCKS=transpose_blocks,
-        BLOCK_SIZE=block_size,
-        **_kernel_flags(a.dtype),
-    )
+    with _device_guard(a.device):
+        _bsmm_dense_sparse_kernel[grid](
+            a,
+            values,
+            bias if bias is not None else out,
+            out,
+            index.ptr,
+            index.slots,
+            index.minor,
+            m,
+            in_cols,
+            out_cols,
+            a.stride(0),
+            out.stride(0),
+            HAS_BIAS=bias is not None,
+            TRANSPOSE_BLOCKS=transpose_blocks,
+            BLOCK_SIZE=block_size,
+            **_kernel_flags(a.dtype),
+        )
     return out
 
 
@@ -253,21 +262,22 @@ def bsmm_grad_weight(
         raise ValueError(f"split_k must be a positive int, got {split_k!r}")
     out_dtype = x.dtype if split == 1 else torch.float32
     out = torch.empty((split, nnz, b, b), dtype=out_dtype, device=x.device)
-    _bsmm_grad_weight_kernel[(nnz, split)](
-        dy,
-        x,
-        out,
-        layout.block_indices_on(x.device),
-        m,
-        n,
-        k,
-        nnz,
-        dy.stride(0),
-        x.stride(0),
-        BLOCK_SIZE=b,
-        SPLIT_K=split,
-        **_kernel_flags(x.dtype),
-    )
+    with _device_guard(x.device):
+        _bsmm_grad_weight_kernel[(nnz, split)](
+            dy,
+            x,
+            out,
+            layout.block_indices_on(x.device),
+            m,
+            n,
+            k,
+            nnz,
+            dy.stride(0),
+            x.stride(0),
+            BLOCK_SIZE=b,
+            SPLIT_K=split,
+            **_kernel_flags(x.dtype),
+        )
     if split == 1:
         return out[0]
     return out.sum(0).to(x.dtype)
