@@ -217,9 +217,10 @@ def _progress(items, description: str, disable: bool):
 
 def _run_cases(suite, cases, run_one, file, backend, device, no_progress, deadline) -> int:
     """Run the cases not yet in ``file``, appending one row each; returns the number of failed cases."""
-    from .results import environment
+    from .results import device_name, environment
 
-    todo = [case for case in cases if not file.done(case.key_row(backend))]
+    machine = {"gpu": device_name(device)}
+    todo = [case for case in cases if not file.done(case.key_row(backend) | machine)]
     print(f"{suite}: {len(cases)} cases, {len(cases) - len(todo)} already in {file.path}, {len(todo)} to run")
     failures = 0
     for case in _progress(todo, suite, no_progress):
@@ -254,9 +255,11 @@ def _run_kernels(args, device, backend, dtype, out_dir, timing_kwargs, deadline)
     state = {"key": None, "operands": None}
 
     def run_one(case):
-        if kernels.operands_key(case) != state["key"]:
-            state["key"] = kernels.operands_key(case)
+        key = kernels.operands_key(case)
+        if key != state["key"]:
+            # the key is recorded only once its operands exist: after a failure the next case rebuilds them
             state["operands"] = kernels.make_operands(case, device, args.seed, previous=state["operands"])
+            state["key"] = key
         return kernels.run_case(case, state["operands"], backend, device, timing_kwargs)
 
     return _run_cases("kernels", cases, run_one, file, backend, device, args.no_progress, deadline)

@@ -12,8 +12,9 @@ Providers: ``smet`` (this library's kernels, or its PyTorch reference with ``bac
 (``W ⊙ mask`` then the dense matmul — what mask-based DST does) and ``torch_bsr`` (PyTorch's BSR Triton ops
 ``bsr_dense_mm`` and ``sampled_addmm``, CUDA only; recorded as skipped elsewhere).
 
-Useful FLOPs are ``2 M K N`` dense and ``2 M K N d`` sparse (``d`` the layout's exact density); effective
-TFLOP/s = useful FLOPs / median time.
+Every provider's result is checked against the fp32 dense computation once, before timing (a mismatch is
+recorded as ``status = "wrong"``). Useful FLOPs are ``2 M K N`` dense and ``2 M K N d`` sparse (``d`` the
+layout's exact density); effective TFLOP/s = useful FLOPs / median time.
 """
 
 from __future__ import annotations
@@ -139,6 +140,7 @@ class _Operands:
         from smet_kernels.layout import BlockLayout
 
         n, k, m = case.shape.N, case.shape.K, case.M
+        self.expected: dict[tuple[str, bool], torch.Tensor] = {}  # fp32 ground truths, filled by _expected()
         self.tokens_key = (case.shape, m, case.dtype, str(device), seed)
         generator = torch.Generator(device=device).manual_seed(seed)
 
@@ -185,18 +187,42 @@ def _smet_fns(ops: _Operands, backend: str) -> dict[str, Callable[[], torch.Tens
     }
 
 
+def bsr_from_layout(values: torch.Tensor, layout, transpose: bool = False) -> torch.Tensor:
+    """``W`` (or ``Wᵀ``) as a torch BSR tensor holding exactly the layout's blocks.
+
+    torch's BSR wants its blocks in row-major order; a layout's slots need not be (after a topology update a slot
+    may hold any block), so the slots are sorted by their block position. Built from the layout rather than with
+    ``W.to_sparse_bsr``, which would drop active blocks that happen to be all zeros (e.g. zero-initialised regrowth).
+    """
+    b = layout.block_size
+    rows, cols = layout.block_indices.to(device=values.device, dtype=torch.int64).unbind(1)
+    n_rows, n_cols = layout.shape[0] // b, layout.shape[1] // b
+    blocks = values
+    if transpose:
+        rows, cols, n_rows, n_cols = cols, rows, n_cols, n_rows
+        blocks = values.transpose(1, 2)
+    order = torch.argsort(rows * n_cols + cols)
+    crow = torch.zeros(n_rows + 1, dtype=torch.int64, device=values.device)
+    crow[1:] = torch.bincount(rows, minlength=n_rows).cumsum(0)
+    size = (n_rows * b, n_cols * b)
+    return torch.sparse_bsr_tensor(
+        crow, cols[order].contiguous(), blocks[order].contiguous(), size=size, check_invariants=True
+    )
+
+
 def _torch_bsr_fns(ops: _Operands) -> dict[str, Callable[[], torch.Tensor]]:
     """``y = (W xᵀ)ᵀ``, ``dx = (Wᵀ dyᵀ)ᵀ`` with ``bsr_dense_mm``; ``dW = dyᵀ x`` at W's blocks with ``sampled_addmm``.
-    The BSR tensors and transposed operands are built outside the timed region."""
+    The BSR tensors and transposed operands are built outside the timed region; the results stay in torch's
+    form (``yᵀ``, ``dxᵀ``, a BSR ``dW``), which :func:`check_result` understands. ``sampled_addmm`` copies its
+    BSR input into its output on every call (``d·N·K`` elements, small next to the product)."""
     if ops.x.device.type != "cuda":
         raise KernelUnavailable("torch.sparse._triton_ops needs CUDA")
     from torch.sparse import _triton_ops
 
     if _triton_ops.bsr_dense_mm is None:
         raise KernelUnavailable("torch.sparse._triton_ops.bsr_dense_mm is unavailable (torch built without triton)")
-    b = ops.layout.block_size
-    w_bsr = ops.weight.to_sparse_bsr((b, b))
-    wt_bsr = ops.weight.t().contiguous().to_sparse_bsr((b, b))
+    w_bsr = bsr_from_layout(ops.values, ops.layout)
+    wt_bsr = bsr_from_layout(ops.values, ops.layout, transpose=True)
     x_t = ops.x.t().contiguous()
     dy_t = ops.dy.t().contiguous()
     return {
@@ -225,17 +251,44 @@ def case_function(case: KernelCase, ops: _Operands, backend: str) -> Callable[[]
     return _torch_bsr_fns(ops)[case.op]
 
 
-def check_smet_result(case: KernelCase, ops: _Operands, result: torch.Tensor) -> str:
-    """Empty when the smet result matches the dense computation, else a note with the error."""
+def _expected(case: KernelCase, ops: _Operands) -> torch.Tensor:
+    """fp32 dense ground truth of ``case.op`` on ``ops`` (compact ``[nnz, b, b]`` for a sparse weight gradient),
+    computed once per operands and op."""
     from smet_kernels.functional import from_dense
 
-    x, dy, w = ops.x.float(), ops.dy.float(), ops.weight.float()
-    if case.op == "forward":
-        expected = x @ w.t()
-    elif case.op == "grad_input":
-        expected = dy @ w
-    else:
-        expected = from_dense(dy.t() @ x, ops.layout)
+    sparse_weight_grad = case.op == "grad_weight" and ops.layout is not None
+    key = (case.op, sparse_weight_grad)
+    if key not in ops.expected:
+        x, dy, w = ops.x.float(), ops.dy.float(), ops.weight.float()
+        if case.op == "forward":
+            ops.expected[key] = x @ w.t()
+        elif case.op == "grad_input":
+            ops.expected[key] = dy @ w
+        else:
+            dense = dy.t() @ x
+            ops.expected[key] = from_dense(dense, ops.layout) if sparse_weight_grad else dense
+    return ops.expected[key]
+
+
+def _as_reference_form(case: KernelCase, ops: _Operands, result: torch.Tensor) -> torch.Tensor:
+    """``result`` of ``case.provider`` in the form of :func:`_expected`: ``torch_bsr`` computes ``yᵀ`` and ``dxᵀ``
+    and returns the weight gradient as a BSR tensor; the dense-weight providers return ``[N, K]`` gradients."""
+    from smet_kernels.functional import from_dense
+
+    if case.provider == "torch_bsr" and case.op != "grad_weight":
+        return result.t()
+    if case.op == "grad_weight" and case.provider in ("torch_bsr", "masked_dense"):
+        dense = result.to_dense() if result.layout == torch.sparse_bsr else result
+        return from_dense(dense, ops.layout)
+    return result
+
+
+def check_result(case: KernelCase, ops: _Operands, result: torch.Tensor) -> str:
+    """Empty when ``result`` (of any provider) matches the fp32 dense computation, else a note with the error."""
+    expected = _expected(case, ops)
+    result = _as_reference_form(case, ops, result)
+    if result.shape != expected.shape:
+        return f"shape {tuple(result.shape)} != expected {tuple(expected.shape)}"
     scale = expected.abs().max().item() + 1e-12
     error = (result.float() - expected).abs().max().item() / scale
     tolerance = 2e-2 if case.dtype in (torch.float16, torch.bfloat16) else 1e-3
@@ -256,10 +309,9 @@ def run_case(case: KernelCase, ops: _Operands, backend: str, device: torch.devic
         fn = case_function(case, ops, backend)
     except KernelUnavailable as reason:
         return result | {"status": "skipped", "note": str(reason)}
-    if case.provider == "smet":
-        note = check_smet_result(case, ops, fn())
-        if note:
-            result |= {"status": "wrong", "note": note}
+    note = check_result(case, ops, fn())  # also compiles / autotunes before the clock starts
+    if note:
+        result |= {"status": "wrong", "note": note}
     timing: Timing = measure(fn, device, **timing_kwargs)
     flops = useful_flops(case, ops)
     return result | {

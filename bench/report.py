@@ -60,14 +60,16 @@ def _short(value) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- derived
+DENSE_MATCH = ["op", "M", "K", "N", "dtype", "gpu"]
+
+
 def kernel_comparison(kernels: pd.DataFrame) -> pd.DataFrame:
-    """Sparse-provider rows of the kernel suite with ``dense_ms``, ``exact_density``, ``vs_dense``, ``vs_d_dense``."""
+    """Sparse-provider rows of the kernel suite with ``dense_ms``, ``exact_density``, ``vs_dense``, ``vs_d_dense``;
+    ``t_dense`` is the cuBLAS row of the same op, shape, dtype and GPU (a folder may hold several machines' rows)."""
     measured = kernels[(kernels["suite"] == "kernels") & kernels["ms_p50"].notna()]
-    dense = measured[measured["provider"] == "cublas_dense"][["op", "M", "K", "N", "dtype", "ms_p50"]]
-    dense = dense.rename(columns={"ms_p50": "dense_ms"}).drop_duplicates(["op", "M", "K", "N", "dtype"])
-    sparse = measured[measured["provider"] != "cublas_dense"].merge(
-        dense, on=["op", "M", "K", "N", "dtype"], how="left"
-    )
+    dense = measured[(measured["provider"] == "cublas_dense") & (measured["status"] == "ok")]
+    dense = dense[DENSE_MATCH + ["ms_p50"]].rename(columns={"ms_p50": "dense_ms"}).drop_duplicates(DENSE_MATCH)
+    sparse = measured[measured["provider"] != "cublas_dense"].merge(dense, on=DENSE_MATCH, how="left")
     sparse["exact_density"] = sparse["nnz_blocks"] * sparse["block_size"] ** 2 / (sparse["N"] * sparse["K"])
     sparse["vs_dense"] = sparse["ms_p50"] / sparse["dense_ms"]
     sparse["vs_d_dense"] = sparse["ms_p50"] / (sparse["exact_density"] * sparse["dense_ms"])
@@ -176,6 +178,7 @@ def plot_kernel_times(comparison: pd.DataFrame, path: Path) -> str:
         & (comparison["K"] == largest["K"])
         & (comparison["N"] == largest["N"])
         & (comparison["block_size"] == largest["block_size"])
+        & (comparison["gpu"] == largest["gpu"])
     ]
     ops = [op for op in OP_ORDER if op in set(pick["op"])]
     fig, axes = plt.subplots(1, len(ops), figsize=(5 * len(ops), 4), squeeze=False)
@@ -286,12 +289,13 @@ def _kernel_section(kernels: pd.DataFrame, out_dir: Path) -> list[str]:
     lines = ["## Kernels", ""]
     lines += [
         "Median time of each op relative to cuBLAS dense (`vs dense`) and to the block-sparse limit d × dense "
-        "(`vs d×dense`, 1 = the limit), geometric means over the measured shapes and token counts; TFLOP/s counts "
-        "useful FLOPs (2·M·K·N·d).",
+        "(`vs d×dense`, 1 = the limit), geometric means over the measured shapes and token counts (rows with "
+        "status `ok` only); TFLOP/s counts useful FLOPs (2·M·K·N·d).",
         "",
     ]
     summary = (
-        comparison.groupby(["op", "provider", "block_size", "density"])
+        comparison[comparison["status"] == "ok"]  # a wrong result's time is listed below, not averaged
+        .groupby(["gpu", "op", "provider", "block_size", "density"])
         .agg(
             vs_dense=("vs_dense", _geomean),
             vs_d_dense=("vs_d_dense", _geomean),
@@ -301,11 +305,15 @@ def _kernel_section(kernels: pd.DataFrame, out_dir: Path) -> list[str]:
         .reset_index()
     )
     summary["op"] = pd.Categorical(summary["op"], OP_ORDER, ordered=True)
-    summary = summary.sort_values(["op", "block_size", "density", "provider"], ascending=[True, True, False, True])
+    summary = summary.sort_values(
+        ["gpu", "op", "block_size", "density", "provider"], ascending=[True, True, True, False, True]
+    )
+    several_gpus = summary["gpu"].nunique() > 1
     lines += [
         table(
             pd.DataFrame(
                 {
+                    **({"gpu": summary["gpu"]} if several_gpus else {}),
                     "op": summary["op"].astype(str),
                     "provider": summary["provider"],
                     "b": summary["block_size"].map(lambda v: f"{v:.0f}"),
@@ -333,6 +341,7 @@ def _kernel_section(kernels: pd.DataFrame, out_dir: Path) -> list[str]:
         table(
             pd.DataFrame(
                 {
+                    **({"gpu": detail["gpu"]} if several_gpus else {}),
                     "op": detail["op"].astype(str),
                     "shape": detail["variant"],
                     "M×K×N": [f"{m:.0f}×{k:.0f}×{n:.0f}" for m, k, n in zip(detail["M"], detail["K"], detail["N"])],
@@ -360,13 +369,14 @@ def _optimizer_section(kernels: pd.DataFrame) -> list[str]:
         return []
     rows["shape"] = rows["variant"].str.split(":", n=1).str[1]
     rows["tensor"] = rows["variant"].str.split(":").str[0]
-    copy_gbps = {
-        shape: row["N"] * row["K"] * 8 / (row["ms_p50"] * 1e-3) / 1e9
-        for shape, row in rows[rows["op"] == "copy"].set_index("shape").iterrows()
+    copy_gbps = {  # the device copy of the same shape on the same GPU
+        (row["shape"], row["gpu"]): row["N"] * row["K"] * 8 / (row["ms_p50"] * 1e-3) / 1e9
+        for _, row in rows[rows["op"] == "copy"].iterrows()
     }
     adamw = rows[rows["op"] == "adamw"].sort_values(
         ["shape", "tensor", "density", "provider"], ascending=[True, True, False, True]
     )
+    copy_of = [copy_gbps.get((shape, gpu)) for shape, gpu in zip(adamw["shape"], adamw["gpu"])]
     lines = [
         "## Optimizer step",
         "",
@@ -386,11 +396,8 @@ def _optimizer_section(kernels: pd.DataFrame) -> list[str]:
                     "provider": adamw["provider"],
                     "ms": [fmt_ms(a, b, c) for a, b, c in zip(adamw["ms_p50"], adamw["ms_p20"], adamw["ms_p80"])],
                     "GB/s": adamw["gbps"].map(lambda v: fmt_num(v, ".4g")),
-                    "copy GB/s": adamw["shape"].map(lambda s: fmt_num(copy_gbps.get(s), ".4g")),
-                    "% copy": [
-                        fmt_num(100 * g / copy_gbps[s], ".3g") if s in copy_gbps else ""
-                        for g, s in zip(adamw["gbps"], adamw["shape"])
-                    ],
+                    "copy GB/s": [fmt_num(c, ".4g") for c in copy_of],
+                    "% copy": [fmt_num(100 * g / c, ".3g") if c else "" for g, c in zip(adamw["gbps"], copy_of)],
                 }
             )
         ),

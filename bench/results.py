@@ -1,9 +1,10 @@
 """Long-format result files: one CSV row per measurement, appended as measured, resumable.
 
 ``kernels.csv`` holds kernel and optimizer-step timings, ``training.csv`` end-to-end training steps.
-A row's *key* (its configuration columns) identifies the measurement: a resumed run skips every key
-already in the file. Rows that could not be measured are written with ``status = "skipped"`` and the
-reason in ``note``, so they are recorded once and not retried on the same machine.
+A row's *key* (its configuration columns and the ``gpu`` that measured it) identifies the measurement: a
+resumed run skips every key already in the file, so one folder may hold the rows of several machines. Rows
+that could not be measured are written with ``status = "skipped"`` and the reason in ``note``, so they are
+recorded once and not retried on the same machine.
 """
 
 from __future__ import annotations
@@ -152,8 +153,8 @@ def _cell(value) -> str:
 
 
 def kernels_file(out_dir: str | os.PathLike) -> ResultsFile:
-    return ResultsFile(Path(out_dir) / "kernels.csv", KERNEL_COLUMNS, KERNEL_KEY)
+    return ResultsFile(Path(out_dir) / "kernels.csv", KERNEL_COLUMNS, KERNEL_KEY + ["gpu"])
 
 
 def training_file(out_dir: str | os.PathLike) -> ResultsFile:
-    return ResultsFile(Path(out_dir) / "training.csv", TRAINING_COLUMNS, TRAINING_KEY)
+    return ResultsFile(Path(out_dir) / "training.csv", TRAINING_COLUMNS, TRAINING_KEY + ["gpu"])

@@ -8,12 +8,12 @@ from bench.kernels import OPS, KernelCase, KernelUnavailable, LinearShape, case_
 from smet_kernels.backend import resolve_backend
 
 if FULL_SIZE:
-    SHAPES = [
+    SHAPES = [  # SPEC §7: M×K×N = 8192×4096×4096, 8192×4096×11008, 16384×1024×4096
         LinearShape("7b:qkvo", 4096, 4096),
         LinearShape("7b:gate_up", 11008, 4096),
-        LinearShape("350m:gate_up", 4096, 1024),
+        LinearShape("spec7:1024to4096", 4096, 1024),
     ]
-    TOKENS = {"7b:qkvo": 8192, "7b:gate_up": 8192, "350m:gate_up": 16384}
+    TOKENS = {"7b:qkvo": 8192, "7b:gate_up": 8192, "spec7:1024to4096": 16384}
     DENSITIES, BLOCK_SIZE, DTYPE = (0.5, 0.25, 0.1), 128, torch.bfloat16
 else:
     SHAPES = [LinearShape("tiny:gate_up", 128, 64)]

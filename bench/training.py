@@ -146,6 +146,16 @@ class _NoSampler:
         return None
 
 
+def memory_sampler(device: torch.device):
+    """The NVML sampler of the GPU torch calls ``device`` (NVML index resolved through ``CUDA_VISIBLE_DEVICES``),
+    or a stand-in reporting ``unavailable`` on CPU."""
+    if device.type != "cuda":
+        return _NoSampler()
+    from profiling.nvml import NvmlMemorySampler
+
+    return NvmlMemorySampler.for_device(device)
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -154,7 +164,6 @@ def _sync(device: torch.device) -> None:
 def _measure(case: TrainingCase, device: torch.device, backend: str | None, steps: int, seed: int):
     """Build ``case``, warm up, measure one step's memory, then time ``steps`` steps."""
     from profiling.memory_breakdown import measure_step_memory
-    from profiling.nvml import NvmlMemorySampler
     from smet_kernels.train.model import lm_loss
 
     model, optimizer = build(case, device, backend, seed)
@@ -173,7 +182,7 @@ def _measure(case: TrainingCase, device: torch.device, backend: str | None, step
 
     for _ in range(2):
         step()
-    sampler = NvmlMemorySampler(device.index or 0) if device.type == "cuda" else _NoSampler()
+    sampler = memory_sampler(device)
     with sampler:
         memory = measure_step_memory(model, optimizer, forward, device)
         times_ms = []

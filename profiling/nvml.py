@@ -6,6 +6,10 @@ The sampler polls ``nvmlDeviceGetMemoryInfo(handle).used`` every ``interval_s`` 
 
 Without a GPU, without the ``nvidia-ml-py`` package or without an NVIDIA driver it does not fail: it
 reports ``available = False`` and a ``status`` string that says why, and its peak is ``None``.
+
+NVML numbers all GPUs of the machine; torch numbers only the visible ones (``CUDA_VISIBLE_DEVICES``), so
+``cuda:0`` is not NVML device 0 in general: :func:`nvml_device_index` / :meth:`NvmlMemorySampler.for_device`
+translate. NVML's ``used`` is device-wide (every process on the GPU), so measure on an otherwise idle GPU.
 """
 
 from __future__ import annotations
@@ -13,11 +17,26 @@ from __future__ import annotations
 import threading
 import time
 
+import torch
+
+
+def nvml_device_index(device: torch.device | str | int) -> int:
+    """NVML's index of the torch CUDA ``device`` (``CUDA_VISIBLE_DEVICES`` taken into account, indices or UUIDs)."""
+    if isinstance(device, int):
+        device = torch.device("cuda", device)
+    device = torch.device(device)
+    if device.type != "cuda":
+        raise ValueError(f"device must be a CUDA device, got {device}")
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return int(torch.cuda._get_nvml_device_index(index))
+
 
 class NvmlMemorySampler:
     """Context manager: ``with NvmlMemorySampler(device_index) as s: ...; s.peak_used_bytes``.
 
-    ``status`` is ``"ok"`` when sampling worked, else ``"unavailable: <reason>"``.
+    ``device_index`` is NVML's index (see :meth:`for_device` for a torch device). ``status`` is ``"ok"`` when
+    sampling worked, ``"unavailable: <reason>"`` when it could not start and ``"failed: <reason>"`` when NVML
+    stopped answering mid-run (the peak so far is kept).
     """
 
     def __init__(self, device_index: int = 0, interval_s: float = 0.005):
@@ -35,6 +54,19 @@ class NvmlMemorySampler:
         self._handle = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._unresolved: str | None = None
+
+    @classmethod
+    def for_device(cls, device: torch.device | str | int, interval_s: float = 0.005) -> "NvmlMemorySampler":
+        """A sampler of the GPU that torch calls ``device``; when its NVML index cannot be resolved the sampler
+        reports ``unavailable`` with the reason instead of sampling another GPU."""
+        try:
+            index = nvml_device_index(device)
+        except (RuntimeError, ValueError) as error:
+            sampler = cls(0, interval_s)
+            sampler._unresolved = f"unavailable: no NVML index for {device}: {error}"
+            return sampler
+        return cls(index, interval_s)
 
     @property
     def available(self) -> bool:
@@ -42,6 +74,9 @@ class NvmlMemorySampler:
         return self.status == "ok"
 
     def _open(self) -> None:
+        if self._unresolved is not None:
+            self.status = self._unresolved
+            return
         try:
             import pynvml
         except ImportError:
@@ -63,14 +98,22 @@ class NvmlMemorySampler:
         return int(self._nvml.nvmlDeviceGetMemoryInfo(self._handle).used)
 
     def _run(self) -> None:
-        while not self._stop.is_set():
-            used = self._used()
-            self.samples += 1
-            if self.peak_used_bytes is None or used > self.peak_used_bytes:
-                self.peak_used_bytes = used
-            time.sleep(self.interval_s)
+        try:
+            while not self._stop.is_set():
+                self._sample()
+                time.sleep(self.interval_s)
+        except self._nvml.NVMLError as error:  # e.g. the GPU fell off the bus: keep the peak so far, say so
+            self.status = f"failed: {type(error).__name__}: {error}"
+
+    def _sample(self) -> None:
+        used = self._used()
+        self.samples += 1
+        if self.peak_used_bytes is None or used > self.peak_used_bytes:
+            self.peak_used_bytes = used
 
     def start(self) -> "NvmlMemorySampler":
+        if self._thread is not None:
+            raise RuntimeError("NvmlMemorySampler is already running; stop() it before starting it again")
         self._open()
         if self._handle is None:
             return self
@@ -78,9 +121,9 @@ class NvmlMemorySampler:
         self.peak_used_bytes = self.baseline_used_bytes
         self.samples = 1
         self._stop.clear()
+        self.status = "ok"
         self._thread = threading.Thread(target=self._run, name="nvml-memory-sampler", daemon=True)
         self._thread.start()
-        self.status = "ok"
         return self
 
     def stop(self) -> None:
@@ -88,9 +131,8 @@ class NvmlMemorySampler:
             self._stop.set()
             self._thread.join()
             self._thread = None
-            used = self._used()
-            self.samples += 1
-            self.peak_used_bytes = max(self.peak_used_bytes or 0, used)
+            if self.status == "ok":
+                self._sample()
         if self._nvml is not None:
             self._nvml.nvmlShutdown()
             self._nvml = None

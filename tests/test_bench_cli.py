@@ -180,3 +180,25 @@ def test_max_minutes_stops_and_resume_completes(tmp_path, capsys):
     assert main(args) == 0
     rows = _rows(tmp_path / "kernels.csv")
     assert {r["provider"] for r in rows} == {"device_copy", "smet", "torch_adamw_fused", "torch_adamw_foreach"}
+
+
+def test_failed_operands_are_not_reused_for_the_next_case(tmp_path, monkeypatch):
+    """When building a point's operands fails, its other cases must not be measured on the previous point's."""
+    from bench import kernels
+
+    real = kernels.make_operands
+    failed = []
+
+    def flaky(case, *args, **kwargs):
+        if case.density == 0.25 and not failed:
+            failed.append(case)
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return real(case, *args, **kwargs)
+
+    monkeypatch.setattr(kernels, "make_operands", flaky)
+    args = ["run", "--suites", "kernels", "--configs", "tiny", "--densities", "0.5,0.25", "--block-sizes", "32",
+            "--tokens", "32", "--providers", "masked_dense", "--backend", "reference", "--no-progress"]  # fmt: skip
+    assert main([*args, "--out-dir", str(tmp_path)]) == 1  # the failed case is reported
+    for row in _rows(tmp_path / "kernels.csv"):
+        blocks = int(row["N"]) * int(row["K"]) // 32**2
+        assert int(row["nnz_blocks"]) == round(float(row["density"]) * blocks), row

@@ -68,5 +68,70 @@ def test_smet_result_check_flags_wrong_results():
     case = kernels.KernelCase("forward", "smet", shape, 64, 32, 0.5, torch.float32)
     operands = kernels.make_operands(case, torch.device("cpu"))
     right = kernels.case_function(case, operands, "reference")()
-    assert kernels.check_smet_result(case, operands, right) == ""
-    assert "relative error" in kernels.check_smet_result(case, operands, right + 1.0)
+    assert kernels.check_result(case, operands, right) == ""
+    assert "relative error" in kernels.check_result(case, operands, right + 1.0)
+
+
+def _shuffled_layout_operands(case):
+    """Operands whose layout numbers its slots out of row-major order (as after a topology update)."""
+    from smet_kernels.functional import to_dense
+
+    operands = kernels.make_operands(case, torch.device("cpu"))
+    layout = operands.layout
+    order = torch.randperm(layout.nnz, generator=torch.Generator().manual_seed(1))
+    layout.set_block_indices(layout.block_indices[order])
+    operands.values = operands.values[order].contiguous()
+    assert torch.equal(to_dense(operands.values, layout), operands.weight)
+    return operands
+
+
+@pytest.mark.parametrize("op", kernels.OPS)
+@pytest.mark.parametrize("provider", ["cublas_dense", "masked_dense", "smet"])
+def test_every_provider_is_checked_against_dense(provider, op):
+    shape = kernels.LinearShape("tiny:gate_up", 128, 64)
+    block_size = None if provider == "cublas_dense" else 32
+    case = kernels.KernelCase(op, provider, shape, 64, block_size, 0.5, torch.float32)
+    operands = kernels.make_operands(case, torch.device("cpu"))
+    result = kernels.case_function(case, operands, "reference")()
+    assert kernels.check_result(case, operands, result) == ""
+    assert "relative error" in kernels.check_result(case, operands, 2 * result)
+    row = kernels.run_case(case, operands, "reference", torch.device("cpu"), {"max_repeats": 3, "budget_s": 0.0})
+    assert row["status"] == "ok"
+
+
+@pytest.mark.filterwarnings("ignore:Sparse BSR tensor support is in beta")
+@pytest.mark.parametrize("op", kernels.OPS)
+def test_torch_bsr_results_are_checked_in_their_own_form(op):
+    """bsr_dense_mm returns yᵀ and dxᵀ, sampled_addmm a BSR [N, K]; the check compares them with dense."""
+    shape = kernels.LinearShape("tiny:gate_up", 128, 64)
+    case = kernels.KernelCase(op, "torch_bsr", shape, 64, 32, 0.5, torch.float32)
+    operands = _shuffled_layout_operands(case)
+    x, dy, w = operands.x, operands.dy, operands.weight
+    w_bsr = w.to_sparse_bsr((32, 32))
+    if op == "forward":
+        result, wrong = w @ x.t(), x @ w.t()  # yᵀ [N, M]; y itself has the wrong shape
+    elif op == "grad_input":
+        result, wrong = w.t() @ dy.t(), 2 * (w.t() @ dy.t())
+    else:
+        dense = (dy.t() @ x) * operands.mask
+        result = dense.to_sparse_bsr((32, 32))
+        wrong = (dense * operands.mask.flip(0)).to_sparse_bsr((32, 32))  # right values at the wrong blocks
+    assert w_bsr.values().shape[0] == operands.layout.nnz
+    assert kernels.check_result(case, operands, result) == ""
+    assert kernels.check_result(case, operands, wrong) != ""
+
+
+@pytest.mark.filterwarnings("ignore:Sparse BSR tensor support is in beta")
+def test_bsr_from_layout_keeps_every_block_in_any_slot_order():
+    from smet_kernels.functional import to_dense
+
+    shape = kernels.LinearShape("tiny:gate_up", 128, 64)
+    case = kernels.KernelCase("forward", "torch_bsr", shape, 64, 32, 0.5, torch.float32)
+    operands = _shuffled_layout_operands(case)
+    operands.values[0].zero_()  # an active block that is all zeros (a zero-initialised regrown block)
+    weight = to_dense(operands.values, operands.layout)
+    w_bsr = kernels.bsr_from_layout(operands.values, operands.layout)
+    wt_bsr = kernels.bsr_from_layout(operands.values, operands.layout, transpose=True)
+    assert w_bsr.values().shape[0] == wt_bsr.values().shape[0] == operands.layout.nnz
+    assert torch.equal(w_bsr.to_dense(), weight) and torch.equal(wt_bsr.to_dense(), weight.t())
+    assert torch.allclose(w_bsr @ operands.x.t(), weight @ operands.x.t())  # what bsr_dense_mm computes

@@ -39,3 +39,86 @@ def test_schema_mismatch_and_unknown_columns(tmp_path):
 def test_slugs():
     assert slugify("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
     assert device_slug("cpu").startswith("cpu-")
+
+
+def test_rows_of_another_device_do_not_count_as_done(tmp_path):
+    """One --out-dir shared by a CPU and a GPU run: the GPU run must not skip the rows the CPU measured."""
+    results = kernels_file(tmp_path)
+    results.append(_row(gpu="cpu-x86_64-2cores"))
+    reopened = kernels_file(tmp_path)
+    assert reopened.done(_row(gpu="cpu-x86_64-2cores"))
+    assert not reopened.done(_row(gpu="NVIDIA H100 80GB HBM3"))
+
+
+def test_resume_is_per_device(tmp_path, monkeypatch, capsys):
+    from bench import results
+    from bench.cli import main
+
+    args = ["run", "--quick", "--suites", "optimizer", "--no-progress", "--out-dir", str(tmp_path)]
+    assert main(args) == 0
+    first = len((tmp_path / "kernels.csv").read_text().splitlines())
+    monkeypatch.setattr(results, "device_name", lambda device: "another-machine")
+    capsys.readouterr()
+    assert main(args) == 0
+    assert " 0 already in " in capsys.readouterr().out
+    assert len((tmp_path / "kernels.csv").read_text().splitlines()) == 2 * first - 1
+
+
+def _kernel_frame(rows):
+    import pandas as pd
+
+    base = {"suite": "kernels", "variant": "s", "M": 64, "K": 64, "N": 64, "dtype": "bf16", "ms_p20": None,
+            "ms_p80": None, "tflops": 1.0, "backend": "torch", "status": "ok", "note": ""}  # fmt: skip
+    return pd.DataFrame([base | row for row in rows])
+
+
+def test_report_ratios_use_the_dense_time_of_the_same_gpu():
+    from bench.report import kernel_comparison
+
+    frame = _kernel_frame(
+        [
+            {"op": "forward", "provider": "cublas_dense", "gpu": "cpu", "ms_p50": 100.0},
+            {"op": "forward", "provider": "cublas_dense", "gpu": "h100", "ms_p50": 1.0},
+            {"op": "forward", "provider": "smet", "gpu": "h100", "ms_p50": 0.5, "block_size": 32, "density": 0.5,
+             "nnz_blocks": 2},
+        ]
+    )  # fmt: skip
+    sparse = kernel_comparison(frame)
+    assert len(sparse) == 1
+    assert sparse["vs_dense"].iloc[0] == 0.5 and sparse["vs_d_dense"].iloc[0] == 1.0
+
+
+def test_report_summary_leaves_out_wrong_results(tmp_path):
+    from bench.report import _kernel_section
+
+    rows = [{"op": "forward", "provider": "cublas_dense", "gpu": "h100", "ms_p50": 1.0}]
+    for status, ms in (("ok", 0.5), ("wrong", 0.01)):
+        rows.append(
+            {"op": "forward", "provider": "smet", "gpu": "h100", "ms_p50": ms, "block_size": 32, "density": 0.5,
+             "nnz_blocks": 2, "status": status, "M": 64 if status == "ok" else 128}
+        )  # fmt: skip
+    rows.append({"op": "forward", "provider": "cublas_dense", "gpu": "h100", "ms_p50": 1.0, "M": 128})
+    text = "\n".join(_kernel_section(_kernel_frame(rows), tmp_path))
+    summary = text.split("### All kernel measurements")[0]
+    row = next(line for line in summary.splitlines() if line.startswith("| forward") and "smet" in line)
+    cells = [cell.strip() for cell in row.strip("|").split("|")]
+    assert cells[4:6] == ["0.5", "1"] and cells[-1] == "1"  # vs dense, vs d×dense, one case
+    assert "wrong" in text  # still listed, flagged, in the detail table
+
+
+def test_optimizer_percent_of_copy_uses_the_same_gpu():
+    from bench.report import _optimizer_section
+
+    frame = _kernel_frame(
+        [
+            {"suite": "optimizer", "op": "copy", "provider": "device_copy", "variant": "dense:s", "gpu": "h100",
+             "ms_p50": 0.01, "N": 1000, "K": 1000},
+            {"suite": "optimizer", "op": "copy", "provider": "device_copy", "variant": "dense:s", "gpu": "cpu",
+             "ms_p50": 1.0, "N": 1000, "K": 1000},
+            {"suite": "optimizer", "op": "adamw", "provider": "smet", "variant": "dense:s", "gpu": "h100",
+             "ms_p50": 0.1, "N": 1000, "K": 1000, "gbps": 400.0, "density": 1.0, "block_size": None},
+        ]
+    )  # fmt: skip
+    row = next(line for line in _optimizer_section(frame)[4].splitlines() if "smet" in line)
+    cells = [cell.strip() for cell in row.strip("|").split("|")]
+    assert cells[-2:] == ["800", "50"]  # copy 8e6 B / 0.01 ms = 800 GB/s; 400 / 800 = 50 %

@@ -112,3 +112,86 @@ def test_nvml_bad_arguments():
         NvmlMemorySampler(-1)
     with pytest.raises(ValueError, match="interval_s"):
         NvmlMemorySampler(0, interval_s=0)
+
+
+class _FakeNvml:
+    """A stand-in ``pynvml``: ``count`` GPUs, ``used`` bytes per call from ``readings`` (then the last forever)."""
+
+    class NVMLError(Exception):
+        pass
+
+    def __init__(self, count=4, readings=(100, 300, 200), fail_after=None):
+        self.count, self.readings, self.fail_after = count, list(readings), fail_after
+        self.opened = self.calls = 0
+        self.handles = []
+
+    def nvmlInit(self):
+        self.opened += 1
+
+    def nvmlShutdown(self):
+        self.opened -= 1
+
+    def nvmlDeviceGetCount(self):
+        return self.count
+
+    def nvmlDeviceGetHandleByIndex(self, index):
+        self.handles.append(index)
+        return index
+
+    def nvmlDeviceGetMemoryInfo(self, handle):
+        self.calls += 1
+        if self.fail_after is not None and self.calls > self.fail_after:
+            raise self.NVMLError("GPU is lost")
+        used = self.readings[min(self.calls - 1, len(self.readings) - 1)]
+        return type("Info", (), {"used": used})()
+
+
+def _wait_for(condition, timeout_s=5.0):
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.001)
+
+
+def _sampler_threads():
+    import threading
+
+    return [t for t in threading.enumerate() if t.name == "nvml-memory-sampler"]
+
+
+def test_nvml_sampler_keeps_the_peak_and_stops_its_thread(monkeypatch):
+    fake = _FakeNvml(readings=(100, 300, 200))
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    with NvmlMemorySampler(2, interval_s=0.001) as sampler:
+        assert sampler.available and fake.handles == [2]
+        with pytest.raises(RuntimeError, match="already running"):
+            sampler.start()  # a second thread would leak
+        _wait_for(lambda: fake.calls >= 4)
+    assert sampler.peak_used_bytes == 300 and sampler.baseline_used_bytes == 100
+    assert not _sampler_threads() and fake.opened == 0
+
+
+def test_nvml_sampler_survives_nvml_failing_mid_run(monkeypatch):
+    fake = _FakeNvml(readings=(100, 500), fail_after=2)
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    with NvmlMemorySampler(0, interval_s=0.001) as sampler:
+        _wait_for(lambda: sampler.status != "ok")
+    assert sampler.status.startswith("failed: ") and sampler.peak_used_bytes == 500
+    assert not _sampler_threads() and fake.opened == 0
+
+
+def test_nvml_index_follows_cuda_visible_devices(monkeypatch):
+    from bench.training import memory_sampler
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    assert memory_sampler(torch.device("cuda", 1)).device_index == 3  # torch's cuda:1 is NVML's GPU 3
+    assert memory_sampler(torch.device("cuda")).device_index == 3
+    assert memory_sampler(torch.device("cuda", 0)).device_index == 2
+    unresolved = memory_sampler(torch.device("cuda", 5))  # not visible: say so rather than sample another GPU
+    monkeypatch.setitem(sys.modules, "pynvml", _FakeNvml())
+    with unresolved:
+        pass
+    assert unresolved.status.startswith("unavailable: no NVML index for cuda:5")
+    assert unresolved.peak_used_bytes is None
