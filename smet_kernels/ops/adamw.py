@@ -33,7 +33,8 @@ import triton.language as tl
 from ..backend import INTERPRET, resolve_backend
 from ..reference.adamw import WARMUP_MODES, smet_adamw_step_reference
 
-BLOCK = 4096 if INTERPRET else 1024
+GPU_BLOCK = 1024
+BLOCK = 4096 if INTERPRET else GPU_BLOCK
 ELEMENTS_PER_PROGRAM = 16384
 NUM_WARPS = 4
 PARAM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)

@@ -24,9 +24,13 @@ from ..backend import INTERPRET
 from ..layout import BlockLayout
 
 
-def _matmul_configs(block_ms: tuple[int, ...]) -> list[triton.Config]:
+DENSE_SPARSE_BLOCK_MS = (64, 128, 256)
+GRAD_WEIGHT_BLOCK_MS = (32, 64, 128)
+
+
+def matmul_configs(block_ms: tuple[int, ...], interpret: bool = INTERPRET) -> list[triton.Config]:
     """GPU autotune space; one small config under the interpreter (autotuning there costs minutes)."""
-    if INTERPRET:
+    if interpret:
         return [triton.Config({"BLOCK_M": 32}, num_warps=1, num_stages=1)]
     return [
         triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=s)
@@ -36,18 +40,40 @@ def _matmul_configs(block_ms: tuple[int, ...]) -> list[triton.Config]:
     ]
 
 
-def _prune_configs(configs, named_args, **kwargs):
-    """Drop tiles whose double-buffered operands would not fit in shared memory (fp32, b = 128)."""
+HOPPER_SHARED_MEMORY = 232448  # opt-in shared memory per block of an H100, used when the device is not a GPU
+
+
+def prune_configs(configs, named_args, shared_memory_limit: int | None = None, **kwargs):
+    """Drop configs whose ``num_stages`` buffered tiles ``(BLOCK_M·b + b·b)·elem`` exceed the device's shared memory.
+
+    The product is an upper bound of what Triton's pipeliner allocates, so every kept config fits (checked on sm_90
+    by ``tests/test_kernel_compile.py``).
+    """
     b = kwargs.get("BLOCK_SIZE", named_args.get("BLOCK_SIZE"))
-    elem = next(arg for arg in named_args.values() if isinstance(arg, torch.Tensor)).element_size()
-    kept = [c for c in configs if (c.kwargs["BLOCK_M"] * b + b * b) * elem * c.num_stages <= 200 * 1024]
+    operand = next(arg for arg in named_args.values() if isinstance(arg, torch.Tensor))
+    if shared_memory_limit is None:
+        shared_memory_limit = _shared_memory_limit(operand.device)
+    elem = operand.element_size()
+    kept = [c for c in configs if (c.kwargs["BLOCK_M"] * b + b * b) * elem * c.num_stages <= shared_memory_limit]
     return kept or configs[:1]
 
 
+def _shared_memory_limit(device: torch.device) -> int:
+    if device.type != "cuda":
+        return HOPPER_SHARED_MEMORY
+    return _device_shared_memory(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _device_shared_memory(device_index: int) -> int:
+    properties = torch.cuda.get_device_properties(device_index)
+    return getattr(properties, "shared_memory_per_block_optin", properties.shared_memory_per_block)
+
+
 @triton.autotune(
-    configs=_matmul_configs((64, 128, 256)),
+    configs=matmul_configs(DENSE_SPARSE_BLOCK_MS),
     key=["M", "IN_COLS", "OUT_COLS", "BLOCK_SIZE", "TRANSPOSE_BLOCKS"],
-    prune_configs_by={"early_config_prune": _prune_configs},
+    prune_configs_by={"early_config_prune": prune_configs},
 )
 @triton.jit
 def _bsmm_dense_sparse_kernel(
@@ -112,9 +138,9 @@ def _bsmm_dense_sparse_kernel(
 
 
 @triton.autotune(
-    configs=_matmul_configs((32, 64, 128)),
+    configs=matmul_configs(GRAD_WEIGHT_BLOCK_MS),
     key=["M", "N", "K", "BLOCK_SIZE", "SPLIT_K"],
-    prune_configs_by={"early_config_prune": _prune_configs},
+    prune_configs_by={"early_config_prune": prune_configs},
 )
 @triton.jit
 def _bsmm_grad_weight_kernel(

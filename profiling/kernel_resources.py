@@ -1,0 +1,353 @@
+"""Static resource report of the library's Triton kernels, compiled ahead of time for a GPU target — no GPU needed.
+
+Each kernel × dtype × block size × autotune config is compiled with ``triton.compile`` for ``sm_<arch>`` (ptxas ships
+with Triton) and its cubin read back with ``cuobjdump``. Per variant the report gives shared memory, registers,
+stack bytes (``> 0``: register spills or a stack frame), and what the main loop became: tensor-core instructions
+(``wgmma`` on Hopper, ``mma.sync`` before) and asynchronous copies (``cp.async``: a software-pipelined loop; TMA
+``cp.async.bulk``). Integer and pointer arguments are assumed 16-divisible, as Triton's JIT specialises them for the
+benchmark shapes (M = 8192, K = N = 4096); a variant that is not pipelined under that assumption never will be.
+
+    python -m profiling.kernel_resources --arch 90 --out-dir reports/static-sm90
+
+These are compiler facts, not timings: they tell whether a kernel can run at speed (no spills, pipelined, fits in
+shared memory) and which autotune configs the shared-memory pruner keeps, before any GPU time is spent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import triton
+import triton.language as tl
+
+from smet_kernels.ops import adamw as adamw_ops
+from smet_kernels.ops import block_sparse_matmul as bsmm
+from smet_kernels.ops import regrow as regrow_ops
+
+# opt-in shared memory per block (bytes): cudaDevAttrMaxSharedMemoryPerBlockOptin
+SHARED_MEMORY_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: bsmm.HOPPER_SHARED_MEMORY}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+_TRITON_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+INSTRUCTIONS = {
+    "wgmma": "wgmma.mma_async",
+    "mma_sync": "mma.sync",
+    "cp_async": "cp.async.cg",
+    "tma": "cp.async.bulk",
+}
+KERNELS = ["forward", "grad_input", "grad_weight", "grad_weight_split_k", "adamw", "regrow"]
+FIELDS = [
+    "kernel", "dtype", "block_size", "BLOCK_M", "num_warps", "num_stages", "kept_by_pruner", "arch",
+    "shared_bytes", "fits_shared", "registers", "stack_bytes", *INSTRUCTIONS, "triton", "ptxas",
+]
+
+
+class ToolchainMissing(RuntimeError):
+    """Triton's NVIDIA backend (ptxas, cuobjdump) is not available in this installation."""
+
+
+@dataclass
+class KernelCase:
+    """One compilation: a ``@triton.jit`` function, its argument types and constexprs, and launch options."""
+
+    kernel: str
+    fn: object  # a @triton.jit kernel, autotuned or not; the jit function itself after __post_init__
+    signature: dict[str, str]
+    constexprs: dict[str, object]
+    num_warps: int
+    num_stages: int
+    dtype: str
+    block_size: int | None = None
+    block_m: int | None = None
+    kept_by_pruner: bool | None = None
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.fn = _jit_function(self.fn)
+        missing = [name for name in self.fn.arg_names if name not in self.signature]
+        unknown = [name for name in self.signature if name not in self.fn.arg_names]
+        if missing or unknown:
+            raise ValueError(
+                f"signature of {self.kernel} is out of date with the kernel: missing {missing}, unknown {unknown}"
+            )
+        self.signature = {name: self.signature[name] for name in self.fn.arg_names}
+
+
+def _jit_function(kernel):
+    """The ``@triton.jit`` function behind a kernel (unwraps the autotuner)."""
+    return kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
+
+
+def _signature(pointers: dict[str, str], scalars: dict[str, str], constexprs: dict[str, object]) -> dict[str, str]:
+    return {**{n: "*" + t for n, t in pointers.items()}, **scalars, **{n: "constexpr" for n in constexprs}}
+
+
+def _autotune_configs(block_ms: tuple[int, ...]) -> list[triton.Config]:
+    return bsmm.matmul_configs(block_ms, interpret=False)
+
+
+def matmul_cases(dtypes: list[str], block_sizes: list[int], arch: int = 90) -> list[KernelCase]:
+    """Every GPU autotune config of the three block-sparse matmul kernels, marked kept or pruned for ``sm_<arch>``."""
+    limit = SHARED_MEMORY_LIMIT.get(arch, bsmm.HOPPER_SHARED_MEMORY)
+    cases = []
+    for dtype_name in dtypes:
+        dtype = DTYPES[dtype_name]
+        t = _TRITON_TYPES[dtype]
+        flags = {"UPCAST": False, "INPUT_PRECISION": "ieee" if dtype == torch.float32 else "tf32"}
+        probe = torch.empty(0, dtype=dtype)
+        for b in block_sizes:
+            for name, transpose in (("forward", True), ("grad_input", False)):
+                configs = _autotune_configs(bsmm.DENSE_SPARSE_BLOCK_MS)
+                kept = bsmm.prune_configs(configs, {"a": probe}, limit, BLOCK_SIZE=b)
+                for config in configs:
+                    constexprs = {"HAS_BIAS": transpose, "TRANSPOSE_BLOCKS": transpose, "BLOCK_SIZE": b, **flags,
+                                  **config.kwargs}
+                    signature = _signature(
+                        {"a_ptr": t, "values_ptr": t, "bias_ptr": t, "out_ptr": t, "index_ptr_ptr": "i32",
+                         "index_slots_ptr": "i32", "index_minor_ptr": "i32"},
+                        {"M": "i32", "IN_COLS": "i32", "OUT_COLS": "i32", "stride_am": "i32", "stride_om": "i32"},
+                        constexprs,
+                    )
+                    cases.append(KernelCase(name, bsmm._bsmm_dense_sparse_kernel, signature, constexprs,
+                                            config.num_warps, config.num_stages, dtype_name, b,
+                                            config.kwargs["BLOCK_M"], config in kept))
+            configs = _autotune_configs(bsmm.GRAD_WEIGHT_BLOCK_MS)
+            kept = bsmm.prune_configs(configs, {"dy": probe}, limit, BLOCK_SIZE=b)
+            for split_k, out_type in ((1, t), (2, "fp32")):
+                for config in configs:
+                    constexprs = {"BLOCK_SIZE": b, "SPLIT_K": split_k, **flags, **config.kwargs}
+                    signature = _signature(
+                        {"dy_ptr": t, "x_ptr": t, "out_ptr": out_type, "block_indices_ptr": "i32"},
+                        {"M": "i32", "N": "i32", "K": "i32", "nnz": "i32", "stride_dym": "i32", "stride_xm": "i32"},
+                        constexprs,
+                    )
+                    kernel = "grad_weight" if split_k == 1 else "grad_weight_split_k"
+                    cases.append(KernelCase(kernel, bsmm._bsmm_grad_weight_kernel, signature, constexprs,
+                                            config.num_warps, config.num_stages, dtype_name, b,
+                                            config.kwargs["BLOCK_M"], config in kept))
+    return cases
+
+
+def optimizer_cases(dtypes: list[str]) -> list[KernelCase]:
+    """The fused AdamW kernel (each warm-up mode; fp32 states) and the regrow kernel, at their launch settings."""
+    cases = []
+    for dtype_name in dtypes:
+        param = adamw_ops._TL_DTYPES[DTYPES[dtype_name]]
+        for warmup, code in adamw_ops._WARMUP_CODES.items():
+            constexprs = {"PARAM_DTYPE": param, "STATE_DTYPE": tl.float32, "WARMUP": code, "BLOCK": adamw_ops.GPU_BLOCK}
+            signature = _signature(
+                {"pointers_ptr": "i64", "sizes_ptr": "i64", "scalars_ptr": "fp32", "work_ptr": "i32"},
+                {name: "fp32" for name in ("beta1", "beta2", "one_minus_beta1", "one_minus_beta2", "log2_beta1",
+                                           "log2_beta2", "eps", "weight_decay", "warmup_steps")},
+                constexprs,
+            )
+            cases.append(KernelCase(f"adamw[{warmup}]", adamw_ops._smet_adamw_kernel, signature, constexprs,
+                                    adamw_ops.NUM_WARPS, 3, dtype_name))
+        t = _TRITON_TYPES[DTYPES[dtype_name]]
+        constexprs = {"HAS_NEW_VALUES": True, "HAS_EXP_AVG": True, "HAS_EXP_AVG_SQ": True, "HAS_BLOCK_STEP": True,
+                      "BLOCK": regrow_ops.MAX_BLOCK}
+        signature = _signature(
+            {"values_ptr": t, "new_values_ptr": "fp32", "exp_avg_ptr": "fp32", "exp_avg_sq_ptr": "fp32",
+             "block_step_ptr": "i32", "slots_ptr": "i64"},
+            {"block_numel": "i32"},
+            constexprs,
+        )
+        cases.append(KernelCase("regrow", regrow_ops._regrow_kernel, signature, constexprs, 4, 3, dtype_name))
+    return cases
+
+
+def _toolchain(arch: int) -> tuple[str, str]:
+    """Paths of cuobjdump and the ptxas version string, or :class:`ToolchainMissing`."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+        cuobjdump = triton.knobs.nvidia.cuobjdump.path
+        ptxas_version = get_ptxas(arch).version
+    except Exception as error:  # any failure here means no usable NVIDIA toolchain
+        raise ToolchainMissing(f"Triton's NVIDIA toolchain is not usable here: {error}") from error
+    match = re.search(r"release ([\d.]+)", ptxas_version)
+    return cuobjdump, match.group(1) if match else ptxas_version.strip().splitlines()[-1]
+
+
+def _resource_usage(cuobjdump: str, cubin: bytes) -> dict[str, int]:
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "kernel.cubin"
+        path.write_bytes(cubin)
+        output = subprocess.run([cuobjdump, "--dump-resource-usage", str(path)], capture_output=True, text=True,
+                                check=True).stdout
+    usage = dict(re.findall(r"(\w+):(\d+)", next(line for line in output.splitlines() if "REG:" in line)))
+    return {"registers": int(usage["REG"]), "stack_bytes": int(usage["STACK"]) + int(usage.get("LOCAL", 0))}
+
+
+def compile_case(case: KernelCase, arch: int, cuobjdump: str) -> dict:
+    """Compile ``case`` for ``sm_<arch>`` and return its report row (without the version columns)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    aligned = {
+        (index,): [["tt.divisibility", 16]]
+        for index, name in enumerate(case.fn.arg_names)
+        if case.signature[name] not in ("constexpr", "fp32")
+    }
+    source = ASTSource(fn=case.fn, signature=case.signature, constexprs=case.constexprs, attrs=aligned)
+    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                              options={"num_warps": case.num_warps, "num_stages": case.num_stages})
+    ptx = compiled.asm["ptx"]
+    shared = int(compiled.metadata.shared)
+    limit = SHARED_MEMORY_LIMIT.get(arch)
+    return {
+        "kernel": case.kernel,
+        "dtype": case.dtype,
+        "block_size": case.block_size,
+        "BLOCK_M": case.block_m,
+        "num_warps": case.num_warps,
+        "num_stages": case.num_stages,
+        "kept_by_pruner": case.kept_by_pruner,
+        "arch": f"sm_{arch}",
+        "shared_bytes": shared,
+        "fits_shared": None if limit is None else shared <= limit,
+        **_resource_usage(cuobjdump, compiled.asm["cubin"]),
+        **{column: ptx.count(instruction) for column, instruction in INSTRUCTIONS.items()},
+    }
+
+
+def collect(
+    arch: int,
+    dtypes: list[str],
+    block_sizes: list[int],
+    kernels: list[str] | None = None,
+    configs: list[tuple[int, int, int]] | None = None,
+    progress: bool = True,
+) -> list[dict]:
+    """Report rows for every case (optionally only ``kernels`` and matmul ``configs`` ``(BLOCK_M, warps, stages)``).
+
+    Each row carries the Triton and ptxas versions. Compilation needs the real Triton frontend: run it in a process
+    without ``TRITON_INTERPRET=1`` (the interpreter replaces ``@triton.jit`` functions at import).
+    """
+    from tqdm import tqdm
+
+    cuobjdump, ptxas_version = _toolchain(arch)
+    if triton.knobs.runtime.interpret:
+        raise RuntimeError("kernels cannot be compiled with TRITON_INTERPRET=1 set: run in a process without it")
+    cases = [
+        case
+        for case in matmul_cases(dtypes, block_sizes, arch) + optimizer_cases(dtypes)
+        if (kernels is None or case.kernel.split("[")[0] in kernels)
+        and (configs is None or case.block_m is None or (case.block_m, case.num_warps, case.num_stages) in configs)
+    ]
+    rows = []
+    for case in tqdm(cases, desc=f"compiling for sm_{arch}", disable=not progress):
+        row = compile_case(case, arch, cuobjdump)
+        row.update(triton=triton.__version__, ptxas=ptxas_version)
+        rows.append(row)
+    return rows
+
+
+def _summary(rows: list[dict]) -> list[dict]:
+    """Per kernel/dtype/block size: configs kept by the pruner, and how many of them spill / are not pipelined."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["kernel"], row["dtype"], row["block_size"]), []).append(row)
+    summary = []
+    for (kernel, dtype, b), members in groups.items():
+        kept = [r for r in members if r["kept_by_pruner"] is not False]
+        if not kept:
+            continue
+        fitting_pruned = [r for r in members if r["kept_by_pruner"] is False and r["fits_shared"]]
+        summary.append({
+            "kernel": kernel, "dtype": dtype, "block_size": b if b is not None else "-",
+            "configs kept": f"{len(kept)}/{len(members)}",
+            "kept but too big": sum(1 for r in kept if r["fits_shared"] is False),
+            "pruned but fit": len(fitting_pruned),
+            "kept spilling": sum(1 for r in kept if r["stack_bytes"] > 0),
+            "kept not pipelined": sum(1 for r in kept if r["cp_async"] + r["tma"] == 0),
+            "tensor cores": "wgmma" if all(r["wgmma"] for r in kept) else
+                            "mma.sync" if all(r["mma_sync"] or r["wgmma"] for r in kept) else "no",
+            "max shared KiB": round(max(r["shared_bytes"] for r in kept) / 1024, 1),
+            "max regs": max(r["registers"] for r in kept),
+        })
+    return summary
+
+
+def write_report(rows: list[dict], out_dir: Path, arch: int) -> Path:
+    """``kernel_resources.csv`` (one row per compiled variant) and ``kernel_resources.md`` (summary tables)."""
+    from tabulate import tabulate
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / "kernel_resources.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+    versions = sorted({(r["triton"], r["ptxas"]) for r in rows})
+    matmul = [r for r in rows if r["block_size"] is not None]
+    lines = [
+        f"# Static kernel resources, sm_{arch}",
+        "",
+        "Compiled ahead of time with `triton.compile` (no GPU); "
+        + ", ".join(f"Triton {t}, ptxas {p}" for t, p in versions) + ". Regenerate with "
+        f"`python -m profiling.kernel_resources --arch {arch} --out-dir {out_dir}`. Compiler facts, not timings: "
+        "`stack` > 0 means register spills, `cp_async`/`tma` = 0 means the main loop is not software-pipelined. "
+        f"Shared-memory limit per block on sm_{arch}: {SHARED_MEMORY_LIMIT.get(arch, 'unknown')} bytes.",
+        "",
+        "## Summary per kernel",
+        "",
+        tabulate(_summary(rows), headers="keys", tablefmt="github"),
+        "",
+        "## Matmul autotune configs (bf16)",
+        "",
+        tabulate(
+            [{k: r[k] for k in ("kernel", "block_size", "BLOCK_M", "num_warps", "num_stages", "kept_by_pruner",
+                                "shared_bytes", "fits_shared", "registers", "stack_bytes", "wgmma", "cp_async")}
+             for r in matmul if r["dtype"] == "bf16"],
+            headers="keys", tablefmt="github",
+        ),
+        "",
+    ]
+    path = out_dir / "kernel_resources.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def _config(text: str) -> tuple[int, int, int]:
+    try:
+        block_m, warps, stages = (int(part) for part in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected BLOCK_M:WARPS:STAGES such as 128:8:3, got {text!r}") from None
+    return block_m, warps, stages
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m profiling.kernel_resources",
+        description="Compile every Triton kernel of smet_kernels for a GPU architecture without a GPU and report "
+                    "shared memory, registers, spills and whether the main loops are pipelined tensor-core loops.",
+    )
+    parser.add_argument("--arch", type=int, default=90, help="compute capability as an int: 90 = H100, 80 = A100")
+    parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES),
+                        help="operand dtypes to compile (default: all)")
+    parser.add_argument("--block-sizes", nargs="+", type=int, default=[16, 32, 64, 128],
+                        help="block sizes b of the matmul kernels (default: 16 32 64 128)")
+    parser.add_argument("--kernels", nargs="+", choices=KERNELS, default=None,
+                        help="only these kernels (default: all)")
+    parser.add_argument("--configs", nargs="+", type=_config, default=None, metavar="BLOCK_M:WARPS:STAGES",
+                        help="only these matmul autotune configs, e.g. 128:8:3 (default: the whole autotune space)")
+    parser.add_argument("--out-dir", type=Path, required=True,
+                        help="folder for kernel_resources.csv and kernel_resources.md")
+    args = parser.parse_args(argv)
+    try:
+        rows = collect(args.arch, args.dtypes, args.block_sizes, args.kernels, args.configs)
+    except ToolchainMissing as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(write_report(rows, args.out_dir, args.arch))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

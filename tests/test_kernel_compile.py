@@ -1,0 +1,139 @@
+"""Ahead-of-time compilation of every Triton kernel for Hopper (sm_90) and Ampere (sm_80), on a CPU-only machine.
+
+The interpreter proves the kernels compute the right numbers; these tests prove the compiled GPU kernels exist and
+have the shape of fast code: tensor-core instructions, a software-pipelined main loop, no register spills, shared
+memory within the device limit. They need Triton's NVIDIA toolchain (ptxas, cuobjdump — shipped in the wheel) and
+compile in a child process, since this one runs the interpreter.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from profiling import kernel_resources as kr
+from smet_kernels.ops import block_sparse_matmul as bsmm
+
+try:
+    kr._toolchain(90)
+except kr.ToolchainMissing as error:  # pragma: no cover - depends on the Triton wheel
+    pytest.skip(str(error), allow_module_level=True)
+
+ROOT = Path(__file__).resolve().parents[1]
+# (arch, dtypes, block sizes, kernels, configs): the config each matmul most likely runs at the benchmark shapes
+# (M = 8192), a small-tile one at b = 16, the largest tiles the shared-memory pruner keeps at b = 128 in bf16
+# (forward 256:8:2, grad weight 128:8:3), fp32, the optimizer kernels, and Ampere
+SELECTIONS = [
+    (90, ["bf16"], [16], None, [(64, 4, 3)]),
+    (90, ["bf16"], [128], ["forward", "grad_input", "grad_weight", "grad_weight_split_k"], [(128, 8, 3), (256, 8, 2)]),
+    (90, ["fp32"], [64], ["forward", "grad_weight"], [(64, 4, 3)]),
+    (80, ["bf16"], [128], ["forward", "grad_weight"], [(128, 8, 3)]),
+]
+_CHILD = """
+import json, sys
+from profiling import kernel_resources as kr
+rows = []
+for arch, dtypes, block_sizes, kernels, configs in json.loads(sys.argv[1]):
+    configs = [tuple(c) for c in configs]
+    rows += kr.collect(arch, dtypes, block_sizes, kernels, configs, progress=False)
+print(json.dumps(rows))
+"""
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    """Report rows of the selected kernels, compiled in a child process without the interpreter."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(SELECTIONS)], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.splitlines()[-1])
+
+
+def _row(rows, kernel, dtype, b, config=(128, 8, 3), arch="sm_90"):
+    for row in rows:
+        if (row["arch"], row["kernel"], row["dtype"], row["block_size"],
+                (row["BLOCK_M"], row["num_warps"], row["num_stages"])) == (arch, kernel, dtype, b, config):
+            return row
+    raise AssertionError(f"no row for {arch} {kernel} {dtype} b={b} {config}")
+
+
+@pytest.mark.parametrize("kernel", ["forward", "grad_input", "grad_weight", "grad_weight_split_k"])
+@pytest.mark.parametrize("b,config", [(16, (64, 4, 3)), (128, (128, 8, 3))])
+def test_bf16_matmul_is_a_pipelined_tensor_core_loop_on_hopper(compiled, kernel, b, config):
+    row = _row(compiled, kernel, "bf16", b, config)
+    if kernel.startswith("grad_weight") and b < 64:
+        assert row["mma_sync"] > 0, row  # a b x b output tile is below wgmma's 64-row minimum
+    else:
+        assert row["wgmma"] > 0, row
+    assert row["cp_async"] + row["tma"] > 0, f"main loop not software-pipelined: {row}"
+    assert row["stack_bytes"] == 0, f"register spills: {row}"
+    assert row["fits_shared"], row
+
+
+@pytest.mark.parametrize("kernel", ["forward", "grad_weight"])
+def test_fp32_matmul_compiles_pipelined_without_spills(compiled, kernel):
+    row = _row(compiled, kernel, "fp32", 64, (64, 4, 3))
+    assert row["stack_bytes"] == 0 and row["fits_shared"], row
+    assert row["cp_async"] + row["tma"] > 0, row
+
+
+def test_every_config_the_pruner_keeps_fits_hopper_shared_memory(compiled):
+    kept = [r for r in compiled if r["kept_by_pruner"] and r["arch"] == "sm_90"]
+    largest = {(r["kernel"], r["BLOCK_M"], r["num_stages"]) for r in kept if r["block_size"] == 128}
+    assert {("forward", 256, 2), ("grad_weight", 128, 3)} <= largest
+    assert all(r["fits_shared"] for r in kept), [r for r in kept if not r["fits_shared"]]
+
+
+def test_optimizer_kernels_compile_without_spills(compiled):
+    rows = [r for r in compiled if r["block_size"] is None]
+    assert {r["kernel"] for r in rows} == {"adamw[none]", "adamw[linear]", "adamw[momentum_ramp]", "regrow"}
+    for row in rows:
+        assert row["stack_bytes"] == 0 and row["fits_shared"], row
+
+
+@pytest.mark.parametrize("kernel", ["forward", "grad_weight"])
+def test_matmul_compiles_for_ampere(compiled, kernel):
+    row = _row(compiled, kernel, "bf16", 128, arch="sm_80")
+    assert row["mma_sync"] > 0 and row["wgmma"] == 0, row
+    assert row["cp_async"] > 0 and row["stack_bytes"] == 0 and row["fits_shared"], row
+
+
+def test_report_files(compiled, tmp_path):
+    path = kr.write_report(compiled, tmp_path, 90)
+    assert "Summary per kernel" in path.read_text()
+    header = (tmp_path / "kernel_resources.csv").read_text().splitlines()[0]
+    assert header == ",".join(kr.FIELDS)
+
+
+def test_pruner_uses_the_device_limit():
+    configs = bsmm.matmul_configs(bsmm.DENSE_SPARSE_BLOCK_MS, interpret=False)
+    probe = {"a": torch.empty(0, dtype=torch.bfloat16)}
+    small = bsmm.prune_configs(configs, probe, 64 * 1024, BLOCK_SIZE=128)
+    large = bsmm.prune_configs(configs, probe, kr.SHARED_MEMORY_LIMIT[90], BLOCK_SIZE=128)
+    assert 0 < len(small) < len(large) <= len(configs)
+
+
+def test_stale_signature_is_reported():
+    case = kr.matmul_cases(["bf16"], [32])[0]
+    signature = dict(case.signature)
+    signature.pop("M")
+    with pytest.raises(ValueError, match="missing \\['M'\\]"):
+        kr.KernelCase(case.kernel, case.fn, signature, case.constexprs, 4, 3, "bf16")
+
+
+def test_refuses_to_compile_under_the_interpreter():
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        kr.collect(90, ["bf16"], [32], kernels=["forward"], configs=[(64, 4, 3)], progress=False)
+
+
+def test_bad_config_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit):
+        kr.main(["--out-dir", "unused", "--configs", "128x8"])
+    assert "BLOCK_M:WARPS:STAGES" in capsys.readouterr().err
