@@ -108,7 +108,7 @@ def matmul_cases(dtypes: list[str], block_sizes: list[int], arch: int = 90) -> l
                 kept = bsmm.prune_configs(configs, {"a": probe}, limit, BLOCK_SIZE=b)
                 for config in configs:
                     constexprs = {"HAS_BIAS": transpose, "TRANSPOSE_BLOCKS": transpose, "BLOCK_SIZE": b, **flags,
-                                  **config.kwargs}
+                                  "GROUP_M": bsmm.GROUP_M, **config.kwargs}
                     signature = _signature(
                         {"a_ptr": t, "values_ptr": t, "bias_ptr": t, "out_ptr": t, "index_ptr_ptr": "i32",
                          "index_slots_ptr": "i32", "index_minor_ptr": "i32"},

@@ -5,7 +5,7 @@ import torch
 
 from conftest import DEVICE
 from smet_kernels import BlockLayout, block_sparse_linear, from_dense, to_dense
-from smet_kernels.ops.block_sparse_matmul import bsmm_forward, bsmm_grad_input, bsmm_grad_weight
+from smet_kernels.ops.block_sparse_matmul import GROUP_M, bsmm_forward, bsmm_grad_input, bsmm_grad_weight
 from smet_kernels.reference.matmul import (
     bsmm_forward_reference,
     bsmm_grad_input_reference,
@@ -64,6 +64,16 @@ def test_kernels_match_reference(kind, block_size, dtype):
     _close(bsmm_forward(x, values, layout, bias), bsmm_forward_reference(x, values, layout, bias), dtype)
     _close(bsmm_grad_input(dy, values, layout), bsmm_grad_input_reference(dy, values, layout), dtype)
     _close(bsmm_grad_weight(dy, x, layout), bsmm_grad_weight_reference(dy, x, layout), dtype)
+
+
+@pytest.mark.parametrize("m_tiles", [GROUP_M, GROUP_M + 3, 2 * GROUP_M + 1])
+def test_program_groups_cover_every_output_tile_once(m_tiles):
+    """Token tiles are scheduled in groups of GROUP_M (L2 reuse): full groups, a partial last group, odd M."""
+    layout = _mask_layout("empty_rows_cols", 5, 3, 16)
+    block_m = 256 if ON_GPU else 32  # the largest autotuned token tile; the interpreter has one config, 32
+    x, values, dy, bias = _inputs(layout, m_tiles * block_m - 5, torch.float32)
+    _close(bsmm_forward(x, values, layout, bias), bsmm_forward_reference(x, values, layout, bias), torch.float32)
+    _close(bsmm_grad_input(dy, values, layout), bsmm_grad_input_reference(dy, values, layout), torch.float32)
 
 
 @pytest.mark.parametrize("split_k", [2, 3])

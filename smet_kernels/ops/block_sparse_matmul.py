@@ -1,7 +1,8 @@
 """Triton kernels of a block-sparse linear layer ``y = x Wᵀ`` with ``W [N, K]`` stored as ``values [nnz, b, b]``.
 
-* forward (``bsmm_forward``): one program per (tile of ``BLOCK_M`` tokens, block row ``n`` of W); it walks the
-  active blocks of row ``n`` in CSR order: ``y[m, n] = Σ_c x[m, c] · W[n, c]ᵀ``.
+* forward (``bsmm_forward``): one program per (tile of ``BLOCK_M`` tokens, block row ``n`` of W), scheduled in
+  groups of ``GROUP_M`` token tiles for L2 reuse; it walks the active blocks of row ``n`` in CSR order:
+  ``y[m, n] = Σ_c x[m, c] · W[n, c]ᵀ``.
 * input grad (``bsmm_grad_input``): one program per (token tile, block column ``c``); it walks the active blocks of
   column ``c`` in CSC order over the same values (no transposed copy): ``dx[m, c] = Σ_n dy[m, n] · W[n, c]``.
 * weight grad (``bsmm_grad_weight``): one program per (active block ``k``, split of the token axis):
@@ -26,6 +27,7 @@ from ..layout import BlockLayout
 
 DENSE_SPARSE_BLOCK_MS = (64, 128, 256)
 GRAD_WEIGHT_BLOCK_MS = (32, 64, 128)
+GROUP_M = 8  # token tiles per L2 group of the forward / input-grad program order
 
 
 def matmul_configs(block_ms: tuple[int, ...], interpret: bool = INTERPRET) -> list[triton.Config]:
@@ -94,15 +96,22 @@ def _bsmm_dense_sparse_kernel(
     BLOCK_SIZE: tl.constexpr,
     UPCAST: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    GROUP_M: tl.constexpr,
     BLOCK_M: tl.constexpr,
 ):
     """``out[m, j] = Σ_p a[m, minor(p)] · B_p (+ bias[j])`` over the active blocks ``p`` of output block ``j``.
 
     Forward: ``a = x``, CSR index of W (``j`` = block row), ``B_p = W_pᵀ``. Input grad: ``a = dy``, CSC index of W
-    (``j`` = block column), ``B_p = W_p``.
+    (``j`` = block column), ``B_p = W_p``. Programs run in groups of ``GROUP_M`` token tiles × every output block,
+    so that a group's ``a`` tiles stay in L2 while all output blocks read them.
     """
-    pid_m = tl.program_id(0)
-    out_block = tl.program_id(1)
+    pid = tl.program_id(0)
+    out_blocks = OUT_COLS // BLOCK_SIZE
+    programs_per_group = GROUP_M * out_blocks
+    first_m = (pid // programs_per_group) * GROUP_M
+    group_m = tl.minimum(tl.cdiv(M, BLOCK_M) - first_m, GROUP_M)
+    pid_m = first_m + (pid % programs_per_group) % group_m
+    out_block = (pid % programs_per_group) // group_m
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     token_rows = offs_m.to(tl.int64)  # row offsets reach M * stride, past int32 for long token batches
     offs_b = tl.arange(0, BLOCK_SIZE)
@@ -231,7 +240,7 @@ def _dense_sparse(
     out = torch.empty((m, out_cols), dtype=a.dtype, device=a.device)
 
     def grid(meta):
-        return (triton.cdiv(m, meta["BLOCK_M"]), out_cols // block_size)
+        return (triton.cdiv(m, meta["BLOCK_M"]) * (out_cols // block_size),)
 
     with _device_guard(a.device):
         _bsmm_dense_sparse_kernel[grid](
@@ -250,6 +259,7 @@ def _dense_sparse(
             HAS_BIAS=bias is not None,
             TRANSPOSE_BLOCKS=transpose_blocks,
             BLOCK_SIZE=block_size,
+            GROUP_M=GROUP_M,
             **_kernel_flags(a.dtype),
         )
     return out
