@@ -119,7 +119,7 @@ def matmul_cases(dtypes: list[str], block_sizes: list[int], arch: int = 90) -> l
                                             config.num_warps, config.num_stages, dtype_name, b,
                                             config.kwargs["BLOCK_M"], config in kept))
             configs = _autotune_configs(bsmm.GRAD_WEIGHT_BLOCK_MS)
-            kept = bsmm.prune_configs(configs, {"dy": probe}, limit, BLOCK_SIZE=b)
+            kept = bsmm.prune_configs(configs, {"dy": probe}, limit, weight_grad=True, BLOCK_SIZE=b)
             for split_k, out_type in ((1, t), (2, "fp32")):
                 for config in configs:
                     constexprs = {"BLOCK_SIZE": b, "SPLIT_K": split_k, **flags, **config.kwargs}
@@ -266,7 +266,7 @@ def _summary(rows: list[dict]) -> list[dict]:
             "kept but too big": sum(1 for r in kept if r["fits_shared"] is False),
             "pruned but fit": len(fitting_pruned),
             "kept spilling": sum(1 for r in kept if r["stack_bytes"] > 0),
-            "kept not pipelined": sum(1 for r in kept if r["cp_async"] + r["tma"] == 0),
+            "kept not pipelined": "-" if b is None else sum(1 for r in kept if r["cp_async"] + r["tma"] == 0),
             "tensor cores": "wgmma" if all(r["wgmma"] for r in kept) else
                             "mma.sync" if all(r["mma_sync"] or r["wgmma"] for r in kept) else "no",
             "max shared KiB": round(max(r["shared_bytes"] for r in kept) / 1024, 1),

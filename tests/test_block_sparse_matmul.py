@@ -5,7 +5,17 @@ import torch
 
 from conftest import DEVICE
 from smet_kernels import BlockLayout, block_sparse_linear, from_dense, to_dense
-from smet_kernels.ops.block_sparse_matmul import GROUP_M, bsmm_forward, bsmm_grad_input, bsmm_grad_weight
+from smet_kernels.ops.block_sparse_matmul import (
+    DENSE_SPARSE_BLOCK_MS,
+    GRAD_WEIGHT_BLOCK_MS,
+    GROUP_M,
+    HOPPER_SHARED_MEMORY,
+    bsmm_forward,
+    bsmm_grad_input,
+    bsmm_grad_weight,
+    matmul_configs,
+    prune_configs,
+)
 from smet_kernels.reference.matmul import (
     bsmm_forward_reference,
     bsmm_grad_input_reference,
@@ -298,3 +308,23 @@ def test_kernels_launch_on_the_operands_device():
         _close(bsmm_forward(x, values, layout, bias), bsmm_forward_reference(x, values, layout, bias), torch.float32)
         _close(bsmm_grad_input(dy, values, layout), bsmm_grad_input_reference(dy, values, layout), torch.float32)
         _close(bsmm_grad_weight(dy, x, layout), bsmm_grad_weight_reference(dy, x, layout), torch.float32)
+
+
+def _kept(block_size, weight_grad=False, limit=HOPPER_SHARED_MEMORY, dtype=torch.bfloat16):
+    configs = matmul_configs(GRAD_WEIGHT_BLOCK_MS if weight_grad else DENSE_SPARSE_BLOCK_MS, interpret=False)
+    kept = prune_configs(configs, {"a": torch.empty(0, dtype=dtype)}, limit, weight_grad, BLOCK_SIZE=block_size)
+    return {(c.kwargs["BLOCK_M"], c.num_warps, c.num_stages) for c in kept}
+
+
+def test_pruner_rules():
+    """Shared memory, accumulator registers and cp.async width (reports/static-sm90 shows each on sm_90)."""
+    forward_128 = _kept(128)
+    assert (256, 8, 2) in forward_128 and (256, 4, 2) not in forward_128  # 256 fp32 accumulator regs per thread
+    assert (128, 8, 4) not in forward_128 and (128, 8, 3) in forward_128  # 4 x 64 KiB of tiles > 227 KiB
+    assert _kept(128, dtype=torch.float32) < forward_128
+    forward_16 = _kept(16)
+    assert (64, 4, 3) in forward_16 and (64, 8, 3) not in forward_16  # 64 x 16 bf16 tile: 8 bytes per thread
+    grad_weight_128 = _kept(128, weight_grad=True)
+    assert (32, 4, 3) in grad_weight_128 and (128, 8, 4) not in grad_weight_128
+    assert 0 < len(_kept(128, limit=64 * 1024)) < len(forward_128)
+    assert len(_kept(128, limit=1024)) == 1  # nothing fits: the first config is kept so that the launch can report

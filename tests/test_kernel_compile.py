@@ -15,10 +15,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from profiling import kernel_resources as kr
-from smet_kernels.ops import block_sparse_matmul as bsmm
 
 try:
     kr._toolchain(90)
@@ -110,14 +108,6 @@ def test_report_files(compiled, tmp_path):
     assert "Summary per kernel" in path.read_text()
     header = (tmp_path / "kernel_resources.csv").read_text().splitlines()[0]
     assert header == ",".join(kr.FIELDS)
-
-
-def test_pruner_uses_the_device_limit():
-    configs = bsmm.matmul_configs(bsmm.DENSE_SPARSE_BLOCK_MS, interpret=False)
-    probe = {"a": torch.empty(0, dtype=torch.bfloat16)}
-    small = bsmm.prune_configs(configs, probe, 64 * 1024, BLOCK_SIZE=128)
-    large = bsmm.prune_configs(configs, probe, kr.SHARED_MEMORY_LIMIT[90], BLOCK_SIZE=128)
-    assert 0 < len(small) < len(large) <= len(configs)
 
 
 def test_stale_signature_is_reported():

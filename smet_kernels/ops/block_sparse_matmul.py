@@ -45,19 +45,29 @@ def matmul_configs(block_ms: tuple[int, ...], interpret: bool = INTERPRET) -> li
 HOPPER_SHARED_MEMORY = 232448  # opt-in shared memory per block of an H100, used when the device is not a GPU
 
 
-def prune_configs(configs, named_args, shared_memory_limit: int | None = None, **kwargs):
-    """Drop configs whose ``num_stages`` buffered tiles ``(BLOCK_M·b + b·b)·elem`` exceed the device's shared memory.
+def prune_configs(configs, named_args, shared_memory_limit: int | None = None, weight_grad: bool = False, **kwargs):
+    """Keep the configs that can compile to a fast loop (``reports/static-sm90`` shows each rule at work):
 
-    The product is an upper bound of what Triton's pipeliner allocates, so every kept config fits (checked on sm_90
-    by ``tests/test_kernel_compile.py``).
+    * shared memory: ``num_stages`` buffered tiles ``(BLOCK_M·b + b·b)·elem`` within the device's limit — an upper
+      bound of what Triton's pipeliner allocates, so every kept config fits;
+    * registers: the fp32 accumulator (``BLOCK_M × b``; ``b × b`` for the weight grad) at most 128 registers per
+      thread — past it ``BLOCK_M = 256`` with 4 warps spills at b = 128;
+    * pipelining: at least 16 bytes of the ``BLOCK_M × b`` token tile per thread (one ``cp.async``) — below it
+      (b = 16 or 32 with 8 warps on a small tile) Triton emits synchronous loads.
     """
     b = kwargs.get("BLOCK_SIZE", named_args.get("BLOCK_SIZE"))
     operand = next(arg for arg in named_args.values() if isinstance(arg, torch.Tensor))
     if shared_memory_limit is None:
         shared_memory_limit = _shared_memory_limit(operand.device)
     elem = operand.element_size()
-    kept = [c for c in configs if (c.kwargs["BLOCK_M"] * b + b * b) * elem * c.num_stages <= shared_memory_limit]
-    return kept or configs[:1]
+
+    def fits(config: triton.Config) -> bool:
+        block_m, threads = config.kwargs["BLOCK_M"], 32 * config.num_warps
+        shared = (block_m * b + b * b) * elem * config.num_stages
+        accumulator = b * b if weight_grad else block_m * b
+        return shared <= shared_memory_limit and accumulator <= 128 * threads and block_m * b * elem >= 16 * threads
+
+    return [c for c in configs if fits(c)] or configs[:1]
 
 
 def _shared_memory_limit(device: torch.device) -> int:
@@ -149,7 +159,7 @@ def _bsmm_dense_sparse_kernel(
 @triton.autotune(
     configs=matmul_configs(GRAD_WEIGHT_BLOCK_MS),
     key=["M", "N", "K", "BLOCK_SIZE", "SPLIT_K"],
-    prune_configs_by={"early_config_prune": prune_configs},
+    prune_configs_by={"early_config_prune": functools.partial(prune_configs, weight_grad=True)},
 )
 @triton.jit
 def _bsmm_grad_weight_kernel(
