@@ -94,8 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--providers",
         type=_csv_list(str),
         default=None,
-        help="kernel providers from smet,cublas_dense,masked_dense,torch_bsr and optimizer providers from "
-        "smet,torch_adamw_fused,torch_adamw_foreach (default: all that apply)",
+        help="kernel providers from smet,smet_ungrouped,cublas_dense,masked_dense,torch_bsr and optimizer providers "
+        "from smet,torch_adamw_fused,torch_adamw_foreach (default: all that apply)",
     )
     run.add_argument(
         "--methods",

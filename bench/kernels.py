@@ -8,6 +8,8 @@ and ``dy [M, N]``:
 * ``grad_weight``  ``dW = dyᵀ x`` (at the active blocks only, for the sparse providers)
 
 Providers: ``smet`` (this library's kernels, or its PyTorch reference with ``backend="reference"``),
+``smet_ungrouped`` (forward and input grad only: the same Triton kernels in the plain token-tile-fastest program
+order, without the L2 grouping — the A/B of that choice, measured in the same run; Triton backend only),
 ``cublas_dense`` (``F.linear`` / ``torch.mm`` on the dense weight; once per shape, density 1), ``masked_dense``
 (``W ⊙ mask`` then the dense matmul — what mask-based DST does) and ``torch_bsr`` (PyTorch's BSR Triton ops
 ``bsr_dense_mm`` and ``sampled_addmm``, CUDA only; recorded as skipped elsewhere).
@@ -19,6 +21,7 @@ layout's exact density); effective TFLOP/s = useful FLOPs / median time.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -29,7 +32,8 @@ import torch.nn.functional as F
 from .timing import Timing, measure
 
 OPS = ("forward", "grad_input", "grad_weight")
-SPARSE_PROVIDERS = ("smet", "masked_dense", "torch_bsr")
+SPARSE_PROVIDERS = ("smet", "smet_ungrouped", "masked_dense", "torch_bsr")
+GROUPED_OPS = ("forward", "grad_input")  # the ops whose program order smet_ungrouped changes
 PROVIDERS = ("cublas_dense",) + SPARSE_PROVIDERS
 FULL_CONFIGS = ("20m", "60m", "130m", "350m", "1b", "7b")
 FULL_DENSITIES = (0.5, 0.25, 0.1, 0.05)
@@ -95,7 +99,7 @@ class KernelCase:
             "block_size": self.block_size,
             "density": self.density,
             "dtype": dtype_name(self.dtype),
-            "backend": backend if self.provider == "smet" else "torch",
+            "backend": backend if self.provider.startswith("smet") else "torch",
         }
 
 
@@ -125,8 +129,9 @@ def kernel_cases(
                 for d in densities:
                     for op in ops:
                         for provider in providers:
-                            if provider != "cublas_dense":
-                                yield KernelCase(op, provider, shape, m, b, d, dtype)
+                            if provider == "cublas_dense" or (provider == "smet_ungrouped" and op not in GROUPED_OPS):
+                                continue
+                            yield KernelCase(op, provider, shape, m, b, d, dtype)
 
 
 class _Operands:
@@ -168,12 +173,19 @@ class KernelUnavailable(Exception):
     """A provider that cannot run here (the reason is recorded as a skipped row)."""
 
 
-def _smet_fns(ops: _Operands, backend: str) -> dict[str, Callable[[], torch.Tensor]]:
-    """The raw ops of this library: Triton kernels, or their PyTorch references with ``backend="reference"``."""
+def _smet_fns(ops: _Operands, backend: str, grouped: bool = True) -> dict[str, Callable[[], torch.Tensor]]:
+    """The raw ops of this library: Triton kernels, or their PyTorch references with ``backend="reference"``.
+
+    ``grouped=False``: forward and input grad with one L2 group spanning every token tile (the plain order)."""
     if backend == "triton":
         from smet_kernels.ops import block_sparse_matmul as bsmm
 
-        forward, grad_input, grad_weight = bsmm.bsmm_forward, bsmm.bsmm_grad_input, bsmm.bsmm_grad_weight
+        group_m = None if grouped else ops.x.shape[0]  # >= the token tiles at any BLOCK_M
+        forward = functools.partial(bsmm.bsmm_forward, group_m=group_m)
+        grad_input = functools.partial(bsmm.bsmm_grad_input, group_m=group_m)
+        grad_weight = bsmm.bsmm_grad_weight
+    elif not grouped:
+        raise KernelUnavailable("the PyTorch reference has no program order: smet_ungrouped needs the Triton backend")
     else:
         from smet_kernels.reference import matmul as reference
 
@@ -246,8 +258,8 @@ def case_function(case: KernelCase, ops: _Operands, backend: str) -> Callable[[]
             "grad_input": lambda: ops.dy @ (ops.weight * ops.mask),
             "grad_weight": lambda: (ops.dy.t() @ ops.x) * ops.mask,
         }[case.op]
-    if case.provider == "smet":
-        return _smet_fns(ops, backend)[case.op]
+    if case.provider in ("smet", "smet_ungrouped"):
+        return _smet_fns(ops, backend, grouped=case.provider == "smet")[case.op]
     return _torch_bsr_fns(ops)[case.op]
 
 

@@ -264,7 +264,7 @@ def _summary(rows: list[dict]) -> list[dict]:
             "kernel": kernel, "dtype": dtype, "block_size": b if b is not None else "-",
             "configs kept": f"{len(kept)}/{len(members)}",
             "kept but too big": sum(1 for r in kept if r["fits_shared"] is False),
-            "pruned but fit": len(fitting_pruned),
+            "pruned, fitting shared memory": len(fitting_pruned),
             "kept spilling": sum(1 for r in kept if r["stack_bytes"] > 0),
             "kept not pipelined": "-" if b is None else sum(1 for r in kept if r["cp_async"] + r["tma"] == 0),
             "tensor cores": "wgmma" if all(r["wgmma"] for r in kept) else

@@ -26,7 +26,8 @@ def test_full_kernel_grid():
             torch.bfloat16,
         )
     )
-    per_point = len(kernels.OPS) * (1 + len(kernels.FULL_BLOCK_SIZES) * len(kernels.FULL_DENSITIES) * 3)
+    sparse_cases = 3 * len(kernels.OPS) + len(kernels.GROUPED_OPS)  # smet, masked, bsr: 3 ops; ungrouped: 2
+    per_point = len(kernels.OPS) + len(kernels.FULL_BLOCK_SIZES) * len(kernels.FULL_DENSITIES) * sparse_cases
     assert len(cases) == len(shapes) * len(kernels.FULL_TOKENS) * per_point
     keys = {_key(c.key_row("triton"), KERNEL_KEY) for c in cases}
     assert len(keys) == len(cases)  # resume relies on distinct keys
@@ -97,6 +98,20 @@ def test_every_provider_is_checked_against_dense(provider, op):
     assert "relative error" in kernels.check_result(case, operands, 2 * result)
     row = kernels.run_case(case, operands, "reference", torch.device("cpu"), {"max_repeats": 3, "budget_s": 0.0})
     assert row["status"] == "ok"
+
+
+@pytest.mark.parametrize("op", kernels.GROUPED_OPS)
+def test_ungrouped_program_order_gives_the_same_result(op):
+    shape = kernels.LinearShape("tiny:gate_up", 128, 64)
+    case = kernels.KernelCase(op, "smet_ungrouped", shape, 300, 32, 0.5, torch.float32)
+    operands = kernels.make_operands(case, torch.device("cpu"))
+    result = kernels.case_function(case, operands, "triton")()
+    assert kernels.check_result(case, operands, result) == ""
+    assert case.key_row("triton")["backend"] == "triton"
+    with pytest.raises(kernels.KernelUnavailable, match="Triton backend"):
+        kernels.case_function(case, operands, "reference")
+    assert not any(c.provider == "smet_ungrouped" and c.op == "grad_weight"
+                   for c in kernels.kernel_cases(["tiny"], [0.5], [32], [64], torch.float32))
 
 
 @pytest.mark.filterwarnings("ignore:Sparse BSR tensor support is in beta")

@@ -86,6 +86,18 @@ def test_program_groups_cover_every_output_tile_once(m_tiles):
     _close(bsmm_grad_input(dy, values, layout), bsmm_grad_input_reference(dy, values, layout), torch.float32)
 
 
+def test_group_m_is_validated_and_any_grouping_gives_the_same_result():
+    layout = _mask_layout("random", 4, 3, 16)
+    x, values, dy, _ = _inputs(layout, 200, torch.float32)
+    expected = bsmm_forward_reference(x, values, layout)
+    for group_m in (1, 3, 1000):
+        _close(bsmm_forward(x, values, layout, group_m=group_m), expected, torch.float32)
+    _close(bsmm_grad_input(dy, values, layout, group_m=2), bsmm_grad_input_reference(dy, values, layout), torch.float32)
+    for bad in (0, -1, 2.0, True):
+        with pytest.raises(ValueError, match="group_m"):
+            bsmm_forward(x, values, layout, group_m=bad)
+
+
 @pytest.mark.parametrize("split_k", [2, 3])
 def test_grad_weight_split_k(split_k):
     layout = _mask_layout("random", 2, 3, 16)

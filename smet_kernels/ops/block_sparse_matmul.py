@@ -244,8 +244,13 @@ def _dense_sparse(
     out_cols: int,
     block_size: int,
     transpose_blocks: bool,
-    bias: torch.Tensor | None = None,
+    bias: torch.Tensor | None,
+    group_m: int | None,
 ) -> torch.Tensor:
+    if group_m is None:
+        group_m = GROUP_M
+    elif isinstance(group_m, bool) or not isinstance(group_m, int) or group_m < 1:
+        raise ValueError(f"group_m must be a positive int, got {group_m!r}")
     m, in_cols = a.shape
     out = torch.empty((m, out_cols), dtype=a.dtype, device=a.device)
 
@@ -269,29 +274,37 @@ def _dense_sparse(
             HAS_BIAS=bias is not None,
             TRANSPOSE_BLOCKS=transpose_blocks,
             BLOCK_SIZE=block_size,
-            GROUP_M=GROUP_M,
+            GROUP_M=group_m,
             **_kernel_flags(a.dtype),
         )
     return out
 
 
 def bsmm_forward(
-    x: torch.Tensor, values: torch.Tensor, layout: BlockLayout, bias: torch.Tensor | None = None
+    x: torch.Tensor,
+    values: torch.Tensor,
+    layout: BlockLayout,
+    bias: torch.Tensor | None = None,
+    group_m: int | None = None,
 ) -> torch.Tensor:
     """``y [M, N] = x [M, K] · Wᵀ (+ bias)``, walking the active blocks of each block row (CSR).
 
-    Shapes and dtypes are checked by the caller (see ``functional``).
+    ``group_m``: token tiles per L2 group of the program order (default ``GROUP_M``; at least the number of token
+    tiles gives the plain token-tile-fastest order). Shapes and dtypes are checked by the caller (``functional``).
     """
     _check_row_major(x=x)
     index = layout.row_index(x.device)
-    return _dense_sparse(x, values, index, layout.shape[0], layout.block_size, True, bias)
+    return _dense_sparse(x, values, index, layout.shape[0], layout.block_size, True, bias, group_m)
 
 
-def bsmm_grad_input(dy: torch.Tensor, values: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
-    """``dx [M, K] = dy [M, N] · W``, walking the active blocks of each block column (CSC) over the same values."""
+def bsmm_grad_input(
+    dy: torch.Tensor, values: torch.Tensor, layout: BlockLayout, group_m: int | None = None
+) -> torch.Tensor:
+    """``dx [M, K] = dy [M, N] · W``, walking the active blocks of each block column (CSC) over the same values
+    (``group_m`` as in :func:`bsmm_forward`)."""
     _check_row_major(dy=dy)
     index = layout.col_index(dy.device)
-    return _dense_sparse(dy, values, index, layout.shape[1], layout.block_size, False)
+    return _dense_sparse(dy, values, index, layout.shape[1], layout.block_size, False, None, group_m)
 
 
 def bsmm_grad_weight(
