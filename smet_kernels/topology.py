@@ -76,7 +76,7 @@ def choose_blocks(
     ``prune_scores [nnz]``: score of each slot's block (its L1 norm); the ``n`` smallest are pruned, ties
     to the lower slot. ``regrow_scores [rows, cols]`` (RigL): the ``n`` inactive blocks with the largest
     score are grown, ties to the lower row-major index; ``None`` grows ``n`` inactive blocks uniformly at
-    random with ``generator`` (CPU). ``n`` is capped at the number of inactive blocks.
+    random with ``generator`` (CPU). ``n`` is capped at the number of inactive blocks and at ``nnz``.
 
     Returns CPU int64 ``slots [n]`` (ascending) and ``new_blocks [n, 2]`` (row-major ascending), ready for
     :meth:`BlockLayout.replace_blocks`.
@@ -85,7 +85,7 @@ def choose_blocks(
     if prune_scores.shape != (layout.nnz,):
         raise ValueError(f"prune_scores must have shape [{layout.nnz}], got {tuple(prune_scores.shape)}")
     inactive = (~layout.mask.cpu()).flatten().nonzero().squeeze(1)
-    n = min(int(n), inactive.numel())
+    n = min(int(n), inactive.numel(), layout.nnz)
     if n <= 0:
         return torch.empty(0, dtype=torch.int64), torch.empty(0, 2, dtype=torch.int64)
     slots = torch.sort(prune_scores, stable=True).indices[:n]
