@@ -4,7 +4,7 @@ Each kernel × dtype × block size × autotune config is compiled with ``triton.
 with Triton) and its cubin read back with ``cuobjdump``. Per variant the report gives shared memory, registers,
 stack bytes (``> 0``: register spills or a stack frame), and what the main loop became: tensor-core instructions
 (``wgmma`` on Hopper, ``mma.sync`` before) and asynchronous copies (``cp.async``: a software-pipelined loop; TMA
-``cp.async.bulk``). Integer and pointer arguments are assumed 16-divisible, as Triton's JIT specialises them for the
+``cp.async.bulk``); for the elementwise kernels, vectorised global loads (``ld.global.v2/v4``). Integer and pointer arguments are assumed 16-divisible, as Triton's JIT specialises them for the
 benchmark shapes (M = 8192, K = N = 4096); a variant that is not pipelined under that assumption never will be.
 
     python -m profiling.kernel_resources --arch 90 --out-dir reports/static-sm90
@@ -41,6 +41,7 @@ INSTRUCTIONS = {
     "mma_sync": "mma.sync",
     "cp_async": "cp.async.cg",
     "tma": "cp.async.bulk",
+    "vector_loads": "ld.global.v",
 }
 KERNELS = ["forward", "grad_input", "grad_weight", "grad_weight_split_k", "adamw", "regrow"]
 FIELDS = [
@@ -141,7 +142,8 @@ def optimizer_cases(dtypes: list[str]) -> list[KernelCase]:
     for dtype_name in dtypes:
         param = adamw_ops._TL_DTYPES[DTYPES[dtype_name]]
         for warmup, code in adamw_ops._WARMUP_CODES.items():
-            constexprs = {"PARAM_DTYPE": param, "STATE_DTYPE": tl.float32, "WARMUP": code, "BLOCK": adamw_ops.GPU_BLOCK}
+            constexprs = {"PARAM_DTYPE": param, "STATE_DTYPE": tl.float32, "WARMUP": code, "ALIGNED": True,
+                      "BLOCK": adamw_ops.GPU_BLOCK}
             signature = _signature(
                 {"pointers_ptr": "i64", "sizes_ptr": "i64", "scalars_ptr": "fp32", "work_ptr": "i32"},
                 {name: "fp32" for name in ("beta1", "beta2", "one_minus_beta1", "one_minus_beta2", "log2_beta1",
@@ -269,6 +271,7 @@ def _summary(rows: list[dict]) -> list[dict]:
             "kept not pipelined": "-" if b is None else sum(1 for r in kept if r["cp_async"] + r["tma"] == 0),
             "tensor cores": "wgmma" if all(r["wgmma"] for r in kept) else
                             "mma.sync" if all(r["mma_sync"] or r["wgmma"] for r in kept) else "no",
+            "vector loads": "-" if b is not None else min(r["vector_loads"] for r in kept),
             "max shared KiB": round(max(r["shared_bytes"] for r in kept) / 1024, 1),
             "max regs": max(r["registers"] for r in kept),
         })

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from smet_kernels.ops.adamw import smet_adamw_step
+from smet_kernels.ops.adamw import _vector_aligned, smet_adamw_step
 
 GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 HYPER = dict(betas=(0.9, 0.99), eps=1e-6, weight_decay=0.1, warmup_steps=4)
@@ -60,6 +60,27 @@ def test_kernel_matches_reference_multi_tensor(warmup, dtype, device):
     run(tensors, lrs, global_steps, "triton", warmup=warmup)
     run(expected, lrs, global_steps, "reference", warmup=warmup)
     assert_close(tensors, expected, dtype)
+
+
+@pytest.mark.parametrize("aligned", [True, False])
+def test_vector_aligned_and_unaligned_launches_match_reference(aligned, device):
+    """16-element sizes at 16-byte addresses take the vectorised path; one odd tensor sends the group to the other."""
+    generator = torch.Generator().manual_seed(1)
+    spec = [(5, 16), (3, 32), ("dense", (64, 48))] + ([] if aligned else [("dense", (37,))])
+    tensors = make_tensors(spec, torch.float32, device, generator)
+    assert all(_vector_aligned(t) for entry in tensors for t in entry[:4]) == aligned
+    expected = clone_all(tensors)
+    lrs, global_steps = [0.1] * len(spec), [None, 4, 2, 9][: len(spec)]
+    run(tensors, lrs, global_steps, "triton")
+    run(expected, lrs, global_steps, "reference")
+    assert_close(tensors, expected, torch.float32)
+
+
+def test_vector_alignment_needs_address_and_size():
+    base = torch.zeros(64)
+    assert _vector_aligned(base[4:20])  # 16 bytes in, 16 elements
+    assert not _vector_aligned(base[1:17])  # 4-byte address
+    assert not _vector_aligned(base[:20])  # 20 elements
 
 
 def test_kernel_mixed_dtypes_and_state_dtype(device):

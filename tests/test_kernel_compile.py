@@ -89,11 +89,13 @@ def test_every_config_the_pruner_keeps_fits_hopper_shared_memory(compiled):
     assert all(r["fits_shared"] for r in kept), [r for r in kept if not r["fits_shared"]]
 
 
-def test_optimizer_kernels_compile_without_spills(compiled):
+def test_optimizer_kernels_compile_vectorised_without_spills(compiled):
+    """The aligned AdamW launch (the normal case) must use 16-byte vector loads: the stream is memory-bound."""
     rows = [r for r in compiled if r["block_size"] is None]
     assert {r["kernel"] for r in rows} == {"adamw[none]", "adamw[linear]", "adamw[momentum_ramp]", "regrow"}
     for row in rows:
         assert row["stack_bytes"] == 0 and row["fits_shared"], row
+        assert row["vector_loads"] >= 4, row
 
 
 @pytest.mark.parametrize("kernel", ["forward", "grad_weight"])

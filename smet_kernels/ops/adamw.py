@@ -34,6 +34,7 @@ from ..backend import INTERPRET, resolve_backend
 from ..reference.adamw import WARMUP_MODES, smet_adamw_step_reference
 
 GPU_BLOCK = 1024
+ALIGN_ELEMENTS = 16  # tensors whose numel and address allow 16-element (>= 16-byte) vector accesses
 BLOCK = 4096 if INTERPRET else GPU_BLOCK
 ELEMENTS_PER_PROGRAM = 16384
 NUM_WARPS = 4
@@ -60,6 +61,7 @@ def _smet_adamw_kernel(
     PARAM_DTYPE: tl.constexpr,
     STATE_DTYPE: tl.constexpr,
     WARMUP: tl.constexpr,
+    ALIGNED: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -80,6 +82,13 @@ def _smet_adamw_kernel(
 
     begin = slot_begin * slot_numel
     end = tl.minimum(slot_end * slot_numel, numel)
+    if ALIGNED:  # host-checked: 16-byte aligned tensors of 16k elements, so 16-byte vector loads are legal
+        param_ptr = tl.multiple_of(param_ptr, 16)
+        grad_ptr = tl.multiple_of(grad_ptr, 16)
+        exp_avg_ptr = tl.multiple_of(exp_avg_ptr, 16)
+        exp_avg_sq_ptr = tl.multiple_of(exp_avg_sq_ptr, 16)
+        begin = tl.multiple_of(begin, 16)
+        end = tl.multiple_of(end, 16)
     # bounds of the block_step accesses: empty for a dense tensor (single comparisons make the masks)
     step_end = tl.where(has_slots, end, begin)
     step_slot_end = tl.where(has_slots, slot_end, slot_begin)
@@ -116,6 +125,10 @@ def _smet_adamw_kernel(
         slot_mask = slots < step_slot_end
         step = tl.load(block_step_ptr + slots, mask=slot_mask, other=0)
         tl.store(block_step_ptr + slots, step + 1, mask=slot_mask)
+
+
+def _vector_aligned(tensor: torch.Tensor) -> bool:
+    return tensor.data_ptr() % 16 == 0 and tensor.numel() % ALIGN_ELEMENTS == 0
 
 
 def _log2(beta: float) -> float:
@@ -209,6 +222,7 @@ def _launch(
             PARAM_DTYPE=_TL_DTYPES[param.dtype],
             STATE_DTYPE=_TL_DTYPES[tensors[0][2].dtype],
             WARMUP=_WARMUP_CODES[warmup],
+            ALIGNED=all(_vector_aligned(t) for entry in tensors for t in entry[:4]),
             BLOCK=BLOCK,
             num_warps=NUM_WARPS,
         )
