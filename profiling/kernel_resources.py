@@ -288,13 +288,14 @@ def write_report(rows: list[dict], out_dir: Path, arch: int) -> Path:
         writer.writeheader()
         writer.writerows(rows)
     versions = sorted({(r["triton"], r["ptxas"]) for r in rows})
+    dtypes = " ".join(name for name in DTYPES if any(r["dtype"] == name for r in rows))
     matmul = [r for r in rows if r["block_size"] is not None]
     lines = [
         f"# Static kernel resources, sm_{arch}",
         "",
         "Compiled ahead of time with `triton.compile` (no GPU); "
         + ", ".join(f"Triton {t}, ptxas {p}" for t, p in versions) + ". Regenerate with "
-        f"`python -m profiling.kernel_resources --arch {arch} --out-dir {out_dir}`. Compiler facts, not timings: "
+        f"`python -m profiling.kernel_resources --arch {arch} --dtypes {dtypes} --out-dir {out_dir}`. Compiler facts, not timings: "
         "`stack` > 0 means register spills, `cp_async`/`tma` = 0 means the main loop is not software-pipelined. "
         f"Shared-memory limit per block on sm_{arch}: {SHARED_MEMORY_LIMIT.get(arch, 'unknown')} bytes.",
         "",
