@@ -33,6 +33,13 @@ smet.step()`` as usual.
 generator (consumed identically on every rank). In addition, when ``torch.distributed`` is initialised the
 dense RigL gradients are averaged over ranks before scoring, and the chosen slots and blocks of all layers
 are broadcast from rank 0 in one small int64 tensor, so every rank applies exactly rank 0's update.
+
+**FSDP2.** Under ``fully_shard`` the parameters are ``DTensor``s sharded on dim 0; the layouts stay replicated.
+Compact values: each rank computes the L1 norms of its own slots and all ranks gather the ``[nnz]`` scores;
+the regrow writes only the slots a rank owns (values, moments, ``block_step``), and the ``"normal"`` init is
+drawn for all regrown slots on every rank (the generator stays in step). Masked weights (dense baseline): the
+weight and its moments are gathered, updated as above and each rank keeps its rows. The controller must be
+built after ``fully_shard`` (it holds the sharded parameters, as the optimizer does).
 """
 
 from __future__ import annotations
@@ -48,6 +55,7 @@ from torch import nn
 
 from .layout import BlockLayout
 from .ops.regrow import regrow_blocks
+from .sharding import check_row_sharded, full, gather_rows, is_sharded, local, row_range
 
 REGROW_MODES = ("random", "gradient")
 REGROW_INITS = ("zeros", "normal")
@@ -300,10 +308,11 @@ class SMET:
         return record
 
     def _prune_scores(self, target: _SparseTarget) -> torch.Tensor:
-        if target.kind == "compact":
-            return target.param.detach().abs().sum(dim=(1, 2), dtype=torch.float32)
+        if target.kind == "compact":  # under FSDP2: this rank's slots, then all slots gathered
+            scores = local(target.param.detach()).abs().sum(dim=(1, 2), dtype=torch.float32)
+            return gather_rows(scores, target.param)
         indices = target.layout.block_indices.to(target.param.device)
-        return block_l1(target.param, target.layout.block_size)[indices[:, 0], indices[:, 1]]
+        return block_l1(full(target.param.detach()), target.layout.block_size)[indices[:, 0], indices[:, 1]]
 
     def _regrow_scores(self, target: _SparseTarget) -> torch.Tensor | None:
         if self.regrow == "random":
@@ -343,6 +352,9 @@ class SMET:
         state = self.optimizer.state.get(param, {})
         if target.kind == "compact":
             layout.replace_blocks(slots, new_blocks)
+            if is_sharded(param):
+                self._regrow_sharded(param, state, slots)
+                return
             regrow_blocks(
                 param.data,
                 slots.to(param.device),
@@ -353,6 +365,9 @@ class SMET:
                 init_std=self.init_std,
                 generator=self.generator,
             )
+            return
+        if is_sharded(param):
+            self._apply_masked_sharded(target, slots, new_blocks, state)
             return
         pruned_blocks = layout.block_indices[slots.to(layout.device)].cpu()
         layout.replace_blocks(slots, new_blocks)
@@ -367,6 +382,48 @@ class SMET:
         param.data.view(rows_b, b, cols_b, b).permute(0, 2, 1, 3)[grown[:, 0], grown[:, 1]] = self._init_values(
             slots.numel(), b, param
         )
+
+    def _regrow_sharded(self, param: torch.Tensor, state: dict, slots: torch.Tensor) -> None:
+        """Regrow ``slots`` of values sharded on dim 0: each rank resets the slots it owns. The ``"normal"`` init
+        draws all ``n`` blocks on every rank exactly as :func:`regrow_blocks` draws them, then keeps its own."""
+        check_row_sharded(param, "values")
+        start, stop = row_range(param)
+        mine = (slots >= start) & (slots < stop)
+        states = [state.get(key) for key in ("exp_avg", "exp_avg_sq", "block_step")]
+        values = local(param.data)
+        local_slots = (slots[mine] - start).to(values.device)
+        regrow_blocks(values, local_slots, *(None if t is None else local(t) for t in states), init="zeros")
+        if self.regrow_init == "normal":
+            b = values.shape[1]
+            noise = torch.randn((slots.numel(), b, b), generator=self.generator, device=self.generator.device,
+                                dtype=torch.float32)  # fmt: skip
+            new_values = (noise * self.init_std)[mine].to(device=values.device, dtype=values.dtype)
+            values[local_slots] = new_values
+
+    def _apply_masked_sharded(self, target: _SparseTarget, slots, new_blocks, state: dict) -> None:
+        """The masked update on a weight sharded on dim 0: gather weight and moments, update them as one process
+        would, keep this rank's rows (the dense baseline: memory is not what it measures)."""
+        param = target.param
+        check_row_sharded(param, target.name)
+        start, stop = row_range(param)
+        moments = [state[key] for key in _MASKED_STATE_KEYS if isinstance(state.get(key), torch.Tensor)]
+        moments = [m for m in moments if m.shape == param.shape]
+        shards = [param.data] + moments
+        gathered = [full(t).clone() for t in shards]
+        layout, b = target.layout, target.layout.block_size
+        pruned = layout.block_indices[slots.to(layout.device)].cpu().to(gathered[0].device)
+        layout.replace_blocks(slots, new_blocks)
+        grown = new_blocks.to(gathered[0].device)
+        rows_b, cols_b = layout.block_shape
+        for tensor in gathered:
+            blocks = tensor.view(rows_b, b, cols_b, b).permute(0, 2, 1, 3)
+            blocks[pruned[:, 0], pruned[:, 1]] = 0
+            blocks[grown[:, 0], grown[:, 1]] = 0
+        gathered[0].view(rows_b, b, cols_b, b).permute(0, 2, 1, 3)[grown[:, 0], grown[:, 1]] = self._init_values(
+            slots.numel(), b, gathered[0]
+        )
+        for shard, whole in zip(shards, gathered):
+            local(shard).copy_(whole[start:stop])
 
     # ------------------------------------------------------------------ dense-gradient hooks (RigL)
     def _sync_hooks(self) -> None:

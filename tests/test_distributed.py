@@ -1,5 +1,6 @@
 """SMET under torch.distributed: two gloo processes on CPU (DDP) end with identical topologies and weights."""
 
+import gc
 import os
 
 import pytest
@@ -57,6 +58,10 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
                 os.path.join(out_dir, f"{name}_{rank}.pt"),
             )
     finally:
+        # free DDP (its Reducer) while the group lives: a group destroyed from the Reducer's C++ destructor holds
+        # the GIL while joining a gloo thread that may need it (intermittent deadlock at exit)
+        model = smet = opt = None
+        gc.collect()
         dist.destroy_process_group()
 
 

@@ -2,49 +2,20 @@
 global batch, RigL topology updates (dense gradients averaged over ranks) included."""
 
 import json
-import os
-import socket
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+
+from torchrun_launch import launch, metrics
 
 ARGS = ["--config", "tiny", "--optimizer", "smet", "--density", "0.5", "--batch-size", "8", "--grad-accum", "2",
         "--seq-len", "32", "--max-steps", "6", "--update-interval", "3", "--regrow", "gradient", "--eval-every", "3", "--eval-batches", "1",
         "--lr", "3e-3", "--backend", "reference", "--no-progress"]
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def launch(out_dir: Path, world_size: int, cache_dir: Path) -> None:
-    """Run ``smet-train`` as ``torchrun --nproc-per-node world_size`` would: one process per rank."""
-    port = free_port()
-    procs = []
-    for rank in range(world_size):
-        env = dict(os.environ, SMET_CACHE_DIR=str(cache_dir), OMP_NUM_THREADS="1")
-        if world_size > 1:
-            env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
-                       LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        command = [sys.executable, "-m", "smet_kernels.train.cli", *ARGS, "--out-dir", str(out_dir)]
-        procs.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    for proc in procs:
-        output, _ = proc.communicate(timeout=240)
-        assert proc.returncode == 0, output
-
-
-def metrics(out_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
-
-
 def test_two_gloo_ranks_match_single_process(tmp_path, tmp_path_factory):
     cache_dir = tmp_path_factory.getbasetemp() / "smet_cache"
-    launch(tmp_path / "single", 1, cache_dir)
-    launch(tmp_path / "ddp", 2, cache_dir)
+    launch(tmp_path / "single", 1, cache_dir, ARGS)
+    launch(tmp_path / "ddp", 2, cache_dir, ARGS)
     summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["ranks_in_sync"] is True
     single = {r["step"]: r for r in metrics(tmp_path / "single") if r["type"] == "train"}

@@ -23,6 +23,12 @@ State of a sparse parameter: ``exp_avg``, ``exp_avg_sq`` (shape of the values, `
 ``block_step`` (int32 ``[nnz]``), plus ``step`` (CPU float scalar, the global count) in ``"global"`` mode. Dense
 parameters hold ``exp_avg``, ``exp_avg_sq`` and ``step``. Regrown slots are reset by
 :func:`smet_kernels.ops.regrow.regrow_blocks` with these state tensors.
+
+**FSDP2.** Parameters sharded by ``fully_shard`` are ``DTensor``s split on dim 0 (whole slots per rank). Their
+state tensors are ``DTensor``s with the same placements (``block_step`` too: each rank holds the steps of the
+slots it owns), and the step updates each rank's local shard (``to_local()`` of parameter, gradient and state):
+the per-slot arithmetic is exactly that of the unsharded parameter. A rank whose shard is empty only counts the
+step. ``state_dict()`` therefore holds ``DTensor``s; the trainer gathers them to full tensors for checkpoints.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ import torch
 
 from ..backend import BACKENDS
 from ..ops.adamw import PARAM_DTYPES, check_hyperparameters, smet_adamw_step
+from ..sharding import check_row_sharded, local, zeros_per_row
 
 BIAS_CORRECTIONS = ("local", "global")
 _BATCH_FIELDS = ("params", "grads", "exp_avgs", "exp_avg_sqs", "block_steps", "lrs", "global_steps")
@@ -129,8 +136,8 @@ class SMETAdamW(torch.optim.Optimizer):
         state = self.state[param]
         state["exp_avg"] = torch.zeros_like(param, dtype=group["state_dtype"], memory_format=torch.contiguous_format)
         state["exp_avg_sq"] = torch.zeros_like(param, dtype=group["state_dtype"], memory_format=torch.contiguous_format)
-        if sparse:
-            state["block_step"] = torch.zeros(param.shape[0], dtype=torch.int32, device=param.device)
+        if sparse:  # sharded like the values under FSDP2: each rank holds the steps of its own slots
+            state["block_step"] = zeros_per_row(param, torch.int32)
         else:
             state["step"] = torch.tensor(0.0)
 
@@ -143,10 +150,11 @@ class SMETAdamW(torch.optim.Optimizer):
             raise ValueError(f"{name}: grad has shape {tuple(grad.shape)} but the parameter has {tuple(param.shape)}")
         if grad.dtype != param.dtype:
             raise TypeError(f"{name}: grad has dtype {grad.dtype} but the parameter has {param.dtype}")
-        if not param.is_contiguous():
+        if not local(param).is_contiguous():
             raise ValueError(f"{name} must be contiguous")
         layout = getattr(param, "smet_layout", None)
         if layout is not None:
+            check_row_sharded(param, name)
             b = layout.block_size
             if tuple(param.shape) != (layout.nnz, b, b):
                 raise ValueError(
@@ -179,23 +187,26 @@ class SMETAdamW(torch.optim.Optimizer):
                 if not state:
                     self._init_state(param, layout is not None, group)
                 if layout is not None:
-                    batch["block_steps"].append(state["block_step"])
-                    batch["lrs"].append(group["lr"] * layout.density ** (-group["density_lr_exponent"]))
+                    block_step = state["block_step"]
+                    lr = group["lr"] * layout.density ** (-group["density_lr_exponent"])
+                    global_step = None
                     if group["bias_correction"] == "global":
                         state.setdefault("step", torch.tensor(0.0))
                         state["step"] += 1
-                        batch["global_steps"].append(int(state["step"].item()))
-                    else:
-                        batch["global_steps"].append(None)
+                        global_step = int(state["step"].item())
                 else:
                     state["step"] += 1
-                    batch["block_steps"].append(None)
-                    batch["lrs"].append(group["lr"])
-                    batch["global_steps"].append(int(state["step"].item()))
-                batch["params"].append(param)
-                batch["grads"].append(param.grad.contiguous())
-                batch["exp_avgs"].append(state["exp_avg"])
-                batch["exp_avg_sqs"].append(state["exp_avg_sq"])
+                    block_step, lr, global_step = None, group["lr"], int(state["step"].item())
+                param_local = local(param)
+                if param_local.numel() == 0:  # FSDP2: this rank holds no slot / element of the parameter
+                    continue
+                batch["params"].append(param_local)
+                batch["grads"].append(local(param.grad).contiguous())
+                batch["exp_avgs"].append(local(state["exp_avg"]))
+                batch["exp_avg_sqs"].append(local(state["exp_avg_sq"]))
+                batch["block_steps"].append(None if block_step is None else local(block_step))
+                batch["lrs"].append(lr)
+                batch["global_steps"].append(global_step)
         for key, batch in batches.items():
             if not batch["params"]:
                 continue

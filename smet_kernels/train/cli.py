@@ -13,7 +13,15 @@ import sys
 
 from ..layout import SUPPORTED_BLOCK_SIZES
 from .model import MODEL_CONFIGS
-from .trainer import OPTIMIZERS, PRECISIONS, ConfigError, TrainConfig, load_checkpoint_config, train
+from .trainer import (
+    OPTIMIZERS,
+    PARALLEL_MODES,
+    PRECISIONS,
+    ConfigError,
+    TrainConfig,
+    load_checkpoint_config,
+    train,
+)
 
 DEFAULTS = TrainConfig()
 
@@ -113,6 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--grad-clip", type=_float_in(0.0, inf),
                      help=f"max global gradient norm, 0 disables (default: {d.grad_clip})")
     opt.add_argument("--max-steps", type=_int_at_least(1), help=f"optimizer steps to train (default: {d.max_steps})")
+    opt.add_argument("--parallel", choices=PARALLEL_MODES,
+                     help="multi-process mode under torchrun (ignored in one process): ddp replicates the model "
+                     "(DistributedDataParallel on the compact parameters); fsdp shards it with FSDP2 (fully_shard "
+                     "per decoder layer and root): weights, gradients and optimizer states (SMET per-block steps "
+                     "included) are split over the ranks by value slot; checkpoints are gathered to rank 0 in the "
+                     f"single-process format; not with --optimizer galore (default: {d.parallel})")
     opt.add_argument("--seed", type=_int_at_least(0), help=f"seed of init, topology and data order (default: {d.seed})")
     run = parser.add_argument_group("data, evaluation and output")
     run.add_argument("--data",

@@ -24,14 +24,21 @@ included); ``steady_tokens_per_s`` is one step's tokens over the median step tim
 step left out.
 
 Multi-process: under ``torchrun`` (``WORLD_SIZE > 1``) the process group is initialised from the environment
-(``nccl`` on CUDA, ``gloo`` on CPU) and the model is wrapped in ``DistributedDataParallel`` (on the compact
-parameters); every rank takes its own slice of each global batch, so the training matches one process.
+(``nccl`` on CUDA, ``gloo`` on CPU); every rank takes its own slice of each global batch, so the training matches
+one process. ``parallel="ddp"`` (default) wraps the model in ``DistributedDataParallel`` (on the compact
+parameters). ``parallel="fsdp"`` applies FSDP2 (``fully_shard`` to each decoder layer, then the root) before the
+optimizer is built: every parameter, compact values included, becomes a ``DTensor`` sharded on dim 0 (whole slots
+per rank), and so do the optimizer states (``block_step`` included); :class:`SMETAdamW` and the SMET controller
+work on the local shards (prune scores gathered over ranks, each rank regrows the slots it owns). Checkpoints of an
+fsdp run are gathered to full tensors and written by rank 0 in the single-process format; on resume every rank
+loads them and keeps its shard. GaLore is rejected under fsdp (its projection needs whole gradient matrices).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -52,12 +59,14 @@ from tqdm.auto import tqdm
 
 from .. import backend as backend_module
 from ..layout import SUPPORTED_BLOCK_SIZES, nnz_for_density
+from ..sharding import full, is_sharded, shard_like
 from ..optim.galore import GALORE_DEFAULT_RANK, GaLoreAdamW, galore_param_groups
 from .data import DataError, PackedBatches, eval_windows, load_corpus, window_batch
 from .model import HIDDEN_LINEAR_NAMES, MODEL_CONFIGS, LlamaModel, lm_loss, model_config
 from .spikes import SpikeTracker
 
 OPTIMIZERS = ("adamw", "galore", "smet", "masked-dst", "naive-dst")
+PARALLEL_MODES = ("ddp", "fsdp")
 SPARSE_OPTIMIZERS = ("smet", "masked-dst", "naive-dst")
 PRECISIONS = ("fp32", "bf16-autocast", "bf16")
 HIDDEN_LINEAR_PATTERN = r"\.(" + "|".join(HIDDEN_LINEAR_NAMES) + r")$"
@@ -99,6 +108,7 @@ class TrainConfig:
     grad_accum: int = 1
     grad_clip: float = 1.0
     max_steps: int = 100
+    parallel: str = "ddp"
     seed: int = 0
     eval_every: int = 50
     eval_batches: int = 4
@@ -153,6 +163,7 @@ class TrainConfig:
         choice("regrow", ("random", "gradient"))
         choice("warmup_mode", ("linear", "momentum_ramp", "none"))
         choice("precision", PRECISIONS)
+        choice("parallel", PARALLEL_MODES)
         choice("backend", backend_module.BACKENDS)
         number("density", 0.0, 1.0, low_open=True)
         number("prune_fraction", 0.0, 1.0, low_open=True, high_open=True)
@@ -178,6 +189,11 @@ class TrainConfig:
         if self.block_size is not None and self.block_size not in SUPPORTED_BLOCK_SIZES:
             raise ConfigError(f"block_size must be one of {list(SUPPORTED_BLOCK_SIZES)}, got {self.block_size!r}")
         integer("supar_base_width", 1)
+        if self.parallel == "fsdp" and self.optimizer == "galore":
+            raise ConfigError(
+                "parallel 'fsdp' does not support optimizer 'galore': its SVD projection needs each weight's whole "
+                "gradient and its moments live in the projected space, not in dim-0 shards (use --parallel ddp)"
+            )
         if self.supar and self.optimizer not in SPARSE_OPTIMIZERS:
             raise ConfigError(f"supar needs a sparse optimizer mode {list(SPARSE_OPTIMIZERS)}, got {self.optimizer!r}")
         hidden = MODEL_CONFIGS[self.model].hidden_size
@@ -343,6 +359,65 @@ def build_model(config: TrainConfig, vocab_size: int, device: torch.device) -> n
     return model
 
 
+def shard_model(model: LlamaModel, device: torch.device) -> LlamaModel:
+    """FSDP2: ``fully_shard`` each decoder layer, then the root (embedding, final norm, head), over all ranks of the
+    default process group on ``device``'s type (explicit: FSDP2's default mesh would pick CUDA whenever it exists).
+    Every parameter becomes a ``DTensor`` sharded on dim 0; the layouts stay attached to the sharded values."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    for layer in model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def _reshard(model: nn.Module) -> None:
+    """Free the unsharded parameters FSDP2 keeps after a forward without backward (the root's, after eval)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
+def _full_state(value, keep: bool):
+    """``value`` (a state-dict tree) with every DTensor gathered to a full CPU tensor (collectives on every rank);
+    the result is kept only where ``keep`` (rank 0), other ranks get None."""
+    if isinstance(value, dict):
+        out = {key: _full_state(item, keep) for key, item in value.items()}
+        return out if keep else None
+    if isinstance(value, list):
+        out = [_full_state(item, keep) for item in value]
+        return out if keep else None
+    if is_sharded(value):
+        gathered = full(value)
+        return gathered.cpu() if keep else None
+    return value
+
+
+def _sharded_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict) -> dict:
+    """A full (single-process format) optimizer state dict cut into this rank's shards: each state tensor of a
+    sharded parameter whose dim 0 is the parameter's (moments, ``block_step``) becomes a DTensor placed like it."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    saved_ids = [i for group in saved["param_groups"] for i in group["params"]]
+    if len(params) != len(saved_ids):
+        raise ConfigError(f"checkpoint optimizer has {len(saved_ids)} parameters, this model {len(params)}")
+    state = {}
+    for saved_id, param in zip(saved_ids, params):
+        entry = saved["state"].get(saved_id)
+        if entry is None:
+            continue
+        state[saved_id] = {
+            key: shard_like(value, param)
+            if is_sharded(param) and isinstance(value, torch.Tensor) and value.dim() >= 1
+            and value.shape[0] == param.shape[0] else value
+            for key, value in entry.items()
+        }
+    return {**saved, "state": state}
+
+
 def build_optimizer(config: TrainConfig, model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
     common = dict(lr=config.lr, betas=tuple(config.betas), eps=config.eps, weight_decay=config.weight_decay)
     params: list | list[dict] = [p for p in model.parameters() if p.requires_grad]
@@ -419,6 +494,9 @@ class _Run:
         except DataError as error:
             raise ConfigError(str(error)) from None
         self.model = build_model(config, corpus.vocab_size, self.device)
+        self.fsdp = self.ddp.enabled and config.parallel == "fsdp"
+        if self.fsdp:  # before the optimizer and controller: they hold the sharded parameters
+            shard_model(self.model, self.device)
         self.optimizer = build_optimizer(config, self.model, self.device)
         self.controller = build_controller(config, self.model, self.optimizer)
         self.val_tokens = corpus.val
@@ -431,8 +509,8 @@ class _Run:
         self.out_dir = Path(config.out_dir) if config.out_dir else None
         if config.resume:
             self._load(find_checkpoint(config.resume))
-        self.wrapped = self.model
-        if self.ddp.enabled:
+        self.wrapped = self.model  # fully_shard works in place: the model is its own wrapper under fsdp
+        if self.ddp.enabled and not self.fsdp:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             self.wrapped = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=device_ids, broadcast_buffers=False
@@ -457,7 +535,13 @@ class _Run:
             self.metrics_file.flush()
 
     def save_checkpoint(self) -> Path | None:
-        if not (self.is_main and self.out_dir):
+        if not self.out_dir:
+            return None
+        model_state, optimizer_state = None, None
+        if self.fsdp:  # gather the shards (every rank takes part); rank 0 keeps full CPU tensors
+            model_state = _full_state(self.model.state_dict(), self.is_main)
+            optimizer_state = _full_state(self.optimizer.state_dict(), self.is_main)
+        if not self.is_main:
             return None
         root = self.out_dir / "checkpoints"
         root.mkdir(parents=True, exist_ok=True)
@@ -467,8 +551,8 @@ class _Run:
         tmp.mkdir()
         state = {
             "step": self.step,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "model": model_state if self.fsdp else self.model.state_dict(),
+            "optimizer": optimizer_state if self.fsdp else self.optimizer.state_dict(),
             "controller": self.controller.state_dict() if self.controller is not None else None,
             "data": self.batches.state_dict(),
             "rng": _rng_state(self.device),
@@ -487,6 +571,11 @@ class _Run:
     def _load(self, checkpoint: Path) -> None:
         # read to CPU: RNG states must stay CPU ByteTensors; the load_state_dict calls move the rest to the device
         state = torch.load(checkpoint / "state.pt", map_location="cpu", weights_only=False)
+        if self.fsdp:  # full tensors (the single-process format) -> this rank's shards
+            current = self.model.state_dict()
+            state["model"] = {key: shard_like(value, current[key]) if key in current else value
+                              for key, value in state["model"].items()}
+            state["optimizer"] = _sharded_optimizer_state(self.optimizer, state["optimizer"])
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.controller is not None:
@@ -522,6 +611,8 @@ class _Run:
                 logits = self.model(x.to(self.device))
             total += lm_loss(logits, y.to(self.device)).double()
         self.model.train()
+        if self.fsdp:
+            _reshard(self.model)
         return float(self.ddp.mean(total / shards.shape[0]))
 
     def train_step(self) -> tuple[float, float | None]:
@@ -533,7 +624,8 @@ class _Run:
             shard = PackedBatches.shard(indices, micro, config.grad_accum, self.ddp.rank, self.ddp.world_size)
             x, y = self.batches.batch(shard)
             last = micro == config.grad_accum - 1
-            sync = contextlib.nullcontext() if (last or not self.ddp.enabled) else self.wrapped.no_sync()
+            # DDP: all-reduce on the last micro-step only; FSDP2 reduce-scatters every micro-step (sharded grads)
+            sync = contextlib.nullcontext() if (last or not self.ddp.enabled or self.fsdp) else self.wrapped.no_sync()
             with sync:
                 with self._autocast():
                     logits = self.wrapped(x.to(self.device, non_blocking=True))
@@ -542,7 +634,8 @@ class _Run:
             loss_sum += loss.detach().double()
         grad_norm = None
         if config.grad_clip > 0:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip))
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip)
+            grad_norm = float(full(norm))  # a replicated DTensor under fsdp
         factor = lr_factor(self.step + 1, config.lr_warmup_steps, config.max_steps)
         for group, base_lr in zip(self.optimizer.param_groups, self.base_lrs):
             group["lr"] = base_lr * factor
@@ -552,10 +645,12 @@ class _Run:
         return float(self.ddp.mean(loss_sum / config.grad_accum)), grad_norm
 
     def params_checksum(self) -> torch.Tensor:
-        """Sum and sum of squares of every parameter and layout index (fp64), to compare ranks."""
+        """Sum and sum of squares of every parameter and layout index (fp64), to compare ranks. Under fsdp the
+        parameters are gathered first (one copy of the values: the comparison checks the replicated layouts and
+        that every rank gathers the same model)."""
         parts = []
         for p in self.model.parameters():
-            data = p.detach().double()
+            data = full(p.detach()).double()
             parts += [data.sum(), (data * data).sum()]
             layout = getattr(p, "smet_layout", None) or getattr(p, "smet_mask_layout", None)
             if layout is not None:
@@ -586,6 +681,11 @@ def train(config: TrainConfig) -> dict:
         if run is not None and run.metrics_file is not None:
             run.metrics_file.close()
         if run is not None and run.ddp.initialised_here:
+            # Free the DDP wrapper while the process group is still alive: if its Reducer held the group's last
+            # reference, the group would be destroyed from C++ with the GIL held, joining a gloo worker thread
+            # that may need the GIL to free a finished collective's tensors -- an intermittent deadlock at exit.
+            run.wrapped = None
+            gc.collect()
             dist.destroy_process_group()
 
 

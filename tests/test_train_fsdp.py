@@ -1,0 +1,123 @@
+"""``smet-train --parallel fsdp`` (FSDP2 ``fully_shard``) with two gloo processes on CPU: ranks stay in sync, the
+loss matches one process on the same global batch, topology updates happen and match, checkpoints are full (the
+single-process format) and resuming one continues exactly like the uninterrupted run. Bad combinations raise."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from smet_kernels.train.cli import build_parser, main
+from smet_kernels.train.trainer import ConfigError, TrainConfig
+from torchrun_launch import launch, metrics
+
+COMMON = ["--config", "tiny", "--batch-size", "8", "--seq-len", "32", "--eval-batches", "1", "--lr", "3e-3",
+          "--backend", "reference", "--no-progress"]
+# density 0.3: the 16-block q/k/v/o layers hold 5 slots -> uneven shards (3 + 2 slots)
+SMET_ARGS = COMMON + ["--optimizer", "smet", "--density", "0.3", "--grad-accum", "2", "--max-steps", "6",
+                      "--update-interval", "3", "--regrow", "gradient", "--eval-every", "3", "--checkpoint-every", "3"]
+
+
+def train_records(out_dir):
+    return {r["step"]: r for r in metrics(out_dir) if r["type"] == "train"}
+
+
+def assert_matches(single_dir, fsdp_dir, steps):
+    summary = json.loads((fsdp_dir / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["ranks_in_sync"] is True
+    assert summary["config"]["parallel"] == "fsdp"
+    single, fsdp = train_records(single_dir), train_records(fsdp_dir)
+    assert sorted(fsdp) == list(range(1, steps + 1))
+    for step, record in single.items():
+        assert fsdp[step]["loss"] == pytest.approx(record["loss"], rel=1e-5, abs=1e-6), step
+        if "val_loss" in record:
+            assert fsdp[step]["val_loss"] == pytest.approx(record["val_loss"], rel=1e-5, abs=1e-6), step
+    single_updates = [r for r in metrics(single_dir) if r["type"] == "topology_update"]
+    fsdp_updates = [r for r in metrics(fsdp_dir) if r["type"] == "topology_update"]
+    assert fsdp_updates == single_updates
+    return fsdp_updates
+
+
+def assert_same_state(a, b, path=""):
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for key in a:
+            assert_same_state(a[key], b[key], f"{path}/{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_state(x, y, f"{path}/{i}")
+    elif isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), path
+    else:
+        assert a == b, path
+
+
+def load_state(out_dir, step):
+    return torch.load(out_dir / "checkpoints" / f"step_{step:07d}" / "state.pt", weights_only=False)
+
+
+def test_fsdp_smet_matches_single_process_and_resumes_exactly(tmp_path, tmp_path_factory):
+    cache_dir = tmp_path_factory.getbasetemp() / "smet_cache"
+    launch(tmp_path / "single", 1, cache_dir, SMET_ARGS)
+    launch(tmp_path / "fsdp", 2, cache_dir, SMET_ARGS + ["--parallel", "fsdp"])
+    updates = assert_matches(tmp_path / "single", tmp_path / "fsdp", 6)
+    assert [r["step"] for r in updates] == [3, 6] and updates[0]["pruned"] > 0
+    assert not (tmp_path / "fsdp" / "rank1").exists()
+
+    # the checkpoint is gathered to full tensors, in the single-process format (same keys, shapes, dtypes)
+    single_state, fsdp_state = load_state(tmp_path / "single", 6), load_state(tmp_path / "fsdp", 6)
+    assert fsdp_state["model"].keys() == single_state["model"].keys()
+    for key, value in single_state["model"].items():
+        if isinstance(value, torch.Tensor):
+            assert fsdp_state["model"][key].shape == value.shape and fsdp_state["model"][key].dtype == value.dtype
+            torch.testing.assert_close(fsdp_state["model"][key], value.cpu(), rtol=1e-4, atol=1e-5)
+    assert fsdp_state["optimizer"]["param_groups"] == single_state["optimizer"]["param_groups"]
+    for index, state in single_state["optimizer"]["state"].items():
+        for key, value in state.items():
+            got = fsdp_state["optimizer"]["state"][index][key]
+            assert not hasattr(got, "placements") and got.shape == value.shape and got.dtype == value.dtype
+            if key == "block_step":
+                assert torch.equal(got, value.cpu())
+
+    # resume from the step-3 checkpoint: steps 4..6 and the final state as in the uninterrupted run
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(tmp_path / "fsdp" / "checkpoints" / "step_0000003", resumed / "checkpoints" / "step_0000003")
+    launch(resumed, 2, cache_dir, ["--resume", str(resumed), "--no-progress"])
+    uninterrupted, continued = train_records(tmp_path / "fsdp"), train_records(resumed)
+    assert sorted(continued) == [4, 5, 6]
+    for step in (4, 5, 6):
+        assert continued[step]["loss"] == uninterrupted[step]["loss"], step
+        assert continued[step].get("val_loss") == uninterrupted[step].get("val_loss"), step
+    final, resumed_final = load_state(tmp_path / "fsdp", 6), load_state(resumed, 6)
+    for key in ("model", "optimizer", "controller", "step"):
+        assert_same_state(resumed_final[key], final[key], key)
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "masked-dst"])
+def test_fsdp_dense_and_masked_match_single_process(tmp_path, tmp_path_factory, optimizer):
+    cache_dir = tmp_path_factory.getbasetemp() / "smet_cache"
+    args = COMMON + ["--optimizer", optimizer, "--density", "0.3", "--max-steps", "4", "--update-interval", "2",
+                     "--eval-every", "2"]
+    launch(tmp_path / "single", 1, cache_dir, args)
+    launch(tmp_path / "fsdp", 2, cache_dir, args + ["--parallel", "fsdp"])
+    updates = assert_matches(tmp_path / "single", tmp_path / "fsdp", 4)
+    if optimizer == "masked-dst":
+        assert [r["step"] for r in updates] == [2, 4] and updates[0]["pruned"] > 0
+
+
+def test_parallel_option_validation(capsys):
+    assert TrainConfig().parallel == "ddp"
+    TrainConfig(parallel="fsdp", optimizer="smet").validate()
+    with pytest.raises(ConfigError, match="parallel must be one of"):
+        TrainConfig(parallel="zero3").validate()
+    with pytest.raises(ConfigError, match="parallel 'fsdp' does not support optimizer 'galore'"):
+        TrainConfig(parallel="fsdp", optimizer="galore").validate()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--optimizer", "galore", "--parallel", "fsdp", "--no-progress"])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("smet-train: error: parallel 'fsdp' does not support optimizer 'galore'")
+    assert "fsdp" in build_parser().format_help() and "fully_shard" in build_parser().format_help()
