@@ -3,6 +3,8 @@
 import pytest
 import torch
 
+from conftest import DEVICE
+
 from bench import kernels, optimizer, training
 from bench.results import KERNEL_KEY, TRAINING_KEY, _canonical
 from bench.timing import measure
@@ -104,7 +106,7 @@ def test_every_provider_is_checked_against_dense(provider, op):
 def test_ungrouped_program_order_gives_the_same_result(op):
     shape = kernels.LinearShape("tiny:gate_up", 128, 64)
     case = kernels.KernelCase(op, "smet_ungrouped", shape, 300, 32, 0.5, torch.float32)
-    operands = kernels.make_operands(case, torch.device("cpu"))
+    operands = kernels.make_operands(case, torch.device(DEVICE))  # the interpreter on CPU, compiled on a GPU
     result = kernels.case_function(case, operands, "triton")()
     assert kernels.check_result(case, operands, result) == ""
     assert case.key_row("triton")["backend"] == "triton"

@@ -156,7 +156,7 @@ def test_regrow_resets_exactly_the_given_slots(nnz, data):
     values, exp_avg, exp_avg_sq = (torch.randn(nnz, 16, 16, generator=g).to(DEVICE) for _ in range(3))
     block_step = torch.arange(1, nnz + 1, dtype=torch.int32, device=DEVICE)
     before = [t.clone() for t in (values, exp_avg, exp_avg_sq, block_step)]
-    regrow_blocks(values, torch.tensor(slots, dtype=torch.int64), exp_avg, exp_avg_sq, block_step)
+    regrow_blocks(values, torch.tensor(slots, dtype=torch.int64, device=DEVICE), exp_avg, exp_avg_sq, block_step)
     touched = torch.zeros(nnz, dtype=torch.bool, device=DEVICE)
     touched[slots] = True
     for after, old in zip((values, exp_avg, exp_avg_sq, block_step), before):
