@@ -36,6 +36,8 @@ def _csv_list(kind):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import kernels, optimizer
+
     parser = argparse.ArgumentParser(
         prog="smet-bench",
         description="Benchmarks of smet_kernels: kernels, optimizer step, end-to-end training memory and speed.",
@@ -94,8 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--providers",
         type=_csv_list(str),
         default=None,
-        help="kernel providers from smet,smet_ungrouped,cublas_dense,masked_dense,torch_bsr and optimizer providers "
-        "from smet,torch_adamw_fused,torch_adamw_foreach (default: all that apply)",
+        help=f"kernel providers from {','.join(kernels.PROVIDERS)} and optimizer providers "
+        f"from {','.join(optimizer.PROVIDERS)} (default: all that apply)",
     )
     run.add_argument(
         "--methods",

@@ -8,8 +8,10 @@ and ``dy [M, N]``:
 * ``grad_weight``  ``dW = dyᵀ x`` (at the active blocks only, for the sparse providers)
 
 Providers: ``smet`` (this library's kernels, or its PyTorch reference with ``backend="reference"``),
-``smet_ungrouped`` (forward and input grad only: the same Triton kernels in the plain token-tile-fastest program
-order, without the L2 grouping — the A/B of that choice, measured in the same run; Triton backend only),
+``smet_ungrouped``, ``smet_persistent`` and ``smet_tma`` (forward and input grad only, Triton backend only: the
+same tile computation in the plain token-tile-fastest program order without the L2 grouping, in the persistent
+longest-rows-first schedule, and with TMA descriptor loads (Hopper) — the A/B of those choices, measured in the
+same run),
 ``cublas_dense`` (``F.linear`` / ``torch.mm`` on the dense weight; once per shape, density 1), ``masked_dense``
 (``W ⊙ mask`` then the dense matmul — what mask-based DST does) and ``torch_bsr`` (PyTorch's BSR Triton ops
 ``bsr_dense_mm`` and ``sampled_addmm``, CUDA only; recorded as skipped elsewhere).
@@ -32,8 +34,9 @@ import torch.nn.functional as F
 from .timing import Timing, measure
 
 OPS = ("forward", "grad_input", "grad_weight")
-SPARSE_PROVIDERS = ("smet", "smet_ungrouped", "masked_dense", "torch_bsr")
-GROUPED_OPS = ("forward", "grad_input")  # the ops whose program order smet_ungrouped changes
+SCHEDULE_VARIANTS = ("smet_ungrouped", "smet_persistent", "smet_tma")  # variants of the smet dense-sparse kernel
+SPARSE_PROVIDERS = ("smet", *SCHEDULE_VARIANTS, "masked_dense", "torch_bsr")
+SCHEDULED_OPS = ("forward", "grad_input")  # the ops the kernel variants change
 PROVIDERS = ("cublas_dense",) + SPARSE_PROVIDERS
 FULL_CONFIGS = ("20m", "60m", "130m", "350m", "1b", "7b")
 FULL_DENSITIES = (0.5, 0.25, 0.1, 0.05)
@@ -129,7 +132,7 @@ def kernel_cases(
                 for d in densities:
                     for op in ops:
                         for provider in providers:
-                            if provider == "cublas_dense" or (provider == "smet_ungrouped" and op not in GROUPED_OPS):
+                            if provider == "cublas_dense" or (provider in SCHEDULE_VARIANTS and op not in SCHEDULED_OPS):
                                 continue
                             yield KernelCase(op, provider, shape, m, b, d, dtype)
 
@@ -173,19 +176,29 @@ class KernelUnavailable(Exception):
     """A provider that cannot run here (the reason is recorded as a skipped row)."""
 
 
-def _smet_fns(ops: _Operands, backend: str, grouped: bool = True) -> dict[str, Callable[[], torch.Tensor]]:
+def _smet_fns(ops: _Operands, backend: str, provider: str = "smet") -> dict[str, Callable[[], torch.Tensor]]:
     """The raw ops of this library: Triton kernels, or their PyTorch references with ``backend="reference"``.
 
-    ``grouped=False``: forward and input grad with one L2 group spanning every token tile (the plain order)."""
+    ``provider="smet_ungrouped"``: forward and input grad with one L2 group spanning every token tile (the plain
+    order); ``"smet_persistent"``: with the persistent longest-rows-first schedule; ``"smet_tma"``: with TMA
+    descriptor loads (sm_90+, or the interpreter)."""
     if backend == "triton":
         from smet_kernels.ops import block_sparse_matmul as bsmm
 
-        group_m = None if grouped else ops.x.shape[0]  # >= the token tiles at any BLOCK_M
-        forward = functools.partial(bsmm.bsmm_forward, group_m=group_m)
-        grad_input = functools.partial(bsmm.bsmm_grad_input, group_m=group_m)
+        if provider == "smet_tma" and ops.x.is_cuda and torch.cuda.get_device_capability(ops.x.device) < (9, 0):
+            raise KernelUnavailable("smet_tma needs the Tensor Memory Accelerator of an sm_90+ GPU")
+
+        options = {
+            "smet": {},
+            "smet_ungrouped": {"group_m": ops.x.shape[0]},  # >= the token tiles at any BLOCK_M
+            "smet_persistent": {"variant": "persistent"},
+            "smet_tma": {"variant": "tma"},
+        }[provider]
+        forward = functools.partial(bsmm.bsmm_forward, **options)
+        grad_input = functools.partial(bsmm.bsmm_grad_input, **options)
         grad_weight = bsmm.bsmm_grad_weight
-    elif not grouped:
-        raise KernelUnavailable("the PyTorch reference has no program order: smet_ungrouped needs the Triton backend")
+    elif provider != "smet":
+        raise KernelUnavailable(f"the PyTorch reference has no program order: {provider} needs the Triton backend")
     else:
         from smet_kernels.reference import matmul as reference
 
@@ -258,8 +271,8 @@ def case_function(case: KernelCase, ops: _Operands, backend: str) -> Callable[[]
             "grad_input": lambda: ops.dy @ (ops.weight * ops.mask),
             "grad_weight": lambda: (ops.dy.t() @ ops.x) * ops.mask,
         }[case.op]
-    if case.provider in ("smet", "smet_ungrouped"):
-        return _smet_fns(ops, backend, grouped=case.provider == "smet")[case.op]
+    if case.provider in ("smet", *SCHEDULE_VARIANTS):
+        return _smet_fns(ops, backend, case.provider)[case.op]
     return _torch_bsr_fns(ops)[case.op]
 
 

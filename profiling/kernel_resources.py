@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 import re
 import subprocess
 import sys
@@ -43,7 +44,8 @@ INSTRUCTIONS = {
     "tma": "cp.async.bulk",
     "vector_loads": "ld.global.v",
 }
-KERNELS = ["forward", "grad_input", "grad_weight", "grad_weight_split_k", "adamw", "regrow"]
+KERNELS = ["forward", "grad_input", "forward_persistent", "grad_input_persistent", "forward_tma", "grad_input_tma",
+           "grad_weight", "grad_weight_split_k", "adamw", "regrow"]
 FIELDS = [
     "kernel", "dtype", "block_size", "BLOCK_M", "num_warps", "num_stages", "kept_by_pruner", "arch",
     "shared_bytes", "fits_shared", "registers", "stack_bytes", *INSTRUCTIONS, "triton", "ptxas",
@@ -104,21 +106,36 @@ def matmul_cases(dtypes: list[str], block_sizes: list[int], arch: int = 90) -> l
         flags = {"UPCAST": False, "INPUT_PRECISION": "ieee" if dtype == torch.float32 else "tf32"}
         probe = torch.empty(0, dtype=dtype)
         for b in block_sizes:
-            for name, transpose in (("forward", True), ("grad_input", False)):
+            for (name, transpose), (suffix, kernel) in itertools.product(
+                (("forward", True), ("grad_input", False)),
+                (("", bsmm._bsmm_dense_sparse_kernel), ("_persistent", bsmm._bsmm_dense_sparse_persistent_kernel),
+                 ("_tma", bsmm._bsmm_dense_sparse_tma_kernel)),
+            ):
                 configs = _autotune_configs(bsmm.DENSE_SPARSE_BLOCK_MS)
-                kept = bsmm.prune_configs(configs, {"a": probe}, limit, BLOCK_SIZE=b)
+                prune = bsmm.prune_persistent_configs if suffix == "_persistent" else bsmm.prune_configs
+                kept = prune(configs, {"a": probe}, limit, BLOCK_SIZE=b)
                 for config in configs:
+                    block_m = config.kwargs["BLOCK_M"]
                     constexprs = {"HAS_BIAS": transpose, "TRANSPOSE_BLOCKS": transpose, "BLOCK_SIZE": b, **flags,
                                   "GROUP_M": bsmm.GROUP_M, **config.kwargs}
-                    signature = _signature(
-                        {"a_ptr": t, "values_ptr": t, "bias_ptr": t, "out_ptr": t, "index_ptr_ptr": "i32",
-                         "index_slots_ptr": "i32", "index_minor_ptr": "i32"},
-                        {"M": "i32", "IN_COLS": "i32", "OUT_COLS": "i32", "stride_am": "i32", "stride_om": "i32"},
-                        constexprs,
-                    )
-                    cases.append(KernelCase(name, bsmm._bsmm_dense_sparse_kernel, signature, constexprs,
-                                            config.num_warps, config.num_stages, dtype_name, b,
-                                            config.kwargs["BLOCK_M"], config in kept))
+                    pointers = {"a_ptr": t, "values_ptr": t, "bias_ptr": t, "out_ptr": t}
+                    strides = {"stride_am": "i32", "stride_om": "i32"}
+                    if suffix == "_tma":
+                        pointers = {"a_desc": f"tensordesc<{t}[{block_m}, {b}]>",
+                                    "values_desc": f"tensordesc<{t}[{b}, {b}]>", "bias_ptr": "*" + t,
+                                    "out_desc": f"tensordesc<{t}[{block_m}, {b}]>"}
+                        strides = {}
+                    signature = {
+                        **{n: v if v.startswith(("tensordesc", "*")) else "*" + v for n, v in pointers.items()},
+                        **_signature(
+                            {"index_ptr_ptr": "i32", "index_slots_ptr": "i32", "index_minor_ptr": "i32",
+                             **({"order_ptr": "i32"} if suffix == "_persistent" else {})},
+                            {"M": "i32", "IN_COLS": "i32", "OUT_COLS": "i32", **strides},
+                            constexprs,
+                        ),
+                    }
+                    cases.append(KernelCase(name + suffix, kernel, signature, constexprs, config.num_warps,
+                                            config.num_stages, dtype_name, b, block_m, config in kept))
             configs = _autotune_configs(bsmm.GRAD_WEIGHT_BLOCK_MS)
             kept = bsmm.prune_configs(configs, {"dy": probe}, limit, weight_grad=True, BLOCK_SIZE=b)
             for split_k, out_type in ((1, t), (2, "fp32")):
@@ -195,7 +212,7 @@ def compile_case(case: KernelCase, arch: int, cuobjdump: str) -> dict:
     aligned = {
         (index,): [["tt.divisibility", 16]]
         for index, name in enumerate(case.fn.arg_names)
-        if case.signature[name] not in ("constexpr", "fp32")
+        if case.signature[name] not in ("constexpr", "fp32") and not case.signature[name].startswith("tensordesc")
     }
     source = ASTSource(fn=case.fn, signature=case.signature, constexprs=case.constexprs, attrs=aligned)
     compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),

@@ -23,6 +23,28 @@ try:
 except ImportError:  # pragma: no cover - triton is a runtime dependency
     TRITON_AVAILABLE = False
 
+
+
+def _interpreter_problem() -> str | None:
+    """Why Triton's CPU interpreter cannot run our kernels here, or None. Triton <= 3.6 converts a loaded scalar
+    (a 1-element numpy array) to a loop bound with ``int()``, which numpy >= 2.4 refuses."""
+    if not (INTERPRET and TRITON_AVAILABLE):
+        return None
+    import numpy
+
+    def version(module) -> tuple[int, int]:
+        major, minor = module.__version__.split(".")[:2]
+        return int(major), int(minor)
+
+    if version(triton) < (3, 7) and version(numpy) >= (2, 4):
+        return (
+            f"the interpreter of Triton {triton.__version__} cannot run with numpy {numpy.__version__} "
+            "(install numpy<2.4, or Triton >= 3.9)"
+        )
+    return None
+
+
+INTERPRETER_PROBLEM = _interpreter_problem()
 _backend = os.environ.get("SMET_BACKEND", "auto")
 _warned = False
 
@@ -48,7 +70,7 @@ def triton_can_run(device: torch.device) -> bool:
     if not TRITON_AVAILABLE:
         return False
     if INTERPRET:
-        return device.type == "cpu"
+        return device.type == "cpu" and INTERPRETER_PROBLEM is None
     return device.type == "cuda"
 
 
@@ -60,15 +82,17 @@ def resolve_backend(device: torch.device, backend: str | None = None) -> str:
         return name
     if triton_can_run(device):
         return "triton"
+    reason = INTERPRETER_PROBLEM if INTERPRET and device.type == "cpu" else None
     if name == "triton":
         raise ValueError(
-            f"backend='triton' cannot run on device {device}: Triton needs a CUDA tensor, or "
-            "TRITON_INTERPRET=1 set before importing smet_kernels for CPU tensors"
+            f"backend='triton' cannot run on device {device}: "
+            + (reason or "Triton needs a CUDA tensor, or TRITON_INTERPRET=1 set before importing smet_kernels "
+               "for CPU tensors")
         )
     if not _warned:
         warnings.warn(
-            f"smet_kernels: Triton cannot run on device '{device}' (no CUDA, TRITON_INTERPRET unset); "
-            "using the pure-PyTorch reference ops",
+            f"smet_kernels: Triton cannot run on device '{device}' "
+            f"({reason or 'no CUDA, TRITON_INTERPRET unset'}); using the pure-PyTorch reference ops",
             RuntimeWarning,
             stacklevel=3,
         )

@@ -26,12 +26,15 @@ class BlockIndex:
     """A compressed ordering of the active blocks (CSR when ``major`` is rows, CSC when columns).
 
     ``ptr[i]:ptr[i+1]`` are the positions of major index ``i``; ``slots[p]`` is the value slot and
-    ``minor[p]`` the minor block index (column for CSR, row for CSC) at position ``p``. All int32.
+    ``minor[p]`` the minor block index (column for CSR, row for CSC) at position ``p``; ``by_count`` lists the
+    major indices by their number of active blocks, largest first (ties by index), for schedules that run long
+    rows first. All int32.
     """
 
     ptr: torch.Tensor
     slots: torch.Tensor
     minor: torch.Tensor
+    by_count: torch.Tensor
 
 
 def check_block_size(block_size: int, name: str = "block_size") -> int:
@@ -202,6 +205,7 @@ class BlockLayout:
                 ptr=ptr.to(device=device, dtype=torch.int32),
                 slots=order.to(device=device, dtype=torch.int32),
                 minor=minor_idx[order].to(device=device, dtype=torch.int32),
+                by_count=torch.argsort(-counts, stable=True).to(device=device, dtype=torch.int32),
             )
         return self._cache[key]
 

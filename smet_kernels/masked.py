@@ -45,6 +45,7 @@ class MaskedLinear(BlockLayoutLinear):
         self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype))
         self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
         self._mask_key: tuple | None = None
+        self._mask_layout: BlockLayout | None = None
         self._dense_mask: torch.Tensor | None = None
         self.reset_parameters(generator)
 
@@ -60,11 +61,12 @@ class MaskedLinear(BlockLayoutLinear):
     def dense_mask(self) -> torch.Tensor:
         """``M`` expanded to ``[out, in]`` in the weight's dtype and device, rebuilt when the layout changes."""
         key = (self.layout.version, self.weight.device, self.weight.dtype)
-        if self._mask_key != key:
+        if self._mask_key != key or self._mask_layout is not self.layout:  # a new layout starts again at version 0
             b = self.layout.block_size
             block_mask = self.layout.mask.to(device=self.weight.device, dtype=self.weight.dtype)
             self._dense_mask = block_mask.repeat_interleave(b, dim=0).repeat_interleave(b, dim=1)
             self._mask_key = key
+            self._mask_layout = self.layout
         return self._dense_mask
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -71,6 +71,12 @@ def cosine_prune_fraction(step: int, end_step: int | None, prune_fraction: float
     return min_prune_fraction + (prune_fraction - min_prune_fraction) * (1.0 + math.cos(math.pi * t / end_step)) / 2.0
 
 
+def blocks_to_move(prune_fraction: float, nnz: int) -> int:
+    """``n = floor(ζ · nnz)``, exact for decimal fractions: ``0.35 · 180`` is ``62.99…`` in binary floating point, and
+    63 blocks is what the formula means (a relative slack of 1e-9 absorbs the representation error)."""
+    return math.floor(prune_fraction * nnz * (1.0 + 1e-9))
+
+
 # ---------------------------------------------------------------------------------------------- selection
 def choose_blocks(
     layout: BlockLayout,
@@ -228,7 +234,8 @@ class SMET:
                 "model has no sparse parameters (none carries smet_layout or smet_mask_layout); "
                 "sparsify it first (smet_kernels.modules.sparsify or smet_kernels.masked.masked_sparsify)"
             )
-        static = [t.name for t in self.targets if math.floor(self.prune_fraction * t.layout.nnz) == 0]
+        self._check_targets(optimizer)
+        static = [t.name for t in self.targets if blocks_to_move(self.prune_fraction, t.layout.nnz) == 0]
         if static:
             warnings.warn(
                 f"SMET: prune_fraction={self.prune_fraction} moves no block of {len(static)} layer(s) whose nnz is "
@@ -256,6 +263,25 @@ class SMET:
             elif hasattr(param, "smet_mask_layout"):
                 targets.append(_SparseTarget(name, param, param.smet_mask_layout, "masked", owners[id(param)]))
         return targets
+
+    def _check_targets(self, optimizer: torch.optim.Optimizer) -> None:
+        """Each sparse parameter has a layout of its own and its state in ``optimizer`` (else an update would move
+        another layer's blocks, or leave a regrown block with the pruned block's Adam moments)."""
+        owners: dict[int, str] = {}
+        for target in self.targets:
+            other = owners.setdefault(id(target.layout), target.name)
+            if other != target.name:
+                raise ValueError(
+                    f"sparse parameters '{other}' and '{target.name}' share one BlockLayout object: a topology update "
+                    "of one would move the blocks of the other. Give each layer its own layout (layout.clone())."
+                )
+        held = {id(param) for group in optimizer.param_groups for param in group["params"]}
+        missing = [target.name for target in self.targets if id(target.param) not in held]
+        if missing:
+            raise ValueError(
+                f"optimizer does not hold the sparse parameter(s) {missing}: SMET resets the optimizer state of "
+                "regrown blocks, so pass the optimizer that steps them"
+            )
 
     # ------------------------------------------------------------------ schedule
     @property
@@ -292,7 +318,7 @@ class SMET:
         zeta = self.prune_fraction_at(self._step)
         decisions = []
         for target in self.targets:
-            n = math.floor(zeta * target.layout.nnz)
+            n = blocks_to_move(zeta, target.layout.nnz)
             decisions.append(
                 choose_blocks(target.layout, self._prune_scores(target), n, self._regrow_scores(target), self.generator)
             )

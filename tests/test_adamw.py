@@ -107,6 +107,21 @@ def test_bfloat16_weights_fp32_state(device):
     assert_close(tensors, expected, torch.bfloat16)
 
 
+def test_bfloat16_weights_round_to_nearest_and_do_not_drift(device):
+    """Updates far below one bf16 unit leave the weights unchanged, as in PyTorch: the kernel rounds its fp32
+    result to nearest even (the interpreter alone would truncate it, shrinking every weight towards zero)."""
+    generator = torch.Generator().manual_seed(3)
+    tensors = make_tensors([(4, 16), ("dense", (64,))], torch.bfloat16, device, generator)
+    initial = [entry[0].clone() for entry in tensors]
+    expected = clone_all(tensors)
+    for _ in range(5):
+        run(tensors, [1e-7, 1e-7], [None, 4], "triton", weight_decay=0.0)
+        run(expected, [1e-7, 1e-7], [None, 4], "reference", weight_decay=0.0)
+    for entry, want, start in zip(tensors, expected, initial):
+        assert torch.equal(entry[0], want[0])
+        assert torch.equal(entry[0], start)
+
+
 def test_table_cache_reused_and_rebuilt(device):
     generator = torch.Generator().manual_seed(3)
     tensors = make_tensors([(3, 16), (2, 32)], torch.float32, device, generator)

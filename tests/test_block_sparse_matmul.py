@@ -98,6 +98,45 @@ def test_group_m_is_validated_and_any_grouping_gives_the_same_result():
             bsmm_forward(x, values, layout, group_m=bad)
 
 
+HAS_TMA = not ON_GPU or torch.cuda.get_device_capability() >= (9, 0)
+KERNEL_VARIANTS = ["persistent", pytest.param("tma", marks=pytest.mark.skipif(not HAS_TMA, reason="needs sm_90+"))]
+
+
+@pytest.mark.parametrize("variant", KERNEL_VARIANTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("kind", ["random", "empty_rows_cols", "single", "dense"])
+@pytest.mark.parametrize("m_tiles", [1, GROUP_M + 3])
+def test_kernel_variants_match_reference(kind, m_tiles, dtype, variant):
+    """Persistent programs striding over the tiles longest block rows first, and TMA descriptor tiles (zero-filled
+    and clipped at the token tail): every tile once, on any layout."""
+    layout = _mask_layout(kind, 5, 3, 16)
+    block_m = 64 if ON_GPU else 32
+    x, values, dy, bias = _inputs(layout, m_tiles * block_m - 3, dtype)
+    y = bsmm_forward(x, values, layout, bias, variant=variant)
+    _close(y, bsmm_forward_reference(x, values, layout, bias), dtype)
+    dx = bsmm_grad_input(dy, values, layout, variant=variant)
+    _close(dx, bsmm_grad_input_reference(dy, values, layout), dtype)
+
+
+@pytest.mark.skipif(not HAS_TMA, reason="needs sm_90+")
+def test_tma_variant_refuses_misaligned_operands():
+    layout = _mask_layout("random", 2, 2, 16)
+    x, values, _, _ = _inputs(layout, 9, torch.float16)
+    with pytest.raises(ValueError, match="activations 16-byte aligned"):
+        bsmm_forward(x.view(-1)[1:].view(-1)[: 8 * 32].view(8, 32), values, layout, variant="tma")
+    with pytest.raises(ValueError, match="values contiguous"):
+        bsmm_forward(x, values.transpose(1, 2), layout, variant="tma")
+
+
+def test_variant_is_validated():
+    layout = _mask_layout("random", 2, 2, 16)
+    x, values, dy, _ = _inputs(layout, 8, torch.float32)
+    with pytest.raises(ValueError, match="variant"):
+        bsmm_forward(x, values, layout, variant="stream-k")
+    with pytest.raises(ValueError, match="variant"):
+        bsmm_grad_input(dy, values, layout, variant=None)
+
+
 @pytest.mark.parametrize("split_k", [2, 3])
 def test_grad_weight_split_k(split_k):
     layout = _mask_layout("random", 2, 3, 16)

@@ -45,6 +45,14 @@ def test_row_and_col_index_cover_every_slot():
             assert layout.block_indices[slot].tolist() == [col.minor[p].item(), c]
 
 
+def test_by_count_lists_major_indices_longest_first():
+    mask = torch.tensor([[0, 1, 0], [1, 1, 1], [0, 0, 0], [1, 0, 1]], dtype=torch.bool)
+    layout = BlockLayout.from_mask(mask, 16)
+    assert layout.row_index().by_count.tolist() == [1, 3, 0, 2]  # counts 1, 3, 0, 2; ties by index
+    assert layout.col_index().by_count.tolist() == [0, 1, 2]  # counts 2, 2, 2
+    assert layout.row_index().by_count.dtype == torch.int32
+
+
 def test_index_cached_until_layout_changes():
     layout = BlockLayout.random(64, 64, 16, 0.5, generator=torch.Generator().manual_seed(1))
     first = layout.row_index()

@@ -52,6 +52,14 @@ def test_mask_follows_layout_updates():
     torch.testing.assert_close(layer(x), F.linear(x, layer.weight * expand(layer.layout), layer.bias))
 
 
+def test_mask_follows_a_new_layout_object():
+    layer = MaskedLinear(32, 32, density=0.5, block_size=B, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(3, 32)
+    layer(x)
+    layer.layout = BlockLayout.from_mask(~layer.layout.mask, B)  # also at version 0, like the old one
+    torch.testing.assert_close(layer(x), F.linear(x, layer.weight * expand(layer.layout), layer.bias))
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_layer_with_a_cpu_generator():

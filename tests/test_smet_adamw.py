@@ -280,6 +280,18 @@ def test_bad_arguments_raise(kwargs, error, match):
         SMETAdamW([dense_param((4,), seed=0)], **kwargs)
 
 
+def test_a_bad_parameter_fails_the_step_before_anything_changes(device):
+    good = dense_param((4,), seed=0, device=device)
+    bad = torch.nn.Parameter(torch.ones(3, dtype=torch.float64, device=device))
+    optimizer = SMETAdamW([good])
+    optimizer.add_param_group({"params": [bad]})
+    good.grad, bad.grad = torch.ones_like(good), torch.ones_like(bad)
+    before = good.detach().clone()
+    with pytest.raises(TypeError, match="parameter 0 of param group 1 must be one of"):
+        optimizer.step()
+    assert torch.equal(good, before) and not optimizer.state
+
+
 def test_bad_param_group_and_values_shape_raise(device):
     optimizer = SMETAdamW([dense_param((4,), seed=0, device=device)])
     rejected = dense_param((4,), seed=1, device=device)

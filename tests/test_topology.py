@@ -12,7 +12,7 @@ from smet_kernels.layout import BlockLayout
 from smet_kernels.modules import BlockSparseLinear
 from smet_kernels.optim.smet_adamw import SMETAdamW
 from smet_kernels.supar import supar_init_, supar_init_std, supar_lr, supar_multiplier, supar_param_groups
-from smet_kernels.topology import SMET, choose_blocks, cosine_prune_fraction
+from smet_kernels.topology import SMET, blocks_to_move, choose_blocks, cosine_prune_fraction
 
 B = 16  # block size
 FEATURES = 64  # 4 x 4 blocks per layer
@@ -341,6 +341,34 @@ def test_bad_model_and_optimizer():
     dense = nn.Linear(4, 4)
     with pytest.raises(ValueError, match="no sparse parameters"):
         SMET(dense, torch.optim.SGD(dense.parameters(), lr=0.1))
+
+
+def test_layers_sharing_one_layout_object_are_refused():
+    """Two layers built on one BlockLayout would see each other's blocks moved by every update."""
+    layout = BlockLayout.random(FEATURES, FEATURES, B, 0.5, generator=torch.Generator().manual_seed(0))
+    model = nn.Sequential(
+        BlockSparseLinear(FEATURES, FEATURES, layout=layout, backend="reference"),
+        BlockSparseLinear(FEATURES, FEATURES, layout=layout, backend="reference"),
+    )
+    with pytest.raises(ValueError, match="share one BlockLayout"):
+        SMET(model, SMETAdamW(model.parameters(), backend="reference"))
+    model[1].layout = layout.clone()
+    SMET(model, SMETAdamW(model.parameters(), backend="reference"))
+
+
+def test_optimizer_must_hold_the_sparse_parameters():
+    """Else regrown slots would keep the pruned blocks' Adam moments and local steps."""
+    model = TinyMLP()
+    stepping_only_up = SMETAdamW(model.up.parameters(), backend="reference")
+    with pytest.raises(ValueError, match=r"optimizer does not hold the sparse parameter\(s\) \['down.values'\]"):
+        SMET(model, stepping_only_up)
+
+
+def test_blocks_to_move_is_exact_for_decimal_fractions():
+    assert 0.35 * 180 < 63  # binary floating point
+    assert blocks_to_move(0.35, 180) == 63
+    assert blocks_to_move(0.2, 7) == 1 and blocks_to_move(0.2, 4) == 0 and blocks_to_move(0.5, 0) == 0
+    assert all(blocks_to_move(z / 1000, n) == z * n // 1000 for z in range(1, 1000, 7) for n in range(1, 400, 13))
 
 
 # ---------------------------------------------------------------------------------------------- SμPar

@@ -32,6 +32,7 @@ import triton.language as tl
 
 from ..backend import INTERPRET, resolve_backend
 from ..reference.adamw import WARMUP_MODES, smet_adamw_step_reference
+from .rounding import downcast
 
 GPU_BLOCK = 1024
 ALIGN_ELEMENTS = 16  # tensors whose numel and address allow 16-element (>= 16-byte) vector accesses
@@ -114,9 +115,9 @@ def _smet_adamw_kernel(
         if WARMUP == 1:
             update = update * ramp
         theta = theta - lr * (update + weight_decay * theta)
-        tl.store(param_ptr + offs, theta.to(PARAM_DTYPE), mask=mask)
-        tl.store(exp_avg_ptr + offs, m.to(STATE_DTYPE), mask=mask)
-        tl.store(exp_avg_sq_ptr + offs, v.to(STATE_DTYPE), mask=mask)
+        tl.store(param_ptr + offs, downcast(theta, PARAM_DTYPE), mask=mask)
+        tl.store(exp_avg_ptr + offs, downcast(m, STATE_DTYPE), mask=mask)
+        tl.store(exp_avg_sq_ptr + offs, downcast(v, STATE_DTYPE), mask=mask)
 
     # every lane has read its slots' old steps before any is bumped
     tl.debug_barrier()

@@ -8,6 +8,10 @@
 * weight grad (``bsmm_grad_weight``): one program per (active block ``k``, split of the token axis):
   ``dvalues[k] = Σ_m dy[m, rows(k)]ᵀ · x[m, cols(k)]``; with ``split_k > 1`` fp32 partial sums are reduced after.
 
+Forward and input grad come in three variants of the same tile computation (``variant=``; A/B-timed by the kernel
+benchmarks, ``bench/KERNEL_NOTES.md``): ``grouped`` (default), ``persistent`` (one program per SM slot, longest block
+rows first) and ``tma`` (grouped, tiles moved by Hopper TMA descriptors).
+
 All accumulate in fp32 and store in the input dtype. Under the Triton interpreter, bf16 operands are upcast before
 ``tl.dot`` (the interpreter's bf16 dot is wrong, SPEC §8); fp32 uses IEEE precision (no TF32) to match PyTorch.
 """
@@ -20,9 +24,11 @@ import functools
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ..backend import INTERPRET
 from ..layout import BlockLayout
+from .rounding import downcast
 
 
 DENSE_SPARSE_BLOCK_MS = (64, 128, 256)
@@ -45,18 +51,30 @@ def matmul_configs(block_ms: tuple[int, ...], interpret: bool = INTERPRET) -> li
 HOPPER_SHARED_MEMORY = 232448  # opt-in shared memory per block of an H100, used when the device is not a GPU
 
 
-def prune_configs(configs, named_args, shared_memory_limit: int | None = None, weight_grad: bool = False, **kwargs):
+def prune_configs(
+    configs,
+    named_args,
+    shared_memory_limit: int | None = None,
+    weight_grad: bool = False,
+    accumulator_registers: int = 128,
+    **kwargs,
+):
     """Keep the configs that can compile to a fast loop (``reports/static-sm90`` shows each rule at work):
 
     * shared memory: ``num_stages`` buffered tiles ``(BLOCK_M·b + b·b)·elem`` within the device's limit — an upper
       bound of what Triton's pipeliner allocates, so every kept config fits;
-    * registers: the fp32 accumulator (``BLOCK_M × b``; ``b × b`` for the weight grad) at most 128 registers per
-      thread — past it ``BLOCK_M = 256`` with 4 warps spills at b = 128;
+    * registers: the fp32 accumulator (``BLOCK_M × b``; ``b × b`` for the weight grad) at most
+      ``accumulator_registers`` per thread — past 128 ``BLOCK_M = 256`` with 4 warps spills at b = 128; the
+      persistent kernel, which carries its tile loop's state as well, spills past 64;
     * pipelining: at least 16 bytes of the ``BLOCK_M × b`` token tile per thread (one ``cp.async``) — below it
       (b = 16 or 32 with 8 warps on a small tile) Triton emits synchronous loads.
     """
     b = kwargs.get("BLOCK_SIZE", named_args.get("BLOCK_SIZE"))
-    operand = next(arg for arg in named_args.values() if isinstance(arg, torch.Tensor))
+    operand = next(
+        arg.base if isinstance(arg, TensorDescriptor) else arg
+        for arg in named_args.values()
+        if isinstance(arg, (torch.Tensor, TensorDescriptor))
+    )
     if shared_memory_limit is None:
         shared_memory_limit = _shared_memory_limit(operand.device)
     elem = operand.element_size()
@@ -65,9 +83,16 @@ def prune_configs(configs, named_args, shared_memory_limit: int | None = None, w
         block_m, threads = config.kwargs["BLOCK_M"], 32 * config.num_warps
         shared = (block_m * b + b * b) * elem * config.num_stages
         accumulator = b * b if weight_grad else block_m * b
-        return shared <= shared_memory_limit and accumulator <= 128 * threads and block_m * b * elem >= 16 * threads
+        return (
+            shared <= shared_memory_limit
+            and accumulator <= accumulator_registers * threads
+            and block_m * b * elem >= 16 * threads
+        )
 
     return [c for c in configs if fits(c)] or configs[:1]
+
+
+prune_persistent_configs = functools.partial(prune_configs, accumulator_registers=64)
 
 
 def _shared_memory_limit(device: torch.device) -> int:
@@ -82,13 +107,18 @@ def _device_shared_memory(device_index: int) -> int:
     return getattr(properties, "shared_memory_per_block_optin", properties.shared_memory_per_block)
 
 
-@triton.autotune(
-    configs=matmul_configs(DENSE_SPARSE_BLOCK_MS),
-    key=["M", "IN_COLS", "OUT_COLS", "BLOCK_SIZE", "TRANSPOSE_BLOCKS"],
-    prune_configs_by={"early_config_prune": prune_configs},
-)
 @triton.jit
-def _bsmm_dense_sparse_kernel(
+def _grouped_tile(tile, M, OUT_COLS, BLOCK_SIZE: tl.constexpr, GROUP_M: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Tile number → (token tile, output-block rank): groups of ``GROUP_M`` token tiles × every output block, token
+    tiles fastest inside a group, so that a group's input tiles stay in L2 while all output blocks read them."""
+    programs_per_group = GROUP_M * (OUT_COLS // BLOCK_SIZE)
+    first_m = (tile // programs_per_group) * GROUP_M
+    group_m = tl.minimum(tl.cdiv(M, BLOCK_M) - first_m, GROUP_M)
+    return first_m + (tile % programs_per_group) % group_m, (tile % programs_per_group) // group_m
+
+
+@triton.jit
+def _dense_sparse_tile(
     a_ptr,
     values_ptr,
     bias_ptr,
@@ -97,31 +127,19 @@ def _bsmm_dense_sparse_kernel(
     index_slots_ptr,
     index_minor_ptr,
     M,
-    IN_COLS,
-    OUT_COLS,
     stride_am,
     stride_om,
+    pid_m,
+    out_block,
     HAS_BIAS: tl.constexpr,
     TRANSPOSE_BLOCKS: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     UPCAST: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
-    GROUP_M: tl.constexpr,
     BLOCK_M: tl.constexpr,
 ):
-    """``out[m, j] = Σ_p a[m, minor(p)] · B_p (+ bias[j])`` over the active blocks ``p`` of output block ``j``.
-
-    Forward: ``a = x``, CSR index of W (``j`` = block row), ``B_p = W_pᵀ``. Input grad: ``a = dy``, CSC index of W
-    (``j`` = block column), ``B_p = W_p``. Programs run in groups of ``GROUP_M`` token tiles × every output block,
-    so that a group's ``a`` tiles stay in L2 while all output blocks read them.
-    """
-    pid = tl.program_id(0)
-    out_blocks = OUT_COLS // BLOCK_SIZE
-    programs_per_group = GROUP_M * out_blocks
-    first_m = (pid // programs_per_group) * GROUP_M
-    group_m = tl.minimum(tl.cdiv(M, BLOCK_M) - first_m, GROUP_M)
-    pid_m = first_m + (pid % programs_per_group) % group_m
-    out_block = (pid % programs_per_group) // group_m
+    """One output tile: ``out[m, j] = Σ_p a[m, minor(p)] · B_p (+ bias[j])`` over the active blocks ``p`` of output
+    block ``j``, for the ``BLOCK_M`` tokens of tile ``pid_m``."""
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     token_rows = offs_m.to(tl.int64)  # row offsets reach M * stride, past int32 for long token batches
     offs_b = tl.arange(0, BLOCK_SIZE)
@@ -151,9 +169,158 @@ def _bsmm_dense_sparse_kernel(
         acc += tl.load(bias_ptr + offs_out).to(tl.float32)[None, :]
     tl.store(
         out_ptr + token_rows[:, None] * stride_om + offs_out[None, :],
-        acc.to(out_ptr.dtype.element_ty),
+        downcast(acc, out_ptr.dtype.element_ty),
         mask=m_mask[:, None],
     )
+
+
+@triton.autotune(
+    configs=matmul_configs(DENSE_SPARSE_BLOCK_MS),
+    key=["M", "IN_COLS", "OUT_COLS", "BLOCK_SIZE", "TRANSPOSE_BLOCKS"],
+    prune_configs_by={"early_config_prune": prune_configs},
+)
+@triton.jit
+def _bsmm_dense_sparse_kernel(
+    a_ptr,
+    values_ptr,
+    bias_ptr,
+    out_ptr,
+    index_ptr_ptr,
+    index_slots_ptr,
+    index_minor_ptr,
+    M,
+    IN_COLS,
+    OUT_COLS,
+    stride_am,
+    stride_om,
+    HAS_BIAS: tl.constexpr,
+    TRANSPOSE_BLOCKS: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    UPCAST: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    """``out = a · B`` over the block index, one program per output tile (:func:`_dense_sparse_tile`).
+
+    Forward: ``a = x``, CSR index of W (``j`` = block row), ``B_p = W_pᵀ``. Input grad: ``a = dy``, CSC index of W
+    (``j`` = block column), ``B_p = W_p``. Programs run in groups of ``GROUP_M`` token tiles × every output block,
+    so that a group's ``a`` tiles stay in L2 while all output blocks read them.
+    """
+    pid_m, out_block = _grouped_tile(tl.program_id(0), M, OUT_COLS, BLOCK_SIZE, GROUP_M, BLOCK_M)
+    _dense_sparse_tile(
+        a_ptr, values_ptr, bias_ptr, out_ptr, index_ptr_ptr, index_slots_ptr, index_minor_ptr, M, stride_am,
+        stride_om, pid_m, out_block, HAS_BIAS, TRANSPOSE_BLOCKS, BLOCK_SIZE, UPCAST, INPUT_PRECISION, BLOCK_M,
+    )
+
+
+@triton.autotune(
+    configs=matmul_configs(DENSE_SPARSE_BLOCK_MS),
+    key=["M", "IN_COLS", "OUT_COLS", "BLOCK_SIZE", "TRANSPOSE_BLOCKS"],
+    prune_configs_by={"early_config_prune": prune_persistent_configs},
+)
+@triton.jit
+def _bsmm_dense_sparse_persistent_kernel(
+    a_ptr,
+    values_ptr,
+    bias_ptr,
+    out_ptr,
+    index_ptr_ptr,
+    index_slots_ptr,
+    index_minor_ptr,
+    order_ptr,
+    M,
+    IN_COLS,
+    OUT_COLS,
+    stride_am,
+    stride_om,
+    HAS_BIAS: tl.constexpr,
+    TRANSPOSE_BLOCKS: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    UPCAST: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    """Persistent, nnz-balanced variant of :func:`_bsmm_dense_sparse_kernel`: a fixed number of programs (about the
+    number that fit on the GPU at once) stride over the output tiles. Tiles are numbered as in the grouped kernel,
+    but inside a group the output blocks run longest first (``order``: output blocks by active-block count,
+    descending), so each program's successive tiles pair long rows with short ones and the last tiles of the grid are
+    the cheapest. (Triton 3.9 neither flattens this loop nest, ``tl.range(flatten=True)``, nor warp-specialises it on
+    sm_90: a tile's epilogue does not overlap the next tile's loads; ``bench/KERNEL_NOTES.md``.)
+    """
+    tiles = tl.cdiv(M, BLOCK_M) * (OUT_COLS // BLOCK_SIZE)
+    for tile in tl.range(tl.program_id(0), tiles, tl.num_programs(0)):
+        pid_m, rank = _grouped_tile(tile, M, OUT_COLS, BLOCK_SIZE, GROUP_M, BLOCK_M)
+        out_block = tl.load(order_ptr + rank)
+        _dense_sparse_tile(
+            a_ptr, values_ptr, bias_ptr, out_ptr, index_ptr_ptr, index_slots_ptr, index_minor_ptr, M, stride_am,
+            stride_om, pid_m, out_block, HAS_BIAS, TRANSPOSE_BLOCKS, BLOCK_SIZE, UPCAST, INPUT_PRECISION, BLOCK_M,
+        )
+
+
+def _tma_block_shapes(nargs: dict) -> None:
+    """Autotune pre-hook: the token-tile descriptors' block shape follows the config's ``BLOCK_M``."""
+    nargs["a_desc"].block_shape = [nargs["BLOCK_M"], nargs["BLOCK_SIZE"]]
+    nargs["out_desc"].block_shape = [nargs["BLOCK_M"], nargs["BLOCK_SIZE"]]
+
+
+def tma_configs(interpret: bool = INTERPRET) -> list[triton.Config]:
+    """The dense-sparse autotune space, each config setting the TMA block shapes before its launch."""
+    return [
+        triton.Config(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages, pre_hook=_tma_block_shapes)
+        for c in matmul_configs(DENSE_SPARSE_BLOCK_MS, interpret)
+    ]
+
+
+@triton.autotune(
+    configs=tma_configs(),
+    key=["M", "IN_COLS", "OUT_COLS", "BLOCK_SIZE", "TRANSPOSE_BLOCKS"],
+    prune_configs_by={"early_config_prune": prune_configs},
+)
+@triton.jit
+def _bsmm_dense_sparse_tma_kernel(
+    a_desc,
+    values_desc,
+    bias_ptr,
+    out_desc,
+    index_ptr_ptr,
+    index_slots_ptr,
+    index_minor_ptr,
+    M,
+    IN_COLS,
+    OUT_COLS,
+    HAS_BIAS: tl.constexpr,
+    TRANSPOSE_BLOCKS: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    UPCAST: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    """:func:`_bsmm_dense_sparse_kernel` (same grouped program order and arithmetic) with every tile moved by the
+    Hopper Tensor Memory Accelerator: ``a [M, IN_COLS]`` and ``out [M, OUT_COLS]`` in ``[BLOCK_M, b]`` boxes, the
+    values as ``[nnz·b, b]`` in ``[b, b]`` boxes. The copy engine computes the addresses and zero-fills / clips the
+    token tail, so the loop holds no pointer tensors. (Targets without TMA get equivalent pointer loads.)
+    """
+    pid_m, out_block = _grouped_tile(tl.program_id(0), M, OUT_COLS, BLOCK_SIZE, GROUP_M, BLOCK_M)
+    start = tl.load(index_ptr_ptr + out_block)
+    end = tl.load(index_ptr_ptr + out_block + 1)
+    acc = tl.zeros((BLOCK_M, BLOCK_SIZE), dtype=tl.float32)
+    for p in range(start, end):
+        slot = tl.load(index_slots_ptr + p)
+        minor = tl.load(index_minor_ptr + p)
+        a = a_desc.load([pid_m * BLOCK_M, minor * BLOCK_SIZE])
+        block = values_desc.load([slot * BLOCK_SIZE, 0])
+        if TRANSPOSE_BLOCKS:
+            block = tl.trans(block)
+        if UPCAST:
+            a = a.to(tl.float32)
+            block = block.to(tl.float32)
+        acc = tl.dot(a, block, acc, input_precision=INPUT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + out_block * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)).to(tl.float32)[None, :]
+    out_desc.store([pid_m * BLOCK_M, out_block * BLOCK_SIZE], downcast(acc, out_desc.dtype))
 
 
 @triton.autotune(
@@ -202,7 +369,7 @@ def _bsmm_grad_weight_kernel(
             x = x.to(tl.float32)
         acc = tl.dot(dy_t, x, acc, input_precision=INPUT_PRECISION)
     out = out_ptr + (split * nnz + slot) * BLOCK_SIZE * BLOCK_SIZE
-    tl.store(out + offs_b[:, None] * BLOCK_SIZE + offs_b[None, :], acc.to(out_ptr.dtype.element_ty))
+    tl.store(out + offs_b[:, None] * BLOCK_SIZE + offs_b[None, :], downcast(acc, out_ptr.dtype.element_ty))
 
 
 def _kernel_flags(dtype: torch.dtype) -> dict:
@@ -231,10 +398,36 @@ def _device_guard(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
+def _check_tma_support(a: torch.Tensor, values: torch.Tensor) -> None:
+    if a.device.type == "cuda" and torch.cuda.get_device_capability(a.device) < (9, 0):
+        raise ValueError("variant='tma' needs a GPU with the Tensor Memory Accelerator (sm_90 or newer)")
+    if a.data_ptr() % 16 or a.stride(0) * a.element_size() % 16:
+        raise ValueError("variant='tma' needs the activations 16-byte aligned, with 16-byte aligned rows")
+    if values.data_ptr() % 16 or not values.is_contiguous():
+        raise ValueError("variant='tma' needs values contiguous and 16-byte aligned")
+
+
 def _check_row_major(**tensors: torch.Tensor) -> None:
     for name, tensor in tensors.items():
         if tensor.dim() != 2 or tensor.stride(1) != 1:
             raise ValueError(f"{name} must be a 2-D tensor with unit stride along its last dimension")
+
+
+VARIANTS = ("grouped", "persistent", "tma")
+
+
+def _ctas_per_sm(block_m: int, block_size: int, element_size: int) -> int:
+    """Programs of the persistent kernel per SM: how many double-buffered ``(BLOCK_M·b + b·b)`` tiles fit in an
+    H100 SM's 228 KiB of shared memory (at most 4)."""
+    tile_bytes = (block_m * block_size + block_size * block_size) * element_size
+    return max(1, min(4, (228 * 1024) // (2 * tile_bytes)))
+
+
+def _persistent_programs(tiles: int, block_m: int, block_size: int, a: torch.Tensor) -> int:
+    if a.device.type != "cuda":
+        return min(tiles, 3)  # interpreter: a few programs, each striding over several tiles
+    sms = _sm_count(a.device.index if a.device.index is not None else torch.cuda.current_device())
+    return min(tiles, sms * _ctas_per_sm(block_m, block_size, a.element_size()))
 
 
 def _dense_sparse(
@@ -246,37 +439,55 @@ def _dense_sparse(
     transpose_blocks: bool,
     bias: torch.Tensor | None,
     group_m: int | None,
+    variant: str,
 ) -> torch.Tensor:
     if group_m is None:
         group_m = GROUP_M
     elif isinstance(group_m, bool) or not isinstance(group_m, int) or group_m < 1:
         raise ValueError(f"group_m must be a positive int, got {group_m!r}")
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     m, in_cols = a.shape
     out = torch.empty((m, out_cols), dtype=a.dtype, device=a.device)
-
-    def grid(meta):
-        return (triton.cdiv(m, meta["BLOCK_M"]) * (out_cols // block_size),)
-
+    out_blocks = out_cols // block_size
+    constexprs = dict(
+        HAS_BIAS=bias is not None,
+        TRANSPOSE_BLOCKS=transpose_blocks,
+        BLOCK_SIZE=block_size,
+        GROUP_M=group_m,
+        **_kernel_flags(a.dtype),
+    )
+    index_args = (index.ptr, index.slots, index.minor)
+    bias_arg = bias if bias is not None else out
     with _device_guard(a.device):
-        _bsmm_dense_sparse_kernel[grid](
-            a,
-            values,
-            bias if bias is not None else out,
-            out,
-            index.ptr,
-            index.slots,
-            index.minor,
-            m,
-            in_cols,
-            out_cols,
-            a.stride(0),
-            out.stride(0),
-            HAS_BIAS=bias is not None,
-            TRANSPOSE_BLOCKS=transpose_blocks,
-            BLOCK_SIZE=block_size,
-            GROUP_M=group_m,
-            **_kernel_flags(a.dtype),
-        )
+        if variant == "grouped":
+            _bsmm_dense_sparse_kernel[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * out_blocks,)](
+                a, values, bias_arg, out, *index_args, m, in_cols, out_cols, a.stride(0), out.stride(0), **constexprs
+            )
+        elif variant == "persistent":
+
+            def grid(meta):
+                tiles = triton.cdiv(m, meta["BLOCK_M"]) * out_blocks
+                return (_persistent_programs(tiles, meta["BLOCK_M"], block_size, a),)
+
+            _bsmm_dense_sparse_persistent_kernel[grid](
+                a, values, bias_arg, out, *index_args, index.by_count, m, in_cols, out_cols, a.stride(0),
+                out.stride(0), **constexprs
+            )
+        else:
+            _check_tma_support(a, values)
+            block = [block_size, block_size]  # the token-tile boxes are set per config by _tma_block_shapes
+            _bsmm_dense_sparse_tma_kernel[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * out_blocks,)](
+                TensorDescriptor.from_tensor(a, block),
+                TensorDescriptor.from_tensor(values.view(-1, block_size), block),
+                bias_arg,
+                TensorDescriptor.from_tensor(out, block),
+                *index_args,
+                m,
+                in_cols,
+                out_cols,
+                **constexprs,
+            )
     return out
 
 
@@ -286,25 +497,33 @@ def bsmm_forward(
     layout: BlockLayout,
     bias: torch.Tensor | None = None,
     group_m: int | None = None,
+    variant: str = "grouped",
 ) -> torch.Tensor:
     """``y [M, N] = x [M, K] · Wᵀ (+ bias)``, walking the active blocks of each block row (CSR).
 
     ``group_m``: token tiles per L2 group of the program order (default ``GROUP_M``; at least the number of token
-    tiles gives the plain token-tile-fastest order). Shapes and dtypes are checked by the caller (``functional``).
+    tiles gives the plain token-tile-fastest order). ``variant``: ``"grouped"`` (one program per output tile),
+    ``"persistent"`` (about one program per SM slot, longest block rows first in each group) or ``"tma"`` (grouped,
+    tiles moved by TMA descriptors; needs 16-byte aligned ``x`` and values). Shapes and dtypes are checked by the
+    caller (``functional``).
     """
     _check_row_major(x=x)
     index = layout.row_index(x.device)
-    return _dense_sparse(x, values, index, layout.shape[0], layout.block_size, True, bias, group_m)
+    return _dense_sparse(x, values, index, layout.shape[0], layout.block_size, True, bias, group_m, variant)
 
 
 def bsmm_grad_input(
-    dy: torch.Tensor, values: torch.Tensor, layout: BlockLayout, group_m: int | None = None
+    dy: torch.Tensor,
+    values: torch.Tensor,
+    layout: BlockLayout,
+    group_m: int | None = None,
+    variant: str = "grouped",
 ) -> torch.Tensor:
     """``dx [M, K] = dy [M, N] · W``, walking the active blocks of each block column (CSC) over the same values
-    (``group_m`` as in :func:`bsmm_forward`)."""
+    (``group_m`` and ``variant`` as in :func:`bsmm_forward`)."""
     _check_row_major(dy=dy)
     index = layout.col_index(dy.device)
-    return _dense_sparse(dy, values, index, layout.shape[1], layout.block_size, False, None, group_m)
+    return _dense_sparse(dy, values, index, layout.shape[1], layout.block_size, False, None, group_m, variant)
 
 
 def bsmm_grad_weight(

@@ -22,6 +22,7 @@ import triton.language as tl
 
 from ..backend import resolve_backend
 from ..reference.regrow import regrow_blocks_reference
+from .rounding import downcast
 
 INIT_MODES = ("zeros", "normal")
 MAX_BLOCK = 4096
@@ -53,7 +54,7 @@ def _regrow_kernel(
         new_values = tl.load(new_values_ptr + index * block_numel + offs, mask=mask, other=0.0)
     else:
         new_values = tl.zeros((BLOCK,), dtype=tl.float32)
-    tl.store(values_ptr + dst, new_values.to(values_ptr.dtype.element_ty), mask=mask)
+    tl.store(values_ptr + dst, downcast(new_values, values_ptr.dtype.element_ty), mask=mask)
     if HAS_EXP_AVG:
         tl.store(exp_avg_ptr + dst, tl.zeros((BLOCK,), dtype=exp_avg_ptr.dtype.element_ty), mask=mask)
     if HAS_EXP_AVG_SQ:

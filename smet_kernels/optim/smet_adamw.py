@@ -144,6 +144,8 @@ class SMETAdamW(torch.optim.Optimizer):
     @staticmethod
     def _check_param(param: torch.Tensor, name: str) -> None:
         grad = param.grad
+        if param.dtype not in PARAM_DTYPES:
+            raise TypeError(f"{name} must be one of {PARAM_DTYPES}, got {param.dtype}")
         if grad.is_sparse:
             raise TypeError(f"{name}: torch sparse gradients are not supported (SMET grads are compact dense values)")
         if grad.shape != param.shape:
@@ -173,40 +175,44 @@ class SMETAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        stepped = [
+            (group, param, f"parameter {param_index} of param group {group_index}")
+            for group_index, group in enumerate(self.param_groups)
+            for param_index, param in enumerate(group["params"])
+            if param.grad is not None
+        ]
+        for _, param, name in stepped:  # every check before any state changes: a bad parameter changes nothing
+            self._check_param(param, name)
         batches: dict[tuple, dict[str, list]] = {}
-        for group_index, group in enumerate(self.param_groups):
+        for group, param, _ in stepped:
             key = (tuple(group["betas"]), group["eps"], group["weight_decay"], group["warmup"],
                    group["warmup_steps"], group["backend"])  # fmt: skip
             batch = batches.setdefault(key, {name: [] for name in _BATCH_FIELDS})
-            for param_index, param in enumerate(group["params"]):
-                if param.grad is None:
-                    continue
-                self._check_param(param, f"parameter {param_index} of param group {group_index}")
-                layout = getattr(param, "smet_layout", None)
-                state = self.state[param]
-                if not state:
-                    self._init_state(param, layout is not None, group)
-                if layout is not None:
-                    block_step = state["block_step"]
-                    lr = group["lr"] * layout.density ** (-group["density_lr_exponent"])
-                    global_step = None
-                    if group["bias_correction"] == "global":
-                        state.setdefault("step", torch.tensor(0.0))
-                        state["step"] += 1
-                        global_step = int(state["step"].item())
-                else:
+            layout = getattr(param, "smet_layout", None)
+            state = self.state[param]
+            if not state:
+                self._init_state(param, layout is not None, group)
+            if layout is not None:
+                block_step = state["block_step"]
+                lr = group["lr"] * layout.density ** (-group["density_lr_exponent"])
+                global_step = None
+                if group["bias_correction"] == "global":
+                    state.setdefault("step", torch.tensor(0.0))
                     state["step"] += 1
-                    block_step, lr, global_step = None, group["lr"], int(state["step"].item())
-                param_local = local(param)
-                if param_local.numel() == 0:  # FSDP2: this rank holds no slot / element of the parameter
-                    continue
-                batch["params"].append(param_local)
-                batch["grads"].append(local(param.grad).contiguous())
-                batch["exp_avgs"].append(local(state["exp_avg"]))
-                batch["exp_avg_sqs"].append(local(state["exp_avg_sq"]))
-                batch["block_steps"].append(None if block_step is None else local(block_step))
-                batch["lrs"].append(lr)
-                batch["global_steps"].append(global_step)
+                    global_step = int(state["step"].item())
+            else:
+                state["step"] += 1
+                block_step, lr, global_step = None, group["lr"], int(state["step"].item())
+            param_local = local(param)
+            if param_local.numel() == 0:  # FSDP2: this rank holds no slot / element of the parameter
+                continue
+            batch["params"].append(param_local)
+            batch["grads"].append(local(param.grad).contiguous())
+            batch["exp_avgs"].append(local(state["exp_avg"]))
+            batch["exp_avg_sqs"].append(local(state["exp_avg_sq"]))
+            batch["block_steps"].append(None if block_step is None else local(block_step))
+            batch["lrs"].append(lr)
+            batch["global_steps"].append(global_step)
         for key, batch in batches.items():
             if not batch["params"]:
                 continue

@@ -60,6 +60,7 @@ from tqdm.auto import tqdm
 from .. import backend as backend_module
 from ..layout import SUPPORTED_BLOCK_SIZES, nnz_for_density
 from ..sharding import full, is_sharded, shard_like
+from ..topology import SMET, blocks_to_move
 from ..optim.galore import GALORE_DEFAULT_RANK, GaLoreAdamW, galore_param_groups
 from .data import DataError, PackedBatches, eval_windows, load_corpus, window_batch
 from .model import HIDDEN_LINEAR_NAMES, MODEL_CONFIGS, LlamaModel, lm_loss, model_config
@@ -132,7 +133,7 @@ class TrainConfig:
         movable = [
             b
             for b in candidates
-            if math.floor(self.prune_fraction * nnz_for_density((hidden // b) ** 2, self.density)) >= 1
+            if blocks_to_move(self.prune_fraction, nnz_for_density((hidden // b) ** 2, self.density)) >= 1
         ]
         return max(movable or [min(SUPPORTED_BLOCK_SIZES)])
 
@@ -451,8 +452,6 @@ def build_optimizer(config: TrainConfig, model: nn.Module, device: torch.device)
 def build_controller(config: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer):
     if config.optimizer not in SPARSE_OPTIMIZERS:
         return None
-    from ..topology import SMET
-
     return SMET(
         model,
         optimizer,
