@@ -46,23 +46,25 @@ def _interpreter_problem() -> str | None:
 
 INTERPRETER_PROBLEM = _interpreter_problem()
 _backend = os.environ.get("SMET_BACKEND", "auto")
+_backend_source = "the SMET_BACKEND environment variable" if "SMET_BACKEND" in os.environ else "backend"
 _warned = False
 
 
-def _check_name(name: str) -> str:
+def _check_name(name: str, source: str = "backend") -> str:
     if name not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+        raise ValueError(f"{source} must be one of {BACKENDS}, got {name!r}")
     return name
 
 
 def set_backend(name: str) -> None:
     """Select the default backend for every op: ``auto``, ``triton`` or ``reference``."""
-    global _backend
+    global _backend, _backend_source
     _backend = _check_name(name)
+    _backend_source = "backend"
 
 
 def get_backend() -> str:
-    return _check_name(_backend)
+    return _check_name(_backend, _backend_source)
 
 
 def triton_can_run(device: torch.device) -> bool:

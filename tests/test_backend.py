@@ -36,3 +36,10 @@ def test_interpreter_incompatibility_is_named(monkeypatch, triton_version, numpy
         assert not backend.triton_can_run(torch.device("cpu"))
         with pytest.raises(ValueError, match="numpy<2.4"):
             backend.resolve_backend(torch.device("cpu"), "triton")
+
+
+def test_a_bad_environment_variable_is_named(monkeypatch):
+    monkeypatch.setattr(backend, "_backend", "bogus")
+    monkeypatch.setattr(backend, "_backend_source", "the SMET_BACKEND environment variable")
+    with pytest.raises(ValueError, match="the SMET_BACKEND environment variable must be one of"):
+        backend.resolve_backend(torch.device("cpu"))

@@ -110,6 +110,12 @@ def test_resume_continues_exactly(optimizer, tmp_path):
     before = deterministic_fields(full_dir)
     assert cli.main(["--resume", str(full_dir / "checkpoints" / "step_0000004"), "--no-progress"]) == 0
     assert deterministic_fields(full_dir) == before
+    # resuming a finished run is refused before anything in its out-dir is touched
+    files = {name: (full_dir / name).read_bytes() for name in ("summary.json", "metrics.jsonl")}
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--resume", str(full_dir), "--no-progress"])
+    assert exit_info.value.code == 2
+    assert files == {name: (full_dir / name).read_bytes() for name in files}
 
 
 def test_steady_throughput_leaves_out_the_first_step(tmp_path, monkeypatch):
@@ -174,6 +180,29 @@ def test_bad_arguments_give_one_line_errors(argv, message, capsys, tmp_path):
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("smet-train: error: ") and message in err[-1], err
     assert not any("Traceback" in line for line in err)
+
+
+def test_unusable_data_and_out_dir_give_one_line_errors(capsys, tmp_path):
+    empty, a_file = tmp_path / "empty.txt", tmp_path / "a_file"
+    empty.write_bytes(b"")
+    a_file.write_text("not a folder")
+    for argv, message in (
+        (["--data", str(empty), "--out-dir", str(tmp_path / "run")], "holds no text"),
+        (["--out-dir", str(a_file)], "exists and is not a folder"),
+        (["--eval-batches", "0", "--out-dir", str(tmp_path / "run")], "--eval-batches: must be >= 1"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(argv + ["--config", "tiny", "--max-steps", "1", "--no-progress"])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith("smet-train: error: ") and message in err[-1], err
+
+
+def test_options_without_effect_in_the_chosen_mode_are_named(capsys, tmp_path):
+    assert cli.main(["--config", "tiny", "--optimizer", "adamw", "--density", "0.3", "--galore-rank", "4",
+                     "--max-steps", "1", "--batch-size", "2", "--seq-len", "16", "--eval-every", "0",
+                     "--out-dir", str(tmp_path), "--no-progress"]) == 0
+    assert "smet-train: --density, --galore-rank have no effect with --optimizer adamw" in capsys.readouterr().err
 
 
 def test_config_validation_names_the_field():

@@ -17,6 +17,7 @@ from .trainer import (
     OPTIMIZERS,
     PARALLEL_MODES,
     PRECISIONS,
+    SPARSE_OPTIMIZERS,
     ConfigError,
     TrainConfig,
     load_checkpoint_config,
@@ -72,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--density", type=_float_in(0.0, 1.0, low_open=True),
                        help=f"global density of the hidden linear layers in (0, 1] (default: {d.density})")
     model.add_argument("--block-size", type=int, choices=SUPPORTED_BLOCK_SIZES,
-                       help="block size b of the b x b blocks (default: largest with >= 4 blocks per hidden row)")
+                       help="block size b of the b x b blocks (default: the largest with >= 4 blocks per hidden row "
+                       "for which the first topology update moves at least one block of a hidden x hidden layer)")
     model.add_argument("--distribution", choices=("uniform", "erk"),
                        help=f"per-layer density distribution (default: {d.distribution})")
     model.add_argument("--supar", action="store_true",
@@ -134,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
                      f"files, a uint16 .bin token file, or hf:NAME[:CONFIG] (default: {d.data})")
     run.add_argument("--eval-every", type=_int_at_least(0),
                      help=f"validate every N steps (and at step 0 and the end), 0 disables (default: {d.eval_every})")
-    run.add_argument("--eval-batches", type=_int_at_least(0),
+    run.add_argument("--eval-batches", type=_int_at_least(1),
                      help=f"validation batches per evaluation (default: {d.eval_batches})")
     run.add_argument("--log-every", type=_int_at_least(1),
                      help=f"write a metrics.jsonl record every N steps (default: {d.log_every})")
@@ -166,11 +168,30 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig.from_dict(values)
 
 
+SPARSE_ONLY_OPTIONS = ("density", "block_size", "distribution", "supar", "supar_base_width", "update_interval",
+                       "prune_fraction", "regrow", "warmup_mode", "optimizer_warmup_steps", "density_lr_exponent")
+
+
+def _warn_ignored_options(args: argparse.Namespace, config: TrainConfig) -> None:
+    """Options that have no effect in the chosen mode are named on stderr (the run still starts)."""
+    given = vars(args)
+    ignored = []
+    if config.optimizer not in SPARSE_OPTIMIZERS:
+        ignored += [name for name in SPARSE_ONLY_OPTIONS if name in given]
+    if config.optimizer != "galore":
+        ignored += [name for name in ("galore_rank", "galore_update_gap", "galore_scale") if name in given]
+    if ignored:
+        flags = ", ".join("--" + name.replace("_", "-") for name in ignored)
+        print(f"smet-train: {flags} ha{'s' if len(ignored) == 1 else 've'} no effect with --optimizer "
+              f"{config.optimizer}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         config = config_from_args(args)
+        _warn_ignored_options(args, config)
         summary = train(config)
     except ConfigError as error:
         parser.error(" ".join(str(error).split()))

@@ -71,6 +71,8 @@ def _list_files(root: Path, suffixes: set[str] | None) -> list[Path]:
 
 def _cached_split(files: list[Path], root: Path, val_percent: float, tag: str) -> tuple[np.ndarray, np.ndarray]:
     """Byte tokens of ``files`` split by path, written once to the cache and memory-mapped."""
+    if all(path.stat().st_size == 0 for path in files):
+        raise DataError(f"data {str(root if len(files) > 1 else files[0])!r} holds no text: its file(s) are empty")
     key = hashlib.sha256(f"{tag}|{root}|{val_percent}".encode())
     for path in files:
         stat = path.stat()

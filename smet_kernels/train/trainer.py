@@ -175,9 +175,9 @@ class TrainConfig:
         number("eps", 0.0, math.inf)
         number("grad_clip", 0.0, math.inf)
         for name in ("update_interval", "optimizer_warmup_steps", "galore_update_gap", "batch_size", "seq_len",
-                     "grad_accum", "max_steps", "log_every", "spike_window"):
+                     "grad_accum", "max_steps", "log_every", "spike_window", "eval_batches"):
             integer(name, 1)
-        for name in ("lr_warmup_steps", "eval_every", "eval_batches", "checkpoint_every", "seed"):
+        for name in ("lr_warmup_steps", "eval_every", "checkpoint_every", "seed"):
             integer(name, 0)
         if self.galore_rank is not None:
             integer("galore_rank", 1)
@@ -200,6 +200,8 @@ class TrainConfig:
         hidden = MODEL_CONFIGS[self.model].hidden_size
         if self.optimizer in SPARSE_OPTIMIZERS and hidden % self.resolved_block_size() != 0:
             raise ConfigError(f"block_size {self.block_size} does not divide the hidden size {hidden} of {self.model}")
+        if self.out_dir is not None and Path(self.out_dir).exists() and not Path(self.out_dir).is_dir():
+            raise ConfigError(f"out_dir {self.out_dir!r} exists and is not a folder")
         if self.device != "auto":
             try:
                 torch.device(self.device)
@@ -508,6 +510,11 @@ class _Run:
         self.out_dir = Path(config.out_dir) if config.out_dir else None
         if config.resume:
             self._load(find_checkpoint(config.resume))
+            if self.step >= config.max_steps:  # before anything in out_dir is touched
+                raise ConfigError(
+                    f"the run in {config.resume!r} already reached step {self.step} (max_steps={config.max_steps}): "
+                    "pass a larger --max-steps to continue it"
+                )
         self.wrapped = self.model  # fully_shard works in place: the model is its own wrapper under fsdp
         if self.ddp.enabled and not self.fsdp:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
