@@ -1,0 +1,197 @@
+"""Roofline lower bounds of the block-sparse linear kernels: the time no implementation can beat.
+
+For tokens ``x [M, K]``, a weight ``W [N, K]`` with ``nnz`` active ``b × b`` blocks (density ``d``) and ``e`` bytes
+per element, each op must do its useful FLOPs and move its compulsory HBM bytes at least once:
+
+==============  ==================  ==========================================================================
+op              FLOPs               compulsory bytes
+==============  ==================  ==========================================================================
+forward         ``2 M K N d``       read the ``x`` columns of non-empty block columns, the values; write ``y``
+grad_input      ``2 M K N d``       read the ``dy`` columns of non-empty block rows, the values; write ``dx``
+grad_weight     ``2 M K N d``       read those ``dy`` and ``x`` columns; write ``dvalues`` (``nnz b² e``)
+==============  ==================  ==========================================================================
+
+``bound = max(FLOPs / P, bytes / B)`` with ``P`` the attainable tensor-core rate and ``B`` the attainable memory
+bandwidth. The dense product (cuBLAS) is bounded the same way (``2 M K N`` FLOPs; read ``x``, ``W``, write ``y``)
+and is compute-bound at these shapes. A bar of ``c × d × dense`` can only be met where
+``sparse bound ≤ c × d × dense time``; with the dense time at its own bound that is ``ratio = sparse bound /
+(d × dense bound) ≤ c``, and otherwise only if cuBLAS runs at no more than ``c / ratio`` of its roofline at that
+shape (``max_dense_efficiency``). At low density the output write (``M N e`` for the forward, independent of ``d``)
+makes the sparse products memory-bound.
+
+    python -m profiling.roofline --out-dir reports/roofline-h100
+
+Defaults for ``P`` and ``B`` are the SPEC §7 H100 anchors (cuBLAS bf16 ~730 TFLOP/s at 8192×4096×4096, device copy
+~3.0 TB/s); pass the ceilings measured in the same run as the kernels (``smet-bench``'s ``cublas_dense`` and
+``device_copy`` rows) when they exist.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from smet_kernels.layout import BlockLayout
+
+OPS = ("forward", "grad_input", "grad_weight")
+H100_TFLOPS = 730.0  # cuBLAS bf16 F.linear at 8192x4096x4096 (SPEC §7: 0.37-0.39 ms)
+H100_TBPS = 3.0  # device-to-device copy (SPEC §7)
+# the H100 kernel bars of the project (× d × dense): ≤ 1.25 at d = 0.5 / 0.25, ≤ 1.6 at d = 0.1
+BARS = {0.5: 1.25, 0.25: 1.25, 0.1: 1.6}
+
+
+@dataclass(frozen=True)
+class Roofline:
+    """Lower bound of one op: FLOPs, compulsory bytes and the time each ceiling allows (seconds)."""
+
+    op: str
+    flops: float
+    bytes: float
+    compute_s: float
+    memory_s: float
+
+    @property
+    def bound_s(self) -> float:
+        return max(self.compute_s, self.memory_s)
+
+    @property
+    def limited_by(self) -> str:
+        return "memory" if self.memory_s > self.compute_s else "compute"
+
+
+def sparse_roofline(op: str, m: int, layout: BlockLayout, element_size: int, tflops: float, tbps: float) -> Roofline:
+    """The roofline of ``op`` at ``m`` tokens over ``layout`` (only the block rows / columns that hold an active
+    block need their activation columns read)."""
+    if op not in OPS:
+        raise ValueError(f"op must be one of {OPS}, got {op!r}")
+    n, k = layout.shape
+    b = layout.block_size
+    mask = layout.mask
+    used_cols = int(mask.any(0).sum()) * b  # columns of x (and dx) that meet an active block
+    used_rows = int(mask.any(1).sum()) * b  # columns of dy (rows of W) that meet an active block
+    values = layout.nnz * b * b * element_size
+    moved = {
+        "forward": m * used_cols + m * n,  # read x, write y (every column of y, empty block rows get zeros / bias)
+        "grad_input": m * used_rows + m * k,  # read dy, write dx
+        "grad_weight": m * used_rows + m * used_cols,  # read dy and x; dvalues below
+    }[op] * element_size + values
+    flops = 2.0 * m * layout.nnz * b * b
+    return Roofline(op, flops, float(moved), flops / (tflops * 1e12), moved / (tbps * 1e12))
+
+
+def dense_roofline(m: int, n: int, k: int, element_size: int, tflops: float, tbps: float) -> Roofline:
+    """The dense product ``y = x Wᵀ``: ``2 M K N`` FLOPs; read ``x`` and ``W``, write ``y``."""
+    flops = 2.0 * m * n * k
+    moved = (m * k + n * k + m * n) * element_size
+    return Roofline("dense", flops, float(moved), flops / (tflops * 1e12), moved / (tbps * 1e12))
+
+
+def bar_rows(config_names, densities, tokens, block_size, element_size, tflops, tbps, seed=0) -> list[dict]:
+    """One row per (shape, tokens, density, op): the bound in µs and in units of ``d × dense``, and the bar."""
+    import torch
+
+    from bench.kernels import linear_shapes
+
+    rows = []
+    for shape in linear_shapes(config_names):
+        for d in densities:
+            layout = BlockLayout.random(shape.N, shape.K, block_size, d, generator=torch.Generator().manual_seed(seed))
+            for m in tokens:
+                dense = dense_roofline(m, shape.N, shape.K, element_size, tflops, tbps).bound_s
+                for op in OPS:
+                    line = sparse_roofline(op, m, layout, element_size, tflops, tbps)
+                    bar = BARS.get(d)
+                    ratio = line.bound_s / (layout.density * dense)
+                    rows.append({
+                        "shape": shape.label, "M": m, "K": shape.K, "N": shape.N, "density": d, "op": op,
+                        "sparse_bound_us": round(line.bound_s * 1e6, 1), "limited_by": line.limited_by,
+                        "dense_bound_us": round(dense * 1e6, 1), "bound_vs_d_dense": round(ratio, 2),
+                        "bar_vs_d_dense": bar,
+                        "max_dense_efficiency": None if bar is None else round(min(1.0, bar / ratio), 2),
+                    })
+    return rows
+
+
+def write_report(rows: list[dict], out_dir: Path, command: str, tflops: float, tbps: float) -> Path:
+    """``roofline.csv`` and ``roofline.md`` (tabulate) in ``out_dir``."""
+    import csv
+
+    from tabulate import tabulate
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / "roofline.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    barred = [r for r in rows if r["max_dense_efficiency"] is not None]
+    beyond = [r for r in barred if r["max_dense_efficiency"] < 1.0]
+    lines = [
+        "# Roofline bounds of the block-sparse kernels",
+        "",
+        f"Ceilings: {tflops:g} TFLOP/s (tensor cores, attainable), {tbps:g} TB/s (HBM, attainable). Generated by "
+        f"`{command}`. `bound_vs_d_dense` is the lowest time any kernel can reach, in units of `d ×` the dense "
+        "product's own bound; `limited_by` names the ceiling that sets it. Where it exceeds the bar "
+        "(`bar_vs_d_dense`), the bar can be met only if cuBLAS runs at no more than `max_dense_efficiency` of its "
+        "roofline at that shape (cuBLAS reaches ~0.9–1.0 at the SPEC §7 anchor shapes).",
+        "",
+        f"**Bars beyond the roofline** (`bound_vs_d_dense` > bar): {len(beyond)} of {len(barred)} cases with a bar.",
+        "",
+        tabulate(beyond, headers="keys", tablefmt="github") if beyond else "(none)",
+        "",
+        "## All cases",
+        "",
+        tabulate(rows, headers="keys", tablefmt="github"),
+        "",
+    ]
+    path = out_dir / "roofline.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def _csv(kind):
+    def parse(text: str):
+        try:
+            return [kind(part) for part in text.split(",") if part]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}") from None
+
+    return parse
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m profiling.roofline",
+        description="Roofline lower bounds (compute vs compulsory HBM traffic) of the block-sparse forward, input "
+                    "grad and weight grad, against the H100 kernel bars; no GPU needed.",
+    )
+    parser.add_argument("--configs", type=_csv(str), default=["350m", "1b", "7b"],
+                        help="model presets whose hidden linear shapes to bound (default: 350m,1b,7b)")
+    parser.add_argument("--densities", type=_csv(float), default=[0.5, 0.25, 0.1, 0.05],
+                        help="densities (default: 0.5,0.25,0.1,0.05)")
+    parser.add_argument("--tokens", type=_csv(int), default=[8192, 16384], help="token counts M (default: 8192,16384)")
+    parser.add_argument("--block-size", type=int, default=128, choices=(16, 32, 64, 128),
+                        help="block size b (default: 128)")
+    parser.add_argument("--element-size", type=int, default=2, choices=(2, 4),
+                        help="bytes per element: 2 = bf16/fp16, 4 = fp32 (default: 2)")
+    parser.add_argument("--tflops", type=float, default=H100_TFLOPS,
+                        help=f"attainable tensor-core TFLOP/s (default: {H100_TFLOPS:g}, cuBLAS bf16 on an H100)")
+    parser.add_argument("--tbps", type=float, default=H100_TBPS,
+                        help=f"attainable memory bandwidth in TB/s (default: {H100_TBPS:g}, an H100 device copy)")
+    parser.add_argument("--out-dir", type=Path, required=True, help="folder for roofline.csv and roofline.md")
+    args = parser.parse_args(argv)
+    if args.tflops <= 0 or args.tbps <= 0:
+        parser.error("--tflops and --tbps must be > 0")
+    try:
+        rows = bar_rows(args.configs, args.densities, args.tokens, args.block_size, args.element_size, args.tflops,
+                        args.tbps)
+    except ValueError as error:
+        parser.error(str(error))
+    command = "python -m profiling.roofline " + " ".join(argv if argv is not None else sys.argv[1:])
+    print(write_report(rows, args.out_dir, command, args.tflops, args.tbps))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,53 @@
+"""Roofline bounds of the block-sparse kernels (profiling.roofline): hand-checked arithmetic and the CLI."""
+
+import csv
+
+import pytest
+import torch
+
+from profiling import roofline
+from smet_kernels.layout import BlockLayout
+
+
+def test_full_layout_bound_equals_the_dense_bound():
+    layout = BlockLayout.from_mask(torch.ones(4, 8, dtype=torch.bool), 16)  # W [64, 128]
+    dense = roofline.dense_roofline(256, 64, 128, 2, 100.0, 1.0)
+    sparse = roofline.sparse_roofline("forward", 256, layout, 2, 100.0, 1.0)
+    assert sparse.flops == dense.flops == 2 * 256 * 64 * 128
+    assert sparse.bytes == dense.bytes == (256 * 128 + 64 * 128 + 256 * 64) * 2
+
+
+def test_sparse_bytes_count_only_the_columns_that_meet_an_active_block():
+    mask = torch.zeros(2, 4, dtype=torch.bool)
+    mask[0, 1] = mask[0, 3] = True  # block row 1 and block columns 0, 2 are empty
+    layout = BlockLayout.from_mask(mask, 16)  # W [32, 64], 2 blocks
+    m, e, values = 10, 4, 2 * 16 * 16 * 4
+    assert roofline.sparse_roofline("forward", m, layout, e, 1.0, 1.0).bytes == (m * 32 + m * 32) * e + values
+    assert roofline.sparse_roofline("grad_input", m, layout, e, 1.0, 1.0).bytes == (m * 16 + m * 64) * e + values
+    assert roofline.sparse_roofline("grad_weight", m, layout, e, 1.0, 1.0).bytes == (m * 16 + m * 32) * e + values
+    with pytest.raises(ValueError, match="op must be one of"):
+        roofline.sparse_roofline("backward", m, layout, e, 1.0, 1.0)
+
+
+def test_low_density_forward_is_memory_bound_by_its_output():
+    """8192 x 4096 x 4096 at d = 0.1, b = 128, bf16, H100 anchors: y (64 MiB) and x (64 MiB) must move."""
+    layout = BlockLayout.random(4096, 4096, 128, 0.1, generator=torch.Generator().manual_seed(0))
+    line = roofline.sparse_roofline("forward", 8192, layout, 2, roofline.H100_TFLOPS, roofline.H100_TBPS)
+    assert line.limited_by == "memory"
+    assert line.bytes >= 2 * 8192 * 4096 * 2 * 0.95
+    dense = roofline.dense_roofline(8192, 4096, 4096, 2, roofline.H100_TFLOPS, roofline.H100_TBPS)
+    assert dense.limited_by == "compute"
+    assert 1.1 < line.bound_s / (layout.density * dense.bound_s) < 1.3
+
+
+def test_cli_writes_csv_and_report(tmp_path):
+    assert roofline.main(["--configs", "350m", "--densities", "0.25,0.1", "--tokens", "8192",
+                          "--out-dir", str(tmp_path)]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "roofline.csv")))
+    assert len(rows) == 3 * 2 * 3  # shapes x densities x ops
+    qkvo = [r for r in rows if r["shape"] == "350m:qkvo" and r["density"] == "0.1" and r["op"] == "forward"][0]
+    assert qkvo["limited_by"] == "memory" and float(qkvo["max_dense_efficiency"]) < 1.0
+    text = (tmp_path / "roofline.md").read_text()
+    assert "Bars beyond the roofline" in text and "python -m profiling.roofline --configs 350m" in text
+    with pytest.raises(SystemExit):
+        roofline.main(["--tflops", "0", "--out-dir", str(tmp_path)])
