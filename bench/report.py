@@ -1,8 +1,9 @@
 """Markdown report (tabulate tables) and PNG plots (seaborn) from the benchmark CSVs.
 
 Derived kernel columns: ``vs_dense = t / t_dense`` and ``vs_d_dense = t / (d · t_dense)`` — the second is 1 at
-the physical limit of a block-sparse product (``d`` the layout's exact density, ``t_dense`` the cuBLAS time of
-the same op and shape). Memory-model error = ``(predicted − measured) / measured``.
+the physical limit of a block-sparse product (``d`` the layout's exact density, ``t_dense`` the dense baseline's
+time of the same op and shape: cuBLAS on CUDA, torch's CPU matmul on a CPU). Memory-model error =
+``(predicted − measured) / measured``. A timing whose p80 / p20 exceeds ``NOISY_SPREAD`` is marked as noise.
 """
 
 from __future__ import annotations
@@ -17,6 +18,14 @@ import pandas as pd
 CONFIG_ORDER = ("tiny", "20m", "60m", "130m", "350m", "1b", "7b")
 OP_ORDER = ("forward", "grad_input", "grad_weight")
 COMPONENTS = ("weights", "gradients", "optimizer", "activations", "rest")
+NOISY_SPREAD = 1.5  # p80 / p20 above which a timing is flagged as noise
+NOISY_MARK = "†"
+CPU_BACKENDS = {  # what each backend column value means for rows measured on a CPU
+    "triton": "the Triton CPU interpreter (`TRITON_INTERPRET=1`), which runs each kernel program in Python: "
+    "these times measure the interpreter and are not representative of GPU speed",
+    "reference": "the pure-PyTorch reference ops, not the Triton kernels",
+    "torch": "PyTorch's own CPU ops",
+}
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -64,16 +73,36 @@ DENSE_MATCH = ["op", "M", "K", "N", "dtype", "gpu"]
 
 
 def kernel_comparison(kernels: pd.DataFrame) -> pd.DataFrame:
-    """Sparse-provider rows of the kernel suite with ``dense_ms``, ``exact_density``, ``vs_dense``, ``vs_d_dense``;
-    ``t_dense`` is the cuBLAS row of the same op, shape, dtype and GPU (a folder may hold several machines' rows)."""
+    """Sparse-provider rows of the kernel suite with ``dense_ms``, ``exact_density``, ``vs_dense``, ``vs_d_dense``,
+    ``noisy`` and ``dense_noisy``; ``t_dense`` is the ``cublas_dense`` row of the same op, shape, dtype and GPU (a
+    folder may hold several machines' rows)."""
     measured = kernels[(kernels["suite"] == "kernels") & kernels["ms_p50"].notna()]
     dense = measured[(measured["provider"] == "cublas_dense") & (measured["status"] == "ok")]
-    dense = dense[DENSE_MATCH + ["ms_p50"]].rename(columns={"ms_p50": "dense_ms"}).drop_duplicates(DENSE_MATCH)
+    dense = dense.assign(dense_noisy=noisy_flags(dense))[DENSE_MATCH + ["ms_p50", "dense_noisy"]]
+    dense = dense.rename(columns={"ms_p50": "dense_ms"}).drop_duplicates(DENSE_MATCH)
     sparse = measured[measured["provider"] != "cublas_dense"].merge(dense, on=DENSE_MATCH, how="left")
+    sparse["dense_noisy"] = sparse["dense_noisy"].astype(object).fillna(False).astype(bool)
+    sparse["noisy"] = noisy_flags(sparse)
     sparse["exact_density"] = sparse["nnz_blocks"] * sparse["block_size"] ** 2 / (sparse["N"] * sparse["K"])
     sparse["vs_dense"] = sparse["ms_p50"] / sparse["dense_ms"]
     sparse["vs_d_dense"] = sparse["ms_p50"] / (sparse["exact_density"] * sparse["dense_ms"])
     return sparse
+
+
+def noisy_flags(frame: pd.DataFrame) -> pd.Series:
+    """True where a row's timing spread p80 / p20 exceeds ``NOISY_SPREAD``."""
+    return (frame["ms_p80"] / frame["ms_p20"].where(frame["ms_p20"] > 0)) > NOISY_SPREAD
+
+
+def on_cpu(gpus: pd.Series) -> pd.Series:
+    """True for the rows whose ``gpu`` column names a CPU (``cpu-<machine>-<n>cores``)."""
+    return gpus.astype(str).str.startswith("cpu")
+
+
+def dense_label(gpus: pd.Series) -> str:
+    """What the ``cublas_dense`` provider ran on the machines ``gpus``: cuBLAS on CUDA, torch's matmul on a CPU."""
+    labels = {"dense torch (CPU)" if cpu else "cuBLAS dense" for cpu in on_cpu(gpus)}
+    return " / ".join(sorted(labels))
 
 
 def _geomean(values: pd.Series) -> float:
@@ -133,12 +162,29 @@ def fmt_bytes(value) -> str:
     return f"{value:.0f} B"
 
 
-def fmt_ms(p50, p20=None, p80=None) -> str:
+def fmt_ms(p50, p20=None, p80=None, mark: str = "") -> str:
     if p50 is None or pd.isna(p50):
         return ""
     if p20 is None or pd.isna(p20):
-        return f"{p50:.4g}"
-    return f"{p50:.4g} [{p20:.4g}–{p80:.4g}]"
+        return f"{p50:.4g}{mark}"
+    return f"{p50:.4g}{mark} [{p20:.4g}–{p80:.4g}]"
+
+
+def fmt_timings(frame: pd.DataFrame) -> list[str]:
+    """``median [p20–p80]`` per row, the median marked ``NOISY_MARK`` where the row is noisy."""
+    marks = noisy_flags(frame).map({True: NOISY_MARK, False: ""})
+    return [fmt_ms(*values) for values in zip(frame["ms_p50"], frame["ms_p20"], frame["ms_p80"], marks)]
+
+
+def noise_footnote(noisy) -> list[str]:
+    """The footnote of ``NOISY_MARK``, when any of ``noisy`` is true."""
+    if not any(noisy):
+        return []
+    return [
+        f"{NOISY_MARK} noisy: p80 / p20 > {NOISY_SPREAD:g}, the repeated timings spread widely, so read this "
+        "median (and the ratios built on it) as rough.",
+        "",
+    ]
 
 
 def fmt_num(value, spec: str = ".3g") -> str:
@@ -146,9 +192,27 @@ def fmt_num(value, spec: str = ".3g") -> str:
 
 
 def table(frame: pd.DataFrame) -> str:
+    """A GitHub markdown table; columns empty in every row are left out and named once below it."""
     from tabulate import tabulate
 
-    return tabulate(frame, headers="keys", tablefmt="github", showindex=False, disable_numparse=True)
+    empty = [c for c in frame.columns if len(frame) and frame[c].map(lambda v: pd.isna(v) or v == "").all()]
+    kept = frame.drop(columns=empty)
+    text = tabulate(kept, headers="keys", tablefmt="github", showindex=False, disable_numparse=True)
+    if empty:
+        text += "\n\nEmpty in every row, so left out: " + ", ".join(f"`{c}`" for c in empty) + "."
+    return text
+
+
+def cpu_note(frame: pd.DataFrame, name_column: str) -> list[str]:
+    """What the ``backend`` values of ``frame``'s rows measured on a CPU mean (``name_column`` names the rows)."""
+    rows = frame[on_cpu(frame["gpu"]) & frame["ms_p50"].notna()]
+    parts = [
+        f"backend `{backend}` ({', '.join(dict.fromkeys(names.astype(str)))}) = {meaning}"
+        for backend, meaning in CPU_BACKENDS.items()
+        if len(names := rows.loc[rows["backend"] == backend, name_column])
+    ]
+    machines = ", ".join(sorted(set(rows["gpu"].astype(str))))
+    return [f"**Measured on a CPU** ({machines}): " + "; ".join(parts) + ".", ""] if parts else []
 
 
 # ---------------------------------------------------------------------------------------------- plots
@@ -168,8 +232,17 @@ def _config_order(values) -> list[str]:
     return [c for c in CONFIG_ORDER if c in present] + sorted(c for c in present if c not in CONFIG_ORDER)
 
 
+def provider_palette(providers) -> dict:
+    """One fixed colour per provider, the same in every panel: the known providers' order picks it."""
+    from .kernels import SPARSE_PROVIDERS
+
+    names = list(SPARSE_PROVIDERS) + sorted(set(providers) - set(SPARSE_PROVIDERS))
+    return dict(zip(names, _plt()[1].color_palette("colorblind", len(names))))
+
+
 def plot_kernel_times(comparison: pd.DataFrame, path: Path) -> str:
-    """Kernel time vs density for the largest measured shape and block size, with the dense and d × dense lines."""
+    """Kernel time (log scale) vs density for the largest measured shape and block size, with the dense and
+    d × dense lines."""
     plt, sns = _plt()
     largest = comparison.assign(work=comparison["M"] * comparison["K"] * comparison["N"])
     largest = largest.sort_values(["work", "block_size"], ascending=False).iloc[0]
@@ -181,19 +254,26 @@ def plot_kernel_times(comparison: pd.DataFrame, path: Path) -> str:
         & (comparison["gpu"] == largest["gpu"])
     ]
     ops = [op for op in OP_ORDER if op in set(pick["op"])]
+    palette = provider_palette(comparison["provider"])
+    baseline = dense_label(pick["gpu"])
     fig, axes = plt.subplots(1, len(ops), figsize=(5 * len(ops), 4), squeeze=False)
     for axis, op in zip(axes[0], ops):
         data = pick[pick["op"] == op].sort_values("density")
-        sns.lineplot(data=data, x="exact_density", y="ms_p50", hue="provider", marker="o", ax=axis)
+        hue_order = [p for p in palette if p in set(data["provider"])]
+        sns.lineplot(
+            data=data, x="exact_density", y="ms_p50", hue="provider", hue_order=hue_order, palette=palette,
+            marker="o", ax=axis,
+        )  # fmt: skip
         dense_ms = data["dense_ms"].dropna()
         if len(dense_ms):
-            densities = np.linspace(0, 1, 50)
-            axis.axhline(dense_ms.iloc[0], color="black", linewidth=1, label="cublas_dense")
+            densities = np.linspace(0.01, 1, 100)  # from 0.01: d × dense is 0 at d = 0, off a log axis
+            axis.axhline(dense_ms.iloc[0], color="black", linewidth=1, label=baseline)
             axis.plot(densities, densities * dense_ms.iloc[0], "k--", linewidth=1, label="d × dense")
+        axis.set_yscale("log")
         axis.set_xlim(0, max(0.55, float(data["exact_density"].max()) * 1.1))
         axis.set_title(op)
         axis.set_xlabel("density")
-        axis.set_ylabel("ms (median)")
+        axis.set_ylabel("ms (median, log scale)")
         axis.legend(fontsize=8)
     fig.suptitle(
         f"M={largest['M']:.0f}, K={largest['K']:.0f}, N={largest['N']:.0f}, b={largest['block_size']:.0f}, "
@@ -206,16 +286,26 @@ def plot_kernel_times(comparison: pd.DataFrame, path: Path) -> str:
 
 
 def plot_peak_vs_model(training: pd.DataFrame, peak_label: str, unit: str, path: Path) -> str:
+    """Peak memory per config, each method shifted sideways by its own offset and drawn with its own marker, so
+    methods with equal peaks stay apart."""
     plt, sns = _plt()
-    fig, axis = plt.subplots(figsize=(7, 4.5))
+    fig, axis = plt.subplots(figsize=(8, 4.5))
     order = _config_order(training["config"])
-    data = training.assign(config_rank=training["config"].map({c: i for i, c in enumerate(order)}))
-    sns.lineplot(data=data.sort_values("config_rank"), x="config_rank", y="peak_mem", hue="label", marker="o", ax=axis)
+    labels = list(dict.fromkeys(training["label"]))
+    offsets = dict(zip(labels, (np.arange(len(labels)) - (len(labels) - 1) / 2) * (0.6 / max(len(labels) - 1, 1))))
+    data = training.assign(
+        x=training["config"].map({c: i for i, c in enumerate(order)}) + training["label"].map(offsets)
+    )
+    sns.lineplot(
+        data=data.sort_values("x"), x="x", y="peak_mem", hue="label", style="label", hue_order=labels,
+        style_order=labels, markers=True, dashes=False, markersize=8, ax=axis,
+    )  # fmt: skip
     axis.set_xticks(range(len(order)), order)
+    axis.set_xlim(-0.5, len(order) - 0.5)
     axis.set_xlabel("model configuration")
     axis.set_ylabel(unit)
     axis.set_title(f"Peak memory per method ({peak_label.split(':')[0].split(' (')[0]})")
-    axis.legend(fontsize=8)
+    axis.legend(fontsize=8, loc="center left", bbox_to_anchor=(1, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -273,7 +363,7 @@ def _environment_section(frames) -> list[str]:
         if frame is None:
             continue
         for _, row in frame[["gpu", "torch", "triton"]].drop_duplicates().iterrows():
-            rows.append(row.to_dict())
+            rows.append({"device": row["gpu"], "torch": row["torch"], "triton": row["triton"]})
     lines = ["## Environment", ""]
     if rows:
         env = pd.DataFrame(rows).drop_duplicates()
@@ -288,11 +378,14 @@ def _kernel_section(kernels: pd.DataFrame, out_dir: Path) -> list[str]:
         return []
     lines = ["## Kernels", ""]
     lines += [
-        "Median time of each op relative to cuBLAS dense (`vs dense`) and to the block-sparse limit d × dense "
-        "(`vs d×dense`, 1 = the limit), geometric means over the measured shapes and token counts (rows with "
-        "status `ok` only); TFLOP/s counts useful FLOPs (2·M·K·N·d).",
+        f"Median time of each op relative to the dense baseline ({dense_label(comparison['gpu'])}; `vs dense`) "
+        "and to the block-sparse limit d × dense (`vs d×dense`, 1 = the limit), geometric means over the measured "
+        "shapes and token counts (rows with status `ok` only); TFLOP/s counts useful FLOPs (2·M·K·N·d).",
         "",
     ]
+    kernel_rows = kernels[kernels["suite"] == "kernels"]
+    baseline = kernel_rows["provider"].replace("cublas_dense", "dense baseline")
+    lines += cpu_note(kernel_rows.assign(provider=baseline), "provider")
     summary = (
         comparison[comparison["status"] == "ok"]  # a wrong result's time is listed below, not averaged
         .groupby(["gpu", "op", "provider", "block_size", "density"])
@@ -301,6 +394,8 @@ def _kernel_section(kernels: pd.DataFrame, out_dir: Path) -> list[str]:
             vs_d_dense=("vs_d_dense", _geomean),
             tflops=("tflops", "median"),
             cases=("ms_p50", "size"),
+            noisy=("noisy", "sum"),
+            dense_noisy=("dense_noisy", "sum"),
         )
         .reset_index()
     )
@@ -309,11 +404,12 @@ def _kernel_section(kernels: pd.DataFrame, out_dir: Path) -> list[str]:
         ["gpu", "op", "block_size", "density", "provider"], ascending=[True, True, True, False, True]
     )
     several_gpus = summary["gpu"].nunique() > 1
+    noisy_cases = summary["noisy"] + summary["dense_noisy"]
     lines += [
         table(
             pd.DataFrame(
                 {
-                    **({"gpu": summary["gpu"]} if several_gpus else {}),
+                    **({"device": summary["gpu"]} if several_gpus else {}),
                     "op": summary["op"].astype(str),
                     "provider": summary["provider"],
                     "b": summary["block_size"].map(lambda v: f"{v:.0f}"),
@@ -321,16 +417,22 @@ def _kernel_section(kernels: pd.DataFrame, out_dir: Path) -> list[str]:
                     "vs dense": summary["vs_dense"].map(fmt_num),
                     "vs d×dense": summary["vs_d_dense"].map(fmt_num),
                     "TFLOP/s (median)": summary["tflops"].map(lambda v: fmt_num(v, ".4g")),
-                    "cases": summary["cases"],
+                    "cases": [f"{c} ({n}{NOISY_MARK})" if n else str(c) for c, n in zip(summary["cases"], noisy_cases)],
                 }
             )
         ),
         "",
     ]
+    if noisy_cases.any():
+        lines += [
+            f"`cases` (n{NOISY_MARK}): n noisy timings among them (the op's or its dense baseline's p80 / p20 > "
+            f"{NOISY_SPREAD:g}, marked in the table below).",
+            "",
+        ]
     plot = plot_kernel_times(comparison, out_dir / "kernel_time_vs_density.png")
     lines += [f"![kernel time vs density]({plot})", ""]
     detail = comparison.copy()
-    detail["time"] = [fmt_ms(a, b, c) for a, b, c in zip(detail["ms_p50"], detail["ms_p20"], detail["ms_p80"])]
+    detail["time"] = fmt_timings(detail)
     detail["op"] = pd.Categorical(detail["op"], OP_ORDER, ordered=True)
     detail = detail.sort_values(
         ["op", "N", "K", "M", "block_size", "density", "provider"], ascending=[True] * 5 + [False, True]
@@ -341,7 +443,7 @@ def _kernel_section(kernels: pd.DataFrame, out_dir: Path) -> list[str]:
         table(
             pd.DataFrame(
                 {
-                    **({"gpu": detail["gpu"]} if several_gpus else {}),
+                    **({"device": detail["gpu"]} if several_gpus else {}),
                     "op": detail["op"].astype(str),
                     "shape": detail["variant"],
                     "M×K×N": [f"{m:.0f}×{k:.0f}×{n:.0f}" for m, k, n in zip(detail["M"], detail["K"], detail["N"])],
@@ -350,7 +452,10 @@ def _kernel_section(kernels: pd.DataFrame, out_dir: Path) -> list[str]:
                     "provider": detail["provider"],
                     "backend": detail["backend"],
                     "time": detail["time"],
-                    "dense ms": detail["dense_ms"].map(lambda v: fmt_num(v, ".4g")),
+                    "dense ms": [
+                        fmt_num(v, ".4g") + (NOISY_MARK if noisy else "")
+                        for v, noisy in zip(detail["dense_ms"], detail["dense_noisy"])
+                    ],
                     "TFLOP/s": detail["tflops"].map(lambda v: fmt_num(v, ".4g")),
                     "vs dense": detail["vs_dense"].map(fmt_num),
                     "vs d×dense": detail["vs_d_dense"].map(fmt_num),
@@ -360,7 +465,7 @@ def _kernel_section(kernels: pd.DataFrame, out_dir: Path) -> list[str]:
         ),
         "",
     ]
-    return lines
+    return lines + noise_footnote(detail["noisy"] | detail["dense_noisy"])
 
 
 def _optimizer_section(kernels: pd.DataFrame) -> list[str]:
@@ -394,7 +499,7 @@ def _optimizer_section(kernels: pd.DataFrame) -> list[str]:
                     "b": adamw["block_size"].map(lambda v: "" if pd.isna(v) else f"{v:.0f}"),
                     "d": adamw["density"].map(lambda v: f"{v:g}"),
                     "provider": adamw["provider"],
-                    "ms": [fmt_ms(a, b, c) for a, b, c in zip(adamw["ms_p50"], adamw["ms_p20"], adamw["ms_p80"])],
+                    "ms": fmt_timings(adamw),
                     "GB/s": adamw["gbps"].map(lambda v: fmt_num(v, ".4g")),
                     "copy GB/s": [fmt_num(c, ".4g") for c in copy_of],
                     "% copy": [fmt_num(100 * g / c, ".3g") if c else "" for g, c in zip(adamw["gbps"], copy_of)],
@@ -403,7 +508,7 @@ def _optimizer_section(kernels: pd.DataFrame) -> list[str]:
         ),
         "",
     ]
-    return lines
+    return lines + noise_footnote(noisy_flags(adamw)) + cpu_note(rows, "provider")
 
 
 def _training_section(training: pd.DataFrame, out_dir: Path) -> list[str]:
@@ -434,9 +539,7 @@ def _training_section(training: pd.DataFrame, out_dir: Path) -> list[str]:
                     "method": measured["label"],
                     "backend": measured["backend"],
                     "tokens/s": measured["tokens_per_s"].map(lambda v: fmt_num(v, ".4g")),
-                    "step ms": [
-                        fmt_ms(a, b, c) for a, b, c in zip(measured["ms_p50"], measured["ms_p20"], measured["ms_p80"])
-                    ],
+                    "step ms": fmt_timings(measured),
                     "peak": measured["peak"].map(fmt_bytes),
                     "nvml peak": measured["nvml_peak_bytes"].map(fmt_bytes),
                     **{c: measured[f"{c}_bytes"].map(fmt_bytes) for c in COMPONENTS},
@@ -444,6 +547,8 @@ def _training_section(training: pd.DataFrame, out_dir: Path) -> list[str]:
             )
         ),
         "",
+        *noise_footnote(noisy_flags(measured)),
+        *cpu_note(measured, "label"),
     ]
     nvml = sorted(set(measured["nvml_status"]))
     lines += [f"NVML sampling: {', '.join(nvml)}.", ""]

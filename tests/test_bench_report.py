@@ -1,0 +1,154 @@
+"""smet-bench report on hand-made CSVs: what it says about CPU rows, the dense baseline, empty columns, noise, plots."""
+
+import csv
+from pathlib import Path
+
+import pytest
+from matplotlib.figure import Figure
+
+from bench.report import write_report
+from bench.results import KERNEL_COLUMNS, TRAINING_COLUMNS
+
+CPU = {"gpu": "cpu-x86_64-2cores", "device": "cpu"}
+CUDA = {"gpu": "NVIDIA H100 80GB HBM3", "device": "cuda"}
+MiB = 2**20
+
+
+def _write(path: Path, columns: list[str], rows: list[dict]) -> None:
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns, restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _kernel_rows(machine: dict) -> list[dict]:
+    """The dense baseline, smet and masked_dense per op; no smet for grad_weight; the smet forward time is noisy."""
+    rows = []
+    for op in ("forward", "grad_input", "grad_weight"):
+        shape = {"suite": "kernels", "op": op, "variant": "tiny:qkvo", "M": 64, "K": 64, "N": 64, "dtype": "fp32",
+                 "status": "ok", **machine, "torch": "2.4", "triton": "3.0", "timestamp": "2026-01-01T00:00:00"}  # fmt: skip
+        rows.append(shape | {"provider": "cublas_dense", "density": 1, "backend": "torch", "ms_p20": 0.01,
+                             "ms_p50": 0.01, "ms_p80": 0.011})  # fmt: skip
+        sparse = [("masked_dense", "torch", (0.02, 0.02, 0.021))]
+        if op != "grad_weight":
+            sparse.insert(0, ("smet", "triton", (10, 20, 30) if op == "forward" else (20, 20, 21)))
+        for provider, backend, (p20, p50, p80) in sparse:
+            rows.append(shape | {"provider": provider, "backend": backend, "block_size": 32, "density": 0.5,
+                                 "nnz_blocks": 2, "ms_p20": p20, "ms_p50": p50, "ms_p80": p80, "tflops": 0.01})  # fmt: skip
+    return rows
+
+
+def _training_rows(machine: dict) -> list[dict]:
+    """dense, two masked densities with equal peaks, and smet; CUDA rows also carry the allocator and NVML peaks."""
+    rows = []
+    for method, density, backend, weights in (
+        ("dense", 1, "torch", 2),
+        ("masked", 0.5, "torch", 3),
+        ("masked", 0.25, "torch", 3),
+        ("smet", 0.5, "triton", 1),
+    ):
+        components = {"weights": weights * MiB, "gradients": MiB, "optimizer": 2 * MiB, "activations": MiB}
+        row = {"config": "tiny", "method": method, "density": density, "block_size": 32, "batch_size": 2,
+               "seq_len": 32, "dtype": "fp32", "backend": backend, "steps": 3, "ms_p20": 4, "ms_p50": 4,
+               "ms_p80": 4.2, "tokens_per_s": 16000, "status": "ok", **machine, "torch": "2.4", "triton": "3.0",
+               "timestamp": "2026-01-01T00:00:10"}  # fmt: skip
+        row |= {f"{c}_bytes": v for c, v in components.items()} | {f"pred_{c}_bytes": v for c, v in components.items()}
+        if machine["device"] == "cuda":
+            peak = sum(components.values()) + MiB
+            row |= {"peak_allocated_bytes": peak, "nvml_peak_bytes": peak + MiB, "rest_bytes": MiB,
+                    "pred_peak_bytes": peak, "nvml_status": "ok"}  # fmt: skip
+        else:
+            row["nvml_status"] = "unavailable: device is cpu"
+        rows.append(row)
+    return rows
+
+
+def _report(out_dir: Path, machine: dict, monkeypatch) -> tuple[str, dict]:
+    """The report's text and its figures by file name."""
+    _write(out_dir / "kernels.csv", KERNEL_COLUMNS, _kernel_rows(machine))
+    _write(out_dir / "training.csv", TRAINING_COLUMNS, _training_rows(machine))
+    figures = {}
+    savefig = Figure.savefig
+
+    def keep(figure, path, *args, **kwargs):
+        figures[Path(path).name] = figure
+        return savefig(figure, path, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Figure, "savefig", keep)
+        return write_report(out_dir).read_text(), figures
+
+
+@pytest.fixture(scope="module")
+def cpu_report(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        return _report(tmp_path_factory.mktemp("cpu"), CPU, monkeypatch)
+
+
+@pytest.fixture(scope="module")
+def cuda_report(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        return _report(tmp_path_factory.mktemp("cuda"), CUDA, monkeypatch)
+
+
+def _table_header(report: str, first_column: str) -> list[str]:
+    line = next(line for line in report.splitlines() if line.startswith(f"| {first_column} "))
+    return [cell.strip() for cell in line.strip("|").split("|")]
+
+
+def test_cpu_rows_say_the_triton_times_are_interpreted(cpu_report, cuda_report):
+    report, _ = cpu_report
+    kernels = report.split("## Kernels")[1].split("### All kernel")[0]
+    assert "Triton CPU interpreter" in kernels and "not representative of GPU speed" in kernels
+    assert "backend `triton` (smet)" in kernels
+    assert "backend `triton` (smet d=0.5)" in report.split("## End-to-end")[1]
+    assert "interpreter" not in cuda_report[0]
+
+
+def test_dense_baseline_is_named_by_what_ran(cpu_report, cuda_report):
+    report, figures = cpu_report
+    assert "dense torch (CPU)" in report and "cuBLAS" not in report
+    legend = [t.get_text() for t in figures["kernel_time_vs_density.png"].axes[0].get_legend().get_texts()]
+    assert "dense torch (CPU)" in legend and "cublas_dense" not in legend
+    assert "cuBLAS dense" in cuda_report[0] and "dense torch (CPU)" not in cuda_report[0]
+
+
+def test_environment_column_is_device(cpu_report):
+    assert _table_header(cpu_report[0], "device") == ["device", "torch", "triton"]
+    assert "| gpu " not in cpu_report[0]
+
+
+def test_columns_empty_in_every_row_are_left_out(cpu_report, cuda_report):
+    header = _table_header(cpu_report[0], "config")
+    assert "nvml peak" not in header and "rest" not in header and "weights" in header
+    assert "Empty in every row, so left out: `nvml peak`, `rest`." in cpu_report[0]
+    assert {"nvml peak", "rest"} <= set(_table_header(cuda_report[0], "config"))
+
+
+def test_noisy_timings_are_marked_with_a_footnote(cpu_report):
+    report = cpu_report[0]
+    assert "| 20† [10–30] " in report  # p80 / p20 = 3
+    assert "| 20 [20–21] " in report and "0.02 [0.02–0.021]" in report  # quiet rows stay unmarked
+    assert report.count("† noisy: p80 / p20 > 1.5") == 1
+    forward_smet = next(line for line in report.splitlines() if line.startswith("| forward     | smet "))
+    assert forward_smet.split("|")[-2].strip() == "1 (1†)"  # the summary's cases column
+
+
+def test_kernel_plot_has_one_palette_and_a_log_axis(cpu_report):
+    axes = cpu_report[1]["kernel_time_vs_density.png"].axes
+    colours = {}
+    for axis in axes:
+        assert axis.get_yscale() == "log"
+        legend = axis.get_legend()
+        for text, handle in zip(legend.get_texts(), legend.legend_handles):
+            colours.setdefault(text.get_text(), set()).add(tuple(handle.get_color()))
+    assert set(colours) >= {"smet", "masked_dense"}
+    assert all(len(c) == 1 for c in colours.values()), colours  # masked_dense is alone in the grad_weight panel
+    assert colours["smet"] != colours["masked_dense"]
+
+
+def test_peak_plot_keeps_methods_with_equal_peaks_apart(cpu_report):
+    (axis,) = cpu_report[1]["peak_memory_vs_model.png"].axes
+    points = [(x, y) for line in axis.get_lines() for x, y in zip(line.get_xdata(), line.get_ydata())]
+    assert len(points) == 4 and len({x for x, _ in points}) == 4  # masked d=0.5 and d=0.25 share a peak
+    assert len({line.get_marker() for line in axis.get_lines() if len(line.get_xdata())}) == 4
