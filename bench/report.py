@@ -2,7 +2,9 @@
 
 Derived kernel columns: ``vs_dense = t / t_dense`` and ``vs_d_dense = t / (d · t_dense)`` — the second is 1 at
 the physical limit of a block-sparse product (``d`` the layout's exact density, ``t_dense`` the dense baseline's
-time of the same op and shape: cuBLAS on CUDA, torch's CPU matmul on a CPU). Memory-model error =
+time of the same op and shape: cuBLAS on CUDA, torch's CPU matmul on a CPU), and ``vs_roofline = t / max(d · t_dense,
+compulsory bytes / copy bandwidth)`` — the ceilings measured in the same run (the dense time, and the device copy
+of the optimizer suite; ``profiling.roofline``): 1 = the op runs at its roofline. Memory-model error =
 ``(predicted − measured) / measured``. A timing whose p80 / p20 exceeds ``NOISY_SPREAD`` is marked as noise.
 """
 
@@ -86,7 +88,36 @@ def kernel_comparison(kernels: pd.DataFrame) -> pd.DataFrame:
     sparse["exact_density"] = sparse["nnz_blocks"] * sparse["block_size"] ** 2 / (sparse["N"] * sparse["K"])
     sparse["vs_dense"] = sparse["ms_p50"] / sparse["dense_ms"]
     sparse["vs_d_dense"] = sparse["ms_p50"] / (sparse["exact_density"] * sparse["dense_ms"])
+    copy_gbps = sparse["gpu"].map(copy_bandwidth_gbps(kernels))
+    memory_ms = [
+        compulsory_bytes_of(row) / (gbps * 1e9) * 1e3 if gbps == gbps else math.nan
+        for row, gbps in zip(sparse.itertuples(), copy_gbps)
+    ]
+    sparse["roofline_ms"] = np.fmax(sparse["exact_density"] * sparse["dense_ms"], memory_ms).where(copy_gbps.notna())
+    sparse["vs_roofline"] = sparse["ms_p50"] / sparse["roofline_ms"]
     return sparse
+
+
+ELEMENT_SIZE = {"bf16": 2, "fp16": 2, "fp32": 4}
+
+
+def copy_bandwidth_gbps(kernels: pd.DataFrame) -> dict:
+    """Per GPU, the best ``dst.copy_(src)`` bandwidth of the optimizer suite (fp32: 8 bytes per element)."""
+    copies = kernels[(kernels["suite"] == "optimizer") & (kernels["op"] == "copy") & kernels["ms_p50"].notna()]
+    gbps = copies["N"] * copies["K"] * 8 / (copies["ms_p50"] * 1e-3) / 1e9
+    return gbps.groupby(copies["gpu"]).max().to_dict()
+
+
+def compulsory_bytes_of(row) -> float:
+    """:func:`profiling.roofline.compulsory_bytes` of a kernel row, for its uniformly random layout."""
+    from profiling.roofline import compulsory_bytes, expected_used_lines
+
+    b, nnz = int(row.block_size), int(row.nnz_blocks)
+    block_rows, block_cols = int(row.N) // b, int(row.K) // b
+    return compulsory_bytes(
+        row.op, int(row.M), int(row.N), int(row.K), b, nnz, ELEMENT_SIZE[row.dtype],
+        expected_used_lines(block_rows, block_cols, nnz), expected_used_lines(block_cols, block_rows, nnz),
+    )
 
 
 def noisy_flags(frame: pd.DataFrame) -> pd.Series:
@@ -380,7 +411,9 @@ def _kernel_section(kernels: pd.DataFrame, out_dir: Path) -> list[str]:
     lines += [
         f"Median time of each op relative to the dense baseline ({dense_label(comparison['gpu'])}; `vs dense`) "
         "and to the block-sparse limit d × dense (`vs d×dense`, 1 = the limit), geometric means over the measured "
-        "shapes and token counts (rows with status `ok` only); TFLOP/s counts useful FLOPs (2·M·K·N·d).",
+        "shapes and token counts (rows with status `ok` only); TFLOP/s counts useful FLOPs (2·M·K·N·d). "
+        "`vs roofline` also counts the bytes the op must move at the device-copy bandwidth of the same run "
+        "(`max(d × dense, bytes / copy)`; 1 = the op's roofline; needs the optimizer suite's copy rows).",
         "",
     ]
     kernel_rows = kernels[kernels["suite"] == "kernels"]
@@ -392,6 +425,7 @@ def _kernel_section(kernels: pd.DataFrame, out_dir: Path) -> list[str]:
         .agg(
             vs_dense=("vs_dense", _geomean),
             vs_d_dense=("vs_d_dense", _geomean),
+            vs_roofline=("vs_roofline", _geomean),
             tflops=("tflops", "median"),
             cases=("ms_p50", "size"),
             noisy=("noisy", "sum"),
@@ -416,6 +450,7 @@ def _kernel_section(kernels: pd.DataFrame, out_dir: Path) -> list[str]:
                     "d": summary["density"].map(lambda v: f"{v:g}"),
                     "vs dense": summary["vs_dense"].map(fmt_num),
                     "vs d×dense": summary["vs_d_dense"].map(fmt_num),
+                    "vs roofline": summary["vs_roofline"].map(fmt_num),
                     "TFLOP/s (median)": summary["tflops"].map(lambda v: fmt_num(v, ".4g")),
                     "cases": [f"{c} ({n}{NOISY_MARK})" if n else str(c) for c, n in zip(summary["cases"], noisy_cases)],
                 }
@@ -459,6 +494,7 @@ def _kernel_section(kernels: pd.DataFrame, out_dir: Path) -> list[str]:
                     "TFLOP/s": detail["tflops"].map(lambda v: fmt_num(v, ".4g")),
                     "vs dense": detail["vs_dense"].map(fmt_num),
                     "vs d×dense": detail["vs_d_dense"].map(fmt_num),
+                    "vs roofline": detail["vs_roofline"].map(fmt_num),
                     "status": detail["status"],
                 }
             )

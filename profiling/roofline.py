@@ -29,6 +29,7 @@ Defaults for ``P`` and ``B`` are the SPEC §7 H100 anchors (cuBLAS bf16 ~730 TFL
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,24 +62,41 @@ class Roofline:
         return "memory" if self.memory_s > self.compute_s else "compute"
 
 
-def sparse_roofline(op: str, m: int, layout: BlockLayout, element_size: int, tflops: float, tbps: float) -> Roofline:
-    """The roofline of ``op`` at ``m`` tokens over ``layout`` (only the block rows / columns that hold an active
-    block need their activation columns read)."""
+def compulsory_bytes(op: str, m: int, n: int, k: int, block_size: int, nnz: int, element_size: int,
+                     used_rows: float, used_cols: float) -> float:
+    """HBM bytes ``op`` must move at least once: ``used_rows`` / ``used_cols`` are the block rows / columns of
+    ``W [n, k]`` that hold an active block (only their activation columns are read)."""
     if op not in OPS:
         raise ValueError(f"op must be one of {OPS}, got {op!r}")
+    b = block_size
+    moved = {
+        "forward": m * used_cols * b + m * n,  # read x, write y (every column of y: empty block rows get zeros)
+        "grad_input": m * used_rows * b + m * k,  # read dy, write dx
+        "grad_weight": m * used_rows * b + m * used_cols * b,  # read dy and x; dvalues below
+    }[op]
+    return float((moved + nnz * b * b) * element_size)
+
+
+def expected_used_lines(lines: int, per_line: int, nnz: int) -> float:
+    """Expected number of the ``lines`` block rows (or columns) of ``per_line`` blocks each that hold at least one of
+    ``nnz`` blocks placed uniformly at random without repetition: ``lines · (1 − C(T − per_line, nnz) / C(T, nnz))``
+    with ``T = lines · per_line`` (the benchmark's random layouts)."""
+    total = lines * per_line
+    if nnz > total - per_line:
+        return float(lines)
+    log_empty = (math.lgamma(total - per_line + 1) - math.lgamma(total - per_line - nnz + 1)
+                 - math.lgamma(total + 1) + math.lgamma(total - nnz + 1))
+    return lines * (1.0 - math.exp(log_empty))
+
+
+def sparse_roofline(op: str, m: int, layout: BlockLayout, element_size: int, tflops: float, tbps: float) -> Roofline:
+    """The roofline of ``op`` at ``m`` tokens over ``layout``."""
     n, k = layout.shape
     b = layout.block_size
     mask = layout.mask
-    used_cols = int(mask.any(0).sum()) * b  # columns of x (and dx) that meet an active block
-    used_rows = int(mask.any(1).sum()) * b  # columns of dy (rows of W) that meet an active block
-    values = layout.nnz * b * b * element_size
-    moved = {
-        "forward": m * used_cols + m * n,  # read x, write y (every column of y, empty block rows get zeros / bias)
-        "grad_input": m * used_rows + m * k,  # read dy, write dx
-        "grad_weight": m * used_rows + m * used_cols,  # read dy and x; dvalues below
-    }[op] * element_size + values
+    moved = compulsory_bytes(op, m, n, k, b, layout.nnz, element_size, int(mask.any(1).sum()), int(mask.any(0).sum()))
     flops = 2.0 * m * layout.nnz * b * b
-    return Roofline(op, flops, float(moved), flops / (tflops * 1e12), moved / (tbps * 1e12))
+    return Roofline(op, flops, moved, flops / (tflops * 1e12), moved / (tbps * 1e12))
 
 
 def dense_roofline(m: int, n: int, k: int, element_size: int, tflops: float, tbps: float) -> Roofline:

@@ -152,3 +152,29 @@ def test_peak_plot_keeps_methods_with_equal_peaks_apart(cpu_report):
     points = [(x, y) for line in axis.get_lines() for x, y in zip(line.get_xdata(), line.get_ydata())]
     assert len(points) == 4 and len({x for x, _ in points}) == 4  # masked d=0.5 and d=0.25 share a peak
     assert len({line.get_marker() for line in axis.get_lines() if len(line.get_xdata())}) == 4
+
+
+def test_vs_roofline_uses_the_copy_bandwidth_of_the_same_run():
+    """A memory-bound sparse op: its roofline is the compulsory bytes at the run's device-copy bandwidth."""
+    import pandas as pd
+
+    from bench.report import kernel_comparison
+    from profiling.roofline import compulsory_bytes, expected_used_lines
+
+    shape = {"suite": "kernels", "variant": "x:qkvo", "M": 8192, "K": 1024, "N": 1024, "dtype": "bf16",
+             "status": "ok", **CUDA, "ms_p20": 1.0, "ms_p80": 1.0}  # fmt: skip
+    rows = [
+        shape | {"op": "forward", "provider": "cublas_dense", "density": 1.0, "ms_p50": 0.030},
+        shape | {"op": "forward", "provider": "smet", "density": 0.1, "block_size": 128, "nnz_blocks": 6,
+                 "ms_p50": 0.020},  # fmt: skip
+        {"suite": "optimizer", "op": "copy", "provider": "device_copy", "variant": "dense:1b", "N": 2048,
+         "K": 2048, "ms_p50": 0.0112, **CUDA},  # fmt: skip: 2048² × 8 bytes in 11.2 µs = 3.0 TB/s
+    ]
+    row = kernel_comparison(pd.DataFrame(rows)).iloc[0]
+    used = expected_used_lines(8, 8, 6)
+    memory_ms = compulsory_bytes("forward", 8192, 1024, 1024, 128, 6, 2, used, used) / 2048**2 / 8 * 0.0112
+    assert row["roofline_ms"] == pytest.approx(max(memory_ms, 6 / 64 * 0.030))
+    assert row["roofline_ms"] == pytest.approx(memory_ms)  # the output write dominates at d = 0.1
+    assert row["vs_roofline"] == pytest.approx(0.020 / memory_ms)
+    without_copy = kernel_comparison(pd.DataFrame(rows[:2])).iloc[0]
+    assert pd.isna(without_copy["vs_roofline"])

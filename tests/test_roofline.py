@@ -51,3 +51,15 @@ def test_cli_writes_csv_and_report(tmp_path):
     assert "Bars beyond the roofline" in text and "python -m profiling.roofline --configs 350m" in text
     with pytest.raises(SystemExit):
         roofline.main(["--tflops", "0", "--out-dir", str(tmp_path)])
+
+
+def test_expected_used_lines_matches_random_layouts():
+    for lines, per_line, density in ((32, 32, 0.1), (8, 86, 0.05), (4, 4, 0.5)):
+        nnz = round(density * lines * per_line)
+        counts = [
+            int(BlockLayout.random(per_line * 16, lines * 16, 16, nnz / (lines * per_line),
+                                   generator=torch.Generator().manual_seed(seed)).mask.any(0).sum())
+            for seed in range(200)
+        ]
+        assert abs(sum(counts) / len(counts) - roofline.expected_used_lines(lines, per_line, nnz)) < 0.15
+    assert roofline.expected_used_lines(4, 4, 16) == 4.0
