@@ -3,7 +3,7 @@
     smet-bench run --quick --out-dir reports/quick        # a few minutes on a laptop CPU
     smet-bench run                                        # full grid on a GPU -> reports/<gpu-slug>/
     smet-bench report --out-dir reports/<gpu-slug>        # report.md + PNG plots
-    smet-bench stability run --quick                      # stability study (issue 7), CPU pilot; see bench/stability.py
+    smet-bench stability run --quick                      # stability study, CPU pilot; see bench/stability.py
 
 Also runnable as ``python -m bench.cli``.
 """
@@ -65,32 +65,34 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--out-dir",
         default=None,
-        help="folder of the CSVs (default: reports/<device-name-slug>)",
+        help="folder of the CSVs (default: reports/<device-name-slug>, e.g. reports/cpu-x86-64-2cores)",
     )
     run.add_argument(
         "--configs",
         type=_csv_list(str),
         default=None,
-        help="model configurations (SPEC §5: tiny,20m,60m,130m,350m,1b,7b); default: 20m..7b for kernels and "
-        "optimizer, 60m,130m,350m,1b for training (tiny with --quick)",
+        help="model configurations (SPEC §5) from tiny,20m,60m,130m,350m,1b,7b (default: 20m..7b for kernels and "
+        "optimizer, 60m,130m,350m,1b for training; tiny with --quick)",
     )
     run.add_argument(
         "--densities",
         type=_csv_list(float),
         default=None,
-        help="block densities; default 0.5,0.25,0.1,0.05 (kernels, optimizer) and 0.5,0.25,0.1 (training)",
+        help="block densities in (0, 1] (default: 0.5,0.25,0.1,0.05 for kernels and optimizer, 0.5,0.25,0.1 for "
+        "training; 0.5,0.25 for kernels and optimizer with --quick)",
     )
     run.add_argument(
         "--block-sizes",
         type=_csv_list(int),
         default=None,
-        help="block sizes for kernels and optimizer; default 32,64,128 (32 with --quick)",
+        help="block sizes b of the kernels and optimizer suites, from 16,32,64,128 (default: 32,64,128; 32 with "
+        "--quick)",
     )
     run.add_argument(
         "--tokens",
         type=_csv_list(int),
         default=None,
-        help="token counts M of the kernel benchmarks; default 8192,16384 (64 with --quick)",
+        help="token counts M of the kernel benchmarks (default: 8192,16384; 64 with --quick)",
     )
     run.add_argument(
         "--providers",
@@ -109,36 +111,41 @@ def build_parser() -> argparse.ArgumentParser:
         "--training-block-size",
         type=int,
         default=None,
-        help="block size of the training benchmarks (default 64; 32 with --quick)",
-    )
-    run.add_argument("--batch-size", type=int, default=None, help="training batch size (default 16; 2 with --quick)")
-    run.add_argument(
-        "--seq-len", type=int, default=None, help="training sequence length (default 256; 32 with --quick)"
+        help="block size b of the training suite, from 16,32,64,128; must divide the configs' hidden size "
+        "(default: 64; 32 with --quick)",
     )
     run.add_argument(
-        "--steps", type=int, default=None, help="timed training steps per case (default 10; 3 with --quick)"
+        "--batch-size", type=int, default=None, help="training batch size in sequences (default: 16; 2 with --quick)"
+    )
+    run.add_argument(
+        "--seq-len", type=int, default=None, help="training sequence length in tokens (default: 256; 32 with --quick)"
+    )
+    run.add_argument(
+        "--steps", type=int, default=None, help="timed training steps per case (default: 10; 3 with --quick)"
     )
     run.add_argument(
         "--dtype",
         choices=("bf16", "fp16", "fp32"),
         default=None,
-        help="kernel and training dtype (default bf16 on GPU, fp32 on CPU where Triton's interpreter mishandles "
+        help="kernel and training dtype (default: bf16 on GPU, fp32 on CPU where Triton's interpreter mishandles "
         "bf16 dot products); optimizer benchmarks always use fp32 parameters",
     )
     run.add_argument(
         "--backend",
         choices=("auto", "triton", "reference"),
         default="auto",
-        help="smet_kernels backend: Triton kernels (the CPU interpreter without a GPU) or the PyTorch reference",
+        help="smet_kernels backend: triton (the CPU interpreter without a GPU), the PyTorch reference, or auto = "
+        "triton where it can run, else reference (default: auto)",
     )
-    run.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
-    run.add_argument("--seed", type=int, default=0, help="seed of layouts, weights and tokens (default 0)")
+    run.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
+    run.add_argument("--seed", type=int, default=0, help="seed of layouts, weights and tokens (default: 0)")
     run.add_argument("--no-progress", action="store_true", help="hide the tqdm progress bars")
     run.add_argument(
         "--max-minutes",
         type=float,
         default=None,
-        help="start no new case after this many minutes (the CSVs stay consistent; rerun the same command to resume)",
+        help="start no new case after this many minutes; the CSVs stay consistent, rerun the same command to "
+        "resume (default: no limit)",
     )
 
     report = commands.add_parser(
@@ -147,7 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Render report.md (tabulate tables) and PNG plots (seaborn) from kernels.csv, training.csv "
         "and any pytest-benchmark JSON files.",
     )
-    report.add_argument("--out-dir", required=True, help="folder holding kernels.csv / training.csv")
+    report.add_argument(
+        "--out-dir", required=True, help="folder holding kernels.csv / training.csv (required; no default)"
+    )
     report.add_argument(
         "--benchmark-json",
         nargs="*",
@@ -160,7 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     stability = commands.add_parser(
         "stability",
-        help="loss-spike / quality study (issue 7): `stability run` trains the sweep, `stability report` renders it",
+        help="stability study (loss spikes after topology updates, quality vs dense): `stability run` trains the "
+        "sweep, `stability report` renders it",
         description="Stability study: naive DST vs SMET loss spikes after topology updates, quality vs dense and "
         "GaLore at equal tokens, density x alpha sweep (see bench/stability.py).",
     )
@@ -171,9 +181,16 @@ def build_parser() -> argparse.ArgumentParser:
 def _resolve_device(name: str | None) -> torch.device:
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:  # an unknown device type such as "tpu"
+        device = torch.device("meta")
+    if device.type not in ("cpu", "cuda"):
+        raise SystemExit(f"smet-bench: --device must be cpu, cuda or cuda:N, got {name!r}")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("smet-bench: --device cuda requested but CUDA is not available")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise SystemExit(f"smet-bench: --device {name}: only {torch.cuda.device_count()} GPU(s) are visible")
     return device
 
 
@@ -186,16 +203,26 @@ def _prepare_interpreter(device: torch.device, backend: str) -> None:
 COMMANDS_FILE = "commands.txt"
 
 
-def _log_command(out_dir: Path, argv: list[str] | None) -> None:
-    """Append ``<UTC time> smet-bench <args>`` to ``<out-dir>/commands.txt`` (the report lists the commands)."""
-    if argv is None:
-        return
-    import datetime as dt
-    import shlex
+class _CommandLog:
+    """``record()`` appends ``<UTC time> smet-bench <args>`` to ``<out-dir>/commands.txt`` once per run (the report
+    lists the commands that made its rows); called on the first measured row, so a rerun that measures nothing
+    leaves no line."""
 
-    stamp = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-    with (out_dir / COMMANDS_FILE).open("a") as handle:
-        handle.write(f"{stamp} smet-bench {shlex.join(argv)}\n")
+    def __init__(self, out_dir: Path, argv: list[str] | None):
+        self.path = out_dir / COMMANDS_FILE
+        self.argv = argv
+        self.done = argv is None
+
+    def record(self) -> None:
+        if self.done:
+            return
+        import datetime as dt
+        import shlex
+
+        stamp = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+        with self.path.open("a") as handle:
+            handle.write(f"{stamp} smet-bench {shlex.join(self.argv)}\n")
+        self.done = True
 
 
 class _Deadline:
@@ -217,7 +244,7 @@ def _progress(items, description: str, disable: bool):
     return tqdm(items, desc=description, unit="case", disable=disable, dynamic_ncols=True)
 
 
-def _run_cases(suite, cases, run_one, file, backend, device, no_progress, deadline) -> int:
+def _run_cases(suite, cases, run_one, file, backend, device, no_progress, deadline, commands) -> int:
     """Run the cases not yet in ``file``, appending one row each; returns the number of failed cases."""
     from .results import device_name, environment
 
@@ -234,11 +261,12 @@ def _run_cases(suite, cases, run_one, file, backend, device, no_progress, deadli
             failures += 1
             print(f"\n{suite}: {case} failed:\n{traceback.format_exc()}", file=sys.stderr)
             continue
+        commands.record()
         file.append(case.key_row(backend) | result | environment(device))
     return failures
 
 
-def _run_kernels(args, device, backend, dtype, out_dir, timing_kwargs, deadline) -> int:
+def _run_kernels(args, device, backend, dtype, out_dir, timing_kwargs, deadline, commands) -> int:
     from . import kernels
     from .results import kernels_file
 
@@ -264,10 +292,10 @@ def _run_kernels(args, device, backend, dtype, out_dir, timing_kwargs, deadline)
             state["key"] = key
         return kernels.run_case(case, state["operands"], backend, device, timing_kwargs)
 
-    return _run_cases("kernels", cases, run_one, file, backend, device, args.no_progress, deadline)
+    return _run_cases("kernels", cases, run_one, file, backend, device, args.no_progress, deadline, commands)
 
 
-def _run_optimizer(args, device, backend, out_dir, timing_kwargs, deadline) -> int:
+def _run_optimizer(args, device, backend, out_dir, timing_kwargs, deadline, commands) -> int:
     from . import kernels, optimizer
     from .results import kernels_file
 
@@ -290,22 +318,32 @@ def _run_optimizer(args, device, backend, out_dir, timing_kwargs, deadline) -> i
         device,
         args.no_progress,
         deadline,
+        commands,
     )
 
 
-def _run_training(args, device, backend, dtype, out_dir, deadline) -> int:
+def _training_configs(args) -> list[str]:
+    from . import training
+
+    return args.configs or list(training.QUICK_CONFIGS if args.quick else training.FULL_CONFIGS)
+
+
+def _training_block_size(args) -> int:
+    return args.training_block_size or (32 if args.quick else 64)
+
+
+def _run_training(args, device, backend, dtype, out_dir, deadline, commands) -> int:
     from . import training
     from .results import training_file
 
     file = training_file(out_dir)
     quick = args.quick
-    block_size = args.training_block_size or (32 if quick else 64)
     cases = list(
         training.training_cases(
-            args.configs or (training.QUICK_CONFIGS if quick else training.FULL_CONFIGS),
+            _training_configs(args),
             args.methods or training.METHODS,
             args.densities or (training.QUICK_DENSITIES if quick else training.FULL_DENSITIES),
-            block_size,
+            _training_block_size(args),
             args.batch_size or (2 if quick else 16),
             args.seq_len or (32 if quick else 256),
             dtype,
@@ -321,13 +359,14 @@ def _run_training(args, device, backend, dtype, out_dir, deadline) -> int:
         device,
         args.no_progress,
         deadline,
+        commands,
     )
 
 
 def _validate(args) -> None:
     """Reject bad options up front (SystemExit naming the option) rather than failing case by case."""
     from smet_kernels.layout import SUPPORTED_BLOCK_SIZES
-    from smet_kernels.train.model import MODEL_CONFIGS
+    from smet_kernels.train.model import MODEL_CONFIGS, model_config
 
     from . import kernels, optimizer, training
 
@@ -349,6 +388,13 @@ def _validate(args) -> None:
     for option, values in (("--block-sizes", args.block_sizes), ("--training-block-size", [args.training_block_size])):
         if any(v is not None and v not in SUPPORTED_BLOCK_SIZES for v in values or []):
             fail(f"{option} must be from {SUPPORTED_BLOCK_SIZES}, got {values}")
+    if "training" in args.suites:
+        block_size = _training_block_size(args)
+        for config in _training_configs(args):
+            try:
+                model_config(config, block_size=block_size)
+            except ValueError as error:
+                fail(f"--training-block-size {block_size}: {error}")
     if args.max_minutes is not None and args.max_minutes <= 0:
         fail(f"--max-minutes must be positive, got {args.max_minutes}")
     for option, values in (
@@ -375,7 +421,13 @@ def run(args) -> int:
     dtype = parse_dtype(args.dtype or ("bf16" if device.type == "cuda" else "fp32"))
     out_dir = Path(args.out_dir) if args.out_dir else Path("reports") / device_slug(device)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _log_command(out_dir, getattr(args, "argv", None))
+    commands = _CommandLog(out_dir, getattr(args, "argv", None))
+    if device.type == "cpu" and not args.quick:
+        print(
+            "smet-bench: warning: without --quick the defaults are the full GPU grid, which takes days on a CPU; "
+            "add --quick for a grid that finishes in minutes",
+            file=sys.stderr,
+        )
     if device.type == "cuda":
         timing_kwargs = {}
     else:
@@ -384,11 +436,11 @@ def run(args) -> int:
     deadline = _Deadline(args.max_minutes)
     failures = 0
     if "kernels" in args.suites:
-        failures += _run_kernels(args, device, backend, dtype, out_dir, timing_kwargs, deadline)
+        failures += _run_kernels(args, device, backend, dtype, out_dir, timing_kwargs, deadline, commands)
     if "optimizer" in args.suites:
-        failures += _run_optimizer(args, device, backend, out_dir, timing_kwargs, deadline)
+        failures += _run_optimizer(args, device, backend, out_dir, timing_kwargs, deadline, commands)
     if "training" in args.suites:
-        failures += _run_training(args, device, backend, dtype, out_dir, deadline)
+        failures += _run_training(args, device, backend, dtype, out_dir, deadline, commands)
     if failures:
         print(f"smet-bench: {failures} case(s) failed (see above); rerun to retry them", file=sys.stderr)
         return 1

@@ -1,4 +1,4 @@
-"""Stability study (issue 7): loss spikes after topology updates (naive DST vs SMET), quality against dense and
+"""Stability study: loss spikes after topology updates (naive DST vs SMET), quality against dense and
 GaLore at equal tokens, and a density × density-LR-exponent (α) sweep.
 
     smet-bench stability run                                        # H100 study -> reports/stability/
@@ -140,7 +140,7 @@ class StudySpec:
 
 
 PRESETS = {
-    # H100 study: 4000 steps x 64 x 256 = 65.5M tokens per run (issue 7 asks >= ~50M for 20m).
+    # H100 study: 4000 steps x 64 x 256 = 65.5M tokens per run (the study asks >= ~50M tokens for 20m).
     "h100": StudySpec(),
     # CPU pilot: proves the tooling end to end in ~15 min on 2 cores; not evidence for or against the claims.
     "pilot": StudySpec(
@@ -281,17 +281,44 @@ def _latest_checkpoint(run_dir: Path) -> str | None:
         return None
 
 
+def check_runnable(spec: StudySpec, out_dir) -> None:
+    """Raise ValueError (one line, naming the setting) for what every run of ``spec`` would reject: the trainer's
+    :meth:`TrainConfig.validate`, a device or backend that is not available, unreadable or too short data."""
+    import torch
+
+    from smet_kernels import backend as backend_module
+    from smet_kernels.train.data import DataError, PackedBatches, eval_windows, load_corpus
+
+    spec.validate()
+    for run in enumerate_runs(spec):
+        run.train_config(spec, out_dir).validate()
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if spec.device == "auto" else spec.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {spec.device!r} requested but CUDA is not available")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"device {spec.device!r}: only {torch.cuda.device_count()} GPU(s) are visible")
+    if spec.backend == "triton" and not backend_module.triton_can_run(device):
+        raise ValueError(f"backend 'triton' cannot run on device {device}: use a CUDA device, TRITON_INTERPRET=1 "
+                         "(the slow CPU interpreter) or backend 'reference'")
+    try:
+        corpus = load_corpus(spec.data)
+        PackedBatches(corpus.train, spec.seq_len, spec.batch_size, seed=0)
+        if spec.eval_batches:
+            eval_windows(corpus.val, spec.seq_len, spec.eval_batches * spec.batch_size)
+    except DataError as error:
+        raise ValueError(str(error)) from None
+
+
 def run_sweep(spec: StudySpec, out_dir, isolate: bool = True, max_minutes: float | None = None,
               keep_checkpoints: bool = False, log=print) -> dict:
     """Train every run of ``spec`` that is not finished yet into ``out_dir``; returns counts
     ``{"total", "skipped", "trained", "failed", "not_started"}``. Failed runs are reported and retried next time;
     an interrupted run resumes from its latest checkpoint when it has one (``spec.checkpoint_every``)."""
-    spec.validate()
     out_dir = Path(out_dir)
+    check_runnable(spec, out_dir)  # a bad setting fails here, not once per run hours later
     runs = enumerate_runs(spec)
     todo = []
     for run in runs:
-        run.train_config(spec, out_dir).validate()  # a bad setting fails here, not once per run hours later
         if is_done(run.directory(out_dir)):
             check_finished_run(run, spec, out_dir)
             compress_metrics(run.directory(out_dir))
@@ -946,6 +973,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _default(name: str) -> str:
+    """``(default: <H100 study value>; <CPU pilot value> with --quick)`` of the :class:`StudySpec` field ``name``."""
+
+    def show(value) -> str:
+        return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+    study, pilot = show(getattr(PRESETS["h100"], name)), show(getattr(PRESETS["pilot"], name))
+    return f"(default: {study})" if study == pilot else f"(default: {study}; {pilot} with --quick)"
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``run`` / ``report`` sub-commands (shared by ``smet-bench stability`` and ``python -m bench.stability``)."""
     commands = parser.add_subparsers(dest="stability_command", required=True, metavar="{run,report}")
@@ -965,33 +1002,48 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      f"update every {pilot.update_interval} steps, {pilot.backend} backend (~15 min on 2 cores); "
                      "options below still override")
     run.add_argument("--out-dir", default=None,
-                     help="output folder (default: reports/stability, reports/cpu-pilot-stability with --quick)")
-    run.add_argument("--configs", type=_csv(str), help="model configurations (default 20m,60m; tiny with --quick)")
-    run.add_argument("--methods", type=_csv(str), help=f"methods from {','.join(METHODS)} (default: all)")
-    run.add_argument("--densities", type=_csv(float), help="densities of the sparse methods")
-    run.add_argument("--alphas", type=_csv(float), help="density-LR exponents α of the SMETAdamW methods")
-    run.add_argument("--seeds", type=_csv(int), help="seeds (every method runs every seed)")
-    run.add_argument("--steps", type=_positive_int, help="optimizer steps per run (token budget = steps×batch×seq)")
-    run.add_argument("--batch-size", type=_positive_int, help="sequences per optimizer step")
-    run.add_argument("--seq-len", type=_positive_int, help="tokens per sequence")
-    run.add_argument("--update-interval", type=_positive_int, help="steps between topology updates")
-    run.add_argument("--spike-window", type=_positive_int, help="k of the loss-spike statistic")
-    run.add_argument("--optimizer-warmup-steps", type=_positive_int, help="SMETAdamW per-block warm-up steps")
-    run.add_argument("--lr", type=float, help="peak learning rate (same for every method)")
-    run.add_argument("--lr-warmup-steps", type=int, help="linear LR warm-up steps (same for every method)")
-    run.add_argument("--precision", choices=("fp32", "bf16-autocast", "bf16"), help="training precision")
-    run.add_argument("--data", help="training data (see smet-train --data; default stdlib)")
-    run.add_argument("--backend", choices=("auto", "triton", "reference"), help="smet_kernels backend")
-    run.add_argument("--device", help="auto, cpu, cuda or cuda:N")
+                     help="output folder (default: reports/stability; reports/cpu-pilot-stability with --quick)")
+    run.add_argument("--configs", type=_csv(str),
+                     help=f"model configurations from tiny,20m,60m,130m,350m,1b,7b {_default('configs')}")
+    run.add_argument("--methods", type=_csv(str),
+                     help=f"methods from {','.join(METHODS)}; must include {DENSE_METHOD} (default: all)")
+    run.add_argument("--densities", type=_csv(float),
+                     help=f"block densities in (0, 1) of the sparse methods {_default('densities')}")
+    run.add_argument("--alphas", type=_csv(float),
+                     help=f"density-LR exponents α >= 0 of the SMETAdamW methods (lr × d^-α) {_default('alphas')}")
+    run.add_argument("--seeds", type=_csv(int), help=f"seeds; every method runs every seed {_default('seeds')}")
+    run.add_argument("--steps", type=_positive_int,
+                     help=f"optimizer steps per run; token budget = steps × batch × seq {_default('steps')}")
+    run.add_argument("--batch-size", type=_positive_int,
+                     help=f"sequences per optimizer step {_default('batch_size')}")
+    run.add_argument("--seq-len", type=_positive_int, help=f"tokens per sequence {_default('seq_len')}")
+    run.add_argument("--update-interval", type=_positive_int,
+                     help=f"steps between topology updates {_default('update_interval')}")
+    run.add_argument("--spike-window", type=_positive_int,
+                     help=f"k of the loss-spike statistic, in steps {_default('spike_window')}")
+    run.add_argument("--optimizer-warmup-steps", type=_positive_int,
+                     help=f"SMETAdamW per-block warm-up steps {_default('optimizer_warmup_steps')}")
+    run.add_argument("--lr", type=float, help=f"peak learning rate, same for every method {_default('lr')}")
+    run.add_argument("--lr-warmup-steps", type=int,
+                     help=f"linear LR warm-up steps, same for every method {_default('lr_warmup_steps')}")
+    run.add_argument("--precision", choices=("fp32", "bf16-autocast", "bf16"),
+                     help=f"training precision {_default('precision')}")
+    run.add_argument("--data",
+                     help=f"training data: stdlib, a text file or folder, a uint16 .bin token file or hf:NAME "
+                     f"(as smet-train --data) {_default('data')}")
+    run.add_argument("--backend", choices=("auto", "triton", "reference"),
+                     help=f"smet_kernels backend {_default('backend')}")
+    run.add_argument("--device", help=f"auto, cpu, cuda or cuda:N {_default('device')}")
     run.add_argument("--max-minutes", type=float, default=None,
-                     help="start no new run after this many minutes (rerun the same command to resume)")
+                     help="start no new run after this many minutes; rerun the same command to resume "
+                     "(default: no limit)")
     run.add_argument("--keep-checkpoints", action="store_true", help="keep each finished run's checkpoints")
     run.add_argument("--dry-run", action="store_true", help="list the runs and their state, train nothing")
     report = commands.add_parser("report", help="write <out-dir>/stability.md and PNG plots from the runs",
                                  description="Render stability.md (tables, findings, commands) and seaborn PNGs "
                                  "from the finished runs in <out-dir>/runs.")
-    report.add_argument("--out-dir", required=True, help="folder of the study (holding runs/)")
-    report.add_argument("--output", default=None, help="markdown file to write (default <out-dir>/stability.md)")
+    report.add_argument("--out-dir", required=True, help="folder of the study, holding runs/ (required; no default)")
+    report.add_argument("--output", default=None, help="markdown file to write (default: <out-dir>/stability.md)")
 
 
 def spec_from_args(args: argparse.Namespace) -> StudySpec:
@@ -1014,12 +1066,13 @@ def main_from_args(args: argparse.Namespace, prog: str, argv: list[str]) -> int:
             return 2
         print(f"{prog}: wrote {path}")
         return 0
+    out_dir = Path(args.out_dir or ("reports/cpu-pilot-stability" if args.quick else "reports/stability"))
     try:
         spec = spec_from_args(args)
+        check_runnable(spec, out_dir)
     except ValueError as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
         return 2
-    out_dir = Path(args.out_dir or ("reports/cpu-pilot-stability" if args.quick else "reports/stability"))
     if args.dry_run:
         for run in enumerate_runs(spec):
             state = "finished" if is_done(run.directory(out_dir)) else "to run"

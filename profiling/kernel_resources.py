@@ -19,6 +19,7 @@ import argparse
 import csv
 import itertools
 import re
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -36,6 +37,7 @@ from smet_kernels.ops import regrow as regrow_ops
 # opt-in shared memory per block (bytes): cudaDevAttrMaxSharedMemoryPerBlockOptin
 SHARED_MEMORY_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: bsmm.HOPPER_SHARED_MEMORY}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DEFAULT_BLOCK_SIZES = [16, 32, 64, 128]
 _TRITON_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 INSTRUCTIONS = {
     "wgmma": "wgmma.mma_async",
@@ -295,8 +297,9 @@ def _summary(rows: list[dict]) -> list[dict]:
     return summary
 
 
-def write_report(rows: list[dict], out_dir: Path, arch: int) -> Path:
-    """``kernel_resources.csv`` (one row per compiled variant) and ``kernel_resources.md`` (summary tables)."""
+def write_report(rows: list[dict], out_dir: Path, arch: int, command: str | None = None) -> Path:
+    """``kernel_resources.csv`` (one row per compiled variant) and ``kernel_resources.md`` (summary tables);
+    ``command``, the command line that made ``rows``, goes into the report as "Regenerate with"."""
     from tabulate import tabulate
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -305,14 +308,13 @@ def write_report(rows: list[dict], out_dir: Path, arch: int) -> Path:
         writer.writeheader()
         writer.writerows(rows)
     versions = sorted({(r["triton"], r["ptxas"]) for r in rows})
-    dtypes = " ".join(name for name in DTYPES if any(r["dtype"] == name for r in rows))
     matmul = [r for r in rows if r["block_size"] is not None]
     lines = [
         f"# Static kernel resources, sm_{arch}",
         "",
         "Compiled ahead of time with `triton.compile` (no GPU); "
-        + ", ".join(f"Triton {t}, ptxas {p}" for t, p in versions) + ". Regenerate with "
-        f"`python -m profiling.kernel_resources --arch {arch} --dtypes {dtypes} --out-dir {out_dir}`. Compiler facts, not timings: "
+        + ", ".join(f"Triton {t}, ptxas {p}" for t, p in versions) + ". "
+        + (f"Regenerate with `{command}`. " if command else "") + "Compiler facts, not timings: "
         "`stack` > 0 means register spills, `cp_async`/`tma` = 0 means the main loop is not software-pipelined. "
         f"Shared-memory limit per block on sm_{arch}: {SHARED_MEMORY_LIMIT.get(arch, 'unknown')} bytes.",
         "",
@@ -343,30 +345,49 @@ def _config(text: str) -> tuple[int, int, int]:
     return block_m, warps, stages
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m profiling.kernel_resources",
         description="Compile every Triton kernel of smet_kernels for a GPU architecture without a GPU and report "
                     "shared memory, registers, spills and whether the main loops are pipelined tensor-core loops.",
     )
-    parser.add_argument("--arch", type=int, default=90, help="compute capability as an int: 90 = H100, 80 = A100")
-    parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES),
-                        help="operand dtypes to compile (default: all)")
-    parser.add_argument("--block-sizes", nargs="+", type=int, default=[16, 32, 64, 128],
-                        help="block sizes b of the matmul kernels (default: 16 32 64 128)")
-    parser.add_argument("--kernels", nargs="+", choices=KERNELS, default=None,
-                        help="only these kernels (default: all)")
+    parser.add_argument("--arch", type=int, default=90,
+                        help="target compute capability as an int, e.g. 90 = H100, 80 = A100 (default: 90)")
+    parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES), metavar="DTYPE",
+                        help=f"operand dtypes to compile, from {' '.join(DTYPES)} (default: all)")
+    parser.add_argument("--block-sizes", nargs="+", type=int, default=None, metavar="B",
+                        help="block sizes b of the matmul kernels "
+                        f"(default: {' '.join(map(str, DEFAULT_BLOCK_SIZES))})")
+    parser.add_argument("--kernels", nargs="+", choices=KERNELS, default=None, metavar="KERNEL",
+                        help=f"only these kernels, from {' '.join(KERNELS)} (default: all)")
     parser.add_argument("--configs", nargs="+", type=_config, default=None, metavar="BLOCK_M:WARPS:STAGES",
                         help="only these matmul autotune configs, e.g. 128:8:3 (default: the whole autotune space)")
     parser.add_argument("--out-dir", type=Path, required=True,
-                        help="folder for kernel_resources.csv and kernel_resources.md")
-    args = parser.parse_args(argv)
+                        help="folder for kernel_resources.csv and kernel_resources.md (required; no default)")
+    return parser
+
+
+def regenerate_command(args: argparse.Namespace) -> str:
+    """The command line that reproduces ``args``: arch, dtypes and out-dir, plus block sizes, kernels and configs
+    when they were given."""
+    parts = ["python", "-m", "profiling.kernel_resources", "--arch", str(args.arch), "--dtypes", *args.dtypes]
+    if args.block_sizes:
+        parts += ["--block-sizes", *map(str, args.block_sizes)]
+    if args.kernels:
+        parts += ["--kernels", *args.kernels]
+    if args.configs:
+        parts += ["--configs", *(":".join(map(str, config)) for config in args.configs)]
+    return shlex.join([*parts, "--out-dir", str(args.out_dir)])
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
-        rows = collect(args.arch, args.dtypes, args.block_sizes, args.kernels, args.configs)
+        rows = collect(args.arch, args.dtypes, args.block_sizes or DEFAULT_BLOCK_SIZES, args.kernels, args.configs)
     except ToolchainMissing as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(write_report(rows, args.out_dir, args.arch))
+    print(write_report(rows, args.out_dir, args.arch, regenerate_command(args)))
     return 0
 
 

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from bench.cli import build_parser, main
 from bench.results import KERNEL_COLUMNS, TRAINING_COLUMNS
@@ -115,12 +116,36 @@ def test_report_without_results_fails_clearly(tmp_path):
         main(["report", "--out-dir", str(tmp_path / "missing")])
 
 
+def _subcommands(parser):
+    return next(a for a in parser._actions if a.choices and "run" in a.choices).choices
+
+
 def test_every_option_has_help():
-    parser = build_parser()
-    subparsers = next(a for a in parser._actions if a.choices and "run" in a.choices).choices
+    subparsers = _subcommands(build_parser())
     for name in ("run", "report"):
         for action in subparsers[name]._actions:
             assert action.help, f"{name} {action.option_strings} lacks --help text"
+
+
+def test_every_option_states_its_default():
+    """Each option that takes a value says its default in --help; no help text points to an issue number."""
+    from profiling.kernel_resources import build_parser as kernel_resources_parser
+
+    bench = _subcommands(build_parser())
+    stability = _subcommands(bench["stability"])
+    parsers = {
+        "run": bench["run"],
+        "report": bench["report"],
+        "stability run": stability["run"],
+        "stability report": stability["report"],
+        "kernel_resources": kernel_resources_parser(),
+    }
+    for name, parser in parsers.items():
+        for action in parser._actions:
+            if action.nargs != 0:  # flags (store_true, --help) have no value to default
+                assert "default" in action.help, f"{name} {action.option_strings}: {action.help}"
+        assert "issue" not in parser.format_help().lower(), name
+    assert "issue" not in build_parser().format_help().lower()
 
 
 def test_module_entry_point_help():
@@ -142,12 +167,50 @@ def test_module_entry_point_help():
         ("--block-sizes", "48"),
         ("--tokens", "0"),
         ("--steps", "0"),
+        ("--device", "tpu"),
     ],
 )
 def test_bad_options_are_rejected(tmp_path, option, value):
     with pytest.raises(SystemExit, match=option.lstrip("-")):
         main(["run", option, value, "--out-dir", str(tmp_path)])
     assert not (tmp_path / "kernels.csv").exists()
+
+
+def test_training_block_size_must_divide_the_hidden_size(tmp_path):
+    with pytest.raises(SystemExit, match="--training-block-size 128: .*hidden size 64 of config 'tiny'"):
+        main(["run", "--quick", "--suites", "training", "--training-block-size", "128", "--out-dir", str(tmp_path)])
+    assert not (tmp_path / "training.csv").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the warning is for machines without CUDA")
+def test_full_grid_on_cpu_warns_to_use_quick(tmp_path, capsys):
+    args = ["run", "--suites", "optimizer", "--no-progress", "--max-minutes", "1e-9", "--out-dir", str(tmp_path)]
+    assert main(args) == 0
+    assert "add --quick" in capsys.readouterr().err
+    assert main([*args, "--quick"]) == 0
+    assert "--quick" not in capsys.readouterr().err
+
+
+def test_kernel_resources_report_names_the_selection(tmp_path, monkeypatch):
+    """The "Regenerate with" line reproduces the options given, so rerunning it compiles the same variants."""
+    import shlex
+
+    from profiling import kernel_resources as kr
+
+    row = dict.fromkeys(kr.FIELDS, 0) | {
+        "kernel": "forward", "dtype": "bf16", "block_size": 64, "BLOCK_M": 128, "num_warps": 8, "num_stages": 3,
+        "kept_by_pruner": True, "arch": "sm_90", "fits_shared": True, "wgmma": 1, "cp_async": 1, "triton": "t",
+        "ptxas": "p",
+    }  # fmt: skip
+    selections = []
+    monkeypatch.setattr(kr, "collect", lambda *selection: selections.append(selection) or [row])
+    argv = ["--dtypes", "bf16", "--block-sizes", "64", "--kernels", "forward", "--configs", "128:8:3", "--out-dir",
+            str(tmp_path)]  # fmt: skip
+    assert kr.main(argv) == 0
+    command = (tmp_path / "kernel_resources.md").read_text().split("Regenerate with `")[1].split("`")[0]
+    assert command.startswith("python -m profiling.kernel_resources --arch 90 --dtypes bf16 --block-sizes 64 ")
+    assert kr.main(shlex.split(command)[3:]) == 0
+    assert selections[0] == selections[1] == (90, ["bf16"], [64], ["forward"], [(128, 8, 3)])
 
 
 def test_report_reads_pytest_benchmark_json(quick_run):
@@ -177,9 +240,13 @@ def test_max_minutes_stops_and_resume_completes(tmp_path, capsys):
     assert main([*args, "--max-minutes", "1e-9"]) == 0
     assert "rerun the same command to resume" in capsys.readouterr().out
     assert not (tmp_path / "kernels.csv").exists()
+    assert not (tmp_path / "commands.txt").exists()  # it measured nothing
     assert main(args) == 0
     rows = _rows(tmp_path / "kernels.csv")
     assert {r["provider"] for r in rows} == {"device_copy", "smet", "torch_adamw_fused", "torch_adamw_foreach"}
+    assert main(args) == 0  # everything measured already: no new line either
+    commands = (tmp_path / "commands.txt").read_text().splitlines()
+    assert len(commands) == 1 and commands[0].endswith("smet-bench " + " ".join(args))
 
 
 def test_failed_operands_are_not_reused_for_the_next_case(tmp_path, monkeypatch):

@@ -69,6 +69,30 @@ def test_spec_validation_names_the_field():
     assert bench_main(["stability", "run", "--quick", "--densities", "0", "--dry-run"]) == 2
 
 
+@pytest.mark.parametrize("dry_run", [False, True])
+@pytest.mark.parametrize(
+    "option, value, named",
+    [
+        ("--data", "/nonexistent", "/nonexistent"),
+        ("--data", "{tmp}/empty.txt", "empty.txt"),
+        ("--lr", "-1", "lr"),
+        ("--lr-warmup-steps", "-5", "lr_warmup_steps"),
+        pytest.param("--device", "cuda", "CUDA", marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA")),
+    ],
+)
+def test_options_every_run_would_reject_fail_up_front(tmp_path, monkeypatch, capsys, option, value, named, dry_run):
+    """One error line before any run starts (also for --dry-run), no commands.txt, no "render with"."""
+    (tmp_path / "empty.txt").write_text("")
+    monkeypatch.setattr(stability, "_train_in_fresh_process", lambda config: pytest.fail("a run was started"))
+    out_dir = tmp_path / "study"
+    argv = ["stability", "run", "--quick", "--out-dir", str(out_dir), option, value.format(tmp=tmp_path)]
+    assert bench_main(argv + ["--dry-run"] * dry_run) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith("smet-bench: error: ") and captured.err.count("\n") == 1
+    assert named in captured.err and "render with" not in captured.out
+    assert not (out_dir / "commands.txt").exists()
+
+
 def _fake_train(calls):
     def train_one(config_dict):
         calls.append(config_dict["out_dir"])
