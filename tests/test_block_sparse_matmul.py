@@ -128,13 +128,24 @@ def test_tma_variant_refuses_misaligned_operands():
         bsmm_forward(x, values.transpose(1, 2), layout, variant="tma")
 
 
+def test_default_variant_comes_from_the_environment(monkeypatch):
+    layout = _mask_layout("empty_rows_cols", 3, 2, 16)
+    x, values, _, bias = _inputs(layout, 40, torch.float32)
+    expected = bsmm_forward_reference(x, values, layout, bias)
+    monkeypatch.setenv("SMET_MATMUL_VARIANT", "persistent")
+    _close(bsmm_forward(x, values, layout, bias), expected, torch.float32)
+    monkeypatch.setenv("SMET_MATMUL_VARIANT", "stream-k")
+    with pytest.raises(ValueError, match="SMET_MATMUL_VARIANT environment variable must be one of"):
+        bsmm_forward(x, values, layout, bias)
+
+
 def test_variant_is_validated():
     layout = _mask_layout("random", 2, 2, 16)
     x, values, dy, _ = _inputs(layout, 8, torch.float32)
     with pytest.raises(ValueError, match="variant"):
         bsmm_forward(x, values, layout, variant="stream-k")
     with pytest.raises(ValueError, match="variant"):
-        bsmm_grad_input(dy, values, layout, variant=None)
+        bsmm_grad_input(dy, values, layout, variant="TMA")
 
 
 @pytest.mark.parametrize("split_k", [2, 3])

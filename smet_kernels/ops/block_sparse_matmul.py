@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 
 import torch
 import triton
@@ -416,6 +417,15 @@ def _check_row_major(**tensors: torch.Tensor) -> None:
 VARIANTS = ("grouped", "persistent", "tma")
 
 
+def default_variant() -> str:
+    """The variant used when none is passed: ``SMET_MATMUL_VARIANT`` (read at each call, so a training run can be
+    A/B-timed end to end: ``SMET_MATMUL_VARIANT=tma smet-train ...``), else ``grouped``."""
+    variant = os.environ.get("SMET_MATMUL_VARIANT", "grouped")
+    if variant not in VARIANTS:
+        raise ValueError(f"the SMET_MATMUL_VARIANT environment variable must be one of {VARIANTS}, got {variant!r}")
+    return variant
+
+
 def _ctas_per_sm(block_m: int, block_size: int, element_size: int) -> int:
     """Programs of the persistent kernel per SM: how many double-buffered ``(BLOCK_M·b + b·b)`` tiles fit in an
     H100 SM's 228 KiB of shared memory (at most 4)."""
@@ -439,13 +449,15 @@ def _dense_sparse(
     transpose_blocks: bool,
     bias: torch.Tensor | None,
     group_m: int | None,
-    variant: str,
+    variant: str | None,
 ) -> torch.Tensor:
     if group_m is None:
         group_m = GROUP_M
     elif isinstance(group_m, bool) or not isinstance(group_m, int) or group_m < 1:
         raise ValueError(f"group_m must be a positive int, got {group_m!r}")
-    if variant not in VARIANTS:
+    if variant is None:
+        variant = default_variant()
+    elif variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     m, in_cols = a.shape
     out = torch.empty((m, out_cols), dtype=a.dtype, device=a.device)
@@ -497,15 +509,15 @@ def bsmm_forward(
     layout: BlockLayout,
     bias: torch.Tensor | None = None,
     group_m: int | None = None,
-    variant: str = "grouped",
+    variant: str | None = None,
 ) -> torch.Tensor:
     """``y [M, N] = x [M, K] · Wᵀ (+ bias)``, walking the active blocks of each block row (CSR).
 
     ``group_m``: token tiles per L2 group of the program order (default ``GROUP_M``; at least the number of token
     tiles gives the plain token-tile-fastest order). ``variant``: ``"grouped"`` (one program per output tile),
     ``"persistent"`` (about one program per SM slot, longest block rows first in each group) or ``"tma"`` (grouped,
-    tiles moved by TMA descriptors; needs 16-byte aligned ``x`` and values). Shapes and dtypes are checked by the
-    caller (``functional``).
+    tiles moved by TMA descriptors; needs 16-byte aligned ``x`` and values); None: :func:`default_variant`. Shapes
+    and dtypes are checked by the caller (``functional``).
     """
     _check_row_major(x=x)
     index = layout.row_index(x.device)
@@ -517,7 +529,7 @@ def bsmm_grad_input(
     values: torch.Tensor,
     layout: BlockLayout,
     group_m: int | None = None,
-    variant: str = "grouped",
+    variant: str | None = None,
 ) -> torch.Tensor:
     """``dx [M, K] = dy [M, N] · W``, walking the active blocks of each block column (CSC) over the same values
     (``group_m`` and ``variant`` as in :func:`bsmm_forward`)."""
