@@ -8,10 +8,10 @@ and ``dy [M, N]``:
 * ``grad_weight``  ``dW = dyᵀ x`` (at the active blocks only, for the sparse providers)
 
 Providers: ``smet`` (this library's kernels, or its PyTorch reference with ``backend="reference"``),
-``smet_ungrouped``, ``smet_persistent`` and ``smet_tma`` (forward and input grad only, Triton backend only: the
-same tile computation in the plain token-tile-fastest program order without the L2 grouping, in the persistent
-longest-rows-first schedule, and with TMA descriptor loads (Hopper) — the A/B of those choices, measured in the
-same run),
+``smet_ungrouped``, ``smet_persistent`` (forward and input grad) and ``smet_tma`` (all three ops), Triton backend
+only: the same tile computation in the plain token-tile-fastest program order without the L2 grouping, in the
+persistent longest-rows-first schedule, and with TMA descriptor loads (Hopper) — the A/B of those choices,
+measured in the same run,
 ``cublas_dense`` (``F.linear`` / ``torch.mm`` on the dense weight; once per shape, density 1), ``masked_dense``
 (``W ⊙ mask`` then the dense matmul — what mask-based DST does) and ``torch_bsr`` (PyTorch's BSR Triton ops
 ``bsr_dense_mm`` and ``sampled_addmm``, CUDA only; recorded as skipped elsewhere).
@@ -34,9 +34,13 @@ import torch.nn.functional as F
 from .timing import Timing, measure
 
 OPS = ("forward", "grad_input", "grad_weight")
-SCHEDULE_VARIANTS = ("smet_ungrouped", "smet_persistent", "smet_tma")  # variants of the smet dense-sparse kernel
+VARIANT_OPS = {  # kernel variants of the smet provider and the ops each changes
+    "smet_ungrouped": ("forward", "grad_input"),
+    "smet_persistent": ("forward", "grad_input"),
+    "smet_tma": ("forward", "grad_input", "grad_weight"),
+}
+SCHEDULE_VARIANTS = tuple(VARIANT_OPS)
 SPARSE_PROVIDERS = ("smet", *SCHEDULE_VARIANTS, "masked_dense", "torch_bsr")
-SCHEDULED_OPS = ("forward", "grad_input")  # the ops the kernel variants change
 PROVIDERS = ("cublas_dense",) + SPARSE_PROVIDERS
 FULL_CONFIGS = ("20m", "60m", "130m", "350m", "1b", "7b")
 FULL_DENSITIES = (0.5, 0.25, 0.1, 0.05)
@@ -132,7 +136,7 @@ def kernel_cases(
                 for d in densities:
                     for op in ops:
                         for provider in providers:
-                            if provider == "cublas_dense" or (provider in SCHEDULE_VARIANTS and op not in SCHEDULED_OPS):
+                            if provider == "cublas_dense" or op not in VARIANT_OPS.get(provider, OPS):
                                 continue
                             yield KernelCase(op, provider, shape, m, b, d, dtype)
 
@@ -196,7 +200,7 @@ def _smet_fns(ops: _Operands, backend: str, provider: str = "smet") -> dict[str,
         }[provider]
         forward = functools.partial(bsmm.bsmm_forward, **options)
         grad_input = functools.partial(bsmm.bsmm_grad_input, **options)
-        grad_weight = bsmm.bsmm_grad_weight
+        grad_weight = functools.partial(bsmm.bsmm_grad_weight, variant=options.get("variant"))
     elif provider != "smet":
         raise KernelUnavailable(f"the PyTorch reference has no program order: {provider} needs the Triton backend")
     else:

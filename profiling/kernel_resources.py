@@ -47,7 +47,7 @@ INSTRUCTIONS = {
     "vector_loads": "ld.global.v",
 }
 KERNELS = ["forward", "grad_input", "forward_persistent", "grad_input_persistent", "forward_tma", "grad_input_tma",
-           "grad_weight", "grad_weight_split_k", "adamw", "regrow"]
+           "grad_weight", "grad_weight_split_k", "grad_weight_tma", "adamw", "regrow"]
 FIELDS = [
     "kernel", "dtype", "block_size", "BLOCK_M", "num_warps", "num_stages", "kept_by_pruner", "arch",
     "shared_bytes", "fits_shared", "registers", "stack_bytes", *INSTRUCTIONS, "triton", "ptxas",
@@ -152,6 +152,17 @@ def matmul_cases(dtypes: list[str], block_sizes: list[int], arch: int = 90) -> l
                     cases.append(KernelCase(kernel, bsmm._bsmm_grad_weight_kernel, signature, constexprs,
                                             config.num_warps, config.num_stages, dtype_name, b,
                                             config.kwargs["BLOCK_M"], config in kept))
+            for config in configs:
+                block_m = config.kwargs["BLOCK_M"]
+                constexprs = {"BLOCK_SIZE": b, "SPLIT_K": 1, **flags, **config.kwargs}
+                signature = {
+                    "dy_desc": f"tensordesc<{t}[{block_m}, {b}]>", "x_desc": f"tensordesc<{t}[{block_m}, {b}]>",
+                    "out_desc": f"tensordesc<{t}[{b}, {b}]>",
+                    **_signature({"block_indices_ptr": "i32"}, {"M": "i32", "N": "i32", "K": "i32", "nnz": "i32"},
+                                 constexprs),
+                }
+                cases.append(KernelCase("grad_weight_tma", bsmm._bsmm_grad_weight_tma_kernel, signature, constexprs,
+                                        config.num_warps, config.num_stages, dtype_name, b, block_m, config in kept))
     return cases
 
 

@@ -28,8 +28,8 @@ def test_full_kernel_grid():
             torch.bfloat16,
         )
     )
-    # smet, masked, bsr: 3 ops each; the schedule variants (ungrouped, persistent): forward and grad_input
-    sparse_cases = 3 * len(kernels.OPS) + len(kernels.SCHEDULE_VARIANTS) * len(kernels.SCHEDULED_OPS)
+    # smet, masked, bsr: 3 ops each; the kernel variants: the ops each one changes
+    sparse_cases = 3 * len(kernels.OPS) + sum(len(ops) for ops in kernels.VARIANT_OPS.values())
     per_point = len(kernels.OPS) + len(kernels.FULL_BLOCK_SIZES) * len(kernels.FULL_DENSITIES) * sparse_cases
     assert len(cases) == len(shapes) * len(kernels.FULL_TOKENS) * per_point
     keys = {_key(c.key_row("triton"), KERNEL_KEY) for c in cases}
@@ -103,9 +103,8 @@ def test_every_provider_is_checked_against_dense(provider, op):
     assert row["status"] == "ok"
 
 
-@pytest.mark.parametrize("provider", kernels.SCHEDULE_VARIANTS)
-@pytest.mark.parametrize("op", kernels.SCHEDULED_OPS)
-def test_schedule_variants_give_the_same_result(op, provider):
+@pytest.mark.parametrize("provider, op", [(p, op) for p, ops in kernels.VARIANT_OPS.items() for op in ops])
+def test_kernel_variants_give_the_same_result(op, provider):
     shape = kernels.LinearShape("tiny:gate_up", 128, 64)
     case = kernels.KernelCase(op, provider, shape, 300, 32, 0.5, torch.float32)
     operands = kernels.make_operands(case, torch.device(DEVICE))  # the interpreter on CPU, compiled on a GPU
@@ -114,8 +113,8 @@ def test_schedule_variants_give_the_same_result(op, provider):
     assert case.key_row("triton")["backend"] == "triton"
     with pytest.raises(kernels.KernelUnavailable, match="Triton backend"):
         kernels.case_function(case, operands, "reference")
-    assert not any(c.provider == provider and c.op == "grad_weight"
-                   for c in kernels.kernel_cases(["tiny"], [0.5], [32], [64], torch.float32))
+    timed_ops = {c.op for c in kernels.kernel_cases(["tiny"], [0.5], [32], [64], torch.float32) if c.provider == provider}
+    assert timed_ops == set(kernels.VARIANT_OPS[provider])
 
 
 @pytest.mark.filterwarnings("ignore:Sparse BSR tensor support is in beta")

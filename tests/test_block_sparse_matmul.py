@@ -122,10 +122,13 @@ def test_kernel_variants_match_reference(kind, m_tiles, dtype, variant):
 def test_tma_variant_refuses_misaligned_operands():
     layout = _mask_layout("random", 2, 2, 16)
     x, values, _, _ = _inputs(layout, 9, torch.float16)
+    misaligned = x.view(-1)[1:].view(-1)[: 8 * 32].view(8, 32)
     with pytest.raises(ValueError, match="activations 16-byte aligned"):
-        bsmm_forward(x.view(-1)[1:].view(-1)[: 8 * 32].view(8, 32), values, layout, variant="tma")
+        bsmm_forward(misaligned, values, layout, variant="tma")
     with pytest.raises(ValueError, match="values contiguous"):
         bsmm_forward(x, values.transpose(1, 2), layout, variant="tma")
+    with pytest.raises(ValueError, match="needs x 16-byte aligned"):
+        bsmm_grad_weight(x[:8], misaligned, layout, variant="tma")
 
 
 def test_default_variant_comes_from_the_environment(monkeypatch):
@@ -146,6 +149,18 @@ def test_variant_is_validated():
         bsmm_forward(x, values, layout, variant="stream-k")
     with pytest.raises(ValueError, match="variant"):
         bsmm_grad_input(dy, values, layout, variant="TMA")
+
+
+@pytest.mark.skipif(not HAS_TMA, reason="needs sm_90+")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("kind", ["random", "empty_rows_cols", "single", "dense"])
+@pytest.mark.parametrize("split_k", [1, 3])
+def test_tma_grad_weight_matches_reference(kind, split_k, dtype):
+    """TMA token tiles (zero-filled past the last token) and b × b result boxes, with and without split-K."""
+    layout = _mask_layout(kind, 3, 4, 16)
+    x, _, dy, _ = _inputs(layout, 101, dtype)
+    _close(bsmm_grad_weight(dy, x, layout, split_k=split_k, variant="tma"), bsmm_grad_weight_reference(dy, x, layout),
+           dtype)
 
 
 @pytest.mark.parametrize("split_k", [2, 3])

@@ -30,7 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SELECTIONS = [
     (90, ["bf16"], [16], None, [(64, 4, 3)]),
     (90, ["bf16"], [128], ["forward", "grad_input", "forward_persistent", "grad_input_persistent", "forward_tma",
-                           "grad_input_tma", "grad_weight", "grad_weight_split_k"], [(128, 8, 3), (256, 8, 2)]),
+                           "grad_input_tma", "grad_weight", "grad_weight_split_k", "grad_weight_tma"],
+     [(128, 8, 3), (256, 8, 2)]),
     (90, ["fp32"], [64], ["forward", "grad_weight"], [(64, 4, 3)]),
     (80, ["bf16"], [128], ["forward", "grad_weight"], [(128, 8, 3)]),
 ]
@@ -66,7 +67,7 @@ def _row(rows, kernel, dtype, b, config=(128, 8, 3), arch="sm_90"):
 @pytest.mark.parametrize(
     "kernel",
     ["forward", "grad_input", "forward_persistent", "grad_input_persistent", "forward_tma", "grad_input_tma",
-     "grad_weight", "grad_weight_split_k"],
+     "grad_weight", "grad_weight_split_k", "grad_weight_tma"],
 )
 @pytest.mark.parametrize("b,config", [(16, (64, 4, 3)), (128, (128, 8, 3))])
 def test_bf16_matmul_is_a_pipelined_tensor_core_loop_on_hopper(compiled, kernel, b, config):
@@ -80,7 +81,7 @@ def test_bf16_matmul_is_a_pipelined_tensor_core_loop_on_hopper(compiled, kernel,
     assert row["fits_shared"], row
 
 
-@pytest.mark.parametrize("kernel", ["forward_tma", "grad_input_tma"])
+@pytest.mark.parametrize("kernel", ["forward_tma", "grad_input_tma", "grad_weight_tma"])
 def test_tma_variant_moves_every_tile_with_the_copy_engine(compiled, kernel):
     """No pointer-based copies left in the TMA variant, and fewer registers than the pointer kernel."""
     row = _row(compiled, kernel, "bf16", 128)

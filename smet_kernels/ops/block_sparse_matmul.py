@@ -10,7 +10,7 @@
 
 Forward and input grad come in three variants of the same tile computation (``variant=``; A/B-timed by the kernel
 benchmarks, ``bench/KERNEL_NOTES.md``): ``grouped`` (default), ``persistent`` (one program per SM slot, longest block
-rows first) and ``tma`` (grouped, tiles moved by Hopper TMA descriptors).
+rows first) and ``tma`` (grouped, tiles moved by Hopper TMA descriptors); the weight grad has a ``tma`` variant too.
 
 All accumulate in fp32 and store in the input dtype. Under the Triton interpreter, bf16 operands are upcast before
 ``tl.dot`` (the interpreter's bf16 dot is wrong, SPEC §8); fp32 uses IEEE precision (no TF32) to match PyTorch.
@@ -373,6 +373,57 @@ def _bsmm_grad_weight_kernel(
     tl.store(out + offs_b[:, None] * BLOCK_SIZE + offs_b[None, :], downcast(acc, out_ptr.dtype.element_ty))
 
 
+def _tma_token_block_shapes(nargs: dict) -> None:
+    """Autotune pre-hook of the TMA weight grad: ``dy`` and ``x`` boxes of ``BLOCK_M`` tokens × ``b`` features."""
+    nargs["dy_desc"].block_shape = [nargs["BLOCK_M"], nargs["BLOCK_SIZE"]]
+    nargs["x_desc"].block_shape = [nargs["BLOCK_M"], nargs["BLOCK_SIZE"]]
+
+
+@triton.autotune(
+    configs=[
+        triton.Config(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages, pre_hook=_tma_token_block_shapes)
+        for c in matmul_configs(GRAD_WEIGHT_BLOCK_MS)
+    ],
+    key=["M", "N", "K", "BLOCK_SIZE", "SPLIT_K"],
+    prune_configs_by={"early_config_prune": functools.partial(prune_configs, weight_grad=True)},
+)
+@triton.jit
+def _bsmm_grad_weight_tma_kernel(
+    dy_desc,
+    x_desc,
+    out_desc,
+    block_indices_ptr,
+    M,
+    N,
+    K,
+    nnz,
+    BLOCK_SIZE: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    UPCAST: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    """:func:`_bsmm_grad_weight_kernel` with the ``dy`` / ``x`` token tiles and the ``b × b`` result moved by TMA
+    (``out`` viewed as ``[SPLIT_K · nnz · b, b]``); the copy engine zero-fills the token tail."""
+    slot = tl.program_id(0)
+    split = tl.program_id(1)
+    block_row = tl.load(block_indices_ptr + 2 * slot)
+    block_col = tl.load(block_indices_ptr + 2 * slot + 1)
+    tiles = tl.cdiv(M, BLOCK_M)
+    tiles_per_split = tl.cdiv(tiles, SPLIT_K)
+    first = split * tiles_per_split
+    last = tl.minimum(first + tiles_per_split, tiles)
+    acc = tl.zeros((BLOCK_SIZE, BLOCK_SIZE), dtype=tl.float32)
+    for tile in range(first, last):
+        dy_t = tl.trans(dy_desc.load([tile * BLOCK_M, block_row * BLOCK_SIZE]))
+        x = x_desc.load([tile * BLOCK_M, block_col * BLOCK_SIZE])
+        if UPCAST:
+            dy_t = dy_t.to(tl.float32)
+            x = x.to(tl.float32)
+        acc = tl.dot(dy_t, x, acc, input_precision=INPUT_PRECISION)
+    out_desc.store([(split * nnz + slot) * BLOCK_SIZE, 0], downcast(acc, out_desc.dtype))
+
+
 def _kernel_flags(dtype: torch.dtype) -> dict:
     return {
         "UPCAST": INTERPRET and dtype == torch.bfloat16,
@@ -399,12 +450,15 @@ def _device_guard(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def _check_tma_support(a: torch.Tensor, values: torch.Tensor) -> None:
-    if a.device.type == "cuda" and torch.cuda.get_device_capability(a.device) < (9, 0):
+def _check_tma_support(values: torch.Tensor | None = None, **rows: torch.Tensor) -> None:
+    """TMA needs sm_90+, 16-byte aligned bases and row strides, and contiguous values (viewed as ``[nnz·b, b]``)."""
+    device = next(iter(rows.values())).device
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (9, 0):
         raise ValueError("variant='tma' needs a GPU with the Tensor Memory Accelerator (sm_90 or newer)")
-    if a.data_ptr() % 16 or a.stride(0) * a.element_size() % 16:
-        raise ValueError("variant='tma' needs the activations 16-byte aligned, with 16-byte aligned rows")
-    if values.data_ptr() % 16 or not values.is_contiguous():
+    for name, tensor in rows.items():
+        if tensor.data_ptr() % 16 or tensor.stride(0) * tensor.element_size() % 16:
+            raise ValueError(f"variant='tma' needs {name} 16-byte aligned, with 16-byte aligned rows")
+    if values is not None and (values.data_ptr() % 16 or not values.is_contiguous()):
         raise ValueError("variant='tma' needs values contiguous and 16-byte aligned")
 
 
@@ -487,7 +541,7 @@ def _dense_sparse(
                 out.stride(0), **constexprs
             )
         else:
-            _check_tma_support(a, values)
+            _check_tma_support(values, activations=a)
             block = [block_size, block_size]  # the token-tile boxes are set per config by _tma_block_shapes
             _bsmm_dense_sparse_tma_kernel[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * out_blocks,)](
                 TensorDescriptor.from_tensor(a, block),
@@ -539,10 +593,22 @@ def bsmm_grad_input(
 
 
 def bsmm_grad_weight(
-    dy: torch.Tensor, x: torch.Tensor, layout: BlockLayout, split_k: int | None = None
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    layout: BlockLayout,
+    split_k: int | None = None,
+    variant: str | None = None,
 ) -> torch.Tensor:
-    """``dvalues [nnz, b, b]``: ``dvalues[k] = dy[:, rows(k)]ᵀ · x[:, cols(k)]``; never a dense ``[N, K]`` gradient."""
+    """``dvalues [nnz, b, b]``: ``dvalues[k] = dy[:, rows(k)]ᵀ · x[:, cols(k)]``; never a dense ``[N, K]`` gradient.
+
+    ``variant="tma"`` moves the token tiles by TMA descriptors (sm_90+); the other variants (and None, see
+    :func:`default_variant`) run the pointer kernel: program order does not apply to this grid of blocks.
+    """
     _check_row_major(dy=dy, x=x)
+    if variant is None:
+        variant = default_variant()
+    elif variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     m, k = x.shape
     n = layout.shape[0]
     b = layout.block_size
@@ -552,22 +618,22 @@ def bsmm_grad_weight(
         raise ValueError(f"split_k must be a positive int, got {split_k!r}")
     out_dtype = x.dtype if split == 1 else torch.float32
     out = torch.empty((split, nnz, b, b), dtype=out_dtype, device=x.device)
+    indices = layout.block_indices_on(x.device)
+    constexprs = dict(BLOCK_SIZE=b, SPLIT_K=split, **_kernel_flags(x.dtype))
     with _device_guard(x.device):
-        _bsmm_grad_weight_kernel[(nnz, split)](
-            dy,
-            x,
-            out,
-            layout.block_indices_on(x.device),
-            m,
-            n,
-            k,
-            nnz,
-            dy.stride(0),
-            x.stride(0),
-            BLOCK_SIZE=b,
-            SPLIT_K=split,
-            **_kernel_flags(x.dtype),
-        )
+        if variant == "tma":
+            _check_tma_support(dy=dy, x=x)
+            block = [b, b]  # the token boxes are set per config by _tma_token_block_shapes
+            _bsmm_grad_weight_tma_kernel[(nnz, split)](
+                TensorDescriptor.from_tensor(dy, block),
+                TensorDescriptor.from_tensor(x, block),
+                TensorDescriptor.from_tensor(out.view(-1, b), block),
+                indices, m, n, k, nnz, **constexprs,
+            )  # fmt: skip
+        else:
+            _bsmm_grad_weight_kernel[(nnz, split)](
+                dy, x, out, indices, m, n, k, nnz, dy.stride(0), x.stride(0), **constexprs
+            )
     if split == 1:
         return out[0]
     return out.sum(0).to(x.dtype)
