@@ -10,7 +10,8 @@ so that the methods differ only in what they store, not in precision.
 Per case: two warm-up steps (kernels compiled/autotuned, optimizer states allocated), one measured-memory
 step (:func:`profiling.memory_breakdown.measure_step_memory`, with NVML sampling device memory in a background
 thread), then ``steps`` timed steps (device synchronised around each). tokens/s = batch · seq / median step
-time. GaLore's SVD runs on the first warm-up step and then every 200 steps, so it is not in the timed steps.
+time. GaLore's SVD runs on the first warm-up step and then every 200 steps: outside the timed steps for
+``steps`` < 197 (the default is 10); a longer run times one refresh per 200 steps, which the median hides.
 The SMET topology update (every 100 steps) is not part of a step either.
 """
 

@@ -117,7 +117,11 @@ class NvmlMemorySampler:
         self._open()
         if self._handle is None:
             return self
-        self.baseline_used_bytes = self._used()
+        try:
+            self.baseline_used_bytes = self._used()
+        except self._nvml.NVMLError as error:
+            self.status = f"failed: {type(error).__name__}: {error}"
+            return self
         self.peak_used_bytes = self.baseline_used_bytes
         self.samples = 1
         self._stop.clear()
@@ -132,7 +136,10 @@ class NvmlMemorySampler:
             self._thread.join()
             self._thread = None
             if self.status == "ok":
-                self._sample()
+                try:
+                    self._sample()
+                except self._nvml.NVMLError as error:
+                    self.status = f"failed: {type(error).__name__}: {error}"
         if self._nvml is not None:
             self._nvml.nvmlShutdown()
             self._nvml = None

@@ -181,6 +181,21 @@ def test_nvml_sampler_survives_nvml_failing_mid_run(monkeypatch):
     assert not _sampler_threads() and fake.opened == 0
 
 
+def test_nvml_sampler_never_raises_when_nvml_fails_at_start_or_stop(monkeypatch):
+    fake = _FakeNvml(readings=(100,), fail_after=0)  # the baseline read in start() fails
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    with NvmlMemorySampler(0, interval_s=0.001) as sampler:
+        pass
+    assert sampler.status.startswith("failed: ") and not _sampler_threads() and fake.opened == 0
+    fake = _FakeNvml(readings=(100, 200))
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    with NvmlMemorySampler(0, interval_s=0.001) as sampler:
+        _wait_for(lambda: fake.calls >= 3)
+        fake.fail_after = fake.calls  # fails from now on: in the thread or in stop()'s last sample
+    assert sampler.status.startswith("failed: ") and sampler.peak_used_bytes == 200
+    assert not _sampler_threads() and fake.opened == 0
+
+
 def test_nvml_index_follows_cuda_visible_devices(monkeypatch):
     from bench.training import memory_sampler
 

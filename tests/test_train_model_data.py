@@ -139,3 +139,14 @@ def test_spike_tracker_rise_after_update():
     assert restored.summary() == summary
     with pytest.raises(ValueError, match="window"):
         SpikeTracker(window=0)
+
+
+def test_a_folder_given_by_a_relative_or_symlinked_path(tmp_path, monkeypatch):
+    folder = tmp_path / "corpus" / "sub"
+    folder.mkdir(parents=True)
+    for i in range(6):
+        (folder / f"f{i}.txt").write_text(f"text number {i} " * 200)
+    (tmp_path / "link").symlink_to(folder)
+    monkeypatch.chdir(tmp_path)
+    sizes = {len(load_corpus(spec).train) for spec in ("corpus/sub", "./corpus/sub", "link", str(folder))}
+    assert len(sizes) == 1 and sizes.pop() > 0

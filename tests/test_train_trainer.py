@@ -110,6 +110,11 @@ def test_resume_continues_exactly(optimizer, tmp_path):
     before = deterministic_fields(full_dir)
     assert cli.main(["--resume", str(full_dir / "checkpoints" / "step_0000004"), "--no-progress"]) == 0
     assert deterministic_fields(full_dir) == before
+    # settings that define the model, topology or data position cannot change on resume
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--resume", str(full_dir / "checkpoints" / "step_0000004"), "--seq-len", "32",
+                  "--out-dir", str(tmp_path / "other"), "--no-progress"])
+    assert exit_info.value.code == 2
     # resuming a finished run is refused before anything in its out-dir is touched
     files = {name: (full_dir / name).read_bytes() for name in ("summary.json", "metrics.jsonl")}
     with pytest.raises(SystemExit) as exit_info:
@@ -203,6 +208,37 @@ def test_options_without_effect_in_the_chosen_mode_are_named(capsys, tmp_path):
                      "--max-steps", "1", "--batch-size", "2", "--seq-len", "16", "--eval-every", "0",
                      "--out-dir", str(tmp_path), "--no-progress"]) == 0
     assert "smet-train: --density, --galore-rank have no effect with --optimizer adamw" in capsys.readouterr().err
+
+
+def test_extending_a_finished_run_measures_each_update_once(tmp_path):
+    """The end of a run measures unfinished spike windows with the losses there are; a resume that extends the run
+    replaces those partial records with full ones instead of adding a second record for the same update."""
+    out = str(tmp_path)
+    train(tiny_config(optimizer="smet", max_steps=10, update_interval=4, spike_window=3, checkpoint_every=5,
+                      eval_every=0, out_dir=out))
+    partial = [r for r in read_metrics(tmp_path) if r["type"] == "loss_spike" and not r["complete"]]
+    assert [r["update_step"] for r in partial] == [8]
+    assert cli.main(["--resume", out, "--max-steps", "14", "--no-progress"]) == 0
+    spikes = [r for r in read_metrics(tmp_path) if r["type"] == "loss_spike"]
+    assert [r["update_step"] for r in spikes] == [4, 8, 12] and [r["complete"] for r in spikes] == [True, True, False]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["loss_spikes"]["count"] == len(spikes)
+
+
+def test_evaluation_runs_in_training_micro_batches(tmp_path, monkeypatch):
+    """Evaluation must fit wherever training fits: it uses the micro-batch of batch_size / grad_accum."""
+    shapes = []
+    real_forward = trainer.LlamaModel.forward
+
+    def recording_forward(self, tokens):
+        shapes.append((torch.is_grad_enabled(), tuple(tokens.shape)))
+        return real_forward(self, tokens)
+
+    monkeypatch.setattr(trainer.LlamaModel, "forward", recording_forward)
+    train(tiny_config(optimizer="adamw", batch_size=8, grad_accum=4, max_steps=1, eval_every=1, eval_batches=1,
+                      out_dir=str(tmp_path)))
+    assert {shape for grad, shape in shapes if not grad} == {(2, 64)}
+    assert {shape for grad, shape in shapes if grad} == {(2, 64)}
 
 
 def test_config_validation_names_the_field():

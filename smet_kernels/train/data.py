@@ -154,14 +154,14 @@ def load_corpus(data: str = "stdlib", val_percent: float = 2.0) -> Corpus:
             train, val = _load_hf(data, val_percent)
             vocab = 256
         else:
-            path = Path(data).expanduser()
+            path = Path(data).expanduser().resolve()  # relative and symlinked folders: file paths under the root
             if not path.exists():
                 raise DataError(f"data path {data!r} does not exist (use 'stdlib', a file, a folder or 'hf:NAME')")
             if path.is_dir():
                 files = _list_files(path, TEXT_SUFFIXES)
                 if not files:
                     raise DataError(f"data folder {data!r} holds no text files")
-                train, val = _cached_split(files, path.resolve(), val_percent, "dir")
+                train, val = _cached_split(files, path, val_percent, "dir")
                 vocab = 256
             elif path.suffix == ".bin":
                 if path.stat().st_size == 0 or path.stat().st_size % 2 != 0:
@@ -170,7 +170,7 @@ def load_corpus(data: str = "stdlib", val_percent: float = 2.0) -> Corpus:
                 train, val = _split_by_position(tokens, val_percent)
                 vocab = int(tokens.max()) + 1 if len(tokens) else 0
             else:
-                train, val = _cached_split([path.resolve()], path.resolve().parent, val_percent, "file")
+                train, val = _cached_split([path], path.parent, val_percent, "file")
                 vocab = 256
     except OSError as error:
         raise DataError(f"cannot read data {data!r}: {error.strerror or error}") from None

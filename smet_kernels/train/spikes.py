@@ -65,6 +65,7 @@ class SpikeTracker:
             "max_loss_after": peak,
             "rise": rise,
             "relative_rise": rise / mean_before if mean_before else float("nan"),
+            "complete": len(after) == self.window,  # False: measured by finish() with the losses there were
         }
 
     def _forget_old(self, step: int) -> None:

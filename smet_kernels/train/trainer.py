@@ -69,6 +69,9 @@ from .spikes import SpikeTracker
 OPTIMIZERS = ("adamw", "galore", "smet", "masked-dst", "naive-dst")
 PARALLEL_MODES = ("ddp", "fsdp")
 SPARSE_OPTIMIZERS = ("smet", "masked-dst", "naive-dst")
+# settings a resumed run must share with its checkpoint (model shape and topology, data order and position)
+FIXED_ON_RESUME = ("model", "optimizer", "density", "block_size", "distribution", "data", "seq_len",
+                   "batch_size", "seed", "spike_window")
 PRECISIONS = ("fp32", "bf16-autocast", "bf16")
 HIDDEN_LINEAR_PATTERN = r"\.(" + "|".join(HIDDEN_LINEAR_NAMES) + r")$"
 MIN_LR_RATIO = 0.1
@@ -528,8 +531,11 @@ class _Run:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         path = self.out_dir / "metrics.jsonl"
         kept = []
-        if self.config.resume and path.exists():  # drop records past the checkpoint (an interrupted run's tail)
-            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= self.step]
+        if self.config.resume and path.exists():
+            # drop records past the checkpoint (an interrupted run's tail) and the end-of-run measurements of
+            # unfinished spike windows: the resumed run measures those updates again, with their full window
+            records = [json.loads(line) for line in path.read_text().splitlines() if line]
+            kept = [json.dumps(r) for r in records if r["step"] <= self.step and r.get("complete", True)]
         handle = path.open("w")
         handle.writelines(line + "\n" for line in kept)
         handle.flush()
@@ -575,6 +581,14 @@ class _Run:
         return final
 
     def _load(self, checkpoint: Path) -> None:
+        saved = json.loads((checkpoint / "config.json").read_text())
+        changed = [name for name in FIXED_ON_RESUME if saved.get(name) != getattr(self.config, name)]
+        if changed:
+            raise ConfigError(
+                f"cannot change {', '.join(changed)} when resuming {str(checkpoint)!r} (saved: "
+                + ", ".join(f"{name}={saved.get(name)!r}" for name in changed)
+                + "): the model, its topology and the data position depend on them"
+            )
         # read to CPU: RNG states must stay CPU ByteTensors; the load_state_dict calls move the rest to the device
         state = torch.load(checkpoint / "state.pt", map_location="cpu", weights_only=False)
         if self.fsdp:  # full tensors (the single-process format) -> this rank's shards
@@ -606,10 +620,12 @@ class _Run:
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean validation loss over the fixed validation windows (sharded over ranks)."""
+        """Mean validation loss over the fixed validation windows (sharded over ranks, in the training micro-batch
+        size so that evaluation fits wherever training does)."""
         self.model.eval()
         config = self.config
-        shards = self.val_indices.view(-1, self.ddp.world_size, config.batch_size // self.ddp.world_size)
+        micro = config.batch_size // (self.ddp.world_size * config.grad_accum)
+        shards = self.val_indices.view(-1, self.ddp.world_size, micro)
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         for batch in shards[:, self.ddp.rank]:
             x, y = window_batch(self.val_tokens, batch, config.seq_len)
