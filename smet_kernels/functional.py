@@ -82,7 +82,8 @@ class BlockSparseLinearFunction(torch.autograd.Function):
 def _backward(ctx, dy, grad_input, grad_weight):
     """``dx = dy W``, ``dvalues`` at the active blocks, ``dbias = Σ_m dy`` (each only when needed)."""
     x, values = ctx.saved_tensors
-    dy = dy.contiguous()
+    # an empty dy may keep the zero strides of an expanded gradient (y.sum() of no tokens): make it row-major
+    dy = dy.contiguous() if dy.numel() else torch.zeros(dy.shape, dtype=dy.dtype, device=dy.device)
     dx = dvalues = dbias = None
     if ctx.needs_input_grad[0]:
         dx = grad_input(dy, values, ctx.layout)
@@ -144,7 +145,7 @@ def block_sparse_linear(
     values = values.contiguous()
     bias = bias.contiguous() if bias is not None else None
     y = _apply_block_sparse_linear(x2d, values, bias, layout, _select_backend(x, backend))
-    return y.reshape(*lead_shape, out_features)
+    return y if x.dim() == 2 else y.reshape(*lead_shape, out_features)  # no view of the output for 2-D inputs
 
 
 @torch.compiler.disable

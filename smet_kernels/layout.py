@@ -14,6 +14,7 @@ A topology update (:meth:`BlockLayout.replace_blocks`) rewrites ``block_indices`
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -46,7 +47,7 @@ def check_block_size(block_size: int, name: str = "block_size") -> int:
 
 
 def check_density(density: float, name: str = "density") -> float:
-    if isinstance(density, bool) or not isinstance(density, (int, float)):
+    if isinstance(density, bool) or not isinstance(density, numbers.Real):
         raise TypeError(f"{name} must be a float in (0, 1], got {type(density).__name__}")
     if not (0.0 < float(density) <= 1.0) or math.isnan(density):
         raise ValueError(f"{name} must be in (0, 1], got {density}")
@@ -54,8 +55,9 @@ def check_density(density: float, name: str = "density") -> float:
 
 
 def check_divisible(size: int, block_size: int, name: str) -> int:
-    if isinstance(size, bool) or not isinstance(size, int):
+    if isinstance(size, bool) or not isinstance(size, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(size).__name__}")
+    size = int(size)
     if size <= 0:
         raise ValueError(f"{name} must be positive, got {size}")
     if size % block_size != 0:
@@ -78,8 +80,8 @@ class BlockLayout:
         check_block_size(block_size)
         if not isinstance(shape, (tuple, list)) or len(shape) != 2:
             raise ValueError(f"shape must be (out_features, in_features), got {shape!r}")
-        out_features = check_divisible(int(shape[0]), block_size, "out_features")
-        in_features = check_divisible(int(shape[1]), block_size, "in_features")
+        out_features = check_divisible(shape[0], block_size, "out_features")
+        in_features = check_divisible(shape[1], block_size, "in_features")
         if not isinstance(block_indices, torch.Tensor):
             raise TypeError(f"block_indices must be a torch.Tensor, got {type(block_indices).__name__}")
         if block_indices.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
@@ -240,7 +242,10 @@ class BlockLayout:
 
     def set_block_indices(self, block_indices: torch.Tensor) -> None:
         """Replace the whole slot -> block map (same nnz), e.g. when restoring a checkpoint."""
-        block_indices = torch.as_tensor(block_indices, dtype=torch.int64)
+        block_indices = torch.as_tensor(block_indices)
+        if block_indices.is_floating_point() or block_indices.is_complex() or block_indices.dtype == torch.bool:
+            raise TypeError(f"block_indices must be an integer tensor, got {block_indices.dtype}")
+        block_indices = block_indices.to(torch.int64)
         if tuple(block_indices.shape) != tuple(self._block_indices.shape):
             raise ValueError(
                 f"block_indices must have shape {tuple(self._block_indices.shape)}, got {tuple(block_indices.shape)}"

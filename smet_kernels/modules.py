@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from collections.abc import Callable, Iterable
 
 import torch
@@ -174,6 +175,13 @@ class BlockSparseLinear(BlockLayoutLinear):
         return module
 
 
+def _carry_mode(linear: nn.Linear, replacement: nn.Module) -> None:
+    """The replacement trains (or not) as the dense layer did: train/eval mode and frozen weight or bias."""
+    replacement.train(linear.training)
+    for name, param in replacement.named_parameters():
+        param.requires_grad_((linear.bias if name == "bias" else linear.weight).requires_grad)
+
+
 def _name_filter(patterns: Iterable[str] | str | None, name: str) -> list[str] | None:
     if patterns is None:
         return None
@@ -273,6 +281,7 @@ def sparsify(
         _check_untied(model, linear, occurrences[id(linear)])
         shapes[name] = (linear.out_features, linear.in_features)
     densities = layer_densities(shapes, density, distribution)
+    active = 0
     for name in names:
         linear = modules[name]
         layout = BlockLayout.random(
@@ -282,7 +291,17 @@ def sparsify(
             replacement = BlockSparseLinear.from_linear(linear, layout, backend=backend)
         else:
             replacement = layer_factory(linear, layout)
+        _carry_mode(linear, replacement)
+        active += layout.nnz * block_size**2
         for alias in occurrences[id(linear)]:  # a shared layer stays shared
             parent_name, _, child = alias.rpartition(".")
             setattr(modules[parent_name] if parent_name else model, child, replacement)
+    realised = active / sum(out * inp for out, inp in shapes.values())
+    if abs(realised - density) > max(0.01, 0.1 * density):
+        warnings.warn(
+            f"sparsify: the realised density is {realised:.4g} for a target of {density:g}: every layer holds whole "
+            f"{block_size}x{block_size} blocks, at least one; a smaller block_size follows the target more closely",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     return model

@@ -275,6 +275,8 @@ class SMET:
                     f"sparse parameters '{other}' and '{target.name}' share one BlockLayout object: a topology update "
                     "of one would move the blocks of the other. Give each layer its own layout (layout.clone())."
                 )
+        if _distributed():
+            self._check_same_layouts_on_every_rank()
         held = {id(param) for group in optimizer.param_groups for param in group["params"]}
         missing = [target.name for target in self.targets if id(target.param) not in held]
         if missing:
@@ -352,6 +354,19 @@ class SMET:
             dist.all_reduce(target.dense_grad)
             target.dense_grad.div_(dist.get_world_size())
         return block_l1(target.dense_grad, target.layout.block_size)
+
+    def _check_same_layouts_on_every_rank(self) -> None:
+        """Rank 0's decisions are applied on every rank, so every rank must start from rank 0's layouts."""
+        local = torch.cat([t.layout.block_indices.flatten().cpu() for t in self.targets]).to(torch.int64)
+        reference = local.clone().to(_collective_device())
+        dist.broadcast(reference, src=0)
+        differs = torch.tensor([int(not torch.equal(reference.cpu(), local))], device=_collective_device())
+        dist.all_reduce(differs)
+        if int(differs.item()):
+            raise ValueError(
+                "the block layouts differ between ranks: build them from the same seed on every rank (e.g. pass "
+                "sparsify a generator seeded identically everywhere) before creating SMET"
+            )
 
     @staticmethod
     def _broadcast(decisions: list[tuple[torch.Tensor, torch.Tensor]]) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -179,6 +179,23 @@ def test_empty_block_row_gives_bias_only_and_zero_grad_column():
     assert torch.count_nonzero(dx[:, 16:32]) == 0
 
 
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("lead_shape", [(0,), (2, 0)])
+def test_zero_tokens_give_empty_outputs_and_zero_weight_gradients(lead_shape, backend):
+    """A batch without tokens, as nn.Linear allows, including the stride-0 gradient of y.sum()."""
+    layout = _mask_layout("random", 4, 2, 16)
+    x = torch.randn(*lead_shape, layout.shape[1], device=DEVICE, requires_grad=True)
+    values = torch.randn(layout.nnz, 16, 16, device=DEVICE, requires_grad=True)
+    bias = torch.randn(layout.shape[0], device=DEVICE, requires_grad=True)
+    y = block_sparse_linear(x, values, layout, bias, backend=backend)
+    y.sum().backward()
+    assert y.shape == (*lead_shape, layout.shape[0]) and x.grad.shape == x.shape
+    assert not values.grad.any() and not bias.grad.any()
+    for variant in ("persistent", "tma") if backend == "triton" and HAS_TMA else ():
+        x2d = x.detach().reshape(0, layout.shape[1])
+        assert bsmm_forward(x2d, values.detach(), layout, variant=variant).shape == (0, layout.shape[0])
+
+
 @pytest.mark.parametrize("lead_shape", [(7,), (2, 3), (1, 5, 3), (1,)])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_block_sparse_linear_autograd_triton_vs_reference(lead_shape, with_bias):

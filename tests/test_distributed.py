@@ -57,6 +57,14 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
                 },
                 os.path.join(out_dir, f"{name}_{rank}.pt"),
             )
+        # layouts drawn from a different seed on each rank: SMET refuses them on every rank
+        differing = BlockSparseLinear(32, 64, 0.5, B, generator=torch.Generator().manual_seed(rank), backend="reference")
+        try:
+            SMET(differing, SMETAdamW(differing.parameters(), backend="reference"))
+            refused = False
+        except ValueError as error:
+            refused = "differ between ranks" in str(error)
+        torch.save({"refused": refused}, os.path.join(out_dir, f"differing_{rank}.pt"))
     finally:
         # free DDP (its Reducer) while the group lives: a group destroyed from the Reducer's C++ destructor holds
         # the GIL while joining a gloo thread that may need it (intermittent deadlock at exit)
@@ -82,3 +90,4 @@ def test_two_gloo_ranks_keep_identical_topology(tmp_path):
             assert not torch.equal(indices, initial_layouts[layer]), (name, layer)  # the topology did move
         for param, value in rank0["params"].items():
             assert torch.equal(value, rank1["params"][param]), (name, param)
+    assert all(torch.load(tmp_path / f"differing_{rank}.pt")["refused"] for rank in range(WORLD))

@@ -166,3 +166,14 @@ def test_random_layout_from_a_cuda_generator():
     layout = BlockLayout.random(64, 64, 16, 0.5, generator=torch.Generator("cuda").manual_seed(0), device="cuda")
     again = BlockLayout.random(64, 64, 16, 0.5, generator=torch.Generator("cuda").manual_seed(0), device="cuda")
     assert layout == again and layout.nnz == 8 and layout.device.type == "cuda"
+
+
+def test_fractional_sizes_and_float_indices_are_refused_numpy_numbers_accepted():
+    import numpy as np
+
+    with pytest.raises(TypeError, match="out_features must be an int"):
+        BlockLayout(torch.tensor([[0, 0]]), (64.5, 32), 16)
+    layout = BlockLayout.random(np.int64(64), 32, 16, np.float32(0.5), generator=torch.Generator().manual_seed(0))
+    assert layout.shape == (64, 32) and layout.density == 0.5
+    with pytest.raises(TypeError, match="block_indices must be an integer tensor"):
+        layout.set_block_indices(layout.block_indices.float() + 0.9)

@@ -153,3 +153,28 @@ def test_sparsify_an_already_sparsified_model():
     assert model.up is up and isinstance(model.down, BlockSparseLinear)
     with pytest.raises(ValueError, match="no nn.Linear"):
         sparsify(model, density=0.5, block_size=16, exclude="head")
+
+
+def test_sparsify_keeps_eval_mode_and_frozen_parameters():
+    from smet_kernels.masked import MaskedLinear, masked_sparsify
+
+    for convert, cls in ((sparsify, BlockSparseLinear), (masked_sparsify, MaskedLinear)):
+        model = _Mlp().eval()
+        model.up.weight.requires_grad_(False)
+        model.down.requires_grad_(True)
+        model.up.bias.requires_grad_(True)
+        convert(model, density=0.5, block_size=16, exclude="head")
+        assert isinstance(model.up, cls) and not model.up.training and not model.down.training
+        weight = "values" if cls is BlockSparseLinear else "weight"
+        assert not getattr(model.up, weight).requires_grad and model.up.bias.requires_grad
+        assert getattr(model.down, weight).requires_grad
+
+
+def test_sparsify_warns_when_whole_blocks_miss_the_target_density():
+    with pytest.warns(RuntimeWarning, match="realised density is 0.5 for a target of 0.05"):
+        sparsify(_Mlp(), density=0.05, block_size=32, exclude="head")  # 2 + 2 blocks of 32 x 32, at least 1 each
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sparsify(_Mlp(), density=0.5, block_size=16, exclude="head")

@@ -515,6 +515,8 @@ def _dense_sparse(
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     m, in_cols = a.shape
     out = torch.empty((m, out_cols), dtype=a.dtype, device=a.device)
+    if m == 0:  # no token tile: launch nothing (a grid of zero programs is an error on some drivers)
+        return out
     out_blocks = out_cols // block_size
     constexprs = dict(
         HAS_BIAS=bias is not None,

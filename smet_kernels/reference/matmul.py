@@ -63,8 +63,9 @@ def bsmm_grad_weight_reference(dy: torch.Tensor, x: torch.Tensor, layout: BlockL
     ct = _compute_dtype(x.dtype)
     b = layout.block_size
     m = x.shape[0]
-    dy_blocks = dy.to(ct).reshape(m, -1, b)  # [M, N/b, b]
-    x_blocks = x.to(ct).reshape(m, -1, b)  # [M, K/b, b]
+    n, k = layout.shape
+    dy_blocks = dy.to(ct).reshape(m, n // b, b)  # [M, N/b, b] (explicit sizes: M may be 0)
+    x_blocks = x.to(ct).reshape(m, k // b, b)  # [M, K/b, b]
     idx = layout.block_indices.to(x.device)
     out = torch.empty(layout.nnz, b, b, dtype=ct, device=x.device)
     chunk = max(1, _GATHER_ELEMENTS // max(1, m * b))
