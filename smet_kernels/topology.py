@@ -318,6 +318,15 @@ class SMET:
     @torch.no_grad()
     def _update(self) -> dict:
         zeta = self.prune_fraction_at(self._step)
+        if self.regrow == "gradient" and _distributed():  # fail on every rank together, not hang in all_reduce
+            missing = torch.tensor([sum(t.dense_grad is None for t in self.targets)], device=_collective_device())
+            dist.all_reduce(missing)
+            if int(missing.item()):
+                raise RuntimeError(
+                    f"regrow='gradient' needs the dense gradient of every sparse layer on every rank at update step "
+                    f"{self._step}, but some rank ran no backward pass through some layer since the previous "
+                    "optimizer step"
+                )
         decisions = []
         for target in self.targets:
             n = blocks_to_move(zeta, target.layout.nnz)

@@ -65,6 +65,18 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         except ValueError as error:
             refused = "differ between ranks" in str(error)
         torch.save({"refused": refused}, os.path.join(out_dir, f"differing_{rank}.pt"))
+        # RigL when only rank 1 ran a backward pass: every rank raises (none waits forever in all_reduce)
+        layer = BlockSparseLinear(32, 64, 0.5, B, generator=torch.Generator().manual_seed(0), backend="reference")
+        opt = SMETAdamW(layer.parameters(), backend="reference")
+        smet = SMET(layer, opt, update_interval=1, prune_fraction=0.5, regrow="gradient")
+        if rank == 1:
+            layer(torch.randn(4, 32)).sum().backward()
+        try:
+            smet.step()
+            raised = False
+        except RuntimeError as error:
+            raised = "on every rank" in str(error)
+        torch.save({"raised": raised}, os.path.join(out_dir, f"rigl_{rank}.pt"))
     finally:
         # free DDP (its Reducer) while the group lives: a group destroyed from the Reducer's C++ destructor holds
         # the GIL while joining a gloo thread that may need it (intermittent deadlock at exit)
@@ -91,3 +103,4 @@ def test_two_gloo_ranks_keep_identical_topology(tmp_path):
         for param, value in rank0["params"].items():
             assert torch.equal(value, rank1["params"][param]), (name, param)
     assert all(torch.load(tmp_path / f"differing_{rank}.pt")["refused"] for rank in range(WORLD))
+    assert all(torch.load(tmp_path / f"rigl_{rank}.pt")["raised"] for rank in range(WORLD))
