@@ -154,24 +154,26 @@ class _Operands:
         n, k, m = case.shape.N, case.shape.K, case.M
         self.expected: dict[tuple[str, bool], torch.Tensor] = {}  # fp32 ground truths, filled by _expected()
         self.tokens_key = (case.shape, m, case.dtype, str(device), seed)
-        generator = torch.Generator(device=device).manual_seed(seed)
 
-        def randn(*size):
+        def randn(stream: int, *size):
+            """Each operand from its own seeded stream: the same values whether or not x and dy were reused from
+            the previous case (a resumed run starts elsewhere in the grid)."""
+            generator = torch.Generator(device=device).manual_seed(seed * 4 + stream)
             values = torch.randn(*size, generator=generator, device=device, dtype=torch.float32)
             return (0.02 * values).to(case.dtype)
 
         if previous is not None and previous.tokens_key == self.tokens_key:
             self.x, self.dy = previous.x, previous.dy
         else:
-            self.x, self.dy = randn(m, k), randn(m, n)
+            self.x, self.dy = randn(0, m, k), randn(1, m, n)
         if case.block_size is None:
-            self.weight = randn(n, k)
+            self.weight = randn(2, n, k)
             self.layout = None
             return
         b = case.block_size
         layout_generator = torch.Generator().manual_seed(seed)
         self.layout = BlockLayout.random(n, k, b, case.density, generator=layout_generator).to(device)
-        self.values = randn(self.layout.nnz, b, b)
+        self.values = randn(3, self.layout.nnz, b, b)
         self.weight = to_dense(self.values, self.layout)
         self.mask = self.layout.mask.repeat_interleave(b, 0).repeat_interleave(b, 1).to(case.dtype)
 

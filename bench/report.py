@@ -93,7 +93,8 @@ def kernel_comparison(kernels: pd.DataFrame) -> pd.DataFrame:
         compulsory_bytes_of(row) / (gbps * 1e9) * 1e3 if gbps == gbps else math.nan
         for row, gbps in zip(sparse.itertuples(), copy_gbps)
     ]
-    sparse["roofline_ms"] = np.fmax(sparse["exact_density"] * sparse["dense_ms"], memory_ms).where(copy_gbps.notna())
+    # np.maximum keeps NaN: without a dense row of the same run there is no compute ceiling, so no roofline
+    sparse["roofline_ms"] = np.maximum(sparse["exact_density"] * sparse["dense_ms"], memory_ms).where(copy_gbps.notna())
     sparse["vs_roofline"] = sparse["ms_p50"] / sparse["roofline_ms"]
     return sparse
 
@@ -283,6 +284,8 @@ def plot_kernel_times(comparison: pd.DataFrame, path: Path) -> str:
         & (comparison["N"] == largest["N"])
         & (comparison["block_size"] == largest["block_size"])
         & (comparison["gpu"] == largest["gpu"])
+        & (comparison["dtype"] == largest["dtype"])
+        & (comparison["backend"].isin([largest["backend"], "torch"]))  # one smet backend; torch baselines
     ]
     ops = [op for op in OP_ORDER if op in set(pick["op"])]
     palette = provider_palette(comparison["provider"])
@@ -421,7 +424,7 @@ def _kernel_section(kernels: pd.DataFrame, out_dir: Path) -> list[str]:
     lines += cpu_note(kernel_rows.assign(provider=baseline), "provider")
     summary = (
         comparison[comparison["status"] == "ok"]  # a wrong result's time is listed below, not averaged
-        .groupby(["gpu", "op", "provider", "block_size", "density"])
+        .groupby(["gpu", "dtype", "backend", "op", "provider", "block_size", "density"])
         .agg(
             vs_dense=("vs_dense", _geomean),
             vs_d_dense=("vs_d_dense", _geomean),
@@ -435,17 +438,21 @@ def _kernel_section(kernels: pd.DataFrame, out_dir: Path) -> list[str]:
     )
     summary["op"] = pd.Categorical(summary["op"], OP_ORDER, ordered=True)
     summary = summary.sort_values(
-        ["gpu", "op", "block_size", "density", "provider"], ascending=[True, True, True, False, True]
+        ["gpu", "dtype", "op", "block_size", "density", "provider", "backend"],
+        ascending=[True, True, True, True, False, True, True],
     )
     several_gpus = summary["gpu"].nunique() > 1
+    several = {column: summary[column].nunique() > 1 for column in ("dtype", "backend")}
     noisy_cases = summary["noisy"] + summary["dense_noisy"]
     lines += [
         table(
             pd.DataFrame(
                 {
                     **({"device": summary["gpu"]} if several_gpus else {}),
+                    **({"dtype": summary["dtype"]} if several["dtype"] else {}),
                     "op": summary["op"].astype(str),
                     "provider": summary["provider"],
+                    **({"backend": summary["backend"]} if several["backend"] else {}),
                     "b": summary["block_size"].map(lambda v: f"{v:.0f}"),
                     "d": summary["density"].map(lambda v: f"{v:g}"),
                     "vs dense": summary["vs_dense"].map(fmt_num),

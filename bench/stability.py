@@ -487,11 +487,12 @@ def spike_events(data: StudyData):
 
 
 def noise_thresholds(events) -> dict[str, float]:
-    """Per config: ``mean + 2·sd`` of the dense rises at the update steps (0 without dense rises)."""
+    """Per config: ``mean + 2·sd`` of the dense rises at the update steps (NaN with fewer than two: no noise floor,
+    so no rise is called a spike)."""
     thresholds = {}
     for config, group in events.groupby("config"):
         dense = group.loc[group["method"] == DENSE_METHOD, "rise"].to_numpy(dtype=float)
-        thresholds[config] = float(dense.mean() + 2 * dense.std(ddof=1)) if len(dense) >= 2 else 0.0
+        thresholds[config] = float(dense.mean() + 2 * dense.std(ddof=1)) if len(dense) >= 2 else math.nan
     return thresholds
 
 
@@ -525,7 +526,9 @@ def spike_table(data: StudyData, events=None):
             updates = f"{len(mine)} (control)"
         rows.append({
             "config": config, "method": method, "density": density, "alpha": alpha, "runs": len(group),
-            "updates": updates, "spikes": int((mine["rise"] > thresholds.get(config, 0.0)).sum()),
+            "updates": updates,
+            "spikes": None if math.isnan(thresholds.get(config, math.nan))
+            else int((mine["rise"] > thresholds[config]).sum()),
             "mean_rise": mine["rise"].mean(), "max_rise": mine["rise"].max(),
             "mean_rel_rise": mine["relative_rise"].mean(),
             "mean_excess": excess.mean() if len(excess) else math.nan,
@@ -616,23 +619,32 @@ def findings(data: StudyData, events, quality) -> list[str]:
         seeds = sorted(set(a.index) & set(b.index))
         return a.loc[seeds].to_numpy(), b.loc[seeds].to_numpy()
 
+    def seed_means(frame, a, b):
+        """Per seed, the mean over its updates: seeds, not updates, are the independent samples."""
+        means = frame.groupby("seed")[[a, b]].mean()
+        return means[a].to_numpy(), means[b].to_numpy(), len(frame)
+
     def paired_rises(method_a, method_b, config, density, alpha):
         merged = select(events, config, method_a, density, alpha).merge(
             select(events, config, method_b, density, alpha), on=["seed", "update_step"], suffixes=("_a", "_b"))
-        return merged["rise_a"].to_numpy(), merged["rise_b"].to_numpy()
+        return seed_means(merged, "rise_a", "rise_b")
+
+    def over(updates, seeds):
+        return f"over {updates} updates in {seeds} seed{'s' if seeds != 1 else ''} (seed means compared)"
 
     def verdict_words(verdict, more, less):
         return {"a > b": more, "a < b": less, "within noise": "within noise",
                 "one sample": "one sample only: no noise estimate", "no data": "nothing to compare"}[verdict]
 
-    sparse_settings = sorted({(r.config, r.density, r.alpha) for r in runs.itertuples() if r.method == "naive-dst"},
+    methods = set(runs["method"])
+    sparse_settings = sorted({(r.config, r.density, r.alpha) for r in runs.itertuples() if METHODS[r.method][3]},
                              key=lambda s: (s[0], -s[1], s[2]))
 
     def label(config, density, alpha):
         return f"{config}, d={density:g}, α={alpha:g}"
 
     # 1. naive DST against the dense noise floor at the same steps
-    if sparse_settings:
+    if sparse_settings and "naive-dst" in methods:
         lines.append("**Naive DST (cold start) spikes after topology updates** — rise minus the dense run's rise "
                      "at the same steps and batches:")
         for config, density, alpha in sparse_settings:
@@ -640,25 +652,28 @@ def findings(data: StudyData, events, quality) -> list[str]:
             if not len(naive):
                 lines.append(f"  - {label(config, density, alpha)}: no update moved a block (floor(ζ·nnz) = 0 in every layer: too few active blocks per layer; a smaller block size fixes it) — nothing to measure")
                 continue
-            mean, ci, verdict = compare(naive["rise"], naive["dense_rise"])
-            lines.append(f"  - {label(config, density, alpha)}: {signed(mean)}{plus_minus(ci)} over {len(naive)} "
-                         f"updates — {verdict_words(verdict, 'spikes above dense: holds', 'rises less than dense')}")
+            rise, dense_rise, updates = seed_means(naive, "rise", "dense_rise")
+            mean, ci, verdict = compare(rise, dense_rise)
+            lines.append(f"  - {label(config, density, alpha)}: {signed(mean)}{plus_minus(ci)} "
+                         f"{over(updates, len(rise))} — "
+                         f"{verdict_words(verdict, 'spikes above dense: holds', 'rises less than dense')}")
 
     # 2. warm-up against cold start, paired by seed and update
     for method in ("smet-linear", "smet-momentum_ramp"):
-        if not sparse_settings or method not in set(runs["method"]):
+        if not sparse_settings or method not in methods or "naive-dst" not in methods:
             continue
         tally, details = {"holds": 0, "reversed": 0, "noise": 0, "none": 0}, []
         for config, density, alpha in sparse_settings:
-            naive_rise, smet_rise = paired_rises("naive-dst", method, config, density, alpha)
+            naive_rise, smet_rise, updates = paired_rises("naive-dst", method, config, density, alpha)
             if not len(naive_rise):
                 tally["none"] += 1
                 details.append(f"{label(config, density, alpha)}: no update moved a block (floor(ζ·nnz) = 0 in every layer: too few active blocks per layer; a smaller block size fixes it) — nothing to measure")
                 continue
             mean, ci, verdict = compare(naive_rise, smet_rise)
             tally[{"a > b": "holds", "a < b": "reversed"}.get(verdict, "noise")] += 1
-            details.append(f"{label(config, density, alpha)}: {signed(mean)}{plus_minus(ci)} over {len(naive_rise)} "
-                           f"updates — {verdict_words(verdict, 'holds', f'{method} spikes MORE: does not hold')}")
+            details.append(f"{label(config, density, alpha)}: {signed(mean)}{plus_minus(ci)} "
+                           f"{over(updates, len(naive_rise))} — "
+                           f"{verdict_words(verdict, 'holds', f'{method} spikes MORE: does not hold')}")
         lines.append(f"**{method} removes the spike** — naive-DST rise minus {method} rise: holds in "
                      f"{tally['holds']}, reversed in {tally['reversed']}, within noise in {tally['noise']}, not "
                      f"measurable in {tally['none']} of {len(sparse_settings)} settings:")
@@ -666,7 +681,8 @@ def findings(data: StudyData, events, quality) -> list[str]:
 
     # 3. quality against dense at equal tokens (best α per method and density)
     lines.append("**Quality against dense at equal tokens** — final validation loss minus dense, paired by seed "
-                 "(SMETAdamW methods at their best α):")
+                 "(SMETAdamW methods at their best α, chosen on these same seeds: with several α the interval is "
+                 "optimistic):")
     for config in _in_study_order(runs)["config"].unique():
         dense = final_losses(config, DENSE_METHOD, None, None)
         candidates = quality[(quality["config"] == config) & (quality["method"] != DENSE_METHOD)]
@@ -713,7 +729,8 @@ def findings(data: StudyData, events, quality) -> list[str]:
     smet = quality[quality["method"].isin(["smet-linear", "smet-momentum_ramp"])]
     if len(smet):
         lines.append(f"**Defaults** (library: warm-up `{default.warmup_mode}`, α={default_alpha:g}; per-block warm-up "
-                     f"length as in this study) — best SMETAdamW setting per density by final validation loss:")
+                     f"length as in this study) — best SMETAdamW setting per density by final validation loss (chosen "
+                     f"on the same seeds it is compared on, so a 'default is worse' verdict is optimistic):")
         for (config, density), group in smet.groupby(["config", "density"]):
             best = group.sort_values("val_loss").iloc[0]
             mine = final_losses(config, default_method, density, default_alpha)
@@ -915,7 +932,7 @@ def write_report(out_dir, output: str | Path | None = None) -> Path:
         f"`rise` = max loss over the k steps after an update − mean loss over the k steps up to it; "
         f"`excess` = rise − rise of the dense run at the same step and seed (± 1 SE). `spikes` = updates with rise "
         f"above the dense noise threshold (mean + 2 sd of the dense rises: "
-        f"{', '.join(f'{c}: {t:.4f}' for c, t in thresholds.items())}).", "",
+        f"{', '.join(f'{c}: {t:.4f}' if not math.isnan(t) else f'{c}: none (fewer than two dense rises)' for c, t in thresholds.items())}).", "",
         _display(spikes, {"config": "config", "method": "method", "density": "density", "alpha": "α",
                           "runs": "runs", "updates": "updates", "spikes": "spikes", "mean_rise": "mean rise",
                           "max_rise": "max rise", "mean_rel_rise": "mean rel. rise", "mean_excess": "mean excess",

@@ -178,3 +178,18 @@ def test_vs_roofline_uses_the_copy_bandwidth_of_the_same_run():
     assert row["vs_roofline"] == pytest.approx(0.020 / memory_ms)
     without_copy = kernel_comparison(pd.DataFrame(rows[:2])).iloc[0]
     assert pd.isna(without_copy["vs_roofline"])
+    without_dense = kernel_comparison(pd.DataFrame(rows[1:])).iloc[0]  # no compute ceiling: no roofline either
+    assert pd.isna(without_dense["vs_roofline"])
+
+
+def test_summary_keeps_backends_and_dtypes_apart(tmp_path):
+    """A folder that holds triton and reference rows (or two dtypes) must not average them into one line."""
+    rows = _kernel_rows(CPU)
+    rows += [row | {"backend": "reference", "ms_p20": 0.04, "ms_p50": 0.04, "ms_p80": 0.041}
+             for row in rows if row["provider"] == "smet"]  # fmt: skip
+    _write(tmp_path / "kernels.csv", KERNEL_COLUMNS, rows)
+    report = write_report(tmp_path).read_text()
+    header = _table_header(report, "op")
+    assert "backend" in header
+    forward = [line for line in report.splitlines() if line.startswith("| forward ") and "| smet " in line]
+    assert {line.split("|")[header.index("backend") + 1].strip() for line in forward[:2]} == {"triton", "reference"}

@@ -188,13 +188,18 @@ def test_spike_table_on_a_known_spike(tmp_path):
     rows = {row["method"]: row for row in table.to_dict("records")}
     naive = rows["naive-dst"]
     assert naive["updates"] == "1/2"  # the update at step 20 moved no block
-    assert naive["spikes"] == 1
+    assert naive["spikes"] is None  # one dense rise: no spread to estimate, so no noise floor to call a spike by
     assert naive["mean_rise"] == pytest.approx(0.5) and naive["max_rise"] == pytest.approx(0.5)
     assert naive["mean_rel_rise"] == pytest.approx(0.25)
     assert naive["mean_excess"] == pytest.approx(0.49)  # minus the dense wiggle at the same step
-    assert rows["smet-linear"]["mean_rise"] == pytest.approx(0.0) and rows["smet-linear"]["spikes"] == 0
+    assert rows["smet-linear"]["mean_rise"] == pytest.approx(0.0) and rows["smet-linear"]["spikes"] is None
     assert rows["adamw"]["updates"] == "1 (control)" and rows["adamw"]["mean_rise"] == pytest.approx(0.01)
-    assert thresholds == {"tiny": 0.0}  # one dense rise: no spread to estimate, threshold 0
+    assert math.isnan(thresholds["tiny"])
+    seeded = tmp_path / "seeds"
+    _synthetic_study(seeded, seeds=(0, 1, 2))  # three dense rises: a noise floor
+    table, thresholds = spike_table(load_study(seeded))
+    rows = {row["method"]: row for row in table.to_dict("records")}
+    assert thresholds["tiny"] > 0 and rows["naive-dst"]["spikes"] == 3 and rows["smet-linear"]["spikes"] == 0
 
 
 def test_quality_and_findings_with_seed_noise(tmp_path):
@@ -265,3 +270,12 @@ def test_h100_preset_settings_train_on_the_gpu(tmp_path):
     assert set(data.runs["peak_mem_kind"]) == {"cuda_max_memory_allocated"}
     assert not any((tmp_path / "runs").glob("*/*/checkpoints"))
     write_report(tmp_path)
+
+
+def test_spike_verdicts_count_seeds_not_updates(tmp_path):
+    """Updates of one run are not independent samples: one seed gives no noise estimate, however many updates."""
+    _synthetic_study(tmp_path, seeds=(0,))
+    data = load_study(tmp_path)
+    lines = "\n".join(stability.findings(data, spike_events(data), quality_table(data)))
+    assert "in 1 seed (seed means compared) — one sample only" in lines
+    assert "spikes above dense: holds" not in lines
