@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from smet_kernels.train import cli, trainer
+from smet_kernels.train import checkpoint, cli, loop, trainer
+from smet_kernels.train.model import LlamaModel
 from smet_kernels.train.trainer import ConfigError, TrainConfig, find_checkpoint, load_checkpoint_config, train
 
 
@@ -125,7 +126,7 @@ def test_resume_continues_exactly(optimizer, tmp_path):
 
 def test_steady_throughput_leaves_out_the_first_step(tmp_path, monkeypatch):
     """The first step of a process pays for kernel compilation/autotuning; ``steady_tokens_per_s`` excludes it."""
-    real_step = trainer._Run.train_step
+    real_step = loop.Run.train_step
     calls = []
 
     def slow_first_step(self):
@@ -134,7 +135,7 @@ def test_steady_throughput_leaves_out_the_first_step(tmp_path, monkeypatch):
             time.sleep(1.0)  # stands for Triton JIT + autotune on a GPU
         return real_step(self)
 
-    monkeypatch.setattr(trainer._Run, "train_step", slow_first_step)
+    monkeypatch.setattr(loop.Run, "train_step", slow_first_step)
     summary = train(tiny_config(optimizer="adamw", max_steps=4, eval_every=0, out_dir=str(tmp_path)))
     assert summary["steady_tokens_per_s"] > 2 * summary["tokens_per_s"]
     step_tokens = 4 * 64
@@ -152,7 +153,7 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
             raise OSError("disk full")
         return real_save(obj, path, *args, **kwargs)
 
-    monkeypatch.setattr(trainer.torch, "save", save_then_crash)
+    monkeypatch.setattr(checkpoint.torch, "save", save_then_crash)
     with pytest.raises(OSError, match="disk full"):
         train(tiny_config(optimizer="adamw", max_steps=4, checkpoint_every=2, eval_every=0, out_dir=str(tmp_path)))
     visible = sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if not p.name.startswith("."))
@@ -228,13 +229,13 @@ def test_extending_a_finished_run_measures_each_update_once(tmp_path):
 def test_evaluation_runs_in_training_micro_batches(tmp_path, monkeypatch):
     """Evaluation must fit wherever training fits: it uses the micro-batch of batch_size / grad_accum."""
     shapes = []
-    real_forward = trainer.LlamaModel.forward
+    real_forward = LlamaModel.forward
 
     def recording_forward(self, tokens):
         shapes.append((torch.is_grad_enabled(), tuple(tokens.shape)))
         return real_forward(self, tokens)
 
-    monkeypatch.setattr(trainer.LlamaModel, "forward", recording_forward)
+    monkeypatch.setattr(LlamaModel, "forward", recording_forward)
     train(tiny_config(optimizer="adamw", batch_size=8, grad_accum=4, max_steps=1, eval_every=1, eval_batches=1,
                       out_dir=str(tmp_path)))
     assert {shape for grad, shape in shapes if not grad} == {(2, 64)}

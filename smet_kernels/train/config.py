@@ -1,0 +1,175 @@
+"""Training configuration: :class:`TrainConfig` (every setting of a run, saved in each checkpoint), its validation
+and the option vocabularies (optimizer modes, parallel modes, precisions)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .. import backend as backend_module
+from ..layout import SUPPORTED_BLOCK_SIZES, nnz_for_density
+from ..topology import blocks_to_move
+from .model import MODEL_CONFIGS
+
+OPTIMIZERS = ("adamw", "galore", "smet", "masked-dst", "naive-dst")
+PARALLEL_MODES = ("ddp", "fsdp")
+SPARSE_OPTIMIZERS = ("smet", "masked-dst", "naive-dst")
+# settings a resumed run must share with its checkpoint (model shape and topology, data order and position)
+FIXED_ON_RESUME = ("model", "optimizer", "density", "block_size", "distribution", "data", "seq_len",
+                   "batch_size", "seed", "spike_window")
+PRECISIONS = ("fp32", "bf16-autocast", "bf16")
+
+
+class ConfigError(ValueError):
+    """A bad training configuration or unusable data (the CLI prints it as a one-line error)."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run (saved in every checkpoint). See ``smet-train --help``."""
+
+    model: str = "tiny"
+    optimizer: str = "smet"
+    density: float = 0.5
+    block_size: int | None = None
+    distribution: str = "uniform"
+    update_interval: int = 100
+    prune_fraction: float = 0.2
+    regrow: str = "random"
+    warmup_mode: str = "linear"
+    optimizer_warmup_steps: int = 100
+    density_lr_exponent: float = 1.0
+    supar: bool = False
+    supar_base_width: int = 256
+    galore_rank: int | None = None
+    galore_update_gap: int = 200
+    galore_scale: float = 0.25
+    lr: float = 1e-3
+    lr_warmup_steps: int = 0
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    precision: str = "fp32"
+    batch_size: int = 8
+    seq_len: int = 128
+    grad_accum: int = 1
+    grad_clip: float = 1.0
+    max_steps: int = 100
+    parallel: str = "ddp"
+    seed: int = 0
+    eval_every: int = 50
+    eval_batches: int = 4
+    log_every: int = 1
+    spike_window: int = 10
+    data: str = "stdlib"
+    device: str = "auto"
+    backend: str = "auto"
+    out_dir: str | None = None
+    checkpoint_every: int = 0
+    resume: str | None = None
+    progress: bool = True
+
+    def resolved_block_size(self) -> int:
+        """``block_size``, or by default the largest supported size that gives at least 4 blocks per hidden row and
+        lets the first topology update move a block of a ``hidden × hidden`` layer (``⌊ζ0 · nnz⌋ ≥ 1``)."""
+        if self.block_size is not None:
+            return self.block_size
+        hidden = MODEL_CONFIGS[self.model].hidden_size
+        candidates = [b for b in SUPPORTED_BLOCK_SIZES if hidden % b == 0 and hidden // b >= 4]
+        movable = [
+            b
+            for b in candidates
+            if blocks_to_move(self.prune_fraction, nnz_for_density((hidden // b) ** 2, self.density)) >= 1
+        ]
+        return max(movable or [min(SUPPORTED_BLOCK_SIZES)])
+
+    def validate(self) -> "TrainConfig":
+        """Raise :class:`ConfigError` naming the first bad field."""
+
+        def choice(name, options):
+            if getattr(self, name) not in options:
+                raise ConfigError(f"{name} must be one of {list(options)}, got {getattr(self, name)!r}")
+
+        def integer(name, minimum):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise ConfigError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+        def number(name, low, high, low_open=False, high_open=False):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+                raise ConfigError(f"{name} must be a number, got {value!r}")
+            if value < low or value > high or (low_open and value == low) or (high_open and value == high):
+                raise ConfigError(
+                    f"{name} must be in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}, got {value}"
+                )
+
+        choice("model", MODEL_CONFIGS)
+        choice("optimizer", OPTIMIZERS)
+        choice("distribution", ("uniform", "erk"))
+        choice("regrow", ("random", "gradient"))
+        choice("warmup_mode", ("linear", "momentum_ramp", "none"))
+        choice("precision", PRECISIONS)
+        choice("parallel", PARALLEL_MODES)
+        choice("backend", backend_module.BACKENDS)
+        number("density", 0.0, 1.0, low_open=True)
+        number("prune_fraction", 0.0, 1.0, low_open=True, high_open=True)
+        number("density_lr_exponent", 0.0, math.inf)
+        number("galore_scale", 0.0, math.inf, low_open=True)
+        number("lr", 0.0, math.inf, low_open=True)
+        number("weight_decay", 0.0, math.inf)
+        number("eps", 0.0, math.inf)
+        number("grad_clip", 0.0, math.inf)
+        for name in ("update_interval", "optimizer_warmup_steps", "galore_update_gap", "batch_size", "seq_len",
+                     "grad_accum", "max_steps", "log_every", "spike_window", "eval_batches"):
+            integer(name, 1)
+        for name in ("lr_warmup_steps", "eval_every", "checkpoint_every", "seed"):
+            integer(name, 0)
+        if self.galore_rank is not None:
+            integer("galore_rank", 1)
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
+        if self.lr_warmup_steps >= self.max_steps and self.lr_warmup_steps > 0:
+            raise ConfigError(f"lr_warmup_steps ({self.lr_warmup_steps}) must be < max_steps ({self.max_steps})")
+        if self.batch_size % self.grad_accum != 0:
+            raise ConfigError(f"batch_size ({self.batch_size}) must be divisible by grad_accum ({self.grad_accum})")
+        if self.block_size is not None and self.block_size not in SUPPORTED_BLOCK_SIZES:
+            raise ConfigError(f"block_size must be one of {list(SUPPORTED_BLOCK_SIZES)}, got {self.block_size!r}")
+        integer("supar_base_width", 1)
+        if self.parallel == "fsdp" and self.optimizer == "galore":
+            raise ConfigError(
+                "parallel 'fsdp' does not support optimizer 'galore': its SVD projection needs each weight's whole "
+                "gradient and its moments live in the projected space, not in dim-0 shards (use --parallel ddp)"
+            )
+        if self.supar and self.optimizer not in SPARSE_OPTIMIZERS:
+            raise ConfigError(f"supar needs a sparse optimizer mode {list(SPARSE_OPTIMIZERS)}, got {self.optimizer!r}")
+        hidden = MODEL_CONFIGS[self.model].hidden_size
+        if self.optimizer in SPARSE_OPTIMIZERS and hidden % self.resolved_block_size() != 0:
+            raise ConfigError(f"block_size {self.block_size} does not divide the hidden size {hidden} of {self.model}")
+        if self.out_dir is not None and Path(self.out_dir).exists() and not Path(self.out_dir).is_dir():
+            raise ConfigError(f"out_dir {self.out_dir!r} exists and is not a folder")
+        if self.device != "auto":
+            try:
+                torch.device(self.device)
+            except RuntimeError:
+                raise ConfigError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}") from None
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"unknown config fields {unknown}")
+        values = dict(values)
+        if "betas" in values:
+            values["betas"] = tuple(values["betas"])
+        return cls(**values)
+

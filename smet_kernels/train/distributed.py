@@ -1,0 +1,122 @@
+"""Multi-process setup of the trainer: the process group from ``torchrun``'s environment (``nccl`` on CUDA, ``gloo``
+on CPU), the device of each rank, FSDP2 sharding of the model and the conversions between full (single-process)
+and sharded state dicts."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..sharding import full, is_sharded, shard_like
+from .config import ConfigError
+from .model import LlamaModel
+
+
+@dataclass
+class DistInfo:
+    """This process's place among the data-parallel ranks (one rank when not under torchrun)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    initialised_here: bool = False
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    def mean(self, value: torch.Tensor) -> torch.Tensor:
+        if self.enabled:
+            dist.all_reduce(value)
+            value = value / self.world_size
+        return value
+
+
+def init_distributed(device_name: str) -> DistInfo:
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return DistInfo()
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() and not device_name.startswith("cpu")
+    initialised_here = False
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        initialised_here = True
+    return DistInfo(rank, world_size, local_rank, initialised_here)
+
+
+def resolve_device(name: str, ddp: DistInfo) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("device 'cuda' requested but CUDA is not available")
+        device = torch.device("cuda", ddp.local_rank if ddp.enabled else (device.index or 0))
+        torch.cuda.set_device(device)
+    return device
+
+
+
+def shard_model(model: LlamaModel, device: torch.device) -> LlamaModel:
+    """FSDP2: ``fully_shard`` each decoder layer, then the root (embedding, final norm, head), over all ranks of the
+    default process group on ``device``'s type (explicit: FSDP2's default mesh would pick CUDA whenever it exists).
+    Every parameter becomes a ``DTensor`` sharded on dim 0; the layouts stay attached to the sharded values."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    for layer in model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def reshard(model: nn.Module) -> None:
+    """Free the unsharded parameters FSDP2 keeps after a forward without backward (the root's, after eval)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
+def full_state(value, keep: bool):
+    """``value`` (a state-dict tree) with every DTensor gathered to a full CPU tensor (collectives on every rank);
+    the result is kept only where ``keep`` (rank 0), other ranks get None."""
+    if isinstance(value, dict):
+        out = {key: full_state(item, keep) for key, item in value.items()}
+        return out if keep else None
+    if isinstance(value, list):
+        out = [full_state(item, keep) for item in value]
+        return out if keep else None
+    if is_sharded(value):
+        gathered = full(value)
+        return gathered.cpu() if keep else None
+    return value
+
+
+def sharded_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict) -> dict:
+    """A full (single-process format) optimizer state dict cut into this rank's shards: each state tensor of a
+    sharded parameter whose dim 0 is the parameter's (moments, ``block_step``) becomes a DTensor placed like it."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    saved_ids = [i for group in saved["param_groups"] for i in group["params"]]
+    if len(params) != len(saved_ids):
+        raise ConfigError(f"checkpoint optimizer has {len(saved_ids)} parameters, this model {len(params)}")
+    state = {}
+    for saved_id, param in zip(saved_ids, params):
+        entry = saved["state"].get(saved_id)
+        if entry is None:
+            continue
+        state[saved_id] = {
+            key: shard_like(value, param)
+            if is_sharded(param) and isinstance(value, torch.Tensor) and value.dim() >= 1
+            and value.shape[0] == param.shape[0] else value
+            for key, value in entry.items()
+        }
+    return {**saved, "state": state}
+

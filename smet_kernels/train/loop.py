@@ -1,0 +1,381 @@
+"""Reference SMET trainer: ``train(TrainConfig(...)) -> summary dict`` (the ``smet-train`` CLI wraps it).
+
+One optimizer step (global batch ``batch_size`` sequences, split over ``grad_accum`` micro-steps and the
+data-parallel ranks) is ``forward/backward per micro-batch -> clip -> lr schedule -> optimizer.step() ->
+topology controller.step()``. Optimizer modes:
+
+* ``adamw``: dense model, ``torch.optim.AdamW``;
+* ``galore``: dense model, :class:`~smet_kernels.optim.galore.GaLoreAdamW` on the hidden linears;
+* ``smet``: hidden linears -> ``BlockSparseLinear``, :class:`SMETAdamW` (local bias correction, warm-up,
+  density-aware LR) and the :class:`~smet_kernels.topology.SMET` controller;
+* ``naive-dst``: as ``smet`` with ``warmup="none"``, ``bias_correction="global"`` (cold start);
+* ``masked-dst``: hidden linears -> masked dense layers, ``torch.optim.AdamW``, same controller.
+
+LR: linear warm-up over ``lr_warmup_steps``, then cosine decay to ``0.1 * lr`` at ``max_steps``.
+
+Outputs in ``out_dir`` (rank 0): ``metrics.jsonl`` (one object per logged step: ``type="train"``, ``step``,
+``loss``, ``lr``, ``tokens_per_s``, ``peak_mem_bytes`` — ``torch.cuda.max_memory_allocated`` on CUDA, the
+process peak resident set size (``ru_maxrss``) on CPU — plus ``val_loss``/``val_ppl`` on eval steps; one
+``type="topology_update"`` object per update and one ``type="loss_spike"`` object per measured spike, written
+at the step its window closes, ``update_step`` naming the update; ``step`` is always the step of writing),
+``summary.json`` and ``checkpoints/step_XXXXXXX/`` (written to a temporary folder, then renamed). The summary's
+``tokens_per_s`` is all tokens over all step time (kernel compilation and autotuning of the first steps
+included); ``steady_tokens_per_s`` is one step's tokens over the median step time of this process, its first
+step left out.
+
+Multi-process: under ``torchrun`` (``WORLD_SIZE > 1``) the process group is initialised from the environment
+(``nccl`` on CUDA, ``gloo`` on CPU); every rank takes its own slice of each global batch, so the training matches
+one process. ``parallel="ddp"`` (default) wraps the model in ``DistributedDataParallel`` (on the compact
+parameters). ``parallel="fsdp"`` applies FSDP2 (``fully_shard`` to each decoder layer, then the root) before the
+optimizer is built: every parameter, compact values included, becomes a ``DTensor`` sharded on dim 0 (whole slots
+per rank), and so do the optimizer states (``block_step`` included); :class:`SMETAdamW` and the SMET controller
+work on the local shards (prune scores gathered over ranks, each rank regrows the slots it owns). Checkpoints of an
+fsdp run are gathered to full tensors and written by rank 0 in the single-process format; on resume every rank
+loads them and keeps its shard. GaLore is rejected under fsdp (its projection needs whole gradient matrices).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import math
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm.auto import tqdm
+
+from .. import backend as backend_module
+from ..sharding import full, shard_like
+from .build import build_controller, build_model, build_optimizer
+from .checkpoint import find_checkpoint, read_checkpoint, rng_state, set_rng_state, write_checkpoint
+from .config import SPARSE_OPTIMIZERS, ConfigError, TrainConfig
+from .data import DataError, PackedBatches, eval_windows, load_corpus, window_batch
+from .distributed import (
+    full_state,
+    init_distributed,
+    reshard,
+    resolve_device,
+    shard_model,
+    sharded_optimizer_state,
+)
+from .metrics import MetricsLog, peak_memory_bytes, perplexity, write_summary
+from .model import lm_loss
+from .spikes import SpikeTracker
+
+MIN_LR_RATIO = 0.1
+
+
+def lr_factor(step: int, warmup_steps: int, max_steps: int) -> float:
+    """Multiplier of the base LR at optimizer step ``step`` (1-based): ``step / warmup`` during warm-up, then
+    ``0.1 + 0.9 · (1 + cos(π · progress)) / 2`` with progress from 0 (end of warm-up) to 1 (``max_steps``)."""
+    if warmup_steps > 0 and step <= warmup_steps:
+        return step / warmup_steps
+    progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
+    return MIN_LR_RATIO + (1.0 - MIN_LR_RATIO) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+class Run:
+    """State of one training run (rank-local); :func:`train` drives it."""
+
+    def __init__(self, config: TrainConfig):
+        self.config = config
+        self.ddp = init_distributed(config.device)
+        self.device = resolve_device(config.device, self.ddp)
+        self.is_main = self.ddp.rank == 0
+        if config.backend == "triton" and not backend_module.triton_can_run(self.device):
+            raise ConfigError(
+                f"backend 'triton' cannot run on device {self.device}: use a CUDA device, or set TRITON_INTERPRET=1 "
+                "for the (slow) CPU interpreter, or --backend reference"
+            )
+        try:
+            corpus = load_corpus(config.data)
+        except DataError as error:
+            raise ConfigError(str(error)) from None
+        if config.batch_size % (config.grad_accum * self.ddp.world_size) != 0:
+            raise ConfigError(
+                f"batch_size ({config.batch_size}) must be divisible by grad_accum x world size "
+                f"({config.grad_accum} x {self.ddp.world_size})"
+            )
+        try:
+            self.batches = PackedBatches(corpus.train, config.seq_len, config.batch_size, config.seed)
+            val_count = config.eval_batches * config.batch_size
+            self.val_indices = eval_windows(corpus.val, config.seq_len, val_count) if val_count else None
+        except DataError as error:
+            raise ConfigError(str(error)) from None
+        self.model = build_model(config, corpus.vocab_size, self.device)
+        self.fsdp = self.ddp.enabled and config.parallel == "fsdp"
+        if self.fsdp:  # before the optimizer and controller: they hold the sharded parameters
+            shard_model(self.model, self.device)
+        self.optimizer = build_optimizer(config, self.model, self.device)
+        self.controller = build_controller(config, self.model, self.optimizer)
+        self.val_tokens = corpus.val
+        self.base_lrs = [group["lr"] for group in self.optimizer.param_groups]  # before a resume overwrites them
+        self.spikes = SpikeTracker(config.spike_window)
+        self.step = 0
+        self.tokens_seen = 0
+        self.train_time = 0.0
+        self.initial_val_loss: float | None = None
+        self.out_dir = Path(config.out_dir) if config.out_dir else None
+        if config.resume:
+            self._load(find_checkpoint(config.resume))
+            if self.step >= config.max_steps:  # before anything in out_dir is touched
+                raise ConfigError(
+                    f"the run in {config.resume!r} already reached step {self.step} (max_steps={config.max_steps}): "
+                    "pass a larger --max-steps to continue it"
+                )
+        self.wrapped = self.model  # fully_shard works in place: the model is its own wrapper under fsdp
+        if self.ddp.enabled and not self.fsdp:
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            self.wrapped = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=device_ids, broadcast_buffers=False
+            )
+        self.metrics = (MetricsLog(self.out_dir, self.step if config.resume else None)
+                        if self.is_main and self.out_dir else None)
+
+    # ---------------------------------------------------------------- io
+    def log(self, record: dict) -> None:
+        if self.metrics is not None:
+            self.metrics.log(record)
+
+    def save_checkpoint(self) -> Path | None:
+        if not self.out_dir:
+            return None
+        model_state, optimizer_state = None, None
+        if self.fsdp:  # gather the shards (every rank takes part); rank 0 keeps full CPU tensors
+            model_state = full_state(self.model.state_dict(), self.is_main)
+            optimizer_state = full_state(self.optimizer.state_dict(), self.is_main)
+        if not self.is_main:
+            return None
+        state = {
+            "step": self.step,
+            "model": model_state if self.fsdp else self.model.state_dict(),
+            "optimizer": optimizer_state if self.fsdp else self.optimizer.state_dict(),
+            "controller": self.controller.state_dict() if self.controller is not None else None,
+            "data": self.batches.state_dict(),
+            "rng": rng_state(self.device),
+            "spikes": self.spikes.state_dict(),
+            "progress": {"tokens_seen": self.tokens_seen, "train_time": self.train_time,
+                         "initial_val_loss": self.initial_val_loss},
+        }
+        return write_checkpoint(self.out_dir, self.step, state, self.config)
+
+    def _load(self, checkpoint: Path) -> None:
+        state = read_checkpoint(checkpoint, self.config)
+        if self.fsdp:  # full tensors (the single-process format) -> this rank's shards
+            current = self.model.state_dict()
+            state["model"] = {key: shard_like(value, current[key]) if key in current else value
+                              for key, value in state["model"].items()}
+            state["optimizer"] = sharded_optimizer_state(self.optimizer, state["optimizer"])
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.controller is not None:
+            self.controller.load_state_dict(state["controller"])
+        self.batches.load_state_dict(state["data"])
+        set_rng_state(state["rng"], self.device)
+        self.spikes.load_state_dict(state["spikes"])
+        self.step = int(state["step"])
+        self.tokens_seen = int(state["progress"]["tokens_seen"])
+        self.train_time = float(state["progress"]["train_time"])
+        self.initial_val_loss = state["progress"]["initial_val_loss"]
+
+    # ---------------------------------------------------------------- compute
+    def _autocast(self):
+        if self.config.precision == "bf16-autocast":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean validation loss over the fixed validation windows (sharded over ranks, in the training micro-batch
+        size so that evaluation fits wherever training does)."""
+        self.model.eval()
+        config = self.config
+        micro = config.batch_size // (self.ddp.world_size * config.grad_accum)
+        shards = self.val_indices.view(-1, self.ddp.world_size, micro)
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        for batch in shards[:, self.ddp.rank]:
+            x, y = window_batch(self.val_tokens, batch, config.seq_len)
+            with self._autocast():
+                logits = self.model(x.to(self.device))
+            total += lm_loss(logits, y.to(self.device)).double()
+        self.model.train()
+        if self.fsdp:
+            reshard(self.model)
+        return float(self.ddp.mean(total / shards.shape[0]))
+
+    def train_step(self) -> tuple[float, float | None]:
+        """One optimizer step; returns (mean training loss over the global batch, grad norm or None)."""
+        config = self.config
+        indices = self.batches.next_global()
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        for micro in range(config.grad_accum):
+            shard = PackedBatches.shard(indices, micro, config.grad_accum, self.ddp.rank, self.ddp.world_size)
+            x, y = self.batches.batch(shard)
+            last = micro == config.grad_accum - 1
+            # DDP: all-reduce on the last micro-step only; FSDP2 reduce-scatters every micro-step (sharded grads)
+            sync = contextlib.nullcontext() if (last or not self.ddp.enabled or self.fsdp) else self.wrapped.no_sync()
+            with sync:
+                with self._autocast():
+                    logits = self.wrapped(x.to(self.device, non_blocking=True))
+                loss = lm_loss(logits, y.to(self.device, non_blocking=True))
+                (loss / config.grad_accum).backward()
+            loss_sum += loss.detach().double()
+        grad_norm = None
+        if config.grad_clip > 0:
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip)
+            grad_norm = float(full(norm))  # a replicated DTensor under fsdp
+        factor = lr_factor(self.step + 1, config.lr_warmup_steps, config.max_steps)
+        for group, base_lr in zip(self.optimizer.param_groups, self.base_lrs):
+            group["lr"] = base_lr * factor
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return float(self.ddp.mean(loss_sum / config.grad_accum)), grad_norm
+
+    def params_checksum(self) -> torch.Tensor:
+        """Sum and sum of squares of every parameter and layout index (fp64), to compare ranks. Under fsdp the
+        parameters are gathered first (one copy of the values: the comparison checks the replicated layouts and
+        that every rank gathers the same model)."""
+        parts = []
+        for p in self.model.parameters():
+            data = full(p.detach()).double()
+            parts += [data.sum(), (data * data).sum()]
+            layout = getattr(p, "smet_layout", None) or getattr(p, "smet_mask_layout", None)
+            if layout is not None:
+                slots = torch.arange(1, layout.nnz + 1, dtype=torch.float64, device=layout.device)
+                parts.append((layout.block_indices.double() * slots[:, None]).sum().to(data.device))
+        return torch.stack(parts)
+
+    def ranks_in_sync(self) -> bool:
+        if not self.ddp.enabled:
+            return True
+        local = self.params_checksum().cpu() if self.device.type == "cpu" else self.params_checksum()
+        gathered = [torch.empty_like(local) for _ in range(self.ddp.world_size)]
+        dist.all_gather(gathered, local)
+        return all(torch.equal(gathered[0], other) for other in gathered[1:])
+
+
+def train(config: TrainConfig) -> dict:
+    """Train per ``config``; returns the summary (also written to ``out_dir/summary.json`` on rank 0)."""
+    config.validate()
+    previous_backend = backend_module.get_backend()
+    backend_module.set_backend(config.backend)
+    run = None
+    try:
+        run = Run(config)
+        return _train_loop(run)
+    finally:
+        backend_module.set_backend(previous_backend)
+        if run is not None and run.metrics is not None:
+            run.metrics.close()
+        if run is not None and run.ddp.initialised_here:
+            # Free the DDP wrapper while the process group is still alive: if its Reducer held the group's last
+            # reference, the group would be destroyed from C++ with the GIL held, joining a gloo worker thread
+            # that may need the GIL to free a finished collective's tensors -- an intermittent deadlock at exit.
+            run.wrapped = None
+            gc.collect()
+            dist.destroy_process_group()
+
+
+
+def _train_loop(run: Run) -> dict:
+    config = run.config
+    tokens_per_step = config.batch_size * config.seq_len
+    last_val_loss = None
+    if run.val_indices is not None and config.eval_every > 0 and run.step == 0:
+        run.initial_val_loss = last_val_loss = run.evaluate()
+        run.log({"type": "eval", "step": 0, "val_loss": last_val_loss, "val_ppl": perplexity(last_val_loss)})
+    bar = tqdm(total=config.max_steps, initial=run.step, disable=not (config.progress and run.is_main),
+               desc="smet-train", dynamic_ncols=True)
+    window_tokens, window_time, last_loss = 0, 0.0, float("nan")
+    step_times: list[float] = []  # this process's step times, for the steady-state throughput
+    while run.step < config.max_steps:
+        run._synchronize()
+        started = time.perf_counter()
+        loss, grad_norm = run.train_step()
+        update = run.controller.step() if run.controller is not None else None
+        run._synchronize()
+        elapsed = time.perf_counter() - started
+        step = run.step
+        run.train_time += elapsed
+        step_times.append(elapsed)
+        run.tokens_seen += tokens_per_step
+        window_tokens += tokens_per_step
+        window_time += elapsed
+        last_loss = loss
+        spikes = run.spikes.add_loss(step, loss)
+        if update is not None:
+            run.spikes.add_update(step)
+        final = step == config.max_steps
+        val_loss = None
+        if run.val_indices is not None and config.eval_every > 0 and (step % config.eval_every == 0 or final):
+            val_loss = last_val_loss = run.evaluate()
+        if step % config.log_every == 0 or final:
+            record = {
+                "type": "train",
+                "step": step,
+                "loss": loss,
+                "lr": run.optimizer.param_groups[0]["lr"],
+                "tokens_per_s": window_tokens / window_time if window_time > 0 else None,
+                "peak_mem_bytes": peak_memory_bytes(run.device)[0],
+                "tokens": run.tokens_seen,
+                "grad_norm": grad_norm,
+            }
+            window_tokens, window_time = 0, 0.0
+            if val_loss is not None:
+                record.update(val_loss=val_loss, val_ppl=perplexity(val_loss))
+            run.log(record)
+        elif val_loss is not None:
+            run.log({"type": "eval", "step": step, "val_loss": val_loss, "val_ppl": perplexity(val_loss)})
+        if update is not None:
+            layers = update.get("layers", {})
+            run.log({
+                "type": "topology_update",
+                **{k: v for k, v in update.items() if k != "layers"},
+                "pruned": sum(layer["pruned"] for layer in layers.values()),
+                "regrown": sum(layer["regrown"] for layer in layers.values()),
+                "layers": layers,
+            })
+        for spike in spikes:
+            run.log({"type": "loss_spike", **spike, "step": step})
+        if config.checkpoint_every and (step % config.checkpoint_every == 0 or final):
+            run.save_checkpoint()
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+    bar.close()
+    for spike in run.spikes.finish():
+        run.log({"type": "loss_spike", **spike, "step": run.step})
+    peak, peak_kind = peak_memory_bytes(run.device)
+    summary = {
+        "steps": run.step,
+        "final_train_loss": last_loss,
+        "initial_val_loss": run.initial_val_loss,
+        "final_val_loss": last_val_loss,
+        "final_val_ppl": perplexity(last_val_loss) if last_val_loss is not None else None,
+        "tokens": run.tokens_seen,
+        "train_time_s": run.train_time,
+        "tokens_per_s": run.tokens_seen / run.train_time if run.train_time > 0 else None,
+        "steady_tokens_per_s": tokens_per_step / statistics.median(step_times[1:]) if len(step_times) > 1 else None,
+        "peak_mem_bytes": peak,
+        "peak_mem_kind": peak_kind,
+        "num_parameters": sum(p.numel() for p in run.model.parameters()),
+        "topology_updates": len(run.controller.history) if run.controller is not None else 0,
+        "loss_spikes": run.spikes.summary(),
+        "world_size": run.ddp.world_size,
+        "rank": run.ddp.rank,
+        "ranks_in_sync": run.ranks_in_sync(),
+        "device": str(run.device),
+        "block_size": config.resolved_block_size() if config.optimizer in SPARSE_OPTIMIZERS else None,
+        "config": config.to_dict(),
+    }
+    if run.is_main and run.out_dir:
+        write_summary(run.out_dir, summary)
+    return summary

@@ -1,0 +1,53 @@
+"""The trainer's records: ``metrics.jsonl`` (one JSON object a line; see :mod:`smet_kernels.train.loop` for the
+record types), ``summary.json``, perplexity and the peak-memory measurement."""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import sys
+from pathlib import Path
+
+import torch
+
+
+def peak_memory_bytes(device: torch.device) -> tuple[int, str]:
+    """``(bytes, kind)``: CUDA max allocated, or the process peak RSS (``ru_maxrss``) on CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device)), "cuda_max_memory_allocated"
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024), "cpu_peak_rss"
+
+
+def perplexity(loss: float) -> float:
+    """``exp(loss)``, capped below float overflow (``exp`` overflows past ~709)."""
+    return math.exp(min(loss, 700.0))
+
+
+class MetricsLog:
+    """``out_dir/metrics.jsonl``, flushed after every record. On a resume (``resumed_step`` not None) the records
+    past the checkpoint (an interrupted run's tail) and the end-of-run measurements of unfinished spike windows are
+    dropped: the resumed run measures those updates again, with their full window."""
+
+    def __init__(self, out_dir: Path, resumed_step: int | None = None):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path = out_dir / "metrics.jsonl"
+        kept = []
+        if resumed_step is not None and path.exists():
+            records = [json.loads(line) for line in path.read_text().splitlines() if line]
+            kept = [json.dumps(r) for r in records if r["step"] <= resumed_step and r.get("complete", True)]
+        self.file = path.open("w")
+        self.file.writelines(line + "\n" for line in kept)
+        self.file.flush()
+
+    def log(self, record: dict) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def write_summary(out_dir: Path, summary: dict) -> None:
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
