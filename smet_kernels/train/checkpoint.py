@@ -1,13 +1,20 @@
 """Checkpoint I/O of the trainer: ``checkpoints/step_XXXXXXX/`` folders holding ``state.pt`` (model, optimizer,
-controller, data position, RNG states, progress) and ``config.json``, written to a temporary folder and renamed
-(atomic: a crash leaves the previous checkpoints as they were), found again and read back for ``--resume``."""
+controller, data position, RNG states, progress), ``config.json`` and ``manifest.json`` (size and sha256 of every
+other file), written to a temporary folder and renamed (atomic: a crash leaves the previous checkpoints as they
+were), found again and read back for ``--resume``.
+
+:func:`find_checkpoint` verifies a checkpoint against its manifest before using it; in a run folder an unreadable or
+corrupt newest checkpoint is named in a :class:`CheckpointWarning` and the newest good one is used instead.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -16,16 +23,63 @@ import torch
 from .config import FIXED_ON_RESUME, ConfigError, TrainConfig
 
 
+MANIFEST = "manifest.json"
+
+
+class CheckpointWarning(UserWarning):
+    """A checkpoint was skipped because it is unreadable or fails verification against its manifest."""
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify_checkpoint(checkpoint: Path) -> str | None:
+    """``None`` when every file listed in ``checkpoint/manifest.json`` is there with its size and sha256, else a
+    short description of the first problem."""
+    try:
+        files = json.loads((checkpoint / MANIFEST).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        return f"{MANIFEST} missing or unreadable ({type(error).__name__})"
+    if "config.json" not in files:
+        return f"{MANIFEST} lists no config.json"
+    for name, expected in files.items():
+        path = checkpoint / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != expected["bytes"]:
+            return f"{name} has {path.stat().st_size} bytes, the manifest says {expected['bytes']}"
+        if _sha256(path) != expected["sha256"]:
+            return f"the sha256 of {name} does not match the manifest"
+    return None
+
+
 def find_checkpoint(path: str | os.PathLike) -> Path:
-    """The checkpoint folder for ``path``: a ``step_*`` folder itself, or the latest one in ``path/checkpoints``."""
+    """The verified checkpoint folder for ``path``: a ``step_*`` folder itself, or the newest good one in
+    ``path/checkpoints`` (newer bad ones are named in a :class:`CheckpointWarning`); :class:`ConfigError` when
+    there is none."""
     path = Path(path)
-    if (path / "state.pt").is_file():
+    if (path / MANIFEST).exists() or (path / "state.pt").exists():
+        problem = verify_checkpoint(path)
+        if problem is not None:
+            raise ConfigError(f"checkpoint {str(path)!r} is unusable: {problem}")
         return path
-    candidates = sorted((path / "checkpoints").glob("step_*")) if path.is_dir() else []
-    candidates = [c for c in candidates if (c / "state.pt").is_file()]
+    root = path / "checkpoints"
+    candidates = sorted((c for c in root.glob("step_*") if c.is_dir()), reverse=True) if root.is_dir() else []
     if not candidates:
-        raise ConfigError(f"no checkpoint found in {str(path)!r} (expected state.pt or checkpoints/step_*/)")
-    return candidates[-1]
+        raise ConfigError(f"no checkpoint found in {str(path)!r} (expected a checkpoint or checkpoints/step_*/)")
+    for index, candidate in enumerate(candidates):
+        problem = verify_checkpoint(candidate)
+        if problem is None:
+            return candidate
+        following = candidates[index + 1].name if index + 1 < len(candidates) else None
+        warnings.warn(f"checkpoint {str(candidate)!r} is unusable ({problem})"
+                      + (f"; trying {following}" if following else ""), CheckpointWarning, stacklevel=2)
+    raise ConfigError(f"no usable checkpoint in {str(root)!r}: all {len(candidates)} fail verification")
 
 
 def load_checkpoint_config(path: str | os.PathLike) -> TrainConfig:
@@ -76,9 +130,20 @@ def write_checkpoint(out_dir: Path, step: int, state: dict, config: TrainConfig)
     tmp.mkdir()
     torch.save(state, tmp / "state.pt")
     (tmp / "config.json").write_text(json.dumps(config.to_dict(), indent=1))
-    for name in ("state.pt", "config.json"):  # on disk before the rename makes the checkpoint visible
-        with open(tmp / name, "rb+") as handle:
+    return _seal(tmp, final)
+
+
+def _seal(tmp: Path, final: Path) -> Path:
+    """Write the manifest of every file in ``tmp`` (size, sha256), put it all on disk, then rename ``tmp`` to
+    ``final``: a checkpoint is visible only once complete."""
+    files = {}
+    for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
+        with open(path, "rb+") as handle:  # on disk before the rename makes the checkpoint visible
             os.fsync(handle.fileno())
+        files[path.relative_to(tmp).as_posix()] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+    (tmp / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
+    with open(tmp / MANIFEST, "rb+") as handle:
+        os.fsync(handle.fileno())
     _atomic_replace_dir(tmp, final)
     return final
 

@@ -1,25 +1,30 @@
 """``smet-train``: command-line front end of :func:`smet_kernels.train.trainer.train`.
 
 Bad arguments, unusable data and bad configurations end with one line ``smet-train: error: ...`` and exit
-code 2. ``--resume DIR`` continues the run saved in ``DIR`` (an out-dir or one checkpoint folder) with its saved
+code 2; a run that meets a non-finite loss or gradient norm it may not skip ends with one line and exit code 1
+(its metrics flushed, no checkpoint of the non-finite state). ``--resume DIR`` continues the run saved in ``DIR`` (an out-dir or one checkpoint folder) with its saved
 configuration; options given next to it override that configuration.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
+import warnings
 
 from ..layout import SUPPORTED_BLOCK_SIZES
 from .model import MODEL_CONFIGS
+from .checkpoint import CheckpointWarning
+from .metrics import strict_json
 from .trainer import (
+    NONFINITE_ACTIONS,
     OPTIMIZERS,
     PARALLEL_MODES,
     PRECISIONS,
     SPARSE_OPTIMIZERS,
     ConfigError,
     TrainConfig,
+    TrainingDiverged,
     load_checkpoint_config,
     train,
 )
@@ -122,6 +127,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"micro-steps per optimizer step (default: {d.grad_accum})")
     opt.add_argument("--grad-clip", type=_float_in(0.0, inf),
                      help=f"max global gradient norm, 0 disables (default: {d.grad_clip})")
+    opt.add_argument("--on-nonfinite", choices=NONFINITE_ACTIONS,
+                     help="a step whose loss or global gradient norm is NaN/Inf: stop (one-line error, exit 1, "
+                     "metrics flushed, no checkpoint of that state) or skip it (no update; the batch is consumed; "
+                     f"counted as nonfinite_skips in summary.json) (default: {d.on_nonfinite})")
+    opt.add_argument("--max-consecutive-skips", type=_int_at_least(1),
+                     help="with --on-nonfinite skip: stop when a non-finite step follows this many skipped steps in a "
+                     f"row (default: {d.max_consecutive_skips})")
     opt.add_argument("--max-steps", type=_int_at_least(1), help=f"optimizer steps to train (default: {d.max_steps})")
     opt.add_argument("--parallel", choices=PARALLEL_MODES,
                      help="multi-process mode under torchrun (ignored in one process): ddp replicates the model "
@@ -150,7 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--checkpoint-every", type=_int_at_least(0),
                      help=f"checkpoint every N steps and at the end, 0 disables (default: {d.checkpoint_every})")
     run.add_argument("--resume", metavar="DIR",
-                     help="continue from the latest checkpoint in DIR (an out-dir or a checkpoints/step_* folder)")
+                     help="continue from the newest checkpoint in DIR (an out-dir or a checkpoints/step_* folder) "
+                     "whose files match the sha256 checksums of its manifest.json; a newer corrupt or unreadable one "
+                     "is named in a warning and passed over")
     run.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
     return parser
 
@@ -184,22 +198,41 @@ def _warn_ignored_options(args: argparse.Namespace, config: TrainConfig) -> None
         flags = ", ".join("--" + name.replace("_", "-") for name in ignored)
         print(f"smet-train: {flags} ha{'s' if len(ignored) == 1 else 've'} no effect with --optimizer "
               f"{config.optimizer}", file=sys.stderr)
+    if config.on_nonfinite == "stop" and "max_consecutive_skips" in given:
+        print("smet-train: --max-consecutive-skips has no effect with --on-nonfinite stop", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", CheckpointWarning)
+        library_format = warnings.showwarning
+
+        def show(message, category, *rest, **options):  # a skipped checkpoint: one line, like the errors
+            if issubclass(category, CheckpointWarning):
+                print(f"{parser.prog}: warning: {message}", file=sys.stderr)
+            else:
+                library_format(message, category, *rest, **options)
+
+        warnings.showwarning = show
+        return _run(parser, args)
+
+
+def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     try:
         config = config_from_args(args)
         _warn_ignored_options(args, config)
         summary = train(config)
     except ConfigError as error:
         parser.error(" ".join(str(error).split()))
+    except TrainingDiverged as error:
+        parser.exit(1, f"{parser.prog}: error: {' '.join(str(error).split())}\n")
     if summary["rank"] == 0:
         keys = ("steps", "initial_val_loss", "final_val_loss", "tokens_per_s", "steady_tokens_per_s", "peak_mem_bytes")
         brief = {k: summary[k] for k in keys}
         brief["loss_spikes"] = summary["loss_spikes"]
-        print(json.dumps(brief))
+        print(strict_json(brief))
     return 0
 
 

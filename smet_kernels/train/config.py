@@ -22,6 +22,7 @@ SPARSE_OPTIMIZERS = ("smet", "masked-dst", "naive-dst")
 FIXED_ON_RESUME = ("model", "optimizer", "density", "block_size", "distribution", "data", "seq_len",
                    "batch_size", "seed", "spike_window")
 PRECISIONS = ("fp32", "bf16-autocast", "bf16")
+NONFINITE_ACTIONS = ("stop", "skip")
 
 
 class ConfigError(ValueError):
@@ -72,6 +73,8 @@ class TrainConfig:
     checkpoint_every: int = 0
     resume: str | None = None
     progress: bool = True
+    on_nonfinite: str = "stop"
+    max_consecutive_skips: int = 5
 
     def resolved_block_size(self) -> int:
         """``block_size``, or by default the largest supported size that gives at least 4 blocks per hidden row and
@@ -115,6 +118,7 @@ class TrainConfig:
         choice("warmup_mode", ("linear", "momentum_ramp", "none"))
         choice("precision", PRECISIONS)
         choice("parallel", PARALLEL_MODES)
+        choice("on_nonfinite", NONFINITE_ACTIONS)
         choice("backend", backend_module.BACKENDS)
         number("density", 0.0, 1.0, low_open=True)
         number("prune_fraction", 0.0, 1.0, low_open=True, high_open=True)
@@ -125,7 +129,8 @@ class TrainConfig:
         number("eps", 0.0, math.inf)
         number("grad_clip", 0.0, math.inf)
         for name in ("update_interval", "optimizer_warmup_steps", "galore_update_gap", "batch_size", "seq_len",
-                     "grad_accum", "max_steps", "log_every", "spike_window", "eval_batches"):
+                     "grad_accum", "max_steps", "log_every", "spike_window", "eval_batches",
+                     "max_consecutive_skips"):
             integer(name, 1)
         for name in ("lr_warmup_steps", "eval_every", "checkpoint_every", "seed"):
             integer(name, 0)

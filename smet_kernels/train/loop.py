@@ -78,6 +78,10 @@ def lr_factor(step: int, warmup_steps: int, max_steps: int) -> float:
     return MIN_LR_RATIO + (1.0 - MIN_LR_RATIO) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
+class TrainingDiverged(RuntimeError):
+    """The run met a non-finite loss or gradient norm it may not skip (the CLI prints it as a one-line error)."""
+
+
 class Run:
     """State of one training run (rank-local); :func:`train` drives it."""
 
@@ -119,6 +123,8 @@ class Run:
         self.tokens_seen = 0
         self.train_time = 0.0
         self.initial_val_loss: float | None = None
+        self.nonfinite_skips = 0  # steps dropped for a non-finite loss or gradient norm, over the whole run
+        self.consecutive_skips = 0
         self.out_dir = Path(config.out_dir) if config.out_dir else None
         if config.resume:
             self._load(find_checkpoint(config.resume))
@@ -141,9 +147,23 @@ class Run:
         if self.metrics is not None:
             self.metrics.log(record)
 
+    def parameters_finite(self) -> bool:
+        """Whether every parameter value is finite, on every rank."""
+        finite = torch.ones((), device=self.device)
+        for p in self.model.parameters():
+            local = p.to_local() if hasattr(p, "to_local") else p
+            finite = finite * torch.isfinite(local.detach()).all()
+        if self.ddp.enabled:
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        return bool(finite)
+
     def save_checkpoint(self) -> Path | None:
+        """Write the run's state as ``checkpoints/step_XXXXXXX`` (rank 0; every rank takes part under fsdp); refuses
+        (:class:`TrainingDiverged`) a model with non-finite values."""
         if not self.out_dir:
             return None
+        if not self.parameters_finite():
+            raise TrainingDiverged(f"non-finite parameters at step {self.step}: checkpoint not written")
         model_state, optimizer_state = None, None
         if self.fsdp:  # gather the shards (every rank takes part); rank 0 keeps full CPU tensors
             model_state = full_state(self.model.state_dict(), self.is_main)
@@ -159,7 +179,7 @@ class Run:
             "rng": rng_state(self.device),
             "spikes": self.spikes.state_dict(),
             "progress": {"tokens_seen": self.tokens_seen, "train_time": self.train_time,
-                         "initial_val_loss": self.initial_val_loss},
+                         "initial_val_loss": self.initial_val_loss, "nonfinite_skips": self.nonfinite_skips},
         }
         return write_checkpoint(self.out_dir, self.step, state, self.config)
 
@@ -181,6 +201,7 @@ class Run:
         self.tokens_seen = int(state["progress"]["tokens_seen"])
         self.train_time = float(state["progress"]["train_time"])
         self.initial_val_loss = state["progress"]["initial_val_loss"]
+        self.nonfinite_skips = int(state["progress"].get("nonfinite_skips", 0))
 
     # ---------------------------------------------------------------- compute
     def _autocast(self):
@@ -211,8 +232,10 @@ class Run:
             reshard(self.model)
         return float(self.ddp.mean(total / shards.shape[0]))
 
-    def train_step(self) -> tuple[float, float | None]:
-        """One optimizer step; returns (mean training loss over the global batch, grad norm or None)."""
+    def train_step(self) -> tuple[float, float]:
+        """One optimizer step on the next global batch; returns (mean training loss over the global batch, global
+        gradient norm before clipping). A non-finite loss or norm leaves the model, the optimizer and ``step`` as
+        they were (the gradients are dropped; the batch is consumed)."""
         config = self.config
         indices = self.batches.next_global()
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
@@ -228,17 +251,22 @@ class Run:
                 loss = lm_loss(logits, y.to(self.device, non_blocking=True))
                 (loss / config.grad_accum).backward()
             loss_sum += loss.detach().double()
-        grad_norm = None
+        loss = float(self.ddp.mean(loss_sum / config.grad_accum))
+        parameters = [p for p in self.model.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm([p.grad for p in parameters])
+        grad_norm = float(full(norm))  # a replicated DTensor under fsdp
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            self.optimizer.zero_grad(set_to_none=True)
+            return loss, grad_norm
         if config.grad_clip > 0:
-            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip)
-            grad_norm = float(full(norm))  # a replicated DTensor under fsdp
+            torch.nn.utils.clip_grads_with_norm_(parameters, config.grad_clip, norm)
         factor = lr_factor(self.step + 1, config.lr_warmup_steps, config.max_steps)
         for group, base_lr in zip(self.optimizer.param_groups, self.base_lrs):
             group["lr"] = base_lr * factor
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        return float(self.ddp.mean(loss_sum / config.grad_accum)), grad_norm
+        return loss, grad_norm
 
     def params_checksum(self) -> torch.Tensor:
         """Sum and sum of squares of every parameter and layout index (fp64), to compare ranks. Under fsdp the
@@ -285,6 +313,31 @@ def train(config: TrainConfig) -> dict:
             dist.destroy_process_group()
 
 
+def _handle_nonfinite(run: Run, loss: float, grad_norm: float) -> None:
+    """A step with a non-finite loss or gradient norm was dropped: log it, then raise :class:`TrainingDiverged`
+    under ``on_nonfinite="stop"`` or when ``max_consecutive_skips`` steps in a row were already skipped, else count
+    the skip."""
+    config = run.config
+    what = "loss" if not math.isfinite(loss) else "grad norm"
+    attempt = run.step + 1
+    stop = config.on_nonfinite == "stop" or run.consecutive_skips >= config.max_consecutive_skips
+    if not stop:
+        run.nonfinite_skips += 1
+        run.consecutive_skips += 1
+    # ``step`` is the step the batch was for: a resume from an earlier checkpoint drops the record and meets the batch
+    # again, one from a later checkpoint keeps it
+    run.log({"type": "nonfinite", "step": attempt, "loss": loss, "grad_norm": grad_norm,
+             "action": "stop" if stop else "skip", "consecutive_skips": run.consecutive_skips})
+    if not stop:
+        return
+    reason = (f"{run.consecutive_skips} step(s) in a row already skipped (--max-consecutive-skips "
+              f"{config.max_consecutive_skips})" if config.on_nonfinite == "skip"
+              else "lower --lr, enable --grad-clip, or pass --on-nonfinite skip")
+    raise TrainingDiverged(
+        f"non-finite {what} at step {attempt} (loss={loss}, grad_norm={grad_norm}): {reason}; no checkpoint of "
+        f"this state was written" + (f", metrics in {run.out_dir / 'metrics.jsonl'}" if run.out_dir else "")
+    )
+
 
 def _train_loop(run: Run) -> dict:
     config = run.config
@@ -301,6 +354,10 @@ def _train_loop(run: Run) -> dict:
         run._synchronize()
         started = time.perf_counter()
         loss, grad_norm = run.train_step()
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            _handle_nonfinite(run, loss, grad_norm)
+            continue
+        run.consecutive_skips = 0
         update = run.controller.step() if run.controller is not None else None
         run._synchronize()
         elapsed = time.perf_counter() - started
@@ -368,6 +425,7 @@ def _train_loop(run: Run) -> dict:
         "peak_mem_kind": peak_kind,
         "num_parameters": sum(p.numel() for p in run.model.parameters()),
         "topology_updates": len(run.controller.history) if run.controller is not None else 0,
+        "nonfinite_skips": run.nonfinite_skips,
         "loss_spikes": run.spikes.summary(),
         "world_size": run.ddp.world_size,
         "rank": run.ddp.rank,

@@ -1,5 +1,5 @@
 """The trainer's records: ``metrics.jsonl`` (one JSON object a line; see :mod:`smet_kernels.train.loop` for the
-record types), ``summary.json``, perplexity and the peak-memory measurement."""
+record types), ``summary.json`` (both strict JSON: a non-finite number is written as ``null``), perplexity and the peak-memory measurement."""
 
 from __future__ import annotations
 
@@ -25,6 +25,22 @@ def perplexity(loss: float) -> float:
     return math.exp(min(loss, 700.0))
 
 
+def finite_or_none(value):
+    """``value`` (a JSON-like tree) with every non-finite float replaced by ``None``: strict JSON has no NaN/Inf."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: finite_or_none(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_none(item) for item in value]
+    return value
+
+
+def strict_json(value, **options) -> str:
+    """``json.dumps`` of ``value`` with non-finite floats as ``null`` (``allow_nan=False`` guards the rest)."""
+    return json.dumps(finite_or_none(value), allow_nan=False, **options)
+
+
 class MetricsLog:
     """``out_dir/metrics.jsonl``, flushed after every record. On a resume (``resumed_step`` not None) the records
     past the checkpoint (an interrupted run's tail) and the end-of-run measurements of unfinished spike windows are
@@ -36,13 +52,13 @@ class MetricsLog:
         kept = []
         if resumed_step is not None and path.exists():
             records = [json.loads(line) for line in path.read_text().splitlines() if line]
-            kept = [json.dumps(r) for r in records if r["step"] <= resumed_step and r.get("complete", True)]
+            kept = [strict_json(r) for r in records if r["step"] <= resumed_step and r.get("complete", True)]
         self.file = path.open("w")
         self.file.writelines(line + "\n" for line in kept)
         self.file.flush()
 
     def log(self, record: dict) -> None:
-        self.file.write(json.dumps(record) + "\n")
+        self.file.write(strict_json(record) + "\n")
         self.file.flush()
 
     def close(self) -> None:
@@ -50,4 +66,4 @@ class MetricsLog:
 
 
 def write_summary(out_dir: Path, summary: dict) -> None:
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    (out_dir / "summary.json").write_text(strict_json(summary, indent=1))

@@ -14,6 +14,7 @@ from .build import HIDDEN_LINEAR_PATTERN, build_controller, build_model, build_o
 from .checkpoint import find_checkpoint, load_checkpoint_config
 from .config import (
     FIXED_ON_RESUME,
+    NONFINITE_ACTIONS,
     OPTIMIZERS,
     PARALLEL_MODES,
     PRECISIONS,
@@ -22,11 +23,11 @@ from .config import (
     TrainConfig,
 )
 from .distributed import shard_model
-from .loop import MIN_LR_RATIO, Run, lr_factor, train
+from .loop import MIN_LR_RATIO, Run, TrainingDiverged, lr_factor, train
 from .metrics import peak_memory_bytes
 
 __all__ = [
-    "FIXED_ON_RESUME", "HIDDEN_LINEAR_PATTERN", "MIN_LR_RATIO", "OPTIMIZERS", "PARALLEL_MODES", "PRECISIONS",
-    "SPARSE_OPTIMIZERS", "ConfigError", "Run", "TrainConfig", "build_controller", "build_model", "build_optimizer",
+    "FIXED_ON_RESUME", "HIDDEN_LINEAR_PATTERN", "MIN_LR_RATIO", "NONFINITE_ACTIONS", "OPTIMIZERS", "PARALLEL_MODES", "PRECISIONS",
+    "SPARSE_OPTIMIZERS", "ConfigError", "Run", "TrainConfig", "TrainingDiverged", "build_controller", "build_model", "build_optimizer",
     "find_checkpoint", "load_checkpoint_config", "lr_factor", "peak_memory_bytes", "shard_model", "train",
 ]

@@ -1,0 +1,174 @@
+"""Faults the trainer survives: non-finite losses (stop with one line, or skip), strict JSON outputs, checkpoints
+verified against their manifest on resume (a corrupt newest one is passed over)."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from smet_kernels.train import cli, loop
+from smet_kernels.train.checkpoint import CheckpointWarning, find_checkpoint, verify_checkpoint
+from smet_kernels.train.metrics import finite_or_none, strict_json
+from smet_kernels.train.trainer import ConfigError, TrainConfig, TrainingDiverged, train
+
+
+@pytest.fixture(autouse=True)
+def cache_dir(tmp_path_factory, monkeypatch):
+    path = tmp_path_factory.getbasetemp() / "smet_cache"
+    monkeypatch.setenv("SMET_CACHE_DIR", str(path))
+    return path
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_config(**overrides) -> TrainConfig:
+    values = dict(model="tiny", optimizer="adamw", batch_size=4, seq_len=32, max_steps=6, lr=3e-3, eval_every=0,
+                  backend="reference", progress=False)
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def strict_records(path):
+    """Parse JSON lines refusing NaN/Infinity, as strict readers (jq) do."""
+
+    def refuse(name):
+        raise ValueError(f"non-standard JSON constant {name}")
+
+    return [json.loads(line, parse_constant=refuse) for line in path.read_text().splitlines()]
+
+
+def nan_losses_on(monkeypatch, bad_calls):
+    """Make the training loss NaN on the given (1-based) calls of ``lm_loss`` in the loop."""
+    real_loss, calls = loop.lm_loss, []
+
+    def loss(logits, targets):
+        calls.append(1)
+        value = real_loss(logits, targets)
+        return value * float("nan") if len(calls) in bad_calls else value
+
+    monkeypatch.setattr(loop, "lm_loss", loss)
+
+
+def test_a_diverging_run_stops_with_one_line_and_writes_no_nonfinite_checkpoint(tmp_path, capsys):
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--config", "tiny", "--lr", "50", "--grad-clip", "0", "--checkpoint-every", "2", "--batch-size",
+                  "4", "--seq-len", "64", "--max-steps", "40", "--eval-every", "0", "--backend", "reference",
+                  "--no-progress", "--out-dir", str(out)])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("smet-train: error: non-finite ") and " at step " in err[-1], err
+    assert not any("Traceback" in line for line in err)
+    records = strict_records(out / "metrics.jsonl")
+    stop = records[-1]
+    assert stop["type"] == "nonfinite" and stop["action"] == "stop"
+    assert f"at step {stop['step']} " in err[-1]
+    assert stop["loss"] is None or stop["grad_norm"] is None  # NaN/Inf written as null
+    assert all(r["step"] < stop["step"] for r in records[:-1])
+    assert not (out / "summary.json").exists()  # a summary marks a finished run
+    for checkpoint in (out / "checkpoints").glob("step_*"):
+        state = torch.load(checkpoint / "state.pt", weights_only=False)
+        assert int(checkpoint.name[5:]) < stop["step"]
+        assert all(torch.isfinite(v).all() for v in state["model"].values() if isinstance(v, torch.Tensor) and torch.is_floating_point(v))
+
+
+def test_skip_drops_nonfinite_steps_and_counts_them(tmp_path, monkeypatch):
+    nan_losses_on(monkeypatch, {3})
+    summary = train(tiny_config(on_nonfinite="skip", out_dir=str(tmp_path)))
+    assert summary["steps"] == 6 and summary["nonfinite_skips"] == 1
+    records = strict_records(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in records if r["type"] == "train"] == [1, 2, 3, 4, 5, 6]
+    skipped = [r for r in records if r["type"] == "nonfinite"]
+    assert skipped == [{"type": "nonfinite", "step": 3, "loss": None, "grad_norm": None, "action": "skip",
+                        "consecutive_skips": 1}]
+    assert all(math.isfinite(r["loss"]) for r in records if r["type"] == "train")
+    assert json.loads((tmp_path / "summary.json").read_text())["nonfinite_skips"] == 1
+
+
+def test_skip_stops_after_the_allowed_skips_in_a_row(tmp_path, monkeypatch):
+    nan_losses_on(monkeypatch, set(range(3, 100)))
+    with pytest.raises(TrainingDiverged, match=r"non-finite loss at step 3 .*2 step\(s\) in a row already skipped"):
+        train(tiny_config(on_nonfinite="skip", max_consecutive_skips=2, checkpoint_every=1, out_dir=str(tmp_path)))
+    records = strict_records(tmp_path / "metrics.jsonl")
+    assert [(r["step"], r["action"]) for r in records if r["type"] == "nonfinite"] == [(3, "skip"), (3, "skip"),
+                                                                                          (3, "stop")]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_0000001", "step_0000002"]
+
+
+def test_a_checkpoint_of_nonfinite_parameters_is_refused(tmp_path):
+    run = loop.Run(tiny_config(out_dir=str(tmp_path)))
+    try:
+        with torch.no_grad():
+            next(run.model.parameters())[0, 0] = float("inf")
+        with pytest.raises(TrainingDiverged, match="non-finite parameters at step 0"):
+            run.save_checkpoint()
+    finally:
+        run.metrics.close()
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_outputs_are_strict_json():
+    assert finite_or_none({"a": [1.0, float("nan")], "b": (float("inf"), 2), "c": "x"}) == {
+        "a": [1.0, None], "b": [None, 2], "c": "x"}
+    assert strict_json({"loss": float("-inf")}) == '{"loss": null}'
+    assert strict_json({"loss": torch.tensor(float("nan"), dtype=torch.float64).numpy()[()]}) == '{"loss": null}'
+
+
+def test_the_nonfinite_options_are_validated_and_explained():
+    with pytest.raises(ConfigError, match="on_nonfinite"):
+        tiny_config(on_nonfinite="ignore").validate()
+    with pytest.raises(ConfigError, match="max_consecutive_skips"):
+        tiny_config(max_consecutive_skips=0).validate()
+    help_text = " ".join(cli.build_parser().format_help().split())
+    assert "--on-nonfinite {stop,skip}" in help_text and "(default: stop)" in help_text
+    assert "--max-consecutive-skips" in help_text and "(default: 5)" in help_text
+
+
+def test_resume_passes_over_a_corrupt_newest_checkpoint(tmp_path, capsys):
+    out = tmp_path / "run"
+    train(tiny_config(max_steps=6, checkpoint_every=2, out_dir=str(out)))
+    checkpoints = out / "checkpoints"
+    assert {p.name for p in checkpoints.iterdir()} == {"step_0000002", "step_0000004", "step_0000006"}
+    assert all(verify_checkpoint(p) is None for p in checkpoints.iterdir())
+    manifest = json.loads((checkpoints / "step_0000006" / "manifest.json").read_text())
+    assert set(manifest["files"]) == {"state.pt", "config.json"}
+    # the newest is truncated, the next one has a flipped byte: resume falls back to step 2
+    state = checkpoints / "step_0000006" / "state.pt"
+    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
+    state = checkpoints / "step_0000004" / "state.pt"
+    data = bytearray(state.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    state.write_bytes(bytes(data))
+    assert "has" in verify_checkpoint(checkpoints / "step_0000006")
+    assert "sha256 of state.pt" in verify_checkpoint(checkpoints / "step_0000004")
+    with pytest.warns(CheckpointWarning) as caught:
+        assert find_checkpoint(out).name == "step_0000002"
+    assert ["step_0000006" in str(w.message) for w in caught] == [True, False]
+    resumed = tmp_path / "resumed"
+    assert cli.main(["--resume", str(out), "--out-dir", str(resumed), "--no-progress"]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert any(line.startswith("smet-train: warning: checkpoint") and "step_0000006" in line for line in err), err
+    assert any("step_0000004" in line and "sha256" in line for line in err), err
+    assert not any("Traceback" in line for line in err)
+    steps = [r["step"] for r in strict_records(resumed / "metrics.jsonl") if r["type"] == "train"]
+    assert steps == [3, 4, 5, 6]
+
+
+def test_resume_without_a_good_checkpoint_is_a_one_line_error(tmp_path, capsys):
+    out = tmp_path / "run"
+    train(tiny_config(max_steps=2, checkpoint_every=2, out_dir=str(out)))
+    (out / "checkpoints" / "step_0000002" / "manifest.json").unlink()
+    for target in (out, out / "checkpoints" / "step_0000002"):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(["--resume", str(target), "--max-steps", "4", "--no-progress"])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith("smet-train: error: ") and "manifest.json missing" in " ".join(err), err
+        assert not any("Traceback" in line for line in err)
