@@ -45,6 +45,7 @@ class TrainingCase:
     batch_size: int
     seq_len: int
     dtype: torch.dtype
+    activation_checkpointing: bool = False  # API only: training.csv has no column for it yet
 
     def key_row(self, backend: str) -> dict:
         return {
@@ -91,6 +92,7 @@ def build(case: TrainingCase, device: torch.device, backend: str | None, seed: i
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     model = LlamaModel(model_config_for(case), device=device, dtype=case.dtype)
+    model.activation_checkpointing = case.activation_checkpointing
     lr = 1e-4
     if case.method == "smet":
         from smet_kernels.modules import sparsify
@@ -131,6 +133,7 @@ def predicted_memory(case: TrainingCase):
         seq_len=case.seq_len,
         param_dtype=case.dtype,
         rank=GALORE_DEFAULT_RANK.get(case.config) if case.method == "galore" else None,
+        activation_checkpointing=case.activation_checkpointing,
     )
 
 

@@ -17,9 +17,11 @@ vocab ``V``, element sizes ``e`` (parameters/activations), ``s`` (optimizer stat
   cos/sin tables (``2 S (h/a) e`` per layer when they are cast from fp32); ``masked`` layers also save
   ``W ⊙ M`` (``4h² + 3hi`` per layer). Plus the final norm
   ``(4 + 2e) T h + 4 T``, cross-entropy's fp32 log-softmax ``4 T V`` and the int64 token ids and targets ``16 T``;
+  with **activation checkpointing** a decoder layer saves only its input (``e T h``, plus the cast cos/sin);
 * **rest**: the largest working set of the backward pass, an estimate — the loss backward holds the bf16/fp32
   logits, their fp32 copy and the log-softmax gradient (``(8 + e) T V``), a SwiGLU backward holds three
-  ``T × i`` gradients (``3 e T i``): ``max`` of the two.
+  ``T × i`` gradients (``3 e T i``): ``max`` of the two; with activation checkpointing the layer in backward also
+  holds its recomputed activations (one layer's share above).
 
 The measured split (:mod:`profiling.memory_breakdown`) keeps gradients allocated between steps
 (``zero_grad(set_to_none=False)``), so the five components add up to the peak.
@@ -105,12 +107,14 @@ def predict_memory(
     state_dtype: torch.dtype | None = None,
     rank: int | None = None,
     distribution: str = "uniform",
+    activation_checkpointing: bool = False,
 ) -> MemoryEstimate:
     """Predicted bytes per component of one training step of ``config`` trained with ``method``.
 
     ``method``: ``dense`` (AdamW), ``galore`` (low-rank projected AdamW, ``rank`` required), ``masked``
     (dense weights × block mask, dense gradients and states) or ``smet`` (compact values, gradients, states).
     ``state_dtype`` defaults to ``param_dtype`` (what ``torch.optim.AdamW`` allocates).
+    ``activation_checkpointing``: each decoder layer saves only its input (recomputed in backward).
     """
     from smet_kernels.distribution import layer_densities
     from smet_kernels.layout import check_block_size, check_density, nnz_for_density
@@ -158,10 +162,12 @@ def predict_memory(
         optimizer = 2 * (dense_other + hidden_dense) * s
 
     per_layer = T * h * (8 + 8 * e) + 4 * e * T * i + 4 * batch_size * config.num_heads * seq_len + 8 * T
-    if e != 4:
-        per_layer += 2 * seq_len * (h // config.num_heads) * e  # cos/sin cast to the activation dtype
-    activations = L * per_layer + (4 + 2 * e) * T * h + 4 * T + 4 * T * V + 16 * T
-    if method == "masked":
-        activations += hidden_dense * e  # the masked weight W ⊙ M each linear saves for its backward
-    rest = max((8 + e) * T * V, 3 * e * T * i)
+    masked_weights = hidden_dense // L * e if method == "masked" else 0  # W ⊙ M each masked linear saves
+    rope = 2 * seq_len * (h // config.num_heads) * e if e != 4 else 0  # cos/sin cast to the activation dtype
+    saved_per_layer = e * T * h + rope if activation_checkpointing else per_layer + rope + masked_weights
+    activations = L * saved_per_layer + (4 + 2 * e) * T * h + 4 * T + 4 * T * V + 16 * T
+    swiglu_backward = 3 * e * T * i
+    if activation_checkpointing:  # the layer in backward holds its recomputed activations too
+        swiglu_backward += per_layer + masked_weights
+    rest = max((8 + e) * T * V, swiglu_backward)
     return MemoryEstimate(int(weights), int(gradients), int(optimizer), int(activations), int(rest))

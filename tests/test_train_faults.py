@@ -172,3 +172,4 @@ def test_resume_without_a_good_checkpoint_is_a_one_line_error(tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert err[-1].startswith("smet-train: error: ") and "manifest.json missing" in " ".join(err), err
         assert not any("Traceback" in line for line in err)
+

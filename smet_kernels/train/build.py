@@ -14,13 +14,15 @@ HIDDEN_LINEAR_PATTERN = r"\.(" + "|".join(HIDDEN_LINEAR_NAMES) + r")$"
 
 
 def build_model(config: TrainConfig, vocab_size: int, device: torch.device) -> nn.Module:
-    """The LLaMA model of ``config`` on ``device``; hidden linears made sparse in the sparse modes."""
+    """The LLaMA model of ``config`` on ``device``; hidden linears made sparse in the sparse modes; decoder layers
+    recomputed in backward with ``activation_checkpointing``."""
     block_size = config.resolved_block_size()
     sparse = config.optimizer in SPARSE_OPTIMIZERS
     shape = model_config(config.model, vocab_size, block_size if sparse else None, max_seq_len=config.seq_len)
     dtype = torch.bfloat16 if config.precision == "bf16" else torch.float32
     torch.manual_seed(config.seed)
     model = LlamaModel(shape, device=device, dtype=dtype)
+    model.activation_checkpointing = config.activation_checkpointing
     generator = torch.Generator().manual_seed(config.seed + 1)
     backend = None if config.backend == "auto" else config.backend
     if config.optimizer in ("smet", "naive-dst"):

@@ -119,6 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--precision", choices=PRECISIONS,
                      help="fp32; bf16-autocast (fp32 weights, bf16 matmuls); bf16 (bf16 weights, fp32 optimizer "
                      f"states for SMET) (default: {d.precision})")
+    opt.add_argument("--activation-checkpointing", action="store_true",
+                     help="recompute each decoder layer in backward (non-reentrant torch.utils.checkpoint): only the "
+                     "layer inputs stay saved, activation memory falls by about the layer count, a step costs about "
+                     "one more forward; the same losses (default: off)")
     opt.add_argument("--batch-size", type=_int_at_least(1),
                      help=f"global batch in sequences per optimizer step, split over --grad-accum micro-steps and "
                      f"the data-parallel ranks (default: {d.batch_size})")

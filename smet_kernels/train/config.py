@@ -55,6 +55,7 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     precision: str = "fp32"
+    activation_checkpointing: bool = False
     batch_size: int = 8
     seq_len: int = 128
     grad_accum: int = 1

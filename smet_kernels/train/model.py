@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..recompute import checkpoint
+
 HIDDEN_LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -153,7 +155,12 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    """Decoder-only LM: ``logits = head(norm(layers(embed(tokens))))``; weights ~ N(0, init_std²)."""
+    """Decoder-only LM: ``logits = head(norm(layers(embed(tokens))))``; weights ~ N(0, init_std²).
+
+    ``activation_checkpointing = True`` checkpoints each decoder layer while gradients are enabled: only the layer's
+    input stays saved and the layer runs again in backward (:func:`smet_kernels.recompute.checkpoint`, non-reentrant;
+    the same numbers: no dropout, RoPE tables are fixed).
+    """
 
     def __init__(self, config: LlamaConfig, device=None, dtype=None):
         super().__init__()
@@ -167,6 +174,7 @@ class LlamaModel(nn.Module):
         cos, sin = rope_tables(config.head_dim, config.max_seq_len, config.rope_theta, device=device)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        self.activation_checkpointing = False
         self.reset_parameters()
 
     @torch.no_grad()
@@ -185,8 +193,12 @@ class LlamaModel(nn.Module):
         cos = self.rope_cos[:seq]
         sin = self.rope_sin[:seq]
         x = self.embed(tokens)
+        recompute = self.activation_checkpointing and torch.is_grad_enabled()
         for layer in self.layers:
-            x = layer(x, cos.to(x.dtype), sin.to(x.dtype))
+            if recompute:
+                x = checkpoint(layer, x, cos.to(x.dtype), sin.to(x.dtype))
+            else:
+                x = layer(x, cos.to(x.dtype), sin.to(x.dtype))
         return self.lm_head(self.norm(x))
 
 
