@@ -152,11 +152,13 @@ def read_checkpoint(checkpoint: Path, config: TrainConfig) -> dict:
     """The state saved in ``checkpoint`` (CPU tensors), after checking that ``config`` keeps the settings a resumed
     run must share with it (:data:`FIXED_ON_RESUME`)."""
     saved = json.loads((checkpoint / "config.json").read_text())
-    changed = [name for name in FIXED_ON_RESUME if saved.get(name) != getattr(config, name)]
+    defaults = TrainConfig()  # a setting newer than the checkpoint had its default there
+    saved = {name: saved.get(name, getattr(defaults, name)) for name in FIXED_ON_RESUME}
+    changed = [name for name in FIXED_ON_RESUME if saved[name] != getattr(config, name)]
     if changed:
         raise ConfigError(
             f"cannot change {', '.join(changed)} when resuming {str(checkpoint)!r} (saved: "
-            + ", ".join(f"{name}={saved.get(name)!r}" for name in changed)
+            + ", ".join(f"{name}={saved[name]!r}" for name in changed)
             + "): the model, its topology and the data position depend on them"
         )
     # read to CPU: RNG states must stay CPU ByteTensors; the load_state_dict calls move the rest to the device

@@ -16,6 +16,7 @@ from ..layout import SUPPORTED_BLOCK_SIZES
 from .model import MODEL_CONFIGS
 from .checkpoint import CheckpointWarning
 from .metrics import strict_json
+from .tokenizer import DEFAULT_BPE_VOCAB
 from .trainer import (
     NONFINITE_ACTIONS,
     OPTIMIZERS,
@@ -150,6 +151,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--data",
                      help="'stdlib' (Python standard library sources, byte tokens), a text file, a folder of text "
                      f"files, a uint16 .bin token file, or hf:NAME[:CONFIG] (default: {d.data})")
+    run.add_argument("--tokenizer",
+                     help="byte (each byte a token, vocab 256) or bpe[:VOCAB], a byte-level BPE (Hugging Face "
+                     "tokenizers) trained on the training split of a text corpus and cached with its tokens "
+                     f"(VOCAB default {DEFAULT_BPE_VOCAB}); validation also reports bits per byte, comparable across "
+                     f"tokenizers (default: {d.tokenizer})")
     run.add_argument("--eval-every", type=_int_at_least(0),
                      help=f"validate every N steps (and at step 0 and the end), 0 disables (default: {d.eval_every})")
     run.add_argument("--eval-batches", type=_int_at_least(1),
@@ -233,7 +239,8 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     except TrainingDiverged as error:
         parser.exit(1, f"{parser.prog}: error: {' '.join(str(error).split())}\n")
     if summary["rank"] == 0:
-        keys = ("steps", "initial_val_loss", "final_val_loss", "tokens_per_s", "steady_tokens_per_s", "peak_mem_bytes")
+        keys = ("steps", "initial_val_loss", "final_val_loss", "final_val_bpb", "tokens_per_s", "steady_tokens_per_s",
+                "peak_mem_bytes")
         brief = {k: summary[k] for k in keys}
         brief["loss_spikes"] = summary["loss_spikes"]
         print(strict_json(brief))

@@ -14,12 +14,13 @@ from .. import backend as backend_module
 from ..layout import SUPPORTED_BLOCK_SIZES, nnz_for_density
 from ..topology import blocks_to_move
 from .model import MODEL_CONFIGS
+from .tokenizer import TokenizerError, parse_tokenizer
 
 OPTIMIZERS = ("adamw", "galore", "smet", "masked-dst", "naive-dst")
 PARALLEL_MODES = ("ddp", "fsdp")
 SPARSE_OPTIMIZERS = ("smet", "masked-dst", "naive-dst")
 # settings a resumed run must share with its checkpoint (model shape and topology, data order and position)
-FIXED_ON_RESUME = ("model", "optimizer", "density", "block_size", "distribution", "data", "seq_len",
+FIXED_ON_RESUME = ("model", "optimizer", "density", "block_size", "distribution", "data", "tokenizer", "seq_len",
                    "batch_size", "seed", "spike_window")
 PRECISIONS = ("fp32", "bf16-autocast", "bf16")
 NONFINITE_ACTIONS = ("stop", "skip")
@@ -68,6 +69,7 @@ class TrainConfig:
     log_every: int = 1
     spike_window: int = 10
     data: str = "stdlib"
+    tokenizer: str = "byte"
     device: str = "auto"
     backend: str = "auto"
     out_dir: str | None = None
@@ -120,6 +122,10 @@ class TrainConfig:
         choice("precision", PRECISIONS)
         choice("parallel", PARALLEL_MODES)
         choice("on_nonfinite", NONFINITE_ACTIONS)
+        try:
+            parse_tokenizer(self.tokenizer)
+        except TokenizerError as error:
+            raise ConfigError(str(error)) from None
         choice("backend", backend_module.BACKENDS)
         number("density", 0.0, 1.0, low_open=True)
         number("prune_fraction", 0.0, 1.0, low_open=True, high_open=True)

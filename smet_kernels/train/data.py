@@ -11,7 +11,9 @@ Sources (:func:`load_corpus`):
 * ``hf:NAME[:CONFIG]``: a Hugging Face dataset (needs ``datasets``), text column byte-tokenised.
 
 Tokenised text corpora are cached as ``.bin`` files (uint8) under ``$SMET_CACHE_DIR`` or
-``~/.cache/smet_kernels``, keyed by the files' paths, sizes and mtimes, and memory-mapped.
+``~/.cache/smet_kernels``, keyed by the files' paths, sizes and mtimes, and memory-mapped. With
+``tokenizer="bpe[:VOCAB]"`` a text corpus is re-tokenised by a byte-level BPE trained on its training split
+(:mod:`smet_kernels.train.tokenizer`), cached next to the byte streams.
 
 :class:`PackedBatches` cuts a token stream into windows of ``seq_len + 1`` tokens (window ``i`` starts at
 ``i * seq_len``), visits them in a per-epoch random order drawn from the seed, and splits each global batch
@@ -46,6 +48,11 @@ class Corpus:
     val: np.ndarray
     vocab_size: int
     name: str
+    token_bytes: np.ndarray | None = None  # text bytes per token id (None: unknown, a token file)
+
+    def bytes_of(self, tokens: np.ndarray) -> int | None:
+        """Text bytes the token ids ``tokens`` stand for, or None when unknown."""
+        return None if self.token_bytes is None else int(self.token_bytes[np.asarray(tokens, dtype=np.int64)].sum())
 
 
 def cache_dir() -> Path:
@@ -136,8 +143,15 @@ def _load_hf(spec: str, val_percent: float) -> tuple[np.ndarray, np.ndarray]:
     return tuple(np.memmap(paths[s], dtype=np.uint8, mode="r") for s in ("train", "val"))
 
 
-def load_corpus(data: str = "stdlib", val_percent: float = 2.0) -> Corpus:
-    """Token streams for ``data`` (see the module docstring); raises :class:`DataError` when unreadable."""
+def load_corpus(data: str = "stdlib", val_percent: float = 2.0, tokenizer: str = "byte") -> Corpus:
+    """Token streams for ``data`` under ``tokenizer`` (``byte`` or ``bpe[:VOCAB]``, see the module docstring);
+    raises :class:`DataError` when unreadable."""
+    from .tokenizer import TokenizerError, bpe_streams, parse_tokenizer
+
+    try:
+        spec = parse_tokenizer(tokenizer)
+    except TokenizerError as error:
+        raise DataError(str(error)) from None
     if not isinstance(data, str) or not data:
         raise DataError(f"data must be 'stdlib', a path or 'hf:NAME', got {data!r}")
     if not (0.0 < val_percent < 100.0):
@@ -174,7 +188,15 @@ def load_corpus(data: str = "stdlib", val_percent: float = 2.0) -> Corpus:
                 vocab = 256
     except OSError as error:
         raise DataError(f"cannot read data {data!r}: {error.strerror or error}") from None
-    return Corpus(train=train, val=val, vocab_size=vocab, name=data)
+    if train.dtype != np.uint8:  # a token file: its tokens are given
+        if spec.kind != "byte":
+            raise DataError(f"data {data!r} is a token file: tokenizer {tokenizer!r} needs text (use 'byte')")
+        return Corpus(train=train, val=val, vocab_size=vocab, name=data)
+    if spec.kind == "bpe":
+        stem = Path(str(train.filename)[: -len(".train.bin")])
+        train, val, token_bytes = bpe_streams(train, val, stem, spec.vocab_size)
+        return Corpus(train=train, val=val, vocab_size=len(token_bytes), name=data, token_bytes=token_bytes)
+    return Corpus(train=train, val=val, vocab_size=vocab, name=data, token_bytes=np.ones(256, dtype=np.int64))
 
 
 def num_windows(tokens: np.ndarray, seq_len: int) -> int:

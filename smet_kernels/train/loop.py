@@ -15,7 +15,7 @@ LR: linear warm-up over ``lr_warmup_steps``, then cosine decay to ``0.1 * lr`` a
 
 Outputs in ``out_dir`` (rank 0): ``metrics.jsonl`` (one object per logged step: ``type="train"``, ``step``,
 ``loss``, ``lr``, ``tokens_per_s``, ``peak_mem_bytes`` — ``torch.cuda.max_memory_allocated`` on CUDA, the
-process peak resident set size (``ru_maxrss``) on CPU — plus ``val_loss``/``val_ppl`` on eval steps; one
+process peak resident set size (``ru_maxrss``) on CPU — plus ``val_loss``/``val_ppl``/``val_bpb`` (bits per byte, comparable between tokenizers) on eval steps; one
 ``type="topology_update"`` object per update and one ``type="loss_spike"`` object per measured spike, written
 at the step its window closes, ``update_step`` naming the update; ``step`` is always the step of writing),
 ``summary.json`` and ``checkpoints/step_XXXXXXX/`` (written to a temporary folder, then renamed). The summary's
@@ -96,7 +96,7 @@ class Run:
                 "for the (slow) CPU interpreter, or --backend reference"
             )
         try:
-            corpus = load_corpus(config.data)
+            corpus = load_corpus(config.data, tokenizer=config.tokenizer)
         except DataError as error:
             raise ConfigError(str(error)) from None
         if config.batch_size % (config.grad_accum * self.ddp.world_size) != 0:
@@ -117,6 +117,11 @@ class Run:
         self.optimizer = build_optimizer(config, self.model, self.device)
         self.controller = build_controller(config, self.model, self.optimizer)
         self.val_tokens = corpus.val
+        self.vocab_size = corpus.vocab_size
+        self.val_bytes_per_token = None  # of the evaluated targets, for bits per byte
+        if self.val_indices is not None and corpus.token_bytes is not None:
+            targets = window_batch(corpus.val, self.val_indices, config.seq_len)[1].numpy()
+            self.val_bytes_per_token = corpus.bytes_of(targets) / targets.size
         self.base_lrs = [group["lr"] for group in self.optimizer.param_groups]  # before a resume overwrites them
         self.spikes = SpikeTracker(config.spike_window)
         self.step = 0
@@ -213,6 +218,12 @@ class Run:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
+    def val_record(self, val_loss: float) -> dict:
+        """``val_loss`` (nats per token), ``val_ppl`` and ``val_bpb`` = ``val_loss · tokens / (ln 2 · bytes)`` over
+        the evaluated targets (None for a token file, whose bytes are unknown)."""
+        bpb = None if self.val_bytes_per_token is None else val_loss / (math.log(2) * self.val_bytes_per_token)
+        return {"val_loss": val_loss, "val_ppl": perplexity(val_loss), "val_bpb": bpb}
+
     @torch.no_grad()
     def evaluate(self) -> float:
         """Mean validation loss over the fixed validation windows (sharded over ranks, in the training micro-batch
@@ -252,14 +263,13 @@ class Run:
                 (loss / config.grad_accum).backward()
             loss_sum += loss.detach().double()
         loss = float(self.ddp.mean(loss_sum / config.grad_accum))
-        parameters = [p for p in self.model.parameters() if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm([p.grad for p in parameters])
+        # max_norm inf measures without clipping (the gradients are scaled by min(1, inf) = 1)
+        max_norm = config.grad_clip if config.grad_clip > 0 else math.inf
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
         grad_norm = float(full(norm))  # a replicated DTensor under fsdp
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             self.optimizer.zero_grad(set_to_none=True)
             return loss, grad_norm
-        if config.grad_clip > 0:
-            torch.nn.utils.clip_grads_with_norm_(parameters, config.grad_clip, norm)
         factor = lr_factor(self.step + 1, config.lr_warmup_steps, config.max_steps)
         for group, base_lr in zip(self.optimizer.param_groups, self.base_lrs):
             group["lr"] = base_lr * factor
@@ -345,7 +355,7 @@ def _train_loop(run: Run) -> dict:
     last_val_loss = None
     if run.val_indices is not None and config.eval_every > 0 and run.step == 0:
         run.initial_val_loss = last_val_loss = run.evaluate()
-        run.log({"type": "eval", "step": 0, "val_loss": last_val_loss, "val_ppl": perplexity(last_val_loss)})
+        run.log({"type": "eval", "step": 0, **run.val_record(last_val_loss)})
     bar = tqdm(total=config.max_steps, initial=run.step, disable=not (config.progress and run.is_main),
                desc="smet-train", dynamic_ncols=True)
     window_tokens, window_time, last_loss = 0, 0.0, float("nan")
@@ -388,10 +398,10 @@ def _train_loop(run: Run) -> dict:
             }
             window_tokens, window_time = 0, 0.0
             if val_loss is not None:
-                record.update(val_loss=val_loss, val_ppl=perplexity(val_loss))
+                record.update(run.val_record(val_loss))
             run.log(record)
         elif val_loss is not None:
-            run.log({"type": "eval", "step": step, "val_loss": val_loss, "val_ppl": perplexity(val_loss)})
+            run.log({"type": "eval", "step": step, **run.val_record(val_loss)})
         if update is not None:
             layers = update.get("layers", {})
             run.log({
@@ -417,6 +427,8 @@ def _train_loop(run: Run) -> dict:
         "initial_val_loss": run.initial_val_loss,
         "final_val_loss": last_val_loss,
         "final_val_ppl": perplexity(last_val_loss) if last_val_loss is not None else None,
+        "final_val_bpb": run.val_record(last_val_loss)["val_bpb"] if last_val_loss is not None else None,
+        "vocab_size": run.vocab_size,
         "tokens": run.tokens_seen,
         "train_time_s": run.train_time,
         "tokens_per_s": run.tokens_seen / run.train_time if run.train_time > 0 else None,

@@ -1,0 +1,130 @@
+"""``--tokenizer byte|bpe[:VOCAB]``: a deterministic byte-level BPE trained on the training split, cached with the
+tokens, and validation in bits per byte so that byte and BPE runs compare."""
+
+import json
+import math
+import sysconfig
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from smet_kernels.train import cli, tokenizer as tokenizer_module
+from smet_kernels.train.data import DataError, load_corpus
+from smet_kernels.train.tokenizer import (
+    DEFAULT_BPE_VOCAB,
+    TokenizerError,
+    encode,
+    parse_tokenizer,
+    token_byte_lengths,
+    train_bpe,
+)
+from smet_kernels.train.trainer import ConfigError, TrainConfig, train
+
+
+@pytest.fixture(autouse=True)
+def cache_dir(tmp_path_factory, monkeypatch):
+    path = tmp_path_factory.getbasetemp() / "smet_cache"
+    monkeypatch.setenv("SMET_CACHE_DIR", str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def corpus_dir(tmp_path_factory) -> Path:
+    """A small text corpus: the standard library's json package (about 100 kB, split by path)."""
+    folder = tmp_path_factory.mktemp("corpus")
+    for path in sorted((Path(sysconfig.get_paths()["stdlib"]) / "json").glob("*.py")):
+        (folder / path.name).write_bytes(path.read_bytes())
+    return folder
+
+
+def test_tokenizer_specs_parse_with_one_line_errors():
+    assert parse_tokenizer("byte").vocab_size == 256
+    assert parse_tokenizer("bpe").vocab_size == DEFAULT_BPE_VOCAB == 32000
+    assert parse_tokenizer("bpe:512").vocab_size == 512 and parse_tokenizer("bpe:512").name == "bpe512"
+    for bad, message in (("wordpiece", "must be 'byte' or 'bpe"), ("bpe:x", "must be an integer"),
+                         ("bpe:100", "must be in [257")):
+        with pytest.raises(TokenizerError, match=message.replace("[", r"\[")):
+            parse_tokenizer(bad)
+    with pytest.raises(ConfigError, match="must be 'byte' or 'bpe"):
+        TrainConfig(tokenizer="sentencepiece").validate()
+
+
+def test_bpe_is_deterministic_and_accounts_for_every_byte():
+    text = "".join(f"def function_{i}(value):\n    return value * {i} + 'caf\u00e9'\n" for i in range(300)).encode()
+    data = np.frombuffer(text, dtype=np.uint8)
+    first, second = train_bpe(data, 300), train_bpe(data, 300)
+    assert first.to_str() == second.to_str()
+    assert first.get_vocab_size() == 300
+    ids = encode(first, data)
+    assert ids.dtype == np.uint16 and len(ids) < len(text) / 2
+    assert first.decode(ids.tolist()) == text.decode()
+    assert int(token_byte_lengths(first)[ids.astype(np.int64)].sum()) == len(text)
+
+
+def test_bpe_corpus_is_trained_on_the_training_split_and_cached(corpus_dir, monkeypatch):
+    byte_corpus = load_corpus(str(corpus_dir))
+    corpus = load_corpus(str(corpus_dir), tokenizer="bpe:320")
+    assert corpus.vocab_size == 320 and corpus.train.dtype == np.uint16
+    assert int(corpus.train.max()) < 320 and len(corpus.train) < 0.7 * len(byte_corpus.train)
+    assert corpus.bytes_of(corpus.train) == len(byte_corpus.train)
+    assert corpus.bytes_of(corpus.val) == len(byte_corpus.val)
+    # the tokenizer saw only the training split: training it on those bytes gives the same merges
+    trained = train_bpe(byte_corpus.train, 320)
+    assert np.array_equal(encode(trained, byte_corpus.val), np.asarray(corpus.val))
+
+    def no_training(*args):
+        raise AssertionError("the cached tokenizer and tokens should be reused")
+
+    monkeypatch.setattr(tokenizer_module, "train_bpe", no_training)
+    again = load_corpus(str(corpus_dir), tokenizer="bpe:320")
+    assert np.array_equal(again.train, corpus.train) and np.array_equal(again.val, corpus.val)
+
+
+def test_a_token_file_refuses_bpe(tmp_path):
+    path = tmp_path / "tokens.bin"
+    np.arange(1000, dtype=np.uint16).tofile(path)
+    assert load_corpus(str(path)).token_bytes is None
+    with pytest.raises(DataError, match="is a token file"):
+        load_corpus(str(path), tokenizer="bpe:300")
+
+
+def test_byte_and_bpe_runs_report_bits_per_byte(corpus_dir, tmp_path):
+    summaries, records = {}, {}
+    for spec in ("byte", "bpe:320"):
+        out = tmp_path / spec.replace(":", "-")
+        summaries[spec] = train(TrainConfig(model="tiny", optimizer="adamw", data=str(corpus_dir), tokenizer=spec,
+                                            batch_size=4, seq_len=32, max_steps=4, eval_every=2, eval_batches=2,
+                                            backend="reference", progress=False, out_dir=str(out)))
+        records[spec] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    byte, bpe = summaries["byte"], summaries["bpe:320"]
+    assert byte["vocab_size"] == 256 and bpe["vocab_size"] == 320
+    assert byte["final_val_bpb"] == pytest.approx(byte["final_val_loss"] / math.log(2))
+    # bpb = loss · tokens / (ln 2 · bytes), tokens and bytes of the evaluated targets
+    corpus = load_corpus(str(corpus_dir), tokenizer="bpe:320")
+    from smet_kernels.train.data import eval_windows, window_batch
+
+    targets = window_batch(corpus.val, eval_windows(corpus.val, 32, 8), 32)[1].numpy()
+    expected = bpe["final_val_loss"] * targets.size / (math.log(2) * corpus.bytes_of(targets))
+    assert bpe["final_val_bpb"] == pytest.approx(expected, rel=1e-9)
+    assert all("val_bpb" in r for r in records["bpe:320"] if "val_loss" in r)
+    assert torch.isfinite(torch.tensor(bpe["final_val_bpb"]))
+
+
+def test_the_tokenizer_option_is_explained_and_fixed_on_resume(corpus_dir, tmp_path, capsys):
+    help_text = " ".join(cli.build_parser().format_help().split())
+    assert "--tokenizer TOKENIZER byte" in help_text and "(default: byte)" in help_text
+    assert "VOCAB default 32000" in help_text
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--tokenizer", "bpe:12", "--no-progress", "--out-dir", str(tmp_path / "bad")])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("smet-train: error: tokenizer vocab")
+    out = tmp_path / "run"
+    cli.main(["--config", "tiny", "--optimizer", "adamw", "--data", str(corpus_dir), "--batch-size", "2",
+              "--seq-len", "16", "--max-steps", "2", "--eval-every", "0", "--checkpoint-every", "2",
+              "--backend", "reference", "--no-progress", "--out-dir", str(out)])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--resume", str(out), "--tokenizer", "bpe:300", "--max-steps", "4", "--no-progress"])
+    assert exit_info.value.code == 2
+    assert "cannot change tokenizer" in capsys.readouterr().err
