@@ -1,5 +1,6 @@
 """``smet-train --parallel fsdp`` (FSDP2 ``fully_shard``) with two gloo processes on CPU: ranks stay in sync, the
-loss matches one process on the same global batch, topology updates happen and match, checkpoints are full (the
+loss matches one process on the same global batch, topology updates happen and match, checkpoints are sharded
+(DCP; resumable on 2 ranks exactly and on 1 rank, and a one-process checkpoint on 2 ranks) or full (the
 single-process format) and resuming one continues exactly like the uninterrupted run. Bad combinations raise."""
 
 import json
@@ -61,7 +62,7 @@ def load_state(out_dir, step):
 def test_fsdp_smet_matches_single_process_and_resumes_exactly(tmp_path, tmp_path_factory):
     cache_dir = tmp_path_factory.getbasetemp() / "smet_cache"
     launch(tmp_path / "single", 1, cache_dir, SMET_ARGS)
-    launch(tmp_path / "fsdp", 2, cache_dir, SMET_ARGS + ["--parallel", "fsdp"])
+    launch(tmp_path / "fsdp", 2, cache_dir, SMET_ARGS + ["--parallel", "fsdp", "--checkpoint-format", "full"])
     updates = assert_matches(tmp_path / "single", tmp_path / "fsdp", 6)
     assert [r["step"] for r in updates] == [3, 6] and updates[0]["pruned"] > 0
     assert not (tmp_path / "fsdp" / "rank1").exists()
@@ -94,6 +95,46 @@ def test_fsdp_smet_matches_single_process_and_resumes_exactly(tmp_path, tmp_path
     final, resumed_final = load_state(tmp_path / "fsdp", 6), load_state(resumed, 6)
     for key in ("model", "optimizer", "controller", "step"):
         assert_same_state(resumed_final[key], final[key], key)
+
+
+def resume_copy(checkpoint, out_dir, world_size, cache_dir):
+    """Resume a copy of ``checkpoint`` in ``out_dir`` on ``world_size`` ranks; its train records by step."""
+    (out_dir / "checkpoints").mkdir(parents=True)
+    shutil.copytree(checkpoint, out_dir / "checkpoints" / checkpoint.name)
+    launch(out_dir, world_size, cache_dir, ["--resume", str(out_dir), "--no-progress"])
+    return train_records(out_dir)
+
+
+def test_sharded_checkpoints_resume_on_another_world_size(tmp_path, tmp_path_factory):
+    cache_dir = tmp_path_factory.getbasetemp() / "smet_cache"
+    launch(tmp_path / "single", 1, cache_dir, SMET_ARGS + ["--parallel", "fsdp"])  # one process: full checkpoints
+    launch(tmp_path / "fsdp", 2, cache_dir, SMET_ARGS + ["--parallel", "fsdp"])
+    checkpoint = tmp_path / "fsdp" / "checkpoints" / "step_0000003"
+    state = torch.load(checkpoint / "state.pt", weights_only=False)
+    assert state["format"] == "sharded" and state["model"] is None and state["step"] == 3
+    assert (checkpoint / "sharded" / ".metadata").is_file()
+    manifest = json.loads((checkpoint / "manifest.json").read_text())["files"]
+    assert "sharded/.metadata" in manifest and sum(name.endswith(".distcp") for name in manifest) == 2
+    assert "format" not in load_state(tmp_path / "single", 3)
+    single, fsdp = train_records(tmp_path / "single"), train_records(tmp_path / "fsdp")
+
+    on_two = resume_copy(checkpoint, tmp_path / "2to2", 2, cache_dir)  # the same world size: bit for bit
+    assert sorted(on_two) == [4, 5, 6]
+    assert all(on_two[step]["loss"] == fsdp[step]["loss"] for step in on_two)
+    on_one = resume_copy(checkpoint, tmp_path / "2to1", 1, cache_dir)
+    from_one = resume_copy(tmp_path / "single" / "checkpoints" / "step_0000003", tmp_path / "1to2", 2, cache_dir)
+    for resumed, reference in ((on_one, single), (from_one, fsdp)):
+        assert sorted(resumed) == [4, 5, 6]
+        for step in resumed:
+            assert resumed[step]["loss"] == pytest.approx(reference[step]["loss"], rel=1e-5, abs=1e-6), step
+            if "val_loss" in reference[step]:
+                assert resumed[step]["val_loss"] == pytest.approx(reference[step]["val_loss"], rel=1e-5), step
+    single_updates = [r for r in metrics(tmp_path / "single") if r["type"] == "topology_update" and r["step"] > 3]
+    assert [r["step"] for r in single_updates] == [6]
+    for name in ("2to2", "2to1", "1to2"):
+        assert [r for r in metrics(tmp_path / name) if r["type"] == "topology_update"] == single_updates, name
+    final = torch.load(tmp_path / "2to1" / "checkpoints" / "step_0000006" / "state.pt", weights_only=False)
+    assert "format" not in final and set(final["model"]) == set(load_state(tmp_path / "single", 6)["model"])
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "masked-dst"])

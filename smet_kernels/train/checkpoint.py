@@ -3,6 +3,12 @@ controller, data position, RNG states, progress), ``config.json`` and ``manifest
 other file), written to a temporary folder and renamed (atomic: a crash leaves the previous checkpoints as they
 were), found again and read back for ``--resume``.
 
+Under ``--parallel fsdp`` (``checkpoint_format="sharded"``, the default there) the model parameters and optimizer
+state tensors are not gathered: every rank writes its shards with ``torch.distributed.checkpoint`` (DCP) into
+``sharded/``, and ``state.pt`` (rank 0) holds the rest (``"format": "sharded"``). DCP reshards on load, so such a
+checkpoint resumes on any number of ranks, one process included; a full (single-process format) checkpoint resumes
+under fsdp too, each rank keeping its shard.
+
 :func:`find_checkpoint` verifies a checkpoint against its manifest before using it; in a run folder an unreadable or
 corrupt newest checkpoint is named in a :class:`CheckpointWarning` and the newest good one is used instead.
 """
@@ -20,7 +26,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..sharding import is_sharded, shard_like
 from .config import FIXED_ON_RESUME, ConfigError, TrainConfig
+
+SHARDED_DIR = "sharded"
 
 
 MANIFEST = "manifest.json"
@@ -131,6 +140,78 @@ def write_checkpoint(out_dir: Path, step: int, state: dict, config: TrainConfig)
     torch.save(state, tmp / "state.pt")
     (tmp / "config.json").write_text(json.dumps(config.to_dict(), indent=1))
     return _seal(tmp, final)
+
+
+def sharded_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """``(tensors, rest)``: a flat DCP state dict (``model.<key>``, ``optimizer.<index>.<name>`` -- DTensors stay
+    sharded) and the optimizer state dict without its tensors (param groups, non-tensor entries)."""
+    tensors = {f"model.{key}": value for key, value in model.state_dict().items()}
+    saved = optimizer.state_dict()
+    rest: dict = {}
+    for index, entry in saved["state"].items():
+        for name, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optimizer.{index}.{name}"] = value
+            else:
+                rest.setdefault(index, {})[name] = value
+    return tensors, {"param_groups": saved["param_groups"], "state": rest}
+
+
+def write_sharded_checkpoint(out_dir: Path, step: int, tensors: dict, state: dict, config: TrainConfig,
+                             is_main: bool) -> Path:
+    """Collective: every rank writes its shards of ``tensors`` with DCP, rank 0 ``state`` and ``config``; the
+    checkpoint becomes visible (renamed) once all are on disk."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    root = out_dir / "checkpoints"
+    final = root / f"step_{step:07d}"
+    tmp = root / f".tmp-{final.name}"  # the same folder on every rank
+    if is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    dcp.save(tensors, checkpoint_id=tmp / SHARDED_DIR)
+    dist.barrier()
+    if is_main:
+        torch.save({**state, "format": "sharded"}, tmp / "state.pt")
+        (tmp / "config.json").write_text(json.dumps(config.to_dict(), indent=1))
+        _seal(tmp, final)
+    dist.barrier()
+    return final
+
+
+def load_sharded(checkpoint: Path, state: dict, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Fill ``state["model"]`` and ``state["optimizer"]`` from the DCP shards of ``checkpoint``, resharded for this
+    process (DTensors placed like the current parameters; plain tensors in one process)."""
+    import torch.distributed.checkpoint as dcp
+
+    folder = checkpoint / SHARDED_DIR
+    metadata = dcp.FileSystemReader(str(folder)).read_metadata().state_dict_metadata
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    rest = state["optimizer"]
+    saved_ids = [i for group in rest["param_groups"] for i in group["params"]]
+    if len(params) != len(saved_ids):
+        raise ConfigError(f"checkpoint optimizer has {len(saved_ids)} parameters, this model {len(params)}")
+    param_of = dict(zip(saved_ids, params))
+    template = {f"model.{key}": value for key, value in model.state_dict().items()}
+    for key, meta in metadata.items():
+        if not key.startswith("optimizer."):
+            continue
+        index, name = key[len("optimizer."):].split(".", 1)
+        param = param_of[int(index) if index.isdigit() else index]
+        value = torch.zeros(tuple(meta.size), dtype=meta.properties.dtype)
+        if is_sharded(param) and value.dim() >= 1 and value.shape[0] == param.shape[0]:
+            value = shard_like(value.to(param.device), param)
+        template[key] = value
+    dcp.load(template, checkpoint_id=folder)
+    state["model"] = {key[len("model."):]: value for key, value in template.items() if key.startswith("model.")}
+    entries: dict = {index: dict(values) for index, values in rest["state"].items()}
+    for key, value in template.items():
+        if key.startswith("optimizer."):
+            index, name = key[len("optimizer."):].split(".", 1)
+            entries.setdefault(int(index) if index.isdigit() else index, {})[name] = value
+    state["optimizer"] = {"param_groups": rest["param_groups"], "state": entries}
 
 
 def _seal(tmp: Path, final: Path) -> Path:

@@ -18,6 +18,7 @@ from .checkpoint import CheckpointWarning
 from .metrics import strict_json
 from .tokenizer import DEFAULT_BPE_VOCAB
 from .trainer import (
+    CHECKPOINT_FORMATS,
     NONFINITE_ACTIONS,
     OPTIMIZERS,
     PARALLEL_MODES,
@@ -144,8 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="multi-process mode under torchrun (ignored in one process): ddp replicates the model "
                      "(DistributedDataParallel on the compact parameters); fsdp shards it with FSDP2 (fully_shard "
                      "per decoder layer and root): weights, gradients and optimizer states (SMET per-block steps "
-                     "included) are split over the ranks by value slot; checkpoints are gathered to rank 0 in the "
-                     f"single-process format; not with --optimizer galore (default: {d.parallel})")
+                     "included) are split over the ranks by value slot; checkpoints per --checkpoint-format; not "
+                     f"with --optimizer galore (default: {d.parallel})")
     opt.add_argument("--seed", type=_int_at_least(0), help=f"seed of init, topology and data order (default: {d.seed})")
     run = parser.add_argument_group("data, evaluation and output")
     run.add_argument("--data",
@@ -171,6 +172,11 @@ def build_parser() -> argparse.ArgumentParser:
                      "(default: runs/CONFIG-OPTIMIZER)")
     run.add_argument("--checkpoint-every", type=_int_at_least(0),
                      help=f"checkpoint every N steps and at the end, 0 disables (default: {d.checkpoint_every})")
+    run.add_argument("--checkpoint-format", choices=CHECKPOINT_FORMATS,
+                     help="under --parallel fsdp: sharded (every rank writes its shards with "
+                     "torch.distributed.checkpoint, resumable on any number of ranks or one process) or full (gathered "
+                     "to rank 0 in the single-process format, an export); one process always writes full "
+                     f"(default: {d.checkpoint_format})")
     run.add_argument("--resume", metavar="DIR",
                      help="continue from the newest checkpoint in DIR (an out-dir or a checkpoints/step_* folder) "
                      "whose files match the sha256 checksums of its manifest.json; a newer corrupt or unreadable one "

@@ -24,6 +24,7 @@ FIXED_ON_RESUME = ("model", "optimizer", "density", "block_size", "distribution"
                    "batch_size", "seed", "spike_window")
 PRECISIONS = ("fp32", "bf16-autocast", "bf16")
 NONFINITE_ACTIONS = ("stop", "skip")
+CHECKPOINT_FORMATS = ("sharded", "full")
 
 
 class ConfigError(ValueError):
@@ -74,6 +75,7 @@ class TrainConfig:
     backend: str = "auto"
     out_dir: str | None = None
     checkpoint_every: int = 0
+    checkpoint_format: str = "sharded"
     resume: str | None = None
     progress: bool = True
     on_nonfinite: str = "stop"
@@ -122,6 +124,7 @@ class TrainConfig:
         choice("precision", PRECISIONS)
         choice("parallel", PARALLEL_MODES)
         choice("on_nonfinite", NONFINITE_ACTIONS)
+        choice("checkpoint_format", CHECKPOINT_FORMATS)
         try:
             parse_tokenizer(self.tokenizer)
         except TokenizerError as error:

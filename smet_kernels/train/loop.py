@@ -30,8 +30,9 @@ parameters). ``parallel="fsdp"`` applies FSDP2 (``fully_shard`` to each decoder 
 optimizer is built: every parameter, compact values included, becomes a ``DTensor`` sharded on dim 0 (whole slots
 per rank), and so do the optimizer states (``block_step`` included); :class:`SMETAdamW` and the SMET controller
 work on the local shards (prune scores gathered over ranks, each rank regrows the slots it owns). Checkpoints of an
-fsdp run are gathered to full tensors and written by rank 0 in the single-process format; on resume every rank
-loads them and keeps its shard. GaLore is rejected under fsdp (its projection needs whole gradient matrices).
+fsdp run are sharded (every rank writes its shards with ``torch.distributed.checkpoint``; they resume on any number
+of ranks), or with ``checkpoint_format="full"`` gathered to full tensors and written by rank 0 in the single-process
+format (on resume every rank loads them and keeps its shard). GaLore is rejected under fsdp (its projection needs whole gradient matrices).
 """
 
 from __future__ import annotations
@@ -51,7 +52,16 @@ from tqdm.auto import tqdm
 from .. import backend as backend_module
 from ..sharding import full, shard_like
 from .build import build_controller, build_model, build_optimizer
-from .checkpoint import find_checkpoint, read_checkpoint, rng_state, set_rng_state, write_checkpoint
+from .checkpoint import (
+    find_checkpoint,
+    load_sharded,
+    read_checkpoint,
+    rng_state,
+    set_rng_state,
+    sharded_state,
+    write_checkpoint,
+    write_sharded_checkpoint,
+)
 from .config import SPARSE_OPTIMIZERS, ConfigError, TrainConfig
 from .data import DataError, PackedBatches, eval_windows, load_corpus, window_batch
 from .distributed import (
@@ -169,16 +179,26 @@ class Run:
             return None
         if not self.parameters_finite():
             raise TrainingDiverged(f"non-finite parameters at step {self.step}: checkpoint not written")
+        if self.fsdp and self.config.checkpoint_format == "sharded":  # every rank writes its shards
+            tensors, optimizer_rest = sharded_state(self.model, self.optimizer)
+            state = self._state(None, optimizer_rest) if self.is_main else {}
+            final = write_sharded_checkpoint(self.out_dir, self.step, tensors, state, self.config, self.is_main)
+            return final if self.is_main else None
         model_state, optimizer_state = None, None
         if self.fsdp:  # gather the shards (every rank takes part); rank 0 keeps full CPU tensors
             model_state = full_state(self.model.state_dict(), self.is_main)
             optimizer_state = full_state(self.optimizer.state_dict(), self.is_main)
         if not self.is_main:
             return None
-        state = {
+        state = self._state(model_state if self.fsdp else self.model.state_dict(),
+                            optimizer_state if self.fsdp else self.optimizer.state_dict())
+        return write_checkpoint(self.out_dir, self.step, state, self.config)
+
+    def _state(self, model_state: dict | None, optimizer_state: dict) -> dict:
+        return {
             "step": self.step,
-            "model": model_state if self.fsdp else self.model.state_dict(),
-            "optimizer": optimizer_state if self.fsdp else self.optimizer.state_dict(),
+            "model": model_state,
+            "optimizer": optimizer_state,
             "controller": self.controller.state_dict() if self.controller is not None else None,
             "data": self.batches.state_dict(),
             "rng": rng_state(self.device),
@@ -186,11 +206,12 @@ class Run:
             "progress": {"tokens_seen": self.tokens_seen, "train_time": self.train_time,
                          "initial_val_loss": self.initial_val_loss, "nonfinite_skips": self.nonfinite_skips},
         }
-        return write_checkpoint(self.out_dir, self.step, state, self.config)
 
     def _load(self, checkpoint: Path) -> None:
         state = read_checkpoint(checkpoint, self.config)
-        if self.fsdp:  # full tensors (the single-process format) -> this rank's shards
+        if state.get("format") == "sharded":  # DCP shards, resharded for this world size
+            load_sharded(checkpoint, state, self.model, self.optimizer)
+        elif self.fsdp:  # full tensors (the single-process format) -> this rank's shards
             current = self.model.state_dict()
             state["model"] = {key: shard_like(value, current[key]) if key in current else value
                               for key, value in state["model"].items()}

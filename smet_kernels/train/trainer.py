@@ -13,6 +13,7 @@ The public entry points, gathered from the modules that hold them (one job each)
 from .build import HIDDEN_LINEAR_PATTERN, build_controller, build_model, build_optimizer
 from .checkpoint import find_checkpoint, load_checkpoint_config
 from .config import (
+    CHECKPOINT_FORMATS,
     FIXED_ON_RESUME,
     NONFINITE_ACTIONS,
     OPTIMIZERS,
@@ -27,7 +28,7 @@ from .loop import MIN_LR_RATIO, Run, TrainingDiverged, lr_factor, train
 from .metrics import peak_memory_bytes
 
 __all__ = [
-    "FIXED_ON_RESUME", "HIDDEN_LINEAR_PATTERN", "MIN_LR_RATIO", "NONFINITE_ACTIONS", "OPTIMIZERS", "PARALLEL_MODES", "PRECISIONS",
+    "CHECKPOINT_FORMATS", "FIXED_ON_RESUME", "HIDDEN_LINEAR_PATTERN", "MIN_LR_RATIO", "NONFINITE_ACTIONS", "OPTIMIZERS", "PARALLEL_MODES", "PRECISIONS",
     "SPARSE_OPTIMIZERS", "ConfigError", "Run", "TrainConfig", "TrainingDiverged", "build_controller", "build_model", "build_optimizer",
     "find_checkpoint", "load_checkpoint_config", "lr_factor", "peak_memory_bytes", "shard_model", "train",
 ]
