@@ -272,7 +272,8 @@ def _train_in_fresh_process(config_dict: dict) -> None:
 
 
 def _latest_checkpoint(run_dir: Path) -> str | None:
-    """The newest complete checkpoint of an interrupted run, or None (the run then starts from scratch)."""
+    """The newest complete checkpoint of an interrupted run (verified against its manifest; a corrupt newer one is
+    named in a warning), or None (the run then starts from scratch)."""
     from smet_kernels.train.trainer import ConfigError, find_checkpoint
 
     try:

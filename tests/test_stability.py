@@ -125,9 +125,11 @@ def test_finished_runs_are_skipped_and_mismatches_refused(tmp_path, monkeypatch)
 def test_interrupted_run_resumes_from_its_latest_checkpoint(tmp_path, monkeypatch):
     spec = dataclasses.replace(PRESETS["pilot"], methods=("adamw",), seeds=(0,), checkpoint_every=50)
     run_dir = enumerate_runs(spec)[0].directory(tmp_path)
-    for step in (50, 100):
-        (run_dir / "checkpoints" / f"step_{step:07d}").mkdir(parents=True)
-        (run_dir / "checkpoints" / f"step_{step:07d}" / "state.pt").write_bytes(b"")
+    from smet_kernels.train.checkpoint import write_checkpoint
+    from smet_kernels.train.trainer import TrainConfig
+
+    for step in (50, 100):  # complete checkpoints (verified against their manifests); their content is not read
+        write_checkpoint(run_dir, step, {}, TrainConfig())
     resumed = []
     monkeypatch.setattr(stability, "_train_in_this_process", lambda config: resumed.append(config["resume"]))
     counts = run_sweep(spec, tmp_path, isolate=False, log=lambda *_: None)

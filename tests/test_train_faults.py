@@ -11,21 +11,7 @@ from smet_kernels.train import cli, loop
 from smet_kernels.train.checkpoint import CheckpointWarning, find_checkpoint, verify_checkpoint
 from smet_kernels.train.metrics import finite_or_none, strict_json
 from smet_kernels.train.trainer import ConfigError, TrainConfig, TrainingDiverged, train
-
-
-@pytest.fixture(autouse=True)
-def cache_dir(tmp_path_factory, monkeypatch):
-    path = tmp_path_factory.getbasetemp() / "smet_cache"
-    monkeypatch.setenv("SMET_CACHE_DIR", str(path))
-    return path
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from test_train_trainer import cache_dir, one_thread  # noqa: F401 -- autouse: shared token cache, one thread
 
 
 def tiny_config(**overrides) -> TrainConfig:

@@ -21,13 +21,7 @@ from smet_kernels.train.tokenizer import (
     train_bpe,
 )
 from smet_kernels.train.trainer import ConfigError, TrainConfig, train
-
-
-@pytest.fixture(autouse=True)
-def cache_dir(tmp_path_factory, monkeypatch):
-    path = tmp_path_factory.getbasetemp() / "smet_cache"
-    monkeypatch.setenv("SMET_CACHE_DIR", str(path))
-    return path
+from test_train_trainer import cache_dir  # noqa: F401 -- autouse: the shared token cache
 
 
 @pytest.fixture(scope="module")

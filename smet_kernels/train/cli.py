@@ -1,4 +1,5 @@
-"""``smet-train``: command-line front end of :func:`smet_kernels.train.trainer.train`.
+"""``smet-train``: command-line front end of :func:`smet_kernels.train.loop.train` (also
+:func:`smet_kernels.train.trainer.train`).
 
 Bad arguments, unusable data and bad configurations end with one line ``smet-train: error: ...`` and exit
 code 2; a run that meets a non-finite loss or gradient norm it may not skip ends with one line and exit code 1
@@ -13,11 +14,8 @@ import sys
 import warnings
 
 from ..layout import SUPPORTED_BLOCK_SIZES
-from .model import MODEL_CONFIGS
-from .checkpoint import CheckpointWarning
-from .metrics import strict_json
-from .tokenizer import DEFAULT_BPE_VOCAB
-from .trainer import (
+from .checkpoint import CheckpointWarning, load_checkpoint_config
+from .config import (
     CHECKPOINT_FORMATS,
     NONFINITE_ACTIONS,
     OPTIMIZERS,
@@ -26,10 +24,11 @@ from .trainer import (
     SPARSE_OPTIMIZERS,
     ConfigError,
     TrainConfig,
-    TrainingDiverged,
-    load_checkpoint_config,
-    train,
 )
+from .loop import TrainingDiverged, train
+from .metrics import strict_json
+from .model import MODEL_CONFIGS
+from .tokenizer import DEFAULT_BPE_VOCAB
 
 DEFAULTS = TrainConfig()
 

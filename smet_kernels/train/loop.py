@@ -13,11 +13,13 @@ topology controller.step()``. Optimizer modes:
 
 LR: linear warm-up over ``lr_warmup_steps``, then cosine decay to ``0.1 * lr`` at ``max_steps``.
 
-Outputs in ``out_dir`` (rank 0): ``metrics.jsonl`` (one object per logged step: ``type="train"``, ``step``,
-``loss``, ``lr``, ``tokens_per_s``, ``peak_mem_bytes`` — ``torch.cuda.max_memory_allocated`` on CUDA, the
-process peak resident set size (``ru_maxrss``) on CPU — plus ``val_loss``/``val_ppl``/``val_bpb`` (bits per byte, comparable between tokenizers) on eval steps; one
+Outputs in ``out_dir`` (rank 0): ``metrics.jsonl`` (strict JSON; one object per logged step: ``type="train"``,
+``step``, ``loss``, ``lr``, ``grad_norm`` (before clipping), ``tokens_per_s``, ``peak_mem_bytes`` —
+``torch.cuda.max_memory_allocated`` on CUDA, the process peak resident set size (``ru_maxrss``) on CPU — plus
+``val_loss``/``val_ppl``/``val_bpb`` (bits per byte, comparable between tokenizers) on eval steps; one
 ``type="topology_update"`` object per update and one ``type="loss_spike"`` object per measured spike, written
-at the step its window closes, ``update_step`` naming the update; ``step`` is always the step of writing),
+at the step its window closes, ``update_step`` naming the update; one ``type="nonfinite"`` object per step with a
+non-finite loss or gradient norm, ``step`` being the step it was for; otherwise ``step`` is the step of writing),
 ``summary.json`` and ``checkpoints/step_XXXXXXX/`` (written to a temporary folder, then renamed). The summary's
 ``tokens_per_s`` is all tokens over all step time (kernel compilation and autotuning of the first steps
 included); ``steady_tokens_per_s`` is one step's tokens over the median step time of this process, its first
@@ -50,7 +52,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import backend as backend_module
-from ..sharding import full, shard_like
+from ..sharding import full, local, shard_like
 from .build import build_controller, build_model, build_optimizer
 from .checkpoint import (
     find_checkpoint,
@@ -166,8 +168,7 @@ class Run:
         """Whether every parameter value is finite, on every rank."""
         finite = torch.ones((), device=self.device)
         for p in self.model.parameters():
-            local = p.to_local() if hasattr(p, "to_local") else p
-            finite = finite * torch.isfinite(local.detach()).all()
+            finite = finite * torch.isfinite(local(p.detach())).all()
         if self.ddp.enabled:
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)
         return bool(finite)
@@ -316,9 +317,9 @@ class Run:
     def ranks_in_sync(self) -> bool:
         if not self.ddp.enabled:
             return True
-        local = self.params_checksum().cpu() if self.device.type == "cpu" else self.params_checksum()
-        gathered = [torch.empty_like(local) for _ in range(self.ddp.world_size)]
-        dist.all_gather(gathered, local)
+        checksum = self.params_checksum().cpu() if self.device.type == "cpu" else self.params_checksum()
+        gathered = [torch.empty_like(checksum) for _ in range(self.ddp.world_size)]
+        dist.all_gather(gathered, checksum)
         return all(torch.equal(gathered[0], other) for other in gathered[1:])
 
 
