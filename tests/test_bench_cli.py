@@ -14,7 +14,7 @@ from bench.results import KERNEL_COLUMNS, TRAINING_COLUMNS
 REPO = Path(__file__).resolve().parents[1]
 # --device cpu: the same rows on a machine with a GPU (where Triton has no interpreter, so the smet provider runs
 # the PyTorch reference and its variants are recorded as skipped)
-TINY = ["--quick", "--device", "cpu", "--configs", "tiny", "--densities", "0.5", "--steps", "1", "--no-progress"]
+TINY = ["--quick", "--configs", "tiny", "--densities", "0.5", "--steps", "1", "--no-progress", "--device", "cpu"]
 REQUIRED_KERNEL_COLUMNS = [
     "op", "provider", "M", "K", "N", "block_size", "density", "dtype",
     "ms_p20", "ms_p50", "ms_p80", "gpu", "torch", "triton", "timestamp",

@@ -142,3 +142,27 @@ def test_a_cpu_run_writes_the_summary_and_csvs_that_report_renders(tmp_path):
     assert "gpu-check --out-dir" in (tmp_path / "commands.txt").read_text()
     assert main(["report", "--out-dir", str(tmp_path)]) == 0
     assert "## End-to-end training step" in (tmp_path / "report.md").read_text()
+
+
+def test_the_headline_cases_hold_every_provider_of_the_headline_shape():
+    from bench.gpu_check.measure import kernel_cases
+    from bench.kernels import PROVIDERS
+
+    headline, rest = kernel_cases(CPU, 32)
+    assert {case.shape.label for case in headline} == {CPU.headline_shape}
+    assert {case.provider for case in headline} == set(PROVIDERS)
+    assert {case.density for case in headline} == {1.0, CPU.kernel_densities[len(CPU.kernel_densities) // 2]}
+    assert rest and not set(headline) & set(rest)
+
+
+def test_the_configs_a_kernel_ran_are_the_ones_later_shapes_choose_from(device):
+    from smet_kernels.layout import BlockLayout
+
+    layout = BlockLayout.random(64, 64, 32, 0.5, generator=torch.Generator().manual_seed(0)).to(device)
+    values = torch.randn(layout.nnz, 32, 32, device=device)
+    every = {name: {kernel_ops.config_key(c) for c in tuner.configs} for name, _, tuner in kernel_ops.autotuners()}
+    with kernel_ops.restrict_configs(every):
+        kernel_ops.matmul_ops("grouped")["forward"](torch.randn(40, 64, device=device), values, layout)
+        chosen = kernel_ops.chosen_configs()
+    assert chosen["_bsmm_dense_sparse_kernel"] <= every["_bsmm_dense_sparse_kernel"]
+    assert len(chosen["_bsmm_dense_sparse_kernel"]) == 1

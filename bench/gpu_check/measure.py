@@ -107,13 +107,18 @@ def run_env(ctx: Context) -> tuple[int, list[str]]:
     return failed + more_failed, not_run + more_not_run
 
 
-def kernel_cases(sizes: Sizes, block_size: int) -> list[KernelCase]:
-    """Every case at ``block_size``, the headline shape at the middle density first (it autotunes)."""
+def kernel_cases(sizes: Sizes, block_size: int) -> tuple[list[KernelCase], list[KernelCase]]:
+    """``(headline, rest)``: the cases at ``block_size`` of the headline shape (dense, and sparse at the middle
+    density: they autotune), then every other case."""
     dtype = DTYPES[sizes.dtype]
     cases = list(kernels.kernel_cases(sizes.kernel_configs, sizes.kernel_densities, [block_size],
                                       [sizes.kernel_tokens], dtype, providers=kernels.PROVIDERS))  # fmt: skip
     headline_density = sizes.kernel_densities[len(sizes.kernel_densities) // 2]
-    return sorted(cases, key=lambda c: (c.shape.label != sizes.headline_shape, c.density != headline_density))
+
+    def is_headline(case: KernelCase) -> bool:
+        return case.shape.label == sizes.headline_shape and case.density in (1.0, headline_density)
+
+    return [c for c in cases if is_headline(c)], [c for c in cases if not is_headline(c)]
 
 
 def run_kernels(ctx: Context) -> tuple[int, list[str]]:
@@ -122,7 +127,7 @@ def run_kernels(ctx: Context) -> tuple[int, list[str]]:
     failures, not_run = 0, []
     cuda = ctx.device.type == "cuda"
     for block_size in ctx.sizes.kernel_block_sizes:
-        cases = kernel_cases(ctx.sizes, block_size)
+        headline, rest = kernel_cases(ctx.sizes, block_size)
         state = {"key": None, "operands": None}
 
         def run_one(case):
@@ -132,8 +137,6 @@ def run_kernels(ctx: Context) -> tuple[int, list[str]]:
                 state["key"] = key
             return kernels.run_case(case, state["operands"], ctx.backend, ctx.device, ctx.timing)
 
-        headline = [c for c in cases if kernels.operands_key(c) == kernels.operands_key(cases[0])]
-        rest = cases[len(headline):]
         with kernel_ops.restrict_configs(kernel_ops.per_kernel(TIMING_CONFIGS) if cuda else None):
             failed, missing = ctx.run(f"kernels b={block_size} headline", headline, run_one, file)
             pinned = kernel_ops.chosen_configs() if cuda else None
