@@ -194,14 +194,20 @@ def _measure(case: TrainingCase, device: torch.device, backend: str | None, step
     sampler = memory_sampler(device)
     with sampler:
         memory = measure_step_memory(model, optimizer, forward, device)
-        times_ms = []
-        for _ in range(steps):
-            _sync(device)
-            t0 = time.perf_counter()
-            step()
-            _sync(device)
-            times_ms.append((time.perf_counter() - t0) * 1e3)
+        times_ms = time_steps(step, device, steps)
     return memory, sampler, times_ms
+
+
+def time_steps(step, device: torch.device, steps: int) -> list[float]:
+    """Wall times (ms) of ``steps`` calls of ``step()``, the device synchronised before and after each."""
+    times_ms = []
+    for _ in range(steps):
+        _sync(device)
+        t0 = time.perf_counter()
+        step()
+        _sync(device)
+        times_ms.append((time.perf_counter() - t0) * 1e3)
+    return times_ms
 
 
 def run_case(case: TrainingCase, device: torch.device, backend: str | None, steps: int, seed: int = 0) -> dict:

@@ -60,6 +60,13 @@ def test_a_spent_budget_lists_every_stage_as_not_run(tmp_path):
     assert summary.count("not run (budget)") == len(STAGES)
 
 
+def test_a_long_indivisible_stage_does_not_start_when_its_estimate_does_not_fit(tmp_path):
+    assert main(["gpu-check", "--out-dir", str(tmp_path), "--device", "cpu", "--stages", "compile",
+                 "--minutes", str(CPU.estimates_s["compile"] / 2 / 60)]) == 0  # fmt: skip
+    summary = (tmp_path / "gpu_check.md").read_text()
+    assert "not run (budget: ~" in summary and "SMET step" not in summary
+
+
 def test_a_budget_spent_inside_the_matmul_checks_names_the_checks_not_run(device):
     rows, not_run = correctness.matmul_checks(CPU, torch.device(device), 0, CountdownBudget(0))
     assert rows == [] and len(not_run) > 0

@@ -16,6 +16,8 @@ from pathlib import Path
 
 from .plan import STAGES, format_plan, sizes_for
 
+ATOMIC_STAGES = ("compile",)  # one long case: started only when its estimate fits in what is left of the budget
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out-dir", required=True, help="folder of gpu_check.md and the CSVs (required; no default)")
@@ -86,6 +88,9 @@ def run(args, argv: list[str]) -> int:
             continue
         if budget.expired():
             row["status"] = "not run (budget)"
+            continue
+        if stage in ATOMIC_STAGES and budget.left_s() < sizes.estimates_s[stage]:
+            row["status"] = f"not run (budget: ~{sizes.estimates_s[stage]} s needed, {budget.left_s():.0f} s left)"
             continue
         print(f"gpu-check: stage {stage} ({budget.left_s():.0f} s of budget left)", flush=True)
         started = time.monotonic()

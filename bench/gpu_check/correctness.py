@@ -133,34 +133,37 @@ def variants_for(device: torch.device) -> tuple[str, ...]:
     return kernel_ops.VARIANTS
 
 
+def matmul_points(variants: tuple[str, ...], split_k: int) -> list[tuple[str, str, int | None]]:
+    """``(variant, op, split_k)`` of every check at one dtype and block size; the persistent variant has no weight
+    grad of its own (it runs the pointer kernel, checked as ``grouped``)."""
+    points = [("forward", None), ("grad_input", None), ("grad_weight", 1), ("grad_weight", split_k)]
+    return [(v, op, k) for v in variants for op, k in points if not (v == "persistent" and op == "grad_weight")]
+
+
 def matmul_checks(sizes: Sizes, device: torch.device, seed: int, budget) -> tuple[list[dict], list[str]]:
-    """Rows of every matmul check, and the checks the budget did not reach."""
+    """Rows of every matmul check, and the checks the budget did not reach. On a GPU each block size compiles only
+    its pinned configs (``plan.PINNED_CONFIGS``)."""
     rows, not_run = [], []
-    variants = variants_for(device)
+    points = matmul_points(variants_for(device), sizes.split_k)
     for block_size in sizes.check_block_sizes:
         pinned = kernel_ops.per_kernel(PINNED_CONFIGS.get(block_size, {})) if device.type == "cuda" else None
         with kernel_ops.restrict_configs(pinned):
             for dtype_name in sizes.check_dtypes:
-                dtype = DTYPES[dtype_name]
-                operands = None
-                for variant in variants:
-                    ops = kernel_ops.matmul_ops(variant)
-                    points = [("forward", None), ("grad_input", None), ("grad_weight", 1), ("grad_weight", sizes.split_k)]
-                    for op, split_k in points:
-                        if variant == "persistent" and op == "grad_weight":
-                            continue  # no persistent weight grad: the pointer kernel, checked as "grouped"
-                        label = op if split_k is None else f"{op} split_k={split_k}"
-                        row = {"check": "matmul", "variant": variant, "dtype": dtype_name, "block_size": block_size,
-                               "op": label}  # fmt: skip
-                        if budget.expired():
-                            not_run.append(f"matmul {variant} {dtype_name} b={block_size} {label}")
-                            continue
-                        try:
-                            operands = operands or _MatmulOperands(sizes, block_size, dtype, device, seed)
-                            row |= check_call(operands.call(ops, op, split_k), operands.expected[op], operands.bound[op])
-                        except Exception as error:  # a crash is a failed check, the others still run
-                            row |= {"status": "fail", "note": f"raised {type(error).__name__}: {error}"[:300]}
-                        rows.append(row)
+                operands = None  # drawn at the first check that runs
+                for variant, op, split_k in points:
+                    label = op if split_k is None else f"{op} split_k={split_k}"
+                    if budget.expired():
+                        not_run.append(f"matmul {variant} {dtype_name} b={block_size} {label}")
+                        continue
+                    row = {"check": "matmul", "variant": variant, "dtype": dtype_name, "block_size": block_size,
+                           "op": label}  # fmt: skip
+                    try:
+                        operands = operands or _MatmulOperands(sizes, block_size, DTYPES[dtype_name], device, seed)
+                        call = operands.call(kernel_ops.matmul_ops(variant), op, split_k)
+                        row |= check_call(call, operands.expected[op], operands.bound[op])
+                    except Exception as error:  # a crash is a failed check, the others still run
+                        row |= {"status": "fail", "note": f"raised {type(error).__name__}: {error}"[:300]}
+                    rows.append(row)
     return rows, not_run
 
 
@@ -197,8 +200,9 @@ def adamw_checks(sizes: Sizes, device: torch.device, seed: int, budget) -> tuple
             reference = {name: tensor.clone() for name, tensor in fused.items()}
             adamw = {"check": "adamw", "variant": warmup, "dtype": dtype_name, "block_size": b,
                      "op": f"{sizes.adamw_steps} steps, {layout.nnz} blocks", "status": "pass", "note": ""}  # fmt: skip
+            regrows = sizes.adamw_steps // sizes.regrow_every
             regrow = {"check": "regrow", "variant": warmup, "dtype": dtype_name, "block_size": b,
-                      "op": f"{sizes.adamw_steps // sizes.regrow_every} regrows", "status": "pass", "note": ""}  # fmt: skip
+                      "op": f"{regrows} regrows", "status": "pass", "note": ""}  # fmt: skip
             worst = 0.0
             try:
                 for step in range(1, sizes.adamw_steps + 1):

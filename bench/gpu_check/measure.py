@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import platform
-import time
 
 import numpy as np
 import torch
@@ -23,7 +22,6 @@ from bench.kernels import KernelCase, LinearShape
 from bench.optimizer import OptimizerCase
 from bench.results import kernels_file, training_file
 from bench.runner import run_cases
-from bench.timing import synchronize
 
 from . import kernel_ops
 from .plan import TIMING_CONFIGS, Sizes
@@ -186,7 +184,7 @@ def run_training(ctx: Context) -> tuple[int, list[str]]:
     )
 
 
-def _step_times(model, optimizer_, tokens, device, steps: int) -> list[float]:
+def _step_times_ms(model, optimizer_, tokens, device, steps: int) -> list[float]:
     from smet_kernels.train.model import lm_loss
 
     def step():
@@ -196,14 +194,7 @@ def _step_times(model, optimizer_, tokens, device, steps: int) -> list[float]:
 
     for _ in range(2):  # warm-up: compile, autotune, optimizer state
         step()
-    times = []
-    for _ in range(steps):
-        synchronize(device)
-        start = time.perf_counter()
-        step()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return times
+    return training.time_steps(step, device, steps)
 
 
 def run_compile(ctx: Context) -> dict:
@@ -217,14 +208,17 @@ def run_compile(ctx: Context) -> dict:
     tokens = tokens.to(ctx.device)
     row = {"config": case.config, "block_size": case.block_size, "batch_size": case.batch_size,
            "seq_len": case.seq_len, "dtype": sizes.dtype}  # fmt: skip
-    per_step = case.batch_size * case.seq_len
+
+    def tokens_per_s(times_ms: list[float]) -> float:
+        return case.batch_size * case.seq_len / (float(np.median(times_ms)) * 1e-3)
+
     model, optimizer_ = training.build(case, ctx.device, ctx.backend, ctx.seed)
-    row["eager_tokens_per_s"] = per_step / float(np.median(_step_times(model, optimizer_, tokens, ctx.device,
-                                                                       sizes.training_steps)))  # fmt: skip
+    eager_ms = _step_times_ms(model, optimizer_, tokens, ctx.device, sizes.training_steps)
+    row["eager_tokens_per_s"] = tokens_per_s(eager_ms)
     try:
         compiled = torch.compile(model)
-        times = _step_times(compiled, optimizer_, tokens, ctx.device, sizes.training_steps)
+        times = _step_times_ms(compiled, optimizer_, tokens, ctx.device, sizes.training_steps)
     except Exception as error:  # inductor missing a compiler, a graph the ops cannot trace, ...
         first_line = (str(error).strip().splitlines() or [""])[0]
         return row | {"status": f"failed: {type(error).__name__}: {first_line}"[:300]}
-    return row | {"compiled_tokens_per_s": per_step / float(np.median(times)), "status": "ok"}
+    return row | {"compiled_tokens_per_s": tokens_per_s(times), "status": "ok"}

@@ -62,6 +62,13 @@ def correctness_section(rows: list[dict], not_run: list[str]) -> list[str]:
     return lines
 
 
+def _roofline_term(point) -> str:
+    """Which ceiling sets the op's roofline: ``compute`` (d × the dense time) or ``memory`` (compulsory bytes)."""
+    if pd.isna(point.roofline_ms):
+        return ""
+    return "memory" if point.roofline_ms > point.exact_density * point.dense_ms else "compute"
+
+
 def _kernel_rows(kernels: pd.DataFrame, sizes: Sizes) -> pd.DataFrame:
     """One row per (shape, b, d, op): smet (default variant) time, ratios, bars, and each variant's time."""
     comparison = kernel_comparison(kernels)
@@ -69,14 +76,18 @@ def _kernel_rows(kernels: pd.DataFrame, sizes: Sizes) -> pd.DataFrame:
     rows = []
     smet = comparison[comparison["provider"] == "smet"]
     for point in smet.itertuples():
-        same = comparison[(comparison["variant"] == point.variant) & (comparison["op"] == point.op)
-                          & (comparison["block_size"] == point.block_size) & (comparison["density"] == point.density)]  # fmt: skip
+        same = comparison[
+            (comparison["variant"] == point.variant)
+            & (comparison["op"] == point.op)
+            & (comparison["block_size"] == point.block_size)
+            & (comparison["density"] == point.density)
+        ]
         times = {VARIANT_PROVIDERS.get(p, p): t for p, t in zip(same["provider"], same["ms_p50"])}
         c = BARS.get(round(float(point.density), 6))
         headline = point.block_size == sizes.kernel_block_sizes[0] and c is not None
         row = {"shape": point.variant, "b": int(point.block_size), "d": point.density, "op": point.op,
                "ms": _num(point.ms_p50), "dense ms": _num(point.dense_ms), "vs d×dense": _num(point.vs_d_dense),
-               "vs roofline": _num(point.vs_roofline)}  # fmt: skip
+               "vs roofline": _num(point.vs_roofline), "roofline term": _roofline_term(point)}  # fmt: skip
         if headline and pd.notna(point.roofline_ms):
             allowed = point.roofline_ms <= c * point.exact_density * point.dense_ms
             bar, value = (f"≤ {c} × d×dense", point.vs_d_dense) if allowed else (f"≤ {ROOFLINE_BAR} × roofline",
@@ -108,9 +119,9 @@ def kernel_section(kernels: pd.DataFrame | None, sizes: Sizes) -> list[str]:
             lines.append(f"* {column}: {counts.get('pass', 0)} pass, {counts.get('miss', 0)} miss, "
                          f"{counts.get('not measured', 0)} not measured")  # fmt: skip
     lines += ["", "`ms`: the default variant (`smet`, grouped); the variant columns are the same op A/B-timed in "
-              "this run (ms), `best` its time relative to the default. A miss names its limit through `vs roofline`"
-              " (≈ 1: at the ceiling; the roofline's larger term) — see `bench/KERNEL_NOTES.md`.", "",
-              table(frame.fillna("")), ""]  # fmt: skip
+              "this run (ms), `best` its time relative to the default. A miss names its limit: `roofline term` is "
+              "the larger term of the op's roofline, `vs roofline` how far the kernel is from it (≈ 1: at the "
+              "ceiling).", "", table(frame.fillna("")), ""]  # fmt: skip
     return lines
 
 
@@ -129,23 +140,32 @@ def adamw_section(kernels: pd.DataFrame | None, sizes: Sizes) -> list[str]:
     if ceiling.empty:
         return lines + [f"Bar (≥ {ADAMW_BAR:.0%} of the copy ceiling): not measured (stage env did not run).", ""]
     ratio = smet["gbps"].iloc[0] / ceiling.iloc[0]
-    lines += [f"Bar: compact AdamW at {ratio:.1%} of the copy ceiling ({_num(ceiling.iloc[0], '.4g')} GB/s, bytes read + "
-              f"written) — **{_verdict(ratio >= ADAMW_BAR)}** (≥ {ADAMW_BAR:.0%}).", ""]  # fmt: skip
+    lines += [f"Bar: compact AdamW at {ratio:.1%} of the copy ceiling ({_num(ceiling.iloc[0], '.4g')} GB/s, "
+              f"bytes read + written) — **{_verdict(ratio >= ADAMW_BAR)}** (≥ {ADAMW_BAR:.0%}).", ""]  # fmt: skip
     return lines
 
 
-def training_section(training: pd.DataFrame | None, compile_row: dict | None) -> list[str]:
+def training_section(training: pd.DataFrame | None, sizes: Sizes, compile_row: dict | None) -> list[str]:
     lines = ["## Training steps", ""]
     if training is None or training.empty:
         lines += ["Not measured.", ""]
     else:
         gib = 2.0**30
-        rows = [{"config": r.config, "method": r.method, "d": r.density, "tokens/s": _num(r.tokens_per_s, ".4g"),
-                 "peak allocated GiB": _num(r.peak_allocated_bytes / gib), "NVML peak GiB": _num(r.nvml_peak_bytes / gib)
-                 if pd.notna(r.nvml_peak_bytes) else r.nvml_status, "predicted peak GiB":
-                 _num(r.pred_peak_bytes / gib), "status": r.status} for r in training.itertuples()]  # fmt: skip
+        rows = [
+            {
+                "config": r.config,
+                "method": r.method,
+                "d": r.density,
+                "tokens/s": _num(r.tokens_per_s, ".4g"),
+                "peak allocated GiB": _num(r.peak_allocated_bytes / gib),
+                "NVML peak GiB": _num(r.nvml_peak_bytes / gib) if pd.notna(r.nvml_peak_bytes) else r.nvml_status,
+                "predicted peak GiB": _num(r.pred_peak_bytes / gib),
+                "status": r.status,
+            }
+            for r in training.itertuples()
+        ]
         lines += [table(pd.DataFrame(rows)), ""]
-        config = training["config"].iloc[-1]
+        config = sizes.training_configs[-1]  # the config of the bars
         by_method = {r.method: r for r in training[(training["config"] == config)
                                                    & (training["status"] == "ok")].itertuples()}  # fmt: skip
         smet = by_method.get("smet")
@@ -190,7 +210,8 @@ def write(out_dir: Path, sizes: Sizes, env: dict, stages: list[dict], correctnes
         matmul = kernels[(kernels["variant"] == "ceiling") & kernels["tflops"].notna()]["tflops"]
         copy = kernels[(kernels["variant"] == "dense:ceiling") & kernels["gbps"].notna()]["gbps"]
         lines += [f"Ceilings measured in this run: matmul {_num(matmul.max(), '.4g')} TFLOP/s "
-                  f"({sizes.ceiling_matmul}³ {sizes.dtype}), device copy {_num(copy.max(), '.4g')} GB/s.", ""]  # fmt: skip
+                  f"({sizes.ceiling_matmul}³ {sizes.dtype}), device copy {_num(copy.max(), '.4g')} GB/s "
+                  "(bytes read + written).", ""]  # fmt: skip
     if sizes.name == "cpu":
         lines += ["CPU run: interpreter sizes and times. It checks that every stage, check and bar is produced; "
                   "its ratios say nothing about the GPU bars.", ""]  # fmt: skip
@@ -199,7 +220,7 @@ def write(out_dir: Path, sizes: Sizes, env: dict, stages: list[dict], correctnes
     lines += correctness_section(*correctness)
     lines += kernel_section(kernels, sizes)
     lines += adamw_section(kernels, sizes)
-    lines += training_section(training, compile_row)
+    lines += training_section(training, sizes, compile_row)
     path = out_dir / "gpu_check.md"
     path.write_text("\n".join(lines))
     return path
