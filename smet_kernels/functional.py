@@ -90,7 +90,10 @@ def block_sparse_linear(
     name = _select_backend(x, backend)
     variant = default_variant() if name == "triton" else "grouped"
     index = layout.kernel_index(x.device)
-    y = library.bsmm_forward(x2d, values, bias, index, layout.version_tensor, out_features, name, variant)
+    version = layout.version_tensor
+    y = library.bsmm_forward(
+        x2d, values, bias, index, version, library.layout_version(version), out_features, name, variant
+    )
     return y if x.dim() == 2 else y.reshape(*lead_shape, out_features)  # no view of the output for 2-D inputs
 
 

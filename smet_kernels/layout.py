@@ -101,7 +101,8 @@ class BlockLayout:
         self._check_indices(self._block_indices)
         self.version = 0
         self._cache: dict = {}
-        self._kernel_index: dict[str, torch.Tensor] = {}  # device -> packed index, rewritten in place by _bump
+        # device -> packed index (built here, eagerly, so a traced graph finds it), rewritten in place by _bump
+        self._kernel_index = {str(self.device): self._pack_kernel_index()}
         #: ``[version]`` as an int64 CPU tensor, rewritten in place by a topology update (see :meth:`kernel_index`)
         self.version_tensor = torch.zeros(1, dtype=torch.int64)
 
@@ -220,19 +221,18 @@ class BlockLayout:
         graph that reads it stays valid (no recompile) and the version check, not a stale copy, catches a backward
         that runs after the update."""
         key = str(torch.device(device))
-        if key not in self._kernel_index:
-            self._kernel_index[key] = self._pack_kernel_index().to(device)
+        if key not in self._kernel_index:  # a copy of the layout device's index (traceable: no data-dependent shape)
+            self._kernel_index[key] = self._kernel_index[str(self.device)].to(device)
         return self._kernel_index[key]
 
-    @torch.compiler.disable
     def _pack_kernel_index(self) -> torch.Tensor:
-        """The packed index on the CPU (built eagerly: ``torch.compile`` finds it cached, see ``BlockSparseLinear``)."""
+        """The packed index, on the layout's device."""
         indices = self._block_indices.cpu()
         parts = [indices.reshape(-1)]
         for major in ("row", "col"):
             index = _compressed_index(indices, major, self.block_shape)
             parts += [index.ptr, index.slots, index.minor, index.by_count]
-        return torch.cat([p.to(torch.int32) for p in parts])
+        return torch.cat([p.to(torch.int32) for p in parts]).to(self.device)
 
     # ------------------------------------------------------------------ topology updates
     def replace_blocks(self, slots: torch.Tensor, new_blocks: torch.Tensor) -> None:
@@ -275,10 +275,9 @@ class BlockLayout:
         self._cache.clear()
         # in place, through .data: autograd's saved-tensor check must not pre-empt the ops' own version check
         self.version_tensor.data.fill_(self.version)
-        if self._kernel_index:
-            packed = self._pack_kernel_index()
-            for index in self._kernel_index.values():
-                index.data.copy_(packed)
+        packed = self._pack_kernel_index()
+        for index in self._kernel_index.values():
+            index.data.copy_(packed)
 
     def _check_indices(self, indices: torch.Tensor) -> None:
         n_rows, n_cols = self.block_shape

@@ -10,7 +10,8 @@ With ``W = to_dense(values, layout)`` ``[N, K]``, ``x [M, K]`` and ``dy [M, N]``
 
 Each is a :func:`torch.library.triton_op`, so ``torch.compile`` traces a model through it without a graph break and
 Inductor sees the Triton kernels (``wrap_triton``); a fake implementation gives output shapes (``meta`` / fake
-tensors). The ops take tensors, not a ``BlockLayout``: ``index`` is the layout's packed int32 kernel index
+tensors). Under the Triton CPU interpreter (``TRITON_INTERPRET=1``) the kernels are plain Python, not traceable, so
+the ops are opaque :func:`torch.library.custom_op` instead (same schema, fake and autograd). The ops take tensors, not a ``BlockLayout``: ``index`` is the layout's packed int32 kernel index
 (:meth:`BlockLayout.kernel_index`), ``version`` its ``version_tensor``; both are rewritten in place by a topology
 update, so a compiled graph keeps the same inputs (no recompile). ``backend`` (``"triton"`` | ``"reference"``) and
 ``variant`` (``SMET_MATMUL_VARIANT``) are string arguments resolved by the caller (:func:`block_sparse_linear`):
@@ -32,11 +33,16 @@ from __future__ import annotations
 
 import torch
 from torch._subclasses.fake_tensor import is_fake
-from torch.library import triton_op
+from torch.library import custom_op, triton_op
 
+from ..backend import INTERPRET
 from ..layout import unpack_kernel_index
 from ..reference.matmul import torch_bsmm_forward, torch_bsmm_grad_input, torch_bsmm_grad_weight
 from .block_sparse_matmul import triton_bsmm_forward, triton_bsmm_grad_input, triton_bsmm_grad_weight
+
+
+#: triton_op lets Inductor trace the body into its graph; the interpreter's kernels cannot be traced (opaque op)
+_register = custom_op if INTERPRET else triton_op
 
 
 def _unpack(index: torch.Tensor, nnz: int, n: int, k: int, b: int):
@@ -54,18 +60,20 @@ def _check_version(version: torch.Tensor, forward_version: torch.Tensor) -> None
         )
 
 
-@triton_op("smet::bsmm_forward", mutates_args=())
+@_register("smet::bsmm_forward", mutates_args=())
 def bsmm_forward(
     x: torch.Tensor,
     values: torch.Tensor,
     bias: torch.Tensor | None,
     index: torch.Tensor,
     version: torch.Tensor,
+    forward_version: torch.Tensor,
     out_features: int,
     backend: str,
     variant: str,
 ) -> torch.Tensor:
-    """``y [M, N] = x [M, K] Wᵀ (+ bias)``; ``version`` is only saved for the backward's check."""
+    """``y [M, N] = x [M, K] Wᵀ (+ bias)``. ``version`` (the layout's live version tensor) and ``forward_version``
+    (:func:`layout_version` of it, taken by the caller) are only saved for the backward's check."""
     nnz, b = values.shape[0], values.shape[-1]
     block_indices, rows, _ = _unpack(index, nnz, out_features, x.shape[1], b)
     if backend == "triton":
@@ -73,7 +81,7 @@ def bsmm_forward(
     return torch_bsmm_forward(x, values, block_indices, out_features, bias)
 
 
-@triton_op("smet::bsmm_grad_input", mutates_args=())
+@_register("smet::bsmm_grad_input", mutates_args=())
 def bsmm_grad_input(
     dy: torch.Tensor,
     values: torch.Tensor,
@@ -93,7 +101,7 @@ def bsmm_grad_input(
     return torch_bsmm_grad_input(dy, values, block_indices, in_features)
 
 
-@triton_op("smet::bsmm_grad_weight", mutates_args=())
+@_register("smet::bsmm_grad_weight", mutates_args=())
 def bsmm_grad_weight(
     dy: torch.Tensor,
     x: torch.Tensor,
@@ -114,7 +122,7 @@ def bsmm_grad_weight(
 
 
 @bsmm_forward.register_fake
-def _(x, values, bias, index, version, out_features, backend, variant):
+def _(x, values, bias, index, version, forward_version, out_features, backend, variant):
     return x.new_empty(x.shape[0], out_features)
 
 
@@ -126,6 +134,19 @@ def _(dy, values, index, version, forward_version, in_features, backend, variant
 @bsmm_grad_weight.register_fake
 def _(dy, x, index, version, forward_version, nnz, block_size, backend, variant):
     return x.new_empty(nnz, block_size, block_size)
+
+
+@custom_op("smet::layout_version", mutates_args=())
+def layout_version(version: torch.Tensor) -> torch.Tensor:
+    """A copy of the layout's version tensor, taken at forward and passed to :func:`bsmm_forward`. An opaque op that
+    the forward output depends on, so that a compiled graph's partitioner can neither recompute the copy in the
+    backward from the (since updated) version tensor nor move it there, as it would a ``clone`` in setup_context."""
+    return version.clone()
+
+
+@layout_version.register_fake
+def _(version):
+    return torch.empty_like(version)
 
 
 def _row_major(dy: torch.Tensor) -> torch.Tensor:
@@ -143,7 +164,7 @@ def _once_differentiable(backend: str) -> None:
 
 # ---------------------------------------------------------------- forward: dx = dy W, dvalues, dbias = Σ_m dy
 def _forward_setup(ctx, inputs, output):
-    x, values, bias, index, version, out_features, backend, variant = inputs
+    x, values, bias, index, version, forward_version, out_features, backend, variant = inputs
     ctx.args = (x.shape[1], values.shape[0], values.shape[-1], backend, variant)
     ctx.has_bias = bias is not None
     # dx needs only values and dvalues only x: a frozen layer (or a constant input) keeps no extra activation
@@ -152,7 +173,7 @@ def _forward_setup(ctx, inputs, output):
         values if ctx.needs_input_grad[0] else None,
         index,
         version,
-        version.clone(),
+        forward_version,
     )
 
 
@@ -167,7 +188,7 @@ def _forward_backward(ctx, dy):
         dvalues = bsmm_grad_weight(dy, x, index, version, forward_version, nnz, b, backend, variant)
     if ctx.has_bias and ctx.needs_input_grad[2]:
         dbias = dy.sum(0, dtype=torch.float64 if dy.dtype == torch.float64 else torch.float32).to(dy.dtype)
-    return dx, dvalues, dbias, None, None, None, None, None
+    return dx, dvalues, dbias, None, None, None, None, None, None
 
 
 # ---------------------------------------------------------------- dx = dy W: d dy = g Wᵀ, dvalues = dyᵀ g (blocks)
@@ -184,7 +205,7 @@ def _grad_input_backward(ctx, g):
     g = _row_major(g)
     d_dy = d_values = None
     if ctx.needs_input_grad[0]:
-        d_dy = bsmm_forward(g, values, None, index, version, out_features, backend, variant)
+        d_dy = bsmm_forward(g, values, None, index, version, forward_version, out_features, backend, variant)
     if ctx.needs_input_grad[1]:
         d_values = bsmm_grad_weight(dy, g, index, version, forward_version, nnz, b, backend, variant)
     return d_dy, d_values, None, None, None, None, None, None
@@ -204,7 +225,7 @@ def _grad_weight_backward(ctx, g):
     g = g.contiguous()
     d_dy = d_x = None
     if ctx.needs_input_grad[0]:
-        d_dy = bsmm_forward(x, g, None, index, version, out_features, backend, variant)
+        d_dy = bsmm_forward(x, g, None, index, version, forward_version, out_features, backend, variant)
     if ctx.needs_input_grad[1]:
         d_x = bsmm_grad_input(dy, g, index, version, forward_version, in_features, backend, variant)
     return d_dy, d_x, None, None, None, None, None, None, None
