@@ -360,7 +360,3 @@ def unpack_kernel_index(
     parts = torch.split(index, sizes)
     return parts[0].view(nnz, 2), BlockIndex(*parts[1:5]), BlockIndex(*parts[5:9])
 
-
-def kernel_index_size(nnz: int, block_shape: tuple[int, int]) -> int:
-    """Length of a packed kernel index."""
-    return 6 * nnz + 2 * (block_shape[0] + block_shape[1]) + 2
