@@ -136,6 +136,7 @@ class BlockSparseLinear(BlockLayoutLinear):
         self.backend = backend
         b = self.layout.block_size
         self.values = nn.Parameter(torch.empty(self.layout.nnz, b, b, device=device, dtype=dtype))  # tagged by setattr
+        self.layout.kernel_index(self.values.device)  # built eagerly (below), so torch.compile finds it cached
         self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
         self.reset_parameters(generator)
 
@@ -145,6 +146,11 @@ class BlockSparseLinear(BlockLayoutLinear):
         uniform_init_(self.values, bound, generator)
         if self.bias is not None:
             uniform_init_(self.bias, bound, generator)
+
+    def _apply(self, fn, recurse=True):
+        module = super()._apply(fn, recurse)
+        self.layout.kernel_index(self.values.device)  # the index of the new device, built outside any traced graph
+        return module
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return block_sparse_linear(x, self.values, self.layout, self.bias, backend=self.backend)
