@@ -12,12 +12,7 @@ from smet_kernels.modules import BlockLayoutLinear
 B = 16
 
 
-@pytest.fixture(autouse=True)
-def reference_backend():
-    previous = sk.get_backend()
-    sk.set_backend("reference")
-    yield
-    sk.set_backend(previous)
+pytestmark = pytest.mark.usefixtures("reference_backend")
 
 
 class Mlp(nn.Module):

@@ -19,13 +19,7 @@ VOCAB, SEQ = 128, 16
 STEPS, INTERVAL, INTERRUPT = 20, 5, 10
 
 
-@pytest.fixture(autouse=True)
-def reference_backend():
-    """The PyTorch reference ops: through the Triton CPU interpreter these runs would take minutes."""
-    previous = sk.get_backend()
-    sk.set_backend("reference")
-    yield
-    sk.set_backend(previous)
+pytestmark = pytest.mark.usefixtures("reference_backend")
 
 
 def tiny_model(family: str, seed: int = 0) -> torch.nn.Module:
