@@ -24,7 +24,8 @@ class MaskedLinear(BlockLayoutLinear):
     """``y = x (W ⊙ M)ᵀ + b``: dense ``weight [out, in]``, block mask ``M`` from ``layout`` (kept current by version).
 
     Inactive blocks of ``weight`` are kept at zero by the controller; the mask makes them irrelevant to the
-    output and gives them zero gradient. The layout is part of the ``state_dict`` (``block_indices``), restored in place.
+    output and gives them zero gradient. The layout is part of the ``state_dict`` (``block_indices``), restored in
+    place.
     """
 
     layout_attribute = ("weight", "smet_mask_layout")

@@ -207,13 +207,13 @@ def _conv1d_class() -> type | None:
 
 
 def _is_dense_linear(module: nn.Module) -> bool:
-    """``nn.Linear``, or GPT-2's ``Conv1D`` (``y = x W + b`` with ``W [in, out]``: a linear with a transposed weight)."""
+    """``nn.Linear``, or GPT-2's ``Conv1D`` (``y = x W + b``, ``W [in, out]``: a linear with a transposed weight)."""
     return type(module) is nn.Linear or (_conv1d_class() is not None and type(module) is _conv1d_class())
 
 
 def _as_linear(module: nn.Module) -> nn.Linear:
-    """``module`` itself when an ``nn.Linear``; for a ``Conv1D`` an ``nn.Linear`` over the same tensors (weight ``Wᵀ``,
-    a view; the same bias), in its mode."""
+    """``module`` itself when an ``nn.Linear``; for a ``Conv1D`` an ``nn.Linear`` over the same tensors (weight
+    ``Wᵀ``, a view; the same bias), in its mode."""
     if type(module) is nn.Linear:
         return module
     with torch.device("meta"):
