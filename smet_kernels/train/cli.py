@@ -145,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: auto; under torchrun cuda:LOCAL_RANK)")
     run.add_argument("--backend", choices=("auto", "triton", "reference"),
                      help="kernels: triton, the pure-PyTorch reference, or auto (default: auto)")
+    run.add_argument("--compile", action="store_true",
+                     help="train through torch.compile(model) (one graph with the block-sparse custom ops; "
+                     "the first steps include compilation; default: eager)")
     run.add_argument("--out-dir", help="output folder for metrics.jsonl, summary.json, checkpoints/ "
                      "(default: runs/CONFIG-OPTIMIZER)")
     run.add_argument("--checkpoint-every", type=_int_at_least(0),

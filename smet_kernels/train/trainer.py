@@ -121,6 +121,7 @@ class TrainConfig:
     data: str = "stdlib"
     device: str = "auto"
     backend: str = "auto"
+    compile: bool = False
     out_dir: str | None = None
     checkpoint_every: int = 0
     resume: str | None = None
@@ -524,6 +525,8 @@ class _Run:
             self.wrapped = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=device_ids, broadcast_buffers=False
             )
+        if config.compile:  # one graph per model: the block-sparse products are custom ops (torch.ops.smet)
+            self.wrapped = torch.compile(self.wrapped, fullgraph=not self.ddp.enabled)
         self.metrics_file = self._open_metrics() if self.is_main and self.out_dir else None
 
     # ---------------------------------------------------------------- io
