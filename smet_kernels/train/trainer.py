@@ -128,7 +128,7 @@ class TrainConfig:
 
     def resolved_block_size(self) -> int:
         """``block_size``, or by default the largest supported size that gives at least 4 blocks per hidden row and
-        lets the first topology update move a block of a ``hidden × hidden`` layer (``⌊ζ0 · nnz⌋ ≥ 1``)."""
+        lets the first topology update move a block of a ``hidden × hidden`` layer (``blocks_to_move(ζ0, nnz) ≥ 1``)."""
         if self.block_size is not None:
             return self.block_size
         hidden = MODEL_CONFIGS[self.model].hidden_size
