@@ -323,6 +323,8 @@ def test_ablation_arms_and_update_probe_reach_the_findings(tmp_path):
     assert "**density-lr-only removes the cold-start rise**" in lines and "tiny, d=0.5, α=1 (naive α=0)" in lines
     assert "prune damage, tiny d=0.5 naive-dst α=0: +0.0600" in lines
     assert "naive-dst α=0 3.00× (3×1)" in lines
+    assert "warmup-only removes the cold-start rise of naive DST (cold start rise): reproduces — holds in 1" in lines
+    assert "density-lr-only removes the cold-start rise of naive DST (cold start rise): does NOT reproduce" in lines
 
 
 def test_report_names_the_gpu_command_of_the_same_sweep(tmp_path):

@@ -74,6 +74,7 @@ class _Findings:
         self.methods = set(self.runs["method"])
         self.probes = probes
         self.lines: list[str] = []
+        self.claims: list[tuple[str, int, int, int]] = []  # (claim, holds, reversed, measurable settings)
 
     def final_losses(self, config, method, density, alpha):
         losses = select(self.runs, config, method, density, alpha).set_index("seed")["final_val_loss"]
@@ -98,6 +99,7 @@ class _Findings:
             return
         self.lines.append("**Naive DST (cold start) spikes after topology updates** — rise minus the dense run's "
                           "rise at the same steps and batches:")
+        holds = reverse = measurable = 0
         for config, density, alpha in self.settings(NAIVE):
             naive = select(self.events, config, NAIVE, density, alpha).dropna(subset=["dense_rise"])
             if not len(naive):
@@ -105,9 +107,14 @@ class _Findings:
                 continue
             rise, dense_rise, updates = seed_means(naive, "rise", "dense_rise")
             mean, ci, verdict = compare(rise, dense_rise)
+            measurable += 1
+            holds += verdict == "a > b"
+            reverse += verdict == "a < b"
             self.lines.append(f"  - {label(config, density, alpha)}: {signed(mean)}{plus_minus(ci)} "
                               f"{over(updates, len(rise))} — "
                               f"{verdict_words(verdict, 'spikes above dense: holds', 'rises less than dense')}")
+        self.claims.append(("naive DST's loss rises more than dense after topology updates", holds, reverse,
+                            measurable))
 
     def arms_remove_the_spike(self, frame, column, title, unit):
         """2. each ablation arm against naive DST, paired by seed and update (``column`` of ``frame``)."""
@@ -133,6 +140,26 @@ class _Findings:
                               f"{tally['reversed']}, within noise in {tally['noise']}, not measurable in "
                               f"{tally['none']} of {len(settings)} settings:")
             self.lines += [f"  - {d}" for d in details]
+            self.claims.append((f"{method} {title} of naive DST ({column.replace('_', ' ')})", tally["holds"],
+                                tally["reversed"], tally["holds"] + tally["reversed"] + tally["noise"]))
+
+    def claim_summary(self) -> list[str]:
+        """One line per claim: reproduces (every measurable setting), partly, or does not reproduce at this scale."""
+        if not self.claims:
+            return []
+        lines = ["**Claims at this scale** (95% intervals over seeds; details below):"]
+        for claim, holds, reverse, measurable in self.claims:
+            if not measurable:
+                verdict = "not measurable here"
+            elif holds == measurable:
+                verdict = "reproduces"
+            elif holds == 0:
+                verdict = "does NOT reproduce at this scale" + (" (reversed in some)" if reverse else "")
+            else:
+                verdict = "reproduces in part"
+            lines.append(f"  - {claim}: {verdict} — holds in {holds}, reversed in {reverse} of {measurable} "
+                         "measurable settings")
+        return lines
 
     def quality_vs_dense(self):
         """3. quality against dense at equal tokens (best α per method and density)."""
@@ -279,6 +306,6 @@ def findings(data: StudyData, events, quality, probes=None, probe_events=None) -
     found.consistency()
     found.defaults()
     paragraphs = []
-    for line in found.lines:  # a blank line before each statement, so it does not join the previous list
+    for line in found.claim_summary() + found.lines:  # a blank line before each statement, so it does not join the previous list
         paragraphs += ["", line] if line.startswith("**") and paragraphs else [line]
     return paragraphs
