@@ -16,6 +16,8 @@ from .stats import _in_study_order, _same, compare, missing
 NAIVE = "naive-dst"
 # the run an arm equals at α = 0 (used where the arm itself is not run at α = 0)
 SAME_AT_ALPHA_ZERO = {"density-lr-only": NAIVE, "smet-linear": "warmup-only"}
+COLUMN_NAMES = {"rise": "rise", "cold_start_rise": "cold start rise",
+                "regrown_vs_surviving_1": "first-step ratio regrown/surviving"}
 NOT_MOVED = ("no update moved a block (layers with a single active block keep it: a smaller block size fixes it) "
              "— nothing to measure")
 
@@ -107,7 +109,7 @@ class _Findings:
                 continue
             rise, dense_rise, updates = seed_means(naive, "rise", "dense_rise")
             mean, ci, verdict = compare(rise, dense_rise)
-            measurable += 1
+            measurable += verdict in ("a > b", "a < b", "within noise")  # one seed: no verdict
             holds += verdict == "a > b"
             reverse += verdict == "a < b"
             self.lines.append(f"  - {label(config, density, alpha)}: {signed(mean)}{plus_minus(ci)} "
@@ -121,7 +123,7 @@ class _Findings:
         if NAIVE not in self.methods:
             return
         for method in [m for m in ABLATION_ARMS if m in self.methods]:
-            tally, details = {"holds": 0, "reversed": 0, "noise": 0, "none": 0}, []
+            tally, details = {"holds": 0, "reversed": 0, "noise": 0, "single": 0, "none": 0}, []
             settings = self.settings(method)
             for config, density, alpha in settings:
                 partner = naive_alpha(self.runs, config, density, alpha)
@@ -132,15 +134,16 @@ class _Findings:
                     details.append(f"{name}: {NOT_MOVED}")
                     continue
                 mean, ci, verdict = compare(naive, arm)
-                tally[{"a > b": "holds", "a < b": "reversed"}.get(verdict, "noise")] += 1
+                tally[{"a > b": "holds", "a < b": "reversed", "within noise": "noise"}.get(verdict, "single")] += 1
                 details.append(f"{name}: {signed(mean)}{plus_minus(ci)} {over(updates, len(naive))} — "
                                f"{verdict_words(verdict, 'holds', f'{method} {unit} MORE: does not hold')}")
-            self.lines.append(f"**{method} {title}** — naive-DST {column.replace('_', ' ')} minus {method} "
-                              f"{column.replace('_', ' ')}: holds in {tally['holds']}, reversed in "
-                              f"{tally['reversed']}, within noise in {tally['noise']}, not measurable in "
-                              f"{tally['none']} of {len(settings)} settings:")
+            what = COLUMN_NAMES.get(column, column)
+            self.lines.append(f"**{method} {title}** — naive-DST {what} minus {method} {what}: holds in "
+                              f"{tally['holds']}, reversed in {tally['reversed']}, within noise in {tally['noise']}, "
+                              + (f"one seed only in {tally['single']}, " if tally["single"] else "")
+                              + f"not measurable in {tally['none']} of {len(settings)} settings:")
             self.lines += [f"  - {d}" for d in details]
-            self.claims.append((f"{method} {title} of naive DST ({column.replace('_', ' ')})", tally["holds"],
+            self.claims.append((f"{method} {title} of naive DST ({what})", tally["holds"],
                                 tally["reversed"], tally["holds"] + tally["reversed"] + tally["noise"]))
 
     def claim_summary(self) -> list[str]:
@@ -300,6 +303,8 @@ def findings(data: StudyData, events, quality, probes=None, probe_events=None) -
                 alpha_text = "" if missing(alpha) else f" α={alpha:g}"
                 found.lines.append(f"  - {name}, {config} d={density:g} {method}{alpha_text}: {text}")
         found.arms_remove_the_spike(probe_events, "cold_start_rise", "removes the cold-start rise", "rises")
+        found.arms_remove_the_spike(probe_events.dropna(subset=["regrown_vs_surviving_1"]), "regrown_vs_surviving_1",
+                                    "shrinks the first step of regrown weights", "steps larger")
     found.first_steps()
     found.quality_vs_dense()
     found.density_lr()

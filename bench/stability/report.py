@@ -131,7 +131,8 @@ def write_report(out_dir, output: str | Path | None = None) -> Path:
     lines += ["## Raw data", "",
               f"`{RUNS_DIR}/<config>/<run>/`: `summary.json` (trainer summary with the full config) and `metrics.jsonl` "
               f"(gzipped as `metrics.jsonl.gz` above {GZIP_ABOVE_BYTES // 1024} KiB): per-step `train` records, "
-              "`val_loss` on eval steps, `topology_update` and `loss_spike` records (see smet_kernels/train/trainer.py).",
+              "`val_loss` on eval steps, `topology_update`, `loss_spike` and `update_probe` records (see "
+              "smet_kernels/train/trainer.py and probe.py).",
               ""]
     lines += gpu_section(out_dir)
     output.write_text("\n".join(lines))
