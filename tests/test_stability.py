@@ -26,9 +26,11 @@ from bench.stability import (
 
 @pytest.fixture(autouse=True)
 def cache_dir(tmp_path_factory, monkeypatch):
-    """The tokenised corpus cache in the session's temporary folder, not in the home directory."""
+    """The tokenised corpus cache (and matplotlib's font cache, read when the plots first import it) in the session's
+    temporary folder, not in the home directory."""
     path = tmp_path_factory.getbasetemp() / "smet_cache"
     monkeypatch.setenv("SMET_CACHE_DIR", str(path))
+    monkeypatch.setenv("MPLCONFIGDIR", str(tmp_path_factory.getbasetemp() / "matplotlib"))
     return path
 
 
