@@ -3,7 +3,7 @@
     smet-bench run --quick --out-dir reports/quick        # a few minutes on a laptop CPU
     smet-bench run                                        # full grid on a GPU -> reports/<gpu-slug>/
     smet-bench report --out-dir reports/<gpu-slug>        # report.md + PNG plots
-    smet-bench stability run --quick                      # stability study, CPU pilot; see bench/stability.py
+    smet-bench stability run --quick                      # stability study, CPU pilot; see bench/stability/
 
 Also runnable as ``python -m bench.cli``.
 """
@@ -184,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="stability study (loss spikes after topology updates, quality vs dense): `stability run` trains the "
         "sweep, `stability report` renders it",
         description="Stability study: naive DST vs SMET loss spikes after topology updates, quality vs dense and "
-        "GaLore at equal tokens, density x alpha sweep (see bench/stability.py).",
+        "GaLore at equal tokens, density x alpha sweep (see bench/stability/).",
     )
     add_stability_arguments(stability)
     return parser
