@@ -3,8 +3,8 @@
 Each component is counted from the tensors themselves (distinct storages, so views and shared tensors
 count once):
 
-* weights: the model's parameters, plus the block indices of block-sparse layouts (``p.smet_layout``) and the
-  expanded masks of masked-DST layers (modules with a ``dense_mask()`` method);
+* weights: the model's parameters, plus what block-sparse layouts (``p.smet_layout``) keep (block indices, packed
+  kernel index, version tensor) and the expanded masks of masked-DST layers (modules with a ``dense_mask()`` method);
 * gradients: ``p.grad`` of every parameter;
 * optimizer: every tensor in ``optimizer.state``;
 * activations: every non-parameter tensor autograd saves for backward during the forward pass
@@ -49,11 +49,20 @@ def dense_masks(model: nn.Module) -> list[torch.Tensor]:
     return [module.dense_mask() for module in model.modules() if callable(getattr(module, "dense_mask", None))]
 
 
+def layout_tensors(model: nn.Module) -> list[torch.Tensor]:
+    """What the block-sparse layouts of ``model`` keep: block indices, the packed kernel index on the values'
+    device and the version tensor."""
+    tensors, seen = [], set()
+    for p in model.parameters():
+        layout = getattr(p, "smet_layout", None)
+        if layout is not None and id(layout) not in seen:
+            seen.add(id(layout))
+            tensors += [layout.block_indices, layout.kernel_index(p.device), layout.version_tensor]
+    return tensors
+
+
 def weight_bytes(model: nn.Module) -> int:
-    tensors = list(model.parameters()) + dense_masks(model)
-    layouts = {id(p.smet_layout): p.smet_layout for p in model.parameters() if hasattr(p, "smet_layout")}
-    tensors += [layout.block_indices for layout in layouts.values()]
-    return tensor_bytes(tensors)
+    return tensor_bytes(list(model.parameters()) + dense_masks(model) + layout_tensors(model))
 
 
 def gradient_bytes(model: nn.Module) -> int:
@@ -69,7 +78,7 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
 
 class SavedActivations:
     """Context manager counting the bytes of tensors autograd saves for backward (excluding the parameters,
-    buffers and dense masks of the module ``exclude``).
+    buffers, dense masks and layout tensors of the module ``exclude``).
 
     ``with SavedActivations(exclude=model) as acts: loss = model(x)...`` then ``acts.bytes``.
     """
@@ -77,7 +86,8 @@ class SavedActivations:
     def __init__(self, exclude: nn.Module | None = None):
         self._exclude: set = set()
         if exclude is not None:
-            tensors = list(exclude.parameters()) + list(exclude.buffers()) + dense_masks(exclude)
+            tensors = (list(exclude.parameters()) + list(exclude.buffers()) + dense_masks(exclude)
+                       + layout_tensors(exclude))
             self._exclude = {_storage_key(t) for t in tensors}
         self._seen: set = set()
         self.bytes = 0

@@ -4,8 +4,9 @@ Components (bytes), for ``T = batch · seq`` tokens, hidden ``h``, SwiGLU width 
 vocab ``V``, element sizes ``e`` (parameters/activations), ``s`` (optimizer states):
 
 * **weights**: dense parameters (embedding ``V h``, LM head ``h V``, norms ``(2L + 1) h``) plus the hidden
-  linear layers — ``L (4h² + 3hi)`` dense, or ``Σ nnz_ℓ b²`` compact values for ``smet`` (+ ``int64 [nnz, 2]``
-  block indices, which live with the weights); ``masked`` also keeps each mask expanded to ``[out, in]``;
+  linear layers — ``L (4h² + 3hi)`` dense, or ``Σ nnz_ℓ b²`` compact values for ``smet`` (+ per layout the
+  ``int64 [nnz, 2]`` block indices, the packed ``int32`` kernel index of ``6 nnz + 2 R + 2 C + 2`` entries and an
+  ``int64`` version, which live with the weights); ``masked`` also keeps each mask expanded to ``[out, in]``;
 * **gradients**: one gradient per parameter element (compact for ``smet``; dense for ``masked`` and ``galore``);
 * **optimizer**: AdamW ``2 s`` per element; ``smet`` adds ``int32 block_step [nnz]``; ``galore`` keeps the
   moments of a hidden ``[m, n]`` weight in the projected space (``2 r max(m, n)``, ``r <= min(m, n)``) plus the
@@ -15,7 +16,7 @@ vocab ``V``, element sizes ``e`` (parameters/activations), ``s`` (optimizer stat
   ``rsqrt`` per token: ``2 · 4``), SDPA's rotated q and k, v, output (``4e``; ``o_proj``'s input is a view of the
   output) and logsumexp (``4 B a S``), SwiGLU's gate, silu, up and product (``4e`` per ``i``); RoPE saves only its
   cos/sin tables (``2 S (h/a) e`` per layer when they are cast from fp32); ``masked`` layers also save
-  ``W ⊙ M`` (``4h² + 3hi`` per layer). Plus the final norm
+  ``W ⊙ M`` (``4h² + 3hi`` per layer), ``smet`` products an ``int64`` layout-version snapshot each. Plus the final norm
   ``(4 + 2e) T h + 4 T``, cross-entropy's fp32 log-softmax ``4 T V`` and the int64 token ids and targets ``16 T``;
   with **activation checkpointing** a decoder layer saves only its input (``e T h``, plus the cast cos/sin);
 * **rest**: the largest working set of the backward pass, an estimate — the loss backward holds the bf16/fp32
@@ -144,7 +145,13 @@ def predict_memory(
             for name, (out_f, in_f) in shapes.items()
         }
         hidden_elements = sum(nnz.values()) * block_size * block_size
-        weights = (dense_other + hidden_elements) * e + sum(nnz.values()) * 2 * 8
+        # per layout: int64 block indices [nnz, 2], the packed int32 kernel index (block indices, CSR and CSC:
+        # 6 nnz + 2 R + 2 C + 2 for R x C blocks) and the int64 version tensor
+        layout_bytes = sum(
+            nnz[name] * 2 * 8 + 4 * (6 * nnz[name] + 2 * (out_f + in_f) // block_size + 2) + 8
+            for name, (out_f, in_f) in shapes.items()
+        )
+        weights = (dense_other + hidden_elements) * e + layout_bytes
         gradients = (dense_other + hidden_elements) * e
         optimizer = 2 * (dense_other + hidden_elements) * s + sum(nnz.values()) * 4
     elif method == "galore":
@@ -165,6 +172,8 @@ def predict_memory(
     masked_weights = hidden_dense // L * e if method == "masked" else 0  # W ⊙ M each masked linear saves
     rope = 2 * seq_len * (h // config.num_heads) * e if e != 4 else 0  # cos/sin cast to the activation dtype
     saved_per_layer = e * T * h + rope if activation_checkpointing else per_layer + rope + masked_weights
+    if method == "smet" and not activation_checkpointing:
+        saved_per_layer += 8 * len(shapes) // L  # each block-sparse product saves an int64 layout-version snapshot
     activations = L * saved_per_layer + (4 + 2 * e) * T * h + 4 * T + 4 * T * V + 16 * T
     swiglu_backward = 3 * e * T * i
     if activation_checkpointing:  # the layer in backward holds its recomputed activations too

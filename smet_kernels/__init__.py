@@ -5,7 +5,7 @@ from .distribution import layer_densities
 from .functional import block_sparse_linear, from_dense, to_dense
 from .layout import BlockLayout
 from .masked import MaskedLinear, masked_sparsify
-from .modules import BlockSparseLinear, sparsify
+from .modules import BlockSparseLinear, densify, sparsify
 from .ops.regrow import regrow_blocks
 from .optim.smet_adamw import SMETAdamW
 from .supar import supar_init_, supar_init_std, supar_lr, supar_param_groups
@@ -18,6 +18,7 @@ __all__ = [
     "SMET",
     "SMETAdamW",
     "block_sparse_linear",
+    "densify",
     "from_dense",
     "get_backend",
     "layer_densities",

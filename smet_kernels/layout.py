@@ -9,6 +9,11 @@ per layout version and cached per device:
 
 A topology update (:meth:`BlockLayout.replace_blocks`) rewrites ``block_indices`` in place and bumps
 ``version``; the orderings are rebuilt lazily on next use.
+
+The custom ops (:mod:`smet_kernels.ops.library`) take all of it as one packed int32 tensor per device,
+:meth:`BlockLayout.kernel_index`, which a topology update rewrites *in place* (same tensor, same shape, as nnz is
+constant), and the int64 ``[1]`` CPU tensor :attr:`BlockLayout.version_tensor`: a compiled graph keeps reading the
+same inputs across topology updates, so it is not recompiled.
 """
 
 from __future__ import annotations
@@ -96,6 +101,10 @@ class BlockLayout:
         self._check_indices(self._block_indices)
         self.version = 0
         self._cache: dict = {}
+        # device -> packed index (built here, eagerly, so a traced graph finds it), rewritten in place by _bump
+        self._kernel_index = {str(self.device): self._pack_kernel_index()}
+        #: ``[version]`` as an int64 CPU tensor, rewritten in place by a topology update (see :meth:`kernel_index`)
+        self.version_tensor = torch.zeros(1, dtype=torch.int64)
 
     # ------------------------------------------------------------------ constructors
     @classmethod
@@ -193,22 +202,8 @@ class BlockLayout:
     def _index(self, major: str, device: torch.device) -> BlockIndex:
         key = (major, self.version, str(device))
         if key not in self._cache:
-            rows, cols = self._block_indices[:, 0].cpu(), self._block_indices[:, 1].cpu()
-            n_rows, n_cols = self.block_shape
-            if major == "row":
-                major_idx, minor_idx, n_major, n_minor = rows, cols, n_rows, n_cols
-            else:
-                major_idx, minor_idx, n_major, n_minor = cols, rows, n_cols, n_rows
-            order = torch.argsort(major_idx * n_minor + minor_idx)
-            counts = torch.bincount(major_idx, minlength=n_major)
-            ptr = torch.zeros(n_major + 1, dtype=torch.int64)
-            ptr[1:] = torch.cumsum(counts, 0)
-            self._cache[key] = BlockIndex(
-                ptr=ptr.to(device=device, dtype=torch.int32),
-                slots=order.to(device=device, dtype=torch.int32),
-                minor=minor_idx[order].to(device=device, dtype=torch.int32),
-                by_count=torch.argsort(-counts, stable=True).to(device=device, dtype=torch.int32),
-            )
+            index = _compressed_index(self._block_indices.cpu(), major, self.block_shape)
+            self._cache[key] = BlockIndex(*(t.to(device) for t in (index.ptr, index.slots, index.minor, index.by_count)))
         return self._cache[key]
 
     def block_indices_on(self, device: torch.device | str) -> torch.Tensor:
@@ -217,6 +212,27 @@ class BlockLayout:
         if key not in self._cache:
             self._cache[key] = self._block_indices.to(device=device, dtype=torch.int32).contiguous()
         return self._cache[key]
+
+    def kernel_index(self, device: torch.device | str) -> torch.Tensor:
+        """Every index the ops need, packed as one int32 tensor on ``device`` (see :func:`unpack_kernel_index`):
+        ``[block_indices (2·nnz) | CSR ptr, slots, cols, by_count | CSC ptr, slots, rows, by_count]``.
+
+        One tensor per device for the layout's lifetime: a topology update rewrites it in place, so a compiled
+        graph that reads it stays valid (no recompile) and the version check, not a stale copy, catches a backward
+        that runs after the update."""
+        key = str(torch.device(device))
+        if key not in self._kernel_index:  # a copy of the layout device's index (traceable: no data-dependent shape)
+            self._kernel_index[key] = self._kernel_index[str(self.device)].to(device)
+        return self._kernel_index[key]
+
+    def _pack_kernel_index(self) -> torch.Tensor:
+        """The packed index, on the layout's device."""
+        indices = self._block_indices.cpu()
+        parts = [indices.reshape(-1)]
+        for major in ("row", "col"):
+            index = _compressed_index(indices, major, self.block_shape)
+            parts += [index.ptr, index.slots, index.minor, index.by_count]
+        return torch.cat([p.to(torch.int32) for p in parts]).to(self.device)
 
     # ------------------------------------------------------------------ topology updates
     def replace_blocks(self, slots: torch.Tensor, new_blocks: torch.Tensor) -> None:
@@ -257,6 +273,11 @@ class BlockLayout:
     def _bump(self) -> None:
         self.version += 1
         self._cache.clear()
+        # in place, through .data: autograd's saved-tensor check must not pre-empt the ops' own version check
+        self.version_tensor.data.fill_(self.version)
+        packed = self._pack_kernel_index()
+        for index in self._kernel_index.values():
+            index.data.copy_(packed)
 
     def _check_indices(self, indices: torch.Tensor) -> None:
         n_rows, n_cols = self.block_shape
@@ -308,3 +329,34 @@ class BlockLayout:
             f"BlockLayout(shape={self._shape}, block_size={self._block_size}, nnz={self.nnz}, "
             f"density={self.density:.4f})"
         )
+
+
+def _compressed_index(block_indices: torch.Tensor, major: str, block_shape: tuple[int, int]) -> BlockIndex:
+    """CSR (``major="row"``) or CSC ordering of CPU ``block_indices [nnz, 2]`` (int32 tensors on the CPU)."""
+    rows, cols = block_indices[:, 0], block_indices[:, 1]
+    n_rows, n_cols = block_shape
+    if major == "row":
+        major_idx, minor_idx, n_major, n_minor = rows, cols, n_rows, n_cols
+    else:
+        major_idx, minor_idx, n_major, n_minor = cols, rows, n_cols, n_rows
+    order = torch.argsort(major_idx * n_minor + minor_idx)
+    counts = torch.bincount(major_idx, minlength=n_major)
+    ptr = torch.zeros(n_major + 1, dtype=torch.int64)
+    ptr[1:] = torch.cumsum(counts, 0)
+    return BlockIndex(
+        ptr=ptr.to(torch.int32),
+        slots=order.to(torch.int32),
+        minor=minor_idx[order].to(torch.int32),
+        by_count=torch.argsort(-counts, stable=True).to(torch.int32),
+    )
+
+
+def unpack_kernel_index(
+    index: torch.Tensor, nnz: int, block_shape: tuple[int, int]
+) -> tuple[torch.Tensor, BlockIndex, BlockIndex]:
+    """Views ``(block_indices [nnz, 2], CSR, CSC)`` of a :meth:`BlockLayout.kernel_index` tensor."""
+    n_rows, n_cols = block_shape
+    sizes = [2 * nnz, n_rows + 1, nnz, nnz, n_rows, n_cols + 1, nnz, nnz, n_cols]
+    parts = torch.split(index, sizes)
+    return parts[0].view(nnz, 2), BlockIndex(*parts[1:5]), BlockIndex(*parts[5:9])
+

@@ -24,7 +24,8 @@ class MaskedLinear(BlockLayoutLinear):
     """``y = x (W ⊙ M)ᵀ + b``: dense ``weight [out, in]``, block mask ``M`` from ``layout`` (kept current by version).
 
     Inactive blocks of ``weight`` are kept at zero by the controller; the mask makes them irrelevant to the
-    output and gives them zero gradient. The layout is part of the ``state_dict`` (extra state), restored in place.
+    output and gives them zero gradient. The layout is part of the ``state_dict`` (``block_indices``), restored in
+    place.
     """
 
     layout_attribute = ("weight", "smet_mask_layout")
@@ -70,7 +71,11 @@ class MaskedLinear(BlockLayoutLinear):
         return self._dense_mask
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight * self.dense_mask(), self.bias)
+        return F.linear(x, self.to_dense_weight(), self.bias)
+
+    def to_dense_weight(self) -> torch.Tensor:
+        """``W ⊙ M``: the weight the layer applies (zeros at inactive blocks)."""
+        return self.weight * self.dense_mask()
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, layout: BlockLayout) -> "MaskedLinear":

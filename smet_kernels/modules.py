@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 import warnings
 from collections.abc import Callable, Iterable
 
@@ -13,6 +14,9 @@ from torch import nn
 from .distribution import layer_densities
 from .functional import block_sparse_linear, from_dense, to_dense
 from .layout import BlockLayout, check_block_size, check_density
+
+#: ``state_dict`` key (after the layer's prefix) of a sparse layer's ``layout.block_indices``
+BLOCK_INDICES_KEY = "block_indices"
 
 
 def uniform_init_(tensor: torch.Tensor, bound: float, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -27,8 +31,9 @@ def uniform_init_(tensor: torch.Tensor, bound: float, generator: torch.Generator
 class BlockLayoutLinear(nn.Module):
     """Base of the linear layers whose weight follows a :class:`BlockLayout`.
 
-    Resolves the layout (given, or random at ``density``), checks it against the features, keeps it in the
-    ``state_dict`` as extra state (restored in place, so references to the layout stay valid) and shows it in repr.
+    Resolves the layout (given, or random at ``density``), checks it against the features, keeps its slot -> block
+    map in the ``state_dict`` as the int64 tensor ``<prefix>block_indices [nnz, 2]`` (so safetensors and
+    ``save_pretrained`` take it; restored in place, so references to the layout stay valid) and shows it in repr.
     """
 
     #: ``(parameter name, attribute name)``: the parameter that carries the layout as an attribute. The attribute is
@@ -91,16 +96,36 @@ class BlockLayoutLinear(nn.Module):
         self._attach_layout()
         return module
 
-    def get_extra_state(self) -> dict:
-        return self.layout.state_dict()
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination[prefix + BLOCK_INDICES_KEY] = self.layout.block_indices.clone()
 
-    def set_extra_state(self, state: dict) -> None:
-        if tuple(state["shape"]) != self.layout.shape or int(state["block_size"]) != self.layout.block_size:
-            raise ValueError(
-                f"checkpoint layout (shape {tuple(state['shape'])}, block_size {state['block_size']}) does not match "
-                f"this layer (shape {self.layout.shape}, block_size {self.layout.block_size})"
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ) -> None:
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        key = prefix + BLOCK_INDICES_KEY
+        legacy = prefix + "_extra_state"  # checkpoints written before the layout became a tensor key
+        if key in state_dict:
+            indices = state_dict[key]
+        elif isinstance(state_dict.get(legacy), dict) and "block_indices" in state_dict[legacy]:
+            indices = state_dict[legacy]["block_indices"]
+        else:
+            if strict:
+                missing_keys.append(key)
+            return
+        for name in (key, legacy):
+            if name in unexpected_keys:
+                unexpected_keys.remove(name)
+        try:  # in place, through the layout's checks: references stay valid and the index caches are rebuilt
+            self.layout.set_block_indices(indices)
+        except (TypeError, ValueError) as err:
+            error_msgs.append(
+                f"{key}: {err} (this layer: shape {self.layout.shape}, block_size {self.layout.block_size}, "
+                f"nnz {self.layout.nnz})"
             )
-        self.layout.set_block_indices(state["block_indices"])
 
     def extra_repr(self) -> str:
         return (
@@ -114,7 +139,7 @@ class BlockSparseLinear(BlockLayoutLinear):
 
     ``values`` is one ``nn.Parameter [nnz, b, b]`` (slot ``k`` holds block ``layout.block_indices[k]``) and carries
     the attribute ``values.smet_layout`` so that optimizers and the SMET controller find its layout. The layout is
-    part of the ``state_dict`` (extra state) and is restored in place.
+    part of the ``state_dict`` (``block_indices``) and is restored in place.
     """
 
     layout_attribute = ("values", "smet_layout")
@@ -136,6 +161,7 @@ class BlockSparseLinear(BlockLayoutLinear):
         self.backend = backend
         b = self.layout.block_size
         self.values = nn.Parameter(torch.empty(self.layout.nnz, b, b, device=device, dtype=dtype))  # tagged by setattr
+        self.layout.kernel_index(self.values.device)  # built eagerly (below), so torch.compile finds it cached
         self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
         self.reset_parameters(generator)
 
@@ -145,6 +171,11 @@ class BlockSparseLinear(BlockLayoutLinear):
         uniform_init_(self.values, bound, generator)
         if self.bias is not None:
             uniform_init_(self.bias, bound, generator)
+
+    def _apply(self, fn, recurse=True):
+        module = super()._apply(fn, recurse)
+        self.layout.kernel_index(self.values.device)  # the index of the new device, built outside any traced graph
+        return module
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return block_sparse_linear(x, self.values, self.layout, self.bias, backend=self.backend)
@@ -182,6 +213,28 @@ def _carry_mode(linear: nn.Linear, replacement: nn.Module) -> None:
         param.requires_grad_((linear.bias if name == "bias" else linear.weight).requires_grad)
 
 
+def _conv1d_class() -> type | None:
+    """``transformers.pytorch_utils.Conv1D`` when transformers is loaded (a model holding one has loaded it)."""
+    return getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
+
+
+def _is_dense_linear(module: nn.Module) -> bool:
+    """``nn.Linear``, or GPT-2's ``Conv1D`` (``y = x W + b``, ``W [in, out]``: a linear with a transposed weight)."""
+    return type(module) is nn.Linear or (_conv1d_class() is not None and type(module) is _conv1d_class())
+
+
+def _as_linear(module: nn.Module) -> nn.Linear:
+    """``module`` itself when an ``nn.Linear``; for a ``Conv1D`` an ``nn.Linear`` over the same tensors (weight
+    ``Wᵀ``, a view; the same bias), in its mode."""
+    if type(module) is nn.Linear:
+        return module
+    with torch.device("meta"):
+        linear = nn.Linear(module.nx, module.nf, bias=False)
+    linear.weight = nn.Parameter(module.weight.detach().t(), requires_grad=module.weight.requires_grad)
+    linear.bias = module.bias
+    return linear.train(module.training)
+
+
 def _name_filter(patterns: Iterable[str] | str | None, name: str) -> list[str] | None:
     if patterns is None:
         return None
@@ -198,19 +251,27 @@ def _name_filter(patterns: Iterable[str] | str | None, name: str) -> list[str] |
     return patterns
 
 
-def _linear_occurrences(model: nn.Module) -> dict[int, list[str]]:
-    """``id(linear) -> every qualified name`` of each ``nn.Linear`` of ``model`` (a shared module has several)."""
+def _occurrences(model: nn.Module, selected: Callable[[nn.Module], bool]) -> dict[int, list[str]]:
+    """``id(module) -> every qualified name`` of each ``selected`` module of ``model`` (a shared one has several)."""
     occurrences: dict[int, list[str]] = {}
     for name, module in model.named_modules(remove_duplicate=False):
-        if type(module) is nn.Linear:
+        if selected(module):
             occurrences.setdefault(id(module), []).append(name)
     return occurrences
+
+
+def _replace(model: nn.Module, aliases: list[str], replacement: nn.Module) -> None:
+    """Put ``replacement`` at every name in ``aliases`` (a shared layer stays shared)."""
+    for alias in aliases:
+        parent_name, _, child = alias.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, replacement)
 
 
 def sparse_linear_names(
     model: nn.Module, include: Iterable[str] | str | None = None, exclude: Iterable[str] | str | None = None
 ) -> list[str]:
-    """Qualified names of the ``nn.Linear`` modules selected by ``include``/``exclude`` (regexes searched in names).
+    """Qualified names of the ``nn.Linear`` (and GPT-2 ``Conv1D``) modules selected by ``include``/``exclude``
+    (regexes searched in names).
 
     A module reachable under several names (shared) is listed once, by its first name; it is selected when one of
     its names matches ``include`` and none matches ``exclude``.
@@ -218,7 +279,7 @@ def sparse_linear_names(
     include_p = _name_filter(include, "include")
     exclude_p = _name_filter(exclude, "exclude")
     names = []
-    for aliases in _linear_occurrences(model).values():
+    for aliases in _occurrences(model, _is_dense_linear).values():
         if include_p is not None and not any(re.search(p, name) for p in include_p for name in aliases):
             continue
         if exclude_p is not None and any(re.search(p, name) for p in exclude_p for name in aliases):
@@ -227,7 +288,7 @@ def sparse_linear_names(
     return names
 
 
-def _check_untied(model: nn.Module, linear: nn.Linear, aliases: list[str]) -> None:
+def _check_untied(model: nn.Module, linear: nn.Module, aliases: list[str]) -> None:
     """Raise when a parameter of ``linear`` is also held outside it (tied weights): sparsifying would untie it."""
     own = {f"{alias}.{attr}".lstrip(".") for alias in aliases for attr in ("weight", "bias")}
     for name, param in model.named_parameters(remove_duplicate=False):
@@ -253,10 +314,13 @@ def sparsify(
 
     Per-layer densities follow ``distribution`` (``uniform`` | ``erk``) for the global ``density``; each layer's
     active blocks are chosen at random (``generator``) and keep the dense layer's weights. ``include`` / ``exclude``
-    are regular expressions searched in module names (default: every ``nn.Linear``). ``layer_factory(linear,
-    layout)`` builds the replacement (default: ``BlockSparseLinear.from_linear``). A layer reachable under several
-    names is replaced everywhere by one replacement (it stays shared); a layer whose weight is tied to another
-    module's parameter (e.g. an LM head tied to the embedding) raises ``ValueError``: exclude it. Returns ``model``.
+    are regular expressions searched in module names (default: every ``nn.Linear``). GPT-2-style
+    ``transformers`` ``Conv1D`` layers (``y = x W + b``, ``W [in, out]``) count as linears with weight ``Wᵀ``; their
+    replacement remembers it (``dense_class``) so that :func:`densify` gives a ``Conv1D`` back.
+    ``layer_factory(linear, layout)`` builds the replacement (default: ``BlockSparseLinear.from_linear``). A layer
+    reachable under several names is replaced everywhere by one replacement (it stays shared); a layer whose weight
+    is tied to another module's parameter (e.g. an LM head tied to the embedding) raises ``ValueError``: exclude
+    it. Returns ``model``.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -268,22 +332,20 @@ def sparsify(
     if names == [""]:
         raise ValueError("model is itself an nn.Linear: use BlockSparseLinear.from_linear(model, layout)")
     modules = dict(model.named_modules(remove_duplicate=False))
-    occurrences = _linear_occurrences(model)
-    shapes = {}
-    for name in names:
-        linear = modules[name]
+    occurrences = _occurrences(model, _is_dense_linear)
+    linears = {name: _as_linear(modules[name]) for name in names}
+    for name, linear in linears.items():
         for size, what in ((linear.out_features, "out_features"), (linear.in_features, "in_features")):
             if size % block_size:
                 raise ValueError(
                     f"layer '{name}': {what}={size} is not divisible by block_size={block_size} (exclude it or "
                     "choose another block_size)"
                 )
-        _check_untied(model, linear, occurrences[id(linear)])
-        shapes[name] = (linear.out_features, linear.in_features)
+        _check_untied(model, modules[name], occurrences[id(modules[name])])
+    shapes = {name: (linear.out_features, linear.in_features) for name, linear in linears.items()}
     densities = layer_densities(shapes, density, distribution)
     active = 0
-    for name in names:
-        linear = modules[name]
+    for name, linear in linears.items():
         layout = BlockLayout.random(
             linear.out_features, linear.in_features, block_size, densities[name], generator=generator
         )
@@ -292,10 +354,10 @@ def sparsify(
         else:
             replacement = layer_factory(linear, layout)
         _carry_mode(linear, replacement)
+        if linear is not modules[name]:
+            replacement.dense_class = type(modules[name])
         active += layout.nnz * block_size**2
-        for alias in occurrences[id(linear)]:  # a shared layer stays shared
-            parent_name, _, child = alias.rpartition(".")
-            setattr(modules[parent_name] if parent_name else model, child, replacement)
+        _replace(model, occurrences[id(modules[name])], replacement)
     realised = active / sum(out * inp for out, inp in shapes.values())
     if abs(realised - density) > max(0.01, 0.1 * density):
         warnings.warn(
@@ -304,4 +366,43 @@ def sparsify(
             RuntimeWarning,
             stacklevel=2,
         )
+    return model
+
+
+def _dense_layer(layer: BlockLayoutLinear) -> nn.Module:
+    """The dense layer ``layer`` stands for: ``nn.Linear`` (or the ``Conv1D`` it replaced, weight transposed) with
+    ``layer.to_dense_weight()``, the same bias parameter, mode and ``requires_grad``."""
+    dense_class = getattr(layer, "dense_class", nn.Linear)
+    weight = layer.to_dense_weight().detach()
+    with torch.device("meta"):  # the weights are set below: skip the init
+        if dense_class is nn.Linear:
+            dense = nn.Linear(layer.in_features, layer.out_features, bias=False)
+        else:
+            dense = dense_class(layer.out_features, layer.in_features)  # Conv1D(nf, nx)
+            weight = weight.t()
+    sparse_param = getattr(layer, layer.layout_attribute[0])
+    dense.weight = nn.Parameter(weight.contiguous(), requires_grad=sparse_param.requires_grad)
+    dense.bias = layer.bias
+    return dense.train(layer.training)
+
+
+def densify(model: nn.Module) -> nn.Module:
+    """Replace every ``BlockSparseLinear`` / ``MaskedLinear`` of ``model`` (in place) by a dense layer: the inverse
+    of :func:`sparsify` and :func:`~smet_kernels.masked.masked_sparsify`.
+
+    Each becomes an ``nn.Linear`` whose weight is the layer's dense weight (zeros at inactive blocks) — or the GPT-2
+    ``Conv1D`` it replaced, weight transposed — with the same dtype, device, bias, train/eval mode and
+    ``requires_grad``, so the result is a plain model (``save_pretrained``, ``generate``, evaluation tools). A
+    shared layer stays shared. Returns ``model``.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if isinstance(model, BlockLayoutLinear):
+        raise ValueError("model is itself a sparse layer: use model.to_dense_weight() (and its bias)")
+    modules = dict(model.named_modules(remove_duplicate=False))
+    occurrences = _occurrences(model, lambda module: isinstance(module, BlockLayoutLinear))
+    if not occurrences:
+        raise ValueError("densify found no sparse layer (BlockSparseLinear or MaskedLinear) in model")
+    for aliases in occurrences.values():
+        _replace(model, aliases, _dense_layer(modules[aliases[0]]))
     return model

@@ -18,3 +18,14 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 @pytest.fixture
 def device() -> str:
     return DEVICE
+
+
+@pytest.fixture
+def reference_backend():
+    """The PyTorch reference ops for the whole test (model-level CPU runs would take minutes in the interpreter)."""
+    import smet_kernels
+
+    previous = smet_kernels.get_backend()
+    smet_kernels.set_backend("reference")
+    yield
+    smet_kernels.set_backend(previous)

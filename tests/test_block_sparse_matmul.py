@@ -378,7 +378,7 @@ def test_autocast_bf16_gives_bf16_output_and_fp32_gradients():
     _close(values.grad, bsmm_grad_weight_reference(dy, x.detach(), layout), torch.bfloat16)
 
 
-def test_torch_compile_runs_the_layer_eagerly():
+def test_torch_compile_traces_the_layer():
     layout = _mask_layout("random", 2, 2, 16)
     x, values, dy, _ = _inputs(layout, 4, torch.float32)
     values.requires_grad_()

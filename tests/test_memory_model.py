@@ -35,11 +35,14 @@ def test_smet_matches_hand_computation():
     nnz = 2 * (4 * 2 + 3 * 4)
     dense_other = 2 * 256 * 64 + 5 * 64
     elements = dense_other + nnz * 32 * 32
-    assert estimate.weights == 4 * elements + 16 * nnz
+    # each layout also keeps a packed int32 kernel index (6 nnz + 2 R + 2 C + 2: 22 for a 2x2-block q/k/v/o at 2
+    # blocks, 38 for 4x2 / 2x4 gate/up/down at 4 blocks) and an int64 version: 2 layers x (4·22 + 3·38) x 4 + 14 x 8
+    layouts = 2 * (4 * 22 + 3 * 38) * 4 + 14 * 8
+    assert estimate.weights == 4 * elements + 16 * nnz + layouts
     assert estimate.gradients == 4 * elements
     assert estimate.optimizer == 8 * elements + 4 * nnz
     dense = predict_memory(TINY, "dense", batch_size=2, seq_len=32)
-    assert estimate.activations == dense.activations
+    assert estimate.activations == dense.activations + 14 * 8  # one int64 version snapshot per sparse product
 
 
 def test_bf16_and_galore_and_masked_components():

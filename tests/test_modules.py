@@ -30,6 +30,33 @@ def test_state_dict_restores_layout_in_place():
     torch.testing.assert_close(dst(x), src(x))
 
 
+def test_state_dict_holds_the_layout_as_an_int64_tensor_snapshot():
+    layer = BlockSparseLinear(64, 32, density=0.5, block_size=16, bias=True)
+    state = layer.state_dict()
+    assert set(state) == {"values", "bias", "block_indices"}  # tensors only: safetensors can store it
+    assert state["block_indices"].dtype == torch.int64
+    assert torch.equal(state["block_indices"], layer.layout.block_indices)
+    layer.layout.replace_blocks(torch.tensor([0]), (~layer.layout.mask).nonzero()[:1])  # a later topology update
+    assert not torch.equal(state["block_indices"], layer.layout.block_indices)
+
+
+def test_state_dict_without_block_indices_is_refused_when_strict():
+    layer = BlockSparseLinear(64, 32, density=0.5, block_size=16)
+    with pytest.raises(RuntimeError, match="block_indices"):
+        layer.load_state_dict({"values": layer.values.detach().clone()})
+    layer.load_state_dict({"values": layer.values.detach().clone()}, strict=False)
+
+
+def test_state_dict_of_an_earlier_release_with_the_layout_as_extra_state_still_loads():
+    src = BlockSparseLinear(64, 64, density=0.25, block_size=16, generator=torch.Generator().manual_seed(1))
+    dst = BlockSparseLinear(64, 64, density=0.25, block_size=16, generator=torch.Generator().manual_seed(2))
+    old = {"values": src.values.detach().clone(), "_extra_state": src.layout.state_dict()}
+    dst.load_state_dict(old)
+    assert dst.layout == src.layout
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(dst(x), src(x))
+
+
 def test_state_dict_with_mismatched_layout_shape_fails():
     src = BlockSparseLinear(64, 64, density=0.25, block_size=16)
     dst = BlockSparseLinear(64, 64, density=0.25, block_size=32)

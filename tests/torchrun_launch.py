@@ -4,32 +4,41 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from torch.distributed import TCPStore
 
 
 def launch(out_dir: Path, world_size: int, cache_dir: Path, args: list[str]) -> None:
-    """Run ``smet-train ARGS --out-dir OUT_DIR`` on ``world_size`` ranks and wait; every rank must exit 0."""
-    port = free_port()
+    """Run ``smet-train ARGS --out-dir OUT_DIR`` on ``world_size`` ranks and wait; every rank must exit 0.
+
+    As torchrun's agent does, this process hosts the rendezvous store on a port the OS picks and holds for the whole
+    run (``TORCHELASTIC_USE_AGENT_STORE``: every rank connects as a client), so no other process can take the port
+    between choosing and binding it."""
+    store = None
+    if world_size > 1:
+        store = TCPStore("127.0.0.1", 0, world_size, is_master=True, timeout=timedelta(seconds=240),
+                         wait_for_workers=False)
     procs = []
     for rank in range(world_size):
         env = dict(os.environ, SMET_CACHE_DIR=str(cache_dir), OMP_NUM_THREADS="1")
-        if world_size > 1:
+        if store is not None:
             env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
-                       LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+                       LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(store.port),
+                       TORCHELASTIC_USE_AGENT_STORE="True")
         command = [sys.executable, "-m", "smet_kernels.train.cli", *args, "--out-dir", str(out_dir)]
         procs.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    for proc in procs:
-        output, _ = proc.communicate(timeout=240)
-        assert proc.returncode == 0, output
+    try:
+        for proc in procs:
+            output, _ = proc.communicate(timeout=240)
+            assert proc.returncode == 0, output
+    finally:
+        for proc in procs:
+            proc.kill()
+        del store
 
 
 def metrics(out_dir: Path) -> list[dict]:

@@ -11,10 +11,11 @@ group, three device tables: ``pointers [T, 5]`` (int64 addresses of param, grad,
 0 = dense tensor without slots), ``sizes [T, 2]`` (numel, elements per slot) and ``work [P, 3]`` (tensor, first
 slot, end slot): each program owns whole slots, so it alone reads and bumps their ``block_step``. The kernel casts
 the addresses to typed pointers (this works under the Triton interpreter too). Pointer and work tables are cached
-while the tensors' addresses stay the same; a small ``scalars [T, 2]`` table (effective lr, global step for the
-bias correction, 0 = local) is rebuilt every call (pinned, asynchronous copy on CUDA; the host-built tables
+while the tensors' addresses stay the same; a small ``scalars [T, 3]`` table (effective lr, global step for the
+bias correction, 0 = local; warm-up factor of a dense tensor, ``min(step / W, 1)`` or 1) is rebuilt every call (pinned, asynchronous copy on CUDA; the host-built tables
 rule out CUDA-graph capture). A dense tensor is cut into pseudo-slots of
-``ELEMENTS_PER_PROGRAM`` elements and takes the plain AdamW update (no warm-up, global step).
+``ELEMENTS_PER_PROGRAM`` elements and takes the AdamW update with its global step (warmed up by that step when
+``dense_warmups[i]``: the whole tensor shares one count, so the host computes its factor).
 
 No autotuning: the kernel updates memory in place through addresses held in tables, which autotune's benchmark
 runs could not restore; one config (``BLOCK`` elements per tile, 4 warps) suits this memory-bound loop.
@@ -78,8 +79,9 @@ def _smet_adamw_kernel(
     has_slots = block_step_address != 0
     numel = tl.load(sizes_ptr + tensor * 2)
     slot_numel = tl.load(sizes_ptr + tensor * 2 + 1)
-    lr = tl.load(scalars_ptr + tensor * 2)
-    global_step = tl.load(scalars_ptr + tensor * 2 + 1)
+    lr = tl.load(scalars_ptr + tensor * 3)
+    global_step = tl.load(scalars_ptr + tensor * 3 + 1)
+    dense_ramp = tl.load(scalars_ptr + tensor * 3 + 2)
 
     begin = slot_begin * slot_numel
     end = tl.minimum(slot_end * slot_numel, numel)
@@ -98,7 +100,7 @@ def _smet_adamw_kernel(
         mask = offs < end
         local_step = tl.load(block_step_ptr + offs // slot_numel, mask=offs < step_end, other=0)
         local_step = local_step.to(tl.float32) + 1.0
-        ramp = tl.where(has_slots, tl.minimum(local_step / warmup_steps, 1.0), 1.0)
+        ramp = tl.where(has_slots, tl.minimum(local_step / warmup_steps, 1.0), dense_ramp)
         corrected_step = tl.where(global_step > 0, global_step, local_step)
 
         g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -178,6 +180,7 @@ def _launch(
     tensors: list[tuple],
     lrs: list[float],
     global_steps: list[int | None],
+    dense_warmups: list[bool],
     *,
     betas: tuple[float, float],
     eps: float,
@@ -201,7 +204,11 @@ def _launch(
             cache[cache_key] = (signature, (pointers, sizes, work))
     if work.shape[0] == 0:  # only empty tensors
         return
-    rows = [[lr, 0.0 if step is None else float(step)] for lr, step in zip(lrs, global_steps)]
+    rows = [
+        [lr, 0.0 if step is None else float(step),
+         min(step / warmup_steps, 1.0) if warm and entry[4] is None else 1.0]
+        for lr, step, warm, entry in zip(lrs, global_steps, dense_warmups, tensors)
+    ]  # fmt: skip
     scalars = _to_device(torch.tensor(rows, dtype=torch.float32), device)
     beta1, beta2 = betas
     grid = (work.shape[0],)
@@ -229,9 +236,9 @@ def _launch(
         )
 
 
-def _check_tensors(params, grads, exp_avgs, exp_avg_sqs, block_steps, lrs, global_steps) -> None:
+def _check_tensors(params, grads, exp_avgs, exp_avg_sqs, block_steps, lrs, global_steps, dense_warmups) -> None:
     lists = {"grads": grads, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs, "block_steps": block_steps,
-             "lrs": lrs, "global_steps": global_steps}  # fmt: skip
+             "lrs": lrs, "global_steps": global_steps, "dense_warmups": dense_warmups}  # fmt: skip
     for name, values in lists.items():
         if len(values) != len(params):
             raise ValueError(f"{name} has {len(values)} entries but params has {len(params)}")
@@ -295,6 +302,7 @@ def smet_adamw_step(
     block_steps: Sequence[torch.Tensor | None],
     lrs: Sequence[float],
     global_steps: Sequence[int | None],
+    dense_warmups: Sequence[bool] | None = None,
     *,
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
@@ -309,12 +317,14 @@ def smet_adamw_step(
     ``block_steps[i]``: int32 ``[nnz]`` local steps of sparse values ``[nnz, b, b]`` (bumped by one), or None for
     a dense tensor. ``lrs[i]``: effective learning rate (density factor included). ``global_steps[i]``: step
     count including this step used for the bias correction instead of the local one, or None (local; sparse
-    only). ``cache``: a dict kept by the caller so device tables are reused while tensor addresses are unchanged.
+    only). ``dense_warmups[i]``: warm the dense tensor ``i`` up by its global step (default: no dense warm-up;
+    ignored for sparse values). ``cache``: a dict kept by the caller so device tables are reused while tensor addresses are unchanged.
     """
     check_hyperparameters(betas, eps, weight_decay, warmup, warmup_steps)
     params, grads, exp_avgs, exp_avg_sqs = list(params), list(grads), list(exp_avgs), list(exp_avg_sqs)
     block_steps, lrs, global_steps = list(block_steps), [float(lr) for lr in lrs], list(global_steps)
-    _check_tensors(params, grads, exp_avgs, exp_avg_sqs, block_steps, lrs, global_steps)
+    dense_warmups = [False] * len(params) if dense_warmups is None else [bool(w) for w in dense_warmups]
+    _check_tensors(params, grads, exp_avgs, exp_avg_sqs, block_steps, lrs, global_steps, dense_warmups)
     groups: dict[tuple, list[int]] = {}
     for i, (p, m) in enumerate(zip(params, exp_avgs)):
         groups.setdefault((p.device, p.dtype, m.dtype), []).append(i)
@@ -324,13 +334,14 @@ def smet_adamw_step(
             for i in indices:
                 smet_adamw_step_reference(
                     params[i], grads[i], exp_avgs[i], exp_avg_sqs[i], block_steps[i],
-                    lr=lrs[i], global_step=global_steps[i], **hyper,
+                    lr=lrs[i], global_step=global_steps[i], dense_warmup=dense_warmups[i], **hyper,
                 )  # fmt: skip
             continue
         _launch(
             [(params[i], grads[i], exp_avgs[i], exp_avg_sqs[i], block_steps[i]) for i in indices],
             [lrs[i] for i in indices],
             [global_steps[i] for i in indices],
+            [dense_warmups[i] for i in indices],
             cache=cache,
             cache_key=key,
             **hyper,

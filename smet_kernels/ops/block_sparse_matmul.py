@@ -28,7 +28,9 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ..backend import INTERPRET
-from ..layout import BlockLayout
+from torch.library import wrap_triton
+
+from ..layout import BlockIndex, BlockLayout
 from .rounding import downcast
 
 
@@ -529,7 +531,7 @@ def _dense_sparse(
     bias_arg = bias if bias is not None else out
     with _device_guard(a.device):
         if variant == "grouped":
-            _bsmm_dense_sparse_kernel[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * out_blocks,)](
+            wrap_triton(_bsmm_dense_sparse_kernel)[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * out_blocks,)](
                 a, values, bias_arg, out, *index_args, m, in_cols, out_cols, a.stride(0), out.stride(0), **constexprs
             )
         elif variant == "persistent":
@@ -538,14 +540,14 @@ def _dense_sparse(
                 tiles = triton.cdiv(m, meta["BLOCK_M"]) * out_blocks
                 return (_persistent_programs(tiles, meta["BLOCK_M"], block_size, a),)
 
-            _bsmm_dense_sparse_persistent_kernel[grid](
+            wrap_triton(_bsmm_dense_sparse_persistent_kernel)[grid](
                 a, values, bias_arg, out, *index_args, index.by_count, m, in_cols, out_cols, a.stride(0),
                 out.stride(0), **constexprs
             )
         else:
             _check_tma_support(values, activations=a)
             block = [block_size, block_size]  # the token-tile boxes are set per config by _tma_block_shapes
-            _bsmm_dense_sparse_tma_kernel[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * out_blocks,)](
+            wrap_triton(_bsmm_dense_sparse_tma_kernel)[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * out_blocks,)](
                 TensorDescriptor.from_tensor(a, block),
                 TensorDescriptor.from_tensor(values.view(-1, block_size), block),
                 bias_arg,
@@ -559,15 +561,16 @@ def _dense_sparse(
     return out
 
 
-def bsmm_forward(
+def triton_bsmm_forward(
     x: torch.Tensor,
     values: torch.Tensor,
-    layout: BlockLayout,
+    row_index: BlockIndex,
+    out_features: int,
     bias: torch.Tensor | None = None,
     group_m: int | None = None,
     variant: str | None = None,
 ) -> torch.Tensor:
-    """``y [M, N] = x [M, K] · Wᵀ (+ bias)``, walking the active blocks of each block row (CSR).
+    """``y [M, N] = x [M, K] · Wᵀ (+ bias)``, walking the active blocks of each block row (CSR ``row_index``).
 
     ``group_m``: token tiles per L2 group of the program order (default ``GROUP_M``; at least the number of token
     tiles gives the plain token-tile-fastest order). ``variant``: ``"grouped"`` (one program per output tile),
@@ -576,32 +579,33 @@ def bsmm_forward(
     and dtypes are checked by the caller (``functional``).
     """
     _check_row_major(x=x)
-    index = layout.row_index(x.device)
-    return _dense_sparse(x, values, index, layout.shape[0], layout.block_size, True, bias, group_m, variant)
+    return _dense_sparse(x, values, row_index, out_features, values.shape[-1], True, bias, group_m, variant)
 
 
-def bsmm_grad_input(
+def triton_bsmm_grad_input(
     dy: torch.Tensor,
     values: torch.Tensor,
-    layout: BlockLayout,
+    col_index: BlockIndex,
+    in_features: int,
     group_m: int | None = None,
     variant: str | None = None,
 ) -> torch.Tensor:
-    """``dx [M, K] = dy [M, N] · W``, walking the active blocks of each block column (CSC) over the same values
-    (``group_m`` and ``variant`` as in :func:`bsmm_forward`)."""
+    """``dx [M, K] = dy [M, N] · W``, walking the active blocks of each block column (CSC ``col_index``) over the
+    same values (``group_m`` and ``variant`` as in :func:`triton_bsmm_forward`)."""
     _check_row_major(dy=dy)
-    index = layout.col_index(dy.device)
-    return _dense_sparse(dy, values, index, layout.shape[1], layout.block_size, False, None, group_m, variant)
+    return _dense_sparse(dy, values, col_index, in_features, values.shape[-1], False, None, group_m, variant)
 
 
-def bsmm_grad_weight(
+def triton_bsmm_grad_weight(
     dy: torch.Tensor,
     x: torch.Tensor,
-    layout: BlockLayout,
+    block_indices: torch.Tensor,
+    block_size: int,
     split_k: int | None = None,
     variant: str | None = None,
 ) -> torch.Tensor:
-    """``dvalues [nnz, b, b]``: ``dvalues[k] = dy[:, rows(k)]ᵀ · x[:, cols(k)]``; never a dense ``[N, K]`` gradient.
+    """``dvalues [nnz, b, b]``: ``dvalues[k] = dy[:, rows(k)]ᵀ · x[:, cols(k)]`` with ``(rows(k), cols(k))`` row
+    ``k`` of the int32 ``block_indices [nnz, 2]``; never a dense ``[N, K]`` gradient.
 
     ``variant="tma"`` moves the token tiles by TMA descriptors (sm_90+); the other variants (and None, see
     :func:`default_variant`) run the pointer kernel: program order does not apply to this grid of blocks.
@@ -612,31 +616,45 @@ def bsmm_grad_weight(
     elif variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     m, k = x.shape
-    n = layout.shape[0]
-    b = layout.block_size
-    nnz = layout.nnz
+    n = dy.shape[1]
+    b = block_size
+    nnz = block_indices.shape[0]
     split = split_k if split_k is not None else default_split_k(m, nnz, x.device)
     if isinstance(split, bool) or not isinstance(split, int) or split < 1:
         raise ValueError(f"split_k must be a positive int, got {split_k!r}")
     out_dtype = x.dtype if split == 1 else torch.float32
     out = torch.empty((split, nnz, b, b), dtype=out_dtype, device=x.device)
-    indices = layout.block_indices_on(x.device)
     constexprs = dict(BLOCK_SIZE=b, SPLIT_K=split, **_kernel_flags(x.dtype))
     with _device_guard(x.device):
         if variant == "tma":
             _check_tma_support(dy=dy, x=x)
             block = [b, b]  # the token boxes are set per config by _tma_token_block_shapes
-            _bsmm_grad_weight_tma_kernel[(nnz, split)](
+            wrap_triton(_bsmm_grad_weight_tma_kernel)[(nnz, split)](
                 TensorDescriptor.from_tensor(dy, block),
                 TensorDescriptor.from_tensor(x, block),
                 TensorDescriptor.from_tensor(out.view(-1, b), block),
-                indices, m, n, k, nnz, **constexprs,
+                block_indices, m, n, k, nnz, **constexprs,
             )  # fmt: skip
         else:
-            _bsmm_grad_weight_kernel[(nnz, split)](
-                dy, x, out, indices, m, n, k, nnz, dy.stride(0), x.stride(0), **constexprs
+            wrap_triton(_bsmm_grad_weight_kernel)[(nnz, split)](
+                dy, x, out, block_indices, m, n, k, nnz, dy.stride(0), x.stride(0), **constexprs
             )
     if split == 1:
         return out[0]
     return out.sum(0).to(x.dtype)
 
+
+def bsmm_forward(x, values, layout: BlockLayout, bias=None, group_m=None, variant=None) -> torch.Tensor:
+    """:func:`triton_bsmm_forward` of a layout (kernel tests and benchmarks)."""
+    return triton_bsmm_forward(x, values, layout.row_index(x.device), layout.shape[0], bias, group_m, variant)
+
+
+def bsmm_grad_input(dy, values, layout: BlockLayout, group_m=None, variant=None) -> torch.Tensor:
+    """:func:`triton_bsmm_grad_input` of a layout."""
+    return triton_bsmm_grad_input(dy, values, layout.col_index(dy.device), layout.shape[1], group_m, variant)
+
+
+def bsmm_grad_weight(dy, x, layout: BlockLayout, split_k=None, variant=None) -> torch.Tensor:
+    """:func:`triton_bsmm_grad_weight` of a layout."""
+    indices = layout.block_indices_on(x.device)
+    return triton_bsmm_grad_weight(dy, x, indices, layout.block_size, split_k, variant)

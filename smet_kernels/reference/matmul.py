@@ -23,13 +23,16 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _dense(values: torch.Tensor, block_indices: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    b = values.shape[-1]
+    idx = block_indices.to(values.device).long()
+    blocks = values.new_zeros(shape[0] // b, shape[1] // b, b, b).index_put((idx[:, 0], idx[:, 1]), values)
+    return blocks.permute(0, 2, 1, 3).reshape(shape)
+
+
 def to_dense_reference(values: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
     """Dense ``[out, in]`` weight with the blocks of ``values`` placed by ``layout.block_indices``."""
-    b = layout.block_size
-    rows_b, cols_b = layout.block_shape
-    idx = layout.block_indices.to(values.device)
-    blocks = values.new_zeros(rows_b, cols_b, b, b).index_put((idx[:, 0], idx[:, 1]), values)
-    return blocks.permute(0, 2, 1, 3).reshape(layout.shape)
+    return _dense(values, layout.block_indices, layout.shape)
 
 
 def from_dense_reference(weight: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
@@ -41,38 +44,58 @@ def from_dense_reference(weight: torch.Tensor, layout: BlockLayout) -> torch.Ten
     return blocks[idx[:, 0], idx[:, 1]].contiguous()
 
 
-def bsmm_forward_reference(
-    x: torch.Tensor, values: torch.Tensor, layout: BlockLayout, bias: torch.Tensor | None = None
+def torch_bsmm_forward(
+    x: torch.Tensor, values: torch.Tensor, block_indices: torch.Tensor, out_features: int, bias=None
 ) -> torch.Tensor:
-    """``y = x Wᵀ (+ bias)`` for ``x [M, K]``; returns ``[M, N]`` in ``x.dtype``."""
+    """``y = x Wᵀ (+ bias)`` for ``x [M, K]``, slot ``k`` of ``values`` at block ``block_indices[k]``; ``x.dtype``."""
     ct = _compute_dtype(x.dtype)
-    y = x.to(ct) @ to_dense_reference(values.to(ct), layout).t()
+    y = x.to(ct) @ _dense(values.to(ct), block_indices, (out_features, x.shape[1])).t()
     if bias is not None:
         y = y + bias.to(ct)
     return y.to(x.dtype)
 
 
-def bsmm_grad_input_reference(dy: torch.Tensor, values: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
+def torch_bsmm_grad_input(
+    dy: torch.Tensor, values: torch.Tensor, block_indices: torch.Tensor, in_features: int
+) -> torch.Tensor:
     """``dx = dy W`` for ``dy [M, N]``; returns ``[M, K]`` in ``dy.dtype``."""
     ct = _compute_dtype(dy.dtype)
-    return (dy.to(ct) @ to_dense_reference(values.to(ct), layout)).to(dy.dtype)
+    return (dy.to(ct) @ _dense(values.to(ct), block_indices, (dy.shape[1], in_features))).to(dy.dtype)
+
+
+def torch_bsmm_grad_weight(
+    dy: torch.Tensor, x: torch.Tensor, block_indices: torch.Tensor, block_size: int
+) -> torch.Tensor:
+    """``dvalues[k] = dy[:, rows(k)]ᵀ x[:, cols(k)]`` for every active slot; returns ``[nnz, b, b]``."""
+    ct = _compute_dtype(x.dtype)
+    b = block_size
+    m, k = x.shape
+    n = dy.shape[1]
+    nnz = block_indices.shape[0]
+    dy_blocks = dy.to(ct).reshape(m, n // b, b)  # [M, N/b, b] (explicit sizes: M may be 0)
+    x_blocks = x.to(ct).reshape(m, k // b, b)  # [M, K/b, b]
+    idx = block_indices.to(x.device).long()
+    chunk = max(1, _GATHER_ELEMENTS // max(1, m * b))
+    # chunks bound the gathered temporaries; torch.cat (not writes into a buffer) keeps it differentiable
+    out = [
+        torch.bmm(dy_blocks[:, idx[s : s + chunk, 0]].permute(1, 2, 0), x_blocks[:, idx[s : s + chunk, 1]].permute(1, 0, 2))
+        for s in range(0, nnz, chunk)
+    ]
+    return (out[0] if len(out) == 1 else torch.cat(out)).to(x.dtype)
+
+
+def bsmm_forward_reference(
+    x: torch.Tensor, values: torch.Tensor, layout: BlockLayout, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """:func:`torch_bsmm_forward` of a layout."""
+    return torch_bsmm_forward(x, values, layout.block_indices, layout.shape[0], bias)
+
+
+def bsmm_grad_input_reference(dy: torch.Tensor, values: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
+    """:func:`torch_bsmm_grad_input` of a layout."""
+    return torch_bsmm_grad_input(dy, values, layout.block_indices, layout.shape[1])
 
 
 def bsmm_grad_weight_reference(dy: torch.Tensor, x: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
-    """``dvalues[k] = dy[:, rows(k)]ᵀ x[:, cols(k)]`` for every active slot; returns ``[nnz, b, b]``."""
-    ct = _compute_dtype(x.dtype)
-    b = layout.block_size
-    m = x.shape[0]
-    n, k = layout.shape
-    dy_blocks = dy.to(ct).reshape(m, n // b, b)  # [M, N/b, b] (explicit sizes: M may be 0)
-    x_blocks = x.to(ct).reshape(m, k // b, b)  # [M, K/b, b]
-    idx = layout.block_indices.to(x.device)
-    out = torch.empty(layout.nnz, b, b, dtype=ct, device=x.device)
-    chunk = max(1, _GATHER_ELEMENTS // max(1, m * b))
-    for start in range(0, layout.nnz, chunk):
-        rows = idx[start : start + chunk, 0]
-        cols = idx[start : start + chunk, 1]
-        out[start : start + chunk] = torch.bmm(
-            dy_blocks[:, rows].permute(1, 2, 0), x_blocks[:, cols].permute(1, 0, 2)
-        )
-    return out.to(x.dtype)
+    """:func:`torch_bsmm_grad_weight` of a layout."""
+    return torch_bsmm_grad_weight(dy, x, layout.block_indices, layout.block_size)

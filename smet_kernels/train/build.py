@@ -7,7 +7,7 @@ from torch import nn
 
 from ..optim.galore import GALORE_DEFAULT_RANK, GaLoreAdamW, galore_param_groups
 from ..topology import SMET
-from .config import SPARSE_OPTIMIZERS, TrainConfig
+from .config import SMET_ADAMW_ARMS, SPARSE_OPTIMIZERS, TrainConfig
 from .model import HIDDEN_LINEAR_NAMES, LlamaModel, model_config
 
 HIDDEN_LINEAR_PATTERN = r"\.(" + "|".join(HIDDEN_LINEAR_NAMES) + r")$"
@@ -25,7 +25,7 @@ def build_model(config: TrainConfig, vocab_size: int, device: torch.device) -> n
     model.activation_checkpointing = config.activation_checkpointing
     generator = torch.Generator().manual_seed(config.seed + 1)
     backend = None if config.backend == "auto" else config.backend
-    if config.optimizer in ("smet", "naive-dst"):
+    if config.optimizer in SMET_ADAMW_ARMS:
         from ..modules import sparsify
 
         sparsify(model, config.density, block_size=block_size, distribution=config.distribution,
@@ -61,16 +61,19 @@ def build_optimizer(config: TrainConfig, model: nn.Module, device: torch.device)
         )
     from ..optim.smet_adamw import SMETAdamW
 
-    naive = config.optimizer == "naive-dst"
     backend = None if config.backend == "auto" else config.backend
-    return SMETAdamW(
-        params,
-        warmup="none" if naive else config.warmup_mode,
+    return SMETAdamW(params, **smet_adamw_options(config), backend=backend, **common)
+
+
+def smet_adamw_options(config: TrainConfig) -> dict:
+    """The :class:`SMETAdamW` options of the config's arm (issue 16): warm-up, bias correction, α, warm-up scope."""
+    warmup, bias_correction, _, _ = SMET_ADAMW_ARMS[config.optimizer]
+    return dict(
+        warmup=config.warmup_mode if warmup == "config" else warmup,
         warmup_steps=config.optimizer_warmup_steps,
-        density_lr_exponent=config.density_lr_exponent,
-        bias_correction="global" if naive else "local",
-        backend=backend,
-        **common,
+        warmup_scope=config.warmup_scope,
+        density_lr_exponent=config.resolved_density_lr_exponent(),
+        bias_correction=bias_correction,
     )
 
 

@@ -12,13 +12,21 @@ import torch
 
 from .. import backend as backend_module
 from ..layout import SUPPORTED_BLOCK_SIZES, nnz_for_density
-from ..topology import blocks_to_move
 from .model import MODEL_CONFIGS
 from .tokenizer import TokenizerError, parse_tokenizer
 
-OPTIMIZERS = ("adamw", "galore", "smet", "masked-dst", "naive-dst")
+# --- SMETAdamW arms (issue 16): name -> (warm-up: "config" = TrainConfig.warmup_mode, bias correction,
+#     default α, whether α may be set). SMET = warm-up + density-aware LR; naive DST = neither (the paper's).
+SMET_ADAMW_ARMS = {
+    "smet": ("config", "local", 1.0, True),
+    "naive-dst": ("none", "global", 0.0, True),
+    "warmup-only": ("config", "local", 0.0, False),
+    "density-lr-only": ("none", "global", 1.0, True),
+}
+OPTIMIZERS = ("adamw", "galore", "smet", "masked-dst", "naive-dst", "warmup-only", "density-lr-only")
 PARALLEL_MODES = ("ddp", "fsdp")
-SPARSE_OPTIMIZERS = ("smet", "masked-dst", "naive-dst")
+SPARSE_OPTIMIZERS = ("smet", "masked-dst", "naive-dst", "warmup-only", "density-lr-only")
+WARMUP_SCOPES = ("all", "regrown")
 # settings a resumed run must share with its checkpoint (model shape and topology, data order and position)
 FIXED_ON_RESUME = ("model", "optimizer", "density", "block_size", "distribution", "data", "tokenizer", "seq_len",
                    "batch_size", "seed", "spike_window")
@@ -45,7 +53,8 @@ class TrainConfig:
     regrow: str = "random"
     warmup_mode: str = "linear"
     optimizer_warmup_steps: int = 100
-    density_lr_exponent: float = 1.0
+    density_lr_exponent: float | None = None  # None: the arm's default (SMET_ADAMW_ARMS); to_dict records it
+    warmup_scope: str = "all"
     supar: bool = False
     supar_base_width: int = 256
     galore_rank: int | None = None
@@ -69,10 +78,12 @@ class TrainConfig:
     eval_batches: int = 4
     log_every: int = 1
     spike_window: int = 10
+    update_probe: bool = True
     data: str = "stdlib"
     tokenizer: str = "byte"
     device: str = "auto"
     backend: str = "auto"
+    compile: bool = False
     out_dir: str | None = None
     checkpoint_every: int = 0
     checkpoint_format: str = "sharded"
@@ -83,7 +94,8 @@ class TrainConfig:
 
     def resolved_block_size(self) -> int:
         """``block_size``, or by default the largest supported size that gives at least 4 blocks per hidden row and
-        lets the first topology update move a block of a ``hidden × hidden`` layer (``⌊ζ0 · nnz⌋ ≥ 1``)."""
+        gives a ``hidden × hidden`` layer enough active blocks that the first topology update moves a fraction ζ0 of
+        them (``ζ0 · nnz ≥ 1``; the released rule moves at least one block of any layer with two, however coarse)."""
         if self.block_size is not None:
             return self.block_size
         hidden = MODEL_CONFIGS[self.model].hidden_size
@@ -91,9 +103,15 @@ class TrainConfig:
         movable = [
             b
             for b in candidates
-            if blocks_to_move(self.prune_fraction, nnz_for_density((hidden // b) ** 2, self.density)) >= 1
+            if self.prune_fraction * nnz_for_density((hidden // b) ** 2, self.density) >= 1
         ]
         return max(movable or [min(SUPPORTED_BLOCK_SIZES)])
+
+    def resolved_density_lr_exponent(self) -> float:
+        """α: ``density_lr_exponent``, or the default of the optimizer's arm (0 where the arm has no density LR)."""
+        if self.density_lr_exponent is not None:
+            return float(self.density_lr_exponent)
+        return SMET_ADAMW_ARMS[self.optimizer][2] if self.optimizer in SMET_ADAMW_ARMS else 0.0
 
     def validate(self) -> "TrainConfig":
         """Raise :class:`ConfigError` naming the first bad field."""
@@ -132,7 +150,12 @@ class TrainConfig:
         choice("backend", backend_module.BACKENDS)
         number("density", 0.0, 1.0, low_open=True)
         number("prune_fraction", 0.0, 1.0, low_open=True, high_open=True)
-        number("density_lr_exponent", 0.0, math.inf)
+        choice("warmup_scope", WARMUP_SCOPES)
+        if self.density_lr_exponent is not None:
+            number("density_lr_exponent", 0.0, math.inf)
+            if self.optimizer == "warmup-only" and self.density_lr_exponent != 0:
+                raise ConfigError(f"optimizer 'warmup-only' has no density-aware LR (α = 0), got "
+                                  f"density_lr_exponent={self.density_lr_exponent}: use --optimizer smet")
         number("galore_scale", 0.0, math.inf, low_open=True)
         number("lr", 0.0, math.inf, low_open=True)
         number("weight_decay", 0.0, math.inf)
@@ -175,7 +198,8 @@ class TrainConfig:
         return self
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """All fields, α resolved (a naive-DST run records α = 0)."""
+        return dataclasses.asdict(self) | {"density_lr_exponent": self.resolved_density_lr_exponent()}
 
     @classmethod
     def from_dict(cls, values: dict) -> "TrainConfig":

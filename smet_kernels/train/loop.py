@@ -8,7 +8,10 @@ topology controller.step()``. Optimizer modes:
 * ``galore``: dense model, :class:`~smet_kernels.optim.galore.GaLoreAdamW` on the hidden linears;
 * ``smet``: hidden linears -> ``BlockSparseLinear``, :class:`SMETAdamW` (local bias correction, warm-up,
   density-aware LR) and the :class:`~smet_kernels.topology.SMET` controller;
-* ``naive-dst``: as ``smet`` with ``warmup="none"``, ``bias_correction="global"`` (cold start);
+* ``naive-dst``: the paper's naive DST: compact storage and plain Adam, ``warmup="none"``,
+  ``bias_correction="global"`` (cold start), α = 0 unless given;
+* ``warmup-only`` / ``density-lr-only``: the ablation arms between them (SMET with α = 0; naive DST with α = 1
+  unless given) — see :data:`~smet_kernels.train.config.SMET_ADAMW_ARMS`;
 * ``masked-dst``: hidden linears -> masked dense layers, ``torch.optim.AdamW``, same controller.
 
 LR: linear warm-up over ``lr_warmup_steps``, then cosine decay to ``0.1 * lr`` at ``max_steps``.
@@ -76,6 +79,7 @@ from .distributed import (
 )
 from .metrics import MetricsLog, peak_memory_bytes, perplexity, write_summary
 from .model import lm_loss
+from .probe import UpdateProbe
 from .spikes import SpikeTracker
 
 MIN_LR_RATIO = 0.1
@@ -136,6 +140,9 @@ class Run:
             self.val_bytes_per_token = corpus.bytes_of(targets) / targets.size
         self.base_lrs = [group["lr"] for group in self.optimizer.param_groups]  # before a resume overwrites them
         self.spikes = SpikeTracker(config.spike_window)
+        # --- update probe (issue 16): prune damage / cold start / first-step sizes; plain tensors only (not fsdp)
+        self.probe = UpdateProbe(self.model, self.probe_loss, config.spike_window) if (
+            config.update_probe and not self.fsdp and self.val_indices is not None) else None
         self.step = 0
         self.tokens_seen = 0
         self.train_time = 0.0
@@ -156,6 +163,8 @@ class Run:
             self.wrapped = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=device_ids, broadcast_buffers=False
             )
+        if config.compile:  # one graph per model: the block-sparse products are custom ops (torch.ops.smet)
+            self.wrapped = torch.compile(self.wrapped, fullgraph=not self.ddp.enabled)
         self.metrics = (MetricsLog(self.out_dir, self.step if config.resume else None)
                         if self.is_main and self.out_dir else None)
 
@@ -204,6 +213,7 @@ class Run:
             "data": self.batches.state_dict(),
             "rng": rng_state(self.device),
             "spikes": self.spikes.state_dict(),
+            "probe": self.probe.state_dict() if self.probe is not None else None,  # update probe (issue 16)
             "progress": {"tokens_seen": self.tokens_seen, "train_time": self.train_time,
                          "initial_val_loss": self.initial_val_loss, "nonfinite_skips": self.nonfinite_skips},
         }
@@ -224,6 +234,8 @@ class Run:
         self.batches.load_state_dict(state["data"])
         set_rng_state(state["rng"], self.device)
         self.spikes.load_state_dict(state["spikes"])
+        if self.probe is not None and state.get("probe") is not None:  # update probe (issue 16)
+            self.probe.load_state_dict(state["probe"])
         self.step = int(state["step"])
         self.tokens_seen = int(state["progress"]["tokens_seen"])
         self.train_time = float(state["progress"]["train_time"])
@@ -264,6 +276,23 @@ class Run:
         if self.fsdp:
             reshard(self.model)
         return float(self.ddp.mean(total / shards.shape[0]))
+
+    @torch.no_grad()
+    def probe_loss(self) -> float:
+        """Loss of one fixed held-out micro-batch (the first validation windows), for the update probe."""
+        micro = self.config.batch_size // (self.ddp.world_size * self.config.grad_accum)
+        x, y = window_batch(self.val_tokens, self.val_indices[:micro], self.config.seq_len)
+        self.model.eval()
+        with self._autocast():
+            loss = lm_loss(self.model(x.to(self.device)), y.to(self.device))
+        self.model.train()
+        return float(loss)
+
+    def is_probe_step(self, step: int) -> bool:
+        """Update steps of the controller; for a dense run the steps it would update at (the control)."""
+        if self.controller is not None:
+            return self.controller.is_update_step(step)
+        return step % self.config.update_interval == 0
 
     def train_step(self) -> tuple[float, float]:
         """One optimizer step on the next global batch; returns (mean training loss over the global batch, global
@@ -390,9 +419,20 @@ def _train_loop(run: Run) -> dict:
             _handle_nonfinite(run, loss, grad_norm)
             continue
         run.consecutive_skips = 0
+        probe_records, probe_time = [], 0.0  # --- update probe (issue 16), its time left out of the step time
+        if run.probe is not None:
+            probe_started = time.perf_counter()
+            probe_records += run.probe.after_step()
+            if run.is_probe_step(run.step):
+                run.probe.before_update()
+            probe_time += time.perf_counter() - probe_started
         update = run.controller.step() if run.controller is not None else None
+        if run.probe is not None and run.is_probe_step(run.step):
+            probe_started = time.perf_counter()
+            probe_records += run.probe.after_update(run.step)
+            probe_time += time.perf_counter() - probe_started
         run._synchronize()
-        elapsed = time.perf_counter() - started
+        elapsed = time.perf_counter() - started - probe_time
         step = run.step
         run.train_time += elapsed
         step_times.append(elapsed)
@@ -435,6 +475,8 @@ def _train_loop(run: Run) -> dict:
             })
         for spike in spikes:
             run.log({"type": "loss_spike", **spike, "step": step})
+        for record in probe_records:
+            run.log({**record, "step": step})
         if config.checkpoint_every and (step % config.checkpoint_every == 0 or final):
             run.save_checkpoint()
         bar.update(1)
@@ -442,6 +484,8 @@ def _train_loop(run: Run) -> dict:
     bar.close()
     for spike in run.spikes.finish():
         run.log({"type": "loss_spike", **spike, "step": run.step})
+    for record in run.probe.finish() if run.probe is not None else []:
+        run.log({**record, "step": run.step})
     peak, peak_kind = peak_memory_bytes(run.device)
     summary = {
         "steps": run.step,

@@ -10,7 +10,7 @@ The public entry points, gathered from the modules that hold them (one job each)
 * :mod:`.metrics` -- ``metrics.jsonl``, ``summary.json``, peak memory.
 """
 
-from .build import HIDDEN_LINEAR_PATTERN, build_controller, build_model, build_optimizer
+from .build import HIDDEN_LINEAR_PATTERN, build_controller, build_model, build_optimizer, smet_adamw_options
 from .checkpoint import find_checkpoint, load_checkpoint_config
 from .config import (
     CHECKPOINT_FORMATS,
@@ -19,7 +19,9 @@ from .config import (
     OPTIMIZERS,
     PARALLEL_MODES,
     PRECISIONS,
+    SMET_ADAMW_ARMS,
     SPARSE_OPTIMIZERS,
+    WARMUP_SCOPES,
     ConfigError,
     TrainConfig,
 )
@@ -28,7 +30,9 @@ from .loop import MIN_LR_RATIO, Run, TrainingDiverged, lr_factor, train
 from .metrics import peak_memory_bytes
 
 __all__ = [
-    "CHECKPOINT_FORMATS", "FIXED_ON_RESUME", "HIDDEN_LINEAR_PATTERN", "MIN_LR_RATIO", "NONFINITE_ACTIONS", "OPTIMIZERS", "PARALLEL_MODES", "PRECISIONS",
-    "SPARSE_OPTIMIZERS", "ConfigError", "Run", "TrainConfig", "TrainingDiverged", "build_controller", "build_model", "build_optimizer",
-    "find_checkpoint", "load_checkpoint_config", "lr_factor", "peak_memory_bytes", "shard_model", "train",
+    "CHECKPOINT_FORMATS", "FIXED_ON_RESUME", "HIDDEN_LINEAR_PATTERN", "MIN_LR_RATIO", "NONFINITE_ACTIONS",
+    "OPTIMIZERS", "PARALLEL_MODES", "PRECISIONS", "SMET_ADAMW_ARMS", "SPARSE_OPTIMIZERS", "WARMUP_SCOPES",
+    "ConfigError", "Run", "TrainConfig", "TrainingDiverged", "build_controller", "build_model", "build_optimizer",
+    "find_checkpoint", "load_checkpoint_config", "lr_factor", "peak_memory_bytes", "shard_model",
+    "smet_adamw_options", "train",
 ]

@@ -1,0 +1,223 @@
+"""The block-sparse products as ``torch.ops.smet`` custom ops: opcheck, ``torch.compile(fullgraph=True)`` of a
+sparsified LLaMA, recompiles across topology updates, double backward, errors under compile, the Triton path."""
+
+from unittest import mock
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch._dynamo.testing import CompileCounterWithBackend
+
+from conftest import DEVICE
+from smet_kernels import BlockLayout, block_sparse_linear, sparsify, to_dense
+from smet_kernels.backend import triton_can_run
+from smet_kernels.ops import library
+from smet_kernels.topology import SMET
+from smet_kernels.train.model import LlamaModel, lm_loss, model_config
+
+B = 16
+
+
+def _layout(seed=0, out_blocks=3, in_blocks=2):
+    g = torch.Generator().manual_seed(seed)
+    return BlockLayout.random(out_blocks * B, in_blocks * B, B, 0.5, generator=g)
+
+
+def _operands(layout, m=5, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    n, k = layout.shape
+    x = torch.randn(m, k, generator=g, dtype=torch.float64).to(DEVICE, dtype)
+    values = (torch.randn(layout.nnz, B, B, generator=g, dtype=torch.float64) / k**0.5).to(DEVICE, dtype)
+    dy = torch.randn(m, n, generator=g, dtype=torch.float64).to(DEVICE, dtype)
+    bias = torch.randn(n, generator=g, dtype=torch.float64).to(DEVICE, dtype)
+    return x, values, dy, bias
+
+
+def _backends():
+    return ["reference"] + (["triton"] if triton_can_run(torch.device(DEVICE)) else [])
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_opcheck_passes_for_each_op(backend):
+    layout = _layout()
+    x, values, dy, bias = _operands(layout)
+    index, version = layout.kernel_index(x.device), layout.version_tensor
+    n, k = layout.shape
+    tests = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+    # the Triton backward is once-differentiable: its grad ops are checked without gradients of their own
+    grads = backend == "reference"
+    x2, values2, dy2 = (t.clone().requires_grad_(grads) for t in (x, values, dy))
+    cases = [
+        (library.bsmm_forward, (x.requires_grad_(), values.requires_grad_(), bias, index, version, version.clone(), n)),
+        (library.layout_version, (version,)),
+        (library.bsmm_grad_input, (dy2, values2, index, version, version.clone(), k)),
+        (library.bsmm_grad_weight, (dy2, x2, index, version, version.clone(), layout.nnz, B)),
+    ]
+    for op, args in cases:
+        extra = () if op is library.layout_version else (backend, "grouped")
+        torch.library.opcheck(op, (*args, *extra), test_utils=tests)
+
+
+def _sparse_llama(seed=0):
+    torch.manual_seed(seed)
+    model = LlamaModel(model_config("tiny", vocab_size=64, max_seq_len=32))
+    return sparsify(model, density=0.5, block_size=B, generator=torch.Generator().manual_seed(seed), backend="reference")
+
+
+def _loss_and_grads(model, tokens, forward=None):
+    model.zero_grad(set_to_none=True)
+    loss = lm_loss((model if forward is None else forward)(tokens[:, :-1]), tokens[:, 1:])
+    loss.backward()
+    return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+def _assert_matches_eager(backend):
+    eager = _sparse_llama()
+    compiled_model = _sparse_llama()
+    compiled = torch.compile(compiled_model, fullgraph=True, backend=backend)
+    tokens = torch.randint(0, 64, (2, 17), generator=torch.Generator().manual_seed(1))
+    loss, grads = _loss_and_grads(eager, tokens)
+    compiled_loss, compiled_grads = _loss_and_grads(compiled_model, tokens, compiled)
+    torch.testing.assert_close(compiled_loss, loss, rtol=1e-5, atol=1e-6)
+    assert compiled_grads.keys() == grads.keys() and any(".values" in name for name in grads)
+    for name, grad in grads.items():
+        torch.testing.assert_close(compiled_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_compiled_sparse_llama_matches_eager_with_aot_eager():
+    _assert_matches_eager("aot_eager")
+
+
+def test_compiled_sparse_llama_matches_eager_with_inductor():
+    from torch._inductor import cpp_builder
+
+    try:
+        cpp_builder.get_cpp_compiler()
+    except Exception:  # noqa: BLE001 - any failure to find a compiler means Inductor cannot build CPU kernels
+        pytest.skip("no C++ compiler for Inductor's CPU kernels")
+    _assert_matches_eager("inductor")
+
+
+def test_topology_updates_between_compiled_steps_recompile_at_most_once():
+    torch._dynamo.reset()
+    model = _sparse_llama()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, fullgraph=True, backend=counter)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    smet = SMET(model, opt, update_interval=1, prune_fraction=0.3, regrow="random", seed=0)
+    layout = next(m.layout for m in model.modules() if hasattr(m, "layout"))
+    tokens = torch.randint(0, 64, (2, 17), generator=torch.Generator().manual_seed(1))
+    blocks_before = layout.block_indices.clone()
+    for _ in range(4):
+        opt.zero_grad()
+        lm_loss(compiled(tokens[:, :-1]), tokens[:, 1:]).backward()
+        opt.step()
+        smet.step()
+    assert layout.version >= 3 and not torch.equal(layout.block_indices, blocks_before)
+    assert counter.frame_count <= 2  # the first compile and at most one recompile
+    # the compiled model still computes the eager function of the current topology
+    torch.testing.assert_close(compiled(tokens), model(tokens), rtol=1e-5, atol=1e-6)
+
+
+def test_double_backward_through_the_reference_matches_the_dense_layer():
+    """A gradient penalty ``|dL/dx|²`` differentiated again, against the same through ``F.linear`` of the dense W."""
+    layout = _layout()
+    x, values, dy, bias = (t.double() for t in _operands(layout))
+    results = []
+    for sparse in (True, False):
+        leaves = [t.clone().requires_grad_() for t in (x, values, bias)]
+        if sparse:
+            y = block_sparse_linear(*leaves[:2], layout, leaves[2], backend="reference")
+        else:
+            y = F.linear(leaves[0], to_dense(leaves[1], layout), leaves[2])
+        (dx,) = torch.autograd.grad((y * dy).square().sum(), leaves[0], create_graph=True)
+        results.append(torch.autograd.grad(dx.square().sum() + y.sum(), leaves))
+    for sparse_grad, dense_grad in zip(*results):
+        torch.testing.assert_close(sparse_grad, dense_grad)
+
+
+@pytest.mark.parametrize("fullgraph", [False, True], ids=["graph_break_allowed", "fullgraph"])
+def test_bad_input_raises_naming_the_argument_under_compile(fullgraph):
+    """The checks run while tracing: with graph breaks allowed the ValueError / TypeError itself reaches the caller;
+    with ``fullgraph=True`` Dynamo reports it inside its own error, whose message still names the argument."""
+    torch._dynamo.reset()
+    layout = _layout()
+    x, values, _, _ = _operands(layout)
+    compiled = torch.compile(lambda a, v: block_sparse_linear(a, v, layout, backend="reference"), fullgraph=fullgraph)
+    value_error = torch._dynamo.exc.Unsupported if fullgraph else ValueError
+    type_error = torch._dynamo.exc.Unsupported if fullgraph else TypeError
+    with pytest.raises(value_error, match=r"x must have shape \[\.\.\., 32\]"):
+        compiled(x[:, :-1], values)
+    with pytest.raises(value_error, match="values must have shape"):
+        compiled(x, values[1:])
+    with pytest.raises(type_error, match="values has dtype torch.float64 but x has dtype torch.float32"):
+        compiled(x, values.double())
+
+
+def test_layout_change_between_compiled_forward_and_backward_is_an_error():
+    layout = _layout()
+    x, values, dy, _ = _operands(layout)
+    values.requires_grad_()
+    compiled = torch.compile(lambda a, v: block_sparse_linear(a, v, layout, backend="reference"), backend="aot_eager")
+    y = compiled(x, values)
+    layout.replace_blocks(torch.tensor([0]), (~layout.mask).nonzero()[:1])
+    with pytest.raises(RuntimeError, match="layout"):
+        y.backward(dy)
+
+
+def test_a_meta_model_runs_through_the_ops():
+    model = sparsify(LlamaModel(model_config("tiny", vocab_size=64), device="meta"), density=0.5, block_size=B)
+    logits = model(torch.zeros(2, 8, dtype=torch.long, device="meta"))
+    assert logits.shape == (2, 8, 64) and logits.device.type == "meta"
+
+
+# ---------------------------------------------------------------- the Triton path: it runs, and is as exact as PyTorch
+needs_triton = pytest.mark.skipif(not triton_can_run(torch.device(DEVICE)), reason="Triton cannot run here")
+
+
+def _error(approx: torch.Tensor, exact: torch.Tensor) -> float:
+    return (approx.double() - exact).abs().max().item()
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_triton_products_are_as_accurate_as_pytorch_in_the_same_dtype(dtype):
+    """err(kernel vs fp64) <= 2 err(F.linear / matmul in ``dtype`` vs fp64) + tiny: a bf16 accumulator or a
+    truncating store would exceed it."""
+    layout = _layout(out_blocks=4, in_blocks=6)
+    x, values, dy, bias = _operands(layout, m=33, dtype=dtype)
+    x.requires_grad_()
+    values.requires_grad_()
+    w = to_dense(values.detach(), layout)
+    with mock.patch.object(library, "triton_bsmm_forward", wraps=library.triton_bsmm_forward) as forward, \
+         mock.patch.object(library, "triton_bsmm_grad_input", wraps=library.triton_bsmm_grad_input) as grad_input, \
+         mock.patch.object(library, "triton_bsmm_grad_weight", wraps=library.triton_bsmm_grad_weight) as grad_weight:  # fmt: skip
+        y = block_sparse_linear(x, values, layout, bias, backend="triton")
+        dx, dvalues = torch.autograd.grad(y, (x, values), dy)
+    assert forward.call_count == grad_input.call_count == grad_weight.call_count == 1
+    x64, w64, dy64, bias64 = x.detach().double(), w.double(), dy.double(), bias.double()
+    tiny = 1e-6
+    y_exact = F.linear(x64, w64, bias64)
+    assert _error(y, y_exact) <= 2 * _error(F.linear(x.detach(), w, bias), y_exact) + tiny
+    dx_exact = dy64 @ w64
+    assert _error(dx, dx_exact) <= 2 * _error(dy @ w, dx_exact) + tiny
+    dw_exact = dy64.t() @ x64
+    dw_torch = dy.t() @ x.detach()
+    idx = layout.block_indices
+    blocks = lambda dw: dw.reshape(4, B, 6, B).permute(0, 2, 1, 3)[idx[:, 0], idx[:, 1]]  # noqa: E731
+    assert _error(dvalues, blocks(dw_exact)) <= 2 * _error(blocks(dw_torch), blocks(dw_exact)) + tiny
+
+
+@needs_triton
+def test_compiled_layer_runs_the_triton_kernels():
+    layout = _layout()
+    x, values, dy, _ = _operands(layout)
+    values.requires_grad_()
+    compiled = torch.compile(lambda a, v: block_sparse_linear(a, v, layout, backend="triton").relu(),
+                             fullgraph=True, backend="aot_eager")  # fmt: skip
+    with mock.patch.object(library, "triton_bsmm_forward", wraps=library.triton_bsmm_forward) as forward:
+        y = compiled(x, values)
+    assert forward.call_count == 1
+    y.backward(dy)
+    expected = torch.relu(x @ to_dense(values.detach(), layout).t())
+    torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-5)

@@ -1,0 +1,190 @@
+"""Hugging Face integration: SMETCallback inside transformers.Trainer, sparse checkpoints through safetensors."""
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+from safetensors.torch import load_file, save_file  # noqa: E402
+from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
+from transformers.trainer_utils import load_sharded_checkpoint  # noqa: E402
+
+import smet_kernels as sk  # noqa: E402
+from smet_kernels.hf import SMETCallback  # noqa: E402
+
+B = 16
+VOCAB, SEQ = 128, 16
+STEPS, INTERVAL, INTERRUPT = 20, 5, 10
+
+
+pytestmark = pytest.mark.usefixtures("reference_backend")
+
+
+def tiny_model(family: str, seed: int = 0) -> torch.nn.Module:
+    """A random-init causal LM small enough for CPU tests (nothing downloaded)."""
+    sizes = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip
+    if family == "llama":
+        config, cls = transformers.LlamaConfig(**sizes), transformers.LlamaForCausalLM
+    else:
+        config, cls = transformers.Qwen2Config(**sizes), transformers.Qwen2ForCausalLM
+    torch.manual_seed(seed)
+    return cls(config)
+
+
+def random_tokens(n: int = 64, seed: int = 1) -> list[dict]:
+    ids = torch.randint(0, VOCAB, (n, SEQ), generator=torch.Generator().manual_seed(seed))
+    return [{"input_ids": row, "labels": row} for row in ids]
+
+
+def sparse_setup(family: str, regrow: str, layout_seed: int = 0):
+    model = tiny_model(family)
+    sk.sparsify(model, 0.5, block_size=B, exclude="lm_head", generator=torch.Generator().manual_seed(layout_seed))
+    optimizer = sk.SMETAdamW(model.parameters(), lr=1e-2, warmup_steps=3)
+    smet = sk.SMET(model, optimizer, update_interval=INTERVAL, prune_fraction=0.3, regrow=regrow, seed=3)
+    return model, optimizer, smet
+
+
+def layouts(model) -> dict[str, torch.Tensor]:
+    return {name: m.layout.block_indices.clone() for name, m in model.named_modules() if hasattr(m, "layout")}
+
+
+def same_layouts(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    first, second = layouts(a), layouts(b)
+    return first.keys() == second.keys() and all(torch.equal(first[name], second[name]) for name in first)
+
+
+class StopAt(TrainerCallback):
+    """Interrupts training after optimizer step ``step`` (after that step's checkpoint is written)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True
+
+
+def make_trainer(out_dir, model, optimizer, smet, extra_callbacks=()) -> Trainer:
+    args = TrainingArguments(
+        str(out_dir), max_steps=STEPS, per_device_train_batch_size=4, learning_rate=1e-2, save_steps=INTERRUPT,
+        logging_steps=1, seed=0, report_to=[], use_cpu=True, dataloader_num_workers=0, disable_tqdm=True,
+    )  # fmt: skip
+    return Trainer(model=model, args=args, train_dataset=random_tokens(), optimizers=(optimizer, None),
+                   callbacks=[SMETCallback(smet), *extra_callbacks])  # fmt: skip
+
+
+def step_losses(trainer: Trainer, after: int = 0) -> dict[int, float]:
+    """Loss of each optimizer step logged after step ``after`` (a resumed run's history starts with the saved one)."""
+    history = trainer.state.log_history
+    return {record["step"]: record["loss"] for record in history if "loss" in record and record["step"] > after}
+
+
+@pytest.mark.parametrize("family, regrow", [("llama", "gradient"), ("qwen2", "random")])
+def test_interrupted_trainer_run_resumes_to_the_uninterrupted_losses_and_layouts(tmp_path, family, regrow):
+    model, optimizer, smet = sparse_setup(family, regrow)
+    initial = layouts(model)
+    straight = make_trainer(tmp_path / "straight", model, optimizer, smet)
+    straight.train()
+    expected = step_losses(straight)
+    assert sorted(expected) == list(range(1, STEPS + 1))
+    assert [record["step"] for record in smet.history] == [5, 10, 15, 20]
+    assert all(sum(layer["regrown"] for layer in r["layers"].values()) > 0 for r in smet.history)
+    assert any(not torch.equal(initial[name], indices) for name, indices in layouts(model).items())  # blocks moved
+
+    model_a, optimizer_a, smet_a = sparse_setup(family, regrow)
+    interrupted = make_trainer(tmp_path / "resumed", model_a, optimizer_a, smet_a, [StopAt(INTERRUPT)])
+    interrupted.train()
+    assert smet_a.step_count == INTERRUPT
+    checkpoint = tmp_path / "resumed" / f"checkpoint-{INTERRUPT}"
+    saved_optimizer = torch.load(checkpoint / "optimizer.pt", weights_only=True)  # as the Trainer reads it
+    assert saved_optimizer["smet"]["step"] == INTERRUPT and len(saved_optimizer["smet"]["history"]) == 2
+    saved_indices = load_file(checkpoint / "model.safetensors")["model.layers.1.mlp.down_proj.block_indices"]
+    assert torch.equal(saved_indices, model_a.model.layers[1].mlp.down_proj.layout.block_indices)
+    # a fresh process: other objects, another initial layout; everything comes from the checkpoint
+    model_b, optimizer_b, smet_b = sparse_setup(family, regrow, layout_seed=7)
+    assert not same_layouts(model_b, model_a)
+    resumed = make_trainer(tmp_path / "resumed", model_b, optimizer_b, smet_b)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+
+    got = step_losses(resumed, after=INTERRUPT)
+    assert sorted(got) == list(range(INTERRUPT + 1, STEPS + 1))
+    for step, loss in got.items():
+        assert abs(loss - expected[step]) <= 1e-5 * abs(expected[step]), (step, loss, expected[step])
+    assert smet_b.step_count == STEPS and smet_b.history == smet.history
+    assert same_layouts(model_b, model)
+
+
+def test_topology_update_runs_after_the_optimizer_step_before_gradients_are_zeroed(tmp_path, monkeypatch):
+    model, optimizer, smet = sparse_setup("llama", "random")
+    seen = []
+    step = smet.step
+
+    def recording_step():
+        seen.append((optimizer.state[model.model.layers[0].mlp.up_proj.values]["block_step"].max().item(),
+                     all(p.grad is not None for p in model.parameters())))  # fmt: skip
+        return step()
+
+    monkeypatch.setattr(smet, "step", recording_step)
+    trainer = make_trainer(tmp_path, model, optimizer, smet)
+    trainer.args.max_steps = 3
+    trainer.train()
+    assert seen == [(1, True), (2, True), (3, True)]
+
+
+def test_callback_refuses_another_optimizer(tmp_path):
+    model, optimizer, smet = sparse_setup("llama", "random")
+    other = sk.SMETAdamW(model.parameters(), lr=1e-3)
+    trainer = make_trainer(tmp_path, model, other, smet)
+    with pytest.raises(ValueError, match="optimizers=\\(smet.optimizer, None\\)"):
+        trainer.train()
+
+
+def test_callback_refuses_a_controller_out_of_step_with_the_trainer(tmp_path):
+    model, optimizer, smet = sparse_setup("llama", "random")
+    smet.step()
+    with pytest.raises(ValueError, match="counted 1 optimizer steps but the Trainer starts at step 0"):
+        make_trainer(tmp_path, model, optimizer, smet).train()
+    with pytest.raises(TypeError, match="smet"):
+        SMETCallback(optimizer)
+
+
+@pytest.mark.parametrize("sparsify_fn", [sk.sparsify, sk.masked_sparsify])
+def test_sparse_model_round_trips_through_sharded_save_pretrained(tmp_path, sparsify_fn):
+    source = tiny_model("llama")
+    sparsify_fn(source, 0.5, B, exclude="lm_head", generator=torch.Generator().manual_seed(0))
+    source.save_pretrained(tmp_path, max_shard_size="40KB")
+    assert len(list(tmp_path.glob("*.safetensors"))) > 1
+    target = tiny_model("llama", seed=5)
+    sparsify_fn(target, 0.5, B, exclude="lm_head", generator=torch.Generator().manual_seed(9))
+    q_layout = target.model.layers[0].self_attn.q_proj.layout
+    version = q_layout.version
+    result = load_sharded_checkpoint(target, tmp_path)
+    assert not result.missing_keys and not result.unexpected_keys
+    assert target.model.layers[0].self_attn.q_proj.layout is q_layout and q_layout.version > version
+    assert same_layouts(target, source)
+    ids = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(target(ids).logits, source(ids).logits, rtol=0, atol=0)
+
+
+def test_loading_block_indices_of_another_shape_fails_naming_the_key(tmp_path):
+    model = tiny_model("llama")
+    sk.sparsify(model, 0.5, B, exclude="lm_head")
+    state = model.state_dict()
+    state["model.layers.0.mlp.up_proj.block_indices"] = state["model.layers.0.mlp.up_proj.block_indices"][:-1]
+    save_file(state, tmp_path / "weights.safetensors")
+    with pytest.raises(RuntimeError, match="model.layers.0.mlp.up_proj.block_indices"):
+        model.load_state_dict(load_file(tmp_path / "weights.safetensors"))
+
+
+def test_readme_hugging_face_snippet_runs(tmp_path, monkeypatch):
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = readme.split("## Hugging Face", 1)[1]
+    snippet = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(snippet, "README.md", "exec"), namespace)
+    assert namespace["smet"].step_count == namespace["trainer"].state.global_step > 0
+    assert type(namespace["model"].model.layers[0].mlp.up_proj) is torch.nn.Linear  # densified at the end
