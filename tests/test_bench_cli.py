@@ -42,7 +42,7 @@ def test_kernel_csv_schema_and_rows(quick_run):
     providers = {row["provider"] for row in rows}
     assert {"forward", "grad_input", "grad_weight", "adamw"} <= ops
     assert {
-        "smet",
+        "triton_grouped",
         "cublas_dense",
         "masked_dense",
         "torch_bsr",
@@ -57,7 +57,7 @@ def test_kernel_csv_schema_and_rows(quick_run):
         p20, p50, p80 = float(row["ms_p20"]), float(row["ms_p50"]), float(row["ms_p80"])
         assert 0 < p20 <= p50 <= p80
         assert row["gpu"].startswith("cpu-") and row["torch"] and row["triton"] and row["timestamp"]
-    smet_forward = [r for r in rows if r["op"] == "forward" and r["provider"] == "smet"]
+    smet_forward = [r for r in rows if r["op"] == "forward" and r["provider"] == "triton_grouped"]
     assert smet_forward and all(float(r["tflops"]) > 0 and r["density"] == "0.5" for r in smet_forward)
     adamw = [r for r in rows if r["op"] == "adamw"]
     assert adamw and all(float(r["gbps"]) > 0 for r in adamw)
@@ -198,19 +198,19 @@ def test_kernel_resources_report_names_the_selection(tmp_path, monkeypatch):
     from profiling import kernel_resources as kr
 
     row = dict.fromkeys(kr.FIELDS, 0) | {
-        "kernel": "forward", "dtype": "bf16", "block_size": 64, "BLOCK_M": 128, "num_warps": 8, "num_stages": 3,
+        "kernel": "bsmm_forward", "dtype": "bf16", "block_size": 64, "BLOCK_M": 128, "num_warps": 8, "num_stages": 3,
         "kept_by_pruner": True, "arch": "sm_90", "fits_shared": True, "wgmma": 1, "cp_async": 1, "triton": "t",
         "ptxas": "p",
     }  # fmt: skip
     selections = []
     monkeypatch.setattr(kr, "collect", lambda *selection: selections.append(selection) or [row])
-    argv = ["--dtypes", "bf16", "--block-sizes", "64", "--kernels", "forward", "--configs", "128:8:3", "--out-dir",
+    argv = ["--dtypes", "bf16", "--block-sizes", "64", "--kernels", "bsmm_forward", "--configs", "128:8:3", "--out-dir",
             str(tmp_path)]  # fmt: skip
     assert kr.main(argv) == 0
     command = (tmp_path / "kernel_resources.md").read_text().split("Regenerate with `")[1].split("`")[0]
     assert command.startswith("python -m profiling.kernel_resources --arch 90 --dtypes bf16 --block-sizes 64 ")
     assert kr.main(shlex.split(command)[3:]) == 0
-    assert selections[0] == selections[1] == (90, ["bf16"], [64], ["forward"], [(128, 8, 3)])
+    assert selections[0] == selections[1] == (90, ["bf16"], [64], ["bsmm_forward"], [(128, 8, 3)])
 
 
 def test_report_reads_pytest_benchmark_json(quick_run):
@@ -243,7 +243,7 @@ def test_max_minutes_stops_and_resume_completes(tmp_path, capsys):
     assert not (tmp_path / "commands.txt").exists()  # it measured nothing
     assert main(args) == 0
     rows = _rows(tmp_path / "kernels.csv")
-    assert {r["provider"] for r in rows} == {"device_copy", "smet", "torch_adamw_fused", "torch_adamw_foreach"}
+    assert {r["provider"] for r in rows} == {"device_copy", "smet_adamw", "torch_adamw_fused", "torch_adamw_foreach"}
     assert main(args) == 0  # everything measured already: no new line either
     commands = (tmp_path / "commands.txt").read_text().splitlines()
     assert len(commands) == 1 and commands[0].endswith("smet-bench " + " ".join(args))
