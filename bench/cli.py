@@ -3,7 +3,7 @@
     smet-bench run --quick --out-dir reports/quick        # a few minutes on a laptop CPU
     smet-bench run                                        # full grid on a GPU -> reports/<gpu-slug>/
     smet-bench report --out-dir reports/<gpu-slug>        # report.md + PNG plots
-    smet-bench stability run --quick                      # stability study, CPU pilot; see bench/stability.py
+    smet-bench stability run --quick                      # stability study, CPU pilot; see bench/stability/
 
 Also runnable as ``python -m bench.cli``.
 """
@@ -13,11 +13,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
-import traceback
 from pathlib import Path
 
 import torch
+
+from .runner import CommandLog, Deadline, run_cases
 
 SUITES = ("kernels", "optimizer", "training")
 
@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="smet-bench",
         description="Benchmarks of smet_kernels: kernels, optimizer step, end-to-end training memory and speed.",
     )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{run,report,stability}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{run,report,gpu-check,stability}")
 
     run = commands.add_parser(
         "run",
@@ -165,6 +165,18 @@ def build_parser() -> argparse.ArgumentParser:
         "*.json in --out-dir that pytest-benchmark wrote",
     )
 
+    from . import gpu_check
+
+    check = commands.add_parser(
+        "gpu-check",
+        help="GPU validation in one bounded run: ceilings, compiled correctness, headline kernel, AdamW and "
+        "training timings, DIR/gpu_check.md",
+        description="Run the stages env, correctness, kernels, adamw, training, compile in priority order within "
+        "--minutes; what the budget does not reach is listed as not run. On a CPU the same stages run at "
+        "interpreter sizes.",
+    )
+    gpu_check.add_arguments(check)
+
     from .stability import add_arguments as add_stability_arguments
 
     stability = commands.add_parser(
@@ -172,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="stability study (loss spikes after topology updates, quality vs dense): `stability run` trains the "
         "sweep, `stability report` renders it",
         description="Stability study: naive DST vs SMET loss spikes after topology updates, quality vs dense and "
-        "GaLore at equal tokens, density x alpha sweep (see bench/stability.py).",
+        "GaLore at equal tokens, density x alpha sweep (see bench/stability/).",
     )
     add_stability_arguments(stability)
     return parser
@@ -198,72 +210,6 @@ def _prepare_interpreter(device: torch.device, backend: str) -> None:
     """Route Triton kernels through the CPU interpreter on CPU runs (must precede importing smet_kernels)."""
     if device.type == "cpu" and backend != "reference" and "smet_kernels" not in sys.modules:
         os.environ.setdefault("TRITON_INTERPRET", "1")
-
-
-COMMANDS_FILE = "commands.txt"
-
-
-class _CommandLog:
-    """``record()`` appends ``<UTC time> smet-bench <args>`` to ``<out-dir>/commands.txt`` once per run (the report
-    lists the commands that made its rows); called on the first measured row, so a rerun that measures nothing
-    leaves no line."""
-
-    def __init__(self, out_dir: Path, argv: list[str] | None):
-        self.path = out_dir / COMMANDS_FILE
-        self.argv = argv
-        self.done = argv is None
-
-    def record(self) -> None:
-        if self.done:
-            return
-        import datetime as dt
-        import shlex
-
-        stamp = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-        with self.path.open("a") as handle:
-            handle.write(f"{stamp} smet-bench {shlex.join(self.argv)}\n")
-        self.done = True
-
-
-class _Deadline:
-    """``expired()`` once ``minutes`` have passed since construction (never when ``minutes`` is None)."""
-
-    def __init__(self, minutes: float | None):
-        self.end = None if minutes is None else time.monotonic() + 60.0 * minutes
-        self.hit = False
-
-    def expired(self) -> bool:
-        if self.end is not None and time.monotonic() >= self.end:
-            self.hit = True
-        return self.hit
-
-
-def _progress(items, description: str, disable: bool):
-    from tqdm import tqdm
-
-    return tqdm(items, desc=description, unit="case", disable=disable, dynamic_ncols=True)
-
-
-def _run_cases(suite, cases, run_one, file, backend, device, no_progress, deadline, commands) -> int:
-    """Run the cases not yet in ``file``, appending one row each; returns the number of failed cases."""
-    from .results import device_name, environment
-
-    machine = {"gpu": device_name(device)}
-    todo = [case for case in cases if not file.done(case.key_row(backend) | machine)]
-    print(f"{suite}: {len(cases)} cases, {len(cases) - len(todo)} already in {file.path}, {len(todo)} to run")
-    failures = 0
-    for case in _progress(todo, suite, no_progress):
-        if deadline.expired():
-            break
-        try:
-            result = run_one(case)
-        except Exception:  # a broken case must not stop a long run; it is reported and retried next time
-            failures += 1
-            print(f"\n{suite}: {case} failed:\n{traceback.format_exc()}", file=sys.stderr)
-            continue
-        commands.record()
-        file.append(case.key_row(backend) | result | environment(device))
-    return failures
 
 
 def _run_kernels(args, device, backend, dtype, out_dir, timing_kwargs, deadline, commands) -> int:
@@ -292,7 +238,7 @@ def _run_kernels(args, device, backend, dtype, out_dir, timing_kwargs, deadline,
             state["key"] = key
         return kernels.run_case(case, state["operands"], backend, device, timing_kwargs)
 
-    return _run_cases("kernels", cases, run_one, file, backend, device, args.no_progress, deadline, commands)
+    return run_cases("kernels", cases, run_one, file, backend, device, args.no_progress, deadline, commands)
 
 
 def _run_optimizer(args, device, backend, out_dir, timing_kwargs, deadline, commands) -> int:
@@ -309,7 +255,7 @@ def _run_optimizer(args, device, backend, out_dir, timing_kwargs, deadline, comm
             providers=providers,
         )
     )
-    return _run_cases(
+    return run_cases(
         "optimizer",
         cases,
         lambda case: optimizer.run_case(case, device, timing_kwargs, args.seed, backend),
@@ -350,7 +296,7 @@ def _run_training(args, device, backend, dtype, out_dir, deadline, commands) -> 
         )
     )
     steps = args.steps or (3 if quick else 10)
-    return _run_cases(
+    return run_cases(
         "training",
         cases,
         lambda case: training.run_case(case, device, backend, steps, args.seed),
@@ -407,21 +353,28 @@ def _validate(args) -> None:
             fail(f"{option} must be positive, got {values}")
 
 
+def prepare_device(name: str | None, backend: str) -> tuple[torch.device, str]:
+    """The device of ``--device`` and the smet_kernels backend that runs there (``auto``: Triton where it can run);
+    on a CPU the Triton interpreter is switched on first."""
+    device = _resolve_device(name)
+    _prepare_interpreter(device, backend)
+    from smet_kernels.backend import resolve_backend
+
+    return device, resolve_backend(device, None if backend == "auto" else backend)
+
+
 def run(args) -> int:
-    device = _resolve_device(args.device)
-    _prepare_interpreter(device, args.backend)
+    device, backend = prepare_device(args.device, args.backend)
     _validate(args)
 
     from profiling.memory_model import parse_dtype
-    from smet_kernels.backend import resolve_backend
 
     from .results import device_slug
 
-    backend = resolve_backend(device, None if args.backend == "auto" else args.backend)
     dtype = parse_dtype(args.dtype or ("bf16" if device.type == "cuda" else "fp32"))
     out_dir = Path(args.out_dir) if args.out_dir else Path("reports") / device_slug(device)
     out_dir.mkdir(parents=True, exist_ok=True)
-    commands = _CommandLog(out_dir, getattr(args, "argv", None))
+    commands = CommandLog(out_dir, getattr(args, "argv", None))
     if device.type == "cpu" and not args.quick:
         print(
             "smet-bench: warning: without --quick the defaults are the full GPU grid, which takes days on a CPU; "
@@ -433,7 +386,7 @@ def run(args) -> int:
     else:
         timing_kwargs = {"warmup": 1, "min_repeats": 3, "max_repeats": 20, "budget_s": 0.05 if args.quick else 0.5}
     print(f"smet-bench: device {device}, backend {backend}, dtype {dtype}, out-dir {out_dir}")
-    deadline = _Deadline(args.max_minutes)
+    deadline = Deadline(args.max_minutes)
     failures = 0
     if "kernels" in args.suites:
         failures += _run_kernels(args, device, backend, dtype, out_dir, timing_kwargs, deadline, commands)
@@ -461,6 +414,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "run":
         args.argv = argv
         return run(args)
+    if args.command == "gpu-check":
+        from .gpu_check import run as run_gpu_check
+
+        return run_gpu_check(args, argv)
     from .report import write_report
 
     try:

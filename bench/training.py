@@ -45,6 +45,7 @@ class TrainingCase:
     batch_size: int
     seq_len: int
     dtype: torch.dtype
+    vocab_size: int = 256  # not part of a row's key: write runs with another vocabulary to another out-dir
 
     def key_row(self, backend: str) -> dict:
         return {
@@ -60,7 +61,14 @@ class TrainingCase:
 
 
 def training_cases(
-    config_names, methods, densities, block_size: int, batch_size: int, seq_len: int, dtype: torch.dtype
+    config_names,
+    methods,
+    densities,
+    block_size: int,
+    batch_size: int,
+    seq_len: int,
+    dtype: torch.dtype,
+    vocab_size: int = 256,
 ) -> Iterator[TrainingCase]:
     """Dense and GaLore once per configuration, masked and SMET at every density."""
     for method in methods:
@@ -69,7 +77,7 @@ def training_cases(
     for config in config_names:
         for method in methods:
             for density in densities if method in SPARSE_METHODS else (1.0,):
-                yield TrainingCase(config, method, density, block_size, batch_size, seq_len, dtype)
+                yield TrainingCase(config, method, density, block_size, batch_size, seq_len, dtype, vocab_size)
 
 
 def _hidden_linear_patterns() -> list[str]:
@@ -81,7 +89,7 @@ def _hidden_linear_patterns() -> list[str]:
 def model_config_for(case: TrainingCase):
     from smet_kernels.train.model import model_config
 
-    return model_config(case.config, vocab_size=256, block_size=case.block_size, max_seq_len=case.seq_len)
+    return model_config(case.config, vocab_size=case.vocab_size, block_size=case.block_size, max_seq_len=case.seq_len)
 
 
 def build(case: TrainingCase, device: torch.device, backend: str | None, seed: int = 0):
@@ -186,14 +194,20 @@ def _measure(case: TrainingCase, device: torch.device, backend: str | None, step
     sampler = memory_sampler(device)
     with sampler:
         memory = measure_step_memory(model, optimizer, forward, device)
-        times_ms = []
-        for _ in range(steps):
-            _sync(device)
-            t0 = time.perf_counter()
-            step()
-            _sync(device)
-            times_ms.append((time.perf_counter() - t0) * 1e3)
+        times_ms = time_steps(step, device, steps)
     return memory, sampler, times_ms
+
+
+def time_steps(step, device: torch.device, steps: int) -> list[float]:
+    """Wall times (ms) of ``steps`` calls of ``step()``, the device synchronised before and after each."""
+    times_ms = []
+    for _ in range(steps):
+        _sync(device)
+        t0 = time.perf_counter()
+        step()
+        _sync(device)
+        times_ms.append((time.perf_counter() - t0) * 1e3)
+    return times_ms
 
 
 def run_case(case: TrainingCase, device: torch.device, backend: str | None, steps: int, seed: int = 0) -> dict:

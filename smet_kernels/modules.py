@@ -107,14 +107,20 @@ class BlockLayoutLinear(nn.Module):
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
         key = prefix + BLOCK_INDICES_KEY
-        if key not in state_dict:
+        legacy = prefix + "_extra_state"  # checkpoints written before the layout became a tensor key
+        if key in state_dict:
+            indices = state_dict[key]
+        elif isinstance(state_dict.get(legacy), dict) and "block_indices" in state_dict[legacy]:
+            indices = state_dict[legacy]["block_indices"]
+        else:
             if strict:
                 missing_keys.append(key)
             return
-        if key in unexpected_keys:
-            unexpected_keys.remove(key)
+        for name in (key, legacy):
+            if name in unexpected_keys:
+                unexpected_keys.remove(name)
         try:  # in place, through the layout's checks: references stay valid and the index caches are rebuilt
-            self.layout.set_block_indices(state_dict[key])
+            self.layout.set_block_indices(indices)
         except (TypeError, ValueError) as err:
             error_msgs.append(
                 f"{key}: {err} (this layer: shape {self.layout.shape}, block_size {self.layout.block_size}, "

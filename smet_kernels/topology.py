@@ -1,7 +1,8 @@
 """The SMET topology controller: periodic prune + regrow of the active blocks of every sparse layer.
 
 Every ``ΔT = update_interval`` optimizer steps, from step ``ΔT`` up to and including ``T_end``, each sparse
-layer with ``nnz`` active blocks trades ``n = floor(ζ_t · nnz)`` of them, with the cosine-decayed fraction
+layer with ``nnz`` active blocks trades ``n = nnz − max(1, floor(nnz · (1 − ζ_t)))`` of them (the authors' released
+rule: at least one block kept, at least one moved while ``ζ_t > 0`` and ``nnz ≥ 2``), with the cosine-decayed fraction
 
     ζ_t = ζ_min + (ζ0 − ζ_min) · (1 + cos(π t / T_end)) / 2
 
@@ -48,6 +49,7 @@ import copy
 import math
 import warnings
 from dataclasses import dataclass, field
+from decimal import Decimal
 
 import torch
 import torch.distributed as dist
@@ -72,9 +74,14 @@ def cosine_prune_fraction(step: int, end_step: int | None, prune_fraction: float
 
 
 def blocks_to_move(prune_fraction: float, nnz: int) -> int:
-    """``n = floor(ζ · nnz)``, exact for decimal fractions: ``0.35 · 180`` is ``62.99…`` in binary floating point, and
-    63 blocks is what the formula means (a relative slack of 1e-9 absorbs the representation error)."""
-    return math.floor(prune_fraction * nnz * (1.0 + 1e-9))
+    """``n = nnz − max(1, floor(nnz · (1 − ζ)))`` (released SMET rule), 0 for an empty layer.
+
+    Exact for decimal fractions: ``ζ`` is read as the decimal its ``repr`` shows, so ``nnz = 180, ζ = 0.35`` keeps
+    ``floor(180 · 0.65) = 117`` and moves 63 (binary floating point would give ``180 · 0.65 = 116.99…``)."""
+    if nnz <= 0:
+        return 0
+    keep = math.floor(nnz * (1 - Decimal(repr(float(prune_fraction)))))
+    return nnz - max(1, keep)
 
 
 # ---------------------------------------------------------------------------------------------- selection
@@ -238,9 +245,9 @@ class SMET:
         static = [t.name for t in self.targets if blocks_to_move(self.prune_fraction, t.layout.nnz) == 0]
         if static:
             warnings.warn(
-                f"SMET: prune_fraction={self.prune_fraction} moves no block of {len(static)} layer(s) whose nnz is "
-                f"below {math.ceil(1 / self.prune_fraction)} (floor(ζ0·nnz) = 0), e.g. '{static[0]}'; their topology "
-                "stays fixed. Use a smaller block size or a higher density.",
+                f"SMET: prune_fraction={self.prune_fraction} moves no block of {len(static)} layer(s) with a single "
+                f"active block (at least one block is kept), e.g. '{static[0]}'; their topology stays fixed. Use a "
+                "smaller block size or a higher density.",
                 RuntimeWarning,
                 stacklevel=2,
             )

@@ -47,6 +47,16 @@ def test_state_dict_without_block_indices_is_refused_when_strict():
     layer.load_state_dict({"values": layer.values.detach().clone()}, strict=False)
 
 
+def test_state_dict_of_an_earlier_release_with_the_layout_as_extra_state_still_loads():
+    src = BlockSparseLinear(64, 64, density=0.25, block_size=16, generator=torch.Generator().manual_seed(1))
+    dst = BlockSparseLinear(64, 64, density=0.25, block_size=16, generator=torch.Generator().manual_seed(2))
+    old = {"values": src.values.detach().clone(), "_extra_state": src.layout.state_dict()}
+    dst.load_state_dict(old)
+    assert dst.layout == src.layout
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(dst(x), src(x))
+
+
 def test_state_dict_with_mismatched_layout_shape_fails():
     src = BlockSparseLinear(64, 64, density=0.25, block_size=16)
     dst = BlockSparseLinear(64, 64, density=0.25, block_size=32)

@@ -31,7 +31,7 @@ def dense_param(shape, seed, dtype=torch.float32, device="cpu"):
 class SpecLoop:
     """SPEC §2, one slot (sparse) or one tensor (dense) at a time, in float64 Python arithmetic."""
 
-    def __init__(self, params, lrs, weight_decays, warmup, warmup_steps, alpha, bias_correction):
+    def __init__(self, params, lrs, weight_decays, warmup, warmup_steps, alpha, bias_correction, warmup_scope="all"):
         self.theta = [p.detach().double().clone() for p in params]
         self.m = [torch.zeros_like(t) for t in self.theta]
         self.v = [torch.zeros_like(t) for t in self.theta]
@@ -41,6 +41,7 @@ class SpecLoop:
         self.lrs, self.weight_decays = lrs, weight_decays
         self.warmup, self.warmup_steps, self.alpha = warmup, warmup_steps, alpha
         self.bias_correction = bias_correction
+        self.warmup_scope = warmup_scope
 
     def update(self, i, k, grad, t, s, lr, ramp, warmup):
         beta1, beta2 = BETAS
@@ -61,8 +62,10 @@ class SpecLoop:
                 continue
             grad = grad.double()
             self.steps[i] += 1
-            if self.local[i] is None:  # dense: standard AdamW with the parameter's step
-                self.update(i, None, grad, None, self.steps[i], self.lrs[i], 1.0, "none")
+            if self.local[i] is None:  # dense: AdamW with the parameter's step, warmed up by it in scope "all"
+                t = self.steps[i]
+                warmup = self.warmup if self.warmup_scope == "all" else "none"
+                self.update(i, None, grad, t, t, self.lrs[i], min(t / self.warmup_steps, 1.0), warmup)
                 continue
             lr = self.lrs[i] * self.density[i] ** (-self.alpha)
             for k in range(len(self.local[i])):
@@ -102,20 +105,23 @@ def regrow(optimizer, param, slots):
     regrow_blocks(param.data, slots.to(param.device), state["exp_avg"], state["exp_avg_sq"], state["block_step"])
 
 
-CASES = [(w, a, "local") for w in ("linear", "momentum_ramp", "none") for a in (0.0, 0.5, 1.0)]
+WARMUPS = ("linear", "momentum_ramp", "none")
+CASES = [(w, a, "local") for w in WARMUPS for a in (0.0, 0.5, 1.0)]
 CASES.append(("none", 1.0, "global"))  # naive DST (cold start)
 
 
 @pytest.mark.parametrize("backend", ["triton", "reference"])
-@pytest.mark.parametrize("warmup, alpha, bias_correction", CASES)
-def test_matches_spec_loop_with_regrows(warmup, alpha, bias_correction, backend, device):
+@pytest.mark.parametrize("warmup, alpha, bias_correction, warmup_scope",
+                         [case + ("all",) for case in CASES] + [(w, 1.0, "local", "regrown") for w in WARMUPS])
+def test_matches_spec_loop_with_regrows(warmup, alpha, bias_correction, warmup_scope, backend, device):
     params = make_params(device)
     hyper = dict(betas=BETAS, eps=EPS, warmup=warmup, warmup_steps=5, density_lr_exponent=alpha,
-                 bias_correction=bias_correction, backend=backend)  # fmt: skip
+                 bias_correction=bias_correction, warmup_scope=warmup_scope, backend=backend)  # fmt: skip
     optimizer = SMETAdamW(
         [{"params": params[:2], "lr": 0.01, "weight_decay": 0.1}, {"params": params[2:], "lr": 0.02}], **hyper
     )
-    loop = SpecLoop(params, [0.01, 0.01, 0.02, 0.02], [0.1, 0.1, 0.0, 0.0], warmup, 5, alpha, bias_correction)
+    loop = SpecLoop(params, [0.01, 0.01, 0.02, 0.02], [0.1, 0.1, 0.0, 0.0], warmup, 5, alpha, bias_correction,
+                    warmup_scope)
     regrows = {7: (0, torch.tensor([1, 4])), 14: (2, torch.tensor([0])), 15: (0, torch.tensor([4, 5]))}
     for step in range(20):
         grads = grads_for(step, params)
@@ -232,6 +238,18 @@ def test_naive_cold_start_spikes_and_warmup_does_not(device):
     assert sizes["local"] == pytest.approx(lr / warmup_steps, rel=1e-3)
 
 
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("warmup_scope, first_update", [("all", 0.01 / 10), ("regrown", 0.01)])
+def test_a_dense_parameter_warms_up_by_its_own_steps_in_scope_all(warmup_scope, first_update, backend, device):
+    """Released behaviour: embeddings, norms and head warm up too; ``"regrown"`` leaves them plain AdamW."""
+    param = dense_param((32,), seed=5, device=device)
+    before = param.detach().clone()
+    optimizer = SMETAdamW([param], lr=0.01, eps=1e-12, warmup_steps=10, warmup_scope=warmup_scope, backend=backend)
+    param.grad = torch.ones_like(param)
+    optimizer.step()
+    torch.testing.assert_close((before - param.detach()).abs(), torch.full_like(before, first_update))
+
+
 def test_closure_and_module_integration(device):
     """SMETAdamW(model.parameters()) finds BlockSparseLinear values by their smet_layout."""
     from smet_kernels.modules import BlockSparseLinear
@@ -270,6 +288,7 @@ def test_closure_and_module_integration(device):
         (dict(warmup_steps=10.0), TypeError, "warmup_steps"),
         (dict(density_lr_exponent=-1.0), ValueError, "density_lr_exponent"),
         (dict(bias_correction="none"), ValueError, "bias_correction"),
+        (dict(warmup_scope="dense"), ValueError, "warmup_scope"),
         (dict(state_dtype="float32"), TypeError, "state_dtype"),
         (dict(state_dtype=torch.int32), ValueError, "state_dtype"),
         (dict(backend="cuda"), ValueError, "backend"),

@@ -1,4 +1,4 @@
-"""Stability-study tooling (bench/stability.py): sweep enumeration, resume, spike statistics, report rendering."""
+"""Stability-study tooling (bench/stability/): sweep enumeration, resume, spike statistics, report rendering."""
 
 import dataclasses
 import gzip
@@ -10,6 +10,7 @@ import torch
 
 from bench import stability
 from bench.cli import main as bench_main
+from bench.stability import sweep
 from bench.stability import (
     PRESETS,
     RunSpec,
@@ -23,15 +24,28 @@ from bench.stability import (
 )
 
 
+@pytest.fixture(autouse=True)
+def cache_dir(tmp_path_factory, monkeypatch):
+    """The tokenised corpus cache (and matplotlib's font cache, read when the plots first import it) in the session's
+    temporary folder, not in the home directory."""
+    path = tmp_path_factory.getbasetemp() / "smet_cache"
+    monkeypatch.setenv("SMET_CACHE_DIR", str(path))
+    monkeypatch.setenv("MPLCONFIGDIR", str(tmp_path_factory.getbasetemp() / "matplotlib"))
+    return path
+
+
 def test_h100_sweep_enumerates_every_method_density_alpha_seed():
     spec = PRESETS["h100"]
     runs = enumerate_runs(spec)
-    per_config_seed = 1 + 1 + 3 + 3 * 3 * 3  # adamw, galore, masked-dst x d, 3 SMETAdamW methods x d x alpha
+    # adamw, galore, masked-dst x d, naive-dst and warmup-only x d (alpha 0), density-lr-only x d x (alpha > 0),
+    # 2 SMET warm-ups x d x alpha
+    per_config_seed = 1 + 1 + 3 + 3 + 3 + 3 * 2 + 2 * 3 * 3
     assert len(runs) == per_config_seed * len(spec.configs) * len(spec.seeds)
     assert len({(r.config, r.name) for r in runs}) == len(runs)
     assert spec.tokens_per_run >= 50_000_000
     assert RunSpec("20m", "adamw", None, None, 0) in runs
-    assert RunSpec("60m", "naive-dst", 0.1, 0.5, 1) in runs
+    assert RunSpec("60m", "naive-dst", 0.1, 0.0, 1) in runs and RunSpec("60m", "naive-dst", 0.1, 0.5, 1) not in runs
+    assert RunSpec("60m", "density-lr-only", 0.1, 0.5, 1) in runs and RunSpec("20m", "warmup-only", 0.5, 0.0, 0) in runs
     assert RunSpec("20m", "masked-dst", 0.25, None, 0) in runs
     assert not any(r.method == "masked-dst" and r.alpha is not None for r in runs)
     configs = [r.train_config(spec, "out") for r in runs]
@@ -47,6 +61,7 @@ def test_h100_sweep_enumerates_every_method_density_alpha_seed():
 
 def test_study_blocks_move_at_the_lowest_density():
     """Every sparse layer must trade >= 1 block at the first update, else the spike study measures nothing."""
+    from smet_kernels.topology import blocks_to_move
     from smet_kernels.train.model import model_config
 
     spec = PRESETS["h100"]
@@ -56,7 +71,7 @@ def test_study_blocks_move_at_the_lowest_density():
         zeta = 0.005 + (spec.prune_fraction - 0.005) * (1 + math.cos(math.pi * spec.update_interval / spec.steps)) / 2
         for out_f, in_f in ((shape.hidden_size, shape.hidden_size), (shape.intermediate_size, shape.hidden_size)):
             nnz = round(min(spec.densities) * (out_f // block) * (in_f // block))
-            assert math.floor(zeta * nnz) >= 1, (config, out_f, in_f, block)
+            assert blocks_to_move(zeta, nnz) >= 1, (config, out_f, in_f, block)
 
 
 def test_spec_validation_names_the_field():
@@ -83,7 +98,7 @@ def test_spec_validation_names_the_field():
 def test_options_every_run_would_reject_fail_up_front(tmp_path, monkeypatch, capsys, option, value, named, dry_run):
     """One error line before any run starts (also for --dry-run), no commands.txt, no "render with"."""
     (tmp_path / "empty.txt").write_text("")
-    monkeypatch.setattr(stability, "_train_in_fresh_process", lambda config: pytest.fail("a run was started"))
+    monkeypatch.setattr(sweep, "_train_in_fresh_process", lambda config: pytest.fail("a run was started"))
     out_dir = tmp_path / "study"
     argv = ["stability", "run", "--quick", "--out-dir", str(out_dir), option, value.format(tmp=tmp_path)]
     assert bench_main(argv + ["--dry-run"] * dry_run) == 2
@@ -110,7 +125,7 @@ def test_finished_runs_are_skipped_and_mismatches_refused(tmp_path, monkeypatch)
     spec = dataclasses.replace(PRESETS["pilot"], methods=("adamw", "naive-dst"), densities=(0.5,), alphas=(1.0,),
                                seeds=(0,))
     calls = []
-    monkeypatch.setattr(stability, "_train_in_this_process", _fake_train(calls))
+    monkeypatch.setattr(sweep, "_train_in_this_process", _fake_train(calls))
     first = run_sweep(spec, tmp_path, isolate=False, log=lambda *_: None)
     assert first == {"total": 2, "skipped": 0, "trained": 2, "failed": 0, "not_started": 0}
     calls.clear()
@@ -129,13 +144,13 @@ def test_interrupted_run_resumes_from_its_latest_checkpoint(tmp_path, monkeypatc
         (run_dir / "checkpoints" / f"step_{step:07d}").mkdir(parents=True)
         (run_dir / "checkpoints" / f"step_{step:07d}" / "state.pt").write_bytes(b"")
     resumed = []
-    monkeypatch.setattr(stability, "_train_in_this_process", lambda config: resumed.append(config["resume"]))
+    monkeypatch.setattr(sweep, "_train_in_this_process", lambda config: resumed.append(config["resume"]))
     counts = run_sweep(spec, tmp_path, isolate=False, log=lambda *_: None)
     assert resumed == [str(run_dir / "checkpoints" / "step_0000100")]
     assert counts["failed"] == 1  # the stub wrote no summary.json: reported, retried next time
 
 
-def _write_run(root, run: RunSpec, losses, updates=(), window=3, val_loss=2.0, peak=1 << 20):
+def _write_run(root, run: RunSpec, losses, updates=(), window=3, val_loss=2.0, peak=1 << 20, probes=()):
     """A finished run folder with a synthetic metrics.jsonl (the trainer's record format)."""
     from smet_kernels.train.spikes import SpikeTracker
 
@@ -157,6 +172,12 @@ def _write_run(root, run: RunSpec, losses, updates=(), window=3, val_loss=2.0, p
                             "regrown": updates[step], "layers": {}})
         records += [{"type": "loss_spike", **spike, "step": step} for spike in done]
     records += [{"type": "loss_spike", **spike, "step": len(losses)} for spike in tracker.finish()]
+    records += [{"type": "update_probe", "step": step + window, "update_step": step, "prune_damage": damage,
+                 "cold_start_rise": cold, "loss_before": 2.0, "loss_after": 2.0 + damage, "probe_losses": [],
+                 "step_sizes": [{"step": 1, "regrown_update_rms": ratio, "surviving_update_rms": 1.0,
+                                 "regrown_vs_surviving": ratio, "surviving_relative_update": 0.01,
+                                 "regrown_relative_update": None}],
+                 "window": window, "complete": True} for step, damage, cold, ratio in probes]
     with gzip.open(out / "metrics.jsonl.gz", "wt") as handle:
         handle.writelines(json.dumps(r) + "\n" for r in records)
     summary = {"steps": len(losses), "tokens": len(losses) * 512, "final_val_loss": val_loss,
@@ -279,3 +300,59 @@ def test_spike_verdicts_count_seeds_not_updates(tmp_path):
     lines = "\n".join(stability.findings(data, spike_events(data), quality_table(data)))
     assert "in 1 seed (seed means compared) — one sample only" in lines
     assert "spikes above dense: holds" not in lines
+
+
+def test_ablation_arms_and_update_probe_reach_the_findings(tmp_path):
+    """Warm-up only removes the cold-start rise, density-LR only does not; prune damage is the same for both."""
+    for seed in (0, 1, 2):
+        flat = [2.0] * 30
+        noise = 0.01 * seed
+        _write_run(tmp_path, RunSpec("tiny", "adamw", None, None, seed), flat, probes=[(10, 0.0, -0.01, 1.0)])
+        for method, cold, ratio in (("naive-dst", 0.3, 3.0), ("warmup-only", 0.0, 0.01),
+                                    ("density-lr-only", 0.3 + noise, 3.0)):
+            alpha = 1.0 if method == "density-lr-only" else 0.0
+            _write_run(tmp_path, RunSpec("tiny", method, 0.5, alpha, seed), flat, {10: 4},
+                       probes=[(10, 0.05 + noise, cold + noise, ratio)])
+    data = load_study(tmp_path)
+    table = stability.probe_table(data).set_index("method")
+    assert table.loc["naive-dst", "cold_start_rise"] == pytest.approx(0.31)
+    assert table.loc["warmup-only", "regrown_vs_surviving_1"] == pytest.approx(0.01)
+    assert table.loc["adamw", "prune_damage"] == 0.0 and table.loc["naive-dst", "updates"] == 3
+    lines = "\n".join(stability.findings(data, spike_events(data), quality_table(data), stability.probe_table(data),
+                                         stability.stats.probe_events(data)))
+    assert ("**warmup-only removes the cold-start rise** — naive-DST cold start rise minus warmup-only cold start "
+            "rise: holds in 1") in lines
+    assert "**density-lr-only removes the cold-start rise**" in lines and "tiny, d=0.5, α=1 (naive α=0)" in lines
+    assert "prune damage, tiny d=0.5 naive-dst α=0: +0.0600" in lines
+    assert "naive-dst α=0 3.00× (3×1)" in lines
+    assert "warmup-only removes the cold-start rise of naive DST (cold start rise): reproduces — holds in 1" in lines
+    assert "density-lr-only removes the cold-start rise of naive DST (cold start rise): does NOT reproduce" in lines
+
+
+def test_report_names_the_gpu_command_of_the_same_sweep(tmp_path):
+    _synthetic_study(tmp_path, seeds=(0,))
+    spec = dataclasses.replace(PRESETS["cpu"], seeds=(0, 1, 2))
+    (tmp_path / "study.json").write_text(json.dumps(spec.to_dict()))
+    text = write_report(tmp_path).read_text()
+    command = stability.gpu_command(spec.to_dict())
+    assert command in text and "--configs 20m,60m" in command and "--alphas 0,0.5,1" in command
+    assert "--methods adamw,naive-dst,warmup-only,density-lr-only,smet-linear" in command
+    on_this_machine = command.replace("--device cuda", "--device cpu").split()[3:]  # the options parse and validate
+    assert bench_main(["stability", "run", *on_this_machine, "--dry-run"]) == 0
+
+
+def test_cpu_study_moves_blocks_at_every_density():
+    """Every sparse layer trades >= 1 block at every update of the CPU study (released rule, b = 16)."""
+    from smet_kernels.layout import nnz_for_density
+    from smet_kernels.topology import blocks_to_move
+    from smet_kernels.train.model import model_config
+
+    spec = PRESETS["cpu"]
+    assert spec.steps >= 3000 and len(spec.seeds) >= 3 and 100 <= spec.update_interval <= 200
+    for config in spec.configs:
+        block = spec.block_sizes[config]
+        shape = model_config(config, 256, block)
+        for out_f, in_f in ((shape.hidden_size, shape.hidden_size), (shape.intermediate_size, shape.hidden_size)):
+            for density in spec.densities:
+                nnz = nnz_for_density((out_f // block) * (in_f // block), density)
+                assert blocks_to_move(0.005, nnz) >= 1, (config, out_f, in_f, density)

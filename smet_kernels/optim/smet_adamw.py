@@ -9,8 +9,10 @@ values ``[nnz, b, b]``). Per element of slot ``k`` (SPEC §2), local step ``t_k`
     lr_l = lr * density^(-alpha)                           alpha = density_lr_exponent (0 disables)
     theta = theta - lr_l (w m_hat / (sqrt(v_hat) + eps) + weight_decay theta)
 
-Every other parameter (embeddings, norms, head) takes the standard AdamW update with its own step count: no
-warm-up, no density factor, decoupled weight decay. All tensors of the parameter groups that share betas, eps,
+Every other parameter (embeddings, norms, head) takes the AdamW update with its own step count ``t`` (bias
+correction by ``t``, no density factor, decoupled weight decay) and, with ``warmup_scope="all"`` (the default, the
+authors' released behaviour), the same warm-up by ``t``; ``warmup_scope="regrown"`` limits the warm-up to the
+sparse values (the others take the standard AdamW update). All tensors of the parameter groups that share betas, eps,
 weight decay, warm-up and backend go through one fused Triton launch per (device, dtype)
 (``smet_kernels.ops.library.adamw_step``; lr and bias correction are per tensor), or the PyTorch reference.
 
@@ -45,7 +47,8 @@ from ..ops.library import adamw_step
 from ..sharding import check_row_sharded, local, zeros_per_row
 
 BIAS_CORRECTIONS = ("local", "global")
-_BATCH_FIELDS = ("params", "grads", "exp_avgs", "exp_avg_sqs", "block_steps", "lrs", "global_steps")
+WARMUP_SCOPES = ("all", "regrown")
+_BATCH_FIELDS = ("params", "grads", "exp_avgs", "exp_avg_sqs", "block_steps", "lrs", "global_steps", "dense_warmups")
 
 
 def _check_group(group: dict) -> None:
@@ -56,6 +59,8 @@ def _check_group(group: dict) -> None:
     alpha = group["density_lr_exponent"]
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not (0.0 <= alpha < math.inf):
         raise ValueError(f"density_lr_exponent must be a finite float >= 0, got {alpha!r}")
+    if group["warmup_scope"] not in WARMUP_SCOPES:
+        raise ValueError(f"warmup_scope must be one of {WARMUP_SCOPES}, got {group['warmup_scope']!r}")
     if group["bias_correction"] not in BIAS_CORRECTIONS:
         raise ValueError(f"bias_correction must be one of {BIAS_CORRECTIONS}, got {group['bias_correction']!r}")
     if not isinstance(group["state_dtype"], torch.dtype):
@@ -70,7 +75,9 @@ class SMETAdamW(torch.optim.Optimizer):
     """AdamW for SMET: compact sparse values get per-block local steps, warm-up and ``lr * density^-alpha``.
 
     Args: ``lr``, ``betas``, ``eps``, ``weight_decay`` (decoupled) as in AdamW; ``warmup``: ``"linear"``,
-    ``"momentum_ramp"`` or ``"none"`` over ``warmup_steps`` local steps; ``density_lr_exponent``: alpha;
+    ``"momentum_ramp"`` or ``"none"`` over ``warmup_steps`` local steps; ``warmup_scope``: ``"all"`` (dense
+    parameters warm up by their own step count too; released behaviour) or ``"regrown"`` (sparse values only);
+    ``density_lr_exponent``: alpha;
     ``bias_correction``: ``"local"`` (per block) or ``"global"`` (per parameter; the naive-DST baseline with
     ``warmup="none"``); ``state_dtype``: dtype of the moments (fp32 by default, also for bf16 weights);
     ``backend``: ``None``/``"auto"``, ``"triton"`` or ``"reference"``. All may be set per parameter group.
@@ -85,6 +92,7 @@ class SMETAdamW(torch.optim.Optimizer):
         weight_decay: float = 0.0,
         warmup: str = "linear",
         warmup_steps: int = 100,
+        warmup_scope: str = "all",
         density_lr_exponent: float = 1.0,
         bias_correction: str = "local",
         state_dtype: torch.dtype = torch.float32,
@@ -97,6 +105,7 @@ class SMETAdamW(torch.optim.Optimizer):
             weight_decay=weight_decay,
             warmup=warmup,
             warmup_steps=warmup_steps,
+            warmup_scope=warmup_scope,
             density_lr_exponent=density_lr_exponent,
             bias_correction=bias_correction,
             state_dtype=state_dtype,
@@ -214,6 +223,7 @@ class SMETAdamW(torch.optim.Optimizer):
             batch["block_steps"].append(None if block_step is None else local(block_step))
             batch["lrs"].append(lr)
             batch["global_steps"].append(global_step)
+            batch["dense_warmups"].append(layout is None and group["warmup_scope"] == "all")
         for key, batch in batches.items():
             if not batch["params"]:
                 continue

@@ -8,8 +8,10 @@ Per element of value slot ``k`` (SPEC §2), with ``t_k`` the slot's local step i
     theta = theta - lr (w m_hat / (sqrt(v_hat) + eps) + weight_decay theta)
 
 ``lr`` is the layer's effective rate (the optimizer applies the density factor ``d^-alpha``). A dense
-tensor (``block_step=None``) takes the plain AdamW update: no warm-up, bias correction with
-``global_step``. Math in fp32; parameters and moments are written back in their own dtypes.
+tensor (``block_step=None``) takes the AdamW update with bias correction by ``global_step``, without warm-up,
+or with ``dense_warmup=True`` warmed up by its own step count: ``t = global_step`` in the formulas above (the
+released code counts a step per element; every element of a dense tensor is stepped together, so one count per
+tensor is the same). Math in fp32; parameters and moments are written back in their own dtypes.
 """
 
 from __future__ import annotations
@@ -42,12 +44,14 @@ def torch_adamw_step(
     warmup: str = "linear",
     warmup_steps: int = 100,
     global_step: int | None = None,
+    dense_warmup: bool = False,
 ) -> None:
     """One SMET AdamW step on one tensor, in place (``param``, moments and ``block_step``).
 
     ``param``/``grad``/moments: sparse values ``[nnz, b, b]`` with ``block_step`` int32 ``[nnz]``, or
     any dense tensor with ``block_step=None``. ``global_step`` (the step count including this step)
-    replaces the local step in the bias correction; it is required for dense tensors.
+    replaces the local step in the bias correction; it is required for dense tensors. ``dense_warmup``: warm a
+    dense tensor up by ``global_step`` (ignored for sparse values, which warm up by their local steps).
     """
     if warmup not in WARMUP_MODES:
         raise ValueError(f"warmup must be one of {WARMUP_MODES}, got {warmup!r}")
@@ -68,7 +72,10 @@ def torch_adamw_step(
     theta = param.to(torch.float32)
     m = beta1 * exp_avg.to(torch.float32) + (1.0 - beta1) * g
     v = beta2 * exp_avg_sq.to(torch.float32) + (1.0 - beta2) * g * g
-    ramp = torch.clamp(local_step / warmup_steps, max=1.0) if block_step is not None else None
+    if block_step is not None:
+        ramp = torch.clamp(local_step / warmup_steps, max=1.0)
+    else:
+        ramp = torch.clamp(corrected_step / warmup_steps, max=1.0) if dense_warmup else None
     if warmup == "momentum_ramp" and ramp is not None:
         m = m * ramp
     update = (m / bias_correction(beta1, corrected_step)) / (

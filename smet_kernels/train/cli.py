@@ -8,6 +8,7 @@ configuration; options given next to it override that configuration.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 
@@ -67,8 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--config", dest="model", choices=list(MODEL_CONFIGS),
                        help=f"LLaMA size preset (default: {d.model})")
     model.add_argument("--optimizer", choices=OPTIMIZERS,
-                       help="adamw: dense; galore: dense + GaLore projection; smet: compact block-sparse SMET; "
-                       "masked-dst: dense weights x mask + AdamW; naive-dst: SMET without warm-up (cold start) "
+                       help="adamw: dense; galore: dense + GaLore projection; smet: compact block-sparse SMET "
+                       "(warm-up + density-aware LR); masked-dst: dense weights x mask + AdamW; naive-dst: compact "
+                       "storage + plain Adam (cold start: global bias correction, no warm-up, alpha 0); ablations: "
+                       "warmup-only (SMET with alpha 0), density-lr-only (naive-dst with alpha 1) "
                        f"(default: {d.optimizer})")
     model.add_argument("--density", type=_float_in(0.0, 1.0, low_open=True),
                        help=f"global density of the hidden linear layers in (0, 1] (default: {d.density})")
@@ -94,8 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
     smet.add_argument("--optimizer-warmup-steps", type=_int_at_least(1),
                       help=f"per-block warm-up length in local steps (default: {d.optimizer_warmup_steps})")
     smet.add_argument("--density-lr-exponent", type=_float_in(0.0, inf),
-                      help=f"alpha of the density-aware LR lr x density^-alpha, 0 disables "
-                      f"(default: {d.density_lr_exponent})")
+                      help="alpha of the density-aware LR lr x density^-alpha, 0 disables (default: 1 for smet and "
+                      "density-lr-only, 0 for naive-dst; warmup-only is always 0)")
+    smet.add_argument("--warmup-scope", choices=("all", "regrown"),
+                      help="which parameters SMETAdamW warms up: all (embeddings, norms and head by their own step "
+                      f"count too, as the authors' released code) or regrown (sparse values only) "
+                      f"(default: {d.warmup_scope})")
     galore = parser.add_argument_group("GaLore")
     galore.add_argument("--galore-rank", type=_int_at_least(1),
                         help="projection rank (default: per model size, GaLore paper: 128/256/256/512 for "
@@ -142,6 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"write a metrics.jsonl record every N steps (default: {d.log_every})")
     run.add_argument("--spike-window", type=_int_at_least(1),
                      help=f"k of the loss-spike diagnostic around topology updates (default: {d.spike_window})")
+    run.add_argument("--no-update-probe", dest="update_probe", action="store_false",
+                     help="do not measure prune damage, cold-start rise and first-step sizes around topology updates "
+                     "(update_probe records; costs k+2 forwards of one held-out micro-batch per update) "
+                     "(default: measured)")
     run.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: auto; under torchrun cuda:LOCAL_RANK)")
     run.add_argument("--backend", choices=("auto", "triton", "reference"),
                      help="kernels: triton, the pure-PyTorch reference, or auto (default: auto)")
@@ -165,14 +176,15 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         values = load_checkpoint_config(given["resume"]).to_dict()
         values.update({k: v for k, v in given.items() if k != "resume"})
     else:
-        values = TrainConfig().to_dict()
+        values = dataclasses.asdict(TrainConfig())  # unresolved: α follows the chosen optimizer
         values.update(given)
         values["out_dir"] = values["out_dir"] or f"runs/{values['model']}-{values['optimizer']}"
     return TrainConfig.from_dict(values)
 
 
 SPARSE_ONLY_OPTIONS = ("density", "block_size", "distribution", "supar", "supar_base_width", "update_interval",
-                       "prune_fraction", "regrow", "warmup_mode", "optimizer_warmup_steps", "density_lr_exponent")
+                       "prune_fraction", "regrow", "warmup_mode", "optimizer_warmup_steps", "density_lr_exponent",
+                       "warmup_scope")
 
 
 def _warn_ignored_options(args: argparse.Namespace, config: TrainConfig) -> None:

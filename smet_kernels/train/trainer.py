@@ -8,7 +8,10 @@ topology controller.step()``. Optimizer modes:
 * ``galore``: dense model, :class:`~smet_kernels.optim.galore.GaLoreAdamW` on the hidden linears;
 * ``smet``: hidden linears -> ``BlockSparseLinear``, :class:`SMETAdamW` (local bias correction, warm-up,
   density-aware LR) and the :class:`~smet_kernels.topology.SMET` controller;
-* ``naive-dst``: as ``smet`` with ``warmup="none"``, ``bias_correction="global"`` (cold start);
+* ``naive-dst``: the paper's naive DST: compact storage and plain Adam, ``warmup="none"``,
+  ``bias_correction="global"`` (cold start), α = 0 unless given;
+* ``warmup-only`` / ``density-lr-only``: the ablation arms between them (SMET with α = 0; naive DST with α = 1
+  unless given) — see :data:`SMET_ADAMW_ARMS`;
 * ``masked-dst``: hidden linears -> masked dense layers, ``torch.optim.AdamW``, same controller.
 
 LR: linear warm-up over ``lr_warmup_steps``, then cosine decay to ``0.1 * lr`` at ``max_steps``.
@@ -60,15 +63,25 @@ from tqdm.auto import tqdm
 from .. import backend as backend_module
 from ..layout import SUPPORTED_BLOCK_SIZES, nnz_for_density
 from ..sharding import full, is_sharded, shard_like
-from ..topology import SMET, blocks_to_move
+from ..topology import SMET
 from ..optim.galore import GALORE_DEFAULT_RANK, GaLoreAdamW, galore_param_groups
 from .data import DataError, PackedBatches, eval_windows, load_corpus, window_batch
 from .model import HIDDEN_LINEAR_NAMES, MODEL_CONFIGS, LlamaModel, lm_loss, model_config
+from .probe import UpdateProbe
 from .spikes import SpikeTracker
 
-OPTIMIZERS = ("adamw", "galore", "smet", "masked-dst", "naive-dst")
+# --- SMETAdamW arms (issue 16): name -> (warm-up: "config" = TrainConfig.warmup_mode, bias correction,
+#     default α, whether α may be set). SMET = warm-up + density-aware LR; naive DST = neither (the paper's).
+SMET_ADAMW_ARMS = {
+    "smet": ("config", "local", 1.0, True),
+    "naive-dst": ("none", "global", 0.0, True),
+    "warmup-only": ("config", "local", 0.0, False),
+    "density-lr-only": ("none", "global", 1.0, True),
+}
+OPTIMIZERS = ("adamw", "galore", "smet", "masked-dst", "naive-dst", "warmup-only", "density-lr-only")
 PARALLEL_MODES = ("ddp", "fsdp")
-SPARSE_OPTIMIZERS = ("smet", "masked-dst", "naive-dst")
+SPARSE_OPTIMIZERS = ("smet", "masked-dst", "naive-dst", "warmup-only", "density-lr-only")
+WARMUP_SCOPES = ("all", "regrown")
 # settings a resumed run must share with its checkpoint (model shape and topology, data order and position)
 FIXED_ON_RESUME = ("model", "optimizer", "density", "block_size", "distribution", "data", "seq_len",
                    "batch_size", "seed", "spike_window")
@@ -95,7 +108,8 @@ class TrainConfig:
     regrow: str = "random"
     warmup_mode: str = "linear"
     optimizer_warmup_steps: int = 100
-    density_lr_exponent: float = 1.0
+    density_lr_exponent: float | None = None  # None: the arm's default (SMET_ADAMW_ARMS); to_dict records it
+    warmup_scope: str = "all"
     supar: bool = False
     supar_base_width: int = 256
     galore_rank: int | None = None
@@ -118,6 +132,7 @@ class TrainConfig:
     eval_batches: int = 4
     log_every: int = 1
     spike_window: int = 10
+    update_probe: bool = True
     data: str = "stdlib"
     device: str = "auto"
     backend: str = "auto"
@@ -129,7 +144,8 @@ class TrainConfig:
 
     def resolved_block_size(self) -> int:
         """``block_size``, or by default the largest supported size that gives at least 4 blocks per hidden row and
-        lets the first topology update move a block of a ``hidden × hidden`` layer (``⌊ζ0 · nnz⌋ ≥ 1``)."""
+        gives a ``hidden × hidden`` layer enough active blocks that the first topology update moves a fraction ζ0 of
+        them (``ζ0 · nnz ≥ 1``; the released rule moves at least one block of any layer with two, however coarse)."""
         if self.block_size is not None:
             return self.block_size
         hidden = MODEL_CONFIGS[self.model].hidden_size
@@ -137,9 +153,15 @@ class TrainConfig:
         movable = [
             b
             for b in candidates
-            if blocks_to_move(self.prune_fraction, nnz_for_density((hidden // b) ** 2, self.density)) >= 1
+            if self.prune_fraction * nnz_for_density((hidden // b) ** 2, self.density) >= 1
         ]
         return max(movable or [min(SUPPORTED_BLOCK_SIZES)])
+
+    def resolved_density_lr_exponent(self) -> float:
+        """α: ``density_lr_exponent``, or the default of the optimizer's arm (0 where the arm has no density LR)."""
+        if self.density_lr_exponent is not None:
+            return float(self.density_lr_exponent)
+        return SMET_ADAMW_ARMS[self.optimizer][2] if self.optimizer in SMET_ADAMW_ARMS else 0.0
 
     def validate(self) -> "TrainConfig":
         """Raise :class:`ConfigError` naming the first bad field."""
@@ -172,7 +194,12 @@ class TrainConfig:
         choice("backend", backend_module.BACKENDS)
         number("density", 0.0, 1.0, low_open=True)
         number("prune_fraction", 0.0, 1.0, low_open=True, high_open=True)
-        number("density_lr_exponent", 0.0, math.inf)
+        choice("warmup_scope", WARMUP_SCOPES)
+        if self.density_lr_exponent is not None:
+            number("density_lr_exponent", 0.0, math.inf)
+            if self.optimizer == "warmup-only" and self.density_lr_exponent != 0:
+                raise ConfigError(f"optimizer 'warmup-only' has no density-aware LR (α = 0), got "
+                                  f"density_lr_exponent={self.density_lr_exponent}: use --optimizer smet")
         number("galore_scale", 0.0, math.inf, low_open=True)
         number("lr", 0.0, math.inf, low_open=True)
         number("weight_decay", 0.0, math.inf)
@@ -214,7 +241,8 @@ class TrainConfig:
         return self
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """All fields, α resolved (a naive-DST run records α = 0)."""
+        return dataclasses.asdict(self) | {"density_lr_exponent": self.resolved_density_lr_exponent()}
 
     @classmethod
     def from_dict(cls, values: dict) -> "TrainConfig":
@@ -348,7 +376,7 @@ def build_model(config: TrainConfig, vocab_size: int, device: torch.device) -> n
     model = LlamaModel(shape, device=device, dtype=dtype)
     generator = torch.Generator().manual_seed(config.seed + 1)
     backend = None if config.backend == "auto" else config.backend
-    if config.optimizer in ("smet", "naive-dst"):
+    if config.optimizer in SMET_ADAMW_ARMS:
         from ..modules import sparsify
 
         sparsify(model, config.density, block_size=block_size, distribution=config.distribution,
@@ -442,16 +470,19 @@ def build_optimizer(config: TrainConfig, model: nn.Module, device: torch.device)
         )
     from ..optim.smet_adamw import SMETAdamW
 
-    naive = config.optimizer == "naive-dst"
     backend = None if config.backend == "auto" else config.backend
-    return SMETAdamW(
-        params,
-        warmup="none" if naive else config.warmup_mode,
+    return SMETAdamW(params, **smet_adamw_options(config), backend=backend, **common)
+
+
+def smet_adamw_options(config: TrainConfig) -> dict:
+    """The :class:`SMETAdamW` options of the config's arm (issue 16): warm-up, bias correction, α, warm-up scope."""
+    warmup, bias_correction, _, _ = SMET_ADAMW_ARMS[config.optimizer]
+    return dict(
+        warmup=config.warmup_mode if warmup == "config" else warmup,
         warmup_steps=config.optimizer_warmup_steps,
-        density_lr_exponent=config.density_lr_exponent,
-        bias_correction="global" if naive else "local",
-        backend=backend,
-        **common,
+        warmup_scope=config.warmup_scope,
+        density_lr_exponent=config.resolved_density_lr_exponent(),
+        bias_correction=bias_correction,
     )
 
 
@@ -507,6 +538,9 @@ class _Run:
         self.val_tokens = corpus.val
         self.base_lrs = [group["lr"] for group in self.optimizer.param_groups]  # before a resume overwrites them
         self.spikes = SpikeTracker(config.spike_window)
+        # --- update probe (issue 16): prune damage / cold start / first-step sizes; plain tensors only (not fsdp)
+        self.probe = UpdateProbe(self.model, self.probe_loss, config.spike_window) if (
+            config.update_probe and not self.fsdp and self.val_indices is not None) else None
         self.step = 0
         self.tokens_seen = 0
         self.train_time = 0.0
@@ -572,6 +606,7 @@ class _Run:
             "data": self.batches.state_dict(),
             "rng": _rng_state(self.device),
             "spikes": self.spikes.state_dict(),
+            "probe": self.probe.state_dict() if self.probe is not None else None,  # update probe (issue 16)
             "progress": {"tokens_seen": self.tokens_seen, "train_time": self.train_time,
                          "initial_val_loss": self.initial_val_loss},
         }
@@ -606,6 +641,8 @@ class _Run:
         self.batches.load_state_dict(state["data"])
         _set_rng_state(state["rng"], self.device)
         self.spikes.load_state_dict(state["spikes"])
+        if self.probe is not None and state.get("probe") is not None:  # update probe (issue 16)
+            self.probe.load_state_dict(state["probe"])
         self.step = int(state["step"])
         self.tokens_seen = int(state["progress"]["tokens_seen"])
         self.train_time = float(state["progress"]["train_time"])
@@ -639,6 +676,23 @@ class _Run:
         if self.fsdp:
             _reshard(self.model)
         return float(self.ddp.mean(total / shards.shape[0]))
+
+    @torch.no_grad()
+    def probe_loss(self) -> float:
+        """Loss of one fixed held-out micro-batch (the first validation windows), for the update probe."""
+        micro = self.config.batch_size // (self.ddp.world_size * self.config.grad_accum)
+        x, y = window_batch(self.val_tokens, self.val_indices[:micro], self.config.seq_len)
+        self.model.eval()
+        with self._autocast():
+            loss = lm_loss(self.model(x.to(self.device)), y.to(self.device))
+        self.model.train()
+        return float(loss)
+
+    def is_probe_step(self, step: int) -> bool:
+        """Update steps of the controller; for a dense run the steps it would update at (the control)."""
+        if self.controller is not None:
+            return self.controller.is_update_step(step)
+        return step % self.config.update_interval == 0
 
     def train_step(self) -> tuple[float, float | None]:
         """One optimizer step; returns (mean training loss over the global batch, grad norm or None)."""
@@ -733,9 +787,20 @@ def _train_loop(run: _Run) -> dict:
         run._synchronize()
         started = time.perf_counter()
         loss, grad_norm = run.train_step()
+        probe_records, probe_time = [], 0.0  # --- update probe (issue 16), its time left out of the step time
+        if run.probe is not None:
+            probe_started = time.perf_counter()
+            probe_records += run.probe.after_step()
+            if run.is_probe_step(run.step):
+                run.probe.before_update()
+            probe_time += time.perf_counter() - probe_started
         update = run.controller.step() if run.controller is not None else None
+        if run.probe is not None and run.is_probe_step(run.step):
+            probe_started = time.perf_counter()
+            probe_records += run.probe.after_update(run.step)
+            probe_time += time.perf_counter() - probe_started
         run._synchronize()
-        elapsed = time.perf_counter() - started
+        elapsed = time.perf_counter() - started - probe_time
         step = run.step
         run.train_time += elapsed
         step_times.append(elapsed)
@@ -778,6 +843,8 @@ def _train_loop(run: _Run) -> dict:
             })
         for spike in spikes:
             run.log({"type": "loss_spike", **spike, "step": step})
+        for record in probe_records:
+            run.log({**record, "step": step})
         if config.checkpoint_every and (step % config.checkpoint_every == 0 or final):
             run.save_checkpoint()
         bar.update(1)
@@ -785,6 +852,8 @@ def _train_loop(run: _Run) -> dict:
     bar.close()
     for spike in run.spikes.finish():
         run.log({"type": "loss_spike", **spike, "step": run.step})
+    for record in run.probe.finish() if run.probe is not None else []:
+        run.log({**record, "step": run.step})
     peak, peak_kind = peak_memory_bytes(run.device)
     summary = {
         "steps": run.step,

@@ -1,0 +1,133 @@
+"""``smet-bench gpu-check``: GPU validation in one bounded process (compile, check, time, report).
+
+Stages in priority order (``plan.STAGES``): ``env`` (versions and the matmul / copy ceilings), ``correctness``,
+``kernels``, ``adamw``, ``training``, ``compile``. When the ``--minutes`` budget runs out no new case starts and
+everything not reached is listed as "not run"; a failing correctness check is reported first and the timings still
+run. On a CPU the same stages run at interpreter sizes (``plan.CPU``). Output: ``DIR/gpu_check.md`` and the
+long-format ``kernels.csv`` / ``training.csv`` that ``smet-bench report --out-dir DIR`` renders.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import time
+from pathlib import Path
+
+from .plan import STAGES, format_plan, sizes_for
+
+ATOMIC_STAGES = ("compile",)  # one long case: started only when its estimate fits in what is left of the budget
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out-dir", required=True, help="folder of gpu_check.md and the CSVs (required; no default)")
+    parser.add_argument(
+        "--minutes",
+        type=float,
+        default=8.0,
+        help="time budget: no new case starts after it; what is left is listed as not run (default: 8)",
+    )
+    parser.add_argument("--plan", action="store_true", help="print the stages with estimated times and exit")
+    parser.add_argument(
+        "--stages",
+        default=",".join(STAGES),
+        help=f"comma-separated stages to run, in priority order, from {','.join(STAGES)} (default: all)",
+    )
+    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of layouts, values and tokens (default: 0)")
+    parser.add_argument("--no-progress", action="store_true", help="hide the tqdm progress bars")
+
+
+def validate(args) -> list[str]:
+    """The selected stages; raises ``SystemExit`` with one line for a bad option, before anything runs."""
+
+    def fail(message: str):
+        raise SystemExit(f"smet-bench: error: {message}")
+
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown or not stages:
+        fail(f"--stages must be a comma-separated list from {','.join(STAGES)}, got {args.stages!r}")
+    if not args.minutes > 0:
+        fail(f"--minutes must be positive, got {args.minutes:g}")
+    out_dir = Path(args.out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        fail(f"--out-dir {out_dir} is a file, not a folder")
+    return stages
+
+
+def run(args, argv: list[str]) -> int:
+    """Validate, print the plan, run the stages in order under the budget, write gpu_check.md."""
+    from bench.cli import prepare_device
+
+    stages = validate(args)
+    device, backend = prepare_device(args.device, "auto")
+    sizes = sizes_for(device.type)
+    print(format_plan(sizes, stages, args.minutes), flush=True)
+    if args.plan:
+        return 0
+
+    from bench.runner import CommandLog, Deadline
+
+    from . import correctness, measure, summary
+
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    budget = Deadline(args.minutes)
+    commands = CommandLog(out_dir, argv)
+    ctx = measure.Context(device, backend, sizes, out_dir, budget, commands, args.seed, args.no_progress)
+    env = measure.environment(device)
+    checks: tuple[list, list] = ([], [])
+    compile_row = None
+    table, failures = [], 0
+    for stage in STAGES:
+        row = {"stage": stage, "estimated s": sizes.estimates_s[stage], "seconds": "", "status": "", "not run": ""}
+        table.append(row)
+        if stage not in stages:
+            row["status"] = "not selected"
+            continue
+        if budget.expired():
+            row["status"] = "not run (budget)"
+            continue
+        if stage in ATOMIC_STAGES and budget.left_s() < sizes.estimates_s[stage]:
+            row["status"] = f"not run (budget: ~{sizes.estimates_s[stage]} s needed, {budget.left_s():.0f} s left)"
+            continue
+        print(f"gpu-check: stage {stage} ({budget.left_s():.0f} s of budget left)", flush=True)
+        started = time.monotonic()
+        not_run: list[str] = []
+        try:
+            if stage == "correctness":
+                checks = correctness.run(sizes, device, args.seed, budget)
+                not_run = checks[1]
+                failed = [r for r in checks[0] if r["status"] != "pass"]
+                failures += len(failed)
+                _print_failures(failed)
+                row["status"] = f"{len(checks[0]) - len(failed)} pass, {len(failed)} fail"
+            elif stage == "compile":
+                compile_row = measure.run_compile(ctx)
+                commands.record()
+                row["status"] = compile_row["status"]
+            else:
+                run_stage = {"env": measure.run_env, "kernels": measure.run_kernels, "adamw": measure.run_adamw,
+                             "training": measure.run_training}[stage]  # fmt: skip
+                failed_cases, not_run = run_stage(ctx)
+                failures += failed_cases
+                row["status"] = f"{failed_cases} case(s) raised (see stderr)" if failed_cases else "done"
+        except Exception as error:  # one broken stage must not cost the others their time
+            failures += 1
+            row["status"] = f"failed: {type(error).__name__}: {error}"[:200]
+            print(f"gpu-check: stage {stage} {row['status']}", flush=True)
+        row["seconds"] = f"{time.monotonic() - started:.0f}"
+        if not_run:
+            row["not run"] = f"{len(not_run)}: " + "; ".join(not_run[:20]) + (" ..." if len(not_run) > 20 else "")
+    command = "smet-bench " + shlex.join(argv)
+    path = summary.write(out_dir, sizes, env, table, checks, compile_row, command)
+    print(f"gpu-check: wrote {path}; render the CSVs with: smet-bench report --out-dir {out_dir}")
+    return 1 if failures else 0
+
+
+def _print_failures(failed: list[dict]) -> None:
+    """Failed correctness checks, printed as soon as the stage ends (the timings still run)."""
+    for row in failed:
+        where = " ".join(str(row.get(k, "")) for k in ("check", "variant", "dtype", "block_size", "op"))
+        print(f"gpu-check: FAIL {where}: {row.get('note', '')}", flush=True)

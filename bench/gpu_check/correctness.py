@@ -1,0 +1,315 @@
+"""Stage ``correctness`` of ``smet-bench gpu-check``: compiled kernels against independent computations.
+
+* **matmul**: forward, input grad and weight grad (split-K off and on) of every variant, per dtype and block size,
+  on a layout whose pipelined loops run long (block row 0 holds all but one block column), with an empty block row
+  and an empty block column, over several token tiles with a ragged tail. The error ``‖out − ref‖ / ‖ref‖`` against
+  a float64 dense computation must stay within ``bound = max(2 × PyTorch's own error in that dtype on the same
+  inputs, 1e-6)`` (``F.linear`` / its backward matmuls). After a warm-up call (compile, autotune), each check runs
+  twice with every new tensor NaN-filled (``torch.utils.deterministic.fill_uninitialized_memory`` under
+  ``torch.use_deterministic_algorithms``): an element the kernel does not write stays NaN, and two results that
+  differ bitwise are a race.
+* **adamw**: the fused step (each warm-up mode, bf16 and fp32 parameters) over many steps with regrows in between,
+  against the reference step on copies: ``block_step`` exactly, values and moments within the unit tests' bounds.
+* **regrow**: the regrow kernel against its reference (exactly, right after each regrow).
+* **training step**: one SMET step (forward, backward, SMETAdamW) with the Triton backend against the reference.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from typing import Callable
+
+import torch
+
+from . import kernel_ops
+from .plan import PINNED_CONFIGS, Sizes
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+BOUND_FLOOR = 1e-6
+ADAMW_HYPER = dict(betas=(0.9, 0.99), eps=1e-6, weight_decay=0.1, warmup_steps=8)
+ADAMW_PARAM_TOLERANCE = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 1e-2}  # tests/test_adamw.py
+STEP_TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 2e-2}
+
+
+@contextlib.contextmanager
+def poisoned_outputs():
+    """Every tensor allocated inside is NaN-filled (integers: their maximum): PyTorch's deterministic mode fills
+    uninitialised memory. ``warn_only`` keeps ops without a deterministic implementation running."""
+    import torch.utils.deterministic as deterministic
+
+    previous = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    fill = deterministic.fill_uninitialized_memory
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            deterministic.fill_uninitialized_memory = True
+            yield
+    finally:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+        deterministic.fill_uninitialized_memory = fill
+
+
+def relative_error(result: torch.Tensor, expected: torch.Tensor) -> float:
+    """``‖result − expected‖ / ‖expected‖`` in float64 (NaN when ``result`` holds a NaN)."""
+    expected = expected.double()
+    return float((result.double() - expected).norm() / expected.norm().clamp_min(1e-300))
+
+
+def check_layout(grid: tuple[int, int], block_size: int, generator: torch.Generator):
+    """Block row 0 holds every block column but 1 (a long pipelined loop), row 1 and column 1 are empty, the other
+    rows are random at density ~0.3; slots are shuffled (as after topology updates)."""
+    from smet_kernels.layout import BlockLayout
+
+    rows, cols = grid
+    mask = torch.rand(rows, cols, generator=generator) < 0.3
+    mask[0] = True
+    mask[1] = False
+    mask[:, 1] = False
+    indices = mask.nonzero()
+    indices = indices[torch.randperm(len(indices), generator=generator)]
+    return BlockLayout(indices, (rows * block_size, cols * block_size), block_size)
+
+
+class _MatmulOperands:
+    """Random operands of one (dtype, block size) point, their float64 results and PyTorch's error in ``dtype``."""
+
+    def __init__(self, sizes: Sizes, block_size: int, dtype: torch.dtype, device: torch.device, seed: int):
+        from smet_kernels.functional import from_dense, to_dense
+
+        generator = torch.Generator().manual_seed(seed)
+        layout = check_layout(sizes.check_grid, block_size, generator)
+        n, k = layout.shape
+        m = sizes.check_tokens
+        self.layout = layout.to(device)
+        self.x = torch.randn(m, k, generator=generator).to(device, dtype)
+        self.dy = torch.randn(m, n, generator=generator).to(device, dtype)
+        self.values = (0.05 * torch.randn(layout.nnz, block_size, block_size, generator=generator)).to(device, dtype)
+        weight = to_dense(self.values, self.layout)
+        x64, dy64, w64 = self.x.double(), self.dy.double(), weight.double()
+        grad_weight = from_dense(dy64.t() @ x64, self.layout)
+        self.expected = {"forward": x64 @ w64.t(), "grad_input": dy64 @ w64, "grad_weight": grad_weight}
+        torch_results = {
+            "forward": torch.nn.functional.linear(self.x, weight),
+            "grad_input": self.dy @ weight,
+            "grad_weight": from_dense(self.dy.t() @ self.x, self.layout),
+        }
+        self.bound = {
+            op: max(2.0 * relative_error(torch_results[op], self.expected[op]), BOUND_FLOOR) for op in self.expected
+        }
+
+    def call(self, ops: dict, op: str, split_k: int | None) -> Callable[[], torch.Tensor]:
+        if op == "forward":
+            return lambda: ops["forward"](self.x, self.values, self.layout)
+        if op == "grad_input":
+            return lambda: ops["grad_input"](self.dy, self.values, self.layout)
+        return lambda: ops["grad_weight"](self.dy, self.x, self.layout, split_k)
+
+
+def check_call(fn: Callable[[], torch.Tensor], expected: torch.Tensor, bound: float) -> dict:
+    """Warm up ``fn`` (compile, autotune), then run it twice on poisoned outputs: written, repeatable, within bound."""
+    fn()
+    with poisoned_outputs():
+        first, second = fn(), fn()
+    error = relative_error(first, expected)
+    unwritten = int((~torch.isfinite(first)).sum())
+    repeatable = bool(torch.equal(first, second))
+    problems = []
+    if unwritten:
+        problems.append(f"{unwritten} elements NaN/unwritten")
+    if not repeatable:
+        problems.append(f"moved between identical runs (max diff {(first.double() - second.double()).abs().max():.3g})")
+    if not error <= bound:
+        problems.append(f"error {error:.3g} > bound {bound:.3g}")
+    return {"error": error, "bound": bound, "repeatable": repeatable, "status": "fail" if problems else "pass",
+            "note": "; ".join(problems)}  # fmt: skip
+
+
+def variants_for(device: torch.device) -> tuple[str, ...]:
+    """Every variant; ``tma`` only where the Tensor Memory Accelerator exists (sm_90+) or under the interpreter."""
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (9, 0):
+        return tuple(v for v in kernel_ops.VARIANTS if v != "tma")
+    return kernel_ops.VARIANTS
+
+
+def matmul_points(variants: tuple[str, ...], split_k: int) -> list[tuple[str, str, int | None]]:
+    """``(variant, op, split_k)`` of every check at one dtype and block size; the persistent variant has no weight
+    grad of its own (it runs the pointer kernel, checked as ``grouped``)."""
+    points = [("forward", None), ("grad_input", None), ("grad_weight", 1), ("grad_weight", split_k)]
+    return [(v, op, k) for v in variants for op, k in points if not (v == "persistent" and op == "grad_weight")]
+
+
+def matmul_checks(sizes: Sizes, device: torch.device, seed: int, budget) -> tuple[list[dict], list[str]]:
+    """Rows of every matmul check, and the checks the budget did not reach. On a GPU each block size compiles only
+    its pinned configs (``plan.PINNED_CONFIGS``)."""
+    rows, not_run = [], []
+    points = matmul_points(variants_for(device), sizes.split_k)
+    for block_size in sizes.check_block_sizes:
+        pinned = kernel_ops.per_kernel(PINNED_CONFIGS.get(block_size, {})) if device.type == "cuda" else None
+        with kernel_ops.restrict_configs(pinned):
+            for dtype_name in sizes.check_dtypes:
+                operands = None  # drawn at the first check that runs
+                for variant, op, split_k in points:
+                    label = op if split_k is None else f"{op} split_k={split_k}"
+                    if budget.expired():
+                        not_run.append(f"matmul {variant} {dtype_name} b={block_size} {label}")
+                        continue
+                    row = {"check": "matmul", "variant": variant, "dtype": dtype_name, "block_size": block_size,
+                           "op": label}  # fmt: skip
+                    try:
+                        operands = operands or _MatmulOperands(sizes, block_size, DTYPES[dtype_name], device, seed)
+                        call = operands.call(kernel_ops.matmul_ops(variant), op, split_k)
+                        row |= check_call(call, operands.expected[op], operands.bound[op])
+                    except Exception as error:  # a crash is a failed check, the others still run
+                        row |= {"status": "fail", "note": f"raised {type(error).__name__}: {error}"[:300]}
+                    rows.append(row)
+    return rows, not_run
+
+
+def _close(got: torch.Tensor, want: torch.Tensor, tolerance: float) -> tuple[bool, float]:
+    difference = (got.float() - want.float()).abs()
+    return bool((difference <= tolerance + tolerance * want.float().abs()).all()), float(difference.max())
+
+
+def adamw_checks(sizes: Sizes, device: torch.device, seed: int, budget) -> tuple[list[dict], list[str]]:
+    """Fused AdamW (each warm-up mode × bf16 / fp32 parameters) over ``adamw_steps`` steps with a regrow of a tenth
+    of the blocks every ``regrow_every`` steps, against the reference on copies; one ``regrow`` row per run."""
+    from bench.optimizer import optimizer_shapes
+    from smet_kernels.layout import BlockLayout
+
+    shape = optimizer_shapes([sizes.adamw_config])[0]
+    b = sizes.adamw_block_size
+    rows, not_run = [], []
+    for warmup in kernel_ops.warmup_modes():
+        for dtype_name in ("bf16", "fp32"):
+            label = f"adamw {warmup} {dtype_name} ({shape.N}x{shape.K}, b={b})"
+            if budget.expired():
+                not_run.extend([label, f"regrow {warmup} {dtype_name}"])
+                continue
+            generator = torch.Generator().manual_seed(seed)
+            layout = BlockLayout.random(shape.N, shape.K, b, 0.25, generator=generator)
+            dtype = DTYPES[dtype_name]
+            size = (layout.nnz, b, b)
+            fused = {
+                "param": (0.02 * torch.randn(size, generator=generator)).to(device, dtype),
+                "exp_avg": torch.zeros(size, device=device),
+                "exp_avg_sq": torch.zeros(size, device=device),
+                "block_step": torch.zeros(layout.nnz, dtype=torch.int32, device=device),
+            }
+            reference = {name: tensor.clone() for name, tensor in fused.items()}
+            adamw = {"check": "adamw", "variant": warmup, "dtype": dtype_name, "block_size": b,
+                     "op": f"{sizes.adamw_steps} steps, {layout.nnz} blocks", "status": "pass", "note": ""}  # fmt: skip
+            regrows = sizes.adamw_steps // sizes.regrow_every
+            regrow = {"check": "regrow", "variant": warmup, "dtype": dtype_name, "block_size": b,
+                      "op": f"{regrows} regrows", "status": "pass", "note": ""}  # fmt: skip
+            worst = 0.0
+            try:
+                for step in range(1, sizes.adamw_steps + 1):
+                    grad = (0.01 * torch.randn(size, generator=generator)).to(device, dtype)
+                    for state, backend in ((fused, "triton"), (reference, "reference")):
+                        kernel_ops.adamw_step(state["param"], grad, state["exp_avg"], state["exp_avg_sq"],
+                                              state["block_step"], lr=1e-3, backend=backend, warmup=warmup,
+                                              **ADAMW_HYPER)  # fmt: skip
+                    problem = _adamw_mismatch(fused, reference, dtype)
+                    worst = max(worst, float((fused["param"].float() - reference["param"].float()).abs().max()))
+                    if problem:
+                        adamw |= {"status": "fail", "note": f"step {step}: {problem}"}
+                        break
+                    if step % sizes.regrow_every == 0:
+                        slots = torch.randperm(layout.nnz, generator=generator)[: max(1, layout.nnz // 10)]
+                        problem = _regrow_mismatch(fused, reference, slots.to(device), device, seed + step)
+                        if problem:
+                            regrow |= {"status": "fail", "note": f"step {step}: {problem}"}
+                            break
+            except Exception as error:
+                adamw |= {"status": "fail", "note": f"raised {type(error).__name__}: {error}"[:300]}
+                regrow |= {"status": "fail", "note": "not reached: the AdamW run raised"}
+            adamw |= {"error": worst, "bound": ADAMW_PARAM_TOLERANCE[dtype]}
+            rows.extend([adamw, regrow])
+    return rows, not_run
+
+
+def _regrow_mismatch(fused: dict, reference: dict, slots: torch.Tensor, device: torch.device, seed: int) -> str:
+    """Regrow ``slots`` in both states (same draws): the regrown slots must match the reference exactly and the
+    other slots of the fused state must be untouched."""
+    before = {name: tensor.clone() for name, tensor in fused.items()}
+    for state, backend in ((fused, "triton"), (reference, "reference")):
+        draw = torch.Generator(device=device).manual_seed(seed)
+        kernel_ops.regrow(state["param"], slots, state["exp_avg"], state["exp_avg_sq"], state["block_step"], draw,
+                          backend)  # fmt: skip
+    kept = torch.ones(len(fused["block_step"]), dtype=torch.bool, device=device)
+    kept[slots] = False
+    for name in fused:
+        if not torch.equal(fused[name][slots], reference[name][slots]):
+            return f"regrown {name} differs from the reference"
+        if not torch.equal(fused[name][kept], before[name][kept]):
+            return f"regrow changed {name} outside the regrown slots"
+    return ""
+
+
+def _adamw_mismatch(fused: dict, reference: dict, dtype: torch.dtype) -> str:
+    if not torch.equal(fused["block_step"], reference["block_step"]):
+        return "block_step differs (a race on the read-then-bump?)"
+    for name, tolerance in (("param", ADAMW_PARAM_TOLERANCE[dtype]), ("exp_avg", 1e-5), ("exp_avg_sq", 1e-5)):
+        ok, worst = _close(fused[name], reference[name], tolerance)
+        if not ok:
+            return f"{name} differs by {worst:.3g} (tolerance {tolerance:g} abs + rel)"
+    return ""
+
+
+def training_step_check(sizes: Sizes, device: torch.device, seed: int) -> dict:
+    """One SMET training step with the Triton backend against the reference backend: loss and every parameter."""
+    from bench.training import TrainingCase, build
+    from smet_kernels.train.model import lm_loss
+
+    dtype = DTYPES["bf16" if device.type == "cuda" else "fp32"]
+    case = TrainingCase(sizes.step_config, "smet", 0.25, sizes.step_block_size, sizes.step_batch, sizes.step_seq,
+                        dtype)  # fmt: skip
+    results = {}
+    for backend in ("triton", "reference"):
+        model, optimizer = build(case, device, backend, seed)
+        generator = torch.Generator().manual_seed(seed + 1)
+        tokens = torch.randint(0, model.config.vocab_size, (case.batch_size, case.seq_len + 1), generator=generator)
+        tokens = tokens.to(device)
+        loss = lm_loss(model(tokens[:, :-1]), tokens[:, 1:])
+        loss.backward()
+        optimizer.step()
+        results[backend] = (loss.item(), {name: p.detach().clone() for name, p in model.named_parameters()})
+    tolerance = STEP_TOLERANCE[dtype]
+    loss_error = abs(results["triton"][0] - results["reference"][0]) / abs(results["reference"][0])
+    param_error = max(relative_error(results["triton"][1][name], want)
+                      for name, want in results["reference"][1].items())  # fmt: skip
+    error = max(loss_error, param_error)
+    ok = error <= tolerance
+    note = "" if ok else f"loss differs by {loss_error:.3g}, parameters by {param_error:.3g} (relative)"
+    return {"check": "training step", "variant": f"{case.config} smet d=0.25", "dtype": str(dtype).split(".")[-1],
+            "block_size": case.block_size, "op": "forward+backward+SMETAdamW vs reference backend", "error": error,
+            "bound": tolerance, "status": "pass" if ok else "fail", "note": note}  # fmt: skip
+
+
+def poison_check(device: torch.device) -> dict:
+    """The poisoning itself: a tensor allocated under :func:`poisoned_outputs` must be all NaN on ``device``."""
+    with poisoned_outputs():
+        probe = torch.empty(1024, device=device)
+    ok = bool(torch.isnan(probe).all())
+    return {"check": "poison", "op": "torch.empty under poisoned_outputs is NaN", "status": "pass" if ok else "fail",
+            "note": "" if ok else "allocations are not NaN-filled: unwritten outputs would go unseen"}  # fmt: skip
+
+
+def run(sizes: Sizes, device: torch.device, seed: int, budget) -> tuple[list[dict], list[str]]:
+    """Every correctness row (poison, matmul, adamw, regrow, training step) and what the budget did not reach."""
+    rows, not_run = matmul_checks(sizes, device, seed, budget)
+    rows.insert(0, poison_check(device))
+    adamw_rows, adamw_not_run = adamw_checks(sizes, device, seed, budget)
+    rows += adamw_rows
+    not_run += adamw_not_run
+    if budget.expired():
+        not_run.append("training step vs reference backend")
+    else:
+        try:
+            rows.append(training_step_check(sizes, device, seed))
+        except Exception as error:
+            rows.append({"check": "training step", "status": "fail",
+                         "note": f"raised {type(error).__name__}: {error}"[:300]})  # fmt: skip
+    return rows, not_run

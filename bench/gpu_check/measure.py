@@ -1,0 +1,225 @@
+"""The timed stages of ``smet-bench gpu-check``, written through the ``smet-bench run`` machinery into
+``kernels.csv`` / ``training.csv`` (so ``smet-bench report`` renders them):
+
+* ``env``: versions, driver, and the two ceilings measured in the same run — a cuBLAS ``n × n × n`` matmul
+  (``cublas_dense`` forward row of shape ``ceiling``) and a device-to-device copy (``device_copy`` row; bytes read +
+  written);
+* ``kernels``: every op of every provider and variant on the headline shapes (autotuned on the headline shape only);
+* ``adamw``: the compact SMET AdamW step, ``torch.optim.AdamW(fused=True)`` on the dense tensor, and a copy of it;
+* ``training``: dense / GaLore / masked / SMET steps (tokens/s, peak memory, the memory model beside);
+* ``compile``: a SMET training step under ``torch.compile`` against eager (``failed: <reason>`` when it cannot).
+"""
+
+from __future__ import annotations
+
+import platform
+
+import numpy as np
+import torch
+
+from bench import kernels, optimizer, training
+from bench.kernels import KernelCase, LinearShape
+from bench.optimizer import OptimizerCase
+from bench.results import kernels_file, training_file
+from bench.runner import run_cases
+
+from . import kernel_ops
+from .plan import TIMING_CONFIGS, Sizes
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class Context:
+    """What every timed stage needs: device, backend, sizes, out-dir, budget, command log, seed, progress flag."""
+
+    def __init__(self, device, backend, sizes: Sizes, out_dir, budget, commands, seed: int, no_progress: bool):
+        self.device, self.backend, self.sizes, self.out_dir = device, backend, sizes, out_dir
+        self.budget, self.commands, self.seed, self.no_progress = budget, commands, seed, no_progress
+        cuda = device.type == "cuda"
+        self.timing = {"gpu_warmup_ms": 10, "gpu_rep_ms": 40} if cuda else {
+            "warmup": 0, "min_repeats": 2, "max_repeats": 3, "budget_s": 0.0}  # fmt: skip
+
+    def run(self, suite: str, cases: list, run_one, file) -> tuple[int, list[str]]:
+        """Run ``cases`` not yet in ``file``; (failed cases, labels of the cases the budget did not reach)."""
+        from bench.results import device_name
+
+        failures = run_cases(suite, cases, run_one, file, self.backend, self.device, self.no_progress, self.budget,
+                             self.commands)  # fmt: skip
+        machine = {"gpu": device_name(self.device)}
+        missing = [case for case in cases if not file.done(case.key_row(self.backend) | machine)]
+        return failures, ([_label(case) for case in missing] if self.budget.expired() else [])
+
+
+def _label(case) -> str:
+    if isinstance(case, KernelCase):
+        return f"{case.op} {case.provider} {case.shape.label} b={case.block_size} d={case.density:g}"
+    if isinstance(case, OptimizerCase):
+        return f"{case.op} {case.provider} {case.variant}:{case.shape.label}"
+    return f"training {case.config} {case.method} d={case.density:g}"
+
+
+def environment(device: torch.device) -> dict:
+    """GPU name, driver, CUDA, torch, Triton, Python, SM count (``unavailable: ...`` where not known)."""
+    import triton
+
+    from bench.results import device_name
+
+    info = {"device": device_name(device), "torch": torch.__version__, "triton": triton.__version__,
+            "python": platform.python_version(), "cuda": torch.version.cuda or "none"}  # fmt: skip
+    if device.type == "cuda":
+        properties = torch.cuda.get_device_properties(device)
+        info |= {"sms": properties.multi_processor_count, "memory_gib": round(properties.total_memory / 2**30, 1),
+                 "capability": ".".join(map(str, torch.cuda.get_device_capability(device)))}  # fmt: skip
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        driver = pynvml.nvmlSystemGetDriverVersion()
+        info["driver"] = driver.decode() if isinstance(driver, bytes) else driver
+    except Exception as error:  # no package, no driver, no GPU: the row says why
+        info["driver"] = f"unavailable: {type(error).__name__}"
+    return info
+
+
+def ceiling_cases(sizes: Sizes) -> tuple[KernelCase, OptimizerCase]:
+    n, side = sizes.ceiling_matmul, sizes.ceiling_copy_side
+    matmul = KernelCase("forward", "cublas_dense", LinearShape("ceiling", n, n), n, None, 1.0, DTYPES[sizes.dtype])
+    copy = OptimizerCase("copy", "device_copy", "dense", LinearShape("ceiling", side, side), None, 1.0)
+    return matmul, copy
+
+
+def run_env(ctx: Context) -> tuple[int, list[str]]:
+    matmul, copy = ceiling_cases(ctx.sizes)
+    file = kernels_file(ctx.out_dir)
+    operands = {}
+
+    def run_matmul(case):
+        operands["ops"] = kernels.make_operands(case, ctx.device, ctx.seed)
+        return kernels.run_case(case, operands["ops"], ctx.backend, ctx.device, ctx.timing)
+
+    failed, not_run = ctx.run("ceiling matmul", [matmul], run_matmul, file)
+    operands.clear()
+    more_failed, more_not_run = ctx.run(
+        "ceiling copy", [copy], lambda case: optimizer.run_case(case, ctx.device, ctx.timing, ctx.seed), file
+    )
+    return failed + more_failed, not_run + more_not_run
+
+
+def kernel_cases(sizes: Sizes, block_size: int) -> tuple[list[KernelCase], list[KernelCase]]:
+    """``(headline, rest)``: the cases at ``block_size`` of the headline shape (dense, and sparse at the middle
+    density: they autotune), then every other case."""
+    dtype = DTYPES[sizes.dtype]
+    providers = kernels.default_providers("triton")
+    cases = list(kernels.kernel_cases(sizes.kernel_configs, sizes.kernel_densities, [block_size],
+                                      [sizes.kernel_tokens], dtype, providers=providers))  # fmt: skip
+    headline_density = sizes.kernel_densities[len(sizes.kernel_densities) // 2]
+
+    def is_headline(case: KernelCase) -> bool:
+        return case.shape.label == sizes.headline_shape and case.density in (1.0, headline_density)
+
+    return [c for c in cases if is_headline(c)], [c for c in cases if not is_headline(c)]
+
+
+def run_kernels(ctx: Context) -> tuple[int, list[str]]:
+    """Per block size: autotune over ``TIMING_CONFIGS`` on the headline shape, then pin every kernel to its pick."""
+    file = kernels_file(ctx.out_dir)
+    failures, not_run = 0, []
+    cuda = ctx.device.type == "cuda"
+    for block_size in ctx.sizes.kernel_block_sizes:
+        headline, rest = kernel_cases(ctx.sizes, block_size)
+        state = {"key": None, "operands": None}
+
+        def run_one(case):
+            key = kernels.operands_key(case)
+            if key != state["key"]:
+                state["operands"] = kernels.make_operands(case, ctx.device, ctx.seed, previous=state["operands"])
+                state["key"] = key
+            return kernels.run_case(case, state["operands"], ctx.backend, ctx.device, ctx.timing)
+
+        with kernel_ops.restrict_configs(kernel_ops.per_kernel(TIMING_CONFIGS) if cuda else None):
+            failed, missing = ctx.run(f"kernels b={block_size} headline", headline, run_one, file)
+            pinned = kernel_ops.chosen_configs() if cuda else None
+        with kernel_ops.restrict_configs(pinned):
+            more_failed, more_missing = ctx.run(f"kernels b={block_size}", rest, run_one, file)
+        failures += failed + more_failed
+        not_run += missing + more_missing
+    return failures, not_run
+
+
+def optimizer_cases(sizes: Sizes) -> list[OptimizerCase]:
+    shape = optimizer.optimizer_shapes([sizes.optimizer_config])[0]
+    return [
+        OptimizerCase("copy", "device_copy", "dense", shape, None, 1.0),
+        OptimizerCase("adamw", "torch_adamw_fused", "dense", shape, None, 1.0),
+        OptimizerCase("adamw", "smet_adamw", "compact", shape, sizes.optimizer_block_size, 0.25),
+    ]
+
+
+def run_adamw(ctx: Context) -> tuple[int, list[str]]:
+    return ctx.run(
+        "adamw",
+        optimizer_cases(ctx.sizes),
+        lambda case: optimizer.run_case(case, ctx.device, ctx.timing, ctx.seed, ctx.backend),
+        kernels_file(ctx.out_dir),
+    )
+
+
+BAR_METHODS = ("dense", "smet", "galore", "masked")  # the training bars compare the first three
+
+
+def training_cases(sizes: Sizes) -> list:
+    """Every method at d = 0.25; the last config (the one of the bars) first, its bar methods first."""
+    cases = training.training_cases(sizes.training_configs, training.METHODS, [0.25], sizes.training_block_size,
+                                    sizes.training_batch, sizes.training_seq, DTYPES[sizes.dtype],
+                                    vocab_size=sizes.training_vocab)  # fmt: skip
+    bar_config = sizes.training_configs[-1]
+    return sorted(cases, key=lambda c: (c.config != bar_config, BAR_METHODS.index(c.method)))
+
+
+def run_training(ctx: Context) -> tuple[int, list[str]]:
+    return ctx.run(
+        "training",
+        training_cases(ctx.sizes),
+        lambda case: training.run_case(case, ctx.device, ctx.backend, ctx.sizes.training_steps, ctx.seed),
+        training_file(ctx.out_dir),
+    )
+
+
+def _step_times_ms(model, optimizer_, tokens, device, steps: int) -> list[float]:
+    from smet_kernels.train.model import lm_loss
+
+    def step():
+        lm_loss(model(tokens[:, :-1]), tokens[:, 1:]).backward()
+        optimizer_.step()
+        optimizer_.zero_grad(set_to_none=False)
+
+    for _ in range(2):  # warm-up: compile, autotune, optimizer state
+        step()
+    return training.time_steps(step, device, steps)
+
+
+def run_compile(ctx: Context) -> dict:
+    """Median tokens/s of a SMET step, eager and with ``torch.compile(model)``; ``failed: <reason>`` if compile
+    fails."""
+    sizes = ctx.sizes
+    case = training.TrainingCase(sizes.compile_config, "smet", 0.25, sizes.training_block_size, sizes.training_batch,
+                                 sizes.training_seq, DTYPES[sizes.dtype], sizes.training_vocab)  # fmt: skip
+    generator = torch.Generator().manual_seed(ctx.seed + 1)
+    tokens = torch.randint(0, sizes.training_vocab, (case.batch_size, case.seq_len + 1), generator=generator)
+    tokens = tokens.to(ctx.device)
+    row = {"config": case.config, "block_size": case.block_size, "batch_size": case.batch_size,
+           "seq_len": case.seq_len, "dtype": sizes.dtype}  # fmt: skip
+
+    def tokens_per_s(times_ms: list[float]) -> float:
+        return case.batch_size * case.seq_len / (float(np.median(times_ms)) * 1e-3)
+
+    model, optimizer_ = training.build(case, ctx.device, ctx.backend, ctx.seed)
+    eager_ms = _step_times_ms(model, optimizer_, tokens, ctx.device, sizes.training_steps)
+    row["eager_tokens_per_s"] = tokens_per_s(eager_ms)
+    try:
+        compiled = torch.compile(model)
+        times = _step_times_ms(compiled, optimizer_, tokens, ctx.device, sizes.training_steps)
+    except Exception as error:  # inductor missing a compiler, a graph the ops cannot trace, ...
+        first_line = (str(error).strip().splitlines() or [""])[0]
+        return row | {"status": f"failed: {type(error).__name__}: {first_line}"[:300]}
+    return row | {"compiled_tokens_per_s": tokens_per_s(times), "status": "ok"}

@@ -1,0 +1,227 @@
+"""``DIR/gpu_check.md``: correctness pass/fail (failures first), then every bar with its measured ratio and pass/miss.
+
+Bars (the kernel ratios come from :func:`bench.report.kernel_comparison`: ``vs d×dense = t / (d · t_dense)`` and
+``vs roofline = t / max(d · t_dense, compulsory bytes / copy bandwidth)``, both ceilings measured in this run):
+
+* at the first block size (b = 128 on the GPU), d in ``roofline.BARS``: ``vs d×dense ≤ c`` where the roofline allows
+  it (``roofline ≤ c · d · t_dense``), else ``vs roofline ≤ 1.2``;
+* every block size and density: ``t_bsr / t ≥ 1.5`` (torch BSR) and, at d ≤ 0.5, ``t ≤ t_dense``;
+* compact AdamW: GB/s ≥ 90 % of the copy ceiling of stage ``env``;
+* SMET training at the last training config: more tokens/s than dense AdamW, lower peak memory than dense and GaLore.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from bench.report import kernel_comparison, load_csv, table
+from profiling.roofline import BARS
+
+from .plan import Sizes
+
+ROOFLINE_BAR = 1.2
+BSR_BAR = 1.5
+ADAMW_BAR = 0.9
+VARIANT_PROVIDERS = {"triton_grouped": "grouped", "triton_plain_order": "plain_order",
+                     "triton_persistent": "persistent", "triton_tma": "tma"}  # fmt: skip
+
+
+def _verdict(ok) -> str:
+    return "not measured" if ok is None else ("pass" if ok else "miss")
+
+
+def _num(value, spec: str = ".3g") -> str:
+    return "" if value is None or pd.isna(value) else format(value, spec)
+
+
+def correctness_section(rows: list[dict], not_run: list[str]) -> list[str]:
+    lines = ["## Correctness", ""]
+    if not rows and not not_run:
+        return lines + ["Not selected.", ""]
+    frame = pd.DataFrame(rows)
+    failed = frame[frame["status"] != "pass"] if len(frame) else frame
+    lines.append(f"{len(frame) - len(failed)} of {len(frame)} checks pass, {len(failed)} fail, {len(not_run)} not run.")
+    lines.append("")
+    if len(frame):
+        ordered = pd.concat([failed, frame[frame["status"] == "pass"]])
+        for column in ("error", "bound"):
+            if column in ordered:
+                ordered[column] = ordered[column].map(_num)
+        lines += [table(ordered.fillna("")), ""]
+        matmul = frame[frame["check"] == "matmul"] if "check" in frame else frame.iloc[:0]
+        if len(matmul):
+            bounds = matmul.groupby("dtype")["bound"].agg(["min", "max"])
+            spelled = ", ".join(f"{dtype} {low:.3g}–{high:.3g}" for dtype, (low, high) in bounds.iterrows())
+            lines += [f"Matmul bound per dtype: ‖out − ref‖ / ‖ref‖ against float64 ≤ max(2 × PyTorch's own error "
+                      f"(`F.linear` / its backward matmuls in that dtype, same inputs), 1e-6): {spelled}. Each "
+                      "check ran twice on NaN-poisoned outputs after a warm-up call (compile, autotune).", ""]
+    if not_run:
+        lines += ["Not run (budget): " + "; ".join(not_run), ""]
+    return lines
+
+
+def _roofline_term(point) -> str:
+    """Which ceiling sets the op's roofline: ``compute`` (d × the dense time) or ``memory`` (compulsory bytes)."""
+    if pd.isna(point.roofline_ms):
+        return ""
+    return "memory" if point.roofline_ms > point.exact_density * point.dense_ms else "compute"
+
+
+def _kernel_rows(kernels: pd.DataFrame, sizes: Sizes) -> pd.DataFrame:
+    """One row per (shape, b, d, op): triton_grouped (default variant) time, ratios, bars, and each variant's
+    time."""
+    comparison = kernel_comparison(kernels)
+    comparison = comparison[comparison["status"] == "ok"]
+    rows = []
+    grouped = comparison[comparison["provider"] == "triton_grouped"]
+    for point in grouped.itertuples():
+        same = comparison[
+            (comparison["variant"] == point.variant)
+            & (comparison["op"] == point.op)
+            & (comparison["block_size"] == point.block_size)
+            & (comparison["density"] == point.density)
+        ]
+        times = {VARIANT_PROVIDERS.get(p, p): t for p, t in zip(same["provider"], same["ms_p50"])}
+        c = BARS.get(round(float(point.density), 6))
+        headline = point.block_size == sizes.kernel_block_sizes[0] and c is not None
+        row = {"shape": point.variant, "b": int(point.block_size), "d": point.density, "op": point.op,
+               "ms": _num(point.ms_p50), "dense ms": _num(point.dense_ms), "vs d×dense": _num(point.vs_d_dense),
+               "vs roofline": _num(point.vs_roofline), "roofline term": _roofline_term(point)}  # fmt: skip
+        if headline and pd.notna(point.roofline_ms):
+            allowed = point.roofline_ms <= c * point.exact_density * point.dense_ms
+            bar, value = (f"≤ {c} × d×dense", point.vs_d_dense) if allowed else (f"≤ {ROOFLINE_BAR} × roofline",
+                                                                                  point.vs_roofline)  # fmt: skip
+            row |= {"kernel bar": bar, "kernel": _verdict(value <= (c if allowed else ROOFLINE_BAR))}
+        bsr = times.get("torch_bsr")
+        row["vs BSR"] = _num(bsr / point.ms_p50) if bsr else ""
+        row[f"BSR ≥ {BSR_BAR}×"] = _verdict(None if not bsr else bsr / point.ms_p50 >= BSR_BAR)
+        if point.density <= 0.5:
+            row["≤ dense"] = _verdict(None if pd.isna(point.dense_ms) else point.ms_p50 <= point.dense_ms)
+        variants = {name: t for name, t in times.items() if name in VARIANT_PROVIDERS.values()}
+        best = min(variants, key=variants.get)
+        row |= {name: _num(variants.get(name)) for name in VARIANT_PROVIDERS.values()}
+        row["best"] = f"{best} ({_num(variants[best] / point.ms_p50, '.2f')}×)"
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def kernel_section(kernels: pd.DataFrame | None, sizes: Sizes) -> list[str]:
+    lines = ["## Kernel bars", ""]
+    if kernels is None or not (kernels["provider"] == "triton_grouped").any():
+        return lines + ["Not measured.", ""]
+    frame = _kernel_rows(kernels, sizes)
+    if frame.empty:
+        return lines + ["No triton_grouped row matched the fp32 dense computation (status ok).", ""]
+    for column in ("kernel", f"BSR ≥ {BSR_BAR}×", "≤ dense"):
+        if column in frame:
+            counts = frame[column].value_counts()
+            lines.append(f"* {column}: {counts.get('pass', 0)} pass, {counts.get('miss', 0)} miss, "
+                         f"{counts.get('not measured', 0)} not measured")  # fmt: skip
+    lines += ["", "`ms`: the default variant (`triton_grouped`); the variant columns are the same op A/B-timed in "
+              "this run (ms), `best` its time relative to the default. A miss names its limit: `roofline term` is "
+              "the larger term of the op's roofline, `vs roofline` how far the kernel is from it (≈ 1: at the "
+              "ceiling).", "", table(frame.fillna("")), ""]  # fmt: skip
+    return lines
+
+
+def adamw_section(kernels: pd.DataFrame | None, sizes: Sizes) -> list[str]:
+    lines = ["## Compact AdamW", ""]
+    if kernels is None:
+        return lines + ["Not measured.", ""]
+    optimizer = kernels[(kernels["suite"] == "optimizer") & kernels["gbps"].notna()]
+    ceiling = optimizer[optimizer["variant"] == "dense:ceiling"]["gbps"]
+    smet = optimizer[(optimizer["provider"] == "smet_adamw") & (optimizer["density"] == 0.25)]
+    if smet.empty:
+        return lines + ["Not measured.", ""]
+    rows = [{"provider": r.provider, "tensor": r.variant, "ms": _num(r.ms_p50), "GB/s": _num(r.gbps)}
+            for r in optimizer.itertuples()]  # fmt: skip
+    lines += [table(pd.DataFrame(rows)), ""]
+    if ceiling.empty:
+        return lines + [f"Bar (≥ {ADAMW_BAR:.0%} of the copy ceiling): not measured (stage env did not run).", ""]
+    ratio = smet["gbps"].iloc[0] / ceiling.iloc[0]
+    lines += [f"Bar: compact AdamW at {ratio:.1%} of the copy ceiling ({_num(ceiling.iloc[0], '.4g')} GB/s, "
+              f"bytes read + written) — **{_verdict(ratio >= ADAMW_BAR)}** (≥ {ADAMW_BAR:.0%}).", ""]  # fmt: skip
+    return lines
+
+
+def training_section(training: pd.DataFrame | None, sizes: Sizes, compile_row: dict | None) -> list[str]:
+    lines = ["## Training steps", ""]
+    if training is None or training.empty:
+        lines += ["Not measured.", ""]
+    else:
+        gib = 2.0**30
+        rows = [
+            {
+                "config": r.config,
+                "method": r.method,
+                "d": r.density,
+                "tokens/s": _num(r.tokens_per_s, ".4g"),
+                "peak allocated GiB": _num(r.peak_allocated_bytes / gib),
+                "NVML peak GiB": _num(r.nvml_peak_bytes / gib) if pd.notna(r.nvml_peak_bytes) else r.nvml_status,
+                "predicted peak GiB": _num(r.pred_peak_bytes / gib),
+                "status": r.status,
+            }
+            for r in training.itertuples()
+        ]
+        lines += [table(pd.DataFrame(rows)), ""]
+        config = sizes.training_configs[-1]  # the config of the bars
+        by_method = {r.method: r for r in training[(training["config"] == config)
+                                                   & (training["status"] == "ok")].itertuples()}  # fmt: skip
+        smet = by_method.get("smet")
+        for other, column, better, what in (("dense", "tokens_per_s", "more", "tokens/s"),
+                                            ("dense", "peak_allocated_bytes", "less", "peak memory"),
+                                            ("galore", "peak_allocated_bytes", "less", "peak memory")):  # fmt: skip
+            if smet is None or other not in by_method:
+                lines.append(f"* SMET {what} vs {other} at {config}: not measured")
+                continue
+            mine, theirs = getattr(smet, column), getattr(by_method[other], column)
+            if pd.isna(mine) or pd.isna(theirs):
+                lines.append(f"* SMET {what} vs {other} at {config}: not measured (no {column} on this device)")
+                continue
+            ok = mine > theirs if better == "more" else mine < theirs
+            lines.append(f"* SMET {what} vs {other} at {config}: {mine / theirs:.3f}× — **{_verdict(ok)}** "
+                         f"({better} is the bar)")  # fmt: skip
+        lines.append("")
+    lines += ["### torch.compile", ""]
+    if compile_row is None:
+        return lines + ["Not run.", ""]
+    if compile_row.get("status") != "ok":
+        return lines + [f"SMET step at {compile_row.get('config')}: eager "
+                        f"{_num(compile_row.get('eager_tokens_per_s'), '.4g')} tokens/s; compiled "
+                        f"{compile_row.get('status')}", ""]  # fmt: skip
+    ratio = compile_row["compiled_tokens_per_s"] / compile_row["eager_tokens_per_s"]
+    return lines + [f"SMET step at {compile_row['config']}: eager {compile_row['eager_tokens_per_s']:.4g}, compiled "
+                    f"{compile_row['compiled_tokens_per_s']:.4g} tokens/s ({ratio:.2f}×).", ""]  # fmt: skip
+
+
+def _this_machine(frame: pd.DataFrame | None, gpu: str) -> pd.DataFrame | None:
+    return None if frame is None else frame[frame["gpu"] == gpu]
+
+
+def write(out_dir: Path, sizes: Sizes, env: dict, stages: list[dict], correctness: tuple[list, list],
+          compile_row: dict | None, command: str) -> Path:  # fmt: skip
+    """Render ``out_dir/gpu_check.md`` from the stage results and this machine's rows of the CSVs."""
+    kernels = _this_machine(load_csv(out_dir / "kernels.csv"), env["device"])
+    training = _this_machine(load_csv(out_dir / "training.csv"), env["device"])
+    lines = [f"# gpu-check: {env['device']}", "", f"Made by `{command}` ({sizes.name} sizes).", "",
+             " · ".join(f"{k} {v}" for k, v in env.items()), ""]  # fmt: skip
+    if kernels is not None:
+        matmul = kernels[(kernels["variant"] == "ceiling") & kernels["tflops"].notna()]["tflops"]
+        copy = kernels[(kernels["variant"] == "dense:ceiling") & kernels["gbps"].notna()]["gbps"]
+        lines += [f"Ceilings measured in this run: matmul {_num(matmul.max(), '.4g')} TFLOP/s "
+                  f"({sizes.ceiling_matmul}³ {sizes.dtype}), device copy {_num(copy.max(), '.4g')} GB/s "
+                  "(bytes read + written).", ""]  # fmt: skip
+    if sizes.name == "cpu":
+        lines += ["CPU run: interpreter sizes and times. It checks that every stage, check and bar is produced; "
+                  "its ratios say nothing about the GPU bars.", ""]  # fmt: skip
+    stage_frame = pd.DataFrame(stages)
+    lines += ["## Stages", "", table(stage_frame.fillna("")), ""]
+    lines += correctness_section(*correctness)
+    lines += kernel_section(kernels, sizes)
+    lines += adamw_section(kernels, sizes)
+    lines += training_section(training, sizes, compile_row)
+    path = out_dir / "gpu_check.md"
+    path.write_text("\n".join(lines))
+    return path

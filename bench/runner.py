@@ -1,0 +1,77 @@
+"""Running a suite's cases into a resumable results file, under a time budget, with the command log."""
+
+from __future__ import annotations
+
+import sys
+import time
+import traceback
+from pathlib import Path
+
+COMMANDS_FILE = "commands.txt"
+
+
+class CommandLog:
+    """``record()`` appends ``<UTC time> smet-bench <args>`` to ``<out-dir>/commands.txt`` once per run (the report
+    lists the commands that made its rows); called on the first measured row, so a rerun that measures nothing
+    leaves no line."""
+
+    def __init__(self, out_dir: Path, argv: list[str] | None):
+        self.path = out_dir / COMMANDS_FILE
+        self.argv = argv
+        self.done = argv is None
+
+    def record(self) -> None:
+        if self.done:
+            return
+        import datetime as dt
+        import shlex
+
+        stamp = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+        with self.path.open("a") as handle:
+            handle.write(f"{stamp} smet-bench {shlex.join(self.argv)}\n")
+        self.done = True
+
+
+class Deadline:
+    """``expired()`` once ``minutes`` have passed since construction (never when ``minutes`` is None)."""
+
+    def __init__(self, minutes: float | None):
+        self.end = None if minutes is None else time.monotonic() + 60.0 * minutes
+        self.hit = False
+
+    def expired(self) -> bool:
+        if self.end is not None and time.monotonic() >= self.end:
+            self.hit = True
+        return self.hit
+
+    def left_s(self) -> float:
+        """Seconds until the deadline (infinite without one, never below 0)."""
+        return float("inf") if self.end is None else max(0.0, self.end - time.monotonic())
+
+
+def progress(items, description: str, disable: bool):
+    from tqdm import tqdm
+
+    return tqdm(items, desc=description, unit="case", disable=disable, dynamic_ncols=True)
+
+
+def run_cases(suite, cases, run_one, file, backend, device, no_progress, deadline, commands) -> int:
+    """Run the cases not yet in ``file``, appending one row each; returns the number of failed cases."""
+    from .results import device_name, environment
+
+    machine = {"gpu": device_name(device)}
+    todo = [case for case in cases if not file.done(case.key_row(backend) | machine)]
+    print(f"{suite}: {len(cases)} cases, {len(cases) - len(todo)} already in {file.path}, {len(todo)} to run")
+    failures = 0
+    for case in progress(todo, suite, no_progress):
+        if deadline.expired():
+            break
+        try:
+            result = run_one(case)
+        except Exception:  # a broken case must not stop a long run; it is reported and retried next time
+            failures += 1
+            print(f"\n{suite}: {case} failed:\n{traceback.format_exc()}", file=sys.stderr)
+            continue
+        commands.record()
+        file.append(case.key_row(backend) | result | environment(device))
+    return failures

@@ -1,0 +1,182 @@
+"""The ``run`` / ``report`` sub-commands (``smet-bench stability ...`` and ``python -m bench.stability ...``)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+from .report import write_report
+from .spec import COMMANDS_FILE, DENSE_METHOD, METHODS, PRESETS, StudySpec, enumerate_runs
+from .sweep import check_runnable, is_done, run_sweep
+
+
+def _csv(kind):
+    def parse(text: str):
+        items = [item.strip() for item in text.split(",") if item.strip()]
+        if not items:
+            raise argparse.ArgumentTypeError("expected a comma-separated list")
+        try:
+            return tuple(kind(item) for item in items)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    return parse
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _default(name: str) -> str:
+    """``(default: <H100 study value>; <CPU pilot value> with --quick)`` of the :class:`StudySpec` field ``name``."""
+
+    def show(value) -> str:
+        return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+    study, pilot = show(getattr(PRESETS["h100"], name)), show(getattr(PRESETS["pilot"], name))
+    return f"(default: {study})" if study == pilot else f"(default: {study}; {pilot} with --quick)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``run`` / ``report`` sub-commands (shared by ``smet-bench stability`` and ``python -m bench.stability``)."""
+    commands = parser.add_subparsers(dest="stability_command", required=True, metavar="{run,report}")
+    h100 = PRESETS["h100"]
+    run = commands.add_parser(
+        "run", help="train the sweep's runs into <out-dir>/runs (resumable)",
+        description="Train every run of the sweep that is not finished yet (rerun the same command to resume). "
+        f"Default grid (H100 study): configs {','.join(h100.configs)}, methods {','.join(h100.methods)}, densities "
+        f"{','.join(map(str, h100.densities))}, α {','.join(map(str, h100.alphas))}, seeds "
+        f"{','.join(map(str, h100.seeds))}, {h100.steps} steps × {h100.batch_size} × {h100.seq_len} = "
+        f"{h100.tokens_per_run / 1e6:.1f}M tokens per run. Lists are comma-separated.")
+    pilot = PRESETS["pilot"]
+    run.add_argument("--quick", action="store_true",
+                     help=f"CPU pilot preset: config {','.join(pilot.configs)}, densities "
+                     f"{','.join(map(str, pilot.densities))}, α {','.join(map(str, pilot.alphas))}, seeds "
+                     f"{','.join(map(str, pilot.seeds))}, {pilot.steps} steps × {pilot.batch_size} × {pilot.seq_len}, "
+                     f"update every {pilot.update_interval} steps, {pilot.backend} backend (~15 min on 2 cores); "
+                     "options below still override")
+    cpu = PRESETS["cpu"]
+    run.add_argument("--cpu-study", action="store_true",
+                     help=f"CPU study preset: config {','.join(cpu.configs)}, methods {','.join(cpu.methods)}, "
+                     f"densities {','.join(map(str, cpu.densities))}, α {','.join(map(str, cpu.alphas))}, seeds "
+                     f"{','.join(map(str, cpu.seeds))}, {cpu.steps} steps × {cpu.batch_size} × {cpu.seq_len}, update "
+                     f"every {cpu.update_interval} steps, {cpu.backend} backend; options below still override")
+    run.add_argument("--out-dir", default=None,
+                     help="output folder (default: reports/stability; reports/cpu-pilot-stability with --quick; "
+                     "reports/stability-cpu with --cpu-study)")
+    run.add_argument("--configs", type=_csv(str),
+                     help=f"model configurations from tiny,20m,60m,130m,350m,1b,7b {_default('configs')}")
+    run.add_argument("--methods", type=_csv(str),
+                     help=f"methods from {','.join(METHODS)}; must include {DENSE_METHOD} (default: all)")
+    run.add_argument("--densities", type=_csv(float),
+                     help=f"block densities in (0, 1) of the sparse methods {_default('densities')}")
+    run.add_argument("--alphas", type=_csv(float),
+                     help=f"density-LR exponents α >= 0 of the SMETAdamW methods (lr × d^-α) {_default('alphas')}")
+    run.add_argument("--seeds", type=_csv(int), help=f"seeds; every method runs every seed {_default('seeds')}")
+    run.add_argument("--steps", type=_positive_int,
+                     help=f"optimizer steps per run; token budget = steps × batch × seq {_default('steps')}")
+    run.add_argument("--batch-size", type=_positive_int,
+                     help=f"sequences per optimizer step {_default('batch_size')}")
+    run.add_argument("--seq-len", type=_positive_int, help=f"tokens per sequence {_default('seq_len')}")
+    run.add_argument("--update-interval", type=_positive_int,
+                     help=f"steps between topology updates {_default('update_interval')}")
+    run.add_argument("--spike-window", type=_positive_int,
+                     help=f"k of the loss-spike statistic, in steps {_default('spike_window')}")
+    run.add_argument("--optimizer-warmup-steps", type=_positive_int,
+                     help=f"SMETAdamW per-block warm-up steps {_default('optimizer_warmup_steps')}")
+    run.add_argument("--lr", type=float, help=f"peak learning rate, same for every method {_default('lr')}")
+    run.add_argument("--lr-warmup-steps", type=int,
+                     help=f"linear LR warm-up steps, same for every method {_default('lr_warmup_steps')}")
+    run.add_argument("--precision", choices=("fp32", "bf16-autocast", "bf16"),
+                     help=f"training precision {_default('precision')}")
+    run.add_argument("--data",
+                     help=f"training data: stdlib, a text file or folder, a uint16 .bin token file or hf:NAME "
+                     f"(as smet-train --data) {_default('data')}")
+    run.add_argument("--backend", choices=("auto", "triton", "reference"),
+                     help=f"smet_kernels backend {_default('backend')}")
+    run.add_argument("--device", help=f"auto, cpu, cuda or cuda:N {_default('device')}")
+    run.add_argument("--max-minutes", type=float, default=None,
+                     help="start no new run after this many minutes; rerun the same command to resume "
+                     "(default: no limit)")
+    run.add_argument("--keep-checkpoints", action="store_true", help="keep each finished run's checkpoints")
+    run.add_argument("--dry-run", action="store_true", help="list the runs and their state, train nothing")
+    report = commands.add_parser("report", help="write <out-dir>/stability.md and PNG plots from the runs",
+                                 description="Render stability.md (tables, findings, commands) and seaborn PNGs "
+                                 "from the finished runs in <out-dir>/runs.")
+    report.add_argument("--out-dir", required=True, help="folder of the study, holding runs/ (required; no default)")
+    report.add_argument("--output", default=None, help="markdown file to write (default: <out-dir>/stability.md)")
+
+
+def _preset(args: argparse.Namespace) -> str:
+    if args.quick and args.cpu_study:
+        raise ValueError("--quick and --cpu-study are two presets: give one")
+    return "pilot" if args.quick else "cpu" if args.cpu_study else "h100"
+
+
+def spec_from_args(args: argparse.Namespace) -> StudySpec:
+    spec = dataclasses.replace(PRESETS[_preset(args)])
+    overrides = {name: getattr(args, name) for name in (
+        "configs", "methods", "densities", "alphas", "seeds", "steps", "batch_size", "seq_len", "update_interval",
+        "spike_window", "optimizer_warmup_steps", "lr", "lr_warmup_steps", "precision", "data", "backend", "device")
+        if getattr(args, name) is not None}
+    spec = dataclasses.replace(spec, **overrides)
+    return spec.validate()
+
+
+def main_from_args(args: argparse.Namespace, prog: str, argv: list[str]) -> int:
+    """Execute a parsed ``run``/``report`` command; bad options end with ``<prog>: error`` (exit code 2)."""
+    if args.stability_command == "report":
+        try:
+            path = write_report(args.out_dir, args.output)
+        except ValueError as error:
+            print(f"{prog}: error: {error}", file=sys.stderr)
+            return 2
+        print(f"{prog}: wrote {path}")
+        return 0
+    default_dirs = {"pilot": "reports/cpu-pilot-stability", "cpu": "reports/stability-cpu", "h100": "reports/stability"}
+    try:
+        out_dir = Path(args.out_dir or default_dirs[_preset(args)])
+        spec = spec_from_args(args)
+        check_runnable(spec, out_dir)
+    except ValueError as error:
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        for run in enumerate_runs(spec):
+            state = "finished" if is_done(run.directory(out_dir)) else "to run"
+            print(f"{run.config}/{run.name}: {state}")
+        print(f"{len(enumerate_runs(spec))} runs, {spec.tokens_per_run:,} tokens each")
+        return 0
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    with (out_dir / COMMANDS_FILE).open("a") as handle:
+        handle.write(f"{stamp} {prog} {shlex.join(argv)}\n")
+    (out_dir / "study.json").write_text(json.dumps(spec.to_dict(), indent=1))
+    try:
+        counts = run_sweep(spec, out_dir, max_minutes=args.max_minutes, keep_checkpoints=args.keep_checkpoints)
+    except ValueError as error:
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        return 2
+    print(f"{prog}: {counts}; render with: smet-bench stability report --out-dir {out_dir}")
+    return 1 if counts["failed"] else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="python -m bench.stability", description="Stability study of SMET: run the "
+                                     "sweep or render its report.")
+    add_arguments(parser)
+    return main_from_args(parser.parse_args(argv), "python -m bench.stability", argv)
+
+

@@ -1,0 +1,153 @@
+"""Running the sweep: train every unfinished run of a :class:`~bench.stability.spec.StudySpec` (resumable; each run
+in a fresh process), refuse finished runs trained with other settings, compress metrics."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import multiprocessing
+import shutil
+import time
+import traceback
+from pathlib import Path
+
+from .spec import StudySpec, RunSpec, enumerate_runs
+
+GZIP_ABOVE_BYTES = 16 * 1024
+# Fields of the saved TrainConfig that may differ between a finished run and a new request without changing it.
+_NON_DEFINING_FIELDS = ("out_dir", "progress", "resume", "checkpoint_every", "device", "backend")
+
+
+def is_done(run_dir: Path) -> bool:
+    """A run is finished once the trainer wrote ``summary.json`` (its last action)."""
+    return (Path(run_dir) / "summary.json").is_file()
+
+
+def _defining(config: dict) -> dict:
+    values = {k: v for k, v in config.items() if k not in _NON_DEFINING_FIELDS}
+    values["betas"] = list(values.get("betas", ()))
+    return values
+
+
+def check_finished_run(run: RunSpec, spec: StudySpec, out_dir: Path) -> None:
+    """Raise ValueError when the finished run in ``run``'s folder was trained with other settings."""
+    saved = json.loads((run.directory(out_dir) / "summary.json").read_text())["config"]
+    wanted = _defining(run.train_config(spec, out_dir).to_dict())
+    differing = sorted(k for k in wanted if _defining(saved).get(k) != wanted[k])
+    if differing:
+        details = ", ".join(f"{k}: saved {_defining(saved).get(k)!r} != requested {wanted[k]!r}" for k in differing)
+        raise ValueError(f"finished run {run.directory(out_dir)} was trained with other settings ({details}); "
+                         "use another --out-dir or delete that folder")
+
+
+def compress_metrics(run_dir: Path, above_bytes: int = GZIP_ABOVE_BYTES) -> None:
+    """Gzip ``metrics.jsonl`` into ``metrics.jsonl.gz`` when it is larger than ``above_bytes``."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if path.is_file() and path.stat().st_size > above_bytes:
+        with path.open("rb") as source, gzip.open(path.with_suffix(".jsonl.gz"), "wb", compresslevel=9) as target:
+            shutil.copyfileobj(source, target)
+        path.unlink()
+
+
+def _train_in_this_process(config_dict: dict) -> None:
+    from smet_kernels.train.trainer import TrainConfig, train
+
+    train(TrainConfig.from_dict(config_dict))
+
+
+def _train_in_fresh_process(config_dict: dict) -> None:
+    """Run one training in a spawned process (own peak RSS / CUDA allocator statistics, no state leaks)."""
+    process = multiprocessing.get_context("spawn").Process(target=_train_in_this_process, args=(config_dict,))
+    process.start()
+    process.join()
+    if process.exitcode != 0:
+        raise RuntimeError(f"training process exited with code {process.exitcode}")
+
+
+def _latest_checkpoint(run_dir: Path) -> str | None:
+    """The newest complete checkpoint of an interrupted run, or None (the run then starts from scratch)."""
+    from smet_kernels.train.trainer import ConfigError, find_checkpoint
+
+    try:
+        return str(find_checkpoint(run_dir))
+    except ConfigError:
+        return None
+
+
+def check_runnable(spec: StudySpec, out_dir) -> None:
+    """Raise ValueError (one line, naming the setting) for what every run of ``spec`` would reject: the trainer's
+    :meth:`TrainConfig.validate`, a device or backend that is not available, unreadable or too short data."""
+    import torch
+
+    from smet_kernels import backend as backend_module
+    from smet_kernels.train.data import DataError, PackedBatches, eval_windows, load_corpus
+
+    spec.validate()
+    for run in enumerate_runs(spec):
+        run.train_config(spec, out_dir).validate()
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if spec.device == "auto" else spec.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {spec.device!r} requested but CUDA is not available")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"device {spec.device!r}: only {torch.cuda.device_count()} GPU(s) are visible")
+    if spec.backend == "triton" and not backend_module.triton_can_run(device):
+        raise ValueError(f"backend 'triton' cannot run on device {device}: use a CUDA device, TRITON_INTERPRET=1 "
+                         "(the slow CPU interpreter) or backend 'reference'")
+    try:
+        corpus = load_corpus(spec.data)
+        PackedBatches(corpus.train, spec.seq_len, spec.batch_size, seed=0)
+        if spec.eval_batches:
+            eval_windows(corpus.val, spec.seq_len, spec.eval_batches * spec.batch_size)
+    except DataError as error:
+        raise ValueError(str(error)) from None
+
+
+def run_sweep(spec: StudySpec, out_dir, isolate: bool = True, max_minutes: float | None = None,
+              keep_checkpoints: bool = False, log=print) -> dict:
+    """Train every run of ``spec`` that is not finished yet into ``out_dir``; returns counts
+    ``{"total", "skipped", "trained", "failed", "not_started"}``. Failed runs are reported and retried next time;
+    an interrupted run resumes from its latest checkpoint when it has one (``spec.checkpoint_every``)."""
+    out_dir = Path(out_dir)
+    check_runnable(spec, out_dir)  # a bad setting fails here, not once per run hours later
+    runs = enumerate_runs(spec)
+    todo = []
+    for run in runs:
+        if is_done(run.directory(out_dir)):
+            check_finished_run(run, spec, out_dir)
+            compress_metrics(run.directory(out_dir))
+        else:
+            todo.append(run)
+    counts = {"total": len(runs), "skipped": len(runs) - len(todo), "trained": 0, "failed": 0, "not_started": 0}
+    log(f"stability: {len(runs)} runs, {counts['skipped']} finished already, {len(todo)} to train, "
+        f"{spec.tokens_per_run:,} tokens each, out-dir {out_dir}")
+    deadline = None if max_minutes is None else time.monotonic() + 60.0 * max_minutes
+    train_one = _train_in_fresh_process if isolate else _train_in_this_process
+    for index, run in enumerate(todo):
+        if deadline is not None and time.monotonic() >= deadline:
+            counts["not_started"] = len(todo) - index
+            log(f"stability: --max-minutes reached, {counts['not_started']} runs not started; rerun to resume")
+            break
+        run_dir = run.directory(out_dir)
+        config = run.train_config(spec, out_dir)
+        config.resume = _latest_checkpoint(run_dir)
+        started = time.monotonic()
+        try:
+            train_one(config.to_dict())
+        except Exception:  # one broken run must not stop a sweep of hours; it is retried on the next invocation
+            counts["failed"] += 1
+            log(f"stability: {run.config}/{run.name} failed:\n{traceback.format_exc()}")
+            continue
+        if not is_done(run_dir):
+            counts["failed"] += 1
+            log(f"stability: {run.config}/{run.name} ended without summary.json")
+            continue
+        compress_metrics(run_dir)
+        if not keep_checkpoints:
+            shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+        summary = json.loads((run_dir / "summary.json").read_text())
+        counts["trained"] += 1
+        log(f"stability: [{counts['skipped'] + index + 1}/{len(runs)}] {run.config}/{run.name}: "
+            f"{time.monotonic() - started:.0f}s, final val loss {summary['final_val_loss']:.4f}")
+    return counts
+
+

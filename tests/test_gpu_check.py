@@ -1,0 +1,175 @@
+"""smet-bench gpu-check: option checks, the plan, the budget's "not run" rows, the correctness machinery (poisoned
+outputs, races, every kernel variant) and a CPU run whose CSVs `smet-bench report` renders."""
+
+import csv
+import dataclasses
+
+import pytest
+import torch
+
+from bench.cli import main
+from bench.gpu_check import correctness, kernel_ops
+from bench.gpu_check.plan import CPU, STAGES
+from bench.results import KERNEL_COLUMNS, TRAINING_COLUMNS
+
+
+class CountdownBudget:
+    """Expires after ``calls`` questions: a budget that runs out in the middle of a stage."""
+
+    def __init__(self, calls: int):
+        self.calls = calls
+
+    def expired(self) -> bool:
+        self.calls -= 1
+        return self.calls < 0
+
+
+def test_plan_prints_every_stage_with_an_estimate_and_writes_nothing(tmp_path, capsys):
+    out_dir = tmp_path / "check"
+    assert main(["gpu-check", "--out-dir", str(out_dir), "--plan", "--stages", "env,kernels"]) == 0
+    printed = capsys.readouterr().out
+    for stage in STAGES:
+        assert stage in printed
+    assert "~" in printed and "not selected" in printed
+    assert not out_dir.exists()
+
+
+@pytest.mark.parametrize(
+    "option, value, message",
+    [("--stages", "env,warp", "--stages must be"), ("--minutes", "0", "--minutes must be positive")],
+)
+def test_bad_options_fail_with_one_line_before_anything_runs(tmp_path, option, value, message):
+    with pytest.raises(SystemExit) as raised:
+        main(["gpu-check", "--out-dir", str(tmp_path / "check"), option, value])
+    assert str(raised.value).startswith(f"smet-bench: error: {message}") and "\n" not in str(raised.value)
+    assert not (tmp_path / "check").exists()
+
+
+def test_an_out_dir_that_is_a_file_is_refused(tmp_path):
+    target = tmp_path / "file"
+    target.write_text("")
+    with pytest.raises(SystemExit, match="smet-bench: error: --out-dir .* is a file"):
+        main(["gpu-check", "--out-dir", str(target)])
+
+
+def test_a_spent_budget_lists_every_stage_as_not_run(tmp_path):
+    assert main(["gpu-check", "--out-dir", str(tmp_path), "--device", "cpu", "--minutes", "1e-9"]) == 0
+    summary = (tmp_path / "gpu_check.md").read_text()
+    for stage in STAGES:
+        assert f"| {stage} " in summary
+    assert summary.count("not run (budget)") == len(STAGES)
+
+
+def test_a_long_indivisible_stage_does_not_start_when_its_estimate_does_not_fit(tmp_path):
+    assert main(["gpu-check", "--out-dir", str(tmp_path), "--device", "cpu", "--stages", "compile",
+                 "--minutes", str(CPU.estimates_s["compile"] / 2 / 60)]) == 0  # fmt: skip
+    summary = (tmp_path / "gpu_check.md").read_text()
+    assert "not run (budget: ~" in summary and "SMET step" not in summary
+
+
+def test_a_budget_spent_inside_the_matmul_checks_names_the_checks_not_run(device):
+    rows, not_run = correctness.matmul_checks(CPU, torch.device(device), 0, CountdownBudget(0))
+    assert rows == [] and len(not_run) > 0
+    assert all(line.startswith("matmul ") for line in not_run)
+
+
+def test_poisoned_outputs_are_nan_and_the_mode_is_restored(device):
+    before = torch.are_deterministic_algorithms_enabled()
+    assert correctness.poison_check(torch.device(device))["status"] == "pass"
+    assert torch.are_deterministic_algorithms_enabled() == before
+
+
+def test_an_output_left_half_unwritten_fails():
+    def half_written():
+        out = torch.empty(8)
+        out[:4] = 1.0
+        return out
+
+    row = correctness.check_call(half_written, torch.ones(8), bound=1e-3)
+    assert row["status"] == "fail" and "4 elements NaN/unwritten" in row["note"]
+
+
+def test_a_result_that_moves_between_identical_runs_is_a_race():
+    generator = torch.Generator().manual_seed(0)
+    expected = torch.ones(64)
+    row = correctness.check_call(lambda: expected + 1e-4 * torch.rand(64, generator=generator), expected, bound=1e-2)
+    assert row["status"] == "fail" and "moved between identical runs" in row["note"] and not row["repeatable"]
+
+
+def test_every_kernel_variant_and_op_passes_on_a_small_layout(device):
+    sizes = dataclasses.replace(CPU, check_block_sizes=(32,), check_dtypes=("fp16",), check_grid=(3, 17))
+    rows, not_run = correctness.matmul_checks(sizes, torch.device(device), 0, CountdownBudget(10**6))
+    assert not_run == []
+    failed = [row for row in rows if row["status"] != "pass"]
+    assert not failed, failed
+    checked = {(row["variant"], row["op"]) for row in rows}
+    ops = {"forward", "grad_input", "grad_weight split_k=1", f"grad_weight split_k={sizes.split_k}"}
+    assert {op for variant, op in checked if variant == "grouped"} == ops
+    assert {op for variant, op in checked if variant == "persistent"} == {"forward", "grad_input"}
+    assert all(0 < row["error"] <= row["bound"] for row in rows)
+
+
+def test_the_check_layout_has_a_long_row_an_empty_row_and_an_empty_column():
+    layout = correctness.check_layout((3, 17), 16, torch.Generator().manual_seed(0))
+    mask = layout.mask
+    assert int(mask[0].sum()) >= 16 and not mask[1].any() and not mask[:, 1].any()
+
+
+def test_restricting_configs_clears_and_then_restores_the_autotuners():
+    tuners = list(kernel_ops.autotuners())
+    saved = [(tuner.configs, dict(tuner.cache)) for _, _, tuner in tuners]
+    every = {name: {kernel_ops.config_key(c) for c in tuner.configs} for name, _, tuner in tuners}
+    with kernel_ops.restrict_configs(every):
+        assert all(tuner.cache == {} for _, _, tuner in tuners)
+    assert [(tuner.configs, dict(tuner.cache)) for _, _, tuner in tuners] == saved
+
+
+def _rows(path):
+    with path.open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_a_cpu_run_writes_the_summary_and_csvs_that_report_renders(tmp_path):
+    args = ["gpu-check", "--out-dir", str(tmp_path), "--device", "cpu", "--stages", "env,adamw,training",
+            "--no-progress"]  # fmt: skip
+    assert main(args) == 0
+    summary = (tmp_path / "gpu_check.md").read_text()
+    assert summary.index("## Correctness") < summary.index("## Kernel bars") < summary.index("## Compact AdamW")
+    assert "Ceilings measured in this run: matmul" in summary
+    assert "Bar: compact AdamW at" in summary and "SMET tokens/s vs dense" in summary
+    with (tmp_path / "kernels.csv").open(newline="") as handle:
+        assert next(csv.reader(handle)) == KERNEL_COLUMNS
+    kernels = _rows(tmp_path / "kernels.csv")
+    assert {(r["provider"], r["variant"]) for r in kernels} >= {("cublas_dense", "ceiling"),
+                                                                 ("device_copy", "dense:ceiling")}  # fmt: skip
+    assert {r["provider"] for r in kernels if r["suite"] == "optimizer"} >= {"smet_adamw", "torch_adamw_fused"}
+    with (tmp_path / "training.csv").open(newline="") as handle:
+        assert next(csv.reader(handle)) == TRAINING_COLUMNS
+    assert {r["method"] for r in _rows(tmp_path / "training.csv")} == {"dense", "galore", "masked", "smet"}
+    assert "gpu-check --out-dir" in (tmp_path / "commands.txt").read_text()
+    assert main(["report", "--out-dir", str(tmp_path)]) == 0
+    assert "## End-to-end training step" in (tmp_path / "report.md").read_text()
+
+
+def test_the_headline_cases_hold_every_provider_of_the_headline_shape():
+    from bench.gpu_check.measure import kernel_cases
+    from bench.kernels import default_providers
+
+    headline, rest = kernel_cases(CPU, 32)
+    assert {case.shape.label for case in headline} == {CPU.headline_shape}
+    assert {case.provider for case in headline} == set(default_providers("triton"))
+    assert {case.density for case in headline} == {1.0, CPU.kernel_densities[len(CPU.kernel_densities) // 2]}
+    assert rest and not set(headline) & set(rest)
+
+
+def test_the_configs_a_kernel_ran_are_the_ones_later_shapes_choose_from(device):
+    from smet_kernels.layout import BlockLayout
+
+    layout = BlockLayout.random(64, 64, 32, 0.5, generator=torch.Generator().manual_seed(0)).to(device)
+    values = torch.randn(layout.nnz, 32, 32, device=device)
+    every = {name: {kernel_ops.config_key(c) for c in tuner.configs} for name, _, tuner in kernel_ops.autotuners()}
+    with kernel_ops.restrict_configs(every):
+        kernel_ops.matmul_ops("grouped")["forward"](torch.randn(40, 64, device=device), values, layout)
+        chosen = kernel_ops.chosen_configs()
+    assert chosen["bsmm_dense_sparse_kernel"] <= every["bsmm_dense_sparse_kernel"]
+    assert len(chosen["bsmm_dense_sparse_kernel"]) == 1
