@@ -217,7 +217,7 @@ def _run_kernels(args, device, backend, dtype, out_dir, timing_kwargs, deadline,
     from .results import kernels_file
 
     file = kernels_file(out_dir)
-    providers = [p for p in (args.providers or kernels.PROVIDERS) if p in kernels.PROVIDERS]
+    providers = [p for p in (args.providers or kernels.default_providers(backend)) if p in kernels.PROVIDERS]
     cases = list(
         kernels.kernel_cases(
             args.configs or (kernels.QUICK_CONFIGS if args.quick else kernels.FULL_CONFIGS),

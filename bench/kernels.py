@@ -7,14 +7,16 @@ and ``dy [M, N]``:
 * ``grad_input``   ``dx = dy W``
 * ``grad_weight``  ``dW = dyᵀ x`` (at the active blocks only, for the sparse providers)
 
-Providers: ``smet`` (this library's kernels, or its PyTorch reference with ``backend="reference"``),
-``smet_ungrouped``, ``smet_persistent`` (forward and input grad) and ``smet_tma`` (all three ops), Triton backend
-only: the same tile computation in the plain token-tile-fastest program order without the L2 grouping, in the
-persistent longest-rows-first schedule, and with TMA descriptor loads (Hopper) — the A/B of those choices,
-measured in the same run,
-``cublas_dense`` (``F.linear`` / ``torch.mm`` on the dense weight; once per shape, density 1), ``masked_dense``
-(``W ⊙ mask`` then the dense matmul — what mask-based DST does) and ``torch_bsr`` (PyTorch's BSR Triton ops
-``bsr_dense_mm`` and ``sampled_addmm``, CUDA only; recorded as skipped elsewhere).
+Providers, named after what they time: this library's launchers ``triton_bsmm_<op>`` with the Triton backend —
+``triton_grouped`` (the default grouped program order), ``triton_plain_order`` (the grouped kernel with one L2 group
+spanning every token tile: the plain token-tile-fastest order; forward and input grad), ``triton_persistent``
+(forward and input grad) and ``triton_tma`` (TMA descriptor loads, Hopper; all three ops) — the A/B of those choices,
+measured in the same run; its PyTorch reference ``torch_bsmm_<op>`` as ``torch_reference`` (the library provider
+with ``backend="reference"``); ``cublas_dense`` (``F.linear`` / ``torch.mm`` on the dense weight; once per shape,
+density 1), ``masked_dense`` (``W ⊙ mask`` then the dense matmul — what mask-based DST does) and ``torch_bsr``
+(PyTorch's BSR Triton ops ``bsr_dense_mm`` and ``sampled_addmm``, CUDA only; recorded as skipped elsewhere).
+A run times the library providers of its backend (:func:`default_providers`). Result files written before the
+providers had these names are read through :data:`bench.results.RENAMED_PROVIDERS`.
 
 Every provider's result is checked against the fp32 dense computation once, before timing (a mismatch is
 recorded as ``status = "wrong"``). Useful FLOPs are ``2 M K N`` dense and ``2 M K N d`` sparse (``d`` the
@@ -34,13 +36,14 @@ import torch.nn.functional as F
 from .timing import Timing, measure
 
 OPS = ("forward", "grad_input", "grad_weight")
-VARIANT_OPS = {  # kernel variants of the smet provider and the ops each changes
-    "smet_ungrouped": ("forward", "grad_input"),
-    "smet_persistent": ("forward", "grad_input"),
-    "smet_tma": ("forward", "grad_input", "grad_weight"),
+VARIANT_OPS = {  # the Triton providers other than triton_grouped and the ops each one changes
+    "triton_plain_order": ("forward", "grad_input"),
+    "triton_persistent": ("forward", "grad_input"),
+    "triton_tma": ("forward", "grad_input", "grad_weight"),
 }
-SCHEDULE_VARIANTS = tuple(VARIANT_OPS)
-SPARSE_PROVIDERS = ("smet", *SCHEDULE_VARIANTS, "masked_dense", "torch_bsr")
+TRITON_PROVIDERS = ("triton_grouped", *VARIANT_OPS)
+LIBRARY_PROVIDERS = {"triton": TRITON_PROVIDERS, "reference": ("torch_reference",)}  # per backend
+SPARSE_PROVIDERS = (*TRITON_PROVIDERS, "torch_reference", "masked_dense", "torch_bsr")
 PROVIDERS = ("cublas_dense",) + SPARSE_PROVIDERS
 FULL_CONFIGS = ("20m", "60m", "130m", "350m", "1b", "7b")
 FULL_DENSITIES = (0.5, 0.25, 0.1, 0.05)
@@ -106,8 +109,15 @@ class KernelCase:
             "block_size": self.block_size,
             "density": self.density,
             "dtype": dtype_name(self.dtype),
-            "backend": backend if self.provider.startswith("smet") else "torch",
+            "backend": backend if self.provider in TRITON_PROVIDERS else
+            "reference" if self.provider == "torch_reference" else "torch",
         }
+
+
+def default_providers(backend: str) -> tuple[str, ...]:
+    """Every provider but the library providers of the other backend."""
+    other = {p for name, providers in LIBRARY_PROVIDERS.items() if name != backend for p in providers}
+    return tuple(p for p in PROVIDERS if p not in other)
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -115,10 +125,12 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def kernel_cases(
-    config_names, densities, block_sizes, tokens, dtype: torch.dtype, providers=PROVIDERS, ops=OPS
+    config_names, densities, block_sizes, tokens, dtype: torch.dtype, providers=None, ops=OPS, backend="triton"
 ) -> Iterator[KernelCase]:
     """Every case of the grid; dense cases once per shape, sparse ones per block size and density.
-    Block sizes that do not divide a shape are left out."""
+    Block sizes that do not divide a shape are left out. ``providers`` default: :func:`default_providers`."""
+    if providers is None:
+        providers = default_providers(backend)
     for provider in providers:
         if provider not in PROVIDERS:
             raise ValueError(f"providers must be in {PROVIDERS}, got {provider!r}")
@@ -182,39 +194,41 @@ class KernelUnavailable(Exception):
     """A provider that cannot run here (the reason is recorded as a skipped row)."""
 
 
-def _smet_fns(ops: _Operands, backend: str, provider: str = "smet") -> dict[str, Callable[[], torch.Tensor]]:
-    """The raw ops of this library: Triton kernels, or their PyTorch references with ``backend="reference"``.
+def _library_fns(ops: _Operands, backend: str, provider: str) -> dict[str, Callable[[], torch.Tensor]]:
+    """The launchers of this library on the layout's index tensors: ``triton_bsmm_<op>`` (``triton_*`` providers,
+    Triton backend only) or ``torch_bsmm_<op>`` (``torch_reference``).
 
-    ``provider="smet_ungrouped"``: forward and input grad with one L2 group spanning every token tile (the plain
-    order); ``"smet_persistent"``: with the persistent longest-rows-first schedule; ``"smet_tma"``: with TMA
-    descriptor loads (sm_90+, or the interpreter)."""
-    if backend == "triton":
-        from smet_kernels.ops import block_sparse_matmul as bsmm
-
-        if provider == "smet_tma" and ops.x.is_cuda and torch.cuda.get_device_capability(ops.x.device) < (9, 0):
-            raise KernelUnavailable("smet_tma needs the Tensor Memory Accelerator of an sm_90+ GPU")
-
-        options = {
-            "smet": {},
-            "smet_ungrouped": {"group_m": ops.x.shape[0]},  # >= the token tiles at any BLOCK_M
-            "smet_persistent": {"variant": "persistent"},
-            "smet_tma": {"variant": "tma"},
-        }[provider]
-        forward = functools.partial(bsmm.bsmm_forward, **options)
-        grad_input = functools.partial(bsmm.bsmm_grad_input, **options)
-        grad_weight = functools.partial(bsmm.bsmm_grad_weight, variant=options.get("variant"))
-    elif provider != "smet":
-        raise KernelUnavailable(f"the PyTorch reference has no program order: {provider} needs the Triton backend")
-    else:
+    ``triton_plain_order``: forward and input grad with one L2 group spanning every token tile (the plain order);
+    ``triton_persistent``: the persistent longest-rows-first schedule; ``triton_tma``: TMA descriptor loads (sm_90+,
+    or the interpreter)."""
+    layout, device = ops.layout, ops.x.device
+    if provider == "torch_reference":
         from smet_kernels.reference import matmul as reference
 
-        forward = reference.bsmm_forward_reference
-        grad_input = reference.bsmm_grad_input_reference
-        grad_weight = reference.bsmm_grad_weight_reference
+        indices = layout.block_indices
+        return {
+            "forward": lambda: reference.torch_bsmm_forward(ops.x, ops.values, indices, layout.shape[0]),
+            "grad_input": lambda: reference.torch_bsmm_grad_input(ops.dy, ops.values, indices, layout.shape[1]),
+            "grad_weight": lambda: reference.torch_bsmm_grad_weight(ops.dy, ops.x, indices, layout.block_size),
+        }
+    if backend != "triton":
+        raise KernelUnavailable(f"{provider} times the Triton kernels: it needs the Triton backend")
+    if provider == "triton_tma" and ops.x.is_cuda and torch.cuda.get_device_capability(ops.x.device) < (9, 0):
+        raise KernelUnavailable("triton_tma needs the Tensor Memory Accelerator of an sm_90+ GPU")
+    from smet_kernels.ops import block_sparse_matmul as bsmm
+
+    options = {
+        "triton_grouped": {"variant": "grouped"},
+        "triton_plain_order": {"variant": "grouped", "group_m": ops.x.shape[0]},  # >= the token tiles at any BLOCK_M
+        "triton_persistent": {"variant": "persistent"},
+        "triton_tma": {"variant": "tma"},
+    }[provider]
+    rows, cols, indices = layout.row_index(device), layout.col_index(device), layout.block_indices_on(device)
+    n, k, b = layout.shape[0], layout.shape[1], layout.block_size
     return {
-        "forward": lambda: forward(ops.x, ops.values, ops.layout),
-        "grad_input": lambda: grad_input(ops.dy, ops.values, ops.layout),
-        "grad_weight": lambda: grad_weight(ops.dy, ops.x, ops.layout),
+        "forward": lambda: bsmm.triton_bsmm_forward(ops.x, ops.values, rows, n, **options),
+        "grad_input": lambda: bsmm.triton_bsmm_grad_input(ops.dy, ops.values, cols, k, **options),
+        "grad_weight": lambda: bsmm.triton_bsmm_grad_weight(ops.dy, ops.x, indices, b, variant=options["variant"]),
     }
 
 
@@ -277,8 +291,8 @@ def case_function(case: KernelCase, ops: _Operands, backend: str) -> Callable[[]
             "grad_input": lambda: ops.dy @ (ops.weight * ops.mask),
             "grad_weight": lambda: (ops.dy.t() @ ops.x) * ops.mask,
         }[case.op]
-    if case.provider in ("smet", *SCHEDULE_VARIANTS):
-        return _smet_fns(ops, backend, case.provider)[case.op]
+    if case.provider in (*TRITON_PROVIDERS, "torch_reference"):
+        return _library_fns(ops, backend, case.provider)[case.op]
     return _torch_bsr_fns(ops)[case.op]
 
 

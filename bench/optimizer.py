@@ -6,7 +6,8 @@ Throughput is reported in GB/s next to a device copy (``dst.copy_(src)``: ``2 ·
 same run — the practical bandwidth ceiling.
 
 Variants: ``dense`` — a ``[N, K]`` tensor (density 1); ``compact`` — the ``[nnz, b, b]`` values of a layout of
-density ``d`` (what SMET stores), stepped by torch AdamW and by :class:`~smet_kernels.optim.smet_adamw.SMETAdamW`.
+density ``d`` (what SMET stores), stepped by torch AdamW (providers ``torch_adamw_fused``, ``torch_adamw_foreach``) and
+by :class:`~smet_kernels.optim.smet_adamw.SMETAdamW` (``smet_adamw``).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 from .kernels import LinearShape, linear_shapes
 from .timing import measure
 
-PROVIDERS = ("smet", "torch_adamw_fused", "torch_adamw_foreach")
+PROVIDERS = ("smet_adamw", "torch_adamw_fused", "torch_adamw_foreach")
 ADAMW_BYTES_PER_ELEMENT = 7 * 4
 COPY_BYTES_PER_ELEMENT = 2 * 4
 
@@ -47,7 +48,7 @@ class OptimizerCase:
             "block_size": self.block_size,
             "density": self.density,
             "dtype": "fp32",
-            "backend": backend if self.provider == "smet" else "torch",
+            "backend": backend if self.provider == "smet_adamw" else "torch",
         }
 
 
@@ -69,7 +70,7 @@ def optimizer_cases(config_names, densities, block_sizes, providers=PROVIDERS) -
     for shape in optimizer_shapes(config_names):
         yield OptimizerCase("copy", "device_copy", "dense", shape, None, 1.0)
         for provider in providers:
-            if provider != "smet":
+            if provider != "smet_adamw":
                 yield OptimizerCase("adamw", provider, "dense", shape, None, 1.0)
         for b in block_sizes:
             if shape.N % b or shape.K % b:
@@ -100,7 +101,7 @@ def step_function(
     param = torch.nn.Parameter((0.02 * torch.randn(size, generator=generator)).to(device))
     param.grad = (0.01 * torch.randn(size, generator=generator)).to(device)
     moved = ADAMW_BYTES_PER_ELEMENT * numel
-    if case.provider == "smet":
+    if case.provider == "smet_adamw":
         from smet_kernels.optim.smet_adamw import SMETAdamW
 
         param.smet_layout = layout

@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .results import current_provider
+
 CONFIG_ORDER = ("tiny", "20m", "60m", "130m", "350m", "1b", "7b")
 OP_ORDER = ("forward", "grad_input", "grad_weight")
 COMPONENTS = ("weights", "gradients", "optimizer", "activations", "rest")
@@ -38,6 +40,11 @@ def load_csv(path: Path) -> pd.DataFrame | None:
     for column in ("status", "note", "nvml_status", "peak_source", "variant"):
         if column in frame:
             frame[column] = frame[column].astype(object).fillna("")
+    if {"suite", "provider", "backend"} <= set(frame.columns):  # files written under the old provider names
+        frame["provider"] = [
+            current_provider(suite, provider, backend)
+            for suite, provider, backend in zip(frame["suite"], frame["provider"], frame["backend"])
+        ]
     return frame
 
 

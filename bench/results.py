@@ -39,6 +39,17 @@ KERNEL_COLUMNS = (
     + ENVIRONMENT_COLUMNS
 )
 
+#: provider names of result files written before the providers were named after what they time:
+#: ``(suite, old name, backend or None for any) -> name``
+RENAMED_PROVIDERS = {
+    ("kernels", "smet", "triton"): "triton_grouped",
+    ("kernels", "smet", "reference"): "torch_reference",
+    ("kernels", "smet_ungrouped", None): "triton_plain_order",
+    ("kernels", "smet_persistent", None): "triton_persistent",
+    ("kernels", "smet_tma", None): "triton_tma",
+    ("optimizer", "smet", None): "smet_adamw",
+}
+
 MEMORY_COMPONENTS = ["weights", "gradients", "optimizer", "activations", "rest"]
 
 TRAINING_KEY = ["config", "method", "density", "block_size", "batch_size", "seq_len", "dtype", "backend"]
@@ -83,6 +94,19 @@ def environment(device: torch.device | str) -> dict:
     }
 
 
+def current_provider(suite: str, provider: str, backend: str) -> str:
+    """The provider's name today (:data:`RENAMED_PROVIDERS`); names that were not renamed pass through."""
+    renamed = RENAMED_PROVIDERS.get((suite, provider, backend)) or RENAMED_PROVIDERS.get((suite, provider, None))
+    return renamed or provider
+
+
+def rename_old_providers(row: dict) -> dict:
+    """``row`` with its ``provider`` renamed by :func:`current_provider` (rows without a provider unchanged)."""
+    if "provider" not in row:
+        return row
+    return row | {"provider": current_provider(row.get("suite", ""), row["provider"], row.get("backend", ""))}
+
+
 def _canonical(value) -> str:
     """Key values compare as text: numbers in one spelling (``0.5`` == ``0.50``, ``64`` == ``64.0``)."""
     if value is None:
@@ -117,8 +141,8 @@ class ResultsFile:
                         f"{self.path} has columns {header}, expected {self.columns}; "
                         "write to a fresh --out-dir or delete the file"
                     )
-                for row in reader:
-                    self._done.add(self.key_of(row))
+                for row in reader:  # rows measured under an old provider name count as done under the new one
+                    self._done.add(self.key_of(rename_old_providers(row)))
 
     def key_of(self, row: dict) -> tuple[str, ...]:
         return tuple(_canonical(row.get(k)) for k in self.key)

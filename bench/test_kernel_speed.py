@@ -4,7 +4,16 @@ import pytest
 import torch
 
 from bench.conftest import DEVICE, FULL_SIZE
-from bench.kernels import OPS, KernelCase, KernelUnavailable, LinearShape, case_function, make_operands, useful_flops
+from bench.kernels import (
+    LIBRARY_PROVIDERS,
+    OPS,
+    KernelCase,
+    KernelUnavailable,
+    LinearShape,
+    case_function,
+    make_operands,
+    useful_flops,
+)
 from smet_kernels.backend import resolve_backend
 
 if FULL_SIZE:
@@ -21,6 +30,7 @@ else:
     DENSITIES, BLOCK_SIZE, DTYPE = (0.5,), 32, torch.float32
 
 BACKEND = resolve_backend(DEVICE)
+LIBRARY = LIBRARY_PROVIDERS[BACKEND][0]  # triton_grouped, or torch_reference without Triton
 
 
 def _case(op, provider, shape, density):
@@ -38,7 +48,7 @@ def test_dense(timed, shape, op):
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s.label}-{s.N}x{s.K}")
 @pytest.mark.parametrize("density", DENSITIES)
-@pytest.mark.parametrize("provider", ["smet", "masked_dense", "torch_bsr"])
+@pytest.mark.parametrize("provider", [LIBRARY, "masked_dense", "torch_bsr"])
 @pytest.mark.parametrize("op", OPS)
 def test_sparse(timed, shape, density, provider, op):
     case = _case(op, provider, shape, density)
@@ -55,5 +65,5 @@ def test_sparse(timed, shape, density, provider, op):
         N=shape.N,
         block_size=BLOCK_SIZE,
         density=operands.layout.density,
-        backend=BACKEND if provider == "smet" else "torch",
+        backend=BACKEND if provider == LIBRARY else "torch",
     )

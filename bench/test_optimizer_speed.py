@@ -23,7 +23,7 @@ def test_adamw_dense(timed, provider):
 
 
 @pytest.mark.parametrize("density", DENSITIES)
-@pytest.mark.parametrize("provider", ["smet", "torch_adamw_fused", "torch_adamw_foreach"])
+@pytest.mark.parametrize("provider", ["smet_adamw", "torch_adamw_fused", "torch_adamw_foreach"])
 def test_adamw_compact(timed, provider, density):
     case = OptimizerCase("adamw", provider, "compact", SHAPE, BLOCK_SIZE, density)
     fn, numel, moved = step_function(case, DEVICE, 0)

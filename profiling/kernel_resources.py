@@ -6,6 +6,9 @@ stack bytes (``> 0``: register spills or a stack frame), and what the main loop 
 (``wgmma`` on Hopper, ``mma.sync`` before) and asynchronous copies (``cp.async``: a software-pipelined loop; TMA
 ``cp.async.bulk``); for the elementwise kernels, vectorised global loads (``ld.global.v2/v4``). Integer and pointer arguments are assumed 16-divisible, as Triton's JIT specialises them for the
 benchmark shapes (M = 8192, K = N = 4096); a variant that is not pipelined under that assumption never will be.
+Each case is named after its op (``bsmm_forward``, ``bsmm_grad_input``, ``bsmm_grad_weight`` with a variant suffix,
+``adamw_step[<warm-up>]``, ``regrow_blocks``); signatures are read from the kernels' parameters
+(:func:`kernel_signature`), autotune spaces and pruning rules from :mod:`smet_kernels.ops.launch_config`.
 
     python -m profiling.kernel_resources --arch 90 --out-dir reports/static-sm90
 
@@ -17,7 +20,7 @@ from __future__ import annotations
 
 import argparse
 import csv
-import itertools
+import inspect
 import re
 import shlex
 import subprocess
@@ -30,12 +33,18 @@ import torch
 import triton
 import triton.language as tl
 
-from smet_kernels.ops import adamw as adamw_ops
-from smet_kernels.ops import block_sparse_matmul as bsmm
-from smet_kernels.ops import regrow as regrow_ops
+from smet_kernels.ops import launch_config
+from smet_kernels.ops.adamw import TL_DTYPES, WARMUP_CODES, adamw_step_kernel
+from smet_kernels.ops.block_sparse_matmul import (
+    bsmm_dense_sparse_kernel,
+    bsmm_dense_sparse_persistent_kernel,
+    bsmm_dense_sparse_tma_kernel,
+    bsmm_grad_weight_kernel,
+    bsmm_grad_weight_tma_kernel,
+)
+from smet_kernels.ops.regrow import regrow_blocks_kernel
 
-# opt-in shared memory per block (bytes): cudaDevAttrMaxSharedMemoryPerBlockOptin
-SHARED_MEMORY_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: bsmm.HOPPER_SHARED_MEMORY}
+SHARED_MEMORY_LIMIT = launch_config.SHARED_MEMORY_LIMITS
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DEFAULT_BLOCK_SIZES = [16, 32, 64, 128]
 _TRITON_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
@@ -46,8 +55,26 @@ INSTRUCTIONS = {
     "tma": "cp.async.bulk",
     "vector_loads": "ld.global.v",
 }
-KERNELS = ["forward", "grad_input", "forward_persistent", "grad_input_persistent", "forward_tma", "grad_input_tma",
-           "grad_weight", "grad_weight_split_k", "grad_weight_tma", "adamw", "regrow"]
+MATMUL_KERNELS = {  # report name (op and variant) -> the kernel that serves it
+    "bsmm_forward": bsmm_dense_sparse_kernel,
+    "bsmm_forward_persistent": bsmm_dense_sparse_persistent_kernel,
+    "bsmm_forward_tma": bsmm_dense_sparse_tma_kernel,
+    "bsmm_grad_input": bsmm_dense_sparse_kernel,
+    "bsmm_grad_input_persistent": bsmm_dense_sparse_persistent_kernel,
+    "bsmm_grad_input_tma": bsmm_dense_sparse_tma_kernel,
+}
+KERNELS = [*MATMUL_KERNELS, "bsmm_grad_weight", "bsmm_grad_weight_split_k", "bsmm_grad_weight_tma", "adamw_step",
+           "regrow_blocks"]
+#: argument types that do not follow the rule of :func:`kernel_signature` (pointers to the operand dtype, int32
+#: scalars): the int32 block-index tables of a layout, the AdamW tables (int64 addresses and sizes, fp32 per-tensor
+#: scalars, int32 work items) and regrow's fp32 draws and state, int32 steps and int64 slots
+ARGUMENT_TYPES = {
+    "index_ptr_ptr": "*i32", "index_slots_ptr": "*i32", "index_minor_ptr": "*i32", "order_ptr": "*i32",
+    "block_indices_ptr": "*i32",
+    "pointers_ptr": "*i64", "sizes_ptr": "*i64", "scalars_ptr": "*fp32", "work_ptr": "*i32",
+    "new_values_ptr": "*fp32", "exp_avg_ptr": "*fp32", "exp_avg_sq_ptr": "*fp32", "block_step_ptr": "*i32",
+    "slots_ptr": "*i64",
+}  # fmt: skip
 FIELDS = [
     "kernel", "dtype", "block_size", "BLOCK_M", "num_warps", "num_stages", "kept_by_pruner", "arch",
     "shared_bytes", "fits_shared", "registers", "stack_bytes", *INSTRUCTIONS, "triton", "ptxas",
@@ -90,108 +117,85 @@ def _jit_function(kernel):
     return kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
 
 
-def _signature(pointers: dict[str, str], scalars: dict[str, str], constexprs: dict[str, object]) -> dict[str, str]:
-    return {**{n: "*" + t for n, t in pointers.items()}, **scalars, **{n: "constexpr" for n in constexprs}}
-
-
-def _autotune_configs(block_ms: tuple[int, ...]) -> list[triton.Config]:
-    return bsmm.matmul_configs(block_ms, interpret=False)
+def kernel_signature(
+    kernel, operand: str, constexprs: dict, descriptors: dict | None = None, types: dict | None = None,
+    scalar: str = "i32",
+) -> dict[str, str]:
+    """The compile signature of ``kernel``, read from its parameters: constexprs as such, ``*_desc`` TMA
+    descriptors of ``operand`` with the box shape given in ``descriptors``, other arguments typed by ``types`` or
+    :data:`ARGUMENT_TYPES`, else ``*_ptr`` as pointers to ``operand`` and scalars as ``scalar``."""
+    types = {**ARGUMENT_TYPES, **(types or {})}
+    signature = {}
+    for name, parameter in inspect.signature(_jit_function(kernel).fn).parameters.items():
+        if parameter.annotation in (tl.constexpr, "tl.constexpr"):
+            signature[name] = "constexpr"
+        elif name in types:
+            signature[name] = types[name]
+        elif name.endswith("_desc"):
+            signature[name] = f"tensordesc<{operand}{list((descriptors or {})[name])}>"
+        else:
+            signature[name] = "*" + operand if name.endswith("_ptr") else scalar
+    return signature
 
 
 def matmul_cases(dtypes: list[str], block_sizes: list[int], arch: int = 90) -> list[KernelCase]:
-    """Every GPU autotune config of the three block-sparse matmul kernels, marked kept or pruned for ``sm_<arch>``."""
-    limit = SHARED_MEMORY_LIMIT.get(arch, bsmm.HOPPER_SHARED_MEMORY)
+    """Every GPU autotune config of the block-sparse matmul kernels, marked kept or pruned for ``sm_<arch>``."""
+    limit = SHARED_MEMORY_LIMIT.get(arch, launch_config.HOPPER_SHARED_MEMORY)
     cases = []
     for dtype_name in dtypes:
         dtype = DTYPES[dtype_name]
         t = _TRITON_TYPES[dtype]
-        flags = {"UPCAST": False, "INPUT_PRECISION": "ieee" if dtype == torch.float32 else "tf32"}
-        probe = torch.empty(0, dtype=dtype)
+        flags = launch_config.precision_flags(dtype, interpret=False)
+        probe = {"a": torch.empty(0, dtype=dtype)}
         for b in block_sizes:
-            for (name, transpose), (suffix, kernel) in itertools.product(
-                (("forward", True), ("grad_input", False)),
-                (("", bsmm._bsmm_dense_sparse_kernel), ("_persistent", bsmm._bsmm_dense_sparse_persistent_kernel),
-                 ("_tma", bsmm._bsmm_dense_sparse_tma_kernel)),
-            ):
-                configs = _autotune_configs(bsmm.DENSE_SPARSE_BLOCK_MS)
-                prune = bsmm.prune_persistent_configs if suffix == "_persistent" else bsmm.prune_configs
-                kept = prune(configs, {"a": probe}, limit, BLOCK_SIZE=b)
+            configs = launch_config.matmul_configs(launch_config.DENSE_SPARSE_BLOCK_MS, interpret=False)
+            for name, kernel in MATMUL_KERNELS.items():
+                prune = launch_config.prune_persistent_configs if name.endswith("_persistent") else \
+                    launch_config.prune_configs
+                kept = prune(configs, probe, limit, BLOCK_SIZE=b)
+                transpose = name.startswith("bsmm_forward")
                 for config in configs:
                     block_m = config.kwargs["BLOCK_M"]
                     constexprs = {"HAS_BIAS": transpose, "TRANSPOSE_BLOCKS": transpose, "BLOCK_SIZE": b, **flags,
-                                  "GROUP_M": bsmm.GROUP_M, **config.kwargs}
-                    pointers = {"a_ptr": t, "values_ptr": t, "bias_ptr": t, "out_ptr": t}
-                    strides = {"stride_am": "i32", "stride_om": "i32"}
-                    if suffix == "_tma":
-                        pointers = {"a_desc": f"tensordesc<{t}[{block_m}, {b}]>",
-                                    "values_desc": f"tensordesc<{t}[{b}, {b}]>", "bias_ptr": "*" + t,
-                                    "out_desc": f"tensordesc<{t}[{block_m}, {b}]>"}
-                        strides = {}
-                    signature = {
-                        **{n: v if v.startswith(("tensordesc", "*")) else "*" + v for n, v in pointers.items()},
-                        **_signature(
-                            {"index_ptr_ptr": "i32", "index_slots_ptr": "i32", "index_minor_ptr": "i32",
-                             **({"order_ptr": "i32"} if suffix == "_persistent" else {})},
-                            {"M": "i32", "IN_COLS": "i32", "OUT_COLS": "i32", **strides},
-                            constexprs,
-                        ),
-                    }
-                    cases.append(KernelCase(name + suffix, kernel, signature, constexprs, config.num_warps,
+                                  "GROUP_M": launch_config.GROUP_M, **config.kwargs}
+                    descriptors = {"a_desc": (block_m, b), "values_desc": (b, b), "out_desc": (block_m, b)}
+                    signature = kernel_signature(kernel, t, constexprs, descriptors)
+                    cases.append(KernelCase(name, kernel, signature, constexprs, config.num_warps,
                                             config.num_stages, dtype_name, b, block_m, config in kept))
-            configs = _autotune_configs(bsmm.GRAD_WEIGHT_BLOCK_MS)
-            kept = bsmm.prune_configs(configs, {"dy": probe}, limit, weight_grad=True, BLOCK_SIZE=b)
-            for split_k, out_type in ((1, t), (2, "fp32")):
+            configs = launch_config.matmul_configs(launch_config.GRAD_WEIGHT_BLOCK_MS, interpret=False)
+            kept = launch_config.prune_grad_weight_configs(configs, probe, limit, BLOCK_SIZE=b)
+            for name, kernel, split_k, out_type in (
+                ("bsmm_grad_weight", bsmm_grad_weight_kernel, 1, t),
+                ("bsmm_grad_weight_split_k", bsmm_grad_weight_kernel, 2, "fp32"),  # fp32 partial sums
+                ("bsmm_grad_weight_tma", bsmm_grad_weight_tma_kernel, 1, t),
+            ):
                 for config in configs:
+                    block_m = config.kwargs["BLOCK_M"]
                     constexprs = {"BLOCK_SIZE": b, "SPLIT_K": split_k, **flags, **config.kwargs}
-                    signature = _signature(
-                        {"dy_ptr": t, "x_ptr": t, "out_ptr": out_type, "block_indices_ptr": "i32"},
-                        {"M": "i32", "N": "i32", "K": "i32", "nnz": "i32", "stride_dym": "i32", "stride_xm": "i32"},
-                        constexprs,
-                    )
-                    kernel = "grad_weight" if split_k == 1 else "grad_weight_split_k"
-                    cases.append(KernelCase(kernel, bsmm._bsmm_grad_weight_kernel, signature, constexprs,
-                                            config.num_warps, config.num_stages, dtype_name, b,
-                                            config.kwargs["BLOCK_M"], config in kept))
-            for config in configs:
-                block_m = config.kwargs["BLOCK_M"]
-                constexprs = {"BLOCK_SIZE": b, "SPLIT_K": 1, **flags, **config.kwargs}
-                signature = {
-                    "dy_desc": f"tensordesc<{t}[{block_m}, {b}]>", "x_desc": f"tensordesc<{t}[{block_m}, {b}]>",
-                    "out_desc": f"tensordesc<{t}[{b}, {b}]>",
-                    **_signature({"block_indices_ptr": "i32"}, {"M": "i32", "N": "i32", "K": "i32", "nnz": "i32"},
-                                 constexprs),
-                }
-                cases.append(KernelCase("grad_weight_tma", bsmm._bsmm_grad_weight_tma_kernel, signature, constexprs,
-                                        config.num_warps, config.num_stages, dtype_name, b, block_m, config in kept))
+                    descriptors = {"dy_desc": (block_m, b), "x_desc": (block_m, b), "out_desc": (b, b)}
+                    signature = kernel_signature(kernel, t, constexprs, descriptors, {"out_ptr": "*" + out_type})
+                    cases.append(KernelCase(name, kernel, signature, constexprs, config.num_warps,
+                                            config.num_stages, dtype_name, b, block_m, config in kept))
     return cases
 
 
 def optimizer_cases(dtypes: list[str]) -> list[KernelCase]:
-    """The fused AdamW kernel (each warm-up mode; fp32 states) and the regrow kernel, at their launch settings."""
+    """The fused AdamW kernel (each warm-up mode; fp32 states) and the regrow kernel, at their GPU launch settings
+    (:mod:`smet_kernels.ops.launch_config`)."""
     cases = []
     for dtype_name in dtypes:
-        param = adamw_ops._TL_DTYPES[DTYPES[dtype_name]]
-        for warmup, code in adamw_ops._WARMUP_CODES.items():
-            constexprs = {"PARAM_DTYPE": param, "STATE_DTYPE": tl.float32, "WARMUP": code, "ALIGNED": True,
-                      "BLOCK": adamw_ops.GPU_BLOCK}
-            signature = _signature(
-                {"pointers_ptr": "i64", "sizes_ptr": "i64", "scalars_ptr": "fp32", "work_ptr": "i32"},
-                {name: "fp32" for name in ("beta1", "beta2", "one_minus_beta1", "one_minus_beta2", "log2_beta1",
-                                           "log2_beta2", "eps", "weight_decay", "warmup_steps")},
-                constexprs,
-            )
-            cases.append(KernelCase(f"adamw[{warmup}]", adamw_ops._smet_adamw_kernel, signature, constexprs,
-                                    adamw_ops.NUM_WARPS, 3, dtype_name))
         t = _TRITON_TYPES[DTYPES[dtype_name]]
+        for warmup, code in WARMUP_CODES.items():
+            constexprs = {"PARAM_DTYPE": TL_DTYPES[DTYPES[dtype_name]], "STATE_DTYPE": tl.float32, "WARMUP": code,
+                          "ALIGNED": True, "TILE": launch_config.ADAMW_GPU_TILE}
+            signature = kernel_signature(adamw_step_kernel, t, constexprs, scalar="fp32")
+            cases.append(KernelCase(f"adamw_step[{warmup}]", adamw_step_kernel, signature, constexprs,
+                                    launch_config.ADAMW_NUM_WARPS, 3, dtype_name))
         constexprs = {"HAS_NEW_VALUES": True, "HAS_EXP_AVG": True, "HAS_EXP_AVG_SQ": True, "HAS_BLOCK_STEP": True,
-                      "BLOCK": regrow_ops.MAX_BLOCK}
-        signature = _signature(
-            {"values_ptr": t, "new_values_ptr": "fp32", "exp_avg_ptr": "fp32", "exp_avg_sq_ptr": "fp32",
-             "block_step_ptr": "i32", "slots_ptr": "i64"},
-            {"block_numel": "i32"},
-            constexprs,
-        )
-        cases.append(KernelCase("regrow", regrow_ops._regrow_kernel, signature, constexprs, 4, 3, dtype_name))
+                      "TILE": launch_config.REGROW_MAX_TILE}
+        signature = kernel_signature(regrow_blocks_kernel, t, constexprs)
+        cases.append(KernelCase("regrow_blocks", regrow_blocks_kernel, signature, constexprs,
+                                launch_config.REGROW_NUM_WARPS, 3, dtype_name))
     return cases
 
 

@@ -6,7 +6,7 @@ from .functional import block_sparse_linear, from_dense, to_dense
 from .layout import BlockLayout
 from .masked import MaskedLinear, masked_sparsify
 from .modules import BlockSparseLinear, densify, sparsify
-from .ops.regrow import regrow_blocks
+from .ops.library import regrow_blocks
 from .optim.smet_adamw import SMETAdamW
 from .supar import supar_init_, supar_init_std, supar_lr, supar_param_groups
 from .topology import SMET

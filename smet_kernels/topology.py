@@ -16,7 +16,7 @@ sparse parameters are handled, found in ``model.parameters()`` by a marker attri
 
 * compact values ``[nnz, b, b]`` carrying ``p.smet_layout`` (``BlockSparseLinear``): the layout's slots
   are moved with :meth:`BlockLayout.replace_blocks` and the slots' values, Adam moments and per-block
-  step are reset by :func:`smet_kernels.ops.regrow.regrow_blocks`;
+  step are reset by :func:`smet_kernels.ops.library.regrow_blocks`;
 * dense masked weights ``[out, in]`` carrying ``p.smet_mask_layout`` (:class:`smet_kernels.masked.MaskedLinear`):
   the layout (hence the mask) is updated the same way, pruned blocks are zeroed, regrown blocks get the
   init values and any dense Adam moments of the optimizer are zeroed there.
@@ -56,7 +56,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .layout import BlockLayout
-from .ops.regrow import regrow_blocks
+from .ops.library import regrow_blocks
 from .sharding import check_row_sharded, full, gather_rows, is_sharded, local, row_range
 
 REGROW_MODES = ("random", "gradient")

@@ -29,3 +29,44 @@ def reference_backend():
     smet_kernels.set_backend("reference")
     yield
     smet_kernels.set_backend(previous)
+
+
+# ---------------------------------------------------------------- the block-sparse products of a BlockLayout
+# The launchers take the layout's index tensors (as the custom ops do); these unpack a layout for the kernel tests.
+def triton_forward(x, values, layout, bias=None, **options):
+    """``triton_bsmm_forward`` over ``layout``'s CSR index (``options``: ``group_m``, ``variant``)."""
+    from smet_kernels.ops.block_sparse_matmul import triton_bsmm_forward
+
+    return triton_bsmm_forward(x, values, layout.row_index(x.device), layout.shape[0], bias, **options)
+
+
+def triton_grad_input(dy, values, layout, **options):
+    """``triton_bsmm_grad_input`` over ``layout``'s CSC index."""
+    from smet_kernels.ops.block_sparse_matmul import triton_bsmm_grad_input
+
+    return triton_bsmm_grad_input(dy, values, layout.col_index(dy.device), layout.shape[1], **options)
+
+
+def triton_grad_weight(dy, x, layout, **options):
+    """``triton_bsmm_grad_weight`` at ``layout``'s blocks (``options``: ``split_k``, ``variant``)."""
+    from smet_kernels.ops.block_sparse_matmul import triton_bsmm_grad_weight
+
+    return triton_bsmm_grad_weight(dy, x, layout.block_indices_on(x.device), layout.block_size, **options)
+
+
+def torch_forward(x, values, layout, bias=None):
+    from smet_kernels.reference.matmul import torch_bsmm_forward
+
+    return torch_bsmm_forward(x, values, layout.block_indices, layout.shape[0], bias)
+
+
+def torch_grad_input(dy, values, layout):
+    from smet_kernels.reference.matmul import torch_bsmm_grad_input
+
+    return torch_bsmm_grad_input(dy, values, layout.block_indices, layout.shape[1])
+
+
+def torch_grad_weight(dy, x, layout):
+    from smet_kernels.reference.matmul import torch_bsmm_grad_weight
+
+    return torch_bsmm_grad_weight(dy, x, layout.block_indices, layout.block_size)

@@ -1,9 +1,10 @@
-"""Fused SMET AdamW kernel (smet_kernels.ops.adamw) against the PyTorch reference."""
+"""The AdamW step (``adamw_step``): the fused ``triton_adamw_step`` against ``torch_adamw_step``."""
 
 import pytest
 import torch
 
-from smet_kernels.ops.adamw import _vector_aligned, smet_adamw_step
+from smet_kernels.ops.adamw import _vector_aligned
+from smet_kernels.ops.library import adamw_step
 
 GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 HYPER = dict(betas=(0.9, 0.99), eps=1e-6, weight_decay=0.1, warmup_steps=4)
@@ -34,7 +35,7 @@ def clone_all(tensors):
 
 def run(tensors, lrs, global_steps, backend, **kwargs):
     columns = [[entry[i] for entry in tensors] for i in range(5)]
-    smet_adamw_step(*columns, lrs, global_steps, backend=backend, **{**HYPER, **kwargs})
+    adamw_step(*columns, lrs, global_steps, backend=backend, **{**HYPER, **kwargs})
 
 
 def assert_close(tensors, expected, dtype):
@@ -50,7 +51,7 @@ def assert_close(tensors, expected, dtype):
 
 @pytest.mark.parametrize("warmup", ["linear", "momentum_ramp", "none"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_kernel_matches_reference_multi_tensor(warmup, dtype, device):
+def test_adamw_step_triton_matches_torch_multi_tensor(warmup, dtype, device):
     generator = torch.Generator().manual_seed(0)
     spec = [(5, 16), (3, 32), (70, 16), ("dense", (37, 29)), (2, 64)]
     tensors = make_tensors(spec, dtype, device, generator)
@@ -63,7 +64,7 @@ def test_kernel_matches_reference_multi_tensor(warmup, dtype, device):
 
 
 @pytest.mark.parametrize("aligned", [True, False])
-def test_vector_aligned_and_unaligned_launches_match_reference(aligned, device):
+def test_adamw_step_vector_aligned_and_unaligned_launches_match_torch(aligned, device):
     """16-element sizes at 16-byte addresses take the vectorised path; one odd tensor sends the group to the other."""
     generator = torch.Generator().manual_seed(1)
     spec = [(5, 16), (3, 32), ("dense", (64, 48))] + ([] if aligned else [("dense", (37,))])
@@ -76,14 +77,14 @@ def test_vector_aligned_and_unaligned_launches_match_reference(aligned, device):
     assert_close(tensors, expected, torch.float32)
 
 
-def test_vector_alignment_needs_address_and_size():
+def test_adamw_step_vector_alignment_needs_address_and_size():
     base = torch.zeros(64)
     assert _vector_aligned(base[4:20])  # 16 bytes in, 16 elements
     assert not _vector_aligned(base[1:17])  # 4-byte address
     assert not _vector_aligned(base[:20])  # 20 elements
 
 
-def test_kernel_mixed_dtypes_and_state_dtype(device):
+def test_adamw_step_triton_mixed_dtypes_and_state_dtype(device):
     """Tensors of different parameter/state dtypes in one call are grouped into separate launches."""
     generator = torch.Generator().manual_seed(1)
     tensors = make_tensors([(4, 16)], torch.float32, device, generator)
@@ -98,7 +99,7 @@ def test_kernel_mixed_dtypes_and_state_dtype(device):
     assert_close(tensors[3:], expected[3:], torch.float16)
 
 
-def test_bfloat16_weights_fp32_state(device):
+def test_adamw_step_bfloat16_weights_fp32_state(device):
     generator = torch.Generator().manual_seed(2)
     tensors = make_tensors([(3, 16), ("dense", (33,))], torch.bfloat16, device, generator)
     expected = clone_all(tensors)
@@ -107,7 +108,7 @@ def test_bfloat16_weights_fp32_state(device):
     assert_close(tensors, expected, torch.bfloat16)
 
 
-def test_bfloat16_weights_round_to_nearest_and_do_not_drift(device):
+def test_adamw_step_bfloat16_weights_round_to_nearest_and_do_not_drift(device):
     """Updates far below one bf16 unit leave the weights unchanged, as in PyTorch: the kernel rounds its fp32
     result to nearest even (the interpreter alone would truncate it, shrinking every weight towards zero)."""
     generator = torch.Generator().manual_seed(3)
@@ -122,7 +123,7 @@ def test_bfloat16_weights_round_to_nearest_and_do_not_drift(device):
         assert torch.equal(entry[0], start)
 
 
-def test_table_cache_reused_and_rebuilt(device):
+def test_adamw_step_table_cache_reused_and_rebuilt(device):
     generator = torch.Generator().manual_seed(3)
     tensors = make_tensors([(3, 16), (2, 32)], torch.float32, device, generator)
     expected = clone_all(tensors)
@@ -138,13 +139,13 @@ def test_table_cache_reused_and_rebuilt(device):
     assert torch.equal(tensors[0][4], expected[0][4])
 
 
-def test_first_update_of_regrown_block_is_warmed_up(device):
+def test_adamw_step_first_update_of_regrown_block_is_warmed_up(device):
     """t = 0 -> first update with t = 1: |m_hat / sqrt(v_hat)| = 1, so the step is lr * 1/W (linear warm-up)."""
     values = torch.zeros(2, 16, 16, device=device)
     grad = torch.randn(2, 16, 16, device=device)
     exp_avg, exp_avg_sq = torch.zeros_like(values), torch.zeros_like(values)
     block_step = torch.zeros(2, dtype=torch.int32, device=device)
-    smet_adamw_step(
+    adamw_step(
         [values], [grad], [exp_avg], [exp_avg_sq], [block_step], [0.1], [None],
         betas=(0.9, 0.999), eps=1e-12, warmup="linear", warmup_steps=10, backend="triton",
     )  # fmt: skip
@@ -155,7 +156,7 @@ def test_first_update_of_regrown_block_is_warmed_up(device):
 @pytest.mark.gpu
 @GPU
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_kernel_matches_reference_gpu_large(dtype):
+def test_adamw_step_triton_matches_torch_gpu_large(dtype):
     generator = torch.Generator().manual_seed(4)
     spec = [(300, 64), (40, 128), (1000, 16), ("dense", (1000, 333))]
     tensors = make_tensors(spec, dtype, "cuda", generator)
@@ -183,11 +184,11 @@ def _valid(device):
         (lambda t: t.__setitem__(4, None), ValueError, r"global_steps\[0\] is required"),
     ],
 )
-def test_bad_tensors_raise(mutate, error, match, device):
+def test_adamw_step_bad_tensors_raise(mutate, error, match, device):
     tensors = _valid(device)
     mutate(tensors)
     with pytest.raises(error, match=match):
-        smet_adamw_step(*[[t] for t in tensors], [0.1], [None], backend="triton")
+        adamw_step(*[[t] for t in tensors], [0.1], [None], backend="triton")
 
 
 @pytest.mark.parametrize(
@@ -202,15 +203,15 @@ def test_bad_tensors_raise(mutate, error, match, device):
         (dict(warmup_steps=2.5), TypeError, "warmup_steps"),
     ],
 )
-def test_bad_hyperparameters_raise(kwargs, error, match, device):
+def test_adamw_step_bad_hyperparameters_raise(kwargs, error, match, device):
     tensors = _valid(device)
     with pytest.raises(error, match=match):
-        smet_adamw_step(*[[t] for t in tensors], [0.1], [None], backend="triton", **kwargs)
+        adamw_step(*[[t] for t in tensors], [0.1], [None], backend="triton", **kwargs)
 
 
-def test_bad_lr_and_lengths_raise(device):
+def test_adamw_step_bad_lr_and_lengths_raise(device):
     tensors = _valid(device)
     with pytest.raises(ValueError, match=r"lrs\[0\] must be >= 0"):
-        smet_adamw_step(*[[t] for t in tensors], [-0.1], [None])
+        adamw_step(*[[t] for t in tensors], [-0.1], [None])
     with pytest.raises(ValueError, match="global_steps has 2 entries"):
-        smet_adamw_step(*[[t] for t in tensors], [0.1], [None, None])
+        adamw_step(*[[t] for t in tensors], [0.1], [None, None])

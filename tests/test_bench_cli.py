@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 
 from bench.cli import build_parser, main
-from bench.kernels import SCHEDULE_VARIANTS
+from bench.kernels import LIBRARY_PROVIDERS, TRITON_PROVIDERS
 from bench.results import KERNEL_COLUMNS, TRAINING_COLUMNS
 
 REPO = Path(__file__).resolve().parents[1]
-# --device cpu: the same rows on a machine with a GPU (where Triton has no interpreter, so the smet provider runs
-# the PyTorch reference and its variants are recorded as skipped)
+# --device cpu: the same rows on a machine with a GPU, except that Triton has no interpreter there, so the library
+# provider of the run is torch_reference (the PyTorch reference) instead of triton_grouped and its variants
 TINY = ["--quick", "--configs", "tiny", "--densities", "0.5", "--steps", "1", "--no-progress", "--device", "cpu"]
 REQUIRED_KERNEL_COLUMNS = [
     "op", "provider", "M", "K", "N", "block_size", "density", "dtype",
@@ -42,9 +42,11 @@ def test_kernel_csv_schema_and_rows(quick_run):
     rows = _rows(path)
     ops = {row["op"] for row in rows}
     providers = {row["provider"] for row in rows}
+    backend = "triton" if providers & set(TRITON_PROVIDERS) else "reference"
+    library = LIBRARY_PROVIDERS[backend][0]  # triton_grouped, or torch_reference without the interpreter
     assert {"forward", "grad_input", "grad_weight", "adamw"} <= ops
     assert {
-        "smet",
+        library,
         "cublas_dense",
         "masked_dense",
         "torch_bsr",
@@ -54,7 +56,7 @@ def test_kernel_csv_schema_and_rows(quick_run):
     for row in rows:
         if row["status"] == "skipped":
             if row["provider"] != "torch_bsr":  # a variant without the interpreter, see TINY
-                assert row["provider"] in SCHEDULE_VARIANTS and "needs the Triton backend" in row["note"], row
+                assert row["provider"] in TRITON_PROVIDERS and "needs the Triton backend" in row["note"], row
                 continue
             assert "CUDA" in row["note"]
             continue
@@ -62,8 +64,8 @@ def test_kernel_csv_schema_and_rows(quick_run):
         p20, p50, p80 = float(row["ms_p20"]), float(row["ms_p50"]), float(row["ms_p80"])
         assert 0 < p20 <= p50 <= p80
         assert row["gpu"].startswith("cpu-") and row["torch"] and row["triton"] and row["timestamp"]
-    smet_forward = [r for r in rows if r["op"] == "forward" and r["provider"] == "smet"]
-    assert smet_forward and all(float(r["tflops"]) > 0 and r["density"] == "0.5" for r in smet_forward)
+    library_forward = [r for r in rows if r["op"] == "forward" and r["provider"] == library]
+    assert library_forward and all(float(r["tflops"]) > 0 and r["density"] == "0.5" for r in library_forward)
     adamw = [r for r in rows if r["op"] == "adamw"]
     assert adamw and all(float(r["gbps"]) > 0 for r in adamw)
 
@@ -204,19 +206,19 @@ def test_kernel_resources_report_names_the_selection(tmp_path, monkeypatch):
     from profiling import kernel_resources as kr
 
     row = dict.fromkeys(kr.FIELDS, 0) | {
-        "kernel": "forward", "dtype": "bf16", "block_size": 64, "BLOCK_M": 128, "num_warps": 8, "num_stages": 3,
+        "kernel": "bsmm_forward", "dtype": "bf16", "block_size": 64, "BLOCK_M": 128, "num_warps": 8, "num_stages": 3,
         "kept_by_pruner": True, "arch": "sm_90", "fits_shared": True, "wgmma": 1, "cp_async": 1, "triton": "t",
         "ptxas": "p",
     }  # fmt: skip
     selections = []
     monkeypatch.setattr(kr, "collect", lambda *selection: selections.append(selection) or [row])
-    argv = ["--dtypes", "bf16", "--block-sizes", "64", "--kernels", "forward", "--configs", "128:8:3", "--out-dir",
+    argv = ["--dtypes", "bf16", "--block-sizes", "64", "--kernels", "bsmm_forward", "--configs", "128:8:3", "--out-dir",
             str(tmp_path)]  # fmt: skip
     assert kr.main(argv) == 0
     command = (tmp_path / "kernel_resources.md").read_text().split("Regenerate with `")[1].split("`")[0]
     assert command.startswith("python -m profiling.kernel_resources --arch 90 --dtypes bf16 --block-sizes 64 ")
     assert kr.main(shlex.split(command)[3:]) == 0
-    assert selections[0] == selections[1] == (90, ["bf16"], [64], ["forward"], [(128, 8, 3)])
+    assert selections[0] == selections[1] == (90, ["bf16"], [64], ["bsmm_forward"], [(128, 8, 3)])
 
 
 def test_report_reads_pytest_benchmark_json(quick_run):
@@ -249,7 +251,7 @@ def test_max_minutes_stops_and_resume_completes(tmp_path, capsys):
     assert not (tmp_path / "commands.txt").exists()  # it measured nothing
     assert main(args) == 0
     rows = _rows(tmp_path / "kernels.csv")
-    assert {r["provider"] for r in rows} == {"device_copy", "smet", "torch_adamw_fused", "torch_adamw_foreach"}
+    assert {r["provider"] for r in rows} == {"device_copy", "smet_adamw", "torch_adamw_fused", "torch_adamw_foreach"}
     assert main(args) == 0  # everything measured already: no new line either
     commands = (tmp_path / "commands.txt").read_text().splitlines()
     assert len(commands) == 1 and commands[0].endswith("smet-bench " + " ".join(args))

@@ -1,4 +1,4 @@
-"""The full-size benchmark grid (enumerated, not run), timing quantiles and the smet result check."""
+"""The full-size benchmark grid (enumerated, not run), timing quantiles and the result check of every provider."""
 
 import pytest
 import torch
@@ -28,7 +28,7 @@ def test_full_kernel_grid():
             torch.bfloat16,
         )
     )
-    # smet, masked, bsr: 3 ops each; the kernel variants: the ops each one changes
+    # triton_grouped, masked, bsr: 3 ops each; the other Triton providers: the ops each one changes
     sparse_cases = 3 * len(kernels.OPS) + sum(len(ops) for ops in kernels.VARIANT_OPS.values())
     per_point = len(kernels.OPS) + len(kernels.FULL_BLOCK_SIZES) * len(kernels.FULL_DENSITIES) * sparse_cases
     assert len(cases) == len(shapes) * len(kernels.FULL_TOKENS) * per_point
@@ -39,7 +39,7 @@ def test_full_kernel_grid():
 def test_full_optimizer_and_training_grids():
     opt_cases = list(optimizer.optimizer_cases(kernels.FULL_CONFIGS, kernels.FULL_DENSITIES, kernels.FULL_BLOCK_SIZES))
     assert len({_key(c.key_row("triton"), KERNEL_KEY) for c in opt_cases}) == len(opt_cases)
-    assert {c.provider for c in opt_cases} == {"device_copy", "smet", "torch_adamw_fused", "torch_adamw_foreach"}
+    assert {c.provider for c in opt_cases} == {"device_copy", "smet_adamw", "torch_adamw_fused", "torch_adamw_foreach"}
     train_cases = list(
         training.training_cases(
             training.FULL_CONFIGS, training.METHODS, training.FULL_DENSITIES, 64, 16, 256, torch.bfloat16
@@ -67,9 +67,9 @@ def test_cpu_timing_quantiles():
         measure(lambda: None, "cpu", min_repeats=0)
 
 
-def test_smet_result_check_flags_wrong_results():
+def test_library_result_check_flags_wrong_results():
     shape = kernels.LinearShape("tiny:gate_up", 128, 64)
-    case = kernels.KernelCase("forward", "smet", shape, 64, 32, 0.5, torch.float32)
+    case = kernels.KernelCase("forward", "torch_reference", shape, 64, 32, 0.5, torch.float32)
     operands = kernels.make_operands(case, torch.device("cpu"))
     right = kernels.case_function(case, operands, "reference")()
     assert kernels.check_result(case, operands, right) == ""
@@ -90,7 +90,7 @@ def _shuffled_layout_operands(case):
 
 
 @pytest.mark.parametrize("op", kernels.OPS)
-@pytest.mark.parametrize("provider", ["cublas_dense", "masked_dense", "smet"])
+@pytest.mark.parametrize("provider", ["cublas_dense", "masked_dense", "torch_reference"])
 def test_every_provider_is_checked_against_dense(provider, op):
     shape = kernels.LinearShape("tiny:gate_up", 128, 64)
     block_size = None if provider == "cublas_dense" else 32

@@ -22,7 +22,8 @@ def _write(path: Path, columns: list[str], rows: list[dict]) -> None:
 
 
 def _kernel_rows(machine: dict) -> list[dict]:
-    """The dense baseline, smet and masked_dense per op; no smet for grad_weight; the smet forward time is noisy."""
+    """The dense baseline, triton_grouped and masked_dense per op; no triton_grouped for grad_weight; its forward
+    time is noisy."""
     rows = []
     for op in ("forward", "grad_input", "grad_weight"):
         shape = {"suite": "kernels", "op": op, "variant": "tiny:qkvo", "M": 64, "K": 64, "N": 64, "dtype": "fp32",
@@ -31,7 +32,7 @@ def _kernel_rows(machine: dict) -> list[dict]:
                              "ms_p50": 0.01, "ms_p80": 0.011})  # fmt: skip
         sparse = [("masked_dense", "torch", (0.02, 0.02, 0.021))]
         if op != "grad_weight":
-            sparse.insert(0, ("smet", "triton", (10, 20, 30) if op == "forward" else (20, 20, 21)))
+            sparse.insert(0, ("triton_grouped", "triton", (10, 20, 30) if op == "forward" else (20, 20, 21)))
         for provider, backend, (p20, p50, p80) in sparse:
             rows.append(shape | {"provider": provider, "backend": backend, "block_size": 32, "density": 0.5,
                                  "nnz_blocks": 2, "ms_p20": p20, "ms_p50": p50, "ms_p80": p80, "tflops": 0.01})  # fmt: skip
@@ -100,7 +101,7 @@ def test_cpu_rows_say_the_triton_times_are_interpreted(cpu_report, cuda_report):
     report, _ = cpu_report
     kernels = report.split("## Kernels")[1].split("### All kernel")[0]
     assert "Triton CPU interpreter" in kernels and "not representative of GPU speed" in kernels
-    assert "backend `triton` (smet)" in kernels
+    assert "backend `triton` (triton_grouped)" in kernels
     assert "backend `triton` (smet d=0.5)" in report.split("## End-to-end")[1]
     assert "interpreter" not in cuda_report[0]
 
@@ -130,8 +131,8 @@ def test_noisy_timings_are_marked_with_a_footnote(cpu_report):
     assert "| 20† [10–30] " in report  # p80 / p20 = 3
     assert "| 20 [20–21] " in report and "0.02 [0.02–0.021]" in report  # quiet rows stay unmarked
     assert report.count("† noisy: p80 / p20 > 1.5") == 1
-    forward_smet = next(line for line in report.splitlines() if line.startswith("| forward     | smet "))
-    assert forward_smet.split("|")[-2].strip() == "1 (1†)"  # the summary's cases column
+    forward_triton = next(line for line in report.splitlines() if line.startswith("| forward     | triton_grouped "))
+    assert forward_triton.split("|")[-2].strip() == "1 (1†)"  # the summary's cases column
 
 
 def test_kernel_plot_has_one_palette_and_a_log_axis(cpu_report):
@@ -142,9 +143,9 @@ def test_kernel_plot_has_one_palette_and_a_log_axis(cpu_report):
         legend = axis.get_legend()
         for text, handle in zip(legend.get_texts(), legend.legend_handles):
             colours.setdefault(text.get_text(), set()).add(tuple(handle.get_color()))
-    assert set(colours) >= {"smet", "masked_dense"}
+    assert set(colours) >= {"triton_grouped", "masked_dense"}
     assert all(len(c) == 1 for c in colours.values()), colours  # masked_dense is alone in the grad_weight panel
-    assert colours["smet"] != colours["masked_dense"]
+    assert colours["triton_grouped"] != colours["masked_dense"]
 
 
 def test_peak_plot_keeps_methods_with_equal_peaks_apart(cpu_report):
@@ -165,7 +166,7 @@ def test_vs_roofline_uses_the_copy_bandwidth_of_the_same_run():
              "status": "ok", **CUDA, "ms_p20": 1.0, "ms_p80": 1.0}  # fmt: skip
     rows = [
         shape | {"op": "forward", "provider": "cublas_dense", "density": 1.0, "ms_p50": 0.030},
-        shape | {"op": "forward", "provider": "smet", "density": 0.1, "block_size": 128, "nnz_blocks": 6,
+        shape | {"op": "forward", "provider": "triton_grouped", "density": 0.1, "block_size": 128, "nnz_blocks": 6,
                  "ms_p50": 0.020},  # fmt: skip
         {"suite": "optimizer", "op": "copy", "provider": "device_copy", "variant": "dense:1b", "N": 2048,
          "K": 2048, "ms_p50": 0.0112, **CUDA},  # fmt: skip: 2048² × 8 bytes in 11.2 µs = 3.0 TB/s
@@ -186,10 +187,10 @@ def test_summary_keeps_backends_and_dtypes_apart(tmp_path):
     """A folder that holds triton and reference rows (or two dtypes) must not average them into one line."""
     rows = _kernel_rows(CPU)
     rows += [row | {"backend": "reference", "ms_p20": 0.04, "ms_p50": 0.04, "ms_p80": 0.041}
-             for row in rows if row["provider"] == "smet"]  # fmt: skip
+             for row in rows if row["provider"] == "triton_grouped"]  # fmt: skip
     _write(tmp_path / "kernels.csv", KERNEL_COLUMNS, rows)
     report = write_report(tmp_path).read_text()
     header = _table_header(report, "op")
     assert "backend" in header
-    forward = [line for line in report.splitlines() if line.startswith("| forward ") and "| smet " in line]
+    forward = [line for line in report.splitlines() if line.startswith("| forward ") and "| triton_grouped " in line]
     assert {line.split("|")[header.index("backend") + 1].strip() for line in forward[:2]} == {"triton", "reference"}

@@ -7,7 +7,7 @@ from bench.results import KERNEL_COLUMNS, KERNEL_KEY, ResultsFile, device_slug, 
 
 def _row(**overrides):
     row = {
-        "suite": "kernels", "op": "forward", "provider": "smet", "variant": "tiny:qkvo", "M": 64, "K": 64, "N": 64,
+        "suite": "kernels", "op": "forward", "provider": "triton_grouped", "variant": "tiny:qkvo", "M": 64, "K": 64, "N": 64,
         "block_size": 32, "density": 0.5, "dtype": "fp32", "backend": "triton", "ms_p50": 1.0, "status": "ok",
     }  # fmt: skip
     return row | overrides
@@ -79,7 +79,7 @@ def test_report_ratios_use_the_dense_time_of_the_same_gpu():
         [
             {"op": "forward", "provider": "cublas_dense", "gpu": "cpu", "ms_p50": 100.0},
             {"op": "forward", "provider": "cublas_dense", "gpu": "h100", "ms_p50": 1.0},
-            {"op": "forward", "provider": "smet", "gpu": "h100", "ms_p50": 0.5, "block_size": 32, "density": 0.5,
+            {"op": "forward", "provider": "triton_grouped", "gpu": "h100", "ms_p50": 0.5, "block_size": 32, "density": 0.5,
              "nnz_blocks": 2},
         ]
     )  # fmt: skip
@@ -94,13 +94,13 @@ def test_report_summary_leaves_out_wrong_results(tmp_path):
     rows = [{"op": "forward", "provider": "cublas_dense", "gpu": "h100", "ms_p50": 1.0}]
     for status, ms in (("ok", 0.5), ("wrong", 0.01)):
         rows.append(
-            {"op": "forward", "provider": "smet", "gpu": "h100", "ms_p50": ms, "block_size": 32, "density": 0.5,
+            {"op": "forward", "provider": "triton_grouped", "gpu": "h100", "ms_p50": ms, "block_size": 32, "density": 0.5,
              "nnz_blocks": 2, "status": status, "M": 64 if status == "ok" else 128}
         )  # fmt: skip
     rows.append({"op": "forward", "provider": "cublas_dense", "gpu": "h100", "ms_p50": 1.0, "M": 128})
     text = "\n".join(_kernel_section(_kernel_frame(rows), tmp_path))
     summary = text.split("### All kernel measurements")[0]
-    row = next(line for line in summary.splitlines() if line.startswith("| forward") and "smet" in line)
+    row = next(line for line in summary.splitlines() if line.startswith("| forward") and "triton_grouped" in line)
     cells = [cell.strip() for cell in row.strip("|").split("|")]
     assert cells[4:6] == ["0.5", "1"] and cells[-1] == "1"  # vs dense, vs d×dense, one case
     assert "wrong" in text  # still listed, flagged, in the detail table
@@ -115,10 +115,46 @@ def test_optimizer_percent_of_copy_uses_the_same_gpu():
              "ms_p50": 0.01, "N": 1000, "K": 1000},
             {"suite": "optimizer", "op": "copy", "provider": "device_copy", "variant": "dense:s", "gpu": "cpu",
              "ms_p50": 1.0, "N": 1000, "K": 1000},
-            {"suite": "optimizer", "op": "adamw", "provider": "smet", "variant": "dense:s", "gpu": "h100",
+            {"suite": "optimizer", "op": "adamw", "provider": "smet_adamw", "variant": "dense:s", "gpu": "h100",
              "ms_p50": 0.1, "N": 1000, "K": 1000, "gbps": 400.0, "density": 1.0, "block_size": None},
         ]
     )  # fmt: skip
-    row = next(line for line in _optimizer_section(frame)[4].splitlines() if "smet" in line)
+    row = next(line for line in _optimizer_section(frame)[4].splitlines() if "smet_adamw" in line)
     cells = [cell.strip() for cell in row.strip("|").split("|")]
     assert cells[-2:] == ["800", "50"]  # copy 8e6 B / 0.01 ms = 800 GB/s; 400 / 800 = 50 %
+
+
+def test_committed_results_with_the_old_provider_names_are_read_under_the_new_ones():
+    """reports/cpu-x86-64-2cores was measured when the providers were smet, smet_ungrouped, ...: the report reads
+    every row, each under its new name (the Triton ``smet`` rows as ``triton_grouped``)."""
+    from pathlib import Path
+
+    from bench.report import load_csv
+
+    path = Path(__file__).resolve().parents[1] / "reports" / "cpu-x86-64-2cores" / "kernels.csv"
+    frame = load_csv(path)
+    counts = frame.groupby(["suite", "provider"]).size().to_dict()
+    assert counts == {
+        ("kernels", "cublas_dense"): 9, ("kernels", "masked_dense"): 18, ("kernels", "torch_bsr"): 18,
+        ("kernels", "triton_grouped"): 18, ("kernels", "triton_plain_order"): 12, ("kernels", "triton_persistent"): 12,
+        ("kernels", "triton_tma"): 18, ("optimizer", "device_copy"): 1, ("optimizer", "smet_adamw"): 2,
+        ("optimizer", "torch_adamw_foreach"): 3, ("optimizer", "torch_adamw_fused"): 3,
+    }  # fmt: skip
+
+
+def test_old_provider_names_map_by_suite_and_backend():
+    from bench.results import current_provider
+
+    assert current_provider("kernels", "smet", "triton") == "triton_grouped"
+    assert current_provider("kernels", "smet", "reference") == "torch_reference"
+    assert current_provider("kernels", "smet_ungrouped", "triton") == "triton_plain_order"
+    assert current_provider("optimizer", "smet", "reference") == "smet_adamw"
+    assert current_provider("kernels", "masked_dense", "torch") == "masked_dense"
+
+
+def test_resume_counts_a_row_measured_under_the_old_provider_name_as_done(tmp_path):
+    old = kernels_file(tmp_path)
+    old.append(_row(provider="smet"))
+    reopened = kernels_file(tmp_path)
+    assert reopened.done(_row(provider="triton_grouped"))
+    assert not reopened.done(_row(provider="triton_tma"))

@@ -29,11 +29,12 @@ ROOT = Path(__file__).resolve().parents[1]
 # (forward 256:8:2, grad weight 128:8:3), fp32, the optimizer kernels, and Ampere
 SELECTIONS = [
     (90, ["bf16"], [16], None, [(64, 4, 3)]),
-    (90, ["bf16"], [128], ["forward", "grad_input", "forward_persistent", "grad_input_persistent", "forward_tma",
-                           "grad_input_tma", "grad_weight", "grad_weight_split_k", "grad_weight_tma"],
+    (90, ["bf16"], [128], ["bsmm_forward", "bsmm_grad_input", "bsmm_forward_persistent", "bsmm_grad_input_persistent",
+                           "bsmm_forward_tma", "bsmm_grad_input_tma", "bsmm_grad_weight", "bsmm_grad_weight_split_k",
+                           "bsmm_grad_weight_tma"],
      [(128, 8, 3), (256, 8, 2)]),
-    (90, ["fp32"], [64], ["forward", "grad_weight"], [(64, 4, 3)]),
-    (80, ["bf16"], [128], ["forward", "grad_weight"], [(128, 8, 3)]),
+    (90, ["fp32"], [64], ["bsmm_forward", "bsmm_grad_weight"], [(64, 4, 3)]),
+    (80, ["bf16"], [128], ["bsmm_forward", "bsmm_grad_weight"], [(128, 8, 3)]),
 ]
 _CHILD = """
 import json, sys
@@ -66,13 +67,13 @@ def _row(rows, kernel, dtype, b, config=(128, 8, 3), arch="sm_90"):
 
 @pytest.mark.parametrize(
     "kernel",
-    ["forward", "grad_input", "forward_persistent", "grad_input_persistent", "forward_tma", "grad_input_tma",
-     "grad_weight", "grad_weight_split_k", "grad_weight_tma"],
+    ["bsmm_forward", "bsmm_grad_input", "bsmm_forward_persistent", "bsmm_grad_input_persistent", "bsmm_forward_tma",
+     "bsmm_grad_input_tma", "bsmm_grad_weight", "bsmm_grad_weight_split_k", "bsmm_grad_weight_tma"],
 )
 @pytest.mark.parametrize("b,config", [(16, (64, 4, 3)), (128, (128, 8, 3))])
 def test_bf16_matmul_is_a_pipelined_tensor_core_loop_on_hopper(compiled, kernel, b, config):
     row = _row(compiled, kernel, "bf16", b, config)
-    if kernel.startswith("grad_weight") and b < 64:
+    if kernel.startswith("bsmm_grad_weight") and b < 64:
         assert row["mma_sync"] > 0, row  # a b x b output tile is below wgmma's 64-row minimum
     else:
         assert row["wgmma"] > 0, row
@@ -81,7 +82,7 @@ def test_bf16_matmul_is_a_pipelined_tensor_core_loop_on_hopper(compiled, kernel,
     assert row["fits_shared"], row
 
 
-@pytest.mark.parametrize("kernel", ["forward_tma", "grad_input_tma", "grad_weight_tma"])
+@pytest.mark.parametrize("kernel", ["bsmm_forward_tma", "bsmm_grad_input_tma", "bsmm_grad_weight_tma"])
 def test_tma_variant_moves_every_tile_with_the_copy_engine(compiled, kernel):
     """No pointer-based copies left in the TMA variant, and fewer registers than the pointer kernel."""
     row = _row(compiled, kernel, "bf16", 128)
@@ -90,7 +91,7 @@ def test_tma_variant_moves_every_tile_with_the_copy_engine(compiled, kernel):
     assert row["registers"] < pointer_kernel["registers"], (row, pointer_kernel)
 
 
-@pytest.mark.parametrize("kernel", ["forward", "grad_weight"])
+@pytest.mark.parametrize("kernel", ["bsmm_forward", "bsmm_grad_weight"])
 def test_fp32_matmul_compiles_pipelined_without_spills(compiled, kernel):
     row = _row(compiled, kernel, "fp32", 64, (64, 4, 3))
     # ptxas 12.8 (Triton 3.6's for sm_90, on the H100 box) spills 12 bytes in the fp32 forward at 128 registers;
@@ -103,7 +104,7 @@ def test_fp32_matmul_compiles_pipelined_without_spills(compiled, kernel):
 def test_every_config_the_pruner_keeps_fits_hopper_shared_memory(compiled):
     kept = [r for r in compiled if r["kept_by_pruner"] and r["arch"] == "sm_90"]
     largest = {(r["kernel"], r["BLOCK_M"], r["num_stages"]) for r in kept if r["block_size"] == 128}
-    assert {("forward", 256, 2), ("grad_weight", 128, 3)} <= largest
+    assert {("bsmm_forward", 256, 2), ("bsmm_grad_weight", 128, 3)} <= largest
     assert all(r["fits_shared"] for r in kept), [r for r in kept if not r["fits_shared"]]
 
 
@@ -112,20 +113,22 @@ def test_no_config_the_pruner_keeps_spills(compiled):
     BLOCK_M = 256, 8 warps config spills at b = 128 and is pruned)."""
     kept = [r for r in compiled if r["kept_by_pruner"] and r["dtype"] == "bf16"]
     assert all(r["stack_bytes"] == 0 for r in kept), [r for r in kept if r["stack_bytes"]]
-    assert not _row(compiled, "forward_persistent", "bf16", 128, (256, 8, 2))["kept_by_pruner"]
-    assert _row(compiled, "forward", "bf16", 128, (256, 8, 2))["kept_by_pruner"]
+    assert not _row(compiled, "bsmm_forward_persistent", "bf16", 128, (256, 8, 2))["kept_by_pruner"]
+    assert _row(compiled, "bsmm_forward", "bf16", 128, (256, 8, 2))["kept_by_pruner"]
 
 
 def test_optimizer_kernels_compile_vectorised_without_spills(compiled):
     """The aligned AdamW launch (the normal case) must use 16-byte vector loads: the stream is memory-bound."""
     rows = [r for r in compiled if r["block_size"] is None]
-    assert {r["kernel"] for r in rows} == {"adamw[none]", "adamw[linear]", "adamw[momentum_ramp]", "regrow"}
+    assert {r["kernel"] for r in rows} == {
+        "adamw_step[none]", "adamw_step[linear]", "adamw_step[momentum_ramp]", "regrow_blocks"
+    }
     for row in rows:
         assert row["stack_bytes"] == 0 and row["fits_shared"], row
         assert row["vector_loads"] >= 4, row
 
 
-@pytest.mark.parametrize("kernel", ["forward", "grad_weight"])
+@pytest.mark.parametrize("kernel", ["bsmm_forward", "bsmm_grad_weight"])
 def test_matmul_compiles_for_ampere(compiled, kernel):
     row = _row(compiled, kernel, "bf16", 128, arch="sm_80")
     assert row["mma_sync"] > 0 and row["wgmma"] == 0, row
@@ -150,7 +153,7 @@ def test_stale_signature_is_reported():
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="only a TRITON_INTERPRET=1 process refuses")
 def test_refuses_to_compile_under_the_interpreter():
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
-        kr.collect(90, ["bf16"], [32], kernels=["forward"], configs=[(64, 4, 3)], progress=False)
+        kr.collect(90, ["bf16"], [32], kernels=["bsmm_forward"], configs=[(64, 4, 3)], progress=False)
 
 
 def test_bad_config_is_a_usage_error(capsys):

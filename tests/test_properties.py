@@ -11,17 +11,18 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import DEVICE
-from smet_kernels import BlockLayout
-from smet_kernels.ops.adamw import smet_adamw_step
-from smet_kernels.ops.block_sparse_matmul import bsmm_forward, bsmm_grad_input, bsmm_grad_weight
-from smet_kernels.ops.regrow import regrow_blocks
-from smet_kernels.reference.adamw import smet_adamw_step_reference
-from smet_kernels.reference.matmul import (
-    bsmm_forward_reference,
-    bsmm_grad_input_reference,
-    bsmm_grad_weight_reference,
+from conftest import (
+    DEVICE,
+    torch_forward,
+    torch_grad_input,
+    torch_grad_weight,
+    triton_forward,
+    triton_grad_input,
+    triton_grad_weight,
 )
+from smet_kernels import BlockLayout
+from smet_kernels.ops.library import adamw_step, regrow_blocks
+from smet_kernels.reference.adamw import torch_adamw_step
 from smet_kernels.topology import choose_blocks
 
 SETTINGS = settings(max_examples=25, deadline=None, derandomize=True)
@@ -104,7 +105,7 @@ def test_prune_regrow_updates_keep_the_layout_invariants(case, gradient):
 
 @SETTINGS
 @given(mask=masks(max_rows=4, max_cols=4), m=st.integers(1, 80), split_k=st.integers(1, 3), seed=st.integers(0, 99))
-def test_kernels_match_the_reference_on_any_mask_and_token_count(mask, m, split_k, seed):
+def test_bsmm_triton_matches_torch_on_any_mask_and_token_count(mask, m, split_k, seed):
     layout = BlockLayout.from_mask(mask, 16).to(DEVICE)
     n, k = layout.shape
     g = torch.Generator().manual_seed(seed)
@@ -113,12 +114,10 @@ def test_kernels_match_the_reference_on_any_mask_and_token_count(mask, m, split_
     values = torch.randn(layout.nnz, 16, 16, generator=g).to(DEVICE)
     bias = torch.randn(n, generator=g).to(DEVICE)
     close = dict(atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(bsmm_forward(x, values, layout, bias), bsmm_forward_reference(x, values, layout, bias),
+    torch.testing.assert_close(triton_forward(x, values, layout, bias), torch_forward(x, values, layout, bias), **close)
+    torch.testing.assert_close(triton_grad_input(dy, values, layout), torch_grad_input(dy, values, layout), **close)
+    torch.testing.assert_close(triton_grad_weight(dy, x, layout, split_k=split_k), torch_grad_weight(dy, x, layout),
                                **close)
-    torch.testing.assert_close(bsmm_grad_input(dy, values, layout), bsmm_grad_input_reference(dy, values, layout),
-                               **close)
-    torch.testing.assert_close(bsmm_grad_weight(dy, x, layout, split_k=split_k),
-                               bsmm_grad_weight_reference(dy, x, layout), **close)
 
 
 @SETTINGS
@@ -129,7 +128,7 @@ def test_kernels_match_the_reference_on_any_mask_and_token_count(mask, m, split_
     global_step=st.one_of(st.none(), st.integers(1, 50)),
     seed=st.integers(0, 99),
 )
-def test_fused_adamw_matches_the_reference_for_any_block_steps(steps, warmup, warmup_steps, global_step, seed):
+def test_adamw_step_triton_matches_torch_for_any_block_steps(steps, warmup, warmup_steps, global_step, seed):
     g = torch.Generator().manual_seed(seed)
     nnz = len(steps)
     tensors = [torch.randn(nnz, 16, 16, generator=g) for _ in range(2)] + [
@@ -139,10 +138,9 @@ def test_fused_adamw_matches_the_reference_for_any_block_steps(steps, warmup, wa
     reference = [t.clone() for t in tensors] + [block_step.clone()]
     hyper = dict(betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, warmup=warmup, warmup_steps=warmup_steps)
     param, grad, exp_avg, exp_avg_sq, slot_steps = kernel
-    smet_adamw_step([param], [grad], [exp_avg], [exp_avg_sq], [slot_steps], [1e-3], [global_step], **hyper)
+    adamw_step([param], [grad], [exp_avg], [exp_avg_sq], [slot_steps], [1e-3], [global_step], **hyper)
     r_param, r_grad, r_exp_avg, r_exp_avg_sq, r_steps = reference
-    smet_adamw_step_reference(r_param, r_grad, r_exp_avg, r_exp_avg_sq, r_steps, lr=1e-3, global_step=global_step,
-                              **hyper)
+    torch_adamw_step(r_param, r_grad, r_exp_avg, r_exp_avg_sq, r_steps, lr=1e-3, global_step=global_step, **hyper)
     for actual, expected in ((param, r_param), (exp_avg, r_exp_avg), (exp_avg_sq, r_exp_avg_sq)):
         torch.testing.assert_close(actual.cpu(), expected, atol=1e-6, rtol=1e-5)
     assert torch.equal(slot_steps.cpu(), r_steps) and torch.equal(r_steps, block_step + 1)
@@ -150,7 +148,7 @@ def test_fused_adamw_matches_the_reference_for_any_block_steps(steps, warmup, wa
 
 @SETTINGS
 @given(nnz=st.integers(1, 8), data=st.data())
-def test_regrow_resets_exactly_the_given_slots(nnz, data):
+def test_regrow_blocks_resets_exactly_the_given_slots(nnz, data):
     slots = data.draw(st.lists(st.integers(0, nnz - 1), unique=True, max_size=nnz))
     g = torch.Generator().manual_seed(nnz)
     values, exp_avg, exp_avg_sq = (torch.randn(nnz, 16, 16, generator=g).to(DEVICE) for _ in range(3))

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from smet_kernels.ops.regrow import regrow_blocks
+from smet_kernels.ops.library import regrow_blocks
 
 GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -35,7 +35,7 @@ def regrow_both_backends(nnz, b, dtype, device, slots, init, with_state=True):
 @pytest.mark.parametrize("init", ["zeros", "normal"])
 @pytest.mark.parametrize("b", [16, 32, 64])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-def test_kernel_matches_reference(init, b, dtype, device):
+def test_regrow_blocks_triton_matches_torch(init, b, dtype, device):
     """Bit for bit, bf16 included: the fp32 draws round to nearest even on both backends."""
     slots = torch.tensor([5, 0, 3])
     (values, exp_avg, exp_avg_sq, block_step), expected = regrow_both_backends(6, b, dtype, device, slots, init)
@@ -54,7 +54,7 @@ def test_kernel_matches_reference(init, b, dtype, device):
         assert not values[slots].any()
 
 
-def test_normal_init_statistics_and_determinism(device):
+def test_regrow_blocks_normal_init_statistics_and_determinism(device):
     values, *_ = make_state(8, 32, torch.float32, device)
     slots = torch.arange(8, device=device)
     regrow_blocks(values, slots, init="normal", init_std=0.02, generator=torch.Generator().manual_seed(11))
@@ -64,13 +64,13 @@ def test_normal_init_statistics_and_determinism(device):
     assert torch.equal(values, again)
 
 
-def test_without_optimizer_state(device):
+def test_regrow_blocks_without_optimizer_state(device):
     slots = torch.tensor([2, 1])
     (values, *_), expected = regrow_both_backends(4, 16, torch.float32, device, slots, "normal", with_state=False)
     assert torch.equal(values, expected[0])
 
 
-def test_empty_slots_is_a_no_op(device):
+def test_regrow_blocks_empty_slots_is_a_no_op(device):
     values, exp_avg, exp_avg_sq, block_step = make_state(3, 16, torch.float32, device)
     before = values.clone()
     regrow_blocks(values, torch.empty(0, dtype=torch.int64, device=device), exp_avg, exp_avg_sq, block_step)
@@ -80,7 +80,7 @@ def test_empty_slots_is_a_no_op(device):
 @pytest.mark.gpu
 @GPU
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_kernel_matches_reference_gpu(dtype):
+def test_regrow_blocks_triton_matches_torch_gpu(dtype):
     slots = torch.randperm(300)[:40]
     (values, exp_avg, exp_avg_sq, block_step), expected = regrow_both_backends(300, 128, dtype, "cuda", slots, "normal")
     assert torch.equal(values, expected[0]) and torch.equal(block_step, expected[3])
@@ -89,7 +89,7 @@ def test_kernel_matches_reference_gpu(dtype):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
-def test_kernel_on_a_device_other_than_the_current_one():
+def test_regrow_blocks_triton_on_a_device_other_than_the_current_one():
     slots = torch.tensor([4, 1])
     with torch.cuda.device(0):
         (values, exp_avg, exp_avg_sq, block_step), expected = regrow_both_backends(
@@ -119,7 +119,7 @@ def test_kernel_on_a_device_other_than_the_current_one():
         (dict(generator=3), TypeError, "generator"),
     ],
 )
-def test_bad_arguments_raise(kwargs, error, match):
+def test_regrow_blocks_bad_arguments_raise(kwargs, error, match):
     arguments = dict(values=torch.zeros(4, 16, 16), slots=torch.tensor([0, 2]), init="normal")
     arguments.update(kwargs)
     with pytest.raises(error, match=match):

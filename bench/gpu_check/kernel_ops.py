@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 from typing import Callable, Iterator
 
 import torch
@@ -17,11 +16,11 @@ import torch
 VARIANTS = ("grouped", "persistent", "tma")
 # kernel family of each autotuner: the dense-sparse loop (forward / input grad), its persistent form, the weight grad
 _AUTOTUNERS = {
-    "_bsmm_dense_sparse_kernel": "dense_sparse",
-    "_bsmm_dense_sparse_persistent_kernel": "dense_sparse_persistent",
-    "_bsmm_dense_sparse_tma_kernel": "dense_sparse",
-    "_bsmm_grad_weight_kernel": "grad_weight",
-    "_bsmm_grad_weight_tma_kernel": "grad_weight",
+    "bsmm_dense_sparse_kernel": "dense_sparse",
+    "bsmm_dense_sparse_persistent_kernel": "dense_sparse_persistent",
+    "bsmm_dense_sparse_tma_kernel": "dense_sparse",
+    "bsmm_grad_weight_kernel": "grad_weight",
+    "bsmm_grad_weight_tma_kernel": "grad_weight",
 }
 
 
@@ -33,28 +32,33 @@ def matmul_ops(variant: str) -> dict[str, Callable]:
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     return {
-        "forward": functools.partial(bsmm.bsmm_forward, variant=variant),
-        "grad_input": functools.partial(bsmm.bsmm_grad_input, variant=variant),
-        "grad_weight": lambda dy, x, layout, split_k: bsmm.bsmm_grad_weight(
-            dy, x, layout, split_k=split_k, variant=variant
+        "forward": lambda x, values, layout: bsmm.triton_bsmm_forward(
+            x, values, layout.row_index(x.device), layout.shape[0], variant=variant
+        ),
+        "grad_input": lambda dy, values, layout: bsmm.triton_bsmm_grad_input(
+            dy, values, layout.col_index(dy.device), layout.shape[1], variant=variant
+        ),
+        "grad_weight": lambda dy, x, layout, split_k: bsmm.triton_bsmm_grad_weight(
+            dy, x, layout.block_indices_on(x.device), layout.block_size, split_k=split_k, variant=variant
         ),
     }
 
 
 def adamw_step(param, grad, exp_avg, exp_avg_sq, block_step, *, lr, backend, **hyper) -> None:
     """One SMET AdamW step of one sparse tensor in place: the fused kernel (``backend="triton"``) or the reference."""
-    from smet_kernels.ops.adamw import smet_adamw_step
-    from smet_kernels.reference.adamw import smet_adamw_step_reference
+    from smet_kernels.ops.library import adamw_step as library_adamw_step
+    from smet_kernels.reference.adamw import torch_adamw_step
 
     if backend == "reference":
-        smet_adamw_step_reference(param, grad, exp_avg, exp_avg_sq, block_step, lr=lr, **hyper)
+        torch_adamw_step(param, grad, exp_avg, exp_avg_sq, block_step, lr=lr, **hyper)
     else:
-        smet_adamw_step([param], [grad], [exp_avg], [exp_avg_sq], [block_step], [lr], [None], backend=backend, **hyper)
+        library_adamw_step([param], [grad], [exp_avg], [exp_avg_sq], [block_step], [lr], [None], backend=backend,
+                           **hyper)  # fmt: skip
 
 
 def regrow(values, slots, exp_avg, exp_avg_sq, block_step, generator, backend) -> None:
     """Regrow ``slots`` with ``N(0, 0.02²)`` blocks drawn from ``generator`` and reset their AdamW state."""
-    from smet_kernels.ops.regrow import regrow_blocks
+    from smet_kernels.ops.library import regrow_blocks
 
     regrow_blocks(values, slots, exp_avg, exp_avg_sq, block_step, init="normal", generator=generator, backend=backend)
 

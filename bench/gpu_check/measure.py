@@ -109,8 +109,9 @@ def kernel_cases(sizes: Sizes, block_size: int) -> tuple[list[KernelCase], list[
     """``(headline, rest)``: the cases at ``block_size`` of the headline shape (dense, and sparse at the middle
     density: they autotune), then every other case."""
     dtype = DTYPES[sizes.dtype]
+    providers = kernels.default_providers("triton")
     cases = list(kernels.kernel_cases(sizes.kernel_configs, sizes.kernel_densities, [block_size],
-                                      [sizes.kernel_tokens], dtype, providers=kernels.PROVIDERS))  # fmt: skip
+                                      [sizes.kernel_tokens], dtype, providers=providers))  # fmt: skip
     headline_density = sizes.kernel_densities[len(sizes.kernel_densities) // 2]
 
     def is_headline(case: KernelCase) -> bool:
@@ -150,7 +151,7 @@ def optimizer_cases(sizes: Sizes) -> list[OptimizerCase]:
     return [
         OptimizerCase("copy", "device_copy", "dense", shape, None, 1.0),
         OptimizerCase("adamw", "torch_adamw_fused", "dense", shape, None, 1.0),
-        OptimizerCase("adamw", "smet", "compact", shape, sizes.optimizer_block_size, 0.25),
+        OptimizerCase("adamw", "smet_adamw", "compact", shape, sizes.optimizer_block_size, 0.25),
     ]
 
 

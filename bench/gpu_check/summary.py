@@ -24,8 +24,8 @@ from .plan import Sizes
 ROOFLINE_BAR = 1.2
 BSR_BAR = 1.5
 ADAMW_BAR = 0.9
-VARIANT_PROVIDERS = {"smet": "grouped", "smet_ungrouped": "ungrouped", "smet_persistent": "persistent",
-                     "smet_tma": "tma"}  # fmt: skip
+VARIANT_PROVIDERS = {"triton_grouped": "grouped", "triton_plain_order": "plain_order",
+                     "triton_persistent": "persistent", "triton_tma": "tma"}  # fmt: skip
 
 
 def _verdict(ok) -> str:
@@ -70,12 +70,13 @@ def _roofline_term(point) -> str:
 
 
 def _kernel_rows(kernels: pd.DataFrame, sizes: Sizes) -> pd.DataFrame:
-    """One row per (shape, b, d, op): smet (default variant) time, ratios, bars, and each variant's time."""
+    """One row per (shape, b, d, op): triton_grouped (default variant) time, ratios, bars, and each variant's
+    time."""
     comparison = kernel_comparison(kernels)
     comparison = comparison[comparison["status"] == "ok"]
     rows = []
-    smet = comparison[comparison["provider"] == "smet"]
-    for point in smet.itertuples():
+    grouped = comparison[comparison["provider"] == "triton_grouped"]
+    for point in grouped.itertuples():
         same = comparison[
             (comparison["variant"] == point.variant)
             & (comparison["op"] == point.op)
@@ -108,17 +109,17 @@ def _kernel_rows(kernels: pd.DataFrame, sizes: Sizes) -> pd.DataFrame:
 
 def kernel_section(kernels: pd.DataFrame | None, sizes: Sizes) -> list[str]:
     lines = ["## Kernel bars", ""]
-    if kernels is None or not (kernels["provider"] == "smet").any():
+    if kernels is None or not (kernels["provider"] == "triton_grouped").any():
         return lines + ["Not measured.", ""]
     frame = _kernel_rows(kernels, sizes)
     if frame.empty:
-        return lines + ["No smet row matched the fp32 dense computation (status ok).", ""]
+        return lines + ["No triton_grouped row matched the fp32 dense computation (status ok).", ""]
     for column in ("kernel", f"BSR ≥ {BSR_BAR}×", "≤ dense"):
         if column in frame:
             counts = frame[column].value_counts()
             lines.append(f"* {column}: {counts.get('pass', 0)} pass, {counts.get('miss', 0)} miss, "
                          f"{counts.get('not measured', 0)} not measured")  # fmt: skip
-    lines += ["", "`ms`: the default variant (`smet`, grouped); the variant columns are the same op A/B-timed in "
+    lines += ["", "`ms`: the default variant (`triton_grouped`); the variant columns are the same op A/B-timed in "
               "this run (ms), `best` its time relative to the default. A miss names its limit: `roofline term` is "
               "the larger term of the op's roofline, `vs roofline` how far the kernel is from it (≈ 1: at the "
               "ceiling).", "", table(frame.fillna("")), ""]  # fmt: skip
@@ -131,7 +132,7 @@ def adamw_section(kernels: pd.DataFrame | None, sizes: Sizes) -> list[str]:
         return lines + ["Not measured.", ""]
     optimizer = kernels[(kernels["suite"] == "optimizer") & kernels["gbps"].notna()]
     ceiling = optimizer[optimizer["variant"] == "dense:ceiling"]["gbps"]
-    smet = optimizer[(optimizer["provider"] == "smet") & (optimizer["density"] == 0.25)]
+    smet = optimizer[(optimizer["provider"] == "smet_adamw") & (optimizer["density"] == 0.25)]
     if smet.empty:
         return lines + ["Not measured.", ""]
     rows = [{"provider": r.provider, "tensor": r.variant, "ms": _num(r.ms_p50), "GB/s": _num(r.gbps)}

@@ -12,41 +12,38 @@ group, three device tables: ``pointers [T, 5]`` (int64 addresses of param, grad,
 slot, end slot): each program owns whole slots, so it alone reads and bumps their ``block_step``. The kernel casts
 the addresses to typed pointers (this works under the Triton interpreter too). Pointer and work tables are cached
 while the tensors' addresses stay the same; a small ``scalars [T, 3]`` table (effective lr, global step for the
-bias correction, 0 = local; warm-up factor of a dense tensor, ``min(step / W, 1)`` or 1) is rebuilt every call (pinned, asynchronous copy on CUDA; the host-built tables
-rule out CUDA-graph capture). A dense tensor is cut into pseudo-slots of
-``ELEMENTS_PER_PROGRAM`` elements and takes the AdamW update with its global step (warmed up by that step when
-``dense_warmups[i]``: the whole tensor shares one count, so the host computes its factor).
+bias correction, 0 = local; warm-up factor of a dense tensor, ``min(step / W, 1)`` or 1) is rebuilt every call
+(pinned, asynchronous copy on CUDA; the host-built tables rule out CUDA-graph capture). A dense tensor is cut into
+pseudo-slots of ``ADAMW_ELEMENTS_PER_PROGRAM`` elements and takes the AdamW update with its global step (warmed up by that step
+when ``dense_warmups[i]``: the whole tensor shares one count, so the host computes its factor).
 
 No autotuning: the kernel updates memory in place through addresses held in tables, which autotune's benchmark
-runs could not restore; one config (``BLOCK`` elements per tile, 4 warps) suits this memory-bound loop.
+runs could not restore; one config (``ADAMW_TILE`` elements per tile, ``ADAMW_NUM_WARPS`` warps,
+:mod:`.launch_config`) suits this memory-bound loop. The backend choice (this kernel or
+:func:`smet_kernels.reference.adamw.torch_adamw_step`) is made by :func:`smet_kernels.ops.library.adamw_step`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from typing import Sequence
 
 import torch
 import triton
 import triton.language as tl
 
-from ..backend import INTERPRET, resolve_backend
-from ..reference.adamw import WARMUP_MODES, smet_adamw_step_reference
+from ..reference.adamw import WARMUP_MODES
+from .launch_config import ADAMW_ELEMENTS_PER_PROGRAM, ADAMW_NUM_WARPS, ADAMW_TILE
 from .rounding import downcast
 
-GPU_BLOCK = 1024
 ALIGN_ELEMENTS = 16  # tensors whose numel and address allow 16-element (>= 16-byte) vector accesses
-BLOCK = 4096 if INTERPRET else GPU_BLOCK
-ELEMENTS_PER_PROGRAM = 16384
-NUM_WARPS = 4
 PARAM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
-_WARMUP_CODES = {"none": 0, "linear": 1, "momentum_ramp": 2}
+TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+WARMUP_CODES = {"none": 0, "linear": 1, "momentum_ramp": 2}  # the kernel's WARMUP constexpr per warm-up mode
 
 
 @triton.jit
-def _smet_adamw_kernel(
+def adamw_step_kernel(
     pointers_ptr,
     sizes_ptr,
     scalars_ptr,
@@ -64,7 +61,7 @@ def _smet_adamw_kernel(
     STATE_DTYPE: tl.constexpr,
     WARMUP: tl.constexpr,
     ALIGNED: tl.constexpr,
-    BLOCK: tl.constexpr,
+    TILE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     tensor = tl.load(work_ptr + pid * 3).to(tl.int64)
@@ -95,8 +92,8 @@ def _smet_adamw_kernel(
     # bounds of the block_step accesses: empty for a dense tensor (single comparisons make the masks)
     step_end = tl.where(has_slots, end, begin)
     step_slot_end = tl.where(has_slots, slot_end, slot_begin)
-    for start in range(begin, end, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
+    for start in range(begin, end, TILE):
+        offs = start + tl.arange(0, TILE)
         mask = offs < end
         local_step = tl.load(block_step_ptr + offs // slot_numel, mask=offs < step_end, other=0)
         local_step = local_step.to(tl.float32) + 1.0
@@ -123,8 +120,8 @@ def _smet_adamw_kernel(
 
     # every lane has read its slots' old steps before any is bumped
     tl.debug_barrier()
-    for start in range(slot_begin, slot_end, BLOCK):
-        slots = start + tl.arange(0, BLOCK)
+    for start in range(slot_begin, slot_end, TILE):
+        slots = start + tl.arange(0, TILE)
         slot_mask = slots < step_slot_end
         step = tl.load(block_step_ptr + slots, mask=slot_mask, other=0)
         tl.store(block_step_ptr + slots, step + 1, mask=slot_mask)
@@ -159,10 +156,10 @@ def _build_tables(tensors: list[tuple], device: torch.device) -> tuple[torch.Ten
             ]
         )
         numel = param.numel()
-        slot_numel = ELEMENTS_PER_PROGRAM if block_step is None else numel // param.shape[0]
+        slot_numel = ADAMW_ELEMENTS_PER_PROGRAM if block_step is None else numel // param.shape[0]
         sizes.append([numel, slot_numel])
         num_slots = -(-numel // slot_numel)
-        slots_per_program = max(1, ELEMENTS_PER_PROGRAM // slot_numel)
+        slots_per_program = max(1, ADAMW_ELEMENTS_PER_PROGRAM // slot_numel)
         firsts = torch.arange(0, num_slots, slots_per_program, dtype=torch.int64)
         work.append(
             torch.stack(
@@ -176,7 +173,7 @@ def _build_tables(tensors: list[tuple], device: torch.device) -> tuple[torch.Ten
     )
 
 
-def _launch(
+def triton_adamw_step(
     tensors: list[tuple],
     lrs: list[float],
     global_steps: list[int | None],
@@ -190,6 +187,9 @@ def _launch(
     cache: dict | None,
     cache_key,
 ) -> None:
+    """One fused launch over ``tensors`` ``(param, grad, exp_avg, exp_avg_sq, block_step)`` of one device,
+    parameter dtype and state dtype, checked by :func:`check_tensors`; ``cache[cache_key]`` keeps the device
+    tables while the tensors' addresses stay the same."""
     param = tensors[0][0]
     device = param.device
     signature = tuple(
@@ -213,7 +213,7 @@ def _launch(
     beta1, beta2 = betas
     grid = (work.shape[0],)
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
-        _smet_adamw_kernel[grid](
+        adamw_step_kernel[grid](
             pointers,
             sizes,
             scalars,
@@ -227,16 +227,17 @@ def _launch(
             eps,
             weight_decay,
             float(warmup_steps),
-            PARAM_DTYPE=_TL_DTYPES[param.dtype],
-            STATE_DTYPE=_TL_DTYPES[tensors[0][2].dtype],
-            WARMUP=_WARMUP_CODES[warmup],
+            PARAM_DTYPE=TL_DTYPES[param.dtype],
+            STATE_DTYPE=TL_DTYPES[tensors[0][2].dtype],
+            WARMUP=WARMUP_CODES[warmup],
             ALIGNED=all(_vector_aligned(t) for entry in tensors for t in entry[:4]),
-            BLOCK=BLOCK,
-            num_warps=NUM_WARPS,
+            TILE=ADAMW_TILE,
+            num_warps=ADAMW_NUM_WARPS,
         )
 
 
-def _check_tensors(params, grads, exp_avgs, exp_avg_sqs, block_steps, lrs, global_steps, dense_warmups) -> None:
+def check_tensors(params, grads, exp_avgs, exp_avg_sqs, block_steps, lrs, global_steps, dense_warmups) -> None:
+    """Raise ``ValueError``/``TypeError`` naming the first invalid tensor list entry of an AdamW step."""
     lists = {"grads": grads, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs, "block_steps": block_steps,
              "lrs": lrs, "global_steps": global_steps, "dense_warmups": dense_warmups}  # fmt: skip
     for name, values in lists.items():
@@ -291,58 +292,3 @@ def check_hyperparameters(betas, eps: float, weight_decay: float, warmup: str, w
         raise TypeError(f"warmup_steps must be an int, got {type(warmup_steps).__name__}")
     if warmup_steps < 1:
         raise ValueError(f"warmup_steps must be >= 1, got {warmup_steps}")
-
-
-@torch.no_grad()
-def smet_adamw_step(
-    params: Sequence[torch.Tensor],
-    grads: Sequence[torch.Tensor],
-    exp_avgs: Sequence[torch.Tensor],
-    exp_avg_sqs: Sequence[torch.Tensor],
-    block_steps: Sequence[torch.Tensor | None],
-    lrs: Sequence[float],
-    global_steps: Sequence[int | None],
-    dense_warmups: Sequence[bool] | None = None,
-    *,
-    betas: tuple[float, float] = (0.9, 0.999),
-    eps: float = 1e-8,
-    weight_decay: float = 0.0,
-    warmup: str = "linear",
-    warmup_steps: int = 100,
-    backend: str | None = None,
-    cache: dict | None = None,
-) -> None:
-    """Apply one SMET AdamW step to every tensor, in place (one fused launch per device/dtype group).
-
-    ``block_steps[i]``: int32 ``[nnz]`` local steps of sparse values ``[nnz, b, b]`` (bumped by one), or None for
-    a dense tensor. ``lrs[i]``: effective learning rate (density factor included). ``global_steps[i]``: step
-    count including this step used for the bias correction instead of the local one, or None (local; sparse
-    only). ``dense_warmups[i]``: warm the dense tensor ``i`` up by its global step (default: no dense warm-up;
-    ignored for sparse values). ``cache``: a dict kept by the caller so device tables are reused while tensor addresses are unchanged.
-    """
-    check_hyperparameters(betas, eps, weight_decay, warmup, warmup_steps)
-    params, grads, exp_avgs, exp_avg_sqs = list(params), list(grads), list(exp_avgs), list(exp_avg_sqs)
-    block_steps, lrs, global_steps = list(block_steps), [float(lr) for lr in lrs], list(global_steps)
-    dense_warmups = [False] * len(params) if dense_warmups is None else [bool(w) for w in dense_warmups]
-    _check_tensors(params, grads, exp_avgs, exp_avg_sqs, block_steps, lrs, global_steps, dense_warmups)
-    groups: dict[tuple, list[int]] = {}
-    for i, (p, m) in enumerate(zip(params, exp_avgs)):
-        groups.setdefault((p.device, p.dtype, m.dtype), []).append(i)
-    hyper = dict(betas=tuple(betas), eps=eps, weight_decay=weight_decay, warmup=warmup, warmup_steps=warmup_steps)
-    for key, indices in groups.items():
-        if resolve_backend(key[0], backend) == "reference":
-            for i in indices:
-                smet_adamw_step_reference(
-                    params[i], grads[i], exp_avgs[i], exp_avg_sqs[i], block_steps[i],
-                    lr=lrs[i], global_step=global_steps[i], dense_warmup=dense_warmups[i], **hyper,
-                )  # fmt: skip
-            continue
-        _launch(
-            [(params[i], grads[i], exp_avgs[i], exp_avg_sqs[i], block_steps[i]) for i in indices],
-            [lrs[i] for i in indices],
-            [global_steps[i] for i in indices],
-            [dense_warmups[i] for i in indices],
-            cache=cache,
-            cache_key=key,
-            **hyper,
-        )

@@ -12,6 +12,11 @@ Forward and input grad come in three variants of the same tile computation (``va
 benchmarks, ``bench/KERNEL_NOTES.md``): ``grouped`` (default), ``persistent`` (one program per SM slot, longest block
 rows first) and ``tma`` (grouped, tiles moved by Hopper TMA descriptors); the weight grad has a ``tma`` variant too.
 
+Launchers ``triton_<op>`` (dispatched by :mod:`.library`); kernels ``bsmm_dense_sparse_kernel`` (forward and input
+grad: the same product over the CSR or the CSC index), its ``_persistent`` and ``_tma`` variants,
+``bsmm_grad_weight_kernel`` and ``bsmm_grad_weight_tma_kernel``. Autotune spaces, pruning rules and program counts:
+:mod:`.launch_config`.
+
 All accumulate in fp32 and store in the input dtype. Under the Triton interpreter, bf16 operands are upcast before
 ``tl.dot`` (the interpreter's bf16 dot is wrong, SPEC §8); fp32 uses IEEE precision (no TF32) to match PyTorch.
 """
@@ -19,95 +24,29 @@ All accumulate in fp32 and store in the input dtype. Under the Triton interprete
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from ..backend import INTERPRET
-from torch.library import wrap_triton
-
-from ..layout import BlockIndex, BlockLayout
+from ..layout import BlockIndex
+from .launch_config import (
+    DENSE_SPARSE_BLOCK_MS,
+    GRAD_WEIGHT_BLOCK_MS,
+    GROUP_M,
+    default_split_k,
+    matmul_configs,
+    persistent_programs,
+    precision_flags,
+    prune_configs,
+    prune_grad_weight_configs,
+    prune_persistent_configs,
+    with_pre_hook,
+)
 from .rounding import downcast
-
-
-DENSE_SPARSE_BLOCK_MS = (64, 128, 256)
-GRAD_WEIGHT_BLOCK_MS = (32, 64, 128)
-GROUP_M = 8  # token tiles per L2 group of the forward / input-grad program order
-
-
-def matmul_configs(block_ms: tuple[int, ...], interpret: bool = INTERPRET) -> list[triton.Config]:
-    """GPU autotune space; one small config under the interpreter (autotuning there costs minutes)."""
-    if interpret:
-        return [triton.Config({"BLOCK_M": 32}, num_warps=1, num_stages=1)]
-    return [
-        triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=s)
-        for bm in block_ms
-        for w in (4, 8)
-        for s in (2, 3, 4)
-    ]
-
-
-HOPPER_SHARED_MEMORY = 232448  # opt-in shared memory per block of an H100, used when the device is not a GPU
-
-
-def prune_configs(
-    configs,
-    named_args,
-    shared_memory_limit: int | None = None,
-    weight_grad: bool = False,
-    accumulator_registers: int = 128,
-    **kwargs,
-):
-    """Keep the configs that can compile to a fast loop (``reports/static-sm90`` shows each rule at work):
-
-    * shared memory: ``num_stages`` buffered tiles ``(BLOCK_M·b + b·b)·elem`` within the device's limit — an upper
-      bound of what Triton's pipeliner allocates, so every kept config fits;
-    * registers: the fp32 accumulator (``BLOCK_M × b``; ``b × b`` for the weight grad) at most
-      ``accumulator_registers`` per thread — past 128 ``BLOCK_M = 256`` with 4 warps spills at b = 128; the
-      persistent kernel, which carries its tile loop's state as well, spills past 64;
-    * pipelining: at least 16 bytes of the ``BLOCK_M × b`` token tile per thread (one ``cp.async``) — below it
-      (b = 16 or 32 with 8 warps on a small tile) Triton emits synchronous loads.
-    """
-    b = kwargs.get("BLOCK_SIZE", named_args.get("BLOCK_SIZE"))
-    operand = next(
-        arg.base if isinstance(arg, TensorDescriptor) else arg
-        for arg in named_args.values()
-        if isinstance(arg, (torch.Tensor, TensorDescriptor))
-    )
-    if shared_memory_limit is None:
-        shared_memory_limit = _shared_memory_limit(operand.device)
-    elem = operand.element_size()
-
-    def fits(config: triton.Config) -> bool:
-        block_m, threads = config.kwargs["BLOCK_M"], 32 * config.num_warps
-        shared = (block_m * b + b * b) * elem * config.num_stages
-        accumulator = b * b if weight_grad else block_m * b
-        return (
-            shared <= shared_memory_limit
-            and accumulator <= accumulator_registers * threads
-            and block_m * b * elem >= 16 * threads
-        )
-
-    return [c for c in configs if fits(c)] or configs[:1]
-
-
-prune_persistent_configs = functools.partial(prune_configs, accumulator_registers=64)
-
-
-def _shared_memory_limit(device: torch.device) -> int:
-    if device.type != "cuda":
-        return HOPPER_SHARED_MEMORY
-    return _device_shared_memory(device.index if device.index is not None else torch.cuda.current_device())
-
-
-@functools.lru_cache(maxsize=None)
-def _device_shared_memory(device_index: int) -> int:
-    properties = torch.cuda.get_device_properties(device_index)
-    return getattr(properties, "shared_memory_per_block_optin", properties.shared_memory_per_block)
 
 
 @triton.jit
@@ -183,7 +122,7 @@ def _dense_sparse_tile(
     prune_configs_by={"early_config_prune": prune_configs},
 )
 @triton.jit
-def _bsmm_dense_sparse_kernel(
+def bsmm_dense_sparse_kernel(
     a_ptr,
     values_ptr,
     bias_ptr,
@@ -223,7 +162,7 @@ def _bsmm_dense_sparse_kernel(
     prune_configs_by={"early_config_prune": prune_persistent_configs},
 )
 @triton.jit
-def _bsmm_dense_sparse_persistent_kernel(
+def bsmm_dense_sparse_persistent_kernel(
     a_ptr,
     values_ptr,
     bias_ptr,
@@ -245,7 +184,7 @@ def _bsmm_dense_sparse_persistent_kernel(
     GROUP_M: tl.constexpr,
     BLOCK_M: tl.constexpr,
 ):
-    """Persistent, nnz-balanced variant of :func:`_bsmm_dense_sparse_kernel`: a fixed number of programs (about the
+    """Persistent, nnz-balanced variant of :func:`bsmm_dense_sparse_kernel`: a fixed number of programs (about the
     number that fit on the GPU at once) stride over the output tiles. Tiles are numbered as in the grouped kernel,
     but inside a group the output blocks run longest first (``order``: output blocks by active-block count,
     descending), so each program's successive tiles pair long rows with short ones and the last tiles of the grid are
@@ -268,21 +207,13 @@ def _tma_block_shapes(nargs: dict) -> None:
     nargs["out_desc"].block_shape = [nargs["BLOCK_M"], nargs["BLOCK_SIZE"]]
 
 
-def tma_configs(interpret: bool = INTERPRET) -> list[triton.Config]:
-    """The dense-sparse autotune space, each config setting the TMA block shapes before its launch."""
-    return [
-        triton.Config(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages, pre_hook=_tma_block_shapes)
-        for c in matmul_configs(DENSE_SPARSE_BLOCK_MS, interpret)
-    ]
-
-
 @triton.autotune(
-    configs=tma_configs(),
+    configs=with_pre_hook(matmul_configs(DENSE_SPARSE_BLOCK_MS), _tma_block_shapes),
     key=["M", "IN_COLS", "OUT_COLS", "BLOCK_SIZE", "TRANSPOSE_BLOCKS"],
     prune_configs_by={"early_config_prune": prune_configs},
 )
 @triton.jit
-def _bsmm_dense_sparse_tma_kernel(
+def bsmm_dense_sparse_tma_kernel(
     a_desc,
     values_desc,
     bias_ptr,
@@ -301,7 +232,7 @@ def _bsmm_dense_sparse_tma_kernel(
     GROUP_M: tl.constexpr,
     BLOCK_M: tl.constexpr,
 ):
-    """:func:`_bsmm_dense_sparse_kernel` (same grouped program order and arithmetic) with every tile moved by the
+    """:func:`bsmm_dense_sparse_kernel` (same grouped program order and arithmetic) with every tile moved by the
     Hopper Tensor Memory Accelerator: ``a [M, IN_COLS]`` and ``out [M, OUT_COLS]`` in ``[BLOCK_M, b]`` boxes, the
     values as ``[nnz·b, b]`` in ``[b, b]`` boxes. The copy engine computes the addresses and zero-fills / clips the
     token tail, so the loop holds no pointer tensors. (Targets without TMA get equivalent pointer loads.)
@@ -329,10 +260,10 @@ def _bsmm_dense_sparse_tma_kernel(
 @triton.autotune(
     configs=matmul_configs(GRAD_WEIGHT_BLOCK_MS),
     key=["M", "N", "K", "BLOCK_SIZE", "SPLIT_K"],
-    prune_configs_by={"early_config_prune": functools.partial(prune_configs, weight_grad=True)},
+    prune_configs_by={"early_config_prune": prune_grad_weight_configs},
 )
 @triton.jit
-def _bsmm_grad_weight_kernel(
+def bsmm_grad_weight_kernel(
     dy_ptr,
     x_ptr,
     out_ptr,
@@ -382,15 +313,12 @@ def _tma_token_block_shapes(nargs: dict) -> None:
 
 
 @triton.autotune(
-    configs=[
-        triton.Config(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages, pre_hook=_tma_token_block_shapes)
-        for c in matmul_configs(GRAD_WEIGHT_BLOCK_MS)
-    ],
+    configs=with_pre_hook(matmul_configs(GRAD_WEIGHT_BLOCK_MS), _tma_token_block_shapes),
     key=["M", "N", "K", "BLOCK_SIZE", "SPLIT_K"],
-    prune_configs_by={"early_config_prune": functools.partial(prune_configs, weight_grad=True)},
+    prune_configs_by={"early_config_prune": prune_grad_weight_configs},
 )
 @triton.jit
-def _bsmm_grad_weight_tma_kernel(
+def bsmm_grad_weight_tma_kernel(
     dy_desc,
     x_desc,
     out_desc,
@@ -405,7 +333,7 @@ def _bsmm_grad_weight_tma_kernel(
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
 ):
-    """:func:`_bsmm_grad_weight_kernel` with the ``dy`` / ``x`` token tiles and the ``b × b`` result moved by TMA
+    """:func:`bsmm_grad_weight_kernel` with the ``dy`` / ``x`` token tiles and the ``b × b`` result moved by TMA
     (``out`` viewed as ``[SPLIT_K · nnz · b, b]``); the copy engine zero-fills the token tail."""
     slot = tl.program_id(0)
     split = tl.program_id(1)
@@ -424,27 +352,6 @@ def _bsmm_grad_weight_tma_kernel(
             x = x.to(tl.float32)
         acc = tl.dot(dy_t, x, acc, input_precision=INPUT_PRECISION)
     out_desc.store([(split * nnz + slot) * BLOCK_SIZE, 0], downcast(acc, out_desc.dtype))
-
-
-def _kernel_flags(dtype: torch.dtype) -> dict:
-    return {
-        "UPCAST": INTERPRET and dtype == torch.bfloat16,
-        "INPUT_PRECISION": "ieee" if dtype == torch.float32 else "tf32",
-    }
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def default_split_k(m: int, nnz: int, device: torch.device) -> int:
-    """Splits of the token axis so that ``nnz * split_k`` programs fill the GPU about twice over."""
-    if device.type != "cuda":
-        return 1
-    programs_wanted = 2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    max_split = max(1, triton.cdiv(m, 128))
-    return max(1, min(max_split, triton.cdiv(programs_wanted, nnz), 16))
 
 
 def _device_guard(device: torch.device):
@@ -482,20 +389,6 @@ def default_variant() -> str:
     return variant
 
 
-def _ctas_per_sm(block_m: int, block_size: int, element_size: int) -> int:
-    """Programs of the persistent kernel per SM: how many double-buffered ``(BLOCK_M·b + b·b)`` tiles fit in an
-    H100 SM's 228 KiB of shared memory (at most 4)."""
-    tile_bytes = (block_m * block_size + block_size * block_size) * element_size
-    return max(1, min(4, (228 * 1024) // (2 * tile_bytes)))
-
-
-def _persistent_programs(tiles: int, block_m: int, block_size: int, a: torch.Tensor) -> int:
-    if a.device.type != "cuda":
-        return min(tiles, 3)  # interpreter: a few programs, each striding over several tiles
-    sms = _sm_count(a.device.index if a.device.index is not None else torch.cuda.current_device())
-    return min(tiles, sms * _ctas_per_sm(block_m, block_size, a.element_size()))
-
-
 def _dense_sparse(
     a: torch.Tensor,
     values: torch.Tensor,
@@ -525,29 +418,29 @@ def _dense_sparse(
         TRANSPOSE_BLOCKS=transpose_blocks,
         BLOCK_SIZE=block_size,
         GROUP_M=group_m,
-        **_kernel_flags(a.dtype),
+        **precision_flags(a.dtype),
     )
     index_args = (index.ptr, index.slots, index.minor)
     bias_arg = bias if bias is not None else out
     with _device_guard(a.device):
         if variant == "grouped":
-            wrap_triton(_bsmm_dense_sparse_kernel)[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * out_blocks,)](
+            wrap_triton(bsmm_dense_sparse_kernel)[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * out_blocks,)](
                 a, values, bias_arg, out, *index_args, m, in_cols, out_cols, a.stride(0), out.stride(0), **constexprs
             )
         elif variant == "persistent":
 
             def grid(meta):
                 tiles = triton.cdiv(m, meta["BLOCK_M"]) * out_blocks
-                return (_persistent_programs(tiles, meta["BLOCK_M"], block_size, a),)
+                return (persistent_programs(tiles, meta["BLOCK_M"], block_size, a),)
 
-            wrap_triton(_bsmm_dense_sparse_persistent_kernel)[grid](
+            wrap_triton(bsmm_dense_sparse_persistent_kernel)[grid](
                 a, values, bias_arg, out, *index_args, index.by_count, m, in_cols, out_cols, a.stride(0),
                 out.stride(0), **constexprs
             )
         else:
             _check_tma_support(values, activations=a)
             block = [block_size, block_size]  # the token-tile boxes are set per config by _tma_block_shapes
-            wrap_triton(_bsmm_dense_sparse_tma_kernel)[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * out_blocks,)](
+            wrap_triton(bsmm_dense_sparse_tma_kernel)[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * out_blocks,)](
                 TensorDescriptor.from_tensor(a, block),
                 TensorDescriptor.from_tensor(values.view(-1, block_size), block),
                 bias_arg,
@@ -624,37 +517,21 @@ def triton_bsmm_grad_weight(
         raise ValueError(f"split_k must be a positive int, got {split_k!r}")
     out_dtype = x.dtype if split == 1 else torch.float32
     out = torch.empty((split, nnz, b, b), dtype=out_dtype, device=x.device)
-    constexprs = dict(BLOCK_SIZE=b, SPLIT_K=split, **_kernel_flags(x.dtype))
+    constexprs = dict(BLOCK_SIZE=b, SPLIT_K=split, **precision_flags(x.dtype))
     with _device_guard(x.device):
         if variant == "tma":
             _check_tma_support(dy=dy, x=x)
             block = [b, b]  # the token boxes are set per config by _tma_token_block_shapes
-            wrap_triton(_bsmm_grad_weight_tma_kernel)[(nnz, split)](
+            wrap_triton(bsmm_grad_weight_tma_kernel)[(nnz, split)](
                 TensorDescriptor.from_tensor(dy, block),
                 TensorDescriptor.from_tensor(x, block),
                 TensorDescriptor.from_tensor(out.view(-1, b), block),
                 block_indices, m, n, k, nnz, **constexprs,
             )  # fmt: skip
         else:
-            wrap_triton(_bsmm_grad_weight_kernel)[(nnz, split)](
+            wrap_triton(bsmm_grad_weight_kernel)[(nnz, split)](
                 dy, x, out, block_indices, m, n, k, nnz, dy.stride(0), x.stride(0), **constexprs
             )
     if split == 1:
         return out[0]
     return out.sum(0).to(x.dtype)
-
-
-def bsmm_forward(x, values, layout: BlockLayout, bias=None, group_m=None, variant=None) -> torch.Tensor:
-    """:func:`triton_bsmm_forward` of a layout (kernel tests and benchmarks)."""
-    return triton_bsmm_forward(x, values, layout.row_index(x.device), layout.shape[0], bias, group_m, variant)
-
-
-def bsmm_grad_input(dy, values, layout: BlockLayout, group_m=None, variant=None) -> torch.Tensor:
-    """:func:`triton_bsmm_grad_input` of a layout."""
-    return triton_bsmm_grad_input(dy, values, layout.col_index(dy.device), layout.shape[1], group_m, variant)
-
-
-def bsmm_grad_weight(dy, x, layout: BlockLayout, split_k=None, variant=None) -> torch.Tensor:
-    """:func:`triton_bsmm_grad_weight` of a layout."""
-    indices = layout.block_indices_on(x.device)
-    return triton_bsmm_grad_weight(dy, x, indices, layout.block_size, split_k, variant)

@@ -1,6 +1,6 @@
-"""The three block-sparse products of a linear layer as ``torch.library`` custom ops: the one place that dispatches
-between the Triton kernels (``triton_<op>``, :mod:`.block_sparse_matmul`) and the PyTorch reference
-(``torch_<op>``, :mod:`smet_kernels.reference.matmul`).
+"""The one place that dispatches each op of the library between its Triton launcher (``triton_<op>``) and its
+PyTorch reference (``torch_<op>``, :mod:`smet_kernels.reference`): the three block-sparse products of a linear
+layer as ``torch.library`` custom ops, and the AdamW step and regrow as plain functions (below).
 
 With ``W = to_dense(values, layout)`` ``[N, K]``, ``x [M, K]`` and ``dy [M, N]``:
 
@@ -24,21 +24,28 @@ saved at forward (a topology update between forward and backward is an error, no
 the check reads the version tensor when the op runs: eagerly, and under ``torch.compile`` with backends that keep the
 op opaque (``aot_eager``); where Inductor lowers the op body into its own kernels the check is compiled out.
 
-AdamW step and regrow (:mod:`.adamw`, :mod:`.regrow`) are not registered: they mutate parameters and optimizer state
-in ``optimizer.step()`` / ``SMET.step()``, which run outside the compiled model graph, so a custom op would add
-mutation schemas and fake kernels that no traced graph ever calls.
+AdamW step and regrow (:func:`adamw_step`, :func:`regrow_blocks`; kernels in :mod:`.adamw`, :mod:`.regrow`) are not
+registered: they mutate parameters and optimizer state in ``optimizer.step()`` / ``SMET.step()``, which run outside
+the compiled model graph, so a custom op would add mutation schemas and fake kernels that no traced graph ever calls.
+They resolve the backend per call (:func:`smet_kernels.backend.resolve_backend`) like the products' caller does.
 """
 
 from __future__ import annotations
+
+from typing import Sequence
 
 import torch
 from torch._subclasses.fake_tensor import is_fake
 from torch.library import custom_op, triton_op
 
-from ..backend import INTERPRET
+from ..backend import INTERPRET, resolve_backend
 from ..layout import unpack_kernel_index
+from ..reference.adamw import torch_adamw_step
 from ..reference.matmul import torch_bsmm_forward, torch_bsmm_grad_input, torch_bsmm_grad_weight
+from ..reference.regrow import torch_regrow_blocks
+from .adamw import check_hyperparameters, check_tensors, triton_adamw_step
 from .block_sparse_matmul import triton_bsmm_forward, triton_bsmm_grad_input, triton_bsmm_grad_weight
+from .regrow import check_inputs, triton_regrow_blocks
 
 
 #: triton_op lets Inductor trace the body into its graph; the interpreter's kernels cannot be traced (opaque op)
@@ -234,3 +241,96 @@ def _grad_weight_backward(ctx, g):
 bsmm_forward.register_autograd(_forward_backward, setup_context=_forward_setup)
 bsmm_grad_input.register_autograd(_grad_input_backward, setup_context=_grad_input_setup)
 bsmm_grad_weight.register_autograd(_grad_weight_backward, setup_context=_grad_weight_setup)
+
+
+# ---------------------------------------------------------------- AdamW step and regrow (mutating; not registered)
+@torch.no_grad()
+def adamw_step(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    exp_avgs: Sequence[torch.Tensor],
+    exp_avg_sqs: Sequence[torch.Tensor],
+    block_steps: Sequence[torch.Tensor | None],
+    lrs: Sequence[float],
+    global_steps: Sequence[int | None],
+    dense_warmups: Sequence[bool] | None = None,
+    *,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    warmup: str = "linear",
+    warmup_steps: int = 100,
+    backend: str | None = None,
+    cache: dict | None = None,
+) -> None:
+    """Apply one SMET AdamW step to every tensor, in place: one fused :func:`triton_adamw_step` launch per
+    (device, parameter dtype, state dtype) group, or :func:`torch_adamw_step` per tensor.
+
+    ``block_steps[i]``: int32 ``[nnz]`` local steps of sparse values ``[nnz, b, b]`` (bumped by one), or None for
+    a dense tensor. ``lrs[i]``: effective learning rate (density factor included). ``global_steps[i]``: step
+    count including this step used for the bias correction instead of the local one, or None (local; sparse
+    only). ``dense_warmups[i]``: warm the dense tensor ``i`` up by its global step (default: no dense warm-up;
+    ignored for sparse values). ``cache``: a dict kept by the caller so device tables are reused while tensor
+    addresses are unchanged.
+    """
+    check_hyperparameters(betas, eps, weight_decay, warmup, warmup_steps)
+    params, grads, exp_avgs, exp_avg_sqs = list(params), list(grads), list(exp_avgs), list(exp_avg_sqs)
+    block_steps, lrs, global_steps = list(block_steps), [float(lr) for lr in lrs], list(global_steps)
+    dense_warmups = [False] * len(params) if dense_warmups is None else [bool(w) for w in dense_warmups]
+    check_tensors(params, grads, exp_avgs, exp_avg_sqs, block_steps, lrs, global_steps, dense_warmups)
+    groups: dict[tuple, list[int]] = {}
+    for i, (p, m) in enumerate(zip(params, exp_avgs)):
+        groups.setdefault((p.device, p.dtype, m.dtype), []).append(i)
+    hyper = dict(betas=tuple(betas), eps=eps, weight_decay=weight_decay, warmup=warmup, warmup_steps=warmup_steps)
+    for key, indices in groups.items():
+        if resolve_backend(key[0], backend) == "reference":
+            for i in indices:
+                torch_adamw_step(
+                    params[i], grads[i], exp_avgs[i], exp_avg_sqs[i], block_steps[i],
+                    lr=lrs[i], global_step=global_steps[i], dense_warmup=dense_warmups[i], **hyper,
+                )  # fmt: skip
+            continue
+        triton_adamw_step(
+            [(params[i], grads[i], exp_avgs[i], exp_avg_sqs[i], block_steps[i]) for i in indices],
+            [lrs[i] for i in indices],
+            [global_steps[i] for i in indices],
+            [dense_warmups[i] for i in indices],
+            cache=cache,
+            cache_key=key,
+            **hyper,
+        )
+
+
+@torch.no_grad()
+def regrow_blocks(
+    values: torch.Tensor,
+    slots: torch.Tensor,
+    exp_avg: torch.Tensor | None = None,
+    exp_avg_sq: torch.Tensor | None = None,
+    block_step: torch.Tensor | None = None,
+    init: str = "zeros",
+    init_std: float = 0.02,
+    generator: torch.Generator | None = None,
+    backend: str | None = None,
+) -> None:
+    """Initialise regrown slots of ``values [nnz, b, b]`` in place and reset their AdamW state
+    (:func:`triton_regrow_blocks` or :func:`torch_regrow_blocks`).
+
+    ``slots``: distinct slot indices ``[n]``. ``init="zeros"`` writes zero blocks; ``init="normal"`` writes
+    ``N(0, init_std^2)`` drawn (fp32, then cast to ``values.dtype``) with ``generator`` on its device.
+    ``exp_avg``/``exp_avg_sq`` (shape of ``values``) are zeroed and ``block_step`` (int32 ``[nnz]``) set to 0
+    at those slots; any of them may be None.
+    """
+    check_inputs(values, slots, exp_avg, exp_avg_sq, block_step, init, init_std, generator)
+    if slots.numel() == 0:
+        return
+    new_values = None
+    if init == "normal":
+        b = values.shape[1]
+        draw_device = generator.device if generator is not None else values.device
+        noise = torch.randn((slots.numel(), b, b), generator=generator, device=draw_device, dtype=torch.float32)
+        new_values = (noise * init_std).to(values.device)
+    if resolve_backend(values.device, backend) == "reference":
+        torch_regrow_blocks(values, slots, new_values, exp_avg, exp_avg_sq, block_step)
+    else:
+        triton_regrow_blocks(values, slots, new_values, exp_avg, exp_avg_sq, block_step)

@@ -5,10 +5,10 @@ For every regrown slot ``k = slots[i]`` (SPEC §2)::
     values[k] = 0  (init="zeros")   |   values[k] = init_std * N(0, 1)  (init="normal")
     exp_avg[k] = exp_avg_sq[k] = 0,   block_step[k] = 0
 
-One program per (regrown slot, tile of ``BLOCK`` elements of the ``b x b`` block); the tile-0 program resets the
-slot's step. Normal draws are made with ``generator`` before the launch, so the Triton and the reference backend
-write identical values. The state tensors are optional: pass None when the optimizer holds no state for the
-parameter yet.
+One program per (regrown slot, tile of ``TILE`` elements of the ``b x b`` block, :func:`.launch_config.regrow_tile`);
+the tile-0 program resets the slot's step. Normal draws are made by :func:`smet_kernels.ops.library.regrow_blocks`
+before it dispatches to this kernel or to :func:`smet_kernels.reference.regrow.torch_regrow_blocks`, so both write
+identical values. The state tensors are optional: pass None when the optimizer holds no state for the parameter yet.
 """
 
 from __future__ import annotations
@@ -20,17 +20,15 @@ import torch
 import triton
 import triton.language as tl
 
-from ..backend import resolve_backend
-from ..reference.regrow import regrow_blocks_reference
+from .launch_config import REGROW_NUM_WARPS, regrow_tile
 from .rounding import downcast
 
 INIT_MODES = ("zeros", "normal")
-MAX_BLOCK = 4096
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @triton.jit
-def _regrow_kernel(
+def regrow_blocks_kernel(
     values_ptr,
     new_values_ptr,
     exp_avg_ptr,
@@ -42,23 +40,23 @@ def _regrow_kernel(
     HAS_EXP_AVG: tl.constexpr,
     HAS_EXP_AVG_SQ: tl.constexpr,
     HAS_BLOCK_STEP: tl.constexpr,
-    BLOCK: tl.constexpr,
+    TILE: tl.constexpr,
 ):
     index = tl.program_id(0).to(tl.int64)
     tile = tl.program_id(1)
     slot = tl.load(slots_ptr + index)
-    offs = tile * BLOCK + tl.arange(0, BLOCK)
+    offs = tile * TILE + tl.arange(0, TILE)
     mask = offs < block_numel
     dst = slot * block_numel + offs
     if HAS_NEW_VALUES:
         new_values = tl.load(new_values_ptr + index * block_numel + offs, mask=mask, other=0.0)
     else:
-        new_values = tl.zeros((BLOCK,), dtype=tl.float32)
+        new_values = tl.zeros((TILE,), dtype=tl.float32)
     tl.store(values_ptr + dst, downcast(new_values, values_ptr.dtype.element_ty), mask=mask)
     if HAS_EXP_AVG:
-        tl.store(exp_avg_ptr + dst, tl.zeros((BLOCK,), dtype=exp_avg_ptr.dtype.element_ty), mask=mask)
+        tl.store(exp_avg_ptr + dst, tl.zeros((TILE,), dtype=exp_avg_ptr.dtype.element_ty), mask=mask)
     if HAS_EXP_AVG_SQ:
-        tl.store(exp_avg_sq_ptr + dst, tl.zeros((BLOCK,), dtype=exp_avg_sq_ptr.dtype.element_ty), mask=mask)
+        tl.store(exp_avg_sq_ptr + dst, tl.zeros((TILE,), dtype=exp_avg_sq_ptr.dtype.element_ty), mask=mask)
     if HAS_BLOCK_STEP:
         if tile == 0:
             tl.store(block_step_ptr + slot, 0)
@@ -77,7 +75,8 @@ def _check_state(name: str, state: torch.Tensor | None, values: torch.Tensor) ->
         raise ValueError(f"{name} must be a contiguous tensor on {values.device}")
 
 
-def _check_inputs(values, slots, exp_avg, exp_avg_sq, block_step, init, init_std, generator) -> None:
+def check_inputs(values, slots, exp_avg, exp_avg_sq, block_step, init, init_std, generator) -> None:
+    """Raise ``ValueError``/``TypeError`` naming the first invalid argument of a regrow."""
     if not isinstance(values, torch.Tensor):
         raise TypeError(f"values must be a torch.Tensor, got {type(values).__name__}")
     if values.dim() != 3 or values.shape[1] != values.shape[2]:
@@ -115,12 +114,14 @@ def _check_inputs(values, slots, exp_avg, exp_avg_sq, block_step, init, init_std
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
 
 
-def _launch(values, slots, new_values, exp_avg, exp_avg_sq, block_step) -> None:
+def triton_regrow_blocks(values, slots, new_values=None, exp_avg=None, exp_avg_sq=None, block_step=None) -> None:
+    """Write ``new_values [n, b, b]`` (or zeros) into ``values[slots]`` and reset the slots' state, in one launch
+    (arguments checked by :func:`check_inputs`)."""
     block_numel = values.shape[1] * values.shape[2]
-    block = min(triton.next_power_of_2(block_numel), MAX_BLOCK)
-    grid = (slots.numel(), triton.cdiv(block_numel, block))
+    tile = regrow_tile(block_numel)
+    grid = (slots.numel(), triton.cdiv(block_numel, tile))
     with torch.cuda.device(values.device) if values.device.type == "cuda" else contextlib.nullcontext():
-        _regrow_kernel[grid](
+        regrow_blocks_kernel[grid](
             values,
             new_values if new_values is not None else values,
             exp_avg if exp_avg is not None else values,
@@ -132,39 +133,6 @@ def _launch(values, slots, new_values, exp_avg, exp_avg_sq, block_step) -> None:
             HAS_EXP_AVG=exp_avg is not None,
             HAS_EXP_AVG_SQ=exp_avg_sq is not None,
             HAS_BLOCK_STEP=block_step is not None,
-            BLOCK=block,
+            TILE=tile,
+            num_warps=REGROW_NUM_WARPS,
         )
-
-
-@torch.no_grad()
-def regrow_blocks(
-    values: torch.Tensor,
-    slots: torch.Tensor,
-    exp_avg: torch.Tensor | None = None,
-    exp_avg_sq: torch.Tensor | None = None,
-    block_step: torch.Tensor | None = None,
-    init: str = "zeros",
-    init_std: float = 0.02,
-    generator: torch.Generator | None = None,
-    backend: str | None = None,
-) -> None:
-    """Initialise regrown slots of ``values [nnz, b, b]`` in place and reset their AdamW state.
-
-    ``slots``: distinct slot indices ``[n]``. ``init="zeros"`` writes zero blocks; ``init="normal"`` writes
-    ``N(0, init_std^2)`` drawn (fp32, then cast to ``values.dtype``) with ``generator`` on its device.
-    ``exp_avg``/``exp_avg_sq`` (shape of ``values``) are zeroed and ``block_step`` (int32 ``[nnz]``) set to 0
-    at those slots; any of them may be None.
-    """
-    _check_inputs(values, slots, exp_avg, exp_avg_sq, block_step, init, init_std, generator)
-    if slots.numel() == 0:
-        return
-    new_values = None
-    if init == "normal":
-        b = values.shape[1]
-        draw_device = generator.device if generator is not None else values.device
-        noise = torch.randn((slots.numel(), b, b), generator=generator, device=draw_device, dtype=torch.float32)
-        new_values = (noise * init_std).to(values.device)
-    if resolve_backend(values.device, backend) == "reference":
-        regrow_blocks_reference(values, slots, new_values, exp_avg, exp_avg_sq, block_step)
-    else:
-        _launch(values, slots, new_values, exp_avg, exp_avg_sq, block_step)

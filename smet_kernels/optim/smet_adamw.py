@@ -14,7 +14,7 @@ correction by ``t``, no density factor, decoupled weight decay) and, with ``warm
 authors' released behaviour), the same warm-up by ``t``; ``warmup_scope="regrown"`` limits the warm-up to the
 sparse values (the others take the standard AdamW update). All tensors of the parameter groups that share betas, eps,
 weight decay, warm-up and backend go through one fused Triton launch per (device, dtype)
-(``smet_kernels.ops.adamw``; lr and bias correction are per tensor), or the PyTorch reference.
+(``smet_kernels.ops.library.adamw_step``; lr and bias correction are per tensor), or the PyTorch reference.
 
 ``bias_correction="global"`` with ``warmup="none"`` is the **naive DST (cold start)** baseline: a regrown block
 restarts from m = v = 0 but is bias-corrected with the parameter's global step count, so its first update is
@@ -24,7 +24,7 @@ With ``"global"`` the warm-up (if any) still follows the local step.
 State of a sparse parameter: ``exp_avg``, ``exp_avg_sq`` (shape of the values, ``state_dtype``) and
 ``block_step`` (int32 ``[nnz]``), plus ``step`` (CPU float scalar, the global count) in ``"global"`` mode. Dense
 parameters hold ``exp_avg``, ``exp_avg_sq`` and ``step``. Regrown slots are reset by
-:func:`smet_kernels.ops.regrow.regrow_blocks` with these state tensors.
+:func:`smet_kernels.ops.library.regrow_blocks` with these state tensors.
 
 **FSDP2.** Parameters sharded by ``fully_shard`` are ``DTensor``s split on dim 0 (whole slots per rank). Their
 state tensors are ``DTensor``s with the same placements (``block_step`` too: each rank holds the steps of the
@@ -42,7 +42,8 @@ from typing import Any, Callable, Iterable
 import torch
 
 from ..backend import BACKENDS
-from ..ops.adamw import PARAM_DTYPES, check_hyperparameters, smet_adamw_step
+from ..ops.adamw import PARAM_DTYPES, check_hyperparameters
+from ..ops.library import adamw_step
 from ..sharding import check_row_sharded, local, zeros_per_row
 
 BIAS_CORRECTIONS = ("local", "global")
@@ -227,7 +228,7 @@ class SMETAdamW(torch.optim.Optimizer):
             if not batch["params"]:
                 continue
             betas, eps, weight_decay, warmup, warmup_steps, backend = key
-            smet_adamw_step(
+            adamw_step(
                 *(batch[name] for name in _BATCH_FIELDS),
                 betas=betas,
                 eps=eps,

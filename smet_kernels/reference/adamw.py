@@ -30,7 +30,7 @@ def bias_correction(beta: float, step: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def smet_adamw_step_reference(
+def torch_adamw_step(
     param: torch.Tensor,
     grad: torch.Tensor,
     exp_avg: torch.Tensor,

@@ -82,20 +82,3 @@ def torch_bsmm_grad_weight(
         for s in range(0, nnz, chunk)
     ]
     return (out[0] if len(out) == 1 else torch.cat(out)).to(x.dtype)
-
-
-def bsmm_forward_reference(
-    x: torch.Tensor, values: torch.Tensor, layout: BlockLayout, bias: torch.Tensor | None = None
-) -> torch.Tensor:
-    """:func:`torch_bsmm_forward` of a layout."""
-    return torch_bsmm_forward(x, values, layout.block_indices, layout.shape[0], bias)
-
-
-def bsmm_grad_input_reference(dy: torch.Tensor, values: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
-    """:func:`torch_bsmm_grad_input` of a layout."""
-    return torch_bsmm_grad_input(dy, values, layout.block_indices, layout.shape[1])
-
-
-def bsmm_grad_weight_reference(dy: torch.Tensor, x: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
-    """:func:`torch_bsmm_grad_weight` of a layout."""
-    return torch_bsmm_grad_weight(dy, x, layout.block_indices, layout.block_size)

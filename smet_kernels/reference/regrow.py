@@ -10,7 +10,7 @@ import torch
 
 
 @torch.no_grad()
-def regrow_blocks_reference(
+def torch_regrow_blocks(
     values: torch.Tensor,
     slots: torch.Tensor,
     new_values: torch.Tensor | None = None,

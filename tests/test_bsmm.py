@@ -1,25 +1,26 @@
-"""Triton kernels vs the PyTorch reference: output and every gradient, on awkward layouts and shapes."""
+"""The block-sparse products ``bsmm_forward`` / ``bsmm_grad_input`` / ``bsmm_grad_weight``: ``triton_<op>`` vs
+``torch_<op>`` (output and every gradient, on awkward layouts and shapes), and ``block_sparse_linear`` over them."""
 
 import pytest
 import torch
 
-from conftest import DEVICE
+from conftest import (
+    DEVICE,
+    torch_forward,
+    torch_grad_input,
+    torch_grad_weight,
+    triton_forward,
+    triton_grad_input,
+    triton_grad_weight,
+)
 from smet_kernels import BlockLayout, block_sparse_linear, from_dense, to_dense
-from smet_kernels.ops.block_sparse_matmul import (
+from smet_kernels.ops.launch_config import (
     DENSE_SPARSE_BLOCK_MS,
     GRAD_WEIGHT_BLOCK_MS,
     GROUP_M,
     HOPPER_SHARED_MEMORY,
-    bsmm_forward,
-    bsmm_grad_input,
-    bsmm_grad_weight,
     matmul_configs,
     prune_configs,
-)
-from smet_kernels.reference.matmul import (
-    bsmm_forward_reference,
-    bsmm_grad_input_reference,
-    bsmm_grad_weight_reference,
 )
 
 ON_GPU = DEVICE == "cuda"
@@ -68,34 +69,34 @@ def _close(actual, expected, dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("block_size", BLOCK_SIZES)
 @pytest.mark.parametrize("kind", ["random", "empty_rows_cols", "single", "dense"])
-def test_kernels_match_reference(kind, block_size, dtype):
+def test_bsmm_triton_matches_torch_on_awkward_layouts(kind, block_size, dtype):
     layout = _mask_layout(kind, 3, 4, block_size)
     x, values, dy, bias = _inputs(layout, 37, dtype)
-    _close(bsmm_forward(x, values, layout, bias), bsmm_forward_reference(x, values, layout, bias), dtype)
-    _close(bsmm_grad_input(dy, values, layout), bsmm_grad_input_reference(dy, values, layout), dtype)
-    _close(bsmm_grad_weight(dy, x, layout), bsmm_grad_weight_reference(dy, x, layout), dtype)
+    _close(triton_forward(x, values, layout, bias), torch_forward(x, values, layout, bias), dtype)
+    _close(triton_grad_input(dy, values, layout), torch_grad_input(dy, values, layout), dtype)
+    _close(triton_grad_weight(dy, x, layout), torch_grad_weight(dy, x, layout), dtype)
 
 
 @pytest.mark.parametrize("m_tiles", [GROUP_M, GROUP_M + 3, 2 * GROUP_M + 1])
-def test_program_groups_cover_every_output_tile_once(m_tiles):
+def test_bsmm_program_groups_cover_every_output_tile_once(m_tiles):
     """Token tiles are scheduled in groups of GROUP_M (L2 reuse): full groups, a partial last group, odd M."""
     layout = _mask_layout("empty_rows_cols", 5, 3, 16)
     block_m = 256 if ON_GPU else 32  # the largest autotuned token tile; the interpreter has one config, 32
     x, values, dy, bias = _inputs(layout, m_tiles * block_m - 5, torch.float32)
-    _close(bsmm_forward(x, values, layout, bias), bsmm_forward_reference(x, values, layout, bias), torch.float32)
-    _close(bsmm_grad_input(dy, values, layout), bsmm_grad_input_reference(dy, values, layout), torch.float32)
+    _close(triton_forward(x, values, layout, bias), torch_forward(x, values, layout, bias), torch.float32)
+    _close(triton_grad_input(dy, values, layout), torch_grad_input(dy, values, layout), torch.float32)
 
 
-def test_group_m_is_validated_and_any_grouping_gives_the_same_result():
+def test_bsmm_group_m_is_validated_and_any_grouping_gives_the_same_result():
     layout = _mask_layout("random", 4, 3, 16)
     x, values, dy, _ = _inputs(layout, 200, torch.float32)
-    expected = bsmm_forward_reference(x, values, layout)
+    expected = torch_forward(x, values, layout)
     for group_m in (1, 3, 1000):
-        _close(bsmm_forward(x, values, layout, group_m=group_m), expected, torch.float32)
-    _close(bsmm_grad_input(dy, values, layout, group_m=2), bsmm_grad_input_reference(dy, values, layout), torch.float32)
+        _close(triton_forward(x, values, layout, group_m=group_m), expected, torch.float32)
+    _close(triton_grad_input(dy, values, layout, group_m=2), torch_grad_input(dy, values, layout), torch.float32)
     for bad in (0, -1, 2.0, True):
         with pytest.raises(ValueError, match="group_m"):
-            bsmm_forward(x, values, layout, group_m=bad)
+            triton_forward(x, values, layout, group_m=bad)
 
 
 HAS_TMA = not ON_GPU or torch.cuda.get_device_capability() >= (9, 0)
@@ -106,82 +107,82 @@ KERNEL_VARIANTS = ["persistent", pytest.param("tma", marks=pytest.mark.skipif(no
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("kind", ["random", "empty_rows_cols", "single", "dense"])
 @pytest.mark.parametrize("m_tiles", [1, GROUP_M + 3])
-def test_kernel_variants_match_reference(kind, m_tiles, dtype, variant):
+def test_bsmm_variants_match_torch(kind, m_tiles, dtype, variant):
     """Persistent programs striding over the tiles longest block rows first, and TMA descriptor tiles (zero-filled
     and clipped at the token tail): every tile once, on any layout."""
     layout = _mask_layout(kind, 5, 3, 16)
     block_m = 64 if ON_GPU else 32
     x, values, dy, bias = _inputs(layout, m_tiles * block_m - 3, dtype)
-    y = bsmm_forward(x, values, layout, bias, variant=variant)
-    _close(y, bsmm_forward_reference(x, values, layout, bias), dtype)
-    dx = bsmm_grad_input(dy, values, layout, variant=variant)
-    _close(dx, bsmm_grad_input_reference(dy, values, layout), dtype)
+    y = triton_forward(x, values, layout, bias, variant=variant)
+    _close(y, torch_forward(x, values, layout, bias), dtype)
+    dx = triton_grad_input(dy, values, layout, variant=variant)
+    _close(dx, torch_grad_input(dy, values, layout), dtype)
 
 
 @pytest.mark.skipif(not HAS_TMA, reason="needs sm_90+")
-def test_tma_variant_refuses_misaligned_operands():
+def test_bsmm_tma_variant_refuses_misaligned_operands():
     layout = _mask_layout("random", 2, 2, 16)
     x, values, _, _ = _inputs(layout, 9, torch.float16)
     misaligned = x.view(-1)[1:].view(-1)[: 8 * 32].view(8, 32)
     with pytest.raises(ValueError, match="activations 16-byte aligned"):
-        bsmm_forward(misaligned, values, layout, variant="tma")
+        triton_forward(misaligned, values, layout, variant="tma")
     with pytest.raises(ValueError, match="values contiguous"):
-        bsmm_forward(x, values.transpose(1, 2), layout, variant="tma")
+        triton_forward(x, values.transpose(1, 2), layout, variant="tma")
     with pytest.raises(ValueError, match="needs x 16-byte aligned"):
-        bsmm_grad_weight(x[:8], misaligned, layout, variant="tma")
+        triton_grad_weight(x[:8], misaligned, layout, variant="tma")
 
 
-def test_default_variant_comes_from_the_environment(monkeypatch):
+def test_bsmm_default_variant_comes_from_the_environment(monkeypatch):
     layout = _mask_layout("empty_rows_cols", 3, 2, 16)
     x, values, _, bias = _inputs(layout, 40, torch.float32)
-    expected = bsmm_forward_reference(x, values, layout, bias)
+    expected = torch_forward(x, values, layout, bias)
     monkeypatch.setenv("SMET_MATMUL_VARIANT", "persistent")
-    _close(bsmm_forward(x, values, layout, bias), expected, torch.float32)
+    _close(triton_forward(x, values, layout, bias), expected, torch.float32)
     monkeypatch.setenv("SMET_MATMUL_VARIANT", "stream-k")
     with pytest.raises(ValueError, match="SMET_MATMUL_VARIANT environment variable must be one of"):
-        bsmm_forward(x, values, layout, bias)
+        triton_forward(x, values, layout, bias)
 
 
-def test_variant_is_validated():
+def test_bsmm_variant_is_validated():
     layout = _mask_layout("random", 2, 2, 16)
     x, values, dy, _ = _inputs(layout, 8, torch.float32)
     with pytest.raises(ValueError, match="variant"):
-        bsmm_forward(x, values, layout, variant="stream-k")
+        triton_forward(x, values, layout, variant="stream-k")
     with pytest.raises(ValueError, match="variant"):
-        bsmm_grad_input(dy, values, layout, variant="TMA")
+        triton_grad_input(dy, values, layout, variant="TMA")
 
 
 @pytest.mark.skipif(not HAS_TMA, reason="needs sm_90+")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("kind", ["random", "empty_rows_cols", "single", "dense"])
 @pytest.mark.parametrize("split_k", [1, 3])
-def test_tma_grad_weight_matches_reference(kind, split_k, dtype):
+def test_bsmm_grad_weight_tma_matches_torch(kind, split_k, dtype):
     """TMA token tiles (zero-filled past the last token) and b × b result boxes, with and without split-K."""
     layout = _mask_layout(kind, 3, 4, 16)
     x, _, dy, _ = _inputs(layout, 101, dtype)
-    _close(bsmm_grad_weight(dy, x, layout, split_k=split_k, variant="tma"), bsmm_grad_weight_reference(dy, x, layout),
+    _close(triton_grad_weight(dy, x, layout, split_k=split_k, variant="tma"), torch_grad_weight(dy, x, layout),
            dtype)
 
 
 @pytest.mark.parametrize("split_k", [2, 3])
-def test_grad_weight_split_k(split_k):
+def test_bsmm_grad_weight_split_k_matches_torch(split_k):
     layout = _mask_layout("random", 2, 3, 16)
     x, _, dy, _ = _inputs(layout, 100, torch.float32)
-    _close(bsmm_grad_weight(dy, x, layout, split_k=split_k), bsmm_grad_weight_reference(dy, x, layout), torch.float32)
+    _close(triton_grad_weight(dy, x, layout, split_k=split_k), torch_grad_weight(dy, x, layout), torch.float32)
 
 
-def test_empty_block_row_gives_bias_only_and_zero_grad_column():
+def test_bsmm_empty_block_row_gives_bias_only_and_zero_grad_column():
     layout = _mask_layout("empty_rows_cols", 3, 4, 16)
     x, values, dy, bias = _inputs(layout, 5, torch.float32)
-    y = bsmm_forward(x, values, layout, bias)
+    y = triton_forward(x, values, layout, bias)
     torch.testing.assert_close(y[:, :16], bias[:16].expand(5, 16))
-    dx = bsmm_grad_input(dy, values, layout)
+    dx = triton_grad_input(dy, values, layout)
     assert torch.count_nonzero(dx[:, 16:32]) == 0
 
 
 @pytest.mark.parametrize("backend", ["triton", "reference"])
 @pytest.mark.parametrize("lead_shape", [(0,), (2, 0)])
-def test_zero_tokens_give_empty_outputs_and_zero_weight_gradients(lead_shape, backend):
+def test_bsmm_zero_tokens_give_empty_outputs_and_zero_weight_gradients(lead_shape, backend):
     """A batch without tokens, as nn.Linear allows, including the stride-0 gradient of y.sum()."""
     layout = _mask_layout("random", 4, 2, 16)
     x = torch.randn(*lead_shape, layout.shape[1], device=DEVICE, requires_grad=True)
@@ -193,7 +194,7 @@ def test_zero_tokens_give_empty_outputs_and_zero_weight_gradients(lead_shape, ba
     assert not values.grad.any() and not bias.grad.any()
     for variant in ("persistent", "tma") if backend == "triton" and HAS_TMA else ():
         x2d = x.detach().reshape(0, layout.shape[1])
-        assert bsmm_forward(x2d, values.detach(), layout, variant=variant).shape == (0, layout.shape[0])
+        assert triton_forward(x2d, values.detach(), layout, variant=variant).shape == (0, layout.shape[0])
 
 
 @pytest.mark.parametrize("lead_shape", [(7,), (2, 3), (1, 5, 3), (1,)])
@@ -217,7 +218,7 @@ def test_block_sparse_linear_autograd_triton_vs_reference(lead_shape, with_bias)
         _close(got, want, dtype)
 
 
-def test_reference_matches_dense_linear_and_gradcheck():
+def test_torch_bsmm_matches_dense_linear_and_gradcheck():
     layout = _mask_layout("empty_rows_cols", 3, 2, 16)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4, layout.shape[1], dtype=torch.float64, generator=g, requires_grad=True)
@@ -230,11 +231,11 @@ def test_reference_matches_dense_linear_and_gradcheck():
     )
 
 
-def test_weight_gradient_is_the_dense_gradient_at_active_blocks():
+def test_bsmm_grad_weight_is_the_dense_gradient_at_active_blocks():
     layout = _mask_layout("random", 3, 3, 16)
     x, values, dy, _ = _inputs(layout, 9, torch.float32)
     dense_grad = dy.t() @ x
-    _close(bsmm_grad_weight(dy, x, layout), from_dense(dense_grad, layout), torch.float32)
+    _close(triton_grad_weight(dy, x, layout), from_dense(dense_grad, layout), torch.float32)
 
 
 def test_to_dense_from_dense_round_trip():
@@ -251,7 +252,7 @@ def test_non_contiguous_input_is_accepted():
     x, values, _, _ = _inputs(layout, 8, torch.float32)
     x_t = x.t().contiguous().t()  # same values, column-major strides
     assert not x_t.is_contiguous()
-    _close(block_sparse_linear(x_t, values, layout), bsmm_forward_reference(x, values, layout), torch.float32)
+    _close(block_sparse_linear(x_t, values, layout), torch_forward(x, values, layout), torch.float32)
 
 
 @pytest.mark.parametrize(
@@ -305,12 +306,12 @@ def test_non_contiguous_bias_is_read_by_its_strides():
     assert not strided_bias.is_contiguous()
     _close(
         block_sparse_linear(x, values, layout, strided_bias, backend="triton"),
-        bsmm_forward_reference(x, values, layout, strided_bias.contiguous()),
+        torch_forward(x, values, layout, strided_bias.contiguous()),
         torch.float32,
     )
 
 
-def test_row_offsets_past_int32():
+def test_bsmm_row_offsets_past_int32():
     """Row ``m`` of a ``[M, K]`` operand starts at ``m * stride``: past 2**31 elements for long token batches."""
     layout = BlockLayout.from_mask(torch.ones(1, 1, dtype=torch.bool), 16)
     stride = 2**30 + 16  # row 2 starts at element 2**31 + 32
@@ -323,13 +324,13 @@ def test_row_offsets_past_int32():
     strided.copy_(torch.randn(3, 16, generator=g))
     rows = strided.contiguous()
     values = torch.randn(1, 16, 16, generator=g).to(DEVICE, torch.float16)
-    _close(bsmm_forward(strided, values, layout), bsmm_forward_reference(rows, values, layout), torch.float16)
-    _close(bsmm_grad_input(strided, values, layout), bsmm_grad_input_reference(rows, values, layout), torch.float16)
-    _close(bsmm_grad_weight(strided, strided, layout), bsmm_grad_weight_reference(rows, rows, layout), torch.float16)
+    _close(triton_forward(strided, values, layout), torch_forward(rows, values, layout), torch.float16)
+    _close(triton_grad_input(strided, values, layout), torch_grad_input(rows, values, layout), torch.float16)
+    _close(triton_grad_weight(strided, strided, layout), torch_grad_weight(rows, rows, layout), torch.float16)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-def test_kernels_after_topology_update(dtype):
+def test_bsmm_after_topology_update(dtype):
     """After ``replace_blocks`` the slots are no longer in row-major order; the kernels go through the indices."""
     layout = _mask_layout("random", 3, 4, 16)
     inactive = (~layout.mask).nonzero()
@@ -337,9 +338,9 @@ def test_kernels_after_topology_update(dtype):
     flat = layout.block_indices[:, 0] * 4 + layout.block_indices[:, 1]
     assert not torch.equal(flat, flat.sort().values)
     x, values, dy, bias = _inputs(layout, 19, dtype)
-    _close(bsmm_forward(x, values, layout, bias), bsmm_forward_reference(x, values, layout, bias), dtype)
-    _close(bsmm_grad_input(dy, values, layout), bsmm_grad_input_reference(dy, values, layout), dtype)
-    _close(bsmm_grad_weight(dy, x, layout), bsmm_grad_weight_reference(dy, x, layout), dtype)
+    _close(triton_forward(x, values, layout, bias), torch_forward(x, values, layout, bias), dtype)
+    _close(triton_grad_input(dy, values, layout), torch_grad_input(dy, values, layout), dtype)
+    _close(triton_grad_weight(dy, x, layout), torch_grad_weight(dy, x, layout), dtype)
 
 
 @pytest.mark.parametrize("needs", [(True, False, False), (False, True, False), (False, False, True)])
@@ -375,7 +376,7 @@ def test_autocast_bf16_gives_bf16_output_and_fp32_gradients():
     assert y.dtype == torch.bfloat16
     y.backward(dy.to(torch.bfloat16))
     assert all(leaf.grad.dtype == torch.float32 for leaf in leaves)
-    _close(values.grad, bsmm_grad_weight_reference(dy, x.detach(), layout), torch.bfloat16)
+    _close(values.grad, torch_grad_weight(dy, x.detach(), layout), torch.bfloat16)
 
 
 def test_torch_compile_traces_the_layer():
@@ -388,20 +389,20 @@ def test_torch_compile_traces_the_layer():
     compiled = torch.compile(layer, backend="eager")
     y = compiled(x, values)
     y.backward(dy)
-    expected = torch.relu(bsmm_forward_reference(x, values.detach(), layout))
+    expected = torch.relu(torch_forward(x, values.detach(), layout))
     _close(y, expected, torch.float32)
-    _close(values.grad, bsmm_grad_weight_reference(dy * (expected > 0), x, layout), torch.float32)
+    _close(values.grad, torch_grad_weight(dy * (expected > 0), x, layout), torch.float32)
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
 @pytest.mark.gpu
-def test_kernels_launch_on_the_operands_device():
+def test_bsmm_launches_on_the_operands_device():
     layout = _mask_layout("random", 2, 3, 16)
     x, values, dy, bias = (t.to("cuda:1") for t in _inputs(layout, 9, torch.float32))
     with torch.cuda.device(0):
-        _close(bsmm_forward(x, values, layout, bias), bsmm_forward_reference(x, values, layout, bias), torch.float32)
-        _close(bsmm_grad_input(dy, values, layout), bsmm_grad_input_reference(dy, values, layout), torch.float32)
-        _close(bsmm_grad_weight(dy, x, layout), bsmm_grad_weight_reference(dy, x, layout), torch.float32)
+        _close(triton_forward(x, values, layout, bias), torch_forward(x, values, layout, bias), torch.float32)
+        _close(triton_grad_input(dy, values, layout), torch_grad_input(dy, values, layout), torch.float32)
+        _close(triton_grad_weight(dy, x, layout), torch_grad_weight(dy, x, layout), torch.float32)
 
 
 def _kept(block_size, weight_grad=False, limit=HOPPER_SHARED_MEMORY, dtype=torch.bfloat16):
@@ -410,7 +411,7 @@ def _kept(block_size, weight_grad=False, limit=HOPPER_SHARED_MEMORY, dtype=torch
     return {(c.kwargs["BLOCK_M"], c.num_warps, c.num_stages) for c in kept}
 
 
-def test_pruner_rules():
+def test_prune_configs_rules():
     """Shared memory, accumulator registers and cp.async width (reports/static-sm90 shows each on sm_90)."""
     forward_128 = _kept(128)
     assert (256, 8, 2) in forward_128 and (256, 4, 2) not in forward_128  # 256 fp32 accumulator regs per thread
