@@ -129,7 +129,7 @@ def block_sparse_linear(
             raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
         if tuple(bias.shape) != (out_features,):
             raise ValueError(f"bias must have shape [{out_features}], got {tuple(bias.shape)}")
-    if torch.is_autocast_enabled(x.device.type):
+    if _has_autocast(x) and torch.is_autocast_enabled(x.device.type):
         dtype = torch.get_autocast_dtype(x.device.type)
         x, values = x.to(dtype), values.to(dtype)
         bias = bias.to(dtype) if bias is not None else None
@@ -152,8 +152,15 @@ def block_sparse_linear(
 def _apply_block_sparse_linear(x, values, bias, layout, backend):
     """Runs eagerly under ``torch.compile`` (a graph break): the layout's cached index structures and the Triton
     launch stay outside the traced graph."""
+    if not _has_autocast(x):
+        return BlockSparseLinearFunction.apply(x, values, bias, layout, backend)
     with torch.autocast(x.device.type, enabled=False):
         return BlockSparseLinearFunction.apply(x, values, bias, layout, backend)
+
+
+def _has_autocast(x: torch.Tensor) -> bool:
+    """Whether autocast exists on ``x``'s device (not on ``meta``, where memory is traced without allocating)."""
+    return torch.amp.is_autocast_available(x.device.type)
 
 
 def to_dense(values: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
