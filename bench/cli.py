@@ -4,6 +4,7 @@
     smet-bench run                                        # full grid on a GPU -> reports/<gpu-slug>/
     smet-bench report --out-dir reports/<gpu-slug>        # report.md + PNG plots
     smet-bench stability run --quick                      # stability study, CPU pilot; see bench/stability/
+    smet-bench memory                                     # memory scaling 20m..7b traced on meta, any machine
 
 Also runnable as ``python -m bench.cli``.
 """
@@ -42,7 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="smet-bench",
         description="Benchmarks of smet_kernels: kernels, optimizer step, end-to-end training memory and speed.",
     )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{run,report,gpu-check,stability}")
+    commands = parser.add_subparsers(
+        dest="command", required=True, metavar="{run,report,gpu-check,stability,memory}"
+    )
 
     run = commands.add_parser(
         "run",
@@ -187,6 +190,17 @@ def build_parser() -> argparse.ArgumentParser:
         "GaLore at equal tokens, density x alpha sweep (see bench/stability/).",
     )
     add_stability_arguments(stability)
+
+    from .memory_scaling import add_arguments as add_memory_arguments
+
+    memory = commands.add_parser(
+        "memory",
+        help="memory scaling 20m..7b: one step of every method traced on meta (exact bytes, nothing allocated), "
+        "measured on the CPU where small, and modelled; writes memory.csv, memory.md and plots",
+        description="Trace one training step per method, size, density, state dtype, batch shape, vocab and "
+        "activation checkpointing on the meta device (see bench/memory_scaling.py), then render the report.",
+    )
+    add_memory_arguments(memory)
     return parser
 
 
@@ -411,6 +425,10 @@ def main(argv: list[str] | None = None) -> int:
         from .stability import main_from_args
 
         return main_from_args(args, "smet-bench", argv)
+    if args.command == "memory":
+        from .memory_scaling import main_from_args as memory_main
+
+        return memory_main(args, "smet-bench", argv)
     if args.command == "run":
         args.argv = argv
         return run(args)

@@ -93,39 +93,52 @@ def model_config_for(case: TrainingCase):
     return model_config(case.config, vocab_size=case.vocab_size, block_size=case.block_size, max_seq_len=case.seq_len)
 
 
-def build(case: TrainingCase, device: torch.device, backend: str | None, seed: int = 0):
-    """``(model, optimizer)`` of ``case`` on ``device``."""
+LR = 1e-4
+
+
+def build_model(llama_config, method: str, density: float, block_size: int, dtype: torch.dtype, device, backend,
+                seed: int = 0):
+    """The LLaMA model of ``llama_config`` on ``device`` as ``method`` trains it: hidden linears block-sparse
+    (``smet``), masked dense (``masked``) or dense (``dense``, ``galore``)."""
     from smet_kernels.train.model import LlamaModel
 
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
-    model = LlamaModel(model_config_for(case), device=device, dtype=case.dtype)
-    model.activation_checkpointing = case.activation_checkpointing
-    lr = 1e-4
-    if case.method == "smet":
+    model = LlamaModel(llama_config, device=device, dtype=dtype)
+    if method == "smet":
         from smet_kernels.modules import sparsify
-        from smet_kernels.optim.smet_adamw import SMETAdamW
 
         sparsify(
-            model,
-            case.density,
-            block_size=case.block_size,
-            include=_hidden_linear_patterns(),
-            generator=generator,
+            model, density, block_size=block_size, include=_hidden_linear_patterns(), generator=generator,
             backend=backend,
-        )
-        return model, SMETAdamW(model.parameters(), lr=lr, state_dtype=case.dtype, backend=backend)
-    if case.method == "galore":
-        from smet_kernels.optim.galore import GALORE_DEFAULT_RANK, GaLoreAdamW, galore_param_groups
-
-        return model, GaLoreAdamW(galore_param_groups(model, GALORE_DEFAULT_RANK[case.config]), lr=lr)
-    if case.method == "masked":
+        )  # fmt: skip
+    elif method == "masked":
         from smet_kernels.masked import masked_sparsify
 
-        masked_sparsify(
-            model, case.density, block_size=case.block_size, include=_hidden_linear_patterns(), generator=generator
-        )
-    return model, torch.optim.AdamW(model.parameters(), lr=lr, fused=True)
+        masked_sparsify(model, density, block_size=block_size, include=_hidden_linear_patterns(), generator=generator)
+    return model
+
+
+def galore_optimizer(model, config: str):
+    """GaLore-style AdamW with the paper's rank for ``config`` on the hidden linears of ``model``."""
+    from smet_kernels.optim.galore import GALORE_DEFAULT_RANK, GaLoreAdamW, galore_param_groups
+
+    return GaLoreAdamW(galore_param_groups(model, GALORE_DEFAULT_RANK[config]), lr=LR)
+
+
+def build(case: TrainingCase, device: torch.device, backend: str | None, seed: int = 0):
+    """``(model, optimizer)`` of ``case`` on ``device``."""
+    model = build_model(
+        model_config_for(case), case.method, case.density, case.block_size, case.dtype, device, backend, seed
+    )
+    model.activation_checkpointing = case.activation_checkpointing
+    if case.method == "smet":
+        from smet_kernels.optim.smet_adamw import SMETAdamW
+
+        return model, SMETAdamW(model.parameters(), lr=LR, state_dtype=case.dtype, backend=backend)
+    if case.method == "galore":
+        return model, galore_optimizer(model, case.config)
+    return model, torch.optim.AdamW(model.parameters(), lr=LR, fused=True)
 
 
 def predicted_memory(case: TrainingCase):

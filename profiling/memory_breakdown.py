@@ -9,8 +9,13 @@ count once):
 * optimizer: every tensor in ``optimizer.state``;
 * activations: every non-parameter tensor autograd saves for backward during the forward pass
   (``torch.autograd.graph.saved_tensors_hooks``);
-* rest: on CUDA, ``torch.cuda.max_memory_allocated()`` (after ``reset_peak_memory_stats()``) minus the four
-  above — loss-backward transients, temporaries, workspaces. Without CUDA the peak is unknown and rest is ``None``.
+* rest: the step's peak minus the four above — loss-backward transients, temporaries, workspaces. The peak is
+  ``torch.cuda.max_memory_allocated()`` (after ``reset_peak_memory_stats()``) on CUDA, the live bytes of a
+  :class:`profiling.memory_trace.LiveBytes` tracker when one is given (a model traced on ``meta``), else unknown
+  (``None``) — a CPU has no allocator peak.
+
+Storages are told apart by their ``StorageImpl`` (views and shared tensors count once), which works on ``meta``
+too, where every data pointer is 0.
 
 Gradients are kept allocated between steps (``zero_grad(set_to_none=False)``) so that the components add up.
 """
@@ -25,8 +30,7 @@ from torch import nn
 
 
 def _storage_key(tensor: torch.Tensor) -> tuple[str, int]:
-    storage = tensor.untyped_storage()
-    return (str(tensor.device), storage.data_ptr())
+    return (str(tensor.device), tensor.untyped_storage()._cdata)
 
 
 def tensor_bytes(tensors, exclude: set | None = None) -> int:
@@ -34,7 +38,7 @@ def tensor_bytes(tensors, exclude: set | None = None) -> int:
     seen = set(exclude or ())
     total = 0
     for tensor in tensors:
-        if not isinstance(tensor, torch.Tensor) or tensor.device.type == "meta":
+        if not isinstance(tensor, torch.Tensor):
             continue
         key = _storage_key(tensor)
         if key in seen:
@@ -94,11 +98,10 @@ class SavedActivations:
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
 
     def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
-        if tensor.device.type != "meta":
-            key = _storage_key(tensor)
-            if key not in self._exclude and key not in self._seen:
-                self._seen.add(key)
-                self.bytes += tensor.untyped_storage().nbytes()
+        key = _storage_key(tensor)
+        if key not in self._exclude and key not in self._seen:
+            self._seen.add(key)
+            self.bytes += tensor.untyped_storage().nbytes()
         return tensor
 
     @staticmethod
@@ -139,11 +142,15 @@ def measure_step_memory(
     optimizer: torch.optim.Optimizer,
     forward: Callable[[], torch.Tensor],
     device: torch.device | str,
+    live=None,
 ) -> MeasuredMemory:
     """Run one step (``loss = forward(); loss.backward(); optimizer.step(); optimizer.zero_grad(False)``)
-    and split its memory. Run a warm-up step first so that gradients and optimizer states exist."""
+    and split its memory. Run a warm-up step first so that gradients and optimizer states exist. ``live``: a
+    :class:`profiling.memory_trace.LiveBytes` whose peak over the step is the peak (instead of CUDA's)."""
     device = torch.device(device)
-    cuda = device.type == "cuda"
+    cuda = device.type == "cuda" and live is None
+    if live is not None:
+        live.reset_peak()
     if cuda:
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -156,6 +163,8 @@ def measure_step_memory(
     if cuda:
         torch.cuda.synchronize(device)
         peak = int(torch.cuda.max_memory_allocated(device))
+    elif live is not None:
+        peak = live.peak
     weights = weight_bytes(model)
     gradients = gradient_bytes(model)
     states = optimizer_state_bytes(optimizer)
@@ -167,5 +176,6 @@ def measure_step_memory(
         activations=saved.bytes,
         peak=peak,
         rest=rest,
-        peak_source="torch.cuda.max_memory_allocated" if cuda else "unavailable on cpu",
+        peak_source="torch.cuda.max_memory_allocated" if cuda else "traced live bytes" if live is not None
+        else f"unavailable on {device.type}",
     )

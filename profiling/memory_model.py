@@ -18,11 +18,13 @@ vocab ``V``, element sizes ``e`` (parameters/activations), ``s`` (optimizer stat
   cos/sin tables (``2 S (h/a) e`` per layer when they are cast from fp32); ``masked`` layers also save
   ``W ⊙ M`` (``4h² + 3hi`` per layer), ``smet`` products an ``int64`` layout-version snapshot each. Plus the final norm
   ``(4 + 2e) T h + 4 T``, cross-entropy's fp32 log-softmax ``4 T V`` and the int64 token ids and targets ``16 T``;
-  with **activation checkpointing** a decoder layer saves only its input (``e T h``, plus the cast cos/sin);
-* **rest**: the largest working set of the backward pass, an estimate — the loss backward holds the bf16/fp32
-  logits, their fp32 copy and the log-softmax gradient (``(8 + e) T V``), a SwiGLU backward holds three
-  ``T × i`` gradients (``3 e T i``): ``max`` of the two; with activation checkpointing the layer in backward also
-  holds its recomputed activations (one layer's share above).
+  With ``activation_checkpointing`` (``torch.utils.checkpoint`` per decoder layer) a layer saves only its inputs:
+  ``T h e`` (plus its cos/sin when cast), and ``masked`` layers save no ``W ⊙ M``;
+* **rest**: the largest working set of the backward pass beyond the four above, an estimate — the loss backward
+  holds the fp32 log-probability gradient and the fp32 logits gradient (``8 T V``, exact in the traces of
+  :mod:`profiling.memory_trace`), an RMSNorm backward three fp32 ``T × h`` tensors (``12 T h``), a SwiGLU
+  backward three ``T × i`` gradients (``3 e T i``): ``max`` of the three; with activation checkpointing the
+  SwiGLU term adds the activations of the one layer recomputed during its backward.
 
 The measured split (:mod:`profiling.memory_breakdown`) keeps gradients allocated between steps
 (``zero_grad(set_to_none=False)``), so the five components add up to the peak.
@@ -169,14 +171,15 @@ def predict_memory(
         optimizer = 2 * (dense_other + hidden_dense) * s
 
     per_layer = T * h * (8 + 8 * e) + 4 * e * T * i + 4 * batch_size * config.num_heads * seq_len + 8 * T
-    masked_weights = hidden_dense // L * e if method == "masked" else 0  # W ⊙ M each masked linear saves
     rope = 2 * seq_len * (h // config.num_heads) * e if e != 4 else 0  # cos/sin cast to the activation dtype
-    saved_per_layer = e * T * h + rope if activation_checkpointing else per_layer + rope + masked_weights
-    if method == "smet" and not activation_checkpointing:
-        saved_per_layer += 8 * len(shapes) // L  # each block-sparse product saves an int64 layout-version snapshot
-    activations = L * saved_per_layer + (4 + 2 * e) * T * h + 4 * T + 4 * T * V + 16 * T
-    swiglu_backward = 3 * e * T * i
-    if activation_checkpointing:  # the layer in backward holds its recomputed activations too
-        swiglu_backward += per_layer + masked_weights
-    rest = max((8 + e) * T * V, swiglu_backward)
+    masked_weights = hidden_dense * e if method == "masked" else 0  # the W ⊙ M each masked linear saves
+    versions = 8 * len(shapes) if method == "smet" else 0  # each block-sparse product's int64 layout-version snapshot
+    head = (4 + 2 * e) * T * h + 4 * T + 4 * T * V + 16 * T
+    if activation_checkpointing:
+        activations = L * (T * h * e + rope) + head
+        recomputed = per_layer + rope + (masked_weights + versions) // L
+        rest = max(8 * T * V, 12 * T * h, 3 * e * T * i + recomputed)
+    else:
+        activations = L * (per_layer + rope) + head + masked_weights + versions
+        rest = max(8 * T * V, 12 * T * h, 3 * e * T * i)
     return MemoryEstimate(int(weights), int(gradients), int(optimizer), int(activations), int(rest))

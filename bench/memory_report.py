@@ -1,0 +1,359 @@
+"""``memory.md`` and plots of the memory-scaling grid (``memory.csv``, :mod:`bench.memory_scaling`).
+
+Sections: the largest LLaMA each method trains on a 24 / 80 / 141 GB GPU (traced peak ≤ capacity, decimal GB),
+traced vs measured and traced vs model per component (relative error = (other − traced) / traced), GPU runs
+where a ``training.csv`` of a GPU exists (allocator and NVML peaks beside the traced peak of the same case), and
+the plots: peak vs model size (log–log), stacked components at 1b and 7b, SMET and masked DST as a fraction of
+dense vs density.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .memory_scaling import COMPONENTS, CONFIGS, SPARSE_METHODS, MemoryCase
+from .report import _plt, fmt_bytes, load_csv, on_cpu, table
+
+CAPACITIES_GB = (24, 80, 141)
+GB = 1e9
+
+
+def headline_settings(traced: pd.DataFrame) -> dict:
+    """The settings of the plots and the headline table: the largest vocab, fp32 states where traced, the smallest
+    batch (the plots show one batch shape; the headline table every one)."""
+    states = set(traced["state_dtype"])
+    return {"vocab_size": int(traced["vocab_size"].max()), "state_dtype": "fp32" if "fp32" in states else
+            sorted(states)[0], "batch_size": int(traced["batch_size"].min())}  # fmt: skip
+
+
+def label(frame: pd.DataFrame) -> pd.Series:
+    """``dense``, ``galore``, ``masked d=0.5``, ``smet d=0.1``..."""
+    return pd.Series(
+        [f"{m} d={d:g}" if m in SPARSE_METHODS else m for m, d in zip(frame["method"], frame["density"])],
+        index=frame.index,
+    )
+
+
+def dense_parameters(config: str, vocab_size: int) -> int:
+    """Parameters of the dense LLaMA ``config`` (hidden linears, embedding, head, norms)."""
+    from profiling.memory_model import hidden_linear_shapes
+
+    llama = MemoryCase(config, "dense", 1.0, "bf16", 1, 1, vocab_size, False).llama_config()
+    hidden = sum(o * i for o, i in hidden_linear_shapes(llama).values())
+    return hidden + 2 * vocab_size * llama.hidden_size + (2 * llama.num_layers + 1) * llama.hidden_size
+
+
+def _settings(frame: pd.DataFrame, **settings) -> pd.DataFrame:
+    """Rows with the given column values; ``state_dtype`` fp32 also keeps GaLore's bf16 rows (it has no fp32)."""
+    keep = pd.Series(True, index=frame.index)
+    for column, value in settings.items():
+        match = frame[column] == value
+        if column == "state_dtype":
+            match |= frame["method"] == "galore"
+        keep &= match
+    return frame[keep]
+
+
+def _order(frame: pd.DataFrame) -> pd.DataFrame:
+    rank = {c: i for i, c in enumerate(CONFIGS)}
+    methods = {m: i for i, m in enumerate(("dense", "galore", "masked", "smet"))}
+    return frame.assign(_c=frame["config"].map(rank), _m=frame["method"].map(methods)).sort_values(
+        ["_c", "_m", "density"], ascending=[True, True, False]
+    ).drop(columns=["_c", "_m"])
+
+
+# ---------------------------------------------------------------------------------------------- headline
+def largest_fitting(traced: pd.DataFrame, capacity_bytes: float) -> pd.DataFrame:
+    """Per method/density/state dtype/batch/vocab/checkpointing, the largest config whose traced peak fits."""
+    keys = ["method", "density", "state_dtype", "batch_size", "seq_len", "vocab_size", "activation_checkpointing"]
+    rank = {c: i for i, c in enumerate(CONFIGS)}
+    fits = traced[traced["peak_bytes"] <= capacity_bytes].assign(rank=lambda f: f["config"].map(rank))
+    best = fits.sort_values("rank").groupby(keys, as_index=False).last()
+    return best[keys + ["config", "peak_bytes"]]
+
+
+def headline_table(traced: pd.DataFrame, checkpointing: bool) -> pd.DataFrame:
+    """Rows: method (and density, state dtype); columns: capacity × batch shape; cells: largest config (its peak)."""
+    rows = _settings(traced, vocab_size=headline_settings(traced)["vocab_size"],
+                     activation_checkpointing=checkpointing)  # fmt: skip
+    rows = rows.assign(label=label(rows))
+    out = _order(rows)[["label", "method", "density", "state_dtype"]].drop_duplicates(["label", "state_dtype"])
+    out = out.set_index(["label", "state_dtype"])
+    for capacity in CAPACITIES_GB:
+        best = largest_fitting(rows, capacity * GB).assign(label=lambda f: label(f))
+        for (batch, seq), group in best.groupby(["batch_size", "seq_len"]):
+            cells = {
+                (r.label, r.state_dtype): f"{r.config} ({r.peak_bytes / GB:.1f} GB)" for r in group.itertuples()
+            }
+            out[f"{capacity} GB, {batch}×{seq}"] = [cells.get(index, "none") for index in out.index]
+    out = out.reset_index().drop(columns=["method", "density"])
+    return out.rename(columns={"label": "method", "state_dtype": "states"})
+
+
+# ---------------------------------------------------------------------------------------------- agreement
+KEY = ["config", "method", "density", "dtype", "state_dtype", "block_size", "distribution", "batch_size", "seq_len",
+       "vocab_size", "activation_checkpointing"]  # fmt: skip
+
+
+def agreement(frame: pd.DataFrame, other: str) -> pd.DataFrame:
+    """One row per (case, component) present in both the traced and the ``other`` rows, with the relative error
+    ``(other − traced) / traced``."""
+    traced = frame[frame["source"] == "traced"]
+    compared = frame[frame["source"] == other]
+    merged = traced.merge(compared, on=KEY, suffixes=("_traced", "_other"))
+    rows = []
+    for component in list(COMPONENTS) + ["peak"]:
+        a, b = merged[f"{component}_bytes_traced"], merged[f"{component}_bytes_other"]
+        present = a.notna() & b.notna() & (a > 0)
+        part = merged.loc[present, KEY].assign(
+            component=component, traced=a[present], other=b[present], error=(b[present] - a[present]) / a[present]
+        )
+        rows.append(part)
+    return pd.concat(rows, ignore_index=True)
+
+
+def agreement_summary(errors: pd.DataFrame) -> pd.DataFrame:
+    grouped = errors.groupby("component", sort=False)["error"]
+    return pd.DataFrame(
+        {
+            "cases": grouped.size(),
+            "median abs error": grouped.apply(lambda e: f"{100 * np.median(np.abs(e)):.3f} %"),
+            "max abs error": grouped.apply(lambda e: f"{100 * np.max(np.abs(e)):.3f} %"),
+            "max abs difference": grouped.apply(lambda e: "")
+            if errors.empty
+            else errors.assign(d=(errors["other"] - errors["traced"]).abs()).groupby("component", sort=False)["d"]
+            .max()
+            .map(fmt_bytes),
+        }
+    ).reset_index()
+
+
+# ---------------------------------------------------------------------------------------------- GPU runs
+def gpu_rows(reports_dir: Path) -> pd.DataFrame | None:
+    """The training-suite rows of every GPU folder under ``reports_dir`` (``*/training.csv`` rows whose ``gpu``
+    is not a CPU), keyed like the memory grid: bf16 states = the training dtype (the suite's optimizers keep
+    states in the parameter dtype), vocab 256, no activation checkpointing."""
+    frames = []
+    for path in sorted(Path(reports_dir).glob("*/training.csv")):
+        frame = load_csv(path)
+        if frame is None:
+            continue
+        frame = frame[~on_cpu(frame["gpu"]) & (frame["status"] == "ok") & frame["config"].isin(CONFIGS)]
+        if len(frame):
+            frames.append(frame)
+    if not frames:
+        return None
+    frame = pd.concat(frames, ignore_index=True)
+    return frame.assign(
+        state_dtype=frame["dtype"], distribution="uniform", vocab_size=256, activation_checkpointing=False
+    )
+
+
+def gpu_cases(reports_dir: Path) -> list[MemoryCase]:
+    """The memory-grid cases of the GPU rows under ``reports_dir`` (traced too, so that the two compare)."""
+    frame = gpu_rows(reports_dir)
+    if frame is None:
+        return []
+    return [
+        MemoryCase(r.config, r.method, float(r.density), r.state_dtype, int(r.batch_size), int(r.seq_len), 256,
+                   False, dtype=r.dtype, block_size=int(r.block_size))  # fmt: skip
+        for r in frame.itertuples()
+    ]
+
+
+def gpu_comparison(frame: pd.DataFrame, gpus: pd.DataFrame) -> pd.DataFrame:
+    """GPU allocator and NVML peaks beside the traced peak of the same case."""
+    traced = frame[frame["source"] == "traced"]
+    merged = gpus.merge(traced[KEY + ["peak_bytes"]], on=KEY, how="inner")
+    return merged.assign(
+        allocator_vs_traced=(merged["peak_allocated_bytes"] - merged["peak_bytes"]) / merged["peak_bytes"]
+    )
+
+
+# ---------------------------------------------------------------------------------------------- plots
+def _describe(rows: pd.DataFrame) -> str:
+    """``batch 8×256, vocab 32000, bf16 weights, fp32 states`` of the plotted rows."""
+    first = rows.iloc[0]
+    states = sorted(set(rows.loc[rows["method"] != "galore", "state_dtype"])) or ["bf16"]
+    return (f"batch {first['batch_size']}×{first['seq_len']}, vocab {first['vocab_size']}, {first['dtype']} weights, "
+            f"{'/'.join(states)} states (GaLore: bf16)")
+
+
+def plot_peak_vs_size(traced: pd.DataFrame, gpu: pd.DataFrame | None, path: Path) -> str:
+    plt, sns = _plt()
+    data = traced.assign(label=label(traced), params=[dense_parameters(c, v) for c, v in
+                                                      zip(traced["config"], traced["vocab_size"])])  # fmt: skip
+    data = data.assign(peak_gb=data["peak_bytes"] / GB)
+    panels = [False, True]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5), squeeze=False, sharey=True)
+    order = list(dict.fromkeys(_order(data)["label"]))
+    for axis, ckpt in zip(axes[0], panels):
+        part = data[data["activation_checkpointing"] == ckpt]
+        sns.lineplot(data=part, x="params", y="peak_gb", hue="label", hue_order=order, style="label",
+                     style_order=order, markers=True, dashes=False, ax=axis)  # fmt: skip
+        if gpu is not None and len(gpu) and not ckpt:
+            params = [dense_parameters(c, 256) for c in gpu["config"]]
+            axis.scatter(params, gpu["peak_allocated_bytes"] / GB, marker="X", s=80, color="black",
+                         label="GPU allocator peak (vocab 256)")  # fmt: skip
+            if gpu["nvml_peak_bytes"].notna().any():
+                axis.scatter(params, gpu["nvml_peak_bytes"] / GB, marker="+", s=80, color="red", label="GPU NVML peak")
+        for capacity in CAPACITIES_GB:
+            axis.axhline(capacity, color="grey", linestyle=":", linewidth=1)
+        axis.set_xscale("log")
+        axis.set_yscale("log")
+        axis.set_xlabel("dense parameters")
+        axis.set_ylabel("traced peak (GB)")
+        axis.set_title("activation checkpointing" if ckpt else "no activation checkpointing")
+        if axis.get_legend_handles_labels()[0]:
+            axis.legend(fontsize=7)
+    fig.suptitle(f"Peak memory of one training step vs model size ({_describe(traced)}; dotted: 24/80/141 GB)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path.name
+
+
+def plot_components(traced: pd.DataFrame, configs, path: Path) -> str:
+    plt, sns = _plt()
+    colors = sns.color_palette("colorblind", len(COMPONENTS))
+    fig, axes = plt.subplots(1, len(configs), figsize=(6.5 * len(configs), 4.5), squeeze=False)
+    for axis, config in zip(axes[0], configs):
+        part = _order(traced[(traced["config"] == config) & ~traced["activation_checkpointing"]])
+        labels = label(part).tolist()
+        bottom = np.zeros(len(part))
+        for color, component in zip(colors, COMPONENTS):
+            values = part[f"{component}_bytes"].to_numpy(dtype=float) / GB
+            axis.bar(labels, values, bottom=bottom, color=color, label=component)
+            bottom += values
+        axis.set_title(config)
+        axis.set_ylabel("GB")
+        axis.tick_params(axis="x", rotation=45)
+        axis.legend(fontsize=8)
+    fig.suptitle(f"Traced components ({_describe(traced)}, no checkpointing)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path.name
+
+
+def plot_fraction_of_dense(traced: pd.DataFrame, path: Path) -> str:
+    plt, sns = _plt()
+    dense = traced[traced["method"] == "dense"].set_index(["config", "activation_checkpointing"])["peak_bytes"]
+    sparse = traced[traced["method"].isin(SPARSE_METHODS)]
+    sparse = sparse.assign(
+        fraction=[p / dense[(c, k)] for p, c, k in zip(sparse["peak_bytes"], sparse["config"],
+                                                        sparse["activation_checkpointing"])]  # fmt: skip
+    )
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), squeeze=False, sharey=True)
+    for axis, method in zip(axes[0], SPARSE_METHODS):
+        part = sparse[(sparse["method"] == method) & ~sparse["activation_checkpointing"]]
+        sns.lineplot(data=part, x="density", y="fraction", hue="config", hue_order=[c for c in CONFIGS
+                     if c in set(part["config"])], marker="o", ax=axis)  # fmt: skip
+        axis.axhline(1.0, color="black", linewidth=1)
+        axis.set_title(f"{method}: traced peak / dense peak")
+        axis.set_xlabel("density")
+        axis.set_ylabel("fraction of dense")
+    fig.suptitle(f"{_describe(traced)}, no checkpointing")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path.name
+
+
+# ---------------------------------------------------------------------------------------------- report
+def write_memory_report(out_dir, reports_dir=None) -> Path:
+    """Write ``<out_dir>/memory.md`` and its plots from ``<out_dir>/memory.csv``; GPU rows from
+    ``<reports_dir>/*/training.csv`` (default: the parent of ``out_dir``)."""
+    out_dir = Path(out_dir)
+    frame = load_csv(out_dir / "memory.csv")
+    if frame is None:
+        raise ValueError(f"no memory.csv in {out_dir}: run `smet-bench memory` first")
+    traced = frame[frame["source"] == "traced"]
+    settings = headline_settings(traced)
+    plot_rows = _settings(traced, **settings)
+    gpus = gpu_rows(Path(reports_dir) if reports_dir is not None else out_dir.parent)
+    lines = ["# Memory scaling: one training step, 20m to 7b", ""]
+    commands = out_dir / "commands.txt"
+    if commands.exists():
+        lines += ["Made by:", "", "```", *commands.read_text().splitlines(), "```", ""]
+    lines += [
+        f"{len(traced)} cases traced on `meta` (nothing allocated), {int((frame['source'] == 'measured').sum())} "
+        f"measured on real CPU tensors, {int((frame['source'] == 'model').sum())} predicted by "
+        "`profiling/memory_model.py`; all rows in `memory.csv` (bytes per component, `source` says which).",
+        "",
+        "## Largest LLaMA that fits",
+        "",
+        f"Largest configuration whose traced peak (one step: weights + gradients + optimizer states + saved "
+        f"activations + largest transient) is at most the GPU's memory, vocab {settings['vocab_size']}, bf16 "
+        "weights, decimal GB (24e9, 80e9, 141e9 bytes: below the 24 GiB, 79.6 GiB and 140.4 GiB these cards "
+        "have, leaving room for the CUDA context and allocator fragmentation, which no trace sees). `none`: not "
+        "even 20m fits.",
+        "",
+    ]
+    for ckpt in (False, True):
+        lines += [f"**{'With' if ckpt else 'Without'} activation checkpointing**", "",
+                  table(headline_table(traced, ckpt)), ""]  # fmt: skip
+    lines += ["## Plots", ""]
+    lines += [f"![peak vs model size]({plot_peak_vs_size(plot_rows, gpus, out_dir / 'peak_vs_model_size.png')})", ""]
+    big = [c for c in ("1b", "7b") if c in set(plot_rows["config"])]
+    if big:
+        lines += [f"![components]({plot_components(plot_rows, big, out_dir / 'components_1b_7b.png')})", ""]
+    lines += [f"![fraction of dense]({plot_fraction_of_dense(plot_rows, out_dir / 'fraction_of_dense.png')})", ""]
+    lines += _agreement_section(frame)
+    lines += _gpu_section(frame, gpus)
+    lines += _peak_table(plot_rows)
+    path = out_dir / "memory.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def _agreement_section(frame: pd.DataFrame) -> list[str]:
+    lines = ["## Traced vs measured vs model", ""]
+    for other, what in (("measured", "real CPU tensors"), ("model", "the analytic model")):
+        errors = agreement(frame, other)
+        if errors.empty:
+            lines += [f"No {other} rows.", ""]
+            continue
+        lines += [f"**traced vs {other}** ({what}); error = ({other} − traced) / traced:", "",
+                  table(agreement_summary(errors)), ""]  # fmt: skip
+    return lines
+
+
+def _gpu_section(frame: pd.DataFrame, gpus: pd.DataFrame | None) -> list[str]:
+    lines = ["## GPU runs", ""]
+    if gpus is None:
+        return lines + ["No GPU `training.csv` under `reports/` yet: the plots and this section add its allocator "
+                        "(`torch.cuda.max_memory_allocated`) and NVML peaks once one exists.", ""]  # fmt: skip
+    compared = gpu_comparison(frame, gpus)
+    if compared.empty:
+        return lines + ["GPU rows exist but none matches a traced case: rerun `smet-bench memory` to trace them.", ""]
+    return lines + [
+        table(
+            pd.DataFrame(
+                {
+                    "gpu": compared["gpu"],
+                    "config": compared["config"],
+                    "method": label(compared),
+                    "batch": compared["batch_size"].astype(int).astype(str) + "×" + compared["seq_len"].astype(int)
+                    .astype(str),
+                    "traced peak": compared["peak_bytes"].map(fmt_bytes),
+                    "allocator peak": compared["peak_allocated_bytes"].map(fmt_bytes),
+                    "NVML peak": compared["nvml_peak_bytes"].map(fmt_bytes),
+                    "allocator vs traced": compared["allocator_vs_traced"].map(lambda v: f"{100 * v:+.1f} %"),
+                }
+            )
+        ),
+        "",
+    ]
+
+
+def _peak_table(rows: pd.DataFrame) -> list[str]:
+    rows = _order(rows[~rows["activation_checkpointing"]])
+    wide = rows.assign(label=label(rows)).pivot_table(index="label", columns="config", values="peak_bytes",
+                                                      aggfunc="first", sort=False)  # fmt: skip
+    wide = wide[[c for c in CONFIGS if c in wide.columns]].map(fmt_bytes).reset_index()
+    return [f"## Traced peak per method and size ({_describe(rows)}, no checkpointing)", "",
+            table(wide.rename(columns={"label": "method"})), ""]  # fmt: skip

@@ -1,0 +1,293 @@
+"""Memory-scaling grid: one training step of every method at every model size, traced on ``meta`` (exact bytes per
+component, nothing allocated), measured on the CPU where it fits, and predicted by the analytic model.
+
+Each case is (config, method, density, bf16 weights, optimizer-state dtype, block size, uniform distribution, batch,
+sequence, vocab, activation checkpointing); each gives up to three rows of ``memory.csv``, told apart by ``source``:
+
+* ``traced``: :func:`profiling.memory_trace.trace_step_memory` on ``meta``, peak = the live bytes of
+  :class:`~profiling.memory_trace.LiveBytes`, ``rest`` = peak − the four other components;
+* ``measured``: :func:`profiling.memory_breakdown.measure_step_memory` on real CPU tensors (no allocator peak on a
+  CPU, so no ``rest``/``peak``);
+* ``model``: :func:`profiling.memory_model.predict_memory`.
+
+Optimizers: ``smet`` = :class:`SMETAdamW` (compact states in the state dtype); ``dense`` / ``masked`` =
+``torch.optim.AdamW`` when the states share the weights' dtype (fused on a CPU or GPU; single-tensor on ``meta``,
+where no fused kernel exists), and :class:`SMETAdamW`'s dense path (plain AdamW, ``state_dtype``) for fp32 states,
+which torch's AdamW cannot keep for bf16 weights; ``galore`` = GaLore-style AdamW, whose states follow the
+gradient's dtype, so it has bf16-state cases only. The block-sparse products run the PyTorch reference backend
+(Triton cannot run on ``meta``), so ``rest`` of ``smet`` includes the reference's fp32 dense-weight temporaries.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from .results import ENVIRONMENT_COLUMNS, ResultsFile, environment
+
+METHODS = ("dense", "galore", "masked", "smet")
+SPARSE_METHODS = ("masked", "smet")
+CONFIGS = ("20m", "60m", "130m", "350m", "1b", "7b")
+DENSITIES = (0.5, 0.25, 0.1)
+BATCH_SHAPES = ((8, 256), (32, 256))
+VOCAB_SIZES = (256, 32000)
+STATE_DTYPES = ("fp32", "bf16")
+CHECKPOINTING = (False, True)
+MEASURED_CONFIGS = ("20m", "60m")  # real CPU allocations (smaller batch, vocab 256): seconds per step on 2 cores
+MEASURED_BATCH = (8, 256)
+MEASURED_VOCAB = 256
+BLOCK_SIZE = 64
+DTYPE = "bf16"
+SOURCES = ("traced", "measured", "model")
+
+MEMORY_KEY = ["config", "method", "density", "dtype", "state_dtype", "block_size", "distribution", "batch_size",
+              "seq_len", "vocab_size", "activation_checkpointing", "source"]  # fmt: skip
+COMPONENTS = ("weights", "gradients", "optimizer", "activations", "rest")
+MEMORY_COLUMNS = MEMORY_KEY + [f"{c}_bytes" for c in COMPONENTS] + ["peak_bytes", "peak_source"] + ENVIRONMENT_COLUMNS
+
+
+@dataclass(frozen=True)
+class MemoryCase:
+    config: str
+    method: str
+    density: float
+    state_dtype: str
+    batch_size: int
+    seq_len: int
+    vocab_size: int
+    activation_checkpointing: bool
+    dtype: str = DTYPE
+    block_size: int = BLOCK_SIZE
+    distribution: str = "uniform"
+
+    def key_row(self, source: str) -> dict:
+        return asdict(self) | {"source": source}
+
+    def llama_config(self):
+        from smet_kernels.train.model import model_config
+
+        return model_config(self.config, vocab_size=self.vocab_size, block_size=self.block_size,
+                            max_seq_len=self.seq_len)  # fmt: skip
+
+
+def memory_cases(configs=CONFIGS, methods=METHODS, densities=DENSITIES, batch_shapes=BATCH_SHAPES,
+                 vocab_sizes=VOCAB_SIZES, state_dtypes=STATE_DTYPES, checkpointing=CHECKPOINTING) -> Iterator[MemoryCase]:
+    """Dense and GaLore once per setting, masked and SMET at every density; GaLore only with bf16 states."""
+    for config in configs:
+        for vocab in vocab_sizes:
+            for batch, seq in batch_shapes:
+                for ckpt in checkpointing:
+                    for method in methods:
+                        for state in state_dtypes:
+                            if method == "galore" and state != DTYPE:
+                                continue
+                            for density in densities if method in SPARSE_METHODS else (1.0,):
+                                yield MemoryCase(config, method, density, state, batch, seq, vocab, ckpt)
+
+
+def _optimizer(case: MemoryCase, model, device: torch.device):
+    from profiling.memory_model import parse_dtype
+    from smet_kernels.optim.smet_adamw import SMETAdamW
+
+    from .training import LR, galore_optimizer
+
+    state_dtype = parse_dtype(case.state_dtype)
+    if case.method == "galore":
+        return galore_optimizer(model, case.config)
+    if case.method == "smet" or state_dtype != parse_dtype(case.dtype):
+        return SMETAdamW(model.parameters(), lr=LR, state_dtype=state_dtype, backend="reference")
+    fused = device.type != "meta"
+    return torch.optim.AdamW(model.parameters(), lr=LR, fused=fused, foreach=False if not fused else None)
+
+
+def build(case: MemoryCase, device: torch.device | str, seed: int = 0):
+    """``(model, optimizer, forward)`` of ``case`` on ``device``; ``forward()`` returns the loss of one batch."""
+    from profiling.memory_model import parse_dtype
+    from profiling.memory_trace import checkpoint_layers
+    from smet_kernels.train.model import lm_loss
+
+    from .training import build_model
+
+    device = torch.device(device)
+    model = build_model(case.llama_config(), case.method, case.density, case.block_size, parse_dtype(case.dtype),
+                        device, "reference", seed)  # fmt: skip
+    if case.activation_checkpointing:
+        checkpoint_layers(model.layers)
+    optimizer = _optimizer(case, model, device)
+    generator = torch.Generator().manual_seed(seed + 1)
+    tokens = torch.randint(0, case.vocab_size, (case.batch_size, case.seq_len + 1), generator=generator).to(device)
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    return model, optimizer, lambda: lm_loss(model(inputs), targets)
+
+
+def _component_row(memory) -> dict:
+    return {f"{c}_bytes": v for c, v in memory.as_dict().items() if c != "peak"} | {
+        "peak_bytes": memory.peak,
+        "peak_source": getattr(memory, "peak_source", "sum of the model's components"),
+    }
+
+
+def traced_row(case: MemoryCase) -> dict:
+    from profiling.memory_trace import FlashAttentionOnMeta, LiveBytes, trace_step_memory
+
+    with LiveBytes("meta") as live, FlashAttentionOnMeta():
+        model, optimizer, forward = build(case, "meta")
+        memory = trace_step_memory(model, optimizer, forward, live)
+    return _component_row(memory)
+
+
+def measured_row(case: MemoryCase) -> dict:
+    from profiling.memory_breakdown import measure_step_memory
+
+    model, optimizer, forward = build(case, "cpu")
+    forward().backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=False)
+    memory = measure_step_memory(model, optimizer, forward, "cpu")
+    del model, optimizer, forward
+    gc.collect()
+    return _component_row(memory)
+
+
+def model_row(case: MemoryCase) -> dict:
+    from profiling.memory_model import parse_dtype, predict_memory
+    from smet_kernels.optim.galore import GALORE_DEFAULT_RANK
+
+    estimate = predict_memory(
+        case.llama_config(), case.method, density=case.density, block_size=case.block_size,
+        batch_size=case.batch_size, seq_len=case.seq_len, param_dtype=parse_dtype(case.dtype),
+        state_dtype=parse_dtype(case.state_dtype), distribution=case.distribution,
+        rank=GALORE_DEFAULT_RANK[case.config] if case.method == "galore" else None,
+        activation_checkpointing=case.activation_checkpointing,
+    )  # fmt: skip
+    return _component_row(estimate)
+
+
+ROW_MAKERS = {"traced": traced_row, "measured": measured_row, "model": model_row}
+
+
+def memory_file(out_dir) -> ResultsFile:
+    return ResultsFile(Path(out_dir) / "memory.csv", MEMORY_COLUMNS, MEMORY_KEY)
+
+
+def plan(cases, measured_configs=MEASURED_CONFIGS, measured_batch=MEASURED_BATCH, measured_vocab=MEASURED_VOCAB):
+    """``(case, source)`` pairs: every case modelled and traced, then measured for ``measured_configs`` at
+    ``measured_batch`` and ``measured_vocab`` (all traces first: they take a second each, measurements longer)."""
+    cases = list(cases)
+    pairs = [(case, source) for case in cases for source in ("model", "traced")]
+    return pairs + [
+        (case, "measured")
+        for case in cases
+        if case.config in measured_configs
+        and (case.batch_size, case.seq_len) == tuple(measured_batch)
+        and case.vocab_size == measured_vocab
+    ]
+
+
+def run_plan(pairs, file: ResultsFile, progress: bool = True) -> int:
+    """Append the rows of ``pairs`` not yet in ``file``; returns how many were written."""
+    from tqdm.auto import tqdm
+
+    todo = [(case, source) for case, source in pairs if not file.done(case.key_row(source))]
+    for case, source in tqdm(todo, desc="memory", unit="row", disable=not progress, dynamic_ncols=True):
+        device = "cpu" if source == "measured" else "meta"
+        file.append(case.key_row(source) | ROW_MAKERS[source](case) | environment(device))
+    return len(todo)
+
+
+# ---------------------------------------------------------------------------------------------- command line
+def _csv(kind, name: str):
+    def parse(text: str):
+        items = [item.strip() for item in text.split(",") if item.strip()]
+        try:
+            return [kind(item) for item in items]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name}: cannot read {text!r}") from None
+
+    return parse
+
+
+def _batch_shape(text: str) -> tuple[int, int]:
+    batch, _, seq = text.lower().partition("x")
+    shape = (int(batch), int(seq))
+    if min(shape) < 1:
+        raise ValueError(text)
+    return shape
+
+
+def _switch(text: str) -> bool:
+    if text not in ("off", "on"):
+        raise ValueError(text)
+    return text == "on"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out-dir", default="reports/memory-scaling",
+                        help="folder of memory.csv, memory.md and the plots (default: reports/memory-scaling)")
+    parser.add_argument("--configs", type=_csv(str, "--configs"), default=list(CONFIGS),
+                        help=f"model sizes (default: {','.join(CONFIGS)})")
+    parser.add_argument("--methods", type=_csv(str, "--methods"), default=list(METHODS),
+                        help=f"methods (default: {','.join(METHODS)})")
+    parser.add_argument("--densities", type=_csv(float, "--densities"), default=list(DENSITIES),
+                        help="block densities of masked and smet (default: 0.5,0.25,0.1)")
+    parser.add_argument("--batch-shapes", type=_csv(_batch_shape, "--batch-shapes"), default=list(BATCH_SHAPES),
+                        help="batch × sequence shapes (default: 8x256,32x256)")
+    parser.add_argument("--vocab-sizes", type=_csv(int, "--vocab-sizes"), default=list(VOCAB_SIZES),
+                        help="vocabulary sizes (default: 256,32000)")
+    parser.add_argument("--state-dtypes", type=_csv(str, "--state-dtypes"), default=list(STATE_DTYPES),
+                        help="optimizer-state dtypes with bf16 weights; GaLore has bf16 only (default: fp32,bf16)")
+    parser.add_argument("--checkpointing", type=_csv(_switch, "--checkpointing"), default=["off", "on"],
+                        help="activation checkpointing per decoder layer, off and/or on (default: off,on)")
+    parser.add_argument("--measure-configs", type=_csv(str, "--measure-configs"), default=list(MEASURED_CONFIGS),
+                        help="sizes also measured on real CPU tensors at batch 8x256, vocab 256; empty for none "
+                        f"(default: {','.join(MEASURED_CONFIGS)})")
+    parser.add_argument("--report-only", action="store_true",
+                        help="render memory.md from the existing memory.csv without tracing (default: trace first)")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def _validate(args) -> None:
+    from smet_kernels.layout import check_density
+
+    for option, values, allowed in (("--configs", args.configs, CONFIGS), ("--methods", args.methods, METHODS),
+                                    ("--state-dtypes", args.state_dtypes, STATE_DTYPES),
+                                    ("--measure-configs", args.measure_configs, CONFIGS)):  # fmt: skip
+        bad = [v for v in values if v not in allowed]
+        if bad or (not values and option != "--measure-configs"):
+            raise ValueError(f"{option} must be from {','.join(allowed)}, got {','.join(values) or 'nothing'}")
+    for density in args.densities:
+        check_density(density)
+    if any(v < 2 for v in args.vocab_sizes) or not args.vocab_sizes:
+        raise ValueError(f"--vocab-sizes must be ints >= 2, got {args.vocab_sizes}")
+
+
+def main_from_args(args, prog: str, argv: list[str]) -> int:
+    """Trace (resumable: rows already in memory.csv are skipped), then render memory.md."""
+    import shlex
+    import sys
+
+    from .memory_report import gpu_cases, write_memory_report
+
+    out_dir = Path(args.out_dir)
+    try:
+        _validate(args)
+        if not args.report_only:
+            checkpointing = [c if isinstance(c, bool) else _switch(c) for c in args.checkpointing]
+            cases = list(memory_cases(args.configs, args.methods, args.densities, args.batch_shapes,
+                                      args.vocab_sizes, args.state_dtypes, checkpointing))  # fmt: skip
+            cases += [c for c in gpu_cases(out_dir.parent) if c not in cases]
+            written = run_plan(plan(cases, args.measure_configs), memory_file(out_dir), not args.no_progress)
+            if written:
+                with (out_dir / "commands.txt").open("a") as handle:
+                    handle.write(f"{prog} {shlex.join(argv)}\n")
+        path = write_memory_report(out_dir)
+    except ValueError as error:
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        return 2
+    print(f"{prog}: wrote {path}")
+    return 0

@@ -1,0 +1,53 @@
+"""`smet-bench memory`: a small traced grid, the report, GPU rows joining it, one-line errors."""
+
+import pandas as pd
+import pytest
+
+from bench.cli import main
+from bench.results import TRAINING_COLUMNS
+
+GRID = ["memory", "--configs", "20m", "--methods", "dense,smet", "--densities", "0.5", "--batch-shapes", "1x32",
+        "--vocab-sizes", "256", "--state-dtypes", "bf16", "--checkpointing", "off", "--measure-configs", "",
+        "--no-progress"]  # fmt: skip
+
+
+def _fake_gpu_csv(reports):
+    """A GPU training.csv row of the same case as the grid's dense row (allocator peak 1 % above any trace)."""
+    row = {c: "" for c in TRAINING_COLUMNS} | {
+        "config": "20m", "method": "dense", "density": 1.0, "block_size": 64, "batch_size": 1, "seq_len": 32,
+        "dtype": "bf16", "backend": "torch", "peak_allocated_bytes": 123456789, "nvml_peak_bytes": 223456789,
+        "status": "ok", "gpu": "NVIDIA H200", "nvml_status": "ok",
+    }  # fmt: skip
+    (reports / "nvidia-h200").mkdir()
+    pd.DataFrame([row], columns=TRAINING_COLUMNS).to_csv(reports / "nvidia-h200" / "training.csv", index=False)
+
+
+def test_memory_command_traces_models_and_reports_with_gpu_rows(tmp_path, capsys):
+    reports = tmp_path / "reports"
+    reports.mkdir()
+    _fake_gpu_csv(reports)
+    out = reports / "memory-scaling"
+    assert main(GRID + ["--out-dir", str(out)]) == 0
+    frame = pd.read_csv(out / "memory.csv")
+    assert set(frame["source"]) == {"traced", "model"}
+    assert len(frame) == 2 * 2  # dense and smet d=0.5, traced and modelled
+    text = (out / "memory.md").read_text()
+    assert "Largest LLaMA that fits" in text and "20m (" in text
+    assert "NVIDIA H200" in text and "117.74 MiB" in text  # the fake allocator peak, beside its traced case
+    for plot in ("peak_vs_model_size.png", "fraction_of_dense.png"):
+        assert (out / plot).stat().st_size > 0
+    assert "smet-bench memory" in (out / "commands.txt").read_text()
+    assert main(GRID + ["--out-dir", str(out)]) == 0  # resumed: nothing new to trace
+    assert len(pd.read_csv(out / "memory.csv")) == 4
+
+
+def test_memory_command_rejects_an_unknown_config_in_one_line(tmp_path, capsys):
+    assert main(["memory", "--configs", "3b", "--out-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["smet-bench: error: --configs must be from 20m,60m,130m,350m,1b,7b, got 3b"]
+
+
+def test_memory_command_rejects_a_bad_batch_shape(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["memory", "--batch-shapes", "8by256", "--out-dir", str(tmp_path)])
+    assert "--batch-shapes" in capsys.readouterr().err
