@@ -147,10 +147,26 @@ def test_resume_passes_over_a_corrupt_newest_checkpoint(tmp_path, capsys):
     assert steps == [3, 4, 5, 6]
 
 
+def test_a_checkpoint_of_an_earlier_release_without_manifest_resumes_when_its_archive_is_intact(tmp_path):
+    out = tmp_path / "run"
+    train(tiny_config(max_steps=2, checkpoint_every=2, out_dir=str(out)))
+    checkpoint = out / "checkpoints" / "step_0000002"
+    (checkpoint / "manifest.json").unlink()
+    assert verify_checkpoint(checkpoint) is None
+    assert cli.main(["--resume", str(out), "--max-steps", "4", "--no-progress"]) == 0
+    state = checkpoint / "state.pt"
+    data = bytearray(state.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    state.write_bytes(bytes(data))
+    assert "manifest.json missing" in verify_checkpoint(checkpoint)
+
+
 def test_resume_without_a_good_checkpoint_is_a_one_line_error(tmp_path, capsys):
     out = tmp_path / "run"
     train(tiny_config(max_steps=2, checkpoint_every=2, out_dir=str(out)))
     (out / "checkpoints" / "step_0000002" / "manifest.json").unlink()
+    state = out / "checkpoints" / "step_0000002" / "state.pt"
+    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
     for target in (out, out / "checkpoints" / "step_0000002"):
         with pytest.raises(SystemExit) as exit_info:
             cli.main(["--resume", str(target), "--max-steps", "4", "--no-progress"])

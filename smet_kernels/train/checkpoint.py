@@ -21,6 +21,7 @@ import os
 import random
 import shutil
 import warnings
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -49,7 +50,11 @@ def _sha256(path: Path) -> str:
 
 def verify_checkpoint(checkpoint: Path) -> str | None:
     """``None`` when every file listed in ``checkpoint/manifest.json`` is there with its size and sha256, else a
-    short description of the first problem."""
+    short description of the first problem. A checkpoint of an earlier release (no manifest, always one
+    ``state.pt`` and ``config.json``) is checked by the CRC of every member of ``state.pt`` (a zip archive) and
+    by parsing ``config.json``."""
+    if not (checkpoint / MANIFEST).exists() and (checkpoint / "state.pt").is_file():
+        return _verify_without_manifest(checkpoint)
     try:
         files = json.loads((checkpoint / MANIFEST).read_text())["files"]
     except (OSError, ValueError, KeyError, TypeError) as error:
@@ -65,6 +70,19 @@ def verify_checkpoint(checkpoint: Path) -> str | None:
         if _sha256(path) != expected["sha256"]:
             return f"the sha256 of {name} does not match the manifest"
     return None
+
+
+def _verify_without_manifest(checkpoint: Path) -> str | None:
+    try:
+        json.loads((checkpoint / "config.json").read_text())
+    except (OSError, ValueError) as error:
+        return f"{MANIFEST} missing and config.json unreadable ({type(error).__name__})"
+    try:
+        with zipfile.ZipFile(checkpoint / "state.pt") as archive:
+            broken = archive.testzip()
+    except (OSError, zipfile.BadZipFile) as error:
+        return f"{MANIFEST} missing and state.pt unreadable ({type(error).__name__})"
+    return None if broken is None else f"{MANIFEST} missing and {broken} in state.pt fails its CRC"
 
 
 def find_checkpoint(path: str | os.PathLike) -> Path:
