@@ -72,7 +72,7 @@ class KernelCase:
             "suite": "kernels",
             "op": self.op,
             "provider": self.provider,
-            "variant": self.shape.label,
+            "shape": self.shape.label,
             "M": self.M,
             "K": self.shape.K,
             "N": self.shape.N,
