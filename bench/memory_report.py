@@ -16,7 +16,7 @@ import pandas as pd
 
 from .memory_scaling import COMPONENTS, CONFIGS, SPARSE_METHODS, MemoryCase
 from .markdown import fmt_bytes, table
-from .plotting import pyplot
+from .plotting import pyplot, save
 from .report import load_csv
 from .report.derive import on_cpu
 
@@ -213,10 +213,7 @@ def plot_peak_vs_size(traced: pd.DataFrame, gpu: pd.DataFrame | None, path: Path
         if axis.get_legend_handles_labels()[0]:
             axis.legend(fontsize=7)
     fig.suptitle(f"Peak memory of one training step vs model size ({_describe(traced)}; dotted: 24/80/141 GB)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path.name
+    return save(fig, path)
 
 
 def plot_components(traced: pd.DataFrame, configs, path: Path) -> str:
@@ -236,10 +233,7 @@ def plot_components(traced: pd.DataFrame, configs, path: Path) -> str:
         axis.tick_params(axis="x", rotation=45)
         axis.legend(fontsize=8)
     fig.suptitle(f"Traced components ({_describe(traced)}, no checkpointing)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path.name
+    return save(fig, path)
 
 
 def plot_fraction_of_dense(traced: pd.DataFrame, path: Path) -> str:
@@ -260,10 +254,7 @@ def plot_fraction_of_dense(traced: pd.DataFrame, path: Path) -> str:
         axis.set_xlabel("density")
         axis.set_ylabel("fraction of dense")
     fig.suptitle(f"{_describe(traced)}, no checkpointing")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path.name
+    return save(fig, path)
 
 
 # ---------------------------------------------------------------------------------------------- report

@@ -23,3 +23,13 @@ def pyplot():
 def config_order(values) -> list[str]:
     present = list(dict.fromkeys(values))
     return [c for c in CONFIG_ORDER if c in present] + sorted(c for c in present if c not in CONFIG_ORDER)
+
+
+def save(fig, path) -> str:
+    """Lay out ``fig``, write it to ``path`` (PNG, 110 dpi), close it; returns the file name for the markdown."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path.name

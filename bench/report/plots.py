@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..plotting import config_order, pyplot
+from ..plotting import config_order, pyplot, save
 from .derive import dense_label
 
 OP_ORDER = ("forward", "grad_input", "grad_weight")
@@ -63,10 +63,7 @@ def plot_kernel_times(comparison: pd.DataFrame, path: Path) -> str:
         f"M={largest['M']:.0f}, K={largest['K']:.0f}, N={largest['N']:.0f}, b={largest['block_size']:.0f}, "
         f"{largest['dtype']}"
     )
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path.name
+    return save(fig, path)
 
 
 def plot_peak_vs_model(training: pd.DataFrame, peak_label: str, unit: str, path: Path) -> str:
@@ -90,10 +87,7 @@ def plot_peak_vs_model(training: pd.DataFrame, peak_label: str, unit: str, path:
     axis.set_ylabel(unit)
     axis.set_title(f"Peak memory per method ({peak_label.split(':')[0].split(' (')[0]})")
     axis.legend(fontsize=8, loc="center left", bbox_to_anchor=(1, 0.5))
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path.name
+    return save(fig, path)
 
 
 def plot_vs_density(training: pd.DataFrame, column: str, ylabel: str, title: str, path: Path) -> str:
@@ -115,10 +109,7 @@ def plot_vs_density(training: pd.DataFrame, column: str, ylabel: str, title: str
         axis.set_ylabel(ylabel)
         axis.legend(fontsize=8)
     fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path.name
+    return save(fig, path)
 
 
 def plot_predicted_vs_measured(errors: pd.DataFrame, path: Path) -> str:
@@ -134,7 +125,4 @@ def plot_predicted_vs_measured(errors: pd.DataFrame, path: Path) -> str:
     axis.set_xlabel("measured bytes")
     axis.set_ylabel("predicted bytes")
     axis.set_title("Memory model: predicted vs measured")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path.name
+    return save(fig, path)
