@@ -37,7 +37,7 @@ def _csv_list(kind):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import kernels, optimizer
+    from . import kernels, optimizer, training
 
     parser = argparse.ArgumentParser(
         prog="smet-bench",
@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--methods",
         type=_csv_list(str),
         default=None,
-        help="training methods from dense,galore,masked,smet (default: all)",
+        help=f"training methods from {','.join(training.METHODS)} (default: all)",
     )
     run.add_argument(
         "--training-block-size",
@@ -204,25 +204,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _resolve_device(name: str | None) -> torch.device:
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:  # an unknown device type such as "tpu"
-        device = torch.device("meta")
-    if device.type not in ("cpu", "cuda"):
-        raise SystemExit(f"smet-bench: --device must be cpu, cuda or cuda:N, got {name!r}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("smet-bench: --device cuda requested but CUDA is not available")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise SystemExit(f"smet-bench: --device {name}: only {torch.cuda.device_count()} GPU(s) are visible")
-    return device
-
-
-def _prepare_interpreter(device: torch.device, backend: str) -> None:
-    """Route Triton kernels through the CPU interpreter on CPU runs (must precede importing smet_kernels)."""
-    if device.type == "cpu" and backend != "reference" and "smet_kernels" not in sys.modules:
+def _prepare_interpreter(device_name: str | None, backend: str) -> None:
+    """Route Triton kernels through the CPU interpreter on CPU runs (no CUDA, or ``--device cpu``); it must be on
+    before smet_kernels is imported."""
+    on_cpu = not torch.cuda.is_available() or (device_name or "").startswith("cpu")
+    if on_cpu and backend != "reference" and "smet_kernels" not in sys.modules:
         os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
@@ -370,10 +356,13 @@ def _validate(args) -> None:
 def prepare_device(name: str | None, backend: str) -> tuple[torch.device, str]:
     """The device of ``--device`` and the smet_kernels backend that runs there (``auto``: Triton where it can run);
     on a CPU the Triton interpreter is switched on first."""
-    device = _resolve_device(name)
-    _prepare_interpreter(device, backend)
-    from smet_kernels.backend import resolve_backend
+    _prepare_interpreter(name, backend)
+    from smet_kernels.backend import resolve_backend, resolve_device
 
+    try:
+        device = resolve_device(name)
+    except ValueError as error:
+        raise SystemExit(f"smet-bench: --{error}") from None
     return device, resolve_backend(device, None if backend == "auto" else backend)
 
 
@@ -418,8 +407,21 @@ def run(args) -> int:
     return 0
 
 
+def _route_interpreter_early(argv: list[str]) -> None:
+    """Read ``--device`` / ``--backend`` of ``run`` and ``gpu-check`` before the parser is built: the parser lists the
+    method registry, which imports smet_kernels, and the interpreter must be on before that import."""
+    early = argparse.ArgumentParser(add_help=False)
+    early.add_argument("command", nargs="?")
+    early.add_argument("--device", default=None)
+    early.add_argument("--backend", default="auto")
+    known, _ = early.parse_known_args(argv)
+    if known.command in ("run", "gpu-check"):
+        _prepare_interpreter(known.device, known.backend)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    _route_interpreter_early(argv)
     args = build_parser().parse_args(argv)
     if args.command == "stability":
         from .stability import main_from_args

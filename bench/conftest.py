@@ -13,7 +13,9 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+from smet_kernels.backend import resolve_device  # noqa: E402
+
+DEVICE = resolve_device("auto")
 FULL_SIZE = DEVICE.type == "cuda"
 
 

@@ -25,13 +25,13 @@ layout's exact density); effective TFLOP/s = useful FLOPs / median time.
 
 from __future__ import annotations
 
-import functools
-import math
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
+
+from smet_kernels.train.model import LinearShape, linear_shapes
 
 from .timing import Timing, measure
 
@@ -56,36 +56,6 @@ QUICK_TOKENS = (64,)
 
 
 @dataclass(frozen=True)
-class LinearShape:
-    """A linear layer ``W [N, K]`` of a model configuration (``label`` names config and layers)."""
-
-    label: str
-    N: int
-    K: int
-
-
-def linear_shapes(config_names) -> list[LinearShape]:
-    """The distinct ``(N, K)`` hidden linear shapes of the SPEC §5 configurations ``config_names``.
-
-    The SwiGLU width is rounded up to a multiple of 128 when 128 does not divide it (SPEC §5), so that every
-    block size of the grid divides every shape and the dense baseline has the same shape for all of them.
-    """
-    from smet_kernels.train.model import MODEL_CONFIGS
-
-    shapes: dict[tuple[int, int], LinearShape] = {}
-    for name in config_names:
-        if name not in MODEL_CONFIGS:
-            raise ValueError(f"configs must name presets of {sorted(MODEL_CONFIGS)}, got {name!r}")
-        config = MODEL_CONFIGS[name]
-        h = config.hidden_size
-        i = config.intermediate_size
-        i = i if i % 128 == 0 else 128 * math.ceil(i / 128)
-        for layers, (n, k) in (("qkvo", (h, h)), ("gate_up", (i, h)), ("down", (h, i))):
-            shapes.setdefault((n, k), LinearShape(f"{name}:{layers}", n, k))
-    return list(shapes.values())
-
-
-@dataclass(frozen=True)
 class KernelCase:
     """One measurement: ``op`` by ``provider`` at ``M`` tokens of ``shape`` (``block_size``/``density`` for sparse)."""
 
@@ -102,7 +72,7 @@ class KernelCase:
             "suite": "kernels",
             "op": self.op,
             "provider": self.provider,
-            "variant": self.shape.label,
+            "shape": self.shape.label,
             "M": self.M,
             "K": self.shape.K,
             "N": self.shape.N,

@@ -15,7 +15,10 @@ import numpy as np
 import pandas as pd
 
 from .memory_scaling import COMPONENTS, CONFIGS, SPARSE_METHODS, MemoryCase
-from .report import _plt, fmt_bytes, load_csv, on_cpu, table
+from .markdown import fmt_bytes, table
+from .plotting import pyplot, save
+from .report import load_csv
+from .report.derive import on_cpu
 
 CAPACITIES_GB = (24, 80, 141)
 GB = 1e9
@@ -183,7 +186,7 @@ def _describe(rows: pd.DataFrame) -> str:
 
 
 def plot_peak_vs_size(traced: pd.DataFrame, gpu: pd.DataFrame | None, path: Path) -> str:
-    plt, sns = _plt()
+    plt, sns = pyplot()
     data = traced.assign(label=label(traced), params=[dense_parameters(c, v) for c, v in
                                                       zip(traced["config"], traced["vocab_size"])])  # fmt: skip
     data = data.assign(peak_gb=data["peak_bytes"] / GB)
@@ -210,14 +213,11 @@ def plot_peak_vs_size(traced: pd.DataFrame, gpu: pd.DataFrame | None, path: Path
         if axis.get_legend_handles_labels()[0]:
             axis.legend(fontsize=7)
     fig.suptitle(f"Peak memory of one training step vs model size ({_describe(traced)}; dotted: 24/80/141 GB)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path.name
+    return save(fig, path)
 
 
 def plot_components(traced: pd.DataFrame, configs, path: Path) -> str:
-    plt, sns = _plt()
+    plt, sns = pyplot()
     colors = sns.color_palette("colorblind", len(COMPONENTS))
     fig, axes = plt.subplots(1, len(configs), figsize=(6.5 * len(configs), 4.5), squeeze=False)
     for axis, config in zip(axes[0], configs):
@@ -233,14 +233,11 @@ def plot_components(traced: pd.DataFrame, configs, path: Path) -> str:
         axis.tick_params(axis="x", rotation=45)
         axis.legend(fontsize=8)
     fig.suptitle(f"Traced components ({_describe(traced)}, no checkpointing)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path.name
+    return save(fig, path)
 
 
 def plot_fraction_of_dense(traced: pd.DataFrame, path: Path) -> str:
-    plt, sns = _plt()
+    plt, sns = pyplot()
     dense = traced[traced["method"] == "dense"].set_index(["config", "activation_checkpointing"])["peak_bytes"]
     sparse = traced[traced["method"].isin(SPARSE_METHODS)]
     sparse = sparse.assign(
@@ -257,10 +254,7 @@ def plot_fraction_of_dense(traced: pd.DataFrame, path: Path) -> str:
         axis.set_xlabel("density")
         axis.set_ylabel("fraction of dense")
     fig.suptitle(f"{_describe(traced)}, no checkpointing")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path.name
+    return save(fig, path)
 
 
 # ---------------------------------------------------------------------------------------------- report

@@ -28,10 +28,12 @@ from typing import Iterator
 
 import torch
 
+from profiling.memory_model import COMPONENTS
+from smet_kernels.train.methods import BENCH_NAMES as METHODS
+from smet_kernels.train.methods import SPARSE_BENCH_NAMES as SPARSE_METHODS
+
 from .results import ENVIRONMENT_COLUMNS, ResultsFile, environment
 
-METHODS = ("dense", "galore", "masked", "smet")
-SPARSE_METHODS = ("masked", "smet")
 CONFIGS = ("20m", "60m", "130m", "350m", "1b", "7b")
 DENSITIES = (0.5, 0.25, 0.1)
 BATCH_SHAPES = ((8, 256), (32, 256))
@@ -47,7 +49,6 @@ SOURCES = ("traced", "measured", "model")
 
 MEMORY_KEY = ["config", "method", "density", "dtype", "state_dtype", "block_size", "distribution", "batch_size",
               "seq_len", "vocab_size", "activation_checkpointing", "source"]  # fmt: skip
-COMPONENTS = ("weights", "gradients", "optimizer", "activations", "rest")
 MEMORY_COLUMNS = MEMORY_KEY + [f"{c}_bytes" for c in COMPONENTS] + ["peak_bytes", "peak_source"] + ENVIRONMENT_COLUMNS
 
 
@@ -92,30 +93,33 @@ def memory_cases(configs=CONFIGS, methods=METHODS, densities=DENSITIES, batch_sh
 
 def _optimizer(case: MemoryCase, model, device: torch.device):
     from profiling.memory_model import parse_dtype
-    from smet_kernels.optim.smet_adamw import SMETAdamW
+    from smet_kernels.optim.galore import GALORE_DEFAULT_RANK
+    from smet_kernels.train import methods
 
-    from .training import LR, galore_optimizer
+    from .training import LR
 
     state_dtype = parse_dtype(case.state_dtype)
-    if case.method == "galore":
-        return galore_optimizer(model, case.config)
-    if case.method == "smet" or state_dtype != parse_dtype(case.dtype):
-        return SMETAdamW(model.parameters(), lr=LR, state_dtype=state_dtype, backend="reference")
-    fused = device.type != "meta"
-    return torch.optim.AdamW(model.parameters(), lr=LR, fused=fused, foreach=False if not fused else None)
+    # torch's AdamW cannot keep fp32 states for bf16 weights: those cases run SMETAdamW's dense path (plain AdamW)
+    name = "smet" if case.method != "galore" and state_dtype != parse_dtype(case.dtype) else case.method
+    adamw = {}
+    if methods.method(name).optimizer == "adamw":
+        fused = device.type != "meta"  # no fused (nor foreach) kernel on meta
+        adamw = dict(fused=fused, foreach=None if fused else False)
+    galore = dict(rank=GALORE_DEFAULT_RANK[case.config])
+    return methods.build_optimizer(name, model, backend="reference", galore=galore,
+                                   smet_adamw=dict(state_dtype=state_dtype), lr=LR, **adamw)  # fmt: skip
 
 
 def build(case: MemoryCase, device: torch.device | str, seed: int = 0):
     """``(model, optimizer, forward)`` of ``case`` on ``device``; ``forward()`` returns the loss of one batch."""
     from profiling.memory_model import parse_dtype
     from profiling.memory_trace import checkpoint_layers
+    from smet_kernels.train.methods import build_model
     from smet_kernels.train.model import lm_loss
 
-    from .training import build_model
-
     device = torch.device(device)
-    model = build_model(case.llama_config(), case.method, case.density, case.block_size, parse_dtype(case.dtype),
-                        device, "reference", seed)  # fmt: skip
+    model = build_model(case.llama_config(), case.method, density=case.density, block_size=case.block_size,
+                        dtype=parse_dtype(case.dtype), device=device, backend="reference", seed=seed)  # fmt: skip
     if case.activation_checkpointing:
         checkpoint_layers(model.layers)
     optimizer = _optimizer(case, model, device)

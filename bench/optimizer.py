@@ -17,7 +17,8 @@ from typing import Callable, Iterator
 
 import torch
 
-from .kernels import LinearShape, linear_shapes
+from smet_kernels.train.model import LinearShape, linear_shapes
+
 from .timing import measure
 
 PROVIDERS = ("smet_adamw", "torch_adamw_fused", "torch_adamw_foreach")
@@ -41,7 +42,7 @@ class OptimizerCase:
             "suite": "optimizer",
             "op": self.op,
             "provider": self.provider,
-            "variant": f"{self.variant}:{self.shape.label}",
+            "shape": f"{self.variant}:{self.shape.label}",
             "M": None,
             "K": self.shape.K,
             "N": self.shape.N,
@@ -84,6 +85,30 @@ def step_function(
     case: OptimizerCase, device: torch.device, seed: int, backend: str | None = None
 ) -> tuple[Callable[[], None], int, int]:
     """(timed callable, elements, bytes moved per call); ``backend`` selects SMETAdamW's Triton or reference path."""
+    fn, numel, moved, _ = _step(case, device, seed, backend)
+    return fn, numel, moved
+
+
+def check_step(case: OptimizerCase, device: torch.device, seed: int = 0, backend: str | None = None) -> str:
+    """Empty when one call of the timed step leaves its tensor as the reference does, else a note with the error:
+    the copy its source; torch AdamW (fused, foreach) a single-tensor ``torch.optim.AdamW`` step; SMETAdamW its
+    pure-PyTorch reference backend. Tolerance: 0.1 % of ``lr`` (a first Adam step moves each element by ~``lr``, by
+    ``lr`` / 100 at the start of SMETAdamW's warm-up)."""
+    fn, _, _, result = _step(case, device, seed, backend)
+    reference, _, _, expected = _step(case, device, seed, backend, reference=True)
+    fn()
+    reference()
+    error = (result.detach().float() - expected.detach().float()).abs().max().item()
+    tolerance = 0.0 if case.op == "copy" else 1e-3 * LR
+    return "" if error <= tolerance else f"max error {error:.3g} > {tolerance:g}"
+
+
+LR = 1e-4
+
+
+def _step(case: OptimizerCase, device: torch.device, seed: int, backend: str | None, reference: bool = False):
+    """``(step, elements, bytes moved, the tensor the step writes)``; ``reference``: the step of :func:`check_step`'s
+    reference instead."""
     from smet_kernels.layout import BlockLayout
 
     generator = torch.Generator().manual_seed(seed)
@@ -96,8 +121,8 @@ def step_function(
     numel = int(torch.Size(size).numel())
     if case.op == "copy":
         src = torch.randn(size, generator=generator).to(device)
-        dst = torch.empty_like(src)
-        return (lambda: dst.copy_(src)), numel, COPY_BYTES_PER_ELEMENT * numel
+        dst = src.clone() if reference else torch.empty_like(src)
+        return (lambda: dst.copy_(src)), numel, COPY_BYTES_PER_ELEMENT * numel, dst
     param = torch.nn.Parameter((0.02 * torch.randn(size, generator=generator)).to(device))
     param.grad = (0.01 * torch.randn(size, generator=generator)).to(device)
     moved = ADAMW_BYTES_PER_ELEMENT * numel
@@ -105,12 +130,14 @@ def step_function(
         from smet_kernels.optim.smet_adamw import SMETAdamW
 
         param.smet_layout = layout
-        optimizer = SMETAdamW([param], lr=1e-4, weight_decay=0.01, backend=backend)
+        optimizer = SMETAdamW([param], lr=LR, weight_decay=0.01, backend="reference" if reference else backend)
         moved += 2 * 4 * layout.nnz
+    elif reference:
+        optimizer = torch.optim.AdamW([param], lr=LR, weight_decay=0.01, fused=False, foreach=False)
     else:
         fused = case.provider == "torch_adamw_fused"
-        optimizer = torch.optim.AdamW([param], lr=1e-4, weight_decay=0.01, fused=fused, foreach=not fused)
-    return optimizer.step, numel, moved
+        optimizer = torch.optim.AdamW([param], lr=LR, weight_decay=0.01, fused=fused, foreach=not fused)
+    return optimizer.step, numel, moved, param
 
 
 def run_case(

@@ -19,9 +19,11 @@ from pathlib import Path
 
 import torch
 
+from profiling.memory_model import COMPONENTS
+
 ENVIRONMENT_COLUMNS = ["gpu", "device", "torch", "triton", "timestamp"]
 
-KERNEL_KEY = ["suite", "op", "provider", "variant", "M", "K", "N", "block_size", "density", "dtype", "backend"]
+KERNEL_KEY = ["suite", "op", "provider", "shape", "M", "K", "N", "block_size", "density", "dtype", "backend"]
 KERNEL_COLUMNS = (
     KERNEL_KEY
     + [
@@ -39,6 +41,10 @@ KERNEL_COLUMNS = (
     + ENVIRONMENT_COLUMNS
 )
 
+#: column names of result files written before a column was renamed: old name -> name (``variant`` held the shape
+#: label, which the kernel variants of the ops made ambiguous)
+RENAMED_COLUMNS = {"variant": "shape"}
+
 #: provider names of result files written before the providers were named after what they time:
 #: ``(suite, old name, backend or None for any) -> name``
 RENAMED_PROVIDERS = {
@@ -50,14 +56,12 @@ RENAMED_PROVIDERS = {
     ("optimizer", "smet", None): "smet_adamw",
 }
 
-MEMORY_COMPONENTS = ["weights", "gradients", "optimizer", "activations", "rest"]
-
 TRAINING_KEY = ["config", "method", "density", "block_size", "batch_size", "seq_len", "dtype", "backend"]
 TRAINING_COLUMNS = (
     TRAINING_KEY
     + ["steps", "ms_p20", "ms_p50", "ms_p80", "tokens_per_s", "peak_allocated_bytes", "nvml_peak_bytes", "nvml_status"]
-    + [f"{c}_bytes" for c in MEMORY_COMPONENTS]
-    + [f"pred_{c}_bytes" for c in MEMORY_COMPONENTS]
+    + [f"{c}_bytes" for c in COMPONENTS]
+    + [f"pred_{c}_bytes" for c in COMPONENTS]
     + ["pred_peak_bytes", "peak_source", "status", "note"]
     + ENVIRONMENT_COLUMNS
 )
@@ -135,13 +139,14 @@ class ResultsFile:
         if self.path.exists() and self.path.stat().st_size > 0:
             with self.path.open(newline="") as handle:
                 reader = csv.DictReader(handle)
-                header = reader.fieldnames or []
+                header = [RENAMED_COLUMNS.get(c, c) for c in reader.fieldnames or []]  # old files keep their header
                 if header != self.columns:
                     raise ValueError(
                         f"{self.path} has columns {header}, expected {self.columns}; "
                         "write to a fresh --out-dir or delete the file"
                     )
                 for row in reader:  # rows measured under an old provider name count as done under the new one
+                    row = {RENAMED_COLUMNS.get(k, k): v for k, v in row.items()}
                     self._done.add(self.key_of(rename_old_providers(row)))
 
     def key_of(self, row: dict) -> tuple[str, ...]:

@@ -1,4 +1,5 @@
-"""Kernel timings under pytest-benchmark: the SPEC §7 anchor shapes at b = 128 on a GPU, a tiny shape on CPU."""
+"""Kernel timings under pytest-benchmark: the SPEC §7 anchor shapes at b = 128 on a GPU, a tiny shape on CPU; each
+result is checked once against the fp32 dense computation (:func:`bench.kernels.check_result`) before it is timed."""
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from bench.kernels import (
     KernelUnavailable,
     LinearShape,
     case_function,
+    check_result,
     make_operands,
     useful_flops,
 )
@@ -43,7 +45,9 @@ def _case(op, provider, shape, density):
 def test_dense(timed, shape, op):
     case = _case(op, "cublas_dense", shape, 1.0)
     operands = make_operands(case, DEVICE)
-    timed(case_function(case, operands, BACKEND), flops=useful_flops(case, operands), M=case.M, K=shape.K, N=shape.N)
+    fn = case_function(case, operands, BACKEND)
+    assert check_result(case, operands, fn()) == ""
+    timed(fn, flops=useful_flops(case, operands), M=case.M, K=shape.K, N=shape.N)
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s.label}-{s.N}x{s.K}")
@@ -57,6 +61,7 @@ def test_sparse(timed, shape, density, provider, op):
         fn = case_function(case, operands, BACKEND)
     except KernelUnavailable as reason:
         pytest.skip(str(reason))
+    assert check_result(case, operands, fn()) == ""
     timed(
         fn,
         flops=useful_flops(case, operands),

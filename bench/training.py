@@ -25,11 +25,12 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from smet_kernels.train.methods import BENCH_NAMES as METHODS
+from smet_kernels.train.methods import SPARSE_BENCH_NAMES as SPARSE_METHODS
+
 from .kernels import dtype_name
 from .timing import QUANTILES
 
-METHODS = ("dense", "galore", "masked", "smet")
-SPARSE_METHODS = ("masked", "smet")
 FULL_CONFIGS = ("60m", "130m", "350m", "1b")
 FULL_DENSITIES = (0.5, 0.25, 0.1)
 QUICK_CONFIGS = ("tiny",)
@@ -81,12 +82,6 @@ def training_cases(
                 yield TrainingCase(config, method, density, block_size, batch_size, seq_len, dtype, vocab_size)
 
 
-def _hidden_linear_patterns() -> list[str]:
-    from smet_kernels.train.model import HIDDEN_LINEAR_NAMES
-
-    return [rf"\.{name}$" for name in HIDDEN_LINEAR_NAMES]
-
-
 def model_config_for(case: TrainingCase):
     from smet_kernels.train.model import model_config
 
@@ -96,49 +91,53 @@ def model_config_for(case: TrainingCase):
 LR = 1e-4
 
 
-def build_model(llama_config, method: str, density: float, block_size: int, dtype: torch.dtype, device, backend,
-                seed: int = 0):
-    """The LLaMA model of ``llama_config`` on ``device`` as ``method`` trains it: hidden linears block-sparse
-    (``smet``), masked dense (``masked``) or dense (``dense``, ``galore``)."""
-    from smet_kernels.train.model import LlamaModel
-
-    torch.manual_seed(seed)
-    generator = torch.Generator().manual_seed(seed)
-    model = LlamaModel(llama_config, device=device, dtype=dtype)
-    if method == "smet":
-        from smet_kernels.modules import sparsify
-
-        sparsify(
-            model, density, block_size=block_size, include=_hidden_linear_patterns(), generator=generator,
-            backend=backend,
-        )  # fmt: skip
-    elif method == "masked":
-        from smet_kernels.masked import masked_sparsify
-
-        masked_sparsify(model, density, block_size=block_size, include=_hidden_linear_patterns(), generator=generator)
-    return model
-
-
-def galore_optimizer(model, config: str):
-    """GaLore-style AdamW with the paper's rank for ``config`` on the hidden linears of ``model``."""
-    from smet_kernels.optim.galore import GALORE_DEFAULT_RANK, GaLoreAdamW, galore_param_groups
-
-    return GaLoreAdamW(galore_param_groups(model, GALORE_DEFAULT_RANK[config]), lr=LR)
-
-
 def build(case: TrainingCase, device: torch.device, backend: str | None, seed: int = 0):
-    """``(model, optimizer)`` of ``case`` on ``device``."""
-    model = build_model(
-        model_config_for(case), case.method, case.density, case.block_size, case.dtype, device, backend, seed
-    )
-    model.activation_checkpointing = case.activation_checkpointing
-    if case.method == "smet":
-        from smet_kernels.optim.smet_adamw import SMETAdamW
+    """``(model, optimizer)`` of ``case`` on ``device``, by the method registry's factories: torch's default
+    hyperparameters but ``lr`` = :data:`LR`, fused AdamW, GaLore at the paper's rank, SMETAdamW's states in the
+    case's dtype."""
+    from smet_kernels.optim.galore import GALORE_DEFAULT_RANK
+    from smet_kernels.train import methods
 
-        return model, SMETAdamW(model.parameters(), lr=LR, state_dtype=case.dtype, backend=backend)
-    if case.method == "galore":
-        return model, galore_optimizer(model, case.config)
-    return model, torch.optim.AdamW(model.parameters(), lr=LR, fused=True)
+    model = methods.build_model(model_config_for(case), case.method, density=case.density,
+                                block_size=case.block_size, dtype=case.dtype, device=device, backend=backend,
+                                seed=seed)  # fmt: skip
+    model.activation_checkpointing = case.activation_checkpointing
+    optimizer = methods.build_optimizer(
+        case.method, model, fused=True, backend=backend, galore=dict(rank=GALORE_DEFAULT_RANK[case.config]),
+        smet_adamw=dict(state_dtype=case.dtype), lr=LR,
+    )  # fmt: skip
+    return model, optimizer
+
+
+def check_step(model, optimizer, inputs, targets) -> str:
+    """Empty when one training step of ``model`` computes what the dense reference computes, else a note: the loss
+    matches the loss of a dense copy of the model (:func:`~smet_kernels.modules.densify`: the same weights as
+    ``nn.Linear``, zeros at inactive blocks; the model itself for the dense methods) within the dtype's tolerance,
+    and the step leaves every parameter finite and changes the weights."""
+    import copy
+
+    from smet_kernels.modules import BlockLayoutLinear, densify
+    from smet_kernels.train.model import lm_loss
+
+    sparse = any(isinstance(module, BlockLayoutLinear) for module in model.modules())
+    reference = densify(copy.deepcopy(model)) if sparse else model
+    with torch.no_grad():
+        expected = lm_loss(reference(inputs), targets).float().item()
+    before = [p.detach().clone() for p in model.parameters()]
+    loss = lm_loss(model(inputs), targets)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=False)
+    dtype = next(model.parameters()).dtype
+    tolerance = 2e-2 if dtype in (torch.float16, torch.bfloat16) else 1e-4
+    if not abs(loss.item() - expected) <= tolerance * abs(expected):
+        return f"loss {loss.item():.6g} != dense reference {expected:.6g}"
+    after = list(model.parameters())
+    if not all(torch.isfinite(p).all() for p in after):
+        return "a parameter is not finite after the step"
+    if all(torch.equal(a, b) for a, b in zip(after, before)):
+        return "the step changed no parameter"
+    return ""
 
 
 def predicted_memory(case: TrainingCase):

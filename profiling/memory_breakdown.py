@@ -28,6 +28,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .memory_model import COMPONENTS
+
 
 def _storage_key(tensor: torch.Tensor) -> tuple[str, int]:
     return (str(tensor.device), tensor.untyped_storage()._cdata)
@@ -127,14 +129,7 @@ class MeasuredMemory:
     peak_source: str
 
     def as_dict(self) -> dict:
-        return {
-            "weights": self.weights,
-            "gradients": self.gradients,
-            "optimizer": self.optimizer,
-            "activations": self.activations,
-            "rest": self.rest,
-            "peak": self.peak,
-        }
+        return {name: getattr(self, name) for name in COMPONENTS} | {"peak": self.peak}
 
 
 def measure_step_memory(

@@ -36,7 +36,8 @@ from dataclasses import dataclass
 
 import torch
 
-METHODS = ("dense", "galore", "masked", "smet")
+from smet_kernels.train.methods import BENCH_NAMES as METHODS
+from smet_kernels.train.model import hidden_linear_shapes
 COMPONENTS = ("weights", "gradients", "optimizer", "activations", "rest")
 
 
@@ -81,21 +82,6 @@ def parse_dtype(name: str) -> torch.dtype:
     if name not in _DTYPE_NAMES:
         raise ValueError(f"dtype must be one of {sorted(_DTYPE_NAMES)}, got {name!r}")
     return _DTYPE_NAMES[name]
-
-
-def hidden_linear_shapes(config) -> dict[str, tuple[int, int]]:
-    """``name -> (out_features, in_features)`` of every hidden linear layer of ``config`` (a ``LlamaConfig``)."""
-    h, i = config.hidden_size, config.intermediate_size
-    per_layer = {
-        "attn.q_proj": (h, h),
-        "attn.k_proj": (h, h),
-        "attn.v_proj": (h, h),
-        "attn.o_proj": (h, h),
-        "mlp.gate_proj": (i, h),
-        "mlp.up_proj": (i, h),
-        "mlp.down_proj": (h, i),
-    }
-    return {f"layers.{layer}.{name}": shape for layer in range(config.num_layers) for name, shape in per_layer.items()}
 
 
 def predict_memory(

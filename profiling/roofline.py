@@ -110,7 +110,7 @@ def bar_rows(config_names, densities, tokens, block_size, element_size, tflops, 
     """One row per (shape, tokens, density, op): the bound in µs and in units of ``d × dense``, and the bar."""
     import torch
 
-    from bench.kernels import linear_shapes
+    from smet_kernels.train.model import linear_shapes
 
     rows = []
     for shape in linear_shapes(config_names):

@@ -76,6 +76,24 @@ def triton_can_run(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
+def resolve_device(name: str | None = "auto") -> torch.device:
+    """The device ``name`` names: ``auto`` (or None) is ``cuda`` where CUDA is available, else ``cpu``; otherwise
+    ``cpu``, ``cuda`` or ``cuda:N``, checked to exist here (``ValueError`` naming the device)."""
+    if name is None or name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):  # an unknown device type such as "tpu"
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {name!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"device {name!r}: only {torch.cuda.device_count()} GPU(s) are visible")
+    return device
+
+
 def resolve_backend(device: torch.device, backend: str | None = None) -> str:
     """The concrete backend (``triton`` | ``reference``) for tensors on ``device``."""
     global _warned
@@ -89,7 +107,7 @@ def resolve_backend(device: torch.device, backend: str | None = None) -> str:
         raise ValueError(
             f"backend='triton' cannot run on device {device}: "
             + (reason or "Triton needs a CUDA tensor, or TRITON_INTERPRET=1 set before importing smet_kernels "
-               "for CPU tensors")
+               "for CPU tensors (the slow interpreter); or use backend 'reference'")
         )
     if not _warned:
         warnings.warn(

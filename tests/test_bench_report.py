@@ -26,7 +26,7 @@ def _kernel_rows(machine: dict) -> list[dict]:
     time is noisy."""
     rows = []
     for op in ("forward", "grad_input", "grad_weight"):
-        shape = {"suite": "kernels", "op": op, "variant": "tiny:qkvo", "M": 64, "K": 64, "N": 64, "dtype": "fp32",
+        shape = {"suite": "kernels", "op": op, "shape": "tiny:qkvo", "M": 64, "K": 64, "N": 64, "dtype": "fp32",
                  "status": "ok", **machine, "torch": "2.4", "triton": "3.0", "timestamp": "2026-01-01T00:00:00"}  # fmt: skip
         rows.append(shape | {"provider": "cublas_dense", "density": 1, "backend": "torch", "ms_p20": 0.01,
                              "ms_p50": 0.01, "ms_p80": 0.011})  # fmt: skip
@@ -162,13 +162,13 @@ def test_vs_roofline_uses_the_copy_bandwidth_of_the_same_run():
     from bench.report import kernel_comparison
     from profiling.roofline import compulsory_bytes, expected_used_lines
 
-    shape = {"suite": "kernels", "variant": "x:qkvo", "M": 8192, "K": 1024, "N": 1024, "dtype": "bf16",
+    shape = {"suite": "kernels", "shape": "x:qkvo", "M": 8192, "K": 1024, "N": 1024, "dtype": "bf16",
              "status": "ok", **CUDA, "ms_p20": 1.0, "ms_p80": 1.0}  # fmt: skip
     rows = [
         shape | {"op": "forward", "provider": "cublas_dense", "density": 1.0, "ms_p50": 0.030},
         shape | {"op": "forward", "provider": "triton_grouped", "density": 0.1, "block_size": 128, "nnz_blocks": 6,
                  "ms_p50": 0.020},  # fmt: skip
-        {"suite": "optimizer", "op": "copy", "provider": "device_copy", "variant": "dense:1b", "N": 2048,
+        {"suite": "optimizer", "op": "copy", "provider": "device_copy", "shape": "dense:1b", "N": 2048,
          "K": 2048, "ms_p50": 0.0112, **CUDA},  # fmt: skip: 2048² × 8 bytes in 11.2 µs = 3.0 TB/s
     ]
     row = kernel_comparison(pd.DataFrame(rows)).iloc[0]

@@ -7,7 +7,7 @@ from bench.results import KERNEL_COLUMNS, KERNEL_KEY, ResultsFile, device_slug, 
 
 def _row(**overrides):
     row = {
-        "suite": "kernels", "op": "forward", "provider": "triton_grouped", "variant": "tiny:qkvo", "M": 64, "K": 64, "N": 64,
+        "suite": "kernels", "op": "forward", "provider": "triton_grouped", "shape": "tiny:qkvo", "M": 64, "K": 64, "N": 64,
         "block_size": 32, "density": 0.5, "dtype": "fp32", "backend": "triton", "ms_p50": 1.0, "status": "ok",
     }  # fmt: skip
     return row | overrides
@@ -67,7 +67,7 @@ def test_resume_is_per_device(tmp_path, monkeypatch, capsys):
 def _kernel_frame(rows):
     import pandas as pd
 
-    base = {"suite": "kernels", "variant": "s", "M": 64, "K": 64, "N": 64, "dtype": "bf16", "ms_p20": None,
+    base = {"suite": "kernels", "shape": "s", "M": 64, "K": 64, "N": 64, "dtype": "bf16", "ms_p20": None,
             "ms_p80": None, "tflops": 1.0, "backend": "torch", "status": "ok", "note": ""}  # fmt: skip
     return pd.DataFrame([base | row for row in rows])
 
@@ -89,7 +89,7 @@ def test_report_ratios_use_the_dense_time_of_the_same_gpu():
 
 
 def test_report_summary_leaves_out_wrong_results(tmp_path):
-    from bench.report import _kernel_section
+    from bench.report.sections import kernel_section
 
     rows = [{"op": "forward", "provider": "cublas_dense", "gpu": "h100", "ms_p50": 1.0}]
     for status, ms in (("ok", 0.5), ("wrong", 0.01)):
@@ -98,7 +98,7 @@ def test_report_summary_leaves_out_wrong_results(tmp_path):
              "nnz_blocks": 2, "status": status, "M": 64 if status == "ok" else 128}
         )  # fmt: skip
     rows.append({"op": "forward", "provider": "cublas_dense", "gpu": "h100", "ms_p50": 1.0, "M": 128})
-    text = "\n".join(_kernel_section(_kernel_frame(rows), tmp_path))
+    text = "\n".join(kernel_section(_kernel_frame(rows), tmp_path))
     summary = text.split("### All kernel measurements")[0]
     row = next(line for line in summary.splitlines() if line.startswith("| forward") and "triton_grouped" in line)
     cells = [cell.strip() for cell in row.strip("|").split("|")]
@@ -107,19 +107,19 @@ def test_report_summary_leaves_out_wrong_results(tmp_path):
 
 
 def test_optimizer_percent_of_copy_uses_the_same_gpu():
-    from bench.report import _optimizer_section
+    from bench.report.sections import optimizer_section
 
     frame = _kernel_frame(
         [
-            {"suite": "optimizer", "op": "copy", "provider": "device_copy", "variant": "dense:s", "gpu": "h100",
+            {"suite": "optimizer", "op": "copy", "provider": "device_copy", "shape": "dense:s", "gpu": "h100",
              "ms_p50": 0.01, "N": 1000, "K": 1000},
-            {"suite": "optimizer", "op": "copy", "provider": "device_copy", "variant": "dense:s", "gpu": "cpu",
+            {"suite": "optimizer", "op": "copy", "provider": "device_copy", "shape": "dense:s", "gpu": "cpu",
              "ms_p50": 1.0, "N": 1000, "K": 1000},
-            {"suite": "optimizer", "op": "adamw", "provider": "smet_adamw", "variant": "dense:s", "gpu": "h100",
+            {"suite": "optimizer", "op": "adamw", "provider": "smet_adamw", "shape": "dense:s", "gpu": "h100",
              "ms_p50": 0.1, "N": 1000, "K": 1000, "gbps": 400.0, "density": 1.0, "block_size": None},
         ]
     )  # fmt: skip
-    row = next(line for line in _optimizer_section(frame)[4].splitlines() if "smet_adamw" in line)
+    row = next(line for line in optimizer_section(frame)[4].splitlines() if "smet_adamw" in line)
     cells = [cell.strip() for cell in row.strip("|").split("|")]
     assert cells[-2:] == ["800", "50"]  # copy 8e6 B / 0.01 ms = 800 GB/s; 400 / 800 = 50 %
 
@@ -158,3 +158,30 @@ def test_resume_counts_a_row_measured_under_the_old_provider_name_as_done(tmp_pa
     reopened = kernels_file(tmp_path)
     assert reopened.done(_row(provider="triton_grouped"))
     assert not reopened.done(_row(provider="triton_tma"))
+
+
+def test_committed_results_with_the_old_variant_column_render_with_their_shapes(tmp_path):
+    """reports/cpu-x86-64-2cores was written when the shape column was called ``variant``: the reader names it
+    ``shape`` and the report shows the shapes."""
+    import shutil
+    from pathlib import Path
+
+    from bench.report import load_csv, write_report
+
+    committed = Path(__file__).resolve().parents[1] / "reports" / "cpu-x86-64-2cores"
+    assert "variant" in (committed / "kernels.csv").read_text().splitlines()[0].split(",")
+    frame = load_csv(committed / "kernels.csv")
+    assert "variant" not in frame.columns and "tiny:qkvo" in set(frame["shape"])
+    for name in ("kernels.csv", "training.csv"):
+        shutil.copy(committed / name, tmp_path / name)
+    report = write_report(tmp_path).read_text()
+    assert "tiny:qkvo" in report and "tiny:gate_up" in report
+
+
+def test_resume_reads_a_file_with_the_old_variant_column(tmp_path):
+    path = tmp_path / "kernels.csv"
+    header = ["variant" if c == "shape" else c for c in KERNEL_COLUMNS]
+    row = _row()
+    path.write_text(",".join(header) + "\n" + ",".join(str(row.get(c, "")) for c in KERNEL_COLUMNS) + "\n")
+    reopened = kernels_file(tmp_path)
+    assert reopened.done(_row()) and len(reopened) == 1

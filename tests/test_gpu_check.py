@@ -140,7 +140,7 @@ def test_a_cpu_run_writes_the_summary_and_csvs_that_report_renders(tmp_path):
     with (tmp_path / "kernels.csv").open(newline="") as handle:
         assert next(csv.reader(handle)) == KERNEL_COLUMNS
     kernels = _rows(tmp_path / "kernels.csv")
-    assert {(r["provider"], r["variant"]) for r in kernels} >= {("cublas_dense", "ceiling"),
+    assert {(r["provider"], r["shape"]) for r in kernels} >= {("cublas_dense", "ceiling"),
                                                                  ("device_copy", "dense:ceiling")}  # fmt: skip
     assert {r["provider"] for r in kernels if r["suite"] == "optimizer"} >= {"smet_adamw", "torch_adamw_fused"}
     with (tmp_path / "training.csv").open(newline="") as handle:

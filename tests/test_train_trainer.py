@@ -3,7 +3,7 @@ metrics, exact resume, atomic checkpoints and one-line CLI errors."""
 
 import dataclasses
 import json
-import time
+import types
 from pathlib import Path
 
 import pytest
@@ -125,21 +125,26 @@ def test_resume_continues_exactly(optimizer, tmp_path):
 
 
 def test_steady_throughput_leaves_out_the_first_step(tmp_path, monkeypatch):
-    """The first step of a process pays for kernel compilation/autotuning; ``steady_tokens_per_s`` excludes it."""
+    """The first step of a process pays for kernel compilation/autotuning; ``steady_tokens_per_s`` excludes it. The
+    loop's clock is a fake one that only the steps advance: 1 s for the first (standing for Triton JIT + autotune
+    on a GPU), 1 ms for each later one."""
     real_step = loop.Run.train_step
+    clock = types.SimpleNamespace(now=0.0, perf_counter=lambda: clock.now)
     calls = []
 
     def slow_first_step(self):
         calls.append(1)
-        if len(calls) == 1:
-            time.sleep(1.0)  # stands for Triton JIT + autotune on a GPU
+        clock.now += 1.0 if len(calls) == 1 else 1e-3
         return real_step(self)
 
+    monkeypatch.setattr(loop, "time", clock)
     monkeypatch.setattr(loop.Run, "train_step", slow_first_step)
     summary = train(tiny_config(optimizer="adamw", max_steps=4, eval_every=0, out_dir=str(tmp_path)))
     assert summary["steady_tokens_per_s"] > 2 * summary["tokens_per_s"]
     step_tokens = 4 * 64
     assert summary["steady_tokens_per_s"] > step_tokens / 0.5  # a tiny step takes far less than 0.5 s
+    assert summary["steady_tokens_per_s"] == pytest.approx(step_tokens / 1e-3)
+    assert summary["tokens_per_s"] == pytest.approx(4 * step_tokens / (1.0 + 3e-3))
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):

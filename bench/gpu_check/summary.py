@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from bench.report import kernel_comparison, load_csv, table
+from bench.markdown import table
+from bench.report import kernel_comparison, load_csv
 from profiling.roofline import BARS
 
 from .plan import Sizes
@@ -78,7 +79,7 @@ def _kernel_rows(kernels: pd.DataFrame, sizes: Sizes) -> pd.DataFrame:
     grouped = comparison[comparison["provider"] == "triton_grouped"]
     for point in grouped.itertuples():
         same = comparison[
-            (comparison["variant"] == point.variant)
+            (comparison["shape"] == point.shape)
             & (comparison["op"] == point.op)
             & (comparison["block_size"] == point.block_size)
             & (comparison["density"] == point.density)
@@ -86,7 +87,7 @@ def _kernel_rows(kernels: pd.DataFrame, sizes: Sizes) -> pd.DataFrame:
         times = {VARIANT_PROVIDERS.get(p, p): t for p, t in zip(same["provider"], same["ms_p50"])}
         c = BARS.get(round(float(point.density), 6))
         headline = point.block_size == sizes.kernel_block_sizes[0] and c is not None
-        row = {"shape": point.variant, "b": int(point.block_size), "d": point.density, "op": point.op,
+        row = {"shape": point.shape, "b": int(point.block_size), "d": point.density, "op": point.op,
                "ms": _num(point.ms_p50), "dense ms": _num(point.dense_ms), "vs d×dense": _num(point.vs_d_dense),
                "vs roofline": _num(point.vs_roofline), "roofline term": _roofline_term(point)}  # fmt: skip
         if headline and pd.notna(point.roofline_ms):
@@ -131,11 +132,11 @@ def adamw_section(kernels: pd.DataFrame | None, sizes: Sizes) -> list[str]:
     if kernels is None:
         return lines + ["Not measured.", ""]
     optimizer = kernels[(kernels["suite"] == "optimizer") & kernels["gbps"].notna()]
-    ceiling = optimizer[optimizer["variant"] == "dense:ceiling"]["gbps"]
+    ceiling = optimizer[optimizer["shape"] == "dense:ceiling"]["gbps"]
     smet = optimizer[(optimizer["provider"] == "smet_adamw") & (optimizer["density"] == 0.25)]
     if smet.empty:
         return lines + ["Not measured.", ""]
-    rows = [{"provider": r.provider, "tensor": r.variant, "ms": _num(r.ms_p50), "GB/s": _num(r.gbps)}
+    rows = [{"provider": r.provider, "tensor": r.shape, "ms": _num(r.ms_p50), "GB/s": _num(r.gbps)}
             for r in optimizer.itertuples()]  # fmt: skip
     lines += [table(pd.DataFrame(rows)), ""]
     if ceiling.empty:
@@ -208,8 +209,8 @@ def write(out_dir: Path, sizes: Sizes, env: dict, stages: list[dict], correctnes
     lines = [f"# gpu-check: {env['device']}", "", f"Made by `{command}` ({sizes.name} sizes).", "",
              " · ".join(f"{k} {v}" for k, v in env.items()), ""]  # fmt: skip
     if kernels is not None:
-        matmul = kernels[(kernels["variant"] == "ceiling") & kernels["tflops"].notna()]["tflops"]
-        copy = kernels[(kernels["variant"] == "dense:ceiling") & kernels["gbps"].notna()]["gbps"]
+        matmul = kernels[(kernels["shape"] == "ceiling") & kernels["tflops"].notna()]["tflops"]
+        copy = kernels[(kernels["shape"] == "dense:ceiling") & kernels["gbps"].notna()]["gbps"]
         lines += [f"Ceilings measured in this run: matmul {_num(matmul.max(), '.4g')} TFLOP/s "
                   f"({sizes.ceiling_matmul}³ {sizes.dtype}), device copy {_num(copy.max(), '.4g')} GB/s "
                   "(bytes read + written).", ""]  # fmt: skip

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..plotting import pyplot
 from .load import StudyData
 from .spec import DENSE_METHOD, METHOD_ORDER
 from .stats import GROUP, _same, missing
@@ -14,19 +15,15 @@ from .stats import GROUP, _same, missing
 
 def _palette() -> dict:
     """One fixed colour per method, the same in every plot."""
-    import seaborn as sns
-
+    sns = pyplot()[1]
     return dict(zip(METHOD_ORDER, sns.color_palette("tab10", len(METHOD_ORDER))))
 
 
 def plot_val_curves(data: StudyData, config: str, path: Path) -> Path:
     """Validation loss vs tokens: one panel per (density, α), the dense-like methods repeated in each panel."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     import pandas as pd
-    import seaborn as sns
-    from matplotlib import pyplot as plt
+
+    plt, sns = pyplot()
 
     runs = data.runs[data.runs["config"] == config]
     curves = data.evals.join(runs.set_index("key")[GROUP + ["seed"]], on="key", how="inner")
@@ -62,12 +59,9 @@ def plot_spike_profile(data: StudyData, events, config: str, path: Path) -> Path
     """Excess training loss over the dense run of the same seed (same batches), minus its pre-update mean, from
     −k+1 to k steps around the updates that moved blocks; mean over updates and seeds (GaLore as a control;
     dense is 0 by construction). None when no update moved a block."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     import pandas as pd
-    import seaborn as sns
-    from matplotlib import pyplot as plt
+
+    plt, sns = pyplot()
 
     runs = data.runs.set_index("key")
     losses = {key: dict(zip(group["step"].astype(int), group["loss"])) for key, group in data.losses.groupby("key")}

@@ -7,6 +7,7 @@ import math
 import shlex
 from pathlib import Path
 
+from ..markdown import table
 from .findings import findings
 from .load import load_study
 from .plots import plot_spike_profile, plot_val_curves
@@ -17,14 +18,14 @@ from .sweep import GZIP_ABOVE_BYTES
 PILOT_BELOW_STEPS = 1000  # shorter CPU runs are a tooling pilot: no evidence either way
 
 
-def _display(table, columns: dict[str, str], floats: dict[str, str]):
-    frame = table.copy()
+def _display(rows, columns: dict[str, str], floats: dict[str, str]):
+    frame = rows.copy()
     for column in ("density", "alpha"):
         if column in frame:
             frame[column] = frame[column].map(lambda v: "-" if missing(v) else f"{v:g}")
     for column, spec in floats.items():
         frame[column] = frame[column].map(lambda v: "n/a" if missing(v) else format(v, spec))
-    return frame[list(columns)].rename(columns=columns).to_markdown(index=False, disable_numparse=True)
+    return table(frame[list(columns)].rename(columns=columns))
 
 
 def _commands(out_dir: Path) -> list[str]:

@@ -8,26 +8,32 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
+from smet_kernels.train.methods import METHODS as TRAINER_METHODS
+
 class Method(NamedTuple):
-    """A method of the study: the trainer optimizer, SMETAdamW warm-up mode (None: the trainer default), whether its
-    hidden linears are sparse, and which α it runs: None (α does not apply), a fixed value, or ``"sweep"`` /
-    ``"sweep>0"`` (every α of the spec / every α > 0: at α = 0 the arm is another one)."""
+    """A method of the study: the trainer's method (:data:`smet_kernels.train.methods.METHODS`), the SMETAdamW
+    warm-up mode (None: the trainer default) and which α it runs: None (α does not apply), a fixed value, or
+    ``"sweep"`` / ``"sweep>0"`` (every α of the spec / every α > 0: at α = 0 the arm is another one)."""
 
     optimizer: str
     warmup_mode: str | None
-    sparse: bool
     alphas: str | float | None
+
+    @property
+    def sparse(self) -> bool:
+        """Whether its hidden linears are sparse (the registry's word)."""
+        return TRAINER_METHODS[self.optimizer].sparse
 
 
 METHODS = {
-    "adamw": Method("adamw", None, False, None),
-    "galore": Method("galore", None, False, None),
-    "masked-dst": Method("masked-dst", None, True, None),
-    "naive-dst": Method("naive-dst", None, True, 0.0),  # the paper's: no warm-up, no density LR
-    "warmup-only": Method("warmup-only", "linear", True, 0.0),
-    "density-lr-only": Method("density-lr-only", None, True, "sweep>0"),  # at α = 0 it is naive-dst
-    "smet-linear": Method("smet", "linear", True, "sweep"),  # at α = 0 it is warmup-only (a consistency check)
-    "smet-momentum_ramp": Method("smet", "momentum_ramp", True, "sweep"),
+    "adamw": Method("adamw", None, None),
+    "galore": Method("galore", None, None),
+    "masked-dst": Method("masked-dst", None, None),
+    "naive-dst": Method("naive-dst", None, 0.0),  # the paper's: no warm-up, no density LR
+    "warmup-only": Method("warmup-only", "linear", 0.0),
+    "density-lr-only": Method("density-lr-only", None, "sweep>0"),  # at α = 0 it is naive-dst
+    "smet-linear": Method("smet", "linear", "sweep"),  # at α = 0 it is warmup-only (a consistency check)
+    "smet-momentum_ramp": Method("smet", "momentum_ramp", "sweep"),
 }
 ABLATION_ARMS = ("warmup-only", "density-lr-only", "smet-linear", "smet-momentum_ramp")  # each against naive-dst
 METHOD_ORDER = tuple(METHODS)
@@ -153,7 +159,8 @@ class RunSpec:
         """The :class:`TrainConfig` of this run: shared settings from ``spec``, method settings from the run."""
         from smet_kernels.train.trainer import TrainConfig
 
-        optimizer, warmup_mode, sparse, _ = METHODS[self.method]
+        optimizer, warmup_mode, _ = METHODS[self.method]
+        sparse = METHODS[self.method].sparse
         return TrainConfig(
             model=self.config,
             optimizer=optimizer,

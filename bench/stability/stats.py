@@ -68,7 +68,7 @@ GROUP = ["config", "method", "density", "alpha"]
 
 def _in_study_order(frame, extra=()):
     """``frame`` sorted by config size, method (study order), density, α (and ``extra`` columns)."""
-    from ..report import CONFIG_ORDER
+    from ..plotting import CONFIG_ORDER
 
     order = {"_config": frame["config"].map(lambda c: CONFIG_ORDER.index(c) if c in CONFIG_ORDER else 99),
              "_method": frame["method"].map(METHOD_ORDER.index)}

@@ -78,22 +78,15 @@ def _latest_checkpoint(run_dir: Path) -> str | None:
 def check_runnable(spec: StudySpec, out_dir) -> None:
     """Raise ValueError (one line, naming the setting) for what every run of ``spec`` would reject: the trainer's
     :meth:`TrainConfig.validate`, a device or backend that is not available, unreadable or too short data."""
-    import torch
-
     from smet_kernels import backend as backend_module
     from smet_kernels.train.data import DataError, PackedBatches, eval_windows, load_corpus
 
     spec.validate()
     for run in enumerate_runs(spec):
         run.train_config(spec, out_dir).validate()
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if spec.device == "auto" else spec.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {spec.device!r} requested but CUDA is not available")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise ValueError(f"device {spec.device!r}: only {torch.cuda.device_count()} GPU(s) are visible")
-    if spec.backend == "triton" and not backend_module.triton_can_run(device):
-        raise ValueError(f"backend 'triton' cannot run on device {device}: use a CUDA device, TRITON_INTERPRET=1 "
-                         "(the slow CPU interpreter) or backend 'reference'")
+    device = backend_module.resolve_device(spec.device)
+    if spec.backend == "triton":
+        backend_module.resolve_backend(device, "triton")
     try:
         corpus = load_corpus(spec.data)
         PackedBatches(corpus.train, spec.seq_len, spec.batch_size, seed=0)

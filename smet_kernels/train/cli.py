@@ -23,11 +23,11 @@ from .config import (
     OPTIMIZERS,
     PARALLEL_MODES,
     PRECISIONS,
-    SPARSE_OPTIMIZERS,
     ConfigError,
     TrainConfig,
 )
 from .loop import TrainingDiverged, train
+from .methods import GALORE_OPTIONS, METHODS, SPARSE_OPTIONS
 from .metrics import strict_json
 from .model import MODEL_CONFIGS
 from .tokenizer import DEFAULT_BPE_VOCAB
@@ -212,19 +212,11 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig.from_dict(values)
 
 
-SPARSE_ONLY_OPTIONS = ("density", "block_size", "distribution", "supar", "supar_base_width", "update_interval",
-                       "prune_fraction", "regrow", "warmup_mode", "optimizer_warmup_steps", "density_lr_exponent",
-                       "warmup_scope")
-
-
 def _warn_ignored_options(args: argparse.Namespace, config: TrainConfig) -> None:
     """Options that have no effect in the chosen mode are named on stderr (the run still starts)."""
     given = vars(args)
-    ignored = []
-    if config.optimizer not in SPARSE_OPTIMIZERS:
-        ignored += [name for name in SPARSE_ONLY_OPTIONS if name in given]
-    if config.optimizer != "galore":
-        ignored += [name for name in ("galore_rank", "galore_update_gap", "galore_scale") if name in given]
+    applies = METHODS[config.optimizer].options
+    ignored = [name for name in SPARSE_OPTIONS + GALORE_OPTIONS if name in given and name not in applies]
     if ignored:
         flags = ", ".join("--" + name.replace("_", "-") for name in ignored)
         print(f"smet-train: {flags} ha{'s' if len(ignored) == 1 else 've'} no effect with --optimizer "

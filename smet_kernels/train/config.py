@@ -1,5 +1,5 @@
 """Training configuration: :class:`TrainConfig` (every setting of a run, saved in each checkpoint), its validation
-and the option vocabularies (optimizer modes, parallel modes, precisions)."""
+and the option vocabularies (optimizer modes from :mod:`.methods`, parallel modes, precisions)."""
 
 from __future__ import annotations
 
@@ -12,20 +12,13 @@ import torch
 
 from .. import backend as backend_module
 from ..layout import SUPPORTED_BLOCK_SIZES, nnz_for_density
+from .methods import METHODS, SPARSE_TRAINER_NAMES, TRAINER_NAMES
 from .model import MODEL_CONFIGS
 from .tokenizer import TokenizerError, parse_tokenizer
 
-# --- SMETAdamW arms (issue 16): name -> (warm-up: "config" = TrainConfig.warmup_mode, bias correction,
-#     default α, whether α may be set). SMET = warm-up + density-aware LR; naive DST = neither (the paper's).
-SMET_ADAMW_ARMS = {
-    "smet": ("config", "local", 1.0, True),
-    "naive-dst": ("none", "global", 0.0, True),
-    "warmup-only": ("config", "local", 0.0, False),
-    "density-lr-only": ("none", "global", 1.0, True),
-}
-OPTIMIZERS = ("adamw", "galore", "smet", "masked-dst", "naive-dst", "warmup-only", "density-lr-only")
+OPTIMIZERS = TRAINER_NAMES  # the method registry's names (smet_kernels.train.methods)
 PARALLEL_MODES = ("ddp", "fsdp")
-SPARSE_OPTIMIZERS = ("smet", "masked-dst", "naive-dst", "warmup-only", "density-lr-only")
+SPARSE_OPTIMIZERS = SPARSE_TRAINER_NAMES
 WARMUP_SCOPES = ("all", "regrown")
 # settings a resumed run must share with its checkpoint (model shape and topology, data order and position)
 FIXED_ON_RESUME = ("model", "optimizer", "density", "block_size", "distribution", "data", "tokenizer", "seq_len",
@@ -53,7 +46,7 @@ class TrainConfig:
     regrow: str = "random"
     warmup_mode: str = "linear"
     optimizer_warmup_steps: int = 100
-    density_lr_exponent: float | None = None  # None: the arm's default (SMET_ADAMW_ARMS); to_dict records it
+    density_lr_exponent: float | None = None  # None: the arm's default (the method's arm); to_dict records it
     warmup_scope: str = "all"
     supar: bool = False
     supar_base_width: int = 256
@@ -111,7 +104,8 @@ class TrainConfig:
         """α: ``density_lr_exponent``, or the default of the optimizer's arm (0 where the arm has no density LR)."""
         if self.density_lr_exponent is not None:
             return float(self.density_lr_exponent)
-        return SMET_ADAMW_ARMS[self.optimizer][2] if self.optimizer in SMET_ADAMW_ARMS else 0.0
+        arm = METHODS[self.optimizer].arm if self.optimizer in METHODS else None
+        return arm.default_alpha if arm else 0.0
 
     def validate(self) -> "TrainConfig":
         """Raise :class:`ConfigError` naming the first bad field."""
@@ -153,9 +147,10 @@ class TrainConfig:
         choice("warmup_scope", WARMUP_SCOPES)
         if self.density_lr_exponent is not None:
             number("density_lr_exponent", 0.0, math.inf)
-            if self.optimizer == "warmup-only" and self.density_lr_exponent != 0:
-                raise ConfigError(f"optimizer 'warmup-only' has no density-aware LR (α = 0), got "
-                                  f"density_lr_exponent={self.density_lr_exponent}: use --optimizer smet")
+            arm = METHODS[self.optimizer].arm
+            if arm and not arm.alpha_settable and self.density_lr_exponent != arm.default_alpha:
+                raise ConfigError(f"optimizer {self.optimizer!r} has no density-aware LR (α = {arm.default_alpha:g}), "
+                                  f"got density_lr_exponent={self.density_lr_exponent}: use --optimizer smet")
         number("galore_scale", 0.0, math.inf, low_open=True)
         number("lr", 0.0, math.inf, low_open=True)
         number("weight_decay", 0.0, math.inf)

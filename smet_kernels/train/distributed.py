@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .. import backend as backend_module
 from ..sharding import full, is_sharded, shard_like
 from .config import ConfigError
 from .model import LlamaModel
@@ -50,12 +51,13 @@ def init_distributed(device_name: str) -> DistInfo:
 
 
 def resolve_device(name: str, ddp: DistInfo) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
+    """The run's device (:func:`smet_kernels.backend.resolve_device`); under DDP/FSDP each rank takes the GPU of its
+    local rank."""
+    try:
+        device = backend_module.resolve_device(name)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
     if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError("device 'cuda' requested but CUDA is not available")
         device = torch.device("cuda", ddp.local_rank if ddp.enabled else (device.index or 0))
         torch.cuda.set_device(device)
     return device

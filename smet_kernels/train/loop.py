@@ -11,7 +11,7 @@ topology controller.step()``. Optimizer modes:
 * ``naive-dst``: the paper's naive DST: compact storage and plain Adam, ``warmup="none"``,
   ``bias_correction="global"`` (cold start), α = 0 unless given;
 * ``warmup-only`` / ``density-lr-only``: the ablation arms between them (SMET with α = 0; naive DST with α = 1
-  unless given) — see :data:`~smet_kernels.train.config.SMET_ADAMW_ARMS`;
+  unless given) — see :data:`~smet_kernels.train.methods.METHODS`;
 * ``masked-dst``: hidden linears -> masked dense layers, ``torch.optim.AdamW``, same controller.
 
 LR: linear warm-up over ``lr_warmup_steps``, then cosine decay to ``0.1 * lr`` at ``max_steps``.
@@ -106,11 +106,11 @@ class Run:
         self.ddp = init_distributed(config.device)
         self.device = resolve_device(config.device, self.ddp)
         self.is_main = self.ddp.rank == 0
-        if config.backend == "triton" and not backend_module.triton_can_run(self.device):
-            raise ConfigError(
-                f"backend 'triton' cannot run on device {self.device}: use a CUDA device, or set TRITON_INTERPRET=1 "
-                "for the (slow) CPU interpreter, or --backend reference"
-            )
+        if config.backend == "triton":
+            try:
+                backend_module.resolve_backend(self.device, "triton")
+            except ValueError as error:
+                raise ConfigError(str(error)) from None
         try:
             corpus = load_corpus(config.data, tokenizer=config.tokenizer)
         except DataError as error:

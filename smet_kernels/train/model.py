@@ -54,6 +54,11 @@ MODEL_CONFIGS: dict[str, LlamaConfig] = {
 }
 
 
+def rounded_swiglu_width(intermediate_size: int) -> int:
+    """The SwiGLU width rounded up to a multiple of 128 (SPEC §5) so that every block size divides it."""
+    return 128 * math.ceil(intermediate_size / 128)
+
+
 def model_config(
     name: str, vocab_size: int = 256, block_size: int | None = None, max_seq_len: int = 2048
 ) -> LlamaConfig:
@@ -70,8 +75,57 @@ def model_config(
                 f"block_size={block_size} does not divide the hidden size {config.hidden_size} of config {name!r}"
             )
         if config.intermediate_size % block_size != 0:
-            config = replace(config, intermediate_size=128 * math.ceil(config.intermediate_size / 128))
+            config = replace(config, intermediate_size=rounded_swiglu_width(config.intermediate_size))
     return config
+
+
+# --- the shape catalog: the hidden linear layers of a configuration (the memory model, the kernel and optimizer
+#     benchmarks and the roofline all read their shapes here)
+SUBLAYER = {"q_proj": "attn", "k_proj": "attn", "v_proj": "attn", "o_proj": "attn", "gate_proj": "mlp",
+            "up_proj": "mlp", "down_proj": "mlp"}  # the module holding each hidden linear of a decoder layer
+SHAPE_GROUPS = {"qkvo": ("q_proj", "k_proj", "v_proj", "o_proj"), "gate_up": ("gate_proj", "up_proj"),
+                "down": ("down_proj",)}  # the hidden linears that share one shape
+
+
+def layer_linear_shapes(config: LlamaConfig) -> dict[str, tuple[int, int]]:
+    """``name -> (out_features, in_features)`` of the hidden linears of one decoder layer: ``h × h`` attention
+    projections, ``i × h`` gate/up, ``h × i`` down (``h`` hidden size, ``i`` SwiGLU width)."""
+    h, i = config.hidden_size, config.intermediate_size
+    return {"q_proj": (h, h), "k_proj": (h, h), "v_proj": (h, h), "o_proj": (h, h), "gate_proj": (i, h),
+            "up_proj": (i, h), "down_proj": (h, i)}
+
+
+def hidden_linear_shapes(config: LlamaConfig) -> dict[str, tuple[int, int]]:
+    """``module name -> (out_features, in_features)`` of every hidden linear layer of ``config``."""
+    per_layer = layer_linear_shapes(config)
+    return {f"layers.{layer}.{SUBLAYER[name]}.{name}": shape
+            for layer in range(config.num_layers) for name, shape in per_layer.items()}
+
+
+@dataclass(frozen=True)
+class LinearShape:
+    """A linear layer ``W [N, K]`` of a model configuration (``label`` names config and layers, e.g. ``60m:qkvo``)."""
+
+    label: str
+    N: int
+    K: int
+
+
+def linear_shapes(config_names) -> list[LinearShape]:
+    """The distinct ``(N, K)`` hidden linear shapes of the configurations ``config_names``, the SwiGLU width rounded
+    up to a multiple of 128 where 128 does not divide it (SPEC §5), so that every block size of the benchmark grid
+    divides every shape and the dense baseline has the same shape for all of them."""
+    shapes: dict[tuple[int, int], LinearShape] = {}
+    for name in config_names:
+        if name not in MODEL_CONFIGS:
+            raise ValueError(f"configs must name presets of {sorted(MODEL_CONFIGS)}, got {name!r}")
+        config = MODEL_CONFIGS[name]
+        config = replace(config, intermediate_size=rounded_swiglu_width(config.intermediate_size))
+        per_layer = layer_linear_shapes(config)
+        for group, names in SHAPE_GROUPS.items():
+            out_features, in_features = per_layer[names[0]]
+            shapes.setdefault((out_features, in_features), LinearShape(f"{name}:{group}", out_features, in_features))
+    return list(shapes.values())
 
 
 class RMSNorm(nn.Module):

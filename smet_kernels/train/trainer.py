@@ -5,7 +5,8 @@ The public entry points, gathered from the modules that hold them (one job each)
 * :mod:`.config` -- :class:`TrainConfig`, :class:`ConfigError`, the option vocabularies;
 * :mod:`.distributed` -- process group, devices, FSDP2 sharding;
 * :mod:`.checkpoint` -- atomic checkpoint folders, :func:`find_checkpoint`, :func:`load_checkpoint_config`;
-* :mod:`.build` -- model, optimizer and topology-controller factories;
+* :mod:`.methods` -- the training methods (:data:`~.methods.METHODS`) and their model/optimizer factories;
+* :mod:`.build` -- the trainer's model, optimizer and topology controller of one config;
 * :mod:`.loop` -- one optimizer step, evaluation, :func:`train` (the run's outputs are described there);
 * :mod:`.metrics` -- ``metrics.jsonl``, ``summary.json``, peak memory.
 """
@@ -19,7 +20,6 @@ from .config import (
     OPTIMIZERS,
     PARALLEL_MODES,
     PRECISIONS,
-    SMET_ADAMW_ARMS,
     SPARSE_OPTIMIZERS,
     WARMUP_SCOPES,
     ConfigError,
@@ -31,7 +31,7 @@ from .metrics import peak_memory_bytes
 
 __all__ = [
     "CHECKPOINT_FORMATS", "FIXED_ON_RESUME", "HIDDEN_LINEAR_PATTERN", "MIN_LR_RATIO", "NONFINITE_ACTIONS",
-    "OPTIMIZERS", "PARALLEL_MODES", "PRECISIONS", "SMET_ADAMW_ARMS", "SPARSE_OPTIMIZERS", "WARMUP_SCOPES",
+    "OPTIMIZERS", "PARALLEL_MODES", "PRECISIONS", "SPARSE_OPTIMIZERS", "WARMUP_SCOPES",
     "ConfigError", "Run", "TrainConfig", "TrainingDiverged", "build_controller", "build_model", "build_optimizer",
     "find_checkpoint", "load_checkpoint_config", "lr_factor", "peak_memory_bytes", "shard_model",
     "smet_adamw_options", "train",

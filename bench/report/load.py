@@ -1,0 +1,56 @@
+"""Reading the benchmark results: the CSVs (old provider names and the old ``variant`` shape column mapped to
+today's) and pytest-benchmark JSON files."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+
+from ..results import RENAMED_COLUMNS, current_provider
+
+
+def load_csv(path: Path) -> pd.DataFrame | None:
+    if not path.exists() or path.stat().st_size == 0:
+        return None
+    frame = pd.read_csv(path, keep_default_na=True).rename(columns=RENAMED_COLUMNS)
+    for column in ("status", "note", "nvml_status", "peak_source", "shape"):
+        if column in frame:
+            frame[column] = frame[column].astype(object).fillna("")
+    if {"suite", "provider", "backend"} <= set(frame.columns):  # files written under the old provider names
+        frame["provider"] = [
+            current_provider(suite, provider, backend)
+            for suite, provider, backend in zip(frame["suite"], frame["provider"], frame["backend"])
+        ]
+    return frame
+
+
+def load_benchmark_json(paths) -> pd.DataFrame | None:
+    """Rows (name, params, stats in ms, extra_info) of pytest-benchmark JSON files."""
+    rows = []
+    for path in paths:
+        data = json.loads(Path(path).read_text())
+        if not isinstance(data, dict) or "benchmarks" not in data:
+            continue
+        for bench in data["benchmarks"]:
+            stats = bench.get("stats", {})
+            extra = bench.get("extra_info", {}) or {}
+            rows.append(
+                {
+                    "file": Path(path).name,
+                    "name": bench.get("name", ""),
+                    "group": bench.get("group") or "",
+                    "ms_q1": 1e3 * stats.get("q1", math.nan),
+                    "ms_median": 1e3 * stats.get("median", math.nan),
+                    "ms_q3": 1e3 * stats.get("q3", math.nan),
+                    "rounds": stats.get("rounds", 0),
+                    "extra": ", ".join(f"{k}={_short(v)}" for k, v in sorted(extra.items())),
+                }
+            )
+    return pd.DataFrame(rows) if rows else None
+
+
+def _short(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)

@@ -1,0 +1,97 @@
+"""The training-method registry: every CLI choice and benchmark method list is derived from it, and its factories
+build what each method says it sparsifies and trains with."""
+
+import argparse
+
+import pytest
+import torch
+
+from smet_kernels.masked import MaskedLinear
+from smet_kernels.modules import BlockSparseLinear
+from smet_kernels.optim.galore import GaLoreAdamW
+from smet_kernels.optim.smet_adamw import SMETAdamW
+from smet_kernels.topology import SMET
+from smet_kernels.train import methods
+from smet_kernels.train.model import model_config
+
+
+def _choices(parser: argparse.ArgumentParser, dest: str):
+    (action,) = [a for a in parser._actions if a.dest == dest]
+    return tuple(action.choices)
+
+
+def test_smet_train_optimizer_choices_are_the_registry_names():
+    from smet_kernels.train.cli import build_parser
+
+    assert _choices(build_parser(), "optimizer") == methods.TRAINER_NAMES
+    assert methods.TRAINER_NAMES == ("adamw", "galore", "masked-dst", "smet", "naive-dst", "warmup-only",
+                                     "density-lr-only")
+
+
+def test_benchmark_method_lists_are_the_registry_families():
+    from bench import memory_scaling, training
+    from bench.gpu_check import measure
+    from profiling import memory_model
+
+    assert methods.BENCH_NAMES == ("dense", "galore", "masked", "smet")
+    assert methods.SPARSE_BENCH_NAMES == ("masked", "smet")
+    for names in (training.METHODS, memory_scaling.METHODS, memory_model.METHODS):
+        assert names == methods.BENCH_NAMES
+    assert training.SPARSE_METHODS == memory_scaling.SPARSE_METHODS == methods.SPARSE_BENCH_NAMES
+    assert sorted(measure.BAR_METHODS) == sorted(methods.BENCH_NAMES)
+
+
+def test_bench_cli_methods_accepts_the_registry_families_and_nothing_else(tmp_path):
+    from bench.cli import build_parser, main
+
+    with pytest.raises(SystemExit, match="--methods must be from") as exit_info:
+        main(["run", "--suites", "training", "--methods", "adamw", "--out-dir", str(tmp_path)])
+    assert str(methods.BENCH_NAMES) in exit_info.value.code
+    (run,) = [a for a in build_parser()._actions if a.dest == "command"]
+    assert ",".join(methods.BENCH_NAMES) in run.choices["run"].format_help().replace("\n", "")
+
+
+def test_stability_methods_name_registry_methods_and_share_their_sparsity():
+    from bench.stability.spec import METHODS
+
+    for study_method in METHODS.values():
+        assert study_method.optimizer in methods.METHODS
+        assert study_method.sparse == methods.METHODS[study_method.optimizer].sparse
+    assert {m.optimizer for m in METHODS.values()} == set(methods.TRAINER_NAMES)
+
+
+def test_each_benchmark_family_is_one_trainer_method():
+    for bench_name, method in methods.BENCH_METHODS.items():
+        assert methods.method(bench_name) is methods.method(method.name) is method
+    with pytest.raises(ValueError, match="method must be one of"):
+        methods.method("sparse")
+
+
+@pytest.mark.parametrize("name", methods.TRAINER_NAMES)
+def test_the_factories_build_what_the_registry_says(name):
+    method = methods.METHODS[name]
+    shape = model_config("tiny", vocab_size=64, block_size=16, max_seq_len=8)
+    model = methods.build_model(shape, name, density=0.5, block_size=16, dtype=torch.float32, device="cpu",
+                                backend="reference", seed=0)
+    layers = {type(m) for n, m in model.named_modules() if n.endswith("q_proj")}
+    expected_layer = {"none": torch.nn.Linear, "compact": BlockSparseLinear, "masked": MaskedLinear}
+    assert layers == {expected_layer[method.sparsity]}
+    optimizer = methods.build_optimizer(name, model, backend="reference", galore=dict(rank=4), lr=1e-3)
+    expected_optimizer = {"adamw": torch.optim.AdamW, "galore": GaLoreAdamW, "smet_adamw": SMETAdamW}
+    assert type(optimizer) is expected_optimizer[method.optimizer]
+    controller = methods.build_controller(name, model, optimizer, update_interval=2, prune_fraction=0.2,
+                                          total_steps=4)
+    assert (controller is not None) == method.sparse and (controller is None or isinstance(controller, SMET))
+    assert (method.arm is not None) == (method.optimizer == "smet_adamw")
+
+
+def test_smet_train_warns_about_exactly_the_options_a_method_does_not_take(tmp_path, capsys):
+    from smet_kernels.train.cli import _warn_ignored_options
+    from smet_kernels.train.config import TrainConfig
+
+    for name, method in methods.METHODS.items():
+        given = {option: None for option in methods.SPARSE_OPTIONS + methods.GALORE_OPTIONS}
+        _warn_ignored_options(argparse.Namespace(**given), TrainConfig(optimizer=name))
+        warned = capsys.readouterr().err
+        for option in given:
+            assert ("--" + option.replace("_", "-") in warned) == (option not in method.options), (name, option)
