@@ -209,7 +209,7 @@ def plot_peak_vs_size(traced: pd.DataFrame, gpu: pd.DataFrame | None, path: Path
         axis.set_title("activation checkpointing" if ckpt else "no activation checkpointing")
         if axis.get_legend_handles_labels()[0]:
             axis.legend(fontsize=7)
-    fig.suptitle(f"Peak memory of one training step vs model size ({_describe(traced)}; dotted: 24/80/141 GB)")
+    fig.suptitle(f"Peak memory of one training step vs model size\n{_describe(traced)}; dotted: 24/80/141 GB")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -329,12 +329,18 @@ MODEL_NOTES = [
     "* weights, gradients, optimizer, activations: exact formulas, no difference beyond rounding.",
     "* rest: the model's transient is the largest of three working sets — the loss backward's fp32 log-prob "
     "and logits gradients (`8 T V`), an RMSNorm backward (`12 T h`), a SwiGLU backward (`3 e T i`, with "
-    "checkpointing plus the recomputed layer's activations). At vocab 32000 the loss term is the largest and "
-    "exact (within 0.5 %). Where a hidden-layer term wins (vocab 256, or masked DST with checkpointing, whose "
-    "recomputed layer holds its seven `W ⊙ M`), the model is an upper bound: it counts the whole working set "
-    "on top of every saved activation, but autograd frees each node's saved tensors as soon as that node has "
-    "run, so by the time a SwiGLU or RMSNorm gradient exists part of what it was computed from is gone "
-    "(traced rest is up to a third smaller).",
+    "checkpointing on top of the recomputed layer's activations). At vocab 32000 the loss term is the largest "
+    "and exact. Where it is not, the model is an upper bound, because autograd frees each node's saved tensors "
+    "once the node has run, so later gradients replace activations instead of adding to them: without "
+    "checkpointing at vocab 256 the traced peak is in the final RMSNorm's backward (four fp32 `T × h` "
+    "temporaries of the PyTorch-op RMSNorm, once the cross-entropy's saved log-probabilities are freed), while "
+    "the model's `max` takes the larger SwiGLU term; with checkpointing (vocab 256, and masked DST at 7b, whose "
+    "recomputed layer also holds its seven `W ⊙ M`) the traced peak is inside the recomputed layer's SwiGLU "
+    "backward, where the down projection's saved input is already freed and not all three gradients coexist, "
+    "while the model adds all three to every activation of the recomputed layer. SMET at vocab 32000 (up to "
+    "2.4 %, shrinking with the density): the layout's int64 block indices (16 B per block) stay on the CPU, "
+    "where the layout is drawn; the tensor count puts them in `weights` (as the model does) but the traced "
+    "device peak does not hold them, so the traced `rest` (peak − components) is lower by 16 B × nnz.",
     "* peak: the sum, so it carries the rest difference, diluted by the exact components.",
     "",
 ]
