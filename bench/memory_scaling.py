@@ -14,8 +14,11 @@ Optimizers: ``smet`` = :class:`SMETAdamW` (compact states in the state dtype); `
 ``torch.optim.AdamW`` when the states share the weights' dtype (fused on a CPU or GPU; single-tensor on ``meta``,
 where no fused kernel exists), and :class:`SMETAdamW`'s dense path (plain AdamW, ``state_dtype``) for fp32 states,
 which torch's AdamW cannot keep for bf16 weights; ``galore`` = GaLore-style AdamW, whose states follow the
-gradient's dtype, so it has bf16-state cases only. The block-sparse products run the PyTorch reference backend
-(Triton cannot run on ``meta``), so ``rest`` of ``smet`` includes the reference's fp32 dense-weight temporaries.
+gradient's dtype, so it has bf16-state cases only. On ``meta`` the traced transients are the GPU path's (Triton
+backend, fused AdamW): the block-sparse products run their custom ops' fake (``meta``) implementation, which
+allocates the output only, as the Triton kernels do, and the step of SMETAdamW and AdamW (one fused in-place kernel
+on a GPU) adds no transient (``in_place_step``); GaLore's step runs PyTorch ops on a GPU too, so its transients
+count. Activation checkpointing is the model's own (``LlamaModel.activation_checkpointing``).
 """
 
 from __future__ import annotations
@@ -113,15 +116,13 @@ def _optimizer(case: MemoryCase, model, device: torch.device):
 def build(case: MemoryCase, device: torch.device | str, seed: int = 0):
     """``(model, optimizer, forward)`` of ``case`` on ``device``; ``forward()`` returns the loss of one batch."""
     from profiling.memory_model import parse_dtype
-    from profiling.memory_trace import checkpoint_layers
     from smet_kernels.train.methods import build_model
     from smet_kernels.train.model import lm_loss
 
     device = torch.device(device)
     model = build_model(case.llama_config(), case.method, density=case.density, block_size=case.block_size,
                         dtype=parse_dtype(case.dtype), device=device, backend="reference", seed=seed)  # fmt: skip
-    if case.activation_checkpointing:
-        checkpoint_layers(model.layers)
+    model.activation_checkpointing = case.activation_checkpointing
     optimizer = _optimizer(case, model, device)
     generator = torch.Generator().manual_seed(seed + 1)
     tokens = torch.randint(0, case.vocab_size, (case.batch_size, case.seq_len + 1), generator=generator).to(device)
@@ -141,7 +142,7 @@ def traced_row(case: MemoryCase) -> dict:
 
     with LiveBytes("meta") as live, FlashAttentionOnMeta():
         model, optimizer, forward = build(case, "meta")
-        memory = trace_step_memory(model, optimizer, forward, live)
+        memory = trace_step_memory(model, optimizer, forward, live, in_place_step=case.method != "galore")
     return _component_row(memory)
 
 

@@ -10,6 +10,22 @@ operator's outputs, counts each new storage on the traced device once, and subtr
     with LiveBytes("meta") as live, FlashAttentionOnMeta():
         model, optimizer, forward = make("meta")       # built inside: its storages are counted
         memory = trace_step_memory(model, optimizer, forward, live)
+
+What runs on ``meta`` is what the GPU allocates, with two deliberate choices:
+
+* the block-sparse products are ``torch.library`` custom ops (:mod:`smet_kernels.ops.library`) whose fake
+  implementation is their ``meta`` kernel: each allocates its output only, as the Triton kernels do (the split-K
+  weight gradient's fp32 ``[split, nnz, b, b]`` partial sums, used only when the blocks are too few to fill the
+  GPU, are not traced); the reference backend's dense temporaries never run;
+* ``in_place_step=True`` (SMETAdamW's Triton kernel and ``torch.optim.AdamW(fused=True)`` update parameters and
+  states in place, without temporaries) leaves the optimizer step's transients out of the peak; on ``meta`` the
+  step itself runs the PyTorch reference (no fused kernel exists there), whose per-tensor fp32 temporaries a GPU
+  never allocates. Optimizers made of PyTorch ops (GaLore-style) keep their transients (``in_place_step=False``).
+
+Activation checkpointing is the model's own (``LlamaModel.activation_checkpointing``, non-reentrant
+``torch.utils.checkpoint``): the checkpoint stores each layer's inputs as saved tensors (``_CheckpointFrame.
+save_inputs`` packs them before its own hooks are entered), so :class:`~profiling.memory_breakdown.SavedActivations`
+counts them as activations, byte for byte what a reentrant checkpoint saves.
 """
 
 from __future__ import annotations
@@ -18,9 +34,7 @@ import weakref
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
@@ -69,44 +83,66 @@ class LiveBytes(TorchDispatchMode):
         return out
 
 
-class FlashAttentionOnMeta(TorchFunctionMode):
+def _flash_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    if attn_mask is not None or enable_gqa:  # what the flash kernels do not take: the math path, as before
+        return torch.ops.aten._scaled_dot_product_attention_math(
+            query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa
+        )[0]  # fmt: skip
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        query, key, value, dropout_p, is_causal, scale=scale
+    )[0]  # fmt: skip
+
+
+class FlashAttentionOnMeta:
     """On ``meta``, ``F.scaled_dot_product_attention`` would take the math path (it saves the ``S × S`` attention
-    matrix); this mode runs the flash-attention op instead, which saves q, k, v, the output and an fp32 logsumexp
-    per row — what the CPU and CUDA flash/memory-efficient kernels keep."""
+    matrix); inside this context it runs the flash-attention op instead, which saves q, k, v, the output and an fp32
+    logsumexp per row — what the CPU and CUDA flash/memory-efficient kernels keep.
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is F.scaled_dot_product_attention and args[0].device.type == "meta":
-            query, key, value = args[:3]
-            options = dict(zip(("attn_mask", "dropout_p", "is_causal", "scale"), args[3:])) | kwargs
-            if options.get("attn_mask") is None and not options.get("enable_gqa", False):
-                return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-                    query, key, value, options.get("dropout_p", 0.0), options.get("is_causal", False),
-                    scale=options.get("scale"),
-                )[0]  # fmt: skip
-        return func(*args, **kwargs)
+    A kernel of ``aten::scaled_dot_product_attention`` for the ``AutogradMeta`` dispatch key (ahead of the op's
+    composite decomposition, for ``meta`` tensors only), registered on enter and removed on exit: unlike a
+    ``TorchFunctionMode``, which is off while its own handler runs ``backward``, it also holds for the attention
+    that activation checkpointing recomputes in backward."""
+
+    def __enter__(self) -> "FlashAttentionOnMeta":
+        self._scope = torch.library._scoped_library("aten", "IMPL")
+        self._scope.__enter__().impl("scaled_dot_product_attention", _flash_attention, "AutogradMeta")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._scope.__exit__(*exc)
 
 
-def checkpoint_layers(layers: nn.ModuleList) -> None:
-    """Activation checkpointing per layer: each layer saves only its inputs and recomputes its forward during
-    backward (``torch.utils.checkpoint``, reentrant, so its saved inputs pass through saved-tensor hooks and are
-    counted as activations; the layers draw no random numbers, so no RNG state is kept)."""
-    from torch.utils.checkpoint import checkpoint
+def _without_transients(step: Callable, live: LiveBytes) -> Callable:
+    """``step`` whose temporaries do not raise ``live.peak``: the peak over it is what stays live after it."""
 
-    for layer in layers:
-        forward = layer.forward
-        layer.forward = lambda *args, _forward=forward: checkpoint(
-            _forward, *args, use_reentrant=True, preserve_rng_state=False
-        )
+    def run(*args, **kwargs):
+        peak = live.peak
+        result = step(*args, **kwargs)
+        live.peak = max(peak, live.live)
+        return result
+
+    return run
 
 
 def trace_step_memory(
-    model: nn.Module, optimizer: torch.optim.Optimizer, forward: Callable[[], torch.Tensor], live: LiveBytes
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    forward: Callable[[], torch.Tensor],
+    live: LiveBytes,
+    in_place_step: bool = False,
 ) -> MeasuredMemory:
     """One warm-up step (gradients and optimizer states come to exist), then one step split into components
     (:func:`profiling.memory_breakdown.measure_step_memory`) with ``live.peak`` over it as the peak.
-    Build ``model`` and ``optimizer`` inside ``live`` so that every storage on its device is counted."""
+    Build ``model`` and ``optimizer`` inside ``live`` so that every storage on its device is counted.
+    ``in_place_step``: the optimizer's GPU step is one fused in-place kernel, so its traced temporaries (those of
+    the PyTorch ops that stand in for it on ``meta``) are left out of the peak."""
     forward().backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=False)
-    return measure_step_memory(model, optimizer, forward, live.device, live=live)
+    if in_place_step:
+        optimizer.step = _without_transients(optimizer.step, live)
+    try:
+        return measure_step_memory(model, optimizer, forward, live.device, live=live)
+    finally:
+        if in_place_step:
+            del optimizer.step  # the instance attribute: the class's step again

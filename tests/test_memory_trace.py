@@ -3,8 +3,10 @@
 import pytest
 import torch
 
-from bench.memory_scaling import MemoryCase, measured_row, model_row, traced_row
-from profiling.memory_trace import LiveBytes
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from bench.memory_scaling import MemoryCase, build, measured_row, model_row, traced_row
+from profiling.memory_trace import FlashAttentionOnMeta, LiveBytes, _without_transients
 
 EXACT = ("weights", "gradients", "optimizer", "activations")
 
@@ -20,6 +22,34 @@ def test_live_bytes_peak_includes_a_freed_transient_and_live_drops_after_it():
     assert live.live == 4000
     del kept
     assert live.live == 0
+
+
+def test_a_step_without_transients_leaves_the_peak_at_what_stays_live():
+    with LiveBytes("meta") as live:
+        kept = torch.empty(1000, device="meta")
+        live.reset_peak()
+        _without_transients(lambda: kept.add_(kept * 2), live)()  # the temporary kept * 2: 4000 bytes
+    assert live.peak == live.live == 4000
+
+
+class _Ops(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def test_checkpointed_layers_recompute_flash_attention_on_meta_in_backward():
+    case = MemoryCase("tiny", "dense", 1.0, "bf16", 2, 16, 256, True, block_size=32)
+    with FlashAttentionOnMeta(), _Ops() as ops:
+        model, _, forward = build(case, "meta")
+        forward().backward()
+    layers = model.config.num_layers
+    assert ops.names.count("_scaled_dot_product_flash_attention_for_cpu.default") == 2 * layers  # forward, recompute
+    assert "_safe_softmax.default" not in ops.names  # the math path's S × S softmax never runs
 
 
 def test_live_bytes_ignores_tensors_on_other_devices():
