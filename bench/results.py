@@ -4,7 +4,8 @@
 A row's *key* (its configuration columns and the ``gpu`` that measured it) identifies the measurement: a
 resumed run skips every key already in the file, so one folder may hold the rows of several machines. Rows
 that could not be measured are written with ``status = "skipped"`` and the reason in ``note``, so they are
-recorded once and not retried on the same machine.
+recorded once and not retried on the same machine. Files written before a column was renamed
+(:data:`RENAMED_COLUMNS`) or added (:data:`ADDED_COLUMNS`) are read and resumed under today's schema.
 """
 
 from __future__ import annotations
