@@ -21,6 +21,7 @@ import torch
 from .runner import CommandLog, Deadline, run_cases
 
 SUITES = ("kernels", "optimizer", "training")
+MODES = {"off": (False,), "on": (True,), "both": (False, True)}  # --compile / --activation-checkpointing
 
 
 def _csv_list(kind):
@@ -125,6 +126,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--steps", type=int, default=None, help="timed training steps per case (default: 10; 3 with --quick)"
+    )
+    run.add_argument(
+        "--compile",
+        choices=tuple(MODES),
+        default="off",
+        help="training suite: steps through torch.compile(model) (on), eager (off), or both side by side; "
+        "compiling costs each compiled case tens of seconds on a CPU (default: off)",
+    )
+    run.add_argument(
+        "--activation-checkpointing",
+        choices=tuple(MODES),
+        default="off",
+        help="training suite: recompute each decoder layer in backward (on), save its activations (off), or both "
+        "side by side (default: off)",
     )
     run.add_argument(
         "--dtype",
@@ -293,6 +308,8 @@ def _run_training(args, device, backend, dtype, out_dir, deadline, commands) -> 
             args.batch_size or (2 if quick else 16),
             args.seq_len or (32 if quick else 256),
             dtype,
+            compiled=MODES[args.compile],
+            activation_checkpointing=MODES[args.activation_checkpointing],
         )
     )
     steps = args.steps or (3 if quick else 10)
@@ -334,6 +351,9 @@ def _validate(args) -> None:
     for option, values in (("--block-sizes", args.block_sizes), ("--training-block-size", [args.training_block_size])):
         if any(v is not None and v not in SUPPORTED_BLOCK_SIZES for v in values or []):
             fail(f"{option} must be from {SUPPORTED_BLOCK_SIZES}, got {values}")
+    for option, mode in (("--compile", args.compile), ("--activation-checkpointing", args.activation_checkpointing)):
+        if mode != "off" and "training" not in args.suites:
+            fail(f"{option} {mode} applies to the training suite, which --suites {','.join(args.suites)} leaves out")
     if "training" in args.suites:
         block_size = _training_block_size(args)
         for config in _training_configs(args):

@@ -4,7 +4,8 @@
 A row's *key* (its configuration columns and the ``gpu`` that measured it) identifies the measurement: a
 resumed run skips every key already in the file, so one folder may hold the rows of several machines. Rows
 that could not be measured are written with ``status = "skipped"`` and the reason in ``note``, so they are
-recorded once and not retried on the same machine.
+recorded once and not retried on the same machine. Files written before a column was renamed
+(:data:`RENAMED_COLUMNS`) or added (:data:`ADDED_COLUMNS`) are read and resumed under today's schema.
 """
 
 from __future__ import annotations
@@ -56,7 +57,14 @@ RENAMED_PROVIDERS = {
     ("optimizer", "smet", None): "smet_adamw",
 }
 
-TRAINING_KEY = ["config", "method", "density", "block_size", "batch_size", "seq_len", "dtype", "backend"]
+TRAINING_KEY = [
+    "config", "method", "density", "block_size", "batch_size", "seq_len", "dtype", "backend", "compiled",
+    "activation_checkpointing",
+]  # fmt: skip
+
+#: columns added to a schema after files were written without them: name -> the value every older row had (an old
+#: file resumes with it and is rewritten with the full header before its first new row)
+ADDED_COLUMNS = {"compiled": False, "activation_checkpointing": False}
 TRAINING_COLUMNS = (
     TRAINING_KEY
     + ["steps", "ms_p20", "ms_p50", "ms_p80", "tokens_per_s", "peak_allocated_bytes", "nvml_peak_bytes", "nvml_status"]
@@ -117,7 +125,7 @@ def _canonical(value) -> str:
         return ""
     if isinstance(value, float) and math.isnan(value):
         return ""
-    text = str(value)
+    text = str(value)  # bools as True / False, the spelling the CSV holds
     try:
         number = float(text)
     except ValueError:
@@ -136,17 +144,19 @@ class ResultsFile:
         self.columns = list(columns)
         self.key = list(key)
         self._done: set[tuple[str, ...]] = set()
+        self._missing: dict = {}  # added columns the file on disk lacks, with the value its rows had
         if self.path.exists() and self.path.stat().st_size > 0:
             with self.path.open(newline="") as handle:
                 reader = csv.DictReader(handle)
                 header = [RENAMED_COLUMNS.get(c, c) for c in reader.fieldnames or []]  # old files keep their header
-                if header != self.columns:
+                self._missing = {c: v for c, v in ADDED_COLUMNS.items() if c in self.columns and c not in header}
+                if header != [c for c in self.columns if c not in self._missing]:
                     raise ValueError(
                         f"{self.path} has columns {header}, expected {self.columns}; "
                         "write to a fresh --out-dir or delete the file"
                     )
                 for row in reader:  # rows measured under an old provider name count as done under the new one
-                    row = {RENAMED_COLUMNS.get(k, k): v for k, v in row.items()}
+                    row = self._missing | {RENAMED_COLUMNS.get(k, k): v for k, v in row.items()}
                     self._done.add(self.key_of(rename_old_providers(row)))
 
     def key_of(self, row: dict) -> tuple[str, ...]:
@@ -164,6 +174,8 @@ class ResultsFile:
         if unknown:
             raise ValueError(f"row has columns not in the schema: {unknown}")
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self._missing:
+            self._add_missing_columns()
         write_header = not self.path.exists() or self.path.stat().st_size == 0
         with self.path.open("a", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=self.columns)
@@ -171,6 +183,19 @@ class ResultsFile:
                 writer.writeheader()
             writer.writerow({c: _cell(row.get(c)) for c in self.columns})
         self._done.add(self.key_of(row))
+
+    def _add_missing_columns(self) -> None:
+        """Rewrite the file under the full header, its rows given the added columns' old values (atomically: a
+        temporary file replaces it)."""
+        with self.path.open(newline="") as handle:
+            rows = [{RENAMED_COLUMNS.get(k, k): v for k, v in row.items()} for row in csv.DictReader(handle)]
+        temporary = self.path.with_name(self.path.name + ".tmp")
+        with temporary.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=self.columns)
+            writer.writeheader()
+            writer.writerows({c: row.get(c, _cell(self._missing.get(c))) for c in self.columns} for row in rows)
+        os.replace(temporary, self.path)
+        self._missing = {}
 
 
 def _cell(value) -> str:

@@ -13,6 +13,11 @@ thread), then ``steps`` timed steps (device synchronised around each). tokens/s 
 time. GaLore's SVD runs on the first warm-up step and then every 200 steps: outside the timed steps for
 ``steps`` < 197 (the default is 10); a longer run times one refresh per 200 steps, which the median hides.
 The SMET topology update (every 100 steps) is not part of a step either.
+
+Modes (key columns of ``training.csv``): ``compiled`` steps run through ``torch.compile(model)`` (the block-sparse
+products are ``torch.ops.smet`` custom ops, so the model is one graph; the two warm-up steps compile it), and
+``activation_checkpointing`` recomputes each decoder layer in backward (it saves only its input; the memory model
+predicts that split). The memory model predicts eager steps: Inductor may save other tensors than eager autograd.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from __future__ import annotations
 import gc
 import time
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -47,7 +52,8 @@ class TrainingCase:
     seq_len: int
     dtype: torch.dtype
     vocab_size: int = 256  # not part of a row's key: write runs with another vocabulary to another out-dir
-    activation_checkpointing: bool = False  # API only: training.csv has no column for it yet
+    activation_checkpointing: bool = False
+    compiled: bool = False  # steps through torch.compile(model)
 
     def key_row(self, backend: str) -> dict:
         return {
@@ -59,6 +65,8 @@ class TrainingCase:
             "seq_len": self.seq_len,
             "dtype": dtype_name(self.dtype),
             "backend": backend if self.method == "smet" else "torch",
+            "compiled": self.compiled,
+            "activation_checkpointing": self.activation_checkpointing,
         }
 
 
@@ -71,15 +79,21 @@ def training_cases(
     seq_len: int,
     dtype: torch.dtype,
     vocab_size: int = 256,
+    compiled: Sequence[bool] = (False,),
+    activation_checkpointing: Sequence[bool] = (False,),
 ) -> Iterator[TrainingCase]:
-    """Dense and GaLore once per configuration, masked and SMET at every density."""
+    """Dense and GaLore once per configuration, masked and SMET at every density; each in every mode of
+    ``compiled`` × ``activation_checkpointing`` (adjacent rows, so the modes compare side by side)."""
     for method in methods:
         if method not in METHODS:
             raise ValueError(f"methods must be in {METHODS}, got {method!r}")
     for config in config_names:
         for method in methods:
             for density in densities if method in SPARSE_METHODS else (1.0,):
-                yield TrainingCase(config, method, density, block_size, batch_size, seq_len, dtype, vocab_size)
+                for compile_mode in compiled:
+                    for checkpointing in activation_checkpointing:
+                        yield TrainingCase(config, method, density, block_size, batch_size, seq_len, dtype,
+                                           vocab_size, checkpointing, compile_mode)  # fmt: skip
 
 
 def model_config_for(case: TrainingCase):
@@ -186,18 +200,20 @@ def _sync(device: torch.device) -> None:
 
 
 def _measure(case: TrainingCase, device: torch.device, backend: str | None, steps: int, seed: int):
-    """Build ``case``, warm up, measure one step's memory, then time ``steps`` steps."""
+    """Build ``case`` (compiled: its steps run ``torch.compile(model)``), warm up, measure one step's memory, then
+    time ``steps`` steps."""
     from profiling.memory_breakdown import measure_step_memory
     from smet_kernels.train.model import lm_loss
 
     model, optimizer = build(case, device, backend, seed)
+    stepped = torch.compile(model) if case.compiled else model
     generator = torch.Generator().manual_seed(seed + 1)
     tokens = torch.randint(0, model.config.vocab_size, (case.batch_size, case.seq_len + 1), generator=generator)
     tokens = tokens.to(device)
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
 
     def forward() -> torch.Tensor:
-        return lm_loss(model(inputs), targets)
+        return lm_loss(stepped(inputs), targets)
 
     def step() -> None:
         forward().backward()

@@ -277,3 +277,51 @@ def test_failed_operands_are_not_reused_for_the_next_case(tmp_path, monkeypatch)
     for row in _rows(tmp_path / "kernels.csv"):
         blocks = int(row["N"]) * int(row["K"]) // 32**2
         assert int(row["nnz_blocks"]) == round(float(row["density"]) * blocks), row
+
+
+@pytest.mark.parametrize("option", ["--compile", "--activation-checkpointing"])
+def test_mode_options_take_off_on_or_both_and_apply_to_the_training_suite(tmp_path, option, capsys):
+    with pytest.raises(SystemExit):
+        main(["run", option, "yes", "--out-dir", str(tmp_path)])
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith(f"smet-bench run: error: argument {option}: invalid choice: 'yes'")
+    with pytest.raises(SystemExit) as raised:
+        main(["run", "--quick", "--suites", "kernels", option, "both", "--out-dir", str(tmp_path)])
+    assert str(raised.value) == (f"smet-bench: {option} both applies to the training suite, which --suites kernels "
+                                 "leaves out")  # fmt: skip
+    assert not any(tmp_path.iterdir())
+
+
+def test_compiled_and_checkpointed_training_rows_resume_and_report_side_by_side(tmp_path, monkeypatch, capsys):
+    """``--compile both --activation-checkpointing both``: four rows per case, keyed by the two modes (compiled
+    through aot_eager here: the same graph capture as Inductor, no C++ build on a CPU; the reference backend, as
+    the interpreter would take long)."""
+    import torch
+
+    from bench import training
+
+    real_compile, compiled = torch.compile, []
+
+    def compile_with_aot_eager(model, **kwargs):
+        compiled.append(model)
+        return real_compile(model, backend="aot_eager", **kwargs)
+
+    monkeypatch.setattr(training.torch, "compile", compile_with_aot_eager)
+    args = ["run", *TINY, "--suites", "training", "--methods", "smet", "--backend", "reference",
+            "--compile", "both", "--activation-checkpointing", "both", "--out-dir", str(tmp_path)]  # fmt: skip
+    assert main(args) == 0
+    rows = _rows(tmp_path / "training.csv")
+    modes = [(r["compiled"], r["activation_checkpointing"]) for r in rows]
+    assert modes == [("False", "False"), ("False", "True"), ("True", "False"), ("True", "True")]
+    assert len(compiled) == 2 and all(r["status"] == "ok" and float(r["tokens_per_s"]) > 0 for r in rows)
+    plain, checkpointed = rows[0], rows[1]
+    assert int(checkpointed["activations_bytes"]) < int(plain["activations_bytes"]) / 2
+    assert int(checkpointed["pred_activations_bytes"]) < int(plain["pred_activations_bytes"]) / 2
+    for row in rows[:2]:  # the memory model predicts the eager split within 5 %
+        assert abs(int(row["pred_activations_bytes"]) / int(row["activations_bytes"]) - 1) < 0.05
+    capsys.readouterr()
+    assert main(args) == 0
+    assert "training: 4 cases, 4 already in" in capsys.readouterr().out
+    assert main(["report", "--out-dir", str(tmp_path)]) == 0
+    report = (tmp_path / "report.md").read_text()
+    assert "### Compiled vs eager" in report and "### Activation checkpointing" in report

@@ -49,6 +49,20 @@ def test_full_optimizer_and_training_grids():
     assert len({_key(c.key_row("triton"), TRAINING_KEY) for c in train_cases}) == len(train_cases)
 
 
+def test_training_modes_multiply_the_grid_with_the_modes_of_a_case_adjacent():
+    plain = list(training.training_cases(["tiny"], training.METHODS, [0.5, 0.25], 32, 2, 32, torch.float32))
+    both = (False, True)
+    cases = list(training.training_cases(["tiny"], training.METHODS, [0.5, 0.25], 32, 2, 32, torch.float32,
+                                         compiled=both, activation_checkpointing=both))  # fmt: skip
+    assert len(cases) == 4 * len(plain)
+    assert len({_key(c.key_row("triton"), TRAINING_KEY) for c in cases}) == len(cases)
+    for index, case in enumerate(plain):
+        group = cases[4 * index : 4 * index + 4]
+        assert {(c.method, c.density) for c in group} == {(case.method, case.density)}
+        assert [(c.compiled, c.activation_checkpointing) for c in group] == [(a, b) for a in both for b in both]
+    assert not any(c.compiled or c.activation_checkpointing for c in plain)
+
+
 def test_unknown_grid_entries_raise():
     with pytest.raises(ValueError, match="configs"):
         kernels.linear_shapes(["70b"])

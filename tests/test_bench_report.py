@@ -68,6 +68,11 @@ def _report(out_dir: Path, machine: dict, monkeypatch) -> tuple[str, dict]:
     """The report's text and its figures by file name."""
     _write(out_dir / "kernels.csv", KERNEL_COLUMNS, _kernel_rows(machine))
     _write(out_dir / "training.csv", TRAINING_COLUMNS, _training_rows(machine))
+    return _render(out_dir, monkeypatch)
+
+
+def _render(out_dir: Path, monkeypatch) -> tuple[str, dict]:
+    """The report of ``out_dir`` and its figures by file name."""
     figures = {}
     savefig = Figure.savefig
 
@@ -194,3 +199,57 @@ def test_summary_keeps_backends_and_dtypes_apart(tmp_path):
     assert "backend" in header
     forward = [line for line in report.splitlines() if line.startswith("| forward ") and "| triton_grouped " in line]
     assert {line.split("|")[header.index("backend") + 1].strip() for line in forward[:2]} == {"triton", "reference"}
+
+
+def test_without_mode_rows_there_are_no_mode_tables(cpu_report, cuda_report):
+    for report, _ in (cpu_report, cuda_report):
+        assert "### Compiled vs eager" not in report and "### Activation checkpointing" not in report
+        assert "mode" not in _table_header(report, "config")
+
+
+def _mode_rows() -> list[dict]:
+    """The CUDA rows of dense and smet d=0.5, then each compiled (twice the tokens/s) and checkpointed (activations
+    and peak down by 3/4 MiB, predicted by the same, 3/4 the tokens/s)."""
+    rows = []
+    for row in _training_rows(CUDA):
+        if row["method"] == "masked":
+            continue
+        rows.append(row | {"compiled": False, "activation_checkpointing": False})
+        rows.append(row | {"compiled": True, "activation_checkpointing": False, "tokens_per_s": 32000})
+        saved = 3 * MiB // 4
+        rows.append(row | {"compiled": False, "activation_checkpointing": True, "tokens_per_s": 12000,
+                           "activations_bytes": MiB - saved, "pred_activations_bytes": MiB - saved,
+                           "peak_allocated_bytes": row["peak_allocated_bytes"] - saved,
+                           "pred_peak_bytes": row["pred_peak_bytes"] - saved})  # fmt: skip
+    return rows
+
+
+def _section_table(report: str, heading: str) -> list[list[str]]:
+    section = report.split(heading)[1].split("\n#")[0]
+    lines = [line for line in section.splitlines() if line.startswith("| ")]
+    return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines]
+
+
+def test_compiled_and_checkpointed_rows_compare_side_by_side(tmp_path, monkeypatch):
+    _write(tmp_path / "training.csv", TRAINING_COLUMNS, _mode_rows())
+    report, figures = _render(tmp_path, monkeypatch)
+    steps = _section_table(report, "## End-to-end training step")
+    assert steps[0][:3] == ["config", "method", "mode"]
+    assert [row[2] for row in steps[1:4]] == ["eager", "eager + ckpt", "compiled"]
+    compiled = _section_table(report, "### Compiled vs eager")
+    assert compiled[0] == ["config", "method", "backend", "eager tokens/s", "compiled tokens/s", "compiled / eager"]
+    assert [row[1] for row in compiled[1:]] == ["dense", "smet d=0.5"]
+    assert all(row[-3:] == ["1.6e+04", "3.2e+04", "2"] for row in compiled[1:])
+    checkpointed = _section_table(report, "### Activation checkpointing")
+    header = checkpointed[0]
+    assert header[:5] == ["config", "method", "peak", "peak ckpt", "ckpt / not"]
+    dense = dict(zip(header, checkpointed[1]))
+    assert (dense["peak"], dense["peak ckpt"], dense["ckpt / not"]) == ("7.00 MiB", "6.25 MiB", "0.893")
+    assert (dense["predicted peak"], dense["predicted ckpt"]) == ("7.00 MiB", "6.25 MiB")
+    assert (dense["activations"], dense["activations ckpt"], dense["tokens/s ckpt / not"]) == ("1.00 MiB",
+                                                                                              "256.00 KiB", "0.75")
+    model = report.split("## Memory model")[1]
+    assert "Eager steps only" in model and "| dense + ckpt " in model
+    (axis,) = figures["peak_memory_vs_model.png"].axes  # one point per method: the eager rows
+    assert sum(len(line.get_xdata()) for line in axis.get_lines()) == 2
+

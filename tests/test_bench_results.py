@@ -185,3 +185,50 @@ def test_resume_reads_a_file_with_the_old_variant_column(tmp_path):
     path.write_text(",".join(header) + "\n" + ",".join(str(row.get(c, "")) for c in KERNEL_COLUMNS) + "\n")
     reopened = kernels_file(tmp_path)
     assert reopened.done(_row()) and len(reopened) == 1
+
+
+def test_a_committed_training_csv_without_the_mode_columns_resumes_and_gains_them(tmp_path):
+    """reports/cpu-x86-64-2cores/training.csv predates the compiled and activation_checkpointing columns: its rows
+    count as done in the eager, non-checkpointed mode; the first new row rewrites the file under today's header,
+    the old rows marked False."""
+    import csv
+    import shutil
+    from pathlib import Path
+
+    from bench.results import TRAINING_COLUMNS, training_file
+
+    committed = Path(__file__).resolve().parents[1] / "reports" / "cpu-x86-64-2cores" / "training.csv"
+    header = committed.read_text().splitlines()[0].split(",")
+    assert "compiled" not in header and "activation_checkpointing" not in header
+    shutil.copy(committed, tmp_path / "training.csv")
+    with committed.open(newline="") as handle:
+        old_rows = list(csv.DictReader(handle))
+    smet = next(row for row in old_rows if row["method"] == "smet")
+    results = training_file(tmp_path)
+    assert len(results) == len(old_rows)
+    assert results.done(smet | {"compiled": False, "activation_checkpointing": False})
+    assert not results.done(smet | {"compiled": True, "activation_checkpointing": False})
+    assert not results.done(smet | {"compiled": False, "activation_checkpointing": True})
+    results.append(smet | {"compiled": True, "activation_checkpointing": False, "tokens_per_s": 1.0})
+    with (tmp_path / "training.csv").open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        assert reader.fieldnames == TRAINING_COLUMNS
+        rows = list(reader)
+    assert len(rows) == len(old_rows) + 1
+    assert [(r["compiled"], r["activation_checkpointing"]) for r in rows[:-1]] == [("False", "False")] * len(old_rows)
+    assert [r["tokens_per_s"] for r in rows[:-1]] == [r["tokens_per_s"] for r in old_rows]
+    assert (rows[-1]["compiled"], rows[-1]["activation_checkpointing"]) == ("True", "False")
+    reopened = training_file(tmp_path)
+    assert len(reopened) == len(old_rows) + 1
+    assert reopened.done(smet | {"compiled": True, "activation_checkpointing": False})
+
+
+def test_the_report_reads_a_training_csv_without_the_mode_columns_as_eager_without_checkpointing():
+    from pathlib import Path
+
+    from bench.report import load_csv
+
+    frame = load_csv(Path(__file__).resolve().parents[1] / "reports" / "cpu-x86-64-2cores" / "training.csv")
+    assert len(frame) == 8
+    assert frame["compiled"].dtype == bool and not frame["compiled"].any()
+    assert frame["activation_checkpointing"].dtype == bool and not frame["activation_checkpointing"].any()

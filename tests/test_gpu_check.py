@@ -145,10 +145,25 @@ def test_a_cpu_run_writes_the_summary_and_csvs_that_report_renders(tmp_path):
     assert {r["provider"] for r in kernels if r["suite"] == "optimizer"} >= {"smet_adamw", "torch_adamw_fused"}
     with (tmp_path / "training.csv").open(newline="") as handle:
         assert next(csv.reader(handle)) == TRAINING_COLUMNS
-    assert {r["method"] for r in _rows(tmp_path / "training.csv")} == {"dense", "galore", "masked", "smet"}
+    training = _rows(tmp_path / "training.csv")
+    assert {r["method"] for r in training} == {"dense", "galore", "masked", "smet"}
+    assert {r["method"] for r in training if r["activation_checkpointing"] == "True"} == {"dense", "smet"}
+    for method in ("dense", "smet"):
+        assert f"* activation checkpointing at tiny, {method}: peak " in summary
     assert "gpu-check --out-dir" in (tmp_path / "commands.txt").read_text()
     assert main(["report", "--out-dir", str(tmp_path)]) == 0
     assert "## End-to-end training step" in (tmp_path / "report.md").read_text()
+
+
+def test_the_training_stage_runs_the_bar_rows_first_then_the_checkpointed_rows_of_the_bar_config():
+    from bench.gpu_check.measure import training_cases
+    from bench.gpu_check.plan import GPU
+
+    order = [(c.config, c.method, c.activation_checkpointing) for c in training_cases(GPU)]
+    assert order == [("1b", "dense", False), ("1b", "smet", False), ("1b", "galore", False), ("1b", "smet", True),
+                     ("1b", "dense", True), ("1b", "masked", False), ("350m", "dense", False),
+                     ("350m", "smet", False), ("350m", "galore", False), ("350m", "masked", False)]  # fmt: skip
+    assert sum(GPU.estimates_s.values()) <= 8 * 60  # every stage fits the default budget of --minutes 8
 
 
 def test_the_headline_cases_hold_every_provider_of_the_headline_shape():

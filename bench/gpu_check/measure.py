@@ -6,7 +6,8 @@
   written);
 * ``kernels``: every op of every provider and variant on the headline shapes (autotuned on the headline shape only);
 * ``adamw``: the compact SMET AdamW step, ``torch.optim.AdamW(fused=True)`` on the dense tensor, and a copy of it;
-* ``training``: dense / GaLore / masked / SMET steps (tokens/s, peak memory, the memory model beside);
+* ``training``: dense / GaLore / masked / SMET steps (tokens/s, peak memory, the memory model beside), and SMET and
+  dense with activation checkpointing at the config of the bars;
 * ``compile``: a SMET training step under ``torch.compile`` against eager (``failed: <reason>`` when it cannot).
 """
 
@@ -55,7 +56,8 @@ def _label(case) -> str:
         return f"{case.op} {case.provider} {case.shape.label} b={case.block_size} d={case.density:g}"
     if isinstance(case, OptimizerCase):
         return f"{case.op} {case.provider} {case.variant}:{case.shape.label}"
-    return f"training {case.config} {case.method} d={case.density:g}"
+    return f"training {case.config} {case.method} d={case.density:g}" + (
+        " + ckpt" if case.activation_checkpointing else "")
 
 
 def environment(device: torch.device) -> dict:
@@ -164,16 +166,23 @@ def run_adamw(ctx: Context) -> tuple[int, list[str]]:
     )
 
 
-BAR_METHODS = ("dense", "smet", "galore", "masked")  # the training bars compare the first three
+CHECKPOINTED_METHODS = ("smet", "dense")  # also run with activation checkpointing, at the config of the bars
+#: priority of (method, activation checkpointing) within a config: the training bars compare the first three
+TRAINING_ORDER = (("dense", False), ("smet", False), ("galore", False), ("smet", True), ("dense", True),
+                  ("masked", False))  # fmt: skip
 
 
 def training_cases(sizes: Sizes) -> list:
-    """Every method at d = 0.25; the last config (the one of the bars) first, its bar methods first."""
-    cases = training.training_cases(sizes.training_configs, training.METHODS, [0.25], sizes.training_block_size,
-                                    sizes.training_batch, sizes.training_seq, DTYPES[sizes.dtype],
-                                    vocab_size=sizes.training_vocab)  # fmt: skip
+    """Every method at d = 0.25, and :data:`CHECKPOINTED_METHODS` with activation checkpointing at the config of
+    the bars (the last); that config first, in :data:`TRAINING_ORDER` (its bar rows first)."""
     bar_config = sizes.training_configs[-1]
-    return sorted(cases, key=lambda c: (c.config != bar_config, BAR_METHODS.index(c.method)))
+    shared = (sizes.training_block_size, sizes.training_batch, sizes.training_seq, DTYPES[sizes.dtype])
+    cases = list(training.training_cases(sizes.training_configs, training.METHODS, [0.25], *shared,
+                                         vocab_size=sizes.training_vocab))  # fmt: skip
+    cases += training.training_cases([bar_config], CHECKPOINTED_METHODS, [0.25], *shared,
+                                     vocab_size=sizes.training_vocab, activation_checkpointing=(True,))  # fmt: skip
+    return sorted(cases, key=lambda c: (c.config != bar_config,
+                                        TRAINING_ORDER.index((c.method, c.activation_checkpointing))))  # fmt: skip
 
 
 def run_training(ctx: Context) -> tuple[int, list[str]]:

@@ -7,7 +7,9 @@ Bars (the kernel ratios come from :func:`bench.report.kernel_comparison`: ``vs d
   it (``roofline ≤ c · d · t_dense``), else ``vs roofline ≤ 1.2``;
 * every block size and density: ``t_bsr / t ≥ 1.5`` (torch BSR) and, at d ≤ 0.5, ``t ≤ t_dense``;
 * compact AdamW: GB/s ≥ 90 % of the copy ceiling of stage ``env``;
-* SMET training at the last training config: more tokens/s than dense AdamW, lower peak memory than dense and GaLore.
+* SMET training at the last training config: more tokens/s than dense AdamW, lower peak memory than dense and GaLore
+  (eager steps without activation checkpointing); beside them, not bars, what activation checkpointing does to the
+  peak and the tokens/s of SMET and dense there.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import pandas as pd
 
 from bench.markdown import table
 from bench.report import kernel_comparison, load_csv
+from bench.report.derive import peak_column, side_by_side
 from profiling.roofline import BARS
 
 from .plan import Sizes
@@ -158,6 +161,7 @@ def training_section(training: pd.DataFrame | None, sizes: Sizes, compile_row: d
                 "config": r.config,
                 "method": r.method,
                 "d": r.density,
+                "act. ckpt": "yes" if r.activation_checkpointing else "no",
                 "tokens/s": _num(r.tokens_per_s, ".4g"),
                 "peak allocated GiB": _num(r.peak_allocated_bytes / gib),
                 "NVML peak GiB": _num(r.nvml_peak_bytes / gib) if pd.notna(r.nvml_peak_bytes) else r.nvml_status,
@@ -168,7 +172,8 @@ def training_section(training: pd.DataFrame | None, sizes: Sizes, compile_row: d
         ]
         lines += [table(pd.DataFrame(rows)), ""]
         config = sizes.training_configs[-1]  # the config of the bars
-        by_method = {r.method: r for r in training[(training["config"] == config)
+        plain = ~training["compiled"] & ~training["activation_checkpointing"]
+        by_method = {r.method: r for r in training[(training["config"] == config) & plain
                                                    & (training["status"] == "ok")].itertuples()}  # fmt: skip
         smet = by_method.get("smet")
         for other, column, better, what in (("dense", "tokens_per_s", "more", "tokens/s"),
@@ -184,6 +189,7 @@ def training_section(training: pd.DataFrame | None, sizes: Sizes, compile_row: d
             ok = mine > theirs if better == "more" else mine < theirs
             lines.append(f"* SMET {what} vs {other} at {config}: {mine / theirs:.3f}× — **{_verdict(ok)}** "
                          f"({better} is the bar)")  # fmt: skip
+        lines += checkpointing_lines(training[(training["config"] == config) & (training["status"] == "ok")], config)
         lines.append("")
     lines += ["### torch.compile", ""]
     if compile_row is None:
@@ -195,6 +201,24 @@ def training_section(training: pd.DataFrame | None, sizes: Sizes, compile_row: d
     ratio = compile_row["compiled_tokens_per_s"] / compile_row["eager_tokens_per_s"]
     return lines + [f"SMET step at {compile_row['config']}: eager {compile_row['eager_tokens_per_s']:.4g}, compiled "
                     f"{compile_row['compiled_tokens_per_s']:.4g} tokens/s ({ratio:.2f}×).", ""]  # fmt: skip
+
+
+def checkpointing_lines(training: pd.DataFrame, config: str) -> list[str]:
+    """Per method measured with and without activation checkpointing at ``config``: the peak (allocated on CUDA,
+    else the accounted components) and its prediction, without → with, and the tokens/s ratio."""
+    if training.empty or not training["activation_checkpointing"].any():
+        return [f"* activation checkpointing at {config}: not measured"]
+    peak, label = peak_column(training)
+    pairs = side_by_side(training.assign(peak=peak), "activation_checkpointing",
+                         ["peak", "pred_peak_bytes", "tokens_per_s"])  # fmt: skip
+    gib, source = 2.0**30, label.split(" (")[0].split(":")[0]
+    lines = []
+    for r in pairs[~pairs["compiled"]].itertuples():
+        lines.append(f"* activation checkpointing at {config}, {r.method}: peak {_num(r.peak_off / gib)} → "
+                     f"{_num(r.peak_on / gib)} GiB ({r.peak_on / r.peak_off:.3f}×; predicted "
+                     f"{_num(r.pred_peak_bytes_off / gib)} → {_num(r.pred_peak_bytes_on / gib)} GiB), tokens/s "
+                     f"{r.tokens_per_s_on / r.tokens_per_s_off:.3f}× (peak: {source})")  # fmt: skip
+    return lines
 
 
 def _this_machine(frame: pd.DataFrame | None, gpu: str) -> pd.DataFrame | None:

@@ -10,6 +10,8 @@ import pandas as pd
 
 from profiling.memory_model import COMPONENTS
 
+from ..results import TRAINING_KEY
+
 NOISY_SPREAD = 1.5  # p80 / p20 above which a timing is flagged as noise
 DENSE_MATCH = ["op", "M", "K", "N", "dtype", "gpu"]
 ELEMENT_SIZE = {"bf16": 2, "fp16": 2, "fp32": 4}
@@ -96,6 +98,29 @@ def method_label(row) -> str:
     return f"{row['method']} d={row['density']:g}" if row["method"] in ("masked", "smet") else row["method"]
 
 
+MODES = ("compiled", "activation_checkpointing")  # the training modes, boolean key columns of training.csv
+
+
+def mode_label(row) -> str:
+    """``eager`` or ``compiled``, with ``+ ckpt`` where the step checkpoints its decoder layers."""
+    return ("compiled" if row["compiled"] else "eager") + (" + ckpt" if row["activation_checkpointing"] else "")
+
+
+def plainest_mode(training: pd.DataFrame) -> pd.DataFrame:
+    """The rows of the plainest mode present (eager without checkpointing where measured): one row per case for
+    the plots."""
+    rank = training["compiled"].astype(int) * 2 + training["activation_checkpointing"].astype(int)
+    return training[rank == rank.min()]
+
+
+def side_by_side(training: pd.DataFrame, mode: str, columns: list[str]) -> pd.DataFrame:
+    """The cases measured both without and with ``mode`` (one of :data:`MODES`), joined on the rest of their key
+    and machine: ``<column>_off`` and ``<column>_on`` for each of ``columns``."""
+    key = [c for c in TRAINING_KEY if c != mode] + ["gpu"]
+    off, on = training[~training[mode]], training[training[mode]]
+    return off[key + columns].merge(on[key + columns], on=key, suffixes=("_off", "_on"))
+
+
 def memory_errors(training: pd.DataFrame) -> pd.DataFrame:
     """One row per (case, component) with measured and predicted bytes and the relative error."""
     rows = []
@@ -111,7 +136,7 @@ def memory_errors(training: pd.DataFrame) -> pd.DataFrame:
             rows.append(
                 {
                     "config": row["config"],
-                    "method": method_label(row),
+                    "method": method_label(row) + (" + ckpt" if row["activation_checkpointing"] else ""),
                     "component": component,
                     "measured": measured,
                     "predicted": predicted,

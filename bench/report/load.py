@@ -1,5 +1,5 @@
 """Reading the benchmark results: the CSVs (old provider names and the old ``variant`` shape column mapped to
-today's) and pytest-benchmark JSON files."""
+today's, columns added since filled with the value older rows had) and pytest-benchmark JSON files."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..results import RENAMED_COLUMNS, current_provider
+from ..results import ADDED_COLUMNS, RENAMED_COLUMNS, TRAINING_KEY, current_provider
 
 
 def load_csv(path: Path) -> pd.DataFrame | None:
@@ -19,6 +19,10 @@ def load_csv(path: Path) -> pd.DataFrame | None:
     for column in ("status", "note", "nvml_status", "peak_source", "shape"):
         if column in frame:
             frame[column] = frame[column].astype(object).fillna("")
+    if set(TRAINING_KEY) - set(ADDED_COLUMNS) <= set(frame.columns):  # training.csv, also one older than the modes
+        for column, old_value in ADDED_COLUMNS.items():
+            values = frame[column] if column in frame else pd.Series(old_value, index=frame.index)
+            frame[column] = values.astype(object).fillna(old_value).map(lambda v: str(v) == "True")
     if {"suite", "provider", "backend"} <= set(frame.columns):  # files written under the old provider names
         frame["provider"] = [
             current_provider(suite, provider, backend)

@@ -19,8 +19,11 @@ from .derive import (
     kernel_comparison,
     memory_errors,
     method_label,
+    mode_label,
     noisy_flags,
     peak_column,
+    plainest_mode,
+    side_by_side,
 )
 from .plots import OP_ORDER, plot_kernel_times, plot_peak_vs_model, plot_predicted_vs_measured, plot_vs_density
 from .tables import NOISY_MARK, cpu_note, fmt_ms, fmt_timings, noise_footnote
@@ -200,21 +203,29 @@ def training_section(training: pd.DataFrame, out_dir: Path) -> list[str]:
     unit, scale = ("GiB", 2**30) if peak.max() >= 2**30 else ("MiB", 2**20)
     measured["peak_mem"] = peak / scale
     measured["label"] = measured.apply(method_label, axis=1)
+    measured["mode"] = measured.apply(mode_label, axis=1)
+    several_modes = measured["mode"].nunique() > 1
     measured["config_rank"] = (
         measured["config"].map({c: i for i, c in enumerate(CONFIG_ORDER)}).fillna(len(CONFIG_ORDER))
     )
-    measured = measured.sort_values(["config_rank", "method", "density"], ascending=[True, True, False])
+    measured = measured.sort_values(
+        ["config_rank", "method", "density", "compiled", "activation_checkpointing"],
+        ascending=[True, True, False, True, True],
+    )
     first = measured.iloc[0]
     lines += [
         f"batch {first['batch_size']:.0f} × sequence {first['seq_len']:.0f}, {first['dtype']}, block size "
         f"{first['block_size']:.0f}; peak = {peak_label}. Components are counted from the tensors themselves; "
-        "`rest` = allocator peak − the four others (loss-backward transients, temporaries).",
+        "`rest` = allocator peak − the four others (loss-backward transients, temporaries)."
+        + (" `mode`: eager or `torch.compile(model)`, `+ ckpt` = activation checkpointing per decoder layer."
+           if several_modes else ""),
         "",
         table(
             pd.DataFrame(
                 {
                     "config": measured["config"],
                     "method": measured["label"],
+                    **({"mode": measured["mode"]} if several_modes else {}),
                     "backend": measured["backend"],
                     "tokens/s": measured["tokens_per_s"].map(lambda v: fmt_num(v, ".4g")),
                     "step ms": fmt_timings(measured),
@@ -230,19 +241,22 @@ def training_section(training: pd.DataFrame, out_dir: Path) -> list[str]:
     ]
     nvml = sorted(set(measured["nvml_status"]))
     lines += [f"NVML sampling: {', '.join(nvml)}.", ""]
+    plotted = plainest_mode(measured)
+    if several_modes:
+        lines += [f"The plots show the {plotted['mode'].iloc[0]} steps; the modes compare in the tables below.", ""]
     plots = [
         (
             "peak memory vs model size",
-            plot_peak_vs_model(measured, peak_label, unit, out_dir / "peak_memory_vs_model.png"),
+            plot_peak_vs_model(plotted, peak_label, unit, out_dir / "peak_memory_vs_model.png"),
         ),
         (
             "memory vs density",
-            plot_vs_density(measured, "peak_mem", unit, "Peak memory vs density", out_dir / "memory_vs_density.png"),
+            plot_vs_density(plotted, "peak_mem", unit, "Peak memory vs density", out_dir / "memory_vs_density.png"),
         ),
         (
             "throughput vs density",
             plot_vs_density(
-                measured,
+                plotted,
                 "tokens_per_s",
                 "tokens/s",
                 "Training throughput vs density",
@@ -251,15 +265,94 @@ def training_section(training: pd.DataFrame, out_dir: Path) -> list[str]:
         ),
     ]
     lines += [f"![{title}]({name})" for title, name in plots] + [""]
+    lines += compile_section(measured) + checkpointing_section(measured, peak_label)
     if len(failed):
-        lines += ["Cases not measured:", "", table(failed[["config", "method", "density", "status", "note"]]), ""]
+        failed = failed.assign(mode=failed.apply(mode_label, axis=1))
+        columns = ["config", "method", "density"] + (["mode"] if several_modes else []) + ["status", "note"]
+        lines += ["Cases not measured:", "", table(failed[columns]), ""]
     lines += memory_model_section(measured, out_dir)
     return lines
 
 
+def _other_mode_column(pairs: pd.DataFrame, mode: str, title: str) -> dict:
+    """The column of the other mode, for tables that compare ``mode`` where both values of it occur."""
+    return {title: pairs[mode].map({True: "yes", False: "no"})} if pairs[mode].nunique() > 1 else {}
+
+
+def compile_section(measured: pd.DataFrame) -> list[str]:
+    """Compiled vs eager tokens/s of every case measured both ways."""
+    pairs = side_by_side(measured, "compiled", ["label", "tokens_per_s"])
+    if pairs.empty:
+        return []
+    return [
+        "### Compiled vs eager",
+        "",
+        "`torch.compile(model)` (Inductor; the block-sparse products are `torch.ops.smet` custom ops, so the model is "
+        "one graph) against the eager step of the same case; the two warm-up steps compile, the timed steps do not.",
+        "",
+        table(
+            pd.DataFrame(
+                {
+                    "config": pairs["config"],
+                    "method": pairs["label_off"],
+                    **_other_mode_column(pairs, "activation_checkpointing", "act. ckpt"),
+                    "backend": pairs["backend"],
+                    "eager tokens/s": pairs["tokens_per_s_off"].map(lambda v: fmt_num(v, ".4g")),
+                    "compiled tokens/s": pairs["tokens_per_s_on"].map(lambda v: fmt_num(v, ".4g")),
+                    "compiled / eager": (pairs["tokens_per_s_on"] / pairs["tokens_per_s_off"]).map(fmt_num),
+                }
+            )
+        ),
+        "",
+    ]
+
+
+def checkpointing_section(measured: pd.DataFrame, peak_label: str) -> list[str]:
+    """Peak memory, activations and tokens/s with activation checkpointing against without, measured and
+    predicted, for every case measured both ways."""
+    columns = ["label", "peak", "activations_bytes", "pred_peak_bytes", "pred_activations_bytes", "tokens_per_s"]
+    pairs = side_by_side(measured, "activation_checkpointing", columns)
+    if pairs.empty:
+        return []
+
+    def ratio(column: str) -> pd.Series:
+        return (pairs[f"{column}_on"] / pairs[f"{column}_off"]).map(fmt_num)
+
+    return [
+        "### Activation checkpointing",
+        "",
+        f"Each decoder layer saves only its input and recomputes the rest in backward. Peak = {peak_label}; "
+        "predicted = `profiling/memory_model.py` with `activation_checkpointing`; `tokens/s ckpt / not` is the "
+        "price of the recompute.",
+        "",
+        table(
+            pd.DataFrame(
+                {
+                    "config": pairs["config"],
+                    "method": pairs["label_off"],
+                    **_other_mode_column(pairs, "compiled", "compiled"),
+                    "peak": pairs["peak_off"].map(fmt_bytes),
+                    "peak ckpt": pairs["peak_on"].map(fmt_bytes),
+                    "ckpt / not": ratio("peak"),
+                    "predicted peak": pairs["pred_peak_bytes_off"].map(fmt_bytes),
+                    "predicted ckpt": pairs["pred_peak_bytes_on"].map(fmt_bytes),
+                    "activations": pairs["activations_bytes_off"].map(fmt_bytes),
+                    "activations ckpt": pairs["activations_bytes_on"].map(fmt_bytes),
+                    "predicted activations ckpt": pairs["pred_activations_bytes_on"].map(fmt_bytes),
+                    "tokens/s ckpt / not": ratio("tokens_per_s"),
+                }
+            )
+        ),
+        "",
+    ]
+
+
 def memory_model_section(measured: pd.DataFrame, out_dir: Path) -> list[str]:
-    errors = memory_errors(measured)
+    errors = memory_errors(measured[~measured["compiled"]])  # the model predicts eager steps
     lines = ["## Memory model: predicted vs measured", ""]
+    if measured["compiled"].any():
+        lines += ["Eager steps only: the model predicts what eager autograd saves, and Inductor chooses other tensors "
+                  "to save (compiled steps are in the tables above).", ""]  # fmt: skip
     if errors.empty:
         return lines + ["No measurements to compare.", ""]
     summary = (
@@ -272,7 +365,8 @@ def memory_model_section(measured: pd.DataFrame, out_dir: Path) -> list[str]:
         .reset_index()
     )
     lines += [
-        "Error = (predicted − measured) / measured, over every training case above (`profiling/memory_model.py`).",
+        "Error = (predicted − measured) / measured, over every eager training case above "
+        "(`profiling/memory_model.py`; `+ ckpt`: with activation checkpointing).",
         "",
         table(
             pd.DataFrame(
