@@ -138,7 +138,8 @@ def agreement_summary(errors: pd.DataFrame) -> pd.DataFrame:
 def gpu_rows(reports_dir: Path) -> pd.DataFrame | None:
     """The training-suite rows of every GPU folder under ``reports_dir`` (``*/training.csv`` rows whose ``gpu``
     is not a CPU), keyed like the memory grid: bf16 states = the training dtype (the suite's optimizers keep
-    states in the parameter dtype), vocab 256, no activation checkpointing."""
+    states in the parameter dtype), each row's vocabulary and activation checkpointing; compiled rows are left out
+    (the traced step is eager autograd)."""
     frames = []
     for path in sorted(Path(reports_dir).glob("*/training.csv")):
         frame = load_csv(path)
@@ -150,8 +151,10 @@ def gpu_rows(reports_dir: Path) -> pd.DataFrame | None:
     if not frames:
         return None
     frame = pd.concat(frames, ignore_index=True)
+    frame = frame[~frame["compiled"].astype(bool)]  # the traced step is eager autograd; Inductor saves other tensors
     return frame.assign(
-        state_dtype=frame["dtype"], distribution="uniform", vocab_size=256, activation_checkpointing=False
+        state_dtype=frame["dtype"], distribution="uniform", vocab_size=frame["vocab_size"].astype(int),
+        activation_checkpointing=frame["activation_checkpointing"].astype(bool),
     )
 
 
@@ -161,8 +164,9 @@ def gpu_cases(reports_dir: Path) -> list[MemoryCase]:
     if frame is None:
         return []
     return [
-        MemoryCase(r.config, r.method, float(r.density), r.state_dtype, int(r.batch_size), int(r.seq_len), 256,
-                   False, dtype=r.dtype, block_size=int(r.block_size))  # fmt: skip
+        MemoryCase(r.config, r.method, float(r.density), r.state_dtype, int(r.batch_size), int(r.seq_len),
+                   int(r.vocab_size), bool(r.activation_checkpointing), dtype=r.dtype,
+                   block_size=int(r.block_size))  # fmt: skip
         for r in frame.itertuples()
     ]
 

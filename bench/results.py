@@ -59,12 +59,12 @@ RENAMED_PROVIDERS = {
 
 TRAINING_KEY = [
     "config", "method", "density", "block_size", "batch_size", "seq_len", "dtype", "backend", "compiled",
-    "activation_checkpointing",
+    "activation_checkpointing", "vocab_size",
 ]  # fmt: skip
 
 #: columns added to a schema after files were written without them: name -> the value every older row had (an old
 #: file resumes with it and is rewritten with the full header before its first new row)
-ADDED_COLUMNS = {"compiled": False, "activation_checkpointing": False}
+ADDED_COLUMNS = {"compiled": False, "activation_checkpointing": False, "vocab_size": 256}
 TRAINING_COLUMNS = (
     TRAINING_KEY
     + ["steps", "ms_p20", "ms_p50", "ms_p80", "tokens_per_s", "peak_allocated_bytes", "nvml_peak_bytes", "nvml_status"]

@@ -51,7 +51,7 @@ class TrainingCase:
     batch_size: int
     seq_len: int
     dtype: torch.dtype
-    vocab_size: int = 256  # not part of a row's key: write runs with another vocabulary to another out-dir
+    vocab_size: int = 256
     activation_checkpointing: bool = False
     compiled: bool = False  # steps through torch.compile(model)
 
@@ -67,6 +67,7 @@ class TrainingCase:
             "backend": backend if self.method == "smet" else "torch",
             "compiled": self.compiled,
             "activation_checkpointing": self.activation_checkpointing,
+            "vocab_size": self.vocab_size,
         }
 
 

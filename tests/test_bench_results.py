@@ -203,7 +203,7 @@ def test_a_committed_training_csv_without_the_mode_columns_resumes_and_gains_the
     shutil.copy(committed, tmp_path / "training.csv")
     with committed.open(newline="") as handle:
         old_rows = list(csv.DictReader(handle))
-    smet = next(row for row in old_rows if row["method"] == "smet")
+    smet = next(row for row in old_rows if row["method"] == "smet") | {"vocab_size": 256}
     results = training_file(tmp_path)
     assert len(results) == len(old_rows)
     assert results.done(smet | {"compiled": False, "activation_checkpointing": False})
@@ -215,7 +215,9 @@ def test_a_committed_training_csv_without_the_mode_columns_resumes_and_gains_the
         assert reader.fieldnames == TRAINING_COLUMNS
         rows = list(reader)
     assert len(rows) == len(old_rows) + 1
-    assert [(r["compiled"], r["activation_checkpointing"]) for r in rows[:-1]] == [("False", "False")] * len(old_rows)
+    assert [(r["compiled"], r["activation_checkpointing"], r["vocab_size"]) for r in rows[:-1]] == [
+        ("False", "False", "256")
+    ] * len(old_rows)
     assert [r["tokens_per_s"] for r in rows[:-1]] == [r["tokens_per_s"] for r in old_rows]
     assert (rows[-1]["compiled"], rows[-1]["activation_checkpointing"]) == ("True", "False")
     reopened = training_file(tmp_path)

@@ -22,7 +22,10 @@ def load_csv(path: Path) -> pd.DataFrame | None:
     if set(TRAINING_KEY) - set(ADDED_COLUMNS) <= set(frame.columns):  # training.csv, also one older than the modes
         for column, old_value in ADDED_COLUMNS.items():
             values = frame[column] if column in frame else pd.Series(old_value, index=frame.index)
-            frame[column] = values.astype(object).fillna(old_value).map(lambda v: str(v) == "True")
+            values = values.astype(object).fillna(old_value)
+            frame[column] = values.map(lambda v: str(v) == "True") if isinstance(old_value, bool) else values.astype(
+                type(old_value)
+            )
     if {"suite", "provider", "backend"} <= set(frame.columns):  # files written under the old provider names
         frame["provider"] = [
             current_provider(suite, provider, backend)
