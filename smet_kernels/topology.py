@@ -314,6 +314,12 @@ class SMET:
         """True when the next backward must record dense gradients (RigL, next step is an update step)."""
         return self.regrow == "gradient" and self.is_update_step(self._step + 1)
 
+    def discard_dense_grad(self) -> None:
+        """Drop the dense gradients recorded since the last step (a step that was not taken, e.g. skipped for a
+        non-finite loss: the retried step records them again, and RigL must not score the skipped one's)."""
+        for target in self.targets:
+            target.dense_grad = None
+
     # ------------------------------------------------------------------ stepping
     def step(self) -> dict | None:
         """Count one optimizer step; on update steps prune + regrow every layer and return the record."""

@@ -1,6 +1,7 @@
 """Faults the trainer survives: non-finite losses (stop with one line, or skip), strict JSON outputs, checkpoints
 verified against their manifest on resume (a corrupt newest one is passed over)."""
 
+import dataclasses
 import json
 import math
 
@@ -8,7 +9,12 @@ import pytest
 import torch
 
 from smet_kernels.train import cli, loop
-from smet_kernels.train.checkpoint import CheckpointWarning, find_checkpoint, verify_checkpoint
+from smet_kernels.train.checkpoint import (
+    CheckpointWarning,
+    find_checkpoint,
+    load_checkpoint_config,
+    verify_checkpoint,
+)
 from smet_kernels.train.metrics import finite_or_none, strict_json
 from smet_kernels.train.trainer import ConfigError, TrainConfig, TrainingDiverged, train
 from test_train_trainer import cache_dir, one_thread  # noqa: F401 -- autouse: shared token cache, one thread
@@ -159,6 +165,45 @@ def test_a_checkpoint_of_an_earlier_release_without_manifest_resumes_when_its_ar
     data[len(data) // 2] ^= 0xFF
     state.write_bytes(bytes(data))
     assert "manifest.json missing" in verify_checkpoint(checkpoint)
+
+
+def test_a_smet_checkpoint_of_an_earlier_release_resumes_with_its_warmup_scope(tmp_path):
+    """Saved before warm-up scopes existed: no ``warmup_scope`` in config.json nor in the optimizer's groups; such
+    a run warmed up its sparse values only, and resumes so."""
+    out = tmp_path / "run"
+    train(tiny_config(optimizer="smet", max_steps=2, checkpoint_every=2, out_dir=str(out)))
+    checkpoint = out / "checkpoints" / "step_0000002"
+    config = json.loads((checkpoint / "config.json").read_text())
+    del config["warmup_scope"]
+    (checkpoint / "config.json").write_text(json.dumps(config))
+    state = torch.load(checkpoint / "state.pt", weights_only=False)
+    for group in state["optimizer"]["param_groups"]:
+        del group["warmup_scope"]
+    torch.save(state, checkpoint / "state.pt")
+    (checkpoint / "manifest.json").unlink()  # an earlier release wrote none
+    assert load_checkpoint_config(out).warmup_scope == "regrown"
+    run = loop.Run(dataclasses.replace(load_checkpoint_config(out), max_steps=4, out_dir=str(tmp_path / "resumed")))
+    try:
+        assert run.step == 2
+        assert {group["warmup_scope"] for group in run.optimizer.param_groups} == {"regrown"}
+        run.train_step()
+    finally:
+        run.metrics.close()
+
+
+def test_a_skipped_step_leaves_no_dense_gradient_for_rigl_to_score(tmp_path, monkeypatch):
+    nan_losses_on(monkeypatch, {1})
+    run = loop.Run(tiny_config(optimizer="smet", regrow="gradient", update_interval=1, on_nonfinite="skip",
+                               out_dir=str(tmp_path)))
+    try:
+        assert run.controller.needs_dense_grad()
+        loss, _ = run.train_step()
+        assert not math.isfinite(loss) and run.step == 0
+        assert all(target.dense_grad is None for target in run.controller.targets)
+        run.train_step()  # the retried step records its own dense gradients
+        assert all(torch.isfinite(target.dense_grad).all() for target in run.controller.targets)
+    finally:
+        run.metrics.close()
 
 
 def test_resume_without_a_good_checkpoint_is_a_one_line_error(tmp_path, capsys):

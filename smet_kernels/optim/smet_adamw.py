@@ -115,6 +115,13 @@ class SMETAdamW(torch.optim.Optimizer):
         self._tables: dict[tuple, dict] = {}  # device tables of the fused step, per batch of groups
         super().__init__(params, defaults)
 
+    def __setstate__(self, state: dict) -> None:
+        """``load_state_dict`` keeps the saved groups' options: a state saved before warm-up scopes existed warmed
+        up the sparse values only (``"regrown"``)."""
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("warmup_scope", "regrown")
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group (defaults filled in); a group with an invalid option raises and is not added.
 

@@ -114,6 +114,7 @@ def load_checkpoint_config(path: str | os.PathLike) -> TrainConfig:
     checkpoint = find_checkpoint(path)
     values = json.loads((checkpoint / "config.json").read_text())
     values["resume"] = str(checkpoint)
+    values.setdefault("warmup_scope", "regrown")  # saved before warm-up scopes existed: sparse values warmed up only
     return TrainConfig.from_dict(values)
 
 

@@ -320,6 +320,8 @@ class Run:
         grad_norm = float(full(norm))  # a replicated DTensor under fsdp
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             self.optimizer.zero_grad(set_to_none=True)
+            if self.controller is not None:
+                self.controller.discard_dense_grad()
             return loss, grad_norm
         factor = lr_factor(self.step + 1, config.lr_warmup_steps, config.max_steps)
         for group, base_lr in zip(self.optimizer.param_groups, self.base_lrs):
