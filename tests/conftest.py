@@ -3,12 +3,18 @@
 TRITON_INTERPRET is read when kernels are decorated, so it must be set before smet_kernels is imported.
 """
 
+import atexit
 import os
+import shutil
+import tempfile
 
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+if "MPLCONFIGDIR" not in os.environ:  # matplotlib's font cache in a temporary folder, not the home directory
+    os.environ["MPLCONFIGDIR"] = tempfile.mkdtemp(prefix="smet-tests-matplotlib-")
+    atexit.register(shutil.rmtree, os.environ["MPLCONFIGDIR"], ignore_errors=True)
 
 import pytest  # noqa: E402
 
