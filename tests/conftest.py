@@ -12,9 +12,11 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-if "MPLCONFIGDIR" not in os.environ:  # matplotlib's font cache in a temporary folder, not the home directory
-    os.environ["MPLCONFIGDIR"] = tempfile.mkdtemp(prefix="smet-tests-matplotlib-")
-    atexit.register(shutil.rmtree, os.environ["MPLCONFIGDIR"], ignore_errors=True)
+# caches that would land in the home directory (matplotlib's fonts) or the working tree (hypothesis' database)
+_scratch = tempfile.mkdtemp(prefix="smet-tests-")
+atexit.register(shutil.rmtree, _scratch, ignore_errors=True)
+os.environ.setdefault("MPLCONFIGDIR", os.path.join(_scratch, "matplotlib"))
+os.environ.setdefault("HYPOTHESIS_STORAGE_DIRECTORY", os.path.join(_scratch, "hypothesis"))
 
 import pytest  # noqa: E402
 
