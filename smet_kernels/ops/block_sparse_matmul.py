@@ -512,9 +512,12 @@ def triton_bsmm_grad_weight(
     n = dy.shape[1]
     b = block_size
     nnz = block_indices.shape[0]
-    split = split_k if split_k is not None else default_split_k(m, nnz, x.device)
-    if isinstance(split, bool) or not isinstance(split, int) or split < 1:
+    if split_k is None:
+        split = int(default_split_k(m, nnz, x.device))  # a SymInt when m is dynamic: the grid needs a plain int
+    elif isinstance(split_k, bool) or not isinstance(split_k, int) or split_k < 1:
         raise ValueError(f"split_k must be a positive int, got {split_k!r}")
+    else:
+        split = split_k
     out_dtype = x.dtype if split == 1 else torch.float32
     out = torch.empty((split, nnz, b, b), dtype=out_dtype, device=x.device)
     constexprs = dict(BLOCK_SIZE=b, SPLIT_K=split, **precision_flags(x.dtype))
