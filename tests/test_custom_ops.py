@@ -210,16 +210,54 @@ print("checked", *backends)
 """
 
 
-def test_layout_change_under_compile_is_an_error_with_the_triton_op_registration():
-    """Without ``TRITON_INTERPRET`` the products are ``triton_op``s, whose bodies AOTAutograd traces: the version
-    check must still run on the live version tensor (a fresh interpreter, since conftest sets the variable)."""
+def _run_without_interpreter(code: str) -> str:
+    """stdout of ``code`` in a fresh Python without ``TRITON_INTERPRET`` (conftest sets it for this process)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(SMET_BACKEND="reference", TORCHINDUCTOR_FORCE_DISABLE_CACHES="1",
                PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]))
-    result = subprocess.run([sys.executable, "-c", _TRITON_OP_REGISTRATION], env=env, capture_output=True, text=True,
-                            timeout=300, cwd=ROOT)  # fmt: skip
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
+                            cwd=ROOT)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "checked aot_eager" in result.stdout
+    return result.stdout
+
+
+def test_layout_change_under_compile_is_an_error_with_the_triton_op_registration():
+    """Without ``TRITON_INTERPRET`` the products are ``triton_op``s, whose bodies AOTAutograd traces: the version
+    check must still run on the live version tensor."""
+    assert "checked aot_eager" in _run_without_interpreter(_TRITON_OP_REGISTRATION)
+
+
+_TRACED_TMA = """
+import dataclasses
+import warnings
+import torch
+from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+from torch.fx.experimental.proxy_tensor import make_fx
+from smet_kernels import BlockLayout
+from smet_kernels.layout import BlockIndex
+from smet_kernels.ops import block_sparse_matmul as bsmm
+
+layout = BlockLayout.random(48, 32, 16, 0.5, generator=torch.Generator().manual_seed(0))
+index = layout.row_index("cpu")
+forward = lambda x, v, *index: bsmm.triton_bsmm_forward(x, v, BlockIndex(*index), 48, variant="tma")
+grad_weight = lambda dy, x, indices: bsmm.triton_bsmm_grad_weight(dy, x, indices, 16, variant="tma")
+x, dy, values = torch.randn(5, 32), torch.randn(5, 48), torch.randn(layout.nnz, 16, 16)
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    graphs = [make_fx(forward, tracing_mode="fake")(x, values, *dataclasses.astuple(index)),
+              make_fx(grad_weight, tracing_mode="fake")(dy, x, layout.block_indices_on("cpu"))]
+kernels = [kernel_side_table.get_kernel(node.kwargs["kernel_idx"]).base_fn.__name__ for g in graphs
+           for node in g.graph.nodes if node.target is torch.ops.higher_order.triton_kernel_wrapper_mutation]
+assert kernels == ["bsmm_dense_sparse_kernel", "bsmm_grad_weight_kernel"], kernels
+assert sum("runs as 'grouped' under torch.compile" in str(w.message) for w in caught) == 1, caught
+print("grouped")
+"""
+
+
+def test_the_tma_variant_traces_as_grouped_with_one_warning():
+    """Traced (fake tensors, ``wrap_triton``), ``tma`` needs data pointers and an autotune ``pre_hook``, neither
+    traceable: the launchers trace the grouped kernels instead and warn once."""
+    assert "grouped" in _run_without_interpreter(_TRACED_TMA)
 
 
 def test_a_meta_model_runs_through_the_ops():
