@@ -1,6 +1,7 @@
 """The block-sparse products ``bsmm_forward`` / ``bsmm_grad_input`` / ``bsmm_grad_weight``: ``triton_<op>`` vs
 ``torch_<op>`` (output and every gradient, on awkward layouts and shapes), and ``block_sparse_linear`` over them."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -169,6 +170,19 @@ def test_bsmm_grad_weight_split_k_matches_torch(split_k):
     layout = _mask_layout("random", 2, 3, 16)
     x, _, dy, _ = _inputs(layout, 100, torch.float32)
     _close(triton_grad_weight(dy, x, layout, split_k=split_k), torch_grad_weight(dy, x, layout), torch.float32)
+
+
+def test_bsmm_grad_weight_validates_a_given_split_k_and_takes_an_int_like_default(monkeypatch):
+    """The default may be int-like but not an ``int`` (a SymInt under dynamic shapes): only a given one is checked."""
+    from smet_kernels.ops import block_sparse_matmul
+
+    layout = _mask_layout("random", 2, 3, 16)
+    x, _, dy, _ = _inputs(layout, 100, torch.float32)
+    for bad in (0, 2.0, True):
+        with pytest.raises(ValueError, match="split_k must be a positive int"):
+            triton_grad_weight(dy, x, layout, split_k=bad)
+    monkeypatch.setattr(block_sparse_matmul, "default_split_k", lambda m, nnz, device: np.int64(2))
+    _close(triton_grad_weight(dy, x, layout), torch_grad_weight(dy, x, layout), torch.float32)
 
 
 def test_bsmm_empty_block_row_gives_bias_only_and_zero_grad_column():

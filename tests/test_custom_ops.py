@@ -1,6 +1,10 @@
 """The block-sparse products as ``torch.ops.smet`` custom ops: opcheck, ``torch.compile(fullgraph=True)`` of a
 sparsified LLaMA, recompiles across topology updates, double backward, errors under compile, the Triton path."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
 from unittest import mock
 
 import pytest
@@ -16,6 +20,7 @@ from smet_kernels.topology import SMET
 from smet_kernels.train.model import LlamaModel, lm_loss, model_config
 
 B = 16
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _layout(seed=0, out_blocks=3, in_blocks=2):
@@ -50,11 +55,12 @@ def test_opcheck_passes_for_each_op(backend):
     cases = [
         (library.bsmm_forward, (x.requires_grad_(), values.requires_grad_(), bias, index, version, version.clone(), n)),
         (library.layout_version, (version,)),
+        (library.check_layout_version, (version, version.clone(), dy.clone().requires_grad_())),
         (library.bsmm_grad_input, (dy2, values2, index, version, version.clone(), k)),
         (library.bsmm_grad_weight, (dy2, x2, index, version, version.clone(), layout.nnz, B)),
     ]
     for op, args in cases:
-        extra = () if op is library.layout_version else (backend, "grouped")
+        extra = () if op in (library.layout_version, library.check_layout_version) else (backend, "grouped")
         torch.library.opcheck(op, (*args, *extra), test_utils=tests)
 
 
@@ -163,6 +169,125 @@ def test_layout_change_between_compiled_forward_and_backward_is_an_error():
     layout.replace_blocks(torch.tensor([0]), (~layout.mask).nonzero()[:1])
     with pytest.raises(RuntimeError, match="layout"):
         y.backward(dy)
+
+
+_TRITON_OP_REGISTRATION = """
+import torch
+from torch._inductor import cpp_builder
+from torch.library import triton_op
+from smet_kernels import BlockLayout, block_sparse_linear
+from smet_kernels.ops import library
+
+assert library._register is triton_op
+layout = BlockLayout.random(48, 32, 16, 0.5, generator=torch.Generator().manual_seed(0))
+x, dy = torch.randn(5, 32), torch.randn(5, 48)
+values = torch.randn(layout.nnz, 16, 16)
+index, version = layout.kernel_index(x.device), layout.version_tensor
+tests = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+for op, args in [
+    (library.bsmm_forward, (x.requires_grad_(), values.requires_grad_(), None, index, version, version.clone(), 48)),
+    (library.bsmm_grad_input, (dy, values, index, version, version.clone(), 32)),
+    (library.bsmm_grad_weight, (dy, x, index, version, version.clone(), layout.nnz, 16)),
+]:
+    torch.library.opcheck(op, (*args, "reference", "grouped"), test_utils=tests)
+try:
+    cpp_builder.get_cpp_compiler()
+    backends = ["aot_eager", "inductor"]
+except Exception:  # noqa: BLE001 - no C++ compiler: Inductor cannot build CPU kernels
+    backends = ["aot_eager"]
+for backend in backends:
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda a, v: block_sparse_linear(a, v, layout, backend="reference"), backend=backend)
+    y = compiled(x.detach(), values)
+    layout.replace_blocks(torch.tensor([0]), (~layout.mask).nonzero()[:1])
+    try:
+        y.backward(dy)
+    except RuntimeError as error:
+        assert "layout" in str(error), error
+    else:
+        raise AssertionError(f"{backend}: a layout change between forward and backward went unnoticed")
+# activation checkpointing: the forward's snapshots are saved (not recomputed), no recompile per topology update
+from torch._dynamo.testing import CompileCounterWithBackend
+from smet_kernels import sparsify
+from smet_kernels.topology import SMET
+from smet_kernels.train.model import LlamaModel, lm_loss, model_config
+
+torch._dynamo.reset()
+torch.manual_seed(0)
+model = sparsify(LlamaModel(model_config("tiny", vocab_size=64, max_seq_len=32)), density=0.5, block_size=16,
+                 backend="reference")
+model.activation_checkpointing = True
+counter = CompileCounterWithBackend("aot_eager")
+compiled = torch.compile(model, fullgraph=True, backend=counter)
+opt = torch.optim.SGD(model.parameters(), lr=0.1)
+smet = SMET(model, opt, update_interval=1, prune_fraction=0.3, regrow="random", seed=0)
+tokens = torch.randint(0, 64, (2, 17))
+for _ in range(3):
+    lm_loss(compiled(tokens[:, :-1]), tokens[:, 1:]).backward()
+    opt.step()
+    smet.step()
+assert counter.frame_count <= 2, counter.frame_count
+loss = lm_loss(compiled(tokens[:, :-1]), tokens[:, 1:])
+layout = model.layers[0].attn.q_proj.layout
+layout.replace_blocks(torch.tensor([0]), (~layout.mask).nonzero()[:1])
+try:
+    loss.backward()
+except RuntimeError as error:
+    assert "layout" in str(error), error
+else:
+    raise AssertionError("checkpointed: a layout change between forward and backward went unnoticed")
+print("checked", *backends, "checkpointed")
+"""
+
+
+def _run_without_interpreter(code: str) -> str:
+    """stdout of ``code`` in a fresh Python without ``TRITON_INTERPRET`` (conftest sets it for this process)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(SMET_BACKEND="reference", TORCHINDUCTOR_FORCE_DISABLE_CACHES="1",
+               PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]))
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
+                            cwd=ROOT)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def test_layout_change_under_compile_is_an_error_with_the_triton_op_registration():
+    """Without ``TRITON_INTERPRET`` the products are ``triton_op``s, whose bodies AOTAutograd traces: the version
+    check must still run on the live version tensor, also with activation checkpointing."""
+    assert "checkpointed" in _run_without_interpreter(_TRITON_OP_REGISTRATION)
+
+
+_TRACED_TMA = """
+import dataclasses
+import warnings
+import torch
+from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+from torch.fx.experimental.proxy_tensor import make_fx
+from smet_kernels import BlockLayout
+from smet_kernels.layout import BlockIndex
+from smet_kernels.ops import block_sparse_matmul as bsmm
+
+layout = BlockLayout.random(48, 32, 16, 0.5, generator=torch.Generator().manual_seed(0))
+index = layout.row_index("cpu")
+forward = lambda x, v, *index: bsmm.triton_bsmm_forward(x, v, BlockIndex(*index), 48, variant="tma")
+grad_weight = lambda dy, x, indices: bsmm.triton_bsmm_grad_weight(dy, x, indices, 16, variant="tma")
+x, dy, values = torch.randn(5, 32), torch.randn(5, 48), torch.randn(layout.nnz, 16, 16)
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    graphs = [make_fx(forward, tracing_mode="fake")(x, values, *dataclasses.astuple(index)),
+              make_fx(grad_weight, tracing_mode="fake")(dy, x, layout.block_indices_on("cpu"))]
+kernels = [kernel_side_table.get_kernel(node.kwargs["kernel_idx"]).base_fn.__name__ for g in graphs
+           for node in g.graph.nodes if node.target is torch.ops.higher_order.triton_kernel_wrapper_mutation]
+assert kernels == ["bsmm_dense_sparse_kernel", "bsmm_grad_weight_kernel"], kernels
+assert sum("runs as 'grouped' under torch.compile" in str(w.message) for w in caught) == 1, caught
+print("grouped")
+"""
+
+
+def test_the_tma_variant_traces_as_grouped_with_one_warning():
+    """Traced (fake tensors, ``wrap_triton``), ``tma`` needs data pointers and an autotune ``pre_hook``, neither
+    traceable: the launchers trace the grouped kernels instead and warn once."""
+    assert "grouped" in _run_without_interpreter(_TRACED_TMA)
 
 
 def test_a_meta_model_runs_through_the_ops():

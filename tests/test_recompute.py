@@ -6,10 +6,12 @@ import json
 
 import pytest
 import torch
+from torch._dynamo.testing import CompileCounterWithBackend
 
 from smet_kernels.masked import masked_sparsify
 from smet_kernels.modules import sparsify
 from smet_kernels.recompute import LAYOUT_CHANGED
+from smet_kernels.topology import SMET
 from smet_kernels.train import cli
 from smet_kernels.train.model import LlamaModel, lm_loss, model_config
 from smet_kernels.train.trainer import TrainConfig, train
@@ -64,6 +66,30 @@ def test_a_layout_change_before_the_recompute_is_refused(sparse):
     with pytest.raises(RuntimeError, match="changed between forward and backward"):
         loss.backward()
     assert "topology updates only after optimizer.step()" in LAYOUT_CHANGED
+
+
+def test_compiled_checkpointed_model_recompiles_at_most_once_and_keeps_the_layout_guard():
+    """Topology updates between compiled steps with checkpointing: at most one recompile (no guard on the Python
+    version), and a layout change between compiled forward and backward still raises."""
+    torch._dynamo.reset()
+    model = tiny_model("smet", True)
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, fullgraph=True, backend=counter)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    smet = SMET(model, opt, update_interval=1, prune_fraction=0.3, regrow="random", seed=0)
+    layout = model.layers[0].attn.q_proj.layout
+    for _ in range(4):
+        opt.zero_grad()
+        lm_loss(compiled(TOKENS[:, :-1]), TOKENS[:, 1:]).backward()
+        opt.step()
+        smet.step()
+    assert layout.version >= 4
+    assert counter.frame_count <= 2
+    loss = lm_loss(compiled(TOKENS[:, :-1]), TOKENS[:, 1:])
+    free = (~layout.mask).nonzero()[:1]
+    layout.replace_blocks(torch.tensor([0]), free)
+    with pytest.raises(RuntimeError, match="changed between forward"):
+        loss.backward()
 
 
 def test_the_trainer_option_trains_identically_and_is_in_help(tmp_path, tmp_path_factory, monkeypatch):

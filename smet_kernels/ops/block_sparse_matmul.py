@@ -11,6 +11,8 @@
 Forward and input grad come in three variants of the same tile computation (``variant=``; A/B-timed by the kernel
 benchmarks, ``bench/KERNEL_NOTES.md``): ``grouped`` (default), ``persistent`` (one program per SM slot, longest block
 rows first) and ``tma`` (grouped, tiles moved by Hopper TMA descriptors); the weight grad has a ``tma`` variant too.
+Traced by ``torch.compile`` (fake tensors), ``tma`` falls back to ``grouped`` with a one-time warning: its descriptors
+need real data pointers and its autotune configs a ``pre_hook``, which ``wrap_triton`` cannot trace.
 
 Launchers ``triton_<op>`` (dispatched by :mod:`.library`); kernels ``bsmm_dense_sparse_kernel`` (forward and input
 grad: the same product over the CSR or the CSC index), its ``_persistent`` and ``_tma`` variants,
@@ -24,11 +26,14 @@ All accumulate in fp32 and store in the input dtype. Under the Triton interprete
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
+import warnings
 
 import torch
 import triton
 import triton.language as tl
+from torch._subclasses.fake_tensor import is_fake
 from torch.library import wrap_triton
 from triton.tools.tensor_descriptor import TensorDescriptor
 
@@ -389,6 +394,24 @@ def default_variant() -> str:
     return variant
 
 
+@functools.cache
+def _warn_tma_traced() -> None:
+    warnings.warn(
+        "variant='tma' runs as 'grouped' under torch.compile: TMA descriptors need real data pointers and the TMA "
+        "kernels' autotune pre_hook cannot be traced by wrap_triton",
+        stacklevel=3,
+    )
+
+
+def traceable_variant(variant: str, *tensors: torch.Tensor) -> str:
+    """``variant``, or ``grouped`` for ``tma`` while traced (fake ``tensors`` or ``torch.compiler.is_compiling()``;
+    warned once): the same product, with tiles loaded by pointers."""
+    if variant == "tma" and (torch.compiler.is_compiling() or any(is_fake(t) for t in tensors)):
+        _warn_tma_traced()
+        return "grouped"
+    return variant
+
+
 def _dense_sparse(
     a: torch.Tensor,
     values: torch.Tensor,
@@ -408,6 +431,7 @@ def _dense_sparse(
         variant = default_variant()
     elif variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    variant = traceable_variant(variant, a, values)
     m, in_cols = a.shape
     out = torch.empty((m, out_cols), dtype=a.dtype, device=a.device)
     if m == 0:  # no token tile: launch nothing (a grid of zero programs is an error on some drivers)
@@ -508,13 +532,17 @@ def triton_bsmm_grad_weight(
         variant = default_variant()
     elif variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    variant = traceable_variant(variant, dy, x)
     m, k = x.shape
     n = dy.shape[1]
     b = block_size
     nnz = block_indices.shape[0]
-    split = split_k if split_k is not None else default_split_k(m, nnz, x.device)
-    if isinstance(split, bool) or not isinstance(split, int) or split < 1:
+    if split_k is None:
+        split = int(default_split_k(m, nnz, x.device))  # a SymInt when m is dynamic: the grid needs a plain int
+    elif isinstance(split_k, bool) or not isinstance(split_k, int) or split_k < 1:
         raise ValueError(f"split_k must be a positive int, got {split_k!r}")
+    else:
+        split = split_k
     out_dtype = x.dtype if split == 1 else torch.float32
     out = torch.empty((split, nnz, b, b), dtype=out_dtype, device=x.device)
     constexprs = dict(BLOCK_SIZE=b, SPLIT_K=split, **precision_flags(x.dtype))

@@ -19,10 +19,12 @@ a change of either is a new constant in the graph (a recompile), not a hidden gl
 
 Autograd (``register_autograd``) is closed over the three ops: each product is bilinear, so the derivative of each is
 another of them; through the reference the backward is differentiable again (double backward), through Triton it is
-once-differentiable (differentiating it again raises). The backward ops check that the layout version equals the one
-saved at forward (a topology update between forward and backward is an error, not a gradient for blocks that moved);
-the check reads the version tensor when the op runs: eagerly, and under ``torch.compile`` with backends that keep the
-op opaque (``aot_eager``); where Inductor lowers the op body into its own kernels the check is compiled out.
+once-differentiable (differentiating it again raises). Each backward formula first passes its incoming gradient
+through ``torch.ops.smet.check_layout_version``, which raises unless the layout version equals the one saved at
+forward (a topology update between forward and backward is an error, not a gradient for blocks that moved). That
+check is its own opaque custom op whose output the backward products consume, never inside a product's body (which
+AOTAutograd traces for a ``triton_op``, seeing fake tensors only), so it runs on the live version tensor eagerly and
+in every compiled graph (``aot_eager``, Inductor; interpreter or not).
 
 AdamW step and regrow (:func:`adamw_step`, :func:`regrow_blocks`; kernels in :mod:`.adamw`, :mod:`.regrow`) are not
 registered: they mutate parameters and optimizer state in ``optimizer.step()`` / ``SMET.step()``, which run outside
@@ -35,7 +37,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-from torch._subclasses.fake_tensor import is_fake
+from torch._library.effects import EffectType
 from torch.library import custom_op, triton_op
 
 from ..backend import INTERPRET, resolve_backend
@@ -56,15 +58,27 @@ def _unpack(index: torch.Tensor, nnz: int, n: int, k: int, b: int):
     return unpack_kernel_index(index, nnz, (n // b, k // b))
 
 
-def _check_version(version: torch.Tensor, forward_version: torch.Tensor) -> None:
-    """The layout must not change between forward and backward (both are int64 ``[1]`` CPU tensors)."""
-    if is_fake(version):  # traced (Inductor lowers this body): no value to compare
-        return
+@custom_op("smet::check_layout_version", mutates_args=())
+def check_layout_version(version: torch.Tensor, forward_version: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """``grad`` (a copy) if the layout version (int64 ``[1]`` CPU) still equals the one saved at forward, else a
+    ``RuntimeError``: a topology update between forward and backward is an error, not a gradient for blocks that
+    moved. An opaque op whose output the backward products consume, so a compiled graph keeps it (no tracing into
+    it, no dead-code elimination) and runs it on the live version tensor."""
     if int(version) != int(forward_version):
         raise RuntimeError(
             f"the layout of a block-sparse layer changed between forward (version {int(forward_version)}) and "
             f"backward (version {int(version)}); perform topology updates only after optimizer.step()"
         )
+    return grad.clone()
+
+
+@check_layout_version.register_fake
+def _(version, forward_version, grad):
+    return torch.empty_like(grad)
+
+
+# the identity in ``grad`` (double backward through the reference differentiates the backward formulas again)
+check_layout_version.register_autograd(lambda ctx, g: (None, None, g))
 
 
 @_register("smet::bsmm_forward", mutates_args=())
@@ -80,7 +94,8 @@ def bsmm_forward(
     variant: str,
 ) -> torch.Tensor:
     """``y [M, N] = x [M, K] Wᵀ (+ bias)``. ``version`` (the layout's live version tensor) and ``forward_version``
-    (:func:`layout_version` of it, taken by the caller) are only saved for the backward's check."""
+    (:func:`layout_version` of it, taken by the caller) are only saved for the backward's
+    :func:`check_layout_version` (so are those of the two grad ops, for their own backward)."""
     nnz, b = values.shape[0], values.shape[-1]
     block_indices, rows, _ = _unpack(index, nnz, out_features, x.shape[1], b)
     if backend == "triton":
@@ -100,7 +115,6 @@ def bsmm_grad_input(
     variant: str,
 ) -> torch.Tensor:
     """``dx [M, K] = dy [M, N] W``."""
-    _check_version(version, forward_version)
     nnz, b = values.shape[0], values.shape[-1]
     block_indices, _, cols = _unpack(index, nnz, dy.shape[1], in_features, b)
     if backend == "triton":
@@ -121,7 +135,6 @@ def bsmm_grad_weight(
     variant: str,
 ) -> torch.Tensor:
     """``dvalues [nnz, b, b]``, ``dvalues[k] = dy[:, rows(k)]ᵀ x[:, cols(k)]``."""
-    _check_version(version, forward_version)
     block_indices, _, _ = _unpack(index, nnz, dy.shape[1], x.shape[1], block_size)
     if backend == "triton":
         return triton_bsmm_grad_weight(dy, x, block_indices, block_size, variant=variant)
@@ -145,15 +158,20 @@ def _(dy, x, index, version, forward_version, nnz, block_size, backend, variant)
 
 @custom_op("smet::layout_version", mutates_args=())
 def layout_version(version: torch.Tensor) -> torch.Tensor:
-    """A copy of the layout's version tensor, taken at forward and passed to :func:`bsmm_forward`. An opaque op that
-    the forward output depends on, so that a compiled graph's partitioner can neither recompute the copy in the
-    backward from the (since updated) version tensor nor move it there, as it would a ``clone`` in setup_context."""
+    """A copy of the layout's version tensor, taken at forward and passed to :func:`bsmm_forward`. An opaque op with
+    an ordered effect (below), so that a compiled graph's partitioner can neither recompute the copy in the backward
+    from the (since updated) version tensor nor move it there, as it would a ``clone`` in setup_context."""
     return version.clone()
 
 
 @layout_version.register_fake
 def _(version):
     return torch.empty_like(version)
+
+
+# a pure op that only the backward reads would be moved there by the partitioner (a traced triton_op body does not
+# read it): the effect keeps it in the forward graph
+layout_version.register_effect(EffectType.ORDERED)
 
 
 def _row_major(dy: torch.Tensor) -> torch.Tensor:
@@ -187,7 +205,7 @@ def _forward_setup(ctx, inputs, output):
 def _forward_backward(ctx, dy):
     x, values, index, version, forward_version = ctx.saved_tensors
     in_features, nnz, b, backend, variant = ctx.args
-    dy = _row_major(dy)
+    dy = _row_major(check_layout_version(version, forward_version, dy))
     dx = dvalues = dbias = None
     if ctx.needs_input_grad[0]:
         dx = bsmm_grad_input(dy, values, index, version, forward_version, in_features, backend, variant)
@@ -209,7 +227,7 @@ def _grad_input_backward(ctx, g):
     dy, values, index, version, forward_version = ctx.saved_tensors
     out_features, nnz, b, backend, variant = ctx.args
     _once_differentiable(backend)
-    g = _row_major(g)
+    g = _row_major(check_layout_version(version, forward_version, g))
     d_dy = d_values = None
     if ctx.needs_input_grad[0]:
         d_dy = bsmm_forward(g, values, None, index, version, forward_version, out_features, backend, variant)
@@ -229,7 +247,7 @@ def _grad_weight_backward(ctx, g):
     dy, x, index, version, forward_version = ctx.saved_tensors
     out_features, in_features, backend, variant = ctx.args
     _once_differentiable(backend)
-    g = g.contiguous()
+    g = check_layout_version(version, forward_version, g).contiguous()
     d_dy = d_x = None
     if ctx.needs_input_grad[0]:
         d_dy = bsmm_forward(x, g, None, index, version, forward_version, out_features, backend, variant)
