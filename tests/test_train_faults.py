@@ -4,11 +4,12 @@ verified against their manifest on resume (a corrupt newest one is passed over).
 import dataclasses
 import json
 import math
+import types
 
 import pytest
 import torch
 
-from smet_kernels.train import cli, loop
+from smet_kernels.train import checkpoint, cli, loop
 from smet_kernels.train.checkpoint import (
     CheckpointWarning,
     find_checkpoint,
@@ -151,6 +152,32 @@ def test_resume_passes_over_a_corrupt_newest_checkpoint(tmp_path, capsys):
     assert not any("Traceback" in line for line in err)
     steps = [r["step"] for r in strict_records(resumed / "metrics.jsonl") if r["type"] == "train"]
     assert steps == [3, 4, 5, 6]
+
+
+def test_a_resume_hashes_each_checkpoint_file_once_and_a_rewritten_file_again(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    train(tiny_config(max_steps=2, checkpoint_every=2, out_dir=str(out)))
+    real_sha256, hashed = checkpoint.hashlib.sha256, []
+
+    class CountingSha256:
+        def __init__(self):
+            self.digest = real_sha256()
+            hashed.append(self)
+
+        def update(self, chunk):
+            self.digest.update(chunk)
+
+        def hexdigest(self):
+            return self.digest.hexdigest()
+
+    monkeypatch.setattr(checkpoint, "hashlib", types.SimpleNamespace(sha256=CountingSha256))
+    assert cli.main(["--resume", str(out), "--max-steps", "3", "--no-progress"]) == 0  # config read, then load
+    assert len(hashed) == 2 + 2  # state.pt and config.json of step 2; then those of the new step-3 checkpoint
+    state = out / "checkpoints" / "step_0000002" / "state.pt"
+    data = bytearray(state.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    state.write_bytes(bytes(data))
+    assert "sha256 of state.pt" in verify_checkpoint(state.parent)
 
 
 def test_a_checkpoint_of_an_earlier_release_without_manifest_resumes_when_its_archive_is_intact(tmp_path):

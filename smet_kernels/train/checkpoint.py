@@ -40,12 +40,21 @@ class CheckpointWarning(UserWarning):
     """A checkpoint was skipped because it is unreadable or fails verification against its manifest."""
 
 
+#: sha256 of the files hashed in this process, keyed by path and (inode, size, mtime): a resume verifies its
+#: checkpoint when the CLI reads its config and again when the run loads it, and hashes it once
+_DIGESTS: dict[tuple, str] = {}
+
+
 def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    if key not in _DIGESTS:
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+        _DIGESTS[key] = digest.hexdigest()
+    return _DIGESTS[key]
 
 
 def verify_checkpoint(checkpoint: Path) -> str | None:
