@@ -36,6 +36,13 @@ def _check_values(values: torch.Tensor, layout: BlockLayout, name: str = "values
         raise TypeError(f"{name} must be a floating tensor (fp16, bf16, fp32, fp64), got {values.dtype}")
 
 
+@torch.compiler.assume_constant_result
+def _autocast_available(device_type: str) -> bool:
+    """Whether ``device_type`` has autocast at all (``meta`` has none): a constant that ``torch.compile`` evaluates
+    once while tracing (Dynamo of torch 2.11 cannot trace ``torch.amp.is_autocast_available``)."""
+    return torch.amp.is_autocast_available(device_type)
+
+
 def _select_backend(x: torch.Tensor, backend: str | None) -> str:
     name = resolve_backend(x.device, backend)
     if name == "triton" and x.dtype not in TRITON_DTYPES:
@@ -72,7 +79,7 @@ def block_sparse_linear(
             raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
         if tuple(bias.shape) != (out_features,):
             raise ValueError(f"bias must have shape [{out_features}], got {tuple(bias.shape)}")
-    if torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type):
+    if _autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type):
         dtype = torch.get_autocast_dtype(x.device.type)
         x, values = x.to(dtype), values.to(dtype)
         bias = bias.to(dtype) if bias is not None else None

@@ -12,7 +12,8 @@ Forward and input grad come in three variants of the same tile computation (``va
 benchmarks, ``bench/KERNEL_NOTES.md``): ``grouped`` (default), ``persistent`` (one program per SM slot, longest block
 rows first) and ``tma`` (grouped, tiles moved by Hopper TMA descriptors); the weight grad has a ``tma`` variant too.
 Traced by ``torch.compile`` (fake tensors), ``tma`` falls back to ``grouped`` with a one-time warning: its descriptors
-need real data pointers and its autotune configs a ``pre_hook``, which ``wrap_triton`` cannot trace.
+need real data pointers and its autotune configs a ``pre_hook``, which ``wrap_triton`` cannot trace. Eager calls
+launch the kernels directly; only a traced call goes through ``wrap_triton`` (:func:`tracing`).
 
 Launchers ``triton_<op>`` (dispatched by :mod:`.library`); kernels ``bsmm_dense_sparse_kernel`` (forward and input
 grad: the same product over the CSR or the CSC index), its ``_persistent`` and ``_tma`` variants,
@@ -35,8 +36,10 @@ import triton
 import triton.language as tl
 from torch._subclasses.fake_tensor import is_fake
 from torch.library import wrap_triton
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from ..backend import INTERPRET
 from ..layout import BlockIndex
 from .launch_config import (
     DENSE_SPARSE_BLOCK_MS,
@@ -403,13 +406,27 @@ def _warn_tma_traced() -> None:
     )
 
 
+def tracing(*tensors: torch.Tensor) -> bool:
+    """Whether torch is recording a graph of this call rather than running it: Dynamo, a dispatch mode (AOTAutograd's
+    functional / fake / proxy modes), or fake ``tensors``."""
+    return torch.compiler.is_compiling() or is_in_torch_dispatch_mode() or any(is_fake(t) for t in tensors)
+
+
 def traceable_variant(variant: str, *tensors: torch.Tensor) -> str:
-    """``variant``, or ``grouped`` for ``tma`` while traced (fake ``tensors`` or ``torch.compiler.is_compiling()``;
-    warned once): the same product, with tiles loaded by pointers."""
-    if variant == "tma" and (torch.compiler.is_compiling() or any(is_fake(t) for t in tensors)):
+    """``variant``, or ``grouped`` for ``tma`` while :func:`tracing` (warned once): the same product, with tiles
+    loaded by pointers."""
+    if variant == "tma" and tracing(*tensors):
         _warn_tma_traced()
         return "grouped"
     return variant
+
+
+def _launchable(kernel, traced: bool):
+    """``wrap_triton(kernel)`` (the higher-order op Inductor sees) while traced, else the kernel itself. Called
+    eagerly outside a ``triton_op`` (kernel tests, benchmarks), ``wrap_triton`` would route every launch through that
+    op's dispatch (torch 2.11: about 1 ms a launch; an autotune ``pre_hook`` is refused). Interpreted kernels are never
+    wrapped: their ops are opaque (``custom_op``), and torch 2.11 cannot wrap them."""
+    return wrap_triton(kernel) if traced and not INTERPRET else kernel
 
 
 def _dense_sparse(
@@ -431,6 +448,7 @@ def _dense_sparse(
         variant = default_variant()
     elif variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    traced = tracing(a, values)
     variant = traceable_variant(variant, a, values)
     m, in_cols = a.shape
     out = torch.empty((m, out_cols), dtype=a.dtype, device=a.device)
@@ -446,9 +464,13 @@ def _dense_sparse(
     )
     index_args = (index.ptr, index.slots, index.minor)
     bias_arg = bias if bias is not None else out
+
+    def tile_grid(meta):  # one program per (token tile, output block)
+        return (triton.cdiv(m, meta["BLOCK_M"]) * out_blocks,)
+
     with _device_guard(a.device):
         if variant == "grouped":
-            wrap_triton(bsmm_dense_sparse_kernel)[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * out_blocks,)](
+            _launchable(bsmm_dense_sparse_kernel, traced)[tile_grid](
                 a, values, bias_arg, out, *index_args, m, in_cols, out_cols, a.stride(0), out.stride(0), **constexprs
             )
         elif variant == "persistent":
@@ -457,14 +479,14 @@ def _dense_sparse(
                 tiles = triton.cdiv(m, meta["BLOCK_M"]) * out_blocks
                 return (persistent_programs(tiles, meta["BLOCK_M"], block_size, a),)
 
-            wrap_triton(bsmm_dense_sparse_persistent_kernel)[grid](
+            _launchable(bsmm_dense_sparse_persistent_kernel, traced)[grid](
                 a, values, bias_arg, out, *index_args, index.by_count, m, in_cols, out_cols, a.stride(0),
                 out.stride(0), **constexprs
             )
         else:
             _check_tma_support(values, activations=a)
             block = [block_size, block_size]  # the token-tile boxes are set per config by _tma_block_shapes
-            wrap_triton(bsmm_dense_sparse_tma_kernel)[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * out_blocks,)](
+            bsmm_dense_sparse_tma_kernel[tile_grid](
                 TensorDescriptor.from_tensor(a, block),
                 TensorDescriptor.from_tensor(values.view(-1, block_size), block),
                 bias_arg,
@@ -532,6 +554,7 @@ def triton_bsmm_grad_weight(
         variant = default_variant()
     elif variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    traced = tracing(dy, x)
     variant = traceable_variant(variant, dy, x)
     m, k = x.shape
     n = dy.shape[1]
@@ -550,14 +573,14 @@ def triton_bsmm_grad_weight(
         if variant == "tma":
             _check_tma_support(dy=dy, x=x)
             block = [b, b]  # the token boxes are set per config by _tma_token_block_shapes
-            wrap_triton(bsmm_grad_weight_tma_kernel)[(nnz, split)](
+            bsmm_grad_weight_tma_kernel[(nnz, split)](
                 TensorDescriptor.from_tensor(dy, block),
                 TensorDescriptor.from_tensor(x, block),
                 TensorDescriptor.from_tensor(out.view(-1, b), block),
                 block_indices, m, n, k, nnz, **constexprs,
             )  # fmt: skip
         else:
-            wrap_triton(bsmm_grad_weight_kernel)[(nnz, split)](
+            _launchable(bsmm_grad_weight_kernel, traced)[(nnz, split)](
                 dy, x, out, block_indices, m, n, k, nnz, dy.stride(0), x.stride(0), **constexprs
             )
     if split == 1:
