@@ -7,7 +7,8 @@ same run — the practical bandwidth ceiling.
 
 Variants: ``dense`` — a ``[N, K]`` tensor (density 1); ``compact`` — the ``[nnz, b, b]`` values of a layout of
 density ``d`` (what SMET stores), stepped by torch AdamW (providers ``torch_adamw_fused``, ``torch_adamw_foreach``) and
-by :class:`~smet_kernels.optim.smet_adamw.SMETAdamW` (``smet_adamw``).
+by :class:`~smet_kernels.optim.smet_adamw.SMETAdamW` (``smet_adamw``). Shapes: the largest hidden linear of each
+configuration (:func:`optimizer_shapes`), or every hidden weight of a model as one tensor (:func:`model_shape`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from smet_kernels.train.model import LinearShape, linear_shapes
+from smet_kernels.train.model import LinearShape, hidden_linear_shapes, linear_shapes, model_config
 
 from .timing import measure
 
@@ -62,6 +63,18 @@ def optimizer_shapes(config_names) -> list[LinearShape]:
         if config not in by_config or shape.N * shape.K > by_config[config].N * by_config[config].K:
             by_config[config] = shape
     return list(by_config.values())
+
+
+def model_shape(config_name: str, block_size: int = 128) -> LinearShape:
+    """Every hidden linear weight of ``config_name`` as one ``[N, h]`` tensor (``h`` the hidden size, ``N`` rounded
+    up to a multiple of ``block_size``), labelled ``<config>:hidden``: what one optimizer step of the whole model moves,
+    long enough that the GPU, not the step's launch path, sets its time (one ``1b`` gate/up weight at d = 0.25 is
+    ~80 MB, ~20 µs of traffic, less than the Python work of a step)."""
+    config = model_config(config_name, block_size=block_size)
+    total = sum(n * k for n, k in hidden_linear_shapes(config).values())
+    h = config.hidden_size
+    rows = -(-total // h // block_size) * block_size
+    return LinearShape(f"{config_name}:hidden", rows, h)
 
 
 def optimizer_cases(config_names, densities, block_sizes, providers=PROVIDERS) -> Iterator[OptimizerCase]:
@@ -112,6 +125,7 @@ def _step(case: OptimizerCase, device: torch.device, seed: int, backend: str | N
     from smet_kernels.layout import BlockLayout
 
     generator = torch.Generator().manual_seed(seed)
+    values = torch.Generator(device).manual_seed(seed)  # drawn where they live: a whole model's values are GBs
     n, k = case.shape.N, case.shape.K
     if case.variant == "dense":
         size, layout = (n, k), None
@@ -120,11 +134,11 @@ def _step(case: OptimizerCase, device: torch.device, seed: int, backend: str | N
         size = (layout.nnz, case.block_size, case.block_size)
     numel = int(torch.Size(size).numel())
     if case.op == "copy":
-        src = torch.randn(size, generator=generator).to(device)
+        src = torch.randn(size, generator=values, device=device)
         dst = src.clone() if reference else torch.empty_like(src)
         return (lambda: dst.copy_(src)), numel, COPY_BYTES_PER_ELEMENT * numel, dst
-    param = torch.nn.Parameter((0.02 * torch.randn(size, generator=generator)).to(device))
-    param.grad = (0.01 * torch.randn(size, generator=generator)).to(device)
+    param = torch.nn.Parameter(0.02 * torch.randn(size, generator=values, device=device))
+    param.grad = 0.01 * torch.randn(size, generator=values, device=device)
     moved = ADAMW_BYTES_PER_ELEMENT * numel
     if case.provider == "smet_adamw":
         from smet_kernels.optim.smet_adamw import SMETAdamW

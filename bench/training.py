@@ -206,6 +206,9 @@ def _measure(case: TrainingCase, device: torch.device, backend: str | None, step
     from profiling.memory_breakdown import measure_step_memory
     from smet_kernels.train.model import lm_loss
 
+    if device.type == "cuda":  # NVML counts reserved memory: hand back what earlier cases or stages left cached
+        gc.collect()
+        torch.cuda.empty_cache()
     model, optimizer = build(case, device, backend, seed)
     stepped = torch.compile(model) if case.compiled else model
     generator = torch.Generator().manual_seed(seed + 1)

@@ -49,6 +49,19 @@ def test_full_optimizer_and_training_grids():
     assert len({_key(c.key_row("triton"), TRAINING_KEY) for c in train_cases}) == len(train_cases)
 
 
+@pytest.mark.parametrize("config, block_size", [("tiny", 16), ("1b", 128), ("7b", 128)])
+def test_the_model_shape_holds_every_hidden_weight_of_the_config(config, block_size):
+    from smet_kernels.train.model import hidden_linear_shapes, model_config
+
+    shape = optimizer.model_shape(config, block_size)
+    cfg = model_config(config, block_size=block_size)
+    total = sum(n * k for n, k in hidden_linear_shapes(cfg).values())
+    assert shape.label == f"{config}:hidden" and shape.K == cfg.hidden_size
+    assert shape.N % block_size == 0 and total <= shape.N * shape.K < total + block_size * shape.K
+    if config == "1b":
+        assert 1.2e9 < shape.N * shape.K < 1.25e9  # 24 layers of 4 h² + 3 h i, i = 5504
+
+
 def test_training_modes_multiply_the_grid_with_the_modes_of_a_case_adjacent():
     plain = list(training.training_cases(["tiny"], training.METHODS, [0.5, 0.25], 32, 2, 32, torch.float32))
     both = (False, True)

@@ -73,6 +73,62 @@ def test_a_budget_spent_inside_the_matmul_checks_names_the_checks_not_run(device
     assert all(line.startswith("matmul ") for line in not_run)
 
 
+def test_the_matmul_groups_run_in_worker_processes_beside_the_other_checks(device):
+    from bench.runner import Deadline
+
+    sizes = dataclasses.replace(CPU, check_block_sizes=(16,), check_dtypes=("fp32",), adamw_steps=3, regrow_every=3)
+    rows, not_run = correctness.run(sizes, torch.device(device), 0, Deadline(10), workers=1)
+    assert not_run == []
+    assert [r["check"] for r in rows][:2] == ["poison", "matmul"]
+    assert {r["check"] for r in rows} == {"poison", "matmul", "adamw", "regrow", "training step"}
+    matmul = [r for r in rows if r["check"] == "matmul"]
+    assert len(matmul) == len(correctness.group_checks(sizes, torch.device(device), 16, "fp32"))
+    assert all(r["status"] == "pass" for r in rows), [r for r in rows if r["status"] != "pass"]
+
+
+def test_a_worker_that_raises_dies_or_overruns_becomes_a_reported_result():
+    import os
+    import time
+
+    from bench.gpu_check import parallel
+    from bench.runner import Deadline
+
+    with parallel.Pool(1, torch.device("cpu")) as pool:
+        assert pool.result(pool.submit(int, "x"), Deadline(1))[0] == "raised"
+        status, message = pool.result(pool.submit(os._exit, 3), Deadline(1))
+    assert status == "raised" and "died" in message
+    with parallel.Pool(1, torch.device("cpu"), grace_s=0.5) as pool:
+        started = time.monotonic()
+        assert pool.result(pool.submit(time.sleep, 600), Deadline(0))[0] == "timeout"
+    assert time.monotonic() - started < 60  # the sleeping worker was stopped, not awaited
+
+
+def test_the_warm_up_configs_cover_every_timing_config_the_pruner_keeps_once_per_kernel(monkeypatch):
+    from bench.gpu_check import parallel
+    from bench.gpu_check.plan import TIMING_CONFIGS
+    from smet_kernels.ops import launch_config
+
+    for name, _, tuner in kernel_ops.autotuners():  # the GPU autotune space, as on an H200
+        block_ms = launch_config.GRAD_WEIGHT_BLOCK_MS if "grad_weight" in name else launch_config.DENSE_SPARSE_BLOCK_MS
+        monkeypatch.setattr(tuner, "configs", launch_config.matmul_configs(block_ms, interpret=False))
+    choices = parallel.config_choices(128, torch.empty(0, dtype=torch.bfloat16))
+    for name, family, tuner in kernel_ops.autotuners():
+        assert all(len(choice[name]) == 1 for choice in choices)
+        candidates = [c for c in tuner.configs if kernel_ops.config_key(c) in TIMING_CONFIGS[family]]
+        kept = tuner.early_config_prune(candidates, {"x": torch.empty(0, dtype=torch.bfloat16)}, BLOCK_SIZE=128)
+        assert set().union(*(choice[name] for choice in choices)) == {kernel_ops.config_key(c) for c in kept}
+    # 4 stages of a 128-token tile at b = 128 in bf16 need 256 KiB of shared memory: pruned, never warmed
+    assert (128, 8, 4) not in set().union(*(choice["bsmm_dense_sparse_kernel"] for choice in choices))
+
+
+def test_warming_the_kernel_timings_launches_each_op_of_a_provider(device):
+    from bench.gpu_check import parallel
+    from bench.runner import Deadline
+
+    launches = parallel.warm_kernel_timings(CPU, device, 0, CPU.kernel_block_sizes[0], "triton_tma", Deadline(10))
+    assert launches == 3  # forward, grad_input, grad_weight: the interpreter's single config each
+
+
 def test_poisoned_outputs_are_nan_and_the_mode_is_restored(device):
     before = torch.are_deterministic_algorithms_enabled()
     assert correctness.poison_check(torch.device(device))["status"] == "pass"

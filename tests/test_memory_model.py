@@ -110,6 +110,33 @@ def test_nvml_without_package_reports_unavailable(monkeypatch):
     assert sampler.peak_used_bytes is None
 
 
+def test_nvml_that_cannot_load_or_resolve_the_gpu_reports_unavailable(monkeypatch):
+    """torch resolving GPU UUIDs in ``CUDA_VISIBLE_DEVICES`` loads NVML itself (``OSError`` without the library);
+    NVML failing to initialise with another error: each is a status, never an exception out of a benchmark."""
+    import profiling.nvml as nvml
+
+    def no_library(device):
+        raise OSError("libnvidia-ml.so.1: cannot open shared object file")
+
+    monkeypatch.setattr(nvml, "nvml_device_index", no_library)
+    sampler = NvmlMemorySampler.for_device("cuda:0").start()
+    sampler.stop()
+    assert sampler.status.startswith("unavailable: no NVML index for cuda:0: libnvidia-ml.so.1")
+
+    class BrokenNvml:
+        class NVMLError(Exception):
+            pass
+
+        @staticmethod
+        def nvmlInit():
+            raise OSError("driver library mismatch")
+
+    monkeypatch.setitem(sys.modules, "pynvml", BrokenNvml)
+    sampler = NvmlMemorySampler().start()
+    sampler.stop()
+    assert sampler.status == "unavailable: OSError: driver library mismatch"
+
+
 def test_nvml_bad_arguments():
     with pytest.raises(ValueError, match="device_index"):
         NvmlMemorySampler(-1)

@@ -140,30 +140,41 @@ def matmul_points(variants: tuple[str, ...], split_k: int) -> list[tuple[str, st
     return [(v, op, k) for v in variants for op, k in points if not (v == "persistent" and op == "grad_weight")]
 
 
-def matmul_checks(sizes: Sizes, device: torch.device, seed: int, budget) -> tuple[list[dict], list[str]]:
-    """Rows of every matmul check, and the checks the budget did not reach. On a GPU each block size compiles only
-    its pinned configs (``plan.PINNED_CONFIGS``)."""
+def matmul_groups(sizes: Sizes) -> list[tuple[int, str]]:
+    """``(block size, dtype)`` of every group of matmul checks (one worker task each, see :mod:`.parallel`)."""
+    return [(block_size, dtype_name) for block_size in sizes.check_block_sizes for dtype_name in sizes.check_dtypes]
+
+
+def group_checks(sizes: Sizes, device: torch.device, block_size: int, dtype_name: str) -> list[tuple[dict, int | None]]:
+    """``(row keys, split_k)`` of each check of one group."""
+    return [({"check": "matmul", "variant": variant, "dtype": dtype_name, "block_size": block_size,
+              "op": op if split_k is None else f"{op} split_k={split_k}"}, split_k)
+            for variant, op, split_k in matmul_points(variants_for(device), sizes.split_k)]  # fmt: skip
+
+
+def not_run_label(row: dict) -> str:
+    return f"matmul {row['variant']} {row['dtype']} b={row['block_size']} {row['op']}"
+
+
+def matmul_checks(sizes: Sizes, device: torch.device, seed: int, budget, groups=None) -> tuple[list[dict], list[str]]:
+    """Rows of the matmul checks of ``groups`` (default: :func:`matmul_groups`), and the checks the budget did not
+    reach. On a GPU each block size compiles only its pinned configs (``plan.PINNED_CONFIGS``)."""
     rows, not_run = [], []
-    points = matmul_points(variants_for(device), sizes.split_k)
-    for block_size in sizes.check_block_sizes:
-        pinned = kernel_ops.per_kernel(PINNED_CONFIGS.get(block_size, {})) if device.type == "cuda" else None
-        with kernel_ops.restrict_configs(pinned):
-            for dtype_name in sizes.check_dtypes:
-                operands = None  # drawn at the first check that runs
-                for variant, op, split_k in points:
-                    label = op if split_k is None else f"{op} split_k={split_k}"
-                    if budget.expired():
-                        not_run.append(f"matmul {variant} {dtype_name} b={block_size} {label}")
-                        continue
-                    row = {"check": "matmul", "variant": variant, "dtype": dtype_name, "block_size": block_size,
-                           "op": label}  # fmt: skip
-                    try:
-                        operands = operands or _MatmulOperands(sizes, block_size, DTYPES[dtype_name], device, seed)
-                        call = operands.call(kernel_ops.matmul_ops(variant), op, split_k)
-                        row |= check_call(call, operands.expected[op], operands.bound[op])
-                    except Exception as error:  # a crash is a failed check, the others still run
-                        row |= {"status": "fail", "note": f"raised {type(error).__name__}: {error}"[:300]}
-                    rows.append(row)
+    for block_size, dtype_name in groups or matmul_groups(sizes):
+        with kernel_ops.restrict_configs(_pinned(block_size, device)):
+            operands = None  # drawn at the first check that runs
+            for row, split_k in group_checks(sizes, device, block_size, dtype_name):
+                if budget.expired():
+                    not_run.append(not_run_label(row))
+                    continue
+                try:
+                    operands = operands or _MatmulOperands(sizes, block_size, DTYPES[dtype_name], device, seed)
+                    op = row["op"].split()[0]
+                    call = operands.call(kernel_ops.matmul_ops(row["variant"]), op, split_k)
+                    row |= check_call(call, operands.expected[op], operands.bound[op])
+                except Exception as error:  # a crash is a failed check, the others still run
+                    row |= {"status": "fail", "note": f"raised {type(error).__name__}: {error}"[:300]}
+                rows.append(row)
     return rows, not_run
 
 
@@ -297,19 +308,49 @@ def poison_check(device: torch.device) -> dict:
             "note": "" if ok else "allocations are not NaN-filled: unwritten outputs would go unseen"}  # fmt: skip
 
 
-def run(sizes: Sizes, device: torch.device, seed: int, budget) -> tuple[list[dict], list[str]]:
-    """Every correctness row (poison, matmul, adamw, regrow, training step) and what the budget did not reach."""
-    rows, not_run = matmul_checks(sizes, device, seed, budget)
-    rows.insert(0, poison_check(device))
-    adamw_rows, adamw_not_run = adamw_checks(sizes, device, seed, budget)
-    rows += adamw_rows
-    not_run += adamw_not_run
-    if budget.expired():
-        not_run.append("training step vs reference backend")
-    else:
-        try:
-            rows.append(training_step_check(sizes, device, seed))
-        except Exception as error:
-            rows.append({"check": "training step", "status": "fail",
-                         "note": f"raised {type(error).__name__}: {error}"[:300]})  # fmt: skip
-    return rows, not_run
+def run(sizes: Sizes, device: torch.device, seed: int, budget, workers: int | None = None):
+    """Every correctness row (poison, matmul, adamw, regrow, training step) and what the budget did not reach.
+
+    The matmul groups run in worker processes (:mod:`.parallel`; on a GPU they also compile the kernel timings'
+    configs) while this process runs the AdamW, regrow and training-step checks."""
+    from . import parallel
+
+    groups = matmul_groups(sizes)
+    with parallel.Pool(workers or parallel.default_workers(device), device) as pool:
+        matmul = [pool.submit(parallel.matmul_group, sizes, str(device), seed, *group, budget) for group in groups]
+        warm = [pool.submit(parallel.warm_kernel_timings, sizes, str(device), seed, *task, budget)
+                for task in (parallel.warm_tasks(sizes) if device.type == "cuda" else [])]  # fmt: skip
+        rows, not_run = [poison_check(device)], []
+        adamw_rows, adamw_not_run = adamw_checks(sizes, device, seed, budget)
+        if budget.expired():
+            adamw_not_run.append("training step vs reference backend")
+        else:
+            try:
+                with kernel_ops.restrict_configs(_pinned(sizes.step_block_size, device)):
+                    adamw_rows.append(training_step_check(sizes, device, seed))
+            except Exception as error:
+                adamw_rows.append({"check": "training step", "status": "fail",
+                                   "note": f"raised {type(error).__name__}: {error}"[:300]})  # fmt: skip
+        for (block_size, dtype_name), future in zip(groups, matmul):
+            status, value = pool.result(future, budget)
+            if status == "ok":
+                rows += value[0]
+                not_run += value[1]
+                continue
+            checks = [row for row, _ in group_checks(sizes, device, block_size, dtype_name)]
+            if status == "timeout":
+                not_run += [not_run_label(row) for row in checks]
+            else:
+                rows += [row | {"status": "fail", "note": f"not returned: {value}"} for row in checks]
+        warmed = [pool.result(future, budget) for future in warm]
+    if warm:
+        launches = sum(value for status, value in warmed if status == "ok")
+        problems = [value for status, value in warmed if status != "ok"]
+        print(f"gpu-check: compiled the kernel timings' configs in workers: {launches} launches"
+              + (f"; {len(problems)} task(s) did not finish: {problems[0]}" if problems else ""), flush=True)
+    return rows + adamw_rows, not_run + adamw_not_run
+
+
+def _pinned(block_size: int, device: torch.device):
+    """The pinned configs of ``block_size`` on a GPU (``plan.PINNED_CONFIGS``); None (every config) elsewhere."""
+    return kernel_ops.per_kernel(PINNED_CONFIGS.get(block_size, {})) if device.type == "cuda" else None

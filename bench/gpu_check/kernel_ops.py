@@ -90,25 +90,27 @@ def config_key(config) -> tuple[int, int, int]:
 @contextlib.contextmanager
 def restrict_configs(allowed: dict[str, set[tuple[int, int, int]]] | None):
     """Within the block, each matmul autotuner keeps only the configs whose ``(BLOCK_M, num_warps, num_stages)`` is
-    in ``allowed[kernel name]`` (its own config objects, so TMA pre-hooks stay; the kernel's pruner still applies) and
-    starts with an empty tuning cache. ``None`` or an empty selection leave a kernel as it is (the interpreter's
+    in ``allowed[kernel name]`` (its own config objects, so TMA pre-hooks stay) and starts with an empty tuning
+    cache (and no ``best_config``). The kernel's pruner still applies to two or more configs; Triton launches a lone config without it, so a
+    pinned config must be one the pruner keeps (``plan.PINNED_CONFIGS`` are, see ``reports/static-sm90``). ``None`` or an empty selection leave a kernel as it is (the interpreter's
     single config). The original configs and cache come back afterwards."""
     saved = []
     try:
         for name, _, tuner in autotuners():
             keep = [c for c in tuner.configs if config_key(c) in (allowed or {}).get(name, set())]
             if keep:
-                saved.append((tuner, tuner.configs, dict(tuner.cache)))
-                tuner.configs, tuner.cache = keep, {}
+                saved.append((tuner, tuner.configs, dict(tuner.cache), getattr(tuner, "best_config", None)))
+                tuner.configs, tuner.cache, tuner.best_config = keep, {}, None
         yield
     finally:
-        for tuner, configs, cache in saved:
-            tuner.configs, tuner.cache = configs, cache
+        for tuner, configs, cache, best in saved:
+            tuner.configs, tuner.cache, tuner.best_config = configs, cache, best
 
 
 def chosen_configs() -> dict[str, set[tuple[int, int, int]]]:
     """Per kernel, the configs its autotuner picked since :func:`restrict_configs` cleared its cache (one per tuned
-    key, e.g. forward and input grad of the headline shape): later shapes choose among these, compiled already."""
+    key, e.g. forward and input grad of the headline shape; a lone config is run untuned, as ``best_config``): later
+    shapes choose among these, compiled already. A kernel that did not run since then has none."""
     chosen: dict[str, set[tuple[int, int, int]]] = {}
     for name, _, tuner in autotuners():
         picks = list(tuner.cache.values()) or [getattr(tuner, "best_config", None)]

@@ -25,7 +25,7 @@ from bench.results import kernels_file, training_file
 from bench.runner import run_cases
 
 from . import kernel_ops
-from .plan import TIMING_CONFIGS, Sizes
+from .plan import PINNED_CONFIGS, TIMING_CONFIGS, Sizes
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -39,6 +39,16 @@ class Context:
         cuda = device.type == "cuda"
         self.timing = {"gpu_warmup_ms": 10, "gpu_rep_ms": 40} if cuda else {
             "warmup": 0, "min_repeats": 2, "max_repeats": 3, "budget_s": 0.0}  # fmt: skip
+        self.picks: dict[int, dict] = {}  # block size -> the configs the headline autotuning picked per kernel
+
+    def configs_for(self, block_size: int) -> dict | None:
+        """What the matmul autotuners may try in a model at ``block_size`` on a GPU: the headline autotuning's picks
+        (``kernels`` stage), else the pinned configs; None (every config) elsewhere. Without it each new shape of a
+        training step would compile and benchmark the whole autotune space (18 configs; ``SPLIT_K`` is a constexpr,
+        so every split value compiles them all again)."""
+        if self.device.type != "cuda":
+            return None
+        return self.picks.get(block_size) or kernel_ops.per_kernel(PINNED_CONFIGS.get(block_size, {}))
 
     def run(self, suite: str, cases: list, run_one, file) -> tuple[int, list[str]]:
         """Run ``cases`` not yet in ``file``; (failed cases, labels of the cases the budget did not reach)."""
@@ -140,7 +150,10 @@ def run_kernels(ctx: Context) -> tuple[int, list[str]]:
 
         with kernel_ops.restrict_configs(kernel_ops.per_kernel(TIMING_CONFIGS) if cuda else None):
             failed, missing = ctx.run(f"kernels b={block_size} headline", headline, run_one, file)
-            pinned = kernel_ops.chosen_configs() if cuda else None
+            # the picks, and the timing configs for a kernel whose headline cases did not run (raised, resumed)
+            pinned = kernel_ops.per_kernel(TIMING_CONFIGS) | kernel_ops.chosen_configs() if cuda else None
+        if pinned:
+            ctx.picks[block_size] = pinned
         with kernel_ops.restrict_configs(pinned):
             more_failed, more_missing = ctx.run(f"kernels b={block_size}", rest, run_one, file)
         failures += failed + more_failed
@@ -149,7 +162,8 @@ def run_kernels(ctx: Context) -> tuple[int, list[str]]:
 
 
 def optimizer_cases(sizes: Sizes) -> list[OptimizerCase]:
-    shape = optimizer.optimizer_shapes([sizes.optimizer_config])[0]
+    """Copy, torch AdamW (fused) and the compact SMET step over every hidden weight of ``optimizer_config``."""
+    shape = optimizer.model_shape(sizes.optimizer_config, sizes.optimizer_block_size)
     return [
         OptimizerCase("copy", "device_copy", "dense", shape, None, 1.0),
         OptimizerCase("adamw", "torch_adamw_fused", "dense", shape, None, 1.0),
@@ -186,12 +200,13 @@ def training_cases(sizes: Sizes) -> list:
 
 
 def run_training(ctx: Context) -> tuple[int, list[str]]:
-    return ctx.run(
-        "training",
-        training_cases(ctx.sizes),
-        lambda case: training.run_case(case, ctx.device, ctx.backend, ctx.sizes.training_steps, ctx.seed),
-        training_file(ctx.out_dir),
-    )
+    with kernel_ops.restrict_configs(ctx.configs_for(ctx.sizes.training_block_size)):
+        return ctx.run(
+            "training",
+            training_cases(ctx.sizes),
+            lambda case: training.run_case(case, ctx.device, ctx.backend, ctx.sizes.training_steps, ctx.seed),
+            training_file(ctx.out_dir),
+        )
 
 
 def _step_times_ms(model, optimizer_, tokens, device, steps: int) -> list[float]:
@@ -222,13 +237,14 @@ def run_compile(ctx: Context) -> dict:
     def tokens_per_s(times_ms: list[float]) -> float:
         return case.batch_size * case.seq_len / (float(np.median(times_ms)) * 1e-3)
 
-    model, optimizer_ = training.build(case, ctx.device, ctx.backend, ctx.seed)
-    eager_ms = _step_times_ms(model, optimizer_, tokens, ctx.device, sizes.training_steps)
-    row["eager_tokens_per_s"] = tokens_per_s(eager_ms)
-    try:
-        compiled = torch.compile(model)
-        times = _step_times_ms(compiled, optimizer_, tokens, ctx.device, sizes.training_steps)
-    except Exception as error:  # inductor missing a compiler, a graph the ops cannot trace, ...
-        first_line = (str(error).strip().splitlines() or [""])[0]
-        return row | {"status": f"failed: {type(error).__name__}: {first_line}"[:300]}
+    with kernel_ops.restrict_configs(ctx.configs_for(case.block_size)):
+        model, optimizer_ = training.build(case, ctx.device, ctx.backend, ctx.seed)
+        eager_ms = _step_times_ms(model, optimizer_, tokens, ctx.device, sizes.training_steps)
+        row["eager_tokens_per_s"] = tokens_per_s(eager_ms)
+        try:
+            compiled = torch.compile(model)
+            times = _step_times_ms(compiled, optimizer_, tokens, ctx.device, sizes.training_steps)
+        except Exception as error:  # inductor missing a compiler, a graph the ops cannot trace, ...
+            first_line = (str(error).strip().splitlines() or [""])[0]
+            return row | {"status": f"failed: {type(error).__name__}: {first_line}"[:300]}
     return row | {"compiled_tokens_per_s": tokens_per_s(times), "status": "ok"}

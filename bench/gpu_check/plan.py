@@ -5,7 +5,9 @@ Pinned configs (``(BLOCK_M, num_warps, num_stages)`` per kernel family and block
 ``reports/static-sm90/kernel_resources.md``: each is kept by the kernels' pruner, compiles to a pipelined loop
 (``cp_async`` or TMA > 0) on sm_90 and does not spill (``stack`` = 0). Correctness compiles exactly one config per
 family; the headline shape of the timings autotunes over the small ``TIMING_CONFIGS`` set and the other shapes of
-that block size reuse its pick.
+that block size, the training steps and the compiled step reuse its picks. Compilation is spread over the CPU cores:
+during ``correctness`` worker processes run the matmul checks and compile every config the headline autotuning will
+try, into Triton's on-disk cache (:mod:`.parallel`).
 """
 
 from __future__ import annotations
@@ -15,9 +17,10 @@ from dataclasses import dataclass
 STAGES = ("env", "correctness", "kernels", "adamw", "training", "compile")
 STAGE_TITLES = {
     "env": "environment and ceilings (cuBLAS matmul, device copy)",
-    "correctness": "correctness: matmul variants, fused AdamW with regrows, one SMET training step",
+    "correctness": "correctness: matmul variants (in worker processes, which also compile the kernel timings' "
+    "configs), fused AdamW with regrows, one SMET training step",
     "kernels": "headline kernel timings vs cuBLAS and torch BSR, every variant",
-    "adamw": "compact AdamW step vs torch AdamW (fused) and the copy ceiling",
+    "adamw": "compact AdamW step over every hidden weight of the model vs torch AdamW (fused) and the copy ceiling",
     "training": "training steps: dense, GaLore, masked DST, SMET (tokens/s, peak memory); SMET and dense with "
     "activation checkpointing at the last config",
     "compile": "SMET training step: torch.compile vs eager",
@@ -105,8 +108,10 @@ GPU = Sizes(
     training_vocab=32000,
     training_steps=5,
     compile_config="20m",
+    # correctness: ~60 compiles over 14 workers beside the AdamW checks; kernels: the headline configs come compiled
+    # from the workers, the other shapes only benchmark the picks (new SPLIT_K values still compile);
     # training: 8 cases ~100 s, + ~15 s for the two checkpointed 1b rows (1.33× a step, the shapes already autotuned)
-    estimates_s={"env": 20, "correctness": 120, "kernels": 150, "adamw": 15, "training": 115, "compile": 45},
+    estimates_s={"env": 20, "correctness": 75, "kernels": 120, "adamw": 15, "training": 115, "compile": 45},
 )
 
 CPU = Sizes(

@@ -19,12 +19,12 @@ a change of either is a new constant in the graph (a recompile), not a hidden gl
 
 Autograd (``register_autograd``) is closed over the three ops: each product is bilinear, so the derivative of each is
 another of them; through the reference the backward is differentiable again (double backward), through Triton it is
-once-differentiable (differentiating it again raises). Each backward formula first passes its incoming gradient
-through ``torch.ops.smet.check_layout_version``, which raises unless the layout version equals the one saved at
-forward (a topology update between forward and backward is an error, not a gradient for blocks that moved). That
-check is its own opaque custom op whose output the backward products consume, never inside a product's body (which
-AOTAutograd traces for a ``triton_op``, seeing fake tensors only), so it runs on the live version tensor eagerly and
-in every compiled graph (``aot_eager``, Inductor; interpreter or not).
+once-differentiable (differentiating it again raises). Each backward formula first calls
+``torch.ops.smet.check_layout_version``, which raises unless the layout version equals the one saved at forward (a
+topology update between forward and backward is an error, not a gradient for blocks that moved). That check is its
+own opaque custom op with an ordered effect, never inside a product's body (which AOTAutograd traces for a
+``triton_op``, seeing fake tensors only), so it runs on the live version tensor eagerly and in every compiled graph
+(``aot_eager``, Inductor; interpreter or not), and it returns nothing (no copy of the gradient).
 
 AdamW step and regrow (:func:`adamw_step`, :func:`regrow_blocks`; kernels in :mod:`.adamw`, :mod:`.regrow`) are not
 registered: they mutate parameters and optimizer state in ``optimizer.step()`` / ``SMET.step()``, which run outside
@@ -59,26 +59,24 @@ def _unpack(index: torch.Tensor, nnz: int, n: int, k: int, b: int):
 
 
 @custom_op("smet::check_layout_version", mutates_args=())
-def check_layout_version(version: torch.Tensor, forward_version: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    """``grad`` (a copy) if the layout version (int64 ``[1]`` CPU) still equals the one saved at forward, else a
+def check_layout_version(version: torch.Tensor, forward_version: torch.Tensor) -> None:
+    """Nothing if the layout version (int64 ``[1]`` CPU) still equals the one saved at forward, else a
     ``RuntimeError``: a topology update between forward and backward is an error, not a gradient for blocks that
-    moved. An opaque op whose output the backward products consume, so a compiled graph keeps it (no tracing into
-    it, no dead-code elimination) and runs it on the live version tensor."""
+    moved. An opaque op with an ordered effect (below), so a compiled backward keeps it although nothing reads an
+    output (no tracing into it, no dead-code elimination), runs it on the live version tensor, and copies nothing."""
     if int(version) != int(forward_version):
         raise RuntimeError(
             f"the layout of a block-sparse layer changed between forward (version {int(forward_version)}) and "
             f"backward (version {int(version)}); perform topology updates only after optimizer.step()"
         )
-    return grad.clone()
 
 
 @check_layout_version.register_fake
-def _(version, forward_version, grad):
-    return torch.empty_like(grad)
+def _(version, forward_version):
+    return None
 
 
-# the identity in ``grad`` (double backward through the reference differentiates the backward formulas again)
-check_layout_version.register_autograd(lambda ctx, g: (None, None, g))
+check_layout_version.register_effect(EffectType.ORDERED)
 
 
 @_register("smet::bsmm_forward", mutates_args=())
@@ -205,7 +203,8 @@ def _forward_setup(ctx, inputs, output):
 def _forward_backward(ctx, dy):
     x, values, index, version, forward_version = ctx.saved_tensors
     in_features, nnz, b, backend, variant = ctx.args
-    dy = _row_major(check_layout_version(version, forward_version, dy))
+    check_layout_version(version, forward_version)
+    dy = _row_major(dy)
     dx = dvalues = dbias = None
     if ctx.needs_input_grad[0]:
         dx = bsmm_grad_input(dy, values, index, version, forward_version, in_features, backend, variant)
@@ -227,7 +226,8 @@ def _grad_input_backward(ctx, g):
     dy, values, index, version, forward_version = ctx.saved_tensors
     out_features, nnz, b, backend, variant = ctx.args
     _once_differentiable(backend)
-    g = _row_major(check_layout_version(version, forward_version, g))
+    check_layout_version(version, forward_version)
+    g = _row_major(g)
     d_dy = d_values = None
     if ctx.needs_input_grad[0]:
         d_dy = bsmm_forward(g, values, None, index, version, forward_version, out_features, backend, variant)
@@ -247,7 +247,8 @@ def _grad_weight_backward(ctx, g):
     dy, x, index, version, forward_version = ctx.saved_tensors
     out_features, in_features, backend, variant = ctx.args
     _once_differentiable(backend)
-    g = check_layout_version(version, forward_version, g).contiguous()
+    check_layout_version(version, forward_version)
+    g = g.contiguous()
     d_dy = d_x = None
     if ctx.needs_input_grad[0]:
         d_dy = bsmm_forward(x, g, None, index, version, forward_version, out_features, backend, variant)

@@ -1,0 +1,142 @@
+"""Compilation spread over the CPU cores for ``smet-bench gpu-check``.
+
+Triton compiles a kernel the first time a process launches it with a new set of constexprs and argument
+specialisations, one kernel after another, and keeps the binary in its on-disk cache (``~/.triton/cache``), which
+every process on the machine reads. So during the ``correctness`` stage worker processes (``spawn``, one CUDA
+context each) run
+
+* the matmul checks, one task per (block size, dtype) (:func:`matmul_group`), and
+* on a GPU, one launch of every (op, config) that the headline autotuning of the ``kernels`` stage will try, on the
+  headline operands themselves (:func:`warm_kernel_timings`), so that the same specialisations are compiled,
+
+while the main process runs the AdamW, regrow and training-step checks. The kernel timings then load those binaries
+from the cache instead of compiling them. Nothing is timed while workers run. A worker that dies (a hard GPU fault)
+fails the checks it had not returned; one that is still running at the budget is stopped and its checks are listed
+as not run.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import multiprocessing
+import os
+from concurrent.futures.process import BrokenProcessPool
+
+import torch
+
+from . import kernel_ops
+from .plan import TIMING_CONFIGS, Sizes
+
+GRACE_S = 30.0  # a worker may finish the case it started when the budget ran out
+
+
+def default_workers(device: torch.device) -> int:
+    """Worker processes: every core but two on a GPU machine (the main process and the driver keep theirs); one on a
+    CPU, where the interpreter's checks compete with the main process for the same cores."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
+    return max(1, cores - 2) if device.type == "cuda" else 1
+
+
+def _start_worker(device_name: str) -> None:
+    if device_name == "cpu":
+        torch.set_num_threads(1)
+
+
+class Pool:
+    """A ``spawn`` process pool whose :meth:`result` never raises: a task's exception, a dead worker or the budget
+    become a value the caller reports."""
+
+    def __init__(self, workers: int, device: torch.device, grace_s: float = GRACE_S):
+        self.grace_s = grace_s
+        self.executor = concurrent.futures.ProcessPoolExecutor(
+            max_workers=workers,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_start_worker,
+            initargs=(device.type,),
+        )
+
+    def __enter__(self) -> "Pool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def submit(self, fn, *args) -> concurrent.futures.Future:
+        return self.executor.submit(fn, *args)
+
+    def result(self, future: concurrent.futures.Future, budget):
+        """``("ok", value)``, ``("raised", message)`` or ``("timeout", message)``."""
+        try:
+            return "ok", future.result(timeout=budget.left_s() + self.grace_s)
+        except concurrent.futures.TimeoutError:
+            return "timeout", "the worker was still running at the budget"
+        except BrokenProcessPool:
+            return "raised", "the worker process died (a hard fault in a kernel?)"
+        except Exception as error:  # the task's own exception, re-raised here
+            return "raised", f"{type(error).__name__}: {error}"[:300]
+
+    def close(self) -> None:
+        """Cancel what has not started and stop the workers (a worker stuck in a kernel does not finish)."""
+        processes = list((getattr(self.executor, "_processes", None) or {}).values())  # CPython keeps them here
+        self.executor.shutdown(wait=False, cancel_futures=True)
+        for process in processes:
+            if process.is_alive():
+                process.terminate()
+        self.executor.shutdown(wait=True)
+
+
+def matmul_group(sizes: Sizes, device_name: str, seed: int, block_size: int, dtype_name: str, budget):
+    """Worker task: the matmul checks of one (block size, dtype): ``(rows, not_run)``."""
+    from .correctness import matmul_checks
+
+    return matmul_checks(sizes, torch.device(device_name), seed, budget, groups=[(block_size, dtype_name)])
+
+
+def config_choices(block_size: int, operand: torch.Tensor) -> list[dict[str, set]]:
+    """Config selections, one config per kernel each, that together cover every config of :data:`TIMING_CONFIGS`
+    that the kernel's own pruner keeps at ``block_size`` for operands like ``operand`` (a lone config skips the
+    pruner, see :func:`kernel_ops.restrict_configs`); a kernel with fewer configs repeats its last. ``[{}]`` (each
+    kernel as it is) where no timing config exists (the interpreter's single config)."""
+    kept = {}
+    for name, family, tuner in kernel_ops.autotuners():
+        candidates = [c for c in tuner.configs if kernel_ops.config_key(c) in TIMING_CONFIGS[family]]
+        prune = getattr(tuner, "early_config_prune", None)
+        if candidates and prune is not None:
+            candidates = prune(candidates, {"operand": operand}, BLOCK_SIZE=block_size)
+        if candidates:
+            kept[name] = sorted(kernel_ops.config_key(c) for c in candidates)
+    count = max((len(keys) for keys in kept.values()), default=1)
+    return [{name: {keys[min(i, len(keys) - 1)]} for name, keys in kept.items()} for i in range(count)]
+
+
+def warm_kernel_timings(sizes: Sizes, device_name: str, seed: int, block_size: int, provider: str, budget) -> int:
+    """Worker task: launch each op of ``provider`` on the headline operands at ``block_size`` once per config of
+    :func:`config_choices`, compiling what the ``kernels`` stage's autotuning will try. Returns the launches made."""
+    from bench import kernels
+
+    from .measure import kernel_cases
+
+    device = torch.device(device_name)
+    headline, _ = kernel_cases(sizes, block_size)
+    operands, key, launches = None, None, 0
+    for case in (c for c in headline if c.provider == provider):
+        if kernels.operands_key(case) != key:
+            operands, key = kernels.make_operands(case, device, seed, previous=operands), kernels.operands_key(case)
+        fn = kernels.case_function(case, operands, "triton")
+        for choice in config_choices(block_size, torch.empty(0, dtype=case.dtype, device=device)):
+            if budget.expired():
+                return launches
+            with kernel_ops.restrict_configs(choice):
+                fn()
+            launches += 1
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return launches
+
+
+def warm_tasks(sizes: Sizes) -> list[tuple[int, str]]:
+    """``(block size, provider)`` of every Triton provider the headline autotuning times."""
+    from bench import kernels
+
+    providers = [p for p in kernels.default_providers("triton") if p in kernels.TRITON_PROVIDERS]
+    return [(block_size, provider) for block_size in sizes.kernel_block_sizes for provider in providers]
