@@ -313,12 +313,17 @@ def run(sizes: Sizes, device: torch.device, seed: int, budget, workers: int | No
 
     The matmul groups run in worker processes (:mod:`.parallel`; on a GPU they also compile the kernel timings'
     configs) while this process runs the AdamW, regrow and training-step checks."""
+    from bench.runner import Deadline
+
     from . import parallel
 
     groups = matmul_groups(sizes)
+    # the workers' own deadline: the budget, or 3x the stage's estimate if sooner (a stuck worker costs no timings)
+    workers_budget = Deadline(min(budget.left_s(), 3 * sizes.estimates_s["correctness"]) / 60)
     with parallel.Pool(workers or parallel.default_workers(device), device) as pool:
-        matmul = [pool.submit(parallel.matmul_group, sizes, str(device), seed, *group, budget) for group in groups]
-        warm = [pool.submit(parallel.warm_kernel_timings, sizes, str(device), seed, *task, budget)
+        matmul = [pool.submit(parallel.matmul_group, sizes, str(device), seed, *group, workers_budget)
+                  for group in groups]  # fmt: skip
+        warm = [pool.submit(parallel.warm_kernel_timings, sizes, str(device), seed, *task, workers_budget)
                 for task in (parallel.warm_tasks(sizes) if device.type == "cuda" else [])]  # fmt: skip
         rows, not_run = [poison_check(device)], []
         adamw_rows, adamw_not_run = adamw_checks(sizes, device, seed, budget)
@@ -332,7 +337,7 @@ def run(sizes: Sizes, device: torch.device, seed: int, budget, workers: int | No
                 adamw_rows.append({"check": "training step", "status": "fail",
                                    "note": f"raised {type(error).__name__}: {error}"[:300]})  # fmt: skip
         for (block_size, dtype_name), future in zip(groups, matmul):
-            status, value = pool.result(future, budget)
+            status, value = pool.result(future, workers_budget)
             if status == "ok":
                 rows += value[0]
                 not_run += value[1]
@@ -342,7 +347,7 @@ def run(sizes: Sizes, device: torch.device, seed: int, budget, workers: int | No
                 not_run += [not_run_label(row) for row in checks]
             else:
                 rows += [row | {"status": "fail", "note": f"not returned: {value}"} for row in checks]
-        warmed = [pool.result(future, budget) for future in warm]
+        warmed = [pool.result(future, workers_budget) for future in warm]
     if warm:
         launches = sum(value for status, value in warmed if status == "ok")
         problems = [value for status, value in warmed if status != "ok"]
