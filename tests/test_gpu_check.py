@@ -60,6 +60,22 @@ def test_a_spent_budget_lists_every_stage_as_not_run(tmp_path):
     assert summary.count("not run (budget)") == len(STAGES)
 
 
+def test_the_summary_is_written_after_every_stage_so_a_stopped_run_leaves_one(tmp_path, monkeypatch):
+    from bench.gpu_check import measure
+
+    def stopped(ctx):
+        summary = (tmp_path / "gpu_check.md").read_text()  # written after env, before this stage
+        assert "| env " in summary and "not reached when this summary was written" in summary
+        raise KeyboardInterrupt  # the command's time limit
+
+    monkeypatch.setattr(measure, "run_adamw", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        main(["gpu-check", "--out-dir", str(tmp_path), "--device", "cpu", "--stages", "env,adamw", "--no-progress"])
+    summary = (tmp_path / "gpu_check.md").read_text()
+    assert "Ceilings measured in this run: matmul" in summary and "| adamw " in summary
+    assert not list(tmp_path.glob("*.partial"))
+
+
 def test_a_long_indivisible_stage_does_not_start_when_its_estimate_does_not_fit(tmp_path):
     assert main(["gpu-check", "--out-dir", str(tmp_path), "--device", "cpu", "--stages", "compile",
                  "--minutes", str(CPU.estimates_s["compile"] / 2 / 60)]) == 0  # fmt: skip

@@ -77,6 +77,7 @@ def run(args, argv: list[str]) -> int:
     commands = CommandLog(out_dir, argv)
     ctx = measure.Context(device, backend, sizes, out_dir, budget, commands, args.seed, args.no_progress)
     env = measure.environment(device)
+    command = "smet-bench " + shlex.join(argv)
     checks: tuple[list, list] = ([], [])
     compile_row = None
     table, failures = [], 0
@@ -120,10 +121,21 @@ def run(args, argv: list[str]) -> int:
         row["seconds"] = f"{time.monotonic() - started:.0f}"
         if not_run:
             row["not run"] = f"{len(not_run)}: " + "; ".join(not_run[:20]) + (" ..." if len(not_run) > 20 else "")
-    command = "smet-bench " + shlex.join(argv)
+        try:  # after every stage, so that a run stopped from outside (a command time limit) leaves what it measured
+            summary.write(out_dir, sizes, env, table + _not_reached(table, sizes), checks, compile_row, command)
+        except Exception as error:  # a rendering problem must not stop the measurements; the last write retries
+            print(f"gpu-check: could not write the summary so far: {type(error).__name__}: {error}", flush=True)
     path = summary.write(out_dir, sizes, env, table, checks, compile_row, command)
     print(f"gpu-check: wrote {path}; render the CSVs with: smet-bench report --out-dir {out_dir}")
     return 1 if failures else 0
+
+
+def _not_reached(table: list[dict], sizes) -> list[dict]:
+    """Rows of the stages after the last one in ``table``, for a summary written while the run goes on."""
+    done = {row["stage"] for row in table}
+    return [{"stage": stage, "estimated s": sizes.estimates_s[stage], "seconds": "",
+             "status": "not reached when this summary was written", "not run": ""}
+            for stage in STAGES if stage not in done]  # fmt: skip
 
 
 def _print_failures(failed: list[dict]) -> None:

@@ -250,5 +250,7 @@ def write(out_dir: Path, sizes: Sizes, env: dict, stages: list[dict], correctnes
     lines += adamw_section(kernels, sizes)
     lines += training_section(training, sizes, compile_row)
     path = out_dir / "gpu_check.md"
-    path.write_text("\n".join(lines))
+    partial = path.with_suffix(".md.partial")
+    partial.write_text("\n".join(lines))
+    partial.replace(path)  # atomic: a run stopped while writing leaves the previous summary whole
     return path
