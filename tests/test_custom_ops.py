@@ -350,11 +350,15 @@ def test_eager_launches_skip_wrap_triton_and_only_traced_ones_use_it():
 
     layout = _layout()
     x, values, dy, _ = _operands(layout)
-    with mock.patch.object(bsmm, "wrap_triton", wraps=bsmm.wrap_triton) as wrap:
+    # as on a GPU: interpreted kernels are never wrapped, so pretend they are compiled ones
+    with mock.patch.object(bsmm, "wrap_triton", wraps=bsmm.wrap_triton) as wrap, \
+         mock.patch.object(bsmm, "INTERPRET", False):  # fmt: skip
         library.bsmm_forward(x, values, None, layout.kernel_index(x.device), layout.version_tensor,
                              layout.version_tensor.clone(), layout.shape[0], "triton", "grouped")  # fmt: skip
         bsmm.triton_bsmm_grad_weight(dy, x, layout.block_indices_on(x.device), B, split_k=2, variant="grouped")
-    assert wrap.call_count == 0
+        assert wrap.call_count == 0
+        bsmm._launchable(bsmm.bsmm_grad_weight_kernel, traced=True)
+        assert wrap.call_count == 1
     assert not bsmm.tracing(x, values)
     with FakeTensorMode() as fake:
         assert bsmm.tracing(fake.from_tensor(x))

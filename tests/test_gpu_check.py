@@ -109,14 +109,55 @@ def test_a_worker_that_raises_dies_or_overruns_becomes_a_reported_result():
     from bench.gpu_check import parallel
     from bench.runner import Deadline
 
-    with parallel.Pool(1, torch.device("cpu")) as pool:
-        assert pool.result(pool.submit(int, "x"), Deadline(1))[0] == "raised"
-        status, message = pool.result(pool.submit(os._exit, 3), Deadline(1))
-    assert status == "raised" and "died" in message
-    with parallel.Pool(1, torch.device("cpu"), grace_s=0.5) as pool:
+    with parallel.Pool(1, torch.device("cpu"), Deadline(1)) as pool:
+        assert pool.result(pool.submit(int, "x"))[0] == "raised"
+        status, message = pool.result(pool.submit(os._exit, 3))
+    assert status == "died" and "died" in message
+    with parallel.Pool(1, torch.device("cpu"), Deadline(0), grace_s=0.5) as pool:
         started = time.monotonic()
-        assert pool.result(pool.submit(time.sleep, 600), Deadline(0))[0] == "timeout"
+        assert pool.result(pool.submit(time.sleep, 600))[0] == "timeout"
     assert time.monotonic() - started < 60  # the sleeping worker was stopped, not awaited
+
+
+def test_a_task_that_kills_its_worker_fails_alone_when_run_alone():
+    import os
+
+    from bench.gpu_check import parallel
+    from bench.runner import Deadline
+
+    results = parallel.run_alone([(os._exit, 3), (int, "7")], torch.device("cpu"), Deadline(1))
+    assert [status for status, _ in results] == ["died", "ok"] and results[1][1] == 7
+
+
+def test_the_waits_of_a_pool_end_at_one_absolute_time(monkeypatch):
+    """After the deadline every wait gets what is left of one grace period, not a fresh one each."""
+    import concurrent.futures
+
+    from bench.gpu_check import parallel
+
+    clock = [100.0]
+    monkeypatch.setattr(parallel.time, "monotonic", lambda: clock[0])
+
+    class Spent:
+        def left_s(self):
+            return 0.0
+
+    class Stuck:
+        def __init__(self):
+            self.timeouts = []
+
+        def result(self, timeout):
+            self.timeouts.append(timeout)
+            raise concurrent.futures.TimeoutError
+
+    pool = parallel.Pool(1, torch.device("cpu"), Spent(), grace_s=5.0)
+    stuck = Stuck()
+    clock[0] = 103.0
+    assert pool.result(stuck)[0] == "timeout"
+    clock[0] = 110.0
+    assert pool.result(stuck)[0] == "timeout"
+    assert stuck.timeouts == [2.0, 0.0]
+    pool.close()
 
 
 def test_the_warm_up_configs_cover_every_timing_config_the_pruner_keeps_once_per_kernel(monkeypatch):

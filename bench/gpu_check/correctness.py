@@ -320,11 +320,12 @@ def run(sizes: Sizes, device: torch.device, seed: int, budget, workers: int | No
     groups = matmul_groups(sizes)
     # the workers' own deadline: the budget, or 3x the stage's estimate if sooner (a stuck worker costs no timings)
     workers_budget = Deadline(min(budget.left_s(), 3 * sizes.estimates_s["correctness"]) / 60)
-    with parallel.Pool(workers or parallel.default_workers(device), device) as pool:
-        matmul = [pool.submit(parallel.matmul_group, sizes, str(device), seed, *group, workers_budget)
-                  for group in groups]  # fmt: skip
-        warm = [pool.submit(parallel.warm_kernel_timings, sizes, str(device), seed, *task, workers_budget)
-                for task in (parallel.warm_tasks(sizes) if device.type == "cuda" else [])]  # fmt: skip
+    tasks = [(parallel.matmul_group, sizes, str(device), seed, *group, workers_budget) for group in groups]
+    warm_tasks = [(parallel.warm_kernel_timings, sizes, str(device), seed, *task, workers_budget)
+                  for task in (parallel.warm_tasks(sizes) if device.type == "cuda" else [])]  # fmt: skip
+    with parallel.Pool(workers or parallel.default_workers(device), device, workers_budget) as pool:
+        matmul = [pool.submit(*task) for task in tasks]
+        warm = [pool.submit(*task) for task in warm_tasks]
         rows, not_run = [poison_check(device)], []
         adamw_rows, adamw_not_run = adamw_checks(sizes, device, seed, budget)
         if budget.expired():
@@ -336,18 +337,22 @@ def run(sizes: Sizes, device: torch.device, seed: int, budget, workers: int | No
             except Exception as error:
                 adamw_rows.append({"check": "training step", "status": "fail",
                                    "note": f"raised {type(error).__name__}: {error}"[:300]})  # fmt: skip
-        for (block_size, dtype_name), future in zip(groups, matmul):
-            status, value = pool.result(future, workers_budget)
-            if status == "ok":
-                rows += value[0]
-                not_run += value[1]
-                continue
-            checks = [row for row, _ in group_checks(sizes, device, block_size, dtype_name)]
-            if status == "timeout":
-                not_run += [not_run_label(row) for row in checks]
-            else:
-                rows += [row | {"status": "fail", "note": f"not returned: {value}"} for row in checks]
-        warmed = [pool.result(future, workers_budget) for future in warm]
+        results = [pool.result(future) for future in matmul]
+        warmed = [pool.result(future) for future in warm]
+    died = [i for i, (status, _) in enumerate(results) if status == "died"]
+    if died:  # a dead worker broke the pool: each group it took along runs again alone, so only its own fails
+        for i, result in zip(died, parallel.run_alone([tasks[i] for i in died], device, workers_budget)):
+            results[i] = result
+    for (block_size, dtype_name), (status, value) in zip(groups, results):
+        if status == "ok":
+            rows += value[0]
+            not_run += value[1]
+            continue
+        checks = [row for row, _ in group_checks(sizes, device, block_size, dtype_name)]
+        if status == "timeout":
+            not_run += [not_run_label(row) for row in checks]
+        else:
+            rows += [row | {"status": "fail", "note": f"not returned: {value}"} for row in checks]
     if warm:
         launches = sum(value for status, value in warmed if status == "ok")
         problems = [value for status, value in warmed if status != "ok"]

@@ -91,9 +91,10 @@ def config_key(config) -> tuple[int, int, int]:
 def restrict_configs(allowed: dict[str, set[tuple[int, int, int]]] | None):
     """Within the block, each matmul autotuner keeps only the configs whose ``(BLOCK_M, num_warps, num_stages)`` is
     in ``allowed[kernel name]`` (its own config objects, so TMA pre-hooks stay) and starts with an empty tuning
-    cache (and no ``best_config``). The kernel's pruner still applies to two or more configs; Triton launches a lone config without it, so a
-    pinned config must be one the pruner keeps (``plan.PINNED_CONFIGS`` are, see ``reports/static-sm90``). ``None`` or an empty selection leave a kernel as it is (the interpreter's
-    single config). The original configs and cache come back afterwards."""
+    cache (and no ``best_config``). The kernel's pruner still applies to two or more configs; Triton launches a lone
+    config without it, so a pinned config must be one the pruner keeps (``plan.PINNED_CONFIGS`` are, see
+    ``reports/static-sm90``). ``None`` or an empty selection leave a kernel as it is (the interpreter's single
+    config). The original configs and cache come back afterwards."""
     saved = []
     try:
         for name, _, tuner in autotuners():

@@ -10,9 +10,9 @@ context each) run
   headline operands themselves (:func:`warm_kernel_timings`), so that the same specialisations are compiled,
 
 while the main process runs the AdamW, regrow and training-step checks. The kernel timings then load those binaries
-from the cache instead of compiling them. Nothing is timed while workers run. A worker that dies (a hard GPU fault)
-fails the checks it had not returned; one that is still running at the budget is stopped and its checks are listed
-as not run.
+from the cache instead of compiling them. Nothing is timed while workers run. A worker that dies (a hard fault) breaks
+the pool, so the matmul groups not returned run again, each in a process of its own: only a group that dies again
+fails. A worker still running at its deadline is stopped and its checks are listed as not run.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from __future__ import annotations
 import concurrent.futures
 import multiprocessing
 import os
+import time
 from concurrent.futures.process import BrokenProcessPool
 
 import torch
@@ -27,7 +28,7 @@ import torch
 from . import kernel_ops
 from .plan import TIMING_CONFIGS, Sizes
 
-GRACE_S = 30.0  # a worker may finish the case it started when the budget ran out
+GRACE_S = 30.0  # a worker may finish the case it started when its deadline passed
 
 
 def default_workers(device: torch.device) -> int:
@@ -37,17 +38,30 @@ def default_workers(device: torch.device) -> int:
     return max(1, cores - 2) if device.type == "cuda" else 1
 
 
+def _share_triton_cache() -> None:
+    """Name Triton's cache folder in the environment (its default where unset) before workers start: Inductor, once
+    it runs in this process, points an unset ``TRITON_CACHE_DIR`` at a folder of its own, where the binaries the
+    workers compiled would not be found."""
+    import triton
+
+    knobs = getattr(triton, "knobs", None)  # Triton >= 3.4
+    if not os.environ.get("TRITON_CACHE_DIR") and knobs is not None:
+        os.environ["TRITON_CACHE_DIR"] = str(knobs.cache.dir)
+
+
 def _start_worker(device_name: str) -> None:
     if device_name == "cpu":
         torch.set_num_threads(1)
 
 
 class Pool:
-    """A ``spawn`` process pool whose :meth:`result` never raises: a task's exception, a dead worker or the budget
-    become a value the caller reports."""
+    """A ``spawn`` process pool whose :meth:`result` never raises: a task's exception, a dead worker or the deadline
+    become a value the caller reports. Every wait ends by one absolute time, ``deadline`` + ``grace_s``."""
 
-    def __init__(self, workers: int, device: torch.device, grace_s: float = GRACE_S):
-        self.grace_s = grace_s
+    def __init__(self, workers: int, device: torch.device, deadline, grace_s: float = GRACE_S):
+        _share_triton_cache()
+        self.end = time.monotonic() + deadline.left_s() + grace_s
+        self.futures: list[concurrent.futures.Future] = []
         self.executor = concurrent.futures.ProcessPoolExecutor(
             max_workers=workers,
             mp_context=multiprocessing.get_context("spawn"),
@@ -62,27 +76,44 @@ class Pool:
         self.close()
 
     def submit(self, fn, *args) -> concurrent.futures.Future:
-        return self.executor.submit(fn, *args)
+        future = self.executor.submit(fn, *args)
+        self.futures.append(future)
+        return future
 
-    def result(self, future: concurrent.futures.Future, budget):
-        """``("ok", value)``, ``("raised", message)`` or ``("timeout", message)``."""
+    def result(self, future: concurrent.futures.Future):
+        """``("ok", value)``, ``("raised", message)``, ``("died", message)`` or ``("timeout", message)``. A dead
+        worker breaks the whole pool: every task not yet returned comes back ``died`` (see :func:`run_alone`)."""
         try:
-            return "ok", future.result(timeout=budget.left_s() + self.grace_s)
+            return "ok", future.result(timeout=max(0.0, self.end - time.monotonic()))
         except concurrent.futures.TimeoutError:
-            return "timeout", "the worker was still running at the budget"
+            return "timeout", "the worker was still running at its deadline"
         except BrokenProcessPool:
-            return "raised", "the worker process died (a hard fault in a kernel?)"
+            return "died", "the worker process died (a hard fault in a compiler or a kernel?)"
         except Exception as error:  # the task's own exception, re-raised here
             return "raised", f"{type(error).__name__}: {error}"[:300]
 
     def close(self) -> None:
-        """Cancel what has not started and stop the workers (a worker stuck in a kernel does not finish)."""
+        """Cancel what has not started; stop the workers only if a task is still running (stuck in a kernel)."""
+        running = [f for f in self.futures if not f.done()]
         processes = list((getattr(self.executor, "_processes", None) or {}).values())  # CPython keeps them here
         self.executor.shutdown(wait=False, cancel_futures=True)
-        for process in processes:
-            if process.is_alive():
-                process.terminate()
+        if running:
+            for process in processes:
+                if process.is_alive():
+                    process.terminate()
         self.executor.shutdown(wait=True)
+
+
+def run_alone(tasks: list[tuple], device: torch.device, deadline) -> list[tuple[str, object]]:
+    """Each ``(fn, *args)`` of ``tasks`` in a pool of its own, all at once: after a worker died, so that a task that
+    kills its process again fails alone instead of every task that shared its pool."""
+    pools = [Pool(1, device, deadline) for _ in tasks]
+    try:
+        futures = [pool.submit(*task) for pool, task in zip(pools, tasks)]
+        return [pool.result(future) for pool, future in zip(pools, futures)]
+    finally:
+        for pool in pools:
+            pool.close()
 
 
 def matmul_group(sizes: Sizes, device_name: str, seed: int, block_size: int, dtype_name: str, budget):
@@ -138,5 +169,8 @@ def warm_tasks(sizes: Sizes) -> list[tuple[int, str]]:
     """``(block size, provider)`` of every Triton provider the headline autotuning times."""
     from bench import kernels
 
-    providers = [p for p in kernels.default_providers("triton") if p in kernels.TRITON_PROVIDERS]
+    # triton_plain_order is the grouped kernel with another GROUP_M, which the autotune key leaves out: it runs the
+    # grouped kernel's pick for the same key (one compile per op in the main process), so warming it all is waste
+    providers = [p for p in kernels.default_providers("triton")
+                 if p in kernels.TRITON_PROVIDERS and p != "triton_plain_order"]  # fmt: skip
     return [(block_size, provider) for block_size in sizes.kernel_block_sizes for provider in providers]

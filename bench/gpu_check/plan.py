@@ -108,8 +108,8 @@ GPU = Sizes(
     training_vocab=32000,
     training_steps=5,
     compile_config="20m",
-    # correctness: ~60 compiles over 14 workers beside the AdamW checks; kernels: the headline configs come compiled
-    # from the workers, the other shapes only benchmark the picks (new SPLIT_K values still compile);
+    # correctness: ~60 check + ~50 warm-up compiles over 14 workers beside the AdamW checks; kernels: the headline
+    # configs come compiled from the workers, the other shapes only benchmark the picks (new SPLIT_K values compile);
     # training: 8 cases ~100 s, + ~15 s for the two checkpointed 1b rows (1.33× a step, the shapes already autotuned)
     estimates_s={"env": 20, "correctness": 75, "kernels": 120, "adamw": 15, "training": 115, "compile": 45},
 )
