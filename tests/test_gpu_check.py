@@ -242,12 +242,18 @@ def _rows(path):
         return list(csv.DictReader(handle))
 
 
-def test_a_cpu_run_writes_the_summary_and_csvs_that_report_renders(tmp_path):
-    args = ["gpu-check", "--out-dir", str(tmp_path), "--device", "cpu", "--stages", "env,adamw,training",
-            "--no-progress"]  # fmt: skip
+def test_the_whole_cpu_run_writes_the_summary_and_csvs_that_report_renders(tmp_path):
+    """The command of the GPU run, every stage, at CPU sizes: it cannot rot unseen."""
+    args = ["gpu-check", "--out-dir", str(tmp_path), "--device", "cpu", "--no-progress"]
     assert main(args) == 0
     summary = (tmp_path / "gpu_check.md").read_text()
     assert summary.index("## Correctness") < summary.index("## Kernel bars") < summary.index("## Compact AdamW")
+    assert "checks pass, 0 fail, 0 not run." in summary and "not reached" not in summary
+    stages = summary[summary.index("## Stages"):summary.index("## Correctness")]
+    for stage in STAGES:
+        assert f"| {stage} " in stages
+    assert "| compile " in stages and "| ok " in stages.split("| compile ")[1].splitlines()[0]
+    assert "fail" not in stages.replace("0 fail", "") and "raised" not in stages
     assert "Ceilings measured in this run: matmul" in summary
     assert "Bar: compact AdamW at" in summary and "SMET tokens/s vs dense" in summary
     with (tmp_path / "kernels.csv").open(newline="") as handle:
@@ -255,6 +261,9 @@ def test_a_cpu_run_writes_the_summary_and_csvs_that_report_renders(tmp_path):
     kernels = _rows(tmp_path / "kernels.csv")
     assert {(r["provider"], r["shape"]) for r in kernels} >= {("cublas_dense", "ceiling"),
                                                                  ("device_copy", "dense:ceiling")}  # fmt: skip
+    headline = {r["provider"] for r in kernels if r["shape"] == CPU.headline_shape and r["status"] == "ok"}
+    assert headline >= {"triton_grouped", "triton_persistent", "triton_tma", "triton_plain_order", "cublas_dense"}
+    assert {r["shape"] for r in kernels if r["provider"] == "smet_adamw"} == {f"compact:{CPU.optimizer_config}:hidden"}
     assert {r["provider"] for r in kernels if r["suite"] == "optimizer"} >= {"smet_adamw", "torch_adamw_fused"}
     with (tmp_path / "training.csv").open(newline="") as handle:
         assert next(csv.reader(handle)) == TRAINING_COLUMNS
