@@ -64,10 +64,11 @@ TRAINING_KEY = [
 
 #: columns added to a schema after files were written without them: name -> the value every older row had (an old
 #: file resumes with it and is rewritten with the full header before its first new row)
-ADDED_COLUMNS = {"compiled": False, "activation_checkpointing": False, "vocab_size": 256}
+ADDED_COLUMNS = {"compiled": False, "activation_checkpointing": False, "vocab_size": 256, "warmup_s": float("nan")}
 TRAINING_COLUMNS = (
     TRAINING_KEY
-    + ["steps", "ms_p20", "ms_p50", "ms_p80", "tokens_per_s", "peak_allocated_bytes", "nvml_peak_bytes", "nvml_status"]
+    + ["steps", "warmup_s", "ms_p20", "ms_p50", "ms_p80", "tokens_per_s", "peak_allocated_bytes", "nvml_peak_bytes",
+       "nvml_status"]
     + [f"{c}_bytes" for c in COMPONENTS]
     + [f"pred_{c}_bytes" for c in COMPONENTS]
     + ["pred_peak_bytes", "peak_source", "status", "note"]

@@ -201,8 +201,8 @@ def _sync(device: torch.device) -> None:
 
 
 def _measure(case: TrainingCase, device: torch.device, backend: str | None, steps: int, seed: int):
-    """Build ``case`` (compiled: its steps run ``torch.compile(model)``), warm up, measure one step's memory, then
-    time ``steps`` steps."""
+    """Build ``case`` (compiled: its steps run ``torch.compile(model)``), warm up (two steps, their seconds returned
+    too), measure one step's memory, then time ``steps`` steps."""
     from profiling.memory_breakdown import measure_step_memory
     from smet_kernels.train.model import lm_loss
 
@@ -224,13 +224,16 @@ def _measure(case: TrainingCase, device: torch.device, backend: str | None, step
         optimizer.step()
         optimizer.zero_grad(set_to_none=False)
 
-    for _ in range(2):
+    started = time.perf_counter()
+    for _ in range(2):  # compile, autotune, optimizer states, GaLore's first projection (an SVD per matrix)
         step()
+    _sync(device)
+    warmup_s = time.perf_counter() - started
     sampler = memory_sampler(device)
     with sampler:
         memory = measure_step_memory(model, optimizer, forward, device)
         times_ms = time_steps(step, device, steps)
-    return memory, sampler, times_ms
+    return memory, sampler, times_ms, warmup_s
 
 
 def time_steps(step, device: torch.device, steps: int) -> list[float]:
@@ -250,7 +253,7 @@ def run_case(case: TrainingCase, device: torch.device, backend: str | None, step
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     try:
-        memory, sampler, times_ms = _measure(case, device, backend, steps, seed)
+        memory, sampler, times_ms, warmup_s = _measure(case, device, backend, steps, seed)
     except torch.cuda.OutOfMemoryError as error:
         return {"status": "oom", "note": str(error).splitlines()[0][:200]}
     finally:
@@ -261,6 +264,7 @@ def run_case(case: TrainingCase, device: torch.device, backend: str | None, step
     predicted = predicted_memory(case)
     row = {
         "steps": steps,
+        "warmup_s": warmup_s,
         "ms_p20": p20,
         "ms_p50": p50,
         "ms_p80": p80,

@@ -82,7 +82,7 @@ def test_training_csv_rows(quick_run):
     }
     for row in rows:
         assert row["status"] == "ok"
-        assert float(row["tokens_per_s"]) > 0
+        assert float(row["tokens_per_s"]) > 0 and float(row["warmup_s"]) > 0
         assert row["nvml_status"].startswith("unavailable")
         for component in ("weights", "gradients", "optimizer", "activations"):
             assert int(row[f"{component}_bytes"]) > 0 and int(row[f"pred_{component}_bytes"]) > 0

@@ -165,6 +165,7 @@ def training_section(training: pd.DataFrame | None, sizes: Sizes, compile_row: d
                 "d": r.density,
                 "act. ckpt": "yes" if r.activation_checkpointing else "no",
                 "tokens/s": _num(r.tokens_per_s, ".4g"),
+                "warm-up s": _num(getattr(r, "warmup_s", float("nan")), ".3g"),
                 "peak allocated GiB": _num(r.peak_allocated_bytes / gib),
                 "NVML peak GiB": _num(r.nvml_peak_bytes / gib) if pd.notna(r.nvml_peak_bytes) else r.nvml_status,
                 "predicted peak GiB": _num(r.pred_peak_bytes / gib),
