@@ -21,6 +21,13 @@ os.environ.setdefault("HYPOTHESIS_STORAGE_DIRECTORY", os.path.join(_scratch, "hy
 import pytest  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+#: whether the Triton kernels run in the CPU interpreter (one autotune config each) or compile for a GPU
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+#: the one ``(BLOCK_M, num_warps, num_stages)`` the matmul kernels run at under :func:`one_matmul_config` on a GPU:
+#: kept by the pruner at every block size (16 to 128) and dtype (fp32 included)
+GPU_TEST_CONFIG = (64, 4, 2)
+#: the token tile of the matmul kernels in the kernel tests: the interpreter's single config, or GPU_TEST_CONFIG
+TOKEN_TILE = 32 if INTERPRET else GPU_TEST_CONFIG[0]
 
 
 @pytest.fixture
@@ -37,6 +44,19 @@ def reference_backend():
     smet_kernels.set_backend("reference")
     yield
     smet_kernels.set_backend(previous)
+
+
+@pytest.fixture(scope="module")
+def one_matmul_config():
+    """On a GPU every matmul kernel runs at :data:`GPU_TEST_CONFIG` alone for the module, instead of autotuning its
+    18 configs at every new shape (hundreds of compiles for the kernel tests; the autotuned configs themselves are
+    checked by ``smet-bench gpu-check`` and tests/test_kernel_compile.py). Under the interpreter (one config) it
+    changes nothing."""
+    from bench.gpu_check import kernel_ops
+
+    pinned = {family: {GPU_TEST_CONFIG} for family in ("dense_sparse", "dense_sparse_persistent", "grad_weight")}
+    with kernel_ops.restrict_configs(None if INTERPRET else kernel_ops.per_kernel(pinned)):
+        yield
 
 
 # ---------------------------------------------------------------- the block-sparse products of a BlockLayout

@@ -130,6 +130,7 @@ def test_every_provider_is_checked_against_dense(provider, op):
     assert row["status"] == "ok"
 
 
+@pytest.mark.usefixtures("one_matmul_config")  # on a GPU: one config, not 18 autotuned per variant
 @pytest.mark.parametrize("provider, op", [(p, op) for p, ops in kernels.VARIANT_OPS.items() for op in ops])
 def test_kernel_variants_give_the_same_result(op, provider):
     shape = kernels.LinearShape("tiny:gate_up", 128, 64)

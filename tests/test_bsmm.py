@@ -7,6 +7,8 @@ import torch
 
 from conftest import (
     DEVICE,
+    GPU_TEST_CONFIG,
+    TOKEN_TILE,
     torch_forward,
     torch_grad_input,
     torch_grad_weight,
@@ -22,8 +24,11 @@ from smet_kernels.ops.launch_config import (
     HOPPER_SHARED_MEMORY,
     matmul_configs,
     prune_configs,
+    prune_grad_weight_configs,
+    prune_persistent_configs,
 )
 
+pytestmark = pytest.mark.usefixtures("one_matmul_config")  # on a GPU: one config, not 18 autotuned per shape
 ON_GPU = DEVICE == "cuda"
 # On CPU the bf16 kernels upcast before tl.dot (the interpreter's bf16 dot is wrong, SPEC §8): bf16 loads, casts and
 # stores are still checked there; the bf16 tensor-core path itself runs on the GPU.
@@ -82,7 +87,7 @@ def test_bsmm_triton_matches_torch_on_awkward_layouts(kind, block_size, dtype):
 def test_bsmm_program_groups_cover_every_output_tile_once(m_tiles):
     """Token tiles are scheduled in groups of GROUP_M (L2 reuse): full groups, a partial last group, odd M."""
     layout = _mask_layout("empty_rows_cols", 5, 3, 16)
-    block_m = 256 if ON_GPU else 32  # the largest autotuned token tile; the interpreter has one config, 32
+    block_m = TOKEN_TILE  # the token tile the kernels run at here (one config, see conftest)
     x, values, dy, bias = _inputs(layout, m_tiles * block_m - 5, torch.float32)
     _close(triton_forward(x, values, layout, bias), torch_forward(x, values, layout, bias), torch.float32)
     _close(triton_grad_input(dy, values, layout), torch_grad_input(dy, values, layout), torch.float32)
@@ -112,7 +117,7 @@ def test_bsmm_variants_match_torch(kind, m_tiles, dtype, variant):
     """Persistent programs striding over the tiles longest block rows first, and TMA descriptor tiles (zero-filled
     and clipped at the token tail): every tile once, on any layout."""
     layout = _mask_layout(kind, 5, 3, 16)
-    block_m = 64 if ON_GPU else 32
+    block_m = TOKEN_TILE
     x, values, dy, bias = _inputs(layout, m_tiles * block_m - 3, dtype)
     y = triton_forward(x, values, layout, bias, variant=variant)
     _close(y, torch_forward(x, values, layout, bias), dtype)
@@ -437,3 +442,15 @@ def test_prune_configs_rules():
     assert (32, 4, 3) in grad_weight_128 and (128, 8, 4) not in grad_weight_128
     assert 0 < len(_kept(128, limit=64 * 1024)) < len(forward_128)
     assert len(_kept(128, limit=1024)) == 1  # nothing fits: the first config is kept so that the launch can report
+
+
+@pytest.mark.parametrize("block_size", [16, 32, 64, 128])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_the_gpu_test_config_is_kept_by_every_pruner(block_size, dtype):
+    """The kernel tests run every matmul at GPU_TEST_CONFIG alone on a GPU (a lone config skips the pruner): it must
+    be a config the pruners keep at every block size and dtype, so those tests run a config training would run."""
+    for block_ms, prune in ((DENSE_SPARSE_BLOCK_MS, prune_configs), (DENSE_SPARSE_BLOCK_MS, prune_persistent_configs),
+                            (GRAD_WEIGHT_BLOCK_MS, prune_grad_weight_configs)):
+        kept = prune(matmul_configs(block_ms, interpret=False), {"a": torch.empty(0, dtype=dtype)},
+                     HOPPER_SHARED_MEMORY, BLOCK_SIZE=block_size)
+        assert GPU_TEST_CONFIG in {(c.kwargs["BLOCK_M"], c.num_warps, c.num_stages) for c in kept}, prune

@@ -19,6 +19,7 @@ from smet_kernels.ops import library
 from smet_kernels.topology import SMET
 from smet_kernels.train.model import LlamaModel, lm_loss, model_config
 
+pytestmark = pytest.mark.usefixtures("one_matmul_config")  # on a GPU: one config, not 18 autotuned per shape
 B = 16
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -375,7 +376,9 @@ def test_compiled_layer_runs_the_triton_kernels():
                              fullgraph=True, backend="aot_eager")  # fmt: skip
     with mock.patch.object(library, "triton_bsmm_forward", wraps=library.triton_bsmm_forward) as forward:
         y = compiled(x, values)
-    assert forward.call_count == 1
+    # called once by the opaque op under the interpreter; on a GPU AOTAutograd traces the triton_op's body (fake
+    # tensors, more than once) into the graph, whose wrapped kernel then runs without calling the launcher again
+    assert forward.called
     y.backward(dy)
     expected = torch.relu(x @ to_dense(values.detach(), layout).t())
     torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-5)

@@ -3,14 +3,20 @@ outputs, races, every kernel variant) and a CPU run whose CSVs `smet-bench repor
 
 import csv
 import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from bench.cli import main
 from bench.gpu_check import correctness, kernel_ops
-from bench.gpu_check.plan import CPU, STAGES
+from bench.gpu_check.plan import CPU, PINNED_CONFIGS, STAGES
 from bench.results import KERNEL_COLUMNS, TRAINING_COLUMNS
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 class CountdownBudget:
@@ -92,18 +98,21 @@ def test_a_budget_spent_inside_the_matmul_checks_names_the_checks_not_run(device
 def test_the_matmul_groups_run_in_worker_processes_beside_the_other_checks(device):
     from bench.runner import Deadline
 
-    sizes = dataclasses.replace(CPU, check_block_sizes=(16,), check_dtypes=("fp32",), adamw_steps=3, regrow_every=3)
-    rows, not_run = correctness.run(sizes, torch.device(device), 0, Deadline(10), workers=1)
+    # b = 32: on a GPU the workers compile only its pinned configs (a block size without them autotunes every config
+    # in one worker, past the stage's deadline); the default workers: one on a CPU, a compiling pool on a GPU
+    block_size = min(PINNED_CONFIGS)
+    sizes = dataclasses.replace(CPU, check_block_sizes=(block_size,), check_dtypes=("fp32",), adamw_steps=3,
+                                regrow_every=3)
+    rows, not_run = correctness.run(sizes, torch.device(device), 0, Deadline(10))
     assert not_run == []
     assert [r["check"] for r in rows][:2] == ["poison", "matmul"]
     assert {r["check"] for r in rows} == {"poison", "matmul", "adamw", "regrow", "training step"}
     matmul = [r for r in rows if r["check"] == "matmul"]
-    assert len(matmul) == len(correctness.group_checks(sizes, torch.device(device), 16, "fp32"))
+    assert len(matmul) == len(correctness.group_checks(sizes, torch.device(device), block_size, "fp32"))
     assert all(r["status"] == "pass" for r in rows), [r for r in rows if r["status"] != "pass"]
 
 
 def test_a_worker_that_raises_dies_or_overruns_becomes_a_reported_result():
-    import os
     import time
 
     from bench.gpu_check import parallel
@@ -120,8 +129,6 @@ def test_a_worker_that_raises_dies_or_overruns_becomes_a_reported_result():
 
 
 def test_a_task_that_kills_its_worker_fails_alone_when_run_alone():
-    import os
-
     from bench.gpu_check import parallel
     from bench.runner import Deadline
 
@@ -178,12 +185,15 @@ def test_the_warm_up_configs_cover_every_timing_config_the_pruner_keeps_once_per
     assert (128, 8, 4) not in set().union(*(choice["bsmm_dense_sparse_kernel"] for choice in choices))
 
 
-def test_warming_the_kernel_timings_launches_each_op_of_a_provider(device):
+def test_warming_the_kernel_timings_launches_each_op_of_a_provider_once_per_config_choice(device):
     from bench.gpu_check import parallel
     from bench.runner import Deadline
 
-    launches = parallel.warm_kernel_timings(CPU, device, 0, CPU.kernel_block_sizes[0], "triton_tma", Deadline(10))
-    assert launches == 3  # forward, grad_input, grad_weight: the interpreter's single config each
+    block_size = CPU.kernel_block_sizes[0]
+    launches = parallel.warm_kernel_timings(CPU, device, 0, block_size, "triton_tma", Deadline(10))
+    choices = parallel.config_choices(block_size, torch.empty(0, dtype=torch.float32, device=device))
+    assert (len(choices) == 1) if device == "cpu" else (len(choices) > 1)  # interpreter: one config; GPU: timing ones
+    assert launches == 3 * len(choices)  # forward, grad_input, grad_weight
 
 
 def test_poisoned_outputs_are_nan_and_the_mode_is_restored(device):
@@ -243,9 +253,13 @@ def _rows(path):
 
 
 def test_the_whole_cpu_run_writes_the_summary_and_csvs_that_report_renders(tmp_path):
-    """The command of the GPU run, every stage, at CPU sizes: it cannot rot unseen."""
+    """The command of the GPU run, every stage, at CPU sizes: it cannot rot unseen. In a fresh process, which turns
+    the Triton interpreter on for ``--device cpu`` (this one compiles the kernels where a GPU is present)."""
     args = ["gpu-check", "--out-dir", str(tmp_path), "--device", "cpu", "--no-progress"]
-    assert main(args) == 0
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # as a user runs it: the CLI sets it
+    result = subprocess.run([sys.executable, "-m", "bench.cli", *args], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=1200)  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     summary = (tmp_path / "gpu_check.md").read_text()
     assert summary.index("## Correctness") < summary.index("## Kernel bars") < summary.index("## Compact AdamW")
     assert "checks pass, 0 fail, 0 not run." in summary and "not reached" not in summary
@@ -304,9 +318,11 @@ def test_the_configs_a_kernel_ran_are_the_ones_later_shapes_choose_from(device):
 
     layout = BlockLayout.random(64, 64, 32, 0.5, generator=torch.Generator().manual_seed(0)).to(device)
     values = torch.randn(layout.nnz, 32, 32, device=device)
-    every = {name: {kernel_ops.config_key(c) for c in tuner.configs} for name, _, tuner in kernel_ops.autotuners()}
-    with kernel_ops.restrict_configs(every):
+    # the first two configs of each kernel (the interpreter has one): a GPU autotunes between them, not all 18
+    allowed = {name: {kernel_ops.config_key(c) for c in tuner.configs[:2]}
+               for name, _, tuner in kernel_ops.autotuners()}  # fmt: skip
+    with kernel_ops.restrict_configs(allowed):
         kernel_ops.matmul_ops("grouped")["forward"](torch.randn(40, 64, device=device), values, layout)
         chosen = kernel_ops.chosen_configs()
-    assert chosen["bsmm_dense_sparse_kernel"] <= every["bsmm_dense_sparse_kernel"]
+    assert chosen["bsmm_dense_sparse_kernel"] <= allowed["bsmm_dense_sparse_kernel"]
     assert len(chosen["bsmm_dense_sparse_kernel"]) == 1

@@ -7,6 +7,7 @@ counts — and shrinks a failure to its smallest form. ``derandomize`` keeps CI 
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -25,6 +26,7 @@ from smet_kernels.ops.library import adamw_step, regrow_blocks
 from smet_kernels.reference.adamw import torch_adamw_step
 from smet_kernels.topology import choose_blocks
 
+pytestmark = pytest.mark.usefixtures("one_matmul_config")  # on a GPU: one config, not 18 autotuned per shape
 SETTINGS = settings(max_examples=25, deadline=None, derandomize=True)
 
 

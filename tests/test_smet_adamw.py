@@ -250,6 +250,7 @@ def test_a_dense_parameter_warms_up_by_its_own_steps_in_scope_all(warmup_scope, 
     torch.testing.assert_close((before - param.detach()).abs(), torch.full_like(before, first_update))
 
 
+@pytest.mark.usefixtures("one_matmul_config")  # the layer's products: on a GPU one config, not 18 autotuned
 def test_closure_and_module_integration(device):
     """SMETAdamW(model.parameters()) finds BlockSparseLinear values by their smet_layout."""
     from smet_kernels.modules import BlockSparseLinear

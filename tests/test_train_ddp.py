@@ -9,7 +9,8 @@ from torchrun_launch import launch, metrics
 
 ARGS = ["--config", "tiny", "--optimizer", "smet", "--density", "0.5", "--batch-size", "8", "--grad-accum", "2",
         "--seq-len", "32", "--max-steps", "6", "--update-interval", "3", "--regrow", "gradient", "--eval-every", "3", "--eval-batches", "1",
-        "--lr", "3e-3", "--backend", "reference", "--no-progress"]
+        "--lr", "3e-3", "--backend", "reference", "--no-progress",
+        "--device", "cpu"]  # gloo on the CPU also beside a GPU (two ranks would need two GPUs)
 
 
 def test_two_gloo_ranks_match_single_process(tmp_path, tmp_path_factory):

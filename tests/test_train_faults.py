@@ -23,7 +23,7 @@ from test_train_trainer import cache_dir, one_thread  # noqa: F401 -- autouse: s
 
 def tiny_config(**overrides) -> TrainConfig:
     values = dict(model="tiny", optimizer="adamw", batch_size=4, seq_len=32, max_steps=6, lr=3e-3, eval_every=0,
-                  backend="reference", progress=False)
+                  backend="reference", device="cpu", progress=False)  # CPU also beside a GPU: exact resumes
     values.update(overrides)
     return TrainConfig(**values)
 

@@ -14,7 +14,7 @@ from smet_kernels.train.trainer import ConfigError, TrainConfig
 from torchrun_launch import launch, metrics
 
 COMMON = ["--config", "tiny", "--batch-size", "8", "--seq-len", "32", "--eval-batches", "1", "--lr", "3e-3",
-          "--backend", "reference", "--no-progress"]
+          "--backend", "reference", "--no-progress", "--device", "cpu"]  # gloo on the CPU also beside a GPU
 # density 0.3: the 16-block q/k/v/o layers hold 5 slots -> uneven shards (3 + 2 slots)
 SMET_ARGS = COMMON + ["--optimizer", "smet", "--density", "0.3", "--grad-accum", "2", "--max-steps", "6",
                       "--update-interval", "3", "--regrow", "gradient", "--eval-every", "3", "--checkpoint-every", "3"]

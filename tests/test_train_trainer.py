@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import DEVICE
+
 from smet_kernels.train import checkpoint, cli, loop, trainer
 from smet_kernels.train.model import LlamaModel
 from smet_kernels.train.trainer import ConfigError, TrainConfig, find_checkpoint, load_checkpoint_config, train
@@ -31,8 +33,10 @@ def one_thread():
 
 
 def tiny_config(**overrides) -> TrainConfig:
+    """The tiny model on the CPU (also where a GPU is present: these tests expect CPU memory records and bit-exact
+    resumes, which CUDA's atomics would not give; test_resume_on_cuda trains on the GPU)."""
     values = dict(model="tiny", batch_size=4, seq_len=64, max_steps=24, lr=3e-3, eval_every=12, eval_batches=2,
-                  update_interval=6, optimizer_warmup_steps=4, spike_window=3, backend="reference",
+                  update_interval=6, optimizer_warmup_steps=4, spike_window=3, backend="reference", device="cpu",
                   progress=False, galore_update_gap=10)
     values.update(overrides)
     return TrainConfig(**values)
@@ -263,10 +267,12 @@ def test_lr_schedule_warmup_then_cosine_to_ten_percent():
     assert trainer.lr_factor(12, 4, 20) == pytest.approx(0.55)
 
 
+@pytest.mark.usefixtures("one_matmul_config")
 def test_triton_kernels_train_like_the_reference(tmp_path):
-    """The same two SMET steps through the Triton kernels (interpreter on CPU) and the PyTorch reference."""
+    """The same two SMET steps through the Triton kernels (interpreter on CPU, compiled on a GPU) and the PyTorch
+    reference, on the same device."""
     small = dict(optimizer="smet", batch_size=2, seq_len=16, max_steps=2, eval_every=0, update_interval=1,
-                 progress=False)
+                 device=DEVICE, progress=False)
     triton_run = train(tiny_config(backend="triton", out_dir=str(tmp_path / "triton"), **small))
     reference_run = train(tiny_config(backend="reference", out_dir=str(tmp_path / "reference"), **small))
     assert triton_run["topology_updates"] == reference_run["topology_updates"] == 2
