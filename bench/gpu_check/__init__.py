@@ -3,7 +3,8 @@
 Stages in priority order (``plan.STAGES``): ``env`` (versions and the matmul / copy ceilings), ``correctness``,
 ``kernels``, ``adamw``, ``training``, ``compile``. When the ``--minutes`` budget runs out no new case starts and
 everything not reached is listed as "not run"; a failing correctness check is reported first and the timings still
-run. On a CPU the same stages run at interpreter sizes (``plan.CPU``). Output: ``DIR/gpu_check.md`` and the
+run. On a CPU the same stages run at interpreter sizes (``plan.CPU``). Compilation is spread over the CPU cores
+during ``correctness`` (:mod:`.parallel`). Output: ``DIR/gpu_check.md`` (rewritten after every stage) and the
 long-format ``kernels.csv`` / ``training.csv`` that ``smet-bench report --out-dir DIR`` renders.
 """
 
