@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 
 from . import kernel_ops
-from .plan import PINNED_CONFIGS, Sizes
+from .plan import Sizes
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 BOUND_FLOOR = 1e-6
@@ -161,7 +161,7 @@ def matmul_checks(sizes: Sizes, device: torch.device, seed: int, budget, groups=
     reach. On a GPU each block size compiles only its pinned configs (``plan.PINNED_CONFIGS``)."""
     rows, not_run = [], []
     for block_size, dtype_name in groups or matmul_groups(sizes):
-        with kernel_ops.restrict_configs(_pinned(block_size, device)):
+        with kernel_ops.restrict_configs(kernel_ops.pinned_configs(block_size, device)):
             operands = None  # drawn at the first check that runs
             for row, split_k in group_checks(sizes, device, block_size, dtype_name):
                 if budget.expired():
@@ -332,7 +332,7 @@ def run(sizes: Sizes, device: torch.device, seed: int, budget, workers: int | No
             adamw_not_run.append("training step vs reference backend")
         else:
             try:
-                with kernel_ops.restrict_configs(_pinned(sizes.step_block_size, device)):
+                with kernel_ops.restrict_configs(kernel_ops.pinned_configs(sizes.step_block_size, device)):
                     adamw_rows.append(training_step_check(sizes, device, seed))
             except Exception as error:
                 adamw_rows.append({"check": "training step", "status": "fail",
@@ -359,8 +359,3 @@ def run(sizes: Sizes, device: torch.device, seed: int, budget, workers: int | No
         print(f"gpu-check: compiled the kernel timings' configs in workers: {launches} launches"
               + (f"; {len(problems)} task(s) did not finish: {problems[0]}" if problems else ""), flush=True)
     return rows + adamw_rows, not_run + adamw_not_run
-
-
-def _pinned(block_size: int, device: torch.device):
-    """The pinned configs of ``block_size`` on a GPU (``plan.PINNED_CONFIGS``); None (every config) elsewhere."""
-    return kernel_ops.per_kernel(PINNED_CONFIGS.get(block_size, {})) if device.type == "cuda" else None

@@ -3,7 +3,8 @@
 * :func:`matmul_ops`: the three raw block-sparse matmul launchers of one kernel variant;
 * :func:`adamw_step` / :func:`regrow`: the fused AdamW step and the regrow initialisation (Triton or reference);
 * :func:`autotuners` and :func:`restrict_configs`: the Triton autotuners of the matmul kernels and a context that
-  limits each to a small set of configs (the compile / autotune budget of a bounded GPU run).
+  limits each to a small set of configs (the compile / autotune budget of a bounded GPU run); :func:`pinned_configs`
+  is that set for one block size.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import contextlib
 from typing import Callable, Iterator
 
 import torch
+
+from .plan import PINNED_CONFIGS
 
 VARIANTS = ("grouped", "persistent", "tma")
 # kernel family of each autotuner: the dense-sparse loop (forward / input grad), its persistent form, the weight grad
@@ -81,6 +84,12 @@ def per_kernel(by_family: dict[str, set]) -> dict[str, set]:
     """A config selection per kernel family (``dense_sparse``, ``dense_sparse_persistent``, ``grad_weight``) spelled
     per kernel, the form :func:`restrict_configs` takes."""
     return {name: by_family.get(family, set()) for name, family, _ in autotuners()}
+
+
+def pinned_configs(block_size: int, device: torch.device) -> dict[str, set] | None:
+    """The pinned configs of ``block_size`` per kernel on a GPU (``plan.PINNED_CONFIGS``), the form
+    :func:`restrict_configs` takes; None (every config, the interpreter's single one) elsewhere."""
+    return per_kernel(PINNED_CONFIGS.get(block_size, {})) if device.type == "cuda" else None
 
 
 def config_key(config) -> tuple[int, int, int]:

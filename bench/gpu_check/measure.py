@@ -25,7 +25,7 @@ from bench.results import kernels_file, training_file
 from bench.runner import run_cases
 
 from . import kernel_ops
-from .plan import PINNED_CONFIGS, TIMING_CONFIGS, Sizes
+from .plan import TIMING_CONFIGS, Sizes
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -46,9 +46,7 @@ class Context:
         (``kernels`` stage), else the pinned configs; None (every config) elsewhere. Without it each new shape of a
         training step would compile and benchmark the whole autotune space (18 configs; ``SPLIT_K`` is a constexpr,
         so every split value compiles them all again)."""
-        if self.device.type != "cuda":
-            return None
-        return self.picks.get(block_size) or kernel_ops.per_kernel(PINNED_CONFIGS.get(block_size, {}))
+        return self.picks.get(block_size) or kernel_ops.pinned_configs(block_size, self.device)
 
     def run(self, suite: str, cases: list, run_one, file) -> tuple[int, list[str]]:
         """Run ``cases`` not yet in ``file``; (failed cases, labels of the cases the budget did not reach)."""
