@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 
@@ -270,6 +271,7 @@ def test_the_whole_cpu_run_writes_the_summary_and_csvs_that_report_renders(tmp_p
     assert "fail" not in stages.replace("0 fail", "") and "raised" not in stages
     assert "Ceilings measured in this run: matmul" in summary
     assert "Bar: compact AdamW at" in summary and "SMET tokens/s vs dense" in summary
+    assert "## Kernel variants" in summary and "over every op and block size, `" in summary
     with (tmp_path / "kernels.csv").open(newline="") as handle:
         assert next(csv.reader(handle)) == KERNEL_COLUMNS
     kernels = _rows(tmp_path / "kernels.csv")
@@ -289,6 +291,49 @@ def test_the_whole_cpu_run_writes_the_summary_and_csvs_that_report_renders(tmp_p
     assert "gpu-check --out-dir" in (tmp_path / "commands.txt").read_text()
     assert main(["report", "--out-dir", str(tmp_path)]) == 0
     assert "## End-to-end training step" in (tmp_path / "report.md").read_text()
+
+
+def test_the_variant_table_ranks_the_selectable_variants_by_geometric_mean_time_against_grouped():
+    """persistent does not change the weight grad (it runs grouped there: ratio 1); plain_order is the benchmark's
+    baseline order, shown per op but not something ``SMET_MATMUL_VARIANT`` can select."""
+    from bench.gpu_check.summary import variant_section
+    from bench.results import KERNEL_COLUMNS
+
+    def row(op, provider, density, ms):
+        nnz = None if provider == "cublas_dense" else int(density * 4)
+        return dict.fromkeys(KERNEL_COLUMNS) | dict(
+            suite="kernels", op=op, provider=provider, shape="s", M=256, K=256, N=256, dtype="bf16", gpu="g",
+            block_size=None if nnz is None else 128, density=density, nnz_blocks=nnz, ms_p20=ms, ms_p50=ms,
+            ms_p80=ms, status="ok")
+
+    times = {  # (op, density): ms per provider
+        ("forward", 0.5): {"triton_grouped": 1.0, "triton_persistent": 0.5, "triton_tma": 2.0,
+                           "triton_plain_order": 0.1},
+        ("forward", 0.25): {"triton_grouped": 2.0, "triton_persistent": 2.0, "triton_tma": 1.0,
+                            "triton_plain_order": 0.2},
+        ("grad_input", 0.5): {"triton_grouped": 1.0, "triton_persistent": 0.5, "triton_tma": 2.0},
+        ("grad_input", 0.25): {"triton_grouped": 2.0, "triton_persistent": 2.0, "triton_tma": 1.0},
+        ("grad_weight", 0.5): {"triton_grouped": 1.0, "triton_tma": 4.0},
+        ("grad_weight", 0.25): {"triton_grouped": 1.0, "triton_tma": 1.0},
+    }  # fmt: skip
+    rows = [row(op, "cublas_dense", 1.0, 4.0) for op in ("forward", "grad_input", "grad_weight")]
+    rows += [row(op, p, d, ms) for (op, d), by in times.items() for p, ms in by.items()]
+    lines = variant_section(pd.DataFrame(rows, columns=KERNEL_COLUMNS))
+    assert "over every op and block size, `persistent` is the fastest (0.794× grouped)" in "\n".join(lines)
+    cells = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")]
+             for line in lines[4].splitlines()[2:]}  # fmt: skip
+    header = [c.strip() for c in lines[4].splitlines()[0].strip("|").split("|")]
+    assert header == ["op", "b", "points", "grouped", "persistent", "plain_order", "tma", "fastest (points)"]
+    assert cells["forward"] == ["forward", "128", "2", "1.000", "0.707", "0.100", "1.000", "plain_order 2"]
+    assert cells["grad_weight"][:7] == ["grad_weight", "128", "2", "1.000", "", "", "2.000"]
+    assert cells["all"][:7] == ["all", "", "6", "1.000", "0.794", "", "1.260"]  # 0.5^(2/6), 4^(1/6)
+    assert sorted(cells["all"][7].split(", ")) == ["grouped 2", "persistent 2", "tma 2"]
+
+
+def test_the_variant_table_says_not_measured_without_a_second_variant():
+    from bench.gpu_check.summary import variant_section
+
+    assert "Not measured" in variant_section(None)[2]
 
 
 def test_the_training_stage_runs_the_bar_rows_first_then_the_checkpointed_rows_of_the_bar_config():

@@ -6,6 +6,8 @@ Bars (the kernel ratios come from :func:`bench.report.kernel_comparison`: ``vs d
 * at the first block size (b = 128 on the GPU), d in ``roofline.BARS``: ``vs d×dense ≤ c`` where the roofline allows
   it (``roofline ≤ c · d · t_dense``), else ``vs roofline ≤ 1.2``;
 * every block size and density: ``t_bsr / t ≥ 1.5`` (torch BSR) and, at d ≤ 0.5, ``t ≤ t_dense``;
+* the kernel variants (not a bar): each variant's geometric-mean time against the default, the data for choosing
+  the default variant;
 * compact AdamW: GB/s ≥ 90 % of the copy ceiling of stage ``env``;
 * SMET training at the last training config: more tokens/s than dense AdamW, lower peak memory than dense and GaLore
   (eager steps without activation checkpointing); beside them, not bars, what activation checkpointing does to the
@@ -16,12 +18,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
+from bench.kernels import OPS, VARIANT_OPS
 from bench.markdown import table
 from bench.report import kernel_comparison, load_csv
 from bench.report.derive import peak_column, side_by_side
 from profiling.roofline import BARS
+from smet_kernels.ops.block_sparse_matmul import VARIANTS
 
 from .plan import Sizes
 
@@ -129,6 +134,37 @@ def kernel_section(kernels: pd.DataFrame | None, sizes: Sizes) -> list[str]:
               "this run (ms), `best` its time relative to the default. A miss names its limit: `roofline term` is "
               "the larger term of the op's roofline, `vs roofline` how far the kernel is from it (≈ 1: at the "
               "ceiling).", "", table(frame.fillna("")), ""]  # fmt: skip
+    return lines
+
+
+def variant_section(kernels: pd.DataFrame | None) -> list[str]:
+    """Per op and block size, each timed variant's time relative to the default ``grouped``: the geometric mean of
+    ``t / t_grouped`` over the shapes and densities where both ran, and how often each was the fastest. The ``all``
+    row compares what ``SMET_MATMUL_VARIANT`` selects, one variant for all three ops (an op a variant does not change
+    runs the grouped kernel: ratio 1), so ``plain_order``, the benchmark's baseline order, is not in it."""
+    lines = ["## Kernel variants", ""]
+    measured = None if kernels is None else kernel_comparison(kernels)
+    if measured is not None:
+        measured = measured[(measured["status"] == "ok") & measured["provider"].isin(list(VARIANT_PROVIDERS))]
+    if measured is None or measured["provider"].nunique() < 2 or not (measured["provider"] == "triton_grouped").any():
+        return lines + ["Not measured (needs `triton_grouped` and another variant timed on the same points).", ""]
+    wide = measured.pivot_table(index=["op", "block_size", "shape", "density"], columns="provider", values="ms_p50")
+    wide = wide.rename(columns=VARIANT_PROVIDERS).dropna(subset=["grouped"])
+    log_ratio = np.log(wide.div(wide["grouped"], axis=0))
+    ops = log_ratio.index.get_level_values("op")
+    selected = pd.DataFrame({name: log_ratio[name].where(ops.isin(VARIANT_OPS.get(f"triton_{name}", OPS)), 0.0)
+                             for name in VARIANTS if name in log_ratio})  # fmt: skip
+    rows = []
+    for (op, block_size), group in [*log_ratio.groupby(level=["op", "block_size"]), (("all", ""), selected)]:
+        wins = group.idxmin(axis=1).value_counts()
+        row = {"op": op, "b": block_size if op == "all" else int(block_size), "points": len(group)}
+        row |= {name: _num(np.exp(group[name].mean()), ".3f") if name in group else "" for name in wide.columns}
+        row["fastest (points)"] = ", ".join(f"{name} {count}" for name, count in wins.items())
+        rows.append(row)
+    overall = np.exp(selected.mean())
+    lines += [f"Geometric mean of t / t_grouped (< 1: faster than the default). Of the variants `SMET_MATMUL_VARIANT` "
+              f"selects, over every op and block size, `{overall.idxmin()}` is the fastest ({overall.min():.3f}× "
+              "grouped).", "", table(pd.DataFrame(rows)), ""]  # fmt: skip
     return lines
 
 
@@ -248,6 +284,7 @@ def write(out_dir: Path, sizes: Sizes, env: dict, stages: list[dict], correctnes
     lines += ["## Stages", "", table(stage_frame.fillna("")), ""]
     lines += correctness_section(*correctness)
     lines += kernel_section(kernels, sizes)
+    lines += variant_section(kernels)
     lines += adamw_section(kernels, sizes)
     lines += training_section(training, sizes, compile_row)
     path = out_dir / "gpu_check.md"
