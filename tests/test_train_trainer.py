@@ -235,6 +235,27 @@ def test_extending_a_finished_run_measures_each_update_once(tmp_path):
     assert summary["loss_spikes"]["count"] == len(spikes)
 
 
+def test_optimizer_options_given_with_resume_act_as_its_config_records_them(tmp_path, capsys):
+    """The saved param groups must not silently override what --resume was told (and config.json records)."""
+    out = tmp_path / "run"
+    train(tiny_config(optimizer="smet", max_steps=2, checkpoint_every=1, eval_every=0, out_dir=str(out)))
+    assert cli.main(["--resume", str(out / "checkpoints" / "step_0000001"), "--out-dir", str(tmp_path / "resumed"),
+                     "--weight-decay", "0.25", "--warmup-mode", "none", "--optimizer-warmup-steps", "7",
+                     "--density-lr-exponent", "0.5", "--no-progress"]) == 0
+    final = tmp_path / "resumed" / "checkpoints" / "step_0000002"
+    recorded = json.loads((final / "config.json").read_text())
+    for group in torch.load(final / "state.pt", weights_only=False)["optimizer"]["param_groups"]:
+        assert (group["weight_decay"], group["warmup"], group["warmup_steps"], group["density_lr_exponent"]) == (
+            recorded["weight_decay"], recorded["warmup_mode"], recorded["optimizer_warmup_steps"],
+            recorded["density_lr_exponent"]) == (0.25, "none", 7, 0.5)
+    # GaLore's moments live in the space of its rank: that cannot change under them
+    train(tiny_config(optimizer="galore", max_steps=1, checkpoint_every=1, eval_every=0, galore_rank=4,
+                      out_dir=str(tmp_path / "galore")))
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--resume", str(tmp_path / "galore"), "--galore-rank", "8", "--max-steps", "2", "--no-progress"])
+    assert exit_info.value.code == 2 and "cannot change galore_rank" in capsys.readouterr().err
+
+
 def test_evaluation_runs_in_training_micro_batches(tmp_path, monkeypatch):
     """Evaluation must fit wherever training fits: it uses the micro-batch of batch_size / grad_accum."""
     shapes = []

@@ -268,7 +268,7 @@ def read_checkpoint(checkpoint: Path, config: TrainConfig) -> dict:
         raise ConfigError(
             f"cannot change {', '.join(changed)} when resuming {str(checkpoint)!r} (saved: "
             + ", ".join(f"{name}={saved[name]!r}" for name in changed)
-            + "): the model, its topology and the data position depend on them"
+            + "): the model, its topology, the data position and the optimizer state depend on them"
         )
     # read to CPU: RNG states must stay CPU ByteTensors; the load_state_dict calls move the rest to the device
     return torch.load(checkpoint / "state.pt", map_location="cpu", weights_only=False)

@@ -139,6 +139,9 @@ class Run:
             targets = window_batch(corpus.val, self.val_indices, config.seq_len)[1].numpy()
             self.val_bytes_per_token = corpus.bytes_of(targets) / targets.size
         self.base_lrs = [group["lr"] for group in self.optimizer.param_groups]  # before a resume overwrites them
+        # the config's hyperparameters of each group (weight decay, betas, eps, warm-up, backend...): a resume puts them
+        # back after loading the saved groups, so options given with --resume act as config.json records them
+        self.group_options = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
         self.spikes = SpikeTracker(config.spike_window)
         # --- update probe (issue 16): prune damage / cold start / first-step sizes; plain tensors only (not fsdp)
         self.probe = UpdateProbe(self.model, self.probe_loss, config.spike_window) if (
@@ -229,6 +232,8 @@ class Run:
             state["optimizer"] = sharded_optimizer_state(self.optimizer, state["optimizer"])
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        for group, options in zip(self.optimizer.param_groups, self.group_options):
+            group.update(options)
         if self.controller is not None:
             self.controller.load_state_dict(state["controller"])
         self.batches.load_state_dict(state["data"])
