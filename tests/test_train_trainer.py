@@ -220,6 +220,17 @@ def test_options_without_effect_in_the_chosen_mode_are_named(capsys, tmp_path):
     assert "smet-train: --density, --galore-rank have no effect with --optimizer adamw" in capsys.readouterr().err
 
 
+def test_masked_dst_names_the_smet_adamw_options_it_ignores_and_records_alpha_zero(capsys, tmp_path):
+    """masked-dst trains with torch.optim.AdamW: SMETAdamW's warm-up and density-aware LR do not act there."""
+    assert cli.main(["--config", "tiny", "--optimizer", "masked-dst", "--density-lr-exponent", "2", "--warmup-mode",
+                     "none", "--update-interval", "3", "--max-steps", "1", "--batch-size", "2", "--seq-len", "16",
+                     "--eval-every", "0", "--backend", "reference", "--device", "cpu", "--out-dir", str(tmp_path),
+                     "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "smet-train: --warmup-mode, --density-lr-exponent have no effect with --optimizer masked-dst" in err
+    assert json.loads((tmp_path / "summary.json").read_text())["config"]["density_lr_exponent"] == 0.0
+
+
 def test_extending_a_finished_run_measures_each_update_once(tmp_path):
     """The end of a run measures unfinished spike windows with the losses there are; a resume that extends the run
     replaces those partial records with full ones instead of adding a second record for the same update."""

@@ -102,11 +102,12 @@ class TrainConfig:
         return max(movable or [min(SUPPORTED_BLOCK_SIZES)])
 
     def resolved_density_lr_exponent(self) -> float:
-        """α: ``density_lr_exponent``, or the default of the optimizer's arm (0 where the arm has no density LR)."""
-        if self.density_lr_exponent is not None:
-            return float(self.density_lr_exponent)
+        """α: ``density_lr_exponent``, or the default of the optimizer's arm; 0 for a method without SMETAdamW (what
+        it trains with, whatever was given)."""
         arm = METHODS[self.optimizer].arm if self.optimizer in METHODS else None
-        return arm.default_alpha if arm else 0.0
+        if arm is None:
+            return 0.0
+        return float(self.density_lr_exponent) if self.density_lr_exponent is not None else arm.default_alpha
 
     def validate(self) -> "TrainConfig":
         """Raise :class:`ConfigError` naming the first bad field."""

@@ -22,9 +22,9 @@ SPARSITIES = ("none", "compact", "masked")
 HIDDEN_LINEAR_PATTERN = r"\.(" + "|".join(HIDDEN_LINEAR_NAMES) + r")$"
 
 GALORE_OPTIONS = ("galore_rank", "galore_update_gap", "galore_scale")
+SMET_ADAMW_OPTIONS = ("warmup_mode", "optimizer_warmup_steps", "density_lr_exponent", "warmup_scope")
 SPARSE_OPTIONS = ("density", "block_size", "distribution", "supar", "supar_base_width", "update_interval",
-                  "prune_fraction", "regrow", "warmup_mode", "optimizer_warmup_steps", "density_lr_exponent",
-                  "warmup_scope")
+                  "prune_fraction", "regrow") + SMET_ADAMW_OPTIONS
 
 
 @dataclass(frozen=True)
@@ -54,8 +54,13 @@ class Method:
 
     @property
     def options(self) -> tuple[str, ...]:
-        """The trainer options that act in this method (``smet-train`` names the others it is given as ignored)."""
-        return SPARSE_OPTIONS if self.sparse else GALORE_OPTIONS if self.optimizer == "galore" else ()
+        """The trainer options that act in this method (``smet-train`` names the others it is given as ignored): the
+        :class:`SMETAdamW` options only where it is the optimizer (not ``masked-dst``'s ``torch.optim.AdamW``)."""
+        if not self.sparse:
+            return GALORE_OPTIONS if self.optimizer == "galore" else ()
+        if self.optimizer != "smet_adamw":
+            return tuple(option for option in SPARSE_OPTIONS if option not in SMET_ADAMW_OPTIONS)
+        return SPARSE_OPTIONS
 
 
 _REGISTRY = (
