@@ -3,6 +3,7 @@ metrics, exact resume, atomic checkpoints and one-line CLI errors."""
 
 import dataclasses
 import json
+import shutil
 import types
 from pathlib import Path
 
@@ -244,6 +245,20 @@ def test_extending_a_finished_run_measures_each_update_once(tmp_path):
     assert [r["update_step"] for r in spikes] == [4, 8, 12] and [r["complete"] for r in spikes] == [True, True, False]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["loss_spikes"]["count"] == len(spikes)
+
+
+def test_resuming_a_copied_run_continues_in_the_copy_and_leaves_the_original_untouched(tmp_path):
+    original, copy = tmp_path / "original", tmp_path / "copy"
+    train(tiny_config(optimizer="smet", max_steps=4, checkpoint_every=2, eval_every=0, update_interval=2,
+                      out_dir=str(original)))
+    shutil.copytree(original, copy)
+    before = {path: path.read_bytes() for path in original.rglob("*") if path.is_file()}
+    assert cli.main(["--resume", str(copy / "checkpoints" / "step_0000002"), "--max-steps", "6", "--lr", "1e-4",
+                     "--no-progress"]) == 0
+    assert before == {path: path.read_bytes() for path in original.rglob("*") if path.is_file()}
+    assert sorted(p.name for p in (copy / "checkpoints").iterdir()) == ["step_0000002", "step_0000004", "step_0000006"]
+    assert [r["step"] for r in read_metrics(copy) if r["type"] == "train"] == [1, 2, 3, 4, 5, 6]
+    assert load_checkpoint_config(copy).out_dir == str(copy)
 
 
 def test_optimizer_options_given_with_resume_act_as_its_config_records_them(tmp_path, capsys):

@@ -119,10 +119,14 @@ def find_checkpoint(path: str | os.PathLike) -> Path:
 
 
 def load_checkpoint_config(path: str | os.PathLike) -> TrainConfig:
-    """The :class:`TrainConfig` saved in the checkpoint at ``path`` (with ``resume`` pointing to it)."""
+    """The :class:`TrainConfig` saved in the checkpoint at ``path`` (with ``resume`` pointing to it). ``out_dir`` is the
+    run folder that holds the checkpoint (``out_dir/checkpoints/step_*``), not the one saved: a copied or moved run
+    continues where it is, never in the folder it was copied from."""
     checkpoint = find_checkpoint(path)
     values = json.loads((checkpoint / "config.json").read_text())
     values["resume"] = str(checkpoint)
+    if checkpoint.parent.name == "checkpoints":
+        values["out_dir"] = str(checkpoint.parent.parent)
     values.setdefault("warmup_scope", "regrown")  # saved before warm-up scopes existed: sparse values warmed up only
     return TrainConfig.from_dict(values)
 

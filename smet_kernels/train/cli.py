@@ -183,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="train through torch.compile(model) (one graph with the block-sparse custom ops; "
                      "the first steps include compilation; default: eager)")
     run.add_argument("--out-dir", help="output folder for metrics.jsonl, summary.json, checkpoints/ "
-                     "(default: runs/CONFIG-OPTIMIZER)")
+                     "(default: runs/CONFIG-OPTIMIZER; with --resume, the run folder holding the checkpoint)")
     run.add_argument("--checkpoint-every", type=_int_at_least(0),
                      help=f"checkpoint every N steps and at the end, 0 disables (default: {d.checkpoint_every})")
     run.add_argument("--checkpoint-format", choices=CHECKPOINT_FORMATS,
