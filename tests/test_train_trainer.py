@@ -280,6 +280,10 @@ def test_optimizer_options_given_with_resume_act_as_its_config_records_them(tmp_
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["--resume", str(tmp_path / "galore"), "--galore-rank", "8", "--max-steps", "2", "--no-progress"])
     assert exit_info.value.code == 2 and "cannot change galore_rank" in capsys.readouterr().err
+    # SuPar's parameter groups (one per hidden weight) cannot replace the saved ones: one line, not a traceback
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--resume", str(out), "--supar", "--max-steps", "3", "--no-progress"])
+    assert exit_info.value.code == 2 and "cannot change supar" in capsys.readouterr().err
 
 
 def test_evaluation_runs_in_training_micro_batches(tmp_path, monkeypatch):
