@@ -329,6 +329,7 @@ def _run_training(args, device, backend, dtype, out_dir, deadline, commands) -> 
 def _validate(args) -> None:
     """Reject bad options up front (SystemExit naming the option) rather than failing case by case."""
     from smet_kernels.layout import SUPPORTED_BLOCK_SIZES
+    from smet_kernels.train.config import check_output_folder
     from smet_kernels.train.model import MODEL_CONFIGS, model_config
 
     from . import kernels, optimizer, training
@@ -339,6 +340,11 @@ def _validate(args) -> None:
     unknown = [s for s in args.suites if s not in SUITES]
     if unknown:
         fail(f"--suites must be from {SUITES}, got {unknown}")
+    if args.out_dir is not None:
+        try:
+            check_output_folder(args.out_dir, "--out-dir")
+        except ValueError as error:
+            fail(str(error))
     providers = set(kernels.PROVIDERS) | set(optimizer.PROVIDERS)
     if args.providers and any(p not in providers for p in args.providers):
         fail(f"--providers must be from {sorted(providers)}, got {args.providers}")

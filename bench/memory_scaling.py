@@ -258,6 +258,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _validate(args) -> None:
     from smet_kernels.layout import check_density
+    from smet_kernels.train.config import check_output_folder
+
+    check_output_folder(args.out_dir, "--out-dir")
 
     for option, values, allowed in (("--configs", args.configs, CONFIGS), ("--methods", args.methods, METHODS),
                                     ("--state-dtypes", args.state_dtypes, STATE_DTYPES),

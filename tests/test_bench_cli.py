@@ -184,6 +184,21 @@ def test_bad_options_are_rejected(tmp_path, option, value):
     assert not (tmp_path / "kernels.csv").exists()
 
 
+@pytest.mark.parametrize("command", [["run", "--quick"], ["gpu-check"], ["stability", "run", "--quick"], ["memory"]])
+def test_an_out_dir_that_is_or_lies_under_a_file_is_a_one_line_error(tmp_path, command, capsys):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a folder")
+    for out_dir, message in ((a_file, "exists and is not a folder"), (a_file / "sub", "cannot be created")):
+        try:
+            code = main([*command, "--device", "cpu", "--out-dir", str(out_dir)] if command[0] != "memory"
+                        else [*command, "--out-dir", str(out_dir)])
+            error = capsys.readouterr().err.strip()
+        except SystemExit as exit_info:
+            code, error = 1, str(exit_info.code)
+        assert code in (1, 2) and f"--out-dir '{out_dir}' {message}" in error and "\n" not in error, error
+    assert a_file.read_text() == "not a folder"
+
+
 def test_training_block_size_must_divide_the_hidden_size(tmp_path):
     with pytest.raises(SystemExit, match="--training-block-size 128: .*hidden size 64 of config 'tiny'"):
         main(["run", "--quick", "--suites", "training", "--training-block-size", "128", "--out-dir", str(tmp_path)])

@@ -55,7 +55,7 @@ def test_bad_options_fail_with_one_line_before_anything_runs(tmp_path, option, v
 def test_an_out_dir_that_is_a_file_is_refused(tmp_path):
     target = tmp_path / "file"
     target.write_text("")
-    with pytest.raises(SystemExit, match="smet-bench: error: --out-dir .* is a file"):
+    with pytest.raises(SystemExit, match="smet-bench: error: --out-dir .* exists and is not a folder"):
         main(["gpu-check", "--out-dir", str(target)])
 
 

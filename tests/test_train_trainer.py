@@ -205,6 +205,7 @@ def test_unusable_data_and_out_dir_give_one_line_errors(capsys, tmp_path):
     for argv, message in (
         (["--data", str(empty), "--out-dir", str(tmp_path / "run")], "holds no text"),
         (["--out-dir", str(a_file)], "exists and is not a folder"),
+        (["--out-dir", str(a_file / "run")], f"cannot be created: '{a_file}' is not a folder"),
         (["--eval-batches", "0", "--out-dir", str(tmp_path / "run")], "--eval-batches: must be >= 1"),
     ):
         with pytest.raises(SystemExit) as exit_info:

@@ -41,6 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def validate(args) -> list[str]:
     """The selected stages; raises ``SystemExit`` with one line for a bad option, before anything runs."""
+    from smet_kernels.train.config import check_output_folder
 
     def fail(message: str):
         raise SystemExit(f"smet-bench: error: {message}")
@@ -51,9 +52,10 @@ def validate(args) -> list[str]:
         fail(f"--stages must be a comma-separated list from {','.join(STAGES)}, got {args.stages!r}")
     if not args.minutes > 0:
         fail(f"--minutes must be positive, got {args.minutes:g}")
-    out_dir = Path(args.out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        fail(f"--out-dir {out_dir} is a file, not a folder")
+    try:
+        check_output_folder(args.out_dir, "--out-dir")
+    except ValueError as error:
+        fail(str(error))
     return stages
 
 

@@ -79,9 +79,11 @@ def check_runnable(spec: StudySpec, out_dir) -> None:
     """Raise ValueError (one line, naming the setting) for what every run of ``spec`` would reject: the trainer's
     :meth:`TrainConfig.validate`, a device or backend that is not available, unreadable or too short data."""
     from smet_kernels import backend as backend_module
+    from smet_kernels.train.config import check_output_folder
     from smet_kernels.train.data import DataError, PackedBatches, eval_windows, load_corpus
 
     spec.validate()
+    check_output_folder(out_dir, "--out-dir")
     for run in enumerate_runs(spec):
         run.train_config(spec, out_dir).validate()
     device = backend_module.resolve_device(spec.device)

@@ -33,6 +33,16 @@ class ConfigError(ValueError):
     """A bad training configuration or unusable data (the CLI prints it as a one-line error)."""
 
 
+def check_output_folder(path, name: str = "out_dir") -> None:
+    """Raise :class:`ConfigError` (one line, naming ``name``) when ``path`` cannot be a folder to write into: it, or
+    the nearest of its parents that exists, is not a folder (creating it would fail with a raw ``OSError``)."""
+    path = Path(path)
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        problem = "exists and is" if existing == path else f"cannot be created: {str(existing)!r} is"
+        raise ConfigError(f"{name} {str(path)!r} {problem} not a folder")
+
+
 @dataclass
 class TrainConfig:
     """Everything that defines a training run (saved in every checkpoint). See ``smet-train --help``."""
@@ -185,8 +195,8 @@ class TrainConfig:
         hidden = MODEL_CONFIGS[self.model].hidden_size
         if self.optimizer in SPARSE_OPTIMIZERS and hidden % self.resolved_block_size() != 0:
             raise ConfigError(f"block_size {self.block_size} does not divide the hidden size {hidden} of {self.model}")
-        if self.out_dir is not None and Path(self.out_dir).exists() and not Path(self.out_dir).is_dir():
-            raise ConfigError(f"out_dir {self.out_dir!r} exists and is not a folder")
+        if self.out_dir is not None:
+            check_output_folder(self.out_dir)
         if self.device != "auto":
             try:
                 torch.device(self.device)
