@@ -300,6 +300,16 @@ def test_bad_arguments_raise(kwargs, error, match):
         SMETAdamW([dense_param((4,), seed=0)], **kwargs)
 
 
+@pytest.mark.parametrize("name", ["lr", "eps", "weight_decay", "density_lr_exponent"])
+def test_an_infinite_hyperparameter_is_refused_by_name(name):
+    with pytest.raises(ValueError, match=f"^{name} must be a finite float"):
+        SMETAdamW([dense_param((4,), seed=0)], **{name: float("inf")})
+    optimizer = SMETAdamW([dense_param((4,), seed=0)])
+    with pytest.raises(ValueError, match=f"^{name} must be a finite float"):
+        optimizer.add_param_group({"params": [dense_param((4,), seed=1)], name: float("inf")})
+    assert len(optimizer.param_groups) == 1
+
+
 def test_a_bad_parameter_fails_the_step_before_anything_changes(device):
     good = dense_param((4,), seed=0, device=device)
     bad = torch.nn.Parameter(torch.ones(3, dtype=torch.float64, device=device))

@@ -275,6 +275,18 @@ def check_tensors(params, grads, exp_avgs, exp_avg_sqs, block_steps, lrs, global
             raise ValueError(f"global_steps[{i}] must be >= 1 (count including this step), got {global_steps[i]}")
 
 
+def check_finite(value, name: str, positive: bool = False) -> None:
+    """Raise ``ValueError`` naming ``name`` unless ``value`` is a finite real number ``>= 0`` (``> 0`` when
+    ``positive``): an infinite lr, eps or weight decay would silently turn the weights into inf/NaN or freeze them."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or not (value > 0.0 if positive else value >= 0.0)
+    ):
+        raise ValueError(f"{name} must be a finite float {'>' if positive else '>='} 0, got {value!r}")
+
+
 def check_hyperparameters(betas, eps: float, weight_decay: float, warmup: str, warmup_steps: int) -> None:
     """Raise ``ValueError``/``TypeError`` naming the first invalid AdamW hyper-parameter."""
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
@@ -282,10 +294,8 @@ def check_hyperparameters(betas, eps: float, weight_decay: float, warmup: str, w
     for i, beta in enumerate(betas):
         if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0.0 <= beta < 1.0:
             raise ValueError(f"betas[{i}] must be a float in [0, 1), got {beta!r}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0.0:
-        raise ValueError(f"eps must be > 0, got {eps!r}")
-    if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) or not weight_decay >= 0.0:
-        raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
+    check_finite(eps, "eps", positive=True)
+    check_finite(weight_decay, "weight_decay")
     if warmup not in WARMUP_MODES:
         raise ValueError(f"warmup must be one of {WARMUP_MODES}, got {warmup!r}")
     if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int):

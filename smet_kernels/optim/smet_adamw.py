@@ -35,14 +35,13 @@ step. ``state_dict()`` therefore holds ``DTensor``s; the trainer gathers them to
 
 from __future__ import annotations
 
-import math
 from itertools import chain
 from typing import Any, Callable, Iterable
 
 import torch
 
 from ..backend import BACKENDS
-from ..ops.adamw import PARAM_DTYPES, check_hyperparameters
+from ..ops.adamw import PARAM_DTYPES, check_finite, check_hyperparameters
 from ..ops.library import adamw_step
 from ..sharding import check_row_sharded, local, zeros_per_row
 
@@ -52,13 +51,9 @@ _BATCH_FIELDS = ("params", "grads", "exp_avgs", "exp_avg_sqs", "block_steps", "l
 
 
 def _check_group(group: dict) -> None:
-    lr = group["lr"]
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr >= 0.0:
-        raise ValueError(f"lr must be a float >= 0, got {lr!r}")
+    check_finite(group["lr"], "lr")
     check_hyperparameters(group["betas"], group["eps"], group["weight_decay"], group["warmup"], group["warmup_steps"])
-    alpha = group["density_lr_exponent"]
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not (0.0 <= alpha < math.inf):
-        raise ValueError(f"density_lr_exponent must be a finite float >= 0, got {alpha!r}")
+    check_finite(group["density_lr_exponent"], "density_lr_exponent")
     if group["warmup_scope"] not in WARMUP_SCOPES:
         raise ValueError(f"warmup_scope must be one of {WARMUP_SCOPES}, got {group['warmup_scope']!r}")
     if group["bias_correction"] not in BIAS_CORRECTIONS:
