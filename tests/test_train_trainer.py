@@ -198,6 +198,19 @@ def test_bad_arguments_give_one_line_errors(argv, message, capsys, tmp_path):
     assert not any("Traceback" in line for line in err)
 
 
+@pytest.mark.parametrize("option", ["--lr", "--weight-decay", "--density-lr-exponent", "--galore-scale", "--grad-clip"])
+def test_an_infinite_number_is_a_one_line_error_before_training(option, capsys, tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([option, "inf", "--out-dir", str(tmp_path / "run"), "--max-steps", "1", "--no-progress"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == f"smet-train: error: argument {option}: expected a finite number, got 'inf'", err
+    assert not (tmp_path / "run").exists()
+    field = option[2:].replace("-", "_")
+    with pytest.raises(ConfigError, match=f"^{field} must be a finite number, got inf$"):
+        tiny_config(**{field: float("inf")}).validate()
+
+
 def test_unusable_data_and_out_dir_give_one_line_errors(capsys, tmp_path):
     empty, a_file = tmp_path / "empty.txt", tmp_path / "a_file"
     empty.write_bytes(b"")

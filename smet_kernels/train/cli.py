@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import sys
 import warnings
 
@@ -54,6 +55,8 @@ def _float_in(low: float, high: float, low_open: bool = False, high_open: bool =
             value = float(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
         if not (low <= value <= high) or (low_open and value == low) or (high_open and value == high):
             interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
             raise argparse.ArgumentTypeError(f"must be in {interval}, got {text}")

@@ -133,8 +133,8 @@ class TrainConfig:
 
         def number(name, low, high, low_open=False, high_open=False):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-                raise ConfigError(f"{name} must be a number, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ConfigError(f"{name} must be a finite number, got {value!r}")
             if value < low or value > high or (low_open and value == low) or (high_open and value == high):
                 raise ConfigError(
                     f"{name} must be in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}, got {value}"
