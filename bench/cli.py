@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .runner import CommandLog, Deadline, run_cases
+from .runner import CommandLog, Deadline, check_minutes, run_cases
 
 SUITES = ("kernels", "optimizer", "training")
 MODES = {"off": (False,), "on": (True,), "both": (False, True)}  # --compile / --activation-checkpointing
@@ -367,8 +367,10 @@ def _validate(args) -> None:
                 model_config(config, block_size=block_size)
             except ValueError as error:
                 fail(f"--training-block-size {block_size}: {error}")
-    if args.max_minutes is not None and args.max_minutes <= 0:
-        fail(f"--max-minutes must be positive, got {args.max_minutes}")
+    try:
+        check_minutes(args.max_minutes, "--max-minutes")
+    except ValueError as error:
+        fail(str(error))
     for option, values in (
         ("--tokens", args.tokens),
         ("--batch-size", [args.batch_size]),

@@ -32,6 +32,13 @@ class CommandLog:
         self.done = True
 
 
+def check_minutes(minutes: float | None, option: str) -> None:
+    """Raise ``ValueError`` naming ``option`` unless ``minutes`` is None (no limit) or positive: a NaN budget would
+    silently never expire, a negative one start nothing."""
+    if minutes is not None and not minutes > 0:
+        raise ValueError(f"{option} must be positive, got {minutes:g}")
+
+
 class Deadline:
     """``expired()`` once ``minutes`` have passed since construction (never when ``minutes`` is None)."""
 

@@ -199,6 +199,21 @@ def test_an_out_dir_that_is_or_lies_under_a_file_is_a_one_line_error(tmp_path, c
     assert a_file.read_text() == "not a folder"
 
 
+@pytest.mark.parametrize("command, option", [(["run"], "--max-minutes"), (["gpu-check"], "--minutes"),
+                                             (["stability", "run", "--quick"], "--max-minutes")])
+@pytest.mark.parametrize("minutes", ["nan", "0", "-1"])
+def test_a_time_budget_that_is_not_positive_is_a_one_line_error_before_anything_runs(tmp_path, command, option,
+                                                                                      minutes, capsys):
+    out_dir = tmp_path / "out"
+    try:
+        code = main([*command, "--device", "cpu", option, minutes, "--out-dir", str(out_dir)])
+        error = capsys.readouterr().err.strip()
+    except SystemExit as exit_info:
+        code, error = 1, str(exit_info.code)
+    assert code in (1, 2) and f"{option} must be positive, got {minutes}" in error and "\n" not in error, error
+    assert not out_dir.exists()
+
+
 def test_training_block_size_must_divide_the_hidden_size(tmp_path):
     with pytest.raises(SystemExit, match="--training-block-size 128: .*hidden size 64 of config 'tiny'"):
         main(["run", "--quick", "--suites", "training", "--training-block-size", "128", "--out-dir", str(tmp_path)])

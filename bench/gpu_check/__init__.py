@@ -15,6 +15,7 @@ import shlex
 import time
 from pathlib import Path
 
+from ..runner import check_minutes
 from .plan import STAGES, format_plan, sizes_for
 
 ATOMIC_STAGES = ("compile",)  # one long case: started only when its estimate fits in what is left of the budget
@@ -50,9 +51,8 @@ def validate(args) -> list[str]:
     unknown = [s for s in stages if s not in STAGES]
     if unknown or not stages:
         fail(f"--stages must be a comma-separated list from {','.join(STAGES)}, got {args.stages!r}")
-    if not args.minutes > 0:
-        fail(f"--minutes must be positive, got {args.minutes:g}")
     try:
+        check_minutes(args.minutes, "--minutes")
         check_output_folder(args.out_dir, "--out-dir")
     except ValueError as error:
         fail(str(error))

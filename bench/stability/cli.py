@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+from ..runner import check_minutes
 from .report import write_report
 from .spec import COMMANDS_FILE, DENSE_METHOD, METHODS, PRESETS, StudySpec, enumerate_runs
 from .sweep import check_runnable, is_done, run_sweep
@@ -147,6 +148,7 @@ def main_from_args(args: argparse.Namespace, prog: str, argv: list[str]) -> int:
     default_dirs = {"pilot": "reports/cpu-pilot-stability", "cpu": "reports/stability-cpu", "h100": "reports/stability"}
     try:
         out_dir = Path(args.out_dir or default_dirs[_preset(args)])
+        check_minutes(args.max_minutes, "--max-minutes")
         spec = spec_from_args(args)
         check_runnable(spec, out_dir)
     except ValueError as error:
