@@ -26,14 +26,18 @@ def _check_layout(layout: BlockLayout) -> None:
         raise TypeError(f"layout must be a BlockLayout, got {type(layout).__name__}")
 
 
+def _check_floating(tensor: torch.Tensor, name: str) -> None:
+    if tensor.dtype not in REFERENCE_DTYPES:
+        raise TypeError(f"{name} must be a floating tensor (fp16, bf16, fp32, fp64), got {tensor.dtype}")
+
+
 def _check_values(values: torch.Tensor, layout: BlockLayout, name: str = "values") -> None:
     if not isinstance(values, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(values).__name__}")
     b = layout.block_size
     if tuple(values.shape) != (layout.nnz, b, b):
         raise ValueError(f"{name} must have shape [nnz, b, b] = {(layout.nnz, b, b)}, got {tuple(values.shape)}")
-    if values.dtype not in REFERENCE_DTYPES:
-        raise TypeError(f"{name} must be a floating tensor (fp16, bf16, fp32, fp64), got {values.dtype}")
+    _check_floating(values, name)
 
 
 @torch.compiler.assume_constant_result
@@ -72,8 +76,7 @@ def block_sparse_linear(
     out_features, in_features = layout.shape
     if x.dim() < 1 or x.shape[-1] != in_features:
         raise ValueError(f"x must have shape [..., {in_features}] (in_features of the layout), got {tuple(x.shape)}")
-    if x.dtype not in REFERENCE_DTYPES:
-        raise TypeError(f"x must be a floating tensor (fp16, bf16, fp32, fp64), got {x.dtype}")
+    _check_floating(x, "x")
     if bias is not None:
         if not isinstance(bias, torch.Tensor):
             raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
@@ -118,4 +121,5 @@ def from_dense(weight: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
         raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
     if tuple(weight.shape) != tuple(layout.shape):
         raise ValueError(f"weight must have the layout's shape {tuple(layout.shape)}, got {tuple(weight.shape)}")
+    _check_floating(weight, "weight")
     return from_dense_reference(weight, layout)

@@ -266,6 +266,15 @@ def test_to_dense_from_dense_round_trip():
     assert torch.equal(blocks, layout.mask)
 
 
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool])
+def test_from_dense_refuses_a_weight_that_is_not_floating_point_as_to_dense_does(dtype):
+    layout = _mask_layout("random", 3, 5, 16)
+    with pytest.raises(TypeError, match="^weight must be a floating tensor"):
+        from_dense(torch.ones(layout.shape, dtype=dtype), layout)
+    with pytest.raises(TypeError, match="^values must be a floating tensor"):
+        to_dense(torch.ones(layout.nnz, 16, 16, dtype=dtype), layout)
+
+
 def test_non_contiguous_input_is_accepted():
     layout = _mask_layout("random", 2, 2, 16)
     x, values, _, _ = _inputs(layout, 8, torch.float32)
