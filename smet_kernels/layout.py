@@ -70,6 +70,11 @@ def check_divisible(size: int, block_size: int, name: str) -> int:
     return size
 
 
+def check_generator(generator: torch.Generator | None, name: str = "generator") -> None:
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"{name} must be a torch.Generator or None, got {type(generator).__name__}")
+
+
 def nnz_for_density(num_blocks: int, density: float) -> int:
     """``round(d * blocks)``, at least one block."""
     return max(1, min(num_blocks, int(round(density * num_blocks))))
@@ -138,6 +143,7 @@ class BlockLayout:
         check_divisible(out_features, block_size, "out_features")
         check_divisible(in_features, block_size, "in_features")
         density = check_density(density)
+        check_generator(generator)
         rows, cols = out_features // block_size, in_features // block_size
         nnz = nnz_for_density(rows * cols, density)
         draw_device = generator.device if generator is not None else "cpu"  # a CUDA generator draws on CUDA

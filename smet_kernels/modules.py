@@ -13,7 +13,7 @@ from torch import nn
 
 from .distribution import layer_densities
 from .functional import block_sparse_linear, from_dense, to_dense
-from .layout import BlockLayout, check_block_size, check_density
+from .layout import BlockLayout, check_block_size, check_density, check_generator
 
 #: ``state_dict`` key (after the layer's prefix) of a sparse layer's ``layout.block_indices``
 BLOCK_INDICES_KEY = "block_indices"
@@ -22,6 +22,7 @@ BLOCK_INDICES_KEY = "block_indices"
 def uniform_init_(tensor: torch.Tensor, bound: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """Fill ``tensor`` with ``U(-bound, bound)`` drawn in fp32 on the generator's device (a CPU generator may seed
     a CUDA layer), then copied in."""
+    check_generator(generator)
     draw_device = generator.device if generator is not None else tensor.device
     with torch.no_grad():
         noise = torch.empty(tensor.shape, device=draw_device).uniform_(-bound, bound, generator=generator)

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from smet_kernels import BlockLayout, BlockSparseLinear, from_dense, sparsify, to_dense
+from smet_kernels import BlockLayout, BlockSparseLinear, MaskedLinear, from_dense, sparsify, to_dense
 
 
 def test_block_sparse_linear_matches_dense_linear():
@@ -120,6 +120,18 @@ def test_block_sparse_linear_bad_arguments():
         BlockSparseLinear(32, 32, layout=BlockLayout.random(64, 32, 16, 0.5))
     with pytest.raises(ValueError, match="in_features"):
         BlockSparseLinear(40, 32, density=0.5, block_size=16)
+
+
+def test_a_generator_that_is_not_a_torch_generator_is_refused_by_name():
+    for build in (
+        lambda: BlockLayout.random(64, 32, 16, 0.5, generator=0),
+        lambda: BlockSparseLinear(32, 64, density=0.5, block_size=16, generator=0),
+        lambda: BlockSparseLinear(32, 64, layout=BlockLayout.random(64, 32, 16, 0.5), generator=0),
+        lambda: MaskedLinear(32, 64, density=0.5, block_size=16, generator=0),
+        lambda: sparsify(_Mlp(), density=0.5, block_size=16, exclude=["head"], generator="seed"),
+    ):
+        with pytest.raises(TypeError, match="^generator must be a torch.Generator or None, got (int|str)$"):
+            build()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
