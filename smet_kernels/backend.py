@@ -50,7 +50,7 @@ _backend_source = "the SMET_BACKEND environment variable" if "SMET_BACKEND" in o
 _warned = False
 
 
-def _check_name(name: str, source: str = "backend") -> str:
+def check_backend(name: str, source: str = "backend") -> str:
     if name not in BACKENDS:
         raise ValueError(f"{source} must be one of {BACKENDS}, got {name!r}")
     return name
@@ -59,12 +59,12 @@ def _check_name(name: str, source: str = "backend") -> str:
 def set_backend(name: str) -> None:
     """Select the default backend for every op: ``auto``, ``triton`` or ``reference``."""
     global _backend, _backend_source
-    _backend = _check_name(name)
+    _backend = check_backend(name)
     _backend_source = "backend"
 
 
 def get_backend() -> str:
-    return _check_name(_backend, _backend_source)
+    return check_backend(_backend, _backend_source)
 
 
 def triton_can_run(device: torch.device) -> bool:
@@ -97,7 +97,7 @@ def resolve_device(name: str | None = "auto") -> torch.device:
 def resolve_backend(device: torch.device, backend: str | None = None) -> str:
     """The concrete backend (``triton`` | ``reference``) for tensors on ``device``."""
     global _warned
-    name = _check_name(backend if backend is not None else get_backend())
+    name = check_backend(backend if backend is not None else get_backend())
     if name == "reference":
         return name
     if triton_can_run(device):

@@ -42,7 +42,7 @@ class MaskedLinear(BlockLayoutLinear):
         dtype: torch.dtype | None = None,
         generator: torch.Generator | None = None,
     ):
-        super().__init__(in_features, out_features, density, block_size, layout, generator)
+        super().__init__(in_features, out_features, density, block_size, layout, generator, dtype)
         self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype))
         self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
         self._mask_key: tuple | None = None

@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from .distribution import layer_densities
-from .functional import block_sparse_linear, from_dense, to_dense
+from .backend import check_backend
+from .functional import REFERENCE_DTYPES, block_sparse_linear, from_dense, to_dense
 from .layout import BlockLayout, check_block_size, check_density, check_generator
 
 #: ``state_dict`` key (after the layer's prefix) of a sparse layer's ``layout.block_indices``
@@ -32,9 +33,10 @@ def uniform_init_(tensor: torch.Tensor, bound: float, generator: torch.Generator
 class BlockLayoutLinear(nn.Module):
     """Base of the linear layers whose weight follows a :class:`BlockLayout`.
 
-    Resolves the layout (given, or random at ``density``), checks it against the features, keeps its slot -> block
-    map in the ``state_dict`` as the int64 tensor ``<prefix>block_indices [nnz, 2]`` (so safetensors and
-    ``save_pretrained`` take it; restored in place, so references to the layout stay valid) and shows it in repr.
+    Checks ``dtype``, resolves the layout (given, or random at ``density``), checks it against the features, keeps
+    its slot -> block map in the ``state_dict`` as the int64 tensor ``<prefix>block_indices [nnz, 2]`` (so
+    safetensors and ``save_pretrained`` take it; restored in place, so references to the layout stay valid) and shows
+    it in repr.
     """
 
     #: ``(parameter name, attribute name)``: the parameter that carries the layout as an attribute. The attribute is
@@ -50,8 +52,11 @@ class BlockLayoutLinear(nn.Module):
         block_size: int,
         layout: BlockLayout | None,
         generator: torch.Generator | None,
+        dtype: torch.dtype | None,
     ):
         super().__init__()
+        if dtype is not None and dtype not in REFERENCE_DTYPES:
+            raise TypeError(f"dtype must be None or a floating dtype (fp16, bf16, fp32, fp64), got {dtype!r}")
         if layout is None:
             if density is None:
                 raise TypeError(f"{type(self).__name__} needs density (or an explicit layout)")
@@ -158,8 +163,8 @@ class BlockSparseLinear(BlockLayoutLinear):
         generator: torch.Generator | None = None,
         backend: str | None = None,
     ):
-        super().__init__(in_features, out_features, density, block_size, layout, generator)
-        self.backend = backend
+        super().__init__(in_features, out_features, density, block_size, layout, generator, dtype)
+        self.backend = backend if backend is None else check_backend(backend)
         b = self.layout.block_size
         self.values = nn.Parameter(torch.empty(self.layout.nnz, b, b, device=device, dtype=dtype))  # tagged by setattr
         self.layout.kernel_index(self.values.device)  # built eagerly (below), so torch.compile finds it cached

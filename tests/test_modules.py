@@ -122,6 +122,16 @@ def test_block_sparse_linear_bad_arguments():
         BlockSparseLinear(40, 32, density=0.5, block_size=16)
 
 
+def test_a_non_floating_dtype_or_unknown_backend_is_refused_when_the_layer_is_built():
+    for layer in (BlockSparseLinear, MaskedLinear):
+        with pytest.raises(TypeError, match="^dtype must be None or a floating dtype .*, got torch.int32$"):
+            layer(32, 64, density=0.5, block_size=16, dtype=torch.int32)
+    with pytest.raises(ValueError, match="^backend must be one of .*, got 'cuda'$"):
+        BlockSparseLinear(32, 64, density=0.5, block_size=16, backend="cuda")
+    with pytest.raises(ValueError, match="^backend must be one of .*, got 'cuda'$"):
+        sparsify(_Mlp(), density=0.5, block_size=16, exclude=["head"], backend="cuda")
+
+
 def test_a_generator_that_is_not_a_torch_generator_is_refused_by_name():
     for build in (
         lambda: BlockLayout.random(64, 32, 16, 0.5, generator=0),

@@ -40,7 +40,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from ..backend import BACKENDS
+from ..backend import check_backend
 from ..ops.adamw import PARAM_DTYPES, check_finite, check_hyperparameters
 from ..ops.library import adamw_step
 from ..sharding import check_row_sharded, local, zeros_per_row
@@ -62,8 +62,8 @@ def _check_group(group: dict) -> None:
         raise TypeError(f"state_dtype must be a torch.dtype, got {type(group['state_dtype']).__name__}")
     if group["state_dtype"] not in PARAM_DTYPES:
         raise ValueError(f"state_dtype must be one of {PARAM_DTYPES}, got {group['state_dtype']}")
-    if group["backend"] is not None and group["backend"] not in BACKENDS:
-        raise ValueError(f"backend must be None or one of {BACKENDS}, got {group['backend']!r}")
+    if group["backend"] is not None:
+        check_backend(group["backend"])
 
 
 class SMETAdamW(torch.optim.Optimizer):
