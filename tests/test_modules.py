@@ -104,6 +104,7 @@ def test_sparsify_include_and_erk():
         ({"density": 0.5, "block_size": 64}, ValueError, "not divisible by block_size"),
         ({"density": 0.5, "include": ["nothing-matches"]}, ValueError, "no nn.Linear"),
         ({"density": 0.5, "include": ["("]}, ValueError, "include"),
+        ({"density": 0.5, "include": 3}, TypeError, "^include must be a regular expression or a list of them, got int$"),
         ({"density": 0.5, "distribution": "normal"}, ValueError, "distribution"),
     ],
 )
