@@ -211,6 +211,12 @@ def test_an_infinite_number_is_a_one_line_error_before_training(option, capsys, 
         tiny_config(**{field: float("inf")}).validate()
 
 
+def test_every_option_of_smet_train_states_its_default():
+    for action in cli.build_parser()._actions:
+        if "-h" not in action.option_strings:
+            assert "default: " in action.help, action.option_strings
+
+
 def test_unusable_data_and_out_dir_give_one_line_errors(capsys, tmp_path):
     empty, a_file = tmp_path / "empty.txt", tmp_path / "a_file"
     empty.write_bytes(b"")

@@ -91,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--distribution", choices=("uniform", "erk"),
                        help=f"per-layer density distribution (default: {d.distribution})")
     model.add_argument("--supar", action="store_true",
-                       help="SuPar: scale hidden init variance and Adam LR by 1/(width mult x density mult)")
+                       help="SuPar: scale hidden init variance and Adam LR by 1/(width mult x density mult) "
+                       "(default: off)")
     model.add_argument("--supar-base-width", type=_int_at_least(1),
                        help=f"SuPar base width: width mult = hidden size / base width (default: {d.supar_base_width})")
     smet = parser.add_argument_group("SMET topology and optimizer")
@@ -197,8 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", metavar="DIR",
                      help="continue from the newest checkpoint in DIR (an out-dir or a checkpoints/step_* folder) "
                      "whose files match the sha256 checksums of its manifest.json; a newer corrupt or unreadable one "
-                     "is named in a warning and passed over")
-    run.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
+                     "is named in a warning and passed over (default: a fresh run)")
+    run.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar (default: shown)")
     return parser
 
 
