@@ -261,6 +261,15 @@ def test_report_reads_pytest_benchmark_json(quick_run):
     assert "## pytest-benchmark" in report and "test_dense[forward]" in report and "2 [1–3]" in report
 
 
+def test_a_benchmark_json_that_is_not_json_is_a_one_line_error_naming_the_file(quick_run, tmp_path):
+    broken = tmp_path / "broken.json"
+    broken.write_text("not json")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["report", "--out-dir", str(quick_run), "--benchmark-json", str(broken)])
+    assert str(exit_info.value.code).startswith(f"smet-bench: error: benchmark JSON {broken} is not JSON: ")
+    assert "\n" not in str(exit_info.value.code)
+
+
 def test_pytest_benchmark_suite_collects():
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "bench", "--collect-only", "-q", "-p", "no:cacheprovider"],

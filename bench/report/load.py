@@ -38,7 +38,10 @@ def load_benchmark_json(paths) -> pd.DataFrame | None:
     """Rows (name, params, stats in ms, extra_info) of pytest-benchmark JSON files."""
     rows = []
     for path in paths:
-        data = json.loads(Path(path).read_text())
+        try:
+            data = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(f"benchmark JSON {path} is not JSON: {error}") from None
         if not isinstance(data, dict) or "benchmarks" not in data:
             continue
         for bench in data["benchmarks"]:
