@@ -249,7 +249,8 @@ def _name_filter(patterns: Iterable[str] | str | None, name: str) -> list[str] |
     try:
         patterns = list(patterns)
     except TypeError:
-        raise TypeError(f"{name} must be a regular expression or a list of them, got {type(patterns).__name__}") from None
+        kind = type(patterns).__name__
+        raise TypeError(f"{name} must be a regular expression or a list of them, got {kind}") from None
     for pattern in patterns:
         if not isinstance(pattern, str):
             raise TypeError(f"{name} must hold regular expressions (str), got {type(pattern).__name__}")

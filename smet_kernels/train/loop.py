@@ -141,7 +141,8 @@ class Run:
         self.base_lrs = [group["lr"] for group in self.optimizer.param_groups]  # before a resume overwrites them
         # the config's hyperparameters of each group (weight decay, betas, eps, warm-up, backend...): a resume puts them
         # back after loading the saved groups, so options given with --resume act as config.json records them
-        self.group_options = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
+        self.group_options = [{k: v for k, v in group.items() if k != "params"}
+                              for group in self.optimizer.param_groups]  # fmt: skip
         self.spikes = SpikeTracker(config.spike_window)
         # --- update probe (issue 16): prune damage / cold start / first-step sizes; plain tensors only (not fsdp)
         self.probe = UpdateProbe(self.model, self.probe_loss, config.spike_window) if (
