@@ -35,7 +35,7 @@ class MaskedLinear(BlockLayoutLinear):
         in_features: int,
         out_features: int,
         density: float | None = None,
-        block_size: int = 128,
+        block_size: int | None = None,
         bias: bool = False,
         layout: BlockLayout | None = None,
         device: torch.device | str | None = None,

@@ -14,7 +14,7 @@ from torch import nn
 from .distribution import layer_densities
 from .backend import check_backend
 from .functional import REFERENCE_DTYPES, block_sparse_linear, from_dense, to_dense
-from .layout import BlockLayout, check_block_size, check_density, check_generator
+from .layout import BlockLayout, check_block_size, check_density, check_generator, nnz_for_density
 
 #: ``state_dict`` key (after the layer's prefix) of a sparse layer's ``layout.block_indices``
 BLOCK_INDICES_KEY = "block_indices"
@@ -28,6 +28,19 @@ def uniform_init_(tensor: torch.Tensor, bound: float, generator: torch.Generator
     with torch.no_grad():
         noise = torch.empty(tensor.shape, device=draw_device).uniform_(-bound, bound, generator=generator)
         return tensor.copy_(noise)
+
+
+DEFAULT_BLOCK_SIZE = 128  # b of a layer built from a density alone
+
+
+def _check_agrees_with_layout(layout: BlockLayout, density: float | None, block_size: int | None) -> None:
+    """A ``density`` or ``block_size`` given beside an explicit layout must describe it, never be silently ignored:
+    the block size equal, the density the one whose ``round(d · blocks)`` is the layout's block count."""
+    if block_size is not None and block_size != layout.block_size:
+        raise ValueError(f"block_size {block_size} does not match layout.block_size {layout.block_size}")
+    if density is not None and nnz_for_density(layout.num_blocks, check_density(density)) != layout.nnz:
+        raise ValueError(f"density {density} does not match the layout's ({layout.nnz} of {layout.num_blocks} "
+                         f"blocks, {layout.density:.4g}); pass one of density and layout")  # fmt: skip
 
 
 class BlockLayoutLinear(nn.Module):
@@ -49,7 +62,7 @@ class BlockLayoutLinear(nn.Module):
         in_features: int,
         out_features: int,
         density: float | None,
-        block_size: int,
+        block_size: int | None,
         layout: BlockLayout | None,
         generator: torch.Generator | None,
         dtype: torch.dtype | None,
@@ -60,6 +73,7 @@ class BlockLayoutLinear(nn.Module):
         if layout is None:
             if density is None:
                 raise TypeError(f"{type(self).__name__} needs density (or an explicit layout)")
+            block_size = DEFAULT_BLOCK_SIZE if block_size is None else block_size
             layout = BlockLayout.random(out_features, in_features, block_size, density, generator=generator)
         elif not isinstance(layout, BlockLayout):
             raise TypeError(f"layout must be a BlockLayout, got {type(layout).__name__}")
@@ -67,6 +81,8 @@ class BlockLayoutLinear(nn.Module):
             raise ValueError(
                 f"layout.shape {layout.shape} does not match (out_features, in_features)={(out_features, in_features)}"
             )
+        else:
+            _check_agrees_with_layout(layout, density, block_size)
         self.in_features = in_features
         self.out_features = out_features
         self.layout = layout
@@ -155,7 +171,7 @@ class BlockSparseLinear(BlockLayoutLinear):
         in_features: int,
         out_features: int,
         density: float | None = None,
-        block_size: int = 128,
+        block_size: int | None = None,
         bias: bool = False,
         layout: BlockLayout | None = None,
         device: torch.device | str | None = None,

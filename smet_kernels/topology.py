@@ -146,11 +146,12 @@ class _SparseTarget:
     hook: object = field(default=None, repr=False)
 
 
-def _check_int(value, name: str, minimum: int) -> int:
+def _check_int(value, name: str, minimum: int, maximum: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    if value < minimum or (maximum is not None and value > maximum):
+        bounds = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+        raise ValueError(f"{name} must be {bounds}, got {value}")
     return value
 
 
@@ -231,7 +232,7 @@ class SMET:
         self.init_std = _check_float(init_std, "init_std")
         if not 0.0 < self.init_std < math.inf:
             raise ValueError(f"init_std must be a finite float > 0, got {init_std}")
-        self.seed = _check_int(seed, "seed", 0)
+        self.seed = _check_int(seed, "seed", 0, 2**64 - 1)  # what torch.Generator.manual_seed takes
 
         self.model = model
         self.optimizer = optimizer

@@ -123,6 +123,18 @@ def test_block_sparse_linear_bad_arguments():
         BlockSparseLinear(40, 32, density=0.5, block_size=16)
 
 
+def test_a_density_or_block_size_given_beside_a_layout_must_describe_it():
+    layout = BlockLayout.random(64, 32, 16, 0.5)  # 4 of 8 blocks
+    for layer in (BlockSparseLinear, MaskedLinear):
+        assert layer(32, 64, density=0.5, block_size=16, layout=layout).layout is layout
+        assert layer(32, 64, density=0.45, layout=layout).layout is layout  # round(0.45 · 8) = 4 blocks too
+        with pytest.raises(ValueError, match="^block_size 32 does not match layout.block_size 16$"):
+            layer(32, 64, block_size=32, layout=layout)
+        with pytest.raises(ValueError, match=r"^density 0.25 does not match the layout's \(4 of 8 blocks, 0.5\)"):
+            layer(32, 64, density=0.25, layout=layout)
+    assert BlockSparseLinear(256, 256, density=0.5).layout.block_size == 128  # without a layout: b = 128
+
+
 def test_a_non_floating_dtype_or_unknown_backend_is_refused_when_the_layer_is_built():
     for layer in (BlockSparseLinear, MaskedLinear):
         with pytest.raises(TypeError, match="^dtype must be None or a floating dtype .*, got torch.int32$"):

@@ -323,6 +323,7 @@ def test_works_with_hand_built_sparse_parameter():
         (dict(init_std=0.0), ValueError, "init_std"),
         (dict(init_std=float("inf")), ValueError, "init_std"),
         (dict(seed=-1), ValueError, "seed"),
+        (dict(seed=2**64), ValueError, r"^seed must be in \[0, 18446744073709551615\], got 18446744073709551616$"),
     ],
 )
 def test_bad_arguments(kwargs, error, match):
