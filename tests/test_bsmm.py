@@ -177,6 +177,26 @@ def test_bsmm_grad_weight_split_k_matches_torch(split_k):
     _close(triton_grad_weight(dy, x, layout, split_k=split_k), torch_grad_weight(dy, x, layout), torch.float32)
 
 
+@pytest.mark.parametrize("variant", ["grouped", pytest.param("tma", marks=pytest.mark.skipif(not HAS_TMA,
+                                                                                         reason="needs sm_90+"))])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_bsmm_grad_weight_split_k_sums_fp32_partials_of_half_inputs(dtype, variant):
+    """Split-K is a schedule, not a precision choice: partial sums stay fp32 until the one rounding of the result.
+    Token tile 0 sums to 1024 + 0.25 and tile 1 to -1024; partials rounded to fp16/bf16 would lose the 0.25."""
+    layout = BlockLayout.from_mask(torch.ones(1, 1, dtype=torch.bool), 16)
+    m = 2 * TOKEN_TILE  # one token tile per split
+    x = torch.zeros(m, 16, dtype=torch.float64)
+    dy = torch.zeros(m, 16, dtype=torch.float64)
+    dy[[0, 1, TOKEN_TILE], 0] = 1.0
+    x[[0, 1, TOKEN_TILE], 0] = torch.tensor([1024.0, 0.25, -1024.0], dtype=torch.float64)
+    expected = (dy.t() @ x).reshape(1, 16, 16)  # dW[0, 0] = 0.25, exact in half precision
+    x, dy = x.to(DEVICE, dtype), dy.to(DEVICE, dtype)
+    for split_k in (1, 2):
+        got = triton_grad_weight(dy, x, layout, split_k=split_k, variant=variant)
+        assert got.dtype == dtype
+        torch.testing.assert_close(got.double().cpu(), expected, atol=0.0, rtol=0.0)
+
+
 def test_bsmm_grad_weight_validates_a_given_split_k_and_takes_an_int_like_default(monkeypatch):
     """The default may be int-like but not an ``int`` (a SymInt under dynamic shapes): only a given one is checked."""
     from smet_kernels.ops import block_sparse_matmul
