@@ -126,6 +126,16 @@ def test_erk_caps_layers_at_dense():
     assert active == pytest.approx(0.5 * (16 * 16 + 2048 * 2048))
 
 
+def test_erk_re_solves_until_no_layer_exceeds_dense():
+    """(16, 16) exceeds 1 at once; (64, 64) only after the re-solve without it (first ε·r = 0.975, then 1.011):
+    both dense, and the last layer takes what remains of the budget."""
+    shapes = {"tiny": (16, 16), "small": (64, 64), "big": (256, 256)}
+    dens = layer_densities(shapes, 0.3, "erk")
+    assert dens["tiny"] == 1.0 and dens["small"] == 1.0
+    budget = 0.3 * (16 * 16 + 64 * 64 + 256 * 256)
+    assert dens["big"] == pytest.approx((budget - 16 * 16 - 64 * 64) / (256 * 256), rel=1e-9)
+
+
 def test_layer_densities_bad_distribution():
     with pytest.raises(ValueError, match="distribution"):
         layer_densities({"a": (16, 16)}, 0.5, "gaussian")
