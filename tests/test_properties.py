@@ -148,15 +148,17 @@ def test_adamw_step_triton_matches_torch_for_any_block_steps(steps, warmup, warm
     assert torch.equal(slot_steps.cpu(), r_steps) and torch.equal(r_steps, block_step + 1)
 
 
+@pytest.mark.parametrize("backend", ["triton", "reference"])  # the reference is the kernel's oracle: pinned on its own
 @SETTINGS
 @given(nnz=st.integers(1, 8), data=st.data())
-def test_regrow_blocks_resets_exactly_the_given_slots(nnz, data):
+def test_regrow_blocks_resets_exactly_the_given_slots(nnz, data, backend):
     slots = data.draw(st.lists(st.integers(0, nnz - 1), unique=True, max_size=nnz))
     g = torch.Generator().manual_seed(nnz)
     values, exp_avg, exp_avg_sq = (torch.randn(nnz, 16, 16, generator=g).to(DEVICE) for _ in range(3))
     block_step = torch.arange(1, nnz + 1, dtype=torch.int32, device=DEVICE)
     before = [t.clone() for t in (values, exp_avg, exp_avg_sq, block_step)]
-    regrow_blocks(values, torch.tensor(slots, dtype=torch.int64, device=DEVICE), exp_avg, exp_avg_sq, block_step)
+    regrow_blocks(values, torch.tensor(slots, dtype=torch.int64, device=DEVICE), exp_avg, exp_avg_sq, block_step,
+                  backend=backend)
     touched = torch.zeros(nnz, dtype=torch.bool, device=DEVICE)
     touched[slots] = True
     for after, old in zip((values, exp_avg, exp_avg_sq, block_step), before):
