@@ -134,6 +134,21 @@ def test_topology_update_runs_after_the_optimizer_step_before_gradients_are_zero
     assert seen == [(1, True), (2, True), (3, True)]
 
 
+def test_two_ddp_ranks_under_the_trainer_make_the_same_topology_updates(tmp_path, tmp_path_factory):
+    """The Trainer wraps the model in DDP (gloo); the controller, built on the unwrapped model, must decide every
+    RigL update identically on both ranks (from the rank-averaged dense gradients), so layouts and values agree."""
+    from torchrun_launch import launch
+
+    worker = Path(__file__).with_name("hf_ddp_worker.py")
+    launch(tmp_path, 2, tmp_path_factory.getbasetemp() / "smet_cache", ["--regrow", "gradient"], program=(str(worker),))
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in (0, 1)]
+    for saved in ranks:
+        assert saved["world_size"] == 2 and saved["steps"] == 7 and saved["updates"] == [3, 6]
+        assert any(not torch.equal(a, b) for a, b in zip(saved["initial"], saved["layouts"]))  # the topology moved
+    for key in ("layouts", "values"):
+        assert all(torch.equal(a, b) for a, b in zip(ranks[0][key], ranks[1][key])), key
+
+
 def test_callback_refuses_another_optimizer(tmp_path):
     model, optimizer, smet = sparse_setup("llama", "random")
     other = sk.SMETAdamW(model.parameters(), lr=1e-3)

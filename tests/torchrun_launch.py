@@ -1,4 +1,5 @@
-"""Launch ``smet-train`` as ``torchrun --nproc-per-node N`` would (one process per rank, gloo on CPU); read metrics."""
+"""Launch ``smet-train`` (or another program) as ``torchrun --nproc-per-node N`` would (one process per rank, gloo
+on CPU); read metrics."""
 
 from __future__ import annotations
 
@@ -12,8 +13,12 @@ from pathlib import Path
 from torch.distributed import TCPStore
 
 
-def launch(out_dir: Path, world_size: int, cache_dir: Path, args: list[str]) -> None:
-    """Run ``smet-train ARGS --out-dir OUT_DIR`` on ``world_size`` ranks and wait; every rank must exit 0.
+SMET_TRAIN = ("-m", "smet_kernels.train.cli")
+
+
+def launch(out_dir: Path, world_size: int, cache_dir: Path, args: list[str], program: tuple = SMET_TRAIN) -> None:
+    """Run ``python PROGRAM ARGS --out-dir OUT_DIR`` (``smet-train`` by default) on ``world_size`` ranks and wait;
+    every rank must exit 0.
 
     As torchrun's agent does, this process hosts the rendezvous store on a port the OS picks and holds for the whole
     run (``TORCHELASTIC_USE_AGENT_STORE``: every rank connects as a client), so no other process can take the port
@@ -29,7 +34,7 @@ def launch(out_dir: Path, world_size: int, cache_dir: Path, args: list[str]) -> 
             env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                        LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(store.port),
                        TORCHELASTIC_USE_AGENT_STORE="True")
-        command = [sys.executable, "-m", "smet_kernels.train.cli", *args, "--out-dir", str(out_dir)]
+        command = [sys.executable, *program, *args, "--out-dir", str(out_dir)]
         procs.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     try:
         for proc in procs:
