@@ -33,7 +33,7 @@ def reference_galore_steps(weight, grads, lr, betas, eps, weight_decay, rank, ga
     return w
 
 
-@pytest.mark.parametrize("shape", [(24, 16), (16, 24)])
+@pytest.mark.parametrize("shape", [(24, 16), (16, 24), (16, 16)])  # square (q/k/v/o): right, as galore_torch
 def test_matches_formula(shape):
     gen = torch.Generator().manual_seed(0)
     weight = torch.randn(shape, generator=gen, dtype=torch.float64)
