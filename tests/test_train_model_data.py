@@ -1,12 +1,23 @@
 """LLaMA model, data pipeline and loss-spike diagnostics of the reference trainer."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
 
 from smet_kernels.train import data as data_module
 from smet_kernels.train.data import DataError, PackedBatches, eval_windows, load_corpus
-from smet_kernels.train.model import LlamaModel, lm_loss, model_config
+from smet_kernels.train.model import (
+    DecoderLayer,
+    LlamaModel,
+    RMSNorm,
+    SwiGLU,
+    apply_rope,
+    lm_loss,
+    model_config,
+    rope_tables,
+)
 from smet_kernels.train.spikes import SpikeTracker
 
 
@@ -46,6 +57,59 @@ def test_model_is_causal_and_learns_shapes():
     assert names == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"}
     with pytest.raises(ValueError, match="max_seq_len"):
         model(torch.zeros(1, 17, dtype=torch.long))
+
+
+def test_rmsnorm_divides_by_the_root_mean_square_plus_eps_under_the_root_and_scales_by_its_weight():
+    gen = torch.Generator().manual_seed(0)
+    norm = RMSNorm(8, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(8, generator=gen))
+    x = torch.randn(3, 8, generator=gen, dtype=torch.float64)
+    x[2] *= 1e-4  # mean(x²) ~ 1e-8, below eps: where eps goes matters
+    expected = torch.stack([
+        row / math.sqrt(sum(v * v for v in row.tolist()) / 8 + 1e-6) for row in x
+    ]) * norm.weight.detach().double()
+    torch.testing.assert_close(norm(x.float()).double(), expected, rtol=1e-5, atol=1e-7)
+
+
+def test_rope_rotates_each_pair_of_halves_by_position_times_its_frequency():
+    """LLaMA's rotate-half RoPE: dims (i, i + d/2) turn by angle t · θ^(-2i/d), counter-clockwise."""
+    head_dim, seq, theta = 8, 5, 10000.0
+    x = torch.randn(1, 1, seq, head_dim, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    cos, sin = rope_tables(head_dim, seq, theta)
+    out = apply_rope(x, cos.double(), sin.double())
+    half = head_dim // 2
+    for t in range(seq):
+        for i in range(half):
+            angle = t * theta ** (-2 * i / head_dim)
+            a, b = x[0, 0, t, i].item(), x[0, 0, t, i + half].item()
+            assert out[0, 0, t, i].item() == pytest.approx(a * math.cos(angle) - b * math.sin(angle), abs=1e-6)
+            assert out[0, 0, t, i + half].item() == pytest.approx(b * math.cos(angle) + a * math.sin(angle), abs=1e-6)
+
+
+def test_swiglu_is_down_of_silu_gate_times_up():
+    config = model_config("tiny")
+    mlp = SwiGLU(config)
+    x = torch.randn(2, config.hidden_size, generator=torch.Generator().manual_seed(2))
+    gate, up = x @ mlp.gate_proj.weight.t(), x @ mlp.up_proj.weight.t()
+    expected = (gate * torch.sigmoid(gate) * up) @ mlp.down_proj.weight.t()
+    torch.testing.assert_close(mlp(x), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_decoder_layer_is_pre_norm_residual_attention_then_mlp():
+    """h = x + attn(norm1(x)); out = h + mlp(norm2(h)): each sublayer sees its normalised input."""
+    config = model_config("tiny", max_seq_len=8)
+    layer = DecoderLayer(config)
+    x = 3.0 * torch.randn(2, 8, config.hidden_size, generator=torch.Generator().manual_seed(3))
+    cos, sin = rope_tables(config.head_dim, 8, config.rope_theta)
+
+    def rms(t, weight):
+        return t / torch.sqrt(t.pow(2).mean(-1, keepdim=True) + config.norm_eps) * weight
+
+    with torch.no_grad():
+        h = x + layer.attn(rms(x, layer.attn_norm.weight), cos, sin)
+        expected = h + layer.mlp(rms(h, layer.mlp_norm.weight))
+        torch.testing.assert_close(layer(x, cos, sin), expected, rtol=1e-5, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------------ data
