@@ -1,6 +1,9 @@
 """LLaMA model, data pipeline and loss-spike diagnostics of the reference trainer."""
 
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -178,6 +181,33 @@ def test_packed_batches_deterministic_resumable_and_sharded():
     with pytest.raises(DataError, match="fewer than batch_size"):
         PackedBatches(tokens, seq_len=8, batch_size=11, seed=0)
     assert eval_windows(tokens, 8, 3).tolist() == [0, 4, 9]
+
+
+def test_the_validation_split_of_a_path_is_the_same_in_every_process():
+    """The split depends on the path only: not on Python's per-process string hash seed."""
+    code = ("import importlib.util, sys; spec = importlib.util.spec_from_file_location('data', sys.argv[1]); "
+            "data = sys.modules['data'] = importlib.util.module_from_spec(spec); spec.loader.exec_module(data); "
+            "print([data._is_val(f'pkg/mod{i}.py', 50.0) for i in range(64)])")
+    splits = {
+        subprocess.run([sys.executable, "-c", code, data_module.__file__], check=True, capture_output=True, text=True,
+                       env={**os.environ, "PYTHONHASHSEED": seed}).stdout
+        for seed in ("1", "2")
+    }
+    (split,) = splits  # one split for both hash seeds
+    assert "True" in split and "False" in split
+
+
+def test_an_epoch_that_is_a_whole_number_of_batches_visits_every_window():
+    tokens = np.arange(8 * 8 + 1, dtype=np.uint16)  # exactly 8 windows: two batches of 4
+    batches = PackedBatches(tokens, seq_len=8, batch_size=4, seed=0)
+    epoch = torch.cat([batches.next_global() for _ in range(2)])
+    assert sorted(epoch.tolist()) == list(range(8)) and batches.epoch == 0
+
+
+def test_each_epoch_visits_the_windows_in_a_new_order():
+    batches = PackedBatches(np.arange(8 * 8 + 1, dtype=np.uint16), seq_len=8, batch_size=8, seed=0)
+    orders = [tuple(batches.next_global().tolist()) for _ in range(3)]
+    assert all(sorted(order) == list(range(8)) for order in orders) and len(set(orders)) == 3
 
 
 # ------------------------------------------------------------------------------------------------ spikes
