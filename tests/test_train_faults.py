@@ -95,6 +95,16 @@ def test_skip_stops_after_the_allowed_skips_in_a_row(tmp_path, monkeypatch):
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_0000001", "step_0000002"]
 
 
+def test_skips_apart_do_not_add_up_to_the_consecutive_limit(tmp_path, monkeypatch):
+    """A good step resets the count of skips in a row: one skip allowed in a row, three skips apart all pass."""
+    nan_losses_on(monkeypatch, {2, 4, 6})  # the attempts at steps 2, 3 and 4 (each bad attempt is retried)
+    summary = train(tiny_config(on_nonfinite="skip", max_consecutive_skips=1, out_dir=str(tmp_path)))
+    assert summary["steps"] == 6 and summary["nonfinite_skips"] == 3
+    skipped = [r for r in strict_records(tmp_path / "metrics.jsonl") if r["type"] == "nonfinite"]
+    assert [(r["step"], r["action"], r["consecutive_skips"]) for r in skipped] == [(2, "skip", 1), (3, "skip", 1),
+                                                                                     (4, "skip", 1)]
+
+
 def test_a_checkpoint_of_nonfinite_parameters_is_refused(tmp_path):
     run = loop.Run(tiny_config(out_dir=str(tmp_path)))
     try:
