@@ -8,7 +8,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 from safetensors.torch import load_file, save_file  # noqa: E402
-from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
+from transformers import Trainer, TrainerCallback, TrainerState, TrainingArguments  # noqa: E402
 from transformers.trainer_utils import load_sharded_checkpoint  # noqa: E402
 
 import smet_kernels as sk  # noqa: E402
@@ -164,6 +164,14 @@ def test_callback_refuses_a_controller_out_of_step_with_the_trainer(tmp_path):
         make_trainer(tmp_path, model, optimizer, smet).train()
     with pytest.raises(TypeError, match="smet"):
         SMETCallback(optimizer)
+
+
+def test_callback_refuses_a_fresh_controller_on_a_resumed_trainer():
+    """The other direction of a mismatch: the Trainer resumes at step 3, the controller has counted none."""
+    model, optimizer, smet = sparse_setup("llama", "random")
+    callback = SMETCallback(smet)
+    with pytest.raises(ValueError, match="counted 0 optimizer steps but the Trainer starts at step 3"):
+        callback.on_train_begin(None, TrainerState(global_step=3), None, optimizer=optimizer)
 
 
 @pytest.mark.parametrize("sparsify_fn", [sk.sparsify, sk.masked_sparsify])
