@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from smet_kernels.layout import BlockLayout
+from smet_kernels.masked import masked_sparsify
 from smet_kernels.modules import BlockSparseLinear
 from smet_kernels.optim.smet_adamw import SMETAdamW
 from smet_kernels.supar import supar_init_, supar_init_std, supar_lr, supar_multiplier, supar_param_groups
@@ -415,6 +416,16 @@ def test_supar_param_groups_and_init():
     assert std == pytest.approx(0.02 / math.sqrt(8 * 0.5), rel=0.1)
     with pytest.raises(ValueError, match="no sparse parameters"):
         supar_param_groups(nn.Linear(4, 4), 1e-3, 4, 4)
+
+
+def test_supar_init_keeps_the_inactive_blocks_of_masked_weights_at_zero():
+    model = masked_sparsify(nn.Sequential(nn.Linear(FEATURES, FEATURES)), 0.5, B,
+                            generator=torch.Generator().manual_seed(0))
+    supar_init_(model, 0.02, width=2 * FEATURES, base_width=FEATURES, generator=torch.Generator().manual_seed(1))
+    layer = model[0]
+    mask = layer.layout.mask.repeat_interleave(B, 0).repeat_interleave(B, 1)
+    assert torch.all(layer.weight[~mask] == 0)
+    assert layer.weight[mask].std().item() == pytest.approx(0.02 / math.sqrt(2 * 0.5), rel=0.1)
 
 
 @pytest.mark.gpu
