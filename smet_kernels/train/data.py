@@ -4,7 +4,7 @@ Sources (:func:`load_corpus`):
 
 * ``"stdlib"`` (default): the ``*.py`` files of the Python standard library (``sysconfig`` ``stdlib`` path,
   ``site-packages`` excluded), sorted, byte-level tokens (vocab 256). A file goes to validation when
-  ``crc32(relative path) % 100 < val_percent`` — the split depends only on the path.
+  ``crc32(relative path) % 10000 < 100 · val_percent`` (hundredths of a percent) — the split depends only on the path.
 * a text file: byte-level tokens, the last ``val_percent`` % of the bytes is validation;
 * a folder: its text files (recursively, sorted), split by path like ``stdlib``;
 * a ``.bin`` file of uint16 tokens: the last ``val_percent`` % is validation; vocab = max token + 1;
