@@ -371,3 +371,103 @@ def test_the_configs_a_kernel_ran_are_the_ones_later_shapes_choose_from(device):
         chosen = kernel_ops.chosen_configs()
     assert chosen["bsmm_dense_sparse_kernel"] <= allowed["bsmm_dense_sparse_kernel"]
     assert len(chosen["bsmm_dense_sparse_kernel"]) == 1
+
+
+def _bar_rows() -> pd.DataFrame:
+    """grad_input of W [128, 2048] (one block row: the op reads M × 128 of dy whatever the layout) in bf16 at 6.5536
+    GB/s of device copy, so an op's memory term is (2176 M + 16384 nnz) · 2 bytes / 6.5536 GB/s:
+
+    * ``p1`` b=128 d=0.5 (8 of 16 blocks) M=512: memory 0.38 ms < compute 0.5 × 1.0 ms; t = 0.625 = 1.25 × d×dense,
+      torch BSR 1.5 × slower;
+    * ``p2`` b=128 d=0.1 drawn as 2 of 16 blocks (exact d = 0.125) M=256: memory 0.18 ms ≤ 1.6 × 0.125 × 1.12 ms
+      (but > 1.6 × 0.1 × 1.12 ms); t = 1.55 × 0.125 × 1.12 ms;
+    * ``p3`` b=128 d=0.25 (4 blocks) M=768: memory 0.53 ms > 1.25 × 0.25 × 1.0 ms; t = 1.22 × 0.53 ms;
+    * ``p4`` b=128 d=0.5 M=1024: memory 0.72 ms; t = the dense time, 1.0 ms;
+    * ``p5`` b=64 d=0.5 (32 of 64 blocks) M=512: t = 0.3 ms, no kernel bar (not the first block size)."""
+    from bench.results import KERNEL_COLUMNS
+
+    base = dict.fromkeys(KERNEL_COLUMNS) | {"suite": "kernels", "op": "grad_input", "K": 2048, "N": 128,
+                                             "dtype": "bf16", "gpu": "g", "status": "ok"}  # fmt: skip
+    rows = [base | {"suite": "optimizer", "op": "copy", "provider": "device_copy", "shape": "dense:s", "N": 1024,
+                    "K": 1024, "ms_p50": 1.28}]  # fmt: skip: 1024² × 8 bytes in 1.28 ms = 6.5536 GB/s
+    rows += [base | {"provider": "cublas_dense", "shape": "dense", "M": m, "density": 1.0, "ms_p50": ms}
+             for m, ms in ((256, 1.12), (512, 1.0), (768, 1.0), (1024, 1.0))]  # fmt: skip
+    points = (("p1", 512, 128, 0.5, 8, 0.625), ("p2", 256, 128, 0.1, 2, 1.55 * 0.125 * 1.12),
+              ("p3", 768, 128, 0.25, 4, 1.22 * 0.53), ("p4", 1024, 128, 0.5, 8, 1.0), ("p5", 512, 64, 0.5, 32, 0.3))
+    for shape, m, b, d, nnz, ms in points:
+        rows.append(base | {"provider": "triton_grouped", "shape": shape, "M": m, "block_size": b, "density": d,
+                            "nnz_blocks": nnz, "ms_p50": ms})  # fmt: skip
+    rows.append(rows[-5] | {"provider": "torch_bsr", "ms_p50": 1.5 * 0.625})
+    return pd.DataFrame(rows, columns=KERNEL_COLUMNS)
+
+
+def _markdown_rows(lines: list[str]) -> dict[str, dict[str, str]]:
+    """The cells of the first table of ``lines`` by column, per row keyed by its first cell."""
+    text = next(line for line in lines if line.startswith("| "))
+    table = [line for line in text.splitlines() if line.startswith("|")]  # not the note below it
+    header = [cell.strip() for cell in table[0].strip("|").split("|")]
+    rows = [dict(zip(header, (cell.strip() for cell in line.strip("|").split("|")))) for line in table[2:]]
+    return {row[header[0]]: row for row in rows}
+
+
+def test_each_kernel_bar_is_judged_against_the_ceiling_the_roofline_allows_at_the_exact_density():
+    from bench.gpu_check.plan import GPU
+    from bench.gpu_check.summary import kernel_section
+
+    lines = kernel_section(_bar_rows(), GPU)
+    rows = _markdown_rows(lines)
+    kernel = {shape: (row["kernel bar"], row["kernel"]) for shape, row in rows.items()}
+    assert kernel == {"p1": ("≤ 1.25 × d×dense", "pass"), "p2": ("≤ 1.6 × d×dense", "pass"),
+                      "p3": ("≤ 1.2 × roofline", "miss"), "p4": ("≤ 1.2 × roofline", "miss"), "p5": ("", "")}
+    assert (rows["p1"]["vs d×dense"], rows["p2"]["vs d×dense"], rows["p3"]["vs roofline"]) == ("1.25", "1.55", "1.22")
+    assert [rows[p]["roofline term"] for p in ("p1", "p2", "p3")] == ["compute", "memory", "memory"]
+    assert (rows["p1"]["vs BSR"], rows["p1"]["BSR ≥ 1.5×"], rows["p2"]["BSR ≥ 1.5×"]) == ("1.5", "pass",
+                                                                                           "not measured")
+    assert {shape: row["≤ dense"] for shape, row in rows.items()} == dict.fromkeys(rows, "pass")  # p4: t = t_dense
+    assert "* kernel: 2 pass, 2 miss, 0 not measured" in lines
+
+
+def _optimizer_rows(smet_gbps: float) -> pd.DataFrame:
+    from bench.results import KERNEL_COLUMNS
+
+    base = dict.fromkeys(KERNEL_COLUMNS) | {"suite": "optimizer", "dtype": "fp32", "gpu": "g", "status": "ok"}
+    return pd.DataFrame([base | {"op": "copy", "provider": "device_copy", "shape": "dense:ceiling", "density": 1.0,
+                                 "ms_p50": 1.0, "gbps": 1000.0},
+                         base | {"op": "adamw", "provider": "smet_adamw", "shape": "compact:1b:hidden",
+                                 "density": 0.25, "block_size": 128, "ms_p50": 1.0, "gbps": smet_gbps}],
+                        columns=KERNEL_COLUMNS)  # fmt: skip
+
+
+@pytest.mark.parametrize("gbps, verdict", [(900.0, "90.0% of the copy ceiling (1000 GB/s, bytes read + written) — "
+                                                    "**pass**"),
+                                           (850.0, "85.0% of the copy ceiling (1000 GB/s, bytes read + written) — "
+                                                    "**miss**")], ids=["90%", "85%"])  # fmt: skip
+def test_compact_adamw_passes_at_90_percent_of_the_copy_ceiling_and_no_lower(gbps, verdict):
+    from bench.gpu_check.plan import GPU
+    from bench.gpu_check.summary import adamw_section
+
+    assert f"Bar: compact AdamW at {verdict} (≥ 90%)." in adamw_section(_optimizer_rows(gbps), GPU)
+
+
+def test_the_training_bars_compare_the_eager_unchecked_smet_step_with_dense_and_galore():
+    """SMET: 1.2 × the dense tokens/s, 0.6 × its peak, 1.2 × GaLore's peak; its checkpointed row (less memory, fewer
+    tokens/s) must not stand in for it."""
+    from bench.gpu_check.plan import GPU
+    from bench.gpu_check.summary import training_section
+    from bench.results import TRAINING_COLUMNS
+
+    gib = 2**30
+    base = dict.fromkeys(TRAINING_COLUMNS) | {"config": "1b", "density": 1.0, "block_size": 128, "batch_size": 32,
+                                              "seq_len": 256, "dtype": "bf16", "compiled": False,
+                                              "activation_checkpointing": False, "vocab_size": 32000, "gpu": "g",
+                                              "status": "ok", "nvml_status": "ok",
+                                              "pred_peak_bytes": 8 * gib}  # fmt: skip
+    rows = [base | {"method": "dense", "tokens_per_s": 1000.0, "peak_allocated_bytes": 10 * gib},
+            base | {"method": "smet", "density": 0.25, "tokens_per_s": 1200.0, "peak_allocated_bytes": 6 * gib},
+            base | {"method": "galore", "tokens_per_s": 500.0, "peak_allocated_bytes": 5 * gib},
+            base | {"method": "smet", "density": 0.25, "activation_checkpointing": True, "tokens_per_s": 900.0,
+                    "peak_allocated_bytes": 4 * gib}]  # fmt: skip
+    text = "\n".join(training_section(pd.DataFrame(rows, columns=TRAINING_COLUMNS), GPU, None))
+    assert "* SMET tokens/s vs dense at 1b: 1.200× — **pass** (more is the bar)" in text
+    assert "* SMET peak memory vs dense at 1b: 0.600× — **pass** (less is the bar)" in text
+    assert "* SMET peak memory vs galore at 1b: 1.200× — **miss** (less is the bar)" in text
