@@ -253,3 +253,94 @@ def test_compiled_and_checkpointed_rows_compare_side_by_side(tmp_path, monkeypat
     (axis,) = figures["peak_memory_vs_model.png"].axes  # one point per method: the eager rows
     assert sum(len(line.get_xdata()) for line in axis.get_lines()) == 2
 
+
+
+def _comparison(rows: list[dict]):
+    import pandas as pd
+
+    from bench.report import kernel_comparison
+
+    timed = {"ms_p20": 1.0, "ms_p80": 1.0}  # no noise
+    return kernel_comparison(pd.DataFrame([timed | row for row in rows])).set_index("op")
+
+
+def test_vs_d_dense_and_the_compute_roofline_use_the_exact_density_of_the_layout():
+    """Asked for d = 0.1, drawn as 8 of 64 blocks (d = 0.125); the copy is so fast that compute sets the roofline."""
+    shape = {"suite": "kernels", "shape": "x:qkvo", "M": 8192, "K": 1024, "N": 1024, "dtype": "bf16", "status": "ok",
+             **CUDA}  # fmt: skip
+    row = _comparison([
+        shape | {"op": "forward", "provider": "cublas_dense", "density": 1.0, "ms_p50": 0.040},
+        shape | {"op": "forward", "provider": "triton_grouped", "density": 0.1, "block_size": 128, "nnz_blocks": 8,
+                 "ms_p50": 0.010},
+        {"suite": "optimizer", "op": "copy", "provider": "device_copy", "shape": "dense:1b", "N": 2048, "K": 2048,
+         "ms_p50": 1e-6, **CUDA},
+    ]).loc["forward"]  # fmt: skip
+    assert row["exact_density"] == 0.125
+    assert row["vs_d_dense"] == pytest.approx(0.010 / (0.125 * 0.040))  # 2.0
+    assert row["roofline_ms"] == pytest.approx(0.125 * 0.040)
+
+
+def test_the_memory_roofline_reads_the_block_rows_or_columns_of_its_op_at_the_best_copy_of_the_run():
+    """W [256, 1024] in 128-blocks: 2 block rows of 8, 9 active blocks, so both block rows hold one (9 > 16 − 8) and
+    8 · (1 − C(14, 9) / C(16, 9)) = 8 · (1 − 2002 / 11440) = 6.6 block columns are expected to. bf16, M = 1024;
+    grad_input reads dy of the used rows, writes dx, reads the values: (1024·2·128 + 1024·1024 + 9·128²) · 2 bytes;
+    forward reads x of the used columns, writes y: (1024·6.6·128 + 1024·256 + 9·128²) · 2 bytes. The faster of two
+    copies moves 1024² · 8 bytes in 8.388608 µs: 1 TB/s."""
+    shape = {"suite": "kernels", "shape": "x:o", "M": 1024, "K": 1024, "N": 256, "dtype": "bf16", "status": "ok",
+             **CUDA}  # fmt: skip
+    copy = {"suite": "optimizer", "op": "copy", "provider": "device_copy", "shape": "dense:1b", "N": 1024, "K": 1024,
+            **CUDA}  # fmt: skip
+    rows = [copy | {"ms_p50": 0.008388608}, copy | {"ms_p50": 2 * 0.008388608}]
+    for op in ("forward", "grad_input"):
+        rows += [shape | {"op": op, "provider": "cublas_dense", "density": 1.0, "ms_p50": 0.001},
+                 shape | {"op": op, "provider": "triton_grouped", "density": 0.5, "block_size": 128, "nnz_blocks": 9,
+                          "ms_p50": 0.004}]  # fmt: skip
+    frame = _comparison(rows)
+    assert frame.loc["grad_input", "roofline_ms"] == pytest.approx((1024 * 2 * 128 + 1024 * 1024 + 9 * 128**2) * 2e-9)
+    assert frame.loc["forward", "roofline_ms"] == pytest.approx((1024 * 6.6 * 128 + 1024 * 256 + 9 * 128**2) * 2e-9)
+
+
+def test_vs_dense_uses_the_dense_time_of_the_same_dtype():
+    shape = {"suite": "kernels", "shape": "x:qkvo", "op": "forward", "M": 64, "K": 64, "N": 64, "status": "ok", **CUDA}
+    row = _comparison([
+        shape | {"dtype": "fp32", "provider": "cublas_dense", "density": 1.0, "ms_p50": 4.0},
+        shape | {"dtype": "bf16", "provider": "cublas_dense", "density": 1.0, "ms_p50": 1.0},
+        shape | {"dtype": "bf16", "provider": "triton_grouped", "density": 0.5, "block_size": 32, "nnz_blocks": 2,
+                 "ms_p50": 0.5},
+    ]).loc["forward"]  # fmt: skip
+    assert (row["dense_ms"], row["vs_dense"]) == (1.0, 0.5)
+
+
+def test_a_timing_is_noisy_only_when_its_p80_exceeds_1_5_times_its_p20():
+    import pandas as pd
+
+    from bench.report.derive import noisy_flags
+
+    frame = pd.DataFrame({"ms_p20": [2.0, 2.0, 0.0, None], "ms_p80": [3.0, 3.2, 1.0, 1.0]})
+    assert noisy_flags(frame).tolist() == [False, True, False, False]  # 1.5: not above; 1.6; no p20
+
+
+def test_the_geometric_mean_leaves_out_missing_and_non_positive_ratios():
+    import pandas as pd
+
+    from bench.report.derive import geomean
+
+    assert geomean(pd.Series([1.0, 4.0, None, 0.0, -2.0])) == pytest.approx(2.0)
+    assert geomean(pd.Series([0.25, 4.0, 8.0])) == pytest.approx(2.0)
+
+
+def test_memory_model_errors_are_relative_to_the_measurement_and_summarised_by_their_median(tmp_path,
+                                                                                           monkeypatch):
+    """Weights predicted 0, +25, +50 and +100 % off the measured 2, 3, 3 and 1 MiB: median |error| 37.5 %
+    (not the mean, 43.75 %), max 100 %."""
+    rows = _training_rows(CPU)
+    for row, factor in zip(rows, (1.0, 1.25, 1.5, 2.0)):
+        row["pred_weights_bytes"] = int(row["weights_bytes"] * factor)
+    _write(tmp_path / "training.csv", TRAINING_COLUMNS, rows)
+    report, _ = _render(tmp_path, monkeypatch)
+    model = _section_table(report, "## Memory model: predicted vs measured")
+    summary = {row[0]: row for row in model if row[0] in ("weights", "gradients")}
+    assert summary["weights"][1:] == ["37.5 %", "100.0 %", "4"]
+    assert summary["gradients"][1:] == ["0.0 %", "0.0 %", "4"]
+    detail = [row for row in model if len(row) == 6 and row[2] == "weights"]
+    assert [row[-1] for row in detail] == ["+0.0 %", "+25.0 %", "+50.0 %", "+100.0 %"]
