@@ -63,3 +63,19 @@ def test_expected_used_lines_matches_random_layouts():
         ]
         assert abs(sum(counts) / len(counts) - roofline.expected_used_lines(lines, per_line, nnz)) < 0.15
     assert roofline.expected_used_lines(4, 4, 16) == 4.0
+
+
+def test_expected_used_lines_counts_a_line_emptied_only_when_every_other_slot_is_taken():
+    """2 lines of 2: one block leaves one line empty; two blocks leave one empty in 1 of the C(4, 2) = 6 placements
+    (2 · 5/6 = 5/3 used); three always use both."""
+    assert roofline.expected_used_lines(2, 2, 1) == pytest.approx(1.0)
+    assert roofline.expected_used_lines(2, 2, 2) == pytest.approx(5 / 3)
+    assert roofline.expected_used_lines(2, 2, 3) == 2.0
+
+
+def test_with_unlimited_bandwidth_every_bound_is_exactly_d_times_dense_at_the_drawn_density():
+    """Compute-bound everywhere: the sparse bound is the exact density of the drawn layout (6 of the 64 blocks of
+    the 350m attention weights at d = 0.1, not 0.1) times the dense bound, so every bar is within reach."""
+    rows = roofline.bar_rows(["350m"], [0.1, 0.25], [8192], 128, 2, 730.0, 1e9)
+    assert {row["bound_vs_d_dense"] for row in rows} == {1.0}
+    assert {row["max_dense_efficiency"] for row in rows} == {1.0}
