@@ -181,3 +181,73 @@ def test_bsr_from_layout_keeps_every_block_in_any_slot_order():
     assert w_bsr.values().shape[0] == wt_bsr.values().shape[0] == operands.layout.nnz
     assert torch.equal(w_bsr.to_dense(), weight) and torch.equal(wt_bsr.to_dense(), weight.t())
     assert torch.allclose(w_bsr @ operands.x.t(), weight @ operands.x.t())  # what bsr_dense_mm computes
+
+
+def test_cpu_timing_reports_the_quantiles_of_the_timed_calls_only(monkeypatch):
+    """A fake clock: the warm-up call takes 100 ms, the timed ones 1, 2, 3, 4 and 10 ms: p20 1.8, median 3 (the mean
+    would be 4), p80 5.2 (numpy's linear interpolation)."""
+    import bench.timing
+
+    clock = [0.0]
+    durations = iter([0.100, 0.001, 0.002, 0.003, 0.004, 0.010])
+    monkeypatch.setattr(bench.timing.time, "perf_counter", lambda: clock[0])
+
+    def call():
+        clock[0] += next(durations)
+
+    timing = measure(call, "cpu", warmup=1, min_repeats=5, max_repeats=5, budget_s=0.0)
+    assert (timing.ms_p20, timing.ms_p50, timing.ms_p80) == pytest.approx((1.8, 3.0, 5.2))
+
+
+@pytest.fixture
+def fixed_timing(monkeypatch):
+    """Every benchmark measures p20 1 ms, median 2 ms, p80 4 ms."""
+    from bench.timing import Timing
+
+    for module in (kernels, optimizer):
+        monkeypatch.setattr(module, "measure", lambda fn, device, **kwargs: Timing(1.0, 2.0, 4.0))
+
+
+def test_optimizer_gb_per_s_is_the_compulsory_bytes_over_the_median_time(fixed_timing):
+    """W [64, 96]: a copy reads and writes 4 bytes per element, AdamW reads and writes 7 fp32 values per element;
+    the SMET step over 3 of the 6 blocks of 32 also reads and writes one int32 step per block."""
+    from smet_kernels.train.model import LinearShape
+
+    shape, cpu = LinearShape("s:x", 64, 96), torch.device("cpu")
+    cases = {"copy": optimizer.OptimizerCase("copy", "device_copy", "dense", shape, None, 1.0),
+             "adamw": optimizer.OptimizerCase("adamw", "torch_adamw_foreach", "dense", shape, None, 1.0),
+             "smet": optimizer.OptimizerCase("adamw", "smet_adamw", "compact", shape, 32, 0.5)}  # fmt: skip
+    moved = {name: optimizer.run_case(case, cpu, {}, backend="reference")["bytes_moved"]
+             for name, case in cases.items()}  # fmt: skip
+    assert moved == {"copy": 8 * 6144, "adamw": 28 * 6144, "smet": 28 * 3072 + 8 * 3}
+    row = optimizer.run_case(cases["smet"], cpu, {}, backend="reference")
+    assert row["gbps"] == pytest.approx((28 * 3072 + 8 * 3) / 2e-3 / 1e9)
+    assert (row["ms_p20"], row["ms_p50"], row["ms_p80"]) == (1.0, 2.0, 4.0)
+
+
+def test_kernel_tflops_count_the_useful_flops_of_the_drawn_layout_over_the_median_time(fixed_timing):
+    """W [96, 96] in blocks of 32 at d = 0.5: 4 of the 9 blocks (exact d = 4/9); 16 tokens: 2 · 16 · 96² · 4/9 =
+    131072 useful FLOPs."""
+    from smet_kernels.train.model import LinearShape
+
+    case = kernels.KernelCase("forward", "torch_reference", LinearShape("s:x", 96, 96), 16, 32, 0.5, torch.float32)
+    ops = kernels.make_operands(case, torch.device("cpu"))
+    row = kernels.run_case(case, ops, "reference", torch.device("cpu"), {})
+    assert (row["status"], row["nnz_blocks"], row["useful_flops"]) == ("ok", 4, 131072)
+    assert row["tflops"] == pytest.approx(131072 / 2e-3 / 1e12)
+
+
+def test_training_tokens_per_s_is_the_tokens_of_a_step_over_the_median_step_time(monkeypatch):
+    """Steps of 10, 20, 30, 40 and 50 ms (median 30, not the p20 18) of 2 × 32 tokens: 64 / 0.030 tokens/s."""
+    from types import SimpleNamespace
+
+    from profiling.memory_breakdown import MeasuredMemory
+
+    memory = MeasuredMemory(1, 2, 3, 4, None, None, "unavailable on cpu")
+    sampler = SimpleNamespace(peak_used_bytes=None, status="unavailable: device is cpu")
+    monkeypatch.setattr(training, "_measure", lambda *args: (memory, sampler, [10.0, 20.0, 30.0, 40.0, 50.0], 0.5))
+    case = training.TrainingCase("tiny", "dense", 1.0, 32, 2, 32, torch.float32)
+    row = training.run_case(case, torch.device("cpu"), None, steps=5)
+    assert (row["ms_p20"], row["ms_p50"], row["ms_p80"]) == pytest.approx((18.0, 30.0, 42.0))
+    assert row["tokens_per_s"] == pytest.approx(64 / 0.030)
+    assert [row[f"{c}_bytes"] for c in ("weights", "gradients", "optimizer", "activations")] == [1, 2, 3, 4]
