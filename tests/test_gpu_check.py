@@ -471,3 +471,28 @@ def test_the_training_bars_compare_the_eager_unchecked_smet_step_with_dense_and_
     assert "* SMET tokens/s vs dense at 1b: 1.200× — **pass** (more is the bar)" in text
     assert "* SMET peak memory vs dense at 1b: 0.600× — **pass** (less is the bar)" in text
     assert "* SMET peak memory vs galore at 1b: 1.200× — **miss** (less is the bar)" in text
+
+
+def test_the_warm_up_call_runs_unpoisoned_and_the_two_checked_calls_poisoned():
+    """Compile and autotune outside the NaN-filling mode, then two calls inside it."""
+    poisoned = []
+
+    def fn():
+        poisoned.append(torch.are_deterministic_algorithms_enabled())
+        return torch.ones(4)
+
+    assert correctness.check_call(fn, torch.ones(4), bound=1e-6)["status"] == "pass"
+    assert poisoned == [False, True, True]
+
+
+def test_the_matmul_bound_is_twice_pytorchs_own_error_with_a_floor_of_1e_6():
+    from smet_kernels.functional import to_dense
+
+    fp16 = correctness._MatmulOperands(CPU, 16, torch.float16, torch.device("cpu"), 0)
+    weight = to_dense(fp16.values, fp16.layout)
+    exact = fp16.x.double() @ weight.double().t()
+    torch_error = float((torch.nn.functional.linear(fp16.x, weight).double() - exact).norm() / exact.norm())
+    assert torch_error > 1e-5  # fp16: well above the floor
+    assert fp16.bound["forward"] == pytest.approx(2 * torch_error)
+    fp32 = correctness._MatmulOperands(CPU, 16, torch.float32, torch.device("cpu"), 0)
+    assert fp32.bound == dict.fromkeys(("forward", "grad_input", "grad_weight"), 1e-6)  # fp32 errors are below it
