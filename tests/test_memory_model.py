@@ -265,3 +265,23 @@ def test_activation_checkpointing_prediction_matches_measured_tensors(method, de
         assert measured[checkpointing].activations == pytest.approx(predicted.activations, rel=1e-3)
     assert measured[True].activations < 0.4 * measured[False].activations
     assert measured[True].weights == measured[False].weights
+
+
+def test_rest_is_the_peak_less_the_four_accounted_components():
+    """W [3, 4] fp32 (48 bytes), its gradient (48), SGD's momentum (48), the saved input x [2, 4] (32): with a traced
+    peak of 1000 bytes, the rest is 824."""
+    from types import SimpleNamespace
+
+    model = torch.nn.Linear(4, 3, bias=False)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    x = torch.randn(2, 4)
+
+    def forward():
+        return model(x).sum()
+
+    forward().backward()
+    optimizer.step()  # warm-up: the gradient and the momentum exist
+    live = SimpleNamespace(reset_peak=lambda: None, peak=1000)
+    memory = measure_step_memory(model, optimizer, forward, "cpu", live=live)
+    assert (memory.weights, memory.gradients, memory.optimizer, memory.activations) == (48, 48, 48, 32)
+    assert (memory.peak, memory.rest) == (1000, 824)
