@@ -187,3 +187,56 @@ def test_fractional_sizes_and_float_indices_are_refused_numpy_numbers_accepted()
     assert layout.shape == (64, 32) and layout.density == 0.5
     with pytest.raises(TypeError, match="block_indices must be an integer tensor"):
         layout.set_block_indices(layout.block_indices.float() + 0.9)
+
+
+def test_replace_blocks_refuses_a_repeated_slot():
+    """Slot 0 moved twice would silently keep only one of its two new blocks."""
+    layout = BlockLayout.from_mask(torch.tensor([[True, False], [False, True]]), 16)
+    with pytest.raises(ValueError, match="slots must not repeat"):
+        layout.replace_blocks(torch.tensor([0, 0]), torch.tensor([[0, 1], [1, 0]]))
+    assert layout.version == 0 and layout.block_indices.tolist() == [[0, 0], [1, 1]]
+
+
+def test_a_layout_does_not_share_the_tensor_it_was_built_from():
+    given = torch.tensor([[0, 0], [1, 1]])
+    layout = BlockLayout(given, (32, 32), 16)
+    restored = BlockLayout.from_state_dict(state := layout.state_dict())
+    layout.replace_blocks(torch.tensor([0]), torch.tensor([[0, 1]]))
+    restored.replace_blocks(torch.tensor([1]), torch.tensor([[1, 0]]))
+    assert given.tolist() == [[0, 0], [1, 1]] and state["block_indices"].tolist() == [[0, 0], [1, 1]]
+    assert layout.block_indices.tolist() == [[0, 1], [1, 1]] and restored.block_indices.tolist() == [[0, 0], [1, 0]]
+
+
+def test_the_layout_state_dict_is_a_snapshot_a_later_update_leaves_alone():
+    layout = BlockLayout.from_mask(torch.tensor([[True, False], [False, True]]), 16)
+    state = layout.state_dict()
+    layout.replace_blocks(torch.tensor([1]), torch.tensor([[1, 0]]))
+    assert state == {"block_indices": state["block_indices"], "shape": (32, 32), "block_size": 16}
+    assert state["block_indices"].tolist() == [[0, 0], [1, 1]] and state["block_indices"].dtype == torch.int64
+    assert layout.block_indices.tolist() == [[0, 0], [1, 0]]
+
+
+def _unpacked(layout, index):
+    from smet_kernels.layout import unpack_kernel_index
+
+    blocks, csr, csc = unpack_kernel_index(index, layout.nnz, layout.block_shape)
+    return blocks.tolist(), [t.tolist() for t in (csr.ptr, csr.slots, csr.minor, csr.by_count)], \
+        [t.tolist() for t in (csc.ptr, csc.slots, csc.minor, csc.by_count)]
+
+
+def test_the_kernel_index_is_one_tensor_per_device_rewritten_in_place_by_a_topology_update():
+    """Blocks (0,1), (0,2), (1,0) by hand: CSR ptr [0,2,3], slots [0,1,2], columns [1,2,0], rows by count [0,1];
+    CSC ptr [0,1,2,3], slots [2,0,1], rows [1,0,0]. Slot 2 moved to (1,1): CSC ptr [0,0,2,3], slots [0,2,1],
+    rows [0,1,0], columns by count [1,2,0]; the same tensor object holds it (a compiled graph keeps its input)."""
+    layout = BlockLayout.from_mask(torch.tensor([[False, True, True], [True, False, False]]), 16)
+    index = layout.kernel_index("cpu")
+    assert index.dtype == torch.int32 and layout.kernel_index(torch.device("cpu")) is index
+    assert _unpacked(layout, index) == (
+        [[0, 1], [0, 2], [1, 0]], [[0, 2, 3], [0, 1, 2], [1, 2, 0], [0, 1]], [[0, 1, 2, 3], [2, 0, 1], [1, 0, 0], [0, 1, 2]])
+    layout.replace_blocks(torch.tensor([2]), torch.tensor([[1, 1]]))
+    assert layout.kernel_index("cpu") is index and int(layout.version_tensor) == layout.version == 1
+    assert _unpacked(layout, index) == (
+        [[0, 1], [0, 2], [1, 1]], [[0, 2, 3], [0, 1, 2], [1, 2, 1], [0, 1]], [[0, 0, 2, 3], [0, 2, 1], [0, 1, 0], [1, 2, 0]])
+    layout.set_block_indices(torch.tensor([[1, 2], [0, 0], [1, 0]]))
+    assert layout.kernel_index("cpu") is index and int(layout.version_tensor) == 2
+    assert _unpacked(layout, index)[1] == [[0, 1, 3], [1, 2, 0], [0, 0, 2], [1, 0]]
