@@ -43,3 +43,29 @@ def test_a_bad_environment_variable_is_named(monkeypatch):
     monkeypatch.setattr(backend, "_backend_source", "the SMET_BACKEND environment variable")
     with pytest.raises(ValueError, match="the SMET_BACKEND environment variable must be one of"):
         backend.resolve_backend(torch.device("cpu"))
+
+
+def test_auto_on_a_device_triton_cannot_use_warns_once_and_falls_back_to_the_reference(monkeypatch):
+    import warnings
+
+    monkeypatch.setattr(backend, "_warned", False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert [backend.resolve_backend(torch.device("meta"), "auto") for _ in range(3)] == ["reference"] * 3
+    assert [str(w.message) for w in caught if w.category is RuntimeWarning] == [
+        "smet_kernels: Triton cannot run on device 'meta' (no CUDA, TRITON_INTERPRET unset); using the pure-PyTorch "
+        "reference ops"
+    ]
+
+
+@pytest.mark.parametrize("env, expected", [({}, ("auto", "backend")),
+                                           ({"SMET_BACKEND": "reference"}, ("reference", "the SMET_BACKEND environment variable"))])
+def test_the_default_backend_is_auto_unless_smet_backend_names_one(env, expected):
+    import os
+    import subprocess
+    import sys
+
+    child_env = {k: v for k, v in os.environ.items() if k != "SMET_BACKEND"} | env
+    code = "from smet_kernels import backend; print(backend.get_backend(), '|', backend._backend_source)"
+    out = subprocess.run([sys.executable, "-c", code], env=child_env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == " | ".join(expected)

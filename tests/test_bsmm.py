@@ -483,3 +483,39 @@ def test_the_gpu_test_config_is_kept_by_every_pruner(block_size, dtype):
         kept = prune(matmul_configs(block_ms, interpret=False), {"a": torch.empty(0, dtype=dtype)},
                      HOPPER_SHARED_MEMORY, BLOCK_SIZE=block_size)
         assert GPU_TEST_CONFIG in {(c.kwargs["BLOCK_M"], c.num_warps, c.num_stages) for c in kept}, prune
+
+
+@pytest.mark.parametrize("lead_shape", [(), (3,), (2, 3)], ids=str)
+def test_any_leading_shape_gives_the_dense_layer_output_and_a_bias_gradient_summed_over_tokens(lead_shape):
+    """A 1-D ``x [K]`` gives ``y [N]`` like ``F.linear``; ``dbias`` is ``dy`` summed over every leading dim."""
+    layout = _mask_layout("random", 2, 3, 16)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(*lead_shape, layout.shape[1], generator=g, dtype=torch.float64).to(DEVICE)
+    values = torch.randn(layout.nnz, 16, 16, generator=g, dtype=torch.float64).to(DEVICE).requires_grad_()
+    bias = torch.randn(layout.shape[0], generator=g, dtype=torch.float64).to(DEVICE).requires_grad_()
+    dy = torch.randn(*lead_shape, layout.shape[0], generator=g, dtype=torch.float64).to(DEVICE)
+    y = block_sparse_linear(x, values, layout, bias, backend="reference")
+    expected = torch.nn.functional.linear(x, to_dense(values.detach(), layout), bias.detach())
+    assert y.shape == expected.shape == (*lead_shape, layout.shape[0])
+    torch.testing.assert_close(y, expected)
+    y.backward(dy)
+    torch.testing.assert_close(bias.grad, dy.reshape(-1, layout.shape[0]).sum(0))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_under_autocast_the_op_computes_in_the_autocast_dtype(dtype):
+    """fp32 operands under ``autocast(dtype)`` give the op on the operands cast to ``dtype`` (output in ``dtype``)."""
+    layout = _mask_layout("random", 2, 2, 16)
+    x, values, _, bias = _inputs(layout, 4, torch.float32)
+    with torch.autocast(torch.device(DEVICE).type, dtype=dtype):
+        y = block_sparse_linear(x, values, layout, bias, backend="reference")
+    assert y.dtype == dtype
+    _close(y, block_sparse_linear(x.to(dtype), values.to(dtype), layout, bias.to(dtype), backend="reference"), dtype)
+
+
+def test_fp64_under_the_auto_backend_falls_back_to_the_reference():
+    """Triton has no fp64 kernels: ``auto`` (the default) runs fp64 through the reference instead of refusing it."""
+    layout = _mask_layout("random", 2, 2, 16)
+    x, values, _, bias = _inputs(layout, 4, torch.float64)
+    y = block_sparse_linear(x, values, layout, bias, backend="auto")
+    torch.testing.assert_close(y, torch.nn.functional.linear(x, to_dense(values, layout), bias))

@@ -382,3 +382,18 @@ def test_compiled_layer_runs_the_triton_kernels():
     y.backward(dy)
     expected = torch.relu(x @ to_dense(values.detach(), layout).t())
     torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64], ids=str)
+def test_fake_implementations_give_the_shapes_and_dtypes_of_the_real_ops(dtype):
+    """What ``torch.compile`` traces with: meta tensors of a non-square layout (N=48, K=32, M=5) in ``dtype``."""
+    layout = _layout()
+    n, k = layout.shape
+    x, values, dy = (torch.empty(*shape, dtype=dtype, device="meta") for shape in ((5, k), (layout.nnz, B, B), (5, n)))
+    bias = torch.empty(n, dtype=dtype, device="meta")
+    index, version = layout.kernel_index("meta"), layout.version_tensor
+    y = library.bsmm_forward(x, values, bias, index, version, version.clone(), n, "reference", "grouped")
+    dx = library.bsmm_grad_input(dy, values, index, version, version.clone(), k, "reference", "grouped")
+    dvalues = library.bsmm_grad_weight(dy, x, index, version, version.clone(), layout.nnz, B, "reference", "grouped")
+    assert [(tuple(t.shape), t.dtype, t.device.type) for t in (y, dx, dvalues)] == [
+        ((5, n), dtype, "meta"), ((5, k), dtype, "meta"), ((layout.nnz, B, B), dtype, "meta")]
