@@ -358,3 +358,114 @@ def test_cpu_study_moves_blocks_at_every_density():
             for density in spec.densities:
                 nnz = nnz_for_density((out_f // block) * (in_f // block), density)
                 assert blocks_to_move(0.005, nnz) >= 1, (config, out_f, in_f, density)
+
+
+def test_the_interval_is_students_t_with_n_minus_one_degrees_of_freedom_and_the_sample_sd():
+    """Differences 1, 2, 3: mean 2, sd 1 (n − 1), half-width t(0.975, df=2) · 1/√3 = 4.303/√3 = 2.4843 > 2, so
+    within noise (a z-interval, 1.960/√3 = 1.13, or df = n, 3.182/√3 = 1.84, would call it a difference)."""
+    mean, half_width, verdict = stability.stats.compare([1.0, 2.0, 3.0], [0.0, 0.0, 0.0])
+    assert mean == 2.0 and half_width == pytest.approx(4.303 / math.sqrt(3), rel=1e-12) and verdict == "within noise"
+    assert stability.stats.compare([2.0, 3.0, 4.0], [0.0, 0.0, 0.0])[2] == "a > b"  # 3 > 2.4843
+    assert stability.stats.compare([0.0, 0.0, 0.0], [2.0, 3.0, 4.0])[2] == "a < b"
+
+
+def test_the_t_quantile_between_table_entries_is_the_conservative_lower_df_one():
+    quantile = stability.stats.t_quantile_975
+    assert [quantile(df) for df in (1, 2, 10, 11, 13, 16, 121, 999, 1000)] == [
+        12.706, 4.303, 2.228, 2.228, 2.179, 2.131, 1.980, 1.980, 1.960]
+
+
+def test_identical_samples_are_within_noise_and_a_constant_nonzero_difference_is_not():
+    """A zero-width interval at 0 does not exclude 0 (``|mean| <= half-width``); a constant offset has a zero-width
+    interval away from 0."""
+    assert stability.stats.compare([2.5, 2.25], [2.5, 2.25]) == (0.0, 0.0, "within noise")
+    assert stability.stats.compare([0.5, 0.5, 0.5], [0.25, 0.25, 0.25]) == (0.25, 0.0, "a > b")
+
+
+def test_noise_threshold_is_mean_plus_two_sample_sds_of_the_dense_rises(tmp_path):
+    _synthetic_study(tmp_path, seeds=(0, 1, 2))  # dense rises 0.01, 0.02, 0.03: mean 0.02, sd (n − 1) 0.01
+    _, thresholds = spike_table(load_study(tmp_path))
+    assert thresholds["tiny"] == pytest.approx(0.02 + 2 * 0.01, rel=1e-6)
+
+
+def test_quality_table_and_its_sentence_give_the_paired_mean_its_standard_error_and_t_interval(tmp_path):
+    """naive − dense final losses 0.1, 0.3, 0.2 over three seeds: mean 0.2, sd 0.1, SE 0.1/√3, CI ± 4.303·0.1/√3."""
+    flat = [2.0] * 30
+    for seed, naive_loss in zip((0, 1, 2), (2.1, 2.3, 2.2)):
+        _write_run(tmp_path, RunSpec("tiny", "adamw", None, None, seed), flat, val_loss=2.0)
+        _write_run(tmp_path, RunSpec("tiny", "naive-dst", 0.5, 0.0, seed), flat, {10: 4}, val_loss=naive_loss)
+    data = load_study(tmp_path)
+    quality = quality_table(data).set_index("method")
+    assert quality.loc["naive-dst", "vs_dense"] == pytest.approx(0.2)
+    assert quality.loc["naive-dst", "vs_dense_se"] == pytest.approx(0.1 / math.sqrt(3))
+    assert quality.loc["naive-dst", "val_loss_sd"] == pytest.approx(0.1)
+    lines = "\n".join(stability.findings(data, spike_events(data), quality_table(data)))
+    assert f"tiny naive-dst d=0.5 (best α=0 of 1): +0.2000 ± {4.303 * 0.1 / math.sqrt(3):.4f} (95% CI)" in lines
+    assert "— within noise" in lines.split("tiny naive-dst d=0.5 (best α=0 of 1)")[1].splitlines()[0]
+
+
+def _two_density_study(root):
+    """Naive DST spikes by 0.5 (+ 0.05 per seed) after the update at d=0.5 and not at all at d=0.25; dense wiggles
+    by 0.01 (seed + 1) at the same step; three seeds."""
+    for seed in (0, 1, 2):
+        flat = [2.0] * 30
+        wiggle = list(flat)
+        wiggle[11] += 0.01 * (seed + 1)
+        spiking = list(flat)
+        spiking[11] += 0.5 + 0.05 * seed
+        _write_run(root, RunSpec("tiny", "adamw", None, None, seed), wiggle)
+        _write_run(root, RunSpec("tiny", "naive-dst", 0.5, 0.0, seed), spiking, {10: 4})
+        _write_run(root, RunSpec("tiny", "naive-dst", 0.25, 0.0, seed), flat, {10: 4})
+
+
+def test_a_claim_that_holds_in_one_of_two_settings_and_is_within_noise_in_the_other_reproduces_in_part(tmp_path):
+    _two_density_study(tmp_path)
+    data = load_study(tmp_path)
+    lines = stability.findings(data, spike_events(data), quality_table(data))
+    assert ("  - naive DST's loss rises more than dense after topology updates: reproduces in part — holds in 1, "
+            "reversed in 0 of 2 measurable settings") in lines
+    assert any(line.startswith("  - tiny, d=0.5, α=0: +0.5300") and line.endswith("spikes above dense: holds")
+               for line in lines)
+    assert any(line.startswith("  - tiny, d=0.25, α=0: -0.0200") and line.endswith("within noise") for line in lines)
+
+
+def test_a_claim_within_noise_everywhere_is_measurable_and_does_not_reproduce(tmp_path):
+    _synthetic_study(tmp_path, seeds=(0, 1), naive_spike=0.0, smet_spike=0.0)
+    data = load_study(tmp_path)
+    lines = stability.findings(data, spike_events(data), quality_table(data))
+    assert ("  - naive DST's loss rises more than dense after topology updates: does NOT reproduce at this scale — "
+            "holds in 0, reversed in 0 of 1 measurable settings") in lines
+
+
+def test_two_updates_of_one_seed_are_one_sample_not_two(tmp_path):
+    """Both updates move blocks and both spike: still one seed, so no noise estimate and no verdict."""
+    flat = [2.0] * 30
+    spiking = list(flat)
+    spiking[11] += 0.5
+    spiking[21] += 0.6
+    _write_run(tmp_path, RunSpec("tiny", "adamw", None, None, 0), flat)
+    _write_run(tmp_path, RunSpec("tiny", "naive-dst", 0.5, 0.0, 0), spiking, {10: 4, 20: 4})
+    data = load_study(tmp_path)
+    lines = "\n".join(stability.findings(data, spike_events(data), quality_table(data)))
+    assert "tiny, d=0.5, α=0: +0.5500 over 2 updates in 1 seed (seed means compared) — one sample only" in lines
+    assert "spikes above dense: holds" not in lines
+
+
+def test_best_alpha_density_lr_and_default_sentences_say_which_side_is_worse(tmp_path):
+    """smet-linear at α=0 ends 0.10, 0.12, 0.11 above dense, at α=1 0.20, 0.23, 0.21: the best α is 0 (+0.11 ± 4.303·0.01/√3
+    above dense: worse than dense); α=1 − α=0 is 0.10, 0.11, 0.10 (+0.1033 ± 4.303·0.00577/√3 = 0.0143: α=1 is
+    worse), and the library default (smet-linear, α=1) is that same comparison against the best (the default is
+    worse)."""
+    flat = [2.0] * 30
+    for seed, low, high in zip((0, 1, 2), (2.10, 2.12, 2.11), (2.20, 2.23, 2.21)):
+        _write_run(tmp_path, RunSpec("tiny", "adamw", None, None, seed), flat, val_loss=2.0)
+        _write_run(tmp_path, RunSpec("tiny", "smet-linear", 0.5, 0.0, seed), flat, {10: 4}, val_loss=low)
+        _write_run(tmp_path, RunSpec("tiny", "smet-linear", 0.5, 1.0, seed), flat, {10: 4}, val_loss=high)
+    data = load_study(tmp_path)
+    lines = stability.findings(data, spike_events(data), quality_table(data))
+    best_ci, alpha_ci = 4.303 * 0.01 / math.sqrt(3), 4.303 * math.sqrt(1 / 3) * 0.01 / math.sqrt(3)
+    assert (f"  - tiny smet-linear d=0.5 (best α=0 of 2): +0.1100 ± {best_ci:.4f} (95% CI), ppl × "
+            f"{math.exp(0.11):.3f} — worse than dense") in lines
+    assert f"  - tiny smet-linear d=0.5: +0.1033 ± {alpha_ci:.4f} (95% CI) — α=1 is worse" in lines
+    assert (f"  - tiny d=0.5: smet-linear α=0 (val loss 2.1100); default − best +0.1033 ± {alpha_ci:.4f} (95% CI): "
+            "the default is worse") in lines
