@@ -58,8 +58,10 @@ def test_auto_on_a_device_triton_cannot_use_warns_once_and_falls_back_to_the_ref
     ]
 
 
-@pytest.mark.parametrize("env, expected", [({}, ("auto", "backend")),
-                                           ({"SMET_BACKEND": "reference"}, ("reference", "the SMET_BACKEND environment variable"))])
+@pytest.mark.parametrize("env, expected", [
+    ({}, ("auto", "backend")),
+    ({"SMET_BACKEND": "reference"}, ("reference", "the SMET_BACKEND environment variable")),
+])
 def test_the_default_backend_is_auto_unless_smet_backend_names_one(env, expected):
     import os
     import subprocess
