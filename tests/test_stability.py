@@ -5,6 +5,7 @@ import gzip
 import json
 import math
 
+import pandas as pd
 import pytest
 import torch
 
@@ -469,3 +470,27 @@ def test_best_alpha_density_lr_and_default_sentences_say_which_side_is_worse(tmp
     assert f"  - tiny smet-linear d=0.5: +0.1033 ± {alpha_ci:.4f} (95% CI) — α=1 is worse" in lines
     assert (f"  - tiny d=0.5: smet-linear α=0 (val loss 2.1100); default − best +0.1033 ± {alpha_ci:.4f} (95% CI): "
             "the default is worse") in lines
+
+
+def test_an_arm_pairs_with_naive_dst_at_its_own_alpha_else_at_the_smallest_one_naive_dst_ran():
+    """The smallest is α = 0, the paper's naive DST; where naive DST did not run at all, the arm's own α."""
+    from bench.stability.findings import NAIVE, naive_alpha
+
+    runs = [{"config": "tiny", "method": NAIVE, "density": 0.5, "alpha": alpha} for alpha in (2.0, 0.0, 1.0)]
+    runs.append({"config": "tiny", "method": "masked-dst", "density": 0.25, "alpha": 3.0})
+    runs = pd.DataFrame(runs)
+    assert naive_alpha(runs, "tiny", 0.5, 1.0) == 1.0
+    assert naive_alpha(runs, "tiny", 0.5, 0.5) == 0.0
+    assert naive_alpha(runs, "tiny", 0.25, 0.5) == 0.5
+
+
+@pytest.mark.parametrize("gap, verdict", [(5e-4, "agree"), (5e-3, "they DISAGREE: investigate")])
+def test_the_consistency_check_calls_a_final_loss_gap_of_1e_3_or_more_a_disagreement(tmp_path, gap, verdict):
+    """naive DST at α = 0 and masked DST apply the same update: final losses within 1e-3 agree, beyond it do not."""
+    flat = [2.0] * 12
+    for seed in (0, 1):
+        _write_run(tmp_path, RunSpec("tiny", "naive-dst", 0.5, 0.0, seed), flat, val_loss=2.0 + 0.01 * seed)
+        _write_run(tmp_path, RunSpec("tiny", "masked-dst", 0.5, None, seed), flat, val_loss=2.0 + 0.01 * seed + gap)
+    data = load_study(tmp_path)
+    lines = "\n".join(stability.findings(data, spike_events(data), quality_table(data)))
+    assert f"largest final-loss gap {gap:.2e} over 2 pairs ({verdict})" in lines
