@@ -494,3 +494,21 @@ def test_the_consistency_check_calls_a_final_loss_gap_of_1e_3_or_more_a_disagree
     data = load_study(tmp_path)
     lines = "\n".join(stability.findings(data, spike_events(data), quality_table(data)))
     assert f"largest final-loss gap {gap:.2e} over 2 pairs ({verdict})" in lines
+
+
+def test_the_prune_damage_of_one_seed_has_no_interval_and_of_two_seeds_a_t_interval(tmp_path):
+    """One seed: no spread, so no interval (never ±0). Two seeds, damage 0.2 and 0.3: mean 0.25, sample sd 0.0707,
+    interval ± 12.706 · 0.0707 / √2 = 0.6353 (t with 1 degree of freedom)."""
+    lines = {}
+    for seeds in ((0,), (0, 1)):
+        root = tmp_path / str(len(seeds))
+        for seed in seeds:
+            _write_run(root, RunSpec("tiny", "adamw", None, None, seed), [2.0] * 20)
+            _write_run(root, RunSpec("tiny", "naive-dst", 0.5, 1.0, seed), [2.0] * 20, {10: 4},
+                       probes=[(10, 0.2 + 0.1 * seed, 0.1, 3.0)])  # fmt: skip
+        data = load_study(root)
+        found = stability.findings(data, spike_events(data), quality_table(data), stability.probe_table(data),
+                                   stability.stats.probe_events(data))  # fmt: skip
+        lines[len(seeds)] = [line for line in found if line.startswith("  - prune damage,")]
+    assert lines[1] == ["  - prune damage, tiny d=0.5 naive-dst α=1: +0.2000"]
+    assert lines[2] == ["  - prune damage, tiny d=0.5 naive-dst α=1: +0.2500 ± 0.6353 (95% CI)"]
