@@ -14,12 +14,13 @@ identical values. The state tensors are optional: pass None when the optimizer h
 from __future__ import annotations
 
 import contextlib
-import math
 
 import torch
 import triton
 import triton.language as tl
 
+from ..layout import check_generator
+from .adamw import check_finite
 from .launch_config import REGROW_NUM_WARPS, regrow_tile
 from .rounding import downcast
 
@@ -108,10 +109,8 @@ def check_inputs(values, slots, exp_avg, exp_avg_sq, block_step, init, init_std,
             raise ValueError("block_step must be contiguous")
     if init not in INIT_MODES:
         raise ValueError(f"init must be one of {INIT_MODES}, got {init!r}")
-    if isinstance(init_std, bool) or not isinstance(init_std, (int, float)) or not 0.0 <= init_std < math.inf:
-        raise ValueError(f"init_std must be a finite float >= 0, got {init_std!r}")
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    check_finite(init_std, "init_std")
+    check_generator(generator)
 
 
 def triton_regrow_blocks(values, slots, new_values=None, exp_avg=None, exp_avg_sq=None, block_step=None) -> None:
