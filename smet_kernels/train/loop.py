@@ -138,11 +138,7 @@ class Run:
         if self.val_indices is not None and corpus.token_bytes is not None:
             targets = window_batch(corpus.val, self.val_indices, config.seq_len)[1].numpy()
             self.val_bytes_per_token = corpus.bytes_of(targets) / targets.size
-        self.base_lrs = [group["lr"] for group in self.optimizer.param_groups]  # before a resume overwrites them
-        # the config's hyperparameters of each group (weight decay, betas, eps, warm-up, backend...): a resume puts them
-        # back after loading the saved groups, so options given with --resume act as config.json records them
-        self.group_options = [{k: v for k, v in group.items() if k != "params"}
-                              for group in self.optimizer.param_groups]  # fmt: skip
+        self.base_lrs = [group["lr"] for group in self.optimizer.param_groups]  # the schedule's peak per group
         self.spikes = SpikeTracker(config.spike_window)
         # --- update probe (issue 16): prune damage / cold start / first-step sizes; plain tensors only (not fsdp)
         self.probe = UpdateProbe(self.model, self.probe_loss, config.spike_window) if (
@@ -231,10 +227,13 @@ class Run:
             state["model"] = {key: shard_like(value, current[key]) if key in current else value
                               for key, value in state["model"].items()}
             state["optimizer"] = sharded_optimizer_state(self.optimizer, state["optimizer"])
+        # the saved groups keep their parameters and take this config's hyperparameters (weight decay, betas, eps,
+        # warm-up, backend...), still in the freshly built groups: options given with --resume act as config.json
+        # records them
+        for saved, group in zip(state["optimizer"]["param_groups"], self.optimizer.param_groups):
+            saved.update({key: value for key, value in group.items() if key != "params"})
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        for group, options in zip(self.optimizer.param_groups, self.group_options):
-            group.update(options)
         if self.controller is not None:
             self.controller.load_state_dict(state["controller"])
         self.batches.load_state_dict(state["data"])
