@@ -31,6 +31,7 @@ from ..sharding import is_sharded, shard_like
 from .config import FIXED_ON_RESUME, ConfigError, TrainConfig
 
 SHARDED_DIR = "sharded"
+CHECKPOINTS_DIR = "checkpoints"  # of a run folder: CHECKPOINTS_DIR/step_XXXXXXX
 
 
 MANIFEST = "manifest.json"
@@ -104,7 +105,7 @@ def find_checkpoint(path: str | os.PathLike) -> Path:
         if problem is not None:
             raise ConfigError(f"checkpoint {str(path)!r} is unusable: {problem}")
         return path
-    root = path / "checkpoints"
+    root = path / CHECKPOINTS_DIR
     candidates = sorted((c for c in root.glob("step_*") if c.is_dir()), reverse=True) if root.is_dir() else []
     if not candidates:
         raise ConfigError(f"no checkpoint found in {str(path)!r} (expected a checkpoint or checkpoints/step_*/)")
@@ -125,7 +126,7 @@ def load_checkpoint_config(path: str | os.PathLike) -> TrainConfig:
     checkpoint = find_checkpoint(path)
     values = json.loads((checkpoint / "config.json").read_text())
     values["resume"] = str(checkpoint)
-    if checkpoint.parent.name == "checkpoints":
+    if checkpoint.parent.name == CHECKPOINTS_DIR:
         values["out_dir"] = str(checkpoint.parent.parent)
     values.setdefault("warmup_scope", "regrown")  # saved before warm-up scopes existed: sparse values warmed up only
     return TrainConfig.from_dict(values)
@@ -163,7 +164,7 @@ def set_rng_state(state: dict, device: torch.device) -> None:
 def write_checkpoint(out_dir: Path, step: int, state: dict, config: TrainConfig) -> Path:
     """Write ``state`` and ``config`` as ``out_dir/checkpoints/step_{step:07d}`` (on disk before it becomes
     visible); returns the folder."""
-    root = out_dir / "checkpoints"
+    root = out_dir / CHECKPOINTS_DIR
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:07d}"
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
@@ -196,7 +197,7 @@ def write_sharded_checkpoint(out_dir: Path, step: int, tensors: dict, state: dic
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
 
-    root = out_dir / "checkpoints"
+    root = out_dir / CHECKPOINTS_DIR
     final = root / f"step_{step:07d}"
     tmp = root / f".tmp-{final.name}"  # the same folder on every rank
     if is_main:
