@@ -253,6 +253,11 @@ def _rows(path):
         return list(csv.DictReader(handle))
 
 
+def _kernel_frame(rows: list[dict]) -> pd.DataFrame:
+    """Hand-made rows of kernels.csv: every column of it, None where a row gives no value."""
+    return pd.DataFrame([dict.fromkeys(KERNEL_COLUMNS) | row for row in rows], columns=KERNEL_COLUMNS)
+
+
 def test_the_whole_cpu_run_writes_the_summary_and_csvs_that_report_renders(tmp_path):
     """The command of the GPU run, every stage, at CPU sizes: it cannot rot unseen. In a fresh process, which turns
     the Triton interpreter on for ``--device cpu`` (this one compiles the kernels where a GPU is present)."""
@@ -297,11 +302,10 @@ def test_the_variant_table_ranks_the_selectable_variants_by_geometric_mean_time_
     """persistent does not change the weight grad (it runs grouped there: ratio 1); plain_order is the benchmark's
     baseline order, shown per op but not something ``SMET_MATMUL_VARIANT`` can select."""
     from bench.gpu_check.summary import variant_section
-    from bench.results import KERNEL_COLUMNS
 
     def row(op, provider, density, ms):
         nnz = None if provider == "cublas_dense" else int(density * 4)
-        return dict.fromkeys(KERNEL_COLUMNS) | dict(
+        return dict(
             suite="kernels", op=op, provider=provider, shape="s", M=256, K=256, N=256, dtype="bf16", gpu="g",
             block_size=None if nnz is None else 128, density=density, nnz_blocks=nnz, ms_p20=ms, ms_p50=ms,
             ms_p80=ms, status="ok")
@@ -318,7 +322,7 @@ def test_the_variant_table_ranks_the_selectable_variants_by_geometric_mean_time_
     }  # fmt: skip
     rows = [row(op, "cublas_dense", 1.0, 4.0) for op in ("forward", "grad_input", "grad_weight")]
     rows += [row(op, p, d, ms) for (op, d), by in times.items() for p, ms in by.items()]
-    lines = variant_section(pd.DataFrame(rows, columns=KERNEL_COLUMNS))
+    lines = variant_section(_kernel_frame(rows))
     assert "over every op and block size, `persistent` is the fastest (0.794× grouped)" in "\n".join(lines)
     cells = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")]
              for line in lines[4].splitlines()[2:]}  # fmt: skip
@@ -384,10 +388,7 @@ def _bar_rows() -> pd.DataFrame:
     * ``p3`` b=128 d=0.25 (4 blocks) M=768: memory 0.53 ms > 1.25 × 0.25 × 1.0 ms; t = 1.22 × 0.53 ms;
     * ``p4`` b=128 d=0.5 M=1024: memory 0.72 ms; t = the dense time, 1.0 ms;
     * ``p5`` b=64 d=0.5 (32 of 64 blocks) M=512: t = 0.3 ms, no kernel bar (not the first block size)."""
-    from bench.results import KERNEL_COLUMNS
-
-    base = dict.fromkeys(KERNEL_COLUMNS) | {"suite": "kernels", "op": "grad_input", "K": 2048, "N": 128,
-                                             "dtype": "bf16", "gpu": "g", "status": "ok"}  # fmt: skip
+    base = {"suite": "kernels", "op": "grad_input", "K": 2048, "N": 128, "dtype": "bf16", "gpu": "g", "status": "ok"}
     rows = [base | {"suite": "optimizer", "op": "copy", "provider": "device_copy", "shape": "dense:s", "N": 1024,
                     "K": 1024, "ms_p50": 1.28}]  # fmt: skip: 1024² × 8 bytes in 1.28 ms = 6.5536 GB/s
     rows += [base | {"provider": "cublas_dense", "shape": "dense", "M": m, "density": 1.0, "ms_p50": ms}
@@ -398,7 +399,7 @@ def _bar_rows() -> pd.DataFrame:
         rows.append(base | {"provider": "triton_grouped", "shape": shape, "M": m, "block_size": b, "density": d,
                             "nnz_blocks": nnz, "ms_p50": ms})  # fmt: skip
     rows.append(rows[-5] | {"provider": "torch_bsr", "ms_p50": 1.5 * 0.625})
-    return pd.DataFrame(rows, columns=KERNEL_COLUMNS)
+    return _kernel_frame(rows)
 
 
 def _markdown_rows(lines: list[str]) -> dict[str, dict[str, str]]:
@@ -428,14 +429,11 @@ def test_each_kernel_bar_is_judged_against_the_ceiling_the_roofline_allows_at_th
 
 
 def _optimizer_rows(smet_gbps: float) -> pd.DataFrame:
-    from bench.results import KERNEL_COLUMNS
-
-    base = dict.fromkeys(KERNEL_COLUMNS) | {"suite": "optimizer", "dtype": "fp32", "gpu": "g", "status": "ok"}
-    return pd.DataFrame([base | {"op": "copy", "provider": "device_copy", "shape": "dense:ceiling", "density": 1.0,
-                                 "ms_p50": 1.0, "gbps": 1000.0},
-                         base | {"op": "adamw", "provider": "smet_adamw", "shape": "compact:1b:hidden",
-                                 "density": 0.25, "block_size": 128, "ms_p50": 1.0, "gbps": smet_gbps}],
-                        columns=KERNEL_COLUMNS)  # fmt: skip
+    base = {"suite": "optimizer", "dtype": "fp32", "gpu": "g", "status": "ok"}
+    return _kernel_frame([base | {"op": "copy", "provider": "device_copy", "shape": "dense:ceiling", "density": 1.0,
+                                  "ms_p50": 1.0, "gbps": 1000.0},
+                          base | {"op": "adamw", "provider": "smet_adamw", "shape": "compact:1b:hidden",
+                                  "density": 0.25, "block_size": 128, "ms_p50": 1.0, "gbps": smet_gbps}])  # fmt: skip
 
 
 @pytest.mark.parametrize("gbps, verdict", [(900.0, "90.0% of the copy ceiling (1000 GB/s, bytes read + written) — "
@@ -454,7 +452,6 @@ def test_the_training_bars_compare_the_eager_unchecked_smet_step_with_dense_and_
     tokens/s) must not stand in for it."""
     from bench.gpu_check.plan import GPU
     from bench.gpu_check.summary import training_section
-    from bench.results import TRAINING_COLUMNS
 
     gib = 2**30
     base = dict.fromkeys(TRAINING_COLUMNS) | {"config": "1b", "density": 1.0, "block_size": 128, "batch_size": 32,
