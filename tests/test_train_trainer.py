@@ -132,6 +132,15 @@ def test_resume_continues_exactly(optimizer, tmp_path):
     assert files == {name: (full_dir / name).read_bytes() for name in files}
 
 
+def test_a_resume_names_an_option_without_effect_in_its_method_instead_of_refusing_it(tmp_path, capsys):
+    """--density and --distribution do nothing for dense AdamW: changed on resume they are named, as in a fresh run."""
+    train(tiny_config(optimizer="adamw", max_steps=2, checkpoint_every=1, eval_every=0, out_dir=str(tmp_path)))
+    assert cli.main(["--resume", str(tmp_path / "checkpoints" / "step_0000001"), "--density", "0.25", "--distribution",
+                     "erk", "--no-progress"]) == 0
+    assert "smet-train: --density, --distribution have no effect with --optimizer adamw" in capsys.readouterr().err
+    assert [r["step"] for r in read_metrics(tmp_path) if r["type"] == "train"] == [1, 2]
+
+
 def test_steady_throughput_leaves_out_the_first_step(tmp_path, monkeypatch):
     """The first step of a process pays for kernel compilation/autotuning; ``steady_tokens_per_s`` excludes it. The
     loop's clock is a fake one that only the steps advance: 1 s for the first (standing for Triton JIT + autotune
