@@ -29,11 +29,10 @@ import torch
 
 from ..sharding import is_sharded, shard_like
 from .config import FIXED_ON_RESUME, ConfigError, TrainConfig
-from .methods import GALORE_OPTIONS, METHODS, SPARSE_OPTIONS
+from .methods import METHODS
 
 SHARDED_DIR = "sharded"
 CHECKPOINTS_DIR = "checkpoints"  # of a run folder: CHECKPOINTS_DIR/step_XXXXXXX
-METHOD_OPTIONS = SPARSE_OPTIONS + GALORE_OPTIONS  # options that act in some methods only (Method.options)
 
 
 MANIFEST = "manifest.json"
@@ -273,7 +272,7 @@ def read_checkpoint(checkpoint: Path, config: TrainConfig) -> dict:
     # a method's option without effect in the saved method (e.g. --density for adamw) is named by the CLI as such,
     # as in a fresh run, not refused
     method = METHODS.get(saved["optimizer"])
-    inert = set(METHOD_OPTIONS) - set(method.options) if method else set()
+    inert = set(method.ignored_options) if method else set()
     changed = [name for name in FIXED_ON_RESUME if saved[name] != getattr(config, name) and name not in inert]
     if changed:
         raise ConfigError(

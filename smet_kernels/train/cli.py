@@ -28,7 +28,7 @@ from .config import (
     TrainConfig,
 )
 from .loop import TrainingDiverged, train
-from .methods import GALORE_OPTIONS, METHODS, SPARSE_OPTIONS
+from .methods import METHODS
 from .metrics import strict_json
 from .model import MODEL_CONFIGS
 from .tokenizer import DEFAULT_BPE_VOCAB
@@ -220,8 +220,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 def _warn_ignored_options(args: argparse.Namespace, config: TrainConfig) -> None:
     """Options that have no effect in the chosen mode are named on stderr (the run still starts)."""
     given = vars(args)
-    applies = METHODS[config.optimizer].options
-    ignored = [name for name in SPARSE_OPTIONS + GALORE_OPTIONS if name in given and name not in applies]
+    ignored = [name for name in METHODS[config.optimizer].ignored_options if name in given]
     if ignored:
         flags = ", ".join("--" + name.replace("_", "-") for name in ignored)
         print(f"smet-train: {flags} ha{'s' if len(ignored) == 1 else 've'} no effect with --optimizer "

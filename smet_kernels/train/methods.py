@@ -25,6 +25,7 @@ GALORE_OPTIONS = ("galore_rank", "galore_update_gap", "galore_scale")
 SMET_ADAMW_OPTIONS = ("warmup_mode", "optimizer_warmup_steps", "density_lr_exponent", "warmup_scope")
 SPARSE_OPTIONS = ("density", "block_size", "distribution", "supar", "supar_base_width", "update_interval",
                   "prune_fraction", "regrow") + SMET_ADAMW_OPTIONS
+METHOD_OPTIONS = SPARSE_OPTIONS + GALORE_OPTIONS  # the options that act in some methods only
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,11 @@ class Method:
         if self.optimizer != "smet_adamw":
             return tuple(option for option in SPARSE_OPTIONS if option not in SMET_ADAMW_OPTIONS)
         return SPARSE_OPTIONS
+
+    @property
+    def ignored_options(self) -> tuple[str, ...]:
+        """The options of other methods, without effect in this one (named, not refused, when given)."""
+        return tuple(option for option in METHOD_OPTIONS if option not in self.options)
 
 
 _REGISTRY = (
