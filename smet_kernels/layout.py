@@ -98,6 +98,8 @@ class BlockLayout:
             raise TypeError(f"block_indices must be an integer tensor, got {block_indices.dtype}")
         if block_indices.dim() != 2 or block_indices.shape[1] != 2:
             raise ValueError(f"block_indices must have shape [nnz, 2], got {tuple(block_indices.shape)}")
+        if block_indices.is_meta:
+            raise ValueError("block_indices is a meta tensor: a layout needs the indices' values")
         if block_indices.shape[0] == 0:
             raise ValueError("block_indices must hold at least one active block (nnz >= 1)")
         self._block_size = block_size
@@ -122,6 +124,8 @@ class BlockLayout:
             raise ValueError(f"mask must be 2-D [out//b, in//b], got shape {tuple(mask.shape)}")
         if mask.dtype != torch.bool:
             raise TypeError(f"mask must be a bool tensor, got {mask.dtype}")
+        if mask.is_meta:
+            raise ValueError("mask is a meta tensor: a layout needs the mask's values")
         if not bool(mask.any()):
             raise ValueError("mask must have at least one active block")
         indices = mask.nonzero()  # row-major order

@@ -100,6 +100,9 @@ def test_state_dict_round_trip():
         (lambda: BlockLayout(torch.tensor([[0, 0], [0, 0]]), (32, 32), 16), ValueError, "duplicate"),
         (lambda: BlockLayout(torch.zeros(0, 2, dtype=torch.long), (32, 32), 16), ValueError, "nnz"),
         (lambda: BlockLayout(torch.tensor([[0.0, 0.0]]), (32, 32), 16), TypeError, "block_indices"),
+        (lambda: BlockLayout.from_mask(torch.ones(2, 2, dtype=torch.bool, device="meta"), 16), ValueError, "^mask"),
+        (lambda: BlockLayout(torch.zeros(1, 2, dtype=torch.long, device="meta"), (32, 32), 16), ValueError,
+         "^block_indices is a meta"),
     ],
 )
 def test_bad_input_names_the_argument(call, exc, word):

@@ -199,6 +199,7 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
         (["--resume", "/nonexistent/run"], "no checkpoint found"),
         (["--device", "tpu:0"], "device must be"),
         (["--block-size", "128", "--config", "tiny"], "does not divide the hidden size 64"),
+        (["--optimizer", "adamw", "--lr", "1e38"], "lr 1e+38 overflows float32 in the first step's size"),
     ],
 )
 def test_bad_arguments_give_one_line_errors(argv, message, capsys, tmp_path):

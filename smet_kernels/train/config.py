@@ -178,6 +178,8 @@ class TrainConfig:
             integer("galore_rank", 1)
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             raise ConfigError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
+        if self.lr / (1.0 - self.betas[0]) > torch.finfo(torch.float32).max:  # Adam's first step size, in fp32
+            raise ConfigError(f"lr {self.lr:g} overflows float32 in the first step's size lr / (1 - beta1)")
         if self.lr_warmup_steps >= self.max_steps and self.lr_warmup_steps > 0:
             raise ConfigError(f"lr_warmup_steps ({self.lr_warmup_steps}) must be < max_steps ({self.max_steps})")
         if self.batch_size % self.grad_accum != 0:
