@@ -62,8 +62,9 @@ def progress(items, description: str, disable: bool):
     return tqdm(items, desc=description, unit="case", disable=disable, dynamic_ncols=True)
 
 
-def run_cases(suite, cases, run_one, file, backend, device, no_progress, deadline, commands) -> int:
-    """Run the cases not yet in ``file``, appending one row each; returns the number of failed cases."""
+def run_cases(suite, cases, run_one, file, backend, device, no_progress, deadline, commands, after_row=None) -> int:
+    """Run the cases not yet in ``file``, appending one row each (then calling ``after_row()``, if given); returns the
+    number of failed cases."""
     from .results import device_name, environment
 
     machine = {"gpu": device_name(device)}
@@ -81,4 +82,6 @@ def run_cases(suite, cases, run_one, file, backend, device, no_progress, deadlin
             continue
         commands.record()
         file.append(case.key_row(backend) | result | environment(device))
+        if after_row is not None:
+            after_row()
     return failures

@@ -83,6 +83,25 @@ def test_the_summary_is_written_after_every_stage_so_a_stopped_run_leaves_one(tm
     assert not list(tmp_path.glob("*.partial"))
 
 
+def test_inside_a_timed_stage_the_summary_is_rewritten_after_measured_rows(tmp_path, monkeypatch):
+    import bench.gpu_check as gpu_check
+    from bench.gpu_check import measure
+
+    run_adamw, seen = measure.run_adamw, []
+
+    def stopped_after_its_rows(ctx):
+        run_adamw(ctx)
+        seen.append((tmp_path / "gpu_check.md").read_text())
+        raise KeyboardInterrupt  # the command's time limit, before the stage ends
+
+    monkeypatch.setattr(gpu_check, "SNAPSHOT_EVERY_S", 0.0)
+    monkeypatch.setattr(measure, "run_adamw", stopped_after_its_rows)
+    with pytest.raises(KeyboardInterrupt):
+        main(["gpu-check", "--out-dir", str(tmp_path), "--device", "cpu", "--stages", "env,adamw", "--no-progress"])
+    assert "| adamw " in seen[0] and "running when this summary was written" in seen[0]
+    assert "smet_adamw" in seen[0], seen[0]  # the stage's rows are in the summary although the stage never ended
+
+
 def test_a_long_indivisible_stage_does_not_start_when_its_estimate_does_not_fit(tmp_path):
     assert main(["gpu-check", "--out-dir", str(tmp_path), "--device", "cpu", "--stages", "compile",
                  "--minutes", str(CPU.estimates_s["compile"] / 2 / 60)]) == 0  # fmt: skip

@@ -4,8 +4,9 @@ Stages in priority order (``plan.STAGES``): ``env`` (versions and the matmul / c
 ``kernels``, ``adamw``, ``training``, ``compile``. When the ``--minutes`` budget runs out no new case starts and
 everything not reached is listed as "not run"; a failing correctness check is reported first and the timings still
 run. On a CPU the same stages run at interpreter sizes (``plan.CPU``). Compilation is spread over the CPU cores
-during ``correctness`` (:mod:`.parallel`). Output: ``DIR/gpu_check.md`` (rewritten after every stage) and the
-long-format ``kernels.csv`` / ``training.csv`` that ``smet-bench report --out-dir DIR`` renders.
+during ``correctness`` (:mod:`.parallel`). Output: ``DIR/gpu_check.md`` (rewritten after every stage, and inside a
+timed stage after a measured row at most every ``SNAPSHOT_EVERY_S``) and the long-format ``kernels.csv`` /
+``training.csv`` that ``smet-bench report --out-dir DIR`` renders.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from ..runner import check_minutes
 from .plan import STAGES, format_plan, sizes_for
 
 ATOMIC_STAGES = ("compile",)  # one long case: started only when its estimate fits in what is left of the budget
+SNAPSHOT_EVERY_S = 15.0  # inside a timed stage the summary is rewritten after a measured row at most this often
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -84,6 +86,21 @@ def run(args, argv: list[str]) -> int:
     checks: tuple[list, list] = ([], [])
     compile_row = None
     table, failures = [], 0
+    last_write = [-float("inf")]
+
+    def write_so_far() -> None:
+        """So that a run stopped from outside (a command time limit) leaves what it measured."""
+        last_write[0] = time.monotonic()
+        try:
+            summary.write(out_dir, sizes, env, table + _not_reached(table, sizes), checks, compile_row, command)
+        except Exception as error:  # a rendering problem must not stop the measurements; the last write retries
+            print(f"gpu-check: could not write the summary so far: {type(error).__name__}: {error}", flush=True)
+
+    def after_row() -> None:
+        if time.monotonic() - last_write[0] >= SNAPSHOT_EVERY_S:
+            write_so_far()
+
+    ctx.after_row = after_row
     for stage in STAGES:
         row = {"stage": stage, "estimated s": sizes.estimates_s[stage], "seconds": "", "status": "", "not run": ""}
         table.append(row)
@@ -97,6 +114,7 @@ def run(args, argv: list[str]) -> int:
             row["status"] = f"not run (budget: ~{sizes.estimates_s[stage]} s needed, {budget.left_s():.0f} s left)"
             continue
         print(f"gpu-check: stage {stage} ({budget.left_s():.0f} s of budget left)", flush=True)
+        row["status"] = "running when this summary was written"
         started = time.monotonic()
         not_run: list[str] = []
         try:
@@ -124,10 +142,7 @@ def run(args, argv: list[str]) -> int:
         row["seconds"] = f"{time.monotonic() - started:.0f}"
         if not_run:
             row["not run"] = f"{len(not_run)}: " + "; ".join(not_run[:20]) + (" ..." if len(not_run) > 20 else "")
-        try:  # after every stage, so that a run stopped from outside (a command time limit) leaves what it measured
-            summary.write(out_dir, sizes, env, table + _not_reached(table, sizes), checks, compile_row, command)
-        except Exception as error:  # a rendering problem must not stop the measurements; the last write retries
-            print(f"gpu-check: could not write the summary so far: {type(error).__name__}: {error}", flush=True)
+        write_so_far()
     path = summary.write(out_dir, sizes, env, table, checks, compile_row, command)
     print(f"gpu-check: wrote {path}; render the CSVs with: smet-bench report --out-dir {out_dir}")
     return 1 if failures else 0

@@ -40,6 +40,7 @@ class Context:
         self.timing = {"gpu_warmup_ms": 10, "gpu_rep_ms": 40} if cuda else {
             "warmup": 0, "min_repeats": 2, "max_repeats": 3, "budget_s": 0.0}  # fmt: skip
         self.picks: dict[int, dict] = {}  # block size -> the configs the headline autotuning picked per kernel
+        self.after_row = None  # called after each measured row (gpu-check rewrites its summary, throttled)
 
     def configs_for(self, block_size: int) -> dict | None:
         """What the matmul autotuners may try in a model at ``block_size`` on a GPU: the headline autotuning's picks
@@ -53,7 +54,7 @@ class Context:
         from bench.results import device_name
 
         failures = run_cases(suite, cases, run_one, file, self.backend, self.device, self.no_progress, self.budget,
-                             self.commands)  # fmt: skip
+                             self.commands, self.after_row)  # fmt: skip
         machine = {"gpu": device_name(self.device)}
         missing = [case for case in cases if not file.done(case.key_row(self.backend) | machine)]
         return failures, ([_label(case) for case in missing] if self.budget.expired() else [])
