@@ -48,7 +48,6 @@ MEASURED_BATCH = (8, 256)
 MEASURED_VOCAB = 256
 BLOCK_SIZE = 64
 DTYPE = "bf16"
-SOURCES = ("traced", "measured", "model")
 
 MEMORY_KEY = ["config", "method", "density", "dtype", "state_dtype", "block_size", "distribution", "batch_size",
               "seq_len", "vocab_size", "activation_checkpointing", "source"]  # fmt: skip

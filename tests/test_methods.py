@@ -68,6 +68,12 @@ def test_each_benchmark_family_is_one_trainer_method():
         methods.method("sparse")
 
 
+def test_a_method_with_an_unknown_sparsity_is_refused():
+    assert {m.sparsity for m in methods.METHODS.values()} == set(methods.SPARSITIES)
+    with pytest.raises(ValueError, match="sparsity must be one of"):
+        methods.Method("half", "semi", "adamw")
+
+
 @pytest.mark.parametrize("name", methods.TRAINER_NAMES)
 def test_the_factories_build_what_the_registry_says(name):
     method = methods.METHODS[name]

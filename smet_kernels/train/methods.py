@@ -49,6 +49,10 @@ class Method:
     bench_name: str | None = None  # the benchmarks' name of the family this method represents
     arm: SMETAdamWArm | None = None
 
+    def __post_init__(self):
+        if self.sparsity not in SPARSITIES:
+            raise ValueError(f"sparsity must be one of {list(SPARSITIES)}, got {self.sparsity!r}")
+
     @property
     def sparse(self) -> bool:
         return self.sparsity != "none"
