@@ -19,11 +19,11 @@ and is compute-bound at these shapes. A bar of ``c × d × dense`` can only be m
 shape (``max_dense_efficiency``). At low density the output write (``M N e`` for the forward, independent of ``d``)
 makes the sparse products memory-bound.
 
-    python -m profiling.roofline --out-dir reports/roofline-h100
+    python -m profiling.roofline --out-dir reports/roofline-h200-anchors
 
-Defaults for ``P`` and ``B`` are the SPEC §7 H100 anchors (cuBLAS bf16 ~730 TFLOP/s at 8192×4096×4096, device copy
-~3.0 TB/s); pass the ceilings measured in the same run as the kernels (``smet-bench``'s ``cublas_dense`` and
-``device_copy`` rows) when they exist.
+Defaults for ``P`` and ``B`` are the SPEC §7 anchors of the project's GPU, an H200 (bf16 8192³ matmul 769–798
+TFLOP/s, device copy ~4.3 TB/s); the H100's were ~730 TFLOP/s and ~3.0 TB/s. Pass the ceilings measured in the same
+run as the kernels (``smet-bench``'s ``cublas_dense`` and ``device_copy`` rows) when they exist.
 """
 
 from __future__ import annotations
@@ -37,9 +37,9 @@ from pathlib import Path
 from smet_kernels.layout import BlockLayout
 
 OPS = ("forward", "grad_input", "grad_weight")
-H100_TFLOPS = 730.0  # cuBLAS bf16 F.linear at 8192x4096x4096 (SPEC §7: 0.37-0.39 ms)
-H100_TBPS = 3.0  # device-to-device copy (SPEC §7)
-# the H100 kernel bars of the project (× d × dense): ≤ 1.25 at d = 0.5 / 0.25, ≤ 1.6 at d = 0.1
+H200_TFLOPS = 780.0  # bf16 8192x8192x8192 matmul through PyTorch on an H200 (SPEC §7: 769-798 TFLOP/s)
+H200_TBPS = 4.3  # device-to-device copy, bytes read + written (SPEC §7)
+# the kernel bars of the project (× d × dense): ≤ 1.25 at d = 0.5 / 0.25, ≤ 1.6 at d = 0.1
 BARS = {0.5: 1.25, 0.25: 1.25, 0.1: 1.6}
 
 
@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m profiling.roofline",
         description="Roofline lower bounds (compute vs compulsory HBM traffic) of the block-sparse forward, input "
-                    "grad and weight grad, against the H100 kernel bars; no GPU needed.",
+                    "grad and weight grad, against the kernel bars; no GPU needed.",
     )
     parser.add_argument("--configs", type=_csv(str), default=["350m", "1b", "7b"],
                         help="model presets whose hidden linear shapes to bound (default: 350m,1b,7b)")
@@ -193,10 +193,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="block size b (default: 128)")
     parser.add_argument("--element-size", type=int, default=2, choices=(2, 4),
                         help="bytes per element: 2 = bf16/fp16, 4 = fp32 (default: 2)")
-    parser.add_argument("--tflops", type=float, default=H100_TFLOPS,
-                        help=f"attainable tensor-core TFLOP/s (default: {H100_TFLOPS:g}, cuBLAS bf16 on an H100)")
-    parser.add_argument("--tbps", type=float, default=H100_TBPS,
-                        help=f"attainable memory bandwidth in TB/s (default: {H100_TBPS:g}, an H100 device copy)")
+    parser.add_argument("--tflops", type=float, default=H200_TFLOPS,
+                        help=f"attainable tensor-core TFLOP/s (default: {H200_TFLOPS:g}, a bf16 matmul on an H200)")
+    parser.add_argument("--tbps", type=float, default=H200_TBPS,
+                        help=f"attainable memory bandwidth in TB/s (default: {H200_TBPS:g}, an H200 device copy)")
     parser.add_argument("--out-dir", type=Path, required=True, help="folder for roofline.csv and roofline.md")
     args = parser.parse_args(argv)
     if args.tflops <= 0 or args.tbps <= 0:

@@ -30,14 +30,17 @@ def test_sparse_bytes_count_only_the_columns_that_meet_an_active_block():
 
 
 def test_low_density_forward_is_memory_bound_by_its_output():
-    """8192 x 4096 x 4096 at d = 0.1, b = 128, bf16, H100 anchors: y (64 MiB) and x (64 MiB) must move."""
+    """8192 x 4096 x 4096 at d = 0.1, b = 128, bf16, H100 anchors (730 TFLOP/s, 3.0 TB/s): y (64 MiB) and x (64 MiB)
+    must move. With the H200's 4.3 TB/s the same op is compute-bound (bandwidth per FLOP up by 1.34x)."""
     layout = BlockLayout.random(4096, 4096, 128, 0.1, generator=torch.Generator().manual_seed(0))
-    line = roofline.sparse_roofline("forward", 8192, layout, 2, roofline.H100_TFLOPS, roofline.H100_TBPS)
+    line = roofline.sparse_roofline("forward", 8192, layout, 2, 730.0, 3.0)
     assert line.limited_by == "memory"
     assert line.bytes >= 2 * 8192 * 4096 * 2 * 0.95
-    dense = roofline.dense_roofline(8192, 4096, 4096, 2, roofline.H100_TFLOPS, roofline.H100_TBPS)
+    dense = roofline.dense_roofline(8192, 4096, 4096, 2, 730.0, 3.0)
     assert dense.limited_by == "compute"
     assert 1.1 < line.bound_s / (layout.density * dense.bound_s) < 1.3
+    h200 = roofline.sparse_roofline("forward", 8192, layout, 2, roofline.H200_TFLOPS, roofline.H200_TBPS)
+    assert h200.limited_by == "compute"
 
 
 def test_cli_writes_csv_and_report(tmp_path):
