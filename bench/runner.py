@@ -55,6 +55,13 @@ class Deadline:
         """Seconds until the deadline (infinite without one, never below 0)."""
         return float("inf") if self.end is None else max(0.0, self.end - time.monotonic())
 
+    def share(self, fraction: float) -> "Deadline":
+        """A deadline ``fraction`` of the time now left (no limit where this one has none)."""
+        part = Deadline(None)
+        if self.end is not None:
+            part.end = time.monotonic() + fraction * self.left_s()
+        return part
+
 
 def progress(items, description: str, disable: bool):
     from tqdm import tqdm

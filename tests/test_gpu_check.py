@@ -102,6 +102,40 @@ def test_inside_a_timed_stage_the_summary_is_rewritten_after_measured_rows(tmp_p
     assert "smet_adamw" in seen[0], seen[0]  # the stage's rows are in the summary although the stage never ended
 
 
+def test_a_slow_timed_stage_stops_at_its_share_of_the_budget_so_the_later_stages_still_run(tmp_path, monkeypatch):
+    from bench.gpu_check import plan
+
+    estimates = CPU.estimates_s | {"kernels": 1e-9, "adamw": 1e9}  # kernels' share of what is left: about nothing
+    monkeypatch.setattr(plan, "CPU", dataclasses.replace(CPU, estimates_s=estimates))
+    assert main(["gpu-check", "--out-dir", str(tmp_path), "--device", "cpu", "--stages", "kernels,adamw",
+                 "--no-progress"]) == 0  # fmt: skip
+    stage_rows = {line.split("|")[1].strip(): line for line in (tmp_path / "gpu_check.md").read_text().splitlines()
+                  if line.startswith("| kernels ") or line.startswith("| adamw ")}  # fmt: skip
+    assert "stopped at its share of the budget (0 s)" in stage_rows["kernels"]
+    assert "forward cublas_dense" in stage_rows["kernels"]  # the first case, named as not run
+    assert "| done " in stage_rows["adamw"]
+    adamw_rows = [r for r in csv.DictReader(open(tmp_path / "kernels.csv")) if r["suite"] == "optimizer"]
+    assert {r["provider"] for r in adamw_rows} == {"device_copy", "torch_adamw_fused", "smet_adamw"}
+
+
+def test_a_stage_shares_the_time_left_with_the_selected_stages_after_it_by_their_estimates(monkeypatch):
+    from bench import runner
+    from bench.gpu_check import _share
+
+    clock = [100.0]
+    monkeypatch.setattr(runner.time, "monotonic", lambda: clock[0])
+    budget = runner.Deadline(1.0)  # ends at 160
+    clock[0] = 120.0
+    assert budget.share(0.25).end == 130.0 and budget.share(1.0).end == 160.0
+    assert runner.Deadline(None).share(0.5).left_s() == float("inf")
+
+    sizes = dataclasses.replace(CPU, estimates_s={"env": 1, "correctness": 2, "kernels": 30, "adamw": 10,
+                                                  "training": 50, "compile": 10})  # fmt: skip
+    assert _share("kernels", list(STAGES), sizes) == 30 / 100
+    assert _share("kernels", ["kernels", "compile"], sizes) == 30 / 40
+    assert _share("training", list(STAGES), sizes) == 50 / 60
+
+
 def test_a_long_indivisible_stage_does_not_start_when_its_estimate_does_not_fit(tmp_path):
     assert main(["gpu-check", "--out-dir", str(tmp_path), "--device", "cpu", "--stages", "compile",
                  "--minutes", str(CPU.estimates_s["compile"] / 2 / 60)]) == 0  # fmt: skip
@@ -370,15 +404,17 @@ def test_the_training_stage_runs_the_bar_rows_first_then_the_checkpointed_rows_o
     assert sum(GPU.estimates_s.values()) <= 8 * 60  # every stage fits the default budget of --minutes 8
 
 
-def test_the_headline_cases_hold_every_provider_of_the_headline_shape():
+def test_the_headline_cases_hold_every_provider_of_the_headline_shape_and_the_bars_come_before_the_variants():
     from bench.gpu_check.measure import kernel_cases
     from bench.kernels import default_providers
 
-    headline, rest = kernel_cases(CPU, 32)
+    headline, bars, variants = kernel_cases(CPU, 32)
     assert {case.shape.label for case in headline} == {CPU.headline_shape}
     assert {case.provider for case in headline} == set(default_providers("triton"))
     assert {case.density for case in headline} == {1.0, CPU.kernel_densities[len(CPU.kernel_densities) // 2]}
-    assert rest and not set(headline) & set(rest)
+    assert {case.provider for case in bars} == {"cublas_dense", "triton_grouped", "torch_bsr", "masked_dense"}
+    assert {case.provider for case in variants} == {"triton_plain_order", "triton_persistent", "triton_tma"}
+    assert bars and variants and not set(headline) & set(bars) and not set(headline + bars) & set(variants)
 
 
 def test_the_configs_a_kernel_ran_are_the_ones_later_shapes_choose_from(device):

@@ -3,10 +3,11 @@
 Stages in priority order (``plan.STAGES``): ``env`` (versions and the matmul / copy ceilings), ``correctness``,
 ``kernels``, ``adamw``, ``training``, ``compile``. When the ``--minutes`` budget runs out no new case starts and
 everything not reached is listed as "not run"; a failing correctness check is reported first and the timings still
-run. On a CPU the same stages run at interpreter sizes (``plan.CPU``). Compilation is spread over the CPU cores
-during ``correctness`` (:mod:`.parallel`). Output: ``DIR/gpu_check.md`` (rewritten after every stage, and inside a
-timed stage after a measured row at most every ``SNAPSHOT_EVERY_S``) and the long-format ``kernels.csv`` /
-``training.csv`` that ``smet-bench report --out-dir DIR`` renders.
+run. A timed stage of many cases may use its estimate's share of the time left (``SHARED_STAGES``). On a CPU the same
+stages run at interpreter sizes (``plan.CPU``). Compilation is spread over the CPU cores during ``correctness``
+(:mod:`.parallel`). Output: ``DIR/gpu_check.md`` (rewritten after every stage, and inside a timed stage after a
+measured row at most every ``SNAPSHOT_EVERY_S``) and the long-format ``kernels.csv`` / ``training.csv`` that
+``smet-bench report --out-dir DIR`` renders.
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ from ..runner import check_minutes
 from .plan import STAGES, format_plan, sizes_for
 
 ATOMIC_STAGES = ("compile",)  # one long case: started only when its estimate fits in what is left of the budget
+# timed stages of many cases: each may use its estimate's share of the time left for it and the selected stages after
+# it, so that a slow stage (the first GPU run's unknown per-case cost) cannot starve the later ones
+SHARED_STAGES = ("kernels", "adamw", "training")
 SNAPSHOT_EVERY_S = 15.0  # inside a timed stage the summary is rewritten after a measured row at most this often
 
 
@@ -116,6 +120,7 @@ def run(args, argv: list[str]) -> int:
         print(f"gpu-check: stage {stage} ({budget.left_s():.0f} s of budget left)", flush=True)
         row["status"] = "running when this summary was written"
         started = time.monotonic()
+        ctx.budget = budget.share(_share(stage, stages, sizes)) if stage in SHARED_STAGES else budget
         not_run: list[str] = []
         try:
             if stage == "correctness":
@@ -135,6 +140,8 @@ def run(args, argv: list[str]) -> int:
                 failed_cases, not_run = run_stage(ctx)
                 failures += failed_cases
                 row["status"] = f"{failed_cases} case(s) raised (see stderr)" if failed_cases else "done"
+                if not_run and not budget.expired():
+                    row["status"] += f"; stopped at its share of the budget ({ctx.budget.end - started:.0f} s)"
         except Exception as error:  # one broken stage must not cost the others their time
             failures += 1
             row["status"] = f"failed: {type(error).__name__}: {error}"[:200]
@@ -146,6 +153,12 @@ def run(args, argv: list[str]) -> int:
     path = summary.write(out_dir, sizes, env, table, checks, compile_row, command)
     print(f"gpu-check: wrote {path}; render the CSVs with: smet-bench report --out-dir {out_dir}")
     return 1 if failures else 0
+
+
+def _share(stage: str, stages: list[str], sizes) -> float:
+    """``stage``'s estimate over the estimates of it and the selected stages after it."""
+    later = [s for s in STAGES[STAGES.index(stage):] if s in stages]
+    return sizes.estimates_s[stage] / sum(sizes.estimates_s[s] for s in later)
 
 
 def _not_reached(table: list[dict], sizes) -> list[dict]:

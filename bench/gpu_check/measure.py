@@ -116,9 +116,10 @@ def run_env(ctx: Context) -> tuple[int, list[str]]:
     return failed + more_failed, not_run + more_not_run
 
 
-def kernel_cases(sizes: Sizes, block_size: int) -> tuple[list[KernelCase], list[KernelCase]]:
-    """``(headline, rest)``: the cases at ``block_size`` of the headline shape (dense, and sparse at the middle
-    density: they autotune), then every other case."""
+def kernel_cases(sizes: Sizes, block_size: int) -> tuple[list[KernelCase], list[KernelCase], list[KernelCase]]:
+    """``(headline, bars, variants)`` at ``block_size``: the cases of the headline shape (dense, and sparse at the
+    middle density: they autotune); the other cases of the providers the bars compare (cuBLAS, ``triton_grouped``,
+    torch BSR, masked dense); the other cases of the Triton variants, which only choose the default variant."""
     dtype = DTYPES[sizes.dtype]
     providers = kernels.default_providers("triton")
     cases = list(kernels.kernel_cases(sizes.kernel_configs, sizes.kernel_densities, [block_size],
@@ -128,35 +129,44 @@ def kernel_cases(sizes: Sizes, block_size: int) -> tuple[list[KernelCase], list[
     def is_headline(case: KernelCase) -> bool:
         return case.shape.label == sizes.headline_shape and case.density in (1.0, headline_density)
 
-    return [c for c in cases if is_headline(c)], [c for c in cases if not is_headline(c)]
+    rest = [c for c in cases if not is_headline(c)]
+    return ([c for c in cases if is_headline(c)], [c for c in rest if c.provider not in kernels.VARIANT_OPS],
+            [c for c in rest if c.provider in kernels.VARIANT_OPS])  # fmt: skip
 
 
 def run_kernels(ctx: Context) -> tuple[int, list[str]]:
-    """Per block size: autotune over ``TIMING_CONFIGS`` on the headline shape, then pin every kernel to its pick."""
+    """Per block size: autotune over ``TIMING_CONFIGS`` on the headline shape, then time the bars' cases with every
+    kernel pinned to its pick; the variants' other cases last (the bars of every block size before them)."""
     file = kernels_file(ctx.out_dir)
     failures, not_run = 0, []
     cuda = ctx.device.type == "cuda"
+    state = {"key": None, "operands": None}
+
+    def run_one(case):
+        key = kernels.operands_key(case)
+        if key != state["key"]:
+            state["operands"] = kernels.make_operands(case, ctx.device, ctx.seed, previous=state["operands"])
+            state["key"] = key
+        return kernels.run_case(case, state["operands"], ctx.backend, ctx.device, ctx.timing)
+
+    variants, pins = {}, {}
     for block_size in ctx.sizes.kernel_block_sizes:
-        headline, rest = kernel_cases(ctx.sizes, block_size)
-        state = {"key": None, "operands": None}
-
-        def run_one(case):
-            key = kernels.operands_key(case)
-            if key != state["key"]:
-                state["operands"] = kernels.make_operands(case, ctx.device, ctx.seed, previous=state["operands"])
-                state["key"] = key
-            return kernels.run_case(case, state["operands"], ctx.backend, ctx.device, ctx.timing)
-
+        headline, bars, variants[block_size] = kernel_cases(ctx.sizes, block_size)
         with kernel_ops.restrict_configs(kernel_ops.per_kernel(TIMING_CONFIGS) if cuda else None):
             failed, missing = ctx.run(f"kernels b={block_size} headline", headline, run_one, file)
             # the picks, and the timing configs for a kernel whose headline cases did not run (raised, resumed)
-            pinned = kernel_ops.per_kernel(TIMING_CONFIGS) | kernel_ops.chosen_configs() if cuda else None
-        if pinned:
-            ctx.picks[block_size] = pinned
-        with kernel_ops.restrict_configs(pinned):
-            more_failed, more_missing = ctx.run(f"kernels b={block_size}", rest, run_one, file)
+            pins[block_size] = kernel_ops.per_kernel(TIMING_CONFIGS) | kernel_ops.chosen_configs() if cuda else None
+        if pins[block_size]:
+            ctx.picks[block_size] = pins[block_size]
+        with kernel_ops.restrict_configs(pins[block_size]):
+            more_failed, more_missing = ctx.run(f"kernels b={block_size}", bars, run_one, file)
         failures += failed + more_failed
         not_run += missing + more_missing
+    for block_size, cases in variants.items():
+        with kernel_ops.restrict_configs(pins[block_size]):
+            failed, missing = ctx.run(f"kernels b={block_size} variants", cases, run_one, file)
+        failures += failed
+        not_run += missing
     return failures, not_run
 
 

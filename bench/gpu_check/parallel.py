@@ -148,7 +148,7 @@ def warm_kernel_timings(sizes: Sizes, device_name: str, seed: int, block_size: i
     from .measure import kernel_cases
 
     device = torch.device(device_name)
-    headline, _ = kernel_cases(sizes, block_size)
+    headline = kernel_cases(sizes, block_size)[0]
     operands, key, launches = None, None, 0
     for case in (c for c in headline if c.provider == provider):
         if kernels.operands_key(case) != key:
