@@ -1,6 +1,8 @@
 """smet-bench end to end on CPU: a tiny grid, CSV schema, resume, report with tables and plots."""
 
 import csv
+import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -270,16 +272,28 @@ def test_a_benchmark_json_that_is_not_json_is_a_one_line_error_naming_the_file(q
     assert "\n" not in str(exit_info.value.code)
 
 
-def test_pytest_benchmark_suite_collects():
+def test_the_pytest_benchmark_suite_runs_and_the_report_renders_its_json(quick_run, tmp_path):
+    """``pytest bench --benchmark-only`` (tiny sizes without a GPU: each result checked against the dense computation,
+    then timed), and its JSON in ``smet-bench report``."""
+    json_path = tmp_path / "pytest-benchmark.json"
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "bench", "--collect-only", "-q", "-p", "no:cacheprovider"],
+        [sys.executable, "-m", "pytest", "bench", "--benchmark-only", "-q", "-p", "no:cacheprovider",
+         f"--benchmark-json={json_path}"],
         cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=300,
-    )
+        timeout=600,
+    )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "test_kernel_speed.py::test_sparse" in result.stdout and "test_training_speed.py" in result.stdout
+    names = {bench["name"] for bench in json.loads(json_path.read_text())["benchmarks"]}
+    assert {"test_dense[forward-tiny:gate_up-128x64]", "test_sparse[forward-triton_grouped-0.5-tiny:gate_up-128x64]",
+            "test_sparse[grad_weight-masked_dense-0.5-tiny:gate_up-128x64]"} <= names, names  # fmt: skip
+    assert {"test_adamw_compact[smet_adamw-0.5]", "test_training_step[smet]", "test_training_step[galore]"} <= names
+    out_dir = tmp_path / "run"
+    shutil.copytree(quick_run, out_dir)
+    assert main(["report", "--out-dir", str(out_dir), "--benchmark-json", str(json_path)]) == 0
+    report = (out_dir / "report.md").read_text()
+    assert "## pytest-benchmark" in report and "test_sparse[forward-triton_grouped-0.5-tiny:gate_up-128x64]" in report
 
 
 def test_max_minutes_stops_and_resume_completes(tmp_path, capsys):
