@@ -266,6 +266,31 @@ def test_an_output_left_half_unwritten_fails():
     assert row["status"] == "fail" and "4 elements NaN/unwritten" in row["note"]
 
 
+def test_a_wrong_matmul_result_says_which_token_rows_block_columns_and_blocks_are_off():
+    from smet_kernels.layout import BlockLayout
+
+    mask = torch.zeros(2, 3, dtype=torch.bool)
+    mask[0, 0] = mask[0, 2] = mask[1, 1] = True
+    layout = BlockLayout.from_mask(mask, 16)  # W [32, 48]; slots (0, 0), (0, 2), (1, 1)
+    generator = torch.Generator().manual_seed(0)
+    expected = torch.randn(40, 32, generator=generator)
+    wrong = expected.clone()
+    wrong[32:, 16:] += 1.0  # the ragged last token tile of block column 1
+    wrong[35, 20] = float("nan")
+    row = correctness.check_call(lambda: wrong.clone(), expected, 1e-3,
+                                 lambda result: correctness.where_wrong(result, expected, 1e-3, layout))  # fmt: skip
+    assert row["status"] == "fail"
+    assert "128 elements off: token rows 32–39 (8 of 40), block columns [1]; worst at [35, 20] (block column 1): " \
+           "got nan" in row["note"], row["note"]
+    grad = torch.randn(3, 16, 16, generator=generator)
+    wrong_grad = grad.clone()
+    wrong_grad[1, 2, 3] = 100.0
+    note = correctness.where_wrong(wrong_grad, grad, 1e-3, layout)
+    assert note.startswith("1 elements off: 1 of 3 blocks, e.g. [(0, 2)]; worst at block (0, 2) element [2, 3]: "
+                           "got 100"), note  # fmt: skip
+    assert correctness.where_wrong(grad, grad, 1e-3, layout).startswith("no element off")
+
+
 def test_a_result_that_moves_between_identical_runs_is_a_race():
     generator = torch.Generator().manual_seed(0)
     expected = torch.ones(64)

@@ -107,8 +107,10 @@ class _MatmulOperands:
         return lambda: ops["grad_weight"](self.dy, self.x, self.layout, split_k)
 
 
-def check_call(fn: Callable[[], torch.Tensor], expected: torch.Tensor, bound: float) -> dict:
-    """Warm up ``fn`` (compile, autotune), then run it twice on poisoned outputs: written, repeatable, within bound."""
+def check_call(fn: Callable[[], torch.Tensor], expected: torch.Tensor, bound: float,
+               locate: Callable[[torch.Tensor], str] | None = None) -> dict:  # fmt: skip
+    """Warm up ``fn`` (compile, autotune), then run it twice on poisoned outputs: written, repeatable, within bound.
+    A failing result is described by ``locate(result)`` too, if given (where it is wrong)."""
     fn()
     with poisoned_outputs():
         first, second = fn(), fn()
@@ -122,8 +124,41 @@ def check_call(fn: Callable[[], torch.Tensor], expected: torch.Tensor, bound: fl
         problems.append(f"moved between identical runs (max diff {(first.double() - second.double()).abs().max():.3g})")
     if not error <= bound:
         problems.append(f"error {error:.3g} > bound {bound:.3g}")
+    if problems and locate is not None:
+        problems.append(locate(first))
     return {"error": error, "bound": bound, "repeatable": repeatable, "status": "fail" if problems else "pass",
             "note": "; ".join(problems)}  # fmt: skip
+
+
+OFF_FACTOR = 10.0  # an element is "off" when its error exceeds OFF_FACTOR × bound × the RMS of the expected output
+
+
+def where_wrong(result: torch.Tensor, expected: torch.Tensor, bound: float, layout) -> str:
+    """Where a failing matmul result is wrong, so that one GPU run says what to fix: the elements off by more than
+    ``OFF_FACTOR × bound ×`` RMS(expected) (or not finite), by token rows and block columns of an ``[M, N]`` output,
+    by blocks ``(row, column)`` of a ``[nnz, b, b]`` weight grad, and the worst one (got / want)."""
+    difference = (result.double() - expected.double()).abs()
+    scale = float(expected.double().pow(2).mean().sqrt())
+    off = ~(difference <= OFF_FACTOR * bound * max(scale, 1e-300))  # NaN counts as off
+    if not bool(off.any()):
+        return f"no element off by more than {OFF_FACTOR:g} × bound × RMS"
+    ranked = torch.where(torch.isfinite(difference), difference, torch.full_like(difference, float("inf")))
+    flat = int(ranked.argmax())
+    worst = [int(i) for i in torch.unravel_index(torch.tensor(flat), difference.shape)]
+    got, want = float(result.flatten()[flat]), float(expected.flatten()[flat])
+    b = layout.block_size
+    if result.dim() == 3:
+        slots = off.flatten(1).any(1).nonzero().flatten().cpu()
+        blocks = [tuple(layout.block_indices[int(k)].tolist()) for k in slots[:4]]
+        where = f"{len(slots)} of {layout.nnz} blocks, e.g. {blocks}"
+        worst_at = f"block {tuple(layout.block_indices[worst[0]].tolist())} element {worst[1:]}"
+    else:
+        rows = off.any(1).nonzero().flatten().cpu()
+        columns = (off.any(0).nonzero().flatten().cpu() // b).unique().tolist()
+        where = (f"token rows {int(rows.min())}–{int(rows.max())} ({len(rows)} of {result.shape[0]}), "
+                 f"block columns {columns[:8]}{' ...' if len(columns) > 8 else ''}")  # fmt: skip
+        worst_at = f"[{worst[0]}, {worst[1]}] (block column {worst[1] // b})"
+    return f"{int(off.sum())} elements off: {where}; worst at {worst_at}: got {got:.4g}, want {want:.4g}"
 
 
 def variants_for(device: torch.device) -> tuple[str, ...]:
@@ -171,7 +206,9 @@ def matmul_checks(sizes: Sizes, device: torch.device, seed: int, budget, groups=
                     operands = operands or _MatmulOperands(sizes, block_size, DTYPES[dtype_name], device, seed)
                     op = row["op"].split()[0]
                     call = operands.call(kernel_ops.matmul_ops(row["variant"]), op, split_k)
-                    row |= check_call(call, operands.expected[op], operands.bound[op])
+                    expected, bound = operands.expected[op], operands.bound[op]
+                    row |= check_call(call, expected, bound,
+                                      lambda result: where_wrong(result, expected, bound, operands.layout))
                 except Exception as error:  # a crash is a failed check, the others still run
                     row |= {"status": "fail", "note": f"raised {type(error).__name__}: {error}"[:300]}
                 rows.append(row)
