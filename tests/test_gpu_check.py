@@ -291,6 +291,44 @@ def test_a_wrong_matmul_result_says_which_token_rows_block_columns_and_blocks_ar
     assert correctness.where_wrong(grad, grad, 1e-3, layout).startswith("no element off")
 
 
+def test_a_parameter_made_nan_by_the_triton_step_fails_the_training_step_check_and_is_named(monkeypatch, device):
+    """The loss comes before the step, so only the parameters can show a NaN update: it must not pass."""
+    import bench.training
+
+    build = bench.training.build
+
+    def build_with_a_nan_step(case, device, backend, seed):
+        model, optimizer = build(case, device, backend, seed)
+        if backend == "triton":
+            step = optimizer.step
+
+            def nan_step(*args, **kwargs):
+                step(*args, **kwargs)
+                with torch.no_grad():
+                    model.get_submodule("layers.0.mlp.down_proj").values.view(-1)[0] = float("nan")
+
+            optimizer.step = nan_step
+        return model, optimizer
+
+    monkeypatch.setattr(bench.training, "build", build_with_a_nan_step)
+    row = correctness.training_step_check(CPU, torch.device(device), 0)
+    assert row["status"] == "fail" and "most: layers.0.mlp.down_proj.values" in row["note"], row
+
+
+def test_an_adamw_mismatch_names_the_slots_and_their_local_step():
+    state = {"param": torch.zeros(4, 2, 2), "exp_avg": torch.zeros(4, 2, 2), "exp_avg_sq": torch.zeros(4, 2, 2),
+             "block_step": torch.tensor([3, 3, 1, 3], dtype=torch.int32)}  # fmt: skip
+    reference = {name: tensor.clone() for name, tensor in state.items()}
+    reference["block_step"][2] = 2
+    assert correctness._adamw_mismatch(state, reference, torch.float32) == (
+        "block_step differs at 1 of 4 slots, e.g. slot 2: 1, reference 2 (a race on the read-then-bump?)")
+    reference["block_step"][2] = 1
+    state["param"][1, 0, 1] = 0.5
+    assert correctness._adamw_mismatch(state, reference, torch.float32) == (
+        "param differs by 0.5 (tolerance 1e-06 abs + rel) at 1 of 4 slots, e.g. slot 1 (block_step 3)")
+    assert correctness._adamw_mismatch(reference, reference, torch.float32) == ""
+
+
 def test_a_result_that_moves_between_identical_runs_is_a_race():
     generator = torch.Generator().manual_seed(0)
     expected = torch.ones(64)

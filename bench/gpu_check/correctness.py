@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 from typing import Callable
 
@@ -297,12 +298,21 @@ def _regrow_mismatch(fused: dict, reference: dict, slots: torch.Tensor, device: 
 
 
 def _adamw_mismatch(fused: dict, reference: dict, dtype: torch.dtype) -> str:
-    if not torch.equal(fused["block_step"], reference["block_step"]):
-        return "block_step differs (a race on the read-then-bump?)"
+    """What differs first, and where: the slots (blocks) and their local step ``block_step``."""
+    steps, want_steps = fused["block_step"], reference["block_step"]
+    differs = steps != want_steps
+    if bool(differs.any()):
+        k = int(differs.nonzero()[0])
+        return (f"block_step differs at {int(differs.sum())} of {len(steps)} slots, e.g. slot {k}: {int(steps[k])}, "
+                f"reference {int(want_steps[k])} (a race on the read-then-bump?)")  # fmt: skip
     for name, tolerance in (("param", ADAMW_PARAM_TOLERANCE[dtype]), ("exp_avg", 1e-5), ("exp_avg_sq", 1e-5)):
         ok, worst = _close(fused[name], reference[name], tolerance)
         if not ok:
-            return f"{name} differs by {worst:.3g} (tolerance {tolerance:g} abs + rel)"
+            got, want = fused[name].float(), reference[name].float()
+            off = ((got - want).abs() > tolerance + tolerance * want.abs()).flatten(1).any(1)
+            k = int(off.nonzero()[0])
+            return (f"{name} differs by {worst:.3g} (tolerance {tolerance:g} abs + rel) at {int(off.sum())} of "
+                    f"{len(off)} slots, e.g. slot {k} (block_step {int(steps[k])})")  # fmt: skip
     return ""
 
 
@@ -326,11 +336,14 @@ def training_step_check(sizes: Sizes, device: torch.device, seed: int) -> dict:
         results[backend] = (loss.item(), {name: p.detach().clone() for name, p in model.named_parameters()})
     tolerance = STEP_TOLERANCE[dtype]
     loss_error = abs(results["triton"][0] - results["reference"][0]) / abs(results["reference"][0])
-    param_error = max(relative_error(results["triton"][1][name], want)
-                      for name, want in results["reference"][1].items())  # fmt: skip
-    error = max(loss_error, param_error)
+    param_errors = {name: relative_error(results["triton"][1][name], want)
+                    for name, want in results["reference"][1].items()}  # fmt: skip
+    worst_param = max(param_errors, key=lambda name: (math.isnan(param_errors[name]), param_errors[name]))
+    param_error = param_errors[worst_param]
+    error = math.nan if math.isnan(loss_error) or math.isnan(param_error) else max(loss_error, param_error)
     ok = error <= tolerance
-    note = "" if ok else f"loss differs by {loss_error:.3g}, parameters by {param_error:.3g} (relative)"
+    note = "" if ok else (f"loss differs by {loss_error:.3g}, parameters by {param_error:.3g} (relative; most: "
+                          f"{worst_param})")  # fmt: skip
     return {"check": "training step", "variant": f"{case.config} smet d=0.25", "dtype": str(dtype).split(".")[-1],
             "block_size": case.block_size, "op": "forward+backward+SMETAdamW vs reference backend", "error": error,
             "bound": tolerance, "status": "pass" if ok else "fail", "note": note}  # fmt: skip
