@@ -326,6 +326,10 @@ def test_an_adamw_mismatch_names_the_slots_and_their_local_step():
     state["param"][1, 0, 1] = 0.5
     assert correctness._adamw_mismatch(state, reference, torch.float32) == (
         "param differs by 0.5 (tolerance 1e-06 abs + rel) at 1 of 4 slots, e.g. slot 1 (block_step 3)")
+    state["param"][1, 0, 1] = 0.0
+    state["exp_avg"][3, 1, 1] = float("nan")
+    assert correctness._adamw_mismatch(state, reference, torch.float32) == (
+        "exp_avg differs by nan (tolerance 1e-05 abs + rel) at 1 of 4 slots, e.g. slot 3 (block_step 3)")
     assert correctness._adamw_mismatch(reference, reference, torch.float32) == ""
 
 

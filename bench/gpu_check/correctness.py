@@ -309,7 +309,7 @@ def _adamw_mismatch(fused: dict, reference: dict, dtype: torch.dtype) -> str:
         ok, worst = _close(fused[name], reference[name], tolerance)
         if not ok:
             got, want = fused[name].float(), reference[name].float()
-            off = ((got - want).abs() > tolerance + tolerance * want.abs()).flatten(1).any(1)
+            off = (~((got - want).abs() <= tolerance + tolerance * want.abs())).flatten(1).any(1)  # NaN is off
             k = int(off.nonzero()[0])
             return (f"{name} differs by {worst:.3g} (tolerance {tolerance:g} abs + rel) at {int(off.sum())} of "
                     f"{len(off)} slots, e.g. slot {k} (block_step {int(steps[k])})")  # fmt: skip
