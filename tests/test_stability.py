@@ -472,6 +472,16 @@ def test_best_alpha_density_lr_and_default_sentences_say_which_side_is_worse(tmp
             "the default is worse") in lines
 
 
+def test_a_pair_without_a_final_loss_is_no_agreement_in_the_consistency_check(tmp_path):
+    flat = [2.0] * 12
+    for seed, masked_loss in ((0, 2.0004), (1, float("nan"))):  # the NaN gap after a finite one
+        _write_run(tmp_path, RunSpec("tiny", "naive-dst", 0.5, 0.0, seed), flat, val_loss=2.0)
+        _write_run(tmp_path, RunSpec("tiny", "masked-dst", 0.5, None, seed), flat, val_loss=masked_loss)
+    data = load_study(tmp_path)
+    lines = "\n".join(stability.findings(data, spike_events(data), quality_table(data)))
+    assert "largest final-loss gap nan over 2 pairs (they DISAGREE: investigate)" in lines
+
+
 def test_an_arm_pairs_with_naive_dst_at_its_own_alpha_else_at_the_smallest_one_naive_dst_ran():
     """The smallest is α = 0, the paper's naive DST; where naive DST did not run at all, the arm's own α."""
     from bench.stability.findings import NAIVE, naive_alpha

@@ -223,9 +223,10 @@ class _Findings:
                     "final_val_loss"])
                 gaps += list(np.abs(a - b))
             if gaps:
+                largest = float(np.max(gaps))  # NaN (a run without a final loss) when any gap is: not an agreement
                 self.lines.append(f"**Consistency check** — {a_method} at α=0 and {b_method} apply the same update "
-                                  f"({what}): largest final-loss gap {max(gaps):.2e} over {len(gaps)} pairs "
-                                  f"({'agree' if max(gaps) < 1e-3 else 'they DISAGREE: investigate'}).")
+                                  f"({what}): largest final-loss gap {largest:.2e} over {len(gaps)} pairs "
+                                  f"({'agree' if largest < 1e-3 else 'they DISAGREE: investigate'}).")
 
     def first_steps(self):
         """7. the size of the first step of regrown weights against surviving ones (the quantity the method is
