@@ -499,6 +499,52 @@ def test_the_configs_a_kernel_ran_are_the_ones_later_shapes_choose_from(device):
     assert len(chosen["bsmm_dense_sparse_kernel"]) == 1
 
 
+def test_a_later_block_starts_from_the_picks_an_earlier_block_saved():
+    name, allowed = "bsmm_dense_sparse_kernel", {name: {kernel_ops.config_key(c) for c in tuner.configs[:2]}
+                                                 for name, _, tuner in kernel_ops.autotuners()}  # fmt: skip
+    tuner = dict((n, t) for n, _, t in kernel_ops.autotuners())[name]
+    before = dict(tuner.cache)
+    with kernel_ops.restrict_configs(allowed):
+        tuner.cache[("shape",)] = pick = tuner.configs[0]  # what a GPU's autotuning leaves
+        caches = kernel_ops.tuning_caches()
+    assert tuner.cache == before
+    foreign = caches[name] | {("other",): object()}  # a config not among the allowed ones is not carried
+    with kernel_ops.restrict_configs(allowed, {name: foreign}):
+        assert tuner.cache == {("shape",): pick}
+    with kernel_ops.restrict_configs(allowed):
+        assert tuner.cache == {}
+
+
+def test_the_variants_of_a_block_size_reuse_the_picks_its_bars_made(tmp_path, monkeypatch):
+    """triton_plain_order runs triton_grouped's kernel: at each shape it must time the config grouped's autotuning
+    picked there (the A/B of the two orders), not tune again after the bars of the other block sizes."""
+    import contextlib
+
+    from bench.gpu_check import measure
+    from bench.runner import CommandLog, Deadline
+
+    calls, inside = [], []
+
+    @contextlib.contextmanager
+    def restrict_configs(allowed, caches=None):
+        inside.append((caches, []))
+        calls.append(inside[-1])
+        yield
+        inside.pop()
+
+    made = iter(range(100))
+    monkeypatch.setattr(kernel_ops, "restrict_configs", restrict_configs)
+    monkeypatch.setattr(kernel_ops, "tuning_caches", lambda: {"made": next(made)})
+    monkeypatch.setattr(measure.Context, "run", lambda self, suite, *rest: inside[-1][1].append(suite) or (0, []))
+    ctx = measure.Context(torch.device("cpu"), "triton", CPU, tmp_path, Deadline(None), CommandLog(tmp_path, None), 0,
+                          True)  # fmt: skip
+    assert measure.run_kernels(ctx) == (0, [])
+    started_from = {suite: caches for caches, suites in calls for suite in suites}
+    assert len(CPU.kernel_block_sizes) > 1 and started_from[f"kernels b={CPU.kernel_block_sizes[0]}"] is None
+    for saved_by_its_bars, block_size in enumerate(CPU.kernel_block_sizes):  # saved in this order, one per block
+        assert started_from[f"kernels b={block_size} variants"] == {"made": saved_by_its_bars}
+
+
 def _bar_rows() -> pd.DataFrame:
     """grad_input of W [128, 2048] (one block row: the op reads M × 128 of dy whatever the layout) in bf16 at 6.5536
     GB/s of device copy, so an op's memory term is (2176 M + 16384 nnz) · 2 bytes / 6.5536 GB/s:

@@ -4,7 +4,7 @@
 * :func:`adamw_step` / :func:`regrow`: the fused AdamW step and the regrow initialisation (Triton or reference);
 * :func:`autotuners` and :func:`restrict_configs`: the Triton autotuners of the matmul kernels and a context that
   limits each to a small set of configs (the compile / autotune budget of a bounded GPU run); :func:`pinned_configs`
-  is that set for one block size.
+  is that set for one block size; :func:`tuning_caches` carries a block's picks into a later one.
 """
 
 from __future__ import annotations
@@ -97,24 +97,33 @@ def config_key(config) -> tuple[int, int, int]:
 
 
 @contextlib.contextmanager
-def restrict_configs(allowed: dict[str, set[tuple[int, int, int]]] | None):
+def restrict_configs(allowed: dict[str, set[tuple[int, int, int]]] | None, caches: dict[str, dict] | None = None):
     """Within the block, each matmul autotuner keeps only the configs whose ``(BLOCK_M, num_warps, num_stages)`` is
     in ``allowed[kernel name]`` (its own config objects, so TMA pre-hooks stay) and starts with an empty tuning
-    cache (and no ``best_config``). The kernel's pruner still applies to two or more configs; Triton launches a lone
-    config without it, so a pinned config must be one the pruner keeps (``plan.PINNED_CONFIGS`` are, see
-    ``reports/static-sm90``). ``None`` or an empty selection leave a kernel as it is (the interpreter's single
-    config). The original configs and cache come back afterwards."""
+    cache (and no ``best_config``), or with the picks among those configs in ``caches[kernel name]`` (what
+    :func:`tuning_caches` saved in an earlier block: those keys are not tuned again). The kernel's pruner still
+    applies to two or more configs; Triton launches a lone config without it, so a pinned config must be one the
+    pruner keeps (``plan.PINNED_CONFIGS`` are, see ``reports/static-sm90``). ``None`` or an empty selection leave a
+    kernel as it is (the interpreter's single config). The original configs and cache come back afterwards."""
     saved = []
     try:
         for name, _, tuner in autotuners():
             keep = [c for c in tuner.configs if config_key(c) in (allowed or {}).get(name, set())]
             if keep:
                 saved.append((tuner, tuner.configs, dict(tuner.cache), getattr(tuner, "best_config", None)))
-                tuner.configs, tuner.cache, tuner.best_config = keep, {}, None
+                kept = {id(c) for c in keep}
+                cache = {key: c for key, c in (caches or {}).get(name, {}).items() if id(c) in kept}
+                tuner.configs, tuner.cache, tuner.best_config = keep, cache, None
         yield
     finally:
         for tuner, configs, cache, best in saved:
             tuner.configs, tuner.cache, tuner.best_config = configs, cache, best
+
+
+def tuning_caches() -> dict[str, dict]:
+    """Per kernel, a copy of its autotuner's tuning cache (key -> picked config), for a later
+    :func:`restrict_configs` on the same configs to start from."""
+    return {name: dict(tuner.cache) for name, _, tuner in autotuners()}
 
 
 def chosen_configs() -> dict[str, set[tuple[int, int, int]]]:

@@ -136,7 +136,8 @@ def kernel_cases(sizes: Sizes, block_size: int) -> tuple[list[KernelCase], list[
 
 def run_kernels(ctx: Context) -> tuple[int, list[str]]:
     """Per block size: autotune over ``TIMING_CONFIGS`` on the headline shape, then time the bars' cases with every
-    kernel pinned to its pick; the variants' other cases last (the bars of every block size before them)."""
+    kernel pinned to its pick; the variants' other cases last (the bars of every block size before them), from the
+    bars' tuning caches."""
     file = kernels_file(ctx.out_dir)
     failures, not_run = 0, []
     cuda = ctx.device.type == "cuda"
@@ -149,7 +150,7 @@ def run_kernels(ctx: Context) -> tuple[int, list[str]]:
             state["key"] = key
         return kernels.run_case(case, state["operands"], ctx.backend, ctx.device, ctx.timing)
 
-    variants, pins = {}, {}
+    variants, pins, caches = {}, {}, {}
     for block_size in ctx.sizes.kernel_block_sizes:
         headline, bars, variants[block_size] = kernel_cases(ctx.sizes, block_size)
         with kernel_ops.restrict_configs(kernel_ops.per_kernel(TIMING_CONFIGS) if cuda else None):
@@ -160,10 +161,13 @@ def run_kernels(ctx: Context) -> tuple[int, list[str]]:
             ctx.picks[block_size] = pins[block_size]
         with kernel_ops.restrict_configs(pins[block_size]):
             more_failed, more_missing = ctx.run(f"kernels b={block_size}", bars, run_one, file)
+            # triton_grouped's picks per shape: triton_plain_order runs the same kernel (the group size is not in
+            # the autotune key), so the A/B of the two orders times the same config, and nothing is tuned twice
+            caches[block_size] = kernel_ops.tuning_caches()
         failures += failed + more_failed
         not_run += missing + more_missing
     for block_size, cases in variants.items():
-        with kernel_ops.restrict_configs(pins[block_size]):
+        with kernel_ops.restrict_configs(pins[block_size], caches[block_size]):
             failed, missing = ctx.run(f"kernels b={block_size} variants", cases, run_one, file)
         failures += failed
         not_run += missing
