@@ -131,9 +131,22 @@ def test_a_stage_shares_the_time_left_with_the_selected_stages_after_it_by_their
 
     sizes = dataclasses.replace(CPU, estimates_s={"env": 1, "correctness": 2, "kernels": 30, "adamw": 10,
                                                   "training": 50, "compile": 10})  # fmt: skip
-    assert _share("kernels", list(STAGES), sizes) == 30 / 100
-    assert _share("kernels", ["kernels", "compile"], sizes) == 30 / 40
-    assert _share("training", list(STAGES), sizes) == 50 / 60
+    assert _share("kernels", list(STAGES), sizes, 1000.0) == 30 / 100
+    assert _share("kernels", ["kernels", "compile"], sizes, 1000.0) == 30 / 40
+    assert _share("training", list(STAGES), sizes, 1000.0) == 50 / 60
+    assert _share("training", list(STAGES), sizes, 60.0) == 50 / 60  # compile's share: 10 s, its estimate
+
+
+def test_no_time_is_kept_for_an_atomic_stage_whose_share_would_not_reach_its_estimate():
+    from bench.gpu_check import ATOMIC_STAGES, _share
+
+    assert ATOMIC_STAGES == ("compile",)
+    sizes = dataclasses.replace(CPU, estimates_s={"env": 1, "correctness": 2, "kernels": 30, "adamw": 10,
+                                                  "training": 50, "compile": 10})  # fmt: skip
+    # 59 s left: compile's share would be 9.8 s < its 10 s, so it would not start and training would stop at 49 s
+    assert _share("training", list(STAGES), sizes, 59.0) == 1.0
+    assert _share("kernels", list(STAGES), sizes, 99.0) == 30 / 90
+    assert _share("kernels", list(STAGES), sizes, 100.0) == 30 / 100
 
 
 def test_a_long_indivisible_stage_does_not_start_when_its_estimate_does_not_fit(tmp_path):

@@ -120,7 +120,7 @@ def run(args, argv: list[str]) -> int:
         print(f"gpu-check: stage {stage} ({budget.left_s():.0f} s of budget left)", flush=True)
         row["status"] = "running when this summary was written"
         started = time.monotonic()
-        ctx.budget = budget.share(_share(stage, stages, sizes)) if stage in SHARED_STAGES else budget
+        ctx.budget = budget.share(_share(stage, stages, sizes, budget.left_s())) if stage in SHARED_STAGES else budget
         not_run: list[str] = []
         try:
             if stage == "correctness":
@@ -155,10 +155,18 @@ def run(args, argv: list[str]) -> int:
     return 1 if failures else 0
 
 
-def _share(stage: str, stages: list[str], sizes) -> float:
-    """``stage``'s estimate over the estimates of it and the selected stages after it."""
+def _share(stage: str, stages: list[str], sizes, left_s: float) -> float:
+    """``stage``'s estimate over the estimates of it and the selected stages after it, of ``left_s`` seconds left.
+    An atomic stage after it counts only where its own share would reach its estimate: with less it does not start,
+    and the time kept for it would be lost to the stages before it."""
+    estimates = sizes.estimates_s
     later = [s for s in STAGES[STAGES.index(stage):] if s in stages]
-    return sizes.estimates_s[stage] / sum(sizes.estimates_s[s] for s in later)
+    while True:
+        total = sum(estimates[s] for s in later)
+        short = [s for s in later if s in ATOMIC_STAGES and left_s * estimates[s] / total < estimates[s]]
+        if not short:
+            return estimates[stage] / total
+        later = [s for s in later if s not in short]
 
 
 def _not_reached(table: list[dict], sizes) -> list[dict]:
