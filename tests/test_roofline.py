@@ -1,6 +1,8 @@
 """Roofline bounds of the block-sparse kernels (profiling.roofline): hand-checked arithmetic and the CLI."""
 
 import csv
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -82,3 +84,35 @@ def test_with_unlimited_bandwidth_every_bound_is_exactly_d_times_dense_at_the_dr
     rows = roofline.bar_rows(["350m"], [0.1, 0.25], [8192], 128, 2, 730.0, 1e9)
     assert {row["bound_vs_d_dense"] for row in rows} == {1.0}
     assert {row["max_dense_efficiency"] for row in rows} == {1.0}
+
+
+def test_the_roofline_table_of_the_kernel_notes_matches_the_reports():
+    """``bench/KERNEL_NOTES.md``: per config and density, the lowest and highest ``bound_vs_d_dense`` of
+    ``reports/roofline-h200-anchors`` (the H100's of ``reports/roofline-h100-anchors`` in brackets; none: the same)."""
+    root = Path(__file__).resolve().parents[1]
+
+    def ranges(report: str) -> dict[tuple[str, float], tuple[float, float]]:
+        found: dict[tuple[str, float], list[float]] = {}
+        with open(root / "reports" / report / "roofline.csv") as handle:
+            for row in csv.DictReader(handle):
+                key = (row["shape"].split(":")[0], float(row["density"]))
+                found.setdefault(key, []).append(float(row["bound_vs_d_dense"]))
+        return {key: (min(values), max(values)) for key, values in found.items()}
+
+    def cell(text: str) -> tuple[float, float]:
+        low, _, high = text.partition("–")
+        return float(low), float(high or low)
+
+    h200, h100 = ranges("roofline-h200-anchors"), ranges("roofline-h100-anchors")
+    notes = (root / "bench" / "KERNEL_NOTES.md").read_text().splitlines()
+    header = next(i for i, line in enumerate(notes) if line.startswith("| shapes | d = 0.5 |"))
+    densities = [float(re.search(r"d = ([0-9.]+)", c).group(1)) for c in notes[header].strip("|").split("|")[1:]]
+    rows = [line for line in notes[header + 2:] if line.startswith("| ")][:3]
+    assert {row.split("|")[1].split()[0] for row in rows} == {"7b", "1b", "350m"}
+    for row in rows:
+        config, *cells = [c.strip() for c in row.strip("|").split("|")]
+        for density, text in zip(densities, cells):
+            main, _, bracket = text.partition(" (")
+            key = (config.split()[0], density)
+            assert cell(main) == pytest.approx(h200[key], abs=0.006), (key, text)
+            assert cell(bracket.rstrip(")") or main) == pytest.approx(h100[key], abs=0.006), (key, text)
