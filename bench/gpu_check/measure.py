@@ -70,7 +70,8 @@ def _label(case) -> str:
 
 
 def environment(device: torch.device) -> dict:
-    """GPU name, driver, CUDA, torch, Triton, Python, SM count (``unavailable: ...`` where not known)."""
+    """GPU name, driver, CUDA, torch, Triton, Python, SM count, memory, L2 size (``unavailable: ...`` where not
+    known)."""
     import triton
 
     from bench.results import device_name
@@ -80,6 +81,7 @@ def environment(device: torch.device) -> dict:
     if device.type == "cuda":
         properties = torch.cuda.get_device_properties(device)
         info |= {"sms": properties.multi_processor_count, "memory_gib": round(properties.total_memory / 2**30, 1),
+                 "l2_mib": round(getattr(properties, "L2_cache_size", 0) / 2**20, 1) or "unavailable",
                  "capability": ".".join(map(str, torch.cuda.get_device_capability(device)))}  # fmt: skip
     try:
         import pynvml
