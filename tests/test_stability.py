@@ -482,6 +482,19 @@ def test_a_pair_without_a_final_loss_is_no_agreement_in_the_consistency_check(tm
     assert "largest final-loss gap nan over 2 pairs (they DISAGREE: investigate)" in lines
 
 
+def test_a_pair_without_a_final_loss_has_no_verdict_and_is_not_better_than_dense(tmp_path):
+    """A NaN difference gave a NaN mean and interval, and ``NaN > 0`` is False: the verdict was 'a < b'."""
+    flat = [2.0] * 12
+    for seed, naive_loss in ((0, 2.1), (1, float("nan")), (2, 2.2)):
+        _write_run(tmp_path, RunSpec("tiny", "adamw", None, None, seed), flat, val_loss=2.0)
+        _write_run(tmp_path, RunSpec("tiny", "naive-dst", 0.5, 0.0, seed), flat, val_loss=naive_loss)
+    data = load_study(tmp_path)
+    lines = "\n".join(stability.findings(data, spike_events(data), quality_table(data)))
+    assert "tiny naive-dst d=0.5 (best α=0 of 1): n/a" in lines and "better than dense" not in lines
+    assert "a run without a finite value: no verdict" in lines
+    assert stability.stats.compare([1.0, float("inf")], [0.0, 0.0])[2] == "not finite"
+
+
 def test_an_arm_pairs_with_naive_dst_at_its_own_alpha_else_at_the_smallest_one_naive_dst_ran():
     """The smallest is α = 0, the paper's naive DST; where naive DST did not run at all, the arm's own α."""
     from bench.stability.findings import NAIVE, naive_alpha

@@ -40,7 +40,8 @@ def over(updates, seeds) -> str:
 
 def verdict_words(verdict, more, less) -> str:
     return {"a > b": more, "a < b": less, "within noise": "within noise",
-            "one sample": "one sample only: no noise estimate", "no data": "nothing to compare"}[verdict]
+            "one sample": "one sample only: no noise estimate", "no data": "nothing to compare",
+            "not finite": "a run without a finite value: no verdict"}[verdict]
 
 
 def select(frame, config, method, density, alpha):
@@ -134,7 +135,8 @@ class _Findings:
                     details.append(f"{name}: {NOT_MOVED}")
                     continue
                 mean, ci, verdict = compare(naive, arm)
-                tally[{"a > b": "holds", "a < b": "reversed", "within noise": "noise"}.get(verdict, "single")] += 1
+                tally[{"a > b": "holds", "a < b": "reversed", "within noise": "noise",
+                       "not finite": "none"}.get(verdict, "single")] += 1
                 details.append(f"{name}: {signed(mean)}{plus_minus(ci)} {over(updates, len(naive))} — "
                                f"{verdict_words(verdict, 'holds', f'{method} {unit} MORE: does not hold')}")
             what = COLUMN_NAMES.get(column, column)

@@ -152,11 +152,14 @@ def t_quantile_975(df: int) -> float:
 def compare(a, b) -> tuple[float, float, str]:
     """Paired comparison of equal-length samples ``a``, ``b``: ``(mean(a−b), half-width of its 95% t-interval,
     verdict)``; verdict ``"a > b"`` / ``"a < b"`` when the interval excludes 0, else ``"within noise"``;
-    ``"one sample"`` when n < 2 (no noise estimate)."""
+    ``"one sample"`` when n < 2 (no noise estimate); ``"not finite"`` when a difference is NaN or infinite (a run
+    without a final loss: ``NaN > 0`` is False, so the verdict would read ``"a < b"``)."""
     diff = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
     if len(diff) == 0:
         return math.nan, math.nan, "no data"
     mean = float(diff.mean())
+    if not np.isfinite(diff).all():
+        return mean, math.nan, "not finite"
     if len(diff) < 2:
         return mean, math.nan, "one sample"
     half_width = t_quantile_975(len(diff) - 1) * float(diff.std(ddof=1)) / math.sqrt(len(diff))
