@@ -495,6 +495,21 @@ def test_a_pair_without_a_final_loss_has_no_verdict_and_is_not_better_than_dense
     assert stability.stats.compare([1.0, float("inf")], [0.0, 0.0])[2] == "not finite"
 
 
+def test_an_alpha_with_a_seed_without_a_final_loss_is_not_the_best_alpha(tmp_path):
+    """pandas' mean skips NaN: α=0 (2.10, NaN, 2.12) averaged 2.11 over the two seeds that ended and beat α=1."""
+    flat = [2.0] * 12
+    for seed, low, high in zip((0, 1, 2), (2.10, float("nan"), 2.12), (2.15, 2.16, 2.17)):
+        _write_run(tmp_path, RunSpec("tiny", "adamw", None, None, seed), flat, val_loss=2.0)
+        _write_run(tmp_path, RunSpec("tiny", "smet-linear", 0.5, 0.0, seed), flat, val_loss=low)
+        _write_run(tmp_path, RunSpec("tiny", "smet-linear", 0.5, 1.0, seed), flat, val_loss=high)
+    data = load_study(tmp_path)
+    quality = quality_table(data)
+    assert quality[quality["alpha"] == 0.0][["val_loss", "val_loss_sd", "ppl"]].isna().all(axis=None)
+    lines = "\n".join(stability.findings(data, spike_events(data), quality))
+    assert "tiny smet-linear d=0.5 (best α=1 of 2): +0.1600" in lines
+    assert "tiny d=0.5: smet-linear α=1 (val loss 2.1600); the default is best" in lines
+
+
 def test_an_arm_pairs_with_naive_dst_at_its_own_alpha_else_at_the_smallest_one_naive_dst_ran():
     """The smallest is α = 0, the paper's naive DST; where naive DST did not run at all, the arm's own α."""
     from bench.stability.findings import NAIVE, naive_alpha

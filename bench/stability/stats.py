@@ -125,13 +125,13 @@ def quality_table(data: StudyData):
         paired = [(row["final_val_loss"], dense.loc[(config, row["seed"]), "final_val_loss"])
                   for _, row in group.iterrows() if (config, row["seed"]) in dense.index]
         diffs = np.array([a - b for a, b in paired], dtype=float)
-        ppl = group["final_val_ppl"].mean()
+        ppl = group["final_val_ppl"].mean(skipna=False)  # a seed without a final loss: no mean, no best α
         dense_ppl = np.mean([math.exp(b) for _, b in paired]) if paired else math.nan
         rows.append({
             "config": config, "method": method, "density": density, "alpha": alpha, "seeds": len(group),
             "tokens": int(group["tokens"].iloc[0]) if group["tokens"].nunique() == 1 else "mixed",
-            "val_loss": group["final_val_loss"].mean(),
-            "val_loss_sd": group["final_val_loss"].std(ddof=1) if len(group) >= 2 else math.nan,
+            "val_loss": group["final_val_loss"].mean(skipna=False),
+            "val_loss_sd": group["final_val_loss"].std(ddof=1, skipna=False) if len(group) >= 2 else math.nan,
             "vs_dense": diffs.mean() if len(diffs) else math.nan,
             "vs_dense_se": diffs.std(ddof=1) / math.sqrt(len(diffs)) if len(diffs) >= 2 else math.nan,
             "ppl": ppl, "ppl_vs_dense": ppl / dense_ppl if paired else math.nan,
