@@ -199,8 +199,8 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"attainable memory bandwidth in TB/s (default: {H200_TBPS:g}, an H200 device copy)")
     parser.add_argument("--out-dir", type=Path, required=True, help="folder for roofline.csv and roofline.md")
     args = parser.parse_args(argv)
-    if args.tflops <= 0 or args.tbps <= 0:
-        parser.error("--tflops and --tbps must be > 0")
+    if not (0 < args.tflops < math.inf and 0 < args.tbps < math.inf):  # NaN fails both comparisons
+        parser.error(f"--tflops and --tbps must be finite and > 0, got {args.tflops:g} and {args.tbps:g}")
     try:
         rows = bar_rows(args.configs, args.densities, args.tokens, args.block_size, args.element_size, args.tflops,
                         args.tbps)

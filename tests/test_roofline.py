@@ -58,6 +58,17 @@ def test_cli_writes_csv_and_report(tmp_path):
         roofline.main(["--tflops", "0", "--out-dir", str(tmp_path)])
 
 
+@pytest.mark.parametrize("option", ["--tflops", "--tbps"])
+@pytest.mark.parametrize("value", ["nan", "inf"])
+def test_a_ceiling_that_is_not_a_finite_positive_number_is_refused(tmp_path, option, value, capsys):
+    """``nan <= 0`` is False: a NaN ceiling passed, every bound was NaN and ``min(1.0, bar / NaN)`` is 1.0, so the
+    report said no bar is beyond the roofline."""
+    with pytest.raises(SystemExit):
+        roofline.main(["--configs", "350m", option, value, "--out-dir", str(tmp_path)])
+    assert "must be finite and > 0" in capsys.readouterr().err
+    assert not (tmp_path / "roofline.md").exists()
+
+
 def test_expected_used_lines_matches_random_layouts():
     for lines, per_line, density in ((32, 32, 0.1), (8, 86, 0.05), (4, 4, 0.5)):
         nnz = round(density * lines * per_line)
