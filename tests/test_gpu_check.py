@@ -346,6 +346,22 @@ def test_an_adamw_mismatch_names_the_slots_and_their_local_step():
     assert correctness._adamw_mismatch(reference, reference, torch.float32) == ""
 
 
+def test_an_adamw_check_failed_by_a_nan_parameter_reports_a_nan_error(monkeypatch):
+    """``max(worst, NaN)`` is ``worst``: the failing row said error 0 within its bound."""
+    adamw_step = kernel_ops.adamw_step
+
+    def nan_at_step_two(param, *args, backend, **kwargs):
+        adamw_step(param, *args, backend="reference", **kwargs)
+        if backend == "triton" and int(args[3].max()) == 2:  # block_step after the second step
+            param.view(-1)[0] = float("nan")
+
+    monkeypatch.setattr(kernel_ops, "adamw_step", nan_at_step_two)
+    rows, _ = correctness.adamw_checks(CPU, torch.device("cpu"), 0, CountdownBudget(100))
+    adamw = [row for row in rows if row["check"] == "adamw"]
+    assert adamw and all(row["status"] == "fail" and row["note"].startswith("step 2: param differs by nan")
+                         and row["error"] != row["error"] for row in adamw), adamw  # fmt: skip
+
+
 def test_a_result_that_moves_between_identical_runs_is_a_race():
     generator = torch.Generator().manual_seed(0)
     expected = torch.ones(64)

@@ -261,7 +261,9 @@ def adamw_checks(sizes: Sizes, device: torch.device, seed: int, budget) -> tuple
                                               state["block_step"], lr=1e-3, backend=backend, warmup=warmup,
                                               **ADAMW_HYPER)  # fmt: skip
                     problem = _adamw_mismatch(fused, reference, dtype)
-                    worst = max(worst, float((fused["param"].float() - reference["param"].float()).abs().max()))
+                    difference = float((fused["param"].float() - reference["param"].float()).abs().max())
+                    # NaN stays: max(worst, NaN) would be worst, a failed row with an error inside its bound
+                    worst = math.nan if math.isnan(worst) or math.isnan(difference) else max(worst, difference)
                     if problem:
                         adamw |= {"status": "fail", "note": f"step {step}: {problem}"}
                         break
