@@ -388,6 +388,18 @@ def test_gradients_are_clipped_to_grad_clip_before_the_optimizer_step_and_the_no
     assert torch.sqrt(sum((g.double() ** 2).sum() for g in grads)).item() == pytest.approx(grad_norm, rel=1e-5)
 
 
+def test_bf16_gradient_norm_is_reported_and_clipped_in_fp32_not_rounded_to_bf16():
+    """torch reduces bf16 gradients to a bf16 norm (8 significant bits): 2.7656 for a norm of 2.7684, clipping to
+    1.0012 x grad_clip."""
+    _, grad_norm, grads = _gradients_at_the_optimizer_step(tiny_config(optimizer="adamw", precision="bf16",
+                                                                       grad_clip=0.0, eval_every=0))
+    assert grads[0].dtype == torch.bfloat16
+    assert torch.sqrt(sum((g.double() ** 2).sum() for g in grads)).item() == pytest.approx(grad_norm, rel=1e-5)
+    _, _, grads = _gradients_at_the_optimizer_step(tiny_config(optimizer="adamw", precision="bf16", grad_clip=0.01,
+                                                               eval_every=0))
+    assert torch.sqrt(sum((g.double() ** 2).sum() for g in grads)).item() == pytest.approx(0.01, rel=5e-4)
+
+
 def test_logged_learning_rates_follow_linear_warmup_then_cosine_to_ten_percent(tmp_path):
     train(tiny_config(optimizer="adamw", lr=1e-3, lr_warmup_steps=2, max_steps=6, eval_every=0, out_dir=str(tmp_path)))
     lrs = [r["lr"] for r in read_metrics(tmp_path) if r["type"] == "train"]
