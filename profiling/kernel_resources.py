@@ -187,7 +187,7 @@ def optimizer_cases(dtypes: list[str]) -> list[KernelCase]:
         t = _TRITON_TYPES[DTYPES[dtype_name]]
         for warmup, code in WARMUP_CODES.items():
             constexprs = {"PARAM_DTYPE": TL_DTYPES[DTYPES[dtype_name]], "STATE_DTYPE": tl.float32, "WARMUP": code,
-                          "ALIGNED": True, "TILE": launch_config.ADAMW_GPU_TILE}
+                          "ALIGNED": True, "STEP_PER_TILE": True, "TILE": launch_config.ADAMW_GPU_TILE}
             signature = kernel_signature(adamw_step_kernel, t, constexprs, scalar="fp32")
             cases.append(KernelCase(f"adamw_step[{warmup}]", adamw_step_kernel, signature, constexprs,
                                     launch_config.ADAMW_NUM_WARPS, 3, dtype_name))

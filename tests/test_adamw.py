@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from smet_kernels.ops.adamw import _vector_aligned
+from smet_kernels.ops.adamw import _slot_is_whole_tiles, _vector_aligned
 from smet_kernels.ops.library import adamw_step
 
 GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -61,6 +61,22 @@ def test_adamw_step_triton_matches_torch_multi_tensor(warmup, dtype, device):
     run(tensors, lrs, global_steps, "triton", warmup=warmup)
     run(expected, lrs, global_steps, "reference", warmup=warmup)
     assert_close(tensors, expected, dtype)
+
+
+@pytest.mark.parametrize("warmup", ["linear", "momentum_ramp", "none"])
+def test_adamw_step_with_slots_of_whole_tiles_matches_torch(warmup, device):
+    """Slots of whole tiles (b = 64 and 128 under the interpreter's 4096-element tiles; b >= 32 on a GPU) read one
+    local step per tile; here several slots share a program and a slot spans several tiles."""
+    generator = torch.Generator().manual_seed(6)
+    tensors = make_tensors([(6, 64), (3, 128), ("dense", (37, 29))], torch.float32, device, generator)
+    assert all(_slot_is_whole_tiles(entry) for entry in tensors)
+    assert not _slot_is_whole_tiles(make_tensors([(2, 16)], torch.float32, device, generator)[0])
+    tensors[0][4].copy_(torch.tensor([0, 6, 1, 5, 2, 4], dtype=torch.int32))  # a different step in every slot
+    expected = clone_all(tensors)
+    lrs, global_steps = [0.1, 0.2, 0.05], [None, None, 3]
+    run(tensors, lrs, global_steps, "triton", warmup=warmup)
+    run(expected, lrs, global_steps, "reference", warmup=warmup)
+    assert_close(tensors, expected, torch.float32)
 
 
 @pytest.mark.parametrize("aligned", [True, False])
@@ -156,9 +172,10 @@ def test_adamw_step_first_update_of_regrown_block_is_warmed_up(device):
 @pytest.mark.gpu
 @GPU
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_adamw_step_triton_matches_torch_gpu_large(dtype):
+@pytest.mark.parametrize("small_blocks", [16, 32], ids=["step_per_element", "step_per_tile"])
+def test_adamw_step_triton_matches_torch_gpu_large(dtype, small_blocks):
     generator = torch.Generator().manual_seed(4)
-    spec = [(300, 64), (40, 128), (1000, 16), ("dense", (1000, 333))]
+    spec = [(300, 64), (40, 128), (1000, small_blocks), ("dense", (1000, 333))]
     tensors = make_tensors(spec, dtype, "cuda", generator)
     expected = clone_all(tensors)
     lrs, steps = [0.01] * 4, [None, None, 12, 5]

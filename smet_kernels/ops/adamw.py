@@ -15,7 +15,9 @@ while the tensors' addresses stay the same; a small ``scalars [T, 3]`` table (ef
 bias correction, 0 = local; warm-up factor of a dense tensor, ``min(step / W, 1)`` or 1) is rebuilt every call
 (pinned, asynchronous copy on CUDA; the host-built tables rule out CUDA-graph capture). A dense tensor is cut into
 pseudo-slots of ``ADAMW_ELEMENTS_PER_PROGRAM`` elements and takes the AdamW update with its global step (warmed up by that step
-when ``dense_warmups[i]``: the whole tensor shares one count, so the host computes its factor).
+when ``dense_warmups[i]``: the whole tensor shares one count, so the host computes its factor). When every slot of a
+launch is whole tiles (``STEP_PER_TILE``: b ≥ 32 on a GPU) a tile reads one local step, else each element gathers its
+slot's (an integer division per element).
 
 No autotuning: the kernel updates memory in place through addresses held in tables, which autotune's benchmark
 runs could not restore; one config (``ADAMW_TILE`` elements per tile, ``ADAMW_NUM_WARPS`` warps,
@@ -61,6 +63,7 @@ def adamw_step_kernel(
     STATE_DTYPE: tl.constexpr,
     WARMUP: tl.constexpr,
     ALIGNED: tl.constexpr,
+    STEP_PER_TILE: tl.constexpr,
     TILE: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -95,7 +98,10 @@ def adamw_step_kernel(
     for start in range(begin, end, TILE):
         offs = start + tl.arange(0, TILE)
         mask = offs < end
-        local_step = tl.load(block_step_ptr + offs // slot_numel, mask=offs < step_end, other=0)
+        if STEP_PER_TILE:  # host-checked: every slot is whole tiles, so one step per tile (no division per element)
+            local_step = tl.load(block_step_ptr + start // slot_numel, mask=start < step_end, other=0)
+        else:
+            local_step = tl.load(block_step_ptr + offs // slot_numel, mask=offs < step_end, other=0)
         local_step = local_step.to(tl.float32) + 1.0
         ramp = tl.where(has_slots, tl.minimum(local_step / warmup_steps, 1.0), dense_ramp)
         corrected_step = tl.where(global_step > 0, global_step, local_step)
@@ -129,6 +135,13 @@ def adamw_step_kernel(
 
 def _vector_aligned(tensor: torch.Tensor) -> bool:
     return tensor.data_ptr() % 16 == 0 and tensor.numel() % ALIGN_ELEMENTS == 0
+
+
+def _slot_is_whole_tiles(entry: tuple) -> bool:
+    """A values tensor whose ``b × b`` slots are whole tiles (b ≥ 32 on a GPU), or a dense tensor (pseudo-slots of
+    ``ADAMW_ELEMENTS_PER_PROGRAM`` elements, read without a step): each tile then has one local step."""
+    param, block_step = entry[0], entry[4]
+    return block_step is None or param.numel() // max(param.shape[0], 1) % ADAMW_TILE == 0
 
 
 def _log2(beta: float) -> float:
@@ -231,6 +244,7 @@ def triton_adamw_step(
             STATE_DTYPE=TL_DTYPES[tensors[0][2].dtype],
             WARMUP=WARMUP_CODES[warmup],
             ALIGNED=all(_vector_aligned(t) for entry in tensors for t in entry[:4]),
+            STEP_PER_TILE=all(_slot_is_whole_tiles(entry) for entry in tensors),
             TILE=ADAMW_TILE,
             num_warps=ADAMW_NUM_WARPS,
         )
