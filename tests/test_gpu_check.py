@@ -483,6 +483,42 @@ def test_the_variant_table_ranks_the_selectable_variants_by_geometric_mean_time_
     assert sorted(cells["all"][7].split(", ")) == ["grouped 2", "persistent 2", "tma 2"]
 
 
+def test_each_kernel_notes_prediction_is_set_beside_its_measured_geometric_mean_and_judged():
+    from bench.gpu_check.predictions import PREDICTIONS, prediction_section
+
+    def row(op, provider, density, ms, shape="s", block_size=128):
+        nnz = None if provider == "cublas_dense" else int(density * 4)
+        return dict(
+            suite="kernels", op=op, provider=provider, shape=shape, M=256, K=256, N=256, dtype="bf16", gpu="g",
+            block_size=None if nnz is None else block_size, density=density, nnz_blocks=nnz, ms_p20=ms, ms_p50=ms,
+            ms_p80=ms, status="ok")
+
+    rows = [row(op, "cublas_dense", 1.0, 4.0, shape) for op in ("forward", "grad_input") for shape in ("s", "t")]
+    # grouped forward at d = 0.5 (exact: 2 of 4 blocks): 2.4 ms and 2.6 ms = 1.2x and 1.3x d×dense, geomean 1.249
+    rows += [row("forward", "triton_grouped", 0.5, 2.4), row("forward", "triton_grouped", 0.5, 2.6, "t")]
+    rows += [row("forward", "triton_tma", 0.5, 2.4 * 0.5), row("forward", "triton_tma", 0.5, 2.6 * 0.5, "t")]
+    rows += [row("forward", "triton_persistent", 0.5, 2.4 * 1.2, "s", block_size=64)]  # another block size
+    rows += [row("forward", "triton_plain_order", 0.5, 2.4 * 1.3), row("forward", "triton_plain_order", 0.5, 9.9,
+                                                                        "u")]  # no grouped row on u: unpaired
+    rows += [dict(suite="optimizer", op="copy", provider="device_copy", shape="dense:ceiling", gbps=4000.0),
+             dict(suite="optimizer", op="adamw", provider="smet_adamw", shape="1b:hidden", density=0.25, gbps=3880.0)]
+    lines = prediction_section(_kernel_frame(rows), 128)
+    assert lines[0] == "## Predicted (bench/KERNEL_NOTES.md) vs measured"
+    body = lines[4].splitlines()[2:]
+    assert len(body) == len(PREDICTIONS)
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in body]
+    by = {(c[1], c[2].split(",")[0], c[3]): c for c in cells}
+    assert by[("triton_grouped", "forward", "0.5, 0.25")][5:] == ["1.1–1.3", "1.25", "2", "within"]
+    assert by[("triton_tma", "forward", "0.5, 0.25")][5:] == ["0.9–1", "0.5", "2", "better than predicted"]
+    assert by[("triton_plain_order", "forward", "0.5, 0.25")][5:] == ["1.2–1.4", "1.3", "1", "within"]
+    assert by[("triton_persistent", "forward", "0.5, 0.25")][5:] == ["0.95–1.05", "", "0", "not measured"]
+    assert by[("smet_adamw", "adamw", "0.25")][4:] == ["of copy", "0.9–0.96", "0.97", "1", "better than predicted"]
+    assert by[("triton_grouped", "forward", "0.1")][-1] == by[("triton_grouped", "grad_weight", "0.5, 0.25")][-1] \
+        == "not measured"
+    slower = prediction_section(_kernel_frame(rows[:4] + [row("forward", "triton_grouped", 0.5, 4.0)]), 128)
+    assert "| worse than predicted |" in slower[4].splitlines()[2]
+
+
 def test_the_variant_table_says_not_measured_without_a_second_variant():
     from bench.gpu_check.summary import variant_section
 

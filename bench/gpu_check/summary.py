@@ -7,7 +7,7 @@ Bars (the kernel ratios come from :func:`bench.report.kernel_comparison`: ``vs d
   it (``roofline ≤ c · d · t_dense``), else ``vs roofline ≤ 1.2``;
 * every block size and density: ``t_bsr / t ≥ 1.5`` (torch BSR) and, at d ≤ 0.5, ``t ≤ t_dense``;
 * the kernel variants (not a bar): each variant's geometric-mean time against the default, the data for choosing
-  the default variant;
+  the default variant; then each KERNEL_NOTES prediction beside its measured value (:mod:`.predictions`);
 * compact AdamW: GB/s ≥ 90 % of the copy ceiling of stage ``env``;
 * SMET training at the last training config: more tokens/s than dense AdamW, lower peak memory than dense and GaLore
   (eager steps without activation checkpointing); beside them, not bars, what activation checkpointing does to the
@@ -29,6 +29,7 @@ from profiling.roofline import BARS
 from smet_kernels.ops.block_sparse_matmul import VARIANTS
 
 from .plan import Sizes
+from .predictions import prediction_section
 
 ROOFLINE_BAR = 1.2
 BSR_BAR = 1.5
@@ -288,6 +289,7 @@ def write(out_dir: Path, sizes: Sizes, env: dict, stages: list[dict], correctnes
     lines += correctness_section(*correctness)
     lines += kernel_section(kernels, sizes)
     lines += variant_section(kernels)
+    lines += prediction_section(kernels, sizes.kernel_block_sizes[0])
     lines += adamw_section(kernels, sizes)
     lines += training_section(training, sizes, compile_row)
     path = out_dir / "gpu_check.md"
