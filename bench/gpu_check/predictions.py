@@ -50,8 +50,7 @@ PREDICTIONS = (
 )
 
 
-def _kernel_values(kernels: pd.DataFrame, prediction: Prediction, block_size: int) -> np.ndarray:
-    comparison = kernel_comparison(kernels)
+def _kernel_values(comparison: pd.DataFrame, prediction: Prediction, block_size: int) -> np.ndarray:
     comparison = comparison[(comparison["status"] == "ok") & (comparison["block_size"] == block_size)
                             & comparison["op"].isin(prediction.ops)
                             & comparison["density"].round(6).isin(prediction.densities)]  # fmt: skip
@@ -72,13 +71,15 @@ def _copy_fraction(kernels: pd.DataFrame, prediction: Prediction) -> np.ndarray:
     return (mine / ceiling.max()).to_numpy(dtype=float) if len(ceiling) else np.array([])
 
 
-def measured(kernels: pd.DataFrame, prediction: Prediction, block_size: int) -> tuple[float, int]:
+def measured(kernels: pd.DataFrame, comparison: pd.DataFrame, prediction: Prediction,
+             block_size: int) -> tuple[float, int]:  # fmt: skip
     """(the measured value of ``prediction``, the number of points behind it); NaN where none was measured. A NaN
-    point (a broken row) makes the value NaN: never dropped."""
+    point (a broken row) makes the value NaN: never dropped. ``comparison``: :func:`bench.report.kernel_comparison`
+    of ``kernels``."""
     if prediction.against == "copy":
         values = _copy_fraction(kernels, prediction)
         return (float(values.mean()) if len(values) else float("nan")), len(values)
-    values = _kernel_values(kernels, prediction, block_size)
+    values = _kernel_values(comparison, prediction, block_size)
     if not len(values):
         return float("nan"), 0
     return float(np.exp(np.log(values).mean())), len(values)
@@ -98,8 +99,9 @@ def prediction_section(kernels: pd.DataFrame | None, block_size: int) -> list[st
     GPU)."""
     lines = ["## Predicted (bench/KERNEL_NOTES.md) vs measured", ""]
     rows = []
+    comparison = kernel_comparison(kernels) if kernels is not None else None
     for prediction in PREDICTIONS:
-        value, points = measured(kernels, prediction, block_size) if kernels is not None else (float("nan"), 0)
+        value, points = (float("nan"), 0) if kernels is None else measured(kernels, comparison, prediction, block_size)
         densities = ", ".join(f"{d:g}" for d in prediction.densities)
         rows.append({
             "KERNEL_NOTES": prediction.entry, "provider": prediction.provider, "ops": ", ".join(prediction.ops),
