@@ -426,6 +426,8 @@ def test_the_whole_cpu_run_writes_the_summary_and_csvs_that_report_renders(tmp_p
     assert "Ceilings measured in this run: matmul" in summary
     assert "Bar: compact AdamW at" in summary and "SMET tokens/s vs dense" in summary
     assert "## Kernel variants" in summary and "over every op and block size, `" in summary
+    predicted = summary[summary.index("## Predicted (bench/KERNEL_NOTES.md) vs measured"):]
+    assert "| KERNEL_NOTES " in predicted and "| v2 grouped order " in predicted
     with (tmp_path / "kernels.csv").open(newline="") as handle:
         assert next(csv.reader(handle)) == KERNEL_COLUMNS
     kernels = _rows(tmp_path / "kernels.csv")
