@@ -149,6 +149,20 @@ def test_no_time_is_kept_for_an_atomic_stage_whose_share_would_not_reach_its_est
     assert _share("kernels", list(STAGES), sizes, 100.0) == 30 / 100
 
 
+def test_a_section_that_cannot_render_says_so_and_the_others_still_render(tmp_path, monkeypatch):
+    from bench.gpu_check import summary
+
+    def broken(*args):
+        raise KeyError("tflops")
+
+    monkeypatch.setattr(summary, "variant_section", broken)
+    path = summary.write(tmp_path, CPU, {"device": "cpu-test"}, [{"stage": "env", "status": "done"}], ([], []), None,
+                         "smet-bench gpu-check")  # fmt: skip
+    text = path.read_text()
+    assert "## Kernel variants\n\nCould not render this section: KeyError: 'tflops'" in text
+    assert "## Kernel bars" in text and "## Training steps" in text
+
+
 def test_a_long_indivisible_stage_does_not_start_when_its_estimate_does_not_fit(tmp_path):
     assert main(["gpu-check", "--out-dir", str(tmp_path), "--device", "cpu", "--stages", "compile",
                  "--minutes", str(CPU.estimates_s["compile"] / 2 / 60)]) == 0  # fmt: skip

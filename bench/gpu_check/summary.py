@@ -286,12 +286,17 @@ def write(out_dir: Path, sizes: Sizes, env: dict, stages: list[dict], correctnes
                   "its ratios say nothing about the GPU bars.", ""]  # fmt: skip
     stage_frame = pd.DataFrame(stages)
     lines += ["## Stages", "", table(stage_frame.fillna("")), ""]
-    lines += correctness_section(*correctness)
-    lines += kernel_section(kernels, sizes)
-    lines += variant_section(kernels)
-    lines += prediction_section(kernels, sizes.kernel_block_sizes[0])
-    lines += adamw_section(kernels, sizes)
-    lines += training_section(training, sizes, compile_row)
+    sections = (("Correctness", correctness_section, correctness),
+                ("Kernel bars", kernel_section, (kernels, sizes)),
+                ("Kernel variants", variant_section, (kernels,)),
+                ("Predicted vs measured", prediction_section, (kernels, sizes.kernel_block_sizes[0])),
+                ("Compact AdamW", adamw_section, (kernels, sizes)),
+                ("Training steps", training_section, (training, sizes, compile_row)))  # fmt: skip
+    for title, render, arguments in sections:
+        try:  # one section that cannot render its rows must not cost the summary the others
+            lines += render(*arguments)
+        except Exception as error:
+            lines += [f"## {title}", "", f"Could not render this section: {type(error).__name__}: {error}", ""]
     path = out_dir / "gpu_check.md"
     partial = path.with_suffix(".md.partial")
     partial.write_text("\n".join(lines))
