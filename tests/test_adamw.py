@@ -24,7 +24,7 @@ def make_tensors(spec, dtype, device, generator, state_dtype=torch.float32):
         if not dense:
             # local steps across warm-up, including 0 (a block regrown just before this step)
             block_step = torch.randint(0, 7, (entry[0],), generator=generator, dtype=torch.int32).to(device)
-            block_step[0] = 0
+            block_step[:1] = 0
         tensors.append([param, grad, exp_avg, exp_avg_sq, block_step])
     return tensors
 
@@ -232,3 +232,16 @@ def test_adamw_step_bad_lr_and_lengths_raise(device):
         adamw_step(*[[t] for t in tensors], [-0.1], [None])
     with pytest.raises(ValueError, match="global_steps has 2 entries"):
         adamw_step(*[[t] for t in tensors], [0.1], [None, None])
+
+
+@pytest.mark.parametrize("spec", [[(0, 64)], [(0, 16), (2, 64), ("dense", (5,))], [(3, 0)]], ids=["nnz0", "nnz0_mixed", "b0"])
+def test_adamw_step_triton_empty_values_match_torch(spec, device):
+    """Values with no slots (nnz = 0) or empty slots (b = 0) pass check_tensors: the fused step must not divide by
+    zero building its tables, and matches the reference (steps of b = 0 slots bumped too)."""
+    generator = torch.Generator().manual_seed(8)
+    tensors = make_tensors(spec, torch.float32, device, generator)
+    expected = clone_all(tensors)
+    lrs, global_steps = [0.1] * len(spec), [None if entry[0] != "dense" else 2 for entry in spec]
+    run(tensors, lrs, global_steps, "triton")
+    run(expected, lrs, global_steps, "reference")
+    assert_close(tensors, expected, torch.float32)

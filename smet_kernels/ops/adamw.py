@@ -169,10 +169,14 @@ def _build_tables(tensors: list[tuple], device: torch.device) -> tuple[torch.Ten
             ]
         )
         numel = param.numel()
-        slot_numel = ADAMW_ELEMENTS_PER_PROGRAM if block_step is None else numel // param.shape[0]
+        if block_step is None:
+            slot_numel = ADAMW_ELEMENTS_PER_PROGRAM
+            num_slots = -(-numel // slot_numel)
+        else:  # values [nnz, b, b]: nnz may be 0 (no work) and b may be 0 (steps bumped, no elements)
+            num_slots = param.shape[0]
+            slot_numel = numel // num_slots if num_slots else 0
         sizes.append([numel, slot_numel])
-        num_slots = -(-numel // slot_numel)
-        slots_per_program = max(1, ADAMW_ELEMENTS_PER_PROGRAM // slot_numel)
+        slots_per_program = max(1, ADAMW_ELEMENTS_PER_PROGRAM // max(slot_numel, 1))
         firsts = torch.arange(0, num_slots, slots_per_program, dtype=torch.int64)
         work.append(
             torch.stack(
