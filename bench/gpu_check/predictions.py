@@ -46,7 +46,7 @@ PREDICTIONS = (
     Prediction("v3 persistent", "triton_persistent", FORWARD_OPS, (0.1,), "grouped", 0.90, 1.0),
     Prediction("v4 TMA", "triton_tma", FORWARD_OPS, (0.5, 0.25), "grouped", 0.90, 1.0),
     Prediction("v4 TMA", "triton_tma", FORWARD_OPS, (0.1,), "grouped", 0.80, 0.90),
-    Prediction("AdamW v3", "smet_adamw", ("adamw",), (0.25,), "copy", 0.90, 0.96),
+    Prediction("AdamW v3", "smet_adamw", ("adamw",), (0.25,), "copy", 0.88, 0.98),
 )
 
 

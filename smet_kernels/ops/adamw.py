@@ -16,7 +16,7 @@ bias correction, 0 = local; warm-up factor of a dense tensor, ``min(step / W, 1)
 (pinned, asynchronous copy on CUDA; the host-built tables rule out CUDA-graph capture). A dense tensor is cut into
 pseudo-slots of ``ADAMW_ELEMENTS_PER_PROGRAM`` elements and takes the AdamW update with its global step (warmed up by that step
 when ``dense_warmups[i]``: the whole tensor shares one count, so the host computes its factor). When every slot of a
-launch is whole tiles (``STEP_PER_TILE``: b ≥ 32 on a GPU) a tile reads one local step, else each element gathers its
+launch is whole tiles (``STEP_PER_TILE``: b a multiple of 32 on a GPU) a tile reads one local step, else each element gathers its
 slot's (an integer division per element).
 
 No autotuning: the kernel updates memory in place through addresses held in tables, which autotune's benchmark
@@ -138,7 +138,7 @@ def _vector_aligned(tensor: torch.Tensor) -> bool:
 
 
 def _slot_is_whole_tiles(entry: tuple) -> bool:
-    """A values tensor whose ``b × b`` slots are whole tiles (b ≥ 32 on a GPU), or a dense tensor (pseudo-slots of
+    """A values tensor whose ``b × b`` slots are whole tiles (b a multiple of 32 on a GPU), or a dense tensor (slots of
     ``ADAMW_ELEMENTS_PER_PROGRAM`` elements, read without a step): each tile then has one local step."""
     param, block_step = entry[0], entry[4]
     return block_step is None or param.numel() // max(param.shape[0], 1) % ADAMW_TILE == 0
