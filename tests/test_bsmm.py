@@ -233,7 +233,12 @@ def test_bsmm_zero_tokens_give_empty_outputs_and_zero_weight_gradients(lead_shap
     assert not values.grad.any() and not bias.grad.any()
     for variant in ("persistent", "tma") if backend == "triton" and HAS_TMA else ():
         x2d = x.detach().reshape(0, layout.shape[1])
+        dy2d = x2d.new_zeros(0, layout.shape[0])
         assert triton_forward(x2d, values.detach(), layout, variant=variant).shape == (0, layout.shape[0])
+        assert triton_grad_input(dy2d, values.detach(), layout, variant=variant).shape == x2d.shape
+        for split_k in (1, 3):  # also the fp32 partial sums of split_k > 1
+            dvalues = triton_grad_weight(dy2d, x2d, layout, split_k=split_k, variant=variant)
+            assert dvalues.shape == values.shape and dvalues.dtype == values.dtype and not dvalues.any()
 
 
 @pytest.mark.parametrize("lead_shape", [(7,), (2, 3), (1, 5, 3), (1,)])

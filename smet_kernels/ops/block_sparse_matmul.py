@@ -566,6 +566,8 @@ def triton_bsmm_grad_weight(
         raise ValueError(f"split_k must be a positive int, got {split_k!r}")
     else:
         split = split_k
+    if m == 0:  # no token: zero gradients, no launch (a TMA descriptor of a 0-row operand is refused)
+        return torch.zeros((nnz, b, b), dtype=x.dtype, device=x.device)
     out_dtype = x.dtype if split == 1 else torch.float32
     out = torch.empty((split, nnz, b, b), dtype=out_dtype, device=x.device)
     constexprs = dict(BLOCK_SIZE=b, SPLIT_K=split, **precision_flags(x.dtype))
