@@ -241,6 +241,29 @@ def test_bsmm_zero_tokens_give_empty_outputs_and_zero_weight_gradients(lead_shap
             assert dvalues.shape == values.shape and dvalues.dtype == values.dtype and not dvalues.any()
 
 
+def test_bsmm_without_active_blocks_gives_zero_outputs_and_an_empty_weight_gradient():
+    """Block indices ``[0, 2]`` (no active block): the references agree with the kernels of every variant (grad_weight
+    of the reference joined no chunk with torch.cat; ``tma`` built descriptors of 0 rows, which Triton refuses)."""
+    from smet_kernels.layout import BlockIndex
+    from smet_kernels.ops.block_sparse_matmul import triton_bsmm_forward, triton_bsmm_grad_weight
+    from smet_kernels.reference.matmul import torch_bsmm_forward, torch_bsmm_grad_input, torch_bsmm_grad_weight
+
+    def empty(*shape):
+        return torch.zeros(*shape, dtype=torch.int32, device=DEVICE)
+
+    indices = empty(0, 2)
+    csr = BlockIndex(empty(5), empty(0), empty(0), torch.arange(4, dtype=torch.int32, device=DEVICE))  # 4 x 2 blocks
+    dy, x = torch.randn(5, 64, device=DEVICE), torch.randn(5, 32, device=DEVICE)
+    values, bias = torch.zeros(0, 16, 16, device=DEVICE), torch.randn(64, device=DEVICE)
+    assert torch.equal(torch_bsmm_forward(x, values, indices, 64, bias), bias.expand(5, 64))
+    assert not torch_bsmm_grad_input(dy, values, indices, 32).any()
+    dvalues = torch_bsmm_grad_weight(dy, x, indices, 16)
+    assert dvalues.shape == (0, 16, 16) and dvalues.dtype == x.dtype
+    for variant in ("grouped", "persistent", "tma") if HAS_TMA else ("grouped", "persistent"):
+        assert torch.equal(triton_bsmm_forward(x, values, csr, 64, bias, variant=variant), bias.expand(5, 64))
+        assert triton_bsmm_grad_weight(dy, x, indices, 16, variant=variant).shape == (0, 16, 16)
+
+
 @pytest.mark.parametrize("lead_shape", [(7,), (2, 3), (1, 5, 3), (1,)])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_block_sparse_linear_autograd_triton_vs_reference(lead_shape, with_bias):

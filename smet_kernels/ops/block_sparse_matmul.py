@@ -450,6 +450,8 @@ def _dense_sparse(
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     traced = tracing(a, values)
     variant = traceable_variant(variant, a, values)
+    if variant == "tma" and values.shape[0] == 0:  # no active block: no values descriptor (0 rows are refused)
+        variant = "grouped"
     m, in_cols = a.shape
     out = torch.empty((m, out_cols), dtype=a.dtype, device=a.device)
     if m == 0:  # no token tile: launch nothing (a grid of zero programs is an error on some drivers)
@@ -566,7 +568,7 @@ def triton_bsmm_grad_weight(
         raise ValueError(f"split_k must be a positive int, got {split_k!r}")
     else:
         split = split_k
-    if m == 0:  # no token: zero gradients, no launch (a TMA descriptor of a 0-row operand is refused)
+    if m == 0 or nnz == 0:  # no token or no block: zero gradients, no launch (a 0-row TMA descriptor is refused)
         return torch.zeros((nnz, b, b), dtype=x.dtype, device=x.device)
     out_dtype = x.dtype if split == 1 else torch.float32
     out = torch.empty((split, nnz, b, b), dtype=out_dtype, device=x.device)

@@ -81,4 +81,6 @@ def torch_bsmm_grad_weight(
         torch.bmm(dy_blocks[:, idx[s : s + chunk, 0]].permute(1, 2, 0), x_blocks[:, idx[s : s + chunk, 1]].permute(1, 0, 2))
         for s in range(0, nnz, chunk)
     ]
+    if not out:  # no active block (nnz = 0): as the kernel, an empty gradient, not torch.cat of no tensor
+        return x.new_zeros(0, b, b)
     return (out[0] if len(out) == 1 else torch.cat(out)).to(x.dtype)
