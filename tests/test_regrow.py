@@ -77,6 +77,17 @@ def test_regrow_blocks_empty_slots_is_a_no_op(device):
     assert torch.equal(values, before)
 
 
+@pytest.mark.parametrize("init", ["zeros", "normal"])
+def test_regrow_blocks_triton_empty_blocks_match_torch(init, device):
+    """Values of empty slots (b = 0) pass check_inputs: the kernel's grid must not divide by zero, and the regrown
+    slots' steps are reset as by the reference."""
+    slots = torch.tensor([2, 0])
+    (values, exp_avg, exp_avg_sq, block_step), expected = regrow_both_backends(3, 0, torch.float32, device, slots, init)
+    assert values.shape == (3, 0, 0) and exp_avg.shape == exp_avg_sq.shape == values.shape
+    assert torch.equal(block_step, expected[3]) and block_step[slots].tolist() == [0, 0]
+    assert block_step[1] == make_state(3, 0, torch.float32, device)[3][1]
+
+
 @pytest.mark.gpu
 @GPU
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

@@ -117,8 +117,8 @@ def triton_regrow_blocks(values, slots, new_values=None, exp_avg=None, exp_avg_s
     """Write ``new_values [n, b, b]`` (or zeros) into ``values[slots]`` and reset the slots' state, in one launch
     (arguments checked by :func:`check_inputs`)."""
     block_numel = values.shape[1] * values.shape[2]
-    tile = regrow_tile(block_numel)
-    grid = (slots.numel(), triton.cdiv(block_numel, tile))
+    tile = regrow_tile(max(block_numel, 1))
+    grid = (slots.numel(), max(1, triton.cdiv(block_numel, tile)))  # b = 0: a tile-0 program still resets the step
     with torch.cuda.device(values.device) if values.device.type == "cuda" else contextlib.nullcontext():
         regrow_blocks_kernel[grid](
             values,
