@@ -268,6 +268,13 @@ class BlockLayout:
 
     def set_block_indices(self, block_indices: torch.Tensor) -> None:
         """Replace the whole slot -> block map (same nnz), e.g. when restoring a checkpoint."""
+        block_indices = self.check_block_indices(block_indices)
+        self._block_indices.copy_(block_indices.to(self.device))
+        self._bump()
+
+    def check_block_indices(self, block_indices: torch.Tensor) -> torch.Tensor:
+        """``block_indices`` as int64 if :meth:`set_block_indices` would take it, else ``TypeError``/``ValueError``;
+        changes nothing (for callers that check several layouts before restoring any)."""
         block_indices = torch.as_tensor(block_indices)
         if block_indices.is_floating_point() or block_indices.is_complex() or block_indices.dtype == torch.bool:
             raise TypeError(f"block_indices must be an integer tensor, got {block_indices.dtype}")
@@ -277,8 +284,7 @@ class BlockLayout:
                 f"block_indices must have shape {tuple(self._block_indices.shape)}, got {tuple(block_indices.shape)}"
             )
         self._check_indices(block_indices)
-        self._block_indices.copy_(block_indices.to(self.device))
-        self._bump()
+        return block_indices
 
     def _bump(self) -> None:
         self.version += 1

@@ -539,15 +539,23 @@ class SMET:
             raise ValueError(
                 f"state's layouts are for {sorted(layouts)}, this controller manages {sorted(names)}"
             )
+        # every check before the first change: a state incompatible with a later layer leaves every layout as it was
+        restored = []
         for target in self.targets:
             saved = layouts[target.name]
             if tuple(saved["shape"]) != target.layout.shape or int(saved["block_size"]) != target.layout.block_size:
                 raise ValueError(f"layout of {target.name!r} in state does not match the model's layer")
-            target.layout.set_block_indices(saved["block_indices"])
+            restored.append(target.layout.check_block_indices(saved["block_indices"]))
+        step = int(state["step"])
+        generator_state = state["generator"].cpu()  # a CPU ByteTensor even if the state was mapped to a GPU
+        torch.Generator(device="cpu").set_state(generator_state)  # raises here, not after the layouts are restored
+        history = copy.deepcopy(state["history"])
+        for target, block_indices in zip(self.targets, restored):
+            target.layout.set_block_indices(block_indices)
             target.dense_grad = None
-        self._step = int(state["step"])
-        self.generator.set_state(state["generator"].cpu())  # a CPU ByteTensor even if the state was mapped to a GPU
-        self.history = copy.deepcopy(state["history"])
+        self._step = step
+        self.generator.set_state(generator_state)
+        self.history = history
         self._sync_hooks()
 
     def __repr__(self) -> str:

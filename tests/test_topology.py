@@ -291,6 +291,20 @@ def test_load_state_dict_rejects_other_model():
         smet.load_state_dict(smet_other.state_dict())
 
 
+def test_load_state_dict_incompatible_in_a_later_layer_changes_no_layout():
+    model, opt, smet = make_run()
+    for step in range(1, 5):
+        train_step(model, opt, smet, step)
+    state = copy.deepcopy(smet.state_dict())
+    state["layouts"]["down.values"]["block_indices"] = state["layouts"]["down.values"]["block_indices"][:-1]
+    _, _, fresh = make_run(model_seed=7)
+    before = [target.layout.block_indices.clone() for target in fresh.targets]
+    with pytest.raises(ValueError, match="block_indices must have shape"):
+        fresh.load_state_dict(state)
+    assert all(torch.equal(t.layout.block_indices, b) for t, b in zip(fresh.targets, before))
+    assert fresh.step_count == 0 and fresh.history == []
+
+
 def test_works_with_hand_built_sparse_parameter():
     layout = BlockLayout.random(32, 32, B, 0.5, generator=torch.Generator().manual_seed(0))
     values = nn.Parameter(torch.randn(layout.nnz, B, B))
