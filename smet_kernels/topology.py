@@ -323,9 +323,20 @@ class SMET:
 
     # ------------------------------------------------------------------ stepping
     def step(self) -> dict | None:
-        """Count one optimizer step; on update steps prune + regrow every layer and return the record."""
+        """Count one optimizer step; on update steps prune + regrow every layer and return the record.
+
+        An update that raises (e.g. RigL without a dense gradient) changes nothing: the step is not counted and the
+        generator is not advanced, so calling :meth:`step` again retries the same update."""
         self._step += 1
-        record = self._update() if self.is_update_step(self._step) else None
+        record = None
+        if self.is_update_step(self._step):
+            generator_state = self.generator.get_state()
+            try:
+                record = self._update()
+            except Exception:  # raised before any layer changed (every check precedes the first change)
+                self._step -= 1
+                self.generator.set_state(generator_state)
+                raise
         self._sync_hooks()
         return record
 

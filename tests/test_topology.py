@@ -218,6 +218,23 @@ def test_rigl_without_backward_raises():
         smet.step()
 
 
+def test_a_rigl_update_that_raises_is_not_counted_and_the_retry_updates():
+    model, opt, smet = make_run(regrow="gradient", update_interval=2)
+    train_step(model, opt, smet, 1)
+    x, target = batch(2)
+    (model(x) - target).pow(2).mean().backward()
+    opt.step()
+    recorded = smet.targets[1].dense_grad
+    smet.targets[1].dense_grad = None  # as if no backward went through the second layer
+    before = [t.layout.block_indices.clone() for t in smet.targets]
+    with pytest.raises(RuntimeError, match="dense gradient of 'down.values'"):
+        smet.step()
+    assert smet.step_count == 1 and smet.history == [] and smet.needs_dense_grad()
+    assert all(torch.equal(t.layout.block_indices, b) for t, b in zip(smet.targets, before))
+    smet.targets[1].dense_grad = recorded
+    assert smet.step()["step"] == 2 and smet.step_count == 2
+
+
 def test_rigl_ignores_no_grad_forwards():
     model, opt, smet = make_run(regrow="gradient", update_interval=1)
     with torch.no_grad():
