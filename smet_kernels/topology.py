@@ -57,6 +57,7 @@ from torch import nn
 
 from .layout import BlockLayout
 from .ops.library import regrow_blocks
+from .ops.regrow import check_inputs as check_regrow_inputs
 from .sharding import check_row_sharded, full, gather_rows, is_sharded, local, row_range
 
 REGROW_MODES = ("random", "gradient")
@@ -360,6 +361,9 @@ class SMET:
             )
         if _distributed():
             decisions = self._broadcast(decisions)
+        for target, (slots, _) in zip(self.targets, decisions):  # before the first layer changes
+            if slots.numel():
+                self._check_regrow(target, slots)
         record = {"step": self._step, "prune_fraction": zeta, "layers": {}}
         for target, (slots, new_blocks) in zip(self.targets, decisions):
             if slots.numel():
@@ -421,6 +425,21 @@ class SMET:
             return torch.zeros(n, block_size, block_size, dtype=like.dtype, device=like.device)
         noise = torch.randn((n, block_size, block_size), generator=self.generator, dtype=torch.float32)
         return (noise * self.init_std).to(dtype=like.dtype, device=like.device)
+
+    def _check_regrow(self, target: _SparseTarget, slots: torch.Tensor) -> None:
+        """Raise what the regrow of compact ``target``'s ``slots`` in :meth:`_apply` would raise (e.g. fp64 values),
+        so that an update fails before it moves any layout, not after moving those of the layers before."""
+        if target.kind != "compact":
+            return
+        state = self.optimizer.state.get(target.param, {})
+        states = [state.get(key) for key in ("exp_avg", "exp_avg_sq", "block_step")]
+        values = target.param.data
+        if is_sharded(target.param):
+            check_row_sharded(target.param, "values")
+            start, stop = row_range(target.param)
+            slots = slots[(slots >= start) & (slots < stop)] - start
+            values, states = local(values), [None if t is None else local(t) for t in states]
+        check_regrow_inputs(values, slots.to(values.device), *states, self.regrow_init, self.init_std, self.generator)
 
     def _apply(self, target: _SparseTarget, slots: torch.Tensor, new_blocks: torch.Tensor) -> None:
         layout, param, b = target.layout, target.param, target.layout.block_size

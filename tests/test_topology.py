@@ -235,6 +235,20 @@ def test_a_rigl_update_that_raises_is_not_counted_and_the_retry_updates():
     assert smet.step()["step"] == 2 and smet.step_count == 2
 
 
+def test_an_update_whose_regrow_of_a_later_layer_raises_moves_no_layout():
+    gen = torch.Generator().manual_seed(0)
+    first = BlockSparseLinear(FEATURES, FEATURES, 0.5, B, generator=gen, backend="reference")
+    second = BlockSparseLinear(FEATURES, FEATURES, 0.5, B, generator=gen, backend="reference", dtype=torch.float64)
+    model = nn.Sequential(first, second)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    smet = SMET(model, opt, update_interval=1, prune_fraction=0.3)
+    before = [t.layout.block_indices.clone() for t in smet.targets]
+    with pytest.raises(TypeError, match="values must be one of"):  # the regrow takes no fp64 values
+        smet.step()
+    assert all(torch.equal(t.layout.block_indices, b) for t, b in zip(smet.targets, before))
+    assert smet.step_count == 0 and smet.history == []
+
+
 def test_rigl_ignores_no_grad_forwards():
     model, opt, smet = make_run(regrow="gradient", update_interval=1)
     with torch.no_grad():
