@@ -41,7 +41,7 @@ from typing import Any, Callable, Iterable
 import torch
 
 from ..backend import check_backend
-from ..ops.adamw import PARAM_DTYPES, check_finite, check_hyperparameters
+from ..ops.adamw import PARAM_DTYPES, check_finite, check_hyperparameters, check_tensors
 from ..ops.library import adamw_step
 from ..sharding import check_row_sharded, local, zeros_per_row
 
@@ -196,6 +196,7 @@ class SMETAdamW(torch.optim.Optimizer):
         for _, param, name in stepped:  # every check before any state changes: a bad parameter changes nothing
             self._check_param(param, name)
         batches: dict[tuple, dict[str, list]] = {}
+        counters = []  # step counts to bump once every batch is checked (a failed step must not count)
         for group, param, _ in stepped:
             key = (tuple(group["betas"]), group["eps"], group["weight_decay"], group["warmup"],
                    group["warmup_steps"], group["backend"])  # fmt: skip
@@ -209,12 +210,11 @@ class SMETAdamW(torch.optim.Optimizer):
                 lr = group["lr"] * layout.density ** (-group["density_lr_exponent"])
                 global_step = None
                 if group["bias_correction"] == "global":
-                    state.setdefault("step", torch.tensor(0.0))
-                    state["step"] += 1
-                    global_step = int(state["step"].item())
+                    counters.append(state.setdefault("step", torch.tensor(0.0)))
+                    global_step = int(state["step"].item()) + 1
             else:
-                state["step"] += 1
-                block_step, lr, global_step = None, group["lr"], int(state["step"].item())
+                counters.append(state["step"])
+                block_step, lr, global_step = None, group["lr"], int(state["step"].item()) + 1
             param_local = local(param)
             if param_local.numel() == 0:  # FSDP2: this rank holds no slot / element of the parameter
                 continue
@@ -226,6 +226,12 @@ class SMETAdamW(torch.optim.Optimizer):
             batch["lrs"].append(lr)
             batch["global_steps"].append(global_step)
             batch["dense_warmups"].append(layout is None and group["warmup_scope"] == "all")
+        for key, batch in batches.items():  # what adamw_step would raise for a later batch, before the first runs
+            if batch["params"]:
+                check_hyperparameters(*key[:5])
+                check_tensors(*(batch[name] for name in _BATCH_FIELDS))
+        for counter in counters:
+            counter.add_(1)
         for key, batch in batches.items():
             if not batch["params"]:
                 continue
