@@ -371,6 +371,7 @@ def sparsify(
     shapes = {name: (linear.out_features, linear.in_features) for name, linear in linears.items()}
     densities = layer_densities(shapes, density, distribution)
     active = 0
+    replacements = {}  # every layer built before the first is swapped: one that raises leaves the model as it was
     for name, linear in linears.items():
         layout = BlockLayout.random(
             linear.out_features, linear.in_features, block_size, densities[name], generator=generator
@@ -383,6 +384,8 @@ def sparsify(
         if linear is not modules[name]:
             replacement.dense_class = type(modules[name])
         active += layout.nnz * block_size**2
+        replacements[name] = replacement
+    for name, replacement in replacements.items():
         _replace(model, occurrences[id(modules[name])], replacement)
     realised = active / sum(out * inp for out, inp in shapes.values())
     if abs(realised - density) > max(0.01, 0.1 * density):

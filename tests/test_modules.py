@@ -207,6 +207,14 @@ def test_sparsify_refuses_to_untie_tied_weights():
     assert isinstance(model["up"], BlockSparseLinear) and model["head"].weight is model["embed"].weight
 
 
+def test_sparsify_that_refuses_a_later_layer_leaves_every_layer_dense():
+    first, second = nn.Linear(32, 32), nn.Linear(32, 32, dtype=torch.complex64)
+    model = nn.Sequential(first, second)
+    with pytest.raises(TypeError, match="dtype must be None or a floating dtype"):
+        sparsify(model, density=0.5, block_size=16)
+    assert model[0] is first and model[1] is second
+
+
 def test_sparsify_an_already_sparsified_model():
     model = _Mlp()
     sparsify(model, density=0.5, block_size=16, include="up")
