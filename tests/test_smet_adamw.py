@@ -145,8 +145,8 @@ def test_groups_differing_only_in_lr_share_one_fused_call(device, monkeypatch):
     import smet_kernels.optim.smet_adamw as smet_adamw_module
 
     calls = []
-    real_step = smet_adamw_module.adamw_step
-    monkeypatch.setattr(smet_adamw_module, "adamw_step", lambda *a, **k: calls.append(1) or real_step(*a, **k))
+    real_step = smet_adamw_module.launch_adamw_step
+    monkeypatch.setattr(smet_adamw_module, "launch_adamw_step", lambda *a, **k: calls.append(1) or real_step(*a, **k))
     params = make_params(device)
     lrs = [0.01, 0.02, 0.03, 0.04]
     optimizer = SMETAdamW([{"params": [p], "lr": lr} for p, lr in zip(params, lrs)], betas=BETAS, eps=EPS,

@@ -42,7 +42,7 @@ import torch
 
 from ..backend import check_backend
 from ..ops.adamw import PARAM_DTYPES, check_finite, check_hyperparameters, check_tensors
-from ..ops.library import adamw_step
+from ..ops.library import launch_adamw_step
 from ..sharding import check_row_sharded, local, zeros_per_row
 
 BIAS_CORRECTIONS = ("local", "global")
@@ -226,7 +226,7 @@ class SMETAdamW(torch.optim.Optimizer):
             batch["lrs"].append(lr)
             batch["global_steps"].append(global_step)
             batch["dense_warmups"].append(layout is None and group["warmup_scope"] == "all")
-        for key, batch in batches.items():  # what adamw_step would raise for a later batch, before the first runs
+        for key, batch in batches.items():  # adamw_step's checks of every batch, before the first runs
             if batch["params"]:
                 check_hyperparameters(*key[:5])
                 check_tensors(*(batch[name] for name in _BATCH_FIELDS))
@@ -236,7 +236,7 @@ class SMETAdamW(torch.optim.Optimizer):
             if not batch["params"]:
                 continue
             betas, eps, weight_decay, warmup, warmup_steps, backend = key
-            adamw_step(
+            launch_adamw_step(  # checked above
                 *(batch[name] for name in _BATCH_FIELDS),
                 betas=betas,
                 eps=eps,
