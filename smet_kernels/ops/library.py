@@ -297,35 +297,19 @@ def adamw_step(
     block_steps, lrs, global_steps = list(block_steps), [float(lr) for lr in lrs], list(global_steps)
     dense_warmups = [False] * len(params) if dense_warmups is None else [bool(w) for w in dense_warmups]
     check_tensors(params, grads, exp_avgs, exp_avg_sqs, block_steps, lrs, global_steps, dense_warmups)
-    launch_adamw_step(params, grads, exp_avgs, exp_avg_sqs, block_steps, lrs, global_steps, dense_warmups, betas=betas,
-                      eps=eps, weight_decay=weight_decay, warmup=warmup, warmup_steps=warmup_steps, backend=backend,
-                      cache=cache)  # fmt: skip
+    hyper = dict(betas=tuple(betas), eps=eps, weight_decay=weight_decay, warmup=warmup, warmup_steps=warmup_steps)
+    launch_adamw_step(params, grads, exp_avgs, exp_avg_sqs, block_steps, lrs, global_steps, dense_warmups, hyper,
+                      backend, cache)  # fmt: skip
 
 
-def launch_adamw_step(
-    params: list[torch.Tensor],
-    grads: list[torch.Tensor],
-    exp_avgs: list[torch.Tensor],
-    exp_avg_sqs: list[torch.Tensor],
-    block_steps: list[torch.Tensor | None],
-    lrs: list[float],
-    global_steps: list[int | None],
-    dense_warmups: list[bool],
-    *,
-    betas: tuple[float, float],
-    eps: float,
-    weight_decay: float,
-    warmup: str,
-    warmup_steps: int,
-    backend: str | None,
-    cache: dict | None,
-) -> None:
-    """:func:`adamw_step` without its checks, on lists, for a caller that made them (``SMETAdamW.step`` checks every
-    batch before the first runs, so that a step refused for a later batch changes nothing)."""
+def launch_adamw_step(params, grads, exp_avgs, exp_avg_sqs, block_steps, lrs, global_steps, dense_warmups,
+                      hyper: dict, backend: str | None, cache: dict | None) -> None:  # fmt: skip
+    """:func:`adamw_step` without its checks, on lists (``hyper``: its ``betas``, ``eps``, ``weight_decay``,
+    ``warmup``, ``warmup_steps``), for a caller that made them (``SMETAdamW.step`` checks every batch before the first
+    runs, so that a step refused for a later batch changes nothing)."""
     groups: dict[tuple, list[int]] = {}
     for i, (p, m) in enumerate(zip(params, exp_avgs)):
         groups.setdefault((p.device, p.dtype, m.dtype), []).append(i)
-    hyper = dict(betas=tuple(betas), eps=eps, weight_decay=weight_decay, warmup=warmup, warmup_steps=warmup_steps)
     for key, indices in groups.items():
         if resolve_backend(key[0], backend) == "reference":
             for i in indices:

@@ -236,14 +236,7 @@ class SMETAdamW(torch.optim.Optimizer):
             if not batch["params"]:
                 continue
             betas, eps, weight_decay, warmup, warmup_steps, backend = key
-            launch_adamw_step(  # checked above
-                *(batch[name] for name in _BATCH_FIELDS),
-                betas=betas,
-                eps=eps,
-                weight_decay=weight_decay,
-                warmup=warmup,
-                warmup_steps=warmup_steps,
-                backend=backend,
-                cache=self._tables.setdefault(key, {}),
-            )
+            hyper = dict(betas=betas, eps=eps, weight_decay=weight_decay, warmup=warmup, warmup_steps=warmup_steps)
+            launch_adamw_step(*(batch[name] for name in _BATCH_FIELDS), hyper, backend,
+                              self._tables.setdefault(key, {}))  # checked above  # fmt: skip
         return loss
