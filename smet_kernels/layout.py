@@ -111,7 +111,7 @@ class BlockLayout:
         # device -> packed index (built here, eagerly, so a traced graph finds it), rewritten in place by _bump
         self._kernel_index = {str(self.device): self._pack_kernel_index()}
         #: ``[version]`` as an int64 CPU tensor, rewritten in place by a topology update (see :meth:`kernel_index`)
-        self.version_tensor = torch.zeros(1, dtype=torch.int64)
+        self.version_tensor = torch.zeros(1, dtype=torch.int64, device="cpu")
 
     # ------------------------------------------------------------------ constructors
     @classmethod
@@ -357,7 +357,7 @@ def _compressed_index(block_indices: torch.Tensor, major: str, block_shape: tupl
         major_idx, minor_idx, n_major, n_minor = cols, rows, n_cols, n_rows
     order = torch.argsort(major_idx * n_minor + minor_idx)
     counts = torch.bincount(major_idx, minlength=n_major)
-    ptr = torch.zeros(n_major + 1, dtype=torch.int64)
+    ptr = torch.zeros(n_major + 1, dtype=torch.int64, device="cpu")  # never the default device of a `with` block
     ptr[1:] = torch.cumsum(counts, 0)
     return BlockIndex(
         ptr=ptr.to(torch.int32),

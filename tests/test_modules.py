@@ -30,6 +30,20 @@ def test_state_dict_restores_layout_in_place():
     torch.testing.assert_close(dst(x), src(x))
 
 
+@pytest.mark.parametrize("cls", [BlockSparseLinear, MaskedLinear])
+def test_a_layer_built_under_the_meta_device_is_filled_by_to_empty_and_load_state_dict(cls):
+    """``with torch.device("meta")`` (deferred init, as Hugging Face's) leaves the layout's index on the CPU."""
+    src = cls(64, 64, density=0.25, block_size=16, bias=True, generator=torch.Generator().manual_seed(1))
+    with torch.device("meta"):
+        dst = cls(64, 64, density=0.25, block_size=16, bias=True, generator=torch.Generator().manual_seed(2))
+    assert dst.layout.kernel_index("cpu").device.type == "cpu" and dst.layout.version_tensor.device.type == "cpu"
+    dst.to_empty(device="cpu")
+    dst.load_state_dict(src.state_dict())
+    assert dst.layout == src.layout
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(dst(x), src(x))
+
+
 def test_state_dict_holds_the_layout_as_an_int64_tensor_snapshot():
     layer = BlockSparseLinear(64, 32, density=0.5, block_size=16, bias=True)
     state = layer.state_dict()
