@@ -234,7 +234,8 @@ def test_adamw_step_bad_lr_and_lengths_raise(device):
         adamw_step(*[[t] for t in tensors], [0.1], [None, None])
 
 
-@pytest.mark.parametrize("spec", [[(0, 64)], [(0, 16), (2, 64), ("dense", (5,))], [(3, 0)]], ids=["nnz0", "nnz0_mixed", "b0"])
+@pytest.mark.parametrize("spec", [[(0, 64)], [(0, 16), (2, 64), ("dense", (5,))], [(3, 0)]],
+                         ids=["nnz0", "nnz0_mixed", "b0"])
 def test_adamw_step_triton_empty_values_match_torch(spec, device):
     """Values with no slots (nnz = 0) or empty slots (b = 0) pass check_tensors: the fused step must not divide by
     zero building its tables, and matches the reference (steps of b = 0 slots bumped too)."""

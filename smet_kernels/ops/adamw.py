@@ -14,10 +14,10 @@ the addresses to typed pointers (this works under the Triton interpreter too). P
 while the tensors' addresses stay the same; a small ``scalars [T, 3]`` table (effective lr, global step for the
 bias correction, 0 = local; warm-up factor of a dense tensor, ``min(step / W, 1)`` or 1) is rebuilt every call
 (pinned, asynchronous copy on CUDA; the host-built tables rule out CUDA-graph capture). A dense tensor is cut into
-pseudo-slots of ``ADAMW_ELEMENTS_PER_PROGRAM`` elements and takes the AdamW update with its global step (warmed up by that step
-when ``dense_warmups[i]``: the whole tensor shares one count, so the host computes its factor). When every slot of a
-launch is whole tiles (``STEP_PER_TILE``: b a multiple of 32 on a GPU) a tile reads one local step, else each element gathers its
-slot's (an integer division per element).
+pseudo-slots of ``ADAMW_ELEMENTS_PER_PROGRAM`` elements and takes the AdamW update with its global step (warmed up by
+that step when ``dense_warmups[i]``: the whole tensor shares one count, so the host computes its factor). When every
+slot of a launch is whole tiles (``STEP_PER_TILE``: b a multiple of 32 on a GPU) a tile reads one local step, else
+each element gathers its slot's (an integer division per element).
 
 No autotuning: the kernel updates memory in place through addresses held in tables, which autotune's benchmark
 runs could not restore; one config (``ADAMW_TILE`` elements per tile, ``ADAMW_NUM_WARPS`` warps,
