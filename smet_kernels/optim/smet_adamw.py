@@ -14,7 +14,8 @@ correction by ``t``, no density factor, decoupled weight decay) and, with ``warm
 authors' released behaviour), the same warm-up by ``t``; ``warmup_scope="regrown"`` limits the warm-up to the
 sparse values (the others take the standard AdamW update). All tensors of the parameter groups that share betas, eps,
 weight decay, warm-up and backend go through one fused Triton launch per (device, dtype)
-(``smet_kernels.ops.library.adamw_step``; lr and bias correction are per tensor), or the PyTorch reference.
+(``smet_kernels.ops.library.launch_adamw_step``, after the checks of ``adamw_step``; lr and bias correction are
+per tensor), or the PyTorch reference.
 
 ``bias_correction="global"`` with ``warmup="none"`` is the **naive DST (cold start)** baseline: a regrown block
 restarts from m = v = 0 but is bias-corrected with the parameter's global step count, so its first update is
