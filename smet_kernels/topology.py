@@ -63,6 +63,7 @@ from .sharding import check_row_sharded, full, gather_rows, is_sharded, local, r
 REGROW_MODES = ("random", "gradient")
 REGROW_INITS = ("zeros", "normal")
 _MASKED_STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+_REGROW_STATE_KEYS = ("exp_avg", "exp_avg_sq", "block_step")  # the state regrow_blocks resets
 
 
 # ---------------------------------------------------------------------------------------------- schedule
@@ -160,6 +161,16 @@ def _check_float(value, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a float, got {type(value).__name__}")
     return float(value)
+
+
+def _local_regrow_operands(param: torch.Tensor, state: dict, slots: torch.Tensor) -> tuple:
+    """``(values, slots, states, mine)`` of this rank for a regrow of ``slots`` in values sharded on dim 0: its local
+    values and state shards, the slots it owns renumbered from its first row, and the mask of those in ``slots``."""
+    check_row_sharded(param, "values")
+    start, stop = row_range(param)
+    mine = (slots >= start) & (slots < stop)
+    states = [None if state.get(key) is None else local(state[key]) for key in _REGROW_STATE_KEYS]
+    return local(param.data), slots[mine] - start, states, mine
 
 
 def _distributed() -> bool:
@@ -432,13 +443,10 @@ class SMET:
         if target.kind != "compact":
             return
         state = self.optimizer.state.get(target.param, {})
-        states = [state.get(key) for key in ("exp_avg", "exp_avg_sq", "block_step")]
-        values = target.param.data
         if is_sharded(target.param):
-            check_row_sharded(target.param, "values")
-            start, stop = row_range(target.param)
-            slots = slots[(slots >= start) & (slots < stop)] - start
-            values, states = local(values), [None if t is None else local(t) for t in states]
+            values, slots, states, _ = _local_regrow_operands(target.param, state, slots)
+        else:
+            values, states = target.param.data, [state.get(key) for key in _REGROW_STATE_KEYS]
         check_regrow_inputs(values, slots.to(values.device), *states, self.regrow_init, self.init_std, self.generator)
 
     def _apply(self, target: _SparseTarget, slots: torch.Tensor, new_blocks: torch.Tensor) -> None:
@@ -480,13 +488,9 @@ class SMET:
     def _regrow_sharded(self, param: torch.Tensor, state: dict, slots: torch.Tensor) -> None:
         """Regrow ``slots`` of values sharded on dim 0: each rank resets the slots it owns. The ``"normal"`` init
         draws all ``n`` blocks on every rank exactly as :func:`regrow_blocks` draws them, then keeps its own."""
-        check_row_sharded(param, "values")
-        start, stop = row_range(param)
-        mine = (slots >= start) & (slots < stop)
-        states = [state.get(key) for key in ("exp_avg", "exp_avg_sq", "block_step")]
-        values = local(param.data)
-        local_slots = (slots[mine] - start).to(values.device)
-        regrow_blocks(values, local_slots, *(None if t is None else local(t) for t in states), init="zeros")
+        values, local_slots, states, mine = _local_regrow_operands(param, state, slots)
+        local_slots = local_slots.to(values.device)
+        regrow_blocks(values, local_slots, *states, init="zeros")
         if self.regrow_init == "normal":
             b = values.shape[1]
             noise = torch.randn((slots.numel(), b, b), generator=self.generator, device=self.generator.device,
