@@ -1,0 +1,279 @@
+"""smet-bench gpu-check, stage correctness: poisoned outputs, races, where a wrong result is wrong, every kernel
+variant, the AdamW and training-step checks, and the worker pool that runs the matmul checks and warms the timings."""
+
+import dataclasses
+import os
+
+import pytest
+import torch
+
+from bench.gpu_check import correctness, kernel_ops
+from bench.gpu_check.plan import CPU, PINNED_CONFIGS
+
+
+class CountdownBudget:
+    """Expires after ``calls`` questions: a budget that runs out in the middle of a stage."""
+
+    def __init__(self, calls: int):
+        self.calls = calls
+
+    def expired(self) -> bool:
+        self.calls -= 1
+        return self.calls < 0
+
+
+def test_a_budget_spent_inside_the_matmul_checks_names_the_checks_not_run(device):
+    rows, not_run = correctness.matmul_checks(CPU, torch.device(device), 0, CountdownBudget(0))
+    assert rows == [] and len(not_run) > 0
+    assert all(line.startswith("matmul ") for line in not_run)
+
+
+def test_the_matmul_groups_run_in_worker_processes_beside_the_other_checks(device):
+    from bench.runner import Deadline
+
+    # b = 32: on a GPU the workers compile only its pinned configs (a block size without them autotunes every config
+    # in one worker, past the stage's deadline); the default workers: one on a CPU, a compiling pool on a GPU
+    block_size = min(PINNED_CONFIGS)
+    sizes = dataclasses.replace(CPU, check_block_sizes=(block_size,), check_dtypes=("fp32",), adamw_steps=3,
+                                regrow_every=3)
+    rows, not_run = correctness.run(sizes, torch.device(device), 0, Deadline(10))
+    assert not_run == []
+    assert [r["check"] for r in rows][:2] == ["poison", "matmul"]
+    assert {r["check"] for r in rows} == {"poison", "matmul", "adamw", "regrow", "training step"}
+    matmul = [r for r in rows if r["check"] == "matmul"]
+    assert len(matmul) == len(correctness.group_checks(sizes, torch.device(device), block_size, "fp32"))
+    assert all(r["status"] == "pass" for r in rows), [r for r in rows if r["status"] != "pass"]
+
+
+def test_a_worker_that_raises_dies_or_overruns_becomes_a_reported_result():
+    import time
+
+    from bench.gpu_check import parallel
+    from bench.runner import Deadline
+
+    with parallel.Pool(1, torch.device("cpu"), Deadline(1)) as pool:
+        assert pool.result(pool.submit(int, "x"))[0] == "raised"
+        status, message = pool.result(pool.submit(os._exit, 3))
+    assert status == "died" and "died" in message
+    with parallel.Pool(1, torch.device("cpu"), Deadline(0), grace_s=0.5) as pool:
+        started = time.monotonic()
+        assert pool.result(pool.submit(time.sleep, 600))[0] == "timeout"
+    assert time.monotonic() - started < 60  # the sleeping worker was stopped, not awaited
+
+
+def test_a_task_that_kills_its_worker_fails_alone_when_run_alone():
+    from bench.gpu_check import parallel
+    from bench.runner import Deadline
+
+    results = parallel.run_alone([(os._exit, 3), (int, "7")], torch.device("cpu"), Deadline(1))
+    assert [status for status, _ in results] == ["died", "ok"] and results[1][1] == 7
+
+
+def test_the_waits_of_a_pool_end_at_one_absolute_time(monkeypatch):
+    """After the deadline every wait gets what is left of one grace period, not a fresh one each."""
+    import concurrent.futures
+
+    from bench.gpu_check import parallel
+
+    clock = [100.0]
+    monkeypatch.setattr(parallel.time, "monotonic", lambda: clock[0])
+
+    class Spent:
+        def left_s(self):
+            return 0.0
+
+    class Stuck:
+        def __init__(self):
+            self.timeouts = []
+
+        def result(self, timeout):
+            self.timeouts.append(timeout)
+            raise concurrent.futures.TimeoutError
+
+    pool = parallel.Pool(1, torch.device("cpu"), Spent(), grace_s=5.0)
+    stuck = Stuck()
+    clock[0] = 103.0
+    assert pool.result(stuck)[0] == "timeout"
+    clock[0] = 110.0
+    assert pool.result(stuck)[0] == "timeout"
+    assert stuck.timeouts == [2.0, 0.0]
+    pool.close()
+
+
+def test_the_warm_up_configs_cover_every_timing_config_the_pruner_keeps_once_per_kernel(monkeypatch):
+    from bench.gpu_check import parallel
+    from bench.gpu_check.plan import TIMING_CONFIGS
+    from smet_kernels.ops import launch_config
+
+    for name, _, tuner in kernel_ops.autotuners():  # the GPU autotune space, as on an H200
+        block_ms = launch_config.GRAD_WEIGHT_BLOCK_MS if "grad_weight" in name else launch_config.DENSE_SPARSE_BLOCK_MS
+        monkeypatch.setattr(tuner, "configs", launch_config.matmul_configs(block_ms, interpret=False))
+    choices = parallel.config_choices(128, torch.empty(0, dtype=torch.bfloat16))
+    for name, family, tuner in kernel_ops.autotuners():
+        assert all(len(choice[name]) == 1 for choice in choices)
+        candidates = [c for c in tuner.configs if kernel_ops.config_key(c) in TIMING_CONFIGS[family]]
+        kept = tuner.early_config_prune(candidates, {"x": torch.empty(0, dtype=torch.bfloat16)}, BLOCK_SIZE=128)
+        assert set().union(*(choice[name] for choice in choices)) == {kernel_ops.config_key(c) for c in kept}
+    # 4 stages of a 128-token tile at b = 128 in bf16 need 256 KiB of shared memory: pruned, never warmed
+    assert (128, 8, 4) not in set().union(*(choice["bsmm_dense_sparse_kernel"] for choice in choices))
+
+
+def test_warming_the_kernel_timings_launches_each_op_of_a_provider_once_per_config_choice(device):
+    from bench.gpu_check import parallel
+    from bench.runner import Deadline
+
+    block_size = CPU.kernel_block_sizes[0]
+    launches = parallel.warm_kernel_timings(CPU, device, 0, block_size, "triton_tma", Deadline(10))
+    choices = parallel.config_choices(block_size, torch.empty(0, dtype=torch.float32, device=device))
+    assert (len(choices) == 1) if device == "cpu" else (len(choices) > 1)  # interpreter: one config; GPU: timing ones
+    assert launches == 3 * len(choices)  # forward, grad_input, grad_weight
+
+
+def test_poisoned_outputs_are_nan_and_the_mode_is_restored(device):
+    before = torch.are_deterministic_algorithms_enabled()
+    assert correctness.poison_check(torch.device(device))["status"] == "pass"
+    assert torch.are_deterministic_algorithms_enabled() == before
+
+
+def test_an_output_left_half_unwritten_fails():
+    def half_written():
+        out = torch.empty(8)
+        out[:4] = 1.0
+        return out
+
+    row = correctness.check_call(half_written, torch.ones(8), bound=1e-3)
+    assert row["status"] == "fail" and "4 elements NaN/unwritten" in row["note"]
+
+
+def test_a_wrong_matmul_result_says_which_token_rows_block_columns_and_blocks_are_off():
+    from smet_kernels.layout import BlockLayout
+
+    mask = torch.zeros(2, 3, dtype=torch.bool)
+    mask[0, 0] = mask[0, 2] = mask[1, 1] = True
+    layout = BlockLayout.from_mask(mask, 16)  # W [32, 48]; slots (0, 0), (0, 2), (1, 1)
+    generator = torch.Generator().manual_seed(0)
+    expected = torch.randn(40, 32, generator=generator)
+    wrong = expected.clone()
+    wrong[32:, 16:] += 1.0  # the ragged last token tile of block column 1
+    wrong[35, 20] = float("nan")
+    row = correctness.check_call(lambda: wrong.clone(), expected, 1e-3,
+                                 lambda result: correctness.where_wrong(result, expected, 1e-3, layout))  # fmt: skip
+    assert row["status"] == "fail"
+    assert "128 elements off: token rows 32–39 (8 of 40), block columns [1]; worst at [35, 20] (block column 1): " \
+           "got nan" in row["note"], row["note"]
+    grad = torch.randn(3, 16, 16, generator=generator)
+    wrong_grad = grad.clone()
+    wrong_grad[1, 2, 3] = 100.0
+    note = correctness.where_wrong(wrong_grad, grad, 1e-3, layout)
+    assert note.startswith("1 elements off: 1 of 3 blocks, e.g. [(0, 2)]; worst at block (0, 2) element [2, 3]: "
+                           "got 100"), note  # fmt: skip
+    assert correctness.where_wrong(grad, grad, 1e-3, layout).startswith("no element off")
+
+
+def test_a_parameter_made_nan_by_the_triton_step_fails_the_training_step_check_and_is_named(monkeypatch, device):
+    """The loss comes before the step, so only the parameters can show a NaN update: it must not pass."""
+    import bench.training
+
+    build = bench.training.build
+
+    def build_with_a_nan_step(case, device, backend, seed):
+        model, optimizer = build(case, device, backend, seed)
+        if backend == "triton":
+            step = optimizer.step
+
+            def nan_step(*args, **kwargs):
+                step(*args, **kwargs)
+                with torch.no_grad():
+                    model.get_submodule("layers.0.mlp.down_proj").values.view(-1)[0] = float("nan")
+
+            optimizer.step = nan_step
+        return model, optimizer
+
+    monkeypatch.setattr(bench.training, "build", build_with_a_nan_step)
+    row = correctness.training_step_check(CPU, torch.device(device), 0)
+    assert row["status"] == "fail" and "most: layers.0.mlp.down_proj.values" in row["note"], row
+
+
+def test_an_adamw_mismatch_names_the_slots_and_their_local_step():
+    state = {"param": torch.zeros(4, 2, 2), "exp_avg": torch.zeros(4, 2, 2), "exp_avg_sq": torch.zeros(4, 2, 2),
+             "block_step": torch.tensor([3, 3, 1, 3], dtype=torch.int32)}  # fmt: skip
+    reference = {name: tensor.clone() for name, tensor in state.items()}
+    reference["block_step"][2] = 2
+    assert correctness._adamw_mismatch(state, reference, torch.float32) == (
+        "block_step differs at 1 of 4 slots, e.g. slot 2: 1, reference 2 (a race on the read-then-bump?)")
+    reference["block_step"][2] = 1
+    state["param"][1, 0, 1] = 0.5
+    assert correctness._adamw_mismatch(state, reference, torch.float32) == (
+        "param differs by 0.5 (tolerance 1e-06 abs + rel) at 1 of 4 slots, e.g. slot 1 (block_step 3)")
+    state["param"][1, 0, 1] = 0.0
+    state["exp_avg"][3, 1, 1] = float("nan")
+    assert correctness._adamw_mismatch(state, reference, torch.float32) == (
+        "exp_avg differs by nan (tolerance 1e-05 abs + rel) at 1 of 4 slots, e.g. slot 3 (block_step 3)")
+    assert correctness._adamw_mismatch(reference, reference, torch.float32) == ""
+
+
+def test_an_adamw_check_failed_by_a_nan_parameter_reports_a_nan_error(monkeypatch):
+    """``max(worst, NaN)`` is ``worst``: the failing row said error 0 within its bound."""
+    adamw_step = kernel_ops.adamw_step
+
+    def nan_at_step_two(param, *args, backend, **kwargs):
+        adamw_step(param, *args, backend="reference", **kwargs)
+        if backend == "triton" and int(args[3].max()) == 2:  # block_step after the second step
+            param.view(-1)[0] = float("nan")
+
+    monkeypatch.setattr(kernel_ops, "adamw_step", nan_at_step_two)
+    rows, _ = correctness.adamw_checks(CPU, torch.device("cpu"), 0, CountdownBudget(100))
+    adamw = [row for row in rows if row["check"] == "adamw"]
+    assert adamw and all(row["status"] == "fail" and row["note"].startswith("step 2: param differs by nan")
+                         and row["error"] != row["error"] for row in adamw), adamw  # fmt: skip
+
+
+def test_a_result_that_moves_between_identical_runs_is_a_race():
+    generator = torch.Generator().manual_seed(0)
+    expected = torch.ones(64)
+    row = correctness.check_call(lambda: expected + 1e-4 * torch.rand(64, generator=generator), expected, bound=1e-2)
+    assert row["status"] == "fail" and "moved between identical runs" in row["note"] and not row["repeatable"]
+
+
+def test_every_kernel_variant_and_op_passes_on_a_small_layout(device):
+    sizes = dataclasses.replace(CPU, check_block_sizes=(32,), check_dtypes=("fp16",), check_grid=(3, 17))
+    rows, not_run = correctness.matmul_checks(sizes, torch.device(device), 0, CountdownBudget(10**6))
+    assert not_run == []
+    failed = [row for row in rows if row["status"] != "pass"]
+    assert not failed, failed
+    checked = {(row["variant"], row["op"]) for row in rows}
+    ops = {"forward", "grad_input", "grad_weight split_k=1", f"grad_weight split_k={sizes.split_k}"}
+    assert {op for variant, op in checked if variant == "grouped"} == ops
+    assert {op for variant, op in checked if variant == "persistent"} == {"forward", "grad_input"}
+    assert all(0 < row["error"] <= row["bound"] for row in rows)
+
+
+def test_the_check_layout_has_a_long_row_an_empty_row_and_an_empty_column():
+    layout = correctness.check_layout((3, 17), 16, torch.Generator().manual_seed(0))
+    mask = layout.mask
+    assert int(mask[0].sum()) >= 16 and not mask[1].any() and not mask[:, 1].any()
+
+
+def test_the_warm_up_call_runs_unpoisoned_and_the_two_checked_calls_poisoned():
+    """Compile and autotune outside the NaN-filling mode, then two calls inside it."""
+    poisoned = []
+
+    def fn():
+        poisoned.append(torch.are_deterministic_algorithms_enabled())
+        return torch.ones(4)
+
+    assert correctness.check_call(fn, torch.ones(4), bound=1e-6)["status"] == "pass"
+    assert poisoned == [False, True, True]
+
+
+def test_the_matmul_bound_is_twice_pytorchs_own_error_with_a_floor_of_1e_6():
+    from smet_kernels.functional import to_dense
+
+    fp16 = correctness._MatmulOperands(CPU, 16, torch.float16, torch.device("cpu"), 0)
+    weight = to_dense(fp16.values, fp16.layout)
+    exact = fp16.x.double() @ weight.double().t()
+    torch_error = float((torch.nn.functional.linear(fp16.x, weight).double() - exact).norm() / exact.norm())
+    assert torch_error > 1e-5  # fp16: well above the floor
+    assert fp16.bound["forward"] == pytest.approx(2 * torch_error)
+    fp32 = correctness._MatmulOperands(CPU, 16, torch.float32, torch.device("cpu"), 0)
+    assert fp32.bound == dict.fromkeys(("forward", "grad_input", "grad_weight"), 1e-6)  # fp32 errors are below it

@@ -1,0 +1,198 @@
+"""smet-bench gpu-check, the sections of gpu_check.md on hand-made rows: kernel bars, variants, predictions,
+compact AdamW, training bars, and a section that cannot render."""
+
+import pandas as pd
+import pytest
+
+from bench.gpu_check.plan import CPU
+from bench.results import KERNEL_COLUMNS, TRAINING_COLUMNS
+
+
+def test_a_section_that_cannot_render_says_so_and_the_others_still_render(tmp_path, monkeypatch):
+    from bench.gpu_check import summary
+
+    def broken(*args):
+        raise KeyError("tflops")
+
+    monkeypatch.setattr(summary, "variant_section", broken)
+    path = summary.write(tmp_path, CPU, {"device": "cpu-test"}, [{"stage": "env", "status": "done"}], ([], []), None,
+                         "smet-bench gpu-check")  # fmt: skip
+    text = path.read_text()
+    assert "## Kernel variants\n\nCould not render this section: KeyError: 'tflops'" in text
+    assert "## Kernel bars" in text and "## Training steps" in text
+
+
+def _kernel_frame(rows: list[dict]) -> pd.DataFrame:
+    """Hand-made rows of kernels.csv: every column of it, None where a row gives no value."""
+    return pd.DataFrame([dict.fromkeys(KERNEL_COLUMNS) | row for row in rows], columns=KERNEL_COLUMNS)
+
+
+def test_the_variant_table_ranks_the_selectable_variants_by_geometric_mean_time_against_grouped():
+    """persistent does not change the weight grad (it runs grouped there: ratio 1); plain_order is the benchmark's
+    baseline order, shown per op but not something ``SMET_MATMUL_VARIANT`` can select."""
+    from bench.gpu_check.summary import variant_section
+
+    def row(op, provider, density, ms):
+        nnz = None if provider == "cublas_dense" else int(density * 4)
+        return dict(
+            suite="kernels", op=op, provider=provider, shape="s", M=256, K=256, N=256, dtype="bf16", gpu="g",
+            block_size=None if nnz is None else 128, density=density, nnz_blocks=nnz, ms_p20=ms, ms_p50=ms,
+            ms_p80=ms, status="ok")
+
+    times = {  # (op, density): ms per provider
+        ("forward", 0.5): {"triton_grouped": 1.0, "triton_persistent": 0.5, "triton_tma": 2.0,
+                           "triton_plain_order": 0.1},
+        ("forward", 0.25): {"triton_grouped": 2.0, "triton_persistent": 2.0, "triton_tma": 1.0,
+                            "triton_plain_order": 0.2},
+        ("grad_input", 0.5): {"triton_grouped": 1.0, "triton_persistent": 0.5, "triton_tma": 2.0},
+        ("grad_input", 0.25): {"triton_grouped": 2.0, "triton_persistent": 2.0, "triton_tma": 1.0},
+        ("grad_weight", 0.5): {"triton_grouped": 1.0, "triton_tma": 4.0},
+        ("grad_weight", 0.25): {"triton_grouped": 1.0, "triton_tma": 1.0},
+    }  # fmt: skip
+    rows = [row(op, "cublas_dense", 1.0, 4.0) for op in ("forward", "grad_input", "grad_weight")]
+    rows += [row(op, p, d, ms) for (op, d), by in times.items() for p, ms in by.items()]
+    lines = variant_section(_kernel_frame(rows))
+    assert "over every op and block size, `persistent` is the fastest (0.794× grouped)" in "\n".join(lines)
+    cells = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")]
+             for line in lines[4].splitlines()[2:]}  # fmt: skip
+    header = [c.strip() for c in lines[4].splitlines()[0].strip("|").split("|")]
+    assert header == ["op", "b", "points", "grouped", "persistent", "plain_order", "tma", "fastest (points)"]
+    assert cells["forward"] == ["forward", "128", "2", "1.000", "0.707", "0.100", "1.000", "plain_order 2"]
+    assert cells["grad_weight"][:7] == ["grad_weight", "128", "2", "1.000", "", "", "2.000"]
+    assert cells["all"][:7] == ["all", "", "6", "1.000", "0.794", "", "1.260"]  # 0.5^(2/6), 4^(1/6)
+    assert sorted(cells["all"][7].split(", ")) == ["grouped 2", "persistent 2", "tma 2"]
+
+
+def test_each_kernel_notes_prediction_is_set_beside_its_measured_geometric_mean_and_judged():
+    from bench.gpu_check.predictions import PREDICTIONS, prediction_section
+
+    def row(op, provider, density, ms, shape="s", block_size=128):
+        nnz = None if provider == "cublas_dense" else int(density * 4)
+        return dict(
+            suite="kernels", op=op, provider=provider, shape=shape, M=256, K=256, N=256, dtype="bf16", gpu="g",
+            block_size=None if nnz is None else block_size, density=density, nnz_blocks=nnz, ms_p20=ms, ms_p50=ms,
+            ms_p80=ms, status="ok")
+
+    rows = [row(op, "cublas_dense", 1.0, 4.0, shape) for op in ("forward", "grad_input") for shape in ("s", "t")]
+    # grouped forward at d = 0.5 (exact: 2 of 4 blocks): 2.4 ms and 2.6 ms = 1.2x and 1.3x d×dense, geomean 1.249
+    rows += [row("forward", "triton_grouped", 0.5, 2.4), row("forward", "triton_grouped", 0.5, 2.6, "t")]
+    rows += [row("forward", "triton_tma", 0.5, 2.4 * 0.5), row("forward", "triton_tma", 0.5, 2.6 * 0.5, "t")]
+    rows += [row("forward", "triton_persistent", 0.5, 2.4 * 1.2, "s", block_size=64)]  # another block size
+    rows += [row("forward", "triton_plain_order", 0.5, 2.4 * 1.3), row("forward", "triton_plain_order", 0.5, 9.9,
+                                                                        "u")]  # no grouped row on u: unpaired
+    rows += [dict(suite="optimizer", op="copy", provider="device_copy", shape="dense:ceiling", gbps=4000.0),
+             dict(suite="optimizer", op="adamw", provider="smet_adamw", shape="1b:hidden", density=0.25, gbps=3960.0)]
+    lines = prediction_section(_kernel_frame(rows), 128)
+    assert lines[0] == "## Predicted (bench/KERNEL_NOTES.md) vs measured"
+    body = lines[4].splitlines()[2:]
+    assert len(body) == len(PREDICTIONS)
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in body]
+    by = {(c[1], c[2].split(",")[0], c[3]): c for c in cells}
+    assert by[("triton_grouped", "forward", "0.5, 0.25")][5:] == ["1.1–1.3", "1.25", "2", "within"]
+    assert by[("triton_tma", "forward", "0.5, 0.25")][5:] == ["0.9–1", "0.5", "2", "better than predicted"]
+    assert by[("triton_plain_order", "forward", "0.5, 0.25")][5:] == ["1.2–1.4", "1.3", "1", "within"]
+    assert by[("triton_persistent", "forward", "0.5, 0.25")][5:] == ["0.95–1.05", "", "0", "not measured"]
+    assert by[("smet_adamw", "adamw", "0.25")][4:] == ["of copy", "0.88–0.98", "0.99", "1", "better than predicted"]
+    assert by[("triton_grouped", "forward", "0.1")][-1] == by[("triton_grouped", "grad_weight", "0.5, 0.25")][-1] \
+        == "not measured"
+    slower = prediction_section(_kernel_frame(rows[:4] + [row("forward", "triton_grouped", 0.5, 4.0)]), 128)
+    assert "| worse than predicted |" in slower[4].splitlines()[2]
+
+
+def test_the_variant_table_says_not_measured_without_a_second_variant():
+    from bench.gpu_check.summary import variant_section
+
+    assert "Not measured" in variant_section(None)[2]
+
+
+def _bar_rows() -> pd.DataFrame:
+    """grad_input of W [128, 2048] (one block row: the op reads M × 128 of dy whatever the layout) in bf16 at 6.5536
+    GB/s of device copy, so an op's memory term is (2176 M + 16384 nnz) · 2 bytes / 6.5536 GB/s:
+
+    * ``p1`` b=128 d=0.5 (8 of 16 blocks) M=512: memory 0.38 ms < compute 0.5 × 1.0 ms; t = 0.625 = 1.25 × d×dense,
+      torch BSR 1.5 × slower;
+    * ``p2`` b=128 d=0.1 drawn as 2 of 16 blocks (exact d = 0.125) M=256: memory 0.18 ms ≤ 1.6 × 0.125 × 1.12 ms
+      (but > 1.6 × 0.1 × 1.12 ms); t = 1.55 × 0.125 × 1.12 ms;
+    * ``p3`` b=128 d=0.25 (4 blocks) M=768: memory 0.53 ms > 1.25 × 0.25 × 1.0 ms; t = 1.22 × 0.53 ms;
+    * ``p4`` b=128 d=0.5 M=1024: memory 0.72 ms; t = the dense time, 1.0 ms;
+    * ``p5`` b=64 d=0.5 (32 of 64 blocks) M=512: t = 0.3 ms, no kernel bar (not the first block size)."""
+    base = {"suite": "kernels", "op": "grad_input", "K": 2048, "N": 128, "dtype": "bf16", "gpu": "g", "status": "ok"}
+    rows = [base | {"suite": "optimizer", "op": "copy", "provider": "device_copy", "shape": "dense:s", "N": 1024,
+                    "K": 1024, "ms_p50": 1.28}]  # fmt: skip: 1024² × 8 bytes in 1.28 ms = 6.5536 GB/s
+    rows += [base | {"provider": "cublas_dense", "shape": "dense", "M": m, "density": 1.0, "ms_p50": ms}
+             for m, ms in ((256, 1.12), (512, 1.0), (768, 1.0), (1024, 1.0))]  # fmt: skip
+    points = (("p1", 512, 128, 0.5, 8, 0.625), ("p2", 256, 128, 0.1, 2, 1.55 * 0.125 * 1.12),
+              ("p3", 768, 128, 0.25, 4, 1.22 * 0.53), ("p4", 1024, 128, 0.5, 8, 1.0), ("p5", 512, 64, 0.5, 32, 0.3))
+    for shape, m, b, d, nnz, ms in points:
+        rows.append(base | {"provider": "triton_grouped", "shape": shape, "M": m, "block_size": b, "density": d,
+                            "nnz_blocks": nnz, "ms_p50": ms})  # fmt: skip
+    rows.append(rows[-5] | {"provider": "torch_bsr", "ms_p50": 1.5 * 0.625})
+    return _kernel_frame(rows)
+
+
+def _markdown_rows(lines: list[str]) -> dict[str, dict[str, str]]:
+    """The cells of the first table of ``lines`` by column, per row keyed by its first cell."""
+    text = next(line for line in lines if line.startswith("| "))
+    table = [line for line in text.splitlines() if line.startswith("|")]  # not the note below it
+    header = [cell.strip() for cell in table[0].strip("|").split("|")]
+    rows = [dict(zip(header, (cell.strip() for cell in line.strip("|").split("|")))) for line in table[2:]]
+    return {row[header[0]]: row for row in rows}
+
+
+def test_each_kernel_bar_is_judged_against_the_ceiling_the_roofline_allows_at_the_exact_density():
+    from bench.gpu_check.plan import GPU
+    from bench.gpu_check.summary import kernel_section
+
+    lines = kernel_section(_bar_rows(), GPU)
+    rows = _markdown_rows(lines)
+    kernel = {shape: (row["kernel bar"], row["kernel"]) for shape, row in rows.items()}
+    assert kernel == {"p1": ("≤ 1.25 × d×dense", "pass"), "p2": ("≤ 1.6 × d×dense", "pass"),
+                      "p3": ("≤ 1.2 × roofline", "miss"), "p4": ("≤ 1.2 × roofline", "miss"), "p5": ("", "")}
+    assert (rows["p1"]["vs d×dense"], rows["p2"]["vs d×dense"], rows["p3"]["vs roofline"]) == ("1.25", "1.55", "1.22")
+    assert [rows[p]["roofline term"] for p in ("p1", "p2", "p3")] == ["compute", "memory", "memory"]
+    assert (rows["p1"]["vs BSR"], rows["p1"]["BSR ≥ 1.5×"], rows["p2"]["BSR ≥ 1.5×"]) == ("1.5", "pass",
+                                                                                           "not measured")
+    assert {shape: row["≤ dense"] for shape, row in rows.items()} == dict.fromkeys(rows, "pass")  # p4: t = t_dense
+    assert "* kernel: 2 pass, 2 miss, 0 not measured" in lines
+
+
+def _optimizer_rows(smet_gbps: float) -> pd.DataFrame:
+    base = {"suite": "optimizer", "dtype": "fp32", "gpu": "g", "status": "ok"}
+    return _kernel_frame([base | {"op": "copy", "provider": "device_copy", "shape": "dense:ceiling", "density": 1.0,
+                                  "ms_p50": 1.0, "gbps": 1000.0},
+                          base | {"op": "adamw", "provider": "smet_adamw", "shape": "compact:1b:hidden",
+                                  "density": 0.25, "block_size": 128, "ms_p50": 1.0, "gbps": smet_gbps}])  # fmt: skip
+
+
+@pytest.mark.parametrize("gbps, verdict", [(900.0, "90.0% of the copy ceiling (1000 GB/s, bytes read + written) — "
+                                                    "**pass**"),
+                                           (850.0, "85.0% of the copy ceiling (1000 GB/s, bytes read + written) — "
+                                                    "**miss**")], ids=["90%", "85%"])  # fmt: skip
+def test_compact_adamw_passes_at_90_percent_of_the_copy_ceiling_and_no_lower(gbps, verdict):
+    from bench.gpu_check.plan import GPU
+    from bench.gpu_check.summary import adamw_section
+
+    assert f"Bar: compact AdamW at {verdict} (≥ 90%)." in adamw_section(_optimizer_rows(gbps), GPU)
+
+
+def test_the_training_bars_compare_the_eager_unchecked_smet_step_with_dense_and_galore():
+    """SMET: 1.2 × the dense tokens/s, 0.6 × its peak, 1.2 × GaLore's peak; its checkpointed row (less memory, fewer
+    tokens/s) must not stand in for it."""
+    from bench.gpu_check.plan import GPU
+    from bench.gpu_check.summary import training_section
+
+    gib = 2**30
+    base = dict.fromkeys(TRAINING_COLUMNS) | {"config": "1b", "density": 1.0, "block_size": 128, "batch_size": 32,
+                                              "seq_len": 256, "dtype": "bf16", "compiled": False,
+                                              "activation_checkpointing": False, "vocab_size": 32000, "gpu": "g",
+                                              "status": "ok", "nvml_status": "ok",
+                                              "pred_peak_bytes": 8 * gib}  # fmt: skip
+    rows = [base | {"method": "dense", "tokens_per_s": 1000.0, "peak_allocated_bytes": 10 * gib},
+            base | {"method": "smet", "density": 0.25, "tokens_per_s": 1200.0, "peak_allocated_bytes": 6 * gib},
+            base | {"method": "galore", "tokens_per_s": 500.0, "peak_allocated_bytes": 5 * gib},
+            base | {"method": "smet", "density": 0.25, "activation_checkpointing": True, "tokens_per_s": 900.0,
+                    "peak_allocated_bytes": 4 * gib}]  # fmt: skip
+    text = "\n".join(training_section(pd.DataFrame(rows, columns=TRAINING_COLUMNS), GPU, None))
+    assert "* SMET tokens/s vs dense at 1b: 1.200× — **pass** (more is the bar)" in text
+    assert "* SMET peak memory vs dense at 1b: 0.600× — **pass** (less is the bar)" in text
+    assert "* SMET peak memory vs galore at 1b: 1.200× — **miss** (less is the bar)" in text
