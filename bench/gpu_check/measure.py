@@ -152,16 +152,16 @@ def run_kernels(ctx: Context) -> tuple[int, list[str]]:
             state["key"] = key
         return kernels.run_case(case, state["operands"], ctx.backend, ctx.device, ctx.timing)
 
-    variants, pins, caches = {}, {}, {}
+    variants, caches = {}, {}
     for block_size in ctx.sizes.kernel_block_sizes:
         headline, bars, variants[block_size] = kernel_cases(ctx.sizes, block_size)
         with kernel_ops.restrict_configs(kernel_ops.per_kernel(TIMING_CONFIGS) if cuda else None):
             failed, missing = ctx.run(f"kernels b={block_size} headline", headline, run_one, file)
             # the picks, and the timing configs for a kernel whose headline cases did not run (raised, resumed)
-            pins[block_size] = kernel_ops.per_kernel(TIMING_CONFIGS) | kernel_ops.chosen_configs() if cuda else None
-        if pins[block_size]:
-            ctx.picks[block_size] = pins[block_size]
-        with kernel_ops.restrict_configs(pins[block_size]):
+            pinned = kernel_ops.per_kernel(TIMING_CONFIGS) | kernel_ops.chosen_configs() if cuda else None
+        if pinned:
+            ctx.picks[block_size] = pinned
+        with kernel_ops.restrict_configs(pinned):
             more_failed, more_missing = ctx.run(f"kernels b={block_size}", bars, run_one, file)
             # triton_grouped's picks per shape: triton_plain_order runs the same kernel (the group size is not in
             # the autotune key), so the A/B of the two orders times the same config, and nothing is tuned twice
@@ -169,7 +169,7 @@ def run_kernels(ctx: Context) -> tuple[int, list[str]]:
         failures += failed + more_failed
         not_run += missing + more_missing
     for block_size, cases in variants.items():
-        with kernel_ops.restrict_configs(pins[block_size], caches[block_size]):
+        with kernel_ops.restrict_configs(ctx.picks.get(block_size), caches[block_size]):
             failed, missing = ctx.run(f"kernels b={block_size} variants", cases, run_one, file)
         failures += failed
         not_run += missing
