@@ -18,8 +18,9 @@ weight decay, warm-up and backend go through one fused Triton launch per (device
 per tensor), or the PyTorch reference.
 
 ``bias_correction="global"`` with ``warmup="none"`` is the **naive DST (cold start)** baseline: a regrown block
-restarts from m = v = 0 but is bias-corrected with the parameter's global step count, so its first update is
-about (1 - b1)/sqrt(1 - b2) times the learning rate (3.16x for the default betas) — the spike SMET removes.
+restarts from m = v = 0 but is bias-corrected with the parameter's global step count ``t``, so its first update is
+about (1 - b1) sqrt((1 - b2^t) / (1 - b2)) times the learning rate (SPEC §2; default betas: about 1x at t = 100,
+2.5x at 1,000, tending to 3.16x) — the spike SMET removes.
 With ``"global"`` the warm-up (if any) still follows the local step.
 
 State of a sparse parameter: ``exp_avg``, ``exp_avg_sq`` (shape of the values, ``state_dtype``) and

@@ -15,7 +15,8 @@ and, per step ``s+j`` (j = 1..k), over all sparse layers, the weights split into
                                                                     # zero-initialised regrown blocks at j = 1)
     regrown_vs_surviving = update_rms[regrown] / update_rms[surviving]
 
-The naive (cold-start) first step of a regrown weight is ≈ (1−β1)·sqrt((1−β2^t)/(1−β2)) × lr; SMET's is lr/W.
+The naive (cold-start) first step of a regrown weight is ≈ (1−β1)·sqrt((1−β2^t)/(1−β2)) × lr; SMET's (linear warm-up)
+is lr·d^−α / W.
 Records: ``type="update_probe"`` (one per update, written after its window) with the numbers above and
 ``step_sizes`` (one entry per step j). Steps without a topology update can be probed too (dense control runs:
 ``prune_damage`` is 0 there and no step sizes are measured). Single-process or DDP (plain tensors); the state of
