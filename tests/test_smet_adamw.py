@@ -238,6 +238,22 @@ def test_naive_cold_start_spikes_and_warmup_does_not(device):
     assert sizes["local"] == pytest.approx(lr / warmup_steps, rel=1e-3)
 
 
+@pytest.mark.parametrize("global_step, size", [(100, 0.976), (1_000, 2.515)])
+def test_naive_cold_start_first_update_grows_with_the_global_step_as_spec_states(global_step, size, device):
+    """SPEC §2: ≈ (1−β1)·sqrt((1−β2^t)/(1−β2)) × lr — about 1× at t = 100, 2.5× at 1,000 (3.16× only in the limit)."""
+    lr = 0.01
+    param = sparse_param(32, 32, 16, 1.0, seed=5, device=device)
+    optimizer = SMETAdamW([param], lr=lr, eps=1e-12, warmup="none", density_lr_exponent=0.0, bias_correction="global")
+    param.grad = torch.ones_like(param)
+    optimizer.step()
+    optimizer.state[param]["step"].fill_(global_step - 1)  # the regrown block's first update is global step t
+    regrow(optimizer, param, torch.tensor([0]))
+    optimizer.step()
+    expected = (1 - 0.9) * math.sqrt((1 - 0.999**global_step) / (1 - 0.999)) / (1 - 0.9**global_step)
+    assert expected == pytest.approx(size, abs=1e-3)
+    assert param.detach()[0].abs().mean().item() == pytest.approx(lr * expected, rel=1e-4)
+
+
 @pytest.mark.parametrize("backend", ["triton", "reference"])
 @pytest.mark.parametrize("warmup_scope, first_update", [("all", 0.01 / 10), ("regrown", 0.01)])
 def test_a_dense_parameter_warms_up_by_its_own_steps_in_scope_all(warmup_scope, first_update, backend, device):
