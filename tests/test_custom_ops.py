@@ -340,14 +340,7 @@ def test_eager_launches_skip_wrap_triton_and_only_traced_ones_use_it():
     """An eager call of a launcher outside the ``triton_op`` (kernel tests, benchmarks, gpu-check) launches the kernel
     itself: through ``wrap_triton`` each launch would be a higher-order-op dispatch (torch 2.11: slow, and it refuses
     the TMA configs' ``pre_hook`` and interpreted kernels)."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     from smet_kernels.ops import block_sparse_matmul as bsmm
-
-    class PassThrough(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            return func(*args, **(kwargs or {}))
 
     layout = _layout()
     x, values, dy, _ = _operands(layout)
@@ -361,10 +354,38 @@ def test_eager_launches_skip_wrap_triton_and_only_traced_ones_use_it():
         bsmm._launchable(bsmm.bsmm_grad_weight_kernel, traced=True)
         assert wrap.call_count == 1
     assert not bsmm.tracing(x, values)
+
+
+def test_only_graph_recording_dispatch_modes_count_as_tracing():
+    """Fake tensors and AOTAutograd's / ``make_fx``'s modes record a graph; a dispatch mode that runs the call on
+    real tensors does not — selective activation checkpointing (``smet_kernels.recompute``), a user's pass-through
+    mode — so ``tma`` is not silently replaced by ``grouped`` there."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from smet_kernels.ops import block_sparse_matmul as bsmm
+    from smet_kernels.recompute import checkpoint
+
+    class PassThrough(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    class Probe(torch.nn.Module):
+        def forward(self, x):
+            seen.append((bsmm.tracing(x), bsmm.traceable_variant("tma", x)))
+            return x.sin()
+
+    seen: list = []
+    x = torch.randn(3, 4, requires_grad=True)
+    checkpoint(Probe(), x).sum().backward()  # the forward, then its recompute
+    with PassThrough():
+        Probe()(x)
+    assert seen == [(False, "tma")] * 3
     with FakeTensorMode() as fake:
         assert bsmm.tracing(fake.from_tensor(x))
-    with PassThrough():
-        assert bsmm.tracing(x)
+    make_fx(lambda t: seen.append(bsmm.tracing(t)) or t.sin())(torch.randn(3))  # real tensors, a proxy mode
+    assert seen[-1] is True
 
 
 @needs_triton

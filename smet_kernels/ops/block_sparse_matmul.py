@@ -36,7 +36,6 @@ import triton
 import triton.language as tl
 from torch._subclasses.fake_tensor import is_fake
 from torch.library import wrap_triton
-from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ..backend import INTERPRET
@@ -406,10 +405,17 @@ def _warn_tma_traced() -> None:
     )
 
 
+#: the dispatch modes that record a graph (AOTAutograd, ``make_fx``): they sit in torch's infra-mode slots
+_RECORDING_MODES = (torch._C._TorchDispatchModeKey.FAKE, torch._C._TorchDispatchModeKey.PROXY,
+                    torch._C._TorchDispatchModeKey.FUNCTIONAL)  # fmt: skip
+
+
 def tracing(*tensors: torch.Tensor) -> bool:
-    """Whether torch is recording a graph of this call rather than running it: Dynamo, a dispatch mode (AOTAutograd's
-    functional / fake / proxy modes), or fake ``tensors``."""
-    return torch.compiler.is_compiling() or is_in_torch_dispatch_mode() or any(is_fake(t) for t in tensors)
+    """Whether torch is recording a graph of this call rather than running it: Dynamo, a recording dispatch mode
+    (AOTAutograd's functional / fake / proxy modes), or fake ``tensors``. Other dispatch modes run the call on real
+    tensors (selective activation checkpointing, ``FlopCounterMode``): not tracing, so ``tma`` stays ``tma``."""
+    recording = any(torch._C._get_dispatch_mode(key) is not None for key in _RECORDING_MODES)
+    return torch.compiler.is_compiling() or recording or any(is_fake(t) for t in tensors)
 
 
 def traceable_variant(variant: str, *tensors: torch.Tensor) -> str:
