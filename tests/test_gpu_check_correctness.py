@@ -129,6 +129,51 @@ def test_warming_the_kernel_timings_launches_each_op_of_a_provider_once_per_conf
     assert launches == 3 * len(choices)  # forward, grad_input, grad_weight
 
 
+def test_the_warm_up_compiles_every_weight_grad_split_of_the_timed_shapes_on_an_h200(monkeypatch):
+    """``SPLIT_K`` is a constexpr: each split value the timed shapes reach is a binary of its own, which the workers
+    compile for both weight-grad kernels (the headline's value by the provider's full warm-up)."""
+    from bench.gpu_check import parallel
+    from bench.gpu_check.measure import kernel_cases
+    from bench.gpu_check.plan import GPU
+    from smet_kernels.layout import BlockLayout
+    from smet_kernels.ops import launch_config
+
+    monkeypatch.setattr(launch_config, "sm_count", lambda index: 132)
+    monkeypatch.setattr(launch_config, "_device_index", lambda device: 0)
+    cuda = torch.device("cuda")
+    tasks = parallel.warm_tasks(GPU, cuda)
+    assert len(tasks) == len(set(tasks))
+    for b in GPU.kernel_block_sizes:
+        headline, bars, variants = kernel_cases(GPU, b)
+        splits = {}
+
+        def split(case) -> int:
+            nnz = BlockLayout.random(case.shape.N, case.shape.K, b, case.density).nnz
+            return launch_config.default_split_k(case.M, nnz, cuda)
+
+        for case in headline + bars + variants:
+            if case.op == "grad_weight" and case.provider in parallel.WEIGHT_GRAD_VARIANTS:
+                splits.setdefault(case.provider, set()).add(split(case))
+        first = split(next(c for c in headline if c.op == "grad_weight" and c.provider == "triton_grouped"))
+        assert set(splits) == set(parallel.WEIGHT_GRAD_VARIANTS) and len(set().union(*splits.values())) > 1
+        for provider, values in splits.items():
+            assert (b, provider, None) in tasks
+            assert {s for size, name, s in tasks if (size, name) == (b, provider) and s} == values - {first}
+
+
+def test_a_split_warm_up_task_launches_only_the_weight_grad_at_its_split(device, monkeypatch):
+    from bench.gpu_check import parallel
+    from bench.runner import Deadline
+    from smet_kernels.ops import block_sparse_matmul as bsmm
+
+    splits, launch = [], bsmm.triton_bsmm_grad_weight
+    monkeypatch.setattr(bsmm, "triton_bsmm_grad_weight", lambda *a, **k: splits.append(k["split_k"]) or launch(*a, **k))
+    block_size = CPU.kernel_block_sizes[0]
+    launches = parallel.warm_kernel_timings(CPU, device, 0, block_size, "triton_grouped", Deadline(10), split_k=3)
+    choices = parallel.config_choices(block_size, torch.empty(0, dtype=torch.float32, device=device))
+    assert launches == len(choices) and splits == [3] * len(choices)
+
+
 def test_poisoned_outputs_are_nan_and_the_mode_is_restored(device):
     before = torch.are_deterministic_algorithms_enabled()
     assert correctness.poison_check(torch.device(device))["status"] == "pass"

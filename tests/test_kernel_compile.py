@@ -160,3 +160,38 @@ def test_bad_config_is_a_usage_error(capsys):
     with pytest.raises(SystemExit):
         kr.main(["--out-dir", "unused", "--configs", "128x8"])
     assert "BLOCK_M:WARPS:STAGES" in capsys.readouterr().err
+
+
+_SPECIALIZATION = """
+import json, torch
+from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.compiler import CUDABackend
+from triton.runtime.jit import create_function_from_signature
+from smet_kernels.ops import block_sparse_matmul as bsmm
+backend = CUDABackend(GPUTarget("cuda", 90, 32))
+keys = {}
+for name in ("bsmm_grad_weight_kernel", "bsmm_grad_weight_tma_kernel"):
+    fn = getattr(bsmm, name).fn
+    bind = create_function_from_signature(fn.signature, fn.params, backend)
+    operand = torch.empty(64, dtype=torch.bfloat16)
+    ints = {"M": 8192, "N": 4096, "K": 11008, "stride_dym": 4096, "stride_xm": 11008}
+    constexprs = dict(BLOCK_SIZE=128, SPLIT_K=1, UPCAST=False, INPUT_PRECISION="tf32", BLOCK_M=64)
+    def key(nnz):
+        args = [torch.empty(64, dtype=torch.int32) if n == "block_indices_ptr" else nnz if n == "nnz" else
+                ints.get(n, operand) for n in fn.arg_names if n not in constexprs]
+        return repr(bind(*args, **constexprs)[1])
+    keys[name] = [key(nnz) for nnz in (688, 69, 1)]
+print(json.dumps(keys))
+"""
+
+
+def test_one_weight_grad_binary_serves_every_block_count():
+    """Triton specialises an int argument on its divisibility by 16 and on 1: ``nnz`` only counts whole b × b blocks,
+    so it is not specialised, and layers of 688, 69 and 1 blocks launch the same binary (each timed shape of
+    gpu-check would otherwise compile the weight grad again)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", _SPECIALIZATION], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    for name, keys in json.loads(result.stdout.splitlines()[-1]).items():
+        assert len(set(keys)) == 1, (name, keys)

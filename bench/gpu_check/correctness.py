@@ -373,8 +373,9 @@ def run(sizes: Sizes, device: torch.device, seed: int, budget, workers: int | No
     # the workers' own deadline: the budget, or 3x the stage's estimate if sooner (a stuck worker costs no timings)
     workers_budget = Deadline(min(budget.left_s(), 3 * sizes.estimates_s["correctness"]) / 60)
     tasks = [(parallel.matmul_group, sizes, str(device), seed, *group, workers_budget) for group in groups]
-    warm_tasks = [(parallel.warm_kernel_timings, sizes, str(device), seed, *task, workers_budget)
-                  for task in (parallel.warm_tasks(sizes) if device.type == "cuda" else [])]  # fmt: skip
+    to_warm = parallel.warm_tasks(sizes, device) if device.type == "cuda" else []
+    warm_tasks = [(parallel.warm_kernel_timings, sizes, str(device), seed, block_size, provider, workers_budget, split)
+                  for block_size, provider, split in to_warm]  # fmt: skip
     with parallel.Pool(workers or parallel.default_workers(device), device, workers_budget) as pool:
         matmul = [pool.submit(*task) for task in tasks]
         warm = [pool.submit(*task) for task in warm_tasks]

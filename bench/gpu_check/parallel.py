@@ -7,7 +7,8 @@ context each) run
 
 * the matmul checks, one task per (block size, dtype) (:func:`matmul_group`), and
 * on a GPU, one launch of every (op, config) that the headline autotuning of the ``kernels`` stage will try, on the
-  headline operands themselves (:func:`warm_kernel_timings`), so that the same specialisations are compiled,
+  headline operands themselves (:func:`warm_kernel_timings`), so that the same specialisations are compiled, and of
+  the weight grads at every other ``SPLIT_K`` value of the timed shapes (:func:`weight_grad_splits`),
 
 while the main process runs the AdamW, regrow and training-step checks. The kernel timings then load those binaries
 from the cache instead of compiling them. Nothing is timed while workers run. A worker that dies (a hard fault) breaks
@@ -18,6 +19,8 @@ fails. A worker still running at its deadline is stopped and its checks are list
 from __future__ import annotations
 
 import concurrent.futures
+import functools
+import itertools
 import multiprocessing
 import os
 import time
@@ -29,6 +32,8 @@ from . import kernel_ops
 from .plan import TIMING_CONFIGS, Sizes
 
 GRACE_S = 30.0  # a worker may finish the case it started when its deadline passed
+#: the providers with a weight-grad kernel of their own, and its variant (``persistent`` runs the grouped one)
+WEIGHT_GRAD_VARIANTS = {"triton_grouped": "grouped", "triton_tma": "tma"}
 
 
 def default_workers(device: torch.device) -> int:
@@ -140,9 +145,11 @@ def config_choices(block_size: int, operand: torch.Tensor) -> list[dict[str, set
     return [{name: {keys[min(i, len(keys) - 1)]} for name, keys in kept.items()} for i in range(count)]
 
 
-def warm_kernel_timings(sizes: Sizes, device_name: str, seed: int, block_size: int, provider: str, budget) -> int:
+def warm_kernel_timings(sizes: Sizes, device_name: str, seed: int, block_size: int, provider: str, budget,
+                        split_k: int | None = None) -> int:  # fmt: skip
     """Worker task: launch each op of ``provider`` on the headline operands at ``block_size`` once per config of
-    :func:`config_choices`, compiling what the ``kernels`` stage's autotuning will try. Returns the launches made."""
+    :func:`config_choices`, compiling what the ``kernels`` stage's autotuning will try; with ``split_k``, only its
+    weight grad, split ``split_k`` times (another binary: ``SPLIT_K`` is a constexpr). Returns the launches made."""
     from bench import kernels
 
     from .measure import kernel_cases
@@ -150,10 +157,13 @@ def warm_kernel_timings(sizes: Sizes, device_name: str, seed: int, block_size: i
     device = torch.device(device_name)
     headline = kernel_cases(sizes, block_size)[0]
     operands, key, launches = None, None, 0
-    for case in (c for c in headline if c.provider == provider):
+    for case in (c for c in headline if c.provider == provider and (split_k is None or c.op == "grad_weight")):
         if kernels.operands_key(case) != key:
             operands, key = kernels.make_operands(case, device, seed, previous=operands), kernels.operands_key(case)
         fn = kernels.case_function(case, operands, "triton")
+        if split_k is not None:
+            grad_weight = kernel_ops.matmul_ops(WEIGHT_GRAD_VARIANTS[provider])["grad_weight"]
+            fn = functools.partial(grad_weight, operands.dy, operands.x, operands.layout, split_k)
         for choice in config_choices(block_size, torch.empty(0, dtype=case.dtype, device=device)):
             if budget.expired():
                 return launches
@@ -165,12 +175,37 @@ def warm_kernel_timings(sizes: Sizes, device_name: str, seed: int, block_size: i
     return launches
 
 
-def warm_tasks(sizes: Sizes) -> list[tuple[int, str]]:
-    """``(block size, provider)`` of every Triton provider the headline autotuning times."""
+def weight_grad_splits(sizes: Sizes, block_size: int, device: torch.device) -> list[int]:
+    """The ``SPLIT_K`` values of the timed Triton weight-grad cases at ``block_size`` (``default_split_k`` of each
+    case's tokens and block count; the headline's first)."""
+    from bench import kernels
+    from smet_kernels.layout import nnz_for_density
+    from smet_kernels.ops.launch_config import default_split_k
+
+    from .measure import kernel_cases
+
+    splits: list[int] = []
+    for case in itertools.chain(*kernel_cases(sizes, block_size)):
+        if case.op == "grad_weight" and case.provider in kernels.TRITON_PROVIDERS:
+            blocks = (case.shape.N // block_size) * (case.shape.K // block_size)
+            split = default_split_k(case.M, nnz_for_density(blocks, case.density), device)
+            splits += [split] if split not in splits else []
+    return splits
+
+
+def warm_tasks(sizes: Sizes, device: torch.device) -> list[tuple[int, str, int | None]]:
+    """``(block size, provider, split_k)`` of :func:`warm_kernel_timings`: every Triton provider the headline
+    autotuning times (``split_k`` None), then each weight-grad kernel at the split values of the other timed shapes
+    (each a binary of its own, which the ``kernels`` stage would otherwise compile one after another)."""
     from bench import kernels
 
     # triton_plain_order is the grouped kernel with another GROUP_M, which the autotune key leaves out: it runs the
     # grouped kernel's pick for the same key (one compile per op in the main process), so warming it all is waste
     providers = [p for p in kernels.default_providers("triton")
                  if p in kernels.TRITON_PROVIDERS and p != "triton_plain_order"]  # fmt: skip
-    return [(block_size, provider) for block_size in sizes.kernel_block_sizes for provider in providers]
+    tasks = [(block_size, provider, None) for block_size in sizes.kernel_block_sizes for provider in providers]
+    for block_size in sizes.kernel_block_sizes:
+        _, *others = weight_grad_splits(sizes, block_size, device)
+        tasks += [(block_size, provider, split) for provider in WEIGHT_GRAD_VARIANTS if provider in providers
+                  for split in others]  # fmt: skip
+    return tasks

@@ -108,8 +108,9 @@ GPU = Sizes(
     training_vocab=32000,
     training_steps=5,
     compile_config="20m",
-    # correctness: ~60 check + ~50 warm-up compiles over 14 workers beside the AdamW checks; kernels: the headline
-    # configs come compiled from the workers, the other shapes only benchmark the picks (new SPLIT_K values compile);
+    # correctness: ~60 check + ~50 warm-up compiles + ~40 of the weight grads' other SPLIT_K values over 14 workers
+    # beside the AdamW checks; kernels: the headline configs and every split value come compiled from the workers,
+    # the other shapes only benchmark the picks;
     # training: 8 cases ~100 s, + ~15 s for the two checkpointed 1b rows (1.33× a step, the shapes already autotuned),
     # + ~45 s for the first GaLore step at 1b: 168 full fp32 SVDs (per layer 4 of 2048², 3 of 2048 × 5504) on the GPU,
     # whose cuSOLVER time is the least known term here

@@ -269,7 +269,7 @@ def bsmm_dense_sparse_tma_kernel(
     key=["M", "N", "K", "BLOCK_SIZE", "SPLIT_K"],
     prune_configs_by={"early_config_prune": prune_grad_weight_configs},
 )
-@triton.jit
+@triton.jit(do_not_specialize=["nnz"])  # nnz only counts whole b×b blocks: one binary for any layer, not two
 def bsmm_grad_weight_kernel(
     dy_ptr,
     x_ptr,
@@ -324,7 +324,7 @@ def _tma_token_block_shapes(nargs: dict) -> None:
     key=["M", "N", "K", "BLOCK_SIZE", "SPLIT_K"],
     prune_configs_by={"early_config_prune": prune_grad_weight_configs},
 )
-@triton.jit
+@triton.jit(do_not_specialize=["nnz"])  # nnz only counts whole b×b blocks: one binary for any layer, not two
 def bsmm_grad_weight_tma_kernel(
     dy_desc,
     x_desc,
