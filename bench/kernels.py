@@ -225,6 +225,21 @@ def bsr_from_layout(values: torch.Tensor, layout, transpose: bool = False) -> to
     )
 
 
+def torch_bsr_params(device_name: str) -> str:
+    """The launch parameters of torch's BSR kernels on ``device_name``: torch ships tuned ones for a few GPUs
+    (``torch.sparse._triton_ops_meta``); on any other, ``bsr_dense_mm`` runs its defaults, an untuned baseline."""
+    try:
+        from torch.sparse import _triton_ops_meta as meta
+
+        data = meta._operation_device_version_data
+    except (ImportError, AttributeError) as error:  # a private module: say so rather than fail the environment
+        return f"unknown: {type(error).__name__}"
+    for (op, device, version), table in data.items():
+        if table and meta.get_meta(op, next(iter(table)), device_name=device_name, version=version) is not None:
+            return f"tuned (torch's table for {device})"
+    return "defaults (torch ships tuned ones only for " + ", ".join(sorted({d for _, d, _ in data})) + ")"
+
+
 def _torch_bsr_fns(ops: _Operands) -> dict[str, Callable[[], torch.Tensor]]:
     """``y = (W xᵀ)ᵀ``, ``dx = (Wᵀ dyᵀ)ᵀ`` with ``bsr_dense_mm``; ``dW = dyᵀ x`` at W's blocks with ``sampled_addmm``.
     The BSR tensors and transposed operands are built outside the timed region; the results stay in torch's

@@ -251,3 +251,11 @@ def test_training_tokens_per_s_is_the_tokens_of_a_step_over_the_median_step_time
     assert (row["ms_p20"], row["ms_p50"], row["ms_p80"]) == pytest.approx((18.0, 30.0, 42.0))
     assert row["tokens_per_s"] == pytest.approx(64 / 0.030)
     assert [row[f"{c}_bytes"] for c in ("weights", "gradients", "optimizer", "activations")] == [1, 2, 3, 4]
+
+
+def test_torch_bsr_params_say_when_torch_bsr_runs_untuned_defaults():
+    """torch ships tuned BSR launch parameters for the A100 only: on the H200 the BSR bar is against defaults, and
+    gpu-check's environment says so."""
+    assert kernels.torch_bsr_params("NVIDIA A100-SXM4-40GB").startswith("tuned (torch's table for NVIDIA A100")
+    untuned = kernels.torch_bsr_params("NVIDIA H200")
+    assert untuned.startswith("defaults (torch ships tuned ones only for ") and "A100" in untuned

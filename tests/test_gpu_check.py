@@ -285,3 +285,19 @@ def test_the_variants_of_a_block_size_reuse_the_picks_its_bars_made(tmp_path, mo
     assert len(CPU.kernel_block_sizes) > 1 and started_from[f"kernels b={CPU.kernel_block_sizes[0]}"] is None
     for saved_by_its_bars, block_size in enumerate(CPU.kernel_block_sizes):  # saved in this order, one per block
         assert started_from[f"kernels b={block_size} variants"] == {"made": saved_by_its_bars}
+
+
+def test_the_environment_of_a_cuda_device_names_its_properties_and_the_torch_bsr_parameters(monkeypatch):
+    """The GPU branch of ``environment`` (never run on this CPU machine) with an H200's properties stubbed."""
+    from types import SimpleNamespace
+
+    from bench.gpu_check import measure
+
+    properties = SimpleNamespace(multi_processor_count=132, total_memory=143 * 2**30, L2_cache_size=60 * 2**20)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: properties)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (9, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    info = measure.environment(torch.device("cuda"))
+    assert (info["device"], info["sms"], info["memory_gib"], info["l2_mib"], info["capability"]) == (
+        "NVIDIA H200", 132, 143.0, 60.0, "9.0")
+    assert info["torch_bsr_params"].startswith("defaults")

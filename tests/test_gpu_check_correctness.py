@@ -43,6 +43,7 @@ def test_the_matmul_groups_run_in_worker_processes_beside_the_other_checks(devic
     matmul = [r for r in rows if r["check"] == "matmul"]
     assert len(matmul) == len(correctness.group_checks(sizes, torch.device(device), block_size, "fp32"))
     assert all(r["status"] == "pass" for r in rows), [r for r in rows if r["status"] != "pass"]
+    assert {r["dtype"] for r in rows if "dtype" in r} <= {"fp32", "fp16", "bf16"}  # one spelling in the table
 
 
 def test_a_worker_that_raises_dies_or_overruns_becomes_a_reported_result():

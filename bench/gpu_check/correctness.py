@@ -323,7 +323,8 @@ def training_step_check(sizes: Sizes, device: torch.device, seed: int) -> dict:
     from bench.training import TrainingCase, build
     from smet_kernels.train.model import lm_loss
 
-    dtype = DTYPES["bf16" if device.type == "cuda" else "fp32"]
+    label = "bf16" if device.type == "cuda" else "fp32"
+    dtype = DTYPES[label]
     case = TrainingCase(sizes.step_config, "smet", 0.25, sizes.step_block_size, sizes.step_batch, sizes.step_seq,
                         dtype)  # fmt: skip
     results = {}
@@ -346,7 +347,7 @@ def training_step_check(sizes: Sizes, device: torch.device, seed: int) -> dict:
     ok = error <= tolerance
     note = "" if ok else (f"loss differs by {loss_error:.3g}, parameters by {param_error:.3g} (relative; most: "
                           f"{worst_param})")  # fmt: skip
-    return {"check": "training step", "variant": f"{case.config} smet d=0.25", "dtype": str(dtype).split(".")[-1],
+    return {"check": "training step", "variant": f"{case.config} smet d=0.25", "dtype": label,
             "block_size": case.block_size, "op": "forward+backward+SMETAdamW vs reference backend", "error": error,
             "bound": tolerance, "status": "pass" if ok else "fail", "note": note}  # fmt: skip
 

@@ -82,7 +82,8 @@ def environment(device: torch.device) -> dict:
         properties = torch.cuda.get_device_properties(device)
         info |= {"sms": properties.multi_processor_count, "memory_gib": round(properties.total_memory / 2**30, 1),
                  "l2_mib": round(getattr(properties, "L2_cache_size", 0) / 2**20, 1) or "unavailable",
-                 "capability": ".".join(map(str, torch.cuda.get_device_capability(device)))}  # fmt: skip
+                 "capability": ".".join(map(str, torch.cuda.get_device_capability(device))),
+                 "torch_bsr_params": kernels.torch_bsr_params(torch.cuda.get_device_name(device))}  # fmt: skip
     try:
         import pynvml
 

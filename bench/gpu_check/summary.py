@@ -134,7 +134,8 @@ def kernel_section(kernels: pd.DataFrame | None, sizes: Sizes) -> list[str]:
     lines += ["", "`ms`: the default variant (`triton_grouped`); the variant columns are the same op A/B-timed in "
               "this run (ms), `best` its time relative to the default. A miss names its limit: `roofline term` is "
               "the larger term of the op's roofline, `vs roofline` how far the kernel is from it (≈ 1: at the "
-              "ceiling).", "", table(frame.fillna("")), ""]  # fmt: skip
+              "ceiling). `vs BSR`: torch's `bsr_dense_mm` / `sampled_addmm` over our time, with the launch "
+              "parameters the environment's `torch_bsr_params` names.", "", table(frame.fillna("")), ""]  # fmt: skip
     return lines
 
 
