@@ -6,7 +6,7 @@ import math
 import re
 import sys
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 from torch import nn
@@ -357,9 +357,7 @@ def sparsify(
         raise ValueError("sparsify found no nn.Linear layer to sparsify (check include/exclude)")
     if names == [""]:
         raise ValueError("model is itself an nn.Linear: use BlockSparseLinear.from_linear(model, layout)")
-    modules = dict(model.named_modules(remove_duplicate=False))
-    occurrences = _occurrences(model, _is_dense_linear)
-    linears = {name: _as_linear(modules[name]) for name in names}
+    linears = {name: _as_linear(model.get_submodule(name)) for name in names}
     for name, linear in linears.items():
         for size, what in ((linear.out_features, "out_features"), (linear.in_features, "in_features")):
             if size % block_size:
@@ -367,26 +365,13 @@ def sparsify(
                     f"layer '{name}': {what}={size} is not divisible by block_size={block_size} (exclude it or "
                     "choose another block_size)"
                 )
-        _check_untied(model, modules[name], occurrences[id(modules[name])])
     shapes = {name: (linear.out_features, linear.in_features) for name, linear in linears.items()}
     densities = layer_densities(shapes, density, distribution)
-    active = 0
-    replacements = {}  # every layer built before the first is swapped: one that raises leaves the model as it was
-    for name, linear in linears.items():
-        layout = BlockLayout.random(
-            linear.out_features, linear.in_features, block_size, densities[name], generator=generator
-        )
-        if layer_factory is None:
-            replacement = BlockSparseLinear.from_linear(linear, layout, backend=backend)
-        else:
-            replacement = layer_factory(linear, layout)
-        _carry_mode(linear, replacement)
-        if linear is not modules[name]:
-            replacement.dense_class = type(modules[name])
-        active += layout.nnz * block_size**2
-        replacements[name] = replacement
-    for name, replacement in replacements.items():
-        _replace(model, occurrences[id(modules[name])], replacement)
+    layouts = {
+        name: BlockLayout.random(*shapes[name], block_size, densities[name], generator=generator) for name in names
+    }
+    sparsify_with_layouts(model, layouts, backend, layer_factory)
+    active = sum(layout.nnz for layout in layouts.values()) * block_size**2
     realised = active / sum(out * inp for out, inp in shapes.values())
     if abs(realised - density) > max(0.01, 0.1 * density):
         warnings.warn(
@@ -395,6 +380,42 @@ def sparsify(
             RuntimeWarning,
             stacklevel=2,
         )
+    return model
+
+
+def sparsify_with_layouts(
+    model: nn.Module,
+    layouts: Mapping[str, BlockLayout],
+    backend: str | None = None,
+    layer_factory: Callable[[nn.Linear, BlockLayout], nn.Module] | None = None,
+) -> nn.Module:
+    """Replace each ``nn.Linear`` (or GPT-2 ``Conv1D``) of ``model`` named in ``layouts`` (in place) by a sparse
+    layer of its layout: :func:`sparsify` once it has drawn the layouts.
+
+    ``layer_factory(linear, layout)`` builds each replacement (default: ``BlockSparseLinear.from_linear``), which
+    keeps the dense layer's mode, device and dtype and its weights at the active blocks; on the meta device nothing
+    is allocated (a skeleton that a checkpoint then fills). A shared layer stays shared; one tied to another
+    module's parameter raises ``ValueError``, and so does a name that is no dense linear. Returns ``model``.
+    """
+    modules = dict(model.named_modules(remove_duplicate=False))
+    occurrences = _occurrences(model, _is_dense_linear)
+    replacements = {}  # every layer built before the first is swapped: one that raises leaves the model as it was
+    for name, layout in layouts.items():
+        module = modules.get(name)
+        if module is None or not _is_dense_linear(module):
+            raise ValueError(f"'{name}' is no nn.Linear (or Conv1D) of the model: {type(module).__name__}")
+        _check_untied(model, module, occurrences[id(module)])
+        linear = _as_linear(module)
+        if layer_factory is None:
+            replacement = BlockSparseLinear.from_linear(linear, layout, backend=backend)
+        else:
+            replacement = layer_factory(linear, layout)
+        _carry_mode(linear, replacement)
+        if linear is not module:
+            replacement.dense_class = type(module)
+        replacements[name] = replacement
+    for name, replacement in replacements.items():
+        _replace(model, occurrences[id(modules[name])], replacement)
     return model
 
 

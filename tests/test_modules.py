@@ -3,6 +3,7 @@ import torch
 from torch import nn
 
 from smet_kernels import BlockLayout, BlockSparseLinear, MaskedLinear, from_dense, sparsify, to_dense
+from smet_kernels.modules import sparsify_with_layouts
 
 
 def test_block_sparse_linear_matches_dense_linear():
@@ -99,6 +100,23 @@ def test_sparsify_keeps_the_weights_of_kept_blocks():
     assert torch.equal(model.up.values, from_dense(dense_up, model.up.layout))
     assert model.up.bias is not None and model.down.bias is None
     assert model(torch.randn(4, 32)).shape == (4, 10)
+
+
+def test_sparsify_with_layouts_uses_the_given_layouts_and_allocates_nothing_on_the_meta_device():
+    model = _Mlp()
+    dense_up = model.up.weight.detach().clone()
+    up_layout = BlockLayout.random(64, 32, 16, 0.5, generator=torch.Generator().manual_seed(3))
+    sparsify_with_layouts(model, {"up": up_layout})
+    assert model.up.layout is up_layout and type(model.down) is nn.Linear
+    assert torch.equal(model.up.values, from_dense(dense_up, up_layout))
+    with torch.device("meta"):
+        skeleton = _Mlp()
+    sparsify_with_layouts(skeleton, {"down": BlockLayout.random(32, 64, 16, 0.5)})
+    assert skeleton.down.values.is_meta and skeleton.down.values.shape == (4, 16, 16)
+    with pytest.raises(ValueError, match="'up' is no nn.Linear"):
+        sparsify_with_layouts(model, {"up": up_layout})
+    with pytest.raises(ValueError, match="layout.shape"):
+        sparsify_with_layouts(model, {"head": up_layout})
 
 
 def test_sparsify_include_and_erk():
