@@ -1,4 +1,5 @@
-"""Hugging Face ``transformers`` integration: :class:`SMETCallback` drives the SMET controller from ``Trainer``.
+"""Hugging Face ``transformers`` integration: :class:`SMETCallback` drives the SMET controller from ``Trainer``;
+:func:`load_sparse_pretrained` loads a sparse ``save_pretrained`` folder without building the dense weights.
 
 Needs the optional extra ``hf`` (``pip install "smet_kernels[hf]"``)::
 
@@ -10,8 +11,16 @@ Needs the optional extra ``hf`` (``pip install "smet_kernels[hf]"``)::
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+import torch
+import transformers
+from safetensors import safe_open
 from transformers import TrainerCallback
 
+from .layout import BlockLayout
+from .modules import BLOCK_INDICES_KEY, _as_linear, _is_dense_linear, sparsify_with_layouts
 from .topology import SMET
 
 #: key of the controller's state in the optimizer's ``state_dict`` (the Trainer's ``optimizer.pt``)
@@ -63,3 +72,138 @@ class SMETCallback(TrainerCallback):
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         self.smet.step()
+
+
+def _empty_model(model_class: type, config, dtype: torch.dtype | None) -> transformers.PreTrainedModel:
+    """The model of ``config`` with every parameter on the meta device (nothing allocated) and its non-persistent
+    buffers (e.g. rotary frequencies, never in a checkpoint) computed on the CPU, as transformers 5's
+    ``from_pretrained`` does."""
+    build = getattr(model_class, "from_config", None) or model_class._from_config  # an Auto class, or a model class
+    with torch.device("meta"):
+        model = build(config, **({} if dtype is None else {"dtype": dtype}))
+    for name, buffer in model.named_non_persistent_buffers():
+        parent, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent), leaf, torch.empty_like(buffer, device="cpu"))
+    model.initialize_weights()  # fills those buffers; on meta, the parameters take nothing
+    return model
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    """The safetensors files of a ``save_pretrained`` folder: the shards its index names, or ``model.safetensors``."""
+    index = folder / transformers.utils.SAFE_WEIGHTS_INDEX_NAME
+    if index.is_file():
+        files = [folder / name for name in dict.fromkeys(json.loads(index.read_text())["weight_map"].values())]
+    elif (folder / transformers.utils.SAFE_WEIGHTS_NAME).is_file():
+        files = [folder / transformers.utils.SAFE_WEIGHTS_NAME]
+    else:
+        raise FileNotFoundError(f"{folder} holds no model.safetensors nor model.safetensors.index.json")
+    for file in files:
+        if not file.is_file():
+            raise FileNotFoundError(f"{file.name}, named in {index.name}, is not in {folder}")
+    return files
+
+
+def _checkpoint_shapes(files: list[Path]) -> dict[str, tuple[Path, list[int]]]:
+    """``key -> (file, shape)`` of every tensor of the checkpoint, read from the safetensors headers alone."""
+    shapes = {}
+    for file in files:
+        with safe_open(file, "pt") as f:
+            shapes.update({key: (file, f.get_slice(key).get_shape()) for key in f.keys()})
+    return shapes
+
+
+def _saved_layouts(model: torch.nn.Module, shapes: dict) -> dict[str, BlockLayout]:
+    """The layout of each layer whose ``<layer>.block_indices`` the checkpoint holds, shaped as the model's linear
+    there, with the block size of ``<layer>.values [nnz, b, b]``."""
+    suffix = "." + BLOCK_INDICES_KEY
+    layouts = {}
+    for key, (file, indices_shape) in shapes.items():
+        if not key.endswith(suffix):
+            continue
+        name = key[: -len(suffix)]
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            module = None
+        if not _is_dense_linear(module):
+            found = "no such module" if module is None else f"a {type(module).__name__}"
+            raise ValueError(f"unexpected key '{key}' in {file.name}: '{name}' of the {type(model).__name__} built "
+                             f"from config.json is {found}, not an nn.Linear")  # fmt: skip
+        if name + ".weight" in shapes:
+            raise ValueError(f"'{name}' in {file.name} is a masked layer (dense weight and block_indices), whose block "
+                             "size the checkpoint does not keep: build the model, masked_sparsify it alike, then "
+                             "load_sharded_checkpoint(model, folder)")  # fmt: skip
+        if name + ".values" not in shapes:
+            raise ValueError(f"'{name}.values' is missing from the checkpoint (its '{key}' is in {file.name})")
+        values_shape = shapes[name + ".values"][1]
+        if len(values_shape) != 3 or values_shape[1] != values_shape[2] or values_shape[0] != indices_shape[0]:
+            raise ValueError(f"'{name}.values' {values_shape} does not hold one b x b block per row of '{key}' "
+                             f"{indices_shape}")  # fmt: skip
+        linear = _as_linear(module)
+        with safe_open(file, "pt") as f:
+            indices = f.get_tensor(key)
+        try:
+            layouts[name] = BlockLayout(indices, (linear.out_features, linear.in_features), values_shape[1])
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"'{key}' in {file.name}: {err}") from None
+    return layouts
+
+
+def _check_keys(model: torch.nn.Module, shapes: dict) -> None:
+    """Refuse a checkpoint tensor the model does not hold, or holds at another shape (before loading any)."""
+    expected = model.state_dict()
+    for key, (file, shape) in shapes.items():
+        if key not in expected:
+            raise ValueError(f"unexpected key '{key}' in {file.name}: the {type(model).__name__} built from "
+                             "config.json has no such parameter or buffer")  # fmt: skip
+        if list(expected[key].shape) != shape:
+            raise ValueError(f"'{key}' in {file.name} has shape {shape}, the model's {list(expected[key].shape)}")
+
+
+def _cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+
+
+def load_sparse_pretrained(
+    folder: str | Path,
+    model_class: type = transformers.AutoModelForCausalLM,
+    *,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str = "cpu",
+    backend: str | None = None,
+) -> transformers.PreTrainedModel:
+    """Load a sparse model saved with ``save_pretrained`` (sharded or not) without ever building its dense weights.
+
+    Builds the model of ``folder``'s ``config.json`` with its parameters on the meta device (buffers real), puts a
+    ``BlockSparseLinear`` of the saved layout (block size from ``<layer>.values``) at every layer whose
+    ``<layer>.block_indices`` the checkpoint holds, assigns the safetensors shards one by one on ``device``
+    (floating tensors cast to ``dtype``; default: as saved) and re-ties tied weights. ``model_class`` is an
+    ``AutoModel...`` class or a model class. Returns the model in eval mode, like ``from_pretrained``; its layouts
+    are live, so SMET trains on. Raises on a folder without config or weights, a checkpoint without sparse layer,
+    and on a missing, unexpected or misshapen key.
+    """
+    if not hasattr(transformers.PreTrainedModel, "named_non_persistent_buffers"):
+        raise ImportError(f"load_sparse_pretrained needs transformers >= 5, found {transformers.__version__}")
+    folder = Path(folder)
+    if not (folder / transformers.utils.CONFIG_NAME).is_file():
+        raise FileNotFoundError(f"{folder} holds no config.json: not a save_pretrained folder")
+    files = _weight_files(folder)
+    shapes = _checkpoint_shapes(files)
+    if not any(key.endswith("." + BLOCK_INDICES_KEY) for key in shapes):
+        raise ValueError(f"{folder} holds no sparse layer (no '<layer>.block_indices' key): load it with "
+                         f"{model_class.__name__}.from_pretrained")  # fmt: skip
+    model = _empty_model(model_class, transformers.AutoConfig.from_pretrained(folder), dtype)
+    sparsify_with_layouts(model, _saved_layouts(model, shapes), backend=backend)
+    _check_keys(model, shapes)
+    for file in files:
+        with safe_open(file, "pt", device=str(device)) as f:
+            state = {key: _cast(f.get_tensor(key), dtype) for key in f.keys()}
+        model.load_state_dict(state, strict=False, assign=True)  # the keys were checked above
+        del state  # before the next shard is read
+    model.tie_weights()
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if tensor.is_meta:
+            raise ValueError(f"'{name}' is missing from the checkpoint in {folder}")
+    if model.can_generate() and (folder / transformers.utils.GENERATION_CONFIG_NAME).is_file():
+        model.generation_config = transformers.GenerationConfig.from_pretrained(folder)
+    return model.to(device).eval()  # the buffers built on the CPU; each layout's kernel index on the device

@@ -22,10 +22,10 @@ STEPS, INTERVAL, INTERRUPT = 20, 5, 10
 pytestmark = pytest.mark.usefixtures("reference_backend")
 
 
-def tiny_model(family: str, seed: int = 0) -> torch.nn.Module:
-    """A random-init causal LM small enough for CPU tests (nothing downloaded)."""
+def tiny_model(family: str, seed: int = 0, **overrides) -> torch.nn.Module:
+    """A random-init causal LM small enough for CPU tests (nothing downloaded); ``overrides`` change its config."""
     sizes = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64) | overrides  # fmt: skip
     if family == "llama":
         config, cls = transformers.LlamaConfig(**sizes), transformers.LlamaForCausalLM
     else:

@@ -1,0 +1,206 @@
+"""load_sparse_pretrained: a sparse save_pretrained folder back as a sparse model, no dense weight ever built."""
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+from safetensors.torch import load_file, save_file  # noqa: E402
+from test_densify import tiny_causal_lm  # noqa: E402
+from test_hf import B, SEQ, random_tokens, same_layouts, tiny_model  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+from torch.utils._pytree import tree_leaves  # noqa: E402
+from transformers.trainer_utils import load_sharded_checkpoint  # noqa: E402
+
+import smet_kernels as sk  # noqa: E402
+from smet_kernels.hf import load_sparse_pretrained  # noqa: E402
+from smet_kernels.modules import BlockLayoutLinear  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("reference_backend")
+
+IDS = torch.randint(0, 32, (2, SEQ), generator=torch.Generator().manual_seed(0))  # within every vocabulary here
+
+
+def sparse_model(family: str, **overrides) -> torch.nn.Module:
+    """A tiny causal LM of ``family`` (``llama``, ``qwen2``, GPT-2's ``Conv1D`` layers) sparsified but its head."""
+    model = tiny_causal_lm("gpt2") if family == "gpt2" else tiny_model(family, **overrides)
+    sk.sparsify(model, 0.5, B, exclude="lm_head", generator=torch.Generator().manual_seed(0))
+    return model.eval()
+
+
+def sparse_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, BlockLayoutLinear)}
+
+
+def saved(folder, family: str = "llama", **overrides) -> torch.nn.Module:
+    model = sparse_model(family, **overrides)
+    model.save_pretrained(folder)
+    return model
+
+
+def rewrite_checkpoint(folder, edit) -> None:
+    """Replace ``model.safetensors`` by ``edit`` applied to its tensors."""
+    path = folder / "model.safetensors"
+    state = load_file(path)
+    edit(state)
+    save_file(state, path, metadata={"format": "pt"})
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the largest tensor (in bytes) that an op returns off the meta device while the mode is on."""
+
+    def __init__(self):
+        super().__init__()
+        self.nbytes, self.what = 0, None
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_leaves(out):
+            if isinstance(tensor, torch.Tensor) and not tensor.is_meta:
+                if tensor.numel() * tensor.element_size() > self.nbytes:
+                    self.nbytes, self.what = tensor.numel() * tensor.element_size(), (func, tuple(tensor.shape))
+        return out
+
+
+@pytest.mark.parametrize(
+    "family, overrides, shard_size, model_class",
+    [
+        ("llama", {}, None, transformers.AutoModelForCausalLM),
+        ("llama", {}, "40KB", transformers.AutoModelForCausalLM),
+        ("qwen2", {"tie_word_embeddings": True}, "40KB", transformers.AutoModelForCausalLM),
+        ("gpt2", {}, None, transformers.GPT2LMHeadModel),
+    ],
+    ids=["llama", "llama-sharded", "qwen2-tied-sharded", "gpt2-conv1d"],
+)
+def test_sparse_checkpoint_loads_back_with_its_layouts_and_the_saved_logits(
+    tmp_path, family, overrides, shard_size, model_class
+):
+    source = sparse_model(family, **overrides)
+    source.save_pretrained(tmp_path, **({} if shard_size is None else {"max_shard_size": shard_size}))
+    assert (len(list(tmp_path.glob("*.safetensors"))) > 1) == (shard_size is not None)
+    model = load_sparse_pretrained(tmp_path, model_class)
+    assert type(model) is type(source) and not model.training
+    assert same_layouts(model, source)
+    dense_class = transformers.pytorch_utils.Conv1D if family == "gpt2" else torch.nn.Linear
+    assert sparse_layers(model).keys() == sparse_layers(source).keys()
+    for layer in sparse_layers(model).values():
+        assert type(layer) is sk.BlockSparseLinear and layer.values.smet_layout is layer.layout
+        assert getattr(layer, "dense_class", torch.nn.Linear) is dense_class  # densify gives GPT-2 its Conv1D back
+    assert dict(model.named_parameters()).keys() == dict(source.named_parameters()).keys()
+    assert all(t.device.type == "cpu" for t in [*model.parameters(), *model.buffers()])
+    tied = [m.get_output_embeddings().weight is m.get_input_embeddings().weight for m in (model, source)]
+    assert tied == [family != "llama"] * 2
+    torch.testing.assert_close(model(IDS).logits, source(IDS).logits, rtol=0, atol=0)
+
+
+def test_loading_never_allocates_the_dense_weight_of_a_sparse_layer(tmp_path):
+    """Every sparse layer is 64 x 64 and the checkpoint's dense tensors (embeddings, head) are smaller: a tensor of
+    a sparse layer's dense size made during the load is its dense weight. The route it replaces does make them."""
+    sizes = dict(vocab_size=32, intermediate_size=64, num_key_value_heads=4)
+    source = sparse_model("llama", **sizes)
+    source.save_pretrained(tmp_path, max_shard_size="40KB")
+    dense_bytes = min(layer.in_features * layer.out_features * 4 for layer in sparse_layers(source).values())
+    with LargestTensor() as naive:
+        model = tiny_model("llama", seed=5, **sizes)
+        sk.sparsify(model, 0.5, B, exclude="lm_head")
+        load_sharded_checkpoint(model, tmp_path)
+    assert naive.nbytes >= dense_bytes
+    with LargestTensor() as loading:
+        model = load_sparse_pretrained(tmp_path)
+    assert 0 < loading.nbytes < dense_bytes, loading.what
+    torch.testing.assert_close(model(IDS).logits, source(IDS).logits, rtol=0, atol=0)
+
+
+def test_dtype_casts_every_floating_tensor_of_the_checkpoint_and_keeps_the_layouts(tmp_path):
+    source = saved(tmp_path)
+    model = load_sparse_pretrained(tmp_path, dtype=torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert same_layouts(model, source)
+    up, source_up = model.model.layers[0].mlp.up_proj, source.model.layers[0].mlp.up_proj
+    assert torch.equal(up.values, source_up.values.to(torch.bfloat16))
+    logits, expected = model(IDS).logits, source(IDS).logits
+    assert logits.dtype == torch.bfloat16
+    torch.testing.assert_close(logits.float(), expected, rtol=0, atol=0.05 * expected.abs().max().item())
+
+
+def test_loaded_model_trains_on_with_smet_from_the_saved_topology(tmp_path):
+    source = sparse_model("llama")
+    optimizer = sk.SMETAdamW(source.parameters(), lr=1e-2, warmup_steps=2)
+    smet = sk.SMET(source.train(), optimizer, update_interval=1, prune_fraction=0.3, regrow="random", seed=3)
+    batch = torch.stack([row["input_ids"] for row in random_tokens(4)])
+    source(batch, labels=batch).loss.backward()
+    optimizer.step()
+    smet.step()  # the slots no longer run row by row
+    source.eval().save_pretrained(tmp_path, max_shard_size="40KB")
+    model = load_sparse_pretrained(tmp_path)
+    assert same_layouts(model, source)
+    torch.testing.assert_close(model(IDS).logits, source(IDS).logits, rtol=0, atol=0)
+    optimizer = sk.SMETAdamW(model.parameters(), lr=1e-2, warmup_steps=2)
+    smet = sk.SMET(model.train(), optimizer, update_interval=1, prune_fraction=0.3, regrow="random", seed=4)
+    before = {name: layer.layout.block_indices.clone() for name, layer in sparse_layers(model).items()}
+    values = model.model.layers[0].mlp.up_proj.values.detach().clone()
+    model(batch, labels=batch).loss.backward()
+    optimizer.step()
+    smet.step()
+    assert smet.step_count == 1 and len(smet.history) == 1
+    assert not torch.equal(model.model.layers[0].mlp.up_proj.values, values)
+    assert any(not torch.equal(layer.layout.block_indices, before[name]) for name, layer in
+               sparse_layers(model).items())  # fmt: skip
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_model_loads_onto_the_requested_device(tmp_path):
+    source = saved(tmp_path)
+    model = load_sparse_pretrained(tmp_path, device="cuda")
+    assert all(t.device.type == "cuda" for t in [*model.parameters(), *model.buffers()])
+    assert same_layouts(model, source) and model.model.layers[0].mlp.up_proj.layout.device.type == "cpu"
+    torch.testing.assert_close(model(IDS.cuda()).logits.cpu(), source(IDS).logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("removed, message", [("config.json", "holds no config.json"),
+                                              ("model.safetensors", "holds no model.safetensors")])  # fmt: skip
+def test_a_folder_without_config_or_weights_is_refused_in_one_line(tmp_path, removed, message):
+    saved(tmp_path)
+    (tmp_path / removed).unlink()
+    with pytest.raises(FileNotFoundError, match=message) as info:
+        load_sparse_pretrained(tmp_path)
+    assert "\n" not in str(info.value)
+
+
+def test_a_checkpoint_without_sparse_layer_is_sent_to_from_pretrained(tmp_path):
+    tiny_model("llama").save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="no sparse layer .* AutoModelForCausalLM.from_pretrained") as info:
+        load_sparse_pretrained(tmp_path)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda state: state.pop("model.norm.weight"), "'model.norm.weight' is missing"),
+        (lambda state: state.update(extra=torch.zeros(2)), "unexpected key 'extra' in model.safetensors"),
+        (lambda state: state.update({"model.layers.0.mlp.up_proj.values": torch.zeros(3, B, B)}),
+         r"'model.layers.0.mlp.up_proj.values' \[3, 16, 16\] does not hold one b x b block per row"),
+        (lambda state: state.update({"model.layers.0.mlp.up_proj.bias": torch.zeros(128)}),
+         "unexpected key 'model.layers.0.mlp.up_proj.bias'"),
+        (lambda state: state.update({"model.norm.weight": torch.zeros(3)}),
+         r"'model.norm.weight' in model.safetensors has shape \[3\], the model's \[64\]"),
+        (lambda state: state.update({"model.norm.block_indices": torch.zeros(1, 2, dtype=torch.int64)}),
+         "unexpected key 'model.norm.block_indices' .* 'model.norm' .* is a LlamaRMSNorm, not an nn.Linear"),
+    ],
+    ids=["missing", "unexpected", "values-beside-indices", "unexpected-bias", "misshapen", "sparse-non-linear"],
+)  # fmt: skip
+def test_a_missing_unexpected_or_misshapen_key_is_refused_in_one_line_naming_it(tmp_path, edit, message):
+    saved(tmp_path)
+    rewrite_checkpoint(tmp_path, edit)
+    with pytest.raises(ValueError, match=message) as info:
+        load_sparse_pretrained(tmp_path)
+    assert "\n" not in str(info.value)
+
+
+def test_a_masked_checkpoint_is_refused_with_the_route_that_loads_it(tmp_path):
+    model = tiny_model("llama")
+    sk.masked_sparsify(model, 0.5, B, exclude="lm_head")
+    model.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="masked layer .* masked_sparsify it alike") as info:
+        load_sparse_pretrained(tmp_path)
+    assert "\n" not in str(info.value)
