@@ -110,10 +110,11 @@ def test_loading_never_allocates_the_dense_weight_of_a_sparse_layer(tmp_path):
     torch.testing.assert_close(model(IDS).logits, source(IDS).logits, rtol=0, atol=0)
 
 
-def test_dtype_casts_every_floating_tensor_of_the_checkpoint_and_keeps_the_layouts(tmp_path):
+def test_dtype_casts_every_floating_tensor_of_the_checkpoint_and_backend_reaches_every_sparse_layer(tmp_path):
     source = saved(tmp_path)
-    model = load_sparse_pretrained(tmp_path, dtype=torch.bfloat16)
+    model = load_sparse_pretrained(tmp_path, dtype=torch.bfloat16, backend="reference")
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert {layer.backend for layer in sparse_layers(model).values()} == {"reference"}
     assert same_layouts(model, source)
     up, source_up = model.model.layers[0].mlp.up_proj, source.model.layers[0].mlp.up_proj
     assert torch.equal(up.values, source_up.values.to(torch.bfloat16))
