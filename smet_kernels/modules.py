@@ -357,7 +357,8 @@ def sparsify(
         raise ValueError("sparsify found no nn.Linear layer to sparsify (check include/exclude)")
     if names == [""]:
         raise ValueError("model is itself an nn.Linear: use BlockSparseLinear.from_linear(model, layout)")
-    linears = {name: _as_linear(model.get_submodule(name)) for name in names}
+    modules, _ = _replaceable(model, names)  # before a layout is drawn: a refused model leaves generator untouched
+    linears = {name: _as_linear(modules[name]) for name in names}
     for name, linear in linears.items():
         for size, what in ((linear.out_features, "out_features"), (linear.in_features, "in_features")):
             if size % block_size:
@@ -383,6 +384,19 @@ def sparsify(
     return model
 
 
+def _replaceable(model: nn.Module, names: Iterable[str]) -> tuple[dict[str, nn.Module], dict[int, list[str]]]:
+    """``(modules by name, names of each dense linear)`` of ``model``, once every one of ``names`` is checked to be a
+    dense linear whose weight is not tied to another module's parameter (``ValueError`` otherwise)."""
+    modules = dict(model.named_modules(remove_duplicate=False))
+    occurrences = _occurrences(model, _is_dense_linear)
+    for name in names:
+        module = modules.get(name)
+        if module is None or not _is_dense_linear(module):
+            raise ValueError(f"'{name}' is no nn.Linear (or Conv1D) of the model: {type(module).__name__}")
+        _check_untied(model, module, occurrences[id(module)])
+    return modules, occurrences
+
+
 def sparsify_with_layouts(
     model: nn.Module,
     layouts: Mapping[str, BlockLayout],
@@ -397,14 +411,10 @@ def sparsify_with_layouts(
     is allocated (a skeleton that a checkpoint then fills). A shared layer stays shared; one tied to another
     module's parameter raises ``ValueError``, and so does a name that is no dense linear. Returns ``model``.
     """
-    modules = dict(model.named_modules(remove_duplicate=False))
-    occurrences = _occurrences(model, _is_dense_linear)
+    modules, occurrences = _replaceable(model, layouts)
     replacements = {}  # every layer built before the first is swapped: one that raises leaves the model as it was
     for name, layout in layouts.items():
-        module = modules.get(name)
-        if module is None or not _is_dense_linear(module):
-            raise ValueError(f"'{name}' is no nn.Linear (or Conv1D) of the model: {type(module).__name__}")
-        _check_untied(model, module, occurrences[id(module)])
+        module = modules[name]
         linear = _as_linear(module)
         if layer_factory is None:
             replacement = BlockSparseLinear.from_linear(linear, layout, backend=backend)

@@ -233,8 +233,11 @@ def test_sparsify_refuses_to_untie_tied_weights():
     head = nn.Linear(32, 64, bias=False)
     head.weight = embed.weight
     model = nn.ModuleDict({"embed": embed, "up": nn.Linear(32, 32), "head": head})
+    generator = torch.Generator().manual_seed(0)
+    state = generator.get_state()
     with pytest.raises(ValueError, match="'head' shares a parameter with 'embed.weight'"):
-        sparsify(model, density=0.5, block_size=16)
+        sparsify(model, density=0.5, block_size=16, generator=generator)
+    assert torch.equal(generator.get_state(), state)  # refused before any layout was drawn
     sparsify(model, density=0.5, block_size=16, exclude="head")
     assert isinstance(model["up"], BlockSparseLinear) and model["head"].weight is model["embed"].weight
 
