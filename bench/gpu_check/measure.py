@@ -197,6 +197,7 @@ def run_adamw(ctx: Context) -> tuple[int, list[str]]:
 
 
 CHECKPOINTED_METHODS = ("smet", "dense")  # also run with activation checkpointing, at the config of the bars
+TRAINING_DENSITY = 0.25  # of every training step and the compiled step
 #: priority of (method, activation checkpointing) within a config: the training bars compare the first three
 TRAINING_ORDER = (("dense", False), ("smet", False), ("galore", False), ("smet", True), ("dense", True),
                   ("masked", False))  # fmt: skip
@@ -207,9 +208,9 @@ def training_cases(sizes: Sizes) -> list:
     the bars (the last); that config first, in :data:`TRAINING_ORDER` (its bar rows first)."""
     bar_config = sizes.training_configs[-1]
     shared = (sizes.training_block_size, sizes.training_batch, sizes.training_seq, DTYPES[sizes.dtype])
-    cases = list(training.training_cases(sizes.training_configs, training.METHODS, [0.25], *shared,
+    cases = list(training.training_cases(sizes.training_configs, training.METHODS, [TRAINING_DENSITY], *shared,
                                          vocab_size=sizes.training_vocab))  # fmt: skip
-    cases += training.training_cases([bar_config], CHECKPOINTED_METHODS, [0.25], *shared,
+    cases += training.training_cases([bar_config], CHECKPOINTED_METHODS, [TRAINING_DENSITY], *shared,
                                      vocab_size=sizes.training_vocab, activation_checkpointing=(True,))  # fmt: skip
     return sorted(cases, key=lambda c: (c.config != bar_config,
                                         TRAINING_ORDER.index((c.method, c.activation_checkpointing))))  # fmt: skip
@@ -242,8 +243,9 @@ def run_compile(ctx: Context) -> dict:
     """Median tokens/s of a SMET step, eager and with ``torch.compile(model)``; ``failed: <reason>`` if compile
     fails."""
     sizes = ctx.sizes
-    case = training.TrainingCase(sizes.compile_config, "smet", 0.25, sizes.training_block_size, sizes.training_batch,
-                                 sizes.training_seq, DTYPES[sizes.dtype], sizes.training_vocab)  # fmt: skip
+    case = training.TrainingCase(sizes.compile_config, "smet", TRAINING_DENSITY, sizes.training_block_size,
+                                 sizes.training_batch, sizes.training_seq, DTYPES[sizes.dtype],
+                                 sizes.training_vocab)  # fmt: skip
     generator = torch.Generator().manual_seed(ctx.seed + 1)
     tokens = torch.randint(0, sizes.training_vocab, (case.batch_size, case.seq_len + 1), generator=generator)
     tokens = tokens.to(ctx.device)

@@ -8,7 +8,8 @@ context each) run
 * the matmul checks, one task per (block size, dtype) (:func:`matmul_group`), and
 * on a GPU, one launch of every (op, config) that the headline autotuning of the ``kernels`` stage will try, on the
   headline operands themselves (:func:`warm_kernel_timings`), so that the same specialisations are compiled, and of
-  the weight grads at every other ``SPLIT_K`` value of the timed shapes (:func:`weight_grad_splits`),
+  the weight grads at every other ``SPLIT_K`` value of the timed shapes and training steps
+  (:func:`weight_grad_splits`),
 
 while the main process runs the AdamW, regrow and training-step checks. The kernel timings then load those binaries
 from the cache instead of compiling them. Nothing is timed while workers run. A worker that dies (a hard fault) breaks
@@ -176,16 +177,22 @@ def warm_kernel_timings(sizes: Sizes, device_name: str, seed: int, block_size: i
 
 
 def weight_grad_splits(sizes: Sizes, block_size: int, device: torch.device) -> list[int]:
-    """The ``SPLIT_K`` values of the timed Triton weight-grad cases at ``block_size`` (``default_split_k`` of each
-    case's tokens and block count; the headline's first)."""
+    """The ``SPLIT_K`` values of the timed Triton weight-grad cases at ``block_size`` and, at the training block size,
+    of the SMET training steps' layers (``default_split_k`` of each case's tokens and block count; the headline's
+    first)."""
     from bench import kernels
     from smet_kernels.layout import nnz_for_density
     from smet_kernels.ops.launch_config import default_split_k
 
-    from .measure import kernel_cases
+    from .measure import DTYPES, TRAINING_DENSITY, kernel_cases
 
+    cases = list(itertools.chain(*kernel_cases(sizes, block_size)))
+    if block_size == sizes.training_block_size:
+        cases += kernels.kernel_cases((*sizes.training_configs, sizes.compile_config), [TRAINING_DENSITY],
+                                      [block_size], [sizes.training_batch * sizes.training_seq], DTYPES[sizes.dtype],
+                                      providers=("triton_grouped",), ops=("grad_weight",))  # fmt: skip
     splits: list[int] = []
-    for case in itertools.chain(*kernel_cases(sizes, block_size)):
+    for case in cases:
         if case.op == "grad_weight" and case.provider in kernels.TRITON_PROVIDERS:
             blocks = (case.shape.N // block_size) * (case.shape.K // block_size)
             split = default_split_k(case.M, nnz_for_density(blocks, case.density), device)
@@ -196,7 +203,7 @@ def weight_grad_splits(sizes: Sizes, block_size: int, device: torch.device) -> l
 def warm_tasks(sizes: Sizes, device: torch.device) -> list[tuple[int, str, int | None]]:
     """``(block size, provider, split_k)`` of :func:`warm_kernel_timings`: every Triton provider the headline
     autotuning times (``split_k`` None), then each weight-grad kernel at the split values of the other timed shapes
-    (each a binary of its own, which the ``kernels`` stage would otherwise compile one after another)."""
+    and training steps (each a binary of its own, which those stages would otherwise compile one after another)."""
     from bench import kernels
 
     # triton_plain_order is the grouped kernel with another GROUP_M, which the autotune key leaves out: it runs the
