@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import csv
 import datetime as _dt
+import io
 import math
 import os
 import platform
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -120,6 +122,24 @@ def rename_old_providers(row: dict) -> dict:
     return row | {"provider": current_provider(row.get("suite", ""), row["provider"], row.get("backend", ""))}
 
 
+class TornRowWarning(UserWarning):
+    """A results file ends in a row cut short (a run stopped while writing it): the row is left out."""
+
+
+def read_complete(path: Path) -> tuple[str, bool]:
+    """``(text, torn)``: the CSV at ``path`` up to its last complete line, and whether text followed it. Each row is
+    written with its line end, so text after the last one is a row that a stopped run left half-written; it is
+    named in a :class:`TornRowWarning`."""
+    with path.open(newline="") as handle:
+        text = handle.read()
+    if not text or text.endswith("\n"):
+        return text, False
+    kept = text[: text.rfind("\n") + 1]
+    warnings.warn(f"{path}: its last line {text[len(kept):][:60]!r} is cut short (a run stopped while writing it); "
+                  "that row is left out", TornRowWarning, stacklevel=2)
+    return kept, True
+
+
 def _canonical(value) -> str:
     """Key values compare as text: numbers in one spelling (``0.5`` == ``0.50``, ``64`` == ``64.0``)."""
     if value is None:
@@ -146,9 +166,11 @@ class ResultsFile:
         self.key = list(key)
         self._done: set[tuple[str, ...]] = set()
         self._missing: dict = {}  # added columns the file on disk lacks, with the value its rows had
+        self._torn = False  # the file ends in a half-written row, cut off before the next append
         if self.path.exists() and self.path.stat().st_size > 0:
-            with self.path.open(newline="") as handle:
-                reader = csv.DictReader(handle)
+            text, self._torn = read_complete(self.path)
+            if text:
+                reader = csv.DictReader(io.StringIO(text, newline=""))
                 header = [RENAMED_COLUMNS.get(c, c) for c in reader.fieldnames or []]  # old files keep their header
                 self._missing = {c: v for c, v in ADDED_COLUMNS.items() if c in self.columns and c not in header}
                 if header != [c for c in self.columns if c not in self._missing]:
@@ -175,8 +197,8 @@ class ResultsFile:
         if unknown:
             raise ValueError(f"row has columns not in the schema: {unknown}")
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if self._missing:
-            self._add_missing_columns()
+        if self._missing or self._torn:
+            self._rewrite()
         write_header = not self.path.exists() or self.path.stat().st_size == 0
         with self.path.open("a", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=self.columns)
@@ -185,18 +207,21 @@ class ResultsFile:
             writer.writerow({c: _cell(row.get(c)) for c in self.columns})
         self._done.add(self.key_of(row))
 
-    def _add_missing_columns(self) -> None:
-        """Rewrite the file under the full header, its rows given the added columns' old values (atomically: a
-        temporary file replaces it)."""
-        with self.path.open(newline="") as handle:
-            rows = [{RENAMED_COLUMNS.get(k, k): v for k, v in row.items()} for row in csv.DictReader(handle)]
+    def _rewrite(self) -> None:
+        """Rewrite the file under the full header, its rows given the added columns' old values and a half-written
+        last row left out (atomically: a temporary file replaces it)."""
+        with warnings.catch_warnings():  # warned about when the file was opened
+            warnings.simplefilter("ignore", TornRowWarning)
+            text, _ = read_complete(self.path)
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        rows = [{RENAMED_COLUMNS.get(k, k): v for k, v in row.items()} for row in reader]
         temporary = self.path.with_name(self.path.name + ".tmp")
         with temporary.open("w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=self.columns)
             writer.writeheader()
             writer.writerows({c: row.get(c, _cell(self._missing.get(c))) for c in self.columns} for row in rows)
         os.replace(temporary, self.path)
-        self._missing = {}
+        self._missing, self._torn = {}, False
 
 
 def _cell(value) -> str:

@@ -344,3 +344,25 @@ def test_memory_model_errors_are_relative_to_the_measurement_and_summarised_by_t
     assert summary["gradients"][1:] == ["0.0 %", "0.0 %", "4"]
     detail = [row for row in model if len(row) == 6 and row[2] == "weights"]
     assert [row[-1] for row in detail] == ["+0.0 %", "+25.0 %", "+50.0 %", "+100.0 %"]
+
+
+def test_the_report_leaves_out_a_row_cut_short_by_a_stopped_run_and_names_the_file(tmp_path):
+    """A half-written last row was read with the numbers it has (a time cut to its first digits) and NaN for the
+    rest; a line holding two rows (an older release appended to a half-written one) stopped the report, or as the
+    first row shifted every column (pandas took its extra cells as an index)."""
+    from bench.report import load_csv
+    from bench.results import TornRowWarning
+
+    rows = [{**row, "ms_p50": 1.2345} for row in _kernel_rows(CUDA)[:3]]
+    path = tmp_path / "kernels.csv"
+    _write(path, KERNEL_COLUMNS, rows)
+    whole = path.read_text().splitlines()
+    path.write_text(path.read_text().rstrip("\n")[: -len("1T00:00:00")])  # cut inside the last row
+    with pytest.warns(TornRowWarning, match="kernels.csv"):
+        frame = load_csv(path)
+    assert len(frame) == 2 and (frame["ms_p50"] == 1.2345).all()
+    for merged in ([whole[0], whole[1][:-20] + whole[2], whole[3]], [whole[0], whole[1], whole[2][:-20] + whole[3]]):
+        path.write_text("\n".join(merged) + "\n")
+        with pytest.warns(TornRowWarning, match="kernels.csv.*left out"):
+            frame = load_csv(path)
+        assert len(frame) == 1 and list(frame.columns) == KERNEL_COLUMNS and frame["ms_p50"].tolist() == [1.2345]

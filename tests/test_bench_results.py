@@ -234,3 +234,37 @@ def test_the_report_reads_a_training_csv_without_the_mode_columns_as_eager_witho
     assert len(frame) == 8
     assert frame["compiled"].dtype == bool and not frame["compiled"].any()
     assert frame["activation_checkpointing"].dtype == bool and not frame["activation_checkpointing"].any()
+
+
+def test_a_row_cut_short_by_a_stopped_run_is_measured_again_and_the_next_row_starts_on_its_own_line(tmp_path):
+    """A run killed while appending leaves a last line without its line end: it counts as not done (warned about,
+    naming the file), and the next append drops it rather than continuing that line (which made one line of two
+    rows that the report could not parse)."""
+    import csv
+
+    from bench.results import TornRowWarning
+
+    results = kernels_file(tmp_path)
+    results.append(_row(shape="a", gpu="G"))
+    results.append(_row(shape="b", gpu="G"))
+    path = tmp_path / "kernels.csv"
+    path.write_bytes(path.read_bytes()[:-12])  # cut inside the last row's environment columns
+    with pytest.warns(TornRowWarning, match="kernels.csv"):
+        reopened = kernels_file(tmp_path)
+    assert reopened.done(_row(shape="a", gpu="G")) and not reopened.done(_row(shape="b", gpu="G"))
+    reopened.append(_row(shape="c", gpu="G"))
+    with path.open(newline="") as handle:
+        rows = list(csv.reader(handle))
+    assert rows[0] == KERNEL_COLUMNS and all(len(row) == len(KERNEL_COLUMNS) for row in rows)
+    assert [row[KERNEL_COLUMNS.index("shape")] for row in rows[1:]] == ["a", "c"]
+
+
+def test_a_file_holding_only_a_header_cut_short_resumes_as_an_empty_one(tmp_path):
+    from bench.results import TornRowWarning
+
+    (tmp_path / "kernels.csv").write_text("suite,op,prov")
+    with pytest.warns(TornRowWarning):
+        results = kernels_file(tmp_path)
+    assert len(results) == 0
+    results.append(_row())
+    assert (tmp_path / "kernels.csv").read_text().splitlines()[0].split(",") == KERNEL_COLUMNS

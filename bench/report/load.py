@@ -3,19 +3,40 @@ today's, columns added since filled with the value older rows had) and pytest-be
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import math
+import warnings
 from pathlib import Path
 
 import pandas as pd
 
-from ..results import ADDED_COLUMNS, RENAMED_COLUMNS, TRAINING_KEY, current_provider
+from ..results import ADDED_COLUMNS, RENAMED_COLUMNS, TRAINING_KEY, TornRowWarning, current_provider, read_complete
 
 
 def load_csv(path: Path) -> pd.DataFrame | None:
+    """The rows of the results file at ``path`` (None when there is none). A half-written last row, and a row with
+    another number of cells than the header (an older release appended a row to a half-written one, making one line
+    of both), are left out with a :class:`~bench.results.TornRowWarning` naming the file: pandas would read the first
+    with the numbers it has (a time cut to its first digits), and stop at the second or, as the first row, shift every
+    column by taking its extra cells as an index."""
     if not path.exists() or path.stat().st_size == 0:
         return None
-    frame = pd.read_csv(path, keep_default_na=True).rename(columns=RENAMED_COLUMNS)
+    text, _ = read_complete(path)
+    records = list(csv.reader(io.StringIO(text, newline="")))
+    if not records:  # only a half-written header
+        return None
+    header = records[0]
+    bad = [number for number, record in enumerate(records[1:], 1) if record and len(record) != len(header)]
+    if bad:
+        warnings.warn(f"{path}: row(s) {', '.join(map(str, bad[:10]))} do not have the header's {len(header)} cells "
+                      "(a row appended to a half-written one); left out", TornRowWarning, stacklevel=2)
+    buffer = io.StringIO(newline="")
+    csv.writer(buffer).writerows([header] + [record for record in records[1:] if len(record) == len(header)])
+    buffer.seek(0)
+    frame = pd.read_csv(buffer, keep_default_na=True)
+    frame = frame.rename(columns=RENAMED_COLUMNS)
     for column in ("status", "note", "nvml_status", "peak_source", "shape"):
         if column in frame:
             frame[column] = frame[column].astype(object).fillna("")
