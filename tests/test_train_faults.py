@@ -257,3 +257,77 @@ def test_resume_without_a_good_checkpoint_is_a_one_line_error(tmp_path, capsys):
         assert err[-1].startswith("smet-train: error: ") and "manifest.json missing" in " ".join(err), err
         assert not any("Traceback" in line for line in err)
 
+
+
+def test_a_resume_leaves_out_a_last_metrics_line_cut_short_by_a_stopped_run(tmp_path):
+    """A run killed while writing a record left metrics.jsonl ending in half a line: the resume stopped with a
+    JSONDecodeError traceback."""
+    from smet_kernels.train.metrics import MetricsLog, MetricsWarning
+
+    records = [strict_json({"type": "train", "step": step, "loss": 1.0}) for step in (1, 2, 3)]
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(line + "\n" for line in records) + records[0][:10])
+    with pytest.warns(MetricsWarning, match="metrics.jsonl"):
+        log = MetricsLog(tmp_path, resumed_step=2)
+    log.log({"type": "train", "step": 3, "loss": 0.5})
+    log.close()
+    assert [(r["step"], r["loss"]) for r in strict_records(path)] == [(1, 1.0), (2, 1.0), (3, 0.5)]
+
+
+def test_a_resume_stopped_while_dropping_the_interrupted_tail_leaves_metrics_jsonl_whole(tmp_path, monkeypatch):
+    """The kept records were written over the truncated file: a run stopped then lost every record before the
+    checkpoint. A write that stops halfway (a kill) now leaves the file as it was."""
+    import pathlib
+
+    from smet_kernels.train.metrics import MetricsLog
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(strict_json({"type": "train", "step": step}) + "\n" for step in (1, 2, 3)))
+    before = path.read_text()
+    real_open = pathlib.Path.open
+
+    class StopsHalfway:
+        def __init__(self, handle):
+            self.handle = handle
+
+        def write(self, text):
+            self.handle.write(text[: len(text) // 2])
+            self.handle.flush()
+            raise KeyboardInterrupt("stopped")
+
+        writelines = lambda self, lines: self.write("".join(lines))  # noqa: E731
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.handle.close()
+
+    def opened(self, mode="r", *args, **kwargs):
+        handle = real_open(self, mode, *args, **kwargs)
+        return StopsHalfway(handle) if "w" in mode else handle
+
+    monkeypatch.setattr(pathlib.Path, "open", opened)
+    with pytest.raises(KeyboardInterrupt):
+        MetricsLog(tmp_path, resumed_step=2)
+    assert path.read_text() == before
+
+
+def test_a_run_stopped_while_writing_summary_json_leaves_no_half_summary(tmp_path, monkeypatch):
+    """summary.json marks a finished run (the stability sweep skips its folder and reads it): half of one made every
+    later sweep stop with a JSONDecodeError."""
+    import pathlib
+
+    from bench.stability.sweep import is_done
+    from smet_kernels.train.metrics import write_summary
+
+    real_write_text = pathlib.Path.write_text
+
+    def stops_halfway(self, text, *args, **kwargs):
+        real_write_text(self, text[: len(text) // 2], *args, **kwargs)
+        raise KeyboardInterrupt("stopped")
+
+    monkeypatch.setattr(pathlib.Path, "write_text", stops_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        write_summary(tmp_path, {"steps": 6, "final_val_loss": 1.0})
+    assert not is_done(tmp_path)

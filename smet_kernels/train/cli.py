@@ -29,7 +29,7 @@ from .config import (
 )
 from .loop import TrainingDiverged, train
 from .methods import METHODS
-from .metrics import strict_json
+from .metrics import MetricsWarning, strict_json
 from .model import MODEL_CONFIGS
 from .tokenizer import DEFAULT_BPE_VOCAB
 
@@ -234,10 +234,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     with warnings.catch_warnings():
         warnings.simplefilter("always", CheckpointWarning)
+        warnings.simplefilter("always", MetricsWarning)
         library_format = warnings.showwarning
 
-        def show(message, category, *rest, **options):  # a skipped checkpoint: one line, like the errors
-            if issubclass(category, CheckpointWarning):
+        def show(message, category, *rest, **options):  # a skipped checkpoint or metrics line: one line, like errors
+            if issubclass(category, (CheckpointWarning, MetricsWarning)):
                 print(f"{parser.prog}: warning: {message}", file=sys.stderr)
             else:
                 library_format(message, category, *rest, **options)

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import resource
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -41,21 +43,28 @@ def strict_json(value, **options) -> str:
     return json.dumps(finite_or_none(value), allow_nan=False, **options)
 
 
+class MetricsWarning(UserWarning):
+    """On resume, the last line of ``metrics.jsonl`` was left out: a run stopped while writing it cut it short."""
+
+
 class MetricsLog:
     """``out_dir/metrics.jsonl``, flushed after every record. On a resume (``resumed_step`` not None) the records
     past the checkpoint (an interrupted run's tail) and the end-of-run measurements of unfinished spike windows are
-    dropped: the resumed run measures those updates again, with their full window."""
+    dropped: the resumed run measures those updates again, with their full window. The kept records replace the file
+    atomically (a run stopped meanwhile leaves it whole), a last line cut short is left out (:class:`MetricsWarning`)."""
 
     def __init__(self, out_dir: Path, resumed_step: int | None = None):
         out_dir.mkdir(parents=True, exist_ok=True)
         path = out_dir / "metrics.jsonl"
-        kept = []
         if resumed_step is not None and path.exists():
-            records = [json.loads(line) for line in path.read_text().splitlines() if line]
+            records = _read_records(path)
             kept = [strict_json(r) for r in records if r["step"] <= resumed_step and r.get("complete", True)]
-        self.file = path.open("w")
-        self.file.writelines(line + "\n" for line in kept)
-        self.file.flush()
+            temporary = path.with_name(path.name + ".tmp")
+            temporary.write_text("".join(line + "\n" for line in kept))
+            os.replace(temporary, path)
+            self.file = path.open("a")
+        else:
+            self.file = path.open("w")
 
     def log(self, record: dict) -> None:
         self.file.write(strict_json(record) + "\n")
@@ -65,5 +74,22 @@ class MetricsLog:
         self.file.close()
 
 
+def _read_records(path: Path) -> list[dict]:
+    """The records of ``metrics.jsonl``; its last line is left out (warned) when a stopped run cut it short."""
+    lines = [line for line in path.read_text().splitlines() if line]
+    records = [json.loads(line) for line in lines[:-1]]
+    if lines:
+        try:
+            records.append(json.loads(lines[-1]))
+        except ValueError:
+            warnings.warn(f"{path}: its last line {lines[-1][:60]!r} is cut short (a run stopped while writing it); "
+                          "left out", MetricsWarning, stacklevel=3)
+    return records
+
+
 def write_summary(out_dir: Path, summary: dict) -> None:
-    (out_dir / "summary.json").write_text(strict_json(summary, indent=1))
+    """Write ``out_dir/summary.json`` atomically: its presence marks a finished run (the stability sweep skips the
+    folder and reads it), so a run stopped while writing it must not leave half of one."""
+    temporary = out_dir / "summary.json.tmp"
+    temporary.write_text(strict_json(summary, indent=1))
+    os.replace(temporary, out_dir / "summary.json")
