@@ -331,3 +331,16 @@ def test_a_run_stopped_while_writing_summary_json_leaves_no_half_summary(tmp_pat
     with pytest.raises(KeyboardInterrupt):
         write_summary(tmp_path, {"steps": 6, "final_val_loss": 1.0})
     assert not is_done(tmp_path)
+
+
+def test_a_run_stopped_before_its_end_leaves_no_summary_json_of_an_earlier_run(tmp_path):
+    """A resumed (or fresh) run killed before its end left the summary.json of the run before it: steps, losses and
+    config of another run read as this folder's result, and the stability sweep counted the folder finished."""
+    from bench.stability.sweep import is_done
+    from smet_kernels.train.metrics import MetricsLog, write_summary
+
+    write_summary(tmp_path, {"steps": 6})
+    (tmp_path / "metrics.jsonl").write_text(strict_json({"type": "train", "step": 1}) + "\n")
+    MetricsLog(tmp_path, resumed_step=4).close()
+    assert not is_done(tmp_path)
+    assert [r["step"] for r in strict_records(tmp_path / "metrics.jsonl")] == [1]

@@ -51,10 +51,13 @@ class MetricsLog:
     """``out_dir/metrics.jsonl``, flushed after every record. On a resume (``resumed_step`` not None) the records
     past the checkpoint (an interrupted run's tail) and the end-of-run measurements of unfinished spike windows are
     dropped: the resumed run measures those updates again, with their full window. The kept records replace the file
-    atomically (a run stopped meanwhile leaves it whole), a last line cut short is left out (:class:`MetricsWarning`)."""
+    atomically (a run stopped meanwhile leaves it whole), a last line cut short is left out (:class:`MetricsWarning`).
+    A ``summary.json`` already in ``out_dir`` (an earlier run's, or the one this run resumes) is removed: it is
+    written again when this run finishes, and until then it would describe another run as this folder's result."""
 
     def __init__(self, out_dir: Path, resumed_step: int | None = None):
         out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "summary.json").unlink(missing_ok=True)
         path = out_dir / "metrics.jsonl"
         if resumed_step is not None and path.exists():
             records = _read_records(path)
