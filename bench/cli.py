@@ -341,8 +341,12 @@ def _validate(args) -> None:
     if unknown:
         fail(f"--suites must be from {SUITES}, got {unknown}")
     if args.out_dir is not None:
+        from .results import check_results_files
+
         try:
             check_output_folder(args.out_dir, "--out-dir")
+            check_results_files(args.out_dir, kernels=bool({"kernels", "optimizer"} & set(args.suites)),
+                                training="training" in args.suites)  # fmt: skip
         except ValueError as error:
             fail(str(error))
     providers = set(kernels.PROVIDERS) | set(optimizer.PROVIDERS)

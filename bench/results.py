@@ -173,9 +173,13 @@ class ResultsFile:
                 reader = csv.DictReader(io.StringIO(text, newline=""))
                 header = [RENAMED_COLUMNS.get(c, c) for c in reader.fieldnames or []]  # old files keep their header
                 self._missing = {c: v for c, v in ADDED_COLUMNS.items() if c in self.columns and c not in header}
-                if header != [c for c in self.columns if c not in self._missing]:
+                expected = [c for c in self.columns if c not in self._missing]
+                if header != expected:
+                    missing, extra = [c for c in expected if c not in header], [c for c in header if c not in expected]
+                    differs = (f"lacks {missing}" if missing else "") + (" and " if missing and extra else "") + (
+                        f"has columns {extra} this release does not write" if extra else "")  # fmt: skip
                     raise ValueError(
-                        f"{self.path} has columns {header}, expected {self.columns}; "
+                        f"{self.path} {differs or 'has its columns in another order'} (another release wrote it); "
                         "write to a fresh --out-dir or delete the file"
                     )
                 for row in reader:  # rows measured under an old provider name count as done under the new one
@@ -238,3 +242,13 @@ def kernels_file(out_dir: str | os.PathLike) -> ResultsFile:
 
 def training_file(out_dir: str | os.PathLike) -> ResultsFile:
     return ResultsFile(Path(out_dir) / "training.csv", TRAINING_COLUMNS, TRAINING_KEY + ["gpu"])
+
+
+def check_results_files(out_dir: str | os.PathLike, kernels: bool = True, training: bool = True) -> None:
+    """Raise ``ValueError`` (naming the file and the remedy) when ``out_dir`` holds a ``kernels.csv`` or
+    ``training.csv`` of other columns (an older or newer release): a run would otherwise find out only when it first
+    opens that file, after spending its budget on the stages before."""
+    if kernels:
+        kernels_file(out_dir)
+    if training:
+        training_file(out_dir)

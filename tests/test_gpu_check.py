@@ -301,3 +301,17 @@ def test_the_environment_of_a_cuda_device_names_its_properties_and_the_torch_bsr
     assert (info["device"], info["sms"], info["memory_gib"], info["l2_mib"], info["capability"]) == (
         "NVIDIA H200", 132, 143.0, 60.0, "9.0")
     assert info["torch_bsr_params"].startswith("defaults")
+
+
+def test_an_out_dir_holding_a_csv_of_another_release_is_refused_with_one_line_before_any_stage_runs(tmp_path):
+    """A DIR resumed after the kernels.csv columns changed: every timed stage failed on the file, and the summary
+    could not be written at all (KeyError 'gbps'), so the run left no gpu_check.md, its correctness results lost."""
+    old_columns = [c for c in KERNEL_COLUMNS if c != "gbps"]
+    (tmp_path / "kernels.csv").write_text(",".join(old_columns) + "\n" + ",".join("1" for _ in old_columns) + "\n")
+    for command in (["gpu-check", "--device", "cpu", "--stages", "env"],
+                    ["run", "--quick", "--device", "cpu", "--suites", "kernels", "--providers", "cublas_dense"]):
+        with pytest.raises(SystemExit) as raised:
+            main([*command, "--out-dir", str(tmp_path)])
+        assert str(raised.value).startswith("smet-bench: ") and "kernels.csv lacks ['gbps']" in str(raised.value)
+        assert "\n" not in str(raised.value) and "fresh --out-dir" in str(raised.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kernels.csv"]

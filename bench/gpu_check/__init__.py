@@ -50,6 +50,8 @@ def validate(args) -> list[str]:
     """The selected stages; raises ``SystemExit`` with one line for a bad option, before anything runs."""
     from smet_kernels.train.config import check_output_folder
 
+    from ..results import check_results_files
+
     def fail(message: str):
         raise SystemExit(f"smet-bench: error: {message}")
 
@@ -60,6 +62,7 @@ def validate(args) -> list[str]:
     try:
         check_minutes(args.minutes, "--minutes")
         check_output_folder(args.out_dir, "--out-dir")
+        check_results_files(args.out_dir)  # the summary reads both files, whatever the stages
     except ValueError as error:
         fail(str(error))
     return stages
