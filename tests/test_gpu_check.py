@@ -315,3 +315,29 @@ def test_an_out_dir_holding_a_csv_of_another_release_is_refused_with_one_line_be
         assert str(raised.value).startswith("smet-bench: ") and "kernels.csv lacks ['gbps']" in str(raised.value)
         assert "\n" not in str(raised.value) and "fresh --out-dir" in str(raised.value)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["kernels.csv"]
+
+
+def test_a_later_run_without_correctness_and_compile_still_shows_their_earlier_results(tmp_path, monkeypatch):
+    """A second run into the same folder (``--stages env``: a rerun of one bar) rewrites gpu_check.md: the checks and
+    the compile result of the first run stay in it, named as an earlier run's; another device's are not shown."""
+    from bench.gpu_check import correctness, measure, saved
+
+    check = {"check": "matmul", "variant": "grouped", "dtype": "fp32", "block_size": 16, "op": "forward",
+             "error": 1e-7, "bound": 1e-6, "status": "pass", "note": "a check of the first run"}  # fmt: skip
+    compiled = {"config": "tiny", "status": "ok", "eager_tokens_per_s": 100.0, "compiled_tokens_per_s": 150.0}
+    monkeypatch.setattr(correctness, "run", lambda *args: ([check], []))
+    monkeypatch.setattr(measure, "run_compile", lambda ctx: compiled)
+    common = ["--out-dir", str(tmp_path), "--device", "cpu", "--no-progress"]
+    assert main(["gpu-check", "--stages", "correctness,compile", *common]) == 0
+    first = (tmp_path / "gpu_check.md").read_text()
+    assert "a check of the first run" in first and "150" in first and "earlier run" not in first
+    assert main(["gpu-check", "--stages", "env", *common]) == 0
+    second = (tmp_path / "gpu_check.md").read_text()
+    assert "a check of the first run" in second and "compiled 150 tokens/s (1.50×)" in second
+    origin = "from an earlier run into this folder (`smet-bench gpu-check --stages correctness,compile"
+    assert second.count(origin) == 2  # the checks and the compile result
+    saved.save(tmp_path, "correctness", ([check | {"note": "another GPU's"}], []), "another GPU", "elsewhere")
+    # the checks kept now are another device's: not shown here; the compile result still is
+    assert main(["gpu-check", "--stages", "env", *common]) == 0
+    third = (tmp_path / "gpu_check.md").read_text()
+    assert "another GPU's" not in third and "a check of the first run" not in third and "1.50×" in third

@@ -6,8 +6,9 @@ everything not reached is listed as "not run"; a failing correctness check is re
 run. A timed stage of many cases may use its estimate's share of the time left (``SHARED_STAGES``). On a CPU the same
 stages run at interpreter sizes (``plan.CPU``). Compilation is spread over the CPU cores during ``correctness``
 (:mod:`.parallel`). Output: ``DIR/gpu_check.md`` (rewritten after every stage, and inside a timed stage after a
-measured row at most every ``SNAPSHOT_EVERY_S``) and the long-format ``kernels.csv`` / ``training.csv`` that
-``smet-bench report --out-dir DIR`` renders.
+measured row at most every ``SNAPSHOT_EVERY_S``), the long-format ``kernels.csv`` / ``training.csv`` that
+``smet-bench report --out-dir DIR`` renders, and ``gpu_check_results.json`` (:mod:`.saved`): the correctness and
+compile results, which a later run into ``DIR`` without those stages shows as an earlier run's.
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ def run(args, argv: list[str]) -> int:
 
     from bench.runner import CommandLog, Deadline
 
-    from . import correctness, measure, summary
+    from . import correctness, measure, saved, summary
 
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -90,8 +91,10 @@ def run(args, argv: list[str]) -> int:
     ctx = measure.Context(device, backend, sizes, out_dir, budget, commands, args.seed, args.no_progress)
     env = measure.environment(device)
     command = "smet-bench " + shlex.join(argv)
-    checks: tuple[list, list] = ([], [])
-    compile_row = None
+    earlier = saved.load(out_dir, env["device"])  # shown for the stages this run does not run again
+    checks: tuple[list, list] = tuple(earlier["correctness"]["value"]) if "correctness" in earlier else ([], [])
+    compile_row = earlier["compile"]["value"] if "compile" in earlier else None
+    origins = {stage: saved.origin(entry) for stage, entry in earlier.items()}
     table, failures = [], 0
     last_write = [-float("inf")]
 
@@ -99,7 +102,8 @@ def run(args, argv: list[str]) -> int:
         """So that a run stopped from outside (a command time limit) leaves what it measured."""
         last_write[0] = time.monotonic()
         try:
-            summary.write(out_dir, sizes, env, table + _not_reached(table, sizes), checks, compile_row, command)
+            summary.write(out_dir, sizes, env, table + _not_reached(table, sizes), checks, compile_row, command,
+                          origins)  # fmt: skip
         except Exception as error:  # a rendering problem must not stop the measurements; the last write retries
             print(f"gpu-check: could not write the summary so far: {type(error).__name__}: {error}", flush=True)
 
@@ -128,6 +132,8 @@ def run(args, argv: list[str]) -> int:
         try:
             if stage == "correctness":
                 checks = correctness.run(sizes, device, args.seed, budget)
+                saved.save(out_dir, stage, checks, env["device"], command)
+                origins.pop(stage, None)
                 not_run = checks[1]
                 failed = [r for r in checks[0] if r["status"] != "pass"]
                 failures += len(failed)
@@ -135,6 +141,8 @@ def run(args, argv: list[str]) -> int:
                 row["status"] = f"{len(checks[0]) - len(failed)} pass, {len(failed)} fail"
             elif stage == "compile":
                 compile_row = measure.run_compile(ctx)
+                saved.save(out_dir, stage, compile_row, env["device"], command)
+                origins.pop(stage, None)
                 commands.record()
                 row["status"] = compile_row["status"]
             else:
@@ -153,7 +161,7 @@ def run(args, argv: list[str]) -> int:
         if not_run:
             row["not run"] = f"{len(not_run)}: " + "; ".join(not_run[:20]) + (" ..." if len(not_run) > 20 else "")
         write_so_far()
-    path = summary.write(out_dir, sizes, env, table, checks, compile_row, command)
+    path = summary.write(out_dir, sizes, env, table, checks, compile_row, command, origins)
     print(f"gpu-check: wrote {path}; render the CSVs with: smet-bench report --out-dir {out_dir}")
     return 1 if failures else 0
 

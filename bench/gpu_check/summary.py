@@ -46,10 +46,12 @@ def _num(value, spec: str = ".3g") -> str:
     return "" if value is None or pd.isna(value) else format(value, spec)
 
 
-def correctness_section(rows: list[dict], not_run: list[str]) -> list[str]:
+def correctness_section(rows: list[dict], not_run: list[str], origin: str = "") -> list[str]:
     lines = ["## Correctness", ""]
     if not rows and not not_run:
         return lines + ["Not selected.", ""]
+    if origin:
+        lines += [f"These checks are {origin}.", ""]
     frame = pd.DataFrame(rows)
     failed = frame[frame["status"] != "pass"] if len(frame) else frame
     lines.append(f"{len(frame) - len(failed)} of {len(frame)} checks pass, {len(failed)} fail, {len(not_run)} not run.")
@@ -193,7 +195,8 @@ def adamw_section(kernels: pd.DataFrame | None, sizes: Sizes) -> list[str]:
     return lines
 
 
-def training_section(training: pd.DataFrame | None, sizes: Sizes, compile_row: dict | None) -> list[str]:
+def training_section(training: pd.DataFrame | None, sizes: Sizes, compile_row: dict | None,
+                     compile_origin: str = "") -> list[str]:  # fmt: skip
     lines = ["## Training steps", ""]
     if training is None or training.empty:
         lines += ["Not measured.", ""]
@@ -238,6 +241,8 @@ def training_section(training: pd.DataFrame | None, sizes: Sizes, compile_row: d
     lines += ["### torch.compile", ""]
     if compile_row is None:
         return lines + ["Not run.", ""]
+    if compile_origin:
+        lines += [f"This result is {compile_origin}.", ""]
     if compile_row.get("status") != "ok":
         return lines + [f"SMET step at {compile_row.get('config')}: eager "
                         f"{_num(compile_row.get('eager_tokens_per_s'), '.4g')} tokens/s; compiled "
@@ -270,8 +275,10 @@ def _this_machine(frame: pd.DataFrame | None, gpu: str) -> pd.DataFrame | None:
 
 
 def write(out_dir: Path, sizes: Sizes, env: dict, stages: list[dict], correctness: tuple[list, list],
-          compile_row: dict | None, command: str) -> Path:  # fmt: skip
-    """Render ``out_dir/gpu_check.md`` from the stage results and this machine's rows of the CSVs."""
+          compile_row: dict | None, command: str, origins: dict[str, str] | None = None) -> Path:  # fmt: skip
+    """Render ``out_dir/gpu_check.md`` from the stage results and this machine's rows of the CSVs; ``origins``
+    names the stages whose result an earlier run into ``out_dir`` made (:func:`.saved.origin`)."""
+    origins = origins or {}
     kernels = _this_machine(load_csv(out_dir / "kernels.csv"), env["device"])
     training = _this_machine(load_csv(out_dir / "training.csv"), env["device"])
     lines = [f"# gpu-check: {env['device']}", "", f"Made by `{command}` ({sizes.name} sizes).", "",
@@ -287,12 +294,12 @@ def write(out_dir: Path, sizes: Sizes, env: dict, stages: list[dict], correctnes
                   "its ratios say nothing about the GPU bars.", ""]  # fmt: skip
     stage_frame = pd.DataFrame(stages)
     lines += ["## Stages", "", table(stage_frame.fillna("")), ""]
-    sections = (("Correctness", correctness_section, correctness),
+    sections = (("Correctness", correctness_section, (*correctness, origins.get("correctness", ""))),
                 ("Kernel bars", kernel_section, (kernels, sizes)),
                 ("Kernel variants", variant_section, (kernels,)),
                 ("Predicted vs measured", prediction_section, (kernels, sizes.kernel_block_sizes[0])),
                 ("Compact AdamW", adamw_section, (kernels, sizes)),
-                ("Training steps", training_section, (training, sizes, compile_row)))  # fmt: skip
+                ("Training steps", training_section, (training, sizes, compile_row, origins.get("compile", ""))))
     for title, render, arguments in sections:
         try:  # one section that cannot render its rows must not cost the summary the others
             lines += render(*arguments)
