@@ -8,6 +8,7 @@ import dataclasses
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -341,3 +342,20 @@ def test_a_later_run_without_correctness_and_compile_still_shows_their_earlier_r
     assert main(["gpu-check", "--stages", "env", *common]) == 0
     third = (tmp_path / "gpu_check.md").read_text()
     assert "another GPU's" not in third and "a check of the first run" not in third and "1.50×" in third
+
+
+def test_a_sigterm_inside_a_stage_writes_the_summary_with_that_stage_stopped_and_exits(tmp_path, monkeypatch):
+    """A command time limit sends SIGTERM: the summary is written at once (not up to 15 s stale), naming the stage
+    that was stopped, and the process exits with 128 + 15."""
+    import signal
+
+    from bench.gpu_check import measure
+
+    monkeypatch.setattr(measure, "run_adamw", lambda ctx: os.kill(os.getpid(), signal.SIGTERM) or time.sleep(5))
+    handler = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as raised:
+        main(["gpu-check", "--out-dir", str(tmp_path), "--device", "cpu", "--stages", "env,adamw", "--no-progress"])
+    assert raised.value.code == 143 and signal.getsignal(signal.SIGTERM) is handler
+    stage_rows = [line for line in (tmp_path / "gpu_check.md").read_text().splitlines() if line.startswith("| ")]
+    assert any(row.startswith("| adamw ") and "stopped by SIGTERM" in row for row in stage_rows), stage_rows
+    assert any(row.startswith("| env ") and "| done " in row for row in stage_rows), stage_rows

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import signal
 import time
 from pathlib import Path
 
@@ -112,55 +113,71 @@ def run(args, argv: list[str]) -> int:
             write_so_far()
 
     ctx.after_row = after_row
-    for stage in STAGES:
-        row = {"stage": stage, "estimated s": sizes.estimates_s[stage], "seconds": "", "status": "", "not run": ""}
-        table.append(row)
-        if stage not in stages:
-            row["status"] = "not selected"
-            continue
-        if budget.expired():
-            row["status"] = "not run (budget)"
-            continue
-        if stage in ATOMIC_STAGES and budget.left_s() < sizes.estimates_s[stage]:
-            row["status"] = f"not run (budget: ~{sizes.estimates_s[stage]} s needed, {budget.left_s():.0f} s left)"
-            continue
-        print(f"gpu-check: stage {stage} ({budget.left_s():.0f} s of budget left)", flush=True)
-        row["status"] = "running when this summary was written"
-        started = time.monotonic()
-        ctx.budget = budget.share(_share(stage, stages, sizes, budget.left_s())) if stage in SHARED_STAGES else budget
-        not_run: list[str] = []
-        try:
-            if stage == "correctness":
-                checks = correctness.run(sizes, device, args.seed, budget)
-                saved.save(out_dir, stage, checks, env["device"], command)
-                origins.pop(stage, None)
-                not_run = checks[1]
-                failed = [r for r in checks[0] if r["status"] != "pass"]
-                failures += len(failed)
-                _print_failures(failed)
-                row["status"] = f"{len(checks[0]) - len(failed)} pass, {len(failed)} fail"
-            elif stage == "compile":
-                compile_row = measure.run_compile(ctx)
-                saved.save(out_dir, stage, compile_row, env["device"], command)
-                origins.pop(stage, None)
-                commands.record()
-                row["status"] = compile_row["status"]
-            else:
-                run_stage = {"env": measure.run_env, "kernels": measure.run_kernels, "adamw": measure.run_adamw,
-                             "training": measure.run_training}[stage]  # fmt: skip
-                failed_cases, not_run = run_stage(ctx)
-                failures += failed_cases
-                row["status"] = f"{failed_cases} case(s) raised (see stderr)" if failed_cases else "done"
-                if not_run and not budget.expired():
-                    row["status"] += f"; stopped at its share of the budget ({ctx.budget.end - started:.0f} s)"
-        except Exception as error:  # one broken stage must not cost the others their time
-            failures += 1
-            row["status"] = f"failed: {type(error).__name__}: {error}"[:200]
-            print(f"gpu-check: stage {stage} {row['status']}", flush=True)
-        row["seconds"] = f"{time.monotonic() - started:.0f}"
-        if not_run:
-            row["not run"] = f"{len(not_run)}: " + "; ".join(not_run[:20]) + (" ..." if len(not_run) > 20 else "")
+
+    def stopped(signum, frame) -> None:
+        """SIGTERM (a command time limit): the summary as of now, the running stage named as stopped, then exit."""
+        for row in table:
+            if row["status"] == "running when this summary was written":
+                row["status"] = f"stopped by {signal.Signals(signum).name} after {time.monotonic() - started:.0f} s"
+                row["seconds"] = f"{time.monotonic() - started:.0f}"
         write_so_far()
+        raise SystemExit(128 + signum)
+
+    previous_handler = signal.signal(signal.SIGTERM, stopped)
+    try:
+        for stage in STAGES:
+            row = {"stage": stage, "estimated s": sizes.estimates_s[stage], "seconds": "", "status": "",
+                   "not run": ""}  # fmt: skip
+            table.append(row)
+            if stage not in stages:
+                row["status"] = "not selected"
+                continue
+            if budget.expired():
+                row["status"] = "not run (budget)"
+                continue
+            if stage in ATOMIC_STAGES and budget.left_s() < sizes.estimates_s[stage]:
+                row["status"] = f"not run (budget: ~{sizes.estimates_s[stage]} s needed, {budget.left_s():.0f} s left)"
+                continue
+            print(f"gpu-check: stage {stage} ({budget.left_s():.0f} s of budget left)", flush=True)
+            row["status"] = "running when this summary was written"
+            started = time.monotonic()
+            shared = stage in SHARED_STAGES
+            ctx.budget = budget.share(_share(stage, stages, sizes, budget.left_s())) if shared else budget
+            not_run: list[str] = []
+            try:
+                if stage == "correctness":
+                    checks = correctness.run(sizes, device, args.seed, budget)
+                    saved.save(out_dir, stage, checks, env["device"], command)
+                    origins.pop(stage, None)
+                    not_run = checks[1]
+                    failed = [r for r in checks[0] if r["status"] != "pass"]
+                    failures += len(failed)
+                    _print_failures(failed)
+                    row["status"] = f"{len(checks[0]) - len(failed)} pass, {len(failed)} fail"
+                elif stage == "compile":
+                    compile_row = measure.run_compile(ctx)
+                    saved.save(out_dir, stage, compile_row, env["device"], command)
+                    origins.pop(stage, None)
+                    commands.record()
+                    row["status"] = compile_row["status"]
+                else:
+                    run_stage = {"env": measure.run_env, "kernels": measure.run_kernels, "adamw": measure.run_adamw,
+                                 "training": measure.run_training}[stage]  # fmt: skip
+                    failed_cases, not_run = run_stage(ctx)
+                    failures += failed_cases
+                    row["status"] = f"{failed_cases} case(s) raised (see stderr)" if failed_cases else "done"
+                    if not_run and not budget.expired():
+                        row["status"] += f"; stopped at its share of the budget ({ctx.budget.end - started:.0f} s)"
+            except Exception as error:  # one broken stage must not cost the others their time
+                failures += 1
+                row["status"] = f"failed: {type(error).__name__}: {error}"[:200]
+                print(f"gpu-check: stage {stage} {row['status']}", flush=True)
+            row["seconds"] = f"{time.monotonic() - started:.0f}"
+            if not_run:
+                row["not run"] = f"{len(not_run)}: " + "; ".join(not_run[:20]) + (" ..." if len(not_run) > 20 else "")
+            write_so_far()
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
     path = summary.write(out_dir, sizes, env, table, checks, compile_row, command, origins)
     print(f"gpu-check: wrote {path}; render the CSVs with: smet-bench report --out-dir {out_dir}")
     return 1 if failures else 0
