@@ -70,7 +70,8 @@ def test_the_summary_is_written_after_every_stage_so_a_stopped_run_leaves_one(tm
     with pytest.raises(KeyboardInterrupt):
         main(["gpu-check", "--out-dir", str(tmp_path), "--device", "cpu", "--stages", "env,adamw", "--no-progress"])
     summary = (tmp_path / "gpu_check.md").read_text()
-    assert "Ceilings measured in this run: matmul" in summary and "| adamw " in summary
+    assert "Ceilings (stage env; this GPU's best in kernels.csv): matmul" in summary
+    assert "| adamw " in summary
     assert not list(tmp_path.glob("*.partial"))
 
 
@@ -177,7 +178,7 @@ def test_the_whole_cpu_run_writes_the_summary_and_csvs_that_report_renders(tmp_p
         assert f"| {stage} " in stages
     assert "| compile " in stages and "| ok " in stages.split("| compile ")[1].splitlines()[0]
     assert "fail" not in stages.replace("0 fail", "") and "raised" not in stages
-    assert "Ceilings measured in this run: matmul" in summary
+    assert "Ceilings (stage env; this GPU's best in kernels.csv): matmul" in summary
     assert "Bar: compact AdamW at" in summary and "SMET tokens/s vs dense" in summary
     assert "## Kernel variants" in summary and "over every op and block size, `" in summary
     predicted = summary[summary.index("## Predicted (bench/KERNEL_NOTES.md) vs measured"):]

@@ -286,7 +286,8 @@ def write(out_dir: Path, sizes: Sizes, env: dict, stages: list[dict], correctnes
     if kernels is not None:
         matmul = kernels[(kernels["shape"] == "ceiling") & kernels["tflops"].notna()]["tflops"]
         copy = kernels[(kernels["shape"] == "dense:ceiling") & kernels["gbps"].notna()]["gbps"]
-        lines += [f"Ceilings measured in this run: matmul {_num(matmul.max(), '.4g')} TFLOP/s "
+        lines += [f"Ceilings (stage env; this GPU's best in kernels.csv): matmul {_num(matmul.max(), '.4g')} "
+                  "TFLOP/s "
                   f"({sizes.ceiling_matmul}³ {sizes.dtype}), device copy {_num(copy.max(), '.4g')} GB/s "
                   "(bytes read + written).", ""]  # fmt: skip
     if sizes.name == "cpu":
