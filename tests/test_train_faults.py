@@ -344,3 +344,26 @@ def test_a_run_stopped_before_its_end_leaves_no_summary_json_of_an_earlier_run(t
     MetricsLog(tmp_path, resumed_step=4).close()
     assert not is_done(tmp_path)
     assert [r["step"] for r in strict_records(tmp_path / "metrics.jsonl")] == [1]
+
+
+def test_a_fresh_run_into_a_folder_with_a_good_checkpoint_is_refused_before_anything_is_written(tmp_path, capsys):
+    """A fresh run into the out-dir of another run wrote over its metrics.jsonl beside its checkpoints, and a later
+    ``--resume`` continued the other run from its newest checkpoint, mixing both runs' steps in one metrics.jsonl."""
+    out = tmp_path / "run"
+    train(tiny_config(max_steps=6, checkpoint_every=2, out_dir=str(out)))
+    before = {path: path.read_bytes() for path in out.rglob("*") if path.is_file()}
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--config", "tiny", "--optimizer", "smet", "--batch-size", "4", "--seq-len", "32", "--max-steps", "3",
+                  "--eval-every", "0", "--backend", "reference", "--device", "cpu", "--out-dir", str(out),
+                  "--no-progress"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (f"smet-train: error: --out-dir {str(out)!r} holds the checkpoints of another run (latest: "
+                       f"step 6): pass --resume {out} to continue that run, or an empty or other --out-dir to start "
+                       "a new one")
+    assert {path: path.read_bytes() for path in out.rglob("*") if path.is_file()} == before
+    # checkpoints that all fail verification are no run to continue (the stability sweep starts afresh over them)
+    for folder in (out / "checkpoints").iterdir():
+        (folder / "state.pt").write_bytes(b"cut short")
+    summary = train(tiny_config(optimizer="smet", max_steps=3, out_dir=str(out)))
+    assert summary["steps"] == 3 and summary["config"]["optimizer"] == "smet"

@@ -120,6 +120,26 @@ def find_checkpoint(path: str | os.PathLike) -> Path:
     raise ConfigError(f"no usable checkpoint in {str(root)!r}: all {len(candidates)} fail verification")
 
 
+def check_fresh_out_dir(out_dir: str | os.PathLike) -> None:
+    """Raise :class:`ConfigError` (one line) when a fresh run would write into ``out_dir`` while it holds a checkpoint
+    that ``--resume`` uses (:func:`find_checkpoint`): the two runs' checkpoints and metrics would mix, and a later
+    resume could continue either. Checkpoints that all fail verification leave the folder usable."""
+    if not (Path(out_dir) / CHECKPOINTS_DIR).is_dir():
+        return
+    with warnings.catch_warnings():  # corrupt ones are no reason to refuse, nor to warn about
+        warnings.simplefilter("ignore", CheckpointWarning)
+        try:
+            checkpoint = find_checkpoint(Path(out_dir))
+        except ConfigError:
+            return
+    step = checkpoint.name.removeprefix("step_")
+    raise ConfigError(
+        f"--out-dir {str(out_dir)!r} holds the checkpoints of another run (latest: step "
+        f"{int(step) if step.isdigit() else checkpoint.name}): pass "
+        f"--resume {out_dir} to continue that run, or an empty or other --out-dir to start a new one"
+    )
+
+
 def load_checkpoint_config(path: str | os.PathLike) -> TrainConfig:
     """The :class:`TrainConfig` saved in the checkpoint at ``path`` (with ``resume`` pointing to it). ``out_dir`` is the
     run folder that holds the checkpoint (``out_dir/checkpoints/step_*``), not the one saved: a copied or moved run

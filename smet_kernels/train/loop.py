@@ -58,6 +58,7 @@ from .. import backend as backend_module
 from ..sharding import full, local, shard_like
 from .build import build_controller, build_model, build_optimizer
 from .checkpoint import (
+    check_fresh_out_dir,
     find_checkpoint,
     load_sharded,
     read_checkpoint,
@@ -122,6 +123,8 @@ class Run:
 
     def __init__(self, config: TrainConfig):
         self.config = config
+        if config.out_dir and not config.resume:  # before anything, in out_dir or elsewhere, is touched
+            check_fresh_out_dir(config.out_dir)
         self.ddp = init_distributed(config.device)
         self.device = resolve_device(config.device, self.ddp)
         self.is_main = self.ddp.rank == 0
