@@ -367,3 +367,28 @@ def test_a_fresh_run_into_a_folder_with_a_good_checkpoint_is_refused_before_anyt
         (folder / "state.pt").write_bytes(b"cut short")
     summary = train(tiny_config(optimizer="smet", max_steps=3, out_dir=str(out)))
     assert summary["steps"] == 3 and summary["config"]["optimizer"] == "smet"
+
+
+def test_a_run_stopped_between_its_final_checkpoint_and_summary_json_is_finished_by_a_resume(tmp_path, capsys):
+    """A kill after the final checkpoint left no summary.json, and every resume refused with "already reached step 6":
+    the run could never get its summary (the stability sweep retried it forever). The resume now finishes it."""
+    out = tmp_path / "run"
+    config = tiny_config(optimizer="smet", update_interval=2, spike_window=3, eval_every=3, eval_batches=2,
+                         checkpoint_every=3, out_dir=str(out))
+    uninterrupted = json.loads(json.dumps(train(config)))
+    records = (out / "metrics.jsonl").read_text()
+    (out / "summary.json").unlink()  # as a run stopped right after writing its final checkpoint leaves it
+    assert cli.main(["--resume", str(out), "--no-progress"]) == 0
+    finished = json.loads((out / "summary.json").read_text())
+    timing = ("steady_tokens_per_s", "peak_mem_bytes")  # no step taken here; another process's peak
+    assert finished["config"].pop("resume") == str(out / "checkpoints" / "step_0000006")
+    assert uninterrupted["config"].pop("resume") is None
+    assert {k: v for k, v in finished.items() if k not in timing} == {
+        k: v for k, v in uninterrupted.items() if k not in timing}
+    assert finished["final_val_loss"] is not None and finished["final_train_loss"] is not None
+    assert finished["loss_spikes"]["count"] > 0
+    assert (out / "metrics.jsonl").read_text() == records
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:  # a finished run (summary.json there) is still refused
+        cli.main(["--resume", str(out), "--no-progress"])
+    assert exit_info.value.code == 2 and "already reached step 6" in capsys.readouterr().err

@@ -26,7 +26,8 @@ non-finite loss or gradient norm, ``step`` being the step it was for; otherwise 
 ``summary.json`` and ``checkpoints/step_XXXXXXX/`` (written to a temporary folder, then renamed). The summary's
 ``tokens_per_s`` is all tokens over all step time (kernel compilation and autotuning of the first steps
 included); ``steady_tokens_per_s`` is one step's tokens over the median step time of this process, its first
-step left out.
+step left out. A resume from the final checkpoint of a run stopped before its ``summary.json`` takes no step: it
+evaluates (when the run does) and writes the summary.
 
 Multi-process: under ``torchrun`` (``WORLD_SIZE > 1``) the process group is initialised from the environment
 (``nccl`` on CUDA, ``gloo`` on CPU); every rank takes its own slice of each global batch, so the training matches
@@ -170,12 +171,15 @@ class Run:
         self.train_time = 0.0
         self.initial_val_loss: float | None = None
         self.nonfinite_skips = 0  # steps dropped for a non-finite loss or gradient norm, over the whole run
+        self.last_loss = float("nan")  # training loss of the last step taken
         self.consecutive_skips = 0
         self.out_dir = Path(config.out_dir) if config.out_dir else None
         if config.resume:
             self._load(find_checkpoint(config.resume))
-            if self.step >= config.max_steps:  # before anything in out_dir is touched
-                raise ConfigError(
+            # a run stopped between its final checkpoint and summary.json is finished by _train_loop (no steps left)
+            unfinished = self.out_dir is not None and not (self.out_dir / "summary.json").exists()
+            if self.step > config.max_steps or (self.step == config.max_steps and not unfinished):
+                raise ConfigError(  # before anything in out_dir is touched
                     f"the run in {config.resume!r} already reached step {self.step} (max_steps={config.max_steps}): "
                     "pass a larger --max-steps to continue it"
                 )
@@ -237,7 +241,8 @@ class Run:
             "spikes": self.spikes.state_dict(),
             "probe": self.probe.state_dict() if self.probe is not None else None,  # update probe (issue 16)
             "progress": {"tokens_seen": self.tokens_seen, "train_time": self.train_time,
-                         "initial_val_loss": self.initial_val_loss, "nonfinite_skips": self.nonfinite_skips},
+                         "initial_val_loss": self.initial_val_loss, "nonfinite_skips": self.nonfinite_skips,
+                         "last_loss": self.last_loss},
         }
 
     def _load(self, checkpoint: Path) -> None:
@@ -268,6 +273,7 @@ class Run:
         self.train_time = float(state["progress"]["train_time"])
         self.initial_val_loss = state["progress"]["initial_val_loss"]
         self.nonfinite_skips = int(state["progress"].get("nonfinite_skips", 0))
+        self.last_loss = float(state["progress"].get("last_loss", float("nan")))  # saved since summaries need it
 
     # ---------------------------------------------------------------- compute
     def _autocast(self):
@@ -433,12 +439,15 @@ def _train_loop(run: Run) -> dict:
     config = run.config
     tokens_per_step = config.batch_size * config.seq_len
     last_val_loss = None
-    if run.val_indices is not None and config.eval_every > 0 and run.step == 0:
+    evaluating = run.val_indices is not None and config.eval_every > 0
+    if evaluating and run.step == 0:
         run.initial_val_loss = last_val_loss = run.evaluate()
         run.log({"type": "eval", "step": 0, **run.val_record(last_val_loss)})
+    elif evaluating and run.step == config.max_steps:  # resumed after the final checkpoint: no step left to take
+        last_val_loss = run.evaluate()  # the final evaluation for the summary (metrics.jsonl kept its record)
     bar = tqdm(total=config.max_steps, initial=run.step, disable=not (config.progress and run.is_main),
                desc="smet-train", dynamic_ncols=True)
-    window_tokens, window_time, last_loss = 0, 0.0, float("nan")
+    window_tokens, window_time = 0, 0.0
     step_times: list[float] = []  # this process's step times, for the steady-state throughput
     while run.step < config.max_steps:
         run._synchronize()
@@ -468,7 +477,7 @@ def _train_loop(run: Run) -> dict:
         run.tokens_seen += tokens_per_step
         window_tokens += tokens_per_step
         window_time += elapsed
-        last_loss = loss
+        run.last_loss = loss
         spikes = run.spikes.add_loss(step, loss)
         if update is not None:
             run.spikes.add_update(step)
@@ -518,7 +527,7 @@ def _train_loop(run: Run) -> dict:
     peak, peak_kind = peak_memory_bytes(run.device)
     summary = {
         "steps": run.step,
-        "final_train_loss": last_loss,
+        "final_train_loss": run.last_loss,
         "initial_val_loss": run.initial_val_loss,
         "final_val_loss": last_val_loss,
         "final_val_ppl": perplexity(last_val_loss) if last_val_loss is not None else None,
