@@ -392,3 +392,57 @@ def test_a_run_stopped_between_its_final_checkpoint_and_summary_json_is_finished
     with pytest.raises(SystemExit) as exit_info:  # a finished run (summary.json there) is still refused
         cli.main(["--resume", str(out), "--no-progress"])
     assert exit_info.value.code == 2 and "already reached step 6" in capsys.readouterr().err
+
+
+def test_a_run_start_removes_the_folders_a_stopped_checkpoint_write_left(tmp_path):
+    """A run killed while writing a checkpoint left ``.tmp-step_*`` (partial, or whole but never renamed) and
+    ``.old-step_*`` folders that nothing removed; resumes never read them and the next run now removes them."""
+    import shutil
+
+    out = tmp_path / "run"
+    train(tiny_config(max_steps=4, checkpoint_every=2, out_dir=str(out)))
+    root = out / "checkpoints"
+    shutil.copytree(root / "step_0000004", root / ".tmp-step_0000008-999")  # whole, its rename never came
+    shutil.copytree(root / "step_0000004", root / ".tmp-step_0000006-999")
+    (root / ".tmp-step_0000006-999" / "manifest.json").unlink()  # cut short before its manifest
+    shutil.copytree(root / "step_0000002", root / ".old-step_0000002-999")  # its removal never finished
+    assert find_checkpoint(out) == root / "step_0000004"
+    assert cli.main(["--resume", str(out), "--max-steps", "6", "--no-progress"]) == 0
+    assert sorted(path.name for path in root.iterdir()) == ["step_0000002", "step_0000004", "step_0000006"]
+
+
+@pytest.mark.parametrize("new_copy_sealed", [True, False])
+def test_a_checkpoint_a_stopped_rewrite_left_under_a_temporary_name_is_put_back_and_resumed(
+        tmp_path, monkeypatch, new_copy_sealed):
+    """A run stopped between the two renames that replace a checkpoint it writes again (after resuming from an
+    earlier one) left that step only as ``.old-step_*`` and ``.tmp-step_*``: a resume went back to the step before
+    and the next run would have deleted both. The new copy (when whole), else the old one, is put back."""
+    import os
+
+    out = tmp_path / "run"
+    train(tiny_config(max_steps=4, checkpoint_every=2, out_dir=str(out)))
+    root = out / "checkpoints"
+    real_replace = os.replace
+
+    def stopped(source, target):
+        if os.path.basename(source).startswith(".tmp-step_0000004"):
+            raise KeyboardInterrupt  # killed between the two renames
+        real_replace(source, target)
+
+    monkeypatch.setattr(checkpoint.os, "replace", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(["--resume", str(root / "step_0000002"), "--no-progress"])  # writes step 4 again
+    monkeypatch.undo()
+    (new,) = root.glob(".tmp-step_0000004-*")
+    (old,) = root.glob(".old-step_0000004-*")
+    assert not (root / "step_0000004").exists()
+    if not new_copy_sealed:
+        (new / "manifest.json").unlink()
+    kept = (new if new_copy_sealed else old) / "manifest.json"
+    manifest = kept.read_text()
+    assert find_checkpoint(out) == root / "step_0000004"
+    assert (root / "step_0000004" / "manifest.json").read_text() == manifest
+    assert cli.main(["--resume", str(out), "--max-steps", "6", "--no-progress"]) == 0
+    assert sorted(path.name for path in root.iterdir()) == ["step_0000002", "step_0000004", "step_0000006"]
+    steps = [r["step"] for r in strict_records(out / "metrics.jsonl") if r["type"] == "train"]
+    assert steps == [1, 2, 3, 4, 5, 6]

@@ -10,7 +10,9 @@ checkpoint resumes on any number of ranks, one process included; a full (single-
 under fsdp too, each rank keeping its shard.
 
 :func:`find_checkpoint` verifies a checkpoint against its manifest before using it; in a run folder an unreadable or
-corrupt newest checkpoint is named in a :class:`CheckpointWarning` and the newest good one is used instead.
+corrupt newest checkpoint is named in a :class:`CheckpointWarning` and the newest good one is used instead. A run
+stopped while writing one leaves ``.tmp-step_*``/``.old-step_*`` folders, which resumes never read and the next run
+removes when it starts (:func:`clear_leftovers`), after putting back a checkpoint that only they hold.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import warnings
 import zipfile
@@ -107,6 +110,8 @@ def find_checkpoint(path: str | os.PathLike) -> Path:
             raise ConfigError(f"checkpoint {str(path)!r} is unusable: {problem}")
         return path
     root = path / CHECKPOINTS_DIR
+    if root.is_dir():
+        _restore_interrupted_rewrites(root)
     candidates = sorted((c for c in root.glob("step_*") if c.is_dir()), reverse=True) if root.is_dir() else []
     if not candidates:
         raise ConfigError(f"no checkpoint found in {str(path)!r} (expected a checkpoint or checkpoints/step_*/)")
@@ -153,8 +158,46 @@ def load_checkpoint_config(path: str | os.PathLike) -> TrainConfig:
     return TrainConfig.from_dict(values)
 
 
+def _restore_interrupted_rewrites(root: Path) -> None:
+    """Put back the checkpoints that a run stopped between the two renames of :func:`_atomic_replace_dir` (rewriting a
+    step it had written before, e.g. after resuming from an earlier one) left without their ``step_*`` name: the new,
+    sealed copy (``.tmp-step_*``, when it verifies against its manifest: it matches the run's metrics.jsonl), else
+    the previous one (``.old-step_*-PID``). Renames only; a rank of the same run doing it at once does no harm."""
+    for old in sorted(root.glob(".old-step_*")):
+        match = re.fullmatch(r"\.old-(step_\d+)-\d+", old.name)
+        final = root / match.group(1) if match else None
+        if final is None or final.exists():
+            continue
+        sealed = [tmp for tmp in sorted(root.glob(f".tmp-{final.name}*"))  # a manifest: not an unsealed write
+                  if re.fullmatch(rf"\.tmp-{final.name}(-\d+)?", tmp.name) and (tmp / MANIFEST).is_file()
+                  and verify_checkpoint(tmp) is None]
+        for source in (*sealed, old):
+            try:
+                os.rename(source, final)
+            except OSError:  # moved or removed by another rank, or it put one there first
+                pass
+            if final.exists():
+                break
+
+
+def clear_leftovers(out_dir: Path) -> None:
+    """Remove what runs stopped while writing a checkpoint left in ``out_dir/checkpoints``: ``.tmp-step_*`` (partial,
+    or complete but never renamed) and ``.old-step_*`` folders, after putting back a checkpoint that only such a
+    folder holds (:func:`_restore_interrupted_rewrites`). Call it once a run starts, on the rank that writes
+    checkpoints (rank 0; it also coordinates sharded writes), before its first one: a run is its folder's only
+    writer, and :func:`find_checkpoint` reads ``step_*`` folders only."""
+    root = out_dir / CHECKPOINTS_DIR
+    if not root.is_dir():
+        return
+    _restore_interrupted_rewrites(root)
+    for leftover in (*root.glob(".tmp-step_*"), *root.glob(".old-step_*")):
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
 def _atomic_replace_dir(tmp: Path, final: Path) -> None:
-    """Move the complete folder ``tmp`` to ``final`` with a rename; an older ``final`` is removed afterwards."""
+    """Move the complete folder ``tmp`` to ``final`` with a rename; an older ``final`` is renamed away first and removed
+    afterwards (a run stopped in between leaves them to :func:`clear_leftovers` and :func:`find_checkpoint`)."""
     old = None
     if final.exists():
         old = final.with_name(f".old-{final.name}-{os.getpid()}")

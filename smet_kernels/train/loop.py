@@ -60,6 +60,7 @@ from ..sharding import full, local, shard_like
 from .build import build_controller, build_model, build_optimizer
 from .checkpoint import (
     check_fresh_out_dir,
+    clear_leftovers,
     find_checkpoint,
     load_sharded,
     read_checkpoint,
@@ -191,6 +192,8 @@ class Run:
             )
         if config.compile:  # one graph per model: the block-sparse products are custom ops (torch.ops.smet)
             self.wrapped = torch.compile(self.wrapped, fullgraph=not self.ddp.enabled)
+        if self.is_main and self.out_dir:  # before the first checkpoint write; rank 0 writes or coordinates them
+            clear_leftovers(self.out_dir)
         self.metrics = (MetricsLog(self.out_dir, self.step if config.resume else None)
                         if self.is_main and self.out_dir else None)
 
