@@ -123,7 +123,7 @@ def rename_old_providers(row: dict) -> dict:
 
 
 class TornRowWarning(UserWarning):
-    """A results file ends in a row cut short (a run stopped while writing it): the row is left out."""
+    """A results file holds a row cut short (a run stopped while writing it): the row is left out."""
 
 
 def read_complete(path: Path) -> tuple[str, bool]:
@@ -166,7 +166,7 @@ class ResultsFile:
         self.key = list(key)
         self._done: set[tuple[str, ...]] = set()
         self._missing: dict = {}  # added columns the file on disk lacks, with the value its rows had
-        self._torn = False  # the file ends in a half-written row, cut off before the next append
+        self._torn = False  # the file holds a half-written row (at its end, or merged into the next one): rewritten
         if self.path.exists() and self.path.stat().st_size > 0:
             text, self._torn = read_complete(self.path)
             if text:
@@ -182,9 +182,18 @@ class ResultsFile:
                         f"{self.path} {differs or 'has its columns in another order'} (another release wrote it); "
                         "write to a fresh --out-dir or delete the file"
                     )
+                merged = []
                 for row in reader:  # rows measured under an old provider name count as done under the new one
+                    if not _whole(row):  # its key cells may be whole: done, yet the report leaves it out
+                        merged.append(reader.line_num)
+                        continue
                     row = self._missing | {RENAMED_COLUMNS.get(k, k): v for k, v in row.items()}
                     self._done.add(self.key_of(rename_old_providers(row)))
+                if merged:
+                    warnings.warn(f"{self.path}: line(s) {', '.join(map(str, merged[:10]))} do not have the header's "
+                                  f"{len(header)} cells (a row appended to a half-written one); measured again",
+                                  TornRowWarning, stacklevel=2)  # fmt: skip
+                    self._torn = True  # the next append rewrites the file without them
 
     def key_of(self, row: dict) -> tuple[str, ...]:
         return tuple(_canonical(row.get(k)) for k in self.key)
@@ -212,13 +221,13 @@ class ResultsFile:
         self._done.add(self.key_of(row))
 
     def _rewrite(self) -> None:
-        """Rewrite the file under the full header, its rows given the added columns' old values and a half-written
-        last row left out (atomically: a temporary file replaces it)."""
+        """Rewrite the file under the full header, its rows given the added columns' old values and half-written
+        rows left out (atomically: a temporary file replaces it)."""
         with warnings.catch_warnings():  # warned about when the file was opened
             warnings.simplefilter("ignore", TornRowWarning)
             text, _ = read_complete(self.path)
         reader = csv.DictReader(io.StringIO(text, newline=""))
-        rows = [{RENAMED_COLUMNS.get(k, k): v for k, v in row.items()} for row in reader]
+        rows = [{RENAMED_COLUMNS.get(k, k): v for k, v in row.items()} for row in reader if _whole(row)]
         temporary = self.path.with_name(self.path.name + ".tmp")
         with temporary.open("w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=self.columns)
@@ -226,6 +235,12 @@ class ResultsFile:
             writer.writerows({c: row.get(c, _cell(self._missing.get(c))) for c in self.columns} for row in rows)
         os.replace(temporary, self.path)
         self._missing, self._torn = {}, False
+
+
+def _whole(row: dict) -> bool:
+    """Whether a :class:`csv.DictReader` row had the header's number of cells: an older release appended a row to a
+    half-written one, making one line of both (extra cells go under the key None, missing ones read None)."""
+    return None not in row and None not in row.values()
 
 
 def _cell(value) -> str:

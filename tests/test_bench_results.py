@@ -268,3 +268,27 @@ def test_a_file_holding_only_a_header_cut_short_resumes_as_an_empty_one(tmp_path
     assert len(results) == 0
     results.append(_row())
     assert (tmp_path / "kernels.csv").read_text().splitlines()[0].split(",") == KERNEL_COLUMNS
+
+
+def test_a_line_holding_two_rows_is_measured_again_and_dropped_by_the_next_append(tmp_path):
+    """An older release appended a row to a half-written one, making one line of both. Its first row's key cells
+    were whole, so it counted as done while the report leaves the line out (the case never came back); and the next
+    rewrite (an added column, a torn last row) cut the line to the header's cells, a row of mixed cells."""
+    import csv
+
+    from bench.results import TornRowWarning
+
+    results = kernels_file(tmp_path)
+    for shape in "abc":
+        results.append(_row(shape=shape, gpu="G"))
+    path = tmp_path / "kernels.csv"
+    header, a, b, c = path.read_text().splitlines()
+    path.write_text("\n".join([header, a, b[:-3] + c]) + "\n")  # b cut inside its timestamp, then c
+    with pytest.warns(TornRowWarning, match="kernels.csv: line.s. 3 .*measured again"):
+        reopened = kernels_file(tmp_path)
+    assert [reopened.done(_row(shape=shape, gpu="G")) for shape in "abc"] == [True, False, False]
+    reopened.append(_row(shape="d", gpu="G"))
+    with path.open(newline="") as handle:
+        rows = list(csv.reader(handle))
+    assert all(len(row) == len(KERNEL_COLUMNS) for row in rows)
+    assert [row[KERNEL_COLUMNS.index("shape")] for row in rows[1:]] == ["a", "d"]
