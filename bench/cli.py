@@ -400,14 +400,15 @@ def prepare_device(name: str | None, backend: str) -> tuple[torch.device, str]:
 
 def run(args) -> int:
     device, backend = prepare_device(args.device, args.backend)
-    _validate(args)
-
     from profiling.memory_model import parse_dtype
 
     from .results import device_slug
 
+    # the default folder is checked like a given one (a CSV of another release in it is refused before any suite)
+    args.out_dir = args.out_dir or str(Path("reports") / device_slug(device))
+    _validate(args)
     dtype = parse_dtype(args.dtype or ("bf16" if device.type == "cuda" else "fp32"))
-    out_dir = Path(args.out_dir) if args.out_dir else Path("reports") / device_slug(device)
+    out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     commands = CommandLog(out_dir, getattr(args, "argv", None))
     if device.type == "cpu" and not args.quick:

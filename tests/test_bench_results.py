@@ -292,3 +292,19 @@ def test_a_line_holding_two_rows_is_measured_again_and_dropped_by_the_next_appen
         rows = list(csv.reader(handle))
     assert all(len(row) == len(KERNEL_COLUMNS) for row in rows)
     assert [row[KERNEL_COLUMNS.index("shape")] for row in rows[1:]] == ["a", "d"]
+
+
+def test_the_default_out_dir_holding_a_csv_of_another_release_is_refused_before_any_suite(tmp_path, monkeypatch):
+    """Without --out-dir, ``run`` writes to reports/<device slug>: a training.csv of other columns there was found
+    only after the optimizer suite had run, in a traceback."""
+    from bench.cli import main
+    from bench.results import TRAINING_COLUMNS
+
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "reports" / device_slug("cpu")
+    folder.mkdir(parents=True)
+    (folder / "training.csv").write_text(",".join(c for c in TRAINING_COLUMNS if c != "tokens_per_s") + "\n")
+    with pytest.raises(SystemExit) as raised:
+        main(["run", "--quick", "--device", "cpu", "--suites", "optimizer,training", "--no-progress"])
+    assert "training.csv lacks ['tokens_per_s']" in str(raised.value) and "\n" not in str(raised.value)
+    assert sorted(p.name for p in folder.iterdir()) == ["training.csv"]
