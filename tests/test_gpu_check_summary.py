@@ -22,6 +22,16 @@ def test_a_section_that_cannot_render_says_so_and_the_others_still_render(tmp_pa
     assert "## Kernel bars" in text and "## Training steps" in text
 
 
+@pytest.mark.parametrize("status, says", [("not selected", "Not selected."),
+                                           ("stopped by SIGTERM after 5 s", "No check has finished yet")])
+def test_a_correctness_stage_without_rows_says_whether_it_was_selected_or_stopped(tmp_path, status, says):
+    from bench.gpu_check import summary
+
+    path = summary.write(tmp_path, CPU, {"device": "cpu-test"}, [{"stage": "correctness", "status": status}],
+                         ([], []), None, "smet-bench gpu-check")  # fmt: skip
+    assert path.read_text().split("## Correctness\n\n", 1)[1].startswith(says)
+
+
 def _kernel_frame(rows: list[dict]) -> pd.DataFrame:
     """Hand-made rows of kernels.csv: every column of it, None where a row gives no value."""
     return pd.DataFrame([dict.fromkeys(KERNEL_COLUMNS) | row for row in rows], columns=KERNEL_COLUMNS)

@@ -114,7 +114,7 @@ GPU = Sizes(
     # training: 8 cases ~100 s, + ~15 s for the two checkpointed 1b rows (1.33× a step, the shapes already autotuned),
     # + ~45 s for the first GaLore step at 1b: 168 full fp32 SVDs (per layer 4 of 2048², 3 of 2048 × 5504) on the GPU,
     # whose cuSOLVER time is the least known term here
-    estimates_s={"env": 20, "correctness": 75, "kernels": 120, "adamw": 15, "training": 160, "compile": 45},
+    estimates_s={"env": 20, "correctness": 85, "kernels": 120, "adamw": 15, "training": 160, "compile": 45},
 )
 
 CPU = Sizes(

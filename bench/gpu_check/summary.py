@@ -46,10 +46,10 @@ def _num(value, spec: str = ".3g") -> str:
     return "" if value is None or pd.isna(value) else format(value, spec)
 
 
-def correctness_section(rows: list[dict], not_run: list[str], origin: str = "") -> list[str]:
+def correctness_section(rows: list[dict], not_run: list[str], origin: str = "", selected: bool = False) -> list[str]:
     lines = ["## Correctness", ""]
     if not rows and not not_run:
-        return lines + ["Not selected.", ""]
+        return lines + ["No check has finished yet (see the stage table)." if selected else "Not selected.", ""]
     if origin:
         lines += [f"These checks are {origin}.", ""]
     frame = pd.DataFrame(rows)
@@ -295,7 +295,8 @@ def write(out_dir: Path, sizes: Sizes, env: dict, stages: list[dict], correctnes
                   "its ratios say nothing about the GPU bars.", ""]  # fmt: skip
     stage_frame = pd.DataFrame(stages)
     lines += ["## Stages", "", table(stage_frame.fillna("")), ""]
-    sections = (("Correctness", correctness_section, (*correctness, origins.get("correctness", ""))),
+    selected = any(row["stage"] == "correctness" and row["status"] != "not selected" for row in stages)
+    sections = (("Correctness", correctness_section, (*correctness, origins.get("correctness", ""), selected)),
                 ("Kernel bars", kernel_section, (kernels, sizes)),
                 ("Kernel variants", variant_section, (kernels,)),
                 ("Predicted vs measured", prediction_section, (kernels, sizes.kernel_block_sizes[0])),
