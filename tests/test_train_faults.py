@@ -369,6 +369,22 @@ def test_a_fresh_run_into_a_folder_with_a_good_checkpoint_is_refused_before_anyt
     assert summary["steps"] == 3 and summary["config"]["optimizer"] == "smet"
 
 
+def test_a_resume_into_the_folder_of_another_run_is_refused_but_into_its_own_or_a_free_one_goes_on(tmp_path):
+    """``--resume A --out-dir B`` with B holding another run's checkpoints mixed the two runs in B (its metrics.jsonl
+    rewritten, a later ``--resume B`` free to continue either)."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    for out in (first, second):
+        train(tiny_config(max_steps=2, checkpoint_every=2, eval_every=0, out_dir=str(out)))
+    checkpoint = first / "checkpoints" / "step_0000002"
+    with pytest.raises(ConfigError, match=f"--out-dir {str(second)!r} holds the checkpoints of another run"):
+        train(tiny_config(max_steps=3, eval_every=0, resume=str(checkpoint), out_dir=str(second)))
+    assert not (second / "checkpoints" / "step_0000003").exists()
+    for out in (first, tmp_path / "free"):  # its own folder (by its step folder or by itself), a free one
+        summary = train(tiny_config(max_steps=3, eval_every=0, resume=str(checkpoint), out_dir=str(out)))
+        assert summary["steps"] == 3
+    assert train(tiny_config(max_steps=4, eval_every=0, resume=str(first), out_dir=str(first)))["steps"] == 4
+
+
 def test_a_run_stopped_between_its_final_checkpoint_and_summary_json_is_finished_by_a_resume(tmp_path, capsys):
     """A kill after the final checkpoint left no summary.json, and every resume refused with "already reached step 6":
     the run could never get its summary (the stability sweep retried it forever). The resume now finishes it."""

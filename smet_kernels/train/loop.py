@@ -59,6 +59,7 @@ from .. import backend as backend_module
 from ..sharding import full, local, shard_like
 from .build import build_controller, build_model, build_optimizer
 from .checkpoint import (
+    CHECKPOINTS_DIR,
     check_fresh_out_dir,
     clear_leftovers,
     find_checkpoint,
@@ -120,12 +121,26 @@ class TrainingDiverged(RuntimeError):
     """The run met a non-finite loss or gradient norm it may not skip (the CLI prints it as a one-line error)."""
 
 
+def _continues_in_place(config: TrainConfig) -> bool:
+    """Whether the run resumes from a checkpoint of its own ``out_dir`` (``--resume`` names that folder or one of its
+    ``checkpoints/step_*``) or from a checkpoint outside any run folder (it continues in the saved ``out_dir``); a
+    fresh run, or a resume into another run's folder, must find that folder free of that run's checkpoints."""
+    if not config.resume:
+        return False
+    resume = Path(config.resume)
+    if resume.parent.name == CHECKPOINTS_DIR:
+        resume = resume.parent.parent
+    elif not (resume / CHECKPOINTS_DIR).is_dir():
+        return True
+    return resume.resolve() == Path(config.out_dir).resolve()
+
+
 class Run:
     """State of one training run (rank-local); :func:`train` drives it."""
 
     def __init__(self, config: TrainConfig):
         self.config = config
-        if config.out_dir and not config.resume:  # before anything, in out_dir or elsewhere, is touched
+        if config.out_dir and not _continues_in_place(config):  # before anything, in out_dir or elsewhere, is touched
             check_fresh_out_dir(config.out_dir)
         self.ddp = init_distributed(config.device)
         self.device = resolve_device(config.device, self.ddp)
