@@ -385,6 +385,25 @@ def test_a_resume_into_the_folder_of_another_run_is_refused_but_into_its_own_or_
     assert train(tiny_config(max_steps=4, eval_every=0, resume=str(first), out_dir=str(first)))["steps"] == 4
 
 
+def test_a_resume_from_a_checkpoint_outside_any_run_folder_is_refused_into_another_runs_folder(tmp_path):
+    """A step folder copied out of its run (no checkpoints/ around it) resumed with ``--out-dir B`` went on in B even
+    when B held another run's checkpoints, mixing both there; into the folder saved in it, or a free one, it goes on."""
+    import shutil
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    for out in (first, second):
+        train(tiny_config(max_steps=2, checkpoint_every=2, eval_every=0, out_dir=str(out)))
+    standalone = tmp_path / "kept" / "step_0000002"
+    shutil.copytree(first / "checkpoints" / "step_0000002", standalone)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--resume", str(standalone), "--out-dir", str(second), "--max-steps", "3", "--no-progress"])
+    assert exit_info.value.code == 2
+    assert sorted(path.name for path in (second / "checkpoints").iterdir()) == ["step_0000002"]
+    for options in ([], ["--out-dir", str(tmp_path / "free")]):  # its saved out-dir (its own run's), a free one
+        assert cli.main(["--resume", str(standalone), "--max-steps", "3", "--no-progress", *options]) == 0
+    assert (first / "checkpoints" / "step_0000003").is_dir() and (tmp_path / "free" / "summary.json").is_file()
+
+
 def test_a_run_stopped_between_its_final_checkpoint_and_summary_json_is_finished_by_a_resume(tmp_path, capsys):
     """A kill after the final checkpoint left no summary.json, and every resume refused with "already reached step 6":
     the run could never get its summary (the stability sweep retried it forever). The resume now finishes it."""

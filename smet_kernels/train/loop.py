@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import json
 import math
 import statistics
 import time
@@ -123,15 +124,22 @@ class TrainingDiverged(RuntimeError):
 
 def _continues_in_place(config: TrainConfig) -> bool:
     """Whether the run resumes from a checkpoint of its own ``out_dir`` (``--resume`` names that folder or one of its
-    ``checkpoints/step_*``) or from a checkpoint outside any run folder (it continues in the saved ``out_dir``); a
-    fresh run, or a resume into another run's folder, must find that folder free of that run's checkpoints."""
+    ``checkpoints/step_*``), or from a checkpoint outside any run folder into the ``out_dir`` saved in it (where its
+    run went on); a fresh run, or a resume into another folder, must find that folder free of another run's
+    checkpoints."""
     if not config.resume:
         return False
     resume = Path(config.resume)
     if resume.parent.name == CHECKPOINTS_DIR:
         resume = resume.parent.parent
-    elif not (resume / CHECKPOINTS_DIR).is_dir():
-        return True
+    elif not (resume / CHECKPOINTS_DIR).is_dir():  # a checkpoint outside any run folder
+        try:
+            saved = json.loads((resume / "config.json").read_text()).get("out_dir")
+        except (OSError, ValueError, AttributeError):
+            return False
+        if not saved:
+            return False
+        resume = Path(saved)
     return resume.resolve() == Path(config.out_dir).resolve()
 
 
