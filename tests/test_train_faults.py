@@ -429,6 +429,26 @@ def test_a_run_stopped_between_its_final_checkpoint_and_summary_json_is_finished
     assert exit_info.value.code == 2 and "already reached step 6" in capsys.readouterr().err
 
 
+def test_finishing_a_run_whose_final_checkpoint_lacks_the_last_loss_takes_it_from_metrics_jsonl(tmp_path, monkeypatch):
+    """Checkpoints of older releases hold no ``last_loss``: a run they stopped before summary.json was finished with
+    ``final_train_loss`` null, though metrics.jsonl logs the final step's loss."""
+    out = tmp_path / "run"
+    saved_state = loop.Run._state
+
+    def older_release(self, *args):
+        state = saved_state(self, *args)
+        del state["progress"]["last_loss"]
+        return state
+
+    monkeypatch.setattr(loop.Run, "_state", older_release)
+    uninterrupted = train(tiny_config(max_steps=4, checkpoint_every=2, out_dir=str(out)))
+    monkeypatch.undo()
+    (out / "summary.json").unlink()
+    assert cli.main(["--resume", str(out), "--no-progress"]) == 0
+    final_train_loss = json.loads((out / "summary.json").read_text())["final_train_loss"]
+    assert final_train_loss is not None and final_train_loss == uninterrupted["final_train_loss"]
+
+
 def test_a_run_start_removes_the_folders_a_stopped_checkpoint_write_left(tmp_path):
     """A run killed while writing a checkpoint left ``.tmp-step_*`` (partial, or whole but never renamed) and
     ``.old-step_*`` folders that nothing removed; resumes never read them and the next run now removes them."""

@@ -143,6 +143,23 @@ def _continues_in_place(config: TrainConfig) -> bool:
     return resume.resolve() == Path(config.out_dir).resolve()
 
 
+def _logged_loss(checkpoint: Path, step: int) -> float:
+    """The training loss that the ``metrics.jsonl`` of ``checkpoint``'s run folder records for ``step`` (a checkpoint
+    of an older release lacks ``last_loss``; the final step is always logged), else NaN."""
+    path = checkpoint.parent.parent / "metrics.jsonl"
+    if checkpoint.parent.name != CHECKPOINTS_DIR or not path.is_file():
+        return float("nan")
+    loss = float("nan")
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:  # a last line cut short
+            continue
+        if isinstance(record, dict) and record.get("type") == "train" and record.get("step") == step:
+            loss = float(record["loss"]) if record.get("loss") is not None else float("nan")
+    return loss
+
+
 class Run:
     """State of one training run (rank-local); :func:`train` drives it."""
 
@@ -299,7 +316,8 @@ class Run:
         self.train_time = float(state["progress"]["train_time"])
         self.initial_val_loss = state["progress"]["initial_val_loss"]
         self.nonfinite_skips = int(state["progress"].get("nonfinite_skips", 0))
-        self.last_loss = float(state["progress"].get("last_loss", float("nan")))  # saved since summaries need it
+        last_loss = state["progress"].get("last_loss")  # saved since summaries need it; older ones logged it only
+        self.last_loss = float(last_loss) if last_loss is not None else _logged_loss(checkpoint, self.step)
 
     # ---------------------------------------------------------------- compute
     def _autocast(self):
