@@ -186,9 +186,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--compile", action="store_true",
                      help="train through torch.compile(model) (one graph with the block-sparse custom ops; "
                      "the first steps include compilation; default: eager)")
-    run.add_argument("--out-dir", help="output folder for metrics.jsonl, summary.json, checkpoints/; a fresh run "
-                     "refuses a folder holding a good checkpoint of another run (--resume it, or pick another "
-                     "folder) (default: runs/CONFIG-OPTIMIZER; with --resume, the run folder holding the checkpoint)")
+    run.add_argument("--out-dir", help="output folder for metrics.jsonl, summary.json, checkpoints/; a fresh run, "
+                     "or a resume into a folder other than its own run's, refuses a folder holding a good checkpoint "
+                     "of another run (--resume it, or pick another folder) (default: runs/CONFIG-OPTIMIZER; with "
+                     "--resume, the run folder holding the checkpoint)")
     run.add_argument("--checkpoint-every", type=_int_at_least(0),
                      help=f"checkpoint every N steps and at the end, 0 disables (default: {d.checkpoint_every})")
     run.add_argument("--checkpoint-format", choices=CHECKPOINT_FORMATS,
