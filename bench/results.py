@@ -129,15 +129,17 @@ class TornRowWarning(UserWarning):
 def read_complete(path: Path) -> tuple[str, bool]:
     """``(text, torn)``: the CSV at ``path`` up to its last complete line, and whether text followed it. Each row is
     written with its line end, so text after the last one is a row that a stopped run left half-written; it is
-    named in a :class:`TornRowWarning`."""
-    with path.open(newline="") as handle:
-        text = handle.read()
-    if not text or text.endswith("\n"):
+    named in a :class:`TornRowWarning`. The cut may split a character of several bytes (a non-ASCII note): only the
+    complete lines are decoded (a line end is never part of another character)."""
+    data = path.read_bytes()
+    kept = data[: data.rfind(b"\n") + 1]
+    text = io.TextIOWrapper(io.BytesIO(kept), newline="").read()  # the encoding ``open`` wrote the file with
+    if kept == data:
         return text, False
-    kept = text[: text.rfind("\n") + 1]
-    warnings.warn(f"{path}: its last line {text[len(kept):][:60]!r} is cut short (a run stopped while writing it); "
+    cut = data[len(kept):].decode(errors="replace")
+    warnings.warn(f"{path}: its last line {cut[:60]!r} is cut short (a run stopped while writing it); "
                   "that row is left out", TornRowWarning, stacklevel=2)
-    return kept, True
+    return text, True
 
 
 def _canonical(value) -> str:

@@ -2,7 +2,7 @@
 
 import pytest
 
-from bench.results import KERNEL_COLUMNS, KERNEL_KEY, ResultsFile, device_slug, kernels_file, slugify
+from bench.results import KERNEL_COLUMNS, KERNEL_KEY, ResultsFile, TornRowWarning, device_slug, kernels_file, slugify
 
 
 def _row(**overrides):
@@ -270,6 +270,23 @@ def test_a_file_holding_only_a_header_cut_short_resumes_as_an_empty_one(tmp_path
     assert (tmp_path / "kernels.csv").read_text().splitlines()[0].split(",") == KERNEL_COLUMNS
 
 
+def test_a_row_cut_inside_a_character_of_several_bytes_is_left_out_like_any_cut_row(tmp_path):
+    """A run stopped (or a full disk) while writing a row with a non-ASCII note, cut inside its ``é``: the resume and
+    the report stopped with a UnicodeDecodeError traceback. (Found by hypothesis.)"""
+    from bench.report import load_csv
+
+    results = kernels_file(tmp_path)
+    results.append(_row(shape="a", gpu="G"))
+    results.append(_row(shape="b", gpu="G", note="é"))
+    path = tmp_path / "kernels.csv"
+    path.write_bytes(path.read_bytes().split("é".encode())[0] + "é".encode()[:1])
+    with pytest.warns(TornRowWarning, match="kernels.csv"):
+        assert load_csv(path)["shape"].tolist() == ["a"]
+    with pytest.warns(TornRowWarning, match="kernels.csv"):
+        reopened = kernels_file(tmp_path)
+    assert reopened.done(_row(shape="a", gpu="G")) and not reopened.done(_row(shape="b", gpu="G"))
+
+
 def test_a_line_holding_two_rows_is_measured_again_and_dropped_by_the_next_append(tmp_path):
     """An older release appended a row to a half-written one, making one line of both. Its first row's key cells
     were whole, so it counted as done while the report leaves the line out (the case never came back); and the next
@@ -308,3 +325,4 @@ def test_the_default_out_dir_holding_a_csv_of_another_release_is_refused_before_
         main(["run", "--quick", "--device", "cpu", "--suites", "optimizer,training", "--no-progress"])
     assert "training.csv lacks ['tokens_per_s']" in str(raised.value) and "\n" not in str(raised.value)
     assert sorted(p.name for p in folder.iterdir()) == ["training.csv"]
+
