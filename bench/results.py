@@ -143,17 +143,15 @@ def read_complete(path: Path) -> tuple[str, bool]:
 
 
 def _canonical(value) -> str:
-    """Key values compare as text: numbers in one spelling (``0.5`` == ``0.50``, ``64`` == ``64.0``)."""
-    if value is None:
-        return ""
-    if isinstance(value, float) and math.isnan(value):
-        return ""
-    text = str(value)  # bools as True / False, the spelling the CSV holds
+    """Key values compare as text: numbers in one spelling (``0.5`` == ``0.50``, ``64`` == ``64.0``), a float as the
+    file holds it (:func:`_cell`: 6 significant digits); whole numbers in all their digits (``10000001`` is not
+    ``10000000``, which 6 digits made them both)."""
+    text = _cell(value)  # bools as True / False, the spelling the CSV holds
     try:
         number = float(text)
     except ValueError:
         return text
-    return f"{number:.6g}"
+    return str(int(number)) if number.is_integer() and abs(number) < 2**53 else f"{number:.6g}"
 
 
 class ResultsFile:

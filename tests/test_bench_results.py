@@ -41,6 +41,16 @@ def test_slugs():
     assert device_slug("cpu").startswith("cpu-")
 
 
+def test_whole_numbers_past_six_digits_are_distinct_keys(tmp_path):
+    """Keys compared numbers to 6 significant digits: a row of M=10000001 counted as done when M=10000000 was in the
+    file, and was never measured. (Found by hypothesis.)"""
+    results = kernels_file(tmp_path)
+    results.append(_row(M=10**7))
+    reopened = kernels_file(tmp_path)
+    assert reopened.done(_row(M=10**7)) and reopened.done(_row(M="1e+07")) and not reopened.done(_row(M=10**7 + 1))
+    assert reopened.done(_row(M=10**7, density=0.5000001))  # a float as the file holds it: 6 significant digits
+
+
 def test_rows_of_another_device_do_not_count_as_done(tmp_path):
     """One --out-dir shared by a CPU and a GPU run: the GPU run must not skip the rows the CPU measured."""
     results = kernels_file(tmp_path)
