@@ -133,13 +133,48 @@ def read_complete(path: Path) -> tuple[str, bool]:
     complete lines are decoded (a line end is never part of another character)."""
     data = path.read_bytes()
     kept = data[: data.rfind(b"\n") + 1]
-    text = io.TextIOWrapper(io.BytesIO(kept), newline="").read()  # the encoding ``open`` wrote the file with
+    # the encoding ``open`` wrote it with; a character an older release cut and appended a row to is replaced (that
+    # line has too many cells: left out)
+    text = io.TextIOWrapper(io.BytesIO(kept), newline="", errors="replace").read()
     if kept == data:
         return text, False
     cut = data[len(kept):].decode(errors="replace")
     warnings.warn(f"{path}: its last line {cut[:60]!r} is cut short (a run stopped while writing it); "
                   "that row is left out", TornRowWarning, stacklevel=2)
     return text, True
+
+
+def split_records(text: str) -> tuple[list[str], list[list[str]], list[int]]:
+    """``(header, rows, bad)`` of the CSV ``text`` (:func:`read_complete`'s): the rows with the header's number of
+    cells, and the numbers of the lines (1 the header's) where records of another number start, which are left out: an
+    older release appended a row to a half-written one, making one line of both. Parsing goes on at the line after
+    such a record's first: a quote the half-written row opened (a note with a comma) made the rest of the file one
+    record, every later row lost with it (or a ``csv.Error`` past csv's field size limit). Pieces of rows can still
+    make a record of the header's cells: a row cut inside its first cell and the row after it; a quote left open and
+    closed by a later row's quoted cell in the same column; a line after the merged one's first that starts inside
+    a cell (a note with a line break): nothing tells those apart."""
+    lines = list(io.StringIO(text, newline=""))  # the lines csv reads: split at \r\n, \n and \r
+    header, rows, bad, start = None, [], [], 0
+    while start < len(lines):
+        reader, consumed = csv.reader(lines[start:]), 0
+        while True:  # a record per turn
+            first = start + consumed  # the index of the record's first line
+            try:
+                cells = next(reader)
+            except StopIteration:
+                return header or [], rows, bad
+            except csv.Error:  # a field past csv's size limit: a quote left open
+                cells = None
+            consumed = reader.line_num
+            if header is None and cells is not None:
+                header = cells or None  # blank lines before it are passed over
+            elif cells is None or (cells and len(cells) != len(header)):
+                bad.append(first + 1)
+                start = first + 1
+                break
+            elif cells:
+                rows.append(cells)
+    return header or [], rows, bad
 
 
 def _canonical(value) -> str:
@@ -170,8 +205,8 @@ class ResultsFile:
         if self.path.exists() and self.path.stat().st_size > 0:
             text, self._torn = read_complete(self.path)
             if text:
-                reader = csv.DictReader(io.StringIO(text, newline=""))
-                header = [RENAMED_COLUMNS.get(c, c) for c in reader.fieldnames or []]  # old files keep their header
+                fieldnames, records, merged = split_records(text)
+                header = [RENAMED_COLUMNS.get(c, c) for c in fieldnames]  # old files keep their header
                 self._missing = {c: v for c, v in ADDED_COLUMNS.items() if c in self.columns and c not in header}
                 expected = [c for c in self.columns if c not in self._missing]
                 if header != expected:
@@ -182,14 +217,10 @@ class ResultsFile:
                         f"{self.path} {differs or 'has its columns in another order'} (another release wrote it); "
                         "write to a fresh --out-dir or delete the file"
                     )
-                merged = []
-                for row in reader:  # rows measured under an old provider name count as done under the new one
-                    if not _whole(row):  # its key cells may be whole: done, yet the report leaves it out
-                        merged.append(reader.line_num)
-                        continue
-                    row = self._missing | {RENAMED_COLUMNS.get(k, k): v for k, v in row.items()}
+                for cells in records:  # rows measured under an old provider name count as done under the new one
+                    row = self._missing | dict(zip(header, cells))
                     self._done.add(self.key_of(rename_old_providers(row)))
-                if merged:
+                if merged:  # not done (their key cells may be whole): measured again, as the report leaves them out
                     warnings.warn(f"{self.path}: line(s) {', '.join(map(str, merged[:10]))} do not have the header's "
                                   f"{len(header)} cells (a row appended to a half-written one); measured again",
                                   TornRowWarning, stacklevel=2)  # fmt: skip
@@ -226,8 +257,8 @@ class ResultsFile:
         with warnings.catch_warnings():  # warned about when the file was opened
             warnings.simplefilter("ignore", TornRowWarning)
             text, _ = read_complete(self.path)
-        reader = csv.DictReader(io.StringIO(text, newline=""))
-        rows = [{RENAMED_COLUMNS.get(k, k): v for k, v in row.items()} for row in reader if _whole(row)]
+        header, records, _ = split_records(text)
+        rows = [dict(zip([RENAMED_COLUMNS.get(c, c) for c in header], cells)) for cells in records]
         temporary = self.path.with_name(self.path.name + ".tmp")
         with temporary.open("w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=self.columns)
@@ -235,12 +266,6 @@ class ResultsFile:
             writer.writerows({c: row.get(c, _cell(self._missing.get(c))) for c in self.columns} for row in rows)
         os.replace(temporary, self.path)
         self._missing, self._torn = {}, False
-
-
-def _whole(row: dict) -> bool:
-    """Whether a :class:`csv.DictReader` row had the header's number of cells: an older release appended a row to a
-    half-written one, making one line of both (extra cells go under the key None, missing ones read None)."""
-    return None not in row and None not in row.values()
 
 
 def _cell(value) -> str:

@@ -321,6 +321,31 @@ def test_a_line_holding_two_rows_is_measured_again_and_dropped_by_the_next_appen
     assert [row[KERNEL_COLUMNS.index("shape")] for row in rows[1:]] == ["a", "d"]
 
 
+def test_a_quote_a_half_written_row_left_open_does_not_take_the_rows_after_its_line(tmp_path):
+    """An older release appended a row to one cut just after the opening quote of its note (``"a, b``): the quote
+    made the rest of the file one record, so every later row counted as not done, the report left them all out and
+    the next append deleted them (past 128 KiB, a csv.Error traceback instead). (Found by hypothesis.)"""
+    import csv
+
+    from bench.report import load_csv
+
+    results = kernels_file(tmp_path)
+    shapes = ["a", "b"] + [f"c{i}" for i in range(800)]
+    for shape in shapes:
+        results.append(_row(shape=shape, gpu="G", note="a, b" if shape == "a" else ""))
+    path = tmp_path / "kernels.csv"
+    header, a, b, *rest = path.read_text().split("\n")
+    path.write_text("\n".join([header, a[: a.index('"') + 1] + b, *rest]))
+    with pytest.warns(TornRowWarning, match="line.s. 2 .*left out"):
+        assert load_csv(path)["shape"].tolist() == shapes[2:]
+    with pytest.warns(TornRowWarning, match="line.s. 2 .*measured again"):
+        reopened = kernels_file(tmp_path)
+    assert [reopened.done(_row(shape=shape, gpu="G")) for shape in shapes] == [False, False] + [True] * 800
+    reopened.append(_row(shape="d", gpu="G"))
+    with path.open(newline="") as handle:
+        assert [row[KERNEL_COLUMNS.index("shape")] for row in csv.reader(handle)][1:] == shapes[2:] + ["d"]
+
+
 def test_the_default_out_dir_holding_a_csv_of_another_release_is_refused_before_any_suite(tmp_path, monkeypatch):
     """Without --out-dir, ``run`` writes to reports/<device slug>: a training.csv of other columns there was found
     only after the optimizer suite had run, in a traceback."""

@@ -12,7 +12,15 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..results import ADDED_COLUMNS, RENAMED_COLUMNS, TRAINING_KEY, TornRowWarning, current_provider, read_complete
+from ..results import (
+    ADDED_COLUMNS,
+    RENAMED_COLUMNS,
+    TRAINING_KEY,
+    TornRowWarning,
+    current_provider,
+    read_complete,
+    split_records,
+)
 
 
 def load_csv(path: Path) -> pd.DataFrame | None:
@@ -24,16 +32,14 @@ def load_csv(path: Path) -> pd.DataFrame | None:
     if not path.exists() or path.stat().st_size == 0:
         return None
     text, _ = read_complete(path)
-    records = list(csv.reader(io.StringIO(text, newline="")))
-    if not records:  # only a half-written header
+    header, records, bad = split_records(text)
+    if not header:  # only a half-written header
         return None
-    header = records[0]
-    bad = [number for number, record in enumerate(records[1:], 1) if record and len(record) != len(header)]
     if bad:
-        warnings.warn(f"{path}: row(s) {', '.join(map(str, bad[:10]))} do not have the header's {len(header)} cells "
+        warnings.warn(f"{path}: line(s) {', '.join(map(str, bad[:10]))} do not have the header's {len(header)} cells "
                       "(a row appended to a half-written one); left out", TornRowWarning, stacklevel=2)
     buffer = io.StringIO(newline="")
-    csv.writer(buffer).writerows([header] + [record for record in records[1:] if len(record) == len(header)])
+    csv.writer(buffer).writerows([header] + records)
     buffer.seek(0)
     frame = pd.read_csv(buffer, keep_default_na=True)
     frame = frame.rename(columns=RENAMED_COLUMNS)
