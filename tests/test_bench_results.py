@@ -1,6 +1,14 @@
 """Resumable long-format CSVs and device slugs."""
 
+import csv
+import tempfile
+import warnings
+from pathlib import Path
+
+import pandas as pd
 import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
 from bench.results import KERNEL_COLUMNS, KERNEL_KEY, ResultsFile, TornRowWarning, device_slug, kernels_file, slugify
 
@@ -361,3 +369,129 @@ def test_the_default_out_dir_holding_a_csv_of_another_release_is_refused_before_
     assert "training.csv lacks ['tokens_per_s']" in str(raised.value) and "\n" not in str(raised.value)
     assert sorted(p.name for p in folder.iterdir()) == ["training.csv"]
 
+
+# Property-based (hypothesis): a run killed while appending (or a full disk) cuts kernels.csv at any byte.
+_TEXT = st.text(st.sampled_from('ab ,"\n\r;é€'), max_size=6)  # a note's quotes, commas, line ends, multi-byte
+
+
+@st.composite
+def _result_rows(draw):
+    number = st.one_of(st.none(), st.just(float("nan")), st.floats(allow_nan=False, width=32), st.integers(-9, 10**9))
+    return _row(shape=draw(st.sampled_from(["a", "b,c", 'q"d', "é"])), M=draw(st.sampled_from([64, 10**7, 10**7 + 1])),
+                density=draw(st.sampled_from([0.5, 0.25])), gpu=draw(st.sampled_from(["G", "H"])),
+                ms_p50=draw(number), status=draw(_TEXT), note=draw(_TEXT), timestamp="2025-01-01T00:00:00+00:00")
+
+
+def _one_line_rows():
+    """Rows without a line break inside a cell: a merged line's record that goes on into the next line can start the
+    next record inside a cell, and a record of the header's cells can come of pieces of rows (not told apart)."""
+    return _result_rows().filter(lambda row: not any(c in row[k] for k in ("status", "note") for c in "\r\n"))
+
+
+def _cuts(whole: bytes, low: int, high: int):
+    """Offsets from ``low`` to ``high``, often the awkward ones: inside a character, after a quote or a line end."""
+    awkward = [i for i in range(low, high + 1) if i < len(whole) and whole[i] & 0xC0 == 0x80 or whole[i - 1:i] in
+               (b'"', b"\r", b"\n")]  # fmt: skip
+    return st.one_of(st.integers(low, high), st.sampled_from(awkward)) if awkward else st.integers(low, high)
+
+
+def _key(row):
+    return row["shape"], row["M"], row["density"], row["gpu"]
+
+
+def _reopened(folder, opener):
+    """``(results, torn)``: ``opener(folder)`` and whether it warned about a row cut short."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opened = opener(folder)
+    return opened, any(issubclass(w.category, TornRowWarning) for w in caught)
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(rows=st.lists(_result_rows(), min_size=1, max_size=5), more=st.lists(_result_rows(), min_size=1, max_size=2),
+       data=st.data())
+def test_a_results_file_cut_at_any_byte_resumes_with_exactly_its_complete_rows(rows, more, data):
+    """Any rows (notes with quotes, commas, line ends, characters of several bytes; NaN and empty numbers; keys
+    repeated), the file cut at any byte: reopening and the report warn exactly when something was cut; exactly the
+    keys of rows written whole are done and the report holds exactly those rows; the rows cut off and more appended
+    leave the file as if written in one go (no half row, no merged line)."""
+    from bench.report import load_csv
+
+    with tempfile.TemporaryDirectory() as folder:
+        folder = Path(folder)
+        path, reference = folder / "kernels.csv", folder / "reference" / "kernels.csv"
+        results, ends = kernels_file(folder), [len((",".join(KERNEL_COLUMNS) + "\r\n").encode())]
+        for row in rows:
+            results.append(row)
+            ends.append(path.stat().st_size)
+        whole = path.read_bytes()
+        cut = data.draw(_cuts(whole, 0, len(whole)), label="cut")
+        path.write_bytes(whole[:cut])
+        complete = [row for row, end in zip(rows, ends[1:]) if end <= cut]
+        torn = cut not in [0] + ends
+        frame, warned = _reopened(path, load_csv)
+        assert warned == torn
+        reference.parent.mkdir()
+        reference.write_bytes(whole[: max([0] + [end for end in ends if end <= cut])])
+        expected = load_csv(reference)
+        if expected is None or frame is None:
+            assert frame is None and expected is None and not complete
+        else:
+            pd.testing.assert_frame_equal(frame, expected)
+            assert frame["note"].tolist() == [row["note"] for row in complete]
+
+        reopened, warned = _reopened(folder, kernels_file)
+        assert warned == torn
+        done = {_key(row) for row in complete}
+        assert [reopened.done(row) for row in rows] == [_key(row) in done for row in rows]
+        assert len(reopened) == len(done)
+        again = [row for row in rows if _key(row) not in done] + more  # the cut-off rows, measured again, and more
+        for row in again:
+            reopened.append(row)
+        fresh = kernels_file(reference.parent / "fresh")
+        for row in complete + again:
+            fresh.append(row)
+        assert path.read_bytes() == fresh.path.read_bytes()  # no merged line, no half row, nothing lost
+        with path.open(newline="") as handle:
+            assert {len(cells) for cells in csv.reader(handle)} == {len(KERNEL_COLUMNS)}
+        final, warned = _reopened(folder, kernels_file)
+        assert not warned and all(final.done(row) for row in rows + more)
+
+
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(rows=st.lists(_one_line_rows(), min_size=3, max_size=4), more=_result_rows(), data=st.data())
+def test_a_row_an_older_release_appended_to_a_half_written_one_is_not_done_and_is_left_out(rows, more, data):
+    """One line of a row cut anywhere and the whole row an older release appended to it: neither is done, the report
+    leaves the line out (warned), every other row is done and reported, and the next append drops the line."""
+    from bench.report import load_csv
+
+    with tempfile.TemporaryDirectory() as folder:
+        folder = Path(folder)
+        path = folder / "kernels.csv"
+        results, ends = kernels_file(folder), [len((",".join(KERNEL_COLUMNS) + "\r\n").encode())]
+        for row in rows:
+            results.append(row)
+            ends.append(path.stat().st_size)
+        whole = path.read_bytes()
+        half = data.draw(st.integers(0, len(rows) - 2), label="half-written row")
+        start, end = ends[half], ends[half + 1]
+        # inside the row past its first cell (cut inside it, the line has the header's cells: not told apart), before
+        # its line end
+        cut = data.draw(_cuts(whole, start + len("kernels,"), end - 2), label="cut")
+        # a quote left open can close at a quoted cell of a later row, in the same column: a record of the header's
+        # cells again (not told apart)
+        assume(whole[start:cut].count(b'"') % 2 == 0 or b'"' not in whole[end:])
+        path.write_bytes(whole[:cut] + whole[end:])  # the next row continues its line
+        whole_rows = rows[:half] + rows[half + 2:]
+        fresh = kernels_file(folder / "fresh")
+        for row in whole_rows:
+            fresh.append(row)
+        frame, warned = _reopened(path, load_csv)
+        assert warned
+        pd.testing.assert_frame_equal(frame, load_csv(fresh.path))
+        reopened, warned = _reopened(folder, kernels_file)
+        done = {_key(row) for row in whole_rows}
+        assert warned and [reopened.done(row) for row in rows] == [_key(row) in done for row in rows]
+        reopened.append(more)
+        fresh.append(more)
+        assert path.read_bytes() == fresh.path.read_bytes()
