@@ -8,6 +8,8 @@ import types
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from smet_kernels.train import checkpoint, cli, loop
 from smet_kernels.train.checkpoint import (
@@ -501,3 +503,45 @@ def test_a_checkpoint_a_stopped_rewrite_left_under_a_temporary_name_is_put_back_
     assert sorted(path.name for path in root.iterdir()) == ["step_0000002", "step_0000004", "step_0000006"]
     steps = [r["step"] for r in strict_records(out / "metrics.jsonl") if r["type"] == "train"]
     assert steps == [1, 2, 3, 4, 5, 6]
+
+
+@st.composite
+def _metrics_records(draw):
+    record = {"type": draw(st.sampled_from(["train", "eval", "loss_spike"])), "step": draw(st.integers(0, 12)),
+              "loss": draw(st.one_of(st.floats(), st.none())), "note": draw(st.text(max_size=4))}
+    complete = draw(st.sampled_from([None, True, False]))
+    return record if complete is None else record | {"complete": complete}
+
+
+@settings(max_examples=80, deadline=None, derandomize=True)
+@given(records=st.lists(_metrics_records(), max_size=6), resumed_step=st.integers(0, 12), data=st.data())
+def test_a_resume_keeps_exactly_the_whole_metrics_records_up_to_its_step_whatever_byte_a_stop_cut_at(
+    records, resumed_step, data
+):
+    """Any records (non-finite losses, any text), metrics.jsonl cut at any byte by a stopped run: the resume does not
+    raise, warns exactly when a last line was cut inside its record, and leaves the file holding exactly the whole
+    records up to its step that are not an unfinished spike window, followed by what it logs."""
+    import tempfile
+    import warnings
+    from pathlib import Path
+
+    from smet_kernels.train.metrics import MetricsLog, MetricsWarning
+
+    lines = [strict_json(record) for record in records]
+    text = "".join(line + "\n" for line in lines)
+    cut = data.draw(st.integers(0, len(text)), label="cut")
+    starts = [sum(len(line) + 1 for line in lines[:i]) for i in range(len(lines))]
+    whole = [json.loads(line) for line, start in zip(lines, starts) if start + len(line) <= cut]
+    with tempfile.TemporaryDirectory() as folder:
+        folder = Path(folder)
+        (folder / "metrics.jsonl").write_text(text[:cut])
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            log = MetricsLog(folder, resumed_step)
+        assert any(issubclass(w.category, MetricsWarning) for w in caught) == any(
+            start < cut < start + len(line) for line, start in zip(lines, starts))
+        log.log({"type": "train", "step": resumed_step + 1})
+        log.close()
+        kept = [strict_json(r) for r in whole if r["step"] <= resumed_step and r.get("complete", True) is not False]
+        assert (folder / "metrics.jsonl").read_text().splitlines() == kept + [strict_json(
+            {"type": "train", "step": resumed_step + 1})]
