@@ -366,3 +366,18 @@ def test_the_report_leaves_out_a_row_cut_short_by_a_stopped_run_and_names_the_fi
         with pytest.warns(TornRowWarning, match="kernels.csv.*left out"):
             frame = load_csv(path)
         assert len(frame) == 1 and list(frame.columns) == KERNEL_COLUMNS and frame["ms_p50"].tolist() == [1.2345]
+
+
+def test_a_note_or_status_that_reads_like_a_missing_value_is_kept_as_text(tmp_path):
+    """pandas reads "NA", "None", "null", "n/a" as missing by default: a note saying "n/a" came back empty. Only an
+    empty cell is missing (how a NaN is written), and numbers still parse."""
+    from bench.report import load_csv
+
+    notes = ["NA", "None", "null", "n/a"]
+    rows = [{**row, "note": note, "ms_p50": 1.5} for row, note in zip(_kernel_rows(CUDA), notes)]
+    rows[0]["ms_p50"] = None  # written as an empty cell
+    path = tmp_path / "kernels.csv"
+    _write(path, KERNEL_COLUMNS, rows)
+    frame = load_csv(path)
+    assert frame["note"].tolist() == notes
+    assert frame["ms_p50"].isna().tolist() == [True, False, False, False] and frame["ms_p50"].dtype == float

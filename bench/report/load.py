@@ -41,7 +41,8 @@ def load_csv(path: Path) -> pd.DataFrame | None:
     buffer = io.StringIO(newline="")
     csv.writer(buffer).writerows([header] + records)
     buffer.seek(0)
-    frame = pd.read_csv(buffer, keep_default_na=True)
+    frame = pd.read_csv(buffer, keep_default_na=False, na_values=[""])  # only an empty cell is missing (a NaN):
+    # pandas' default words ("NA", "None", "null", "n/a", ...) are text a note or a status may hold
     frame = frame.rename(columns=RENAMED_COLUMNS)
     for column in ("status", "note", "nvml_status", "peak_source", "shape"):
         if column in frame:
