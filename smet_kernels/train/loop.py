@@ -49,6 +49,7 @@ import json
 import math
 import statistics
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -82,7 +83,7 @@ from .distributed import (
     shard_model,
     sharded_optimizer_state,
 )
-from .metrics import MetricsLog, peak_memory_bytes, perplexity, write_summary
+from .metrics import MetricsLog, MetricsWarning, peak_memory_bytes, perplexity, read_records, write_summary
 from .model import lm_loss
 from .probe import UpdateProbe
 from .spikes import SpikeTracker
@@ -149,15 +150,10 @@ def _logged_loss(checkpoint: Path, step: int) -> float:
     path = checkpoint.parent.parent / "metrics.jsonl"
     if checkpoint.parent.name != CHECKPOINTS_DIR or not path.is_file():
         return float("nan")
-    loss = float("nan")
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:  # a last line cut short
-            continue
-        if isinstance(record, dict) and record.get("type") == "train" and record.get("step") == step:
-            loss = float(record["loss"]) if record.get("loss") is not None else float("nan")
-    return loss
+    with warnings.catch_warnings():  # a last line cut short: MetricsLog warns about it when the run opens the log
+        warnings.simplefilter("ignore", MetricsWarning)
+        losses = [r.get("loss") for r in read_records(path) if r.get("type") == "train" and r.get("step") == step]
+    return float(losses[-1]) if losses and losses[-1] is not None else float("nan")
 
 
 class Run:

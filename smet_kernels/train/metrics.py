@@ -60,7 +60,7 @@ class MetricsLog:
         (out_dir / "summary.json").unlink(missing_ok=True)
         path = out_dir / "metrics.jsonl"
         if resumed_step is not None and path.exists():
-            records = _read_records(path)
+            records = read_records(path)
             kept = [strict_json(r) for r in records if r["step"] <= resumed_step and r.get("complete", True)]
             temporary = path.with_name(path.name + ".tmp")
             temporary.write_text("".join(line + "\n" for line in kept))
@@ -77,7 +77,7 @@ class MetricsLog:
         self.file.close()
 
 
-def _read_records(path: Path) -> list[dict]:
+def read_records(path: Path) -> list[dict]:
     """The records of ``metrics.jsonl``; its last line is left out (warned) when a stopped run cut it short."""
     lines = [line for line in path.read_text().splitlines() if line]
     records = [json.loads(line) for line in lines[:-1]]
