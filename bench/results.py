@@ -177,6 +177,13 @@ def split_records(text: str) -> tuple[list[str], list[list[str]], list[int]]:
     return header or [], rows, bad
 
 
+def warn_merged_lines(path: Path, lines: list[int], cells: int, outcome: str) -> None:
+    """The :class:`TornRowWarning` for the ``lines`` of :func:`split_records` whose records are not ``cells`` wide,
+    saying what becomes of them (``outcome``), at the caller's caller."""
+    warnings.warn(f"{path}: line(s) {', '.join(map(str, lines[:10]))} do not have the header's {cells} cells (a row "
+                  f"appended to a half-written one); {outcome}", TornRowWarning, stacklevel=3)
+
+
 def _canonical(value) -> str:
     """Key values compare as text: numbers in one spelling (``0.5`` == ``0.50``, ``64`` == ``64.0``), a float as the
     file holds it (:func:`_cell`: 6 significant digits); whole numbers in all their digits (``10000001`` is not
@@ -221,9 +228,7 @@ class ResultsFile:
                     row = self._missing | dict(zip(header, cells))
                     self._done.add(self.key_of(rename_old_providers(row)))
                 if merged:  # not done (their key cells may be whole): measured again, as the report leaves them out
-                    warnings.warn(f"{self.path}: line(s) {', '.join(map(str, merged[:10]))} do not have the header's "
-                                  f"{len(header)} cells (a row appended to a half-written one); measured again",
-                                  TornRowWarning, stacklevel=2)  # fmt: skip
+                    warn_merged_lines(self.path, merged, len(header), "measured again")
                     self._torn = True  # the next append rewrites the file without them
 
     def key_of(self, row: dict) -> tuple[str, ...]:

@@ -7,7 +7,6 @@ import csv
 import io
 import json
 import math
-import warnings
 from pathlib import Path
 
 import pandas as pd
@@ -16,10 +15,10 @@ from ..results import (
     ADDED_COLUMNS,
     RENAMED_COLUMNS,
     TRAINING_KEY,
-    TornRowWarning,
     current_provider,
     read_complete,
     split_records,
+    warn_merged_lines,
 )
 
 
@@ -36,8 +35,7 @@ def load_csv(path: Path) -> pd.DataFrame | None:
     if not header:  # only a half-written header
         return None
     if bad:
-        warnings.warn(f"{path}: line(s) {', '.join(map(str, bad[:10]))} do not have the header's {len(header)} cells "
-                      "(a row appended to a half-written one); left out", TornRowWarning, stacklevel=2)
+        warn_merged_lines(path, bad, len(header), "left out")
     buffer = io.StringIO(newline="")
     csv.writer(buffer).writerows([header] + records)
     buffer.seek(0)
