@@ -98,7 +98,7 @@ def block_sparse_linear(
     values = values.contiguous()
     bias = bias.contiguous() if bias is not None else None
     name = _select_backend(x, backend)
-    variant = default_variant() if name == "triton" else "grouped"
+    variant = default_variant(x.device) if name == "triton" else "grouped"
     index = layout.kernel_index(x.device)
     version = layout.version_tensor
     y = library.bsmm_forward(

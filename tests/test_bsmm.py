@@ -126,16 +126,31 @@ def test_bsmm_variants_match_torch(kind, m_tiles, dtype, variant):
 
 
 @pytest.mark.skipif(not HAS_TMA, reason="needs sm_90+")
-def test_bsmm_tma_variant_refuses_misaligned_operands():
+def test_bsmm_tma_variant_copies_operands_its_descriptors_cannot_read(monkeypatch):
+    """A TMA descriptor needs a 16-byte aligned base and rows: a misaligned ``x`` / ``dy`` or values that are not
+    contiguous are copied first (every descriptor built sees an aligned tensor), and the products stay exact."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    bases = []
+    from_tensor = TensorDescriptor.from_tensor
+
+    def recording(tensor, block_shape):
+        bases.append(tensor.data_ptr() % 16 == 0 and tensor.stride(0) * tensor.element_size() % 16 == 0)
+        return from_tensor(tensor, block_shape)
+
+    monkeypatch.setattr(TensorDescriptor, "from_tensor", staticmethod(recording))
     layout = _mask_layout("random", 2, 2, 16)
-    x, values, _, _ = _inputs(layout, 9, torch.float16)
-    misaligned = x.view(-1)[1:].view(-1)[: 8 * 32].view(8, 32)
-    with pytest.raises(ValueError, match="activations 16-byte aligned"):
-        triton_forward(misaligned, values, layout, variant="tma")
-    with pytest.raises(ValueError, match="values contiguous"):
-        triton_forward(x, values.transpose(1, 2), layout, variant="tma")
-    with pytest.raises(ValueError, match="needs x 16-byte aligned"):
-        triton_grad_weight(x[:8], misaligned, layout, variant="tma")
+    x, values, dy, _ = _inputs(layout, 9, torch.float16)
+    misaligned = torch.empty(8 * 32 + 1, dtype=x.dtype, device=x.device)[1:].view(8, 32)
+    misaligned.copy_(x[:8])
+    assert misaligned.data_ptr() % 16
+    _close(triton_forward(misaligned, values, layout, variant="tma"), torch_forward(x[:8], values, layout),
+           torch.float16)  # fmt: skip
+    transposed = values.transpose(1, 2).contiguous().transpose(1, 2)  # the same blocks, not contiguous
+    _close(triton_forward(x, transposed, layout, variant="tma"), torch_forward(x, values, layout), torch.float16)
+    _close(triton_grad_weight(dy[:8], misaligned, layout, variant="tma"), torch_grad_weight(dy[:8], x[:8], layout),
+           torch.float16)  # fmt: skip
+    assert len(bases) == 3 + 3 + 3 and all(bases)
 
 
 def test_bsmm_default_variant_comes_from_the_environment(monkeypatch):
@@ -147,6 +162,72 @@ def test_bsmm_default_variant_comes_from_the_environment(monkeypatch):
     monkeypatch.setenv("SMET_MATMUL_VARIANT", "stream-k")
     with pytest.raises(ValueError, match="SMET_MATMUL_VARIANT environment variable must be one of"):
         triton_forward(x, values, layout, bias)
+
+
+def test_a_default_tma_variant_runs_as_grouped_on_a_gpu_without_tma_and_warns_only_when_asked(monkeypatch):
+    """:data:`DEFAULT_VARIANT` (or ``SMET_MATMUL_VARIANT``) ``tma`` must not break a model on an sm_80 GPU: the default
+    resolves to ``grouped`` there, silently when it is the built-in default, with one warning when the environment
+    asked for ``tma`` (also under ``torch.compile``); sm_90 and the CPU interpreter keep ``tma``. An explicit
+    ``variant='tma'`` is refused there."""
+    import warnings
+
+    from smet_kernels.ops import block_sparse_matmul as bsmm
+
+    capability = {0: (8, 0), 1: (9, 0)}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: capability[torch.device(device).index])
+    monkeypatch.setattr(bsmm, "DEFAULT_VARIANT", "tma")
+    monkeypatch.delenv("SMET_MATMUL_VARIANT", raising=False)
+    bsmm._warn_tma_unsupported.cache_clear()
+    sm80, sm90 = torch.device("cuda", 0), torch.device("cuda", 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert [bsmm.default_variant(d) for d in (sm80, sm90, torch.device("cpu"), None)] == ["grouped"] + ["tma"] * 3
+    monkeypatch.setenv("SMET_MATMUL_VARIANT", "tma")
+    with pytest.warns(UserWarning, match="SMET_MATMUL_VARIANT=tma runs as 'grouped' on cuda:0") as caught:
+        assert bsmm.default_variant(sm80) == bsmm.default_variant(sm80) == "grouped"
+    assert len(caught) == 1
+    bsmm._warn_tma_unsupported.cache_clear()  # traced by torch.compile (fullgraph): the warning is not a graph break
+    compiled = torch.compile(lambda t: t + len(bsmm.default_variant(sm80)), fullgraph=True, backend="eager")
+    with pytest.warns(UserWarning, match="runs as 'grouped' on cuda:0"):
+        assert compiled(torch.zeros(1)).item() == len("grouped")
+    monkeypatch.setenv("SMET_MATMUL_VARIANT", "persistent")
+    assert bsmm.default_variant(sm80) == "persistent"
+    with pytest.raises(ValueError, match="needs a GPU with the Tensor Memory Accelerator"):
+        bsmm._check_tma_device(sm80)
+
+
+def test_block_sparse_linear_runs_the_default_variant_in_forward_and_backward(monkeypatch):
+    """With :data:`DEFAULT_VARIANT` set to ``tma`` (as the measured winner would be), a layer runs the TMA kernels
+    for its three products and matches the reference in outputs and gradients."""
+    from smet_kernels.ops import block_sparse_matmul as bsmm
+
+    launched = []
+    for name in ("bsmm_dense_sparse_tma_kernel", "bsmm_grad_weight_tma_kernel"):
+        kernel = getattr(bsmm, name)
+        monkeypatch.setattr(bsmm, name, _Recording(kernel, name, launched))
+    monkeypatch.setattr(bsmm, "DEFAULT_VARIANT", "tma")
+    monkeypatch.delenv("SMET_MATMUL_VARIANT", raising=False)
+    layout = _mask_layout("empty_rows_cols", 3, 2, 16)
+    x, values, dy, bias = _inputs(layout, 21, torch.float32)
+    grads = {}
+    for backend in ("triton", "reference"):
+        leaves = [t.clone().requires_grad_() for t in (x, values, bias)]
+        block_sparse_linear(*leaves[:2], layout, leaves[2], backend=backend).backward(dy)
+        grads[backend] = [leaf.grad for leaf in leaves]
+    for got, want in zip(grads["triton"], grads["reference"]):
+        _close(got, want, torch.float32)
+    assert launched == ["bsmm_dense_sparse_tma_kernel"] * 2 + ["bsmm_grad_weight_tma_kernel"]
+
+
+class _Recording:
+    """A kernel whose launches (``kernel[grid](...)``) are recorded by name."""
+
+    def __init__(self, kernel, name, launched):
+        self.kernel, self.name, self.launched = kernel, name, launched
+
+    def __getitem__(self, grid):
+        self.launched.append(self.name)
+        return self.kernel[grid]
 
 
 def test_bsmm_variant_is_validated():

@@ -9,11 +9,12 @@
   ``dvalues[k] = Σ_m dy[m, rows(k)]ᵀ · x[m, cols(k)]``; with ``split_k > 1`` fp32 partial sums are reduced after.
 
 Forward and input grad come in three variants of the same tile computation (``variant=``; A/B-timed by the kernel
-benchmarks, ``bench/KERNEL_NOTES.md``): ``grouped`` (default), ``persistent`` (one program per SM slot, longest block
-rows first) and ``tma`` (grouped, tiles moved by Hopper TMA descriptors); the weight grad has a ``tma`` variant too.
-Traced by ``torch.compile`` (fake tensors), ``tma`` falls back to ``grouped`` with a one-time warning: its descriptors
-need real data pointers and its autotune configs a ``pre_hook``, which ``wrap_triton`` cannot trace. Eager calls
-launch the kernels directly; only a traced call goes through ``wrap_triton`` (:func:`tracing`).
+benchmarks, ``bench/KERNEL_NOTES.md``): ``grouped`` (:data:`DEFAULT_VARIANT`), ``persistent`` (one program per SM
+slot, longest block rows first) and ``tma`` (grouped, tiles moved by Hopper TMA descriptors); the weight grad has a
+``tma`` variant too. Traced by ``torch.compile`` (fake tensors), ``tma`` falls back to ``grouped`` with a one-time
+warning: its descriptors need real data pointers and its autotune configs a ``pre_hook``, which ``wrap_triton``
+cannot trace. Eager calls launch the kernels directly; only a traced call goes through ``wrap_triton``
+(:func:`tracing`).
 
 Launchers ``triton_<op>`` (dispatched by :mod:`.library`); kernels ``bsmm_dense_sparse_kernel`` (forward and input
 grad: the same product over the CSR or the CSC index), its ``_persistent`` and ``_tma`` variants,
@@ -366,16 +367,16 @@ def _device_guard(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def _check_tma_support(values: torch.Tensor | None = None, **rows: torch.Tensor) -> None:
-    """TMA needs sm_90+, 16-byte aligned bases and row strides, and contiguous values (viewed as ``[nnz·b, b]``)."""
-    device = next(iter(rows.values())).device
-    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (9, 0):
+def _check_tma_device(device: torch.device) -> None:
+    if not tma_supported(device):
         raise ValueError("variant='tma' needs a GPU with the Tensor Memory Accelerator (sm_90 or newer)")
-    for name, tensor in rows.items():
-        if tensor.data_ptr() % 16 or tensor.stride(0) * tensor.element_size() % 16:
-            raise ValueError(f"variant='tma' needs {name} 16-byte aligned, with 16-byte aligned rows")
-    if values is not None and (values.data_ptr() % 16 or not values.is_contiguous()):
-        raise ValueError("variant='tma' needs values contiguous and 16-byte aligned")
+
+
+def _tma_operand(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor``, or a copy of it where TMA could not read it: a descriptor needs a 16-byte aligned base and row
+    stride and unit stride along the last dimension (a fresh allocation is 512-byte aligned)."""
+    aligned = tensor.data_ptr() % 16 == 0 and tensor.stride(0) * tensor.element_size() % 16 == 0
+    return tensor if aligned and tensor.stride(-1) == 1 else tensor.clone(memory_format=torch.contiguous_format)
 
 
 def _check_row_major(**tensors: torch.Tensor) -> None:
@@ -386,13 +387,43 @@ def _check_row_major(**tensors: torch.Tensor) -> None:
 
 VARIANTS = ("grouped", "persistent", "tma")
 
+#: the variant used when neither ``variant=`` nor ``SMET_MATMUL_VARIANT`` names one: the fastest of
+#: ``gpu_check.md``'s "Kernel variants" table (``grouped`` until a GPU has measured them)
+DEFAULT_VARIANT = "grouped"
 
-def default_variant() -> str:
+
+@torch.compiler.assume_constant_result
+def tma_supported(device: torch.device) -> bool:
+    """Whether ``variant='tma'`` can run on ``device``: a CUDA GPU of sm_90 or newer, or the CPU interpreter (a
+    constant that ``torch.compile`` evaluates once)."""
+    return device.type != "cuda" or torch.cuda.get_device_capability(device) >= (9, 0)
+
+
+@functools.cache
+def _warn_tma_unsupported(device: torch.device) -> None:
+    warnings.warn(f"SMET_MATMUL_VARIANT=tma runs as 'grouped' on {device}: TMA needs a GPU of sm_90 or newer")
+
+
+@torch.compiler.assume_constant_result
+def _tma_fallback(device: torch.device, requested: bool) -> str:
+    """``grouped``, warned once per device when the environment ``requested`` ``tma`` (a constant that
+    ``torch.compile`` evaluates outside the graph: a warning cannot be traced)."""
+    if requested:
+        _warn_tma_unsupported(device)
+    return "grouped"
+
+
+def default_variant(device: torch.device | None = None) -> str:
     """The variant used when none is passed: ``SMET_MATMUL_VARIANT`` (read at each call, so a training run can be
-    A/B-timed end to end: ``SMET_MATMUL_VARIANT=tma smet-train ...``), else ``grouped``."""
-    variant = os.environ.get("SMET_MATMUL_VARIANT", "grouped")
+    A/B-timed end to end: ``SMET_MATMUL_VARIANT=tma smet-train ...``), else :data:`DEFAULT_VARIANT`. On a
+    ``device`` without TMA (:func:`tma_supported`) a default ``tma`` is ``grouped``, the same product (warned once
+    when the environment asked for ``tma``); a ``variant='tma'`` passed explicitly is refused there instead."""
+    requested = os.environ.get("SMET_MATMUL_VARIANT")
+    variant = DEFAULT_VARIANT if requested is None else requested
     if variant not in VARIANTS:
         raise ValueError(f"the SMET_MATMUL_VARIANT environment variable must be one of {VARIANTS}, got {variant!r}")
+    if variant == "tma" and device is not None and not tma_supported(device):
+        return _tma_fallback(device, requested is not None)
     return variant
 
 
@@ -451,7 +482,7 @@ def _dense_sparse(
     elif isinstance(group_m, bool) or not isinstance(group_m, int) or group_m < 1:
         raise ValueError(f"group_m must be a positive int, got {group_m!r}")
     if variant is None:
-        variant = default_variant()
+        variant = default_variant(a.device)
     elif variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     traced = tracing(a, values)
@@ -492,11 +523,11 @@ def _dense_sparse(
                 out.stride(0), **constexprs
             )
         else:
-            _check_tma_support(values, activations=a)
+            _check_tma_device(a.device)
             block = [block_size, block_size]  # the token-tile boxes are set per config by _tma_block_shapes
             bsmm_dense_sparse_tma_kernel[tile_grid](
-                TensorDescriptor.from_tensor(a, block),
-                TensorDescriptor.from_tensor(values.view(-1, block_size), block),
+                TensorDescriptor.from_tensor(_tma_operand(a), block),
+                TensorDescriptor.from_tensor(_tma_operand(values.reshape(-1, block_size)), block),
                 bias_arg,
                 TensorDescriptor.from_tensor(out, block),
                 *index_args,
@@ -522,8 +553,8 @@ def triton_bsmm_forward(
     ``group_m``: token tiles per L2 group of the program order (default ``GROUP_M``; at least the number of token
     tiles gives the plain token-tile-fastest order). ``variant``: ``"grouped"`` (one program per output tile),
     ``"persistent"`` (about one program per SM slot, longest block rows first in each group) or ``"tma"`` (grouped,
-    tiles moved by TMA descriptors; needs 16-byte aligned ``x`` and values); None: :func:`default_variant`. Shapes
-    and dtypes are checked by the caller (``functional``).
+    tiles moved by TMA descriptors, sm_90+; an operand it cannot read, misaligned, is copied first); None:
+    :func:`default_variant`. Shapes and dtypes are checked by the caller (``functional``).
     """
     _check_row_major(x=x)
     return _dense_sparse(x, values, row_index, out_features, values.shape[-1], True, bias, group_m, variant)
@@ -559,7 +590,7 @@ def triton_bsmm_grad_weight(
     """
     _check_row_major(dy=dy, x=x)
     if variant is None:
-        variant = default_variant()
+        variant = default_variant(x.device)
     elif variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     traced = tracing(dy, x)
@@ -581,11 +612,11 @@ def triton_bsmm_grad_weight(
     constexprs = dict(BLOCK_SIZE=b, SPLIT_K=split, **precision_flags(x.dtype))
     with _device_guard(x.device):
         if variant == "tma":
-            _check_tma_support(dy=dy, x=x)
+            _check_tma_device(x.device)
             block = [b, b]  # the token boxes are set per config by _tma_token_block_shapes
             bsmm_grad_weight_tma_kernel[(nnz, split)](
-                TensorDescriptor.from_tensor(dy, block),
-                TensorDescriptor.from_tensor(x, block),
+                TensorDescriptor.from_tensor(_tma_operand(dy), block),
+                TensorDescriptor.from_tensor(_tma_operand(x), block),
                 TensorDescriptor.from_tensor(out.view(-1, b), block),
                 block_indices, m, n, k, nnz, **constexprs,
             )  # fmt: skip
