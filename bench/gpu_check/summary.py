@@ -6,7 +6,7 @@ Bars (the kernel ratios come from :func:`bench.report.kernel_comparison`: ``vs d
 * at the first block size (b = 128 on the GPU), d in ``roofline.BARS``: ``vs d×dense ≤ c`` where the roofline allows
   it (``roofline ≤ c · d · t_dense``), else ``vs roofline ≤ 1.2``;
 * every block size and density: ``t_bsr / t ≥ 1.5`` (torch BSR) and, at d ≤ 0.5, ``t ≤ t_dense``;
-* the kernel variants (not a bar): each variant's geometric-mean time against the default, the data for choosing
+* the kernel variants (not a bar): each variant's geometric-mean time against ``grouped``, the data for choosing
   the default variant; then each KERNEL_NOTES prediction beside its measured value (:mod:`.predictions`);
 * compact AdamW: GB/s ≥ 90 % of the copy ceiling of stage ``env``;
 * SMET training at the last training config: more tokens/s than dense AdamW, lower peak memory than dense and GaLore
@@ -84,8 +84,8 @@ def _roofline_term(point) -> str:
 
 
 def _kernel_rows(kernels: pd.DataFrame, sizes: Sizes) -> pd.DataFrame:
-    """One row per (shape, b, d, op): triton_grouped (default variant) time, ratios, bars, and each variant's
-    time."""
+    """One row per (shape, b, d, op): the ``grouped`` variant's time (``triton_grouped``), ratios, bars, and each
+    variant's time."""
     comparison = kernel_comparison(kernels)
     comparison = comparison[comparison["status"] == "ok"]
     rows = []
@@ -133,8 +133,8 @@ def kernel_section(kernels: pd.DataFrame | None, sizes: Sizes) -> list[str]:
             counts = frame[column].value_counts()
             lines.append(f"* {column}: {counts.get('pass', 0)} pass, {counts.get('miss', 0)} miss, "
                          f"{counts.get('not measured', 0)} not measured")  # fmt: skip
-    lines += ["", "`ms`: the default variant (`triton_grouped`); the variant columns are the same op A/B-timed in "
-              "this run (ms), `best` its time relative to the default. A miss names its limit: `roofline term` is "
+    lines += ["", "`ms`: the `grouped` variant (`triton_grouped`); the variant columns are the same op A/B-timed in "
+              "this run (ms), `best` its time relative to `grouped`. A miss names its limit: `roofline term` is "
               "the larger term of the op's roofline, `vs roofline` how far the kernel is from it (≈ 1: at the "
               "ceiling). `vs BSR`: torch's `bsr_dense_mm` / `sampled_addmm` over our time, with the launch "
               "parameters the environment's `torch_bsr_params` names.", "", table(frame.fillna("")), ""]  # fmt: skip
@@ -142,7 +142,7 @@ def kernel_section(kernels: pd.DataFrame | None, sizes: Sizes) -> list[str]:
 
 
 def variant_section(kernels: pd.DataFrame | None) -> list[str]:
-    """Per op and block size, each timed variant's time relative to the default ``grouped``: the geometric mean of
+    """Per op and block size, each timed variant's time relative to ``grouped``: the geometric mean of
     ``t / t_grouped`` over the shapes and densities where both ran, and how often each was the fastest. The ``all``
     row compares what ``SMET_MATMUL_VARIANT`` selects, one variant for all three ops (an op a variant does not change
     runs the grouped kernel: ratio 1), so ``plain_order``, the benchmark's baseline order, is not in it."""
@@ -169,7 +169,7 @@ def variant_section(kernels: pd.DataFrame | None) -> list[str]:
         row["fastest (points)"] = ", ".join(f"{name} {count}" for name, count in wins.items())
         rows.append(row)
     overall = np.exp(selected.mean())
-    lines += [f"Geometric mean of t / t_grouped (< 1: faster than the default). Of the variants `SMET_MATMUL_VARIANT` "
+    lines += [f"Geometric mean of t / t_grouped (< 1: faster than `grouped`). Of the variants `SMET_MATMUL_VARIANT` "
               f"selects, over every op and block size, `{overall.idxmin()}` is the fastest ({overall.min():.3f}× "
               "grouped).", "", table(pd.DataFrame(rows)), ""]  # fmt: skip
     return lines
