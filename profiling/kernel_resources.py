@@ -44,10 +44,11 @@ from smet_kernels.ops.block_sparse_matmul import (
 )
 from smet_kernels.ops.regrow import regrow_blocks_kernel
 
+from .memory_model import parse_dtype
+
 SHARED_MEMORY_LIMIT = launch_config.SHARED_MEMORY_LIMITS
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DTYPES = ("bf16", "fp16", "fp32")  # operand dtypes, by the names the kernel signatures use (parse_dtype)
 DEFAULT_BLOCK_SIZES = [16, 32, 64, 128]
-_TRITON_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 INSTRUCTIONS = {
     "wgmma": "wgmma.mma_async",
     "mma_sync": "mma.sync",
@@ -143,8 +144,7 @@ def matmul_cases(dtypes: list[str], block_sizes: list[int], arch: int = 90) -> l
     limit = SHARED_MEMORY_LIMIT.get(arch, launch_config.HOPPER_SHARED_MEMORY)
     cases = []
     for dtype_name in dtypes:
-        dtype = DTYPES[dtype_name]
-        t = _TRITON_TYPES[dtype]
+        dtype, t = parse_dtype(dtype_name), dtype_name
         flags = launch_config.precision_flags(dtype, interpret=False)
         probe = {"a": torch.empty(0, dtype=dtype)}
         for b in block_sizes:
@@ -184,9 +184,9 @@ def optimizer_cases(dtypes: list[str]) -> list[KernelCase]:
     (:mod:`smet_kernels.ops.launch_config`)."""
     cases = []
     for dtype_name in dtypes:
-        t = _TRITON_TYPES[DTYPES[dtype_name]]
+        t = dtype_name
         for warmup, code in WARMUP_CODES.items():
-            constexprs = {"PARAM_DTYPE": TL_DTYPES[DTYPES[dtype_name]], "STATE_DTYPE": tl.float32, "WARMUP": code,
+            constexprs = {"PARAM_DTYPE": TL_DTYPES[parse_dtype(dtype_name)], "STATE_DTYPE": tl.float32, "WARMUP": code,
                           "ALIGNED": True, "STEP_PER_TILE": True, "TILE": launch_config.ADAMW_GPU_TILE}
             signature = kernel_signature(adamw_step_kernel, t, constexprs, scalar="fp32")
             cases.append(KernelCase(f"adamw_step[{warmup}]", adamw_step_kernel, signature, constexprs,

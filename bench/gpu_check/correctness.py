@@ -23,10 +23,11 @@ from typing import Callable
 
 import torch
 
+from profiling.memory_model import parse_dtype
+
 from . import kernel_ops
 from .plan import Sizes
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 BOUND_FLOOR = 1e-6
 ADAMW_HYPER = dict(betas=(0.9, 0.99), eps=1e-6, weight_decay=0.1, warmup_steps=8)
 ADAMW_PARAM_TOLERANCE = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 1e-2}  # tests/test_adamw.py
@@ -204,7 +205,7 @@ def matmul_checks(sizes: Sizes, device: torch.device, seed: int, budget, groups=
                     not_run.append(not_run_label(row))
                     continue
                 try:
-                    operands = operands or _MatmulOperands(sizes, block_size, DTYPES[dtype_name], device, seed)
+                    operands = operands or _MatmulOperands(sizes, block_size, parse_dtype(dtype_name), device, seed)
                     op = row["op"].split()[0]
                     call = operands.call(kernel_ops.matmul_ops(row["variant"]), op, split_k)
                     expected, bound = operands.expected[op], operands.bound[op]
@@ -238,7 +239,7 @@ def adamw_checks(sizes: Sizes, device: torch.device, seed: int, budget) -> tuple
                 continue
             generator = torch.Generator().manual_seed(seed)
             layout = BlockLayout.random(shape.N, shape.K, b, 0.25, generator=generator)
-            dtype = DTYPES[dtype_name]
+            dtype = parse_dtype(dtype_name)
             size = (layout.nnz, b, b)
             fused = {
                 "param": (0.02 * torch.randn(size, generator=generator)).to(device, dtype),
@@ -324,7 +325,7 @@ def training_step_check(sizes: Sizes, device: torch.device, seed: int) -> dict:
     from smet_kernels.train.model import lm_loss
 
     label = "bf16" if device.type == "cuda" else "fp32"
-    dtype = DTYPES[label]
+    dtype = parse_dtype(label)
     case = TrainingCase(sizes.step_config, "smet", 0.25, sizes.step_block_size, sizes.step_batch, sizes.step_seq,
                         dtype)  # fmt: skip
     results = {}

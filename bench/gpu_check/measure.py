@@ -23,11 +23,11 @@ from bench.kernels import KernelCase, LinearShape
 from bench.optimizer import OptimizerCase
 from bench.results import kernels_file, training_file
 from bench.runner import run_cases
+from profiling.memory_model import parse_dtype
 
 from . import kernel_ops
 from .plan import TIMING_CONFIGS, Sizes
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class Context:
@@ -97,7 +97,7 @@ def environment(device: torch.device) -> dict:
 
 def ceiling_cases(sizes: Sizes) -> tuple[KernelCase, OptimizerCase]:
     n, side = sizes.ceiling_matmul, sizes.ceiling_copy_side
-    matmul = KernelCase("forward", "cublas_dense", LinearShape("ceiling", n, n), n, None, 1.0, DTYPES[sizes.dtype])
+    matmul = KernelCase("forward", "cublas_dense", LinearShape("ceiling", n, n), n, None, 1.0, parse_dtype(sizes.dtype))
     copy = OptimizerCase("copy", "device_copy", "dense", LinearShape("ceiling", side, side), None, 1.0)
     return matmul, copy
 
@@ -123,7 +123,7 @@ def kernel_cases(sizes: Sizes, block_size: int) -> tuple[list[KernelCase], list[
     """``(headline, bars, variants)`` at ``block_size``: the cases of the headline shape (dense, and sparse at the
     middle density: they autotune); the other cases of the providers the bars compare (cuBLAS, ``triton_grouped``,
     torch BSR, masked dense); the other cases of the Triton variants, which only choose the default variant."""
-    dtype = DTYPES[sizes.dtype]
+    dtype = parse_dtype(sizes.dtype)
     providers = kernels.default_providers("triton")
     cases = list(kernels.kernel_cases(sizes.kernel_configs, sizes.kernel_densities, [block_size],
                                       [sizes.kernel_tokens], dtype, providers=providers))  # fmt: skip
@@ -207,7 +207,7 @@ def training_cases(sizes: Sizes) -> list:
     """Every method at d = 0.25, and :data:`CHECKPOINTED_METHODS` with activation checkpointing at the config of
     the bars (the last); that config first, in :data:`TRAINING_ORDER` (its bar rows first)."""
     bar_config = sizes.training_configs[-1]
-    shared = (sizes.training_block_size, sizes.training_batch, sizes.training_seq, DTYPES[sizes.dtype])
+    shared = (sizes.training_block_size, sizes.training_batch, sizes.training_seq, parse_dtype(sizes.dtype))
     cases = list(training.training_cases(sizes.training_configs, training.METHODS, [TRAINING_DENSITY], *shared,
                                          vocab_size=sizes.training_vocab))  # fmt: skip
     cases += training.training_cases([bar_config], CHECKPOINTED_METHODS, [TRAINING_DENSITY], *shared,
@@ -244,7 +244,7 @@ def run_compile(ctx: Context) -> dict:
     fails."""
     sizes = ctx.sizes
     case = training.TrainingCase(sizes.compile_config, "smet", TRAINING_DENSITY, sizes.training_block_size,
-                                 sizes.training_batch, sizes.training_seq, DTYPES[sizes.dtype],
+                                 sizes.training_batch, sizes.training_seq, parse_dtype(sizes.dtype),
                                  sizes.training_vocab)  # fmt: skip
     generator = torch.Generator().manual_seed(ctx.seed + 1)
     tokens = torch.randint(0, sizes.training_vocab, (case.batch_size, case.seq_len + 1), generator=generator)

@@ -181,15 +181,16 @@ def weight_grad_splits(sizes: Sizes, block_size: int, device: torch.device) -> l
     of the SMET training steps' layers (``default_split_k`` of each case's tokens and block count; the headline's
     first)."""
     from bench import kernels
+    from profiling.memory_model import parse_dtype
     from smet_kernels.layout import nnz_for_density
     from smet_kernels.ops.launch_config import default_split_k
 
-    from .measure import DTYPES, TRAINING_DENSITY, kernel_cases
+    from .measure import TRAINING_DENSITY, kernel_cases
 
     cases = list(itertools.chain(*kernel_cases(sizes, block_size)))
     if block_size == sizes.training_block_size:
         cases += kernels.kernel_cases((*sizes.training_configs, sizes.compile_config), [TRAINING_DENSITY],
-                                      [block_size], [sizes.training_batch * sizes.training_seq], DTYPES[sizes.dtype],
+                                      [block_size], [sizes.training_batch * sizes.training_seq], parse_dtype(sizes.dtype),
                                       providers=("triton_grouped",), ops=("grad_weight",))  # fmt: skip
     splits: list[int] = []
     for case in cases:
