@@ -292,8 +292,11 @@ def training_file(out_dir: str | os.PathLike) -> ResultsFile:
 def check_results_files(out_dir: str | os.PathLike, kernels: bool = True, training: bool = True) -> None:
     """Raise ``ValueError`` (naming the file and the remedy) when ``out_dir`` holds a ``kernels.csv`` or
     ``training.csv`` of other columns (an older or newer release): a run would otherwise find out only when it first
-    opens that file, after spending its budget on the stages before."""
-    if kernels:
-        kernels_file(out_dir)
-    if training:
-        training_file(out_dir)
+    opens that file, after spending its budget on the stages before. A torn row is left to the stage that opens the
+    file to warn about (once)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TornRowWarning)
+        if kernels:
+            kernels_file(out_dir)
+        if training:
+            training_file(out_dir)

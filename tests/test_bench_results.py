@@ -277,6 +277,22 @@ def test_a_row_cut_short_by_a_stopped_run_is_measured_again_and_the_next_row_sta
     assert [row[KERNEL_COLUMNS.index("shape")] for row in rows[1:]] == ["a", "c"]
 
 
+def test_the_start_up_check_of_the_results_files_leaves_the_warning_about_a_torn_row_to_the_stage(tmp_path):
+    """``check_results_files`` opens the files before any stage runs: a torn row is warned about once, by the stage
+    that opens the file, not twice."""
+    from bench.results import check_results_files
+
+    results = kernels_file(tmp_path)
+    results.append(_row(shape="a", gpu="G"))
+    path = tmp_path / "kernels.csv"
+    path.write_bytes(path.read_bytes() + b"kernels,forward,triton_grouped,b")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_results_files(tmp_path)
+    with pytest.warns(TornRowWarning, match="kernels.csv"):
+        kernels_file(tmp_path)
+
+
 def test_a_file_holding_only_a_header_cut_short_resumes_as_an_empty_one(tmp_path):
     from bench.results import TornRowWarning
 
