@@ -206,7 +206,7 @@ class ResultsFile:
         self.path = Path(path)
         self.columns = list(columns)
         self.key = list(key)
-        self._done: set[tuple[str, ...]] = set()
+        self._done: dict[tuple[str, ...], tuple[str, str]] = {}  # key -> the (torch, triton) that measured it
         self._missing: dict = {}  # added columns the file on disk lacks, with the value its rows had
         self._torn = False  # the file holds a half-written row (at its end, or merged into the next one): rewritten
         if self.path.exists() and self.path.stat().st_size > 0:
@@ -226,7 +226,7 @@ class ResultsFile:
                     )
                 for cells in records:  # rows measured under an old provider name count as done under the new one
                     row = self._missing | dict(zip(header, cells))
-                    self._done.add(self.key_of(rename_old_providers(row)))
+                    self._done[self.key_of(rename_old_providers(row))] = _stack(row)
                 if merged:  # not done (their key cells may be whole): measured again, as the report leaves them out
                     warn_merged_lines(self.path, merged, len(header), "measured again")
                     self._torn = True  # the next append rewrites the file without them
@@ -237,6 +237,10 @@ class ResultsFile:
     def done(self, row: dict) -> bool:
         """True when a row with the same key is already in the file."""
         return self.key_of(row) in self._done
+
+    def stack(self, row: dict) -> tuple[str, str] | None:
+        """``(torch, triton)`` versions of the row with ``row``'s key in the file (None when it is not done)."""
+        return self._done.get(self.key_of(row))
 
     def __len__(self) -> int:
         return len(self._done)
@@ -254,7 +258,7 @@ class ResultsFile:
             if write_header:
                 writer.writeheader()
             writer.writerow({c: _cell(row.get(c)) for c in self.columns})
-        self._done.add(self.key_of(row))
+        self._done[self.key_of(row)] = _stack(row)
 
     def _rewrite(self) -> None:
         """Rewrite the file under the full header, its rows given the added columns' old values and half-written
@@ -271,6 +275,21 @@ class ResultsFile:
             writer.writerows({c: row.get(c, _cell(self._missing.get(c))) for c in self.columns} for row in rows)
         os.replace(temporary, self.path)
         self._missing, self._torn = {}, False
+
+
+def _stack(row: dict) -> tuple[str, str]:
+    return str(row.get("torch") or ""), str(row.get("triton") or "")
+
+
+def stack_note(stacks, current: tuple[str, str]) -> str:
+    """What a resumed run says of the ``stacks`` (``(torch, triton)``) of the rows it keeps: empty when they are all
+    ``current``, else which versions measured them (the report would set them beside this run's)."""
+    other = sorted({s for s in stacks if s != current})
+    if not other:
+        return ""
+    named = ", ".join(f"torch {t or '?'} / Triton {tr or '?'}" for t, tr in other)
+    return (f" (measured with {named}, not this run's torch {current[0]} / Triton {current[1]}; a fresh --out-dir "
+            "measures every case with this run's versions)")
 
 
 def _cell(value) -> str:

@@ -72,11 +72,13 @@ def progress(items, description: str, disable: bool):
 def run_cases(suite, cases, run_one, file, backend, device, no_progress, deadline, commands, after_row=None) -> int:
     """Run the cases not yet in ``file``, appending one row each (then calling ``after_row()``, if given); returns the
     number of failed cases."""
-    from .results import device_name, environment
+    from .results import environment, stack_note
 
-    machine = {"gpu": device_name(device)}
-    todo = [case for case in cases if not file.done(case.key_row(backend) | machine)]
-    print(f"{suite}: {len(cases)} cases, {len(cases) - len(todo)} already in {file.path}, {len(todo)} to run")
+    env = environment(device)
+    rows = [case.key_row(backend) | {"gpu": env["gpu"]} for case in cases]
+    todo = [case for case, row in zip(cases, rows) if not file.done(row)]
+    kept = stack_note([file.stack(row) for row in rows if file.done(row)], (env["torch"], env["triton"]))
+    print(f"{suite}: {len(cases)} cases, {len(cases) - len(todo)} already in {file.path}{kept}, {len(todo)} to run")
     failures = 0
     for case in progress(todo, suite, no_progress):
         if deadline.expired():

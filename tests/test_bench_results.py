@@ -82,6 +82,27 @@ def test_resume_is_per_device(tmp_path, monkeypatch, capsys):
     assert len((tmp_path / "kernels.csv").read_text().splitlines()) == 2 * first - 1
 
 
+def test_a_resumed_run_names_the_other_versions_that_measured_the_rows_it_keeps(tmp_path, monkeypatch, capsys):
+    """The resume key is the configuration and the GPU: rows that another torch / Triton measured are kept, and the
+    run says so (the report would set them beside its own), naming both stacks; rows of its own stack say nothing."""
+    import torch
+    import triton
+
+    from bench import results
+    from bench.cli import main
+
+    args = ["run", "--quick", "--suites", "optimizer", "--no-progress", "--out-dir", str(tmp_path)]
+    assert main(args) == 0
+    capsys.readouterr()
+    assert main(args) == 0
+    assert "already in " + str(tmp_path / "kernels.csv") + ", 0 to run" in capsys.readouterr().out
+    environment = results.environment
+    monkeypatch.setattr(results, "environment", lambda device: environment(device) | {"torch": "9.9.9"})
+    assert main(args) == 0
+    assert (f"(measured with torch {torch.__version__} / Triton {triton.__version__}, not this run's torch 9.9.9 / "
+            f"Triton {triton.__version__}; a fresh --out-dir measures every case") in capsys.readouterr().out
+
+
 def _kernel_frame(rows):
     import pandas as pd
 
