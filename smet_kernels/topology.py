@@ -23,12 +23,15 @@ sparse parameters are handled, found in ``model.parameters()`` by a marker attri
 
 Both kinds share one selection function, :func:`choose_blocks`.
 
-**Dense gradients (RigL).** Only on update steps: when ``regrow="gradient"`` the controller registers
-forward hooks on the sparse layers right before an update step (:meth:`SMET.needs_dense_grad` is then
-True) and removes them after it. While armed, every backward through such a layer accumulates
+**Dense gradients (RigL).** Only on update steps: when ``regrow="gradient"`` the controller puts a forward
+hook on each sparse layer when it is built, and the hooks record only right before an update step
+(:meth:`SMET.needs_dense_grad` is then True). While armed, every backward through such a layer accumulates
 ``dyᵀx`` (fp32, ``[out, in]``) for it; gradient accumulation over micro-batches therefore sums as the
 parameter gradients do. The training loop needs no change: ``forward, backward, optimizer.step(),
-smet.step()`` as usual.
+smet.step()`` as usual. A model compiled after the controller is built runs the hooks (compiled once for each
+value of the flag, with a graph break at each sparse layer when armed); Dynamo does not guard on module hooks, so
+it never sees a hook added to a model it compiled before, nor one of a model whose class it already compiled in
+this process without them.
 
 **Distributed.** Decisions depend only on weights (identical across DDP ranks), the step and the seeded
 generator (consumed identically on every rank). In addition, when ``torch.distributed`` is initialised the
@@ -397,7 +400,8 @@ class SMET:
         if target.dense_grad is None:
             raise RuntimeError(
                 f"regrow='gradient' needs the dense gradient of {target.name!r} at update step {self._step}, but "
-                "no backward pass went through its layer since the previous optimizer step"
+                "no backward pass went through its layer since the previous optimizer step (under torch.compile: build "
+                "the controller before the model is first compiled)"
             )
         if _distributed():
             dist.all_reduce(target.dense_grad)
@@ -525,18 +529,18 @@ class SMET:
 
     # ------------------------------------------------------------------ dense-gradient hooks (RigL)
     def _sync_hooks(self) -> None:
-        armed = self.needs_dense_grad()
+        """Arm the recording for the next step when due; with RigL, (re-)attach any missing hook."""
+        self._recording = self.needs_dense_grad()
+        if self.regrow != "gradient":
+            return
         for target in self.targets:
-            if armed and target.hook is None:
+            if target.hook is None:
                 target.hook = target.module.register_forward_hook(self._make_recorder(target))
-            elif not armed and target.hook is not None:
-                target.hook.remove()
-                target.hook = None
 
-    @staticmethod
-    def _make_recorder(target: _SparseTarget):
+    def _make_recorder(self, target: _SparseTarget):
         def record_input(module, inputs, output):
-            if not (torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad):
+            recording = self._recording and torch.is_grad_enabled()
+            if not (recording and isinstance(output, torch.Tensor) and output.requires_grad):
                 return
             x = inputs[0].detach()
 
@@ -549,7 +553,7 @@ class SMET:
         return record_input
 
     def remove_hooks(self) -> None:
-        """Detach the controller's dense-gradient hooks (re-armed by the next :meth:`step` when due)."""
+        """Detach the controller's dense-gradient hooks (attached again by the next :meth:`step`)."""
         for target in self.targets:
             if target.hook is not None:
                 target.hook.remove()

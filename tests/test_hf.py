@@ -67,11 +67,13 @@ class StopAt(TrainerCallback):
             control.should_training_stop = True
 
 
-def make_trainer(out_dir, model, optimizer, smet, extra_callbacks=()) -> Trainer:
-    args = TrainingArguments(
-        str(out_dir), max_steps=STEPS, per_device_train_batch_size=4, learning_rate=1e-2, save_steps=INTERRUPT,
-        logging_steps=1, seed=0, report_to=[], use_cpu=True, dataloader_num_workers=0, disable_tqdm=True,
-    )  # fmt: skip
+def make_trainer(out_dir, model, optimizer, smet, extra_callbacks=(), **arguments) -> Trainer:
+    """A Trainer of ``model`` with SMETCallback; ``arguments`` change its TrainingArguments."""
+    args = TrainingArguments(**dict(
+        output_dir=str(out_dir), max_steps=STEPS, per_device_train_batch_size=4, learning_rate=1e-2,
+        save_steps=INTERRUPT, logging_steps=1, seed=0, report_to=[], use_cpu=True, dataloader_num_workers=0,
+        disable_tqdm=True,
+    ) | arguments)  # fmt: skip
     return Trainer(model=model, args=args, train_dataset=random_tokens(), optimizers=(optimizer, None),
                    callbacks=[SMETCallback(smet), *extra_callbacks])  # fmt: skip
 
@@ -132,6 +134,26 @@ def test_topology_update_runs_after_the_optimizer_step_before_gradients_are_zero
     trainer.args.max_steps = 3
     trainer.train()
     assert seen == [(1, True), (2, True), (3, True)]
+
+
+def test_rigl_under_a_trainer_with_torch_compile_makes_the_eager_runs_updates(tmp_path):
+    """The Trainer compiles the model after the controller is built: the dense-gradient hooks must run in the
+    compiled model, armed on the step before each update only."""
+    torch._dynamo.reset()  # Dynamo does not guard on hooks: no code an earlier test compiled without them
+    runs = []
+    for compiled in (False, True):
+        model, optimizer, smet = sparse_setup("llama", "gradient")
+        options = dict(torch_compile=True, torch_compile_backend="aot_eager") if compiled else {}
+        trainer = make_trainer(tmp_path / str(compiled), model, optimizer, smet, max_steps=INTERVAL + 1,
+                               save_strategy="no", **options)  # fmt: skip
+        trainer.train()
+        runs.append((step_losses(trainer), layouts(model), smet.history))
+    (eager_losses, eager_layouts, eager_history), (losses, compiled_layouts, history) = runs
+    assert [record["step"] for record in history] == [INTERVAL] and history == eager_history
+    assert compiled_layouts.keys() == eager_layouts.keys()
+    assert all(torch.equal(compiled_layouts[name], eager_layouts[name]) for name in eager_layouts)
+    for step, loss in losses.items():
+        assert abs(loss - eager_losses[step]) <= 1e-5 * abs(eager_losses[step]), (step, loss, eager_losses[step])
 
 
 def test_two_ddp_ranks_under_the_trainer_make_the_same_topology_updates(tmp_path, tmp_path_factory):

@@ -202,7 +202,7 @@ def test_rigl_regrows_largest_dense_gradient_blocks():
     mask_before = layout.mask.clone()
     old = layout.block_indices.clone()
     record = smet.step()
-    assert not smet.needs_dense_grad() and len(model.up._forward_hooks) == 0
+    assert not smet.needs_dense_grad() and len(model.up._forward_hooks) == 1  # kept, but records nothing now
     n = record["layers"]["up.values"]["regrown"]
     block_scores = dense_grad.reshape(8, B, 4, B).abs().sum((1, 3))
     block_scores[mask_before] = -1.0
@@ -210,6 +210,9 @@ def test_rigl_regrows_largest_dense_gradient_blocks():
     changed = (layout.block_indices != old).any(1)
     grown = layout.block_indices[changed]
     assert (grown[:, 0] * 4 + grown[:, 1]).sort().values.tolist() == expected.tolist()
+    x, target = batch(12)
+    (model(x) - target).pow(2).mean().backward()
+    assert all(t.dense_grad is None for t in smet.targets)  # a dense gradient only on update steps
 
 
 def test_rigl_without_backward_raises():
