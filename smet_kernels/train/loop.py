@@ -227,7 +227,9 @@ class Run:
                 self.model, device_ids=device_ids, broadcast_buffers=False
             )
         if config.compile:  # one graph per model: the block-sparse products are custom ops (torch.ops.smet)
-            self.wrapped = torch.compile(self.wrapped, fullgraph=not self.ddp.enabled)
+            # but RigL's dense-gradient hooks (armed before an update step) break the graph at each sparse layer
+            rigl = self.controller is not None and self.controller.regrow == "gradient"
+            self.wrapped = torch.compile(self.wrapped, fullgraph=not (self.ddp.enabled or rigl))
         if self.is_main and self.out_dir:  # before the first checkpoint write; rank 0 writes or coordinates them
             clear_leftovers(self.out_dir)
         self.metrics = (MetricsLog(self.out_dir, self.step if config.resume else None)
