@@ -4,9 +4,12 @@
 Needs the optional extra ``hf`` (``pip install "smet_kernels[hf]"``)::
 
     optimizer = sk.SMETAdamW(model.parameters(), lr=1e-3)
-    smet = sk.SMET(model, optimizer, update_interval=100, total_steps=args.max_steps)
+    smet = sk.SMET(model, optimizer, update_interval=100, total_steps=args.max_steps)  # the run's optimizer steps
     trainer = Trainer(model=model, args=args, train_dataset=data, optimizers=(optimizer, None),
                       callbacks=[SMETCallback(smet)])
+
+``total_steps`` counts optimizer steps: an epoch-based run (``max_steps=-1``) makes
+``num_train_epochs × ceil(batches per epoch / gradient_accumulation_steps)`` of them.
 """
 
 from __future__ import annotations
@@ -67,7 +70,8 @@ class SMETCallback(TrainerCallback):
         if self.smet.step_count != state.global_step:
             raise ValueError(
                 f"the SMET controller has counted {self.smet.step_count} optimizer steps but the Trainer starts at "
-                f"step {state.global_step}: resume from a checkpoint saved with SMETCallback, with a fresh controller"
+                f"step {state.global_step}: resume from a checkpoint saved with SMETCallback (its optimizer.pt holds the "
+                "controller; save_only_model=True checkpoints have none), with a fresh controller"
             )
 
     def on_optimizer_step(self, args, state, control, **kwargs):

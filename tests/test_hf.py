@@ -192,7 +192,8 @@ def test_callback_refuses_a_fresh_controller_on_a_resumed_trainer():
     """The other direction of a mismatch: the Trainer resumes at step 3, the controller has counted none."""
     model, optimizer, smet = sparse_setup("llama", "random")
     callback = SMETCallback(smet)
-    with pytest.raises(ValueError, match="counted 0 optimizer steps but the Trainer starts at step 3"):
+    with pytest.raises(ValueError, match="counted 0 optimizer steps but the Trainer starts at step 3.*"
+                       "save_only_model=True checkpoints have none"):
         callback.on_train_begin(None, TrainerState(global_step=3), None, optimizer=optimizer)
 
 
