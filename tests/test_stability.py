@@ -85,6 +85,18 @@ def test_spec_validation_names_the_field():
     assert bench_main(["stability", "run", "--quick", "--densities", "0", "--dry-run"]) == 2
 
 
+def test_the_help_of_each_option_states_the_default_that_cpu_study_gives_it(capsys):
+    """``stability run --help`` names each preset that changes an option's default: ``--cpu-study`` (lr 2e-3, 3 seeds,
+    3000 steps, ...) as well as ``--quick``."""
+    with pytest.raises(SystemExit):
+        bench_main(["stability", "run", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: 0.001; 0.002 with --quick or --cpu-study)" in text
+    assert "(default: 0,1; 0,1,2 with --cpu-study)" in text
+    assert "(default: 200; 10 with --quick; 100 with --cpu-study)" in text
+    assert "(default: 4000; 200 with --quick; 3000 with --cpu-study)" in text
+
+
 @pytest.mark.parametrize("dry_run", [False, True])
 @pytest.mark.parametrize(
     "option, value, named",

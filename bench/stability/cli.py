@@ -39,14 +39,21 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _default(name: str) -> str:
-    """``(default: <H100 study value>; <CPU pilot value> with --quick)`` of the :class:`StudySpec` field ``name``."""
+def _default(name: str, study_text: str | None = None) -> str:
+    """``(default: <H100 study value>; <value> with --quick; <value> with --cpu-study)`` of the :class:`StudySpec`
+    field ``name``: a preset is named where it changes the value (one clause for both where they agree)."""
 
     def show(value) -> str:
         return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
 
-    study, pilot = show(getattr(PRESETS["h100"], name)), show(getattr(PRESETS["pilot"], name))
-    return f"(default: {study})" if study == pilot else f"(default: {study}; {pilot} with --quick)"
+    study = show(getattr(PRESETS["h100"], name))
+    presets: dict[str, list[str]] = {}
+    for flag, preset in (("--quick", "pilot"), ("--cpu-study", "cpu")):
+        value = show(getattr(PRESETS[preset], name))
+        if value != study:
+            presets.setdefault(value, []).append(flag)
+    clauses = [study_text or study] + [f"{value} with {' or '.join(flags)}" for value, flags in presets.items()]
+    return f"(default: {'; '.join(clauses)})"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -79,7 +86,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--configs", type=_csv(str),
                      help=f"model configurations from tiny,20m,60m,130m,350m,1b,7b {_default('configs')}")
     run.add_argument("--methods", type=_csv(str),
-                     help=f"methods from {','.join(METHODS)}; must include {DENSE_METHOD} (default: all)")
+                     help=f"methods from {','.join(METHODS)}; must include {DENSE_METHOD} {_default('methods', 'all')}")
     run.add_argument("--densities", type=_csv(float),
                      help=f"block densities in (0, 1) of the sparse methods {_default('densities')}")
     run.add_argument("--alphas", type=_csv(float),
