@@ -205,49 +205,48 @@ def run_plan(pairs, file: ResultsFile, progress: bool = True) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- command line
-def _csv(kind, name: str):
+def _csv(kind):
     def parse(text: str):
         items = [item.strip() for item in text.split(",") if item.strip()]
         try:
             return [kind(item) for item in items]
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name}: cannot read {text!r}") from None
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(f"cannot read {text!r}: {error}") from None
 
     return parse
 
 
 def _batch_shape(text: str) -> tuple[int, int]:
     batch, _, seq = text.lower().partition("x")
-    shape = (int(batch), int(seq))
-    if min(shape) < 1:
-        raise ValueError(text)
-    return shape
+    if not (batch.isdigit() and seq.isdigit() and min(int(batch), int(seq)) >= 1):
+        raise ValueError("expected BATCHxSEQ with positive integers, e.g. 8x256")
+    return int(batch), int(seq)
 
 
 def _switch(text: str) -> bool:
     if text not in ("off", "on"):
-        raise ValueError(text)
+        raise ValueError("expected off or on")
     return text == "on"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out-dir", default="reports/memory-scaling",
                         help="folder of memory.csv, memory.md and the plots (default: reports/memory-scaling)")
-    parser.add_argument("--configs", type=_csv(str, "--configs"), default=list(CONFIGS),
+    parser.add_argument("--configs", type=_csv(str), default=list(CONFIGS),
                         help=f"model sizes (default: {','.join(CONFIGS)})")
-    parser.add_argument("--methods", type=_csv(str, "--methods"), default=list(METHODS),
+    parser.add_argument("--methods", type=_csv(str), default=list(METHODS),
                         help=f"methods (default: {','.join(METHODS)})")
-    parser.add_argument("--densities", type=_csv(float, "--densities"), default=list(DENSITIES),
+    parser.add_argument("--densities", type=_csv(float), default=list(DENSITIES),
                         help="block densities of masked and smet (default: 0.5,0.25,0.1)")
-    parser.add_argument("--batch-shapes", type=_csv(_batch_shape, "--batch-shapes"), default=list(BATCH_SHAPES),
+    parser.add_argument("--batch-shapes", type=_csv(_batch_shape), default=list(BATCH_SHAPES),
                         help="batch × sequence shapes (default: 8x256,32x256)")
-    parser.add_argument("--vocab-sizes", type=_csv(int, "--vocab-sizes"), default=list(VOCAB_SIZES),
+    parser.add_argument("--vocab-sizes", type=_csv(int), default=list(VOCAB_SIZES),
                         help="vocabulary sizes (default: 256,32000)")
-    parser.add_argument("--state-dtypes", type=_csv(str, "--state-dtypes"), default=list(STATE_DTYPES),
+    parser.add_argument("--state-dtypes", type=_csv(str), default=list(STATE_DTYPES),
                         help="optimizer-state dtypes with bf16 weights; GaLore has bf16 only (default: fp32,bf16)")
-    parser.add_argument("--checkpointing", type=_csv(_switch, "--checkpointing"), default=["off", "on"],
+    parser.add_argument("--checkpointing", type=_csv(_switch), default=["off", "on"],
                         help="activation checkpointing per decoder layer, off and/or on (default: off,on)")
-    parser.add_argument("--measure-configs", type=_csv(str, "--measure-configs"), default=list(MEASURED_CONFIGS),
+    parser.add_argument("--measure-configs", type=_csv(str), default=list(MEASURED_CONFIGS),
                         help="sizes also measured on real CPU tensors at batch 8x256, vocab 256; empty for none "
                         f"(default: {','.join(MEASURED_CONFIGS)})")
     parser.add_argument("--report-only", action="store_true",
@@ -268,7 +267,7 @@ def _validate(args) -> None:
         if bad or (not values and option != "--measure-configs"):
             raise ValueError(f"{option} must be from {','.join(allowed)}, got {','.join(values) or 'nothing'}")
     for density in args.densities:
-        check_density(density)
+        check_density(density, "--densities")
     if any(v < 2 for v in args.vocab_sizes) or not args.vocab_sizes:
         raise ValueError(f"--vocab-sizes must be ints >= 2, got {args.vocab_sizes}")
 

@@ -51,3 +51,20 @@ def test_memory_command_rejects_a_bad_batch_shape(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["memory", "--batch-shapes", "8by256", "--out-dir", str(tmp_path)])
     assert "--batch-shapes" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("option, value, expected", [
+    ("--batch-shapes", "8", "argument --batch-shapes: cannot read '8': expected BATCHxSEQ with positive integers"),
+    ("--checkpointing", "maybe", "argument --checkpointing: cannot read 'maybe': expected off or on"),
+])  # fmt: skip
+def test_a_list_item_that_cannot_be_read_is_named_once_with_the_form_expected(tmp_path, capsys, option, value,
+                                                                                expected):
+    with pytest.raises(SystemExit):
+        main(["memory", option, value, "--out-dir", str(tmp_path)])
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert expected in error and error.count(option) == 1, error
+
+
+def test_a_density_out_of_range_is_a_one_line_error_naming_densities(tmp_path, capsys):
+    assert main(["memory", "--densities", "2", "--out-dir", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == ["smet-bench: error: --densities must be in (0, 1], got 2.0"]
