@@ -273,6 +273,16 @@ def test_a_benchmark_json_that_is_not_json_is_a_one_line_error_naming_the_file(q
     assert "\n" not in str(exit_info.value.code)
 
 
+@pytest.mark.parametrize("name, reason", [("missing.json", "No such file or directory"),
+                                          ("a_folder", "Is a directory")])
+def test_a_benchmark_json_that_cannot_be_read_is_a_one_line_error_naming_the_file(tmp_path, name, reason):
+    (tmp_path / "a_folder").mkdir()
+    path = tmp_path / name
+    with pytest.raises(SystemExit) as exit_info:
+        main(["report", "--out-dir", str(tmp_path), "--benchmark-json", str(path)])
+    assert str(exit_info.value.code) == f"smet-bench: error: benchmark JSON {path} cannot be read: {reason}"
+
+
 def test_the_pytest_benchmark_suite_runs_and_the_report_renders_its_json(quick_run, tmp_path):
     """``pytest bench --benchmark-only`` at its CPU sizes (each result checked against the dense computation, then
     timed; the GPU hidden, where there is one, so that the suite does not run its full-size GPU grid here), and its

@@ -66,7 +66,9 @@ def load_benchmark_json(paths) -> pd.DataFrame | None:
     for path in paths:
         try:
             data = json.loads(Path(path).read_text())
-        except json.JSONDecodeError as error:
+        except OSError as error:
+            raise ValueError(f"benchmark JSON {path} cannot be read: {error.strerror}") from None
+        except ValueError as error:  # not JSON, or not text (UnicodeDecodeError)
             raise ValueError(f"benchmark JSON {path} is not JSON: {error}") from None
         if not isinstance(data, dict) or "benchmarks" not in data:
             continue
