@@ -231,6 +231,14 @@ def test_every_option_of_smet_train_states_its_default():
             assert "default: " in action.help, action.option_strings
 
 
+def test_the_galore_rank_help_states_the_default_of_every_model_size_the_default_tiny_included():
+    from smet_kernels.optim.galore import GALORE_DEFAULT_RANK
+
+    text = " ".join(cli.build_parser().format_help().split())
+    for name, rank in GALORE_DEFAULT_RANK.items():
+        assert f"{rank} for {name}" in text, name
+
+
 def test_unusable_data_and_out_dir_give_one_line_errors(capsys, tmp_path):
     empty, a_file = tmp_path / "empty.txt", tmp_path / "a_file"
     empty.write_bytes(b"")

@@ -17,6 +17,7 @@ import sys
 import warnings
 
 from ..layout import SUPPORTED_BLOCK_SIZES
+from ..optim.galore import GALORE_DEFAULT_RANK
 from .checkpoint import CheckpointWarning, load_checkpoint_config
 from .config import (
     CHECKPOINT_FORMATS,
@@ -116,8 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
                       f"(default: {d.warmup_scope})")
     galore = parser.add_argument_group("GaLore")
     galore.add_argument("--galore-rank", type=_int_at_least(1),
-                        help="projection rank (default: per model size, GaLore paper: 128/256/256/512 for "
-                        "60m/130m/350m/1b)")
+                        help="projection rank (default: per model size, "
+                        f"{', '.join(f'{rank} for {name}' for name, rank in GALORE_DEFAULT_RANK.items())}; "
+                        "the GaLore paper's from 60m to 1b)")
     galore.add_argument("--galore-update-gap", type=_int_at_least(1),
                         help=f"steps between projection refreshes (default: {d.galore_update_gap})")
     galore.add_argument("--galore-scale", type=_float_in(0.0, inf, low_open=True),
