@@ -335,7 +335,7 @@ def _validate(args) -> None:
     from . import kernels, optimizer, training
 
     def fail(message: str):
-        raise SystemExit(f"smet-bench: {message}")
+        raise SystemExit(f"smet-bench: error: {message}")
 
     unknown = [s for s in args.suites if s not in SUITES]
     if unknown:
@@ -394,7 +394,7 @@ def prepare_device(name: str | None, backend: str) -> tuple[torch.device, str]:
     try:
         device = resolve_device(name)
     except ValueError as error:
-        raise SystemExit(f"smet-bench: --{error}") from None
+        raise SystemExit(f"smet-bench: error: --{error}") from None
     return device, resolve_backend(device, None if backend == "auto" else backend)
 
 

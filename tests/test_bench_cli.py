@@ -187,6 +187,15 @@ def test_bad_options_are_rejected(tmp_path, option, value):
     assert not (tmp_path / "kernels.csv").exists()
 
 
+@pytest.mark.parametrize("argv, option", [(["run", "--device", "tpu"], "--device"),
+                                          (["run", "--batch-size", "-2"], "--batch-size"),
+                                          (["gpu-check", "--plan", "--device", "tpu"], "--device")])
+def test_a_bad_option_starts_its_line_with_smet_bench_error_like_the_other_subcommands(tmp_path, argv, option):
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, "--out-dir", str(tmp_path)])
+    assert str(exit_info.value.code).startswith(f"smet-bench: error: {option} ")
+
+
 @pytest.mark.parametrize("command", [["run", "--quick"], ["gpu-check"], ["stability", "run", "--quick"], ["memory"]])
 def test_an_out_dir_that_is_or_lies_under_a_file_is_a_one_line_error(tmp_path, command, capsys):
     a_file = tmp_path / "a_file"
@@ -353,8 +362,8 @@ def test_mode_options_take_off_on_or_both_and_apply_to_the_training_suite(tmp_pa
     assert error.startswith(f"smet-bench run: error: argument {option}: invalid choice: 'yes'")
     with pytest.raises(SystemExit) as raised:
         main(["run", "--quick", "--suites", "kernels", option, "both", "--out-dir", str(tmp_path)])
-    assert str(raised.value) == (f"smet-bench: {option} both applies to the training suite, which --suites kernels "
-                                 "leaves out")  # fmt: skip
+    assert str(raised.value) == (f"smet-bench: error: {option} both applies to the training suite, which --suites "
+                                 "kernels leaves out")  # fmt: skip
     assert not any(tmp_path.iterdir())
 
 
