@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--quick",
         action="store_true",
         help="tiny grid (config tiny, 64 tokens, block size 32, densities 0.5,0.25 for kernels) that finishes "
-        "in a few minutes on a 2-core CPU; explicit options still override it",
+        "in a few minutes on a 2-core CPU; explicit options still override it (default: the full GPU grid)",
     )
     run.add_argument(
         "--out-dir",
@@ -157,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
     run.add_argument("--seed", type=int, default=0, help="seed of layouts, weights and tokens (default: 0)")
-    run.add_argument("--no-progress", action="store_true", help="hide the tqdm progress bars")
+    run.add_argument("--no-progress", action="store_true", help="hide the tqdm progress bars (default: shown)")
     run.add_argument(
         "--max-minutes",
         type=float,

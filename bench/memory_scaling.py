@@ -251,7 +251,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         f"(default: {','.join(MEASURED_CONFIGS)})")
     parser.add_argument("--report-only", action="store_true",
                         help="render memory.md from the existing memory.csv without tracing (default: trace first)")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar (default: shown)")
 
 
 def _validate(args) -> None:

@@ -197,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"attainable tensor-core TFLOP/s (default: {H200_TFLOPS:g}, a bf16 matmul on an H200)")
     parser.add_argument("--tbps", type=float, default=H200_TBPS,
                         help=f"attainable memory bandwidth in TB/s (default: {H200_TBPS:g}, an H200 device copy)")
-    parser.add_argument("--out-dir", type=Path, required=True, help="folder for roofline.csv and roofline.md")
+    parser.add_argument("--out-dir", type=Path, required=True,
+                        help="folder for roofline.csv and roofline.md (required; no default)")
     args = parser.parse_args(argv)
     if not (0 < args.tflops < math.inf and 0 < args.tbps < math.inf):  # NaN fails both comparisons
         parser.error(f"--tflops and --tbps must be finite and > 0, got {args.tflops:g} and {args.tbps:g}")

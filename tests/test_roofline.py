@@ -127,3 +127,9 @@ def test_the_roofline_table_of_the_kernel_notes_matches_the_reports():
             key = (config.split()[0], density)
             assert cell(main) == pytest.approx(h200[key], abs=0.006), (key, text)
             assert cell(bracket.rstrip(")") or main) == pytest.approx(h100[key], abs=0.006), (key, text)
+
+
+def test_the_help_says_that_out_dir_is_required_with_no_default(capsys):
+    with pytest.raises(SystemExit):
+        roofline.main(["--help"])
+    assert "roofline.md (required; no default)" in " ".join(capsys.readouterr().out.split())

@@ -37,7 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=8.0,
         help="time budget: no new case starts after it; what is left is listed as not run (default: 8)",
     )
-    parser.add_argument("--plan", action="store_true", help="print the stages with estimated times and exit")
+    parser.add_argument("--plan", action="store_true",
+                        help="print the stages with estimated times and exit (default: run them)")
     parser.add_argument(
         "--stages",
         default=",".join(STAGES),
@@ -45,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
     parser.add_argument("--seed", type=int, default=0, help="seed of layouts, values and tokens (default: 0)")
-    parser.add_argument("--no-progress", action="store_true", help="hide the tqdm progress bars")
+    parser.add_argument("--no-progress", action="store_true", help="hide the tqdm progress bars (default: shown)")
 
 
 def validate(args) -> list[str]:

@@ -73,13 +73,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      f"{','.join(map(str, pilot.densities))}, α {','.join(map(str, pilot.alphas))}, seeds "
                      f"{','.join(map(str, pilot.seeds))}, {pilot.steps} steps × {pilot.batch_size} × {pilot.seq_len}, "
                      f"update every {pilot.update_interval} steps, {pilot.backend} backend (~15 min on 2 cores); "
-                     "options below still override")
+                     "options below still override (default: neither preset, the H100 study)")
     cpu = PRESETS["cpu"]
     run.add_argument("--cpu-study", action="store_true",
                      help=f"CPU study preset: config {','.join(cpu.configs)}, methods {','.join(cpu.methods)}, "
                      f"densities {','.join(map(str, cpu.densities))}, α {','.join(map(str, cpu.alphas))}, seeds "
                      f"{','.join(map(str, cpu.seeds))}, {cpu.steps} steps × {cpu.batch_size} × {cpu.seq_len}, update "
-                     f"every {cpu.update_interval} steps, {cpu.backend} backend; options below still override")
+                     f"every {cpu.update_interval} steps, {cpu.backend} backend; options below still override "
+                     "(default: neither preset, the H100 study)")
     run.add_argument("--out-dir", default=None,
                      help="output folder (default: reports/stability; reports/cpu-pilot-stability with --quick; "
                      "reports/stability-cpu with --cpu-study)")
@@ -117,8 +118,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--max-minutes", type=float, default=None,
                      help="start no new run after this many minutes; rerun the same command to resume "
                      "(default: no limit)")
-    run.add_argument("--keep-checkpoints", action="store_true", help="keep each finished run's checkpoints")
-    run.add_argument("--dry-run", action="store_true", help="list the runs and their state, train nothing")
+    run.add_argument("--keep-checkpoints", action="store_true",
+                     help="keep each finished run's checkpoints (default: deleted once it has finished)")
+    run.add_argument("--dry-run", action="store_true",
+                     help="list the runs and their state, train nothing (default: train)")
     report = commands.add_parser("report", help="write <out-dir>/stability.md and PNG plots from the runs",
                                  description="Render stability.md (tables, findings, commands) and seaborn PNGs "
                                  "from the finished runs in <out-dir>/runs.")
