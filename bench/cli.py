@@ -155,7 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="smet_kernels backend: triton (the CPU interpreter without a GPU), the PyTorch reference, or auto = "
         "triton where it can run, else reference (default: auto)",
     )
-    run.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
+    run.add_argument(
+        "--device", default=None, help="auto, cpu, cuda or cuda:N (default: auto, cuda when available, else cpu)"
+    )
     run.add_argument("--seed", type=int, default=0, help="seed of layouts, weights and tokens (default: 0)")
     run.add_argument("--no-progress", action="store_true", help="hide the tqdm progress bars (default: shown)")
     run.add_argument(

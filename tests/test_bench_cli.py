@@ -161,6 +161,14 @@ def test_every_option_states_its_default():
     assert "issue" not in build_parser().format_help().lower()
 
 
+def test_the_device_help_of_run_and_gpu_check_lists_auto_which_they_accept(tmp_path):
+    bench = _subcommands(build_parser())
+    for name in ("run", "gpu-check"):
+        device = next(a for a in bench[name]._actions if "--device" in a.option_strings)
+        assert device.help.startswith("auto, cpu, cuda or cuda:N (default: auto,"), name
+    assert main(["gpu-check", "--plan", "--device", "auto", "--out-dir", str(tmp_path)]) == 0
+
+
 def test_module_entry_point_help():
     result = subprocess.run(
         [sys.executable, "-m", "bench.cli", "run", "--help"], cwd=REPO, capture_output=True, text=True, timeout=120

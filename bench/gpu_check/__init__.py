@@ -44,7 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=",".join(STAGES),
         help=f"comma-separated stages to run, in priority order, from {','.join(STAGES)} (default: all)",
     )
-    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
+    parser.add_argument("--device", default=None,
+                        help="auto, cpu, cuda or cuda:N (default: auto, cuda when available, else cpu)")
     parser.add_argument("--seed", type=int, default=0, help="seed of layouts, values and tokens (default: 0)")
     parser.add_argument("--no-progress", action="store_true", help="hide the tqdm progress bars (default: shown)")
 
