@@ -397,7 +397,10 @@ def prepare_device(name: str | None, backend: str) -> tuple[torch.device, str]:
         device = resolve_device(name)
     except ValueError as error:
         raise SystemExit(f"smet-bench: error: --{error}") from None
-    return device, resolve_backend(device, None if backend == "auto" else backend)
+    try:
+        return device, resolve_backend(device, None if backend == "auto" else backend)
+    except ValueError as error:  # the SMET_BACKEND environment variable
+        raise SystemExit(f"smet-bench: error: {error}") from None
 
 
 def run(args) -> int:

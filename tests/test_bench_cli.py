@@ -169,6 +169,17 @@ def test_the_device_help_of_run_and_gpu_check_lists_auto_which_they_accept(tmp_p
     assert main(["gpu-check", "--plan", "--device", "auto", "--out-dir", str(tmp_path)]) == 0
 
 
+def test_a_bad_smet_backend_environment_variable_is_a_one_line_error_of_run(tmp_path, monkeypatch):
+    from smet_kernels import backend
+
+    monkeypatch.setattr(backend, "_backend", "fast")  # SMET_BACKEND=fast, read at import
+    monkeypatch.setattr(backend, "_backend_source", "the SMET_BACKEND environment variable")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["run", "--quick", "--suites", "optimizer", "--out-dir", str(tmp_path)])
+    assert str(exit_info.value.code) == ("smet-bench: error: the SMET_BACKEND environment variable must be one of "
+                                         "('auto', 'triton', 'reference'), got 'fast'")
+
+
 def test_module_entry_point_help():
     result = subprocess.run(
         [sys.executable, "-m", "bench.cli", "run", "--help"], cwd=REPO, capture_output=True, text=True, timeout=120

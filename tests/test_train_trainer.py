@@ -239,6 +239,24 @@ def test_the_galore_rank_help_states_the_default_of_every_model_size_the_default
         assert f"{rank} for {name}" in text, name
 
 
+@pytest.mark.parametrize("variable, names", [("SMET_BACKEND", "'auto', 'triton', 'reference'"),
+                                             ("SMET_MATMUL_VARIANT", "'grouped', 'persistent', 'tma'")])
+def test_a_bad_backend_or_matmul_variant_environment_variable_is_a_one_line_error(tmp_path, monkeypatch, capsys,
+                                                                                 variable, names):
+    from smet_kernels import backend
+
+    monkeypatch.setenv(variable, "fast")
+    if variable == "SMET_BACKEND":  # read once, at import
+        monkeypatch.setattr(backend, "_backend", "fast")
+        monkeypatch.setattr(backend, "_backend_source", f"the {variable} environment variable")
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--config", "tiny", "--max-steps", "1", "--no-progress", "--out-dir", str(tmp_path / "run")])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"smet-train: error: the {variable} environment variable must be one of ({names}), got 'fast'")
+    assert not (tmp_path / "run").exists()
+
+
 def test_unusable_data_and_out_dir_give_one_line_errors(capsys, tmp_path):
     empty, a_file = tmp_path / "empty.txt", tmp_path / "a_file"
     empty.write_bytes(b"")

@@ -12,6 +12,7 @@ import torch
 
 from .. import backend as backend_module
 from ..layout import SUPPORTED_BLOCK_SIZES, nnz_for_density
+from ..ops.block_sparse_matmul import default_variant
 from .methods import METHODS, SPARSE_TRAINER_NAMES, TRAINER_NAMES
 from .model import MODEL_CONFIGS
 from .tokenizer import TokenizerError, parse_tokenizer
@@ -154,6 +155,11 @@ class TrainConfig:
         except TokenizerError as error:
             raise ConfigError(str(error)) from None
         choice("backend", backend_module.BACKENDS)
+        try:  # the SMET_BACKEND and SMET_MATMUL_VARIANT environment variables the ops read
+            backend_module.get_backend()
+            default_variant()
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
         number("density", 0.0, 1.0, low_open=True)
         number("prune_fraction", 0.0, 1.0, low_open=True, high_open=True)
         choice("warmup_scope", WARMUP_SCOPES)
