@@ -189,7 +189,8 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--density", "1.5"], "argument --density: must be in (0.0, 1.0]"),
+        (["--density", "1.5"], "argument --density: must be in (0, 1], got 1.5"),
+        (["--lr", "-1"], "argument --lr: must be in (0, inf), got -1"),  # inf is refused: an open interval
         (["--optimizer", "sgd"], "argument --optimizer: invalid choice"),
         (["--max-steps", "0"], "argument --max-steps: must be >= 1"),
         (["--batch-size", "x"], "argument --batch-size: expected an integer"),

@@ -59,7 +59,7 @@ def _float_in(low: float, high: float, low_open: bool = False, high_open: bool =
         if not math.isfinite(value):
             raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
         if not (low <= value <= high) or (low_open and value == low) or (high_open and value == high):
-            interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+            interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open or math.isinf(high) else ']'}"
             raise argparse.ArgumentTypeError(f"must be in {interval}, got {text}")
         return value
 
