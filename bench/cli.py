@@ -354,6 +354,10 @@ def _validate(args) -> None:
     providers = set(kernels.PROVIDERS) | set(optimizer.PROVIDERS)
     if args.providers and any(p not in providers for p in args.providers):
         fail(f"--providers must be from {sorted(providers)}, got {args.providers}")
+    for suite, suite_providers in (("kernels", kernels.PROVIDERS), ("optimizer", optimizer.PROVIDERS)):
+        if args.providers and suite in args.suites and not set(args.providers) & set(suite_providers):
+            fail(f"--providers {','.join(args.providers)} names no provider of the {suite} suite (from "
+                 f"{','.join(suite_providers)}): add one, or leave {suite} out of --suites")
     if args.configs and any(c not in MODEL_CONFIGS for c in args.configs):
         fail(f"--configs must be from {sorted(MODEL_CONFIGS)}, got {args.configs}")
     if args.methods and any(m not in training.METHODS for m in args.methods):

@@ -208,6 +208,16 @@ def test_bad_options_are_rejected(tmp_path, option, value):
     assert not (tmp_path / "kernels.csv").exists()
 
 
+@pytest.mark.parametrize("suites, providers, suite", [("optimizer", "torch_bsr", "optimizer"),
+                                                     ("kernels,optimizer", "smet_adamw", "kernels"),
+                                                     ("kernels,optimizer,training", "torch_bsr", "optimizer")])
+def test_providers_that_name_none_of_a_selected_suites_providers_are_refused(tmp_path, suites, providers, suite):
+    """That suite would run its baselines alone (the optimizer suite only its device copy), silently."""
+    with pytest.raises(SystemExit, match=f"--providers {providers} names no provider of the {suite} suite"):
+        main(["run", "--suites", suites, "--providers", providers, "--out-dir", str(tmp_path)])
+    assert not (tmp_path / "kernels.csv").exists()
+
+
 @pytest.mark.parametrize("argv, option", [(["run", "--device", "tpu"], "--device"),
                                           (["run", "--batch-size", "-2"], "--batch-size"),
                                           (["gpu-check", "--plan", "--device", "tpu"], "--device")])
