@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layout import BlockLayout
+from .layout import BlockLayout, unpack_kernel_index
 from .modules import BlockLayoutLinear, sparsify, uniform_init_
 
 
@@ -60,7 +60,13 @@ class MaskedLinear(BlockLayoutLinear):
             uniform_init_(self.bias, bound, generator)
 
     def dense_mask(self) -> torch.Tensor:
-        """``M`` expanded to ``[out, in]`` in the weight's dtype and device, rebuilt when the layout changes."""
+        """``M`` expanded to ``[out, in]`` in the weight's dtype and device, rebuilt when the layout changes.
+
+        Under ``torch.compile`` it is built in the graph from the layout's kernel index, which a topology update
+        rewrites in place: a guard on the Python ``layout.version`` would recompile the model at every update (and
+        fail ``fullgraph=True`` at the recompile limit)."""
+        if torch.compiler.is_compiling():
+            return self._traced_dense_mask()
         key = (self.layout.version, self.weight.device, self.weight.dtype)
         if self._mask_key != key or self._mask_layout is not self.layout:  # a new layout starts again at version 0
             b = self.layout.block_size
@@ -69,6 +75,13 @@ class MaskedLinear(BlockLayoutLinear):
             self._mask_key = key
             self._mask_layout = self.layout
         return self._dense_mask
+
+    def _traced_dense_mask(self) -> torch.Tensor:
+        layout, b = self.layout, self.layout.block_size
+        rows, cols = layout.block_shape
+        blocks = unpack_kernel_index(layout.kernel_index(self.weight.device), layout.nnz, layout.block_shape)[0].long()
+        block_mask = self.weight.new_zeros(rows * cols).index_fill(0, blocks[:, 0] * cols + blocks[:, 1], 1)
+        return block_mask.view(rows, cols).repeat_interleave(b, dim=0).repeat_interleave(b, dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.to_dense_weight(), self.bias)

@@ -103,6 +103,7 @@ class BlockLayoutLinear(nn.Module):
         layout = self.__dict__.get("layout")
         if param is not None and layout is not None:
             setattr(param, attribute, layout)
+            layout.kernel_index(param.device)  # built eagerly, outside any traced graph: torch.compile finds it cached
 
     def __setattr__(self, name: str, value) -> None:
         super().__setattr__(name, value)
@@ -183,7 +184,6 @@ class BlockSparseLinear(BlockLayoutLinear):
         self.backend = backend if backend is None else check_backend(backend)
         b = self.layout.block_size
         self.values = nn.Parameter(torch.empty(self.layout.nnz, b, b, device=device, dtype=dtype))  # tagged by setattr
-        self.layout.kernel_index(self.values.device)  # built eagerly (below), so torch.compile finds it cached
         self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
         self.reset_parameters(generator)
 
@@ -193,11 +193,6 @@ class BlockSparseLinear(BlockLayoutLinear):
         uniform_init_(self.values, bound, generator)
         if self.bias is not None:
             uniform_init_(self.bias, bound, generator)
-
-    def _apply(self, fn, recurse=True):
-        module = super()._apply(fn, recurse)
-        self.layout.kernel_index(self.values.device)  # the index of the new device, built outside any traced graph
-        return module
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return block_sparse_linear(x, self.values, self.layout, self.bias, backend=self.backend)

@@ -208,3 +208,24 @@ def test_weight_keeps_its_mask_layout_tag_when_replaced():
     assert clone.weight.smet_mask_layout is clone.layout
     layer.load_state_dict(clone.state_dict(), assign=True)
     assert layer.weight.smet_mask_layout is layer.layout
+
+
+def test_compiled_masked_model_follows_topology_updates_without_recompiling():
+    """``smet-train --compile --optimizer masked-dst``: a guard on the layout's Python version recompiled the model at
+    every update, and ``fullgraph=True`` failed at Dynamo's recompile limit."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    model = _masked_model()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, fullgraph=True, backend=counter)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    smet = SMET(model, opt, update_interval=1, prune_fraction=0.4, seed=0)
+    x = torch.randn(4, 32, generator=torch.Generator().manual_seed(0))
+    for _ in range(3):
+        opt.zero_grad()
+        compiled(x).pow(2).mean().backward()
+        opt.step()
+        smet.step()
+    assert model.q_proj.layout.version == 3 and counter.frame_count == 1
+    torch.testing.assert_close(compiled(x), model(x))  # the eager function of the current topology
