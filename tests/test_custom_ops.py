@@ -126,6 +126,23 @@ def test_topology_updates_between_compiled_steps_recompile_at_most_once():
     torch.testing.assert_close(compiled(tokens), model(tokens), rtol=1e-5, atol=1e-6)
 
 
+def test_the_traced_reference_weight_grad_recompiles_per_power_of_two_tokens_not_per_token_count():
+    """Off the interpreter the reference products are ``triton_op`` bodies that a compiled backward traces: with a
+    dynamic token count, the weight grad's gather chunk guarded M's exact value, so training on sequences of changing
+    length recompiled at every length and failed ``fullgraph=True`` at Dynamo's recompile limit."""
+    from smet_kernels.reference.matmul import torch_bsmm_grad_weight
+
+    torch._dynamo.reset()
+    layout = _layout()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(torch_bsmm_grad_weight, fullgraph=True, dynamic=True, backend=counter)
+    for m in range(17, 33):  # one power-of-two range
+        x, _, dy, _ = _operands(layout, m=m)
+        torch.testing.assert_close(compiled(dy, x, layout.block_indices, B),
+                                   torch_bsmm_grad_weight(dy, x, layout.block_indices, B))  # fmt: skip
+    assert counter.frame_count == 1
+
+
 def test_double_backward_through_the_reference_matches_the_dense_layer():
     """A gradient penalty ``|dL/dx|²`` differentiated again, against the same through ``F.linear`` of the dense W."""
     layout = _layout()

@@ -75,7 +75,12 @@ def torch_bsmm_grad_weight(
     dy_blocks = dy.to(ct).reshape(m, n // b, b)  # [M, N/b, b] (explicit sizes: M may be 0)
     x_blocks = x.to(ct).reshape(m, k // b, b)  # [M, K/b, b]
     idx = block_indices.to(x.device).long()
-    chunk = max(1, _GATHER_ELEMENTS // max(1, m * b))
+    # from the power of two at or above M: traced with a dynamic token count, the chunk guards M's range (a recompile
+    # per power of two), not its value (a recompile per token count, failing fullgraph at Dynamo's recompile limit)
+    tokens = 1
+    while tokens < m:
+        tokens *= 2
+    chunk = max(1, _GATHER_ELEMENTS // (tokens * b))
     # chunks bound the gathered temporaries; torch.cat (not writes into a buffer) keeps it differentiable
     out = [
         torch.bmm(dy_blocks[:, idx[s : s + chunk, 0]].permute(1, 2, 0), x_blocks[:, idx[s : s + chunk, 1]].permute(1, 0, 2))
