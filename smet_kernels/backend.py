@@ -96,7 +96,6 @@ def resolve_device(name: str | None = "auto") -> torch.device:
 
 def resolve_backend(device: torch.device, backend: str | None = None) -> str:
     """The concrete backend (``triton`` | ``reference``) for tensors on ``device``."""
-    global _warned
     name = check_backend(backend if backend is not None else get_backend())
     if name == "reference":
         return name
@@ -109,12 +108,20 @@ def resolve_backend(device: torch.device, backend: str | None = None) -> str:
             + (reason or "Triton needs a CUDA tensor, or TRITON_INTERPRET=1 set before importing smet_kernels "
                "for CPU tensors (the slow interpreter); or use backend 'reference'")
         )
+    return _reference_fallback(device, reason)
+
+
+@torch.compiler.assume_constant_result
+def _reference_fallback(device: torch.device, reason: str | None) -> str:
+    """``reference``, warned once per process (a constant that ``torch.compile`` evaluates outside the graph: a
+    warning cannot be traced, and ``fullgraph=True`` refused a first call that was compiled)."""
+    global _warned
     if not _warned:
         warnings.warn(
             f"smet_kernels: Triton cannot run on device '{device}' "
             f"({reason or 'no CUDA, TRITON_INTERPRET unset'}); using the pure-PyTorch reference ops",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
         _warned = True
     return "reference"

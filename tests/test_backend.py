@@ -58,6 +58,18 @@ def test_auto_on_a_device_triton_cannot_use_warns_once_and_falls_back_to_the_ref
     ]
 
 
+def test_the_fallback_warning_does_not_break_a_first_call_compiled_with_fullgraph(monkeypatch):
+    """``torch.compile(sparsify(model), fullgraph=True)`` on a CPU without the interpreter (``auto`` is the reference
+    there): its first call resolved the backend in the graph, and Dynamo cannot trace ``warnings.warn``."""
+    monkeypatch.setattr(backend, "_warned", False)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda t: t + len(backend.resolve_backend(torch.device("meta"), "auto")), fullgraph=True,
+                             backend="eager")  # fmt: skip
+    with pytest.warns(RuntimeWarning, match="Triton cannot run on device 'meta'") as caught:
+        assert [compiled(torch.zeros(1)).item() for _ in range(2)] == [len("reference")] * 2
+    assert len(caught) == 1
+
+
 @pytest.mark.parametrize("env, expected", [
     ({}, ("auto", "backend")),
     ({"SMET_BACKEND": "reference"}, ("reference", "the SMET_BACKEND environment variable")),
