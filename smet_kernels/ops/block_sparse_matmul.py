@@ -415,7 +415,8 @@ def _tma_fallback(device: torch.device, requested: bool) -> str:
 
 def default_variant(device: torch.device | None = None) -> str:
     """The variant used when none is passed: ``SMET_MATMUL_VARIANT`` (read at each call, so a training run can be
-    A/B-timed end to end: ``SMET_MATMUL_VARIANT=tma smet-train ...``), else :data:`DEFAULT_VARIANT`. On a
+    A/B-timed end to end: ``SMET_MATMUL_VARIANT=tma smet-train ...``; a compiled model reads it when traced, and
+    Dynamo does not guard a variable unset then), else :data:`DEFAULT_VARIANT`. On a
     ``device`` without TMA (:func:`tma_supported`) a default ``tma`` is ``grouped``, the same product (warned once
     when the environment asked for ``tma``); a ``variant='tma'`` passed explicitly is refused there instead."""
     requested = os.environ.get("SMET_MATMUL_VARIANT")

@@ -15,7 +15,9 @@ the ops are opaque :func:`torch.library.custom_op` instead (same schema, fake an
 (:meth:`BlockLayout.kernel_index`), ``version`` its ``version_tensor``; both are rewritten in place by a topology
 update, so a compiled graph keeps the same inputs (no recompile). ``backend`` (``"triton"`` | ``"reference"``) and
 ``variant`` (``SMET_MATMUL_VARIANT``) are string arguments resolved by the caller (:func:`block_sparse_linear`):
-a change of either is a new constant in the graph (a recompile), not a hidden global read inside the op.
+a change of either is a new constant in the graph (a recompile), not a hidden global read inside the op. (Dynamo
+guards ``SMET_MATMUL_VARIANT`` only where it was set when the graph was traced: set it before the first compiled
+call.)
 
 Autograd (``register_autograd``) is closed over the three ops: each product is bilinear, so the derivative of each is
 another of them; through the reference the backward is differentiable again (double backward), through Triton it is
