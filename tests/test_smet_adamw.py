@@ -1,7 +1,9 @@
 """SMETAdamW against a plain per-block loop of the SPEC §2 formulas, with regrows, param groups and resume."""
 
+import copy
 import io
 import math
+import pickle
 import warnings
 
 import pytest
@@ -368,3 +370,21 @@ def test_bad_param_group_and_values_shape_raise(device):
     param.grad = torch.zeros_like(param)
     with pytest.raises(ValueError, match="sparse values must have shape"):
         SMETAdamW([param]).step()
+
+
+
+@pytest.mark.parametrize("clone", [copy.deepcopy, lambda optimizer: pickle.loads(pickle.dumps(optimizer))],
+                         ids=["deepcopy", "pickle"])
+def test_a_deep_copied_or_unpickled_optimizer_steps_like_the_original(clone, device):
+    params = make_params(device)
+    optimizer = SMETAdamW(params, lr=0.01, warmup_steps=3)
+    run_steps(optimizer, params, range(2))
+    copied = clone(optimizer)
+    copied_params = [p for group in copied.param_groups for p in group["params"]]
+    for source, param in zip(params, copied_params):
+        if hasattr(source, "smet_layout"):  # deepcopy of a bare Parameter drops attributes (BlockSparseLinear re-tags)
+            param.smet_layout = source.smet_layout
+    run_steps(optimizer, params, range(2, 4))
+    run_steps(copied, copied_params, range(2, 4))
+    for p, q in zip(params, copied_params):
+        assert torch.equal(p.detach(), q.detach())

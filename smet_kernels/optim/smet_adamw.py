@@ -114,8 +114,10 @@ class SMETAdamW(torch.optim.Optimizer):
 
     def __setstate__(self, state: dict) -> None:
         """``load_state_dict`` keeps the saved groups' options: a state saved before warm-up scopes existed warmed
-        up the sparse values only (``"regrown"``)."""
+        up the sparse values only (``"regrown"``). An unpickled or deep-copied optimizer starts without device tables
+        (``torch.optim.Optimizer`` pickles only defaults, state and groups)."""
         super().__setstate__(state)
+        self._tables = {}
         for group in self.param_groups:
             group.setdefault("warmup_scope", "regrown")
 
