@@ -388,3 +388,24 @@ def test_a_deep_copied_or_unpickled_optimizer_steps_like_the_original(clone, dev
     run_steps(copied, copied_params, range(2, 4))
     for p, q in zip(params, copied_params):
         assert torch.equal(p.detach(), q.detach())
+
+
+def test_a_schedule_of_betas_reuses_the_device_tables_instead_of_caching_one_set_per_step(device, monkeypatch):
+    """OneCycleLR cycles beta1 every step (cycle_momentum): the tables depend on the tensors only."""
+    import smet_kernels.ops.adamw as adamw_module
+
+    builds = []
+    real_build = adamw_module._build_tables
+    monkeypatch.setattr(adamw_module, "_build_tables", lambda *a: builds.append(1) or real_build(*a))
+    params = make_params(device)
+    optimizer = SMETAdamW(params, lr=0.01, backend="triton")
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.01, total_steps=10)
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    for step in range(6):
+        for p, g in zip(params, grads_for(step, params)):
+            p.grad.copy_(g)  # the same addresses every step (as the caching allocator tends to give)
+        optimizer.step()
+        scheduler.step()
+    assert optimizer.param_groups[0]["betas"][0] != 0.95  # the schedule moved beta1
+    assert len(builds) == 1

@@ -109,7 +109,7 @@ class SMETAdamW(torch.optim.Optimizer):
             backend=backend,
         )
         _check_group(defaults)
-        self._tables: dict[tuple, dict] = {}  # device tables of the fused step, per batch of groups
+        self._tables: dict[tuple, dict] = {}  # device tables of the fused step, per batch (its groups' indices)
         super().__init__(params, defaults)
 
     def __setstate__(self, state: dict) -> None:
@@ -192,19 +192,21 @@ class SMETAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         stepped = [
-            (group, param, f"parameter {param_index} of param group {group_index}")
+            (group_index, group, param, f"parameter {param_index} of param group {group_index}")
             for group_index, group in enumerate(self.param_groups)
             for param_index, param in enumerate(group["params"])
             if param.grad is not None
         ]
-        for _, param, name in stepped:  # every check before any state changes: a bad parameter changes nothing
+        for _, _, param, name in stepped:  # every check before any state changes: a bad parameter changes nothing
             self._check_param(param, name)
         batches: dict[tuple, dict[str, list]] = {}
+        batch_groups: dict[tuple, dict[int, None]] = {}  # the groups of each batch, in order: its tables' cache key
         counters = []  # step counts to bump once every batch is checked (a failed step must not count)
-        for group, param, _ in stepped:
+        for group_index, group, param, _ in stepped:
             key = (tuple(group["betas"]), group["eps"], group["weight_decay"], group["warmup"],
                    group["warmup_steps"], group["backend"])  # fmt: skip
             batch = batches.setdefault(key, {name: [] for name in _BATCH_FIELDS})
+            batch_groups.setdefault(key, {})[group_index] = None
             layout = getattr(param, "smet_layout", None)
             state = self.state[param]
             if not state:
@@ -236,11 +238,14 @@ class SMETAdamW(torch.optim.Optimizer):
                 check_tensors(*(batch[name] for name in _BATCH_FIELDS))
         for counter in counters:
             counter.add_(1)
+        # tables cached by the batch's groups, not its hyper-parameters (scheduled, e.g. OneCycleLR's betas), and only
+        # those of this step's batches kept: a cache keyed by values that change every step grew without bound
+        tables, self._tables = self._tables, {}
         for key, batch in batches.items():
             if not batch["params"]:
                 continue
             betas, eps, weight_decay, warmup, warmup_steps, backend = key
             hyper = dict(betas=betas, eps=eps, weight_decay=weight_decay, warmup=warmup, warmup_steps=warmup_steps)
-            launch_adamw_step(*(batch[name] for name in _BATCH_FIELDS), hyper, backend,
-                              self._tables.setdefault(key, {}))  # checked above  # fmt: skip
+            cache = self._tables[tuple(batch_groups[key])] = tables.get(tuple(batch_groups[key]), {})
+            launch_adamw_step(*(batch[name] for name in _BATCH_FIELDS), hyper, backend, cache)  # checked above
         return loss
