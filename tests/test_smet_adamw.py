@@ -409,3 +409,25 @@ def test_a_schedule_of_betas_reuses_the_device_tables_instead_of_caching_one_set
         scheduler.step()
     assert optimizer.param_groups[0]["betas"][0] != 0.95  # the schedule moved beta1
     assert len(builds) == 1
+
+
+def test_a_torch_adamw_state_dict_loads_and_the_dense_parameters_continue_as_torch_adamw(device):
+    """Its groups lack SMET's options: they take the defaults, warm-up scope "regrown" (plain AdamW when dense)."""
+    params = [dense_param((8, 24), seed=2, device=device), dense_param((24,), seed=4, device=device)]
+    reference = torch.optim.AdamW(params, lr=0.01, betas=BETAS, eps=EPS, weight_decay=0.1)
+    for step in range(3):
+        for p, g in zip(params, grads_for(step, params)):
+            p.grad = g
+        reference.step()
+    resumed = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    optimizer = SMETAdamW(resumed, backend="reference")
+    optimizer.load_state_dict(copy.deepcopy(reference.state_dict()))  # not aliasing its moments
+    for step in range(3, 6):
+        for p, q, g in zip(params, resumed, grads_for(step, params)):
+            p.grad, q.grad = g, g.clone()
+        reference.step()
+        optimizer.step()
+    assert optimizer.param_groups[0]["warmup_scope"] == "regrown"
+    for p, q in zip(params, resumed):
+        torch.testing.assert_close(q.detach(), p.detach(), rtol=1e-5, atol=1e-6)
+

@@ -113,13 +113,22 @@ class SMETAdamW(torch.optim.Optimizer):
         super().__init__(params, defaults)
 
     def __setstate__(self, state: dict) -> None:
-        """``load_state_dict`` keeps the saved groups' options: a state saved before warm-up scopes existed warmed
-        up the sparse values only (``"regrown"``). An unpickled or deep-copied optimizer starts without device tables
-        (``torch.optim.Optimizer`` pickles only defaults, state and groups)."""
+        """``load_state_dict`` keeps the saved groups' options (missing ones filled by :meth:`_fill_options`). An
+        unpickled or deep-copied optimizer starts without device tables (``torch.optim.Optimizer`` pickles only
+        defaults, state and groups)."""
         super().__setstate__(state)
         self._tables = {}
         for group in self.param_groups:
-            group.setdefault("warmup_scope", "regrown")
+            self._fill_options(group)
+
+    def _fill_options(self, group: dict) -> dict:
+        """Fill the options a saved group lacks, in place: a state saved before warm-up scopes existed warmed up the
+        sparse values only (``"regrown"``); any other (all of SMET's in a ``torch.optim.AdamW`` state) is this
+        optimizer's default."""
+        group.setdefault("warmup_scope", "regrown")
+        for name, default in self.defaults.items():
+            group.setdefault(name, default)
+        return group
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group (defaults filled in); a group with an invalid option raises and is not added.
