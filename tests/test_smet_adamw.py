@@ -431,3 +431,22 @@ def test_a_torch_adamw_state_dict_loads_and_the_dense_parameters_continue_as_tor
     for p, q in zip(params, resumed):
         torch.testing.assert_close(q.detach(), p.detach(), rtol=1e-5, atol=1e-6)
 
+
+@pytest.mark.parametrize("flag", ["amsgrad", "maximize", "capturable", "differentiable"])
+def test_an_unsupported_adamw_flag_in_a_group_or_a_loaded_state_is_refused_by_name(flag):
+    param = dense_param((4,), seed=0)
+    optimizer = SMETAdamW([param], lr=0.01)
+    with pytest.raises(ValueError, match=f"^{flag}=True is not supported"):
+        optimizer.add_param_group({"params": [dense_param((4,), seed=1)], flag: True})
+    assert len(optimizer.param_groups) == 1
+    saved = torch.optim.AdamW([param], lr=0.02, **{flag: True}).state_dict()
+    with pytest.raises(ValueError, match=f"^{flag}=True is not supported"):
+        optimizer.load_state_dict(saved)
+    assert optimizer.param_groups[0]["lr"] == 0.01 and flag not in optimizer.param_groups[0]
+
+
+def test_a_torch_adam_state_with_l2_weight_decay_is_refused():
+    param = dense_param((4,), seed=0)
+    with pytest.raises(ValueError, match="^decoupled_weight_decay=False"):
+        SMETAdamW([param]).load_state_dict(torch.optim.Adam([param], weight_decay=0.1).state_dict())
+    SMETAdamW([param]).load_state_dict(torch.optim.Adam([param]).state_dict())  # no decay: the same update

@@ -49,10 +49,18 @@ from ..sharding import check_row_sharded, local, zeros_per_row
 
 BIAS_CORRECTIONS = ("local", "global")
 WARMUP_SCOPES = ("all", "regrown")
+# torch.optim.AdamW options this optimizer does not implement: refused when true (not silently ignored) in a group
+# given to add_param_group or loaded from a state dict
+_UNSUPPORTED_FLAGS = ("amsgrad", "maximize", "capturable", "differentiable")
 _BATCH_FIELDS = ("params", "grads", "exp_avgs", "exp_avg_sqs", "block_steps", "lrs", "global_steps", "dense_warmups")
 
 
 def _check_group(group: dict) -> None:
+    for flag in _UNSUPPORTED_FLAGS:
+        if group.get(flag):
+            raise ValueError(f"{flag}=True is not supported by SMETAdamW")
+    if group.get("decoupled_weight_decay") is False and group["weight_decay"]:  # a torch.optim.Adam state
+        raise ValueError("decoupled_weight_decay=False (L2 weight decay) is not supported by SMETAdamW")
     check_finite(group["lr"], "lr")
     check_hyperparameters(group["betas"], group["eps"], group["weight_decay"], group["warmup"], group["warmup_steps"])
     check_finite(group["density_lr_exponent"], "density_lr_exponent")
@@ -148,7 +156,10 @@ class SMETAdamW(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Standard restore, but keep the saved state dtypes (torch casts float state to the parameter dtype,
-        which would turn fp32 moments of bf16/fp16 weights into bf16/fp16)."""
+        which would turn fp32 moments of bf16/fp16 weights into bf16/fp16). A saved group with an invalid or
+        unsupported option (e.g. ``amsgrad=True`` from ``torch.optim.AdamW``) raises and changes nothing."""
+        for saved_group in state_dict["param_groups"]:
+            _check_group(self._fill_options(dict(saved_group)))
         super().load_state_dict(state_dict)
         saved_ids = chain.from_iterable(group["params"] for group in state_dict["param_groups"])
         params = chain.from_iterable(group["params"] for group in self.param_groups)
