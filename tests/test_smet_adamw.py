@@ -450,3 +450,23 @@ def test_a_torch_adam_state_with_l2_weight_decay_is_refused():
     with pytest.raises(ValueError, match="^decoupled_weight_decay=False"):
         SMETAdamW([param]).load_state_dict(torch.optim.Adam([param], weight_decay=0.1).state_dict())
     SMETAdamW([param]).load_state_dict(torch.optim.Adam([param]).state_dict())  # no decay: the same update
+
+
+def test_a_tensor_lr_is_accepted_as_torch_adamw_accepts_it_and_follows_a_schedule(device):
+    params, twins = make_params(device), make_params(device)
+    optimizer = SMETAdamW(params, lr=torch.tensor(0.01), warmup_steps=3, backend="reference")
+    twin = SMETAdamW(twins, lr=0.01, warmup_steps=3, backend="reference")
+    schedulers = [torch.optim.lr_scheduler.LambdaLR(o, lambda epoch: 0.5**epoch) for o in (optimizer, twin)]
+    for step in range(3):
+        for p, q, g in zip(params, twins, grads_for(step, params)):
+            p.grad, q.grad = g, g.clone()
+        for o, scheduler in zip((optimizer, twin), schedulers):
+            o.step()
+            scheduler.step()
+    assert isinstance(optimizer.param_groups[0]["lr"], torch.Tensor)
+    for p, q in zip(params, twins):  # the same but for the fp32 rounding of the tensor lr
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="^lr as a tensor must hold one element"):
+        SMETAdamW(params, lr=torch.tensor([0.01, 0.02]))
+    with pytest.raises(ValueError, match="^lr must be a finite float"):
+        SMETAdamW(params, lr=torch.tensor(float("inf")))

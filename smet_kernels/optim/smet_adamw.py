@@ -61,7 +61,12 @@ def _check_group(group: dict) -> None:
             raise ValueError(f"{flag}=True is not supported by SMETAdamW")
     if group.get("decoupled_weight_decay") is False and group["weight_decay"]:  # a torch.optim.Adam state
         raise ValueError("decoupled_weight_decay=False (L2 weight decay) is not supported by SMETAdamW")
-    check_finite(group["lr"], "lr")
+    lr = group["lr"]
+    if isinstance(lr, torch.Tensor):  # accepted by torch.optim.AdamW (and kept a tensor by the LR schedulers)
+        if lr.numel() != 1:
+            raise ValueError(f"lr as a tensor must hold one element, got shape {tuple(lr.shape)}")
+        lr = lr.item()
+    check_finite(lr, "lr")
     check_hyperparameters(group["betas"], group["eps"], group["weight_decay"], group["warmup"], group["warmup_steps"])
     check_finite(group["density_lr_exponent"], "density_lr_exponent")
     if group["warmup_scope"] not in WARMUP_SCOPES:
@@ -233,14 +238,14 @@ class SMETAdamW(torch.optim.Optimizer):
                 self._init_state(param, layout is not None, group)
             if layout is not None:
                 block_step = state["block_step"]
-                lr = group["lr"] * layout.density ** (-group["density_lr_exponent"])
+                lr = float(group["lr"]) * layout.density ** (-group["density_lr_exponent"])
                 global_step = None
                 if group["bias_correction"] == "global":
                     counters.append(state.setdefault("step", torch.tensor(0.0)))
                     global_step = int(state["step"].item()) + 1
             else:
                 counters.append(state["step"])
-                block_step, lr, global_step = None, group["lr"], int(state["step"].item()) + 1
+                block_step, lr, global_step = None, float(group["lr"]), int(state["step"].item()) + 1
             param_local = local(param)
             if param_local.numel() == 0:  # FSDP2: this rank holds no slot / element of the parameter
                 continue
