@@ -119,6 +119,12 @@ class BlockLayoutLinear(nn.Module):
         self._attach_layout()
         return module
 
+    @property
+    def block_indices(self) -> torch.Tensor:
+        """The layout's ``[nnz, 2]`` active blocks, the tensor the state dict holds under ``block_indices``: an
+        attribute for every state-dict key, as ``torch.distributed.checkpoint.state_dict`` resolves them."""
+        return self.layout.block_indices
+
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)
         destination[prefix + BLOCK_INDICES_KEY] = self.layout.block_indices.clone()

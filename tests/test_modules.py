@@ -31,6 +31,41 @@ def test_state_dict_restores_layout_in_place():
     torch.testing.assert_close(dst(x), src(x))
 
 
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # one process: DCP says so
+@pytest.mark.parametrize("sparsify_fn", ["sparsify", "masked_sparsify"])
+def test_torch_distributed_checkpoint_state_dict_api_saves_and_restores_a_sparse_model_and_its_optimizer(
+    tmp_path, sparsify_fn
+):
+    """``get_state_dict`` / ``set_state_dict`` (torch.distributed.checkpoint.state_dict, the FSDP2 training loops'
+    API) resolve every state-dict key as an attribute: ``block_indices`` must be one (it raised AttributeError)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    import smet_kernels as sk
+
+    def build(seed):
+        model = nn.Sequential(nn.Linear(32, 48), nn.Linear(48, 32))
+        getattr(sk, sparsify_fn)(model, 0.5, 16, generator=torch.Generator().manual_seed(seed))
+        optimizer = sk.SMETAdamW(model.parameters(), lr=1e-2)
+        model(torch.randn(4, 32)).square().sum().backward()
+        optimizer.step()
+        return model, optimizer
+
+    source, source_optimizer = build(0)
+    model_state, optimizer_state = get_state_dict(source, source_optimizer)
+    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=tmp_path)
+    target, target_optimizer = build(1)
+    model_state, optimizer_state = get_state_dict(target, target_optimizer)
+    loaded = {"model": model_state, "optimizer": optimizer_state}
+    dcp.load(loaded, checkpoint_id=tmp_path)
+    set_state_dict(target, target_optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optimizer"])
+    for got, want in zip(target.state_dict().values(), source.state_dict().values()):
+        assert torch.equal(got, want)
+    for p, q in zip(target.parameters(), source.parameters()):
+        for name, value in source_optimizer.state[q].items():
+            assert torch.equal(target_optimizer.state[p][name], value), name
+
+
 @pytest.mark.parametrize("cls", [BlockSparseLinear, MaskedLinear])
 def test_a_layer_built_under_the_meta_device_is_filled_by_to_empty_and_load_state_dict(cls):
     """``with torch.device("meta")`` (deferred init, as Hugging Face's) leaves the layout's index on the CPU."""
