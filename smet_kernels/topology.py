@@ -28,10 +28,11 @@ hook on each sparse layer when it is built, and the hooks record only right befo
 (:meth:`SMET.needs_dense_grad` is then True). While armed, every backward through such a layer accumulates
 ``dyᵀx`` (fp32, ``[out, in]``) for it; gradient accumulation over micro-batches therefore sums as the
 parameter gradients do. The training loop needs no change: ``forward, backward, optimizer.step(),
-smet.step()`` as usual. A model compiled after the controller is built runs the hooks (compiled once for each
-value of the flag, with a graph break at each sparse layer when armed); Dynamo does not guard on module hooks, so
-it never sees a hook added to a model it compiled before, nor one of a model whose class it already compiled in
-this process without them.
+smet.step()`` as usual. A controller built on a model takes over its layers: it removes the hooks an earlier
+controller put there (which would keep that one, and its optimizer, alive). A model compiled after the controller
+is built runs the hooks (compiled once for each value of the flag, with a graph break at each sparse layer when
+armed); Dynamo does not guard on module hooks, so it never sees a hook added to a model it compiled before, nor one
+of a model whose class it already compiled in this process without them.
 
 **Distributed.** Decisions depend only on weights (identical across DDP ranks), the step and the seeded
 generator (consumed identically on every rank). In addition, when ``torch.distributed`` is initialised the
@@ -270,6 +271,7 @@ class SMET:
         self.generator = torch.Generator(device="cpu").manual_seed(self.seed)
         self.history: list[dict] = []
         self._step = 0
+        self._detach_earlier_recorders()
         self._sync_hooks()
 
     # ------------------------------------------------------------------ discovery
@@ -535,7 +537,17 @@ class SMET:
             return
         for target in self.targets:
             if target.hook is None:
-                target.hook = target.module.register_forward_hook(self._make_recorder(target))
+                recorder = self._make_recorder(target)
+                target.hook = recorder.smet_handle = target.module.register_forward_hook(recorder)
+
+    def _detach_earlier_recorders(self) -> None:
+        """Remove the dense-gradient hooks that an earlier controller left on these layers: they would keep it (and
+        its optimizer) alive through the model, and record at every backward if it was armed."""
+        for target in self.targets:
+            for hook in list(target.module._forward_hooks.values()):
+                handle = getattr(hook, "smet_handle", None)
+                if handle is not None:
+                    handle.remove()
 
     def _make_recorder(self, target: _SparseTarget):
         def record_input(module, inputs, output):

@@ -259,6 +259,29 @@ def test_rigl_ignores_no_grad_forwards():
     assert all(t.dense_grad is None for t in smet.targets)
 
 
+def test_a_controller_built_on_a_model_takes_over_the_dense_gradient_hooks_of_an_earlier_one():
+    """The hooks stay on the layers between updates: a second controller on the same model (a notebook cell run
+    again, an in-process resume) must not leave the first one's hooks there, holding it and its optimizer alive and
+    recording dense gradients at every backward while it was armed."""
+    import gc
+    import weakref
+
+    model, opt, smet = make_run(regrow="gradient", update_interval=2)
+    train_step(model, opt, smet, 1)  # the first controller is armed for its update
+    earlier = weakref.ref(smet), weakref.ref(opt)
+    del opt, smet
+    opt = SMETAdamW(model.parameters(), lr=1e-2, warmup_steps=4, backend="reference")
+    smet = SMET(model, opt, update_interval=2, prune_fraction=0.3, regrow="gradient", seed=0)
+    gc.collect()
+    assert [ref() for ref in earlier] == [None, None]
+    assert len(model.up._forward_hooks) == len(model.down._forward_hooks) == 1
+    for step in range(2):
+        train_step(model, opt, smet, step)
+    assert smet.history and smet.history[0]["step"] == 2
+    SMET(model, opt, update_interval=2, prune_fraction=0.3, regrow="random", seed=0)  # a SET controller too
+    assert len(model.up._forward_hooks) == len(model.down._forward_hooks) == 0
+
+
 # ---------------------------------------------------------------------------------------------- determinism
 def _layouts(model):
     return {name: p.smet_layout.block_indices.clone() for name, p in model.named_parameters()}
