@@ -70,8 +70,8 @@ class SMETCallback(TrainerCallback):
         if self.smet.step_count != state.global_step:
             raise ValueError(
                 f"the SMET controller has counted {self.smet.step_count} optimizer steps but the Trainer starts at "
-                f"step {state.global_step}: resume from a checkpoint saved with SMETCallback (its optimizer.pt holds the "
-                "controller; save_only_model=True checkpoints have none), with a fresh controller"
+                f"step {state.global_step}: resume from a checkpoint saved with SMETCallback (its optimizer.pt holds "
+                "the controller; save_only_model=True checkpoints have none), with a fresh controller"
             )
 
     def on_optimizer_step(self, args, state, control, **kwargs):

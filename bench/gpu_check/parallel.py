@@ -190,8 +190,9 @@ def weight_grad_splits(sizes: Sizes, block_size: int, device: torch.device) -> l
     cases = list(itertools.chain(*kernel_cases(sizes, block_size)))
     if block_size == sizes.training_block_size:
         cases += kernels.kernel_cases((*sizes.training_configs, sizes.compile_config), [TRAINING_DENSITY],
-                                      [block_size], [sizes.training_batch * sizes.training_seq], parse_dtype(sizes.dtype),
-                                      providers=("triton_grouped",), ops=("grad_weight",))  # fmt: skip
+                                      [block_size], [sizes.training_batch * sizes.training_seq],
+                                      parse_dtype(sizes.dtype), providers=("triton_grouped",),
+                                      ops=("grad_weight",))  # fmt: skip
     splits: list[int] = []
     for case in cases:
         if case.op == "grad_weight" and case.provider in kernels.TRITON_PROVIDERS:
