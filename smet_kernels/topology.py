@@ -32,7 +32,8 @@ smet.step()`` as usual. A controller built on a model takes over its layers: it 
 controller put there (which would keep that one, and its optimizer, alive). A model compiled after the controller
 is built runs the hooks (compiled once for each value of the flag, with a graph break at each sparse layer when
 armed); Dynamo does not guard on module hooks, so it never sees a hook added to a model it compiled before, nor one
-of a model whose class it already compiled in this process without them.
+of a model whose class it already compiled in this process without them (``torch._dynamo.reset()`` first, as
+``smet-train --compile`` does for RigL).
 
 **Distributed.** Decisions depend only on weights (identical across DDP ranks), the step and the seeded
 generator (consumed identically on every rank). In addition, when ``torch.distributed`` is initialised the
@@ -403,7 +404,8 @@ class SMET:
             raise RuntimeError(
                 f"regrow='gradient' needs the dense gradient of {target.name!r} at update step {self._step}, but "
                 "no backward pass went through its layer since the previous optimizer step (under torch.compile: build "
-                "the controller before the model is first compiled)"
+                "the controller before the model is first compiled, and call torch._dynamo.reset() before compiling "
+                "where this process compiled a model of its class without the controller's hooks)"
             )
         if _distributed():
             dist.all_reduce(target.dense_grad)

@@ -43,3 +43,17 @@ def test_compiled_rigl_training_matches_eager_losses_across_topology_updates(tmp
     assert calls == [{"fullgraph": False}]
     assert compiled["topology_updates"] == eager["topology_updates"] == 2
     torch.testing.assert_close(compiled["final_train_loss"], eager["final_train_loss"], rtol=1e-4, atol=1e-5)
+
+
+def test_a_compiled_rigl_run_after_a_compiled_run_without_hooks_in_the_same_process_makes_its_updates(
+    tmp_path, monkeypatch
+):
+    """Dynamo does not guard on module hooks: the code compiled for the first run's model class (no dense-gradient
+    hooks) was reused by the RigL run, whose first update then raised 'needs the dense gradient'."""
+    real_compile = torch.compile
+    monkeypatch.setattr(loop.torch, "compile", lambda model, **kwargs: real_compile(model, backend="aot_eager",
+                                                                                      **kwargs))  # fmt: skip
+    config = dict(optimizer="smet", max_steps=4, update_interval=3, eval_every=0, compile=True)
+    torch._dynamo.reset()
+    assert train(tiny_config(**config, out_dir=str(tmp_path / "set")))["topology_updates"] == 1
+    assert train(tiny_config(**config, regrow="gradient", out_dir=str(tmp_path / "rigl")))["topology_updates"] == 1

@@ -229,6 +229,8 @@ class Run:
         if config.compile:  # one graph per model: the block-sparse products are custom ops (torch.ops.smet)
             # but RigL's dense-gradient hooks (armed before an update step) break the graph at each sparse layer
             rigl = self.controller is not None and self.controller.regrow == "gradient"
+            if rigl:  # Dynamo does not guard on module hooks: code compiled before for this model class, without
+                torch._dynamo.reset()  # them (an earlier run in this process), would be reused and never record
             self.wrapped = torch.compile(self.wrapped, fullgraph=not (self.ddp.enabled or rigl))
         if self.is_main and self.out_dir:  # before the first checkpoint write; rank 0 writes or coordinates them
             clear_leftovers(self.out_dir)
