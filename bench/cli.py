@@ -103,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=_csv_list(str),
         default=None,
         help=f"kernel providers from {','.join(kernels.PROVIDERS)} and optimizer providers "
-        f"from {','.join(optimizer.PROVIDERS)} (default: all that apply)",
+        f"from {','.join(optimizer.PROVIDERS)}, at least one for each of these suites in --suites (default: all that "
+        "apply)",
     )
     run.add_argument(
         "--methods",
