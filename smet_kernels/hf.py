@@ -28,6 +28,8 @@ from .topology import SMET
 
 #: key of the controller's state in the optimizer's ``state_dict`` (the Trainer's ``optimizer.pt``)
 STATE_KEY = "smet"
+#: key of the number of optimizer steps the loss scaler skipped, beside it
+SKIPPED_KEY = "smet_skipped_steps"
 
 
 class SMETCallback(TrainerCallback):
@@ -40,23 +42,30 @@ class SMETCallback(TrainerCallback):
     holds it in ``optimizer.pt``, next to the model's layouts (``block_indices`` tensors in the safetensors) — and a
     load hook restores it, so ``trainer.train(resume_from_checkpoint=...)`` continues the topology schedule
     exactly. The Trainer must step ``smet.optimizer``: pass ``optimizers=(smet.optimizer, None)``.
+
+    A step that fp16 loss scaling skipped (an overflow: ``optimizer.step_was_skipped``) is not counted, as the Trainer
+    does not step its LR schedule then: its dense gradients (non-finite) are dropped, and a due update runs at the
+    next step taken. The skipped steps are counted (and checkpointed) beside the controller: with them, its step
+    count matches the Trainer's ``global_step``.
     """
 
     def __init__(self, smet: SMET):
         if not isinstance(smet, SMET):
             raise TypeError(f"smet must be an smet_kernels.SMET controller, got {type(smet).__name__}")
         self.smet = smet
+        self.skipped_steps = 0
         smet.optimizer.register_state_dict_post_hook(self._add_controller_state)
         smet.optimizer.register_load_state_dict_pre_hook(self._load_controller_state)
 
     def _add_controller_state(self, optimizer, state_dict: dict) -> dict:
-        return {**state_dict, STATE_KEY: self.smet.state_dict()}
+        return {**state_dict, STATE_KEY: self.smet.state_dict(), SKIPPED_KEY: self.skipped_steps}
 
     def _load_controller_state(self, optimizer, state_dict: dict) -> dict:
         if STATE_KEY not in state_dict:
             return state_dict
         state_dict = dict(state_dict)
         self.smet.load_state_dict(state_dict.pop(STATE_KEY))
+        self.skipped_steps = int(state_dict.pop(SKIPPED_KEY, 0))  # none in checkpoints of an earlier release
         return state_dict
 
     def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
@@ -67,14 +76,20 @@ class SMETCallback(TrainerCallback):
                 "the Trainer steps another optimizer than the SMET controller's: pass "
                 "Trainer(..., optimizers=(smet.optimizer, None))"
             )
-        if self.smet.step_count != state.global_step:
+        if self.smet.step_count + self.skipped_steps != state.global_step:
+            skipped = f" (and {self.skipped_steps} skipped)" if self.skipped_steps else ""
             raise ValueError(
-                f"the SMET controller has counted {self.smet.step_count} optimizer steps but the Trainer starts at "
-                f"step {state.global_step}: resume from a checkpoint saved with SMETCallback (its optimizer.pt holds "
-                "the controller; save_only_model=True checkpoints have none), with a fresh controller"
+                f"the SMET controller has counted {self.smet.step_count} optimizer steps{skipped} but the Trainer "
+                f"starts at step {state.global_step}: resume from a checkpoint saved with SMETCallback (its "
+                "optimizer.pt holds the controller; save_only_model=True checkpoints have none), with a fresh "
+                "controller"
             )
 
-    def on_optimizer_step(self, args, state, control, **kwargs):
+    def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        if getattr(optimizer, "step_was_skipped", False):  # accelerate's AcceleratedOptimizer under fp16 scaling
+            self.skipped_steps += 1
+            self.smet.discard_dense_grad()
+            return
         self.smet.step()
 
 

@@ -119,6 +119,48 @@ def test_interrupted_trainer_run_resumes_to_the_uninterrupted_losses_and_layouts
     assert same_layouts(model_b, model)
 
 
+class SkipSteps(TrainerCallback):
+    """Makes the optimizer skip the Trainer's steps ``steps`` as fp16 loss scaling does on an overflow (accelerate's
+    ``AcceleratedOptimizer``: no ``optimizer.step()``, ``step_was_skipped`` true, the LR schedule not stepped)."""
+
+    def __init__(self, steps: set[int], monkeypatch):
+        from accelerate.optimizer import AcceleratedOptimizer
+
+        self.steps, self.current = steps, 0
+        real_step = AcceleratedOptimizer.step
+
+        def step(optimizer, closure=None):
+            optimizer._is_overflow = self.current in self.steps
+            if not optimizer._is_overflow:
+                real_step(optimizer, closure)
+
+        monkeypatch.setattr(AcceleratedOptimizer, "step", step)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.current = state.global_step + 1
+
+
+def test_a_step_that_fp16_loss_scaling_skipped_is_not_counted_and_the_due_update_runs_at_the_next_step(
+    tmp_path, monkeypatch
+):
+    """An overflowed step changes no weight and does not step the LR schedule: the controller does not count it
+    either (its dense gradients are dropped), the update due there runs at the next step, and a resume from a
+    checkpoint after the skip matches the Trainer's step count and continues to the same layouts."""
+    model, optimizer, smet = sparse_setup("llama", "gradient")
+    make_trainer(tmp_path / "straight", model, optimizer, smet, [SkipSteps({INTERVAL}, monkeypatch)]).train()
+    assert smet.step_count == STEPS - 1 and [r["step"] for r in smet.history] == [5, 10, 15]
+    model_a, optimizer_a, smet_a = sparse_setup("llama", "gradient")
+    make_trainer(tmp_path / "resumed", model_a, optimizer_a, smet_a,
+                 [SkipSteps({INTERVAL}, monkeypatch), StopAt(INTERRUPT)]).train()  # fmt: skip
+    checkpoint = tmp_path / "resumed" / f"checkpoint-{INTERRUPT}"
+    saved = torch.load(checkpoint / "optimizer.pt", weights_only=True)
+    assert saved["smet"]["step"] == INTERRUPT - 1 and saved["smet_skipped_steps"] == 1
+    model_b, optimizer_b, smet_b = sparse_setup("llama", "gradient", layout_seed=7)
+    resumed = make_trainer(tmp_path / "resumed", model_b, optimizer_b, smet_b, [SkipSteps({INTERVAL}, monkeypatch)])
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert smet_b.step_count == STEPS - 1 and smet_b.history == smet.history and same_layouts(model_b, model)
+
+
 def test_topology_update_runs_after_the_optimizer_step_before_gradients_are_zeroed(tmp_path, monkeypatch):
     model, optimizer, smet = sparse_setup("llama", "random")
     seen = []
