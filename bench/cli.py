@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .runner import CommandLog, Deadline, check_minutes, run_cases
+from .runner import CommandLog, Deadline, check_minutes, run_cases, usage_error
 
 SUITES = ("kernels", "optimizer", "training")
 MODES = {"off": (False,), "on": (True,), "both": (False, True)}  # --compile / --activation-checkpointing
@@ -330,19 +330,16 @@ def _run_training(args, device, backend, dtype, out_dir, deadline, commands) -> 
 
 
 def _validate(args) -> None:
-    """Reject bad options up front (SystemExit naming the option) rather than failing case by case."""
+    """Reject bad options up front (:func:`usage_error` naming the option) rather than failing case by case."""
     from smet_kernels.layout import SUPPORTED_BLOCK_SIZES
     from smet_kernels.train.config import check_output_folder
     from smet_kernels.train.model import MODEL_CONFIGS, model_config
 
     from . import kernels, optimizer, training
 
-    def fail(message: str):
-        raise SystemExit(f"smet-bench: error: {message}")
-
     unknown = [s for s in args.suites if s not in SUITES]
     if unknown:
-        fail(f"--suites must be from {SUITES}, got {unknown}")
+        usage_error(f"--suites must be from {SUITES}, got {unknown}")
     if args.out_dir is not None:
         from .results import check_results_files
 
@@ -351,37 +348,38 @@ def _validate(args) -> None:
             check_results_files(args.out_dir, kernels=bool({"kernels", "optimizer"} & set(args.suites)),
                                 training="training" in args.suites)  # fmt: skip
         except ValueError as error:
-            fail(str(error))
+            usage_error(error)
     providers = set(kernels.PROVIDERS) | set(optimizer.PROVIDERS)
     if args.providers and any(p not in providers for p in args.providers):
-        fail(f"--providers must be from {sorted(providers)}, got {args.providers}")
+        usage_error(f"--providers must be from {sorted(providers)}, got {args.providers}")
     for suite, suite_providers in (("kernels", kernels.PROVIDERS), ("optimizer", optimizer.PROVIDERS)):
         if args.providers and suite in args.suites and not set(args.providers) & set(suite_providers):
-            fail(f"--providers {','.join(args.providers)} names no provider of the {suite} suite (from "
-                 f"{','.join(suite_providers)}): add one, or leave {suite} out of --suites")
+            usage_error(f"--providers {','.join(args.providers)} names no provider of the {suite} suite (from "
+                        f"{','.join(suite_providers)}): add one, or leave {suite} out of --suites")
     if args.configs and any(c not in MODEL_CONFIGS for c in args.configs):
-        fail(f"--configs must be from {sorted(MODEL_CONFIGS)}, got {args.configs}")
+        usage_error(f"--configs must be from {sorted(MODEL_CONFIGS)}, got {args.configs}")
     if args.methods and any(m not in training.METHODS for m in args.methods):
-        fail(f"--methods must be from {training.METHODS}, got {args.methods}")
+        usage_error(f"--methods must be from {training.METHODS}, got {args.methods}")
     if args.densities and any(not 0.0 < d <= 1.0 for d in args.densities):
-        fail(f"--densities must lie in (0, 1], got {args.densities}")
+        usage_error(f"--densities must lie in (0, 1], got {args.densities}")
     for option, values in (("--block-sizes", args.block_sizes), ("--training-block-size", [args.training_block_size])):
         if any(v is not None and v not in SUPPORTED_BLOCK_SIZES for v in values or []):
-            fail(f"{option} must be from {SUPPORTED_BLOCK_SIZES}, got {values}")
+            usage_error(f"{option} must be from {SUPPORTED_BLOCK_SIZES}, got {values}")
     for option, mode in (("--compile", args.compile), ("--activation-checkpointing", args.activation_checkpointing)):
         if mode != "off" and "training" not in args.suites:
-            fail(f"{option} {mode} applies to the training suite, which --suites {','.join(args.suites)} leaves out")
+            usage_error(f"{option} {mode} applies to the training suite, which --suites {','.join(args.suites)} "
+                        "leaves out")
     if "training" in args.suites:
         block_size = _training_block_size(args)
         for config in _training_configs(args):
             try:
                 model_config(config, block_size=block_size)
             except ValueError as error:
-                fail(f"--training-block-size {block_size}: {error}")
+                usage_error(f"--training-block-size {block_size}: {error}")
     try:
         check_minutes(args.max_minutes, "--max-minutes")
     except ValueError as error:
-        fail(str(error))
+        usage_error(error)
     for option, values in (
         ("--tokens", args.tokens),
         ("--batch-size", [args.batch_size]),
@@ -389,7 +387,7 @@ def _validate(args) -> None:
         ("--steps", [args.steps]),
     ):
         if any(v is not None and v < 1 for v in values or []):
-            fail(f"{option} must be positive, got {values}")
+            usage_error(f"{option} must be positive, got {values}")
 
 
 def prepare_device(name: str | None, backend: str) -> tuple[torch.device, str]:
@@ -401,11 +399,11 @@ def prepare_device(name: str | None, backend: str) -> tuple[torch.device, str]:
     try:
         device = resolve_device(name)
     except ValueError as error:
-        raise SystemExit(f"smet-bench: error: --{error}") from None
+        usage_error(f"--{error}")
     try:
         return device, resolve_backend(device, None if backend == "auto" else backend)
     except ValueError as error:  # the SMET_BACKEND environment variable
-        raise SystemExit(f"smet-bench: error: {error}") from None
+        usage_error(error)
 
 
 def run(args) -> int:
@@ -486,7 +484,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         path = write_report(args.out_dir, benchmark_json=args.benchmark_json)
     except (ValueError, FileNotFoundError) as err:
-        raise SystemExit(f"smet-bench: error: {err}") from None
+        usage_error(err)
     print(f"smet-bench: wrote {path}")
     return 0
 

@@ -275,9 +275,9 @@ def _validate(args) -> None:
 def main_from_args(args, prog: str, argv: list[str]) -> int:
     """Trace (resumable: rows already in memory.csv are skipped), then render memory.md."""
     import shlex
-    import sys
 
     from .memory_report import gpu_cases, write_memory_report
+    from .runner import usage_error
 
     out_dir = Path(args.out_dir)
     try:
@@ -293,7 +293,6 @@ def main_from_args(args, prog: str, argv: list[str]) -> int:
                     handle.write(f"{prog} {shlex.join(argv)}\n")
         path = write_memory_report(out_dir)
     except ValueError as error:
-        print(f"{prog}: error: {error}", file=sys.stderr)
-        return 2
+        usage_error(error, prog)
     print(f"{prog}: wrote {path}")
     return 0

@@ -6,6 +6,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
+from typing import NoReturn
 
 COMMANDS_FILE = "commands.txt"
 
@@ -30,6 +31,13 @@ class CommandLog:
         with self.path.open("a") as handle:
             handle.write(f"{stamp} smet-bench {shlex.join(self.argv)}\n")
         self.done = True
+
+
+def usage_error(message, prog: str = "smet-bench") -> NoReturn:
+    """End the command on a bad option or input: one line ``<prog>: error: <message>`` on stderr and exit code 2,
+    argparse's own (exit code 1 is left to a run whose cases failed)."""
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def check_minutes(minutes: float | None, option: str) -> None:

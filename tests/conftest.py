@@ -30,6 +30,17 @@ GPU_TEST_CONFIG = (64, 4, 2)
 TOKEN_TILE = 32 if INTERPRET else GPU_TEST_CONFIG[0]
 
 
+def usage_error(main, argv: list[str], capsys) -> str:
+    """The stderr of ``main(argv)`` refusing bad usage after parsing, checked to be exit code 2 and one line
+    ``<prog>: error: ...`` (no traceback, no usage); returned without its newline."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as raised:
+        main(argv)
+    err = capsys.readouterr().err
+    assert raised.value.code == 2 and err.count("\n") == 1 and ": error: " in err.split("\n")[0], (raised.value, err)
+    return err.rstrip("\n")
+
+
 @pytest.fixture
 def device() -> str:
     return DEVICE

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import usage_error
 
 from bench.cli import build_parser, main
 from bench.kernels import LIBRARY_PROVIDERS, TRITON_PROVIDERS
@@ -119,11 +120,11 @@ def test_report_renders_tables_and_plots(quick_run):
         assert (quick_run / plot).stat().st_size > 1000
 
 
-def test_report_without_results_fails_clearly(tmp_path):
-    with pytest.raises(SystemExit, match="smet-bench: error: .*smet-bench run"):
-        main(["report", "--out-dir", str(tmp_path)])
-    with pytest.raises(SystemExit, match="smet-bench: error: .*not a folder"):
-        main(["report", "--out-dir", str(tmp_path / "missing")])
+def test_report_without_results_fails_clearly(tmp_path, capsys):
+    error = usage_error(main, ["report", "--out-dir", str(tmp_path)], capsys)
+    assert error.startswith("smet-bench: error: ") and "smet-bench run" in error
+    error = usage_error(main, ["report", "--out-dir", str(tmp_path / "missing")], capsys)
+    assert error.startswith("smet-bench: error: ") and error.endswith("not a folder")
 
 
 def _subcommands(parser):
@@ -169,15 +170,14 @@ def test_the_device_help_of_run_and_gpu_check_lists_auto_which_they_accept(tmp_p
     assert main(["gpu-check", "--plan", "--device", "auto", "--out-dir", str(tmp_path)]) == 0
 
 
-def test_a_bad_smet_backend_environment_variable_is_a_one_line_error_of_run(tmp_path, monkeypatch):
+def test_a_bad_smet_backend_environment_variable_is_a_one_line_error_of_run(tmp_path, monkeypatch, capsys):
     from smet_kernels import backend
 
     monkeypatch.setattr(backend, "_backend", "fast")  # SMET_BACKEND=fast, read at import
     monkeypatch.setattr(backend, "_backend_source", "the SMET_BACKEND environment variable")
-    with pytest.raises(SystemExit) as exit_info:
-        main(["run", "--quick", "--suites", "optimizer", "--out-dir", str(tmp_path)])
-    assert str(exit_info.value.code) == ("smet-bench: error: the SMET_BACKEND environment variable must be one of "
-                                         "('auto', 'triton', 'reference'), got 'fast'")
+    error = usage_error(main, ["run", "--quick", "--suites", "optimizer", "--out-dir", str(tmp_path)], capsys)
+    assert error == ("smet-bench: error: the SMET_BACKEND environment variable must be one of "
+                     "('auto', 'triton', 'reference'), got 'fast'")
 
 
 def test_module_entry_point_help():
@@ -202,29 +202,29 @@ def test_module_entry_point_help():
         ("--device", "tpu"),
     ],
 )
-def test_bad_options_are_rejected(tmp_path, option, value):
-    with pytest.raises(SystemExit, match=option.lstrip("-")):
-        main(["run", option, value, "--out-dir", str(tmp_path)])
+def test_bad_options_are_rejected_with_exit_code_2_and_one_line_naming_them(tmp_path, option, value, capsys):
+    error = usage_error(main, ["run", option, value, "--out-dir", str(tmp_path)], capsys)
+    assert error.startswith(f"smet-bench: error: {option} "), error
     assert not (tmp_path / "kernels.csv").exists()
 
 
 @pytest.mark.parametrize("suites, providers, suite", [("optimizer", "torch_bsr", "optimizer"),
                                                      ("kernels,optimizer", "smet_adamw", "kernels"),
                                                      ("kernels,optimizer,training", "torch_bsr", "optimizer")])
-def test_providers_that_name_none_of_a_selected_suites_providers_are_refused(tmp_path, suites, providers, suite):
+def test_providers_that_name_none_of_a_selected_suites_providers_are_refused(tmp_path, suites, providers, suite,
+                                                                             capsys):
     """That suite would run its baselines alone (the optimizer suite only its device copy), silently."""
-    with pytest.raises(SystemExit, match=f"--providers {providers} names no provider of the {suite} suite"):
-        main(["run", "--suites", suites, "--providers", providers, "--out-dir", str(tmp_path)])
+    error = usage_error(main, ["run", "--suites", suites, "--providers", providers, "--out-dir", str(tmp_path)], capsys)
+    assert error.startswith(f"smet-bench: error: --providers {providers} names no provider of the {suite} suite")
     assert not (tmp_path / "kernels.csv").exists()
 
 
 @pytest.mark.parametrize("argv, option", [(["run", "--device", "tpu"], "--device"),
                                           (["run", "--batch-size", "-2"], "--batch-size"),
                                           (["gpu-check", "--plan", "--device", "tpu"], "--device")])
-def test_a_bad_option_starts_its_line_with_smet_bench_error_like_the_other_subcommands(tmp_path, argv, option):
-    with pytest.raises(SystemExit) as exit_info:
-        main([*argv, "--out-dir", str(tmp_path)])
-    assert str(exit_info.value.code).startswith(f"smet-bench: error: {option} ")
+def test_a_bad_option_starts_its_line_with_smet_bench_error_like_the_other_subcommands(tmp_path, argv, option,
+                                                                                      capsys):
+    assert usage_error(main, [*argv, "--out-dir", str(tmp_path)], capsys).startswith(f"smet-bench: error: {option} ")
 
 
 @pytest.mark.parametrize("command", [["run", "--quick"], ["gpu-check"], ["stability", "run", "--quick"], ["memory"]])
@@ -232,13 +232,8 @@ def test_an_out_dir_that_is_or_lies_under_a_file_is_a_one_line_error(tmp_path, c
     a_file = tmp_path / "a_file"
     a_file.write_text("not a folder")
     for out_dir, message in ((a_file, "exists and is not a folder"), (a_file / "sub", "cannot be created")):
-        try:
-            code = main([*command, "--device", "cpu", "--out-dir", str(out_dir)] if command[0] != "memory"
-                        else [*command, "--out-dir", str(out_dir)])
-            error = capsys.readouterr().err.strip()
-        except SystemExit as exit_info:
-            code, error = 1, str(exit_info.code)
-        assert code in (1, 2) and f"--out-dir '{out_dir}' {message}" in error and "\n" not in error, error
+        argv = [*command, "--out-dir", str(out_dir)] + (["--device", "cpu"] if command[0] != "memory" else [])
+        assert usage_error(main, argv, capsys).startswith(f"smet-bench: error: --out-dir '{out_dir}' {message}")
     assert a_file.read_text() == "not a folder"
 
 
@@ -248,18 +243,15 @@ def test_an_out_dir_that_is_or_lies_under_a_file_is_a_one_line_error(tmp_path, c
 def test_a_time_budget_that_is_not_positive_is_a_one_line_error_before_anything_runs(tmp_path, command, option,
                                                                                       minutes, capsys):
     out_dir = tmp_path / "out"
-    try:
-        code = main([*command, "--device", "cpu", option, minutes, "--out-dir", str(out_dir)])
-        error = capsys.readouterr().err.strip()
-    except SystemExit as exit_info:
-        code, error = 1, str(exit_info.code)
-    assert code in (1, 2) and f"{option} must be positive, got {minutes}" in error and "\n" not in error, error
+    error = usage_error(main, [*command, "--device", "cpu", option, minutes, "--out-dir", str(out_dir)], capsys)
+    assert error == f"smet-bench: error: {option} must be positive, got {minutes}"
     assert not out_dir.exists()
 
 
-def test_training_block_size_must_divide_the_hidden_size(tmp_path):
-    with pytest.raises(SystemExit, match="--training-block-size 128: .*hidden size 64 of config 'tiny'"):
-        main(["run", "--quick", "--suites", "training", "--training-block-size", "128", "--out-dir", str(tmp_path)])
+def test_training_block_size_must_divide_the_hidden_size(tmp_path, capsys):
+    argv = ["run", "--quick", "--suites", "training", "--training-block-size", "128", "--out-dir", str(tmp_path)]
+    error = usage_error(main, argv, capsys)
+    assert error.startswith("smet-bench: error: --training-block-size 128: ") and "hidden size 64 of" in error, error
     assert not (tmp_path / "training.csv").exists()
 
 
@@ -304,23 +296,20 @@ def test_report_reads_pytest_benchmark_json(quick_run):
     assert "## pytest-benchmark" in report and "test_dense[forward]" in report and "2 [1–3]" in report
 
 
-def test_a_benchmark_json_that_is_not_json_is_a_one_line_error_naming_the_file(quick_run, tmp_path):
+def test_a_benchmark_json_that_is_not_json_is_a_one_line_error_naming_the_file(quick_run, tmp_path, capsys):
     broken = tmp_path / "broken.json"
     broken.write_text("not json")
-    with pytest.raises(SystemExit) as exit_info:
-        main(["report", "--out-dir", str(quick_run), "--benchmark-json", str(broken)])
-    assert str(exit_info.value.code).startswith(f"smet-bench: error: benchmark JSON {broken} is not JSON: ")
-    assert "\n" not in str(exit_info.value.code)
+    error = usage_error(main, ["report", "--out-dir", str(quick_run), "--benchmark-json", str(broken)], capsys)
+    assert error.startswith(f"smet-bench: error: benchmark JSON {broken} is not JSON: ")
 
 
 @pytest.mark.parametrize("name, reason", [("missing.json", "No such file or directory"),
                                           ("a_folder", "Is a directory")])
-def test_a_benchmark_json_that_cannot_be_read_is_a_one_line_error_naming_the_file(tmp_path, name, reason):
+def test_a_benchmark_json_that_cannot_be_read_is_a_one_line_error_naming_the_file(tmp_path, name, reason, capsys):
     (tmp_path / "a_folder").mkdir()
     path = tmp_path / name
-    with pytest.raises(SystemExit) as exit_info:
-        main(["report", "--out-dir", str(tmp_path), "--benchmark-json", str(path)])
-    assert str(exit_info.value.code) == f"smet-bench: error: benchmark JSON {path} cannot be read: {reason}"
+    error = usage_error(main, ["report", "--out-dir", str(tmp_path), "--benchmark-json", str(path)], capsys)
+    assert error == f"smet-bench: error: benchmark JSON {path} cannot be read: {reason}"
 
 
 def test_the_pytest_benchmark_suite_runs_and_the_report_renders_its_json(quick_run, tmp_path):
@@ -391,10 +380,9 @@ def test_mode_options_take_off_on_or_both_and_apply_to_the_training_suite(tmp_pa
         main(["run", option, "yes", "--out-dir", str(tmp_path)])
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert error.startswith(f"smet-bench run: error: argument {option}: invalid choice: 'yes'")
-    with pytest.raises(SystemExit) as raised:
-        main(["run", "--quick", "--suites", "kernels", option, "both", "--out-dir", str(tmp_path)])
-    assert str(raised.value) == (f"smet-bench: error: {option} both applies to the training suite, which --suites "
-                                 "kernels leaves out")  # fmt: skip
+    error = usage_error(main, ["run", "--quick", "--suites", "kernels", option, "both", "--out-dir", str(tmp_path)],
+                        capsys)
+    assert error == f"smet-bench: error: {option} both applies to the training suite, which --suites kernels leaves out"
     assert not any(tmp_path.iterdir())
 
 

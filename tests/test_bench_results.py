@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import usage_error
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
@@ -391,7 +392,8 @@ def test_a_quote_a_half_written_row_left_open_does_not_take_the_rows_after_its_l
         assert [row[KERNEL_COLUMNS.index("shape")] for row in csv.reader(handle)][1:] == shapes[2:] + ["d"]
 
 
-def test_the_default_out_dir_holding_a_csv_of_another_release_is_refused_before_any_suite(tmp_path, monkeypatch):
+def test_the_default_out_dir_holding_a_csv_of_another_release_is_refused_before_any_suite(tmp_path, monkeypatch,
+                                                                                          capsys):
     """Without --out-dir, ``run`` writes to reports/<device slug>: a training.csv of other columns there was found
     only after the optimizer suite had run, in a traceback."""
     from bench.cli import main
@@ -401,9 +403,9 @@ def test_the_default_out_dir_holding_a_csv_of_another_release_is_refused_before_
     folder = tmp_path / "reports" / device_slug("cpu")
     folder.mkdir(parents=True)
     (folder / "training.csv").write_text(",".join(c for c in TRAINING_COLUMNS if c != "tokens_per_s") + "\n")
-    with pytest.raises(SystemExit) as raised:
-        main(["run", "--quick", "--device", "cpu", "--suites", "optimizer,training", "--no-progress"])
-    assert "training.csv lacks ['tokens_per_s']" in str(raised.value) and "\n" not in str(raised.value)
+    error = usage_error(main, ["run", "--quick", "--device", "cpu", "--suites", "optimizer,training", "--no-progress"],
+                        capsys)
+    assert error.startswith("smet-bench: error: ") and "training.csv lacks ['tokens_per_s']" in error
     assert sorted(p.name for p in folder.iterdir()) == ["training.csv"]
 
 

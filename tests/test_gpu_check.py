@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import usage_error
 
 from bench.cli import main
 from bench.gpu_check import kernel_ops
@@ -36,18 +37,17 @@ def test_plan_prints_every_stage_with_an_estimate_and_writes_nothing(tmp_path, c
     "option, value, message",
     [("--stages", "env,warp", "--stages must be"), ("--minutes", "0", "--minutes must be positive")],
 )
-def test_bad_options_fail_with_one_line_before_anything_runs(tmp_path, option, value, message):
-    with pytest.raises(SystemExit) as raised:
-        main(["gpu-check", "--out-dir", str(tmp_path / "check"), option, value])
-    assert str(raised.value).startswith(f"smet-bench: error: {message}") and "\n" not in str(raised.value)
+def test_bad_options_fail_with_one_line_and_exit_code_2_before_anything_runs(tmp_path, option, value, message, capsys):
+    error = usage_error(main, ["gpu-check", "--out-dir", str(tmp_path / "check"), option, value], capsys)
+    assert error.startswith(f"smet-bench: error: {message}")
     assert not (tmp_path / "check").exists()
 
 
-def test_an_out_dir_that_is_a_file_is_refused(tmp_path):
+def test_an_out_dir_that_is_a_file_is_refused(tmp_path, capsys):
     target = tmp_path / "file"
     target.write_text("")
-    with pytest.raises(SystemExit, match="smet-bench: error: --out-dir .* exists and is not a folder"):
-        main(["gpu-check", "--out-dir", str(target)])
+    error = usage_error(main, ["gpu-check", "--out-dir", str(target)], capsys)
+    assert error == f"smet-bench: error: --out-dir '{target}' exists and is not a folder"
 
 
 def test_a_spent_budget_lists_every_stage_as_not_run(tmp_path):
@@ -305,17 +305,16 @@ def test_the_environment_of_a_cuda_device_names_its_properties_and_the_torch_bsr
     assert info["torch_bsr_params"].startswith("defaults")
 
 
-def test_an_out_dir_holding_a_csv_of_another_release_is_refused_with_one_line_before_any_stage_runs(tmp_path):
+def test_an_out_dir_holding_a_csv_of_another_release_is_refused_with_one_line_before_any_stage_runs(tmp_path, capsys):
     """A DIR resumed after the kernels.csv columns changed: every timed stage failed on the file, and the summary
     could not be written at all (KeyError 'gbps'), so the run left no gpu_check.md, its correctness results lost."""
     old_columns = [c for c in KERNEL_COLUMNS if c != "gbps"]
     (tmp_path / "kernels.csv").write_text(",".join(old_columns) + "\n" + ",".join("1" for _ in old_columns) + "\n")
     for command in (["gpu-check", "--device", "cpu", "--stages", "env"],
                     ["run", "--quick", "--device", "cpu", "--suites", "kernels", "--providers", "cublas_dense"]):
-        with pytest.raises(SystemExit) as raised:
-            main([*command, "--out-dir", str(tmp_path)])
-        assert str(raised.value).startswith("smet-bench: ") and "kernels.csv lacks ['gbps']" in str(raised.value)
-        assert "\n" not in str(raised.value) and "fresh --out-dir" in str(raised.value)
+        error = usage_error(main, [*command, "--out-dir", str(tmp_path)], capsys)
+        assert error.startswith("smet-bench: error: ") and "kernels.csv lacks ['gbps']" in error
+        assert "fresh --out-dir" in error
     assert sorted(p.name for p in tmp_path.iterdir()) == ["kernels.csv"]
 
 

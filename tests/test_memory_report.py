@@ -2,6 +2,7 @@
 
 import pandas as pd
 import pytest
+from conftest import usage_error
 
 from bench.cli import main
 from bench.results import TRAINING_COLUMNS
@@ -42,9 +43,8 @@ def test_memory_command_traces_models_and_reports_with_gpu_rows(tmp_path, capsys
 
 
 def test_memory_command_rejects_an_unknown_config_in_one_line(tmp_path, capsys):
-    assert main(["memory", "--configs", "3b", "--out-dir", str(tmp_path)]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["smet-bench: error: --configs must be from 20m,60m,130m,350m,1b,7b, got 3b"]
+    error = usage_error(main, ["memory", "--configs", "3b", "--out-dir", str(tmp_path)], capsys)
+    assert error == "smet-bench: error: --configs must be from 20m,60m,130m,350m,1b,7b, got 3b"
 
 
 def test_memory_command_rejects_a_bad_batch_shape(tmp_path, capsys):
@@ -66,5 +66,5 @@ def test_a_list_item_that_cannot_be_read_is_named_once_with_the_form_expected(tm
 
 
 def test_a_density_out_of_range_is_a_one_line_error_naming_densities(tmp_path, capsys):
-    assert main(["memory", "--densities", "2", "--out-dir", str(tmp_path)]) == 2
-    assert capsys.readouterr().err.strip().splitlines() == ["smet-bench: error: --densities must be in (0, 1], got 2.0"]
+    error = usage_error(main, ["memory", "--densities", "2", "--out-dir", str(tmp_path)], capsys)
+    assert error == "smet-bench: error: --densities must be in (0, 1], got 2.0"

@@ -8,6 +8,7 @@ import math
 import pandas as pd
 import pytest
 import torch
+from conftest import usage_error
 
 from bench import stability
 from bench.cli import main as bench_main
@@ -75,14 +76,15 @@ def test_study_blocks_move_at_the_lowest_density():
             assert blocks_to_move(zeta, nnz) >= 1, (config, out_f, in_f, block)
 
 
-def test_spec_validation_names_the_field():
+def test_spec_validation_names_the_field(capsys):
     with pytest.raises(ValueError, match="methods"):
         dataclasses.replace(PRESETS["pilot"], methods=("adamw", "sgd")).validate()
     with pytest.raises(ValueError, match="densities"):
         dataclasses.replace(PRESETS["pilot"], densities=(0.5, 1.5)).validate()
     with pytest.raises(ValueError, match="adamw"):
         dataclasses.replace(PRESETS["pilot"], methods=("smet-linear",)).validate()
-    assert bench_main(["stability", "run", "--quick", "--densities", "0", "--dry-run"]) == 2
+    error = usage_error(bench_main, ["stability", "run", "--quick", "--densities", "0", "--dry-run"], capsys)
+    assert error == "smet-bench: error: densities must lie in (0, 1), got [0.0]"
 
 
 def test_the_help_of_each_option_states_the_default_that_cpu_study_gives_it(capsys):
@@ -114,10 +116,8 @@ def test_options_every_run_would_reject_fail_up_front(tmp_path, monkeypatch, cap
     monkeypatch.setattr(sweep, "_train_in_fresh_process", lambda config: pytest.fail("a run was started"))
     out_dir = tmp_path / "study"
     argv = ["stability", "run", "--quick", "--out-dir", str(out_dir), option, value.format(tmp=tmp_path)]
-    assert bench_main(argv + ["--dry-run"] * dry_run) == 2
-    captured = capsys.readouterr()
-    assert captured.err.startswith("smet-bench: error: ") and captured.err.count("\n") == 1
-    assert named in captured.err and "render with" not in captured.out
+    error = usage_error(bench_main, argv + ["--dry-run"] * dry_run, capsys)
+    assert error.startswith("smet-bench: error: ") and named in error
     assert not (out_dir / "commands.txt").exists()
 
 
@@ -287,8 +287,9 @@ def test_report_command_on_synthetic_runs(tmp_path, capsys):
     assert bench_main(["stability", "report", "--out-dir", str(tmp_path)]) == 0
     text = (tmp_path / "stability.md").read_text()
     assert "CPU pilot" in text and "smet-bench stability report --out-dir" in text
-    assert bench_main(["stability", "report", "--out-dir", str(tmp_path / "empty")]) == 2
-    assert "no finished runs" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    error = usage_error(bench_main, ["stability", "report", "--out-dir", str(tmp_path / "empty")], capsys)
+    assert error.startswith("smet-bench: error: no finished runs under ")
 
 
 @pytest.mark.gpu

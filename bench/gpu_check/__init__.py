@@ -19,7 +19,7 @@ import signal
 import time
 from pathlib import Path
 
-from ..runner import check_minutes
+from ..runner import check_minutes, usage_error
 from .plan import STAGES, format_plan, sizes_for
 
 ATOMIC_STAGES = ("compile",)  # one long case: started only when its estimate fits in what is left of the budget
@@ -51,24 +51,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def validate(args) -> list[str]:
-    """The selected stages; raises ``SystemExit`` with one line for a bad option, before anything runs."""
+    """The selected stages; a bad option ends the command (:func:`usage_error`) before anything runs."""
     from smet_kernels.train.config import check_output_folder
 
     from ..results import check_results_files
 
-    def fail(message: str):
-        raise SystemExit(f"smet-bench: error: {message}")
-
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     unknown = [s for s in stages if s not in STAGES]
     if unknown or not stages:
-        fail(f"--stages must be a comma-separated list from {','.join(STAGES)}, got {args.stages!r}")
+        usage_error(f"--stages must be a comma-separated list from {','.join(STAGES)}, got {args.stages!r}")
     try:
         check_minutes(args.minutes, "--minutes")
         check_output_folder(args.out_dir, "--out-dir")
         check_results_files(args.out_dir)  # the summary reads both files, whatever the stages
     except ValueError as error:
-        fail(str(error))
+        usage_error(error)
     return stages
 
 

@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..runner import check_minutes
+from ..runner import check_minutes, usage_error
 from .report import write_report
 from .spec import COMMANDS_FILE, DENSE_METHOD, METHODS, PRESETS, StudySpec, enumerate_runs
 from .sweep import check_runnable, is_done, run_sweep
@@ -146,13 +146,13 @@ def spec_from_args(args: argparse.Namespace) -> StudySpec:
 
 
 def main_from_args(args: argparse.Namespace, prog: str, argv: list[str]) -> int:
-    """Execute a parsed ``run``/``report`` command; bad options end with ``<prog>: error`` (exit code 2)."""
+    """Execute a parsed ``run``/``report`` command; bad options end with ``<prog>: error: ...`` (exit code 2), failed
+    runs with exit code 1."""
     if args.stability_command == "report":
         try:
             path = write_report(args.out_dir, args.output)
         except ValueError as error:
-            print(f"{prog}: error: {error}", file=sys.stderr)
-            return 2
+            usage_error(error, prog)
         print(f"{prog}: wrote {path}")
         return 0
     default_dirs = {"pilot": "reports/cpu-pilot-stability", "cpu": "reports/stability-cpu", "h100": "reports/stability"}
@@ -162,8 +162,7 @@ def main_from_args(args: argparse.Namespace, prog: str, argv: list[str]) -> int:
         spec = spec_from_args(args)
         check_runnable(spec, out_dir)
     except ValueError as error:
-        print(f"{prog}: error: {error}", file=sys.stderr)
-        return 2
+        usage_error(error, prog)
     if args.dry_run:
         for run in enumerate_runs(spec):
             state = "finished" if is_done(run.directory(out_dir)) else "to run"
@@ -178,8 +177,7 @@ def main_from_args(args: argparse.Namespace, prog: str, argv: list[str]) -> int:
     try:
         counts = run_sweep(spec, out_dir, max_minutes=args.max_minutes, keep_checkpoints=args.keep_checkpoints)
     except ValueError as error:
-        print(f"{prog}: error: {error}", file=sys.stderr)
-        return 2
+        usage_error(error, prog)
     print(f"{prog}: {counts}; render with: smet-bench stability report --out-dir {out_dir}")
     return 1 if counts["failed"] else 0
 
