@@ -370,7 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="target compute capability as an int, e.g. 90 = H100, 80 = A100 (default: 90)")
     parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES), metavar="DTYPE",
                         help=f"operand dtypes to compile, from {' '.join(DTYPES)} (default: all)")
-    parser.add_argument("--block-sizes", nargs="+", type=int, default=None, metavar="B",
+    parser.add_argument("--block-sizes", nargs="+", type=int, choices=DEFAULT_BLOCK_SIZES, default=None, metavar="B",
                         help="block sizes b of the matmul kernels "
                         f"(default: {' '.join(map(str, DEFAULT_BLOCK_SIZES))})")
     parser.add_argument("--kernels", nargs="+", choices=KERNELS, default=None, metavar="KERNEL",
@@ -396,12 +396,15 @@ def regenerate_command(args: argparse.Namespace) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    from smet_kernels.train.config import ConfigError, check_output_folder
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
+        check_output_folder(args.out_dir, "--out-dir")
         rows = collect(args.arch, args.dtypes, args.block_sizes or DEFAULT_BLOCK_SIZES, args.kernels, args.configs)
-    except ToolchainMissing as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    except (ConfigError, ToolchainMissing) as error:
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
     print(write_report(rows, args.out_dir, args.arch, regenerate_command(args)))
     return 0
 

@@ -178,6 +178,23 @@ def _csv(kind):
     return parse
 
 
+def _check(args: argparse.Namespace) -> None:
+    """Raise ``ValueError`` (one line) naming the first bad option."""
+    from smet_kernels.layout import check_density
+    from smet_kernels.train.config import check_output_folder
+    from smet_kernels.train.model import MODEL_CONFIGS
+
+    if not (0 < args.tflops < math.inf and 0 < args.tbps < math.inf):  # NaN fails both comparisons
+        raise ValueError(f"--tflops and --tbps must be finite and > 0, got {args.tflops:g} and {args.tbps:g}")
+    if unknown := [c for c in args.configs if c not in MODEL_CONFIGS]:
+        raise ValueError(f"--configs must be from {','.join(MODEL_CONFIGS)}, got {','.join(unknown)}")
+    for density in args.densities:
+        check_density(density, "--densities")
+    if bad := [m for m in args.tokens if m < 1]:
+        raise ValueError(f"--tokens must be positive, got {','.join(map(str, bad))}")
+    check_output_folder(args.out_dir, "--out-dir")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m profiling.roofline",
@@ -200,13 +217,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out-dir", type=Path, required=True,
                         help="folder for roofline.csv and roofline.md (required; no default)")
     args = parser.parse_args(argv)
-    if not (0 < args.tflops < math.inf and 0 < args.tbps < math.inf):  # NaN fails both comparisons
-        parser.error(f"--tflops and --tbps must be finite and > 0, got {args.tflops:g} and {args.tbps:g}")
     try:
-        rows = bar_rows(args.configs, args.densities, args.tokens, args.block_size, args.element_size, args.tflops,
-                        args.tbps)
+        _check(args)
     except ValueError as error:
-        parser.error(str(error))
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
+    rows = bar_rows(args.configs, args.densities, args.tokens, args.block_size, args.element_size, args.tflops,
+                    args.tbps)
     command = "python -m profiling.roofline " + " ".join(argv if argv is not None else sys.argv[1:])
     print(write_report(rows, args.out_dir, command, args.tflops, args.tbps))
     return 0

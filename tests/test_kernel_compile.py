@@ -157,9 +157,25 @@ def test_refuses_to_compile_under_the_interpreter():
 
 
 def test_bad_config_is_a_usage_error(capsys):
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as raised:
         kr.main(["--out-dir", "unused", "--configs", "128x8"])
-    assert "BLOCK_M:WARPS:STAGES" in capsys.readouterr().err
+    err = capsys.readouterr().err.splitlines()
+    assert raised.value.code == 2 and err[-1].startswith(f"{kr.build_parser().prog}: error: argument --configs")
+    assert "BLOCK_M:WARPS:STAGES" in err[-1]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--block-sizes", "48"], "argument --block-sizes: invalid choice: 48"),
+    (["--out-dir", "{tmp}/a_file"], "--out-dir '{tmp}/a_file' exists and is not a folder"),
+])
+def test_a_bad_option_exits_2_with_one_error_line_before_anything_compiles(tmp_path, capsys, argv, message):
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(SystemExit) as raised:
+        kr.main(["--out-dir", str(tmp_path / "out"), *(arg.format(tmp=tmp_path) for arg in argv)])
+    err = capsys.readouterr().err.splitlines()
+    assert raised.value.code == 2 and [line for line in err if "error:" in line] == err[-1:], err
+    assert err[-1].startswith(f"python -m profiling.kernel_resources: error: {message.format(tmp=tmp_path)}"), err
+    assert not (tmp_path / "out").exists()
 
 
 _SPECIALIZATION = """

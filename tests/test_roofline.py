@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import usage_error
 
 from profiling import roofline
 from smet_kernels.layout import BlockLayout
@@ -54,8 +55,6 @@ def test_cli_writes_csv_and_report(tmp_path):
     assert qkvo["limited_by"] == "memory" and float(qkvo["max_dense_efficiency"]) < 1.0
     text = (tmp_path / "roofline.md").read_text()
     assert "Bars beyond the roofline" in text and "python -m profiling.roofline --configs 350m" in text
-    with pytest.raises(SystemExit):
-        roofline.main(["--tflops", "0", "--out-dir", str(tmp_path)])
 
 
 @pytest.mark.parametrize("option", ["--tflops", "--tbps"])
@@ -63,10 +62,24 @@ def test_cli_writes_csv_and_report(tmp_path):
 def test_a_ceiling_that_is_not_a_finite_positive_number_is_refused(tmp_path, option, value, capsys):
     """``nan <= 0`` is False: a NaN ceiling passed, every bound was NaN and ``min(1.0, bar / NaN)`` is 1.0, so the
     report said no bar is beyond the roofline."""
-    with pytest.raises(SystemExit):
-        roofline.main(["--configs", "350m", option, value, "--out-dir", str(tmp_path)])
-    assert "must be finite and > 0" in capsys.readouterr().err
+    error = usage_error(roofline.main, ["--configs", "350m", option, value, "--out-dir", str(tmp_path)], capsys)
+    assert error.startswith("python -m profiling.roofline: error: --tflops and --tbps must be finite and > 0")
     assert not (tmp_path / "roofline.md").exists()
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--tflops", "0", "--tflops and --tbps must be finite and > 0, got 0 and 4.3"),
+    ("--configs", "70b", "--configs must be from tiny,20m,60m,130m,350m,1b,7b, got 70b"),
+    ("--densities", "0.5,2", "--densities must be in (0, 1], got 2.0"),
+    ("--tokens", "8192,0", "--tokens must be positive, got 0"),
+    ("--out-dir", "{tmp}/a_file", "--out-dir '{tmp}/a_file' exists and is not a folder"),
+])
+def test_a_bad_option_exits_2_with_one_line_naming_it(tmp_path, option, value, message, capsys):
+    (tmp_path / "a_file").write_text("")
+    argv = ["--out-dir", str(tmp_path / "out"), option, value.format(tmp=tmp_path)]
+    error = usage_error(roofline.main, argv, capsys)
+    assert error == f"python -m profiling.roofline: error: {message.format(tmp=tmp_path)}"
+    assert not (tmp_path / "out").exists()
 
 
 def test_expected_used_lines_matches_random_layouts():

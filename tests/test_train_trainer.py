@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import DEVICE
+from conftest import DEVICE, usage_error
 
 from smet_kernels.train import checkpoint, cli, loop, trainer
 from smet_kernels.train.data import eval_windows, load_corpus, window_batch
@@ -211,6 +211,12 @@ def test_bad_arguments_give_one_line_errors(argv, message, capsys, tmp_path):
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("smet-train: error: ") and message in err[-1], err
     assert not any("Traceback" in line for line in err)
+
+
+def test_a_bad_configuration_is_one_stderr_line_without_the_usage_and_exit_code_2(capsys, tmp_path):
+    argv = ["--config", "tiny", "--block-size", "128", "--out-dir", str(tmp_path), "--no-progress"]
+    error = usage_error(cli.main, argv, capsys)
+    assert error.startswith("smet-train: error: ") and "does not divide the hidden size 64" in error, error
 
 
 @pytest.mark.parametrize("option", ["--lr", "--weight-decay", "--density-lr-exponent", "--galore-scale", "--grad-clip"])

@@ -258,8 +258,8 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         config = config_from_args(args)
         _warn_ignored_options(args, config)
         summary = train(config)
-    except ConfigError as error:
-        parser.error(" ".join(str(error).split()))
+    except ConfigError as error:  # one line: the usage that parser.error would print first says nothing of it
+        parser.exit(2, f"{parser.prog}: error: {' '.join(str(error).split())}\n")
     except TrainingDiverged as error:
         parser.exit(1, f"{parser.prog}: error: {' '.join(str(error).split())}\n")
     if summary["rank"] == 0:
