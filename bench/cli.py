@@ -397,9 +397,9 @@ def prepare_device(name: str | None, backend: str) -> tuple[torch.device, str]:
     from smet_kernels.backend import resolve_backend, resolve_device
 
     try:
-        device = resolve_device(name)
+        device = resolve_device(name, "--device")
     except ValueError as error:
-        usage_error(f"--{error}")
+        usage_error(error)
     try:
         return device, resolve_backend(device, None if backend == "auto" else backend)
     except ValueError as error:  # the SMET_BACKEND environment variable
@@ -481,6 +481,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_gpu_check(args, argv)
     from .report import write_report
 
+    if not Path(args.out_dir).is_dir():
+        usage_error(f"--out-dir {args.out_dir!r} is not a folder")
     try:
         path = write_report(args.out_dir, benchmark_json=args.benchmark_json)
     except (ValueError, FileNotFoundError) as err:

@@ -76,9 +76,9 @@ def triton_can_run(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
-def resolve_device(name: str | None = "auto") -> torch.device:
+def resolve_device(name: str | None = "auto", source: str = "device") -> torch.device:
     """The device ``name`` names: ``auto`` (or None) is ``cuda`` where CUDA is available, else ``cpu``; otherwise
-    ``cpu``, ``cuda`` or ``cuda:N``, checked to exist here (``ValueError`` naming the device)."""
+    ``cpu``, ``cuda`` or ``cuda:N``, checked to exist here (``ValueError`` naming ``source`` and the device)."""
     if name is None or name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -86,11 +86,11 @@ def resolve_device(name: str | None = "auto") -> torch.device:
     except (RuntimeError, TypeError):  # an unknown device type such as "tpu"
         device = None
     if device is None or device.type not in ("cpu", "cuda"):
-        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {name!r}")
+        raise ValueError(f"{source} must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {name!r}")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested but CUDA is not available")
+        raise ValueError(f"{source} {name!r} requested but CUDA is not available")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise ValueError(f"device {name!r}: only {torch.cuda.device_count()} GPU(s) are visible")
+        raise ValueError(f"{source} {name!r}: only {torch.cuda.device_count()} GPU(s) are visible")
     return device
 
 

@@ -123,8 +123,10 @@ def test_report_renders_tables_and_plots(quick_run):
 def test_report_without_results_fails_clearly(tmp_path, capsys):
     error = usage_error(main, ["report", "--out-dir", str(tmp_path)], capsys)
     assert error.startswith("smet-bench: error: ") and "smet-bench run" in error
-    error = usage_error(main, ["report", "--out-dir", str(tmp_path / "missing")], capsys)
-    assert error.startswith("smet-bench: error: ") and error.endswith("not a folder")
+    (tmp_path / "a_file").write_text("")
+    for out_dir in (tmp_path / "missing", tmp_path / "a_file"):
+        error = usage_error(main, ["report", "--out-dir", str(out_dir)], capsys)
+        assert error == f"smet-bench: error: --out-dir '{out_dir}' is not a folder"
 
 
 def _subcommands(parser):

@@ -1,5 +1,6 @@
 """Stability-study tooling (bench/stability/): sweep enumeration, resume, spike statistics, report rendering."""
 
+import argparse
 import dataclasses
 import gzip
 import json
@@ -24,6 +25,7 @@ from bench.stability import (
     spike_table,
     write_report,
 )
+from bench.stability.cli import RUN_OPTIONS
 
 
 @pytest.fixture(autouse=True)
@@ -84,7 +86,14 @@ def test_spec_validation_names_the_field(capsys):
     with pytest.raises(ValueError, match="adamw"):
         dataclasses.replace(PRESETS["pilot"], methods=("smet-linear",)).validate()
     error = usage_error(bench_main, ["stability", "run", "--quick", "--densities", "0", "--dry-run"], capsys)
-    assert error == "smet-bench: error: densities must lie in (0, 1), got [0.0]"
+    assert error == "smet-bench: error: --densities must lie in (0, 1), got [0.0]"
+
+
+def test_every_option_an_error_of_stability_run_names_is_an_option_of_it():
+    parser = argparse.ArgumentParser()
+    stability.add_arguments(parser)
+    run = next(action for action in parser._actions if action.choices and "run" in action.choices).choices["run"]
+    assert set(RUN_OPTIONS.values()) <= {option for action in run._actions for option in action.option_strings}
 
 
 def test_the_help_of_each_option_states_the_default_that_cpu_study_gives_it(capsys):
@@ -105,8 +114,10 @@ def test_the_help_of_each_option_states_the_default_that_cpu_study_gives_it(caps
     [
         ("--data", "/nonexistent", "/nonexistent"),
         ("--data", "{tmp}/empty.txt", "empty.txt"),
-        ("--lr", "-1", "lr"),
-        ("--lr-warmup-steps", "-5", "lr_warmup_steps"),
+        ("--lr", "-1", "--lr must be in (0.0, inf], got -1.0"),
+        ("--lr-warmup-steps", "-5", "--lr-warmup-steps must be an int >= 0, got -5"),
+        ("--lr-warmup-steps", "500", "--lr-warmup-steps (500) must be < --steps (200)"),
+        ("--seeds", "0,-1", "--seeds must be ints >= 0, got [-1]"),
         pytest.param("--device", "cuda", "CUDA", marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA")),
     ],
 )
@@ -290,6 +301,9 @@ def test_report_command_on_synthetic_runs(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     error = usage_error(bench_main, ["stability", "report", "--out-dir", str(tmp_path / "empty")], capsys)
     assert error.startswith("smet-bench: error: no finished runs under ")
+    for out_dir in (tmp_path / "stability.md", tmp_path / "missing"):  # a file, nothing
+        error = usage_error(bench_main, ["stability", "report", "--out-dir", str(out_dir)], capsys)
+        assert error == f"smet-bench: error: --out-dir '{out_dir}' is not a folder"
 
 
 @pytest.mark.gpu

@@ -378,7 +378,7 @@ def test_a_resume_into_the_folder_of_another_run_is_refused_but_into_its_own_or_
     for out in (first, second):
         train(tiny_config(max_steps=2, checkpoint_every=2, eval_every=0, out_dir=str(out)))
     checkpoint = first / "checkpoints" / "step_0000002"
-    with pytest.raises(ConfigError, match=f"--out-dir {str(second)!r} holds the checkpoints of another run"):
+    with pytest.raises(ConfigError, match=f"^out_dir {str(second)!r} holds the checkpoints of another run"):
         train(tiny_config(max_steps=3, eval_every=0, resume=str(checkpoint), out_dir=str(second)))
     assert not (second / "checkpoints" / "step_0000003").exists()
     for out in (first, tmp_path / "free"):  # its own folder (by its step folder or by itself), a free one

@@ -178,5 +178,5 @@ def test_parallel_option_validation(capsys):
         main(["--optimizer", "galore", "--parallel", "fsdp", "--no-progress"])
     assert exit_info.value.code == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]
-    assert error.startswith("smet-train: error: parallel 'fsdp' does not support optimizer 'galore'")
+    assert error.startswith("smet-train: error: --parallel 'fsdp' does not support --optimizer 'galore'")
     assert "fsdp" in build_parser().format_help() and "fully_shard" in build_parser().format_help()

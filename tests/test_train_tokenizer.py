@@ -113,7 +113,7 @@ def test_the_tokenizer_option_is_explained_and_fixed_on_resume(corpus_dir, tmp_p
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["--tokenizer", "bpe:12", "--no-progress", "--out-dir", str(tmp_path / "bad")])
     assert exit_info.value.code == 2
-    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("smet-train: error: tokenizer vocab")
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("smet-train: error: --tokenizer vocab")
     out = tmp_path / "run"
     cli.main(["--config", "tiny", "--optimizer", "adamw", "--data", str(corpus_dir), "--batch-size", "2",
               "--seq-len", "16", "--max-steps", "2", "--eval-every", "0", "--checkpoint-every", "2",
@@ -121,4 +121,4 @@ def test_the_tokenizer_option_is_explained_and_fixed_on_resume(corpus_dir, tmp_p
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["--resume", str(out), "--tokenizer", "bpe:300", "--max-steps", "4", "--no-progress"])
     assert exit_info.value.code == 2
-    assert "cannot change tokenizer" in capsys.readouterr().err
+    assert "cannot change --tokenizer" in capsys.readouterr().err

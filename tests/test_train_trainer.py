@@ -195,12 +195,13 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
         (["--max-steps", "0"], "argument --max-steps: must be >= 1"),
         (["--batch-size", "x"], "argument --batch-size: expected an integer"),
         (["--data", "/nonexistent/corpus.txt"], "does not exist"),
-        (["--batch-size", "6", "--grad-accum", "4"], "batch_size (6) must be divisible by grad_accum (4)"),
-        (["--optimizer", "adamw", "--supar"], "supar needs a sparse optimizer mode"),
+        (["--batch-size", "6", "--grad-accum", "4"], "--batch-size (6) must be divisible by --grad-accum (4)"),
+        (["--optimizer", "adamw", "--supar"], "--supar needs a sparse --optimizer mode"),
         (["--resume", "/nonexistent/run"], "no checkpoint found"),
-        (["--device", "tpu:0"], "device must be"),
-        (["--block-size", "128", "--config", "tiny"], "does not divide the hidden size 64"),
-        (["--optimizer", "adamw", "--lr", "1e38"], "lr 1e+38 overflows float32 in the first step's size"),
+        (["--device", "tpu:0"], "--device must be"),
+        (["--block-size", "128", "--config", "tiny"], "--block-size 128 does not divide the hidden size 64 of --config "
+                                                      "'tiny'"),
+        (["--optimizer", "adamw", "--lr", "1e38"], "--lr 1e+38 overflows float32 in the first step's size"),
     ],
 )
 def test_bad_arguments_give_one_line_errors(argv, message, capsys, tmp_path):
@@ -217,6 +218,14 @@ def test_a_bad_configuration_is_one_stderr_line_without_the_usage_and_exit_code_
     argv = ["--config", "tiny", "--block-size", "128", "--out-dir", str(tmp_path), "--no-progress"]
     error = usage_error(cli.main, argv, capsys)
     assert error.startswith("smet-train: error: ") and "does not divide the hidden size 64" in error, error
+
+
+def test_an_error_names_the_option_on_the_command_line_and_the_field_for_a_python_caller(capsys, tmp_path):
+    argv = ["--batch-size", "6", "--grad-accum", "4", "--out-dir", str(tmp_path), "--no-progress"]
+    error = usage_error(cli.main, argv, capsys)
+    assert error == "smet-train: error: --batch-size (6) must be divisible by --grad-accum (4)"
+    with pytest.raises(ConfigError, match=r"^batch_size \(6\) must be divisible by grad_accum \(4\)$"):
+        tiny_config(batch_size=6, grad_accum=4).validate()  # after the command line: its option names are gone
 
 
 @pytest.mark.parametrize("option", ["--lr", "--weight-decay", "--density-lr-exponent", "--galore-scale", "--grad-clip"])
@@ -346,11 +355,11 @@ def test_optimizer_options_given_with_resume_act_as_its_config_records_them(tmp_
                       out_dir=str(tmp_path / "galore")))
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["--resume", str(tmp_path / "galore"), "--galore-rank", "8", "--max-steps", "2", "--no-progress"])
-    assert exit_info.value.code == 2 and "cannot change galore_rank" in capsys.readouterr().err
+    assert exit_info.value.code == 2 and "cannot change --galore-rank" in capsys.readouterr().err
     # SuPar's parameter groups (one per hidden weight) cannot replace the saved ones: one line, not a traceback
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["--resume", str(out), "--supar", "--max-steps", "3", "--no-progress"])
-    assert exit_info.value.code == 2 and "cannot change supar" in capsys.readouterr().err
+    assert exit_info.value.code == 2 and "cannot change --supar" in capsys.readouterr().err
 
 
 def test_evaluation_runs_in_training_micro_batches(tmp_path, monkeypatch):

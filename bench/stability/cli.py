@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+from smet_kernels.train.config import naming_options
+
 from ..runner import check_minutes, usage_error
 from .report import write_report
 from .spec import COMMANDS_FILE, DENSE_METHOD, METHODS, PRESETS, StudySpec, enumerate_runs
@@ -129,6 +131,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     report.add_argument("--output", default=None, help="markdown file to write (default: <out-dir>/stability.md)")
 
 
+# the StudySpec fields that `run` options of the same name override
+OVERRIDES = ("configs", "methods", "densities", "alphas", "seeds", "steps", "batch_size", "seq_len", "update_interval",
+             "spike_window", "optimizer_warmup_steps", "lr", "lr_warmup_steps", "precision", "data", "backend",
+             "device")
+# the `run` option behind each StudySpec field and each TrainConfig field a study run takes from another one: errors
+# name it (smet_kernels.train.config.setting)
+RUN_OPTIONS = {name: "--" + name.replace("_", "-") for name in (*OVERRIDES, "out_dir")} | {
+    "model": "--configs", "density": "--densities", "density_lr_exponent": "--alphas", "seed": "--seeds",
+    "max_steps": "--steps"}
+
+
 def _preset(args: argparse.Namespace) -> str:
     if args.quick and args.cpu_study:
         raise ValueError("--quick and --cpu-study are two presets: give one")
@@ -137,10 +150,7 @@ def _preset(args: argparse.Namespace) -> str:
 
 def spec_from_args(args: argparse.Namespace) -> StudySpec:
     spec = dataclasses.replace(PRESETS[_preset(args)])
-    overrides = {name: getattr(args, name) for name in (
-        "configs", "methods", "densities", "alphas", "seeds", "steps", "batch_size", "seq_len", "update_interval",
-        "spike_window", "optimizer_warmup_steps", "lr", "lr_warmup_steps", "precision", "data", "backend", "device")
-        if getattr(args, name) is not None}
+    overrides = {name: getattr(args, name) for name in OVERRIDES if getattr(args, name) is not None}
     spec = dataclasses.replace(spec, **overrides)
     return spec.validate()
 
@@ -149,6 +159,8 @@ def main_from_args(args: argparse.Namespace, prog: str, argv: list[str]) -> int:
     """Execute a parsed ``run``/``report`` command; bad options end with ``<prog>: error: ...`` (exit code 2), failed
     runs with exit code 1."""
     if args.stability_command == "report":
+        if not Path(args.out_dir).is_dir():
+            usage_error(f"--out-dir {args.out_dir!r} is not a folder", prog)
         try:
             path = write_report(args.out_dir, args.output)
         except ValueError as error:
@@ -159,8 +171,9 @@ def main_from_args(args: argparse.Namespace, prog: str, argv: list[str]) -> int:
     try:
         out_dir = Path(args.out_dir or default_dirs[_preset(args)])
         check_minutes(args.max_minutes, "--max-minutes")
-        spec = spec_from_args(args)
-        check_runnable(spec, out_dir)
+        with naming_options(RUN_OPTIONS):
+            spec = spec_from_args(args)
+            check_runnable(spec, out_dir)
     except ValueError as error:
         usage_error(error, prog)
     if args.dry_run:
@@ -175,7 +188,8 @@ def main_from_args(args: argparse.Namespace, prog: str, argv: list[str]) -> int:
         handle.write(f"{stamp} {prog} {shlex.join(argv)}\n")
     (out_dir / "study.json").write_text(json.dumps(spec.to_dict(), indent=1))
     try:
-        counts = run_sweep(spec, out_dir, max_minutes=args.max_minutes, keep_checkpoints=args.keep_checkpoints)
+        with naming_options(RUN_OPTIONS):
+            counts = run_sweep(spec, out_dir, max_minutes=args.max_minutes, keep_checkpoints=args.keep_checkpoints)
     except ValueError as error:
         usage_error(error, prog)
     print(f"{prog}: {counts}; render with: smet-bench stability report --out-dir {out_dir}")

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
+from smet_kernels.train.config import setting
 from smet_kernels.train.methods import METHODS as TRAINER_METHODS
 
 class Method(NamedTuple):
@@ -86,27 +87,28 @@ class StudySpec:
         for name, values in (("configs", self.configs), ("methods", self.methods), ("densities", self.densities),
                              ("alphas", self.alphas), ("seeds", self.seeds)):
             if not values:
-                fail(f"{name} must not be empty")
+                fail(f"{setting(name)} must not be empty")
             if len(set(values)) != len(values):
-                fail(f"{name} has duplicates: {list(values)}")
+                fail(f"{setting(name)} has duplicates: {list(values)}")
         if unknown := [c for c in self.configs if c not in MODEL_CONFIGS]:
-            fail(f"configs must be from {list(MODEL_CONFIGS)}, got {unknown}")
+            fail(f"{setting('configs')} must be from {list(MODEL_CONFIGS)}, got {unknown}")
         if unknown := [m for m in self.methods if m not in METHODS]:
-            fail(f"methods must be from {list(METHODS)}, got {unknown}")
+            fail(f"{setting('methods')} must be from {list(METHODS)}, got {unknown}")
         if bad := [d for d in self.densities if not (isinstance(d, (int, float)) and 0.0 < d < 1.0)]:
-            fail(f"densities must lie in (0, 1), got {bad}")
+            fail(f"{setting('densities')} must lie in (0, 1), got {bad}")
         if bad := [a for a in self.alphas if not (isinstance(a, (int, float)) and a >= 0.0)]:
-            fail(f"alphas must be >= 0, got {bad}")
+            fail(f"{setting('alphas')} must be >= 0, got {bad}")
         if bad := [s for s in self.seeds if isinstance(s, bool) or not isinstance(s, int) or s < 0]:
-            fail(f"seeds must be ints >= 0, got {bad}")
+            fail(f"{setting('seeds')} must be ints >= 0, got {bad}")
         for config in self.configs:
             block = self.block_sizes.get(config)
             if block is not None and block not in SUPPORTED_BLOCK_SIZES:
                 fail(f"block_sizes[{config!r}] must be one of {list(SUPPORTED_BLOCK_SIZES)}, got {block}")
         if self.lr_warmup_steps >= self.steps and self.lr_warmup_steps > 0:
-            fail(f"lr_warmup_steps ({self.lr_warmup_steps}) must be < steps ({self.steps})")
+            fail(f"{setting('lr_warmup_steps')} ({self.lr_warmup_steps}) must be < {setting('steps')} ({self.steps})")
         if DENSE_METHOD not in self.methods:
-            fail(f"methods must include {DENSE_METHOD!r}: it is the reference (noise floor, quality) of the study")
+            fail(f"{setting('methods')} must include {DENSE_METHOD!r}: it is the reference (noise floor, quality) of "
+                 "the study")
         return self
 
     def to_dict(self) -> dict:

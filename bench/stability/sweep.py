@@ -31,11 +31,14 @@ def _defining(config: dict) -> dict:
 
 def check_finished_run(run: RunSpec, spec: StudySpec, out_dir: Path) -> None:
     """Raise ValueError when the finished run in ``run``'s folder was trained with other settings."""
+    from smet_kernels.train.config import setting
+
     saved = json.loads((run.directory(out_dir) / "summary.json").read_text())["config"]
     wanted = _defining(run.train_config(spec, out_dir).to_dict())
     differing = sorted(k for k in wanted if _defining(saved).get(k) != wanted[k])
     if differing:
-        details = ", ".join(f"{k}: saved {_defining(saved).get(k)!r} != requested {wanted[k]!r}" for k in differing)
+        details = ", ".join(f"{setting(k)}: saved {_defining(saved).get(k)!r} != requested {wanted[k]!r}"
+                            for k in differing)
         raise ValueError(f"finished run {run.directory(out_dir)} was trained with other settings ({details}); "
                          "use another --out-dir or delete that folder")
 
@@ -79,14 +82,14 @@ def check_runnable(spec: StudySpec, out_dir) -> None:
     """Raise ValueError (one line, naming the setting) for what every run of ``spec`` would reject: the trainer's
     :meth:`TrainConfig.validate`, a device or backend that is not available, unreadable or too short data."""
     from smet_kernels import backend as backend_module
-    from smet_kernels.train.config import check_output_folder
+    from smet_kernels.train.config import check_output_folder, setting
     from smet_kernels.train.data import DataError, PackedBatches, eval_windows, load_corpus
 
     spec.validate()
     check_output_folder(out_dir, "--out-dir")
     for run in enumerate_runs(spec):
         run.train_config(spec, out_dir).validate()
-    device = backend_module.resolve_device(spec.device)
+    device = backend_module.resolve_device(spec.device, setting("device"))
     if spec.backend == "triton":
         backend_module.resolve_backend(device, "triton")
     try:

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from ..sharding import is_sharded, shard_like
-from .config import FIXED_ON_RESUME, ConfigError, TrainConfig
+from .config import FIXED_ON_RESUME, ConfigError, TrainConfig, setting
 from .methods import METHODS
 
 SHARDED_DIR = "sharded"
@@ -139,9 +139,10 @@ def check_fresh_out_dir(out_dir: str | os.PathLike) -> None:
             return
     step = checkpoint.name.removeprefix("step_")
     raise ConfigError(
-        f"--out-dir {str(out_dir)!r} holds the checkpoints of another run (latest: step "
+        f"{setting('out_dir')} {str(out_dir)!r} holds the checkpoints of another run (latest: step "
         f"{int(step) if step.isdigit() else checkpoint.name}): pass "
-        f"--resume {out_dir} to continue that run, or an empty or other --out-dir to start a new one"
+        f"{setting('resume')} {out_dir} to continue that run, or an empty or other {setting('out_dir')} to start a new "
+        "one"
     )
 
 
@@ -339,8 +340,8 @@ def read_checkpoint(checkpoint: Path, config: TrainConfig) -> dict:
     changed = [name for name in FIXED_ON_RESUME if saved[name] != getattr(config, name) and name not in inert]
     if changed:
         raise ConfigError(
-            f"cannot change {', '.join(changed)} when resuming {str(checkpoint)!r} (saved: "
-            + ", ".join(f"{name}={saved[name]!r}" for name in changed)
+            f"cannot change {', '.join(map(setting, changed))} when resuming {str(checkpoint)!r} (saved: "
+            + ", ".join(f"{setting(name)} {saved[name]!r}" for name in changed)
             + "): the model, its topology, the data position and the optimizer state depend on them"
         )
     # read to CPU: RNG states must stay CPU ByteTensors; the load_state_dict calls move the rest to the device

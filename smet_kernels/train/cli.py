@@ -27,6 +27,7 @@ from .config import (
     PRECISIONS,
     ConfigError,
     TrainConfig,
+    naming_options,
 )
 from .loop import TrainingDiverged, train
 from .methods import METHODS
@@ -254,10 +255,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    options = {action.dest: action.option_strings[0] for action in parser._actions if action.option_strings}
     try:
-        config = config_from_args(args)
-        _warn_ignored_options(args, config)
-        summary = train(config)
+        with naming_options(options):  # errors name --batch-size, --config, ..., not the config fields
+            config = config_from_args(args)
+            _warn_ignored_options(args, config)
+            summary = train(config)
     except ConfigError as error:  # one line: the usage that parser.error would print first says nothing of it
         parser.exit(2, f"{parser.prog}: error: {' '.join(str(error).split())}\n")
     except TrainingDiverged as error:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +34,26 @@ CHECKPOINT_FORMATS = ("sharded", "full")
 
 class ConfigError(ValueError):
     """A bad training configuration or unusable data (the CLI prints it as a one-line error)."""
+
+
+_OPTION_NAMES: ContextVar[dict[str, str]] = ContextVar("option_names", default={})
+
+
+def setting(field: str) -> str:
+    """How an error message names the configuration field ``field``: as itself for Python callers, by the
+    command-line option that sets it inside :func:`naming_options` (``--batch-size`` for ``batch_size``)."""
+    return _OPTION_NAMES.get().get(field, field)
+
+
+@contextmanager
+def naming_options(options: dict[str, str]):
+    """Within it, :func:`setting` names each field of ``options`` (field -> option) by its option: a command line
+    wraps its run in it, so that every error names what the user typed."""
+    token = _OPTION_NAMES.set(options)
+    try:
+        yield
+    finally:
+        _OPTION_NAMES.reset(token)
 
 
 def check_output_folder(path, name: str = "out_dir") -> None:
@@ -125,21 +147,20 @@ class TrainConfig:
 
         def choice(name, options):
             if getattr(self, name) not in options:
-                raise ConfigError(f"{name} must be one of {list(options)}, got {getattr(self, name)!r}")
+                raise ConfigError(f"{setting(name)} must be one of {list(options)}, got {getattr(self, name)!r}")
 
         def integer(name, minimum):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise ConfigError(f"{name} must be an int >= {minimum}, got {value!r}")
+                raise ConfigError(f"{setting(name)} must be an int >= {minimum}, got {value!r}")
 
         def number(name, low, high, low_open=False, high_open=False):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ConfigError(f"{name} must be a finite number, got {value!r}")
+                raise ConfigError(f"{setting(name)} must be a finite number, got {value!r}")
             if value < low or value > high or (low_open and value == low) or (high_open and value == high):
-                raise ConfigError(
-                    f"{name} must be in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}, got {value}"
-                )
+                interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+                raise ConfigError(f"{setting(name)} must be in {interval}, got {value}")
 
         choice("model", MODEL_CONFIGS)
         choice("optimizer", OPTIMIZERS)
@@ -151,7 +172,7 @@ class TrainConfig:
         choice("on_nonfinite", NONFINITE_ACTIONS)
         choice("checkpoint_format", CHECKPOINT_FORMATS)
         try:
-            parse_tokenizer(self.tokenizer)
+            parse_tokenizer(self.tokenizer, setting("tokenizer"))
         except TokenizerError as error:
             raise ConfigError(str(error)) from None
         choice("backend", backend_module.BACKENDS)
@@ -167,8 +188,9 @@ class TrainConfig:
             number("density_lr_exponent", 0.0, math.inf)
             arm = METHODS[self.optimizer].arm
             if arm and not arm.alpha_settable and self.density_lr_exponent != arm.default_alpha:
-                raise ConfigError(f"optimizer {self.optimizer!r} has no density-aware LR (α = {arm.default_alpha:g}), "
-                                  f"got density_lr_exponent={self.density_lr_exponent}: use --optimizer smet")
+                raise ConfigError(f"{setting('optimizer')} {self.optimizer!r} has no density-aware LR (α = "
+                                  f"{arm.default_alpha:g}), got {setting('density_lr_exponent')} "
+                                  f"{self.density_lr_exponent}: use {setting('optimizer')} 'smet'")
         number("galore_scale", 0.0, math.inf, low_open=True)
         number("lr", 0.0, math.inf, low_open=True)
         number("weight_decay", 0.0, math.inf)
@@ -185,31 +207,39 @@ class TrainConfig:
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             raise ConfigError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
         if self.lr / (1.0 - self.betas[0]) > torch.finfo(torch.float32).max:  # Adam's first step size, in fp32
-            raise ConfigError(f"lr {self.lr:g} overflows float32 in the first step's size lr / (1 - beta1)")
+            raise ConfigError(f"{setting('lr')} {self.lr:g} overflows float32 in the first step's size "
+                              "lr / (1 - beta1)")
         if self.lr_warmup_steps >= self.max_steps and self.lr_warmup_steps > 0:
-            raise ConfigError(f"lr_warmup_steps ({self.lr_warmup_steps}) must be < max_steps ({self.max_steps})")
+            raise ConfigError(f"{setting('lr_warmup_steps')} ({self.lr_warmup_steps}) must be < {setting('max_steps')} "
+                              f"({self.max_steps})")
         if self.batch_size % self.grad_accum != 0:
-            raise ConfigError(f"batch_size ({self.batch_size}) must be divisible by grad_accum ({self.grad_accum})")
+            raise ConfigError(f"{setting('batch_size')} ({self.batch_size}) must be divisible by "
+                              f"{setting('grad_accum')} ({self.grad_accum})")
         if self.block_size is not None and self.block_size not in SUPPORTED_BLOCK_SIZES:
-            raise ConfigError(f"block_size must be one of {list(SUPPORTED_BLOCK_SIZES)}, got {self.block_size!r}")
+            raise ConfigError(f"{setting('block_size')} must be one of {list(SUPPORTED_BLOCK_SIZES)}, got "
+                              f"{self.block_size!r}")
         integer("supar_base_width", 1)
         if self.parallel == "fsdp" and self.optimizer == "galore":
             raise ConfigError(
-                "parallel 'fsdp' does not support optimizer 'galore': its SVD projection needs each weight's whole "
-                "gradient and its moments live in the projected space, not in dim-0 shards (use --parallel ddp)"
+                f"{setting('parallel')} 'fsdp' does not support {setting('optimizer')} 'galore': its SVD projection "
+                "needs each weight's whole gradient and its moments live in the projected space, not in dim-0 shards "
+                f"(use {setting('parallel')} 'ddp')"
             )
         if self.supar and self.optimizer not in SPARSE_OPTIMIZERS:
-            raise ConfigError(f"supar needs a sparse optimizer mode {list(SPARSE_OPTIMIZERS)}, got {self.optimizer!r}")
+            raise ConfigError(f"{setting('supar')} needs a sparse {setting('optimizer')} mode "
+                              f"{list(SPARSE_OPTIMIZERS)}, got {self.optimizer!r}")
         hidden = MODEL_CONFIGS[self.model].hidden_size
         if self.optimizer in SPARSE_OPTIMIZERS and hidden % self.resolved_block_size() != 0:
-            raise ConfigError(f"block_size {self.block_size} does not divide the hidden size {hidden} of {self.model}")
+            raise ConfigError(f"{setting('block_size')} {self.resolved_block_size()} does not divide the hidden size "
+                              f"{hidden} of {setting('model')} {self.model!r}")
         if self.out_dir is not None:
-            check_output_folder(self.out_dir)
+            check_output_folder(self.out_dir, setting("out_dir"))
         if self.device != "auto":
             try:
                 torch.device(self.device)
             except RuntimeError:
-                raise ConfigError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}") from None
+                raise ConfigError(f"{setting('device')} must be 'auto', 'cpu', 'cuda' or 'cuda:N', got "
+                                  f"{self.device!r}") from None
         return self
 
     def to_dict(self) -> dict:

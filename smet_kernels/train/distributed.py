@@ -13,7 +13,7 @@ from torch import nn
 
 from .. import backend as backend_module
 from ..sharding import full, is_sharded, shard_like
-from .config import ConfigError
+from .config import ConfigError, setting
 from .model import LlamaModel
 
 
@@ -54,7 +54,7 @@ def resolve_device(name: str, ddp: DistInfo) -> torch.device:
     """The run's device (:func:`smet_kernels.backend.resolve_device`); under DDP/FSDP each rank takes the GPU of its
     local rank."""
     try:
-        device = backend_module.resolve_device(name)
+        device = backend_module.resolve_device(name, setting("device"))
     except ValueError as error:
         raise ConfigError(str(error)) from None
     if device.type == "cuda":

@@ -73,7 +73,7 @@ from .checkpoint import (
     write_checkpoint,
     write_sharded_checkpoint,
 )
-from .config import SPARSE_OPTIMIZERS, ConfigError, TrainConfig
+from .config import SPARSE_OPTIMIZERS, ConfigError, TrainConfig, setting
 from .data import DataError, PackedBatches, eval_windows, load_corpus, window_batch
 from .distributed import (
     full_state,
@@ -177,8 +177,8 @@ class Run:
             raise ConfigError(str(error)) from None
         if config.batch_size % (config.grad_accum * self.ddp.world_size) != 0:
             raise ConfigError(
-                f"batch_size ({config.batch_size}) must be divisible by grad_accum x world size "
-                f"({config.grad_accum} x {self.ddp.world_size})"
+                f"{setting('batch_size')} ({config.batch_size}) must be divisible by {setting('grad_accum')} x world "
+                f"size ({config.grad_accum} x {self.ddp.world_size})"
             )
         try:
             self.batches = PackedBatches(corpus.train, config.seq_len, config.batch_size, config.seed)
@@ -217,8 +217,8 @@ class Run:
             unfinished = self.out_dir is not None and not (self.out_dir / "summary.json").exists()
             if self.step > config.max_steps or (self.step == config.max_steps and not unfinished):
                 raise ConfigError(  # before anything in out_dir is touched
-                    f"the run in {config.resume!r} already reached step {self.step} (max_steps={config.max_steps}): "
-                    "pass a larger --max-steps to continue it"
+                    f"the run in {config.resume!r} already reached step {self.step} ({setting('max_steps')} "
+                    f"{config.max_steps}): pass a larger {setting('max_steps')} to continue it"
                 )
         self.wrapped = self.model  # fully_shard works in place: the model is its own wrapper under fsdp
         if self.ddp.enabled and not self.fsdp:

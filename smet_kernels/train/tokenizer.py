@@ -37,23 +37,24 @@ class TokenizerSpec:
         return "byte" if self.kind == "byte" else f"bpe{self.vocab_size}"
 
 
-def parse_tokenizer(spec: str) -> TokenizerSpec:
-    """``"byte"`` -> byte tokens; ``"bpe"`` or ``"bpe:VOCAB"`` -> byte-level BPE of ``VOCAB`` (>= 257) tokens."""
+def parse_tokenizer(spec: str, name: str = "tokenizer") -> TokenizerSpec:
+    """``"byte"`` -> byte tokens; ``"bpe"`` or ``"bpe:VOCAB"`` -> byte-level BPE of ``VOCAB`` (>= 257) tokens; errors
+    name the setting ``name``."""
     if not isinstance(spec, str):
-        raise TokenizerError(f"tokenizer must be 'byte' or 'bpe[:VOCAB]', got {spec!r}")
+        raise TokenizerError(f"{name} must be 'byte' or 'bpe[:VOCAB]', got {spec!r}")
     if spec == "byte":
         return TokenizerSpec("byte", 256)
     kind, _, vocab = spec.partition(":")
     if kind != "bpe":
-        raise TokenizerError(f"tokenizer must be 'byte' or 'bpe[:VOCAB]', got {spec!r}")
+        raise TokenizerError(f"{name} must be 'byte' or 'bpe[:VOCAB]', got {spec!r}")
     if not vocab:
         return TokenizerSpec("bpe", DEFAULT_BPE_VOCAB)
     try:
         size = int(vocab)
     except ValueError:
-        raise TokenizerError(f"tokenizer vocab must be an integer, got {spec!r}") from None
+        raise TokenizerError(f"{name} vocab must be an integer, got {spec!r}") from None
     if not MIN_BPE_VOCAB <= size <= 1 << 20:
-        raise TokenizerError(f"tokenizer vocab must be in [{MIN_BPE_VOCAB}, {1 << 20}], got {size}")
+        raise TokenizerError(f"{name} vocab must be in [{MIN_BPE_VOCAB}, {1 << 20}], got {size}")
     return TokenizerSpec("bpe", size)
 
 
