@@ -432,6 +432,15 @@ def test_a_torch_adamw_state_dict_loads_and_the_dense_parameters_continue_as_tor
         torch.testing.assert_close(q.detach(), p.detach(), rtol=1e-5, atol=1e-6)
 
 
+def test_loading_its_own_state_dict_adds_no_option_to_its_groups():
+    """torch's ``load_state_dict`` puts ``differentiable`` into the defaults (``__setstate__``): filling a saved
+    group's missing options from them must not copy it in (a resumed FSDP run's groups differed from the saved)."""
+    optimizer = SMETAdamW([dense_param((8, 24), seed=2, device="cpu")], lr=0.01, backend="reference")
+    saved = copy.deepcopy(optimizer.state_dict())
+    optimizer.load_state_dict(copy.deepcopy(saved))
+    assert optimizer.state_dict()["param_groups"] == saved["param_groups"]
+
+
 @pytest.mark.parametrize("flag", ["amsgrad", "maximize", "capturable", "differentiable"])
 def test_an_unsupported_adamw_flag_in_a_group_or_a_loaded_state_is_refused_by_name(flag):
     param = dense_param((4,), seed=0)

@@ -137,10 +137,11 @@ class SMETAdamW(torch.optim.Optimizer):
     def _fill_options(self, group: dict) -> dict:
         """Fill the options a saved group lacks, in place: a state saved before warm-up scopes existed warmed up the
         sparse values only (``"regrown"``); any other (all of SMET's in a ``torch.optim.AdamW`` state) is this
-        optimizer's default."""
+        optimizer's default (not the flags torch's ``__setstate__`` adds to the defaults: ``differentiable``)."""
         group.setdefault("warmup_scope", "regrown")
         for name, default in self.defaults.items():
-            group.setdefault(name, default)
+            if name not in _UNSUPPORTED_FLAGS:
+                group.setdefault(name, default)
         return group
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
