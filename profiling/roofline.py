@@ -188,6 +188,10 @@ def _check(args: argparse.Namespace) -> None:
         raise ValueError(f"--tflops and --tbps must be finite and > 0, got {args.tflops:g} and {args.tbps:g}")
     if unknown := [c for c in args.configs if c not in MODEL_CONFIGS]:
         raise ValueError(f"--configs must be from {','.join(MODEL_CONFIGS)}, got {','.join(unknown)}")
+    for config in args.configs:  # the SwiGLU widths are rounded up to a multiple of 128: the hidden size decides
+        if MODEL_CONFIGS[config].hidden_size % args.block_size:
+            raise ValueError(f"--block-size {args.block_size} does not divide the hidden size "
+                             f"{MODEL_CONFIGS[config].hidden_size} of --configs {config}")
     for density in args.densities:
         check_density(density, "--densities")
     if bad := [m for m in args.tokens if m < 1]:

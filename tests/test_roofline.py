@@ -72,6 +72,7 @@ def test_a_ceiling_that_is_not_a_finite_positive_number_is_refused(tmp_path, opt
     ("--configs", "70b", "--configs must be from tiny,20m,60m,130m,350m,1b,7b, got 70b"),
     ("--densities", "0.5,2", "--densities must be in (0, 1], got 2.0"),
     ("--tokens", "8192,0", "--tokens must be positive, got 0"),
+    ("--configs", "350m,tiny", "--block-size 128 does not divide the hidden size 64 of --configs tiny"),
     ("--out-dir", "{tmp}/a_file", "--out-dir '{tmp}/a_file' exists and is not a folder"),
 ])
 def test_a_bad_option_exits_2_with_one_line_naming_it(tmp_path, option, value, message, capsys):
