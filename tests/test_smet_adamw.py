@@ -432,6 +432,32 @@ def test_a_torch_adamw_state_dict_loads_and_the_dense_parameters_continue_as_tor
         torch.testing.assert_close(q.detach(), p.detach(), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("bias_correction", ["local", "global"])
+def test_a_torch_adamw_state_of_sparse_values_loads_with_every_slot_at_its_step(device, bias_correction):
+    """torch.optim.AdamW keeps one ``step`` per tensor and no ``block_step``: the first step raised KeyError."""
+    params = make_params(device)
+    reference = torch.optim.AdamW(params, lr=0.01, betas=BETAS, eps=EPS, weight_decay=0.1)
+    for step in range(3):
+        for p, g in zip(params, grads_for(step, params)):
+            p.grad = g
+        reference.step()
+    resumed = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    for p, q in zip(params, resumed):
+        if hasattr(p, "smet_layout"):
+            q.smet_layout = p.smet_layout
+    optimizer = SMETAdamW(resumed, warmup="none", density_lr_exponent=0.0, bias_correction=bias_correction,
+                          backend="reference")  # plain AdamW on the sparse values too
+    optimizer.load_state_dict(copy.deepcopy(reference.state_dict()))
+    assert optimizer.state[resumed[0]]["block_step"].tolist() == [3] * resumed[0].shape[0]
+    for step in range(3, 6):
+        for p, q, g in zip(params, resumed, grads_for(step, params)):
+            p.grad, q.grad = g, g.clone()
+        reference.step()
+        optimizer.step()
+    for p, q in zip(params, resumed):
+        torch.testing.assert_close(q.detach(), p.detach(), rtol=1e-5, atol=1e-6)
+
+
 def test_loading_its_own_state_dict_adds_no_option_to_its_groups():
     """torch's ``load_state_dict`` puts ``differentiable`` into the defaults (``__setstate__``): filling a saved
     group's missing options from them must not copy it in (a resumed FSDP run's groups differed from the saved)."""

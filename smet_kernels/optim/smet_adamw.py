@@ -163,7 +163,8 @@ class SMETAdamW(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Standard restore, but keep the saved state dtypes (torch casts float state to the parameter dtype,
         which would turn fp32 moments of bf16/fp16 weights into bf16/fp16). A saved group with an invalid or
-        unsupported option (e.g. ``amsgrad=True`` from ``torch.optim.AdamW``) raises and changes nothing."""
+        unsupported option (e.g. ``amsgrad=True`` from ``torch.optim.AdamW``) raises and changes nothing. The
+        state of sparse values saved by ``torch.optim.AdamW`` has no ``block_step``: every slot took its ``step``."""
         for saved_group in state_dict["param_groups"]:
             _check_group(self._fill_options(dict(saved_group)))
         super().load_state_dict(state_dict)
@@ -173,6 +174,12 @@ class SMETAdamW(torch.optim.Optimizer):
             for key, value in state_dict["state"].get(saved_id, {}).items():
                 if key != "step" and isinstance(value, torch.Tensor) and value.dtype != self.state[param][key].dtype:
                     self.state[param][key] = value.to(device=param.device, copy=True)
+        for group in self.param_groups:
+            for param in group["params"]:
+                state = self.state.get(param)
+                if state and getattr(param, "smet_layout", None) is not None and "block_step" not in state:
+                    step = state["step"] if group["bias_correction"] == "global" else state.pop("step")
+                    state["block_step"] = zeros_per_row(param, torch.int32).add_(int(step))
 
     def _init_state(self, param: torch.Tensor, sparse: bool, group: dict) -> None:
         state = self.state[param]
