@@ -487,7 +487,7 @@ def test_a_torch_adam_state_with_l2_weight_decay_is_refused():
     SMETAdamW([param]).load_state_dict(torch.optim.Adam([param]).state_dict())  # no decay: the same update
 
 
-def test_a_tensor_lr_is_accepted_as_torch_adamw_accepts_it_and_follows_a_schedule(device):
+def test_a_tensor_lr_is_accepted_as_torch_adamw_accepts_it_and_follows_a_schedule(device, monkeypatch):
     params, twins = make_params(device), make_params(device)
     optimizer = SMETAdamW(params, lr=torch.tensor(0.01), warmup_steps=3, backend="reference")
     twin = SMETAdamW(twins, lr=0.01, warmup_steps=3, backend="reference")
@@ -501,6 +501,13 @@ def test_a_tensor_lr_is_accepted_as_torch_adamw_accepts_it_and_follows_a_schedul
     assert isinstance(optimizer.param_groups[0]["lr"], torch.Tensor)
     for p, q in zip(params, twins):  # the same but for the fp32 rounding of the tensor lr
         torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-6, atol=1e-7)
+    reads = []
+    real_float = torch.Tensor.__float__
+    monkeypatch.setattr(torch.Tensor, "__float__", lambda t: reads.append(t is lr) or real_float(t))
+    lr = optimizer.param_groups[0]["lr"]
+    optimizer.step()  # a CUDA tensor lr syncs at each read: once per group and step, not once per parameter
+    assert reads.count(True) == 1
+    monkeypatch.undo()
     with pytest.raises(ValueError, match="^lr as a tensor must hold one element"):
         SMETAdamW(params, lr=torch.tensor([0.01, 0.02]))
     with pytest.raises(ValueError, match="^lr must be a finite float"):

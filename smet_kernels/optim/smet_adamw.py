@@ -232,6 +232,8 @@ class SMETAdamW(torch.optim.Optimizer):
         ]
         for _, _, param, name in stepped:  # every check before any state changes: a bad parameter changes nothing
             self._check_param(param, name)
+        stepped_groups = {group_index: group for group_index, group, _, _ in stepped}
+        lrs = {index: float(group["lr"]) for index, group in stepped_groups.items()}  # a CUDA tensor lr: one sync each
         batches: dict[tuple, dict[str, list]] = {}
         batch_groups: dict[tuple, dict[int, None]] = {}  # the groups of each batch, in order: its tables' cache key
         counters = []  # step counts to bump once every batch is checked (a failed step must not count)
@@ -246,14 +248,14 @@ class SMETAdamW(torch.optim.Optimizer):
                 self._init_state(param, layout is not None, group)
             if layout is not None:
                 block_step = state["block_step"]
-                lr = float(group["lr"]) * layout.density ** (-group["density_lr_exponent"])
+                lr = lrs[group_index] * layout.density ** (-group["density_lr_exponent"])
                 global_step = None
                 if group["bias_correction"] == "global":
                     counters.append(state.setdefault("step", torch.tensor(0.0)))
                     global_step = int(state["step"].item()) + 1
             else:
                 counters.append(state["step"])
-                block_step, lr, global_step = None, float(group["lr"]), int(state["step"].item()) + 1
+                block_step, lr, global_step = None, lrs[group_index], int(state["step"].item()) + 1
             param_local = local(param)
             if param_local.numel() == 0:  # FSDP2: this rank holds no slot / element of the parameter
                 continue
