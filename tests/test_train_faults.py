@@ -60,6 +60,7 @@ def test_a_diverging_run_stops_with_one_line_and_writes_no_nonfinite_checkpoint(
     assert exit_info.value.code == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("smet-train: error: non-finite ") and " at step " in err[-1], err
+    assert "lower --lr, enable --grad-clip, or pass --on-nonfinite 'skip'" in err[-1]
     assert not any("Traceback" in line for line in err)
     records = strict_records(out / "metrics.jsonl")
     stop = records[-1]
@@ -89,7 +90,8 @@ def test_skip_drops_nonfinite_steps_and_counts_them(tmp_path, monkeypatch):
 
 def test_skip_stops_after_the_allowed_skips_in_a_row(tmp_path, monkeypatch):
     nan_losses_on(monkeypatch, set(range(3, 100)))
-    with pytest.raises(TrainingDiverged, match=r"non-finite loss at step 3 .*2 step\(s\) in a row already skipped"):
+    with pytest.raises(TrainingDiverged, match=r"non-finite loss at step 3 .*2 step\(s\) in a row already skipped "
+                       r"\(max_consecutive_skips 2\)"):  # a Python caller: the field, not the option
         train(tiny_config(on_nonfinite="skip", max_consecutive_skips=2, checkpoint_every=1, out_dir=str(tmp_path)))
     records = strict_records(tmp_path / "metrics.jsonl")
     assert [(r["step"], r["action"]) for r in records if r["type"] == "nonfinite"] == [(3, "skip"), (3, "skip"),

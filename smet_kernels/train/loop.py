@@ -470,9 +470,9 @@ def _handle_nonfinite(run: Run, loss: float, grad_norm: float) -> None:
              "action": "stop" if stop else "skip", "consecutive_skips": run.consecutive_skips})
     if not stop:
         return
-    reason = (f"{run.consecutive_skips} step(s) in a row already skipped (--max-consecutive-skips "
+    reason = (f"{run.consecutive_skips} step(s) in a row already skipped ({setting('max_consecutive_skips')} "
               f"{config.max_consecutive_skips})" if config.on_nonfinite == "skip"
-              else "lower --lr, enable --grad-clip, or pass --on-nonfinite skip")
+              else f"lower {setting('lr')}, enable {setting('grad_clip')}, or pass {setting('on_nonfinite')} 'skip'")
     raise TrainingDiverged(
         f"non-finite {what} at step {attempt} (loss={loss}, grad_norm={grad_norm}): {reason}; no checkpoint of "
         f"this state was written" + (f", metrics in {run.out_dir / 'metrics.jsonl'}" if run.out_dir else "")
