@@ -1,11 +1,11 @@
 """``smet-train``: command-line front end of :func:`smet_kernels.train.loop.train` (also
 :func:`smet_kernels.train.trainer.train`).
 
-Bad arguments, unusable data and bad configurations end with one line ``smet-train: error: ...`` and exit
-code 2; a run that meets a non-finite loss or gradient norm it may not skip ends with one line and exit code 1
-(its metrics flushed, no checkpoint of the non-finite state). ``--resume DIR`` continues the run saved in ``DIR`` (an
-out-dir or one checkpoint folder) with its saved configuration; options given next to it override that
-configuration.
+Bad arguments, unusable data and bad configurations end with exit code 2: after argparse's usage text, or (found
+after parsing) with one line ``smet-train: error: ...``; a run that meets a non-finite loss or gradient norm it may
+not skip ends with one line and exit code 1 (its metrics flushed, no checkpoint of the non-finite state).
+``--resume DIR`` continues the run saved in ``DIR`` (an out-dir or one checkpoint folder) with its saved
+configuration; options given next to it override that configuration.
 """
 
 from __future__ import annotations
