@@ -577,3 +577,21 @@ def test_the_prune_damage_of_one_seed_has_no_interval_and_of_two_seeds_a_t_inter
         lines[len(seeds)] = [line for line in found if line.startswith("  - prune damage,")]
     assert lines[1] == ["  - prune damage, tiny d=0.5 naive-dst α=1: +0.2000"]
     assert lines[2] == ["  - prune damage, tiny d=0.5 naive-dst α=1: +0.2500 ± 0.6353 (95% CI)"]
+
+
+def test_a_cold_start_at_updates_that_moved_no_block_is_not_measurable_rather_than_a_verdict(tmp_path):
+    """At d=0.1 no update moved a block: no block was regrown, so there is no cold start to remove (the spike
+    comparison already says so); the probe rows of those updates must not yield a cold-start verdict either."""
+    for seed in (0, 1, 2):
+        flat, noise = [2.0] * 30, 0.01 * seed
+        _write_run(tmp_path, RunSpec("tiny", "adamw", None, None, seed), flat, probes=[(10, 0.0, 0.0, None)])
+        for method, cold in (("naive-dst", 0.3), ("warmup-only", 0.0)):
+            _write_run(tmp_path, RunSpec("tiny", method, 0.1, 0.0, seed), flat, {10: 0},
+                       probes=[(10, 0.0, cold + noise, None)])
+    data = load_study(tmp_path)
+    lines = stability.findings(data, spike_events(data), quality_table(data), stability.probe_table(data),
+                               stability.stats.probe_events(data))
+    assert ("  - warmup-only removes the cold-start rise of naive DST (cold start rise): not measurable here — holds "
+            "in 0, reversed in 0 of 0 measurable settings") in lines
+    assert not any(line.startswith("  - cold-start rise, tiny d=0.1") for line in lines)
+    assert set(stability.probe_table(data)["method"]) == {"adamw"}

@@ -171,8 +171,14 @@ def compare(a, b) -> tuple[float, float, str]:
 
 
 def probe_events(data: StudyData):
-    """The update-probe rows joined to their run's identity (config, method, density, α, seed)."""
-    return data.probes.join(data.runs.set_index("key")[GROUP + ["seed"]], on="key", how="inner")
+    """The update-probe rows joined to their run's identity (config, method, density, α, seed): for a sparse run
+    those of the updates that moved blocks (as :func:`spike_events`: at the others nothing was pruned or regrown,
+    so there is no cold start to measure), for a dense/GaLore run all (the control)."""
+    events = data.probes.merge(data.runs[["key", *GROUP, "seed"]], on="key")
+    steps = data.updates.loc[data.updates["moved"] > 0, ["key", "step"]].rename(columns={"step": "update_step"})
+    moved = events.merge(steps, on=["key", "update_step"], how="left", indicator=True)["_merge"].eq("both")
+    sparse = events["method"].map(lambda m: METHODS[m].sparse).astype(bool)
+    return events.loc[moved.to_numpy() | ~sparse.to_numpy()]
 
 
 def probe_table(data: StudyData):
