@@ -595,3 +595,20 @@ def test_a_cold_start_at_updates_that_moved_no_block_is_not_measurable_rather_th
             "in 0, reversed in 0 of 0 measurable settings") in lines
     assert not any(line.startswith("  - cold-start rise, tiny d=0.1") for line in lines)
     assert set(stability.probe_table(data)["method"]) == {"adamw"}
+
+
+def test_an_update_at_the_last_step_has_no_cold_start_and_is_not_counted_among_the_updates_compared(tmp_path):
+    """The update at the final step (30) has no steps after it: its probe has a prune damage but neither a cold-start
+    rise nor a first step, so the cold-start and first-step sentences count one update per seed, not two."""
+    for seed in (0, 1, 2):
+        flat, noise = [2.0] * 30, 0.01 * seed
+        _write_run(tmp_path, RunSpec("tiny", "adamw", None, None, seed), flat)
+        for method, cold, ratio in (("naive-dst", 0.3, 3.0), ("warmup-only", 0.0, 0.01)):
+            _write_run(tmp_path, RunSpec("tiny", method, 0.5, 0.0, seed), flat, {10: 4, 30: 4},
+                       probes=[(10, 0.05, cold + noise, ratio), (30, 0.05, None, None)])
+    data = load_study(tmp_path)
+    lines = "\n".join(stability.findings(data, spike_events(data), quality_table(data), stability.probe_table(data),
+                                         stability.stats.probe_events(data)))
+    cold_start = lines.split("**warmup-only removes the cold-start rise**")[1].splitlines()[1]
+    assert cold_start.startswith("  - tiny, d=0.5, α=0: +0.3000") and "over 3 updates in 3 seeds" in cold_start
+    assert "naive-dst α=0 3.00× (3×1); warmup-only α=0 0.01× (3×1)" in lines

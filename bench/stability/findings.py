@@ -50,7 +50,10 @@ def select(frame, config, method, density, alpha):
 
 
 def seed_means(frame, a, b):
-    """Per seed, the mean over its updates of columns ``a`` and ``b``; and the number of updates."""
+    """Per seed, the mean over its updates of columns ``a`` and ``b``; and the number of updates. An update without a
+    value in either column (a probe at the last step: no step after it) is left out of both, so both means cover the
+    same updates."""
+    frame = frame.dropna(subset=[a, b])
     means = frame.groupby("seed")[[a, b]].mean()
     return means[a].to_numpy(), means[b].to_numpy(), len(frame)
 
@@ -245,7 +248,8 @@ class _Findings:
             parts = []
             for row in _in_study_order(group).itertuples():
                 name = row.method + ("" if missing(row.alpha) else f" α={row.alpha:g}")
-                parts.append(f"{name} {row.regrown_vs_surviving_1:.2f}× ({row.seeds}×{row.updates // max(row.seeds, 1)})")
+                per_seed = row.first_steps // max(row.seeds, 1)
+                parts.append(f"{name} {row.regrown_vs_surviving_1:.2f}× ({row.seeds}×{per_seed})")
             self.lines.append(f"  - {config} d={density:g}: " + "; ".join(parts))
 
     def defaults(self):

@@ -182,7 +182,8 @@ def probe_events(data: StudyData):
 
 
 def probe_table(data: StudyData):
-    """Per (config, method, density, α): updates probed, and over them the mean prune damage, cold-start rise,
+    """Per (config, method, density, α): updates probed (``first_steps``: those with a step after them), and over
+    them the mean prune damage, cold-start rise,
     first-step update RMS of regrown and surviving weights, their ratio (step 1 and mean over the window) and the
     surviving weights' relative first step ||Δw||/||w|| (the update probe, :mod:`smet_kernels.train.probe`)."""
     import pandas as pd
@@ -192,7 +193,8 @@ def probe_table(data: StudyData):
     for (config, method, density, alpha), group in probes.groupby(GROUP, dropna=False, sort=False):
         numbers = group.drop(columns=["key", "update_step", *GROUP, "seed"]).astype(float)
         rows.append({"config": config, "method": method, "density": density, "alpha": alpha,
-                     "seeds": group["seed"].nunique(), "updates": len(group), **numbers.mean().to_dict()})
-    return _in_study_order(pd.DataFrame(rows, columns=["config", "method", "density", "alpha", "seeds", "updates",
-                                                       *[c for c in data.probes.columns if c not in ("key",
-                                                                                                  "update_step")]]))
+                     "seeds": group["seed"].nunique(), "updates": len(group),
+                     "first_steps": int(numbers["regrown_vs_surviving_1"].notna().sum()), **numbers.mean().to_dict()})
+    columns = ["config", "method", "density", "alpha", "seeds", "updates", "first_steps",
+               *[c for c in data.probes.columns if c not in ("key", "update_step")]]
+    return _in_study_order(pd.DataFrame(rows, columns=columns))
