@@ -612,3 +612,17 @@ def test_an_update_at_the_last_step_has_no_cold_start_and_is_not_counted_among_t
     cold_start = lines.split("**warmup-only removes the cold-start rise**")[1].splitlines()[1]
     assert cold_start.startswith("  - tiny, d=0.5, α=0: +0.3000") and "over 3 updates in 3 seeds" in cold_start
     assert "naive-dst α=0 3.00× (3×1); warmup-only α=0 0.01× (3×1)" in lines
+
+
+def test_a_setting_without_a_naive_dst_or_dense_run_to_pair_with_is_not_said_to_have_moved_no_block(tmp_path):
+    """smet-linear ran at d=0.5 and d=0.25, naive DST at d=0.5 only, and the dense run of the only seed is missing:
+    every update moved blocks, so 'no update moved a block' would be false; the sentence names the missing run."""
+    flat = [2.0] * 30
+    for density in (0.5, 0.25):
+        _write_run(tmp_path, RunSpec("tiny", "smet-linear", density, 0.0, 0), flat, {10: 4})
+    _write_run(tmp_path, RunSpec("tiny", "naive-dst", 0.5, 0.0, 0), flat, {10: 4})
+    data = load_study(tmp_path)
+    lines = stability.findings(data, spike_events(data), quality_table(data))
+    assert "  - tiny, d=0.25, α=0: no finished naive-dst run at α=0 here — nothing to compare" in lines
+    assert "  - tiny, d=0.5, α=0: no finished adamw run here — nothing to compare" in lines
+    assert not any("no update moved a block" in line for line in lines)

@@ -99,6 +99,18 @@ class _Findings:
         return sorted({(r.config, r.density, r.alpha) for r in rows.itertuples()},
                       key=lambda s: (s[0], -s[1], s[2]))
 
+    def unpaired(self, frame, config, density, *sides) -> str:
+        """Why the ``(method, α)`` sides have no pair in ``frame`` at ``config`` and ``density``: a side without a
+        finished run there, no update that moved a block, or no seed measured on both sides."""
+        sides = [(method, density if METHODS[method].sparse else None, alpha) for method, alpha in sides]
+        for method, where, alpha in sides:
+            if not len(select(self.runs, config, method, where, alpha)):
+                at = "" if missing(alpha) else f" at α={alpha:g}"
+                return f"no finished {method} run{at} here — nothing to compare"
+        if any(not len(select(frame, config, *side)) for side in sides):
+            return NOT_MOVED
+        return "no seed measured on both sides — nothing to compare"
+
     def naive_spikes(self):
         """1. naive DST against the dense noise floor at the same steps."""
         if NAIVE not in self.methods:
@@ -109,7 +121,8 @@ class _Findings:
         for config, density, alpha in self.settings(NAIVE):
             naive = select(self.events, config, NAIVE, density, alpha).dropna(subset=["dense_rise"])
             if not len(naive):
-                self.lines.append(f"  - {label(config, density, alpha)}: {NOT_MOVED}")
+                why = self.unpaired(self.events, config, density, (NAIVE, alpha), (DENSE_METHOD, None))
+                self.lines.append(f"  - {label(config, density, alpha)}: {why}")
                 continue
             rise, dense_rise, updates = seed_means(naive, "rise", "dense_rise")
             mean, ci, verdict = compare(rise, dense_rise)
@@ -135,7 +148,8 @@ class _Findings:
                 name = label(config, density, alpha) + ("" if partner == alpha else f" (naive α={partner:g})")
                 if not len(naive):
                     tally["none"] += 1
-                    details.append(f"{name}: {NOT_MOVED}")
+                    why = self.unpaired(frame, config, density, (NAIVE, partner), (method, alpha))
+                    details.append(f"{name}: {why}")
                     continue
                 mean, ci, verdict = compare(naive, arm)
                 tally[{"a > b": "holds", "a < b": "reversed", "within noise": "noise",
