@@ -626,3 +626,16 @@ def test_a_setting_without_a_naive_dst_or_dense_run_to_pair_with_is_not_said_to_
     assert "  - tiny, d=0.25, α=0: no finished naive-dst run at α=0 here — nothing to compare" in lines
     assert "  - tiny, d=0.5, α=0: no finished adamw run here — nothing to compare" in lines
     assert not any("no update moved a block" in line for line in lines)
+
+
+def test_the_perplexity_ratio_to_dense_is_over_the_seeds_paired_with_a_dense_run(tmp_path):
+    """The dense run of seed 2 is missing: the loss difference is over seeds 0 and 1, and so must be the perplexity
+    ratio (with seed 2's 3.0 in the numerator only it read exp(~0.57) instead of exp(0.1))."""
+    flat = [2.0] * 12
+    for seed, loss in ((0, 2.1), (1, 2.1), (2, 3.0)):
+        if seed < 2:
+            _write_run(tmp_path, RunSpec("tiny", "adamw", None, None, seed), flat, val_loss=2.0)
+        _write_run(tmp_path, RunSpec("tiny", "naive-dst", 0.5, 0.0, seed), flat, val_loss=loss)
+    quality = quality_table(load_study(tmp_path)).set_index("method")
+    assert quality.loc["naive-dst", "vs_dense"] == pytest.approx(0.1)
+    assert quality.loc["naive-dst", "ppl_vs_dense"] == pytest.approx(math.exp(0.1))

@@ -126,7 +126,7 @@ def quality_table(data: StudyData):
                   for _, row in group.iterrows() if (config, row["seed"]) in dense.index]
         diffs = np.array([a - b for a, b in paired], dtype=float)
         ppl = group["final_val_ppl"].mean(skipna=False)  # a seed without a final loss: no mean, no best α
-        dense_ppl = np.mean([math.exp(b) for _, b in paired]) if paired else math.nan
+        paired_ppl = np.exp(np.array(paired, dtype=float).reshape(-1, 2))  # the ratio: same seeds as vs_dense
         rows.append({
             "config": config, "method": method, "density": density, "alpha": alpha, "seeds": len(group),
             "tokens": int(group["tokens"].iloc[0]) if group["tokens"].nunique() == 1 else "mixed",
@@ -134,7 +134,7 @@ def quality_table(data: StudyData):
             "val_loss_sd": group["final_val_loss"].std(ddof=1, skipna=False) if len(group) >= 2 else math.nan,
             "vs_dense": diffs.mean() if len(diffs) else math.nan,
             "vs_dense_se": diffs.std(ddof=1) / math.sqrt(len(diffs)) if len(diffs) >= 2 else math.nan,
-            "ppl": ppl, "ppl_vs_dense": ppl / dense_ppl if paired else math.nan,
+            "ppl": ppl, "ppl_vs_dense": paired_ppl[:, 0].mean() / paired_ppl[:, 1].mean() if paired else math.nan,
         })
     return _in_study_order(pd.DataFrame(rows))
 
