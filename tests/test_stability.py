@@ -639,3 +639,18 @@ def test_the_perplexity_ratio_to_dense_is_over_the_seeds_paired_with_a_dense_run
     quality = quality_table(load_study(tmp_path)).set_index("method")
     assert quality.loc["naive-dst", "vs_dense"] == pytest.approx(0.1)
     assert quality.loc["naive-dst", "ppl_vs_dense"] == pytest.approx(math.exp(0.1))
+
+
+def test_the_best_alpha_is_chosen_on_the_seeds_every_alpha_finished(tmp_path):
+    """α=1 ends lower than α=0 on both seeds α=0 finished (2.12 < 2.15, 2.13 < 2.16); its mean over three seeds,
+    with the hard seed 2 (2.40) that α=0 did not finish, was higher, and α=0 was named the best α."""
+    flat = [2.0] * 12
+    for seed, low, high in zip((0, 1, 2), (2.15, 2.16, None), (2.12, 2.13, 2.40)):
+        _write_run(tmp_path, RunSpec("tiny", "adamw", None, None, seed), flat, val_loss=2.0)
+        if low is not None:
+            _write_run(tmp_path, RunSpec("tiny", "smet-linear", 0.5, 0.0, seed), flat, val_loss=low)
+        _write_run(tmp_path, RunSpec("tiny", "smet-linear", 0.5, 1.0, seed), flat, val_loss=high)
+    data = load_study(tmp_path)
+    lines = "\n".join(stability.findings(data, spike_events(data), quality_table(data)))
+    assert "tiny smet-linear d=0.5 (best α=1 of 2): +0.2167" in lines
+    assert "tiny d=0.5: smet-linear α=1 (val loss 2.2167); the default is best" in lines
