@@ -654,3 +654,23 @@ def test_the_best_alpha_is_chosen_on_the_seeds_every_alpha_finished(tmp_path):
     lines = "\n".join(stability.findings(data, spike_events(data), quality_table(data)))
     assert "tiny smet-linear d=0.5 (best α=1 of 2): +0.2167" in lines
     assert "tiny d=0.5: smet-linear α=1 (val loss 2.2167); the default is best" in lines
+
+
+def test_the_standard_error_of_the_mean_excess_is_over_seeds_not_updates(tmp_path):
+    """Both seeds spike by 0.5 after the update at step 10 and by 0.7 after the one at step 20: the seed means agree
+    (0.6, 0.6), so the SE is 0; over the four updates as if independent it read 0.0577. With one seed: no SE."""
+    for seed in (0, 1):
+        spiking = [2.0] * 30
+        spiking[11] += 0.5
+        spiking[21] += 0.7
+        _write_run(tmp_path, RunSpec("tiny", "adamw", None, None, seed), [2.0] * 30)
+        _write_run(tmp_path, RunSpec("tiny", "naive-dst", 0.5, 0.0, seed), spiking, {10: 4, 20: 4})
+    table, _ = spike_table(load_study(tmp_path))
+    naive = table.set_index("method").loc["naive-dst"]
+    assert naive["mean_excess"] == pytest.approx(0.6) and naive["excess_se"] == pytest.approx(0.0, abs=1e-12)
+    for path in (tmp_path / "runs" / "tiny").glob("*-s1"):
+        for file in path.iterdir():
+            file.unlink()
+        path.rmdir()
+    table, _ = spike_table(load_study(tmp_path))
+    assert math.isnan(table.set_index("method").loc["naive-dst", "excess_se"])
