@@ -674,3 +674,19 @@ def test_the_standard_error_of_the_mean_excess_is_over_seeds_not_updates(tmp_pat
         path.rmdir()
     table, _ = spike_table(load_study(tmp_path))
     assert math.isnan(table.set_index("method").loc["naive-dst", "excess_se"])
+
+
+def test_study_json_holds_the_grid_of_every_command_into_the_folder_not_only_the_last(tmp_path, monkeypatch):
+    """The README's CPU study is three commands into one folder (the last: --methods adamw,smet-linear --alphas 0.5);
+    study.json, whose grid the report's GPU command repeats, kept only the last command's methods and α."""
+    from bench.stability import cli
+
+    monkeypatch.setattr(cli, "run_sweep", lambda *args, **kwargs: {"failed": 0})
+    out_dir = tmp_path / "study"
+    for extra in ([], ["--methods", "adamw,masked-dst,galore,smet-momentum_ramp", "--alphas", "1.0"],
+                  ["--methods", "adamw,smet-linear", "--alphas", "0.5"]):
+        assert bench_main(["stability", "run", "--cpu-study", "--out-dir", str(out_dir), *extra]) == 0
+    study = json.loads((out_dir / "study.json").read_text())
+    assert study["methods"] == list(stability.METHODS) and study["alphas"] == [0.5, 1.0]
+    assert study["densities"] == [0.5, 0.25, 0.1] and study["seeds"] == [0, 1, 2] and study["steps"] == 3000
+    assert "--methods adamw,galore,masked-dst,naive-dst,warmup-only" in stability.gpu_command(study)

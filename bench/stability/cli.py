@@ -155,6 +155,19 @@ def spec_from_args(args: argparse.Namespace) -> StudySpec:
     return spec.validate()
 
 
+def merged_study(saved: dict, spec: dict) -> dict:
+    """``spec`` with its grid (configs, methods, densities, α, seeds) extended by the one an earlier command saved in
+    the same folder: the study is all its runs (the report's GPU command repeats it), not the last command's. Their
+    other settings agree: every command reruns the dense runs, and a finished run trained otherwise is refused."""
+    merged = dict(spec)
+    for name in ("configs", "methods", "densities", "alphas", "seeds"):
+        merged[name] = list(dict.fromkeys([*saved.get(name, []), *spec[name]]))
+    merged["methods"] = [m for m in METHODS if m in merged["methods"]]
+    merged["densities"] = sorted(merged["densities"], reverse=True)
+    merged["alphas"], merged["seeds"] = sorted(merged["alphas"]), sorted(merged["seeds"])
+    return merged
+
+
 def main_from_args(args: argparse.Namespace, prog: str, argv: list[str]) -> int:
     """Execute a parsed ``run``/``report`` command; bad options end with ``<prog>: error: ...`` (exit code 2), failed
     runs with exit code 1."""
@@ -186,7 +199,9 @@ def main_from_args(args: argparse.Namespace, prog: str, argv: list[str]) -> int:
     stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     with (out_dir / COMMANDS_FILE).open("a") as handle:
         handle.write(f"{stamp} {prog} {shlex.join(argv)}\n")
-    (out_dir / "study.json").write_text(json.dumps(spec.to_dict(), indent=1))
+    study = out_dir / "study.json"
+    saved = json.loads(study.read_text()) if study.is_file() else {}
+    study.write_text(json.dumps(merged_study(saved, spec.to_dict()), indent=1))
     try:
         with naming_options(RUN_OPTIONS):
             counts = run_sweep(spec, out_dir, max_minutes=args.max_minutes, keep_checkpoints=args.keep_checkpoints)
