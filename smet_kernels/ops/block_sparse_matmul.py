@@ -9,12 +9,14 @@
   ``dvalues[k] = Σ_m dy[m, rows(k)]ᵀ · x[m, cols(k)]``; with ``split_k > 1`` fp32 partial sums are reduced after.
 
 Forward and input grad come in three variants of the same tile computation (``variant=``; A/B-timed by the kernel
-benchmarks, ``bench/KERNEL_NOTES.md``): ``grouped`` (:data:`DEFAULT_VARIANT`), ``persistent`` (one program per SM
-slot, longest block rows first) and ``tma`` (grouped, tiles moved by Hopper TMA descriptors); the weight grad has a
-``tma`` variant too. Traced by ``torch.compile`` (fake tensors), ``tma`` falls back to ``grouped`` with a one-time
-warning: its descriptors need real data pointers and its autotune configs a ``pre_hook``, which ``wrap_triton``
-cannot trace. Eager calls launch the kernels directly; only a traced call goes through ``wrap_triton``
-(:func:`tracing`).
+benchmarks, ``bench/KERNEL_NOTES.md``): ``grouped``, ``persistent`` (one program per SM slot, longest block rows
+first) and ``tma`` (grouped, tiles moved by Hopper TMA descriptors); the weight grad has a ``tma`` variant too.
+Without ``variant=`` the variant is :func:`default_variant`: ``SMET_MATMUL_VARIANT``, else :data:`DEFAULT_VARIANT`
+(``grouped``). ``tma`` needs sm_90+: on an older GPU a default ``tma`` runs as ``grouped`` and an explicit one is
+refused. An operand a TMA descriptor cannot read (misaligned base or row stride) is copied first. Traced by
+``torch.compile`` (fake tensors), ``tma`` falls back to ``grouped`` with a one-time warning: its descriptors need
+real data pointers and its autotune configs a ``pre_hook``, which ``wrap_triton`` cannot trace. Eager calls launch
+the kernels directly; only a traced call goes through ``wrap_triton`` (:func:`tracing`).
 
 Launchers ``triton_<op>`` (dispatched by :mod:`.library`); kernels ``bsmm_dense_sparse_kernel`` (forward and input
 grad: the same product over the CSR or the CSC index), its ``_persistent`` and ``_tma`` variants,
