@@ -2,9 +2,10 @@
 
 ``kernels.csv`` holds kernel and optimizer-step timings, ``training.csv`` end-to-end training steps.
 A row's *key* (its configuration columns and the ``gpu`` that measured it) identifies the measurement: a
-resumed run skips every key already in the file, so one folder may hold the rows of several machines. Rows
-that could not be measured are written with ``status = "skipped"`` and the reason in ``note``, so they are
-recorded once and not retried on the same machine. Files written before a column was renamed
+resumed run skips every key already in the file, so one folder may hold the rows of several machines. The key
+holds no torch / Triton version: a resumed run names the versions of the rows it keeps where they are not its own
+(:func:`stack_note`). Rows that could not be measured are written with ``status = "skipped"`` and the reason in
+``note``, so they are recorded once and not retried on the same machine. Files written before a column was renamed
 (:data:`RENAMED_COLUMNS`) or added (:data:`ADDED_COLUMNS`) are read and resumed under today's schema.
 """
 
