@@ -30,10 +30,10 @@ hook on each sparse layer when it is built, and the hooks record only right befo
 parameter gradients do. The training loop needs no change: ``forward, backward, optimizer.step(),
 smet.step()`` as usual. A controller built on a model takes over its layers: it removes the hooks an earlier
 controller put there (which would keep that one, and its optimizer, alive). A model compiled after the controller
-is built runs the hooks (compiled once for each value of the flag, with a graph break at each sparse layer when
-armed); Dynamo does not guard on module hooks, so it never sees a hook added to a model it compiled before, nor one
-of a model whose class it already compiled in this process without them (``torch._dynamo.reset()`` first, as
-``smet-train --compile`` does for RigL).
+is built runs the hooks (compiled once while they record and once while they do not, with a graph break at each
+sparse layer while they record). Dynamo does not guard on module hooks, so it never sees a hook added to a model it
+compiled before, nor one of a model whose class it already compiled in this process without them
+(``torch._dynamo.reset()`` first, as ``smet-train --compile`` does for RigL).
 
 **Distributed.** Decisions depend only on weights (identical across DDP ranks), the step and the seeded
 generator (consumed identically on every rank). In addition, when ``torch.distributed`` is initialised the
