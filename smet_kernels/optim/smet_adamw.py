@@ -135,9 +135,10 @@ class SMETAdamW(torch.optim.Optimizer):
             self._fill_options(group)
 
     def _fill_options(self, group: dict) -> dict:
-        """Fill the options a saved group lacks, in place: a state saved before warm-up scopes existed warmed up the
-        sparse values only (``"regrown"``); any other (all of SMET's in a ``torch.optim.AdamW`` state) is this
-        optimizer's default (not the flags torch's ``__setstate__`` adds to the defaults: ``differentiable``)."""
+        """Fill the options a saved group lacks, in place. ``warmup_scope`` is ``"regrown"``: a state saved before
+        warm-up scopes existed warmed up the sparse values only, and a ``torch.optim.AdamW`` state's dense parameters
+        continue as plain AdamW. Any other option (SMET's, in such a state) takes this optimizer's default, but not
+        the flags torch's ``__setstate__`` adds to the defaults (``differentiable``)."""
         group.setdefault("warmup_scope", "regrown")
         for name, default in self.defaults.items():
             if name not in _UNSUPPORTED_FLAGS:
