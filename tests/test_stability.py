@@ -224,7 +224,7 @@ def _synthetic_study(root, seeds=(0,), naive_spike=0.5, smet_spike=0.0):
         smet[11] += smet_spike
         updates = {10: 4, 20: 0}
         _write_run(root, RunSpec("tiny", "adamw", None, None, seed), wiggle, val_loss=2.0 + 0.01 * seed)
-        _write_run(root, RunSpec("tiny", "naive-dst", 0.5, 1.0, seed), naive, updates, val_loss=2.3 + 0.01 * seed)
+        _write_run(root, RunSpec("tiny", "naive-dst", 0.5, 0.0, seed), naive, updates, val_loss=2.3 + 0.01 * seed)
         _write_run(root, RunSpec("tiny", "smet-linear", 0.5, 1.0, seed), smet, updates, val_loss=2.1 + 0.01 * seed)
 
 
@@ -256,10 +256,10 @@ def test_quality_and_findings_with_seed_noise(tmp_path):
     assert quality.loc["naive-dst", "vs_dense"] == pytest.approx(0.3)
     assert quality.loc["smet-linear", "ppl_vs_dense"] == pytest.approx(math.exp(0.1), rel=1e-3)
     lines = "\n".join(stability.findings(data, spike_events(data), quality_table(data)))
-    assert "tiny, d=0.5, α=1: +0.5" in lines and "spikes above dense: holds" in lines
+    assert "tiny, d=0.5, α=0: +0.5" in lines and "spikes above dense: holds" in lines
     assert "smet-linear removes the spike** — naive-DST rise minus smet-linear rise: holds in 1, reversed in 0" in lines
-    assert "tiny naive-dst d=0.5 (best α=1 of 1): +0.3000" in lines and "worse than dense" in lines
-    assert "naive-DST at α=0" not in lines  # no α=0 runs: no consistency check
+    assert "tiny naive-dst d=0.5 (best α=0 of 1): +0.3000" in lines and "worse than dense" in lines
+    assert "**Consistency check**" not in lines  # no masked-dst or warmup-only runs to check against
 
 
 def test_findings_say_within_noise_when_it_is(tmp_path):
@@ -569,14 +569,14 @@ def test_the_prune_damage_of_one_seed_has_no_interval_and_of_two_seeds_a_t_inter
         root = tmp_path / str(len(seeds))
         for seed in seeds:
             _write_run(root, RunSpec("tiny", "adamw", None, None, seed), [2.0] * 20)
-            _write_run(root, RunSpec("tiny", "naive-dst", 0.5, 1.0, seed), [2.0] * 20, {10: 4},
+            _write_run(root, RunSpec("tiny", "naive-dst", 0.5, 0.0, seed), [2.0] * 20, {10: 4},
                        probes=[(10, 0.2 + 0.1 * seed, 0.1, 3.0)])  # fmt: skip
         data = load_study(root)
         found = stability.findings(data, spike_events(data), quality_table(data), stability.probe_table(data),
                                    stability.stats.probe_events(data))  # fmt: skip
         lines[len(seeds)] = [line for line in found if line.startswith("  - prune damage,")]
-    assert lines[1] == ["  - prune damage, tiny d=0.5 naive-dst α=1: +0.2000"]
-    assert lines[2] == ["  - prune damage, tiny d=0.5 naive-dst α=1: +0.2500 ± 0.6353 (95% CI)"]
+    assert lines[1] == ["  - prune damage, tiny d=0.5 naive-dst α=0: +0.2000"]
+    assert lines[2] == ["  - prune damage, tiny d=0.5 naive-dst α=0: +0.2500 ± 0.6353 (95% CI)"]
 
 
 def test_a_cold_start_at_updates_that_moved_no_block_is_not_measurable_rather_than_a_verdict(tmp_path):
@@ -690,3 +690,25 @@ def test_study_json_holds_the_grid_of_every_command_into_the_folder_not_only_the
     assert study["methods"] == list(stability.METHODS) and study["alphas"] == [0.5, 1.0]
     assert study["densities"] == [0.5, 0.25, 0.1] and study["seeds"] == [0, 1, 2] and study["steps"] == 3000
     assert "--methods adamw,galore,masked-dst,naive-dst,warmup-only" in stability.gpu_command(study)
+
+
+def test_a_naive_dst_run_at_alpha_one_from_before_the_density_lr_only_arm_loads_as_that_arm(tmp_path):
+    """The CPU pilot ran naive DST at every α: its α = 1 runs are the density-LR-only arm (no warm-up, global bias
+    correction, lr × d^−α), not the paper's naive DST; they must not enter the naive-DST spike claim nor be the naive
+    DST an arm at α = 1 is paired with."""
+    for seed in (0, 1):
+        spiking = [2.0] * 30
+        spiking[11] += 0.5 + 0.05 * seed
+        _write_run(tmp_path, RunSpec("tiny", "adamw", None, None, seed), [2.0] * 30)
+        for alpha in (0.0, 1.0):
+            _write_run(tmp_path, RunSpec("tiny", "naive-dst", 0.5, alpha, seed), spiking, {10: 4})
+            _write_run(tmp_path, RunSpec("tiny", "smet-linear", 0.5, alpha, seed), [2.0] * 30, {10: 4})
+    data = load_study(tmp_path)
+    runs = data.runs.set_index("path")
+    assert runs.loc["runs/tiny/naive-dst-d0.5-a1-s0", ["method", "alpha"]].tolist() == ["density-lr-only", 1.0]
+    assert runs.loc["runs/tiny/naive-dst-d0.5-a0-s0", ["method", "alpha"]].tolist() == ["naive-dst", 0.0]
+    lines = stability.findings(data, spike_events(data), quality_table(data))
+    naive = lines[lines.index(next(line for line in lines if line.startswith("**Naive DST"))) + 1:]
+    assert naive[0].startswith("  - tiny, d=0.5, α=0: +0.5") and not naive[1].startswith("  - tiny, d=0.5, α=1")
+    assert any(line.startswith("  - tiny, d=0.5, α=1 (naive α=0): +0.5") for line in lines)
+    assert "**density-lr-only removes the spike**" in "\n".join(lines)

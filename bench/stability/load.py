@@ -29,9 +29,13 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 
 def run_from_config(config: dict) -> RunSpec:
-    """The sweep identity (config, method, density, α, seed) of a saved TrainConfig."""
+    """The sweep identity (config, method, density, α, seed) of a saved TrainConfig. A ``naive-dst`` run at α > 0
+    (the study ran naive DST at every α before the ``density-lr-only`` arm existed) is that arm: the same optimizer
+    (no warm-up, global bias correction) with the density-aware LR."""
     optimizer = config["optimizer"]
     method = f"smet-{config['warmup_mode']}" if optimizer == "smet" else optimizer
+    if method == "naive-dst" and config["density_lr_exponent"]:
+        method = "density-lr-only"
     if method not in METHODS:
         raise ValueError(f"run with optimizer {optimizer!r} / warmup_mode {config['warmup_mode']!r} is not a "
                          f"method of the study ({list(METHODS)})")
