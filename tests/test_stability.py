@@ -284,7 +284,7 @@ def test_report_from_short_real_runs(tmp_path):
     assert len(data.updates) > 0 and (data.updates["moved"] > 0).any()
     path = write_report(tmp_path)
     text = path.read_text()
-    for heading in ("CPU pilot, not the H100 study", "## Reproduce", "## What holds and what does not",
+    for heading in ("CPU pilot, not the H100 study", "## Reproduce", "## What was measured (no verdict)",
                     "## Loss spikes per topology update", "## Final validation loss and perplexity",
                     "## Peak memory and throughput per run", "stability_val_loss_tiny.png"):
         assert heading in text
@@ -712,3 +712,21 @@ def test_a_naive_dst_run_at_alpha_one_from_before_the_density_lr_only_arm_loads_
     assert naive[0].startswith("  - tiny, d=0.5, α=0: +0.5") and not naive[1].startswith("  - tiny, d=0.5, α=1")
     assert any(line.startswith("  - tiny, d=0.5, α=1 (naive α=0): +0.5") for line in lines)
     assert "**density-lr-only removes the spike**" in "\n".join(lines)
+
+
+def test_a_pilot_report_gives_no_verdict_that_its_banner_disowns_and_a_study_still_does(tmp_path):
+    """The pilot's banner says its numbers are no evidence for or against the claims: its findings name the side of 0
+    of each interval, never 'reproduces', 'holds', 'worse than dense' or 'α=… is better'."""
+    _synthetic_study(tmp_path, seeds=(0, 1, 2))  # naive DST spikes, smet-linear does not: every claim holds
+    text = write_report(tmp_path).read_text()
+    assert "CPU pilot, not the H100 study" in text
+    measured = text.split("## What was measured (no verdict)")[1].split("\n## ")[0]
+    for verdict in ("reproduce", "holds", "does not hold", "worse than dense", "better than dense", "is better"):
+        assert verdict not in measured
+    assert ("  - smet-linear removes the spike of naive DST (rise): interval on the claim's side of 0 in 1, on the "
+            "other side in 0 of 1 measurable settings") in measured
+    assert "over 3 updates in 3 seeds (seed means compared) — interval above 0" in measured
+    data = load_study(tmp_path)
+    study = "\n".join(stability.findings(data, spike_events(data), quality_table(data)))
+    assert "smet-linear removes the spike of naive DST (rise): reproduces — holds in 1" in study
+    assert "spikes above dense: holds" in study and "worse than dense" in study

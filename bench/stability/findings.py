@@ -2,7 +2,8 @@
 
 A difference counts only when the 95% t-interval of the paired differences (same seed; per seed the mean over its
 updates: seeds, not updates, are the independent samples) excludes 0; otherwise it is reported as within noise,
-and a single seed as giving no noise estimate.
+and a single seed as giving no noise estimate. A pilot (a test of the tooling) gives no verdict: each difference
+is reported by the side of 0 its interval lies on.
 """
 
 from __future__ import annotations
@@ -74,13 +75,19 @@ def paired(events, method_a, alpha_a, method_b, alpha_b, config, density, column
 
 
 class _Findings:
-    def __init__(self, data: StudyData, events, quality, probes=None):
-        self.data, self.events, self.quality = data, events, quality
+    def __init__(self, data: StudyData, events, quality, probes=None, pilot=False):
+        self.data, self.events, self.quality, self.pilot = data, events, quality, pilot
         self.runs = data.runs
         self.methods = set(self.runs["method"])
         self.probes = probes
         self.lines: list[str] = []
         self.claims: list[tuple[str, int, int, int]] = []  # (claim, holds, reversed, measurable settings)
+        # a pilot gives no verdict: per setting, only the side of 0 its interval lies on
+        self.sides = ("above 0", "below 0") if pilot else ("holds", "reversed")
+
+    def words(self, verdict, more, less) -> str:
+        """:func:`verdict_words`; in a pilot the side of 0 of the interval instead of ``more`` / ``less``."""
+        return verdict_words(verdict, *(("interval above 0", "interval below 0") if self.pilot else (more, less)))
 
     def final_losses(self, config, method, density, alpha):
         losses = select(self.runs, config, method, density, alpha).set_index("seed")["final_val_loss"]
@@ -140,7 +147,7 @@ class _Findings:
             reverse += verdict == "a < b"
             self.lines.append(f"  - {label(config, density, alpha)}: {signed(mean)}{plus_minus(ci)} "
                               f"{over(updates, len(rise))} — "
-                              f"{verdict_words(verdict, 'spikes above dense: holds', 'rises less than dense')}")
+                              f"{self.words(verdict, 'spikes above dense: holds', 'rises less than dense')}")
         self.claims.append(("naive DST's loss rises more than dense after topology updates", holds, reverse,
                             measurable))
 
@@ -164,10 +171,11 @@ class _Findings:
                 tally[{"a > b": "holds", "a < b": "reversed", "within noise": "noise",
                        "not finite": "none"}.get(verdict, "single")] += 1
                 details.append(f"{name}: {signed(mean)}{plus_minus(ci)} {over(updates, len(naive))} — "
-                               f"{verdict_words(verdict, 'holds', f'{method} {unit} MORE: does not hold')}")
+                               f"{self.words(verdict, 'holds', f'{method} {unit} MORE: does not hold')}")
             what = COLUMN_NAMES.get(column, column)
-            self.lines.append(f"**{method} {title}** — naive-DST {what} minus {method} {what}: holds in "
-                              f"{tally['holds']}, reversed in {tally['reversed']}, within noise in {tally['noise']}, "
+            self.lines.append(f"**{method} {title}** — naive-DST {what} minus {method} {what}: {self.sides[0]} in "
+                              f"{tally['holds']}, {self.sides[1]} in {tally['reversed']}, within noise in "
+                              f"{tally['noise']}, "
                               + (f"one seed only in {tally['single']}, " if tally["single"] else "")
                               + f"not measurable in {tally['none']} of {len(settings)} settings:")
             self.lines += [f"  - {d}" for d in details]
@@ -175,9 +183,15 @@ class _Findings:
                                 tally["reversed"], tally["holds"] + tally["reversed"] + tally["noise"]))
 
     def claim_summary(self) -> list[str]:
-        """One line per claim: reproduces (every measurable setting), partly, or does not reproduce at this scale."""
+        """One line per claim: reproduces (every measurable setting), partly, or does not reproduce at this scale; in a
+        pilot no verdict, only the settings whose interval lies on either side of 0."""
         if not self.claims:
             return []
+        if self.pilot:
+            return ["**Claims: no verdict from a pilot** (a test of the tooling, see above; per claim, the settings "
+                    "whose 95% interval over seeds lies above or below 0; details below):",
+                    *(f"  - {claim}: interval on the claim's side of 0 in {holds}, on the other side in {reverse} of "
+                      f"{measurable} measurable settings" for claim, holds, reverse, measurable in self.claims)]
         lines = ["**Claims at this scale** (95% intervals over seeds; details below):"]
         for claim, holds, reverse, measurable in self.claims:
             if not measurable:
@@ -209,7 +223,7 @@ class _Findings:
                     ("" if missing(best["alpha"]) else f" (best α={best['alpha']:g} of {len(group)})")
                 self.lines.append(f"  - {config} {name}: {signed(mean)}{plus_minus(ci)}, ppl × "
                                   f"{best['ppl_vs_dense']:.3f} — "
-                                  f"{verdict_words(verdict, 'worse than dense', 'better than dense')}")
+                                  f"{self.words(verdict, 'worse than dense', 'better than dense')}")
 
     def density_lr(self):
         """4. density-aware LR: largest α against α = 0 (or the arm that equals it at α = 0)."""
@@ -228,7 +242,7 @@ class _Findings:
                     continue
                 mean, ci, verdict = compare(a, b)
                 rows.append(f"  - {config} {method} d={density:g}: {signed(mean)}{plus_minus(ci)} — "
-                            f"{verdict_words(verdict, f'α={high:g} is worse', f'α={high:g} is better')}")
+                            f"{self.words(verdict, f'α={high:g} is worse', f'α={high:g} is better')}")
         if rows:
             self.lines.append(f"**Density-aware LR** — final validation loss at α={high:g} minus α={low:g} (for "
                               "density-lr-only: naive-dst; for smet-linear without α=0 runs: warmup-only), paired by "
@@ -299,19 +313,20 @@ class _Findings:
                 outcome = "the default setting was not run"
             else:
                 outcome = (f"default − best {signed(mean)}{plus_minus(ci)}: "
-                           + verdict_words(verdict, "the default is worse", "the default is better"))
+                           + self.words(verdict, "the default is worse", "the default is better"))
             self.lines.append(f"  - {config} d={density:g}: {best['method']} α={best['alpha']:g} "
                               f"(val loss {best['val_loss']:.4f}); {outcome}")
         if any(d.startswith("cpu") for d in self.runs["device"]):
             self.lines.append("  - CPU runs: no default is changed on the strength of these runs.")
 
 
-def findings(data: StudyData, events, quality, probes=None, probe_events=None) -> list[str]:
+def findings(data: StudyData, events, quality, probes=None, probe_events=None, pilot=False) -> list[str]:
     """Plain-language statements computed from the numbers (markdown lines; see the module docs).
 
     ``probes``: :func:`~bench.stability.stats.probe_table`; ``probe_events``: the probe rows joined to their runs
-    (``prune_damage`` / ``cold_start_rise`` per update), both optional (studies without update probes)."""
-    found = _Findings(data, events, quality, probes)
+    (``prune_damage`` / ``cold_start_rise`` per update), both optional (studies without update probes); ``pilot``: a
+    test of the tooling (the report's banner), which gives no verdict, only the side of 0 of each interval."""
+    found = _Findings(data, events, quality, probes, pilot)
     found.naive_spikes()
     found.arms_remove_the_spike(events, "rise", "removes the spike", "spikes")
     if probe_events is not None and len(probe_events):

@@ -51,7 +51,8 @@ def write_report(out_dir, output: str | Path | None = None) -> Path:
     cpu = any(d.startswith("cpu") for d in devices)
     lines = ["# Stability study: loss spikes after topology updates, quality vs dense", ""]
     first = json.loads((out_dir / runs.iloc[0]["path"] / "summary.json").read_text())["config"]
-    if cpu and first["max_steps"] < PILOT_BELOW_STEPS:
+    pilot = cpu and first["max_steps"] < PILOT_BELOW_STEPS
+    if pilot:
         lines += ["> **CPU pilot, not the H100 study.** Tiny models and short runs on a CPU: these numbers show that "
                   "the tooling works end to end; they are no evidence for or against the method's claims.", ""]
     elif cpu:
@@ -87,8 +88,8 @@ def write_report(out_dir, output: str | Path | None = None) -> Path:
         *(_commands(out_dir) or [f"smet-bench stability run --out-dir {out_dir}"]),
         f"smet-bench stability report --out-dir {out_dir}",
         "```", "",
-        "## What holds and what does not", "",
-        *findings(data, events, quality, probes, probe_events(data)), "",
+        "## What was measured (no verdict)" if pilot else "## What holds and what does not", "",
+        *findings(data, events, quality, probes, probe_events(data), pilot), "",
     ]
     for config in _in_study_order(runs)["config"].unique():
         curve = plot_val_curves(data, config, output.parent / f"stability_val_loss_{config}.png")
