@@ -730,3 +730,26 @@ def test_a_pilot_report_gives_no_verdict_that_its_banner_disowns_and_a_study_sti
     study = "\n".join(stability.findings(data, spike_events(data), quality_table(data)))
     assert "smet-linear removes the spike of naive DST (rise): reproduces — holds in 1" in study
     assert "spikes above dense: holds" in study and "worse than dense" in study
+
+
+def test_the_probe_table_counts_the_updates_its_cold_start_and_first_step_means_cover(tmp_path):
+    """Updates at steps 10 and 30 (the final step) in each of three seeds: the prune damage is a mean over the 6
+    updates probed, the cold start and first step over the 3 with steps after them, as in the findings' counts; the
+    table said 6 beside means over 3."""
+    for seed in (0, 1, 2):
+        flat = [2.0] * 30
+        _write_run(tmp_path, RunSpec("tiny", "adamw", None, None, seed), flat,
+                   probes=[(10, 0.0, 0.01, None), (30, 0.0, None, None)])
+        spiking = list(flat)
+        spiking[11] += 0.3
+        _write_run(tmp_path, RunSpec("tiny", "naive-dst", 0.5, 0.0, seed), spiking, {10: 4, 30: 4}, val_loss=2.3,
+                   probes=[(10, 0.05, 0.3, 3.0), (30, 0.15, None, None)])
+    data = load_study(tmp_path)
+    table = stability.probe_table(data).set_index("method")
+    assert table.loc["naive-dst", ["updates", "with_steps_after", "first_steps"]].tolist() == [6, 3, 3]
+    assert table.loc["adamw", ["updates", "with_steps_after", "first_steps"]].tolist() == [6, 3, 0]
+    assert table.loc["naive-dst", "prune_damage"] == pytest.approx(0.1)
+    assert table.loc["naive-dst", "cold_start_rise"] == pytest.approx(0.3)
+    text = write_report(tmp_path).read_text()
+    assert "| seeds   | updates   | after   | damage   | cold start   |" in text
+    assert "| 3       | 6         | 3       | +0.1000  | +0.3000      |" in text

@@ -151,10 +151,13 @@ def _probe_section(probes) -> list[str]:
         "On one fixed held-out batch: `damage` = loss right after an update − right before it (no optimizer step "
         "between); `cold start` = max loss over the next k steps − loss right after the update. First step after an "
         "update, over all sparse layers: update RMS of regrown and surviving weights, their ratio (step 1 and mean "
-        "over the window), and ||Δw||/||w|| of the surviving weights. Means over updates and seeds; dense/GaLore "
-        "rows are the same measurement at the same steps without an update (the control).", "",
+        "over the window), and ||Δw||/||w|| of the surviving weights. `updates` = updates probed (`damage` is their "
+        "mean), `after` = those of them with steps after them (the last update, at the final step, has none): the "
+        "cold-start and first-step columns are means over these, over all seeds; dense/GaLore rows are the same "
+        "measurement at the same steps without an update (the control).", "",
         _display(probes, {"config": "config", "method": "method", "density": "density", "alpha": "α", "seeds": "seeds",
-                          "updates": "updates", "prune_damage": "damage", "cold_start_rise": "cold start",
+                          "updates": "updates", "with_steps_after": "after", "prune_damage": "damage",
+                          "cold_start_rise": "cold start",
                           "regrown_rms_1": "regrown RMS", "surviving_rms_1": "surviving RMS",
                           "regrown_vs_surviving_1": "ratio, step 1", "regrown_vs_surviving_mean": "ratio, window",
                           "surviving_relative_1": "surviving ‖Δw‖/‖w‖"},

@@ -184,8 +184,9 @@ def probe_events(data: StudyData):
 
 
 def probe_table(data: StudyData):
-    """Per (config, method, density, α): updates probed (``first_steps``: those with a step after them), and over
-    them the mean prune damage, cold-start rise,
+    """Per (config, method, density, α): updates probed, those with steps after them (``with_steps_after``: the
+    last update, at the final step, has none) and those with a first step of regrown weights (``first_steps``); the
+    mean prune damage over the updates probed and, over those with steps after them, the mean cold-start rise,
     first-step update RMS of regrown and surviving weights, their ratio (step 1 and mean over the window) and the
     surviving weights' relative first step ||Δw||/||w|| (the update probe, :mod:`smet_kernels.train.probe`)."""
     import pandas as pd
@@ -196,7 +197,8 @@ def probe_table(data: StudyData):
         numbers = group.drop(columns=["key", "update_step", *GROUP, "seed"]).astype(float)
         rows.append({"config": config, "method": method, "density": density, "alpha": alpha,
                      "seeds": group["seed"].nunique(), "updates": len(group),
+                     "with_steps_after": int(numbers["cold_start_rise"].notna().sum()),
                      "first_steps": int(numbers["regrown_vs_surviving_1"].notna().sum()), **numbers.mean().to_dict()})
-    columns = ["config", "method", "density", "alpha", "seeds", "updates", "first_steps",
+    columns = ["config", "method", "density", "alpha", "seeds", "updates", "with_steps_after", "first_steps",
                *[c for c in data.probes.columns if c not in ("key", "update_step")]]
     return _in_study_order(pd.DataFrame(rows, columns=columns))
