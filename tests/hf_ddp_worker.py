@@ -6,6 +6,7 @@ import argparse
 import os
 
 import torch
+import torch.distributed as dist
 import transformers
 
 import smet_kernels as sk
@@ -37,3 +38,8 @@ sparse = [m for m in model.modules() if isinstance(m, sk.BlockSparseLinear)]
 torch.save({"world_size": training_args.world_size, "initial": initial, "steps": smet.state_dict()["step"],
             "updates": [record["step"] for record in smet.history], "layouts": [m.layout.block_indices for m in sparse],
             "values": [m.values.detach() for m in sparse]}, os.path.join(args.out_dir, f"rank{os.environ['RANK']}.pt"))
+# the Trainer leaves its gloo group up: shut it down here, not in the interpreter's teardown, where a rank once
+# aborted ('terminate called without an active exception') with its gloo threads still running
+if dist.is_initialized():
+    dist.barrier()
+    dist.destroy_process_group()
