@@ -411,31 +411,9 @@ def test_a_schedule_of_betas_reuses_the_device_tables_instead_of_caching_one_set
     assert len(builds) == 1
 
 
-def test_a_torch_adamw_state_dict_loads_and_the_dense_parameters_continue_as_torch_adamw(device):
-    """Its groups lack SMET's options: they take the defaults, warm-up scope "regrown" (plain AdamW when dense)."""
-    params = [dense_param((8, 24), seed=2, device=device), dense_param((24,), seed=4, device=device)]
-    reference = torch.optim.AdamW(params, lr=0.01, betas=BETAS, eps=EPS, weight_decay=0.1)
-    for step in range(3):
-        for p, g in zip(params, grads_for(step, params)):
-            p.grad = g
-        reference.step()
-    resumed = [torch.nn.Parameter(p.detach().clone()) for p in params]
-    optimizer = SMETAdamW(resumed, backend="reference")
-    optimizer.load_state_dict(copy.deepcopy(reference.state_dict()))  # not aliasing its moments
-    for step in range(3, 6):
-        for p, q, g in zip(params, resumed, grads_for(step, params)):
-            p.grad, q.grad = g, g.clone()
-        reference.step()
-        optimizer.step()
-    assert optimizer.param_groups[0]["warmup_scope"] == "regrown"
-    for p, q in zip(params, resumed):
-        torch.testing.assert_close(q.detach(), p.detach(), rtol=1e-5, atol=1e-6)
-
-
-@pytest.mark.parametrize("bias_correction", ["local", "global"])
-def test_a_torch_adamw_state_of_sparse_values_loads_with_every_slot_at_its_step(device, bias_correction):
-    """torch.optim.AdamW keeps one ``step`` per tensor and no ``block_step``: the first step raised KeyError."""
-    params = make_params(device)
+def _torch_adamw_after_three_steps(params):
+    """``torch.optim.AdamW`` stepped three times over ``params``, and copies of them (layout tags kept) to resume
+    its state into."""
     reference = torch.optim.AdamW(params, lr=0.01, betas=BETAS, eps=EPS, weight_decay=0.1)
     for step in range(3):
         for p, g in zip(params, grads_for(step, params)):
@@ -445,10 +423,11 @@ def test_a_torch_adamw_state_of_sparse_values_loads_with_every_slot_at_its_step(
     for p, q in zip(params, resumed):
         if hasattr(p, "smet_layout"):
             q.smet_layout = p.smet_layout
-    optimizer = SMETAdamW(resumed, warmup="none", density_lr_exponent=0.0, bias_correction=bias_correction,
-                          backend="reference")  # plain AdamW on the sparse values too
-    optimizer.load_state_dict(copy.deepcopy(reference.state_dict()))
-    assert optimizer.state[resumed[0]]["block_step"].tolist() == [3] * resumed[0].shape[0]
+    return reference, resumed
+
+
+def _assert_steps_match(params, reference, resumed, optimizer):
+    """Three more steps of ``reference`` over ``params`` and of ``optimizer`` over ``resumed`` end equal."""
     for step in range(3, 6):
         for p, q, g in zip(params, resumed, grads_for(step, params)):
             p.grad, q.grad = g, g.clone()
@@ -456,6 +435,28 @@ def test_a_torch_adamw_state_of_sparse_values_loads_with_every_slot_at_its_step(
         optimizer.step()
     for p, q in zip(params, resumed):
         torch.testing.assert_close(q.detach(), p.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_a_torch_adamw_state_dict_loads_and_the_dense_parameters_continue_as_torch_adamw(device):
+    """Its groups lack SMET's options: they take the defaults, warm-up scope "regrown" (plain AdamW when dense)."""
+    params = [dense_param((8, 24), seed=2, device=device), dense_param((24,), seed=4, device=device)]
+    reference, resumed = _torch_adamw_after_three_steps(params)
+    optimizer = SMETAdamW(resumed, backend="reference")
+    optimizer.load_state_dict(copy.deepcopy(reference.state_dict()))  # not aliasing its moments
+    assert optimizer.param_groups[0]["warmup_scope"] == "regrown"
+    _assert_steps_match(params, reference, resumed, optimizer)
+
+
+@pytest.mark.parametrize("bias_correction", ["local", "global"])
+def test_a_torch_adamw_state_of_sparse_values_loads_with_every_slot_at_its_step(device, bias_correction):
+    """torch.optim.AdamW keeps one ``step`` per tensor and no ``block_step``: the first step raised KeyError."""
+    params = make_params(device)
+    reference, resumed = _torch_adamw_after_three_steps(params)
+    optimizer = SMETAdamW(resumed, warmup="none", density_lr_exponent=0.0, bias_correction=bias_correction,
+                          backend="reference")  # plain AdamW on the sparse values too
+    optimizer.load_state_dict(copy.deepcopy(reference.state_dict()))
+    assert optimizer.state[resumed[0]]["block_step"].tolist() == [3] * resumed[0].shape[0]
+    _assert_steps_match(params, reference, resumed, optimizer)
 
 
 def test_loading_its_own_state_dict_adds_no_option_to_its_groups():
