@@ -14,7 +14,7 @@ import torch
 from .backend import resolve_backend
 from .layout import BlockLayout
 from .ops import library
-from .ops.block_sparse_matmul import default_variant
+from .ops.variant import default_variant
 from .reference.matmul import from_dense_reference, to_dense_reference
 
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)

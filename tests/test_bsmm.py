@@ -172,26 +172,28 @@ def test_a_default_tma_variant_runs_as_grouped_on_a_gpu_without_tma_and_warns_on
     import warnings
 
     from smet_kernels.ops import block_sparse_matmul as bsmm
+    from smet_kernels.ops import variant
 
     capability = {0: (8, 0), 1: (9, 0)}
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: capability[torch.device(device).index])
-    monkeypatch.setattr(bsmm, "DEFAULT_VARIANT", "tma")
+    monkeypatch.setattr(variant, "DEFAULT_VARIANT", "tma")
     monkeypatch.delenv("SMET_MATMUL_VARIANT", raising=False)
-    bsmm._warn_tma_unsupported.cache_clear()
+    variant._warn_tma_unsupported.cache_clear()
     sm80, sm90 = torch.device("cuda", 0), torch.device("cuda", 1)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert [bsmm.default_variant(d) for d in (sm80, sm90, torch.device("cpu"), None)] == ["grouped"] + ["tma"] * 3
+        defaults = [variant.default_variant(d) for d in (sm80, sm90, torch.device("cpu"), None)]
+        assert defaults == ["grouped"] + ["tma"] * 3
     monkeypatch.setenv("SMET_MATMUL_VARIANT", "tma")
     with pytest.warns(UserWarning, match="SMET_MATMUL_VARIANT=tma runs as 'grouped' on cuda:0") as caught:
-        assert bsmm.default_variant(sm80) == bsmm.default_variant(sm80) == "grouped"
+        assert variant.default_variant(sm80) == variant.default_variant(sm80) == "grouped"
     assert len(caught) == 1
-    bsmm._warn_tma_unsupported.cache_clear()  # traced by torch.compile (fullgraph): the warning is not a graph break
-    compiled = torch.compile(lambda t: t + len(bsmm.default_variant(sm80)), fullgraph=True, backend="eager")
+    variant._warn_tma_unsupported.cache_clear()  # traced by torch.compile (fullgraph): the warning is not a graph break
+    compiled = torch.compile(lambda t: t + len(variant.default_variant(sm80)), fullgraph=True, backend="eager")
     with pytest.warns(UserWarning, match="runs as 'grouped' on cuda:0"):
         assert compiled(torch.zeros(1)).item() == len("grouped")
     monkeypatch.setenv("SMET_MATMUL_VARIANT", "persistent")
-    assert bsmm.default_variant(sm80) == "persistent"
+    assert variant.default_variant(sm80) == "persistent"
     with pytest.raises(ValueError, match="needs a GPU with the Tensor Memory Accelerator"):
         bsmm._check_tma_device(sm80)
 
@@ -201,12 +203,13 @@ def test_block_sparse_linear_runs_the_default_variant_in_forward_and_backward(mo
     """With :data:`DEFAULT_VARIANT` set to ``tma`` (as the measured winner would be), a layer runs the TMA kernels
     for its three products and matches the reference in outputs and gradients."""
     from smet_kernels.ops import block_sparse_matmul as bsmm
+    from smet_kernels.ops import variant
 
     launched = []
     for name in ("bsmm_dense_sparse_tma_kernel", "bsmm_grad_weight_tma_kernel"):
         kernel = getattr(bsmm, name)
         monkeypatch.setattr(bsmm, name, _Recording(kernel, name, launched))
-    monkeypatch.setattr(bsmm, "DEFAULT_VARIANT", "tma")
+    monkeypatch.setattr(variant, "DEFAULT_VARIANT", "tma")
     monkeypatch.delenv("SMET_MATMUL_VARIANT", raising=False)
     layout = _mask_layout("empty_rows_cols", 3, 2, 16)
     x, values, dy, bias = _inputs(layout, 21, torch.float32)

@@ -358,6 +358,7 @@ def test_eager_launches_skip_wrap_triton_and_only_traced_ones_use_it():
     itself: through ``wrap_triton`` each launch would be a higher-order-op dispatch (torch 2.11: slow, and it refuses
     the TMA configs' ``pre_hook`` and interpreted kernels)."""
     from smet_kernels.ops import block_sparse_matmul as bsmm
+    from smet_kernels.ops import variant
 
     layout = _layout()
     x, values, dy, _ = _operands(layout)
@@ -370,7 +371,7 @@ def test_eager_launches_skip_wrap_triton_and_only_traced_ones_use_it():
         assert wrap.call_count == 0
         bsmm._launchable(bsmm.bsmm_grad_weight_kernel, traced=True)
         assert wrap.call_count == 1
-    assert not bsmm.tracing(x, values)
+    assert not variant.tracing(x, values)
 
 
 def test_only_graph_recording_dispatch_modes_count_as_tracing():
@@ -381,7 +382,7 @@ def test_only_graph_recording_dispatch_modes_count_as_tracing():
     from torch.fx.experimental.proxy_tensor import make_fx
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from smet_kernels.ops import block_sparse_matmul as bsmm
+    from smet_kernels.ops import variant
     from smet_kernels.recompute import checkpoint
 
     class PassThrough(TorchDispatchMode):
@@ -390,7 +391,7 @@ def test_only_graph_recording_dispatch_modes_count_as_tracing():
 
     class Probe(torch.nn.Module):
         def forward(self, x):
-            seen.append((bsmm.tracing(x), bsmm.traceable_variant("tma", x)))
+            seen.append((variant.tracing(x), variant.traceable_variant("tma", x)))
             return x.sin()
 
     seen: list = []
@@ -400,8 +401,8 @@ def test_only_graph_recording_dispatch_modes_count_as_tracing():
         Probe()(x)
     assert seen == [(False, "tma")] * 3
     with FakeTensorMode() as fake:
-        assert bsmm.tracing(fake.from_tensor(x))
-    make_fx(lambda t: seen.append(bsmm.tracing(t)) or t.sin())(torch.randn(3))  # real tensors, a proxy mode
+        assert variant.tracing(fake.from_tensor(x))
+    make_fx(lambda t: seen.append(variant.tracing(t)) or t.sin())(torch.randn(3))  # real tensors, a proxy mode
     assert seen[-1] is True
 
 

@@ -26,7 +26,7 @@ from bench.markdown import table
 from bench.report import kernel_comparison, load_csv
 from bench.report.derive import peak_column, side_by_side
 from profiling.roofline import BARS
-from smet_kernels.ops.block_sparse_matmul import VARIANTS
+from smet_kernels.ops.variant import VARIANTS
 
 from .plan import Sizes
 from .predictions import prediction_section

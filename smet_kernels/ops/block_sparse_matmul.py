@@ -11,12 +11,11 @@
 Forward and input grad come in three variants of the same tile computation (``variant=``; A/B-timed by the kernel
 benchmarks, ``bench/KERNEL_NOTES.md``): ``grouped``, ``persistent`` (one program per SM slot, longest block rows
 first) and ``tma`` (grouped, tiles moved by Hopper TMA descriptors); the weight grad has a ``tma`` variant too.
-Without ``variant=`` the variant is :func:`default_variant`: ``SMET_MATMUL_VARIANT``, else :data:`DEFAULT_VARIANT`
-(``grouped``). ``tma`` needs sm_90+: on an older GPU a default ``tma`` runs as ``grouped`` and an explicit one is
-refused. An operand a TMA descriptor cannot read (misaligned base or row stride) is copied first. Traced by
-``torch.compile`` (fake tensors), ``tma`` falls back to ``grouped`` with a one-time warning: its descriptors need
-real data pointers and its autotune configs a ``pre_hook``, which ``wrap_triton`` cannot trace. Eager calls launch
-the kernels directly; only a traced call goes through ``wrap_triton`` (:func:`tracing`).
+Which one runs without ``variant=``, and when ``tma`` runs as ``grouped`` (an older GPU, a traced call), is decided
+in :mod:`.variant`; an explicit ``tma`` is refused on a GPU older than sm_90. An operand a TMA descriptor cannot read
+(misaligned base or row stride) is copied first. The TMA autotune configs need a ``pre_hook``, which ``wrap_triton``
+cannot trace. Eager calls launch the kernels directly; only a traced call goes through ``wrap_triton``
+(:func:`.variant.tracing`).
 
 Launchers ``triton_<op>`` (dispatched by :mod:`.library`); kernels ``bsmm_dense_sparse_kernel`` (forward and input
 grad: the same product over the CSR or the CSC index), its ``_persistent`` and ``_tma`` variants,
@@ -30,14 +29,10 @@ All accumulate in fp32 and store in the input dtype. Under the Triton interprete
 from __future__ import annotations
 
 import contextlib
-import functools
-import os
-import warnings
 
 import torch
 import triton
 import triton.language as tl
-from torch._subclasses.fake_tensor import is_fake
 from torch.library import wrap_triton
 from triton.tools.tensor_descriptor import TensorDescriptor
 
@@ -57,6 +52,7 @@ from .launch_config import (
     with_pre_hook,
 )
 from .rounding import downcast
+from .variant import VARIANTS, default_variant, tma_supported, tracing, traceable_variant
 
 
 @triton.jit
@@ -385,80 +381,6 @@ def _check_row_major(**tensors: torch.Tensor) -> None:
     for name, tensor in tensors.items():
         if tensor.dim() != 2 or tensor.stride(1) != 1:
             raise ValueError(f"{name} must be a 2-D tensor with unit stride along its last dimension")
-
-
-VARIANTS = ("grouped", "persistent", "tma")
-
-#: the variant used when neither ``variant=`` nor ``SMET_MATMUL_VARIANT`` names one: the fastest of
-#: ``gpu_check.md``'s "Kernel variants" table (``grouped`` until a GPU has measured them)
-DEFAULT_VARIANT = "grouped"
-
-
-@torch.compiler.assume_constant_result
-def tma_supported(device: torch.device) -> bool:
-    """Whether ``variant='tma'`` can run on ``device``: a CUDA GPU of sm_90 or newer, or the CPU interpreter (a
-    constant that ``torch.compile`` evaluates once)."""
-    return device.type != "cuda" or torch.cuda.get_device_capability(device) >= (9, 0)
-
-
-@functools.cache
-def _warn_tma_unsupported(device: torch.device) -> None:
-    warnings.warn(f"SMET_MATMUL_VARIANT=tma runs as 'grouped' on {device}: TMA needs a GPU of sm_90 or newer")
-
-
-@torch.compiler.assume_constant_result
-def _tma_fallback(device: torch.device, requested: bool) -> str:
-    """``grouped``, warned once per device when the environment ``requested`` ``tma`` (a constant that
-    ``torch.compile`` evaluates outside the graph: a warning cannot be traced)."""
-    if requested:
-        _warn_tma_unsupported(device)
-    return "grouped"
-
-
-def default_variant(device: torch.device | None = None) -> str:
-    """The variant used when none is passed: ``SMET_MATMUL_VARIANT`` (read at each call, so a training run can be
-    A/B-timed end to end: ``SMET_MATMUL_VARIANT=tma smet-train ...``; a compiled model reads it when traced, and
-    Dynamo does not guard a variable unset then), else :data:`DEFAULT_VARIANT`. On a
-    ``device`` without TMA (:func:`tma_supported`) a default ``tma`` is ``grouped``, the same product (warned once
-    when the environment asked for ``tma``); a ``variant='tma'`` passed explicitly is refused there instead."""
-    requested = os.environ.get("SMET_MATMUL_VARIANT")
-    variant = DEFAULT_VARIANT if requested is None else requested
-    if variant not in VARIANTS:
-        raise ValueError(f"the SMET_MATMUL_VARIANT environment variable must be one of {VARIANTS}, got {variant!r}")
-    if variant == "tma" and device is not None and not tma_supported(device):
-        return _tma_fallback(device, requested is not None)
-    return variant
-
-
-@functools.cache
-def _warn_tma_traced() -> None:
-    warnings.warn(
-        "variant='tma' runs as 'grouped' under torch.compile: TMA descriptors need real data pointers and the TMA "
-        "kernels' autotune pre_hook cannot be traced by wrap_triton",
-        stacklevel=3,
-    )
-
-
-#: the dispatch modes that record a graph (AOTAutograd, ``make_fx``): they sit in torch's infra-mode slots
-_RECORDING_MODES = (torch._C._TorchDispatchModeKey.FAKE, torch._C._TorchDispatchModeKey.PROXY,
-                    torch._C._TorchDispatchModeKey.FUNCTIONAL)  # fmt: skip
-
-
-def tracing(*tensors: torch.Tensor) -> bool:
-    """Whether torch is recording a graph of this call rather than running it: Dynamo, a recording dispatch mode
-    (AOTAutograd's functional / fake / proxy modes), or fake ``tensors``. Other dispatch modes run the call on real
-    tensors (selective activation checkpointing, ``FlopCounterMode``): not tracing, so ``tma`` stays ``tma``."""
-    recording = any(torch._C._get_dispatch_mode(key) is not None for key in _RECORDING_MODES)
-    return torch.compiler.is_compiling() or recording or any(is_fake(t) for t in tensors)
-
-
-def traceable_variant(variant: str, *tensors: torch.Tensor) -> str:
-    """``variant``, or ``grouped`` for ``tma`` while :func:`tracing` (warned once): the same product, with tiles
-    loaded by pointers."""
-    if variant == "tma" and tracing(*tensors):
-        _warn_tma_traced()
-        return "grouped"
-    return variant
 
 
 def _launchable(kernel, traced: bool):

@@ -14,7 +14,7 @@ import torch
 
 from .. import backend as backend_module
 from ..layout import SUPPORTED_BLOCK_SIZES, nnz_for_density
-from ..ops.block_sparse_matmul import default_variant
+from ..ops.variant import default_variant
 from .methods import METHODS, SPARSE_TRAINER_NAMES, TRAINER_NAMES
 from .model import MODEL_CONFIGS
 from .tokenizer import TokenizerError, parse_tokenizer
