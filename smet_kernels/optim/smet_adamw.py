@@ -282,6 +282,7 @@ class SMETAdamW(torch.optim.Optimizer):
                 continue
             betas, eps, weight_decay, warmup, warmup_steps, backend = key
             hyper = dict(betas=betas, eps=eps, weight_decay=weight_decay, warmup=warmup, warmup_steps=warmup_steps)
-            cache = self._tables[tuple(batch_groups[key])] = tables.get(tuple(batch_groups[key]), {})
+            groups = tuple(batch_groups[key])
+            cache = self._tables[groups] = tables.get(groups, {})
             launch_adamw_step(*(batch[name] for name in _BATCH_FIELDS), hyper, backend, cache)  # checked above
         return loss
