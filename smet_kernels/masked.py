@@ -20,6 +20,11 @@ from .layout import BlockLayout, unpack_kernel_index
 from .modules import BlockLayoutLinear, sparsify, uniform_init_
 
 
+def _expand_blocks(block_mask: torch.Tensor, b: int) -> torch.Tensor:
+    """The ``[rows, cols]`` block mask as ``[rows·b, cols·b]``: each entry repeated over its ``b x b`` block."""
+    return block_mask.repeat_interleave(b, dim=0).repeat_interleave(b, dim=1)
+
+
 class MaskedLinear(BlockLayoutLinear):
     """``y = x (W ⊙ M)ᵀ + b``: dense ``weight [out, in]``, block mask ``M`` from ``layout`` (kept current by version).
 
@@ -69,9 +74,8 @@ class MaskedLinear(BlockLayoutLinear):
             return self._traced_dense_mask()
         key = (self.layout.version, self.weight.device, self.weight.dtype)
         if self._mask_key != key or self._mask_layout is not self.layout:  # a new layout starts again at version 0
-            b = self.layout.block_size
             block_mask = self.layout.mask.to(device=self.weight.device, dtype=self.weight.dtype)
-            self._dense_mask = block_mask.repeat_interleave(b, dim=0).repeat_interleave(b, dim=1)
+            self._dense_mask = _expand_blocks(block_mask, self.layout.block_size)
             self._mask_key = key
             self._mask_layout = self.layout
         return self._dense_mask
@@ -81,7 +85,7 @@ class MaskedLinear(BlockLayoutLinear):
         rows, cols = layout.block_shape
         blocks = unpack_kernel_index(layout.kernel_index(self.weight.device), layout.nnz, layout.block_shape)[0].long()
         block_mask = self.weight.new_zeros(rows * cols).index_fill(0, blocks[:, 0] * cols + blocks[:, 1], 1)
-        return block_mask.view(rows, cols).repeat_interleave(b, dim=0).repeat_interleave(b, dim=1)
+        return _expand_blocks(block_mask.view(rows, cols), b)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.to_dense_weight(), self.bias)

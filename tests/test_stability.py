@@ -114,7 +114,7 @@ def test_the_help_of_each_option_states_the_default_that_cpu_study_gives_it(caps
     [
         ("--data", "/nonexistent", "/nonexistent"),
         ("--data", "{tmp}/empty.txt", "empty.txt"),
-        ("--lr", "-1", "--lr must be in (0.0, inf], got -1.0"),
+        ("--lr", "-1", "--lr must be in (0, inf), got -1.0"),
         ("--lr-warmup-steps", "-5", "--lr-warmup-steps must be an int >= 0, got -5"),
         ("--lr-warmup-steps", "500", "--lr-warmup-steps (500) must be < --steps (200)"),
         ("--seeds", "0,-1", "--seeds must be ints >= 0, got [-1]"),

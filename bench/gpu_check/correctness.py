@@ -24,6 +24,7 @@ from typing import Callable
 import torch
 
 from profiling.memory_model import parse_dtype
+from smet_kernels.ops.variant import VARIANTS, tma_supported
 
 from . import kernel_ops
 from .plan import Sizes
@@ -165,9 +166,7 @@ def where_wrong(result: torch.Tensor, expected: torch.Tensor, bound: float, layo
 
 def variants_for(device: torch.device) -> tuple[str, ...]:
     """Every variant; ``tma`` only where the Tensor Memory Accelerator exists (sm_90+) or under the interpreter."""
-    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (9, 0):
-        return tuple(v for v in kernel_ops.VARIANTS if v != "tma")
-    return kernel_ops.VARIANTS
+    return VARIANTS if tma_supported(device) else tuple(v for v in VARIANTS if v != "tma")
 
 
 def matmul_points(variants: tuple[str, ...], split_k: int) -> list[tuple[str, str, int | None]]:

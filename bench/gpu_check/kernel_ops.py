@@ -14,9 +14,10 @@ from typing import Callable, Iterator
 
 import torch
 
+from smet_kernels.ops.variant import VARIANTS
+
 from .plan import PINNED_CONFIGS
 
-VARIANTS = ("grouped", "persistent", "tma")
 # kernel family of each autotuner: the dense-sparse loop (forward / input grad), its persistent form, the weight grad
 _AUTOTUNERS = {
     "bsmm_dense_sparse_kernel": "dense_sparse",

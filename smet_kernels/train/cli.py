@@ -27,6 +27,7 @@ from .config import (
     PRECISIONS,
     ConfigError,
     TrainConfig,
+    interval,
     naming_options,
 )
 from .loop import TrainingDiverged, train
@@ -60,8 +61,7 @@ def _float_in(low: float, high: float, low_open: bool = False, high_open: bool =
         if not math.isfinite(value):
             raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
         if not (low <= value <= high) or (low_open and value == low) or (high_open and value == high):
-            interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open or math.isinf(high) else ']'}"
-            raise argparse.ArgumentTypeError(f"must be in {interval}, got {text}")
+            raise argparse.ArgumentTypeError(f"must be in {interval(low, high, low_open, high_open)}, got {text}")
         return value
 
     return parse

@@ -39,6 +39,11 @@ class ConfigError(ValueError):
 _OPTION_NAMES: ContextVar[dict[str, str]] = ContextVar("option_names", default={})
 
 
+def interval(low: float, high: float, low_open: bool = False, high_open: bool = False) -> str:
+    """``[low, high]`` with ``(`` / ``)`` at an open end; an infinite end is always open (``inf`` is refused)."""
+    return f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open or math.isinf(high) else ']'}"
+
+
 def setting(field: str) -> str:
     """How an error message names the configuration field ``field``: as itself for Python callers, by the
     command-line option that sets it inside :func:`naming_options` (``--batch-size`` for ``batch_size``)."""
@@ -159,8 +164,7 @@ class TrainConfig:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ConfigError(f"{setting(name)} must be a finite number, got {value!r}")
             if value < low or value > high or (low_open and value == low) or (high_open and value == high):
-                interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
-                raise ConfigError(f"{setting(name)} must be in {interval}, got {value}")
+                raise ConfigError(f"{setting(name)} must be in {interval(low, high, low_open, high_open)}, got {value}")
 
         choice("model", MODEL_CONFIGS)
         choice("optimizer", OPTIMIZERS)
