@@ -24,7 +24,7 @@ from conftest import (
 from smet_kernels import BlockLayout
 from smet_kernels.ops.library import adamw_step, regrow_blocks
 from smet_kernels.reference.adamw import torch_adamw_step
-from smet_kernels.topology import choose_blocks
+from smet_kernels.prune_regrow import choose_blocks
 
 pytestmark = pytest.mark.usefixtures("one_matmul_config")  # on a GPU: one config, not 18 autotuned per shape
 SETTINGS = settings(max_examples=25, deadline=None, derandomize=True)

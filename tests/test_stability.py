@@ -65,7 +65,7 @@ def test_h100_sweep_enumerates_every_method_density_alpha_seed():
 
 def test_study_blocks_move_at_the_lowest_density():
     """Every sparse layer must trade >= 1 block at the first update, else the spike study measures nothing."""
-    from smet_kernels.topology import blocks_to_move
+    from smet_kernels.prune_regrow import blocks_to_move
     from smet_kernels.train.model import model_config
 
     spec = PRESETS["h100"]
@@ -374,7 +374,7 @@ def test_report_names_the_gpu_command_of_the_same_sweep(tmp_path):
 def test_cpu_study_moves_blocks_at_every_density():
     """Every sparse layer trades >= 1 block at every update of the CPU study (released rule, b = 16)."""
     from smet_kernels.layout import nnz_for_density
-    from smet_kernels.topology import blocks_to_move
+    from smet_kernels.prune_regrow import blocks_to_move
     from smet_kernels.train.model import model_config
 
     spec = PRESETS["cpu"]

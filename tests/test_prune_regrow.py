@@ -1,0 +1,64 @@
+"""The rules of a topology update: the cosine prune fraction, how many blocks move, which blocks are chosen."""
+
+import math
+
+import pytest
+import torch
+
+from smet_kernels.layout import BlockLayout
+from smet_kernels.prune_regrow import blocks_to_move, choose_blocks, cosine_prune_fraction
+
+B = 16  # block size
+
+
+def test_cosine_schedule_values():
+    assert cosine_prune_fraction(0, 100, 0.2, 0.005) == pytest.approx(0.2)
+    assert cosine_prune_fraction(50, 100, 0.2, 0.005) == pytest.approx((0.2 + 0.005) / 2)
+    assert cosine_prune_fraction(100, 100, 0.2, 0.005) == pytest.approx(0.005)
+    assert cosine_prune_fraction(25, 100, 0.2, 0.005) == pytest.approx(0.005 + 0.195 * (1 + math.cos(math.pi / 4)) / 2)
+    assert cosine_prune_fraction(500, 100, 0.2, 0.005) == pytest.approx(0.005)  # clamped past T_end
+    assert cosine_prune_fraction(10, None, 0.2, 0.005) == 0.2  # no T_end: constant ζ0
+
+
+def test_choose_blocks_prunes_smallest_and_grows_inactive():
+    layout = BlockLayout.from_mask(torch.tensor([[True, True, False], [True, False, False]]), B)
+    scores = torch.tensor([3.0, 1.0, 2.0])  # slot 1 (block (0,1)) is the smallest
+    slots, blocks = choose_blocks(layout, scores, 1, regrow_scores=torch.tensor([[9.0, 9.0, 1.0], [9.0, 5.0, 4.0]]))
+    assert slots.tolist() == [1]
+    assert blocks.tolist() == [[1, 1]]  # largest inactive score; active blocks' 9.0 ignored
+    # ties: lower slot pruned first, lower row-major block grown first
+    slots, blocks = choose_blocks(layout, torch.ones(3), 2, regrow_scores=torch.zeros(2, 3))
+    assert slots.tolist() == [0, 1] and blocks.tolist() == [[0, 2], [1, 1]]
+    # n capped at the number of inactive blocks
+    slots, blocks = choose_blocks(layout, scores, 10, generator=torch.Generator().manual_seed(0))
+    assert slots.numel() == 3 and sorted(map(tuple, blocks.tolist())) == [(0, 2), (1, 1), (1, 2)]
+
+
+def test_choose_blocks_rejects_bad_scores():
+    layout = BlockLayout.from_mask(torch.tensor([[True, False]]), B)
+    with pytest.raises(ValueError, match="prune_scores"):
+        choose_blocks(layout, torch.ones(2), 1)
+    with pytest.raises(ValueError, match="regrow_scores"):
+        choose_blocks(layout, torch.ones(1), 1, regrow_scores=torch.ones(2, 2))
+
+
+def test_blocks_to_move_is_exact_for_decimal_fractions():
+    assert blocks_to_move(0.35, 180) == 63
+    assert 250 * (1 - 0.068) < 233  # binary floating point: floor would keep 232
+    assert blocks_to_move(0.068, 250) == 17
+    assert blocks_to_move(0.5, 0) == 0
+
+
+@pytest.mark.parametrize(
+    "nnz, zeta, moved",
+    [(1, 0.2, 0), (1, 0.005, 0), (2, 0.2, 1), (2, 0.005, 1), (18, 0.2, 4), (18, 0.005, 1)],
+)
+def test_blocks_to_move_keeps_one_block_and_moves_at_least_one(nnz, zeta, moved):
+    """Released rule n = nnz − max(1, floor(nnz·(1−ζ))): small layers keep changing late in training."""
+    assert blocks_to_move(zeta, nnz) == moved
+
+
+def test_blocks_to_move_matches_the_released_rule_in_integers():
+    for z in range(1, 1000, 7):  # ζ = z / 1000, so floor(nnz (1 − ζ)) = nnz (1000 − z) // 1000 exactly
+        for nnz in range(1, 400, 13):
+            assert blocks_to_move(z / 1000, nnz) == nnz - max(1, nnz * (1000 - z) // 1000)
