@@ -480,10 +480,10 @@ def test_two_updates_of_one_seed_are_one_sample_not_two(tmp_path):
 
 
 def test_best_alpha_density_lr_and_default_sentences_say_which_side_is_worse(tmp_path):
-    """smet-linear at α=0 ends 0.10, 0.12, 0.11 above dense, at α=1 0.20, 0.23, 0.21: the best α is 0 (+0.11 ± 4.303·0.01/√3
-    above dense: worse than dense); α=1 − α=0 is 0.10, 0.11, 0.10 (+0.1033 ± 4.303·0.00577/√3 = 0.0143: α=1 is
-    worse), and the library default (smet-linear, α=1) is that same comparison against the best (the default is
-    worse)."""
+    """smet-linear at α=0 ends 0.10, 0.12, 0.11 above dense, at α=1 0.20, 0.23, 0.21: the best α is 0
+    (+0.11 ± 4.303·0.01/√3 above dense: worse than dense); α=1 − α=0 is 0.10, 0.11, 0.10
+    (+0.1033 ± 4.303·0.00577/√3 = 0.0143: α=1 is worse), and the library default (smet-linear, α=1) is that same
+    comparison against the best (the default is worse)."""
     flat = [2.0] * 30
     for seed, low, high in zip((0, 1, 2), (2.10, 2.12, 2.11), (2.20, 2.23, 2.21)):
         _write_run(tmp_path, RunSpec("tiny", "adamw", None, None, seed), flat, val_loss=2.0)
