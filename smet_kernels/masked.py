@@ -18,6 +18,24 @@ from torch import nn
 
 from .layout import BlockLayout, unpack_kernel_index
 from .modules import BlockLayoutLinear, sparsify, uniform_init_
+from .ops import library
+
+
+class _MaskedWeight(torch.autograd.Function):
+    """``W ⊙ M``, whose backward ``dW = g ⊙ M`` first checks that the layout is still at ``forward_version`` (as the
+    block-sparse products do): a topology update between forward and backward raises, eagerly and compiled, also
+    where activation checkpointing would recompute ``M`` from the new layout."""
+
+    @staticmethod
+    def forward(ctx, weight, mask, version, forward_version):
+        ctx.save_for_backward(mask, version, forward_version)
+        return weight * mask
+
+    @staticmethod
+    def backward(ctx, grad):
+        mask, version, forward_version = ctx.saved_tensors
+        library.check_layout_version(version, forward_version)
+        return grad * mask, None, None, None
 
 
 def _expand_blocks(block_mask: torch.Tensor, b: int) -> torch.Tensor:
@@ -88,7 +106,9 @@ class MaskedLinear(BlockLayoutLinear):
         return _expand_blocks(block_mask.view(rows, cols), b)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.to_dense_weight(), self.bias)
+        version = self.layout.version_tensor
+        weight = _MaskedWeight.apply(self.weight, self.dense_mask(), version, library.layout_version(version))
+        return F.linear(x, weight, self.bias)
 
     def to_dense_weight(self) -> torch.Tensor:
         """``W ⊙ M``: the weight the layer applies (zeros at inactive blocks)."""

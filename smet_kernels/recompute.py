@@ -7,8 +7,8 @@ check would pass; a masked layer's recomputed ``W ⊙ M`` would silently use the
 so ``torch.utils.checkpoint`` sees no mismatch). :func:`checkpoint` therefore
 
 * keeps the forward's version snapshots (a selective-checkpoint policy: ``layout_version`` is saved, everything else
-  recomputed), so the backward products compare the live version with that of the first forward, eagerly and under
-  ``torch.compile``;
+  recomputed), so the backward products (and a masked layer's ``W ⊙ M``) compare the live version with that of the
+  first forward, eagerly and under ``torch.compile``;
 * eagerly, also records ``(layout, version)`` of every sparse parameter at forward and refuses a recompute under
   another one. Under ``torch.compile`` this Python-int check is skipped: Dynamo would guard on each version and
   recompile the model at every topology update.

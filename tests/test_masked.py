@@ -229,3 +229,17 @@ def test_compiled_masked_model_follows_topology_updates_without_recompiling():
         smet.step()
     assert model.q_proj.layout.version == 3 and counter.frame_count == 1
     torch.testing.assert_close(compiled(x), model(x))  # the eager function of the current topology
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_a_topology_update_between_forward_and_backward_is_refused(compiled):
+    """As the block-sparse products: the backward would give the old mask's gradient to the new topology (non-zero
+    gradient in a block just pruned), so it raises, eagerly and compiled."""
+    torch._dynamo.reset()
+    model = _masked_model()
+    run = torch.compile(model, fullgraph=True, backend="aot_eager") if compiled else model
+    loss = run(torch.randn(4, 32)).pow(2).mean()
+    layout = model.q_proj.layout
+    layout.replace_blocks(torch.tensor([0]), (~layout.mask).nonzero()[:1])
+    with pytest.raises(RuntimeError, match="changed between forward .* and backward"):
+        loss.backward()

@@ -68,11 +68,13 @@ def test_a_layout_change_before_the_recompute_is_refused(sparse):
     assert "topology updates only after optimizer.step()" in LAYOUT_CHANGED
 
 
-def test_compiled_checkpointed_model_recompiles_at_most_once_and_keeps_the_layout_guard():
+@pytest.mark.parametrize("sparse", ["smet", "masked"])
+def test_compiled_checkpointed_model_recompiles_at_most_once_and_keeps_the_layout_guard(sparse):
     """Topology updates between compiled steps with checkpointing: at most one recompile (no guard on the Python
-    version), and a layout change between compiled forward and backward still raises."""
+    version), and a layout change between compiled forward and backward still raises (a masked layer's recompute
+    would otherwise build the new mask)."""
     torch._dynamo.reset()
-    model = tiny_model("smet", True)
+    model = tiny_model(sparse, True)
     counter = CompileCounterWithBackend("aot_eager")
     compiled = torch.compile(model, fullgraph=True, backend=counter)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
