@@ -513,3 +513,53 @@ def test_a_tensor_lr_is_accepted_as_torch_adamw_accepts_it_and_follows_a_schedul
         SMETAdamW(params, lr=torch.tensor([0.01, 0.02]))
     with pytest.raises(ValueError, match="^lr must be a finite float"):
         SMETAdamW(params, lr=torch.tensor(float("inf")))
+
+
+
+def _stepped_once(optimizer, params):
+    for p, g in zip(params, grads_for(0, params)):
+        p.grad = g
+    optimizer.step()
+    return optimizer
+
+
+def test_the_dict_a_load_pre_hook_returns_is_the_one_checked_and_loaded_with_its_state_dtypes():
+    """The checks, the kept fp32 moments of bf16 weights and the ids all read the pre-hooks' dict, as torch's do."""
+    params = make_params("cpu", dtype=torch.bfloat16)
+    saved = _stepped_once(SMETAdamW(params, lr=0.01, backend="reference"), params).state_dict()
+    saved["param_groups"][0]["amsgrad"] = True  # e.g. from torch.optim.AdamW(amsgrad=True): refused unless rewritten
+    optimizer = SMETAdamW(make_params("cpu", dtype=torch.bfloat16), lr=0.01)
+    with pytest.raises(ValueError, match="^amsgrad=True is not supported"):
+        optimizer.load_state_dict(saved)
+
+    def reset_moments_without_amsgrad(_, state_dict):
+        groups = [{**group, "amsgrad": False} for group in state_dict["param_groups"]]
+        state = {i: {**s, "exp_avg": torch.zeros_like(s["exp_avg"])} for i, s in state_dict["state"].items()}
+        return {"state": state, "param_groups": groups}
+
+    def infinite_lr(_, state_dict):
+        return {**state_dict, "param_groups": [{**group, "lr": math.inf} for group in state_dict["param_groups"]]}
+
+    optimizer.register_load_state_dict_pre_hook(reset_moments_without_amsgrad)
+    optimizer.load_state_dict(saved)
+    for param in optimizer.param_groups[0]["params"]:
+        exp_avg = optimizer.state[param]["exp_avg"]
+        assert exp_avg.dtype == torch.float32 and not exp_avg.any()
+    optimizer.register_load_state_dict_pre_hook(infinite_lr)
+    with pytest.raises(ValueError, match="^lr must be a finite float"):
+        optimizer.load_state_dict(saved)
+    assert optimizer.param_groups[0]["lr"] == 0.01
+
+
+def test_load_post_hooks_run_once_the_state_dtypes_and_block_steps_are_restored():
+    params = make_params("cpu", dtype=torch.bfloat16)
+    reference = _stepped_once(torch.optim.AdamW(params, lr=0.01), params)  # bf16 moments, no block_step
+    saved = copy.deepcopy(reference.state_dict())
+    for state in saved["state"].values():
+        state["exp_avg"] = state["exp_avg"].float()
+    optimizer = SMETAdamW(params, lr=0.01)
+    seen = []
+    optimizer.register_load_state_dict_post_hook(lambda o: seen.append(dict(o.state[params[0]])))
+    optimizer.load_state_dict(saved)
+    assert len(seen) == 1 and seen[0]["exp_avg"].dtype == torch.float32
+    assert seen[0]["block_step"].tolist() == [1] * params[0].shape[0]

@@ -37,6 +37,7 @@ step. ``state_dict()`` therefore holds ``DTensor``s; the trainer gathers them to
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from itertools import chain
 from typing import Any, Callable, Iterable
 
@@ -165,10 +166,24 @@ class SMETAdamW(torch.optim.Optimizer):
         """Standard restore, but keep the saved state dtypes (torch casts float state to the parameter dtype,
         which would turn fp32 moments of bf16/fp16 weights into bf16/fp16). A saved group with an invalid or
         unsupported option (e.g. ``amsgrad=True`` from ``torch.optim.AdamW``) raises and changes nothing. The
-        state of sparse values saved by ``torch.optim.AdamW`` has no ``block_step``: every slot took its ``step``."""
+        state of sparse values saved by ``torch.optim.AdamW`` has no ``block_step``: every slot took its ``step``.
+
+        Hooks run as in ``torch.optim.Optimizer``: the load pre-hooks first (the dict a hook returns is the one
+        checked and loaded), the post-hooks last, once the dtypes and ``block_step`` above are restored."""
+        pre_hooks, post_hooks = self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks
+        state_dict = state_dict.copy()  # shallow, as torch's: a pre-hook may rewrite its entries in place
+        for pre_hook in pre_hooks.values():
+            hooked = pre_hook(self, state_dict)
+            state_dict = state_dict if hooked is None else hooked
         for saved_group in state_dict["param_groups"]:
             _check_group(self._fill_options(dict(saved_group)))
-        super().load_state_dict(state_dict)
+        self._optimizer_load_state_dict_pre_hooks = OrderedDict()  # torch's load without the hooks, run here around it
+        self._optimizer_load_state_dict_post_hooks = OrderedDict()
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            self._optimizer_load_state_dict_pre_hooks = pre_hooks
+            self._optimizer_load_state_dict_post_hooks = post_hooks
         saved_ids = chain.from_iterable(group["params"] for group in state_dict["param_groups"])
         params = chain.from_iterable(group["params"] for group in self.param_groups)
         for saved_id, param in zip(saved_ids, params):
@@ -181,6 +196,8 @@ class SMETAdamW(torch.optim.Optimizer):
                 if state and getattr(param, "smet_layout", None) is not None and "block_step" not in state:
                     step = state["step"] if group["bias_correction"] == "global" else state.pop("step")
                     state["block_step"] = zeros_per_row(param, torch.int32).add_(int(step))
+        for post_hook in post_hooks.values():
+            post_hook(self)
 
     def _init_state(self, param: torch.Tensor, sparse: bool, group: dict) -> None:
         state = self.state[param]
