@@ -46,7 +46,9 @@ class SMETCallback(TrainerCallback):
     A step that fp16 loss scaling skipped (an overflow: ``optimizer.step_was_skipped``) is not counted, as the Trainer
     does not step its LR schedule then: its dense gradients (non-finite) are dropped, and a due update runs at the
     next step taken. The skipped steps are counted (and checkpointed) beside the controller: with them, its step
-    count matches the Trainer's ``global_step``.
+    count matches the Trainer's ``global_step``. ``total_steps``/``end_step`` thus count steps taken, as the LR
+    schedule's ``max_steps`` does: with k skipped steps the run takes ``max_steps − k`` of them and both schedules
+    stop there (``ζ_t`` at t ≤ ``max_steps − k``; an update due later, e.g. at ``T_end = max_steps``, does not run).
     """
 
     def __init__(self, smet: SMET):
