@@ -1,5 +1,6 @@
 """Hugging Face ``transformers`` integration: :class:`SMETCallback` drives the SMET controller from ``Trainer``;
-:func:`load_sparse_pretrained` loads a sparse ``save_pretrained`` folder without building the dense weights.
+:func:`load_sparse_pretrained` loads a sparse ``save_pretrained`` folder (compact or masked layers) without building
+dense weights that it does not hold.
 
 Needs the optional extra ``hf`` (``pip install "smet_kernels[hf]"``)::
 
@@ -22,7 +23,8 @@ import transformers
 from safetensors import safe_open
 from transformers import TrainerCallback
 
-from .layout import BlockLayout
+from .layout import SUPPORTED_BLOCK_SIZES, BlockLayout
+from .masked import MaskedLinear
 from .modules import BLOCK_INDICES_KEY, _as_linear, _is_dense_linear, sparsify_with_layouts
 from .topology import SMET
 
@@ -124,24 +126,29 @@ def _weight_files(folder: Path) -> list[Path]:
     return files
 
 
-def _checkpoint_shapes(files: list[Path]) -> dict[str, tuple[Path, list[int]]]:
-    """``key -> (file, shape)`` of every tensor of the checkpoint, read from the safetensors headers alone."""
-    shapes = {}
+def _read_headers(files: list[Path]) -> tuple[dict[str, tuple[Path, list[int]]], dict[str, torch.Tensor]]:
+    """``key -> (file, shape)`` of every tensor of the checkpoint, from the safetensors headers, and its
+    ``<layer>.block_indices`` tensors (small), each file opened once."""
+    shapes, indices = {}, {}
     for file in files:
         with safe_open(file, "pt") as f:
-            shapes.update({key: (file, f.get_slice(key).get_shape()) for key in f.keys()})
-    return shapes
+            for key in f.keys():
+                shapes[key] = (file, f.get_slice(key).get_shape())
+                if key.endswith("." + BLOCK_INDICES_KEY):
+                    indices[key] = f.get_tensor(key)
+    return shapes, indices
 
 
-def _saved_layouts(model: torch.nn.Module, shapes: dict) -> dict[str, BlockLayout]:
-    """The layout of each layer whose ``<layer>.block_indices`` the checkpoint holds, shaped as the model's linear
-    there, with the block size of ``<layer>.values [nnz, b, b]``."""
-    suffix = "." + BLOCK_INDICES_KEY
-    layouts = {}
-    for key, (file, indices_shape) in shapes.items():
-        if not key.endswith(suffix):
-            continue
-        name = key[: -len(suffix)]
+def _saved_layouts(
+    model: torch.nn.Module, shapes: dict, indices: dict[str, torch.Tensor]
+) -> tuple[dict[str, BlockLayout], dict[str, BlockLayout]]:
+    """``(compact, masked)``: the layout of each layer whose ``<layer>.block_indices`` the checkpoint holds, shaped as
+    the model's linear there; compact beside ``<layer>.values [nnz, b, b]`` (block size b), masked beside a dense
+    ``<layer>.weight`` (block size found by :func:`_masked_layouts`)."""
+    compact, masked = {}, {}
+    for key, block_indices in indices.items():
+        file, indices_shape = shapes[key]
+        name = key[: -len(BLOCK_INDICES_KEY) - 1]
         try:
             module = model.get_submodule(name)
         except AttributeError:
@@ -150,24 +157,65 @@ def _saved_layouts(model: torch.nn.Module, shapes: dict) -> dict[str, BlockLayou
             found = "no such module" if module is None else f"a {type(module).__name__}"
             raise ValueError(f"unexpected key '{key}' in {file.name}: '{name}' of the {type(model).__name__} built "
                              f"from config.json is {found}, not an nn.Linear")  # fmt: skip
-        if name + ".weight" in shapes:
-            raise ValueError(f"'{name}' in {file.name} is a masked layer (dense weight and block_indices), whose block "
-                             "size the checkpoint does not keep: build the model, masked_sparsify it alike, then "
-                             "load_sharded_checkpoint(model, folder)")  # fmt: skip
-        if name + ".values" not in shapes:
-            raise ValueError(f"'{name}.values' is missing from the checkpoint (its '{key}' is in {file.name})")
-        values_shape = shapes[name + ".values"][1]
-        if len(values_shape) != 3 or values_shape[1] != values_shape[2] or values_shape[0] != indices_shape[0]:
-            raise ValueError(f"'{name}.values' {values_shape} does not hold one b x b block per row of '{key}' "
-                             f"{indices_shape}")  # fmt: skip
         linear = _as_linear(module)
+        shape = (linear.out_features, linear.in_features)
+        if name + ".values" in shapes:
+            values_shape = shapes[name + ".values"][1]
+            if len(values_shape) != 3 or values_shape[1] != values_shape[2] or values_shape[0] != indices_shape[0]:
+                raise ValueError(f"'{name}.values' {values_shape} does not hold one b x b block per row of '{key}' "
+                                 f"{indices_shape}")  # fmt: skip
+            try:
+                compact[name] = BlockLayout(block_indices, shape, values_shape[1])
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"'{key}' in {file.name}: {err}") from None
+        elif name + ".weight" in shapes:
+            masked[name] = shape
+        else:
+            raise ValueError(f"'{name}.values' (or a masked layer's '{name}.weight') is missing from the checkpoint "
+                             f"(its '{key}' is in {file.name})")  # fmt: skip
+    return compact, _masked_layouts(masked, shapes, indices)
+
+
+def _masked_layouts(
+    layers: dict[str, tuple[int, int]], shapes: dict, indices: dict[str, torch.Tensor]
+) -> dict[str, BlockLayout]:
+    """The layout of each masked layer ``name -> (out, in)``, whose block size the checkpoint does not keep: the one
+    supported size at which its ``block_indices`` fit the layer and its dense weight is zero outside their blocks
+    (the files that hold such weights opened once each)."""
+    by_file: dict[Path, list[str]] = {}
+    for name in layers:
+        by_file.setdefault(shapes[name + ".weight"][0], []).append(name)
+    layouts = {}
+    for file, names in by_file.items():
         with safe_open(file, "pt") as f:
-            indices = f.get_tensor(key)
-        try:
-            layouts[name] = BlockLayout(indices, (linear.out_features, linear.in_features), values_shape[1])
-        except (TypeError, ValueError) as err:
-            raise ValueError(f"'{key}' in {file.name}: {err}") from None
+            for name in names:
+                weight = f.get_tensor(name + ".weight")
+                if list(weight.shape) != list(layers[name]):
+                    raise ValueError(f"'{name}.weight' in {file.name} has shape {list(weight.shape)}, the model's "
+                                     f"{list(layers[name])}")  # fmt: skip
+                block_indices = indices[f"{name}.{BLOCK_INDICES_KEY}"]
+                fits = [_layout_if_fits(block_indices, weight, b) for b in SUPPORTED_BLOCK_SIZES]
+                fits = [layout for layout in fits if layout is not None]
+                if len(fits) != 1:
+                    sizes = [layout.block_size for layout in fits]
+                    raise ValueError(f"masked layer '{name}' in {file.name}: its block_indices and dense weight fit "
+                                     f"{len(fits)} of the block sizes {SUPPORTED_BLOCK_SIZES} {sizes}, not one: build "
+                                     "the model, masked_sparsify it alike, then load_sharded_checkpoint(model, "
+                                     "folder)")  # fmt: skip
+                layouts[name] = fits[0]
     return layouts
+
+
+def _layout_if_fits(block_indices: torch.Tensor, weight: torch.Tensor, block_size: int) -> BlockLayout | None:
+    """The layout of ``block_indices`` over ``weight``'s shape at ``block_size`` if the weight is zero outside its
+    blocks, else ``None`` (also when they do not fit the block grid)."""
+    try:
+        layout = BlockLayout(block_indices, tuple(weight.shape), block_size)
+    except (TypeError, ValueError):
+        return None
+    rows, cols = layout.block_shape
+    nonzero_blocks = weight.reshape(rows, block_size, cols, block_size).ne(0).any(dim=3).any(dim=1)
+    return None if nonzero_blocks[~layout.mask].any() else layout
 
 
 def _check_keys(model: torch.nn.Module, shapes: dict) -> None:
@@ -193,15 +241,19 @@ def load_sparse_pretrained(
     device: torch.device | str = "cpu",
     backend: str | None = None,
 ) -> transformers.PreTrainedModel:
-    """Load a sparse model saved with ``save_pretrained`` (sharded or not) without ever building its dense weights.
+    """Load a sparse model saved with ``save_pretrained`` (sharded or not) without building a dense weight that the
+    checkpoint does not hold.
 
-    Builds the model of ``folder``'s ``config.json`` with its parameters on the meta device (buffers real), puts a
-    ``BlockSparseLinear`` of the saved layout (block size from ``<layer>.values``) at every layer whose
-    ``<layer>.block_indices`` the checkpoint holds, assigns the safetensors shards one by one on ``device``
-    (floating tensors cast to ``dtype``; default: as saved) and re-ties tied weights. ``model_class`` is an
-    ``AutoModel...`` class or a model class. Returns the model in eval mode, like ``from_pretrained``; its layouts
-    are live, so SMET trains on. Raises on a folder without config or weights, a checkpoint without sparse layer,
-    and on a missing, unexpected or misshapen key.
+    Builds the model of ``folder``'s ``config.json`` with its parameters on the meta device (buffers real) and puts a
+    sparse layer of the saved layout at every layer whose ``<layer>.block_indices`` the checkpoint holds: a
+    ``BlockSparseLinear`` beside compact ``<layer>.values [nnz, b, b]`` (block size b), a ``MaskedLinear`` beside a
+    dense ``<layer>.weight`` (a masked model's, whose block size the checkpoint does not keep: the one supported size
+    at which the indices fit the layer and the weight is zero outside their blocks). Then assigns the safetensors
+    shards one by one on ``device`` (floating tensors cast to ``dtype``; default: as saved) and re-ties tied
+    weights. ``model_class`` is an ``AutoModel...`` class or a model class. Returns the model in eval mode, like
+    ``from_pretrained``; its layouts are live, so SMET trains on. Raises on a folder without config or weights, a
+    checkpoint without sparse layer, a masked layer that not exactly one block size fits, and on a missing,
+    unexpected or misshapen key.
     """
     if not hasattr(transformers.PreTrainedModel, "named_non_persistent_buffers"):
         raise ImportError(f"load_sparse_pretrained needs transformers >= 5, found {transformers.__version__}")
@@ -209,12 +261,14 @@ def load_sparse_pretrained(
     if not (folder / transformers.utils.CONFIG_NAME).is_file():
         raise FileNotFoundError(f"{folder} holds no config.json: not a save_pretrained folder")
     files = _weight_files(folder)
-    shapes = _checkpoint_shapes(files)
-    if not any(key.endswith("." + BLOCK_INDICES_KEY) for key in shapes):
+    shapes, indices = _read_headers(files)
+    if not indices:
         raise ValueError(f"{folder} holds no sparse layer (no '<layer>.block_indices' key): load it with "
                          f"{model_class.__name__}.from_pretrained")  # fmt: skip
     model = _empty_model(model_class, transformers.AutoConfig.from_pretrained(folder), dtype)
-    sparsify_with_layouts(model, _saved_layouts(model, shapes), backend=backend)
+    compact, masked = _saved_layouts(model, shapes, indices)
+    sparsify_with_layouts(model, compact, backend=backend)
+    sparsify_with_layouts(model, masked, layer_factory=MaskedLinear.from_linear)
     _check_keys(model, shapes)
     for file in files:
         with safe_open(file, "pt", device=str(device)) as f:

@@ -1,9 +1,13 @@
 """load_sparse_pretrained: a sparse save_pretrained folder back as a sparse model, no dense weight ever built."""
 
+import collections
+from pathlib import Path
+
 import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
+from safetensors import safe_open  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 from test_densify import tiny_causal_lm  # noqa: E402
 from test_hf import B, SEQ, random_tokens, same_layouts, tiny_model  # noqa: E402
@@ -12,6 +16,7 @@ from torch.utils._pytree import tree_leaves  # noqa: E402
 from transformers.trainer_utils import load_sharded_checkpoint  # noqa: E402
 
 import smet_kernels as sk  # noqa: E402
+from smet_kernels import hf  # noqa: E402
 from smet_kernels.hf import load_sparse_pretrained  # noqa: E402
 from smet_kernels.modules import BlockLayoutLinear  # noqa: E402
 
@@ -198,10 +203,68 @@ def test_a_missing_unexpected_or_misshapen_key_is_refused_in_one_line_naming_it(
     assert "\n" not in str(info.value)
 
 
-def test_a_masked_checkpoint_is_refused_with_the_route_that_loads_it(tmp_path):
+def test_layouts_are_read_with_one_open_of_each_safetensors_file(tmp_path, monkeypatch):
+    """Besides the load of its tensors, each shard is opened once for its headers and block indices, not once per
+    sparse layer it holds."""
+    source = saved(tmp_path)
+    opened = collections.Counter()
+
+    def counting_open(file, *args, **kwargs):
+        opened[Path(file).name] += 1
+        return safe_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(hf, "safe_open", counting_open)
+    model = load_sparse_pretrained(tmp_path)
+    assert opened == {"model.safetensors": 2}
+    assert same_layouts(model, source)
+
+
+@pytest.mark.parametrize("family, shard_size", [("llama", "40KB"), ("gpt2", None)],
+                         ids=["llama-sharded", "gpt2-conv1d"])  # fmt: skip
+def test_masked_checkpoint_loads_back_as_masked_layers_with_its_layouts_and_trains_on(tmp_path, family, shard_size):
+    source = tiny_causal_lm("gpt2") if family == "gpt2" else tiny_model("llama")
+    sk.masked_sparsify(source, 0.5, B, exclude="lm_head", generator=torch.Generator().manual_seed(0))
+    batch = IDS.repeat(2, 1)
+    optimizer = torch.optim.AdamW(source.parameters(), lr=1e-2)
+    smet = sk.SMET(source.train(), optimizer, update_interval=1, prune_fraction=0.3, regrow="random", seed=3)
+    source(batch, labels=batch).loss.backward()
+    optimizer.step()
+    smet.step()  # regrown blocks start at zero
+    source.eval().save_pretrained(tmp_path, **({} if shard_size is None else {"max_shard_size": shard_size}))
+    model = load_sparse_pretrained(tmp_path, type(source))
+    assert sparse_layers(model).keys() == sparse_layers(source).keys() and same_layouts(model, source)
+    dense_class = transformers.pytorch_utils.Conv1D if family == "gpt2" else torch.nn.Linear
+    for layer in sparse_layers(model).values():
+        assert type(layer) is sk.MaskedLinear and layer.weight.smet_mask_layout is layer.layout
+        assert getattr(layer, "dense_class", torch.nn.Linear) is dense_class
+    torch.testing.assert_close(model(IDS).logits, source(IDS).logits, rtol=0, atol=0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    smet = sk.SMET(model.train(), optimizer, update_interval=1, prune_fraction=0.3, regrow="random", seed=4)
+    before = {name: layer.layout.block_indices.clone() for name, layer in sparse_layers(model).items()}
+    model(batch, labels=batch).loss.backward()
+    optimizer.step()
+    smet.step()
+    assert smet.step_count == 1 and any(not torch.equal(layer.layout.block_indices, before[name]) for name, layer in
+                                        sparse_layers(model).items())  # fmt: skip
+
+
+def single_block(state: dict, outside: float) -> None:
+    """Make ``up_proj`` ([128, 64]) a masked layer of the one block (0, 0), its weight ``outside`` elsewhere."""
+    weight = torch.full((128, 64), outside)
+    weight[:B, :B] = 1.0
+    state["model.layers.0.mlp.up_proj.weight"] = weight
+    state["model.layers.0.mlp.up_proj.block_indices"] = torch.zeros(1, 2, dtype=torch.int64)
+
+
+@pytest.mark.parametrize("outside, fits", [(0.0, r"3 of the block sizes \(16, 32, 64, 128\) \[16, 32, 64\]"),
+                                           (1.0, r"0 of the block sizes \(16, 32, 64, 128\) \[\]")],
+                         ids=["several", "none"])  # fmt: skip
+def test_a_masked_layer_that_not_exactly_one_block_size_fits_is_refused_in_one_line(tmp_path, outside, fits):
     model = tiny_model("llama")
     sk.masked_sparsify(model, 0.5, B, exclude="lm_head")
     model.save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match="masked layer .* masked_sparsify it alike") as info:
+    rewrite_checkpoint(tmp_path, lambda state: single_block(state, outside))
+    with pytest.raises(ValueError, match=f"masked layer 'model.layers.0.mlp.up_proj' in model.safetensors: .* fit "
+                       f"{fits}, not one: .* masked_sparsify it alike") as info:  # fmt: skip
         load_sparse_pretrained(tmp_path)
     assert "\n" not in str(info.value)
