@@ -507,6 +507,42 @@ def test_a_checkpoint_a_stopped_rewrite_left_under_a_temporary_name_is_put_back_
     assert steps == [1, 2, 3, 4, 5, 6]
 
 
+
+@pytest.mark.parametrize("writer_alive", [True, False], ids=["live-writer", "dead-writer"])
+def test_finding_a_checkpoint_between_the_renames_of_a_rewrite_repairs_only_a_dead_writers_folders(
+        tmp_path, writer_alive):
+    """A reader (``--resume``, a fresh run's out_dir check) finding checkpoints while another run was between the two
+    renames of rewriting step 4 put the writer's sealed ``.tmp-step_*`` in place itself, so the writer's own rename
+    failed and that run crashed. A writer alive (its PID in the ``.old-step_*`` name) is now left alone; the folders
+    of a dead one are still put back."""
+    import os
+    import shutil
+    import subprocess
+
+    for step in (2, 4):
+        checkpoint.write_checkpoint(tmp_path, step, {"step": step}, TrainConfig())
+    root = tmp_path / "checkpoints"
+    final = root / "step_0000004"
+    writer = subprocess.Popen(["sleep", "60"])
+    try:
+        if not writer_alive:
+            writer.kill()
+            writer.wait()
+        tmp = root / f".tmp-step_0000004-{writer.pid}"  # sealed: it holds its manifest, as before the renames
+        shutil.copytree(final, tmp)
+        old = root / f".old-step_0000004-{writer.pid}"
+        os.replace(final, old)  # the writer's first rename (_atomic_replace_dir)
+        if writer_alive:
+            assert find_checkpoint(tmp_path) == root / "step_0000002"
+            assert tmp.is_dir() and old.is_dir() and not final.exists()
+            os.replace(tmp, final)  # the writer's second rename
+        else:
+            assert find_checkpoint(tmp_path) == final and not tmp.exists() and old.is_dir()
+    finally:
+        writer.kill()
+        writer.wait()
+    assert torch.load(final / "state.pt") == {"step": 4} and verify_checkpoint(final) is None
+
 @st.composite
 def _metrics_records(draw):
     record = {"type": draw(st.sampled_from(["train", "eval", "loss_spike"])), "step": draw(st.integers(0, 12)),

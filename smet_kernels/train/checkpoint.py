@@ -12,7 +12,9 @@ under fsdp too, each rank keeping its shard.
 :func:`find_checkpoint` verifies a checkpoint against its manifest before using it; in a run folder an unreadable or
 corrupt newest checkpoint is named in a :class:`CheckpointWarning` and the newest good one is used instead. A run
 stopped while writing one leaves ``.tmp-step_*``/``.old-step_*`` folders, which resumes never read and the next run
-removes when it starts (:func:`clear_leftovers`), after putting back a checkpoint that only they hold.
+removes when it starts (:func:`clear_leftovers`), after putting back a checkpoint that only they hold;
+:func:`find_checkpoint` puts it back too, unless its writer (the PID in the name) is still alive: a live run may be
+between its renames.
 """
 
 from __future__ import annotations
@@ -111,7 +113,7 @@ def find_checkpoint(path: str | os.PathLike) -> Path:
         return path
     root = path / CHECKPOINTS_DIR
     if root.is_dir():
-        _restore_interrupted_rewrites(root)
+        _restore_interrupted_rewrites(root, skip_live_writers=True)
     candidates = sorted((c for c in root.glob("step_*") if c.is_dir()), reverse=True) if root.is_dir() else []
     if not candidates:
         raise ConfigError(f"no checkpoint found in {str(path)!r} (expected a checkpoint or checkpoints/step_*/)")
@@ -159,15 +161,17 @@ def load_checkpoint_config(path: str | os.PathLike) -> TrainConfig:
     return TrainConfig.from_dict(values)
 
 
-def _restore_interrupted_rewrites(root: Path) -> None:
+def _restore_interrupted_rewrites(root: Path, skip_live_writers: bool) -> None:
     """Put back the checkpoints that a run stopped between the two renames of :func:`_atomic_replace_dir` (rewriting a
     step it had written before, e.g. after resuming from an earlier one) left without their ``step_*`` name: the new,
     sealed copy (``.tmp-step_*``, when it verifies against its manifest: it matches the run's metrics.jsonl), else
-    the previous one (``.old-step_*-PID``). Renames only; a rank of the same run doing it at once does no harm."""
+    the previous one (``.old-step_*-PID``). Renames only; a rank of the same run doing it at once does no harm.
+    With ``skip_live_writers`` (a reader), a step whose writer PID is another live process on this machine is left
+    alone: that run may be between its renames, and moving its ``.tmp-step_*`` would fail its own rename."""
     for old in sorted(root.glob(".old-step_*")):
-        match = re.fullmatch(r"\.old-(step_\d+)-\d+", old.name)
+        match = re.fullmatch(r"\.old-(step_\d+)-(\d+)", old.name)
         final = root / match.group(1) if match else None
-        if final is None or final.exists():
+        if final is None or final.exists() or (skip_live_writers and _alive_elsewhere(int(match.group(2)))):
             continue
         sealed = [tmp for tmp in sorted(root.glob(f".tmp-{final.name}*"))  # a manifest: not an unsealed write
                   if re.fullmatch(rf"\.tmp-{final.name}(-\d+)?", tmp.name) and (tmp / MANIFEST).is_file()
@@ -181,6 +185,19 @@ def _restore_interrupted_rewrites(root: Path) -> None:
                 break
 
 
+def _alive_elsewhere(pid: int) -> bool:
+    """Whether ``pid`` is a live process on this machine other than this one (which is not writing while it reads)."""
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)  # signal 0: an existence check
+    except (ProcessLookupError, OverflowError):
+        return False
+    except PermissionError:  # another user's process
+        pass
+    return True
+
+
 def clear_leftovers(out_dir: Path) -> None:
     """Remove what runs stopped while writing a checkpoint left in ``out_dir/checkpoints``: ``.tmp-step_*`` (partial,
     or complete but never renamed) and ``.old-step_*`` folders, after putting back a checkpoint that only such a
@@ -190,7 +207,7 @@ def clear_leftovers(out_dir: Path) -> None:
     root = out_dir / CHECKPOINTS_DIR
     if not root.is_dir():
         return
-    _restore_interrupted_rewrites(root)
+    _restore_interrupted_rewrites(root, skip_live_writers=False)
     for leftover in (*root.glob(".tmp-step_*"), *root.glob(".old-step_*")):
         if leftover.is_dir():
             shutil.rmtree(leftover, ignore_errors=True)
