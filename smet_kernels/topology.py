@@ -110,6 +110,12 @@ def _local_regrow_operands(param: torch.Tensor, state: dict, slots: torch.Tensor
     return local(param.data), slots[mine] - start, states, mine
 
 
+def _plain_name(name: str) -> str:
+    """A parameter's name without the ``_orig_mod`` of ``torch.compile`` wrappers: a controller built on a compiled
+    model (or on compiled submodules) keeps the names of the plain model, so their states load into each other."""
+    return ".".join(part for part in name.split(".") if part != "_orig_mod")
+
+
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
@@ -216,6 +222,7 @@ class SMET:
                 owners.setdefault(id(param), module)
         targets = []
         for name, param in model.named_parameters():
+            name = _plain_name(name)
             if hasattr(param, "smet_layout"):
                 targets.append(_SparseTarget(name, param, param.smet_layout, "compact", owners[id(param)]))
             elif hasattr(param, "smet_mask_layout"):
@@ -517,7 +524,7 @@ class SMET:
 
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict` output; layouts are restored in place (same objects as the layers')."""
-        layouts = state["layouts"]
+        layouts = {_plain_name(name): layout for name, layout in state["layouts"].items()}
         names = {target.name for target in self.targets}
         if set(layouts) != names:
             raise ValueError(

@@ -294,6 +294,20 @@ def test_resume_is_bit_exact():
         assert torch.equal(opt.state[p]["block_step"], ropt.state[q]["block_step"])
 
 
+def test_a_controller_on_a_compiled_model_names_its_layers_as_on_the_plain_model():
+    """``torch.compile`` wraps the model (or a submodule) in an ``_orig_mod``: the controller's layer names, history
+    and state leave it out, so a state saved with or without compiling loads into the other."""
+    model, opt, _ = make_run()
+    model.down = torch.compile(model.down)  # compiled submodule: ``down._orig_mod.values``
+    plain = SMET(model, opt)
+    on_compiled = SMET(torch.compile(model), opt)  # the whole model: ``_orig_mod.up.values``
+    assert [t.name for t in on_compiled.targets] == [t.name for t in plain.targets] == ["up.values", "down.values"]
+    saved = plain.state_dict()
+    saved["layouts"] = {"_orig_mod." + name: layout for name, layout in saved["layouts"].items()}  # an older save
+    on_compiled.load_state_dict(saved)
+    plain.load_state_dict(on_compiled.state_dict())
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_load_state_dict_mapped_to_cuda():
