@@ -161,6 +161,31 @@ def test_unreadable_data_raises_one_line_error(tmp_path):
             load_corpus("hf:wikitext")
 
 
+def test_a_one_byte_text_file_or_a_token_file_of_only_token_0_is_refused_in_one_line(tmp_path):
+    (tmp_path / "one.txt").write_bytes(b"a")
+    with pytest.raises(DataError, match="1 byte of text: too little for a training and a validation split"):
+        load_corpus(str(tmp_path / "one.txt"))
+    np.zeros(1000, dtype=np.uint16).tofile(tmp_path / "zeros.bin")
+    with pytest.raises(DataError, match="holds only the token 0"):
+        load_corpus(str(tmp_path / "zeros.bin"))
+
+
+def test_a_folder_whose_validation_files_are_empty_is_split_by_position(tmp_path, monkeypatch):
+    """An empty ``__init__.py`` may be the only file the split by path sends to validation."""
+    monkeypatch.setenv("SMET_CACHE_DIR", str(tmp_path / "cache"))
+    names = [f"g{i}.txt" for i in range(34)]
+    assert [name for name in names if data_module._is_val(name, 2.0)] == ["g33.txt"]
+    (tmp_path / "corpus").mkdir()
+    for name in names[:-1]:
+        (tmp_path / "corpus" / name).write_text(f"text of {name}\n" * 20)
+    (tmp_path / "corpus" / "g33.txt").write_bytes(b"")
+    corpus = load_corpus(str(tmp_path / "corpus"))
+    assert len(corpus.val) == int((len(corpus.train) + len(corpus.val)) * 0.02)
+    for cached in (tmp_path / "cache").glob("dir-*.val.bin"):  # an empty split an older release cached: written again
+        cached.unlink()  # a new file: corpus.val maps the old one
+        cached.write_bytes(b"")
+    assert np.array_equal(load_corpus(str(tmp_path / "corpus")).val, corpus.val)
+
 def test_packed_batches_deterministic_resumable_and_sharded():
     tokens = np.arange(10 * 8 + 1, dtype=np.uint16)
     batches = PackedBatches(tokens, seq_len=8, batch_size=4, seed=3)

@@ -78,23 +78,27 @@ def _list_files(root: Path, suffixes: set[str] | None) -> list[Path]:
 
 def _cached_split(files: list[Path], root: Path, val_percent: float, tag: str) -> tuple[np.ndarray, np.ndarray]:
     """Byte tokens of ``files`` split by path, written once to the cache and memory-mapped."""
+    source = str(root if len(files) > 1 else files[0])
     if all(path.stat().st_size == 0 for path in files):
-        raise DataError(f"data {str(root if len(files) > 1 else files[0])!r} holds no text: its file(s) are empty")
+        raise DataError(f"data {source!r} holds no text: its file(s) are empty")
     key = hashlib.sha256(f"{tag}|{root}|{val_percent}".encode())
     for path in files:
         stat = path.stat()
         key.update(f"{path.relative_to(root).as_posix()}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
     stem = cache_dir() / f"{tag}-{key.hexdigest()[:16]}"
     paths = {split: stem.with_name(f"{stem.name}.{split}.bin") for split in ("train", "val")}
-    if not all(p.exists() for p in paths.values()):
+    if not all(p.exists() and p.stat().st_size for p in paths.values()):  # an empty split: written by an older release
         paths["train"].parent.mkdir(parents=True, exist_ok=True)
         chunks: dict[str, list[bytes]] = {"train": [], "val": []}
         for path in files:
             split = "val" if _is_val(path.relative_to(root).as_posix(), val_percent) else "train"
             chunks[split].append(path.read_bytes())
-        if not chunks["train"] or not chunks["val"]:
-            # too few files for a split by path: split the concatenation by position instead
+        if not any(chunks["train"]) or not any(chunks["val"]):
+            # no text on one side of a split by path: split the concatenation by position instead
             data = b"\n".join(chunks["train"] + chunks["val"])
+            if len(data) < 2:
+                raise DataError(f"data {source!r} holds {len(data)} byte of text: too little for a training and a "
+                                "validation split")
             cut = len(data) - max(1, int(len(data) * val_percent / 100))
             chunks = {"train": [data[:cut]], "val": [data[cut:]]}
         for split, target in paths.items():
@@ -182,7 +186,9 @@ def load_corpus(data: str = "stdlib", val_percent: float = 2.0, tokenizer: str =
                     raise DataError(f"data file {data!r} is not a uint16 token file (empty or odd byte count)")
                 tokens = np.memmap(path, dtype=np.uint16, mode="r")
                 train, val = _split_by_position(tokens, val_percent)
-                vocab = int(tokens.max()) + 1 if len(tokens) else 0
+                vocab = int(tokens.max()) + 1
+                if vocab < 2:
+                    raise DataError(f"data file {data!r} holds only the token 0: a model needs at least 2 token ids")
             else:
                 train, val = _cached_split([path], path.parent, val_percent, "file")
                 vocab = 256
