@@ -263,6 +263,22 @@ def test_resume_without_a_good_checkpoint_is_a_one_line_error(tmp_path, capsys):
 
 
 
+def test_a_resume_on_data_whose_tokens_changed_is_a_one_line_error(tmp_path, capsys):
+    """An edited text file would silently give other batches, a token file with a new vocabulary a shape traceback."""
+    text, tokens = tmp_path / "corpus.txt", tmp_path / "tokens.bin"
+    text.write_bytes(b"hello world " * 500)
+    (torch.arange(6000) % 300).to(torch.int16).numpy().tofile(tokens)
+    for data, edit in ((text, lambda: text.write_bytes(b"hello there " * 500)),
+                       (tokens, lambda: (torch.arange(6000) % 400).to(torch.int16).numpy().tofile(tokens))):
+        out = tmp_path / f"run-{data.suffix[1:]}"
+        train(tiny_config(max_steps=1, checkpoint_every=1, data=str(data), out_dir=str(out)))
+        edit()
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(["--resume", str(out), "--max-steps", "2", "--no-progress"])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"smet-train: error: --data {str(data)!r} is not the data that")
+
 def test_a_resume_leaves_out_a_last_metrics_line_cut_short_by_a_stopped_run(tmp_path):
     """A run killed while writing a record left metrics.jsonl ending in half a line: the resume stopped with a
     JSONDecodeError traceback."""

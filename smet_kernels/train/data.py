@@ -27,6 +27,7 @@ import os
 import sysconfig
 import zlib
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +54,14 @@ class Corpus:
     def bytes_of(self, tokens: np.ndarray) -> int | None:
         """Text bytes the token ids ``tokens`` stand for, or None when unknown."""
         return None if self.token_bytes is None else int(self.token_bytes[np.asarray(tokens, dtype=np.int64)].sum())
+
+    @cached_property
+    def sha256(self) -> str:
+        """Digest of both token streams (dtype, lengths, tokens): a resume checks that its data is the saved one."""
+        digest = hashlib.sha256(f"{self.train.dtype.str}|{len(self.train)}|{len(self.val)}".encode())
+        for tokens in (self.train, self.val):
+            digest.update(memoryview(np.ascontiguousarray(tokens)))
+        return digest.hexdigest()
 
 
 def cache_dir() -> Path:

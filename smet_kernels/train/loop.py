@@ -192,6 +192,7 @@ class Run:
             shard_model(self.model, self.device)
         self.optimizer = build_optimizer(config, self.model, self.device)
         self.controller = build_controller(config, self.model, self.optimizer)
+        self.corpus = corpus
         self.val_tokens = corpus.val
         self.vocab_size = corpus.vocab_size
         self.val_bytes_per_token = None  # of the evaluated targets, for bits per byte
@@ -279,7 +280,7 @@ class Run:
             "model": model_state,
             "optimizer": optimizer_state,
             "controller": self.controller.state_dict() if self.controller is not None else None,
-            "data": self.batches.state_dict(),
+            "data": {**self.batches.state_dict(), "corpus_sha256": self.corpus.sha256},
             "rng": rng_state(self.device),
             "spikes": self.spikes.state_dict(),
             "probe": self.probe.state_dict() if self.probe is not None else None,  # update probe (issue 16)
@@ -290,6 +291,12 @@ class Run:
 
     def _load(self, checkpoint: Path) -> None:
         state = read_checkpoint(checkpoint, self.config)
+        saved_data = state["data"].get("corpus_sha256")  # None: a checkpoint of an older release
+        if saved_data is not None and saved_data != self.corpus.sha256:
+            raise ConfigError(
+                f"{setting('data')} {self.config.data!r} is not the data that {str(checkpoint)!r} was trained on (its "
+                "tokens changed): resume with that data to see the batches the run would have seen"
+            )
         if state.get("format") == "sharded":  # DCP shards, resharded for this world size
             load_sharded(checkpoint, state, self.model, self.optimizer)
         elif self.fsdp:  # full tensors (the single-process format) -> this rank's shards
