@@ -279,6 +279,18 @@ def test_a_resume_on_data_whose_tokens_changed_is_a_one_line_error(tmp_path, cap
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith(f"smet-train: error: --data {str(data)!r} is not the data that")
 
+def test_a_resume_may_name_its_data_by_another_path_and_continues_exactly(tmp_path, monkeypatch):
+    """A relative --data path saved by a run started in another folder: given again from here, not refused."""
+    (tmp_path / "corpus.txt").write_bytes(b"hello world, hello data " * 300)
+    monkeypatch.chdir(tmp_path)
+    train(tiny_config(max_steps=2, checkpoint_every=1, data="corpus.txt", out_dir=str(tmp_path / "full")))
+    monkeypatch.chdir(tmp_path / "full")
+    assert cli.main(["--resume", str(tmp_path / "full" / "checkpoints" / "step_0000001"), "--data",
+                     str(tmp_path / "corpus.txt"), "--out-dir", str(tmp_path / "resumed"), "--no-progress"]) == 0
+    losses = [[r["loss"] for r in strict_records(tmp_path / run / "metrics.jsonl") if r["type"] == "train"][-1]
+              for run in ("full", "resumed")]
+    assert losses[0] == losses[1]
+
 def test_a_resume_leaves_out_a_last_metrics_line_cut_short_by_a_stopped_run(tmp_path):
     """A run killed while writing a record left metrics.jsonl ending in half a line: the resume stopped with a
     JSONDecodeError traceback."""

@@ -346,7 +346,10 @@ def _seal(tmp: Path, final: Path) -> Path:
 
 def read_checkpoint(checkpoint: Path, config: TrainConfig) -> dict:
     """The state saved in ``checkpoint`` (CPU tensors), after checking that ``config`` keeps the settings a resumed
-    run must share with it (:data:`FIXED_ON_RESUME`)."""
+    run must share with it (:data:`FIXED_ON_RESUME`; ``data`` may name another path when the state holds the digest
+    of its tokens, which the run compares: a relative path from another folder, or moved files)."""
+    # read to CPU: RNG states must stay CPU ByteTensors; the load_state_dict calls move the rest to the device
+    state = torch.load(checkpoint / "state.pt", map_location="cpu", weights_only=False)
     saved = json.loads((checkpoint / "config.json").read_text())
     defaults = TrainConfig()  # a setting newer than the checkpoint had its default there
     saved = {name: saved.get(name, getattr(defaults, name)) for name in FIXED_ON_RESUME}
@@ -354,6 +357,8 @@ def read_checkpoint(checkpoint: Path, config: TrainConfig) -> dict:
     # as in a fresh run, not refused
     method = METHODS.get(saved["optimizer"])
     inert = set(method.ignored_options) if method else set()
+    if "corpus_sha256" in state["data"]:  # the run compares the tokens themselves
+        inert.add("data")
     changed = [name for name in FIXED_ON_RESUME if saved[name] != getattr(config, name) and name not in inert]
     if changed:
         raise ConfigError(
@@ -361,5 +366,4 @@ def read_checkpoint(checkpoint: Path, config: TrainConfig) -> dict:
             + ", ".join(f"{setting(name)} {saved[name]!r}" for name in changed)
             + "): the model, its topology, the data position and the optimizer state depend on them"
         )
-    # read to CPU: RNG states must stay CPU ByteTensors; the load_state_dict calls move the rest to the device
-    return torch.load(checkpoint / "state.pt", map_location="cpu", weights_only=False)
+    return state

@@ -24,7 +24,7 @@ PARALLEL_MODES = ("ddp", "fsdp")
 SPARSE_OPTIMIZERS = SPARSE_TRAINER_NAMES
 WARMUP_SCOPES = ("all", "regrown")
 # settings a resumed run must share with its checkpoint (model shape and topology, data order and position, GaLore's
-# projected moments, SuPar's parameter groups)
+# projected moments, SuPar's parameter groups); ``data`` may change where the checkpoint saves the digest of its tokens
 FIXED_ON_RESUME = ("model", "optimizer", "density", "block_size", "distribution", "data", "tokenizer", "seq_len",
                    "batch_size", "seed", "spike_window", "galore_rank", "supar")
 PRECISIONS = ("fp32", "bf16-autocast", "bf16")
