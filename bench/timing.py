@@ -1,7 +1,8 @@
 """Timing of a callable: p20 / median / p80 in milliseconds.
 
-On CUDA this is ``triton.testing.do_bench(fn, quantiles=[0.2, 0.5, 0.8])`` — CUDA events around each
-call after warm-up, the L2 cache flushed between calls, a device synchronise before the clock is read.
+On CUDA this is ``triton.testing.do_bench(fn, quantiles=[0.2, 0.5, 0.8])`` with ``device`` the current device — CUDA
+events around each call after warm-up, the L2 cache flushed between calls, a device synchronise before the clock is
+read (all on the current device: on another, the events would time an idle stream).
 On CPU it is ``time.perf_counter`` around each call after ``warmup`` calls, repeated until both
 ``min_repeats`` calls and ``budget_s`` seconds have passed (at most ``max_repeats`` calls).
 """
@@ -41,7 +42,8 @@ def measure(
     if device.type == "cuda":
         import triton.testing
 
-        p20, p50, p80 = triton.testing.do_bench(fn, warmup=gpu_warmup_ms, rep=gpu_rep_ms, quantiles=list(QUANTILES))
+        with torch.cuda.device(device):  # do_bench's events, cache flush and synchronise act on the current device
+            p20, p50, p80 = triton.testing.do_bench(fn, warmup=gpu_warmup_ms, rep=gpu_rep_ms, quantiles=list(QUANTILES))
         return Timing(float(p20), float(p50), float(p80))
     if min_repeats < 1 or max_repeats < min_repeats:
         raise ValueError(f"need 1 <= min_repeats <= max_repeats, got {min_repeats}, {max_repeats}")

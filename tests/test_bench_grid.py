@@ -199,6 +199,25 @@ def test_cpu_timing_reports_the_quantiles_of_the_timed_calls_only(monkeypatch):
     assert (timing.ms_p20, timing.ms_p50, timing.ms_p80) == pytest.approx((1.8, 3.0, 5.2))
 
 
+def test_gpu_timing_runs_do_bench_with_the_measured_device_current(monkeypatch):
+    """``do_bench`` records its events, flushes L2 and synchronises on the current device: timing ``cuda:1`` while
+    ``cuda:0`` is current timed an idle stream (and never waited for the work). A stubbed current device here."""
+    import triton.testing
+
+    current, seen = [0], []
+
+    def exchange(index):
+        previous, current[0] = current[0], index
+        return previous
+
+    monkeypatch.setattr(torch.cuda, "_exchange_device", exchange)
+    monkeypatch.setattr(torch.cuda, "_maybe_exchange_device", exchange)
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **kwargs: seen.append(current[0]) or [1.0, 2.0, 4.0])
+    timing = measure(lambda: None, "cuda:1")
+    assert seen == [1] and current == [0]
+    assert (timing.ms_p20, timing.ms_p50, timing.ms_p80) == (1.0, 2.0, 4.0)
+
+
 @pytest.fixture
 def fixed_timing(monkeypatch):
     """Every benchmark measures p20 1 ms, median 2 ms, p80 4 ms."""
