@@ -201,10 +201,10 @@ def plot_peak_vs_size(traced: pd.DataFrame, gpu: pd.DataFrame | None, path: Path
         part = data[data["activation_checkpointing"] == ckpt]
         sns.lineplot(data=part, x="params", y="peak_gb", hue="label", hue_order=order, style="label",
                      style_order=order, markers=True, dashes=False, ax=axis)  # fmt: skip
-        if gpu is not None and len(gpu) and not ckpt:
-            params = [dense_parameters(c, 256) for c in gpu["config"]]
+        if gpu is not None and len(gpu) and not ckpt:  # each GPU row at the parameters of its own vocabulary
+            params = [dense_parameters(c, v) for c, v in zip(gpu["config"], gpu["vocab_size"])]
             axis.scatter(params, gpu["peak_allocated_bytes"] / GB, marker="X", s=80, color="black",
-                         label="GPU allocator peak (vocab 256)")  # fmt: skip
+                         label="GPU allocator peak (its own batch and vocab)")  # fmt: skip
             if gpu["nvml_peak_bytes"].notna().any():
                 axis.scatter(params, gpu["nvml_peak_bytes"] / GB, marker="+", s=80, color="red", label="GPU NVML peak")
         for capacity in CAPACITIES_GB:

@@ -68,3 +68,21 @@ def test_a_list_item_that_cannot_be_read_is_named_once_with_the_form_expected(tm
 def test_a_density_out_of_range_is_a_one_line_error_naming_densities(tmp_path, capsys):
     error = usage_error(main, ["memory", "--densities", "2", "--out-dir", str(tmp_path)], capsys)
     assert error == "smet-bench: error: --densities must be in (0, 1], got 2.0"
+
+
+def test_gpu_peaks_are_plotted_at_the_parameters_of_their_own_vocabulary(tmp_path, monkeypatch):
+    """gpu-check's training rows use vocab 32000: they were placed at the parameter count of vocab 256 and labelled
+    so, 130 M parameters left of their 1b traced line."""
+    from bench import memory_report
+
+    figures = []
+    monkeypatch.setattr(memory_report, "save", lambda fig, path: figures.append(fig) or path.name)
+    traced = pd.DataFrame([{"config": "1b", "method": "dense", "density": 1.0, "vocab_size": 32000, "batch_size": 8,
+                            "seq_len": 256, "dtype": "bf16", "state_dtype": "bf16", "peak_bytes": 3e10,
+                            "activation_checkpointing": ckpt} for ckpt in (False, True)])  # fmt: skip
+    gpu = pd.DataFrame([{"config": "1b", "vocab_size": 32000, "peak_allocated_bytes": 4e10,
+                         "nvml_peak_bytes": float("nan")}])  # fmt: skip
+    memory_report.plot_peak_vs_size(traced, gpu, tmp_path / "peak.png")
+    (points,) = figures[0].axes[0].collections[-1:]
+    assert points.get_label() == "GPU allocator peak (its own batch and vocab)"
+    assert points.get_offsets()[0][0] == memory_report.dense_parameters("1b", 32000)
