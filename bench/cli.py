@@ -391,8 +391,8 @@ def _validate(args) -> None:
 
 
 def prepare_device(name: str | None, backend: str) -> tuple[torch.device, str]:
-    """The device of ``--device`` and the smet_kernels backend that runs there (``auto``: Triton where it can run);
-    on a CPU the Triton interpreter is switched on first."""
+    """The device of ``--device`` (made the current GPU) and the smet_kernels backend that runs there (``auto``:
+    Triton where it can run); on a CPU the Triton interpreter is switched on first."""
     _prepare_interpreter(name, backend)
     from smet_kernels.backend import resolve_backend, resolve_device
 
@@ -400,6 +400,8 @@ def prepare_device(name: str | None, backend: str) -> tuple[torch.device, str]:
         device = resolve_device(name, "--device")
     except ValueError as error:
         usage_error(error)
+    if device.type == "cuda" and device.index is not None:  # what launches on the current GPU runs on --device
+        torch.cuda.set_device(device)  # (torch's BSR kernels launch Triton there)
     try:
         return device, resolve_backend(device, None if backend == "auto" else backend)
     except ValueError as error:  # the SMET_BACKEND environment variable

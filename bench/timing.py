@@ -57,10 +57,3 @@ def measure(
         times_ms.append((time.perf_counter() - t0) * 1e3)
     p20, p50, p80 = np.quantile(np.asarray(times_ms), QUANTILES)
     return Timing(float(p20), float(p50), float(p80))
-
-
-def synchronize(device: torch.device | str) -> None:
-    """Wait for queued work on ``device`` (a no-op on CPU)."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)

@@ -182,6 +182,23 @@ def test_a_bad_smet_backend_environment_variable_is_a_one_line_error_of_run(tmp_
                      "('auto', 'triton', 'reference'), got 'fast'")
 
 
+def test_a_gpu_named_by_index_is_made_the_current_device(monkeypatch):
+    """torch's BSR product launches its Triton kernels on the current GPU: ``--device cuda:1`` makes it current (a
+    stubbed pair of GPUs here); ``cuda`` and ``cpu`` leave the current device as it is."""
+    import torch
+
+    import smet_kernels.backend as backend
+    from bench.cli import prepare_device
+
+    made_current = []
+    monkeypatch.setattr(backend, "resolve_device", lambda name, source: torch.device(name))
+    monkeypatch.setattr(backend, "resolve_backend", lambda device, name: "reference")
+    monkeypatch.setattr(torch.cuda, "set_device", made_current.append)
+    for name in ("cuda:1", "cuda", "cpu"):
+        assert prepare_device(name, "reference") == (torch.device(name), "reference")
+    assert made_current == [torch.device("cuda:1")]
+
+
 def test_module_entry_point_help():
     result = subprocess.run(
         [sys.executable, "-m", "bench.cli", "run", "--help"], cwd=REPO, capture_output=True, text=True, timeout=120
