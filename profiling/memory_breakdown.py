@@ -4,7 +4,7 @@ Each component is counted from the tensors themselves (distinct storages, so vie
 count once):
 
 * weights: the model's parameters, plus what block-sparse layouts (``p.smet_layout``) keep (block indices, packed
-  kernel index, version tensor) and the expanded masks of masked-DST layers (modules with a ``dense_mask()`` method);
+  kernel index, version tensor) and the expanded masks that masked-DST layers hold (an eager forward builds them);
 * gradients: ``p.grad`` of every parameter;
 * optimizer: every tensor in ``optimizer.state``;
 * activations: every non-parameter tensor autograd saves for backward during the forward pass
@@ -51,8 +51,10 @@ def tensor_bytes(tensors, exclude: set | None = None) -> int:
 
 
 def dense_masks(model: nn.Module) -> list[torch.Tensor]:
-    """The expanded ``[out, in]`` masks held by masked-DST layers (modules with a ``dense_mask()`` method)."""
-    return [module.dense_mask() for module in model.modules() if callable(getattr(module, "dense_mask", None))]
+    """The expanded ``[out, in]`` masks that masked-DST layers hold (``cached_dense_mask()``), none built here: a
+    compiled model builds its masks in its graph, where they are activations, and holds none."""
+    masks = [module.cached_dense_mask() for module in model.modules() if hasattr(module, "cached_dense_mask")]
+    return [mask for mask in masks if mask is not None]
 
 
 def layout_tensors(model: nn.Module) -> list[torch.Tensor]:

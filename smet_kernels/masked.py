@@ -90,13 +90,21 @@ class MaskedLinear(BlockLayoutLinear):
         fail ``fullgraph=True`` at the recompile limit)."""
         if torch.compiler.is_compiling():
             return self._traced_dense_mask()
-        key = (self.layout.version, self.weight.device, self.weight.dtype)
-        if self._mask_key != key or self._mask_layout is not self.layout:  # a new layout starts again at version 0
+        if self.cached_dense_mask() is None:
             block_mask = self.layout.mask.to(device=self.weight.device, dtype=self.weight.dtype)
             self._dense_mask = _expand_blocks(block_mask, self.layout.block_size)
-            self._mask_key = key
+            self._mask_key = self._current_key()
             self._mask_layout = self.layout
         return self._dense_mask
+
+    def cached_dense_mask(self) -> torch.Tensor | None:
+        """The mask :meth:`dense_mask` holds for the current layout, weight device and dtype, else ``None`` (none is
+        built: a compiled model builds its masks in its graph and keeps none)."""
+        current = self._mask_key == self._current_key() and self._mask_layout is self.layout
+        return self._dense_mask if current else None  # a new layout starts again at version 0: compared by identity
+
+    def _current_key(self) -> tuple:
+        return self.layout.version, self.weight.device, self.weight.dtype
 
     def _traced_dense_mask(self) -> torch.Tensor:
         layout, b = self.layout, self.layout.block_size

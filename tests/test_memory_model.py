@@ -92,6 +92,29 @@ def test_prediction_matches_measured_tensors(method, density):
     assert measured.activations == pytest.approx(predicted.activations, rel=1e-3)
 
 
+def test_measuring_a_compiled_masked_step_builds_no_eager_mask():
+    """A compiled masked model builds its masks in its graph and holds none: the measurement built the eager ones
+    (a weight's worth of memory, kept) inside the step it measured, and counted them as weights."""
+    from smet_kernels.masked import MaskedLinear
+
+    torch._dynamo.reset()
+    case = TrainingCase("tiny", "masked", 0.5, 32, 2, 32, torch.float32)
+    model, optimizer = build(case, torch.device("cpu"), backend="reference")
+    model.to(torch.float64)  # as a model moved to its GPU and dtype once built: no mask of that dtype held yet
+    compiled = torch.compile(model, backend="aot_eager")
+    tokens = torch.randint(0, 256, (2, 33), generator=torch.Generator().manual_seed(0))
+
+    def forward():
+        return lm_loss(compiled(tokens[:, :-1]), tokens[:, 1:])
+
+    forward().backward()
+    optimizer.step()
+    measured = measure_step_memory(model, optimizer, forward, "cpu")
+    masked = [module for module in model.modules() if isinstance(module, MaskedLinear)]
+    assert masked and all(module.cached_dense_mask() is None for module in masked)
+    assert measured.weights == sum(p.numel() * p.element_size() for p in model.parameters())
+
+
 def test_nvml_without_gpu_reports_unavailable():
     if torch.cuda.is_available():
         pytest.skip("a GPU is present: the sampler works here")
