@@ -72,10 +72,11 @@ def test_bad_arguments(kwargs, match):
         predict_memory(TINY, **args)
 
 
-@pytest.mark.parametrize("method, density", [("dense", 1.0), ("masked", 0.5), ("smet", 0.25)])
-def test_prediction_matches_measured_tensors(method, density):
-    case = TrainingCase("tiny", method, density, 32, 2, 32, torch.float32)
-    model, optimizer = build(case, torch.device("cpu"), backend="reference")
+CPU = torch.device("cpu")
+
+
+def warmed_up_forward(model, optimizer):
+    """The loss of a fixed batch through ``model``, after one step (gradients and optimizer states exist)."""
     tokens = torch.randint(0, 256, (2, 33), generator=torch.Generator().manual_seed(0))
 
     def forward():
@@ -83,7 +84,13 @@ def test_prediction_matches_measured_tensors(method, density):
 
     forward().backward()
     optimizer.step()
-    measured = measure_step_memory(model, optimizer, forward, "cpu")
+    return forward
+
+
+@pytest.mark.parametrize("method, density", [("dense", 1.0), ("masked", 0.5), ("smet", 0.25)])
+def test_prediction_matches_measured_tensors(method, density):
+    model, optimizer = build(TrainingCase("tiny", method, density, 32, 2, 32, torch.float32), CPU, backend="reference")
+    measured = measure_step_memory(model, optimizer, warmed_up_forward(model, optimizer), "cpu")
     predicted = predict_memory(TINY, method, density=density, block_size=32, batch_size=2, seq_len=32)
     assert measured.peak is None and measured.rest is None
     assert measured.weights == predicted.weights
@@ -98,17 +105,9 @@ def test_measuring_a_compiled_masked_step_builds_no_eager_mask():
     from smet_kernels.masked import MaskedLinear
 
     torch._dynamo.reset()
-    case = TrainingCase("tiny", "masked", 0.5, 32, 2, 32, torch.float32)
-    model, optimizer = build(case, torch.device("cpu"), backend="reference")
+    model, optimizer = build(TrainingCase("tiny", "masked", 0.5, 32, 2, 32, torch.float32), CPU, backend="reference")
     model.to(torch.float64)  # as a model moved to its GPU and dtype once built: no mask of that dtype held yet
-    compiled = torch.compile(model, backend="aot_eager")
-    tokens = torch.randint(0, 256, (2, 33), generator=torch.Generator().manual_seed(0))
-
-    def forward():
-        return lm_loss(compiled(tokens[:, :-1]), tokens[:, 1:])
-
-    forward().backward()
-    optimizer.step()
+    forward = warmed_up_forward(torch.compile(model, backend="aot_eager"), optimizer)
     measured = measure_step_memory(model, optimizer, forward, "cpu")
     masked = [module for module in model.modules() if isinstance(module, MaskedLinear)]
     assert masked and all(module.cached_dense_mask() is None for module in masked)
