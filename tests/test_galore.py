@@ -2,6 +2,7 @@
 
 import copy
 import math
+import pickle
 
 import pytest
 import torch
@@ -137,3 +138,22 @@ def test_matches_galore_torch():
         for key in params:
             torch.testing.assert_close(ours[key].detach(), theirs[key].detach(), rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(ours_bias.detach(), theirs_bias.detach(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("clone", [copy.deepcopy, lambda opt: pickle.loads(pickle.dumps(opt))],
+                         ids=["deepcopy", "pickle"])
+def test_a_copied_optimizer_gives_a_new_projected_group_its_own_update_proj_gap_and_scale(clone):
+    """torch pickles only defaults, state and groups: the projection defaults must live in the defaults."""
+    opt = GaLoreAdamW([nn.Parameter(torch.zeros(3))], lr=0.1, update_proj_gap=7, scale=0.5)
+    copied = clone(opt)
+    copied.add_param_group({"params": [nn.Parameter(torch.zeros(8, 6))], "rank": 2})
+    assert (copied.param_groups[-1]["update_proj_gap"], copied.param_groups[-1]["scale"]) == (7, 0.5)
+
+
+@pytest.mark.parametrize("scale", [0.0, -0.25, math.nan, math.inf])
+def test_a_scale_that_is_not_a_finite_positive_number_is_refused_by_name(scale):
+    weight = nn.Parameter(torch.zeros(8, 6))
+    with pytest.raises(ValueError, match="scale must be a finite number > 0"):
+        GaLoreAdamW([weight], scale=scale)
+    with pytest.raises(ValueError, match="scale must be a finite number > 0"):
+        GaLoreAdamW([{"params": [weight], "rank": 2, "scale": scale}])

@@ -40,11 +40,20 @@ def _check_positive_int(value: int, name: str) -> int:
     return value
 
 
+def _check_scale(scale: float) -> None:
+    """The back-projection factor of ``Δ = scale · N P``: a finite number > 0 (else the projected update vanishes
+    or ascends)."""
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a number, got {type(scale).__name__}")
+    if not 0.0 < scale < math.inf:
+        raise ValueError(f"scale must be a finite number > 0, got {scale}")
+
+
 class GaLoreAdamW(torch.optim.Optimizer):
     """AdamW whose param groups with a ``rank`` key are updated in a GaLore low-rank gradient subspace.
 
     Group keys: ``lr``, ``betas``, ``eps``, ``weight_decay`` and, for projected groups, ``rank``,
-    ``update_proj_gap``, ``scale`` (the defaults of the last three apply to groups that set ``rank``).
+    ``update_proj_gap``, ``scale`` (their defaults apply to the groups that set ``rank``).
     """
 
     def __init__(
@@ -66,8 +75,11 @@ class GaLoreAdamW(torch.optim.Optimizer):
         if not weight_decay >= 0.0:
             raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
         _check_positive_int(update_proj_gap, "update_proj_gap")
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
-        self._projection_defaults = dict(update_proj_gap=update_proj_gap, scale=scale)
+        _check_scale(scale)
+        # in the defaults (torch fills them into every group; only groups with a rank use them): a deep-copied or
+        # unpickled optimizer keeps them, as torch pickles only defaults, state and groups
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, update_proj_gap=update_proj_gap,
+                        scale=scale)
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict) -> None:
@@ -78,9 +90,10 @@ class GaLoreAdamW(torch.optim.Optimizer):
             param_group["params"] = list(params)
         if "rank" in param_group:
             _check_positive_int(param_group["rank"], "rank")
-            for key, value in self._projection_defaults.items():
-                param_group.setdefault(key, value)
+            for key in ("update_proj_gap", "scale"):
+                param_group.setdefault(key, self.defaults[key])
             _check_positive_int(param_group["update_proj_gap"], "update_proj_gap")
+            _check_scale(param_group["scale"])
             for p in param_group["params"]:
                 if p.dim() != 2:
                     raise ValueError(f"params of a group with 'rank' must be 2-D, got shape {tuple(p.shape)}")
