@@ -102,3 +102,17 @@ def test_smet_train_warns_about_exactly_the_options_a_method_does_not_take(tmp_p
         warned = set(re.findall(r"--[a-z-]+", capsys.readouterr().err))  # whole flags: --density is no --density-lr-…
         for option in given:
             assert ("--" + option.replace("_", "-") in warned) == (option not in method.options), (name, option)
+
+
+@pytest.mark.parametrize("name, ignored", [("naive-dst", True), ("density-lr-only", True), ("warmup-only", False),
+                                           ("smet", False)])
+def test_smet_train_names_the_warm_up_options_as_ignored_in_the_arms_without_warm_up(name, ignored, capsys):
+    """naive-dst and density-lr-only fix warmup="none": --warmup-mode linear must not pass for a warm-up."""
+    from smet_kernels.train.cli import _warn_ignored_options
+    from smet_kernels.train.config import TrainConfig
+
+    given = argparse.Namespace(warmup_mode="linear", optimizer_warmup_steps=50, warmup_scope="regrown")
+    _warn_ignored_options(given, TrainConfig(optimizer=name))
+    warning = (f"smet-train: --warmup-mode, --optimizer-warmup-steps, --warmup-scope have no effect with --optimizer "
+               f"{name}\n")
+    assert capsys.readouterr().err == (warning if ignored else "")

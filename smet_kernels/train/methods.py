@@ -23,6 +23,7 @@ HIDDEN_LINEAR_PATTERN = r"\.(" + "|".join(HIDDEN_LINEAR_NAMES) + r")$"
 
 GALORE_OPTIONS = ("galore_rank", "galore_update_gap", "galore_scale")
 SMET_ADAMW_OPTIONS = ("warmup_mode", "optimizer_warmup_steps", "density_lr_exponent", "warmup_scope")
+WARMUP_OPTIONS = tuple(option for option in SMET_ADAMW_OPTIONS if option != "density_lr_exponent")
 SPARSE_OPTIONS = ("density", "block_size", "distribution", "supar", "supar_base_width", "update_interval",
                   "prune_fraction", "regrow") + SMET_ADAMW_OPTIONS
 METHOD_OPTIONS = SPARSE_OPTIONS + GALORE_OPTIONS  # the options that act in some methods only
@@ -60,11 +61,14 @@ class Method:
     @property
     def options(self) -> tuple[str, ...]:
         """The trainer options that act in this method (``smet-train`` names the others it is given as ignored): the
-        :class:`SMETAdamW` options only where it is the optimizer (not ``masked-dst``'s ``torch.optim.AdamW``)."""
+        :class:`SMETAdamW` options only where it is the optimizer (not ``masked-dst``'s ``torch.optim.AdamW``), its
+        warm-up options only in an arm that takes the configured warm-up (not ``naive-dst``'s fixed ``"none"``)."""
         if not self.sparse:
             return GALORE_OPTIONS if self.optimizer == "galore" else ()
         if self.optimizer != "smet_adamw":
             return tuple(option for option in SPARSE_OPTIONS if option not in SMET_ADAMW_OPTIONS)
+        if self.arm.warmup != "config":
+            return tuple(option for option in SPARSE_OPTIONS if option not in WARMUP_OPTIONS)
         return SPARSE_OPTIONS
 
     @property
