@@ -535,6 +535,11 @@ def test_warmup_only_refuses_a_density_lr():
         tiny_config(optimizer="warmup-only", density_lr_exponent=1.0).validate()
 
 
+def test_warmup_only_refuses_warmup_mode_none_which_would_run_an_arm_without_its_warm_up():
+    with pytest.raises(ConfigError, match="'warmup-only' needs a warm-up, got warmup_mode 'none'"):
+        tiny_config(optimizer="warmup-only", warmup_mode="none").validate()
+
+
 def test_cli_naive_dst_records_alpha_zero(tmp_path, capsys):
     assert cli.main(["--config", "tiny", "--optimizer", "naive-dst", "--max-steps", "1", "--eval-every", "0",
                      "--batch-size", "2", "--seq-len", "32", "--backend", "reference", "--out-dir", str(tmp_path),

@@ -195,6 +195,9 @@ class TrainConfig:
                 raise ConfigError(f"{setting('optimizer')} {self.optimizer!r} has no density-aware LR (α = "
                                   f"{arm.default_alpha:g}), got {setting('density_lr_exponent')} "
                                   f"{self.density_lr_exponent}: use {setting('optimizer')} 'smet'")
+        if self.optimizer == "warmup-only" and self.warmup_mode == "none":  # the arm is its warm-up (SPEC §2)
+            raise ConfigError(f"{setting('optimizer')} 'warmup-only' needs a warm-up, got {setting('warmup_mode')} "
+                              f"'none': use {setting('optimizer')} 'naive-dst'")
         number("galore_scale", 0.0, math.inf, low_open=True)
         number("lr", 0.0, math.inf, low_open=True)
         number("weight_decay", 0.0, math.inf)
