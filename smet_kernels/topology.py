@@ -36,9 +36,9 @@ compiled before, nor one of a model whose class it already compiled in this proc
 (``torch._dynamo.reset()`` first, as ``smet-train --compile`` does for RigL).
 
 **Distributed.** Decisions depend only on weights (identical across DDP ranks), the step and the seeded
-generator (consumed identically on every rank). In addition, when ``torch.distributed`` is initialised the
-dense RigL gradients are averaged over ranks before scoring, and the chosen slots and blocks of all layers
-are broadcast from rank 0 in one small int64 tensor, so every rank applies exactly rank 0's update.
+generator (rank 0's state, broadcast when the controller is built; then consumed identically on every rank). In
+addition, when ``torch.distributed`` is initialised the dense RigL gradients are averaged over ranks before scoring,
+and the chosen slots and blocks of all layers are broadcast from rank 0 in one small int64 tensor, so every rank applies exactly rank 0's update.
 
 **FSDP2.** Under ``fully_shard`` the parameters are ``DTensor``s sharded on dim 0; the layouts stay replicated.
 Compact values: each rank computes the L1 norms of its own slots and all ranks gather the ``[nnz]`` scores;
@@ -208,6 +208,10 @@ class SMET:
                 stacklevel=2,
             )
         self.generator = torch.Generator(device="cpu").manual_seed(self.seed)
+        if _distributed():  # rank 0's generator everywhere: the "normal" regrow init draws on every rank
+            state = self.generator.get_state().to(_collective_device())
+            dist.broadcast(state, src=0)
+            self.generator.set_state(state.cpu())
         self.history: list[dict] = []
         self._step = 0
         self._detach_earlier_recorders()

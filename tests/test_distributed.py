@@ -22,7 +22,7 @@ STEPS = 6
 SCENARIOS = [
     ("random", dict(regrow="random", regrow_init="normal"), False),
     ("gradient", dict(regrow="gradient"), False),
-    ("rank_seeds", dict(regrow="random"), True),  # rank 0's broadcast decisions win
+    ("rank_seeds", dict(regrow="random", regrow_init="normal"), True),  # rank 0's decisions and init values win
 ]
 
 
