@@ -30,3 +30,17 @@ def test_two_gloo_ranks_match_single_process(tmp_path, tmp_path_factory):
     ddp_updates = [r for r in metrics(tmp_path / "ddp") if r["type"] == "topology_update"]
     assert [r["step"] for r in ddp_updates] == [3, 6] and ddp_updates == single_updates
     assert not (tmp_path / "ddp" / "rank1").exists()
+
+
+def test_a_file_named_checkpoints_in_the_out_dir_stops_every_rank_with_one_line(tmp_path, tmp_path_factory):
+    """Rank 0 alone wrote checkpoints: it failed at the first one with a FileExistsError traceback, after training,
+    and rank 1 with a gloo 'Connection closed by peer' traceback."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "checkpoints").write_text("not a folder")
+    outputs = launch(out, 2, tmp_path_factory.getbasetemp() / "smet_cache", ARGS + ["--checkpoint-every", "2"],
+                     returncode=2)
+    expected = (f"smet-train: error: --out-dir {str(out)!r} holds a file 'checkpoints' where checkpoints are written: "
+                "move it away or pass another --out-dir")
+    assert [output.strip().splitlines()[-1] for output in outputs] == [expected, expected]
+    assert sorted(path.name for path in out.iterdir()) == ["checkpoints"]

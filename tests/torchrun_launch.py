@@ -16,9 +16,10 @@ from torch.distributed import TCPStore
 SMET_TRAIN = ("-m", "smet_kernels.train.cli")
 
 
-def launch(out_dir: Path, world_size: int, cache_dir: Path, args: list[str], program: tuple = SMET_TRAIN) -> None:
+def launch(out_dir: Path, world_size: int, cache_dir: Path, args: list[str], program: tuple = SMET_TRAIN,
+           returncode: int = 0) -> list[str]:
     """Run ``python PROGRAM ARGS --out-dir OUT_DIR`` (``smet-train`` by default) on ``world_size`` ranks and wait;
-    every rank must exit 0.
+    every rank must exit with ``returncode``. Returns each rank's output (stdout and stderr).
 
     As torchrun's agent does, this process hosts the rendezvous store on a port the OS picks and holds for the whole
     run (``TORCHELASTIC_USE_AGENT_STORE``: every rank connects as a client), so no other process can take the port
@@ -27,7 +28,7 @@ def launch(out_dir: Path, world_size: int, cache_dir: Path, args: list[str], pro
     if world_size > 1:
         store = TCPStore("127.0.0.1", 0, world_size, is_master=True, timeout=timedelta(seconds=240),
                          wait_for_workers=False)
-    procs = []
+    procs, outputs = [], []
     for rank in range(world_size):
         env = dict(os.environ, SMET_CACHE_DIR=str(cache_dir), OMP_NUM_THREADS="1")
         if store is not None:
@@ -39,11 +40,13 @@ def launch(out_dir: Path, world_size: int, cache_dir: Path, args: list[str], pro
     try:
         for proc in procs:
             output, _ = proc.communicate(timeout=240)
-            assert proc.returncode == 0, output
+            assert proc.returncode == returncode, output
+            outputs.append(output)
     finally:
         for proc in procs:
             proc.kill()
         del store
+    return outputs
 
 
 def metrics(out_dir: Path) -> list[dict]:

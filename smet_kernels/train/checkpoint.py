@@ -148,6 +148,16 @@ def check_fresh_out_dir(out_dir: str | os.PathLike) -> None:
     )
 
 
+def check_checkpoint_folder(out_dir: str | os.PathLike) -> None:
+    """Raise :class:`ConfigError` (one line) when ``out_dir/checkpoints`` exists and is not a folder: the first
+    checkpoint write would fail there with a raw ``OSError`` (under DDP on rank 0 only, the other ranks then failing
+    in a collective)."""
+    root = Path(out_dir) / CHECKPOINTS_DIR
+    if root.exists() and not root.is_dir():
+        raise ConfigError(f"{setting('out_dir')} {str(out_dir)!r} holds a file {CHECKPOINTS_DIR!r} where checkpoints "
+                          f"are written: move it away or pass another {setting('out_dir')}")
+
+
 def load_checkpoint_config(path: str | os.PathLike) -> TrainConfig:
     """The :class:`TrainConfig` saved in the checkpoint at ``path`` (with ``resume`` pointing to it). ``out_dir`` is the
     run folder that holds the checkpoint (``out_dir/checkpoints/step_*``), not the one saved: a copied or moved run

@@ -62,6 +62,7 @@ from ..sharding import full, local, shard_like
 from .build import build_controller, build_model, build_optimizer
 from .checkpoint import (
     CHECKPOINTS_DIR,
+    check_checkpoint_folder,
     check_fresh_out_dir,
     clear_leftovers,
     find_checkpoint,
@@ -163,6 +164,8 @@ class Run:
         self.config = config
         if config.out_dir and not _continues_in_place(config):  # before anything, in out_dir or elsewhere, is touched
             check_fresh_out_dir(config.out_dir)
+        if config.out_dir and config.checkpoint_every:
+            check_checkpoint_folder(config.out_dir)
         self.ddp = init_distributed(config.device)
         self.device = resolve_device(config.device, self.ddp)
         self.is_main = self.ddp.rank == 0
