@@ -38,7 +38,8 @@ compiled before, nor one of a model whose class it already compiled in this proc
 **Distributed.** Decisions depend only on weights (identical across DDP ranks), the step and the seeded
 generator (rank 0's state, broadcast when the controller is built; then consumed identically on every rank). In
 addition, when ``torch.distributed`` is initialised the dense RigL gradients are averaged over ranks before scoring,
-and the chosen slots and blocks of all layers are broadcast from rank 0 in one small int64 tensor, so every rank applies exactly rank 0's update.
+and the chosen slots and blocks of all layers are broadcast from rank 0 in one small int64 tensor, so every rank
+applies exactly rank 0's update.
 
 **FSDP2.** Under ``fully_shard`` the parameters are ``DTensor``s sharded on dim 0; the layouts stay replicated.
 Compact values: each rank computes the L1 norms of its own slots and all ranks gather the ``[nnz]`` scores;
