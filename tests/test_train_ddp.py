@@ -2,6 +2,7 @@
 global batch, RigL topology updates (dense gradients averaged over ranks) included."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -44,3 +45,34 @@ def test_a_file_named_checkpoints_in_the_out_dir_stops_every_rank_with_one_line(
                 "move it away or pass another --out-dir")
     assert [output.strip().splitlines()[-1] for output in outputs] == [expected, expected]
     assert sorted(path.name for path in out.iterdir()) == ["checkpoints"]
+
+
+def test_a_resume_of_a_run_whose_metrics_jsonl_has_a_corrupt_line_stops_every_rank_with_one_line(
+        tmp_path, tmp_path_factory):
+    """Rank 0 alone reads metrics.jsonl: it failed with a JSONDecodeError traceback, and rank 1 with a gloo
+    'Connection closed by peer' traceback in its next collective (a hang until the timeout under NCCL)."""
+    out, cache_dir = tmp_path / "run", tmp_path_factory.getbasetemp() / "smet_cache"
+    launch(out, 1, cache_dir, ARGS + ["--max-steps", "2", "--checkpoint-every", "2"])
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    (out / "metrics.jsonl").write_text("\n".join(["{garbage", *lines[1:]]) + "\n")
+    outputs = launch(out, 2, cache_dir, ["--resume", str(out), "--max-steps", "4", "--no-progress"], returncode=2)
+    reason = (f"{out / 'metrics.jsonl'}: line 1 '{{garbage' is not JSON (the file is corrupt): repair or remove that "
+              "line")
+    assert [output.strip().splitlines()[-1] for output in outputs] == [
+        f"smet-train: error: {reason}", f"smet-train: error: rank 0 failed: {reason}"]
+    assert not any("Traceback" in output for output in outputs)
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_a_checkpoint_rank_0_cannot_write_stops_every_rank_with_one_line(tmp_path, tmp_path_factory, parallel):
+    """Rank 0 alone writes state.pt (under fsdp beside the shards every rank writes): on a full disk it failed with an
+    OSError traceback, and rank 1 with a gloo 'Connection closed by peer' traceback in its next collective (a hang
+    until the timeout under NCCL)."""
+    worker = Path(__file__).with_name("full_disk_worker.py")
+    outputs = launch(tmp_path / "run", 2, tmp_path_factory.getbasetemp() / "smet_cache",
+                     ARGS + ["--max-steps", "2", "--checkpoint-every", "2", "--parallel", parallel],
+                     program=(str(worker),), returncode=1)
+    reason = "could not write checkpoint step_0000002: [Errno 28] No space left on device"
+    assert [output.strip().splitlines()[-1] for output in outputs] == [
+        f"smet-train: error: {reason}", f"smet-train: error: rank 0 failed: {reason}"]
+    assert not any("Traceback" in output for output in outputs)

@@ -306,6 +306,53 @@ def test_a_resume_leaves_out_a_last_metrics_line_cut_short_by_a_stopped_run(tmp_
     assert [(r["step"], r["loss"]) for r in strict_records(path)] == [(1, 1.0), (2, 1.0), (3, 0.5)]
 
 
+
+def one_line_error(capsys, argv: list[str], code: int) -> str:
+    """The one stderr line ``smet-train ARGV`` stops with (exit ``code``, no traceback), without its prefix."""
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == code and len(err) == 1 and err[0].startswith("smet-train: error: "), err
+    return err[0].removeprefix("smet-train: error: ")
+
+
+def test_a_resume_of_a_run_whose_metrics_jsonl_has_a_corrupt_line_is_a_one_line_error(tmp_path, capsys):
+    """A line that is not JSON before the last one (not cut short by a stop): the resume failed with a
+    JSONDecodeError traceback."""
+    out = tmp_path / "run"
+    train(tiny_config(max_steps=2, checkpoint_every=2, out_dir=str(out)))
+    path = out / "metrics.jsonl"
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(["{garbage", *lines[1:]]) + "\n")
+    reason = one_line_error(capsys, ["--resume", str(out), "--max-steps", "4", "--no-progress"], 2)
+    assert reason == f"{path}: line 1 '{{garbage' is not JSON (the file is corrupt): repair or remove that line"
+
+
+def test_a_checkpoint_that_cannot_be_written_stops_the_run_with_one_line(tmp_path, monkeypatch, capsys):
+    """A full disk (or no permission) at a checkpoint write: the run failed with an OSError traceback."""
+    import errno
+    import os
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(checkpoint.torch, "save", no_space)
+    reason = one_line_error(capsys, ["--config", "tiny", "--batch-size", "4", "--seq-len", "32", "--max-steps", "2",
+                                     "--checkpoint-every", "2", "--eval-every", "0", "--backend", "reference",
+                                     "--no-progress", "--out-dir", str(tmp_path / "run")], 1)
+    assert reason == "could not write checkpoint step_0000002: [Errno 28] No space left on device"
+
+
+def test_an_out_dir_whose_metrics_jsonl_cannot_be_opened_stops_the_run_with_one_line(tmp_path, capsys):
+    """A folder named metrics.jsonl in --out-dir: the run failed with an IsADirectoryError traceback."""
+    out = tmp_path / "run"
+    (out / "metrics.jsonl").mkdir(parents=True)
+    reason = one_line_error(capsys, ["--config", "tiny", "--batch-size", "4", "--seq-len", "32", "--max-steps", "2",
+                                     "--eval-every", "0", "--backend", "reference", "--no-progress", "--out-dir",
+                                     str(out)], 1)
+    assert reason.startswith(f"could not prepare --out-dir {str(out)!r}: [Errno 21] Is a directory")
+
+
 def test_a_resume_stopped_while_dropping_the_interrupted_tail_leaves_metrics_jsonl_whole(tmp_path, monkeypatch):
     """The kept records were written over the truncated file: a run stopped then lost every record before the
     checkpoint. A write that stops halfway (a kill) now leaves the file as it was."""

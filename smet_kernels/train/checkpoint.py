@@ -19,6 +19,7 @@ between its renames.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -34,6 +35,7 @@ import torch
 
 from ..sharding import is_sharded, shard_like
 from .config import FIXED_ON_RESUME, ConfigError, TrainConfig, setting
+from .distributed import DistInfo, TrainingFailed, on_rank0
 from .methods import METHODS
 
 SHARDED_DIR = "sharded"
@@ -253,18 +255,29 @@ def set_rng_state(state: dict, device: torch.device) -> None:
 
 
 
+@contextlib.contextmanager
+def _writing(final: Path):
+    """Turn an ``OSError`` while writing checkpoint ``final`` (a full disk, no permission) into a one-line
+    :class:`TrainingFailed`."""
+    try:
+        yield
+    except OSError as error:
+        raise TrainingFailed(f"could not write checkpoint {final.name}: {error}") from None
+
+
 def write_checkpoint(out_dir: Path, step: int, state: dict, config: TrainConfig) -> Path:
     """Write ``state`` and ``config`` as ``out_dir/checkpoints/step_{step:07d}`` (on disk before it becomes
     visible); returns the folder."""
     root = out_dir / CHECKPOINTS_DIR
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:07d}"
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    torch.save(state, tmp / "state.pt")
-    (tmp / "config.json").write_text(json.dumps(config.to_dict(), indent=1))
-    return _seal(tmp, final)
+    with _writing(final):
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        torch.save(state, tmp / "state.pt")
+        (tmp / "config.json").write_text(json.dumps(config.to_dict(), indent=1))
+        return _seal(tmp, final)
 
 
 def sharded_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
@@ -283,26 +296,32 @@ def sharded_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> t
 
 
 def write_sharded_checkpoint(out_dir: Path, step: int, tensors: dict, state: dict, config: TrainConfig,
-                             is_main: bool) -> Path:
+                             ddp: DistInfo) -> Path:
     """Collective: every rank writes its shards of ``tensors`` with DCP, rank 0 ``state`` and ``config``; the
-    checkpoint becomes visible (renamed) once all are on disk."""
+    checkpoint becomes visible (renamed) once all are on disk. A failed write of rank 0 stops every rank
+    (:func:`on_rank0`); DCP raises its own failures on every rank."""
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
 
     root = out_dir / CHECKPOINTS_DIR
     final = root / f"step_{step:07d}"
     tmp = root / f".tmp-{final.name}"  # the same folder on every rank
-    if is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    dist.barrier()
+
+    def prepare() -> None:
+        with _writing(final):
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+
+    def seal() -> None:
+        with _writing(final):
+            torch.save({**state, "format": "sharded"}, tmp / "state.pt")
+            (tmp / "config.json").write_text(json.dumps(config.to_dict(), indent=1))
+            _seal(tmp, final)
+
+    on_rank0(ddp, prepare)
     dcp.save(tensors, checkpoint_id=tmp / SHARDED_DIR)
     dist.barrier()
-    if is_main:
-        torch.save({**state, "format": "sharded"}, tmp / "state.pt")
-        (tmp / "config.json").write_text(json.dumps(config.to_dict(), indent=1))
-        _seal(tmp, final)
-    dist.barrier()
+    on_rank0(ddp, seal)
     return final
 
 

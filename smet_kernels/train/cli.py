@@ -30,7 +30,8 @@ from .config import (
     interval,
     naming_options,
 )
-from .loop import TrainingDiverged, train
+from .distributed import TrainingFailed
+from .loop import train
 from .methods import METHODS
 from .metrics import MetricsWarning, strict_json
 from .model import MODEL_CONFIGS
@@ -263,7 +264,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             summary = train(config)
     except ConfigError as error:  # one line: the usage that parser.error would print first says nothing of it
         parser.exit(2, f"{parser.prog}: error: {' '.join(str(error).split())}\n")
-    except TrainingDiverged as error:
+    except TrainingFailed as error:  # a diverged run, a checkpoint that could not be written, another rank's failure
         parser.exit(1, f"{parser.prog}: error: {' '.join(str(error).split())}\n")
     if summary["rank"] == 0:
         keys = ("steps", "initial_val_loss", "final_val_loss", "final_val_bpb", "tokens_per_s", "steady_tokens_per_s",

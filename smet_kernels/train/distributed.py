@@ -5,7 +5,9 @@ and sharded state dicts."""
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -15,6 +17,13 @@ from .. import backend as backend_module
 from ..sharding import full, is_sharded, shard_like
 from .config import ConfigError, setting
 from .model import LlamaModel
+
+T = TypeVar("T")
+
+
+class TrainingFailed(RuntimeError):
+    """A failure while training (a file that could not be written, another rank's failure); the CLI prints it as a
+    one-line error (exit code 1)."""
 
 
 @dataclass
@@ -48,6 +57,28 @@ def init_distributed(device_name: str) -> DistInfo:
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
         initialised_here = True
     return DistInfo(rank, world_size, local_rank, initialised_here)
+
+
+def on_rank0(ddp: DistInfo, work: Callable[[], T]) -> T | None:
+    """``work()`` on rank 0 alone (None on the others); under torch.distributed its outcome is then broadcast (one
+    collective every rank waits in), so that a failure stops every rank: rank 0 raises its error, the others a
+    one-line error of the same kind (:class:`ConfigError`, else :class:`TrainingFailed`) naming it -- not a gloo
+    'Connection closed by peer' traceback, or a hang until the NCCL timeout, in their next collective."""
+    result, error = None, None
+    if ddp.rank == 0:
+        try:
+            result = work()
+        except Exception as caught:  # whatever it is, the other ranks must hear of it
+            error = caught
+    if ddp.enabled:
+        outcome = [None if error is None else (isinstance(error, ConfigError), str(error))]
+        dist.broadcast_object_list(outcome, src=0)
+        if ddp.rank != 0 and outcome[0] is not None:
+            bad_input, message = outcome[0]
+            raise (ConfigError if bad_input else TrainingFailed)(f"rank 0 failed: {message}")
+    if error is not None:
+        raise error
+    return result
 
 
 def resolve_device(name: str, ddp: DistInfo) -> torch.device:

@@ -31,14 +31,16 @@ evaluates (when the run does) and writes the summary.
 
 Multi-process: under ``torchrun`` (``WORLD_SIZE > 1``) the process group is initialised from the environment
 (``nccl`` on CUDA, ``gloo`` on CPU); every rank takes its own slice of each global batch, so the training matches
-one process. ``parallel="ddp"`` (default) wraps the model in ``DistributedDataParallel`` (on the compact
-parameters). ``parallel="fsdp"`` applies FSDP2 (``fully_shard`` to each decoder layer, then the root) before the
-optimizer is built: every parameter, compact values included, becomes a ``DTensor`` sharded on dim 0 (whole slots
-per rank), and so do the optimizer states (``block_step`` included); :class:`SMETAdamW` and the SMET controller
-work on the local shards (prune scores gathered over ranks, each rank regrows the slots it owns). Checkpoints of an
-fsdp run are sharded (every rank writes its shards with ``torch.distributed.checkpoint``; they resume on any number
-of ranks), or with ``checkpoint_format="full"`` gathered to full tensors and written by rank 0 in the single-process
-format (on resume every rank loads them and keeps its shard). GaLore is rejected under fsdp (its projection needs whole gradient matrices).
+one process. What rank 0 does alone (opening ``out_dir``, writing checkpoints) ends in a broadcast of its outcome: a
+failure there stops every rank with a one-line error. ``parallel="ddp"`` (default) wraps the model in
+``DistributedDataParallel`` (on the compact parameters). ``parallel="fsdp"`` applies FSDP2 (``fully_shard`` to each
+decoder layer, then the root) before the optimizer is built: every parameter, compact values included, becomes a
+``DTensor`` sharded on dim 0 (whole slots per rank), and so do the optimizer states (``block_step`` included);
+:class:`SMETAdamW` and the SMET controller work on the local shards (prune scores gathered over ranks, each rank
+regrows the slots it owns). Checkpoints of an fsdp run are sharded (every rank writes its shards with
+``torch.distributed.checkpoint``; they resume on any number of ranks), or with ``checkpoint_format="full"`` gathered
+to full tensors and written by rank 0 in the single-process format (on resume every rank loads them and keeps its
+shard). GaLore is rejected under fsdp (its projection needs whole gradient matrices).
 """
 
 from __future__ import annotations
@@ -77,8 +79,10 @@ from .checkpoint import (
 from .config import SPARSE_OPTIMIZERS, ConfigError, TrainConfig, setting
 from .data import DataError, PackedBatches, eval_windows, load_corpus, window_batch
 from .distributed import (
+    TrainingFailed,
     full_state,
     init_distributed,
+    on_rank0,
     reshard,
     resolve_device,
     shard_model,
@@ -120,7 +124,7 @@ def clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:
     return total
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(TrainingFailed):
     """The run met a non-finite loss or gradient norm it may not skip (the CLI prints it as a one-line error)."""
 
 
@@ -236,10 +240,16 @@ class Run:
             if rigl:  # Dynamo does not guard on module hooks: code compiled before for this model class, without
                 torch._dynamo.reset()  # them (an earlier run in this process), would be reused and never record
             self.wrapped = torch.compile(self.wrapped, fullgraph=not (self.ddp.enabled or rigl))
-        if self.is_main and self.out_dir:  # before the first checkpoint write; rank 0 writes or coordinates them
+        # before the first checkpoint write; rank 0 writes or coordinates them
+        self.metrics = on_rank0(self.ddp, self._open_out_dir) if self.out_dir else None
+
+    def _open_out_dir(self) -> MetricsLog:
+        """Rank 0: remove what stopped checkpoint writes left in ``out_dir``, then open its ``metrics.jsonl``."""
+        try:
             clear_leftovers(self.out_dir)
-        self.metrics = (MetricsLog(self.out_dir, self.step if config.resume else None)
-                        if self.is_main and self.out_dir else None)
+            return MetricsLog(self.out_dir, self.step if self.config.resume else None)
+        except OSError as error:
+            raise TrainingFailed(f"could not prepare {setting('out_dir')} {str(self.out_dir)!r}: {error}") from None
 
     # ---------------------------------------------------------------- io
     def log(self, record: dict) -> None:
@@ -265,17 +275,19 @@ class Run:
         if self.fsdp and self.config.checkpoint_format == "sharded":  # every rank writes its shards
             tensors, optimizer_rest = sharded_state(self.model, self.optimizer)
             state = self._state(None, optimizer_rest) if self.is_main else {}
-            final = write_sharded_checkpoint(self.out_dir, self.step, tensors, state, self.config, self.is_main)
+            final = write_sharded_checkpoint(self.out_dir, self.step, tensors, state, self.config, self.ddp)
             return final if self.is_main else None
         model_state, optimizer_state = None, None
         if self.fsdp:  # gather the shards (every rank takes part); rank 0 keeps full CPU tensors
             model_state = full_state(self.model.state_dict(), self.is_main)
             optimizer_state = full_state(self.optimizer.state_dict(), self.is_main)
-        if not self.is_main:
-            return None
-        state = self._state(model_state if self.fsdp else self.model.state_dict(),
-                            optimizer_state if self.fsdp else self.optimizer.state_dict())
-        return write_checkpoint(self.out_dir, self.step, state, self.config)
+
+        def write() -> Path:
+            state = self._state(model_state if self.fsdp else self.model.state_dict(),
+                                optimizer_state if self.fsdp else self.optimizer.state_dict())
+            return write_checkpoint(self.out_dir, self.step, state, self.config)
+
+        return on_rank0(self.ddp, write)  # a failed write stops every rank
 
     def _state(self, model_state: dict | None, optimizer_state: dict) -> dict:
         return {

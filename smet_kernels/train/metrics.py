@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from .config import ConfigError
+
 
 def peak_memory_bytes(device: torch.device) -> tuple[int, str]:
     """``(bytes, kind)``: CUDA max allocated, or the process peak RSS (``ru_maxrss``) on CPU."""
@@ -78,15 +80,22 @@ class MetricsLog:
 
 
 def read_records(path: Path) -> list[dict]:
-    """The records of ``metrics.jsonl``; its last line is left out (warned) when a stopped run cut it short."""
-    lines = [line for line in path.read_text().splitlines() if line]
-    records = [json.loads(line) for line in lines[:-1]]
+    """The records of ``metrics.jsonl``; its last line is left out (warned) when a stopped run cut it short, another
+    line that is not JSON is a :class:`ConfigError`."""
+    lines = [(number, line) for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1) if line]
+    records = []
+    for number, line in lines[:-1]:
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            raise ConfigError(f"{path}: line {number} {line[:60]!r} is not JSON (the file is corrupt): repair or "
+                              "remove that line") from None
     if lines:
         try:
-            records.append(json.loads(lines[-1]))
+            records.append(json.loads(lines[-1][1]))
         except ValueError:
-            warnings.warn(f"{path}: its last line {lines[-1][:60]!r} is cut short (a run stopped while writing it); "
-                          "left out", MetricsWarning, stacklevel=3)
+            warnings.warn(f"{path}: its last line {lines[-1][1][:60]!r} is cut short (a run stopped while writing "
+                          "it); left out", MetricsWarning, stacklevel=3)
     return records
 
 

@@ -25,14 +25,14 @@ from .config import (
     ConfigError,
     TrainConfig,
 )
-from .distributed import shard_model
+from .distributed import TrainingFailed, shard_model
 from .loop import MIN_LR_RATIO, Run, TrainingDiverged, lr_factor, train
 from .metrics import peak_memory_bytes
 
 __all__ = [
     "CHECKPOINT_FORMATS", "FIXED_ON_RESUME", "HIDDEN_LINEAR_PATTERN", "MIN_LR_RATIO", "NONFINITE_ACTIONS",
     "OPTIMIZERS", "PARALLEL_MODES", "PRECISIONS", "SPARSE_OPTIMIZERS", "WARMUP_SCOPES",
-    "ConfigError", "Run", "TrainConfig", "TrainingDiverged", "build_controller", "build_model", "build_optimizer",
-    "find_checkpoint", "load_checkpoint_config", "lr_factor", "peak_memory_bytes", "shard_model",
+    "ConfigError", "Run", "TrainConfig", "TrainingDiverged", "TrainingFailed", "build_controller", "build_model",
+    "build_optimizer", "find_checkpoint", "load_checkpoint_config", "lr_factor", "peak_memory_bytes", "shard_model",
     "smet_adamw_options", "train",
 ]
