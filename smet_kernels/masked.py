@@ -24,18 +24,39 @@ from .ops import library
 class _MaskedWeight(torch.autograd.Function):
     """``W ⊙ M``, whose backward ``dW = g ⊙ M`` first checks that the layout is still at ``forward_version`` (as the
     block-sparse products do): a topology update between forward and backward raises, eagerly and compiled, also
-    where activation checkpointing would recompute ``M`` from the new layout."""
+    where activation checkpointing would recompute ``M`` from the new layout. With ``setup_context`` and a vmap rule,
+    so that ``torch.func`` transforms (``grad``, ``vmap``) run through a masked layer as through ``W * M``."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, weight, mask, version, forward_version):
-        ctx.save_for_backward(mask, version, forward_version)
+    def forward(weight, mask, version, forward_version):
         return weight * mask
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _, mask, version, forward_version = inputs
+        ctx.save_for_backward(mask, version, forward_version)
 
     @staticmethod
     def backward(ctx, grad):
         mask, version, forward_version = ctx.saved_tensors
         library.check_layout_version(version, forward_version)
         return grad * mask, None, None, None
+
+
+class _MaskedWeightForwardAD(_MaskedWeight):
+    """:class:`_MaskedWeight` with a ``jvp`` (forward-mode AD: ``torch.func.jvp``, ``jacfwd``), used eagerly only:
+    Dynamo does not trace an autograd function that defines one."""
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _MaskedWeight.setup_context(ctx, inputs, output)
+        ctx.save_for_forward(inputs[1])
+
+    @staticmethod
+    def jvp(ctx, weight_tangent, *_):
+        return weight_tangent * ctx.saved_tensors[0]
 
 
 def _expand_blocks(block_mask: torch.Tensor, b: int) -> torch.Tensor:
@@ -115,7 +136,8 @@ class MaskedLinear(BlockLayoutLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         version = self.layout.version_tensor
-        weight = _MaskedWeight.apply(self.weight, self.dense_mask(), version, library.layout_version(version))
+        masked_weight = _MaskedWeight if torch.compiler.is_compiling() else _MaskedWeightForwardAD
+        weight = masked_weight.apply(self.weight, self.dense_mask(), version, library.layout_version(version))
         return F.linear(x, weight, self.bias)
 
     def to_dense_weight(self) -> torch.Tensor:

@@ -243,3 +243,25 @@ def test_a_topology_update_between_forward_and_backward_is_refused(compiled):
     layout.replace_blocks(torch.tensor([0]), (~layout.mask).nonzero()[:1])
     with pytest.raises(RuntimeError, match="changed between forward .* and backward"):
         loss.backward()
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")  # inside torch.func's vmap
+def test_torch_func_transforms_run_through_a_masked_layer():
+    """``W ⊙ M`` is an autograd function (for its layout check): ``torch.func`` (per-sample gradients with
+    ``vmap(grad)``; ``jvp`` eagerly) ran through the plain ``W * M`` and must still run, with the masked results."""
+    from torch.func import functional_call, grad, jvp, vmap
+
+    layer = MaskedLinear(32, 32, density=0.5, block_size=B, generator=torch.Generator().manual_seed(0))
+    mask, weight = expand(layer.layout).float(), layer.weight.detach()
+    x, tangent = torch.randn(4, 32), torch.randn(32, 32)
+
+    def loss(w, row):
+        return functional_call(layer, {"weight": w}, (row[None],)).pow(2).sum()
+
+    per_sample = vmap(grad(loss), in_dims=(None, 0))(weight, x)
+    for row, got in zip(x, per_sample):
+        w = weight.clone().requires_grad_()
+        (expected,) = torch.autograd.grad(F.linear(row[None], w * mask).pow(2).sum(), w)
+        torch.testing.assert_close(got, expected)
+    _, out_tangent = jvp(lambda w: functional_call(layer, {"weight": w}, (x,)), (weight,), (tangent,))
+    torch.testing.assert_close(out_tangent, x @ (tangent * mask).T)
