@@ -201,12 +201,14 @@ def plot_peak_vs_size(traced: pd.DataFrame, gpu: pd.DataFrame | None, path: Path
         part = data[data["activation_checkpointing"] == ckpt]
         sns.lineplot(data=part, x="params", y="peak_gb", hue="label", hue_order=order, style="label",
                      style_order=order, markers=True, dashes=False, ax=axis)  # fmt: skip
-        if gpu is not None and len(gpu) and not ckpt:  # each GPU row at the parameters of its own vocabulary
-            params = [dense_parameters(c, v) for c, v in zip(gpu["config"], gpu["vocab_size"])]
-            axis.scatter(params, gpu["peak_allocated_bytes"] / GB, marker="X", s=80, color="black",
+        # each GPU row in the panel of its activation checkpointing, at the parameters of its own vocabulary
+        rows = gpu[gpu["activation_checkpointing"] == ckpt] if gpu is not None else None
+        if rows is not None and len(rows):
+            params = [dense_parameters(c, v) for c, v in zip(rows["config"], rows["vocab_size"])]
+            axis.scatter(params, rows["peak_allocated_bytes"] / GB, marker="X", s=80, color="black",
                          label="GPU allocator peak (its own batch and vocab)")  # fmt: skip
-            if gpu["nvml_peak_bytes"].notna().any():
-                axis.scatter(params, gpu["nvml_peak_bytes"] / GB, marker="+", s=80, color="red", label="GPU NVML peak")
+            if rows["nvml_peak_bytes"].notna().any():
+                axis.scatter(params, rows["nvml_peak_bytes"] / GB, marker="+", s=80, color="red", label="GPU NVML peak")
         for capacity in CAPACITIES_GB:
             axis.axhline(capacity, color="grey", linestyle=":", linewidth=1)
         axis.set_xscale("log")

@@ -70,7 +70,7 @@ def test_a_density_out_of_range_is_a_one_line_error_naming_densities(tmp_path, c
     assert error == "smet-bench: error: --densities must be in (0, 1], got 2.0"
 
 
-def test_gpu_peaks_are_plotted_at_the_parameters_of_their_own_vocabulary(tmp_path, monkeypatch):
+def test_gpu_peaks_are_plotted_at_their_own_vocabulary_and_activation_checkpointing(tmp_path, monkeypatch):
     """gpu-check's training rows use vocab 32000: they were placed at the parameter count of vocab 256 and labelled
     so, 130 M parameters left of their 1b traced line."""
     from bench import memory_report
@@ -80,9 +80,16 @@ def test_gpu_peaks_are_plotted_at_the_parameters_of_their_own_vocabulary(tmp_pat
     traced = pd.DataFrame([{"config": "1b", "method": "dense", "density": 1.0, "vocab_size": 32000, "batch_size": 8,
                             "seq_len": 256, "dtype": "bf16", "state_dtype": "bf16", "peak_bytes": 3e10,
                             "activation_checkpointing": ckpt} for ckpt in (False, True)])  # fmt: skip
-    gpu = pd.DataFrame([{"config": "1b", "vocab_size": 32000, "peak_allocated_bytes": 4e10,
-                         "nvml_peak_bytes": float("nan")}])  # fmt: skip
+    gpu = pd.DataFrame([{"config": "1b", "vocab_size": 32000, "peak_allocated_bytes": peak, "nvml_peak_bytes": nvml,
+                         "activation_checkpointing": ckpt}
+                        for ckpt, peak, nvml in ((False, 4e10, float("nan")), (True, 2e10, 2.5e10))])  # fmt: skip
     memory_report.plot_peak_vs_size(traced, gpu, tmp_path / "peak.png")
-    (points,) = figures[0].axes[0].collections[-1:]
+    plain, checkpointed = figures[0].axes
+    (points,) = plain.collections[-1:]
     assert points.get_label() == "GPU allocator peak (its own batch and vocab)"
     assert points.get_offsets()[0][0] == memory_report.dense_parameters("1b", 32000)
+    # gpu-check also measures steps with activation checkpointing: each row in the panel of its own (they were all
+    # drawn in the panel without, far below its traced line)
+    assert [list(points.get_offsets()[:, 1]) for points in plain.collections if "GPU" in points.get_label()] == [[40.0]]
+    assert [list(points.get_offsets()[:, 1]) for points in checkpointed.collections
+            if "GPU" in points.get_label()] == [[20.0], [25.0]]  # fmt: skip
