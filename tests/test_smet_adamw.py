@@ -515,7 +515,6 @@ def test_a_tensor_lr_is_accepted_as_torch_adamw_accepts_it_and_follows_a_schedul
         SMETAdamW(params, lr=torch.tensor(float("inf")))
 
 
-
 def _stepped_once(optimizer, params):
     for p, g in zip(params, grads_for(0, params)):
         p.grad = g

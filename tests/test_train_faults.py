@@ -262,7 +262,6 @@ def test_resume_without_a_good_checkpoint_is_a_one_line_error(tmp_path, capsys):
         assert not any("Traceback" in line for line in err)
 
 
-
 def test_a_resume_on_data_whose_tokens_changed_is_a_one_line_error(tmp_path, capsys):
     """An edited text file would silently give other batches, a token file with a new vocabulary a shape traceback."""
     text, tokens = tmp_path / "corpus.txt", tmp_path / "tokens.bin"
@@ -279,6 +278,7 @@ def test_a_resume_on_data_whose_tokens_changed_is_a_one_line_error(tmp_path, cap
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith(f"smet-train: error: --data {str(data)!r} is not the data that")
 
+
 def test_a_resume_may_name_its_data_by_another_path_and_continues_exactly(tmp_path, monkeypatch):
     """A relative --data path saved by a run started in another folder: given again from here, not refused."""
     (tmp_path / "corpus.txt").write_bytes(b"hello world, hello data " * 300)
@@ -290,6 +290,7 @@ def test_a_resume_may_name_its_data_by_another_path_and_continues_exactly(tmp_pa
     losses = [[r["loss"] for r in strict_records(tmp_path / run / "metrics.jsonl") if r["type"] == "train"][-1]
               for run in ("full", "resumed")]
     assert losses[0] == losses[1]
+
 
 def test_a_resume_leaves_out_a_last_metrics_line_cut_short_by_a_stopped_run(tmp_path):
     """A run killed while writing a record left metrics.jsonl ending in half a line: the resume stopped with a
@@ -582,7 +583,6 @@ def test_a_checkpoint_a_stopped_rewrite_left_under_a_temporary_name_is_put_back_
     assert steps == [1, 2, 3, 4, 5, 6]
 
 
-
 @pytest.mark.parametrize("writer_alive", [True, False], ids=["live-writer", "dead-writer"])
 def test_finding_a_checkpoint_between_the_renames_of_a_rewrite_repairs_only_a_dead_writers_folders(
         tmp_path, writer_alive):
@@ -617,6 +617,7 @@ def test_finding_a_checkpoint_between_the_renames_of_a_rewrite_repairs_only_a_de
         writer.kill()
         writer.wait()
     assert torch.load(final / "state.pt") == {"step": 4} and verify_checkpoint(final) is None
+
 
 @st.composite
 def _metrics_records(draw):

@@ -186,6 +186,7 @@ def test_a_folder_whose_validation_files_are_empty_is_split_by_position(tmp_path
         cached.write_bytes(b"")
     assert np.array_equal(load_corpus(str(tmp_path / "corpus")).val, corpus.val)
 
+
 def test_packed_batches_deterministic_resumable_and_sharded():
     tokens = np.arange(10 * 8 + 1, dtype=np.uint16)
     batches = PackedBatches(tokens, seq_len=8, batch_size=4, seed=3)
