@@ -376,9 +376,8 @@ def _seal(tmp: Path, final: Path) -> Path:
 def read_checkpoint(checkpoint: Path, config: TrainConfig) -> dict:
     """The state saved in ``checkpoint`` (CPU tensors), after checking that ``config`` keeps the settings a resumed
     run must share with it (:data:`FIXED_ON_RESUME`; ``data`` may name another path when the state holds the digest
-    of its tokens, which the run compares: a relative path from another folder, or moved files)."""
-    # read to CPU: RNG states must stay CPU ByteTensors; the load_state_dict calls move the rest to the device
-    state = torch.load(checkpoint / "state.pt", map_location="cpu", weights_only=False)
+    of its tokens, which the run compares: a relative path from another folder, or moved files). Every other
+    setting is checked before the state is read."""
     saved = json.loads((checkpoint / "config.json").read_text())
     defaults = TrainConfig()  # a setting newer than the checkpoint had its default there
     saved = {name: saved.get(name, getattr(defaults, name)) for name in FIXED_ON_RESUME}
@@ -386,13 +385,19 @@ def read_checkpoint(checkpoint: Path, config: TrainConfig) -> dict:
     # as in a fresh run, not refused
     method = METHODS.get(saved["optimizer"])
     inert = set(method.ignored_options) if method else set()
-    if "corpus_sha256" in state["data"]:  # the run compares the tokens themselves
-        inert.add("data")
     changed = [name for name in FIXED_ON_RESUME if saved[name] != getattr(config, name) and name not in inert]
+    _refuse_changes(checkpoint, saved, [name for name in changed if name != "data"])
+    # read to CPU: RNG states must stay CPU ByteTensors; the load_state_dict calls move the rest to the device
+    state = torch.load(checkpoint / "state.pt", map_location="cpu", weights_only=False)
+    if "corpus_sha256" not in state["data"]:  # an older checkpoint: its data is known by name only
+        _refuse_changes(checkpoint, saved, [name for name in changed if name == "data"])
+    return state
+
+
+def _refuse_changes(checkpoint: Path, saved: dict, changed: list[str]) -> None:
     if changed:
         raise ConfigError(
             f"cannot change {', '.join(map(setting, changed))} when resuming {str(checkpoint)!r} (saved: "
             + ", ".join(f"{setting(name)} {saved[name]!r}" for name in changed)
             + "): the model, its topology, the data position and the optimizer state depend on them"
         )
-    return state
