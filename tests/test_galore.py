@@ -157,3 +157,11 @@ def test_a_scale_that_is_not_a_finite_positive_number_is_refused_by_name(scale):
         GaLoreAdamW([weight], scale=scale)
     with pytest.raises(ValueError, match="scale must be a finite number > 0"):
         GaLoreAdamW([{"params": [weight], "rank": 2, "scale": scale}])
+
+
+def test_a_numpy_scale_is_a_number():
+    """``scale`` from a numpy computation (``np.float32``: not a Python ``float``) is accepted, as before its check."""
+    import numpy as np
+
+    optimizer = GaLoreAdamW([{"params": [nn.Parameter(torch.zeros(8, 6))], "rank": 2, "scale": np.float32(0.25)}])
+    assert optimizer.param_groups[0]["scale"] == 0.25

@@ -21,6 +21,7 @@ update. The projection matrix lives in ``state["projection"]`` so ``state_dict``
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterable
 
 import torch
@@ -43,7 +44,7 @@ def _check_positive_int(value: int, name: str) -> int:
 def _check_scale(scale: float) -> None:
     """The back-projection factor of ``Δ = scale · N P``: a finite number > 0 (else the projected update vanishes
     or ascends)."""
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):  # numpy floats too
         raise TypeError(f"scale must be a number, got {type(scale).__name__}")
     if not 0.0 < scale < math.inf:
         raise ValueError(f"scale must be a finite number > 0, got {scale}")

@@ -183,7 +183,11 @@ def _restore_interrupted_rewrites(root: Path, skip_live_writers: bool) -> None:
     for old in sorted(root.glob(".old-step_*")):
         match = re.fullmatch(r"\.old-(step_\d+)-(\d+)", old.name)
         final = root / match.group(1) if match else None
-        if final is None or final.exists() or (skip_live_writers and _alive_elsewhere(int(match.group(2)))):
+        if final is None or final.exists():
+            continue
+        if skip_live_writers and _alive_elsewhere(int(match.group(2))):
+            warnings.warn(f"checkpoint {str(final)!r} is being rewritten by process {match.group(2)}, which is "
+                          "alive: it is passed over", CheckpointWarning, stacklevel=3)
             continue
         sealed = [tmp for tmp in sorted(root.glob(f".tmp-{final.name}*"))  # a manifest: not an unsealed write
                   if re.fullmatch(rf"\.tmp-{final.name}(-\d+)?", tmp.name) and (tmp / MANIFEST).is_file()

@@ -41,7 +41,8 @@ _OPTION_NAMES: ContextVar[dict[str, str]] = ContextVar("option_names", default={
 
 def interval(low: float, high: float, low_open: bool = False, high_open: bool = False) -> str:
     """``[low, high]`` with ``(`` / ``)`` at an open end; an infinite end is always open (``inf`` is refused)."""
-    return f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open or math.isinf(high) else ']'}"
+    low_open, high_open = low_open or math.isinf(low), high_open or math.isinf(high)
+    return f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
 
 
 def setting(field: str) -> str:
