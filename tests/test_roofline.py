@@ -57,6 +57,17 @@ def test_cli_writes_csv_and_report(tmp_path):
     assert "Bars beyond the roofline" in text and "python -m profiling.roofline --configs 350m" in text
 
 
+def test_a_bound_just_above_the_bar_is_listed_beyond_the_roofline_though_its_efficiency_rounds_to_one(tmp_path):
+    """350m qkvo weight grad at d = 0.25 is memory-bound (1.2622 × d × dense at 4.3 TB/s); at 4.335 TB/s its bound
+    is 1.2622 × 4.3 / 4.335 = 1.252 × d × dense > 1.25, and 1.25 / 1.252 = 0.9984 rounds to 1.0 at two digits. The
+    forward and input grad (1.3507 × 4.3 / 4.335 = 1.340) are beyond too: 3 of the 9 cases."""
+    rows = roofline.bar_rows(["350m"], [0.25], [8192], 128, 2, 780.0, 4.335)
+    grad_weight = next(r for r in rows if r["shape"] == "350m:qkvo" and r["op"] == "grad_weight")
+    assert (grad_weight["bound_vs_d_dense"], grad_weight["max_dense_efficiency"]) == (1.25, 0.99)
+    text = roofline.write_report(rows, tmp_path, "test", 780.0, 4.335).read_text()
+    assert "(`bound_vs_d_dense` > bar): 3 of 9 cases with a bar." in text
+
+
 @pytest.mark.parametrize("option", ["--tflops", "--tbps"])
 @pytest.mark.parametrize("value", ["nan", "inf"])
 def test_a_ceiling_that_is_not_a_finite_positive_number_is_refused(tmp_path, option, value, capsys):
