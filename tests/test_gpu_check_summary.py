@@ -166,6 +166,19 @@ def test_each_kernel_bar_is_judged_against_the_ceiling_the_roofline_allows_at_th
     assert "* kernel: 2 pass, 2 miss, 0 not measured" in lines
 
 
+def test_a_kernel_bar_without_a_copy_ceiling_is_reported_not_measured_rather_than_left_out():
+    """Without a device-copy row (stage env and adamw not run) no op has a roofline, so whether the d×dense bar
+    applies is unknown: each b = 128 point is 'not measured', and counted so."""
+    from bench.gpu_check.plan import GPU
+    from bench.gpu_check.summary import kernel_section
+
+    frame = _bar_rows()
+    lines = kernel_section(frame[frame["suite"] == "kernels"], GPU)
+    assert {shape: row["kernel"] for shape, row in _markdown_rows(lines).items()} == {
+        "p1": "not measured", "p2": "not measured", "p3": "not measured", "p4": "not measured", "p5": ""}
+    assert "* kernel: 0 pass, 0 miss, 4 not measured" in lines
+
+
 def _optimizer_rows(smet_gbps: float) -> pd.DataFrame:
     base = {"suite": "optimizer", "dtype": "fp32", "gpu": "g", "status": "ok"}
     return _kernel_frame([base | {"op": "copy", "provider": "device_copy", "shape": "dense:ceiling", "density": 1.0,

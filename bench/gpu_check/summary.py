@@ -103,7 +103,9 @@ def _kernel_rows(kernels: pd.DataFrame, sizes: Sizes) -> pd.DataFrame:
         row = {"shape": point.shape, "b": int(point.block_size), "d": point.density, "op": point.op,
                "ms": _num(point.ms_p50), "dense ms": _num(point.dense_ms), "vs d×dense": _num(point.vs_d_dense),
                "vs roofline": _num(point.vs_roofline), "roofline term": _roofline_term(point)}  # fmt: skip
-        if headline and pd.notna(point.roofline_ms):
+        if headline and pd.isna(point.roofline_ms):  # no dense row or no copy ceiling: no bar can be set
+            row |= {"kernel bar": "", "kernel": _verdict(None)}
+        elif headline:
             allowed = point.roofline_ms <= c * point.exact_density * point.dense_ms
             bar, value = (f"≤ {c} × d×dense", point.vs_d_dense) if allowed else (f"≤ {ROOFLINE_BAR} × roofline",
                                                                                   point.vs_roofline)  # fmt: skip
