@@ -121,22 +121,25 @@ def _bar_rows() -> pd.DataFrame:
 
     * ``p1`` b=128 d=0.5 (8 of 16 blocks) M=512: memory 0.38 ms < compute 0.5 × 1.0 ms; t = 0.625 = 1.25 × d×dense,
       torch BSR 1.5 × slower;
-    * ``p2`` b=128 d=0.1 drawn as 2 of 16 blocks (exact d = 0.125) M=256: memory 0.18 ms ≤ 1.6 × 0.125 × 1.12 ms
-      (but > 1.6 × 0.1 × 1.12 ms); t = 1.55 × 0.125 × 1.12 ms;
+    * ``p2`` b=128 d=0.1 drawn as 2 of 16 blocks (exact d = 0.125) M=256: memory 0.18 ms ≤ 0.125 × 1.6 ms, compute-
+      bound (but > 0.1 × 1.6 ms); t = 1.55 × 0.125 × 1.6 ms;
     * ``p3`` b=128 d=0.25 (4 blocks) M=768: memory 0.53 ms > 1.25 × 0.25 × 1.0 ms; t = 1.22 × 0.53 ms;
     * ``p4`` b=128 d=0.5 M=1024: memory 0.72 ms; t = the dense time, 1.0 ms;
-    * ``p5`` b=64 d=0.5 (32 of 64 blocks) M=512: t = 0.3 ms, no kernel bar (not the first block size)."""
+    * ``p5`` b=64 d=0.5 (32 of 64 blocks) M=512: t = 0.3 ms, no kernel bar (not the first block size);
+    * ``p6`` b=128 d=0.1 (2 blocks) M=384: memory 0.265 ms > 0.125 × 1.6 ms, memory-bound (though ≤ 1.6 × that);
+      t = 1.15 × 0.265 ms."""
     base = {"suite": "kernels", "op": "grad_input", "K": 2048, "N": 128, "dtype": "bf16", "gpu": "g", "status": "ok"}
     rows = [base | {"suite": "optimizer", "op": "copy", "provider": "device_copy", "shape": "dense:s", "N": 1024,
                     "K": 1024, "ms_p50": 1.28}]  # fmt: skip: 1024² × 8 bytes in 1.28 ms = 6.5536 GB/s
     rows += [base | {"provider": "cublas_dense", "shape": "dense", "M": m, "density": 1.0, "ms_p50": ms}
-             for m, ms in ((256, 1.12), (512, 1.0), (768, 1.0), (1024, 1.0))]  # fmt: skip
-    points = (("p1", 512, 128, 0.5, 8, 0.625), ("p2", 256, 128, 0.1, 2, 1.55 * 0.125 * 1.12),
-              ("p3", 768, 128, 0.25, 4, 1.22 * 0.53), ("p4", 1024, 128, 0.5, 8, 1.0), ("p5", 512, 64, 0.5, 32, 0.3))
+             for m, ms in ((256, 1.6), (384, 1.6), (512, 1.0), (768, 1.0), (1024, 1.0))]  # fmt: skip
+    points = (("p1", 512, 128, 0.5, 8, 0.625), ("p2", 256, 128, 0.1, 2, 1.55 * 0.125 * 1.6),
+              ("p3", 768, 128, 0.25, 4, 1.22 * 0.53), ("p4", 1024, 128, 0.5, 8, 1.0), ("p5", 512, 64, 0.5, 32, 0.3),
+              ("p6", 384, 128, 0.1, 2, 1.15 * 0.265))
     for shape, m, b, d, nnz, ms in points:
         rows.append(base | {"provider": "triton_grouped", "shape": shape, "M": m, "block_size": b, "density": d,
                             "nnz_blocks": nnz, "ms_p50": ms})  # fmt: skip
-    rows.append(rows[-5] | {"provider": "torch_bsr", "ms_p50": 1.5 * 0.625})
+    rows.append(rows[-6] | {"provider": "torch_bsr", "ms_p50": 1.5 * 0.625})
     return _kernel_frame(rows)
 
 
@@ -149,7 +152,7 @@ def _markdown_rows(lines: list[str]) -> dict[str, dict[str, str]]:
     return {row[header[0]]: row for row in rows}
 
 
-def test_each_kernel_bar_is_judged_against_the_ceiling_the_roofline_allows_at_the_exact_density():
+def test_each_kernel_bar_is_judged_against_d_dense_where_the_op_is_compute_bound_at_its_exact_density():
     from bench.gpu_check.plan import GPU
     from bench.gpu_check.summary import kernel_section
 
@@ -157,13 +160,15 @@ def test_each_kernel_bar_is_judged_against_the_ceiling_the_roofline_allows_at_th
     rows = _markdown_rows(lines)
     kernel = {shape: (row["kernel bar"], row["kernel"]) for shape, row in rows.items()}
     assert kernel == {"p1": ("≤ 1.25 × d×dense", "pass"), "p2": ("≤ 1.6 × d×dense", "pass"),
-                      "p3": ("≤ 1.2 × roofline", "miss"), "p4": ("≤ 1.2 × roofline", "miss"), "p5": ("", "")}
+                      "p3": ("≤ 1.2 × roofline", "miss"), "p4": ("≤ 1.2 × roofline", "miss"), "p5": ("", ""),
+                      "p6": ("≤ 1.2 × roofline", "pass")}
     assert (rows["p1"]["vs d×dense"], rows["p2"]["vs d×dense"], rows["p3"]["vs roofline"]) == ("1.25", "1.55", "1.22")
-    assert [rows[p]["roofline term"] for p in ("p1", "p2", "p3")] == ["compute", "memory", "memory"]
+    assert rows["p6"]["vs roofline"] == "1.15"
+    assert [rows[p]["roofline term"] for p in ("p1", "p2", "p3", "p6")] == ["compute", "compute", "memory", "memory"]
     assert (rows["p1"]["vs BSR"], rows["p1"]["BSR ≥ 1.5×"], rows["p2"]["BSR ≥ 1.5×"]) == ("1.5", "pass",
                                                                                            "not measured")
     assert {shape: row["≤ dense"] for shape, row in rows.items()} == dict.fromkeys(rows, "pass")  # p4: t = t_dense
-    assert "* kernel: 2 pass, 2 miss, 0 not measured" in lines
+    assert "* kernel: 3 pass, 2 miss, 0 not measured" in lines
 
 
 def test_a_kernel_bar_without_a_copy_ceiling_is_reported_not_measured_rather_than_left_out():
@@ -175,8 +180,9 @@ def test_a_kernel_bar_without_a_copy_ceiling_is_reported_not_measured_rather_tha
     frame = _bar_rows()
     lines = kernel_section(frame[frame["suite"] == "kernels"], GPU)
     assert {shape: row["kernel"] for shape, row in _markdown_rows(lines).items()} == {
-        "p1": "not measured", "p2": "not measured", "p3": "not measured", "p4": "not measured", "p5": ""}
-    assert "* kernel: 0 pass, 0 miss, 4 not measured" in lines
+        "p1": "not measured", "p2": "not measured", "p3": "not measured", "p4": "not measured", "p5": "",
+        "p6": "not measured"}
+    assert "* kernel: 0 pass, 0 miss, 5 not measured" in lines
 
 
 def _optimizer_rows(smet_gbps: float) -> pd.DataFrame:

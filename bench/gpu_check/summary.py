@@ -4,7 +4,8 @@ Bars (the kernel ratios come from :func:`bench.report.kernel_comparison`: ``vs d
 ``vs roofline = t / max(d · t_dense, compulsory bytes / copy bandwidth)``, both ceilings measured in this run):
 
 * at the first block size (b = 128 on the GPU), d in ``roofline.BARS``: ``vs d×dense ≤ c`` where the roofline allows
-  it (``roofline ≤ c · d · t_dense``), else ``vs roofline ≤ 1.2``;
+  it, i.e. the op is compute-bound (``compulsory bytes / copy bandwidth ≤ d · t_dense``: the 7b and 1b shapes at
+  d ≥ 0.25, 7b at d = 0.1, as the GPU issue lists them), else ``vs roofline ≤ 1.2``;
 * every block size and density: ``t_bsr / t ≥ 1.5`` (torch BSR) and, at d ≤ 0.5, ``t ≤ t_dense``;
 * the kernel variants (not a bar): each variant's geometric-mean time against ``grouped``, the data for choosing
   the default variant; then each KERNEL_NOTES prediction beside its measured value (:mod:`.predictions`);
@@ -106,7 +107,7 @@ def _kernel_rows(kernels: pd.DataFrame, sizes: Sizes) -> pd.DataFrame:
         if headline and pd.isna(point.roofline_ms):  # no dense row or no copy ceiling: no bar can be set
             row |= {"kernel bar": "", "kernel": _verdict(None)}
         elif headline:
-            allowed = point.roofline_ms <= c * point.exact_density * point.dense_ms
+            allowed = point.roofline_ms <= point.exact_density * point.dense_ms  # compute-bound
             bar, value = (f"≤ {c} × d×dense", point.vs_d_dense) if allowed else (f"≤ {ROOFLINE_BAR} × roofline",
                                                                                   point.vs_roofline)  # fmt: skip
             row |= {"kernel bar": bar, "kernel": _verdict(value <= (c if allowed else ROOFLINE_BAR))}
