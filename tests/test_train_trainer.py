@@ -179,7 +179,7 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
         return real_save(obj, path, *args, **kwargs)
 
     monkeypatch.setattr(checkpoint.torch, "save", save_then_crash)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(trainer.TrainingFailed, match="^could not write checkpoint step_0000004: disk full$"):
         train(tiny_config(optimizer="adamw", max_steps=4, checkpoint_every=2, eval_every=0, out_dir=str(tmp_path)))
     visible = sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if not p.name.startswith("."))
     assert visible == ["step_0000002"]
