@@ -10,7 +10,7 @@ Each case is named after its op (``bsmm_forward``, ``bsmm_grad_input``, ``bsmm_g
 ``adamw_step[<warm-up>]``, ``regrow_blocks``); signatures are read from the kernels' parameters
 (:func:`kernel_signature`), autotune spaces and pruning rules from :mod:`smet_kernels.ops.launch_config`.
 
-    python -m profiling.kernel_resources --arch 90 --out-dir reports/static-sm90
+    python -m profiling.kernel_resources --arch 90 --dtypes bf16 --out-dir reports/static-sm90   # the committed report
 
 These are compiler facts, not timings: they tell whether a kernel can run at speed (no spills, pipelined, fits in
 shared memory) and which autotune configs the shared-memory pruner keeps, before any GPU time is spent.
