@@ -262,10 +262,11 @@ def set_rng_state(state: dict, device: torch.device) -> None:
 @contextlib.contextmanager
 def _writing(final: Path):
     """Turn an ``OSError`` while writing checkpoint ``final`` (a full disk, no permission) into a one-line
-    :class:`TrainingFailed`."""
+    :class:`TrainingFailed`; also the ``RuntimeError`` that ``torch.save`` raises for a failed write of its zip
+    writer (a full disk there is not an ``OSError``)."""
     try:
         yield
-    except OSError as error:
+    except (OSError, RuntimeError) as error:
         raise TrainingFailed(f"could not write checkpoint {final.name}: {error}") from None
 
 
