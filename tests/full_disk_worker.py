@@ -1,9 +1,11 @@
-"""``smet-train`` on a full disk for ``state.pt``: its ``torch.save`` (rank 0 writes it in every checkpoint) writes to
-``/dev/full``, where every write fails with ENOSPC as on a full disk -- tests may run as root, whom an unwritable
-folder does not stop. ``torch.save`` reports that failure as a ``RuntimeError`` of its zip writer, not an
-``OSError``. Run by ``tests/test_train_ddp.py`` through ``torchrun_launch.launch``; ``tests/test_train_faults.py``
-patches :func:`save_on_a_full_disk` in."""
+"""``smet-train`` on a full disk: what it writes there goes to ``/dev/full``, where every write fails with ENOSPC as on
+a full disk -- tests may run as root, whom an unwritable folder does not stop. ``FULL_DISK=state`` (the default):
+``state.pt`` (rank 0 writes it in every checkpoint), whose ``torch.save`` reports the failure as a ``RuntimeError``
+of its zip writer, not an ``OSError``; ``FULL_DISK=shards``: the DCP shards of rank 1 alone (``--parallel fsdp``).
+Run by ``tests/test_train_ddp.py`` through ``torchrun_launch.launch``; ``tests/test_train_faults.py`` patches
+:func:`save_on_a_full_disk` in."""
 
+import os
 import sys
 from pathlib import Path
 
@@ -18,8 +20,24 @@ def save_on_a_full_disk(value, target, *args, **kwargs):
          **kwargs)
 
 
+def shards_of_rank_1_on_a_full_disk() -> None:
+    """DCP writes the ``.distcp`` shard files of rank 1 to ``/dev/full``."""
+    from torch.distributed.checkpoint.filesystem import FileSystem
+
+    create_stream = FileSystem.create_stream
+
+    def create(self, path, mode):
+        full = mode == "wb" and str(path).endswith(".distcp") and os.environ.get("RANK") == "1"
+        return create_stream(self, Path("/dev/full") if full else path, mode)
+
+    FileSystem.create_stream = create
+
+
 if __name__ == "__main__":
     from smet_kernels.train import cli
 
-    torch.save = save_on_a_full_disk
+    if os.environ.get("FULL_DISK", "state") == "shards":
+        shards_of_rank_1_on_a_full_disk()
+    else:
+        torch.save = save_on_a_full_disk
     sys.exit(cli.main())

@@ -77,3 +77,17 @@ def test_a_checkpoint_rank_0_cannot_write_stops_every_rank_with_one_line(tmp_pat
     assert last[0].startswith(prefix) and len(last[0]) > len(prefix), outputs[0]
     assert last[1] == last[0].replace("error: ", "error: rank 0 failed: ", 1)
     assert not any("Traceback" in output for output in outputs)
+
+
+def test_a_checkpoint_shard_one_rank_cannot_write_stops_every_rank_with_one_line(tmp_path, tmp_path_factory,
+                                                                                   monkeypatch):
+    """DCP reports a failed shard write (here rank 1's alone, on a full disk) on every rank, as a CheckpointException
+    (a BaseException) carrying every rank's traceback: each rank printed them all."""
+    monkeypatch.setenv("FULL_DISK", "shards")
+    worker = Path(__file__).with_name("full_disk_worker.py")
+    outputs = launch(tmp_path / "run", 2, tmp_path_factory.getbasetemp() / "smet_cache",
+                     ARGS + ["--max-steps", "2", "--checkpoint-every", "2", "--parallel", "fsdp"],
+                     program=(str(worker),), returncode=1)
+    expected = "smet-train: error: could not write checkpoint step_0000002: rank 1: [Errno 28] No space left on device"
+    assert [output.strip().splitlines()[-1] for output in outputs] == [expected, expected]
+    assert not any("Traceback" in output for output in outputs)

@@ -304,9 +304,11 @@ def write_sharded_checkpoint(out_dir: Path, step: int, tensors: dict, state: dic
                              ddp: DistInfo) -> Path:
     """Collective: every rank writes its shards of ``tensors`` with DCP, rank 0 ``state`` and ``config``; the
     checkpoint becomes visible (renamed) once all are on disk. A failed write of rank 0 stops every rank
-    (:func:`on_rank0`); DCP raises its own failures on every rank."""
+    (:func:`on_rank0`), and so does a failed shard write of any rank (DCP reports it on every rank), each with a
+    one-line :class:`TrainingFailed`."""
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
 
     root = out_dir / CHECKPOINTS_DIR
     final = root / f"step_{step:07d}"
@@ -324,7 +326,12 @@ def write_sharded_checkpoint(out_dir: Path, step: int, tensors: dict, state: dic
             _seal(tmp, final)
 
     on_rank0(ddp, prepare)
-    dcp.save(tensors, checkpoint_id=tmp / SHARDED_DIR)
+    try:
+        dcp.save(tensors, checkpoint_id=tmp / SHARDED_DIR)
+    except CheckpointException as error:  # a BaseException whose text holds every failed rank's traceback
+        rank = min(error.failures)
+        cause = error.failures[rank][0]
+        raise TrainingFailed(f"could not write checkpoint {final.name}: rank {rank}: {cause}") from error
     dist.barrier()
     on_rank0(ddp, seal)
     return final
