@@ -317,16 +317,19 @@ def one_line_error(capsys, argv: list[str], code: int) -> str:
     return err[0].removeprefix("smet-train: error: ")
 
 
-def test_a_resume_of_a_run_whose_metrics_jsonl_has_a_corrupt_line_is_a_one_line_error(tmp_path, capsys):
-    """A line that is not JSON before the last one (not cut short by a stop): the resume failed with a
-    JSONDecodeError traceback."""
+@pytest.mark.parametrize("line, problem", [("{garbage", "is not JSON"), ("[]", "is not a metrics record"),
+                                           ('{"loss": 1.0}', "is not a metrics record")])
+def test_a_resume_of_a_run_whose_metrics_jsonl_has_a_corrupt_line_is_a_one_line_error(tmp_path, capsys, line,
+                                                                                        problem):
+    """A line that is not JSON before the last one (not cut short by a stop), or JSON that is not a record: the
+    resume failed with a JSONDecodeError, TypeError or KeyError traceback."""
     out = tmp_path / "run"
     train(tiny_config(max_steps=2, checkpoint_every=2, out_dir=str(out)))
     path = out / "metrics.jsonl"
     lines = path.read_text().splitlines()
-    path.write_text("\n".join(["{garbage", *lines[1:]]) + "\n")
+    path.write_text("\n".join([line, *lines[1:]]) + "\n")
     reason = one_line_error(capsys, ["--resume", str(out), "--max-steps", "4", "--no-progress"], 2)
-    assert reason == f"{path}: line 1 '{{garbage' is not JSON (the file is corrupt): repair or remove that line"
+    assert reason.startswith(f"{path}: line 1 {line!r} {problem}") and reason.endswith("repair or remove that line")
 
 
 def test_a_checkpoint_that_cannot_be_written_stops_the_run_with_one_line(tmp_path, monkeypatch, capsys):

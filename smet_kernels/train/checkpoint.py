@@ -267,7 +267,7 @@ def _writing(final: Path):
     try:
         yield
     except (OSError, RuntimeError) as error:
-        raise TrainingFailed(f"could not write checkpoint {final.name}: {error}") from None
+        raise TrainingFailed(f"could not write checkpoint {final.name}: {error}") from error
 
 
 def write_checkpoint(out_dir: Path, step: int, state: dict, config: TrainConfig) -> Path:

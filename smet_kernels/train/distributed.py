@@ -71,7 +71,7 @@ def on_rank0(ddp: DistInfo, work: Callable[[], T]) -> T | None:
         except Exception as caught:  # whatever it is, the other ranks must hear of it
             error = caught
     if ddp.enabled:
-        outcome = [None if error is None else (isinstance(error, ConfigError), str(error))]
+        outcome = [None if error is None else (isinstance(error, ConfigError), str(error) or type(error).__name__)]
         dist.broadcast_object_list(outcome, src=0)
         if ddp.rank != 0 and outcome[0] is not None:
             bad_input, message = outcome[0]

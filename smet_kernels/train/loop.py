@@ -31,8 +31,9 @@ evaluates (when the run does) and writes the summary.
 
 Multi-process: under ``torchrun`` (``WORLD_SIZE > 1``) the process group is initialised from the environment
 (``nccl`` on CUDA, ``gloo`` on CPU); every rank takes its own slice of each global batch, so the training matches
-one process. What rank 0 does alone (opening ``out_dir``, writing checkpoints) ends in a broadcast of its outcome: a
-failure there stops every rank with a one-line error. ``parallel="ddp"`` (default) wraps the model in
+one process. Rank 0's own work at setup (opening ``out_dir``) and at each checkpoint write ends in a broadcast of its
+outcome: a failure there stops every rank with a one-line error (a failed write of ``metrics.jsonl`` between
+checkpoints is not agreed on). ``parallel="ddp"`` (default) wraps the model in
 ``DistributedDataParallel`` (on the compact parameters). ``parallel="fsdp"`` applies FSDP2 (``fully_shard`` to each
 decoder layer, then the root) before the optimizer is built: every parameter, compact values included, becomes a
 ``DTensor`` sharded on dim 0 (whole slots per rank), and so do the optimizer states (``block_step`` included);

@@ -81,21 +81,24 @@ class MetricsLog:
 
 def read_records(path: Path) -> list[dict]:
     """The records of ``metrics.jsonl``; its last line is left out (warned) when a stopped run cut it short, another
-    line that is not JSON is a :class:`ConfigError`."""
+    line that is not JSON, or a line that is not a record (an object with an integer ``step``), is a
+    :class:`ConfigError`."""
     lines = [(number, line) for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1) if line]
     records = []
-    for number, line in lines[:-1]:
+    for index, (number, line) in enumerate(lines):
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except ValueError:
+            if index == len(lines) - 1:
+                warnings.warn(f"{path}: its last line {line[:60]!r} is cut short (a run stopped while writing it); "
+                              "left out", MetricsWarning, stacklevel=3)
+                break
             raise ConfigError(f"{path}: line {number} {line[:60]!r} is not JSON (the file is corrupt): repair or "
                               "remove that line") from None
-    if lines:
-        try:
-            records.append(json.loads(lines[-1][1]))
-        except ValueError:
-            warnings.warn(f"{path}: its last line {lines[-1][1][:60]!r} is cut short (a run stopped while writing "
-                          "it); left out", MetricsWarning, stacklevel=3)
+        if not (isinstance(record, dict) and isinstance(record.get("step"), int)):
+            raise ConfigError(f"{path}: line {number} {line[:60]!r} is not a metrics record (an object with an "
+                              "integer step; the file is corrupt): repair or remove that line")
+        records.append(record)
     return records
 
 
