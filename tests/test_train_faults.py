@@ -72,7 +72,8 @@ def test_a_diverging_run_stops_with_one_line_and_writes_no_nonfinite_checkpoint(
     for checkpoint in (out / "checkpoints").glob("step_*"):
         state = torch.load(checkpoint / "state.pt", weights_only=False)
         assert int(checkpoint.name[5:]) < stop["step"]
-        assert all(torch.isfinite(v).all() for v in state["model"].values() if isinstance(v, torch.Tensor) and torch.is_floating_point(v))
+        assert all(torch.isfinite(v).all() for v in state["model"].values()
+                   if isinstance(v, torch.Tensor) and torch.is_floating_point(v))
 
 
 def test_skip_drops_nonfinite_steps_and_counts_them(tmp_path, monkeypatch):

@@ -1,5 +1,6 @@
 """The trainer's records: ``metrics.jsonl`` (one JSON object a line; see :mod:`smet_kernels.train.loop` for the
-record types), ``summary.json`` (both strict JSON: a non-finite number is written as ``null``), perplexity and the peak-memory measurement."""
+record types), ``summary.json`` (both strict JSON: a non-finite number is written as ``null``), perplexity and the
+peak-memory measurement."""
 
 from __future__ import annotations
 
