@@ -25,15 +25,16 @@ Both kinds share one schedule and one selection rule (:mod:`smet_kernels.prune_r
 
 **Dense gradients (RigL).** Only on update steps: when ``regrow="gradient"`` the controller puts a forward
 hook on each sparse layer when it is built, and the hooks record only right before an update step
-(:meth:`SMET.needs_dense_grad` is then True). While armed, every backward through such a layer accumulates
-``dyᵀx`` (fp32, ``[out, in]``) for it; gradient accumulation over micro-batches therefore sums as the
-parameter gradients do. The training loop needs no change: ``forward, backward, optimizer.step(),
-smet.step()`` as usual. A controller built on a model takes over its layers: it removes the hooks an earlier
-controller put there (which would keep that one, and its optimizer, alive). A model compiled after the controller
-is built runs the hooks (compiled once while they record and once while they do not, with a graph break at each
-sparse layer while they record). Dynamo does not guard on module hooks, so it never sees a hook added to a model it
-compiled before, nor one of a model whose class it already compiled in this process without them
-(``torch._dynamo.reset()`` first, as ``smet-train --compile`` does for RigL).
+(:meth:`SMET.needs_dense_grad` is then True). While armed, the hook adds a zero to the layer's output,
+``y + x·probeᵀ`` with ``probe = 0`` (fp32, ``[out, in]``, ``x`` detached), so ``y`` is unchanged and every backward
+through the layer accumulates ``probe.grad += dyᵀx``; gradient accumulation over micro-batches therefore sums as the
+parameter gradients do, and an activation-checkpointed layer counts it once. The training loop needs no change:
+``forward, backward, optimizer.step(), smet.step()`` as usual. A controller built on a model takes over its layers:
+it removes the hooks an earlier controller put there (which would keep that one, and its optimizer, alive). A model
+compiled after the controller is built traces the hooks (no tensor hook, so no graph break: ``fullgraph=True`` works;
+compiled once while they record and once while they do not). Dynamo does not guard on module hooks, so it never sees
+a hook added to a model it compiled before, nor one of a model whose class it already compiled in this process
+without them (``torch._dynamo.reset()`` first, as ``smet-train --compile`` does for RigL).
 
 **Distributed.** Decisions depend only on weights (identical across DDP ranks), the step and the seeded
 generator (rank 0's state, broadcast when the controller is built; then consumed identically on every rank). In
@@ -82,8 +83,13 @@ class _SparseTarget:
     layout: BlockLayout
     kind: str
     module: nn.Module
-    dense_grad: torch.Tensor | None = None
+    probe: torch.Tensor | None = field(default=None, repr=False)  # zero fp32 [out, in] while RigL records
     hook: object = field(default=None, repr=False)
+
+    @property
+    def dense_grad(self) -> torch.Tensor | None:
+        """``dL/dW = Σ dyᵀx`` recorded since the controller armed (``probe.grad``); None if no backward ran."""
+        return None if self.probe is None else self.probe.grad
 
 
 def _check_int(value, name: str, minimum: int, maximum: int | None = None) -> int:
@@ -281,7 +287,8 @@ class SMET:
         """Drop the dense gradients recorded since the last step (a step that was not taken, e.g. skipped for a
         non-finite loss: the retried step records them again, and RigL must not score the skipped one's)."""
         for target in self.targets:
-            target.dense_grad = None
+            if target.probe is not None:
+                target.probe.grad = None
 
     # ------------------------------------------------------------------ stepping
     def step(self) -> dict | None:
@@ -330,7 +337,6 @@ class SMET:
             if slots.numel():
                 self._apply(target, slots, new_blocks)
             record["layers"][target.name] = {"pruned": int(slots.numel()), "regrown": int(new_blocks.shape[0])}
-            target.dense_grad = None
         self.history.append(record)
         return record
 
@@ -477,11 +483,14 @@ class SMET:
 
     # ------------------------------------------------------------------ dense-gradient hooks (RigL)
     def _sync_hooks(self) -> None:
-        """Arm the recording for the next step when due; with RigL, (re-)attach any missing hook."""
+        """Arm the recording for the next step when due (a fresh zero probe per layer, no dense gradient yet);
+        with RigL, (re-)attach any missing hook."""
         self._recording = self.needs_dense_grad()
         if self.regrow != "gradient":
             return
         for target in self.targets:
+            shape, device = target.layout.shape, target.param.device
+            target.probe = torch.zeros(shape, device=device, requires_grad=True) if self._recording else None
             if target.hook is None:
                 recorder = self._make_recorder(target)
                 target.hook = recorder.smet_handle = target.module.register_forward_hook(recorder)
@@ -497,16 +506,14 @@ class SMET:
 
     def _make_recorder(self, target: _SparseTarget):
         def record_input(module, inputs, output):
+            """While armed: ``y + x·probeᵀ`` (``probe = 0``: ``y`` unchanged), so ``probe.grad = Σ dyᵀx`` (fp32);
+            traceable, no tensor hook: under ``torch.compile`` no graph break, one graph armed and one not."""
             recording = self._recording and torch.is_grad_enabled()
             if not (recording and isinstance(output, torch.Tensor) and output.requires_grad):
-                return
-            x = inputs[0].detach()
-
-            def accumulate_dense_grad(dy: torch.Tensor) -> None:
-                grad = dy.detach().reshape(-1, dy.shape[-1]).float().t() @ x.reshape(-1, x.shape[-1]).float()
-                target.dense_grad = grad if target.dense_grad is None else target.dense_grad.add_(grad)
-
-            output.register_hook(accumulate_dense_grad)
+                return None
+            x = inputs[0].detach().float()
+            with torch.autocast(x.device.type, enabled=False):  # fp32 dyᵀx under bf16 autocast too
+                return output + (x @ target.probe.t()).to(output.dtype)
 
         return record_input
 
@@ -548,7 +555,6 @@ class SMET:
         history = copy.deepcopy(state["history"])
         for target, block_indices in zip(self.targets, restored):
             target.layout.set_block_indices(block_indices)
-            target.dense_grad = None
         self._step = step
         self.generator.set_state(generator_state)
         self.history = history

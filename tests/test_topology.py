@@ -198,13 +198,13 @@ def test_a_rigl_update_that_raises_is_not_counted_and_the_retry_updates():
     (model(x) - target).pow(2).mean().backward()
     opt.step()
     recorded = smet.targets[1].dense_grad
-    smet.targets[1].dense_grad = None  # as if no backward went through the second layer
+    smet.targets[1].probe.grad = None  # as if no backward went through the second layer
     before = [t.layout.block_indices.clone() for t in smet.targets]
     with pytest.raises(RuntimeError, match="dense gradient of 'down.values'"):
         smet.step()
     assert smet.step_count == 1 and smet.history == [] and smet.needs_dense_grad()
     assert all(torch.equal(t.layout.block_indices, b) for t, b in zip(smet.targets, before))
-    smet.targets[1].dense_grad = recorded
+    smet.targets[1].probe.grad = recorded
     assert smet.step()["step"] == 2 and smet.step_count == 2
 
 
@@ -227,6 +227,67 @@ def test_rigl_ignores_no_grad_forwards():
     with torch.no_grad():
         model(batch(0)[0])
     assert all(t.dense_grad is None for t in smet.targets)
+
+
+class LayerLoop(nn.Module):
+    """Sparse layers called in a Python loop, as a transformer calls its blocks."""
+
+    def __init__(self):
+        super().__init__()
+        gen = torch.Generator().manual_seed(0)
+        self.layers = nn.ModuleList(
+            BlockSparseLinear(FEATURES, FEATURES, 0.5, B, generator=gen, backend="reference") for _ in range(3)
+        )
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = torch.relu(layer(x))
+        return x
+
+
+@pytest.mark.parametrize("fullgraph", [False, True])
+def test_a_compiled_rigl_model_runs_its_whole_graph_on_every_step_recording_or_not(fullgraph):
+    """The recording is traced (no tensor hook): one graph while armed, one while not, and no graph break. A tensor
+    hook broke the graph inside the loop, and Dynamo then ran ``forward`` eagerly for good (a graph per layer)."""
+    from torch._dynamo.backends.debugging import aot_eager
+
+    calls = [0]
+
+    def counting_aot_eager(graph, example_inputs):
+        compiled = aot_eager(graph, example_inputs)
+
+        def run(*args):
+            calls[0] += 1
+            return compiled(*args)
+
+        return run
+
+    def train(compile_model):
+        torch._dynamo.reset()
+        model = LayerLoop()
+        opt = SMETAdamW(model.parameters(), lr=1e-2, backend="reference")
+        smet = SMET(model, opt, update_interval=2, prune_fraction=0.3, regrow="gradient")
+        run = torch.compile(model, backend=counting_aot_eager, fullgraph=fullgraph) if compile_model else model
+        per_step, grads = [], []
+        for step in range(1, 7):
+            before = calls[0]
+            x, target = batch(step)
+            (run(x) - target).pow(2).mean().backward()
+            grads.append([t.dense_grad for t in smet.targets])
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            smet.step()
+            per_step.append(calls[0] - before)
+        return per_step, grads, smet.history, _layouts(model)
+
+    eager_calls, eager_grads, eager_history, eager_layouts = train(False)
+    calls_per_step, grads, history, layouts = train(True)
+    assert eager_calls == [0] * 6 and calls_per_step == [1] * 6  # was [1, 6, 3, 3, 3, 3]
+    assert [step for step, g in enumerate(grads, 1) if g[0] is not None] == [2, 4, 6]
+    for ours, theirs in zip(grads, eager_grads):
+        assert all(a is b is None or torch.equal(a, b) for a, b in zip(ours, theirs))
+    assert history == eager_history and len(history) == 3
+    assert all(torch.equal(layouts[k], eager_layouts[k]) for k in layouts)
 
 
 def test_a_controller_built_on_a_model_takes_over_the_dense_gradient_hooks_of_an_earlier_one():

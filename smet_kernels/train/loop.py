@@ -236,11 +236,11 @@ class Run:
                 self.model, device_ids=device_ids, broadcast_buffers=False
             )
         if config.compile:  # one graph per model: the block-sparse products are custom ops (torch.ops.smet)
-            # but RigL's dense-gradient hooks (armed before an update step) break the graph at each sparse layer
-            rigl = self.controller is not None and self.controller.regrow == "gradient"
-            if rigl:  # Dynamo does not guard on module hooks: code compiled before for this model class, without
-                torch._dynamo.reset()  # them (an earlier run in this process), would be reused and never record
-            self.wrapped = torch.compile(self.wrapped, fullgraph=not (self.ddp.enabled or rigl))
+            if self.controller is not None and self.controller.regrow == "gradient":
+                # Dynamo does not guard on module hooks: code compiled before for this model class without RigL's
+                # dense-gradient hooks (an earlier run in this process) would be reused and never record
+                torch._dynamo.reset()
+            self.wrapped = torch.compile(self.wrapped, fullgraph=not self.ddp.enabled)
         # before the first checkpoint write; rank 0 writes or coordinates them
         self.metrics = on_rank0(self.ddp, self._open_out_dir) if self.out_dir else None
 
