@@ -26,9 +26,9 @@ Both kinds share one schedule and one selection rule (:mod:`smet_kernels.prune_r
 **Dense gradients (RigL).** Only on update steps: when ``regrow="gradient"`` the controller puts a forward
 hook on each sparse layer when it is built, and the hooks record only right before an update step
 (:meth:`SMET.needs_dense_grad` is then True). While armed, the hook adds a zero to the layer's output,
-``y + x·probeᵀ`` with ``probe = 0`` (fp32, ``[out, in]``, ``x`` detached), so ``y`` is unchanged and every backward
-through the layer accumulates ``probe.grad += dyᵀx``; gradient accumulation over micro-batches therefore sums as the
-parameter gradients do, and an activation-checkpointed layer counts it once. The training loop needs no change:
+``y + x·probeᵀ`` with ``probe = 0`` (fp32, ``[out, in]`` stored as one element, ``x`` detached), so ``y`` is
+unchanged and every backward through the layer accumulates ``probe.grad += dyᵀx``; gradient accumulation over
+micro-batches therefore sums as the parameter gradients do, and an activation-checkpointed layer counts it once. The training loop needs no change:
 ``forward, backward, optimizer.step(), smet.step()`` as usual. A controller built on a model takes over its layers:
 it removes the hooks an earlier controller put there (which would keep that one, and its optimizer, alive). A model
 compiled after the controller is built traces the hooks (no tensor hook, so no graph break: ``fullgraph=True`` works;
@@ -121,6 +121,12 @@ def _plain_name(name: str) -> str:
     """A parameter's name without the ``_orig_mod`` of ``torch.compile`` wrappers: a controller built on a compiled
     model (or on compiled submodules) keeps the names of the plain model, so their states load into each other."""
     return ".".join(part for part in name.split(".") if part != "_orig_mod")
+
+
+def _zero_probe(shape: tuple[int, int], device: torch.device) -> torch.Tensor:
+    """A zero fp32 leaf of ``shape`` that requires grad, stored as one element (zero strides): its ``grad`` is a
+    dense ``[out, in]`` tensor, the probe itself costs no memory."""
+    return torch.zeros(1, device=device).expand(shape).detach().requires_grad_()
 
 
 def _distributed() -> bool:
@@ -489,8 +495,7 @@ class SMET:
         if self.regrow != "gradient":
             return
         for target in self.targets:
-            shape, device = target.layout.shape, target.param.device
-            target.probe = torch.zeros(shape, device=device, requires_grad=True) if self._recording else None
+            target.probe = _zero_probe(target.layout.shape, target.param.device) if self._recording else None
             if target.hook is None:
                 recorder = self._make_recorder(target)
                 target.hook = recorder.smet_handle = target.module.register_forward_hook(recorder)

@@ -553,3 +553,18 @@ def test_layers_too_small_to_move_a_block_are_reported():
     optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
     with pytest.warns(RuntimeWarning, match="moves no block of 1 layer"):
         SMET(layer, optimizer, update_interval=1, prune_fraction=0.2)
+
+
+def test_the_rigl_probe_holds_one_element_and_its_gradient_is_the_dense_gradient():
+    """The zero probe whose gradient records ``dyᵀx`` is stored as one element: a dense fp32 ``[out, in]`` zero per
+    layer beside its gradient doubled RigL's recording memory."""
+    model, opt, smet = make_run(regrow="gradient", update_interval=2)
+    train_step(model, opt, smet, 1)  # the next step is an update step: armed
+    x, target = batch(2)
+    y_up = model.up(x)
+    y_up.retain_grad()
+    (model.down(torch.relu(y_up)) - target).pow(2).mean().backward()
+    up = smet.targets[0]
+    assert up.name == "up.values" and up.probe.shape == up.layout.shape
+    assert up.probe.untyped_storage().nbytes() == 4
+    torch.testing.assert_close(up.dense_grad, y_up.grad.t() @ x)
