@@ -28,8 +28,8 @@ hook on each sparse layer when it is built, and the hooks record only right befo
 (:meth:`SMET.needs_dense_grad` is then True). While armed, the hook adds a zero to the layer's output,
 ``y + x·probeᵀ`` with ``probe = 0`` (fp32, ``[out, in]`` stored as one element, ``x`` detached), so ``y`` is
 unchanged and every backward through the layer accumulates ``probe.grad += dyᵀx``; gradient accumulation over
-micro-batches therefore sums as the parameter gradients do, and an activation-checkpointed layer counts it once. The training loop needs no change:
-``forward, backward, optimizer.step(), smet.step()`` as usual. A controller built on a model takes over its layers:
+micro-batches therefore sums as the parameter gradients do, and an activation-checkpointed layer counts it once.
+The training loop needs no change: ``forward, backward, optimizer.step(), smet.step()`` as usual. A controller built on a model takes over its layers:
 it removes the hooks an earlier controller put there (which would keep that one, and its optimizer, alive). A model
 compiled after the controller is built traces the hooks (no tensor hook, so no graph break: ``fullgraph=True`` works;
 compiled once while they record and once while they do not). Dynamo does not guard on module hooks, so it never sees
