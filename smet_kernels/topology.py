@@ -25,16 +25,17 @@ Both kinds share one schedule and one selection rule (:mod:`smet_kernels.prune_r
 
 **Dense gradients (RigL).** Only on update steps: when ``regrow="gradient"`` the controller puts a forward
 hook on each sparse layer when it is built, and the hooks record only right before an update step
-(:meth:`SMET.needs_dense_grad` is then True). While armed, the hook adds a zero to the layer's output,
-``y + x·probeᵀ`` with ``probe = 0`` (fp32, ``[out, in]`` stored as one element, ``x`` detached), so ``y`` is
-unchanged and every backward through the layer accumulates ``probe.grad += dyᵀx``; gradient accumulation over
-micro-batches therefore sums as the parameter gradients do, and an activation-checkpointed layer counts it once.
-The training loop needs no change: ``forward, backward, optimizer.step(), smet.step()`` as usual. A controller built on a model takes over its layers:
-it removes the hooks an earlier controller put there (which would keep that one, and its optimizer, alive). A model
-compiled after the controller is built traces the hooks (no tensor hook, so no graph break: ``fullgraph=True`` works;
-compiled once while they record and once while they do not). Dynamo does not guard on module hooks, so it never sees
-a hook added to a model it compiled before, nor one of a model whose class it already compiled in this process
-without them (``torch._dynamo.reset()`` first, as ``smet-train --compile`` does for RigL).
+(:meth:`SMET.needs_dense_grad` is then True). While armed, the hook passes the layer's output ``y`` through an
+autograd function with a zero fp32 ``probe`` (``[out, in]`` stored as one element): ``y`` is unchanged and every
+backward through the layer accumulates ``probe.grad += dyᵀx`` (fp32; ``x`` saved in its own dtype, as the layer
+saves it); gradient accumulation over micro-batches therefore sums as the parameter gradients do, and an
+activation-checkpointed layer counts it once. The training loop needs no change: ``forward, backward,
+optimizer.step(), smet.step()`` as usual. A controller built on a model takes over its layers: it removes the hooks
+an earlier controller put there (which would keep that one, and its optimizer, alive). A model compiled after the
+controller is built traces the hooks (no tensor hook, so no graph break: ``fullgraph=True`` works; compiled once
+while they record and once while they do not). Dynamo does not guard on module hooks, so it never sees a hook added
+to a model it compiled before, nor one of a model whose class it already compiled in this process without them
+(``torch._dynamo.reset()`` first, as ``smet-train --compile`` does for RigL).
 
 **Distributed.** Decisions depend only on weights (identical across DDP ranks), the step and the seeded
 generator (rank 0's state, broadcast when the controller is built; then consumed identically on every rank). In
@@ -127,6 +128,24 @@ def _zero_probe(shape: tuple[int, int], device: torch.device) -> torch.Tensor:
     """A zero fp32 leaf of ``shape`` that requires grad, stored as one element (zero strides): its ``grad`` is a
     dense ``[out, in]`` tensor, the probe itself costs no memory."""
     return torch.zeros(1, device=device).expand(shape).detach().requires_grad_()
+
+
+class _RecordDenseGrad(torch.autograd.Function):
+    """``y`` unchanged (bitwise, ``-0.0`` and non-finite ``x`` too) in forward; in backward ``dy`` passes on and the
+    probe's gradient is ``dyᵀx`` (fp32). ``x`` is saved in its own dtype: the layer saves it anyway, so recording
+    keeps no fp32 copy of each layer's input (``y + x.float()·probeᵀ`` did, doubling a bf16 model's activations)."""
+
+    @staticmethod
+    def forward(ctx, output: torch.Tensor, x: torch.Tensor, probe: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        return output.clone()  # a view of the input would refuse in-place ops on the layer's output
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        (x,) = ctx.saved_tensors
+        with torch.autocast(dy.device.type, enabled=False):  # fp32 dyᵀx even where backward runs under autocast
+            grad = dy.detach().reshape(-1, dy.shape[-1]).float().t() @ x.reshape(-1, x.shape[-1]).float()
+        return dy, None, grad
 
 
 def _distributed() -> bool:
@@ -511,14 +530,12 @@ class SMET:
 
     def _make_recorder(self, target: _SparseTarget):
         def record_input(module, inputs, output):
-            """While armed: ``y + x·probeᵀ`` (``probe = 0``: ``y`` unchanged), so ``probe.grad = Σ dyᵀx`` (fp32);
-            traceable, no tensor hook: under ``torch.compile`` no graph break, one graph armed and one not."""
+            """While armed: ``y`` through :class:`_RecordDenseGrad`, so ``probe.grad = Σ dyᵀx`` (fp32); traceable,
+            no tensor hook: under ``torch.compile`` no graph break, one graph armed and one not."""
             recording = self._recording and torch.is_grad_enabled()
             if not (recording and isinstance(output, torch.Tensor) and output.requires_grad):
                 return None
-            x = inputs[0].detach().float()
-            with torch.autocast(x.device.type, enabled=False):  # fp32 dyᵀx under bf16 autocast too
-                return output + (x @ target.probe.t()).to(output.dtype)
+            return _RecordDenseGrad.apply(output, inputs[0].detach(), target.probe)
 
         return record_input
 

@@ -568,3 +568,41 @@ def test_the_rigl_probe_holds_one_element_and_its_gradient_is_the_dense_gradient
     assert up.name == "up.values" and up.probe.shape == up.layout.shape
     assert up.probe.untyped_storage().nbytes() == 4
     torch.testing.assert_close(up.dense_grad, y_up.grad.t() @ x)
+
+
+def test_recording_keeps_no_fp32_copy_of_a_bf16_layers_input_and_leaves_its_output_bit_for_bit():
+    """The probe's gradient needs ``x``: saved in its own dtype (the layer saves it anyway), a recording step of a bf16
+    model saves what any other step saves. ``y + x.float()·probeᵀ`` saved an fp32 copy of every sparse layer's input
+    (twice the bytes of a bf16 layer's own saved input), and turned a ``-0.0`` output into ``+0.0``."""
+
+    def saved_bytes(armed):
+        gen = torch.Generator().manual_seed(0)
+        layer = BlockSparseLinear(FEATURES, FEATURES, 0.5, B, generator=gen, backend="reference").to(torch.bfloat16)
+        opt = SMETAdamW(layer.parameters(), lr=1e-2, backend="reference")
+        smet = SMET(layer, opt, update_interval=1 if armed else 100, prune_fraction=0.3, regrow="gradient")
+        assert smet.needs_dense_grad() == armed
+        x = torch.randn(4, 32, FEATURES, generator=gen).to(torch.bfloat16)
+        saved = {}
+
+        def pack(t):
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            y = layer(x)
+        y.float().pow(2).sum().backward()
+        assert (smet.targets[0].dense_grad is not None) == armed
+        return sum(saved.values())
+
+    assert saved_bytes(armed=True) == saved_bytes(armed=False)
+
+    model = BlockSparseLinear(FEATURES, FEATURES, 0.5, B, backend="reference")
+    smet = SMET(model, torch.optim.SGD(model.parameters(), lr=0.1), update_interval=1, prune_fraction=0.3,
+                regrow="gradient")
+    target = smet.targets[0]
+    target.probe = torch.zeros(1).expand(3, 2).detach().requires_grad_()  # a [3, 2] layer's probe
+    y = torch.tensor([[-0.0, 1.0, -0.0]], requires_grad=True) * 1
+    out = smet._make_recorder(target)(model, (torch.tensor([[-1.0, float("inf")]]),), y)
+    assert torch.equal(torch.signbit(out), torch.signbit(y)) and torch.isfinite(out).all()
+    out.sum().backward()
+    assert target.dense_grad.shape == (3, 2)
