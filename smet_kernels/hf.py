@@ -26,6 +26,7 @@ from transformers import TrainerCallback
 from .layout import SUPPORTED_BLOCK_SIZES, BlockLayout
 from .masked import MaskedLinear
 from .modules import BLOCK_INDICES_KEY, _as_linear, _is_dense_linear, sparsify_with_layouts
+from .prune_regrow import block_l1
 from .topology import SMET
 
 #: key of the controller's state in the optimizer's ``state_dict`` (the Trainer's ``optimizer.pt``)
@@ -213,9 +214,7 @@ def _layout_if_fits(block_indices: torch.Tensor, weight: torch.Tensor, block_siz
         layout = BlockLayout(block_indices, tuple(weight.shape), block_size)
     except (TypeError, ValueError):
         return None
-    rows, cols = layout.block_shape
-    nonzero_blocks = weight.reshape(rows, block_size, cols, block_size).ne(0).any(dim=3).any(dim=1)
-    return None if nonzero_blocks[~layout.mask].any() else layout
+    return None if block_l1(weight, block_size)[~layout.mask].ne(0).any() else layout
 
 
 def _check_keys(model: torch.nn.Module, shapes: dict) -> None:
