@@ -280,9 +280,14 @@ def write_checkpoint(out_dir: Path, step: int, state: dict, config: TrainConfig)
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        torch.save(state, tmp / "state.pt")
-        (tmp / "config.json").write_text(json.dumps(config.to_dict(), indent=1))
+        _write_state(tmp, state, config)
         return _seal(tmp, final)
+
+
+def _write_state(tmp: Path, state: dict, config: TrainConfig) -> None:
+    """A checkpoint folder's ``state.pt`` (``state``) and ``config.json`` (``config``), before it is sealed."""
+    torch.save(state, tmp / "state.pt")
+    (tmp / "config.json").write_text(json.dumps(config.to_dict(), indent=1))
 
 
 def sharded_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
@@ -321,8 +326,7 @@ def write_sharded_checkpoint(out_dir: Path, step: int, tensors: dict, state: dic
 
     def seal() -> None:
         with _writing(final):
-            torch.save({**state, "format": "sharded"}, tmp / "state.pt")
-            (tmp / "config.json").write_text(json.dumps(config.to_dict(), indent=1))
+            _write_state(tmp, {**state, "format": "sharded"}, config)
             _seal(tmp, final)
 
     on_rank0(ddp, prepare)
