@@ -411,10 +411,10 @@ def test_a_schedule_of_betas_reuses_the_device_tables_instead_of_caching_one_set
     assert len(builds) == 1
 
 
-def _torch_adamw_after_three_steps(params):
+def _torch_adamw_after_three_steps(params, fused=None):
     """``torch.optim.AdamW`` stepped three times over ``params``, and copies of them (layout tags kept) to resume
     its state into."""
-    reference = torch.optim.AdamW(params, lr=0.01, betas=BETAS, eps=EPS, weight_decay=0.1)
+    reference = torch.optim.AdamW(params, lr=0.01, betas=BETAS, eps=EPS, weight_decay=0.1, fused=fused)
     for step in range(3):
         for p, g in zip(params, grads_for(step, params)):
             p.grad = g
@@ -444,6 +444,17 @@ def test_a_torch_adamw_state_dict_loads_and_the_dense_parameters_continue_as_tor
     optimizer = SMETAdamW(resumed, backend="reference")
     optimizer.load_state_dict(copy.deepcopy(reference.state_dict()))  # not aliasing its moments
     assert optimizer.param_groups[0]["warmup_scope"] == "regrown"
+    _assert_steps_match(params, reference, resumed, optimizer)
+
+
+def test_a_fused_torch_adamw_state_dict_loads_with_its_steps_on_the_cpu(device):
+    """torch moves a loaded ``step`` to the parameter's device when the saved group says ``fused``: on a GPU every
+    dense parameter's step then cost a device sync (``.item()``) in each optimizer step."""
+    params = [dense_param((8, 24), seed=2, device=device), dense_param((24,), seed=4, device=device)]
+    reference, resumed = _torch_adamw_after_three_steps(params, fused=True)
+    optimizer = SMETAdamW(resumed, backend="reference")
+    optimizer.load_state_dict(copy.deepcopy(reference.state_dict()))
+    assert [optimizer.state[p]["step"].device.type for p in resumed] == ["cpu", "cpu"]
     _assert_steps_match(params, reference, resumed, optimizer)
 
 

@@ -167,6 +167,7 @@ class SMETAdamW(torch.optim.Optimizer):
         which would turn fp32 moments of bf16/fp16 weights into bf16/fp16). A saved group with an invalid or
         unsupported option (e.g. ``amsgrad=True`` from ``torch.optim.AdamW``) raises and changes nothing. The
         state of sparse values saved by ``torch.optim.AdamW`` has no ``block_step``: every slot took its ``step``.
+        A ``step`` counter stays on the CPU (torch moves it to the parameter's device for a group saved as ``fused``).
 
         Hooks run as in ``torch.optim.Optimizer``: the load pre-hooks first (the dict a hook returns is the one
         checked and loaded), the post-hooks last, once the dtypes and ``block_step`` above are restored."""
@@ -193,6 +194,10 @@ class SMETAdamW(torch.optim.Optimizer):
         for group in self.param_groups:
             for param in group["params"]:
                 state = self.state.get(param)
+                if state and isinstance(state.get("step"), torch.Tensor) and state["step"].device.type != "cpu":
+                    # torch moves it to the parameter's device for a saved group that says fused (torch's AdamW
+                    # fused=True): the step reads it back each step, a device sync per parameter
+                    state["step"] = state["step"].cpu()
                 if state and getattr(param, "smet_layout", None) is not None and "block_step" not in state:
                     step = state["step"] if group["bias_correction"] == "global" else state.pop("step")
                     state["block_step"] = zeros_per_row(param, torch.int32).add_(int(step))
