@@ -1,7 +1,8 @@
 """``smet-train`` on a full disk: what it writes there goes to ``/dev/full``, where every write fails with ENOSPC as on
 a full disk -- tests may run as root, whom an unwritable folder does not stop. ``FULL_DISK=state`` (the default):
 ``state.pt`` (rank 0 writes it in every checkpoint), whose ``torch.save`` reports the failure as a ``RuntimeError``
-of its zip writer, not an ``OSError``; ``FULL_DISK=shards``: the DCP shards of rank 1 alone (``--parallel fsdp``).
+of its zip writer, not an ``OSError``; ``FULL_DISK=shards``: the DCP shards of rank 1 alone (``--parallel fsdp``);
+``FULL_DISK=metrics``: the records of ``metrics.jsonl`` from step 2 on; ``FULL_DISK=summary``: ``summary.json``.
 Run by ``tests/test_train_ddp.py`` through ``torchrun_launch.launch``; ``tests/test_train_faults.py`` patches
 :func:`save_on_a_full_disk` in."""
 
@@ -33,11 +34,40 @@ def shards_of_rank_1_on_a_full_disk() -> None:
     FileSystem.create_stream = create
 
 
+def records_from_step_2_on_a_full_disk() -> None:
+    """``MetricsLog.log`` writes the records of step 2 and later to ``/dev/full``."""
+    from smet_kernels.train.metrics import MetricsLog, strict_json
+
+    log = MetricsLog.log
+
+    def log_on_a_full_disk(self, record):
+        if record["step"] < 2:
+            return log(self, record)
+        with open("/dev/full", "w") as full:
+            full.write(strict_json(record) + "\n")
+
+    MetricsLog.log = log_on_a_full_disk
+
+
+def summary_on_a_full_disk() -> None:
+    """``summary.json`` (through its temporary file) is written to ``/dev/full``."""
+    write_text = Path.write_text
+
+    def write(self, text, *args, **kwargs):
+        return write_text(Path("/dev/full") if self.name == "summary.json.tmp" else self, text, *args, **kwargs)
+
+    Path.write_text = write
+
+
+def state_on_a_full_disk() -> None:
+    torch.save = save_on_a_full_disk
+
+
+FULL_DISK = {"state": state_on_a_full_disk, "shards": shards_of_rank_1_on_a_full_disk,
+             "metrics": records_from_step_2_on_a_full_disk, "summary": summary_on_a_full_disk}
+
 if __name__ == "__main__":
     from smet_kernels.train import cli
 
-    if os.environ.get("FULL_DISK", "state") == "shards":
-        shards_of_rank_1_on_a_full_disk()
-    else:
-        torch.save = save_on_a_full_disk
+    FULL_DISK[os.environ.get("FULL_DISK", "state")]()
     sys.exit(cli.main())

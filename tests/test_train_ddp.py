@@ -1,5 +1,6 @@
 """Two-process data-parallel training (gloo, CPU): ranks stay identical and match one process on the same
-global batch, RigL topology updates (dense gradients averaged over ranks) included."""
+global batch, RigL topology updates (dense gradients averaged over ranks) included; a file that rank 0 (or one
+process) cannot write stops every rank with one line."""
 
 import json
 from pathlib import Path
@@ -12,12 +13,14 @@ ARGS = ["--config", "tiny", "--optimizer", "smet", "--density", "0.5", "--batch-
         "--seq-len", "32", "--max-steps", "6", "--update-interval", "3", "--regrow", "gradient", "--eval-every", "3", "--eval-batches", "1",
         "--lr", "3e-3", "--backend", "reference", "--no-progress",
         "--device", "cpu"]  # gloo on the CPU also beside a GPU (two ranks would need two GPUs)
+FULL_DISK_WORKER = Path(__file__).with_name("full_disk_worker.py")
 
 
 def test_two_gloo_ranks_match_single_process(tmp_path, tmp_path_factory):
     cache_dir = tmp_path_factory.getbasetemp() / "smet_cache"
     launch(tmp_path / "single", 1, cache_dir, ARGS)
-    launch(tmp_path / "ddp", 2, cache_dir, ARGS)
+    outputs = launch(tmp_path / "ddp", 2, cache_dir, ARGS)
+    assert not any("Warning" in output for output in outputs), outputs  # DDP's deprecated broadcast_buffers warned
     summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["ranks_in_sync"] is True
     single = {r["step"]: r for r in metrics(tmp_path / "single") if r["type"] == "train"}
@@ -68,10 +71,9 @@ def test_a_checkpoint_rank_0_cannot_write_stops_every_rank_with_one_line(tmp_pat
     """Rank 0 alone writes state.pt (under fsdp beside the shards every rank writes): on a full disk (torch.save's
     RuntimeError) it failed with a traceback, and rank 1 with a gloo 'Connection closed by peer' traceback in its next
     collective (a hang until the timeout under NCCL)."""
-    worker = Path(__file__).with_name("full_disk_worker.py")
     outputs = launch(tmp_path / "run", 2, tmp_path_factory.getbasetemp() / "smet_cache",
                      ARGS + ["--max-steps", "2", "--checkpoint-every", "2", "--parallel", parallel],
-                     program=(str(worker),), returncode=1)
+                     program=(str(FULL_DISK_WORKER),), returncode=1)
     last = [output.strip().splitlines()[-1] for output in outputs]
     prefix = "smet-train: error: could not write checkpoint step_0000002: "
     assert last[0].startswith(prefix) and len(last[0]) > len(prefix), outputs[0]
@@ -84,10 +86,34 @@ def test_a_checkpoint_shard_one_rank_cannot_write_stops_every_rank_with_one_line
     """DCP reports a failed shard write (here rank 1's alone, on a full disk) on every rank, as a CheckpointException
     (a BaseException) carrying every rank's traceback: each rank printed them all."""
     monkeypatch.setenv("FULL_DISK", "shards")
-    worker = Path(__file__).with_name("full_disk_worker.py")
     outputs = launch(tmp_path / "run", 2, tmp_path_factory.getbasetemp() / "smet_cache",
                      ARGS + ["--max-steps", "2", "--checkpoint-every", "2", "--parallel", "fsdp"],
-                     program=(str(worker),), returncode=1)
+                     program=(str(FULL_DISK_WORKER),), returncode=1)
     expected = "smet-train: error: could not write checkpoint step_0000002: rank 1: [Errno 28] No space left on device"
     assert [output.strip().splitlines()[-1] for output in outputs] == [expected, expected]
     assert not any("Traceback" in output for output in outputs)
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+@pytest.mark.parametrize("written", ["metrics", "summary"])
+def test_a_metrics_record_or_summary_that_cannot_be_written_stops_every_rank_with_one_line(
+        tmp_path, tmp_path_factory, monkeypatch, written, world_size):
+    """Rank 0 alone writes metrics.jsonl and summary.json: on a full disk it failed with an OSError traceback, and
+    rank 1 with a gloo 'Connection closed by peer' traceback in its next collective (a hang until the timeout under
+    NCCL); a failed record now stops every rank at the next step, before a checkpoint is written past it."""
+    monkeypatch.setenv("FULL_DISK", written)
+    out = tmp_path / "run"
+    outputs = launch(out, world_size, tmp_path_factory.getbasetemp() / "smet_cache",
+                     ARGS + ["--max-steps", "4", "--checkpoint-every", "2"], program=(str(FULL_DISK_WORKER),),
+                     returncode=1)
+    file = out / ("metrics.jsonl" if written == "metrics" else "summary.json")
+    reason = f"could not write {str(file)!r}: [Errno 28] No space left on device"
+    assert [output.strip().splitlines()[-1] for output in outputs] == [
+        f"smet-train: error: {reason}", f"smet-train: error: rank 0 failed: {reason}"][:world_size]
+    assert not any("Traceback" in output for output in outputs)
+    steps = [r["step"] for r in metrics(out) if r["type"] == "train"]
+    checkpoints = sorted(path.name for path in (out / "checkpoints").glob("*"))
+    if written == "metrics":  # step 2's records were lost: no checkpoint of step 2 or later, no later step taken
+        assert steps == [1] and checkpoints == []
+    else:
+        assert steps == [1, 2, 3, 4] and checkpoints == ["step_0000002", "step_0000004"]

@@ -4,6 +4,7 @@ and sharded state dicts."""
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -79,6 +80,17 @@ def on_rank0(ddp: DistInfo, work: Callable[[], T]) -> T | None:
     if error is not None:
         raise error
     return result
+
+
+def wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
+    """``DistributedDataParallel`` over ``model`` without a buffer broadcast at each forward (its only buffers, the
+    RoPE tables, are the same on every rank). torch 2.13 renamed ``broadcast_buffers`` to ``forward_sync_buffers``
+    and warns on every use of the old name."""
+    renamed = "forward_sync_buffers" in inspect.signature(nn.parallel.DistributedDataParallel).parameters
+    return nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None,
+        **{"forward_sync_buffers" if renamed else "broadcast_buffers": False},
+    )
 
 
 def resolve_device(name: str, ddp: DistInfo) -> torch.device:

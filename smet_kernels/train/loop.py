@@ -31,9 +31,10 @@ evaluates (when the run does) and writes the summary.
 
 Multi-process: under ``torchrun`` (``WORLD_SIZE > 1``) the process group is initialised from the environment
 (``nccl`` on CUDA, ``gloo`` on CPU); every rank takes its own slice of each global batch, so the training matches
-one process. Rank 0's own work at setup (opening ``out_dir``) and at each checkpoint write ends in a broadcast of its
-outcome: a failure there stops every rank with a one-line error (a failed write of ``metrics.jsonl`` between
-checkpoints is not agreed on). ``parallel="ddp"`` (default) wraps the model in
+one process. Rank 0's own work at setup (opening ``out_dir``), at each checkpoint write and at the summary ends in a
+broadcast of its outcome: a failure there stops every rank with a one-line error; a failed write of ``metrics.jsonl``
+stops every rank at the start of the next step (one all-reduce of a flag per step). ``parallel="ddp"`` (default)
+wraps the model in
 ``DistributedDataParallel`` (on the compact parameters). ``parallel="fsdp"`` applies FSDP2 (``fully_shard`` to each
 decoder layer, then the root) before the optimizer is built: every parameter, compact values included, becomes a
 ``DTensor`` sharded on dim 0 (whole slots per rank), and so do the optimizer states (``block_step`` included);
@@ -48,31 +49,24 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import json
 import math
 import statistics
 import time
-import warnings
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch import nn
 from tqdm.auto import tqdm
 
 from .. import backend as backend_module
-from ..sharding import full, local, shard_like
+from ..sharding import full, local
 from .build import build_controller, build_model, build_optimizer
 from .checkpoint import (
-    CHECKPOINTS_DIR,
     check_checkpoint_folder,
     check_fresh_out_dir,
     clear_leftovers,
     find_checkpoint,
-    load_sharded,
-    read_checkpoint,
     rng_state,
-    set_rng_state,
     sharded_state,
     write_checkpoint,
     write_sharded_checkpoint,
@@ -87,11 +81,12 @@ from .distributed import (
     reshard,
     resolve_device,
     shard_model,
-    sharded_optimizer_state,
+    wrap_ddp,
 )
-from .metrics import MetricsLog, MetricsWarning, peak_memory_bytes, perplexity, read_records, write_summary
+from .metrics import MetricsLog, peak_memory_bytes, perplexity, write_summary
 from .model import lm_loss
 from .probe import UpdateProbe
+from .resume import continues_in_place, restore
 from .spikes import SpikeTracker
 
 MIN_LR_RATIO = 0.1
@@ -129,45 +124,12 @@ class TrainingDiverged(TrainingFailed):
     """The run met a non-finite loss or gradient norm it may not skip (the CLI prints it as a one-line error)."""
 
 
-def _continues_in_place(config: TrainConfig) -> bool:
-    """Whether the run resumes from a checkpoint of its own ``out_dir`` (``--resume`` names that folder or one of its
-    ``checkpoints/step_*``), or from a checkpoint outside any run folder into the ``out_dir`` saved in it (where its
-    run went on); a fresh run, or a resume into another folder, must find that folder free of another run's
-    checkpoints."""
-    if not config.resume:
-        return False
-    resume = Path(config.resume)
-    if resume.parent.name == CHECKPOINTS_DIR:
-        resume = resume.parent.parent
-    elif not (resume / CHECKPOINTS_DIR).is_dir():  # a checkpoint outside any run folder
-        try:
-            saved = json.loads((resume / "config.json").read_text()).get("out_dir")
-        except (OSError, ValueError, AttributeError):
-            return False
-        if not saved:
-            return False
-        resume = Path(saved)
-    return resume.resolve() == Path(config.out_dir).resolve()
-
-
-def _logged_loss(checkpoint: Path, step: int) -> float:
-    """The training loss that the ``metrics.jsonl`` of ``checkpoint``'s run folder records for ``step`` (a checkpoint
-    of an older release lacks ``last_loss``; the final step is always logged), else NaN."""
-    path = checkpoint.parent.parent / "metrics.jsonl"
-    if checkpoint.parent.name != CHECKPOINTS_DIR or not path.is_file():
-        return float("nan")
-    with warnings.catch_warnings():  # a last line cut short: MetricsLog warns about it when the run opens the log
-        warnings.simplefilter("ignore", MetricsWarning)
-        losses = [r.get("loss") for r in read_records(path) if r.get("type") == "train" and r.get("step") == step]
-    return float(losses[-1]) if losses and losses[-1] is not None else float("nan")
-
-
 class Run:
     """State of one training run (rank-local); :func:`train` drives it."""
 
     def __init__(self, config: TrainConfig):
         self.config = config
-        if config.out_dir and not _continues_in_place(config):  # before anything, in out_dir or elsewhere, is touched
+        if config.out_dir and not continues_in_place(config):  # before anything, in out_dir or elsewhere, is touched
             check_fresh_out_dir(config.out_dir)
         if config.out_dir and config.checkpoint_every:
             check_checkpoint_folder(config.out_dir)
@@ -220,8 +182,9 @@ class Run:
         self.last_loss = float("nan")  # training loss of the last step taken
         self.consecutive_skips = 0
         self.out_dir = Path(config.out_dir) if config.out_dir else None
+        self.log_error: str | None = None  # rank 0's failed write of metrics.jsonl, until every rank has stopped
         if config.resume:
-            self._load(find_checkpoint(config.resume))
+            restore(self, find_checkpoint(config.resume))
             # a run stopped between its final checkpoint and summary.json is finished by _train_loop (no steps left)
             unfinished = self.out_dir is not None and not (self.out_dir / "summary.json").exists()
             if self.step > config.max_steps or (self.step == config.max_steps and not unfinished):
@@ -231,10 +194,7 @@ class Run:
                 )
         self.wrapped = self.model  # fully_shard works in place: the model is its own wrapper under fsdp
         if self.ddp.enabled and not self.fsdp:
-            device_ids = [self.device.index] if self.device.type == "cuda" else None
-            self.wrapped = nn.parallel.DistributedDataParallel(
-                self.model, device_ids=device_ids, broadcast_buffers=False
-            )
+            self.wrapped = wrap_ddp(self.model, self.device)
         if config.compile:  # one graph per model: the block-sparse products are custom ops (torch.ops.smet)
             if self.controller is not None and self.controller.regrow == "gradient":
                 # Dynamo does not guard on module hooks: code compiled before for this model class without RigL's
@@ -254,8 +214,30 @@ class Run:
 
     # ---------------------------------------------------------------- io
     def log(self, record: dict) -> None:
-        if self.metrics is not None:
+        """Append ``record`` to ``metrics.jsonl`` (rank 0). A failed write stops one process at once
+        (:class:`TrainingFailed`); under torch.distributed rank 0 keeps the error and writes no further record, and
+        every rank stops at the next :meth:`stop_if_log_failed` (each step, each checkpoint, the summary)."""
+        if self.metrics is None or self.log_error is not None:
+            return
+        try:
             self.metrics.log(record)
+        except OSError as error:
+            self.log_error = f"could not write {str(self.metrics.path)!r}: {error}"
+            if not self.ddp.enabled:
+                raise TrainingFailed(self.log_error) from None
+
+    def stop_if_log_failed(self) -> None:
+        """Under torch.distributed, once rank 0 failed to write a record: stop every rank with its error (one
+        all-reduce of a flag, then :func:`on_rank0`'s broadcast of the message)."""
+        if not (self.ddp.enabled and self.out_dir):
+            return
+        failed = torch.tensor(float(self.log_error is not None), device=self.device)
+        dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+        if failed.item():
+            on_rank0(self.ddp, self._raise_log_error)
+
+    def _raise_log_error(self) -> None:
+        raise TrainingFailed(self.log_error)
 
     def parameters_finite(self) -> bool:
         """Whether every parameter value is finite, on every rank."""
@@ -271,6 +253,7 @@ class Run:
         (:class:`TrainingDiverged`) a model with non-finite values."""
         if not self.out_dir:
             return None
+        self.stop_if_log_failed()  # a checkpoint past a record missing from metrics.jsonl would resume without it
         if not self.parameters_finite():
             raise TrainingDiverged(f"non-finite parameters at step {self.step}: checkpoint not written")
         if self.fsdp and self.config.checkpoint_format == "sharded":  # every rank writes its shards
@@ -304,43 +287,6 @@ class Run:
                          "initial_val_loss": self.initial_val_loss, "nonfinite_skips": self.nonfinite_skips,
                          "last_loss": self.last_loss},
         }
-
-    def _load(self, checkpoint: Path) -> None:
-        state = read_checkpoint(checkpoint, self.config)
-        saved_data = state["data"].get("corpus_sha256")  # None: a checkpoint of an older release
-        if saved_data is not None and saved_data != self.corpus.sha256:
-            raise ConfigError(
-                f"{setting('data')} {self.config.data!r} is not the data that {str(checkpoint)!r} was trained on (its "
-                "tokens changed): resume with that data to see the batches the run would have seen"
-            )
-        if state.get("format") == "sharded":  # DCP shards, resharded for this world size
-            load_sharded(checkpoint, state, self.model, self.optimizer)
-        elif self.fsdp:  # full tensors (the single-process format) -> this rank's shards
-            current = self.model.state_dict()
-            state["model"] = {key: shard_like(value, current[key]) if key in current else value
-                              for key, value in state["model"].items()}
-            state["optimizer"] = sharded_optimizer_state(self.optimizer, state["optimizer"])
-        # the saved groups keep their parameters and take this config's hyperparameters (weight decay, betas, eps,
-        # warm-up, backend...), still in the freshly built groups: options given with --resume act as config.json
-        # records them
-        for saved, group in zip(state["optimizer"]["param_groups"], self.optimizer.param_groups):
-            saved.update({key: value for key, value in group.items() if key != "params"})
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        if self.controller is not None:
-            self.controller.load_state_dict(state["controller"])
-        self.batches.load_state_dict(state["data"])
-        set_rng_state(state["rng"], self.device)
-        self.spikes.load_state_dict(state["spikes"])
-        if self.probe is not None and state.get("probe") is not None:  # update probe (issue 16)
-            self.probe.load_state_dict(state["probe"])
-        self.step = int(state["step"])
-        self.tokens_seen = int(state["progress"]["tokens_seen"])
-        self.train_time = float(state["progress"]["train_time"])
-        self.initial_val_loss = state["progress"]["initial_val_loss"]
-        self.nonfinite_skips = int(state["progress"].get("nonfinite_skips", 0))
-        last_loss = state["progress"].get("last_loss")  # saved since summaries need it; older ones logged it only
-        self.last_loss = float(last_loss) if last_loss is not None else _logged_loss(checkpoint, self.step)
 
     # ---------------------------------------------------------------- compute
     def _autocast(self):
@@ -517,6 +463,7 @@ def _train_loop(run: Run) -> dict:
     window_tokens, window_time = 0, 0.0
     step_times: list[float] = []  # this process's step times, for the steady-state throughput
     while run.step < config.max_steps:
+        run.stop_if_log_failed()
         run._synchronize()
         started = time.perf_counter()
         loss, grad_norm = run.train_step()
@@ -617,6 +564,14 @@ def _train_loop(run: Run) -> dict:
         "block_size": config.resolved_block_size() if config.optimizer in SPARSE_OPTIMIZERS else None,
         "config": config.to_dict(),
     }
-    if run.is_main and run.out_dir:
-        write_summary(run.out_dir, summary)
+    if run.out_dir:
+        run.stop_if_log_failed()
+        on_rank0(run.ddp, lambda: _write_summary(run.out_dir, summary))  # a failed write stops every rank
     return summary
+
+
+def _write_summary(out_dir: Path, summary: dict) -> None:
+    try:
+        write_summary(out_dir, summary)
+    except OSError as error:
+        raise TrainingFailed(f"could not write {str(out_dir / 'summary.json')!r}: {error}") from None

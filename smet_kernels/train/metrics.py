@@ -61,7 +61,7 @@ class MetricsLog:
     def __init__(self, out_dir: Path, resumed_step: int | None = None):
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "summary.json").unlink(missing_ok=True)
-        path = out_dir / "metrics.jsonl"
+        path = self.path = out_dir / "metrics.jsonl"
         if resumed_step is not None and path.exists():
             records = read_records(path)
             kept = [strict_json(r) for r in records if r["step"] <= resumed_step and r.get("complete", True)]
