@@ -154,11 +154,6 @@ def test_unreadable_data_raises_one_line_error(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="no text files"):
         load_corpus(str(tmp_path / "empty"))
-    try:
-        import datasets  # noqa: F401
-    except ImportError:
-        with pytest.raises(DataError, match="needs the 'datasets' package"):
-            load_corpus("hf:wikitext")
 
 
 def test_a_one_byte_text_file_or_a_token_file_of_only_token_0_is_refused_in_one_line(tmp_path):

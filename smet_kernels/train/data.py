@@ -108,7 +108,7 @@ def _cached_split(files: list[Path], root: Path, val_percent: float, tag: str) -
             if len(data) < 2:
                 raise DataError(f"data {source!r} holds {len(data)} byte of text: too little for a training and a "
                                 "validation split")
-            cut = len(data) - max(1, int(len(data) * val_percent / 100))
+            cut = _val_cut(len(data), val_percent)
             chunks = {"train": [data[:cut]], "val": [data[cut:]]}
         for split, target in paths.items():
             tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
@@ -117,12 +117,37 @@ def _cached_split(files: list[Path], root: Path, val_percent: float, tag: str) -
     return tuple(np.memmap(paths[s], dtype=np.uint8, mode="r") for s in ("train", "val"))
 
 
+def _val_cut(length: int, val_percent: float) -> int:
+    """Where a stream of ``length`` tokens is cut: the last ``val_percent`` % (at least one token) is validation."""
+    return max(0, length - max(1, int(length * val_percent / 100)))
+
+
 def _split_by_position(tokens: np.ndarray, val_percent: float) -> tuple[np.ndarray, np.ndarray]:
-    cut = len(tokens) - max(1, int(len(tokens) * val_percent / 100))
+    cut = _val_cut(len(tokens), val_percent)
     return tokens[:cut], tokens[cut:]
 
 
+def _text_column(split, name: str) -> str:
+    """``text`` when it holds strings, else the first column that does."""
+    strings = [column for column, feature in split.features.items()
+               if getattr(feature, "dtype", None) in ("string", "large_string")]
+    if not strings:
+        raise DataError(f"Hugging Face dataset {name!r} has no text column (its columns: {split.column_names})")
+    return "text" if "text" in strings else strings[0]
+
+
+def _write_rows(split, column: str, target: Path) -> None:
+    """The rows of ``column`` joined by newlines (a missing value as empty text), UTF-8, streamed to ``target``."""
+    with target.open("wb") as file:
+        for index, batch in enumerate(split.iter(batch_size=4096)):
+            text = "\n".join(row or "" for row in batch[column])
+            file.write((text if index == 0 else "\n" + text).encode("utf-8"))
+
+
 def _load_hf(spec: str, val_percent: float) -> tuple[np.ndarray, np.ndarray]:
+    """Byte tokens of a Hugging Face dataset's text column: ``train`` and its ``validation``/``valid``/``test``
+    split, or the last ``val_percent`` % of ``train`` when it has none; written once to the cache (streamed, never
+    the whole text in memory) and memory-mapped."""
     try:
         import datasets
     except ImportError:
@@ -136,24 +161,28 @@ def _load_hf(spec: str, val_percent: float) -> tuple[np.ndarray, np.ndarray]:
             dataset = datasets.load_dataset(name, subset or None)
         except Exception as error:  # the hub raises many exception types
             raise DataError(f"cannot load Hugging Face dataset {name!r}: {error}") from None
-        text_column = "text" if "text" in dataset["train"].column_names else dataset["train"].column_names[0]
-
-        def encode(split: str) -> bytes:
-            return "\n".join(dataset[split][text_column]).encode("utf-8")
-
-        train = encode("train")
+        if "train" not in dataset:
+            raise DataError(f"Hugging Face dataset {name!r} has no 'train' split (its splits: {sorted(dataset)})")
         val_split = next((s for s in ("validation", "valid", "test") if s in dataset), None)
-        if val_split is None:
-            cut = len(train) - max(1, int(len(train) * val_percent / 100))
-            train, val = train[:cut], train[cut:]
-        else:
-            val = encode(val_split)
         paths["train"].parent.mkdir(parents=True, exist_ok=True)
-        for target, data in ((paths["train"], train), (paths["val"], val)):
-            tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
-            tmp.write_bytes(data)
-            os.replace(tmp, target)
-    return tuple(np.memmap(paths[s], dtype=np.uint8, mode="r") for s in ("train", "val"))
+        tmp = {split: target.with_name(f"{target.name}.tmp{os.getpid()}") for split, target in paths.items()}
+        _write_rows(dataset["train"], _text_column(dataset["train"], name), tmp["train"])
+        if val_split is not None:
+            _write_rows(dataset[val_split], _text_column(dataset[val_split], name), tmp["val"])
+        else:  # the tail of the training text
+            with tmp["train"].open("r+b") as train:
+                cut = _val_cut(tmp["train"].stat().st_size, val_percent)
+                train.seek(cut)
+                tmp["val"].write_bytes(train.read())
+                train.truncate(cut)
+        for split, target in paths.items():
+            os.replace(tmp[split], target)
+    train, val = (np.memmap(paths[s], dtype=np.uint8, mode="r") if paths[s].stat().st_size else
+                  np.zeros(0, dtype=np.uint8) for s in ("train", "val"))
+    if not (len(train) and len(val)):
+        raise DataError(f"Hugging Face dataset {name!r} holds {len(train)} byte(s) of training and {len(val)} of "
+                        "validation text: both splits need text")
+    return train, val
 
 
 def load_corpus(data: str = "stdlib", val_percent: float = 2.0, tokenizer: str = "byte") -> Corpus:

@@ -1,0 +1,89 @@
+"""The ``hf:NAME[:CONFIG]`` data source of the trainer: a Hugging Face dataset's text, byte-tokenised, read here
+from local folders (``datasets.load_dataset`` of a folder of ``.txt`` or ``.jsonl`` files, offline)."""
+
+import json
+import sys
+
+import numpy as np
+import pytest
+
+from smet_kernels.train.data import DataError, load_corpus
+
+datasets = pytest.importorskip("datasets")
+
+
+@pytest.fixture(autouse=True)
+def offline_caches(tmp_path, monkeypatch):
+    """Both caches in this test's folder; the hub never asked."""
+    monkeypatch.setenv("SMET_CACHE_DIR", str(tmp_path / "smet_cache"))
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_cache")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+
+
+def folder(tmp_path, files: dict[str, str]) -> str:
+    root = tmp_path / "dataset"
+    root.mkdir()
+    for name, text in files.items():
+        (root / name).write_text(text, encoding="utf-8")
+    return f"hf:{root}"
+
+
+def text_of(tokens: np.ndarray) -> str:
+    return np.asarray(tokens).tobytes().decode("utf-8")
+
+
+def test_the_train_and_validation_splits_are_the_rows_of_their_text_column_joined_by_newlines(tmp_path):
+    corpus = load_corpus(folder(tmp_path, {"train.txt": "first row\nsecond row — ü\n\nlast\n",
+                                           "validation.txt": "held out\nrows\n"}))
+    assert text_of(corpus.train) == "first row\nsecond row — ü\n\nlast"
+    assert text_of(corpus.val) == "held out\nrows"
+    assert corpus.vocab_size == 256 and corpus.bytes_of(corpus.val) == len("held out\nrows")
+
+
+def test_a_dataset_without_a_validation_split_gives_the_tail_of_its_training_text(tmp_path):
+    rows = [f"row {index}" for index in range(300)]
+    corpus = load_corpus(folder(tmp_path, {"train.txt": "\n".join(rows) + "\n"}), val_percent=10.0)
+    text = "\n".join(rows).encode()
+    cut = len(text) - int(len(text) * 0.1)
+    assert corpus.train.tobytes() == text[:cut] and corpus.val.tobytes() == text[cut:]
+
+
+def test_more_rows_than_one_write_batch_are_all_kept_in_order(tmp_path):
+    """The rows are streamed to the cache in batches: none lost or doubled at a batch boundary."""
+    rows = [f"r{index}" for index in range(10_000)]
+    corpus = load_corpus(folder(tmp_path, {"train.txt": "\n".join(rows), "test.txt": "v"}))
+    assert text_of(corpus.train).split("\n") == rows and text_of(corpus.val) == "v"
+
+
+def test_the_text_column_is_text_else_the_first_string_column_and_a_missing_value_is_empty_text(tmp_path):
+    rows = [{"label": 1, "body": "alpha", "text": None}, {"label": 2, "body": "beta", "text": "gamma"}]
+    lines = "".join(json.dumps(row) + "\n" for row in rows)
+    corpus = load_corpus(folder(tmp_path, {"train.jsonl": lines, "validation.jsonl": lines}))
+    assert text_of(corpus.train) == "\ngamma"
+    body_only = tmp_path / "body"
+    body_only.mkdir()
+    (body_only / "train.jsonl").write_text('{"label": 1, "body": "alpha"}\n{"label": 2, "body": "beta"}\n')
+    assert text_of(load_corpus(f"hf:{body_only}").train) == "alpha\nbet"  # its last byte: validation
+
+
+@pytest.mark.parametrize("files, message", [
+    ({"train.jsonl": '{"label": 1}\n{"label": 2}\n'}, r"has no text column \(its columns: \['label'\]\)"),
+    ({"test.txt": "only a test split\n"}, r"has no 'train' split \(its splits: \['test'\]\)"),
+    ({"train.txt": "x", "validation.txt": "\n"}, "holds 1 byte.s. of training and 0 of validation text"),
+])
+def test_a_dataset_without_usable_text_is_refused_in_one_line(tmp_path, files, message):
+    with pytest.raises(DataError, match=message) as raised:
+        load_corpus(folder(tmp_path, files))
+    assert "\n" not in str(raised.value)
+
+
+def test_a_dataset_that_cannot_be_loaded_is_refused_in_one_line(tmp_path):
+    with pytest.raises(DataError, match="cannot load Hugging Face dataset") as raised:
+        load_corpus(f"hf:{tmp_path / 'missing'}")
+    assert "\n" not in str(raised.value)
+
+
+def test_without_the_datasets_package_an_hf_source_names_the_package_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets -> ImportError
+    with pytest.raises(DataError, match=r"needs the 'datasets' package \(pip install datasets\)"):
+        load_corpus("hf:wikitext")
