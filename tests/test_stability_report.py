@@ -1,0 +1,212 @@
+"""Stability-study tooling (bench/stability/), the report: the spike, quality and probe tables and their statistics
+(Student-t intervals over seeds, the dense noise floor, paired means and standard errors), and stability.md with its
+plots, rendered by ``smet-bench stability report`` from synthetic runs and from short real runs of the trainer."""
+
+import dataclasses
+import json
+import math
+
+import pytest
+from conftest import usage_error
+
+from bench import stability
+from bench.cli import main as bench_main
+from bench.stability import (
+    PRESETS,
+    RunSpec,
+    load_study,
+    quality_table,
+    run_sweep,
+    spike_events,
+    spike_table,
+    write_report,
+)
+from stability_runs import _synthetic_study, _write_run, cache_dir  # noqa: F401 -- cache_dir: autouse
+
+
+def test_spike_table_on_a_known_spike(tmp_path):
+    _synthetic_study(tmp_path)
+    data = load_study(tmp_path)
+    table, thresholds = spike_table(data)
+    rows = {row["method"]: row for row in table.to_dict("records")}
+    naive = rows["naive-dst"]
+    assert naive["updates"] == "1/2"  # the update at step 20 moved no block
+    assert naive["spikes"] is None  # one dense rise: no spread to estimate, so no noise floor to call a spike by
+    assert naive["mean_rise"] == pytest.approx(0.5) and naive["max_rise"] == pytest.approx(0.5)
+    assert naive["mean_rel_rise"] == pytest.approx(0.25)
+    assert naive["mean_excess"] == pytest.approx(0.49)  # minus the dense wiggle at the same step
+    assert rows["smet-linear"]["mean_rise"] == pytest.approx(0.0) and rows["smet-linear"]["spikes"] is None
+    assert rows["adamw"]["updates"] == "1 (control)" and rows["adamw"]["mean_rise"] == pytest.approx(0.01)
+    assert math.isnan(thresholds["tiny"])
+    seeded = tmp_path / "seeds"
+    _synthetic_study(seeded, seeds=(0, 1, 2))  # three dense rises: a noise floor
+    table, thresholds = spike_table(load_study(seeded))
+    rows = {row["method"]: row for row in table.to_dict("records")}
+    assert thresholds["tiny"] > 0 and rows["naive-dst"]["spikes"] == 3 and rows["smet-linear"]["spikes"] == 0
+
+
+def test_noise_threshold_is_mean_plus_two_sample_sds_of_the_dense_rises(tmp_path):
+    _synthetic_study(tmp_path, seeds=(0, 1, 2))  # dense rises 0.01, 0.02, 0.03: mean 0.02, sd (n − 1) 0.01
+    _, thresholds = spike_table(load_study(tmp_path))
+    assert thresholds["tiny"] == pytest.approx(0.02 + 2 * 0.01, rel=1e-6)
+
+
+def test_the_standard_error_of_the_mean_excess_is_over_seeds_not_updates(tmp_path):
+    """Both seeds spike by 0.5 after the update at step 10 and by 0.7 after the one at step 20: the seed means agree
+    (0.6, 0.6), so the SE is 0; over the four updates as if independent it read 0.0577. With one seed: no SE."""
+    for seed in (0, 1):
+        spiking = [2.0] * 30
+        spiking[11] += 0.5
+        spiking[21] += 0.7
+        _write_run(tmp_path, RunSpec("tiny", "adamw", None, None, seed), [2.0] * 30)
+        _write_run(tmp_path, RunSpec("tiny", "naive-dst", 0.5, 0.0, seed), spiking, {10: 4, 20: 4})
+    table, _ = spike_table(load_study(tmp_path))
+    naive = table.set_index("method").loc["naive-dst"]
+    assert naive["mean_excess"] == pytest.approx(0.6) and naive["excess_se"] == pytest.approx(0.0, abs=1e-12)
+    for path in (tmp_path / "runs" / "tiny").glob("*-s1"):
+        for file in path.iterdir():
+            file.unlink()
+        path.rmdir()
+    table, _ = spike_table(load_study(tmp_path))
+    assert math.isnan(table.set_index("method").loc["naive-dst", "excess_se"])
+
+
+def test_quality_table_and_its_sentence_give_the_paired_mean_its_standard_error_and_t_interval(tmp_path):
+    """naive − dense final losses 0.1, 0.3, 0.2 over three seeds: mean 0.2, sd 0.1, SE 0.1/√3, CI ± 4.303·0.1/√3."""
+    flat = [2.0] * 30
+    for seed, naive_loss in zip((0, 1, 2), (2.1, 2.3, 2.2)):
+        _write_run(tmp_path, RunSpec("tiny", "adamw", None, None, seed), flat, val_loss=2.0)
+        _write_run(tmp_path, RunSpec("tiny", "naive-dst", 0.5, 0.0, seed), flat, {10: 4}, val_loss=naive_loss)
+    data = load_study(tmp_path)
+    quality = quality_table(data).set_index("method")
+    assert quality.loc["naive-dst", "vs_dense"] == pytest.approx(0.2)
+    assert quality.loc["naive-dst", "vs_dense_se"] == pytest.approx(0.1 / math.sqrt(3))
+    assert quality.loc["naive-dst", "val_loss_sd"] == pytest.approx(0.1)
+    lines = "\n".join(stability.findings(data, spike_events(data), quality_table(data)))
+    assert f"tiny naive-dst d=0.5 (best α=0 of 1): +0.2000 ± {4.303 * 0.1 / math.sqrt(3):.4f} (95% CI)" in lines
+    assert "— within noise" in lines.split("tiny naive-dst d=0.5 (best α=0 of 1)")[1].splitlines()[0]
+
+
+def test_the_perplexity_ratio_to_dense_is_over_the_seeds_paired_with_a_dense_run(tmp_path):
+    """The dense run of seed 2 is missing: the loss difference is over seeds 0 and 1, and so must be the perplexity
+    ratio (with seed 2's 3.0 in the numerator only it read exp(~0.57) instead of exp(0.1))."""
+    flat = [2.0] * 12
+    for seed, loss in ((0, 2.1), (1, 2.1), (2, 3.0)):
+        if seed < 2:
+            _write_run(tmp_path, RunSpec("tiny", "adamw", None, None, seed), flat, val_loss=2.0)
+        _write_run(tmp_path, RunSpec("tiny", "naive-dst", 0.5, 0.0, seed), flat, val_loss=loss)
+    quality = quality_table(load_study(tmp_path)).set_index("method")
+    assert quality.loc["naive-dst", "vs_dense"] == pytest.approx(0.1)
+    assert quality.loc["naive-dst", "ppl_vs_dense"] == pytest.approx(math.exp(0.1))
+
+
+def test_the_interval_is_students_t_with_n_minus_one_degrees_of_freedom_and_the_sample_sd():
+    """Differences 1, 2, 3: mean 2, sd 1 (n − 1), half-width t(0.975, df=2) · 1/√3 = 4.303/√3 = 2.4843 > 2, so
+    within noise (a z-interval, 1.960/√3 = 1.13, or df = n, 3.182/√3 = 1.84, would call it a difference)."""
+    mean, half_width, verdict = stability.stats.compare([1.0, 2.0, 3.0], [0.0, 0.0, 0.0])
+    assert mean == 2.0 and half_width == pytest.approx(4.303 / math.sqrt(3), rel=1e-12) and verdict == "within noise"
+    assert stability.stats.compare([2.0, 3.0, 4.0], [0.0, 0.0, 0.0])[2] == "a > b"  # 3 > 2.4843
+    assert stability.stats.compare([0.0, 0.0, 0.0], [2.0, 3.0, 4.0])[2] == "a < b"
+
+
+def test_the_t_quantile_between_table_entries_is_the_conservative_lower_df_one():
+    quantile = stability.stats.t_quantile_975
+    assert [quantile(df) for df in (1, 2, 10, 11, 13, 16, 121, 999, 1000)] == [
+        12.706, 4.303, 2.228, 2.228, 2.179, 2.131, 1.980, 1.980, 1.960]
+
+
+def test_identical_samples_are_within_noise_and_a_constant_nonzero_difference_is_not():
+    """A zero-width interval at 0 does not exclude 0 (``|mean| <= half-width``); a constant offset has a zero-width
+    interval away from 0."""
+    assert stability.stats.compare([2.5, 2.25], [2.5, 2.25]) == (0.0, 0.0, "within noise")
+    assert stability.stats.compare([0.5, 0.5, 0.5], [0.25, 0.25, 0.25]) == (0.25, 0.0, "a > b")
+
+
+def test_the_probe_table_counts_the_updates_its_cold_start_and_first_step_means_cover(tmp_path):
+    """Updates at steps 10 and 30 (the final step) in each of three seeds: the prune damage is a mean over the 6
+    updates probed, the cold start and first step over the 3 with steps after them, as in the findings' counts; the
+    table said 6 beside means over 3."""
+    for seed in (0, 1, 2):
+        flat = [2.0] * 30
+        _write_run(tmp_path, RunSpec("tiny", "adamw", None, None, seed), flat,
+                   probes=[(10, 0.0, 0.01, None), (30, 0.0, None, None)])
+        spiking = list(flat)
+        spiking[11] += 0.3
+        _write_run(tmp_path, RunSpec("tiny", "naive-dst", 0.5, 0.0, seed), spiking, {10: 4, 30: 4}, val_loss=2.3,
+                   probes=[(10, 0.05, 0.3, 3.0), (30, 0.15, None, None)])
+    data = load_study(tmp_path)
+    table = stability.probe_table(data).set_index("method")
+    assert table.loc["naive-dst", ["updates", "with_steps_after", "first_steps"]].tolist() == [6, 3, 3]
+    assert table.loc["adamw", ["updates", "with_steps_after", "first_steps"]].tolist() == [6, 3, 0]
+    assert table.loc["naive-dst", "prune_damage"] == pytest.approx(0.1)
+    assert table.loc["naive-dst", "cold_start_rise"] == pytest.approx(0.3)
+    text = write_report(tmp_path).read_text()
+    assert "| seeds   | updates   | after   | damage   | cold start   |" in text
+    assert "| 3       | 6         | 3       | +0.1000  | +0.3000      |" in text
+
+
+def test_report_from_short_real_runs(tmp_path):
+    """Three 6-step tiny runs through the trainer (one process), then stability.md with tables and PNGs."""
+    spec = dataclasses.replace(
+        PRESETS["pilot"], methods=("adamw", "naive-dst", "smet-linear"), densities=(0.5,), alphas=(1.0,), seeds=(0,),
+        steps=6,
+        batch_size=2, seq_len=16, update_interval=2, spike_window=2, optimizer_warmup_steps=2, lr_warmup_steps=0,
+        eval_every=3, eval_batches=1,
+    )
+    counts = run_sweep(spec, tmp_path, isolate=False, log=lambda *_: None)
+    assert counts["trained"] == 3 and counts["failed"] == 0
+    data = load_study(tmp_path)
+    assert len(data.runs) == 3 and set(data.runs["tokens"]) == {6 * 2 * 16}
+    assert len(data.updates) > 0 and (data.updates["moved"] > 0).any()
+    path = write_report(tmp_path)
+    text = path.read_text()
+    for heading in ("CPU pilot, not the H100 study", "## Reproduce", "## What was measured (no verdict)",
+                    "## Loss spikes per topology update", "## Final validation loss and perplexity",
+                    "## Peak memory and throughput per run", "stability_val_loss_tiny.png"):
+        assert heading in text
+    assert (tmp_path / "stability_val_loss_tiny.png").stat().st_size > 1000
+    assert (tmp_path / "stability_spikes_tiny.png").stat().st_size > 1000
+    assert "naive-dst" in text and "smet-linear" in text
+
+
+def test_report_command_on_synthetic_runs(tmp_path, capsys):
+    _synthetic_study(tmp_path, seeds=(0, 1))
+    assert bench_main(["stability", "report", "--out-dir", str(tmp_path)]) == 0
+    text = (tmp_path / "stability.md").read_text()
+    assert "CPU pilot" in text and "smet-bench stability report --out-dir" in text
+    (tmp_path / "empty").mkdir()
+    error = usage_error(bench_main, ["stability", "report", "--out-dir", str(tmp_path / "empty")], capsys)
+    assert error.startswith("smet-bench: error: no finished runs under ")
+    for out_dir in (tmp_path / "stability.md", tmp_path / "missing"):  # a file, nothing
+        error = usage_error(bench_main, ["stability", "report", "--out-dir", str(out_dir)], capsys)
+        assert error == f"smet-bench: error: --out-dir '{out_dir}' is not a folder"
+
+
+def test_report_names_the_gpu_command_of_the_same_sweep(tmp_path):
+    _synthetic_study(tmp_path, seeds=(0,))
+    spec = dataclasses.replace(PRESETS["cpu"], seeds=(0, 1, 2))
+    (tmp_path / "study.json").write_text(json.dumps(spec.to_dict()))
+    text = write_report(tmp_path).read_text()
+    command = stability.gpu_command(spec.to_dict())
+    assert command in text and "--configs 20m,60m" in command and "--alphas 0,0.5,1" in command
+    assert "--methods adamw,naive-dst,warmup-only,density-lr-only,smet-linear" in command
+    on_this_machine = command.replace("--device cuda", "--device cpu").split()[3:]  # the options parse and validate
+    assert bench_main(["stability", "run", *on_this_machine, "--dry-run"]) == 0
+
+
+def test_a_pilot_report_gives_no_verdict_that_its_banner_disowns_and_a_study_still_does(tmp_path):
+    """The pilot's banner says its numbers are no evidence for or against the claims: its findings name the side of 0
+    of each interval, never 'reproduces', 'holds', 'worse than dense' or 'α=… is better'."""
+    _synthetic_study(tmp_path, seeds=(0, 1, 2))  # naive DST spikes, smet-linear does not: every claim holds
+    text = write_report(tmp_path).read_text()
+    assert "CPU pilot, not the H100 study" in text
+    measured = text.split("## What was measured (no verdict)")[1].split("\n## ")[0]
+    for verdict in ("reproduce", "holds", "does not hold", "worse than dense", "better than dense", "is better"):
+        assert verdict not in measured
+    assert ("  - smet-linear removes the spike of naive DST (rise): interval on the claim's side of 0 in 1, on the "
+            "other side in 0 of 1 measurable settings") in measured
+    assert "over 3 updates in 3 seeds (seed means compared) — interval above 0" in measured
+    data = load_study(tmp_path)
+    study = "\n".join(stability.findings(data, spike_events(data), quality_table(data)))
+    assert "smet-linear removes the spike of naive DST (rise): reproduces — holds in 1" in study
+    assert "spikes above dense: holds" in study and "worse than dense" in study

@@ -1,0 +1,206 @@
+"""Stability-study tooling (bench/stability/), the sweep: the presets' runs (every method, density, α and seed, and
+blocks that move at every density), option validation before any run starts, skipping finished runs and resuming
+interrupted ones, study.json across commands into one folder, and the H100 preset's settings training on a GPU."""
+
+import argparse
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+from conftest import usage_error
+
+from bench import stability
+from bench.cli import main as bench_main
+from bench.stability import PRESETS, RunSpec, enumerate_runs, load_study, run_sweep, sweep, write_report
+from bench.stability.cli import RUN_OPTIONS
+from stability_runs import cache_dir  # noqa: F401 -- autouse: the token and matplotlib caches of the session
+
+
+def test_h100_sweep_enumerates_every_method_density_alpha_seed():
+    spec = PRESETS["h100"]
+    runs = enumerate_runs(spec)
+    # adamw, galore, masked-dst x d, naive-dst and warmup-only x d (alpha 0), density-lr-only x d x (alpha > 0),
+    # 2 SMET warm-ups x d x alpha
+    per_config_seed = 1 + 1 + 3 + 3 + 3 + 3 * 2 + 2 * 3 * 3
+    assert len(runs) == per_config_seed * len(spec.configs) * len(spec.seeds)
+    assert len({(r.config, r.name) for r in runs}) == len(runs)
+    assert spec.tokens_per_run >= 50_000_000
+    assert RunSpec("20m", "adamw", None, None, 0) in runs
+    assert RunSpec("60m", "naive-dst", 0.1, 0.0, 1) in runs and RunSpec("60m", "naive-dst", 0.1, 0.5, 1) not in runs
+    assert RunSpec("60m", "density-lr-only", 0.1, 0.5, 1) in runs and RunSpec("20m", "warmup-only", 0.5, 0.0, 0) in runs
+    assert RunSpec("20m", "masked-dst", 0.25, None, 0) in runs
+    assert not any(r.method == "masked-dst" and r.alpha is not None for r in runs)
+    configs = [r.train_config(spec, "out") for r in runs]
+    for run, config in zip(runs, configs):  # same data, seed list and token budget for every method
+        assert (config.max_steps, config.batch_size, config.seq_len, config.data) == (4000, 64, 256, "stdlib")
+        assert config.out_dir.endswith(f"runs/{run.config}/{run.name}")
+        config.validate()
+    naive = next(c for r, c in zip(runs, configs) if r.method == "naive-dst")
+    ramp = next(c for r, c in zip(runs, configs) if r.method == "smet-momentum_ramp")
+    assert naive.optimizer == "naive-dst" and ramp.optimizer == "smet" and ramp.warmup_mode == "momentum_ramp"
+    assert RunSpec("20m", "smet-linear", 0.25, 0.5, 1).name == "smet-linear-d0.25-a0.5-s1"
+
+
+def test_study_blocks_move_at_the_lowest_density():
+    """Every sparse layer must trade >= 1 block at the first update, else the spike study measures nothing."""
+    from smet_kernels.prune_regrow import blocks_to_move
+    from smet_kernels.train.model import model_config
+
+    spec = PRESETS["h100"]
+    for config in spec.configs:
+        block = spec.block_sizes[config]
+        shape = model_config(config, 256, block)
+        zeta = 0.005 + (spec.prune_fraction - 0.005) * (1 + math.cos(math.pi * spec.update_interval / spec.steps)) / 2
+        for out_f, in_f in ((shape.hidden_size, shape.hidden_size), (shape.intermediate_size, shape.hidden_size)):
+            nnz = round(min(spec.densities) * (out_f // block) * (in_f // block))
+            assert blocks_to_move(zeta, nnz) >= 1, (config, out_f, in_f, block)
+
+
+def test_spec_validation_names_the_field(capsys):
+    with pytest.raises(ValueError, match="methods"):
+        dataclasses.replace(PRESETS["pilot"], methods=("adamw", "sgd")).validate()
+    with pytest.raises(ValueError, match="densities"):
+        dataclasses.replace(PRESETS["pilot"], densities=(0.5, 1.5)).validate()
+    with pytest.raises(ValueError, match="adamw"):
+        dataclasses.replace(PRESETS["pilot"], methods=("smet-linear",)).validate()
+    error = usage_error(bench_main, ["stability", "run", "--quick", "--densities", "0", "--dry-run"], capsys)
+    assert error == "smet-bench: error: --densities must lie in (0, 1), got [0.0]"
+
+
+def test_every_option_an_error_of_stability_run_names_is_an_option_of_it():
+    parser = argparse.ArgumentParser()
+    stability.add_arguments(parser)
+    run = next(action for action in parser._actions if action.choices and "run" in action.choices).choices["run"]
+    assert set(RUN_OPTIONS.values()) <= {option for action in run._actions for option in action.option_strings}
+
+
+def test_the_help_of_each_option_states_the_default_that_cpu_study_gives_it(capsys):
+    """``stability run --help`` names each preset that changes an option's default: ``--cpu-study`` (lr 2e-3, 3 seeds,
+    3000 steps, ...) as well as ``--quick``."""
+    with pytest.raises(SystemExit):
+        bench_main(["stability", "run", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: 0.001; 0.002 with --quick or --cpu-study)" in text
+    assert "(default: 0,1; 0,1,2 with --cpu-study)" in text
+    assert "(default: 200; 10 with --quick; 100 with --cpu-study)" in text
+    assert "(default: 4000; 200 with --quick; 3000 with --cpu-study)" in text
+
+
+@pytest.mark.parametrize("dry_run", [False, True])
+@pytest.mark.parametrize(
+    "option, value, named",
+    [
+        ("--data", "/nonexistent", "/nonexistent"),
+        ("--data", "{tmp}/empty.txt", "empty.txt"),
+        ("--lr", "-1", "--lr must be in (0, inf), got -1.0"),
+        ("--lr-warmup-steps", "-5", "--lr-warmup-steps must be an int >= 0, got -5"),
+        ("--lr-warmup-steps", "500", "--lr-warmup-steps (500) must be < --steps (200)"),
+        ("--seeds", "0,-1", "--seeds must be ints >= 0, got [-1]"),
+        pytest.param("--device", "cuda", "CUDA", marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA")),
+    ],
+)
+def test_options_every_run_would_reject_fail_up_front(tmp_path, monkeypatch, capsys, option, value, named, dry_run):
+    """One error line before any run starts (also for --dry-run), no commands.txt, no "render with"."""
+    (tmp_path / "empty.txt").write_text("")
+    monkeypatch.setattr(sweep, "_train_in_fresh_process", lambda config: pytest.fail("a run was started"))
+    out_dir = tmp_path / "study"
+    argv = ["stability", "run", "--quick", "--out-dir", str(out_dir), option, value.format(tmp=tmp_path)]
+    error = usage_error(bench_main, argv + ["--dry-run"] * dry_run, capsys)
+    assert error.startswith("smet-bench: error: ") and named in error
+    assert not (out_dir / "commands.txt").exists()
+
+
+def _fake_train(calls):
+    def train_one(config_dict):
+        calls.append(config_dict["out_dir"])
+        from pathlib import Path
+
+        out = Path(config_dict["out_dir"])
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.jsonl").write_text("")
+        (out / "summary.json").write_text(json.dumps({"config": config_dict, "final_val_loss": 1.0}))
+
+    return train_one
+
+
+def test_finished_runs_are_skipped_and_mismatches_refused(tmp_path, monkeypatch):
+    spec = dataclasses.replace(PRESETS["pilot"], methods=("adamw", "naive-dst"), densities=(0.5,), alphas=(1.0,),
+                               seeds=(0,))
+    calls = []
+    monkeypatch.setattr(sweep, "_train_in_this_process", _fake_train(calls))
+    first = run_sweep(spec, tmp_path, isolate=False, log=lambda *_: None)
+    assert first == {"total": 2, "skipped": 0, "trained": 2, "failed": 0, "not_started": 0}
+    calls.clear()
+    more_seeds = dataclasses.replace(spec, seeds=(0, 1))
+    second = run_sweep(more_seeds, tmp_path, isolate=False, log=lambda *_: None)
+    assert second["skipped"] == 2 and second["trained"] == 2
+    assert all(path.endswith("-s1") for path in calls)
+    with pytest.raises(ValueError, match="max_steps"):
+        run_sweep(dataclasses.replace(spec, steps=300), tmp_path, isolate=False, log=lambda *_: None)
+
+
+def test_interrupted_run_resumes_from_its_latest_checkpoint(tmp_path, monkeypatch):
+    spec = dataclasses.replace(PRESETS["pilot"], methods=("adamw",), seeds=(0,), checkpoint_every=50)
+    run_dir = enumerate_runs(spec)[0].directory(tmp_path)
+    from smet_kernels.train.checkpoint import write_checkpoint
+    from smet_kernels.train.trainer import TrainConfig
+
+    for step in (50, 100):  # complete checkpoints (verified against their manifests); their content is not read
+        write_checkpoint(run_dir, step, {}, TrainConfig())
+    resumed = []
+    monkeypatch.setattr(sweep, "_train_in_this_process", lambda config: resumed.append(config["resume"]))
+    counts = run_sweep(spec, tmp_path, isolate=False, log=lambda *_: None)
+    assert resumed == [str(run_dir / "checkpoints" / "step_0000100")]
+    assert counts["failed"] == 1  # the stub wrote no summary.json: reported, retried next time
+
+
+def test_cpu_study_moves_blocks_at_every_density():
+    """Every sparse layer trades >= 1 block at every update of the CPU study (released rule, b = 16)."""
+    from smet_kernels.layout import nnz_for_density
+    from smet_kernels.prune_regrow import blocks_to_move
+    from smet_kernels.train.model import model_config
+
+    spec = PRESETS["cpu"]
+    assert spec.steps >= 3000 and len(spec.seeds) >= 3 and 100 <= spec.update_interval <= 200
+    for config in spec.configs:
+        block = spec.block_sizes[config]
+        shape = model_config(config, 256, block)
+        for out_f, in_f in ((shape.hidden_size, shape.hidden_size), (shape.intermediate_size, shape.hidden_size)):
+            for density in spec.densities:
+                nnz = nnz_for_density((out_f // block) * (in_f // block), density)
+                assert blocks_to_move(0.005, nnz) >= 1, (config, out_f, in_f, density)
+
+
+def test_study_json_holds_the_grid_of_every_command_into_the_folder_not_only_the_last(tmp_path, monkeypatch):
+    """The README's CPU study is three commands into one folder (the last: --methods adamw,smet-linear --alphas 0.5);
+    study.json, whose grid the report's GPU command repeats, kept only the last command's methods and α."""
+    from bench.stability import cli
+
+    monkeypatch.setattr(cli, "run_sweep", lambda *args, **kwargs: {"failed": 0})
+    out_dir = tmp_path / "study"
+    for extra in ([], ["--methods", "adamw,masked-dst,galore,smet-momentum_ramp", "--alphas", "1.0"],
+                  ["--methods", "adamw,smet-linear", "--alphas", "0.5"]):
+        assert bench_main(["stability", "run", "--cpu-study", "--out-dir", str(out_dir), *extra]) == 0
+    study = json.loads((out_dir / "study.json").read_text())
+    assert study["methods"] == list(stability.METHODS) and study["alphas"] == [0.5, 1.0]
+    assert study["densities"] == [0.5, 0.25, 0.1] and study["seeds"] == [0, 1, 2] and study["steps"] == 3000
+    assert "--methods adamw,galore,masked-dst,naive-dst,warmup-only" in stability.gpu_command(study)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_h100_preset_settings_train_on_the_gpu(tmp_path):
+    """A few steps of every method with the H100 preset's settings (20m, Triton backend) on the GPU."""
+    spec = dataclasses.replace(PRESETS["h100"], configs=("20m",), densities=(0.1,), alphas=(1.0,), seeds=(0,),
+                               steps=8, update_interval=2, spike_window=2, lr_warmup_steps=0, eval_every=4,
+                               eval_batches=1, checkpoint_every=4)
+    counts = run_sweep(spec, tmp_path, log=lambda *_: None)
+    assert counts["failed"] == 0 and counts["trained"] == len(enumerate_runs(spec))
+    data = load_study(tmp_path)
+    first_update = data.updates[data.updates["step"] == 2]
+    assert len(first_update) == 4 and (first_update["moved"] > 0).all()  # masked, naive, 2 x smet
+    assert set(data.runs["peak_mem_kind"]) == {"cuda_max_memory_allocated"}
+    assert not any((tmp_path / "runs").glob("*/*/checkpoints"))
+    write_report(tmp_path)
