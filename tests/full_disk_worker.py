@@ -3,7 +3,7 @@ a full disk -- tests may run as root, whom an unwritable folder does not stop. `
 ``state.pt`` (rank 0 writes it in every checkpoint), whose ``torch.save`` reports the failure as a ``RuntimeError``
 of its zip writer, not an ``OSError``; ``FULL_DISK=shards``: the DCP shards of rank 1 alone (``--parallel fsdp``);
 ``FULL_DISK=metrics``: the records of ``metrics.jsonl`` from step 2 on; ``FULL_DISK=summary``: ``summary.json``.
-Run by ``tests/test_train_ddp.py`` through ``torchrun_launch.launch``; ``tests/test_train_faults.py`` patches
+Run by ``tests/test_train_ddp.py`` through ``torchrun_launch.launch``; ``tests/test_train_checkpoints.py`` patches
 :func:`save_on_a_full_disk` in."""
 
 import os

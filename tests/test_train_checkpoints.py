@@ -1,16 +1,16 @@
-"""Faults the trainer survives: non-finite losses (stop with one line, or skip), strict JSON outputs, checkpoints
-verified against their manifest on resume (a corrupt newest one is passed over)."""
+"""Checkpoints and resumes, faults the trainer survives: checkpoints verified against their manifest on resume (a
+corrupt newest one is passed over, each file hashed once), checkpoints of earlier releases, data changed under a
+resume, a checkpoint that cannot be written, runs refused into the folder of another run, a run stopped between its
+final checkpoint and summary.json, and the folders a stopped checkpoint write or rewrite leaves."""
 
 import dataclasses
 import json
-import math
 import types
 
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
+from fault_runs import one_line_error, strict_records, tiny_config
 from smet_kernels.train import checkpoint, cli, loop
 from smet_kernels.train.checkpoint import (
     CheckpointWarning,
@@ -18,125 +18,8 @@ from smet_kernels.train.checkpoint import (
     load_checkpoint_config,
     verify_checkpoint,
 )
-from smet_kernels.train.metrics import finite_or_none, strict_json
-from smet_kernels.train.trainer import ConfigError, TrainConfig, TrainingDiverged, train
+from smet_kernels.train.trainer import ConfigError, TrainConfig, train
 from test_train_trainer import cache_dir, one_thread  # noqa: F401 -- autouse: shared token cache, one thread
-
-
-def tiny_config(**overrides) -> TrainConfig:
-    values = dict(model="tiny", optimizer="adamw", batch_size=4, seq_len=32, max_steps=6, lr=3e-3, eval_every=0,
-                  backend="reference", device="cpu", progress=False)  # CPU also beside a GPU: exact resumes
-    values.update(overrides)
-    return TrainConfig(**values)
-
-
-def strict_records(path):
-    """Parse JSON lines refusing NaN/Infinity, as strict readers (jq) do."""
-
-    def refuse(name):
-        raise ValueError(f"non-standard JSON constant {name}")
-
-    return [json.loads(line, parse_constant=refuse) for line in path.read_text().splitlines()]
-
-
-def nan_losses_on(monkeypatch, bad_calls):
-    """Make the training loss NaN on the given (1-based) calls of ``lm_loss`` in the loop."""
-    real_loss, calls = loop.lm_loss, []
-
-    def loss(logits, targets):
-        calls.append(1)
-        value = real_loss(logits, targets)
-        return value * float("nan") if len(calls) in bad_calls else value
-
-    monkeypatch.setattr(loop, "lm_loss", loss)
-
-
-def test_a_diverging_run_stops_with_one_line_and_writes_no_nonfinite_checkpoint(tmp_path, capsys):
-    out = tmp_path / "run"
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main(["--config", "tiny", "--lr", "50", "--grad-clip", "0", "--checkpoint-every", "2", "--batch-size",
-                  "4", "--seq-len", "64", "--max-steps", "40", "--eval-every", "0", "--backend", "reference",
-                  "--no-progress", "--out-dir", str(out)])
-    assert exit_info.value.code == 1
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("smet-train: error: non-finite ") and " at step " in err[-1], err
-    assert "lower --lr, enable --grad-clip, or pass --on-nonfinite 'skip'" in err[-1]
-    assert not any("Traceback" in line for line in err)
-    records = strict_records(out / "metrics.jsonl")
-    stop = records[-1]
-    assert stop["type"] == "nonfinite" and stop["action"] == "stop"
-    assert f"at step {stop['step']} " in err[-1]
-    assert stop["loss"] is None or stop["grad_norm"] is None  # NaN/Inf written as null
-    assert all(r["step"] < stop["step"] for r in records[:-1])
-    assert not (out / "summary.json").exists()  # a summary marks a finished run
-    for checkpoint in (out / "checkpoints").glob("step_*"):
-        state = torch.load(checkpoint / "state.pt", weights_only=False)
-        assert int(checkpoint.name[5:]) < stop["step"]
-        assert all(torch.isfinite(v).all() for v in state["model"].values()
-                   if isinstance(v, torch.Tensor) and torch.is_floating_point(v))
-
-
-def test_skip_drops_nonfinite_steps_and_counts_them(tmp_path, monkeypatch):
-    nan_losses_on(monkeypatch, {3})
-    summary = train(tiny_config(on_nonfinite="skip", out_dir=str(tmp_path)))
-    assert summary["steps"] == 6 and summary["nonfinite_skips"] == 1
-    records = strict_records(tmp_path / "metrics.jsonl")
-    assert [r["step"] for r in records if r["type"] == "train"] == [1, 2, 3, 4, 5, 6]
-    skipped = [r for r in records if r["type"] == "nonfinite"]
-    assert skipped == [{"type": "nonfinite", "step": 3, "loss": None, "grad_norm": None, "action": "skip",
-                        "consecutive_skips": 1}]
-    assert all(math.isfinite(r["loss"]) for r in records if r["type"] == "train")
-    assert json.loads((tmp_path / "summary.json").read_text())["nonfinite_skips"] == 1
-
-
-def test_skip_stops_after_the_allowed_skips_in_a_row(tmp_path, monkeypatch):
-    nan_losses_on(monkeypatch, set(range(3, 100)))
-    with pytest.raises(TrainingDiverged, match=r"non-finite loss at step 3 .*2 step\(s\) in a row already skipped "
-                       r"\(max_consecutive_skips 2\)"):  # a Python caller: the field, not the option
-        train(tiny_config(on_nonfinite="skip", max_consecutive_skips=2, checkpoint_every=1, out_dir=str(tmp_path)))
-    records = strict_records(tmp_path / "metrics.jsonl")
-    assert [(r["step"], r["action"]) for r in records if r["type"] == "nonfinite"] == [(3, "skip"), (3, "skip"),
-                                                                                          (3, "stop")]
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_0000001", "step_0000002"]
-
-
-def test_skips_apart_do_not_add_up_to_the_consecutive_limit(tmp_path, monkeypatch):
-    """A good step resets the count of skips in a row: one skip allowed in a row, three skips apart all pass."""
-    nan_losses_on(monkeypatch, {2, 4, 6})  # the attempts at steps 2, 3 and 4 (each bad attempt is retried)
-    summary = train(tiny_config(on_nonfinite="skip", max_consecutive_skips=1, out_dir=str(tmp_path)))
-    assert summary["steps"] == 6 and summary["nonfinite_skips"] == 3
-    skipped = [r for r in strict_records(tmp_path / "metrics.jsonl") if r["type"] == "nonfinite"]
-    assert [(r["step"], r["action"], r["consecutive_skips"]) for r in skipped] == [(2, "skip", 1), (3, "skip", 1),
-                                                                                     (4, "skip", 1)]
-
-
-def test_a_checkpoint_of_nonfinite_parameters_is_refused(tmp_path):
-    run = loop.Run(tiny_config(out_dir=str(tmp_path)))
-    try:
-        with torch.no_grad():
-            next(run.model.parameters())[0, 0] = float("inf")
-        with pytest.raises(TrainingDiverged, match="non-finite parameters at step 0"):
-            run.save_checkpoint()
-    finally:
-        run.metrics.close()
-    assert not (tmp_path / "checkpoints").exists()
-
-
-def test_outputs_are_strict_json():
-    assert finite_or_none({"a": [1.0, float("nan")], "b": (float("inf"), 2), "c": "x"}) == {
-        "a": [1.0, None], "b": [None, 2], "c": "x"}
-    assert strict_json({"loss": float("-inf")}) == '{"loss": null}'
-    assert strict_json({"loss": torch.tensor(float("nan"), dtype=torch.float64).numpy()[()]}) == '{"loss": null}'
-
-
-def test_the_nonfinite_options_are_validated_and_explained():
-    with pytest.raises(ConfigError, match="on_nonfinite"):
-        tiny_config(on_nonfinite="ignore").validate()
-    with pytest.raises(ConfigError, match="max_consecutive_skips"):
-        tiny_config(max_consecutive_skips=0).validate()
-    help_text = " ".join(cli.build_parser().format_help().split())
-    assert "--on-nonfinite {stop,skip}" in help_text and "(default: stop)" in help_text
-    assert "--max-consecutive-skips" in help_text and "(default: 5)" in help_text
 
 
 def test_resume_passes_over_a_corrupt_newest_checkpoint(tmp_path, capsys):
@@ -233,21 +116,6 @@ def test_a_smet_checkpoint_of_an_earlier_release_resumes_with_its_warmup_scope(t
         run.metrics.close()
 
 
-def test_a_skipped_step_leaves_no_dense_gradient_for_rigl_to_score(tmp_path, monkeypatch):
-    nan_losses_on(monkeypatch, {1})
-    run = loop.Run(tiny_config(optimizer="smet", regrow="gradient", update_interval=1, on_nonfinite="skip",
-                               out_dir=str(tmp_path)))
-    try:
-        assert run.controller.needs_dense_grad()
-        loss, _ = run.train_step()
-        assert not math.isfinite(loss) and run.step == 0
-        assert all(target.dense_grad is None for target in run.controller.targets)
-        run.train_step()  # the retried step records its own dense gradients
-        assert all(torch.isfinite(target.dense_grad).all() for target in run.controller.targets)
-    finally:
-        run.metrics.close()
-
-
 def test_resume_without_a_good_checkpoint_is_a_one_line_error(tmp_path, capsys):
     out = tmp_path / "run"
     train(tiny_config(max_steps=2, checkpoint_every=2, out_dir=str(out)))
@@ -293,46 +161,6 @@ def test_a_resume_may_name_its_data_by_another_path_and_continues_exactly(tmp_pa
     assert losses[0] == losses[1]
 
 
-def test_a_resume_leaves_out_a_last_metrics_line_cut_short_by_a_stopped_run(tmp_path):
-    """A run killed while writing a record left metrics.jsonl ending in half a line: the resume stopped with a
-    JSONDecodeError traceback."""
-    from smet_kernels.train.metrics import MetricsLog, MetricsWarning
-
-    records = [strict_json({"type": "train", "step": step, "loss": 1.0}) for step in (1, 2, 3)]
-    path = tmp_path / "metrics.jsonl"
-    path.write_text("".join(line + "\n" for line in records) + records[0][:10])
-    with pytest.warns(MetricsWarning, match="metrics.jsonl"):
-        log = MetricsLog(tmp_path, resumed_step=2)
-    log.log({"type": "train", "step": 3, "loss": 0.5})
-    log.close()
-    assert [(r["step"], r["loss"]) for r in strict_records(path)] == [(1, 1.0), (2, 1.0), (3, 0.5)]
-
-
-
-def one_line_error(capsys, argv: list[str], code: int) -> str:
-    """The one stderr line ``smet-train ARGV`` stops with (exit ``code``, no traceback), without its prefix."""
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main(argv)
-    err = capsys.readouterr().err.strip().splitlines()
-    assert exit_info.value.code == code and len(err) == 1 and err[0].startswith("smet-train: error: "), err
-    return err[0].removeprefix("smet-train: error: ")
-
-
-@pytest.mark.parametrize("line, problem", [("{garbage", "is not JSON"), ("[]", "is not a metrics record"),
-                                           ('{"loss": 1.0}', "is not a metrics record")])
-def test_a_resume_of_a_run_whose_metrics_jsonl_has_a_corrupt_line_is_a_one_line_error(tmp_path, capsys, line,
-                                                                                        problem):
-    """A line that is not JSON before the last one (not cut short by a stop), or JSON that is not a record: the
-    resume failed with a JSONDecodeError, TypeError or KeyError traceback."""
-    out = tmp_path / "run"
-    train(tiny_config(max_steps=2, checkpoint_every=2, out_dir=str(out)))
-    path = out / "metrics.jsonl"
-    lines = path.read_text().splitlines()
-    path.write_text("\n".join([line, *lines[1:]]) + "\n")
-    reason = one_line_error(capsys, ["--resume", str(out), "--max-steps", "4", "--no-progress"], 2)
-    assert reason.startswith(f"{path}: line 1 {line!r} {problem}") and reason.endswith("repair or remove that line")
-
-
 def test_a_checkpoint_that_cannot_be_written_stops_the_run_with_one_line(tmp_path, monkeypatch, capsys):
     """A full disk at a checkpoint write (state.pt written to /dev/full): the run failed with a traceback of the
     RuntimeError that torch.save raises there (not an OSError)."""
@@ -343,88 +171,6 @@ def test_a_checkpoint_that_cannot_be_written_stops_the_run_with_one_line(tmp_pat
                                      "--checkpoint-every", "2", "--eval-every", "0", "--backend", "reference",
                                      "--no-progress", "--out-dir", str(tmp_path / "run")], 1)
     assert reason.startswith("could not write checkpoint step_0000002: ") and reason.split(": ", 1)[1], reason
-
-
-def test_an_out_dir_whose_metrics_jsonl_cannot_be_opened_stops_the_run_with_one_line(tmp_path, capsys):
-    """A folder named metrics.jsonl in --out-dir: the run failed with an IsADirectoryError traceback."""
-    out = tmp_path / "run"
-    (out / "metrics.jsonl").mkdir(parents=True)
-    reason = one_line_error(capsys, ["--config", "tiny", "--batch-size", "4", "--seq-len", "32", "--max-steps", "2",
-                                     "--eval-every", "0", "--backend", "reference", "--no-progress", "--out-dir",
-                                     str(out)], 1)
-    assert reason.startswith(f"could not prepare --out-dir {str(out)!r}: [Errno 21] Is a directory")
-
-
-def test_a_resume_stopped_while_dropping_the_interrupted_tail_leaves_metrics_jsonl_whole(tmp_path, monkeypatch):
-    """The kept records were written over the truncated file: a run stopped then lost every record before the
-    checkpoint. A write that stops halfway (a kill) now leaves the file as it was."""
-    import pathlib
-
-    from smet_kernels.train.metrics import MetricsLog
-
-    path = tmp_path / "metrics.jsonl"
-    path.write_text("".join(strict_json({"type": "train", "step": step}) + "\n" for step in (1, 2, 3)))
-    before = path.read_text()
-    real_open = pathlib.Path.open
-
-    class StopsHalfway:
-        def __init__(self, handle):
-            self.handle = handle
-
-        def write(self, text):
-            self.handle.write(text[: len(text) // 2])
-            self.handle.flush()
-            raise KeyboardInterrupt("stopped")
-
-        writelines = lambda self, lines: self.write("".join(lines))  # noqa: E731
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self.handle.close()
-
-    def opened(self, mode="r", *args, **kwargs):
-        handle = real_open(self, mode, *args, **kwargs)
-        return StopsHalfway(handle) if "w" in mode else handle
-
-    monkeypatch.setattr(pathlib.Path, "open", opened)
-    with pytest.raises(KeyboardInterrupt):
-        MetricsLog(tmp_path, resumed_step=2)
-    assert path.read_text() == before
-
-
-def test_a_run_stopped_while_writing_summary_json_leaves_no_half_summary(tmp_path, monkeypatch):
-    """summary.json marks a finished run (the stability sweep skips its folder and reads it): half of one made every
-    later sweep stop with a JSONDecodeError."""
-    import pathlib
-
-    from bench.stability.sweep import is_done
-    from smet_kernels.train.metrics import write_summary
-
-    real_write_text = pathlib.Path.write_text
-
-    def stops_halfway(self, text, *args, **kwargs):
-        real_write_text(self, text[: len(text) // 2], *args, **kwargs)
-        raise KeyboardInterrupt("stopped")
-
-    monkeypatch.setattr(pathlib.Path, "write_text", stops_halfway)
-    with pytest.raises(KeyboardInterrupt):
-        write_summary(tmp_path, {"steps": 6, "final_val_loss": 1.0})
-    assert not is_done(tmp_path)
-
-
-def test_a_run_stopped_before_its_end_leaves_no_summary_json_of_an_earlier_run(tmp_path):
-    """A resumed (or fresh) run killed before its end left the summary.json of the run before it: steps, losses and
-    config of another run read as this folder's result, and the stability sweep counted the folder finished."""
-    from bench.stability.sweep import is_done
-    from smet_kernels.train.metrics import MetricsLog, write_summary
-
-    write_summary(tmp_path, {"steps": 6})
-    (tmp_path / "metrics.jsonl").write_text(strict_json({"type": "train", "step": 1}) + "\n")
-    MetricsLog(tmp_path, resumed_step=4).close()
-    assert not is_done(tmp_path)
-    assert [r["step"] for r in strict_records(tmp_path / "metrics.jsonl")] == [1]
 
 
 def test_a_fresh_run_into_a_folder_with_a_good_checkpoint_is_refused_before_anything_is_written(tmp_path, capsys):
@@ -619,45 +365,3 @@ def test_finding_a_checkpoint_between_the_renames_of_a_rewrite_repairs_only_a_de
         writer.kill()
         writer.wait()
     assert torch.load(final / "state.pt") == {"step": 4} and verify_checkpoint(final) is None
-
-
-@st.composite
-def _metrics_records(draw):
-    record = {"type": draw(st.sampled_from(["train", "eval", "loss_spike"])), "step": draw(st.integers(0, 12)),
-              "loss": draw(st.one_of(st.floats(), st.none())), "note": draw(st.text(max_size=4))}
-    complete = draw(st.sampled_from([None, True, False]))
-    return record if complete is None else record | {"complete": complete}
-
-
-@settings(max_examples=80, deadline=None, derandomize=True)
-@given(records=st.lists(_metrics_records(), max_size=6), resumed_step=st.integers(0, 12), data=st.data())
-def test_a_resume_keeps_exactly_the_whole_metrics_records_up_to_its_step_whatever_byte_a_stop_cut_at(
-    records, resumed_step, data
-):
-    """Any records (non-finite losses, any text), metrics.jsonl cut at any byte by a stopped run: the resume does not
-    raise, warns exactly when a last line was cut inside its record, and leaves the file holding exactly the whole
-    records up to its step that are not an unfinished spike window, followed by what it logs."""
-    import tempfile
-    import warnings
-    from pathlib import Path
-
-    from smet_kernels.train.metrics import MetricsLog, MetricsWarning
-
-    lines = [strict_json(record) for record in records]
-    text = "".join(line + "\n" for line in lines)
-    cut = data.draw(st.integers(0, len(text)), label="cut")
-    starts = [sum(len(line) + 1 for line in lines[:i]) for i in range(len(lines))]
-    whole = [json.loads(line) for line, start in zip(lines, starts) if start + len(line) <= cut]
-    with tempfile.TemporaryDirectory() as folder:
-        folder = Path(folder)
-        (folder / "metrics.jsonl").write_text(text[:cut])
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            log = MetricsLog(folder, resumed_step)
-        assert any(issubclass(w.category, MetricsWarning) for w in caught) == any(
-            start < cut < start + len(line) for line, start in zip(lines, starts))
-        log.log({"type": "train", "step": resumed_step + 1})
-        log.close()
-        kept = [strict_json(r) for r in whole if r["step"] <= resumed_step and r.get("complete", True) is not False]
-        assert (folder / "metrics.jsonl").read_text().splitlines() == kept + [strict_json(
-            {"type": "train", "step": resumed_step + 1})]
