@@ -1,10 +1,13 @@
 """The block-sparse products ``bsmm_forward`` / ``bsmm_grad_input`` / ``bsmm_grad_weight``: ``triton_<op>`` vs
-``torch_<op>`` (output and every gradient, on awkward layouts and shapes), and ``block_sparse_linear`` over them."""
+``torch_<op>`` (output and every gradient, on awkward layouts and shapes) in every variant (grouped, persistent, TMA)
+and split-K, the variant's default and checks, the edge cases (no tokens, no active block, row offsets past int32, a
+topology update, operands on another device), and the launch configs the pruners keep."""
 
 import numpy as np
 import pytest
 import torch
 
+from bsmm_cases import HAS_TMA, ON_GPU, _close, _inputs, _mask_layout
 from conftest import (
     DEVICE,
     GPU_TEST_CONFIG,
@@ -16,7 +19,7 @@ from conftest import (
     triton_grad_input,
     triton_grad_weight,
 )
-from smet_kernels import BlockLayout, block_sparse_linear, from_dense, to_dense
+from smet_kernels import BlockLayout, block_sparse_linear, from_dense
 from smet_kernels.ops.launch_config import (
     DENSE_SPARSE_BLOCK_MS,
     GRAD_WEIGHT_BLOCK_MS,
@@ -29,47 +32,10 @@ from smet_kernels.ops.launch_config import (
 )
 
 pytestmark = pytest.mark.usefixtures("one_matmul_config")  # on a GPU: one config, not 18 autotuned per shape
-ON_GPU = DEVICE == "cuda"
 # On CPU the bf16 kernels upcast before tl.dot (the interpreter's bf16 dot is wrong, SPEC §8): bf16 loads, casts and
 # stores are still checked there; the bf16 tensor-core path itself runs on the GPU.
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-TOL = {torch.float32: (1e-4, 1e-4), torch.float16: (2e-3, 2e-3), torch.bfloat16: (2e-2, 2e-2)}
 BLOCK_SIZES = [16, 32, 64, 128] if ON_GPU else [16, 32]
-
-
-def _mask_layout(kind: str, rows: int, cols: int, block_size: int) -> BlockLayout:
-    g = torch.Generator().manual_seed(rows * 31 + cols)
-    if kind == "random":
-        return BlockLayout.random(rows * block_size, cols * block_size, block_size, 0.4, generator=g)
-    mask = torch.zeros(rows, cols, dtype=torch.bool)
-    if kind == "dense":
-        mask[:] = True
-    elif kind == "single":
-        mask[rows - 1, 0] = True
-    elif kind == "empty_rows_cols":  # block row 0 and block column 1 empty, one full row
-        mask = torch.rand(rows, cols, generator=g) < 0.5
-        mask[0, :] = False
-        mask[:, 1] = False
-        mask[rows - 1, :] = True
-        mask[rows - 1, 1] = False
-    return BlockLayout.from_mask(mask, block_size)
-
-
-def _inputs(layout, m, dtype, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    n, k = layout.shape
-    b = layout.block_size
-    x = torch.randn(m, k, generator=g).to(DEVICE, dtype)
-    values = (torch.randn(layout.nnz, b, b, generator=g) / k**0.5).to(DEVICE, dtype)
-    dy = torch.randn(m, n, generator=g).to(DEVICE, dtype)
-    bias = torch.randn(n, generator=g).to(DEVICE, dtype)
-    return x, values, dy, bias
-
-
-def _close(actual, expected, dtype):
-    atol, rtol = TOL[dtype]
-    scale = expected.float().abs().max().clamp_min(1.0)
-    torch.testing.assert_close(actual.float(), expected.float(), atol=atol * scale.item(), rtol=rtol)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -105,7 +71,6 @@ def test_bsmm_group_m_is_validated_and_any_grouping_gives_the_same_result():
             triton_forward(x, values, layout, group_m=bad)
 
 
-HAS_TMA = not ON_GPU or torch.cuda.get_device_capability() >= (9, 0)
 KERNEL_VARIANTS = ["persistent", pytest.param("tma", marks=pytest.mark.skipif(not HAS_TMA, reason="needs sm_90+"))]
 
 
@@ -196,42 +161,6 @@ def test_a_default_tma_variant_runs_as_grouped_on_a_gpu_without_tma_and_warns_on
     assert variant.default_variant(sm80) == "persistent"
     with pytest.raises(ValueError, match="needs a GPU with the Tensor Memory Accelerator"):
         bsmm._check_tma_device(sm80)
-
-
-@pytest.mark.skipif(not HAS_TMA, reason="needs sm_90+: an older GPU runs a default tma as grouped")
-def test_block_sparse_linear_runs_the_default_variant_in_forward_and_backward(monkeypatch):
-    """With :data:`DEFAULT_VARIANT` set to ``tma`` (as the measured winner would be), a layer runs the TMA kernels
-    for its three products and matches the reference in outputs and gradients."""
-    from smet_kernels.ops import block_sparse_matmul as bsmm
-    from smet_kernels.ops import variant
-
-    launched = []
-    for name in ("bsmm_dense_sparse_tma_kernel", "bsmm_grad_weight_tma_kernel"):
-        kernel = getattr(bsmm, name)
-        monkeypatch.setattr(bsmm, name, _Recording(kernel, name, launched))
-    monkeypatch.setattr(variant, "DEFAULT_VARIANT", "tma")
-    monkeypatch.delenv("SMET_MATMUL_VARIANT", raising=False)
-    layout = _mask_layout("empty_rows_cols", 3, 2, 16)
-    x, values, dy, bias = _inputs(layout, 21, torch.float32)
-    grads = {}
-    for backend in ("triton", "reference"):
-        leaves = [t.clone().requires_grad_() for t in (x, values, bias)]
-        block_sparse_linear(*leaves[:2], layout, leaves[2], backend=backend).backward(dy)
-        grads[backend] = [leaf.grad for leaf in leaves]
-    for got, want in zip(grads["triton"], grads["reference"]):
-        _close(got, want, torch.float32)
-    assert launched == ["bsmm_dense_sparse_tma_kernel"] * 2 + ["bsmm_grad_weight_tma_kernel"]
-
-
-class _Recording:
-    """A kernel whose launches (``kernel[grid](...)``) are recorded by name."""
-
-    def __init__(self, kernel, name, launched):
-        self.kernel, self.name, self.launched = kernel, name, launched
-
-    def __getitem__(self, grid):
-        self.launched.append(self.name)
-        return self.kernel[grid]
 
 
 def test_bsmm_variant_is_validated():
@@ -349,127 +278,11 @@ def test_bsmm_without_active_blocks_gives_zero_outputs_and_an_empty_weight_gradi
         assert triton_bsmm_grad_weight(dy, x, indices, 16, variant=variant).shape == (0, 16, 16)
 
 
-@pytest.mark.parametrize("lead_shape", [(7,), (2, 3), (1, 5, 3), (1,)])
-@pytest.mark.parametrize("with_bias", [False, True])
-def test_block_sparse_linear_autograd_triton_vs_reference(lead_shape, with_bias):
-    dtype = torch.float32
-    layout = _mask_layout("random", 2, 3, 16)
-    g = torch.Generator().manual_seed(7)
-    x = torch.randn(*lead_shape, layout.shape[1], generator=g).to(DEVICE, dtype)
-    values = torch.randn(layout.nnz, 16, 16, generator=g).to(DEVICE, dtype)
-    bias = torch.randn(layout.shape[0], generator=g).to(DEVICE, dtype) if with_bias else None
-    dy = torch.randn(*lead_shape, layout.shape[0], generator=g).to(DEVICE, dtype)
-    results = {}
-    for backend in ("triton", "reference"):
-        leaves = [t.clone().requires_grad_() for t in (x, values) + ((bias,) if with_bias else ())]
-        y = block_sparse_linear(leaves[0], leaves[1], layout, leaves[2] if with_bias else None, backend=backend)
-        y.backward(dy)
-        results[backend] = [y] + [leaf.grad for leaf in leaves]
-    assert results["triton"][0].shape == (*lead_shape, layout.shape[0])
-    for got, want in zip(results["triton"], results["reference"]):
-        _close(got, want, dtype)
-
-
-def test_torch_bsmm_matches_dense_linear_and_gradcheck():
-    layout = _mask_layout("empty_rows_cols", 3, 2, 16)
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(4, layout.shape[1], dtype=torch.float64, generator=g, requires_grad=True)
-    values = torch.randn(layout.nnz, 16, 16, dtype=torch.float64, generator=g, requires_grad=True)
-    bias = torch.randn(layout.shape[0], dtype=torch.float64, generator=g, requires_grad=True)
-    y = block_sparse_linear(x, values, layout, bias, backend="reference")
-    torch.testing.assert_close(y, torch.nn.functional.linear(x, to_dense(values, layout), bias))
-    assert torch.autograd.gradcheck(
-        lambda a, v, c: block_sparse_linear(a, v, layout, c, backend="reference"), (x, values, bias)
-    )
-
-
 def test_bsmm_grad_weight_is_the_dense_gradient_at_active_blocks():
     layout = _mask_layout("random", 3, 3, 16)
     x, values, dy, _ = _inputs(layout, 9, torch.float32)
     dense_grad = dy.t() @ x
     _close(triton_grad_weight(dy, x, layout), from_dense(dense_grad, layout), torch.float32)
-
-
-def test_to_dense_from_dense_round_trip():
-    layout = _mask_layout("random", 3, 5, 16)
-    values = torch.randn(layout.nnz, 16, 16)
-    dense = to_dense(values, layout)
-    assert torch.equal(from_dense(dense, layout), values)
-    blocks = dense.reshape(3, 16, 5, 16).abs().sum((1, 3)) > 0
-    assert torch.equal(blocks, layout.mask)
-
-
-@pytest.mark.parametrize("dtype", [torch.int64, torch.bool])
-def test_from_dense_refuses_a_weight_that_is_not_floating_point_as_to_dense_does(dtype):
-    layout = _mask_layout("random", 3, 5, 16)
-    with pytest.raises(TypeError, match="^weight must be a floating tensor"):
-        from_dense(torch.ones(layout.shape, dtype=dtype), layout)
-    with pytest.raises(TypeError, match="^values must be a floating tensor"):
-        to_dense(torch.ones(layout.nnz, 16, 16, dtype=dtype), layout)
-
-
-def test_non_contiguous_input_is_accepted():
-    layout = _mask_layout("random", 2, 2, 16)
-    x, values, _, _ = _inputs(layout, 8, torch.float32)
-    x_t = x.t().contiguous().t()  # same values, column-major strides
-    assert not x_t.is_contiguous()
-    _close(block_sparse_linear(x_t, values, layout), torch_forward(x, values, layout), torch.float32)
-
-
-@pytest.mark.parametrize(
-    "mutate, exc, word",
-    [
-        (lambda a: {**a, "x": a["x"][:, :-1]}, ValueError, "x must have shape"),
-        (lambda a: {**a, "x": a["x"].tolist()}, TypeError, "x must be a torch.Tensor"),
-        (lambda a: {**a, "x": a["x"].to(torch.int32)}, TypeError, "x must be a floating"),
-        (lambda a: {**a, "values": a["values"][:-1]}, ValueError, "values must have shape"),
-        (lambda a: {**a, "values": a["values"].half()}, TypeError, "values has dtype"),
-        (lambda a: {**a, "values": a["values"].to(torch.int64)}, TypeError, "values must be a floating"),
-        (lambda a: {**a, "bias": a["values"].new_zeros(3)}, ValueError, "bias must have shape"),
-        (lambda a: {**a, "bias": a["bias"].double()}, TypeError, "bias has dtype"),
-        (lambda a: {**a, "layout": "dense"}, TypeError, "layout must be a BlockLayout"),
-        (lambda a: {**a, "backend": "cuda"}, ValueError, "backend must be one of"),
-        (lambda a: {**a, "x": a["x"].double(), "values": a["values"].double(), "bias": None, "backend": "triton"},
-         TypeError, "not supported by the triton backend"),
-    ],
-)
-def test_bad_input_raises_naming_the_argument(mutate, exc, word):
-    layout = _mask_layout("random", 2, 2, 16)
-    x, values, _, bias = _inputs(layout, 4, torch.float32)
-    args = mutate({"x": x, "values": values, "layout": layout, "bias": bias, "backend": None})
-    with pytest.raises(exc, match=word):
-        block_sparse_linear(**args)
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device type: CUDA")
-@pytest.mark.gpu
-def test_device_mismatch_raises():
-    layout = _mask_layout("random", 2, 2, 16)
-    x, values, _, _ = _inputs(layout, 4, torch.float32)
-    with pytest.raises(ValueError, match="values is on"):
-        block_sparse_linear(x, values.cpu(), layout)
-
-
-def test_layout_change_between_forward_and_backward_is_an_error():
-    layout = _mask_layout("random", 2, 2, 16)
-    x, values, dy, _ = _inputs(layout, 4, torch.float32)
-    values.requires_grad_()
-    y = block_sparse_linear(x, values, layout, backend="reference")
-    layout.replace_blocks(torch.tensor([0]), (~layout.mask).nonzero()[:1])
-    with pytest.raises(RuntimeError, match="layout"):
-        y.backward(dy)
-
-
-def test_non_contiguous_bias_is_read_by_its_strides():
-    layout = _mask_layout("random", 2, 3, 16)
-    x, values, _, _ = _inputs(layout, 5, torch.float32)
-    strided_bias = torch.randn(2 * layout.shape[0], generator=torch.Generator().manual_seed(1)).to(DEVICE)[::2]
-    assert not strided_bias.is_contiguous()
-    _close(
-        block_sparse_linear(x, values, layout, strided_bias, backend="triton"),
-        torch_forward(x, values, layout, strided_bias.contiguous()),
-        torch.float32,
-    )
 
 
 def test_bsmm_row_offsets_past_int32():
@@ -502,57 +315,6 @@ def test_bsmm_after_topology_update(dtype):
     _close(triton_forward(x, values, layout, bias), torch_forward(x, values, layout, bias), dtype)
     _close(triton_grad_input(dy, values, layout), torch_grad_input(dy, values, layout), dtype)
     _close(triton_grad_weight(dy, x, layout), torch_grad_weight(dy, x, layout), dtype)
-
-
-@pytest.mark.parametrize("needs", [(True, False, False), (False, True, False), (False, False, True)])
-def test_only_the_requested_gradients(needs):
-    layout = _mask_layout("random", 2, 3, 16)
-    x, values, dy, bias = _inputs(layout, 6, torch.float32)
-    grads = {}
-    for backend in ("triton", "reference"):
-        leaves = [t.clone().requires_grad_(need) for t, need in zip((x, values, bias), needs)]
-        block_sparse_linear(leaves[0], leaves[1], layout, leaves[2], backend=backend).backward(dy)
-        assert [leaf.grad is not None for leaf in leaves] == list(needs)
-        grads[backend] = next(leaf.grad for leaf in leaves if leaf.grad is not None)
-    _close(grads["triton"], grads["reference"], torch.float32)
-
-
-def test_double_backward_through_the_triton_kernels_raises():
-    layout = _mask_layout("random", 2, 2, 16)
-    x, values, _, _ = _inputs(layout, 4, torch.float32)
-    x.requires_grad_()
-    values.requires_grad_()
-    y = block_sparse_linear(x, values, layout, backend="triton")
-    (dx,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError, match="differentiate twice"):
-        (y.sum() + dx.square().sum()).backward()  # the penalty term must not be silently dropped
-
-
-def test_autocast_bf16_gives_bf16_output_and_fp32_gradients():
-    layout = _mask_layout("random", 2, 2, 16)
-    x, values, dy, bias = _inputs(layout, 4, torch.float32)
-    leaves = [t.requires_grad_() for t in (x, values, bias)]
-    with torch.autocast(torch.device(DEVICE).type, dtype=torch.bfloat16):
-        y = block_sparse_linear(x, values, layout, bias)
-    assert y.dtype == torch.bfloat16
-    y.backward(dy.to(torch.bfloat16))
-    assert all(leaf.grad.dtype == torch.float32 for leaf in leaves)
-    _close(values.grad, torch_grad_weight(dy, x.detach(), layout), torch.bfloat16)
-
-
-def test_torch_compile_traces_the_layer():
-    layout = _mask_layout("random", 2, 2, 16)
-    x, values, dy, _ = _inputs(layout, 4, torch.float32)
-    values.requires_grad_()
-    def layer(a, v):
-        return torch.relu(block_sparse_linear(a, v, layout, backend="triton"))
-
-    compiled = torch.compile(layer, backend="eager")
-    y = compiled(x, values)
-    y.backward(dy)
-    expected = torch.relu(torch_forward(x, values.detach(), layout))
-    _close(y, expected, torch.float32)
-    _close(values.grad, torch_grad_weight(dy * (expected > 0), x, layout), torch.float32)
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
@@ -596,39 +358,3 @@ def test_the_gpu_test_config_is_kept_by_every_pruner(block_size, dtype):
         kept = prune(matmul_configs(block_ms, interpret=False), {"a": torch.empty(0, dtype=dtype)},
                      HOPPER_SHARED_MEMORY, BLOCK_SIZE=block_size)
         assert GPU_TEST_CONFIG in {(c.kwargs["BLOCK_M"], c.num_warps, c.num_stages) for c in kept}, prune
-
-
-@pytest.mark.parametrize("lead_shape", [(), (3,), (2, 3)], ids=str)
-def test_any_leading_shape_gives_the_dense_layer_output_and_a_bias_gradient_summed_over_tokens(lead_shape):
-    """A 1-D ``x [K]`` gives ``y [N]`` like ``F.linear``; ``dbias`` is ``dy`` summed over every leading dim."""
-    layout = _mask_layout("random", 2, 3, 16)
-    g = torch.Generator().manual_seed(3)
-    x = torch.randn(*lead_shape, layout.shape[1], generator=g, dtype=torch.float64).to(DEVICE)
-    values = torch.randn(layout.nnz, 16, 16, generator=g, dtype=torch.float64).to(DEVICE).requires_grad_()
-    bias = torch.randn(layout.shape[0], generator=g, dtype=torch.float64).to(DEVICE).requires_grad_()
-    dy = torch.randn(*lead_shape, layout.shape[0], generator=g, dtype=torch.float64).to(DEVICE)
-    y = block_sparse_linear(x, values, layout, bias, backend="reference")
-    expected = torch.nn.functional.linear(x, to_dense(values.detach(), layout), bias.detach())
-    assert y.shape == expected.shape == (*lead_shape, layout.shape[0])
-    torch.testing.assert_close(y, expected)
-    y.backward(dy)
-    torch.testing.assert_close(bias.grad, dy.reshape(-1, layout.shape[0]).sum(0))
-
-
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_under_autocast_the_op_computes_in_the_autocast_dtype(dtype):
-    """fp32 operands under ``autocast(dtype)`` give the op on the operands cast to ``dtype`` (output in ``dtype``)."""
-    layout = _mask_layout("random", 2, 2, 16)
-    x, values, _, bias = _inputs(layout, 4, torch.float32)
-    with torch.autocast(torch.device(DEVICE).type, dtype=dtype):
-        y = block_sparse_linear(x, values, layout, bias, backend="reference")
-    assert y.dtype == dtype
-    _close(y, block_sparse_linear(x.to(dtype), values.to(dtype), layout, bias.to(dtype), backend="reference"), dtype)
-
-
-def test_fp64_under_the_auto_backend_falls_back_to_the_reference():
-    """Triton has no fp64 kernels: ``auto`` (the default) runs fp64 through the reference instead of refusing it."""
-    layout = _mask_layout("random", 2, 2, 16)
-    x, values, _, bias = _inputs(layout, 4, torch.float64)
-    y = block_sparse_linear(x, values, layout, bias, backend="auto")
-    torch.testing.assert_close(y, torch.nn.functional.linear(x, to_dense(values, layout), bias))

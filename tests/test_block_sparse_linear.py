@@ -1,0 +1,252 @@
+"""``block_sparse_linear``, the autograd function over the block-sparse products (tests/test_bsmm.py checks the
+kernels): triton vs reference outputs and gradients for any leading shape, with or without bias, only the gradients
+asked for, its default variant, checks that name the bad argument, strided operands, autocast, fp64, double backward
+and ``torch.compile``; and the dense conversions ``to_dense`` / ``from_dense``."""
+
+import pytest
+import torch
+
+from bsmm_cases import HAS_TMA, _close, _inputs, _mask_layout
+from conftest import DEVICE, torch_forward, torch_grad_weight
+from smet_kernels import block_sparse_linear, from_dense, to_dense
+
+pytestmark = pytest.mark.usefixtures("one_matmul_config")  # on a GPU: one config, not 18 autotuned per shape
+
+
+@pytest.mark.skipif(not HAS_TMA, reason="needs sm_90+: an older GPU runs a default tma as grouped")
+def test_block_sparse_linear_runs_the_default_variant_in_forward_and_backward(monkeypatch):
+    """With :data:`DEFAULT_VARIANT` set to ``tma`` (as the measured winner would be), a layer runs the TMA kernels
+    for its three products and matches the reference in outputs and gradients."""
+    from smet_kernels.ops import block_sparse_matmul as bsmm
+    from smet_kernels.ops import variant
+
+    launched = []
+    for name in ("bsmm_dense_sparse_tma_kernel", "bsmm_grad_weight_tma_kernel"):
+        kernel = getattr(bsmm, name)
+        monkeypatch.setattr(bsmm, name, _Recording(kernel, name, launched))
+    monkeypatch.setattr(variant, "DEFAULT_VARIANT", "tma")
+    monkeypatch.delenv("SMET_MATMUL_VARIANT", raising=False)
+    layout = _mask_layout("empty_rows_cols", 3, 2, 16)
+    x, values, dy, bias = _inputs(layout, 21, torch.float32)
+    grads = {}
+    for backend in ("triton", "reference"):
+        leaves = [t.clone().requires_grad_() for t in (x, values, bias)]
+        block_sparse_linear(*leaves[:2], layout, leaves[2], backend=backend).backward(dy)
+        grads[backend] = [leaf.grad for leaf in leaves]
+    for got, want in zip(grads["triton"], grads["reference"]):
+        _close(got, want, torch.float32)
+    assert launched == ["bsmm_dense_sparse_tma_kernel"] * 2 + ["bsmm_grad_weight_tma_kernel"]
+
+
+class _Recording:
+    """A kernel whose launches (``kernel[grid](...)``) are recorded by name."""
+
+    def __init__(self, kernel, name, launched):
+        self.kernel, self.name, self.launched = kernel, name, launched
+
+    def __getitem__(self, grid):
+        self.launched.append(self.name)
+        return self.kernel[grid]
+
+
+@pytest.mark.parametrize("lead_shape", [(7,), (2, 3), (1, 5, 3), (1,)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_block_sparse_linear_autograd_triton_vs_reference(lead_shape, with_bias):
+    dtype = torch.float32
+    layout = _mask_layout("random", 2, 3, 16)
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(*lead_shape, layout.shape[1], generator=g).to(DEVICE, dtype)
+    values = torch.randn(layout.nnz, 16, 16, generator=g).to(DEVICE, dtype)
+    bias = torch.randn(layout.shape[0], generator=g).to(DEVICE, dtype) if with_bias else None
+    dy = torch.randn(*lead_shape, layout.shape[0], generator=g).to(DEVICE, dtype)
+    results = {}
+    for backend in ("triton", "reference"):
+        leaves = [t.clone().requires_grad_() for t in (x, values) + ((bias,) if with_bias else ())]
+        y = block_sparse_linear(leaves[0], leaves[1], layout, leaves[2] if with_bias else None, backend=backend)
+        y.backward(dy)
+        results[backend] = [y] + [leaf.grad for leaf in leaves]
+    assert results["triton"][0].shape == (*lead_shape, layout.shape[0])
+    for got, want in zip(results["triton"], results["reference"]):
+        _close(got, want, dtype)
+
+
+def test_torch_bsmm_matches_dense_linear_and_gradcheck():
+    layout = _mask_layout("empty_rows_cols", 3, 2, 16)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, layout.shape[1], dtype=torch.float64, generator=g, requires_grad=True)
+    values = torch.randn(layout.nnz, 16, 16, dtype=torch.float64, generator=g, requires_grad=True)
+    bias = torch.randn(layout.shape[0], dtype=torch.float64, generator=g, requires_grad=True)
+    y = block_sparse_linear(x, values, layout, bias, backend="reference")
+    torch.testing.assert_close(y, torch.nn.functional.linear(x, to_dense(values, layout), bias))
+    assert torch.autograd.gradcheck(
+        lambda a, v, c: block_sparse_linear(a, v, layout, c, backend="reference"), (x, values, bias)
+    )
+
+
+@pytest.mark.parametrize("lead_shape", [(), (3,), (2, 3)], ids=str)
+def test_any_leading_shape_gives_the_dense_layer_output_and_a_bias_gradient_summed_over_tokens(lead_shape):
+    """A 1-D ``x [K]`` gives ``y [N]`` like ``F.linear``; ``dbias`` is ``dy`` summed over every leading dim."""
+    layout = _mask_layout("random", 2, 3, 16)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(*lead_shape, layout.shape[1], generator=g, dtype=torch.float64).to(DEVICE)
+    values = torch.randn(layout.nnz, 16, 16, generator=g, dtype=torch.float64).to(DEVICE).requires_grad_()
+    bias = torch.randn(layout.shape[0], generator=g, dtype=torch.float64).to(DEVICE).requires_grad_()
+    dy = torch.randn(*lead_shape, layout.shape[0], generator=g, dtype=torch.float64).to(DEVICE)
+    y = block_sparse_linear(x, values, layout, bias, backend="reference")
+    expected = torch.nn.functional.linear(x, to_dense(values.detach(), layout), bias.detach())
+    assert y.shape == expected.shape == (*lead_shape, layout.shape[0])
+    torch.testing.assert_close(y, expected)
+    y.backward(dy)
+    torch.testing.assert_close(bias.grad, dy.reshape(-1, layout.shape[0]).sum(0))
+
+
+@pytest.mark.parametrize("needs", [(True, False, False), (False, True, False), (False, False, True)])
+def test_only_the_requested_gradients(needs):
+    layout = _mask_layout("random", 2, 3, 16)
+    x, values, dy, bias = _inputs(layout, 6, torch.float32)
+    grads = {}
+    for backend in ("triton", "reference"):
+        leaves = [t.clone().requires_grad_(need) for t, need in zip((x, values, bias), needs)]
+        block_sparse_linear(leaves[0], leaves[1], layout, leaves[2], backend=backend).backward(dy)
+        assert [leaf.grad is not None for leaf in leaves] == list(needs)
+        grads[backend] = next(leaf.grad for leaf in leaves if leaf.grad is not None)
+    _close(grads["triton"], grads["reference"], torch.float32)
+
+
+def test_to_dense_from_dense_round_trip():
+    layout = _mask_layout("random", 3, 5, 16)
+    values = torch.randn(layout.nnz, 16, 16)
+    dense = to_dense(values, layout)
+    assert torch.equal(from_dense(dense, layout), values)
+    blocks = dense.reshape(3, 16, 5, 16).abs().sum((1, 3)) > 0
+    assert torch.equal(blocks, layout.mask)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool])
+def test_from_dense_refuses_a_weight_that_is_not_floating_point_as_to_dense_does(dtype):
+    layout = _mask_layout("random", 3, 5, 16)
+    with pytest.raises(TypeError, match="^weight must be a floating tensor"):
+        from_dense(torch.ones(layout.shape, dtype=dtype), layout)
+    with pytest.raises(TypeError, match="^values must be a floating tensor"):
+        to_dense(torch.ones(layout.nnz, 16, 16, dtype=dtype), layout)
+
+
+def test_non_contiguous_input_is_accepted():
+    layout = _mask_layout("random", 2, 2, 16)
+    x, values, _, _ = _inputs(layout, 8, torch.float32)
+    x_t = x.t().contiguous().t()  # same values, column-major strides
+    assert not x_t.is_contiguous()
+    _close(block_sparse_linear(x_t, values, layout), torch_forward(x, values, layout), torch.float32)
+
+
+def test_non_contiguous_bias_is_read_by_its_strides():
+    layout = _mask_layout("random", 2, 3, 16)
+    x, values, _, _ = _inputs(layout, 5, torch.float32)
+    strided_bias = torch.randn(2 * layout.shape[0], generator=torch.Generator().manual_seed(1)).to(DEVICE)[::2]
+    assert not strided_bias.is_contiguous()
+    _close(
+        block_sparse_linear(x, values, layout, strided_bias, backend="triton"),
+        torch_forward(x, values, layout, strided_bias.contiguous()),
+        torch.float32,
+    )
+
+
+@pytest.mark.parametrize(
+    "mutate, exc, word",
+    [
+        (lambda a: {**a, "x": a["x"][:, :-1]}, ValueError, "x must have shape"),
+        (lambda a: {**a, "x": a["x"].tolist()}, TypeError, "x must be a torch.Tensor"),
+        (lambda a: {**a, "x": a["x"].to(torch.int32)}, TypeError, "x must be a floating"),
+        (lambda a: {**a, "values": a["values"][:-1]}, ValueError, "values must have shape"),
+        (lambda a: {**a, "values": a["values"].half()}, TypeError, "values has dtype"),
+        (lambda a: {**a, "values": a["values"].to(torch.int64)}, TypeError, "values must be a floating"),
+        (lambda a: {**a, "bias": a["values"].new_zeros(3)}, ValueError, "bias must have shape"),
+        (lambda a: {**a, "bias": a["bias"].double()}, TypeError, "bias has dtype"),
+        (lambda a: {**a, "layout": "dense"}, TypeError, "layout must be a BlockLayout"),
+        (lambda a: {**a, "backend": "cuda"}, ValueError, "backend must be one of"),
+        (lambda a: {**a, "x": a["x"].double(), "values": a["values"].double(), "bias": None, "backend": "triton"},
+         TypeError, "not supported by the triton backend"),
+    ],
+)
+def test_bad_input_raises_naming_the_argument(mutate, exc, word):
+    layout = _mask_layout("random", 2, 2, 16)
+    x, values, _, bias = _inputs(layout, 4, torch.float32)
+    args = mutate({"x": x, "values": values, "layout": layout, "bias": bias, "backend": None})
+    with pytest.raises(exc, match=word):
+        block_sparse_linear(**args)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device type: CUDA")
+@pytest.mark.gpu
+def test_device_mismatch_raises():
+    layout = _mask_layout("random", 2, 2, 16)
+    x, values, _, _ = _inputs(layout, 4, torch.float32)
+    with pytest.raises(ValueError, match="values is on"):
+        block_sparse_linear(x, values.cpu(), layout)
+
+
+def test_layout_change_between_forward_and_backward_is_an_error():
+    layout = _mask_layout("random", 2, 2, 16)
+    x, values, dy, _ = _inputs(layout, 4, torch.float32)
+    values.requires_grad_()
+    y = block_sparse_linear(x, values, layout, backend="reference")
+    layout.replace_blocks(torch.tensor([0]), (~layout.mask).nonzero()[:1])
+    with pytest.raises(RuntimeError, match="layout"):
+        y.backward(dy)
+
+
+def test_double_backward_through_the_triton_kernels_raises():
+    layout = _mask_layout("random", 2, 2, 16)
+    x, values, _, _ = _inputs(layout, 4, torch.float32)
+    x.requires_grad_()
+    values.requires_grad_()
+    y = block_sparse_linear(x, values, layout, backend="triton")
+    (dx,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        (y.sum() + dx.square().sum()).backward()  # the penalty term must not be silently dropped
+
+
+def test_autocast_bf16_gives_bf16_output_and_fp32_gradients():
+    layout = _mask_layout("random", 2, 2, 16)
+    x, values, dy, bias = _inputs(layout, 4, torch.float32)
+    leaves = [t.requires_grad_() for t in (x, values, bias)]
+    with torch.autocast(torch.device(DEVICE).type, dtype=torch.bfloat16):
+        y = block_sparse_linear(x, values, layout, bias)
+    assert y.dtype == torch.bfloat16
+    y.backward(dy.to(torch.bfloat16))
+    assert all(leaf.grad.dtype == torch.float32 for leaf in leaves)
+    _close(values.grad, torch_grad_weight(dy, x.detach(), layout), torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_under_autocast_the_op_computes_in_the_autocast_dtype(dtype):
+    """fp32 operands under ``autocast(dtype)`` give the op on the operands cast to ``dtype`` (output in ``dtype``)."""
+    layout = _mask_layout("random", 2, 2, 16)
+    x, values, _, bias = _inputs(layout, 4, torch.float32)
+    with torch.autocast(torch.device(DEVICE).type, dtype=dtype):
+        y = block_sparse_linear(x, values, layout, bias, backend="reference")
+    assert y.dtype == dtype
+    _close(y, block_sparse_linear(x.to(dtype), values.to(dtype), layout, bias.to(dtype), backend="reference"), dtype)
+
+
+def test_fp64_under_the_auto_backend_falls_back_to_the_reference():
+    """Triton has no fp64 kernels: ``auto`` (the default) runs fp64 through the reference instead of refusing it."""
+    layout = _mask_layout("random", 2, 2, 16)
+    x, values, _, bias = _inputs(layout, 4, torch.float64)
+    y = block_sparse_linear(x, values, layout, bias, backend="auto")
+    torch.testing.assert_close(y, torch.nn.functional.linear(x, to_dense(values, layout), bias))
+
+
+def test_torch_compile_traces_the_layer():
+    layout = _mask_layout("random", 2, 2, 16)
+    x, values, dy, _ = _inputs(layout, 4, torch.float32)
+    values.requires_grad_()
+    def layer(a, v):
+        return torch.relu(block_sparse_linear(a, v, layout, backend="triton"))
+
+    compiled = torch.compile(layer, backend="eager")
+    y = compiled(x, values)
+    y.backward(dy)
+    expected = torch.relu(torch_forward(x, values.detach(), layout))
+    _close(y, expected, torch.float32)
+    _close(values.grad, torch_grad_weight(dy * (expected > 0), x, layout), torch.float32)
