@@ -1,58 +1,19 @@
-"""SMET topology controller: schedule, prune/regrow invariants, RigL dense gradients, determinism, resume; SμPar."""
+"""SMET topology controller: schedule, prune/regrow invariants, determinism, resume (its state on any model and device),
+argument validation. RigL's dense gradients: tests/test_topology_rigl.py; SμPar: tests/test_supar.py."""
 
 import copy
 import io
-import math
 
 import pytest
 import torch
 from torch import nn
 
 from smet_kernels.layout import BlockLayout
-from smet_kernels.masked import masked_sparsify
 from smet_kernels.modules import BlockSparseLinear
 from smet_kernels.optim.smet_adamw import SMETAdamW
 from smet_kernels.prune_regrow import blocks_to_move
-from smet_kernels.supar import supar_init_, supar_init_std, supar_lr, supar_multiplier, supar_param_groups
 from smet_kernels.topology import SMET
-
-B = 16  # block size
-FEATURES = 64  # 4 x 4 blocks per layer
-
-
-class TinyMLP(nn.Module):
-    def __init__(self, seed: int = 0, density: float = 0.5):
-        super().__init__()
-        gen = torch.Generator().manual_seed(seed)
-        self.up = BlockSparseLinear(FEATURES, 2 * FEATURES, density, B, generator=gen, backend="reference")
-        self.down = BlockSparseLinear(2 * FEATURES, FEATURES, density, B, generator=gen, backend="reference")
-
-    def forward(self, x):
-        return self.down(torch.relu(self.up(x)))
-
-
-def make_run(seed=0, model_seed=0, regrow="random", regrow_init="zeros", update_interval=2, **kwargs):
-    model = TinyMLP(model_seed)
-    opt = SMETAdamW(model.parameters(), lr=1e-2, warmup_steps=4, backend="reference")
-    smet = SMET(
-        model, opt, update_interval=update_interval, prune_fraction=0.3, regrow=regrow, regrow_init=regrow_init,
-        seed=seed, **kwargs,
-    )
-    return model, opt, smet
-
-
-def batch(step: int, rows: int = 8):
-    gen = torch.Generator().manual_seed(1000 + step)
-    return torch.randn(rows, FEATURES, generator=gen), torch.randn(rows, FEATURES, generator=gen)
-
-
-def train_step(model, opt, smet, step):
-    x, target = batch(step)
-    loss = (model(x) - target).pow(2).mean()
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
-    return smet.step()
+from topology_runs import B, FEATURES, TinyMLP, _layouts, batch, make_run, train_step
 
 
 # ---------------------------------------------------------------------------------------------- schedule
@@ -148,66 +109,6 @@ def test_regrow_normal_init_and_no_optimizer_state():
     assert len(opt.state) == 0
 
 
-# ---------------------------------------------------------------------------------------------- RigL
-def test_rigl_regrows_largest_dense_gradient_blocks():
-    model, opt, smet = make_run(regrow="gradient", update_interval=2, end_step=2)
-    assert not smet.needs_dense_grad()
-    train_step(model, opt, smet, 1)
-    assert smet.needs_dense_grad() and len(model.up._forward_hooks) == 1
-    # two micro-batches: the recorded dense gradient is their sum, like the parameter gradients
-    up_inputs, dys = [], []
-    opt.zero_grad(set_to_none=True)
-    for micro in range(2):
-        x, target = batch(10 + micro)
-        up_inputs.append(x)
-        h = model.up(x)
-        h.retain_grad()
-        (model.down(torch.relu(h)) - target).pow(2).mean().backward()
-        dys.append(h.grad.clone())
-        h.grad = None
-    dense_grad = sum(dy.t() @ x for dy, x in zip(dys, up_inputs))
-    dys.clear()
-    opt.step()
-    layout = model.up.layout
-    mask_before = layout.mask.clone()
-    old = layout.block_indices.clone()
-    record = smet.step()
-    assert not smet.needs_dense_grad() and len(model.up._forward_hooks) == 1  # kept, but records nothing now
-    n = record["layers"]["up.values"]["regrown"]
-    block_scores = dense_grad.reshape(8, B, 4, B).abs().sum((1, 3))
-    block_scores[mask_before] = -1.0
-    expected = block_scores.flatten().argsort(descending=True)[:n].sort().values
-    changed = (layout.block_indices != old).any(1)
-    grown = layout.block_indices[changed]
-    assert (grown[:, 0] * 4 + grown[:, 1]).sort().values.tolist() == expected.tolist()
-    x, target = batch(12)
-    (model(x) - target).pow(2).mean().backward()
-    assert all(t.dense_grad is None for t in smet.targets)  # a dense gradient only on update steps
-
-
-def test_rigl_without_backward_raises():
-    model, opt, smet = make_run(regrow="gradient", update_interval=1)
-    with pytest.raises(RuntimeError, match="dense gradient"):
-        smet.step()
-
-
-def test_a_rigl_update_that_raises_is_not_counted_and_the_retry_updates():
-    model, opt, smet = make_run(regrow="gradient", update_interval=2)
-    train_step(model, opt, smet, 1)
-    x, target = batch(2)
-    (model(x) - target).pow(2).mean().backward()
-    opt.step()
-    recorded = smet.targets[1].dense_grad
-    smet.targets[1].probe.grad = None  # as if no backward went through the second layer
-    before = [t.layout.block_indices.clone() for t in smet.targets]
-    with pytest.raises(RuntimeError, match="dense gradient of 'down.values'"):
-        smet.step()
-    assert smet.step_count == 1 and smet.history == [] and smet.needs_dense_grad()
-    assert all(torch.equal(t.layout.block_indices, b) for t, b in zip(smet.targets, before))
-    smet.targets[1].probe.grad = recorded
-    assert smet.step()["step"] == 2 and smet.step_count == 2
-
-
 def test_an_update_whose_regrow_of_a_later_layer_raises_moves_no_layout():
     gen = torch.Generator().manual_seed(0)
     first = BlockSparseLinear(FEATURES, FEATURES, 0.5, B, generator=gen, backend="reference")
@@ -222,102 +123,22 @@ def test_an_update_whose_regrow_of_a_later_layer_raises_moves_no_layout():
     assert smet.step_count == 0 and smet.history == []
 
 
-def test_rigl_ignores_no_grad_forwards():
-    model, opt, smet = make_run(regrow="gradient", update_interval=1)
-    with torch.no_grad():
-        model(batch(0)[0])
-    assert all(t.dense_grad is None for t in smet.targets)
-
-
-class LayerLoop(nn.Module):
-    """Sparse layers called in a Python loop, as a transformer calls its blocks."""
-
-    def __init__(self):
-        super().__init__()
-        gen = torch.Generator().manual_seed(0)
-        self.layers = nn.ModuleList(
-            BlockSparseLinear(FEATURES, FEATURES, 0.5, B, generator=gen, backend="reference") for _ in range(3)
-        )
-
-    def forward(self, x):
-        for layer in self.layers:
-            x = torch.relu(layer(x))
-        return x
-
-
-@pytest.mark.parametrize("fullgraph", [False, True])
-def test_a_compiled_rigl_model_runs_its_whole_graph_on_every_step_recording_or_not(fullgraph):
-    """The recording is traced (no tensor hook): one graph while armed, one while not, and no graph break. A tensor
-    hook broke the graph inside the loop, and Dynamo then ran ``forward`` eagerly for good (a graph per layer)."""
-    from torch._dynamo.backends.debugging import aot_eager
-
-    calls = [0]
-
-    def counting_aot_eager(graph, example_inputs):
-        compiled = aot_eager(graph, example_inputs)
-
-        def run(*args):
-            calls[0] += 1
-            return compiled(*args)
-
-        return run
-
-    def train(compile_model):
-        torch._dynamo.reset()
-        model = LayerLoop()
-        opt = SMETAdamW(model.parameters(), lr=1e-2, backend="reference")
-        smet = SMET(model, opt, update_interval=2, prune_fraction=0.3, regrow="gradient")
-        run = torch.compile(model, backend=counting_aot_eager, fullgraph=fullgraph) if compile_model else model
-        per_step, grads = [], []
-        for step in range(1, 7):
-            before = calls[0]
-            x, target = batch(step)
-            (run(x) - target).pow(2).mean().backward()
-            grads.append([t.dense_grad for t in smet.targets])
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            smet.step()
-            per_step.append(calls[0] - before)
-        return per_step, grads, smet.history, _layouts(model)
-
-    eager_calls, eager_grads, eager_history, eager_layouts = train(False)
-    calls_per_step, grads, history, layouts = train(True)
-    assert eager_calls == [0] * 6 and calls_per_step == [1] * 6  # was [1, 6, 3, 3, 3, 3]
-    assert [step for step, g in enumerate(grads, 1) if g[0] is not None] == [2, 4, 6]
-    for ours, theirs in zip(grads, eager_grads):
-        assert all(a is b is None or torch.equal(a, b) for a, b in zip(ours, theirs))
-    assert history == eager_history and len(history) == 3
-    assert all(torch.equal(layouts[k], eager_layouts[k]) for k in layouts)
-
-
-def test_a_controller_built_on_a_model_takes_over_the_dense_gradient_hooks_of_an_earlier_one():
-    """The hooks stay on the layers between updates: a second controller on the same model (a notebook cell run
-    again, an in-process resume) must not leave the first one's hooks there, holding it and its optimizer alive and
-    recording dense gradients at every backward while it was armed."""
-    import gc
-    import weakref
-
-    model, opt, smet = make_run(regrow="gradient", update_interval=2)
-    train_step(model, opt, smet, 1)  # the first controller is armed for its update
-    earlier = weakref.ref(smet), weakref.ref(opt)
-    del opt, smet
-    opt = SMETAdamW(model.parameters(), lr=1e-2, warmup_steps=4, backend="reference")
-    smet = SMET(model, opt, update_interval=2, prune_fraction=0.3, regrow="gradient", seed=0)
-    gc.collect()
-    assert [ref() for ref in earlier] == [None, None]
-    assert len(model.up._forward_hooks) == len(model.down._forward_hooks) == 1
-    for step in range(2):
-        train_step(model, opt, smet, step)
-    assert smet.history and smet.history[0]["step"] == 2
-    SMET(model, opt, update_interval=2, prune_fraction=0.3, regrow="random", seed=0)  # a SET controller too
-    assert len(model.up._forward_hooks) == len(model.down._forward_hooks) == 0
+def test_kernels_follow_the_updated_topology():
+    """After an update the (Triton, interpreted on CPU) layer computes with the new blocks."""
+    gen = torch.Generator().manual_seed(0)
+    layer = BlockSparseLinear(32, 32, 0.5, B, generator=gen)
+    opt = SMETAdamW(layer.parameters(), lr=1e-2)
+    smet = SMET(layer, opt, update_interval=1, prune_fraction=0.5, regrow_init="normal", init_std=0.5)
+    x = torch.randn(4, 32, generator=gen)
+    layer(x).sum().backward()
+    opt.step()
+    old = layer.layout.block_indices.clone()
+    smet.step()
+    assert not torch.equal(layer.layout.block_indices, old)
+    torch.testing.assert_close(layer(x), x @ layer.to_dense_weight().t(), rtol=1e-4, atol=1e-4)
 
 
 # ---------------------------------------------------------------------------------------------- determinism
-def _layouts(model):
-    return {name: p.smet_layout.block_indices.clone() for name, p in model.named_parameters()}
-
-
 def test_deterministic_from_seed():
     runs = []
     for seed in (0, 0, 1):
@@ -482,127 +303,8 @@ def test_optimizer_must_hold_the_sparse_parameters():
         SMET(model, stepping_only_up)
 
 
-# ---------------------------------------------------------------------------------------------- SμPar
-def test_supar_formulas():
-    assert supar_multiplier(1024, 256, 0.25, 1.0) == pytest.approx(1.0)
-    assert supar_init_std(0.02, 1024, 256, 0.5) == pytest.approx(0.02 / math.sqrt(2.0))
-    assert supar_lr(1e-3, 512, 256, 0.1, 0.2) == pytest.approx(1e-3 / (2.0 * 0.5))
-    for bad in (dict(width=0), dict(base_width=-1), dict(density=1.5), dict(base_density=0.0)):
-        args = dict(width=512, base_width=256, density=0.5, base_density=1.0) | bad
-        with pytest.raises(ValueError, match=next(iter(bad))):
-            supar_lr(1e-3, **args)
-    with pytest.raises(TypeError, match="width"):
-        supar_lr(1e-3, "512", 256, 0.5)
-
-
-def test_supar_param_groups_and_init():
-    model = nn.Sequential(nn.Linear(FEATURES, FEATURES), TinyMLP())
-    groups = supar_param_groups(model, lr=1e-3, width=FEATURES, base_width=FEATURES // 2, weight_decay=0.1)
-    assert len(groups) == 3 and len(groups[0]["params"]) == 2 and groups[0]["lr"] == 1e-3
-    for group in groups[1:]:
-        (param,) = group["params"]
-        assert group["lr"] == pytest.approx(1e-3 / (2 * param.smet_layout.density))
-        assert group["density_lr_exponent"] == 0.0 and group["weight_decay"] == 0.1
-    SMETAdamW(copy.deepcopy(groups), backend="reference")
-    torch.optim.AdamW(groups)
-    supar_init_(model, 0.02, width=8 * FEATURES, base_width=FEATURES, generator=torch.Generator().manual_seed(0))
-    std = model[1].up.values.std().item()
-    assert std == pytest.approx(0.02 / math.sqrt(8 * 0.5), rel=0.1)
-    with pytest.raises(ValueError, match="no sparse parameters"):
-        supar_param_groups(nn.Linear(4, 4), 1e-3, 4, 4)
-
-
-def test_supar_init_keeps_the_inactive_blocks_of_masked_weights_at_zero():
-    model = masked_sparsify(nn.Sequential(nn.Linear(FEATURES, FEATURES)), 0.5, B,
-                            generator=torch.Generator().manual_seed(0))
-    supar_init_(model, 0.02, width=2 * FEATURES, base_width=FEATURES, generator=torch.Generator().manual_seed(1))
-    layer = model[0]
-    mask = layer.layout.mask.repeat_interleave(B, 0).repeat_interleave(B, 1)
-    assert torch.all(layer.weight[~mask] == 0)
-    assert layer.weight[mask].std().item() == pytest.approx(0.02 / math.sqrt(2 * 0.5), rel=0.1)
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_supar_init_on_cuda_with_a_cpu_generator():
-    """The trainer seeds init with a CPU generator; a CUDA model gets the same draws as a CPU one."""
-    on_cpu, on_cuda = TinyMLP(), TinyMLP().cuda()
-    for model in (on_cpu, on_cuda):
-        supar_init_(model, 0.02, width=2 * FEATURES, base_width=FEATURES, generator=torch.Generator().manual_seed(0))
-    for p, q in zip(on_cpu.parameters(), on_cuda.parameters()):
-        torch.testing.assert_close(q.cpu(), p)
-
-
-def test_kernels_follow_the_updated_topology():
-    """After an update the (Triton, interpreted on CPU) layer computes with the new blocks."""
-    gen = torch.Generator().manual_seed(0)
-    layer = BlockSparseLinear(32, 32, 0.5, B, generator=gen)
-    opt = SMETAdamW(layer.parameters(), lr=1e-2)
-    smet = SMET(layer, opt, update_interval=1, prune_fraction=0.5, regrow_init="normal", init_std=0.5)
-    x = torch.randn(4, 32, generator=gen)
-    layer(x).sum().backward()
-    opt.step()
-    old = layer.layout.block_indices.clone()
-    smet.step()
-    assert not torch.equal(layer.layout.block_indices, old)
-    torch.testing.assert_close(layer(x), x @ layer.to_dense_weight().t(), rtol=1e-4, atol=1e-4)
-
-
 def test_layers_too_small_to_move_a_block_are_reported():
     layer = torch.nn.Sequential(BlockSparseLinear(64, 64, density=1 / 16, block_size=16))  # nnz = 1: kept
     optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
     with pytest.warns(RuntimeWarning, match="moves no block of 1 layer"):
         SMET(layer, optimizer, update_interval=1, prune_fraction=0.2)
-
-
-def test_the_rigl_probe_holds_one_element_and_its_gradient_is_the_dense_gradient():
-    """The zero probe whose gradient records ``dyᵀx`` is stored as one element: a dense fp32 ``[out, in]`` zero per
-    layer beside its gradient doubled RigL's recording memory."""
-    model, opt, smet = make_run(regrow="gradient", update_interval=2)
-    train_step(model, opt, smet, 1)  # the next step is an update step: armed
-    x, target = batch(2)
-    y_up = model.up(x)
-    y_up.retain_grad()
-    (model.down(torch.relu(y_up)) - target).pow(2).mean().backward()
-    up = smet.targets[0]
-    assert up.name == "up.values" and up.probe.shape == up.layout.shape
-    assert up.probe.untyped_storage().nbytes() == 4
-    torch.testing.assert_close(up.dense_grad, y_up.grad.t() @ x)
-
-
-def test_recording_keeps_no_fp32_copy_of_a_bf16_layers_input_and_leaves_its_output_bit_for_bit():
-    """The probe's gradient needs ``x``: saved in its own dtype (the layer saves it anyway), a recording step of a bf16
-    model saves what any other step saves. ``y + x.float()·probeᵀ`` saved an fp32 copy of every sparse layer's input
-    (twice the bytes of a bf16 layer's own saved input), and turned a ``-0.0`` output into ``+0.0``."""
-
-    def saved_bytes(armed):
-        gen = torch.Generator().manual_seed(0)
-        layer = BlockSparseLinear(FEATURES, FEATURES, 0.5, B, generator=gen, backend="reference").to(torch.bfloat16)
-        opt = SMETAdamW(layer.parameters(), lr=1e-2, backend="reference")
-        smet = SMET(layer, opt, update_interval=1 if armed else 100, prune_fraction=0.3, regrow="gradient")
-        assert smet.needs_dense_grad() == armed
-        x = torch.randn(4, 32, FEATURES, generator=gen).to(torch.bfloat16)
-        saved = {}
-
-        def pack(t):
-            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            y = layer(x)
-        y.float().pow(2).sum().backward()
-        assert (smet.targets[0].dense_grad is not None) == armed
-        return sum(saved.values())
-
-    assert saved_bytes(armed=True) == saved_bytes(armed=False)
-
-    model = BlockSparseLinear(FEATURES, FEATURES, 0.5, B, backend="reference")
-    smet = SMET(model, torch.optim.SGD(model.parameters(), lr=0.1), update_interval=1, prune_fraction=0.3,
-                regrow="gradient")
-    target = smet.targets[0]
-    target.probe = torch.zeros(1).expand(3, 2).detach().requires_grad_()  # a [3, 2] layer's probe
-    y = torch.tensor([[-0.0, 1.0, -0.0]], requires_grad=True) * 1
-    out = smet._make_recorder(target)(model, (torch.tensor([[-1.0, float("inf")]]),), y)
-    assert torch.equal(torch.signbit(out), torch.signbit(y)) and torch.isfinite(out).all()
-    out.sum().backward()
-    assert target.dense_grad.shape == (3, 2)

@@ -1,0 +1,216 @@
+"""RigL under the SMET controller (``regrow="gradient"``): it regrows the blocks of largest dense gradient, recorded
+only for update steps (summed over micro-batches, none from no-grad forwards or without a backward), by a probe
+of one element that saves nothing a plain step does not; a failed update is not counted, a compiled model runs one
+graph per step whether recording or not, and a new controller takes the hooks over from an earlier one."""
+
+import pytest
+import torch
+from torch import nn
+
+from smet_kernels.modules import BlockSparseLinear
+from smet_kernels.optim.smet_adamw import SMETAdamW
+from smet_kernels.topology import SMET
+from topology_runs import B, FEATURES, _layouts, batch, make_run, train_step
+
+
+def test_rigl_regrows_largest_dense_gradient_blocks():
+    model, opt, smet = make_run(regrow="gradient", update_interval=2, end_step=2)
+    assert not smet.needs_dense_grad()
+    train_step(model, opt, smet, 1)
+    assert smet.needs_dense_grad() and len(model.up._forward_hooks) == 1
+    # two micro-batches: the recorded dense gradient is their sum, like the parameter gradients
+    up_inputs, dys = [], []
+    opt.zero_grad(set_to_none=True)
+    for micro in range(2):
+        x, target = batch(10 + micro)
+        up_inputs.append(x)
+        h = model.up(x)
+        h.retain_grad()
+        (model.down(torch.relu(h)) - target).pow(2).mean().backward()
+        dys.append(h.grad.clone())
+        h.grad = None
+    dense_grad = sum(dy.t() @ x for dy, x in zip(dys, up_inputs))
+    dys.clear()
+    opt.step()
+    layout = model.up.layout
+    mask_before = layout.mask.clone()
+    old = layout.block_indices.clone()
+    record = smet.step()
+    assert not smet.needs_dense_grad() and len(model.up._forward_hooks) == 1  # kept, but records nothing now
+    n = record["layers"]["up.values"]["regrown"]
+    block_scores = dense_grad.reshape(8, B, 4, B).abs().sum((1, 3))
+    block_scores[mask_before] = -1.0
+    expected = block_scores.flatten().argsort(descending=True)[:n].sort().values
+    changed = (layout.block_indices != old).any(1)
+    grown = layout.block_indices[changed]
+    assert (grown[:, 0] * 4 + grown[:, 1]).sort().values.tolist() == expected.tolist()
+    x, target = batch(12)
+    (model(x) - target).pow(2).mean().backward()
+    assert all(t.dense_grad is None for t in smet.targets)  # a dense gradient only on update steps
+
+
+def test_rigl_without_backward_raises():
+    model, opt, smet = make_run(regrow="gradient", update_interval=1)
+    with pytest.raises(RuntimeError, match="dense gradient"):
+        smet.step()
+
+
+def test_a_rigl_update_that_raises_is_not_counted_and_the_retry_updates():
+    model, opt, smet = make_run(regrow="gradient", update_interval=2)
+    train_step(model, opt, smet, 1)
+    x, target = batch(2)
+    (model(x) - target).pow(2).mean().backward()
+    opt.step()
+    recorded = smet.targets[1].dense_grad
+    smet.targets[1].probe.grad = None  # as if no backward went through the second layer
+    before = [t.layout.block_indices.clone() for t in smet.targets]
+    with pytest.raises(RuntimeError, match="dense gradient of 'down.values'"):
+        smet.step()
+    assert smet.step_count == 1 and smet.history == [] and smet.needs_dense_grad()
+    assert all(torch.equal(t.layout.block_indices, b) for t, b in zip(smet.targets, before))
+    smet.targets[1].probe.grad = recorded
+    assert smet.step()["step"] == 2 and smet.step_count == 2
+
+
+def test_rigl_ignores_no_grad_forwards():
+    model, opt, smet = make_run(regrow="gradient", update_interval=1)
+    with torch.no_grad():
+        model(batch(0)[0])
+    assert all(t.dense_grad is None for t in smet.targets)
+
+
+def test_the_rigl_probe_holds_one_element_and_its_gradient_is_the_dense_gradient():
+    """The zero probe whose gradient records ``dyᵀx`` is stored as one element: a dense fp32 ``[out, in]`` zero per
+    layer beside its gradient doubled RigL's recording memory."""
+    model, opt, smet = make_run(regrow="gradient", update_interval=2)
+    train_step(model, opt, smet, 1)  # the next step is an update step: armed
+    x, target = batch(2)
+    y_up = model.up(x)
+    y_up.retain_grad()
+    (model.down(torch.relu(y_up)) - target).pow(2).mean().backward()
+    up = smet.targets[0]
+    assert up.name == "up.values" and up.probe.shape == up.layout.shape
+    assert up.probe.untyped_storage().nbytes() == 4
+    torch.testing.assert_close(up.dense_grad, y_up.grad.t() @ x)
+
+
+def test_recording_keeps_no_fp32_copy_of_a_bf16_layers_input_and_leaves_its_output_bit_for_bit():
+    """The probe's gradient needs ``x``: saved in its own dtype (the layer saves it anyway), a recording step of a bf16
+    model saves what any other step saves. ``y + x.float()·probeᵀ`` saved an fp32 copy of every sparse layer's input
+    (twice the bytes of a bf16 layer's own saved input), and turned a ``-0.0`` output into ``+0.0``."""
+
+    def saved_bytes(armed):
+        gen = torch.Generator().manual_seed(0)
+        layer = BlockSparseLinear(FEATURES, FEATURES, 0.5, B, generator=gen, backend="reference").to(torch.bfloat16)
+        opt = SMETAdamW(layer.parameters(), lr=1e-2, backend="reference")
+        smet = SMET(layer, opt, update_interval=1 if armed else 100, prune_fraction=0.3, regrow="gradient")
+        assert smet.needs_dense_grad() == armed
+        x = torch.randn(4, 32, FEATURES, generator=gen).to(torch.bfloat16)
+        saved = {}
+
+        def pack(t):
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            y = layer(x)
+        y.float().pow(2).sum().backward()
+        assert (smet.targets[0].dense_grad is not None) == armed
+        return sum(saved.values())
+
+    assert saved_bytes(armed=True) == saved_bytes(armed=False)
+
+    model = BlockSparseLinear(FEATURES, FEATURES, 0.5, B, backend="reference")
+    smet = SMET(model, torch.optim.SGD(model.parameters(), lr=0.1), update_interval=1, prune_fraction=0.3,
+                regrow="gradient")
+    target = smet.targets[0]
+    target.probe = torch.zeros(1).expand(3, 2).detach().requires_grad_()  # a [3, 2] layer's probe
+    y = torch.tensor([[-0.0, 1.0, -0.0]], requires_grad=True) * 1
+    out = smet._make_recorder(target)(model, (torch.tensor([[-1.0, float("inf")]]),), y)
+    assert torch.equal(torch.signbit(out), torch.signbit(y)) and torch.isfinite(out).all()
+    out.sum().backward()
+    assert target.dense_grad.shape == (3, 2)
+
+
+class LayerLoop(nn.Module):
+    """Sparse layers called in a Python loop, as a transformer calls its blocks."""
+
+    def __init__(self):
+        super().__init__()
+        gen = torch.Generator().manual_seed(0)
+        self.layers = nn.ModuleList(
+            BlockSparseLinear(FEATURES, FEATURES, 0.5, B, generator=gen, backend="reference") for _ in range(3)
+        )
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = torch.relu(layer(x))
+        return x
+
+
+@pytest.mark.parametrize("fullgraph", [False, True])
+def test_a_compiled_rigl_model_runs_its_whole_graph_on_every_step_recording_or_not(fullgraph):
+    """The recording is traced (no tensor hook): one graph while armed, one while not, and no graph break. A tensor
+    hook broke the graph inside the loop, and Dynamo then ran ``forward`` eagerly for good (a graph per layer)."""
+    from torch._dynamo.backends.debugging import aot_eager
+
+    calls = [0]
+
+    def counting_aot_eager(graph, example_inputs):
+        compiled = aot_eager(graph, example_inputs)
+
+        def run(*args):
+            calls[0] += 1
+            return compiled(*args)
+
+        return run
+
+    def train(compile_model):
+        torch._dynamo.reset()
+        model = LayerLoop()
+        opt = SMETAdamW(model.parameters(), lr=1e-2, backend="reference")
+        smet = SMET(model, opt, update_interval=2, prune_fraction=0.3, regrow="gradient")
+        run = torch.compile(model, backend=counting_aot_eager, fullgraph=fullgraph) if compile_model else model
+        per_step, grads = [], []
+        for step in range(1, 7):
+            before = calls[0]
+            x, target = batch(step)
+            (run(x) - target).pow(2).mean().backward()
+            grads.append([t.dense_grad for t in smet.targets])
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            smet.step()
+            per_step.append(calls[0] - before)
+        return per_step, grads, smet.history, _layouts(model)
+
+    eager_calls, eager_grads, eager_history, eager_layouts = train(False)
+    calls_per_step, grads, history, layouts = train(True)
+    assert eager_calls == [0] * 6 and calls_per_step == [1] * 6  # was [1, 6, 3, 3, 3, 3]
+    assert [step for step, g in enumerate(grads, 1) if g[0] is not None] == [2, 4, 6]
+    for ours, theirs in zip(grads, eager_grads):
+        assert all(a is b is None or torch.equal(a, b) for a, b in zip(ours, theirs))
+    assert history == eager_history and len(history) == 3
+    assert all(torch.equal(layouts[k], eager_layouts[k]) for k in layouts)
+
+
+def test_a_controller_built_on_a_model_takes_over_the_dense_gradient_hooks_of_an_earlier_one():
+    """The hooks stay on the layers between updates: a second controller on the same model (a notebook cell run
+    again, an in-process resume) must not leave the first one's hooks there, holding it and its optimizer alive and
+    recording dense gradients at every backward while it was armed."""
+    import gc
+    import weakref
+
+    model, opt, smet = make_run(regrow="gradient", update_interval=2)
+    train_step(model, opt, smet, 1)  # the first controller is armed for its update
+    earlier = weakref.ref(smet), weakref.ref(opt)
+    del opt, smet
+    opt = SMETAdamW(model.parameters(), lr=1e-2, warmup_steps=4, backend="reference")
+    smet = SMET(model, opt, update_interval=2, prune_fraction=0.3, regrow="gradient", seed=0)
+    gc.collect()
+    assert [ref() for ref in earlier] == [None, None]
+    assert len(model.up._forward_hooks) == len(model.down._forward_hooks) == 1
+    for step in range(2):
+        train_step(model, opt, smet, step)
+    assert smet.history and smet.history[0]["step"] == 2
+    SMET(model, opt, update_interval=2, prune_fraction=0.3, regrow="random", seed=0)  # a SET controller too
+    assert len(model.up._forward_hooks) == len(model.down._forward_hooks) == 0
