@@ -166,7 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = parser.add_argument_group("data, evaluation and output")
     run.add_argument("--data",
                      help="'stdlib' (Python standard library sources, byte tokens), a text file, a folder of text "
-                     f"files, a uint16 .bin token file, or hf:NAME[:CONFIG] (default: {d.data})")
+                     "files, a uint16 .bin token file, or hf:NAME[:CONFIG] (the text column of a Hugging Face dataset, a hub "
+                     f"name or a local folder; needs the datasets package) (default: {d.data})")
     run.add_argument("--tokenizer",
                      help="byte (each byte a token, vocab 256) or bpe[:VOCAB], a byte-level BPE (Hugging Face "
                      "tokenizers) trained on the training split of a text corpus and cached with its tokens "
