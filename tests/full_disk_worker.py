@@ -35,16 +35,17 @@ def shards_of_rank_1_on_a_full_disk() -> None:
 
 
 def records_from_step_2_on_a_full_disk() -> None:
-    """``MetricsLog.log`` writes the records of step 2 and later to ``/dev/full``."""
-    from smet_kernels.train.metrics import MetricsLog, strict_json
+    """``metrics.jsonl`` fills the disk at step 2: ``MetricsLog`` writes that record and later ones through its own
+    file, now on ``/dev/full``, whose flush fails and keeps the record in the buffer (closing the file fails again)."""
+    from smet_kernels.train.metrics import MetricsLog
 
     log = MetricsLog.log
 
     def log_on_a_full_disk(self, record):
-        if record["step"] < 2:
-            return log(self, record)
-        with open("/dev/full", "w") as full:
-            full.write(strict_json(record) + "\n")
+        if record["step"] >= 2 and self.file.name != "/dev/full":
+            self.file.close()
+            self.file = open("/dev/full", "w")
+        return log(self, record)
 
     MetricsLog.log = log_on_a_full_disk
 

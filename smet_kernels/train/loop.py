@@ -223,6 +223,8 @@ class Run:
             self.metrics.log(record)
         except OSError as error:
             self.log_error = f"could not write {str(self.metrics.path)!r}: {error}"
+            with contextlib.suppress(OSError):  # the record stays in the file's buffer: each flush fails again
+                self.metrics.close()  # closed even so (train's close then does nothing, not an OSError traceback)
             if not self.ddp.enabled:
                 raise TrainingFailed(self.log_error) from None
 
