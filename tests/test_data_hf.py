@@ -66,6 +66,24 @@ def test_the_text_column_is_text_else_the_first_string_column_and_a_missing_valu
     assert text_of(load_corpus(f"hf:{body_only}").train) == "alpha\nbet"  # its last byte: validation
 
 
+
+@pytest.mark.parametrize("arrow_type", ["large_string", "string_view"])
+def test_a_text_column_of_any_arrow_string_type_is_read(tmp_path, arrow_type):
+    """A Parquet file's ``string_view`` column (``Value('string_view')``) was refused as no text column."""
+    pa = pytest.importorskip("pyarrow")
+    parquet = pytest.importorskip("pyarrow.parquet")
+    try:
+        datasets.Value(arrow_type)
+    except ValueError:
+        pytest.skip(f"this datasets release has no Value({arrow_type!r})")
+    root = tmp_path / "dataset"
+    root.mkdir()
+    for split, rows in (("train", ["alpha", "beta"]), ("validation", ["gamma"])):
+        table = pa.table({"id": [1] * len(rows), "text": pa.array(rows, type=getattr(pa, arrow_type)())})
+        parquet.write_table(table, root / f"{split}.parquet")
+    corpus = load_corpus(f"hf:{root}")
+    assert text_of(corpus.train) == "alpha\nbeta" and text_of(corpus.val) == "gamma"
+
 @pytest.mark.parametrize("files, message", [
     ({"train.jsonl": '{"label": 1}\n{"label": 2}\n'}, r"has no text column \(its columns: \['label'\]\)"),
     ({"test.txt": "only a test split\n"}, r"has no 'train' split \(its splits: \['test'\]\)"),

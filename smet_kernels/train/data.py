@@ -128,9 +128,9 @@ def _split_by_position(tokens: np.ndarray, val_percent: float) -> tuple[np.ndarr
 
 
 def _text_column(split, name: str) -> str:
-    """``text`` when it holds strings, else the first column that does."""
+    """``text`` when it holds strings, else the first column that does (any of Arrow's string types)."""
     strings = [column for column, feature in split.features.items()
-               if getattr(feature, "dtype", None) in ("string", "large_string")]
+               if getattr(feature, "dtype", None) in ("string", "large_string", "string_view")]
     if not strings:
         raise DataError(f"Hugging Face dataset {name!r} has no text column (its columns: {split.column_names})")
     return "text" if "text" in strings else strings[0]
