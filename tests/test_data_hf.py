@@ -55,6 +55,14 @@ def test_more_rows_than_one_write_batch_are_all_kept_in_order(tmp_path):
     assert text_of(corpus.train).split("\n") == rows and text_of(corpus.val) == "v"
 
 
+def test_a_datasets_release_without_dataset_iter_reads_every_row(tmp_path, monkeypatch):
+    """pyproject admits ``datasets>=2``; ``Dataset.iter`` came in 2.8: before, the rows were an AttributeError."""
+    monkeypatch.delattr(datasets.Dataset, "iter")
+    rows = [f"r{index}" for index in range(5000)]
+    corpus = load_corpus(folder(tmp_path, {"train.txt": "\n".join(rows), "test.txt": "v"}))
+    assert text_of(corpus.train).split("\n") == rows and text_of(corpus.val) == "v"
+
+
 def test_the_text_column_is_text_else_the_first_string_column_and_a_missing_value_is_empty_text(tmp_path):
     rows = [{"label": 1, "body": "alpha", "text": None}, {"label": 2, "body": "beta", "text": "gamma"}]
     lines = "".join(json.dumps(row) + "\n" for row in rows)
