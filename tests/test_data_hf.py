@@ -2,7 +2,6 @@
 from local folders (``datasets.load_dataset`` of a folder of ``.txt`` or ``.jsonl`` files, offline)."""
 
 import json
-import sys
 
 import numpy as np
 import pytest
@@ -107,9 +106,3 @@ def test_a_dataset_that_cannot_be_loaded_is_refused_in_one_line(tmp_path):
     with pytest.raises(DataError, match="cannot load Hugging Face dataset") as raised:
         load_corpus(f"hf:{tmp_path / 'missing'}")
     assert "\n" not in str(raised.value)
-
-
-def test_without_the_datasets_package_an_hf_source_names_the_package_to_install(monkeypatch):
-    monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets -> ImportError
-    with pytest.raises(DataError, match=r"needs the 'datasets' package \(pip install datasets\)"):
-        load_corpus("hf:wikitext")

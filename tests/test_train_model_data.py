@@ -156,6 +156,12 @@ def test_unreadable_data_raises_one_line_error(tmp_path):
         load_corpus(str(tmp_path / "empty"))
 
 
+def test_without_the_datasets_package_an_hf_source_names_the_package_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets -> ImportError
+    with pytest.raises(DataError, match=r"needs the 'datasets' package \(pip install datasets\)"):
+        load_corpus("hf:wikitext")
+
+
 def test_a_one_byte_text_file_or_a_token_file_of_only_token_0_is_refused_in_one_line(tmp_path):
     (tmp_path / "one.txt").write_bytes(b"a")
     with pytest.raises(DataError, match="1 byte of text: too little for a training and a validation split"):
