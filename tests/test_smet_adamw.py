@@ -449,7 +449,8 @@ def test_a_torch_adamw_state_dict_loads_and_the_dense_parameters_continue_as_tor
 
 def test_a_fused_torch_adamw_state_dict_loads_with_its_steps_on_the_cpu(device):
     """torch moves a loaded ``step`` to the parameter's device when the saved group says ``fused``: on a GPU every
-    dense parameter's step then cost a device sync (``.item()``) in each optimizer step."""
+    dense parameter's step then cost a device sync (``.item()``) in each optimizer step. (The device check bites on
+    a GPU only, where ``device`` is CUDA; on the CPU the test checks that a fused AdamW's state continues exactly.)"""
     params = [dense_param((8, 24), seed=2, device=device), dense_param((24,), seed=4, device=device)]
     reference, resumed = _torch_adamw_after_three_steps(params, fused=True)
     optimizer = SMETAdamW(resumed, backend="reference")
