@@ -361,11 +361,13 @@ class Run:
                 loss = lm_loss(logits, y.to(self.device, non_blocking=True))
                 (loss / config.grad_accum).backward()
             loss_sum += loss.detach().double()
-        loss = float(self.ddp.mean(loss_sum / config.grad_accum))
+        loss = self.ddp.mean(loss_sum / config.grad_accum)
         # max_norm inf measures without clipping (the gradients are scaled by min(1, inf) = 1)
         max_norm = config.grad_clip if config.grad_clip > 0 else math.inf
-        norm = clip_grad_norm(self.model.parameters(), max_norm)
-        grad_norm = float(full(norm))  # a replicated DTensor under fsdp
+        norm = full(clip_grad_norm(self.model.parameters(), max_norm))  # a replicated DTensor under fsdp
+        # loss and norm read back together: one wait for the GPU per step (the finite check needs both before the
+        # optimizer step), not one after the backward and another after the norm's few kernels
+        loss, grad_norm = torch.stack([loss, norm.to(loss)]).tolist()
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             self.optimizer.zero_grad(set_to_none=True)
             if self.controller is not None:
