@@ -459,6 +459,31 @@ def test_a_fused_torch_adamw_state_dict_loads_with_its_steps_on_the_cpu(device):
     _assert_steps_match(params, reference, resumed, optimizer)
 
 
+
+@pytest.mark.parametrize("bias_correction", ["local", "global"])
+def test_step_counters_stay_on_the_cpu_whatever_the_default_device(bias_correction):
+    """Every step reads each dense parameter's ``step`` (and, bias-corrected globally, each sparse one's) with
+    ``.item()``: made on the default device, under ``torch.set_default_device("cuda")`` that was a device sync per
+    parameter per step. The meta device stands in for CUDA here (``.item()`` of a meta tensor raises)."""
+    params = make_params("cpu")
+    optimizer = SMETAdamW(params, lr=1e-2, betas=BETAS, eps=EPS, bias_correction=bias_correction,
+                          backend="reference")
+    expected = make_params("cpu")
+    reference = SMETAdamW(expected, lr=1e-2, betas=BETAS, eps=EPS, bias_correction=bias_correction,
+                          backend="reference")
+    for step in (1, 2):
+        for group in (params, expected):
+            for param, grad in zip(group, grads_for(step, group)):
+                param.grad = grad
+        with torch.device("meta"):
+            optimizer.step()
+        reference.step()
+    counters = [optimizer.state[p]["step"] for p in params if "step" in optimizer.state[p]]
+    assert len(counters) == (4 if bias_correction == "global" else 2)
+    assert all(c.device.type == "cpu" and c.item() == 2.0 for c in counters)
+    for param, same in zip(params, expected):
+        torch.testing.assert_close(param, same, rtol=0, atol=0)
+
 @pytest.mark.parametrize("bias_correction", ["local", "global"])
 def test_a_torch_adamw_state_of_sparse_values_loads_with_every_slot_at_its_step(device, bias_correction):
     """torch.optim.AdamW keeps one ``step`` per tensor and no ``block_step``: the first step raised KeyError."""

@@ -82,6 +82,13 @@ def _check_group(group: dict) -> None:
         check_backend(group["backend"])
 
 
+def _step_counter() -> torch.Tensor:
+    """A parameter's step count: a CPU float scalar whatever the default device (``torch.set_default_device``,
+    a ``with torch.device(...)`` block), since :meth:`SMETAdamW.step` reads it with ``.item()`` for every dense
+    parameter at every step: a CUDA one cost a device sync each."""
+    return torch.zeros((), device="cpu")
+
+
 class SMETAdamW(torch.optim.Optimizer):
     """AdamW for SMET: compact sparse values get per-block local steps, warm-up and ``lr * density^-alpha``.
 
@@ -211,7 +218,7 @@ class SMETAdamW(torch.optim.Optimizer):
         if sparse:  # sharded like the values under FSDP2: each rank holds the steps of its own slots
             state["block_step"] = zeros_per_row(param, torch.int32)
         else:
-            state["step"] = torch.tensor(0.0)
+            state["step"] = _step_counter()
 
     @staticmethod
     def _check_param(param: torch.Tensor, name: str) -> None:
@@ -274,7 +281,9 @@ class SMETAdamW(torch.optim.Optimizer):
                 lr = lrs[group_index] * layout.density ** (-group["density_lr_exponent"])
                 global_step = None
                 if group["bias_correction"] == "global":
-                    counters.append(state.setdefault("step", torch.tensor(0.0)))
+                    if "step" not in state:
+                        state["step"] = _step_counter()
+                    counters.append(state["step"])
                     global_step = int(state["step"].item()) + 1
             else:
                 counters.append(state["step"])
