@@ -395,8 +395,10 @@ def test_a_schedule_of_betas_reuses_the_device_tables_instead_of_caching_one_set
     import smet_kernels.ops.adamw as adamw_module
 
     builds = []
-    real_build = adamw_module._build_tables
-    monkeypatch.setattr(adamw_module, "_build_tables", lambda *a: builds.append(1) or real_build(*a))
+    real_build = adamw_module._work_tables
+    monkeypatch.setattr(adamw_module, "_work_tables", lambda *a: builds.append(1) or real_build(*a))
+    real_pointers = adamw_module._pointer_table
+    monkeypatch.setattr(adamw_module, "_pointer_table", lambda *a: builds.append(1) or real_pointers(*a))
     params = make_params(device)
     optimizer = SMETAdamW(params, lr=0.01, backend="triton")
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.01, total_steps=10)
@@ -408,8 +410,34 @@ def test_a_schedule_of_betas_reuses_the_device_tables_instead_of_caching_one_set
         optimizer.step()
         scheduler.step()
     assert optimizer.param_groups[0]["betas"][0] != 0.95  # the schedule moved beta1
-    assert len(builds) == 1
+    assert len(builds) == 2  # the work tables and the pointer table, once
 
+
+
+def test_gradients_at_new_addresses_rebuild_only_the_pointer_table(device, monkeypatch):
+    """``zero_grad(set_to_none=True)`` frees the gradients and the next backward may put them elsewhere: that costs
+    one small pointer table, not the sizes and work tables (a host loop over every tensor's slots), which depend on
+    the shapes only. Host tables reach the device through ``_to_device``: three on the first step, then the scalars
+    and the pointers each step. The steps match the reference backend's."""
+    import smet_kernels.ops.adamw as adamw_module
+
+    copies = []
+    real_to_device = adamw_module._to_device
+    monkeypatch.setattr(adamw_module, "_to_device", lambda *a: copies.append(1) or real_to_device(*a))
+    params, expected = make_params(device), make_params(device)
+    optimizer = SMETAdamW(params, lr=0.01, backend="triton")
+    reference = SMETAdamW(expected, lr=0.01, backend="reference")
+    kept = []  # the earlier gradients stay alive: each step's gradients lie at new addresses
+    for step in range(4):
+        for group in (params, expected):
+            for p, g in zip(group, grads_for(step, group)):
+                p.grad = g
+        kept += [p.grad for p in params]
+        optimizer.step()
+        reference.step()
+    assert len(copies) == 3 + 1 + 2 * 3
+    for p, q in zip(params, expected):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-6)
 
 def _torch_adamw_after_three_steps(params, fused=None):
     """``torch.optim.AdamW`` stepped three times over ``params``, and copies of them (layout tags kept) to resume

@@ -10,8 +10,10 @@ Scheme. The launcher groups the tensors of one call by (device, parameter dtype,
 group, three device tables: ``pointers [T, 5]`` (int64 addresses of param, grad, exp_avg, exp_avg_sq, block_step;
 0 = dense tensor without slots), ``sizes [T, 2]`` (numel, elements per slot) and ``work [P, 3]`` (tensor, first
 slot, end slot): each program owns whole slots, so it alone reads and bumps their ``block_step``. The kernel casts
-the addresses to typed pointers (this works under the Triton interpreter too). Pointer and work tables are cached
-while the tensors' addresses stay the same; a small ``scalars [T, 3]`` table (effective lr, global step for the
+the addresses to typed pointers (this works under the Triton interpreter too). The ``sizes`` and ``work`` tables
+are cached while the tensors' shapes stay the same, the pointer table while their addresses do (gradients freed by
+``zero_grad(set_to_none=True)`` may come back elsewhere: one small table then, not a loop over every tensor's
+slots); a small ``scalars [T, 3]`` table (effective lr, global step for the
 bias correction, 0 = local; warm-up factor of a dense tensor, ``min(step / W, 1)`` or 1) is rebuilt every call
 (pinned, asynchronous copy on CUDA; the host-built tables rule out CUDA-graph capture). A dense tensor is cut into
 pseudo-slots of ``ADAMW_ELEMENTS_PER_PROGRAM`` elements and takes the AdamW update with its global step (warmed up by
@@ -155,19 +157,25 @@ def _to_device(table: torch.Tensor, device: torch.device) -> torch.Tensor:
     return table.pin_memory().to(device, non_blocking=True)
 
 
-def _build_tables(tensors: list[tuple], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``pointers [T, 5]``, ``sizes [T, 2]``, ``work [P, 3]`` for tensors ``(param, grad, m, v, block_step)``."""
-    pointers, sizes, work = [], [], []
-    for index, (param, grad, exp_avg, exp_avg_sq, block_step) in enumerate(tensors):
-        pointers.append(
-            [
-                param.data_ptr(),
-                grad.data_ptr(),
-                exp_avg.data_ptr(),
-                exp_avg_sq.data_ptr(),
-                0 if block_step is None else block_step.data_ptr(),
-            ]
-        )
+def _addresses(tensors: list[tuple]) -> tuple[tuple[int, ...], ...]:
+    """The rows of the pointer table: addresses of ``(param, grad, m, v, block_step)``, 0 for no ``block_step``."""
+    return tuple(tuple(0 if t is None else t.data_ptr() for t in entry) for entry in tensors)
+
+
+def _shapes(tensors: list[tuple]) -> tuple:
+    """What ``sizes`` and ``work`` depend on: each parameter's shape and whether it has slots (a ``block_step``)."""
+    return tuple((tuple(entry[0].shape), entry[4] is None) for entry in tensors)
+
+
+def _pointer_table(addresses: tuple[tuple[int, ...], ...], device: torch.device) -> torch.Tensor:
+    """``pointers [T, 5]`` of :func:`_addresses`."""
+    return _to_device(torch.tensor(addresses, dtype=torch.int64), device)
+
+
+def _work_tables(tensors: list[tuple], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``sizes [T, 2]``, ``work [P, 3]`` for tensors ``(param, grad, m, v, block_step)``."""
+    sizes, work = [], []
+    for index, (param, _, _, _, block_step) in enumerate(tensors):
         numel = param.numel()
         if block_step is None:
             slot_numel = ADAMW_ELEMENTS_PER_PROGRAM
@@ -183,11 +191,8 @@ def _build_tables(tensors: list[tuple], device: torch.device) -> tuple[torch.Ten
                 [torch.full_like(firsts, index), firsts, torch.clamp(firsts + slots_per_program, max=num_slots)], 1
             )
         )
-    return (
-        _to_device(torch.tensor(pointers, dtype=torch.int64), device),
-        _to_device(torch.tensor(sizes, dtype=torch.int64), device),
-        _to_device(torch.cat(work).to(torch.int32), device),
-    )
+    sizes_table = _to_device(torch.tensor(sizes, dtype=torch.int64), device)
+    return sizes_table, _to_device(torch.cat(work).to(torch.int32), device)
 
 
 def triton_adamw_step(
@@ -206,19 +211,21 @@ def triton_adamw_step(
 ) -> None:
     """One fused launch over ``tensors`` ``(param, grad, exp_avg, exp_avg_sq, block_step)`` of one device,
     parameter dtype and state dtype, checked by :func:`check_tensors`; ``cache[cache_key]`` keeps the device
-    tables while the tensors' addresses stay the same."""
+    tables: ``sizes`` and ``work`` while the tensors' shapes stay the same, ``pointers`` while their addresses do."""
     param = tensors[0][0]
     device = param.device
-    signature = tuple(
-        (*(0 if t is None else t.data_ptr() for t in entry), tuple(entry[0].shape)) for entry in tensors
-    )
+    shapes, addresses = _shapes(tensors), _addresses(tensors)
     cached = cache.get(cache_key) if cache is not None else None
-    if cached is not None and cached[0] == signature:
-        pointers, sizes, work = cached[1]
+    if cached is not None and cached[0] == shapes:
+        sizes, work = cached[1]
     else:
-        pointers, sizes, work = _build_tables(tensors, device)
-        if cache is not None:
-            cache[cache_key] = (signature, (pointers, sizes, work))
+        sizes, work = _work_tables(tensors, device)
+    if cached is not None and cached[0] == shapes and cached[2] == addresses:
+        pointers = cached[3]
+    else:
+        pointers = _pointer_table(addresses, device)
+    if cache is not None:
+        cache[cache_key] = (shapes, (sizes, work), addresses, pointers)
     if work.shape[0] == 0:  # only empty tensors
         return
     rows = [
