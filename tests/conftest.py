@@ -6,6 +6,7 @@ TRITON_INTERPRET is read when kernels are decorated, so it must be set before sm
 import atexit
 import os
 import shutil
+import sys
 import tempfile
 
 import torch
@@ -109,3 +110,41 @@ def torch_grad_weight(dy, x, layout):
     from smet_kernels.reference.matmul import torch_bsmm_grad_weight
 
     return torch_bsmm_grad_weight(dy, x, layout.block_indices, layout.block_size)
+
+
+# ---------------------------------------------------------------- host readbacks (a GPU sync each on CUDA)
+#: functions whose readbacks are of tensors that are CPU tensors on every device: the layouts' version counters
+#: (compared in each backward) and a batch's window indices
+CPU_BY_DESIGN = ("check_layout_version", "window_batch")
+READBACKS = ("item", "tolist", "__float__", "__int__", "__bool__", "__index__")
+
+
+class Readbacks:
+    """Records ``"<method> in <calling function>"`` for every readback of a tensor's values to the host (``item``,
+    ``tolist``, ``float``/``int``/``bool``/index conversions) made while :attr:`counting`, except in the functions of
+    :data:`CPU_BY_DESIGN`: on the CPU it finds the calls that would wait for the GPU on CUDA."""
+
+    def __init__(self, monkeypatch):
+        self.seen: list[str] = []
+        self.counting = False
+        for name in READBACKS:
+            monkeypatch.setattr(torch.Tensor, name, self._counted(name, getattr(torch.Tensor, name)))
+
+    def _counted(self, name, real):
+        def readback(tensor, *args, **kwargs):
+            caller = sys._getframe(1).f_code.co_name
+            if self.counting and caller not in CPU_BY_DESIGN:
+                self.seen.append(f"{name} in {caller}")
+            return real(tensor, *args, **kwargs)
+
+        return readback
+
+    def take(self) -> list[str]:
+        """The readbacks recorded so far, forgotten."""
+        seen, self.seen = self.seen, []
+        return seen
+
+
+@pytest.fixture
+def readbacks(monkeypatch) -> Readbacks:
+    return Readbacks(monkeypatch)

@@ -250,3 +250,25 @@ def test_torch_compile_traces_the_layer():
     expected = torch.relu(torch_forward(x, values.detach(), layout))
     _close(y, expected, torch.float32)
     _close(values.grad, torch_grad_weight(dy * (expected > 0), x, layout), torch.float32)
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_a_layer_step_reads_nothing_back_and_rebuilds_no_index(backend, readbacks, monkeypatch):
+    """Forward and backward of a ``BlockSparseLinear`` read no tensor back to the host (on CUDA a GPU sync each)
+    but the CPU version counters that the backward compares, and neither rebuild nor re-check the layout's indices
+    (built once per layout version; a topology update rewrites them)."""
+    from smet_kernels import layout as layout_module
+    from smet_kernels.modules import BlockSparseLinear
+
+    layer = BlockSparseLinear(64, 96, density=0.5, block_size=16, bias=True, device=DEVICE, backend=backend)
+    rebuilt = []
+    for owner, name in ((layout_module, "_compressed_index"), (layout_module.BlockLayout, "_check_indices")):
+        real = getattr(owner, name)
+        monkeypatch.setattr(owner, name, lambda *a, _real=real, _name=name: rebuilt.append(_name) or _real(*a))
+    x = torch.randn(2, 5, 64, device=DEVICE, requires_grad=True)
+    for _ in range(2):
+        readbacks.counting = True
+        layer(x).square().sum().backward()
+        readbacks.counting = False
+        assert readbacks.take() == [] and rebuilt == []
+    assert layer.layout.version_tensor.device.type == "cpu"  # what check_layout_version reads back

@@ -308,3 +308,35 @@ def test_layers_too_small_to_move_a_block_are_reported():
     optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
     with pytest.warns(RuntimeWarning, match="moves no block of 1 layer"):
         SMET(layer, optimizer, update_interval=1, prune_fraction=0.2)
+
+
+@pytest.mark.parametrize("regrow", ["random", "gradient"])
+def test_a_step_without_an_update_runs_no_tensor_op_and_reads_nothing_back(regrow, readbacks):
+    """:meth:`SMET.step` follows every optimizer step: off its update steps it only counts (no aten op, no readback,
+    no index rebuilt), except that RigL arms its recording (a zero probe per layer) the step before an update."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountOps(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    model, opt, smet = make_run(regrow=regrow, update_interval=4)
+    versions = [p.smet_layout.version for p in model.parameters()]
+    for step in range(1, 4):
+        x, target = batch(step)
+        opt.zero_grad(set_to_none=True)
+        (model(x) - target).pow(2).mean().backward()
+        opt.step()
+        readbacks.counting = True
+        with CountOps() as counted:
+            assert smet.step() is None
+        readbacks.counting = False
+        armed = regrow == "gradient" and step == 3
+        probes = ["aten.zeros.default", "aten.expand.default", "aten.detach.default"] * len(smet.targets)
+        assert readbacks.take() == [] and counted.ops == (probes if armed else [])
+    assert [p.smet_layout.version for p in model.parameters()] == versions
