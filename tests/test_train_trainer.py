@@ -167,6 +167,36 @@ def test_steady_throughput_leaves_out_the_first_step(tmp_path, monkeypatch):
     assert summary["tokens_per_s"] == pytest.approx(2 * step_tokens / (1.0 + 1e-3))
 
 
+
+def test_the_update_probe_leaves_the_optimizer_steps_gpu_time_in_the_step_time(monkeypatch):
+    """A step returns with its kernels still queued; the update probe's first readback would wait for them inside
+    the probe's own time, which is left out of the step time (every probed step then looked faster). The fake clock
+    advances only when the host waits for the queued work: 1 s a step."""
+    from smet_kernels.train import probe
+
+    clock = types.SimpleNamespace(now=0.0, queued=0.0, perf_counter=lambda: clock.now)
+
+    def wait():
+        clock.now, clock.queued = clock.now + clock.queued, 0.0
+
+    real_step, real_after_step = loop.Run.train_step, probe.UpdateProbe.after_step
+
+    def queued_step(self):
+        result = real_step(self)
+        clock.queued += 1.0
+        return result
+
+    def waiting_after_step(self):
+        wait()
+        return real_after_step(self)
+
+    monkeypatch.setattr(loop, "time", clock)
+    monkeypatch.setattr(loop.Run, "train_step", queued_step)
+    monkeypatch.setattr(loop.Run, "_synchronize", lambda self: wait())
+    monkeypatch.setattr(probe.UpdateProbe, "after_step", waiting_after_step)
+    summary = train(tiny_config(max_steps=4, eval_every=0))
+    assert summary["train_time_s"] == pytest.approx(4.0) and summary["steady_tokens_per_s"] == 4 * 64
+
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     real_save = torch.save
     calls = []

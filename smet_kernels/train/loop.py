@@ -477,6 +477,9 @@ def _train_loop(run: Run) -> dict:
         run.consecutive_skips = 0
         probe_records, probe_time = [], 0.0  # --- update probe (issue 16), its time left out of the step time
         if run.probe is not None:
+            # the optimizer step's kernels finish on the step's clock: the probe's first readback would wait for
+            # them and leave their time out of the step (on every probed step: an inflated tokens_per_s)
+            run._synchronize()
             probe_started = time.perf_counter()
             probe_records += run.probe.after_step()
             if run.is_probe_step(run.step):
