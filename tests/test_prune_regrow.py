@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from smet_kernels.layout import BlockLayout
-from smet_kernels.prune_regrow import blocks_to_move, choose_blocks, cosine_prune_fraction
+from smet_kernels.prune_regrow import block_l1, blocks_to_move, choose_blocks, cosine_prune_fraction
 
 B = 16  # block size
 
@@ -32,6 +32,29 @@ def test_choose_blocks_prunes_smallest_and_grows_inactive():
     # n capped at the number of inactive blocks
     slots, blocks = choose_blocks(layout, scores, 10, generator=torch.Generator().manual_seed(0))
     assert slots.numel() == 3 and sorted(map(tuple, blocks.tolist())) == [(0, 2), (1, 1), (1, 2)]
+
+
+def test_choose_blocks_returns_slots_and_new_blocks_ascending_not_in_score_order():
+    """``replace_blocks`` gives the k-th slot the k-th block, so both lists come back ascending (slot number, row-major
+    block) as documented; in score order (a dropped sort) which slot holds which block would follow the scores."""
+    layout = BlockLayout.from_mask(torch.tensor([[True, True, True, False], [False, False, True, False]]), B)
+    prune_scores = torch.tensor([5.0, 1.0, 9.0, 0.5])  # smallest: slot 3, then slot 1
+    regrow_scores = torch.tensor([[0.0, 0.0, 0.0, 2.0], [1.0, 0.0, 0.0, 3.0]])  # largest inactive: (1, 3), then (0, 3)
+    slots, blocks = choose_blocks(layout, prune_scores, 2, regrow_scores)
+    assert slots.tolist() == [1, 3] and blocks.tolist() == [[0, 3], [1, 3]]
+    _, blocks = choose_blocks(layout, prune_scores, 3, generator=torch.Generator().manual_seed(1))
+    assert blocks.tolist() == sorted(blocks.tolist())
+
+
+def test_choose_blocks_breaks_ties_to_the_lower_slot_and_block_however_many_scores_tie():
+    """Ties go to the lowest slots and the first inactive blocks in row-major order, as documented: torch's CPU sort
+    keeps equal scores in order only when asked to be stable (past ~100 of them), e.g. all-zero blocks or gradients."""
+    mask = torch.zeros(16, 16, dtype=torch.bool)
+    mask[::2] = True  # 128 slots, 128 inactive blocks
+    layout = BlockLayout.from_mask(mask, B)
+    slots, blocks = choose_blocks(layout, torch.zeros(layout.nnz), 40, regrow_scores=torch.zeros(16, 16))
+    assert slots.tolist() == list(range(40))
+    assert blocks.tolist() == [[row, col] for row in range(1, 16, 2) for col in range(16)][:40]
 
 
 def test_choose_blocks_rejects_bad_scores():
@@ -62,3 +85,12 @@ def test_blocks_to_move_matches_the_released_rule_in_integers():
     for z in range(1, 1000, 7):  # ζ = z / 1000, so floor(nnz (1 − ζ)) = nnz (1000 − z) // 1000 exactly
         for nnz in range(1, 400, 13):
             assert blocks_to_move(z / 1000, nnz) == nnz - max(1, nnz * (1000 - z) // 1000)
+
+
+def test_block_l1_of_a_bf16_weight_is_summed_in_fp32():
+    """Block scores are fp32 sums as documented: summed in bf16 (8 significant bits) and cast afterwards, two blocks
+    that differ by less than about 1/256 of their norm would tie, and which one is pruned would fall to the slot number."""
+    weight = torch.ones(2 * B, B, dtype=torch.bfloat16)
+    weight[B, 0] = 1.0078125  # the next bf16 after 1: block (1, 0) is larger by 2^-7
+    scores = block_l1(weight, B)
+    assert scores.dtype == torch.float32 and scores.flatten().tolist() == [256.0, 256.0078125]
