@@ -89,7 +89,7 @@ def test_blocks_to_move_matches_the_released_rule_in_integers():
 
 def test_block_l1_of_a_bf16_weight_is_summed_in_fp32():
     """Block scores are fp32 sums as documented: summed in bf16 (8 significant bits) and cast afterwards, two blocks
-    that differ by less than about 1/256 of their norm would tie, and which one is pruned would fall to the slot number."""
+    that differ by less than about 1/256 of their norm would tie, and the slot number would pick the one pruned."""
     weight = torch.ones(2 * B, B, dtype=torch.bfloat16)
     weight[B, 0] = 1.0078125  # the next bf16 after 1: block (1, 0) is larger by 2^-7
     scores = block_l1(weight, B)
