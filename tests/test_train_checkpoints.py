@@ -22,6 +22,13 @@ from smet_kernels.train.trainer import ConfigError, TrainConfig, train
 from test_train_trainer import cache_dir, one_thread  # noqa: F401 -- autouse: shared token cache, one thread
 
 
+def written_checkpoints(out_dir, *steps):
+    """``out_dir/checkpoints`` after writing a tiny checkpoint (state ``{"step": step}``) of each of ``steps``."""
+    for step in steps:
+        checkpoint.write_checkpoint(out_dir, step, {"step": step}, TrainConfig())
+    return out_dir / "checkpoints"
+
+
 def test_resume_passes_over_a_corrupt_newest_checkpoint(tmp_path, capsys):
     out = tmp_path / "run"
     train(tiny_config(max_steps=6, checkpoint_every=2, out_dir=str(out)))
@@ -42,6 +49,7 @@ def test_resume_passes_over_a_corrupt_newest_checkpoint(tmp_path, capsys):
     with pytest.warns(CheckpointWarning) as caught:
         assert find_checkpoint(out).name == "step_0000002"
     assert ["step_0000006" in str(w.message) for w in caught] == [True, False]
+    assert [str(w.message).rsplit("; ", 1)[1] for w in caught] == ["trying step_0000004", "trying step_0000002"]
     resumed = tmp_path / "resumed"
     assert cli.main(["--resume", str(out), "--out-dir", str(resumed), "--no-progress"]) == 0
     err = capsys.readouterr().err.strip().splitlines()
@@ -293,12 +301,13 @@ def test_a_run_start_removes_the_folders_a_stopped_checkpoint_write_left(tmp_pat
     assert sorted(path.name for path in root.iterdir()) == ["step_0000002", "step_0000004", "step_0000006"]
 
 
-@pytest.mark.parametrize("new_copy_sealed", [True, False])
+@pytest.mark.parametrize("new_copy", ["sealed", "unsealed", "damaged"])
 def test_a_checkpoint_a_stopped_rewrite_left_under_a_temporary_name_is_put_back_and_resumed(
-        tmp_path, monkeypatch, new_copy_sealed):
+        tmp_path, monkeypatch, new_copy):
     """A run stopped between the two renames that replace a checkpoint it writes again (after resuming from an
     earlier one) left that step only as ``.old-step_*`` and ``.tmp-step_*``: a resume went back to the step before
-    and the next run would have deleted both. The new copy (when whole), else the old one, is put back."""
+    and the next run would have deleted both. The new copy (when whole), else the old one, is put back: a new copy
+    that fails its manifest put back instead would be passed over and the whole old one deleted with the leftovers."""
     import os
 
     out = tmp_path / "run"
@@ -318,9 +327,11 @@ def test_a_checkpoint_a_stopped_rewrite_left_under_a_temporary_name_is_put_back_
     (new,) = root.glob(".tmp-step_0000004-*")
     (old,) = root.glob(".old-step_0000004-*")
     assert not (root / "step_0000004").exists()
-    if not new_copy_sealed:
+    if new_copy == "unsealed":
         (new / "manifest.json").unlink()
-    kept = (new if new_copy_sealed else old) / "manifest.json"
+    elif new_copy == "damaged":
+        (new / "config.json").write_text((new / "config.json").read_text().replace('"seed": 0', '"seed": 1'))
+    kept = (new if new_copy == "sealed" else old) / "manifest.json"
     manifest = kept.read_text()
     assert find_checkpoint(out) == root / "step_0000004"
     assert (root / "step_0000004" / "manifest.json").read_text() == manifest
@@ -341,9 +352,7 @@ def test_finding_a_checkpoint_between_the_renames_of_a_rewrite_repairs_only_a_de
     import shutil
     import subprocess
 
-    for step in (2, 4):
-        checkpoint.write_checkpoint(tmp_path, step, {"step": step}, TrainConfig())
-    root = tmp_path / "checkpoints"
+    root = written_checkpoints(tmp_path, 2, 4)
     final = root / "step_0000004"
     writer = subprocess.Popen(["sleep", "60"])
     try:
@@ -365,3 +374,112 @@ def test_finding_a_checkpoint_between_the_renames_of_a_rewrite_repairs_only_a_de
         writer.kill()
         writer.wait()
     assert torch.load(final / "state.pt") == {"step": 4} and verify_checkpoint(final) is None
+
+
+def test_the_newest_checkpoint_is_the_highest_step_also_past_seven_digits(tmp_path):
+    """Checkpoint folders are named ``step_%07d``: the newest was taken by name, so after step 9,999,999 a resume
+    went back to ``step_9999999`` (``step_10000000`` sorts before it) and continued from there."""
+    root = written_checkpoints(tmp_path, 9_999_999, 10_000_000)
+    assert find_checkpoint(tmp_path) == root / "step_10000000"
+
+
+def test_a_run_start_puts_back_a_checkpoint_that_only_a_stopped_rewrite_left_before_removing_the_leftovers(tmp_path):
+    """``--resume run/checkpoints/step_0000002`` names its checkpoint, so no search repairs the folder: the run start
+    (clear_leftovers) is the last chance to put back step 4, which a rewrite stopped between its renames left as
+    ``.old-step_*`` only; removing the leftovers without that deleted its one copy."""
+    import os
+
+    root = written_checkpoints(tmp_path, 2, 4)
+    os.replace(root / "step_0000004", root / ".old-step_0000004-4242")
+    checkpoint.clear_leftovers(tmp_path)
+    assert sorted(path.name for path in root.iterdir()) == ["step_0000002", "step_0000004"]
+    assert torch.load(root / "step_0000004" / "state.pt") == {"step": 4}
+
+
+def test_a_rewrite_by_a_live_process_of_another_user_is_passed_over_not_repaired(tmp_path, monkeypatch):
+    """Signal 0 to a live process of another user raises PermissionError: that writer is alive, and taking it for
+    dead would put its folders back under it and fail the rename it is about to make."""
+    import os
+
+    root = written_checkpoints(tmp_path, 2, 4)
+    os.replace(root / "step_0000004", root / ".old-step_0000004-4242")
+    real_kill = os.kill
+
+    def kill(pid, signal):
+        if pid == 4242:
+            raise PermissionError(1, "Operation not permitted")
+        return real_kill(pid, signal)
+
+    monkeypatch.setattr(checkpoint.os, "kill", kill)
+    with pytest.warns(CheckpointWarning, match="step_0000004' is being rewritten by process 4242"):
+        assert find_checkpoint(tmp_path) == root / "step_0000002"
+    assert sorted(path.name for path in root.iterdir()) == [".old-step_0000004-4242", "step_0000002"]
+
+
+def test_the_newest_checkpoint_is_used_without_a_warning_beside_an_archive_and_a_live_rewriters_old_copy(tmp_path):
+    """A file named like a checkpoint (an archived copy) is no candidate, and the old copy that a live writer is
+    still removing after its last rename (``step_*`` is back) is no rewrite in progress: neither is worth a warning
+    (that the archive is unusable, that the step is passed over) when the newest checkpoint is used."""
+    import os
+    import shutil
+    import warnings
+
+    root = written_checkpoints(tmp_path, 2, 4)
+    (root / "step_0000009.tar").write_bytes(b"an archive")
+    shutil.copytree(root / "step_0000004", root / f".old-step_0000004-{os.getppid()}")  # the parent: alive
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert find_checkpoint(tmp_path) == root / "step_0000004"
+
+
+def test_a_checkpoint_folder_given_by_path_is_refused_naming_what_fails(tmp_path):
+    """A step folder that lost its state.pt is an unusable checkpoint whose missing file is named, not a folder with
+    no checkpoint in it; one whose manifest does not cover config.json is refused too (the run reads it unchecked)."""
+    root = written_checkpoints(tmp_path, 2, 4)
+    (root / "step_0000004" / "state.pt").unlink()
+    with pytest.raises(ConfigError, match="step_0000004' is unusable: state.pt is missing$"):
+        find_checkpoint(root / "step_0000004")
+    manifest = json.loads((root / "step_0000002" / "manifest.json").read_text())
+    del manifest["files"]["config.json"]
+    (root / "step_0000002" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ConfigError, match="step_0000002' is unusable: manifest.json lists no config.json$"):
+        find_checkpoint(root / "step_0000002")
+
+
+def test_every_file_of_a_checkpoint_is_flushed_to_disk_before_the_rename_that_makes_it_visible(tmp_path, monkeypatch):
+    """A crash of the machine just after the rename must not leave a visible checkpoint whose files were still in
+    the page cache (empty or partial on disk): each file, the manifest last, is fsynced before ``step_*`` appears."""
+    import os
+    from pathlib import Path
+
+    real_fsync, real_replace, synced, visible = os.fsync, os.replace, [], {}
+
+    def fsync(fd):
+        synced.append(Path(os.readlink(f"/proc/self/fd/{fd}")).name)
+        real_fsync(fd)
+
+    def replace(source, target):
+        visible[Path(target).name] = set(synced)
+        real_replace(source, target)
+
+    monkeypatch.setattr(checkpoint.os, "fsync", fsync)
+    monkeypatch.setattr(checkpoint.os, "replace", replace)
+    root = written_checkpoints(tmp_path, 2)
+    assert visible == {"step_0000002": {"state.pt", "config.json", "manifest.json"}}
+    assert {path.name for path in (root / "step_0000002").iterdir()} == visible["step_0000002"]
+
+
+def test_a_checkpoint_saved_before_settings_fixed_on_resume_existed_resumes_with_their_defaults(tmp_path):
+    """A checkpoint of an earlier release lacks the settings fixed on resume that came later (--tokenizer, --supar,
+    --galore-rank, --spike-window); they had their defaults then, and the resume compares against those instead of
+    stopping with a KeyError."""
+    out = tmp_path / "run"
+    train(tiny_config(max_steps=2, checkpoint_every=2, out_dir=str(out)))
+    saved = out / "checkpoints" / "step_0000002"
+    config = json.loads((saved / "config.json").read_text())
+    for name in ("tokenizer", "supar", "galore_rank", "spike_window"):
+        del config[name]
+    (saved / "config.json").write_text(json.dumps(config))
+    (saved / "manifest.json").unlink()  # an earlier release wrote none
+    assert cli.main(["--resume", str(out), "--max-steps", "3", "--no-progress"]) == 0
+    assert [r["step"] for r in strict_records(out / "metrics.jsonl") if r["type"] == "train"] == [1, 2, 3]

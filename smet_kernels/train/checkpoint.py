@@ -116,7 +116,8 @@ def find_checkpoint(path: str | os.PathLike) -> Path:
     root = path / CHECKPOINTS_DIR
     if root.is_dir():
         _restore_interrupted_rewrites(root, skip_live_writers=True)
-    candidates = sorted((c for c in root.glob("step_*") if c.is_dir()), reverse=True) if root.is_dir() else []
+    folders = [c for c in root.glob("step_*") if c.is_dir()] if root.is_dir() else []
+    candidates = sorted(folders, key=_step_order, reverse=True)
     if not candidates:
         raise ConfigError(f"no checkpoint found in {str(path)!r} (expected a checkpoint or checkpoints/step_*/)")
     for index, candidate in enumerate(candidates):
@@ -127,6 +128,13 @@ def find_checkpoint(path: str | os.PathLike) -> Path:
         warnings.warn(f"checkpoint {str(candidate)!r} is unusable ({problem})"
                       + (f"; trying {following}" if following else ""), CheckpointWarning, stacklevel=2)
     raise ConfigError(f"no usable checkpoint in {str(root)!r}: all {len(candidates)} fail verification")
+
+
+def _step_order(folder: Path) -> tuple[int, str]:
+    """Sort key of a ``step_*`` folder: its step number (``step_10000000`` is newer than ``step_9999999``, which a
+    sort by name puts first), then its name."""
+    match = re.match(r"step_(\d+)", folder.name)
+    return (int(match.group(1)) if match else -1, folder.name)
 
 
 def check_fresh_out_dir(out_dir: str | os.PathLike) -> None:
