@@ -171,7 +171,7 @@ def test_a_resume_may_name_its_data_by_another_path_and_continues_exactly(tmp_pa
 
 def test_a_checkpoint_that_cannot_be_written_stops_the_run_with_one_line(tmp_path, monkeypatch, capsys):
     """A full disk at a checkpoint write (state.pt written to /dev/full): the run failed with a traceback of the
-    RuntimeError that torch.save raises there (not an OSError)."""
+    RuntimeError that torch.save raises there (not an OSError), and left its partial folder on the full disk."""
     from full_disk_worker import save_on_a_full_disk
 
     monkeypatch.setattr(checkpoint.torch, "save", save_on_a_full_disk)
@@ -179,6 +179,7 @@ def test_a_checkpoint_that_cannot_be_written_stops_the_run_with_one_line(tmp_pat
                                      "--checkpoint-every", "2", "--eval-every", "0", "--backend", "reference",
                                      "--no-progress", "--out-dir", str(tmp_path / "run")], 1)
     assert reason.startswith("could not write checkpoint step_0000002: ") and reason.split(": ", 1)[1], reason
+    assert list((tmp_path / "run" / "checkpoints").iterdir()) == []  # its partial folder left on the full disk
 
 
 def test_a_fresh_run_into_a_folder_with_a_good_checkpoint_is_refused_before_anything_is_written(tmp_path, capsys):

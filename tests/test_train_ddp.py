@@ -79,6 +79,7 @@ def test_a_checkpoint_rank_0_cannot_write_stops_every_rank_with_one_line(tmp_pat
     assert last[0].startswith(prefix) and len(last[0]) > len(prefix), outputs[0]
     assert last[1] == last[0].replace("error: ", "error: rank 0 failed: ", 1)
     assert not any("Traceback" in output for output in outputs)
+    assert list((tmp_path / "run" / "checkpoints").iterdir()) == []  # no partial folder left on the full disk
 
 
 def test_a_checkpoint_shard_one_rank_cannot_write_stops_every_rank_with_one_line(tmp_path, tmp_path_factory,
@@ -92,6 +93,7 @@ def test_a_checkpoint_shard_one_rank_cannot_write_stops_every_rank_with_one_line
     expected = "smet-train: error: could not write checkpoint step_0000002: rank 1: [Errno 28] No space left on device"
     assert [output.strip().splitlines()[-1] for output in outputs] == [expected, expected]
     assert not any("Traceback" in output for output in outputs)
+    assert list((tmp_path / "run" / "checkpoints").iterdir()) == []
 
 
 @pytest.mark.parametrize("world_size", [1, 2])

@@ -268,13 +268,16 @@ def set_rng_state(state: dict, device: torch.device) -> None:
 
 
 @contextlib.contextmanager
-def _writing(final: Path):
-    """Turn an ``OSError`` while writing checkpoint ``final`` (a full disk, no permission) into a one-line
-    :class:`TrainingFailed`; also the ``RuntimeError`` that ``torch.save`` raises for a failed write of its zip
-    writer (a full disk there is not an ``OSError``)."""
+def _writing(final: Path, tmp: Path):
+    """Turn an ``OSError`` while writing checkpoint ``final`` through the folder ``tmp`` (a full disk, no
+    permission) into a one-line :class:`TrainingFailed`; also the ``RuntimeError`` that ``torch.save`` raises for a
+    failed write of its zip writer (a full disk there is not an ``OSError``). ``tmp`` is removed then: on a full disk
+    its partial files would hold space the run's next steps may need (the previous copy of ``final``, if any, is
+    kept)."""
     try:
         yield
     except (OSError, RuntimeError) as error:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise TrainingFailed(f"could not write checkpoint {final.name}: {error}") from error
 
 
@@ -284,7 +287,7 @@ def write_checkpoint(out_dir: Path, step: int, state: dict, config: TrainConfig)
     root = out_dir / CHECKPOINTS_DIR
     final = root / f"step_{step:07d}"
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
-    with _writing(final):
+    with _writing(final, tmp):
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
@@ -328,12 +331,12 @@ def write_sharded_checkpoint(out_dir: Path, step: int, tensors: dict, state: dic
     tmp = root / f".tmp-{final.name}"  # the same folder on every rank
 
     def prepare() -> None:
-        with _writing(final):
+        with _writing(final, tmp):
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
 
     def seal() -> None:
-        with _writing(final):
+        with _writing(final, tmp):
             _write_state(tmp, {**state, "format": "sharded"}, config)
             _seal(tmp, final)
 
@@ -341,6 +344,8 @@ def write_sharded_checkpoint(out_dir: Path, step: int, tensors: dict, state: dic
     try:
         dcp.save(tensors, checkpoint_id=tmp / SHARDED_DIR)
     except CheckpointException as error:  # a BaseException whose text holds every failed rank's traceback
+        if ddp.rank == 0:  # every rank is done with the folder: DCP reports a failure after gathering every rank's
+            shutil.rmtree(tmp, ignore_errors=True)
         rank = min(error.failures)
         cause = error.failures[rank][0]
         raise TrainingFailed(f"could not write checkpoint {final.name}: rank {rank}: {cause}") from error
