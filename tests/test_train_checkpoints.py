@@ -484,3 +484,17 @@ def test_a_checkpoint_saved_before_settings_fixed_on_resume_existed_resumes_with
     (saved / "manifest.json").unlink()  # an earlier release wrote none
     assert cli.main(["--resume", str(out), "--max-steps", "3", "--no-progress"]) == 0
     assert [r["step"] for r in strict_records(out / "metrics.jsonl") if r["type"] == "train"] == [1, 2, 3]
+
+
+def test_a_resume_that_changes_a_fixed_setting_is_refused_before_the_checkpoint_is_hashed(tmp_path, monkeypatch):
+    """The settings check came after find_checkpoint had verified the checkpoint, hashing every file: on a large run
+    (a 7b checkpoint holds ~100 GB) a mistyped option was refused only minutes later."""
+    out = tmp_path / "run"
+    train(tiny_config(max_steps=2, checkpoint_every=2, out_dir=str(out)))
+    monkeypatch.setattr(checkpoint, "_sha256", lambda path: pytest.fail(f"{path} hashed before the settings check"))
+    for resume in (out, out / "checkpoints" / "step_0000002"):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(["--resume", str(resume), "--seq-len", "16", "--no-progress"])
+        assert exit_info.value.code == 2
+        with pytest.raises(ConfigError, match=r"^cannot change seq_len when resuming .*\(saved: seq_len 32\)"):
+            train(tiny_config(max_steps=4, checkpoint_every=2, out_dir=str(out), resume=str(resume), seq_len=16))

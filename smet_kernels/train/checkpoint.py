@@ -407,20 +407,49 @@ def read_checkpoint(checkpoint: Path, config: TrainConfig) -> dict:
     run must share with it (:data:`FIXED_ON_RESUME`; ``data`` may name another path when the state holds the digest
     of its tokens, which the run compares: a relative path from another folder, or moved files). Every other
     setting is checked before the state is read."""
-    saved = json.loads((checkpoint / "config.json").read_text())
-    defaults = TrainConfig()  # a setting newer than the checkpoint had its default there
-    saved = {name: saved.get(name, getattr(defaults, name)) for name in FIXED_ON_RESUME}
-    # a method's option without effect in the saved method (e.g. --density for adamw) is named by the CLI as such,
-    # as in a fresh run, not refused
-    method = METHODS.get(saved["optimizer"])
-    inert = set(method.ignored_options) if method else set()
-    changed = [name for name in FIXED_ON_RESUME if saved[name] != getattr(config, name) and name not in inert]
+    values = {name: getattr(config, name) for name in FIXED_ON_RESUME}
+    saved, changed = _fixed_changes(json.loads((checkpoint / "config.json").read_text()), values)
     _refuse_changes(checkpoint, saved, [name for name in changed if name != "data"])
     # read to CPU: RNG states must stay CPU ByteTensors; the load_state_dict calls move the rest to the device
     state = torch.load(checkpoint / "state.pt", map_location="cpu", weights_only=False)
     if "corpus_sha256" not in state["data"]:  # an older checkpoint: its data is known by name only
         _refuse_changes(checkpoint, saved, [name for name in changed if name == "data"])
     return state
+
+
+def refuse_fixed_changes(path: str | os.PathLike, values: dict) -> None:
+    """Refuse (:class:`ConfigError`, as :func:`read_checkpoint` would) a resume from ``path`` whose ``values`` change
+    a setting of :data:`FIXED_ON_RESUME` (``data`` aside), read from the ``config.json`` of the checkpoint ``path`` or
+    of the newest one in ``path/checkpoints`` without verifying it (a run's checkpoints share these settings): a wrong
+    option is then refused at once, not after :func:`find_checkpoint` has hashed every file of a large checkpoint."""
+    path = Path(path)
+    if (path / "config.json").is_file():
+        folders = [path]
+    else:
+        folders = sorted((path / CHECKPOINTS_DIR).glob("step_*/config.json"), key=lambda f: _step_order(f.parent),
+                         reverse=True)
+        folders = [file.parent for file in folders]
+    for folder in folders:
+        try:
+            saved_config = json.loads((folder / "config.json").read_text())
+        except (OSError, ValueError):
+            continue  # left to find_checkpoint's verdict
+        if isinstance(saved_config, dict):
+            saved, changed = _fixed_changes(saved_config, values)
+            _refuse_changes(folder, saved, [name for name in changed if name != "data"])
+            return
+
+
+def _fixed_changes(saved_config: dict, values: dict) -> tuple[dict, list[str]]:
+    """``(saved, changed)``: the :data:`FIXED_ON_RESUME` settings of a checkpoint's ``config.json`` (a setting newer
+    than the checkpoint at its default), and the names among ``values`` that change one, but for options without
+    effect in the saved method (e.g. ``density`` for ``adamw``), which the CLI names as such, as in a fresh run."""
+    defaults = TrainConfig()
+    saved = {name: saved_config.get(name, getattr(defaults, name)) for name in FIXED_ON_RESUME}
+    method = METHODS.get(saved["optimizer"])
+    inert = set(method.ignored_options) if method else set()
+    changed = [name for name in FIXED_ON_RESUME if name in values and saved[name] != values[name] and name not in inert]
+    return saved, changed
 
 
 def _refuse_changes(checkpoint: Path, saved: dict, changed: list[str]) -> None:

@@ -18,7 +18,7 @@ import warnings
 
 from ..layout import SUPPORTED_BLOCK_SIZES
 from ..optim.galore import GALORE_DEFAULT_RANK
-from .checkpoint import CheckpointWarning, load_checkpoint_config
+from .checkpoint import CheckpointWarning, load_checkpoint_config, refuse_fixed_changes
 from .config import (
     CHECKPOINT_FORMATS,
     NONFINITE_ACTIONS,
@@ -217,6 +217,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """A :class:`TrainConfig` from parsed arguments (on ``--resume``, the saved config plus given options)."""
     given = vars(args)
     if "resume" in given:
+        refuse_fixed_changes(given["resume"], given)  # before load_checkpoint_config hashes the checkpoint
         values = load_checkpoint_config(given["resume"]).to_dict()
         values.update({k: v for k, v in given.items() if k != "resume"})
     else:
