@@ -62,29 +62,6 @@ def test_model_is_causal_and_learns_shapes():
         model(torch.zeros(1, 17, dtype=torch.long))
 
 
-
-@pytest.mark.parametrize("activation_checkpointing", [False, True])
-def test_the_rope_tables_are_cast_once_per_forward_not_once_per_layer(activation_checkpointing):
-    """A bf16 model casts the fp32 RoPE tables to bf16 once per forward (two small kernels), not in every layer."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    model = LlamaModel(model_config("tiny", max_seq_len=16), dtype=torch.bfloat16)
-    model.activation_checkpointing = activation_checkpointing
-    tables = {model.rope_cos.untyped_storage().data_ptr(), model.rope_sin.untyped_storage().data_ptr()}
-
-    class CountTableCasts(TorchDispatchMode):
-        casts = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func is torch.ops.aten._to_copy.default and args[0].untyped_storage().data_ptr() in tables:
-                self.casts += 1
-            return func(*args, **(kwargs or {}))
-
-    assert len(model.layers) > 1
-    with CountTableCasts() as counted:
-        model(torch.randint(0, 256, (2, 16))).float().sum().backward()
-    assert counted.casts == 2
-
 def test_rmsnorm_divides_by_the_root_mean_square_plus_eps_under_the_root_and_scales_by_its_weight():
     gen = torch.Generator().manual_seed(0)
     norm = RMSNorm(8, eps=1e-6)

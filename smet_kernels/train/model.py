@@ -244,15 +244,15 @@ class LlamaModel(nn.Module):
         seq = tokens.shape[1]
         if seq > self.config.max_seq_len:
             raise ValueError(f"sequence length {seq} exceeds max_seq_len {self.config.max_seq_len}")
+        cos = self.rope_cos[:seq]
+        sin = self.rope_sin[:seq]
         x = self.embed(tokens)
-        # in the activations' dtype once per forward, not once per layer (two casts per layer in bf16)
-        cos, sin = self.rope_cos[:seq].to(x.dtype), self.rope_sin[:seq].to(x.dtype)
         recompute = self.activation_checkpointing and torch.is_grad_enabled()
         for layer in self.layers:
             if recompute:
-                x = checkpoint(layer, x, cos, sin)
+                x = checkpoint(layer, x, cos.to(x.dtype), sin.to(x.dtype))
             else:
-                x = layer(x, cos, sin)
+                x = layer(x, cos.to(x.dtype), sin.to(x.dtype))
         return self.lm_head(self.norm(x))
 
 
