@@ -45,14 +45,16 @@ def _contexts():
     return create_selective_checkpoint_contexts(_save_version_snapshots)
 
 
-def checkpoint(module: nn.Module, *inputs):
-    """``module(*inputs)`` with its activations recomputed in backward (non-reentrant ``torch.utils.checkpoint``,
-    RNG state preserved); raises ``RuntimeError`` if a layout of ``module`` changed before the recompute."""
+def checkpoint(module: nn.Module, *inputs, function=None):
+    """``module(*inputs)`` (or ``function(*inputs)``, the computation of ``module`` without its hooks) with its
+    activations recomputed in backward (non-reentrant ``torch.utils.checkpoint``, RNG state preserved); raises
+    ``RuntimeError`` if a layout of ``module`` changed before the recompute."""
     versions = None if torch.compiler.is_compiling() else layout_versions(module)
+    function = module if function is None else function
 
     def run(*args):
         if versions is not None and layout_versions(module) != versions:
             raise RuntimeError(LAYOUT_CHANGED)
-        return module(*args)
+        return function(*args)
 
     return torch.utils.checkpoint.checkpoint(run, *inputs, use_reentrant=False, context_fn=_contexts)

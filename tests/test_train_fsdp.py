@@ -5,6 +5,7 @@ single-process format) and resuming one continues exactly like the uninterrupted
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from torchrun_launch import launch, metrics
 COMMON = ["--config", "tiny", "--batch-size", "8", "--seq-len", "32", "--eval-batches", "1", "--lr", "3e-3",
           "--backend", "reference", "--no-progress", "--device", "cpu"]  # gloo on the CPU also beside a GPU
 # density 0.3: the 16-block q/k/v/o layers hold 5 slots -> uneven shards (3 + 2 slots)
+COMPILE_WORKER = Path(__file__).with_name("compile_worker.py")
 SMET_ARGS = COMMON + ["--optimizer", "smet", "--density", "0.3", "--grad-accum", "2", "--max-steps", "6",
                       "--update-interval", "3", "--regrow", "gradient", "--eval-every", "3", "--checkpoint-every", "3"]
 
@@ -148,6 +150,21 @@ def test_fsdp_dense_and_masked_match_single_process(tmp_path, tmp_path_factory, 
     updates = assert_matches(tmp_path / "single", tmp_path / "fsdp", 4)
     if optimizer == "masked-dst":
         assert [r["step"] for r in updates] == [2, 4] and updates[0]["pruned"] > 0
+
+
+def test_compiled_fsdp_training_with_activation_checkpointing_compiles_the_decoder_layers_and_matches_one_process(
+        tmp_path, tmp_path_factory):
+    """The model checkpointed each sharded layer's whole call, FSDP2's hooks included, which Dynamo cannot trace
+    inside a checkpoint: under --compile the whole model ran eagerly (no decoder layer compiled, no word of it). The
+    layer now checkpoints its body within the hooks: its graph (one recording RigL's gradients, one not) compiles."""
+    cache_dir = tmp_path_factory.getbasetemp() / "smet_cache"
+    args = SMET_ARGS + ["--activation-checkpointing"]
+    launch(tmp_path / "single", 1, cache_dir, args)
+    outputs = launch(tmp_path / "fsdp", 2, cache_dir, args + ["--parallel", "fsdp", "--compile"],
+                     program=(str(COMPILE_WORKER),))
+    assert [r["step"] for r in assert_matches(tmp_path / "single", tmp_path / "fsdp", 6)] == [3, 6]
+    for output in outputs:
+        assert "with a recomputed decoder layer: 2" in output, output
 
 
 def test_fsdp_bf16_gradient_norm_is_the_single_process_one(tmp_path, tmp_path_factory):

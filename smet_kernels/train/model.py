@@ -203,7 +203,15 @@ class DecoderLayer(nn.Module):
         self.mlp_norm = RMSNorm(config.hidden_size, config.norm_eps, device=device, dtype=dtype)
         self.mlp = SwiGLU(config, device=device, dtype=dtype)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, recompute: bool = False) -> torch.Tensor:
+        """With ``recompute`` the layer's activations are recomputed in backward: the checkpoint is taken inside the
+        layer's own call, within the hooks on it (FSDP2's), which ``torch.compile`` cannot trace inside a checkpoint
+        (it ran the whole sharded model eagerly)."""
+        if recompute:
+            return checkpoint(self, x, cos, sin, function=self.block)
+        return self.block(x, cos, sin)
+
+    def block(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), cos, sin)
         return x + self.mlp(self.mlp_norm(x))
 
@@ -249,10 +257,7 @@ class LlamaModel(nn.Module):
         x = self.embed(tokens)
         recompute = self.activation_checkpointing and torch.is_grad_enabled()
         for layer in self.layers:
-            if recompute:
-                x = checkpoint(layer, x, cos.to(x.dtype), sin.to(x.dtype))
-            else:
-                x = layer(x, cos.to(x.dtype), sin.to(x.dtype))
+            x = layer(x, cos.to(x.dtype), sin.to(x.dtype), recompute=recompute)
         return self.lm_head(self.norm(x))
 
 
