@@ -73,6 +73,23 @@ def test_the_text_column_is_text_else_the_first_string_column_and_a_missing_valu
     assert text_of(load_corpus(f"hf:{body_only}").train) == "alpha\nbet"  # its last byte: validation
 
 
+def test_a_valid_split_is_the_validation_text_and_a_second_load_reads_the_cache(tmp_path, monkeypatch):
+    """A hub dataset whose held-out split is named ``valid`` (not ``validation``) is validated on it, before its
+    ``test`` split; the second load is the cached stream: the dataset is not loaded again."""
+    splits = {"train": ["first", "second"], "valid": ["held out"], "test": ["never read"]}
+    loads = []
+
+    def load_dataset(name, subset):
+        loads.append((name, subset))
+        return datasets.DatasetDict({split: datasets.Dataset.from_dict({"text": rows})
+                                     for split, rows in splits.items()})
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    for _ in range(2):
+        corpus = load_corpus("hf:someone/corpus:en")
+        assert text_of(corpus.train) == "first\nsecond" and text_of(corpus.val) == "held out"
+    assert loads == [("someone/corpus", "en")]
+
 
 @pytest.mark.parametrize("arrow_type", ["large_string", "string_view"])
 def test_a_text_column_of_any_arrow_string_type_is_read(tmp_path, arrow_type):
