@@ -4,6 +4,7 @@ import math
 import os
 import subprocess
 import sys
+import zlib
 
 import numpy as np
 import pytest
@@ -237,6 +238,101 @@ def test_each_epoch_visits_the_windows_in_a_new_order():
     assert all(sorted(order) == list(range(8)) for order in orders) and len(set(orders)) == 3
 
 
+def test_a_path_whose_crc32_share_is_exactly_the_val_percent_goes_to_training():
+    """The documented rule is ``crc32(path) % 10000 < 100 · val_percent``: with ``<=`` a file at the boundary would
+    move to validation, and splits by path would differ from those of earlier releases."""
+    assert [zlib.crc32(name.encode()) % 10000 for name in ("f4858.py", "f5790.py")] == [200, 199]
+    assert not data_module._is_val("f4858.py", 2.0) and data_module._is_val("f5790.py", 2.0)
+
+
+def test_a_folder_corpus_reads_its_text_files_only_and_skips_hidden_files_and_tool_folders(tmp_path):
+    """Hidden files (``.DS_Store``: no suffix, read as text otherwise), hidden folders, ``site-packages`` and
+    ``__pycache__`` stay out; a text suffix counts in any case (``NOTES.TXT``)."""
+    root = tmp_path / "corpus"
+    files = {"a.txt": "kept-a", "NOTES.TXT": "kept-upper", "README": "kept-bare", "img.png": "out-png",
+             ".DS_Store": "out-dotfile", ".cache/x.txt": "out-hidden-dir", "site-packages/y.txt": "out-site",
+             "__pycache__/z.txt": "out-pycache", "sub/b.md": "kept-sub"}
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(f"{text}\n" * 50)
+    corpus = load_corpus(str(root))
+    text = bytes(corpus.train).decode() + bytes(corpus.val).decode()
+    assert {word for word in files.values() if word in text} == {"kept-a", "kept-upper", "kept-bare", "kept-sub"}
+
+
+def test_the_token_cache_is_rebuilt_when_a_file_is_edited_or_the_validation_share_changes(tmp_path):
+    """The cache key holds each file's size and mtime, and the val_percent: without them an edit in place (same size)
+    or another val_percent would give the stale cached streams."""
+    path = tmp_path / "corpus.txt"
+    path.write_bytes(b"hello world " * 500)
+    assert bytes(load_corpus(str(path)).train[:11]) == b"hello world"
+    stat = path.stat()
+    path.write_bytes(b"hello there " * 500)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    assert bytes(load_corpus(str(path)).train[:11]) == b"hello there"
+    assert len(load_corpus(str(path), val_percent=10.0).val) == 600 and len(load_corpus(str(path)).val) == 120
+
+
+def test_a_token_file_is_cut_into_its_first_and_last_val_percent_tokens(tmp_path):
+    """Validation is the tail of a ``.bin``, disjoint from training; a val_percent outside (0, 100) is refused."""
+    tokens = np.arange(5000, dtype=np.uint16)
+    tokens.tofile(tmp_path / "tokens.bin")
+    corpus = load_corpus(str(tmp_path / "tokens.bin"), val_percent=2.0)
+    assert np.array_equal(corpus.train, tokens[:4900]) and np.array_equal(corpus.val, tokens[4900:])
+    for val_percent in (0.0, 100.0):
+        with pytest.raises(DataError, match=r"val_percent must be in \(0, 100\)"):
+            load_corpus(str(tmp_path / "tokens.bin"), val_percent=val_percent)
+
+
+@pytest.mark.parametrize("length", [63, 64, 65, 66])
+def test_every_counted_window_holds_seq_len_plus_one_tokens(length):
+    """A stream of a multiple of seq_len tokens has no room for its last ``seq_len + 1`` window: counted, it would make
+    ``batch`` fail (rows of unequal length) whenever the shuffle drew it, mid-run."""
+    tokens = np.arange(length, dtype=np.uint16)
+    batches = PackedBatches(tokens, seq_len=8, batch_size=1, seed=0)
+    assert batches.num_windows == (length - 1) // 8
+    x, y = batches.batch(torch.arange(batches.num_windows))
+    rows = torch.stack([torch.from_numpy(tokens[i * 8 : i * 8 + 9].astype(np.int64)) for i in range(len(x))])
+    assert torch.equal(x, rows[:, :-1]) and torch.equal(y, rows[:, 1:])
+
+
+def test_no_two_seeds_visit_the_windows_in_the_same_order_in_their_first_epochs():
+    """Seeds of a sweep must not share batch orders: with ``seed + epoch`` as the generator's seed, seed 1's first
+    epoch would be seed 0's second."""
+    tokens = np.arange(16 * 8 + 1, dtype=np.uint16)
+    orders = set()
+    for seed in range(4):
+        batches = PackedBatches(tokens, seq_len=8, batch_size=16, seed=seed)
+        orders |= {tuple(batches.next_global().tolist()) for _ in range(4)}
+    assert len(orders) == 16
+
+
+def test_loading_a_state_into_batches_already_drawn_from_continues_from_the_loaded_position():
+    """``load_state_dict`` forgets the window order of the epoch it was in: kept, a loaded state of another seed or
+    epoch would continue in the old order."""
+    tokens = np.arange(10 * 8 + 1, dtype=np.uint16)
+    source = PackedBatches(tokens, seq_len=8, batch_size=4, seed=1)
+    source.next_global()
+    used = PackedBatches(tokens, seq_len=8, batch_size=4, seed=2)
+    used.next_global()
+    used.load_state_dict(source.state_dict())
+    assert all(torch.equal(used.next_global(), source.next_global()) for _ in range(4))
+
+
+def test_a_global_batch_is_cut_into_consecutive_micro_steps_each_split_across_the_ranks():
+    """The documented view ``[grad_accum, world_size, micro_batch]`` (evaluation shards the same way)."""
+    indices = torch.arange(12)
+    shards = [[PackedBatches.shard(indices, m, 2, r, 3).tolist() for r in range(3)] for m in range(2)]
+    assert shards == [[[0, 1], [2, 3], [4, 5]], [[6, 7], [8, 9], [10, 11]]]
+
+
+def test_the_corpus_digest_tells_apart_the_same_tokens_split_at_another_place():
+    """A resume refuses data whose digest changed; the lengths in it tell a moved train/validation cut apart."""
+    tokens = np.arange(100, dtype=np.uint8)
+    digests = {data_module.Corpus(tokens[:cut], tokens[cut:], 256, "x").sha256 for cut in (90, 91)}
+    assert len(digests) == 2
+
+
 # ------------------------------------------------------------------------------------------------ spikes
 def test_spike_tracker_rise_after_update():
     tracker = SpikeTracker(window=3)
@@ -271,3 +367,4 @@ def test_a_folder_given_by_a_relative_or_symlinked_path(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     sizes = {len(load_corpus(spec).train) for spec in ("corpus/sub", "./corpus/sub", "link", str(folder))}
     assert len(sizes) == 1 and sizes.pop() > 0
+
