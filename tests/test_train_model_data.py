@@ -9,6 +9,8 @@ import zlib
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from smet_kernels.train import data as data_module
 from smet_kernels.train.data import DataError, PackedBatches, eval_windows, load_corpus
@@ -368,3 +370,50 @@ def test_a_folder_given_by_a_relative_or_symlinked_path(tmp_path, monkeypatch):
     sizes = {len(load_corpus(spec).train) for spec in ("corpus/sub", "./corpus/sub", "link", str(folder))}
     assert len(sizes) == 1 and sizes.pop() > 0
 
+
+def _spikes_by_the_formula(losses: list[float], updates: set[int], window: int) -> list[tuple]:
+    """(step it is written at, None at the end of the run; record) per update, straight from the module docstring."""
+    last, expected = len(losses), []
+    for s in sorted(updates):
+        before = [losses[t - 1] for t in range(max(1, s - window + 1), s + 1)]
+        after = [losses[t - 1] for t in range(s + 1, min(last, s + window) + 1)]
+        if after:
+            rise = max(after) - sum(before) / len(before)
+            expected.append((s + window if s + window <= last else None, {
+                "update_step": s, "window": window, "loss_before": sum(before) / len(before),
+                "max_loss_after": max(after), "rise": rise, "relative_rise": rise / (sum(before) / len(before)),
+                "complete": len(after) == window}))
+    return expected
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(losses=st.lists(st.floats(0.5, 8.0), min_size=1, max_size=24), window=st.integers(1, 5), data=st.data())
+def test_spike_records_follow_the_documented_windows_whatever_the_updates_and_a_resume_between(losses, window, data):
+    """``before`` = mean of the k losses up to the update, ``rise`` = max of the k after it minus ``before``, written
+    once the k-th loss after it is in (or at the end, ``complete`` False); a tracker restored from ``state_dict`` at any
+    step writes the same, and the summary is the mean and max over the records. A ``before`` window one loss too wide
+    went unnoticed (the one test had no loss before its window), and so did the summary's mean rise and max relative
+    rise."""
+    steps = range(1, len(losses) + 1)
+    updates = set(data.draw(st.lists(st.sampled_from(steps), unique=True), label="updates"))
+    cut = data.draw(st.sampled_from(steps), label="resume after")
+    tracker, written = SpikeTracker(window), []
+    for step in steps:
+        written += [(step, record) for record in tracker.add_loss(step, losses[step - 1])]
+        if step in updates:
+            tracker.add_update(step)
+        if step == cut:
+            tracker, state = SpikeTracker(1), tracker.state_dict()
+            tracker.load_state_dict(state)
+    written += [(None, record) for record in tracker.finish()]
+    expected = _spikes_by_the_formula(losses, updates, window)
+    assert [(step, record["update_step"]) for step, record in written] == [(s, r["update_step"]) for s, r in expected]
+    for (_, record), (_, reference) in zip(written, expected):
+        assert record == pytest.approx(reference)
+    records = [reference for _, reference in expected]
+    summary = tracker.summary()
+    assert summary["count"] == len(records)
+    for key, name in (("rise", "rise"), ("relative_rise", "relative_rise")):
+        values = [record[key] for record in records]
+        assert summary[f"mean_{name}"] == (pytest.approx(sum(values) / len(values)) if values else None)
+        assert summary[f"max_{name}"] == (max(values) if values else None)
