@@ -175,3 +175,26 @@ def test_a_resume_keeps_exactly_the_whole_metrics_records_up_to_its_step_whateve
         kept = [strict_json(r) for r in whole if r["step"] <= resumed_step and r.get("complete", True) is not False]
         assert (folder / "metrics.jsonl").read_text().splitlines() == kept + [strict_json(
             {"type": "train", "step": resumed_step + 1})]
+
+
+def test_the_perplexity_of_a_diverged_loss_is_capped_instead_of_overflowing():
+    """``exp`` overflows past ~709: uncapped, a diverged run's validation loss of 1000 nats would stop the run at its
+    final evaluation (OverflowError) instead of writing its summary."""
+    from smet_kernels.train.metrics import perplexity
+
+    assert perplexity(1.0) == pytest.approx(2.718281828) and perplexity(1000.0) == perplexity(700.0) < float("inf")
+
+
+def test_a_blank_line_in_metrics_jsonl_is_passed_over_and_a_step_that_is_not_an_integer_is_refused(tmp_path):
+    """A hand repair (the advice of the corrupt-line error) may leave an empty line: it is no record, not a corrupt
+    one. A ``step`` of another type ("3", 2.5) let past the check would fail the resume with a TypeError traceback."""
+    from smet_kernels.train.config import ConfigError
+    from smet_kernels.train.metrics import read_records
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\n\n{"step": 2}\n\n')
+    assert read_records(path) == [{"step": 1}, {"step": 2}]
+    for step in ('"3"', "2.5", "null"):
+        path.write_text(f'{{"step": 1}}\n{{"step": {step}}}\n')
+        with pytest.raises(ConfigError, match="line 2 .* is not a metrics record"):
+            read_records(path)
