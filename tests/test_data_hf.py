@@ -73,18 +73,23 @@ def test_the_text_column_is_text_else_the_first_string_column_and_a_missing_valu
     assert text_of(load_corpus(f"hf:{body_only}").train) == "alpha\nbet"  # its last byte: validation
 
 
-def test_a_valid_split_is_the_validation_text_and_a_second_load_reads_the_cache(tmp_path, monkeypatch):
-    """A hub dataset whose held-out split is named ``valid`` (not ``validation``) is validated on it, before its
-    ``test`` split; the second load is the cached stream: the dataset is not loaded again."""
-    splits = {"train": ["first", "second"], "valid": ["held out"], "test": ["never read"]}
+def from_the_hub(monkeypatch, splits: dict[str, dict[str, list]]) -> list:
+    """``datasets.load_dataset`` answering with ``splits`` (their columns); returns the list of its calls."""
     loads = []
 
     def load_dataset(name, subset):
         loads.append((name, subset))
-        return datasets.DatasetDict({split: datasets.Dataset.from_dict({"text": rows})
-                                     for split, rows in splits.items()})
+        return datasets.DatasetDict({split: datasets.Dataset.from_dict(columns) for split, columns in splits.items()})
 
     monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    return loads
+
+
+def test_a_valid_split_is_the_validation_text_and_a_second_load_reads_the_cache(monkeypatch):
+    """A hub dataset whose held-out split is named ``valid`` (not ``validation``) is validated on it, before its
+    ``test`` split; the second load is the cached stream: the dataset is not loaded again."""
+    loads = from_the_hub(monkeypatch, {"train": {"text": ["first", "second"]}, "valid": {"text": ["held out"]},
+                                       "test": {"text": ["never read"]}})
     for _ in range(2):
         corpus = load_corpus("hf:someone/corpus:en")
         assert text_of(corpus.train) == "first\nsecond" and text_of(corpus.val) == "held out"
@@ -117,6 +122,15 @@ def test_a_dataset_without_usable_text_is_refused_in_one_line(tmp_path, files, m
     with pytest.raises(DataError, match=message) as raised:
         load_corpus(folder(tmp_path, files))
     assert "\n" not in str(raised.value)
+
+
+def test_a_dataset_refused_halfway_leaves_no_temporary_file_in_the_cache(tmp_path, monkeypatch):
+    """A validation split without a text column is refused after the training text was streamed to a temporary file:
+    that file (the whole training text) stayed in the cache, one more on every attempt."""
+    from_the_hub(monkeypatch, {"train": {"text": ["row"] * 100}, "validation": {"label": [1]}})
+    with pytest.raises(DataError, match="has no text column"):
+        load_corpus("hf:someone/corpus")
+    assert list((tmp_path / "smet_cache").iterdir()) == []
 
 
 def test_a_dataset_that_cannot_be_loaded_is_refused_in_one_line(tmp_path):

@@ -191,6 +191,26 @@ def test_a_folder_whose_validation_files_are_empty_is_split_by_position(tmp_path
     assert np.array_equal(load_corpus(str(tmp_path / "corpus")).val, corpus.val)
 
 
+def test_a_token_cache_write_that_fails_on_a_full_disk_leaves_no_temporary_file(tmp_path, monkeypatch):
+    """A write of the cached streams that fails (a full disk) left its partial temporary file in the cache, holding
+    space on the full disk: one more on every attempt (their names hold the process id)."""
+    import errno
+    import pathlib
+
+    monkeypatch.setenv("SMET_CACHE_DIR", str(tmp_path / "cache"))
+    (tmp_path / "corpus.txt").write_bytes(b"hello world " * 500)
+    real_write_bytes = pathlib.Path.write_bytes
+
+    def fills_the_disk(self, data):
+        real_write_bytes(self, data[: len(data) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(pathlib.Path, "write_bytes", fills_the_disk)
+    with pytest.raises(DataError, match="No space left on device"):
+        load_corpus(str(tmp_path / "corpus.txt"))
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
 def test_packed_batches_deterministic_resumable_and_sharded():
     tokens = np.arange(10 * 8 + 1, dtype=np.uint16)
     batches = PackedBatches(tokens, seq_len=8, batch_size=4, seed=3)

@@ -22,6 +22,7 @@ across gradient-accumulation micro-steps and data-parallel ranks. Its position i
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import sysconfig
@@ -110,11 +111,24 @@ def _cached_split(files: list[Path], root: Path, val_percent: float, tag: str) -
                                 "validation split")
             cut = _val_cut(len(data), val_percent)
             chunks = {"train": [data[:cut]], "val": [data[cut:]]}
-        for split, target in paths.items():
-            tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
-            tmp.write_bytes(b"\n".join(chunks[split]))
-            os.replace(tmp, target)
+        with _written_in_place_of(paths) as tmp:
+            for split, written in tmp.items():
+                written.write_bytes(b"\n".join(chunks[split]))
     return tuple(np.memmap(paths[s], dtype=np.uint8, mode="r") for s in ("train", "val"))
+
+
+@contextlib.contextmanager
+def _written_in_place_of(targets: dict[str, Path]):
+    """Temporary files (same keys) to write ``targets`` through: moved onto them when the block ends, removed when it
+    raises (a full disk, a dataset refused halfway), where they would stay in the cache, one set per attempt."""
+    tmp = {key: target.with_name(f"{target.name}.tmp{os.getpid()}") for key, target in targets.items()}
+    try:
+        yield tmp
+        for key, target in targets.items():
+            os.replace(tmp[key], target)
+    finally:
+        for path in tmp.values():
+            path.unlink(missing_ok=True)
 
 
 def _val_cut(length: int, val_percent: float) -> int:
@@ -165,18 +179,16 @@ def _load_hf(spec: str, val_percent: float) -> tuple[np.ndarray, np.ndarray]:
             raise DataError(f"Hugging Face dataset {name!r} has no 'train' split (its splits: {sorted(dataset)})")
         val_split = next((s for s in ("validation", "valid", "test") if s in dataset), None)
         paths["train"].parent.mkdir(parents=True, exist_ok=True)
-        tmp = {split: target.with_name(f"{target.name}.tmp{os.getpid()}") for split, target in paths.items()}
-        _write_rows(dataset["train"], _text_column(dataset["train"], name), tmp["train"])
-        if val_split is not None:
-            _write_rows(dataset[val_split], _text_column(dataset[val_split], name), tmp["val"])
-        else:  # the tail of the training text
-            with tmp["train"].open("r+b") as train:
-                cut = _val_cut(tmp["train"].stat().st_size, val_percent)
-                train.seek(cut)
-                tmp["val"].write_bytes(train.read())
-                train.truncate(cut)
-        for split, target in paths.items():
-            os.replace(tmp[split], target)
+        with _written_in_place_of(paths) as tmp:
+            _write_rows(dataset["train"], _text_column(dataset["train"], name), tmp["train"])
+            if val_split is not None:
+                _write_rows(dataset[val_split], _text_column(dataset[val_split], name), tmp["val"])
+            else:  # the tail of the training text
+                with tmp["train"].open("r+b") as train:
+                    cut = _val_cut(tmp["train"].stat().st_size, val_percent)
+                    train.seek(cut)
+                    tmp["val"].write_bytes(train.read())
+                    train.truncate(cut)
     train, val = (np.memmap(paths[s], dtype=np.uint8, mode="r") if paths[s].stat().st_size else
                   np.zeros(0, dtype=np.uint8) for s in ("train", "val"))
     if not (len(train) and len(val)):
