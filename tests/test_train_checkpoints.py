@@ -498,3 +498,21 @@ def test_a_resume_that_changes_a_fixed_setting_is_refused_before_the_checkpoint_
         assert exit_info.value.code == 2
         with pytest.raises(ConfigError, match=r"^cannot change seq_len when resuming .*\(saved: seq_len 32\)"):
             train(tiny_config(max_steps=4, checkpoint_every=2, out_dir=str(out), resume=str(resume), seq_len=16))
+
+
+def test_a_corrupt_newest_checkpoint_of_another_run_does_not_refuse_the_resume_of_the_good_one(tmp_path):
+    """A fresh run may use a folder whose checkpoints all fail verification (check_fresh_out_dir), and its resume
+    passes over them: the early settings check read the newest config.json alone, that of the corrupt checkpoint of
+    the other run (seed 1 here), and refused the resume of this run's good checkpoint as a change of seed."""
+    other, out = tmp_path / "other", tmp_path / "run"
+    train(tiny_config(max_steps=2, checkpoint_every=2, out_dir=str(other), seed=1))
+    stale = out / "checkpoints" / "step_0000010"
+    stale.parent.mkdir(parents=True)
+    (other / "checkpoints" / "step_0000002").rename(stale)
+    (stale / "state.pt").write_bytes(b"cut short")
+    train(tiny_config(max_steps=2, checkpoint_every=2, out_dir=str(out)))
+    with pytest.warns(CheckpointWarning, match="step_0000010"):
+        summary = train(tiny_config(max_steps=3, checkpoint_every=2, out_dir=str(out), resume=str(out)))
+    assert summary["steps"] == 3
+    with pytest.raises(ConfigError, match=r"cannot change seed when resuming .*step_0000010.*\(saved: seed 1\)"):
+        checkpoint.refuse_fixed_changes(out, {"seed": 2})  # no checkpoint would take it: the newest one is named

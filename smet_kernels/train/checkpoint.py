@@ -420,8 +420,10 @@ def read_checkpoint(checkpoint: Path, config: TrainConfig) -> dict:
 def refuse_fixed_changes(path: str | os.PathLike, values: dict) -> None:
     """Refuse (:class:`ConfigError`, as :func:`read_checkpoint` would) a resume from ``path`` whose ``values`` change
     a setting of :data:`FIXED_ON_RESUME` (``data`` aside), read from the ``config.json`` of the checkpoint ``path`` or
-    of the newest one in ``path/checkpoints`` without verifying it (a run's checkpoints share these settings): a wrong
-    option is then refused at once, not after :func:`find_checkpoint` has hashed every file of a large checkpoint."""
+    of those in ``path/checkpoints`` without verifying them: a wrong option is then refused at once, not after
+    :func:`find_checkpoint` has hashed every file of a large checkpoint. Refused only when no checkpoint there would
+    take ``values`` (naming the newest): a folder may also hold the corrupt checkpoints of another run, which
+    :func:`find_checkpoint` passes over."""
     path = Path(path)
     if (path / "config.json").is_file():
         folders = [path]
@@ -429,6 +431,7 @@ def refuse_fixed_changes(path: str | os.PathLike, values: dict) -> None:
         folders = sorted((path / CHECKPOINTS_DIR).glob("step_*/config.json"), key=lambda f: _step_order(f.parent),
                          reverse=True)
         folders = [file.parent for file in folders]
+    refusal = None
     for folder in folders:
         try:
             saved_config = json.loads((folder / "config.json").read_text())
@@ -436,8 +439,12 @@ def refuse_fixed_changes(path: str | os.PathLike, values: dict) -> None:
             continue  # left to find_checkpoint's verdict
         if isinstance(saved_config, dict):
             saved, changed = _fixed_changes(saved_config, values)
-            _refuse_changes(folder, saved, [name for name in changed if name != "data"])
-            return
+            changed = [name for name in changed if name != "data"]
+            if not changed:
+                return  # read_checkpoint decides on the checkpoint find_checkpoint picks
+            refusal = refusal or (folder, saved, changed)
+    if refusal is not None:
+        _refuse_changes(*refusal)
 
 
 def _fixed_changes(saved_config: dict, values: dict) -> tuple[dict, list[str]]:
