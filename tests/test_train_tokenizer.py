@@ -122,3 +122,26 @@ def test_the_tokenizer_option_is_explained_and_fixed_on_resume(corpus_dir, tmp_p
         cli.main(["--resume", str(out), "--tokenizer", "bpe:300", "--max-steps", "4", "--no-progress"])
     assert exit_info.value.code == 2
     assert "cannot change --tokenizer" in capsys.readouterr().err
+
+
+def test_a_bpe_cache_write_that_fails_on_a_full_disk_is_a_data_error_and_leaves_no_temporary_file(
+        corpus_dir, tmp_path, monkeypatch):
+    """The BPE token streams are cached like the byte streams, but their write was outside load_corpus' OSError
+    handling and cleanup: a full disk stopped the run with an OSError traceback (not the one-line DataError of a
+    byte stream) and left the partial temporary file in the cache, one more on every attempt."""
+    import errno
+
+    monkeypatch.setenv("SMET_CACHE_DIR", str(tmp_path / "cache"))
+    load_corpus(str(corpus_dir))  # the byte streams, cached
+    cached = sorted(path.name for path in (tmp_path / "cache").iterdir())
+    real_encode = tokenizer_module.encode
+
+    class FillsTheDisk(np.ndarray):
+        def tofile(self, path):
+            np.asarray(self)[: len(self) // 2].tofile(path)
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(tokenizer_module, "encode", lambda *args: real_encode(*args).view(FillsTheDisk))
+    with pytest.raises(DataError, match="No space left on device"):
+        load_corpus(str(corpus_dir), tokenizer="bpe:300")
+    assert sorted(path.name for path in (tmp_path / "cache").iterdir()) == cached

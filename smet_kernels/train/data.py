@@ -111,14 +111,14 @@ def _cached_split(files: list[Path], root: Path, val_percent: float, tag: str) -
                                 "validation split")
             cut = _val_cut(len(data), val_percent)
             chunks = {"train": [data[:cut]], "val": [data[cut:]]}
-        with _written_in_place_of(paths) as tmp:
+        with written_in_place_of(paths) as tmp:
             for split, written in tmp.items():
                 written.write_bytes(b"\n".join(chunks[split]))
     return tuple(np.memmap(paths[s], dtype=np.uint8, mode="r") for s in ("train", "val"))
 
 
 @contextlib.contextmanager
-def _written_in_place_of(targets: dict[str, Path]):
+def written_in_place_of(targets: dict[str, Path]):
     """Temporary files (same keys) to write ``targets`` through: moved onto them when the block ends, removed when it
     raises (a full disk, a dataset refused halfway), where they would stay in the cache, one set per attempt."""
     tmp = {key: target.with_name(f"{target.name}.tmp{os.getpid()}") for key, target in targets.items()}
@@ -179,7 +179,7 @@ def _load_hf(spec: str, val_percent: float) -> tuple[np.ndarray, np.ndarray]:
             raise DataError(f"Hugging Face dataset {name!r} has no 'train' split (its splits: {sorted(dataset)})")
         val_split = next((s for s in ("validation", "valid", "test") if s in dataset), None)
         paths["train"].parent.mkdir(parents=True, exist_ok=True)
-        with _written_in_place_of(paths) as tmp:
+        with written_in_place_of(paths) as tmp:
             _write_rows(dataset["train"], _text_column(dataset["train"], name), tmp["train"])
             if val_split is not None:
                 _write_rows(dataset[val_split], _text_column(dataset[val_split], name), tmp["val"])
@@ -250,7 +250,10 @@ def load_corpus(data: str = "stdlib", val_percent: float = 2.0, tokenizer: str =
         return Corpus(train=train, val=val, vocab_size=vocab, name=data)
     if spec.kind == "bpe":
         stem = Path(str(train.filename)[: -len(".train.bin")])
-        train, val, token_bytes = bpe_streams(train, val, stem, spec.vocab_size)
+        try:
+            train, val, token_bytes = bpe_streams(train, val, stem, spec.vocab_size)
+        except OSError as error:  # its cache write (a full disk)
+            raise DataError(f"cannot cache the {spec.name} tokens of {data!r}: {error.strerror or error}") from None
         return Corpus(train=train, val=val, vocab_size=len(token_bytes), name=data, token_bytes=token_bytes)
     return Corpus(train=train, val=val, vocab_size=vocab, name=data, token_bytes=np.ones(256, dtype=np.int64))
 

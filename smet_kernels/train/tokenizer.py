@@ -12,7 +12,6 @@ per token converts to bits per byte: ``bpb = loss · tokens / (ln 2 · bytes)``.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,19 +103,17 @@ def bpe_streams(train: np.ndarray, val: np.ndarray, cache_stem: Path, vocab_size
     import tokenizers
     from tokenizers import Tokenizer
 
+    from .data import written_in_place_of
+
     stem = cache_stem.with_name(f"{cache_stem.name}.bpe{vocab_size}-{tokenizers.__version__}")
     paths = {name: stem.with_name(f"{stem.name}.{name}") for name in ("tokenizer.json", "train.bin", "val.bin")}
     if not all(p.exists() for p in paths.values()):
         tokenizer = train_bpe(train, vocab_size)
         streams = {"train.bin": encode(tokenizer, train), "val.bin": encode(tokenizer, val)}
-        for name in ("train.bin", "val.bin", "tokenizer.json"):
-            target = paths[name]
-            tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
-            if name == "tokenizer.json":
-                tokenizer.save(str(tmp))
-            else:
-                streams[name].tofile(tmp)
-            os.replace(tmp, target)
+        with written_in_place_of(paths) as tmp:  # a failed write (a full disk) leaves no temporary file
+            for name in ("train.bin", "val.bin"):
+                streams[name].tofile(tmp[name])
+            tokenizer.save(str(tmp["tokenizer.json"]))
     tokenizer = Tokenizer.from_file(str(paths["tokenizer.json"]))
     dtype = np.uint16 if tokenizer.get_vocab_size() <= 1 << 16 else np.uint32
 
