@@ -137,3 +137,11 @@ def test_a_dataset_that_cannot_be_loaded_is_refused_in_one_line(tmp_path):
     with pytest.raises(DataError, match="cannot load Hugging Face dataset") as raised:
         load_corpus(f"hf:{tmp_path / 'missing'}")
     assert "\n" not in str(raised.value)
+
+
+def test_an_edited_local_dataset_folder_is_read_again_not_taken_from_the_cache(tmp_path):
+    """The cache key held the dataset's name only: a local folder edited after a first load gave its old text."""
+    spec = folder(tmp_path, {"train.txt": "first text\n", "validation.txt": "held out\n"})
+    assert text_of(load_corpus(spec).train) == "first text"
+    (tmp_path / "dataset" / "train.txt").write_text("edited text, longer\n")
+    assert text_of(load_corpus(spec).train) == "edited text, longer"

@@ -167,8 +167,13 @@ def _load_hf(spec: str, val_percent: float) -> tuple[np.ndarray, np.ndarray]:
     except ImportError:
         raise DataError(f"data {spec!r} needs the 'datasets' package (pip install datasets)") from None
     name, _, subset = spec[len("hf:") :].partition(":")
-    key = hashlib.sha256(f"hf|{name}|{subset}|{val_percent}".encode()).hexdigest()[:16]
-    stem = cache_dir() / f"hf-{key}"
+    key = hashlib.sha256(f"hf|{name}|{subset}|{val_percent}".encode())
+    local = Path(name).expanduser()
+    if local.is_dir():  # a local dataset folder: edited files make another cache entry, as for a text folder
+        for path in _list_files(local, None):
+            stat = path.stat()
+            key.update(f"{path.relative_to(local).as_posix()}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    stem = cache_dir() / f"hf-{key.hexdigest()[:16]}"
     paths = {split: stem.with_name(f"{stem.name}.{split}.bin") for split in ("train", "val")}
     if not all(p.exists() for p in paths.values()):
         try:
@@ -243,7 +248,8 @@ def load_corpus(data: str = "stdlib", val_percent: float = 2.0, tokenizer: str =
                 train, val = _cached_split([path], path.parent, val_percent, "file")
                 vocab = 256
     except OSError as error:
-        raise DataError(f"cannot read data {data!r}: {error.strerror or error}") from None
+        raise DataError(f"cannot read data {data!r} or write its cache in {str(cache_dir())!r}: "
+                        f"{error.strerror or error}") from None
     if train.dtype != np.uint8:  # a token file: its tokens are given
         if spec.kind != "byte":
             raise DataError(f"data {data!r} is a token file: tokenizer {tokenizer!r} needs text (use 'byte')")
