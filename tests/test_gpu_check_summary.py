@@ -32,6 +32,16 @@ def test_a_correctness_stage_without_rows_says_whether_it_was_selected_or_stoppe
     assert path.read_text().split("## Correctness\n\n", 1)[1].startswith(says)
 
 
+def test_checks_the_budget_stopped_before_any_finished_are_counted_and_listed_as_not_run():
+    """With no row but checks not run, the section read "No check has finished yet" (a dropped guard): the checks
+    the budget cut would be neither counted nor named."""
+    from bench.gpu_check.summary import correctness_section
+
+    text = "\n".join(correctness_section([], ["matmul grouped fp16 b=32 forward"], selected=True))
+    assert "0 of 0 checks pass, 0 fail, 1 not run." in text
+    assert "Not run (budget): matmul grouped fp16 b=32 forward" in text
+
+
 def _kernel_frame(rows: list[dict]) -> pd.DataFrame:
     """Hand-made rows of kernels.csv: every column of it, None where a row gives no value."""
     return pd.DataFrame([dict.fromkeys(KERNEL_COLUMNS) | row for row in rows], columns=KERNEL_COLUMNS)
@@ -185,6 +195,22 @@ def test_a_kernel_bar_without_a_copy_ceiling_is_reported_not_measured_rather_tha
     assert "* kernel: 0 pass, 0 miss, 5 not measured" in lines
 
 
+def test_a_kernel_point_whose_timed_result_was_wrong_is_not_judged_and_is_named():
+    """The kernels stage times a case whose result failed its check (status ``wrong``): its time must not pass a
+    bar, and the point must not silently vanish from the counts (they read all pass with the wrong point gone)."""
+    from bench.gpu_check.plan import GPU
+    from bench.gpu_check.summary import kernel_section
+
+    frame = _bar_rows()
+    wrong = (frame["shape"] == "p1") & (frame["provider"] == "triton_grouped")
+    frame.loc[wrong, ["status", "note"]] = ["wrong", "max relative error 0.5 > 0.02"]
+    lines = kernel_section(frame, GPU)
+    assert "p1" not in _markdown_rows(lines)
+    assert ("* not judged: p1 b=128 d=0.5 grad_input triton_grouped: wrong (max relative error 0.5 > 0.02)"
+            in lines), lines
+    assert "* kernel: 2 pass, 2 miss, 0 not measured" in lines
+
+
 def _optimizer_rows(smet_gbps: float) -> pd.DataFrame:
     base = {"suite": "optimizer", "dtype": "fp32", "gpu": "g", "status": "ok"}
     return _kernel_frame([base | {"op": "copy", "provider": "device_copy", "shape": "dense:ceiling", "density": 1.0,
@@ -204,12 +230,9 @@ def test_compact_adamw_passes_at_90_percent_of_the_copy_ceiling_and_no_lower(gbp
     assert f"Bar: compact AdamW at {verdict} (≥ 90%)." in adamw_section(_optimizer_rows(gbps), GPU)
 
 
-def test_the_training_bars_compare_the_eager_unchecked_smet_step_with_dense_and_galore():
-    """SMET: 1.2 × the dense tokens/s, 0.6 × its peak, 1.2 × GaLore's peak; its checkpointed row (less memory, fewer
-    tokens/s) must not stand in for it."""
-    from bench.gpu_check.plan import GPU
-    from bench.gpu_check.summary import training_section
-
+def _training_rows(smet: dict | None = None) -> pd.DataFrame:
+    """dense 1000 tokens/s, 10 GiB; SMET (d = 0.25) 1200 tokens/s, 6 GiB (``smet`` replaces values); GaLore 500
+    tokens/s, 5 GiB; SMET with activation checkpointing 900 tokens/s, 4 GiB; all at 1b."""
     gib = 2**30
     base = dict.fromkeys(TRAINING_COLUMNS) | {"config": "1b", "density": 1.0, "block_size": 128, "batch_size": 32,
                                               "seq_len": 256, "dtype": "bf16", "compiled": False,
@@ -217,11 +240,43 @@ def test_the_training_bars_compare_the_eager_unchecked_smet_step_with_dense_and_
                                               "status": "ok", "nvml_status": "ok",
                                               "pred_peak_bytes": 8 * gib}  # fmt: skip
     rows = [base | {"method": "dense", "tokens_per_s": 1000.0, "peak_allocated_bytes": 10 * gib},
-            base | {"method": "smet", "density": 0.25, "tokens_per_s": 1200.0, "peak_allocated_bytes": 6 * gib},
+            base | {"method": "smet", "density": 0.25, "tokens_per_s": 1200.0, "peak_allocated_bytes": 6 * gib}
+            | (smet or {}),
             base | {"method": "galore", "tokens_per_s": 500.0, "peak_allocated_bytes": 5 * gib},
             base | {"method": "smet", "density": 0.25, "activation_checkpointing": True, "tokens_per_s": 900.0,
                     "peak_allocated_bytes": 4 * gib}]  # fmt: skip
-    text = "\n".join(training_section(pd.DataFrame(rows, columns=TRAINING_COLUMNS), GPU, None))
+    return pd.DataFrame(rows, columns=TRAINING_COLUMNS)
+
+
+def test_the_training_bars_compare_the_eager_unchecked_smet_step_with_dense_and_galore():
+    """SMET: 1.2 × the dense tokens/s, 0.6 × its peak, 1.2 × GaLore's peak; its checkpointed row (less memory, fewer
+    tokens/s) must not stand in for it."""
+    from bench.gpu_check.plan import GPU
+    from bench.gpu_check.summary import training_section
+
+    text = "\n".join(training_section(_training_rows(), GPU, None))
     assert "* SMET tokens/s vs dense at 1b: 1.200× — **pass** (more is the bar)" in text
     assert "* SMET peak memory vs dense at 1b: 0.600× — **pass** (less is the bar)" in text
     assert "* SMET peak memory vs galore at 1b: 1.200× — **miss** (less is the bar)" in text
+
+
+def test_a_smet_step_only_as_fast_or_as_large_as_dense_misses_the_training_bars():
+    """More tokens/s and less peak memory are the bars: ``>=`` / ``<=`` would pass a tie, SMET no better than
+    dense."""
+    from bench.gpu_check.plan import GPU
+    from bench.gpu_check.summary import training_section
+
+    tie = _training_rows({"tokens_per_s": 1000.0, "peak_allocated_bytes": 10 * 2**30})
+    text = "\n".join(training_section(tie, GPU, None))
+    assert "* SMET tokens/s vs dense at 1b: 1.000× — **miss** (more is the bar)" in text
+    assert "* SMET peak memory vs dense at 1b: 1.000× — **miss** (less is the bar)" in text
+
+
+def test_a_training_bar_with_a_nan_measurement_is_not_measured_rather_than_judged():
+    """A NaN tokens/s compared as a number reads as a miss (NaN > x is False); it must read not measured."""
+    from bench.gpu_check.plan import GPU
+    from bench.gpu_check.summary import training_section
+
+    text = "\n".join(training_section(_training_rows({"tokens_per_s": float("nan")}), GPU, None))
+    assert "* SMET tokens/s vs dense at 1b: not measured (no tokens_per_s on this device)" in text
+    assert "* SMET peak memory vs dense at 1b: 0.600× — **pass**" in text

@@ -136,6 +136,12 @@ def kernel_section(kernels: pd.DataFrame | None, sizes: Sizes) -> list[str]:
             counts = frame[column].value_counts()
             lines.append(f"* {column}: {counts.get('pass', 0)} pass, {counts.get('miss', 0)} miss, "
                          f"{counts.get('not measured', 0)} not measured")  # fmt: skip
+    # a timed case whose result failed its check (status wrong) or did not run is in no bar: named, not dropped
+    unjudged = kernels[(kernels["suite"] == "kernels") & (kernels["provider"] == "triton_grouped")
+                       & (kernels["status"] != "ok")]  # fmt: skip
+    lines += [f"* not judged: {r.shape} b={_num(r.block_size, '.0f')} d={_num(r.density, 'g')} {r.op} {r.provider}: "
+              f"{r.status}" + (f" ({r.note})" if isinstance(r.note, str) and r.note else "")
+              for r in unjudged.itertuples()]  # fmt: skip
     lines += ["", "`ms`: the `grouped` variant (`triton_grouped`); the variant columns are the same op A/B-timed in "
               "this run (ms), `best` its time relative to `grouped`. A miss names its limit: `roofline term` is "
               "the larger term of the op's roofline, `vs roofline` how far the kernel is from it (≈ 1: at the "
