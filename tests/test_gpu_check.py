@@ -344,6 +344,49 @@ def test_a_later_run_without_correctness_and_compile_still_shows_their_earlier_r
     assert "another GPU's" not in third and "a check of the first run" not in third and "1.50×" in third
 
 
+def test_a_failed_check_is_counted_listed_before_the_passes_printed_and_fails_the_command(tmp_path, monkeypatch,
+                                                                                         capsys):
+    """A failed training-step check (not a matmul one) and a check the budget cut: the command must exit 1, print the
+    failure, count it, list it above the passing rows and name the cut check; else a failure reads as a pass."""
+    from bench.gpu_check import correctness
+
+    rows = [{"check": "matmul", "variant": "grouped", "dtype": "fp32", "block_size": 16, "op": "forward",
+             "error": 1e-7, "bound": 1e-6, "status": "pass", "note": "the passing check"},
+            {"check": "training step", "variant": "tiny smet d=0.25", "dtype": "fp32", "block_size": 32,
+             "op": "step", "error": 0.5, "bound": 1e-5, "status": "fail", "note": "loss differs by 0.5"}]  # fmt: skip
+    monkeypatch.setattr(correctness, "run", lambda *args: (rows, ["matmul grouped fp16 b=16 grad_input"]))
+    assert main(["gpu-check", "--out-dir", str(tmp_path), "--device", "cpu", "--stages", "correctness",
+                 "--no-progress"]) == 1  # fmt: skip
+    assert "gpu-check: FAIL training step tiny smet d=0.25 fp32 32 step: loss differs by 0.5" in capsys.readouterr().out
+    summary = (tmp_path / "gpu_check.md").read_text()
+    assert "1 of 2 checks pass, 1 fail, 1 not run." in summary and "| 1 pass, 1 fail " in summary
+    assert summary.index("loss differs by 0.5") < summary.index("the passing check")
+    assert "Not run (budget): matmul grouped fp16 b=16 grad_input" in summary
+
+
+def test_the_gpu_sizes_measure_every_point_the_bars_name():
+    """The bars: kernels at b = 128 and d = 0.5 / 0.25 / 0.1 (the 7b and 1b shapes), never slower than dense at
+    b = 64 too; compact AdamW at d = 0.25 (the summary reads that row); SMET at 1b, d = 0.25. A size that drifts
+    from them leaves a bar not measured (or judged on another point) on the one GPU run."""
+    from bench.gpu_check.measure import TRAINING_DENSITY, optimizer_cases, training_cases
+    from bench.gpu_check.plan import GPU
+    from profiling.roofline import BARS
+
+    assert GPU.kernel_block_sizes[0] == 128 and 64 in GPU.kernel_block_sizes
+    assert set(BARS) <= set(GPU.kernel_densities) and {"7b", "1b"} <= set(GPU.kernel_configs)
+    assert [case.density for case in optimizer_cases(GPU) if case.provider == "smet_adamw"] == [0.25]
+    assert GPU.training_configs[-1] == "1b" and TRAINING_DENSITY == 0.25
+    assert {(case.method, case.density) for case in training_cases(GPU) if case.config == "1b"} >= {
+        ("smet", 0.25), ("dense", 1.0), ("galore", 1.0)}
+
+
+def test_the_plan_marks_the_stages_past_the_budget():
+    from bench.gpu_check.plan import GPU, format_plan
+
+    lines = format_plan(GPU, list(STAGES), 1.0).splitlines()[1:]  # 60 s: env (20 s) fits, correctness (+85 s) not
+    assert "past the budget" not in lines[0] and all("past the budget" in line for line in lines[1:])
+
+
 def test_a_sigterm_inside_a_stage_writes_the_summary_with_that_stage_stopped_and_exits(tmp_path, monkeypatch):
     """A command time limit sends SIGTERM: the summary is written at once (not up to 15 s stale), naming the stage
     that was stopped, and the process exits with 128 + 15."""
