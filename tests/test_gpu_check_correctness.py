@@ -24,8 +24,69 @@ class CountdownBudget:
 
 def test_a_budget_spent_inside_the_matmul_checks_names_the_checks_not_run(device):
     rows, not_run = correctness.matmul_checks(CPU, torch.device(device), 0, CountdownBudget(0))
-    assert rows == [] and len(not_run) > 0
-    assert all(line.startswith("matmul ") for line in not_run)
+    every = [correctness.not_run_label(row) for group in correctness.matmul_groups(CPU)
+             for row, _ in correctness.group_checks(CPU, torch.device(device), *group)]  # fmt: skip
+    assert rows == [] and not_run == every  # each check named: none left uncounted (a break after the first)
+
+
+def test_a_spent_budget_starts_no_adamw_check_and_names_each_as_not_run():
+    rows, not_run = correctness.adamw_checks(CPU, torch.device("cpu"), 0, CountdownBudget(0))
+    assert rows == [] and len(not_run) == 2 * 2 * len(kernel_ops.warmup_modes())  # adamw and regrow, bf16 and fp32
+    assert all(line.startswith(("adamw ", "regrow ")) for line in not_run)
+
+
+def test_a_worker_group_that_raised_died_or_timed_out_is_failed_or_not_run_never_dropped(monkeypatch):
+    """The matmul groups come back from worker processes: a group that raised or died must be failed rows, one that
+    ran past its deadline not-run checks (dropped, the summary would read every check passed). The workers' deadline
+    is the budget or 3 × the stage's estimate, whichever is sooner, and a spent budget starts no training step."""
+    from bench.gpu_check import parallel
+    from bench.runner import Deadline
+
+    sizes = dataclasses.replace(CPU, check_block_sizes=(16, 32), check_dtypes=("fp32", "fp16"))
+    outcomes = {(16, "fp32"): ("raised", "ValueError: x"), (16, "fp16"): ("timeout", "still running"),
+                (32, "fp32"): ("died", "died"), (32, "fp16"): ("ok", ([{"check": "matmul", "status": "pass"}], []))}
+    deadlines = []
+
+    class FakePool:
+        def __init__(self, workers, device, deadline):
+            deadlines.append(deadline)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            pass
+
+        def submit(self, fn, sizes, device_name, seed, block_size, dtype_name, budget):
+            return block_size, dtype_name
+
+        def result(self, group):
+            return outcomes[group]
+
+    monkeypatch.setattr(parallel, "Pool", FakePool)
+    monkeypatch.setattr(parallel, "run_alone", lambda tasks, device, deadline: [("died", "died alone")] * len(tasks))
+    monkeypatch.setattr(correctness, "adamw_checks", lambda *args: ([], []))
+    monkeypatch.setattr(correctness, "training_step_check", lambda *args: {"check": "training step", "status": "pass"})
+    cpu = torch.device("cpu")
+    rows, not_run = correctness.run(sizes, cpu, 0, Deadline(100), workers=1)
+    checks = {group: [row for row, _ in correctness.group_checks(sizes, cpu, *group)] for group in outcomes}
+    failed = [row for row in rows if row["status"] == "fail"]
+    assert len(failed) == len(checks[16, "fp32"]) + len(checks[32, "fp32"])
+    assert {row["note"] for row in failed} == {"not returned: ValueError: x", "not returned: died alone"}
+    assert not_run == [correctness.not_run_label(row) for row in checks[16, "fp16"]]
+    assert [row["check"] for row in rows].count("training step") == 1
+    assert deadlines[0].left_s() <= 3 * sizes.estimates_s["correctness"]
+
+    class Spent:
+        def expired(self):
+            return True
+
+        def left_s(self):
+            return 0.0
+
+    rows, not_run = correctness.run(sizes, cpu, 0, Spent(), workers=1)
+    assert "training step" not in [row["check"] for row in rows]
+    assert not_run[-1] == "training step vs reference backend"
 
 
 def test_the_matmul_groups_run_in_worker_processes_beside_the_other_checks(device):
@@ -285,6 +346,63 @@ def test_an_adamw_check_failed_by_a_nan_parameter_reports_a_nan_error(monkeypatc
                          and row["error"] != row["error"] for row in adamw), adamw  # fmt: skip
 
 
+def test_a_result_that_moves_by_one_ulp_between_identical_runs_is_a_race():
+    """Two identical runs must agree bitwise: a tolerance (allclose) would pass a race that moves one element by an
+    ulp."""
+    calls = []
+
+    def fn():
+        calls.append(1)
+        out = torch.ones(64)
+        if len(calls) == 3:  # the second checked call
+            out[5] = torch.nextafter(torch.tensor(1.0), torch.tensor(2.0))
+        return out
+
+    row = correctness.check_call(fn, torch.ones(64), bound=1e-2)
+    assert row["status"] == "fail" and "moved between identical runs" in row["note"] and not row["repeatable"]
+
+
+def test_a_poisoning_that_leaves_an_element_not_nan_fails_the_poison_check(monkeypatch):
+    """An element the poisoning missed could hide an unwritten output: the check must fail, not pass on any NaN."""
+    probe = torch.full((1024,), float("nan"))
+    probe[7] = 0.0
+    monkeypatch.setattr(torch, "empty", lambda *args, **kwargs: probe.clone())
+    row = correctness.poison_check(torch.device("cpu"))
+    assert row["status"] == "fail" and "not NaN-filled" in row["note"]
+
+
+def test_a_regrow_that_differs_from_the_reference_fails_the_regrow_check(monkeypatch):
+    regrow = kernel_ops.regrow
+
+    def off_by_one(values, slots, *args):
+        regrow(values, slots, *args)
+        if args[-1] == "triton":
+            values[slots] += 1.0
+
+    monkeypatch.setattr(kernel_ops, "regrow", off_by_one)
+    rows, _ = correctness.adamw_checks(CPU, torch.device("cpu"), 0, CountdownBudget(100))
+    regrows = [row for row in rows if row["check"] == "regrow"]
+    assert regrows and all(row["status"] == "fail" and row["note"] == f"step {CPU.regrow_every}: regrown param "
+                           "differs from the reference" for row in regrows), regrows  # fmt: skip
+
+
+def test_a_training_step_whose_loss_alone_differs_fails(monkeypatch, device):
+    """The loss is the step's forward check: Adam's first update is nearly the sign of the gradient, so a wrong
+    forward can leave the parameters within tolerance. A loss 1 % off (same gradients) must fail."""
+    import smet_kernels.train.model as model
+
+    lm_loss, calls = model.lm_loss, []
+
+    def shifted_for_triton(*args):
+        loss = lm_loss(*args)
+        calls.append(1)
+        return loss + 0.01 * loss.detach() if len(calls) == 1 else loss  # the triton backend runs first
+
+    monkeypatch.setattr(model, "lm_loss", shifted_for_triton)
+    row = correctness.training_step_check(CPU, torch.device(device), 0)
+    assert row["status"] == "fail" and row["note"].startswith("loss differs by 0.01"), row
+
+
 def test_a_result_that_moves_between_identical_runs_is_a_race():
     generator = torch.Generator().manual_seed(0)
     expected = torch.ones(64)
@@ -324,7 +442,9 @@ def test_the_warm_up_call_runs_unpoisoned_and_the_two_checked_calls_poisoned():
 
 
 def test_the_matmul_bound_is_twice_pytorchs_own_error_with_a_floor_of_1e_6():
-    from smet_kernels.functional import to_dense
+    """Of each op: a grad bound from float64 matmuls would be the floor, failing every correct bf16 grad on the
+    GPU; one from a lower precision would pass wrong grads."""
+    from smet_kernels.functional import from_dense, to_dense
 
     fp16 = correctness._MatmulOperands(CPU, 16, torch.float16, torch.device("cpu"), 0)
     weight = to_dense(fp16.values, fp16.layout)
@@ -332,5 +452,11 @@ def test_the_matmul_bound_is_twice_pytorchs_own_error_with_a_floor_of_1e_6():
     torch_error = float((torch.nn.functional.linear(fp16.x, weight).double() - exact).norm() / exact.norm())
     assert torch_error > 1e-5  # fp16: well above the floor
     assert fp16.bound["forward"] == pytest.approx(2 * torch_error)
+    grad_input = (fp16.dy @ weight).double()
+    grad_weight = fp16.dy.t() @ fp16.x
+    grad_weight_error = correctness.relative_error(from_dense(grad_weight, fp16.layout), fp16.expected["grad_weight"])
+    assert fp16.bound["grad_input"] == pytest.approx(2 * correctness.relative_error(grad_input,
+                                                                                    fp16.expected["grad_input"]))
+    assert fp16.bound["grad_weight"] == pytest.approx(2 * grad_weight_error) and grad_weight_error > 1e-5
     fp32 = correctness._MatmulOperands(CPU, 16, torch.float32, torch.device("cpu"), 0)
     assert fp32.bound == dict.fromkeys(("forward", "grad_input", "grad_weight"), 1e-6)  # fp32 errors are below it
