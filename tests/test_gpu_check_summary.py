@@ -119,6 +119,30 @@ def test_each_kernel_notes_prediction_is_set_beside_its_measured_geometric_mean_
     assert "| worse than predicted |" in slower[4].splitlines()[2]
 
 
+def test_a_prediction_is_judged_on_the_geometric_mean_of_its_ok_points_and_a_nan_point_leaves_it_not_measured():
+    """grouped forward at d = 0.5: 1.0× and 1.65× d×dense, geometric mean 1.28 (within 1.1–1.3) where the arithmetic
+    mean, 1.33, is worse; a timed case whose result was wrong (0.1×) must not count, and a point without a dense row
+    (NaN) must not be dropped: the value would stand on fewer points than the table says."""
+    from bench.gpu_check.predictions import prediction_section
+
+    def row(shape, provider, ms, status="ok", m=256):
+        sparse = provider != "cublas_dense"
+        return dict(suite="kernels", op="forward", provider=provider, shape=shape, M=m, K=256, N=256, dtype="bf16",
+                    gpu="g", block_size=128 if sparse else None, density=0.5 if sparse else 1.0,
+                    nnz_blocks=2 if sparse else None, ms_p50=ms, status=status)  # fmt: skip
+
+    rows = [row(shape, "cublas_dense", 4.0) for shape in ("s", "t", "w")]
+    rows += [row("s", "triton_grouped", 2.0), row("t", "triton_grouped", 3.3), row("w", "triton_grouped", 0.2, "wrong")]
+
+    def grouped_cells(frame_rows):
+        body = prediction_section(_kernel_frame(frame_rows), 128)[4].splitlines()[2:]
+        return next([c.strip() for c in line.strip("|").split("|")][5:] for line in body
+                    if "| v2 grouped order " in line)  # fmt: skip
+
+    assert grouped_cells(rows) == ["1.1–1.3", "1.28", "2", "within"]
+    assert grouped_cells(rows + [row("u", "triton_grouped", 2.0, m=512)])[-2:] == ["3", "not measured"]
+
+
 def test_the_variant_table_says_not_measured_without_a_second_variant():
     from bench.gpu_check.summary import variant_section
 
@@ -209,6 +233,21 @@ def test_a_kernel_point_whose_timed_result_was_wrong_is_not_judged_and_is_named(
     assert ("* not judged: p1 b=128 d=0.5 grad_input triton_grouped: wrong (max relative error 0.5 > 0.02)"
             in lines), lines
     assert "* kernel: 2 pass, 2 miss, 0 not measured" in lines
+
+
+def test_without_a_correct_dense_time_no_kernel_bar_is_judged():
+    """cuBLAS rows whose result failed their check (status wrong) are no reference: the d×dense, roofline and
+    ≤ dense bars are not measured, neither judged against a wrong dense time nor read as a miss of a NaN."""
+    from bench.gpu_check.plan import GPU
+    from bench.gpu_check.summary import kernel_section
+
+    frame = _bar_rows()
+    frame.loc[frame["provider"] == "cublas_dense", "status"] = "wrong"
+    rows = _markdown_rows(kernel_section(frame, GPU))
+    assert {shape: (row["kernel"], row["≤ dense"]) for shape, row in rows.items()} == {
+        "p1": ("not measured", "not measured"), "p2": ("not measured", "not measured"),
+        "p3": ("not measured", "not measured"), "p4": ("not measured", "not measured"), "p5": ("", "not measured"),
+        "p6": ("not measured", "not measured")}
 
 
 def _optimizer_rows(smet_gbps: float) -> pd.DataFrame:
