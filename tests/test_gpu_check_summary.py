@@ -319,3 +319,16 @@ def test_a_training_bar_with_a_nan_measurement_is_not_measured_rather_than_judge
     text = "\n".join(training_section(_training_rows({"tokens_per_s": float("nan")}), GPU, None))
     assert "* SMET tokens/s vs dense at 1b: not measured (no tokens_per_s on this device)" in text
     assert "* SMET peak memory vs dense at 1b: 0.600× — **pass**" in text
+
+
+def test_a_zero_peak_or_tokens_per_s_leaves_the_checkpointing_ratio_empty_and_the_training_bars_judged():
+    """``peak_on / peak_off`` of Python numbers raised ZeroDivisionError for a zero measurement: the whole training
+    section, its bars with it, rendered as "could not render"."""
+    from bench.gpu_check.plan import GPU
+    from bench.gpu_check.summary import checkpointing_lines, training_section
+
+    rows = _training_rows({"peak_allocated_bytes": 0.0, "tokens_per_s": 0.0})
+    lines = checkpointing_lines(rows[rows["method"] == "smet"], "1b")
+    assert len(lines) == 1 and "GiB (×; predicted" in lines[0] and "tokens/s × (peak:" in lines[0], lines
+    text = "\n".join(training_section(rows, GPU, None))
+    assert "* SMET tokens/s vs dense at 1b: 0.000× — **miss** (more is the bar)" in text

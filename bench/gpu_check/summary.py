@@ -47,6 +47,14 @@ def _num(value, spec: str = ".3g") -> str:
     return "" if value is None or pd.isna(value) else format(value, spec)
 
 
+def _ratio(numerator, denominator) -> str:
+    """``numerator / denominator`` to 3 decimals; empty where either is missing or the denominator is 0 (a failed
+    measurement must not take the section, and the bars in it, down with a ZeroDivisionError)."""
+    if pd.isna(numerator) or pd.isna(denominator) or denominator == 0:
+        return ""
+    return f"{numerator / denominator:.3f}"
+
+
 def correctness_section(rows: list[dict], not_run: list[str], origin: str = "", selected: bool = False) -> list[str]:
     lines = ["## Correctness", ""]
     if not rows and not not_run:
@@ -273,9 +281,9 @@ def checkpointing_lines(training: pd.DataFrame, config: str) -> list[str]:
     lines = []
     for r in pairs[~pairs["compiled"]].itertuples():
         lines.append(f"* activation checkpointing at {config}, {r.method}: peak {_num(r.peak_off / gib)} → "
-                     f"{_num(r.peak_on / gib)} GiB ({r.peak_on / r.peak_off:.3f}×; predicted "
+                     f"{_num(r.peak_on / gib)} GiB ({_ratio(r.peak_on, r.peak_off)}×; predicted "
                      f"{_num(r.pred_peak_bytes_off / gib)} → {_num(r.pred_peak_bytes_on / gib)} GiB), tokens/s "
-                     f"{r.tokens_per_s_on / r.tokens_per_s_off:.3f}× (peak: {source})")  # fmt: skip
+                     f"{_ratio(r.tokens_per_s_on, r.tokens_per_s_off)}× (peak: {source})")  # fmt: skip
     return lines
 
 
