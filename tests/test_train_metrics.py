@@ -187,14 +187,15 @@ def test_the_perplexity_of_a_diverged_loss_is_capped_instead_of_overflowing():
 
 def test_a_blank_line_in_metrics_jsonl_is_passed_over_and_a_step_that_is_not_an_integer_is_refused(tmp_path):
     """A hand repair (the advice of the corrupt-line error) may leave an empty line: it is no record, not a corrupt
-    one. A ``step`` of another type ("3", 2.5) let past the check would fail the resume with a TypeError traceback."""
+    one. A ``step`` of another type ("3", 2.5) let past the check would fail the resume with a TypeError traceback, and
+    ``true`` passed as step 1 (a bool is an int in Python)."""
     from smet_kernels.train.config import ConfigError
     from smet_kernels.train.metrics import read_records
 
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 1}\n\n{"step": 2}\n\n')
     assert read_records(path) == [{"step": 1}, {"step": 2}]
-    for step in ('"3"', "2.5", "null"):
+    for step in ('"3"', "2.5", "null", "true"):
         path.write_text(f'{{"step": 1}}\n{{"step": {step}}}\n')
         with pytest.raises(ConfigError, match="line 2 .* is not a metrics record"):
             read_records(path)

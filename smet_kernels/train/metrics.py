@@ -96,7 +96,8 @@ def read_records(path: Path) -> list[dict]:
                 break
             raise ConfigError(f"{path}: line {number} {line[:60]!r} is not JSON (the file is corrupt): repair or "
                               "remove that line") from None
-        if not (isinstance(record, dict) and isinstance(record.get("step"), int)):
+        step = record.get("step") if isinstance(record, dict) else None
+        if not (isinstance(step, int) and not isinstance(step, bool)):  # JSON true is a Python int too
             raise ConfigError(f"{path}: line {number} {line[:60]!r} is not a metrics record (an object with an "
                               "integer step; the file is corrupt): repair or remove that line")
         records.append(record)
