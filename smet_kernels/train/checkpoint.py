@@ -116,8 +116,7 @@ def find_checkpoint(path: str | os.PathLike) -> Path:
     root = path / CHECKPOINTS_DIR
     if root.is_dir():
         _restore_interrupted_rewrites(root, skip_live_writers=True)
-    folders = [c for c in root.glob("step_*") if c.is_dir()] if root.is_dir() else []
-    candidates = sorted(folders, key=_step_order, reverse=True)
+    candidates = _newest_first(root)
     if not candidates:
         raise ConfigError(f"no checkpoint found in {str(path)!r} (expected a checkpoint or checkpoints/step_*/)")
     for index, candidate in enumerate(candidates):
@@ -130,11 +129,16 @@ def find_checkpoint(path: str | os.PathLike) -> Path:
     raise ConfigError(f"no usable checkpoint in {str(root)!r}: all {len(candidates)} fail verification")
 
 
-def _step_order(folder: Path) -> tuple[int, str]:
-    """Sort key of a ``step_*`` folder: its step number (``step_10000000`` is newer than ``step_9999999``, which a
-    sort by name puts first), then its name."""
-    match = re.match(r"step_(\d+)", folder.name)
-    return (int(match.group(1)) if match else -1, folder.name)
+def _newest_first(root: Path) -> list[Path]:
+    """The ``step_*`` folders of ``root`` (none when it is not a folder), newest first: by step number
+    (``step_10000000`` is newer than ``step_9999999``, which a sort by name puts first), then by name."""
+
+    def step_order(folder: Path) -> tuple[int, str]:
+        match = re.match(r"step_(\d+)", folder.name)
+        return (int(match.group(1)) if match else -1, folder.name)
+
+    folders = [c for c in root.glob("step_*") if c.is_dir()] if root.is_dir() else []
+    return sorted(folders, key=step_order, reverse=True)
 
 
 def check_fresh_out_dir(out_dir: str | os.PathLike) -> None:
@@ -425,12 +429,7 @@ def refuse_fixed_changes(path: str | os.PathLike, values: dict) -> None:
     take ``values`` (naming the newest): a folder may also hold the corrupt checkpoints of another run, which
     :func:`find_checkpoint` passes over."""
     path = Path(path)
-    if (path / "config.json").is_file():
-        folders = [path]
-    else:
-        folders = sorted((path / CHECKPOINTS_DIR).glob("step_*/config.json"), key=lambda f: _step_order(f.parent),
-                         reverse=True)
-        folders = [file.parent for file in folders]
+    folders = [path] if (path / "config.json").is_file() else _newest_first(path / CHECKPOINTS_DIR)
     refusal = None
     for folder in folders:
         try:

@@ -92,9 +92,7 @@ def _cached_split(files: list[Path], root: Path, val_percent: float, tag: str) -
     if all(path.stat().st_size == 0 for path in files):
         raise DataError(f"data {source!r} holds no text: its file(s) are empty")
     key = hashlib.sha256(f"{tag}|{root}|{val_percent}".encode())
-    for path in files:
-        stat = path.stat()
-        key.update(f"{path.relative_to(root).as_posix()}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    _key_files(key, files, root)
     stem = cache_dir() / f"{tag}-{key.hexdigest()[:16]}"
     paths = {split: stem.with_name(f"{stem.name}.{split}.bin") for split in ("train", "val")}
     if not all(p.exists() and p.stat().st_size for p in paths.values()):  # an empty split: written by an older release
@@ -115,6 +113,13 @@ def _cached_split(files: list[Path], root: Path, val_percent: float, tag: str) -
             for split, written in tmp.items():
                 written.write_bytes(b"\n".join(chunks[split]))
     return tuple(np.memmap(paths[s], dtype=np.uint8, mode="r") for s in ("train", "val"))
+
+
+def _key_files(key, files: list[Path], root: Path) -> None:
+    """Add each of ``files`` (path under ``root``, size, mtime) to the cache ``key``: a changed file, another key."""
+    for path in files:
+        stat = path.stat()
+        key.update(f"{path.relative_to(root).as_posix()}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
 
 
 @contextlib.contextmanager
@@ -170,9 +175,7 @@ def _load_hf(spec: str, val_percent: float) -> tuple[np.ndarray, np.ndarray]:
     key = hashlib.sha256(f"hf|{name}|{subset}|{val_percent}".encode())
     local = Path(name).expanduser()
     if local.is_dir():  # a local dataset folder: edited files make another cache entry, as for a text folder
-        for path in _list_files(local, None):
-            stat = path.stat()
-            key.update(f"{path.relative_to(local).as_posix()}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+        _key_files(key, _list_files(local, None), local)
     stem = cache_dir() / f"hf-{key.hexdigest()[:16]}"
     paths = {split: stem.with_name(f"{stem.name}.{split}.bin") for split in ("train", "val")}
     if not all(p.exists() for p in paths.values()):
