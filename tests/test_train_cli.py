@@ -1,0 +1,134 @@
+"""``smet-train``'s command line: bad arguments and configurations as one-line errors naming the option (the field
+for a Python caller), every option's default in ``--help``, and options without effect in the chosen mode named."""
+
+import json
+
+import pytest
+
+from conftest import usage_error
+from smet_kernels.train import cli
+from smet_kernels.train.trainer import ConfigError
+from test_train_trainer import cache_dir, one_thread  # noqa: F401 -- autouse: shared token cache, one thread
+from test_train_trainer import tiny_config
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--density", "1.5"], "argument --density: must be in (0, 1], got 1.5"),
+        (["--lr", "-1"], "argument --lr: must be in (0, inf), got -1"),  # inf is refused: an open interval
+        (["--optimizer", "sgd"], "argument --optimizer: invalid choice"),
+        (["--max-steps", "0"], "argument --max-steps: must be >= 1"),
+        (["--batch-size", "x"], "argument --batch-size: expected an integer"),
+        (["--data", "/nonexistent/corpus.txt"], "does not exist"),
+        (["--batch-size", "6", "--grad-accum", "4"], "--batch-size (6) must be divisible by --grad-accum (4)"),
+        (["--optimizer", "adamw", "--supar"], "--supar needs a sparse --optimizer mode"),
+        (["--resume", "/nonexistent/run"], "no checkpoint found"),
+        (["--device", "tpu:0"], "--device must be"),
+        (["--block-size", "128", "--config", "tiny"], "--block-size 128 does not divide the hidden size 64 of --config "
+                                                      "'tiny'"),
+        (["--optimizer", "adamw", "--lr", "1e38"], "--lr 1e+38 overflows float32 in the first step's size"),
+    ],
+)
+def test_bad_arguments_give_one_line_errors(argv, message, capsys, tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv + ["--out-dir", str(tmp_path), "--no-progress", "--max-steps", "1"] if "--max-steps" not in argv
+                 else argv + ["--out-dir", str(tmp_path)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("smet-train: error: ") and message in err[-1], err
+    assert not any("Traceback" in line for line in err)
+
+
+def test_a_bad_configuration_is_one_stderr_line_without_the_usage_and_exit_code_2(capsys, tmp_path):
+    argv = ["--config", "tiny", "--block-size", "128", "--out-dir", str(tmp_path), "--no-progress"]
+    error = usage_error(cli.main, argv, capsys)
+    assert error.startswith("smet-train: error: ") and "does not divide the hidden size 64" in error, error
+
+
+def test_an_error_names_the_option_on_the_command_line_and_the_field_for_a_python_caller(capsys, tmp_path):
+    argv = ["--batch-size", "6", "--grad-accum", "4", "--out-dir", str(tmp_path), "--no-progress"]
+    error = usage_error(cli.main, argv, capsys)
+    assert error == "smet-train: error: --batch-size (6) must be divisible by --grad-accum (4)"
+    with pytest.raises(ConfigError, match=r"^batch_size \(6\) must be divisible by grad_accum \(4\)$"):
+        tiny_config(batch_size=6, grad_accum=4).validate()  # after the command line: its option names are gone
+
+
+@pytest.mark.parametrize("option", ["--lr", "--weight-decay", "--density-lr-exponent", "--galore-scale", "--grad-clip"])
+def test_an_infinite_number_is_a_one_line_error_before_training(option, capsys, tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([option, "inf", "--out-dir", str(tmp_path / "run"), "--max-steps", "1", "--no-progress"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == f"smet-train: error: argument {option}: expected a finite number, got 'inf'", err
+    assert not (tmp_path / "run").exists()
+    field = option[2:].replace("-", "_")
+    with pytest.raises(ConfigError, match=f"^{field} must be a finite number, got inf$"):
+        tiny_config(**{field: float("inf")}).validate()
+
+
+def test_every_option_of_smet_train_states_its_default():
+    for action in cli.build_parser()._actions:
+        if "-h" not in action.option_strings:
+            assert "default: " in action.help, action.option_strings
+
+
+def test_the_galore_rank_help_states_the_default_of_every_model_size_the_default_tiny_included():
+    from smet_kernels.optim.galore import GALORE_DEFAULT_RANK
+
+    text = " ".join(cli.build_parser().format_help().split())
+    for name, rank in GALORE_DEFAULT_RANK.items():
+        assert f"{rank} for {name}" in text, name
+
+
+@pytest.mark.parametrize("variable, names", [("SMET_BACKEND", "'auto', 'triton', 'reference'"),
+                                             ("SMET_MATMUL_VARIANT", "'grouped', 'persistent', 'tma'")])
+def test_a_bad_backend_or_matmul_variant_environment_variable_is_a_one_line_error(tmp_path, monkeypatch, capsys,
+                                                                                 variable, names):
+    from smet_kernels import backend
+
+    monkeypatch.setenv(variable, "fast")
+    if variable == "SMET_BACKEND":  # read once, at import
+        monkeypatch.setattr(backend, "_backend", "fast")
+        monkeypatch.setattr(backend, "_backend_source", f"the {variable} environment variable")
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--config", "tiny", "--max-steps", "1", "--no-progress", "--out-dir", str(tmp_path / "run")])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"smet-train: error: the {variable} environment variable must be one of ({names}), got 'fast'")
+    assert not (tmp_path / "run").exists()
+
+
+def test_unusable_data_and_out_dir_give_one_line_errors(capsys, tmp_path):
+    empty, a_file = tmp_path / "empty.txt", tmp_path / "a_file"
+    empty.write_bytes(b"")
+    a_file.write_text("not a folder")
+    for argv, message in (
+        (["--data", str(empty), "--out-dir", str(tmp_path / "run")], "holds no text"),
+        (["--out-dir", str(a_file)], "exists and is not a folder"),
+        (["--out-dir", str(a_file / "run")], f"cannot be created: '{a_file}' is not a folder"),
+        (["--eval-batches", "0", "--out-dir", str(tmp_path / "run")], "--eval-batches: must be >= 1"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(argv + ["--config", "tiny", "--max-steps", "1", "--no-progress"])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith("smet-train: error: ") and message in err[-1], err
+
+
+def test_options_without_effect_in_the_chosen_mode_are_named(capsys, tmp_path):
+    assert cli.main(["--config", "tiny", "--optimizer", "adamw", "--density", "0.3", "--galore-rank", "4",
+                     "--max-steps", "1", "--batch-size", "2", "--seq-len", "16", "--eval-every", "0",
+                     "--out-dir", str(tmp_path), "--no-progress"]) == 0
+    assert "smet-train: --density, --galore-rank have no effect with --optimizer adamw" in capsys.readouterr().err
+
+
+def test_masked_dst_names_the_smet_adamw_options_it_ignores_and_records_alpha_zero(capsys, tmp_path):
+    """masked-dst trains with torch.optim.AdamW: SMETAdamW's warm-up and density-aware LR do not act there."""
+    assert cli.main(["--config", "tiny", "--optimizer", "masked-dst", "--density-lr-exponent", "2", "--warmup-mode",
+                     "none", "--update-interval", "3", "--max-steps", "1", "--batch-size", "2", "--seq-len", "16",
+                     "--eval-every", "0", "--backend", "reference", "--device", "cpu", "--out-dir", str(tmp_path),
+                     "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "smet-train: --warmup-mode, --density-lr-exponent have no effect with --optimizer masked-dst" in err
+    assert json.loads((tmp_path / "summary.json").read_text())["config"]["density_lr_exponent"] == 0.0
