@@ -119,7 +119,7 @@ def _jit_function(kernel):
 
 
 def kernel_signature(
-    kernel, operand: str, constexprs: dict, descriptors: dict | None = None, types: dict | None = None,
+    kernel, operand: str, descriptors: dict | None = None, types: dict | None = None,
     scalar: str = "i32",
 ) -> dict[str, str]:
     """The compile signature of ``kernel``, read from its parameters: constexprs as such, ``*_desc`` TMA
@@ -159,7 +159,7 @@ def matmul_cases(dtypes: list[str], block_sizes: list[int], arch: int = 90) -> l
                     constexprs = {"HAS_BIAS": transpose, "TRANSPOSE_BLOCKS": transpose, "BLOCK_SIZE": b, **flags,
                                   "GROUP_M": launch_config.GROUP_M, **config.kwargs}
                     descriptors = {"a_desc": (block_m, b), "values_desc": (b, b), "out_desc": (block_m, b)}
-                    signature = kernel_signature(kernel, t, constexprs, descriptors)
+                    signature = kernel_signature(kernel, t, descriptors)
                     cases.append(KernelCase(name, kernel, signature, constexprs, config.num_warps,
                                             config.num_stages, dtype_name, b, block_m, config in kept))
             configs = launch_config.matmul_configs(launch_config.GRAD_WEIGHT_BLOCK_MS, interpret=False)
@@ -173,7 +173,7 @@ def matmul_cases(dtypes: list[str], block_sizes: list[int], arch: int = 90) -> l
                     block_m = config.kwargs["BLOCK_M"]
                     constexprs = {"BLOCK_SIZE": b, "SPLIT_K": split_k, **flags, **config.kwargs}
                     descriptors = {"dy_desc": (block_m, b), "x_desc": (block_m, b), "out_desc": (b, b)}
-                    signature = kernel_signature(kernel, t, constexprs, descriptors, {"out_ptr": "*" + out_type})
+                    signature = kernel_signature(kernel, t, descriptors, {"out_ptr": "*" + out_type})
                     cases.append(KernelCase(name, kernel, signature, constexprs, config.num_warps,
                                             config.num_stages, dtype_name, b, block_m, config in kept))
     return cases
@@ -188,12 +188,12 @@ def optimizer_cases(dtypes: list[str]) -> list[KernelCase]:
         for warmup, code in WARMUP_CODES.items():
             constexprs = {"PARAM_DTYPE": TL_DTYPES[parse_dtype(dtype_name)], "STATE_DTYPE": tl.float32, "WARMUP": code,
                           "ALIGNED": True, "STEP_PER_TILE": True, "TILE": launch_config.ADAMW_GPU_TILE}
-            signature = kernel_signature(adamw_step_kernel, t, constexprs, scalar="fp32")
+            signature = kernel_signature(adamw_step_kernel, t, scalar="fp32")
             cases.append(KernelCase(f"adamw_step[{warmup}]", adamw_step_kernel, signature, constexprs,
                                     launch_config.ADAMW_NUM_WARPS, 3, dtype_name))
         constexprs = {"HAS_NEW_VALUES": True, "HAS_EXP_AVG": True, "HAS_EXP_AVG_SQ": True, "HAS_BLOCK_STEP": True,
                       "TILE": launch_config.REGROW_MAX_TILE}
-        signature = kernel_signature(regrow_blocks_kernel, t, constexprs)
+        signature = kernel_signature(regrow_blocks_kernel, t)
         cases.append(KernelCase("regrow_blocks", regrow_blocks_kernel, signature, constexprs,
                                 launch_config.REGROW_NUM_WARPS, 3, dtype_name))
     return cases

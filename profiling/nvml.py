@@ -47,7 +47,6 @@ class NvmlMemorySampler:
         self.device_index = device_index
         self.interval_s = float(interval_s)
         self.status = "not started"
-        self.samples = 0
         self.peak_used_bytes: int | None = None
         self.baseline_used_bytes: int | None = None
         self._nvml = None
@@ -107,7 +106,6 @@ class NvmlMemorySampler:
 
     def _sample(self) -> None:
         used = self._used()
-        self.samples += 1
         if self.peak_used_bytes is None or used > self.peak_used_bytes:
             self.peak_used_bytes = used
 
@@ -123,7 +121,6 @@ class NvmlMemorySampler:
             self.status = f"failed: {type(error).__name__}: {error}"
             return self
         self.peak_used_bytes = self.baseline_used_bytes
-        self.samples = 1
         self._stop.clear()
         self.status = "ok"
         self._thread = threading.Thread(target=self._run, name="nvml-memory-sampler", daemon=True)

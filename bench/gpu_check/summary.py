@@ -192,7 +192,7 @@ def variant_section(kernels: pd.DataFrame | None) -> list[str]:
     return lines
 
 
-def adamw_section(kernels: pd.DataFrame | None, sizes: Sizes) -> list[str]:
+def adamw_section(kernels: pd.DataFrame | None) -> list[str]:
     lines = ["## Compact AdamW", ""]
     if kernels is None:
         return lines + ["Not measured.", ""]
@@ -317,7 +317,7 @@ def write(out_dir: Path, sizes: Sizes, env: dict, stages: list[dict], correctnes
                 ("Kernel bars", kernel_section, (kernels, sizes)),
                 ("Kernel variants", variant_section, (kernels,)),
                 ("Predicted vs measured", prediction_section, (kernels, sizes.kernel_block_sizes[0])),
-                ("Compact AdamW", adamw_section, (kernels, sizes)),
+                ("Compact AdamW", adamw_section, (kernels,)),
                 ("Training steps", training_section, (training, sizes, compile_row, origins.get("compile", ""))))
     for title, render, arguments in sections:
         try:  # one section that cannot render its rows must not cost the summary the others
