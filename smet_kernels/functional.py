@@ -40,6 +40,20 @@ def _check_values(values: torch.Tensor, layout: BlockLayout, name: str = "values
     _check_floating(values, name)
 
 
+def check_input(x: torch.Tensor, in_features: int) -> None:
+    """``x`` is a floating tensor ``[..., in_features]`` (``TypeError``/``ValueError`` naming ``x`` otherwise)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() < 1 or x.shape[-1] != in_features:
+        raise ValueError(f"x must have shape [..., {in_features}] (in_features of the layout), got {tuple(x.shape)}")
+    _check_floating(x, "x")
+
+
+def autocast_enabled(device_type: str) -> bool:
+    """Whether autocast is on for ``device_type`` (traceable by ``torch.compile``)."""
+    return _autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
 @torch.compiler.assume_constant_result
 def _autocast_available(device_type: str) -> bool:
     """Whether ``device_type`` has autocast at all (``meta`` has none): a constant that ``torch.compile`` evaluates
@@ -74,15 +88,13 @@ def block_sparse_linear(
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     _check_values(values, layout)
     out_features, in_features = layout.shape
-    if x.dim() < 1 or x.shape[-1] != in_features:
-        raise ValueError(f"x must have shape [..., {in_features}] (in_features of the layout), got {tuple(x.shape)}")
-    _check_floating(x, "x")
+    check_input(x, in_features)
     if bias is not None:
         if not isinstance(bias, torch.Tensor):
             raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
         if tuple(bias.shape) != (out_features,):
             raise ValueError(f"bias must have shape [{out_features}], got {tuple(bias.shape)}")
-    if _autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type):
+    if autocast_enabled(x.device.type):
         dtype = torch.get_autocast_dtype(x.device.type)
         x, values = x.to(dtype), values.to(dtype)
         bias = bias.to(dtype) if bias is not None else None

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .functional import autocast_enabled, check_input
 from .layout import BlockLayout, unpack_kernel_index
 from .modules import BlockLayoutLinear, sparsify, uniform_init_
 from .ops import library
@@ -135,6 +136,11 @@ class MaskedLinear(BlockLayoutLinear):
         return _expand_blocks(block_mask.view(rows, cols), b)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_input(x, self.in_features)
+        if x.device != self.weight.device:
+            raise ValueError(f"x is on {x.device} but weight is on {self.weight.device}")
+        if x.dtype != self.weight.dtype and not autocast_enabled(x.device.type):
+            raise TypeError(f"x has dtype {x.dtype} but weight has dtype {self.weight.dtype}")
         version = self.layout.version_tensor
         masked_weight = _MaskedWeight if torch.compiler.is_compiling() else _MaskedWeightForwardAD
         weight = masked_weight.apply(self.weight, self.dense_mask(), version, library.layout_version(version))

@@ -81,6 +81,23 @@ def test_constructor_validation():
         MaskedLinear(32, 32, density=1.5, block_size=B)
 
 
+@pytest.mark.parametrize("x, error, message", [
+    (torch.ones(2, 32), ValueError, r"x must have shape \[\.\.\., 64\] \(in_features of the layout\), got \(2, 32\)"),
+    (torch.ones(2, 64, dtype=torch.int64), TypeError, "x must be a floating tensor"),
+    (torch.ones(2, 64, dtype=torch.float64), TypeError, "x has dtype torch.float64 but weight has dtype torch.float32"),
+    (torch.ones(2, 64, device="meta"), ValueError, "x is on meta but weight is on cpu"),
+])  # fmt: skip
+def test_forward_names_x_when_its_shape_dtype_or_device_does_not_fit_the_layer(x, error, message):
+    with pytest.raises(error, match=message):
+        MaskedLinear(64, 32, 0.5, B)(x)
+
+
+def test_forward_under_autocast_takes_x_of_another_dtype_than_the_weight():
+    layer = MaskedLinear(64, 32, 0.5, B)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer(torch.ones(2, 64, dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
 def test_from_linear_keeps_active_blocks():
     linear = nn.Linear(32, 48, bias=True)
     layout = BlockLayout.random(48, 32, B, 0.5, generator=torch.Generator().manual_seed(1))
