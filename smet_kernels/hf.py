@@ -23,6 +23,7 @@ import transformers
 from safetensors import safe_open
 from transformers import TrainerCallback
 
+from .backend import resolve_device
 from .layout import SUPPORTED_BLOCK_SIZES, BlockLayout
 from .masked import MaskedLinear
 from .modules import BLOCK_INDICES_KEY, _as_linear, _is_dense_linear, sparsify_with_layouts
@@ -250,12 +251,18 @@ def load_sparse_pretrained(
     at which the indices fit the layer and the weight is zero outside their blocks). Then assigns the safetensors
     shards one by one on ``device`` (floating tensors cast to ``dtype``; default: as saved) and re-ties tied
     weights. ``model_class`` is an ``AutoModel...`` class or a model class. Returns the model in eval mode, like
-    ``from_pretrained``; its layouts are live, so SMET trains on. Raises on a folder without config or weights, a
+    ``from_pretrained``; its layouts are live, so SMET trains on. Raises on a ``model_class`` that is no model class, a
+    ``dtype`` that is no floating ``torch.dtype``, a ``device`` not here, a folder without config or weights, a
     checkpoint without sparse layer, a masked layer that not exactly one block size fits, and on a missing,
     unexpected or misshapen key.
     """
     if not hasattr(transformers.PreTrainedModel, "named_non_persistent_buffers"):
         raise ImportError(f"load_sparse_pretrained needs transformers >= 5, found {transformers.__version__}")
+    if not isinstance(model_class, type) or not any(hasattr(model_class, f) for f in ("from_config", "_from_config")):
+        raise TypeError(f"model_class must be an AutoModel... class or a PreTrainedModel subclass, got {model_class!r}")
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"dtype must be None or a floating torch.dtype (e.g. torch.bfloat16), got {dtype!r}")
+    device = resolve_device(device, "device")
     folder = Path(folder)
     if not (folder / transformers.utils.CONFIG_NAME).is_file():
         raise FileNotFoundError(f"{folder} holds no config.json: not a save_pretrained folder")

@@ -172,6 +172,26 @@ def test_a_folder_without_config_or_weights_is_refused_in_one_line(tmp_path, rem
     assert "\n" not in str(info.value)
 
 
+@pytest.mark.parametrize("option, error, message", [
+    ({"dtype": "bfloat16"}, TypeError, "dtype must be None or a floating torch.dtype .* got 'bfloat16'"),
+    ({"dtype": torch.int64}, TypeError, "dtype must be None or a floating torch.dtype .* got torch.int64"),
+    ({"device": "tpu"}, ValueError, "device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got 'tpu'"),
+    ({"model_class": int}, TypeError, "model_class must be an AutoModel... class or a PreTrainedModel subclass"),
+], ids=["dtype-str", "dtype-int", "device", "model-class"])  # fmt: skip
+def test_a_bad_dtype_device_or_model_class_is_refused_in_one_line_naming_it(tmp_path, option, error, message):
+    saved(tmp_path)
+    with pytest.raises(error, match=message) as info:
+        load_sparse_pretrained(tmp_path, **option)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_cuda_device_without_cuda_is_refused_in_one_line(tmp_path):
+    saved(tmp_path)
+    with pytest.raises(ValueError, match="device 'cuda' requested but CUDA is not available"):
+        load_sparse_pretrained(tmp_path, device="cuda")
+
+
 def test_a_checkpoint_without_sparse_layer_is_sent_to_from_pretrained(tmp_path):
     tiny_model("llama").save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="no sparse layer .* AutoModelForCausalLM.from_pretrained") as info:
