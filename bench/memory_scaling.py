@@ -246,9 +246,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="optimizer-state dtypes with bf16 weights; GaLore has bf16 only (default: fp32,bf16)")
     parser.add_argument("--checkpointing", type=_csv(_switch), default=["off", "on"],
                         help="activation checkpointing per decoder layer, off and/or on (default: off,on)")
-    parser.add_argument("--measure-configs", type=_csv(str), default=list(MEASURED_CONFIGS),
-                        help="sizes also measured on real CPU tensors at batch 8x256, vocab 256; empty for none "
-                        f"(default: {','.join(MEASURED_CONFIGS)})")
+    parser.add_argument("--measure-configs", type=_csv(str),
+                        help="sizes of --configs also measured on real CPU tensors at batch 8x256, vocab 256 (which "
+                        f"--batch-shapes and --vocab-sizes must then hold); empty for none (default: those of "
+                        f"{','.join(MEASURED_CONFIGS)} in --configs)")
     parser.add_argument("--report-only", action="store_true",
                         help="render memory.md from the existing memory.csv without tracing (default: trace first)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar (default: shown)")
@@ -260,12 +261,22 @@ def _validate(args) -> None:
 
     check_output_folder(args.out_dir, "--out-dir")
 
+    measured = args.measure_configs
     for option, values, allowed in (("--configs", args.configs, CONFIGS), ("--methods", args.methods, METHODS),
                                     ("--state-dtypes", args.state_dtypes, STATE_DTYPES),
-                                    ("--measure-configs", args.measure_configs, CONFIGS)):  # fmt: skip
+                                    ("--measure-configs", measured or [], CONFIGS)):  # fmt: skip
         bad = [v for v in values if v not in allowed]
         if bad or (not values and option != "--measure-configs"):
             raise ValueError(f"{option} must be from {','.join(allowed)}, got {','.join(values) or 'nothing'}")
+    if measured:  # given: a size it cannot measure is refused, not silently left out
+        missing = [v for v in measured if v not in args.configs]
+        if missing:
+            raise ValueError(f"--measure-configs {','.join(missing)} not in --configs {','.join(args.configs)}: "
+                             "only traced sizes are measured")  # fmt: skip
+        batch, seq = MEASURED_BATCH
+        if tuple(MEASURED_BATCH) not in map(tuple, args.batch_shapes) or MEASURED_VOCAB not in args.vocab_sizes:
+            raise ValueError(f"--measure-configs measures at batch {batch}x{seq} and vocab {MEASURED_VOCAB}: add them "
+                             "to --batch-shapes and --vocab-sizes")  # fmt: skip
     for density in args.densities:
         check_density(density, "--densities")
     if any(v < 2 for v in args.vocab_sizes) or not args.vocab_sizes:
@@ -287,7 +298,8 @@ def main_from_args(args, prog: str, argv: list[str]) -> int:
             cases = list(memory_cases(args.configs, args.methods, args.densities, args.batch_shapes,
                                       args.vocab_sizes, args.state_dtypes, checkpointing))  # fmt: skip
             cases += [c for c in gpu_cases(out_dir.parent) if c not in cases]
-            written = run_plan(plan(cases, args.measure_configs), memory_file(out_dir), not args.no_progress)
+            measured = MEASURED_CONFIGS if args.measure_configs is None else args.measure_configs
+            written = run_plan(plan(cases, measured), memory_file(out_dir), not args.no_progress)
             if written:
                 with (out_dir / "commands.txt").open("a") as handle:
                     handle.write(f"{prog} {shlex.join(argv)}\n")

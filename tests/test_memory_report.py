@@ -70,6 +70,20 @@ def test_a_density_out_of_range_is_a_one_line_error_naming_densities(tmp_path, c
     assert error == "smet-bench: error: --densities must be in (0, 1], got 2.0"
 
 
+@pytest.mark.parametrize("options, expected", [
+    (["--measure-configs", "1b", "--configs", "20m"],
+     "--measure-configs 1b not in --configs 20m: only traced sizes are measured"),
+    (["--measure-configs", "20m", "--configs", "20m", "--batch-shapes", "32x256"],
+     "--measure-configs measures at batch 8x256 and vocab 256: add them to --batch-shapes and --vocab-sizes"),
+    (["--measure-configs", "20m", "--configs", "20m", "--vocab-sizes", "32000"],
+     "--measure-configs measures at batch 8x256 and vocab 256: add them to --batch-shapes and --vocab-sizes"),
+], ids=["config", "batch", "vocab"])  # fmt: skip
+def test_measure_configs_that_would_measure_nothing_are_refused_in_one_line(tmp_path, capsys, options, expected):
+    error = usage_error(main, ["memory", *options, "--out-dir", str(tmp_path)], capsys)
+    assert error == f"smet-bench: error: {expected}"
+    assert not (tmp_path / "memory.csv").exists()
+
+
 def test_gpu_peaks_are_plotted_at_their_own_vocabulary_and_activation_checkpointing(tmp_path, monkeypatch):
     """gpu-check's training rows use vocab 32000: they were placed at the parameter count of vocab 256 and labelled
     so, 130 M parameters left of their 1b traced line."""
