@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .layout import check_generator
+
 
 def _positive(value, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -51,6 +53,11 @@ def supar_lr(lr: float, width: float, base_width: float, density: float, base_de
     return _positive(lr, "lr") / supar_multiplier(width, base_width, density, base_density)
 
 
+def _check_model(model) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+
+
 def _sparse_layout(param: torch.Tensor):
     return getattr(param, "smet_layout", None) or getattr(param, "smet_mask_layout", None)
 
@@ -69,6 +76,8 @@ def supar_init_(
     Compact values are drawn directly; masked dense weights are drawn then zeroed at inactive blocks.
     Returns ``model``.
     """
+    _check_model(model)
+    check_generator(generator)
     found = False
     for param in model.parameters():
         layout = _sparse_layout(param)
@@ -103,6 +112,7 @@ def supar_param_groups(
     ``η · d^-1`` (for ``base_density = 1``); ``torch.optim`` optimizers ignore the key. ``group_options`` (e.g.
     ``weight_decay``) are copied into every group. Works with ``SMETAdamW`` and ``torch.optim.AdamW``.
     """
+    _check_model(model)
     lr = _positive(lr, "lr")
     groups: list[dict[str, Any]] = []
     others = []

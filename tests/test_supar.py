@@ -43,6 +43,16 @@ def test_supar_param_groups_and_init():
         supar_param_groups(nn.Linear(4, 4), 1e-3, 4, 4)
 
 
+@pytest.mark.parametrize("call, error, message", [
+    (lambda: supar_init_("model", 0.02, 512, 256), TypeError, "model must be an nn.Module, got str"),
+    (lambda: supar_param_groups(None, 1e-3, 512, 256), TypeError, "model must be an nn.Module, got NoneType"),
+    (lambda: supar_init_(TinyMLP(), 0.02, 512, 256, generator=0), TypeError, "generator must be a torch.Generator"),
+], ids=["init-model", "groups-model", "init-generator"])  # fmt: skip
+def test_supar_init_and_param_groups_name_a_model_or_generator_of_the_wrong_type(call, error, message):
+    with pytest.raises(error, match=message):
+        call()
+
+
 def test_supar_init_keeps_the_inactive_blocks_of_masked_weights_at_zero():
     model = masked_sparsify(nn.Sequential(nn.Linear(FEATURES, FEATURES)), 0.5, B,
                             generator=torch.Generator().manual_seed(0))
