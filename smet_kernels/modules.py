@@ -353,6 +353,7 @@ def sparsify(
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     density = check_density(density)
     check_block_size(block_size)
+    _check_factory(layer_factory)
     names = sparse_linear_names(model, include, exclude)
     if not names:
         raise ValueError("sparsify found no nn.Linear layer to sparsify (check include/exclude)")
@@ -385,6 +386,12 @@ def sparsify(
     return model
 
 
+def _check_factory(layer_factory) -> None:
+    if layer_factory is not None and not callable(layer_factory):
+        raise TypeError(f"layer_factory must be None or a callable (linear, layout) -> nn.Module, got "
+                        f"{type(layer_factory).__name__}")  # fmt: skip
+
+
 def _replaceable(model: nn.Module, names: Iterable[str]) -> tuple[dict[str, nn.Module], dict[int, list[str]]]:
     """``(modules by name, names of each dense linear)`` of ``model``, once every one of ``names`` is checked to be a
     dense linear whose weight is not tied to another module's parameter (``ValueError`` otherwise)."""
@@ -412,6 +419,7 @@ def sparsify_with_layouts(
     is allocated (a skeleton that a checkpoint then fills). A shared layer stays shared; one tied to another
     module's parameter raises ``ValueError``, and so does a name that is no dense linear. Returns ``model``.
     """
+    _check_factory(layer_factory)
     modules, occurrences = _replaceable(model, layouts)
     replacements = {}  # every layer built before the first is swapped: one that raises leaves the model as it was
     for name, layout in layouts.items():
@@ -421,6 +429,9 @@ def sparsify_with_layouts(
             replacement = BlockSparseLinear.from_linear(linear, layout, backend=backend)
         else:
             replacement = layer_factory(linear, layout)
+            if not isinstance(replacement, nn.Module):
+                raise TypeError(f"layer_factory returned a {type(replacement).__name__} for layer '{name}', not an "
+                                "nn.Module")  # fmt: skip
         _carry_mode(linear, replacement)
         if linear is not module:
             replacement.dense_class = type(module)

@@ -173,6 +173,10 @@ def test_sparsify_include_and_erk():
         ({"density": 0.5, "include": ["("]}, ValueError, "include"),
         ({"density": 0.5, "include": 3}, TypeError, "^include must be a regular expression or a list of them, got int$"),
         ({"density": 0.5, "distribution": "normal"}, ValueError, "distribution"),
+        ({"density": 0.5, "layer_factory": "BlockSparseLinear"}, TypeError,
+         r"^layer_factory must be None or a callable \(linear, layout\) -> nn.Module, got str$"),
+        ({"density": 0.5, "layer_factory": lambda linear, layout: None}, TypeError,
+         "^layer_factory returned a NoneType for layer 'up', not an nn.Module$"),
     ],
 )
 def test_sparsify_bad_arguments(kwargs, exc, word):
