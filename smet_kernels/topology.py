@@ -558,6 +558,10 @@ class SMET:
 
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict` output; layouts are restored in place (same objects as the layers')."""
+        missing = [key for key in ("step", "generator", "history", "layouts") if not isinstance(state, dict)
+                   or key not in state]  # fmt: skip
+        if missing:
+            raise ValueError(f"state is not an SMET.state_dict(): it lacks {missing}")
         layouts = {_plain_name(name): layout for name, layout in state["layouts"].items()}
         names = {target.name for target in self.targets}
         if set(layouts) != names:

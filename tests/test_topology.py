@@ -3,6 +3,7 @@ argument validation. RigL's dense gradients: tests/test_topology_rigl.py; SμPar
 
 import copy
 import io
+import re
 
 import pytest
 import torch
@@ -212,6 +213,15 @@ def test_load_state_dict_rejects_other_model():
     smet_other = SMET(other, SMETAdamW(other.parameters()), update_interval=2)
     with pytest.raises(ValueError, match="layouts"):
         smet.load_state_dict(smet_other.state_dict())
+
+
+@pytest.mark.parametrize("state", [{}, {"state": {}, "param_groups": []}, "smet.pt"],
+                         ids=["empty", "optimizer-state", "path"])  # fmt: skip
+def test_load_state_dict_names_the_keys_missing_from_a_state_that_is_no_controller_state(state):
+    _, _, smet = make_run()
+    expected = "state is not an SMET.state_dict(): it lacks ['step', 'generator', 'history', 'layouts']"
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        smet.load_state_dict(state)
 
 
 def test_load_state_dict_incompatible_in_a_later_layer_changes_no_layout():
