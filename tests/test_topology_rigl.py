@@ -214,3 +214,24 @@ def test_a_controller_built_on_a_model_takes_over_the_dense_gradient_hooks_of_an
     assert smet.history and smet.history[0]["step"] == 2
     SMET(model, opt, update_interval=2, prune_fraction=0.3, regrow="random", seed=0)  # a SET controller too
     assert len(model.up._forward_hooks) == len(model.down._forward_hooks) == 0
+
+
+def test_remove_hooks_detaches_the_dense_gradient_recorders_and_the_next_step_attaches_them_again():
+    """``remove_hooks`` leaves the layers as a plain model (a model handed on without its controller); the next
+    ``step`` re-attaches them, so a later RigL update still sees its dense gradient. Removed while armed, the update
+    cannot run: it says so, naming the layer, and is not counted."""
+    model, opt, smet = make_run(regrow="gradient", update_interval=2, end_step=6)
+    for step in (1, 2):
+        train_step(model, opt, smet, step)
+    smet.remove_hooks()
+    smet.remove_hooks()  # twice is harmless
+    assert len(model.up._forward_hooks) == len(model.down._forward_hooks) == 0
+    train_step(model, opt, smet, 3)  # re-attached and armed for the update at step 4
+    assert len(model.up._forward_hooks) == len(model.down._forward_hooks) == 1 and smet.needs_dense_grad()
+    train_step(model, opt, smet, 4)
+    assert [record["step"] for record in smet.history] == [2, 4]
+    train_step(model, opt, smet, 5)
+    smet.remove_hooks()  # armed: step 6's backward records nothing
+    with pytest.raises(RuntimeError, match="dense gradient of 'up.values' at update step 6"):
+        train_step(model, opt, smet, 6)
+    assert smet.step_count == 5 and [record["step"] for record in smet.history] == [2, 4]
