@@ -340,15 +340,16 @@ def test_a_bad_parameter_fails_the_step_before_anything_changes(device):
     assert torch.equal(good, before) and not optimizer.state
 
 
-def test_a_step_refused_for_a_later_group_changes_no_parameter_and_counts_no_step(device):
+@pytest.mark.parametrize("bad_lr", [-1e-3, float("nan")])
+def test_a_step_refused_for_a_later_group_changes_no_parameter_and_counts_no_step(bad_lr, device):
     first, second = dense_param((4,), seed=0, device=device), dense_param((4,), seed=1, device=device)
     optimizer = SMETAdamW([first], lr=1e-2)
     optimizer.add_param_group({"params": [second], "betas": (0.8, 0.99)})  # another fused batch
     first.grad, second.grad = torch.ones_like(first), torch.ones_like(second)
     optimizer.step()
     before = [first.detach().clone(), second.detach().clone()]
-    optimizer.param_groups[1]["lr"] = -1e-3  # e.g. a schedule run past its end
-    with pytest.raises(ValueError, match="lrs"):
+    optimizer.param_groups[1]["lr"] = bad_lr  # e.g. a schedule run past its end; named as set (no density factor)
+    with pytest.raises(ValueError, match=rf"^param group 1: lr must be >= 0, got {bad_lr}$"):
         optimizer.step()
     assert torch.equal(first, before[0]) and torch.equal(second, before[1])
     assert [float(optimizer.state[p]["step"]) for p in (first, second)] == [1.0, 1.0]

@@ -264,6 +264,9 @@ class SMETAdamW(torch.optim.Optimizer):
             self._check_param(param, name)
         stepped_groups = {group_index: group for group_index, group, _, _ in stepped}
         lrs = {index: float(group["lr"]) for index, group in stepped_groups.items()}  # a CUDA tensor lr: one sync each
+        for index, lr in lrs.items():  # a scheduler or a hand-set lr: named as set, before the density factor
+            if not lr >= 0.0:
+                raise ValueError(f"param group {index}: lr must be >= 0, got {lr}")
         batches: dict[tuple, dict[str, list]] = {}
         batch_groups: dict[tuple, dict[int, None]] = {}  # the groups of each batch, in order: its tables' cache key
         counters = []  # step counts to bump once every batch is checked (a failed step must not count)
