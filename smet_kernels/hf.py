@@ -271,7 +271,12 @@ def load_sparse_pretrained(
     if not indices:
         raise ValueError(f"{folder} holds no sparse layer (no '<layer>.block_indices' key): load it with "
                          f"{model_class.__name__}.from_pretrained")  # fmt: skip
-    model = _empty_model(model_class, transformers.AutoConfig.from_pretrained(folder), dtype)
+    config = transformers.AutoConfig.from_pretrained(folder)
+    config_class = getattr(model_class, "config_class", None)  # None for the Auto classes, which pick the model
+    if isinstance(config_class, type) and not isinstance(config, config_class):
+        raise ValueError(f"model_class {model_class.__name__} takes a {config_class.__name__}, but {folder} holds a "
+                         f"{type(config).__name__}: pass its model class or an AutoModel... class")  # fmt: skip
+    model = _empty_model(model_class, config, dtype)
     compact, masked = _saved_layouts(model, shapes, indices)
     sparsify_with_layouts(model, compact, backend=backend)
     sparsify_with_layouts(model, masked, layer_factory=MaskedLinear.from_linear)

@@ -177,7 +177,9 @@ def test_a_folder_without_config_or_weights_is_refused_in_one_line(tmp_path, rem
     ({"dtype": torch.int64}, TypeError, "dtype must be None or a floating torch.dtype .* got torch.int64"),
     ({"device": "tpu"}, ValueError, "device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got 'tpu'"),
     ({"model_class": int}, TypeError, "model_class must be an AutoModel... class or a PreTrainedModel subclass"),
-], ids=["dtype-str", "dtype-int", "device", "model-class"])  # fmt: skip
+    ({"model_class": transformers.BertModel}, ValueError, "model_class BertModel takes a BertConfig, but .* holds a "
+                                                          "LlamaConfig: pass its model class or an AutoModel"),
+], ids=["dtype-str", "dtype-int", "device", "model-class", "model-class-of-another-family"])  # fmt: skip
 def test_a_bad_dtype_device_or_model_class_is_refused_in_one_line_naming_it(tmp_path, option, error, message):
     saved(tmp_path)
     with pytest.raises(error, match=message) as info:
