@@ -18,23 +18,11 @@ from pathlib import Path
 
 import torch
 
+from .options import comma_list
 from .runner import CommandLog, Deadline, check_minutes, run_cases, usage_error
 
 SUITES = ("kernels", "optimizer", "training")
 MODES = {"off": (False,), "on": (True,), "both": (False, True)}  # --compile / --activation-checkpointing
-
-
-def _csv_list(kind):
-    def parse(text: str):
-        items = [item.strip() for item in text.split(",") if item.strip()]
-        if not items:
-            raise argparse.ArgumentTypeError("expected a comma-separated list")
-        try:
-            return [kind(item) for item in items]
-        except ValueError as error:
-            raise argparse.ArgumentTypeError(str(error)) from None
-
-    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--suites",
-        type=_csv_list(str),
+        type=comma_list(str),
         default=list(SUITES),
         help=f"suites to run, from {','.join(SUITES)} (default: all)",
     )
@@ -73,34 +61,34 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--configs",
-        type=_csv_list(str),
+        type=comma_list(str),
         default=None,
         help="model configurations (SPEC §5) from tiny,20m,60m,130m,350m,1b,7b (default: 20m..7b for kernels and "
         "optimizer, 60m,130m,350m,1b for training; tiny with --quick)",
     )
     run.add_argument(
         "--densities",
-        type=_csv_list(float),
+        type=comma_list(float),
         default=None,
         help="block densities in (0, 1] (default: 0.5,0.25,0.1,0.05 for kernels and optimizer, 0.5,0.25,0.1 for "
         "training; 0.5,0.25 for kernels and optimizer with --quick)",
     )
     run.add_argument(
         "--block-sizes",
-        type=_csv_list(int),
+        type=comma_list(int),
         default=None,
         help="block sizes b of the kernels and optimizer suites, from 16,32,64,128 (default: 32,64,128; 32 with "
         "--quick)",
     )
     run.add_argument(
         "--tokens",
-        type=_csv_list(int),
+        type=comma_list(int),
         default=None,
         help="token counts M of the kernel benchmarks (default: 8192,16384; 64 with --quick)",
     )
     run.add_argument(
         "--providers",
-        type=_csv_list(str),
+        type=comma_list(str),
         default=None,
         help=f"kernel providers from {','.join(kernels.PROVIDERS)} and optimizer providers "
         f"from {','.join(optimizer.PROVIDERS)}, at least one for each of these suites in --suites (default: all that "
@@ -108,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--methods",
-        type=_csv_list(str),
+        type=comma_list(str),
         default=None,
         help=f"training methods from {','.join(training.METHODS)} (default: all)",
     )

@@ -35,6 +35,7 @@ from profiling.memory_model import COMPONENTS
 from smet_kernels.train.methods import BENCH_NAMES as METHODS
 from smet_kernels.train.methods import SPARSE_BENCH_NAMES as SPARSE_METHODS
 
+from .options import comma_list
 from .results import ENVIRONMENT_COLUMNS, ResultsFile, environment
 
 CONFIGS = ("20m", "60m", "130m", "350m", "1b", "7b")
@@ -205,17 +206,6 @@ def run_plan(pairs, file: ResultsFile, progress: bool = True) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- command line
-def _csv(kind):
-    def parse(text: str):
-        items = [item.strip() for item in text.split(",") if item.strip()]
-        try:
-            return [kind(item) for item in items]
-        except ValueError as error:
-            raise argparse.ArgumentTypeError(f"cannot read {text!r}: {error}") from None
-
-    return parse
-
-
 def _batch_shape(text: str) -> tuple[int, int]:
     batch, _, seq = text.lower().partition("x")
     if not (batch.isdigit() and seq.isdigit() and min(int(batch), int(seq)) >= 1):
@@ -232,21 +222,21 @@ def _switch(text: str) -> bool:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out-dir", default="reports/memory-scaling",
                         help="folder of memory.csv, memory.md and the plots (default: reports/memory-scaling)")
-    parser.add_argument("--configs", type=_csv(str), default=list(CONFIGS),
+    parser.add_argument("--configs", type=comma_list(str), default=list(CONFIGS),
                         help=f"model sizes (default: {','.join(CONFIGS)})")
-    parser.add_argument("--methods", type=_csv(str), default=list(METHODS),
+    parser.add_argument("--methods", type=comma_list(str), default=list(METHODS),
                         help=f"methods (default: {','.join(METHODS)})")
-    parser.add_argument("--densities", type=_csv(float), default=list(DENSITIES),
+    parser.add_argument("--densities", type=comma_list(float), default=list(DENSITIES),
                         help="block densities of masked and smet (default: 0.5,0.25,0.1)")
-    parser.add_argument("--batch-shapes", type=_csv(_batch_shape), default=list(BATCH_SHAPES),
+    parser.add_argument("--batch-shapes", type=comma_list(_batch_shape), default=list(BATCH_SHAPES),
                         help="batch × sequence shapes (default: 8x256,32x256)")
-    parser.add_argument("--vocab-sizes", type=_csv(int), default=list(VOCAB_SIZES),
+    parser.add_argument("--vocab-sizes", type=comma_list(int), default=list(VOCAB_SIZES),
                         help="vocabulary sizes (default: 256,32000)")
-    parser.add_argument("--state-dtypes", type=_csv(str), default=list(STATE_DTYPES),
+    parser.add_argument("--state-dtypes", type=comma_list(str), default=list(STATE_DTYPES),
                         help="optimizer-state dtypes with bf16 weights; GaLore has bf16 only (default: fp32,bf16)")
-    parser.add_argument("--checkpointing", type=_csv(_switch), default=["off", "on"],
+    parser.add_argument("--checkpointing", type=comma_list(_switch), default=["off", "on"],
                         help="activation checkpointing per decoder layer, off and/or on (default: off,on)")
-    parser.add_argument("--measure-configs", type=_csv(str),
+    parser.add_argument("--measure-configs", type=comma_list(str, allow_empty=True),
                         help="sizes of --configs also measured on real CPU tensors at batch 8x256, vocab 256 (which "
                         f"--batch-shapes and --vocab-sizes must then hold); empty for none (default: those of "
                         f"{','.join(MEASURED_CONFIGS)} in --configs)")
@@ -266,8 +256,8 @@ def _validate(args) -> None:
                                     ("--state-dtypes", args.state_dtypes, STATE_DTYPES),
                                     ("--measure-configs", measured or [], CONFIGS)):  # fmt: skip
         bad = [v for v in values if v not in allowed]
-        if bad or (not values and option != "--measure-configs"):
-            raise ValueError(f"{option} must be from {','.join(allowed)}, got {','.join(values) or 'nothing'}")
+        if bad:
+            raise ValueError(f"{option} must be from {','.join(allowed)}, got {','.join(values)}")
     if measured:  # given: a size it cannot measure is refused, not silently left out
         missing = [v for v in measured if v not in args.configs]
         if missing:
@@ -279,7 +269,7 @@ def _validate(args) -> None:
                              "to --batch-shapes and --vocab-sizes")  # fmt: skip
     for density in args.densities:
         check_density(density, "--densities")
-    if any(v < 2 for v in args.vocab_sizes) or not args.vocab_sizes:
+    if any(v < 2 for v in args.vocab_sizes):
         raise ValueError(f"--vocab-sizes must be ints >= 2, got {args.vocab_sizes}")
 
 

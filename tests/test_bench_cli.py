@@ -438,3 +438,16 @@ def test_compiled_and_checkpointed_training_rows_resume_and_report_side_by_side(
     assert main(["report", "--out-dir", str(tmp_path)]) == 0
     report = (tmp_path / "report.md").read_text()
     assert "### Compiled vs eager" in report and "### Activation checkpointing" in report
+
+
+@pytest.mark.parametrize("argv, option, message", [
+    (["run", "--quick", "--densities", "0.5,,0.2"], "--densities", "empty item in '0.5,,0.2'"),
+    (["memory", "--configs", " "], "--configs", "expected a comma-separated list"),
+    (["stability", "run", "--seeds", "0,1,"], "--seeds", "empty item in '0,1,'"),
+])  # fmt: skip
+def test_a_list_option_with_an_empty_item_is_refused_not_read_as_a_shorter_list(tmp_path, capsys, argv, option,
+                                                                                 message):
+    with pytest.raises(SystemExit) as raised:
+        main([*argv, "--out-dir", str(tmp_path)])
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert raised.value.code == 2 and f"argument {option}: {message}" in error, error

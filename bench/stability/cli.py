@@ -12,23 +12,11 @@ from pathlib import Path
 
 from smet_kernels.train.config import naming_options
 
+from ..options import comma_list
 from ..runner import check_minutes, usage_error
 from .report import write_report
 from .spec import COMMANDS_FILE, DENSE_METHOD, METHODS, PRESETS, StudySpec, enumerate_runs
 from .sweep import check_runnable, is_done, run_sweep
-
-
-def _csv(kind):
-    def parse(text: str):
-        items = [item.strip() for item in text.split(",") if item.strip()]
-        if not items:
-            raise argparse.ArgumentTypeError("expected a comma-separated list")
-        try:
-            return tuple(kind(item) for item in items)
-        except ValueError as error:
-            raise argparse.ArgumentTypeError(str(error)) from None
-
-    return parse
 
 
 def _positive_int(text: str) -> int:
@@ -86,15 +74,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--out-dir", default=None,
                      help="output folder (default: reports/stability; reports/cpu-pilot-stability with --quick; "
                      "reports/stability-cpu with --cpu-study)")
-    run.add_argument("--configs", type=_csv(str),
+    run.add_argument("--configs", type=comma_list(str, container=tuple),
                      help=f"model configurations from tiny,20m,60m,130m,350m,1b,7b {_default('configs')}")
-    run.add_argument("--methods", type=_csv(str),
+    run.add_argument("--methods", type=comma_list(str, container=tuple),
                      help=f"methods from {','.join(METHODS)}; must include {DENSE_METHOD} {_default('methods', 'all')}")
-    run.add_argument("--densities", type=_csv(float),
+    run.add_argument("--densities", type=comma_list(float, container=tuple),
                      help=f"block densities in (0, 1) of the sparse methods {_default('densities')}")
-    run.add_argument("--alphas", type=_csv(float),
+    run.add_argument("--alphas", type=comma_list(float, container=tuple),
                      help=f"density-LR exponents α >= 0 of the SMETAdamW methods (lr × d^-α) {_default('alphas')}")
-    run.add_argument("--seeds", type=_csv(int), help=f"seeds; every method runs every seed {_default('seeds')}")
+    run.add_argument("--seeds", type=comma_list(int, container=tuple), help=f"seeds; every method runs every seed {_default('seeds')}")
     run.add_argument("--steps", type=_positive_int,
                      help=f"optimizer steps per run; token budget = steps × batch × seq {_default('steps')}")
     run.add_argument("--batch-size", type=_positive_int,

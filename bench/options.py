@@ -1,0 +1,23 @@
+"""Argument types shared by the ``smet-bench`` subcommands."""
+
+import argparse
+
+
+def comma_list(kind, allow_empty: bool = False, container=list):
+    """argparse type: ``"a, b"`` → ``container([kind("a"), kind("b")])``. An empty item (``"a,,b"``, a trailing
+    comma) is refused, and so is an empty list unless ``allow_empty``; a value ``kind`` refuses is named."""
+
+    def parse(text: str):
+        items = [item.strip() for item in text.split(",")]
+        if items == [""]:
+            if allow_empty:
+                return container()
+            raise argparse.ArgumentTypeError("expected a comma-separated list")
+        if "" in items:
+            raise argparse.ArgumentTypeError(f"empty item in {text!r}")
+        try:
+            return container(kind(item) for item in items)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(f"cannot read {text!r}: {error}") from None
+
+    return parse
