@@ -1,6 +1,6 @@
 """``smet-bench``: run the benchmark suites into resumable CSVs and render the markdown report.
 
-    smet-bench run --quick --out-dir reports/quick        # a few minutes on a laptop CPU
+    smet-bench run --quick --out-dir reports/quick        # about a minute on a 2-core CPU
     smet-bench run                                        # full grid on a GPU -> reports/<gpu-slug>/
     smet-bench report --out-dir reports/<gpu-slug>        # report.md + PNG plots
     smet-bench stability run --quick                      # stability study, CPU pilot; see bench/stability/
@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--quick",
         action="store_true",
         help="tiny grid (config tiny, 64 tokens, block size 32, densities 0.5,0.25 for kernels) that finishes "
-        "in a few minutes on a 2-core CPU; explicit options still override it (default: the full GPU grid)",
+        "in about a minute on a 2-core CPU; explicit options still override it (default: the full GPU grid)",
     )
     run.add_argument(
         "--out-dir",
