@@ -337,10 +337,10 @@ MODEL_NOTES = [
     "the model's `max` takes the larger SwiGLU term; with checkpointing (vocab 256, and masked DST at 7b, whose "
     "recomputed layer also holds its seven `W ⊙ M`) the traced peak is inside the recomputed layer's SwiGLU "
     "backward, where the down projection's saved input is already freed and not all three gradients coexist, "
-    "while the model adds all three to every activation of the recomputed layer. SMET at vocab 32000 (up to "
-    "2.4 %, shrinking with the density): the layout's int64 block indices (16 B per block) stay on the CPU, "
-    "where the layout is drawn; the tensor count puts them in `weights` (as the model does) but the traced "
-    "device peak does not hold them, so the traced `rest` (peak − components) is lower by 16 B × nnz.",
+    "while the model adds all three to every activation of the recomputed layer. SMET and masked DST at vocab "
+    "32000 (up to 2.4 %, shrinking with the density): a layout's int64 block indices (16 B per block) stay on "
+    "the CPU, where the layout is drawn; the tensor count puts them in `weights` (as the model does) but the "
+    "traced device peak does not hold them, so the traced `rest` (peak − components) is lower by 16 B × nnz.",
     "* peak: the sum, so it carries the rest difference, diluted by the exact components.",
     "",
 ]

@@ -3,8 +3,9 @@
 Each component is counted from the tensors themselves (distinct storages, so views and shared tensors
 count once):
 
-* weights: the model's parameters, plus what block-sparse layouts (``p.smet_layout``) keep (block indices, packed
-  kernel index, version tensor) and the expanded masks that masked-DST layers hold (an eager forward builds them);
+* weights: the model's parameters, plus what block layouts (``p.smet_layout``, ``p.smet_mask_layout``) keep (block
+  indices, packed kernel index, version tensor) and the expanded masks that masked-DST layers hold (an eager forward
+  builds them);
 * gradients: ``p.grad`` of every parameter;
 * optimizer: every tensor in ``optimizer.state``;
 * activations: every non-parameter tensor autograd saves for backward during the forward pass
@@ -58,11 +59,11 @@ def dense_masks(model: nn.Module) -> list[torch.Tensor]:
 
 
 def layout_tensors(model: nn.Module) -> list[torch.Tensor]:
-    """What the block-sparse layouts of ``model`` keep: block indices, the packed kernel index on the values'
-    device and the version tensor."""
+    """What the block layouts of ``model`` keep (compact values' ``smet_layout``, masked weights'
+    ``smet_mask_layout``): block indices, the packed kernel index on the parameter's device and the version tensor."""
     tensors, seen = [], set()
     for p in model.parameters():
-        layout = getattr(p, "smet_layout", None)
+        layout = getattr(p, "smet_layout", None) or getattr(p, "smet_mask_layout", None)
         if layout is not None and id(layout) not in seen:
             seen.add(id(layout))
             tensors += [layout.block_indices, layout.kernel_index(p.device), layout.version_tensor]

@@ -6,7 +6,8 @@ vocab ``V``, element sizes ``e`` (parameters/activations), ``s`` (optimizer stat
 * **weights**: dense parameters (embedding ``V h``, LM head ``h V``, norms ``(2L + 1) h``) plus the hidden
   linear layers — ``L (4h² + 3hi)`` dense, or ``Σ nnz_ℓ b²`` compact values for ``smet`` (+ per layout the
   ``int64 [nnz, 2]`` block indices, the packed ``int32`` kernel index of ``6 nnz + 2 R + 2 C + 2`` entries and an
-  ``int64`` version, which live with the weights); ``masked`` also keeps each mask expanded to ``[out, in]``;
+  ``int64`` version, which live with the weights); ``masked`` keeps the same layouts (for its ``nnz``) and each mask
+  expanded to ``[out, in]``;
 * **gradients**: one gradient per parameter element (compact for ``smet``; dense for ``masked`` and ``galore``);
 * **optimizer**: AdamW ``2 s`` per element; ``smet`` adds ``int32 block_step [nnz]``; ``galore`` keeps the
   moments of a hidden ``[m, n]`` weight in the projected space (``2 r max(m, n)``, ``r <= min(m, n)``) plus the
@@ -16,8 +17,8 @@ vocab ``V``, element sizes ``e`` (parameters/activations), ``s`` (optimizer stat
   ``rsqrt`` per token: ``2 · 4``), SDPA's rotated q and k, v, output (``4e``; ``o_proj``'s input is a view of the
   output) and logsumexp (``4 B a S``), SwiGLU's gate, silu, up and product (``4e`` per ``i``); RoPE saves only its
   cos/sin tables (``2 S (h/a) e`` per layer when they are cast from fp32); ``masked`` layers also save
-  ``W ⊙ M`` (``4h² + 3hi`` per layer), ``smet`` products an ``int64`` layout-version snapshot each. Plus the final norm
-  ``(4 + 2e) T h + 4 T``, cross-entropy's fp32 log-softmax ``4 T V`` and the int64 token ids and targets ``16 T``;
+  ``W ⊙ M`` (``4h² + 3hi`` per layer), and each ``smet`` product and ``W ⊙ M`` an ``int64`` layout-version snapshot.
+  Plus the final norm ``(4 + 2e) T h + 4 T``, cross-entropy's fp32 log-softmax ``4 T V`` and the int64 token ids and targets ``16 T``;
   With ``activation_checkpointing`` (``torch.utils.checkpoint`` per decoder layer) a layer saves only its inputs:
   ``T h e`` (plus its cos/sin when cast), and ``masked`` layers save no ``W ⊙ M``;
 * **rest**: the largest working set of the backward pass beyond the four above, an estimate — the loss backward
@@ -126,19 +127,21 @@ def predict_memory(
     dense_other = 2 * V * h + (2 * L + 1) * h  # embedding, LM head, norms
     hidden_dense = sum(out_f * in_f for out_f, in_f in shapes.values())
 
-    if method == "smet":
+    layout_bytes = 0
+    if method in ("smet", "masked"):
         densities = layer_densities(shapes, density, distribution)
         nnz = {
             name: nnz_for_density((out_f // block_size) * (in_f // block_size), densities[name])
             for name, (out_f, in_f) in shapes.items()
         }
-        hidden_elements = sum(nnz.values()) * block_size * block_size
         # per layout: int64 block indices [nnz, 2], the packed int32 kernel index (block indices, CSR and CSC:
         # 6 nnz + 2 R + 2 C + 2 for R x C blocks) and the int64 version tensor
         layout_bytes = sum(
             nnz[name] * 2 * 8 + 4 * (6 * nnz[name] + 2 * (out_f + in_f) // block_size + 2) + 8
             for name, (out_f, in_f) in shapes.items()
         )
+    if method == "smet":
+        hidden_elements = sum(nnz.values()) * block_size * block_size
         weights = (dense_other + hidden_elements) * e + layout_bytes
         gradients = (dense_other + hidden_elements) * e
         optimizer = 2 * (dense_other + hidden_elements) * s + sum(nnz.values()) * 4
@@ -152,14 +155,15 @@ def predict_memory(
         optimizer = 2 * dense_other * s + projected
     else:
         mask = hidden_dense * e if method == "masked" else 0  # the expanded [out, in] mask, in the weight dtype
-        weights = (dense_other + hidden_dense) * e + mask
+        weights = (dense_other + hidden_dense) * e + mask + layout_bytes
         gradients = (dense_other + hidden_dense) * e
         optimizer = 2 * (dense_other + hidden_dense) * s
 
     per_layer = T * h * (8 + 8 * e) + 4 * e * T * i + 4 * batch_size * config.num_heads * seq_len + 8 * T
     rope = 2 * seq_len * (h // config.num_heads) * e if e != 4 else 0  # cos/sin cast to the activation dtype
     masked_weights = hidden_dense * e if method == "masked" else 0  # the W ⊙ M each masked linear saves
-    versions = 8 * len(shapes) if method == "smet" else 0  # each block-sparse product's int64 layout-version snapshot
+    # each block-sparse product's (each W ⊙ M's) int64 layout-version snapshot
+    versions = 8 * len(shapes) if method in ("smet", "masked") else 0
     head = (4 + 2 * e) * T * h + 4 * T + 4 * T * V + 16 * T
     if activation_checkpointing:
         activations = L * (T * h * e + rope) + head
