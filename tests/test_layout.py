@@ -103,6 +103,12 @@ def test_state_dict_round_trip():
         (lambda: BlockLayout.from_mask(torch.ones(2, 2, dtype=torch.bool, device="meta"), 16), ValueError, "^mask"),
         (lambda: BlockLayout(torch.zeros(1, 2, dtype=torch.long, device="meta"), (32, 32), 16), ValueError,
          "^block_indices is a meta"),
+        (lambda: BlockLayout.random(64, 64, True, 0.5), TypeError, "^block_size must be an int"),
+        (lambda: BlockLayout.random(0, 64, 16, 0.5), ValueError, "^out_features must be positive"),
+        (lambda: BlockLayout(torch.tensor([[0, 0, 0]]), (32, 32), 16), ValueError, "^block_indices must have shape"),
+        (lambda: BlockLayout(torch.tensor([[0, 0]]), (32, 32, 32), 16), ValueError, "^shape must be"),
+        (lambda: BlockLayout(torch.tensor([[2, 0]]), (32, 32), 16), ValueError, "^block_indices out of range"),
+        (lambda: BlockLayout(torch.tensor([[0, -1]]), (32, 32), 16), ValueError, "^block_indices out of range"),
     ],
 )
 def test_bad_input_names_the_argument(call, exc, word):
@@ -243,3 +249,36 @@ def test_the_kernel_index_is_one_tensor_per_device_rewritten_in_place_by_a_topol
     layout.set_block_indices(torch.tensor([[1, 2], [0, 0], [1, 0]]))
     assert layout.kernel_index("cpu") is index and int(layout.version_tensor) == 2
     assert _unpacked(layout, index)[1] == [[0, 1, 3], [1, 2, 0], [0, 0, 2], [1, 0]]
+
+
+def test_replace_blocks_refuses_a_negative_slot_and_a_bool_index_map():
+    """Slot -1 would silently move the last slot; a bool map would be read as block (0, 0) and (0, 1)."""
+    layout = BlockLayout.from_mask(torch.tensor([[True, False], [False, True]]), 16)
+    with pytest.raises(ValueError, match="slots must lie in"):
+        layout.replace_blocks(torch.tensor([-1]), torch.tensor([[0, 1]]))
+    with pytest.raises(TypeError, match="block_indices must be an integer tensor"):
+        layout.set_block_indices(torch.tensor([[False, False], [False, True]]))
+    assert layout.version == 0 and layout.block_indices.tolist() == [[0, 0], [1, 1]]
+
+
+def test_replace_blocks_with_no_slots_changes_nothing():
+    layout = BlockLayout.from_mask(torch.tensor([[True, False], [False, True]]), 16)
+    layout.replace_blocks(torch.empty(0, dtype=torch.long), torch.empty(0, 2, dtype=torch.long))
+    assert layout.version == 0 and layout.block_indices.tolist() == [[0, 0], [1, 1]]
+
+
+def test_layouts_of_different_block_sizes_are_not_equal():
+    assert BlockLayout(torch.tensor([[0, 0]]), (64, 64), 16) != BlockLayout(torch.tensor([[0, 0]]), (64, 64), 32)
+
+
+def test_a_topology_update_frees_the_index_structures_of_the_old_layout():
+    """Thousands of updates in a run must not keep every version's mask and orderings alive."""
+    import gc
+    import weakref
+
+    layout = BlockLayout.from_mask(torch.tensor([[True, False], [False, True]]), 16)
+    old = weakref.ref(layout.row_index())
+    layout.replace_blocks(torch.tensor([0]), torch.tensor([[0, 1]]))
+    gc.collect()
+    assert old() is None
+
