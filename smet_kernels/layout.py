@@ -250,8 +250,11 @@ class BlockLayout:
 
         The new layout must hold no duplicate blocks. Bumps :attr:`version` so index structures are rebuilt.
         """
-        slots = torch.as_tensor(slots, dtype=torch.int64, device=self.device).reshape(-1)
-        new_blocks = torch.as_tensor(new_blocks, dtype=torch.int64, device=self.device).reshape(-1, 2)
+        slots = _integer_tensor(slots, "slots").to(self.device).reshape(-1)
+        new_blocks = _integer_tensor(new_blocks, "new_blocks").to(self.device)
+        if new_blocks.numel() and (new_blocks.dim() > 2 or new_blocks.shape[-1:] != (2,)):
+            raise ValueError(f"new_blocks must have shape [n, 2], got {tuple(new_blocks.shape)}")
+        new_blocks = new_blocks.reshape(-1, 2)
         if slots.numel() != new_blocks.shape[0]:
             raise ValueError(f"slots ({slots.numel()}) and new_blocks ({new_blocks.shape[0]}) differ in length")
         if slots.numel() == 0:
@@ -275,10 +278,7 @@ class BlockLayout:
     def check_block_indices(self, block_indices: torch.Tensor) -> torch.Tensor:
         """``block_indices`` as int64 if :meth:`set_block_indices` would take it, else ``TypeError``/``ValueError``;
         changes nothing (for callers that check several layouts before restoring any)."""
-        block_indices = torch.as_tensor(block_indices)
-        if block_indices.is_floating_point() or block_indices.is_complex() or block_indices.dtype == torch.bool:
-            raise TypeError(f"block_indices must be an integer tensor, got {block_indices.dtype}")
-        block_indices = block_indices.to(torch.int64)
+        block_indices = _integer_tensor(block_indices, "block_indices")
         if tuple(block_indices.shape) != tuple(self._block_indices.shape):
             raise ValueError(
                 f"block_indices must have shape {tuple(self._block_indices.shape)}, got {tuple(block_indices.shape)}"
@@ -345,6 +345,15 @@ class BlockLayout:
             f"BlockLayout(shape={self._shape}, block_size={self._block_size}, nnz={self.nnz}, "
             f"density={self.density:.4f})"
         )
+
+
+def _integer_tensor(value, name: str) -> torch.Tensor:
+    """``value`` as an int64 tensor, or ``TypeError`` naming ``name`` if it holds float, complex or bool values (a
+    cast would truncate ``0.9`` to block 0; an empty ``[]``, float for torch, holds none)."""
+    value = torch.as_tensor(value)
+    if value.numel() and (value.is_floating_point() or value.is_complex() or value.dtype == torch.bool):
+        raise TypeError(f"{name} must be an integer tensor, got {value.dtype}")
+    return value.to(torch.int64)
 
 
 def _compressed_index(block_indices: torch.Tensor, major: str, block_shape: tuple[int, int]) -> BlockIndex:

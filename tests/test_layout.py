@@ -282,3 +282,17 @@ def test_a_topology_update_frees_the_index_structures_of_the_old_layout():
     gc.collect()
     assert old() is None
 
+
+def test_replace_blocks_refuses_fractional_slots_and_blocks_and_a_flattened_block_list():
+    """A cast would truncate slot 0.7 to 0 and block (0.9, 1.6) to (0, 1); [1, 4] would be read as two blocks."""
+    layout = BlockLayout.from_mask(torch.tensor([[True, False, False], [False, True, False]]), 16)
+    with pytest.raises(TypeError, match="^slots must be an integer tensor"):
+        layout.replace_blocks(torch.tensor([0.7]), torch.tensor([[0, 1]]))
+    with pytest.raises(TypeError, match="^new_blocks must be an integer tensor"):
+        layout.replace_blocks(torch.tensor([0]), torch.tensor([[0.9, 1.6]]))
+    with pytest.raises(ValueError, match=r"^new_blocks must have shape \[n, 2\]"):
+        layout.replace_blocks(torch.tensor([0, 1]), torch.tensor([[0, 1, 1, 2]]))
+    layout.replace_blocks([], [])
+    assert layout.version == 0 and layout.block_indices.tolist() == [[0, 0], [1, 1]]
+    layout.replace_blocks([1], [[1, 2]])
+    assert layout.block_indices.tolist() == [[0, 0], [1, 2]]
