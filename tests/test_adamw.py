@@ -169,6 +169,19 @@ def test_adamw_step_first_update_of_regrown_block_is_warmed_up(device):
     assert block_step.tolist() == [1, 1]
 
 
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_adamw_step_does_not_warm_up_a_dense_tensor_unless_asked(backend, device):
+    """Without ``dense_warmups`` a dense tensor takes torch's AdamW update at its global step (no 1/W factor)."""
+    weight = torch.randn(7, 5, generator=torch.Generator().manual_seed(0)).to(device)
+    grad = torch.randn(7, 5, generator=torch.Generator().manual_seed(1)).to(device)
+    expected = weight.clone().requires_grad_()
+    expected.grad = grad.clone()
+    torch.optim.AdamW([expected], lr=0.1, **{k: v for k, v in HYPER.items() if k != "warmup_steps"}).step()
+    exp_avg, exp_avg_sq = torch.zeros_like(weight), torch.zeros_like(weight)
+    adamw_step([weight], [grad], [exp_avg], [exp_avg_sq], [None], [0.1], [1], backend=backend, **HYPER)
+    torch.testing.assert_close(weight, expected.detach(), rtol=1e-5, atol=1e-6)
+
 @pytest.mark.gpu
 @GPU
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
