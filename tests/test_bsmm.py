@@ -330,8 +330,11 @@ def test_bsmm_launches_on_the_operands_device():
 
 def _kept(block_size, weight_grad=False, limit=HOPPER_SHARED_MEMORY, dtype=torch.bfloat16):
     configs = matmul_configs(GRAD_WEIGHT_BLOCK_MS if weight_grad else DENSE_SPARSE_BLOCK_MS, interpret=False)
-    kept = prune_configs(configs, {"a": torch.empty(0, dtype=dtype)}, limit, weight_grad, BLOCK_SIZE=block_size)
-    return {(c.kwargs["BLOCK_M"], c.num_warps, c.num_stages) for c in kept}
+    return _ids(prune_configs(configs, {"a": torch.empty(0, dtype=dtype)}, limit, weight_grad, BLOCK_SIZE=block_size))
+
+
+def _ids(configs):
+    return {(c.kwargs["BLOCK_M"], c.num_warps, c.num_stages) for c in configs}
 
 
 def test_prune_configs_rules():
@@ -357,4 +360,43 @@ def test_the_gpu_test_config_is_kept_by_every_pruner(block_size, dtype):
                             (GRAD_WEIGHT_BLOCK_MS, prune_grad_weight_configs)):
         kept = prune(matmul_configs(block_ms, interpret=False), {"a": torch.empty(0, dtype=dtype)},
                      HOPPER_SHARED_MEMORY, BLOCK_SIZE=block_size)
-        assert GPU_TEST_CONFIG in {(c.kwargs["BLOCK_M"], c.num_warps, c.num_stages) for c in kept}, prune
+        assert GPU_TEST_CONFIG in _ids(kept), prune
+
+
+def test_the_pruners_keep_a_config_at_their_exact_limits():
+    """Shared memory, accumulator and cp.async bounds are inclusive; the persistent pruner allows 64 accumulator
+    registers per thread, the weight-grad rule counts the ``b x b`` accumulator (not ``BLOCK_M x b``)."""
+    exact = (64 * 16 + 16 * 16) * 2 * 3  # (64, 4, 3) at b = 16 in bf16
+    assert (64, 4, 3) in _kept(16, limit=exact) and (64, 4, 3) not in _kept(16, limit=exact - 1)
+    bf16 = {"a": torch.empty(0, dtype=torch.bfloat16)}
+    persistent = prune_persistent_configs(matmul_configs(DENSE_SPARSE_BLOCK_MS, interpret=False), bf16, BLOCK_SIZE=128)
+    assert (256, 8, 2) in _kept(128) and (256, 8, 2) not in _ids(persistent)
+    grad_weight = prune_configs(matmul_configs(GRAD_WEIGHT_BLOCK_MS, interpret=False), bf16, weight_grad=True,
+                                accumulator_registers=64, BLOCK_SIZE=128)  # fmt: skip
+    assert {c.num_warps for c in grad_weight} == {8}  # 128 x 128 fp32 over 128 threads: 128 registers each
+
+
+def test_launch_sizes_of_the_persistent_grid_split_k_and_regrow_tile(monkeypatch):
+    """On a GPU of 132 SMs: split-K fills 2 x 132 programs, one split per 128 tokens, at most 16; persistent programs
+    per SM from double-buffered tiles in 228 KiB, at most 4, and never more programs than tiles."""
+    from types import SimpleNamespace
+
+    from smet_kernels.ops import launch_config as lc
+
+    monkeypatch.setattr(lc, "sm_count", lambda index: 132)
+    gpu = torch.device("cuda", 0)
+    assert [lc.default_split_k(m, nnz, gpu) for m, nnz in ((4096, 10), (256, 10), (4096, 66), (100, 1000))] == [
+        16, 2, 4, 1]
+    assert lc.default_split_k(4096, 10, torch.device("cpu")) == 1
+    assert [lc.persistent_programs_per_sm(*args) for args in ((256, 64, 2), (128, 128, 2), (64, 16, 4))] == [2, 1, 4]
+    operand = SimpleNamespace(device=gpu, element_size=lambda: 2)
+    assert lc.persistent_programs(5, 128, 128, operand) == 5 and lc.persistent_programs(10**6, 256, 64, operand) == 264
+    assert [lc.regrow_tile(b * b) for b in (16, 64, 128)] == [256, 4096, 4096]
+
+
+def test_precision_flags_upcast_bf16_only_in_the_interpreter_and_keep_fp32_ieee():
+    from smet_kernels.ops.launch_config import precision_flags
+
+    assert precision_flags(torch.bfloat16, interpret=True) == {"UPCAST": True, "INPUT_PRECISION": "tf32"}
+    assert precision_flags(torch.bfloat16, interpret=False)["UPCAST"] is False
+    assert precision_flags(torch.float32, interpret=True) == {"UPCAST": False, "INPUT_PRECISION": "ieee"}
