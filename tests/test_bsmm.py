@@ -129,6 +129,14 @@ def test_bsmm_default_variant_comes_from_the_environment(monkeypatch):
         triton_forward(x, values, layout, bias)
 
 
+def test_an_empty_smet_matmul_variant_is_refused_not_read_as_the_default(monkeypatch):
+    from smet_kernels.ops.variant import default_variant
+
+    monkeypatch.setenv("SMET_MATMUL_VARIANT", "")
+    with pytest.raises(ValueError, match="SMET_MATMUL_VARIANT environment variable must be one of .*, got ''"):
+        default_variant()
+
+
 def test_a_default_tma_variant_runs_as_grouped_on_a_gpu_without_tma_and_warns_only_when_asked(monkeypatch):
     """:data:`DEFAULT_VARIANT` (or ``SMET_MATMUL_VARIANT``) ``tma`` must not break a model on an sm_80 GPU: the default
     resolves to ``grouped`` there, silently when it is the built-in default, with one warning when the environment

@@ -406,6 +406,21 @@ def test_only_graph_recording_dispatch_modes_count_as_tracing():
     assert seen[-1] is True
 
 
+def test_a_fake_tensor_or_a_fake_mode_alone_counts_as_tracing_and_only_tma_is_replaced():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from smet_kernels.ops import variant
+
+    with FakeTensorMode() as fake:
+        assert variant.tracing() and variant.tracing(torch.randn(2))  # the mode, without a fake operand
+        x = fake.from_tensor(torch.randn(2))
+    assert variant.tracing(x) and not variant.tracing(torch.randn(2))  # a fake operand, outside the mode
+    variant._warn_tma_traced.cache_clear()  # warned once per process
+    with pytest.warns(UserWarning, match="runs as 'grouped' under torch.compile"):
+        assert variant.traceable_variant("tma", x) == "grouped"
+    assert [variant.traceable_variant(name, x) for name in ("grouped", "persistent")] == ["grouped", "persistent"]
+
+
 @needs_triton
 def test_compiled_layer_runs_the_triton_kernels():
     layout = _layout()
