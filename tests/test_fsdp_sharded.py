@@ -3,6 +3,7 @@
 Each rank trains its half of every batch on a model whose compact values are DTensors sharded by slot (uneven
 shards, one rank holding no slot of a layer, a masked dense layer too); the result must match one process training
 the same model on the whole batch: weights, per-block steps, moments, layouts and the controller's history.
+The row arithmetic of ``smet_kernels.sharding`` (uneven, empty, nested shards; 2-D meshes) runs on stand-in DTensors.
 """
 
 import gc
@@ -125,3 +126,72 @@ def test_fsdp_sharded_smet_matches_one_process(tmp_path):
         rank1 = torch.load(tmp_path / f"{name}_1.pt", weights_only=False)["got"]
         for key, value in got["params"].items():
             assert torch.equal(rank1["params"][key], value), (name, key)
+
+
+class _Mesh:
+    """A device mesh as ``row_range`` reads it: ``size(dim)`` and this rank's ``get_local_rank(dim)``."""
+
+    def __init__(self, sizes, coordinates):
+        self.size, self.get_local_rank = sizes.__getitem__, coordinates.__getitem__
+
+
+class _Sharded:
+    """A stand-in DTensor (global ``shape``, ``placements``, ``device_mesh``, ``to_local()``): no process group."""
+
+    def __init__(self, rows, placements, mesh, local_rows):
+        self.shape, self.placements, self.device_mesh = torch.Size([rows, 2]), placements, mesh
+        self._local = torch.empty(local_rows, 2)
+
+    def to_local(self):
+        return self._local
+
+
+@pytest.fixture
+def stand_in_dtensor(monkeypatch):
+    from smet_kernels import sharding
+
+    monkeypatch.setattr(sharding, "DTensor", _Sharded)
+    return sharding
+
+
+def _chunk_range(rows, parts, rank, start=0):
+    """Rows of ``rank`` in torch.chunk pieces (ranks past the last piece hold none, at the end)."""
+    pieces = torch.chunk(torch.arange(start, start + rows), parts)
+    piece = pieces[rank] if rank < len(pieces) else torch.empty(0, dtype=torch.long)
+    return (int(piece[0]), int(piece[-1]) + 1) if piece.numel() else (start + rows, start + rows)
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+def test_row_range_follows_torch_chunk_for_every_size_rank_count_and_rank(stand_in_dtensor):
+    from torch.distributed.tensor import Shard
+
+    for rows in range(10):
+        for parts in range(1, 5):
+            for rank in range(parts):
+                expected = _chunk_range(rows, parts, rank)
+                sharded = _Sharded(rows, (Shard(0),), _Mesh([parts], [rank]), expected[1] - expected[0])
+                assert stand_in_dtensor.row_range(sharded) == expected, (rows, parts, rank)
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+def test_row_range_on_a_2d_mesh_skips_replicated_dims_and_nests_shards(stand_in_dtensor):
+    from torch.distributed.tensor import Replicate, Shard
+
+    hsdp = _Sharded(10, (Replicate(), Shard(0)), _Mesh([2, 3], [1, 2]), 2)  # HSDP: the replica index moves nothing
+    assert stand_in_dtensor.row_range(hsdp) == _chunk_range(10, 3, 2) == (8, 10)
+    outer = _chunk_range(10, 2, 1)  # rows 5..9, then cut again in 2
+    nested = _Sharded(10, (Shard(0), Shard(0)), _Mesh([2, 2], [1, 1]), 2)
+    assert stand_in_dtensor.row_range(nested) == _chunk_range(outer[1] - outer[0], 2, 1, start=outer[0]) == (8, 10)
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+def test_values_sharded_on_another_dim_or_an_unexpected_local_shard_are_refused(stand_in_dtensor):
+    from torch.distributed.tensor import Shard
+
+    by_column = _Sharded(4, (Shard(1),), _Mesh([2], [0]), 4)
+    with pytest.raises(ValueError, match=r"^values: sharded as \(Shard\(dim=1\),\), but block-sparse values"):
+        stand_in_dtensor.check_row_sharded(by_column, "values")
+    with pytest.raises(ValueError, match="must be sharded on dim 0"):
+        stand_in_dtensor.row_range(by_column)
+    with pytest.raises(RuntimeError, match=r"local shard has 1 rows, expected 2 \(torch.chunk layout\)"):
+        stand_in_dtensor.row_range(_Sharded(4, (Shard(0),), _Mesh([2], [1]), 1))
