@@ -54,6 +54,17 @@ def test_evaluation_does_not_checkpoint():
     assert logits.grad_fn is None
 
 
+def test_checkpoint_runs_the_given_function_not_the_module_and_its_hooks():
+    """A decoder layer checkpoints its ``block`` from inside its own call: running the module again would run its
+    hooks (FSDP2's all-gathers) once more, in forward and in the recompute."""
+    from smet_kernels.recompute import checkpoint
+
+    module, calls = torch.nn.Linear(3, 3), []
+    module.register_forward_hook(lambda *args: calls.append(1))
+    x = torch.randn(2, 3, requires_grad=True)
+    checkpoint(module, x, function=lambda t: 2 * t).sum().backward()
+    assert calls == [] and torch.equal(x.grad, torch.full((2, 3), 2.0))
+
 @pytest.mark.parametrize("sparse", ["smet", "masked"])
 def test_a_layout_change_before_the_recompute_is_refused(sparse):
     model = tiny_model(sparse, True)
