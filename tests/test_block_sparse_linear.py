@@ -122,6 +122,19 @@ def test_to_dense_from_dense_round_trip():
     assert torch.equal(blocks, layout.mask)
 
 
+def test_from_dense_refuses_a_weight_of_another_shape_than_the_layout():
+    layout = _mask_layout("random", 3, 5, 16)
+    with pytest.raises(ValueError, match=r"^weight must have the layout's shape \(48, 80\), got \(80, 48\)"):
+        from_dense(torch.ones(80, 48), layout)
+
+
+def test_a_2d_input_gets_the_output_of_the_op_itself_not_a_view():
+    layout = _mask_layout("random", 2, 2, 16)
+    x, values, _, _ = _inputs(layout, 4, torch.float32)
+    assert not block_sparse_linear(x, values, layout, backend="reference")._is_view()
+    assert block_sparse_linear(x[None], values, layout, backend="reference").shape == (1, 4, 32)
+
+
 @pytest.mark.parametrize("dtype", [torch.int64, torch.bool])
 def test_from_dense_refuses_a_weight_that_is_not_floating_point_as_to_dense_does(dtype):
     layout = _mask_layout("random", 3, 5, 16)
@@ -137,6 +150,15 @@ def test_non_contiguous_input_is_accepted():
     x_t = x.t().contiguous().t()  # same values, column-major strides
     assert not x_t.is_contiguous()
     _close(block_sparse_linear(x_t, values, layout), torch_forward(x, values, layout), torch.float32)
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_non_contiguous_values_are_read_by_their_strides(backend):
+    layout = _mask_layout("random", 2, 3, 16)
+    x, values, _, _ = _inputs(layout, 5, torch.float32)
+    values_t = values.transpose(1, 2).contiguous().transpose(1, 2)  # same values, each block column-major
+    assert not values_t.is_contiguous()
+    _close(block_sparse_linear(x, values_t, layout, backend=backend), torch_forward(x, values, layout), torch.float32)
 
 
 def test_non_contiguous_bias_is_read_by_its_strides():
@@ -166,6 +188,10 @@ def test_non_contiguous_bias_is_read_by_its_strides():
         (lambda a: {**a, "backend": "cuda"}, ValueError, "backend must be one of"),
         (lambda a: {**a, "x": a["x"].double(), "values": a["values"].double(), "bias": None, "backend": "triton"},
          TypeError, "not supported by the triton backend"),
+        (lambda a: {**a, "x": a["x"][0, 0]}, ValueError, "x must have shape"),
+        (lambda a: {**a, "bias": a["bias"].tolist()}, TypeError, "bias must be a torch.Tensor or None"),
+        (lambda a: {**a, "values": a["values"].to("meta")}, ValueError, "values is on meta but x is on"),
+        (lambda a: {**a, "bias": a["bias"].to("meta")}, ValueError, "bias is on meta but x is on"),
     ],
 )
 def test_bad_input_raises_naming_the_argument(mutate, exc, word):
