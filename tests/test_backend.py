@@ -83,3 +83,23 @@ def test_the_default_backend_is_auto_unless_smet_backend_names_one(env, expected
     code = "from smet_kernels import backend; print(backend.get_backend(), '|', backend._backend_source)"
     out = subprocess.run([sys.executable, "-c", code], env=child_env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == " | ".join(expected)
+
+
+def test_resolve_device_names_the_setting_for_a_device_type_it_cannot_train_on():
+    for name in ("meta", "tpu", "cuda:x"):
+        with pytest.raises(ValueError, match=rf"^--device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got '{name}'"):
+            backend.resolve_device(name, "--device")
+    assert backend.resolve_device(None) == backend.resolve_device("auto") and backend.resolve_device("cpu").type == "cpu"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_resolve_device_says_cuda_is_not_available_on_a_cpu_machine():
+    with pytest.raises(ValueError, match="^--device 'cuda:0' requested but CUDA is not available"):
+        backend.resolve_device("cuda:0", "--device")
+
+
+def test_without_the_interpreter_triton_runs_on_cuda_tensors_only(monkeypatch):
+    monkeypatch.setattr(backend, "INTERPRET", False)
+    assert [backend.triton_can_run(torch.device(d)) for d in ("cuda", "cpu", "meta")] == [True, False, False]
+    with pytest.raises(ValueError, match="^backend='triton' cannot run on device cpu: Triton needs a CUDA tensor"):
+        backend.resolve_backend(torch.device("cpu"), "triton")
