@@ -20,6 +20,22 @@ def test_cosine_schedule_values():
     assert cosine_prune_fraction(10, None, 0.2, 0.005) == 0.2  # no T_end: constant ζ0
 
 
+def test_cosine_schedule_is_clamped_before_step_zero_and_past_the_end():
+    """Unclamped, step 150 of 100 would read cos(1.5π) = 0 (half way back up) and step -50 cos(-π/2)."""
+    assert cosine_prune_fraction(150, 100, 0.2, 0.005) == pytest.approx(0.005)
+    assert cosine_prune_fraction(-50, 100, 0.2, 0.005) == pytest.approx(0.2)
+
+
+def test_choose_blocks_with_nothing_to_move_returns_no_blocks_and_draws_nothing():
+    """A layer that moves no block leaves the generator as it was, so the next layers' draws do not shift."""
+    layout = BlockLayout.from_mask(torch.tensor([[True, True, False], [True, False, False]]), B)
+    generator = torch.Generator().manual_seed(0)
+    state = generator.get_state()
+    for n in (0, -1):
+        slots, blocks = choose_blocks(layout, torch.tensor([3.0, 1.0, 2.0]), n, generator=generator)
+        assert slots.shape == (0,) and blocks.shape == (0, 2)
+    assert torch.equal(generator.get_state(), state)
+
 def test_choose_blocks_prunes_smallest_and_grows_inactive():
     layout = BlockLayout.from_mask(torch.tensor([[True, True, False], [True, False, False]]), B)
     scores = torch.tensor([3.0, 1.0, 2.0])  # slot 1 (block (0,1)) is the smallest
