@@ -374,6 +374,32 @@ def test_bad_param_group_and_values_shape_raise(device):
 
 
 
+def _grad_data(param, data):
+    param.grad = torch.zeros_like(param)
+    param.grad.data = data  # bypasses the checks of the .grad setter, as a hook or a buggy trainer may
+
+
+@pytest.mark.parametrize(
+    "spoil, exc, match",
+    [
+        (lambda p: _grad_data(p, torch.zeros(16)), ValueError, r"grad has shape \(16,\) but the parameter has"),
+        (lambda p: _grad_data(p, torch.zeros(4, 4, dtype=torch.float64)), TypeError, "grad has dtype torch.float64"),
+        (lambda p: setattr(p, "grad", torch.zeros(4, 4).to_sparse()), TypeError, "torch sparse gradients"),
+        (lambda p: setattr(p, "data", torch.randn(4, 4).t()) or setattr(p, "grad", torch.zeros(4, 4)), ValueError,
+         "must be contiguous"),
+    ],
+    ids=["grad_shape", "grad_dtype", "sparse_grad", "non_contiguous"],
+)
+def test_a_bad_gradient_or_parameter_is_refused_naming_its_index_before_any_state_changes(spoil, exc, match):
+    good, bad = dense_param((4, 4), seed=0), dense_param((4, 4), seed=1)
+    good.grad = torch.ones(4, 4)
+    spoil(bad)
+    optimizer = SMETAdamW([good, bad], backend="reference")
+    with pytest.raises(exc, match=f"^parameter 1 of param group 0:? {match}"):
+        optimizer.step()
+    assert not optimizer.state and torch.equal(good, dense_param((4, 4), seed=0))
+
+
 @pytest.mark.parametrize("clone", [copy.deepcopy, lambda optimizer: pickle.loads(pickle.dumps(optimizer))],
                          ids=["deepcopy", "pickle"])
 def test_a_deep_copied_or_unpickled_optimizer_steps_like_the_original(clone, device):

@@ -94,6 +94,7 @@ def test_a_torch_adamw_state_of_sparse_values_loads_with_every_slot_at_its_step(
                           backend="reference")  # plain AdamW on the sparse values too
     optimizer.load_state_dict(copy.deepcopy(reference.state_dict()))
     assert optimizer.state[resumed[0]]["block_step"].tolist() == [3] * resumed[0].shape[0]
+    assert ("step" in optimizer.state[resumed[0]]) == (bias_correction == "global")  # local: block_step replaces it
     _assert_steps_match(params, reference, resumed, optimizer)
 
 
