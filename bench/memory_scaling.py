@@ -264,9 +264,12 @@ def _validate(args) -> None:
             raise ValueError(f"--measure-configs {','.join(missing)} not in --configs {','.join(args.configs)}: "
                              "only traced sizes are measured")  # fmt: skip
         batch, seq = MEASURED_BATCH
-        if tuple(MEASURED_BATCH) not in map(tuple, args.batch_shapes) or MEASURED_VOCAB not in args.vocab_sizes:
-            raise ValueError(f"--measure-configs measures at batch {batch}x{seq} and vocab {MEASURED_VOCAB}: add them "
-                             "to --batch-shapes and --vocab-sizes")  # fmt: skip
+        has_batch = tuple(MEASURED_BATCH) in map(tuple, args.batch_shapes)
+        lacking = [] if has_batch else [f"{batch}x{seq} to --batch-shapes"]
+        lacking += [f"{MEASURED_VOCAB} to --vocab-sizes"] if MEASURED_VOCAB not in args.vocab_sizes else []
+        if lacking:
+            raise ValueError(f"--measure-configs measures at batch {batch}x{seq} and vocab {MEASURED_VOCAB}: add "
+                             + " and ".join(lacking))
     for density in args.densities:
         check_density(density, "--densities")
     if any(v < 2 for v in args.vocab_sizes):

@@ -251,7 +251,8 @@ def load_sparse_pretrained(
     at which the indices fit the layer and the weight is zero outside their blocks). Then assigns the safetensors
     shards one by one on ``device`` (floating tensors cast to ``dtype``; default: as saved) and re-ties tied
     weights. ``model_class`` is an ``AutoModel...`` class or a model class. Returns the model in eval mode, like
-    ``from_pretrained``; its layouts are live, so SMET trains on. Raises on a ``model_class`` that is no model class, a
+    ``from_pretrained``; its layouts are live, so SMET trains on. ``device``: ``auto``, ``cpu``, ``cuda`` or
+    ``cuda:N``. Raises on a ``model_class`` that is no model class or takes another config class than the folder's, a
     ``dtype`` that is no floating ``torch.dtype``, a ``device`` not here, a folder without config or weights, a
     checkpoint without sparse layer, a masked layer that not exactly one block size fits, and on a missing,
     unexpected or misshapen key.

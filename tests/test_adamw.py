@@ -169,7 +169,6 @@ def test_adamw_step_first_update_of_regrown_block_is_warmed_up(device):
     assert block_step.tolist() == [1, 1]
 
 
-
 @pytest.mark.parametrize("backend", ["triton", "reference"])
 def test_adamw_step_does_not_warm_up_a_dense_tensor_unless_asked(backend, device):
     """Without ``dense_warmups`` a dense tensor takes torch's AdamW update at its global step (no 1/W factor)."""

@@ -87,9 +87,11 @@ def test_the_default_backend_is_auto_unless_smet_backend_names_one(env, expected
 
 def test_resolve_device_names_the_setting_for_a_device_type_it_cannot_train_on():
     for name in ("meta", "tpu", "cuda:x"):
-        with pytest.raises(ValueError, match=rf"^--device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got '{name}'"):
+        expected = rf"^--device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got '{name}'"
+        with pytest.raises(ValueError, match=expected):
             backend.resolve_device(name, "--device")
-    assert backend.resolve_device(None) == backend.resolve_device("auto") and backend.resolve_device("cpu").type == "cpu"
+    assert backend.resolve_device(None) == backend.resolve_device("auto")
+    assert backend.resolve_device("cpu").type == "cpu"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")

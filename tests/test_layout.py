@@ -251,11 +251,13 @@ def test_the_kernel_index_is_one_tensor_per_device_rewritten_in_place_by_a_topol
     assert _unpacked(layout, index)[1] == [[0, 1, 3], [1, 2, 0], [0, 0, 2], [1, 0]]
 
 
-def test_replace_blocks_refuses_a_negative_slot_and_a_bool_index_map():
+def test_replace_blocks_and_set_block_indices_refuse_a_negative_slot_and_a_bool_index_map():
     """Slot -1 would silently move the last slot; a bool map would be read as block (0, 0) and (0, 1)."""
     layout = BlockLayout.from_mask(torch.tensor([[True, False], [False, True]]), 16)
     with pytest.raises(ValueError, match="slots must lie in"):
         layout.replace_blocks(torch.tensor([-1]), torch.tensor([[0, 1]]))
+    with pytest.raises(TypeError, match="new_blocks must be an integer tensor"):
+        layout.replace_blocks(torch.tensor([0]), torch.tensor([[False, True]]))
     with pytest.raises(TypeError, match="block_indices must be an integer tensor"):
         layout.set_block_indices(torch.tensor([[False, False], [False, True]]))
     assert layout.version == 0 and layout.block_indices.tolist() == [[0, 0], [1, 1]]

@@ -107,7 +107,8 @@ def test_every_method_leaves_the_same_few_unmodelled_activation_bytes():
     left_out = set()
     for method, density in (("dense", 1.0), ("masked", 0.5), ("smet", 0.25)):
         for checkpointing in (False, True):
-            case = TrainingCase("tiny", method, density, 32, 2, 32, torch.float32, activation_checkpointing=checkpointing)
+            case = TrainingCase("tiny", method, density, 32, 2, 32, torch.float32,
+                                activation_checkpointing=checkpointing)
             model, optimizer = build(case, CPU, backend="reference")
             measured = measure_step_memory(model, optimizer, warmed_up_forward(model, optimizer), "cpu")
             predicted = predict_memory(TINY, method, density=density, block_size=32, batch_size=2, seq_len=32,

@@ -74,10 +74,12 @@ def test_a_density_out_of_range_is_a_one_line_error_naming_densities(tmp_path, c
     (["--measure-configs", "1b", "--configs", "20m"],
      "--measure-configs 1b not in --configs 20m: only traced sizes are measured"),
     (["--measure-configs", "20m", "--configs", "20m", "--batch-shapes", "32x256"],
-     "--measure-configs measures at batch 8x256 and vocab 256: add them to --batch-shapes and --vocab-sizes"),
+     "--measure-configs measures at batch 8x256 and vocab 256: add 8x256 to --batch-shapes"),
     (["--measure-configs", "20m", "--configs", "20m", "--vocab-sizes", "32000"],
-     "--measure-configs measures at batch 8x256 and vocab 256: add them to --batch-shapes and --vocab-sizes"),
-], ids=["config", "batch", "vocab"])  # fmt: skip
+     "--measure-configs measures at batch 8x256 and vocab 256: add 256 to --vocab-sizes"),
+    (["--measure-configs", "20m", "--configs", "20m", "--batch-shapes", "32x256", "--vocab-sizes", "32000"],
+     "--measure-configs measures at batch 8x256 and vocab 256: add 8x256 to --batch-shapes and 256 to --vocab-sizes"),
+], ids=["config", "batch", "vocab", "both"])  # fmt: skip
 def test_measure_configs_that_would_measure_nothing_are_refused_in_one_line(tmp_path, capsys, options, expected):
     error = usage_error(main, ["memory", *options, "--out-dir", str(tmp_path)], capsys)
     assert error == f"smet-bench: error: {expected}"

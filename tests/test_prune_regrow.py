@@ -36,6 +36,7 @@ def test_choose_blocks_with_nothing_to_move_returns_no_blocks_and_draws_nothing(
         assert slots.shape == (0,) and blocks.shape == (0, 2)
     assert torch.equal(generator.get_state(), state)
 
+
 def test_choose_blocks_prunes_smallest_and_grows_inactive():
     layout = BlockLayout.from_mask(torch.tensor([[True, True, False], [True, False, False]]), B)
     scores = torch.tensor([3.0, 1.0, 2.0])  # slot 1 (block (0,1)) is the smallest

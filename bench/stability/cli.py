@@ -82,7 +82,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help=f"block densities in (0, 1) of the sparse methods {_default('densities')}")
     run.add_argument("--alphas", type=comma_list(float, container=tuple),
                      help=f"density-LR exponents α >= 0 of the SMETAdamW methods (lr × d^-α) {_default('alphas')}")
-    run.add_argument("--seeds", type=comma_list(int, container=tuple), help=f"seeds; every method runs every seed {_default('seeds')}")
+    run.add_argument("--seeds", type=comma_list(int, container=tuple),
+                     help=f"seeds; every method runs every seed {_default('seeds')}")
     run.add_argument("--steps", type=_positive_int,
                      help=f"optimizer steps per run; token budget = steps × batch × seq {_default('steps')}")
     run.add_argument("--batch-size", type=_positive_int,
