@@ -58,12 +58,40 @@ def test_bf16_and_galore_and_masked_components():
     assert galore.optimizer == 4 * (2 * (2 * 256 * 64 + 5 * 64) + projected)
 
 
+def test_galore_clamps_its_rank_and_keeps_moments_in_the_state_dtype_and_projectors_in_the_weight_dtype():
+    galore = predict_memory(TINY, "galore", batch_size=2, seq_len=32, rank=100, param_dtype=torch.bfloat16,
+                            state_dtype=torch.float32)
+    # rank 100 > min(m, n) = 64 everywhere: fp32 moments 2·64·max(m, n), bf16 projector 64·64
+    projected = 2 * (4 * (4 * 2 * 64 * 64 + 2 * 64 * 64) + 3 * (4 * 2 * 64 * 128 + 2 * 64 * 64))
+    assert galore.optimizer == 4 * 2 * (2 * 256 * 64 + 5 * 64) + projected
+
+
+def test_smet_with_erk_counts_the_blocks_erk_gives_each_layer():
+    """At density 0.25 and 16x16 blocks ERK gives q, k, v, o 5 of their 16 blocks and gate, up, down 7 of their 32
+    (uniform: 4 and 8), 41 blocks a layer instead of 40."""
+    erk = predict_memory(TINY, "smet", density=0.25, block_size=16, batch_size=2, seq_len=32, distribution="erk")
+    assert erk.gradients == 4 * (2 * 256 * 64 + 5 * 64 + 2 * 41 * 16 * 16)
+
+
+def test_checkpointed_rest_adds_the_recomputed_layer_and_a_masked_layers_w_times_m():
+    """With checkpointing the SwiGLU backward (3 e T i) overlaps the one recomputed layer's activations; a masked
+    layer's recomputation also saves its W ⊙ M and version snapshots (a layer's share of them)."""
+    tokens = 64
+    per_layer = tokens * 64 * (8 + 8 * 4) + 4 * 4 * tokens * 128 + 4 * 2 * 2 * 32 + 8 * tokens
+    hidden = 2 * (4 * 64 * 64 + 3 * 64 * 128)
+    for method, extra in (("dense", 0), ("smet", 14 * 8 // 2), ("masked", (4 * hidden + 14 * 8) // 2)):
+        estimate = predict_memory(TINY, method, density=0.5, block_size=32, batch_size=2, seq_len=32,
+                                  activation_checkpointing=True)
+        assert estimate.rest == 3 * 4 * tokens * 128 + per_layer + extra, method
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [
         ({"method": "sparse"}, "method"),
         ({"method": "smet", "density": 0.0}, "density"),
         ({"method": "galore"}, "rank"),
+        ({"method": "galore", "rank": 0}, "rank"),
         ({"method": "dense", "batch_size": 0}, "batch_size"),
     ],
 )
