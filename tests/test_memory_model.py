@@ -354,3 +354,36 @@ def test_rest_is_the_peak_less_the_four_accounted_components():
     memory = measure_step_memory(model, optimizer, forward, "cpu", live=live)
     assert (memory.weights, memory.gradients, memory.optimizer, memory.activations) == (48, 48, 48, 32)
     assert (memory.peak, memory.rest) == (1000, 824)
+
+
+def test_tensor_bytes_counts_each_storage_once_whole_and_skips_non_tensors_and_excluded_storages():
+    x = torch.zeros(4, 8)  # 128 bytes
+    y = torch.zeros(3, dtype=torch.float64)  # 24 bytes
+    assert tensor_bytes([x, x[1], x.view(32), None, 3, y]) == 128 + 24
+    assert tensor_bytes([x[1:2, :2]]) == 128  # a view keeps its whole storage alive
+    assert tensor_bytes([x, y], exclude={(str(y.device), y.untyped_storage()._cdata)}) == 128
+
+
+def test_optimizer_state_bytes_include_adams_scalar_step_tensors():
+    from profiling.memory_breakdown import optimizer_state_bytes
+
+    model = torch.nn.Linear(4, 3, bias=False)
+    optimizer = torch.optim.Adam(model.parameters(), foreach=False)
+    model(torch.ones(2, 4)).sum().backward()
+    optimizer.step()
+    step = optimizer.state[model.weight]["step"]
+    assert isinstance(step, torch.Tensor) and step.dim() == 0
+    assert optimizer_state_bytes(optimizer) == 48 + 48 + step.element_size()  # exp_avg, exp_avg_sq, step
+
+
+def test_measured_peak_is_the_live_trackers_peak_over_the_step_alone():
+    """The tracker's peak is reset when the step starts: an earlier, higher peak is not the step's."""
+    from types import SimpleNamespace
+
+    model = torch.nn.Linear(4, 3, bias=False)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    model(torch.ones(2, 4)).sum().backward()
+    live = SimpleNamespace(peak=10**9)
+    live.reset_peak = lambda: setattr(live, "peak", 500)
+    memory = measure_step_memory(model, optimizer, lambda: model(torch.ones(2, 4)).sum(), "cpu", live=live)
+    assert memory.peak == 500 and memory.peak_source == "traced live bytes"
