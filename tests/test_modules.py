@@ -168,7 +168,8 @@ def test_sparsify_include_and_erk():
     [
         ({"density": 0.0}, ValueError, "density"),
         ({"density": 0.5, "block_size": 48}, ValueError, "block_size"),
-        ({"density": 0.5, "block_size": 64}, ValueError, "not divisible by block_size"),
+        ({"density": 0.5, "block_size": 64}, ValueError,
+         "^layer 'up': in_features=32 is not divisible by block_size=64 "),
         ({"density": 0.5, "include": ["nothing-matches"]}, ValueError, "no nn.Linear"),
         ({"density": 0.5, "include": ["("]}, ValueError, "include"),
         ({"density": 0.5, "include": 3}, TypeError, "^include must be a regular expression or a list of them, got int$"),
@@ -322,3 +323,36 @@ def test_sparsify_warns_when_whole_blocks_miss_the_target_density():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         sparsify(_Mlp(), density=0.5, block_size=16, exclude="head")
+
+
+def test_sparsify_warns_when_whole_blocks_miss_a_small_target_by_more_than_one_percent():
+    with pytest.warns(RuntimeWarning, match="realised density is 0.125 for a target of 0.05"):
+        sparsify(_Mlp(), density=0.05, block_size=16, exclude="head")  # 1 of 8 blocks of 16 x 16 in each layer
+
+
+def test_sparsify_refuses_a_model_that_is_itself_a_linear():
+    with pytest.raises(ValueError, match="model is itself an nn.Linear: use BlockSparseLinear.from_linear"):
+        sparsify(nn.Linear(32, 32), density=0.5, block_size=16)
+
+
+def test_sparsify_refuses_a_layer_whose_bias_is_tied_to_another_modules():
+    model = _Mlp()
+    model.head.bias = model.down.bias = None
+    other = nn.Linear(64, 64)
+    other.bias = model.up.bias
+    model.other = other
+    with pytest.raises(ValueError, match="'up' shares a parameter with 'other.bias'"):
+        sparsify(model, density=0.5, block_size=16, include="^up$")
+
+
+def test_sparsify_excludes_a_shared_layer_when_any_of_its_names_matches_exclude():
+    shared = nn.Linear(32, 32)
+    model = nn.ModuleDict({"first": shared, "second": shared, "own": nn.Linear(32, 32)})
+    sparsify(model, density=0.5, block_size=16, exclude=r"^second$")
+    assert model["first"] is shared and model["second"] is shared and isinstance(model["own"], BlockSparseLinear)
+
+
+def test_block_sparse_linear_draws_values_and_bias_within_one_over_root_in_features():
+    layer = BlockSparseLinear(64, 16, density=1.0, block_size=16, bias=True, generator=torch.Generator().manual_seed(0))
+    bound = 1 / 8  # 1 / √64, not 1 / √16
+    assert 0.9 * bound < layer.values.abs().max() <= bound and 0.5 * bound < layer.bias.abs().max() <= bound
