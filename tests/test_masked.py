@@ -282,3 +282,31 @@ def test_torch_func_transforms_run_through_a_masked_layer():
         torch.testing.assert_close(got, expected)
     _, out_tangent = jvp(lambda w: functional_call(layer, {"weight": w}, (x,)), (weight,), (tangent,))
     torch.testing.assert_close(out_tangent, x @ (tangent * mask).T)
+
+
+def test_masked_sparsify_of_a_bare_linear_points_to_masked_linear_from_linear():
+    with pytest.raises(ValueError, match=r"model is itself an nn.Linear: use MaskedLinear\.from_linear"):
+        masked_sparsify(nn.Linear(32, 32), density=0.5, block_size=16)
+
+
+def test_masked_weight_is_drawn_within_one_over_root_in_features():
+    layer = MaskedLinear(64, 16, density=1.0, block_size=16, bias=True, generator=torch.Generator().manual_seed(0))
+    bound = 1 / 8  # 1 / √64, not 1 / √16
+    assert 0.9 * bound < layer.weight.abs().max() <= bound and 0.5 * bound < layer.bias.abs().max() <= bound
+
+
+def test_dense_mask_is_rebuilt_in_the_weights_new_dtype():
+    layer = MaskedLinear(32, 32, density=0.5, block_size=16)
+    assert layer.dense_mask().dtype == torch.float32
+    layer.to(torch.float64)
+    assert layer.cached_dense_mask() is None and layer.dense_mask().dtype == torch.float64
+
+
+def test_to_dense_weight_zeroes_inactive_blocks_even_when_the_weight_holds_values_there():
+    layout = BlockLayout(torch.tensor([[0, 1]]), (32, 32), 16)
+    layer = MaskedLinear(32, 32, layout=layout)
+    with torch.no_grad():
+        layer.weight.fill_(1.0)  # e.g. a dense state dict loaded into it
+    expected = torch.zeros(32, 32)
+    expected[:16, 16:] = 1.0
+    assert torch.equal(layer.to_dense_weight(), expected)
