@@ -156,6 +156,7 @@ def test_layer_densities_bad_distribution():
         ({"a": (0, 16)}, ValueError),
         ({"a": (16,)}, ValueError),
         ({"a": (16.0, 16)}, ValueError),
+        ({"a": (True, 16)}, ValueError),  # a bool is no size
         ([("a", (16, 16))], TypeError),
     ],
 )
