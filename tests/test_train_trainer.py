@@ -425,6 +425,34 @@ def test_default_block_size_lets_updates_move_blocks(model, density, expected):
     assert TrainConfig(model=model, density=density).resolved_block_size() == expected
 
 
+def test_default_block_size_keeps_four_blocks_a_row_and_moves_a_block_when_exactly_one_is_due():
+    """20m (hidden 256) at ζ0 = 0.5: density 0.5 would move 1 of 128's 2 blocks, but 2 blocks a row are too few
+    (64); density 0.1 moves exactly 0.5 · 2 = 1 of 64's 2 active blocks (``>= 1``, so 64, not 32)."""
+    assert TrainConfig(model="20m", density=0.5, prune_fraction=0.5).resolved_block_size() == 64
+    assert TrainConfig(model="20m", density=0.1, prune_fraction=0.5).resolved_block_size() == 64
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("density", 0.0, r"^density must be in \(0, 1\], got 0.0$"),
+        ("density", 1.5, r"^density must be in \(0, 1\], got 1.5$"),
+        ("betas", (0.9, 1.0), r"^betas must be two numbers in \[0, 1\), got \(0.9, 1.0\)$"),
+        ("galore_rank", 0, "^galore_rank must be an int >= 1, got 0$"),
+        ("galore_scale", 0.0, r"^galore_scale must be in \(0, inf\), got 0.0$"),
+        ("supar_base_width", 0, "^supar_base_width must be an int >= 1, got 0$"),
+    ],
+)
+def test_config_validation_refuses_a_value_at_or_past_each_bound(field, value, message):
+    with pytest.raises(ConfigError, match=message):
+        tiny_config(**{field: value}).validate()
+
+
+def test_config_from_dict_reads_betas_back_as_a_tuple():
+    config = TrainConfig.from_dict({"betas": [0.9, 0.99]})
+    assert config.betas == (0.9, 0.99) and config == TrainConfig(betas=(0.9, 0.99))
+
+
 # ---------------------------------------------------------------------------------------------- arms and probe
 @pytest.mark.parametrize(
     "optimizer, warmup, bias_correction, alpha",
