@@ -20,8 +20,8 @@ vocab ``V``, element sizes ``e`` (parameters/activations), ``s`` (optimizer stat
   ``W ⊙ M`` (``4h² + 3hi`` per layer), and each ``smet`` product and ``W ⊙ M`` an ``int64`` layout-version
   snapshot. Plus the final norm ``(4 + 2e) T h + 4 T``, cross-entropy's fp32 log-softmax ``4 T V`` and the int64
   token ids and targets ``16 T``. With ``activation_checkpointing`` (``torch.utils.checkpoint`` per decoder layer) a
-  layer saves only its inputs, ``T h e`` (plus its cos/sin when cast), and the layout-version snapshots; ``masked``
-  layers save no ``W ⊙ M``;
+  layer saves only its inputs, ``T h e`` (plus its cos/sin when cast): its ``W ⊙ M`` and version snapshots exist
+  only while it is recomputed (counted in ``rest``);
 * **rest**: the largest working set of the backward pass beyond the four above, an estimate — the loss backward
   holds the fp32 log-probability gradient and the fp32 logits gradient (``8 T V``, exact in the traces of
   :mod:`profiling.memory_trace`), an RMSNorm backward three fp32 ``T × h`` tensors (``12 T h``), a SwiGLU
