@@ -84,11 +84,9 @@ def block_sparse_linear(
     op, no graph break); the Triton backward is not differentiable again (double backward raises).
     """
     _check_layout(layout)
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    _check_values(values, layout)
     out_features, in_features = layout.shape
     check_input(x, in_features)
+    _check_values(values, layout)
     if bias is not None:
         if not isinstance(bias, torch.Tensor):
             raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
