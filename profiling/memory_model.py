@@ -16,11 +16,12 @@ vocab ``V``, element sizes ``e`` (parameters/activations), ``s`` (optimizer stat
   ``T h (8 + 8 e) + 4 e T i + 4 B a S + 8 T`` — two RMSNorms (fp32 input, normed, output: ``2 (4 + 2e)``; fp32
   ``rsqrt`` per token: ``2 · 4``), SDPA's rotated q and k, v, output (``4e``; ``o_proj``'s input is a view of the
   output) and logsumexp (``4 B a S``), SwiGLU's gate, silu, up and product (``4e`` per ``i``); RoPE saves only its
-  cos/sin tables (``2 S (h/a) e`` per layer when they are cast from fp32); ``masked`` layers also save
+  cos/sin tables, cast from fp32 once per forward and shared by every layer (``2 S (h/a) e`` in all; none in
+  fp32); ``masked`` layers also save
   ``W ⊙ M`` (``4h² + 3hi`` per layer), and each ``smet`` product and ``W ⊙ M`` an ``int64`` layout-version
   snapshot. Plus the final norm ``(4 + 2e) T h + 4 T``, cross-entropy's fp32 log-softmax ``4 T V`` and the int64
   token ids and targets ``16 T``. With ``activation_checkpointing`` (``torch.utils.checkpoint`` per decoder layer) a
-  layer saves only its inputs, ``T h e`` (plus its cos/sin when cast): its ``W ⊙ M`` and version snapshots exist
+  layer saves only its inputs, ``T h e`` (and the shared cos/sin): its ``W ⊙ M`` and version snapshots exist
   only while it is recomputed (counted in ``rest``);
 * **rest**: the largest working set of the backward pass beyond the four above, an estimate — the loss backward
   holds the fp32 log-probability gradient and the fp32 logits gradient (``8 T V``, exact in the traces of
@@ -161,16 +162,16 @@ def predict_memory(
         optimizer = 2 * (dense_other + hidden_dense) * s
 
     per_layer = T * h * (8 + 8 * e) + 4 * e * T * i + 4 * batch_size * config.num_heads * seq_len + 8 * T
-    rope = 2 * seq_len * (h // config.num_heads) * e if e != 4 else 0  # cos/sin cast to the activation dtype
+    rope = 2 * seq_len * (h // config.num_heads) * e if e != 4 else 0  # cos/sin cast once, shared by every layer
     masked_weights = hidden_dense * e if method == "masked" else 0  # the W ⊙ M each masked linear saves
     # each block-sparse product's (each W ⊙ M's) int64 layout-version snapshot
     versions = 8 * len(shapes) if method in ("smet", "masked") else 0
     head = (4 + 2 * e) * T * h + 4 * T + 4 * T * V + 16 * T
     if activation_checkpointing:
-        activations = L * (T * h * e + rope) + head
-        recomputed = per_layer + rope + (masked_weights + versions) // L
+        activations = L * T * h * e + rope + head
+        recomputed = per_layer + (masked_weights + versions) // L
         rest = max(8 * T * V, 12 * T * h, 3 * e * T * i + recomputed)
     else:
-        activations = L * (per_layer + rope) + head + masked_weights + versions
+        activations = L * per_layer + rope + head + masked_weights + versions
         rest = max(8 * T * V, 12 * T * h, 3 * e * T * i)
     return MemoryEstimate(int(weights), int(gradients), int(optimizer), int(activations), int(rest))

@@ -252,12 +252,12 @@ class LlamaModel(nn.Module):
         seq = tokens.shape[1]
         if seq > self.config.max_seq_len:
             raise ValueError(f"sequence length {seq} exceeds max_seq_len {self.config.max_seq_len}")
-        cos = self.rope_cos[:seq]
-        sin = self.rope_sin[:seq]
         x = self.embed(tokens)
+        cos = self.rope_cos[:seq].to(x.dtype)  # cast once: every layer shares (and saves) the same two tables
+        sin = self.rope_sin[:seq].to(x.dtype)
         recompute = self.activation_checkpointing and torch.is_grad_enabled()
         for layer in self.layers:
-            x = layer(x, cos.to(x.dtype), sin.to(x.dtype), recompute=recompute)
+            x = layer(x, cos, sin, recompute=recompute)
         return self.lm_head(self.norm(x))
 
 
