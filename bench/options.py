@@ -21,3 +21,14 @@ def comma_list(kind, allow_empty: bool = False, container=list):
             raise argparse.ArgumentTypeError(f"cannot read {text!r}: {error}") from None
 
     return parse
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an int ``>= 0`` (a seed), as ``smet-train --seed`` takes it."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value

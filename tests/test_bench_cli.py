@@ -451,3 +451,12 @@ def test_a_list_option_with_an_empty_item_is_refused_not_read_as_a_shorter_list(
         main([*argv, "--out-dir", str(tmp_path)])
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert raised.value.code == 2 and f"argument {option}: {message}" in error, error
+
+
+@pytest.mark.parametrize("argv", [["run", "--quick"], ["gpu-check", "--plan"]])
+def test_a_negative_seed_is_refused_as_smet_train_refuses_it(tmp_path, capsys, argv):
+    with pytest.raises(SystemExit) as raised:
+        main([*argv, "--seed=-1", "--out-dir", str(tmp_path)])
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert raised.value.code == 2 and error.endswith("argument --seed: must be >= 0, got -1"), error
+    assert not any(tmp_path.iterdir())
