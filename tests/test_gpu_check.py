@@ -35,7 +35,8 @@ def test_plan_prints_every_stage_with_an_estimate_and_writes_nothing(tmp_path, c
 
 @pytest.mark.parametrize(
     "option, value, message",
-    [("--stages", "env,warp", "--stages must be"), ("--minutes", "0", "--minutes must be positive")],
+    [("--stages", "env,warp", "--stages must be"), ("--stages", ",", "--stages must be"),
+     ("--minutes", "0", "--minutes must be positive")],
 )
 def test_bad_options_fail_with_one_line_and_exit_code_2_before_anything_runs(tmp_path, option, value, message, capsys):
     error = usage_error(main, ["gpu-check", "--out-dir", str(tmp_path / "check"), option, value], capsys)
@@ -63,7 +64,11 @@ def test_the_summary_is_written_after_every_stage_so_a_stopped_run_leaves_one(tm
 
     def stopped(ctx):
         summary = (tmp_path / "gpu_check.md").read_text()  # written after env, before this stage
-        assert "| env " in summary and "not reached when this summary was written" in summary
+        table = summary[summary.index("## Stages"):summary.index("## Correctness")]
+        rows = {line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("| ")}
+        assert [stage for stage in rows if stage in STAGES] == list(STAGES)  # each stage once, in order
+        assert "| done " in rows["env"]
+        assert all("not reached when this summary was written" in rows[stage] for stage in STAGES[1:])
         raise KeyboardInterrupt  # the command's time limit
 
     monkeypatch.setattr(measure, "run_adamw", stopped)
@@ -92,6 +97,52 @@ def test_inside_a_timed_stage_the_summary_is_rewritten_after_measured_rows(tmp_p
         main(["gpu-check", "--out-dir", str(tmp_path), "--device", "cpu", "--stages", "env,adamw", "--no-progress"])
     assert "| adamw " in seen[0] and "running when this summary was written" in seen[0]
     assert "smet_adamw" in seen[0], seen[0]  # the stage's rows are in the summary although the stage never ended
+
+
+def test_a_timed_stage_rewrites_the_summary_at_most_once_per_snapshot_interval(tmp_path, monkeypatch):
+    import bench.gpu_check as gpu_check
+    from bench.gpu_check import measure, summary
+
+    write, run_adamw, writes, during = summary.write, measure.run_adamw, [], []
+
+    def counted_adamw(ctx):
+        before = len(writes)
+        result = run_adamw(ctx)
+        during.append(len(writes) - before)
+        return result
+
+    monkeypatch.setattr(gpu_check, "SNAPSHOT_EVERY_S", 1e9)
+    monkeypatch.setattr(summary, "write", lambda *args: writes.append(args) or write(*args))
+    monkeypatch.setattr(measure, "run_adamw", counted_adamw)
+    assert main(["gpu-check", "--out-dir", str(tmp_path), "--device", "cpu", "--stages", "env,adamw",
+                 "--no-progress"]) == 0  # fmt: skip
+    assert during == [0]  # written after env: the adamw rows come within the interval, then the stage's write
+
+
+def test_a_stage_that_is_not_selected_takes_no_share_of_the_budget(tmp_path, monkeypatch):
+    from bench.gpu_check import plan
+
+    monkeypatch.setattr(plan, "CPU", dataclasses.replace(CPU, estimates_s=CPU.estimates_s | {"training": 1e9}))
+    assert main(["gpu-check", "--out-dir", str(tmp_path), "--device", "cpu", "--stages", "adamw",
+                 "--no-progress"]) == 0  # fmt: skip
+    adamw = next(line for line in (tmp_path / "gpu_check.md").read_text().splitlines() if line.startswith("| adamw "))
+    assert "| done " in adamw and "stopped" not in adamw
+
+
+@pytest.mark.parametrize("stage_result, status", [
+    (RuntimeError("a broken stage"), "failed: RuntimeError: a broken stage"), ((2, []), "2 case(s) raised (see stderr)")])
+def test_a_stage_that_raises_or_whose_cases_raise_fails_the_command(tmp_path, monkeypatch, stage_result, status):
+    from bench.gpu_check import measure
+
+    def run_adamw(ctx):
+        if isinstance(stage_result, Exception):
+            raise stage_result
+        return stage_result
+
+    monkeypatch.setattr(measure, "run_adamw", run_adamw)
+    assert main(["gpu-check", "--out-dir", str(tmp_path), "--device", "cpu", "--stages", "adamw",
+                 "--no-progress"]) == 1  # fmt: skip
+    assert f"| {status} " in (tmp_path / "gpu_check.md").read_text()
 
 
 def test_a_slow_timed_stage_stops_at_its_share_of_the_budget_so_the_later_stages_still_run(tmp_path, monkeypatch):
@@ -332,6 +383,9 @@ def test_a_later_run_without_correctness_and_compile_still_shows_their_earlier_r
     assert main(["gpu-check", "--stages", "correctness,compile", *common]) == 0
     first = (tmp_path / "gpu_check.md").read_text()
     assert "a check of the first run" in first and "150" in first and "earlier run" not in first
+    assert "gpu-check --stages correctness,compile" in (tmp_path / "commands.txt").read_text()
+    assert main(["gpu-check", "--stages", "correctness,compile", *common]) == 0
+    assert "earlier run" not in (tmp_path / "gpu_check.md").read_text()  # run again: this run's results
     assert main(["gpu-check", "--stages", "env", *common]) == 0
     second = (tmp_path / "gpu_check.md").read_text()
     assert "a check of the first run" in second and "compiled 150 tokens/s (1.50×)" in second
@@ -362,6 +416,7 @@ def test_a_failed_check_is_counted_listed_before_the_passes_printed_and_fails_th
     assert "1 of 2 checks pass, 1 fail, 1 not run." in summary and "| 1 pass, 1 fail " in summary
     assert summary.index("loss differs by 0.5") < summary.index("the passing check")
     assert "Not run (budget): matmul grouped fp16 b=16 grad_input" in summary
+    assert "| 1: matmul grouped fp16 b=16 grad_input |" in summary  # the stage row's "not run" column
 
 
 def test_the_gpu_sizes_measure_every_point_the_bars_name():
@@ -385,6 +440,8 @@ def test_the_plan_marks_the_stages_past_the_budget():
 
     lines = format_plan(GPU, list(STAGES), 1.0).splitlines()[1:]  # 60 s: env (20 s) fits, correctness (+85 s) not
     assert "past the budget" not in lines[0] and all("past the budget" in line for line in lines[1:])
+    exactly = dataclasses.replace(GPU, estimates_s=GPU.estimates_s | {"env": 60})
+    assert "past the budget" not in format_plan(exactly, ["env"], 1.0)  # a total of exactly the budget fits
 
 
 def test_a_sigterm_inside_a_stage_writes_the_summary_with_that_stage_stopped_and_exits(tmp_path, monkeypatch):
