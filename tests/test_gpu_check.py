@@ -130,7 +130,8 @@ def test_a_stage_that_is_not_selected_takes_no_share_of_the_budget(tmp_path, mon
 
 
 @pytest.mark.parametrize("stage_result, status", [
-    (RuntimeError("a broken stage"), "failed: RuntimeError: a broken stage"), ((2, []), "2 case(s) raised (see stderr)")])
+    (RuntimeError("a broken stage"), "failed: RuntimeError: a broken stage"),
+    ((2, []), "2 case(s) raised (see stderr)")])
 def test_a_stage_that_raises_or_whose_cases_raise_fails_the_command(tmp_path, monkeypatch, stage_result, status):
     from bench.gpu_check import measure
 
@@ -199,13 +200,115 @@ def test_a_long_indivisible_stage_does_not_start_when_its_estimate_does_not_fit(
     assert "not run (budget: ~" in summary and "SMET step" not in summary
 
 
-def test_restricting_configs_clears_and_then_restores_the_autotuners():
+def test_restricting_configs_clears_and_then_restores_the_autotuners(monkeypatch):
     tuners = list(kernel_ops.autotuners())
-    saved = [(tuner.configs, dict(tuner.cache)) for _, _, tuner in tuners]
+    for _, _, tuner in tuners:  # an earlier block's pick, which must not read as one made inside the next block
+        monkeypatch.setattr(tuner, "best_config", tuner.configs[0], raising=False)
+    saved = [(tuner.configs, dict(tuner.cache), tuner.best_config) for _, _, tuner in tuners]
     every = {name: {kernel_ops.config_key(c) for c in tuner.configs} for name, _, tuner in tuners}
     with kernel_ops.restrict_configs(every):
         assert all(tuner.cache == {} for _, _, tuner in tuners)
-    assert [(tuner.configs, dict(tuner.cache)) for _, _, tuner in tuners] == saved
+        assert kernel_ops.chosen_configs() == {}
+    assert [(tuner.configs, dict(tuner.cache), tuner.best_config) for _, _, tuner in tuners] == saved
+
+
+def test_the_restricted_autotuners_are_every_autotuner_of_the_block_sparse_matmul():
+    """A kernel left out would autotune its whole space on the GPU run (18 configs, again for every split value)."""
+    from triton.runtime.autotuner import Autotuner
+
+    from smet_kernels.ops import block_sparse_matmul as bsmm
+
+    every = {name for name, value in vars(bsmm).items() if isinstance(value, Autotuner)}
+    assert {name for name, _, _ in kernel_ops.autotuners()} == every
+
+
+def test_each_pinned_and_timing_config_is_in_the_gpu_autotune_space_and_the_pruner_keeps_each_pinned_one(monkeypatch):
+    """A config outside the space restricts nothing: the kernel would autotune every config on the GPU run. A lone
+    pinned config runs without the pruner, so the pruner must keep it (bf16, its block size)."""
+    from bench.gpu_check.plan import PINNED_CONFIGS, TIMING_CONFIGS
+    from smet_kernels.ops import launch_config
+
+    x = {"x": torch.empty(0, dtype=torch.bfloat16)}
+    for name, family, tuner in kernel_ops.autotuners():
+        block_ms = launch_config.GRAD_WEIGHT_BLOCK_MS if "grad_weight" in name else launch_config.DENSE_SPARSE_BLOCK_MS
+        monkeypatch.setattr(tuner, "configs", launch_config.matmul_configs(block_ms, interpret=False))
+        space = {kernel_ops.config_key(c): c for c in tuner.configs}
+        assert TIMING_CONFIGS[family] <= set(space), name
+        for block_size, families in PINNED_CONFIGS.items():
+            assert kernel_ops.per_kernel(families)[name] == families[family]
+            pinned = [space[key] for key in families[family] if key in space]
+            kept = tuner.early_config_prune(pinned, x, BLOCK_SIZE=block_size)
+            assert {kernel_ops.config_key(c) for c in kept} == families[family], (name, block_size)
+
+
+def test_a_model_on_a_gpu_autotunes_among_the_headline_picks_of_its_block_size_else_its_pinned_configs(tmp_path):
+    from bench.gpu_check import measure
+    from bench.gpu_check.plan import PINNED_CONFIGS
+    from bench.runner import CommandLog, Deadline
+
+    ctx = measure.Context(torch.device("cuda"), "triton", CPU, tmp_path, Deadline(None), CommandLog(tmp_path, None),
+                          0, True)  # fmt: skip
+    ctx.picks[128] = picks = {"bsmm_dense_sparse_kernel": {(64, 4, 3)}}
+    assert ctx.configs_for(128) == picks
+    assert ctx.configs_for(64) == kernel_ops.per_kernel(PINNED_CONFIGS[64])
+    assert kernel_ops.pinned_configs(64, torch.device("cpu")) is None  # the interpreter's single config
+
+
+def test_on_a_gpu_the_headline_picks_replace_the_timing_configs_of_their_kernel_for_the_later_shapes(tmp_path,
+                                                                                                   monkeypatch):
+    import contextlib
+
+    from bench.gpu_check import measure
+    from bench.gpu_check.plan import TIMING_CONFIGS
+    from bench.runner import CommandLog, Deadline
+
+    allowed_by_suite, inside = {}, []
+
+    @contextlib.contextmanager
+    def restrict_configs(allowed, caches=None):
+        inside.append(allowed)
+        yield
+        inside.pop()
+
+    picked = {"bsmm_dense_sparse_kernel": {(64, 4, 3)}}
+    monkeypatch.setattr(kernel_ops, "restrict_configs", restrict_configs)
+    monkeypatch.setattr(kernel_ops, "chosen_configs", lambda: picked)
+    monkeypatch.setattr(kernel_ops, "tuning_caches", dict)
+    monkeypatch.setattr(measure.Context, "run",
+                        lambda self, suite, *rest: allowed_by_suite.__setitem__(suite, inside[-1]) or (0, []))
+    ctx = measure.Context(torch.device("cuda"), "triton", CPU, tmp_path, Deadline(None), CommandLog(tmp_path, None),
+                          0, True)  # fmt: skip
+    assert measure.run_kernels(ctx) == (0, [])
+    block_size = CPU.kernel_block_sizes[0]
+    timing = kernel_ops.per_kernel(TIMING_CONFIGS)
+    assert allowed_by_suite[f"kernels b={block_size} headline"] == timing
+    expected = timing | picked  # a kernel the headline did not run keeps the timing configs
+    assert allowed_by_suite[f"kernels b={block_size}"] == expected == ctx.picks[block_size]
+    assert allowed_by_suite[f"kernels b={block_size} variants"] == expected
+
+
+def test_a_timed_stage_lists_as_not_run_only_the_cases_the_budget_stopped_before(tmp_path):
+    """A case that raised is retried by the next run, not "not run"; one measured before the budget ran out is done."""
+    from bench.gpu_check import measure
+    from bench.results import kernels_file
+    from bench.runner import CommandLog, Deadline
+
+    first, _ = measure.ceiling_cases(CPU)
+    second = dataclasses.replace(first, M=first.M // 2)
+    ctx = measure.Context(torch.device("cpu"), "triton", CPU, tmp_path, Deadline(None), CommandLog(tmp_path, None),
+                          0, True)  # fmt: skip
+
+    def raises(case):
+        raise RuntimeError("a broken case")
+
+    assert ctx.run("broken", [first], raises, kernels_file(tmp_path)) == (1, [])
+
+    def measured_then_out_of_time(case):
+        ctx.budget.hit = True  # the budget ends while the first case runs
+        return {"ms_p50": 1.0, "status": "ok"}
+
+    failed, not_run = ctx.run("timed", [first, second], measured_then_out_of_time, kernels_file(tmp_path))
+    assert (failed, not_run) == (0, [measure._label(second)])
 
 
 def _rows(path):
@@ -356,6 +459,43 @@ def test_the_environment_of_a_cuda_device_names_its_properties_and_the_torch_bsr
     assert info["torch_bsr_params"].startswith("defaults")
 
 
+def test_the_compile_stage_times_the_compiled_model_and_turns_the_median_step_ms_into_tokens_per_s(tmp_path,
+                                                                                                  monkeypatch):
+    from bench.gpu_check import measure
+    from bench.runner import CommandLog, Deadline
+
+    timed = []
+
+    def step_times_ms(model, optimizer_, tokens, device, steps):
+        timed.append(model)
+        return [10.0, 40.0, 20.0] if model == "model" else [5.0, 50.0, 10.0]
+
+    monkeypatch.setattr(measure.training, "build", lambda case, device, backend, seed: ("model", "optimizer"))
+    monkeypatch.setattr(torch, "compile", lambda model: ("compiled", model))
+    monkeypatch.setattr(measure, "_step_times_ms", step_times_ms)
+    ctx = measure.Context(torch.device("cpu"), "triton", CPU, tmp_path, Deadline(None), CommandLog(tmp_path, None),
+                          0, True)  # fmt: skip
+    row = measure.run_compile(ctx)
+    tokens = CPU.training_batch * CPU.training_seq
+    assert timed == ["model", ("compiled", "model")] and row["status"] == "ok"
+    assert row["eager_tokens_per_s"] == pytest.approx(tokens / 0.020)  # medians: 20 ms and 10 ms
+    assert row["compiled_tokens_per_s"] == pytest.approx(tokens / 0.010)
+
+
+def test_the_compile_stage_times_a_step_only_after_two_warm_up_steps(monkeypatch):
+    """The first steps compile, autotune and create the optimizer state: timed, they would swamp the median."""
+    from bench.gpu_check import measure
+
+    model, forwards, before_timing = torch.nn.Embedding(8, 8), [], []
+    model.register_forward_hook(lambda *args: forwards.append(1))
+    optimizer_ = torch.optim.SGD(model.parameters(), lr=0.1)
+    monkeypatch.setattr(measure.training, "time_steps",
+                        lambda step, device, steps: before_timing.append(len(forwards)) or [1.0] * steps)
+    tokens = torch.randint(0, 8, (2, 5), generator=torch.Generator().manual_seed(0))
+    assert measure._step_times_ms(model, optimizer_, tokens, torch.device("cpu"), 3) == [1.0] * 3
+    assert before_timing == [2]
+
+
 def test_an_out_dir_holding_a_csv_of_another_release_is_refused_with_one_line_before_any_stage_runs(tmp_path, capsys):
     """A DIR resumed after the kernels.csv columns changed: every timed stage failed on the file, and the summary
     could not be written at all (KeyError 'gbps'), so the run left no gpu_check.md, its correctness results lost."""
@@ -423,11 +563,15 @@ def test_the_gpu_sizes_measure_every_point_the_bars_name():
     """The bars: kernels at b = 128 and d = 0.5 / 0.25 / 0.1 (the 7b and 1b shapes), never slower than dense at
     b = 64 too; compact AdamW at d = 0.25 (the summary reads that row); SMET at 1b, d = 0.25. A size that drifts
     from them leaves a bar not measured (or judged on another point) on the one GPU run."""
-    from bench.gpu_check.measure import TRAINING_DENSITY, optimizer_cases, training_cases
+    from bench.gpu_check.measure import TRAINING_DENSITY, ceiling_cases, optimizer_cases, training_cases
     from bench.gpu_check.plan import GPU
     from profiling.roofline import BARS
 
     assert GPU.kernel_block_sizes[0] == 128 and 64 in GPU.kernel_block_sizes
+    for sizes in (GPU, CPU):  # an n x n x n matmul; a side x side copy
+        matmul, copy = ceiling_cases(sizes)
+        assert (matmul.M, matmul.shape.N, matmul.shape.K) == (sizes.ceiling_matmul,) * 3
+        assert (copy.shape.N, copy.shape.K) == (sizes.ceiling_copy_side,) * 2
     assert set(BARS) <= set(GPU.kernel_densities) and {"7b", "1b"} <= set(GPU.kernel_configs)
     assert [case.density for case in optimizer_cases(GPU) if case.provider == "smet_adamw"] == [0.25]
     assert GPU.training_configs[-1] == "1b" and TRAINING_DENSITY == 0.25
