@@ -460,3 +460,53 @@ def test_the_matmul_bound_is_twice_pytorchs_own_error_with_a_floor_of_1e_6():
     assert fp16.bound["grad_weight"] == pytest.approx(2 * grad_weight_error) and grad_weight_error > 1e-5
     fp32 = correctness._MatmulOperands(CPU, 16, torch.float32, torch.device("cpu"), 0)
     assert fp32.bound == dict.fromkeys(("forward", "grad_input", "grad_weight"), 1e-6)  # fp32 errors are below it
+
+
+def test_each_variant_s_matmul_ops_launch_that_variant_at_the_layout_s_sizes_and_the_given_split(monkeypatch):
+    """A launcher that dropped ``variant`` would check the grouped kernel under every variant's name (the TMA and
+    persistent kernels never checked on the GPU run); one that dropped ``split_k`` would check split-K off twice."""
+    from smet_kernels.layout import BlockLayout
+    from smet_kernels.ops import block_sparse_matmul as bsmm
+    from smet_kernels.ops.variant import VARIANTS
+
+    calls = []
+    for name in ("triton_bsmm_forward", "triton_bsmm_grad_input", "triton_bsmm_grad_weight"):
+        monkeypatch.setattr(bsmm, name, lambda *args, name=name, **kwargs: calls.append((name, args[3:], kwargs)))
+    layout = BlockLayout.random(32, 64, 16, 0.5, generator=torch.Generator().manual_seed(0))
+    x, dy, expected = torch.zeros(5, 64), torch.zeros(5, 32), []
+    for variant in VARIANTS:
+        ops = kernel_ops.matmul_ops(variant)
+        ops["forward"](x, None, layout)
+        ops["grad_input"](dy, None, layout)
+        ops["grad_weight"](dy, x, layout, 3)
+        expected += [("triton_bsmm_forward", (32,), {"variant": variant}),
+                     ("triton_bsmm_grad_input", (64,), {"variant": variant}),
+                     ("triton_bsmm_grad_weight", (16,), {"split_k": 3, "variant": variant})]  # fmt: skip
+    assert calls == expected
+
+
+def test_the_adamw_check_runs_the_fused_kernel_for_triton_and_the_reference_for_reference(monkeypatch, device):
+    """Swapped, the check would compare the reference with itself and never run the fused kernel."""
+    from smet_kernels.reference import adamw as reference
+
+    ran, torch_adamw_step = [], reference.torch_adamw_step
+    monkeypatch.setattr(reference, "torch_adamw_step", lambda *args, **kwargs: ran.append("reference")
+                        or torch_adamw_step(*args, **kwargs))  # fmt: skip
+    hyper = dict(betas=(0.9, 0.99), eps=1e-8, weight_decay=0.0, warmup="none", warmup_steps=1)
+    param, grad = torch.zeros(2, 16, 16, device=device), torch.ones(2, 16, 16, device=device)
+    state = [torch.zeros_like(param), torch.zeros_like(param), torch.zeros(2, dtype=torch.int32, device=device)]
+    kernel_ops.adamw_step(param, grad, *state, lr=0.1, backend="triton", **hyper)
+    assert ran == [] and torch.allclose(param, torch.full_like(param, -0.1))
+    kernel_ops.adamw_step(param, grad, *state, lr=0.1, backend="reference", **hyper)
+    assert ran == ["reference"]
+
+
+def test_the_regrow_check_draws_normal_blocks_and_resets_their_state(device):
+    """Zero blocks (``init="zeros"``) would pass against a reference that draws them the same way, unseen."""
+    values = torch.zeros(4, 32, 32, device=device)
+    exp_avg, exp_avg_sq = torch.ones_like(values), torch.ones_like(values)
+    block_step = torch.full((4,), 5, dtype=torch.int32, device=device)
+    kernel_ops.regrow(values, torch.tensor([0, 2], device=device), exp_avg, exp_avg_sq, block_step,
+                      torch.Generator().manual_seed(0), "triton")  # fmt: skip
+    assert 0.018 < values[[0, 2]].std().item() < 0.022 and not values[[1, 3]].any()
+    assert not exp_avg[[0, 2]].any() and not exp_avg_sq[[0, 2]].any() and block_step.tolist() == [0, 5, 0, 5]
