@@ -143,6 +143,39 @@ def test_a_prediction_is_judged_on_the_geometric_mean_of_its_ok_points_and_a_nan
     assert grouped_cells(rows + [row("u", "triton_grouped", 2.0, m=512)])[-2:] == ["3", "not measured"]
 
 
+def test_a_variant_is_paired_with_grouped_at_its_own_density_and_adamw_is_the_mean_fraction_of_the_best_ceiling():
+    from bench.gpu_check.predictions import prediction_section
+
+    def kernel(provider, density, ms):
+        sparse = provider != "cublas_dense"
+        return dict(suite="kernels", op="forward", provider=provider, shape="s", M=256, K=256, N=256, dtype="bf16",
+                    gpu="g", block_size=128 if sparse else None, density=density,
+                    nnz_blocks=int(density * 4) if sparse else None, ms_p50=ms, status="ok")  # fmt: skip
+
+    def optimizer(provider, shape, gbps, density=1.0):
+        return dict(suite="optimizer", op="copy" if provider == "device_copy" else "adamw", provider=provider,
+                    shape=shape, density=density, gbps=gbps)  # fmt: skip
+
+    def cells(frame_rows):
+        body = prediction_section(_kernel_frame(frame_rows), 128)[4].splitlines()[2:]
+        rows = [[c.strip() for c in line.strip("|").split("|")] for line in body]
+        return {(c[1], c[3]): c[5:] for c in rows}
+
+    # triton_tma at 0.95x grouped at each density: 2 points (pairs across densities would make 4)
+    rows = [kernel("cublas_dense", 1.0, 4.0), kernel("triton_grouped", 0.5, 2.0), kernel("triton_grouped", 0.25, 1.0),
+            kernel("triton_tma", 0.5, 1.9), kernel("triton_tma", 0.25, 0.95)]  # fmt: skip
+    # two copy ceilings (two runs into the folder): the best counts; compact AdamW at 0.8 and 1.0 of it: mean 0.9
+    rows += [optimizer("device_copy", "dense:ceiling", 4000.0), optimizer("device_copy", "dense:ceiling", 2000.0),
+             optimizer("smet_adamw", "1b:hidden", 3200.0, 0.25), optimizer("smet_adamw", "350m:hidden", 4000.0, 0.25),
+             optimizer("smet_adamw", "1b:hidden", 400.0, 0.5)]  # another density: not this prediction's point
+    measured = cells(rows)
+    assert measured[("triton_tma", "0.5, 0.25")] == ["0.9–1", "0.95", "2", "within"]
+    assert measured[("smet_adamw", "0.25")] == ["0.88–0.98", "0.9", "2", "within"]
+    at_the_edge = [optimizer("device_copy", "dense:ceiling", 4000.0),
+                   optimizer("smet_adamw", "1b:hidden", 3920.0, 0.25)]  # 0.98: the top of the range
+    assert cells(at_the_edge)[("smet_adamw", "0.25")] == ["0.88–0.98", "0.98", "1", "within"]
+
+
 def test_the_variant_table_says_not_measured_without_a_second_variant():
     from bench.gpu_check.summary import variant_section
 
