@@ -97,7 +97,38 @@ def test_adamw_step_vector_alignment_needs_address_and_size():
     base = torch.zeros(64)
     assert _vector_aligned(base[4:20])  # 16 bytes in, 16 elements
     assert not _vector_aligned(base[1:17])  # 4-byte address
+    assert not _vector_aligned(base[2:18])  # 8-byte address
     assert not _vector_aligned(base[:20])  # 20 elements
+
+
+@pytest.mark.parametrize("misaligned", [None, 0, 1, 2, 3], ids=["none", "param", "grad", "exp_avg", "exp_avg_sq"])
+def test_adamw_step_takes_the_vector_path_only_when_all_four_tensors_are_aligned(misaligned, monkeypatch, device):
+    """On a GPU a vector access at a 4-byte address faults: the interpreter alone cannot tell the paths apart."""
+    from smet_kernels.ops import adamw as module
+
+    launches = []
+
+    class Launcher:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append(kwargs["ALIGNED"])
+
+    monkeypatch.setattr(module, "adamw_step_kernel", Launcher())
+    tensors = make_tensors([(2, 16)], torch.float32, device, torch.Generator().manual_seed(1))
+    if misaligned is not None:
+        original = tensors[0][misaligned]
+        tensors[0][misaligned] = torch.zeros(original.numel() + 1, device=device)[1:].view_as(original)
+    run(tensors, [0.1], [None], "triton")
+    assert launches == [misaligned is None]
+
+
+@pytest.mark.parametrize("betas", [(0.0, 0.99), (0.9, 0.0)])
+def test_adamw_step_with_a_zero_beta_matches_torch(betas, device):
+    """beta = 0 is allowed: its bias correction 1 - 0^t is 1 (log2(0) = -inf in the kernel), not a division by 0."""
+    tensors = make_tensors([(3, 16), ("dense", (40,))], torch.float32, device, torch.Generator().manual_seed(4))
+    expected = clone_all(tensors)
+    run(tensors, [0.1, 0.1], [None, 3], "triton", betas=betas)
+    run(expected, [0.1, 0.1], [None, 3], "reference", betas=betas)
+    assert_close(tensors, expected, torch.float32)
 
 
 def test_adamw_step_triton_mixed_dtypes_and_state_dtype(device):
@@ -153,6 +184,16 @@ def test_adamw_step_table_cache_reused_and_rebuilt(device):
         assert len(cache) == 1
     assert_close(tensors, expected, torch.float32)
     assert torch.equal(tensors[0][4], expected[0][4])
+
+
+def test_adamw_step_table_cache_rebuilt_when_a_tensor_changes_shape(device):
+    cache = {}
+    for seed, nnz in enumerate((3, 5)):  # the same cache entry, then a values tensor of more slots
+        tensors = make_tensors([(nnz, 16)], torch.float32, device, torch.Generator().manual_seed(seed))
+        expected = clone_all(tensors)
+        run(tensors, [0.1], [None], "triton", cache=cache)
+        run(expected, [0.1], [None], "reference")
+        assert_close(tensors, expected, torch.float32)
 
 
 def test_adamw_step_first_update_of_regrown_block_is_warmed_up(device):
@@ -242,6 +283,10 @@ def test_adamw_step_bad_lr_and_lengths_raise(device):
     tensors = _valid(device)
     with pytest.raises(ValueError, match=r"lrs\[0\] must be >= 0"):
         adamw_step(*[[t] for t in tensors], [-0.1], [None])
+    with pytest.raises(ValueError, match=r"lrs\[0\] must be >= 0, got nan"):
+        adamw_step(*[[t] for t in tensors], [float("nan")], [None])
+    with pytest.raises(ValueError, match=r"global_steps\[0\] must be >= 1"):
+        adamw_step(*[[t] for t in tensors], [0.1], [0])
     with pytest.raises(ValueError, match="global_steps has 2 entries"):
         adamw_step(*[[t] for t in tensors], [0.1], [None, None])
 
