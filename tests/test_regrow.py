@@ -70,6 +70,29 @@ def test_regrow_blocks_without_optimizer_state(device):
     assert torch.equal(values, expected[0])
 
 
+def test_regrow_blocks_triton_strided_slots_match_torch(device):
+    slots = torch.tensor([5, 1, 0, 2, 3])[::2]  # a non-contiguous view: the kernel reads a contiguous copy
+    (values, exp_avg, exp_avg_sq, block_step), expected = regrow_both_backends(6, 16, torch.float32, device, slots,
+                                                                              "normal")  # fmt: skip
+    assert torch.equal(values, expected[0]) and torch.equal(block_step, expected[3])
+    assert torch.equal(exp_avg, expected[1]) and torch.equal(exp_avg_sq, expected[2])
+
+
+@pytest.mark.parametrize("kept", ["exp_avg", "exp_avg_sq"])
+def test_regrow_blocks_triton_with_one_moment_matches_torch(kept, device):
+    """Each moment is reset when given and left alone (the values not written in its place) when None."""
+    results = []
+    for backend in ("triton", "reference"):
+        values, exp_avg, exp_avg_sq, block_step = make_state(4, 16, torch.float32, device)
+        moments = {"exp_avg": exp_avg if kept == "exp_avg" else None,
+                   "exp_avg_sq": exp_avg_sq if kept == "exp_avg_sq" else None}  # fmt: skip
+        regrow_blocks(values, torch.tensor([3, 1], device=device), **moments, block_step=block_step, init="normal",
+                      generator=torch.Generator().manual_seed(7), backend=backend)  # fmt: skip
+        results.append((values, exp_avg, exp_avg_sq))
+    for got, want in zip(*results):
+        assert torch.equal(got, want)
+
+
 def test_regrow_blocks_empty_slots_is_a_no_op(device):
     values, exp_avg, exp_avg_sq, block_step = make_state(3, 16, torch.float32, device)
     before = values.clone()
@@ -120,6 +143,7 @@ def test_regrow_blocks_triton_on_a_device_other_than_the_current_one():
         (dict(values=torch.zeros(4, 16, 8)), ValueError, "values must have shape"),
         (dict(values=torch.zeros(4, 16, 16, dtype=torch.int32)), TypeError, "values must be one of"),
         (dict(exp_avg=torch.zeros(4, 16, 32)), ValueError, "exp_avg has shape"),
+        (dict(exp_avg=torch.zeros(4, 16, 16).transpose(1, 2)), ValueError, "exp_avg must be a contiguous"),
         (dict(exp_avg_sq=torch.zeros(4, 16, 16, dtype=torch.int64)), TypeError, "exp_avg_sq must be a float"),
         (dict(block_step=torch.zeros(4, dtype=torch.int64)), TypeError, "block_step must be an int32"),
         (dict(block_step=torch.zeros(3, dtype=torch.int32)), ValueError, "block_step must have shape"),
