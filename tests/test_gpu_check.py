@@ -193,6 +193,19 @@ def test_no_time_is_kept_for_an_atomic_stage_whose_share_would_not_reach_its_est
     assert _share("kernels", list(STAGES), sizes, 100.0) == 30 / 100
 
 
+def test_a_long_indivisible_stage_after_a_shared_one_is_judged_on_the_whole_budget_left(tmp_path, monkeypatch):
+    """adamw's share of 8 min is ~27 s, less than compile's 50 s estimate: compile must still start."""
+    from bench.gpu_check import measure
+
+    monkeypatch.setattr(measure, "run_adamw", lambda ctx: (0, []))
+    monkeypatch.setattr(measure, "run_compile", lambda ctx: {"config": "tiny", "status": "ok"})
+    assert main(["gpu-check", "--out-dir", str(tmp_path), "--device", "cpu", "--stages", "adamw,compile",
+                 "--no-progress"]) == 0  # fmt: skip
+    compile_row = next(line for line in (tmp_path / "gpu_check.md").read_text().splitlines()
+                       if line.startswith("| compile "))  # fmt: skip
+    assert "| ok " in compile_row
+
+
 def test_a_long_indivisible_stage_does_not_start_when_its_estimate_does_not_fit(tmp_path):
     assert main(["gpu-check", "--out-dir", str(tmp_path), "--device", "cpu", "--stages", "compile",
                  "--minutes", str(CPU.estimates_s["compile"] / 2 / 60)]) == 0  # fmt: skip
@@ -291,12 +304,10 @@ def test_a_timed_stage_lists_as_not_run_only_the_cases_the_budget_stopped_before
     """A case that raised is retried by the next run, not "not run"; one measured before the budget ran out is done."""
     from bench.gpu_check import measure
     from bench.results import kernels_file
-    from bench.runner import CommandLog, Deadline
 
     first, _ = measure.ceiling_cases(CPU)
     second = dataclasses.replace(first, M=first.M // 2)
-    ctx = measure.Context(torch.device("cpu"), "triton", CPU, tmp_path, Deadline(None), CommandLog(tmp_path, None),
-                          0, True)  # fmt: skip
+    ctx = _cpu_context(tmp_path)
 
     def raises(case):
         raise RuntimeError("a broken case")
@@ -459,23 +470,75 @@ def test_the_environment_of_a_cuda_device_names_its_properties_and_the_torch_bsr
     assert info["torch_bsr_params"].startswith("defaults")
 
 
+def _cpu_context(tmp_path):
+    from bench.gpu_check import measure
+    from bench.runner import CommandLog, Deadline
+
+    return measure.Context(torch.device("cpu"), "triton", CPU, tmp_path, Deadline(None), CommandLog(tmp_path, None),
+                           0, True)  # fmt: skip
+
+
+def test_a_gpu_context_times_by_milliseconds_of_the_gpu_and_a_cpu_one_by_repeats(tmp_path):
+    from bench.gpu_check import measure
+    from bench.runner import CommandLog, Deadline
+
+    gpu = measure.Context(torch.device("cuda"), "triton", CPU, tmp_path, Deadline(None), CommandLog(tmp_path, None),
+                          0, True)  # fmt: skip
+    assert set(gpu.timing) == {"gpu_warmup_ms", "gpu_rep_ms"}
+    assert "max_repeats" in _cpu_context(tmp_path).timing
+
+
+def test_the_env_and_kernels_stages_add_up_the_failures_and_the_cases_not_run_of_every_suite(tmp_path, monkeypatch):
+    from bench.gpu_check import measure
+
+    suites = []
+    monkeypatch.setattr(measure.Context, "run", lambda self, suite, *rest: suites.append(suite) or (1, [suite]))
+    ctx = _cpu_context(tmp_path)
+    assert measure.run_env(ctx) == (2, ["ceiling matmul", "ceiling copy"])
+    suites.clear()
+    failures, not_run = measure.run_kernels(ctx)
+    assert failures == len(suites) == 3 * len(CPU.kernel_block_sizes) and not_run == suites
+
+
+def test_the_training_and_compile_stages_autotune_among_the_configs_of_their_block_size(tmp_path, monkeypatch):
+    import contextlib
+
+    from bench.gpu_check import measure
+
+    allowed = []
+
+    @contextlib.contextmanager
+    def restrict_configs(configs, caches=None):
+        allowed.append(configs)
+        yield
+
+    monkeypatch.setattr(kernel_ops, "restrict_configs", restrict_configs)
+    monkeypatch.setattr(measure.Context, "run", lambda self, *args: (0, []))
+    monkeypatch.setattr(measure.training, "build", lambda case, device, backend, seed: ("model", "optimizer"))
+    monkeypatch.setattr(torch, "compile", lambda model: model)
+    monkeypatch.setattr(measure, "_step_times_ms", lambda *args: [1.0])
+    ctx = _cpu_context(tmp_path)
+    ctx.picks[CPU.training_block_size] = picks = {"bsmm_dense_sparse_kernel": {(64, 4, 3)}}
+    measure.run_training(ctx)
+    measure.run_compile(ctx)
+    assert allowed == [picks, picks]
+
+
 def test_the_compile_stage_times_the_compiled_model_and_turns_the_median_step_ms_into_tokens_per_s(tmp_path,
                                                                                                   monkeypatch):
     from bench.gpu_check import measure
-    from bench.runner import CommandLog, Deadline
 
     timed = []
 
     def step_times_ms(model, optimizer_, tokens, device, steps):
         timed.append(model)
+        assert tokens.shape == (CPU.training_batch, CPU.training_seq + 1)  # inputs and their next-token targets
         return [10.0, 40.0, 20.0] if model == "model" else [5.0, 50.0, 10.0]
 
     monkeypatch.setattr(measure.training, "build", lambda case, device, backend, seed: ("model", "optimizer"))
     monkeypatch.setattr(torch, "compile", lambda model: ("compiled", model))
     monkeypatch.setattr(measure, "_step_times_ms", step_times_ms)
-    ctx = measure.Context(torch.device("cpu"), "triton", CPU, tmp_path, Deadline(None), CommandLog(tmp_path, None),
-                          0, True)  # fmt: skip
-    row = measure.run_compile(ctx)
+    row = measure.run_compile(_cpu_context(tmp_path))
     tokens = CPU.training_batch * CPU.training_seq
     assert timed == ["model", ("compiled", "model")] and row["status"] == "ok"
     assert row["eager_tokens_per_s"] == pytest.approx(tokens / 0.020)  # medians: 20 ms and 10 ms
