@@ -137,6 +137,8 @@ def test_regrow_blocks_triton_on_a_device_other_than_the_current_one():
     "kwargs, error, match",
     [
         (dict(slots=torch.tensor([0, 4])), ValueError, "slots must lie in"),
+        (dict(slots=torch.tensor([-1, 2])), ValueError, "slots must lie in"),
+        (dict(slots=torch.tensor([0, 2], device="meta")), ValueError, "slots is on meta"),
         (dict(slots=torch.tensor([1, 1])), ValueError, "slots must not repeat"),
         (dict(slots=torch.tensor([0.0])), TypeError, "slots must be a 1-D"),
         (dict(slots=[0, 1]), TypeError, "slots must be a LongTensor"),
