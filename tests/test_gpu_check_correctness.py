@@ -501,8 +501,12 @@ def test_the_adamw_check_runs_the_fused_kernel_for_triton_and_the_reference_for_
     assert ran == ["reference"]
 
 
-def test_the_regrow_check_draws_normal_blocks_and_resets_their_state(device):
-    """Zero blocks (``init="zeros"``) would pass against a reference that draws them the same way, unseen."""
+def test_the_regrow_check_draws_normal_blocks_with_the_fused_kernel_and_resets_their_state(monkeypatch, device):
+    """Zero blocks (``init="zeros"``) or the reference in place of the kernel would pass the check, unseen."""
+    from smet_kernels.ops import library
+
+    reference_runs = []
+    monkeypatch.setattr(library, "torch_regrow_blocks", lambda *args: reference_runs.append(args))
     values = torch.zeros(4, 32, 32, device=device)
     exp_avg, exp_avg_sq = torch.ones_like(values), torch.ones_like(values)
     block_step = torch.full((4,), 5, dtype=torch.int32, device=device)
@@ -510,3 +514,4 @@ def test_the_regrow_check_draws_normal_blocks_and_resets_their_state(device):
                       torch.Generator().manual_seed(0), "triton")  # fmt: skip
     assert 0.018 < values[[0, 2]].std().item() < 0.022 and not values[[1, 3]].any()
     assert not exp_avg[[0, 2]].any() and not exp_avg_sq[[0, 2]].any() and block_step.tolist() == [0, 5, 0, 5]
+    assert reference_runs == []
