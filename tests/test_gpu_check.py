@@ -284,21 +284,39 @@ def test_on_a_gpu_the_headline_picks_replace_the_timing_configs_of_their_kernel_
         yield
         inside.pop()
 
-    picked = {"bsmm_dense_sparse_kernel": {(64, 4, 3)}}
+    picked = [{"bsmm_dense_sparse_kernel": {(64, 4, 3)}}, {"bsmm_dense_sparse_kernel": {(128, 4, 3)}}]
+    picks = iter(picked)  # one per block size, in order
     monkeypatch.setattr(kernel_ops, "restrict_configs", restrict_configs)
-    monkeypatch.setattr(kernel_ops, "chosen_configs", lambda: picked)
+    monkeypatch.setattr(kernel_ops, "chosen_configs", lambda: next(picks))
     monkeypatch.setattr(kernel_ops, "tuning_caches", dict)
     monkeypatch.setattr(measure.Context, "run",
                         lambda self, suite, *rest: allowed_by_suite.__setitem__(suite, inside[-1]) or (0, []))
     ctx = measure.Context(torch.device("cuda"), "triton", CPU, tmp_path, Deadline(None), CommandLog(tmp_path, None),
                           0, True)  # fmt: skip
     assert measure.run_kernels(ctx) == (0, [])
-    block_size = CPU.kernel_block_sizes[0]
     timing = kernel_ops.per_kernel(TIMING_CONFIGS)
-    assert allowed_by_suite[f"kernels b={block_size} headline"] == timing
-    expected = timing | picked  # a kernel the headline did not run keeps the timing configs
-    assert allowed_by_suite[f"kernels b={block_size}"] == expected == ctx.picks[block_size]
-    assert allowed_by_suite[f"kernels b={block_size} variants"] == expected
+    assert len(CPU.kernel_block_sizes) == len(picked)
+    for block_size, its_picks in zip(CPU.kernel_block_sizes, picked):
+        assert allowed_by_suite[f"kernels b={block_size} headline"] == timing
+        expected = timing | its_picks  # a kernel the headline did not run keeps the timing configs
+        assert allowed_by_suite[f"kernels b={block_size}"] == expected == ctx.picks[block_size]
+        assert allowed_by_suite[f"kernels b={block_size} variants"] == expected
+
+
+def test_the_kernel_stage_makes_the_operands_once_for_consecutive_cases_that_share_them(tmp_path, monkeypatch):
+    """At 8192 tokens a layout and its values are costly to make: the cases of one point reuse them."""
+    from bench import kernels
+    from bench.gpu_check import measure
+
+    ran, made = [], []
+    monkeypatch.setattr(measure.Context, "run", lambda self, suite, cases, run_one, file: ran.extend(
+        (case, run_one(case)) for case in cases) or (0, []))  # fmt: skip
+    monkeypatch.setattr(kernels, "make_operands", lambda case, *args, **kwargs: made.append(case) or case)
+    monkeypatch.setattr(kernels, "run_case", lambda case, operands, *args: operands)  # the operands it was given
+    measure.run_kernels(_cpu_context(tmp_path))
+    keys = [kernels.operands_key(case) for case, _ in ran]
+    assert len(made) == 1 + sum(key != previous for previous, key in zip(keys, keys[1:])) < len(ran)
+    assert all(kernels.operands_key(operands) == key for (_, operands), key in zip(ran, keys))
 
 
 def test_a_timed_stage_lists_as_not_run_only_the_cases_the_budget_stopped_before(tmp_path):
