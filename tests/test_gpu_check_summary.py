@@ -301,6 +301,17 @@ def test_compact_adamw_passes_at_90_percent_of_the_copy_ceiling_and_no_lower(gbp
     assert f"Bar: compact AdamW at {verdict} (≥ 90%)." in adamw_section(_optimizer_rows(gbps))
 
 
+def test_compact_adamw_is_judged_by_its_slowest_row_against_the_best_copy_ceiling():
+    """A folder that also holds a ``smet-bench run`` (more copy and compact rows): not whichever row comes first."""
+    from bench.gpu_check.summary import adamw_section
+
+    rows = _optimizer_rows(950.0)
+    more = rows.assign(gbps=[800.0, 1000.0], shape=["dense:ceiling", "compact:350m:hidden"])
+    lines = adamw_section(pd.concat([more, rows], ignore_index=True))
+    assert "Bar: compact AdamW at 95.0% of the copy ceiling (1000 GB/s, bytes read + written) — **pass**" in lines[-2]
+    lines = adamw_section(pd.concat([rows, more.assign(gbps=[800.0, 850.0])], ignore_index=True))
+    assert "Bar: compact AdamW at 85.0% of the copy ceiling (1000 GB/s" in lines[-2] and "**miss**" in lines[-2]
+
 def _training_rows(smet: dict | None = None) -> pd.DataFrame:
     """dense 1000 tokens/s, 10 GiB; SMET (d = 0.25) 1200 tokens/s, 6 GiB (``smet`` replaces values); GaLore 500
     tokens/s, 5 GiB; SMET with activation checkpointing 900 tokens/s, 4 GiB; all at 1b."""

@@ -139,8 +139,8 @@ def run(args, argv: list[str]) -> int:
                 row["status"] = f"not run (budget: ~{sizes.estimates_s[stage]} s needed, {budget.left_s():.0f} s left)"
                 continue
             print(f"gpu-check: stage {stage} ({budget.left_s():.0f} s of budget left)", flush=True)
+            started = time.monotonic()  # before the status a SIGTERM handler looks for, which reads it
             row["status"] = "running when this summary was written"
-            started = time.monotonic()
             shared = stage in SHARED_STAGES
             ctx.budget = budget.share(_share(stage, stages, sizes, budget.left_s())) if shared else budget
             not_run: list[str] = []
