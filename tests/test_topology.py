@@ -29,6 +29,13 @@ def test_update_steps_and_end_step():
     assert forever.prune_fraction_at(4000) == forever.prune_fraction
 
 
+def test_the_final_prune_fraction_may_be_zero_or_the_initial_fraction():
+    model, opt, _ = make_run()
+    for final in (0.0, 0.3):
+        smet = SMET(model, opt, prune_fraction=0.3, min_prune_fraction=final, end_step=10)
+        assert smet.prune_fraction_at(10) == pytest.approx(final)
+
+
 def test_step_returns_records_only_on_update_steps():
     model, opt, smet = make_run(update_interval=2, end_step=4)
     records = [train_step(model, opt, smet, t) for t in range(1, 7)]
@@ -118,9 +125,11 @@ def test_an_update_whose_regrow_of_a_later_layer_raises_moves_no_layout():
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     smet = SMET(model, opt, update_interval=1, prune_fraction=0.3)
     before = [t.layout.block_indices.clone() for t in smet.targets]
+    generator = smet.generator.get_state()
     with pytest.raises(TypeError, match="values must be one of"):  # the regrow takes no fp64 values
         smet.step()
     assert all(torch.equal(t.layout.block_indices, b) for t, b in zip(smet.targets, before))
+    assert torch.equal(smet.generator.get_state(), generator)  # the first layer's random regrow drew from it
     assert smet.step_count == 0 and smet.history == []
 
 
@@ -191,6 +200,16 @@ def test_a_controller_on_a_compiled_model_names_its_layers_as_on_the_plain_model
     plain.load_state_dict(on_compiled.state_dict())
 
 
+def test_a_saved_state_is_a_snapshot_that_later_updates_leave_as_it_was():
+    model, opt, smet = make_run(update_interval=2)
+    for step in range(1, 3):
+        train_step(model, opt, smet, step)
+    state = smet.state_dict()
+    for step in range(3, 5):
+        train_step(model, opt, smet, step)
+    assert [record["step"] for record in state["history"]] == [2] and len(smet.history) == 2
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_load_state_dict_mapped_to_cuda():
@@ -213,6 +232,23 @@ def test_load_state_dict_rejects_other_model():
     smet_other = SMET(other, SMETAdamW(other.parameters()), update_interval=2)
     with pytest.raises(ValueError, match="layouts"):
         smet.load_state_dict(smet_other.state_dict())
+
+
+def test_load_state_dict_refuses_a_state_that_lacks_a_layer_of_the_model():
+    _, _, smet = make_run()
+    state = smet.state_dict()
+    del state["layouts"]["down.values"]
+    with pytest.raises(ValueError, match=r"state's layouts are for \['up.values'\]"):
+        smet.load_state_dict(state)
+
+
+@pytest.mark.parametrize("key, value", [("shape", (64, 128)), ("block_size", 8)])
+def test_load_state_dict_refuses_a_layout_of_another_shape_or_block_size(key, value):
+    _, _, smet = make_run()
+    state = smet.state_dict()
+    state["layouts"]["up.values"][key] = value
+    with pytest.raises(ValueError, match="layout of 'up.values' in state does not match the model's layer"):
+        smet.load_state_dict(state)
 
 
 @pytest.mark.parametrize("state", [{}, {"state": {}, "param_groups": []}, "smet.pt"],
@@ -238,6 +274,19 @@ def test_load_state_dict_incompatible_in_a_later_layer_changes_no_layout():
     assert fresh.step_count == 0 and fresh.history == []
 
 
+def test_load_state_dict_refuses_a_broken_generator_state_before_any_layout_changes():
+    model, opt, smet = make_run()
+    for step in range(1, 5):
+        train_step(model, opt, smet, step)
+    state = copy.deepcopy(smet.state_dict())
+    state["generator"] = torch.zeros(3, dtype=torch.uint8)
+    _, _, fresh = make_run(model_seed=7)
+    before = [target.layout.block_indices.clone() for target in fresh.targets]
+    with pytest.raises(RuntimeError):
+        fresh.load_state_dict(state)
+    assert all(torch.equal(t.layout.block_indices, b) for t, b in zip(fresh.targets, before))
+
+
 def test_works_with_hand_built_sparse_parameter():
     layout = BlockLayout.random(32, 32, B, 0.5, generator=torch.Generator().manual_seed(0))
     values = nn.Parameter(torch.randn(layout.nnz, B, B))
@@ -259,6 +308,7 @@ def test_works_with_hand_built_sparse_parameter():
     [
         (dict(update_interval=0), ValueError, "update_interval"),
         (dict(update_interval=2.0), TypeError, "update_interval"),
+        (dict(update_interval=True), TypeError, "update_interval"),
         (dict(prune_fraction=0.0), ValueError, "prune_fraction"),
         (dict(prune_fraction=1.0), ValueError, "prune_fraction"),
         (dict(prune_fraction="0.2"), TypeError, "prune_fraction"),
@@ -270,6 +320,7 @@ def test_works_with_hand_built_sparse_parameter():
         (dict(regrow_init="ones"), ValueError, "regrow_init"),
         (dict(init_std=0.0), ValueError, "init_std"),
         (dict(init_std=float("inf")), ValueError, "init_std"),
+        (dict(init_std=True), TypeError, "init_std"),
         (dict(seed=-1), ValueError, "seed"),
         (dict(seed=2**64), ValueError, r"^seed must be in \[0, 18446744073709551615\], got 18446744073709551616$"),
     ],

@@ -235,3 +235,20 @@ def test_remove_hooks_detaches_the_dense_gradient_recorders_and_the_next_step_at
     with pytest.raises(RuntimeError, match="dense gradient of 'up.values' at update step 6"):
         train_step(model, opt, smet, 6)
     assert smet.step_count == 5 and [record["step"] for record in smet.history] == [2, 4]
+
+
+def test_a_rigl_controller_resumed_the_step_before_an_update_records_the_dense_gradient_for_it():
+    model, opt, smet = make_run(regrow="gradient", update_interval=2)
+    train_step(model, opt, smet, 1)
+    resumed_model, resumed_opt, resumed = make_run(regrow="gradient", update_interval=2)
+    assert not resumed.needs_dense_grad()
+    resumed.load_state_dict(smet.state_dict())
+    assert resumed.needs_dense_grad()
+    assert train_step(resumed_model, resumed_opt, resumed, 2)["step"] == 2
+
+
+def test_an_armed_controller_builds_no_graph_through_a_frozen_model():
+    model, _, smet = make_run(regrow="gradient", update_interval=1)
+    assert smet.needs_dense_grad()
+    model.requires_grad_(False)
+    assert not model(batch(0)[0]).requires_grad
