@@ -193,6 +193,22 @@ def test_controller_on_masked_weights(regrow_init):
             torch.testing.assert_close(layer(x), F.linear(x, layer.weight * expand(layer.layout), layer.bias))
 
 
+def test_a_masked_update_zeroes_every_adam_moment_amsgrads_maximum_included_of_pruned_and_regrown_blocks():
+    """A block pruned now and regrown later must start without the moments it had: AMSGrad's ``max_exp_avg_sq``
+    would otherwise keep damping its steps."""
+    model = _masked_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, amsgrad=True)
+    smet = SMET(model, opt, update_interval=1, prune_fraction=0.4)
+    model(torch.randn(4, 32)).pow(2).mean().backward()
+    opt.step()
+    old = model.q_proj.layout.mask.clone()
+    smet.step()
+    new, state = model.q_proj.layout.mask, opt.state[model.q_proj.weight]
+    for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+        moments = state[key].reshape(new.shape[0], B, new.shape[1], B).permute(0, 2, 1, 3)
+        assert moments[old].abs().sum() > 0 and torch.all(moments[old ^ new] == 0), key
+
+
 @pytest.mark.parametrize("regrow", ["random", "gradient"])
 def test_compact_and_masked_make_identical_decisions(regrow):
     """One selection function serves both storage schemes: same weights, seed and gradients -> same topology."""
