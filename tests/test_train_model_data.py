@@ -376,8 +376,28 @@ def test_spike_tracker_rise_after_update():
     restored = SpikeTracker(window=1)
     restored.load_state_dict(tracker.state_dict())
     assert restored.summary() == summary
-    with pytest.raises(ValueError, match="window"):
-        SpikeTracker(window=0)
+    for window in (0, True, 2.0):
+        with pytest.raises(ValueError, match="window"):
+            SpikeTracker(window=window)
+
+
+def test_updates_a_step_apart_each_average_only_the_k_losses_up_to_themselves_also_at_the_end_of_a_run():
+    """Two pending windows overlap: the later one's ``before`` must not reach the loss that only the earlier one
+    uses, and that loss must stay until the earlier one is measured."""
+    tracker, done = SpikeTracker(window=2), []
+    for step, loss in {1: 9.0, 2: 8.0, 3: 6.0, 4: 5.0, 5: 7.0}.items():
+        done += tracker.add_loss(step, loss)
+        if step in (3, 4):
+            tracker.add_update(step)
+    done += tracker.finish()
+    assert [(r["update_step"], r["loss_before"], r["max_loss_after"], r["complete"]) for r in done] == [
+        (3, 7.0, 7.0, True), (4, 5.5, 7.0, False)]
+
+
+def test_an_update_without_a_loss_before_it_is_not_measured():
+    tracker = SpikeTracker(window=1)
+    tracker.add_update(3)
+    assert tracker.add_loss(4, 1.0) == [] and tracker.pending == [] and tracker.summary()["count"] == 0
 
 
 def test_a_folder_given_by_a_relative_or_symlinked_path(tmp_path, monkeypatch):
