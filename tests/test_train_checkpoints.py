@@ -5,8 +5,12 @@ final checkpoint and summary.json, and the folders a stopped checkpoint write or
 
 import dataclasses
 import json
+import math
+import random
+import shutil
 import types
 
+import numpy as np
 import pytest
 import torch
 
@@ -18,6 +22,7 @@ from smet_kernels.train.checkpoint import (
     load_checkpoint_config,
     verify_checkpoint,
 )
+from smet_kernels.train.resume import continues_in_place, logged_loss
 from smet_kernels.train.trainer import ConfigError, TrainConfig, train
 from test_train_trainer import cache_dir, one_thread  # noqa: F401 -- autouse: shared token cache, one thread
 
@@ -239,6 +244,25 @@ def test_a_resume_from_a_checkpoint_outside_any_run_folder_is_refused_into_anoth
         assert cli.main(["--resume", str(standalone), "--max-steps", "3", "--no-progress", *options]) == 0
     assert (first / "checkpoints" / "step_0000003").is_dir() and (tmp_path / "free" / "summary.json").is_file()
 
+def test_a_resume_continues_in_place_in_its_own_folder_by_any_path_or_in_the_out_dir_a_standalone_checkpoint_saved(
+        tmp_path, monkeypatch):
+    """Relative and absolute paths to one folder are one folder; a standalone step folder (no checkpoints/ around it)
+    continues in place only in the ``out_dir`` its config.json saved, none when it saved none or no object."""
+    monkeypatch.chdir(tmp_path)
+    step = tmp_path / "run" / "checkpoints" / "step_0000002"
+    step.mkdir(parents=True)
+
+    def in_place(resume, out_dir="run"):
+        return continues_in_place(TrainConfig(resume=str(resume), out_dir=out_dir))
+
+    assert in_place(step) and in_place(tmp_path / "run", "./run") and not in_place(step, "other")
+    standalone = tmp_path / "kept"
+    standalone.mkdir()
+    for saved, expected in (({"out_dir": str(tmp_path / "run")}, True), ({"out_dir": ""}, False), ({}, False),
+                            ([], False)):
+        (standalone / "config.json").write_text(json.dumps(saved))
+        assert in_place(standalone) is expected, saved
+
 
 def test_a_run_stopped_between_its_final_checkpoint_and_summary_json_is_finished_by_a_resume(tmp_path, capsys):
     """A kill after the final checkpoint left no summary.json, and every resume refused with "already reached step 6":
@@ -283,6 +307,33 @@ def test_finishing_a_run_whose_final_checkpoint_lacks_the_last_loss_takes_it_fro
     assert cli.main(["--resume", str(out), "--no-progress"]) == 0
     final_train_loss = json.loads((out / "summary.json").read_text())["final_train_loss"]
     assert final_train_loss is not None and final_train_loss == uninterrupted["final_train_loss"]
+
+def test_a_final_checkpoint_copied_out_of_its_run_finishes_in_another_folder_with_the_loss_it_saved(tmp_path):
+    """No metrics.jsonl beside a copied step folder: the final training loss is the one its state saved."""
+    uninterrupted = train(tiny_config(max_steps=2, checkpoint_every=2, out_dir=str(tmp_path / "run")))
+    standalone = tmp_path / "kept" / "step_0000002"
+    shutil.copytree(tmp_path / "run" / "checkpoints" / "step_0000002", standalone)
+    assert cli.main(["--resume", str(standalone), "--out-dir", str(tmp_path / "free"), "--no-progress"]) == 0
+    finished = json.loads((tmp_path / "free" / "summary.json").read_text())
+    assert finished["final_train_loss"] == uninterrupted["final_train_loss"]
+
+
+def test_the_logged_loss_of_a_step_is_read_from_the_metrics_of_its_checkpoints_run_folder_only(tmp_path):
+    records = [{"type": "nonfinite", "step": 2, "loss": None}, {"type": "train", "step": 2, "loss": 1.5}]
+    for folder in (tmp_path, tmp_path / "run"):
+        folder.mkdir(exist_ok=True)
+        (folder / "metrics.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
+    assert logged_loss(tmp_path / "run" / "checkpoints" / "step_0000002", 2) == 1.5
+    assert math.isnan(logged_loss(tmp_path / "run" / "checkpoints" / "step_0000003", 3))
+    assert math.isnan(logged_loss(tmp_path / "kept" / "step_0000002", 2))  # no run folder around it
+
+
+def test_the_saved_rng_states_put_back_the_torch_python_and_numpy_generators():
+    saved = checkpoint.rng_state(torch.device("cpu"))
+    drawn = torch.rand(3), random.random(), np.random.rand(3)
+    checkpoint.set_rng_state(saved, torch.device("cpu"))
+    again = torch.rand(3), random.random(), np.random.rand(3)
+    assert torch.equal(drawn[0], again[0]) and drawn[1] == again[1] and np.array_equal(drawn[2], again[2])
 
 
 def test_a_run_start_removes_the_folders_a_stopped_checkpoint_write_left(tmp_path):

@@ -84,6 +84,14 @@ def test_skips_apart_do_not_add_up_to_the_consecutive_limit(tmp_path, monkeypatc
     assert [(r["step"], r["action"], r["consecutive_skips"]) for r in skipped] == [(2, "skip", 1), (3, "skip", 1),
                                                                                      (4, "skip", 1)]
 
+def test_a_resumed_run_counts_the_steps_skipped_before_its_checkpoint(tmp_path, monkeypatch):
+    nan_losses_on(monkeypatch, {3})
+    summary = train(tiny_config(on_nonfinite="skip", max_steps=4, checkpoint_every=4, out_dir=str(tmp_path)))
+    assert summary["nonfinite_skips"] == 1
+    monkeypatch.undo()
+    assert cli.main(["--resume", str(tmp_path), "--max-steps", "6", "--no-progress"]) == 0
+    assert json.loads((tmp_path / "summary.json").read_text())["nonfinite_skips"] == 1
+
 
 def test_a_checkpoint_of_nonfinite_parameters_is_refused(tmp_path):
     run = loop.Run(tiny_config(out_dir=str(tmp_path)))
