@@ -9,6 +9,7 @@ import math
 import random
 import shutil
 import types
+import warnings
 
 import numpy as np
 import pytest
@@ -103,6 +104,28 @@ def test_a_checkpoint_of_an_earlier_release_without_manifest_resumes_when_its_ar
     data[len(data) // 2] ^= 0xFF
     state.write_bytes(bytes(data))
     assert "manifest.json missing" in verify_checkpoint(checkpoint)
+
+def test_a_checkpoint_without_manifest_is_unusable_when_its_config_json_does_not_parse(tmp_path):
+    folder = written_checkpoints(tmp_path, 1) / "step_0000001"
+    (folder / "manifest.json").unlink()
+    assert verify_checkpoint(folder) is None
+    (folder / "config.json").write_text("{cut")
+    assert verify_checkpoint(folder) == "manifest.json missing and config.json unreadable (JSONDecodeError)"
+
+
+def test_a_fresh_run_over_checkpoints_that_all_fail_verification_starts_without_a_warning(tmp_path):
+    for folder in written_checkpoints(tmp_path, 1, 2).iterdir():
+        (folder / "state.pt").write_bytes(b"cut short")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        checkpoint.check_fresh_out_dir(tmp_path)
+
+
+def test_an_out_dir_holding_a_file_where_the_checkpoints_folder_goes_is_refused(tmp_path):
+    checkpoint.check_checkpoint_folder(tmp_path)
+    (tmp_path / "checkpoints").write_text("")
+    with pytest.raises(ConfigError, match="holds a file 'checkpoints' where checkpoints are written"):
+        checkpoint.check_checkpoint_folder(tmp_path)
 
 
 def test_a_smet_checkpoint_of_an_earlier_release_resumes_with_its_warmup_scope(tmp_path):
