@@ -358,6 +358,17 @@ def test_the_saved_rng_states_put_back_the_torch_python_and_numpy_generators():
     again = torch.rand(3), random.random(), np.random.rand(3)
     assert torch.equal(drawn[0], again[0]) and drawn[1] == again[1] and np.array_equal(drawn[2], again[2])
 
+def test_a_resume_puts_back_the_global_rng_states_a_run_had_drawn_from(tmp_path, monkeypatch):
+    real_loss = loop.lm_loss
+    monkeypatch.setattr(loop, "lm_loss", lambda logits, targets: real_loss(logits, targets) + 0 * torch.rand(()))
+    train(tiny_config(max_steps=2, checkpoint_every=2, out_dir=str(tmp_path)))
+    monkeypatch.undo()
+    folder = tmp_path / "checkpoints" / "step_0000002"
+    saved = torch.load(folder / "state.pt", weights_only=False)["rng"]
+    run = loop.Run(tiny_config(max_steps=3, resume=str(folder), out_dir=str(tmp_path)))
+    run.metrics.close()
+    assert torch.equal(torch.get_rng_state(), saved["torch"])
+
 
 def test_a_run_start_removes_the_folders_a_stopped_checkpoint_write_left(tmp_path):
     """A run killed while writing a checkpoint left ``.tmp-step_*`` (partial, or whole but never renamed) and
