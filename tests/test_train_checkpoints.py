@@ -369,6 +369,36 @@ def test_a_resume_puts_back_the_global_rng_states_a_run_had_drawn_from(tmp_path,
     run.metrics.close()
     assert torch.equal(torch.get_rng_state(), saved["torch"])
 
+def test_a_checkpoint_write_replaces_a_leftover_temporary_folder_of_its_own_name(tmp_path):
+    """A process of a reused PID (a write not preceded by a run start's clear_leftovers) meets such a folder."""
+    import os
+
+    leftover = tmp_path / "checkpoints" / f".tmp-step_0000001-{os.getpid()}"
+    leftover.mkdir(parents=True)
+    (leftover / "junk").write_text("partial")
+    written = written_checkpoints(tmp_path, 1) / "step_0000001"
+    assert verify_checkpoint(written) is None and not (written / "junk").exists() and not leftover.exists()
+
+
+def test_a_checkpoint_of_a_release_that_saved_no_data_digest_refuses_another_data_path(tmp_path, monkeypatch):
+    """Without the digest of its tokens the data is known by its path only: another one is refused."""
+    for name in ("a.txt", "b.txt"):
+        (tmp_path / name).write_bytes(b"hello world, hello data " * 300)
+    saved_state = loop.Run._state
+
+    def older_release(self, *args):
+        state = saved_state(self, *args)
+        del state["data"]["corpus_sha256"]
+        return state
+
+    monkeypatch.setattr(loop.Run, "_state", older_release)
+    out = str(tmp_path / "run")
+    train(tiny_config(max_steps=1, checkpoint_every=1, data=str(tmp_path / "a.txt"), out_dir=out))
+    monkeypatch.undo()
+    with pytest.raises(ConfigError, match="^cannot change data when resuming"):
+        train(tiny_config(max_steps=2, data=str(tmp_path / "b.txt"), resume=out, out_dir=out))
+    assert train(tiny_config(max_steps=2, data=str(tmp_path / "a.txt"), resume=out, out_dir=out))["steps"] == 2
+
 
 def test_a_run_start_removes_the_folders_a_stopped_checkpoint_write_left(tmp_path):
     """A run killed while writing a checkpoint left ``.tmp-step_*`` (partial, or whole but never renamed) and
@@ -469,14 +499,17 @@ def test_the_newest_checkpoint_is_the_highest_step_also_past_seven_digits(tmp_pa
     assert find_checkpoint(tmp_path) == root / "step_10000000"
 
 
-def test_a_run_start_puts_back_a_checkpoint_that_only_a_stopped_rewrite_left_before_removing_the_leftovers(tmp_path):
+@pytest.mark.parametrize("writer", ["dead", "alive"])
+def test_a_run_start_puts_back_a_checkpoint_that_only_a_stopped_rewrite_left_before_removing_the_leftovers(
+        tmp_path, writer):
     """``--resume run/checkpoints/step_0000002`` names its checkpoint, so no search repairs the folder: the run start
     (clear_leftovers) is the last chance to put back step 4, which a rewrite stopped between its renames left as
-    ``.old-step_*`` only; removing the leftovers without that deleted its one copy."""
+    ``.old-step_*`` only; removing the leftovers without that deleted its one copy. A run is its folder's only writer:
+    a live process of the PID in the name is another one, and does not stop the repair."""
     import os
 
     root = written_checkpoints(tmp_path, 2, 4)
-    os.replace(root / "step_0000004", root / ".old-step_0000004-4242")
+    os.replace(root / "step_0000004", root / f".old-step_0000004-{4242 if writer == 'dead' else os.getppid()}")
     checkpoint.clear_leftovers(tmp_path)
     assert sorted(path.name for path in root.iterdir()) == ["step_0000002", "step_0000004"]
     assert torch.load(root / "step_0000004" / "state.pt") == {"step": 4}
