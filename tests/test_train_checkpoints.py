@@ -499,6 +499,25 @@ def test_the_newest_checkpoint_is_the_highest_step_also_past_seven_digits(tmp_pa
     assert find_checkpoint(tmp_path) == root / "step_10000000"
 
 
+def test_a_stopped_rewrite_is_put_back_from_its_own_steps_copies_not_from_a_longer_step_number_sharing_its_prefix(
+        tmp_path):
+    import os
+
+    root = written_checkpoints(tmp_path, 1_000_000, 10_000_000)
+    os.replace(root / "step_1000000", root / ".old-step_1000000-4242")
+    os.replace(root / "step_10000000", root / ".tmp-step_10000000-4242")  # sealed, never renamed
+    checkpoint.clear_leftovers(tmp_path)
+    assert torch.load(root / "step_1000000" / "state.pt") == {"step": 1_000_000}
+
+
+def test_finding_a_checkpoint_repairs_a_rewrite_named_with_a_pid_no_process_can_have(tmp_path):
+    import os
+
+    root = written_checkpoints(tmp_path, 2, 4)
+    os.replace(root / "step_0000004", root / f".old-step_0000004-{2**64}")
+    assert find_checkpoint(tmp_path) == root / "step_0000004"
+
+
 @pytest.mark.parametrize("writer", ["dead", "alive"])
 def test_a_run_start_puts_back_a_checkpoint_that_only_a_stopped_rewrite_left_before_removing_the_leftovers(
         tmp_path, writer):
