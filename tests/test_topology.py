@@ -4,6 +4,7 @@ argument validation. RigL's dense gradients: tests/test_topology_rigl.py; SμPar
 import copy
 import io
 import re
+import warnings
 
 import pytest
 import torch
@@ -30,9 +31,12 @@ def test_update_steps_and_end_step():
 
 
 def test_the_final_prune_fraction_may_be_zero_or_the_initial_fraction():
+    """Without a warning that layers stay static: ``ζ0`` moves blocks of every layer, whatever ``ζ_min``."""
     model, opt, _ = make_run()
     for final in (0.0, 0.3):
-        smet = SMET(model, opt, prune_fraction=0.3, min_prune_fraction=final, end_step=10)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)
+            smet = SMET(model, opt, prune_fraction=0.3, min_prune_fraction=final, end_step=10)
         assert smet.prune_fraction_at(10) == pytest.approx(final)
 
 
@@ -208,6 +212,18 @@ def test_a_saved_state_is_a_snapshot_that_later_updates_leave_as_it_was():
     for step in range(3, 5):
         train_step(model, opt, smet, step)
     assert [record["step"] for record in state["history"]] == [2] and len(smet.history) == 2
+
+
+def test_a_loaded_state_stays_as_it_was_when_the_controller_goes_on():
+    model, opt, smet = make_run(update_interval=2)
+    for step in range(1, 3):
+        train_step(model, opt, smet, step)
+    state = smet.state_dict()
+    resumed, resumed_opt, controller = make_run(update_interval=2)
+    controller.load_state_dict(state)
+    for step in range(3, 5):
+        train_step(resumed, resumed_opt, controller, step)
+    assert [record["step"] for record in state["history"]] == [2] and len(controller.history) == 2
 
 
 @pytest.mark.gpu
