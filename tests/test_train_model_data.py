@@ -399,6 +399,13 @@ def test_an_update_without_a_loss_before_it_is_not_measured():
     tracker.add_update(3)
     assert tracker.add_loss(4, 1.0) == [] and tracker.pending == [] and tracker.summary()["count"] == 0
 
+def test_the_tracker_keeps_only_the_losses_a_window_can_still_use():
+    """They are saved in every checkpoint: a long run without them forgotten wrote all its losses there."""
+    tracker = SpikeTracker(window=3)
+    for step in range(1, 101):
+        tracker.add_loss(step, 1.0)
+    assert sorted(tracker.state_dict()["losses"]) == [98, 99, 100]
+
 
 def test_a_folder_given_by_a_relative_or_symlinked_path(tmp_path, monkeypatch):
     folder = tmp_path / "corpus" / "sub"
