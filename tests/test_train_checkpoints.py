@@ -112,6 +112,27 @@ def test_a_checkpoint_without_manifest_is_unusable_when_its_config_json_does_not
     (folder / "config.json").write_text("{cut")
     assert verify_checkpoint(folder) == "manifest.json missing and config.json unreadable (JSONDecodeError)"
 
+def test_a_manifest_that_is_no_json_object_makes_its_checkpoint_unusable(tmp_path):
+    folder = written_checkpoints(tmp_path, 1) / "step_0000001"
+    (folder / "manifest.json").write_text("[]")
+    assert verify_checkpoint(folder) == "manifest.json missing or unreadable (TypeError)"
+
+
+def test_the_fixed_settings_check_passes_over_checkpoints_whose_config_json_does_not_parse_or_is_no_object(tmp_path):
+    root = written_checkpoints(tmp_path, 1, 2, 3)
+    (root / "step_0000003" / "config.json").write_text("[]")
+    (root / "step_0000002" / "config.json").write_text("{cut")
+    checkpoint.refuse_fixed_changes(tmp_path, {"seq_len": TrainConfig().seq_len})
+    with pytest.raises(ConfigError, match=f"^cannot change seq_len when resuming {str(root / 'step_0000001')!r}"):
+        checkpoint.refuse_fixed_changes(tmp_path, {"seq_len": TrainConfig().seq_len + 1})
+
+
+def test_a_run_checkpointed_without_the_update_probe_resumes_with_it(tmp_path):
+    options = dict(optimizer="smet", update_interval=2, eval_every=2, eval_batches=2, checkpoint_every=2,
+                   out_dir=str(tmp_path))
+    train(tiny_config(max_steps=2, update_probe=False, **options))
+    assert train(tiny_config(max_steps=4, resume=str(tmp_path), **options))["steps"] == 4
+
 
 def test_a_fresh_run_over_checkpoints_that_all_fail_verification_starts_without_a_warning(tmp_path):
     for folder in written_checkpoints(tmp_path, 1, 2).iterdir():
