@@ -133,6 +133,17 @@ def test_a_run_checkpointed_without_the_update_probe_resumes_with_it(tmp_path):
     train(tiny_config(max_steps=2, update_probe=False, **options))
     assert train(tiny_config(max_steps=4, resume=str(tmp_path), **options))["steps"] == 4
 
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # DCP in one process, as intended
+def test_a_sharded_checkpoint_whose_optimizer_holds_another_number_of_parameters_is_refused(tmp_path):
+    import torch.distributed.checkpoint as dcp
+
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    dcp.save({f"model.{key}": value for key, value in model.state_dict().items()}, checkpoint_id=tmp_path / "sharded")
+    state = {"optimizer": {"param_groups": [{"params": [0]}], "state": {}}}
+    with pytest.raises(ConfigError, match="^checkpoint optimizer has 1 parameters, this model 2$"):
+        checkpoint.load_sharded(tmp_path, state, model, optimizer)
+
 
 def test_a_fresh_run_over_checkpoints_that_all_fail_verification_starts_without_a_warning(tmp_path):
     for folder in written_checkpoints(tmp_path, 1, 2).iterdir():
