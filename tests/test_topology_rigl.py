@@ -252,3 +252,21 @@ def test_an_armed_controller_builds_no_graph_through_a_frozen_model():
     assert smet.needs_dense_grad()
     model.requires_grad_(False)
     assert not model(batch(0)[0]).requires_grad
+
+
+def test_the_dense_gradient_is_formed_in_fp32_also_when_backward_runs_under_autocast():
+    model, _, smet = make_run(regrow="gradient", update_interval=1)
+    x, target = batch(0)
+    y_up = model.up(x)
+    y_up.retain_grad()
+    loss = (model.down(torch.relu(y_up)) - target).pow(2).mean()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss.backward()
+    torch.testing.assert_close(smet.targets[0].dense_grad, y_up.grad.t() @ x)
+
+
+def test_the_output_of_a_recording_layer_may_be_modified_in_place():
+    model, _, smet = make_run(regrow="gradient", update_interval=1)
+    x, target = batch(0)
+    (model.down(model.up(x).relu_()) - target).pow(2).mean().backward()
+    assert all(t.dense_grad is not None for t in smet.targets)
