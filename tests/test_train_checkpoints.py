@@ -618,7 +618,8 @@ def test_a_checkpoint_folder_given_by_path_is_refused_naming_what_fails(tmp_path
 
 def test_every_file_of_a_checkpoint_is_flushed_to_disk_before_the_rename_that_makes_it_visible(tmp_path, monkeypatch):
     """A crash of the machine just after the rename must not leave a visible checkpoint whose files were still in
-    the page cache (empty or partial on disk): each file, the manifest last, is fsynced before ``step_*`` appears."""
+    the page cache (empty or partial on disk): each file, the manifest last, and the folder that names them are
+    fsynced before ``step_*`` appears, and the checkpoints folder (the rename itself) once it has."""
     import os
     from pathlib import Path
 
@@ -635,8 +636,10 @@ def test_every_file_of_a_checkpoint_is_flushed_to_disk_before_the_rename_that_ma
     monkeypatch.setattr(checkpoint.os, "fsync", fsync)
     monkeypatch.setattr(checkpoint.os, "replace", replace)
     root = written_checkpoints(tmp_path, 2)
-    assert visible == {"step_0000002": {"state.pt", "config.json", "manifest.json"}}
-    assert {path.name for path in (root / "step_0000002").iterdir()} == visible["step_0000002"]
+    files = {path.name for path in (root / "step_0000002").iterdir()}
+    assert files == {"state.pt", "config.json", "manifest.json"}
+    assert visible == {"step_0000002": files | {f".tmp-step_0000002-{os.getpid()}"}}
+    assert synced[-1] == root.name == "checkpoints"
 
 
 def test_a_checkpoint_saved_before_settings_fixed_on_resume_existed_resumes_with_their_defaults(tmp_path):

@@ -249,8 +249,19 @@ def _atomic_replace_dir(tmp: Path, final: Path) -> None:
         old = final.with_name(f".old-{final.name}-{os.getpid()}")
         os.replace(final, old)
     os.replace(tmp, final)
+    _fsync_dir(final.parent)  # the renames themselves on disk: a crash after this returns keeps ``final``
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    """Put ``path``'s entries (the names of the files in it, a rename into it) on disk: POSIX keeps them with the
+    folder, not with the files, so an fsync of each file alone does not make them durable."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def rng_state(device: torch.device) -> dict:
@@ -402,6 +413,9 @@ def _seal(tmp: Path, final: Path) -> Path:
     (tmp / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
     with open(tmp / MANIFEST, "rb+") as handle:
         os.fsync(handle.fileno())
+    for folder in sorted((p for p in tmp.rglob("*") if p.is_dir()), reverse=True):  # the files' names, deepest first
+        _fsync_dir(folder)
+    _fsync_dir(tmp)
     _atomic_replace_dir(tmp, final)
     return final
 
