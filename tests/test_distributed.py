@@ -35,6 +35,29 @@ def _model() -> nn.Module:
     )
 
 
+def _rigl_layer() -> BlockSparseLinear:
+    return BlockSparseLinear(32, 64, 0.5, B, generator=torch.Generator().manual_seed(0), backend="reference")
+
+
+def _rigl_input(rank: int) -> torch.Tensor:
+    return torch.randn(4, 32, generator=torch.Generator().manual_seed(10 + rank))
+
+
+def _rigl_gradient_weight(rank: int) -> torch.Tensor:
+    """Weights of the outputs in rank ``rank``'s loss: each rank's dense gradient ranks the blocks differently."""
+    return torch.randn(4, 64, generator=torch.Generator().manual_seed(20 + rank))
+
+
+def _rigl_layout_after_one_update(ranks) -> torch.Tensor:
+    """One process: the layout RigL reaches when the dense gradient is the mean over ``ranks``' losses."""
+    layer = _rigl_layer()
+    smet = SMET(layer, SMETAdamW(layer.parameters(), backend="reference"), update_interval=1, prune_fraction=0.5,
+                regrow="gradient")  # fmt: skip
+    sum((layer(_rigl_input(rank)) * _rigl_gradient_weight(rank)).sum() for rank in ranks).div(len(ranks)).backward()
+    smet.step()
+    return layer.layout.block_indices
+
+
 def _worker(rank: int, init_file: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
@@ -77,6 +100,13 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         except RuntimeError as error:
             raised = "on every rank" in str(error)
         torch.save({"raised": raised}, os.path.join(out_dir, f"rigl_{rank}.pt"))
+        # RigL scores the regrow candidates by the mean of every rank's dense gradient, not by rank 0's own
+        layer, gradient_weight = _rigl_layer(), _rigl_gradient_weight(rank)
+        smet = SMET(layer, SMETAdamW(layer.parameters(), backend="reference"), update_interval=1,
+                    prune_fraction=0.5, regrow="gradient")  # fmt: skip
+        (layer(_rigl_input(rank)) * gradient_weight).sum().backward()
+        smet.step()
+        torch.save({"layout": layer.layout.block_indices.clone()}, os.path.join(out_dir, f"rigl_mean_{rank}.pt"))
     finally:
         # free DDP (its Reducer) while the group lives: a group destroyed from the Reducer's C++ destructor holds
         # the GIL while joining a gloo thread that may need it (intermittent deadlock at exit)
@@ -104,3 +134,7 @@ def test_two_gloo_ranks_keep_identical_topology(tmp_path):
             assert torch.equal(value, rank1["params"][param]), (name, param)
     assert all(torch.load(tmp_path / f"differing_{rank}.pt")["refused"] for rank in range(WORLD))
     assert all(torch.load(tmp_path / f"rigl_{rank}.pt")["raised"] for rank in range(WORLD))
+    mean_gradient = _rigl_layout_after_one_update(range(WORLD))
+    assert not torch.equal(mean_gradient, _rigl_layout_after_one_update([0]))  # the scenario tells the two apart
+    for rank in range(WORLD):
+        assert torch.equal(torch.load(tmp_path / f"rigl_mean_{rank}.pt")["layout"], mean_gradient), rank
