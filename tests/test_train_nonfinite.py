@@ -128,3 +128,30 @@ def test_a_skipped_step_leaves_no_dense_gradient_for_rigl_to_score(tmp_path, mon
         assert all(torch.isfinite(target.dense_grad).all() for target in run.controller.targets)
     finally:
         run.metrics.close()
+
+
+def infinite_grad_norm_on(monkeypatch, bad_calls) -> list:
+    """Make the gradient norm the loop measures infinite on the given (1-based) calls, the loss kept finite; returns
+    the list of the calls so far (clear it to count from 1 again)."""
+    real_clip, calls = loop.clip_grad_norm, []
+
+    def clip(parameters, max_norm):
+        calls.append(1)
+        norm = real_clip(parameters, max_norm)
+        return norm * float("inf") if len(calls) in bad_calls else norm
+
+    monkeypatch.setattr(loop, "clip_grad_norm", clip)
+    return calls
+
+
+def test_a_finite_loss_with_an_infinite_gradient_norm_is_skipped_and_named_a_grad_norm_fault(tmp_path, monkeypatch):
+    calls = infinite_grad_norm_on(monkeypatch, {2})
+    summary = train(tiny_config(on_nonfinite="skip", max_steps=3, out_dir=str(tmp_path)))
+    assert summary["steps"] == 3 and summary["nonfinite_skips"] == 1
+    records = strict_records(tmp_path / "metrics.jsonl")
+    (skipped,) = [r for r in records if r["type"] == "nonfinite"]
+    assert (skipped["step"], skipped["grad_norm"], skipped["action"]) == (2, None, "skip")
+    assert math.isfinite(skipped["loss"]) and [r["step"] for r in records if r["type"] == "train"] == [1, 2, 3]
+    calls.clear()
+    with pytest.raises(TrainingDiverged, match=r"^non-finite grad norm at step 2 \(loss=\d"):
+        train(tiny_config(max_steps=3, out_dir=str(tmp_path / "stop")))
