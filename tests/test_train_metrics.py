@@ -199,3 +199,24 @@ def test_a_blank_line_in_metrics_jsonl_is_passed_over_and_a_step_that_is_not_an_
         path.write_text(f'{{"step": 1}}\n{{"step": {step}}}\n')
         with pytest.raises(ConfigError, match="line 2 .* is not a metrics record"):
             read_records(path)
+
+
+def test_the_cpu_peak_memory_is_in_bytes_at_least_a_buffer_the_process_filled():
+    """``ru_maxrss`` counts KiB on Linux (bytes on macOS): read as bytes, a process peak is 1024 times too small."""
+    from smet_kernels.train.metrics import peak_memory_bytes
+
+    buffer = torch.ones(2**24)  # 64 MiB, written
+    peak, kind = peak_memory_bytes(torch.device("cpu"))
+    assert kind == "cpu_peak_rss" and peak >= buffer.numel() * buffer.element_size()
+
+
+def test_each_metrics_record_is_on_disk_as_soon_as_it_is_logged(tmp_path):
+    """A run killed mid-way (no close) keeps every record it logged: the log is flushed after each one."""
+    from smet_kernels.train.metrics import MetricsLog, read_records
+
+    log = MetricsLog(tmp_path)
+    try:
+        log.log({"type": "train", "step": 1, "loss": 2.5})
+        assert read_records(tmp_path / "metrics.jsonl") == [{"type": "train", "step": 1, "loss": 2.5}]
+    finally:
+        log.close()
