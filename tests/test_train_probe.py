@@ -94,3 +94,9 @@ def test_a_window_cut_short_by_the_next_update_is_a_complete_record_and_one_cut_
     assert at_end["prune_damage"] == pytest.approx(2.2 - 2.4) and at_end["cold_start_rise"] == pytest.approx(0.1)
     assert probe.finish() == []
 
+
+
+@pytest.mark.parametrize("window", [0, -1, True, 2.0])
+def test_a_window_that_is_not_a_positive_int_is_refused(window):
+    with pytest.raises(ValueError, match=f"window must be a positive int, got {window!r}"):
+        UpdateProbe(TwoSparseLayers(), lambda: 0.0, window)
