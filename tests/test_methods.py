@@ -116,3 +116,40 @@ def test_smet_train_names_the_warm_up_options_as_ignored_in_the_arms_without_war
     warning = (f"smet-train: --warmup-mode, --optimizer-warmup-steps, --warmup-scope have no effect with --optimizer "
                f"{name}\n")
     assert capsys.readouterr().err == (warning if ignored else "")
+
+
+def _layouts(name: str, **options) -> dict[str, torch.Tensor]:
+    shape = model_config("tiny", vocab_size=64, block_size=16, max_seq_len=8)
+    model = methods.build_model(shape, name, density=0.25, block_size=16, dtype=torch.float32, device="cpu",
+                                backend="reference", **options)
+    return {n: m.layout.block_indices for n, m in model.named_modules() if isinstance(m, (BlockSparseLinear,
+                                                                                          MaskedLinear))}
+
+
+def test_the_layouts_are_drawn_from_the_generator_given_or_else_from_one_seeded_with_seed():
+    default = _layouts("smet", seed=0)
+    same = _layouts("smet", seed=0, generator=torch.Generator().manual_seed(0))
+    other = _layouts("smet", seed=0, generator=torch.Generator().manual_seed(7))
+    assert all(torch.equal(default[n], same[n]) for n in default)
+    assert any(not torch.equal(default[n], other[n]) for n in default)
+
+
+def test_masked_layers_take_the_distribution_of_their_blocks_over_the_layers_as_compact_ones_do():
+    blocks = {name: {n: len(indices) for n, indices in _layouts(name, distribution="erk").items()}
+              for name in ("smet", "masked-dst")}
+    assert blocks["masked-dst"] == blocks["smet"] and len(set(blocks["smet"].values())) > 1
+
+
+@pytest.mark.parametrize("name", methods.TRAINER_NAMES)
+def test_the_optimizer_factory_passes_the_hyperparameters_to_every_method(name):
+    shape = model_config("tiny", vocab_size=64, block_size=16, max_seq_len=8)
+    model = methods.build_model(shape, name, density=0.5, block_size=16, dtype=torch.float32, device="cpu",
+                                backend="reference", seed=0)
+    hyper = dict(lr=2e-3, betas=(0.8, 0.9), eps=1e-7, weight_decay=0.3)
+    optimizer = methods.build_optimizer(name, model, backend="reference",
+                                        galore=dict(rank=4, update_proj_gap=7, scale=0.5), **hyper)
+    for group in optimizer.param_groups:
+        assert {key: group[key] for key in hyper} == hyper
+    if name == "galore":
+        (projected,) = [group for group in optimizer.param_groups if "rank" in group]
+        assert (projected["rank"], projected["update_proj_gap"], projected["scale"]) == (4, 7, 0.5)
