@@ -285,3 +285,14 @@ def test_readme_hugging_face_snippet_runs(tmp_path, monkeypatch):
     exec(compile(snippet, "README.md", "exec"), namespace)
     assert namespace["smet"].step_count == namespace["trainer"].state.global_step > 0
     assert type(namespace["model"].model.layers[0].mlp.up_proj) is torch.nn.Linear  # densified at the end
+
+
+def test_an_optimizer_state_saved_without_the_controller_loads_and_leaves_the_controller_as_it_was():
+    """An ``optimizer.pt`` of a run without SMETCallback holds no ``"smet"`` entry: the load hook passes it through."""
+    model, optimizer, smet = sparse_setup("llama", "random")
+    plain = optimizer.state_dict()
+    callback = SMETCallback(smet)
+    smet.step()
+    optimizer.load_state_dict(plain)
+    assert smet.step_count == 1 and callback.skipped_steps == 0
+    assert optimizer.state_dict()["smet"]["step"] == 1
