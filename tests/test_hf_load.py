@@ -290,3 +290,47 @@ def test_a_masked_layer_that_not_exactly_one_block_size_fits_is_refused_in_one_l
                        f"{fits}, not one: .* masked_sparsify it alike") as info:  # fmt: skip
         load_sparse_pretrained(tmp_path)
     assert "\n" not in str(info.value)
+
+
+def test_a_shard_named_in_the_index_but_missing_from_the_folder_is_refused_in_one_line_naming_it(tmp_path):
+    sparse_model("llama").save_pretrained(tmp_path, max_shard_size="40KB")
+    shard = sorted(tmp_path.glob("*.safetensors"))[-1]
+    shard.unlink()
+    with pytest.raises(FileNotFoundError, match=f"^{shard.name}, named in model.safetensors.index.json, is not in ") \
+            as info:
+        load_sparse_pretrained(tmp_path)
+    assert "\n" not in str(info.value)
+
+
+def test_the_generation_config_saved_beside_the_weights_is_loaded_with_them(tmp_path):
+    source = sparse_model("llama")
+    source.generation_config.max_new_tokens = 7
+    source.save_pretrained(tmp_path)
+    assert load_sparse_pretrained(tmp_path).generation_config.max_new_tokens == 7
+
+
+def test_each_shard_of_a_sharded_checkpoint_is_opened_once_for_its_headers_and_once_for_its_tensors(tmp_path,
+                                                                                                   monkeypatch):
+    sparse_model("llama").save_pretrained(tmp_path, max_shard_size="40KB")
+    shards = [path.name for path in tmp_path.glob("*.safetensors")]
+    opened = collections.Counter()
+
+    def counting_open(file, *args, **kwargs):
+        opened[Path(file).name] += 1
+        return safe_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(hf, "safe_open", counting_open)
+    load_sparse_pretrained(tmp_path)
+    assert len(shards) > 1 and opened == {name: 2 for name in shards}
+
+
+def test_a_masked_layers_weight_of_another_shape_is_refused_in_one_line_naming_it(tmp_path):
+    model = tiny_model("llama")
+    sk.masked_sparsify(model, 0.5, B, exclude="lm_head")
+    model.save_pretrained(tmp_path)
+    wider = {"model.layers.0.mlp.up_proj.weight": torch.zeros(256, 64)}
+    rewrite_checkpoint(tmp_path, lambda state: state.update(wider))
+    with pytest.raises(ValueError, match=r"^'model.layers.0.mlp.up_proj.weight' in model.safetensors has shape "
+                       r"\[256, 64\], the model's \[128, 64\]$") as info:
+        load_sparse_pretrained(tmp_path)
+    assert "\n" not in str(info.value)
