@@ -538,3 +538,36 @@ def test_a_training_step_reads_the_device_back_once_outside_the_optimizer(optimi
         loss, grad_norm = run.train_step()
         readbacks.counting = False
         assert readbacks.take() == ["tolist in train_step"] and math.isfinite(loss) and grad_norm > 0
+
+
+
+@pytest.mark.parametrize("optimizer", trainer.OPTIMIZERS)
+def test_the_trainer_builds_each_method_with_the_configured_settings(optimizer):
+    config = tiny_config(optimizer=optimizer, lr=2e-3, betas=(0.8, 0.9), eps=1e-7, weight_decay=0.3, galore_rank=4,
+                         galore_update_gap=7, galore_scale=0.5, activation_checkpointing=True, update_interval=3,
+                         prune_fraction=0.3, regrow="gradient", seed=5, seq_len=4096)
+    model = trainer.build_model(config, 64, torch.device("cpu"))
+    assert model.activation_checkpointing is True and model.config.max_seq_len == 4096
+    built = trainer.build_optimizer(config, model, torch.device("cpu"))
+    for group in built.param_groups:
+        assert (group["lr"], group["betas"], group["eps"], group["weight_decay"]) == (2e-3, (0.8, 0.9), 1e-7, 0.3)
+    if optimizer == "galore":
+        (projected,) = [group for group in built.param_groups if "rank" in group]
+        assert (projected["rank"], projected["update_proj_gap"], projected["scale"]) == (4, 7, 0.5)
+    controller = trainer.build_controller(config, model, built)
+    if controller is not None:
+        assert (controller.update_interval, controller.prune_fraction, controller.end_step, controller.regrow,
+                controller.seed) == (3, 0.3, 24, "gradient", 5)
+
+
+def test_supar_scales_the_hidden_layers_init_and_lr_by_width_over_supar_base_width_times_density():
+    config = tiny_config(optimizer="smet", supar=True, supar_base_width=4, density=0.5)
+    model = trainer.build_model(config, 64, torch.device("cpu"))
+    built = trainer.build_optimizer(config, model, torch.device("cpu"))
+    hidden = [group for group in built.param_groups if hasattr(group["params"][0], "smet_layout")]
+    assert hidden
+    for group in hidden:
+        (values,) = group["params"]
+        multiplier = model.config.hidden_size / 4 * values.smet_layout.density
+        assert group["lr"] == pytest.approx(config.lr / multiplier)
+        assert values.std().item() == pytest.approx(model.config.init_std / multiplier**0.5, rel=0.15)
