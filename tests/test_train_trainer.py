@@ -540,6 +540,71 @@ def test_a_training_step_reads_the_device_back_once_outside_the_optimizer(optimi
         assert readbacks.take() == ["tolist in train_step"] and math.isfinite(loss) and grad_norm > 0
 
 
+def test_each_param_group_follows_the_schedule_from_its_own_peak_lr():
+    """SuPar gives the hidden weights their own LRs: the schedule scales each group's peak, not the first group's."""
+    run = loop.Run(tiny_config(optimizer="smet", supar=True, lr_warmup_steps=4, eval_every=0))
+    peaks = [group["lr"] for group in run.optimizer.param_groups]
+    assert len(set(peaks)) > 1
+    run.train_step()
+    assert [group["lr"] for group in run.optimizer.param_groups] == pytest.approx([peak / 4 for peak in peaks])
+
+
+def test_the_update_probe_evaluates_the_first_validation_windows_in_one_training_micro_batch():
+    config = tiny_config(optimizer="smet", batch_size=4, grad_accum=2)
+    run = loop.Run(config)
+    x, y = window_batch(run.val_tokens, run.val_indices[:2], config.seq_len)
+    with torch.no_grad():
+        logits = run.model(x)
+    expected = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1)).item()
+    assert run.probe_loss() == pytest.approx(expected, rel=1e-6)
+
+
+def test_the_update_probes_own_loss_evaluations_are_left_out_of_the_step_time(monkeypatch):
+    """A fake clock: 1 s for each step, 100 s for each loss the probe measures (before and after the update at step 6,
+    after steps 7 and 8)."""
+    clock = types.SimpleNamespace(now=0.0, perf_counter=lambda: clock.now)
+    real_step, real_probe_loss = loop.Run.train_step, loop.Run.probe_loss
+    probed = []
+
+    def one_second_step(self):
+        clock.now += 1.0
+        return real_step(self)
+
+    def slow_probe_loss(self):
+        probed.append(clock.now)
+        clock.now += 100.0
+        return real_probe_loss(self)
+
+    monkeypatch.setattr(loop, "time", clock)
+    monkeypatch.setattr(loop.Run, "train_step", one_second_step)
+    monkeypatch.setattr(loop.Run, "probe_loss", slow_probe_loss)
+    summary = train(tiny_config(optimizer="smet", max_steps=8, eval_every=0))
+    assert len(probed) == 4 and summary["train_time_s"] == 8.0
+
+
+def test_with_log_every_the_final_step_is_logged_and_an_eval_between_logged_steps_gets_its_own_record(tmp_path):
+    train(tiny_config(optimizer="adamw", max_steps=6, log_every=4, eval_every=3, out_dir=str(tmp_path)))
+    records = [(r["type"], r["step"], "val_loss" in r) for r in read_metrics(tmp_path)
+               if r["type"] in ("train", "eval")]
+    assert records == [("eval", 0, True), ("eval", 3, True), ("train", 4, False), ("train", 6, True)]
+
+
+def test_the_logged_throughput_is_that_of_the_steps_since_the_previous_record(tmp_path, monkeypatch):
+    """A fake clock: 1 s for the first step, 1 ms for each later one; records every second step."""
+    real_step = loop.Run.train_step
+    clock = types.SimpleNamespace(now=0.0, perf_counter=lambda: clock.now)
+
+    def timed_step(self):
+        clock.now += 1.0 if self.step == 0 else 1e-3
+        return real_step(self)
+
+    monkeypatch.setattr(loop, "time", clock)
+    monkeypatch.setattr(loop.Run, "train_step", timed_step)
+    train(tiny_config(optimizer="adamw", max_steps=4, log_every=2, eval_every=0, out_dir=str(tmp_path)))
+    throughput = [r["tokens_per_s"] for r in read_metrics(tmp_path) if r["type"] == "train"]
+    step_tokens = 4 * 64
+    assert throughput == pytest.approx([2 * step_tokens / 1.001, 2 * step_tokens / 2e-3])
+
 
 @pytest.mark.parametrize("optimizer", trainer.OPTIMIZERS)
 def test_the_trainer_builds_each_method_with_the_configured_settings(optimizer):
@@ -571,3 +636,36 @@ def test_supar_scales_the_hidden_layers_init_and_lr_by_width_over_supar_base_wid
         multiplier = model.config.hidden_size / 4 * values.smet_layout.density
         assert group["lr"] == pytest.approx(config.lr / multiplier)
         assert values.std().item() == pytest.approx(model.config.init_std / multiplier**0.5, rel=0.15)
+
+
+def test_bf16_autocast_runs_training_and_evaluation_forwards_in_bf16_over_fp32_weights(monkeypatch):
+    dtypes = []
+    real_forward = LlamaModel.forward
+
+    def recording_forward(self, tokens):
+        logits = real_forward(self, tokens)
+        dtypes.append((torch.is_grad_enabled(), logits.dtype))
+        return logits
+
+    monkeypatch.setattr(LlamaModel, "forward", recording_forward)
+    run = loop.Run(tiny_config(optimizer="adamw", precision="bf16-autocast", eval_batches=1))
+    run.train_step()
+    run.evaluate()
+    assert {p.dtype for p in run.model.parameters()} == {torch.float32}
+    assert dtypes == [(True, torch.bfloat16), (False, torch.bfloat16)]
+
+
+def test_the_summary_counts_updates_and_tokens_and_gives_a_block_size_to_sparse_methods_only():
+    sparse = train(tiny_config(optimizer="smet", max_steps=4, update_interval=2, eval_every=0))
+    dense = train(tiny_config(optimizer="adamw", max_steps=4, eval_every=0))
+    assert (sparse["topology_updates"], sparse["tokens"], sparse["block_size"]) == (2, 4 * 4 * 64, 16)
+    assert (dense["topology_updates"], dense["tokens"], dense["block_size"]) == (0, 4 * 4 * 64, None)
+
+
+def test_a_resume_keeps_the_runs_initial_validation_loss_and_does_not_evaluate_step_0_again(tmp_path):
+    config = tiny_config(optimizer="adamw", max_steps=4, eval_every=2, eval_batches=1, checkpoint_every=2,
+                         out_dir=str(tmp_path))
+    uninterrupted = train(config)
+    resumed = train(dataclasses.replace(config, resume=str(tmp_path / "checkpoints" / "step_0000002")))
+    assert resumed["initial_val_loss"] == uninterrupted["initial_val_loss"]
+    assert [r["step"] for r in read_metrics(tmp_path) if r["type"] == "eval"] == [0]
