@@ -669,3 +669,28 @@ def test_a_resume_keeps_the_runs_initial_validation_loss_and_does_not_evaluate_s
     resumed = train(dataclasses.replace(config, resume=str(tmp_path / "checkpoints" / "step_0000002")))
     assert resumed["initial_val_loss"] == uninterrupted["initial_val_loss"]
     assert [r["step"] for r in read_metrics(tmp_path) if r["type"] == "eval"] == [0]
+
+
+def test_a_run_without_the_update_probe_writes_no_probe_record(tmp_path):
+    train(tiny_config(optimizer="smet", max_steps=7, update_probe=False, out_dir=str(tmp_path)))
+    assert not [r for r in read_metrics(tmp_path) if r["type"] == "update_probe"]
+
+
+def test_train_puts_the_backend_it_was_called_with_back():
+    import smet_kernels
+
+    previous = smet_kernels.get_backend()
+    smet_kernels.set_backend("auto")
+    try:
+        train(tiny_config(optimizer="adamw", max_steps=1, eval_every=0, backend="reference"))
+        assert smet_kernels.get_backend() == "auto"
+    finally:
+        smet_kernels.set_backend(previous)
+
+
+def test_a_dense_model_keeps_the_presets_intermediate_size_that_sparse_methods_round_up_to_a_multiple_of_128():
+    """20m's 688 is no multiple of its default block size 64: sparse methods round it to 768, dense ones have none."""
+    sizes = {optimizer: trainer.build_model(tiny_config(model="20m", optimizer=optimizer), 64,
+                                            torch.device("cpu")).config.intermediate_size
+             for optimizer in ("adamw", "smet")}
+    assert sizes == {"adamw": 688, "smet": 768}
