@@ -220,3 +220,21 @@ def test_each_metrics_record_is_on_disk_as_soon_as_it_is_logged(tmp_path):
         assert read_records(tmp_path / "metrics.jsonl") == [{"type": "train", "step": 1, "loss": 2.5}]
     finally:
         log.close()
+
+
+def test_a_failed_write_of_metrics_jsonl_stops_a_single_process_run_at_once(tmp_path, monkeypatch):
+    from smet_kernels.train.distributed import TrainingFailed
+    from smet_kernels.train.metrics import MetricsLog
+
+    real_log = MetricsLog.log
+
+    def full_disk_at_step_2(self, record):
+        if record["step"] == 2:
+            raise OSError(28, "No space left on device")
+        real_log(self, record)
+
+    monkeypatch.setattr(MetricsLog, "log", full_disk_at_step_2)
+    with pytest.raises(TrainingFailed, match=r"^could not write '.*metrics.jsonl': \[Errno 28\] No space left on dev"):
+        train(tiny_config(max_steps=4, out_dir=str(tmp_path)))
+    assert [r["step"] for r in strict_records(tmp_path / "metrics.jsonl")] == [1]
+    assert not (tmp_path / "summary.json").exists()
