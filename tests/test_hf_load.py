@@ -334,3 +334,8 @@ def test_a_masked_layers_weight_of_another_shape_is_refused_in_one_line_naming_i
                        r"\[256, 64\], the model's \[128, 64\]$") as info:
         load_sparse_pretrained(tmp_path)
     assert "\n" not in str(info.value)
+
+
+def test_the_loaded_models_config_records_the_dtype_it_was_loaded_in(tmp_path):
+    saved(tmp_path)
+    assert load_sparse_pretrained(tmp_path, dtype=torch.bfloat16).config.dtype == torch.bfloat16
