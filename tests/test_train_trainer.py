@@ -694,3 +694,14 @@ def test_a_dense_model_keeps_the_presets_intermediate_size_that_sparse_methods_r
                                             torch.device("cpu")).config.intermediate_size
              for optimizer in ("adamw", "smet")}
     assert sizes == {"adamw": 688, "smet": 768}
+
+
+def test_a_run_that_ends_inside_a_probe_window_writes_its_record_marked_incomplete(tmp_path):
+    train(tiny_config(optimizer="smet", max_steps=7, out_dir=str(tmp_path)))
+    probes = [r for r in read_metrics(tmp_path) if r["type"] == "update_probe"]
+    assert [(r["update_step"], r["step"], r["complete"], len(r["probe_losses"])) for r in probes] == [(6, 7, False, 1)]
+
+
+def test_the_summarys_final_perplexity_is_the_exponential_of_its_final_validation_loss():
+    summary = train(tiny_config(optimizer="adamw", max_steps=2, eval_every=2, eval_batches=1))
+    assert summary["final_val_ppl"] == pytest.approx(math.exp(summary["final_val_loss"]))
