@@ -355,6 +355,57 @@ def test_the_corpus_digest_tells_apart_the_same_tokens_split_at_another_place():
     assert len(digests) == 2
 
 
+def test_a_folder_corpus_is_its_files_in_the_order_of_their_paths_each_joined_by_a_newline(tmp_path):
+    """Files are read sorted by their path under the folder (``a/x.txt`` before ``b.txt``, though a walk of the folder
+    meets ``b.txt`` first) and a split's files are joined by a newline (``g33.txt`` is the validation file at 2 %)."""
+    root = tmp_path / "corpus"
+    (root / "a").mkdir(parents=True)
+    (root / "b.txt").write_text("beta")
+    (root / "a" / "x.txt").write_text("alpha")
+    (root / "g33.txt").write_text("held out")
+    corpus = load_corpus(str(root))
+    assert bytes(corpus.train) == b"alpha\nbeta" and bytes(corpus.val) == b"held out"
+
+
+def test_the_token_cache_tells_apart_folders_and_files_that_keep_their_size_or_time(tmp_path):
+    """The cache key holds the folder, each file's path under it, size and mtime: without one of them a corpus would
+    read another's cached text (two folders alike in names, sizes and times; a renamed file, which keeps its mtime; an
+    edit within one tick of a coarse file system clock)."""
+    def write(path, text, mtime_ns=10**18):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        os.utime(path, ns=(mtime_ns, mtime_ns))
+
+    def text_of(folder):
+        corpus = load_corpus(str(folder))
+        return bytes(corpus.train).decode() + "|" + bytes(corpus.val).decode()
+
+    write(tmp_path / "one" / "a.txt", "first")
+    write(tmp_path / "two" / "a.txt", "other")
+    assert text_of(tmp_path / "one") != text_of(tmp_path / "two")
+    for name, text in (("a.txt", "alpha"), ("b.txt", "bravo")):
+        write(tmp_path / "renamed" / name, text)
+    before = text_of(tmp_path / "renamed")
+    (tmp_path / "renamed" / "a.txt").rename(tmp_path / "renamed" / "c.txt")  # keeps its mtime
+    assert text_of(tmp_path / "renamed") != before
+    write(tmp_path / "edited" / "a.txt", "short")
+    assert text_of(tmp_path / "edited").replace("|", "") == "short"
+    write(tmp_path / "edited" / "a.txt", "longer text")
+    assert text_of(tmp_path / "edited").replace("|", "") == "longer text"
+
+
+def test_the_corpus_digest_covers_the_validation_tokens():
+    tokens = np.arange(100, dtype=np.uint8)
+    kept, reversed_val = (data_module.Corpus(tokens[:90], val, 256, "x").sha256
+                          for val in (tokens[90:], tokens[:89:-1]))
+    assert kept != reversed_val
+
+
+def test_evaluation_windows_are_spread_evenly_rounded_to_the_nearest_and_short_validation_data_is_refused():
+    assert eval_windows(np.arange(11 * 8 + 1, dtype=np.uint16), 8, 4).tolist() == [0, 3, 7, 10]  # 0, 3.3, 6.7, 10
+    with pytest.raises(DataError, match=r"validation data is shorter than seq_len\+1=9 tokens"):
+        eval_windows(np.arange(8, dtype=np.uint16), 8, 2)
+
 # ------------------------------------------------------------------------------------------------ spikes
 def test_spike_tracker_rise_after_update():
     tracker = SpikeTracker(window=3)
