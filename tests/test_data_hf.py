@@ -145,3 +145,15 @@ def test_an_edited_local_dataset_folder_is_read_again_not_taken_from_the_cache(t
     assert text_of(load_corpus(spec).train) == "first text"
     (tmp_path / "dataset" / "train.txt").write_text("edited text, longer\n")
     assert text_of(load_corpus(spec).train) == "edited text, longer"
+
+
+def test_each_config_and_validation_share_of_a_dataset_has_its_own_cache_entry(monkeypatch):
+    """The cache key holds the config and the val_percent: without them a dataset's second config would read the
+    first's cached text, and another val_percent of a dataset without a validation split the first's cut."""
+    def load_dataset(name, subset):
+        return datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": [f"{subset} " * 50]})})
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    assert text_of(load_corpus("hf:someone/corpus:en").train).startswith("en ")
+    assert text_of(load_corpus("hf:someone/corpus:de").train).startswith("de ")
+    assert [len(load_corpus("hf:someone/corpus:de", val_percent=share).val) for share in (2.0, 10.0)] == [3, 15]
