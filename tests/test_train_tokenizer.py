@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tokenizers
 import torch
 
 from smet_kernels.train import cli, tokenizer as tokenizer_module
@@ -37,8 +38,10 @@ def test_tokenizer_specs_parse_with_one_line_errors():
     assert parse_tokenizer("byte").vocab_size == 256
     assert parse_tokenizer("bpe").vocab_size == DEFAULT_BPE_VOCAB == 32000
     assert parse_tokenizer("bpe:512").vocab_size == 512 and parse_tokenizer("bpe:512").name == "bpe512"
-    for bad, message in (("wordpiece", "must be 'byte' or 'bpe"), ("bpe:x", "must be an integer"),
-                         ("bpe:100", "must be in [257")):
+    assert parse_tokenizer("bpe:257").vocab_size == 257 and parse_tokenizer(f"bpe:{1 << 20}").vocab_size == 1 << 20
+    for bad, message in (("wordpiece", "must be 'byte' or 'bpe"), ("byte:300", "must be 'byte' or 'bpe"),
+                         ("bpe:x", "must be an integer"), ("bpe:256", "must be in [257"),
+                         (f"bpe:{(1 << 20) + 1}", "must be in [257")):
         with pytest.raises(TokenizerError, match=message.replace("[", r"\[")):
             parse_tokenizer(bad)
     with pytest.raises(ConfigError, match="must be 'byte' or 'bpe"):
@@ -145,3 +148,30 @@ def test_a_bpe_cache_write_that_fails_on_a_full_disk_is_a_data_error_and_leaves_
     with pytest.raises(DataError, match="No space left on device"):
         load_corpus(str(corpus_dir), tokenizer="bpe:300")
     assert sorted(path.name for path in (tmp_path / "cache").iterdir()) == cached
+
+
+def test_text_is_cut_into_chunks_after_the_first_newline_past_the_chunk_size_and_decoded_with_replacement(
+        monkeypatch):
+    monkeypatch.setattr(tokenizer_module, "CHUNK_BYTES", 4)
+    data = np.frombuffer(b"ab\ncdefg\nh\xffi\nj", dtype=np.uint8)
+    assert tokenizer_module.text_chunks(data) == ["ab\ncdefg\n", "h\ufffdi\nj"]
+
+
+def test_token_ids_are_uint16_up_to_a_vocabulary_of_65536():
+    assert [tokenizer_module.token_dtype(size) for size in (1 << 16, (1 << 16) + 1)] == [np.uint16, np.uint32]
+
+
+def test_each_bpe_vocabulary_and_tokenizers_release_has_its_own_cache_entry_and_a_partial_entry_is_rebuilt(
+        corpus_dir, monkeypatch):
+    """The BPE cache key holds the vocabulary and the tokenizers release; an entry missing one of its files (a crash
+    between the renames) is trained again, not read."""
+    assert [load_corpus(str(corpus_dir), tokenizer=f"bpe:{vocab}").vocab_size for vocab in (300, 310)] == [300, 310]
+    trainings = []
+    real_train_bpe = tokenizer_module.train_bpe
+    monkeypatch.setattr(tokenizer_module, "train_bpe", lambda *args: trainings.append(args) or real_train_bpe(*args))
+    monkeypatch.setattr(tokenizers, "__version__", "0.0.0-other")
+    first = load_corpus(str(corpus_dir), tokenizer="bpe:300")
+    assert len(trainings) == 1
+    (val_tokens,) = Path(first.train.filename).parent.glob("*.bpe300-0.0.0-other.val.bin")
+    val_tokens.unlink()
+    assert np.array_equal(load_corpus(str(corpus_dir), tokenizer="bpe:300").val, first.val) and len(trainings) == 2

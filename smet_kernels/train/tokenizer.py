@@ -82,9 +82,14 @@ def train_bpe(train_bytes: np.ndarray, vocab_size: int):
     return tokenizer
 
 
+def token_dtype(vocab_size: int) -> type:
+    """The dtype of token ids: uint16 when the vocabulary fits (ids below 65536), else uint32."""
+    return np.uint16 if vocab_size <= 1 << 16 else np.uint32
+
+
 def encode(tokenizer, data: np.ndarray) -> np.ndarray:
-    """Token ids of the bytes ``data`` (uint16 when the vocabulary fits, else uint32)."""
-    dtype = np.uint16 if tokenizer.get_vocab_size() <= 1 << 16 else np.uint32
+    """Token ids of the bytes ``data`` (:func:`token_dtype`)."""
+    dtype = token_dtype(tokenizer.get_vocab_size())
     ids = [np.asarray(e.ids, dtype=dtype) for e in tokenizer.encode_batch(text_chunks(data), add_special_tokens=False)]
     return np.concatenate(ids) if ids else np.zeros(0, dtype=dtype)
 
@@ -115,7 +120,7 @@ def bpe_streams(train: np.ndarray, val: np.ndarray, cache_stem: Path, vocab_size
                 streams[name].tofile(tmp[name])
             tokenizer.save(str(tmp["tokenizer.json"]))
     tokenizer = Tokenizer.from_file(str(paths["tokenizer.json"]))
-    dtype = np.uint16 if tokenizer.get_vocab_size() <= 1 << 16 else np.uint32
+    dtype = token_dtype(tokenizer.get_vocab_size())
 
     def load(name):
         path = paths[name]
