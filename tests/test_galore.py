@@ -165,3 +165,32 @@ def test_a_numpy_scale_is_a_number():
 
     optimizer = GaLoreAdamW([{"params": [nn.Parameter(torch.zeros(8, 6))], "rank": 2, "scale": np.float32(0.25)}])
     assert optimizer.param_groups[0]["scale"] == 0.25
+
+
+@pytest.mark.parametrize("kwargs, group, error, message", [
+    (dict(betas=(0.9, 1.0)), {}, ValueError, r"betas must lie in \[0, 1\)"),
+    (dict(eps=-1e-8), {}, ValueError, "eps must be >= 0"),
+    (dict(weight_decay=-0.1), {}, ValueError, "weight_decay must be >= 0"),
+    ({}, dict(rank=True), TypeError, "rank must be an int, got bool"),
+    ({}, dict(rank=2, update_proj_gap=0), ValueError, "update_proj_gap must be positive"),
+], ids=["beta2-one", "eps", "weight-decay", "bool-rank", "group-gap"])  # fmt: skip
+def test_a_setting_out_of_range_is_refused_by_name_also_in_a_param_group(kwargs, group, error, message):
+    with pytest.raises(error, match=message):
+        GaLoreAdamW([{"params": [nn.Parameter(torch.zeros(8, 6))], **group}], **kwargs)
+
+
+def test_a_learning_rate_of_zero_is_accepted_and_leaves_the_weights_unchanged():
+    """A schedule may start at lr = 0 (warm-up), as with torch's AdamW."""
+    weight = nn.Parameter(torch.ones(8, 6))
+    optimizer = GaLoreAdamW([{"params": [weight], "rank": 2}], lr=0.0, weight_decay=0.1)
+    weight.grad = torch.randn(8, 6, generator=torch.Generator().manual_seed(0))
+    optimizer.step()
+    assert torch.equal(weight, torch.ones(8, 6))
+
+
+def test_param_groups_carry_the_given_gap_and_scale_and_leave_out_frozen_parameters():
+    model = nn.ModuleDict({"q_proj": nn.Linear(8, 8, bias=False), "other": nn.Linear(8, 4)})
+    model["other"].bias.requires_grad_(False)
+    plain, projected = galore_param_groups(model, rank=2, update_proj_gap=5, scale=0.5)
+    assert plain["params"] == [model["other"].weight]
+    assert (projected["update_proj_gap"], projected["scale"]) == (5, 0.5)
