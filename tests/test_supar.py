@@ -18,18 +18,21 @@ def test_supar_formulas():
     assert supar_multiplier(1024, 256, 0.25, 1.0) == pytest.approx(1.0)
     assert supar_init_std(0.02, 1024, 256, 0.5) == pytest.approx(0.02 / math.sqrt(2.0))
     assert supar_lr(1e-3, 512, 256, 0.1, 0.2) == pytest.approx(1e-3 / (2.0 * 0.5))
-    for bad in (dict(width=0), dict(base_width=-1), dict(density=1.5), dict(base_density=0.0)):
+    assert supar_lr(1e-3, 1024, 256, 0.5) == pytest.approx(1e-3 / 2.0)  # a multiplier of 2: lr / m, not / sqrt(m)
+    for bad in (dict(width=0), dict(width=math.inf), dict(base_width=-1), dict(density=1.5), dict(base_density=0.0)):
         args = dict(width=512, base_width=256, density=0.5, base_density=1.0) | bad
         with pytest.raises(ValueError, match=next(iter(bad))):
             supar_lr(1e-3, **args)
-    with pytest.raises(TypeError, match="width"):
-        supar_lr(1e-3, "512", 256, 0.5)
+    for not_a_number in ("512", True):
+        with pytest.raises(TypeError, match="width"):
+            supar_lr(1e-3, not_a_number, 256, 0.5)
 
 
 def test_supar_param_groups_and_init():
     model = nn.Sequential(nn.Linear(FEATURES, FEATURES), TinyMLP())
     groups = supar_param_groups(model, lr=1e-3, width=FEATURES, base_width=FEATURES // 2, weight_decay=0.1)
     assert len(groups) == 3 and len(groups[0]["params"]) == 2 and groups[0]["lr"] == 1e-3
+    assert groups[0]["weight_decay"] == 0.1
     for group in groups[1:]:
         (param,) = group["params"]
         assert group["lr"] == pytest.approx(1e-3 / (2 * param.smet_layout.density))
@@ -61,6 +64,15 @@ def test_supar_init_keeps_the_inactive_blocks_of_masked_weights_at_zero():
     mask = layer.layout.mask.repeat_interleave(B, 0).repeat_interleave(B, 1)
     assert torch.all(layer.weight[~mask] == 0)
     assert layer.weight[mask].std().item() == pytest.approx(0.02 / math.sqrt(2 * 0.5), rel=0.1)
+
+
+def test_supar_init_of_a_model_without_sparse_weights_is_refused_and_frozen_weights_get_no_group():
+    with pytest.raises(ValueError, match="no sparse parameters"):
+        supar_init_(nn.Linear(4, 4), 0.02, 512, 256)
+    model = TinyMLP()
+    model.up.values.requires_grad_(False)
+    groups = supar_param_groups(model, lr=1e-3, width=FEATURES, base_width=FEATURES)
+    assert all(param is not model.up.values for group in groups for param in group["params"])
 
 
 @pytest.mark.gpu
