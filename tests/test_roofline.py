@@ -122,6 +122,16 @@ def test_with_unlimited_bandwidth_every_bound_is_exactly_d_times_dense_at_the_dr
     assert {row["max_dense_efficiency"] for row in rows} == {1.0}
 
 
+def test_each_row_bounds_a_layout_of_the_weight_as_it_is_stored_n_by_k():
+    """The MLP weights are not square: a layout drawn as ``[K, N]`` would count the other side's block lines (which
+    set the bound: memory-bound at 1 TB/s)."""
+    rows = roofline.bar_rows(["350m"], [0.1], [8192], 128, 2, 780.0, 1.0)
+    for row in rows:
+        layout = BlockLayout.random(row["N"], row["K"], 128, 0.1, generator=torch.Generator().manual_seed(0))
+        bound = roofline.sparse_roofline(row["op"], 8192, layout, 2, 780.0, 1.0).bound_s
+        assert row["sparse_bound_us"] == round(bound * 1e6, 1), row
+
+
 def test_the_roofline_table_of_the_kernel_notes_matches_the_reports():
     """``bench/KERNEL_NOTES.md``: per config and density, the lowest and highest ``bound_vs_d_dense`` of
     ``reports/roofline-h200-anchors`` (the H100's of ``reports/roofline-h100-anchors`` in brackets; none: the same)."""
