@@ -149,6 +149,8 @@ def test_text_file_folder_and_bin(tmp_path):
 
 
 def test_unreadable_data_raises_one_line_error(tmp_path):
+    with pytest.raises(DataError, match="data must be 'stdlib', a path or 'hf:NAME', got 123"):
+        load_corpus(123)
     with pytest.raises(DataError, match="does not exist"):
         load_corpus(str(tmp_path / "missing.txt"))
     (tmp_path / "odd.bin").write_bytes(b"abc")
@@ -258,6 +260,7 @@ def test_each_epoch_visits_the_windows_in_a_new_order():
     batches = PackedBatches(np.arange(8 * 8 + 1, dtype=np.uint16), seq_len=8, batch_size=8, seed=0)
     orders = [tuple(batches.next_global().tolist()) for _ in range(3)]
     assert all(sorted(order) == list(range(8)) for order in orders) and len(set(orders)) == 3
+    assert batches.state_dict()["epoch"] == 2
 
 
 def test_a_path_whose_crc32_share_is_exactly_the_val_percent_goes_to_training():
@@ -467,6 +470,20 @@ def test_a_folder_given_by_a_relative_or_symlinked_path(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     sizes = {len(load_corpus(spec).train) for spec in ("corpus/sub", "./corpus/sub", "link", str(folder))}
     assert len(sizes) == 1 and sizes.pop() > 0
+
+
+def test_a_relative_file_path_has_the_cache_entry_of_the_file_it_resolves_to(tmp_path, monkeypatch):
+    """Two folders' ``corpus.txt`` alike in size and mtime (a tarball extracted twice): keyed by the relative path as
+    given, the second would read the first's cached text."""
+    for name, word in (("one", "first"), ("two", "other")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "corpus.txt").write_text(f"{word} text\n" * 100)
+        os.utime(tmp_path / name / "corpus.txt", ns=(10**18, 10**18))
+    texts = []
+    for name in ("one", "two"):
+        monkeypatch.chdir(tmp_path / name)
+        texts.append(bytes(load_corpus("corpus.txt").train[:5]))
+    assert texts == [b"first", b"other"]
 
 
 def _spikes_by_the_formula(losses: list[float], updates: set[int], window: int) -> list[tuple]:
