@@ -40,6 +40,7 @@ def test_tokenizer_specs_parse_with_one_line_errors():
     assert parse_tokenizer("bpe:512").vocab_size == 512 and parse_tokenizer("bpe:512").name == "bpe512"
     assert parse_tokenizer("bpe:257").vocab_size == 257 and parse_tokenizer(f"bpe:{1 << 20}").vocab_size == 1 << 20
     for bad, message in (("wordpiece", "must be 'byte' or 'bpe"), ("byte:300", "must be 'byte' or 'bpe"),
+                         (None, "must be 'byte' or 'bpe"),
                          ("bpe:x", "must be an integer"), ("bpe:256", "must be in [257"),
                          (f"bpe:{(1 << 20) + 1}", "must be in [257")):
         with pytest.raises(TokenizerError, match=message.replace("[", r"\[")):
