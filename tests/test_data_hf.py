@@ -157,3 +157,11 @@ def test_each_config_and_validation_share_of_a_dataset_has_its_own_cache_entry(m
     assert text_of(load_corpus("hf:someone/corpus:en").train).startswith("en ")
     assert text_of(load_corpus("hf:someone/corpus:de").train).startswith("de ")
     assert [len(load_corpus("hf:someone/corpus:de", val_percent=share).val) for share in (2.0, 10.0)] == [3, 15]
+
+
+def test_a_cache_entry_missing_one_of_its_streams_is_loaded_again(tmp_path, monkeypatch):
+    loads = from_the_hub(monkeypatch, {"train": {"text": ["first", "second"]}, "validation": {"text": ["held out"]}})
+    assert text_of(load_corpus("hf:someone/corpus").val) == "held out"
+    (val_stream,) = (tmp_path / "smet_cache").glob("hf-*.val.bin")
+    val_stream.unlink()
+    assert text_of(load_corpus("hf:someone/corpus").val) == "held out" and len(loads) == 2
