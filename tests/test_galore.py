@@ -194,3 +194,14 @@ def test_param_groups_carry_the_given_gap_and_scale_and_leave_out_frozen_paramet
     plain, projected = galore_param_groups(model, rank=2, update_proj_gap=5, scale=0.5)
     assert plain["params"] == [model["other"].weight]
     assert (projected["update_proj_gap"], projected["scale"]) == (5, 0.5)
+
+
+def test_a_bfloat16_weight_is_projected_through_an_fp32_svd_and_keeps_its_dtype():
+    gen = torch.Generator().manual_seed(5)
+    weight = nn.Parameter(torch.randn(8, 6, generator=gen).to(torch.bfloat16))
+    before = weight.detach().clone()
+    optimizer = GaLoreAdamW([{"params": [weight], "rank": 2}], lr=0.1)
+    weight.grad = torch.randn(8, 6, generator=gen).to(torch.bfloat16)
+    optimizer.step()
+    assert optimizer.state[weight]["projection"].dtype == weight.dtype == torch.bfloat16
+    assert not torch.equal(weight, before)
