@@ -60,8 +60,8 @@ def test_cli_writes_csv_and_report(tmp_path):
 def test_a_bound_just_above_the_bar_is_listed_beyond_the_roofline_though_its_efficiency_rounds_to_one(tmp_path):
     """350m qkvo weight grad at d = 0.25 is memory-bound (1.2622 × d × dense at 4.3 TB/s); at 4.335 TB/s its bound
     is 1.2622 × 4.3 / 4.335 = 1.252 × d × dense > 1.25, and 1.25 / 1.252 = 0.9984 rounds to 1.0 at two digits. The
-    forward and input grad (1.3507 × 4.3 / 4.335 = 1.340) are beyond too: 3 of the 9 cases."""
-    rows = roofline.bar_rows(["350m"], [0.25], [8192], 128, 2, 780.0, 4.335)
+    forward and input grad (1.3507 × 4.3 / 4.335 = 1.340) are beyond too: 3 of the 9 cases (d = 0.05 has no bar)."""
+    rows = roofline.bar_rows(["350m"], [0.25, 0.05], [8192], 128, 2, 780.0, 4.335)
     grad_weight = next(r for r in rows if r["shape"] == "350m:qkvo" and r["op"] == "grad_weight")
     assert (grad_weight["bound_vs_d_dense"], grad_weight["max_dense_efficiency"]) == (1.25, 0.99)
     text = roofline.write_report(rows, tmp_path, "test", 780.0, 4.335).read_text()
@@ -168,3 +168,9 @@ def test_the_help_says_that_out_dir_is_required_with_no_default(capsys):
     with pytest.raises(SystemExit):
         roofline.main(["--help"])
     assert "roofline.md (required; no default)" in " ".join(capsys.readouterr().out.split())
+
+
+def test_a_trailing_comma_in_a_list_option_is_ignored(tmp_path):
+    assert roofline.main(["--configs", "350m,", "--densities", "0.25,", "--tokens", "8192,", "--out-dir",
+                          str(tmp_path)]) == 0
+    assert len(list(csv.DictReader(open(tmp_path / "roofline.csv")))) == 3 * 3
