@@ -405,7 +405,9 @@ def test_the_corpus_digest_covers_the_validation_tokens():
 
 
 def test_evaluation_windows_are_spread_evenly_rounded_to_the_nearest_and_short_validation_data_is_refused():
-    assert eval_windows(np.arange(11 * 8 + 1, dtype=np.uint16), 8, 4).tolist() == [0, 3, 7, 10]  # 0, 3.3, 6.7, 10
+    tokens = np.arange(11 * 8 + 1, dtype=np.uint16)  # 11 windows
+    assert eval_windows(tokens, 8, 4).tolist() == [0, 3, 7, 10]  # 0, 3.3, 6.7, 10
+    assert eval_windows(tokens, 8, 2).tolist() == [0, 10] and eval_windows(tokens, 8, 1).tolist() == [0]
     with pytest.raises(DataError, match=r"validation data is shorter than seq_len\+1=9 tokens"):
         eval_windows(np.arange(8, dtype=np.uint16), 8, 2)
 
