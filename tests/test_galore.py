@@ -205,3 +205,16 @@ def test_a_bfloat16_weight_is_projected_through_an_fp32_svd_and_keeps_its_dtype(
     optimizer.step()
     assert optimizer.state[weight]["projection"].dtype == weight.dtype == torch.bfloat16
     assert not torch.equal(weight, before)
+
+
+def test_step_evaluates_a_closure_with_gradients_enabled_and_returns_its_loss():
+    weight = nn.Parameter(torch.ones(8, 6))
+    optimizer = GaLoreAdamW([{"params": [weight], "rank": 2}], lr=0.1)
+
+    def closure():
+        optimizer.zero_grad()
+        loss = (weight**2).sum()
+        loss.backward()
+        return loss
+
+    assert optimizer.step(closure).item() == 48.0 and not torch.equal(weight, torch.ones(8, 6))
