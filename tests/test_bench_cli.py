@@ -296,10 +296,11 @@ def test_kernel_resources_report_names_the_selection(tmp_path, monkeypatch):
     }  # fmt: skip
     selections = []
     monkeypatch.setattr(kr, "collect", lambda *selection: selections.append(selection) or [row])
+    out_dir = tmp_path / "a report"  # a space: quoted in the command
     argv = ["--dtypes", "bf16", "--block-sizes", "64", "--kernels", "bsmm_forward", "--configs", "128:8:3", "--out-dir",
-            str(tmp_path)]  # fmt: skip
+            str(out_dir)]  # fmt: skip
     assert kr.main(argv) == 0
-    command = (tmp_path / "kernel_resources.md").read_text().split("Regenerate with `")[1].split("`")[0]
+    command = (out_dir / "kernel_resources.md").read_text().split("Regenerate with `")[1].split("`")[0]
     assert command.startswith("python -m profiling.kernel_resources --arch 90 --dtypes bf16 --block-sizes 64 ")
     assert kr.main(shlex.split(command)[3:]) == 0
     assert selections[0] == selections[1] == (90, ["bf16"], [64], ["bsmm_forward"], [(128, 8, 3)])
