@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from smet_kernels.train import data as data_module
-from smet_kernels.train.data import DataError, PackedBatches, eval_windows, load_corpus
+from smet_kernels.train.data import DataError, PackedBatches, eval_windows, load_corpus, window_batch
 from smet_kernels.train.model import (
     DecoderLayer,
     LlamaModel,
@@ -486,6 +486,20 @@ def test_a_relative_file_path_has_the_cache_entry_of_the_file_it_resolves_to(tmp
         monkeypatch.chdir(tmp_path / name)
         texts.append(bytes(load_corpus("corpus.txt").train[:5]))
     assert texts == [b"first", b"other"]
+
+
+def test_the_stdlib_corpus_reads_the_python_files_of_the_standard_library_only(tmp_path, monkeypatch):
+    (tmp_path / "json").mkdir()
+    (tmp_path / "json" / "decoder.py").write_text("python source\n" * 50)
+    (tmp_path / "json" / "README.txt").write_text("not python\n" * 50)
+    monkeypatch.setattr(data_module.sysconfig, "get_paths", lambda: {"stdlib": str(tmp_path)})
+    corpus = load_corpus("stdlib")
+    assert b"not python" not in bytes(corpus.train) + bytes(corpus.val)
+
+
+def test_a_batch_of_no_windows_has_the_shape_of_a_batch():
+    x, y = window_batch(np.arange(100, dtype=np.uint16), torch.zeros(0, dtype=torch.long), 8)
+    assert x.shape == y.shape == (0, 8)
 
 
 def _spikes_by_the_formula(losses: list[float], updates: set[int], window: int) -> list[tuple]:
