@@ -218,3 +218,11 @@ def test_step_evaluates_a_closure_with_gradients_enabled_and_returns_its_loss():
         return loss
 
     assert optimizer.step(closure).item() == 48.0 and not torch.equal(weight, torch.ones(8, 6))
+
+
+def test_a_parameter_without_a_gradient_is_left_as_it_is():
+    weight, unused = nn.Parameter(torch.ones(8, 6)), nn.Parameter(torch.ones(8, 6))
+    optimizer = GaLoreAdamW([{"params": [weight, unused], "rank": 2}], lr=0.1)
+    weight.grad = torch.ones(8, 6)
+    optimizer.step()
+    assert torch.equal(unused, torch.ones(8, 6)) and unused not in optimizer.state and weight in optimizer.state
