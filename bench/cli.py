@@ -147,7 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--device", default=None, help="auto, cpu, cuda or cuda:N (default: auto, cuda when available, else cpu)"
     )
-    run.add_argument("--seed", type=non_negative_int, default=0, help="seed of layouts, weights and tokens (default: 0)")
+    run.add_argument("--seed", type=non_negative_int, default=0,
+                     help="seed of layouts, weights and tokens (default: 0)")
     run.add_argument("--no-progress", action="store_true", help="hide the tqdm progress bars (default: shown)")
     run.add_argument(
         "--max-minutes",
