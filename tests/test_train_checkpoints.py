@@ -642,6 +642,31 @@ def test_every_file_of_a_checkpoint_is_flushed_to_disk_before_the_rename_that_ma
     assert synced[-1] == root.name == "checkpoints"
 
 
+@pytest.mark.parametrize("code", ["EINVAL", "ENOTSUP"])
+def test_a_file_system_that_cannot_fsync_a_folder_still_gets_its_checkpoints(tmp_path, monkeypatch, code):
+    """Some network and FUSE mounts refuse fsync on a folder: the files are on disk, the write goes on; any other
+    error of that fsync (an I/O error) still stops the run."""
+    import errno
+    import os
+    import stat
+
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(getattr(errno, code), os.strerror(getattr(errno, code)))
+        real_fsync(fd)
+
+    monkeypatch.setattr(checkpoint.os, "fsync", fsync)
+    root = written_checkpoints(tmp_path / "refused", 2)
+    assert find_checkpoint(root.parent) == root / "step_0000002"
+    def failing(fd):
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(checkpoint.os, "fsync", failing)
+    with pytest.raises(checkpoint.TrainingFailed, match="could not write checkpoint"):
+        written_checkpoints(tmp_path / "failed", 2)
+
 def test_a_checkpoint_saved_before_settings_fixed_on_resume_existed_resumes_with_their_defaults(tmp_path):
     """A checkpoint of an earlier release lacks the settings fixed on resume that came later (--tokenizer, --supar,
     --galore-rank, --spike-window); they had their defaults then, and the resume compares against those instead of

@@ -20,6 +20,7 @@ between its renames.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -256,10 +257,14 @@ def _atomic_replace_dir(tmp: Path, final: Path) -> None:
 
 def _fsync_dir(path: Path) -> None:
     """Put ``path``'s entries (the names of the files in it, a rename into it) on disk: POSIX keeps them with the
-    folder, not with the files, so an fsync of each file alone does not make them durable."""
+    folder, not with the files, so an fsync of each file alone does not make them durable. A file system that
+    cannot fsync a folder (some network and FUSE mounts refuse it) offers nothing more to do."""
     descriptor = os.open(path, os.O_RDONLY)
     try:
         os.fsync(descriptor)
+    except OSError as error:
+        if error.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+            raise
     finally:
         os.close(descriptor)
 
