@@ -13,6 +13,9 @@ from hypothesis import strategies as st
 
 from bench.results import KERNEL_COLUMNS, KERNEL_KEY, ResultsFile, TornRowWarning, device_slug, kernels_file, slugify
 
+#: the CPU results committed on 2026-11-23 (reports/cpu-x86-64-2cores until its rerun), in the formats of that day
+OLD_RESULTS = Path(__file__).resolve().parent / "data" / "results-2026-11-23"
+
 
 def _row(**overrides):
     row = {
@@ -165,14 +168,11 @@ def test_optimizer_percent_of_copy_uses_the_same_gpu():
 
 
 def test_committed_results_with_the_old_provider_names_are_read_under_the_new_ones():
-    """reports/cpu-x86-64-2cores was measured when the providers were smet, smet_ungrouped, ...: the report reads
-    every row, each under its new name (the Triton ``smet`` rows as ``triton_grouped``)."""
-    from pathlib import Path
-
+    """The CPU results of 2026-11-23 were measured when the providers were smet, smet_ungrouped, ...: the report
+    reads every row, each under its new name (the Triton ``smet`` rows as ``triton_grouped``)."""
     from bench.report import load_csv
 
-    path = Path(__file__).resolve().parents[1] / "reports" / "cpu-x86-64-2cores" / "kernels.csv"
-    frame = load_csv(path)
+    frame = load_csv(OLD_RESULTS / "kernels.csv")
     counts = frame.groupby(["suite", "provider"]).size().to_dict()
     assert counts == {
         ("kernels", "cublas_dense"): 9, ("kernels", "masked_dense"): 18, ("kernels", "torch_bsr"): 18,
@@ -201,14 +201,13 @@ def test_resume_counts_a_row_measured_under_the_old_provider_name_as_done(tmp_pa
 
 
 def test_committed_results_with_the_old_variant_column_render_with_their_shapes(tmp_path):
-    """reports/cpu-x86-64-2cores was written when the shape column was called ``variant``: the reader names it
+    """The CPU results of 2026-11-23 were written when the shape column was called ``variant``: the reader names it
     ``shape`` and the report shows the shapes."""
     import shutil
-    from pathlib import Path
 
     from bench.report import load_csv, write_report
 
-    committed = Path(__file__).resolve().parents[1] / "reports" / "cpu-x86-64-2cores"
+    committed = OLD_RESULTS
     assert "variant" in (committed / "kernels.csv").read_text().splitlines()[0].split(",")
     frame = load_csv(committed / "kernels.csv")
     assert "variant" not in frame.columns and "tiny:qkvo" in set(frame["shape"])
@@ -228,16 +227,15 @@ def test_resume_reads_a_file_with_the_old_variant_column(tmp_path):
 
 
 def test_a_committed_training_csv_without_the_mode_columns_resumes_and_gains_them(tmp_path):
-    """reports/cpu-x86-64-2cores/training.csv predates the compiled and activation_checkpointing columns: its rows
-    count as done in the eager, non-checkpointed mode; the first new row rewrites the file under today's header,
-    the old rows marked False."""
+    """The training.csv of 2026-11-23 predates the compiled and activation_checkpointing columns: its rows count as
+    done in the eager, non-checkpointed mode; the first new row rewrites the file under today's header, the old rows
+    marked False."""
     import csv
     import shutil
-    from pathlib import Path
 
     from bench.results import TRAINING_COLUMNS, training_file
 
-    committed = Path(__file__).resolve().parents[1] / "reports" / "cpu-x86-64-2cores" / "training.csv"
+    committed = OLD_RESULTS / "training.csv"
     header = committed.read_text().splitlines()[0].split(",")
     assert "compiled" not in header and "activation_checkpointing" not in header
     shutil.copy(committed, tmp_path / "training.csv")
@@ -266,11 +264,9 @@ def test_a_committed_training_csv_without_the_mode_columns_resumes_and_gains_the
 
 
 def test_the_report_reads_a_training_csv_without_the_mode_columns_as_eager_without_checkpointing():
-    from pathlib import Path
-
     from bench.report import load_csv
 
-    frame = load_csv(Path(__file__).resolve().parents[1] / "reports" / "cpu-x86-64-2cores" / "training.csv")
+    frame = load_csv(OLD_RESULTS / "training.csv")
     assert len(frame) == 8
     assert frame["compiled"].dtype == bool and not frame["compiled"].any()
     assert frame["activation_checkpointing"].dtype == bool and not frame["activation_checkpointing"].any()
