@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .options import comma_list, non_negative_int
+from .options import comma_list, seed_int
 from .runner import CommandLog, Deadline, check_minutes, run_cases, usage_error
 
 SUITES = ("kernels", "optimizer", "training")
@@ -147,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--device", default=None, help="auto, cpu, cuda or cuda:N (default: auto, cuda when available, else cpu)"
     )
-    run.add_argument("--seed", type=non_negative_int, default=0,
+    run.add_argument("--seed", type=seed_int, default=0,
                      help="seed of layouts, weights and tokens (default: 0)")
     run.add_argument("--no-progress", action="store_true", help="hide the tqdm progress bars (default: shown)")
     run.add_argument(

@@ -2,6 +2,8 @@
 
 import argparse
 
+from smet_kernels.train.config import MAX_SEED
+
 
 def comma_list(kind, allow_empty: bool = False, container=list):
     """argparse type: ``"a, b"`` → ``container([kind("a"), kind("b")])``. An empty item (``"a,,b"``, a trailing
@@ -23,12 +25,12 @@ def comma_list(kind, allow_empty: bool = False, container=list):
     return parse
 
 
-def non_negative_int(text: str) -> int:
-    """argparse type: an int ``>= 0`` (a seed), as ``smet-train --seed`` takes it."""
+def seed_int(text: str) -> int:
+    """argparse type: a seed, an int in ``[0, MAX_SEED]``, as ``smet-train --seed`` takes it."""
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be in [0, {MAX_SEED}], got {value}")
     return value

@@ -497,9 +497,11 @@ def test_a_list_option_with_an_empty_item_is_refused_not_read_as_a_shorter_list(
 
 
 @pytest.mark.parametrize("argv", [["run", "--quick"], ["gpu-check", "--plan"]])
-def test_a_negative_seed_is_refused_as_smet_train_refuses_it(tmp_path, capsys, argv):
+@pytest.mark.parametrize("seed", ["-1", "4294967296"])
+def test_a_seed_smet_train_refuses_is_refused_in_one_line(tmp_path, capsys, argv, seed):
+    """A negative seed (torch wrapped it) and one past 2^32 - 1 (torch's 64-bit seed overflowed in every case)."""
     with pytest.raises(SystemExit) as raised:
-        main([*argv, "--seed=-1", "--out-dir", str(tmp_path)])
+        main([*argv, f"--seed={seed}", "--out-dir", str(tmp_path)])
     error = capsys.readouterr().err.strip().splitlines()[-1]
-    assert raised.value.code == 2 and error.endswith("argument --seed: must be >= 0, got -1"), error
+    assert raised.value.code == 2 and error.endswith(f"argument --seed: must be in [0, 4294967295], got {seed}"), error
     assert not any(tmp_path.iterdir())

@@ -97,7 +97,8 @@ def test_the_help_of_each_option_states_the_default_that_cpu_study_gives_it(caps
         ("--lr", "-1", "--lr must be in (0, inf), got -1.0"),
         ("--lr-warmup-steps", "-5", "--lr-warmup-steps must be an int >= 0, got -5"),
         ("--lr-warmup-steps", "500", "--lr-warmup-steps (500) must be < --steps (200)"),
-        ("--seeds", "0,-1", "--seeds must be ints >= 0, got [-1]"),
+        ("--seeds", "0,-1", "--seeds must be ints in [0, 4294967295], got [-1]"),
+        ("--seeds", "4294967296", "--seeds must be ints in [0, 4294967295], got [4294967296]"),
         pytest.param("--device", "cuda", "CUDA", marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA")),
     ],
 )

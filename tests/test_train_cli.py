@@ -28,6 +28,7 @@ from test_train_trainer import tiny_config
         (["--block-size", "128", "--config", "tiny"], "--block-size 128 does not divide the hidden size 64 of --config "
                                                       "'tiny'"),
         (["--optimizer", "adamw", "--lr", "1e38"], "--lr 1e+38 overflows float32 in the first step's size"),
+        (["--seed", "4294967296"], "--seed must be <= 4294967295, got 4294967296"),  # torch's 64-bit seeds overflowed
     ],
 )
 def test_bad_arguments_give_one_line_errors(argv, message, capsys, tmp_path):

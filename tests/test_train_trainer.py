@@ -441,6 +441,7 @@ def test_default_block_size_keeps_four_blocks_a_row_and_moves_a_block_when_exact
         ("galore_rank", 0, "^galore_rank must be an int >= 1, got 0$"),
         ("galore_scale", 0.0, r"^galore_scale must be in \(0, inf\), got 0.0$"),
         ("supar_base_width", 0, "^supar_base_width must be an int >= 1, got 0$"),
+        ("seed", 2**32, "^seed must be <= 4294967295, got 4294967296$"),
     ],
 )
 def test_config_validation_refuses_a_value_at_or_past_each_bound(field, value, message):

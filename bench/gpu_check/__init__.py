@@ -19,7 +19,7 @@ import signal
 import time
 from pathlib import Path
 
-from ..options import non_negative_int
+from ..options import seed_int
 from ..runner import check_minutes, usage_error
 from .plan import STAGES, format_plan, sizes_for
 
@@ -47,7 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--device", default=None,
                         help="auto, cpu, cuda or cuda:N (default: auto, cuda when available, else cpu)")
-    parser.add_argument("--seed", type=non_negative_int, default=0,
+    parser.add_argument("--seed", type=seed_int, default=0,
                         help="seed of layouts, values and tokens (default: 0)")
     parser.add_argument("--no-progress", action="store_true", help="hide the tqdm progress bars (default: shown)")
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-from smet_kernels.train.config import setting
+from smet_kernels.train.config import MAX_SEED, setting
 from smet_kernels.train.methods import METHODS as TRAINER_METHODS
 
 class Method(NamedTuple):
@@ -98,8 +98,8 @@ class StudySpec:
             fail(f"{setting('densities')} must lie in (0, 1), got {bad}")
         if bad := [a for a in self.alphas if not (isinstance(a, (int, float)) and a >= 0.0)]:
             fail(f"{setting('alphas')} must be >= 0, got {bad}")
-        if bad := [s for s in self.seeds if isinstance(s, bool) or not isinstance(s, int) or s < 0]:
-            fail(f"{setting('seeds')} must be ints >= 0, got {bad}")
+        if bad := [s for s in self.seeds if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s <= MAX_SEED]:
+            fail(f"{setting('seeds')} must be ints in [0, {MAX_SEED}], got {bad}")
         for config in self.configs:
             block = self.block_sizes.get(config)
             if block is not None and block not in SUPPORTED_BLOCK_SIZES:

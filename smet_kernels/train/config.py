@@ -30,6 +30,8 @@ FIXED_ON_RESUME = ("model", "optimizer", "density", "block_size", "distribution"
 PRECISIONS = ("fp32", "bf16-autocast", "bf16")
 NONFINITE_ACTIONS = ("stop", "skip")
 CHECKPOINT_FORMATS = ("sharded", "full")
+#: the largest seed: seeds are combined with stream and epoch numbers into torch's 64-bit generator seeds
+MAX_SEED = 2**32 - 1
 
 
 class ConfigError(ValueError):
@@ -210,6 +212,8 @@ class TrainConfig:
             integer(name, 1)
         for name in ("lr_warmup_steps", "eval_every", "checkpoint_every", "seed"):
             integer(name, 0)
+        if self.seed > MAX_SEED:
+            raise ConfigError(f"{setting('seed')} must be <= {MAX_SEED}, got {self.seed}")
         if self.galore_rank is not None:
             integer("galore_rank", 1)
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
