@@ -1,8 +1,9 @@
-"""Argument types shared by the ``smet-bench`` subcommands."""
+"""Argument types shared by the ``smet-bench`` subcommands. Importing this module imports no smet_kernels: the
+CLI turns the Triton interpreter on (CPU runs) only while smet_kernels is not imported yet."""
 
 import argparse
 
-from smet_kernels.train.config import MAX_SEED
+MAX_SEED = 2**32 - 1  # smet_kernels.train.config.MAX_SEED, the bound smet-train's --seed takes (a test pins them)
 
 
 def comma_list(kind, allow_empty: bool = False, container=list):

@@ -505,3 +505,15 @@ def test_a_seed_smet_train_refuses_is_refused_in_one_line(tmp_path, capsys, argv
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert raised.value.code == 2 and error.endswith(f"argument --seed: must be in [0, 4294967295], got {seed}"), error
     assert not any(tmp_path.iterdir())
+
+
+def test_the_cli_imports_no_smet_kernels_before_it_can_turn_the_interpreter_on():
+    """``bench.cli`` sets TRITON_INTERPRET for CPU runs only while smet_kernels is not imported: importing the CLI
+    (its option types included) must not import it, and the seed bound it checks is smet-train's."""
+    from bench.options import MAX_SEED
+    from smet_kernels.train.config import MAX_SEED as TRAIN_MAX_SEED
+
+    code = "import sys, bench.cli; print(sorted(m for m in sys.modules if m.startswith('smet_kernels')))"
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "[]", result.stdout + result.stderr
+    assert MAX_SEED == TRAIN_MAX_SEED
