@@ -344,18 +344,23 @@ def test_a_run_stopped_between_its_final_checkpoint_and_summary_json_is_finished
     assert exit_info.value.code == 2 and "already reached step 6" in capsys.readouterr().err
 
 
-def test_finishing_a_run_whose_final_checkpoint_lacks_the_last_loss_takes_it_from_metrics_jsonl(tmp_path, monkeypatch):
-    """Checkpoints of older releases hold no ``last_loss``: a run they stopped before summary.json was finished with
-    ``final_train_loss`` null, though metrics.jsonl logs the final step's loss."""
-    out = tmp_path / "run"
+def save_as_an_older_release(monkeypatch, section: str, key: str) -> None:
+    """Make the trainer's checkpoints lack ``state[section][key]``, as those of a release before that key."""
     saved_state = loop.Run._state
 
     def older_release(self, *args):
         state = saved_state(self, *args)
-        del state["progress"]["last_loss"]
+        del state[section][key]
         return state
 
     monkeypatch.setattr(loop.Run, "_state", older_release)
+
+
+def test_finishing_a_run_whose_final_checkpoint_lacks_the_last_loss_takes_it_from_metrics_jsonl(tmp_path, monkeypatch):
+    """Checkpoints of older releases hold no ``last_loss``: a run they stopped before summary.json was finished with
+    ``final_train_loss`` null, though metrics.jsonl logs the final step's loss."""
+    out = tmp_path / "run"
+    save_as_an_older_release(monkeypatch, "progress", "last_loss")
     uninterrupted = train(tiny_config(max_steps=4, checkpoint_every=2, out_dir=str(out)))
     monkeypatch.undo()
     (out / "summary.json").unlink()
@@ -416,14 +421,7 @@ def test_a_checkpoint_of_a_release_that_saved_no_data_digest_refuses_another_dat
     """Without the digest of its tokens the data is known by its path only: another one is refused."""
     for name in ("a.txt", "b.txt"):
         (tmp_path / name).write_bytes(b"hello world, hello data " * 300)
-    saved_state = loop.Run._state
-
-    def older_release(self, *args):
-        state = saved_state(self, *args)
-        del state["data"]["corpus_sha256"]
-        return state
-
-    monkeypatch.setattr(loop.Run, "_state", older_release)
+    save_as_an_older_release(monkeypatch, "data", "corpus_sha256")
     out = str(tmp_path / "run")
     train(tiny_config(max_steps=1, checkpoint_every=1, data=str(tmp_path / "a.txt"), out_dir=out))
     monkeypatch.undo()

@@ -14,16 +14,23 @@ from smet_kernels.train.trainer import ConfigError, TrainingDiverged, train
 from test_train_trainer import cache_dir, one_thread  # noqa: F401 -- autouse: shared token cache, one thread
 
 
+def non_finite_on(monkeypatch, name: str, bad_calls, factor: float) -> list:
+    """Multiply what the loop's ``name`` returns by ``factor`` (NaN, inf) on the given (1-based) calls; returns the
+    list of the calls so far (clear it to count from 1 again)."""
+    real, calls = getattr(loop, name), []
+
+    def poisoned(*args):
+        calls.append(1)
+        value = real(*args)
+        return value * factor if len(calls) in bad_calls else value
+
+    monkeypatch.setattr(loop, name, poisoned)
+    return calls
+
+
 def nan_losses_on(monkeypatch, bad_calls):
     """Make the training loss NaN on the given (1-based) calls of ``lm_loss`` in the loop."""
-    real_loss, calls = loop.lm_loss, []
-
-    def loss(logits, targets):
-        calls.append(1)
-        value = real_loss(logits, targets)
-        return value * float("nan") if len(calls) in bad_calls else value
-
-    monkeypatch.setattr(loop, "lm_loss", loss)
+    non_finite_on(monkeypatch, "lm_loss", bad_calls, float("nan"))
 
 
 def test_a_diverging_run_stops_with_one_line_and_writes_no_nonfinite_checkpoint(tmp_path, capsys):
@@ -133,15 +140,7 @@ def test_a_skipped_step_leaves_no_dense_gradient_for_rigl_to_score(tmp_path, mon
 def infinite_grad_norm_on(monkeypatch, bad_calls) -> list:
     """Make the gradient norm the loop measures infinite on the given (1-based) calls, the loss kept finite; returns
     the list of the calls so far (clear it to count from 1 again)."""
-    real_clip, calls = loop.clip_grad_norm, []
-
-    def clip(parameters, max_norm):
-        calls.append(1)
-        norm = real_clip(parameters, max_norm)
-        return norm * float("inf") if len(calls) in bad_calls else norm
-
-    monkeypatch.setattr(loop, "clip_grad_norm", clip)
-    return calls
+    return non_finite_on(monkeypatch, "clip_grad_norm", bad_calls, float("inf"))
 
 
 def test_a_finite_loss_with_an_infinite_gradient_norm_is_skipped_and_named_a_grad_norm_fault(tmp_path, monkeypatch):
