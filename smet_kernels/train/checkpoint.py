@@ -410,15 +410,15 @@ def load_sharded(checkpoint: Path, state: dict, model: torch.nn.Module, optimize
 def _seal(tmp: Path, final: Path) -> Path:
     """Write the manifest of every file in ``tmp`` (size, sha256), put it all on disk, then rename ``tmp`` to
     ``final``: a checkpoint is visible only once complete."""
-    files = {}
-    for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
+    files, paths = {}, sorted(tmp.rglob("*"))
+    for path in (p for p in paths if p.is_file()):
         with open(path, "rb+") as handle:  # on disk before the rename makes the checkpoint visible
             os.fsync(handle.fileno())
         files[path.relative_to(tmp).as_posix()] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
     (tmp / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
     with open(tmp / MANIFEST, "rb+") as handle:
         os.fsync(handle.fileno())
-    for folder in sorted((p for p in tmp.rglob("*") if p.is_dir()), reverse=True):  # the files' names, deepest first
+    for folder in reversed([p for p in paths if p.is_dir()]):  # the files' names, deepest first
         _fsync_dir(folder)
     _fsync_dir(tmp)
     _atomic_replace_dir(tmp, final)
