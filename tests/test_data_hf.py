@@ -166,3 +166,39 @@ def test_a_cache_entry_missing_one_of_its_streams_is_loaded_again(tmp_path, monk
     val_stream.unlink()
     assert text_of(load_corpus("hf:someone/corpus").val) == "held out"
     assert loads == [("someone/corpus", None)] * 2  # no config: None, not ""
+
+
+def test_a_pinned_revision_is_asked_of_the_hub_and_each_revision_has_its_own_cache_entry(monkeypatch):
+    """``@REVISION`` reaches ``load_dataset``; the cache key holds it: without it a newly pinned revision would read
+    the text cached from another (or from the unpinned first download)."""
+    loads = []
+
+    def load_dataset(name, subset, **pin):
+        loads.append((name, subset, pin))
+        text = pin.get("revision", "unpinned")
+        return datasets.DatasetDict({split: datasets.Dataset.from_dict({"text": [f"{text} {split}"]})
+                                     for split in ("train", "validation")})
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    for spec, text in [("hf:someone/corpus", "unpinned"), ("hf:someone/corpus:en@v1", "v1"),
+                       ("hf:someone/corpus:en@refs/convert/parquet", "refs/convert/parquet"),
+                       ("hf:someone/corpus:en@v1", "v1")]:
+        assert text_of(load_corpus(spec).train) == f"{text} train"
+    assert loads == [("someone/corpus", None, {}), ("someone/corpus", "en", {"revision": "v1"}),
+                     ("someone/corpus", "en", {"revision": "refs/convert/parquet"})]  # the second v1: cached
+
+
+@pytest.mark.parametrize("spec", ["hf:someone/corpus@", "hf:@main"])
+def test_a_revision_without_a_name_or_a_name_without_its_revision_is_refused_in_one_line(spec):
+    with pytest.raises(DataError, match="needs a name and a revision on each side of '@'") as raised:
+        load_corpus(spec)
+    assert "\n" not in str(raised.value)
+
+
+def test_a_local_dataset_folder_takes_no_revision_and_may_hold_an_at_sign_in_its_name(tmp_path):
+    spec = folder(tmp_path, {"train.txt": "first text\n", "validation.txt": "held out\n"})
+    with pytest.raises(DataError, match="a local dataset folder has no revision"):
+        load_corpus(f"{spec}@main")
+    renamed = tmp_path / "corpus@2026"
+    (tmp_path / "dataset").rename(renamed)
+    assert text_of(load_corpus(f"hf:{renamed}").train) == "first text"

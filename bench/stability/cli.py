@@ -101,8 +101,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--precision", choices=("fp32", "bf16-autocast", "bf16"),
                      help=f"training precision {_default('precision')}")
     run.add_argument("--data",
-                     help=f"training data: stdlib, a text file or folder, a uint16 .bin token file or hf:NAME "
-                     f"(as smet-train --data) {_default('data')}")
+                     help=f"training data: stdlib, a text file or folder, a uint16 .bin token file or "
+                     f"hf:NAME[:CONFIG][@REVISION] (as smet-train --data) {_default('data')}")
     run.add_argument("--backend", choices=("auto", "triton", "reference"),
                      help=f"smet_kernels backend {_default('backend')}")
     run.add_argument("--device", help=f"auto, cpu, cuda or cuda:N {_default('device')}")

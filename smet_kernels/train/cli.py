@@ -166,8 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     run = parser.add_argument_group("data, evaluation and output")
     run.add_argument("--data",
                      help="'stdlib' (Python standard library sources, byte tokens), a text file, a folder of text "
-                     "files, a uint16 .bin token file, or hf:NAME[:CONFIG] (the text column of a Hugging Face dataset, a hub "
-                     f"name or a local folder; needs the datasets package) (default: {d.data})")
+                     "files, a uint16 .bin token file, or hf:NAME[:CONFIG][@REVISION] (the text column of a Hugging "
+                     "Face dataset, a hub name or a local folder, downloaded once and cached; @REVISION pins a hub "
+                     f"branch, tag or commit; needs the datasets package) (default: {d.data})")
     run.add_argument("--tokenizer",
                      help="byte (each byte a token, vocab 256) or bpe[:VOCAB], a byte-level BPE (Hugging Face "
                      "tokenizers) trained on the training split of a text corpus and cached with its tokens "

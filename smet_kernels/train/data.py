@@ -8,7 +8,9 @@ Sources (:func:`load_corpus`):
 * a text file: byte-level tokens, the last ``val_percent`` % of the bytes is validation;
 * a folder: its text files (recursively, sorted), split by path like ``stdlib``;
 * a ``.bin`` file of uint16 tokens: the last ``val_percent`` % is validation; vocab = max token + 1;
-* ``hf:NAME[:CONFIG]``: a Hugging Face dataset (needs ``datasets``), text column byte-tokenised.
+* ``hf:NAME[:CONFIG][@REVISION]``: a Hugging Face dataset (needs ``datasets``), text column byte-tokenised. A hub
+  dataset is downloaded once and its cached text reused until ``@REVISION`` (a branch, tag or commit) names another:
+  pin a commit for the same text on every machine.
 
 Tokenised text corpora are cached as ``.bin`` files (uint8) under ``$SMET_CACHE_DIR`` or
 ``~/.cache/smet_kernels``, keyed by the files' paths, sizes and mtimes, and memory-mapped. With
@@ -171,8 +173,17 @@ def _load_hf(spec: str, val_percent: float) -> tuple[np.ndarray, np.ndarray]:
         import datasets
     except ImportError:
         raise DataError(f"data {spec!r} needs the 'datasets' package (pip install datasets)") from None
-    name, _, subset = spec[len("hf:") :].partition(":")
+    body = spec[len("hf:") :]
+    pinned = "@" in body and not Path(body.partition(":")[0]).expanduser().is_dir()  # a folder's '@' is its name's
+    body, _, revision = body.rpartition("@") if pinned else (body, "", "")
+    if pinned and not (body and revision):
+        raise DataError(f"data {spec!r}: 'hf:NAME[:CONFIG]@REVISION' needs a name and a revision on each side of '@'")
+    name, _, subset = body.partition(":")
+    if revision and Path(name).expanduser().is_dir():
+        raise DataError(f"data {spec!r}: a local dataset folder has no revision (its files key the cache)")
     key = hashlib.sha256(f"hf|{name}|{subset}|{val_percent}".encode())
+    if revision:  # another revision, another entry; the unpinned key is the one releases before pinning wrote
+        key.update(f"|{revision}".encode())
     local = Path(name).expanduser()
     if local.is_dir():  # a local dataset folder: edited files make another cache entry, as for a text folder
         _key_files(key, _list_files(local, None), local)
@@ -180,9 +191,10 @@ def _load_hf(spec: str, val_percent: float) -> tuple[np.ndarray, np.ndarray]:
     paths = {split: stem.with_name(f"{stem.name}.{split}.bin") for split in ("train", "val")}
     if not all(p.exists() for p in paths.values()):
         try:
-            dataset = datasets.load_dataset(name, subset or None)
+            dataset = datasets.load_dataset(name, subset or None, **({"revision": revision} if revision else {}))
         except Exception as error:  # the hub raises many exception types
-            raise DataError(f"cannot load Hugging Face dataset {name!r}: {error}") from None
+            at = f" at revision {revision!r}" if revision else ""
+            raise DataError(f"cannot load Hugging Face dataset {name!r}{at}: {error}") from None
         if "train" not in dataset:
             raise DataError(f"Hugging Face dataset {name!r} has no 'train' split (its splits: {sorted(dataset)})")
         val_split = next((s for s in ("validation", "valid", "test") if s in dataset), None)
