@@ -24,7 +24,8 @@ sparse parameters are handled, found in ``model.parameters()`` by a marker attri
 Both kinds share one schedule and one selection rule (:mod:`smet_kernels.prune_regrow`).
 
 **Dense gradients (RigL).** Only on update steps: when ``regrow="gradient"`` the controller puts a forward
-hook on each sparse layer when it is built, and the hooks record only right before an update step
+hook on each sparse layer when it is built (on each layer using it, for a weight that several layers share: their
+``dyᵀx`` sum into one probe), and the hooks record only right before an update step
 (:meth:`SMET.needs_dense_grad` is then True). While armed, the hook passes the layer's output ``y`` through an
 autograd function with a zero fp32 ``probe`` (``[out, in]`` stored as one element): ``y`` is unchanged and every
 backward through the layer accumulates ``probe.grad += dyᵀx`` (fp32; ``x`` saved in its own dtype, as the layer
@@ -83,9 +84,9 @@ class _SparseTarget:
     param: nn.Parameter
     layout: BlockLayout
     kind: str
-    module: nn.Module
+    modules: tuple[nn.Module, ...]  # every module holding it (a shared weight: each use records into one probe)
     probe: torch.Tensor | None = field(default=None, repr=False)  # zero fp32 [out, in] while RigL records
-    hook: object = field(default=None, repr=False)
+    hooks: list = field(default_factory=list, repr=False)
 
     @property
     def dense_grad(self) -> torch.Tensor | None:
@@ -230,6 +231,8 @@ class SMET:
                 "sparsify it first (smet_kernels.modules.sparsify or smet_kernels.masked.masked_sparsify)"
             )
         self._check_targets(optimizer)
+        if regrow == "gradient":
+            self._check_recordable()
         static = [t.name for t in self.targets if blocks_to_move(self.prune_fraction, t.layout.nnz) == 0]
         if static:
             warnings.warn(
@@ -252,17 +255,17 @@ class SMET:
     # ------------------------------------------------------------------ discovery
     @staticmethod
     def _find_targets(model: nn.Module) -> list[_SparseTarget]:
-        owners: dict[int, nn.Module] = {}
+        owners: dict[int, list[nn.Module]] = {}
         for module in model.modules():
             for param in module.parameters(recurse=False):
-                owners.setdefault(id(param), module)
+                owners.setdefault(id(param), []).append(module)
         targets = []
         for name, param in model.named_parameters():
             name = _plain_name(name)
             if hasattr(param, "smet_layout"):
-                targets.append(_SparseTarget(name, param, param.smet_layout, "compact", owners[id(param)]))
+                targets.append(_SparseTarget(name, param, param.smet_layout, "compact", tuple(owners[id(param)])))
             elif hasattr(param, "smet_mask_layout"):
-                targets.append(_SparseTarget(name, param, param.smet_mask_layout, "masked", owners[id(param)]))
+                targets.append(_SparseTarget(name, param, param.smet_mask_layout, "masked", tuple(owners[id(param)])))
         return targets
 
     def _check_targets(self, optimizer: torch.optim.Optimizer) -> None:
@@ -285,6 +288,17 @@ class SMET:
                 f"optimizer does not hold the sparse parameter(s) {missing}: SMET resets the optimizer state of "
                 "regrown blocks, so pass the optimizer that steps them"
             )
+
+    def _check_recordable(self) -> None:
+        """RigL records ``dyᵀx`` at every module holding a sparse parameter: a weight shared by modules of different
+        kinds (a tied embedding and head) has a use whose gradient is not ``dyᵀx``."""
+        for target in self.targets:
+            kinds = sorted({type(module).__name__ for module in target.modules})
+            if len(kinds) > 1:
+                raise ValueError(
+                    f"regrow='gradient' records the dense gradient of '{target.name}' as dyᵀx at each module using "
+                    f"it, but modules of different kinds hold it ({', '.join(kinds)}); use regrow='random'"
+                )
 
     # ------------------------------------------------------------------ schedule
     @property
@@ -515,15 +529,17 @@ class SMET:
             return
         for target in self.targets:
             target.probe = _zero_probe(target.layout.shape, target.param.device) if self._recording else None
-            if target.hook is None:
-                recorder = self._make_recorder(target)
-                target.hook = recorder.smet_handle = target.module.register_forward_hook(recorder)
+            if not target.hooks:
+                for module in target.modules:
+                    recorder = self._make_recorder(target)
+                    recorder.smet_handle = module.register_forward_hook(recorder)
+                    target.hooks.append(recorder.smet_handle)
 
     def _detach_earlier_recorders(self) -> None:
         """Remove the dense-gradient hooks that an earlier controller left on these layers: they would keep it (and
         its optimizer) alive through the model, and record at every backward if it was armed."""
-        for target in self.targets:
-            for hook in list(target.module._forward_hooks.values()):
+        for module in {id(module): module for target in self.targets for module in target.modules}.values():
+            for hook in list(module._forward_hooks.values()):
                 handle = getattr(hook, "smet_handle", None)
                 if handle is not None:
                     handle.remove()
@@ -542,9 +558,9 @@ class SMET:
     def remove_hooks(self) -> None:
         """Detach the controller's dense-gradient hooks (attached again by the next :meth:`step`)."""
         for target in self.targets:
-            if target.hook is not None:
-                target.hook.remove()
-                target.hook = None
+            for hook in target.hooks:
+                hook.remove()
+            target.hooks.clear()
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict:

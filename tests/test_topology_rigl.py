@@ -270,3 +270,49 @@ def test_the_output_of_a_recording_layer_may_be_modified_in_place():
     x, target = batch(0)
     (model.down(model.up(x).relu_()) - target).pow(2).mean().backward()
     assert all(t.dense_grad is not None for t in smet.targets)
+
+
+class SharedWeight(nn.Module):
+    """Two layers of one weight (``second.values is first.values``): ``y = W·relu(W·x)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.first = BlockSparseLinear(FEATURES, FEATURES, 0.5, B, generator=torch.Generator().manual_seed(3),
+                                       backend="reference")
+        self.second = BlockSparseLinear(FEATURES, FEATURES, layout=self.first.layout, backend="reference")
+        self.second.values = self.first.values
+
+    def forward(self, x):
+        return self.second(torch.relu(self.first(x)))
+
+
+def test_the_dense_gradient_of_a_weight_two_layers_share_sums_both_uses():
+    """The hook sat on the first module holding the weight only: RigL scored the blocks by half its gradient."""
+    model = SharedWeight()
+    opt = SMETAdamW(model.parameters(), lr=1e-2, backend="reference")
+    smet = SMET(model, opt, update_interval=1, prune_fraction=0.3, regrow="gradient")
+    x, target = batch(0)
+    x, target = x.double(), target.double()
+    model.double()
+    (model(x) - target).pow(2).mean().backward()
+    dense = model.first.to_dense_weight().detach().requires_grad_()
+    (torch.relu(x @ dense.t()) @ dense.t() - target).pow(2).mean().backward()
+    (recorded,) = [t.dense_grad for t in smet.targets]
+    assert len(smet.targets) == 1 and recorded is not None
+    torch.testing.assert_close(recorded.double(), dense.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_rigl_refuses_a_sparse_weight_that_modules_of_different_kinds_hold():
+    """A tied embedding and head: the embedding's use of the weight has no ``dyᵀx`` gradient to record."""
+    class Holder(nn.Module):
+        def __init__(self, weight):
+            super().__init__()
+            self.weight = weight
+
+    model = SharedWeight()
+    model.holder = Holder(model.first.values)
+    opt = SMETAdamW(model.parameters(), lr=1e-2, backend="reference")
+    with pytest.raises(ValueError, match="modules of different kinds hold it .BlockSparseLinear, Holder.") as raised:
+        SMET(model, opt, regrow="gradient")
+    assert "\n" not in str(raised.value)
+    assert SMET(model, opt, regrow="random").targets[0].modules == (model.first, model.second, model.holder)
