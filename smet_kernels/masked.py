@@ -138,9 +138,9 @@ class MaskedLinear(BlockLayoutLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, self.in_features)
         if x.device != self.weight.device:
-            raise ValueError(f"x is on {x.device} but weight is on {self.weight.device}")
+            raise ValueError(f"weight is on {self.weight.device} but x is on {x.device}")
         if x.dtype != self.weight.dtype and not autocast_enabled(x.device.type):
-            raise TypeError(f"x has dtype {x.dtype} but weight has dtype {self.weight.dtype}")
+            raise TypeError(f"weight has dtype {self.weight.dtype} but x has dtype {x.dtype}")
         version = self.layout.version_tensor
         masked_weight = _MaskedWeight if torch.compiler.is_compiling() else _MaskedWeightForwardAD
         weight = masked_weight.apply(self.weight, self.dense_mask(), version, library.layout_version(version))

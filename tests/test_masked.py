@@ -84,8 +84,8 @@ def test_constructor_validation():
 @pytest.mark.parametrize("x, error, message", [
     (torch.ones(2, 32), ValueError, r"x must have shape \[\.\.\., 64\] \(in_features of the layout\), got \(2, 32\)"),
     (torch.ones(2, 64, dtype=torch.int64), TypeError, "x must be a floating tensor"),
-    (torch.ones(2, 64, dtype=torch.float64), TypeError, "x has dtype torch.float64 but weight has dtype torch.float32"),
-    (torch.ones(2, 64, device="meta"), ValueError, "x is on meta but weight is on cpu"),
+    (torch.ones(2, 64, dtype=torch.float64), TypeError, "weight has dtype torch.float32 but x has dtype torch.float64"),
+    (torch.ones(2, 64, device="meta"), ValueError, "weight is on cpu but x is on meta"),
 ])  # fmt: skip
 def test_forward_names_x_when_its_shape_dtype_or_device_does_not_fit_the_layer(x, error, message):
     with pytest.raises(error, match=message):
