@@ -2,6 +2,7 @@
 for a Python caller), every option's default in ``--help``, and options without effect in the chosen mode named."""
 
 import json
+import math
 
 import pytest
 
@@ -9,7 +10,7 @@ from conftest import usage_error
 from smet_kernels.train import cli
 from smet_kernels.train.trainer import ConfigError
 from test_train_trainer import cache_dir, one_thread  # noqa: F401 -- autouse: shared token cache, one thread
-from test_train_trainer import tiny_config
+from test_train_trainer import read_metrics, tiny_config
 
 
 @pytest.mark.parametrize(
@@ -29,6 +30,8 @@ from test_train_trainer import tiny_config
                                                       "'tiny'"),
         (["--optimizer", "adamw", "--lr", "1e38"], "--lr 1e+38 overflows float32 in the first step's size"),
         (["--seed", "4294967296"], "--seed must be <= 4294967295, got 4294967296"),  # torch's 64-bit seeds overflowed
+        (["--min-prune-fraction", "0.3"], "--min-prune-fraction (0.3) must be <= --prune-fraction (0.2)"),
+        (["--regrow-init-std", "0"], "argument --regrow-init-std: must be in (0, inf), got 0"),
     ],
 )
 def test_bad_arguments_give_one_line_errors(argv, message, capsys, tmp_path):
@@ -133,3 +136,15 @@ def test_masked_dst_names_the_smet_adamw_options_it_ignores_and_records_alpha_ze
     err = capsys.readouterr().err
     assert "smet-train: --warmup-mode, --density-lr-exponent have no effect with --optimizer masked-dst" in err
     assert json.loads((tmp_path / "summary.json").read_text())["config"]["density_lr_exponent"] == 0.0
+
+
+def test_topology_updates_stop_at_update_end_step_where_the_prune_fraction_has_decayed_to_its_minimum(tmp_path):
+    assert cli.main(["--config", "tiny", "--optimizer", "smet", "--backend", "reference", "--device", "cpu",
+                     "--batch-size", "4", "--seq-len", "32", "--max-steps", "8", "--update-interval", "2",
+                     "--update-end-step", "5", "--min-prune-fraction", "0.01", "--regrow-init", "normal",
+                     "--eval-every", "0", "--out-dir", str(tmp_path), "--no-progress"]) == 0
+    updates = [r for r in read_metrics(tmp_path) if r["type"] == "topology_update"]
+    assert [r["step"] for r in updates] == [2, 4]  # not 6 and 8: past the end step
+    assert updates[-1]["prune_fraction"] == pytest.approx(0.01 + 0.19 * (1 + math.cos(math.pi * 4 / 5)) / 2)
+    saved = json.loads((tmp_path / "summary.json").read_text())["config"]
+    assert (saved["update_end_step"], saved["min_prune_fraction"], saved["regrow_init"]) == (5, 0.01, "normal")

@@ -47,6 +47,11 @@ def test_default_block_size_keeps_four_blocks_a_row_and_moves_a_block_when_exact
         ("galore_scale", 0.0, r"^galore_scale must be in \(0, inf\), got 0.0$"),
         ("supar_base_width", 0, "^supar_base_width must be an int >= 1, got 0$"),
         ("seed", 2**32, "^seed must be <= 4294967295, got 4294967296$"),
+        ("min_prune_fraction", -0.1, r"^min_prune_fraction must be in \[0, 1\], got -0.1$"),
+        ("min_prune_fraction", 0.25, r"^min_prune_fraction \(0.25\) must be <= prune_fraction \(0.2\): the decay "),
+        ("update_end_step", 0, "^update_end_step must be an int >= 1, got 0$"),
+        ("regrow_init", "uniform", r"^regrow_init must be one of \['zeros', 'normal'\], got 'uniform'$"),
+        ("regrow_init_std", 0.0, r"^regrow_init_std must be in \(0, inf\), got 0.0$"),
     ],
 )
 def test_config_validation_refuses_a_value_at_or_past_each_bound(field, value, message):
@@ -98,7 +103,8 @@ def test_cli_naive_dst_records_alpha_zero(tmp_path, capsys):
 def test_the_trainer_builds_each_method_with_the_configured_settings(optimizer):
     config = tiny_config(optimizer=optimizer, lr=2e-3, betas=(0.8, 0.9), eps=1e-7, weight_decay=0.3, galore_rank=4,
                          galore_update_gap=7, galore_scale=0.5, activation_checkpointing=True, update_interval=3,
-                         prune_fraction=0.3, regrow="gradient", seed=5, seq_len=4096)
+                         prune_fraction=0.3, min_prune_fraction=0.1, update_end_step=17, regrow="gradient",
+                         regrow_init="normal", regrow_init_std=0.5, seed=5, seq_len=4096)
     model = trainer.build_model(config, 64, torch.device("cpu"))
     assert model.activation_checkpointing is True and model.config.max_seq_len == 4096
     built = trainer.build_optimizer(config, model, torch.device("cpu"))
@@ -109,8 +115,11 @@ def test_the_trainer_builds_each_method_with_the_configured_settings(optimizer):
         assert (projected["rank"], projected["update_proj_gap"], projected["scale"]) == (4, 7, 0.5)
     controller = trainer.build_controller(config, model, built)
     if controller is not None:
-        assert (controller.update_interval, controller.prune_fraction, controller.end_step, controller.regrow,
-                controller.seed) == (3, 0.3, 24, "gradient", 5)
+        assert (controller.update_interval, controller.prune_fraction, controller.min_prune_fraction,
+                controller.end_step, controller.regrow, controller.regrow_init, controller.init_std,
+                controller.seed) == (3, 0.3, 0.1, 17, "gradient", "normal", 0.5, 5)
+        whole_run = trainer.build_controller(tiny_config(optimizer=optimizer), model, built)
+        assert (whole_run.end_step, whole_run.min_prune_fraction, whole_run.regrow_init) == (24, 0.005, "zeros")
 
 
 def test_supar_scales_the_hidden_layers_init_and_lr_by_width_over_supar_base_width_times_density():

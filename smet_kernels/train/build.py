@@ -70,5 +70,7 @@ def smet_adamw_options(config: TrainConfig) -> dict:
 def build_controller(config: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer):
     return methods.build_controller(
         config.optimizer, model, optimizer, update_interval=config.update_interval,
-        prune_fraction=config.prune_fraction, total_steps=config.max_steps, regrow=config.regrow, seed=config.seed,
+        prune_fraction=config.prune_fraction, min_prune_fraction=config.min_prune_fraction,
+        end_step=config.update_end_step, total_steps=config.max_steps, regrow=config.regrow,
+        regrow_init=config.regrow_init, init_std=config.regrow_init_std, seed=config.seed,
     )  # fmt: skip

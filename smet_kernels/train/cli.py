@@ -18,6 +18,7 @@ import warnings
 
 from ..layout import SUPPORTED_BLOCK_SIZES
 from ..optim.galore import GALORE_DEFAULT_RANK
+from ..topology import REGROW_INITS
 from .checkpoint import CheckpointWarning, load_checkpoint_config, refuse_fixed_changes
 from .config import (
     CHECKPOINT_FORMATS,
@@ -104,8 +105,20 @@ def build_parser() -> argparse.ArgumentParser:
     smet.add_argument("--prune-fraction", type=_float_in(0.0, 1.0, True, True),
                       help=f"initial fraction of active blocks swapped per update, cosine-decayed "
                       f"(default: {d.prune_fraction})")
+    smet.add_argument("--min-prune-fraction", type=_float_in(0.0, 1.0),
+                      help="the fraction the cosine decay of --prune-fraction ends at, at --update-end-step; at most "
+                      f"--prune-fraction (default: {d.min_prune_fraction})")
+    smet.add_argument("--update-end-step", type=_int_at_least(1),
+                      help="last optimizer step with a topology update; the prune fraction decays over steps 0 to it "
+                      "(default: --max-steps, the whole run)")
     smet.add_argument("--regrow", choices=("random", "gradient"),
                       help=f"regrow criterion: random (SET) or gradient (RigL) (default: {d.regrow})")
+    smet.add_argument("--regrow-init", choices=REGROW_INITS,
+                      help="values of a regrown block: zeros, or normal (drawn from N(0, --regrow-init-std²) with the "
+                      f"topology's seeded generator); its Adam moments and step start at 0 (default: {d.regrow_init})")
+    smet.add_argument("--regrow-init-std", type=_float_in(0.0, inf, True),
+                      help="standard deviation of --regrow-init normal (default: "
+                      f"{d.regrow_init_std}, the models' init std)")
     smet.add_argument("--warmup-mode", choices=("linear", "momentum_ramp", "none"),
                       help=f"per-block optimizer warm-up of SMETAdamW (default: {d.warmup_mode})")
     smet.add_argument("--optimizer-warmup-steps", type=_int_at_least(1),

@@ -15,6 +15,7 @@ import torch
 from .. import backend as backend_module
 from ..layout import SUPPORTED_BLOCK_SIZES, nnz_for_density
 from ..ops.variant import default_variant
+from ..topology import REGROW_INITS
 from .methods import METHODS, SPARSE_TRAINER_NAMES, TRAINER_NAMES
 from .model import MODEL_CONFIGS
 from .tokenizer import TokenizerError, parse_tokenizer
@@ -85,7 +86,11 @@ class TrainConfig:
     distribution: str = "uniform"
     update_interval: int = 100
     prune_fraction: float = 0.2
+    min_prune_fraction: float = 0.005
+    update_end_step: int | None = None  # None: max_steps (the whole run)
     regrow: str = "random"
+    regrow_init: str = "zeros"
+    regrow_init_std: float = 0.02
     warmup_mode: str = "linear"
     optimizer_warmup_steps: int = 100
     density_lr_exponent: float | None = None  # None: the arm's default (the method's arm); to_dict records it
@@ -173,6 +178,7 @@ class TrainConfig:
         choice("optimizer", OPTIMIZERS)
         choice("distribution", ("uniform", "erk"))
         choice("regrow", ("random", "gradient"))
+        choice("regrow_init", REGROW_INITS)
         choice("warmup_mode", ("linear", "momentum_ramp", "none"))
         choice("precision", PRECISIONS)
         choice("parallel", PARALLEL_MODES)
@@ -190,6 +196,11 @@ class TrainConfig:
             raise ConfigError(str(error)) from None
         number("density", 0.0, 1.0, low_open=True)
         number("prune_fraction", 0.0, 1.0, low_open=True, high_open=True)
+        number("min_prune_fraction", 0.0, 1.0)
+        if self.min_prune_fraction > self.prune_fraction:
+            raise ConfigError(f"{setting('min_prune_fraction')} ({self.min_prune_fraction}) must be <= "
+                              f"{setting('prune_fraction')} ({self.prune_fraction}): the decay ends below its start")
+        number("regrow_init_std", 0.0, math.inf, low_open=True)
         choice("warmup_scope", WARMUP_SCOPES)
         if self.density_lr_exponent is not None:
             number("density_lr_exponent", 0.0, math.inf)
@@ -216,6 +227,8 @@ class TrainConfig:
             raise ConfigError(f"{setting('seed')} must be <= {MAX_SEED}, got {self.seed}")
         if self.galore_rank is not None:
             integer("galore_rank", 1)
+        if self.update_end_step is not None:
+            integer("update_end_step", 1)
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             raise ConfigError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
         if self.lr / (1.0 - self.betas[0]) > torch.finfo(torch.float32).max:  # Adam's first step size, in fp32

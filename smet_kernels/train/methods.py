@@ -25,7 +25,8 @@ GALORE_OPTIONS = ("galore_rank", "galore_update_gap", "galore_scale")
 SMET_ADAMW_OPTIONS = ("warmup_mode", "optimizer_warmup_steps", "density_lr_exponent", "warmup_scope")
 WARMUP_OPTIONS = tuple(option for option in SMET_ADAMW_OPTIONS if option != "density_lr_exponent")
 SPARSE_OPTIONS = ("density", "block_size", "distribution", "supar", "supar_base_width", "update_interval",
-                  "prune_fraction", "regrow") + SMET_ADAMW_OPTIONS
+                  "prune_fraction", "min_prune_fraction", "update_end_step", "regrow", "regrow_init",
+                  "regrow_init_std") + SMET_ADAMW_OPTIONS
 METHOD_OPTIONS = SPARSE_OPTIONS + GALORE_OPTIONS  # the options that act in some methods only
 
 
