@@ -465,3 +465,21 @@ def test_a_corrupt_newest_checkpoint_of_another_run_does_not_refuse_the_resume_o
     assert summary["steps"] == 3
     with pytest.raises(ConfigError, match=r"cannot change seed when resuming .*step_0000010.*\(saved: seed 1\)"):
         checkpoint.refuse_fixed_changes(out, {"seed": 2})  # no checkpoint would take it: the newest one is named
+
+
+def test_a_checkpoint_saved_before_the_topology_end_and_regrow_init_options_resumes_at_their_defaults(tmp_path,
+                                                                                                       monkeypatch):
+    """config.json of a release before ``update_end_step``, ``min_prune_fraction``, ``regrow_init`` and
+    ``regrow_init_std`` resumes with the schedule those releases ran: updates over the whole run, decaying to 0.005."""
+    newer = ("update_end_step", "min_prune_fraction", "regrow_init", "regrow_init_std")
+    to_dict = TrainConfig.to_dict
+    monkeypatch.setattr(TrainConfig, "to_dict", lambda self: {k: v for k, v in to_dict(self).items() if k not in newer})
+    out = tmp_path / "run"
+    train(tiny_config(optimizer="smet", max_steps=4, update_interval=2, checkpoint_every=2, out_dir=str(out)))
+    monkeypatch.undo()
+    assert not set(newer) & set(json.loads((out / "checkpoints" / "step_0000004" / "config.json").read_text()))
+    assert cli.main(["--resume", str(out), "--max-steps", "8", "--no-progress"]) == 0
+    saved = json.loads((out / "summary.json").read_text())["config"]
+    assert [saved[name] for name in newer] == [None, 0.005, "zeros", 0.02]
+    updates = [r for r in strict_records(out / "metrics.jsonl") if r["type"] == "topology_update"]
+    assert [r["step"] for r in updates] == [2, 4, 6, 8] and updates[-1]["prune_fraction"] == pytest.approx(0.005)
