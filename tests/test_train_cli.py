@@ -127,6 +127,18 @@ def test_options_without_effect_in_the_chosen_mode_are_named(capsys, tmp_path):
     assert "smet-train: --density, --galore-rank have no effect with --optimizer adamw" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("optimizer, message", [
+    ("smet", "smet-train: --regrow-init-std has no effect with --regrow-init zeros"),
+    ("adamw", "smet-train: --regrow-init-std has no effect with --optimizer adamw"),  # named once, for the mode
+])
+def test_a_regrow_init_std_without_the_normal_regrow_init_is_named(optimizer, message, capsys, tmp_path):
+    assert cli.main(["--config", "tiny", "--optimizer", optimizer, "--regrow-init-std", "0.1", "--max-steps", "1",
+                     "--batch-size", "2", "--seq-len", "16", "--eval-every", "0", "--backend", "reference",
+                     "--device", "cpu", "--out-dir", str(tmp_path), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert message in err and err.count("--regrow-init-std") == 1
+
+
 def test_masked_dst_names_the_smet_adamw_options_it_ignores_and_records_alpha_zero(capsys, tmp_path):
     """masked-dst trains with torch.optim.AdamW: SMETAdamW's warm-up and density-aware LR do not act there."""
     assert cli.main(["--config", "tiny", "--optimizer", "masked-dst", "--density-lr-exponent", "2", "--warmup-mode",

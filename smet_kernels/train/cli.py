@@ -251,6 +251,8 @@ def _warn_ignored_options(args: argparse.Namespace, config: TrainConfig) -> None
               f"{config.optimizer}", file=sys.stderr)
     if config.on_nonfinite == "stop" and "max_consecutive_skips" in given:
         print("smet-train: --max-consecutive-skips has no effect with --on-nonfinite stop", file=sys.stderr)
+    if config.regrow_init == "zeros" and "regrow_init_std" in given and "regrow_init_std" not in ignored:
+        print("smet-train: --regrow-init-std has no effect with --regrow-init zeros", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
