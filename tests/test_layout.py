@@ -109,6 +109,8 @@ def test_state_dict_round_trip():
         (lambda: BlockLayout(torch.tensor([[0, 0]]), (32, 32, 32), 16), ValueError, "^shape must be"),
         (lambda: BlockLayout(torch.tensor([[2, 0]]), (32, 32), 16), ValueError, "^block_indices out of range"),
         (lambda: BlockLayout(torch.tensor([[0, -1]]), (32, 32), 16), ValueError, "^block_indices out of range"),
+        (lambda: BlockLayout(torch.tensor([[-1, 0]]), (32, 32), 16), ValueError, "^block_indices out of range"),
+        (lambda: BlockLayout.random(True, 64, 16, 0.5), TypeError, "^out_features must be an int"),
     ],
 )
 def test_bad_input_names_the_argument(call, exc, word):
@@ -299,3 +301,36 @@ def test_replace_blocks_refuses_fractional_slots_and_blocks_and_a_flattened_bloc
     assert layout.version == 0 and layout.block_indices.tolist() == [[0, 0], [1, 1]]
     layout.replace_blocks([1], [[1, 2]])
     assert layout.block_indices.tolist() == [[0, 0], [1, 2]]
+
+
+def test_replace_blocks_refuses_new_blocks_of_more_than_two_dimensions():
+    layout = BlockLayout.from_mask(torch.tensor([[True, False], [False, True]]), 16)
+    with pytest.raises(ValueError, match=r"^new_blocks must have shape \[n, 2\]"):
+        layout.replace_blocks(torch.tensor([0]), torch.tensor([[[0, 1]]]))
+    assert layout.version == 0 and layout.block_indices.tolist() == [[0, 0], [1, 1]]
+
+
+def test_set_block_indices_refuses_a_map_of_another_block_count_rather_than_broadcasting_it():
+    """A single block copied into every slot would leave a layout of duplicate blocks."""
+    layout = BlockLayout.from_mask(torch.tensor([[True, False], [False, True]]), 16)
+    with pytest.raises(ValueError, match=r"^block_indices must have shape \(2, 2\)"):
+        layout.set_block_indices(torch.tensor([[0, 1]]))
+    assert layout.version == 0 and layout.block_indices.tolist() == [[0, 0], [1, 1]]
+
+
+def test_layouts_of_different_shapes_are_not_equal():
+    assert BlockLayout(torch.tensor([[0, 0]]), (32, 32), 16) != BlockLayout(torch.tensor([[0, 0]]), (32, 64), 16)
+
+
+@pytest.mark.parametrize("transpose", [False, True], ids=["wide", "tall"])
+def test_row_and_col_index_list_each_major_index_own_blocks_minor_ascending(transpose):
+    """In a 2x5 grid, block (0, 4) sorts after (1, 0): a sort key scaled by the major count would mix the rows."""
+    mask = torch.tensor([[True, False, True, False, True], [True, True, False, True, False]])
+    layout = BlockLayout.from_mask(mask.t() if transpose else mask, 16)
+    for index, major in ((layout.row_index(), 0), (layout.col_index(), 1)):
+        for i in range(layout.block_shape[major]):
+            start, stop = index.ptr[i].item(), index.ptr[i + 1].item()
+            blocks = layout.block_indices[index.slots[start:stop].long()]
+            assert (blocks[:, major] == i).all()
+            minor = blocks[:, 1 - major].tolist()
+            assert minor == index.minor[start:stop].tolist() == sorted(minor)

@@ -326,3 +326,19 @@ def test_to_dense_weight_zeroes_inactive_blocks_even_when_the_weight_holds_value
     expected = torch.zeros(32, 32)
     expected[:16, 16:] = 1.0
     assert torch.equal(layer.to_dense_weight(), expected)
+
+
+def test_the_dense_mask_is_built_once_per_layout_version_and_reported_as_cached():
+    layer = MaskedLinear(32, 32, 0.5, B, generator=torch.Generator().manual_seed(0))
+    mask = layer.dense_mask()
+    assert layer.cached_dense_mask() is mask and layer.dense_mask() is mask
+    free = (~layer.layout.mask).nonzero()[:1]
+    layer.layout.replace_blocks(torch.tensor([0]), free)
+    assert layer.cached_dense_mask() is None and layer.dense_mask() is not mask
+
+
+def test_from_linear_keeps_the_dtype_of_the_dense_layer():
+    linear = nn.Linear(32, 32, dtype=torch.float64)
+    masked = MaskedLinear.from_linear(linear, BlockLayout.random(32, 32, B, 0.5))
+    assert masked.weight.dtype == torch.float64 and masked.bias.dtype == torch.float64
+    torch.testing.assert_close(masked.bias, linear.bias, rtol=0, atol=0)

@@ -356,3 +356,48 @@ def test_block_sparse_linear_draws_values_and_bias_within_one_over_root_in_featu
     layer = BlockSparseLinear(64, 16, density=1.0, block_size=16, bias=True, generator=torch.Generator().manual_seed(0))
     bound = 1 / 8  # 1 / √64, not 1 / √16
     assert 0.9 * bound < layer.values.abs().max() <= bound and 0.5 * bound < layer.bias.abs().max() <= bound
+
+
+def test_load_state_dict_refuses_block_indices_outside_the_layers_block_grid_naming_the_key():
+    layer = BlockSparseLinear(64, 64, density=0.25, block_size=16, generator=torch.Generator().manual_seed(0))
+    before = layer.layout.block_indices.clone()
+    state = layer.state_dict()
+    state["block_indices"] = before.clone()
+    state["block_indices"][0] = torch.tensor([4, 0])  # a 4x4 grid has block rows 0..3
+    with pytest.raises(RuntimeError, match=r"block_indices: block_indices out of range .*shape \(64, 64\)"):
+        layer.load_state_dict(state)
+    assert torch.equal(layer.layout.block_indices, before) and layer.layout.version == 0
+
+
+def test_a_layout_that_is_not_a_block_layout_is_refused_by_name():
+    for cls in (BlockSparseLinear, MaskedLinear):
+        with pytest.raises(TypeError, match="^layout must be a BlockLayout, got dict$"):
+            cls(32, 32, layout={"block_indices": torch.tensor([[0, 0]])})
+
+
+def test_forward_runs_the_backend_the_layer_was_built_with(monkeypatch):
+    import smet_kernels.modules as modules
+
+    seen = []
+    real = modules.block_sparse_linear
+    monkeypatch.setattr(modules, "block_sparse_linear",
+                        lambda *args, **kwargs: seen.append(kwargs.get("backend")) or real(*args, **kwargs))
+    layer = BlockSparseLinear(32, 32, density=0.5, block_size=16, backend="reference")
+    layer(torch.randn(2, 32))
+    assert seen == ["reference"]
+
+
+def test_sparse_linear_names_lists_a_shared_layer_once_by_its_first_name():
+    from smet_kernels.modules import sparse_linear_names
+
+    shared = nn.Linear(32, 32)
+    model = nn.ModuleDict({"first": shared, "own": nn.Linear(32, 32), "second": shared})
+    assert sparse_linear_names(model) == ["first", "own"]
+    assert sparse_linear_names(model, include=r"^second$") == ["first"]
+
+
+def test_sparsify_with_layouts_refuses_a_layer_factory_that_is_not_callable_by_name():
+    model = _Mlp()
+    with pytest.raises(TypeError, match="^layer_factory must be None or a callable .*, got int$"):
+        sparsify_with_layouts(model, {"up": BlockLayout.random(64, 32, 16, 0.5)}, layer_factory=3)
+    assert type(model.up) is nn.Linear

@@ -1,12 +1,21 @@
 """Two-process data-parallel training (gloo, CPU): ranks stay identical and match one process on the same
 global batch, RigL topology updates (dense gradients averaged over ranks) included; a file that rank 0 (or one
-process) cannot write stops every rank with one line."""
+process) cannot write stops every rank with one line. In this process, one rank's DDP paths: its slice of each
+micro-batch and of the validation windows, no_sync on all micro-steps but the last, the cross-rank checksum and
+finite checks, the batch that does not split over the ranks."""
 
+import contextlib
 import json
+import types
 from pathlib import Path
 
 import pytest
+import torch
 
+from smet_kernels import BlockLayout, BlockSparseLinear
+from smet_kernels.train import loop
+from smet_kernels.train.data import PackedBatches, window_batch
+from smet_kernels.train.trainer import TrainConfig
 from torchrun_launch import launch, metrics
 
 ARGS = ["--config", "tiny", "--optimizer", "smet", "--density", "0.5", "--batch-size", "8", "--grad-accum", "2",
@@ -119,3 +128,126 @@ def test_a_metrics_record_or_summary_that_cannot_be_written_stops_every_rank_wit
         assert steps == [1] and checkpoints == []
     else:
         assert steps == [1, 2, 3, 4] and checkpoints == ["step_0000002", "step_0000004"]
+
+
+# ---------------------------------------------------------------- DDP paths of one rank, in this process
+
+
+def _rank(rank: int, world_size: int):
+    """What a rank's ``Run.ddp`` tells it, the all-reduce of its mean left out (one process holds no group)."""
+    return types.SimpleNamespace(rank=rank, world_size=world_size, enabled=True, mean=lambda value: value)
+
+
+class _DdpWrapper:
+    """Stands for ``DistributedDataParallel``: records each forward's input and whether it ran under ``no_sync``."""
+
+    def __init__(self, model):
+        self.model, self.calls, self.syncing = model, [], True
+
+    def __call__(self, x):
+        self.calls.append((x.clone(), self.syncing))
+        return self.model(x)
+
+    @contextlib.contextmanager
+    def no_sync(self):
+        self.syncing = False
+        try:
+            yield
+        finally:
+            self.syncing = True
+
+
+@pytest.fixture
+def tiny_run(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("SMET_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "smet_cache"))
+    torch.manual_seed(0)
+    return loop.Run(TrainConfig(model="tiny", batch_size=12, grad_accum=3, seq_len=16, max_steps=2, eval_batches=1,
+                                backend="reference", device="cpu", progress=False))
+
+
+def test_a_ddp_rank_takes_its_own_slice_of_each_micro_batch_and_syncs_gradients_on_the_last_only(tiny_run):
+    run, drawn = tiny_run, []
+    run.ddp, run.wrapped = _rank(1, 2), _DdpWrapper(run.model)
+    next_global = run.batches.next_global
+    run.batches.next_global = lambda: drawn.append(next_global()) or drawn[-1]
+    run.train_step()
+    assert [syncing for _, syncing in run.wrapped.calls] == [False, False, True]
+    for micro, (x, _) in enumerate(run.wrapped.calls):
+        expected = run.batches.batch(PackedBatches.shard(drawn[0], micro, 3, 1, 2))[0]
+        assert x.shape == (2, 16) and torch.equal(x, expected)
+
+
+def test_a_ddp_rank_evaluates_its_own_slice_of_the_validation_windows(tiny_run):
+    run, seen = tiny_run, []
+    run.ddp = _rank(1, 2)
+    run.model.register_forward_pre_hook(lambda module, args: seen.append(args[0].clone()))
+    run.evaluate()
+    windows = run.val_indices.view(-1, 2, 2)
+    assert len(seen) == windows.shape[0] == 3
+    for batch, x in zip(windows[:, 1], seen):
+        assert torch.equal(x, window_batch(run.val_tokens, batch, 16)[0])
+
+
+def _checksum(model) -> torch.Tensor:
+    return loop.Run.params_checksum(types.SimpleNamespace(model=model))
+
+
+def test_the_rank_checksum_tells_apart_models_that_differ_only_in_which_slot_holds_which_block():
+    layer = BlockSparseLinear(32, 32, layout=BlockLayout(torch.tensor([[0, 0], [1, 1]]), (32, 32), 16))
+    with torch.no_grad():
+        layer.values.fill_(1.0)  # both slots hold the same values: only the slot -> block map tells them apart
+    before = _checksum(layer)
+    layer.layout.set_block_indices(torch.tensor([[1, 1], [0, 0]]))
+    assert not torch.equal(before, _checksum(layer))
+    layer.layout.set_block_indices(torch.tensor([[0, 1], [1, 1]]))  # slot 0 moved
+    assert not torch.equal(before, _checksum(layer))
+
+
+def test_the_rank_checksum_tells_apart_parameters_of_the_same_sum():
+    first, second = torch.nn.Linear(2, 1, bias=False), torch.nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        first.weight.copy_(torch.tensor([[1.0, -1.0]]))
+        second.weight.zero_()
+    assert not torch.equal(_checksum(first), _checksum(second))
+
+
+def test_ranks_are_out_of_sync_when_another_rank_gathers_another_checksum(monkeypatch):
+    mine = torch.tensor([1.0, 2.0], dtype=torch.float64)
+    run = types.SimpleNamespace(ddp=_rank(0, 3), device=torch.device("cpu"), params_checksum=lambda: mine)
+
+    def all_gather(gathered, checksum, others):
+        for out, value in zip(gathered, [checksum, *others]):
+            out.copy_(value)
+
+    monkeypatch.setattr(loop.dist, "all_gather", lambda gathered, checksum: all_gather(gathered, checksum,
+                                                                                           [mine, mine]))
+    assert loop.Run.ranks_in_sync(run) is True
+    monkeypatch.setattr(loop.dist, "all_gather", lambda gathered, checksum: all_gather(gathered, checksum,
+                                                                                           [mine, mine + 1]))
+    assert loop.Run.ranks_in_sync(run) is False
+
+
+def test_a_global_batch_that_the_ranks_cannot_split_evenly_is_refused_by_name(tmp_path_factory, monkeypatch):
+    """6 sequences in 2 micro-steps divide, but not over 2 ranks as well: a view error deep in the first step."""
+    from smet_kernels.train.config import ConfigError
+    from smet_kernels.train.distributed import DistInfo
+
+    monkeypatch.setenv("SMET_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "smet_cache"))
+    monkeypatch.setattr(loop, "init_distributed", lambda device: DistInfo(rank=0, world_size=2))
+    with pytest.raises(ConfigError, match=r"\(6\) must be divisible by .* x world size \(2 x 2\)$"):
+        loop.Run(TrainConfig(model="tiny", batch_size=6, grad_accum=2, seq_len=16, max_steps=2, backend="reference",
+                             device="cpu", progress=False))
+
+
+def test_parameters_are_not_finite_when_another_rank_holds_a_non_finite_one(monkeypatch):
+    run = types.SimpleNamespace(model=torch.nn.Linear(2, 2), device=torch.device("cpu"), ddp=_rank(0, 2))
+    monkeypatch.setattr(loop.dist, "all_reduce", lambda tensor, op: tensor)  # the other rank's parameters finite
+    assert loop.Run.parameters_finite(run) is True
+    monkeypatch.setattr(loop.dist, "all_reduce", lambda tensor, op: tensor.fill_(0.0))  # one of theirs not
+    assert loop.Run.parameters_finite(run) is False
+
+
+def test_only_rank_0_draws_the_progress_bar(tmp_path, tmp_path_factory):
+    args = [arg for arg in ARGS if arg != "--no-progress"] + ["--max-steps", "2"]
+    outputs = launch(tmp_path / "run", 2, tmp_path_factory.getbasetemp() / "smet_cache", args)
+    assert "smet-train:" in outputs[0] and "smet-train" not in outputs[1], outputs
