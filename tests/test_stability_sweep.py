@@ -142,6 +142,27 @@ def test_finished_runs_are_skipped_and_mismatches_refused(tmp_path, monkeypatch)
         run_sweep(dataclasses.replace(spec, steps=300), tmp_path, isolate=False, log=lambda *_: None)
 
 
+def test_a_run_finished_before_the_topology_schedule_and_regrow_init_options_is_skipped_not_refused(tmp_path,
+                                                                                                    monkeypatch):
+    """Its summary lacks min_prune_fraction, update_end_step, regrow_init and regrow_init_std: it trained with what
+    they default to (the controller's own defaults), so it is the run the study asks for."""
+    spec = dataclasses.replace(PRESETS["pilot"], methods=("adamw", "naive-dst"), densities=(0.5,), alphas=(1.0,),
+                               seeds=(0,))
+    monkeypatch.setattr(sweep, "_train_in_this_process", _fake_train([]))
+    run_sweep(spec, tmp_path, isolate=False, log=lambda *_: None)
+    summaries = [run.directory(tmp_path) / "summary.json" for run in enumerate_runs(spec)]
+    for summary in summaries:
+        saved = json.loads(summary.read_text())
+        for name in ("min_prune_fraction", "update_end_step", "regrow_init", "regrow_init_std"):
+            del saved["config"][name]
+        summary.write_text(json.dumps(saved))
+    assert run_sweep(spec, tmp_path, isolate=False, log=lambda *_: None)["skipped"] == 2
+    saved["config"]["regrow_init"] = "normal"  # a setting that is saved is still compared
+    summary.write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match="regrow_init: saved 'normal' != requested 'zeros'"):
+        run_sweep(spec, tmp_path, isolate=False, log=lambda *_: None)
+
+
 def test_interrupted_run_resumes_from_its_latest_checkpoint(tmp_path, monkeypatch):
     spec = dataclasses.replace(PRESETS["pilot"], methods=("adamw",), seeds=(0,), checkpoint_every=50)
     run_dir = enumerate_runs(spec)[0].directory(tmp_path)
