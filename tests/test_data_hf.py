@@ -202,3 +202,12 @@ def test_a_local_dataset_folder_takes_no_revision_and_may_hold_an_at_sign_in_its
     renamed = tmp_path / "corpus@2026"
     (tmp_path / "dataset").rename(renamed)
     assert text_of(load_corpus(f"hf:{renamed}").train) == "first text"
+
+
+def test_a_local_dataset_folder_with_a_config_takes_no_revision_either(tmp_path):
+    """'@' after the folder's config was taken as part of the config name: datasets said 'BuilderConfig
+    'default@main' not found', not that a folder has no revision."""
+    spec = folder(tmp_path, {"train.txt": "first text\n", "validation.txt": "held out\n"})
+    with pytest.raises(DataError, match="a local dataset folder has no revision"):
+        load_corpus(f"{spec}:default@main")
+    assert text_of(load_corpus(f"{spec}:default").train) == "first text"
