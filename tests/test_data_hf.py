@@ -211,3 +211,15 @@ def test_a_local_dataset_folder_with_a_config_takes_no_revision_either(tmp_path)
     with pytest.raises(DataError, match="a local dataset folder has no revision"):
         load_corpus(f"{spec}:default@main")
     assert text_of(load_corpus(f"{spec}:default").train) == "first text"
+
+
+def test_a_hub_error_of_several_lines_is_refused_in_one_line_naming_the_revision(monkeypatch):
+    """huggingface_hub's HTTP errors span lines ('404 Client Error.\\n\\nRevision Not Found for url: ...')."""
+    def load_dataset(name, subset, **pin):
+        raise OSError("500 Server Error.\n\nInternal Error for url: https://huggingface.co/api/datasets/x")
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    with pytest.raises(DataError) as raised:
+        load_corpus("hf:someone/corpus@v1")
+    assert str(raised.value) == ("cannot load Hugging Face dataset 'someone/corpus' at revision 'v1': 500 Server "
+                                 "Error. Internal Error for url: https://huggingface.co/api/datasets/x")

@@ -194,7 +194,8 @@ def _load_hf(spec: str, val_percent: float) -> tuple[np.ndarray, np.ndarray]:
             dataset = datasets.load_dataset(name, subset or None, **({"revision": revision} if revision else {}))
         except Exception as error:  # the hub raises many exception types
             at = f" at revision {revision!r}" if revision else ""
-            raise DataError(f"cannot load Hugging Face dataset {name!r}{at}: {error}") from None
+            detail = " ".join(str(error).split())  # the hub's HTTP errors span several lines
+            raise DataError(f"cannot load Hugging Face dataset {name!r}{at}: {detail}") from None
         if "train" not in dataset:
             raise DataError(f"Hugging Face dataset {name!r} has no 'train' split (its splits: {sorted(dataset)})")
         val_split = next((s for s in ("validation", "valid", "test") if s in dataset), None)
