@@ -223,3 +223,15 @@ def test_a_hub_error_of_several_lines_is_refused_in_one_line_naming_the_revision
         load_corpus("hf:someone/corpus@v1")
     assert str(raised.value) == ("cannot load Hugging Face dataset 'someone/corpus' at revision 'v1': 500 Server "
                                  "Error. Internal Error for url: https://huggingface.co/api/datasets/x")
+
+
+@pytest.mark.parametrize("spec", ["hf:", "hf::en", "hf::en@main"])
+def test_a_spec_without_a_dataset_name_is_refused_in_one_line_not_read_as_the_working_folder(spec, tmp_path,
+                                                                                              monkeypatch):
+    """``Path("")`` is the working folder: 'hf:' listed it and handed it to load_dataset as a local dataset."""
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / "train.txt").write_text("the working folder's text\n")
+    monkeypatch.chdir(tmp_path / "work")
+    with pytest.raises(DataError, match="needs a dataset name") as raised:
+        load_corpus(spec)
+    assert "\n" not in str(raised.value)

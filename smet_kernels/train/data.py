@@ -179,6 +179,8 @@ def _load_hf(spec: str, val_percent: float) -> tuple[np.ndarray, np.ndarray]:
     if pinned and not (body and revision):
         raise DataError(f"data {spec!r}: 'hf:NAME[:CONFIG]@REVISION' needs a name and a revision on each side of '@'")
     name, _, subset = body.partition(":")
+    if not name:  # Path("") is the working folder
+        raise DataError(f"data {spec!r}: 'hf:NAME[:CONFIG][@REVISION]' needs a dataset name (a hub name or a folder)")
     if (revision or "@" in subset) and Path(name).expanduser().is_dir():  # hf:FOLDER:CONFIG@REVISION too
         raise DataError(f"data {spec!r}: a local dataset folder has no revision (its files key the cache)")
     key = hashlib.sha256(f"hf|{name}|{subset}|{val_percent}".encode())
