@@ -1,4 +1,4 @@
-"""The ``hf:NAME[:CONFIG]`` data source of the trainer: a Hugging Face dataset's text, byte-tokenised, read here
+"""The ``hf:NAME[:CONFIG][@REVISION]`` data source of the trainer: a Hugging Face dataset's text, byte-tokenised, read here
 from local folders (``datasets.load_dataset`` of a folder of ``.txt`` or ``.jsonl`` files, offline)."""
 
 import json

@@ -160,3 +160,32 @@ def test_topology_updates_stop_at_update_end_step_where_the_prune_fraction_has_d
     assert updates[-1]["prune_fraction"] == pytest.approx(0.01 + 0.19 * (1 + math.cos(math.pi * 4 / 5)) / 2)
     saved = json.loads((tmp_path / "summary.json").read_text())["config"]
     assert (saved["update_end_step"], saved["min_prune_fraction"], saved["regrow_init"]) == (5, 0.01, "normal")
+
+
+@pytest.mark.parametrize("probe", [True, False])
+def test_a_dense_control_run_probes_at_the_update_steps_up_to_update_end_step(probe, capsys, tmp_path):
+    """A dense run's update probe follows the sparse schedule, --update-end-step included (it probed every
+    --update-interval to the end); so both options act there, and are named as without effect only without it."""
+    assert cli.main(["--config", "tiny", "--optimizer", "adamw", "--device", "cpu", "--batch-size", "4", "--seq-len",
+                     "32", "--max-steps", "8", "--update-interval", "2", "--update-end-step", "5", "--spike-window",
+                     "1", "--eval-every", "0", "--out-dir", str(tmp_path), "--no-progress"]
+                    + ([] if probe else ["--no-update-probe"])) == 0
+    probes = [r["update_step"] for r in read_metrics(tmp_path) if r["type"] == "update_probe"]
+    named = "--update-interval, --update-end-step have no effect with --optimizer adamw" in capsys.readouterr().err
+    assert (probes, named) == (([2, 4], False) if probe else ([], True))
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--update-end-step", "3"], "--update-interval 4 is past --update-end-step 3"),
+    (["--max-steps", "3"], "--update-interval 4 is past --max-steps 3"),
+    (["--update-end-step", "4"], None),
+])
+def test_a_sparse_run_whose_first_update_is_past_its_last_step_is_told_its_topology_stays_fixed(options, message,
+                                                                                               capsys, tmp_path):
+    argv = ["--config", "tiny", "--optimizer", "smet", "--backend", "reference", "--device", "cpu", "--batch-size",
+            "2", "--seq-len", "16", "--max-steps", "4", "--update-interval", "4", "--eval-every", "0", "--out-dir",
+            str(tmp_path), "--no-progress"]
+    assert cli.main(argv + options) == 0
+    err = capsys.readouterr().err
+    assert (f"smet-train: no topology update in this run: {message}; the topology stays as initialised" in err
+            if message else "no topology update" not in err)

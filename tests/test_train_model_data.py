@@ -149,7 +149,7 @@ def test_text_file_folder_and_bin(tmp_path):
 
 
 def test_unreadable_data_raises_one_line_error(tmp_path):
-    with pytest.raises(DataError, match="data must be 'stdlib', a path or 'hf:NAME', got 123"):
+    with pytest.raises(DataError, match=r"data must be 'stdlib', a path or 'hf:NAME\[:CONFIG\]\[@REVISION\]', got 123"):
         load_corpus(123)
     with pytest.raises(DataError, match="does not exist"):
         load_corpus(str(tmp_path / "missing.txt"))

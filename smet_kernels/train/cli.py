@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
                       f"topology's seeded generator); its Adam moments and step start at 0 (default: {d.regrow_init})")
     smet.add_argument("--regrow-init-std", type=_float_in(0.0, inf, True),
                       help="standard deviation of --regrow-init normal (default: "
-                      f"{d.regrow_init_std}, the models' init std)")
+                      f"{d.regrow_init_std}, the model presets' init std before any --supar scaling)")
     smet.add_argument("--warmup-mode", choices=("linear", "momentum_ramp", "none"),
                       help=f"per-block optimizer warm-up of SMETAdamW (default: {d.warmup_mode})")
     smet.add_argument("--optimizer-warmup-steps", type=_int_at_least(1),
@@ -245,12 +245,19 @@ def _warn_ignored_options(args: argparse.Namespace, config: TrainConfig) -> None
     """Options that have no effect in the chosen mode are named on stderr (the run still starts)."""
     given = vars(args)
     ignored = [name for name in METHODS[config.optimizer].ignored_options if name in given]
+    if config.update_probe:  # a dense run probes at the steps a sparse one would update at (the control)
+        ignored = [name for name in ignored if name not in ("update_interval", "update_end_step")]
     if ignored:
         flags = ", ".join("--" + name.replace("_", "-") for name in ignored)
         print(f"smet-train: {flags} ha{'s' if len(ignored) == 1 else 've'} no effect with --optimizer "
               f"{config.optimizer}", file=sys.stderr)
     if config.on_nonfinite == "stop" and "max_consecutive_skips" in given:
         print("smet-train: --max-consecutive-skips has no effect with --on-nonfinite stop", file=sys.stderr)
+    last = min(config.update_end_step or config.max_steps, config.max_steps)
+    if METHODS[config.optimizer].sparse and config.update_interval > last:
+        limit = "--max-steps" if last == config.max_steps else "--update-end-step"
+        print(f"smet-train: no topology update in this run: --update-interval {config.update_interval} is past "
+              f"{limit} {last}; the topology stays as initialised", file=sys.stderr)
     if config.regrow_init == "zeros" and "regrow_init_std" in given and "regrow_init_std" not in ignored:
         print("smet-train: --regrow-init-std has no effect with --regrow-init zeros", file=sys.stderr)
 

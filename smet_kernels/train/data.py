@@ -230,7 +230,7 @@ def load_corpus(data: str = "stdlib", val_percent: float = 2.0, tokenizer: str =
     except TokenizerError as error:
         raise DataError(str(error)) from None
     if not isinstance(data, str) or not data:
-        raise DataError(f"data must be 'stdlib', a path or 'hf:NAME', got {data!r}")
+        raise DataError(f"data must be 'stdlib', a path or 'hf:NAME[:CONFIG][@REVISION]', got {data!r}")
     if not (0.0 < val_percent < 100.0):
         raise DataError(f"val_percent must be in (0, 100), got {val_percent}")
     try:

@@ -340,10 +340,12 @@ class Run:
         return float(loss)
 
     def is_probe_step(self, step: int) -> bool:
-        """Update steps of the controller; for a dense run the steps it would update at (the control)."""
+        """Update steps of the controller; for a dense run the steps it would update at (the control), up to
+        ``update_end_step`` as the controller's."""
         if self.controller is not None:
             return self.controller.is_update_step(step)
-        return step % self.config.update_interval == 0
+        end = self.config.update_end_step or self.config.max_steps
+        return step % self.config.update_interval == 0 and step <= end
 
     def train_step(self) -> tuple[float, float]:
         """One optimizer step on the next global batch; returns (mean training loss over the global batch, global
