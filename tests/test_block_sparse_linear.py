@@ -298,3 +298,43 @@ def test_a_layer_step_reads_nothing_back_and_rebuilds_no_index(backend, readback
         readbacks.counting = False
         assert readbacks.take() == [] and rebuilt == []
     assert layer.layout.version_tensor.device.type == "cpu"  # what check_layout_version reads back
+
+
+def test_a_frozen_layer_saves_no_input_and_a_constant_input_saves_no_values():
+    """dx needs only the values and dvalues only x: what no gradient needs is not kept for the backward."""
+    layout = _mask_layout("random", 2, 3, 16)
+    x, values, _, _ = _inputs(layout, 6, torch.float32)
+    for needs_x in (True, False):
+        leaves = [x.clone().requires_grad_(needs_x), values.clone().requires_grad_(not needs_x)]
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.untyped_storage().data_ptr()) or t,
+                                                      lambda t: t):  # fmt: skip
+            block_sparse_linear(*leaves, layout, backend="reference")
+        kept, unneeded = (leaves[1], leaves[0]) if needs_x else (leaves[0], leaves[1])
+        assert kept.untyped_storage().data_ptr() in saved
+        assert unneeded.untyped_storage().data_ptr() not in saved
+
+
+@pytest.mark.parametrize("wrt", ["x", "values"])
+def test_a_layout_change_before_the_double_backward_is_an_error(wrt):
+    """dx and dvalues are products over the layout too: differentiating them after a topology update raises."""
+    layout = _mask_layout("random", 2, 2, 16)
+    x, values, dy, _ = _inputs(layout, 4, torch.float32)
+    x.requires_grad_()
+    values.requires_grad_()
+    y = block_sparse_linear(x, values, layout, backend="reference")
+    (grad,) = torch.autograd.grad(y, x if wrt == "x" else values, dy, create_graph=True)
+    layout.replace_blocks(torch.tensor([0]), (~layout.mask).nonzero()[:1])
+    with pytest.raises(RuntimeError, match="layout"):
+        grad.square().sum().backward()
+
+
+def test_differentiating_the_triton_weight_gradient_again_raises():
+    layout = _mask_layout("random", 2, 2, 16)
+    x, values, _, _ = _inputs(layout, 4, torch.float32)
+    x.requires_grad_()
+    values.requires_grad_()
+    y = block_sparse_linear(x, values, layout, backend="triton")
+    (dvalues,) = torch.autograd.grad(y.square().sum(), values, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        dvalues.square().sum().backward()

@@ -408,3 +408,120 @@ def test_precision_flags_upcast_bf16_only_in_the_interpreter_and_keep_fp32_ieee(
     assert precision_flags(torch.bfloat16, interpret=True) == {"UPCAST": True, "INPUT_PRECISION": "tf32"}
     assert precision_flags(torch.bfloat16, interpret=False)["UPCAST"] is False
     assert precision_flags(torch.float32, interpret=True) == {"UPCAST": False, "INPUT_PRECISION": "ieee"}
+
+
+@pytest.mark.parametrize("op", ["forward", "grad_input", "grad_weight"])
+def test_an_explicit_tma_variant_is_refused_on_a_device_without_tma(op, monkeypatch):
+    """Only a default ``tma`` falls back to ``grouped`` there (:func:`default_variant`); one asked for is an error."""
+    from smet_kernels.ops import block_sparse_matmul as bsmm
+
+    monkeypatch.setattr(bsmm, "tma_supported", lambda device: False)
+    layout = _mask_layout("random", 2, 2, 16)
+    x, values, dy, _ = _inputs(layout, 8, torch.float32)
+    calls = {
+        "forward": lambda: triton_forward(x, values, layout, variant="tma"),
+        "grad_input": lambda: triton_grad_input(dy, values, layout, variant="tma"),
+        "grad_weight": lambda: triton_grad_weight(dy, x, layout, variant="tma"),
+    }
+    with pytest.raises(ValueError, match="needs a GPU with the Tensor Memory Accelerator"):
+        calls[op]()
+
+
+def test_the_weight_grad_refuses_an_unknown_variant_given_or_from_the_environment(monkeypatch):
+    layout = _mask_layout("random", 2, 2, 16)
+    x, _, dy, _ = _inputs(layout, 8, torch.float32)
+    with pytest.raises(ValueError, match="variant must be one of"):
+        triton_grad_weight(dy, x, layout, variant="stream-k")
+    monkeypatch.setenv("SMET_MATMUL_VARIANT", "stream-k")
+    with pytest.raises(ValueError, match="SMET_MATMUL_VARIANT environment variable must be one of"):
+        triton_grad_weight(dy, x, layout)
+
+
+def test_each_launcher_refuses_an_operand_that_is_not_a_row_major_matrix():
+    """The kernels step rows by ``stride(0)`` and assume unit stride along the features: a 3-D or a column-major
+    operand is refused, naming it, not read wrongly."""
+    layout = _mask_layout("random", 2, 2, 16)
+    x, values, dy, _ = _inputs(layout, 8, torch.float32)
+
+    def column_major(t):
+        return t.t().contiguous().t()
+
+    for bad in (lambda t: t.unsqueeze(-1), column_major):
+        calls = (("x", lambda: triton_forward(bad(x), values, layout)),
+                 ("dy", lambda: triton_grad_input(bad(dy), values, layout)),
+                 ("dy", lambda: triton_grad_weight(bad(dy), x, layout)),
+                 ("x", lambda: triton_grad_weight(dy, bad(x), layout)))  # fmt: skip
+        for name, call in calls:
+            with pytest.raises(ValueError, match=f"^{name} must be a 2-D tensor with unit stride"):
+                call()
+
+
+def test_the_weight_grad_launches_the_default_split_k_of_its_token_and_block_counts(monkeypatch):
+    from smet_kernels.ops import block_sparse_matmul as bsmm
+
+    layout = _mask_layout("random", 2, 3, 16)
+    x, _, dy, _ = _inputs(layout, 100, torch.float32)
+    asked, grids = [], []
+
+    def default_split_k(m, nnz, device):
+        asked.append((m, nnz, device))
+        return 3
+
+    class Recording:
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return kernel[grid]
+
+    kernel = bsmm.bsmm_grad_weight_kernel
+    monkeypatch.setattr(bsmm, "default_split_k", default_split_k)
+    monkeypatch.setattr(bsmm, "bsmm_grad_weight_kernel", Recording())
+    _close(triton_grad_weight(dy, x, layout, variant="grouped"), torch_grad_weight(dy, x, layout), torch.float32)
+    assert asked == [(100, layout.nnz, x.device)] and grids == [(layout.nnz, 3)]
+
+
+def test_split_k_and_persistent_program_counts_round_up_and_stay_at_least_one(monkeypatch):
+    """On a GPU of 132 SMs: 200 tokens make two splits of at most 128 tokens, 264 programs over 100 blocks three
+    splits; a tile too large for two buffers in an SM still gets one persistent program per SM; under the
+    interpreter the persistent grid is at most 3 programs, never more than tiles."""
+    from smet_kernels.ops import launch_config as lc
+
+    monkeypatch.setattr(lc, "sm_count", lambda index: 132)
+    gpu = torch.device("cuda", 0)
+    assert lc.default_split_k(200, 10, gpu) == 2 and lc.default_split_k(4096, 100, gpu) == 3
+    assert lc.persistent_programs_per_sm(256, 128, 4) == 1
+    cpu = torch.empty(0)
+    assert [lc.persistent_programs(tiles, 32, 16, cpu) for tiles in (1, 2, 3, 10)] == [1, 2, 3, 3]
+
+
+def test_the_pruners_read_the_element_size_of_a_tma_descriptors_tensor():
+    """The TMA kernels' first operand is a ``TensorDescriptor``: its tensor's dtype sizes the tiles, as a tensor's."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    configs = matmul_configs(DENSE_SPARSE_BLOCK_MS, interpret=False)
+    for dtype in (torch.bfloat16, torch.float32):
+        desc = TensorDescriptor.from_tensor(torch.empty(64, 128, dtype=dtype), [128, 128])
+        kept = prune_configs(configs, {"a_desc": desc}, HOPPER_SHARED_MEMORY, BLOCK_SIZE=128)
+        assert _ids(kept) == _kept(128, dtype=dtype)
+
+
+@pytest.mark.skipif(not HAS_TMA, reason="needs sm_90+")
+def test_the_tma_variant_copies_padded_rows_and_values_strided_along_their_last_dimension(monkeypatch):
+    """An aligned base is not enough: rows of 66 bytes (``x`` padded to 33 features) and values with a stride of 2
+    along their last dimension are copied too before a descriptor reads them."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    readable = []
+    from_tensor = TensorDescriptor.from_tensor
+
+    def recording(tensor, block_shape):
+        readable.append(tensor.stride(-1) == 1 and tensor.stride(0) * tensor.element_size() % 16 == 0)
+        return from_tensor(tensor, block_shape)
+
+    monkeypatch.setattr(TensorDescriptor, "from_tensor", staticmethod(recording))
+    layout = _mask_layout("random", 2, 2, 16)
+    x, values, dy, _ = _inputs(layout, 9, torch.float16)
+    padded = torch.zeros(9, 33, dtype=x.dtype, device=x.device)[:, :32].copy_(x)
+    spread = torch.zeros(layout.nnz, 16, 32, dtype=x.dtype, device=x.device)[..., ::2].copy_(values)
+    _close(triton_forward(padded, spread, layout, variant="tma"), torch_forward(x, values, layout), torch.float16)
+    _close(triton_grad_weight(dy, padded, layout, variant="tma"), torch_grad_weight(dy, x, layout), torch.float16)
+    assert len(readable) == 3 + 3 and all(readable)

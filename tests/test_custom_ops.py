@@ -451,3 +451,49 @@ def test_fake_implementations_give_the_shapes_and_dtypes_of_the_real_ops(dtype):
     dvalues = library.bsmm_grad_weight(dy, x, index, version, version.clone(), layout.nnz, B, "reference", "grouped")
     assert [(tuple(t.shape), t.dtype, t.device.type) for t in (y, dx, dvalues)] == [
         ((5, n), dtype, "meta"), ((5, k), dtype, "meta"), ((layout.nnz, B, B), dtype, "meta")]
+
+
+def test_double_backward_of_the_weight_gradient_through_the_reference_matches_the_dense_layer():
+    """A penalty ``|dL/dvalues|²`` differentiated again (the backward of ``bsmm_grad_weight``: ``d dy = x Gᵀ``,
+    ``dx = dy G``), against the same through ``F.linear`` of the dense W."""
+    layout = _layout()
+    x, values, dy, bias = (t.double() for t in _operands(layout))
+    results = []
+    for sparse in (True, False):
+        leaves = [t.clone().requires_grad_() for t in (x, values, bias)]
+        if sparse:
+            y = block_sparse_linear(*leaves[:2], layout, leaves[2], backend="reference")
+        else:
+            y = F.linear(leaves[0], to_dense(leaves[1], layout), leaves[2])
+        (dvalues,) = torch.autograd.grad((y * dy).square().sum(), leaves[1], create_graph=True)
+        results.append(torch.autograd.grad(dvalues.square().sum(), leaves))
+    for sparse_grad, dense_grad in zip(*results):
+        torch.testing.assert_close(sparse_grad, dense_grad)
+
+
+@needs_triton
+def test_each_op_launches_the_variant_it_is_given_not_the_default(monkeypatch):
+    """The caller resolves the variant (a graph constant): the ops pass it on rather than read the default again."""
+    monkeypatch.delenv("SMET_MATMUL_VARIANT", raising=False)
+    layout = _layout()
+    x, values, dy, bias = _operands(layout)
+    index, version = layout.kernel_index(x.device), layout.version_tensor
+    n, k = layout.shape
+    launchers = ("triton_bsmm_forward", "triton_bsmm_grad_input", "triton_bsmm_grad_weight")
+    spies = [mock.patch.object(library, name, wraps=getattr(library, name)) for name in launchers]
+    with spies[0] as forward, spies[1] as grad_input, spies[2] as grad_weight:
+        library.bsmm_forward(x, values, bias, index, version, version.clone(), n, "triton", "persistent")
+        library.bsmm_grad_input(dy, values, index, version, version.clone(), k, "triton", "persistent")
+        library.bsmm_grad_weight(dy, x, index, version, version.clone(), layout.nnz, B, "triton", "persistent")
+    assert [op.call_args.kwargs["variant"] for op in (forward, grad_input, grad_weight)] == ["persistent"] * 3
+
+
+def test_a_functionalization_mode_alone_counts_as_tracing():
+    """AOTAutograd's functional mode records a graph too, before any fake or proxy mode is seen."""
+    from torch._subclasses.functional_tensor import FunctionalTensorMode
+
+    from smet_kernels.ops import variant
+
+    assert not variant.tracing()
+    with FunctionalTensorMode():
+        assert variant.tracing()

@@ -161,3 +161,13 @@ def test_regrow_blocks_bad_arguments_raise(kwargs, error, match):
     arguments.update(kwargs)
     with pytest.raises(error, match=match):
         regrow_blocks(**arguments, backend="triton")
+
+
+def test_regrow_blocks_without_a_backend_follows_the_global_one(reference_backend, monkeypatch):
+    from smet_kernels.ops import library
+
+    ran = []
+    monkeypatch.setattr(library, "torch_regrow_blocks", lambda *args: ran.append("reference"))
+    monkeypatch.setattr(library, "triton_regrow_blocks", lambda *args: ran.append("triton"))
+    regrow_blocks(torch.ones(3, 16, 16), torch.tensor([1]))
+    assert ran == ["reference"]
