@@ -2,6 +2,7 @@
 build what each method says it sparsifies and trains with."""
 
 import argparse
+import itertools
 import re
 
 import pytest
@@ -96,12 +97,14 @@ def test_smet_train_warns_about_exactly_the_options_a_method_does_not_take(tmp_p
     from smet_kernels.train.cli import _warn_ignored_options
     from smet_kernels.train.config import TrainConfig
 
-    for name, method in methods.METHODS.items():
+    for (name, method), probe in itertools.product(methods.METHODS.items(), (True, False)):
         given = {option: None for option in methods.SPARSE_OPTIONS + methods.GALORE_OPTIONS}
-        _warn_ignored_options(argparse.Namespace(**given), TrainConfig(optimizer=name))
-        warned = set(re.findall(r"--[a-z-]+", capsys.readouterr().err))  # whole flags: --density is no --density-lr-…
+        _warn_ignored_options(argparse.Namespace(**given), TrainConfig(optimizer=name, update_probe=probe))
+        (line,) = [line for line in capsys.readouterr().err.splitlines() if "no effect with --optimizer" in line]
+        warned = set(re.findall(r"--[a-z-]+", line.split(" ha")[0]))  # whole flags: --density is no --density-lr-…
         for option in given:
-            assert ("--" + option.replace("_", "-") in warned) == (option not in method.options), (name, option)
+            acts = option in method.options or (probe and option in methods.PROBE_SCHEDULE_OPTIONS)
+            assert ("--" + option.replace("_", "-") in warned) == (not acts), (name, option, probe)
 
 
 @pytest.mark.parametrize("name, ignored", [("naive-dst", True), ("density-lr-only", True), ("warmup-only", False),

@@ -236,7 +236,8 @@ def test_a_checkpoint_that_cannot_be_written_stops_the_run_with_one_line(tmp_pat
 
     monkeypatch.setattr(checkpoint.torch, "save", save_on_a_full_disk)
     reason = one_line_error(capsys, ["--config", "tiny", "--batch-size", "4", "--seq-len", "32", "--max-steps", "2",
-                                     "--checkpoint-every", "2", "--eval-every", "0", "--backend", "reference",
+                                     "--update-interval", "2", "--checkpoint-every", "2", "--eval-every", "0",
+                                     "--backend", "reference",
                                      "--no-progress", "--out-dir", str(tmp_path / "run")], 1)
     assert reason.startswith("could not write checkpoint step_0000002: ") and reason.split(": ", 1)[1], reason
     assert list((tmp_path / "run" / "checkpoints").iterdir()) == []  # its partial folder left on the full disk

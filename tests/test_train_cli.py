@@ -189,3 +189,13 @@ def test_a_sparse_run_whose_first_update_is_past_its_last_step_is_told_its_topol
     err = capsys.readouterr().err
     assert (f"smet-train: no topology update in this run: {message}; the topology stays as initialised" in err
             if message else "no topology update" not in err)
+
+
+def test_the_notes_on_options_are_printed_by_rank_0_only(capsys, tmp_path, monkeypatch):
+    """Under torchrun each rank parses the same command line: the notes came once per rank."""
+    argv = ["--config", "tiny", "--optimizer", "adamw", "--density", "0.3", "--device", "cpu", "--max-steps", "1",
+            "--batch-size", "2", "--seq-len", "16", "--eval-every", "0", "--no-progress"]
+    for rank, noted in (("1", False), ("0", True)):
+        monkeypatch.setenv("RANK", rank)
+        assert cli.main(argv + ["--out-dir", str(tmp_path / rank)]) == 0
+        assert ("--density has no effect" in capsys.readouterr().err) == noted

@@ -248,6 +248,6 @@ def test_parameters_are_not_finite_when_another_rank_holds_a_non_finite_one(monk
 
 
 def test_only_rank_0_draws_the_progress_bar(tmp_path, tmp_path_factory):
-    args = [arg for arg in ARGS if arg != "--no-progress"] + ["--max-steps", "2"]
+    args = [arg for arg in ARGS if arg != "--no-progress"] + ["--max-steps", "2", "--update-interval", "2"]
     outputs = launch(tmp_path / "run", 2, tmp_path_factory.getbasetemp() / "smet_cache", args)
     assert "smet-train:" in outputs[0] and "smet-train" not in outputs[1], outputs

@@ -58,7 +58,8 @@ def test_an_out_dir_whose_metrics_jsonl_cannot_be_opened_stops_the_run_with_one_
     out = tmp_path / "run"
     (out / "metrics.jsonl").mkdir(parents=True)
     reason = one_line_error(capsys, ["--config", "tiny", "--batch-size", "4", "--seq-len", "32", "--max-steps", "2",
-                                     "--eval-every", "0", "--backend", "reference", "--no-progress", "--out-dir",
+                                     "--update-interval", "2", "--eval-every", "0", "--backend", "reference",
+                                     "--no-progress", "--out-dir",
                                      str(out)], 1)
     assert reason.startswith(f"could not prepare --out-dir {str(out)!r}: [Errno 21] Is a directory")
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 import sys
 import warnings
 
@@ -33,7 +34,7 @@ from .config import (
 )
 from .distributed import TrainingFailed
 from .loop import train
-from .methods import METHODS
+from .methods import METHODS, PROBE_SCHEDULE_OPTIONS
 from .metrics import MetricsWarning, strict_json
 from .model import MODEL_CONFIGS
 from .tokenizer import DEFAULT_BPE_VOCAB
@@ -245,8 +246,8 @@ def _warn_ignored_options(args: argparse.Namespace, config: TrainConfig) -> None
     """Options that have no effect in the chosen mode are named on stderr (the run still starts)."""
     given = vars(args)
     ignored = [name for name in METHODS[config.optimizer].ignored_options if name in given]
-    if config.update_probe:  # a dense run probes at the steps a sparse one would update at (the control)
-        ignored = [name for name in ignored if name not in ("update_interval", "update_end_step")]
+    if config.update_probe:
+        ignored = [name for name in ignored if name not in PROBE_SCHEDULE_OPTIONS]
     if ignored:
         flags = ", ".join("--" + name.replace("_", "-") for name in ignored)
         print(f"smet-train: {flags} ha{'s' if len(ignored) == 1 else 've'} no effect with --optimizer "
@@ -285,7 +286,8 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     try:
         with naming_options(options):  # errors name --batch-size, --config, ..., not the config fields
             config = config_from_args(args)
-            _warn_ignored_options(args, config)
+            if os.environ.get("RANK", "0") == "0":  # under torchrun: once, not once per rank
+                _warn_ignored_options(args, config)
             summary = train(config)
     except ConfigError as error:  # one line: the usage that parser.error would print first says nothing of it
         parser.exit(2, f"{parser.prog}: error: {' '.join(str(error).split())}\n")

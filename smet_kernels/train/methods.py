@@ -28,6 +28,8 @@ SPARSE_OPTIONS = ("density", "block_size", "distribution", "supar", "supar_base_
                   "prune_fraction", "min_prune_fraction", "update_end_step", "regrow", "regrow_init",
                   "regrow_init_std") + SMET_ADAMW_OPTIONS
 METHOD_OPTIONS = SPARSE_OPTIONS + GALORE_OPTIONS  # the options that act in some methods only
+#: the sparse schedule a dense run's update probe follows (its control steps): options that act there while it is on
+PROBE_SCHEDULE_OPTIONS = ("update_interval", "update_end_step")
 
 
 @dataclass(frozen=True)
