@@ -309,3 +309,14 @@ def test_adamw_step_triton_empty_values_match_torch(spec, device):
     run(tensors, lrs, global_steps, "triton")
     run(expected, lrs, global_steps, "reference")
     assert_close(tensors, expected, torch.float32)
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_adamw_step_decays_a_bf16_weight_in_fp32_and_rounds_once(backend):
+    """θ = 1 + 2^-7 with lr·λ = 0.75 and no gradient: θ − 0.75 θ = 0.25 + 2^-9, a bf16 number. With 0.75 θ rounded to
+    bf16 first (a tie, to 0.75 + 2^-7) the step would land on 0.25."""
+    param = torch.full((1, 16, 16), 1.0078125, dtype=torch.bfloat16)
+    state = [torch.zeros(1, 16, 16), torch.zeros(1, 16, 16), torch.zeros(1, dtype=torch.int32)]
+    adamw_step([param], [torch.zeros_like(param)], *([s] for s in state), [1.0], [None], backend=backend,
+               betas=(0.9, 0.99), eps=1e-8, weight_decay=0.75, warmup="none")
+    assert param.unique().tolist() == [0.251953125]

@@ -525,3 +525,42 @@ def test_the_tma_variant_copies_padded_rows_and_values_strided_along_their_last_
     _close(triton_forward(padded, spread, layout, variant="tma"), torch_forward(x, values, layout), torch.float16)
     _close(triton_grad_weight(dy, padded, layout, variant="tma"), torch_grad_weight(dy, x, layout), torch.float16)
     assert len(readable) == 3 + 3 and all(readable)
+
+
+def test_the_reference_forward_adds_the_bias_before_rounding_a_bf16_output_once():
+    """x Wᵀ = 1 + 2^-8 and bias 2^-8 sum to 1 + 2^-7, a bf16 number; rounded to bf16 before the bias is added, the
+    product would tie to 1 and so would the sum."""
+    from smet_kernels.reference.matmul import torch_bsmm_forward
+
+    x = torch.zeros(1, 16, dtype=torch.bfloat16)
+    x[0, :2] = torch.tensor([1.0, 2.0**-8])
+    values = torch.zeros(1, 16, 16, dtype=torch.bfloat16)
+    values[0, 0, :2] = 1.0
+    bias = torch.zeros(16, dtype=torch.bfloat16)
+    bias[0] = 2.0**-8
+    y = torch_bsmm_forward(x, values, torch.tensor([[0, 0]]), 16, bias)
+    assert y.dtype == torch.bfloat16 and y[0, 0].item() == 1.0078125
+
+
+@pytest.mark.parametrize("active", [True, False], ids=["active_blocks", "no_active_block"])
+def test_the_reference_gradients_of_bf16_operands_are_bf16_also_without_active_blocks(active):
+    from smet_kernels.reference.matmul import torch_bsmm_grad_input, torch_bsmm_grad_weight
+
+    layout = _mask_layout("random", 2, 2, 16)
+    x, values, dy, _ = _inputs(layout, 3, torch.bfloat16)
+    indices = layout.block_indices if active else layout.block_indices[:0]
+    values = values if active else values[:0]
+    assert torch_bsmm_grad_input(dy, values, indices, 32).dtype == torch.bfloat16
+    assert torch_bsmm_grad_weight(dy, x, indices, 16).dtype == torch.bfloat16
+
+
+def test_the_reference_grad_weight_gathered_in_chunks_is_the_dense_gradient_at_every_active_block(monkeypatch):
+    """A small gather bound cuts the slots into chunks of one: every chunk's blocks are kept, in slot order."""
+    from smet_kernels.reference import matmul
+
+    layout = _mask_layout("random", 3, 3, 16)
+    x, values, dy, _ = _inputs(layout, 5, torch.float32)
+    monkeypatch.setattr(matmul, "_GATHER_ELEMENTS", 1)
+    assert layout.nnz > 1
+    torch.testing.assert_close(matmul.torch_bsmm_grad_weight(dy, x, layout.block_indices, 16),
+                               matmul.from_dense_reference(dy.t() @ x, layout))

@@ -111,3 +111,21 @@ def test_block_l1_of_a_bf16_weight_is_summed_in_fp32():
     weight[B, 0] = 1.0078125  # the next bf16 after 1: block (1, 0) is larger by 2^-7
     scores = block_l1(weight, B)
     assert scores.dtype == torch.float32 and scores.flatten().tolist() == [256.0, 256.0078125]
+
+
+@pytest.mark.parametrize("regrow_scores", [None, torch.zeros(2, 3)], ids=["random", "gradient"])
+def test_choose_blocks_moves_no_more_blocks_than_the_layer_has_inactive_blocks_or_active_slots(regrow_scores):
+    """A dense-ish layer (5 active, 1 inactive) has one block to grow into; a sparse one (1 active) one slot to free:
+    either way as many slots as blocks come back, never n of one and fewer of the other."""
+    almost_dense = BlockLayout.from_mask(torch.tensor([[True, True, True], [True, False, True]]), B)
+    slots, blocks = choose_blocks(almost_dense, torch.arange(5.0), 3, regrow_scores, torch.Generator().manual_seed(0))
+    assert slots.tolist() == [0] and blocks.tolist() == [[1, 1]]
+    almost_empty = BlockLayout.from_mask(torch.tensor([[False, False, False], [False, True, False]]), B)
+    slots, blocks = choose_blocks(almost_empty, torch.ones(1), 3, regrow_scores, torch.Generator().manual_seed(0))
+    assert slots.tolist() == [0] and blocks.shape == (1, 2) and blocks.tolist() != [[1, 1]]
+
+
+def test_block_l1_sums_the_absolute_values_so_negative_weights_count_as_large():
+    weight = torch.ones(B, 2 * B)
+    weight[:, B:] = -2.0  # block (0, 1) is the larger in L1 norm although its plain sum is negative
+    assert block_l1(weight, B).tolist() == [[256.0, 512.0]]

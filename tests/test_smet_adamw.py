@@ -361,6 +361,9 @@ def test_bad_param_group_and_values_shape_raise(device):
     with pytest.raises(ValueError, match="warmup_steps"):
         optimizer.add_param_group({"params": [rejected], "warmup_steps": -3})
     assert len(optimizer.param_groups) == 1  # the rejected group is not left behind
+    with pytest.raises(TypeError, match="state_dtype must be a torch.dtype"):
+        optimizer.add_param_group({"params": [rejected], "state_dtype": "float32"})
+    assert len(optimizer.param_groups) == 1  # nor one refused with a TypeError
     optimizer.add_param_group({"params": [rejected]})  # so its parameter can still be added properly
     twice = sparse_param(32, 32, 16, 0.5, seed=2, device=device)
     with warnings.catch_warnings(), pytest.raises(ValueError, match="must not repeat"):

@@ -201,3 +201,51 @@ def test_load_post_hooks_run_once_the_state_dtypes_and_block_steps_are_restored(
     optimizer.load_state_dict(saved)
     assert len(seen) == 1 and seen[0]["exp_avg"].dtype == torch.float32
     assert seen[0]["block_step"].tolist() == [1] * params[0].shape[0]
+
+
+def test_loaded_fp32_moments_of_bf16_weights_are_copies_that_later_steps_leave_unchanged_in_the_saved_dict():
+    """torch copies every loaded tensor; the fp32 moments kept for bf16 weights are copies too, not the saved ones."""
+    params = make_params("cpu", dtype=torch.bfloat16)
+    saved = _stepped_once(SMETAdamW(params, lr=0.01, backend="reference"), params).state_dict()
+    before = copy.deepcopy(saved)
+    optimizer = SMETAdamW(params, lr=0.01, backend="reference")
+    optimizer.load_state_dict(saved)
+    _stepped_once(optimizer, params)
+    for index, state in saved["state"].items():
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert state[key].dtype == torch.float32 and torch.equal(state[key], before["state"][index][key])
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_a_non_contiguous_gradient_steps_like_its_contiguous_copy(backend):
+    params, copies = make_params("cpu"), make_params("cpu")
+    optimizers = [SMETAdamW(p, lr=0.01, backend=backend) for p in (params, copies)]
+    for p, q, g in zip(params, copies, grads_for(0, params)):
+        p.grad = g.transpose(0, -1).contiguous().transpose(0, -1) if g.dim() > 1 else g
+        q.grad = g.clone()
+    assert not params[0].grad.is_contiguous()
+    for optimizer in optimizers:
+        optimizer.step()
+    for p, q in zip(params, copies):
+        assert torch.equal(p, q)
+
+
+def test_a_group_without_gradients_is_not_read_so_its_lr_may_be_anything_until_it_steps():
+    trained, frozen = dense_param((4,), seed=1), dense_param((4,), seed=2)
+    optimizer = SMETAdamW([{"params": [trained]}, {"params": [frozen]}], lr=0.01)
+    optimizer.param_groups[1]["lr"] = -1.0  # e.g. a hand-set marker on a frozen group
+    trained.grad = torch.ones(4)
+    optimizer.step()
+    frozen.grad = torch.ones(4)
+    with pytest.raises(ValueError, match="param group 1: lr must be >= 0"):
+        optimizer.step()
+
+
+def test_the_device_tables_kept_are_those_of_the_last_steps_batches_only():
+    first, second = dense_param((4,), seed=1), dense_param((4,), seed=2)
+    optimizer = SMETAdamW([{"params": [first]}, {"params": [second], "eps": 1e-6}], lr=0.01, backend="triton")
+    for param in (first, second):
+        optimizer.zero_grad()
+        param.grad = torch.ones(4)
+        optimizer.step()
+    assert list(optimizer._tables) == [(1,)]
