@@ -60,7 +60,6 @@ def test_a_fused_torch_adamw_state_dict_loads_with_its_steps_on_the_cpu(device):
     _assert_steps_match(params, reference, resumed, optimizer)
 
 
-
 @pytest.mark.parametrize("bias_correction", ["local", "global"])
 def test_step_counters_stay_on_the_cpu_whatever_the_default_device(bias_correction):
     """Every step reads each dense parameter's ``step`` (and, bias-corrected globally, each sparse one's) with
@@ -228,17 +227,6 @@ def test_a_non_contiguous_gradient_steps_like_its_contiguous_copy(backend):
         optimizer.step()
     for p, q in zip(params, copies):
         assert torch.equal(p, q)
-
-
-def test_a_group_without_gradients_is_not_read_so_its_lr_may_be_anything_until_it_steps():
-    trained, frozen = dense_param((4,), seed=1), dense_param((4,), seed=2)
-    optimizer = SMETAdamW([{"params": [trained]}, {"params": [frozen]}], lr=0.01)
-    optimizer.param_groups[1]["lr"] = -1.0  # e.g. a hand-set marker on a frozen group
-    trained.grad = torch.ones(4)
-    optimizer.step()
-    frozen.grad = torch.ones(4)
-    with pytest.raises(ValueError, match="param group 1: lr must be >= 0"):
-        optimizer.step()
 
 
 def test_the_device_tables_kept_are_those_of_the_last_steps_batches_only():
