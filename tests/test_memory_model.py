@@ -388,3 +388,79 @@ def test_measured_peak_is_the_live_trackers_peak_over_the_step_alone():
     live.reset_peak = lambda: setattr(live, "peak", 500)
     memory = measure_step_memory(model, optimizer, lambda: model(torch.ones(2, 4)).sum(), "cpu", live=live)
     assert memory.peak == 500 and memory.peak_source == "traced live bytes"
+
+
+def test_element_size_takes_a_dtype_or_any_of_its_names():
+    from profiling.memory_model import element_size, parse_dtype
+
+    assert [element_size(name) for name in ("fp32", "float32", "fp16", "float16", "bf16", "bfloat16")] == [4, 4, 2, 2,
+                                                                                                         2, 2]
+    assert element_size(torch.bfloat16) == 2 and parse_dtype("fp16") is torch.float16
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        parse_dtype("int8")
+    with pytest.raises(TypeError, match="torch.dtype or a name"):
+        element_size(4)
+
+
+def test_a_bool_batch_size_is_refused():
+    with pytest.raises(ValueError, match="batch_size"):
+        predict_memory(TINY, "dense", batch_size=True, seq_len=32)
+
+
+@pytest.mark.parametrize("method", ["dense", "masked", "smet"])
+def test_weights_and_gradients_are_in_the_parameter_dtype_and_only_the_moments_in_the_state_dtype(method):
+    """bf16 parameters with fp32 AdamW states: weights and gradients halve against fp32, the moments do not."""
+    args = dict(density=0.5, block_size=32, batch_size=2, seq_len=32)
+    fp32 = predict_memory(TINY, method, **args)
+    bf16 = predict_memory(TINY, method, **args, param_dtype=torch.bfloat16)
+    mixed = predict_memory(TINY, method, **args, param_dtype=torch.bfloat16, state_dtype=torch.float32)
+    assert (mixed.weights, mixed.gradients) == (bf16.weights, bf16.gradients) and mixed.gradients == fp32.gradients // 2
+    assert mixed.optimizer == fp32.optimizer
+
+
+
+def test_galore_keeps_its_weights_and_gradients_in_the_parameter_dtype_whatever_its_state_dtype():
+    bf16 = predict_memory(TINY, "galore", batch_size=2, seq_len=32, rank=16, param_dtype=torch.bfloat16)
+    mixed = predict_memory(TINY, "galore", batch_size=2, seq_len=32, rank=16, param_dtype=torch.bfloat16,
+                           state_dtype=torch.float32)
+    assert (mixed.weights, mixed.gradients) == (bf16.weights, bf16.gradients) and mixed.optimizer > bf16.optimizer
+
+def test_rest_is_the_rmsnorm_backward_where_it_is_the_largest_working_set():
+    """A narrow SwiGLU and a small vocabulary: three fp32 ``T × h`` tensors (12 T h) outweigh the loss backward (8 T V)
+    and the SwiGLU backward (3 e T i)."""
+    from dataclasses import replace
+
+    narrow = replace(TINY, intermediate_size=32, vocab_size=16)
+    assert predict_memory(narrow, "dense", batch_size=2, seq_len=32).rest == 12 * 64 * 64
+
+
+def _linear_step():
+    model = torch.nn.Linear(4, 3, bias=False)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    model(torch.ones(2, 4)).sum().backward()
+    return model, optimizer, lambda: model(torch.ones(2, 4)).sum()
+
+
+def _fake_cuda_allocator(monkeypatch, peak):
+    for name in ("synchronize", "reset_peak_memory_stats"):
+        monkeypatch.setattr(torch.cuda, name, lambda *args, **kwargs: None)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *args, **kwargs: peak)
+
+
+def test_on_cuda_the_peak_is_the_allocators_and_the_rest_what_the_components_leave_of_it(monkeypatch):
+    _fake_cuda_allocator(monkeypatch, 10**6)
+    model, optimizer, forward = _linear_step()
+    memory = measure_step_memory(model, optimizer, forward, "cuda")
+    assert memory.peak == 10**6 and memory.peak_source == "torch.cuda.max_memory_allocated"
+    assert memory.rest == 10**6 - memory.weights - memory.gradients - memory.optimizer - memory.activations
+
+
+def test_a_live_tracker_gives_the_peak_even_for_a_cuda_device(monkeypatch):
+    """A model traced on ``meta`` for a CUDA target: the allocator saw none of its step, the tracker all of it."""
+    from types import SimpleNamespace
+
+    _fake_cuda_allocator(monkeypatch, 10**6)
+    model, optimizer, forward = _linear_step()
+    memory = measure_step_memory(model, optimizer, forward, "cuda", live=SimpleNamespace(reset_peak=lambda: None,
+                                                                                          peak=500))
+    assert memory.peak == 500 and memory.peak_source == "traced live bytes"

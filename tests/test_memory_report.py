@@ -1,5 +1,7 @@
 """`smet-bench memory`: a small traced grid, the report, GPU rows joining it, one-line errors."""
 
+from pathlib import Path
+
 import pandas as pd
 import pytest
 from conftest import usage_error
@@ -109,3 +111,143 @@ def test_gpu_peaks_are_plotted_at_their_own_vocabulary_and_activation_checkpoint
     assert [list(points.get_offsets()[:, 1]) for points in plain.collections if "GPU" in points.get_label()] == [[40.0]]
     assert [list(points.get_offsets()[:, 1]) for points in checkpointed.collections
             if "GPU" in points.get_label()] == [[20.0], [25.0]]  # fmt: skip
+
+
+def _traced(rows):
+    """Traced memory-grid rows (bf16 weights, 8×256, vocab 256 unless given) from ``(config, method, ...)`` dicts."""
+    base = {"source": "traced", "method": "dense", "density": 1.0, "dtype": "bf16", "state_dtype": "fp32",
+            "block_size": 64, "distribution": "uniform", "batch_size": 8, "seq_len": 256, "vocab_size": 256,
+            "activation_checkpointing": False}  # fmt: skip
+    return pd.DataFrame([base | row for row in rows])
+
+
+def test_the_headline_names_the_largest_config_whose_traced_peak_fits_in_decimal_gigabytes_per_state_dtype():
+    """A peak of exactly 24e9 bytes fits the 24 GB card and 25e9 does not (it would in GiB); fp32 and bf16 states are
+    rows of their own."""
+    from bench.memory_report import headline_table
+
+    traced = _traced([{"config": c, "state_dtype": s, "peak_bytes": p} for c, s, p in (
+        ("20m", "fp32", 1e9), ("60m", "fp32", 24e9), ("1b", "fp32", 25e9),
+        ("20m", "bf16", 0.5e9), ("60m", "bf16", 12e9), ("1b", "bf16", 24e9))])  # fmt: skip
+    table = headline_table(traced, checkpointing=False).set_index("states")
+    assert table.loc["fp32", "24 GB, 8×256"] == "60m (24.0 GB)"
+    assert table.loc["fp32", "80 GB, 8×256"] == "1b (25.0 GB)"
+    assert table.loc["bf16", "24 GB, 8×256"] == "1b (24.0 GB)"
+    assert list(table["method"]) == ["dense", "dense"]
+
+
+def test_the_headline_says_none_where_not_even_the_smallest_config_fits():
+    from bench.memory_report import headline_table
+
+    traced = _traced([{"config": "20m", "peak_bytes": 30e9},
+                      {"config": "20m", "method": "smet", "density": 0.5, "peak_bytes": 10e9}])  # fmt: skip
+    table = headline_table(traced, checkpointing=False)
+    assert table["method"].tolist() == ["dense", "smet d=0.5"]
+    assert table["24 GB, 8×256"].tolist() == ["none", "20m (10.0 GB)"]
+    assert table["80 GB, 8×256"].tolist() == ["20m (30.0 GB)", "20m (10.0 GB)"]
+
+
+def test_the_plotted_settings_are_the_largest_vocab_fp32_states_and_the_smallest_batch():
+    from bench.memory_report import _settings, headline_settings
+
+    traced = _traced([{"config": "20m", "state_dtype": s, "batch_size": b, "vocab_size": v, "peak_bytes": 1e9}
+                      for s in ("bf16", "fp32") for b in (8, 32) for v in (256, 32000)])  # fmt: skip
+    assert headline_settings(traced) == {"vocab_size": 32000, "state_dtype": "fp32", "batch_size": 8}
+    assert headline_settings(traced[traced["state_dtype"] == "bf16"])["state_dtype"] == "bf16"
+    galore = _traced([{"config": "20m", "method": "galore", "state_dtype": "bf16", "peak_bytes": 1e9},
+                      {"config": "20m", "method": "dense", "state_dtype": "bf16", "peak_bytes": 1e9}])  # fmt: skip
+    assert _settings(galore, state_dtype="fp32")["method"].tolist() == ["galore"]  # GaLore has no fp32 states
+
+
+def test_the_plots_describe_the_state_dtype_of_every_method_but_galore():
+    from bench.memory_report import _describe
+
+    rows = _traced([{"config": "20m", "method": "galore", "state_dtype": "bf16", "peak_bytes": 1e9},
+                    {"config": "20m", "method": "dense", "state_dtype": "fp32", "peak_bytes": 1e9}])  # fmt: skip
+    assert _describe(rows) == "batch 8×256, vocab 256, bf16 weights, fp32 states (GaLore: bf16)"
+
+
+def test_agreement_errors_are_relative_to_the_traced_bytes_and_summarised_by_median_and_max():
+    from bench.memory_report import COMPONENTS, agreement, agreement_summary
+
+    bytes_ = {f"{c}_bytes": 100.0 for c in COMPONENTS} | {"peak_bytes": 500.0}
+    traced = _traced([{"config": c, "peak_bytes": 500.0} | bytes_ for c in ("20m", "60m", "130m")])
+    model = traced.assign(source="model", weights_bytes=[101.0, 102.0, 109.0])
+    errors = agreement(pd.concat([traced, model]), "model")
+    weights = errors[errors["component"] == "weights"]
+    assert weights["error"].round(6).tolist() == [0.01, 0.02, 0.09]
+    summary = agreement_summary(errors).set_index("component")
+    assert summary.loc["weights", "median abs error"] == "2.000 %"
+    assert summary.loc["weights", "max abs error"] == "9.000 %"
+    assert summary.loc["weights", "max abs difference"] == "9 B"
+    assert summary.loc["gradients", "max abs error"] == "0.000 %"
+
+
+def test_gpu_rows_keep_the_eager_measured_rows_of_gpus_with_their_dtype_as_state_dtype(tmp_path):
+    from bench.memory_report import gpu_rows
+
+    rows = [{c: "" for c in TRAINING_COLUMNS} | {
+        "config": "20m", "method": "dense", "density": 1.0, "block_size": 64, "batch_size": 1, "seq_len": 32,
+        "dtype": "bf16", "backend": "torch", "vocab_size": 256, "compiled": compiled, "activation_checkpointing": False,
+        "peak_allocated_bytes": peak, "status": status, "gpu": gpu,
+    } for gpu, status, compiled, peak in (("NVIDIA H200", "ok", False, 1), ("NVIDIA H200", "skipped", False, 2),
+                                          ("NVIDIA H200", "ok", True, 3), ("cpu-x86_64-2cores", "ok", False, 4))]
+    (tmp_path / "nvidia-h200").mkdir()
+    pd.DataFrame(rows, columns=TRAINING_COLUMNS).to_csv(tmp_path / "nvidia-h200" / "training.csv", index=False)
+    frame = gpu_rows(tmp_path)
+    assert frame["peak_allocated_bytes"].tolist() == [1]
+    assert frame["state_dtype"].tolist() == ["bf16"]
+
+
+def test_the_gpu_section_sets_each_peak_in_its_own_column_and_the_allocator_error_in_percent():
+    from bench.memory_report import _gpu_section, gpu_comparison
+
+    traced = _traced([{"config": "20m", "peak_bytes": 100 * 2**20}])
+    gpus = traced.drop(columns=["source", "peak_bytes"]).assign(
+        gpu="NVIDIA H200", peak_allocated_bytes=110 * 2**20, nvml_peak_bytes=120 * 2**20)
+    assert gpu_comparison(traced, gpus)["allocator_vs_traced"].tolist() == [pytest.approx(0.1)]
+    header, _, row = _gpu_section(traced, gpus)[2].splitlines()
+    cells = dict(zip([c.strip() for c in header.split("|")], [c.strip() for c in row.split("|")]))
+    assert (cells["traced peak"], cells["allocator peak"], cells["NVML peak"]) == ("100.00 MiB", "110.00 MiB",
+                                                                                   "120.00 MiB")
+    assert cells["allocator vs traced"] == "+10.0 %"
+
+
+def test_the_peak_table_shows_the_steps_without_activation_checkpointing():
+    from bench.memory_report import _peak_table
+
+    rows = _traced([{"config": "20m", "activation_checkpointing": True, "peak_bytes": 2**30},
+                    {"config": "20m", "activation_checkpointing": False, "peak_bytes": 2 * 2**30}])  # fmt: skip
+    assert "| dense    | 2.00 GiB |" in "\n".join(_peak_table(rows))
+
+
+def test_dense_parameters_count_every_parameter_of_the_model():
+    from bench.memory_report import dense_parameters
+    from smet_kernels.train.model import LlamaModel, model_config
+
+    model = LlamaModel(model_config("20m", vocab_size=300, block_size=64), device="meta")
+    assert dense_parameters("20m", 300) == sum(p.numel() for p in model.parameters()) > 0
+
+
+def test_the_notes_on_the_model_follow_the_comparison_with_the_model():
+    from bench.memory_report import COMPONENTS, _agreement_section
+
+    bytes_ = {f"{c}_bytes": 100.0 for c in COMPONENTS} | {"peak_bytes": 500.0}
+    traced = _traced([{"config": "20m"} | bytes_])
+    text = "\n".join(_agreement_section(pd.concat([traced, traced.assign(source="model", rest_bytes=110.0)])))
+    assert "No measured rows." in text
+    assert text.index("**traced vs model**") < text.index("Where the model and the trace differ")
+    assert "10.00 %" in text  # the largest rest error, per setting
+
+
+def test_the_component_bars_show_the_steps_without_activation_checkpointing(monkeypatch):
+    from bench import memory_report
+
+    figures = []
+    monkeypatch.setattr(memory_report, "save", lambda fig, path: figures.append(fig) or path.name)
+    traced = _traced([{"config": "1b", "activation_checkpointing": ckpt, "peak_bytes": 5 * size}
+                      | {f"{c}_bytes": size for c in memory_report.COMPONENTS}
+                      for ckpt, size in ((True, 1e9), (False, 2e9))])  # fmt: skip
+    memory_report.plot_components(traced, ["1b"], Path("components.png"))
+    (axis,) = figures[0].axes
+    assert [bar.get_height() for bar in axis.patches] == [2.0] * len(memory_report.COMPONENTS)
