@@ -476,6 +476,9 @@ def test_the_gpu_sizes_measure_every_point_the_bars_name():
     from profiling.roofline import BARS
 
     assert GPU.kernel_block_sizes[0] == 128 and 64 in GPU.kernel_block_sizes
+    # correctness: bf16 and fp16 at b = 32, 64 and 128, the weight grads with split-K on (off is split_k = 1)
+    assert set(GPU.check_dtypes) == {"bf16", "fp16"} and set(GPU.check_block_sizes) == {32, 64, 128}
+    assert GPU.split_k > 1 and CPU.split_k > 1
     for sizes in (GPU, CPU):  # an n x n x n matmul; a side x side copy
         matmul, copy = ceiling_cases(sizes)
         assert (matmul.M, matmul.shape.N, matmul.shape.K) == (sizes.ceiling_matmul,) * 3

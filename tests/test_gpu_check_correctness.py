@@ -37,14 +37,16 @@ def test_a_spent_budget_starts_no_adamw_check_and_names_each_as_not_run():
 
 def test_a_worker_group_that_raised_died_or_timed_out_is_failed_or_not_run_never_dropped(monkeypatch):
     """The matmul groups come back from worker processes: a group that raised or died must be failed rows, one that
-    ran past its deadline not-run checks (dropped, the summary would read every check passed). The workers' deadline
-    is the budget or 3 × the stage's estimate, whichever is sooner, and a spent budget starts no training step."""
+    ran past its deadline not-run checks (dropped, the summary would read every check passed), and the checks a
+    returned group did not reach stay named. The workers' deadline is the budget or 3 × the stage's estimate,
+    whichever is sooner; a training step that raises is a failed row, and a spent budget starts no training step."""
     from bench.gpu_check import parallel
     from bench.runner import Deadline
 
     sizes = dataclasses.replace(CPU, check_block_sizes=(16, 32), check_dtypes=("fp32", "fp16"))
     outcomes = {(16, "fp32"): ("raised", "ValueError: x"), (16, "fp16"): ("timeout", "still running"),
-                (32, "fp32"): ("died", "died"), (32, "fp16"): ("ok", ([{"check": "matmul", "status": "pass"}], []))}
+                (32, "fp32"): ("died", "died"),
+                (32, "fp16"): ("ok", ([{"check": "matmul", "status": "pass"}], ["cut"]))}
     deadlines = []
 
     class FakePool:
@@ -66,14 +68,18 @@ def test_a_worker_group_that_raised_died_or_timed_out_is_failed_or_not_run_never
     monkeypatch.setattr(parallel, "Pool", FakePool)
     monkeypatch.setattr(parallel, "run_alone", lambda tasks, device, deadline: [("died", "died alone")] * len(tasks))
     monkeypatch.setattr(correctness, "adamw_checks", lambda *args: ([], []))
-    monkeypatch.setattr(correctness, "training_step_check", lambda *args: {"check": "training step", "status": "pass"})
+    def raising_step(*args):
+        raise RuntimeError("step fault")
+
+    monkeypatch.setattr(correctness, "training_step_check", raising_step)
     cpu = torch.device("cpu")
     rows, not_run = correctness.run(sizes, cpu, 0, Deadline(100), workers=1)
     checks = {group: [row for row, _ in correctness.group_checks(sizes, cpu, *group)] for group in outcomes}
     failed = [row for row in rows if row["status"] == "fail"]
-    assert len(failed) == len(checks[16, "fp32"]) + len(checks[32, "fp32"])
-    assert {row["note"] for row in failed} == {"not returned: ValueError: x", "not returned: died alone"}
-    assert not_run == [correctness.not_run_label(row) for row in checks[16, "fp16"]]
+    assert len(failed) == len(checks[16, "fp32"]) + len(checks[32, "fp32"]) + 1  # the training step
+    assert {row["note"] for row in failed} == {"not returned: ValueError: x", "not returned: died alone",
+                                               "raised RuntimeError: step fault"}
+    assert not_run == [correctness.not_run_label(row) for row in checks[16, "fp16"]] + ["cut"]
     assert [row["check"] for row in rows].count("training step") == 1
     assert deadlines[0].left_s() <= 3 * sizes.estimates_s["correctness"]
 
@@ -386,21 +392,24 @@ def test_a_regrow_that_differs_from_the_reference_fails_the_regrow_check(monkeyp
                            "differs from the reference" for row in regrows), regrows  # fmt: skip
 
 
-def test_a_training_step_whose_loss_alone_differs_fails(monkeypatch, device):
+def test_a_training_step_whose_loss_alone_differs_by_twice_its_tolerance_fails(monkeypatch, device):
     """The loss is the step's forward check: Adam's first update is nearly the sign of the gradient, so a wrong
-    forward can leave the parameters within tolerance. A loss 1 % off (same gradients) must fail."""
+    forward can leave the parameters within tolerance. A loss 2 × the dtype's tolerance off (same gradients) must
+    fail: 2e-5 in fp32 on a CPU, 4 % in bf16 on a GPU."""
     import smet_kernels.train.model as model
 
     lm_loss, calls = model.lm_loss, []
+    shift = 4e-2 if torch.device(device).type == "cuda" else 2e-5  # the bf16 check on a GPU, fp32 on a CPU
 
     def shifted_for_triton(*args):
         loss = lm_loss(*args)
         calls.append(1)
-        return loss + 0.01 * loss.detach() if len(calls) == 1 else loss  # the triton backend runs first
+        return loss + shift * loss.detach() if len(calls) == 1 else loss  # the triton backend runs first
 
     monkeypatch.setattr(model, "lm_loss", shifted_for_triton)
     row = correctness.training_step_check(CPU, torch.device(device), 0)
-    assert row["status"] == "fail" and row["note"].startswith("loss differs by 0.01"), row
+    assert row["status"] == "fail" and row["note"].startswith("loss differs by "), row
+    assert 1.5 * row["bound"] < row["error"] < 2.5 * row["bound"], row
 
 
 def test_a_result_that_moves_between_identical_runs_is_a_race():

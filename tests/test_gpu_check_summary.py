@@ -42,6 +42,18 @@ def test_checks_the_budget_stopped_before_any_finished_are_counted_and_listed_as
     assert "Not run (budget): matmul grouped fp16 b=32 forward" in text
 
 
+def test_the_matmul_bound_of_each_dtype_is_stated_as_its_lowest_to_highest_value():
+    """The bound is measured per dtype and op (2 × PyTorch's own error): the summary must say which was applied."""
+    from bench.gpu_check.summary import correctness_section
+
+    rows = [{"check": "matmul", "dtype": dtype, "block_size": 16, "error": bound / 2, "bound": bound, "status": "pass"}
+            for dtype, bound in (("fp16", 2e-3), ("fp16", 5e-4), ("fp32", 1e-6))]  # fmt: skip
+    rows.append({"check": "adamw", "dtype": "bf16", "error": 0.5, "bound": 1e-2, "status": "fail"})
+    text = "\n".join(correctness_section(rows, []))
+    assert "Matmul bound per dtype: ‖out − ref‖ / ‖ref‖ against float64 ≤ max(2 × PyTorch's own error" in text
+    assert "1e-6): fp16 0.0005–0.002, fp32 1e-06–1e-06. Each check ran twice on NaN-poisoned outputs" in text
+
+
 def _kernel_frame(rows: list[dict]) -> pd.DataFrame:
     """Hand-made rows of kernels.csv: every column of it, None where a row gives no value."""
     return pd.DataFrame([dict.fromkeys(KERNEL_COLUMNS) | row for row in rows], columns=KERNEL_COLUMNS)
@@ -375,3 +387,13 @@ def test_a_zero_peak_or_tokens_per_s_leaves_the_checkpointing_ratio_empty_and_th
     assert len(lines) == 1 and "GiB (×; predicted" in lines[0] and "tokens/s × (peak:" in lines[0], lines
     text = "\n".join(training_section(rows, GPU, None))
     assert "* SMET tokens/s vs dense at 1b: 0.000× — **miss** (more is the bar)" in text
+
+
+def test_a_smet_training_row_that_ran_out_of_memory_judges_no_training_bar():
+    """An OOM row holds no steady measurement: judged, its numbers would pass bars it never reached."""
+    from bench.gpu_check.plan import GPU
+    from bench.gpu_check.summary import training_section
+
+    text = "\n".join(training_section(_training_rows({"status": "oom"}), GPU, None))
+    assert "* SMET tokens/s vs dense at 1b: not measured" in text
+    assert "* SMET peak memory vs dense at 1b: not measured" in text and "**pass**" not in text

@@ -11,7 +11,9 @@
 * **adamw**: the fused step (each warm-up mode, bf16 and fp32 parameters) over many steps with regrows in between,
   against the reference step on copies: ``block_step`` exactly, values and moments within the unit tests' bounds.
 * **regrow**: the regrow kernel against its reference (exactly, right after each regrow).
-* **training step**: one SMET step (forward, backward, SMETAdamW) with the Triton backend against the reference.
+* **training step**: one SMET step (forward, backward, SMETAdamW) with the Triton backend against the reference:
+  the loss, every gradient (one AdamW step moves a parameter by about ``lr`` whatever its gradient, far less
+  than the bf16 tolerance of the parameters: the gradients are the backward's check) and every parameter.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ BOUND_FLOOR = 1e-6
 ADAMW_HYPER = dict(betas=(0.9, 0.99), eps=1e-6, weight_decay=0.1, warmup_steps=8)
 ADAMW_PARAM_TOLERANCE = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 1e-2}  # tests/test_adamw.py
 STEP_TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 2e-2}
+#: relative error of each gradient of the training step (a wrong backward is off by O(1): negated, by 2)
+GRAD_TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-1, torch.bfloat16: 1e-1}
 
 
 @contextlib.contextmanager
@@ -335,8 +339,9 @@ def training_step_check(sizes: Sizes, device: torch.device, seed: int) -> dict:
         tokens = tokens.to(device)
         loss = lm_loss(model(tokens[:, :-1]), tokens[:, 1:])
         loss.backward()
+        grads = {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
         optimizer.step()
-        results[backend] = (loss.item(), {name: p.detach().clone() for name, p in model.named_parameters()})
+        results[backend] = (loss.item(), {name: p.detach().clone() for name, p in model.named_parameters()}, grads)
     tolerance = STEP_TOLERANCE[dtype]
     loss_error = abs(results["triton"][0] - results["reference"][0]) / abs(results["reference"][0])
     param_errors = {name: relative_error(results["triton"][1][name], want)
@@ -344,9 +349,17 @@ def training_step_check(sizes: Sizes, device: torch.device, seed: int) -> dict:
     worst_param = max(param_errors, key=lambda name: (math.isnan(param_errors[name]), param_errors[name]))
     param_error = param_errors[worst_param]
     error = math.nan if math.isnan(loss_error) or math.isnan(param_error) else max(loss_error, param_error)
-    ok = error <= tolerance
+    grads, want_grads = results["triton"][2], results["reference"][2]
+    grad_errors = {name: relative_error(grads[name], want) if name in grads else math.inf
+                   for name, want in want_grads.items()}  # fmt: skip
+    grad_errors |= {name: math.inf for name in grads if name not in want_grads}
+    worst_grad = max(grad_errors, key=lambda name: (math.isnan(grad_errors[name]), grad_errors[name]), default="")
+    grad_error = grad_errors.get(worst_grad, 0.0)
+    grad_tolerance = GRAD_TOLERANCE[dtype]
+    ok = error <= tolerance and grad_error <= grad_tolerance and bool(want_grads)
     note = "" if ok else (f"loss differs by {loss_error:.3g}, parameters by {param_error:.3g} (relative; most: "
-                          f"{worst_param})")  # fmt: skip
+                          f"{worst_param}), gradients by {grad_error:.3g} (relative, tolerance {grad_tolerance:g}; "
+                          f"most: {worst_grad or 'no gradient'})")  # fmt: skip
     return {"check": "training step", "variant": f"{case.config} smet d=0.25", "dtype": label,
             "block_size": case.block_size, "op": "forward+backward+SMETAdamW vs reference backend", "error": error,
             "bound": tolerance, "status": "pass" if ok else "fail", "note": note}  # fmt: skip
