@@ -1,5 +1,5 @@
 """Resumable result files: every key column, a row done once appended, empty and reordered files, blank lines,
-empty cells, csv's field limit, the stack note. (Gaps found by mutation testing.)"""
+empty cells, csv's field limit, the stack note; the file formats themselves are in test_bench_results.py."""
 
 import csv
 import warnings
