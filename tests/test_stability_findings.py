@@ -65,6 +65,7 @@ def test_ablation_arms_and_update_probe_reach_the_findings(tmp_path):
     assert "**density-lr-only removes the cold-start rise**" in lines and "tiny, d=0.5, α=1 (naive α=0)" in lines
     assert "prune damage, tiny d=0.5 naive-dst α=0: +0.0600" in lines
     assert "naive-dst α=0 3.00× (3×1)" in lines
+    assert "adamw" not in "".join(line for line in lines.splitlines() if line.startswith("  - prune damage"))
     assert "warmup-only removes the cold-start rise of naive DST (cold start rise): reproduces — holds in 1" in lines
     assert "density-lr-only removes the cold-start rise of naive DST (cold start rise): does NOT reproduce" in lines
 
@@ -92,6 +93,8 @@ def test_a_claim_that_holds_in_one_of_two_settings_and_is_within_noise_in_the_ot
     assert any(line.startswith("  - tiny, d=0.5, α=0: +0.5300") and line.endswith("spikes above dense: holds")
                for line in lines)
     assert any(line.startswith("  - tiny, d=0.25, α=0: -0.0200") and line.endswith("within noise") for line in lines)
+    settings = [line for line in lines if line.startswith("  - tiny, d=")]
+    assert settings[0].startswith("  - tiny, d=0.5,") and settings[1].startswith("  - tiny, d=0.25,")  # high to low
 
 
 def test_a_claim_within_noise_everywhere_is_measurable_and_does_not_reproduce(tmp_path):
@@ -300,3 +303,98 @@ def test_a_naive_dst_run_at_alpha_one_from_before_the_density_lr_only_arm_loads_
     assert naive[0].startswith("  - tiny, d=0.5, α=0: +0.5") and not naive[1].startswith("  - tiny, d=0.5, α=1")
     assert any(line.startswith("  - tiny, d=0.5, α=1 (naive α=0): +0.5") for line in lines)
     assert "**density-lr-only removes the spike**" in "\n".join(lines)
+
+
+def test_seed_means_leave_out_an_update_without_a_value_in_either_column_from_both_means_and_the_count():
+    from bench.stability.findings import seed_means
+
+    frame = pd.DataFrame({"seed": [0, 0, 1], "a": [0.3, 0.9, 0.5], "b": [0.1, math.nan, 0.2]})
+    a, b, updates = seed_means(frame, "a", "b")
+    assert a.tolist() == [0.3, 0.5] and b.tolist() == [0.1, 0.2] and updates == 2
+
+
+def test_an_arm_is_compared_with_naive_dst_at_the_update_steps_where_both_moved_blocks(tmp_path):
+    """Naive DST moved blocks at step 10 only (rise 0.5), smet-linear at 10 (no rise) and 20 (rise 0.4): the pair is
+    the update at step 10, a difference of 0.5 per seed; paired by seed alone, smet-linear's mean would be 0.2."""
+    for seed in (0, 1):
+        naive, smet = [2.0] * 30, [2.0] * 30
+        naive[11] += 0.5 + 0.01 * seed
+        smet[21] += 0.4
+        _write_run(tmp_path, RunSpec("tiny", "naive-dst", 0.5, 0.0, seed), naive, {10: 4, 20: 0})
+        _write_run(tmp_path, RunSpec("tiny", "smet-linear", 0.5, 0.0, seed), smet, {10: 4, 20: 4})
+    data = load_study(tmp_path)
+    lines = stability.findings(data, spike_events(data), quality_table(data))
+    arm = lines[lines.index(next(line for line in lines if line.startswith("**smet-linear removes the spike"))) + 1]
+    assert arm.startswith("  - tiny, d=0.5, α=0: +0.5050 ± ") and "over 2 updates in 2 seeds" in arm
+
+
+def test_one_seed_gives_no_measurable_setting_so_the_spike_claim_is_not_measurable(tmp_path):
+    _synthetic_study(tmp_path, seeds=(0,))
+    data = load_study(tmp_path)
+    lines = stability.findings(data, spike_events(data), quality_table(data))
+    assert ("  - naive DST's loss rises more than dense after topology updates: not measurable here — holds in 0, "
+            "reversed in 0 of 0 measurable settings") in lines
+
+
+def test_naive_dst_rising_less_than_dense_is_a_reversed_setting_of_the_spike_claim(tmp_path):
+    """Dense rises by 0.5 (+ 0.01 per seed) after step 10, naive DST not at all: the claim is reversed there."""
+    for seed in (0, 1, 2):
+        wiggle = [2.0] * 30
+        wiggle[11] += 0.5 + 0.01 * seed
+        _write_run(tmp_path, RunSpec("tiny", "adamw", None, None, seed), wiggle)
+        _write_run(tmp_path, RunSpec("tiny", "naive-dst", 0.5, 0.0, seed), [2.0] * 30, {10: 4})
+    data = load_study(tmp_path)
+    lines = stability.findings(data, spike_events(data), quality_table(data))
+    assert ("  - naive DST's loss rises more than dense after topology updates: does NOT reproduce at this scale "
+            "(reversed in some) — holds in 0, reversed in 1 of 1 measurable settings") in lines
+    assert any(line.startswith("  - tiny, d=0.5, α=0: -0.5100") and line.endswith("rises less than dense")
+               for line in lines)
+
+
+def test_an_arm_setting_with_an_infinite_cold_start_is_not_measurable_rather_than_one_seed_only(tmp_path):
+    for seed, cold in ((0, 0.0), (1, math.inf)):
+        _write_run(tmp_path, RunSpec("tiny", "naive-dst", 0.5, 0.0, seed), [2.0] * 30, {10: 4},
+                   probes=[(10, 0.05, 0.3, 3.0)])
+        _write_run(tmp_path, RunSpec("tiny", "warmup-only", 0.5, 0.0, seed), [2.0] * 30, {10: 4},
+                   probes=[(10, 0.05, cold, 0.01)])
+    data = load_study(tmp_path)
+    lines = stability.findings(data, spike_events(data), quality_table(data), stability.probe_table(data),
+                               stability.stats.probe_events(data))
+    header = next(line for line in lines if line.startswith("**warmup-only removes the cold-start rise**"))
+    assert header.endswith("within noise in 0, not measurable in 1 of 1 settings:")
+    assert lines[lines.index(header) + 1].endswith("a run without a finite value: no verdict")
+
+
+def test_the_consistency_check_pairs_smet_linear_at_alpha_zero_only_with_warmup_only(tmp_path):
+    """smet-linear at α=0 and warmup-only are the same arm; smet-linear at α=1 is not, and is not compared."""
+    for seed in (0, 1):
+        loss = 2.0 + 0.01 * seed
+        _write_run(tmp_path, RunSpec("tiny", "smet-linear", 0.5, 0.0, seed), [2.0] * 12, val_loss=loss)
+        _write_run(tmp_path, RunSpec("tiny", "smet-linear", 0.5, 1.0, seed), [2.0] * 12, val_loss=loss + 0.1)
+        _write_run(tmp_path, RunSpec("tiny", "warmup-only", 0.5, 0.0, seed), [2.0] * 12, val_loss=loss)
+    data = load_study(tmp_path)
+    lines = "\n".join(stability.findings(data, spike_events(data), quality_table(data)))
+    assert "smet-linear at α=0 and warmup-only" in lines
+    assert "largest final-loss gap 0.00e+00 over 2 pairs (agree)" in lines
+
+
+def test_density_lr_only_at_its_largest_alpha_is_compared_with_naive_dst_which_it_equals_at_alpha_zero(tmp_path):
+    """density-lr-only ran at α=1 only; at α=0 it is naive DST, so its density-LR sentence is α=1 minus naive DST."""
+    for seed, naive_loss, arm_loss in ((0, 2.30, 2.10), (1, 2.32, 2.11), (2, 2.31, 2.12)):
+        _write_run(tmp_path, RunSpec("tiny", "naive-dst", 0.5, 0.0, seed), [2.0] * 12, val_loss=naive_loss)
+        _write_run(tmp_path, RunSpec("tiny", "density-lr-only", 0.5, 1.0, seed), [2.0] * 12, val_loss=arm_loss)
+    data = load_study(tmp_path)
+    lines = stability.findings(data, spike_events(data), quality_table(data))
+    assert any(line.startswith("  - tiny density-lr-only d=0.5: -0.2000 ± ") and line.endswith("α=1 is better")
+               for line in lines)
+
+
+def test_the_density_lr_sentence_compares_only_the_largest_alpha_with_the_smallest(tmp_path):
+    for seed in (0, 1):
+        for alpha in (0.0, 0.5, 1.0):
+            _write_run(tmp_path, RunSpec("tiny", "smet-linear", 0.5, alpha, seed), [2.0] * 12,
+                       val_loss=2.0 + 0.1 * alpha + 0.01 * seed)
+    data = load_study(tmp_path)
+    lines = stability.findings(data, spike_events(data), quality_table(data))
+    assert [line for line in lines if line.startswith("  - tiny smet-linear d=0.5: ")] == [
+        "  - tiny smet-linear d=0.5: +0.1000 ± 0.0000 (95% CI) — α=1 is worse"]

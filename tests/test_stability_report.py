@@ -71,6 +71,103 @@ def test_the_standard_error_of_the_mean_excess_is_over_seeds_not_updates(tmp_pat
     assert math.isnan(table.set_index("method").loc["naive-dst", "excess_se"])
 
 
+def test_the_mean_excess_is_the_mean_of_the_seed_means_its_standard_error_and_the_findings_are_over(tmp_path):
+    """Seed 0 spikes by 0.5 and 0.9 after two updates, seed 1 by 0.5 after its one update that moved blocks: seed means
+    0.7 and 0.5, so the mean excess is 0.6 (as in the findings) with SE sd(0.7, 0.5)/√2 = 0.1, not the mean over the
+    three updates (0.6333) nor an SE over them; the largest rise is 0.9."""
+    for seed, updates in ((0, {10: 4, 20: 4}), (1, {10: 4, 20: 0})):
+        spiking = [2.0] * 30
+        spiking[11] += 0.5
+        spiking[22] += 0.9 if seed == 0 else 0.0
+        _write_run(tmp_path, RunSpec("tiny", "adamw", None, None, seed), [2.0] * 30)
+        _write_run(tmp_path, RunSpec("tiny", "naive-dst", 0.5, 0.0, seed), spiking, updates)
+    data = load_study(tmp_path)
+    table, _ = spike_table(data)
+    naive = table.set_index("method").loc["naive-dst"]
+    assert naive["mean_excess"] == pytest.approx(0.6) and naive["excess_se"] == pytest.approx(0.1)
+    assert naive["max_rise"] == pytest.approx(0.9) and naive["updates"] == "3/4"
+    lines = stability.findings(data, spike_events(data), quality_table(data))
+    assert any(line.startswith("  - tiny, d=0.5, α=0: +0.6000 ± ") for line in lines)
+
+
+def test_a_dense_runs_rise_and_relative_rise_at_an_update_step_are_the_trainers_for_the_same_curve(tmp_path):
+    """The loss is 2.3 at the update (step 10) and 2.4 two steps later: before = mean(2.0, 2.0, 2.3) = 2.1 over the
+    window ending at the update, rise 0.3, relative rise 0.3/2.1, for the dense control as for naive DST's record."""
+    curve = [2.0] * 30
+    curve[9], curve[11] = 2.3, 2.4
+    _write_run(tmp_path, RunSpec("tiny", "adamw", None, None, 0), curve)
+    _write_run(tmp_path, RunSpec("tiny", "naive-dst", 0.5, 0.0, 0), curve, {10: 4})
+    table = spike_table(load_study(tmp_path))[0].set_index("method")
+    for method in ("adamw", "naive-dst"):
+        assert table.loc[method, "mean_rise"] == pytest.approx(0.3)
+        assert table.loc[method, "mean_rel_rise"] == pytest.approx(0.3 / 2.1)
+    assert table.loc["naive-dst", "mean_excess"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_a_dense_run_is_measured_at_the_update_steps_of_its_own_seed(tmp_path):
+    """Naive DST of seed 0 moved blocks at step 10, of seed 1 at step 20: each dense run is one control update."""
+    for seed, step in ((0, 10), (1, 20)):
+        _write_run(tmp_path, RunSpec("tiny", "adamw", None, None, seed), [2.0] * 30)
+        _write_run(tmp_path, RunSpec("tiny", "naive-dst", 0.5, 0.0, seed), [2.0] * 30, {step: 4})
+    events = spike_events(load_study(tmp_path))
+    dense = events[events["method"] == "adamw"]
+    assert sorted(zip(dense["seed"], dense["update_step"])) == [(0, 10), (1, 20)]
+    assert spike_table(load_study(tmp_path))[0].set_index("method").loc["adamw", "updates"] == "2 (control)"
+
+
+def test_a_rise_equal_to_the_noise_threshold_is_not_a_spike(tmp_path):
+    """Both dense rises are 0.01: threshold 0.01 + 2·0; smet-linear rising by exactly that is not above it."""
+    wiggle = [2.0] * 30
+    wiggle[11] = 2.01
+    for seed in (0, 1):
+        _write_run(tmp_path, RunSpec("tiny", "adamw", None, None, seed), wiggle)
+        _write_run(tmp_path, RunSpec("tiny", "smet-linear", 0.5, 1.0, seed), wiggle, {10: 4})
+    table, thresholds = spike_table(load_study(tmp_path))
+    assert thresholds["tiny"] == table.set_index("method").loc["smet-linear", "max_rise"]
+    assert table["spikes"].tolist() == [0, 0]
+
+
+def test_a_setting_whose_seeds_trained_on_different_token_counts_is_mixed_in_the_quality_table(tmp_path):
+    for seed, steps in ((0, 12), (1, 20)):
+        _write_run(tmp_path, RunSpec("tiny", "adamw", None, None, seed), [2.0] * steps)
+    assert quality_table(load_study(tmp_path))["tokens"].tolist() == ["mixed"]
+
+
+def test_a_run_folder_without_summary_json_is_listed_as_unfinished_and_not_loaded(tmp_path):
+    _write_run(tmp_path, RunSpec("tiny", "adamw", None, None, 0), [2.0] * 12)
+    _write_run(tmp_path, RunSpec("tiny", "adamw", None, None, 1), [2.0] * 12)
+    (RunSpec("tiny", "adamw", None, None, 1).directory(tmp_path) / "summary.json").unlink()
+    data = load_study(tmp_path)
+    assert data.runs["seed"].tolist() == [0] and data.unfinished == ["runs/tiny/adamw-s1"]
+
+
+def test_the_validation_losses_are_those_of_eval_records_and_of_train_records_that_carry_one(tmp_path):
+    _write_run(tmp_path, RunSpec("tiny", "adamw", None, None, 0), [2.0] * 12, val_loss=2.5)
+    evals = load_study(tmp_path).evals
+    assert evals[["step", "val_loss"]].values.tolist() == [[0, 3.5], [12, 2.5]]
+
+
+def test_metrics_are_read_from_plain_or_gzipped_jsonl_and_a_folder_without_either_is_an_error(tmp_path):
+    from bench.stability.load import read_metrics
+
+    (tmp_path / "metrics.jsonl").write_text('{"type": "train", "step": 1}\n\n{"type": "train", "step": 2}\n')
+    assert read_metrics(tmp_path) == [{"type": "train", "step": 1}, {"type": "train", "step": 2}]
+    with pytest.raises(FileNotFoundError, match="no metrics.jsonl"):
+        read_metrics(tmp_path / "missing")
+
+
+def test_a_probe_row_takes_the_first_step_after_the_update_and_averages_the_ratio_over_the_window():
+    from bench.stability.load import probe_row
+
+    sizes = [{"regrown_update_rms": 3.0, "surviving_update_rms": 1.0, "regrown_vs_surviving": 3.0,
+              "surviving_relative_update": 0.01},
+             {"regrown_update_rms": 1.0, "surviving_update_rms": 1.0, "regrown_vs_surviving": 1.0,
+              "surviving_relative_update": 0.02}]
+    row = probe_row("k", {"update_step": 10, "prune_damage": 0.1, "cold_start_rise": 0.2, "step_sizes": sizes})
+    assert [row[c] for c in ("regrown_rms_1", "regrown_vs_surviving_1", "surviving_relative_1")] == [3.0, 3.0, 0.01]
+    assert row["regrown_vs_surviving_mean"] == 2.0
+
+
 def test_quality_table_and_its_sentence_give_the_paired_mean_its_standard_error_and_t_interval(tmp_path):
     """naive − dense final losses 0.1, 0.3, 0.2 over three seeds: mean 0.2, sd 0.1, SE 0.1/√3, CI ± 4.303·0.1/√3."""
     flat = [2.0] * 30

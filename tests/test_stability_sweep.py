@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -226,3 +227,79 @@ def test_h100_preset_settings_train_on_the_gpu(tmp_path):
     assert set(data.runs["peak_mem_kind"]) == {"cuda_max_memory_allocated"}
     assert not any((tmp_path / "runs").glob("*/*/checkpoints"))
     write_report(tmp_path)
+
+
+def _two_run_spec():
+    return dataclasses.replace(PRESETS["pilot"], methods=("adamw", "naive-dst"), densities=(0.5,), alphas=(1.0,),
+                               seeds=(0,))
+
+
+def test_a_finished_run_whose_summary_lacks_a_defining_setting_of_no_older_release_is_refused(tmp_path, monkeypatch):
+    spec = _two_run_spec()
+    monkeypatch.setattr(sweep, "_train_in_this_process", _fake_train([]))
+    run_sweep(spec, tmp_path, isolate=False, log=lambda *_: None)
+    summary = enumerate_runs(spec)[0].directory(tmp_path) / "summary.json"
+    saved = json.loads(summary.read_text())
+    del saved["config"]["spike_window"]
+    summary.write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match="saved None != requested"):
+        run_sweep(spec, tmp_path, isolate=False, log=lambda *_: None)
+
+
+def test_metrics_larger_than_the_limit_are_gzipped_and_smaller_ones_left_plain(tmp_path):
+    import gzip
+
+    for name, size in (("small", 100), ("large", 200)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.jsonl").write_text("x" * size)
+        sweep.compress_metrics(tmp_path / name, above_bytes=150)
+    assert (tmp_path / "small" / "metrics.jsonl").is_file() and not (tmp_path / "small" / "metrics.jsonl.gz").exists()
+    assert not (tmp_path / "large" / "metrics.jsonl").exists()
+    assert gzip.decompress((tmp_path / "large" / "metrics.jsonl.gz").read_bytes()) == b"x" * 200
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_a_finished_runs_checkpoints_are_deleted_unless_asked_to_keep_them(tmp_path, monkeypatch, keep):
+    calls = []
+    fake = _fake_train(calls)
+
+    def train_with_checkpoint(config_dict):
+        fake(config_dict)
+        (Path(config_dict["out_dir"]) / "checkpoints" / "step_0000010").mkdir(parents=True)
+
+    monkeypatch.setattr(sweep, "_train_in_this_process", train_with_checkpoint)
+    run_sweep(_two_run_spec(), tmp_path, isolate=False, keep_checkpoints=keep, log=lambda *_: None)
+    assert [(Path(path) / "checkpoints").is_dir() for path in calls] == [keep, keep]
+
+
+def test_a_sweep_past_its_time_limit_starts_no_further_run_and_counts_them_as_not_started(tmp_path, monkeypatch):
+    monkeypatch.setattr(sweep, "_train_in_this_process", lambda config: pytest.fail("a run was started"))
+    counts = run_sweep(_two_run_spec(), tmp_path, isolate=False, max_minutes=0.0, log=lambda *_: None)
+    assert counts == {"total": 2, "skipped": 0, "trained": 0, "failed": 0, "not_started": 2}
+
+
+def test_a_failed_run_is_counted_and_the_sweep_goes_on_to_the_next(tmp_path, monkeypatch):
+    calls = []
+    fake = _fake_train(calls)
+
+    def first_fails(config_dict):
+        if not calls:
+            calls.append("failed")
+            raise RuntimeError("out of memory")
+        fake(config_dict)
+
+    monkeypatch.setattr(sweep, "_train_in_this_process", first_fails)
+    counts = run_sweep(_two_run_spec(), tmp_path, isolate=False, log=lambda *_: None)
+    assert counts == {"total": 2, "skipped": 0, "trained": 1, "failed": 1, "not_started": 0} and len(calls) == 2
+
+
+def test_a_finished_run_whose_saved_seed_is_not_its_folders_is_refused(tmp_path, monkeypatch):
+    spec = _two_run_spec()
+    monkeypatch.setattr(sweep, "_train_in_this_process", _fake_train([]))
+    run_sweep(spec, tmp_path, isolate=False, log=lambda *_: None)
+    summary = enumerate_runs(spec)[0].directory(tmp_path) / "summary.json"
+    saved = json.loads(summary.read_text())
+    saved["config"]["seed"] = 7
+    summary.write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match="saved 7 != requested 0"):
+        run_sweep(spec, tmp_path, isolate=False, log=lambda *_: None)

@@ -102,8 +102,9 @@ def write_report(out_dir, output: str | Path | None = None) -> Path:
         f"`updates` = measured updates that moved ≥ 1 block / all topology updates (the last one, at the final "
         f"step, has no steps after it; for adamw/galore: the same steps, as a control). "
         f"`rise` = max loss over the k steps after an update − mean loss over the k steps up to it; "
-        f"`excess` = rise − rise of the dense run at the same step and seed (± 1 SE over seeds: their mean "
-        f"excesses). `spikes` = updates with rise above the dense noise threshold (mean + 2 sd of the dense rises: "
+        f"`excess` = rise − rise of the dense run at the same step and seed: the mean over seeds of their mean "
+        f"excesses, ± 1 SE over them. `spikes` = updates with rise above the dense noise threshold (mean + 2 sd "
+        f"of the dense rises: "
         f"{', '.join(f'{c}: {t:.4f}' if not math.isnan(t) else f'{c}: none (fewer than two dense rises)' for c, t in thresholds.items())}).", "",
         _display(spikes, {"config": "config", "method": "method", "density": "density", "alpha": "α",
                           "runs": "runs", "updates": "updates", "spikes": "spikes", "mean_rise": "mean rise",

@@ -78,8 +78,8 @@ def _in_study_order(frame, extra=()):
 
 def spike_table(data: StudyData, events=None):
     """Per (config, method, density, α): runs, updates (moving blocks / all), spikes above the noise threshold,
-    mean and max rise, mean relative rise, mean paired excess over dense and its standard error over seeds (the
-    updates of a run are not independent samples)."""
+    mean and max rise, mean relative rise, mean paired excess over dense and its standard error, both over the seed
+    means (the updates of a run are not independent samples; as in the findings)."""
     import pandas as pd
 
     events = spike_events(data) if events is None else events
@@ -87,7 +87,6 @@ def spike_table(data: StudyData, events=None):
     rows = []
     for (config, method, density, alpha), group in data.runs.groupby(GROUP, dropna=False, sort=False):
         mine = events[events["key"].isin(group["key"])]
-        excess = mine["excess"].dropna().to_numpy(dtype=float)
         seed_excess = mine.groupby("seed")["excess"].mean().dropna().to_numpy(dtype=float)  # seeds: the samples
         if METHODS[method].sparse:
             updates = f"{len(mine)}/{int(data.updates['key'].isin(group['key']).sum())}"
@@ -100,7 +99,7 @@ def spike_table(data: StudyData, events=None):
             else int((mine["rise"] > thresholds[config]).sum()),
             "mean_rise": mine["rise"].mean(), "max_rise": mine["rise"].max(),
             "mean_rel_rise": mine["relative_rise"].mean(),
-            "mean_excess": excess.mean() if len(excess) else math.nan,
+            "mean_excess": seed_excess.mean() if len(seed_excess) else math.nan,
             "excess_se": seed_excess.std(ddof=1) / math.sqrt(len(seed_excess)) if len(seed_excess) >= 2 else math.nan,
         })
     return _in_study_order(pd.DataFrame(rows)), thresholds
