@@ -175,6 +175,17 @@ def test_a_dense_control_run_probes_at_the_update_steps_up_to_update_end_step(pr
     assert (probes, named) == (([2, 4], False) if probe else ([], True))
 
 
+@pytest.mark.parametrize("world_size, named", [("2", True), ("1", False)])
+def test_a_dense_fsdp_run_under_torchrun_names_the_probe_schedule_options_as_without_effect(world_size, named,
+                                                                                           capsys, monkeypatch):
+    """The update probe is off under FSDP on several ranks (plain tensors only): its schedule acts nowhere there."""
+    monkeypatch.setenv("WORLD_SIZE", world_size)
+    args = cli.build_parser().parse_args(["--config", "tiny", "--optimizer", "adamw", "--parallel", "fsdp",
+                                          "--update-interval", "2"])
+    cli._warn_ignored_options(args, cli.config_from_args(args))
+    assert ("--update-interval has no effect with --optimizer adamw" in capsys.readouterr().err) == named
+
+
 @pytest.mark.parametrize("options, message", [
     (["--update-end-step", "3"], "--update-interval 4 is past --update-end-step 3"),
     (["--max-steps", "3"], "--update-interval 4 is past --max-steps 3"),

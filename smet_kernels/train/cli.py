@@ -246,7 +246,8 @@ def _warn_ignored_options(args: argparse.Namespace, config: TrainConfig) -> None
     """Options that have no effect in the chosen mode are named on stderr (the run still starts)."""
     given = vars(args)
     ignored = [name for name in METHODS[config.optimizer].ignored_options if name in given]
-    if config.update_probe:
+    sharded = config.parallel == "fsdp" and int(os.environ.get("WORLD_SIZE", "1")) > 1  # no probe (plain tensors)
+    if config.update_probe and not sharded:
         ignored = [name for name in ignored if name not in PROBE_SCHEDULE_OPTIONS]
     if ignored:
         flags = ", ".join("--" + name.replace("_", "-") for name in ignored)
