@@ -323,7 +323,8 @@ def _adamw_mismatch(fused: dict, reference: dict, dtype: torch.dtype) -> str:
 
 
 def training_step_check(sizes: Sizes, device: torch.device, seed: int) -> dict:
-    """One SMET training step with the Triton backend against the reference backend: loss and every parameter."""
+    """One SMET training step with the Triton backend against the reference backend: the loss and every parameter
+    (``error``, ``bound``), and every gradient within :data:`GRAD_TOLERANCE` (the note says which is off)."""
     from bench.training import TrainingCase, build
     from smet_kernels.train.model import lm_loss
 
