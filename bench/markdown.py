@@ -13,11 +13,17 @@ def table(frame: pd.DataFrame) -> str:
     from tabulate import tabulate
 
     empty = [c for c in frame.columns if len(frame) and frame[c].map(lambda v: pd.isna(v) or v == "").all()]
-    kept = frame.drop(columns=empty)
+    kept = frame.drop(columns=empty).apply(lambda column: column.map(_one_line))
     text = tabulate(kept, headers="keys", tablefmt="github", showindex=False, disable_numparse=True)
     if empty:
         text += "\n\nEmpty in every row, so left out: " + ", ".join(f"`{c}`" for c in empty) + "."
     return text
+
+
+def _one_line(value):
+    """A text cell on one line, its ``|`` escaped: a newline (a compile error's message) ended the row, a ``|`` the
+    cell."""
+    return " ".join(value.splitlines()).replace("|", "\\|") if isinstance(value, str) else value
 
 
 def fmt_bytes(value) -> str:

@@ -381,3 +381,14 @@ def test_a_note_or_status_that_reads_like_a_missing_value_is_kept_as_text(tmp_pa
     frame = load_csv(path)
     assert frame["note"].tolist() == notes
     assert frame["ms_p50"].isna().tolist() == [True, False, False, False] and frame["ms_p50"].dtype == float
+
+
+def test_a_table_cell_of_several_lines_or_with_a_pipe_stays_in_its_row_and_cell():
+    """A gpu-check note holds a raised error's message: a Triton compile error's lines ended the markdown row."""
+    import pandas as pd
+
+    from bench.markdown import table
+
+    text = table(pd.DataFrame({"status": ["fail", "pass"], "note": ["raised X: line one\nline two | more", ""]}))
+    lines = text.splitlines()
+    assert len(lines) == 4 and lines[2].count(" | ") == 1 and "line one line two \\| more" in lines[2], text
