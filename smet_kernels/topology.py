@@ -63,6 +63,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .dense_grad import RecordDenseGrad, zero_probe
 from .layout import BlockLayout
 from .ops.library import regrow_blocks
 from .ops.regrow import check_inputs as check_regrow_inputs
@@ -123,30 +124,6 @@ def _plain_name(name: str) -> str:
     """A parameter's name without the ``_orig_mod`` of ``torch.compile`` wrappers: a controller built on a compiled
     model (or on compiled submodules) keeps the names of the plain model, so their states load into each other."""
     return ".".join(part for part in name.split(".") if part != "_orig_mod")
-
-
-def _zero_probe(shape: tuple[int, int], device: torch.device) -> torch.Tensor:
-    """A zero fp32 leaf of ``shape`` that requires grad, stored as one element (zero strides): its ``grad`` is a
-    dense ``[out, in]`` tensor, the probe itself costs no memory."""
-    return torch.zeros(1, device=device).expand(shape).detach().requires_grad_()
-
-
-class _RecordDenseGrad(torch.autograd.Function):
-    """``y`` unchanged (bitwise, ``-0.0`` and non-finite ``x`` too) in forward; in backward ``dy`` passes on and the
-    probe's gradient is ``dyᵀx`` (fp32). ``x`` is saved in its own dtype: the layer saves it anyway, so recording
-    keeps no fp32 copy of each layer's input (``y + x.float()·probeᵀ`` did, doubling a bf16 model's activations)."""
-
-    @staticmethod
-    def forward(ctx, output: torch.Tensor, x: torch.Tensor, probe: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(x)
-        return output.clone()  # a view of the input would refuse in-place ops on the layer's output
-
-    @staticmethod
-    def backward(ctx, dy: torch.Tensor):
-        (x,) = ctx.saved_tensors
-        with torch.autocast(dy.device.type, enabled=False):  # fp32 dyᵀx even where backward runs under autocast
-            grad = dy.detach().reshape(-1, dy.shape[-1]).float().t() @ x.reshape(-1, x.shape[-1]).float()
-        return dy, None, grad
 
 
 def _distributed() -> bool:
@@ -528,7 +505,7 @@ class SMET:
         if self.regrow != "gradient":
             return
         for target in self.targets:
-            target.probe = _zero_probe(target.layout.shape, target.param.device) if self._recording else None
+            target.probe = zero_probe(target.layout.shape, target.param.device) if self._recording else None
             if not target.hooks:
                 for module in target.modules:
                     recorder = self._make_recorder(target)
@@ -546,12 +523,12 @@ class SMET:
 
     def _make_recorder(self, target: _SparseTarget):
         def record_input(module, inputs, output):
-            """While armed: ``y`` through :class:`_RecordDenseGrad`, so ``probe.grad = Σ dyᵀx`` (fp32); traceable,
+            """While armed: ``y`` through :class:`RecordDenseGrad`, so ``probe.grad = Σ dyᵀx`` (fp32); traceable,
             no tensor hook: under ``torch.compile`` no graph break, one graph armed and one not."""
             recording = self._recording and torch.is_grad_enabled()
             if not (recording and isinstance(output, torch.Tensor) and output.requires_grad):
                 return None
-            return _RecordDenseGrad.apply(output, inputs[0].detach(), target.probe)
+            return RecordDenseGrad.apply(output, inputs[0].detach(), target.probe)
 
         return record_input
 
