@@ -294,26 +294,34 @@ def test_a_wrong_matmul_result_says_which_token_rows_block_columns_and_blocks_ar
     assert correctness.where_wrong(grad, grad, 1e-3, layout).startswith("no element off")
 
 
-def test_a_parameter_made_nan_by_the_triton_step_fails_the_training_step_check_and_is_named(monkeypatch, device):
-    """The loss comes before the step, so only the parameters can show a NaN update: it must not pass."""
+def after_each_triton_step(monkeypatch, edit) -> None:
+    """``bench.training.build`` whose Triton-backend optimizer calls ``edit(model)`` (no grad) after each step."""
     import bench.training
 
     build = bench.training.build
 
-    def build_with_a_nan_step(case, device, backend, seed):
+    def build_with_an_edited_step(case, device, backend, seed):
         model, optimizer = build(case, device, backend, seed)
         if backend == "triton":
             step = optimizer.step
 
-            def nan_step(*args, **kwargs):
+            def edited_step(*args, **kwargs):
                 step(*args, **kwargs)
                 with torch.no_grad():
-                    model.get_submodule("layers.0.mlp.down_proj").values.view(-1)[0] = float("nan")
+                    edit(model)
 
-            optimizer.step = nan_step
+            optimizer.step = edited_step
         return model, optimizer
 
-    monkeypatch.setattr(bench.training, "build", build_with_a_nan_step)
+    monkeypatch.setattr(bench.training, "build", build_with_an_edited_step)
+
+
+def test_a_parameter_made_nan_by_the_triton_step_fails_the_training_step_check_and_is_named(monkeypatch, device):
+    """The loss comes before the step, so only the parameters can show a NaN update: it must not pass."""
+    def make_a_value_nan(model):
+        model.get_submodule("layers.0.mlp.down_proj").values.view(-1)[0] = float("nan")
+
+    after_each_triton_step(monkeypatch, make_a_value_nan)
     row = correctness.training_step_check(CPU, torch.device(device), 0)
     assert row["status"] == "fail" and "most: layers.0.mlp.down_proj.values" in row["note"], row
 

@@ -9,6 +9,7 @@ import torch
 from bench.gpu_check import correctness, kernel_ops, parallel
 from bench.gpu_check.plan import CPU
 from smet_kernels.ops.variant import VARIANTS
+from test_gpu_check_correctness import after_each_triton_step
 
 
 class Spent:
@@ -216,24 +217,7 @@ def test_the_matmul_operands_are_fresh_random_values_never_constant():
 
 def test_a_training_step_whose_triton_step_scales_a_weight_fails_and_names_it(monkeypatch, device):
     """A finite wrong parameter (not only a NaN one) fails the check."""
-    import bench.training
-
-    build = bench.training.build
-
-    def build_with_a_scaling_step(case, device, backend, seed):
-        model, optimizer = build(case, device, backend, seed)
-        if backend == "triton":
-            step = optimizer.step
-
-            def scaling_step(*args, **kwargs):
-                step(*args, **kwargs)
-                with torch.no_grad():
-                    model.get_submodule("layers.0.mlp.down_proj").values.mul_(1.5)
-
-            optimizer.step = scaling_step
-        return model, optimizer
-
-    monkeypatch.setattr(bench.training, "build", build_with_a_scaling_step)
+    after_each_triton_step(monkeypatch, lambda model: model.get_submodule("layers.0.mlp.down_proj").values.mul_(1.5))
     row = correctness.training_step_check(CPU, torch.device(device), 0)
     assert row["status"] == "fail" and "(relative; most: layers.0.mlp.down_proj.values)" in row["note"], row
     assert 0.4 < row["error"] < 0.6, row  # 1.5 x the weight: 0.5 off

@@ -147,19 +147,15 @@ def test_a_run_finished_before_the_topology_schedule_and_regrow_init_options_is_
                                                                                                     monkeypatch):
     """Its summary lacks min_prune_fraction, update_end_step, regrow_init and regrow_init_std: it trained with what
     they default to (the controller's own defaults), so it is the run the study asks for."""
-    spec = dataclasses.replace(PRESETS["pilot"], methods=("adamw", "naive-dst"), densities=(0.5,), alphas=(1.0,),
-                               seeds=(0,))
-    monkeypatch.setattr(sweep, "_train_in_this_process", _fake_train([]))
-    run_sweep(spec, tmp_path, isolate=False, log=lambda *_: None)
-    summaries = [run.directory(tmp_path) / "summary.json" for run in enumerate_runs(spec)]
-    for summary in summaries:
-        saved = json.loads(summary.read_text())
+    def as_an_older_release(config):
         for name in ("min_prune_fraction", "update_end_step", "regrow_init", "regrow_init_std"):
-            del saved["config"][name]
-        summary.write_text(json.dumps(saved))
+            del config[name]
+
+    spec = _two_run_spec()
+    for summary in _finished_runs(spec, tmp_path, monkeypatch):
+        _edit_saved_config(summary, as_an_older_release)
     assert run_sweep(spec, tmp_path, isolate=False, log=lambda *_: None)["skipped"] == 2
-    saved["config"]["regrow_init"] = "normal"  # a setting that is saved is still compared
-    summary.write_text(json.dumps(saved))
+    _edit_saved_config(summary, lambda config: config.update(regrow_init="normal"))  # a saved setting is compared
     with pytest.raises(ValueError, match="regrow_init: saved 'normal' != requested 'zeros'"):
         run_sweep(spec, tmp_path, isolate=False, log=lambda *_: None)
 
@@ -234,14 +230,23 @@ def _two_run_spec():
                                seeds=(0,))
 
 
-def test_a_finished_run_whose_summary_lacks_a_defining_setting_of_no_older_release_is_refused(tmp_path, monkeypatch):
-    spec = _two_run_spec()
+def _finished_runs(spec, tmp_path, monkeypatch) -> list:
+    """The summary.json of each run of ``spec``, trained (faked) into ``tmp_path``."""
     monkeypatch.setattr(sweep, "_train_in_this_process", _fake_train([]))
     run_sweep(spec, tmp_path, isolate=False, log=lambda *_: None)
-    summary = enumerate_runs(spec)[0].directory(tmp_path) / "summary.json"
+    return [run.directory(tmp_path) / "summary.json" for run in enumerate_runs(spec)]
+
+
+def _edit_saved_config(summary, edit) -> None:
+    """Rewrite the config saved in ``summary`` (a summary.json) by ``edit(config)``."""
     saved = json.loads(summary.read_text())
-    del saved["config"]["spike_window"]
+    edit(saved["config"])
     summary.write_text(json.dumps(saved))
+
+
+def test_a_finished_run_whose_summary_lacks_a_defining_setting_of_no_older_release_is_refused(tmp_path, monkeypatch):
+    spec = _two_run_spec()
+    _edit_saved_config(_finished_runs(spec, tmp_path, monkeypatch)[0], lambda config: config.pop("spike_window"))
     with pytest.raises(ValueError, match="saved None != requested"):
         run_sweep(spec, tmp_path, isolate=False, log=lambda *_: None)
 
@@ -295,11 +300,6 @@ def test_a_failed_run_is_counted_and_the_sweep_goes_on_to_the_next(tmp_path, mon
 
 def test_a_finished_run_whose_saved_seed_is_not_its_folders_is_refused(tmp_path, monkeypatch):
     spec = _two_run_spec()
-    monkeypatch.setattr(sweep, "_train_in_this_process", _fake_train([]))
-    run_sweep(spec, tmp_path, isolate=False, log=lambda *_: None)
-    summary = enumerate_runs(spec)[0].directory(tmp_path) / "summary.json"
-    saved = json.loads(summary.read_text())
-    saved["config"]["seed"] = 7
-    summary.write_text(json.dumps(saved))
+    _edit_saved_config(_finished_runs(spec, tmp_path, monkeypatch)[0], lambda config: config.update(seed=7))
     with pytest.raises(ValueError, match="saved 7 != requested 0"):
         run_sweep(spec, tmp_path, isolate=False, log=lambda *_: None)
