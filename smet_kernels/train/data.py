@@ -181,13 +181,14 @@ def _load_hf(spec: str, val_percent: float) -> tuple[np.ndarray, np.ndarray]:
     name, _, subset = body.partition(":")
     if not name:  # Path("") is the working folder
         raise DataError(f"data {spec!r}: 'hf:NAME[:CONFIG][@REVISION]' needs a dataset name (a hub name or a folder)")
-    if (revision or "@" in subset) and Path(name).expanduser().is_dir():  # hf:FOLDER:CONFIG@REVISION too
+    local = Path(name).expanduser()
+    folder = local.is_dir()
+    if folder and (revision or "@" in subset):  # hf:FOLDER:CONFIG@REVISION too
         raise DataError(f"data {spec!r}: a local dataset folder has no revision (its files key the cache)")
     key = hashlib.sha256(f"hf|{name}|{subset}|{val_percent}".encode())
     if revision:  # another revision, another entry; the unpinned key is the one releases before pinning wrote
         key.update(f"|{revision}".encode())
-    local = Path(name).expanduser()
-    if local.is_dir():  # a local dataset folder: edited files make another cache entry, as for a text folder
+    if folder:  # a local dataset folder: edited files make another cache entry, as for a text folder
         _key_files(key, _list_files(local, None), local)
     stem = cache_dir() / f"hf-{key.hexdigest()[:16]}"
     paths = {split: stem.with_name(f"{stem.name}.{split}.bin") for split in ("train", "val")}
