@@ -33,7 +33,7 @@ from .config import (
     naming_options,
 )
 from .distributed import TrainingFailed
-from .loop import train
+from .loop import train, update_probe_runs
 from .methods import METHODS, PROBE_SCHEDULE_OPTIONS
 from .metrics import MetricsWarning, strict_json
 from .model import MODEL_CONFIGS
@@ -246,8 +246,7 @@ def _warn_ignored_options(args: argparse.Namespace, config: TrainConfig) -> None
     """Options that have no effect in the chosen mode are named on stderr (the run still starts)."""
     given = vars(args)
     ignored = [name for name in METHODS[config.optimizer].ignored_options if name in given]
-    sharded = config.parallel == "fsdp" and int(os.environ.get("WORLD_SIZE", "1")) > 1  # no probe (plain tensors)
-    if config.update_probe and not sharded:
+    if update_probe_runs(config, int(os.environ.get("WORLD_SIZE", "1"))):
         ignored = [name for name in ignored if name not in PROBE_SCHEDULE_OPTIONS]
     if ignored:
         flags = ", ".join("--" + name.replace("_", "-") for name in ignored)

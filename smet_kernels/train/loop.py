@@ -125,6 +125,12 @@ class TrainingDiverged(TrainingFailed):
     """The run met a non-finite loss or gradient norm it may not skip (the CLI prints it as a one-line error)."""
 
 
+def update_probe_runs(config: TrainConfig, world_size: int) -> bool:
+    """The update probe runs when asked for, on plain tensors only: not under FSDP2 (``parallel="fsdp"`` on
+    several ranks)."""
+    return config.update_probe and not (world_size > 1 and config.parallel == "fsdp")
+
+
 class Run:
     """State of one training run (rank-local); :func:`train` drives it."""
 
@@ -176,7 +182,7 @@ class Run:
         self.spikes = SpikeTracker(config.spike_window)
         # --- update probe (issue 16): prune damage / cold start / first-step sizes; plain tensors only (not fsdp)
         self.probe = UpdateProbe(self.model, self.probe_loss, config.spike_window) if (
-            config.update_probe and not self.fsdp and self.val_indices is not None) else None
+            update_probe_runs(config, self.ddp.world_size) and self.val_indices is not None) else None
         self.step = 0
         self.tokens_seen = 0
         self.train_time = 0.0
