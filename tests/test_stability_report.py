@@ -291,6 +291,33 @@ def test_report_names_the_gpu_command_of_the_same_sweep(tmp_path):
     assert bench_main(["stability", "run", *on_this_machine, "--dry-run"]) == 0
 
 
+def test_the_gpu_command_carries_the_topology_settings_the_study_changed_and_only_those():
+    spec = dataclasses.replace(PRESETS["cpu"], regrow="gradient", regrow_init="normal", regrow_init_std=0.01,
+                               update_end_step=2500)
+    command = stability.gpu_command(spec.to_dict())
+    assert "--regrow gradient --regrow-init normal --regrow-init-std 0.01" in command
+    assert "--update-end-step 2500" in command
+    assert "--prune-fraction" not in command and "--distribution" not in command  # the defaults
+    older = {k: v for k, v in PRESETS["cpu"].to_dict().items() if k not in ("regrow_init", "update_end_step")}
+    assert "--regrow" not in stability.gpu_command(older)  # a study.json of an older release: its defaults
+    on_this_machine = command.replace("--device cuda", "--device cpu").split()[3:]
+    assert bench_main(["stability", "run", *on_this_machine, "--dry-run"]) == 0
+
+
+def test_the_setup_names_the_topology_schedule_and_the_regrow_init_of_the_runs(tmp_path):
+    _synthetic_study(tmp_path, seeds=(0,))
+    text = write_report(tmp_path).read_text()
+    setup = ("prune fraction 0.2 cosine-decayed to 0.005, regrow random (regrown blocks start at zero), uniform "
+             "density distribution")
+    assert setup in text
+    for summary in tmp_path.glob("runs/*/*/summary.json"):  # runs of a release before these settings: its defaults
+        saved = json.loads(summary.read_text())
+        for name in ("min_prune_fraction", "update_end_step", "regrow_init", "regrow_init_std"):
+            del saved["config"][name]
+        summary.write_text(json.dumps(saved))
+    assert setup in write_report(tmp_path).read_text()
+
+
 def test_a_pilot_report_gives_no_verdict_that_its_banner_disowns_and_a_study_still_does(tmp_path):
     """The pilot's banner says its numbers are no evidence for or against the claims: its findings name the side of 0
     of each interval, never 'reproduces', 'holds', 'worse than dense' or 'α=… is better'."""

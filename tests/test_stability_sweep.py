@@ -16,6 +16,8 @@ from bench import stability
 from bench.cli import main as bench_main
 from bench.stability import PRESETS, RunSpec, enumerate_runs, load_study, run_sweep, sweep, write_report
 from bench.stability.cli import RUN_OPTIONS
+from bench.stability.spec import TRAINER_SETTINGS
+from smet_kernels.train.config import TrainConfig
 from stability_runs import cache_dir  # noqa: F401 -- autouse: the token and matplotlib caches of the session
 
 
@@ -100,6 +102,9 @@ def test_the_help_of_each_option_states_the_default_that_cpu_study_gives_it(caps
         ("--lr-warmup-steps", "500", "--lr-warmup-steps (500) must be < --steps (200)"),
         ("--seeds", "0,-1", "--seeds must be ints in [0, 4294967295], got [-1]"),
         ("--seeds", "4294967296", "--seeds must be ints in [0, 4294967295], got [4294967296]"),
+        ("--prune-fraction", "1", "--prune-fraction must be in (0, 1), got 1.0"),
+        ("--min-prune-fraction", "0.5", "--min-prune-fraction (0.5) must be <= --prune-fraction (0.2)"),
+        ("--regrow-init-std", "0", "--regrow-init-std must be in (0, inf), got 0.0"),
         pytest.param("--device", "cuda", "CUDA", marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA")),
     ],
 )
@@ -112,6 +117,27 @@ def test_options_every_run_would_reject_fail_up_front(tmp_path, monkeypatch, cap
     error = usage_error(bench_main, argv + ["--dry-run"] * dry_run, capsys)
     assert error.startswith("smet-bench: error: ") and named in error
     assert not (out_dir / "commands.txt").exists()
+
+
+TRAINER_OPTIONS = {"--prune-fraction": "0.3", "--min-prune-fraction": "0.05", "--update-end-step": "150",
+                   "--regrow": "gradient", "--regrow-init": "normal", "--regrow-init-std": "0.01",
+                   "--distribution": "erk", "--warmup-scope": "regrown"}
+
+
+def test_the_topology_and_warm_up_options_of_stability_run_reach_every_run_as_given(tmp_path):
+    parser = argparse.ArgumentParser()
+    stability.add_arguments(parser)
+    args = parser.parse_args(["run", "--quick", *(item for pair in TRAINER_OPTIONS.items() for item in pair)])
+    spec = stability.spec_from_args(args)
+    for run in enumerate_runs(spec):
+        config = run.train_config(spec, tmp_path).validate()
+        assert (config.prune_fraction, config.min_prune_fraction, config.update_end_step) == (0.3, 0.05, 150)
+        assert (config.regrow, config.regrow_init, config.regrow_init_std) == ("gradient", "normal", 0.01)
+        assert (config.distribution, config.warmup_scope) == ("erk", "regrown")
+    default = enumerate_runs(PRESETS["pilot"])[-1].train_config(PRESETS["pilot"], tmp_path)
+    trainer = TrainConfig()
+    for name in TRAINER_SETTINGS:  # without the options: smet-train's own defaults
+        assert getattr(default, name) == getattr(trainer, name), name
 
 
 def _fake_train(calls):

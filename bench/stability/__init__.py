@@ -9,7 +9,8 @@ GaLore at equal tokens, and a density × density-LR-exponent (α) sweep.
 (``python -m bench.stability run|report ...`` is the same without the console entry point.)
 
 **Sweep.** Every run uses the trainer's Python API (:func:`smet_kernels.train.trainer.train`) with the same data,
-seed list and token budget ``steps × batch_size × seq_len``; only the method, density and α differ. Methods:
+seed list and token budget ``steps × batch_size × seq_len``; only the method, density and α differ (the topology and
+warm-up settings, ``--prune-fraction`` to ``--warmup-scope``, are smet-train's, one value for the study). Methods:
 
 * ``adamw`` (dense), ``galore``: no topology, one run per seed (α and density do not apply);
 * ``masked-dst``: dense weights × mask and ``torch.optim.AdamW`` (α does not apply), one run per density;

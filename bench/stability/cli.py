@@ -10,12 +10,13 @@ import sys
 import time
 from pathlib import Path
 
-from smet_kernels.train.config import naming_options
+from smet_kernels.topology import REGROW_INITS
+from smet_kernels.train.config import WARMUP_SCOPES, naming_options
 
 from ..options import comma_list
 from ..runner import check_minutes, usage_error
 from .report import write_report
-from .spec import COMMANDS_FILE, DENSE_METHOD, METHODS, PRESETS, StudySpec, enumerate_runs
+from .spec import COMMANDS_FILE, DENSE_METHOD, METHODS, PRESETS, TRAINER_SETTINGS, StudySpec, enumerate_runs
 from .sweep import check_runnable, is_done, run_sweep
 
 
@@ -91,6 +92,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--seq-len", type=_positive_int, help=f"tokens per sequence {_default('seq_len')}")
     run.add_argument("--update-interval", type=_positive_int,
                      help=f"steps between topology updates {_default('update_interval')}")
+    run.add_argument("--prune-fraction", type=float,
+                     help="initial fraction of active blocks swapped per update, cosine-decayed, in (0, 1) "
+                     f"{_default('prune_fraction')}")
+    run.add_argument("--min-prune-fraction", type=float,
+                     help="the fraction the decay of --prune-fraction ends at, at --update-end-step, in [0, "
+                     f"--prune-fraction] {_default('min_prune_fraction')}")
+    run.add_argument("--update-end-step", type=_positive_int,
+                     help=f"last step with a topology update {_default('update_end_step', '--steps, the whole run')}")
+    run.add_argument("--regrow", choices=("random", "gradient"),
+                     help=f"regrow criterion: random (SET) or gradient (RigL) {_default('regrow')}")
+    run.add_argument("--regrow-init", choices=REGROW_INITS,
+                     help="values of a regrown block: zeros, or normal N(0, --regrow-init-std²) "
+                     f"{_default('regrow_init')}")
+    run.add_argument("--regrow-init-std", type=float,
+                     help=f"standard deviation of --regrow-init normal, > 0 {_default('regrow_init_std')}")
+    run.add_argument("--distribution", choices=("uniform", "erk"),
+                     help=f"per-layer density distribution of the sparse methods {_default('distribution')}")
+    run.add_argument("--warmup-scope", choices=WARMUP_SCOPES,
+                     help="which parameters SMETAdamW warms up: all (embeddings, norms and head too) or regrown "
+                     f"(sparse values only) {_default('warmup_scope')}")
     run.add_argument("--spike-window", type=_positive_int,
                      help=f"k of the loss-spike statistic, in steps {_default('spike_window')}")
     run.add_argument("--optimizer-warmup-steps", type=_positive_int,
@@ -122,8 +143,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 # the StudySpec fields that `run` options of the same name override
 OVERRIDES = ("configs", "methods", "densities", "alphas", "seeds", "steps", "batch_size", "seq_len", "update_interval",
-             "spike_window", "optimizer_warmup_steps", "lr", "lr_warmup_steps", "precision", "data", "backend",
-             "device")
+             *TRAINER_SETTINGS, "spike_window", "optimizer_warmup_steps", "lr", "lr_warmup_steps", "precision", "data",
+             "backend", "device")
 # the `run` option behind each StudySpec field and each TrainConfig field a study run takes from another one: errors
 # name it (smet_kernels.train.config.setting)
 RUN_OPTIONS = {name: "--" + name.replace("_", "-") for name in (*OVERRIDES, "out_dir")} | {

@@ -11,9 +11,9 @@ from ..markdown import table
 from .findings import findings
 from .load import load_study
 from .plots import plot_spike_profile, plot_val_curves
-from .spec import COMMANDS_FILE, PRESETS, REPORT_FILE, RUNS_DIR
+from .spec import COMMANDS_FILE, PRESETS, REPORT_FILE, RUNS_DIR, TRAINER_SETTINGS
 from .stats import _in_study_order, missing, probe_events, probe_table, quality_table, spike_events, spike_table
-from .sweep import GZIP_ABOVE_BYTES
+from .sweep import GZIP_ABOVE_BYTES, OLDER_RELEASES
 
 PILOT_BELOW_STEPS = 1000  # shorter CPU runs are a tooling pilot: no evidence either way
 
@@ -50,7 +50,7 @@ def write_report(out_dir, output: str | Path | None = None) -> Path:
     devices = sorted(set(runs["device"]))
     cpu = any(d.startswith("cpu") for d in devices)
     lines = ["# Stability study: loss spikes after topology updates, quality vs dense", ""]
-    first = json.loads((out_dir / runs.iloc[0]["path"] / "summary.json").read_text())["config"]
+    first = OLDER_RELEASES | json.loads((out_dir / runs.iloc[0]["path"] / "summary.json").read_text())["config"]
     pilot = cpu and first["max_steps"] < PILOT_BELOW_STEPS
     if pilot:
         lines += ["> **CPU pilot, not the H100 study.** Tiny models and short runs on a CPU: these numbers show that "
@@ -71,8 +71,11 @@ def write_report(out_dir, output: str | Path | None = None) -> Path:
         + ("every run of a config has the same token budget" if runs.groupby("config")["tokens"].nunique().max() == 1
            else "**token budgets differ between runs of a config**"),
         f"- seeds: {sorted(set(runs['seed']))}; same seeds, data order and budget for every method",
-        f"- topology: update every {first['update_interval']} steps, prune fraction {first['prune_fraction']} "
-        f"(cosine-decayed), regrow {first['regrow']}, block size "
+        f"- topology: update every {first['update_interval']} steps up to step "
+        f"{first['update_end_step'] or first['max_steps']}, prune fraction {first['prune_fraction']} cosine-decayed to "
+        f"{first['min_prune_fraction']}, regrow {first['regrow']} (regrown blocks start at "
+        + ("zero" if first["regrow_init"] == "zeros" else f"N(0, {first['regrow_init_std']:g}²)")
+        + f"), {first['distribution']} density distribution, block size "
         f"{', '.join(f'{c}: {b:g}' for c, b in runs.groupby('config')['block_size'].max().dropna().items())}",
         f"- optimizer: lr {first['lr']} (linear warm-up {first['lr_warmup_steps']} steps, cosine to 10%), "
         f"SMETAdamW per-block warm-up {first['optimizer_warmup_steps']} steps, spike window k = "
@@ -180,6 +183,8 @@ def gpu_command(spec: dict, out_dir: str = "reports/stability-gpu") -> str:
                ("--update-interval", str(spec["update_interval"])), ("--spike-window", str(spec["spike_window"])),
                ("--optimizer-warmup-steps", str(spec["optimizer_warmup_steps"])), ("--device", "cuda"),
                ("--backend", "auto"), ("--out-dir", out_dir)]
+    options += [("--" + name.replace("_", "-"), f"{spec[name]:g}" if isinstance(spec[name], float) else str(spec[name]))
+                for name in TRAINER_SETTINGS if spec.get(name, getattr(h100, name)) != getattr(h100, name)]
     return "smet-bench stability run " + " ".join(f"{flag} {shlex.quote(value)}" for flag, value in options)
 
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-from smet_kernels.train.config import MAX_SEED, setting
+from smet_kernels.train.config import MAX_SEED, TrainConfig, setting
 from smet_kernels.train.methods import METHODS as TRAINER_METHODS
 
 class Method(NamedTuple):
@@ -42,6 +42,9 @@ DENSE_METHOD = "adamw"
 RUNS_DIR = "runs"
 COMMANDS_FILE = "commands.txt"
 REPORT_FILE = "stability.md"
+# the StudySpec fields every run takes unchanged as the TrainConfig field (and smet-train option) of the same name
+TRAINER_SETTINGS = ("prune_fraction", "min_prune_fraction", "update_end_step", "regrow", "regrow_init",
+                    "regrow_init_std", "distribution", "warmup_scope")
 
 
 @dataclass
@@ -60,7 +63,15 @@ class StudySpec:
     # attention layers hold 2 blocks at d = 0.1 and no update would move any)
     block_sizes: dict[str, int] = field(default_factory=lambda: {"tiny": 16, "20m": 16, "60m": 32})
     update_interval: int = 100
-    prune_fraction: float = 0.2
+    # the topology and warm-up settings below are the trainer's own defaults (smet-train's options of the same name)
+    prune_fraction: float = TrainConfig.prune_fraction
+    min_prune_fraction: float = TrainConfig.min_prune_fraction
+    update_end_step: int | None = TrainConfig.update_end_step  # None: the run's last step
+    regrow: str = TrainConfig.regrow
+    regrow_init: str = TrainConfig.regrow_init
+    regrow_init_std: float = TrainConfig.regrow_init_std
+    distribution: str = TrainConfig.distribution
+    warmup_scope: str = TrainConfig.warmup_scope
     spike_window: int = 10
     optimizer_warmup_steps: int = 100
     lr: float = 1e-3
@@ -159,8 +170,6 @@ class RunSpec:
 
     def train_config(self, spec: StudySpec, out_dir: Path):
         """The :class:`TrainConfig` of this run: shared settings from ``spec``, method settings from the run."""
-        from smet_kernels.train.trainer import TrainConfig
-
         optimizer, warmup_mode, _ = METHODS[self.method]
         sparse = METHODS[self.method].sparse
         return TrainConfig(
@@ -169,7 +178,7 @@ class RunSpec:
             density=self.density if sparse else 1.0,
             block_size=spec.block_sizes.get(self.config) if sparse else None,
             update_interval=spec.update_interval,
-            prune_fraction=spec.prune_fraction,
+            **{name: getattr(spec, name) for name in TRAINER_SETTINGS},
             warmup_mode=warmup_mode or "linear",
             optimizer_warmup_steps=spec.optimizer_warmup_steps,
             density_lr_exponent=self.alpha if self.alpha is not None else 0.0,

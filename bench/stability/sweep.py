@@ -17,7 +17,7 @@ GZIP_ABOVE_BYTES = 16 * 1024
 # Fields of the saved TrainConfig that may differ between a finished run and a new request without changing it.
 _NON_DEFINING_FIELDS = ("out_dir", "progress", "resume", "checkpoint_every", "device", "backend")
 # Fields newer than a finished run's summary, at the value its release trained with (the controller's defaults).
-_OLDER_RELEASES = {"min_prune_fraction": 0.005, "update_end_step": None, "regrow_init": "zeros",
+OLDER_RELEASES = {"min_prune_fraction": 0.005, "update_end_step": None, "regrow_init": "zeros",
                    "regrow_init_std": 0.02}
 
 
@@ -36,7 +36,7 @@ def check_finished_run(run: RunSpec, spec: StudySpec, out_dir: Path) -> None:
     """Raise ValueError when the finished run in ``run``'s folder was trained with other settings."""
     from smet_kernels.train.config import setting
 
-    saved = _OLDER_RELEASES | json.loads((run.directory(out_dir) / "summary.json").read_text())["config"]
+    saved = OLDER_RELEASES | json.loads((run.directory(out_dir) / "summary.json").read_text())["config"]
     wanted = _defining(run.train_config(spec, out_dir).to_dict())
     differing = sorted(k for k in wanted if _defining(saved).get(k) != wanted[k])
     if differing:
