@@ -204,8 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--backend", choices=("auto", "triton", "reference"),
                      help="kernels: triton, the pure-PyTorch reference, or auto (default: auto)")
     run.add_argument("--compile", action="store_true",
-                     help="train through torch.compile(model) (one graph with the block-sparse custom ops; with "
-                     "--regrow gradient a second one for the steps that end in an update; the first steps include "
+                     help="train through torch.compile(model) (one graph with the block-sparse custom ops, under "
+                     "--parallel fsdp one per part: the embedding, each decoder layer, the head; with --regrow "
+                     "gradient a second one for the steps that end in an update; the first steps include "
                      "compilation; default: eager)")
     run.add_argument("--out-dir", help="output folder for metrics.jsonl, summary.json, checkpoints/; a fresh run, "
                      "or a resume into a folder other than its own run's, refuses a folder holding a good checkpoint "

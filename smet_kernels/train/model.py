@@ -249,15 +249,27 @@ class LlamaModel(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """``tokens [batch, seq]`` (int64) -> ``logits [batch, seq, vocab]``."""
+        x, cos, sin = self.embed_tokens(tokens)
+        recompute = self.activation_checkpointing and torch.is_grad_enabled()
+        for layer in self.layers:
+            x = layer(x, cos, sin, recompute=recompute)
+        return self.logits(x)
+
+    # the parts before and after the layers are methods of their own: where torch.compile cannot trace forward as a
+    # whole (FSDP2's hooks on each layer are opaque to Dynamo: a graph break inside the loop, and forward's frame runs
+    # eagerly), each still compiles as a graph of its own, as each decoder layer does
+    def embed_tokens(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``tokens [batch, seq]`` -> the embeddings ``x`` and the RoPE tables ``cos, sin`` in ``x``'s dtype."""
         seq = tokens.shape[1]
         if seq > self.config.max_seq_len:
             raise ValueError(f"sequence length {seq} exceeds max_seq_len {self.config.max_seq_len}")
         x = self.embed(tokens)
         cos = self.rope_cos[:seq].to(x.dtype)  # cast once: every layer shares (and saves) the same two tables
         sin = self.rope_sin[:seq].to(x.dtype)
-        recompute = self.activation_checkpointing and torch.is_grad_enabled()
-        for layer in self.layers:
-            x = layer(x, cos, sin, recompute=recompute)
+        return x, cos, sin
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The last hidden states -> ``logits = lm_head(norm(x))``."""
         return self.lm_head(self.norm(x))
 
 
