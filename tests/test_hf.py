@@ -2,6 +2,7 @@
 
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -296,3 +297,42 @@ def test_an_optimizer_state_saved_without_the_controller_loads_and_leaves_the_co
     optimizer.load_state_dict(plain)
     assert smet.step_count == 1 and callback.skipped_steps == 0
     assert optimizer.state_dict()["smet"]["step"] == 1
+
+
+def test_a_controller_state_saved_before_skipped_steps_were_counted_loads_with_none_skipped():
+    """An ``optimizer.pt`` of an earlier release holds ``"smet"`` but no ``"smet_skipped_steps"``: none was skipped."""
+    model, optimizer, smet = sparse_setup("llama", "random")
+    callback = SMETCallback(smet)
+    smet.step()
+    saved = optimizer.state_dict()
+    del saved["smet_skipped_steps"]
+    callback.skipped_steps = 4
+    optimizer.load_state_dict(saved)
+    assert callback.skipped_steps == 0 and smet.step_count == 1
+
+
+def test_callback_accepts_a_controller_whose_steps_and_skipped_steps_add_up_to_the_trainers():
+    """A resume after skipped steps: 2 counted + 1 skipped is the Trainer's step 3; a call without the optimizer
+    (nothing to compare) is no mismatch either."""
+    model, optimizer, smet = sparse_setup("llama", "random")
+    callback = SMETCallback(smet)
+    smet.step()
+    smet.step()
+    callback.skipped_steps = 1
+    callback.on_train_begin(None, TrainerState(global_step=3), None, optimizer=optimizer)
+    callback.on_train_begin(None, TrainerState(global_step=3), None)
+    with pytest.raises(ValueError, match=r"counted 2 optimizer steps \(and 1 skipped\) but the Trainer starts at "
+                                         "step 4"):
+        callback.on_train_begin(None, TrainerState(global_step=4), None, optimizer=optimizer)
+
+
+def test_each_step_that_fp16_loss_scaling_skipped_is_counted_once_drops_its_dense_gradients_and_is_no_smet_step(
+        monkeypatch):
+    """The callback's own accounting, without a Trainer (the fp16 run above checks it end to end): a skipped step adds
+    one to ``skipped_steps`` and drops the dense gradients, a step taken is the controller's."""
+    model, optimizer, smet = sparse_setup("llama", "gradient")
+    callback, dropped = SMETCallback(smet), []
+    monkeypatch.setattr(smet, "discard_dense_grad", lambda: dropped.append(smet.step_count))
+    for skipped in (True, False, True):
+        callback.on_optimizer_step(None, None, None, optimizer=SimpleNamespace(step_was_skipped=skipped))
+    assert callback.skipped_steps == 2 and smet.step_count == 1 and dropped == [0, 1]
