@@ -128,6 +128,16 @@ def test_from_dense_refuses_a_weight_of_another_shape_than_the_layout():
         from_dense(torch.ones(80, 48), layout)
 
 
+def test_to_dense_and_from_dense_refuse_a_layout_or_a_weight_of_another_type_naming_it():
+    layout = _mask_layout("random", 3, 5, 16)
+    values, weight = torch.ones(layout.nnz, 16, 16), torch.ones(layout.shape)
+    for convert, operand in ((to_dense, values), (from_dense, weight)):
+        with pytest.raises(TypeError, match="^layout must be a BlockLayout, got str$"):
+            convert(operand, "dense")
+    with pytest.raises(TypeError, match="^weight must be a torch.Tensor, got list$"):
+        from_dense(weight.tolist(), layout)
+
+
 def test_a_2d_input_gets_the_output_of_the_op_itself_not_a_view():
     layout = _mask_layout("random", 2, 2, 16)
     x, values, _, _ = _inputs(layout, 4, torch.float32)
