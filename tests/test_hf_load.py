@@ -22,6 +22,7 @@ from smet_kernels.modules import BlockLayoutLinear  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("reference_backend")
 
+UP_VALUES = "model.layers.0.mlp.up_proj.values"
 IDS = torch.randint(0, 32, (2, SEQ), generator=torch.Generator().manual_seed(0))  # within every vocabulary here
 
 
@@ -208,6 +209,10 @@ def test_a_checkpoint_without_sparse_layer_is_sent_to_from_pretrained(tmp_path):
         (lambda state: state.update(extra=torch.zeros(2)), "unexpected key 'extra' in model.safetensors"),
         (lambda state: state.update({"model.layers.0.mlp.up_proj.values": torch.zeros(3, B, B)}),
          r"'model.layers.0.mlp.up_proj.values' \[3, 16, 16\] does not hold one b x b block per row"),
+        (lambda state: state.update({UP_VALUES: state[UP_VALUES][..., :8].contiguous()}),
+         rf"'{UP_VALUES}' \[\d+, 16, 8\] does not hold one b x b block per row"),
+        (lambda state: state.update({UP_VALUES: state[UP_VALUES][:, 0].contiguous()}),
+         rf"'{UP_VALUES}' \[\d+, 16\] does not hold one b x b block per row"),
         (lambda state: state.update({"model.layers.0.mlp.up_proj.bias": torch.zeros(128)}),
          "unexpected key 'model.layers.0.mlp.up_proj.bias'"),
         (lambda state: state.update({"model.norm.weight": torch.zeros(3)}),
@@ -215,7 +220,8 @@ def test_a_checkpoint_without_sparse_layer_is_sent_to_from_pretrained(tmp_path):
         (lambda state: state.update({"model.norm.block_indices": torch.zeros(1, 2, dtype=torch.int64)}),
          "unexpected key 'model.norm.block_indices' .* 'model.norm' .* is a LlamaRMSNorm, not an nn.Linear"),
     ],
-    ids=["missing", "unexpected", "values-beside-indices", "unexpected-bias", "misshapen", "sparse-non-linear"],
+    ids=["missing", "unexpected", "values-beside-indices", "values-not-square", "values-2d", "unexpected-bias",
+         "misshapen", "sparse-non-linear"],
 )  # fmt: skip
 def test_a_missing_unexpected_or_misshapen_key_is_refused_in_one_line_naming_it(tmp_path, edit, message):
     saved(tmp_path)
