@@ -315,6 +315,14 @@ def test_the_generation_config_saved_beside_the_weights_is_loaded_with_them(tmp_
     assert load_sparse_pretrained(tmp_path).generation_config.max_new_tokens == 7
 
 
+def test_a_folder_without_generation_config_loads_with_the_default_one(tmp_path):
+    """A generation_config.json is optional (save_pretrained of an older transformers, or removed by hand)."""
+    saved(tmp_path)
+    (tmp_path / transformers.utils.GENERATION_CONFIG_NAME).unlink()
+    model = load_sparse_pretrained(tmp_path)
+    assert model.generation_config.max_new_tokens is None
+
+
 def test_each_shard_of_a_sharded_checkpoint_is_opened_once_for_its_headers_and_once_for_its_tensors(tmp_path,
                                                                                                    monkeypatch):
     sparse_model("llama").save_pretrained(tmp_path, max_shard_size="40KB")
