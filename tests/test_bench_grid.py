@@ -76,6 +76,19 @@ def test_training_modes_multiply_the_grid_with_the_modes_of_a_case_adjacent():
     assert not any(c.compiled or c.activation_checkpointing for c in plain)
 
 
+def test_a_training_rows_key_names_the_smet_kernels_backend_for_smet_only_and_an_eager_step_by_default():
+    """The torch methods run no smet_kernels op: their rows say ``torch`` whatever the backend; a case built without
+    its modes is an eager step of the 256-token vocabulary saving its activations."""
+    case = training.TrainingCase("tiny", "smet", 0.5, 32, 2, 32, torch.bfloat16)
+    assert case.key_row("triton") == {
+        "config": "tiny", "method": "smet", "density": 0.5, "block_size": 32, "batch_size": 2, "seq_len": 32,
+        "dtype": "bf16", "backend": "triton", "compiled": False, "activation_checkpointing": False, "vocab_size": 256,
+    }  # fmt: skip
+    rows = [training.TrainingCase("tiny", m, 1.0, 32, 2, 32, torch.float32).key_row("triton")
+            for m in ("dense", "galore", "masked")]  # fmt: skip
+    assert {row["backend"] for row in rows} == {"torch"}
+
+
 def test_unknown_grid_entries_raise():
     with pytest.raises(ValueError, match="configs"):
         kernels.linear_shapes(["70b"])
@@ -256,20 +269,32 @@ def test_kernel_tflops_count_the_useful_flops_of_the_drawn_layout_over_the_media
     assert row["tflops"] == pytest.approx(131072 / 2e-3 / 1e12)
 
 
-def test_training_tokens_per_s_is_the_tokens_of_a_step_over_the_median_step_time(monkeypatch):
-    """Steps of 10, 20, 30, 40 and 50 ms (median 30, not the p20 18) of 2 × 32 tokens: 64 / 0.030 tokens/s."""
+def _measured_steps(monkeypatch, times_ms) -> training.TrainingCase:
+    """A tiny dense case whose measurement (not run) gives the step times ``times_ms`` and components 1, 2, 3, 4."""
     from types import SimpleNamespace
 
     from profiling.memory_breakdown import MeasuredMemory
 
     memory = MeasuredMemory(1, 2, 3, 4, None, None, "unavailable on cpu")
     sampler = SimpleNamespace(peak_used_bytes=None, status="unavailable: device is cpu")
-    monkeypatch.setattr(training, "_measure", lambda *args: (memory, sampler, [10.0, 20.0, 30.0, 40.0, 50.0], 0.5))
-    case = training.TrainingCase("tiny", "dense", 1.0, 32, 2, 32, torch.float32)
+    monkeypatch.setattr(training, "_measure", lambda *args: (memory, sampler, times_ms, 0.5))
+    return training.TrainingCase("tiny", "dense", 1.0, 32, 2, 32, torch.float32)
+
+
+def test_training_tokens_per_s_is_the_tokens_of_a_step_over_the_median_step_time(monkeypatch):
+    """Steps of 10, 20, 30, 40 and 50 ms (median 30, not the p20 18) of 2 × 32 tokens: 64 / 0.030 tokens/s."""
+    case = _measured_steps(monkeypatch, [10.0, 20.0, 30.0, 40.0, 50.0])
     row = training.run_case(case, torch.device("cpu"), None, steps=5)
     assert (row["ms_p20"], row["ms_p50"], row["ms_p80"]) == pytest.approx((18.0, 30.0, 42.0))
     assert row["tokens_per_s"] == pytest.approx(64 / 0.030)
     assert [row[f"{c}_bytes"] for c in ("weights", "gradients", "optimizer", "activations")] == [1, 2, 3, 4]
+
+
+def test_a_training_case_times_at_least_one_step(monkeypatch):
+    case = _measured_steps(monkeypatch, [10.0])
+    assert training.run_case(case, torch.device("cpu"), None, steps=1)["ms_p50"] == 10.0
+    with pytest.raises(ValueError, match="steps must be >= 1, got 0"):
+        training.run_case(case, torch.device("cpu"), None, steps=0)
 
 
 def test_torch_bsr_params_say_when_torch_bsr_runs_untuned_defaults():
@@ -278,3 +303,45 @@ def test_torch_bsr_params_say_when_torch_bsr_runs_untuned_defaults():
     assert kernels.torch_bsr_params("NVIDIA A100-SXM4-40GB").startswith("tuned (torch's table for NVIDIA A100")
     untuned = kernels.torch_bsr_params("NVIDIA H200")
     assert untuned.startswith("defaults (torch ships tuned ones only for ") and "A100" in untuned
+
+
+def _tiny_step(method: str, density: float):
+    """``(model, optimizer, inputs, targets)`` of one fp32 step of the tiny config on the CPU reference ops."""
+    case = training.TrainingCase("tiny", method, density, 32, 2, 32, torch.float32)
+    model, optimizer_ = training.build(case, torch.device("cpu"), "reference")
+    tokens = torch.randint(0, 256, (2, 33), generator=torch.Generator().manual_seed(1))
+    return model, optimizer_, tokens[:, :-1], tokens[:, 1:]
+
+
+@pytest.mark.parametrize("method, density", [("dense", 1.0), ("smet", 0.5)])
+def test_the_training_step_check_passes_a_step_that_matches_the_dense_reference(method, density):
+    model, optimizer_, inputs, targets = _tiny_step(method, density)
+    assert training.check_step(model, optimizer_, inputs, targets) == ""
+    assert all(p.grad is not None and not p.grad.any() for p in model.parameters())  # zeroed, kept for the next step
+
+
+@pytest.mark.parametrize("relative, passes", [(5e-5, True), (3e-4, False)])
+def test_the_training_step_check_allows_the_dtypes_tolerance_relative_to_the_reference_loss(monkeypatch, relative,
+                                                                                           passes):
+    """fp32 allows a loss off the reference by 1e-4 of the reference loss (about 5.5 for 256 tokens: 5e-5 of it is
+    well above 1e-4 / 5.5, an absolute tolerance divided by the loss): 5e-5 of it passes, 3e-4 is noted."""
+    from smet_kernels.train import model as model_module
+
+    exact = model_module.lm_loss
+
+    def loss(logits, targets):  # the reference loss is the one computed without autograd
+        return exact(logits, targets) * (1 if torch.is_grad_enabled() else 1 + relative)
+
+    monkeypatch.setattr(model_module, "lm_loss", loss)
+    note = training.check_step(*_tiny_step("dense", 1.0))
+    assert (note == "") if passes else (note.startswith("loss ") and " != dense reference " in note), note
+
+
+@pytest.mark.parametrize("step, note", [
+    (lambda p: p.data.fill_(float("nan")), "a parameter is not finite after the step"),
+    (lambda p: None, "the step changed no parameter"),
+])
+def test_the_training_step_check_notes_a_step_that_breaks_or_keeps_the_weights(step, note):
+    model, optimizer_, inputs, targets = _tiny_step("dense", 1.0)
+    optimizer_.step = lambda: step(next(model.parameters()))
+    assert training.check_step(model, optimizer_, inputs, targets) == note
