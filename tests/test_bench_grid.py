@@ -297,6 +297,21 @@ def test_a_training_case_times_at_least_one_step(monkeypatch):
         training.run_case(case, torch.device("cpu"), None, steps=0)
 
 
+def test_training_step_times_are_in_milliseconds_one_per_step_the_gpu_synchronised_around_each(monkeypatch):
+    """A clock that reads a quarter second later at each call: every step is timed between two reads, 250 ms; on a
+    GPU (its synchronisation stubbed here) the device is synchronised before and after each step."""
+    import itertools
+
+    readings = itertools.count()
+    monkeypatch.setattr(training.time, "perf_counter", lambda: next(readings) / 4)
+    events = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device: events.append("sync"))
+    for device, each in (("cpu", ["step"]), ("cuda", ["sync", "step", "sync"])):
+        events.clear()
+        assert training.time_steps(lambda: events.append("step"), torch.device(device), 3) == [250.0] * 3
+        assert events == each * 3, device
+
+
 def test_torch_bsr_params_say_when_torch_bsr_runs_untuned_defaults():
     """torch ships tuned BSR launch parameters for the A100 only: on the H200 the BSR bar is against defaults, and
     gpu-check's environment says so."""

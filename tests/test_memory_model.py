@@ -128,6 +128,23 @@ def test_prediction_matches_measured_tensors(method, density):
     assert measured.activations == pytest.approx(predicted.activations, rel=1e-3)
 
 
+def test_a_benchmarked_training_case_measures_a_step_of_its_own_batch_and_sequence():
+    """``run_case`` measures its step on ``batch_size`` sequences of ``seq_len`` tokens: the measured components are
+    the ones the model predicts for that shape (a sequence one token short or long is ~3 % of activations off); its
+    warm-up and step times are parts of the call's time."""
+    import time
+
+    from bench.training import run_case
+
+    started = time.perf_counter()
+    row = run_case(TrainingCase("tiny", "dense", 1.0, 32, 2, 32, torch.float32), CPU, "reference", steps=1)
+    elapsed_s = time.perf_counter() - started
+    assert row["status"] == "ok" and row["steps"] == 1
+    assert 0 < row["warmup_s"] + row["ms_p50"] * 1e-3 <= elapsed_s  # parts of the call's own time
+    for component in ("weights", "gradients", "optimizer", "activations"):
+        assert row[f"{component}_bytes"] == pytest.approx(row[f"pred_{component}_bytes"], rel=1e-3), component
+
+
 def test_every_method_leaves_the_same_few_unmodelled_activation_bytes():
     """The activation formulas are exact per method: what the model leaves out (a few scalars of the loss) is the
     same for dense, masked and SMET, with and without checkpointing, in fp32 and bf16, so a per-layer tensor one
