@@ -517,3 +517,81 @@ def test_the_cli_imports_no_smet_kernels_before_it_can_turn_the_interpreter_on()
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stdout.strip() == "[]", result.stdout + result.stderr
     assert MAX_SEED == TRAIN_MAX_SEED
+
+
+
+
+@pytest.mark.parametrize("cuda, device, backend, imported, interpreted", [
+    (False, None, "auto", False, True), (False, None, "triton", False, True), (True, "cpu", "auto", False, True),
+    (True, "cpu:0", "auto", False, True), (False, "cpu", "reference", False, False), (True, None, "auto", False, False),
+    (True, "cuda:0", "triton", False, False), (False, "cpu", "auto", True, False),
+])  # fmt: skip
+def test_a_cpu_run_turns_the_triton_interpreter_on_unless_it_runs_the_reference_ops(monkeypatch, cuda, device,
+                                                                                     backend, imported, interpreted):
+    """A run on a CPU (no GPU, or ``--device cpu``) of the Triton kernels turns the interpreter on, before
+    smet_kernels is imported: once imported, its kernels are decorated already and it is left alone."""
+    import torch
+
+    from bench import cli
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    if not imported:
+        monkeypatch.delitem(sys.modules, "smet_kernels")
+    cli._prepare_interpreter(device, backend)
+    assert os.environ.get("TRITON_INTERPRET") == ("1" if interpreted else None)
+
+def _handed_cases(monkeypatch, argv: list[str]) -> tuple[dict, list[int]]:
+    """The cases ``smet-bench argv`` (on the CPU reference ops) hands each suite, nothing measured, and the steps
+    its first training case's measurement is called with."""
+    from bench import cli, training
+
+    suites, measured = {}, []
+
+    def record(suite, cases, run_one, *args):
+        suites[suite] = cases
+        if suite == "training":
+            run_one(cases[0])
+        return 0
+
+    monkeypatch.setattr(cli, "run_cases", record)
+    monkeypatch.setattr(training, "run_case", lambda case, device, backend, steps, seed: measured.append(steps))
+    assert main([*argv, "--device", "cpu", "--backend", "reference", "--no-progress"]) == 0
+    return suites, measured
+
+
+@pytest.mark.parametrize("quick, configs, densities, block_sizes, tokens, training_grid, steps", [
+    ([], {"20m", "60m", "130m", "350m", "1b", "7b"}, {0.5, 0.25, 0.1, 0.05}, {32, 64, 128}, {8192, 16384},
+     ({"60m", "130m", "350m", "1b"}, {0.5, 0.25, 0.1}, 64, 16, 256), 10),
+    (["--quick"], {"tiny"}, {0.5, 0.25}, {32}, {64}, ({"tiny"}, {0.5, 0.25, 0.1}, 32, 2, 32), 3),
+])
+def test_the_run_grid_of_each_suite_defaults_to_what_its_help_states(tmp_path, monkeypatch, quick, configs, densities,
+                                                                     block_sizes, tokens, training_grid, steps):
+    """The cases each suite is handed, without and with ``--quick`` (nothing measured: a training case's steps are
+    those its measurement is called with), in eager mode without activation checkpointing, fp32 on a CPU."""
+    import torch
+
+    suites, measured = _handed_cases(monkeypatch, ["run", *quick, "--out-dir", str(tmp_path)])
+    for suite in ("kernels", "optimizer"):
+        sparse = [c for c in suites[suite] if c.block_size]
+        assert {c.shape.label.split(":")[0] for c in suites[suite]} == configs, suite
+        assert ({c.density for c in sparse}, {c.block_size for c in sparse}) == (densities, block_sizes), suite
+    assert {c.M for c in suites["kernels"]} == tokens
+    assert {c.dtype for c in [*suites["kernels"], *suites["training"]]} == {torch.float32}  # on a CPU
+    cases = suites["training"]
+    assert {c.config for c in cases} == training_grid[0]
+    assert {c.density for c in cases if c.method == "smet"} == training_grid[1]
+    assert {(c.block_size, c.batch_size, c.seq_len, c.compiled, c.activation_checkpointing) for c in cases} == {
+        (*training_grid[2:], False, False)}
+    assert measured == [steps]
+
+
+@pytest.mark.parametrize("compiled, checkpointed", [("on", "off"), ("off", "on"), ("on", "both")])
+def test_each_training_case_runs_in_the_modes_on_selects_or_in_both_side_by_side(tmp_path, monkeypatch, compiled,
+                                                                                  checkpointed):
+    argv = ["run", "--quick", "--suites", "training", "--methods", "dense", "--compile", compiled,
+            "--activation-checkpointing", checkpointed, "--out-dir", str(tmp_path)]  # fmt: skip
+    modes = {"on": [True], "off": [False], "both": [False, True]}
+    suites, _ = _handed_cases(monkeypatch, argv)
+    assert [(c.compiled, c.activation_checkpointing) for c in suites["training"]] == [
+        (a, b) for a in modes[compiled] for b in modes[checkpointed]]
