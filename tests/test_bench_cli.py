@@ -519,8 +519,6 @@ def test_the_cli_imports_no_smet_kernels_before_it_can_turn_the_interpreter_on()
     assert MAX_SEED == TRAIN_MAX_SEED
 
 
-
-
 @pytest.mark.parametrize("cuda, device, backend, imported, interpreted", [
     (False, None, "auto", False, True), (False, None, "triton", False, True), (True, "cpu", "auto", False, True),
     (True, "cpu:0", "auto", False, True), (False, "cpu", "reference", False, False), (True, None, "auto", False, False),
@@ -540,6 +538,7 @@ def test_a_cpu_run_turns_the_triton_interpreter_on_unless_it_runs_the_reference_
         monkeypatch.delitem(sys.modules, "smet_kernels")
     cli._prepare_interpreter(device, backend)
     assert os.environ.get("TRITON_INTERPRET") == ("1" if interpreted else None)
+
 
 def _handed_cases(monkeypatch, argv: list[str]) -> tuple[dict, list[int]]:
     """The cases ``smet-bench argv`` (on the CPU reference ops) hands each suite, nothing measured, and the steps
