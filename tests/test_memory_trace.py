@@ -70,6 +70,8 @@ def test_traced_components_equal_real_cpu_tensors_and_the_model(method, density,
         assert model[f"{component}_bytes"] == pytest.approx(traced[f"{component}_bytes"], rel=0.02), component
     assert traced["peak_bytes"] == sum(traced[f"{c}_bytes"] for c in EXACT + ("rest",))
     assert traced["rest_bytes"] > 0 and measured["peak_bytes"] is None
+    # the step's reference temporaries on meta stand for a fused in-place GPU step (GaLore's are real): left out
+    assert traced["peak_bytes"] == pytest.approx(model["peak_bytes"], rel=0.1)
 
 
 def test_checkpointing_saves_less_than_storing_every_activation():
