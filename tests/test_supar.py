@@ -39,7 +39,8 @@ def test_supar_param_groups_and_init():
         assert group["density_lr_exponent"] == 0.0 and group["weight_decay"] == 0.1
     SMETAdamW(copy.deepcopy(groups), backend="reference")
     torch.optim.AdamW(groups)
-    supar_init_(model, 0.02, width=8 * FEATURES, base_width=FEATURES, generator=torch.Generator().manual_seed(0))
+    generator = torch.Generator().manual_seed(0)
+    assert supar_init_(model, 0.02, width=8 * FEATURES, base_width=FEATURES, generator=generator) is model  # in place
     std = model[1].up.values.std().item()
     assert std == pytest.approx(0.02 / math.sqrt(8 * 0.5), rel=0.1)
     with pytest.raises(ValueError, match="no sparse parameters"):
