@@ -304,11 +304,11 @@ def test_vs_dense_uses_the_dense_time_of_the_same_dtype():
     shape = {"suite": "kernels", "shape": "x:qkvo", "op": "forward", "M": 64, "K": 64, "N": 64, "status": "ok", **CUDA}
     row = _comparison([
         shape | {"dtype": "fp32", "provider": "cublas_dense", "density": 1.0, "ms_p50": 4.0},
-        shape | {"dtype": "bf16", "provider": "cublas_dense", "density": 1.0, "ms_p50": 1.0},
+        shape | {"dtype": "bf16", "provider": "cublas_dense", "density": 1.0, "ms_p50": 2.0},
         shape | {"dtype": "bf16", "provider": "triton_grouped", "density": 0.5, "block_size": 32, "nnz_blocks": 2,
                  "ms_p50": 0.5},
     ]).loc["forward"]  # fmt: skip
-    assert (row["dense_ms"], row["vs_dense"]) == (1.0, 0.5)
+    assert (row["dense_ms"], row["vs_dense"]) == (2.0, 0.25)  # the sparse time over the dense one
 
 
 def test_a_timing_is_noisy_only_when_its_p80_exceeds_1_5_times_its_p20():
@@ -392,3 +392,55 @@ def test_a_table_cell_of_several_lines_or_with_a_pipe_stays_in_its_row_and_cell(
     text = table(pd.DataFrame({"status": ["fail", "pass"], "note": ["raised X: line one\nline two | more", ""]}))
     lines = text.splitlines()
     assert len(lines) == 4 and lines[2].count(" | ") == 1 and "line one line two \\| more" in lines[2], text
+
+
+def test_a_sparse_row_without_a_dense_baseline_has_no_dense_time_and_no_noisy_baseline():
+    import pandas as pd
+
+    shape = {"suite": "kernels", "shape": "x:qkvo", "op": "forward", "M": 64, "K": 64, "N": 64, "status": "ok", **CUDA}
+    row = _comparison([
+        shape | {"dtype": "fp32", "provider": "cublas_dense", "density": 1.0, "ms_p50": 4.0},
+        shape | {"dtype": "bf16", "provider": "triton_grouped", "density": 0.5, "block_size": 32, "nnz_blocks": 2,
+                 "ms_p50": 0.5},
+    ]).loc["forward"]  # fmt: skip
+    assert pd.isna(row["dense_ms"]) and pd.isna(row["vs_dense"])
+    assert not row["dense_noisy"]
+
+
+def test_the_plots_show_the_plainest_mode_measured_eager_before_checkpointed_before_compiled():
+    import pandas as pd
+
+    from bench.report.derive import plainest_mode
+
+    modes = pd.DataFrame({"compiled": [True, False, True, False],
+                          "activation_checkpointing": [True, True, False, False]})  # fmt: skip
+    assert plainest_mode(modes).index.tolist() == [3]
+    assert plainest_mode(modes.iloc[:3]).index.tolist() == [1]  # eager + ckpt is plainer than compiled
+    assert plainest_mode(modes.iloc[[0, 2]]).index.tolist() == [2]
+
+
+def test_memory_errors_leave_out_a_component_not_measured_not_predicted_or_measured_as_zero():
+    import pandas as pd
+
+    from bench.report.derive import memory_errors
+
+    row = {"config": "tiny", "method": "dense", "density": 1.0, "activation_checkpointing": False,
+           "weights_bytes": 4.0, "pred_weights_bytes": 5.0, "gradients_bytes": 4.0, "pred_gradients_bytes": None,
+           "optimizer_bytes": None, "pred_optimizer_bytes": 8.0, "activations_bytes": 0.0,
+           "pred_activations_bytes": 1.0, "peak_allocated_bytes": None, "pred_peak_bytes": 9.0}  # fmt: skip
+    errors = memory_errors(pd.DataFrame([row]))
+    assert errors[["component", "measured", "predicted", "error"]].values.tolist() == [["weights", 4.0, 5.0, 0.25]]
+
+
+def test_the_peak_is_the_allocator_peak_where_measured_and_the_four_accounted_components_elsewhere():
+    import pandas as pd
+
+    from bench.report.derive import peak_column
+
+    frame = pd.DataFrame({"weights_bytes": [1.0, 1.0], "gradients_bytes": [2.0, 2.0], "optimizer_bytes": [4.0, 4.0],
+                          "activations_bytes": [8.0, 8.0], "peak_allocated_bytes": [100.0, None]})  # fmt: skip
+    peak, label = peak_column(frame)
+    assert peak.tolist() == [100.0, 15.0] and label == "peak allocated where measured, else accounted"
+    peak, label = peak_column(frame.assign(peak_allocated_bytes=None))
+    assert peak.tolist() == [15.0, 15.0] and label.startswith("accounted: ")
+    assert peak_column(frame.assign(peak_allocated_bytes=50.0))[0].tolist() == [50.0, 50.0]
