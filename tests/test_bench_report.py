@@ -136,6 +136,7 @@ def test_noisy_timings_are_marked_with_a_footnote(cpu_report):
     assert "| 20† [10–30] " in report  # p80 / p20 = 3
     assert "| 20 [20–21] " in report and "0.02 [0.02–0.021]" in report  # quiet rows stay unmarked
     assert report.count("† noisy: p80 / p20 > 1.5") == 1
+    assert "† noisy" not in report.split("## End-to-end training step")[1]  # the step times are quiet
     forward_triton = next(line for line in report.splitlines() if line.startswith("| forward     | triton_grouped "))
     assert forward_triton.split("|")[-2].strip() == "1 (1†)"  # the summary's cases column
 
@@ -432,6 +433,14 @@ def test_memory_errors_leave_out_a_component_not_measured_not_predicted_or_measu
     assert errors[["component", "measured", "predicted", "error"]].values.tolist() == [["weights", 4.0, 5.0, 0.25]]
 
 
+def test_a_missing_median_is_an_empty_cell_and_a_missing_spread_leaves_the_median_alone():
+    from bench.report.tables import fmt_ms
+
+    assert fmt_ms(None) == "" and fmt_ms(float("nan"), 1.0, 3.0) == ""
+    assert fmt_ms(2.0, None, None, "†") == "2†" and fmt_ms(2.0, float("nan"), float("nan")) == "2"
+    assert fmt_ms(2.0, 1.0, 3.0, "†") == "2† [1–3]"
+
+
 def test_the_peak_is_the_allocator_peak_where_measured_and_the_four_accounted_components_elsewhere():
     import pandas as pd
 
@@ -444,3 +453,23 @@ def test_the_peak_is_the_allocator_peak_where_measured_and_the_four_accounted_co
     peak, label = peak_column(frame.assign(peak_allocated_bytes=None))
     assert peak.tolist() == [15.0, 15.0] and label.startswith("accounted: ")
     assert peak_column(frame.assign(peak_allocated_bytes=50.0))[0].tolist() == [50.0, 50.0]
+
+
+def test_pytest_benchmark_files_give_a_row_per_benchmark_in_ms_and_other_json_files_are_passed_over(tmp_path):
+    import json
+
+    from bench.report.load import load_benchmark_json
+
+    timed = {"name": "test_forward", "group": "fwd", "stats": {"q1": 0.001, "median": 0.002, "q3": 0.004, "rounds": 7},
+             "extra_info": {"density": 0.25, "b": 32}}  # fmt: skip
+    (tmp_path / "bench.json").write_text(json.dumps({"benchmarks": [timed, {"name": "test_bare", "extra_info": None}]}))
+    (tmp_path / "other.json").write_text(json.dumps({"version": 1}))
+    (tmp_path / "list.json").write_text("[1, 2]")
+    frame = load_benchmark_json([tmp_path / name for name in ("other.json", "bench.json", "list.json")])
+    assert frame["file"].tolist() == ["bench.json"] * 2
+    forward, bare = frame.to_dict("records")
+    assert (forward["name"], forward["group"], forward["rounds"], forward["extra"]) == ("test_forward", "fwd", 7,
+                                                                                       "b=32, density=0.25")
+    assert [forward[f"ms_{q}"] for q in ("q1", "median", "q3")] == pytest.approx([1.0, 2.0, 4.0])
+    assert (bare["name"], bare["group"], bare["rounds"], bare["extra"]) == ("test_bare", "", 0, "")
+    assert load_benchmark_json([tmp_path / "other.json"]) is None
