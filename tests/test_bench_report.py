@@ -420,6 +420,27 @@ def test_the_plots_show_the_plainest_mode_measured_eager_before_checkpointed_bef
     assert plainest_mode(modes.iloc[[0, 2]]).index.tolist() == [2]
 
 
+def test_the_kernel_summary_of_two_machines_names_the_device_and_counts_the_noisy_dense_baseline(tmp_path):
+    """CPU and CUDA rows in one file; on CUDA the dense forward is noisy (p80 / p20 = 2) and masked_dense also ran
+    at d = 0.25: each machine's rows stay apart, the densities in descending order."""
+    cuda = _kernel_rows(CUDA)
+    dense_forward = next(row for row in cuda if row["op"] == "forward" and row["provider"] == "cublas_dense")
+    dense_forward["ms_p80"] = 0.02
+    masked_forward = next(row for row in cuda if row["op"] == "forward" and row["provider"] == "masked_dense")
+    cuda.append(masked_forward | {"density": 0.25, "nnz_blocks": 1})
+    _write(tmp_path / "kernels.csv", KERNEL_COLUMNS, _kernel_rows(CPU) + cuda)
+    summary = _section_table(write_report(tmp_path).read_text(), "## Kernels")
+    header = summary[0]
+    assert header[0] == "device"
+    cells = [{name: row[header.index(name)] for name in ("device", "op", "provider", "d", "cases")}
+             for row in summary[1:]]  # fmt: skip
+    assert [cell["device"] for cell in cells] == [CUDA["gpu"]] * 6 + [CPU["gpu"]] * 5
+    forward = [(cell["provider"], cell["d"], cell["cases"]) for cell in cells[:3]]
+    assert forward == [("masked_dense", "0.5", "1 (1†)"), ("triton_grouped", "0.5", "1 (2†)"),
+                       ("masked_dense", "0.25", "1 (1†)")]  # fmt: skip
+    assert [cell["cases"] for cell in cells[6:]] == ["1", "1 (1†)", "1", "1", "1"]  # quiet CPU baselines
+
+
 def test_memory_errors_leave_out_a_component_not_measured_not_predicted_or_measured_as_zero():
     import pandas as pd
 
@@ -433,12 +454,56 @@ def test_memory_errors_leave_out_a_component_not_measured_not_predicted_or_measu
     assert errors[["component", "measured", "predicted", "error"]].values.tolist() == [["weights", 4.0, 5.0, 0.25]]
 
 
+def test_a_peak_from_one_gib_on_is_plotted_in_gib_and_smaller_ones_in_mib(cpu_report, tmp_path, monkeypatch):
+    (axis,) = cpu_report[1]["peak_memory_vs_model.png"].axes
+    assert axis.get_ylabel() == "MiB"  # on CPU the accounted 6, 7, 7 and 5 MiB
+    assert sorted(y for line in axis.get_lines() for y in line.get_ydata()) == [5.0, 6.0, 7.0, 7.0]
+    rows = _training_rows(CUDA)
+    rows[0]["peak_allocated_bytes"] = 2**30
+    _write(tmp_path / "training.csv", TRAINING_COLUMNS, rows)
+    (axis,) = _render(tmp_path, monkeypatch)[1]["peak_memory_vs_model.png"].axes
+    assert axis.get_ylabel() == "GiB" and max(y for line in axis.get_lines() for y in line.get_ydata()) == 1.0
+
+
+def test_training_cases_not_measured_are_listed_apart_and_a_file_of_only_those_says_so(tmp_path, monkeypatch):
+    """Only dense measured (one case: the report describes it), the masked and smet cases ran out of memory."""
+    rows = [row | ({"status": "oom", "note": "out of memory"} if row["method"] != "dense" else {})
+            for row in _training_rows(CPU)]  # fmt: skip
+    _write(tmp_path / "training.csv", TRAINING_COLUMNS, rows)
+    report = _render(tmp_path, monkeypatch)[0]
+    steps = report.split("## End-to-end training step")[1].split("Cases not measured:")[0]
+    assert [line.split("|")[2].strip() for line in steps.splitlines() if line.startswith("| tiny ")] == ["dense"]
+    not_measured = _section_table(report, "Cases not measured:")
+    assert [row[1:] for row in not_measured[1:]] == [
+        ["masked", "0.5", "oom", "out of memory"], ["masked", "0.25", "oom", "out of memory"],
+        ["smet", "0.5", "oom", "out of memory"]]  # fmt: skip
+    flagged = _section_table(report, "## Not measured or flagged")
+    assert flagged[1:] == [["masked", "oom", "out of memory", "2"], ["smet", "oom", "out of memory", "1"]]
+    _write(tmp_path / "training.csv", TRAINING_COLUMNS, [row | {"status": "oom"} for row in rows])
+    steps = _render(tmp_path, monkeypatch)[0].split("## End-to-end training step")[1]
+    assert "No training measurements." in steps and "Cases not measured:" not in steps
+
+
 def test_a_missing_median_is_an_empty_cell_and_a_missing_spread_leaves_the_median_alone():
     from bench.report.tables import fmt_ms
 
     assert fmt_ms(None) == "" and fmt_ms(float("nan"), 1.0, 3.0) == ""
     assert fmt_ms(2.0, None, None, "†") == "2†" and fmt_ms(2.0, float("nan"), float("nan")) == "2"
     assert fmt_ms(2.0, 1.0, 3.0, "†") == "2† [1–3]"
+
+
+def test_a_mode_table_says_yes_or_no_for_the_other_mode_where_both_of_its_values_were_measured(tmp_path, monkeypatch):
+    """Each case also compiled with checkpointing (twice the checkpointed eager tokens/s)."""
+    rows = _mode_rows()
+    rows += [row | {"compiled": True, "tokens_per_s": 24000} for row in rows if row["activation_checkpointing"]]
+    _write(tmp_path / "training.csv", TRAINING_COLUMNS, rows)
+    report, _ = _render(tmp_path, monkeypatch)
+    compiled = _section_table(report, "### Compiled vs eager")
+    assert compiled[0][:3] == ["config", "method", "act. ckpt"]
+    assert [(row[1], row[2], row[-1]) for row in compiled[1:]] == [
+        ("dense", "no", "2"), ("dense", "yes", "2"), ("smet d=0.5", "no", "2"), ("smet d=0.5", "yes", "2")]
+    checkpointed = _section_table(report, "### Activation checkpointing")
+    assert checkpointed[0][2] == "compiled" and [row[2] for row in checkpointed[1:]] == ["no", "yes"] * 2
 
 
 def test_the_peak_is_the_allocator_peak_where_measured_and_the_four_accounted_components_elsewhere():
@@ -453,6 +518,18 @@ def test_the_peak_is_the_allocator_peak_where_measured_and_the_four_accounted_co
     peak, label = peak_column(frame.assign(peak_allocated_bytes=None))
     assert peak.tolist() == [15.0, 15.0] and label.startswith("accounted: ")
     assert peak_column(frame.assign(peak_allocated_bytes=50.0))[0].tolist() == [50.0, 50.0]
+
+
+def test_training_steps_list_the_smaller_config_first_and_compiled_steps_alone_have_no_memory_model_comparison(
+    tmp_path, monkeypatch
+):
+    rows = [row | {"config": config, "compiled": True} for config in ("20m", "tiny") for row in _training_rows(CPU)]
+    _write(tmp_path / "training.csv", TRAINING_COLUMNS, rows)
+    report, _ = _render(tmp_path, monkeypatch)
+    steps = _section_table(report, "## End-to-end training step")
+    assert [row[0] for row in steps[1:]] == ["tiny"] * 4 + ["20m"] * 4
+    model = report.split("## Memory model: predicted vs measured")[1]
+    assert "Eager steps only" in model and "No measurements to compare." in model
 
 
 def test_pytest_benchmark_files_give_a_row_per_benchmark_in_ms_and_other_json_files_are_passed_over(tmp_path):
@@ -473,3 +550,27 @@ def test_pytest_benchmark_files_give_a_row_per_benchmark_in_ms_and_other_json_fi
     assert [forward[f"ms_{q}"] for q in ("q1", "median", "q3")] == pytest.approx([1.0, 2.0, 4.0])
     assert (bare["name"], bare["group"], bare["rounds"], bare["extra"]) == ("test_bare", "", 0, "")
     assert load_benchmark_json([tmp_path / "other.json"]) is None
+
+
+def test_the_optimizer_table_splits_the_tensor_from_a_shape_label_holding_a_colon_and_compares_with_its_copy():
+    """Shapes ``<tensor>:<config>:<projections>``; the copy of tiny:qkvo moves 8e6 bytes in 0.01 ms (800 GB/s)."""
+    import pandas as pd
+
+    from bench.report.sections import optimizer_section
+
+    base = {"suite": "optimizer", "op": "adamw", "gpu": CUDA["gpu"], "backend": "torch", "N": 1000, "K": 1000,
+            "ms_p20": 1.0, "ms_p50": 1.0, "ms_p80": 1.0}  # fmt: skip
+    frame = pd.DataFrame([
+        base | {"op": "copy", "provider": "device_copy", "shape": "dense:tiny:qkvo", "ms_p50": 0.01},
+        base | {"provider": "torch_adamw", "shape": "dense:tiny:qkvo", "density": 1.0, "gbps": 400.0},
+        base | {"provider": "smet_adamw", "shape": "compact:tiny:qkvo", "density": 0.5, "block_size": 32,
+                "gbps": 200.0},
+        base | {"provider": "smet_adamw", "shape": "compact:tiny:o", "density": 0.5, "block_size": 32, "gbps": 100.0},
+    ])  # fmt: skip
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in optimizer_section(frame)[4].splitlines()]
+    assert rows[0] == ["shape", "N×K", "tensor", "b", "d", "provider", "ms", "GB/s", "copy GB/s", "% copy"]
+    assert [row[:5] + row[-2:] for row in rows[2:]] == [
+        ["tiny:o", "1000×1000", "compact", "32", "0.5", "", ""],
+        ["tiny:qkvo", "1000×1000", "compact", "32", "0.5", "800", "25"],
+        ["tiny:qkvo", "1000×1000", "dense", "", "1", "800", "50"],
+    ]
