@@ -334,3 +334,11 @@ def test_a_pilot_report_gives_no_verdict_that_its_banner_disowns_and_a_study_sti
     study = "\n".join(stability.findings(data, spike_events(data), quality_table(data)))
     assert "smet-linear removes the spike of naive DST (rise): reproduces — holds in 1" in study
     assert "spikes above dense: holds" in study and "worse than dense" in study
+
+
+def test_the_gpu_command_gives_the_studys_densities_and_topology_settings_to_the_last_digit():
+    spec = dataclasses.replace(PRESETS["pilot"], densities=(0.1234567,), alphas=(0.3333333,), regrow_init="normal",
+                               regrow_init_std=0.01234567)
+    command = stability.gpu_command(spec.to_dict())  # ":g" wrote 0.123457, 0.333333 and 0.0123457
+    assert "--densities 0.1234567 --alphas 0,0.3333333,0.5,1 " in command
+    assert "--regrow-init-std 0.01234567" in command

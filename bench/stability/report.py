@@ -171,19 +171,25 @@ def _probe_section(probes) -> list[str]:
     ]
 
 
+def _number(value) -> str:
+    """``value`` as an option gives it: ``1`` for 1.0, every digit of 0.1234567 (``:g`` keeps six)."""
+    return f"{value:g}" if float(f"{value:g}") == value else repr(value)
+
+
 def gpu_command(spec: dict, out_dir: str = "reports/stability-gpu") -> str:
     """The same sweep (methods, densities, α, seeds, steps, topology settings) for 20m and 60m on a GPU, with the
     H100 preset's batch, sequence length, backend and device."""
     h100 = PRESETS["h100"]
     alphas = sorted(set(spec["alphas"]) | set(h100.alphas))
     options = [("--configs", "20m,60m"), ("--methods", ",".join(spec["methods"])),
-               ("--densities", ",".join(f"{d:g}" for d in spec["densities"])),
-               ("--alphas", ",".join(f"{a:g}" for a in alphas)),
+               ("--densities", ",".join(map(_number, spec["densities"]))),
+               ("--alphas", ",".join(map(_number, alphas))),
                ("--seeds", ",".join(str(s) for s in spec["seeds"])), ("--steps", str(max(spec["steps"], h100.steps))),
                ("--update-interval", str(spec["update_interval"])), ("--spike-window", str(spec["spike_window"])),
                ("--optimizer-warmup-steps", str(spec["optimizer_warmup_steps"])), ("--device", "cuda"),
                ("--backend", "auto"), ("--out-dir", out_dir)]
-    options += [("--" + name.replace("_", "-"), f"{spec[name]:g}" if isinstance(spec[name], float) else str(spec[name]))
+    options += [("--" + name.replace("_", "-"),
+                 _number(spec[name]) if isinstance(spec[name], float) else str(spec[name]))
                 for name in TRAINER_SETTINGS if spec.get(name, getattr(h100, name)) != getattr(h100, name)]
     return "smet-bench stability run " + " ".join(f"{flag} {shlex.quote(value)}" for flag, value in options)
 
