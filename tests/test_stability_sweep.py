@@ -17,7 +17,7 @@ from bench.cli import main as bench_main
 from bench.stability import PRESETS, RunSpec, enumerate_runs, load_study, run_sweep, sweep, write_report
 from bench.stability.cli import RUN_OPTIONS
 from bench.stability.spec import TRAINER_SETTINGS
-from smet_kernels.train.config import TrainConfig
+from smet_kernels.train.config import MAX_SEED, TrainConfig
 from stability_runs import cache_dir  # noqa: F401 -- autouse: the token and matplotlib caches of the session
 
 
@@ -46,6 +46,20 @@ def test_h100_sweep_enumerates_every_method_density_alpha_seed():
     assert RunSpec("20m", "smet-linear", 0.25, 0.5, 1).name == "smet-linear-d0.25-a0.5-s1"
 
 
+def test_a_dense_run_trains_at_density_1_without_a_block_size_and_a_sparse_run_at_its_density_and_the_configs_block():
+    spec = PRESETS["h100"]
+    dense = RunSpec("60m", "galore", None, None, 0).train_config(spec, "out")
+    sparse = RunSpec("60m", "masked-dst", 0.25, None, 0).train_config(spec, "out")
+    assert (dense.density, dense.block_size) == (1.0, None) and (sparse.density, sparse.block_size) == (0.25, 32)
+
+
+def test_a_run_takes_the_update_schedule_warm_up_evaluation_and_device_of_the_study_and_its_own_seed():
+    config = RunSpec("tiny", "smet-momentum_ramp", 0.1, 1.0, 3).train_config(PRESETS["pilot"], "out")
+    assert (config.update_interval, config.optimizer_warmup_steps, config.spike_window) == (20, 20, 8)
+    assert (config.lr, config.lr_warmup_steps, config.eval_every, config.eval_batches) == (2e-3, 10, 20, 4)
+    assert (config.backend, config.device, config.checkpoint_every, config.seed) == ("reference", "cpu", 0, 3)
+    assert (config.warmup_mode, config.density_lr_exponent, config.block_size) == ("momentum_ramp", 1.0, 16)
+
 def test_study_blocks_move_at_the_lowest_density():
     """Every sparse layer must trade >= 1 block at the first update, else the spike study measures nothing."""
     from smet_kernels.prune_regrow import blocks_to_move
@@ -70,6 +84,16 @@ def test_spec_validation_names_the_field(capsys):
         dataclasses.replace(PRESETS["pilot"], methods=("smet-linear",)).validate()
     error = usage_error(bench_main, ["stability", "run", "--quick", "--densities", "0", "--dry-run"], capsys)
     assert error == "smet-bench: error: --densities must lie in (0, 1), got [0.0]"
+
+
+def test_the_spec_refuses_density_1_an_unsupported_block_size_and_lr_warm_up_over_all_steps_but_not_the_largest_seed():
+    with pytest.raises(ValueError, match=r"densities must lie in \(0, 1\), got \[1\.0\]"):
+        dataclasses.replace(PRESETS["pilot"], densities=(0.5, 1.0)).validate()  # 1 is dense, not a sparse density
+    assert dataclasses.replace(PRESETS["pilot"], seeds=(0, MAX_SEED)).validate().seeds == (0, MAX_SEED)
+    with pytest.raises(ValueError, match=r"block_sizes\['tiny'\] must be one of \[.*\], got 24"):
+        dataclasses.replace(PRESETS["pilot"], block_sizes={"tiny": 24}).validate()
+    with pytest.raises(ValueError, match=r"lr_warmup_steps \(200\) must be < steps \(200\)"):
+        dataclasses.replace(PRESETS["pilot"], lr_warmup_steps=200).validate()
 
 
 def test_every_option_an_error_of_stability_run_names_is_an_option_of_it():
