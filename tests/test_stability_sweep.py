@@ -258,6 +258,38 @@ def test_study_json_holds_the_grid_of_every_command_into_the_folder_not_only_the
     assert "--methods adamw,galore,masked-dst,naive-dst,warmup-only" in stability.gpu_command(study)
 
 
+def test_stability_run_passes_its_time_limit_and_checkpoint_choice_to_the_sweep_and_exits_1_when_a_run_failed(
+        tmp_path, monkeypatch, capsys):
+    from bench.stability import cli
+
+    calls = []
+    monkeypatch.setattr(cli, "run_sweep", lambda spec, out_dir, **kwargs: calls.append(kwargs) or {"failed": 1})
+    argv = ["stability", "run", "--quick", "--out-dir", str(tmp_path), "--max-minutes", "30", "--keep-checkpoints"]
+    assert bench_main(argv) == 1 and calls == [{"max_minutes": 30.0, "keep_checkpoints": True}]
+    assert "{'failed': 1}; render with: smet-bench stability report --out-dir" in capsys.readouterr().out
+    assert (tmp_path / "commands.txt").read_text().split(" ", 1)[1] == "smet-bench " + " ".join(argv) + "\n"
+
+def test_a_dry_run_lists_each_run_as_finished_or_to_run_and_counts_them_and_their_tokens(tmp_path, capsys):
+    finished = RunSpec("tiny", "adamw", None, None, 1).directory(tmp_path)
+    finished.mkdir(parents=True)
+    (finished / "summary.json").write_text("{}")
+    assert bench_main(["stability", "run", "--quick", "--out-dir", str(tmp_path), "--dry-run"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    runs = enumerate_runs(PRESETS["pilot"])
+    assert lines[:2] == ["tiny/adamw-s0: to run", "tiny/galore-s0: to run"] and "tiny/adamw-s1: finished" in lines
+    assert lines.count("tiny/adamw-s1: finished") == 1 and len(lines) == len(runs) + 1
+    assert lines[-1] == f"{len(runs)} runs, 102,400 tokens each" and not (tmp_path / "commands.txt").exists()
+
+def test_stability_run_without_out_dir_writes_into_the_folder_of_its_preset(tmp_path, monkeypatch):
+    from bench.stability import cli
+
+    folders = []
+    monkeypatch.setattr(cli, "run_sweep", lambda spec, out_dir, **kwargs: folders.append(out_dir) or {"failed": 0})
+    monkeypatch.chdir(tmp_path)
+    for preset in ([], ["--quick"], ["--cpu-study"]):
+        assert bench_main(["stability", "run", *preset]) == 0
+    assert folders == [Path("reports/stability"), Path("reports/cpu-pilot-stability"), Path("reports/stability-cpu")]
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_h100_preset_settings_train_on_the_gpu(tmp_path):
