@@ -336,9 +336,83 @@ def test_a_pilot_report_gives_no_verdict_that_its_banner_disowns_and_a_study_sti
     assert "spikes above dense: holds" in study and "worse than dense" in study
 
 
+def _set_saved_config(root, **settings) -> None:
+    """Rewrite the trainer config saved in every run's summary.json of the study under ``root``."""
+    for summary in root.glob("runs/*/*/summary.json"):
+        saved = json.loads(summary.read_text())
+        saved["config"].update(settings)
+        summary.write_text(json.dumps(saved))
+
+
+def test_a_cpu_study_of_fewer_than_1000_steps_is_a_pilot_and_one_of_1000_is_not(tmp_path):
+    _synthetic_study(tmp_path, seeds=(0,))
+    _set_saved_config(tmp_path, max_steps=999)
+    assert "CPU pilot, not the H100 study" in write_report(tmp_path).read_text()
+    _set_saved_config(tmp_path, max_steps=1000)
+    text = write_report(tmp_path).read_text()
+    assert "CPU pilot" not in text and "> **CPU study at small scale** (tiny; 1000 steps of 8 × 64 tokens)" in text
+
+
+def test_the_reproduce_section_lists_each_command_of_commands_txt_once_without_its_time_stamp(tmp_path):
+    _synthetic_study(tmp_path, seeds=(0,))
+    (tmp_path / "commands.txt").write_text(
+        "2026-01-01T00:00:00Z smet-bench stability run --quick --seeds 0\n"
+        "2026-01-02T00:00:00Z smet-bench stability run --quick --seeds 1\n"
+        "2026-01-03T00:00:00Z smet-bench stability run --quick --seeds 0\n")
+    text = write_report(tmp_path).read_text()
+    reproduce = text.split("## Reproduce")[1].split("```")[1]
+    assert reproduce.splitlines()[1:] == ["smet-bench stability run --quick --seeds 0",
+                                          "smet-bench stability run --quick --seeds 1",
+                                          f"smet-bench stability report --out-dir {tmp_path}"]
+
+
+def test_a_study_of_short_runs_on_a_gpu_has_neither_cpu_banner_and_one_run_on_a_cpu_makes_it_a_cpu_pilot(tmp_path):
+    _synthetic_study(tmp_path, seeds=(0,))
+    summaries = sorted(tmp_path.glob("runs/*/*/summary.json"))
+    for summary in summaries:
+        saved = json.loads(summary.read_text())
+        summary.write_text(json.dumps(saved | {"device": "cuda:0"}))
+    text = write_report(tmp_path).read_text()
+    assert "CPU pilot" not in text and "CPU study" not in text and "- devices: cuda:0;" in text
+    saved = json.loads(summaries[-1].read_text())
+    summaries[-1].write_text(json.dumps(saved | {"device": "cpu"}))
+    text = write_report(tmp_path).read_text()
+    assert "CPU pilot, not the H100 study" in text and "- devices: cpu, cuda:0;" in text
+
+
+def test_the_gpu_command_keeps_the_studys_grid_update_schedule_and_changed_settings_and_at_least_the_h100_steps():
+    spec = dataclasses.replace(PRESETS["pilot"], steps=5000, alphas=(0.25,), prune_fraction=0.3,
+                               min_prune_fraction=0.01, distribution="erk", warmup_scope="regrown")
+    assert stability.gpu_command(spec.to_dict()) == (
+        "smet-bench stability run --configs 20m,60m --methods adamw,galore,masked-dst,naive-dst,warmup-only,"
+        "density-lr-only,smet-linear,smet-momentum_ramp --densities 0.5,0.1 --alphas 0,0.25,0.5,1 --seeds 0,1 "
+        "--steps 5000 --update-interval 20 --spike-window 8 --optimizer-warmup-steps 20 --device cuda --backend auto "
+        "--out-dir reports/stability-gpu --prune-fraction 0.3 --min-prune-fraction 0.01 --distribution erk "
+        "--warmup-scope regrown")
+    assert " --steps 4000 " in stability.gpu_command(PRESETS["pilot"].to_dict())  # the pilot's 200: the H100 budget
+
+
 def test_the_gpu_command_gives_the_studys_densities_and_topology_settings_to_the_last_digit():
     spec = dataclasses.replace(PRESETS["pilot"], densities=(0.1234567,), alphas=(0.3333333,), regrow_init="normal",
                                regrow_init_std=0.01234567)
     command = stability.gpu_command(spec.to_dict())  # ":g" wrote 0.123457, 0.333333 and 0.0123457
     assert "--densities 0.1234567 --alphas 0,0.3333333,0.5,1 " in command
     assert "--regrow-init-std 0.01234567" in command
+
+
+def test_the_setup_names_the_last_update_step_the_regrow_init_std_the_warm_up_scope_and_unequal_token_budgets(tmp_path):
+    _synthetic_study(tmp_path, seeds=(0,))
+    text = write_report(tmp_path).read_text()
+    assert "update every 10 steps up to step 30," in text and "SMETAdamW warm-up scope `all`" in text
+    assert "every run of a config has the same token budget" in text
+    _set_saved_config(tmp_path, update_end_step=25, regrow_init="normal", regrow_init_std=0.01, warmup_scope="regrown")
+    summary = next(tmp_path.glob("runs/tiny/adamw-s0/summary.json"))
+    summary.write_text(json.dumps(json.loads(summary.read_text()) | {"tokens": 1024}))
+    text = write_report(tmp_path).read_text()
+    assert "update every 10 steps up to step 25," in text and "(regrown blocks start at N(0, 0.01²))" in text
+    assert "SMETAdamW warm-up scope `regrown`" in text and "**token budgets differ between runs of a config**" in text
+    for summary in tmp_path.glob("runs/*/*/summary.json"):  # a release before the option: warm-up of regrown blocks
+        saved = json.loads(summary.read_text())
+        del saved["config"]["warmup_scope"]
+        summary.write_text(json.dumps(saved))
+    assert "SMETAdamW warm-up scope `regrown`" in write_report(tmp_path).read_text()
