@@ -255,7 +255,6 @@ def test_compiled_and_checkpointed_rows_compare_side_by_side(tmp_path, monkeypat
     assert sum(len(line.get_xdata()) for line in axis.get_lines()) == 2
 
 
-
 def _comparison(rows: list[dict]):
     import pandas as pd
 

@@ -435,12 +435,12 @@ def test_weights_and_gradients_are_in_the_parameter_dtype_and_only_the_moments_i
     assert mixed.optimizer == fp32.optimizer
 
 
-
 def test_galore_keeps_its_weights_and_gradients_in_the_parameter_dtype_whatever_its_state_dtype():
     bf16 = predict_memory(TINY, "galore", batch_size=2, seq_len=32, rank=16, param_dtype=torch.bfloat16)
     mixed = predict_memory(TINY, "galore", batch_size=2, seq_len=32, rank=16, param_dtype=torch.bfloat16,
                            state_dtype=torch.float32)
     assert (mixed.weights, mixed.gradients) == (bf16.weights, bf16.gradients) and mixed.optimizer > bf16.optimizer
+
 
 def test_rest_is_the_rmsnorm_backward_where_it_is_the_largest_working_set():
     """A narrow SwiGLU and a small vocabulary: three fp32 ``T × h`` tensors (12 T h) outweigh the loss backward (8 T V)

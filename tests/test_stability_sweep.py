@@ -60,6 +60,7 @@ def test_a_run_takes_the_update_schedule_warm_up_evaluation_and_device_of_the_st
     assert (config.backend, config.device, config.checkpoint_every, config.seed) == ("reference", "cpu", 0, 3)
     assert (config.warmup_mode, config.density_lr_exponent, config.block_size) == ("momentum_ramp", 1.0, 16)
 
+
 def test_study_blocks_move_at_the_lowest_density():
     """Every sparse layer must trade >= 1 block at the first update, else the spike study measures nothing."""
     from smet_kernels.prune_regrow import blocks_to_move
@@ -269,6 +270,7 @@ def test_stability_run_passes_its_time_limit_and_checkpoint_choice_to_the_sweep_
     assert "{'failed': 1}; render with: smet-bench stability report --out-dir" in capsys.readouterr().out
     assert (tmp_path / "commands.txt").read_text().split(" ", 1)[1] == "smet-bench " + " ".join(argv) + "\n"
 
+
 def test_a_dry_run_lists_each_run_as_finished_or_to_run_and_counts_them_and_their_tokens(tmp_path, capsys):
     finished = RunSpec("tiny", "adamw", None, None, 1).directory(tmp_path)
     finished.mkdir(parents=True)
@@ -280,6 +282,7 @@ def test_a_dry_run_lists_each_run_as_finished_or_to_run_and_counts_them_and_thei
     assert lines.count("tiny/adamw-s1: finished") == 1 and len(lines) == len(runs) + 1
     assert lines[-1] == f"{len(runs)} runs, 102,400 tokens each" and not (tmp_path / "commands.txt").exists()
 
+
 def test_stability_run_without_out_dir_writes_into_the_folder_of_its_preset(tmp_path, monkeypatch):
     from bench.stability import cli
 
@@ -289,6 +292,7 @@ def test_stability_run_without_out_dir_writes_into_the_folder_of_its_preset(tmp_
     for preset in ([], ["--quick"], ["--cpu-study"]):
         assert bench_main(["stability", "run", *preset]) == 0
     assert folders == [Path("reports/stability"), Path("reports/cpu-pilot-stability"), Path("reports/stability-cpu")]
+
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

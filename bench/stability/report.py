@@ -145,8 +145,6 @@ def write_report(out_dir, output: str | Path | None = None) -> Path:
     return output
 
 
-
-
 def _probe_section(probes) -> list[str]:
     if not len(probes):
         return []

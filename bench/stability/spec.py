@@ -11,6 +11,7 @@ from typing import NamedTuple
 from smet_kernels.train.config import MAX_SEED, TrainConfig, setting
 from smet_kernels.train.methods import METHODS as TRAINER_METHODS
 
+
 class Method(NamedTuple):
     """A method of the study: the trainer's method (:data:`smet_kernels.train.methods.METHODS`), the SMETAdamW
     warm-up mode (None: the trainer default) and which α it runs: None (α does not apply), a fixed value, or
