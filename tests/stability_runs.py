@@ -9,7 +9,8 @@ import math
 
 import pytest
 
-from bench.stability import PRESETS, RunSpec
+from bench import stability
+from bench.stability import PRESETS, RunSpec, load_study, quality_table, spike_events
 
 
 @pytest.fixture(autouse=True)
@@ -72,3 +73,10 @@ def _synthetic_study(root, seeds=(0,), naive_spike=0.5, smet_spike=0.0):
         _write_run(root, RunSpec("tiny", "adamw", None, None, seed), wiggle, val_loss=2.0 + 0.01 * seed)
         _write_run(root, RunSpec("tiny", "naive-dst", 0.5, 0.0, seed), naive, updates, val_loss=2.3 + 0.01 * seed)
         _write_run(root, RunSpec("tiny", "smet-linear", 0.5, 1.0, seed), smet, updates, val_loss=2.1 + 0.01 * seed)
+
+
+def study_findings(root, probes=False) -> list[str]:
+    """The findings the report states for the study in ``root``; with ``probes``, the update-probe ones too."""
+    data = load_study(root)
+    extra = (stability.probe_table(data), stability.stats.probe_events(data)) if probes else ()
+    return stability.findings(data, spike_events(data), quality_table(data), *extra)

@@ -10,7 +10,7 @@ import pytest
 
 from bench import stability
 from bench.stability import RunSpec, load_study, quality_table, spike_events
-from stability_runs import _synthetic_study, _write_run, cache_dir  # noqa: F401 -- cache_dir: autouse
+from stability_runs import _synthetic_study, _write_run, cache_dir, study_findings  # noqa: F401 -- cache_dir: autouse
 
 
 def test_quality_and_findings_with_seed_noise(tmp_path):
@@ -19,7 +19,7 @@ def test_quality_and_findings_with_seed_noise(tmp_path):
     quality = quality_table(data).set_index("method")
     assert quality.loc["naive-dst", "vs_dense"] == pytest.approx(0.3)
     assert quality.loc["smet-linear", "ppl_vs_dense"] == pytest.approx(math.exp(0.1), rel=1e-3)
-    lines = "\n".join(stability.findings(data, spike_events(data), quality_table(data)))
+    lines = "\n".join(study_findings(tmp_path))
     assert "tiny, d=0.5, α=0: +0.5" in lines and "spikes above dense: holds" in lines
     assert "smet-linear removes the spike** — naive-DST rise minus smet-linear rise: holds in 1, reversed in 0" in lines
     assert "tiny naive-dst d=0.5 (best α=0 of 1): +0.3000" in lines and "worse than dense" in lines
@@ -28,16 +28,14 @@ def test_quality_and_findings_with_seed_noise(tmp_path):
 
 def test_findings_say_within_noise_when_it_is(tmp_path):
     _synthetic_study(tmp_path, seeds=(0, 1), naive_spike=0.0, smet_spike=0.0)
-    lines = "\n".join(stability.findings(load_study(tmp_path), spike_events(load_study(tmp_path)),
-                                         quality_table(load_study(tmp_path))))
+    lines = "\n".join(study_findings(tmp_path))
     assert "within noise in 1" in lines
 
 
 def test_spike_verdicts_count_seeds_not_updates(tmp_path):
     """Updates of one run are not independent samples: one seed gives no noise estimate, however many updates."""
     _synthetic_study(tmp_path, seeds=(0,))
-    data = load_study(tmp_path)
-    lines = "\n".join(stability.findings(data, spike_events(data), quality_table(data)))
+    lines = "\n".join(study_findings(tmp_path))
     assert "in 1 seed (seed means compared) — one sample only" in lines
     assert "spikes above dense: holds" not in lines
 
@@ -58,8 +56,7 @@ def test_ablation_arms_and_update_probe_reach_the_findings(tmp_path):
     assert table.loc["naive-dst", "cold_start_rise"] == pytest.approx(0.31)
     assert table.loc["warmup-only", "regrown_vs_surviving_1"] == pytest.approx(0.01)
     assert table.loc["adamw", "prune_damage"] == 0.0 and table.loc["naive-dst", "updates"] == 3
-    lines = "\n".join(stability.findings(data, spike_events(data), quality_table(data), stability.probe_table(data),
-                                         stability.stats.probe_events(data)))
+    lines = "\n".join(study_findings(tmp_path, probes=True))
     assert ("**warmup-only removes the cold-start rise** — naive-DST cold start rise minus warmup-only cold start "
             "rise: holds in 1") in lines
     assert "**density-lr-only removes the cold-start rise**" in lines and "tiny, d=0.5, α=1 (naive α=0)" in lines
@@ -86,8 +83,7 @@ def _two_density_study(root):
 
 def test_a_claim_that_holds_in_one_of_two_settings_and_is_within_noise_in_the_other_reproduces_in_part(tmp_path):
     _two_density_study(tmp_path)
-    data = load_study(tmp_path)
-    lines = stability.findings(data, spike_events(data), quality_table(data))
+    lines = study_findings(tmp_path)
     assert ("  - naive DST's loss rises more than dense after topology updates: reproduces in part — holds in 1, "
             "reversed in 0 of 2 measurable settings") in lines
     assert any(line.startswith("  - tiny, d=0.5, α=0: +0.5300") and line.endswith("spikes above dense: holds")
@@ -99,8 +95,7 @@ def test_a_claim_that_holds_in_one_of_two_settings_and_is_within_noise_in_the_ot
 
 def test_a_claim_within_noise_everywhere_is_measurable_and_does_not_reproduce(tmp_path):
     _synthetic_study(tmp_path, seeds=(0, 1), naive_spike=0.0, smet_spike=0.0)
-    data = load_study(tmp_path)
-    lines = stability.findings(data, spike_events(data), quality_table(data))
+    lines = study_findings(tmp_path)
     assert ("  - naive DST's loss rises more than dense after topology updates: does NOT reproduce at this scale — "
             "holds in 0, reversed in 0 of 1 measurable settings") in lines
 
@@ -113,8 +108,7 @@ def test_two_updates_of_one_seed_are_one_sample_not_two(tmp_path):
     spiking[21] += 0.6
     _write_run(tmp_path, RunSpec("tiny", "adamw", None, None, 0), flat)
     _write_run(tmp_path, RunSpec("tiny", "naive-dst", 0.5, 0.0, 0), spiking, {10: 4, 20: 4})
-    data = load_study(tmp_path)
-    lines = "\n".join(stability.findings(data, spike_events(data), quality_table(data)))
+    lines = "\n".join(study_findings(tmp_path))
     assert "tiny, d=0.5, α=0: +0.5500 over 2 updates in 1 seed (seed means compared) — one sample only" in lines
     assert "spikes above dense: holds" not in lines
 
@@ -129,8 +123,7 @@ def test_best_alpha_density_lr_and_default_sentences_say_which_side_is_worse(tmp
         _write_run(tmp_path, RunSpec("tiny", "adamw", None, None, seed), flat, val_loss=2.0)
         _write_run(tmp_path, RunSpec("tiny", "smet-linear", 0.5, 0.0, seed), flat, {10: 4}, val_loss=low)
         _write_run(tmp_path, RunSpec("tiny", "smet-linear", 0.5, 1.0, seed), flat, {10: 4}, val_loss=high)
-    data = load_study(tmp_path)
-    lines = stability.findings(data, spike_events(data), quality_table(data))
+    lines = study_findings(tmp_path)
     best_ci, alpha_ci = 4.303 * 0.01 / math.sqrt(3), 4.303 * math.sqrt(1 / 3) * 0.01 / math.sqrt(3)
     assert (f"  - tiny smet-linear d=0.5 (best α=0 of 2): +0.1100 ± {best_ci:.4f} (95% CI), ppl × "
             f"{math.exp(0.11):.3f} — worse than dense") in lines
@@ -144,8 +137,7 @@ def test_a_pair_without_a_final_loss_is_no_agreement_in_the_consistency_check(tm
     for seed, masked_loss in ((0, 2.0004), (1, float("nan"))):  # the NaN gap after a finite one
         _write_run(tmp_path, RunSpec("tiny", "naive-dst", 0.5, 0.0, seed), flat, val_loss=2.0)
         _write_run(tmp_path, RunSpec("tiny", "masked-dst", 0.5, None, seed), flat, val_loss=masked_loss)
-    data = load_study(tmp_path)
-    lines = "\n".join(stability.findings(data, spike_events(data), quality_table(data)))
+    lines = "\n".join(study_findings(tmp_path))
     assert "largest final-loss gap nan over 2 pairs (they DISAGREE: investigate)" in lines
 
 
@@ -155,8 +147,7 @@ def test_a_pair_without_a_final_loss_has_no_verdict_and_is_not_better_than_dense
     for seed, naive_loss in ((0, 2.1), (1, float("nan")), (2, 2.2)):
         _write_run(tmp_path, RunSpec("tiny", "adamw", None, None, seed), flat, val_loss=2.0)
         _write_run(tmp_path, RunSpec("tiny", "naive-dst", 0.5, 0.0, seed), flat, val_loss=naive_loss)
-    data = load_study(tmp_path)
-    lines = "\n".join(stability.findings(data, spike_events(data), quality_table(data)))
+    lines = "\n".join(study_findings(tmp_path))
     assert "tiny naive-dst d=0.5 (best α=0 of 1): n/a" in lines and "better than dense" not in lines
     assert "a run without a finite value: no verdict" in lines
     assert stability.stats.compare([1.0, float("inf")], [0.0, 0.0])[2] == "not finite"
@@ -196,8 +187,7 @@ def test_the_consistency_check_calls_a_final_loss_gap_of_1e_3_or_more_a_disagree
     for seed in (0, 1):
         _write_run(tmp_path, RunSpec("tiny", "naive-dst", 0.5, 0.0, seed), flat, val_loss=2.0 + 0.01 * seed)
         _write_run(tmp_path, RunSpec("tiny", "masked-dst", 0.5, None, seed), flat, val_loss=2.0 + 0.01 * seed + gap)
-    data = load_study(tmp_path)
-    lines = "\n".join(stability.findings(data, spike_events(data), quality_table(data)))
+    lines = "\n".join(study_findings(tmp_path))
     assert f"largest final-loss gap {gap:.2e} over 2 pairs ({verdict})" in lines
 
 
@@ -211,9 +201,7 @@ def test_the_prune_damage_of_one_seed_has_no_interval_and_of_two_seeds_a_t_inter
             _write_run(root, RunSpec("tiny", "adamw", None, None, seed), [2.0] * 20)
             _write_run(root, RunSpec("tiny", "naive-dst", 0.5, 0.0, seed), [2.0] * 20, {10: 4},
                        probes=[(10, 0.2 + 0.1 * seed, 0.1, 3.0)])  # fmt: skip
-        data = load_study(root)
-        found = stability.findings(data, spike_events(data), quality_table(data), stability.probe_table(data),
-                                   stability.stats.probe_events(data))  # fmt: skip
+        found = study_findings(root, probes=True)
         lines[len(seeds)] = [line for line in found if line.startswith("  - prune damage,")]
     assert lines[1] == ["  - prune damage, tiny d=0.5 naive-dst α=0: +0.2000"]
     assert lines[2] == ["  - prune damage, tiny d=0.5 naive-dst α=0: +0.2500 ± 0.6353 (95% CI)"]
@@ -228,13 +216,11 @@ def test_a_cold_start_at_updates_that_moved_no_block_is_not_measurable_rather_th
         for method, cold in (("naive-dst", 0.3), ("warmup-only", 0.0)):
             _write_run(tmp_path, RunSpec("tiny", method, 0.1, 0.0, seed), flat, {10: 0},
                        probes=[(10, 0.0, cold + noise, None)])
-    data = load_study(tmp_path)
-    lines = stability.findings(data, spike_events(data), quality_table(data), stability.probe_table(data),
-                               stability.stats.probe_events(data))
+    lines = study_findings(tmp_path, probes=True)
     assert ("  - warmup-only removes the cold-start rise of naive DST (cold start rise): not measurable here — holds "
             "in 0, reversed in 0 of 0 measurable settings") in lines
     assert not any(line.startswith("  - cold-start rise, tiny d=0.1") for line in lines)
-    assert set(stability.probe_table(data)["method"]) == {"adamw"}
+    assert set(stability.probe_table(load_study(tmp_path))["method"]) == {"adamw"}
 
 
 def test_an_update_at_the_last_step_has_no_cold_start_and_is_not_counted_among_the_updates_compared(tmp_path):
@@ -246,9 +232,7 @@ def test_an_update_at_the_last_step_has_no_cold_start_and_is_not_counted_among_t
         for method, cold, ratio in (("naive-dst", 0.3, 3.0), ("warmup-only", 0.0, 0.01)):
             _write_run(tmp_path, RunSpec("tiny", method, 0.5, 0.0, seed), flat, {10: 4, 30: 4},
                        probes=[(10, 0.05, cold + noise, ratio), (30, 0.05, None, None)])
-    data = load_study(tmp_path)
-    lines = "\n".join(stability.findings(data, spike_events(data), quality_table(data), stability.probe_table(data),
-                                         stability.stats.probe_events(data)))
+    lines = "\n".join(study_findings(tmp_path, probes=True))
     cold_start = lines.split("**warmup-only removes the cold-start rise**")[1].splitlines()[1]
     assert cold_start.startswith("  - tiny, d=0.5, α=0: +0.3000") and "over 3 updates in 3 seeds" in cold_start
     assert "naive-dst α=0 3.00× (3×1); warmup-only α=0 0.01× (3×1)" in lines
@@ -261,8 +245,7 @@ def test_a_setting_without_a_naive_dst_or_dense_run_to_pair_with_is_not_said_to_
     for density in (0.5, 0.25):
         _write_run(tmp_path, RunSpec("tiny", "smet-linear", density, 0.0, 0), flat, {10: 4})
     _write_run(tmp_path, RunSpec("tiny", "naive-dst", 0.5, 0.0, 0), flat, {10: 4})
-    data = load_study(tmp_path)
-    lines = stability.findings(data, spike_events(data), quality_table(data))
+    lines = study_findings(tmp_path)
     assert "  - tiny, d=0.25, α=0: no finished naive-dst run at α=0 here — nothing to compare" in lines
     assert "  - tiny, d=0.5, α=0: no finished adamw run here — nothing to compare" in lines
     assert not any("no update moved a block" in line for line in lines)
@@ -277,8 +260,7 @@ def test_the_best_alpha_is_chosen_on_the_seeds_every_alpha_finished(tmp_path):
         if low is not None:
             _write_run(tmp_path, RunSpec("tiny", "smet-linear", 0.5, 0.0, seed), flat, val_loss=low)
         _write_run(tmp_path, RunSpec("tiny", "smet-linear", 0.5, 1.0, seed), flat, val_loss=high)
-    data = load_study(tmp_path)
-    lines = "\n".join(stability.findings(data, spike_events(data), quality_table(data)))
+    lines = "\n".join(study_findings(tmp_path))
     assert "tiny smet-linear d=0.5 (best α=1 of 2): +0.2167" in lines
     assert "tiny d=0.5: smet-linear α=1 (val loss 2.2167); the default is best" in lines
 
@@ -298,7 +280,7 @@ def test_a_naive_dst_run_at_alpha_one_from_before_the_density_lr_only_arm_loads_
     runs = data.runs.set_index("path")
     assert runs.loc["runs/tiny/naive-dst-d0.5-a1-s0", ["method", "alpha"]].tolist() == ["density-lr-only", 1.0]
     assert runs.loc["runs/tiny/naive-dst-d0.5-a0-s0", ["method", "alpha"]].tolist() == ["naive-dst", 0.0]
-    lines = stability.findings(data, spike_events(data), quality_table(data))
+    lines = study_findings(tmp_path)
     naive = lines[lines.index(next(line for line in lines if line.startswith("**Naive DST"))) + 1:]
     assert naive[0].startswith("  - tiny, d=0.5, α=0: +0.5") and not naive[1].startswith("  - tiny, d=0.5, α=1")
     assert any(line.startswith("  - tiny, d=0.5, α=1 (naive α=0): +0.5") for line in lines)
@@ -322,16 +304,14 @@ def test_an_arm_is_compared_with_naive_dst_at_the_update_steps_where_both_moved_
         smet[21] += 0.4
         _write_run(tmp_path, RunSpec("tiny", "naive-dst", 0.5, 0.0, seed), naive, {10: 4, 20: 0})
         _write_run(tmp_path, RunSpec("tiny", "smet-linear", 0.5, 0.0, seed), smet, {10: 4, 20: 4})
-    data = load_study(tmp_path)
-    lines = stability.findings(data, spike_events(data), quality_table(data))
+    lines = study_findings(tmp_path)
     arm = lines[lines.index(next(line for line in lines if line.startswith("**smet-linear removes the spike"))) + 1]
     assert arm.startswith("  - tiny, d=0.5, α=0: +0.5050 ± ") and "over 2 updates in 2 seeds" in arm
 
 
 def test_one_seed_gives_no_measurable_setting_so_the_spike_claim_is_not_measurable(tmp_path):
     _synthetic_study(tmp_path, seeds=(0,))
-    data = load_study(tmp_path)
-    lines = stability.findings(data, spike_events(data), quality_table(data))
+    lines = study_findings(tmp_path)
     assert ("  - naive DST's loss rises more than dense after topology updates: not measurable here — holds in 0, "
             "reversed in 0 of 0 measurable settings") in lines
 
@@ -343,8 +323,7 @@ def test_naive_dst_rising_less_than_dense_is_a_reversed_setting_of_the_spike_cla
         wiggle[11] += 0.5 + 0.01 * seed
         _write_run(tmp_path, RunSpec("tiny", "adamw", None, None, seed), wiggle)
         _write_run(tmp_path, RunSpec("tiny", "naive-dst", 0.5, 0.0, seed), [2.0] * 30, {10: 4})
-    data = load_study(tmp_path)
-    lines = stability.findings(data, spike_events(data), quality_table(data))
+    lines = study_findings(tmp_path)
     assert ("  - naive DST's loss rises more than dense after topology updates: does NOT reproduce at this scale "
             "(reversed in some) — holds in 0, reversed in 1 of 1 measurable settings") in lines
     assert any(line.startswith("  - tiny, d=0.5, α=0: -0.5100") and line.endswith("rises less than dense")
@@ -357,9 +336,7 @@ def test_an_arm_setting_with_an_infinite_cold_start_is_not_measurable_rather_tha
                    probes=[(10, 0.05, 0.3, 3.0)])
         _write_run(tmp_path, RunSpec("tiny", "warmup-only", 0.5, 0.0, seed), [2.0] * 30, {10: 4},
                    probes=[(10, 0.05, cold, 0.01)])
-    data = load_study(tmp_path)
-    lines = stability.findings(data, spike_events(data), quality_table(data), stability.probe_table(data),
-                               stability.stats.probe_events(data))
+    lines = study_findings(tmp_path, probes=True)
     header = next(line for line in lines if line.startswith("**warmup-only removes the cold-start rise**"))
     assert header.endswith("within noise in 0, not measurable in 1 of 1 settings:")
     assert lines[lines.index(header) + 1].endswith("a run without a finite value: no verdict")
@@ -372,8 +349,7 @@ def test_the_consistency_check_pairs_smet_linear_at_alpha_zero_only_with_warmup_
         _write_run(tmp_path, RunSpec("tiny", "smet-linear", 0.5, 0.0, seed), [2.0] * 12, val_loss=loss)
         _write_run(tmp_path, RunSpec("tiny", "smet-linear", 0.5, 1.0, seed), [2.0] * 12, val_loss=loss + 0.1)
         _write_run(tmp_path, RunSpec("tiny", "warmup-only", 0.5, 0.0, seed), [2.0] * 12, val_loss=loss)
-    data = load_study(tmp_path)
-    lines = "\n".join(stability.findings(data, spike_events(data), quality_table(data)))
+    lines = "\n".join(study_findings(tmp_path))
     assert "smet-linear at α=0 and warmup-only" in lines
     assert "largest final-loss gap 0.00e+00 over 2 pairs (agree)" in lines
 
@@ -383,8 +359,7 @@ def test_density_lr_only_at_its_largest_alpha_is_compared_with_naive_dst_which_i
     for seed, naive_loss, arm_loss in ((0, 2.30, 2.10), (1, 2.32, 2.11), (2, 2.31, 2.12)):
         _write_run(tmp_path, RunSpec("tiny", "naive-dst", 0.5, 0.0, seed), [2.0] * 12, val_loss=naive_loss)
         _write_run(tmp_path, RunSpec("tiny", "density-lr-only", 0.5, 1.0, seed), [2.0] * 12, val_loss=arm_loss)
-    data = load_study(tmp_path)
-    lines = stability.findings(data, spike_events(data), quality_table(data))
+    lines = study_findings(tmp_path)
     assert any(line.startswith("  - tiny density-lr-only d=0.5: -0.2000 ± ") and line.endswith("α=1 is better")
                for line in lines)
 
@@ -394,7 +369,6 @@ def test_the_density_lr_sentence_compares_only_the_largest_alpha_with_the_smalle
         for alpha in (0.0, 0.5, 1.0):
             _write_run(tmp_path, RunSpec("tiny", "smet-linear", 0.5, alpha, seed), [2.0] * 12,
                        val_loss=2.0 + 0.1 * alpha + 0.01 * seed)
-    data = load_study(tmp_path)
-    lines = stability.findings(data, spike_events(data), quality_table(data))
+    lines = study_findings(tmp_path)
     assert [line for line in lines if line.startswith("  - tiny smet-linear d=0.5: ")] == [
         "  - tiny smet-linear d=0.5: +0.1000 ± 0.0000 (95% CI) — α=1 is worse"]

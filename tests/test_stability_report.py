@@ -21,7 +21,7 @@ from bench.stability import (
     spike_table,
     write_report,
 )
-from stability_runs import _synthetic_study, _write_run, cache_dir  # noqa: F401 -- cache_dir: autouse
+from stability_runs import _synthetic_study, _write_run, cache_dir, study_findings  # noqa: F401 -- cache_dir: autouse
 
 
 def test_spike_table_on_a_known_spike(tmp_path):
@@ -86,7 +86,7 @@ def test_the_mean_excess_is_the_mean_of_the_seed_means_its_standard_error_and_th
     naive = table.set_index("method").loc["naive-dst"]
     assert naive["mean_excess"] == pytest.approx(0.6) and naive["excess_se"] == pytest.approx(0.1)
     assert naive["max_rise"] == pytest.approx(0.9) and naive["updates"] == "3/4"
-    lines = stability.findings(data, spike_events(data), quality_table(data))
+    lines = study_findings(tmp_path)
     assert any(line.startswith("  - tiny, d=0.5, α=0: +0.6000 ± ") for line in lines)
 
 
@@ -179,7 +179,7 @@ def test_quality_table_and_its_sentence_give_the_paired_mean_its_standard_error_
     assert quality.loc["naive-dst", "vs_dense"] == pytest.approx(0.2)
     assert quality.loc["naive-dst", "vs_dense_se"] == pytest.approx(0.1 / math.sqrt(3))
     assert quality.loc["naive-dst", "val_loss_sd"] == pytest.approx(0.1)
-    lines = "\n".join(stability.findings(data, spike_events(data), quality_table(data)))
+    lines = "\n".join(study_findings(tmp_path))
     assert f"tiny naive-dst d=0.5 (best α=0 of 1): +0.2000 ± {4.303 * 0.1 / math.sqrt(3):.4f} (95% CI)" in lines
     assert "— within noise" in lines.split("tiny naive-dst d=0.5 (best α=0 of 1)")[1].splitlines()[0]
 
@@ -330,8 +330,7 @@ def test_a_pilot_report_gives_no_verdict_that_its_banner_disowns_and_a_study_sti
     assert ("  - smet-linear removes the spike of naive DST (rise): interval on the claim's side of 0 in 1, on the "
             "other side in 0 of 1 measurable settings") in measured
     assert "over 3 updates in 3 seeds (seed means compared) — interval above 0" in measured
-    data = load_study(tmp_path)
-    study = "\n".join(stability.findings(data, spike_events(data), quality_table(data)))
+    study = "\n".join(study_findings(tmp_path))
     assert "smet-linear removes the spike of naive DST (rise): reproduces — holds in 1" in study
     assert "spikes above dense: holds" in study and "worse than dense" in study
 
