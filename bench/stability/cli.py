@@ -10,8 +10,8 @@ import sys
 import time
 from pathlib import Path
 
-from smet_kernels.topology import REGROW_INITS
-from smet_kernels.train.config import WARMUP_SCOPES, naming_options
+from smet_kernels.train.cli import add_topology_arguments
+from smet_kernels.train.config import naming_options
 
 from ..options import comma_list
 from ..runner import check_minutes, usage_error
@@ -90,32 +90,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--batch-size", type=_positive_int,
                      help=f"sequences per optimizer step {_default('batch_size')}")
     run.add_argument("--seq-len", type=_positive_int, help=f"tokens per sequence {_default('seq_len')}")
-    run.add_argument("--update-interval", type=_positive_int,
-                     help=f"steps between topology updates {_default('update_interval')}")
-    run.add_argument("--prune-fraction", type=float,
-                     help="initial fraction of active blocks swapped per update, cosine-decayed, in (0, 1) "
-                     f"{_default('prune_fraction')}")
-    run.add_argument("--min-prune-fraction", type=float,
-                     help="the fraction the decay of --prune-fraction ends at, at --update-end-step, in [0, "
-                     f"--prune-fraction] {_default('min_prune_fraction')}")
-    run.add_argument("--update-end-step", type=_positive_int,
-                     help=f"last step with a topology update {_default('update_end_step', '--steps, the whole run')}")
-    run.add_argument("--regrow", choices=("random", "gradient"),
-                     help=f"regrow criterion: random (SET) or gradient (RigL) {_default('regrow')}")
-    run.add_argument("--regrow-init", choices=REGROW_INITS,
-                     help="values of a regrown block: zeros, or normal N(0, --regrow-init-std²) "
-                     f"{_default('regrow_init')}")
-    run.add_argument("--regrow-init-std", type=float,
-                     help=f"standard deviation of --regrow-init normal, > 0 {_default('regrow_init_std')}")
-    run.add_argument("--distribution", choices=("uniform", "erk"),
-                     help=f"per-layer density distribution of the sparse methods {_default('distribution')}")
-    run.add_argument("--warmup-scope", choices=WARMUP_SCOPES,
-                     help="which parameters SMETAdamW warms up: all (embeddings, norms and head too) or regrown "
-                     f"(sparse values only) {_default('warmup_scope')}")
+    steps_text = {"update_end_step": "--steps, the whole run"}
+    add_topology_arguments(run, lambda name: _default(name, steps_text.get(name)))
     run.add_argument("--spike-window", type=_positive_int,
                      help=f"k of the loss-spike statistic, in steps {_default('spike_window')}")
-    run.add_argument("--optimizer-warmup-steps", type=_positive_int,
-                     help=f"SMETAdamW per-block warm-up steps {_default('optimizer_warmup_steps')}")
     run.add_argument("--lr", type=float, help=f"peak learning rate, same for every method {_default('lr')}")
     run.add_argument("--lr-warmup-steps", type=int,
                      help=f"linear LR warm-up steps, same for every method {_default('lr_warmup_steps')}")
@@ -227,5 +205,3 @@ def main(argv: list[str] | None = None) -> int:
                                      "sweep or render its report.")
     add_arguments(parser)
     return main_from_args(parser.parse_args(argv), "python -m bench.stability", argv)
-
-

@@ -16,6 +16,7 @@ import math
 import os
 import sys
 import warnings
+from typing import Callable
 
 from ..layout import SUPPORTED_BLOCK_SIZES
 from ..optim.galore import GALORE_DEFAULT_RANK
@@ -27,6 +28,7 @@ from .config import (
     OPTIMIZERS,
     PARALLEL_MODES,
     PRECISIONS,
+    WARMUP_SCOPES,
     ConfigError,
     TrainConfig,
     interval,
@@ -70,6 +72,39 @@ def _float_in(low: float, high: float, low_open: bool = False, high_open: bool =
     return parse
 
 
+def add_topology_arguments(group, default: Callable[[str], str]) -> None:
+    """The topology schedule and SMETAdamW per-block warm-up options of smet-train, also those of the stability
+    study's ``run`` (one definition: the same names, checks and help); ``default(field)`` is a help's closing
+    ``(default: ...)`` for the :class:`TrainConfig` field behind the option."""
+    inf = float("inf")
+    group.add_argument("--update-interval", type=_int_at_least(1),
+                       help=f"optimizer steps between topology updates {default('update_interval')}")
+    group.add_argument("--prune-fraction", type=_float_in(0.0, 1.0, True, True),
+                       help=f"initial fraction of active blocks swapped per update, cosine-decayed "
+                       f"{default('prune_fraction')}")
+    group.add_argument("--min-prune-fraction", type=_float_in(0.0, 1.0),
+                       help="the fraction the cosine decay of --prune-fraction ends at, at --update-end-step; at most "
+                       f"--prune-fraction {default('min_prune_fraction')}")
+    group.add_argument("--update-end-step", type=_int_at_least(1),
+                       help="last optimizer step with a topology update; the prune fraction decays over steps 0 to it "
+                       f"{default('update_end_step')}")
+    group.add_argument("--regrow", choices=("random", "gradient"),
+                       help=f"regrow criterion: random (SET) or gradient (RigL) {default('regrow')}")
+    group.add_argument("--regrow-init", choices=REGROW_INITS,
+                       help="values of a regrown block: zeros, or normal (drawn from N(0, --regrow-init-std²) with the "
+                       f"topology's seeded generator); its Adam moments and step start at 0 {default('regrow_init')}")
+    group.add_argument("--regrow-init-std", type=_float_in(0.0, inf, True),
+                       help=f"standard deviation of --regrow-init normal {default('regrow_init_std')}")
+    group.add_argument("--distribution", choices=("uniform", "erk"),
+                       help=f"per-layer density distribution of the sparse hidden linears {default('distribution')}")
+    group.add_argument("--optimizer-warmup-steps", type=_int_at_least(1),
+                       help=f"SMETAdamW per-block warm-up length in local steps {default('optimizer_warmup_steps')}")
+    group.add_argument("--warmup-scope", choices=WARMUP_SCOPES,
+                       help="which parameters SMETAdamW warms up: all (embeddings, norms and head by their own step "
+                       "count too, as the authors' released code) or regrown (sparse values only) "
+                       f"{default('warmup_scope')}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="smet-train",
@@ -93,44 +128,20 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--block-size", type=int, choices=SUPPORTED_BLOCK_SIZES,
                        help="block size b of the b x b blocks (default: the largest with >= 4 blocks per hidden row "
                        "for which the first topology update moves at least one block of a hidden x hidden layer)")
-    model.add_argument("--distribution", choices=("uniform", "erk"),
-                       help=f"per-layer density distribution (default: {d.distribution})")
     model.add_argument("--supar", action="store_true",
                        help="SuPar: scale hidden init variance and Adam LR by 1/(width mult x density mult) "
                        "(default: off)")
     model.add_argument("--supar-base-width", type=_int_at_least(1),
                        help=f"SuPar base width: width mult = hidden size / base width (default: {d.supar_base_width})")
     smet = parser.add_argument_group("SMET topology and optimizer")
-    smet.add_argument("--update-interval", type=_int_at_least(1),
-                      help=f"optimizer steps between topology updates (default: {d.update_interval})")
-    smet.add_argument("--prune-fraction", type=_float_in(0.0, 1.0, True, True),
-                      help=f"initial fraction of active blocks swapped per update, cosine-decayed "
-                      f"(default: {d.prune_fraction})")
-    smet.add_argument("--min-prune-fraction", type=_float_in(0.0, 1.0),
-                      help="the fraction the cosine decay of --prune-fraction ends at, at --update-end-step; at most "
-                      f"--prune-fraction (default: {d.min_prune_fraction})")
-    smet.add_argument("--update-end-step", type=_int_at_least(1),
-                      help="last optimizer step with a topology update; the prune fraction decays over steps 0 to it "
-                      "(default: --max-steps, the whole run)")
-    smet.add_argument("--regrow", choices=("random", "gradient"),
-                      help=f"regrow criterion: random (SET) or gradient (RigL) (default: {d.regrow})")
-    smet.add_argument("--regrow-init", choices=REGROW_INITS,
-                      help="values of a regrown block: zeros, or normal (drawn from N(0, --regrow-init-std²) with the "
-                      f"topology's seeded generator); its Adam moments and step start at 0 (default: {d.regrow_init})")
-    smet.add_argument("--regrow-init-std", type=_float_in(0.0, inf, True),
-                      help="standard deviation of --regrow-init normal (default: "
-                      f"{d.regrow_init_std}, the model presets' init std before any --supar scaling)")
+    topology_defaults = {"update_end_step": "--max-steps, the whole run", "regrow_init_std":
+                         f"{d.regrow_init_std}, the model presets' init std before any --supar scaling"}
+    add_topology_arguments(smet, lambda name: f"(default: {topology_defaults.get(name, getattr(d, name))})")
     smet.add_argument("--warmup-mode", choices=("linear", "momentum_ramp", "none"),
                       help=f"per-block optimizer warm-up of SMETAdamW (default: {d.warmup_mode})")
-    smet.add_argument("--optimizer-warmup-steps", type=_int_at_least(1),
-                      help=f"per-block warm-up length in local steps (default: {d.optimizer_warmup_steps})")
     smet.add_argument("--density-lr-exponent", type=_float_in(0.0, inf),
                       help="alpha of the density-aware LR lr x density^-alpha, 0 disables (default: 1 for smet and "
                       "density-lr-only, 0 for naive-dst; warmup-only is always 0)")
-    smet.add_argument("--warmup-scope", choices=("all", "regrown"),
-                      help="which parameters SMETAdamW warms up: all (embeddings, norms and head by their own step "
-                      f"count too, as the authors' released code) or regrown (sparse values only) "
-                      f"(default: {d.warmup_scope})")
     galore = parser.add_argument_group("GaLore")
     galore.add_argument("--galore-rank", type=_int_at_least(1),
                         help="projection rank (default: per model size, "
