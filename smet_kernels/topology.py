@@ -321,6 +321,7 @@ class SMET:
             except Exception:  # raised before any layer changed (every check precedes the first change)
                 self._step -= 1
                 self.generator.set_state(generator_state)
+                self._attach_hooks()  # detached by remove_hooks(): the retry's backward records again
                 raise
         self._sync_hooks()
         return record
@@ -367,12 +368,15 @@ class SMET:
         if self.regrow == "random":
             return None
         if target.dense_grad is None:
-            raise RuntimeError(
-                f"regrow='gradient' needs the dense gradient of {target.name!r} at update step {self._step}, but "
+            why = (
                 "no backward pass went through its layer since the previous optimizer step (under torch.compile: build "
                 "the controller before the model is first compiled, and call torch._dynamo.reset() before compiling "
                 "where this process compiled a model of its class without the controller's hooks)"
+                if target.hooks else "remove_hooks() detached its recording hook before the backward (attached again "
+                "now: run the forward and backward again, then step())"
             )
+            raise RuntimeError(f"regrow='gradient' needs the dense gradient of {target.name!r} at update step "
+                               f"{self._step}, but {why}")
         if _distributed():
             dist.all_reduce(target.dense_grad)
             target.dense_grad.div_(dist.get_world_size())
@@ -506,6 +510,14 @@ class SMET:
             return
         for target in self.targets:
             target.probe = zero_probe(target.layout.shape, target.param.device) if self._recording else None
+        self._attach_hooks()
+
+    def _attach_hooks(self) -> None:
+        """With RigL, a recording hook on every layer of a target that has none (new, or detached by
+        :meth:`remove_hooks`)."""
+        if self.regrow != "gradient":
+            return
+        for target in self.targets:
             if not target.hooks:
                 for module in target.modules:
                     recorder = self._make_recorder(target)
@@ -533,7 +545,10 @@ class SMET:
         return record_input
 
     def remove_hooks(self) -> None:
-        """Detach the controller's dense-gradient hooks (attached again by the next :meth:`step`)."""
+        """Detach the controller's dense-gradient hooks from the model (which then no longer keeps the controller
+        alive); the next :meth:`step` attaches them again. An update step right after finds no dense gradient: it
+        raises and attaches them, and its retry after another forward and backward updates. A model compiled with
+        the hooks keeps them in its graph (``torch._dynamo.reset()`` before it is compiled again)."""
         for target in self.targets:
             for hook in target.hooks:
                 hook.remove()

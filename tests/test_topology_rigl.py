@@ -316,3 +316,32 @@ def test_rigl_refuses_a_sparse_weight_that_modules_of_different_kinds_hold():
         SMET(model, opt, regrow="gradient")
     assert "\n" not in str(raised.value)
     assert SMET(model, opt, regrow="random").targets[0].modules == (model.first, model.second, model.holder)
+
+
+def test_remove_hooks_detaches_the_recorders_and_the_next_step_attaches_them_again():
+    model, opt, smet = make_run(regrow="gradient", update_interval=3)
+    smet.remove_hooks()
+    assert len(model.up._forward_hooks) == 0 and len(model.down._forward_hooks) == 0
+    train_step(model, opt, smet, 1)  # not an update step, nothing to record
+    assert len(model.up._forward_hooks) == 1 and len(model.down._forward_hooks) == 1
+    for step in (2, 3):
+        record = train_step(model, opt, smet, step)
+    assert record["step"] == 3 and record["layers"]["up.values"]["regrown"] > 0
+
+
+def test_an_update_right_after_remove_hooks_raises_naming_it_and_its_retry_after_a_backward_updates():
+    """The step before the update armed the recording; with the hooks detached the backward records nothing, so the
+    update must fail (not regrow by a zero gradient), attach the hooks again, and succeed once a backward ran."""
+    model, opt, smet = make_run(regrow="gradient", update_interval=2)
+    train_step(model, opt, smet, 1)
+    smet.remove_hooks()
+    before = [t.layout.block_indices.clone() for t in smet.targets]
+    with pytest.raises(RuntimeError, match=r"dense gradient of 'up.values' .* remove_hooks\(\) detached"):
+        train_step(model, opt, smet, 2)
+    assert smet.step_count == 1 and smet.history == [] and smet.needs_dense_grad()
+    assert all(torch.equal(t.layout.block_indices, b) for t, b in zip(smet.targets, before))
+    assert len(model.up._forward_hooks) == 1 and len(model.down._forward_hooks) == 1
+    x, target = batch(2)
+    (model(x) - target).pow(2).mean().backward()
+    record = smet.step()
+    assert record["step"] == 2 and record["layers"]["up.values"]["regrown"] > 0
