@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from smet_kernels.train.cli import add_topology_arguments
+from smet_kernels.train.cli import add_topology_arguments, int_at_least
 from smet_kernels.train.config import naming_options
 
 from ..options import comma_list
@@ -18,16 +18,6 @@ from ..runner import check_minutes, usage_error
 from .report import write_report
 from .spec import COMMANDS_FILE, DENSE_METHOD, METHODS, PRESETS, TRAINER_SETTINGS, StudySpec, enumerate_runs
 from .sweep import check_runnable, is_done, run_sweep
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 def _default(name: str, study_text: str | None = None) -> str:
@@ -85,14 +75,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help=f"density-LR exponents α >= 0 of the SMETAdamW methods (lr × d^-α) {_default('alphas')}")
     run.add_argument("--seeds", type=comma_list(int, container=tuple),
                      help=f"seeds; every method runs every seed {_default('seeds')}")
-    run.add_argument("--steps", type=_positive_int,
+    run.add_argument("--steps", type=int_at_least(1),
                      help=f"optimizer steps per run; token budget = steps × batch × seq {_default('steps')}")
-    run.add_argument("--batch-size", type=_positive_int,
+    run.add_argument("--batch-size", type=int_at_least(1),
                      help=f"sequences per optimizer step {_default('batch_size')}")
-    run.add_argument("--seq-len", type=_positive_int, help=f"tokens per sequence {_default('seq_len')}")
+    run.add_argument("--seq-len", type=int_at_least(1), help=f"tokens per sequence {_default('seq_len')}")
     steps_text = {"update_end_step": "--steps, the whole run"}
     add_topology_arguments(run, lambda name: _default(name, steps_text.get(name)))
-    run.add_argument("--spike-window", type=_positive_int,
+    run.add_argument("--spike-window", type=int_at_least(1),
                      help=f"k of the loss-spike statistic, in steps {_default('spike_window')}")
     run.add_argument("--lr", type=float, help=f"peak learning rate, same for every method {_default('lr')}")
     run.add_argument("--lr-warmup-steps", type=int,

@@ -44,7 +44,9 @@ from .tokenizer import DEFAULT_BPE_VOCAB
 DEFAULTS = TrainConfig()
 
 
-def _int_at_least(minimum: int):
+def int_at_least(minimum: int):
+    """argparse type: an int >= ``minimum`` (a bad value is named in the usage error)."""
+
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -57,7 +59,9 @@ def _int_at_least(minimum: int):
     return parse
 
 
-def _float_in(low: float, high: float, low_open: bool = False, high_open: bool = False):
+def float_in(low: float, high: float, low_open: bool = False, high_open: bool = False):
+    """argparse type: a finite float in the interval from ``low`` to ``high``, each end open where asked."""
+
     def parse(text: str) -> float:
         try:
             value = float(text)
@@ -77,15 +81,15 @@ def add_topology_arguments(group, default: Callable[[str], str]) -> None:
     study's ``run`` (one definition: the same names, checks and help); ``default(field)`` is a help's closing
     ``(default: ...)`` for the :class:`TrainConfig` field behind the option."""
     inf = float("inf")
-    group.add_argument("--update-interval", type=_int_at_least(1),
+    group.add_argument("--update-interval", type=int_at_least(1),
                        help=f"optimizer steps between topology updates {default('update_interval')}")
-    group.add_argument("--prune-fraction", type=_float_in(0.0, 1.0, True, True),
+    group.add_argument("--prune-fraction", type=float_in(0.0, 1.0, True, True),
                        help=f"initial fraction of active blocks swapped per update, cosine-decayed "
                        f"{default('prune_fraction')}")
-    group.add_argument("--min-prune-fraction", type=_float_in(0.0, 1.0),
+    group.add_argument("--min-prune-fraction", type=float_in(0.0, 1.0),
                        help="the fraction the cosine decay of --prune-fraction ends at, at --update-end-step; at most "
                        f"--prune-fraction {default('min_prune_fraction')}")
-    group.add_argument("--update-end-step", type=_int_at_least(1),
+    group.add_argument("--update-end-step", type=int_at_least(1),
                        help="last optimizer step with a topology update; the prune fraction decays over steps 0 to it "
                        f"{default('update_end_step')}")
     group.add_argument("--regrow", choices=("random", "gradient"),
@@ -93,11 +97,11 @@ def add_topology_arguments(group, default: Callable[[str], str]) -> None:
     group.add_argument("--regrow-init", choices=REGROW_INITS,
                        help="values of a regrown block: zeros, or normal (drawn from N(0, --regrow-init-std²) with the "
                        f"topology's seeded generator); its Adam moments and step start at 0 {default('regrow_init')}")
-    group.add_argument("--regrow-init-std", type=_float_in(0.0, inf, True),
+    group.add_argument("--regrow-init-std", type=float_in(0.0, inf, True),
                        help=f"standard deviation of --regrow-init normal {default('regrow_init_std')}")
     group.add_argument("--distribution", choices=("uniform", "erk"),
                        help=f"per-layer density distribution of the sparse hidden linears {default('distribution')}")
-    group.add_argument("--optimizer-warmup-steps", type=_int_at_least(1),
+    group.add_argument("--optimizer-warmup-steps", type=int_at_least(1),
                        help=f"SMETAdamW per-block warm-up length in local steps {default('optimizer_warmup_steps')}")
     group.add_argument("--warmup-scope", choices=WARMUP_SCOPES,
                        help="which parameters SMETAdamW warms up: all (embeddings, norms and head by their own step "
@@ -123,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "storage + plain Adam (cold start: global bias correction, no warm-up, alpha 0); ablations: "
                        "warmup-only (SMET with alpha 0), density-lr-only (naive-dst with alpha 1) "
                        f"(default: {d.optimizer})")
-    model.add_argument("--density", type=_float_in(0.0, 1.0, low_open=True),
+    model.add_argument("--density", type=float_in(0.0, 1.0, low_open=True),
                        help=f"global density of the hidden linear layers in (0, 1] (default: {d.density})")
     model.add_argument("--block-size", type=int, choices=SUPPORTED_BLOCK_SIZES,
                        help="block size b of the b x b blocks (default: the largest with >= 4 blocks per hidden row "
@@ -131,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--supar", action="store_true",
                        help="SuPar: scale hidden init variance and Adam LR by 1/(width mult x density mult) "
                        "(default: off)")
-    model.add_argument("--supar-base-width", type=_int_at_least(1),
+    model.add_argument("--supar-base-width", type=int_at_least(1),
                        help=f"SuPar base width: width mult = hidden size / base width (default: {d.supar_base_width})")
     smet = parser.add_argument_group("SMET topology and optimizer")
     topology_defaults = {"update_end_step": "--max-steps, the whole run", "regrow_init_std":
@@ -139,24 +143,24 @@ def build_parser() -> argparse.ArgumentParser:
     add_topology_arguments(smet, lambda name: f"(default: {topology_defaults.get(name, getattr(d, name))})")
     smet.add_argument("--warmup-mode", choices=("linear", "momentum_ramp", "none"),
                       help=f"per-block optimizer warm-up of SMETAdamW (default: {d.warmup_mode})")
-    smet.add_argument("--density-lr-exponent", type=_float_in(0.0, inf),
+    smet.add_argument("--density-lr-exponent", type=float_in(0.0, inf),
                       help="alpha of the density-aware LR lr x density^-alpha, 0 disables (default: 1 for smet and "
                       "density-lr-only, 0 for naive-dst; warmup-only is always 0)")
     galore = parser.add_argument_group("GaLore")
-    galore.add_argument("--galore-rank", type=_int_at_least(1),
+    galore.add_argument("--galore-rank", type=int_at_least(1),
                         help="projection rank (default: per model size, "
                         f"{', '.join(f'{rank} for {name}' for name, rank in GALORE_DEFAULT_RANK.items())}; "
                         "the GaLore paper's from 60m to 1b)")
-    galore.add_argument("--galore-update-gap", type=_int_at_least(1),
+    galore.add_argument("--galore-update-gap", type=int_at_least(1),
                         help=f"steps between projection refreshes (default: {d.galore_update_gap})")
-    galore.add_argument("--galore-scale", type=_float_in(0.0, inf, low_open=True),
+    galore.add_argument("--galore-scale", type=float_in(0.0, inf, low_open=True),
                         help=f"scale of the projected-back update (default: {d.galore_scale})")
     opt = parser.add_argument_group("optimization")
-    opt.add_argument("--lr", type=_float_in(0.0, inf, low_open=True),
+    opt.add_argument("--lr", type=float_in(0.0, inf, low_open=True),
                      help=f"peak learning rate; cosine decay to 10%% at --max-steps (default: {d.lr})")
-    opt.add_argument("--lr-warmup-steps", type=_int_at_least(0),
+    opt.add_argument("--lr-warmup-steps", type=int_at_least(0),
                      help=f"linear LR warm-up steps (default: {d.lr_warmup_steps})")
-    opt.add_argument("--weight-decay", type=_float_in(0.0, inf),
+    opt.add_argument("--weight-decay", type=float_in(0.0, inf),
                      help=f"decoupled weight decay (default: {d.weight_decay})")
     opt.add_argument("--precision", choices=PRECISIONS,
                      help="fp32; bf16-autocast (fp32 weights, bf16 matmuls); bf16 (bf16 weights, fp32 optimizer "
@@ -165,29 +169,29 @@ def build_parser() -> argparse.ArgumentParser:
                      help="recompute each decoder layer in backward (non-reentrant torch.utils.checkpoint): only the "
                      "layer inputs stay saved, activation memory falls by about the layer count, a step costs about "
                      "one more forward; the same losses (default: off)")
-    opt.add_argument("--batch-size", type=_int_at_least(1),
+    opt.add_argument("--batch-size", type=int_at_least(1),
                      help=f"global batch in sequences per optimizer step, split over --grad-accum micro-steps and "
                      f"the data-parallel ranks (default: {d.batch_size})")
-    opt.add_argument("--seq-len", type=_int_at_least(1), help=f"tokens per sequence (default: {d.seq_len})")
-    opt.add_argument("--grad-accum", type=_int_at_least(1),
+    opt.add_argument("--seq-len", type=int_at_least(1), help=f"tokens per sequence (default: {d.seq_len})")
+    opt.add_argument("--grad-accum", type=int_at_least(1),
                      help=f"micro-steps per optimizer step (default: {d.grad_accum})")
-    opt.add_argument("--grad-clip", type=_float_in(0.0, inf),
+    opt.add_argument("--grad-clip", type=float_in(0.0, inf),
                      help=f"max global gradient norm, 0 disables (default: {d.grad_clip})")
     opt.add_argument("--on-nonfinite", choices=NONFINITE_ACTIONS,
                      help="a step whose loss or global gradient norm is NaN/Inf: stop (one-line error, exit 1, "
                      "metrics flushed, no checkpoint of that state) or skip it (no update; the batch is consumed; "
                      f"counted as nonfinite_skips in summary.json) (default: {d.on_nonfinite})")
-    opt.add_argument("--max-consecutive-skips", type=_int_at_least(1),
+    opt.add_argument("--max-consecutive-skips", type=int_at_least(1),
                      help="with --on-nonfinite skip: stop when a non-finite step follows this many skipped steps in a "
                      f"row (default: {d.max_consecutive_skips})")
-    opt.add_argument("--max-steps", type=_int_at_least(1), help=f"optimizer steps to train (default: {d.max_steps})")
+    opt.add_argument("--max-steps", type=int_at_least(1), help=f"optimizer steps to train (default: {d.max_steps})")
     opt.add_argument("--parallel", choices=PARALLEL_MODES,
                      help="multi-process mode under torchrun (ignored in one process): ddp replicates the model "
                      "(DistributedDataParallel on the compact parameters); fsdp shards it with FSDP2 (fully_shard "
                      "per decoder layer and root): weights, gradients and optimizer states (SMET per-block steps "
                      "included) are split over the ranks by value slot; checkpoints per --checkpoint-format; not "
                      f"with --optimizer galore (default: {d.parallel})")
-    opt.add_argument("--seed", type=_int_at_least(0), help=f"seed of init, topology and data order (default: {d.seed})")
+    opt.add_argument("--seed", type=int_at_least(0), help=f"seed of init, topology and data order (default: {d.seed})")
     run = parser.add_argument_group("data, evaluation and output")
     run.add_argument("--data",
                      help="'stdlib' (Python standard library sources, byte tokens), a text file, a folder of text "
@@ -199,13 +203,13 @@ def build_parser() -> argparse.ArgumentParser:
                      "tokenizers) trained on the training split of a text corpus and cached with its tokens "
                      f"(VOCAB default {DEFAULT_BPE_VOCAB}); validation also reports bits per byte, comparable across "
                      f"tokenizers (default: {d.tokenizer})")
-    run.add_argument("--eval-every", type=_int_at_least(0),
+    run.add_argument("--eval-every", type=int_at_least(0),
                      help=f"validate every N steps (and at step 0 and the end), 0 disables (default: {d.eval_every})")
-    run.add_argument("--eval-batches", type=_int_at_least(1),
+    run.add_argument("--eval-batches", type=int_at_least(1),
                      help=f"validation batches per evaluation (default: {d.eval_batches})")
-    run.add_argument("--log-every", type=_int_at_least(1),
+    run.add_argument("--log-every", type=int_at_least(1),
                      help=f"write a metrics.jsonl record every N steps (default: {d.log_every})")
-    run.add_argument("--spike-window", type=_int_at_least(1),
+    run.add_argument("--spike-window", type=int_at_least(1),
                      help=f"k of the loss-spike diagnostic around topology updates (default: {d.spike_window})")
     run.add_argument("--no-update-probe", dest="update_probe", action="store_false",
                      help="do not measure prune damage, cold-start rise and first-step sizes around topology updates "
@@ -223,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "or a resume into a folder other than its own run's, refuses a folder holding a good checkpoint "
                      "of another run (--resume it, or pick another folder) (default: runs/CONFIG-OPTIMIZER; with "
                      "--resume, the run folder holding the checkpoint)")
-    run.add_argument("--checkpoint-every", type=_int_at_least(0),
+    run.add_argument("--checkpoint-every", type=int_at_least(0),
                      help=f"checkpoint every N steps and at the end, 0 disables (default: {d.checkpoint_every})")
     run.add_argument("--checkpoint-format", choices=CHECKPOINT_FORMATS,
                      help="under --parallel fsdp: sharded (every rank writes its shards with "
