@@ -1,3 +1,7 @@
+import re
+import warnings
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -401,3 +405,17 @@ def test_sparsify_with_layouts_refuses_a_layer_factory_that_is_not_callable_by_n
     with pytest.raises(TypeError, match="^layer_factory must be None or a callable .*, got int$"):
         sparsify_with_layouts(model, {"up": BlockLayout.random(64, 32, 16, 0.5)}, layer_factory=3)
     assert type(model.up) is nn.Linear
+
+
+def test_readme_use_the_library_snippet_runs_and_trains_a_sparse_model(reference_backend):
+    """The README's first example, as a newcomer pastes it (the reference ops: the interpreter would take minutes)."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    snippet = re.search(r"```python\n(.*?)```", readme.split("## Use the library", 1)[1], re.S).group(1)
+    namespace: dict = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # "Triton cannot run on device 'cpu'" where it applies
+        exec(compile(snippet, "README.md", "exec"), namespace)
+    assert namespace["y"].shape == (8, 1024) and torch.isfinite(namespace["loss"])
+    model, smet = namespace["model"], namespace["smet"]
+    assert smet.step_count == 3 and len(smet.targets) == 7 * len(model.layers)
+    assert isinstance(model.layers[0].mlp.up_proj, BlockSparseLinear)
