@@ -5,6 +5,7 @@ import torch
 
 from smet_kernels.ops.adamw import _slot_is_whole_tiles, _vector_aligned
 from smet_kernels.ops.library import adamw_step
+from smet_kernels.reference.adamw import torch_adamw_step
 
 GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 HYPER = dict(betas=(0.9, 0.99), eps=1e-6, weight_decay=0.1, warmup_steps=4)
@@ -256,6 +257,11 @@ def _valid(device):
         (lambda t: t.__setitem__(2, t[2].transpose(1, 2)), ValueError, r"exp_avgs\[0\] must be contiguous"),
         (lambda t: t.__setitem__(3, t[3].half()), TypeError, r"exp_avgs\[0\]/exp_avg_sqs\[0\]"),
         (lambda t: t.__setitem__(4, None), ValueError, r"global_steps\[0\] is required"),
+        (lambda t: t.__setitem__(1, t[1].tolist()), TypeError, r"^grads\[0\] must be a torch.Tensor, got list$"),
+        (lambda t: t.__setitem__(0, t[0].double()), TypeError,
+         r"^params\[0\] must be one of \(torch.float32, torch.float16, torch.bfloat16\), got torch.float64$"),
+        (lambda t: t.__setitem__(slice(0, 4), [x.reshape(2, 256) for x in t[:4]]), ValueError,
+         r"^params\[0\] with a block_step must be values \[nnz, b, b\], got \(2, 256\)$"),
     ],
 )
 def test_adamw_step_bad_tensors_raise(mutate, error, match, device):
@@ -295,6 +301,20 @@ def test_adamw_step_bad_lr_and_lengths_raise(device):
         adamw_step(*[[t] for t in tensors], [0.1], [0])
     with pytest.raises(ValueError, match="global_steps has 2 entries"):
         adamw_step(*[[t] for t in tensors], [0.1], [None, None])
+
+
+def test_torch_adamw_step_refuses_an_unknown_warmup_and_a_dense_tensor_without_a_global_step(device):
+    """adamw_step checks these before it dispatches; a direct caller of torch_adamw_step gets the same errors, with
+    the tensors left as they were."""
+    tensors = _valid(device)
+    before = clone_all([tensors])
+    with pytest.raises(ValueError, match=r"^warmup must be one of \('linear', 'momentum_ramp', 'none'\), "
+                                         r"got 'cosine'$"):
+        torch_adamw_step(*tensors, lr=0.1, warmup="cosine")
+    with pytest.raises(ValueError, match=r"^global_step is required for a dense tensor \(block_step=None\)$"):
+        torch_adamw_step(*tensors[:4], None, lr=0.1)
+    for tensor, original in zip(tensors, before[0]):
+        assert torch.equal(tensor, original)
 
 
 @pytest.mark.parametrize("spec", [[(0, 64)], [(0, 16), (2, 64), ("dense", (5,))], [(3, 0)]],

@@ -98,6 +98,27 @@ def test_unknown_grid_entries_raise():
         list(training.training_cases(["tiny"], ["sgd"], [0.5], 32, 2, 32, torch.float32))
 
 
+def test_an_unknown_kernel_op_or_optimizer_provider_is_refused_naming_the_known_ones():
+    with pytest.raises(ValueError, match=r"^ops must be in \('forward', 'grad_input', 'grad_weight'\), "
+                                         r"got 'backward'$"):
+        list(kernels.kernel_cases(["tiny"], [0.5], [32], [64], torch.float32, ops=["forward", "backward"]))
+    with pytest.raises(ValueError, match=r"^providers must be in \('smet_adamw', 'torch_adamw_fused', "
+                                         r"'torch_adamw_foreach'\), got 'sgd'$"):
+        list(optimizer.optimizer_cases(["tiny"], [0.5], [32], providers=["smet_adamw", "sgd"]))
+
+
+def test_a_block_size_that_does_not_divide_a_shape_is_left_out_of_its_cases_only():
+    """128 divides none of tiny's weights (hidden size 64) but all of 20m's: its sparse cases are 20m's alone."""
+    cases = kernels.kernel_cases(["tiny", "20m"], [0.5], [64, 128], [64], torch.float32,
+                                 providers=["cublas_dense", "torch_reference"], ops=["forward"])
+    labels = [shape.label for shape in kernels.linear_shapes(["tiny", "20m"])]
+    assert sorted((c.shape.label, c.block_size or 0) for c in cases) == sorted(
+        [(label, b) for label in labels for b in (0, 64)] + [(label, 128) for label in labels if label[:3] == "20m"])
+    steps = optimizer.optimizer_cases(["tiny", "20m"], [0.5], [64, 128], providers=["smet_adamw"])
+    assert sorted((c.shape.label, c.block_size) for c in steps if c.block_size) == [
+        ("20m:gate_up", 64), ("20m:gate_up", 128), ("tiny:gate_up", 64)]
+
+
 def test_cpu_timing_quantiles():
     calls = []
     timing = measure(lambda: calls.append(1), "cpu", warmup=2, min_repeats=5, max_repeats=5, budget_s=0.0)

@@ -23,6 +23,7 @@ from smet_kernels.modules import BlockLayoutLinear  # noqa: E402
 pytestmark = pytest.mark.usefixtures("reference_backend")
 
 UP_VALUES = "model.layers.0.mlp.up_proj.values"
+UP_INDICES = "model.layers.0.mlp.up_proj.block_indices"
 IDS = torch.randint(0, 32, (2, SEQ), generator=torch.Generator().manual_seed(0))  # within every vocabulary here
 
 
@@ -219,9 +220,16 @@ def test_a_checkpoint_without_sparse_layer_is_sent_to_from_pretrained(tmp_path):
          r"'model.norm.weight' in model.safetensors has shape \[3\], the model's \[64\]"),
         (lambda state: state.update({"model.norm.block_indices": torch.zeros(1, 2, dtype=torch.int64)}),
          "unexpected key 'model.norm.block_indices' .* 'model.norm' .* is a LlamaRMSNorm, not an nn.Linear"),
+        (lambda state: state.update({UP_INDICES: state[UP_INDICES].float()}),
+         rf"^'{UP_INDICES}' in model.safetensors: block_indices must be an integer tensor, got torch.float32$"),
+        (lambda state: state.update({UP_INDICES: state[UP_INDICES] + 1000}),
+         rf"^'{UP_INDICES}' in model.safetensors: block_indices out of range for a block grid of 8x4$"),
+        (lambda state: state.pop(UP_VALUES),
+         rf"^'{UP_VALUES}' \(or a masked layer's 'model.layers.0.mlp.up_proj.weight'\) is missing from the checkpoint "
+         rf"\(its '{UP_INDICES}' is in model.safetensors\)$"),
     ],
     ids=["missing", "unexpected", "values-beside-indices", "values-not-square", "values-2d", "unexpected-bias",
-         "misshapen", "sparse-non-linear"],
+         "misshapen", "sparse-non-linear", "indices-not-integer", "indices-out-of-range", "values-and-weight-missing"],
 )  # fmt: skip
 def test_a_missing_unexpected_or_misshapen_key_is_refused_in_one_line_naming_it(tmp_path, edit, message):
     saved(tmp_path)

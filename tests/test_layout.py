@@ -111,6 +111,8 @@ def test_state_dict_round_trip():
         (lambda: BlockLayout(torch.tensor([[0, -1]]), (32, 32), 16), ValueError, "^block_indices out of range"),
         (lambda: BlockLayout(torch.tensor([[-1, 0]]), (32, 32), 16), ValueError, "^block_indices out of range"),
         (lambda: BlockLayout.random(True, 64, 16, 0.5), TypeError, "^out_features must be an int"),
+        (lambda: BlockLayout([[0, 0]], (32, 32), 16), TypeError, "^block_indices must be a torch.Tensor, got list$"),
+        (lambda: BlockLayout.from_mask([[True]], 16), TypeError, "^mask must be a torch.Tensor, got list$"),
     ],
 )
 def test_bad_input_names_the_argument(call, exc, word):

@@ -49,6 +49,12 @@ def test_memory_command_rejects_an_unknown_config_in_one_line(tmp_path, capsys):
     assert error == "smet-bench: error: --configs must be from 20m,60m,130m,350m,1b,7b, got 3b"
 
 
+def test_report_only_without_a_traced_memory_csv_says_to_run_the_memory_command_first(tmp_path, capsys):
+    error = usage_error(main, ["memory", "--report-only", "--out-dir", str(tmp_path)], capsys)
+    assert error == f"smet-bench: error: no memory.csv in {tmp_path}: run `smet-bench memory` first"
+    assert not (tmp_path / "memory.md").exists()
+
+
 def test_memory_command_rejects_a_bad_batch_shape(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["memory", "--batch-shapes", "8by256", "--out-dir", str(tmp_path)])

@@ -154,6 +154,10 @@ def test_regrow_blocks_triton_on_a_device_other_than_the_current_one():
         (dict(init_std=-1.0), ValueError, "init_std"),
         (dict(init_std=float("inf")), ValueError, "init_std"),
         (dict(generator=3), TypeError, "generator"),
+        (dict(values=[[[0.0]]]), TypeError, "^values must be a torch.Tensor, got list$"),
+        (dict(values=torch.zeros(16, 16, 4).permute(2, 0, 1)), ValueError, "^values must be contiguous$"),
+        (dict(exp_avg=torch.zeros(4, 16, 16).tolist()), TypeError,
+         "^exp_avg must be a torch.Tensor or None, got list$"),
     ],
 )
 def test_regrow_blocks_bad_arguments_raise(kwargs, error, match):

@@ -98,6 +98,13 @@ def test_the_spec_refuses_density_1_an_unsupported_block_size_and_lr_warm_up_ove
         dataclasses.replace(PRESETS["pilot"], lr_warmup_steps=200).validate()
 
 
+@pytest.mark.parametrize("field", ["configs", "methods", "densities", "alphas", "seeds"])
+def test_an_empty_list_of_configs_methods_densities_alphas_or_seeds_is_refused_naming_the_field(field):
+    """Only a Python caller gets here: the command line refuses an empty list while parsing."""
+    with pytest.raises(ValueError, match=f"^{field} must not be empty$"):
+        dataclasses.replace(PRESETS["pilot"], **{field: ()}).validate()
+
+
 def test_every_option_an_error_of_stability_run_names_is_an_option_of_it():
     parser = argparse.ArgumentParser()
     stability.add_arguments(parser)
@@ -129,6 +136,10 @@ def test_the_help_of_each_option_states_the_default_that_cpu_study_gives_it(caps
         ("--seeds", "0,-1", "--seeds must be ints in [0, 4294967295], got [-1]"),
         ("--seeds", "4294967296", "--seeds must be ints in [0, 4294967295], got [4294967296]"),
         ("--min-prune-fraction", "0.5", "--min-prune-fraction (0.5) must be <= --prune-fraction (0.2)"),
+        ("--configs", "tiny,tiny", "--configs has duplicates: ['tiny', 'tiny']"),
+        ("--configs", "tiny,huge", "--configs must be from ['tiny', '20m', '60m', '130m', '350m', '1b', '7b'], got "
+                                   "['huge']"),
+        ("--alphas", "0,-1", "--alphas must be >= 0, got [-1.0]"),
         pytest.param("--device", "cuda", "CUDA", marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA")),
     ],
 )

@@ -210,3 +210,14 @@ def test_the_notes_on_options_are_printed_by_rank_0_only(capsys, tmp_path, monke
         monkeypatch.setenv("RANK", rank)
         assert cli.main(argv + ["--out-dir", str(tmp_path / rank)]) == 0
         assert ("--density has no effect" in capsys.readouterr().err) == noted
+
+
+@pytest.mark.parametrize("on_nonfinite, named", [([], True), (["--on-nonfinite", "stop"], True),
+                                                 (["--on-nonfinite", "skip"], False)])
+def test_max_consecutive_skips_is_named_as_without_effect_unless_nonfinite_steps_are_skipped(on_nonfinite, named,
+                                                                                             capsys):
+    """The default --on-nonfinite stop ends the run at the first non-finite step: no skips to count."""
+    args = cli.build_parser().parse_args(["--config", "tiny", "--max-consecutive-skips", "3"] + on_nonfinite)
+    cli._warn_ignored_options(args, cli.config_from_args(args))
+    noted = "smet-train: --max-consecutive-skips has no effect with --on-nonfinite stop\n" in capsys.readouterr().err
+    assert noted == named

@@ -52,6 +52,7 @@ def test_default_block_size_keeps_four_blocks_a_row_and_moves_a_block_when_exact
         ("update_end_step", 0, "^update_end_step must be an int >= 1, got 0$"),
         ("regrow_init", "uniform", r"^regrow_init must be one of \['zeros', 'normal'\], got 'uniform'$"),
         ("regrow_init_std", 0.0, r"^regrow_init_std must be in \(0, inf\), got 0.0$"),
+        ("block_size", 24, r"^block_size must be one of \[16, 32, 64, 128\], got 24$"),
     ],
 )
 def test_config_validation_refuses_a_value_at_or_past_each_bound(field, value, message):
@@ -62,6 +63,11 @@ def test_config_validation_refuses_a_value_at_or_past_each_bound(field, value, m
 def test_config_from_dict_reads_betas_back_as_a_tuple():
     config = TrainConfig.from_dict({"betas": [0.9, 0.99]})
     assert config.betas == (0.9, 0.99) and config == TrainConfig(betas=(0.9, 0.99))
+
+
+def test_config_from_dict_refuses_unknown_fields_naming_them_sorted():
+    with pytest.raises(ConfigError, match=r"^unknown config fields \['lerning_rate', 'steps'\]$"):
+        TrainConfig.from_dict({"steps": 10, "lr": 1e-3, "lerning_rate": 1e-3})
 
 
 # ---------------------------------------------------------------------------------------------- arms and probe

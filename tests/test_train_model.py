@@ -1,8 +1,10 @@
 """The LLaMA model of the reference trainer, composed from its parts: attention over rotated heads, the sublayers'
 own norms, the final norm before the head, the loss in fp32, re-initialisation and the shape catalog."""
 
+import dataclasses
 import math
 
+import pytest
 import torch
 
 from smet_kernels.train.model import (
@@ -95,3 +97,15 @@ def test_rmsnorm_of_a_bf16_input_is_the_fp32_result_rounded_once():
     x_float = x.float()
     expected = (x_float * torch.rsqrt(x_float.pow(2).mean(-1, keepdim=True) + norm.eps)).to(torch.bfloat16)
     assert torch.equal(norm(x), expected)
+
+
+@pytest.mark.parametrize("vocab_size", [1, 0, 2.0, True, "256"])
+def test_a_vocabulary_that_is_not_an_int_of_at_least_2_is_refused_naming_it(vocab_size):
+    with pytest.raises(ValueError, match=f"^vocab_size must be an int >= 2, got {vocab_size!r}$"):
+        model_config("tiny", vocab_size=vocab_size)
+
+
+def test_a_hidden_size_that_the_number_of_heads_does_not_divide_is_refused_naming_both():
+    config = dataclasses.replace(model_config("tiny"), num_heads=3)
+    with pytest.raises(ValueError, match=f"^hidden_size {config.hidden_size} is not divisible by num_heads 3$"):
+        LlamaModel(config)

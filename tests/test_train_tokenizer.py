@@ -88,6 +88,18 @@ def test_a_token_file_refuses_bpe(tmp_path):
         load_corpus(str(path), tokenizer="bpe:300")
 
 
+@pytest.mark.parametrize("tokenizer, message", [
+    ("bpe:x", "tokenizer vocab must be an integer, got 'bpe:x'"),
+    ("bpe:256", f"tokenizer vocab must be in [257, {1 << 20}], got 256"),
+    ("wordpiece", "tokenizer must be 'byte' or 'bpe[:VOCAB]', got 'wordpiece'"),
+])
+def test_a_bad_tokenizer_given_to_load_corpus_is_a_one_line_data_error_before_the_data_is_read(tokenizer, message,
+                                                                                               tmp_path):
+    with pytest.raises(DataError) as raised:
+        load_corpus(str(tmp_path / "missing.txt"), tokenizer=tokenizer)  # the missing file is not reached
+    assert str(raised.value) == message and raised.value.__suppress_context__  # no TokenizerError chained
+
+
 def test_byte_and_bpe_runs_report_bits_per_byte(corpus_dir, tmp_path):
     summaries, records = {}, {}
     for spec in ("byte", "bpe:320"):
