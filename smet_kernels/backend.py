@@ -24,7 +24,6 @@ except ImportError:  # pragma: no cover - triton is a runtime dependency
     TRITON_AVAILABLE = False
 
 
-
 def _interpreter_problem() -> str | None:
     """Why Triton's CPU interpreter cannot run our kernels here, or None. Triton <= 3.6 converts a loaded scalar
     (a 1-element numpy array) to a loop bound with ``int()``, which numpy >= 2.4 refuses."""

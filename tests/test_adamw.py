@@ -223,6 +223,7 @@ def test_adamw_step_does_not_warm_up_a_dense_tensor_unless_asked(backend, device
     adamw_step([weight], [grad], [exp_avg], [exp_avg_sq], [None], [0.1], [1], backend=backend, **HYPER)
     torch.testing.assert_close(weight, expected.detach(), rtol=1e-5, atol=1e-6)
 
+
 @pytest.mark.gpu
 @GPU
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

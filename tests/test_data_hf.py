@@ -113,6 +113,7 @@ def test_a_text_column_of_any_arrow_string_type_is_read(tmp_path, arrow_type):
     corpus = load_corpus(f"hf:{root}")
     assert text_of(corpus.train) == "alpha\nbeta" and text_of(corpus.val) == "gamma"
 
+
 @pytest.mark.parametrize("files, message", [
     ({"train.jsonl": '{"label": 1}\n{"label": 2}\n'}, r"has no text column \(its columns: \['label'\]\)"),
     ({"test.txt": "only a test split\n"}, r"has no 'train' split \(its splits: \['test'\]\)"),

@@ -324,6 +324,7 @@ def test_compact_adamw_is_judged_by_its_slowest_row_against_the_best_copy_ceilin
     lines = adamw_section(pd.concat([rows, more.assign(gbps=[800.0, 850.0])], ignore_index=True))
     assert "Bar: compact AdamW at 85.0% of the copy ceiling (1000 GB/s" in lines[-2] and "**miss**" in lines[-2]
 
+
 def _training_rows(smet: dict | None = None) -> pd.DataFrame:
     """dense 1000 tokens/s, 10 GiB; SMET (d = 0.25) 1200 tokens/s, 6 GiB (``smet`` replaces values); GaLore 500
     tokens/s, 5 GiB; SMET with activation checkpointing 900 tokens/s, 4 GiB; all at 1b."""

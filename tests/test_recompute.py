@@ -65,6 +65,7 @@ def test_checkpoint_runs_the_given_function_not_the_module_and_its_hooks():
     checkpoint(module, x, function=lambda t: 2 * t).sum().backward()
     assert calls == [] and torch.equal(x.grad, torch.full((2, 3), 2.0))
 
+
 @pytest.mark.parametrize("sparse", ["smet", "masked"])
 def test_a_layout_change_before_the_recompute_is_refused(sparse):
     model = tiny_model(sparse, True)

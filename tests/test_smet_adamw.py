@@ -376,7 +376,6 @@ def test_bad_param_group_and_values_shape_raise(device):
         SMETAdamW([param]).step()
 
 
-
 def _grad_data(param, data):
     param.grad = torch.zeros_like(param)
     param.grad.data = data  # bypasses the checks of the .grad setter, as a hook or a buggy trainer may
@@ -441,7 +440,6 @@ def test_a_schedule_of_betas_reuses_the_device_tables_instead_of_caching_one_set
         scheduler.step()
     assert optimizer.param_groups[0]["betas"][0] != 0.95  # the schedule moved beta1
     assert len(builds) == 2  # the work tables and the pointer table, once
-
 
 
 def test_gradients_at_new_addresses_rebuild_only_the_pointer_table(device, monkeypatch):

@@ -84,6 +84,7 @@ def test_step_counters_stay_on_the_cpu_whatever_the_default_device(bias_correcti
     for param, same in zip(params, expected):
         torch.testing.assert_close(param, same, rtol=0, atol=0)
 
+
 @pytest.mark.parametrize("bias_correction", ["local", "global"])
 def test_a_torch_adamw_state_of_sparse_values_loads_with_every_slot_at_its_step(device, bias_correction):
     """torch.optim.AdamW keeps one ``step`` per tensor and no ``block_step``: the first step raised KeyError."""

@@ -175,7 +175,6 @@ def test_the_topology_and_warm_up_options_of_stability_run_reach_every_run_as_gi
         assert getattr(default, name) == getattr(trainer, name), name
 
 
-
 @pytest.mark.parametrize("option, value", [("--prune-fraction", "1"), ("--min-prune-fraction", "-0.1"),
                                            ("--regrow-init-std", "0"), ("--update-end-step", "0"),
                                            ("--update-interval", "x"), ("--optimizer-warmup-steps", "0"),
@@ -189,6 +188,7 @@ def test_a_bad_topology_option_is_refused_by_stability_run_as_by_smet_train(caps
         assert raised.value.code == 2
         errors.append(capsys.readouterr().err.splitlines()[-1].split(": error: ")[1])
     assert errors[0] == errors[1] and errors[0].startswith(f"argument {option}: ")
+
 
 def _fake_train(calls):
     def train_one(config_dict):

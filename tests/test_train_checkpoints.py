@@ -105,12 +105,14 @@ def test_a_checkpoint_of_an_earlier_release_without_manifest_resumes_when_its_ar
     state.write_bytes(bytes(data))
     assert "manifest.json missing" in verify_checkpoint(checkpoint)
 
+
 def test_a_checkpoint_without_manifest_is_unusable_when_its_config_json_does_not_parse(tmp_path):
     folder = written_checkpoints(tmp_path, 1) / "step_0000001"
     (folder / "manifest.json").unlink()
     assert verify_checkpoint(folder) is None
     (folder / "config.json").write_text("{cut")
     assert verify_checkpoint(folder) == "manifest.json missing and config.json unreadable (JSONDecodeError)"
+
 
 def test_a_manifest_that_is_no_json_object_makes_its_checkpoint_unusable(tmp_path):
     folder = written_checkpoints(tmp_path, 1) / "step_0000001"
@@ -132,6 +134,7 @@ def test_a_run_checkpointed_without_the_update_probe_resumes_with_it(tmp_path):
                    out_dir=str(tmp_path))
     train(tiny_config(max_steps=2, update_probe=False, **options))
     assert train(tiny_config(max_steps=4, resume=str(tmp_path), **options))["steps"] == 4
+
 
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # DCP in one process, as intended
 def test_a_sharded_checkpoint_whose_optimizer_holds_another_number_of_parameters_is_refused(tmp_path):
@@ -300,6 +303,7 @@ def test_a_resume_from_a_checkpoint_outside_any_run_folder_is_refused_into_anoth
         assert cli.main(["--resume", str(standalone), "--max-steps", "3", "--no-progress", *options]) == 0
     assert (first / "checkpoints" / "step_0000003").is_dir() and (tmp_path / "free" / "summary.json").is_file()
 
+
 def test_a_resume_continues_in_place_in_its_own_folder_by_any_path_or_in_the_out_dir_a_standalone_checkpoint_saved(
         tmp_path, monkeypatch):
     """Relative and absolute paths to one folder are one folder; a standalone step folder (no checkpoints/ around it)
@@ -369,6 +373,7 @@ def test_finishing_a_run_whose_final_checkpoint_lacks_the_last_loss_takes_it_fro
     final_train_loss = json.loads((out / "summary.json").read_text())["final_train_loss"]
     assert final_train_loss is not None and final_train_loss == uninterrupted["final_train_loss"]
 
+
 def test_a_final_checkpoint_copied_out_of_its_run_finishes_in_another_folder_with_the_loss_it_saved(tmp_path):
     """No metrics.jsonl beside a copied step folder: the final training loss is the one its state saved."""
     uninterrupted = train(tiny_config(max_steps=2, checkpoint_every=2, out_dir=str(tmp_path / "run")))
@@ -396,6 +401,7 @@ def test_the_saved_rng_states_put_back_the_torch_python_and_numpy_generators():
     again = torch.rand(3), random.random(), np.random.rand(3)
     assert torch.equal(drawn[0], again[0]) and drawn[1] == again[1] and np.array_equal(drawn[2], again[2])
 
+
 def test_a_resume_puts_back_the_global_rng_states_a_run_had_drawn_from(tmp_path, monkeypatch):
     real_loss = loop.lm_loss
     monkeypatch.setattr(loop, "lm_loss", lambda logits, targets: real_loss(logits, targets) + 0 * torch.rand(()))
@@ -406,6 +412,7 @@ def test_a_resume_puts_back_the_global_rng_states_a_run_had_drawn_from(tmp_path,
     run = loop.Run(tiny_config(max_steps=3, resume=str(folder), out_dir=str(tmp_path)))
     run.metrics.close()
     assert torch.equal(torch.get_rng_state(), saved["torch"])
+
 
 def test_a_checkpoint_of_a_release_that_saved_no_data_digest_refuses_another_data_path(tmp_path, monkeypatch):
     """Without the digest of its tokens the data is known by its path only: another one is refused."""

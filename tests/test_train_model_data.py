@@ -412,6 +412,8 @@ def test_evaluation_windows_are_spread_evenly_rounded_to_the_nearest_and_short_v
         eval_windows(np.arange(8, dtype=np.uint16), 8, 2)
 
 # ------------------------------------------------------------------------------------------------ spikes
+
+
 def test_spike_tracker_rise_after_update():
     tracker = SpikeTracker(window=3)
     losses = {1: 5.0, 2: 4.0, 3: 3.0, 4: 2.9, 5: 3.6, 6: 2.8, 7: 2.7}
@@ -454,6 +456,7 @@ def test_an_update_without_a_loss_before_it_is_not_measured():
     tracker = SpikeTracker(window=1)
     tracker.add_update(3)
     assert tracker.add_loss(4, 1.0) == [] and tracker.pending == [] and tracker.summary()["count"] == 0
+
 
 def test_the_tracker_keeps_only_the_losses_a_window_can_still_use():
     """They are saved in every checkpoint: a long run without them forgotten wrote all its losses there."""

@@ -91,6 +91,7 @@ def test_skips_apart_do_not_add_up_to_the_consecutive_limit(tmp_path, monkeypatc
     assert [(r["step"], r["action"], r["consecutive_skips"]) for r in skipped] == [(2, "skip", 1), (3, "skip", 1),
                                                                                      (4, "skip", 1)]
 
+
 def test_a_resumed_run_counts_the_steps_skipped_before_its_checkpoint(tmp_path, monkeypatch):
     nan_losses_on(monkeypatch, {3})
     summary = train(tiny_config(on_nonfinite="skip", max_steps=4, checkpoint_every=4, out_dir=str(tmp_path)))

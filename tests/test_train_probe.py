@@ -95,7 +95,6 @@ def test_a_window_cut_short_by_the_next_update_is_a_complete_record_and_one_cut_
     assert probe.finish() == []
 
 
-
 @pytest.mark.parametrize("window", [0, -1, True, 2.0])
 def test_a_window_that_is_not_a_positive_int_is_refused(window):
     with pytest.raises(ValueError, match=f"window must be a positive int, got {window!r}"):

@@ -29,7 +29,6 @@ from . import kernel_ops
 from .plan import TIMING_CONFIGS, Sizes
 
 
-
 class Context:
     """What every timed stage needs: device, backend, sizes, out-dir, budget, command log, seed, progress flag."""
 

@@ -14,6 +14,7 @@ from .sweep import is_done
 if TYPE_CHECKING:
     import pandas as pd
 
+
 def read_metrics(run_dir: Path) -> list[dict]:
     """The records of ``metrics.jsonl`` or ``metrics.jsonl.gz`` in ``run_dir``."""
     run_dir = Path(run_dir)

@@ -10,6 +10,7 @@ import numpy as np
 from .load import StudyData
 from .spec import DENSE_METHOD, METHOD_ORDER, METHODS
 
+
 def control_rises(losses: dict[int, float], update_steps, window: int) -> dict[int, float]:
     """``rise`` at each of ``update_steps`` of a loss curve without updates (same formula as the trainer)."""
     from smet_kernels.train.spikes import SpikeTracker
@@ -167,8 +168,6 @@ def compare(a, b) -> tuple[float, float, str]:
     if abs(mean) <= half_width:
         return mean, half_width, "within noise"
     return mean, half_width, "a > b" if mean > 0 else "a < b"
-
-
 
 
 def probe_events(data: StudyData):

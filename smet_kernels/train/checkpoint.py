@@ -286,7 +286,6 @@ def set_rng_state(state: dict, device: torch.device) -> None:
     np.random.set_state(state["numpy"])
 
 
-
 @contextlib.contextmanager
 def _writing(final: Path, tmp: Path):
     """Turn an ``OSError`` while writing checkpoint ``final`` through the folder ``tmp`` (a full disk, no

@@ -106,7 +106,6 @@ def resolve_device(name: str, ddp: DistInfo) -> torch.device:
     return device
 
 
-
 def shard_model(model: LlamaModel, device: torch.device) -> LlamaModel:
     """FSDP2: ``fully_shard`` each decoder layer, then the root (embedding, final norm, head), over all ranks of the
     default process group on ``device``'s type (explicit: FSDP2's default mesh would pick CUDA whenever it exists).
