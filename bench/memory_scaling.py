@@ -80,7 +80,8 @@ class MemoryCase:
 
 
 def memory_cases(configs=CONFIGS, methods=METHODS, densities=DENSITIES, batch_shapes=BATCH_SHAPES,
-                 vocab_sizes=VOCAB_SIZES, state_dtypes=STATE_DTYPES, checkpointing=CHECKPOINTING) -> Iterator[MemoryCase]:
+                 vocab_sizes=VOCAB_SIZES, state_dtypes=STATE_DTYPES,
+                 checkpointing=CHECKPOINTING) -> Iterator[MemoryCase]:
     """Dense and GaLore once per setting, masked and SMET at every density; GaLore only with bf16 states."""
     for config in configs:
         for vocab in vocab_sizes:

@@ -4,8 +4,9 @@ Each kernel × dtype × block size × autotune config is compiled with ``triton.
 with Triton) and its cubin read back with ``cuobjdump``. Per variant the report gives shared memory, registers,
 stack bytes (``> 0``: register spills or a stack frame), and what the main loop became: tensor-core instructions
 (``wgmma`` on Hopper, ``mma.sync`` before) and asynchronous copies (``cp.async``: a software-pipelined loop; TMA
-``cp.async.bulk``); for the elementwise kernels, vectorised global loads (``ld.global.v2/v4``). Integer and pointer arguments are assumed 16-divisible, as Triton's JIT specialises them for the
-benchmark shapes (M = 8192, K = N = 4096); a variant that is not pipelined under that assumption never will be.
+``cp.async.bulk``); for the elementwise kernels, vectorised global loads (``ld.global.v2/v4``). Integer and
+pointer arguments are assumed 16-divisible, as Triton's JIT specialises them for the benchmark shapes (M = 8192,
+K = N = 4096); a variant that is not pipelined under that assumption never will be.
 Each case is named after its op (``bsmm_forward``, ``bsmm_grad_input``, ``bsmm_grad_weight`` with a variant suffix,
 ``adamw_step[<warm-up>]``, ``regrow_blocks``); signatures are read from the kernels' parameters
 (:func:`kernel_signature`), autotune spaces and pruning rules from :mod:`smet_kernels.ops.launch_config`.

@@ -11,7 +11,9 @@ from .layout import check_density
 DISTRIBUTIONS = ("uniform", "erk")
 
 
-def layer_densities(shapes: dict[str, tuple[int, int]], density: float, distribution: str = "uniform") -> dict[str, float]:
+def layer_densities(
+    shapes: dict[str, tuple[int, int]], density: float, distribution: str = "uniform"
+) -> dict[str, float]:
     """Density of each layer ``name -> (out_features, in_features)`` for a global target ``density``."""
     density = check_density(density)
     if distribution not in DISTRIBUTIONS:

@@ -213,7 +213,8 @@ class BlockLayout:
         key = (major, self.version, str(device))
         if key not in self._cache:
             index = _compressed_index(self._block_indices.cpu(), major, self.block_shape)
-            self._cache[key] = BlockIndex(*(t.to(device) for t in (index.ptr, index.slots, index.minor, index.by_count)))
+            tensors = (index.ptr, index.slots, index.minor, index.by_count)
+            self._cache[key] = BlockIndex(*(t.to(device) for t in tensors))
         return self._cache[key]
 
     def block_indices_on(self, device: torch.device | str) -> torch.Tensor:
@@ -384,4 +385,3 @@ def unpack_kernel_index(
     sizes = [2 * nnz, n_rows + 1, nnz, nnz, n_rows, n_cols + 1, nnz, nnz, n_cols]
     parts = torch.split(index, sizes)
     return parts[0].view(nnz, 2), BlockIndex(*parts[1:5]), BlockIndex(*parts[5:9])
-

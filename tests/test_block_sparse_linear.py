@@ -280,6 +280,7 @@ def test_torch_compile_traces_the_layer():
     layout = _mask_layout("random", 2, 2, 16)
     x, values, dy, _ = _inputs(layout, 4, torch.float32)
     values.requires_grad_()
+
     def layer(a, v):
         return torch.relu(block_sparse_linear(a, v, layout, backend="triton"))
 

@@ -254,6 +254,7 @@ def test_a_file_system_that_cannot_fsync_a_folder_still_gets_its_checkpoints(tmp
     monkeypatch.setattr(checkpoint.os, "fsync", fsync)
     root = written_checkpoints(tmp_path / "refused", 2)
     assert find_checkpoint(root.parent) == root / "step_0000002"
+
     def failing(fd):
         raise OSError(errno.EIO, os.strerror(errno.EIO))
 

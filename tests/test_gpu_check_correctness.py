@@ -68,6 +68,7 @@ def test_a_worker_group_that_raised_died_or_timed_out_is_failed_or_not_run_never
     monkeypatch.setattr(parallel, "Pool", FakePool)
     monkeypatch.setattr(parallel, "run_alone", lambda tasks, device, deadline: [("died", "died alone")] * len(tasks))
     monkeypatch.setattr(correctness, "adamw_checks", lambda *args: ([], []))
+
     def raising_step(*args):
         raise RuntimeError("step fault")
 

@@ -95,6 +95,7 @@ def test_resume_continues_exactly(optimizer, tmp_path, monkeypatch):
     assert checkpoints == ["step_0000004", "step_0000008"]
     assert cli.main(["--resume", str(full_dir / "checkpoints" / "step_0000004"), "--out-dir", str(resumed_dir),
                      "--no-progress"]) == 0
+
     def losses_and_updates(out_dir):
         records = read_metrics(out_dir)
         losses = {r["step"]: (r["loss"], r["lr"]) for r in records if r["type"] == "train" and r["step"] > 4}
@@ -113,6 +114,7 @@ def test_resume_continues_exactly(optimizer, tmp_path, monkeypatch):
             assert torch.equal(value, final_b[key]), key
     assert load_checkpoint_config(resumed_dir).max_steps == 8
     # resuming in place (the interrupted run's own out-dir) rewrites the metrics after the checkpoint identically
+
     def deterministic_fields(out_dir):
         timing = {"tokens_per_s", "peak_mem_bytes"}
         return [{k: v for k, v in r.items() if k not in timing} for r in read_metrics(out_dir)]

@@ -1,10 +1,10 @@
 """Stability study: loss spikes after topology updates (naive DST vs SMET), quality against dense and
 GaLore at equal tokens, and a density × density-LR-exponent (α) sweep.
 
-    smet-bench stability run                                        # H100 study -> reports/stability/
-    smet-bench stability run --quick --out-dir reports/cpu-pilot-stability   # CPU pilot (tiny config, minutes)
-    smet-bench stability run --cpu-study                            # CPU study (tiny, 3 seeds) -> reports/stability-cpu/
-    smet-bench stability report --out-dir reports/stability         # stability.md + PNG plots
+    smet-bench stability run                                       # H100 study -> reports/stability/
+    smet-bench stability run --quick --out-dir reports/cpu-pilot-stability  # CPU pilot (tiny config, minutes)
+    smet-bench stability run --cpu-study                   # CPU study (tiny, 3 seeds) -> reports/stability-cpu/
+    smet-bench stability report --out-dir reports/stability        # stability.md + PNG plots
 
 (``python -m bench.stability run|report ...`` is the same without the console entry point.)
 
@@ -39,7 +39,17 @@ from .findings import findings
 from .load import StudyData, load_study, read_metrics, run_from_config
 from .plots import plot_spike_profile, plot_val_curves
 from .report import gpu_command, write_report
-from .spec import ABLATION_ARMS, DENSE_METHOD, METHOD_ORDER, METHODS, PRESETS, Method, RunSpec, StudySpec, enumerate_runs
+from .spec import (
+    ABLATION_ARMS,
+    DENSE_METHOD,
+    METHOD_ORDER,
+    METHODS,
+    PRESETS,
+    Method,
+    RunSpec,
+    StudySpec,
+    enumerate_runs,
+)
 from .stats import compare, noise_thresholds, probe_table, quality_table, spike_events, spike_table, t_quantile_975
 from .sweep import check_runnable, is_done, run_sweep
 

@@ -356,6 +356,7 @@ def findings(data: StudyData, events, quality, probes=None, probe_events=None, p
     found.consistency()
     found.defaults()
     paragraphs = []
-    for line in found.claim_summary() + found.lines:  # a blank line before each statement, so it does not join the previous list
+    # a blank line before each statement, so that it does not join the previous list
+    for line in found.claim_summary() + found.lines:
         paragraphs += ["", line] if line.startswith("**") and paragraphs else [line]
     return paragraphs

@@ -124,5 +124,3 @@ def load_study(out_dir) -> StudyData:
               for name, data in (("losses", losses), ("evals", evals), ("updates", updates), ("spikes", spikes),
                                  ("probes", probes))}
     return StudyData(runs=pd.DataFrame(rows), unfinished=unfinished, **frames)
-
-

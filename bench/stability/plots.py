@@ -100,5 +100,3 @@ def plot_spike_profile(data: StudyData, events, config: str, path: Path) -> Path
     grid.savefig(path, dpi=90, bbox_inches="tight")
     plt.close(grid.figure)
     return Path(path)
-
-

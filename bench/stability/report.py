@@ -28,6 +28,11 @@ def _display(rows, columns: dict[str, str], floats: dict[str, str]):
     return table(frame[list(columns)].rename(columns=columns))
 
 
+def _threshold(config: str, value: float) -> str:
+    """One config's dense noise threshold in the spike table's legend."""
+    return f"{config}: none (fewer than two dense rises)" if math.isnan(value) else f"{config}: {value:.4f}"
+
+
 def _commands(out_dir: Path) -> list[str]:
     path = out_dir / COMMANDS_FILE
     commands = [line.split(" ", 1)[1] for line in path.read_text().splitlines() if " " in line] if path.exists() else []
@@ -108,7 +113,7 @@ def write_report(out_dir, output: str | Path | None = None) -> Path:
         f"`excess` = rise − rise of the dense run at the same step and seed: the mean over seeds of their mean "
         f"excesses, ± 1 SE over them. `spikes` = updates with rise above the dense noise threshold (mean + 2 sd "
         f"of the dense rises: "
-        f"{', '.join(f'{c}: {t:.4f}' if not math.isnan(t) else f'{c}: none (fewer than two dense rises)' for c, t in thresholds.items())}).", "",
+        f"{', '.join(_threshold(config, value) for config, value in thresholds.items())}).", "",
         _display(spikes, {"config": "config", "method": "method", "density": "density", "alpha": "α",
                           "runs": "runs", "updates": "updates", "spikes": "spikes", "mean_rise": "mean rise",
                           "max_rise": "max rise", "mean_rel_rise": "mean rel. rise", "mean_excess": "mean excess",
@@ -135,7 +140,8 @@ def write_report(out_dir, output: str | Path | None = None) -> Path:
                                 "peak_mem_kind": "measured as", "tokens_per_s": "tokens/s", "path": "raw data"},
                        {"peak_mib": ".1f", "tokens_per_s": ",.0f"}), ""]
     lines += ["## Raw data", "",
-              f"`{RUNS_DIR}/<config>/<run>/`: `summary.json` (trainer summary with the full config) and `metrics.jsonl` "
+              f"`{RUNS_DIR}/<config>/<run>/`: `summary.json` (trainer summary with the full config) and "
+              "`metrics.jsonl` "
               f"(gzipped as `metrics.jsonl.gz` above {GZIP_ABOVE_BYTES // 1024} KiB): per-step `train` records, "
               "`val_loss` on eval steps, `topology_update`, `loss_spike` and `update_probe` records (see "
               "smet_kernels/train/loop.py and probe.py).",

@@ -227,5 +227,3 @@ def enumerate_runs(spec: StudySpec) -> list[RunSpec]:
                 runs += [RunSpec(config, method, float(d) if d is not None else None,
                                  float(a) if a is not None else None, seed) for d in densities for a in alphas]
     return runs
-
-

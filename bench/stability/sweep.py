@@ -151,5 +151,3 @@ def run_sweep(spec: StudySpec, out_dir, isolate: bool = True, max_minutes: float
         log(f"stability: [{counts['skipped'] + index + 1}/{len(runs)}] {run.config}/{run.name}: "
             f"{time.monotonic() - started:.0f}s, final val loss {summary['final_val_loss']:.4f}")
     return counts
-
-

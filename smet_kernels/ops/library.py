@@ -11,8 +11,9 @@ With ``W = to_dense(values, layout)`` ``[N, K]``, ``x [M, K]`` and ``dy [M, N]``
 Each is a :func:`torch.library.triton_op`, so ``torch.compile`` traces a model through it without a graph break and
 Inductor sees the Triton kernels (``wrap_triton``); a fake implementation gives output shapes (``meta`` / fake
 tensors). Under the Triton CPU interpreter (``TRITON_INTERPRET=1``) the kernels are plain Python, not traceable, so
-the ops are opaque :func:`torch.library.custom_op` instead (same schema, fake and autograd). The ops take tensors, not a ``BlockLayout``: ``index`` is the layout's packed int32 kernel index
-(:meth:`BlockLayout.kernel_index`), ``version`` its ``version_tensor``; both are rewritten in place by a topology
+the ops are opaque :func:`torch.library.custom_op` instead (same schema, fake and autograd). The ops take tensors,
+not a ``BlockLayout``: ``index`` is the layout's packed int32 kernel index (:meth:`BlockLayout.kernel_index`),
+``version`` its ``version_tensor``; both are rewritten in place by a topology
 update, so a compiled graph keeps the same inputs (no recompile). ``backend`` (``"triton"`` | ``"reference"``) and
 ``variant`` (``SMET_MATMUL_VARIANT``) are string arguments resolved by the caller (:func:`block_sparse_linear`):
 a change of either is a new constant in the graph (a recompile), not a hidden global read inside the op. (Dynamo

@@ -83,7 +83,8 @@ def torch_bsmm_grad_weight(
     chunk = max(1, _GATHER_ELEMENTS // (tokens * b))
     # chunks bound the gathered temporaries; torch.cat (not writes into a buffer) keeps it differentiable
     out = [
-        torch.bmm(dy_blocks[:, idx[s : s + chunk, 0]].permute(1, 2, 0), x_blocks[:, idx[s : s + chunk, 1]].permute(1, 0, 2))
+        torch.bmm(dy_blocks[:, idx[s : s + chunk, 0]].permute(1, 2, 0),
+                  x_blocks[:, idx[s : s + chunk, 1]].permute(1, 0, 2))
         for s in range(0, nnz, chunk)
     ]
     if not out:  # no active block (nnz = 0): as the kernel, an empty gradient, not torch.cat of no tensor

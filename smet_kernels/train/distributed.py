@@ -163,4 +163,3 @@ def sharded_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict) -> di
             for key, value in entry.items()
         }
     return {**saved, "state": state}
-
