@@ -12,6 +12,7 @@ Also runnable as ``python -m bench.cli``.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -23,6 +24,7 @@ from .runner import CommandLog, Deadline, check_minutes, run_cases, usage_error
 
 SUITES = ("kernels", "optimizer", "training")
 MODES = {"off": (False,), "on": (True,), "both": (False, True)}  # --compile / --activation-checkpointing
+REPORTS_EXTRA = ("pandas", "seaborn", "tabulate")  # modules of the `reports` extra that smet-bench imports
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -326,9 +328,7 @@ def _validate(args) -> None:
 
     from . import kernels, optimizer, training
 
-    unknown = [s for s in args.suites if s not in SUITES]
-    if unknown:
-        usage_error(f"--suites must be from {SUITES}, got {unknown}")
+    _refuse_unknown("--suites", args.suites, SUITES)
     if args.out_dir is not None:
         from .results import check_results_files
 
@@ -338,22 +338,18 @@ def _validate(args) -> None:
                                 training="training" in args.suites)  # fmt: skip
         except ValueError as error:
             usage_error(error)
-    providers = set(kernels.PROVIDERS) | set(optimizer.PROVIDERS)
-    if args.providers and any(p not in providers for p in args.providers):
-        usage_error(f"--providers must be from {sorted(providers)}, got {args.providers}")
+    _refuse_unknown("--providers", args.providers, (*kernels.PROVIDERS, *optimizer.PROVIDERS))
     for suite, suite_providers in (("kernels", kernels.PROVIDERS), ("optimizer", optimizer.PROVIDERS)):
         if args.providers and suite in args.suites and not set(args.providers) & set(suite_providers):
             usage_error(f"--providers {','.join(args.providers)} names no provider of the {suite} suite (from "
                         f"{','.join(suite_providers)}): add one, or leave {suite} out of --suites")
-    if args.configs and any(c not in MODEL_CONFIGS for c in args.configs):
-        usage_error(f"--configs must be from {sorted(MODEL_CONFIGS)}, got {args.configs}")
-    if args.methods and any(m not in training.METHODS for m in args.methods):
-        usage_error(f"--methods must be from {training.METHODS}, got {args.methods}")
+    _refuse_unknown("--configs", args.configs, MODEL_CONFIGS)
+    _refuse_unknown("--methods", args.methods, training.METHODS)
     if args.densities and any(not 0.0 < d <= 1.0 for d in args.densities):
         usage_error(f"--densities must lie in (0, 1], got {args.densities}")
-    for option, values in (("--block-sizes", args.block_sizes), ("--training-block-size", [args.training_block_size])):
-        if any(v is not None and v not in SUPPORTED_BLOCK_SIZES for v in values or []):
-            usage_error(f"{option} must be from {SUPPORTED_BLOCK_SIZES}, got {values}")
+    _refuse_unknown("--block-sizes", args.block_sizes, SUPPORTED_BLOCK_SIZES)
+    _refuse_unknown("--training-block-size", [args.training_block_size] if args.training_block_size is not None
+                    else [], SUPPORTED_BLOCK_SIZES)
     for option, mode in (("--compile", args.compile), ("--activation-checkpointing", args.activation_checkpointing)):
         if mode != "off" and "training" not in args.suites:
             usage_error(f"{option} {mode} applies to the training suite, which --suites {','.join(args.suites)} "
@@ -451,9 +447,33 @@ def _route_interpreter_early(argv: list[str]) -> None:
         _prepare_interpreter(known.device, known.backend)
 
 
+def _refuse_unknown(option: str, given, allowed) -> None:
+    """One line naming the values of ``option`` that are not in ``allowed`` (listed in their catalogue order)."""
+    bad = [str(value) for value in given or [] if value not in allowed]
+    if bad:
+        usage_error(f"{option} must be from {','.join(map(str, allowed))}, got {','.join(bad)}")
+
+
+def _check_reports_extra() -> None:
+    """smet-bench's tables and plots need the ``reports`` extra: one line naming what is missing, not a traceback."""
+    missing = [name for name in REPORTS_EXTRA if importlib.util.find_spec(name) is None]
+    if missing:
+        usage_error(f"needs the reports extra ({', '.join(missing)} not installed): pip install -e \".[reports]\"")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    _check_reports_extra()
     _route_interpreter_early(argv)
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        print("smet-bench: interrupted; the rows and runs finished so far are kept: rerun the same command to "
+              "continue", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "stability":
         from .stability import main_from_args

@@ -21,10 +21,10 @@ from test_train_trainer import read_metrics, tiny_config
         (["--optimizer", "sgd"], "argument --optimizer: invalid choice"),
         (["--max-steps", "0"], "argument --max-steps: must be >= 1"),
         (["--batch-size", "x"], "argument --batch-size: expected an integer"),
-        (["--data", "/nonexistent/corpus.txt"], "does not exist"),
+        (["--data", "/nonexistent/corpus.txt"], "--data: data path '/nonexistent/corpus.txt' does not exist"),
         (["--batch-size", "6", "--grad-accum", "4"], "--batch-size (6) must be divisible by --grad-accum (4)"),
         (["--optimizer", "adamw", "--supar"], "--supar needs a sparse --optimizer mode"),
-        (["--resume", "/nonexistent/run"], "no checkpoint found"),
+        (["--resume", "/nonexistent/run"], "--resume '/nonexistent/run' does not exist"),
         (["--device", "tpu:0"], "--device must be"),
         (["--block-size", "128", "--config", "tiny"], "--block-size 128 does not divide the hidden size 64 of --config "
                                                       "'tiny'"),
@@ -221,3 +221,13 @@ def test_max_consecutive_skips_is_named_as_without_effect_unless_nonfinite_steps
     cli._warn_ignored_options(args, cli.config_from_args(args))
     noted = "smet-train: --max-consecutive-skips has no effect with --on-nonfinite stop\n" in capsys.readouterr().err
     assert noted == named
+
+
+def test_an_interrupted_run_ends_with_one_line_and_exit_code_130(monkeypatch, capsys):
+    def interrupted(config):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "train", interrupted)
+    assert cli.main(["--config", "tiny", "--max-steps", "1", "--update-interval", "1"]) == 130
+    assert capsys.readouterr().err == ("smet-train: interrupted; the checkpoints written so far are kept: continue "
+                                       "with --resume and the run's --out-dir\n")

@@ -248,6 +248,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """A :class:`TrainConfig` from parsed arguments (on ``--resume``, the saved config plus given options)."""
     given = vars(args)
     if "resume" in given:
+        if not os.path.exists(given["resume"]):
+            raise ConfigError(f"--resume {given['resume']!r} does not exist")
         refuse_fixed_changes(given["resume"], given)  # before load_checkpoint_config hashes the checkpoint
         values = load_checkpoint_config(given["resume"]).to_dict()
         values.update({k: v for k, v in given.items() if k != "resume"})
@@ -294,7 +296,12 @@ def main(argv: list[str] | None = None) -> int:
                 library_format(message, category, *rest, **options)
 
         warnings.showwarning = show
-        return _run(parser, args)
+        try:
+            return _run(parser, args)
+        except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback from inside a step
+            print(f"{parser.prog}: interrupted; the checkpoints written so far are kept: continue with --resume and "
+                  "the run's --out-dir", file=sys.stderr)
+            return 130
 
 
 def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:

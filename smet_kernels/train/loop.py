@@ -153,7 +153,7 @@ class Run:
         try:
             corpus = load_corpus(config.data, tokenizer=config.tokenizer)
         except DataError as error:
-            raise ConfigError(str(error)) from None
+            raise ConfigError(f"{setting('data')}: {error}") from None
         if config.batch_size % (config.grad_accum * self.ddp.world_size) != 0:
             raise ConfigError(
                 f"{setting('batch_size')} ({config.batch_size}) must be divisible by {setting('grad_accum')} x world "
