@@ -3,6 +3,8 @@ for a Python caller), every option's default in ``--help``, and options without 
 
 import json
 import math
+import warnings
+from pathlib import Path
 
 import pytest
 
@@ -231,3 +233,18 @@ def test_an_interrupted_run_ends_with_one_line_and_exit_code_130(monkeypatch, ca
     assert cli.main(["--config", "tiny", "--max-steps", "1", "--update-interval", "1"]) == 130
     assert capsys.readouterr().err == ("smet-train: interrupted; the checkpoints written so far are kept: continue "
                                        "with --resume and the run's --out-dir\n")
+
+
+def test_a_warning_of_the_library_is_one_line_and_one_from_elsewhere_is_passed_on_as_it_was(monkeypatch, capsys):
+    library_file = str(Path(cli.__file__).parents[1] / "functional.py")
+
+    def warns(config):
+        warnings.warn_explicit("smet_kernels: fell back to the reference ops", RuntimeWarning, library_file, 110)
+        warnings.warn_explicit("a torch deprecation", UserWarning, "/elsewhere/torch_module.py", 7)
+        raise ConfigError("stop here")
+
+    monkeypatch.setattr(cli, "train", warns)
+    with pytest.raises(SystemExit), pytest.warns(UserWarning, match="^a torch deprecation$"):  # passed on as it was
+        cli.main(["--config", "tiny"])
+    assert capsys.readouterr().err.splitlines() == ["smet-train: warning: fell back to the reference ops",
+                                                    "smet-train: error: stop here"]

@@ -42,6 +42,7 @@ from .model import MODEL_CONFIGS
 from .tokenizer import DEFAULT_BPE_VOCAB
 
 DEFAULTS = TrainConfig()
+LIBRARY_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # smet_kernels/
 
 
 def int_at_least(minimum: int):
@@ -281,6 +282,11 @@ def _warn_ignored_options(args: argparse.Namespace, config: TrainConfig) -> None
         print("smet-train: --regrow-init-std has no effect with --regrow-init zeros", file=sys.stderr)
 
 
+def _in_library(filename: str) -> bool:
+    """Whether ``filename`` is a module of ``smet_kernels``."""
+    return os.path.abspath(filename).startswith(LIBRARY_DIR + os.sep)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -289,11 +295,13 @@ def main(argv: list[str] | None = None) -> int:
         warnings.simplefilter("always", MetricsWarning)
         library_format = warnings.showwarning
 
-        def show(message, category, *rest, **options):  # a skipped checkpoint or metrics line: one line, like errors
-            if issubclass(category, (CheckpointWarning, MetricsWarning)):
-                print(f"{parser.prog}: warning: {message}", file=sys.stderr)
+        def show(message, category, filename, *rest, **options):
+            """A warning of this library (a skipped checkpoint or metrics line, the CPU fallback, ...): one line, like
+            errors; others (torch's, ...) in Python's format."""
+            if issubclass(category, (CheckpointWarning, MetricsWarning)) or _in_library(filename):
+                print(f"{parser.prog}: warning: {str(message).removeprefix('smet_kernels: ')}", file=sys.stderr)
             else:
-                library_format(message, category, *rest, **options)
+                library_format(message, category, filename, *rest, **options)
 
         warnings.showwarning = show
         try:
