@@ -465,8 +465,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     _check_reports_extra()
     _route_interpreter_early(argv)
+    from smet_kernels.train.cli import one_line_warnings  # after the interpreter is routed
+
     try:
-        return _main(argv)
+        with one_line_warnings("smet-bench"):
+            return _main(argv)
     except KeyboardInterrupt:
         print("smet-bench: interrupted; the rows and runs finished so far are kept: rerun the same command to "
               "continue", file=sys.stderr)

@@ -248,3 +248,17 @@ def test_a_warning_of_the_library_is_one_line_and_one_from_elsewhere_is_passed_o
         cli.main(["--config", "tiny"])
     assert capsys.readouterr().err.splitlines() == ["smet-train: warning: fell back to the reference ops",
                                                     "smet-train: error: stop here"]
+
+
+def test_smet_bench_prints_a_warning_of_the_library_in_one_line_too(monkeypatch, capsys):
+    import bench.cli
+
+    library_file = str(Path(cli.__file__).parents[1] / "modules.py")
+
+    def warns(argv):
+        warnings.warn_explicit("sparsify left 2 layers dense", UserWarning, library_file, 380)
+        return 0
+
+    monkeypatch.setattr(bench.cli, "_main", warns)
+    assert bench.cli.main(["report", "--out-dir", "x"]) == 0
+    assert capsys.readouterr().err == "smet-bench: warning: sparsify left 2 layers dense\n"

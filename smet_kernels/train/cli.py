@@ -11,6 +11,7 @@ configuration; options given next to it override that configuration.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import math
 import os
@@ -287,23 +288,29 @@ def _in_library(filename: str) -> bool:
     return os.path.abspath(filename).startswith(LIBRARY_DIR + os.sep)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+@contextlib.contextmanager
+def one_line_warnings(prog: str):
+    """Within it, a warning of this library (a skipped checkpoint or metrics line, the CPU fallback, ...) prints as
+    one line ``<prog>: warning: ...``, like a command's errors; others (torch's, ...) keep Python's format."""
     with warnings.catch_warnings():
         warnings.simplefilter("always", CheckpointWarning)
         warnings.simplefilter("always", MetricsWarning)
         library_format = warnings.showwarning
 
         def show(message, category, filename, *rest, **options):
-            """A warning of this library (a skipped checkpoint or metrics line, the CPU fallback, ...): one line, like
-            errors; others (torch's, ...) in Python's format."""
             if issubclass(category, (CheckpointWarning, MetricsWarning)) or _in_library(filename):
-                print(f"{parser.prog}: warning: {str(message).removeprefix('smet_kernels: ')}", file=sys.stderr)
+                print(f"{prog}: warning: {str(message).removeprefix('smet_kernels: ')}", file=sys.stderr)
             else:
                 library_format(message, category, filename, *rest, **options)
 
         warnings.showwarning = show
+        yield
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    with one_line_warnings(parser.prog):
         try:
             return _run(parser, args)
         except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback from inside a step
