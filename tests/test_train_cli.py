@@ -226,7 +226,7 @@ def test_max_consecutive_skips_is_named_as_without_effect_unless_nonfinite_steps
 
 
 def test_an_interrupted_run_ends_with_one_line_and_exit_code_130(monkeypatch, capsys):
-    def interrupted(config):
+    def interrupted(config, on_ready=None):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(cli, "train", interrupted)
@@ -238,7 +238,7 @@ def test_an_interrupted_run_ends_with_one_line_and_exit_code_130(monkeypatch, ca
 def test_a_warning_of_the_library_is_one_line_and_one_from_elsewhere_is_passed_on_as_it_was(monkeypatch, capsys):
     library_file = str(Path(cli.__file__).parents[1] / "functional.py")
 
-    def warns(config):
+    def warns(config, on_ready=None):
         warnings.warn_explicit("smet_kernels: fell back to the reference ops", RuntimeWarning, library_file, 110)
         warnings.warn_explicit("a torch deprecation", UserWarning, "/elsewhere/torch_module.py", 7)
         raise ConfigError("stop here")
@@ -262,3 +262,10 @@ def test_smet_bench_prints_a_warning_of_the_library_in_one_line_too(monkeypatch,
     monkeypatch.setattr(bench.cli, "_main", warns)
     assert bench.cli.main(["report", "--out-dir", "x"]) == 0
     assert capsys.readouterr().err == "smet-bench: warning: sparsify left 2 layers dense\n"
+
+
+def test_a_refused_run_shows_its_error_alone_without_the_notes_a_run_would_have_printed(capsys):
+    """--max-steps 1 is shorter than --update-interval: a run would say so, but this one is refused first."""
+    error = usage_error(cli.main, ["--config", "tiny", "--max-steps", "1", "--data", "/nonexistent/corpus.txt"], capsys)
+    assert error == ("smet-train: error: --data: data path '/nonexistent/corpus.txt' does not exist (use 'stdlib', a "
+                     "file, a folder or 'hf:NAME')")

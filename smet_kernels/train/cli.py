@@ -324,9 +324,11 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     try:
         with naming_options(options):  # errors name --batch-size, --config, ..., not the config fields
             config = config_from_args(args)
-            if os.environ.get("RANK", "0") == "0":  # under torchrun: once, not once per rank
+
+            def notes() -> None:  # once the run is set up: a refused run shows its error alone
                 _warn_ignored_options(args, config)
-            summary = train(config)
+
+            summary = train(config, on_ready=notes if os.environ.get("RANK", "0") == "0" else None)  # rank 0 only
     except ConfigError as error:  # one line: the usage that parser.error would print first says nothing of it
         parser.exit(2, f"{parser.prog}: error: {' '.join(str(error).split())}\n")
     except TrainingFailed as error:  # a diverged run, a checkpoint that could not be written, another rank's failure

@@ -53,6 +53,7 @@ import math
 import statistics
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -415,14 +416,17 @@ class Run:
         return all(torch.equal(gathered[0], other) for other in gathered[1:])
 
 
-def train(config: TrainConfig) -> dict:
-    """Train per ``config``; returns the summary (also written to ``out_dir/summary.json`` on rank 0)."""
+def train(config: TrainConfig, on_ready: Callable[[], None] | None = None) -> dict:
+    """Train per ``config``; returns the summary (also written to ``out_dir/summary.json`` on rank 0). ``on_ready``
+    is called once the run is set up (data, model, a resume's checkpoint), before its first step."""
     config.validate()
     previous_backend = backend_module.get_backend()
     backend_module.set_backend(config.backend)
     run = None
     try:
         run = Run(config)
+        if on_ready is not None:
+            on_ready()
         return _train_loop(run)
     finally:
         backend_module.set_backend(previous_backend)
