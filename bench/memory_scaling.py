@@ -235,8 +235,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="vocabulary sizes (default: 256,32000)")
     parser.add_argument("--state-dtypes", type=comma_list(str), default=list(STATE_DTYPES),
                         help="optimizer-state dtypes with bf16 weights; GaLore has bf16 only (default: fp32,bf16)")
-    parser.add_argument("--checkpointing", type=comma_list(_switch), default=["off", "on"],
-                        help="activation checkpointing per decoder layer, off and/or on (default: off,on)")
+    parser.add_argument("--activation-checkpointing", "--checkpointing", dest="checkpointing",
+                        type=comma_list(_switch), default=["off", "on"],
+                        help="activation checkpointing per decoder layer, off and/or on, as smet-bench run's and "
+                        "smet-train's option of that name (--checkpointing: its older name) (default: off,on)")
     parser.add_argument("--measure-configs", type=comma_list(str, allow_empty=True),
                         help="sizes of --configs also measured on real CPU tensors at batch 8x256, vocab 256 (which "
                         f"--batch-shapes and --vocab-sizes must then hold); empty for none (default: those of "

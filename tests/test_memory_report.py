@@ -10,7 +10,7 @@ from bench.cli import main
 from bench.results import TRAINING_COLUMNS
 
 GRID = ["memory", "--configs", "20m", "--methods", "dense,smet", "--densities", "0.5", "--batch-shapes", "1x32",
-        "--vocab-sizes", "256", "--state-dtypes", "bf16", "--checkpointing", "off", "--measure-configs", "",
+        "--vocab-sizes", "256", "--state-dtypes", "bf16", "--activation-checkpointing", "off", "--measure-configs", "",
         "--no-progress"]  # fmt: skip
 
 
@@ -63,7 +63,8 @@ def test_memory_command_rejects_a_bad_batch_shape(tmp_path, capsys):
 
 @pytest.mark.parametrize("option, value, expected", [
     ("--batch-shapes", "8", "argument --batch-shapes: cannot read '8': expected BATCHxSEQ with positive integers"),
-    ("--checkpointing", "maybe", "argument --checkpointing: cannot read 'maybe': expected off or on"),
+    ("--checkpointing", "maybe", "argument --activation-checkpointing/--checkpointing: cannot read 'maybe': expected "
+                                 "off or on"),
 ])  # fmt: skip
 def test_a_list_item_that_cannot_be_read_is_named_once_with_the_form_expected(tmp_path, capsys, option, value,
                                                                                 expected):
