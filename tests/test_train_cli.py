@@ -269,3 +269,14 @@ def test_a_refused_run_shows_its_error_alone_without_the_notes_a_run_would_have_
     error = usage_error(cli.main, ["--config", "tiny", "--max-steps", "1", "--data", "/nonexistent/corpus.txt"], capsys)
     assert error == ("smet-train: error: --data: data path '/nonexistent/corpus.txt' does not exist (use 'stdlib', a "
                      "file, a folder or 'hf:NAME')")
+
+
+def test_a_backend_that_cannot_run_on_the_device_is_named_by_its_option(monkeypatch, capsys):
+    import smet_kernels.backend
+
+    def cannot(device, backend):
+        raise ValueError(f"backend={backend!r} cannot run on device {device}: no Triton here")
+
+    monkeypatch.setattr(smet_kernels.backend, "resolve_backend", cannot)
+    error = usage_error(cli.main, ["--config", "tiny", "--backend", "triton", "--device", "cpu"], capsys)
+    assert error == "smet-train: error: --backend: backend='triton' cannot run on device cpu: no Triton here"

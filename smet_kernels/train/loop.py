@@ -150,7 +150,7 @@ class Run:
             try:
                 backend_module.resolve_backend(self.device, "triton")
             except ValueError as error:
-                raise ConfigError(str(error)) from None
+                raise ConfigError(f"{setting('backend')}: {error}") from None
         try:
             corpus = load_corpus(config.data, tokenizer=config.tokenizer)
         except DataError as error:
