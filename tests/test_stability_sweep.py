@@ -128,7 +128,7 @@ def test_the_help_of_each_option_states_the_default_that_cpu_study_gives_it(caps
 @pytest.mark.parametrize(
     "option, value, named",
     [
-        ("--data", "/nonexistent", "/nonexistent"),
+        ("--data", "/nonexistent", "--data: data path '/nonexistent' does not exist"),
         ("--data", "{tmp}/empty.txt", "empty.txt"),
         ("--lr", "-1", "--lr must be in (0, inf), got -1.0"),
         ("--lr-warmup-steps", "-5", "--lr-warmup-steps must be an int >= 0, got -5"),

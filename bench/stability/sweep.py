@@ -94,9 +94,15 @@ def check_runnable(spec: StudySpec, out_dir) -> None:
         run.train_config(spec, out_dir).validate()
     device = backend_module.resolve_device(spec.device, setting("device"))
     if spec.backend == "triton":
-        backend_module.resolve_backend(device, "triton")
+        try:
+            backend_module.resolve_backend(device, "triton")
+        except ValueError as error:
+            raise ValueError(f"{setting('backend')}: {error}") from None
     try:
         corpus = load_corpus(spec.data)
+    except DataError as error:
+        raise ValueError(f"{setting('data')}: {error}") from None
+    try:
         PackedBatches(corpus.train, spec.seq_len, spec.batch_size, seed=0)
         if spec.eval_batches:
             eval_windows(corpus.val, spec.seq_len, spec.eval_batches * spec.batch_size)
