@@ -467,13 +467,21 @@ def main(argv: list[str] | None = None) -> int:
     _route_interpreter_early(argv)
     from smet_kernels.train.cli import one_line_warnings  # after the interpreter is routed
 
+    with one_line_warnings("smet-bench"):
+        return _main(argv)
+
+
+def console_main() -> None:
+    """The ``smet-bench`` command: :func:`main`; a Ctrl-C ends in one line and by SIGINT
+    (:func:`smet_kernels.train.cli.end_interrupted`)."""
     try:
-        with one_line_warnings("smet-bench"):
-            return _main(argv)
+        code = main()
     except KeyboardInterrupt:
-        print("smet-bench: interrupted; the rows and runs finished so far are kept: rerun the same command to "
-              "continue", file=sys.stderr)
-        return 130
+        from smet_kernels.train.cli import end_interrupted
+
+        end_interrupted("smet-bench: interrupted; the rows and runs finished so far are kept: rerun the same command "
+                        "to continue")
+    sys.exit(code)
 
 
 def _main(argv: list[str]) -> int:
@@ -506,4 +514,4 @@ def _main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    console_main()

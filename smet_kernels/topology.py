@@ -336,7 +336,9 @@ class SMET:
                 raise RuntimeError(
                     f"regrow='gradient' needs the dense gradient of every sparse layer on every rank at update step "
                     f"{self._step}, but some rank ran no backward pass through some layer since the previous "
-                    "optimizer step"
+                    "optimizer step" + ("" if all(t.hooks for t in self.targets) else " (remove_hooks() detached "
+                                        "this rank's recording hooks: attached again now, run the forward and backward "
+                                        "again, then step())")
                 )
         decisions = []
         for target in self.targets:

@@ -604,15 +604,3 @@ def test_without_the_reports_extra_every_command_ends_with_one_line_naming_it(mo
                         find_spec(name))
     error = usage_error(main, ["--help"], capsys)
     assert error == 'smet-bench: error: needs the reports extra (pandas not installed): pip install -e ".[reports]"'
-
-
-def test_an_interrupted_command_ends_with_one_line_and_exit_code_130(monkeypatch, capsys):
-    import bench.cli
-
-    def interrupted(argv):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(bench.cli, "_main", interrupted)
-    assert main(["run", "--quick"]) == 130
-    assert capsys.readouterr().err == ("smet-bench: interrupted; the rows and runs finished so far are kept: rerun the "
-                                       "same command to continue\n")

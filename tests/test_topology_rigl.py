@@ -345,3 +345,18 @@ def test_an_update_right_after_remove_hooks_raises_naming_it_and_its_retry_after
     (model(x) - target).pow(2).mean().backward()
     record = smet.step()
     assert record["step"] == 2 and record["layers"]["up.values"]["regrown"] > 0
+
+
+def test_under_torch_distributed_the_failed_update_after_remove_hooks_names_it_too(monkeypatch):
+    """Every rank checks for missing dense gradients together first (an all_reduce, here on one process)."""
+    import smet_kernels.topology as topology
+
+    model, opt, smet = make_run(regrow="gradient", update_interval=2)
+    train_step(model, opt, smet, 1)
+    smet.remove_hooks()
+    monkeypatch.setattr(topology, "_distributed", lambda: True)
+    monkeypatch.setattr(topology.dist, "all_reduce", lambda tensor, *args, **kwargs: None)
+    monkeypatch.setattr(topology, "_collective_device", lambda: torch.device("cpu"))
+    with pytest.raises(RuntimeError, match=r"some rank ran no backward .* \(remove_hooks\(\) detached this rank's"):
+        train_step(model, opt, smet, 2)
+    assert len(model.up._forward_hooks) == 1 and smet.step_count == 1

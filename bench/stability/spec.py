@@ -103,9 +103,9 @@ class StudySpec:
             if len(set(values)) != len(values):
                 fail(f"{setting(name)} has duplicates: {list(values)}")
         if unknown := [c for c in self.configs if c not in MODEL_CONFIGS]:
-            fail(f"{setting('configs')} must be from {','.join(MODEL_CONFIGS)}, got {','.join(unknown)}")
+            fail(f"{setting('configs')} must be from {','.join(MODEL_CONFIGS)}, got {','.join(map(str, unknown))}")
         if unknown := [m for m in self.methods if m not in METHODS]:
-            fail(f"{setting('methods')} must be from {','.join(METHODS)}, got {','.join(unknown)}")
+            fail(f"{setting('methods')} must be from {','.join(METHODS)}, got {','.join(map(str, unknown))}")
         if bad := [d for d in self.densities if not (isinstance(d, (int, float)) and 0.0 < d < 1.0)]:
             fail(f"{setting('densities')} must lie in (0, 1), got {bad}")
         if bad := [a for a in self.alphas if not (isinstance(a, (int, float)) and a >= 0.0)]:

@@ -15,9 +15,10 @@ import contextlib
 import dataclasses
 import math
 import os
+import signal
 import sys
 import warnings
-from typing import Callable
+from typing import Callable, NoReturn
 
 from ..layout import SUPPORTED_BLOCK_SIZES
 from ..optim.galore import GALORE_DEFAULT_RANK
@@ -43,7 +44,7 @@ from .model import MODEL_CONFIGS
 from .tokenizer import DEFAULT_BPE_VOCAB
 
 DEFAULTS = TrainConfig()
-LIBRARY_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # smet_kernels/
+LIBRARY_PREFIXES = ("smet_kernels: ", "sparsify: ", "SMET: ")  # how the library's own warnings begin
 
 
 def int_at_least(minimum: int):
@@ -283,25 +284,21 @@ def _warn_ignored_options(args: argparse.Namespace, config: TrainConfig) -> None
         print("smet-train: --regrow-init-std has no effect with --regrow-init zeros", file=sys.stderr)
 
 
-def _in_library(filename: str) -> bool:
-    """Whether ``filename`` is a module of ``smet_kernels``."""
-    return os.path.abspath(filename).startswith(LIBRARY_DIR + os.sep)
-
-
 @contextlib.contextmanager
 def one_line_warnings(prog: str):
-    """Within it, a warning of this library (a skipped checkpoint or metrics line, the CPU fallback, ...) prints as
-    one line ``<prog>: warning: ...``, like a command's errors; others (torch's, ...) keep Python's format."""
+    """Within it, a warning of this library (a skipped checkpoint or metrics line, one that begins with a
+    :data:`LIBRARY_PREFIXES` name: the CPU fallback, sparsify's density, ...) prints as one line
+    ``<prog>: warning: ...``, like a command's errors; others (torch's, ...) keep Python's format."""
     with warnings.catch_warnings():
         warnings.simplefilter("always", CheckpointWarning)
         warnings.simplefilter("always", MetricsWarning)
         library_format = warnings.showwarning
 
-        def show(message, category, filename, *rest, **options):
-            if issubclass(category, (CheckpointWarning, MetricsWarning)) or _in_library(filename):
+        def show(message, category, *rest, **options):
+            if issubclass(category, (CheckpointWarning, MetricsWarning)) or str(message).startswith(LIBRARY_PREFIXES):
                 print(f"{prog}: warning: {str(message).removeprefix('smet_kernels: ')}", file=sys.stderr)
             else:
-                library_format(message, category, filename, *rest, **options)
+                library_format(message, category, *rest, **options)
 
         warnings.showwarning = show
         yield
@@ -311,12 +308,26 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     with one_line_warnings(parser.prog):
-        try:
-            return _run(parser, args)
-        except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback from inside a step
-            print(f"{parser.prog}: interrupted; the checkpoints written so far are kept: continue with --resume and "
-                  "the run's --out-dir", file=sys.stderr)
-            return 130
+        return _run(parser, args)
+
+
+def end_interrupted(message: str) -> NoReturn:
+    """After a Ctrl-C: ``message`` (one line, instead of a traceback from inside a step), then the end by SIGINT
+    that Python gives an uncaught KeyboardInterrupt, so that a shell loop around the command stops too."""
+    print(message, file=sys.stderr, flush=True)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGINT)
+    sys.exit(130)  # 128 + SIGINT, where the signal did not end the process
+
+
+def console_main() -> NoReturn:
+    """The ``smet-train`` command: :func:`main`, with a Ctrl-C ended by :func:`end_interrupted`."""
+    try:
+        code = main()
+    except KeyboardInterrupt:
+        end_interrupted("smet-train: interrupted; the checkpoints written so far are kept: continue with --resume "
+                        "and the run's --out-dir")
+    sys.exit(code)
 
 
 def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
@@ -343,4 +354,4 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    console_main()
