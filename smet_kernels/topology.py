@@ -1,5 +1,8 @@
 """The SMET topology controller: periodic prune + regrow of the active blocks of every sparse layer.
 
+One class, :class:`SMET`, hence one module over 600 lines: its schedule, RigL hooks, rank agreement and
+checkpointing all act on the same per-layer targets; the selection rules live in :mod:`.prune_regrow`.
+
 Every ``ΔT = update_interval`` optimizer steps, from step ``ΔT`` up to and including ``T_end``, each sparse
 layer with ``nnz`` active blocks trades ``n = nnz − max(1, floor(nnz · (1 − ζ_t)))`` of them (the authors' released
 rule: at least one block kept, at least one moved while ``ζ_t > 0`` and ``nnz ≥ 2``), with the cosine-decayed fraction
@@ -74,6 +77,10 @@ REGROW_MODES = ("random", "gradient")
 REGROW_INITS = ("zeros", "normal")
 _MASKED_STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 _REGROW_STATE_KEYS = ("exp_avg", "exp_avg_sq", "block_step")  # the state regrow_blocks resets
+
+# why a RigL update found no dense gradient after remove_hooks(), and what to do
+DETACHED_HOOKS = ("remove_hooks() detached the recording hooks before the backward (attached again now: run the "
+                  "forward and backward again, then step())")
 
 
 # ---------------------------------------------------------------------------------------------- controller
@@ -336,9 +343,7 @@ class SMET:
                 raise RuntimeError(
                     f"regrow='gradient' needs the dense gradient of every sparse layer on every rank at update step "
                     f"{self._step}, but some rank ran no backward pass through some layer since the previous "
-                    "optimizer step" + ("" if all(t.hooks for t in self.targets) else " (remove_hooks() detached "
-                                        "this rank's recording hooks: attached again now, run the forward and backward "
-                                        "again, then step())")
+                    "optimizer step" + ("" if all(t.hooks for t in self.targets) else f" ({DETACHED_HOOKS})")
                 )
         decisions = []
         for target in self.targets:
@@ -374,8 +379,7 @@ class SMET:
                 "no backward pass went through its layer since the previous optimizer step (under torch.compile: build "
                 "the controller before the model is first compiled, and call torch._dynamo.reset() before compiling "
                 "where this process compiled a model of its class without the controller's hooks)"
-                if target.hooks else "remove_hooks() detached its recording hook before the backward (attached again "
-                "now: run the forward and backward again, then step())"
+                if target.hooks else DETACHED_HOOKS
             )
             raise RuntimeError(f"regrow='gradient' needs the dense gradient of {target.name!r} at update step "
                                f"{self._step}, but {why}")
