@@ -594,13 +594,3 @@ def test_each_training_case_runs_in_the_modes_on_selects_or_in_both_side_by_side
     suites, _ = _handed_cases(monkeypatch, argv)
     assert [(c.compiled, c.activation_checkpointing) for c in suites["training"]] == [
         (a, b) for a in modes[compiled] for b in modes[checkpointed]]
-
-
-def test_without_the_reports_extra_every_command_ends_with_one_line_naming_it(monkeypatch, capsys):
-    import bench.cli
-
-    find_spec = bench.cli.importlib.util.find_spec
-    monkeypatch.setattr(bench.cli.importlib.util, "find_spec", lambda name: None if name == "pandas" else
-                        find_spec(name))
-    error = usage_error(main, ["--help"], capsys)
-    assert error == 'smet-bench: error: needs the reports extra (pandas not installed): pip install -e ".[reports]"'

@@ -3,11 +3,6 @@ for a Python caller), every option's default in ``--help``, and options without 
 
 import json
 import math
-import os
-import signal
-import sys
-import warnings
-from pathlib import Path
 
 import pytest
 
@@ -226,64 +221,6 @@ def test_max_consecutive_skips_is_named_as_without_effect_unless_nonfinite_steps
     cli._warn_ignored_options(args, cli.config_from_args(args))
     noted = "smet-train: --max-consecutive-skips has no effect with --on-nonfinite stop\n" in capsys.readouterr().err
     assert noted == named
-
-
-def interrupted_commands(monkeypatch) -> list:
-    """``(signal, handler)`` and ``(pid, signal)`` calls that :func:`cli.end_interrupted` makes, recorded instead."""
-    calls = []
-    monkeypatch.setattr(cli.signal, "signal", lambda *args: calls.append(args))
-    monkeypatch.setattr(cli.os, "kill", lambda *args: calls.append(args))
-    return calls
-
-
-def test_an_interrupted_run_says_so_in_one_line_and_ends_by_sigint_so_that_a_shell_loop_stops(monkeypatch, capsys):
-    def interrupted(config, on_ready=None):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(cli, "train", interrupted)
-    monkeypatch.setattr(sys, "argv", ["smet-train", "--config", "tiny", "--max-steps", "1", "--update-interval", "1"])
-    calls = interrupted_commands(monkeypatch)
-    with pytest.raises(SystemExit) as raised:
-        cli.console_main()
-    assert raised.value.code == 130 and calls == [(signal.SIGINT, signal.SIG_DFL), (os.getpid(), signal.SIGINT)]
-    assert capsys.readouterr().err == ("smet-train: interrupted; the checkpoints written so far are kept: continue "
-                                       "with --resume and the run's --out-dir\n")
-
-
-def test_a_warning_of_the_library_is_one_line_and_one_from_elsewhere_is_passed_on_as_it_was(monkeypatch, capsys):
-    """The library's by its category or the name its message begins with, not by the file that reports it: a torch
-    warning a library call triggers stays torch's."""
-    library_file = str(Path(cli.__file__).parents[1] / "functional.py")
-
-    def warns(config, on_ready=None):
-        warnings.warn("smet_kernels: fell back to the reference ops", RuntimeWarning)
-        warnings.warn_explicit("a torch deprecation", UserWarning, library_file, 7)
-        raise ConfigError("stop here")
-
-    monkeypatch.setattr(cli, "train", warns)
-    with pytest.raises(SystemExit), pytest.warns(UserWarning, match="^a torch deprecation$"):  # passed on as it was
-        cli.main(["--config", "tiny"])
-    assert capsys.readouterr().err.splitlines() == ["smet-train: warning: fell back to the reference ops",
-                                                    "smet-train: error: stop here"]
-
-
-def test_smet_bench_prints_a_warning_of_the_library_in_one_line_too_and_ends_an_interrupt_by_sigint(monkeypatch,
-                                                                                                    capsys):
-    import bench.cli
-
-    def warns(argv):
-        warnings.warn("sparsify: the realised density is 0.5", RuntimeWarning)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(bench.cli, "_main", warns)
-    monkeypatch.setattr(sys, "argv", ["smet-bench", "report", "--out-dir", "x"])
-    calls = interrupted_commands(monkeypatch)
-    with pytest.raises(SystemExit) as raised:
-        bench.cli.console_main()
-    assert raised.value.code == 130 and calls == [(signal.SIGINT, signal.SIG_DFL), (os.getpid(), signal.SIGINT)]
-    assert capsys.readouterr().err == ("smet-bench: warning: sparsify: the realised density is 0.5\nsmet-bench: "
-                                       "interrupted; the rows and runs finished so far are kept: rerun the same "
-                                       "command to continue\n")
 
 
 def test_a_refused_run_shows_its_error_alone_without_the_notes_a_run_would_have_printed(capsys):
