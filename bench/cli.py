@@ -449,9 +449,12 @@ def _route_interpreter_early(argv: list[str]) -> None:
 
 def _refuse_unknown(option: str, given, allowed) -> None:
     """One line naming the values of ``option`` that are not in ``allowed`` (listed in their catalogue order)."""
-    bad = [str(value) for value in given or [] if value not in allowed]
-    if bad:
-        usage_error(f"{option} must be from {','.join(map(str, allowed))}, got {','.join(bad)}")
+    from smet_kernels.train.config import check_choices
+
+    try:
+        check_choices(option, given, allowed)
+    except ValueError as error:
+        usage_error(error)
 
 
 def _check_reports_extra() -> None:

@@ -250,7 +250,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _validate(args) -> None:
     from smet_kernels.layout import check_density
-    from smet_kernels.train.config import check_output_folder
+    from smet_kernels.train.config import check_choices, check_output_folder
 
     check_output_folder(args.out_dir, "--out-dir")
 
@@ -258,9 +258,7 @@ def _validate(args) -> None:
     for option, values, allowed in (("--configs", args.configs, CONFIGS), ("--methods", args.methods, METHODS),
                                     ("--state-dtypes", args.state_dtypes, STATE_DTYPES),
                                     ("--measure-configs", measured or [], CONFIGS)):  # fmt: skip
-        bad = [v for v in values if v not in allowed]
-        if bad:
-            raise ValueError(f"{option} must be from {','.join(allowed)}, got {','.join(values)}")
+        check_choices(option, values, allowed)
     if measured:  # given: a size it cannot measure is refused, not silently left out
         missing = [v for v in measured if v not in args.configs]
         if missing:

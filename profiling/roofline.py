@@ -183,13 +183,12 @@ def _csv(kind):
 def _check(args: argparse.Namespace) -> None:
     """Raise ``ValueError`` (one line) naming the first bad option."""
     from smet_kernels.layout import check_density
-    from smet_kernels.train.config import check_output_folder
+    from smet_kernels.train.config import check_choices, check_output_folder
     from smet_kernels.train.model import MODEL_CONFIGS
 
     if not (0 < args.tflops < math.inf and 0 < args.tbps < math.inf):  # NaN fails both comparisons
         raise ValueError(f"--tflops and --tbps must be finite and > 0, got {args.tflops:g} and {args.tbps:g}")
-    if unknown := [c for c in args.configs if c not in MODEL_CONFIGS]:
-        raise ValueError(f"--configs must be from {','.join(MODEL_CONFIGS)}, got {','.join(unknown)}")
+    check_choices("--configs", args.configs, MODEL_CONFIGS)
     for config in args.configs:  # the SwiGLU widths are rounded up to a multiple of 128: the hidden size decides
         if MODEL_CONFIGS[config].hidden_size % args.block_size:
             raise ValueError(f"--block-size {args.block_size} does not divide the hidden size "

@@ -45,8 +45,8 @@ def test_memory_command_traces_models_and_reports_with_gpu_rows(tmp_path, capsys
 
 
 def test_memory_command_rejects_an_unknown_config_in_one_line(tmp_path, capsys):
-    error = usage_error(main, ["memory", "--configs", "3b", "--out-dir", str(tmp_path)], capsys)
-    assert error == "smet-bench: error: --configs must be from 20m,60m,130m,350m,1b,7b, got 3b"
+    error = usage_error(main, ["memory", "--configs", "20m,3b", "--out-dir", str(tmp_path)], capsys)
+    assert error == "smet-bench: error: --configs must be from 20m,60m,130m,350m,1b,7b, got 3b"  # the bad one only
 
 
 def test_report_only_without_a_traced_memory_csv_says_to_run_the_memory_command_first(tmp_path, capsys):

@@ -60,6 +60,15 @@ def test_config_validation_refuses_a_value_at_or_past_each_bound(field, value, m
         tiny_config(**{field: value}).validate()
 
 
+def test_check_choices_names_only_the_values_not_allowed_even_unhashable_ones_in_one_line():
+    from smet_kernels.train.config import check_choices
+
+    check_choices("--configs", ["tiny", "20m"], ("tiny", "20m", "60m"))
+    check_choices("--configs", None, ("tiny",))
+    with pytest.raises(ConfigError, match=r"^--configs must be from tiny,20m, got tiyn,\['20m'\]$"):
+        check_choices("--configs", ["tiny", "tiyn", ["20m"]], {"tiny": 1, "20m": 2})
+
+
 def test_config_from_dict_reads_betas_back_as_a_tuple():
     config = TrainConfig.from_dict({"betas": [0.9, 0.99]})
     assert config.betas == (0.9, 0.99) and config == TrainConfig(betas=(0.9, 0.99))

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-from smet_kernels.train.config import MAX_SEED, TrainConfig, setting
+from smet_kernels.train.config import MAX_SEED, TrainConfig, check_choices, setting
 from smet_kernels.train.methods import METHODS as TRAINER_METHODS
 
 
@@ -102,10 +102,8 @@ class StudySpec:
                 fail(f"{setting(name)} must not be empty")
             if len(set(values)) != len(values):
                 fail(f"{setting(name)} has duplicates: {list(values)}")
-        if unknown := [c for c in self.configs if c not in MODEL_CONFIGS]:
-            fail(f"{setting('configs')} must be from {','.join(MODEL_CONFIGS)}, got {','.join(map(str, unknown))}")
-        if unknown := [m for m in self.methods if m not in METHODS]:
-            fail(f"{setting('methods')} must be from {','.join(METHODS)}, got {','.join(map(str, unknown))}")
+        check_choices(setting("configs"), self.configs, MODEL_CONFIGS)
+        check_choices(setting("methods"), self.methods, METHODS)
         if bad := [d for d in self.densities if not (isinstance(d, (int, float)) and 0.0 < d < 1.0)]:
             fail(f"{setting('densities')} must lie in (0, 1), got {bad}")
         if bad := [a for a in self.alphas if not (isinstance(a, (int, float)) and a >= 0.0)]:

@@ -75,6 +75,14 @@ def check_output_folder(path, name: str = "out_dir") -> None:
         raise ConfigError(f"{name} {str(path)!r} {problem} not a folder")
 
 
+def check_choices(name: str, given, allowed) -> None:
+    """Raise :class:`ConfigError` (one line, naming ``name``) listing the values of ``given`` not in ``allowed``:
+    ``--configs must be from tiny,20m,... got tiyn`` (the choices in ``allowed``'s order)."""
+    allowed = tuple(allowed)  # compared by ==, so an unhashable value is named too, not a TypeError
+    if bad := [str(value) for value in given or () if value not in allowed]:
+        raise ConfigError(f"{name} must be from {','.join(map(str, allowed))}, got {','.join(bad)}")
+
+
 @dataclass
 class TrainConfig:
     """Everything that defines a training run (saved in every checkpoint). See ``smet-train --help``."""
