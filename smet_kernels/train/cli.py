@@ -22,7 +22,9 @@ from typing import Callable, NoReturn
 
 from ..layout import SUPPORTED_BLOCK_SIZES
 from ..optim.galore import GALORE_DEFAULT_RANK
-from ..topology import REGROW_INITS
+from ..distribution import DISTRIBUTIONS
+from ..reference.adamw import WARMUP_MODES
+from ..topology import REGROW_INITS, REGROW_MODES
 from .checkpoint import CheckpointWarning, load_checkpoint_config, refuse_fixed_changes
 from .config import (
     CHECKPOINT_FORMATS,
@@ -95,14 +97,14 @@ def add_topology_arguments(group, default: Callable[[str], str]) -> None:
     group.add_argument("--update-end-step", type=int_at_least(1),
                        help="last optimizer step with a topology update; the prune fraction decays over steps 0 to it "
                        f"{default('update_end_step')}")
-    group.add_argument("--regrow", choices=("random", "gradient"),
+    group.add_argument("--regrow", choices=REGROW_MODES,
                        help=f"regrow criterion: random (SET) or gradient (RigL) {default('regrow')}")
     group.add_argument("--regrow-init", choices=REGROW_INITS,
                        help="values of a regrown block: zeros, or normal (drawn from N(0, --regrow-init-std²) with the "
                        f"topology's seeded generator); its Adam moments and step start at 0 {default('regrow_init')}")
     group.add_argument("--regrow-init-std", type=float_in(0.0, inf, True),
                        help=f"standard deviation of --regrow-init normal {default('regrow_init_std')}")
-    group.add_argument("--distribution", choices=("uniform", "erk"),
+    group.add_argument("--distribution", choices=DISTRIBUTIONS,
                        help=f"per-layer density distribution of the sparse hidden linears {default('distribution')}")
     group.add_argument("--optimizer-warmup-steps", type=int_at_least(1),
                        help=f"SMETAdamW per-block warm-up length in local steps {default('optimizer_warmup_steps')}")
@@ -144,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     topology_defaults = {"update_end_step": "--max-steps, the whole run", "regrow_init_std":
                          f"{d.regrow_init_std}, the model presets' init std before any --supar scaling"}
     add_topology_arguments(smet, lambda name: f"(default: {topology_defaults.get(name, getattr(d, name))})")
-    smet.add_argument("--warmup-mode", choices=("linear", "momentum_ramp", "none"),
+    smet.add_argument("--warmup-mode", choices=WARMUP_MODES,
                       help=f"per-block optimizer warm-up of SMETAdamW (default: {d.warmup_mode})")
     smet.add_argument("--density-lr-exponent", type=float_in(0.0, inf),
                       help="alpha of the density-aware LR lr x density^-alpha, 0 disables (default: 1 for smet and "

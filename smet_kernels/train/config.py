@@ -13,9 +13,11 @@ from pathlib import Path
 import torch
 
 from .. import backend as backend_module
+from ..distribution import DISTRIBUTIONS
 from ..layout import SUPPORTED_BLOCK_SIZES, nnz_for_density
 from ..ops.variant import default_variant
-from ..topology import REGROW_INITS
+from ..reference.adamw import WARMUP_MODES
+from ..topology import REGROW_INITS, REGROW_MODES
 from .methods import METHODS, SPARSE_TRAINER_NAMES, TRAINER_NAMES
 from .model import MODEL_CONFIGS
 from .tokenizer import TokenizerError, parse_tokenizer
@@ -184,10 +186,10 @@ class TrainConfig:
 
         choice("model", MODEL_CONFIGS)
         choice("optimizer", OPTIMIZERS)
-        choice("distribution", ("uniform", "erk"))
-        choice("regrow", ("random", "gradient"))
+        choice("distribution", DISTRIBUTIONS)
+        choice("regrow", REGROW_MODES)
         choice("regrow_init", REGROW_INITS)
-        choice("warmup_mode", ("linear", "momentum_ramp", "none"))
+        choice("warmup_mode", WARMUP_MODES)
         choice("precision", PRECISIONS)
         choice("parallel", PARALLEL_MODES)
         choice("on_nonfinite", NONFINITE_ACTIONS)
