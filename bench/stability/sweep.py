@@ -86,28 +86,15 @@ def check_runnable(spec: StudySpec, out_dir) -> None:
     :meth:`TrainConfig.validate`, a device or backend that is not available, unreadable or too short data."""
     from smet_kernels import backend as backend_module
     from smet_kernels.train.config import check_output_folder, setting
-    from smet_kernels.train.data import DataError, PackedBatches, eval_windows, load_corpus
+    from smet_kernels.train.loop import prepare_data
 
     spec.validate()
     check_output_folder(out_dir, "--out-dir")
-    for run in enumerate_runs(spec):
-        run.train_config(spec, out_dir).validate()
+    configs = [run.train_config(spec, out_dir) for run in enumerate_runs(spec)]
+    for config in configs:
+        config.validate()
     device = backend_module.resolve_device(spec.device, setting("device"))
-    if spec.backend == "triton":
-        try:
-            backend_module.resolve_backend(device, "triton")
-        except ValueError as error:
-            raise ValueError(f"{setting('backend')}: {error}") from None
-    try:
-        corpus = load_corpus(spec.data)
-    except DataError as error:
-        raise ValueError(f"{setting('data')}: {error}") from None
-    try:
-        PackedBatches(corpus.train, spec.seq_len, spec.batch_size, seed=0)
-        if spec.eval_batches:
-            eval_windows(corpus.val, spec.seq_len, spec.eval_batches * spec.batch_size)
-    except DataError as error:
-        raise ValueError(str(error)) from None
+    prepare_data(configs[0], device)  # the runs differ in model, method, density and seed, not in data or backend
 
 
 def run_sweep(spec: StudySpec, out_dir, isolate: bool = True, max_minutes: float | None = None,

@@ -53,7 +53,7 @@ import math
 import statistics
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -74,7 +74,7 @@ from .checkpoint import (
     write_sharded_checkpoint,
 )
 from .config import FIXED_ON_RESUME, SPARSE_OPTIMIZERS, ConfigError, TrainConfig, setting
-from .data import DataError, PackedBatches, eval_windows, load_corpus, window_batch
+from .data import Corpus, DataError, PackedBatches, eval_windows, load_corpus, window_batch
 from .distributed import (
     TrainingFailed,
     full_state,
@@ -132,6 +132,36 @@ def update_probe_runs(config: TrainConfig, world_size: int) -> bool:
     return config.update_probe and not (world_size > 1 and config.parallel == "fsdp")
 
 
+class RunData(NamedTuple):
+    corpus: Corpus
+    batches: PackedBatches
+    val_indices: torch.Tensor | None  # the evaluation windows' starts; None without evaluation
+
+
+def prepare_data(config: TrainConfig, device: torch.device, world_size: int = 1) -> RunData:
+    """The checks of a run's setup before its model is built, each refusal a one-line :class:`ConfigError` naming
+    the setting: the backend available on ``device``, the data readable, ``batch_size`` divisible by ``grad_accum``
+    x ``world_size``, enough training tokens for a batch and validation tokens for the evaluation windows."""
+    if config.backend == "triton":
+        try:
+            backend_module.resolve_backend(device, "triton")
+        except ValueError as error:
+            raise ConfigError(f"{setting('backend')}: {error}") from None
+    try:
+        corpus = load_corpus(config.data, tokenizer=config.tokenizer)
+    except DataError as error:
+        raise ConfigError(f"{setting('data')}: {error}") from None
+    if config.batch_size % (config.grad_accum * world_size) != 0:
+        raise ConfigError(f"{setting('batch_size')} ({config.batch_size}) must be divisible by {setting('grad_accum')} "
+                          f"x world size ({config.grad_accum} x {world_size})")
+    try:
+        batches = PackedBatches(corpus.train, config.seq_len, config.batch_size, config.seed)
+        val_count = config.eval_batches * config.batch_size
+        return RunData(corpus, batches, eval_windows(corpus.val, config.seq_len, val_count) if val_count else None)
+    except DataError as error:
+        raise ConfigError(str(error)) from None
+
+
 class Run:
     """State of one training run (rank-local); :func:`train` drives it."""
 
@@ -146,26 +176,7 @@ class Run:
         self.ddp = init_distributed(config.device)
         self.device = resolve_device(config.device, self.ddp)
         self.is_main = self.ddp.rank == 0
-        if config.backend == "triton":
-            try:
-                backend_module.resolve_backend(self.device, "triton")
-            except ValueError as error:
-                raise ConfigError(f"{setting('backend')}: {error}") from None
-        try:
-            corpus = load_corpus(config.data, tokenizer=config.tokenizer)
-        except DataError as error:
-            raise ConfigError(f"{setting('data')}: {error}") from None
-        if config.batch_size % (config.grad_accum * self.ddp.world_size) != 0:
-            raise ConfigError(
-                f"{setting('batch_size')} ({config.batch_size}) must be divisible by {setting('grad_accum')} x world "
-                f"size ({config.grad_accum} x {self.ddp.world_size})"
-            )
-        try:
-            self.batches = PackedBatches(corpus.train, config.seq_len, config.batch_size, config.seed)
-            val_count = config.eval_batches * config.batch_size
-            self.val_indices = eval_windows(corpus.val, config.seq_len, val_count) if val_count else None
-        except DataError as error:
-            raise ConfigError(str(error)) from None
+        corpus, self.batches, self.val_indices = prepare_data(config, self.device, self.ddp.world_size)
         self.model = build_model(config, corpus.vocab_size, self.device)
         self.fsdp = self.ddp.enabled and config.parallel == "fsdp"
         if self.fsdp:  # before the optimizer and controller: they hold the sharded parameters
