@@ -358,11 +358,16 @@ def test_report_reads_pytest_benchmark_json(quick_run):
     assert "## pytest-benchmark" in report and "test_dense[forward]" in report and "2 [1–3]" in report
 
 
-def test_a_benchmark_json_that_is_not_json_is_a_one_line_error_naming_the_file(quick_run, tmp_path, capsys):
+@pytest.mark.parametrize("text, problem", [
+    ("not json", "is not JSON: Expecting value: line 1 column 1 (char 0)"),
+    ('{"version": 1}', 'is not pytest-benchmark output (no "benchmarks" list): write it with pytest bench '
+                       "--benchmark-json=FILE")])
+def test_a_benchmark_json_that_is_not_pytest_benchmark_output_is_a_one_line_error_naming_the_option_and_file(
+        quick_run, tmp_path, text, problem, capsys):
     broken = tmp_path / "broken.json"
-    broken.write_text("not json")
+    broken.write_text(text)
     error = usage_error(main, ["report", "--out-dir", str(quick_run), "--benchmark-json", str(broken)], capsys)
-    assert error.startswith(f"smet-bench: error: benchmark JSON {broken} is not JSON: ")
+    assert error == f"smet-bench: error: --benchmark-json {broken} {problem}"
 
 
 @pytest.mark.parametrize("name, reason", [("missing.json", "No such file or directory"),
@@ -371,7 +376,7 @@ def test_a_benchmark_json_that_cannot_be_read_is_a_one_line_error_naming_the_fil
     (tmp_path / "a_folder").mkdir()
     path = tmp_path / name
     error = usage_error(main, ["report", "--out-dir", str(tmp_path), "--benchmark-json", str(path)], capsys)
-    assert error == f"smet-bench: error: benchmark JSON {path} cannot be read: {reason}"
+    assert error == f"smet-bench: error: --benchmark-json {path} cannot be read: {reason}"
 
 
 def test_the_pytest_benchmark_suite_runs_and_the_report_renders_its_json(quick_run, tmp_path):

@@ -60,17 +60,23 @@ def load_csv(path: Path) -> pd.DataFrame | None:
     return frame
 
 
-def load_benchmark_json(paths) -> pd.DataFrame | None:
-    """Rows (name, params, stats in ms, extra_info) of pytest-benchmark JSON files."""
+def load_benchmark_json(paths, option: str | None = None) -> pd.DataFrame | None:
+    """Rows (name, params, stats in ms, extra_info) of pytest-benchmark JSON files. Files found in a folder
+    (``option`` None) that are not pytest-benchmark output are passed over; files named by ``option`` are refused
+    (``ValueError`` naming it), as is any file that cannot be read or is not JSON."""
     rows = []
+    name = option or "benchmark JSON"
     for path in paths:
         try:
             data = json.loads(Path(path).read_text())
         except OSError as error:
-            raise ValueError(f"benchmark JSON {path} cannot be read: {error.strerror}") from None
+            raise ValueError(f"{name} {path} cannot be read: {error.strerror}") from None
         except ValueError as error:  # not JSON, or not text (UnicodeDecodeError)
-            raise ValueError(f"benchmark JSON {path} is not JSON: {error}") from None
+            raise ValueError(f"{name} {path} is not JSON: {error}") from None
         if not isinstance(data, dict) or "benchmarks" not in data:
+            if option:
+                raise ValueError(f"{name} {path} is not pytest-benchmark output (no \"benchmarks\" list): write it "
+                                 "with pytest bench --benchmark-json=FILE")
             continue
         for bench in data["benchmarks"]:
             stats = bench.get("stats", {})

@@ -22,8 +22,10 @@ def write_report(out_dir, benchmark_json=None) -> Path:
         raise ValueError(f"out_dir {out_dir} is not a folder")
     kernels = load_csv(out_dir / "kernels.csv")
     training = load_csv(out_dir / "training.csv")
-    json_paths = benchmark_json if benchmark_json is not None else sorted(out_dir.glob("*.json"))
-    bench_json = load_benchmark_json(json_paths)
+    if benchmark_json is not None:
+        bench_json = load_benchmark_json(benchmark_json, option="--benchmark-json")
+    else:
+        bench_json = load_benchmark_json(sorted(out_dir.glob("*.json")))
     if kernels is None and training is None and bench_json is None:
         raise ValueError(
             f"no kernels.csv, training.csv or pytest-benchmark JSON in {out_dir}: run `smet-bench run` first"
