@@ -474,11 +474,11 @@ def main(argv: list[str] | None = None) -> int:
         return _main(argv)
 
 
-def console_main() -> None:
+def console_main(argv: list[str] | None = None) -> None:
     """The ``smet-bench`` command: :func:`main`; a Ctrl-C ends in one line and by SIGINT
     (:func:`smet_kernels.train.cli.end_interrupted`)."""
     try:
-        code = main()
+        code = main(argv)
     except KeyboardInterrupt:
         from smet_kernels.train.cli import end_interrupted
 

@@ -1,5 +1,6 @@
 """What both commands, ``smet-train`` and ``smet-bench``, do at their console: the library's warnings as one line,
-a Ctrl-C as one line and an end by SIGINT, and ``smet-bench`` without the ``reports`` extra as one line naming it."""
+a Ctrl-C as one line and an end by SIGINT, ``smet-bench`` without the ``reports`` extra as one line naming it,
+and ``python -m bench.stability`` as ``smet-bench stability``."""
 
 import os
 import signal
@@ -80,3 +81,14 @@ def test_without_the_reports_extra_every_command_ends_with_one_line_naming_it(mo
                         find_spec(name))
     error = usage_error(bench.cli.main, ["--help"], capsys)
     assert error == 'smet-bench: error: needs the reports extra (pandas not installed): pip install -e ".[reports]"'
+
+
+def test_python_m_bench_stability_is_smet_bench_stability_with_its_console_behaviour(tmp_path):
+    import subprocess
+
+    missing = tmp_path / "missing"
+    done = subprocess.run([sys.executable, "-m", "bench.stability", "report", "--out-dir", str(missing)],
+                          capture_output=True, text=True, cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert (done.returncode, done.stdout) == (2, "")
+    assert done.stderr == f"smet-bench: error: --out-dir {str(missing)!r} is not a folder\n"

@@ -6,7 +6,7 @@ GaLore at equal tokens, and a density × density-LR-exponent (α) sweep.
     smet-bench stability run --cpu-study                   # CPU study (tiny, 3 seeds) -> reports/stability-cpu/
     smet-bench stability report --out-dir reports/stability        # stability.md + PNG plots
 
-(``python -m bench.stability run|report ...`` is the same without the console entry point.)
+(``python -m bench.stability run|report ...`` is the same command.)
 
 **Sweep.** Every run uses the trainer's Python API (:func:`smet_kernels.train.trainer.train`) with the same data,
 seed list and token budget ``steps × batch_size × seq_len``; only the method, density and α differ (the topology and
@@ -34,7 +34,7 @@ Modules: :mod:`.spec` (grid), :mod:`.sweep` (running), :mod:`.load` (tables), :m
 :mod:`.findings` (verdicts), :mod:`.plots`, :mod:`.report` (``stability.md``), :mod:`.cli`.
 """
 
-from .cli import add_arguments, main, main_from_args, spec_from_args
+from .cli import add_arguments, main_from_args, spec_from_args
 from .findings import findings
 from .load import StudyData, load_study, read_metrics, run_from_config
 from .plots import plot_spike_profile, plot_val_curves
@@ -56,7 +56,7 @@ from .sweep import check_runnable, is_done, run_sweep
 __all__ = [
     "ABLATION_ARMS", "DENSE_METHOD", "METHODS", "METHOD_ORDER", "PRESETS", "Method", "RunSpec", "StudyData",
     "StudySpec", "add_arguments", "check_runnable", "compare", "enumerate_runs", "findings", "gpu_command",
-    "is_done", "load_study", "main", "main_from_args", "noise_thresholds", "plot_spike_profile", "plot_val_curves",
+    "is_done", "load_study", "main_from_args", "noise_thresholds", "plot_spike_profile", "plot_val_curves",
     "probe_table", "quality_table", "read_metrics", "run_from_config", "run_sweep", "spec_from_args",
     "spike_events", "spike_table", "t_quantile_975", "write_report",
 ]

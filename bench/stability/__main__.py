@@ -1,7 +1,7 @@
-"""``python -m bench.stability run|report ...``."""
+"""``python -m bench.stability run|report ...``: ``smet-bench stability run|report ...``, the same command."""
 
 import sys
 
-from .cli import main
+from ..cli import console_main
 
-sys.exit(main())
+console_main(["stability", *sys.argv[1:]])

@@ -1,4 +1,4 @@
-"""The ``run`` / ``report`` sub-commands (``smet-bench stability ...`` and ``python -m bench.stability ...``)."""
+"""The ``run`` / ``report`` sub-commands of ``smet-bench stability`` (also ``python -m bench.stability``)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import argparse
 import dataclasses
 import json
 import shlex
-import sys
 import time
 from pathlib import Path
 
@@ -188,10 +187,3 @@ def main_from_args(args: argparse.Namespace, prog: str, argv: list[str]) -> int:
     print(f"{prog}: {counts}; render with: smet-bench stability report --out-dir {out_dir}")
     return 1 if counts["failed"] else 0
 
-
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="python -m bench.stability", description="Stability study of SMET: run the "
-                                     "sweep or render its report.")
-    add_arguments(parser)
-    return main_from_args(parser.parse_args(argv), "python -m bench.stability", argv)
