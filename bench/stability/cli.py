@@ -186,4 +186,3 @@ def main_from_args(args: argparse.Namespace, prog: str, argv: list[str]) -> int:
         usage_error(error, prog)
     print(f"{prog}: {counts}; render with: smet-bench stability report --out-dir {out_dir}")
     return 1 if counts["failed"] else 0
-
