@@ -19,10 +19,11 @@ sparse parameters are handled, found in ``model.parameters()`` by a marker attri
 
 * compact values ``[nnz, b, b]`` carrying ``p.smet_layout`` (``BlockSparseLinear``): the layout's slots
   are moved with :meth:`BlockLayout.replace_blocks` and the slots' values, Adam moments and per-block
-  step are reset by :func:`smet_kernels.ops.library.regrow_blocks`;
+  step are reset by :func:`smet_kernels.ops.library.regrow_blocks` (AMSGrad's ``max_exp_avg_sq`` and SGD's
+  ``momentum_buffer``, when the optimizer keeps them, are zeroed there too);
 * dense masked weights ``[out, in]`` carrying ``p.smet_mask_layout`` (:class:`smet_kernels.masked.MaskedLinear`):
   the layout (hence the mask) is updated the same way, pruned blocks are zeroed, regrown blocks get the
-  init values and any dense Adam moments of the optimizer are zeroed there.
+  init values and any dense Adam moments (AMSGrad's maximum and SGD's momentum included) are zeroed there.
 
 Both kinds share one schedule and one selection rule (:mod:`smet_kernels.prune_regrow`).
 
@@ -75,8 +76,11 @@ from .sharding import check_row_sharded, full, gather_rows, is_sharded, local, r
 
 REGROW_MODES = ("random", "gradient")
 REGROW_INITS = ("zeros", "normal")
-_MASKED_STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 _REGROW_STATE_KEYS = ("exp_avg", "exp_avg_sq", "block_step")  # the state regrow_blocks resets
+# other optimizers' state that a regrown block must not inherit from the pruned one (AMSGrad's maximum, SGD's
+# momentum): zeroed at the moved blocks too
+_OTHER_STATE_KEYS = ("max_exp_avg_sq", "momentum_buffer")
+_MASKED_STATE_KEYS = ("exp_avg", "exp_avg_sq") + _OTHER_STATE_KEYS
 
 # why a RigL update found no dense gradient after remove_hooks(), and what to do
 DETACHED_HOOKS = ("remove_hooks() detached the recording hooks before the backward (attached again now: run the "
@@ -125,6 +129,15 @@ def _local_regrow_operands(param: torch.Tensor, state: dict, slots: torch.Tensor
     mine = (slots >= start) & (slots < stop)
     states = [None if state.get(key) is None else local(state[key]) for key in _REGROW_STATE_KEYS]
     return local(param.data), slots[mine] - start, states, mine
+
+
+def _zero_other_state(state: dict, values: torch.Tensor, slots: torch.Tensor) -> None:
+    """Zero the :data:`_OTHER_STATE_KEYS` state of (this rank's) ``values`` at ``slots``, which
+    :func:`regrow_blocks` leaves as the pruned blocks had it."""
+    for key in _OTHER_STATE_KEYS:
+        tensor = state.get(key)
+        if isinstance(tensor, torch.Tensor) and local(tensor).shape == values.shape:
+            local(tensor)[slots.to(values.device)] = 0
 
 
 def _plain_name(name: str) -> str:
@@ -451,6 +464,7 @@ class SMET:
                 init_std=self.init_std,
                 generator=self.generator,
             )
+            _zero_other_state(state, param.data, slots)
             return
         if is_sharded(param):
             self._apply_masked_sharded(target, slots, new_blocks, state)
@@ -475,6 +489,7 @@ class SMET:
         values, local_slots, states, mine = _local_regrow_operands(param, state, slots)
         local_slots = local_slots.to(values.device)
         regrow_blocks(values, local_slots, *states, init="zeros")
+        _zero_other_state(state, values, local_slots)
         if self.regrow_init == "normal":
             b = values.shape[1]
             noise = torch.randn((slots.numel(), b, b), generator=self.generator, device=self.generator.device,

@@ -209,6 +209,20 @@ def test_a_masked_update_zeroes_every_adam_moment_amsgrads_maximum_included_of_p
         assert moments[old].abs().sum() > 0 and torch.all(moments[old ^ new] == 0), key
 
 
+def test_a_masked_update_zeroes_the_sgd_momentum_of_pruned_and_regrown_blocks():
+    """SGD's ``momentum_buffer`` would otherwise move a regrown block with the momentum it had when pruned."""
+    model = _masked_model()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9)
+    smet = SMET(model, opt, update_interval=1, prune_fraction=0.4)
+    model(torch.randn(4, 32)).pow(2).mean().backward()
+    opt.step()
+    old = model.q_proj.layout.mask.clone()
+    smet.step()
+    new, buffer = model.q_proj.layout.mask, opt.state[model.q_proj.weight]["momentum_buffer"]
+    moments = buffer.reshape(new.shape[0], B, new.shape[1], B).permute(0, 2, 1, 3)
+    assert moments[old & new].abs().sum() > 0 and torch.all(moments[old ^ new] == 0)
+
+
 @pytest.mark.parametrize("regrow", ["random", "gradient"])
 def test_compact_and_masked_make_identical_decisions(regrow):
     """One selection function serves both storage schemes: same weights, seed and gradients -> same topology."""

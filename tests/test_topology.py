@@ -137,6 +137,27 @@ def test_an_update_whose_regrow_of_a_later_layer_raises_moves_no_layout():
     assert smet.step_count == 0 and smet.history == []
 
 
+@pytest.mark.parametrize("make_optimizer, key", [
+    (lambda params: torch.optim.AdamW(params, lr=1e-2, amsgrad=True), "max_exp_avg_sq"),
+    (lambda params: torch.optim.SGD(params, lr=1e-2, momentum=0.9), "momentum_buffer"),
+], ids=["amsgrad", "sgd-momentum"])
+def test_a_regrown_slot_inherits_neither_the_amsgrad_maximum_nor_the_sgd_momentum_of_the_pruned_block(
+    make_optimizer, key
+):
+    """As the Adam moments: a regrown block's first steps must not follow the pruned block's state."""
+    model = TinyMLP()
+    opt = make_optimizer(model.parameters())
+    smet = SMET(model, opt, update_interval=1, prune_fraction=0.5)
+    x, target = batch(1)
+    (model(x) - target).pow(2).mean().backward()
+    opt.step()
+    old = model.up.layout.block_indices.clone()
+    smet.step()
+    changed = (model.up.layout.block_indices != old).any(1)
+    state = opt.state[model.up.values][key]
+    assert changed.any() and torch.all(state[changed] == 0) and state[~changed].abs().sum() > 0
+
+
 def test_kernels_follow_the_updated_topology():
     """After an update the (Triton, interpreted on CPU) layer computes with the new blocks."""
     gen = torch.Generator().manual_seed(0)
