@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from smet_kernels.optim.smet_adamw import SMETAdamW
-from test_smet_adamw import BETAS, EPS, dense_param, grads_for, make_params
+from test_smet_adamw import BETAS, EPS, dense_param, grads_for, make_params, sparse_param
 
 
 def _torch_adamw_after_three_steps(params, fused=None):
@@ -118,6 +118,22 @@ def test_an_unsupported_adamw_flag_in_a_group_or_a_loaded_state_is_refused_by_na
     with pytest.raises(ValueError, match=f"^{flag}=True is not supported"):
         optimizer.load_state_dict(saved)
     assert optimizer.param_groups[0]["lr"] == 0.01 and flag not in optimizer.param_groups[0]
+
+
+@pytest.mark.parametrize("other_density", [0.25, 1.0])
+def test_a_state_of_parameters_of_other_shapes_is_refused_by_name_at_load_and_changes_nothing(other_density):
+    """The state of another model (here sparse values of another density) loaded without a look, and the next step
+    raised naming positions in its fused batch (``exp_avgs[0]``), not the parameter."""
+    saved_params = [sparse_param(64, 48, 16, other_density, seed=1), dense_param((8, 24), seed=2)]
+    saved_optimizer = SMETAdamW(saved_params, lr=0.02, backend="reference")
+    for p, g in zip(saved_params, grads_for(0, saved_params)):
+        p.grad = g
+    saved_optimizer.step()
+    params = [sparse_param(64, 48, 16, 0.5, seed=1), dense_param((8, 24), seed=2)]
+    optimizer = SMETAdamW(params, lr=0.01, backend="reference")
+    with pytest.raises(ValueError, match="^state of parameter 0 of param group 0: exp_avg has shape"):
+        optimizer.load_state_dict(saved_optimizer.state_dict())
+    assert optimizer.param_groups[0]["lr"] == 0.01 and not optimizer.state
 
 
 def test_a_torch_adam_state_with_l2_weight_decay_is_refused():

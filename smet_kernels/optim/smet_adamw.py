@@ -185,6 +185,7 @@ class SMETAdamW(torch.optim.Optimizer):
             state_dict = state_dict if hooked is None else hooked
         for saved_group in state_dict["param_groups"]:
             _check_group(self._fill_options(dict(saved_group)))
+        self._check_saved_shapes(state_dict)
         self._optimizer_load_state_dict_pre_hooks = OrderedDict()  # torch's load without the hooks, run here around it
         self._optimizer_load_state_dict_post_hooks = OrderedDict()
         try:
@@ -210,6 +211,25 @@ class SMETAdamW(torch.optim.Optimizer):
                     state["block_step"] = zeros_per_row(param, torch.int32).add_(int(step))
         for post_hook in post_hooks.values():
             post_hook(self)
+
+    def _check_saved_shapes(self, state_dict: dict[str, Any]) -> None:
+        """``ValueError`` naming the parameter whose saved moments (or ``block_step``) are not of its shape: the state
+        of another model (e.g. other densities), which ``torch.optim.Optimizer`` loads without a look and a step
+        then refused naming positions in its fused batch. Groups of other sizes are left to torch's own error."""
+        saved_groups = state_dict["param_groups"]
+        if [len(g["params"]) for g in saved_groups] != [len(g["params"]) for g in self.param_groups]:
+            return
+        for group_index, (saved_group, group) in enumerate(zip(saved_groups, self.param_groups)):
+            for param_index, (saved_id, param) in enumerate(zip(saved_group["params"], group["params"])):
+                for key, value in state_dict["state"].get(saved_id, {}).items():
+                    expected = {"exp_avg": param.shape, "exp_avg_sq": param.shape,
+                                "block_step": param.shape[:1]}.get(key)  # fmt: skip
+                    if expected is not None and isinstance(value, torch.Tensor) and value.shape != expected:
+                        raise ValueError(
+                            f"state of parameter {param_index} of param group {group_index}: {key} has shape "
+                            f"{tuple(value.shape)} but the parameter needs {tuple(expected)} (a state dict of "
+                            "another model?)"
+                        )
 
     def _init_state(self, param: torch.Tensor, sparse: bool, group: dict) -> None:
         state = self.state[param]
