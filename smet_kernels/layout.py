@@ -328,7 +328,15 @@ class BlockLayout:
 
     @classmethod
     def from_state_dict(cls, state: dict) -> "BlockLayout":
-        return cls(state["block_indices"], tuple(state["shape"]), int(state["block_size"]))
+        """The layout of a :meth:`state_dict` (checked as the constructor checks its arguments)."""
+        keys = ("block_indices", "shape", "block_size")
+        missing = [key for key in keys if not isinstance(state, dict) or key not in state]
+        if missing:  # e.g. a layer's state dict, which holds block_indices only
+            raise ValueError(f"state is not a BlockLayout.state_dict(): it lacks {missing}")
+        shape, block_size = state["shape"], state["block_size"]
+        shape = tuple(shape) if isinstance(shape, (tuple, list, torch.Size)) else shape
+        block_size = int(block_size) if isinstance(block_size, numbers.Integral) else block_size  # 16.7 is refused
+        return cls(state["block_indices"], shape, block_size)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, BlockLayout):

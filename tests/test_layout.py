@@ -83,6 +83,19 @@ def test_state_dict_round_trip():
     assert BlockLayout.from_state_dict(layout.state_dict()) == layout
 
 
+@pytest.mark.parametrize("state, exc, word", [
+    ({"block_indices": torch.tensor([[0, 0]])}, ValueError, r"lacks \['shape', 'block_size'\]"),  # a layer's
+    ("layout", ValueError, "lacks"),
+    ({"block_indices": torch.tensor([[0, 0]]), "shape": 32, "block_size": 16}, ValueError, "shape"),
+    ({"block_indices": torch.tensor([[0, 0]]), "shape": (32, 32), "block_size": 16.7}, TypeError, "block_size"),
+])
+def test_from_state_dict_refuses_what_is_no_layout_state_by_name(state, exc, word):
+    """A layer's state dict (``block_indices`` only) raised ``KeyError: 'shape'``, a shape that is no pair a
+    ``TypeError`` of ``tuple()``, and a block size of 16.7 was read as 16."""
+    with pytest.raises(exc, match=word):
+        BlockLayout.from_state_dict(state)
+
+
 @pytest.mark.parametrize(
     "call, exc, word",
     [
