@@ -355,6 +355,21 @@ def test_a_step_refused_for_a_later_group_changes_no_parameter_and_counts_no_ste
     assert [float(optimizer.state[p]["step"]) for p in (first, second)] == [1.0, 1.0]
 
 
+@pytest.mark.parametrize("option, value", [("bias_correction", "Global"), ("warmup_scope", "All"),
+                                           ("density_lr_exponent", float("nan"))])
+def test_an_option_set_by_hand_in_a_param_group_is_checked_at_the_step_by_name(option, value):
+    """A typo was read as the other mode (``"Global"`` as local bias correction), a NaN exponent raised naming the
+    fused batch's ``lrs[0]``: each is refused naming its group, before any parameter changes."""
+    values = sparse_param(32, 32, 16, 0.5, seed=0)
+    optimizer = SMETAdamW([values], lr=1e-2, backend="reference")
+    optimizer.param_groups[0][option] = value
+    values.grad = torch.ones_like(values)
+    before = values.detach().clone()
+    with pytest.raises(ValueError, match=f"^param group 0: {option} must be"):
+        optimizer.step()
+    assert torch.equal(values, before) and not optimizer.state
+
+
 def test_bad_param_group_and_values_shape_raise(device):
     optimizer = SMETAdamW([dense_param((4,), seed=0, device=device)])
     rejected = dense_param((4,), seed=1, device=device)

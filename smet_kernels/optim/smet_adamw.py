@@ -69,17 +69,26 @@ def _check_group(group: dict) -> None:
         lr = lr.item()
     check_finite(lr, "lr")
     check_hyperparameters(group["betas"], group["eps"], group["weight_decay"], group["warmup"], group["warmup_steps"])
-    check_finite(group["density_lr_exponent"], "density_lr_exponent")
-    if group["warmup_scope"] not in WARMUP_SCOPES:
-        raise ValueError(f"warmup_scope must be one of {WARMUP_SCOPES}, got {group['warmup_scope']!r}")
-    if group["bias_correction"] not in BIAS_CORRECTIONS:
-        raise ValueError(f"bias_correction must be one of {BIAS_CORRECTIONS}, got {group['bias_correction']!r}")
+    _check_step_options(group, "")
     if not isinstance(group["state_dtype"], torch.dtype):
         raise TypeError(f"state_dtype must be a torch.dtype, got {type(group['state_dtype']).__name__}")
     if group["state_dtype"] not in PARAM_DTYPES:
         raise ValueError(f"state_dtype must be one of {PARAM_DTYPES}, got {group['state_dtype']}")
     if group["backend"] is not None:
         check_backend(group["backend"])
+
+
+def _check_step_options(group: dict, where: str) -> None:
+    """The options a step reads per tensor, which ``check_hyperparameters`` (run on every batch) does not check: set
+    by hand in ``param_groups`` after construction, a typo (``bias_correction="Global"``) was silently read as the
+    other mode and a NaN ``density_lr_exponent`` raised naming the fused batch's ``lrs[0]``."""
+    try:
+        check_finite(group["density_lr_exponent"], "density_lr_exponent")
+    except ValueError as err:
+        raise ValueError(where + str(err)) from None
+    for name, choices in (("warmup_scope", WARMUP_SCOPES), ("bias_correction", BIAS_CORRECTIONS)):
+        if group[name] not in choices:
+            raise ValueError(f"{where}{name} must be one of {choices}, got {group[name]!r}")
 
 
 def _step_counter() -> torch.Tensor:
@@ -287,6 +296,8 @@ class SMETAdamW(torch.optim.Optimizer):
         for index, lr in lrs.items():  # a scheduler or a hand-set lr: named as set, before the density factor
             if not lr >= 0.0:
                 raise ValueError(f"param group {index}: lr must be >= 0, got {lr}")
+        for index, group in stepped_groups.items():  # the per-tensor options a hand-edited group may hold
+            _check_step_options(group, f"param group {index}: ")
         batches: dict[tuple, dict[str, list]] = {}
         batch_groups: dict[tuple, dict[int, None]] = {}  # the groups of each batch, in order: its tables' cache key
         counters = []  # step counts to bump once every batch is checked (a failed step must not count)
