@@ -18,7 +18,7 @@ from torch import nn
 
 from .functional import autocast_enabled, check_input
 from .layout import BlockLayout, unpack_kernel_index
-from .modules import BlockLayoutLinear, sparsify, uniform_init_
+from .modules import BlockLayoutLinear, check_linear, sparsify, uniform_init_
 from .ops import library
 
 
@@ -153,6 +153,7 @@ class MaskedLinear(BlockLayoutLinear):
     @classmethod
     def from_linear(cls, linear: nn.Linear, layout: BlockLayout) -> "MaskedLinear":
         """A masked copy of ``linear`` keeping the weights of the blocks active in ``layout`` (zeros elsewhere)."""
+        check_linear(linear)
         weight = linear.weight
         module = cls(
             linear.in_features,

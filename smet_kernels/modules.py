@@ -212,6 +212,7 @@ class BlockSparseLinear(BlockLayoutLinear):
         cls, linear: nn.Linear, layout: BlockLayout, backend: str | None = None
     ) -> "BlockSparseLinear":
         """A block-sparse copy of ``linear`` keeping the weights of the blocks active in ``layout``."""
+        check_linear(linear)
         weight = linear.weight
         module = cls(
             linear.in_features,
@@ -227,6 +228,14 @@ class BlockSparseLinear(BlockLayoutLinear):
             if linear.bias is not None:
                 module.bias.copy_(linear.bias.detach())
         return module
+
+
+def check_linear(linear) -> None:
+    """``TypeError`` unless ``linear`` is an ``nn.Linear`` (a GPT-2 ``Conv1D`` raised ``AttributeError:
+    in_features``): what ``from_linear`` copies."""
+    if not isinstance(linear, nn.Linear):
+        raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__} (sparsify and "
+                        "sparsify_with_layouts also take GPT-2 Conv1D layers)")  # fmt: skip
 
 
 def _carry_mode(linear: nn.Linear, replacement: nn.Module) -> None:

@@ -379,6 +379,16 @@ def test_a_layout_that_is_not_a_block_layout_is_refused_by_name():
             cls(32, 32, layout={"block_indices": torch.tensor([[0, 0]])})
 
 
+@pytest.mark.parametrize("cls", [BlockSparseLinear, MaskedLinear])
+def test_from_linear_refuses_a_layer_that_is_no_linear_by_name(cls):
+    """A GPT-2 ``Conv1D`` (or any other layer) raised ``AttributeError: ... no attribute 'in_features'``."""
+    pytorch_utils = pytest.importorskip("transformers.pytorch_utils")
+    layout = BlockLayout.random(32, 32, 16, 0.5)
+    for layer in (pytorch_utils.Conv1D(32, 32), nn.Conv1d(32, 32, 1)):
+        with pytest.raises(TypeError, match=f"^linear must be an nn.Linear, got {type(layer).__name__}"):
+            cls.from_linear(layer, layout)
+
+
 def test_forward_runs_the_backend_the_layer_was_built_with(monkeypatch):
     import smet_kernels.modules as modules
 
