@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
 import warnings
 from dataclasses import dataclass, field
 
@@ -604,13 +605,17 @@ class SMET:
             if tuple(saved["shape"]) != target.layout.shape or int(saved["block_size"]) != target.layout.block_size:
                 raise ValueError(f"layout of {target.name!r} in state does not match the model's layer")
             restored.append(target.layout.check_block_indices(saved["block_indices"]))
-        step = int(state["step"])
+        step = state["step"]
+        if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
+            raise ValueError(f"state's step must be an int >= 0, got {step!r}")
+        if not isinstance(state["history"], list):  # else the next update raised appending to it, layouts moved
+            raise ValueError(f"state's history must be a list, got {type(state['history']).__name__}")
         generator_state = state["generator"].cpu()  # a CPU ByteTensor even if the state was mapped to a GPU
         torch.Generator(device="cpu").set_state(generator_state)  # raises here, not after the layouts are restored
         history = copy.deepcopy(state["history"])
         for target, block_indices in zip(self.targets, restored):
             target.layout.set_block_indices(block_indices)
-        self._step = step
+        self._step = int(step)
         self.generator.set_state(generator_state)
         self.history = history
         self._sync_hooks()

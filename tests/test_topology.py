@@ -288,6 +288,23 @@ def test_load_state_dict_refuses_a_layout_of_another_shape_or_block_size(key, va
         smet.load_state_dict(state)
 
 
+@pytest.mark.parametrize("key, value, match", [("step", -4, "step must be an int >= 0"),
+                                                ("step", 2.5, "step must be an int >= 0"),
+                                                ("step", "3", "step must be an int >= 0"),
+                                                ("history", {}, "history must be a list")])
+def test_load_state_dict_refuses_a_bad_step_or_history_by_name_and_changes_nothing(key, value, match):
+    """A step of -4 or 2.5 was taken (as -4 and 2), "3" raised int()'s error, and a history that is no list made the
+    next update raise after it had moved the layouts."""
+    model, opt, smet = make_run(update_interval=1)
+    state = smet.state_dict()
+    train_step(model, opt, smet, 1)
+    before = _layouts(model)
+    state[key] = value
+    with pytest.raises(ValueError, match=f"^state's {match}"):
+        smet.load_state_dict(state)
+    assert smet.step_count == 1 and all(torch.equal(before[n], i) for n, i in _layouts(model).items())
+
+
 @pytest.mark.parametrize("state", [{}, {"state": {}, "param_groups": []}, "smet.pt"],
                          ids=["empty", "optimizer-state", "path"])  # fmt: skip
 def test_load_state_dict_names_the_keys_missing_from_a_state_that_is_no_controller_state(state):
