@@ -162,7 +162,8 @@ class SMET:
 
     Args:
         model: module whose parameters include compact sparse values (``p.smet_layout``) and/or masked
-            dense weights (``p.smet_mask_layout``).
+            dense weights (``p.smet_mask_layout``). Those frozen (``requires_grad=False``) when the controller is
+            built are left out: a frozen layer keeps its blocks (they need not be in ``optimizer``).
         optimizer: the optimizer of ``model``; its per-parameter state is reset for regrown blocks.
         update_interval: ``ΔT``, optimizer steps between topology updates (first update at step ``ΔT``).
         prune_fraction: ``ζ0`` in (0, 1), the fraction of each layer's active blocks swapped at t = 0.
@@ -222,12 +223,16 @@ class SMET:
 
         self.model = model
         self.optimizer = optimizer
-        self.targets = self._find_targets(model)
-        if not self.targets:
+        found = self._find_targets(model)
+        self.targets = [target for target in found if target.param.requires_grad]  # a frozen layer keeps its blocks
+        if not found:
             raise ValueError(
                 "model has no sparse parameters (none carries smet_layout or smet_mask_layout); "
                 "sparsify it first (smet_kernels.modules.sparsify or smet_kernels.masked.masked_sparsify)"
             )
+        if not self.targets:
+            raise ValueError(f"every sparse parameter of model is frozen (requires_grad=False), e.g. "
+                             f"'{found[0].name}': SMET updates the topology of the layers that train")
         self._check_targets(optimizer)
         if regrow == "gradient":
             self._check_recordable()

@@ -397,6 +397,21 @@ def test_bad_model_and_optimizer():
         SMET(dense, torch.optim.SGD(dense.parameters(), lr=0.1))
 
 
+def test_a_layer_frozen_when_the_controller_is_built_keeps_its_blocks_and_need_not_be_in_the_optimizer():
+    model = TinyMLP()
+    model.down.requires_grad_(False)
+    frozen = (model.down.layout.block_indices.clone(), model.down.values.detach().clone())
+    opt = SMETAdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, backend="reference")
+    smet = SMET(model, opt, update_interval=1, prune_fraction=0.3)
+    record = train_step(model, opt, smet, 1)
+    assert set(record["layers"]) == {"up.values"} and record["layers"]["up.values"]["pruned"] > 0
+    assert torch.equal(model.down.layout.block_indices, frozen[0]) and torch.equal(model.down.values, frozen[1])
+    model.requires_grad_(False)
+    with pytest.raises(ValueError, match=r"^every sparse parameter of model is frozen \(requires_grad=False\), "
+                                         r"e.g. 'up.values': SMET updates the topology of the layers that train$"):
+        SMET(model, opt)
+
+
 def test_layers_sharing_one_layout_object_are_refused():
     """Two layers built on one BlockLayout would see each other's blocks moved by every update."""
     layout = BlockLayout.random(FEATURES, FEATURES, B, 0.5, generator=torch.Generator().manual_seed(0))
