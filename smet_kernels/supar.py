@@ -114,10 +114,15 @@ def supar_param_groups(
     """
     _check_model(model)
     lr = _positive(lr, "lr")
+    if "density_lr_exponent" in group_options:  # it would replace the sparse groups' 0: the density counted twice
+        raise ValueError("density_lr_exponent cannot be given: SμPar's lr / m_rho already is the density-aware LR, "
+                         "so the sparse groups set it to 0")
     groups: list[dict[str, Any]] = []
     others = []
+    frozen = 0
     for param in model.parameters():
         if not param.requires_grad:
+            frozen += _sparse_layout(param) is not None
             continue
         layout = _sparse_layout(param)
         if layout is None:
@@ -126,7 +131,8 @@ def supar_param_groups(
         hidden_lr = supar_lr(lr, width, base_width, layout.density, base_density)
         groups.append({"params": [param], "lr": hidden_lr, "density_lr_exponent": 0.0, **group_options})
     if not groups:
-        raise ValueError("model has no sparse parameters (smet_layout / smet_mask_layout); sparsify it first")
+        raise ValueError(f"every sparse parameter of model is frozen (requires_grad=False): {frozen}" if frozen else
+                         "model has no sparse parameters (smet_layout / smet_mask_layout); sparsify it first")
     if others:
         groups.insert(0, {"params": others, "lr": lr, **group_options})
     return groups

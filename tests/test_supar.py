@@ -75,6 +75,14 @@ def test_supar_init_of_a_model_without_sparse_weights_is_refused_and_frozen_weig
     model.up.values.requires_grad_(False)
     groups = supar_param_groups(model, lr=1e-3, width=FEATURES, base_width=FEATURES)
     assert [group["params"] for group in groups] == [[model.down.values]]
+    model.requires_grad_(False)
+    with pytest.raises(ValueError, match=r"^every sparse parameter of model is frozen \(requires_grad=False\): 2$"):
+        supar_param_groups(model, lr=1e-3, width=FEATURES, base_width=FEATURES)
+
+
+def test_supar_param_groups_refuse_a_density_lr_exponent_which_would_count_the_density_twice():
+    with pytest.raises(ValueError, match="^density_lr_exponent cannot be given: SμPar's lr / m_rho already is the "):
+        supar_param_groups(TinyMLP(), 1e-3, FEATURES, FEATURES, density_lr_exponent=1.0)
 
 
 @pytest.mark.gpu
