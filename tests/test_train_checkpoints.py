@@ -285,6 +285,20 @@ def test_a_resume_into_the_folder_of_another_run_is_refused_but_into_its_own_or_
     assert train(tiny_config(max_steps=4, eval_every=0, resume=str(first), out_dir=str(first)))["steps"] == 4
 
 
+def test_a_resume_into_a_folder_holding_another_runs_metrics_but_no_checkpoint_starts_its_metrics_anew(tmp_path):
+    """``--resume A --out-dir B`` with B holding the metrics.jsonl of a run without checkpoints kept B's records up to
+    A's checkpoint step and appended A's continuation to them: one file, two runs' losses, silently."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    train(tiny_config(max_steps=2, checkpoint_every=2, eval_every=0, out_dir=str(first)))
+    train(tiny_config(max_steps=3, checkpoint_every=0, eval_every=0, seed=1, out_dir=str(second)))
+    train(tiny_config(max_steps=3, eval_every=0, resume=str(first), out_dir=str(second)))
+    assert [r["step"] for r in strict_records(second / "metrics.jsonl") if r["type"] == "train"] == [3]
+    in_place = [r for r in strict_records(first / "metrics.jsonl") if r["type"] == "train"]
+    train(tiny_config(max_steps=3, eval_every=0, resume=str(first), out_dir=str(first)))  # its own folder: kept
+    assert [r["step"] for r in strict_records(first / "metrics.jsonl") if r["type"] == "train"] == [1, 2, 3]
+    assert in_place == [r for r in strict_records(first / "metrics.jsonl") if r["type"] == "train"][:2]
+
+
 def test_a_resume_from_a_checkpoint_outside_any_run_folder_is_refused_into_another_runs_folder(tmp_path):
     """A step folder copied out of its run (no checkpoints/ around it) resumed with ``--out-dir B`` went on in B even
     when B held another run's checkpoints, mixing both there; into the folder saved in it, or a free one, it goes on."""

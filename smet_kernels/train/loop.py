@@ -167,7 +167,8 @@ class Run:
 
     def __init__(self, config: TrainConfig):
         self.config = config
-        if config.out_dir and not continues_in_place(config):  # before anything, in out_dir or elsewhere, is touched
+        self.in_place = continues_in_place(config)  # a resume in its own run's folder, which keeps its metrics
+        if config.out_dir and not self.in_place:  # before anything, in out_dir or elsewhere, is touched
             check_fresh_out_dir(config.out_dir)
         if config.out_dir and config.checkpoint_every:
             check_checkpoint_folder(config.out_dir)
@@ -226,10 +227,12 @@ class Run:
         self.metrics = on_rank0(self.ddp, self._open_out_dir) if self.out_dir else None
 
     def _open_out_dir(self) -> MetricsLog:
-        """Rank 0: remove what stopped checkpoint writes left in ``out_dir``, then open its ``metrics.jsonl``."""
+        """Rank 0: remove what stopped checkpoint writes left in ``out_dir``, then open its ``metrics.jsonl``: a resume
+        in its run's own folder keeps the records up to its checkpoint; a fresh run, or a resume into another folder,
+        starts the file anew (records there are another run's, whose steps would mix with this run's)."""
         try:
             clear_leftovers(self.out_dir)
-            return MetricsLog(self.out_dir, self.step if self.config.resume else None)
+            return MetricsLog(self.out_dir, self.step if self.in_place else None)
         except OSError as error:
             raise TrainingFailed(f"could not prepare {setting('out_dir')} {str(self.out_dir)!r}: {error}") from None
 
