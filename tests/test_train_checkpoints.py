@@ -471,6 +471,28 @@ def test_a_resume_that_changes_a_fixed_setting_is_refused_before_the_checkpoint_
             train(tiny_config(max_steps=4, checkpoint_every=2, out_dir=str(out), resume=str(resume), seq_len=16))
 
 
+def test_a_resume_keeps_the_default_block_size_its_run_resolved_and_takes_that_size_given_explicitly(
+        tmp_path, monkeypatch, capsys):
+    """The default block size follows --prune-fraction, which a resume may change: a resume with another one built the
+    model at another block size and died in load_state_dict with a traceback, and --block-size given as the very size
+    the run trained with was refused ("saved: --block-size None"). (The tiny model resolves to 16 whatever the prune
+    fraction: a rule that follows it stands in for the larger presets'.)"""
+    monkeypatch.setattr(TrainConfig, "resolved_block_size",
+                        lambda self: self.block_size or (32 if self.prune_fraction >= 0.1 else 16))
+    out = tmp_path / "run"
+    train(tiny_config(optimizer="smet", density=0.5, max_steps=2, checkpoint_every=1, out_dir=str(out)))
+    step = str(out / "checkpoints" / "step_0000001")
+    for name, options in (("pf", ["--prune-fraction", "0.05"]), ("bs", ["--block-size", "32"])):
+        assert cli.main(["--resume", step, "--out-dir", str(tmp_path / name), "--no-progress", *options]) == 0
+        assert json.loads((tmp_path / name / "summary.json").read_text())["block_size"] == 32
+    capsys.readouterr()
+    message = one_line_error(capsys, ["--resume", step, "--block-size", "16", "--out-dir", str(tmp_path / "other")], 2)
+    assert message.startswith("cannot change --block-size") and "(saved: --block-size 32)" in message
+    with pytest.raises(ConfigError, match=r"^cannot change block_size .* \(saved: block_size 32\)"):
+        train(tiny_config(optimizer="smet", density=0.5, max_steps=2, prune_fraction=0.05, resume=step,
+                          out_dir=str(tmp_path / "python")))
+
+
 def test_a_corrupt_newest_checkpoint_of_another_run_does_not_refuse_the_resume_of_the_good_one(tmp_path):
     """A fresh run may use a folder whose checkpoints all fail verification (check_fresh_out_dir), and its resume
     passes over them: the early settings check read the newest config.json alone, that of the corrupt checkpoint of

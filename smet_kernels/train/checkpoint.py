@@ -429,8 +429,7 @@ def read_checkpoint(checkpoint: Path, config: TrainConfig) -> dict:
     run must share with it (:data:`FIXED_ON_RESUME`; ``data`` may name another path when the state holds the digest
     of its tokens, which the run compares: a relative path from another folder, or moved files). Every other
     setting is checked before the state is read."""
-    values = {name: getattr(config, name) for name in FIXED_ON_RESUME}
-    saved, changed = _fixed_changes(json.loads((checkpoint / "config.json").read_text()), values)
+    saved, changed = _fixed_changes(json.loads((checkpoint / "config.json").read_text()), fixed_values(config))
     _refuse_changes(checkpoint, saved, [name for name in changed if name != "data"])
     # read to CPU: RNG states must stay CPU ByteTensors; the load_state_dict calls move the rest to the device
     state = torch.load(checkpoint / "state.pt", map_location="cpu", weights_only=False)
@@ -464,12 +463,37 @@ def refuse_fixed_changes(path: str | os.PathLike, values: dict) -> None:
         _refuse_changes(*refusal)
 
 
+def fixed_values(config: TrainConfig) -> dict:
+    """The :data:`FIXED_ON_RESUME` settings of ``config``, a sparse method's ``block_size`` resolved (by default it
+    follows ``prune_fraction``, which a resume may change)."""
+    values = {name: getattr(config, name) for name in FIXED_ON_RESUME}
+    if config.optimizer in METHODS and METHODS[config.optimizer].sparse:
+        values["block_size"] = config.resolved_block_size()
+    return values
+
+
+def saved_block_size(saved_config: dict) -> int | None:
+    """The block size a sparse run of the checkpoint ``config.json`` ``saved_config`` trained with: its
+    ``block_size``, else the default it resolved to (None for a dense method, or a config that cannot tell)."""
+    defaults = TrainConfig()
+    method = METHODS.get(saved_config.get("optimizer", defaults.optimizer))
+    if saved_config.get("block_size") is not None or method is None or not method.sparse:
+        return saved_config.get("block_size")
+    try:
+        return TrainConfig(**{name: saved_config.get(name, getattr(defaults, name))
+                              for name in ("model", "density", "prune_fraction")}).resolved_block_size()
+    except (KeyError, TypeError, ValueError):  # an unknown model preset: left to the checks of the run
+        return None
+
+
 def _fixed_changes(saved_config: dict, values: dict) -> tuple[dict, list[str]]:
     """``(saved, changed)``: the :data:`FIXED_ON_RESUME` settings of a checkpoint's ``config.json`` (a setting newer
-    than the checkpoint at its default), and the names among ``values`` that change one, but for options without
-    effect in the saved method (e.g. ``density`` for ``adamw``), which the CLI names as such, as in a fresh run."""
+    than the checkpoint at its default; a default ``block_size`` as resolved), and the names among ``values`` that
+    change one, but for options without effect in the saved method (e.g. ``density`` for ``adamw``), which the CLI
+    names as such, as in a fresh run."""
     defaults = TrainConfig()
     saved = {name: saved_config.get(name, getattr(defaults, name)) for name in FIXED_ON_RESUME}
+    saved["block_size"] = saved_block_size(saved_config)
     method = METHODS.get(saved["optimizer"])
     inert = set(method.ignored_options) if method else set()
     changed = [name for name in FIXED_ON_RESUME if name in values and saved[name] != values[name] and name not in inert]

@@ -256,8 +256,12 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         if not os.path.exists(given["resume"]):
             raise ConfigError(f"--resume {given['resume']!r} does not exist")
         refuse_fixed_changes(given["resume"], given)  # before load_checkpoint_config hashes the checkpoint
-        values = load_checkpoint_config(given["resume"]).to_dict()
+        saved = load_checkpoint_config(given["resume"])
+        values = saved.to_dict()
         values.update({k: v for k, v in given.items() if k != "resume"})
+        block_size = saved.resolved_block_size()  # by default it follows --prune-fraction: the run keeps its own
+        if METHODS[saved.optimizer].sparse and TrainConfig.from_dict(values).resolved_block_size() != block_size:
+            values["block_size"] = block_size
     else:
         values = dataclasses.asdict(TrainConfig())  # unresolved: α follows the chosen optimizer
         values.update(given)

@@ -67,13 +67,14 @@ from .checkpoint import (
     check_fresh_out_dir,
     clear_leftovers,
     find_checkpoint,
+    fixed_values,
     refuse_fixed_changes,
     rng_state,
     sharded_state,
     write_checkpoint,
     write_sharded_checkpoint,
 )
-from .config import FIXED_ON_RESUME, SPARSE_OPTIMIZERS, ConfigError, TrainConfig, setting
+from .config import SPARSE_OPTIMIZERS, ConfigError, TrainConfig, setting
 from .data import Corpus, DataError, PackedBatches, eval_windows, load_corpus, window_batch
 from .distributed import (
     TrainingFailed,
@@ -173,7 +174,7 @@ class Run:
         if config.out_dir and config.checkpoint_every:
             check_checkpoint_folder(config.out_dir)
         if config.resume:  # a changed fixed setting: refused before the checkpoint is verified (hashed)
-            refuse_fixed_changes(config.resume, {name: getattr(config, name) for name in FIXED_ON_RESUME})
+            refuse_fixed_changes(config.resume, fixed_values(config))
         self.ddp = init_distributed(config.device)
         self.device = resolve_device(config.device, self.ddp)
         self.is_main = self.ddp.rank == 0
