@@ -299,6 +299,18 @@ def test_a_resume_into_a_folder_holding_another_runs_metrics_but_no_checkpoint_s
     assert in_place == [r for r in strict_records(first / "metrics.jsonl") if r["type"] == "train"][:2]
 
 
+def test_a_resume_may_name_the_checkpoints_folder_of_its_run_and_continues_the_run_in_place(tmp_path, capsys):
+    """``--resume RUN/checkpoints`` was refused with "no checkpoint found in 'RUN/checkpoints'", the folder that holds
+    them all; it now resumes the newest, in its run's folder (by the command line, and for a Python caller)."""
+    out = tmp_path / "run"
+    train(tiny_config(max_steps=2, checkpoint_every=1, out_dir=str(out)))
+    assert find_checkpoint(out / "checkpoints") == out / "checkpoints" / "step_0000002"
+    assert cli.main(["--resume", str(out / "checkpoints"), "--max-steps", "3", "--no-progress"]) == 0
+    assert continues_in_place(TrainConfig(resume=str(out / "checkpoints"), out_dir=str(out)))
+    assert train(tiny_config(max_steps=4, resume=str(out / "checkpoints"), out_dir=str(out)))["steps"] == 4
+    assert [r["step"] for r in strict_records(out / "metrics.jsonl") if r["type"] == "train"] == [1, 2, 3, 4]
+
+
 def test_a_resume_from_a_checkpoint_outside_any_run_folder_is_refused_into_another_runs_folder(tmp_path):
     """A step folder copied out of its run (no checkpoints/ around it) resumed with ``--out-dir B`` went on in B even
     when B held another run's checkpoints, mixing both there; into the folder saved in it, or a free one, it goes on."""

@@ -106,15 +106,15 @@ def _verify_without_manifest(checkpoint: Path) -> str | None:
 
 def find_checkpoint(path: str | os.PathLike) -> Path:
     """The verified checkpoint folder for ``path``: a ``step_*`` folder itself, or the newest good one in
-    ``path/checkpoints`` (newer bad ones are named in a :class:`CheckpointWarning`); :class:`ConfigError` when
-    there is none."""
+    ``path/checkpoints`` (``path`` itself when it is that folder: :func:`run_folder`; newer bad ones are named in a
+    :class:`CheckpointWarning`); :class:`ConfigError` when there is none."""
     path = Path(path)
     if (path / MANIFEST).exists() or (path / "state.pt").exists():
         problem = verify_checkpoint(path)
         if problem is not None:
             raise ConfigError(f"checkpoint {str(path)!r} is unusable: {problem}")
         return path
-    root = path / CHECKPOINTS_DIR
+    root = run_folder(path) / CHECKPOINTS_DIR
     if root.is_dir():
         _restore_interrupted_rewrites(root, skip_live_writers=True)
     candidates = _newest_first(root)
@@ -128,6 +128,14 @@ def find_checkpoint(path: str | os.PathLike) -> Path:
         warnings.warn(f"checkpoint {str(candidate)!r} is unusable ({problem})"
                       + (f"; trying {following}" if following else ""), CheckpointWarning, stacklevel=2)
     raise ConfigError(f"no usable checkpoint in {str(root)!r}: all {len(candidates)} fail verification")
+
+
+def run_folder(path: Path) -> Path:
+    """``path``, or the run folder of the ``checkpoints`` folder ``path`` (``--resume RUN/checkpoints``: the
+    folder that holds a run's ``step_*`` checkpoints, not a run folder itself)."""
+    if path.name == CHECKPOINTS_DIR and not (path / CHECKPOINTS_DIR).is_dir() and _newest_first(path):
+        return path.parent
+    return path
 
 
 def _newest_first(root: Path) -> list[Path]:
@@ -446,7 +454,7 @@ def refuse_fixed_changes(path: str | os.PathLike, values: dict) -> None:
     take ``values`` (naming the newest): a folder may also hold the corrupt checkpoints of another run, which
     :func:`find_checkpoint` passes over."""
     path = Path(path)
-    folders = [path] if (path / "config.json").is_file() else _newest_first(path / CHECKPOINTS_DIR)
+    folders = [path] if (path / "config.json").is_file() else _newest_first(run_folder(path) / CHECKPOINTS_DIR)
     refusal = None
     for folder in folders:
         try:

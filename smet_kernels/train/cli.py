@@ -240,10 +240,11 @@ def build_parser() -> argparse.ArgumentParser:
                      "to rank 0 in the single-process format, an export); one process always writes full "
                      f"(default: {d.checkpoint_format})")
     run.add_argument("--resume", metavar="DIR",
-                     help="continue from the newest checkpoint in DIR (an out-dir or a checkpoints/step_* folder) "
-                     "whose files match the sha256 checksums of its manifest.json; a newer corrupt or unreadable one "
-                     "is named in a warning and passed over; a run stopped after its final checkpoint, before "
-                     "summary.json, is finished (final evaluation, summary.json) (default: a fresh run)")
+                     help="continue from the newest checkpoint in DIR (an out-dir, its checkpoints folder or a "
+                     "checkpoints/step_* folder) whose files match the sha256 checksums of its manifest.json; a newer "
+                     "corrupt or unreadable one is named in a warning and passed over; a run stopped after its final "
+                     "checkpoint, before summary.json, is finished (final evaluation, summary.json) (default: a fresh "
+                     "run)")
     run.add_argument("--no-progress", dest="progress", action="store_false",
                      help="hide the progress bar (default: shown)")
     return parser

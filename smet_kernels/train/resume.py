@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..sharding import shard_like
-from .checkpoint import CHECKPOINTS_DIR, load_sharded, read_checkpoint, set_rng_state
+from .checkpoint import CHECKPOINTS_DIR, load_sharded, read_checkpoint, run_folder, set_rng_state
 from .config import ConfigError, TrainConfig, setting
 from .distributed import sharded_optimizer_state
 from .metrics import MetricsWarning, read_records
@@ -25,7 +25,7 @@ def continues_in_place(config: TrainConfig) -> bool:
     checkpoints."""
     if not config.resume:
         return False
-    resume = Path(config.resume)
+    resume = run_folder(Path(config.resume))
     if resume.parent.name == CHECKPOINTS_DIR:
         resume = resume.parent.parent
     elif not (resume / CHECKPOINTS_DIR).is_dir():  # a checkpoint outside any run folder
