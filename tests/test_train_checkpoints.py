@@ -311,6 +311,24 @@ def test_a_resume_may_name_the_checkpoints_folder_of_its_run_and_continues_the_r
     assert [r["step"] for r in strict_records(out / "metrics.jsonl") if r["type"] == "train"] == [1, 2, 3, 4]
 
 
+def test_a_resume_in_place_from_an_earlier_checkpoint_sets_the_later_ones_aside_so_the_next_resume_continues_it(
+        tmp_path):
+    """Rewound to step 2 of a 6-step run and ended at 3, a later ``--resume RUN`` continued the abandoned course at
+    step 6 (its metrics: steps 1-3, then 7 on): the later checkpoints are moved aside, kept, with a warning."""
+    out = tmp_path / "run"
+    train(tiny_config(max_steps=6, checkpoint_every=2, out_dir=str(out)))
+    checkpoints = out / "checkpoints"
+    with pytest.warns(CheckpointWarning, match=r"^resumed at step 2: the run's later checkpoints \(the course it "
+                                               r"leaves\) are moved to '.*superseded-0000002-1'"):
+        train(tiny_config(max_steps=3, checkpoint_every=2, resume=str(checkpoints / "step_0000002"), out_dir=str(out)))
+    assert {p.name for p in checkpoints.iterdir()} == {"step_0000002", "step_0000003", "superseded-0000002-1"}
+    assert {p.name for p in (checkpoints / "superseded-0000002-1").iterdir()} == {"step_0000004", "step_0000006"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        train(tiny_config(max_steps=4, checkpoint_every=2, resume=str(out), out_dir=str(out)))
+    assert [r["step"] for r in strict_records(out / "metrics.jsonl") if r["type"] == "train"] == [1, 2, 3, 4]
+
+
 def test_a_resume_from_a_checkpoint_outside_any_run_folder_is_refused_into_another_runs_folder(tmp_path):
     """A step folder copied out of its run (no checkpoints/ around it) resumed with ``--out-dir B`` went on in B even
     when B held another run's checkpoints, mixing both there; into the folder saved in it, or a free one, it goes on."""
@@ -516,11 +534,12 @@ def test_a_corrupt_newest_checkpoint_of_another_run_does_not_refuse_the_resume_o
     (other / "checkpoints" / "step_0000002").rename(stale)
     (stale / "state.pt").write_bytes(b"cut short")
     train(tiny_config(max_steps=2, checkpoint_every=2, out_dir=str(out)))
+    with pytest.raises(ConfigError, match=r"cannot change seed when resuming .*step_0000010.*\(saved: seed 1\)"):
+        checkpoint.refuse_fixed_changes(out, {"seed": 2})  # no checkpoint would take it: the newest one is named
     with pytest.warns(CheckpointWarning, match="step_0000010"):
         summary = train(tiny_config(max_steps=3, checkpoint_every=2, out_dir=str(out), resume=str(out)))
     assert summary["steps"] == 3
-    with pytest.raises(ConfigError, match=r"cannot change seed when resuming .*step_0000010.*\(saved: seed 1\)"):
-        checkpoint.refuse_fixed_changes(out, {"seed": 2})  # no checkpoint would take it: the newest one is named
+    assert (out / "checkpoints" / "superseded-0000002-1" / "step_0000010").is_dir()  # past step 2: set aside
 
 
 def test_a_checkpoint_saved_before_the_topology_end_and_regrow_init_options_resumes_at_their_defaults(tmp_path,

@@ -142,12 +142,14 @@ def _newest_first(root: Path) -> list[Path]:
     """The ``step_*`` folders of ``root`` (none when it is not a folder), newest first: by step number
     (``step_10000000`` is newer than ``step_9999999``, which a sort by name puts first), then by name."""
 
-    def step_order(folder: Path) -> tuple[int, str]:
-        match = re.match(r"step_(\d+)", folder.name)
-        return (int(match.group(1)) if match else -1, folder.name)
-
     folders = [c for c in root.glob("step_*") if c.is_dir()] if root.is_dir() else []
-    return sorted(folders, key=step_order, reverse=True)
+    return sorted(folders, key=lambda folder: (_step_number(folder), folder.name), reverse=True)
+
+
+def _step_number(folder: Path) -> int:
+    """The step of a ``step_*`` checkpoint folder (-1 for a name without one)."""
+    match = re.match(r"step_(\d+)", folder.name)
+    return int(match.group(1)) if match else -1
 
 
 def check_fresh_out_dir(out_dir: str | os.PathLike) -> None:
@@ -248,6 +250,23 @@ def clear_leftovers(out_dir: Path) -> None:
     for leftover in (*root.glob(".tmp-step_*"), *root.glob(".old-step_*")):
         if leftover.is_dir():
             shutil.rmtree(leftover, ignore_errors=True)
+
+
+def set_aside_later_checkpoints(out_dir: Path, step: int) -> Path | None:
+    """Move the ``step_*`` folders of ``out_dir/checkpoints`` past ``step`` (a run resumed in its own folder from an
+    earlier checkpoint: the course it abandons) into ``checkpoints/superseded-<step>-<n>/``, kept, not deleted: else a
+    later ``--resume`` of the folder would continue the abandoned course. Returns that folder, None when none moved."""
+    root = out_dir / CHECKPOINTS_DIR
+    later = [folder for folder in _newest_first(root) if _step_number(folder) > step]
+    if not later:
+        return None
+    aside = next(root / f"superseded-{step:07d}-{n}" for n in range(1, 1 << 30)
+                 if not (root / f"superseded-{step:07d}-{n}").exists())  # fmt: skip
+    aside.mkdir()
+    for folder in later:
+        os.replace(folder, aside / folder.name)
+    _fsync_dir(root)
+    return aside
 
 
 def _atomic_replace_dir(tmp: Path, final: Path) -> None:

@@ -52,6 +52,7 @@ import gc
 import math
 import statistics
 import time
+import warnings
 from pathlib import Path
 from typing import Callable, NamedTuple
 
@@ -63,6 +64,7 @@ from .. import backend as backend_module
 from ..sharding import full, local
 from .build import build_controller, build_model, build_optimizer
 from .checkpoint import (
+    CheckpointWarning,
     check_checkpoint_folder,
     check_fresh_out_dir,
     clear_leftovers,
@@ -70,6 +72,7 @@ from .checkpoint import (
     fixed_values,
     refuse_fixed_changes,
     rng_state,
+    set_aside_later_checkpoints,
     sharded_state,
     write_checkpoint,
     write_sharded_checkpoint,
@@ -233,6 +236,11 @@ class Run:
         starts the file anew (records there are another run's, whose steps would mix with this run's)."""
         try:
             clear_leftovers(self.out_dir)
+            aside = set_aside_later_checkpoints(self.out_dir, self.step) if self.in_place else None
+            if aside is not None:
+                warnings.warn(f"resumed at step {self.step}: the run's later checkpoints (the course it leaves) "
+                              f"are moved to {str(aside)!r}, so that a later --resume continues this one",
+                              CheckpointWarning, stacklevel=2)
             return MetricsLog(self.out_dir, self.step if self.in_place else None)
         except OSError as error:
             raise TrainingFailed(f"could not prepare {setting('out_dir')} {str(self.out_dir)!r}: {error}") from None
