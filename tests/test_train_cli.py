@@ -189,7 +189,7 @@ def test_a_dense_fsdp_run_under_torchrun_names_the_probe_schedule_options_as_wit
 @pytest.mark.parametrize("options, message", [
     (["--update-end-step", "3"], "--update-interval 4 is past --update-end-step 3"),
     (["--max-steps", "3"], "--update-interval 4 is past --max-steps 3"),
-    (["--update-end-step", "4"], None),
+    (["--update-end-step", "4", "--checkpoint-every", "4"], None),
 ])
 def test_a_sparse_run_whose_first_update_is_past_its_last_step_is_told_its_topology_stays_fixed(options, message,
                                                                                                capsys, tmp_path):
@@ -200,6 +200,10 @@ def test_a_sparse_run_whose_first_update_is_past_its_last_step_is_told_its_topol
     err = capsys.readouterr().err
     assert (f"smet-train: no topology update in this run: {message}; the topology stays as initialised" in err
             if message else "no topology update" not in err)
+    if message is None:  # updated at step 4: a resume with an earlier end moves no block, past ones stay
+        assert cli.main(["--resume", str(tmp_path), "--max-steps", "5", "--update-end-step", "3", "--no-progress"]) == 0
+        assert ("smet-train: no topology update in this run: --update-interval 4 is past --update-end-step 3; the "
+                "topology stays as the checkpoint has it") in capsys.readouterr().err
 
 
 def test_the_notes_on_options_are_printed_by_rank_0_only(capsys, tmp_path, monkeypatch):

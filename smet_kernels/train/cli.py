@@ -286,7 +286,8 @@ def _warn_ignored_options(args: argparse.Namespace, config: TrainConfig) -> None
     if METHODS[config.optimizer].sparse and config.update_interval > last:
         limit = "--max-steps" if last == config.max_steps else "--update-end-step"
         print(f"smet-train: no topology update in this run: --update-interval {config.update_interval} is past "
-              f"{limit} {last}; the topology stays as initialised", file=sys.stderr)
+              f"{limit} {last}; the topology stays as {'the checkpoint has it' if config.resume else 'initialised'}",
+              file=sys.stderr)
     if config.regrow_init == "zeros" and "regrow_init_std" in given and "regrow_init_std" not in ignored:
         print("smet-train: --regrow-init-std has no effect with --regrow-init zeros", file=sys.stderr)
 
