@@ -245,7 +245,8 @@ def test_resuming_a_copied_run_continues_in_the_copy_and_leaves_the_original_unt
     assert cli.main(["--resume", str(copy / "checkpoints" / "step_0000002"), "--max-steps", "6", "--lr", "1e-4",
                      "--no-progress"]) == 0
     assert before == {path: path.read_bytes() for path in original.rglob("*") if path.is_file()}
-    assert sorted(p.name for p in (copy / "checkpoints").iterdir()) == ["step_0000002", "step_0000004", "step_0000006"]
+    assert sorted(p.name for p in (copy / "checkpoints").iterdir()) == ["step_0000002", "step_0000004", "step_0000006",
+                                                                        "superseded-0000002-1"]  # the old step 4
     assert [r["step"] for r in read_metrics(copy) if r["type"] == "train"] == [1, 2, 3, 4, 5, 6]
     assert load_checkpoint_config(copy).out_dir == str(copy)
 
