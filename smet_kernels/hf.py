@@ -75,7 +75,15 @@ class SMETCallback(TrainerCallback):
         return state_dict
 
     def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
-        """Refuse an optimizer other than ``smet.optimizer`` and a controller out of step with the Trainer."""
+        """Refuse an optimizer other than ``smet.optimizer``, a controller out of step with the Trainer, and a
+        controller that two callbacks of one Trainer (or one callback given twice) would step twice a step."""
+        if getattr(self.smet, "_hf_trainer_state", None) is state:  # a TrainerState is made anew by each train()
+            raise ValueError(
+                "the Trainer has the SMET controller's callback twice (callbacks=[...] holds SMETCallback of this "
+                "controller twice, or add_callback added another): it would count each optimizer step twice; "
+                "give it one SMETCallback"
+            )
+        self.smet._hf_trainer_state = state
         stepped = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps it in an AcceleratedOptimizer
         if stepped is not None and stepped is not self.smet.optimizer:
             raise ValueError(

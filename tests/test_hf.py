@@ -336,3 +336,20 @@ def test_each_step_that_fp16_loss_scaling_skipped_is_counted_once_drops_its_dens
     for skipped in (True, False, True):
         callback.on_optimizer_step(None, None, None, optimizer=SimpleNamespace(step_was_skipped=skipped))
     assert callback.skipped_steps == 2 and smet.step_count == 1 and dropped == [0, 1]
+
+
+@pytest.mark.parametrize("same_instance", [True, False])
+def test_the_controllers_callback_given_twice_is_refused_before_any_step_is_counted_twice(tmp_path, same_instance):
+    """Trainer only warns about a second callback of one class and calls both: the controller would count each
+    optimizer step twice (updates at half the interval) without a word."""
+    model, optimizer, smet = sparse_setup("llama", "random")
+    trainer = make_trainer(tmp_path, model, optimizer, smet, save_strategy="no")
+    given = next(callback for callback in trainer.callback_handler.callbacks if isinstance(callback, SMETCallback))
+    trainer.add_callback(given if same_instance else SMETCallback(smet))
+    with pytest.raises(ValueError, match="callback twice"):
+        trainer.train()
+    assert smet.step_count == 0
+    trainer.remove_callback(SMETCallback)  # one left: a new train() runs, each step counted once
+    trainer.args.max_steps = 3
+    trainer.train()
+    assert smet.step_count == trainer.state.global_step == 3
