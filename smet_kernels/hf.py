@@ -74,6 +74,18 @@ class SMETCallback(TrainerCallback):
         self.skipped_steps = int(state_dict.pop(SKIPPED_KEY, 0))  # none in checkpoints of an earlier release
         return state_dict
 
+    def _check_optimizer(self, optimizer, created: bool = False) -> None:
+        stepped = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps it in an AcceleratedOptimizer
+        if (stepped is not None or created) and stepped is not self.smet.optimizer:
+            which = "would create its own optimizer, not step" if stepped is None else "steps another optimizer than"
+            raise ValueError(f"the Trainer {which} the SMET controller's: pass "
+                             "Trainer(..., optimizers=(smet.optimizer, None))")  # fmt: skip
+
+    def on_init_end(self, args, state, control, optimizer=None, **kwargs):
+        """Refuse, when the Trainer is built, an optimizer other than ``smet.optimizer``, or none (the Trainer would
+        create its own: a resume then fails loading this one's ``optimizer.pt`` into it, before training begins)."""
+        self._check_optimizer(optimizer, created=True)
+
     def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
         """Refuse an optimizer other than ``smet.optimizer``, a controller out of step with the Trainer, and a
         controller that two callbacks of one Trainer (or one callback given twice) would step twice a step."""
@@ -84,12 +96,7 @@ class SMETCallback(TrainerCallback):
                 "give it one SMETCallback"
             )
         self.smet._hf_trainer_state = state
-        stepped = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps it in an AcceleratedOptimizer
-        if stepped is not None and stepped is not self.smet.optimizer:
-            raise ValueError(
-                "the Trainer steps another optimizer than the SMET controller's: pass "
-                "Trainer(..., optimizers=(smet.optimizer, None))"
-            )
+        self._check_optimizer(optimizer)
         if self.smet.step_count + self.skipped_steps != state.global_step:
             skipped = f" (and {self.skipped_steps} skipped)" if self.skipped_steps else ""
             raise ValueError(

@@ -226,9 +226,22 @@ def test_two_ddp_ranks_under_the_trainer_make_the_same_topology_updates(tmp_path
 def test_callback_refuses_another_optimizer(tmp_path):
     model, optimizer, smet = sparse_setup("llama", "random")
     other = sk.SMETAdamW(model.parameters(), lr=1e-3)
-    trainer = make_trainer(tmp_path, model, other, smet)
-    with pytest.raises(ValueError, match="optimizers=\\(smet.optimizer, None\\)"):
+    with pytest.raises(ValueError, match="steps another optimizer.*optimizers=\\(smet.optimizer, None\\)"):
+        make_trainer(tmp_path, model, other, smet)
+    trainer = make_trainer(tmp_path, model, optimizer, smet)
+    trainer.add_callback(SMETCallback(sparse_setup("llama", "random")[2]))  # added later: refused at train begin
+    with pytest.raises(ValueError, match="steps another optimizer.*optimizers=\\(smet.optimizer, None\\)"):
         trainer.train()
+
+
+def test_a_trainer_left_to_create_its_own_optimizer_is_refused_when_built_not_when_resuming_deep_inside(tmp_path):
+    """Without ``optimizers=`` the Trainer makes an AdamW of its own: resuming, it loaded the controller's
+    ``optimizer.pt`` into it before any callback ran (torch's "different number of parameter groups")."""
+    model, optimizer, smet = sparse_setup("llama", "random")
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=STEPS, per_device_train_batch_size=4, report_to=[],
+                             use_cpu=True, save_steps=INTERRUPT, disable_tqdm=True)  # fmt: skip
+    with pytest.raises(ValueError, match="would create its own optimizer.*optimizers=\\(smet.optimizer, None\\)"):
+        Trainer(model=model, args=args, train_dataset=random_tokens(), callbacks=[SMETCallback(smet)])
 
 
 def test_callback_refuses_a_controller_out_of_step_with_the_trainer(tmp_path):
