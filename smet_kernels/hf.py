@@ -45,7 +45,8 @@ class SMETCallback(TrainerCallback):
     optimizer's: a state-dict hook of ``smet.optimizer`` adds it under ``"smet"`` — so every Trainer checkpoint
     holds it in ``optimizer.pt``, next to the model's layouts (``block_indices`` tensors in the safetensors) — and a
     load hook restores it, so ``trainer.train(resume_from_checkpoint=...)`` continues the topology schedule
-    exactly. The Trainer must step ``smet.optimizer``: pass ``optimizers=(smet.optimizer, None)``.
+    exactly. The Trainer must step ``smet.optimizer``: pass ``optimizers=(smet.optimizer, None)``. A newer callback of
+    the same controller (e.g. for a new Trainer resuming in the same process) takes the checkpointing over.
 
     A step that fp16 loss scaling skipped (an overflow: ``optimizer.step_was_skipped``) is not counted, as the Trainer
     does not step its LR schedule then: its dense gradients (non-finite) are dropped, and a due update runs at the
@@ -60,8 +61,12 @@ class SMETCallback(TrainerCallback):
             raise TypeError(f"smet must be an smet_kernels.SMET controller, got {type(smet).__name__}")
         self.smet = smet
         self.skipped_steps = 0
-        smet.optimizer.register_state_dict_post_hook(self._add_controller_state)
-        smet.optimizer.register_load_state_dict_pre_hook(self._load_controller_state)
+        for handle in getattr(smet, "_hf_callback_hooks", ()):  # an earlier callback's: this one takes over
+            handle.remove()
+        smet._hf_callback_hooks = (
+            smet.optimizer.register_state_dict_post_hook(self._add_controller_state),
+            smet.optimizer.register_load_state_dict_pre_hook(self._load_controller_state),
+        )
 
     def _add_controller_state(self, optimizer, state_dict: dict) -> dict:
         return {**state_dict, STATE_KEY: self.smet.state_dict(), SKIPPED_KEY: self.skipped_steps}

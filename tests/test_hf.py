@@ -366,3 +366,19 @@ def test_the_controllers_callback_given_twice_is_refused_before_any_step_is_coun
     trainer.args.max_steps = 3
     trainer.train()
     assert smet.step_count == trainer.state.global_step == 3
+
+
+def test_a_new_callback_of_the_same_controller_takes_over_the_checkpoint_and_loads_the_skipped_steps():
+    """A new Trainer resuming in the same process gets a new SMETCallback of the same controller and optimizer: the
+    earlier callback's load hook took the skipped steps for itself, so the new one refused a consistent resume."""
+    model, optimizer, smet = sparse_setup("llama", "random")
+    first = SMETCallback(smet)
+    first.skipped_steps = 1
+    smet.step()
+    saved = optimizer.state_dict()
+    first.skipped_steps = 2
+    second = SMETCallback(smet)
+    assert optimizer.state_dict()["smet_skipped_steps"] == 0  # the new callback's count, not the earlier one's
+    optimizer.load_state_dict(saved)
+    assert second.skipped_steps == 1 and first.skipped_steps == 2
+    second.on_train_begin(None, TrainerState(global_step=2), None, optimizer=optimizer)
