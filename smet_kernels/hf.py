@@ -91,9 +91,10 @@ class SMETCallback(TrainerCallback):
         create its own: a resume then fails loading this one's ``optimizer.pt`` into it, before training begins)."""
         self._check_optimizer(optimizer, created=True)
 
-    def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
-        """Refuse an optimizer other than ``smet.optimizer``, a controller out of step with the Trainer, and a
-        controller that two callbacks of one Trainer (or one callback given twice) would step twice a step."""
+    def on_train_begin(self, args, state, control, optimizer=None, model=None, **kwargs):
+        """Refuse an optimizer other than ``smet.optimizer``, a model that does not hold the controller's sparse
+        parameters, a controller out of step with the Trainer, and a controller that two callbacks of one Trainer (or
+        one callback given twice) would step twice a step."""
         if getattr(self.smet, "_hf_trainer_state", None) is state:  # a TrainerState is made anew by each train()
             raise ValueError(
                 "the Trainer has the SMET controller's callback twice (callbacks=[...] holds SMETCallback of this "
@@ -102,6 +103,14 @@ class SMETCallback(TrainerCallback):
             )
         self.smet._hf_trainer_state = state
         self._check_optimizer(optimizer)
+        held = set() if model is None else {id(param) for param in model.parameters()}
+        missing = [target.name for target in self.smet.targets if model is not None and id(target.param) not in held]
+        if missing:
+            raise ValueError(
+                f"the Trainer trains another model than the SMET controller's (its sparse parameter '{missing[0]}' "
+                "is not the Trainer's model's, e.g. a model loaded anew): build the optimizer and SMET on the model "
+                "given to the Trainer"
+            )
         if self.smet.step_count + self.skipped_steps != state.global_step:
             skipped = f" (and {self.skipped_steps} skipped)" if self.skipped_steps else ""
             raise ValueError(

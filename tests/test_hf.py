@@ -382,3 +382,14 @@ def test_a_new_callback_of_the_same_controller_takes_over_the_checkpoint_and_loa
     optimizer.load_state_dict(saved)
     assert second.skipped_steps == 1 and first.skipped_steps == 2
     second.on_train_begin(None, TrainerState(global_step=2), None, optimizer=optimizer)
+
+
+def test_a_trainer_given_another_model_than_the_controllers_is_refused_before_training_nothing(tmp_path):
+    """A model built (or loaded) anew, given with the old optimizer and controller: the Trainer stepped the old model's
+    parameters and the controller moved its blocks, while the model trained stayed as it was."""
+    model, optimizer, smet = sparse_setup("llama", "random")
+    reloaded = tiny_model("llama")
+    sk.sparsify(reloaded, 0.5, block_size=B, exclude="lm_head")
+    with pytest.raises(ValueError, match="another model than the SMET controller's.*model.layers.0.self_attn.q_proj"):
+        make_trainer(tmp_path, reloaded, optimizer, smet, save_strategy="no").train()
+    assert smet.step_count == 0
