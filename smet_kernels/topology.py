@@ -163,7 +163,8 @@ class SMET:
     Args:
         model: module whose parameters include compact sparse values (``p.smet_layout``) and/or masked
             dense weights (``p.smet_mask_layout``). Those frozen (``requires_grad=False``) when the controller is
-            built are left out: a frozen layer keeps its blocks (they need not be in ``optimizer``).
+            built are left out (they need not be in ``optimizer``), and an update passes over those frozen since: a
+            frozen layer keeps its blocks.
         optimizer: the optimizer of ``model``; its per-parameter state is reset for regrown blocks.
         update_interval: ``ΔT``, optimizer steps between topology updates (first update at step ``ΔT``).
         prune_fraction: ``ζ0`` in (0, 1), the fraction of each layer's active blocks swapped at t = 0.
@@ -355,28 +356,29 @@ class SMET:
     @torch.no_grad()
     def _update(self) -> dict:
         zeta = self.prune_fraction_at(self._step)
+        targets = [t for t in self.targets if t.param.requires_grad]  # one frozen since the build keeps its blocks
         if self.regrow == "gradient" and _distributed():  # fail on every rank together, not hang in all_reduce
-            missing = torch.tensor([sum(t.dense_grad is None for t in self.targets)], device=_collective_device())
+            missing = torch.tensor([sum(t.dense_grad is None for t in targets)], device=_collective_device())
             dist.all_reduce(missing)
             if int(missing.item()):
                 raise RuntimeError(
                     f"regrow='gradient' needs the dense gradient of every sparse layer on every rank at update step "
                     f"{self._step}, but some rank ran no backward pass through some layer since the previous "
-                    "optimizer step" + ("" if all(t.hooks for t in self.targets) else f" ({DETACHED_HOOKS})")
+                    "optimizer step" + ("" if all(t.hooks for t in targets) else f" ({DETACHED_HOOKS})")
                 )
         decisions = []
-        for target in self.targets:
+        for target in targets:
             n = blocks_to_move(zeta, target.layout.nnz)
             decisions.append(
                 choose_blocks(target.layout, self._prune_scores(target), n, self._regrow_scores(target), self.generator)
             )
-        if _distributed():
+        if _distributed() and decisions:
             decisions = self._broadcast(decisions)
-        for target, (slots, _) in zip(self.targets, decisions):  # before the first layer changes
+        for target, (slots, _) in zip(targets, decisions):  # before the first layer changes
             if slots.numel():
                 self._check_regrow(target, slots)
         record = {"step": self._step, "prune_fraction": zeta, "layers": {}}
-        for target, (slots, new_blocks) in zip(self.targets, decisions):
+        for target, (slots, new_blocks) in zip(targets, decisions):
             if slots.numel():
                 self._apply(target, slots, new_blocks)
             record["layers"][target.name] = {"pruned": int(slots.numel()), "regrown": int(new_blocks.shape[0])}

@@ -412,6 +412,18 @@ def test_a_layer_frozen_when_the_controller_is_built_keeps_its_blocks_and_need_n
         SMET(model, opt)
 
 
+@pytest.mark.parametrize("regrow", ["random", "gradient"])
+def test_an_update_passes_over_a_layer_frozen_after_the_controller_was_built_which_keeps_its_blocks(regrow):
+    model, opt, smet = make_run(regrow=regrow, update_interval=1)
+    model.up.requires_grad_(False)
+    frozen = (model.up.layout.block_indices.clone(), model.up.values.detach().clone())
+    record = train_step(model, opt, smet, 1)
+    assert set(record["layers"]) == {"down.values"} and record["layers"]["down.values"]["pruned"] > 0
+    assert torch.equal(model.up.layout.block_indices, frozen[0]) and torch.equal(model.up.values, frozen[1])
+    model.down.requires_grad_(False)  # none left to update: an empty record
+    assert smet.step()["layers"] == {}
+
+
 def test_layers_sharing_one_layout_object_are_refused():
     """Two layers built on one BlockLayout would see each other's blocks moved by every update."""
     layout = BlockLayout.random(FEATURES, FEATURES, B, 0.5, generator=torch.Generator().manual_seed(0))
