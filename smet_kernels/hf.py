@@ -93,8 +93,8 @@ class SMETCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, optimizer=None, model=None, **kwargs):
         """Refuse an optimizer other than ``smet.optimizer``, a model that does not hold the controller's sparse
-        parameters or has frozen one since the controller was built, a controller out of step with the Trainer, and a
-        controller that two callbacks of one Trainer (or one callback given twice) would step twice a step."""
+        parameters, a controller out of step with the Trainer, and a controller that two callbacks of one Trainer (or
+        one callback given twice) would step twice a step."""
         if getattr(self.smet, "_hf_trainer_state", None) is state:  # a TrainerState is made anew by each train()
             raise ValueError(
                 "the Trainer has the SMET controller's callback twice (callbacks=[...] holds SMETCallback of this "
@@ -110,13 +110,6 @@ class SMETCallback(TrainerCallback):
                 f"the Trainer trains another model than the SMET controller's (its sparse parameter '{missing[0]}' "
                 "is not the Trainer's model's, e.g. a model loaded anew): build the optimizer and SMET on the model "
                 "given to the Trainer"
-            )
-        frozen = [target.name for target in self.smet.targets if not target.param.requires_grad]
-        if frozen:
-            raise ValueError(
-                f"the sparse parameter '{frozen[0]}' is frozen (requires_grad=False) but trained when the SMET "
-                "controller was built, which would still move its blocks: build SMET after freezing layers (it "
-                "leaves those frozen then out)"
             )
         if self.smet.step_count + self.skipped_steps != state.global_step:
             skipped = f" (and {self.skipped_steps} skipped)" if self.skipped_steps else ""

@@ -393,13 +393,3 @@ def test_a_trainer_given_another_model_than_the_controllers_is_refused_before_tr
     with pytest.raises(ValueError, match="another model than the SMET controller's.*model.layers.0.self_attn.q_proj"):
         make_trainer(tmp_path, reloaded, optimizer, smet, save_strategy="no").train()
     assert smet.step_count == 0
-
-
-def test_a_sparse_layer_frozen_after_the_controller_was_built_is_refused_before_its_blocks_move(tmp_path):
-    """SMET leaves out the layers frozen when it is built; one frozen later was still pruned and regrown (RigL
-    records its dense gradient all the same), changing a frozen layer."""
-    model, optimizer, smet = sparse_setup("llama", "gradient")
-    model.model.layers[0].mlp.up_proj.requires_grad_(False)
-    with pytest.raises(ValueError, match="'model.layers.0.mlp.up_proj.values' is frozen.*build SMET after freezing"):
-        make_trainer(tmp_path, model, optimizer, smet, save_strategy="no").train()
-    assert smet.step_count == 0
