@@ -393,3 +393,15 @@ def test_a_trainer_given_another_model_than_the_controllers_is_refused_before_tr
     with pytest.raises(ValueError, match="another model than the SMET controller's.*model.layers.0.self_attn.q_proj"):
         make_trainer(tmp_path, reloaded, optimizer, smet, save_strategy="no").train()
     assert smet.step_count == 0
+
+
+def test_a_sparse_layer_frozen_after_the_controller_was_built_keeps_its_blocks_under_the_trainer(tmp_path):
+    """RigL records no gradient it needs for a frozen layer, and the updates pass over it (SMET.step)."""
+    model, optimizer, smet = sparse_setup("llama", "gradient")
+    frozen = model.model.layers[0].mlp.up_proj
+    frozen.requires_grad_(False)
+    before = (frozen.layout.block_indices.clone(), frozen.values.detach().clone())
+    make_trainer(tmp_path, model, optimizer, smet, save_strategy="no").train()
+    assert smet.step_count == STEPS and smet.history and all(
+        "model.layers.0.mlp.up_proj.values" not in record["layers"] for record in smet.history)
+    assert torch.equal(frozen.layout.block_indices, before[0]) and torch.equal(frozen.values, before[1])
