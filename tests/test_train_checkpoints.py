@@ -329,6 +329,14 @@ def test_a_resume_in_place_from_an_earlier_checkpoint_sets_the_later_ones_aside_
     assert [r["step"] for r in strict_records(out / "metrics.jsonl") if r["type"] == "train"] == [1, 2, 3, 4]
 
 
+def test_a_resume_without_an_out_dir_continues_and_writes_nothing(tmp_path):
+    out = tmp_path / "run"
+    train(tiny_config(max_steps=2, checkpoint_every=2, out_dir=str(out)))
+    before = sorted(out.rglob("*"))
+    assert train(tiny_config(max_steps=3, resume=str(out), out_dir=None))["steps"] == 3
+    assert sorted(out.rglob("*")) == before
+
+
 def test_a_resume_from_a_checkpoint_outside_any_run_folder_is_refused_into_another_runs_folder(tmp_path):
     """A step folder copied out of its run (no checkpoints/ around it) resumed with ``--out-dir B`` went on in B even
     when B held another run's checkpoints, mixing both there; into the folder saved in it, or a free one, it goes on."""

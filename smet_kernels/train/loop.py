@@ -171,7 +171,7 @@ class Run:
 
     def __init__(self, config: TrainConfig):
         self.config = config
-        self.in_place = continues_in_place(config)  # a resume in its own run's folder, which keeps its metrics
+        self.in_place = bool(config.out_dir) and continues_in_place(config)  # in its run's folder: metrics kept
         if config.out_dir and not self.in_place:  # before anything, in out_dir or elsewhere, is touched
             check_fresh_out_dir(config.out_dir)
         if config.out_dir and config.checkpoint_every:
