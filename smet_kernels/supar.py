@@ -114,9 +114,9 @@ def supar_param_groups(
     """
     _check_model(model)
     lr = _positive(lr, "lr")
-    if "density_lr_exponent" in group_options:  # it would replace the sparse groups' 0: the density counted twice
-        raise ValueError("density_lr_exponent cannot be given: SμPar's lr / m_rho already is the density-aware LR, "
-                         "so the sparse groups set it to 0")
+    if group_options.get("density_lr_exponent", 0.0) != 0.0:  # it would replace the sparse groups' 0: d counted twice
+        raise ValueError(f"density_lr_exponent must be 0, got {group_options['density_lr_exponent']}: SμPar's "
+                         "lr / m_rho already is the density-aware LR")
     groups: list[dict[str, Any]] = []
     others = []
     frozen = 0
@@ -131,7 +131,8 @@ def supar_param_groups(
         hidden_lr = supar_lr(lr, width, base_width, layout.density, base_density)
         groups.append({"params": [param], "lr": hidden_lr, "density_lr_exponent": 0.0, **group_options})
     if not groups:
-        raise ValueError(f"every sparse parameter of model is frozen (requires_grad=False): {frozen}" if frozen else
+        raise ValueError(f"every sparse parameter of model is frozen (requires_grad=False): {frozen} sparse layers"
+                         if frozen else
                          "model has no sparse parameters (smet_layout / smet_mask_layout); sparsify it first")
     if others:
         groups.insert(0, {"params": others, "lr": lr, **group_options})

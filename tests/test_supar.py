@@ -76,13 +76,16 @@ def test_supar_init_of_a_model_without_sparse_weights_is_refused_and_frozen_weig
     groups = supar_param_groups(model, lr=1e-3, width=FEATURES, base_width=FEATURES)
     assert [group["params"] for group in groups] == [[model.down.values]]
     model.requires_grad_(False)
-    with pytest.raises(ValueError, match=r"^every sparse parameter of model is frozen \(requires_grad=False\): 2$"):
+    with pytest.raises(ValueError, match=r"^every sparse parameter of model is frozen \(requires_grad=False\): 2 "
+                                         r"sparse layers$"):
         supar_param_groups(model, lr=1e-3, width=FEATURES, base_width=FEATURES)
 
 
 def test_supar_param_groups_refuse_a_density_lr_exponent_which_would_count_the_density_twice():
-    with pytest.raises(ValueError, match="^density_lr_exponent cannot be given: SμPar's lr / m_rho already is the "):
+    with pytest.raises(ValueError, match="^density_lr_exponent must be 0, got 1.0: SμPar's lr / m_rho already is the "):
         supar_param_groups(TinyMLP(), 1e-3, FEATURES, FEATURES, density_lr_exponent=1.0)
+    groups = supar_param_groups(TinyMLP(), 1e-3, FEATURES, FEATURES, density_lr_exponent=0.0)  # harmless: taken
+    assert groups[-1]["density_lr_exponent"] == 0.0
 
 
 @pytest.mark.gpu

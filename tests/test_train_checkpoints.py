@@ -318,11 +318,15 @@ def test_a_resume_in_place_from_an_earlier_checkpoint_sets_the_later_ones_aside_
     out = tmp_path / "run"
     train(tiny_config(max_steps=6, checkpoint_every=2, out_dir=str(out)))
     checkpoints = out / "checkpoints"
-    with pytest.warns(CheckpointWarning, match=r"^resumed at step 2: the run's later checkpoints \(the course it "
-                                               r"leaves\) are moved to '.*superseded-0000002-1'"):
+    summary = (out / "summary.json").read_text()
+    with pytest.warns(CheckpointWarning, match=r"^resumed at step 2: step_0000004, step_0000006, summary.json \(past "
+                                               r"it: the course it leaves, or unusable\) moved to '.*superseded-"
+                                               r"0000002-1', so that a later --resume continues this course$"):
         train(tiny_config(max_steps=3, checkpoint_every=2, resume=str(checkpoints / "step_0000002"), out_dir=str(out)))
     assert {p.name for p in checkpoints.iterdir()} == {"step_0000002", "step_0000003", "superseded-0000002-1"}
-    assert {p.name for p in (checkpoints / "superseded-0000002-1").iterdir()} == {"step_0000004", "step_0000006"}
+    aside = checkpoints / "superseded-0000002-1"
+    assert {p.name for p in aside.iterdir()} == {"step_0000004", "step_0000006", "summary.json"}
+    assert (aside / "summary.json").read_text() == summary
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         train(tiny_config(max_steps=4, checkpoint_every=2, resume=str(out), out_dir=str(out)))

@@ -252,10 +252,11 @@ def clear_leftovers(out_dir: Path) -> None:
             shutil.rmtree(leftover, ignore_errors=True)
 
 
-def set_aside_later_checkpoints(out_dir: Path, step: int) -> Path | None:
+def set_aside_later_checkpoints(out_dir: Path, step: int) -> tuple[Path, list[str]] | None:
     """Move the ``step_*`` folders of ``out_dir/checkpoints`` past ``step`` (a run resumed in its own folder from an
-    earlier checkpoint: the course it abandons) into ``checkpoints/superseded-<step>-<n>/``, kept, not deleted: else a
-    later ``--resume`` of the folder would continue the abandoned course. Returns that folder, None when none moved."""
+    earlier checkpoint: the course it abandons, or unusable ones a resume passed over) into
+    ``checkpoints/superseded-<step>-<n>/``, with that course's ``summary.json``: kept, not deleted, and a later
+    ``--resume`` of the folder continues the new course. Returns that folder and the names moved; None when none."""
     root = out_dir / CHECKPOINTS_DIR
     later = [folder for folder in _newest_first(root) if _step_number(folder) > step]
     if not later:
@@ -263,10 +264,14 @@ def set_aside_later_checkpoints(out_dir: Path, step: int) -> Path | None:
     aside = next(root / f"superseded-{step:07d}-{n}" for n in range(1, 1 << 30)
                  if not (root / f"superseded-{step:07d}-{n}").exists())  # fmt: skip
     aside.mkdir()
+    moved = [folder.name for folder in reversed(later)]
     for folder in later:
         os.replace(folder, aside / folder.name)
+    if (out_dir / "summary.json").is_file():  # the abandoned course's result
+        os.replace(out_dir / "summary.json", aside / "summary.json")
+        moved.append("summary.json")
     _fsync_dir(root)
-    return aside
+    return aside, moved
 
 
 def _atomic_replace_dir(tmp: Path, final: Path) -> None:

@@ -236,10 +236,11 @@ class Run:
         starts the file anew (records there are another run's, whose steps would mix with this run's)."""
         try:
             clear_leftovers(self.out_dir)
-            aside = set_aside_later_checkpoints(self.out_dir, self.step) if self.in_place else None
-            if aside is not None:
-                warnings.warn(f"resumed at step {self.step}: the run's later checkpoints (the course it leaves) "
-                              f"are moved to {str(aside)!r}, so that a later --resume continues this one",
+            set_aside = set_aside_later_checkpoints(self.out_dir, self.step) if self.in_place else None
+            if set_aside is not None:
+                aside, moved = set_aside
+                warnings.warn(f"resumed at step {self.step}: {', '.join(moved)} (past it: the course it leaves, or "
+                              f"unusable) moved to {str(aside)!r}, so that a later --resume continues this course",
                               CheckpointWarning, stacklevel=2)
             return MetricsLog(self.out_dir, self.step if self.in_place else None)
         except OSError as error:
