@@ -61,11 +61,16 @@ class SMETCallback(TrainerCallback):
             raise TypeError(f"smet must be an smet_kernels.SMET controller, got {type(smet).__name__}")
         self.smet = smet
         self.skipped_steps = 0
-        for handle in getattr(smet, "_hf_callback_hooks", ()):  # an earlier callback's: this one takes over
+        self._take_over()
+
+    def _take_over(self) -> None:
+        """Checkpoint the controller through this callback's optimizer hooks, not an earlier callback's (whose
+        skipped-step count would be saved and loaded instead of this one's)."""
+        for handle in getattr(self.smet, "_hf_callback_hooks", ()):
             handle.remove()
-        smet._hf_callback_hooks = (
-            smet.optimizer.register_state_dict_post_hook(self._add_controller_state),
-            smet.optimizer.register_load_state_dict_pre_hook(self._load_controller_state),
+        self.smet._hf_callback_hooks = (
+            self.smet.optimizer.register_state_dict_post_hook(self._add_controller_state),
+            self.smet.optimizer.register_load_state_dict_pre_hook(self._load_controller_state),
         )
 
     def _add_controller_state(self, optimizer, state_dict: dict) -> dict:
@@ -88,8 +93,10 @@ class SMETCallback(TrainerCallback):
 
     def on_init_end(self, args, state, control, optimizer=None, **kwargs):
         """Refuse, when the Trainer is built, an optimizer other than ``smet.optimizer``, or none (the Trainer would
-        create its own: a resume then fails loading this one's ``optimizer.pt`` into it, before training begins)."""
+        create its own: a resume then fails loading this one's ``optimizer.pt`` into it, before training begins);
+        the callback of the Trainer takes the checkpointing over (from one built later and never given to it)."""
         self._check_optimizer(optimizer, created=True)
+        self._take_over()
 
     def on_train_begin(self, args, state, control, optimizer=None, model=None, **kwargs):
         """Refuse an optimizer other than ``smet.optimizer``, a model that does not hold the controller's sparse

@@ -382,6 +382,8 @@ def test_a_new_callback_of_the_same_controller_takes_over_the_checkpoint_and_loa
     optimizer.load_state_dict(saved)
     assert second.skipped_steps == 1 and first.skipped_steps == 2
     second.on_train_begin(None, TrainerState(global_step=2), None, optimizer=optimizer)
+    first.on_init_end(None, None, None, optimizer=optimizer)  # the one given to a Trainer, after a stray one
+    assert optimizer.state_dict()["smet_skipped_steps"] == 2
 
 
 def test_a_trainer_given_another_model_than_the_controllers_is_refused_before_training_nothing(tmp_path):
