@@ -537,8 +537,9 @@ class SMET:
         self._recording = self.needs_dense_grad()
         if self.regrow != "gradient":
             return
-        for target in self.targets:
-            target.probe = zero_probe(target.layout.shape, target.param.device) if self._recording else None
+        for target in self.targets:  # none for a layer frozen since the build: its update is passed over
+            recording = self._recording and target.param.requires_grad
+            target.probe = zero_probe(target.layout.shape, target.param.device) if recording else None
         self._attach_hooks()
 
     def _attach_hooks(self) -> None:
@@ -566,7 +567,7 @@ class SMET:
         def record_input(module, inputs, output):
             """While armed: ``y`` through :class:`RecordDenseGrad`, so ``probe.grad = Σ dyᵀx`` (fp32); traceable,
             no tensor hook: under ``torch.compile`` no graph break, one graph armed and one not."""
-            recording = self._recording and torch.is_grad_enabled()
+            recording = self._recording and target.probe is not None and torch.is_grad_enabled()
             if not (recording and isinstance(output, torch.Tensor) and output.requires_grad):
                 return None
             return RecordDenseGrad.apply(output, inputs[0].detach(), target.probe)

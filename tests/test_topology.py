@@ -414,13 +414,16 @@ def test_a_layer_frozen_when_the_controller_is_built_keeps_its_blocks_and_need_n
 
 @pytest.mark.parametrize("regrow", ["random", "gradient"])
 def test_an_update_passes_over_a_layer_frozen_after_the_controller_was_built_which_keeps_its_blocks(regrow):
+    """RigL arms no dense-gradient recording for it either (a full fp32 dyᵀx per update, for nothing)."""
     model, opt, smet = make_run(regrow=regrow, update_interval=1)
-    model.up.requires_grad_(False)
-    frozen = (model.up.layout.block_indices.clone(), model.up.values.detach().clone())
+    model.down.requires_grad_(False)
+    frozen = (model.down.layout.block_indices.clone(), model.down.values.detach().clone())
     record = train_step(model, opt, smet, 1)
-    assert set(record["layers"]) == {"down.values"} and record["layers"]["down.values"]["pruned"] > 0
-    assert torch.equal(model.up.layout.block_indices, frozen[0]) and torch.equal(model.up.values, frozen[1])
-    model.down.requires_grad_(False)  # none left to update: an empty record
+    assert set(record["layers"]) == {"up.values"} and record["layers"]["up.values"]["pruned"] > 0
+    assert torch.equal(model.down.layout.block_indices, frozen[0]) and torch.equal(model.down.values, frozen[1])
+    up, down = smet.targets
+    assert down.probe is None and (up.probe is not None) == (regrow == "gradient")  # armed for step 2
+    model.up.requires_grad_(False)  # none left to update: an empty record
     assert smet.step()["layers"] == {}
 
 
