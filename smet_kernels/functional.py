@@ -81,7 +81,9 @@ def block_sparse_linear(
 
     ``values [nnz, b, b]`` holds block ``layout.block_indices[k]`` in slot ``k``. Under autocast the operands are cast
     to the autocast dtype (gradients flow back to the original dtypes). ``torch.compile`` traces through it (a custom
-    op, no graph break); the Triton backward is not differentiable again (double backward raises).
+    op, no graph break); the Triton backward is not differentiable again (double backward raises). ``torch.vmap``
+    maps over it; ``torch.func.grad`` and ``jvp`` do not apply (its autograd is registered with ``torch.library``, which
+    they refuse): take gradients with ``torch.autograd``.
     """
     _check_layout(layout)
     out_features, in_features = layout.shape
