@@ -206,6 +206,22 @@ def test_a_sparse_run_whose_first_update_is_past_its_last_step_is_told_its_topol
                 "topology stays as the checkpoint has it") in capsys.readouterr().err
 
 
+def test_a_resume_names_the_settings_it_changes_from_its_run_old_to_new_and_says_bf16_rounds_the_weights(capsys,
+                                                                                                        tmp_path):
+    argv = ["--config", "tiny", "--optimizer", "smet", "--backend", "reference", "--device", "cpu", "--batch-size",
+            "2", "--seq-len", "16", "--max-steps", "2", "--update-interval", "2", "--eval-every", "0",
+            "--checkpoint-every", "2", "--lr", "0.001", "--out-dir", str(tmp_path), "--no-progress"]
+    assert cli.main(argv) == 0
+    capsys.readouterr()
+    assert cli.main(["--resume", str(tmp_path), "--max-steps", "3", "--config", "tiny", "--lr", "1e-4", "--precision",
+                     "bf16", "--no-progress"]) == 0
+    assert capsys.readouterr().err.splitlines()[0] == (
+        "smet-train: resumed with settings changed from its run (they act from here on): --lr 0.001 -> 0.0001, "
+        "--precision fp32 -> bf16; the fp32 weights are rounded to bf16")
+    assert cli.main(["--resume", str(tmp_path), "--max-steps", "4"]) == 0  # extends the bf16 run: nothing changed
+    assert "resumed with settings changed" not in capsys.readouterr().err
+
+
 def test_the_notes_on_options_are_printed_by_rank_0_only(capsys, tmp_path, monkeypatch):
     """Under torchrun each rank parses the same command line: the notes came once per rank."""
     argv = ["--config", "tiny", "--optimizer", "adamw", "--density", "0.3", "--device", "cpu", "--max-steps", "1",

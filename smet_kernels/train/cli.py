@@ -13,11 +13,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import json
 import math
 import os
 import signal
 import sys
 import warnings
+from pathlib import Path
 from typing import Callable, NoReturn
 
 from ..layout import SUPPORTED_BLOCK_SIZES
@@ -292,6 +294,26 @@ def _warn_ignored_options(args: argparse.Namespace, config: TrainConfig) -> None
         print("smet-train: --regrow-init-std has no effect with --regrow-init zeros", file=sys.stderr)
 
 
+_UNNOTED_ON_RESUME = ("resume", "out_dir", "progress", "max_steps")  # where it goes, how it shows, how long it runs
+
+
+def _note_resume_changes(args: argparse.Namespace, config: TrainConfig, options: dict[str, str]) -> None:
+    """A resume's given options that differ from its checkpoint's run are named (``options``: dest -> flag) on
+    stderr, old -> new: they act from here on (``--precision bf16`` rounds the saved fp32 weights)."""
+    if not config.resume:
+        return
+    saved = json.loads((Path(config.resume) / "config.json").read_text())  # the checkpoint verified by the setup
+    changed = []
+    for name, value in vars(args).items():
+        before = saved.get(name, value)
+        if name not in _UNNOTED_ON_RESUME and before != (list(value) if isinstance(value, tuple) else value):
+            changed.append(f"{options.get(name, name)} {before} -> {value}")
+    rounded = config.precision == "bf16" and saved.get("precision", "fp32") != "bf16"
+    if changed:
+        print(f"smet-train: resumed with settings changed from its run (they act from here on): {', '.join(changed)}"
+              + ("; the fp32 weights are rounded to bf16" if rounded else ""), file=sys.stderr)
+
+
 @contextlib.contextmanager
 def one_line_warnings(prog: str):
     """Within it, a warning of this library (a skipped checkpoint or metrics line, one that begins with a
@@ -346,6 +368,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 
             def notes() -> None:  # once the run is set up: a refused run shows its error alone
                 _warn_ignored_options(args, config)
+                _note_resume_changes(args, config, options)
 
             summary = train(config, on_ready=notes if os.environ.get("RANK", "0") == "0" else None)  # rank 0 only
     except ConfigError as error:  # one line: the usage that parser.error would print first says nothing of it
