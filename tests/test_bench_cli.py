@@ -109,13 +109,8 @@ def test_report_renders_tables_and_plots(quick_run):
         assert heading in report
     assert "| op " in report and "vs d×dense" in report and "median abs error" in report
     assert "smet-bench run --quick --configs tiny" in report  # the commands that made it
-    for plot in (
-        "kernel_time_vs_density.png",
-        "peak_memory_vs_model.png",
-        "memory_vs_density.png",
-        "throughput_vs_density.png",
-        "memory_model.png",
-    ):
+    for plot in ("kernel_time_vs_density.png", "peak_memory_vs_model.png", "memory_vs_density.png",
+                 "throughput_vs_density.png", "memory_model.png"):
         assert f"]({plot})" in report
         assert (quick_run / plot).stat().st_size > 1000
 

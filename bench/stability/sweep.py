@@ -86,7 +86,7 @@ def check_runnable(spec: StudySpec, out_dir) -> None:
     :meth:`TrainConfig.validate`, a device or backend that is not available, unreadable or too short data."""
     from smet_kernels import backend as backend_module
     from smet_kernels.train.config import check_output_folder, setting
-    from smet_kernels.train.loop import prepare_data
+    from smet_kernels.train.build import prepare_data
 
     spec.validate()
     check_output_folder(out_dir, "--out-dir")

@@ -1,18 +1,53 @@
-"""Model, optimizer and topology-controller of the trainer, one per :class:`TrainConfig`: the method factories of
-:mod:`.methods` given the config's settings."""
+"""The parts of a training run, one per :class:`TrainConfig`: its data (the setup's checks first), then model,
+optimizer and topology controller (the method factories of :mod:`.methods` given the config's settings)."""
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
+from .. import backend as backend_module
 from ..optim.galore import GALORE_DEFAULT_RANK
 from . import methods
-from .config import TrainConfig
+from .config import ConfigError, TrainConfig, setting
+from .data import Corpus, DataError, PackedBatches, eval_windows, load_corpus
 from .methods import HIDDEN_LINEAR_PATTERN
 from .model import model_config
 
-__all__ = ["HIDDEN_LINEAR_PATTERN", "build_controller", "build_model", "build_optimizer", "smet_adamw_options"]
+__all__ = ["HIDDEN_LINEAR_PATTERN", "RunData", "build_controller", "build_model", "build_optimizer", "prepare_data",
+           "smet_adamw_options"]
+
+
+class RunData(NamedTuple):
+    corpus: Corpus
+    batches: PackedBatches
+    val_indices: torch.Tensor | None  # the evaluation windows' starts; None without evaluation
+
+
+def prepare_data(config: TrainConfig, device: torch.device, world_size: int = 1) -> RunData:
+    """The checks of a run's setup before its model is built, each refusal a one-line :class:`ConfigError` naming
+    the setting: the backend available on ``device``, the data readable, ``batch_size`` divisible by ``grad_accum``
+    x ``world_size``, enough training tokens for a batch and validation tokens for the evaluation windows."""
+    if config.backend == "triton":
+        try:
+            backend_module.resolve_backend(device, "triton")
+        except ValueError as error:
+            raise ConfigError(f"{setting('backend')}: {error}") from None
+    try:
+        corpus = load_corpus(config.data, tokenizer=config.tokenizer)
+    except DataError as error:
+        raise ConfigError(f"{setting('data')}: {error}") from None
+    if config.batch_size % (config.grad_accum * world_size) != 0:
+        raise ConfigError(f"{setting('batch_size')} ({config.batch_size}) must be divisible by {setting('grad_accum')} "
+                          f"x world size ({config.grad_accum} x {world_size})")
+    try:
+        batches = PackedBatches(corpus.train, config.seq_len, config.batch_size, config.seed)
+        val_count = config.eval_batches * config.batch_size
+        return RunData(corpus, batches, eval_windows(corpus.val, config.seq_len, val_count) if val_count else None)
+    except DataError as error:
+        raise ConfigError(str(error)) from None
 
 
 def build_model(config: TrainConfig, vocab_size: int, device: torch.device) -> nn.Module:

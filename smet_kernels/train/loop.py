@@ -54,7 +54,7 @@ import statistics
 import time
 import warnings
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -62,7 +62,7 @@ from tqdm.auto import tqdm
 
 from .. import backend as backend_module
 from ..sharding import full, local
-from .build import build_controller, build_model, build_optimizer
+from .build import build_controller, build_model, build_optimizer, prepare_data
 from .checkpoint import (
     CheckpointWarning,
     check_checkpoint_folder,
@@ -78,7 +78,7 @@ from .checkpoint import (
     write_sharded_checkpoint,
 )
 from .config import SPARSE_OPTIMIZERS, ConfigError, TrainConfig, setting
-from .data import Corpus, DataError, PackedBatches, eval_windows, load_corpus, window_batch
+from .data import PackedBatches, window_batch
 from .distributed import (
     TrainingFailed,
     full_state,
@@ -134,36 +134,6 @@ def update_probe_runs(config: TrainConfig, world_size: int) -> bool:
     """The update probe runs when asked for, on plain tensors only: not under FSDP2 (``parallel="fsdp"`` on
     several ranks)."""
     return config.update_probe and not (world_size > 1 and config.parallel == "fsdp")
-
-
-class RunData(NamedTuple):
-    corpus: Corpus
-    batches: PackedBatches
-    val_indices: torch.Tensor | None  # the evaluation windows' starts; None without evaluation
-
-
-def prepare_data(config: TrainConfig, device: torch.device, world_size: int = 1) -> RunData:
-    """The checks of a run's setup before its model is built, each refusal a one-line :class:`ConfigError` naming
-    the setting: the backend available on ``device``, the data readable, ``batch_size`` divisible by ``grad_accum``
-    x ``world_size``, enough training tokens for a batch and validation tokens for the evaluation windows."""
-    if config.backend == "triton":
-        try:
-            backend_module.resolve_backend(device, "triton")
-        except ValueError as error:
-            raise ConfigError(f"{setting('backend')}: {error}") from None
-    try:
-        corpus = load_corpus(config.data, tokenizer=config.tokenizer)
-    except DataError as error:
-        raise ConfigError(f"{setting('data')}: {error}") from None
-    if config.batch_size % (config.grad_accum * world_size) != 0:
-        raise ConfigError(f"{setting('batch_size')} ({config.batch_size}) must be divisible by {setting('grad_accum')} "
-                          f"x world size ({config.grad_accum} x {world_size})")
-    try:
-        batches = PackedBatches(corpus.train, config.seq_len, config.batch_size, config.seed)
-        val_count = config.eval_batches * config.batch_size
-        return RunData(corpus, batches, eval_windows(corpus.val, config.seq_len, val_count) if val_count else None)
-    except DataError as error:
-        raise ConfigError(str(error)) from None
 
 
 class Run:
