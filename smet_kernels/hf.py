@@ -70,19 +70,31 @@ class SMETCallback(TrainerCallback):
             handle.remove()
         self.smet._hf_callback_hooks = (
             self.smet.optimizer.register_state_dict_post_hook(self._add_controller_state),
-            self.smet.optimizer.register_load_state_dict_pre_hook(self._load_controller_state),
+            self.smet.optimizer.register_load_state_dict_pre_hook(self._check_controller_state),
+            self.smet.optimizer.register_load_state_dict_post_hook(self._restore_controller_state),
         )
+        self._checked = None
 
     def _add_controller_state(self, optimizer, state_dict: dict) -> dict:
         return {**state_dict, STATE_KEY: self.smet.state_dict(), SKIPPED_KEY: self.skipped_steps}
 
-    def _load_controller_state(self, optimizer, state_dict: dict) -> dict:
+    def _check_controller_state(self, optimizer, state_dict: dict) -> dict:
+        """Before the optimizer loads: check the controller's state and take it out of the optimizer's."""
+        self._checked = None
         if STATE_KEY not in state_dict:
             return state_dict
         state_dict = dict(state_dict)
-        self.smet.load_state_dict(state_dict.pop(STATE_KEY))
-        self.skipped_steps = int(state_dict.pop(SKIPPED_KEY, 0))  # none in checkpoints of an earlier release
+        checked = self.smet._check_state(state_dict.pop(STATE_KEY))
+        self._checked = checked, int(state_dict.pop(SKIPPED_KEY, 0))  # none skipped in an earlier release's
         return state_dict
+
+    def _restore_controller_state(self, optimizer) -> None:
+        """Once the optimizer has loaded (its checks passed): restore the controller, so a refused ``optimizer.pt``
+        leaves the topology as it was."""
+        if self._checked is not None:
+            checked, self.skipped_steps = self._checked
+            self._checked = None
+            self.smet._apply_state(checked)
 
     def _check_optimizer(self, optimizer, created: bool = False) -> None:
         stepped = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps it in an AcceleratedOptimizer

@@ -596,6 +596,10 @@ class SMET:
 
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict` output; layouts are restored in place (same objects as the layers')."""
+        self._apply_state(self._check_state(state))
+
+    def _check_state(self, state: dict) -> tuple:
+        """Every check of :meth:`load_state_dict`, changing nothing: what :meth:`_apply_state` then restores."""
         missing = [key for key in ("step", "generator", "history", "layouts") if not isinstance(state, dict)
                    or key not in state]  # fmt: skip
         if missing:
@@ -620,10 +624,13 @@ class SMET:
             raise ValueError(f"state's history must be a list, got {type(state['history']).__name__}")
         generator_state = state["generator"].cpu()  # a CPU ByteTensor even if the state was mapped to a GPU
         torch.Generator(device="cpu").set_state(generator_state)  # raises here, not after the layouts are restored
-        history = copy.deepcopy(state["history"])
+        return restored, int(step), generator_state, copy.deepcopy(state["history"])
+
+    def _apply_state(self, checked: tuple) -> None:
+        restored, step, generator_state, history = checked
         for target, block_indices in zip(self.targets, restored):
             target.layout.set_block_indices(block_indices)
-        self._step = int(step)
+        self._step = step
         self.generator.set_state(generator_state)
         self.history = history
         self._sync_hooks()

@@ -312,6 +312,29 @@ def test_an_optimizer_state_saved_without_the_controller_loads_and_leaves_the_co
     assert optimizer.state_dict()["smet"]["step"] == 1
 
 
+def test_an_optimizer_state_the_optimizer_refuses_leaves_the_controllers_topology_and_count_as_they_were():
+    """The controller's state rides in ``optimizer.pt``: a file the optimizer refuses (here a group option it does
+    not support) restored the saved topology and step count all the same, half a resume."""
+    model, optimizer, smet = sparse_setup("llama", "random")
+    callback = SMETCallback(smet)
+    saved = optimizer.state_dict()
+    saved["param_groups"][0]["amsgrad"] = "yes"
+    saved["smet_skipped_steps"] = 3
+    initial = layouts(model)
+    for _ in range(INTERVAL):  # one update: the topology moves away from the saved one
+        smet.step()
+    updated = layouts(model)
+    with pytest.raises(ValueError, match="amsgrad"):
+        optimizer.load_state_dict(saved)
+    assert smet.step_count == INTERVAL and callback.skipped_steps == 0
+    assert layouts(model).keys() == updated.keys() and all(torch.equal(layouts(model)[n], updated[n]) for n in updated)
+    saved["param_groups"][0]["amsgrad"] = False
+    optimizer.load_state_dict(saved)
+    assert smet.step_count == 0 and callback.skipped_steps == 3
+    assert all(torch.equal(layouts(model)[name], initial[name]) for name in initial)
+    assert any(not torch.equal(updated[name], initial[name]) for name in initial)
+
+
 def test_a_controller_state_saved_before_skipped_steps_were_counted_loads_with_none_skipped():
     """An ``optimizer.pt`` of an earlier release holds ``"smet"`` but no ``"smet_skipped_steps"``: none was skipped."""
     model, optimizer, smet = sparse_setup("llama", "random")
