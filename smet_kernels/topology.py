@@ -551,7 +551,7 @@ class SMET:
             if not target.hooks:
                 for module in target.modules:
                     recorder = self._make_recorder(target)
-                    recorder.smet_handle = module.register_forward_hook(recorder)
+                    recorder.smet_handle = module.register_forward_hook(recorder, with_kwargs=True)
                     target.hooks.append(recorder.smet_handle)
 
     def _detach_earlier_recorders(self) -> None:
@@ -564,13 +564,15 @@ class SMET:
                     handle.remove()
 
     def _make_recorder(self, target: _SparseTarget):
-        def record_input(module, inputs, output):
-            """While armed: ``y`` through :class:`RecordDenseGrad`, so ``probe.grad = Σ dyᵀx`` (fp32); traceable,
-            no tensor hook: under ``torch.compile`` no graph break, one graph armed and one not."""
+        def record_input(module, inputs, kwargs, output):
+            """While armed: ``y`` through :class:`RecordDenseGrad`, so ``probe.grad = Σ dyᵀx`` (fp32), ``x`` the first
+            positional input or, called by keyword, ``x``; traceable, no tensor hook: under ``torch.compile`` no graph
+            break, one graph armed and one not."""
             recording = self._recording and target.probe is not None and torch.is_grad_enabled()
             if not (recording and isinstance(output, torch.Tensor) and output.requires_grad):
                 return None
-            return RecordDenseGrad.apply(output, inputs[0].detach(), target.probe)
+            x = inputs[0] if inputs else kwargs["x"]
+            return RecordDenseGrad.apply(output, x.detach(), target.probe)
 
         return record_input
 

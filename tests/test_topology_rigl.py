@@ -126,7 +126,7 @@ def test_recording_keeps_no_fp32_copy_of_a_bf16_layers_input_and_leaves_its_outp
     target = smet.targets[0]
     target.probe = torch.zeros(1).expand(3, 2).detach().requires_grad_()  # a [3, 2] layer's probe
     y = torch.tensor([[-0.0, 1.0, -0.0]], requires_grad=True) * 1
-    out = smet._make_recorder(target)(model, (torch.tensor([[-1.0, float("inf")]]),), y)
+    out = smet._make_recorder(target)(model, (torch.tensor([[-1.0, float("inf")]]),), {}, y)
     assert torch.equal(torch.signbit(out), torch.signbit(y)) and torch.isfinite(out).all()
     out.sum().backward()
     assert target.dense_grad.shape == (3, 2)
@@ -350,3 +350,22 @@ def test_under_torch_distributed_the_failed_update_after_remove_hooks_names_it_t
                                            r"hooks before"):
         train_step(model, opt, smet, 2)
     assert len(model.up._forward_hooks) == 1 and smet.step_count == 1
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_a_layer_called_with_its_input_by_keyword_records_the_dense_gradient_on_the_armed_step(masked):
+    """The hook read the layer's input as ``inputs[0]``: ``layer(x=h)`` raised an IndexError on the step before each
+    update only."""
+    from smet_kernels.masked import MaskedLinear
+
+    cls = MaskedLinear if masked else BlockSparseLinear
+    layer = cls(FEATURES, FEATURES, 0.5, B, generator=torch.Generator().manual_seed(0))
+    model = nn.ModuleDict({"layer": layer})
+    smet = SMET(model, torch.optim.SGD(model.parameters(), lr=0.0), update_interval=1, regrow="gradient")
+    x, _ = batch(0)
+    layer(x=x).pow(2).sum().backward()
+    dense = layer.to_dense_weight().detach().requires_grad_()
+    (x @ dense.t()).pow(2).sum().backward()
+    (target,) = smet.targets
+    torch.testing.assert_close(target.dense_grad, dense.grad)
+    assert smet.step()["layers"]["layer." + ("weight" if masked else "values")]["regrown"] > 0
