@@ -386,11 +386,15 @@ class SMET:
         return record
 
     def _prune_scores(self, target: _SparseTarget) -> torch.Tensor:
+        """``Σ|w|`` of each slot's block, summed as ``[nnz, b, b]`` values in both kinds (bit-identical scores, so
+        compact and masked weights prune the same blocks)."""
         if target.kind == "compact":  # under FSDP2: this rank's slots, then all slots gathered
             scores = local(target.param.detach()).abs().sum(dim=(1, 2), dtype=torch.float32)
             return gather_rows(scores, target.param)
-        indices = target.layout.block_indices.to(target.param.device)
-        return block_l1(full(target.param.detach()), target.layout.block_size)[indices[:, 0], indices[:, 1]]
+        layout, b = target.layout, target.layout.block_size
+        indices = layout.block_indices.to(target.param.device)
+        grid = full(target.param.detach()).view(layout.block_shape[0], b, layout.block_shape[1], b).permute(0, 2, 1, 3)
+        return grid[indices[:, 0], indices[:, 1]].contiguous().abs().sum(dim=(1, 2), dtype=torch.float32)
 
     def _regrow_scores(self, target: _SparseTarget) -> torch.Tensor | None:
         if self.regrow == "random":

@@ -246,6 +246,24 @@ def test_compact_and_masked_make_identical_decisions(regrow):
     torch.testing.assert_close(runs[0][1], runs[1][1], rtol=0, atol=0)
 
 
+def test_compact_and_masked_prune_the_same_blocks_when_their_norms_differ_only_by_rounding():
+    """Blocks holding the same values in other orders: the masked scores were summed in another order than the compact
+    ones (over the dense weight's block grid), so their last bits, hence the pruned blocks, differed."""
+    compact = nn.Sequential(BlockSparseLinear(64, 64, 0.5, B, generator=torch.Generator().manual_seed(4),
+                                              backend="reference"))
+    gen = torch.Generator().manual_seed(0)
+    values = torch.randn(B * B, generator=gen)
+    with torch.no_grad():
+        blocks = [values[torch.randperm(B * B, generator=gen)] for _ in range(8)]
+        compact[0].values.copy_(torch.stack(blocks).view(8, B, B))
+    masked = nn.Sequential(MaskedLinear(64, 64, layout=compact[0].layout.clone()))
+    with torch.no_grad():
+        masked[0].weight.copy_(to_dense(compact[0].values, compact[0].layout))
+    for model in (compact, masked):
+        SMET(model, torch.optim.SGD(model.parameters(), lr=0.0), update_interval=1, prune_fraction=0.5).step()
+    assert torch.equal(compact[0].layout.block_indices, masked[0].layout.block_indices)
+
+
 def test_weight_keeps_its_mask_layout_tag_when_replaced():
     import copy
 
