@@ -157,6 +157,10 @@ def _collective_device() -> torch.device:
     return torch.device("cpu")
 
 
+class NoUpdateWarning(RuntimeWarning):
+    """A controller built to update no topology: its first update (step ``ΔT``) is past ``T_end``."""
+
+
 class SMET:
     """Topology controller for dynamic sparse training; call :meth:`step` after every ``optimizer.step()``.
 
@@ -244,6 +248,14 @@ class SMET:
                 f"active block (at least one block is kept), e.g. '{static[0]}'; their topology stays fixed. Use a "
                 "smaller block size or a higher density.",
                 RuntimeWarning,
+                stacklevel=2,
+            )
+        if self.end_step is not None and self.update_interval > self.end_step:
+            warnings.warn(
+                f"SMET: no topology update will run: update_interval={self.update_interval} is past T_end="
+                f"{self.end_step} (end_step, else total_steps), the last step an update may run at; the topology "
+                "stays as it is",
+                NoUpdateWarning,
                 stacklevel=2,
             )
         self.generator = torch.Generator(device="cpu").manual_seed(self.seed)

@@ -30,13 +30,26 @@ def test_update_steps_and_end_step():
     assert forever.prune_fraction_at(4000) == forever.prune_fraction
 
 
+def test_a_controller_whose_first_update_is_past_its_end_step_says_it_will_update_no_topology():
+    """``update_interval=100`` with ``total_steps=50``: nothing moves all run; smet-train says so, a script got
+    nothing. A first update at ``T_end`` itself runs, and says nothing."""
+    model, opt, _ = make_run()
+    for options in (dict(update_interval=10, total_steps=9), dict(update_interval=10, end_step=9, total_steps=50)):
+        with pytest.warns(RuntimeWarning, match=r"no topology update will run: update_interval=10 is past T_end=9"):
+            SMET(model, opt, **options)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        SMET(model, opt, update_interval=10, total_steps=10)
+        SMET(model, opt, update_interval=10)
+
+
 def test_the_final_prune_fraction_may_be_zero_or_the_initial_fraction():
     """Without a warning that layers stay static: ``ζ0`` moves blocks of every layer, whatever ``ζ_min``."""
     model, opt, _ = make_run()
     for final in (0.0, 0.3):
         with warnings.catch_warnings():
             warnings.simplefilter("error", RuntimeWarning)
-            smet = SMET(model, opt, prune_fraction=0.3, min_prune_fraction=final, end_step=10)
+            smet = SMET(model, opt, update_interval=5, prune_fraction=0.3, min_prune_fraction=final, end_step=10)
         assert smet.prune_fraction_at(10) == pytest.approx(final)
 
 

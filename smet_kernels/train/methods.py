@@ -11,6 +11,7 @@ memory model all take their method lists from here; the benchmarks name the four
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -179,6 +180,8 @@ def build_controller(name: str, model: nn.Module, optimizer: torch.optim.Optimiz
     None for a dense one."""
     if not method(name).sparse:
         return None
-    from ..topology import SMET
+    from ..topology import SMET, NoUpdateWarning
 
-    return SMET(model, optimizer, **options)
+    with warnings.catch_warnings():  # smet-train says it in terms of its options (--update-interval, --max-steps)
+        warnings.simplefilter("ignore", NoUpdateWarning)
+        return SMET(model, optimizer, **options)
