@@ -188,6 +188,19 @@ def test_a_ddp_rank_evaluates_its_own_slice_of_the_validation_windows(tiny_run):
         assert torch.equal(x, window_batch(run.val_tokens, batch, 16)[0])
 
 
+def test_the_ranks_update_probe_measures_the_held_out_micro_batch_of_one_process_between_them(tiny_run):
+    """Each rank measured the first batch / (ranks x grad_accum) windows, all the same: the probe's losses depended on
+    the world size, and a resume on another world size compared losses of different batches."""
+    run = tiny_run
+    one_process = run.probe_loss()  # the first 4 windows
+    ranks = []
+    for rank in (0, 1):
+        run.ddp = _rank(rank, 2)
+        ranks.append(run.probe_loss())
+    assert ranks[0] != ranks[1]
+    assert sum(ranks) / 2 == pytest.approx(one_process, rel=1e-6)
+
+
 def _checksum(model) -> torch.Tensor:
     return loop.Run.params_checksum(types.SimpleNamespace(model=model))
 

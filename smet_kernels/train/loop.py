@@ -331,14 +331,17 @@ class Run:
 
     @torch.no_grad()
     def probe_loss(self) -> float:
-        """Loss of one fixed held-out micro-batch (the first validation windows), for the update probe."""
+        """Loss of one fixed held-out micro-batch (the first ``batch_size / grad_accum`` validation windows), for the
+        update probe; under DDP each rank takes its slice and the loss is their mean: the same batch on any number of
+        ranks, so records match one process and a resume on another world size compares like with like."""
         micro = self.config.batch_size // (self.ddp.world_size * self.config.grad_accum)
-        x, y = window_batch(self.val_tokens, self.val_indices[:micro], self.config.seq_len)
+        windows = self.val_indices[:micro * self.ddp.world_size].view(self.ddp.world_size, micro)[self.ddp.rank]
+        x, y = window_batch(self.val_tokens, windows, self.config.seq_len)
         self.model.eval()
         with self._autocast():
             loss = lm_loss(self.model(x.to(self.device)), y.to(self.device))
         self.model.train()
-        return float(loss)
+        return float(self.ddp.mean(loss.double()))
 
     def is_probe_step(self, step: int) -> bool:
         """Update steps of the controller; for a dense run the steps it would update at (the control), up to
