@@ -141,10 +141,23 @@ def _zero_other_state(state: dict, values: torch.Tensor, slots: torch.Tensor) ->
             local(tensor)[slots.to(values.device)] = 0
 
 
-def _plain_name(name: str) -> str:
-    """A parameter's name without the ``_orig_mod`` of ``torch.compile`` wrappers: a controller built on a compiled
-    model (or on compiled submodules) keeps the names of the plain model, so their states load into each other."""
+def _plain_name(name: str, ddp_wrappers: tuple[str, ...] = ()) -> str:
+    """A parameter's name without the ``_orig_mod`` of ``torch.compile`` wrappers and the ``module`` of the
+    ``DistributedDataParallel`` wrappers named ``ddp_wrappers`` in the model: a controller built on a compiled or
+    DDP-wrapped model keeps the names of the plain model, so their states load into each other (a DDP run's state
+    into one process and back)."""
+    for wrapper in sorted(ddp_wrappers, key=len, reverse=True):
+        head = f"{wrapper}.module." if wrapper else "module."
+        if name.startswith(head):
+            name = name[: len(head) - len("module.")] + name[len(head):]
+            break
     return ".".join(part for part in name.split(".") if part != "_orig_mod")
+
+
+def _ddp_wrappers(model: nn.Module) -> tuple[str, ...]:
+    """The names in ``model`` of its ``DistributedDataParallel`` wrappers (``""``: the model itself)."""
+    return tuple(name for name, module in model.named_modules()
+                 if isinstance(module, nn.parallel.DistributedDataParallel))
 
 
 def _distributed() -> bool:
@@ -275,9 +288,9 @@ class SMET:
         for module in model.modules():
             for param in module.parameters(recurse=False):
                 owners.setdefault(id(param), []).append(module)
-        targets = []
+        targets, wrappers = [], _ddp_wrappers(model)
         for name, param in model.named_parameters():
-            name = _plain_name(name)
+            name = _plain_name(name, wrappers)
             if hasattr(param, "smet_layout"):
                 targets.append(_SparseTarget(name, param, param.smet_layout, "compact", tuple(owners[id(param)])))
             elif hasattr(param, "smet_mask_layout"):
@@ -622,7 +635,8 @@ class SMET:
                    or key not in state]  # fmt: skip
         if missing:
             raise ValueError(f"state is not an SMET.state_dict(): it lacks {missing}")
-        layouts = {_plain_name(name): layout for name, layout in state["layouts"].items()}
+        wrappers = _ddp_wrappers(self.model)  # a state saved with the wrapper's names loads too
+        layouts = {_plain_name(name, wrappers): layout for name, layout in state["layouts"].items()}
         names = {target.name for target in self.targets}
         if set(layouts) != names:
             raise ValueError(

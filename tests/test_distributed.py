@@ -120,8 +120,8 @@ def test_two_gloo_ranks_keep_identical_topology(tmp_path):
     mp.spawn(_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
     initial = _model()
     initial_layouts = {
-        "module.0.values": initial[0].layout.block_indices,
-        "module.2.weight": initial[2].layout.block_indices,
+        "0.values": initial[0].layout.block_indices,  # the plain model's names: states load in one process
+        "2.weight": initial[2].layout.block_indices,
     }
     for name, _, _ in SCENARIOS:
         rank0, rank1 = (torch.load(tmp_path / f"{name}_{rank}.pt", weights_only=False) for rank in range(WORLD))
@@ -138,3 +138,27 @@ def test_two_gloo_ranks_keep_identical_topology(tmp_path):
     assert not torch.equal(mean_gradient, _rigl_layout_after_one_update([0]))  # the scenario tells the two apart
     for rank in range(WORLD):
         assert torch.equal(torch.load(tmp_path / f"rigl_mean_{rank}.pt")["layout"], mean_gradient), rank
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+def test_a_controller_on_a_ddp_model_saves_a_state_that_loads_in_one_process_and_back(tmp_path):
+    """Built on the DDP wrapper, the controller named its layers ``module.*``: its state, refused by a controller on
+    the plain model (a DDP run resumed in one process), and the reverse."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        wrapped = DistributedDataParallel(_model())
+        on_ddp = SMET(wrapped, SMETAdamW(wrapped.parameters(), backend="reference"), update_interval=1, seed=1)
+        plain = _model()
+        on_plain = SMET(plain, SMETAdamW(plain.parameters(), backend="reference"), update_interval=1)
+        assert [t.name for t in on_ddp.targets] == [t.name for t in on_plain.targets] == ["0.values", "2.weight"]
+        on_ddp.targets[0].layout.set_block_indices(on_ddp.targets[0].layout.block_indices.flip(0))
+        on_plain.load_state_dict(on_ddp.state_dict())
+        assert torch.equal(plain[0].layout.block_indices, wrapped.module[0].layout.block_indices)
+        saved_with_prefix = {**on_plain.state_dict(), "layouts": {
+            f"module.{name}": layout for name, layout in on_plain.state_dict()["layouts"].items()}}
+        on_ddp.load_state_dict(saved_with_prefix)  # a state an earlier release saved under DDP
+        on_ddp.load_state_dict(on_plain.state_dict())
+    finally:
+        wrapped = on_ddp = None
+        gc.collect()
+        dist.destroy_process_group()
