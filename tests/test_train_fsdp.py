@@ -199,3 +199,10 @@ def test_parallel_option_validation(capsys):
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert error.startswith("smet-train: error: --parallel 'fsdp' does not support --optimizer 'galore'")
     assert "fsdp" in build_parser().format_help() and "fully_shard" in build_parser().format_help()
+
+
+def test_the_update_probe_help_says_that_fsdp_on_several_ranks_leaves_it_out():
+    """The probe runs on plain tensors only: an fsdp run on several ranks wrote no update_probe record, where the
+    help said 'default: measured'."""
+    text = " ".join(build_parser().format_help().split())
+    assert "(default: measured, but not under --parallel fsdp on several ranks)" in text

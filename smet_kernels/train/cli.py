@@ -221,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-update-probe", dest="update_probe", action="store_false",
                      help="do not measure prune damage, cold-start rise and first-step sizes around topology updates "
                      "(update_probe records; costs k+2 forwards of one held-out micro-batch per update) "
-                     "(default: measured)")
+                     "(default: measured, but not under --parallel fsdp on several ranks)")
     run.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: auto; under torchrun cuda:LOCAL_RANK)")
     run.add_argument("--backend", choices=("auto", "triton", "reference"),
                      help="kernels: triton, the pure-PyTorch reference, or auto (default: auto)")
