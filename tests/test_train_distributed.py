@@ -42,6 +42,25 @@ def test_torchruns_environment_gives_the_rank_and_the_backend_of_the_process_gro
     assert started == [backend]
 
 
+@pytest.mark.parametrize("environ, message", [
+    ({"WORLD_SIZE": "2"}, "the WORLD_SIZE environment variable is 2, but RANK is not set: launch the ranks with "
+                          "torchrun"),
+    ({"WORLD_SIZE": "two"}, "the WORLD_SIZE environment variable must be an int, got 'two': launch"),
+    ({"WORLD_SIZE": "2", "RANK": "0"}, "environment variable MASTER_ADDR expected, but not set: launch the ranks with "
+                                       "torchrun .*, or unset WORLD_SIZE$"),
+])
+def test_a_world_size_without_the_rest_of_torchruns_environment_is_a_one_line_config_error(monkeypatch, environ,
+                                                                                           message):
+    """A WORLD_SIZE left in the shell, without torchrun: a KeyError or torch's ValueError traceback."""
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: False)
+    with pytest.raises(ConfigError, match=message):
+        distributed.init_distributed("cpu")
+
+
 def test_the_mean_over_ranks_divides_the_all_reduced_sum_by_the_world_size(monkeypatch):
     monkeypatch.setattr(distributed.dist, "all_reduce", lambda value: value.mul_(4))  # the sum over 4 equal ranks
     assert DistInfo(rank=3, world_size=4).mean(torch.tensor(2.0)).item() == 2.0

@@ -47,15 +47,36 @@ class DistInfo:
         return value
 
 
+LAUNCH_HINT = "launch the ranks with torchrun (it sets RANK, LOCAL_RANK, MASTER_ADDR, MASTER_PORT), or unset WORLD_SIZE"
+
+
+def _environ_int(name: str, default: str | None = None) -> int:
+    """The int in the environment variable ``name`` (``default`` when unset); else a one-line ConfigError."""
+    value = os.environ.get(name, default)
+    if value is None:
+        raise ConfigError(f"the WORLD_SIZE environment variable is {os.environ['WORLD_SIZE']}, but {name} is not set: "
+                          f"{LAUNCH_HINT}")
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(f"the {name} environment variable must be an int, got {value!r}: {LAUNCH_HINT}") from None
+
+
 def init_distributed(device_name: str) -> DistInfo:
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    """This process's rank from torchrun's environment, the process group initialised (unless the caller did);
+    an environment torchrun would not give (``WORLD_SIZE`` > 1 without ``RANK`` or ``MASTER_ADDR``) is a one-line
+    :class:`ConfigError`."""
+    world_size = _environ_int("WORLD_SIZE", "1")
     if world_size <= 1:
         return DistInfo()
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    rank, local_rank = _environ_int("RANK"), _environ_int("LOCAL_RANK", "0")
     use_cuda = torch.cuda.is_available() and not device_name.startswith("cpu")
     initialised_here = False
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        try:
+            dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        except ValueError as error:  # the env:// rendezvous without MASTER_ADDR or MASTER_PORT
+            raise ConfigError(f"{error}: {LAUNCH_HINT}") from None
         initialised_here = True
     return DistInfo(rank, world_size, local_rank, initialised_here)
 
