@@ -206,3 +206,34 @@ def test_the_update_probe_help_says_that_fsdp_on_several_ranks_leaves_it_out():
     help said 'default: measured'."""
     text = " ".join(build_parser().format_help().split())
     assert "(default: measured, but not under --parallel fsdp on several ranks)" in text
+
+
+def test_a_sharded_checkpoint_loads_in_one_process_without_torchs_warning_that_it_assumes_one(tmp_path):
+    """torch.distributed.checkpoint warned on every one-process resume (two lines of torch's format): 'assuming the
+    intent is to load in a single process', the case the checkpoint format is documented for."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    from smet_kernels.train.checkpoint import SHARDED_DIR, load_sharded, sharded_state
+
+    def model_and_optimizer(seed):
+        torch.manual_seed(seed)
+        model = torch.nn.Linear(4, 3)
+        optimizer = torch.optim.AdamW(model.parameters())
+        model(torch.randn(2, 4)).sum().backward()
+        optimizer.step()
+        return model, optimizer
+
+    saved_model, saved_optimizer = model_and_optimizer(0)
+    tensors, rest = sharded_state(saved_model, saved_optimizer)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save(tensors, checkpoint_id=tmp_path / SHARDED_DIR)
+    model, optimizer = model_and_optimizer(1)
+    state = {"optimizer": rest}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        load_sharded(tmp_path, state, model, optimizer)
+    assert [str(w.message) for w in caught] == []
+    assert all(torch.equal(state["model"][key], value) for key, value in saved_model.state_dict().items())

@@ -428,7 +428,9 @@ def load_sharded(checkpoint: Path, state: dict, model: torch.nn.Module, optimize
         if is_sharded(param) and value.dim() >= 1 and value.shape[0] == param.shape[0]:
             value = shard_like(value.to(param.device), param)
         template[key] = value
-    dcp.load(template, checkpoint_id=folder)
+    with warnings.catch_warnings():  # one process, as documented: torch warns that it "assumes" so
+        warnings.filterwarnings("ignore", "torch.distributed is disabled, unavailable or uninitialized")
+        dcp.load(template, checkpoint_id=folder)
     state["model"] = {key[len("model."):]: value for key, value in template.items() if key.startswith("model.")}
     entries: dict = {index: dict(values) for index, values in rest["state"].items()}
     for key, value in template.items():
