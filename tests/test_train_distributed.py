@@ -61,6 +61,20 @@ def test_a_world_size_without_the_rest_of_torchruns_environment_is_a_one_line_co
         distributed.init_distributed("cpu")
 
 
+def test_a_process_group_started_without_torchrun_is_a_one_line_config_error_not_every_process_as_rank_0(
+        monkeypatch):
+    """``mp.spawn`` with ``init_process_group`` and no WORLD_SIZE: each process ran the whole run as rank 0 of one,
+    all writing the same out_dir."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(distributed.dist, "get_world_size", lambda: 2)
+    with pytest.raises(ConfigError, match="^a process group of 2 ranks is initialised, but WORLD_SIZE is not set: "
+                                          r"launch the ranks with torchrun \(it sets RANK, .*MASTER_PORT\)$"):
+        distributed.init_distributed("cpu")
+    monkeypatch.setattr(distributed.dist, "get_world_size", lambda: 1)  # a group of one: the run is this process's
+    assert distributed.init_distributed("cpu") == DistInfo()
+
+
 def test_the_mean_over_ranks_divides_the_all_reduced_sum_by_the_world_size(monkeypatch):
     monkeypatch.setattr(distributed.dist, "all_reduce", lambda value: value.mul_(4))  # the sum over 4 equal ranks
     assert DistInfo(rank=3, world_size=4).mean(torch.tensor(2.0)).item() == 2.0

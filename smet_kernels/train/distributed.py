@@ -68,6 +68,10 @@ def init_distributed(device_name: str) -> DistInfo:
     :class:`ConfigError`."""
     world_size = _environ_int("WORLD_SIZE", "1")
     if world_size <= 1:
+        if "WORLD_SIZE" not in os.environ and dist.is_available() and dist.is_initialized() \
+                and dist.get_world_size() > 1:  # e.g. mp.spawn: every process would write the run as rank 0
+            raise ConfigError(f"a process group of {dist.get_world_size()} ranks is initialised, but WORLD_SIZE is not "
+                              f"set: {LAUNCH_HINT.split(', or')[0]}")
         return DistInfo()
     rank, local_rank = _environ_int("RANK"), _environ_int("LOCAL_RANK", "0")
     use_cuda = torch.cuda.is_available() and not device_name.startswith("cpu")
