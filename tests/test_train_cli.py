@@ -243,6 +243,19 @@ def test_max_consecutive_skips_is_named_as_without_effect_unless_nonfinite_steps
     assert noted == named
 
 
+@pytest.mark.parametrize("parallel, world_size, named", [("ddp", "2", True), ("fsdp", "1", True),
+                                                          ("fsdp", "2", False)])
+def test_checkpoint_format_is_named_as_without_effect_unless_fsdp_runs_on_several_ranks(parallel, world_size, named,
+                                                                                        capsys, monkeypatch):
+    """DDP and one process write full checkpoints whatever --checkpoint-format says."""
+    monkeypatch.setenv("WORLD_SIZE", world_size)
+    args = cli.build_parser().parse_args(["--config", "tiny", "--parallel", parallel, "--checkpoint-format", "full"])
+    cli._warn_ignored_options(args, cli.config_from_args(args))
+    noted = "smet-train: --checkpoint-format has no effect without --parallel fsdp on several ranks" in \
+        capsys.readouterr().err
+    assert noted == named
+
+
 def test_a_refused_run_shows_its_error_alone_without_the_notes_a_run_would_have_printed(capsys):
     """--max-steps 1 is shorter than --update-interval: a run would say so, but this one is refused first."""
     error = usage_error(cli.main, ["--config", "tiny", "--max-steps", "1", "--data", "/nonexistent/corpus.txt"], capsys)

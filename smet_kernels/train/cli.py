@@ -282,6 +282,9 @@ def _warn_ignored_options(args: argparse.Namespace, config: TrainConfig) -> None
         flags = ", ".join("--" + name.replace("_", "-") for name in ignored)
         print(f"smet-train: {flags} ha{'s' if len(ignored) == 1 else 've'} no effect with --optimizer "
               f"{config.optimizer}", file=sys.stderr)
+    if "checkpoint_format" in given and (config.parallel != "fsdp" or int(os.environ.get("WORLD_SIZE", "1")) <= 1):
+        print("smet-train: --checkpoint-format has no effect without --parallel fsdp on several ranks (checkpoints "
+              "are written full)", file=sys.stderr)
     if config.on_nonfinite == "stop" and "max_consecutive_skips" in given:
         print("smet-train: --max-consecutive-skips has no effect with --on-nonfinite stop", file=sys.stderr)
     last = min(config.update_end_step or config.max_steps, config.max_steps)
