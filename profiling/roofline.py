@@ -188,6 +188,9 @@ def _check(args: argparse.Namespace) -> None:
 
     if not (0 < args.tflops < math.inf and 0 < args.tbps < math.inf):  # NaN fails both comparisons
         raise ValueError(f"--tflops and --tbps must be finite and > 0, got {args.tflops:g} and {args.tbps:g}")
+    for option, values in (("--configs", args.configs), ("--densities", args.densities), ("--tokens", args.tokens)):
+        if not values:
+            raise ValueError(f"{option} names no value: give at least one")
     check_choices("--configs", args.configs, MODEL_CONFIGS)
     for config in args.configs:  # the SwiGLU widths are rounded up to a multiple of 128: the hidden size decides
         if MODEL_CONFIGS[config].hidden_size % args.block_size:

@@ -174,3 +174,10 @@ def test_a_trailing_comma_in_a_list_option_is_ignored(tmp_path):
     assert roofline.main(["--configs", "350m,", "--densities", "0.25,", "--tokens", "8192,", "--out-dir",
                           str(tmp_path)]) == 0
     assert len(list(csv.DictReader(open(tmp_path / "roofline.csv")))) == 3 * 3
+
+
+@pytest.mark.parametrize("option", ["--configs", "--densities", "--tokens"])
+def test_a_list_option_given_no_value_exits_2_naming_it_rather_than_an_index_error(tmp_path, option, capsys):
+    error = usage_error(roofline.main, ["--out-dir", str(tmp_path / "out"), option, ","], capsys)
+    assert error == f"python -m profiling.roofline: error: {option} names no value: give at least one"
+    assert not (tmp_path / "out").exists()
