@@ -13,7 +13,9 @@ import pandas as pd
 
 from ..results import (
     ADDED_COLUMNS,
+    KERNEL_COLUMNS,
     RENAMED_COLUMNS,
+    TRAINING_COLUMNS,
     TRAINING_KEY,
     current_provider,
     read_complete,
@@ -23,9 +25,11 @@ from ..results import (
 
 
 def load_csv(path: Path) -> pd.DataFrame | None:
-    """The rows of the results file at ``path`` (None when there is none). A half-written last row, and a row with
-    another number of cells than the header (an older release appended a row to a half-written one, making one line
-    of both), are left out with a :class:`~bench.results.TornRowWarning` naming the file: pandas would read the first
+    """The rows of the results file at ``path`` (None when there is none; ``ValueError`` naming the file when a
+    ``kernels.csv`` or ``training.csv`` lacks a column of its schema that no older release lacked: the report and
+    the memory grid's GPU rows stopped with a ``KeyError``). A half-written last row, and a row with another number
+    of cells than the header (an older release appended a row to a half-written one, making one line of both), are
+    left out with a :class:`~bench.results.TornRowWarning` naming the file: pandas would read the first
     with the numbers it has (a time cut to its first digits), and stop at the second or, as the first row, shift every
     column by taking its extra cells as an index."""
     if not path.exists() or path.stat().st_size == 0:
@@ -34,6 +38,11 @@ def load_csv(path: Path) -> pd.DataFrame | None:
     header, records, bad = split_records(text)
     if not header:  # only a half-written header
         return None
+    schema = {"kernels.csv": KERNEL_COLUMNS, "training.csv": TRAINING_COLUMNS}.get(path.name, [])
+    named = {RENAMED_COLUMNS.get(c, c) for c in header}
+    if missing := [c for c in schema if c not in named and c not in ADDED_COLUMNS]:
+        raise ValueError(f"{path} lacks the columns {missing} that smet-bench writes (edited, or not a smet-bench "
+                         "results file): restore them or move the file out of the folder")
     if bad:
         warn_merged_lines(path, bad, len(header), "left out")
     buffer = io.StringIO(newline="")
