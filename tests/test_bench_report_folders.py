@@ -2,7 +2,7 @@
 
 import pytest
 from conftest import usage_error
-from test_bench_report import CPU, _kernel_rows, _training_rows, _write
+from test_bench_report import CPU, CUDA, _kernel_rows, _render, _section_table, _training_rows, _write
 
 from bench.cli import main
 from bench.results import KERNEL_COLUMNS, TRAINING_COLUMNS
@@ -31,3 +31,20 @@ def test_a_training_file_lacking_a_column_beside_the_memory_folder_stops_the_mem
             "--out-dir", str(tmp_path / "memory-scaling")]  # fmt: skip
     error = usage_error(main, argv, capsys)
     assert error.startswith(f"smet-bench: error: {tmp_path / 'edited' / 'training.csv'} lacks the columns ['gpu']")
+
+
+def test_training_steps_of_two_machines_name_their_device_and_the_plots_show_one_machine_unaveraged(tmp_path,
+                                                                                                   monkeypatch):
+    """CPU rows (accounted peaks 6, 7, 7, 5 MiB) and H100 rows at batch 4 (allocator peaks 7, 8, 8, 6 MiB) in one
+    training.csv: the table said neither machine nor batch (only the first row's), so a case's two rows looked
+    alike, and the plots drew the mean of the two machines (6.5 MiB for dense)."""
+    _write(tmp_path / "training.csv", TRAINING_COLUMNS,
+           _training_rows(CPU) + [row | {"batch_size": 4} for row in _training_rows(CUDA)])  # fmt: skip
+    report, figures = _render(tmp_path, monkeypatch)
+    steps = _section_table(report, "## End-to-end training step")
+    assert steps[0][:3] == ["device", "setting", "config"]
+    assert [(row[0], row[1].split(",")[0]) for row in steps[1:]] == [(CUDA["gpu"], "batch 4 × sequence 32")] * 4 + [
+        (CPU["gpu"], "batch 2 × sequence 32")] * 4  # fmt: skip
+    assert f"The plots show the steps on {CUDA['gpu']} at batch 4 × sequence 32, fp32" in report  # the first
+    (axis,) = figures["peak_memory_vs_model.png"].axes
+    assert sorted(y for line in axis.get_lines() for y in line.get_ydata()) == [6.0, 7.0, 8.0, 8.0]

@@ -208,14 +208,15 @@ def training_section(training: pd.DataFrame, out_dir: Path) -> list[str]:
     measured["config_rank"] = (
         measured["config"].map({c: i for i, c in enumerate(CONFIG_ORDER)}).fillna(len(CONFIG_ORDER))
     )
-    measured = measured.sort_values(
-        ["config_rank", "method", "density", "compiled", "activation_checkpointing"],
-        ascending=[True, True, False, True, True],
+    measured["setting"] = setting_labels(measured)
+    measured = measured.sort_values(  # each machine's and setting's rows together
+        ["gpu", "setting", "config_rank", "method", "density", "compiled", "activation_checkpointing"],
+        ascending=[True, True, True, True, False, True, True],
     )
-    first = measured.iloc[0]
+    several = {column: measured[column].nunique() > 1 for column in ("gpu", "setting")}
     lines += [
-        f"batch {first['batch_size']:.0f} × sequence {first['seq_len']:.0f}, {first['dtype']}, block size "
-        f"{first['block_size']:.0f}; peak = {peak_label}. Components are counted from the tensors themselves; "
+        ("" if several["setting"] else measured["setting"].iloc[0] + "; ")
+        + f"peak = {peak_label}. Components are counted from the tensors themselves; "
         "`rest` = allocator peak − the four others (loss-backward transients, temporaries)."
         + (" `mode`: eager or `torch.compile(model)`, `+ ckpt` = activation checkpointing per decoder layer."
            if several_modes else ""),
@@ -223,6 +224,8 @@ def training_section(training: pd.DataFrame, out_dir: Path) -> list[str]:
         table(
             pd.DataFrame(
                 {
+                    **({"device": measured["gpu"]} if several["gpu"] else {}),
+                    **({"setting": measured["setting"]} if several["setting"] else {}),
                     "config": measured["config"],
                     "method": measured["label"],
                     **({"mode": measured["mode"]} if several_modes else {}),
@@ -244,6 +247,11 @@ def training_section(training: pd.DataFrame, out_dir: Path) -> list[str]:
     plotted = plainest_mode(measured)
     if several_modes:
         lines += [f"The plots show the {plotted['mode'].iloc[0]} steps; the modes compare in the tables below.", ""]
+    machine = plotted.groupby(["gpu", "setting"], sort=False).size().idxmax()  # most measured; a tie: the first
+    if plotted["gpu"].nunique() > 1 or plotted["setting"].nunique() > 1:
+        lines += [f"The plots show the steps on {machine[0]} at {machine[1]}: one point per case; the table above "
+                  "lists every machine and setting.", ""]
+    plotted = plotted[(plotted["gpu"] == machine[0]) & (plotted["setting"] == machine[1])]
     plots = [
         (
             "peak memory vs model size",
@@ -272,6 +280,14 @@ def training_section(training: pd.DataFrame, out_dir: Path) -> list[str]:
         lines += ["Cases not measured:", "", table(failed[columns]), ""]
     lines += memory_model_section(measured, out_dir)
     return lines
+
+
+def setting_labels(training: pd.DataFrame) -> pd.Series:
+    """``batch 2 × sequence 32, fp32, block size 32, vocab 256`` per row: what a step's time and memory depend on
+    besides its config, method and mode."""
+    return pd.Series([f"batch {b:.0f} × sequence {s:.0f}, {d}, block size {k:.0f}, vocab {v:.0f}" for b, s, d, k, v in
+                      zip(training["batch_size"], training["seq_len"], training["dtype"], training["block_size"],
+                          training["vocab_size"])], index=training.index, dtype=object)  # fmt: skip
 
 
 def _other_mode_column(pairs: pd.DataFrame, mode: str, title: str) -> dict:
