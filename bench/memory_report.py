@@ -274,8 +274,10 @@ def write_memory_report(out_dir, reports_dir=None) -> Path:
     traced = frame[frame["source"] == "traced"]
     settings = headline_settings(traced)
     plot_rows = _settings(traced, **settings)
-    gpus = gpu_rows(Path(reports_dir) if reports_dir is not None else out_dir.parent)
-    lines = ["# Memory scaling: one training step, 20m to 7b", ""]
+    reports_dir = Path(reports_dir) if reports_dir is not None else out_dir.parent
+    gpus = gpu_rows(reports_dir)
+    sizes = [c for c in CONFIGS if c in set(traced["config"])]
+    lines = [f"# Memory scaling: one training step, {' to '.join(dict.fromkeys([sizes[0], sizes[-1]]))}", ""]
     commands = out_dir / "commands.txt"
     if commands.exists():
         lines += ["Made by:", "", "```", *commands.read_text().splitlines(), "```", ""]
@@ -286,11 +288,13 @@ def write_memory_report(out_dir, reports_dir=None) -> Path:
         "",
         "## Largest LLaMA that fits",
         "",
-        f"Largest configuration whose traced peak (one step: weights + gradients + optimizer states + saved "
+        f"Largest of the traced configurations ({', '.join(sizes)}"
+        + ("; a larger one, not traced, may fit too" if sizes[-1] != CONFIGS[-1] else "")
+        + ") whose traced peak (one step: weights + gradients + optimizer states + saved "
         f"activations + largest transient) is at most the GPU's memory, vocab {settings['vocab_size']}, bf16 "
         "weights, decimal GB (24e9, 80e9, 141e9 bytes: below the 24 GiB, 79.6 GiB and 140.4 GiB these cards "
         "have, leaving room for the CUDA context and allocator fragmentation, which no trace sees). `none`: not "
-        "even 20m fits.",
+        f"even {sizes[0]} fits.",
         "",
     ]
     for ckpt in (False, True):
@@ -303,7 +307,7 @@ def write_memory_report(out_dir, reports_dir=None) -> Path:
         lines += [f"![components]({plot_components(plot_rows, big, out_dir / 'components_1b_7b.png')})", ""]
     lines += [f"![fraction of dense]({plot_fraction_of_dense(plot_rows, out_dir / 'fraction_of_dense.png')})", ""]
     lines += _agreement_section(frame)
-    lines += _gpu_section(frame, gpus)
+    lines += _gpu_section(frame, gpus, reports_dir)
     lines += _peak_table(plot_rows)
     path = out_dir / "memory.md"
     path.write_text("\n".join(lines))
@@ -371,11 +375,12 @@ def _agreement_section(frame: pd.DataFrame) -> list[str]:
     return lines
 
 
-def _gpu_section(frame: pd.DataFrame, gpus: pd.DataFrame | None) -> list[str]:
+def _gpu_section(frame: pd.DataFrame, gpus: pd.DataFrame | None, reports_dir: Path) -> list[str]:
     lines = ["## GPU runs", ""]
     if gpus is None:
-        return lines + ["No GPU `training.csv` under `reports/` yet: the plots and this section add its allocator "
-                        "(`torch.cuda.max_memory_allocated`) and NVML peaks once one exists.", ""]  # fmt: skip
+        return lines + [f"No GPU `training.csv` in the folders of `{reports_dir}` yet: the plots and this section add "
+                        "its allocator (`torch.cuda.max_memory_allocated`) and NVML peaks once one exists.",
+                        ""]  # fmt: skip
     compared = gpu_comparison(frame, gpus)
     if compared.empty:
         return lines + ["GPU rows exist but none matches a traced case: rerun `smet-bench memory` to trace them.", ""]

@@ -44,6 +44,18 @@ def test_memory_command_traces_models_and_reports_with_gpu_rows(tmp_path, capsys
     assert len(pd.read_csv(out / "memory.csv")) == 4
 
 
+def test_a_grid_of_small_sizes_says_the_largest_that_fits_is_among_those_traced_and_where_gpu_rows_were_sought(
+        tmp_path, capsys):
+    """Traced at 20m only, the report said "20m to 7b", "not even 20m fits" of its own list and that 20m was the
+    largest LLaMA fitting a 141 GB GPU, and that it looked for GPU rows under `reports/` wherever --out-dir was."""
+    out = tmp_path / "runs" / "memory"
+    assert main(GRID + ["--methods", "dense", "--out-dir", str(out)]) == 0
+    text = (out / "memory.md").read_text()
+    assert text.startswith("# Memory scaling: one training step, 20m\n")
+    assert "Largest of the traced configurations (20m; a larger one, not traced, may fit too) whose" in text
+    assert f"No GPU `training.csv` in the folders of `{tmp_path / 'runs'}` yet" in text
+
+
 def test_memory_command_rejects_an_unknown_config_in_one_line(tmp_path, capsys):
     error = usage_error(main, ["memory", "--configs", "20m,3b", "--out-dir", str(tmp_path)], capsys)
     assert error == "smet-bench: error: --configs must be from 20m,60m,130m,350m,1b,7b, got 3b"  # the bad one only
@@ -213,7 +225,7 @@ def test_the_gpu_section_sets_each_peak_in_its_own_column_and_the_allocator_erro
     gpus = traced.drop(columns=["source", "peak_bytes"]).assign(
         gpu="NVIDIA H200", peak_allocated_bytes=110 * 2**20, nvml_peak_bytes=120 * 2**20)
     assert gpu_comparison(traced, gpus)["allocator_vs_traced"].tolist() == [pytest.approx(0.1)]
-    header, _, row = _gpu_section(traced, gpus)[2].splitlines()
+    header, _, row = _gpu_section(traced, gpus, Path("reports"))[2].splitlines()
     cells = dict(zip([c.strip() for c in header.split("|")], [c.strip() for c in row.split("|")]))
     assert (cells["traced peak"], cells["allocator peak"], cells["NVML peak"]) == ("100.00 MiB", "110.00 MiB",
                                                                                    "120.00 MiB")
