@@ -325,6 +325,7 @@ def write_report(rows: list[dict], out_dir: Path, arch: int, command: str | None
         writer.writerows(rows)
     versions = sorted({(r["triton"], r["ptxas"]) for r in rows})
     matmul = [r for r in rows if r["block_size"] is not None]
+    shown = "bf16" if any(r["dtype"] == "bf16" for r in matmul) else next((r["dtype"] for r in matmul), "bf16")
     lines = [
         f"# Static kernel resources, sm_{arch}",
         "",
@@ -338,12 +339,12 @@ def write_report(rows: list[dict], out_dir: Path, arch: int, command: str | None
         "",
         tabulate(_summary(rows), headers="keys", tablefmt="github"),
         "",
-        "## Matmul autotune configs (bf16)",
+        f"## Matmul autotune configs ({shown})",
         "",
         tabulate(
             [{k: r[k] for k in ("kernel", "block_size", "BLOCK_M", "num_warps", "num_stages", "kept_by_pruner",
                                 "shared_bytes", "fits_shared", "registers", "stack_bytes", "wgmma", "cp_async")}
-             for r in matmul if r["dtype"] == "bf16"],
+             for r in matmul if r["dtype"] == shown],
             headers="keys", tablefmt="github",
         ),
         "",

@@ -142,6 +142,17 @@ def test_report_files(compiled, tmp_path):
     assert header == ",".join(kr.FIELDS)
 
 
+def test_the_config_table_of_a_report_without_bf16_lists_the_configs_of_its_dtype(tmp_path):
+    """A report of --dtypes fp16 (or fp32) had an empty "Matmul autotune configs (bf16)" table."""
+    row = {"kernel": "bsmm_forward", "dtype": "fp16", "block_size": 32, "BLOCK_M": 64, "num_warps": 4,
+           "num_stages": 3, "kept_by_pruner": True, "arch": "sm_90", "shared_bytes": 1024, "fits_shared": True,
+           "registers": 90, "stack_bytes": 0, "wgmma": 2, "mma_sync": 0, "cp_async": 3, "tma": 0, "vector_loads": 0,
+           "triton": "3.9.0", "ptxas": "13.4"}  # fmt: skip
+    text = kr.write_report([row], tmp_path, 90).read_text()
+    configs = text.split("## Matmul autotune configs (fp16)")[1]
+    assert "| bsmm_forward |" in configs.replace("  ", ""), text
+
+
 def test_stale_signature_is_reported():
     case = kr.matmul_cases(["bf16"], [32])[0]
     signature = dict(case.signature)
