@@ -278,6 +278,23 @@ def test_optimizer_gb_per_s_is_the_compulsory_bytes_over_the_median_time(fixed_t
     assert (row["ms_p20"], row["ms_p50"], row["ms_p80"]) == (1.0, 2.0, 4.0)
 
 
+@pytest.mark.parametrize("provider", optimizer.PROVIDERS)
+def test_an_optimizer_step_is_timed_with_its_state_allocated_even_without_a_warm_up_call(monkeypatch, provider):
+    """gpu-check times CPU cases with no warm-up call: the first step, which allocates the moments (several times a
+    later step), was one of the two timed samples."""
+    from smet_kernels.train.model import LinearShape
+
+    from bench.timing import Timing
+
+    def timed(fn, device, **kwargs):
+        assert len(fn.__self__.state) == 1, "a step timed before the optimizer state exists"
+        return Timing(1.0, 2.0, 4.0)
+
+    monkeypatch.setattr(optimizer, "measure", timed)
+    case = optimizer.OptimizerCase("adamw", provider, "compact", LinearShape("s:x", 64, 64), 32, 0.5)
+    assert optimizer.run_case(case, torch.device("cpu"), {"warmup": 0}, backend="reference")["ms_p50"] == 2.0
+
+
 def test_kernel_tflops_count_the_useful_flops_of_the_drawn_layout_over_the_median_time(fixed_timing):
     """W [96, 96] in blocks of 32 at d = 0.5: 4 of the 9 blocks (exact d = 4/9); 16 tokens: 2 · 16 · 96² · 4/9 =
     131072 useful FLOPs."""
