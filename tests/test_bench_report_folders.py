@@ -5,6 +5,7 @@ from conftest import usage_error
 from test_bench_report import CPU, CUDA, _kernel_rows, _render, _section_table, _training_rows, _write
 
 from bench.cli import main
+from bench.report import write_report
 from bench.results import KERNEL_COLUMNS, TRAINING_COLUMNS
 
 
@@ -48,3 +49,19 @@ def test_training_steps_of_two_machines_name_their_device_and_the_plots_show_one
     assert f"The plots show the steps on {CUDA['gpu']} at batch 4 × sequence 32, fp32" in report  # the first
     (axis,) = figures["peak_memory_vs_model.png"].axes
     assert sorted(y for line in axis.get_lines() for y in line.get_ydata()) == [6.0, 7.0, 8.0, 8.0]
+
+
+def test_a_case_written_twice_on_one_machine_is_reported_once_with_its_later_row_and_a_warning(tmp_path):
+    """Two runs appending to one folder at once (or joined files) wrote a case twice: the report listed both rows
+    and counted both in the geometric means, where a resumed run keeps the later."""
+    rows = _kernel_rows(CPU)
+    forward = next(row for row in rows if row["op"] == "forward" and row["provider"] == "triton_grouped")
+    rows.append(forward | {"ms_p20": 40, "ms_p50": 40, "ms_p80": 41, "timestamp": "2026-01-02T00:00:00"})
+    _write(tmp_path / "kernels.csv", KERNEL_COLUMNS, rows)
+    with pytest.warns(UserWarning, match="kernels.csv: 1 row.s. measure the same case on the same machine"):
+        report = write_report(tmp_path).read_text()
+    summary = _section_table(report, "## Kernels")
+    header = summary[0]
+    forward = [dict(zip(header, row)) for row in summary[1:]
+               if row[header.index("op")] == "forward" and row[header.index("provider")] == "triton_grouped"]
+    assert [(row["vs dense"], row["cases"]) for row in forward] == [("4e+03", "1")]  # 40 ms over the dense 0.01

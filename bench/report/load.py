@@ -7,6 +7,7 @@ import csv
 import io
 import json
 import math
+import warnings
 from pathlib import Path
 
 import pandas as pd
@@ -14,6 +15,7 @@ import pandas as pd
 from ..results import (
     ADDED_COLUMNS,
     KERNEL_COLUMNS,
+    KERNEL_KEY,
     RENAMED_COLUMNS,
     TRAINING_COLUMNS,
     TRAINING_KEY,
@@ -66,6 +68,12 @@ def load_csv(path: Path) -> pd.DataFrame | None:
             current_provider(suite, provider, backend)
             for suite, provider, backend in zip(frame["suite"], frame["provider"], frame["backend"])
         ]
+    key = {"kernels.csv": KERNEL_KEY, "training.csv": TRAINING_KEY}.get(path.name)
+    if key and (repeated := frame.duplicated(key + ["gpu"], keep="last")).any():
+        warnings.warn(f"{path}: {int(repeated.sum())} row(s) measure the same case on the same machine as a later "
+                      "row (two runs wrote to the folder at once, or files were joined); only the later is reported",
+                      stacklevel=2)
+        frame = frame[~repeated].reset_index(drop=True)
     return frame
 
 
