@@ -269,15 +269,22 @@ def collect(
     """
     from tqdm import tqdm
 
+    from smet_kernels.train.config import ConfigError
+
+    selected = [case for case in matmul_cases(dtypes, block_sizes, arch) + optimizer_cases(dtypes)
+                if kernels is None or case.kernel.split("[")[0] in kernels]  # fmt: skip
+    space = list(dict.fromkeys((c.block_m, c.num_warps, c.num_stages) for c in selected if c.block_m is not None))
+    if unknown := [config for config in configs or [] if config not in space]:
+        def named(items):
+            return ",".join(":".join(map(str, config)) for config in items)
+
+        raise ConfigError(f"--configs {named(unknown)} not in the autotune space of the selected matmul kernels "
+                          f"({named(space) or 'none: --kernels names no matmul kernel'})")
     cuobjdump, ptxas_version = _toolchain(arch)
     if triton.knobs.runtime.interpret:
         raise RuntimeError("kernels cannot be compiled with TRITON_INTERPRET=1 set: run in a process without it")
-    cases = [
-        case
-        for case in matmul_cases(dtypes, block_sizes, arch) + optimizer_cases(dtypes)
-        if (kernels is None or case.kernel.split("[")[0] in kernels)
-        and (configs is None or case.block_m is None or (case.block_m, case.num_warps, case.num_stages) in configs)
-    ]
+    cases = [case for case in selected
+             if configs is None or case.block_m is None or (case.block_m, case.num_warps, case.num_stages) in configs]
     rows = []
     for case in tqdm(cases, desc=f"compiling for sm_{arch}", disable=not progress):
         row = compile_case(case, arch, cuobjdump)

@@ -153,6 +153,16 @@ def test_the_config_table_of_a_report_without_bf16_lists_the_configs_of_its_dtyp
     assert "| bsmm_forward |" in configs.replace("  ", ""), text
 
 
+def test_a_config_outside_the_autotune_space_exits_2_naming_it_instead_of_writing_an_empty_report(tmp_path, capsys):
+    with pytest.raises(SystemExit) as raised:
+        kr.main(["--out-dir", str(tmp_path / "out"), "--kernels", "bsmm_forward", "--configs", "64:4:3", "999:8:3"])
+    err = capsys.readouterr().err.splitlines()
+    assert raised.value.code == 2 and err[-1].startswith(
+        "python -m profiling.kernel_resources: error: --configs 999:8:3 not in the autotune space of the selected "
+        "matmul kernels (64:4:2,"), err
+    assert not (tmp_path / "out").exists()
+
+
 def test_stale_signature_is_reported():
     case = kr.matmul_cases(["bf16"], [32])[0]
     signature = dict(case.signature)
