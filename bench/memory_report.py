@@ -305,7 +305,10 @@ def write_memory_report(out_dir, reports_dir=None) -> Path:
     big = [c for c in ("1b", "7b") if c in set(plot_rows["config"])]
     if big:
         lines += [f"![components]({plot_components(plot_rows, big, out_dir / 'components_1b_7b.png')})", ""]
-    lines += [f"![fraction of dense]({plot_fraction_of_dense(plot_rows, out_dir / 'fraction_of_dense.png')})", ""]
+    if "dense" in set(plot_rows["method"]):
+        lines += [f"![fraction of dense]({plot_fraction_of_dense(plot_rows, out_dir / 'fraction_of_dense.png')})", ""]
+    else:
+        lines += ["No plot of the sparse methods as a fraction of dense: `--methods` left out dense.", ""]
     lines += _agreement_section(frame)
     lines += _gpu_section(frame, gpus, reports_dir)
     lines += _peak_table(plot_rows)

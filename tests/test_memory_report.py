@@ -56,6 +56,14 @@ def test_a_grid_of_small_sizes_says_the_largest_that_fits_is_among_those_traced_
     assert f"No GPU `training.csv` in the folders of `{tmp_path / 'runs'}` yet" in text
 
 
+def test_a_grid_without_dense_reports_without_the_fraction_of_dense_plot_instead_of_a_key_error(tmp_path, capsys):
+    out = tmp_path / "memory"
+    assert main(GRID + ["--methods", "smet", "--out-dir", str(out)]) == 0
+    assert "No plot of the sparse methods as a fraction of dense: `--methods` left out dense." in (
+        out / "memory.md").read_text()
+    assert not (out / "fraction_of_dense.png").exists()
+
+
 def test_memory_command_rejects_an_unknown_config_in_one_line(tmp_path, capsys):
     error = usage_error(main, ["memory", "--configs", "20m,3b", "--out-dir", str(tmp_path)], capsys)
     assert error == "smet-bench: error: --configs must be from 20m,60m,130m,350m,1b,7b, got 3b"  # the bad one only
