@@ -408,9 +408,12 @@ def _gpu_section(frame: pd.DataFrame, gpus: pd.DataFrame | None, reports_dir: Pa
 
 
 def _peak_table(rows: pd.DataFrame) -> list[str]:
-    rows = _order(rows[~rows["activation_checkpointing"]])
+    """Traced peaks without activation checkpointing (with it where only checkpointed steps were traced)."""
+    checkpointed = bool(rows["activation_checkpointing"].all())
+    rows = _order(rows[rows["activation_checkpointing"] == checkpointed])
     wide = rows.assign(label=label(rows)).pivot_table(index="label", columns="config", values="peak_bytes",
                                                       aggfunc="first", sort=False)  # fmt: skip
     wide = wide[[c for c in CONFIGS if c in wide.columns]].map(fmt_bytes).reset_index()
-    return [f"## Traced peak per method and size ({_describe(rows)}, no checkpointing)", "",
+    mode = "activation checkpointing" if checkpointed else "no checkpointing"
+    return [f"## Traced peak per method and size ({_describe(rows)}, {mode})", "",
             table(wide.rename(columns={"label": "method"})), ""]  # fmt: skip

@@ -64,6 +64,16 @@ def test_a_grid_without_dense_reports_without_the_fraction_of_dense_plot_instead
     assert not (out / "fraction_of_dense.png").exists()
 
 
+def test_a_grid_traced_only_with_activation_checkpointing_tables_its_checkpointed_peaks_instead_of_an_index_error(
+        tmp_path, capsys):
+    out = tmp_path / "memory"
+    argv = [*GRID, "--methods", "dense", "--activation-checkpointing", "on", "--out-dir", str(out)]
+    assert main(argv) == 0
+    text = (out / "memory.md").read_text()
+    assert "## Traced peak per method and size (batch 1×32, vocab 256, bf16 weights, bf16 states (GaLore: bf16), " \
+           "activation checkpointing)" in text
+
+
 def test_memory_command_rejects_an_unknown_config_in_one_line(tmp_path, capsys):
     error = usage_error(main, ["memory", "--configs", "20m,3b", "--out-dir", str(tmp_path)], capsys)
     assert error == "smet-bench: error: --configs must be from 20m,60m,130m,350m,1b,7b, got 3b"  # the bad one only
