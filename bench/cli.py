@@ -349,6 +349,16 @@ def _validate(args) -> None:
     if args.densities and any(not 0.0 < d <= 1.0 for d in args.densities):
         usage_error(f"--densities must lie in (0, 1], got {args.densities}")
     _refuse_unknown("--block-sizes", args.block_sizes, SUPPORTED_BLOCK_SIZES)
+    if {"kernels", "optimizer"} & set(args.suites):  # a block size no shape takes would leave only dense rows
+        from smet_kernels.train.model import linear_shapes
+
+        configs = args.configs or (kernels.QUICK_CONFIGS if args.quick else kernels.FULL_CONFIGS)
+        shapes = linear_shapes(configs) if "kernels" in args.suites else optimizer.optimizer_shapes(configs)
+        block_sizes = args.block_sizes or (kernels.QUICK_BLOCK_SIZES if args.quick else kernels.FULL_BLOCK_SIZES)
+        if unused := [b for b in block_sizes if all(s.N % b or s.K % b for s in shapes)]:
+            usage_error(f"--block-sizes {','.join(map(str, unused))} divides no weight shape of --configs "
+                        f"{','.join(configs)} ({', '.join(f'{s.label} {s.N}x{s.K}' for s in shapes)}): no sparse "
+                        "case would run")
     _refuse_unknown("--training-block-size", [args.training_block_size] if args.training_block_size is not None
                     else [], SUPPORTED_BLOCK_SIZES)
     for option, mode in (("--compile", args.compile), ("--activation-checkpointing", args.activation_checkpointing)):

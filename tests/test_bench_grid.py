@@ -398,3 +398,21 @@ def test_the_training_step_check_notes_a_step_that_breaks_or_keeps_the_weights(s
     model, optimizer_, inputs, targets = _tiny_step("dense", 1.0)
     optimizer_.step = lambda: step(next(model.parameters()))
     assert training.check_step(model, optimizer_, inputs, targets) == note
+
+
+@pytest.mark.parametrize("suites, shapes", [
+    ("kernels,optimizer", "tiny:qkvo 64x64, tiny:gate_up 128x64, tiny:down 64x128"),
+    ("optimizer", "tiny:gate_up 128x64"),
+])
+def test_a_block_size_that_divides_no_shape_of_the_configs_is_refused_rather_than_leaving_only_dense_rows(
+        tmp_path, capsys, suites, shapes):
+    """--quick --block-sizes 128 (tiny's weights are 64 and 128 wide) ran only the dense cases, exit 0."""
+    from conftest import usage_error
+
+    from bench.cli import main
+
+    argv = ["run", "--quick", "--suites", suites, "--block-sizes", "32,128", "--out-dir", str(tmp_path / "out")]
+    error = usage_error(main, argv, capsys)
+    assert error == (f"smet-bench: error: --block-sizes 128 divides no weight shape of --configs tiny ({shapes}): "
+                     "no sparse case would run")
+    assert not (tmp_path / "out").exists()
