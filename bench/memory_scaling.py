@@ -291,6 +291,9 @@ def main_from_args(args, prog: str, argv: list[str]) -> int:
             checkpointing = [c if isinstance(c, bool) else _switch(c) for c in args.checkpointing]
             cases = list(memory_cases(args.configs, args.methods, args.densities, args.batch_shapes,
                                       args.vocab_sizes, args.state_dtypes, checkpointing))  # fmt: skip
+            if not cases:
+                raise ValueError(f"--methods {','.join(args.methods)} with --state-dtypes "
+                                 f"{','.join(args.state_dtypes)} gives no case to trace: GaLore keeps bf16 states only")
             cases += [c for c in gpu_cases(out_dir.parent) if c not in cases]
             measured = MEASURED_CONFIGS if args.measure_configs is None else args.measure_configs
             written = run_plan(plan(cases, measured), memory_file(out_dir), not args.no_progress)

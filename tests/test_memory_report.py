@@ -74,6 +74,16 @@ def test_a_grid_traced_only_with_activation_checkpointing_tables_its_checkpointe
            "activation checkpointing)" in text
 
 
+def test_a_grid_of_galore_with_fp32_states_only_is_refused_in_one_line_not_sent_to_run_the_command_it_ran(
+        tmp_path, capsys):
+    """GaLore has bf16 states only: the grid was empty and the error said "no memory.csv ...: run `smet-bench memory`
+    first"."""
+    argv = ["memory", "--configs", "20m", "--methods", "galore", "--state-dtypes", "fp32", "--out-dir", str(tmp_path)]
+    error = usage_error(main, argv, capsys)
+    assert error == ("smet-bench: error: --methods galore with --state-dtypes fp32 gives no case to trace: GaLore "
+                     "keeps bf16 states only")
+
+
 def test_memory_command_rejects_an_unknown_config_in_one_line(tmp_path, capsys):
     error = usage_error(main, ["memory", "--configs", "20m,3b", "--out-dir", str(tmp_path)], capsys)
     assert error == "smet-bench: error: --configs must be from 20m,60m,130m,350m,1b,7b, got 3b"  # the bad one only
