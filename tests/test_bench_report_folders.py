@@ -65,3 +65,13 @@ def test_a_case_written_twice_on_one_machine_is_reported_once_with_its_later_row
     forward = [dict(zip(header, row)) for row in summary[1:]
                if row[header.index("op")] == "forward" and row[header.index("provider")] == "triton_grouped"]
     assert [(row["vs dense"], row["cases"]) for row in forward] == [("4e+03", "1")]  # 40 ms over the dense 0.01
+
+
+def test_the_kernel_plot_shows_the_library_providers_when_a_torch_baseline_row_comes_first(tmp_path, monkeypatch):
+    """The plot kept the backend of the first row of the largest shape: a masked_dense row first (measured by an
+    earlier run) left only the torch baselines in it."""
+    rows = sorted(_kernel_rows(CPU), key=lambda row: row["provider"] != "masked_dense")
+    _write(tmp_path / "kernels.csv", KERNEL_COLUMNS, rows)
+    _, figures = _render(tmp_path, monkeypatch)
+    forward = figures["kernel_time_vs_density.png"].axes[0]
+    assert {"masked_dense", "triton_grouped"} <= set(forward.get_legend_handles_labels()[1])

@@ -35,8 +35,9 @@ def plot_kernel_times(comparison: pd.DataFrame, path: Path) -> str:
         & (comparison["block_size"] == largest["block_size"])
         & (comparison["gpu"] == largest["gpu"])
         & (comparison["dtype"] == largest["dtype"])
-        & (comparison["backend"].isin([largest["backend"], "torch"]))  # one smet backend; torch baselines
     ]
+    library = [b for b in ("triton", "reference") if b in set(pick["backend"])][:1]  # Triton where measured
+    pick = pick[pick["backend"].isin(library + ["torch"])]  # one smet backend; torch baselines
     ops = [op for op in OP_ORDER if op in set(pick["op"])]
     palette = provider_palette(comparison["provider"])
     baseline = dense_label(pick["gpu"])
