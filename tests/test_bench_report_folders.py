@@ -75,3 +75,19 @@ def test_the_kernel_plot_shows_the_library_providers_when_a_torch_baseline_row_c
     _, figures = _render(tmp_path, monkeypatch)
     forward = figures["kernel_time_vs_density.png"].axes[0]
     assert {"masked_dense", "triton_grouped"} <= set(forward.get_legend_handles_labels()[1])
+
+
+def test_optimizer_steps_of_two_machines_name_their_device(tmp_path):
+    """The same AdamW case on a CPU (1 ms) and a GPU (0.01 ms): two rows alike but for their times."""
+    rows = []
+    for machine, ms in ((CPU, 1.0), (CUDA, 0.01)):
+        case = {"suite": "optimizer", "shape": "dense:tiny:gate_up", "K": 64, "N": 128, "dtype": "fp32",
+                "status": "ok", "backend": "torch", "density": 1, **machine, "torch": "2.4", "triton": "3.0",
+                "timestamp": "2026-01-01T00:00:00"}  # fmt: skip
+        rows += [case | {"op": "copy", "provider": "device_copy", "ms_p20": ms, "ms_p50": ms, "ms_p80": ms},
+                 case | {"op": "adamw", "provider": "torch_adamw_fused", "ms_p20": ms, "ms_p50": ms, "ms_p80": ms}]
+    _write(tmp_path / "kernels.csv", KERNEL_COLUMNS, rows)
+    steps = _section_table(write_report(tmp_path).read_text(), "## Optimizer step")
+    assert steps[0][0] == "device"
+    assert [(row[0], row[steps[0].index("ms")]) for row in steps[1:]] == [(CUDA["gpu"], "0.01 [0.01–0.01]"),
+                                                                          (CPU["gpu"], "1 [1–1]")]  # fmt: skip

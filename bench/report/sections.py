@@ -160,7 +160,7 @@ def optimizer_section(kernels: pd.DataFrame) -> list[str]:
         for _, row in rows[rows["op"] == "copy"].iterrows()
     }
     adamw = rows[rows["op"] == "adamw"].sort_values(
-        ["shape", "tensor", "density", "provider"], ascending=[True, True, False, True]
+        ["gpu", "shape", "tensor", "density", "provider"], ascending=[True, True, True, False, True]
     )
     copy_of = [copy_gbps.get((shape, gpu)) for shape, gpu in zip(adamw["shape"], adamw["gpu"])]
     lines = [
@@ -174,6 +174,7 @@ def optimizer_section(kernels: pd.DataFrame) -> list[str]:
         table(
             pd.DataFrame(
                 {
+                    **({"device": adamw["gpu"]} if adamw["gpu"].nunique() > 1 else {}),
                     "shape": adamw["shape"],
                     "N×K": [f"{n:.0f}×{k:.0f}" for n, k in zip(adamw["N"], adamw["K"])],
                     "tensor": adamw["tensor"],
