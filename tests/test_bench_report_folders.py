@@ -91,3 +91,18 @@ def test_optimizer_steps_of_two_machines_name_their_device(tmp_path):
     assert steps[0][0] == "device"
     assert [(row[0], row[steps[0].index("ms")]) for row in steps[1:]] == [(CUDA["gpu"], "0.01 [0.01–0.01]"),
                                                                           (CPU["gpu"], "1 [1–1]")]  # fmt: skip
+
+
+def test_the_mode_tables_and_the_cases_not_measured_of_two_machines_name_their_device(tmp_path, monkeypatch):
+    from test_bench_report import _mode_rows
+
+    gpu = {"gpu": "NVIDIA H200", "device": "cuda"}
+    rows = _mode_rows() + [row | gpu for row in _mode_rows()]
+    rows += [row | {"method": "masked", "density": 0.1, "status": "oom", "note": "out of memory"}
+             for row in (rows[0], rows[0] | gpu)]
+    _write(tmp_path / "training.csv", TRAINING_COLUMNS, rows)
+    report, _ = _render(tmp_path, monkeypatch)
+    for heading in ("### Compiled vs eager", "### Activation checkpointing", "Cases not measured:"):
+        table = _section_table(report, heading)
+        devices = {row[0] for row in table[1:] if len(row) == len(table[0])}
+        assert table[0][0] == "device" and devices == {CUDA["gpu"], gpu["gpu"]}, heading

@@ -214,7 +214,7 @@ def training_section(training: pd.DataFrame, out_dir: Path) -> list[str]:
         ["gpu", "setting", "config_rank", "method", "density", "compiled", "activation_checkpointing"],
         ascending=[True, True, True, True, False, True, True],
     )
-    several = {column: measured[column].nunique() > 1 for column in ("gpu", "setting")}
+    several = {"setting": measured["setting"].nunique() > 1}
     lines += [
         ("" if several["setting"] else measured["setting"].iloc[0] + "; ")
         + f"peak = {peak_label}. Components are counted from the tensors themselves; "
@@ -225,7 +225,7 @@ def training_section(training: pd.DataFrame, out_dir: Path) -> list[str]:
         table(
             pd.DataFrame(
                 {
-                    **({"device": measured["gpu"]} if several["gpu"] else {}),
+                    **_device_column(measured),
                     **({"setting": measured["setting"]} if several["setting"] else {}),
                     "config": measured["config"],
                     "method": measured["label"],
@@ -278,7 +278,8 @@ def training_section(training: pd.DataFrame, out_dir: Path) -> list[str]:
     if len(failed):
         failed = failed.assign(mode=failed.apply(mode_label, axis=1))
         columns = ["config", "method", "density"] + (["mode"] if several_modes else []) + ["status", "note"]
-        lines += ["Cases not measured:", "", table(failed[columns]), ""]
+        device = _device_column(failed)
+        lines += ["Cases not measured:", "", table(failed.assign(**device)[[*device, *columns]]), ""]
     lines += memory_model_section(measured, out_dir)
     return lines
 
@@ -289,6 +290,11 @@ def setting_labels(training: pd.DataFrame) -> pd.Series:
     return pd.Series([f"batch {b:.0f} × sequence {s:.0f}, {d}, block size {k:.0f}, vocab {v:.0f}" for b, s, d, k, v in
                       zip(training["batch_size"], training["seq_len"], training["dtype"], training["block_size"],
                           training["vocab_size"])], index=training.index, dtype=object)  # fmt: skip
+
+
+def _device_column(rows: pd.DataFrame) -> dict:
+    """The ``device`` column, for tables of rows of several machines."""
+    return {"device": rows["gpu"]} if rows["gpu"].nunique() > 1 else {}
 
 
 def _other_mode_column(pairs: pd.DataFrame, mode: str, title: str) -> dict:
@@ -310,6 +316,7 @@ def compile_section(measured: pd.DataFrame) -> list[str]:
         table(
             pd.DataFrame(
                 {
+                    **_device_column(pairs),
                     "config": pairs["config"],
                     "method": pairs["label_off"],
                     **_other_mode_column(pairs, "activation_checkpointing", "act. ckpt"),
@@ -345,6 +352,7 @@ def checkpointing_section(measured: pd.DataFrame, peak_label: str) -> list[str]:
         table(
             pd.DataFrame(
                 {
+                    **_device_column(pairs),
                     "config": pairs["config"],
                     "method": pairs["label_off"],
                     **_other_mode_column(pairs, "compiled", "compiled"),
