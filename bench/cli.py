@@ -481,7 +481,9 @@ def main(argv: list[str] | None = None) -> int:
     _route_interpreter_early(argv)
     from smet_kernels.train.cli import one_line_warnings  # after the interpreter is routed
 
-    with one_line_warnings("smet-bench"):
+    from .results import ResultsWarning
+
+    with one_line_warnings("smet-bench", (ResultsWarning,)):
         return _main(argv)
 
 

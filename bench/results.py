@@ -123,8 +123,16 @@ def rename_old_providers(row: dict) -> dict:
     return row | {"provider": current_provider(row.get("suite", ""), row["provider"], row.get("backend", ""))}
 
 
-class TornRowWarning(UserWarning):
+class ResultsWarning(UserWarning):
+    """A results file holds rows that are left out (``smet-bench`` prints it as one line)."""
+
+
+class TornRowWarning(ResultsWarning):
     """A results file holds a row cut short (a run stopped while writing it): the row is left out."""
+
+
+class RepeatedRowWarning(ResultsWarning):
+    """A results file measures one case on one machine twice: the earlier row is left out."""
 
 
 def read_complete(path: Path) -> tuple[str, bool]:

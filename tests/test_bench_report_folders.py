@@ -1,12 +1,14 @@
 """smet-bench report and memory on odd results folders: files lacking columns, several machines in one folder."""
 
+import warnings
+
 import pytest
 from conftest import usage_error
 from test_bench_report import CPU, CUDA, _kernel_rows, _render, _section_table, _training_rows, _write
 
 from bench.cli import main
 from bench.report import write_report
-from bench.results import KERNEL_COLUMNS, TRAINING_COLUMNS
+from bench.results import KERNEL_COLUMNS, TRAINING_COLUMNS, RepeatedRowWarning, TornRowWarning
 
 
 @pytest.mark.parametrize("name, columns, rows, lost", [
@@ -58,13 +60,27 @@ def test_a_case_written_twice_on_one_machine_is_reported_once_with_its_later_row
     forward = next(row for row in rows if row["op"] == "forward" and row["provider"] == "triton_grouped")
     rows.append(forward | {"ms_p20": 40, "ms_p50": 40, "ms_p80": 41, "timestamp": "2026-01-02T00:00:00"})
     _write(tmp_path / "kernels.csv", KERNEL_COLUMNS, rows)
-    with pytest.warns(UserWarning, match="kernels.csv: 1 row.s. measure the same case on the same machine"):
+    with pytest.warns(RepeatedRowWarning, match="kernels.csv: 1 row.s. measure the same case on the same machine"):
         report = write_report(tmp_path).read_text()
     summary = _section_table(report, "## Kernels")
     header = summary[0]
     forward = [dict(zip(header, row)) for row in summary[1:]
                if row[header.index("op")] == "forward" and row[header.index("provider")] == "triton_grouped"]
     assert [(row["vs dense"], row["cases"]) for row in forward] == [("4e+03", "1")]  # 40 ms over the dense 0.01
+
+
+@pytest.mark.parametrize("category", [RepeatedRowWarning, TornRowWarning])
+def test_smet_bench_prints_a_warning_about_left_out_rows_in_one_line(tmp_path, capsys, monkeypatch, category):
+    """Python's format took two lines, the second the source line that warned."""
+    import bench.cli
+
+    def warns(argv):
+        warnings.warn(f"{tmp_path / 'kernels.csv'}: a row is left out", category)
+        return 0
+
+    monkeypatch.setattr(bench.cli, "_main", warns)
+    assert main(["report", "--out-dir", str(tmp_path)]) == 0
+    assert capsys.readouterr().err == f"smet-bench: warning: {tmp_path / 'kernels.csv'}: a row is left out\n"
 
 
 def test_the_kernel_plot_shows_the_library_providers_when_a_torch_baseline_row_comes_first(tmp_path, monkeypatch):

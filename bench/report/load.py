@@ -19,6 +19,7 @@ from ..results import (
     RENAMED_COLUMNS,
     TRAINING_COLUMNS,
     TRAINING_KEY,
+    RepeatedRowWarning,
     current_provider,
     read_complete,
     split_records,
@@ -72,7 +73,7 @@ def load_csv(path: Path) -> pd.DataFrame | None:
     if key and (repeated := frame.duplicated(key + ["gpu"], keep="last")).any():
         warnings.warn(f"{path}: {int(repeated.sum())} row(s) measure the same case on the same machine as a later "
                       "row (two runs wrote to the folder at once, or files were joined); only the later is reported",
-                      stacklevel=2)
+                      RepeatedRowWarning, stacklevel=2)
         frame = frame[~repeated].reset_index(drop=True)
     return frame
 

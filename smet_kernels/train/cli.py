@@ -318,17 +318,19 @@ def _note_resume_changes(args: argparse.Namespace, config: TrainConfig, options:
 
 
 @contextlib.contextmanager
-def one_line_warnings(prog: str):
+def one_line_warnings(prog: str, categories: tuple[type[Warning], ...] = ()):
     """Within it, a warning of this library (a skipped checkpoint or metrics line, one that begins with a
-    :data:`LIBRARY_PREFIXES` name: the CPU fallback, sparsify's density, ...) prints as one line
-    ``<prog>: warning: ...``, like a command's errors; others (torch's, ...) keep Python's format."""
+    :data:`LIBRARY_PREFIXES` name: the CPU fallback, sparsify's density, ...) or of the command's own ``categories``
+    prints as one line ``<prog>: warning: ...``, like a command's errors; others (torch's, ...) keep Python's
+    format."""
+    categories = (CheckpointWarning, MetricsWarning, *categories)
     with warnings.catch_warnings():
-        warnings.simplefilter("always", CheckpointWarning)
-        warnings.simplefilter("always", MetricsWarning)
+        for category in categories:
+            warnings.simplefilter("always", category)
         library_format = warnings.showwarning
 
         def show(message, category, *rest, **options):
-            if issubclass(category, (CheckpointWarning, MetricsWarning)) or str(message).startswith(LIBRARY_PREFIXES):
+            if issubclass(category, categories) or str(message).startswith(LIBRARY_PREFIXES):
                 print(f"{prog}: warning: {str(message).removeprefix('smet_kernels: ')}", file=sys.stderr)
             else:
                 library_format(message, category, *rest, **options)
