@@ -408,6 +408,7 @@ def run(args) -> int:
     device, backend = prepare_device(args.device, args.backend)
     from profiling.memory_model import parse_dtype
 
+    from .kernels import dtype_name
     from .results import device_slug
 
     # the default folder is checked like a given one (a CSV of another release in it is refused before any suite)
@@ -427,7 +428,7 @@ def run(args) -> int:
         timing_kwargs = {}
     else:
         timing_kwargs = {"warmup": 1, "min_repeats": 3, "max_repeats": 20, "budget_s": 0.05 if args.quick else 0.5}
-    print(f"smet-bench: device {device}, backend {backend}, dtype {dtype}, out-dir {out_dir}")
+    print(f"smet-bench: device {device}, backend {backend}, dtype {dtype_name(dtype)}, out-dir {out_dir}")
     deadline = Deadline(args.max_minutes)
     failures = 0
     if "kernels" in args.suites:

@@ -97,7 +97,9 @@ def test_training_csv_rows(quick_run):
 def test_resume_skips_measured_rows(quick_run, capsys):
     before = {name: len(_rows(quick_run / name)) for name in ("kernels.csv", "training.csv")}
     assert main(["run", *TINY, "--out-dir", str(quick_run)]) == 0
-    lines = [line for line in capsys.readouterr().out.splitlines() if line.endswith("to run")]
+    out = capsys.readouterr().out
+    assert f"smet-bench: device cpu, backend triton, dtype fp32, out-dir {quick_run}\n" in out  # not torch.float32
+    lines = [line for line in out.splitlines() if line.endswith("to run")]
     assert len(lines) == 3 and all(line.endswith(" 0 to run") for line in lines)
     assert {name: len(_rows(quick_run / name)) for name in before} == before
 

@@ -445,7 +445,7 @@ def test_memory_errors_leave_out_a_component_not_measured_not_predicted_or_measu
 
     from bench.report.derive import memory_errors
 
-    row = {"config": "tiny", "method": "dense", "density": 1.0, "activation_checkpointing": False,
+    row = {"gpu": "cpu", "config": "tiny", "method": "dense", "density": 1.0, "activation_checkpointing": False,
            "weights_bytes": 4.0, "pred_weights_bytes": 5.0, "gradients_bytes": 4.0, "pred_gradients_bytes": None,
            "optimizer_bytes": None, "pred_optimizer_bytes": 8.0, "activations_bytes": 0.0,
            "pred_activations_bytes": 1.0, "peak_allocated_bytes": None, "pred_peak_bytes": 9.0}  # fmt: skip

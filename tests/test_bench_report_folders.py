@@ -49,6 +49,9 @@ def test_training_steps_of_two_machines_name_their_device_and_the_plots_show_one
     assert [(row[0], row[1].split(",")[0]) for row in steps[1:]] == [(CUDA["gpu"], "batch 4 × sequence 32")] * 4 + [
         (CPU["gpu"], "batch 2 × sequence 32")] * 4  # fmt: skip
     assert f"The plots show the steps on {CUDA['gpu']} at batch 4 × sequence 32, fp32" in report  # the first
+    model = _section_table(report, "## Memory model: predicted vs measured")
+    per_case = model[model.index(["device", "config", "method", "component", "measured", "predicted", "error"]):]
+    assert {row[0] for row in per_case[2:]} == {CPU["gpu"], CUDA["gpu"]}  # past the header and its rule
     (axis,) = figures["peak_memory_vs_model.png"].axes
     assert sorted(y for line in axis.get_lines() for y in line.get_ydata()) == [6.0, 7.0, 8.0, 8.0]
 

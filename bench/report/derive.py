@@ -135,6 +135,7 @@ def memory_errors(training: pd.DataFrame) -> pd.DataFrame:
                 continue
             rows.append(
                 {
+                    "gpu": row["gpu"],
                     "config": row["config"],
                     "method": method_label(row) + (" + ckpt" if row["activation_checkpointing"] else ""),
                     "component": component,

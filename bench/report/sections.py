@@ -413,6 +413,7 @@ def memory_model_section(measured: pd.DataFrame, out_dir: Path) -> list[str]:
         table(
             pd.DataFrame(
                 {
+                    **_device_column(errors),
                     "config": errors["config"],
                     "method": errors["method"],
                     "component": errors["component"],
