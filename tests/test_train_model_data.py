@@ -285,6 +285,22 @@ def test_a_folder_corpus_reads_its_text_files_only_and_skips_hidden_files_and_to
     assert {word for word in files.values() if word in text} == {"kept-a", "kept-upper", "kept-bare", "kept-sub"}
 
 
+def test_a_folder_or_file_whose_name_is_not_utf8_is_read_and_split_by_the_bytes_of_its_name(tmp_path):
+    """Linux names are bytes (a Latin-1 archive's ``café.txt``); Python reads them as lone surrogates, which
+    ``str.encode()`` refused with a UnicodeEncodeError traceback from the cache key and the split by path."""
+    root = tmp_path / "corpus"
+    root.mkdir()
+    try:
+        (root / os.fsdecode(b"caf\xe9.txt")).write_bytes(b"latin-1 name\n" * 50)
+    except (OSError, UnicodeError):
+        pytest.skip("this file system refuses names that are not UTF-8")
+    (root / "b.txt").write_bytes(b"utf-8 name\n" * 50)
+    corpus = load_corpus(str(root))
+    assert len(corpus.train) + len(corpus.val) == 13 * 50 + 1 + 11 * 50
+    assert data_module._is_val(os.fsdecode(b"caf\xe9.txt"), 2.0) == (zlib.crc32(b"caf\xe9.txt") % 10000 < 200)
+    assert len(load_corpus(str(root / os.fsdecode(b"caf\xe9.txt"))).train) > 0
+
+
 def test_the_token_cache_is_rebuilt_when_a_file_is_edited_or_the_validation_share_changes(tmp_path):
     """The cache key holds each file's size and mtime, and the val_percent: without them an edit in place (same size)
     or another val_percent would give the stale cached streams."""

@@ -72,7 +72,7 @@ def cache_dir() -> Path:
 
 
 def _is_val(relative_path: str, val_percent: float) -> bool:
-    return zlib.crc32(relative_path.encode()) % 10000 < val_percent * 100
+    return zlib.crc32(os.fsencode(relative_path)) % 10000 < val_percent * 100
 
 
 def _list_files(root: Path, suffixes: set[str] | None) -> list[Path]:
@@ -93,7 +93,7 @@ def _cached_split(files: list[Path], root: Path, val_percent: float, tag: str) -
     source = str(root if len(files) > 1 else files[0])
     if all(path.stat().st_size == 0 for path in files):
         raise DataError(f"data {source!r} holds no text: its file(s) are empty")
-    key = hashlib.sha256(f"{tag}|{root}|{val_percent}".encode())
+    key = hashlib.sha256(os.fsencode(f"{tag}|{root}|{val_percent}"))
     _key_files(key, files, root)
     stem = cache_dir() / f"{tag}-{key.hexdigest()[:16]}"
     paths = {split: stem.with_name(f"{stem.name}.{split}.bin") for split in ("train", "val")}
@@ -121,7 +121,7 @@ def _key_files(key, files: list[Path], root: Path) -> None:
     """Add each of ``files`` (path under ``root``, size, mtime) to the cache ``key``: a changed file, another key."""
     for path in files:
         stat = path.stat()
-        key.update(f"{path.relative_to(root).as_posix()}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+        key.update(os.fsencode(f"{path.relative_to(root).as_posix()}|{stat.st_size}|{stat.st_mtime_ns}\n"))
 
 
 @contextlib.contextmanager
@@ -185,7 +185,7 @@ def _load_hf(spec: str, val_percent: float) -> tuple[np.ndarray, np.ndarray]:
     folder = local.is_dir()
     if folder and (revision or "@" in subset):  # hf:FOLDER:CONFIG@REVISION too
         raise DataError(f"data {spec!r}: a local dataset folder has no revision (its files key the cache)")
-    key = hashlib.sha256(f"hf|{name}|{subset}|{val_percent}".encode())
+    key = hashlib.sha256(os.fsencode(f"hf|{name}|{subset}|{val_percent}"))
     if revision:  # another revision, another entry; the unpinned key is the one releases before pinning wrote
         key.update(f"|{revision}".encode())
     if folder:  # a local dataset folder: edited files make another cache entry, as for a text folder
