@@ -120,6 +120,19 @@ def test_unusable_data_and_out_dir_give_one_line_errors(capsys, tmp_path):
         assert err[-1].startswith("smet-train: error: ") and message in err[-1], err
 
 
+def test_a_corpus_too_short_for_a_batch_or_the_validation_windows_names_the_data_and_the_options_to_lower(capsys,
+                                                                                                          tmp_path):
+    corpus = tmp_path / "short.txt"
+    corpus.write_bytes(b"x" * 200)  # 196 training bytes (6 windows of 33), 4 validation bytes
+    run = ["--config", "tiny", "--max-steps", "1", "--data", str(corpus), "--seq-len", "32", "--no-progress"]
+    assert usage_error(cli.main, run + ["--batch-size", "8"], capsys) == (
+        f"smet-train: error: --data {str(corpus)!r}: training data holds 6 windows of seq_len+1=33 tokens, fewer than "
+        "batch_size=8: lower --seq-len or --batch-size, or give more data")
+    assert usage_error(cli.main, run + ["--batch-size", "2"], capsys) == (
+        f"smet-train: error: --data {str(corpus)!r}: validation data is shorter than seq_len+1=33 tokens: lower "
+        "--seq-len, or give more data")
+
+
 def test_options_without_effect_in_the_chosen_mode_are_named(capsys, tmp_path):
     assert cli.main(["--config", "tiny", "--optimizer", "adamw", "--density", "0.3", "--galore-rank", "4",
                      "--max-steps", "1", "--batch-size", "2", "--seq-len", "16", "--eval-every", "0",

@@ -44,10 +44,15 @@ def prepare_data(config: TrainConfig, device: torch.device, world_size: int = 1)
                           f"x world size ({config.grad_accum} x {world_size})")
     try:
         batches = PackedBatches(corpus.train, config.seq_len, config.batch_size, config.seed)
+    except DataError as error:
+        raise ConfigError(f"{setting('data')} {config.data!r}: {error}: lower {setting('seq_len')} or "
+                          f"{setting('batch_size')}, or give more data") from None
+    try:
         val_count = config.eval_batches * config.batch_size
         return RunData(corpus, batches, eval_windows(corpus.val, config.seq_len, val_count) if val_count else None)
     except DataError as error:
-        raise ConfigError(str(error)) from None
+        raise ConfigError(f"{setting('data')} {config.data!r}: {error}: lower {setting('seq_len')}, or give more "
+                          "data") from None
 
 
 def build_model(config: TrainConfig, vocab_size: int, device: torch.device) -> nn.Module:
