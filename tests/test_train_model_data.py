@@ -427,6 +427,14 @@ def test_evaluation_windows_are_spread_evenly_rounded_to_the_nearest_and_short_v
     with pytest.raises(DataError, match=r"validation data is shorter than seq_len\+1=9 tokens"):
         eval_windows(np.arange(8, dtype=np.uint16), 8, 2)
 
+
+def test_evaluation_windows_of_a_validation_stream_of_more_than_2_to_the_24_windows_stay_inside_it():
+    """float32 spacing past 2**24 rounded the last index up past the stream: a ragged batch and a numpy traceback."""
+    tokens = np.zeros(2**24 + 5, dtype=np.uint8)  # 2**24 + 4 windows of seq_len 1
+    assert eval_windows(tokens, 1, 2).tolist() == [0, 2**24 + 3]
+    assert window_batch(tokens, eval_windows(tokens, 1, 3), 1)[1].shape == (3, 1)
+
+
 # ------------------------------------------------------------------------------------------------ spikes
 
 
