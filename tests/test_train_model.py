@@ -109,3 +109,10 @@ def test_a_hidden_size_that_the_number_of_heads_does_not_divide_is_refused_namin
     config = dataclasses.replace(model_config("tiny"), num_heads=3)
     with pytest.raises(ValueError, match=f"^hidden_size {config.hidden_size} is not divisible by num_heads 3$"):
         LlamaModel(config)
+
+
+def test_an_odd_head_dim_is_refused_naming_it_instead_of_a_shape_error_in_rope():
+    config = dataclasses.replace(model_config("tiny"), hidden_size=66)  # 2 heads of 33 dims
+    with pytest.raises(ValueError, match=r"^head dim hidden_size / num_heads = 33 must be even for RoPE \(hidden_size "
+                                         r"66, num_heads 2\)$"):
+        LlamaModel(config)

@@ -228,6 +228,9 @@ class LlamaModel(nn.Module):
         super().__init__()
         if config.hidden_size % config.num_heads != 0:
             raise ValueError(f"hidden_size {config.hidden_size} is not divisible by num_heads {config.num_heads}")
+        if config.head_dim % 2:  # RoPE rotates pairs of the head's dims
+            raise ValueError(f"head dim hidden_size / num_heads = {config.head_dim} must be even for RoPE (hidden_size "
+                             f"{config.hidden_size}, num_heads {config.num_heads})")
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.hidden_size, device=device, dtype=dtype)
         self.layers = nn.ModuleList(DecoderLayer(config, device=device, dtype=dtype) for _ in range(config.num_layers))
