@@ -301,6 +301,21 @@ def test_a_folder_or_file_whose_name_is_not_utf8_is_read_and_split_by_the_bytes_
     assert len(load_corpus(str(root / os.fsdecode(b"caf\xe9.txt"))).train) > 0
 
 
+def test_a_compressed_file_or_a_binary_file_in_a_text_folder_is_refused_naming_it(tmp_path):
+    """A ``corpus.txt.gz`` or an executable in a folder of text was byte-tokenised and trained on without a word."""
+    import gzip
+
+    packed = tmp_path / "corpus.txt.gz"
+    packed.write_bytes(gzip.compress(b"hello world\n" * 500, mtime=0))
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    (folder / "a.txt").write_bytes(b"hello world\n" * 500)
+    (folder / "tool").write_bytes(b"\x7fELF\x02\x01\x01\x00" + b"code" * 100)
+    for data, binary in ((packed, packed), (folder, folder / "tool")):
+        with pytest.raises(DataError, match=f"^data file {str(binary)!r} is not text \\(a NUL byte in its first 8000 "):
+            load_corpus(str(data))
+
+
 def test_the_token_cache_is_rebuilt_when_a_file_is_edited_or_the_validation_share_changes(tmp_path):
     """The cache key holds each file's size and mtime, and the val_percent: without them an edit in place (same size)
     or another val_percent would give the stale cached streams."""

@@ -6,7 +6,8 @@ Sources (:func:`load_corpus`):
   ``site-packages`` excluded), sorted, byte-level tokens (vocab 256). A file goes to validation when
   ``crc32(relative path) % 10000 < 100 · val_percent`` (hundredths of a percent) — the split depends only on the path.
 * a text file: byte-level tokens, the last ``val_percent`` % of the bytes is validation;
-* a folder: its text files (recursively, sorted), split by path like ``stdlib``;
+* a folder: its text files (recursively, sorted), split by path like ``stdlib``; a file with a NUL byte in its
+  first 8000 bytes (binary, compressed, UTF-16), given or in a folder, is refused;
 * a ``.bin`` file of uint16 tokens: the last ``val_percent`` % is validation; vocab = max token + 1;
 * ``hf:NAME[:CONFIG][@REVISION]``: a Hugging Face dataset (needs ``datasets``), text column byte-tokenised. A hub
   dataset is downloaded once and its cached text reused until ``@REVISION`` (a branch, tag or commit) names another:
@@ -37,6 +38,7 @@ import numpy as np
 import torch
 
 SKIPPED_DIRS = {"site-packages", "dist-packages", "__pycache__", ".git"}
+BINARY_SNIFF_BYTES = 8000  # a NUL byte among a text file's first bytes marks it binary (as git tells them apart)
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".c", ".h", ".json", ".html", ".tex", ".csv", ".yaml", ".yml", ""}
 
 
@@ -102,7 +104,11 @@ def _cached_split(files: list[Path], root: Path, val_percent: float, tag: str) -
         chunks: dict[str, list[bytes]] = {"train": [], "val": []}
         for path in files:
             split = "val" if _is_val(path.relative_to(root).as_posix(), val_percent) else "train"
-            chunks[split].append(path.read_bytes())
+            content = path.read_bytes()
+            if tag != "stdlib" and b"\0" in content[:BINARY_SNIFF_BYTES]:  # git's test for a binary file
+                raise DataError(f"data file {str(path)!r} is not text (a NUL byte in its first {BINARY_SNIFF_BYTES} "
+                                "bytes: binary, compressed or UTF-16): give text files or a uint16 .bin token file")
+            chunks[split].append(content)
         if not any(chunks["train"]) or not any(chunks["val"]):
             # no text on one side of a split by path: split the concatenation by position instead
             data = b"\n".join(chunks["train"] + chunks["val"])
