@@ -133,6 +133,14 @@ def test_a_corpus_too_short_for_a_batch_or_the_validation_windows_names_the_data
         "--seq-len, or give more data")
 
 
+def test_a_run_without_evaluation_or_update_probe_trains_on_a_corpus_whose_validation_split_is_shorter_than_a_window(
+        tmp_path):
+    corpus = tmp_path / "short.txt"
+    corpus.write_bytes(b"x" * 200)  # 4 validation bytes: no window of 33
+    assert cli.main(["--config", "tiny", "--max-steps", "1", "--data", str(corpus), "--seq-len", "32", "--batch-size",
+                     "2", "--eval-every", "0", "--no-update-probe", "--backend", "reference", "--no-progress"]) == 0
+
+
 def test_options_without_effect_in_the_chosen_mode_are_named(capsys, tmp_path):
     assert cli.main(["--config", "tiny", "--optimizer", "adamw", "--density", "0.3", "--galore-rank", "4",
                      "--max-steps", "1", "--batch-size", "2", "--seq-len", "16", "--eval-every", "0",

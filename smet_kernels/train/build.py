@@ -48,7 +48,8 @@ def prepare_data(config: TrainConfig, device: torch.device, world_size: int = 1)
         raise ConfigError(f"{setting('data')} {config.data!r}: {error}: lower {setting('seq_len')} or "
                           f"{setting('batch_size')}, or give more data") from None
     try:
-        val_count = config.eval_batches * config.batch_size
+        # the validation windows feed the evaluation and the update probe: a run with neither reads no validation
+        val_count = config.eval_batches * config.batch_size if config.eval_every or config.update_probe else 0
         return RunData(corpus, batches, eval_windows(corpus.val, config.seq_len, val_count) if val_count else None)
     except DataError as error:
         raise ConfigError(f"{setting('data')} {config.data!r}: {error}: lower {setting('seq_len')}, or give more "
