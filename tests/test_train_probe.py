@@ -7,7 +7,10 @@ import pytest
 import torch
 from torch import nn
 
+from smet_kernels.train.checkpoint import CheckpointWarning
 from smet_kernels.train.probe import UpdateProbe
+from smet_kernels.train.trainer import train
+from test_train_trainer import cache_dir, one_thread, read_metrics, tiny_config  # noqa: F401 -- autouse fixtures
 
 
 class TwoSparseLayers(nn.Module):
@@ -99,3 +102,23 @@ def test_a_window_cut_short_by_the_next_update_is_a_complete_record_and_one_cut_
 def test_a_window_that_is_not_a_positive_int_is_refused(window):
     with pytest.raises(ValueError, match=f"window must be a positive int, got {window!r}"):
         UpdateProbe(TwoSparseLayers(), lambda: 0.0, window)
+
+
+def test_a_resume_that_changes_the_held_out_batch_of_an_open_probe_window_leaves_that_window_out_with_a_warning(
+        tmp_path):
+    """The probe's batch is the first batch_size / grad_accum validation windows: another --grad-accum on resume
+    measured the rest of an open window on another batch, and its cold_start_rise compared the two."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_bytes(b"".join(b"line %d of the probe corpus\n" % i for i in range(800)))
+    options = dict(data=str(corpus), max_steps=6, update_interval=3, spike_window=3, eval_every=0, checkpoint_every=4)
+    train(tiny_config(out_dir=str(tmp_path / "run"), **options))
+    checkpoint = str(tmp_path / "run" / "checkpoints" / "step_0000004")  # inside the window of the update at step 3
+    train(tiny_config(out_dir=str(tmp_path / "same"), resume=checkpoint, **options))
+    with pytest.warns(CheckpointWarning, match="window of the update at step 3 is left out"):
+        train(tiny_config(out_dir=str(tmp_path / "other"), resume=checkpoint, grad_accum=2, **options))
+
+    def probed_updates(run):
+        return {r["update_step"]: r for r in read_metrics(tmp_path / run) if r["type"] == "update_probe"}
+
+    assert probed_updates("same")[3] == probed_updates("run")[3]
+    assert sorted(probed_updates("other")) == [6]

@@ -288,7 +288,8 @@ class Run:
             "data": {**self.batches.state_dict(), "corpus_sha256": self.corpus.sha256},
             "rng": rng_state(self.device),
             "spikes": self.spikes.state_dict(),
-            "probe": self.probe.state_dict() if self.probe is not None else None,  # update probe (issue 16)
+            "probe": ({**self.probe.state_dict(), "windows": self.probe_windows().tolist()}  # update probe (issue 16)
+                      if self.probe is not None else None),
             "progress": {"tokens_seen": self.tokens_seen, "train_time": self.train_time,
                          "initial_val_loss": self.initial_val_loss, "nonfinite_skips": self.nonfinite_skips,
                          "last_loss": self.last_loss},
@@ -335,13 +336,18 @@ class Run:
         update probe; under DDP each rank takes its slice and the loss is their mean: the same batch on any number of
         ranks, so records match one process and a resume on another world size compares like with like."""
         micro = self.config.batch_size // (self.ddp.world_size * self.config.grad_accum)
-        windows = self.val_indices[:micro * self.ddp.world_size].view(self.ddp.world_size, micro)[self.ddp.rank]
+        windows = self.probe_windows().view(self.ddp.world_size, micro)[self.ddp.rank]
         x, y = window_batch(self.val_tokens, windows, self.config.seq_len)
         self.model.eval()
         with self._autocast():
             loss = lm_loss(self.model(x.to(self.device)), y.to(self.device))
         self.model.train()
         return float(self.ddp.mean(loss.double()))
+
+    def probe_windows(self) -> torch.Tensor:
+        """The update probe's held-out batch: the first ``batch_size / grad_accum`` validation windows (another
+        ``grad_accum`` or ``eval_batches`` on resume, another batch)."""
+        return self.val_indices[:self.config.batch_size // self.config.grad_accum]
 
     def is_probe_step(self, step: int) -> bool:
         """Update steps of the controller; for a dense run the steps it would update at (the control), up to

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..sharding import shard_like
-from .checkpoint import CHECKPOINTS_DIR, load_sharded, read_checkpoint, run_folder, set_rng_state
+from .checkpoint import CHECKPOINTS_DIR, CheckpointWarning, load_sharded, read_checkpoint, run_folder, set_rng_state
 from .config import ConfigError, TrainConfig, setting
 from .distributed import sharded_optimizer_state
 from .metrics import MetricsWarning, read_records
@@ -81,8 +81,15 @@ def restore(run: Run, checkpoint: Path) -> None:
     run.batches.load_state_dict(state["data"])
     set_rng_state(state["rng"], run.device)
     run.spikes.load_state_dict(state["spikes"])
-    if run.probe is not None and state.get("probe") is not None:  # update probe (issue 16)
-        run.probe.load_state_dict(state["probe"])
+    probe = state.get("probe")
+    if run.probe is not None and probe is not None:  # update probe (issue 16)
+        windows = run.probe_windows().tolist()
+        if probe["open"] is not None and probe.get("windows", windows) != windows:  # its losses would mix two batches
+            warnings.warn(f"the update probe's window of the update at step {probe['open']['update_step']} is left "
+                          f"out (no update_probe record): {setting('grad_accum')} or {setting('eval_batches')} changed "
+                          "its held-out batch since the checkpoint", CheckpointWarning, stacklevel=2)
+        else:
+            run.probe.load_state_dict(probe)
     run.step = int(state["step"])
     run.tokens_seen = int(state["progress"]["tokens_seen"])
     run.train_time = float(state["progress"]["train_time"])
