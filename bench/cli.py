@@ -16,7 +16,6 @@ import importlib.util
 import os
 import sys
 from pathlib import Path
-from typing import NoReturn
 
 import torch
 
@@ -488,12 +487,17 @@ def main(argv: list[str] | None = None) -> int:
         return _main(argv)
 
 
-def console_main(argv: list[str] | None = None) -> NoReturn:
-    """The ``smet-bench`` command: :func:`main` at the console (:func:`smet_kernels.train.cli.run_console`)."""
-    from smet_kernels.train.cli import run_console
+def console_main(argv: list[str] | None = None) -> None:
+    """The ``smet-bench`` command: :func:`main`; a Ctrl-C ends in one line and by SIGINT
+    (:func:`smet_kernels.train.cli.end_interrupted`)."""
+    try:
+        code = main(argv)
+    except KeyboardInterrupt:
+        from smet_kernels.train.cli import end_interrupted
 
-    run_console(main, argv, "smet-bench: interrupted; the rows and runs finished so far are kept: rerun the same "
-                "command to continue")
+        end_interrupted("smet-bench: interrupted; the rows and runs finished so far are kept: rerun the same command "
+                        "to continue")
+    sys.exit(code)
 
 
 def _main(argv: list[str]) -> int:

@@ -355,20 +355,14 @@ def end_interrupted(message: str) -> NoReturn:
     sys.exit(130)  # 128 + SIGINT, where the signal did not end the process
 
 
-def run_console(main: Callable[[list[str] | None], int], argv: list[str] | None, interrupted: str) -> NoReturn:
-    """A command at the console: exit with ``main(argv)``'s code; a Ctrl-C ends by :func:`end_interrupted`
-    with the one line ``interrupted``."""
-    try:
-        code = main(argv)
-    except KeyboardInterrupt:
-        end_interrupted(interrupted)
-    sys.exit(code)
-
-
 def console_main() -> NoReturn:
-    """The ``smet-train`` command: :func:`main` at the console (:func:`run_console`)."""
-    run_console(main, None, "smet-train: interrupted; the checkpoints written so far are kept: continue with --resume "
-                "and the run's --out-dir")
+    """The ``smet-train`` command: :func:`main`, with a Ctrl-C ended by :func:`end_interrupted`."""
+    try:
+        code = main()
+    except KeyboardInterrupt:
+        end_interrupted("smet-train: interrupted; the checkpoints written so far are kept: continue with --resume "
+                        "and the run's --out-dir")
+    sys.exit(code)
 
 
 def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
