@@ -489,7 +489,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def console_main(argv: list[str] | None = None) -> None:
     """The ``smet-bench`` command: :func:`main`; a Ctrl-C ends in one line and by SIGINT
-    (:func:`smet_kernels.train.cli.end_interrupted`)."""
+    (:func:`smet_kernels.train.cli.end_interrupted`, imported only then: smet_kernels is imported after :func:`main`
+    has routed the Triton interpreter)."""
     try:
         code = main(argv)
     except KeyboardInterrupt:

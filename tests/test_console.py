@@ -4,6 +4,7 @@ and ``python -m bench.stability`` as ``smet-bench stability``."""
 
 import os
 import signal
+import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -71,6 +72,17 @@ def test_smet_bench_prints_a_warning_of_the_library_in_one_line_too_and_ends_an_
     assert capsys.readouterr().err == ("smet-bench: warning: sparsify: the realised density is 0.5\nsmet-bench: "
                                        "interrupted; the rows and runs finished so far are kept: rerun the same "
                                        "command to continue\n")
+
+
+def test_smet_bench_imports_no_smet_kernels_before_its_main_has_routed_the_triton_interpreter():
+    """smet_kernels imported first (by the console wrapper) had Triton's interpreter off on a CPU machine: every
+    Triton case of ``smet-bench run`` and ``gpu-check`` failed with 'cannot run on device cpu'."""
+    script = ("import sys, bench.cli\n"
+              "bench.cli.main = lambda argv: print('imported' if 'smet_kernels' in sys.modules else 'not imported')\n"
+              "bench.cli.console_main(['report'])")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    assert result.stdout == "not imported\n", result.stderr[-2000:]
 
 
 def test_without_the_reports_extra_every_command_ends_with_one_line_naming_it(monkeypatch, capsys):
