@@ -450,6 +450,13 @@ def test_evaluation_windows_of_a_validation_stream_of_more_than_2_to_the_24_wind
     assert window_batch(tokens, eval_windows(tokens, 1, 3), 1)[1].shape == (3, 1)
 
 
+def test_evaluation_windows_of_a_stream_of_at_most_2_to_the_24_windows_are_those_of_earlier_releases():
+    """A resumed run evaluates on the windows it started with: float32 spacing, as earlier releases wrote them."""
+    tokens = np.zeros(99999 * 8 + 1, dtype=np.uint8)  # 99999 windows of seq_len 8: float64 moves two of 160
+    expected = torch.linspace(0, 99998, 160, dtype=torch.float32).round().long()
+    assert torch.equal(eval_windows(tokens, 8, 160), expected)
+
+
 # ------------------------------------------------------------------------------------------------ spikes
 
 

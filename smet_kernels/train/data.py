@@ -361,5 +361,7 @@ def eval_windows(tokens: np.ndarray, seq_len: int, count: int) -> torch.Tensor:
     available = num_windows(tokens, seq_len)
     if available == 0:
         raise DataError(f"validation data is shorter than seq_len+1={seq_len + 1} tokens")
-    return (torch.linspace(0, available - 1, count, dtype=torch.float64).round().long() if count > 1
-            else torch.zeros(1, dtype=torch.long))  # float64: float32 rounds indices past 2**24 (out of range)
+    # float32 as earlier releases (the same windows on resume), float64 past 2**24, where float32 left the stream
+    dtype = torch.float64 if available - 1 > 2**24 else torch.float32
+    return (torch.linspace(0, available - 1, count, dtype=dtype).round().long() if count > 1
+            else torch.zeros(1, dtype=torch.long))
