@@ -29,7 +29,8 @@ class RunData(NamedTuple):
 def prepare_data(config: TrainConfig, device: torch.device, world_size: int = 1) -> RunData:
     """The checks of a run's setup before its model is built, each refusal a one-line :class:`ConfigError` naming
     the setting: the backend available on ``device``, the data readable, ``batch_size`` divisible by ``grad_accum``
-    x ``world_size``, enough training tokens for a batch and validation tokens for the evaluation windows."""
+    x ``world_size``, enough training tokens for a batch and validation tokens for the evaluation windows (none
+    read, and no windows, for a run with neither evaluation nor update probe)."""
     if config.backend == "triton":
         try:
             backend_module.resolve_backend(device, "triton")
