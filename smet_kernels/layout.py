@@ -21,7 +21,6 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass
-from decimal import Decimal
 
 import torch
 
@@ -77,9 +76,8 @@ def check_generator(generator: torch.Generator | None, name: str = "generator") 
 
 
 def nnz_for_density(num_blocks: int, density: float) -> int:
-    """``round(d * blocks)``, at least one block; exact for decimal densities (``d`` read as the decimal its ``repr``
-    shows, ties to even: ``0.07 · 150 = 10.5 -> 10``, where the binary product ``10.500000000000002`` gave 11)."""
-    return max(1, min(num_blocks, round(Decimal(repr(float(density))) * num_blocks)))
+    """``round(d * blocks)``, at least one block."""
+    return max(1, min(num_blocks, int(round(density * num_blocks))))
 
 
 class BlockLayout:

@@ -1,11 +1,8 @@
-from fractions import Fraction
-
 import pytest
 import torch
 
 from smet_kernels import BlockLayout
 from smet_kernels.distribution import layer_densities
-from smet_kernels.layout import nnz_for_density
 
 
 def test_from_mask_row_major_slots():
@@ -28,17 +25,6 @@ def test_random_exact_nnz_and_seeded(density):
     assert layout == again
     flat = layout.block_indices[:, 0] * 16 + layout.block_indices[:, 1]
     assert torch.equal(flat, flat.sort().values)  # row-major slots
-
-
-def test_the_block_count_of_a_decimal_density_is_its_exact_product_rounded_half_to_even():
-    """``round(d · blocks)`` of the binary product gave 0.07 · 150 = 10.500000000000002 -> 11 blocks but
-    0.01 · 250 = 2.5 -> 2: ties rounded either way by the float error of the density."""
-    for density, blocks, expected in ((0.07, 150, 10), (0.14, 75, 10), (0.01, 250, 2), (0.03, 50, 2), (0.35, 180, 63)):
-        assert nnz_for_density(blocks, density) == expected
-    for percent in range(1, 100):
-        for blocks in range(1, 301):
-            exact = round(Fraction(percent, 100) * blocks)  # half to even, as round() of the decimal product
-            assert nnz_for_density(blocks, percent / 100) == max(1, exact), (percent, blocks)
 
 
 def test_row_and_col_index_cover_every_slot():
