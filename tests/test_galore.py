@@ -226,3 +226,9 @@ def test_a_parameter_without_a_gradient_is_left_as_it_is():
     weight.grad = torch.ones(8, 6)
     optimizer.step()
     assert torch.equal(unused, torch.ones(8, 6)) and unused not in optimizer.state and weight in optimizer.state
+
+
+def test_a_single_target_name_given_as_a_str_projects_that_layer_not_its_characters():
+    model = nn.ModuleDict({"q_proj": nn.Linear(8, 8, bias=False), "other": nn.Linear(8, 4)})
+    plain, projected = galore_param_groups(model, rank=2, target_names="q_proj")
+    assert projected["params"] == [model["q_proj"].weight] and len(plain["params"]) == 2

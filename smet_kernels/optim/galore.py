@@ -153,12 +153,13 @@ def galore_param_groups(
     rank: int,
     update_proj_gap: int = GALORE_DEFAULT_UPDATE_PROJ_GAP,
     scale: float = GALORE_DEFAULT_SCALE,
-    target_names: Iterable[str] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    target_names: Iterable[str] | str = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
 ) -> list[dict]:
     """Two param groups: the weights of ``nn.Linear`` layers whose name ends with one of ``target_names``
-    (projected, with ``rank``/``update_proj_gap``/``scale``) and every other parameter (plain AdamW)."""
+    (projected, with ``rank``/``update_proj_gap``/``scale``) and every other parameter (plain AdamW). A single
+    name may be given as a str."""
     _check_positive_int(rank, "rank")
-    targets = tuple(target_names)
+    targets = (target_names,) if isinstance(target_names, str) else tuple(target_names)  # not its characters
     projected = []
     projected_ids = set()
     for name, module in model.named_modules():
