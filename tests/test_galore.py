@@ -232,3 +232,15 @@ def test_a_single_target_name_given_as_a_str_projects_that_layer_not_its_charact
     model = nn.ModuleDict({"q_proj": nn.Linear(8, 8, bias=False), "other": nn.Linear(8, 4)})
     plain, projected = galore_param_groups(model, rank=2, target_names="q_proj")
     assert projected["params"] == [model["q_proj"].weight] and len(plain["params"]) == 2
+
+
+def test_a_weight_shared_by_two_target_layers_is_listed_once_and_stepped_once_a_step():
+    model = nn.ModuleList([nn.ModuleDict({"q_proj": nn.Linear(8, 8, bias=False)}) for _ in range(2)])
+    model[1]["q_proj"].weight = model[0]["q_proj"].weight
+    shared = model[0]["q_proj"].weight
+    plain, projected = galore_param_groups(model, rank=2)
+    assert projected["params"] == [shared] and plain["params"] == []
+    optimizer = GaLoreAdamW([projected], lr=0.1)
+    shared.grad = torch.randn(8, 8, generator=torch.Generator().manual_seed(0))
+    optimizer.step()
+    assert optimizer.state[shared]["step"] == 1

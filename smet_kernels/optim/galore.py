@@ -163,7 +163,8 @@ def galore_param_groups(
     projected = []
     projected_ids = set()
     for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and name.split(".")[-1] in targets:
+        # a weight shared by two target layers listed once: twice, it would be stepped twice a step
+        if isinstance(module, nn.Linear) and name.split(".")[-1] in targets and id(module.weight) not in projected_ids:
             projected.append(module.weight)
             projected_ids.add(id(module.weight))
     plain = [p for p in model.parameters() if id(p) not in projected_ids and p.requires_grad]
