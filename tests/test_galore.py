@@ -244,3 +244,8 @@ def test_a_weight_shared_by_two_target_layers_is_listed_once_and_stepped_once_a_
     shared.grad = torch.randn(8, 8, generator=torch.Generator().manual_seed(0))
     optimizer.step()
     assert optimizer.state[shared]["step"] == 1
+
+
+def test_a_module_given_as_a_param_of_a_projected_group_is_refused_by_torchs_type_error():
+    with pytest.raises(TypeError, match="optimizer can only optimize Tensors"):
+        GaLoreAdamW([{"params": [nn.Linear(8, 8)], "rank": 2}])

@@ -96,7 +96,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
             _check_positive_int(param_group["update_proj_gap"], "update_proj_gap")
             _check_scale(param_group["scale"])
             for p in param_group["params"]:
-                if p.dim() != 2:
+                if isinstance(p, torch.Tensor) and p.dim() != 2:  # a non-tensor: torch's TypeError names it
                     raise ValueError(f"params of a group with 'rank' must be 2-D, got shape {tuple(p.shape)}")
         super().add_param_group(param_group)
 
