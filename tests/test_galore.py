@@ -249,3 +249,8 @@ def test_a_weight_shared_by_two_target_layers_is_listed_once_and_stepped_once_a_
 def test_a_module_given_as_a_param_of_a_projected_group_is_refused_by_torchs_type_error():
     with pytest.raises(TypeError, match="optimizer can only optimize Tensors"):
         GaLoreAdamW([{"params": [nn.Linear(8, 8)], "rank": 2}])
+
+
+def test_param_groups_of_something_that_is_no_module_are_refused_naming_model():
+    with pytest.raises(TypeError, match="model must be an nn.Module, got generator"):
+        galore_param_groups(nn.Linear(8, 8).parameters(), rank=2)

@@ -158,6 +158,8 @@ def galore_param_groups(
     """Two param groups: the weights of ``nn.Linear`` layers whose name ends with one of ``target_names``
     (projected, with ``rank``/``update_proj_gap``/``scale``) and every other parameter (plain AdamW). A single
     name may be given as a str."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     _check_positive_int(rank, "rank")
     targets = (target_names,) if isinstance(target_names, str) else tuple(target_names)  # not its characters
     projected = []
