@@ -254,3 +254,12 @@ def test_a_module_given_as_a_param_of_a_projected_group_is_refused_by_torchs_typ
 def test_param_groups_of_something_that_is_no_module_are_refused_naming_model():
     with pytest.raises(TypeError, match="model must be an nn.Module, got generator"):
         galore_param_groups(nn.Linear(8, 8).parameters(), rank=2)
+
+
+def test_param_groups_of_a_model_without_a_target_layer_are_refused_not_plain_adamw_in_disguise():
+    """GPT-2's Conv1D attention (``c_attn``) or a misspelt name matched no ``nn.Linear``: the model trained as plain
+    AdamW, reported as GaLore."""
+    model = nn.Sequential(nn.Linear(8, 8))
+    with pytest.raises(ValueError, match=r"no nn.Linear layer named by target_names \['c_attn'\]: nothing to "
+                                         "project"):
+        galore_param_groups(model, rank=2, target_names="c_attn")

@@ -159,3 +159,12 @@ def test_the_optimizer_factory_passes_the_hyperparameters_to_every_method(name):
     if name == "galore":
         (projected,) = [group for group in optimizer.param_groups if "rank" in group]
         assert (projected["rank"], projected["update_proj_gap"], projected["scale"]) == (4, 7, 0.5)
+
+
+def test_galore_refuses_params_it_would_have_dropped_for_the_groups_of_the_models_layers():
+    model = methods.build_model(model_config("tiny", vocab_size=64, block_size=16, max_seq_len=8), "galore",
+                                density=1.0, block_size=16, dtype=torch.float32, device="cpu", backend="reference",
+                                seed=0)
+    with pytest.raises(ValueError, match="^params: galore builds its param groups from model"):
+        methods.build_optimizer("galore", model, [{"params": list(model.parameters()), "lr": 0.5}],
+                                galore=dict(rank=4), lr=1e-3)

@@ -169,8 +169,9 @@ def galore_param_groups(
         if isinstance(module, nn.Linear) and name.split(".")[-1] in targets and id(module.weight) not in projected_ids:
             projected.append(module.weight)
             projected_ids.add(id(module.weight))
+    if not projected:  # else GaLoreAdamW would train the model as plain AdamW without a word
+        raise ValueError(f"model has no nn.Linear layer named by target_names {list(targets)}: nothing to project "
+                         "(GaLore projects nn.Linear weights; e.g. GPT-2's Conv1D layers are not)")
     plain = [p for p in model.parameters() if id(p) not in projected_ids and p.requires_grad]
-    groups = [{"params": plain}]
-    if projected:
-        groups.append({"params": projected, "rank": rank, "update_proj_gap": update_proj_gap, "scale": scale})
-    return groups
+    return [{"params": plain},
+            {"params": projected, "rank": rank, "update_proj_gap": update_proj_gap, "scale": scale}]

@@ -162,6 +162,8 @@ def build_optimizer(
     required); ``smet_adamw``: the :class:`SMETAdamW` options of the arm (warm-up, α, ``state_dtype``...).
     """
     kind = method(name).optimizer
+    if kind == "galore" and params is not None:  # else dropped: the groups come from model's layers
+        raise ValueError("params: galore builds its param groups from model (galore_param_groups); give none")
     if params is None:
         params = [p for p in model.parameters() if p.requires_grad]
     if kind == "adamw":
