@@ -141,6 +141,23 @@ def test_a_run_folder_without_summary_json_is_listed_as_unfinished_and_not_loade
     assert data.runs["seed"].tolist() == [0] and data.unfinished == ["runs/tiny/adamw-s1"]
 
 
+def test_an_older_releases_naive_dst_run_at_alpha_one_beside_its_density_lr_only_twin_is_an_error_not_two_seeds(
+        tmp_path, capsys):
+    run = RunSpec("tiny", "density-lr-only", 0.5, 1.0, 0)
+    _write_run(tmp_path, RunSpec("tiny", "adamw", None, None, 0), [2.0] * 12)
+    _write_run(tmp_path, run, [2.0] * 12, {10: 4})
+    older = run.directory(tmp_path).parent / "naive-dst-d0.5-a1-s0"  # the same run, as an older release named it
+    older.mkdir()
+    summary = json.loads((run.directory(tmp_path) / "summary.json").read_text())
+    summary["config"]["optimizer"] = "naive-dst"
+    (older / "summary.json").write_text(json.dumps(summary))
+    (older / "metrics.jsonl.gz").write_bytes((run.directory(tmp_path) / "metrics.jsonl.gz").read_bytes())
+    error = usage_error(bench_main, ["stability", "report", "--out-dir", str(tmp_path)], capsys)
+    assert error == ("smet-bench: error: runs/tiny/density-lr-only-d0.5-a1-s0 and runs/tiny/naive-dst-d0.5-a1-s0 are "
+                     "the same run (tiny/density-lr-only-d0.5-a1-s0; an older release named a density-lr-only run "
+                     "naive-dst-…-a<α>): remove one of them")
+
+
 def test_the_validation_losses_are_those_of_eval_records_and_of_train_records_that_carry_one(tmp_path):
     _write_run(tmp_path, RunSpec("tiny", "adamw", None, None, 0), [2.0] * 12, val_loss=2.5)
     evals = load_study(tmp_path).evals

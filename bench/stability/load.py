@@ -82,6 +82,7 @@ def load_study(out_dir) -> StudyData:
 
     root = Path(out_dir) / RUNS_DIR
     rows, losses, evals, updates, spikes, probes, unfinished = [], [], [], [], [], [], []
+    paths = {}  # key -> the run folder loaded under it
     for run_dir in sorted(p for p in root.glob("*/*") if p.is_dir()):
         if not is_done(run_dir):
             unfinished.append(str(run_dir.relative_to(out_dir)))
@@ -90,6 +91,10 @@ def load_study(out_dir) -> StudyData:
         config = summary["config"]
         run = run_from_config(config)
         key = f"{run.config}/{run.name}"
+        if key in paths:
+            raise ValueError(f"{paths[key]} and {run_dir.relative_to(out_dir)} are the same run ({key}; an older "
+                             "release named a density-lr-only run naive-dst-…-a<α>): remove one of them")
+        paths[key] = run_dir.relative_to(out_dir)
         tokens_per_step = config["batch_size"] * config["seq_len"]
         rows.append({
             "key": key, "config": run.config, "method": run.method, "density": run.density, "alpha": run.alpha,
