@@ -296,6 +296,20 @@ def test_report_command_on_synthetic_runs(tmp_path, capsys):
         assert error == f"smet-bench: error: --out-dir '{out_dir}' is not a folder"
 
 
+def test_a_finished_run_without_metrics_or_with_an_unreadable_summary_is_a_one_line_error_naming_its_folder(
+        tmp_path, capsys):
+    run = RunSpec("tiny", "adamw", None, None, 0)
+    _write_run(tmp_path, run, [2.0] * 12)
+    folder = run.directory(tmp_path)
+    (folder / "metrics.jsonl.gz").unlink()
+    error = usage_error(bench_main, ["stability", "report", "--out-dir", str(tmp_path)], capsys)
+    assert error.startswith(f"smet-bench: error: no metrics.jsonl(.gz) in {folder}: the finished run lost its metrics")
+    for text in ("{", '{"steps": 12}'):  # cut short; another tool's summary, without the trainer's config
+        (folder / "summary.json").write_text(text)
+        error = usage_error(bench_main, ["stability", "report", "--out-dir", str(tmp_path)], capsys)
+        assert error.startswith(f"smet-bench: error: {folder / 'summary.json'} is not a trainer's summary (")
+
+
 def test_report_names_the_gpu_command_of_the_same_sweep(tmp_path):
     _synthetic_study(tmp_path, seeds=(0,))
     spec = dataclasses.replace(PRESETS["cpu"], seeds=(0, 1, 2))

@@ -87,8 +87,12 @@ def load_study(out_dir) -> StudyData:
         if not is_done(run_dir):
             unfinished.append(str(run_dir.relative_to(out_dir)))
             continue
-        summary = json.loads((run_dir / "summary.json").read_text())
-        config = summary["config"]
+        try:
+            summary = json.loads((run_dir / "summary.json").read_text())
+            config = summary["config"]
+        except (ValueError, KeyError, TypeError) as error:
+            raise ValueError(f"{run_dir / 'summary.json'} is not a trainer's summary ({error!r}); remove that run "
+                             "folder, or give the --out-dir of a stability study") from None
         run = run_from_config(config)
         key = f"{run.config}/{run.name}"
         if key in paths:
@@ -105,7 +109,12 @@ def load_study(out_dir) -> StudyData:
             "device": summary["device"], "block_size": config["block_size"], "window": config["spike_window"],
             "update_interval": config["update_interval"], "path": str(run_dir.relative_to(out_dir)),
         })
-        for record in read_metrics(run_dir):
+        try:
+            records = read_metrics(run_dir)
+        except FileNotFoundError as error:
+            raise ValueError(f"{error}: the finished run lost its metrics; restore them, or remove that run folder "
+                             "and rerun the sweep to train it again") from None
+        for record in records:
             kind, step = record.get("type"), record["step"]
             if kind == "train":
                 losses.append({"key": key, "step": step, "tokens": step * tokens_per_step, "loss": record["loss"]})
