@@ -98,6 +98,14 @@ def test_the_spec_refuses_density_1_an_unsupported_block_size_and_lr_warm_up_ove
         dataclasses.replace(PRESETS["pilot"], lr_warmup_steps=200).validate()
 
 
+@pytest.mark.parametrize("option, values", [("--densities", "0.5,0.1,0.1000001"), ("--alphas", "0.5,0.5000001")])
+def test_two_densities_or_alphas_that_would_train_into_one_run_folder_are_refused_before_any_run(capsys, option,
+                                                                                                values):
+    error = usage_error(bench_main, ["stability", "run", "--quick", option, values, "--dry-run"], capsys)
+    assert error == (f"smet-bench: error: {option} {[float(v) for v in values.split(',')]} name the same run folder "
+                     "twice (6 significant digits): give values that differ within them")
+
+
 @pytest.mark.parametrize("field", ["configs", "methods", "densities", "alphas", "seeds"])
 def test_an_empty_list_of_configs_methods_densities_alphas_or_seeds_is_refused_naming_the_field(field):
     """Only a Python caller gets here: the command line refuses an empty list while parsing."""

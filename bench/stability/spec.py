@@ -108,6 +108,10 @@ class StudySpec:
             fail(f"{setting('densities')} must lie in (0, 1), got {bad}")
         if bad := [a for a in self.alphas if not (isinstance(a, (int, float)) and a >= 0.0)]:
             fail(f"{setting('alphas')} must be >= 0, got {bad}")
+        for name, values in (("densities", self.densities), ("alphas", self.alphas)):
+            if len({f"{v:g}" for v in values}) != len(values):  # the run folders' d<density> / a<α>
+                fail(f"{setting(name)} {list(values)} name the same run folder twice (6 significant digits): give "
+                     "values that differ within them")
         if bad := [s for s in self.seeds if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s <= MAX_SEED]:
             fail(f"{setting('seeds')} must be ints in [0, {MAX_SEED}], got {bad}")
         for config in self.configs:
