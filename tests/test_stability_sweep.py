@@ -226,6 +226,20 @@ def test_finished_runs_are_skipped_and_mismatches_refused(tmp_path, monkeypatch)
         run_sweep(dataclasses.replace(spec, steps=300), tmp_path, isolate=False, log=lambda *_: None)
 
 
+def test_a_command_refused_for_a_finished_run_trained_otherwise_leaves_commands_and_study_json_as_they_were(
+        tmp_path, monkeypatch, capsys):
+    """Nor does its --dry-run list that run as finished: the report would have repeated a command that trained nothing
+    and a grid (here seed 5) that was never run."""
+    monkeypatch.setattr(sweep, "_train_in_fresh_process", _fake_train([]))
+    argv = ["stability", "run", "--quick", "--out-dir", str(tmp_path), "--methods", "adamw", "--seeds", "0"]
+    assert bench_main(argv) == 0
+    before = [(tmp_path / name).read_text() for name in ("commands.txt", "study.json")]
+    for extra in ([], ["--dry-run"]):
+        error = usage_error(bench_main, argv + ["--lr", "0.01", "--seeds", "0,5", *extra], capsys)
+        assert error.startswith("smet-bench: error: finished run ") and "--lr: saved 0.002 != requested 0.01" in error
+    assert [(tmp_path / name).read_text() for name in ("commands.txt", "study.json")] == before
+
+
 def test_a_run_finished_before_the_topology_schedule_and_regrow_init_options_is_skipped_not_refused(tmp_path,
                                                                                                     monkeypatch):
     """Its summary lacks min_prune_fraction, update_end_step, regrow_init and regrow_init_std: it trained with what
@@ -304,9 +318,10 @@ def test_stability_run_passes_its_time_limit_and_checkpoint_choice_to_the_sweep_
 
 
 def test_a_dry_run_lists_each_run_as_finished_or_to_run_and_counts_them_and_their_tokens(tmp_path, capsys):
-    finished = RunSpec("tiny", "adamw", None, None, 1).directory(tmp_path)
-    finished.mkdir(parents=True)
-    (finished / "summary.json").write_text("{}")
+    run = RunSpec("tiny", "adamw", None, None, 1)
+    run.directory(tmp_path).mkdir(parents=True)
+    config = run.train_config(PRESETS["pilot"], tmp_path).to_dict()  # trained as asked: listed, not refused
+    (run.directory(tmp_path) / "summary.json").write_text(json.dumps({"config": config}))
     assert bench_main(["stability", "run", "--quick", "--out-dir", str(tmp_path), "--dry-run"]) == 0
     lines = capsys.readouterr().out.splitlines()
     runs = enumerate_runs(PRESETS["pilot"])

@@ -83,7 +83,8 @@ def _latest_checkpoint(run_dir: Path) -> str | None:
 
 def check_runnable(spec: StudySpec, out_dir) -> None:
     """Raise ValueError (one line, naming the setting) for what every run of ``spec`` would reject: the trainer's
-    :meth:`TrainConfig.validate`, a device or backend that is not available, unreadable or too short data."""
+    :meth:`TrainConfig.validate`, a device or backend that is not available, unreadable or too short data, and a
+    finished run in ``out_dir`` trained with other settings (before a command is recorded in the folder)."""
     from smet_kernels import backend as backend_module
     from smet_kernels.train.config import check_output_folder, setting
     from smet_kernels.train.build import prepare_data
@@ -93,6 +94,9 @@ def check_runnable(spec: StudySpec, out_dir) -> None:
     configs = [run.train_config(spec, out_dir) for run in enumerate_runs(spec)]
     for config in configs:
         config.validate()
+    for run in enumerate_runs(spec):
+        if is_done(run.directory(out_dir)):
+            check_finished_run(run, spec, out_dir)
     device = backend_module.resolve_device(spec.device, setting("device"))
     prepare_data(configs[0], device)  # the runs differ in model, method, density and seed, not in data or backend
 
@@ -108,7 +112,6 @@ def run_sweep(spec: StudySpec, out_dir, isolate: bool = True, max_minutes: float
     todo = []
     for run in runs:
         if is_done(run.directory(out_dir)):
-            check_finished_run(run, spec, out_dir)
             compress_metrics(run.directory(out_dir))
         else:
             todo.append(run)
