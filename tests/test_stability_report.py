@@ -310,6 +310,16 @@ def test_a_finished_run_without_metrics_or_with_an_unreadable_summary_is_a_one_l
         assert error.startswith(f"smet-bench: error: {folder / 'summary.json'} is not a trainer's summary (")
 
 
+def test_a_report_output_that_is_a_folder_or_lies_under_a_file_is_a_one_line_error_naming_output(tmp_path, capsys):
+    _synthetic_study(tmp_path)
+    (tmp_path / "notes.md").write_text("")
+    argv = ["stability", "report", "--out-dir", str(tmp_path), "--output"]
+    error = usage_error(bench_main, argv + [str(tmp_path / "runs")], capsys)
+    assert error == f"smet-bench: error: --output '{tmp_path / 'runs'}' is a folder, not a markdown file"
+    error = usage_error(bench_main, argv + [str(tmp_path / "notes.md" / "stability.md")], capsys)
+    assert error == f"smet-bench: error: --output's folder '{tmp_path / 'notes.md'}' exists and is not a folder"
+
+
 def test_report_names_the_gpu_command_of_the_same_sweep(tmp_path):
     _synthetic_study(tmp_path, seeds=(0,))
     spec = dataclasses.replace(PRESETS["cpu"], seeds=(0, 1, 2))

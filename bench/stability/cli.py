@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from smet_kernels.train.cli import add_topology_arguments, int_at_least
-from smet_kernels.train.config import naming_options
+from smet_kernels.train.config import check_output_folder, naming_options
 
 from ..options import comma_list
 from ..runner import check_minutes, usage_error
@@ -152,6 +152,10 @@ def main_from_args(args: argparse.Namespace, prog: str, argv: list[str]) -> int:
         if not Path(args.out_dir).is_dir():
             usage_error(f"--out-dir {args.out_dir!r} is not a folder", prog)
         try:
+            if args.output is not None:
+                if Path(args.output).is_dir():
+                    raise ValueError(f"--output {args.output!r} is a folder, not a markdown file")
+                check_output_folder(Path(args.output).parent, "--output's folder")
             path = write_report(args.out_dir, args.output)
         except ValueError as error:
             usage_error(error, prog)
