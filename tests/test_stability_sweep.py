@@ -240,6 +240,17 @@ def test_a_command_refused_for_a_finished_run_trained_otherwise_leaves_commands_
     assert [(tmp_path / name).read_text() for name in ("commands.txt", "study.json")] == before
 
 
+def test_a_finished_runs_summary_cut_short_or_without_the_trainers_config_is_a_one_line_error_naming_it(tmp_path,
+                                                                                                          capsys):
+    summary = RunSpec("tiny", "adamw", None, None, 0).directory(tmp_path) / "summary.json"
+    summary.parent.mkdir(parents=True)
+    for text in ("{", "{}"):
+        summary.write_text(text)
+        error = usage_error(bench_main, ["stability", "run", "--quick", "--out-dir", str(tmp_path), "--dry-run"],
+                            capsys)
+        assert error.startswith(f"smet-bench: error: {summary} is not a trainer's summary (")
+
+
 def test_a_run_finished_before_the_topology_schedule_and_regrow_init_options_is_skipped_not_refused(tmp_path,
                                                                                                     monkeypatch):
     """Its summary lacks min_prune_fraction, update_end_step, regrow_init and regrow_init_std: it trained with what

@@ -36,7 +36,12 @@ def check_finished_run(run: RunSpec, spec: StudySpec, out_dir: Path) -> None:
     """Raise ValueError when the finished run in ``run``'s folder was trained with other settings."""
     from smet_kernels.train.config import setting
 
-    saved = OLDER_RELEASES | json.loads((run.directory(out_dir) / "summary.json").read_text())["config"]
+    path = run.directory(out_dir) / "summary.json"
+    try:
+        saved = OLDER_RELEASES | json.loads(path.read_text())["config"]
+    except (ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"{path} is not a trainer's summary ({error!r}); delete that run folder to train the run "
+                         "again") from None
     wanted = _defining(run.train_config(spec, out_dir).to_dict())
     differing = sorted(k for k in wanted if _defining(saved).get(k) != wanted[k])
     if differing:
