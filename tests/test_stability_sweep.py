@@ -106,6 +106,12 @@ def test_two_densities_or_alphas_that_would_train_into_one_run_folder_are_refuse
                      "twice (6 significant digits): give values that differ within them")
 
 
+def test_density_lr_only_with_no_alpha_above_zero_is_refused_not_silently_left_out_of_the_sweep(capsys):
+    argv = ["stability", "run", "--quick", "--methods", "adamw,density-lr-only", "--alphas", "0", "--dry-run"]
+    assert usage_error(bench_main, argv, capsys) == ("smet-bench: error: --methods density-lr-only runs each α > 0 and "
+                                                     "--alphas [0.0] has none: it would run nothing")
+
+
 @pytest.mark.parametrize("field", ["configs", "methods", "densities", "alphas", "seeds"])
 def test_an_empty_list_of_configs_methods_densities_alphas_or_seeds_is_refused_naming_the_field(field):
     """Only a Python caller gets here: the command line refuses an empty list while parsing."""

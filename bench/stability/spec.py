@@ -112,6 +112,9 @@ class StudySpec:
             if len({f"{v:g}" for v in values}) != len(values):  # the run folders' d<density> / a<α>
                 fail(f"{setting(name)} {list(values)} name the same run folder twice (6 significant digits): give "
                      "values that differ within them")
+        if bad := [m for m in self.methods if not method_alphas(m, self.alphas)]:
+            fail(f"{setting('methods')} {','.join(bad)} runs each α > 0 and {setting('alphas')} {list(self.alphas)} "
+                 "has none: it would run nothing")
         if bad := [s for s in self.seeds if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s <= MAX_SEED]:
             fail(f"{setting('seeds')} must be ints in [0, {MAX_SEED}], got {bad}")
         for config in self.configs:
