@@ -278,15 +278,31 @@ def test_interrupted_run_resumes_from_its_latest_checkpoint(tmp_path, monkeypatc
     spec = dataclasses.replace(PRESETS["pilot"], methods=("adamw",), seeds=(0,), checkpoint_every=50)
     run_dir = enumerate_runs(spec)[0].directory(tmp_path)
     from smet_kernels.train.checkpoint import write_checkpoint
-    from smet_kernels.train.trainer import TrainConfig
 
-    for step in (50, 100):  # complete checkpoints (verified against their manifests); their content is not read
-        write_checkpoint(run_dir, step, {}, TrainConfig())
+    for step in (50, 100):  # complete checkpoints (verified against their manifests); only their config is read
+        write_checkpoint(run_dir, step, {}, enumerate_runs(spec)[0].train_config(spec, tmp_path))
     resumed = []
     monkeypatch.setattr(sweep, "_train_in_this_process", lambda config: resumed.append(config["resume"]))
     counts = run_sweep(spec, tmp_path, isolate=False, log=lambda *_: None)
     assert resumed == [str(run_dir / "checkpoints" / "step_0000100")]
     assert counts["failed"] == 1  # the stub wrote no summary.json: reported, retried next time
+
+
+def test_an_interrupted_run_whose_checkpoint_was_trained_with_another_lr_is_refused_not_resumed_into_a_mixed_run(
+        tmp_path, monkeypatch, capsys):
+    """A resume keeps only the trainer's fixed settings: the run would have finished its second part at the new
+    --lr and its summary, naming that lr only, passed for a run of it."""
+    from smet_kernels.train.checkpoint import write_checkpoint
+
+    spec = dataclasses.replace(PRESETS["pilot"], methods=("adamw",), seeds=(0,), checkpoint_every=50)
+    run = enumerate_runs(spec)[0]
+    write_checkpoint(run.directory(tmp_path), 50, {}, run.train_config(spec, tmp_path))
+    monkeypatch.setattr(sweep, "_train_in_fresh_process", lambda config: pytest.fail("a run was started"))
+    argv = ["stability", "run", "--quick", "--out-dir", str(tmp_path), "--methods", "adamw", "--seeds", "0"]
+    error = usage_error(bench_main, argv + ["--lr", "0.01"], capsys)
+    assert error == (f"smet-bench: error: interrupted run {run.directory(tmp_path)} (checkpoint step_0000050) was "
+                     "trained with other settings (--lr: saved 0.002 != requested 0.01); use another --out-dir or "
+                     "delete that folder")
 
 
 def test_cpu_study_moves_blocks_at_every_density():

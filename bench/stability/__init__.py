@@ -19,8 +19,9 @@ warm-up settings, ``--prune-fraction`` to ``--warmup-scope``, are smet-train's, 
 
 Each run writes ``runs/<config>/<method>[-d<density>][-a<alpha>]-s<seed>/`` (``metrics.jsonl[.gz]``,
 ``summary.json``); a folder with ``summary.json`` is finished and skipped, so rerunning the same command
-resumes. A finished run whose saved configuration differs from the requested one is an error, never silently
-mixed in. Each run executes in a fresh process, so the CPU peak-RSS figure belongs to that run alone.
+resumes. A finished run, or the checkpoint of an interrupted one, whose saved configuration differs from the
+requested one is an error, never silently mixed in. Each run executes in a fresh process, so the CPU peak-RSS
+figure belongs to that run alone.
 
 **Spike statistics** (the trainer's window ``k``, :mod:`smet_kernels.train.spikes`): for an update after step
 ``s``, ``rise = max(loss[s+1..s+k]) − mean(loss[s−k+1..s])``. Only updates that moved at least one block

@@ -34,21 +34,26 @@ def _defining(config: dict) -> dict:
 
 def check_finished_run(run: RunSpec, spec: StudySpec, out_dir: Path) -> None:
     """Raise ValueError when the finished run in ``run``'s folder was trained with other settings."""
-    from smet_kernels.train.config import setting
-
     path = run.directory(out_dir) / "summary.json"
     try:
-        saved = OLDER_RELEASES | json.loads(path.read_text())["config"]
+        saved = json.loads(path.read_text())["config"]
     except (ValueError, KeyError, TypeError) as error:
         raise ValueError(f"{path} is not a trainer's summary ({error!r}); delete that run folder to train the run "
                          "again") from None
+    _refuse_other_settings(run, spec, out_dir, saved, f"finished run {run.directory(out_dir)}")
+
+
+def _refuse_other_settings(run: RunSpec, spec: StudySpec, out_dir: Path, saved: dict, what: str) -> None:
+    """Raise ValueError when ``saved`` (the TrainConfig of ``what``) differs from ``run``'s in a defining setting."""
+    from smet_kernels.train.config import setting
+
+    saved = _defining(OLDER_RELEASES | saved)
     wanted = _defining(run.train_config(spec, out_dir).to_dict())
-    differing = sorted(k for k in wanted if _defining(saved).get(k) != wanted[k])
+    differing = sorted(k for k in wanted if saved.get(k) != wanted[k])
     if differing:
-        details = ", ".join(f"{setting(k)}: saved {_defining(saved).get(k)!r} != requested {wanted[k]!r}"
-                            for k in differing)
-        raise ValueError(f"finished run {run.directory(out_dir)} was trained with other settings ({details}); "
-                         "use another --out-dir or delete that folder")
+        details = ", ".join(f"{setting(k)}: saved {saved.get(k)!r} != requested {wanted[k]!r}" for k in differing)
+        raise ValueError(f"{what} was trained with other settings ({details}); use another --out-dir or delete that "
+                         "folder")
 
 
 def compress_metrics(run_dir: Path, above_bytes: int = GZIP_ABOVE_BYTES) -> None:
@@ -89,7 +94,9 @@ def _latest_checkpoint(run_dir: Path) -> str | None:
 def check_runnable(spec: StudySpec, out_dir) -> None:
     """Raise ValueError (one line, naming the setting) for what every run of ``spec`` would reject: the trainer's
     :meth:`TrainConfig.validate`, a device or backend that is not available, unreadable or too short data, and a
-    finished run in ``out_dir`` trained with other settings (before a command is recorded in the folder)."""
+    finished run in ``out_dir``, or the checkpoint an interrupted one would resume from (a resume keeps only the
+    trainer's fixed settings, so the run would mix two), trained with other settings (before a command is recorded in
+    the folder)."""
     from smet_kernels import backend as backend_module
     from smet_kernels.train.config import check_output_folder, setting
     from smet_kernels.train.build import prepare_data
@@ -102,6 +109,10 @@ def check_runnable(spec: StudySpec, out_dir) -> None:
     for run in enumerate_runs(spec):
         if is_done(run.directory(out_dir)):
             check_finished_run(run, spec, out_dir)
+        elif (checkpoint := _latest_checkpoint(run.directory(out_dir))) is not None:  # resumed with its settings
+            saved = json.loads((Path(checkpoint) / "config.json").read_text())
+            _refuse_other_settings(run, spec, out_dir, saved,
+                                   f"interrupted run {run.directory(out_dir)} (checkpoint {Path(checkpoint).name})")
     device = backend_module.resolve_device(spec.device, setting("device"))
     prepare_data(configs[0], device)  # the runs differ in model, method, density and seed, not in data or backend
 
