@@ -320,6 +320,17 @@ def test_a_report_output_that_is_a_folder_or_lies_under_a_file_is_a_one_line_err
     assert error == f"smet-bench: error: --output's folder '{tmp_path / 'notes.md'}' exists and is not a folder"
 
 
+def test_a_run_of_a_method_outside_the_study_is_a_one_line_error_naming_its_folder(tmp_path, capsys):
+    run = RunSpec("tiny", "smet-linear", 0.5, 1.0, 0)
+    _write_run(tmp_path, run, [2.0] * 12)
+    summary = json.loads((run.directory(tmp_path) / "summary.json").read_text())
+    summary["config"]["warmup_mode"] = "none"  # a smet-train run without warm-up, copied into the study's runs/
+    (run.directory(tmp_path) / "summary.json").write_text(json.dumps(summary))
+    error = usage_error(bench_main, ["stability", "report", "--out-dir", str(tmp_path)], capsys)
+    assert error.startswith("smet-bench: error: runs/tiny/smet-linear-d0.5-a1-s0: run with optimizer 'smet' / "
+                            "warmup_mode 'none' is not a method of the study")
+
+
 def test_report_names_the_gpu_command_of_the_same_sweep(tmp_path):
     _synthetic_study(tmp_path, seeds=(0,))
     spec = dataclasses.replace(PRESETS["cpu"], seeds=(0, 1, 2))

@@ -93,7 +93,10 @@ def load_study(out_dir) -> StudyData:
         except (ValueError, KeyError, TypeError) as error:
             raise ValueError(f"{run_dir / 'summary.json'} is not a trainer's summary ({error!r}); remove that run "
                              "folder, or give the --out-dir of a stability study") from None
-        run = run_from_config(config)
+        try:
+            run = run_from_config(config)
+        except ValueError as error:
+            raise ValueError(f"{run_dir.relative_to(out_dir)}: {error}") from None
         key = f"{run.config}/{run.name}"
         if key in paths:
             raise ValueError(f"{paths[key]} and {run_dir.relative_to(out_dir)} are the same run ({key}; an older "
