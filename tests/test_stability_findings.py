@@ -207,6 +207,19 @@ def test_the_prune_damage_of_one_seed_has_no_interval_and_of_two_seeds_a_t_inter
     assert lines[2] == ["  - prune damage, tiny d=0.5 naive-dst α=0: +0.2500 ± 0.6353 (95% CI)"]
 
 
+def test_runs_without_any_topology_update_say_so_rather_than_blaming_the_block_size(tmp_path):
+    """--steps below --update-interval: no update took place, so a smaller block size would not help."""
+    for seed in (0, 1):
+        _write_run(tmp_path, RunSpec("tiny", "adamw", None, None, seed), [2.0] * 30)
+        _write_run(tmp_path, RunSpec("tiny", "naive-dst", 0.5, 0.0, seed), [2.0] * 30)
+        _write_run(tmp_path, RunSpec("tiny", "smet-linear", 0.5, 1.0, seed), [2.0] * 30)
+    lines = study_findings(tmp_path)
+    reason = ("no topology update in these runs (--steps below --update-interval, or --update-end-step before the "
+              "first update) — nothing to measure")
+    assert f"  - tiny, d=0.5, α=0: {reason}" in lines and f"  - tiny, d=0.5, α=1 (naive α=0): {reason}" in lines
+    assert not any("no update moved a block" in line for line in lines)
+
+
 def test_a_cold_start_at_updates_that_moved_no_block_is_not_measurable_rather_than_a_verdict(tmp_path):
     """At d=0.1 no update moved a block: no block was regrown, so there is no cold start to remove (the spike
     comparison already says so); the probe rows of those updates must not yield a cold-start verdict either."""

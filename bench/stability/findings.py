@@ -21,6 +21,8 @@ COLUMN_NAMES = {"rise": "rise", "cold_start_rise": "cold start rise",
                 "regrown_vs_surviving_1": "first-step ratio regrown/surviving"}
 NOT_MOVED = ("no update moved a block (layers with a single active block keep it: a smaller block size fixes it) "
              "— nothing to measure")
+NO_UPDATE = ("no topology update in these runs (--steps below --update-interval, or --update-end-step before the "
+             "first update) — nothing to measure")
 
 
 def signed(value) -> str:
@@ -117,14 +119,16 @@ class _Findings:
 
     def unpaired(self, frame, config, density, *sides) -> str:
         """Why the ``(method, α)`` sides have no pair in ``frame`` at ``config`` and ``density``: a side without a
-        finished run there, no update that moved a block, or no seed measured on both sides."""
+        finished run there, no topology update at all, no update that moved a block, or no seed measured on both
+        sides."""
         sides = [(method, density if METHODS[method].sparse else None, alpha) for method, alpha in sides]
         for method, where, alpha in sides:
             if not len(select(self.runs, config, method, where, alpha)):
                 at = "" if missing(alpha) else f" at α={alpha:g}"
                 return f"no finished {method} run{at} here — nothing to compare"
         if any(not len(select(frame, config, *side)) for side in sides):
-            return NOT_MOVED
+            keys = set().union(*(select(self.runs, config, *side)["key"] for side in sides))
+            return NOT_MOVED if self.data.updates["key"].isin(keys).any() else NO_UPDATE
         return "no seed measured on both sides — nothing to compare"
 
     def naive_spikes(self):
