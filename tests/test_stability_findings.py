@@ -21,7 +21,7 @@ def test_quality_and_findings_with_seed_noise(tmp_path):
     assert quality.loc["smet-linear", "ppl_vs_dense"] == pytest.approx(math.exp(0.1), rel=1e-3)
     lines = "\n".join(study_findings(tmp_path))
     assert "tiny, d=0.5, α=0: +0.5" in lines and "spikes above dense: holds" in lines
-    assert "smet-linear removes the spike** — naive-DST rise minus smet-linear rise: holds in 1, reversed in 0" in lines
+    assert "smet-linear reduces the spike** — naive-DST rise minus smet-linear rise: holds in 1, reversed in 0" in lines
     assert "tiny naive-dst d=0.5 (best α=0 of 1): +0.3000" in lines and "worse than dense" in lines
     assert "**Consistency check**" not in lines  # no masked-dst or warmup-only runs to check against
 
@@ -41,7 +41,7 @@ def test_spike_verdicts_count_seeds_not_updates(tmp_path):
 
 
 def test_ablation_arms_and_update_probe_reach_the_findings(tmp_path):
-    """Warm-up only removes the cold-start rise, density-LR only does not; prune damage is the same for both."""
+    """Warm-up only reduces the cold-start rise, density-LR only does not; prune damage is the same for both."""
     for seed in (0, 1, 2):
         flat = [2.0] * 30
         noise = 0.01 * seed
@@ -57,14 +57,14 @@ def test_ablation_arms_and_update_probe_reach_the_findings(tmp_path):
     assert table.loc["warmup-only", "regrown_vs_surviving_1"] == pytest.approx(0.01)
     assert table.loc["adamw", "prune_damage"] == 0.0 and table.loc["naive-dst", "updates"] == 3
     lines = "\n".join(study_findings(tmp_path, probes=True))
-    assert ("**warmup-only removes the cold-start rise** — naive-DST cold start rise minus warmup-only cold start "
+    assert ("**warmup-only reduces the cold-start rise** — naive-DST cold start rise minus warmup-only cold start "
             "rise: holds in 1") in lines
-    assert "**density-lr-only removes the cold-start rise**" in lines and "tiny, d=0.5, α=1 (naive α=0)" in lines
+    assert "**density-lr-only reduces the cold-start rise**" in lines and "tiny, d=0.5, α=1 (naive α=0)" in lines
     assert "prune damage, tiny d=0.5 naive-dst α=0: +0.0600" in lines
     assert "naive-dst α=0 3.00× (3×1)" in lines
     assert "adamw" not in "".join(line for line in lines.splitlines() if line.startswith("  - prune damage"))
-    assert "warmup-only removes the cold-start rise of naive DST (cold start rise): reproduces — holds in 1" in lines
-    assert "density-lr-only removes the cold-start rise of naive DST (cold start rise): does NOT reproduce" in lines
+    assert "warmup-only reduces the cold-start rise of naive DST (cold start rise): reproduces — holds in 1" in lines
+    assert "density-lr-only reduces the cold-start rise of naive DST (cold start rise): does NOT reproduce" in lines
 
 
 def _two_density_study(root):
@@ -230,7 +230,7 @@ def test_a_cold_start_at_updates_that_moved_no_block_is_not_measurable_rather_th
             _write_run(tmp_path, RunSpec("tiny", method, 0.1, 0.0, seed), flat, {10: 0},
                        probes=[(10, 0.0, cold + noise, None)])
     lines = study_findings(tmp_path, probes=True)
-    assert ("  - warmup-only removes the cold-start rise of naive DST (cold start rise): not measurable here — holds "
+    assert ("  - warmup-only reduces the cold-start rise of naive DST (cold start rise): not measurable here — holds "
             "in 0, reversed in 0 of 0 measurable settings") in lines
     assert not any(line.startswith("  - cold-start rise, tiny d=0.1") for line in lines)
     assert set(stability.probe_table(load_study(tmp_path))["method"]) == {"adamw"}
@@ -246,7 +246,7 @@ def test_an_update_at_the_last_step_has_no_cold_start_and_is_not_counted_among_t
             _write_run(tmp_path, RunSpec("tiny", method, 0.5, 0.0, seed), flat, {10: 4, 30: 4},
                        probes=[(10, 0.05, cold + noise, ratio), (30, 0.05, None, None)])
     lines = "\n".join(study_findings(tmp_path, probes=True))
-    cold_start = lines.split("**warmup-only removes the cold-start rise**")[1].splitlines()[1]
+    cold_start = lines.split("**warmup-only reduces the cold-start rise**")[1].splitlines()[1]
     assert cold_start.startswith("  - tiny, d=0.5, α=0: +0.3000") and "over 3 updates in 3 seeds" in cold_start
     assert "naive-dst α=0 3.00× (3×1); warmup-only α=0 0.01× (3×1)" in lines
 
@@ -297,7 +297,7 @@ def test_a_naive_dst_run_at_alpha_one_from_before_the_density_lr_only_arm_loads_
     naive = lines[lines.index(next(line for line in lines if line.startswith("**Naive DST"))) + 1:]
     assert naive[0].startswith("  - tiny, d=0.5, α=0: +0.5") and not naive[1].startswith("  - tiny, d=0.5, α=1")
     assert any(line.startswith("  - tiny, d=0.5, α=1 (naive α=0): +0.5") for line in lines)
-    assert "**density-lr-only removes the spike**" in "\n".join(lines)
+    assert "**density-lr-only reduces the spike**" in "\n".join(lines)
 
 
 def test_seed_means_leave_out_an_update_without_a_value_in_either_column_from_both_means_and_the_count():
@@ -318,7 +318,7 @@ def test_an_arm_is_compared_with_naive_dst_at_the_update_steps_where_both_moved_
         _write_run(tmp_path, RunSpec("tiny", "naive-dst", 0.5, 0.0, seed), naive, {10: 4, 20: 0})
         _write_run(tmp_path, RunSpec("tiny", "smet-linear", 0.5, 0.0, seed), smet, {10: 4, 20: 4})
     lines = study_findings(tmp_path)
-    arm = lines[lines.index(next(line for line in lines if line.startswith("**smet-linear removes the spike"))) + 1]
+    arm = lines[lines.index(next(line for line in lines if line.startswith("**smet-linear reduces the spike"))) + 1]
     assert arm.startswith("  - tiny, d=0.5, α=0: +0.5050 ± ") and "over 2 updates in 2 seeds" in arm
 
 
@@ -350,7 +350,7 @@ def test_an_arm_setting_with_an_infinite_cold_start_is_not_measurable_rather_tha
         _write_run(tmp_path, RunSpec("tiny", "warmup-only", 0.5, 0.0, seed), [2.0] * 30, {10: 4},
                    probes=[(10, 0.05, cold, 0.01)])
     lines = study_findings(tmp_path, probes=True)
-    header = next(line for line in lines if line.startswith("**warmup-only removes the cold-start rise**"))
+    header = next(line for line in lines if line.startswith("**warmup-only reduces the cold-start rise**"))
     assert header.endswith("within noise in 0, not measurable in 1 of 1 settings:")
     assert lines[lines.index(header) + 1].endswith("a run without a finite value: no verdict")
 

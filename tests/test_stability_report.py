@@ -379,11 +379,11 @@ def test_a_pilot_report_gives_no_verdict_that_its_banner_disowns_and_a_study_sti
     measured = text.split("## What was measured (no verdict)")[1].split("\n## ")[0]
     for verdict in ("reproduce", "holds", "does not hold", "worse than dense", "better than dense", "is better"):
         assert verdict not in measured
-    assert ("  - smet-linear removes the spike of naive DST (rise): interval on the claim's side of 0 in 1, on the "
+    assert ("  - smet-linear reduces the spike of naive DST (rise): interval on the claim's side of 0 in 1, on the "
             "other side in 0 of 1 measurable settings") in measured
     assert "over 3 updates in 3 seeds (seed means compared) — interval above 0" in measured
     study = "\n".join(study_findings(tmp_path))
-    assert "smet-linear removes the spike of naive DST (rise): reproduces — holds in 1" in study
+    assert "smet-linear reduces the spike of naive DST (rise): reproduces — holds in 1" in study
     assert "spikes above dense: holds" in study and "worse than dense" in study
 
 

@@ -155,7 +155,7 @@ class _Findings:
         self.claims.append(("naive DST's loss rises more than dense after topology updates", holds, reverse,
                             measurable))
 
-    def arms_remove_the_spike(self, frame, column, title, unit):
+    def arms_reduce_the_spike(self, frame, column, title, unit):
         """2. each ablation arm against naive DST, paired by seed and update (``column`` of ``frame``)."""
         if NAIVE not in self.methods:
             return
@@ -332,7 +332,7 @@ def findings(data: StudyData, events, quality, probes=None, probe_events=None, p
     test of the tooling (the report's banner), which gives no verdict, only the side of 0 of each interval."""
     found = _Findings(data, events, quality, probes, pilot)
     found.naive_spikes()
-    found.arms_remove_the_spike(events, "rise", "removes the spike", "spikes")
+    found.arms_reduce_the_spike(events, "rise", "reduces the spike", "spikes")
     if probe_events is not None and len(probe_events):
         found.lines.append("**Two causes of a post-update rise, measured apart** on one fixed held-out batch: prune "
                            "damage (loss right after the update − right before it, before any optimizer step) is the "
@@ -351,8 +351,8 @@ def findings(data: StudyData, events, quality, probes=None, probe_events=None, p
                     rows, key=lambda r: (r[0], -r[2], METHOD_ORDER.index(r[1]), -1 if missing(r[3]) else r[3])):
                 alpha_text = "" if missing(alpha) else f" α={alpha:g}"
                 found.lines.append(f"  - {name}, {config} d={density:g} {method}{alpha_text}: {text}")
-        found.arms_remove_the_spike(probe_events, "cold_start_rise", "removes the cold-start rise", "rises")
-        found.arms_remove_the_spike(probe_events.dropna(subset=["regrown_vs_surviving_1"]), "regrown_vs_surviving_1",
+        found.arms_reduce_the_spike(probe_events, "cold_start_rise", "reduces the cold-start rise", "rises")
+        found.arms_reduce_the_spike(probe_events.dropna(subset=["regrown_vs_surviving_1"]), "regrown_vs_surviving_1",
                                     "shrinks the first step of regrown weights", "steps larger")
     found.first_steps()
     found.quality_vs_dense()
