@@ -332,9 +332,8 @@ class Run:
 
     @torch.no_grad()
     def probe_loss(self) -> float:
-        """Loss of one fixed held-out micro-batch (the first ``batch_size / grad_accum`` validation windows), for the
-        update probe; under DDP each rank takes its slice and the loss is their mean: the same batch on any number of
-        ranks, so records match one process and a resume on another world size compares like with like."""
+        """Loss of the update probe's held-out batch (:meth:`probe_windows`); under DDP each rank takes its slice and
+        the loss is their mean: the same batch on any number of ranks, as in one process."""
         micro = self.config.batch_size // (self.ddp.world_size * self.config.grad_accum)
         windows = self.probe_windows().view(self.ddp.world_size, micro)[self.ddp.rank]
         x, y = window_batch(self.val_tokens, windows, self.config.seq_len)
@@ -345,8 +344,7 @@ class Run:
         return float(self.ddp.mean(loss.double()))
 
     def probe_windows(self) -> torch.Tensor:
-        """The update probe's held-out batch: the first ``batch_size / grad_accum`` validation windows (another
-        ``grad_accum`` or ``eval_batches`` on resume, another batch)."""
+        """The update probe's held-out batch: the first ``batch_size / grad_accum`` validation windows."""
         return self.val_indices[:self.config.batch_size // self.config.grad_accum]
 
     def is_probe_step(self, step: int) -> bool:
