@@ -338,6 +338,24 @@ def test_study_json_holds_the_grid_of_every_command_into_the_folder_not_only_the
     assert "--methods adamw,galore,masked-dst,naive-dst,warmup-only" in stability.gpu_command(study)
 
 
+def test_a_command_stopped_while_writing_study_json_leaves_the_earlier_one_whole(tmp_path, monkeypatch):
+    """A cut-short study.json made every later run and report of the folder end in a JSONDecodeError."""
+    from bench.stability import cli
+
+    monkeypatch.setattr(cli, "run_sweep", lambda *args, **kwargs: {"failed": 0})
+    out_dir = tmp_path / "study"
+    assert bench_main(["stability", "run", "--cpu-study", "--out-dir", str(out_dir)]) == 0
+    before = (out_dir / "study.json").read_text()
+
+    def stopped(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli.os, "replace", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        bench_main(["stability", "run", "--cpu-study", "--out-dir", str(out_dir), "--alphas", "0.5"])
+    assert (out_dir / "study.json").read_text() == before
+
+
 def test_stability_run_passes_its_time_limit_and_checkpoint_choice_to_the_sweep_and_exits_1_when_a_run_failed(
         tmp_path, monkeypatch, capsys):
     from bench.stability import cli

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import shlex
 import time
 from pathlib import Path
@@ -182,7 +183,9 @@ def main_from_args(args: argparse.Namespace, prog: str, argv: list[str]) -> int:
         handle.write(f"{stamp} {prog} {shlex.join(argv)}\n")
     study = out_dir / "study.json"
     saved = json.loads(study.read_text()) if study.is_file() else {}
-    study.write_text(json.dumps(merged_study(saved, spec.to_dict()), indent=1))
+    temporary = study.with_name("study.json.tmp")  # replaced whole: a cut-short study.json stopped every command
+    temporary.write_text(json.dumps(merged_study(saved, spec.to_dict()), indent=1))
+    os.replace(temporary, study)
     try:
         with naming_options(RUN_OPTIONS):
             counts = run_sweep(spec, out_dir, max_minutes=args.max_minutes, keep_checkpoints=args.keep_checkpoints)
