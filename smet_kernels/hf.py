@@ -16,6 +16,7 @@ Needs the optional extra ``hf`` (``pip install "smet_kernels[hf]"``)::
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -312,6 +313,8 @@ def load_sparse_pretrained(
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(f"dtype must be None or a floating torch.dtype (e.g. torch.bfloat16), got {dtype!r}")
     device = resolve_device(device, "device")
+    if not isinstance(folder, (str, os.PathLike)):
+        raise TypeError(f"folder must be a path (str or os.PathLike) of a save_pretrained folder, got {folder!r}")
     folder = Path(folder)
     if not (folder / transformers.utils.CONFIG_NAME).is_file():
         raise FileNotFoundError(f"{folder} holds no config.json: not a save_pretrained folder")

@@ -189,6 +189,12 @@ def test_a_bad_dtype_device_or_model_class_is_refused_in_one_line_naming_it(tmp_
     assert "\n" not in str(info.value)
 
 
+def test_a_folder_that_is_no_path_is_refused_in_one_line_naming_folder():
+    with pytest.raises(TypeError, match=r"^folder must be a path \(str or os.PathLike\) of a save_pretrained folder, "
+                                        "got 123$"):
+        load_sparse_pretrained(123)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_a_cuda_device_without_cuda_is_refused_in_one_line(tmp_path):
     saved(tmp_path)
