@@ -98,6 +98,17 @@ def test_the_spec_refuses_density_1_an_unsupported_block_size_and_lr_warm_up_ove
         dataclasses.replace(PRESETS["pilot"], lr_warmup_steps=200).validate()
 
 
+@pytest.mark.parametrize("options, limit", [(dict(steps=15, lr_warmup_steps=5), "steps \\(15\\)"),
+                                            (dict(update_end_step=10), "update_end_step \\(10\\)")])
+def test_the_spec_refuses_a_study_whose_sparse_runs_would_make_no_topology_update(options, limit):
+    """The pilot's update interval is 20: its sparse runs trained all steps and the report found nothing to measure."""
+    with pytest.raises(ValueError, match=rf"update_interval \(20\) is past {limit}: the sparse runs would make no "
+                                         "topology update"):
+        dataclasses.replace(PRESETS["pilot"], **options).validate()
+    dense_only = dict(methods=("adamw",))
+    assert dataclasses.replace(PRESETS["pilot"], **options, **dense_only).validate()
+
+
 @pytest.mark.parametrize("option, values", [("--densities", "0.5,0.1,0.1000001"), ("--alphas", "0.5,0.5000001")])
 def test_two_densities_or_alphas_that_would_train_into_one_run_folder_are_refused_before_any_run(capsys, option,
                                                                                                 values):

@@ -123,6 +123,11 @@ class StudySpec:
                 fail(f"block_sizes[{config!r}] must be one of {list(SUPPORTED_BLOCK_SIZES)}, got {block}")
         if self.lr_warmup_steps >= self.steps and self.lr_warmup_steps > 0:
             fail(f"{setting('lr_warmup_steps')} ({self.lr_warmup_steps}) must be < {setting('steps')} ({self.steps})")
+        last = min(self.update_end_step or self.steps, self.steps)
+        if self.update_interval > last and any(METHODS[m].sparse for m in self.methods):
+            limit = setting("steps") if last == self.steps else setting("update_end_step")
+            fail(f"{setting('update_interval')} ({self.update_interval}) is past {limit} ({last}): the sparse runs "
+                 "would make no topology update, and the study measures what follows updates")
         if DENSE_METHOD not in self.methods:
             fail(f"{setting('methods')} must include {DENSE_METHOD!r}: it is the reference (noise floor, quality) of "
                  "the study")
