@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-from smet_kernels.train.config import MAX_SEED, TrainConfig, check_choices, setting
+from smet_kernels.train.config import MAX_SEED, TrainConfig, check_choices, last_update_step, setting
 from smet_kernels.train.methods import METHODS as TRAINER_METHODS
 
 
@@ -123,7 +123,7 @@ class StudySpec:
                 fail(f"block_sizes[{config!r}] must be one of {list(SUPPORTED_BLOCK_SIZES)}, got {block}")
         if self.lr_warmup_steps >= self.steps and self.lr_warmup_steps > 0:
             fail(f"{setting('lr_warmup_steps')} ({self.lr_warmup_steps}) must be < {setting('steps')} ({self.steps})")
-        last = min(self.update_end_step or self.steps, self.steps)
+        last = last_update_step(self.update_end_step, self.steps)
         if self.update_interval > last and any(METHODS[m].sparse for m in self.methods):
             limit = setting("steps") if last == self.steps else setting("update_end_step")
             fail(f"{setting('update_interval')} ({self.update_interval}) is past {limit} ({last}): the sparse runs "

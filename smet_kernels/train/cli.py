@@ -38,6 +38,7 @@ from .config import (
     ConfigError,
     TrainConfig,
     interval,
+    last_update_step,
     naming_options,
 )
 from .distributed import TrainingFailed
@@ -287,7 +288,7 @@ def _warn_ignored_options(args: argparse.Namespace, config: TrainConfig) -> None
               "are written full)", file=sys.stderr)
     if config.on_nonfinite == "stop" and "max_consecutive_skips" in given:
         print("smet-train: --max-consecutive-skips has no effect with --on-nonfinite stop", file=sys.stderr)
-    last = min(config.update_end_step or config.max_steps, config.max_steps)
+    last = last_update_step(config.update_end_step, config.max_steps)
     if METHODS[config.optimizer].sparse and config.update_interval > last:
         limit = "--max-steps" if last == config.max_steps else "--update-end-step"
         print(f"smet-train: no topology update in this run: --update-interval {config.update_interval} is past "

@@ -77,6 +77,12 @@ def check_output_folder(path, name: str = "out_dir") -> None:
         raise ConfigError(f"{name} {str(path)!r} {problem} not a folder")
 
 
+def last_update_step(update_end_step: int | None, steps: int) -> int:
+    """``T_end`` of a run of ``steps`` steps: the last step a topology update may run at (``update_end_step``, None:
+    the run's last, and never past it)."""
+    return min(update_end_step or steps, steps)
+
+
 def check_choices(name: str, given, allowed) -> None:
     """Raise :class:`ConfigError` (one line, naming ``name``) listing the values of ``given`` not in ``allowed``:
     ``--configs must be from tiny,20m,... got tiyn`` (the choices in ``allowed``'s order)."""

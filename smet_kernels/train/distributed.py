@@ -47,7 +47,8 @@ class DistInfo:
         return value
 
 
-LAUNCH_HINT = "launch the ranks with torchrun (it sets RANK, LOCAL_RANK, MASTER_ADDR, MASTER_PORT), or unset WORLD_SIZE"
+LAUNCH = "launch the ranks with torchrun (it sets RANK, LOCAL_RANK, MASTER_ADDR, MASTER_PORT)"
+LAUNCH_HINT = f"{LAUNCH}, or unset WORLD_SIZE"
 
 
 def _environ_int(name: str, default: str | None = None) -> int:
@@ -71,7 +72,7 @@ def init_distributed(device_name: str) -> DistInfo:
         if "WORLD_SIZE" not in os.environ and dist.is_available() and dist.is_initialized() \
                 and dist.get_world_size() > 1:  # e.g. mp.spawn: every process would write the run as rank 0
             raise ConfigError(f"a process group of {dist.get_world_size()} ranks is initialised, but WORLD_SIZE is not "
-                              f"set: {LAUNCH_HINT.split(', or')[0]}")
+                              f"set: {LAUNCH}")
         return DistInfo()
     rank, local_rank = _environ_int("RANK"), _environ_int("LOCAL_RANK", "0")
     use_cuda = torch.cuda.is_available() and not device_name.startswith("cpu")

@@ -77,7 +77,7 @@ from .checkpoint import (
     write_checkpoint,
     write_sharded_checkpoint,
 )
-from .config import SPARSE_OPTIMIZERS, ConfigError, TrainConfig, setting
+from .config import SPARSE_OPTIMIZERS, ConfigError, TrainConfig, last_update_step, setting
 from .data import PackedBatches, window_batch
 from .distributed import (
     TrainingFailed,
@@ -352,7 +352,7 @@ class Run:
         ``update_end_step`` as the controller's."""
         if self.controller is not None:
             return self.controller.is_update_step(step)
-        end = self.config.update_end_step or self.config.max_steps
+        end = last_update_step(self.config.update_end_step, self.config.max_steps)
         return step % self.config.update_interval == 0 and step <= end
 
     def train_step(self) -> tuple[float, float]:
