@@ -59,6 +59,7 @@ built after ``fully_shard`` (it holds the sharded parameters, as the optimizer d
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 import numbers
 import warnings
@@ -105,6 +106,15 @@ class _SparseTarget:
     def dense_grad(self) -> torch.Tensor | None:
         """``dL/dW = Σ dyᵀx`` recorded since the controller armed (``probe.grad``); None if no backward ran."""
         return None if self.probe is None else self.probe.grad
+
+
+def _first_input_name(module: nn.Module) -> str | None:
+    """The name of the first argument of ``module.forward`` (the layer input ``x`` when it is called by keyword)."""
+    try:
+        arguments = list(inspect.signature(module.forward).parameters.values())
+    except (TypeError, ValueError):  # a forward without a signature (a builtin): positional input only
+        return None
+    return arguments[0].name if arguments else None
 
 
 def _check_int(value, name: str, minimum: int, maximum: int | None = None) -> int:
@@ -579,7 +589,7 @@ class SMET:
         for target in self.targets:
             if not target.hooks:
                 for module in target.modules:
-                    recorder = self._make_recorder(target)
+                    recorder = self._make_recorder(target, module)
                     recorder.smet_handle = module.register_forward_hook(recorder, with_kwargs=True)
                     target.hooks.append(recorder.smet_handle)
 
@@ -592,15 +602,23 @@ class SMET:
                 if handle is not None:
                     handle.remove()
 
-    def _make_recorder(self, target: _SparseTarget):
+    def _make_recorder(self, target: _SparseTarget, layer: nn.Module):
+        keyword = _first_input_name(layer)
+
         def record_input(module, inputs, kwargs, output):
             """While armed: ``y`` through :class:`RecordDenseGrad`, so ``probe.grad = Σ dyᵀx`` (fp32), ``x`` the first
-            positional input or, called by keyword, ``x``; traceable, no tensor hook: under ``torch.compile`` no graph
-            break, one graph armed and one not."""
+            positional input or, called by keyword, the argument named like the first of ``forward``; traceable, no
+            tensor hook: under ``torch.compile`` no graph break, one graph armed and one not."""
             recording = self._recording and target.probe is not None and torch.is_grad_enabled()
             if not (recording and isinstance(output, torch.Tensor) and output.requires_grad):
                 return None
-            x = inputs[0] if inputs else kwargs["x"]
+            x = inputs[0] if inputs else kwargs.get(keyword)
+            if not isinstance(x, torch.Tensor):
+                raise TypeError(
+                    f"regrow='gradient' records the dense gradient of '{target.name}' as dyᵀx with x the input of "
+                    f"{type(module).__name__}.forward, but it was called without a tensor as its first argument "
+                    f"('{keyword}'); call it with its input first"
+                )
             return RecordDenseGrad.apply(output, x.detach(), target.probe)
 
         return record_input

@@ -126,7 +126,7 @@ def test_recording_keeps_no_fp32_copy_of_a_bf16_layers_input_and_leaves_its_outp
     target = smet.targets[0]
     target.probe = torch.zeros(1).expand(3, 2).detach().requires_grad_()  # a [3, 2] layer's probe
     y = torch.tensor([[-0.0, 1.0, -0.0]], requires_grad=True) * 1
-    out = smet._make_recorder(target)(model, (torch.tensor([[-1.0, float("inf")]]),), {}, y)
+    out = smet._make_recorder(target, model)(model, (torch.tensor([[-1.0, float("inf")]]),), {}, y)
     assert torch.equal(torch.signbit(out), torch.signbit(y)) and torch.isfinite(out).all()
     out.sum().backward()
     assert target.dense_grad.shape == (3, 2)
@@ -369,3 +369,46 @@ def test_a_layer_called_with_its_input_by_keyword_records_the_dense_gradient_on_
     (target,) = smet.targets
     torch.testing.assert_close(target.dense_grad, dense.grad)
     assert smet.step()["layers"]["layer." + ("weight" if masked else "values")]["regrown"] > 0
+
+
+class _HiddenLayer(nn.Module):
+    """A home-made sparse layer whose ``forward`` names its input ``hidden``."""
+
+    def __init__(self, layer: BlockSparseLinear):
+        super().__init__()
+        self.values, self.layout = layer.values, layer.layout
+
+    def forward(self, hidden, scale=None):
+        from smet_kernels.functional import block_sparse_linear
+
+        return block_sparse_linear(hidden, self.values, self.layout)
+
+
+def test_a_home_made_layer_called_with_its_input_by_its_own_keyword_records_the_dense_gradient():
+    """The hook read a keyword call's input as ``kwargs["x"]``: a layer whose forward names it otherwise raised a
+    KeyError on the step before each update only."""
+    layer = _HiddenLayer(BlockSparseLinear(FEATURES, FEATURES, 0.5, B, generator=torch.Generator().manual_seed(0)))
+    model = nn.ModuleDict({"layer": layer})
+    smet = SMET(model, torch.optim.SGD(model.parameters(), lr=0.0), update_interval=1, regrow="gradient")
+    x, _ = batch(0)
+    layer(hidden=x, scale=2.0).pow(2).sum().backward()
+    from smet_kernels.functional import to_dense
+
+    dense = to_dense(layer.values, layer.layout).detach().requires_grad_()
+    (x @ dense.t()).pow(2).sum().backward()
+    (target,) = smet.targets
+    torch.testing.assert_close(target.dense_grad, dense.grad)
+
+
+class _EitherInputLayer(_HiddenLayer):
+    def forward(self, hidden=None, *, inputs=None):
+        return super().forward(hidden if hidden is not None else inputs)
+
+
+def test_a_rigl_layer_called_without_its_first_argument_raises_one_line_naming_it():
+    layer = _EitherInputLayer(BlockSparseLinear(FEATURES, FEATURES, 0.5, B, generator=torch.Generator().manual_seed(0)))
+    model = nn.ModuleDict({"layer": layer})
+    SMET(model, torch.optim.SGD(model.parameters(), lr=0.0), update_interval=1, regrow="gradient")
+    x, _ = batch(0)
+    with pytest.raises(TypeError, match=r"called without a tensor as its first argument \('hidden'\); call it"):
+        layer(inputs=x)
