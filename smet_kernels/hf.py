@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -282,6 +283,19 @@ def _cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
 
 
+def _load_dtypes(model: transformers.PreTrainedModel, dtype: torch.dtype | None) -> dict[str, torch.dtype]:
+    """``dtype``, or fp32 where the model class keeps its modules in fp32 (``_keep_in_fp32_modules`` in fp16,
+    ``_keep_in_fp32_modules_strict`` in fp16 and bf16), as ``from_pretrained`` casts: ``{"": dtype, pattern:
+    torch.float32, ...}`` with each pattern a glob searched in the checkpoint key."""
+    plan = model._get_dtype_plan(dtype) if dtype is not None and hasattr(model, "_get_dtype_plan") else {}
+    return {"": dtype, **plan}
+
+
+def _key_dtype(key: str, dtypes: dict[str, torch.dtype]) -> torch.dtype | None:
+    kept = [pattern for pattern in dtypes if pattern and re.search(pattern.replace("*", ".*"), key)]
+    return dtypes[kept[0]] if kept else dtypes[""]
+
+
 def load_sparse_pretrained(
     folder: str | Path,
     model_class: type = transformers.AutoModelForCausalLM,
@@ -298,13 +312,13 @@ def load_sparse_pretrained(
     ``BlockSparseLinear`` beside compact ``<layer>.values [nnz, b, b]`` (block size b), a ``MaskedLinear`` beside a
     dense ``<layer>.weight`` (a masked model's, whose block size the checkpoint does not keep: the one supported size
     at which the indices fit the layer and the weight is zero outside their blocks). Then assigns the safetensors
-    shards one by one on ``device`` (floating tensors cast to ``dtype``; default: as saved) and re-ties tied
-    weights. ``model_class`` is an ``AutoModel...`` class or a model class. Returns the model in eval mode, like
-    ``from_pretrained``; its layouts are live, so SMET trains on. ``device``: ``auto``, ``cpu``, ``cuda`` or
-    ``cuda:N``. Raises on a ``model_class`` that is no model class or takes another config class than the folder's, a
-    ``dtype`` that is no floating ``torch.dtype``, a ``device`` not here, a folder without config or weights, a
-    checkpoint without sparse layer, a masked layer that not exactly one block size fits, and on a missing,
-    unexpected or misshapen key.
+    shards one by one on ``device`` (floating tensors cast to ``dtype``, but those of the modules the model class
+    keeps in fp32, as ``from_pretrained`` does; default: as saved) and re-ties tied weights. ``model_class`` is an
+    ``AutoModel...`` class or a model class. Returns the model in eval mode, like ``from_pretrained``; its layouts are
+    live, so SMET trains on. ``device``: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``. Raises on a ``model_class`` that
+    is no model class or takes another config class than the folder's, a ``dtype`` that is no floating
+    ``torch.dtype``, a ``device`` not here, a folder without config or weights, a checkpoint without sparse layer, a
+    masked layer that not exactly one block size fits, and on a missing, unexpected or misshapen key.
     """
     if not hasattr(transformers.PreTrainedModel, "named_non_persistent_buffers"):
         raise ImportError(f"load_sparse_pretrained needs transformers >= 5, found {transformers.__version__}")
@@ -333,9 +347,10 @@ def load_sparse_pretrained(
     sparsify_with_layouts(model, compact, backend=backend)
     sparsify_with_layouts(model, masked, layer_factory=MaskedLinear.from_linear)
     _check_keys(model, shapes)
+    dtypes = _load_dtypes(model, dtype)
     for file in files:
         with safe_open(file, "pt", device=str(device)) as f:
-            state = {key: _cast(f.get_tensor(key), dtype) for key in f.keys()}
+            state = {key: _cast(f.get_tensor(key), _key_dtype(key, dtypes)) for key in f.keys()}
         model.load_state_dict(state, strict=False, assign=True)  # the keys were checked above
         del state  # before the next shard is read
     model.tie_weights()

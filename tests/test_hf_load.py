@@ -367,3 +367,23 @@ def test_a_masked_layers_weight_of_another_shape_is_refused_in_one_line_naming_i
 def test_the_loaded_models_config_records_the_dtype_it_was_loaded_in(tmp_path):
     saved(tmp_path)
     assert load_sparse_pretrained(tmp_path, dtype=torch.bfloat16).config.dtype == torch.bfloat16
+
+
+class KeepsFp32Llama(transformers.LlamaForCausalLM):
+    """A model class that keeps its MLP down projections in fp32 under fp16, and its norms under fp16 and bf16."""
+
+    _keep_in_fp32_modules = ["mlp.down_proj"]
+    _keep_in_fp32_modules_strict = ["norm"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_the_modules_a_model_class_keeps_in_fp32_load_in_fp32_as_from_pretrained_loads_them(tmp_path, dtype):
+    """Every floating tensor was cast to ``dtype``: a model class's fp32 modules lost the precision they keep."""
+    saved(tmp_path / "sparse")
+    tiny_model("llama").save_pretrained(tmp_path / "dense")
+    model = load_sparse_pretrained(tmp_path / "sparse", KeepsFp32Llama, dtype=dtype)
+    dense = KeepsFp32Llama.from_pretrained(tmp_path / "dense", dtype=dtype)
+    expected = {name.removesuffix(".weight"): p.dtype for name, p in dense.named_parameters()}
+    loaded = {name.rpartition(".")[0]: p.dtype for name, p in model.named_parameters()}
+    assert loaded == expected and {torch.float32, dtype} == set(loaded.values())
+    assert model.model.layers[0].mlp.down_proj.values.dtype == (torch.float32 if dtype == torch.float16 else dtype)
