@@ -19,11 +19,12 @@ sparse parameters are handled, found in ``model.parameters()`` by a marker attri
 
 * compact values ``[nnz, b, b]`` carrying ``p.smet_layout`` (``BlockSparseLinear``): the layout's slots
   are moved with :meth:`BlockLayout.replace_blocks` and the slots' values, Adam moments and per-block
-  step are reset by :func:`smet_kernels.ops.library.regrow_blocks` (AMSGrad's ``max_exp_avg_sq`` and SGD's
-  ``momentum_buffer``, when the optimizer keeps them, are zeroed there too);
+  step are reset by :func:`smet_kernels.ops.library.regrow_blocks` (any other state shaped like the values, e.g.
+  AMSGrad's ``max_exp_avg_sq`` or SGD's ``momentum_buffer``, restarts there too: at zero, Adagrad's ``sum`` at its
+  ``initial_accumulator_value``, Rprop's ``step_size`` at its ``lr``);
 * dense masked weights ``[out, in]`` carrying ``p.smet_mask_layout`` (:class:`smet_kernels.masked.MaskedLinear`):
   the layout (hence the mask) is updated the same way, pruned blocks are zeroed, regrown blocks get the
-  init values and any dense Adam moments (AMSGrad's maximum and SGD's momentum included) are zeroed there.
+  init values and the optimizer's state shaped like the weight restarts at both (as for compact values).
 
 Both kinds share one schedule and one selection rule (:mod:`smet_kernels.prune_regrow`).
 
@@ -79,10 +80,9 @@ from .sharding import check_row_sharded, full, gather_rows, is_sharded, local, r
 REGROW_MODES = ("random", "gradient")
 REGROW_INITS = ("zeros", "normal")
 _REGROW_STATE_KEYS = ("exp_avg", "exp_avg_sq", "block_step")  # the state regrow_blocks resets
-# other optimizers' state that a regrown block must not inherit from the pruned one (AMSGrad's maximum, SGD's
-# momentum): zeroed at the moved blocks too
-_OTHER_STATE_KEYS = ("max_exp_avg_sq", "momentum_buffer")
-_MASKED_STATE_KEYS = ("exp_avg", "exp_avg_sq") + _OTHER_STATE_KEYS
+# the optimizer state that starts at another value than zero: key -> the param-group entry holding that value
+# (Adagrad's running sum, Rprop's per-weight step size)
+_FRESH_STATE = {"sum": "initial_accumulator_value", "step_size": "lr"}
 
 # why a RigL update found no dense gradient after remove_hooks(), and what to do
 DETACHED_HOOKS = ("remove_hooks() detached the recording hooks before the backward (attached again now: run the "
@@ -142,13 +142,17 @@ def _local_regrow_operands(param: torch.Tensor, state: dict, slots: torch.Tensor
     return local(param.data), slots[mine] - start, states, mine
 
 
-def _zero_other_state(state: dict, values: torch.Tensor, slots: torch.Tensor) -> None:
-    """Zero the :data:`_OTHER_STATE_KEYS` state of (this rank's) ``values`` at ``slots``, which
-    :func:`regrow_blocks` leaves as the pruned blocks had it."""
-    for key in _OTHER_STATE_KEYS:
-        tensor = state.get(key)
-        if isinstance(tensor, torch.Tensor) and local(tensor).shape == values.shape:
-            local(tensor)[slots.to(values.device)] = 0
+def _elementwise_state(state: dict, param: torch.Tensor, skip: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    """Every tensor of ``param``'s optimizer ``state`` that holds one value per weight (shaped like ``param``): Adam's
+    moments, AMSGrad's maximum, SGD's momentum, RMSprop's, Adagrad's and Adadelta's running averages, Rprop's step
+    sizes ...; a regrown block must not inherit them from the pruned one. ``skip``: keys left out."""
+    return {key: tensor for key, tensor in state.items()
+            if key not in skip and isinstance(tensor, torch.Tensor) and tensor.shape == param.shape}  # fmt: skip
+
+
+def _fresh_value(key: str, group: dict) -> float:
+    """The value optimizer state ``key`` starts at in a parameter of ``group`` (:data:`_FRESH_STATE`; else 0)."""
+    return float(group.get(_FRESH_STATE[key], 0.0)) if key in _FRESH_STATE else 0.0
 
 
 def _plain_name(name: str, ddp_wrappers: tuple[str, ...] = ()) -> str:
@@ -511,7 +515,7 @@ class SMET:
                 init_std=self.init_std,
                 generator=self.generator,
             )
-            _zero_other_state(state, param.data, slots)
+            self._reset_other_state(param, state, param.data, slots)
             return
         if is_sharded(param):
             self._apply_masked_sharded(target, slots, new_blocks, state)
@@ -519,16 +523,27 @@ class SMET:
         pruned_blocks = layout.block_indices[slots.to(layout.device)].cpu()
         layout.replace_blocks(slots, new_blocks)
         rows_b, cols_b = layout.block_shape
-        moments = [state[key] for key in _MASKED_STATE_KEYS if isinstance(state.get(key), torch.Tensor)]
+        moments = _elementwise_state(state, param)
+        fresh = [0.0] + [_fresh_value(key, self._group(param)) for key in moments]
         pruned = pruned_blocks.to(param.device)
         grown = new_blocks.to(param.device)
-        for tensor in [param.data] + [m for m in moments if m.shape == param.shape]:
+        for tensor, value in zip([param.data, *moments.values()], fresh):
             blocks = tensor.view(rows_b, b, cols_b, b).permute(0, 2, 1, 3)
-            blocks[pruned[:, 0], pruned[:, 1]] = 0
-            blocks[grown[:, 0], grown[:, 1]] = 0
+            blocks[pruned[:, 0], pruned[:, 1]] = value
+            blocks[grown[:, 0], grown[:, 1]] = value
         param.data.view(rows_b, b, cols_b, b).permute(0, 2, 1, 3)[grown[:, 0], grown[:, 1]] = self._init_values(
             slots.numel(), b, param
         )
+
+    def _group(self, param: torch.Tensor) -> dict:
+        """The optimizer's param group holding ``param``."""
+        return next(group for group in self.optimizer.param_groups if any(p is param for p in group["params"]))
+
+    def _reset_other_state(self, param: torch.Tensor, state: dict, values: torch.Tensor, slots: torch.Tensor) -> None:
+        """Restart the state that :func:`regrow_blocks` leaves as the pruned blocks had it (every elementwise state
+        but its own: AMSGrad's maximum, SGD's momentum, ...) at (this rank's) ``values``' ``slots``."""
+        for key, tensor in _elementwise_state(state, param, skip=_REGROW_STATE_KEYS).items():
+            local(tensor)[slots.to(values.device)] = _fresh_value(key, self._group(param))
 
     def _regrow_sharded(self, param: torch.Tensor, state: dict, slots: torch.Tensor) -> None:
         """Regrow ``slots`` of values sharded on dim 0: each rank resets the slots it owns. The ``"normal"`` init
@@ -536,7 +551,7 @@ class SMET:
         values, local_slots, states, mine = _local_regrow_operands(param, state, slots)
         local_slots = local_slots.to(values.device)
         regrow_blocks(values, local_slots, *states, init="zeros")
-        _zero_other_state(state, values, local_slots)
+        self._reset_other_state(param, state, values, local_slots)
         if self.regrow_init == "normal":
             b = values.shape[1]
             noise = torch.randn((slots.numel(), b, b), generator=self.generator, device=self.generator.device,
@@ -550,19 +565,19 @@ class SMET:
         param = target.param
         check_row_sharded(param, target.name)
         start, stop = row_range(param)
-        moments = [state[key] for key in _MASKED_STATE_KEYS if isinstance(state.get(key), torch.Tensor)]
-        moments = [m for m in moments if m.shape == param.shape]
-        shards = [param.data] + moments
+        moments = _elementwise_state(state, param)
+        fresh = [0.0] + [_fresh_value(key, self._group(param)) for key in moments]
+        shards = [param.data, *moments.values()]
         gathered = [full(t).clone() for t in shards]
         layout, b = target.layout, target.layout.block_size
         pruned = layout.block_indices[slots.to(layout.device)].cpu().to(gathered[0].device)
         layout.replace_blocks(slots, new_blocks)
         grown = new_blocks.to(gathered[0].device)
         rows_b, cols_b = layout.block_shape
-        for tensor in gathered:
+        for tensor, value in zip(gathered, fresh):
             blocks = tensor.view(rows_b, b, cols_b, b).permute(0, 2, 1, 3)
-            blocks[pruned[:, 0], pruned[:, 1]] = 0
-            blocks[grown[:, 0], grown[:, 1]] = 0
+            blocks[pruned[:, 0], pruned[:, 1]] = value
+            blocks[grown[:, 0], grown[:, 1]] = value
         gathered[0].view(rows_b, b, cols_b, b).permute(0, 2, 1, 3)[grown[:, 0], grown[:, 1]] = self._init_values(
             slots.numel(), b, gathered[0]
         )

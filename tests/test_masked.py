@@ -10,6 +10,7 @@ from smet_kernels.layout import BlockLayout
 from smet_kernels.masked import MaskedLinear, masked_sparsify
 from smet_kernels.modules import BlockSparseLinear, sparsify
 from smet_kernels.topology import SMET
+from topology_runs import FRESH_STATE_OPTIMIZERS
 
 B = 16
 
@@ -221,6 +222,29 @@ def test_a_masked_update_zeroes_the_sgd_momentum_of_pruned_and_regrown_blocks():
     new, buffer = model.q_proj.layout.mask, opt.state[model.q_proj.weight]["momentum_buffer"]
     moments = buffer.reshape(new.shape[0], B, new.shape[1], B).permute(0, 2, 1, 3)
     assert moments[old & new].abs().sum() > 0 and torch.all(moments[old ^ new] == 0)
+
+
+@pytest.mark.parametrize("name", FRESH_STATE_OPTIMIZERS)
+def test_a_masked_update_starts_every_optimizer_state_of_regrown_blocks_where_a_fresh_optimizer_starts_it(name):
+    """Only Adam's, AMSGrad's and SGD's state restarted at pruned and regrown blocks: RMSprop's, Adagrad's or Rprop's
+    state of a block pruned now went on scaling it once regrown later."""
+    make_optimizer, fresh = FRESH_STATE_OPTIMIZERS[name]
+    model = _masked_model()
+    opt = make_optimizer(model.parameters())
+    smet = SMET(model, opt, update_interval=1, prune_fraction=0.4)
+    for _ in range(2):
+        model(torch.randn(4, 32)).pow(2).mean().backward()
+        opt.step()
+    old = model.q_proj.layout.mask.clone()
+    before = {key: opt.state[model.q_proj.weight][key].clone() for key in fresh}
+    smet.step()
+    new = model.q_proj.layout.mask
+    assert (new & ~old).any()
+    for key, value in fresh.items():
+        blocks = opt.state[model.q_proj.weight][key].reshape(new.shape[0], B, new.shape[1], B).permute(0, 2, 1, 3)
+        was = before[key].reshape(new.shape[0], B, new.shape[1], B).permute(0, 2, 1, 3)
+        assert torch.all(blocks[old ^ new] == value) and torch.equal(blocks[old & new], was[old & new]), key
+        assert not torch.all(was[old & ~new] == value), key  # the pruned blocks' state was not fresh
 
 
 @pytest.mark.parametrize("regrow", ["random", "gradient"])

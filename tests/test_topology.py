@@ -15,7 +15,7 @@ from smet_kernels.modules import BlockSparseLinear
 from smet_kernels.optim.smet_adamw import SMETAdamW
 from smet_kernels.prune_regrow import blocks_to_move
 from smet_kernels.topology import SMET
-from topology_runs import B, FEATURES, TinyMLP, _layouts, batch, make_run, train_step
+from topology_runs import B, FEATURES, FRESH_STATE_OPTIMIZERS, TinyMLP, _layouts, batch, make_run, train_step
 
 
 # ---------------------------------------------------------------------------------------------- schedule
@@ -169,6 +169,29 @@ def test_a_regrown_slot_inherits_neither_the_amsgrad_maximum_nor_the_sgd_momentu
     changed = (model.up.layout.block_indices != old).any(1)
     state = opt.state[model.up.values][key]
     assert changed.any() and torch.all(state[changed] == 0) and state[~changed].abs().sum() > 0
+
+
+@pytest.mark.parametrize("name", FRESH_STATE_OPTIMIZERS)
+def test_a_regrown_slot_starts_every_optimizer_state_where_a_fresh_optimizer_starts_it(name):
+    """Only Adam's, AMSGrad's and SGD's state restarted: RMSprop's, Adagrad's or Rprop's state of the pruned block
+    went on scaling the regrown one."""
+    make_optimizer, fresh = FRESH_STATE_OPTIMIZERS[name]
+    model = TinyMLP()
+    opt = make_optimizer(model.parameters())
+    smet = SMET(model, opt, update_interval=1, prune_fraction=0.5)
+    for step in (1, 2):
+        x, target = batch(step)
+        (model(x) - target).pow(2).mean().backward()
+        opt.step()
+    old = model.up.layout.block_indices.clone()
+    before = {key: opt.state[model.up.values][key].clone() for key in fresh}
+    smet.step()
+    changed = (model.up.layout.block_indices != old).any(1)
+    assert changed.any() and not changed.all()
+    for key, value in fresh.items():
+        state = opt.state[model.up.values][key]
+        assert torch.all(state[changed] == value) and torch.equal(state[~changed], before[key][~changed]), key
+        assert not torch.all(before[key][changed] == value), key  # the pruned blocks' state was not fresh
 
 
 def test_kernels_follow_the_updated_topology():

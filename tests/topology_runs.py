@@ -1,6 +1,6 @@
-"""The topology tests' shared model and run (tests/test_topology.py, tests/test_topology_rigl.py, tests/test_supar.py):
-a tiny MLP of two block-sparse layers, SMETAdamW and an SMET controller on it, its seeded batches and training step,
-and the block indices of its layers."""
+"""The topology tests' shared model and run (tests/test_topology.py, tests/test_topology_rigl.py, tests/test_supar.py,
+tests/test_masked.py): a tiny MLP of two block-sparse layers, SMETAdamW and an SMET controller on it, its seeded
+batches and training step, the block indices of its layers, and optimizers of other state than Adam's."""
 
 import torch
 from torch import nn
@@ -11,6 +11,15 @@ from smet_kernels.topology import SMET
 
 B = 16  # block size
 FEATURES = 64  # 4 x 4 blocks per layer
+
+#: optimizers whose state a regrown block restarts (besides Adam's, AMSGrad's and SGD's): name -> (make optimizer on
+#: params, {state key: the value a fresh optimizer starts it at})
+FRESH_STATE_OPTIMIZERS = {
+    "adagrad": (lambda params: torch.optim.Adagrad(params, lr=1e-2, initial_accumulator_value=0.25), {"sum": 0.25}),
+    "rmsprop": (lambda params: torch.optim.RMSprop(params, lr=1e-2, momentum=0.9, centered=True),
+                {"square_avg": 0.0, "momentum_buffer": 0.0, "grad_avg": 0.0}),
+    "rprop": (lambda params: torch.optim.Rprop(params, lr=3e-3), {"prev": 0.0, "step_size": 3e-3}),
+}
 
 
 class TinyMLP(nn.Module):
