@@ -349,10 +349,23 @@ def test_a_step_refused_for_a_later_group_changes_no_parameter_and_counts_no_ste
     optimizer.step()
     before = [first.detach().clone(), second.detach().clone()]
     optimizer.param_groups[1]["lr"] = bad_lr  # e.g. a schedule run past its end; named as set (no density factor)
-    with pytest.raises(ValueError, match=rf"^param group 1: lr must be >= 0, got {bad_lr}$"):
+    with pytest.raises(ValueError, match=rf"^param group 1: lr must be a finite float >= 0, got {bad_lr}$"):
         optimizer.step()
     assert torch.equal(first, before[0]) and torch.equal(second, before[1])
     assert [float(optimizer.state[p]["step"]) for p in (first, second)] == [1.0, 1.0]
+
+
+def test_an_infinite_lr_from_a_schedule_is_refused_by_name_instead_of_turning_the_weights_into_inf(device):
+    """The constructor refused lr=inf, the step let it through (a tensor lr filled by a schedule, or one set by hand)
+    and every weight became inf or NaN."""
+    values = sparse_param(32, 32, 16, 0.5, seed=0, device=device)
+    optimizer = SMETAdamW([values], lr=torch.tensor(1e-2))
+    optimizer.param_groups[0]["lr"].fill_(float("inf"))
+    values.grad = torch.ones_like(values)
+    before = values.detach().clone()
+    with pytest.raises(ValueError, match=r"^param group 0: lr must be a finite float >= 0, got inf$"):
+        optimizer.step()
+    assert torch.equal(values, before) and not optimizer.state
 
 
 @pytest.mark.parametrize("option, value", [("bias_correction", "Global"), ("warmup_scope", "All"),

@@ -294,8 +294,10 @@ class SMETAdamW(torch.optim.Optimizer):
         stepped_groups = {group_index: group for group_index, group, _, _ in stepped}
         lrs = {index: float(group["lr"]) for index, group in stepped_groups.items()}  # a CUDA tensor lr: one sync each
         for index, lr in lrs.items():  # a scheduler or a hand-set lr: named as set, before the density factor
-            if not lr >= 0.0:
-                raise ValueError(f"param group {index}: lr must be >= 0, got {lr}")
+            try:
+                check_finite(lr, "lr")  # an infinite lr turned every weight into inf/NaN
+            except ValueError as err:
+                raise ValueError(f"param group {index}: {err}") from None
         for index, group in stepped_groups.items():  # the per-tensor options a hand-edited group may hold
             _check_step_options(group, f"param group {index}: ")
         batches: dict[tuple, dict[str, list]] = {}
