@@ -383,6 +383,19 @@ def test_an_option_set_by_hand_in_a_param_group_is_checked_at_the_step_by_name(o
     assert torch.equal(values, before) and not optimizer.state
 
 
+@pytest.mark.parametrize("value, error", [(torch.float64, ValueError), ("fp32", TypeError)])
+def test_a_state_dtype_set_by_hand_is_checked_at_the_first_step_by_name_and_no_state_is_made(value, error):
+    """A float64 ``state_dtype`` made float64 moments that the step then refused naming ``exp_avgs[0]`` and kept (a
+    corrected group could not replace them); a string raised ``zeros_like()``'s message."""
+    values = sparse_param(32, 32, 16, 0.5, seed=0)
+    optimizer = SMETAdamW([values], lr=1e-2, backend="reference")
+    optimizer.param_groups[0]["state_dtype"] = value
+    values.grad = torch.ones_like(values)
+    with pytest.raises(error, match="^param group 0: state_dtype must be"):
+        optimizer.step()
+    assert not optimizer.state
+
+
 def test_bad_param_group_and_values_shape_raise(device):
     optimizer = SMETAdamW([dense_param((4,), seed=0, device=device)])
     rejected = dense_param((4,), seed=1, device=device)

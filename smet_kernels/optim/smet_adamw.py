@@ -70,10 +70,6 @@ def _check_group(group: dict) -> None:
     check_finite(lr, "lr")
     check_hyperparameters(group["betas"], group["eps"], group["weight_decay"], group["warmup"], group["warmup_steps"])
     _check_step_options(group, "")
-    if not isinstance(group["state_dtype"], torch.dtype):
-        raise TypeError(f"state_dtype must be a torch.dtype, got {type(group['state_dtype']).__name__}")
-    if group["state_dtype"] not in PARAM_DTYPES:
-        raise ValueError(f"state_dtype must be one of {PARAM_DTYPES}, got {group['state_dtype']}")
     if group["backend"] is not None:
         check_backend(group["backend"])
 
@@ -81,7 +77,8 @@ def _check_group(group: dict) -> None:
 def _check_step_options(group: dict, where: str) -> None:
     """The options a step reads per tensor, which ``check_hyperparameters`` (run on every batch) does not check: set
     by hand in ``param_groups`` after construction, a typo (``bias_correction="Global"``) was silently read as the
-    other mode and a NaN ``density_lr_exponent`` raised naming the fused batch's ``lrs[0]``."""
+    other mode, a NaN ``density_lr_exponent`` raised naming the fused batch's ``lrs[0]`` and a ``state_dtype`` of
+    ``torch.float64`` made moments that the step then refused, naming ``exp_avgs[0]``, and kept."""
     try:
         check_finite(group["density_lr_exponent"], "density_lr_exponent")
     except ValueError as err:
@@ -89,6 +86,10 @@ def _check_step_options(group: dict, where: str) -> None:
     for name, choices in (("warmup_scope", WARMUP_SCOPES), ("bias_correction", BIAS_CORRECTIONS)):
         if group[name] not in choices:
             raise ValueError(f"{where}{name} must be one of {choices}, got {group[name]!r}")
+    if not isinstance(group["state_dtype"], torch.dtype):
+        raise TypeError(f"{where}state_dtype must be a torch.dtype, got {type(group['state_dtype']).__name__}")
+    if group["state_dtype"] not in PARAM_DTYPES:
+        raise ValueError(f"{where}state_dtype must be one of {PARAM_DTYPES}, got {group['state_dtype']}")
 
 
 def _step_counter() -> torch.Tensor:
