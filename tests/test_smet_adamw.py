@@ -368,6 +368,24 @@ def test_an_infinite_lr_from_a_schedule_is_refused_by_name_instead_of_turning_th
     assert torch.equal(values, before) and not optimizer.state
 
 
+def test_a_backend_that_cannot_run_fails_the_step_before_another_group_steps_or_any_step_counts(monkeypatch):
+    """``backend="triton"`` where Triton cannot run (CPU tensors without the interpreter) was refused at its batch's
+    launch: the batches before it had stepped and every dense step count was bumped, so the first step that ran
+    after the fix bias-corrected with t = 2."""
+    import smet_kernels.backend as backend_module
+
+    first, second = dense_param((4,), seed=0), dense_param((4,), seed=1)
+    optimizer = SMETAdamW([first], lr=1e-2, backend="reference")
+    optimizer.add_param_group({"params": [second], "backend": "triton"})
+    monkeypatch.setattr(backend_module, "triton_can_run", lambda device: False)
+    first.grad, second.grad = torch.ones_like(first), torch.ones_like(second)
+    before = [first.detach().clone(), second.detach().clone()]
+    with pytest.raises(ValueError, match="^backend='triton' cannot run on device cpu"):
+        optimizer.step()
+    assert torch.equal(first, before[0]) and torch.equal(second, before[1])
+    assert [float(optimizer.state[p]["step"]) for p in (first, second)] == [0.0, 0.0]
+
+
 @pytest.mark.parametrize("option, value", [("bias_correction", "Global"), ("warmup_scope", "All"),
                                            ("density_lr_exponent", float("nan"))])
 def test_an_option_set_by_hand_in_a_param_group_is_checked_at_the_step_by_name(option, value):

@@ -43,7 +43,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from ..backend import check_backend
+from ..backend import check_backend, resolve_backend
 from ..ops.adamw import PARAM_DTYPES, check_finite, check_hyperparameters, check_tensors
 from ..ops.library import launch_adamw_step
 from ..sharding import check_row_sharded, local, zeros_per_row
@@ -340,6 +340,8 @@ class SMETAdamW(torch.optim.Optimizer):
             if batch["params"]:
                 check_hyperparameters(*key[:5])
                 check_tensors(*(batch[name] for name in _BATCH_FIELDS))
+                for device in {param.device for param in batch["params"]}:  # e.g. backend="triton" on CPU tensors
+                    resolve_backend(device, key[5])
         for counter in counters:
             counter.add_(1)
         # tables cached by the batch's groups, not its hyper-parameters (scheduled, e.g. OneCycleLR's betas), and only
