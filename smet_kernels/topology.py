@@ -70,6 +70,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .backend import resolve_backend
 from .dense_grad import RecordDenseGrad, zero_probe
 from .layout import BlockLayout
 from .ops.library import regrow_blocks
@@ -486,8 +487,9 @@ class SMET:
         return (noise * self.init_std).to(dtype=like.dtype, device=like.device)
 
     def _check_regrow(self, target: _SparseTarget, slots: torch.Tensor) -> None:
-        """Raise what the regrow of compact ``target``'s ``slots`` in :meth:`_apply` would raise (e.g. fp64 values),
-        so that an update fails before it moves any layout, not after moving those of the layers before."""
+        """Raise what the regrow of compact ``target``'s ``slots`` in :meth:`_apply` would raise (e.g. fp64 values, or
+        the global backend ``"triton"`` where Triton cannot run), so that an update fails before it moves any layout,
+        not after moving those of the layers before (or this one's, whose regrow then raised)."""
         if target.kind != "compact":
             return
         state = self.optimizer.state.get(target.param, {})
@@ -496,6 +498,7 @@ class SMET:
         else:
             values, states = target.param.data, [state.get(key) for key in _REGROW_STATE_KEYS]
         check_regrow_inputs(values, slots.to(values.device), *states, self.regrow_init, self.init_std, self.generator)
+        resolve_backend(values.device)
 
     def _apply(self, target: _SparseTarget, slots: torch.Tensor, new_blocks: torch.Tensor) -> None:
         layout, param, b = target.layout, target.param, target.layout.block_size

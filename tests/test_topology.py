@@ -150,6 +150,22 @@ def test_an_update_whose_regrow_of_a_later_layer_raises_moves_no_layout():
     assert smet.step_count == 0 and smet.history == []
 
 
+def test_an_update_whose_regrow_backend_cannot_run_moves_no_layout(monkeypatch):
+    """The global backend ``"triton"`` where Triton cannot run (CPU tensors without the interpreter) was refused by
+    the regrow, after its layer's layout had moved: the pruned blocks' values then sat at the grown blocks with their
+    moments, and a retry updated that topology again."""
+    import smet_kernels.backend as backend_module
+
+    _, _, smet = make_run(update_interval=1)
+    before = [t.layout.block_indices.clone() for t in smet.targets]
+    monkeypatch.setattr(backend_module, "triton_can_run", lambda device: False)
+    monkeypatch.setattr(backend_module, "_backend", "triton")
+    with pytest.raises(ValueError, match="^backend='triton' cannot run on device cpu"):
+        smet.step()
+    assert all(torch.equal(t.layout.block_indices, b) for t, b in zip(smet.targets, before))
+    assert smet.step_count == 0 and smet.history == []
+
+
 @pytest.mark.parametrize("make_optimizer, key", [
     (lambda params: torch.optim.AdamW(params, lr=1e-2, amsgrad=True), "max_exp_avg_sq"),
     (lambda params: torch.optim.SGD(params, lr=1e-2, momentum=0.9), "momentum_buffer"),
