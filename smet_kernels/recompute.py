@@ -49,6 +49,9 @@ def checkpoint(module: nn.Module, *inputs, function=None):
     """``module(*inputs)`` (or ``function(*inputs)``, the computation of ``module`` without its hooks) with its
     activations recomputed in backward (non-reentrant ``torch.utils.checkpoint``, RNG state preserved); raises
     ``RuntimeError`` if a layout of ``module`` changed before the recompute."""
+    if not isinstance(module, nn.Module):  # torch.utils.checkpoint's order (function, *args) would fail on .parameters
+        raise TypeError(f"module must be an nn.Module (pass a plain function as function=), "
+                        f"got {type(module).__name__}")
     versions = None if torch.compiler.is_compiling() else layout_versions(module)
     function = module if function is None else function
 

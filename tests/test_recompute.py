@@ -66,6 +66,15 @@ def test_checkpoint_runs_the_given_function_not_the_module_and_its_hooks():
     assert calls == [] and torch.equal(x.grad, torch.full((2, 3), 2.0))
 
 
+def test_checkpoint_given_a_function_in_place_of_the_module_is_refused_by_name():
+    """``checkpoint(fn, x)``, torch.utils.checkpoint's order, raised AttributeError: 'function' object has no
+    attribute 'parameters'."""
+    from smet_kernels.recompute import checkpoint
+
+    with pytest.raises(TypeError, match=r"^module must be an nn.Module \(pass a plain function as function=\), got "):
+        checkpoint(lambda t: 2 * t, torch.randn(2, 3, requires_grad=True))
+
+
 @pytest.mark.parametrize("sparse", ["smet", "masked"])
 def test_a_layout_change_before_the_recompute_is_refused(sparse):
     model = tiny_model(sparse, True)
