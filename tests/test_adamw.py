@@ -122,6 +122,30 @@ def test_adamw_step_takes_the_vector_path_only_when_all_four_tensors_are_aligned
     assert launches == [misaligned is None]
 
 
+@pytest.mark.parametrize("block_size, aligned", [(6, False), (10, False), (7, False), (12, True), (16, True)])
+def test_adamw_step_takes_the_vector_path_only_when_every_program_starts_at_a_multiple_of_16_elements(
+    block_size, aligned, monkeypatch, device
+):
+    """Slots of 6 × 6 put the second program's first element at 455 · 36 = 16380: the kernel was told it was a
+    multiple of 16 (a misaligned vector access on a GPU) because the tensors' addresses and sizes were."""
+    from smet_kernels.ops import adamw as module
+
+    launches = []
+
+    class Launcher:
+        def __getitem__(self, grid):
+            return lambda pointers, sizes, scalars, work, *args, **kwargs: launches.append((sizes, work, kwargs))
+
+    monkeypatch.setattr(module, "adamw_step_kernel", Launcher())
+    nnz = 16 * (module.ADAMW_ELEMENTS_PER_PROGRAM // block_size**2 + 2)  # at least two programs, 16k elements
+    tensors = make_tensors([(nnz, block_size)], torch.float32, device, torch.Generator().manual_seed(1))
+    assert all(_vector_aligned(t) for t in tensors[0][:4])
+    run(tensors, [0.1], [None], "triton")
+    ((sizes, work, kwargs),) = launches
+    starts = work[:, 1].long().cpu() * sizes[work[:, 0].long(), 1].cpu()
+    assert len(starts) >= 2 and bool((starts % 16 == 0).all()) == aligned and kwargs["ALIGNED"] == aligned
+
+
 @pytest.mark.parametrize("betas", [(0.0, 0.99), (0.9, 0.0)])
 def test_adamw_step_with_a_zero_beta_matches_torch(betas, device):
     """beta = 0 is allowed: its bias correction 1 - 0^t is 1 (log2(0) = -inf in the kernel), not a division by 0."""

@@ -87,7 +87,7 @@ def adamw_step_kernel(
 
     begin = slot_begin * slot_numel
     end = tl.minimum(slot_end * slot_numel, numel)
-    if ALIGNED:  # host-checked: 16-byte aligned tensors of 16k elements, so 16-byte vector loads are legal
+    if ALIGNED:  # host-checked: 16-byte aligned tensors of 16k elements whose programs start at 16k elements
         param_ptr = tl.multiple_of(param_ptr, 16)
         grad_ptr = tl.multiple_of(grad_ptr, 16)
         exp_avg_ptr = tl.multiple_of(exp_avg_ptr, 16)
@@ -139,6 +139,26 @@ def _vector_aligned(tensor: torch.Tensor) -> bool:
     return tensor.data_ptr() % 16 == 0 and tensor.numel() % ALIGN_ELEMENTS == 0
 
 
+def _slots(entry: tuple) -> tuple[int, int]:
+    """``(slots, elements per slot)`` of ``(param, grad, m, v, block_step)``: a dense tensor is cut in slots of
+    ``ADAMW_ELEMENTS_PER_PROGRAM`` elements; values ``[nnz, b, b]`` in its ``nnz`` slots (nnz or b may be 0)."""
+    param, block_step = entry[0], entry[4]
+    if block_step is None:
+        return -(-param.numel() // ADAMW_ELEMENTS_PER_PROGRAM), ADAMW_ELEMENTS_PER_PROGRAM
+    return param.shape[0], param.numel() // param.shape[0] if param.shape[0] else 0
+
+
+def _slots_per_program(slot_numel: int) -> int:
+    return max(1, ADAMW_ELEMENTS_PER_PROGRAM // max(slot_numel, 1))
+
+
+def _programs_start_aligned(entry: tuple) -> bool:
+    """Every program's first element is a multiple of ``ALIGN_ELEMENTS`` into the tensor (values of ``b × b`` slots,
+    ``b`` odd or 2 mod 4, start programs elsewhere: the kernel's 16-element hint on ``begin`` would not hold)."""
+    _, slot_numel = _slots(entry)
+    return _slots_per_program(slot_numel) * slot_numel % ALIGN_ELEMENTS == 0
+
+
 def _slot_is_whole_tiles(entry: tuple) -> bool:
     """A values tensor whose ``b × b`` slots are whole tiles (b a multiple of 32 on a GPU), or a dense tensor (slots of
     ``ADAMW_ELEMENTS_PER_PROGRAM`` elements, read without a step): each tile then has one local step."""
@@ -175,16 +195,10 @@ def _pointer_table(addresses: tuple[tuple[int, ...], ...], device: torch.device)
 def _work_tables(tensors: list[tuple], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """``sizes [T, 2]``, ``work [P, 3]`` for tensors ``(param, grad, m, v, block_step)``."""
     sizes, work = [], []
-    for index, (param, _, _, _, block_step) in enumerate(tensors):
-        numel = param.numel()
-        if block_step is None:
-            slot_numel = ADAMW_ELEMENTS_PER_PROGRAM
-            num_slots = -(-numel // slot_numel)
-        else:  # values [nnz, b, b]: nnz may be 0 (no work) and b may be 0 (steps bumped, no elements)
-            num_slots = param.shape[0]
-            slot_numel = numel // num_slots if num_slots else 0
-        sizes.append([numel, slot_numel])
-        slots_per_program = max(1, ADAMW_ELEMENTS_PER_PROGRAM // max(slot_numel, 1))
+    for index, entry in enumerate(tensors):
+        num_slots, slot_numel = _slots(entry)
+        sizes.append([entry[0].numel(), slot_numel])
+        slots_per_program = _slots_per_program(slot_numel)
         firsts = torch.arange(0, num_slots, slots_per_program, dtype=torch.int64)
         work.append(
             torch.stack(
@@ -254,7 +268,8 @@ def triton_adamw_step(
             PARAM_DTYPE=TL_DTYPES[param.dtype],
             STATE_DTYPE=TL_DTYPES[tensors[0][2].dtype],
             WARMUP=WARMUP_CODES[warmup],
-            ALIGNED=all(_vector_aligned(t) for entry in tensors for t in entry[:4]),
+            ALIGNED=all(_vector_aligned(t) for entry in tensors for t in entry[:4])
+            and all(_programs_start_aligned(entry) for entry in tensors),
             STEP_PER_TILE=all(_slot_is_whole_tiles(entry) for entry in tensors),
             TILE=ADAMW_TILE,
             num_warps=ADAMW_NUM_WARPS,
