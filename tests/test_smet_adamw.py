@@ -525,3 +525,25 @@ def test_gradients_at_new_addresses_rebuild_only_the_pointer_table(device, monke
     assert len(copies) == 3 + 1 + 2 * 3
     for p, q in zip(params, expected):
         torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_a_compiled_optimizer_step_matches_the_eager_step_on_either_backend(backend, device):
+    """``torch.compile(opt.step)``: Dynamo traced into the Triton launch (its host tables of raw addresses; on the
+    CPU, into the interpreter, which raised); the launch now runs as it is inside the compiled step."""
+    torch._dynamo.reset()
+    params = [sparse_param(64, 32, 16, 0.5, seed=0, device=device), dense_param((40,), seed=1, device=device)]
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    twins[0].smet_layout = params[0].smet_layout
+    opt, eager = SMETAdamW(params, lr=0.01, backend=backend), SMETAdamW(twins, lr=0.01, backend=backend)
+    step = torch.compile(opt.step)
+    generator = torch.Generator().manual_seed(2)
+    for _ in range(3):
+        for p, q in zip(params, twins):
+            p.grad = torch.randn(p.shape, generator=generator).to(device)
+            q.grad = p.grad.clone()
+        step()
+        eager.step()
+    for p, q in zip(params, twins):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
+    assert opt.state_dict()["state"][0]["block_step"].tolist() == eager.state_dict()["state"][0]["block_step"].tolist()

@@ -209,6 +209,7 @@ def _work_tables(tensors: list[tuple], device: torch.device) -> tuple[torch.Tens
     return sizes_table, _to_device(torch.cat(work).to(torch.int32), device)
 
 
+@torch.compiler.disable  # host tables of raw addresses: a compiled optimizer step launches it as it is
 def triton_adamw_step(
     tensors: list[tuple],
     lrs: list[float],
