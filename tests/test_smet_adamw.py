@@ -368,6 +368,29 @@ def test_an_infinite_lr_from_a_schedule_is_refused_by_name_instead_of_turning_th
     assert torch.equal(values, before) and not optimizer.state
 
 
+def test_a_tensor_lr_of_two_elements_set_by_hand_is_refused_by_name_at_the_step(device):
+    """It raised torch's 'only one element tensors can be converted to Python scalars', naming no lr."""
+    values = sparse_param(32, 32, 16, 0.5, seed=0, device=device)
+    optimizer = SMETAdamW([values], lr=torch.tensor(1e-2))
+    optimizer.param_groups[0]["lr"] = torch.tensor([1e-2, 2e-2])
+    values.grad = torch.ones_like(values)
+    with pytest.raises(ValueError, match=r"^param group 0: lr as a tensor must hold one element, got shape \(2,\)$"):
+        optimizer.step()
+    assert not optimizer.state
+
+
+def test_a_numpy_lr_set_by_hand_steps_like_the_same_float(device):
+    np = pytest.importorskip("numpy")
+    params = [dense_param((8,), seed=0, device=device) for _ in range(2)]
+    optimizers = [SMETAdamW([p], lr=1e-2) for p in params]
+    optimizers[0].param_groups[0]["lr"] = np.float32(0.5)
+    optimizers[1].param_groups[0]["lr"] = float(np.float32(0.5))
+    for p, optimizer in zip(params, optimizers):
+        p.grad = torch.ones_like(p)
+        optimizer.step()
+    assert torch.equal(params[0], params[1])
+
+
 def test_a_backend_that_cannot_run_fails_the_step_before_another_group_steps_or_any_step_counts(monkeypatch):
     """``backend="triton"`` where Triton cannot run (CPU tensors without the interpreter) was refused at its batch's
     launch: the batches before it had stepped and every dense step count was bumped, so the first step that ran

@@ -37,6 +37,7 @@ step. ``state_dict()`` therefore holds ``DTensor``s; the trainer gathers them to
 
 from __future__ import annotations
 
+import numbers
 from collections import OrderedDict
 from itertools import chain
 from typing import Any, Callable, Iterable
@@ -56,18 +57,23 @@ _UNSUPPORTED_FLAGS = ("amsgrad", "maximize", "capturable", "differentiable")
 _BATCH_FIELDS = ("params", "grads", "exp_avgs", "exp_avg_sqs", "block_steps", "lrs", "global_steps", "dense_warmups")
 
 
+def _lr_value(lr):
+    """``lr`` as a Python float: a real number, or a one-element tensor (accepted by ``torch.optim.AdamW`` and kept a
+    tensor by the LR schedulers; on a GPU, one sync); anything else as it is, for ``check_finite`` to name."""
+    if isinstance(lr, torch.Tensor):
+        if lr.numel() != 1:
+            raise ValueError(f"lr as a tensor must hold one element, got shape {tuple(lr.shape)}")
+        return float(lr)
+    return float(lr) if isinstance(lr, numbers.Real) and not isinstance(lr, bool) else lr
+
+
 def _check_group(group: dict) -> None:
     for flag in _UNSUPPORTED_FLAGS:
         if group.get(flag):
             raise ValueError(f"{flag}=True is not supported by SMETAdamW")
     if group.get("decoupled_weight_decay") is False and group["weight_decay"]:  # a torch.optim.Adam state
         raise ValueError("decoupled_weight_decay=False (L2 weight decay) is not supported by SMETAdamW")
-    lr = group["lr"]
-    if isinstance(lr, torch.Tensor):  # accepted by torch.optim.AdamW (and kept a tensor by the LR schedulers)
-        if lr.numel() != 1:
-            raise ValueError(f"lr as a tensor must hold one element, got shape {tuple(lr.shape)}")
-        lr = lr.item()
-    check_finite(lr, "lr")
+    check_finite(_lr_value(group["lr"]), "lr")
     check_hyperparameters(group["betas"], group["eps"], group["weight_decay"], group["warmup"], group["warmup_steps"])
     _check_step_options(group, "")
     if group["backend"] is not None:
@@ -293,10 +299,11 @@ class SMETAdamW(torch.optim.Optimizer):
         for _, _, param, name in stepped:  # every check before any state changes: a bad parameter changes nothing
             self._check_param(param, name)
         stepped_groups = {group_index: group for group_index, group, _, _ in stepped}
-        lrs = {index: float(group["lr"]) for index, group in stepped_groups.items()}  # a CUDA tensor lr: one sync each
-        for index, lr in lrs.items():  # a scheduler or a hand-set lr: named as set, before the density factor
-            try:
-                check_finite(lr, "lr")  # an infinite lr turned every weight into inf/NaN
+        lrs = {}
+        for index, group in stepped_groups.items():  # a scheduler or a hand-set lr: named as set, before the density
+            try:  # factor; a two-element tensor raised torch's message, an infinite lr made every weight inf/NaN
+                lrs[index] = _lr_value(group["lr"])
+                check_finite(lrs[index], "lr")
             except ValueError as err:
                 raise ValueError(f"param group {index}: {err}") from None
         for index, group in stepped_groups.items():  # the per-tensor options a hand-edited group may hold
