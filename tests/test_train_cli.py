@@ -243,6 +243,17 @@ def test_a_resume_names_the_settings_it_changes_from_its_run_old_to_new_and_says
     assert "resumed with settings changed" not in capsys.readouterr().err
 
 
+def test_a_resume_given_the_block_size_its_run_resolved_by_default_names_no_change(capsys, tmp_path):
+    """The run saved block_size None (the default, resolved to 16 for tiny): --block-size 16 changes nothing."""
+    argv = ["--config", "tiny", "--optimizer", "smet", "--backend", "reference", "--device", "cpu", "--batch-size",
+            "2", "--seq-len", "16", "--max-steps", "2", "--update-interval", "2", "--eval-every", "0",
+            "--checkpoint-every", "2", "--out-dir", str(tmp_path), "--no-progress"]
+    assert cli.main(argv) == 0
+    capsys.readouterr()
+    assert cli.main(["--resume", str(tmp_path), "--max-steps", "3", "--block-size", "16", "--no-progress"]) == 0
+    assert "resumed with settings changed" not in capsys.readouterr().err
+
+
 def test_the_notes_on_options_are_printed_by_rank_0_only(capsys, tmp_path, monkeypatch):
     """Under torchrun each rank parses the same command line: the notes came once per rank."""
     argv = ["--config", "tiny", "--optimizer", "adamw", "--density", "0.3", "--device", "cpu", "--max-steps", "1",

@@ -27,7 +27,7 @@ from ..optim.galore import GALORE_DEFAULT_RANK
 from ..distribution import DISTRIBUTIONS
 from ..reference.adamw import WARMUP_MODES
 from ..topology import REGROW_INITS, REGROW_MODES
-from .checkpoint import CheckpointWarning, load_checkpoint_config, refuse_fixed_changes
+from .checkpoint import CheckpointWarning, load_checkpoint_config, refuse_fixed_changes, saved_block_size
 from .config import (
     CHECKPOINT_FORMATS,
     NONFINITE_ACTIONS,
@@ -307,6 +307,7 @@ def _note_resume_changes(args: argparse.Namespace, config: TrainConfig, options:
     if not config.resume:
         return
     saved = json.loads((Path(config.resume) / "config.json").read_text())  # the checkpoint verified by the setup
+    saved["block_size"] = saved_block_size(saved)  # a default block size as the run resolved it
     changed = []
     for name, value in vars(args).items():
         before = saved.get(name, value)
