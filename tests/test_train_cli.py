@@ -254,6 +254,18 @@ def test_a_resume_given_the_block_size_its_run_resolved_by_default_names_no_chan
     assert "resumed with settings changed" not in capsys.readouterr().err
 
 
+def test_a_resume_with_no_update_probe_names_that_flag_turned_on_not_off(capsys, tmp_path):
+    """--no-update-probe sets update_probe False: the note names the flag's state, False -> True."""
+    argv = ["--config", "tiny", "--optimizer", "smet", "--backend", "reference", "--device", "cpu", "--batch-size",
+            "2", "--seq-len", "16", "--max-steps", "2", "--eval-every", "0", "--checkpoint-every", "2", "--out-dir",
+            str(tmp_path), "--no-progress"]
+    assert cli.main(argv) == 0
+    capsys.readouterr()
+    assert cli.main(["--resume", str(tmp_path), "--max-steps", "3", "--no-update-probe", "--no-progress"]) == 0
+    assert ("smet-train: resumed with settings changed from its run (they act from here on): --no-update-probe False "
+            "-> True") in capsys.readouterr().err
+
+
 def test_the_notes_on_options_are_printed_by_rank_0_only(capsys, tmp_path, monkeypatch):
     """Under torchrun each rank parses the same command line: the notes came once per rank."""
     argv = ["--config", "tiny", "--optimizer", "adamw", "--density", "0.3", "--device", "cpu", "--max-steps", "1",

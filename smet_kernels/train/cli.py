@@ -312,7 +312,10 @@ def _note_resume_changes(args: argparse.Namespace, config: TrainConfig, options:
     for name, value in vars(args).items():
         before = saved.get(name, value)
         if name not in _UNNOTED_ON_RESUME and before != (list(value) if isinstance(value, tuple) else value):
-            changed.append(f"{options.get(name, name)} {before} -> {value}")
+            flag = options.get(name, name)
+            if flag.startswith("--no-"):  # the flag's own state: --no-update-probe False -> True, not the field's
+                before, value = not before, not value
+            changed.append(f"{flag} {before} -> {value}")
     rounded = config.precision == "bf16" and saved.get("precision", "fp32") != "bf16"
     if changed:
         print(f"smet-train: resumed with settings changed from its run (they act from here on): {', '.join(changed)}"
