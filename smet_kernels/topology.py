@@ -109,13 +109,16 @@ class _SparseTarget:
         return None if self.probe is None else self.probe.grad
 
 
-def _first_input_name(module: nn.Module) -> str | None:
-    """The name of the first argument of ``module.forward`` (the layer input ``x`` when it is called by keyword)."""
+def _first_input_name(module: nn.Module) -> str:
+    """The name of the first argument of ``module.forward`` (the layer input when it is called by keyword); ``x``, as
+    this library's layers name it, for a forward without a named first argument (``*args``, ``**kwargs``, none, or no
+    signature, e.g. a builtin)."""
     try:
         arguments = list(inspect.signature(module.forward).parameters.values())
-    except (TypeError, ValueError):  # a forward without a signature (a builtin): positional input only
-        return None
-    return arguments[0].name if arguments else None
+    except (TypeError, ValueError):
+        return "x"
+    named = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return arguments[0].name if arguments and arguments[0].kind in named else "x"
 
 
 def _check_int(value, name: str, minimum: int, maximum: int | None = None) -> int:

@@ -412,3 +412,26 @@ def test_a_rigl_layer_called_without_its_first_argument_raises_one_line_naming_i
     x, _ = batch(0)
     with pytest.raises(TypeError, match=r"called without a tensor as its first argument \('hidden'\); call it"):
         layer(inputs=x)
+
+
+class _VariadicLayer(_HiddenLayer):
+    """A layer whose ``forward`` takes ``*args, **kwargs`` (a wrapper's signature) and reads its input as ``x``."""
+
+    def forward(self, *args, **kwargs):
+        return super().forward(args[0] if args else kwargs["x"])
+
+
+def test_a_layer_with_a_variadic_forward_called_with_x_by_keyword_records_the_dense_gradient():
+    """The hook looked the input up under the first argument's name, ``args``, and raised on a ``x=`` call that it
+    read before (as ``kwargs["x"]``)."""
+    layer = _VariadicLayer(BlockSparseLinear(FEATURES, FEATURES, 0.5, B, generator=torch.Generator().manual_seed(0)))
+    model = nn.ModuleDict({"layer": layer})
+    smet = SMET(model, torch.optim.SGD(model.parameters(), lr=0.0), update_interval=1, regrow="gradient")
+    x, _ = batch(0)
+    layer(x=x).pow(2).sum().backward()
+    from smet_kernels.functional import to_dense
+
+    dense = to_dense(layer.values, layer.layout).detach().requires_grad_()
+    (x @ dense.t()).pow(2).sum().backward()
+    (target,) = smet.targets
+    torch.testing.assert_close(target.dense_grad, dense.grad)
