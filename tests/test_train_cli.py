@@ -266,6 +266,21 @@ def test_a_resume_with_no_update_probe_names_that_flag_turned_on_not_off(capsys,
             "-> True") in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("optimizer, updates", [("smet", ", and topology updates run to step 6, not 4"),
+                                                ("adamw", "")])
+def test_extending_a_finished_run_says_its_schedules_now_run_to_the_new_last_step(capsys, tmp_path, optimizer,
+                                                                                  updates):
+    """--max-steps was left out of the resume note: the learning rate rose again at the resumed step unannounced."""
+    argv = ["--config", "tiny", "--optimizer", optimizer, "--backend", "reference", "--device", "cpu", "--batch-size",
+            "2", "--seq-len", "16", "--max-steps", "4", "--update-interval", "2", "--eval-every", "0",
+            "--checkpoint-every", "4", "--no-update-probe", "--out-dir", str(tmp_path), "--no-progress"]
+    assert cli.main(argv) == 0
+    capsys.readouterr()
+    assert cli.main(["--resume", str(tmp_path), "--max-steps", "6", "--no-progress"]) == 0
+    assert ("smet-train: --max-steps 4 -> 6: from here on the learning rate follows the cosine decay laid over the new "
+            f"length (to step 6, not 4){updates}\n") in capsys.readouterr().err
+
+
 def test_the_notes_on_options_are_printed_by_rank_0_only(capsys, tmp_path, monkeypatch):
     """Under torchrun each rank parses the same command line: the notes came once per rank."""
     argv = ["--config", "tiny", "--optimizer", "adamw", "--density", "0.3", "--device", "cpu", "--max-steps", "1",

@@ -320,6 +320,14 @@ def _note_resume_changes(args: argparse.Namespace, config: TrainConfig, options:
     if changed:
         print(f"smet-train: resumed with settings changed from its run (they act from here on): {', '.join(changed)}"
               + ("; the fp32 weights are rounded to bf16" if rounded else ""), file=sys.stderr)
+    steps = saved.get("max_steps", config.max_steps)
+    if steps != config.max_steps:  # extending a run: its schedules are laid over the new length, not continued
+        old_end, new_end = (last_update_step(saved.get("update_end_step"), n) for n in (steps, config.max_steps))
+        updates = (f", and topology updates run to step {new_end}, not {old_end}"
+                   if METHODS[config.optimizer].sparse and new_end != old_end else "")
+        print(f"smet-train: --max-steps {steps} -> {config.max_steps}: from here on the learning rate follows the "
+              f"cosine decay laid over the new length (to step {config.max_steps}, not {steps}){updates}",
+              file=sys.stderr)
 
 
 @contextlib.contextmanager
