@@ -19,12 +19,12 @@ sparse parameters are handled, found in ``model.parameters()`` by a marker attri
 
 * compact values ``[nnz, b, b]`` carrying ``p.smet_layout`` (``BlockSparseLinear``): the layout's slots
   are moved with :meth:`BlockLayout.replace_blocks` and the slots' values, Adam moments and per-block
-  step are reset by :func:`smet_kernels.ops.library.regrow_blocks` (any other state shaped like the values, e.g.
-  AMSGrad's ``max_exp_avg_sq`` or SGD's ``momentum_buffer``, restarts there too: at zero, Adagrad's ``sum`` at its
-  ``initial_accumulator_value``, Rprop's ``step_size`` at its ``lr``);
+  step are reset by :func:`smet_kernels.ops.library.regrow_blocks` (the other per-weight state of torch.optim's
+  optimizers, e.g. AMSGrad's ``max_exp_avg_sq`` or SGD's ``momentum_buffer``, restarts there too: at zero, Adagrad's
+  ``sum`` at its ``initial_accumulator_value``, Rprop's ``step_size`` at its ``lr``);
 * dense masked weights ``[out, in]`` carrying ``p.smet_mask_layout`` (:class:`smet_kernels.masked.MaskedLinear`):
   the layout (hence the mask) is updated the same way, pruned blocks are zeroed, regrown blocks get the
-  init values and the optimizer's state shaped like the weight restarts at both (as for compact values).
+  init values and the optimizer's per-weight state restarts at both (as for compact values).
 
 Both kinds share one schedule and one selection rule (:mod:`smet_kernels.prune_regrow`).
 
@@ -81,8 +81,13 @@ from .sharding import check_row_sharded, full, gather_rows, is_sharded, local, r
 REGROW_MODES = ("random", "gradient")
 REGROW_INITS = ("zeros", "normal")
 _REGROW_STATE_KEYS = ("exp_avg", "exp_avg_sq", "block_step")  # the state regrow_blocks resets
-# the optimizer state that starts at another value than zero: key -> the param-group entry holding that value
-# (Adagrad's running sum, Rprop's per-weight step size)
+# torch.optim's state of one value per weight, which a regrown block must not inherit from the pruned one (Adam's,
+# NAdam's, RAdam's moments, AMSGrad's maximum, Adamax's norm, SGD's momentum, RMSprop's and Adadelta's averages,
+# Adagrad's sum, Rprop's signs and step sizes, ASGD's average); other state (GaLore's projection, a [d, d]
+# preconditioner of a square layer) is not per weight and stays
+_ELEMENTWISE_STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "exp_inf", "momentum_buffer", "square_avg",
+                           "grad_avg", "acc_delta", "sum", "prev", "step_size", "ax")  # fmt: skip
+# those of them that start at another value than zero: key -> the param-group entry holding that value
 _FRESH_STATE = {"sum": "initial_accumulator_value", "step_size": "lr"}
 
 # why a RigL update found no dense gradient after remove_hooks(), and what to do
@@ -147,11 +152,10 @@ def _local_regrow_operands(param: torch.Tensor, state: dict, slots: torch.Tensor
 
 
 def _elementwise_state(state: dict, param: torch.Tensor, skip: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
-    """Every tensor of ``param``'s optimizer ``state`` that holds one value per weight (shaped like ``param``): Adam's
-    moments, AMSGrad's maximum, SGD's momentum, RMSprop's, Adagrad's and Adadelta's running averages, Rprop's step
-    sizes ...; a regrown block must not inherit them from the pruned one. ``skip``: keys left out."""
-    return {key: tensor for key, tensor in state.items()
-            if key not in skip and isinstance(tensor, torch.Tensor) and tensor.shape == param.shape}  # fmt: skip
+    """The tensors of ``param``'s optimizer ``state`` that hold one value per weight (:data:`_ELEMENTWISE_STATE_KEYS`,
+    shaped like ``param``), but those of ``skip``."""
+    return {key: state[key] for key in _ELEMENTWISE_STATE_KEYS
+            if key not in skip and isinstance(state.get(key), torch.Tensor) and state[key].shape == param.shape}
 
 
 def _fresh_value(key: str, group: dict) -> float:

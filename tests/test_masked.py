@@ -247,6 +247,24 @@ def test_a_masked_update_starts_every_optimizer_state_of_regrown_blocks_where_a_
         assert not torch.all(was[old & ~new] == value), key  # the pruned blocks' state was not fresh
 
 
+def test_a_masked_update_leaves_optimizer_state_that_is_not_per_weight_as_it_is_on_a_square_layer():
+    """GaLore's ``[d, d]`` projection of a square layer is shaped like the weight but is no per-weight state: an
+    update that zeroed its blocks made it no longer orthonormal."""
+    from smet_kernels.optim.galore import GaLoreAdamW
+
+    model = masked_sparsify(nn.Sequential(nn.Linear(32, 32, bias=False)), 0.5, B,
+                            generator=torch.Generator().manual_seed(0))  # fmt: skip
+    weight = model[0].weight
+    opt = GaLoreAdamW([{"params": [weight], "rank": 32}], lr=1e-2)
+    smet = SMET(model, opt, update_interval=1, prune_fraction=0.5)
+    for _ in range(2):
+        model(torch.randn(4, 32)).pow(2).mean().backward()
+        opt.step()
+    projection = opt.state[weight]["projection"].clone()
+    assert smet.step()["layers"]["0.weight"]["regrown"] > 0
+    assert torch.equal(opt.state[weight]["projection"], projection)
+
+
 @pytest.mark.parametrize("regrow", ["random", "gradient"])
 def test_compact_and_masked_make_identical_decisions(regrow):
     """One selection function serves both storage schemes: same weights, seed and gradients -> same topology."""
