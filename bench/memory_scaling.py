@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
@@ -277,6 +278,20 @@ def _validate(args) -> None:
         raise ValueError(f"--vocab-sizes must be ints >= 2, got {args.vocab_sizes}")
 
 
+def _check_measurable(cases, memory_bytes: int | None = None) -> None:
+    """Refuse measured ``cases`` whose predicted peak (the memory model's) exceeds this machine's memory
+    (``memory_bytes``, default: physical memory): a measured 7b step would allocate some 100 GB of CPU tensors."""
+    memory_bytes = memory_bytes or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    peaks: dict[str, int] = {}
+    for case in cases:
+        peaks[case.config] = max(peaks.get(case.config, 0), model_row(case)["peak_bytes"])
+    too_large = {config: peak for config, peak in peaks.items() if peak > memory_bytes}
+    if too_large:
+        sizes = ", ".join(f"{config} about {peak / 1e9:.0f} GB" for config, peak in too_large.items())
+        raise ValueError(f"--measure-configs {','.join(too_large)}: a measured step needs more than this machine's "
+                         f"{memory_bytes / 1e9:.0f} GB of memory ({sizes}, predicted); trace it without measuring")
+
+
 def main_from_args(args, prog: str, argv: list[str]) -> int:
     """Trace (resumable: rows already in memory.csv are skipped), then render memory.md."""
     import shlex
@@ -296,7 +311,9 @@ def main_from_args(args, prog: str, argv: list[str]) -> int:
                                  f"{','.join(args.state_dtypes)} gives no case to trace: GaLore keeps bf16 states only")
             cases += [c for c in gpu_cases(out_dir.parent) if c not in cases]
             measured = MEASURED_CONFIGS if args.measure_configs is None else args.measure_configs
-            written = run_plan(plan(cases, measured), memory_file(out_dir), not args.no_progress)
+            pairs = plan(cases, measured)
+            _check_measurable([case for case, source in pairs if source == "measured"])
+            written = run_plan(pairs, memory_file(out_dir), not args.no_progress)
             if written:
                 with (out_dir / "commands.txt").open("a") as handle:
                     handle.write(f"{prog} {shlex.join(argv)}\n")

@@ -67,3 +67,24 @@ def test_a_vocabulary_of_two_tokens_is_the_smallest_the_memory_command_takes(tmp
             _validate(args)
     else:
         _validate(args)
+
+
+def test_measuring_a_size_whose_predicted_step_exceeds_the_machines_memory_is_refused_before_any_row(tmp_path,
+                                                                                                       capsys):
+    """``--measure-configs 7b`` was taken: after tracing it would have built 7b on real CPU tensors (some 90 GB)."""
+    from bench.memory_scaling import _check_measurable
+
+    cases = list(memory_cases(configs=("20m", "7b"), methods=("dense",), batch_shapes=((8, 256),),
+                              vocab_sizes=(256,), state_dtypes=("fp32",), checkpointing=(False,)))  # fmt: skip
+    with pytest.raises(ValueError, match=r"^--measure-configs 7b: a measured step needs more than this machine's "
+                                         r"24 GB of memory \(7b about \d+ GB, predicted\); trace it without measuring$"):
+        _check_measurable(cases, memory_bytes=24 * 10**9)
+    _check_measurable(cases[:1], memory_bytes=24 * 10**9)  # 20m fits
+    from bench.cli import main
+
+    argv = ["memory", "--configs", "20m,7b", "--methods", "dense", "--vocab-sizes", "256", "--measure-configs", "7b",
+            "--out-dir", str(tmp_path), "--no-progress"]
+    with pytest.raises(SystemExit) as exit_info:  # this machine: far below the 7b step's memory
+        main(argv)
+    assert exit_info.value.code == 2 and "--measure-configs 7b: a measured step needs" in capsys.readouterr().err
+    assert not (tmp_path / "memory.csv").exists()
