@@ -456,6 +456,22 @@ def test_each_launcher_refuses_an_operand_that_is_not_a_row_major_matrix():
                 call()
 
 
+def test_each_launcher_reads_strided_values_bias_and_block_indices_as_the_reference_does():
+    """The pointer kernels read values, bias and block indices by offsets: through ``torch.ops.smet.bsmm_forward``
+    a transposed values tensor gave a wrong product with the Triton backend (the reference and TMA read it right)."""
+    from smet_kernels.ops.block_sparse_matmul import triton_bsmm_grad_weight
+
+    layout = _mask_layout("random", 2, 2, 16)
+    x, values, dy, bias = _inputs(layout, 8, torch.float32)
+    strided = values.transpose(1, 2).contiguous().transpose(1, 2)
+    strided_bias = torch.stack([bias, bias], 1)[:, 0]
+    indices = layout.block_indices_on(x.device).t().contiguous().t()
+    assert not any(t.is_contiguous() for t in (strided, strided_bias, indices))
+    _close(triton_forward(x, strided, layout, strided_bias), torch_forward(x, values, layout, bias), torch.float32)
+    _close(triton_grad_input(dy, strided, layout), torch_grad_input(dy, values, layout), torch.float32)
+    _close(triton_bsmm_grad_weight(dy, x, indices, 16), torch_grad_weight(dy, x, layout), torch.float32)
+
+
 def test_the_weight_grad_launches_the_default_split_k_of_its_token_and_block_counts(monkeypatch):
     from smet_kernels.ops import block_sparse_matmul as bsmm
 

@@ -414,6 +414,7 @@ def _dense_sparse(
     variant = traceable_variant(variant, a, values)
     if variant == "tma" and values.shape[0] == 0:  # no active block: no values descriptor (0 rows are refused)
         variant = "grouped"
+    values = values.contiguous()  # blocks and bias are read by offsets: a strided tensor is copied first
     m, in_cols = a.shape
     out = torch.empty((m, out_cols), dtype=a.dtype, device=a.device)
     if m == 0:  # no token tile: launch nothing (a grid of zero programs is an error on some drivers)
@@ -427,7 +428,7 @@ def _dense_sparse(
         **precision_flags(a.dtype),
     )
     index_args = (index.ptr, index.slots, index.minor)
-    bias_arg = bias if bias is not None else out
+    bias_arg = bias.contiguous() if bias is not None else out
 
     def tile_grid(meta):  # one program per (token tile, output block)
         return (triton.cdiv(m, meta["BLOCK_M"]) * out_blocks,)
@@ -514,6 +515,7 @@ def triton_bsmm_grad_weight(
     :func:`default_variant`) run the pointer kernel: program order does not apply to this grid of blocks.
     """
     _check_row_major(dy=dy, x=x)
+    block_indices = block_indices.contiguous()  # read by offsets: a strided tensor is copied first
     if variant is None:
         variant = default_variant(x.device)
     elif variant not in VARIANTS:
