@@ -472,6 +472,17 @@ def test_each_launcher_reads_strided_values_bias_and_block_indices_as_the_refere
     _close(triton_bsmm_grad_weight(dy, x, indices, 16), torch_grad_weight(dy, x, layout), torch.float32)
 
 
+def test_each_launcher_refuses_operands_of_two_dtypes_by_name_rather_than_failing_to_compile():
+    layout = _mask_layout("random", 2, 2, 16)
+    x, values, dy, _ = _inputs(layout, 8, torch.float32)
+    calls = (("values has dtype torch.float16 but x", lambda: triton_forward(x, values.half(), layout)),
+             ("values has dtype torch.float16 but dy", lambda: triton_grad_input(dy, values.half(), layout)),
+             ("dy has dtype torch.float16 but x", lambda: triton_grad_weight(dy.half(), x, layout)))  # fmt: skip
+    for message, call in calls:
+        with pytest.raises(TypeError, match=f"^{message} has dtype torch.float32"):
+            call()
+
+
 def test_the_weight_grad_launches_the_default_split_k_of_its_token_and_block_counts(monkeypatch):
     from smet_kernels.ops import block_sparse_matmul as bsmm
 

@@ -383,6 +383,12 @@ def _check_row_major(**tensors: torch.Tensor) -> None:
             raise ValueError(f"{name} must be a 2-D tensor with unit stride along its last dimension")
 
 
+def _check_same_dtype(first: str, a: torch.Tensor, second: str, b: torch.Tensor) -> None:
+    """``tl.dot`` takes operands of one dtype: a mix is a ``TypeError`` naming both, not a Triton compile error."""
+    if a.dtype != b.dtype:
+        raise TypeError(f"{second} has dtype {b.dtype} but {first} has dtype {a.dtype}")
+
+
 def _launchable(kernel, traced: bool):
     """``wrap_triton(kernel)`` (the higher-order op Inductor sees) while traced, else the kernel itself. Called
     eagerly outside a ``triton_op`` (kernel tests, benchmarks), ``wrap_triton`` would route every launch through that
@@ -480,9 +486,11 @@ def triton_bsmm_forward(
     tiles gives the plain token-tile-fastest order). ``variant``: ``"grouped"`` (one program per output tile),
     ``"persistent"`` (about one program per SM slot, longest block rows first in each group) or ``"tma"`` (grouped,
     tiles moved by TMA descriptors, sm_90+; an operand it cannot read, misaligned, is copied first); None:
-    :func:`default_variant`. Shapes and dtypes are checked by the caller (``functional``).
+    :func:`default_variant`. Shapes are checked by the caller (``functional``); ``values`` of another dtype than ``x``
+    is refused.
     """
     _check_row_major(x=x)
+    _check_same_dtype("x", x, "values", values)
     return _dense_sparse(x, values, row_index, out_features, values.shape[-1], True, bias, group_m, variant)
 
 
@@ -497,6 +505,7 @@ def triton_bsmm_grad_input(
     """``dx [M, K] = dy [M, N] · W``, walking the active blocks of each block column (CSC ``col_index``) over the
     same values (``group_m`` and ``variant`` as in :func:`triton_bsmm_forward`)."""
     _check_row_major(dy=dy)
+    _check_same_dtype("dy", dy, "values", values)
     return _dense_sparse(dy, values, col_index, in_features, values.shape[-1], False, None, group_m, variant)
 
 
@@ -515,6 +524,7 @@ def triton_bsmm_grad_weight(
     :func:`default_variant`) run the pointer kernel: program order does not apply to this grid of blocks.
     """
     _check_row_major(dy=dy, x=x)
+    _check_same_dtype("x", x, "dy", dy)
     block_indices = block_indices.contiguous()  # read by offsets: a strided tensor is copied first
     if variant is None:
         variant = default_variant(x.device)
