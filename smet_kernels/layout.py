@@ -75,6 +75,14 @@ def check_generator(generator: torch.Generator | None, name: str = "generator") 
         raise TypeError(f"{name} must be a torch.Generator or None, got {type(generator).__name__}")
 
 
+def _static(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` marked static for Dynamo: under ``dynamic=True`` its sizes were symbols, duck-sized with an equal
+    token count ``M``, which a comparison with the layout's constant sizes then fixed (a recompile at the next M)."""
+    if not torch.compiler.is_compiling():
+        torch._dynamo.mark_static(tensor)
+    return tensor
+
+
 def nnz_for_density(num_blocks: int, density: float) -> int:
     """``round(d * blocks)``, at least one block: Python's ``round`` of the float product (a decimal tie may go
     either way by the density's float error, 0.07 · 150 -> 11; kept, as every saved layout's nnz depends on it)."""
@@ -105,14 +113,14 @@ class BlockLayout:
             raise ValueError("block_indices must hold at least one active block (nnz >= 1)")
         self._block_size = block_size
         self._shape = (out_features, in_features)
-        self._block_indices = block_indices.to(torch.int64).contiguous().clone()
+        self._block_indices = _static(block_indices.to(torch.int64).contiguous().clone())
         self._check_indices(self._block_indices)
         self.version = 0
         self._cache: dict = {}
         # device -> packed index (built here, eagerly, so a traced graph finds it), rewritten in place by _bump
-        self._kernel_index = {str(self.device): self._pack_kernel_index()}
+        self._kernel_index = {str(self.device): _static(self._pack_kernel_index())}
         #: ``[version]`` as an int64 CPU tensor, rewritten in place by a topology update (see :meth:`kernel_index`)
-        self.version_tensor = torch.zeros(1, dtype=torch.int64, device="cpu")
+        self.version_tensor = _static(torch.zeros(1, dtype=torch.int64, device="cpu"))
 
     # ------------------------------------------------------------------ constructors
     @classmethod
@@ -234,7 +242,7 @@ class BlockLayout:
         that runs after the update."""
         key = str(torch.device(device))
         if key not in self._kernel_index:  # a copy of the layout device's index (traceable: no data-dependent shape)
-            self._kernel_index[key] = self._kernel_index[str(self.device)].to(device)
+            self._kernel_index[key] = _static(self._kernel_index[str(self.device)].to(device))
         return self._kernel_index[key]
 
     def _pack_kernel_index(self) -> torch.Tensor:

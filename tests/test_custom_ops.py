@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch._dynamo.testing import CompileCounterWithBackend
 
 from conftest import DEVICE
-from smet_kernels import BlockLayout, block_sparse_linear, sparsify, to_dense
+from smet_kernels import BlockLayout, BlockSparseLinear, block_sparse_linear, sparsify, to_dense
 from smet_kernels.backend import triton_can_run
 from smet_kernels.ops import library
 from smet_kernels.topology import SMET
@@ -141,6 +141,23 @@ def test_the_traced_reference_weight_grad_recompiles_per_power_of_two_tokens_not
         torch.testing.assert_close(compiled(dy, x, layout.block_indices, B),
                                    torch_bsmm_grad_weight(dy, x, layout.block_indices, B))  # fmt: skip
     assert counter.frame_count == 1
+
+
+def test_a_first_token_count_equal_to_a_layout_size_does_not_specialise_a_dynamic_compile():
+    """Under ``dynamic=True`` the layout's tensors had symbolic sizes, duck-sized with an equal token count ``M``:
+    the check of values against ``layout.nnz`` (or the split of the packed index) then fixed ``M``, and the next
+    token count recompiled."""
+    layout = _layout()
+    layer = BlockSparseLinear(layout.shape[1], layout.shape[0], layout=layout, backend="reference").to(DEVICE)
+    for first in (layout.nnz, layout.kernel_index(DEVICE).numel()):
+        torch._dynamo.reset()
+        counter = CompileCounterWithBackend("aot_eager")
+        compiled = torch.compile(layer, fullgraph=True, dynamic=True, backend=counter)
+        with torch.no_grad():
+            for m in (first, first + 1):
+                x = _operands(layout, m=m)[0]
+                torch.testing.assert_close(compiled(x), layer(x))
+        assert counter.frame_count == 1, first
 
 
 @pytest.mark.parametrize("wrt", ["x", "values"])
