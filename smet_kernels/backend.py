@@ -1,8 +1,8 @@
 """Backend switch: ``triton`` kernels or the pure-PyTorch ``reference``.
 
-``auto`` (the default) picks Triton where it can run — CUDA tensors, or any tensor when the Triton
-CPU interpreter is on (``TRITON_INTERPRET=1`` set before import) — and the reference otherwise, with
-one warning. Set globally with :func:`set_backend` or the ``SMET_BACKEND`` environment variable, or
+``auto`` (the default) picks Triton where it can run — CUDA tensors, or instead CPU tensors when the
+Triton CPU interpreter is on (``TRITON_INTERPRET=1`` set before import) — and the reference otherwise,
+with one warning. Set globally with :func:`set_backend` or the ``SMET_BACKEND`` environment variable, or
 per call with the ``backend=`` argument of the ops.
 """
 
