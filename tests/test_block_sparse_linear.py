@@ -268,6 +268,17 @@ def test_under_autocast_the_op_computes_in_the_autocast_dtype(dtype):
     _close(y, block_sparse_linear(x.to(dtype), values.to(dtype), layout, bias.to(dtype), backend="reference"), dtype)
 
 
+def test_under_autocast_the_reference_rounds_a_bf16_output_with_bias_once_as_without_autocast():
+    """The op's body ran inside the caller's autocast: its fp32 product was rounded to bf16, the bias added, and the
+    sum rounded again, off by one bf16 step in a quarter of the outputs (eager only: a compiled graph was right)."""
+    layout = _mask_layout("dense", 4, 8, 16)
+    x, values, _, bias = _inputs(layout, 16, torch.float32)
+    with torch.autocast(torch.device(DEVICE).type, dtype=torch.bfloat16):
+        y = block_sparse_linear(x, values, layout, bias, backend="reference")
+    bf16 = [t.to(torch.bfloat16) for t in (x, values, bias)]
+    assert torch.equal(y, block_sparse_linear(*bf16[:2], layout, bf16[2], backend="reference"))
+
+
 def test_fp64_under_the_auto_backend_falls_back_to_the_reference():
     """Triton has no fp64 kernels: ``auto`` (the default) runs fp64 through the reference instead of refusing it."""
     layout = _mask_layout("random", 2, 2, 16)

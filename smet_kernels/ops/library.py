@@ -37,6 +37,7 @@ They resolve the backend per call (:func:`smet_kernels.backend.resolve_backend`)
 
 from __future__ import annotations
 
+import contextlib
 from typing import Sequence
 
 import torch
@@ -59,6 +60,13 @@ _register = custom_op if INTERPRET else triton_op
 
 def _unpack(index: torch.Tensor, nnz: int, n: int, k: int, b: int):
     return unpack_kernel_index(index, nnz, (n // b, k // b))
+
+
+def _without_autocast(device: torch.device):
+    """Autocast off for a reference product, which computes in fp32 as the kernels do: an op's body runs inside the
+    caller's autocast, which rounded its matmuls to bf16 first (and a bf16 output with bias twice)."""
+    available = torch.amp.is_autocast_available(device.type)  # not on meta
+    return torch.autocast(device.type, enabled=False) if available else contextlib.nullcontext()
 
 
 @custom_op("smet::check_layout_version", mutates_args=())
@@ -101,7 +109,8 @@ def bsmm_forward(
     block_indices, rows, _ = _unpack(index, nnz, out_features, x.shape[1], b)
     if backend == "triton":
         return triton_bsmm_forward(x, values, rows, out_features, bias, variant=variant)
-    return torch_bsmm_forward(x, values, block_indices, out_features, bias)
+    with _without_autocast(x.device):
+        return torch_bsmm_forward(x, values, block_indices, out_features, bias)
 
 
 @_register("smet::bsmm_grad_input", mutates_args=())
@@ -120,7 +129,8 @@ def bsmm_grad_input(
     block_indices, _, cols = _unpack(index, nnz, dy.shape[1], in_features, b)
     if backend == "triton":
         return triton_bsmm_grad_input(dy, values, cols, in_features, variant=variant)
-    return torch_bsmm_grad_input(dy, values, block_indices, in_features)
+    with _without_autocast(dy.device):
+        return torch_bsmm_grad_input(dy, values, block_indices, in_features)
 
 
 @_register("smet::bsmm_grad_weight", mutates_args=())
@@ -139,7 +149,8 @@ def bsmm_grad_weight(
     block_indices, _, _ = _unpack(index, nnz, dy.shape[1], x.shape[1], block_size)
     if backend == "triton":
         return triton_bsmm_grad_weight(dy, x, block_indices, block_size, variant=variant)
-    return torch_bsmm_grad_weight(dy, x, block_indices, block_size)
+    with _without_autocast(x.device):
+        return torch_bsmm_grad_weight(dy, x, block_indices, block_size)
 
 
 @bsmm_forward.register_fake
