@@ -160,6 +160,29 @@ def test_a_first_token_count_equal_to_a_layout_size_does_not_specialise_a_dynami
         assert counter.frame_count == 1, first
 
 
+def test_a_token_count_known_only_at_run_time_compiles_with_fullgraph_and_gives_the_eager_gradients():
+    """Tokens routed by a mask (``x[mask]``, as a mixture of experts does) have a data-dependent count: the backward
+    tested ``dy.numel()`` and the reference weight grad compared it with a power of two while tracing, which Dynamo
+    refuses for such a count (the dense layer compiles). The Triton launchers on a GPU are not covered here."""
+    torch._dynamo.reset()
+    layout = _layout()
+    x, values, _, bias = _operands(layout, m=6)
+
+    def loss(a, v, b, mask):
+        return block_sparse_linear(a[mask], v, layout, b, backend="reference").square().sum()
+
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    for mask in (torch.tensor([1, 0, 1, 1, 0, 1], dtype=torch.bool), torch.zeros(6, dtype=torch.bool)):
+        grads = []
+        for function in (loss, compiled):
+            leaves = [t.clone().requires_grad_() for t in (x, values, bias)]
+            with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
+                function(*leaves, mask.to(DEVICE)).backward()
+            grads.append([leaf.grad for leaf in leaves])
+        for got, want in zip(*grads):
+            torch.testing.assert_close(got, want)
+
+
 @pytest.mark.parametrize("wrt", ["x", "values"])
 def test_double_backward_through_the_reference_matches_the_dense_layer(wrt):
     """A gradient penalty ``|dL/dx|²`` (plus ``y``), or ``|dL/dvalues|²`` (the backward of ``bsmm_grad_weight``:

@@ -187,8 +187,10 @@ layout_version.register_effect(EffectType.ORDERED)
 
 
 def _row_major(dy: torch.Tensor) -> torch.Tensor:
-    """An empty ``dy`` may keep the zero strides of an expanded gradient (``y.sum()`` of no tokens): row-major."""
-    return dy.contiguous() if dy.numel() else dy.new_zeros(dy.shape)
+    """``dy`` row-major: an expanded gradient (``y.sum()``) is copied, also when empty (``contiguous`` keeps its zero
+    strides then). Decided by strides, not ``numel``: a token count known only at run time (``x[mask]`` under
+    ``torch.compile``) cannot be tested for zero while tracing."""
+    return dy if dy.stride(-1) == 1 and dy.is_contiguous() else dy.clone(memory_format=torch.contiguous_format)
 
 
 def _once_differentiable(backend: str) -> None:

@@ -13,6 +13,7 @@ tests and the CPU fallback of :func:`smet_kernels.block_sparse_linear`.
 from __future__ import annotations
 
 import torch
+from torch.fx.experimental.symbolic_shapes import guard_or_false
 
 from ..layout import BlockLayout
 
@@ -76,9 +77,10 @@ def torch_bsmm_grad_weight(
     x_blocks = x.to(ct).reshape(m, k // b, b)  # [M, K/b, b]
     idx = block_indices.to(x.device).long()
     # from the power of two at or above M: traced with a dynamic token count, the chunk guards M's range (a recompile
-    # per power of two), not its value (a recompile per token count, failing fullgraph at Dynamo's recompile limit)
+    # per power of two), not its value (a recompile per token count, failing fullgraph at Dynamo's recompile limit);
+    # a token count known only at run time (x[mask] under torch.compile) cannot be compared: the largest chunk
     tokens = 1
-    while tokens < m:
+    while guard_or_false(tokens < m):
         tokens *= 2
     chunk = max(1, _GATHER_ELEMENTS // (tokens * b))
     # chunks bound the gathered temporaries; torch.cat (not writes into a buffer) keeps it differentiable
