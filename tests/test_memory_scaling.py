@@ -76,8 +76,9 @@ def test_measuring_a_size_whose_predicted_step_exceeds_the_machines_memory_is_re
 
     cases = list(memory_cases(configs=("20m", "7b"), methods=("dense",), batch_shapes=((8, 256),),
                               vocab_sizes=(256,), state_dtypes=("fp32",), checkpointing=(False,)))  # fmt: skip
-    with pytest.raises(ValueError, match=r"^--measure-configs 7b: a measured step needs more than this machine's "
-                                         r"24 GB of memory \(7b about \d+ GB, predicted\); trace it without measuring$"):
+    refusal = (r"^--measure-configs 7b: a measured step needs more than this machine's 24 GB of memory \(7b about "
+               r"\d+ GB, predicted\); trace it without measuring$")
+    with pytest.raises(ValueError, match=refusal):
         _check_measurable(cases, memory_bytes=24 * 10**9)
     _check_measurable(cases[:1], memory_bytes=24 * 10**9)  # 20m fits
     from bench.cli import main

@@ -13,9 +13,14 @@ tests and the CPU fallback of :func:`smet_kernels.block_sparse_linear`.
 from __future__ import annotations
 
 import torch
-from torch.fx.experimental.symbolic_shapes import guard_or_false
 
 from ..layout import BlockLayout
+
+try:
+    from torch.fx.experimental.symbolic_shapes import guard_or_false
+except ImportError:  # torch < 2.8 (pyproject: >= 2.6): a run-time token count then fails to trace, as it did
+    def guard_or_false(condition) -> bool:
+        return bool(condition)
 
 _GATHER_ELEMENTS = 1 << 24  # bound on the temporary of the chunked grad_weight gather
 
