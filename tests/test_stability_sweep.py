@@ -163,7 +163,8 @@ def test_the_help_of_each_option_states_the_default_that_cpu_study_gives_it(caps
         ("--min-prune-fraction", "0.5", "--min-prune-fraction (0.5) must be <= --prune-fraction (0.2)"),
         ("--configs", "tiny,tiny", "--configs has duplicates: ['tiny', 'tiny']"),
         ("--configs", "tiny,huge", "--configs must be from tiny,20m,60m,130m,350m,1b,7b, got huge"),
-        ("--alphas", "0,-1", "--alphas must be >= 0, got [-1.0]"),
+        ("--alphas", "0,-1", "--alphas must be finite and >= 0, got [-1.0]"),
+        ("--alphas", "nan,inf", "--alphas must be finite and >= 0, got [nan, inf]"),
         pytest.param("--device", "cuda", "CUDA", marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA")),
     ],
 )
@@ -372,10 +373,12 @@ def test_stability_run_passes_its_time_limit_and_checkpoint_choice_to_the_sweep_
     from bench.stability import cli
 
     calls = []
-    monkeypatch.setattr(cli, "run_sweep", lambda spec, out_dir, **kwargs: calls.append(kwargs) or {"failed": 1})
+    counts = {"total": 3, "skipped": 1, "trained": 1, "failed": 1, "not_started": 0}
+    monkeypatch.setattr(cli, "run_sweep", lambda spec, out_dir, **kwargs: calls.append(kwargs) or counts)
     argv = ["stability", "run", "--quick", "--out-dir", str(tmp_path), "--max-minutes", "30", "--keep-checkpoints"]
     assert bench_main(argv) == 1 and calls == [{"max_minutes": 30.0, "keep_checkpoints": True}]
-    assert "{'failed': 1}; render with: smet-bench stability report --out-dir" in capsys.readouterr().out
+    assert ("smet-bench: 3 runs: 1 skipped, 1 trained, 1 failed, 0 not started; render with: smet-bench stability "
+            "report --out-dir") in capsys.readouterr().out  # a sentence, not a Python dict
     assert (tmp_path / "commands.txt").read_text().split(" ", 1)[1] == "smet-bench " + " ".join(argv) + "\n"
 
 

@@ -191,5 +191,6 @@ def main_from_args(args: argparse.Namespace, prog: str, argv: list[str]) -> int:
             counts = run_sweep(spec, out_dir, max_minutes=args.max_minutes, keep_checkpoints=args.keep_checkpoints)
     except ValueError as error:
         usage_error(error, prog)
-    print(f"{prog}: {counts}; render with: smet-bench stability report --out-dir {out_dir}")
+    summary = ", ".join(f"{count} {name.replace('_', ' ')}" for name, count in counts.items() if name != "total")
+    print(f"{prog}: {counts['total']} runs: {summary}; render with: smet-bench stability report --out-dir {out_dir}")
     return 1 if counts["failed"] else 0

@@ -4,6 +4,7 @@ run's identity and training configuration (:class:`RunSpec`)."""
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -106,8 +107,8 @@ class StudySpec:
         check_choices(setting("methods"), self.methods, METHODS)
         if bad := [d for d in self.densities if not (isinstance(d, (int, float)) and 0.0 < d < 1.0)]:
             fail(f"{setting('densities')} must lie in (0, 1), got {bad}")
-        if bad := [a for a in self.alphas if not (isinstance(a, (int, float)) and a >= 0.0)]:
-            fail(f"{setting('alphas')} must be >= 0, got {bad}")
+        if bad := [a for a in self.alphas if not (isinstance(a, (int, float)) and 0.0 <= a < math.inf)]:
+            fail(f"{setting('alphas')} must be finite and >= 0, got {bad}")
         for name, values in (("densities", self.densities), ("alphas", self.alphas)):
             if len({f"{v:g}" for v in values}) != len(values):  # the run folders' d<density> / a<α>
                 fail(f"{setting(name)} {list(values)} name the same run folder twice (6 significant digits): give "
