@@ -281,6 +281,17 @@ def test_extending_a_finished_run_says_its_schedules_now_run_to_the_new_last_ste
             f"length (to step 6, not 4){updates}\n") in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("rank, noted", [("64", True), ("1000", True), ("63", False)])
+def test_a_galore_rank_of_at_least_the_hidden_size_is_named_as_projecting_nothing(capsys, tmp_path, rank, noted):
+    """--galore-rank 1000 on tiny (hidden size 64) ran a full-size GaLore without a word."""
+    argv = ["--config", "tiny", "--optimizer", "galore", "--galore-rank", rank, "--device", "cpu", "--max-steps", "1",
+            "--batch-size", "2", "--seq-len", "16", "--eval-every", "0", "--out-dir", str(tmp_path), "--no-progress"]
+    assert cli.main(argv) == 0
+    note = (f"smet-train: --galore-rank {rank} is at least every hidden layer's smaller side (the hidden size 64 of "
+            "--config tiny): GaLore projects nothing, its moments are full size\n")
+    assert (note in capsys.readouterr().err) == noted
+
+
 def test_the_notes_on_options_are_printed_by_rank_0_only(capsys, tmp_path, monkeypatch):
     """Under torchrun each rank parses the same command line: the notes came once per rank."""
     argv = ["--config", "tiny", "--optimizer", "adamw", "--density", "0.3", "--device", "cpu", "--max-steps", "1",

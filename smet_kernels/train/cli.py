@@ -294,6 +294,11 @@ def _warn_ignored_options(args: argparse.Namespace, config: TrainConfig) -> None
         print(f"smet-train: no topology update in this run: --update-interval {config.update_interval} is past "
               f"{limit} {last}; the topology stays as {'the checkpoint has it' if config.resume else 'initialised'}",
               file=sys.stderr)
+    hidden = MODEL_CONFIGS[config.model].hidden_size  # the largest smaller side of a projected layer
+    if METHODS[config.optimizer].optimizer == "galore" and (config.galore_rank or 0) >= hidden:
+        print(f"smet-train: --galore-rank {config.galore_rank} is at least every hidden layer's smaller side (the "
+              f"hidden size {hidden} of --config {config.model}): GaLore projects nothing, its moments are full size",
+              file=sys.stderr)
     if config.regrow_init == "zeros" and "regrow_init_std" in given and "regrow_init_std" not in ignored:
         print("smet-train: --regrow-init-std has no effect with --regrow-init zeros", file=sys.stderr)
 
