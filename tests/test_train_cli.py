@@ -126,11 +126,11 @@ def test_a_corpus_too_short_for_a_batch_or_the_validation_windows_names_the_data
     corpus.write_bytes(b"x" * 200)  # 196 training bytes (6 windows of 33), 4 validation bytes
     run = ["--config", "tiny", "--max-steps", "1", "--data", str(corpus), "--seq-len", "32", "--no-progress"]
     assert usage_error(cli.main, run + ["--batch-size", "8"], capsys) == (
-        f"smet-train: error: --data {str(corpus)!r}: training data holds 6 windows of seq_len+1=33 tokens, fewer than "
-        "batch_size=8: lower --seq-len or --batch-size, or give more data")
+        f"smet-train: error: --data {str(corpus)!r}: training data holds 6 windows of --seq-len 32 + 1 tokens, "
+        "fewer than --batch-size 8: lower --seq-len or --batch-size, or give more data")
     assert usage_error(cli.main, run + ["--batch-size", "2"], capsys) == (
-        f"smet-train: error: --data {str(corpus)!r}: validation data is shorter than seq_len+1=33 tokens: lower "
-        "--seq-len, or give more data")
+        f"smet-train: error: --data {str(corpus)!r}: validation data is shorter than --seq-len 32 + 1 tokens: "
+        "lower --seq-len, or give more data")
 
 
 def test_a_run_without_evaluation_or_update_probe_trains_on_a_corpus_whose_validation_split_is_shorter_than_a_window(

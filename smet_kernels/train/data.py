@@ -37,6 +37,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .config import setting
+
 SKIPPED_DIRS = {"site-packages", "dist-packages", "__pycache__", ".git"}
 BINARY_SNIFF_BYTES = 8000  # a NUL byte among a text file's first bytes marks it binary (as git tells them apart)
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".c", ".h", ".json", ".html", ".tex", ".csv", ".yaml", ".yml", ""}
@@ -316,8 +318,8 @@ class PackedBatches:
         self.num_windows = num_windows(tokens, seq_len)
         if self.num_windows < batch_size:
             raise DataError(
-                f"training data holds {self.num_windows} windows of seq_len+1={seq_len + 1} tokens, "
-                f"fewer than batch_size={batch_size}"
+                f"training data holds {self.num_windows} windows of {setting('seq_len')} {seq_len} + 1 tokens, "
+                f"fewer than {setting('batch_size')} {batch_size}"
             )
         self.epoch = 0
         self.position = 0
@@ -360,7 +362,7 @@ def eval_windows(tokens: np.ndarray, seq_len: int, count: int) -> torch.Tensor:
     """``count`` window indices spread evenly over a validation stream (the same every evaluation)."""
     available = num_windows(tokens, seq_len)
     if available == 0:
-        raise DataError(f"validation data is shorter than seq_len+1={seq_len + 1} tokens")
+        raise DataError(f"validation data is shorter than {setting('seq_len')} {seq_len} + 1 tokens")
     # float32 as earlier releases (the same windows on resume), float64 past 2**24, where float32 left the stream
     dtype = torch.float64 if available - 1 > 2**24 else torch.float32
     return (torch.linspace(0, available - 1, count, dtype=dtype).round().long() if count > 1
