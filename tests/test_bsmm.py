@@ -591,3 +591,28 @@ def test_the_reference_grad_weight_gathered_in_chunks_is_the_dense_gradient_at_e
     assert layout.nnz > 1
     torch.testing.assert_close(matmul.torch_bsmm_grad_weight(dy, x, layout.block_indices, 16),
                                matmul.from_dense_reference(dy.t() @ x, layout))
+
+
+def _not_specialised_on_alignment(kernel) -> set[str]:
+    """Parameters of an autotuned kernel whose binary does not depend on their 16-byte alignment (a compiled
+    ``JITFunction``'s params, or what the interpreter's function was declared with)."""
+    fn = kernel.fn
+    if hasattr(fn, "params"):
+        return {p.name for p in fn.params if p.do_not_specialize_on_alignment}
+    return set(fn.kwargs["do_not_specialize_on_alignment"] or ()) & set(fn.arg_names)
+
+
+def test_the_index_pointers_of_a_layer_need_no_alignment_so_every_layer_reuses_the_compiled_binaries():
+    """A layer's CSR / CSC index is a view at an int32 offset of its packed kernel index: 16-byte aligned or not by
+    the parity of ``nnz`` and the block counts. A binary specialised on that alignment compiled again per layer shape
+    on a GPU (the training steps and the compiled step, after the kernel timings compiled the aligned ones)."""
+    from smet_kernels.layout import unpack_kernel_index
+    from smet_kernels.ops import block_sparse_matmul as bsmm
+
+    layout = BlockLayout(torch.tensor([[0, 0]]), (64, 32), 32)  # nnz = 1: the CSR index starts 8 bytes in
+    _, rows, cols = unpack_kernel_index(layout.kernel_index("cpu"), layout.nnz, layout.block_shape)
+    assert {rows.slots.data_ptr() % 16, cols.ptr.data_ptr() % 16} - {0}
+    for kernel in (bsmm.bsmm_dense_sparse_kernel, bsmm.bsmm_dense_sparse_persistent_kernel,
+                   bsmm.bsmm_dense_sparse_tma_kernel):  # fmt: skip
+        index_pointers = {name for name in kernel.fn.arg_names if name in bsmm.INDEX_POINTERS}
+        assert index_pointers and index_pointers <= _not_specialised_on_alignment(kernel)

@@ -54,6 +54,10 @@ from .launch_config import (
 from .rounding import downcast
 from .variant import VARIANTS, default_variant, tma_supported, tracing, traceable_variant
 
+#: the block-index pointers: views at any int32 offset of a layer's packed kernel index (``unpack_kernel_index``), read
+#: by scalar loads; a binary specialised on their 16-byte alignment would compile again for each offset's parity
+INDEX_POINTERS = ["index_ptr_ptr", "index_slots_ptr", "index_minor_ptr", "order_ptr"]
+
 
 @triton.jit
 def _grouped_tile(tile, M, OUT_COLS, BLOCK_SIZE: tl.constexpr, GROUP_M: tl.constexpr, BLOCK_M: tl.constexpr):
@@ -127,7 +131,7 @@ def _dense_sparse_tile(
     key=["M", "IN_COLS", "OUT_COLS", "BLOCK_SIZE", "TRANSPOSE_BLOCKS"],
     prune_configs_by={"early_config_prune": prune_configs},
 )
-@triton.jit
+@triton.jit(do_not_specialize_on_alignment=INDEX_POINTERS)
 def bsmm_dense_sparse_kernel(
     a_ptr,
     values_ptr,
@@ -167,7 +171,7 @@ def bsmm_dense_sparse_kernel(
     key=["M", "IN_COLS", "OUT_COLS", "BLOCK_SIZE", "TRANSPOSE_BLOCKS"],
     prune_configs_by={"early_config_prune": prune_persistent_configs},
 )
-@triton.jit
+@triton.jit(do_not_specialize_on_alignment=INDEX_POINTERS)
 def bsmm_dense_sparse_persistent_kernel(
     a_ptr,
     values_ptr,
@@ -218,7 +222,7 @@ def _tma_block_shapes(nargs: dict) -> None:
     key=["M", "IN_COLS", "OUT_COLS", "BLOCK_SIZE", "TRANSPOSE_BLOCKS"],
     prune_configs_by={"early_config_prune": prune_configs},
 )
-@triton.jit
+@triton.jit(do_not_specialize_on_alignment=INDEX_POINTERS)
 def bsmm_dense_sparse_tma_kernel(
     a_desc,
     values_desc,
