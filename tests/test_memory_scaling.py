@@ -84,8 +84,8 @@ def test_measuring_a_size_whose_predicted_step_exceeds_the_machines_memory_is_re
     from bench.cli import main
 
     argv = ["memory", "--configs", "20m,7b", "--methods", "dense", "--vocab-sizes", "256", "--measure-configs", "7b",
-            "--out-dir", str(tmp_path), "--no-progress"]
+            "--out-dir", str(tmp_path / "reports" / "memory"), "--no-progress"]  # its parent: no other reports
     with pytest.raises(SystemExit) as exit_info:  # this machine: far below the 7b step's memory
         main(argv)
     assert exit_info.value.code == 2 and "--measure-configs 7b: a measured step needs" in capsys.readouterr().err
-    assert not (tmp_path / "memory.csv").exists()
+    assert not (tmp_path / "reports" / "memory" / "memory.csv").exists()
