@@ -21,6 +21,8 @@ from smet_kernels.train.cli import main as train_main
 from smet_kernels.train.config import MAX_SEED, TrainConfig
 from stability_runs import cache_dir  # noqa: F401 -- autouse: the token and matplotlib caches of the session
 
+NOTHING_RUN = {"total": 0, "skipped": 0, "trained": 0, "failed": 0, "not_started": 0}  # run_sweep's counts, stubbed
+
 
 def test_h100_sweep_enumerates_every_method_density_alpha_seed():
     spec = PRESETS["h100"]
@@ -339,7 +341,7 @@ def test_study_json_holds_the_grid_of_every_command_into_the_folder_not_only_the
     study.json, whose grid the report's GPU command repeats, kept only the last command's methods and α."""
     from bench.stability import cli
 
-    monkeypatch.setattr(cli, "run_sweep", lambda *args, **kwargs: {"failed": 0})
+    monkeypatch.setattr(cli, "run_sweep", lambda *args, **kwargs: dict(NOTHING_RUN))
     out_dir = tmp_path / "study"
     for extra in ([], ["--methods", "adamw,masked-dst,galore,smet-momentum_ramp", "--alphas", "1.0"],
                   ["--methods", "adamw,smet-linear", "--alphas", "0.5"]):
@@ -354,7 +356,7 @@ def test_a_command_stopped_while_writing_study_json_leaves_the_earlier_one_whole
     """A cut-short study.json made every later run and report of the folder end in a JSONDecodeError."""
     from bench.stability import cli
 
-    monkeypatch.setattr(cli, "run_sweep", lambda *args, **kwargs: {"failed": 0})
+    monkeypatch.setattr(cli, "run_sweep", lambda *args, **kwargs: dict(NOTHING_RUN))
     out_dir = tmp_path / "study"
     assert bench_main(["stability", "run", "--cpu-study", "--out-dir", str(out_dir)]) == 0
     before = (out_dir / "study.json").read_text()
@@ -399,7 +401,7 @@ def test_stability_run_without_out_dir_writes_into_the_folder_of_its_preset(tmp_
     from bench.stability import cli
 
     folders = []
-    monkeypatch.setattr(cli, "run_sweep", lambda spec, out_dir, **kwargs: folders.append(out_dir) or {"failed": 0})
+    monkeypatch.setattr(cli, "run_sweep", lambda spec, out_dir, **kwargs: folders.append(out_dir) or dict(NOTHING_RUN))
     monkeypatch.chdir(tmp_path)
     for preset in ([], ["--quick"], ["--cpu-study"]):
         assert bench_main(["stability", "run", *preset]) == 0

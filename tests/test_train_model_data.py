@@ -237,11 +237,9 @@ def test_packed_batches_deterministic_resumable_and_sharded():
 
 def test_the_validation_split_of_a_path_is_the_same_in_every_process():
     """The split depends on the path only: not on Python's per-process string hash seed."""
-    code = ("import importlib.util, sys; spec = importlib.util.spec_from_file_location('data', sys.argv[1]); "
-            "data = sys.modules['data'] = importlib.util.module_from_spec(spec); spec.loader.exec_module(data); "
-            "print([data._is_val(f'pkg/mod{i}.py', 50.0) for i in range(64)])")
+    code = "from smet_kernels.train import data; print([data._is_val(f'pkg/mod{i}.py', 50.0) for i in range(64)])"
     splits = {
-        subprocess.run([sys.executable, "-c", code, data_module.__file__], check=True, capture_output=True, text=True,
+        subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True,
                        env={**os.environ, "PYTHONHASHSEED": seed}).stdout
         for seed in ("1", "2")
     }
