@@ -48,7 +48,8 @@ class SMETCallback(TrainerCallback):
     holds it in ``optimizer.pt``, next to the model's layouts (``block_indices`` tensors in the safetensors) — and a
     load hook restores it, so ``trainer.train(resume_from_checkpoint=...)`` continues the topology schedule
     exactly. The Trainer must step ``smet.optimizer``: pass ``optimizers=(smet.optimizer, None)``. A newer callback of
-    the same controller (e.g. for a new Trainer resuming in the same process) takes the checkpointing over.
+    the same optimizer (e.g. for a new Trainer, or a new controller, resuming in the same process) takes the
+    checkpointing over.
 
     A step that fp16 loss scaling skipped (an overflow: ``optimizer.step_was_skipped``) is not counted, as the Trainer
     does not step its LR schedule then: its dense gradients (non-finite) are dropped, and a due update runs at the
@@ -66,14 +67,16 @@ class SMETCallback(TrainerCallback):
         self._take_over()
 
     def _take_over(self) -> None:
-        """Checkpoint the controller through this callback's optimizer hooks, not an earlier callback's (whose
-        skipped-step count would be saved and loaded instead of this one's)."""
-        for handle in getattr(self.smet, "_hf_callback_hooks", ()):
+        """Checkpoint the controller through this callback's optimizer hooks, not an earlier callback's of the
+        optimizer (whose skipped-step count would be saved and loaded instead of this one's, or whose controller,
+        built earlier on the same optimizer, would load the checkpoint instead of this one's)."""
+        optimizer = self.smet.optimizer
+        for handle in getattr(optimizer, "_smet_hf_callback_hooks", ()):
             handle.remove()
-        self.smet._hf_callback_hooks = (
-            self.smet.optimizer.register_state_dict_post_hook(self._add_controller_state),
-            self.smet.optimizer.register_load_state_dict_pre_hook(self._check_controller_state),
-            self.smet.optimizer.register_load_state_dict_post_hook(self._restore_controller_state),
+        optimizer._smet_hf_callback_hooks = (
+            optimizer.register_state_dict_post_hook(self._add_controller_state),
+            optimizer.register_load_state_dict_pre_hook(self._check_controller_state),
+            optimizer.register_load_state_dict_post_hook(self._restore_controller_state),
         )
         self._checked = None
 

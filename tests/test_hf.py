@@ -430,3 +430,16 @@ def test_a_sparse_layer_frozen_after_the_controller_was_built_keeps_its_blocks_u
     assert smet.step_count == STEPS and smet.history and all(
         "model.layers.0.mlp.up_proj.values" not in record["layers"] for record in smet.history)
     assert torch.equal(frozen.layout.block_indices, before[0]) and torch.equal(frozen.values, before[1])
+
+
+def test_a_new_controller_on_the_same_optimizer_resumes_from_the_checkpoint_not_the_earlier_controller(tmp_path):
+    """A resume in the same process with a new controller (and callback) on the model and optimizer in memory: the
+    earlier callback's hooks loaded the checkpoint into the earlier controller, and the new one, left at step 0,
+    refused the resume as not saved with SMETCallback."""
+    model, optimizer, first = sparse_setup("llama", "random")
+    make_trainer(tmp_path, model, optimizer, first, [StopAt(INTERRUPT)], max_steps=INTERRUPT + 1).train()
+    second = sk.SMET(model, optimizer, update_interval=INTERVAL, prune_fraction=0.3, seed=3)
+    trainer = make_trainer(tmp_path, model, optimizer, second, max_steps=INTERRUPT + 1)
+    trainer.train(resume_from_checkpoint=str(tmp_path / f"checkpoint-{INTERRUPT}"))
+    assert second.step_count == trainer.state.global_step == INTERRUPT + 1
+    assert [record["step"] for record in second.history] == [5, 10]
