@@ -118,7 +118,8 @@ class SMETCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, optimizer=None, model=None, **kwargs):
         """Refuse an optimizer other than ``smet.optimizer``, a model that does not hold the controller's sparse
         parameters, a controller out of step with the Trainer, and a controller that two callbacks of one Trainer (or
-        one callback given twice) would step twice a step."""
+        one callback given twice) would step twice a step; take the checkpointing over (from a callback of another
+        Trainer built since, which would save its skipped-step count instead of this one's)."""
         if getattr(self.smet, "_hf_trainer_state", None) is state:  # a TrainerState is made anew by each train()
             raise ValueError(
                 "the Trainer has the SMET controller's callback twice (callbacks=[...] holds SMETCallback of this "
@@ -126,6 +127,7 @@ class SMETCallback(TrainerCallback):
                 "give it one SMETCallback"
             )
         self.smet._hf_trainer_state = state
+        self._take_over()
         self._check_optimizer(optimizer)
         held = set() if model is None else {id(param) for param in model.parameters()}
         missing = [target.name for target in self.smet.targets if model is not None and id(target.param) not in held]

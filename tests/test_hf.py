@@ -443,3 +443,16 @@ def test_a_new_controller_on_the_same_optimizer_resumes_from_the_checkpoint_not_
     trainer.train(resume_from_checkpoint=str(tmp_path / f"checkpoint-{INTERRUPT}"))
     assert second.step_count == trainer.state.global_step == INTERRUPT + 1
     assert [record["step"] for record in second.history] == [5, 10]
+
+
+def test_a_trainer_built_after_another_of_the_same_controller_leaves_the_training_one_checkpointing_its_skips(
+    tmp_path, monkeypatch
+):
+    """A second Trainer of the model (e.g. to evaluate) built before the first trains took the checkpoint hooks: the
+    first's checkpoints held the second's skipped-step count (0), and their resume was refused as out of step."""
+    model, optimizer, smet = sparse_setup("llama", "random")
+    trainer = make_trainer(tmp_path, model, optimizer, smet, [SkipSteps({INTERVAL}, monkeypatch), StopAt(INTERRUPT)])
+    make_trainer(tmp_path / "eval", model, optimizer, smet, save_strategy="no")
+    trainer.train()
+    saved = torch.load(tmp_path / f"checkpoint-{INTERRUPT}" / "optimizer.pt", weights_only=True)
+    assert saved["smet"]["step"] == INTERRUPT - 1 and saved["smet_skipped_steps"] == 1
