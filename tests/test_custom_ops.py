@@ -521,3 +521,54 @@ def test_a_functionalization_mode_alone_counts_as_tracing():
     assert not variant.tracing()
     with FunctionalTensorMode():
         assert variant.tracing()
+
+
+_RUN_TIME_COUNT_TRACE = r"""
+import sys, torch
+from unittest import mock
+from torch._functorch.aot_autograd import aot_module_simplified
+from smet_kernels.layout import BlockLayout
+from smet_kernels.ops import launch_config, library
+layout = BlockLayout.random(64, 64, 16, 0.5, generator=torch.Generator().manual_seed(0))
+index, version = layout.kernel_index("cpu"), layout.version_tensor
+class Traced(Exception):
+    pass
+launches = []
+def partition(joint, *args, **kwargs):  # the joint forward + backward graph, traced through the triton_op bodies
+    launches.append(sum("triton_kernel_wrapper" in str(node.target) for node in joint.graph.nodes))
+    raise Traced()
+def backend(gm, inputs):
+    return aot_module_simplified(gm, inputs, fw_compiler=None, partition_fn=partition)
+def loss(a, v, b, mask):
+    y = torch.ops.smet.bsmm_forward(a[mask], v, b, index, version, library.layout_version(version), 64, "triton",
+                                    sys.argv[1])
+    return y.square().sum()
+leaves = [torch.randn(6, 64, requires_grad=True), torch.randn(layout.nnz, 16, 16, requires_grad=True),
+          torch.randn(64, requires_grad=True)]
+torch._dynamo.config.capture_dynamic_output_shape_ops = True
+real = launch_config.default_split_k
+# the weight grad's split-K as on an H100 / H200 (132 SMs), which a CPU-only machine cannot report
+with mock.patch.object(launch_config, "sm_count", lambda index: 132), mock.patch(
+        "smet_kernels.ops.block_sparse_matmul.default_split_k",
+        lambda m, nnz, device: real(m, nnz, torch.device("cuda", 0))):
+    try:
+        torch.compile(loss, fullgraph=True, backend=backend)(*leaves, torch.tensor([1, 0, 1, 1, 0, 1]).bool())
+    except Exception as error:
+        if "Traced" not in repr(error):
+            raise
+print(launches)
+"""
+
+
+@pytest.mark.parametrize("variant", ["grouped", "persistent"])
+def test_a_token_count_known_only_at_run_time_traces_through_the_triton_launchers(variant):
+    """Off the interpreter (a GPU) AOTAutograd traces the ``triton_op`` bodies, so the launchers see the run-time
+    token count of ``x[mask]`` too: they tested ``m == 0``, the weight grad's split-K and the persistent grid
+    compared it (a GuardOnDataDependentSymNode under ``fullgraph``). Traced here in a child process without the
+    interpreter, on CPU tensors (nothing launches): the joint graph holds the three kernels."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH")]))
+    result = subprocess.run([sys.executable, "-c", _RUN_TIME_COUNT_TRACE, variant], env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.splitlines()[-1] == "[3]", result.stdout

@@ -38,6 +38,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ..backend import INTERPRET
 from ..layout import BlockIndex
+from ..reference.matmul import guard_or_false
 from .launch_config import (
     DENSE_SPARSE_BLOCK_MS,
     GRAD_WEIGHT_BLOCK_MS,
@@ -427,7 +428,10 @@ def _dense_sparse(
     values = values.contiguous()  # blocks and bias are read by offsets: a strided tensor is copied first
     m, in_cols = a.shape
     out = torch.empty((m, out_cols), dtype=a.dtype, device=a.device)
-    if m == 0:  # no token tile: launch nothing (a grid of zero programs is an error on some drivers)
+    # no token tile: launch nothing (a grid of zero programs is an error on some drivers); a token count known only
+    # at run time (x[mask] under torch.compile) cannot be tested while tracing: launched, Triton's launcher skips
+    # an empty grid
+    if guard_or_false(m == 0):
         return out
     out_blocks = out_cols // block_size
     constexprs = dict(
@@ -546,7 +550,9 @@ def triton_bsmm_grad_weight(
         raise ValueError(f"split_k must be a positive int, got {split_k!r}")
     else:
         split = split_k
-    if m == 0 or nnz == 0:  # no token or no block: zero gradients, no launch (a 0-row TMA descriptor is refused)
+    # no token or no block: zero gradients, no launch (a 0-row TMA descriptor is refused); a run-time token count:
+    # launched (a split past the last token tile stores zeros)
+    if guard_or_false(m == 0) or nnz == 0:
         return torch.zeros((nnz, b, b), dtype=x.dtype, device=x.device)
     out_dtype = x.dtype if split == 1 else torch.float32
     out = torch.empty((split, nnz, b, b), dtype=out_dtype, device=x.device)

@@ -12,6 +12,7 @@ import functools
 
 import torch
 import triton
+from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ..backend import INTERPRET
@@ -126,13 +127,20 @@ def precision_flags(dtype: torch.dtype, interpret: bool = INTERPRET) -> dict:
     }
 
 
+def _run_time_count(m) -> bool:
+    """``m`` is a data-dependent (unbacked) symbolic size: no value while tracing, no comparison."""
+    return isinstance(m, torch.SymInt) and bool(free_unbacked_symbols(m))
+
+
 def default_split_k(m: int, nnz: int, device: torch.device) -> int:
     """Splits of the token axis of the weight grad so that ``nnz * split_k`` programs fill the GPU about twice
     over (at most one split per 128 tokens, at most ``MAX_SPLIT_K``); 1 off the GPU."""
     if device.type != "cuda":
         return 1
     programs_wanted = 2 * sm_count(_device_index(device))
-    max_split = max(1, triton.cdiv(m, 128))
+    # a token count known only at run time (x[mask] under torch.compile) cannot be compared while tracing: the
+    # splits the GPU wants (a split past the last token tile adds zeros)
+    max_split = MAX_SPLIT_K if _run_time_count(m) else max(1, triton.cdiv(m, 128))
     return max(1, min(max_split, triton.cdiv(programs_wanted, nnz), MAX_SPLIT_K))
 
 
@@ -147,9 +155,9 @@ def persistent_programs(tiles: int, block_m: int, block_size: int, operand: torc
     """Grid of the persistent kernel: about as many programs as fit on the GPU at once (never more than tiles);
     under the interpreter a few programs, each striding over several tiles."""
     if operand.device.type != "cuda":
-        return min(tiles, 3)
+        return torch.sym_min(tiles, 3)  # sym_min: tiles may be a run-time token count's (no comparison)
     sms = sm_count(_device_index(operand.device))
-    return min(tiles, sms * persistent_programs_per_sm(block_m, block_size, operand.element_size()))
+    return torch.sym_min(tiles, sms * persistent_programs_per_sm(block_m, block_size, operand.element_size()))
 
 
 # ---------------------------------------------------------------- AdamW step and regrow (memory-bound, no autotune)
