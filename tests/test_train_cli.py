@@ -292,6 +292,20 @@ def test_a_galore_rank_of_at_least_the_hidden_size_is_named_as_projecting_nothin
     assert (note in capsys.readouterr().err) == noted
 
 
+def test_a_resume_with_other_eval_batches_says_the_initial_validation_loss_no_longer_compares(capsys, tmp_path):
+    """The summary set the step-0 loss over the first windows beside a final loss over the new ones: the loss seemed
+    to rise after training, and only '--eval-batches 2 -> 1' was said."""
+    argv = ["--config", "tiny", "--backend", "reference", "--device", "cpu", "--batch-size", "2", "--seq-len", "16",
+            "--max-steps", "2", "--eval-every", "1", "--eval-batches", "2", "--checkpoint-every", "1",
+            "--no-update-probe", "--out-dir", str(tmp_path), "--no-progress"]
+    assert cli.main(argv) == 0
+    capsys.readouterr()
+    assert cli.main(["--resume", str(tmp_path / "checkpoints" / "step_0000001"), "--eval-batches", "1",
+                     "--no-progress"]) == 0
+    assert ("smet-train: --eval-batches 2 -> 1: summary.json's initial_val_loss stays the step-0 loss over 2 batches, "
+            "so it no longer compares with the final one\n") in capsys.readouterr().err
+
+
 def test_the_notes_on_options_are_printed_by_rank_0_only(capsys, tmp_path, monkeypatch):
     """Under torchrun each rank parses the same command line: the notes came once per rank."""
     argv = ["--config", "tiny", "--optimizer", "adamw", "--density", "0.3", "--device", "cpu", "--max-steps", "1",

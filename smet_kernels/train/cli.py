@@ -325,6 +325,10 @@ def _note_resume_changes(args: argparse.Namespace, config: TrainConfig, options:
     if changed:
         print(f"smet-train: resumed with settings changed from its run (they act from here on): {', '.join(changed)}"
               + ("; the fp32 weights are rounded to bf16" if rounded else ""), file=sys.stderr)
+    windows = saved.get("eval_batches", config.eval_batches)
+    if windows != config.eval_batches and saved.get("eval_every", 0) > 0 and config.eval_every > 0:
+        print(f"smet-train: --eval-batches {windows} -> {config.eval_batches}: summary.json's initial_val_loss stays "
+              f"the step-0 loss over {windows} batches, so it no longer compares with the final one", file=sys.stderr)
     steps = saved.get("max_steps", config.max_steps)
     if steps != config.max_steps:  # extending a run: its schedules are laid over the new length, not continued
         old_end, new_end = (last_update_step(saved.get("update_end_step"), n) for n in (steps, config.max_steps))
