@@ -151,18 +151,6 @@ def _local_regrow_operands(param: torch.Tensor, state: dict, slots: torch.Tensor
     return local(param.data), slots[mine] - start, states, mine
 
 
-def _elementwise_state(state: dict, param: torch.Tensor, skip: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
-    """The tensors of ``param``'s optimizer ``state`` that hold one value per weight (:data:`_ELEMENTWISE_STATE_KEYS`,
-    shaped like ``param``), but those of ``skip``."""
-    return {key: state[key] for key in _ELEMENTWISE_STATE_KEYS
-            if key not in skip and isinstance(state.get(key), torch.Tensor) and state[key].shape == param.shape}
-
-
-def _fresh_value(key: str, group: dict) -> float:
-    """The value optimizer state ``key`` starts at in a parameter of ``group`` (:data:`_FRESH_STATE`; else 0)."""
-    return float(group.get(_FRESH_STATE[key], 0.0)) if key in _FRESH_STATE else 0.0
-
-
 def _plain_name(name: str, ddp_wrappers: tuple[str, ...] = ()) -> str:
     """A parameter's name without the ``_orig_mod`` of ``torch.compile`` wrappers and the ``module`` of the
     ``DistributedDataParallel`` wrappers named ``ddp_wrappers`` in the model: a controller built on a compiled or
@@ -533,11 +521,9 @@ class SMET:
         pruned_blocks = layout.block_indices[slots.to(layout.device)].cpu()
         layout.replace_blocks(slots, new_blocks)
         rows_b, cols_b = layout.block_shape
-        moments = _elementwise_state(state, param)
-        fresh = [0.0] + [_fresh_value(key, self._group(param)) for key in moments]
         pruned = pruned_blocks.to(param.device)
         grown = new_blocks.to(param.device)
-        for tensor, value in zip([param.data, *moments.values()], fresh):
+        for tensor, value in [(param.data, 0.0), *self._fresh_states(param, state)]:
             blocks = tensor.view(rows_b, b, cols_b, b).permute(0, 2, 1, 3)
             blocks[pruned[:, 0], pruned[:, 1]] = value
             blocks[grown[:, 0], grown[:, 1]] = value
@@ -545,15 +531,20 @@ class SMET:
             slots.numel(), b, param
         )
 
-    def _group(self, param: torch.Tensor) -> dict:
-        """The optimizer's param group holding ``param``."""
-        return next(group for group in self.optimizer.param_groups if any(p is param for p in group["params"]))
+    def _fresh_states(self, param: torch.Tensor, state: dict, skip: tuple[str, ...] = ()) -> list[tuple]:
+        """``(tensor, value)`` of each tensor of ``param``'s optimizer ``state`` that holds one value per weight
+        (:data:`_ELEMENTWISE_STATE_KEYS`, shaped like ``param``; but those of ``skip``), with the value a fresh
+        optimizer starts it at (:data:`_FRESH_STATE` in ``param``'s group, else 0)."""
+        group = next(group for group in self.optimizer.param_groups if any(p is param for p in group["params"]))
+        return [(state[key], float(group.get(_FRESH_STATE[key], 0.0)) if key in _FRESH_STATE else 0.0)
+                for key in _ELEMENTWISE_STATE_KEYS
+                if key not in skip and isinstance(state.get(key), torch.Tensor) and state[key].shape == param.shape]
 
     def _reset_other_state(self, param: torch.Tensor, state: dict, values: torch.Tensor, slots: torch.Tensor) -> None:
         """Restart the state that :func:`regrow_blocks` leaves as the pruned blocks had it (every elementwise state
         but its own: AMSGrad's maximum, SGD's momentum, ...) at (this rank's) ``values``' ``slots``."""
-        for key, tensor in _elementwise_state(state, param, skip=_REGROW_STATE_KEYS).items():
-            local(tensor)[slots.to(values.device)] = _fresh_value(key, self._group(param))
+        for tensor, value in self._fresh_states(param, state, skip=_REGROW_STATE_KEYS):
+            local(tensor)[slots.to(values.device)] = value
 
     def _regrow_sharded(self, param: torch.Tensor, state: dict, slots: torch.Tensor) -> None:
         """Regrow ``slots`` of values sharded on dim 0: each rank resets the slots it owns. The ``"normal"`` init
@@ -575,16 +566,15 @@ class SMET:
         param = target.param
         check_row_sharded(param, target.name)
         start, stop = row_range(param)
-        moments = _elementwise_state(state, param)
-        fresh = [0.0] + [_fresh_value(key, self._group(param)) for key in moments]
-        shards = [param.data, *moments.values()]
+        starts = [(param.data, 0.0), *self._fresh_states(param, state)]
+        shards = [tensor for tensor, _ in starts]
         gathered = [full(t).clone() for t in shards]
         layout, b = target.layout, target.layout.block_size
         pruned = layout.block_indices[slots.to(layout.device)].cpu().to(gathered[0].device)
         layout.replace_blocks(slots, new_blocks)
         grown = new_blocks.to(gathered[0].device)
         rows_b, cols_b = layout.block_shape
-        for tensor, value in zip(gathered, fresh):
+        for tensor, (_, value) in zip(gathered, starts):
             blocks = tensor.view(rows_b, b, cols_b, b).permute(0, 2, 1, 3)
             blocks[pruned[:, 0], pruned[:, 1]] = value
             blocks[grown[:, 0], grown[:, 1]] = value
