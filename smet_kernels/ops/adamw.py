@@ -162,8 +162,7 @@ def _programs_start_aligned(entry: tuple) -> bool:
 def _slot_is_whole_tiles(entry: tuple) -> bool:
     """A values tensor whose ``b × b`` slots are whole tiles (b a multiple of 32 on a GPU), or a dense tensor (slots of
     ``ADAMW_ELEMENTS_PER_PROGRAM`` elements, read without a step): each tile then has one local step."""
-    param, block_step = entry[0], entry[4]
-    return block_step is None or param.numel() // max(param.shape[0], 1) % ADAMW_TILE == 0
+    return entry[4] is None or _slots(entry)[1] % ADAMW_TILE == 0
 
 
 def _log2(beta: float) -> float:
