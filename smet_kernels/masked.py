@@ -155,7 +155,8 @@ class MaskedLinear(BlockLayoutLinear):
         """A masked copy of ``linear`` keeping the weights of the blocks active in ``layout`` (zeros elsewhere)."""
         check_linear(linear)
         weight = linear.weight
-        module = cls(
+        module = nn.utils.skip_init(  # no init drawn (the weights are copied below): the global RNG is left as it was
+            cls,
             linear.in_features,
             linear.out_features,
             bias=linear.bias is not None,

@@ -214,7 +214,8 @@ class BlockSparseLinear(BlockLayoutLinear):
         """A block-sparse copy of ``linear`` keeping the weights of the blocks active in ``layout``."""
         check_linear(linear)
         weight = linear.weight
-        module = cls(
+        module = nn.utils.skip_init(  # no init drawn (the weights are copied below): the global RNG is left as it was
+            cls,
             linear.in_features,
             linear.out_features,
             bias=linear.bias is not None,

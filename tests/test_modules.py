@@ -362,6 +362,19 @@ def test_block_sparse_linear_draws_values_and_bias_within_one_over_root_in_featu
     assert 0.9 * bound < layer.values.abs().max() <= bound and 0.5 * bound < layer.bias.abs().max() <= bound
 
 
+@pytest.mark.parametrize("sparsify_fn", ["sparsify", "masked_sparsify"])
+def test_sparsify_with_a_generator_leaves_the_global_random_stream_as_it_was(sparsify_fn):
+    import smet_kernels as sk
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32, bias=True), nn.Linear(32, 64))
+    weight = model[0].weight.detach().clone()
+    state = torch.get_rng_state()
+    getattr(sk, sparsify_fn)(model, 1.0, 16, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(torch.get_rng_state(), state)  # dropout and data order as in the dense run
+    assert torch.equal(model[0].to_dense_weight(), weight)
+
+
 def test_load_state_dict_refuses_block_indices_outside_the_layers_block_grid_naming_the_key():
     layer = BlockSparseLinear(64, 64, density=0.25, block_size=16, generator=torch.Generator().manual_seed(0))
     before = layer.layout.block_indices.clone()
