@@ -79,11 +79,11 @@ def block_sparse_linear(
 ) -> torch.Tensor:
     """``y = x Wᵀ + bias`` for ``x [..., in_features]`` and block-sparse ``W [out_features, in_features]``.
 
-    ``values [nnz, b, b]`` holds block ``layout.block_indices[k]`` in slot ``k``. Under autocast the operands are cast
-    to the autocast dtype (gradients flow back to the original dtypes). ``torch.compile`` traces through it (a custom
-    op, no graph break); the Triton backward is not differentiable again (double backward raises). ``torch.vmap``
-    maps over it; ``torch.func.grad`` and ``jvp`` do not apply (its autograd is registered with ``torch.library``, which
-    they refuse): take gradients with ``torch.autograd``.
+    ``values [nnz, b, b]`` holds block ``layout.block_indices[k]`` in slot ``k``. Under autocast the operands but fp64
+    ones are cast to the autocast dtype, as for ``F.linear`` (gradients flow back to the original dtypes).
+    ``torch.compile`` traces through it (a custom op, no graph break); the Triton backward is not differentiable again
+    (double backward raises). ``torch.vmap`` maps over it; ``torch.func.grad`` and ``jvp`` do not apply (its autograd
+    is registered with ``torch.library``, which they refuse): take gradients with ``torch.autograd``.
     """
     _check_layout(layout)
     out_features, in_features = layout.shape
@@ -94,10 +94,9 @@ def block_sparse_linear(
             raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
         if tuple(bias.shape) != (out_features,):
             raise ValueError(f"bias must have shape [{out_features}], got {tuple(bias.shape)}")
-    if autocast_enabled(x.device.type):
+    if autocast_enabled(x.device.type):  # fp64 operands stay fp64, as autocast leaves them for F.linear
         dtype = torch.get_autocast_dtype(x.device.type)
-        x, values = x.to(dtype), values.to(dtype)
-        bias = bias.to(dtype) if bias is not None else None
+        x, values, bias = (t if t is None or t.dtype == torch.float64 else t.to(dtype) for t in (x, values, bias))
     for name, tensor in (("values", values), ("bias", bias)):
         if tensor is None:
             continue

@@ -268,6 +268,18 @@ def test_under_autocast_the_op_computes_in_the_autocast_dtype(dtype):
     _close(y, block_sparse_linear(x.to(dtype), values.to(dtype), layout, bias.to(dtype), backend="reference"), dtype)
 
 
+def test_under_autocast_fp64_operands_stay_fp64_as_for_a_dense_linear():
+    """Autocast leaves fp64 tensors alone (``F.linear``, so a dense or masked layer, gives fp64); the op cast them to
+    bf16 and gave a bf16 output rounded to 3 digits."""
+    layout = _mask_layout("random", 2, 2, 16)
+    x, values, _, bias = _inputs(layout, 4, torch.float64)
+    with torch.autocast(torch.device(DEVICE).type, dtype=torch.bfloat16):
+        y = block_sparse_linear(x, values, layout, bias, backend="reference")
+        expected = torch.nn.functional.linear(x, to_dense(values, layout), bias)
+    assert y.dtype == expected.dtype == torch.float64
+    torch.testing.assert_close(y, expected)
+
+
 def test_under_autocast_the_reference_rounds_a_bf16_output_with_bias_once_as_without_autocast():
     """The op's body ran inside the caller's autocast: its fp32 product was rounded to bf16, the bias added, and the
     sum rounded again, off by one bf16 step in a quarter of the outputs (eager only: a compiled graph was right)."""
