@@ -368,7 +368,7 @@ class BlockLayout:
 def _integer_tensor(value, name: str) -> torch.Tensor:
     """``value`` as an int64 tensor, or ``TypeError`` naming ``name`` if it holds float, complex or bool values (a
     cast would truncate ``0.9`` to block 0; an empty ``[]``, float for torch, holds none)."""
-    value = torch.as_tensor(value)
+    value = torch.as_tensor(value, device=value.device if isinstance(value, torch.Tensor) else "cpu")
     if value.numel() and (value.is_floating_point() or value.is_complex() or value.dtype == torch.bool):
         raise TypeError(f"{name} must be an integer tensor, got {value.dtype}")
     return value.to(torch.int64)

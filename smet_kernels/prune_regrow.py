@@ -62,10 +62,11 @@ def choose_blocks(
     inactive = (~layout.mask.cpu()).flatten().nonzero().squeeze(1)
     n = min(int(n), inactive.numel(), layout.nnz)
     if n <= 0:
-        return torch.empty(0, dtype=torch.int64), torch.empty(0, 2, dtype=torch.int64)
+        return torch.empty(0, dtype=torch.int64, device="cpu"), torch.empty(0, 2, dtype=torch.int64, device="cpu")
     slots = torch.sort(prune_scores, stable=True).indices[:n]
     if regrow_scores is None:
-        grown = inactive[torch.randperm(inactive.numel(), generator=generator)[:n]]
+        # on the CPU, whatever the default device (torch.set_default_device("cuda") refused the CPU generator)
+        grown = inactive[torch.randperm(inactive.numel(), generator=generator, device="cpu")[:n]]
     else:
         regrow_scores = regrow_scores.detach().cpu()
         if regrow_scores.shape != layout.block_shape:

@@ -478,7 +478,8 @@ class SMET:
         """Regrown block values for a masked weight, drawn as :func:`regrow_blocks` draws them (fp32 on CPU)."""
         if self.regrow_init == "zeros":
             return torch.zeros(n, block_size, block_size, dtype=like.dtype, device=like.device)
-        noise = torch.randn((n, block_size, block_size), generator=self.generator, dtype=torch.float32)
+        noise = torch.randn((n, block_size, block_size), generator=self.generator, device=self.generator.device,
+                            dtype=torch.float32)  # fmt: skip
         return (noise * self.init_std).to(dtype=like.dtype, device=like.device)
 
     def _check_regrow(self, target: _SparseTarget, slots: torch.Tensor) -> None:

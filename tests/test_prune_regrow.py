@@ -129,3 +129,18 @@ def test_block_l1_sums_the_absolute_values_so_negative_weights_count_as_large():
     weight = torch.ones(B, 2 * B)
     weight[:, B:] = -2.0  # block (0, 1) is the larger in L1 norm although its plain sum is negative
     assert block_l1(weight, B).tolist() == [[256.0, 512.0]]
+
+
+@pytest.mark.parametrize("rigl", [False, True])
+def test_choose_blocks_draws_on_the_cpu_whatever_the_default_device(rigl):
+    """Under ``torch.set_default_device("cuda")`` the random regrow's ``randperm`` refused the CPU generator (an SMET
+    update crashed at step ΔT); under a meta default device it indexed with a meta permutation: garbage blocks."""
+    layout = BlockLayout.random(64, 64, B, 0.5, generator=torch.Generator().manual_seed(0))
+    scores = torch.arange(layout.nnz, dtype=torch.float32)
+    regrow_scores = torch.rand(4, 4, generator=torch.Generator().manual_seed(1)) if rigl else None
+    expected = choose_blocks(layout, scores, 3, regrow_scores, torch.Generator().manual_seed(2))
+    with torch.device("meta"):
+        got = choose_blocks(layout, scores, 3, regrow_scores, torch.Generator().manual_seed(2))
+        nothing = choose_blocks(layout, scores, 0, regrow_scores, torch.Generator().manual_seed(2))
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+    assert all(t.device.type == "cpu" and t.numel() == 0 for t in nothing)

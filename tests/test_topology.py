@@ -1,6 +1,7 @@
 """SMET topology controller: schedule, prune/regrow invariants, determinism, resume (its state on any model and device),
 argument validation. RigL's dense gradients: tests/test_topology_rigl.py; SμPar: tests/test_supar.py."""
 
+import contextlib
 import copy
 import io
 import re
@@ -477,6 +478,28 @@ def test_an_update_passes_over_a_layer_frozen_after_the_controller_was_built_whi
     assert down.probe is None and (up.probe is not None) == (regrow == "gradient")  # armed for step 2
     model.up.requires_grad_(False)  # none left to update: an empty record
     assert smet.step()["layers"] == {}
+
+
+@pytest.mark.parametrize("sparsify_fn", ["sparsify", "masked_sparsify"])
+def test_an_update_under_another_default_device_moves_the_blocks_as_under_the_cpu(sparsify_fn):
+    """``torch.set_default_device("cuda")`` (here: meta, the one other device of every machine) made the random regrow
+    and the masked "normal" init draw with the controller's CPU generator on that device: refused on CUDA."""
+    import smet_kernels as sk
+
+    def run(context):
+        torch.manual_seed(0)
+        model = getattr(sk, sparsify_fn)(nn.Sequential(nn.Linear(FEATURES, FEATURES)), 0.5, B,
+                                         generator=torch.Generator().manual_seed(1))
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        smet = SMET(model, opt, update_interval=1, prune_fraction=0.5, regrow_init="normal", seed=3)
+        model(batch(0)[0]).square().mean().backward()
+        opt.step()
+        with context:
+            smet.step()
+        return model[0].layout.block_indices, model[0].to_dense_weight().detach()
+
+    expected, got = run(contextlib.nullcontext()), run(torch.device("meta"))
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
 
 
 def test_layers_sharing_one_layout_object_are_refused():
