@@ -246,6 +246,21 @@ def _carry_mode(linear: nn.Linear, replacement: nn.Module) -> None:
         param.requires_grad_((linear.bias if name == "bias" else linear.weight).requires_grad)
 
 
+#: the module's forward and backward hooks (and their flags), carried by a replacement as the same dictionaries
+_HOOK_ATTRIBUTES = (
+    "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called", "_backward_pre_hooks", "_backward_hooks", "_is_full_backward_hook",
+)
+
+
+def _carry_hooks(module: nn.Module, replacement: nn.Module) -> None:
+    """``replacement`` runs the hooks registered on ``module``: the same dictionaries, so that the handles the user
+    holds still remove them (state-dict hooks stay: the two layers' keys differ)."""
+    for attribute in _HOOK_ATTRIBUTES:
+        if hasattr(module, attribute):
+            setattr(replacement, attribute, getattr(module, attribute))
+
+
 def _conv1d_class() -> type | None:
     """``transformers.pytorch_utils.Conv1D`` when transformers is loaded (a model holding one has loaded it)."""
     return getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
@@ -425,7 +440,8 @@ def sparsify_with_layouts(
     layer of its layout: :func:`sparsify` once it has drawn the layouts.
 
     ``layer_factory(linear, layout)`` builds each replacement (default: ``BlockSparseLinear.from_linear``), which
-    keeps the dense layer's mode, device and dtype and its weights at the active blocks; on the meta device nothing
+    keeps the dense layer's mode, device and dtype, its forward and backward hooks and its weights at the active
+    blocks; on the meta device nothing
     is allocated (a skeleton that a checkpoint then fills). A shared layer stays shared; one tied to another
     module's parameter raises ``ValueError``, and so does a name that is no dense linear. Returns ``model``.
     """
@@ -443,6 +459,7 @@ def sparsify_with_layouts(
                 raise TypeError(f"layer_factory returned a {type(replacement).__name__} for layer '{name}', not an "
                                 "nn.Module")  # fmt: skip
         _carry_mode(linear, replacement)
+        _carry_hooks(module, replacement)
         if linear is not module:
             replacement.dense_class = type(module)
         replacements[name] = replacement
@@ -465,6 +482,7 @@ def _dense_layer(layer: BlockLayoutLinear) -> nn.Module:
     sparse_param = getattr(layer, layer.layout_attribute[0])
     dense.weight = nn.Parameter(weight.contiguous(), requires_grad=sparse_param.requires_grad)
     dense.bias = layer.bias
+    _carry_hooks(layer, dense)
     return dense.train(layer.training)
 
 

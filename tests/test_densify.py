@@ -129,3 +129,21 @@ def test_sparsify_treats_gpt2_conv1d_as_a_transposed_linear():
         torch.testing.assert_close(model(ids).logits, expected, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="lm_head"):  # GPT-2 ties its head to the embedding
         sk.sparsify(tiny_causal_lm("gpt2"), 0.5, B)
+
+
+@pytest.mark.parametrize("sparsify_fn", [sk.sparsify, sk.masked_sparsify])
+def test_hooks_on_a_layer_fire_after_sparsify_and_densify_and_their_handles_still_remove_them(sparsify_fn):
+    model = Mlp()
+    calls = []
+    pre = model.down.register_forward_pre_hook(lambda module, args: calls.append(("pre", type(module).__name__)))
+    model.down.register_forward_hook(lambda module, args, out: calls.append(("post", type(module).__name__)))
+    model.down.register_full_backward_hook(lambda module, gin, gout: calls.append(("backward", type(module).__name__)))
+    sparsify_fn(model, 0.5, B, generator=torch.Generator().manual_seed(1))
+    name = type(model.down).__name__
+    model(torch.randn(3, 32, requires_grad=True)).sum().backward()
+    assert calls == [("pre", name), ("post", name), ("backward", name)]
+    pre.remove()  # the handle of the dense layer's hook removes it from the sparse layer
+    calls.clear()
+    sk.densify(model)
+    model(torch.randn(3, 32)).sum()
+    assert calls == [("post", "Linear")]
