@@ -334,6 +334,11 @@ def test_sparsify_warns_when_whole_blocks_miss_a_small_target_by_more_than_one_p
         sparsify(_Mlp(), density=0.05, block_size=16, exclude="head")  # 1 of 8 blocks of 16 x 16 in each layer
 
 
+def test_sparsify_warns_when_one_block_per_layer_is_twice_a_tiny_target():
+    with pytest.warns(RuntimeWarning, match="realised density is 0.003906 for a target of 0.002"):
+        sparsify(nn.Sequential(nn.Linear(256, 256)), density=0.002, block_size=16)  # 1 of 256 blocks
+
+
 def test_sparsify_refuses_a_model_that_is_itself_a_linear():
     with pytest.raises(ValueError, match="model is itself an nn.Linear: use BlockSparseLinear.from_linear"):
         sparsify(nn.Linear(32, 32), density=0.5, block_size=16)
