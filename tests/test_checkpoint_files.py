@@ -213,6 +213,20 @@ def test_a_checkpoint_folder_given_by_path_is_refused_naming_what_fails(tmp_path
         find_checkpoint(root / "step_0000002")
 
 
+def test_a_newest_checkpoint_whose_manifest_lost_a_files_size_or_digest_is_passed_over_with_a_warning(tmp_path):
+    """A flipped byte in a manifest's "bytes" key (still JSON) stopped the resume with a KeyError traceback, the good
+    checkpoint before it unused."""
+    root = written_checkpoints(tmp_path, 2, 4, 6)
+    for step, (old, new) in ((6, ('"bytes"', '"bztes"')), (4, ('"sha256"', '"sha257"'))):
+        manifest = root / f"step_{step:07d}" / "manifest.json"
+        manifest.write_text(manifest.read_text().replace(old, new, 1))
+        assert verify_checkpoint(manifest.parent) == "manifest.json is malformed (each file needs its bytes and sha256)"
+    with pytest.warns(CheckpointWarning) as caught:
+        assert find_checkpoint(tmp_path) == root / "step_0000002"
+    assert [("is malformed" in str(w.message), str(w.message).rsplit("; ", 1)[1]) for w in caught] == [
+        (True, "trying step_0000004"), (True, "trying step_0000002")]
+
+
 def test_every_file_of_a_checkpoint_is_flushed_to_disk_before_the_rename_that_makes_it_visible(tmp_path, monkeypatch):
     """A crash of the machine just after the rename must not leave a visible checkpoint whose files were still in
     the page cache (empty or partial on disk): each file, the manifest last, and the folder that names them are

@@ -78,6 +78,9 @@ def verify_checkpoint(checkpoint: Path) -> str | None:
         files = json.loads((checkpoint / MANIFEST).read_text())["files"]
     except (OSError, ValueError, KeyError, TypeError) as error:
         return f"{MANIFEST} missing or unreadable ({type(error).__name__})"
+    if not isinstance(files, dict) or not all(isinstance(entry, dict) and isinstance(entry.get("bytes"), int)
+                                              and isinstance(entry.get("sha256"), str) for entry in files.values()):
+        return f"{MANIFEST} is malformed (each file needs its bytes and sha256)"
     if "config.json" not in files:
         return f"{MANIFEST} lists no config.json"
     for name, expected in files.items():
