@@ -535,6 +535,17 @@ def test_a_resume_keeps_the_default_block_size_its_run_resolved_and_takes_that_s
                           out_dir=str(tmp_path / "python")))
 
 
+def test_a_galore_resume_given_the_rank_its_run_defaulted_to_goes_on_and_another_rank_is_refused(tmp_path, capsys):
+    """--galore-rank given as the model's default rank, the one the run trained with, was refused ("saved:
+    --galore-rank None") and named as a change."""
+    step = tmp_path / "run" / "checkpoints" / "step_0000001"
+    train(tiny_config(optimizer="galore", max_steps=1, checkpoint_every=1, out_dir=str(tmp_path / "run")))
+    assert cli.main(["--resume", str(step), "--max-steps", "2", "--galore-rank", "16", "--no-progress"]) == 0
+    assert "galore-rank" not in capsys.readouterr().err
+    message = one_line_error(capsys, ["--resume", str(step), "--max-steps", "3", "--galore-rank", "8"], 2)
+    assert message.startswith("cannot change --galore-rank") and "(saved: --galore-rank 16)" in message
+
+
 def test_a_corrupt_newest_checkpoint_of_another_run_does_not_refuse_the_resume_of_the_good_one(tmp_path):
     """A fresh run may use a folder whose checkpoints all fail verification (check_fresh_out_dir), and its resume
     passes over them: the early settings check read the newest config.json alone, that of the corrupt checkpoint of

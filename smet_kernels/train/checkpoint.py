@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..optim.galore import GALORE_DEFAULT_RANK
 from ..sharding import is_sharded, shard_like
 from .config import FIXED_ON_RESUME, ConfigError, TrainConfig, setting
 from .distributed import DistInfo, TrainingFailed, on_rank0
@@ -506,7 +507,19 @@ def fixed_values(config: TrainConfig) -> dict:
     values = {name: getattr(config, name) for name in FIXED_ON_RESUME}
     if config.optimizer in METHODS and METHODS[config.optimizer].sparse:
         values["block_size"] = config.resolved_block_size()
+    values["galore_rank"] = saved_galore_rank(config.to_dict())
     return values
+
+
+def saved_galore_rank(saved_config: dict) -> int | None:
+    """The projection rank a GaLore run of the checkpoint ``config.json`` ``saved_config`` trained with: its
+    ``galore_rank``, else its model's default (a run given that rank explicitly trains the same); for another method
+    ``galore_rank`` as saved."""
+    rank = saved_config.get("galore_rank")
+    method = METHODS.get(saved_config.get("optimizer", TrainConfig().optimizer))
+    if rank is not None or method is None or method.optimizer != "galore":
+        return rank
+    return GALORE_DEFAULT_RANK.get(saved_config.get("model", TrainConfig().model))
 
 
 def saved_block_size(saved_config: dict) -> int | None:
@@ -531,6 +544,7 @@ def _fixed_changes(saved_config: dict, values: dict) -> tuple[dict, list[str]]:
     defaults = TrainConfig()
     saved = {name: saved_config.get(name, getattr(defaults, name)) for name in FIXED_ON_RESUME}
     saved["block_size"] = saved_block_size(saved_config)
+    saved["galore_rank"] = saved_galore_rank(saved_config)
     method = METHODS.get(saved["optimizer"])
     inert = set(method.ignored_options) if method else set()
     changed = [name for name in FIXED_ON_RESUME if name in values and saved[name] != values[name] and name not in inert]

@@ -27,7 +27,13 @@ from ..optim.galore import GALORE_DEFAULT_RANK
 from ..distribution import DISTRIBUTIONS
 from ..reference.adamw import WARMUP_MODES
 from ..topology import REGROW_INITS, REGROW_MODES
-from .checkpoint import CheckpointWarning, load_checkpoint_config, refuse_fixed_changes, saved_block_size
+from .checkpoint import (
+    CheckpointWarning,
+    load_checkpoint_config,
+    refuse_fixed_changes,
+    saved_block_size,
+    saved_galore_rank,
+)
 from .config import (
     CHECKPOINT_FORMATS,
     NONFINITE_ACTIONS,
@@ -313,6 +319,7 @@ def _note_resume_changes(args: argparse.Namespace, config: TrainConfig, options:
         return
     saved = json.loads((Path(config.resume) / "config.json").read_text())  # the checkpoint verified by the setup
     saved["block_size"] = saved_block_size(saved)  # a default block size as the run resolved it
+    saved["galore_rank"] = saved_galore_rank(saved)  # a default GaLore rank: its model's
     changed = []
     for name, value in vars(args).items():
         before = saved.get(name, value)
