@@ -227,6 +227,16 @@ def test_a_newest_checkpoint_whose_manifest_lost_a_files_size_or_digest_is_passe
         (True, "trying step_0000004"), (True, "trying step_0000002")]
 
 
+def test_a_sharded_checkpoint_without_its_manifest_is_unusable_not_taken_for_an_earlier_releases(tmp_path):
+    """Its state.pt and config.json passed as an earlier release's checkpoint (those have no manifest, but no shards
+    either), the shards unchecked: a truncated shard then stopped the resume with torch's zip-reader traceback."""
+    folder = written_checkpoints(tmp_path, 2) / "step_0000002"
+    (folder / checkpoint.SHARDED_DIR).mkdir()
+    (folder / checkpoint.SHARDED_DIR / "__0_0.distcp").write_bytes(b"cut short")
+    (folder / "manifest.json").unlink()
+    assert verify_checkpoint(folder) == "manifest.json missing or unreadable (FileNotFoundError)"
+
+
 def test_every_file_of_a_checkpoint_is_flushed_to_disk_before_the_rename_that_makes_it_visible(tmp_path, monkeypatch):
     """A crash of the machine just after the rename must not leave a visible checkpoint whose files were still in
     the page cache (empty or partial on disk): each file, the manifest last, and the folder that names them are

@@ -72,8 +72,9 @@ def verify_checkpoint(checkpoint: Path) -> str | None:
     """``None`` when every file listed in ``checkpoint/manifest.json`` is there with its size and sha256, else a
     short description of the first problem. A checkpoint of an earlier release (no manifest, always one
     ``state.pt`` and ``config.json``) is checked by the CRC of every member of ``state.pt`` (a zip archive) and
-    by parsing ``config.json``."""
-    if not (checkpoint / MANIFEST).exists() and (checkpoint / "state.pt").is_file():
+    by parsing ``config.json``; sharded checkpoints always had a manifest, so one without is unusable."""
+    if not (checkpoint / MANIFEST).exists() and (checkpoint / "state.pt").is_file() \
+            and not (checkpoint / SHARDED_DIR).exists():
         return _verify_without_manifest(checkpoint)
     try:
         files = json.loads((checkpoint / MANIFEST).read_text())["files"]
