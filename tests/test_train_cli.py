@@ -7,8 +7,8 @@ import math
 import pytest
 
 from conftest import usage_error
-from smet_kernels.train import cli
-from smet_kernels.train.trainer import ConfigError
+from smet_kernels.train import checkpoint, cli
+from smet_kernels.train.trainer import ConfigError, TrainConfig
 from test_train_trainer import cache_dir, one_thread  # noqa: F401 -- autouse: shared token cache, one thread
 from test_train_trainer import read_metrics, tiny_config
 
@@ -356,3 +356,16 @@ def test_a_backend_that_cannot_run_on_the_device_is_named_by_its_option(monkeypa
     monkeypatch.setattr(smet_kernels.backend, "resolve_backend", cannot)
     error = usage_error(cli.main, ["--config", "tiny", "--backend", "triton", "--device", "cpu"], capsys)
     assert error == "smet-train: error: --backend: backend='triton' cannot run on device cpu: no Triton here"
+
+
+@pytest.mark.parametrize("saved", [{"model": "huge"}, {"model": "huge", "optimizer": "smet"}, {"optimizer": "sgd"}])
+def test_a_checkpoint_of_a_model_preset_or_method_this_release_lacks_is_refused_by_name_not_a_traceback(
+        saved, capsys, tmp_path):
+    """A newer release's checkpoint (a preset it added) stopped a resume with a KeyError traceback from the block size
+    it resolved."""
+    checkpoint.write_checkpoint(tmp_path, 2, {"step": 2}, TrainConfig(**saved))
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--resume", str(tmp_path), "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    option = "--config" if "model" in saved else "--optimizer"
+    assert exit_info.value.code == 2 and len(err) == 1 and err[0].startswith(f"smet-train: error: {option} must be one")

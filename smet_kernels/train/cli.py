@@ -269,8 +269,10 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         saved = load_checkpoint_config(given["resume"])
         values = saved.to_dict()
         values.update({k: v for k, v in given.items() if k != "resume"})
-        block_size = saved.resolved_block_size()  # by default it follows --prune-fraction: the run keeps its own
-        if METHODS[saved.optimizer].sparse and TrainConfig.from_dict(values).resolved_block_size() != block_size:
+        # by default it follows --prune-fraction: the run keeps its own (None: a dense method, or a model preset or
+        # method this release lacks, which the run's checks refuse by name)
+        block_size = saved_block_size(saved.to_dict())
+        if block_size is not None and TrainConfig.from_dict(values).resolved_block_size() != block_size:
             values["block_size"] = block_size
     else:
         values = dataclasses.asdict(TrainConfig())  # unresolved: α follows the chosen optimizer
