@@ -237,6 +237,17 @@ def test_a_sharded_checkpoint_without_its_manifest_is_unusable_not_taken_for_an_
     assert verify_checkpoint(folder) == "manifest.json missing or unreadable (FileNotFoundError)"
 
 
+def test_a_checkpoint_file_that_goes_while_it_is_verified_makes_it_unusable_not_a_traceback(tmp_path, monkeypatch):
+    """Under DDP a rank can still be checking a checkpoint that rank 0 has just set aside."""
+    folder = written_checkpoints(tmp_path, 2) / "step_0000002"
+
+    def gone(path):
+        raise FileNotFoundError(path)
+
+    monkeypatch.setattr(checkpoint, "_sha256", gone)
+    assert verify_checkpoint(folder) == "config.json unreadable (FileNotFoundError)"
+
+
 def test_every_file_of_a_checkpoint_is_flushed_to_disk_before_the_rename_that_makes_it_visible(tmp_path, monkeypatch):
     """A crash of the machine just after the rename must not leave a visible checkpoint whose files were still in
     the page cache (empty or partial on disk): each file, the manifest last, and the folder that names them are
@@ -259,7 +270,8 @@ def test_every_file_of_a_checkpoint_is_flushed_to_disk_before_the_rename_that_ma
     root = written_checkpoints(tmp_path, 2)
     files = {path.name for path in (root / "step_0000002").iterdir()}
     assert files == {"state.pt", "config.json", "manifest.json"}
-    assert visible == {"step_0000002": files | {f".tmp-step_0000002-{os.getpid()}"}}
+    # the out-dir too: the checkpoints folder it gained (a crash could otherwise lose the folder and all in it)
+    assert visible == {"step_0000002": files | {f".tmp-step_0000002-{os.getpid()}", tmp_path.name}}
     assert synced[-1] == root.name == "checkpoints"
 
 

@@ -87,12 +87,15 @@ def verify_checkpoint(checkpoint: Path) -> str | None:
         return f"{MANIFEST} lists no config.json"
     for name, expected in files.items():
         path = checkpoint / name
-        if not path.is_file():
-            return f"{name} is missing"
-        if path.stat().st_size != expected["bytes"]:
-            return f"{name} has {path.stat().st_size} bytes, the manifest says {expected['bytes']}"
-        if _sha256(path) != expected["sha256"]:
-            return f"the sha256 of {name} does not match the manifest"
+        try:  # a file can go between the checks (under DDP, rank 0 sets an old checkpoint aside while others read)
+            if not path.is_file():
+                return f"{name} is missing"
+            if path.stat().st_size != expected["bytes"]:
+                return f"{name} has {path.stat().st_size} bytes, the manifest says {expected['bytes']}"
+            if _sha256(path) != expected["sha256"]:
+                return f"the sha256 of {name} does not match the manifest"
+        except OSError as error:
+            return f"{name} unreadable ({type(error).__name__})"
     return None
 
 
@@ -292,6 +295,14 @@ def _atomic_replace_dir(tmp: Path, final: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _make_root(root: Path) -> None:
+    """``out_dir/checkpoints``, its new entry in ``out_dir`` on disk too: a checkpoint sealed in a folder whose own
+    name a crash loses is lost with it."""
+    if not root.is_dir():
+        root.mkdir(parents=True, exist_ok=True)
+        _fsync_dir(root.parent)
+
+
 def _fsync_dir(path: Path) -> None:
     """Put ``path``'s entries (the names of the files in it, a rename into it) on disk: POSIX keeps them with the
     folder, not with the files, so an fsync of each file alone does not make them durable. A file system that
@@ -344,7 +355,7 @@ def write_checkpoint(out_dir: Path, step: int, state: dict, config: TrainConfig)
     final = root / f"step_{step:07d}"
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
     with _writing(final, tmp):
-        root.mkdir(parents=True, exist_ok=True)
+        _make_root(root)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         _write_state(tmp, state, config)
@@ -388,8 +399,9 @@ def write_sharded_checkpoint(out_dir: Path, step: int, tensors: dict, state: dic
 
     def prepare() -> None:
         with _writing(final, tmp):
+            _make_root(root)
             shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
+            tmp.mkdir()
 
     def seal() -> None:
         with _writing(final, tmp):
