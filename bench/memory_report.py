@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .memory_scaling import COMPONENTS, CONFIGS, SPARSE_METHODS, MemoryCase
+from .memory_scaling import BLOCK_SIZE, COMPONENTS, CONFIGS, DTYPE, SPARSE_METHODS, MemoryCase
 from .markdown import fmt_bytes, table
 from .plotting import pyplot, save
 from .report import load_csv
@@ -30,6 +30,17 @@ def headline_settings(traced: pd.DataFrame) -> dict:
     states = set(traced["state_dtype"])
     return {"vocab_size": int(traced["vocab_size"].max()), "state_dtype": "fp32" if "fp32" in states else
             sorted(states)[0], "batch_size": int(traced["batch_size"].min())}  # fmt: skip
+
+
+def plot_rows_of(traced: pd.DataFrame) -> pd.DataFrame:
+    """The rows of the plots and the peak table: :func:`headline_settings`, the grid's weight dtype and block size
+    (GPU cases traced beside it may have others) and one sequence length (the shortest at that batch), so that each
+    method and size has one point, not the mean of several batch shapes or dtypes."""
+    rows = _settings(traced, **headline_settings(traced))
+    for column, grid in (("dtype", DTYPE), ("block_size", BLOCK_SIZE)):
+        if (rows[column] == grid).any():
+            rows = rows[rows[column] == grid]
+    return rows[rows["seq_len"] == rows["seq_len"].min()]
 
 
 def label(frame: pd.DataFrame) -> pd.Series:
@@ -273,7 +284,7 @@ def write_memory_report(out_dir, reports_dir=None) -> Path:
         raise ValueError(f"no memory.csv in {out_dir}: run `smet-bench memory` first")
     traced = frame[frame["source"] == "traced"]
     settings = headline_settings(traced)
-    plot_rows = _settings(traced, **settings)
+    plot_rows = plot_rows_of(traced)
     reports_dir = Path(reports_dir) if reports_dir is not None else out_dir.parent
     gpus = gpu_rows(reports_dir)
     sizes = [c for c in CONFIGS if c in set(traced["config"])]

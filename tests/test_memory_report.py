@@ -268,6 +268,27 @@ def test_the_peak_table_shows_the_steps_without_activation_checkpointing():
     assert "| dense    | 2.00 GiB |" in "\n".join(_peak_table(rows))
 
 
+def _grid_csv(out, rows):
+    """``out/memory.csv`` of traced rows (every component 1 MB, the peak as given)."""
+    from bench.memory_report import COMPONENTS
+
+    out.mkdir(parents=True)
+    _traced([{f"{c}_bytes": 1e6 for c in COMPONENTS} | row for row in rows]).to_csv(out / "memory.csv", index=False)
+
+
+def test_a_grid_of_two_sequence_lengths_at_one_batch_plots_and_tables_the_shorter_instead_of_failing(tmp_path,
+                                                                                                    capsys):
+    """--batch-shapes 1x32,1x64 traced fine, then the report stopped on "The truth value of a Series is ambiguous":
+    the plots took every sequence length of the smallest batch, two dense peaks per size."""
+    _grid_csv(tmp_path / "memory", [{"config": "20m", "method": m, "density": d, "seq_len": s, "peak_bytes": p * s}
+                                    for m, d, p in (("dense", 1.0, 2**20), ("smet", 0.5, 2**19))
+                                    for s in (256, 512)])  # fmt: skip
+    assert main(["memory", "--report-only", "--out-dir", str(tmp_path / "memory")]) == 0
+    text = (tmp_path / "memory" / "memory.md").read_text()
+    assert "## Traced peak per method and size (batch 8×256," in text
+    assert "| dense      | 256.00 MiB |" in text and "| smet d=0.5 | 128.00 MiB |" in text
+
+
 def test_dense_parameters_count_every_parameter_of_the_model():
     from bench.memory_report import dense_parameters
     from smet_kernels.train.model import LlamaModel, model_config
