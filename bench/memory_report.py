@@ -257,10 +257,10 @@ def plot_fraction_of_dense(traced: pd.DataFrame, path: Path) -> str:
     plt, sns = pyplot()
     dense = traced[traced["method"] == "dense"].set_index(["config", "activation_checkpointing"])["peak_bytes"]
     sparse = traced[traced["method"].isin(SPARSE_METHODS)]
-    sparse = sparse.assign(
-        fraction=[p / dense[(c, k)] for p, c, k in zip(sparse["peak_bytes"], sparse["config"],
-                                                        sparse["activation_checkpointing"])]  # fmt: skip
-    )
+    sparse = sparse.assign(  # a size traced without dense (another run's --methods) has no fraction to plot
+        fraction=[p / dense.get((c, k), np.nan) for p, c, k in zip(sparse["peak_bytes"], sparse["config"],
+                                                                    sparse["activation_checkpointing"])]  # fmt: skip
+    ).dropna(subset=["fraction"])
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), squeeze=False, sharey=True)
     for axis, method in zip(axes[0], SPARSE_METHODS):
         part = sparse[(sparse["method"] == method) & ~sparse["activation_checkpointing"]]

@@ -289,6 +289,16 @@ def test_a_grid_of_two_sequence_lengths_at_one_batch_plots_and_tables_the_shorte
     assert "| dense      | 256.00 MiB |" in text and "| smet d=0.5 | 128.00 MiB |" in text
 
 
+def test_a_size_traced_without_dense_is_left_out_of_the_fraction_of_dense_instead_of_a_key_error(tmp_path, capsys):
+    """`--configs 20m` and then `--configs 60m --methods smet` into one folder: the report stopped on a KeyError
+    ('60m', False) traceback, the fraction of dense of a size with no dense peak."""
+    _grid_csv(tmp_path / "memory", [{"config": c, "method": m, "density": d, "peak_bytes": p}
+                                    for c, m, d, p in (("20m", "dense", 1.0, 2e9), ("20m", "smet", 0.5, 1e9),
+                                                       ("60m", "smet", 0.5, 3e9))])  # fmt: skip
+    assert main(["memory", "--report-only", "--out-dir", str(tmp_path / "memory")]) == 0
+    assert "![fraction of dense](fraction_of_dense.png)" in (tmp_path / "memory" / "memory.md").read_text()
+
+
 def test_dense_parameters_count_every_parameter_of_the_model():
     from bench.memory_report import dense_parameters
     from smet_kernels.train.model import LlamaModel, model_config
