@@ -283,6 +283,8 @@ def write_memory_report(out_dir, reports_dir=None) -> Path:
     if frame is None:
         raise ValueError(f"no memory.csv in {out_dir}: run `smet-bench memory` first")
     traced = frame[frame["source"] == "traced"]
+    if traced.empty:  # e.g. a run stopped after its first modelled row
+        raise ValueError(f"no traced row in {out_dir / 'memory.csv'}: run `smet-bench memory` to trace the grid")
     settings = headline_settings(traced)
     plot_rows = plot_rows_of(traced)
     reports_dir = Path(reports_dir) if reports_dir is not None else out_dir.parent

@@ -95,6 +95,15 @@ def test_report_only_without_a_traced_memory_csv_says_to_run_the_memory_command_
     assert not (tmp_path / "memory.md").exists()
 
 
+def test_report_only_on_a_memory_csv_with_no_traced_row_says_to_trace_instead_of_a_nan_error(tmp_path, capsys):
+    """A run stopped after its first modelled row left memory.csv without a traced one: --report-only said "cannot
+    convert float NaN to integer"."""
+    (tmp_path / "memory.csv").write_text(_traced([{"config": "20m", "source": "model"}]).to_csv(index=False))
+    error = usage_error(main, ["memory", "--report-only", "--out-dir", str(tmp_path)], capsys)
+    assert error == (f"smet-bench: error: no traced row in {tmp_path / 'memory.csv'}: run `smet-bench memory` to "
+                     "trace the grid")
+
+
 def test_memory_command_rejects_a_bad_batch_shape(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["memory", "--batch-shapes", "8by256", "--out-dir", str(tmp_path)])
