@@ -200,7 +200,8 @@ def run_plan(pairs, file: ResultsFile, progress: bool = True) -> int:
     """Append the rows of ``pairs`` not yet in ``file``; returns how many were written."""
     from tqdm.auto import tqdm
 
-    todo = [(case, source) for case, source in pairs if not file.done(case.key_row(source))]
+    # once each: the GPU cases of two folders (or of a suite's triton and reference rows) may be the same case
+    todo = [pair for pair in dict.fromkeys(pairs) if not file.done(pair[0].key_row(pair[1]))]
     for case, source in tqdm(todo, desc="memory", unit="row", disable=not progress, dynamic_ncols=True):
         device = "cpu" if source == "measured" else "meta"
         file.append(case.key_row(source) | ROW_MAKERS[source](case) | environment(device))

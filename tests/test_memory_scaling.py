@@ -36,6 +36,16 @@ def test_each_row_names_the_device_it_was_made_on_and_a_rerun_writes_none_again(
     assert run_plan(pairs, memory_file(tmp_path), progress=False) == 0
 
 
+def test_a_case_planned_twice_is_written_once(tmp_path):
+    """Two GPU folders that measured the same case (an H100's and an H200's suite) each added it to the grid: the
+    case was traced and modelled twice, and memory.csv and the GPU table of memory.md held every row twice."""
+    case = MemoryCase("tiny", "dense", 1.0, "bf16", 1, 16, 256, False, block_size=32)
+    twin = MemoryCase("tiny", "dense", 1.0, "bf16", 1, 16, 256, False, block_size=32)
+    assert run_plan(plan([case, twin], measured_configs=()), memory_file(tmp_path), progress=False) == 2
+    with (tmp_path / "memory.csv").open(newline="") as handle:
+        assert sorted(row["source"] for row in csv.DictReader(handle)) == ["model", "traced"]
+
+
 @pytest.mark.parametrize("method, states, optimizer, fused", [
     ("dense", "bf16", "AdamW", True), ("dense", "fp32", "SMETAdamW", None), ("masked", "fp32", "SMETAdamW", None),
     ("galore", "bf16", "GaLoreAdamW", None), ("smet", "bf16", "SMETAdamW", None),
