@@ -96,9 +96,11 @@ def headline_table(traced: pd.DataFrame, checkpointing: bool) -> pd.DataFrame:
     rows = rows.assign(label=label(rows))
     out = _order(rows)[["label", "method", "density", "state_dtype"]].drop_duplicates(["label", "state_dtype"])
     out = out.set_index(["label", "state_dtype"])
+    shapes = sorted(set(zip(rows["batch_size"], rows["seq_len"])))
     for capacity in CAPACITIES_GB:
         best = largest_fitting(rows, capacity * GB).assign(label=lambda f: label(f))
-        for (batch, seq), group in best.groupby(["batch_size", "seq_len"]):
+        for batch, seq in shapes:  # every traced shape: one where nothing fits is a column of `none`, not missing
+            group = best[(best["batch_size"] == batch) & (best["seq_len"] == seq)]
             cells = {
                 (r.label, r.state_dtype): f"{r.config} ({r.peak_bytes / GB:.1f} GB)" for r in group.itertuples()
             }

@@ -203,6 +203,16 @@ def test_the_headline_says_none_where_not_even_the_smallest_config_fits():
     assert table["80 GB, 8×256"].tolist() == ["20m (30.0 GB)", "20m (10.0 GB)"]
 
 
+def test_the_headline_has_a_column_of_none_for_a_batch_shape_where_nothing_fits_a_capacity():
+    """Nothing fitting 24 GB at 32×256 left that column out of the table instead of saying `none`."""
+    from bench.memory_report import headline_table
+
+    table = headline_table(_traced([{"config": "7b", "batch_size": b, "peak_bytes": p}
+                                    for b, p in ((8, 20e9), (32, 60e9))]), checkpointing=False)  # fmt: skip
+    assert table["24 GB, 32×256"].tolist() == ["none"]
+    assert table.columns[2:5].tolist() == ["24 GB, 8×256", "24 GB, 32×256", "80 GB, 8×256"]
+
+
 def test_the_plotted_settings_are_the_largest_vocab_fp32_states_and_the_smallest_batch():
     from bench.memory_report import _settings, headline_settings
 
