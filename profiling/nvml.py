@@ -138,7 +138,10 @@ class NvmlMemorySampler:
                 except self._nvml.NVMLError as error:
                     self.status = f"failed: {type(error).__name__}: {error}"
         if self._nvml is not None:
-            self._nvml.nvmlShutdown()
+            try:
+                self._nvml.nvmlShutdown()
+            except self._nvml.NVMLError:  # the samples were all taken (a failed one set the status): they stand
+                pass
             self._nvml = None
             self._handle = None
 

@@ -313,6 +313,21 @@ def test_nvml_sampler_never_raises_when_nvml_fails_at_start_or_stop(monkeypatch)
     assert not _sampler_threads() and fake.opened == 0
 
 
+def test_nvml_sampler_never_raises_when_nvml_fails_to_shut_down(monkeypatch):
+    """nvmlShutdown raising (the GPU fell off the bus) escaped the sampler's __exit__ and ended the benchmark case."""
+    fake = _FakeNvml(readings=(100, 200))
+
+    def shutdown():
+        raise fake.NVMLError("GPU is lost")
+
+    fake.nvmlShutdown = shutdown
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    with NvmlMemorySampler(0, interval_s=0.001) as sampler:
+        _wait_for(lambda: fake.calls >= 2)
+    assert sampler.status == "ok" and sampler.peak_used_bytes == 200  # every sample was taken
+    assert not _sampler_threads()
+
+
 def test_nvml_index_follows_cuda_visible_devices(monkeypatch):
     from bench.training import memory_sampler
 
