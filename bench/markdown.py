@@ -36,5 +36,12 @@ def fmt_bytes(value) -> str:
     return f"{value:.0f} B"
 
 
+def fmt_nvml_peak(value, status) -> str:
+    """NVML's peak; one from a sampler that failed mid-run (status ``failed: ...``) is the peak up to the failure, a
+    lower bound, and says so."""
+    text = fmt_bytes(value)
+    return text if not text or status == "ok" else f"≥ {text} ({status})"
+
+
 def fmt_num(value, spec: str = ".3g") -> str:
     return "" if value is None or pd.isna(value) else format(value, spec)

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from .memory_scaling import BLOCK_SIZE, COMPONENTS, CONFIGS, DTYPE, SPARSE_METHODS, MemoryCase
-from .markdown import fmt_bytes, table
+from .markdown import fmt_bytes, fmt_nvml_peak, table
 from .plotting import pyplot, save
 from .report import load_csv
 from .report.derive import on_cpu
@@ -220,8 +220,9 @@ def plot_peak_vs_size(traced: pd.DataFrame, gpu: pd.DataFrame | None, path: Path
             params = [dense_parameters(c, v) for c, v in zip(rows["config"], rows["vocab_size"])]
             axis.scatter(params, rows["peak_allocated_bytes"] / GB, marker="X", s=80, color="black",
                          label="GPU allocator peak (its own batch and vocab)")  # fmt: skip
-            if rows["nvml_peak_bytes"].notna().any():
-                axis.scatter(params, rows["nvml_peak_bytes"] / GB, marker="+", s=80, color="red", label="GPU NVML peak")
+            nvml = rows["nvml_peak_bytes"].where(rows["nvml_status"] == "ok")  # a failed sampler's: a lower bound
+            if nvml.notna().any():
+                axis.scatter(params, nvml / GB, marker="+", s=80, color="red", label="GPU NVML peak")
         for capacity in CAPACITIES_GB:
             axis.axhline(capacity, color="grey", linestyle=":", linewidth=1)
         axis.set_xscale("log")
@@ -413,7 +414,8 @@ def _gpu_section(frame: pd.DataFrame, gpus: pd.DataFrame | None, reports_dir: Pa
                     .astype(str),
                     "traced peak": compared["peak_bytes"].map(fmt_bytes),
                     "allocator peak": compared["peak_allocated_bytes"].map(fmt_bytes),
-                    "NVML peak": compared["nvml_peak_bytes"].map(fmt_bytes),
+                    "NVML peak": [fmt_nvml_peak(v, s) for v, s in zip(compared["nvml_peak_bytes"],
+                                                                       compared["nvml_status"])],
                     "allocator vs traced": compared["allocator_vs_traced"].map(lambda v: f"{100 * v:+.1f} %"),
                 }
             )

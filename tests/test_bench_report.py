@@ -131,6 +131,18 @@ def test_columns_empty_in_every_row_are_left_out(cpu_report, cuda_report):
     assert {"nvml peak", "rest"} <= set(_table_header(cuda_report[0], "config"))
 
 
+def test_an_nvml_peak_whose_sampler_failed_mid_run_reads_as_a_lower_bound_with_its_reason(tmp_path, monkeypatch):
+    """NVML failing mid-step keeps the peak up to the failure: the table showed it as the step's NVML peak."""
+    rows = _training_rows(CUDA)
+    rows[0]["nvml_status"] = "failed: NVMLError: GPU is lost"
+    _write(tmp_path / "training.csv", TRAINING_COLUMNS, rows)
+    report, _ = _render(tmp_path, monkeypatch)
+    steps = _section_table(report, "## End-to-end training step")
+    nvml = {row[1]: row[steps[0].index("nvml peak")] for row in steps[1:]}
+    assert nvml == {"dense": "≥ 8.00 MiB (failed: NVMLError: GPU is lost)", "masked d=0.5": "9.00 MiB",
+                    "masked d=0.25": "9.00 MiB", "smet d=0.5": "7.00 MiB"}
+
+
 def test_noisy_timings_are_marked_with_a_footnote(cpu_report):
     report = cpu_report[0]
     assert "| 20† [10–30] " in report  # p80 / p20 = 3

@@ -155,7 +155,7 @@ def test_gpu_peaks_are_plotted_at_their_own_vocabulary_and_activation_checkpoint
                             "seq_len": 256, "dtype": "bf16", "state_dtype": "bf16", "peak_bytes": 3e10,
                             "activation_checkpointing": ckpt} for ckpt in (False, True)])  # fmt: skip
     gpu = pd.DataFrame([{"config": "1b", "vocab_size": 32000, "peak_allocated_bytes": peak, "nvml_peak_bytes": nvml,
-                         "activation_checkpointing": ckpt}
+                         "activation_checkpointing": ckpt, "nvml_status": "ok"}
                         for ckpt, peak, nvml in ((False, 4e10, float("nan")), (True, 2e10, 2.5e10))])  # fmt: skip
     memory_report.plot_peak_vs_size(traced, gpu, tmp_path / "peak.png")
     plain, checkpointed = figures[0].axes
@@ -270,13 +270,28 @@ def test_the_gpu_section_sets_each_peak_in_its_own_column_and_the_allocator_erro
 
     traced = _traced([{"config": "20m", "peak_bytes": 100 * 2**20}])
     gpus = traced.drop(columns=["source", "peak_bytes"]).assign(
-        gpu="NVIDIA H200", peak_allocated_bytes=110 * 2**20, nvml_peak_bytes=120 * 2**20)
+        gpu="NVIDIA H200", peak_allocated_bytes=110 * 2**20, nvml_peak_bytes=120 * 2**20, nvml_status="ok")
     assert gpu_comparison(traced, gpus)["allocator_vs_traced"].tolist() == [pytest.approx(0.1)]
     header, _, row = _gpu_section(traced, gpus, Path("reports"))[2].splitlines()
     cells = dict(zip([c.strip() for c in header.split("|")], [c.strip() for c in row.split("|")]))
     assert (cells["traced peak"], cells["allocator peak"], cells["NVML peak"]) == ("100.00 MiB", "110.00 MiB",
                                                                                    "120.00 MiB")
     assert cells["allocator vs traced"] == "+10.0 %"
+
+
+def test_an_nvml_peak_whose_sampler_failed_mid_run_is_marked_a_lower_bound_and_not_plotted(tmp_path, monkeypatch):
+    from bench import memory_report
+
+    traced = _traced([{"config": "20m", "peak_bytes": 100 * 2**20}])
+    gpus = traced.drop(columns=["source", "peak_bytes"]).assign(
+        gpu="NVIDIA H200", peak_allocated_bytes=110 * 2**20, nvml_peak_bytes=90 * 2**20,
+        nvml_status="failed: NVMLError: GPU is lost")  # fmt: skip
+    assert "| ≥ 90.00 MiB (failed: NVMLError: GPU is lost) |" in memory_report._gpu_section(traced, gpus, tmp_path)[2]
+    figures = []
+    monkeypatch.setattr(memory_report, "save", lambda fig, path: figures.append(fig) or path.name)
+    memory_report.plot_peak_vs_size(traced, gpus, tmp_path / "peak.png")
+    assert [p.get_label() for p in figures[0].axes[0].collections if "GPU" in p.get_label()] == [
+        "GPU allocator peak (its own batch and vocab)"]
 
 
 def test_the_peak_table_shows_the_steps_without_activation_checkpointing():

@@ -10,7 +10,7 @@ import pandas as pd
 
 from profiling.memory_model import COMPONENTS
 
-from ..markdown import fmt_bytes, fmt_num, table
+from ..markdown import fmt_bytes, fmt_num, fmt_nvml_peak, table
 from ..plotting import CONFIG_ORDER
 from .derive import (
     NOISY_SPREAD,
@@ -234,7 +234,8 @@ def training_section(training: pd.DataFrame, out_dir: Path) -> list[str]:
                     "tokens/s": measured["tokens_per_s"].map(lambda v: fmt_num(v, ".4g")),
                     "step ms": fmt_timings(measured),
                     "peak": measured["peak"].map(fmt_bytes),
-                    "nvml peak": measured["nvml_peak_bytes"].map(fmt_bytes),
+                    "nvml peak": [fmt_nvml_peak(v, s) for v, s in zip(measured["nvml_peak_bytes"],
+                                                                       measured["nvml_status"])],
                     **{c: measured[f"{c}_bytes"].map(fmt_bytes) for c in COMPONENTS},
                 }
             )
