@@ -205,10 +205,18 @@ def _toolchain(arch: int) -> tuple[str, str]:
     try:
         from triton.backends.nvidia.compiler import get_ptxas
         cuobjdump = triton.knobs.nvidia.cuobjdump.path
-        ptxas_version = get_ptxas(arch).version
+        ptxas = get_ptxas(arch)
+        ptxas_version = ptxas.version
+        usage = subprocess.run([ptxas.path, "--help"], capture_output=True, text=True).stdout
     except Exception as error:  # any failure here means no usable NVIDIA toolchain
         raise ToolchainMissing(f"Triton's NVIDIA toolchain is not usable here: {error}") from error
     match = re.search(r"release ([\d.]+)", ptxas_version)
+    # an arch ptxas has no target for failed at the first compile, with a PTXASError traceback
+    targets = sorted({int(number) for number in re.findall(r"'sm_(\d+)'", usage)})
+    if targets and arch not in targets:
+        from smet_kernels.train.config import ConfigError
+
+        raise ConfigError(f"--arch {arch}: ptxas has no sm_{arch} target (it has {', '.join(map(str, targets))})")
     return cuobjdump, match.group(1) if match else ptxas_version.strip().splitlines()[-1]
 
 

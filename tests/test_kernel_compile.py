@@ -188,6 +188,8 @@ def test_bad_config_is_a_usage_error(capsys):
 @pytest.mark.parametrize("argv, message", [
     (["--block-sizes", "48"], "argument --block-sizes: invalid choice: 48"),
     (["--out-dir", "{tmp}/a_file"], "--out-dir '{tmp}/a_file' exists and is not a folder"),
+    (["--arch", "30"], "--arch 30: ptxas has no sm_30 target (it has "),  # was a PTXASError traceback
+    (["--arch", "-5"], "--arch -5: ptxas has no sm_-5 target (it has "),
 ])
 def test_a_bad_option_exits_2_with_one_error_line_before_anything_compiles(tmp_path, capsys, argv, message):
     (tmp_path / "a_file").write_text("")
