@@ -290,7 +290,7 @@ def collect(
                           f"({named(space) or 'none: --kernels names no matmul kernel'})")
     cuobjdump, ptxas_version = _toolchain(arch)
     if triton.knobs.runtime.interpret:
-        raise RuntimeError("kernels cannot be compiled with TRITON_INTERPRET=1 set: run in a process without it")
+        raise ToolchainMissing("kernels cannot be compiled with TRITON_INTERPRET=1 set: run in a process without it")
     cases = [case for case in selected
              if configs is None or case.block_m is None or (case.block_m, case.num_warps, case.num_stages) in configs]
     rows = []

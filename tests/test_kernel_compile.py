@@ -177,6 +177,15 @@ def test_refuses_to_compile_under_the_interpreter():
         kr.collect(90, ["bf16"], [32], kernels=["bsmm_forward"], configs=[(64, 4, 3)], progress=False)
 
 
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="only a TRITON_INTERPRET=1 process refuses")
+def test_the_command_under_the_interpreter_says_so_in_one_line_instead_of_a_traceback(tmp_path, capsys):
+    from conftest import usage_error
+
+    error = usage_error(kr.main, ["--kernels", "regrow_blocks", "--out-dir", str(tmp_path)], capsys)
+    assert error == ("python -m profiling.kernel_resources: error: kernels cannot be compiled with TRITON_INTERPRET=1 "
+                     "set: run in a process without it")
+
+
 def test_bad_config_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as raised:
         kr.main(["--out-dir", "unused", "--configs", "128x8"])
