@@ -236,12 +236,21 @@ def plot_peak_vs_size(traced: pd.DataFrame, gpu: pd.DataFrame | None, path: Path
     return save(fig, path)
 
 
+def _one_mode(rows: pd.DataFrame) -> tuple[pd.DataFrame, str]:
+    """The rows without activation checkpointing, or the checkpointed ones where only those were traced, and the
+    mode's name."""
+    checkpointed = bool(rows["activation_checkpointing"].all())
+    mode = "activation checkpointing" if checkpointed else "no checkpointing"
+    return rows[rows["activation_checkpointing"] == checkpointed], mode
+
+
 def plot_components(traced: pd.DataFrame, configs, path: Path) -> str:
     plt, sns = pyplot()
+    traced, mode = _one_mode(traced)  # a grid traced only with checkpointing drew empty panels
     colors = sns.color_palette("colorblind", len(COMPONENTS))
     fig, axes = plt.subplots(1, len(configs), figsize=(6.5 * len(configs), 4.5), squeeze=False)
     for axis, config in zip(axes[0], configs):
-        part = _order(traced[(traced["config"] == config) & ~traced["activation_checkpointing"]])
+        part = _order(traced[traced["config"] == config])
         labels = label(part).tolist()
         bottom = np.zeros(len(part))
         for color, component in zip(colors, COMPONENTS):
@@ -252,12 +261,13 @@ def plot_components(traced: pd.DataFrame, configs, path: Path) -> str:
         axis.set_ylabel("GB")
         axis.tick_params(axis="x", rotation=45)
         axis.legend(fontsize=8)
-    fig.suptitle(f"Traced components ({_describe(traced)}, no checkpointing)")
+    fig.suptitle(f"Traced components ({_describe(traced)}, {mode})")
     return save(fig, path)
 
 
 def plot_fraction_of_dense(traced: pd.DataFrame, path: Path) -> str:
     plt, sns = pyplot()
+    traced, mode = _one_mode(traced)  # a grid traced only with checkpointing drew empty panels
     dense = traced[traced["method"] == "dense"].set_index(["config", "activation_checkpointing"])["peak_bytes"]
     sparse = traced[traced["method"].isin(SPARSE_METHODS)]
     sparse = sparse.assign(  # a size traced without dense (another run's --methods) has no fraction to plot
@@ -266,14 +276,14 @@ def plot_fraction_of_dense(traced: pd.DataFrame, path: Path) -> str:
     ).dropna(subset=["fraction"])
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), squeeze=False, sharey=True)
     for axis, method in zip(axes[0], SPARSE_METHODS):
-        part = sparse[(sparse["method"] == method) & ~sparse["activation_checkpointing"]]
+        part = sparse[sparse["method"] == method]
         sns.lineplot(data=part, x="density", y="fraction", hue="config", hue_order=[c for c in CONFIGS
                      if c in set(part["config"])], marker="o", ax=axis)  # fmt: skip
         axis.axhline(1.0, color="black", linewidth=1)
         axis.set_title(f"{method}: traced peak / dense peak")
         axis.set_xlabel("density")
         axis.set_ylabel("fraction of dense")
-    fig.suptitle(f"{_describe(traced)}, no checkpointing")
+    fig.suptitle(f"{_describe(traced)}, {mode}")
     return save(fig, path)
 
 
@@ -426,11 +436,10 @@ def _gpu_section(frame: pd.DataFrame, gpus: pd.DataFrame | None, reports_dir: Pa
 
 def _peak_table(rows: pd.DataFrame) -> list[str]:
     """Traced peaks without activation checkpointing (with it where only checkpointed steps were traced)."""
-    checkpointed = bool(rows["activation_checkpointing"].all())
-    rows = _order(rows[rows["activation_checkpointing"] == checkpointed])
+    rows, mode = _one_mode(rows)
+    rows = _order(rows)
     wide = rows.assign(label=label(rows)).pivot_table(index="label", columns="config", values="peak_bytes",
                                                       aggfunc="first", sort=False)  # fmt: skip
     wide = wide[[c for c in CONFIGS if c in wide.columns]].map(fmt_bytes).reset_index()
-    mode = "activation checkpointing" if checkpointed else "no checkpointing"
     return [f"## Traced peak per method and size ({_describe(rows)}, {mode})", "",
             table(wide.rename(columns={"label": "method"})), ""]  # fmt: skip

@@ -363,3 +363,21 @@ def test_the_component_bars_show_the_steps_without_activation_checkpointing(monk
     memory_report.plot_components(traced, ["1b"], Path("components.png"))
     (axis,) = figures[0].axes
     assert [bar.get_height() for bar in axis.patches] == [2.0] * len(memory_report.COMPONENTS)
+
+
+def test_a_grid_traced_only_with_activation_checkpointing_draws_its_components_and_fraction_of_dense(monkeypatch):
+    """Both plots kept the steps without checkpointing only: empty panels, titled "no checkpointing"."""
+    from bench import memory_report
+
+    figures = []
+    monkeypatch.setattr(memory_report, "save", lambda fig, path: figures.append(fig) or path.name)
+    traced = _traced([{"config": "1b", "method": m, "density": d, "activation_checkpointing": True, "peak_bytes": p}
+                      | {f"{c}_bytes": p / 5 for c in memory_report.COMPONENTS}
+                      for m, d, p in (("dense", 1.0, 4e9), ("smet", 0.5, 2e9))])  # fmt: skip
+    memory_report.plot_components(traced, ["1b"], Path("components.png"))
+    memory_report.plot_fraction_of_dense(traced, Path("fraction.png"))
+    components, fraction = figures
+    assert len(components.axes[0].patches) == 2 * len(memory_report.COMPONENTS)
+    assert "activation checkpointing" in components._suptitle.get_text()
+    smet = fraction.axes[1]
+    assert [list(line.get_ydata()) for line in smet.lines if len(line.get_ydata()) == 1] == [[0.5]]
