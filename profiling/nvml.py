@@ -14,6 +14,7 @@ translate. NVML's ``used`` is device-wide (every process on the GPU), so measure
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 
@@ -42,8 +43,9 @@ class NvmlMemorySampler:
     def __init__(self, device_index: int = 0, interval_s: float = 0.005):
         if isinstance(device_index, bool) or not isinstance(device_index, int) or device_index < 0:
             raise ValueError(f"device_index must be a non-negative int, got {device_index!r}")
-        if not isinstance(interval_s, (int, float)) or interval_s <= 0:
-            raise ValueError(f"interval_s must be a positive number, got {interval_s!r}")
+        # NaN failed the first sleep; an infinite interval slept forever and stop() never returned
+        if isinstance(interval_s, bool) or not isinstance(interval_s, (int, float)) or not 0 < interval_s < math.inf:
+            raise ValueError(f"interval_s must be a positive finite number, got {interval_s!r}")
         self.device_index = device_index
         self.interval_s = float(interval_s)
         self.status = "not started"

@@ -231,6 +231,13 @@ def test_nvml_bad_arguments():
         NvmlMemorySampler(0, interval_s=0)
 
 
+@pytest.mark.parametrize("interval_s", [float("inf"), float("nan"), True])
+def test_an_nvml_interval_that_is_not_a_positive_finite_number_is_refused(interval_s):
+    """An infinite interval made the sampling thread sleep forever: stop() (the end of the `with`) never returned."""
+    with pytest.raises(ValueError, match="^interval_s must be a positive finite number, got "):
+        NvmlMemorySampler(0, interval_s=interval_s)
+
+
 class _FakeNvml:
     """A stand-in ``pynvml``: ``count`` GPUs, ``used`` bytes per call from ``readings`` (then the last forever)."""
 
