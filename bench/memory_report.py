@@ -324,8 +324,11 @@ def write_memory_report(out_dir, reports_dir=None) -> Path:
         "",
     ]
     for ckpt in (False, True):
-        lines += [f"**{'With' if ckpt else 'Without'} activation checkpointing**", "",
-                  table(headline_table(traced, ckpt)), ""]  # fmt: skip
+        title = f"**{'With' if ckpt else 'Without'} activation checkpointing**"
+        if not (traced["activation_checkpointing"] == ckpt).any():  # was a table of its header only
+            lines += [f"{title}: not traced (`--activation-checkpointing {'on' if ckpt else 'off'}`).", ""]
+            continue
+        lines += [title, "", table(headline_table(traced, ckpt)), ""]
     lines += ["## Plots", ""]
     lines += [f"![peak vs model size]({plot_peak_vs_size(plot_rows, gpus, out_dir / 'peak_vs_model_size.png')})", ""]
     big = [c for c in ("1b", "7b") if c in set(plot_rows["config"])]

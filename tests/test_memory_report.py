@@ -381,3 +381,11 @@ def test_a_grid_traced_only_with_activation_checkpointing_draws_its_components_a
     assert "activation checkpointing" in components._suptitle.get_text()
     smet = fraction.axes[1]
     assert [list(line.get_ydata()) for line in smet.lines if len(line.get_ydata()) == 1] == [[0.5]]
+
+
+def test_a_checkpointing_mode_not_traced_is_said_so_instead_of_a_table_of_its_header_only(tmp_path, capsys):
+    _grid_csv(tmp_path / "memory", [{"config": "20m", "activation_checkpointing": True, "peak_bytes": 1e9}])
+    assert main(["memory", "--report-only", "--out-dir", str(tmp_path / "memory")]) == 0
+    text = (tmp_path / "memory" / "memory.md").read_text()
+    assert "**Without activation checkpointing**: not traced (`--activation-checkpointing off`).\n" in text
+    assert "**With activation checkpointing**\n\n| method   | states   | 24 GB, 8×256 " in text
