@@ -36,11 +36,17 @@ def plot_rows_of(traced: pd.DataFrame) -> pd.DataFrame:
     """The rows of the plots and the peak table: :func:`headline_settings`, the grid's weight dtype and block size
     (GPU cases traced beside it may have others) and one sequence length (the shortest at that batch), so that each
     method and size has one point, not the mean of several batch shapes or dtypes."""
-    rows = _settings(traced, **headline_settings(traced))
+    rows = _grid_cases(_settings(traced, **headline_settings(traced)))
+    return rows[rows["seq_len"] == rows["seq_len"].min()]
+
+
+def _grid_cases(rows: pd.DataFrame) -> pd.DataFrame:
+    """The rows of the grid's weight dtype and block size, where it has any: a GPU case traced beside it (fp32
+    weights, another block size) is a case of its own, in the GPU section."""
     for column, grid in (("dtype", DTYPE), ("block_size", BLOCK_SIZE)):
         if (rows[column] == grid).any():
             rows = rows[rows[column] == grid]
-    return rows[rows["seq_len"] == rows["seq_len"].min()]
+    return rows
 
 
 def label(frame: pd.DataFrame) -> pd.Series:
@@ -91,8 +97,8 @@ def largest_fitting(traced: pd.DataFrame, capacity_bytes: float) -> pd.DataFrame
 
 def headline_table(traced: pd.DataFrame, checkpointing: bool) -> pd.DataFrame:
     """Rows: method (and density, state dtype); columns: capacity × batch shape; cells: largest config (its peak)."""
-    rows = _settings(traced, vocab_size=headline_settings(traced)["vocab_size"],
-                     activation_checkpointing=checkpointing)  # fmt: skip
+    rows = _grid_cases(_settings(traced, vocab_size=headline_settings(traced)["vocab_size"],
+                                 activation_checkpointing=checkpointing))  # fmt: skip
     rows = rows.assign(label=label(rows))
     out = _order(rows)[["label", "method", "density", "state_dtype"]].drop_duplicates(["label", "state_dtype"])
     out = out.set_index(["label", "state_dtype"])

@@ -213,6 +213,16 @@ def test_the_headline_has_a_column_of_none_for_a_batch_shape_where_nothing_fits_
     assert table.columns[2:5].tolist() == ["24 GB, 8×256", "24 GB, 32×256", "80 GB, 8×256"]
 
 
+def test_the_headline_keeps_a_gpu_case_of_fp32_weights_out_of_the_bf16_grid_row_of_its_method():
+    """A GPU run's fp32-weight case, traced beside the grid at the same batch, shared the grid's row: 20m at 10 GB
+    (bf16 weights) in one column, 20m at 30 GB (fp32 weights) in the next, under "bf16 weights"."""
+    from bench.memory_report import headline_table
+
+    table = headline_table(_traced([{"config": "20m", "peak_bytes": 10e9},
+                                    {"config": "20m", "dtype": "fp32", "peak_bytes": 30e9}]), checkpointing=False)
+    assert table.iloc[0, 2:].tolist() == ["20m (10.0 GB)"] * 3
+
+
 def test_the_plotted_settings_are_the_largest_vocab_fp32_states_and_the_smallest_batch():
     from bench.memory_report import _settings, headline_settings
 
