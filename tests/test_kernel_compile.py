@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from profiling import kernel_resources as kr
 
@@ -161,6 +162,20 @@ def test_a_config_outside_the_autotune_space_exits_2_naming_it_instead_of_writin
         "python -m profiling.kernel_resources: error: --configs 999:8:3 not in the autotune space of the selected "
         "matmul kernels (64:4:2,"), err
     assert not (tmp_path / "out").exists()
+
+
+def test_the_pruner_verdicts_of_a_turing_report_are_those_of_its_64_kib_of_shared_memory():
+    """--arch 75 marked configs kept by the H100's 227 KiB: 128x128 tiles in three bf16 stages among them."""
+    from smet_kernels.ops import launch_config
+
+    kept = {(c.kernel, c.block_m, c.num_warps, c.num_stages) for c in kr.matmul_cases(["bf16"], [128], 75)
+            if c.kept_by_pruner}  # fmt: skip
+    configs = launch_config.matmul_configs(launch_config.DENSE_SPARSE_BLOCK_MS, interpret=False)
+    probe = {"a": torch.empty(0, dtype=torch.bfloat16)}
+    expected = launch_config.prune_configs(configs, probe, 65536, BLOCK_SIZE=128)
+    assert {k[1:] for k in kept if k[0] == "bsmm_forward"} == {
+        (c.kwargs["BLOCK_M"], c.num_warps, c.num_stages) for c in expected}
+    assert ("bsmm_forward", 128, 8, 3) not in kept and ("bsmm_forward", 64, 4, 2) in kept
 
 
 def test_stale_signature_is_reported():

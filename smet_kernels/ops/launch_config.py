@@ -23,7 +23,9 @@ GRAD_WEIGHT_BLOCK_MS = (32, 64, 128)  # token tiles reduced per step by the weig
 GROUP_M = 8  # token tiles per L2 group of the forward / input-grad program order
 HOPPER_SHARED_MEMORY = 232448  # opt-in shared memory per block of an H100, used when the device is not a GPU
 #: opt-in shared memory per block (bytes, ``cudaDevAttrMaxSharedMemoryPerBlockOptin``) per compute capability
-SHARED_MEMORY_LIMITS = {80: 166912, 86: 101376, 89: 101376, 90: HOPPER_SHARED_MEMORY}
+#: (CUDA programming guide; profiling.kernel_resources prunes an --arch by it, an H100's where it is missing)
+SHARED_MEMORY_LIMITS = {70: 98304, 75: 65536, 80: 166912, 86: 101376, 87: 166912, 89: 101376,
+                        90: HOPPER_SHARED_MEMORY, 100: HOPPER_SHARED_MEMORY, 120: 101376}
 PERSISTENT_SHARED_MEMORY = 228 * 1024  # shared memory of an H100 SM, shared by the persistent programs on it
 MAX_PERSISTENT_PROGRAMS_PER_SM = 4
 MAX_SPLIT_K = 16
