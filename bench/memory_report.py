@@ -36,7 +36,8 @@ def plot_rows_of(traced: pd.DataFrame) -> pd.DataFrame:
     """The rows of the plots and the peak table: :func:`headline_settings`, the grid's weight dtype and block size
     (GPU cases traced beside it may have others) and one sequence length (the shortest at that batch), so that each
     method and size has one point, not the mean of several batch shapes or dtypes."""
-    rows = _grid_cases(_settings(traced, **headline_settings(traced)))
+    grid = _grid_cases(traced)  # first: a GPU case's smaller batch or larger vocab is no setting of the grid's
+    rows = _settings(grid, **headline_settings(grid))
     return rows[rows["seq_len"] == rows["seq_len"].min()]
 
 
@@ -97,8 +98,9 @@ def largest_fitting(traced: pd.DataFrame, capacity_bytes: float) -> pd.DataFrame
 
 def headline_table(traced: pd.DataFrame, checkpointing: bool) -> pd.DataFrame:
     """Rows: method (and density, state dtype); columns: capacity × batch shape; cells: largest config (its peak)."""
-    rows = _grid_cases(_settings(traced, vocab_size=headline_settings(traced)["vocab_size"],
-                                 activation_checkpointing=checkpointing))  # fmt: skip
+    grid = _grid_cases(traced)
+    rows = _settings(grid, vocab_size=headline_settings(grid)["vocab_size"],
+                     activation_checkpointing=checkpointing)  # fmt: skip
     rows = rows.assign(label=label(rows))
     out = _order(rows)[["label", "method", "density", "state_dtype"]].drop_duplicates(["label", "state_dtype"])
     out = out.set_index(["label", "state_dtype"])

@@ -333,6 +333,20 @@ def test_a_grid_of_two_sequence_lengths_at_one_batch_plots_and_tables_the_shorte
     assert "| dense      | 256.00 MiB |" in text and "| smet d=0.5 | 128.00 MiB |" in text
 
 
+def test_a_gpu_case_at_a_smaller_batch_and_another_block_size_does_not_replace_the_grid_in_the_plots(tmp_path,
+                                                                                                       capsys):
+    """A quick GPU run (2×32, b = 32) traced beside the grid set the plotted batch to 2×32, where only that case
+    was: the plots and the peak table showed its dense peak alone, not the grid's dense and smet."""
+    _grid_csv(tmp_path / "memory", [{"config": "20m", "peak_bytes": 2**30},
+                                    {"config": "20m", "method": "smet", "density": 0.5, "peak_bytes": 2**29},
+                                    {"config": "20m", "batch_size": 2, "seq_len": 32, "block_size": 32,
+                                     "peak_bytes": 2**28}])  # fmt: skip
+    assert main(["memory", "--report-only", "--out-dir", str(tmp_path / "memory")]) == 0
+    text = (tmp_path / "memory" / "memory.md").read_text()
+    assert "## Traced peak per method and size (batch 8×256," in text
+    assert "| dense      | 1.00 GiB   |" in text and "| smet d=0.5 | 512.00 MiB |" in text
+
+
 def test_a_size_traced_without_dense_is_left_out_of_the_fraction_of_dense_instead_of_a_key_error(tmp_path, capsys):
     """`--configs 20m` and then `--configs 60m --methods smet` into one folder: the report stopped on a KeyError
     ('60m', False) traceback, the fraction of dense of a size with no dense peak."""
