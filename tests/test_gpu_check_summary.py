@@ -398,3 +398,16 @@ def test_a_smet_training_row_that_ran_out_of_memory_judges_no_training_bar():
     text = "\n".join(training_section(_training_rows({"status": "oom"}), GPU, None))
     assert "* SMET tokens/s vs dense at 1b: not measured" in text
     assert "* SMET peak memory vs dense at 1b: not measured" in text and "**pass**" not in text
+
+
+def test_the_nvml_peak_of_a_sampler_that_failed_mid_run_reads_as_a_lower_bound_with_its_reason():
+    """The peak up to the failure is no step's NVML peak: the row says so, as report.md and memory.md do."""
+    from bench.gpu_check.plan import GPU
+    from bench.gpu_check.summary import training_section
+
+    rows = _training_rows({"nvml_peak_bytes": 3 * 2**30, "nvml_status": "failed: GPU is lost"})
+    rows.loc[rows["method"] == "dense", "nvml_peak_bytes"] = 11 * 2**30
+    text = "\n".join(training_section(rows, GPU, None))
+    cells = {line.split("|")[2].strip(): line.split("|")[7].strip() for line in text.splitlines()
+             if line.startswith("| 1b ") and "| no " in line}  # NVML peak GiB by method, unchecked steps
+    assert cells == {"dense": "11", "smet": "≥ 3 (failed: GPU is lost)", "galore": "ok"}
