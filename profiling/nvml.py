@@ -85,15 +85,20 @@ class NvmlMemorySampler:
             return
         try:
             pynvml.nvmlInit()
+        except Exception as error:  # noqa: BLE001 - NVMLError, or the library failing to load
+            self.status = f"unavailable: {type(error).__name__}: {error}"
+            return
+        try:
             count = pynvml.nvmlDeviceGetCount()
             if self.device_index >= count:
-                pynvml.nvmlShutdown()
+                _shutdown(pynvml)
                 self.status = f"unavailable: NVML sees {count} device(s), no index {self.device_index}"
                 return
             self._handle = pynvml.nvmlDeviceGetHandleByIndex(self.device_index)
             self._nvml = pynvml
-        except Exception as error:  # noqa: BLE001 - NVMLError, or the library failing to load
+        except Exception as error:  # noqa: BLE001 - an NVMLError after nvmlInit: its init is undone
             self.status = f"unavailable: {type(error).__name__}: {error}"
+            _shutdown(pynvml)
 
     def _used(self) -> int:
         return int(self._nvml.nvmlDeviceGetMemoryInfo(self._handle).used)
@@ -140,10 +145,7 @@ class NvmlMemorySampler:
                 except self._nvml.NVMLError as error:
                     self.status = f"failed: {type(error).__name__}: {error}"
         if self._nvml is not None:
-            try:
-                self._nvml.nvmlShutdown()
-            except self._nvml.NVMLError:  # the samples were all taken (a failed one set the status): they stand
-                pass
+            _shutdown(self._nvml)  # the samples were all taken (a failed one set the status): they stand
             self._nvml = None
             self._handle = None
 
@@ -152,3 +154,11 @@ class NvmlMemorySampler:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _shutdown(pynvml) -> None:
+    """``nvmlShutdown``, whose own failure (the GPU fell off the bus) changes nothing the sampler reports."""
+    try:
+        pynvml.nvmlShutdown()
+    except pynvml.NVMLError:
+        pass

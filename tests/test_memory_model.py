@@ -335,6 +335,20 @@ def test_nvml_sampler_never_raises_when_nvml_fails_to_shut_down(monkeypatch):
     assert not _sampler_threads()
 
 
+def test_nvml_sampler_undoes_its_init_when_nvml_fails_to_give_the_device(monkeypatch):
+    """nvmlDeviceGetHandleByIndex failing after nvmlInit left NVML initialised (an init leaked per benchmark case)."""
+    fake = _FakeNvml()
+
+    def no_handle(index):
+        raise fake.NVMLError("GPU is lost")
+
+    fake.nvmlDeviceGetHandleByIndex = no_handle
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    with NvmlMemorySampler(0, interval_s=0.001) as sampler:
+        pass
+    assert sampler.status == "unavailable: NVMLError: GPU is lost" and fake.opened == 0
+
+
 def test_nvml_index_follows_cuda_visible_devices(monkeypatch):
     from bench.training import memory_sampler
 
