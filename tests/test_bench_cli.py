@@ -385,7 +385,8 @@ def test_the_pytest_benchmark_suite_runs_and_the_report_renders_its_json(quick_r
         [sys.executable, "-m", "pytest", "bench", "--benchmark-only", "-q", "-p", "no:cacheprovider",
          f"--benchmark-json={json_path}"],
         cwd=REPO,
-        env=os.environ | {"CUDA_VISIBLE_DEVICES": ""},
+        # not a pytest-xdist worker: pytest-benchmark, seeing its variables, turns timing off and --benchmark-only away
+        env={k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")} | {"CUDA_VISIBLE_DEVICES": ""},
         capture_output=True,
         text=True,
         timeout=600,
