@@ -255,10 +255,17 @@ _HOOK_ATTRIBUTES = (
 
 def _carry_hooks(module: nn.Module, replacement: nn.Module) -> None:
     """``replacement`` runs the hooks registered on ``module``: the same dictionaries, so that the handles the user
-    holds still remove them (state-dict hooks stay: the two layers' keys differ)."""
+    holds still remove them (state-dict hooks stay: the two layers' keys differ). Hooks the replacement already has
+    (registered by a ``layer_factory``) are kept: added to those dictionaries after ``module``'s."""
     for attribute in _HOOK_ATTRIBUTES:
-        if hasattr(module, attribute):
-            setattr(replacement, attribute, getattr(module, attribute))
+        if not hasattr(module, attribute):
+            continue
+        carried, own = getattr(module, attribute), getattr(replacement, attribute, None)
+        if isinstance(carried, dict) and isinstance(own, dict) and own is not carried:
+            carried.update(own)
+        elif not isinstance(carried, dict) and own and not carried:  # _is_full_backward_hook: None unless set
+            continue
+        setattr(replacement, attribute, carried)
 
 
 def _conv1d_class() -> type | None:

@@ -147,3 +147,19 @@ def test_hooks_on_a_layer_fire_after_sparsify_and_densify_and_their_handles_stil
     sk.densify(model)
     model(torch.randn(3, 32)).sum()
     assert calls == [("post", "Linear")]
+
+
+def test_hooks_a_layer_factory_registers_on_its_layer_still_fire_beside_the_dense_layers_hooks():
+    model = Mlp()
+    calls = []
+    model.down.register_forward_hook(lambda module, args, out: calls.append("dense"))
+
+    def factory(linear, layout):
+        layer = sk.BlockSparseLinear.from_linear(linear, layout)
+        layer.register_forward_hook(lambda module, args, out: calls.append("factory"))
+        layer.register_full_backward_hook(lambda module, gin, gout: calls.append("factory backward"))
+        return layer
+
+    sk.sparsify(model, 0.5, B, include=r"down", layer_factory=factory, generator=torch.Generator().manual_seed(1))
+    model(torch.randn(3, 32, requires_grad=True)).sum().backward()
+    assert calls == ["dense", "factory", "factory backward"]
