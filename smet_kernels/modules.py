@@ -489,6 +489,10 @@ def _dense_layer(layer: BlockLayoutLinear) -> nn.Module:
     sparse_param = getattr(layer, layer.layout_attribute[0])
     dense.weight = nn.Parameter(weight.contiguous(), requires_grad=sparse_param.requires_grad)
     dense.bias = layer.bias
+    for hook in list(layer._forward_hooks.values()):  # a SMET controller's dense-gradient recorders (RigL): they
+        handle = getattr(hook, "smet_handle", None)  # would keep it alive through the plain model and not pickle
+        if handle is not None:
+            handle.remove()
     _carry_hooks(layer, dense)
     return dense.train(layer.training)
 

@@ -163,3 +163,25 @@ def test_hooks_a_layer_factory_registers_on_its_layer_still_fire_beside_the_dens
     sk.sparsify(model, 0.5, B, include=r"down", layer_factory=factory, generator=torch.Generator().manual_seed(1))
     model(torch.randn(3, 32, requires_grad=True)).sum().backward()
     assert calls == ["dense", "factory", "factory backward"]
+
+
+def test_densify_leaves_a_rigl_controllers_recording_hooks_behind_so_the_plain_model_pickles_without_it():
+    import gc
+    import io
+    import weakref
+
+    model = sk.sparsify(Mlp(), 0.5, B, generator=torch.Generator().manual_seed(1))
+    optimizer = torch.optim.AdamW(model.parameters())
+    controller = sk.SMET(model, optimizer, regrow="gradient", update_interval=1)
+    for _ in range(2):
+        model(torch.randn(3, 32)).sum().backward()
+        optimizer.step()
+        controller.step()
+        optimizer.zero_grad()
+    sk.densify(model)
+    assert not model.up._forward_hooks and not model.down._forward_hooks
+    torch.save(model, io.BytesIO())  # a local recorder function does not pickle
+    alive = weakref.ref(controller)
+    del controller, optimizer
+    gc.collect()
+    assert alive() is None
