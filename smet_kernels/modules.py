@@ -466,11 +466,11 @@ def sparsify_with_layouts(
                 raise TypeError(f"layer_factory returned a {type(replacement).__name__} for layer '{name}', not an "
                                 "nn.Module")  # fmt: skip
         _carry_mode(linear, replacement)
-        _carry_hooks(module, replacement)
         if linear is not module:
             replacement.dense_class = type(module)
         replacements[name] = replacement
     for name, replacement in replacements.items():
+        _carry_hooks(modules[name], replacement)  # here: a factory's hooks join the dense layer's dictionaries
         _replace(model, occurrences[id(modules[name])], replacement)
     return model
 

@@ -185,3 +185,20 @@ def test_densify_leaves_a_rigl_controllers_recording_hooks_behind_so_the_plain_m
     del controller, optimizer
     gc.collect()
     assert alive() is None
+
+
+def test_a_layer_factory_that_raises_leaves_the_dense_layers_hooks_as_they_were():
+    model = Mlp()
+    built = []
+
+    def factory(linear, layout):
+        if built:
+            raise RuntimeError("no second layer")
+        layer = sk.BlockSparseLinear.from_linear(linear, layout)
+        layer.register_forward_hook(lambda module, args, out: None)
+        built.append(layer)
+        return layer
+
+    with pytest.raises(RuntimeError, match="no second layer"):
+        sk.sparsify(model, 0.5, B, layer_factory=factory, generator=torch.Generator().manual_seed(1))
+    assert not model.up._forward_hooks and not model.down._forward_hooks
