@@ -18,7 +18,7 @@ from torch import nn
 
 from .functional import autocast_enabled, check_input
 from .layout import BlockLayout, unpack_kernel_index
-from .modules import BlockLayoutLinear, check_linear, sparsify, uniform_init_
+from .modules import BlockLayoutLinear, check_linear, skip_init, sparsify, uniform_init_
 from .ops import library
 
 
@@ -155,7 +155,7 @@ class MaskedLinear(BlockLayoutLinear):
         """A masked copy of ``linear`` keeping the weights of the blocks active in ``layout`` (zeros elsewhere)."""
         check_linear(linear)
         weight = linear.weight
-        module = nn.utils.skip_init(  # no init drawn (the weights are copied below): the global RNG is left as it was
+        module = skip_init(  # no init drawn (the weights are copied below): the global RNG is left as it was
             cls,
             linear.in_features,
             linear.out_features,

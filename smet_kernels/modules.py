@@ -214,7 +214,7 @@ class BlockSparseLinear(BlockLayoutLinear):
         """A block-sparse copy of ``linear`` keeping the weights of the blocks active in ``layout``."""
         check_linear(linear)
         weight = linear.weight
-        module = nn.utils.skip_init(  # no init drawn (the weights are copied below): the global RNG is left as it was
+        module = skip_init(  # no init drawn (the weights are copied below): the global RNG is left as it was
             cls,
             linear.in_features,
             linear.out_features,
@@ -229,6 +229,13 @@ class BlockSparseLinear(BlockLayoutLinear):
             if linear.bias is not None:
                 module.bias.copy_(linear.bias.detach())
         return module
+
+
+def skip_init(cls: type, *args, device, **kwargs) -> nn.Module:
+    """``cls(*args, device=device, **kwargs)`` built on the meta device (no init drawn) and then given empty tensors
+    on ``device``: ``nn.utils.skip_init`` without its check of the signature, which refused a subclass that passes
+    ``device`` on through ``**kwargs``."""
+    return cls(*args, device="meta", **kwargs).to_empty(device=device)
 
 
 def check_linear(linear) -> None:

@@ -380,6 +380,21 @@ def test_sparsify_with_a_generator_leaves_the_global_random_stream_as_it_was(spa
     assert torch.equal(model[0].to_dense_weight(), weight)
 
 
+@pytest.mark.parametrize("compact", [True, False])
+def test_from_linear_of_a_subclass_passing_its_arguments_on_through_kwargs_builds_that_subclass(compact):
+    base = BlockSparseLinear if compact else MaskedLinear
+
+    class Scaled(base):
+        def __init__(self, *args, scale=2.0, **kwargs):  # nn.utils.skip_init refused it: no 'device' in its signature
+            super().__init__(*args, **kwargs)
+            self.scale = scale
+
+    linear = nn.Linear(32, 64)
+    layer = Scaled.from_linear(linear, BlockLayout.random(64, 32, 16, 1.0))
+    assert type(layer) is Scaled and layer.scale == 2.0
+    assert torch.equal(layer.to_dense_weight(), linear.weight)
+
+
 def test_load_state_dict_refuses_block_indices_outside_the_layers_block_grid_naming_the_key():
     layer = BlockSparseLinear(64, 64, density=0.25, block_size=16, generator=torch.Generator().manual_seed(0))
     before = layer.layout.block_indices.clone()
