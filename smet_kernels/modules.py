@@ -260,14 +260,29 @@ _HOOK_ATTRIBUTES = (
 )
 
 
+def _reparametrizes(hook) -> bool:
+    """A hook of ``torch.nn.utils`` (``prune``, ``weight_norm``, ``spectral_norm``) that recomputes the dense layer's
+    ``weight`` from its ``weight_orig``/``weight_g``... before each forward: the replacement has none of them (it
+    raised ``AttributeError``); the weight it copies already holds the hook's effect."""
+    from torch.nn.utils import prune
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    return isinstance(hook, (prune.BasePruningMethod, SpectralNorm, WeightNorm))
+
+
 def _carry_hooks(module: nn.Module, replacement: nn.Module) -> None:
     """``replacement`` runs the hooks registered on ``module``: the same dictionaries, so that the handles the user
     holds still remove them (state-dict hooks stay: the two layers' keys differ). Hooks the replacement already has
-    (registered by a ``layer_factory``) are kept: added to those dictionaries after ``module``'s."""
+    (registered by a ``layer_factory``) are kept: added to those dictionaries after ``module``'s. A weight
+    reparametrization of ``torch.nn.utils`` is not carried (copies of the dictionaries without it, then)."""
+    left = {key for key, hook in getattr(module, "_forward_pre_hooks", {}).items() if _reparametrizes(hook)}
     for attribute in _HOOK_ATTRIBUTES:
         if not hasattr(module, attribute):
             continue
         carried, own = getattr(module, attribute), getattr(replacement, attribute, None)
+        if isinstance(carried, dict) and left & carried.keys():
+            carried = type(carried)((key, hook) for key, hook in carried.items() if key not in left)
         if isinstance(carried, dict) and isinstance(own, dict) and own is not carried:
             carried.update(own)
         elif not isinstance(carried, dict) and own and not carried:  # _is_full_backward_hook: None unless set

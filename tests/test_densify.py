@@ -1,6 +1,7 @@
 """sk.densify: the inverse of sparsify / masked_sparsify, a plain model again (GPT-2 Conv1D included)."""
 
 import sys
+import warnings
 
 import pytest
 import torch
@@ -202,3 +203,23 @@ def test_a_layer_factory_that_raises_leaves_the_dense_layers_hooks_as_they_were(
     with pytest.raises(RuntimeError, match="no second layer"):
         sk.sparsify(model, 0.5, B, layer_factory=factory, generator=torch.Generator().manual_seed(1))
     assert not model.up._forward_hooks and not model.down._forward_hooks
+
+
+@pytest.mark.parametrize("reparametrize", ["prune", "weight_norm", "spectral_norm"])
+def test_a_torch_weight_reparametrization_is_baked_into_the_sparse_layer_not_carried_as_a_hook(reparametrize):
+    from torch.nn.utils import prune
+
+    model = Mlp()
+    calls = []
+    model.down.register_forward_pre_hook(lambda module, args: calls.append("pre"))
+    if reparametrize == "prune":
+        prune.random_unstructured(model.down, "weight", 0.3)
+    else:
+        with warnings.catch_warnings():  # weight_norm: deprecated for torch.nn.utils.parametrizations
+            warnings.simplefilter("ignore", FutureWarning)
+            getattr(torch.nn.utils, reparametrize)(model.down)
+    weight = model.down.weight.detach().clone()
+    sk.sparsify(model, 1.0, B, generator=torch.Generator().manual_seed(1))
+    model(torch.randn(3, 32))  # raised AttributeError: no weight_orig / weight_g on a BlockSparseLinear
+    assert calls == ["pre"]
+    torch.testing.assert_close(model.down.to_dense_weight(), weight)
