@@ -331,9 +331,10 @@ def write_memory_report(out_dir, reports_dir=None) -> Path:
         f"even {sizes[0]} fits.",
         "",
     ]
+    grid = _grid_cases(traced)  # the headline's rows: a GPU case of its own dtype or block size traces no mode
     for ckpt in (False, True):
         title = f"**{'With' if ckpt else 'Without'} activation checkpointing**"
-        if not (traced["activation_checkpointing"] == ckpt).any():  # was a table of its header only
+        if not (grid["activation_checkpointing"] == ckpt).any():  # was a table of its header only
             lines += [f"{title}: not traced (`--activation-checkpointing {'on' if ckpt else 'off'}`).", ""]
             continue
         lines += [title, "", table(headline_table(traced, ckpt)), ""]

@@ -413,3 +413,14 @@ def test_a_checkpointing_mode_not_traced_is_said_so_instead_of_a_table_of_its_he
     text = (tmp_path / "memory" / "memory.md").read_text()
     assert "**Without activation checkpointing**: not traced (`--activation-checkpointing off`).\n" in text
     assert "**With activation checkpointing**\n\n| method   | states   | 24 GB, 8×256 " in text
+
+
+def test_a_mode_only_a_gpu_case_of_other_weights_traced_is_said_not_traced_by_the_grid(tmp_path, capsys):
+    """An fp32 GPU case traced with checkpointing beside a grid traced without it: the headline, which takes the grid's
+    dtype and block size only, had a 'With activation checkpointing' table of its header alone."""
+    _grid_csv(tmp_path / "memory", [{"config": "20m", "peak_bytes": 2**30},
+                                    {"config": "20m", "dtype": "fp32", "activation_checkpointing": True,
+                                     "peak_bytes": 2**29}])  # fmt: skip
+    assert main(["memory", "--report-only", "--out-dir", str(tmp_path / "memory")]) == 0
+    text = (tmp_path / "memory" / "memory.md").read_text()
+    assert "**With activation checkpointing**: not traced (`--activation-checkpointing on`).\n" in text
