@@ -306,7 +306,8 @@ def write_memory_report(out_dir, reports_dir=None) -> Path:
     traced = frame[frame["source"] == "traced"]
     if traced.empty:  # e.g. a run stopped after its first modelled row
         raise ValueError(f"no traced row in {out_dir / 'memory.csv'}: run `smet-bench memory` to trace the grid")
-    settings = headline_settings(traced)
+    grid = _grid_cases(traced)  # the headline's rows: a GPU case of its own dtype or block size is not among them
+    settings, grid_sizes = headline_settings(grid), [c for c in CONFIGS if c in set(grid["config"])]
     plot_rows = plot_rows_of(traced)
     reports_dir = Path(reports_dir) if reports_dir is not None else out_dir.parent
     gpus = gpu_rows(reports_dir)
@@ -322,16 +323,15 @@ def write_memory_report(out_dir, reports_dir=None) -> Path:
         "",
         "## Largest LLaMA that fits",
         "",
-        f"Largest of the traced configurations ({', '.join(sizes)}"
-        + ("; a larger one, not traced, may fit too" if sizes[-1] != CONFIGS[-1] else "")
+        f"Largest of the traced configurations ({', '.join(grid_sizes)}"
+        + ("; a larger one, not traced, may fit too" if grid_sizes[-1] != CONFIGS[-1] else "")
         + ") whose traced peak (one step: weights + gradients + optimizer states + saved "
         f"activations + largest transient) is at most the GPU's memory, vocab {settings['vocab_size']}, bf16 "
         "weights, decimal GB (24e9, 80e9, 141e9 bytes: below the 24 GiB, 79.6 GiB and 140.4 GiB these cards "
         "have, leaving room for the CUDA context and allocator fragmentation, which no trace sees). `none`: not "
-        f"even {sizes[0]} fits.",
+        f"even {grid_sizes[0]} fits.",
         "",
     ]
-    grid = _grid_cases(traced)  # the headline's rows: a GPU case of its own dtype or block size traces no mode
     for ckpt in (False, True):
         title = f"**{'With' if ckpt else 'Without'} activation checkpointing**"
         if not (grid["activation_checkpointing"] == ckpt).any():  # was a table of its header only

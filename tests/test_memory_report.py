@@ -424,3 +424,14 @@ def test_a_mode_only_a_gpu_case_of_other_weights_traced_is_said_not_traced_by_th
     assert main(["memory", "--report-only", "--out-dir", str(tmp_path / "memory")]) == 0
     text = (tmp_path / "memory" / "memory.md").read_text()
     assert "**With activation checkpointing**: not traced (`--activation-checkpointing on`).\n" in text
+
+
+def test_the_headline_text_names_the_vocab_and_sizes_of_the_grid_its_tables_show_not_a_gpu_cases(tmp_path, capsys):
+    """A GPU case of fp32 weights at vocab 32000 and 60m traced beside a vocab-256 grid of 20m: the tables show the
+    grid, the sentence above them said vocab 32000 and sizes 20m, 60m."""
+    _grid_csv(tmp_path / "memory", [{"config": "20m", "peak_bytes": 2**30},
+                                    {"config": "60m", "dtype": "fp32", "vocab_size": 32000, "peak_bytes": 2**29}])
+    assert main(["memory", "--report-only", "--out-dir", str(tmp_path / "memory")]) == 0
+    text = (tmp_path / "memory" / "memory.md").read_text()
+    assert "Largest of the traced configurations (20m; a larger one" in text
+    assert "is at most the GPU's memory, vocab 256, bf16 weights" in text
