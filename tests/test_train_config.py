@@ -156,3 +156,20 @@ def test_a_dense_model_keeps_the_presets_intermediate_size_that_sparse_methods_r
                                             torch.device("cpu")).config.intermediate_size
              for optimizer in ("adamw", "smet")}
     assert sizes == {"adamw": 688, "smet": 768}
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("model", ["tiny"], r"^model must be one of \[.*\], got \['tiny'\]$"),
+        ("betas", ("a", "b"), r"^betas must be two numbers in \[0, 1\), got \('a', 'b'\)$"),
+        ("betas", 0.9, r"^betas must be two numbers in \[0, 1\), got 0.9$"),
+        ("block_size", 32.0, r"^block_size must be one of \[16, 32, 64, 128\], got 32.0$"),
+        ("device", None, "^device must be a string, got None$"),
+        ("out_dir", 5, "^out_dir must be a path or None, got 5$"),
+        ("resume", 3, "^resume must be a path or None, got 3$"),
+    ],
+)
+def test_config_validation_refuses_a_value_of_the_wrong_type_in_one_line_not_a_type_error(field, value, message):
+    with pytest.raises(ConfigError, match=message):
+        tiny_config(**{field: value}).validate()

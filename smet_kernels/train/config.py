@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -174,8 +175,8 @@ class TrainConfig:
     def validate(self) -> "TrainConfig":
         """Raise :class:`ConfigError` naming the first bad field."""
 
-        def choice(name, options):
-            if getattr(self, name) not in options:
+        def choice(name, options):  # a str first: an unhashable value (a list) raised TypeError in a dict's `in`
+            if not isinstance(getattr(self, name), str) or getattr(self, name) not in options:
                 raise ConfigError(f"{setting(name)} must be one of {list(options)}, got {getattr(self, name)!r}")
 
         def integer(name, minimum):
@@ -246,7 +247,9 @@ class TrainConfig:
             integer("galore_rank", 1)
         if self.update_end_step is not None:
             integer("update_end_step", 1)
-        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+        if (not isinstance(self.betas, (tuple, list)) or len(self.betas) != 2
+                or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0.0 <= b < 1.0
+                           for b in self.betas)):
             raise ConfigError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
         if self.lr / (1.0 - self.betas[0]) > torch.finfo(torch.float32).max:  # Adam's first step size, in fp32
             raise ConfigError(f"{setting('lr')} {self.lr:g} overflows float32 in the first step's size "
@@ -257,7 +260,8 @@ class TrainConfig:
         if self.batch_size % self.grad_accum != 0:
             raise ConfigError(f"{setting('batch_size')} ({self.batch_size}) must be divisible by "
                               f"{setting('grad_accum')} ({self.grad_accum})")
-        if self.block_size is not None and self.block_size not in SUPPORTED_BLOCK_SIZES:
+        if self.block_size is not None and (isinstance(self.block_size, bool) or not isinstance(self.block_size, int)
+                                            or self.block_size not in SUPPORTED_BLOCK_SIZES):
             raise ConfigError(f"{setting('block_size')} must be one of {list(SUPPORTED_BLOCK_SIZES)}, got "
                               f"{self.block_size!r}")
         integer("supar_base_width", 1)
@@ -274,6 +278,12 @@ class TrainConfig:
         if self.optimizer in SPARSE_OPTIMIZERS and hidden % self.resolved_block_size() != 0:
             raise ConfigError(f"{setting('block_size')} {self.resolved_block_size()} does not divide the hidden size "
                               f"{hidden} of {setting('model')} {self.model!r}")
+        for name in ("data", "device"):
+            if not isinstance(getattr(self, name), str):
+                raise ConfigError(f"{setting(name)} must be a string, got {getattr(self, name)!r}")
+        for name in ("out_dir", "resume"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), (str, os.PathLike)):
+                raise ConfigError(f"{setting(name)} must be a path or None, got {getattr(self, name)!r}")
         if self.out_dir is not None:
             check_output_folder(self.out_dir, setting("out_dir"))
         if self.device != "auto":
