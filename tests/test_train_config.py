@@ -173,3 +173,9 @@ def test_a_dense_model_keeps_the_presets_intermediate_size_that_sparse_methods_r
 def test_config_validation_refuses_a_value_of_the_wrong_type_in_one_line_not_a_type_error(field, value, message):
     with pytest.raises(ConfigError, match=message):
         tiny_config(**{field: value}).validate()
+
+
+@pytest.mark.parametrize("field", ["supar", "activation_checkpointing", "update_probe", "compile", "progress"])
+def test_config_validation_refuses_a_flag_that_is_not_a_bool_where_a_truthy_no_turned_it_on(field):
+    with pytest.raises(ConfigError, match=f"^{field} must be True or False, got 'no'$"):
+        tiny_config(**{field: "no"}).validate()

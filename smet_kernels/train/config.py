@@ -278,6 +278,9 @@ class TrainConfig:
         if self.optimizer in SPARSE_OPTIMIZERS and hidden % self.resolved_block_size() != 0:
             raise ConfigError(f"{setting('block_size')} {self.resolved_block_size()} does not divide the hidden size "
                               f"{hidden} of {setting('model')} {self.model!r}")
+        for name in ("supar", "activation_checkpointing", "update_probe", "compile", "progress"):
+            if not isinstance(getattr(self, name), bool):  # a truthy "false" or "no" (a hand-edited dict) turned it on
+                raise ConfigError(f"{setting(name)} must be True or False, got {getattr(self, name)!r}")
         for name in ("data", "device"):
             if not isinstance(getattr(self, name), str):
                 raise ConfigError(f"{setting(name)} must be a string, got {getattr(self, name)!r}")
