@@ -243,3 +243,16 @@ def test_reshard_frees_the_unsharded_parameters_of_every_fsdp_module_of_the_mode
     model = torch.nn.Sequential(Sharded(2, 2), torch.nn.ReLU(), torch.nn.Sequential(Sharded(2, 2)))
     distributed.reshard(model)
     assert [module.resharded for module in (model[0], model[2][0])] == [1, 1]
+
+
+def test_a_batch_size_that_the_ranks_cannot_share_is_refused_before_the_data_is_read(monkeypatch):
+    """A world of 3 with --batch-size 8 waited for its BPE tokenizer's training (or a dataset's download) first."""
+    from smet_kernels.train import build
+    from smet_kernels.train.config import ConfigError, TrainConfig
+
+    def read(*args, **kwargs):
+        raise AssertionError("the data was read")
+
+    monkeypatch.setattr(build, "load_corpus", read)
+    with pytest.raises(ConfigError, match=r"^batch_size \(8\) must be divisible by grad_accum x world size \(1 x 3\)$"):
+        build.prepare_data(TrainConfig(batch_size=8), torch.device("cpu"), world_size=3)

@@ -28,21 +28,22 @@ class RunData(NamedTuple):
 
 def prepare_data(config: TrainConfig, device: torch.device, world_size: int = 1) -> RunData:
     """The checks of a run's setup before its model is built, each refusal a one-line :class:`ConfigError` naming
-    the setting: the backend available on ``device``, the data readable, ``batch_size`` divisible by ``grad_accum``
-    x ``world_size``, enough training tokens for a batch and validation tokens for the evaluation windows (none
-    read, and no windows, for a run with neither evaluation nor update probe)."""
+    the setting: the backend available on ``device``, ``batch_size`` divisible by ``grad_accum`` x ``world_size``
+    (before the data is read), the data readable, enough training tokens for a batch and validation tokens for the
+    evaluation windows (none read, and no windows, for a run with neither evaluation nor update probe)."""
     if config.backend == "triton":
         try:
             backend_module.resolve_backend(device, "triton")
         except ValueError as error:
             raise ConfigError(f"{setting('backend')}: {error}") from None
+    # before the data: reading it may train a BPE tokenizer or download a dataset (minutes)
+    if config.batch_size % (config.grad_accum * world_size) != 0:
+        raise ConfigError(f"{setting('batch_size')} ({config.batch_size}) must be divisible by {setting('grad_accum')} "
+                          f"x world size ({config.grad_accum} x {world_size})")
     try:
         corpus = load_corpus(config.data, tokenizer=config.tokenizer)
     except DataError as error:
         raise ConfigError(f"{setting('data')}: {error}") from None
-    if config.batch_size % (config.grad_accum * world_size) != 0:
-        raise ConfigError(f"{setting('batch_size')} ({config.batch_size}) must be divisible by {setting('grad_accum')} "
-                          f"x world size ({config.grad_accum} x {world_size})")
     try:
         batches = PackedBatches(corpus.train, config.seq_len, config.batch_size, config.seed)
     except DataError as error:
