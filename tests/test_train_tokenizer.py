@@ -188,3 +188,13 @@ def test_each_bpe_vocabulary_and_tokenizers_release_has_its_own_cache_entry_and_
     (val_tokens,) = Path(first.train.filename).parent.glob("*.bpe300-0.0.0-other.val.bin")
     val_tokens.unlink()
     assert np.array_equal(load_corpus(str(corpus_dir), tokenizer="bpe:300").val, first.val) and len(trainings) == 2
+
+
+def test_a_resume_may_name_the_saved_tokenizer_another_way_as_bpe_and_bpe_32000_are_one(tmp_path):
+    """``bpe`` and ``bpe:32000`` share one cache entry and give the same tokens: a resume was refused."""
+    from smet_kernels.train.checkpoint import fixed_values, refuse_fixed_changes
+
+    (tmp_path / "config.json").write_text(json.dumps(TrainConfig(tokenizer="bpe").to_dict()))
+    refuse_fixed_changes(tmp_path, fixed_values(TrainConfig(tokenizer=f"bpe:{DEFAULT_BPE_VOCAB}")))
+    with pytest.raises(ConfigError, match=r"^cannot change tokenizer when resuming .*\(saved: tokenizer 'bpe'\)"):
+        refuse_fixed_changes(tmp_path, fixed_values(TrainConfig(tokenizer="bpe:300")))

@@ -39,6 +39,7 @@ from ..sharding import is_sharded, shard_like
 from .config import FIXED_ON_RESUME, ConfigError, TrainConfig, setting
 from .distributed import DistInfo, TrainingFailed, on_rank0
 from .methods import METHODS
+from .tokenizer import TokenizerError, parse_tokenizer
 
 SHARDED_DIR = "sharded"
 CHECKPOINTS_DIR = "checkpoints"  # of a run folder: CHECKPOINTS_DIR/step_XXXXXXX
@@ -560,8 +561,20 @@ def _fixed_changes(saved_config: dict, values: dict) -> tuple[dict, list[str]]:
     saved["galore_rank"] = saved_galore_rank(saved_config)
     method = METHODS.get(saved["optimizer"])
     inert = set(method.ignored_options) if method else set()
-    changed = [name for name in FIXED_ON_RESUME if name in values and saved[name] != values[name] and name not in inert]
+    changed = [name for name in FIXED_ON_RESUME
+               if name in values and not _same_setting(name, saved[name], values[name]) and name not in inert]
     return saved, changed
+
+
+def _same_setting(name: str, saved, given) -> bool:
+    """Whether ``given`` keeps the saved setting ``name``: equal, or (``tokenizer``) naming the same tokenizer, as
+    ``bpe`` and ``bpe:32000`` do (one cache entry, the same tokens)."""
+    if name == "tokenizer":
+        try:
+            return parse_tokenizer(saved) == parse_tokenizer(given)
+        except TokenizerError:
+            pass
+    return saved == given
 
 
 def _refuse_changes(checkpoint: Path, saved: dict, changed: list[str]) -> None:
