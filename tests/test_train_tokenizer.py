@@ -198,3 +198,15 @@ def test_a_resume_may_name_the_saved_tokenizer_another_way_as_bpe_and_bpe_32000_
     refuse_fixed_changes(tmp_path, fixed_values(TrainConfig(tokenizer=f"bpe:{DEFAULT_BPE_VOCAB}")))
     with pytest.raises(ConfigError, match=r"^cannot change tokenizer when resuming .*\(saved: tokenizer 'bpe'\)"):
         refuse_fixed_changes(tmp_path, fixed_values(TrainConfig(tokenizer="bpe:300")))
+
+
+def test_an_empty_cache_dir_variable_is_the_default_cache_and_a_tilde_in_it_is_the_home_folder(monkeypatch,
+                                                                                                tmp_path):
+    """``SMET_CACHE_DIR=`` wrote the token cache into the working folder, ``SMET_CACHE_DIR='~/c'`` into ``./~/c``."""
+    from smet_kernels.train import data
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("SMET_CACHE_DIR", "")
+    assert data.cache_dir() == tmp_path / ".cache" / "smet_kernels"
+    monkeypatch.setenv("SMET_CACHE_DIR", "~/tokens")
+    assert data.cache_dir() == tmp_path / "tokens"

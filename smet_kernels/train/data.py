@@ -72,7 +72,9 @@ class Corpus:
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("SMET_CACHE_DIR", Path.home() / ".cache" / "smet_kernels"))
+    """``$SMET_CACHE_DIR`` (``~`` expanded; set but empty counts as unset, not as the working folder) or
+    ``~/.cache/smet_kernels``."""
+    return Path(os.environ.get("SMET_CACHE_DIR") or Path.home() / ".cache" / "smet_kernels").expanduser()
 
 
 def _is_val(relative_path: str, val_percent: float) -> bool:
