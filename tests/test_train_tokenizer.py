@@ -88,6 +88,13 @@ def test_a_token_file_refuses_bpe(tmp_path):
         load_corpus(str(path), tokenizer="bpe:300")
 
 
+def test_a_token_file_named_in_capitals_is_read_as_uint16_tokens_not_as_text(tmp_path):
+    path = tmp_path / "TOKENS.BIN"
+    np.arange(300, 1300, dtype=np.uint16).tofile(path)  # was read as text: refused for its NUL bytes, or trained on
+    corpus = load_corpus(str(path))
+    assert corpus.vocab_size == 1300 and corpus.train.dtype == np.uint16 and len(corpus.train) + len(corpus.val) == 1000
+
+
 @pytest.mark.parametrize("tokenizer, message", [
     ("bpe:x", "tokenizer vocab must be an integer, got 'bpe:x'"),
     ("bpe:256", f"tokenizer vocab must be in [257, {1 << 20}], got 256"),

@@ -265,7 +265,7 @@ def load_corpus(data: str = "stdlib", val_percent: float = 2.0, tokenizer: str =
                     raise DataError(f"data folder {data!r} holds no text files")
                 train, val = _cached_split(files, path, val_percent, "dir")
                 vocab = 256
-            elif path.suffix == ".bin":
+            elif path.suffix.lower() == ".bin":  # TOKENS.BIN too: read as bytes, its uint16 tokens were text
                 if path.stat().st_size == 0 or path.stat().st_size % 2 != 0:
                     raise DataError(f"data file {data!r} is not a uint16 token file (empty or odd byte count)")
                 tokens = np.memmap(path, dtype=np.uint16, mode="r")
