@@ -179,3 +179,10 @@ def test_config_validation_refuses_a_value_of_the_wrong_type_in_one_line_not_a_t
 def test_config_validation_refuses_a_flag_that_is_not_a_bool_where_a_truthy_no_turned_it_on(field):
     with pytest.raises(ConfigError, match=f"^{field} must be True or False, got 'no'$"):
         tiny_config(**{field: "no"}).validate()
+
+
+def test_paths_given_as_pathlib_paths_are_kept_as_strings_that_a_checkpoints_config_json_can_hold(tmp_path):
+    """A Path out_dir crashed the first checkpoint's write (TypeError: not JSON serializable) after its steps ran."""
+    config = TrainConfig(data=tmp_path / "a.txt", out_dir=tmp_path / "run", resume=tmp_path / "run")
+    assert (config.data, config.out_dir, config.resume) == (str(tmp_path / "a.txt"), *[str(tmp_path / "run")] * 2)
+    assert json.loads(json.dumps(config.to_dict()))["out_dir"] == str(tmp_path / "run")

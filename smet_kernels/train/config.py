@@ -149,6 +149,13 @@ class TrainConfig:
     on_nonfinite: str = "stop"
     max_consecutive_skips: int = 5
 
+    def __post_init__(self):
+        # a pathlib.Path, as Python callers give one: kept, it crashed the first checkpoint's config.json write (not
+        # JSON), after the steps before it had run, and load_corpus refused it as data
+        for name in ("data", "out_dir", "resume"):
+            if isinstance(getattr(self, name), os.PathLike):
+                setattr(self, name, os.fspath(getattr(self, name)))
+
     def resolved_block_size(self) -> int:
         """``block_size``, or by default the largest supported size that gives at least 4 blocks per hidden row and
         gives a ``hidden × hidden`` layer enough active blocks that the first topology update moves a fraction ζ0 of
