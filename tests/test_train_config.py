@@ -74,6 +74,12 @@ def test_config_from_dict_reads_betas_back_as_a_tuple():
     assert config.betas == (0.9, 0.99) and config == TrainConfig(betas=(0.9, 0.99))
 
 
+@pytest.mark.parametrize("betas", [None, 0.9])
+def test_config_from_dict_leaves_betas_that_are_not_a_list_to_the_one_line_refusal_not_a_type_error(betas):
+    with pytest.raises(ConfigError, match=rf"^betas must be two numbers in \[0, 1\), got {betas}$"):
+        TrainConfig.from_dict({"betas": betas}).validate()
+
+
 def test_config_from_dict_refuses_unknown_fields_naming_them_sorted():
     with pytest.raises(ConfigError, match=r"^unknown config fields \['lerning_rate', 'steps'\]$"):
         TrainConfig.from_dict({"steps": 10, "lr": 1e-3, "lerning_rate": 1e-3})

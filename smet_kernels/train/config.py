@@ -315,6 +315,6 @@ class TrainConfig:
         if unknown:
             raise ConfigError(f"unknown config fields {unknown}")
         values = dict(values)
-        if "betas" in values:
+        if isinstance(values.get("betas"), list):  # JSON's list; anything else is left to validate's one-line refusal
             values["betas"] = tuple(values["betas"])
         return cls(**values)
