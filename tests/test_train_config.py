@@ -192,3 +192,8 @@ def test_paths_given_as_pathlib_paths_are_kept_as_strings_that_a_checkpoints_con
     config = TrainConfig(data=tmp_path / "a.txt", out_dir=tmp_path / "run", resume=tmp_path / "run")
     assert (config.data, config.out_dir, config.resume) == (str(tmp_path / "a.txt"), *[str(tmp_path / "run")] * 2)
     assert json.loads(json.dumps(config.to_dict()))["out_dir"] == str(tmp_path / "run")
+
+
+def test_checkpoints_asked_of_a_run_without_an_out_dir_are_refused_not_silently_left_unwritten():
+    with pytest.raises(ConfigError, match="^checkpoint_every 5 needs out_dir: a run without one writes no checkpoint$"):
+        tiny_config(checkpoint_every=5).validate()

@@ -294,6 +294,9 @@ class TrainConfig:
         for name in ("out_dir", "resume"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), (str, os.PathLike)):
                 raise ConfigError(f"{setting(name)} must be a path or None, got {getattr(self, name)!r}")
+        if self.checkpoint_every and self.out_dir is None:  # the run wrote no checkpoint and said nothing
+            raise ConfigError(f"{setting('checkpoint_every')} {self.checkpoint_every} needs {setting('out_dir')}: "
+                              "a run without one writes no checkpoint")
         if self.out_dir is not None:
             check_output_folder(self.out_dir, setting("out_dir"))
         if self.device != "auto":
