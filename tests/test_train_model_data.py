@@ -595,3 +595,21 @@ def test_spike_records_follow_the_documented_windows_whatever_the_updates_and_a_
         values = [record[key] for record in records]
         assert summary[f"mean_{name}"] == (pytest.approx(sum(values) / len(values)) if values else None)
         assert summary[f"max_{name}"] == (max(values) if values else None)
+
+
+
+
+
+def test_a_subfolder_that_cannot_be_listed_is_a_one_line_error_not_left_out_of_the_corpus(tmp_path, monkeypatch):
+    (tmp_path / "locked").mkdir()
+    (tmp_path / "a.txt").write_text("text " * 100)
+    scandir = os.scandir
+
+    def locked(path):  # os.walk lists each folder with scandir; this user may not read this one
+        if str(path).endswith("locked"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", locked)
+    with pytest.raises(DataError, match="^cannot read data .*: Permission denied$"):
+        load_corpus(str(tmp_path))

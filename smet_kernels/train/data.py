@@ -81,9 +81,15 @@ def _is_val(relative_path: str, val_percent: float) -> bool:
     return zlib.crc32(os.fsencode(relative_path)) % 10000 < val_percent * 100
 
 
-def _list_files(root: Path, suffixes: set[str] | None) -> list[Path]:
+def _raise(error: OSError):
+    raise error
+
+
+def _list_files(root: Path, suffixes: set[str] | None, lenient: bool = False) -> list[Path]:
+    """The files under ``root`` (``suffixes``: of these suffixes only), sorted by path; a folder that cannot be listed
+    raises :class:`OSError` unless ``lenient`` (the standard library's), where os.walk left it out unsaid."""
     files = []
-    for dirpath, dirnames, filenames in os.walk(root):
+    for dirpath, dirnames, filenames in os.walk(root, onerror=None if lenient else _raise):
         dirnames[:] = sorted(d for d in dirnames if d not in SKIPPED_DIRS and not d.startswith("."))
         for filename in sorted(filenames):
             path = Path(dirpath) / filename
@@ -247,7 +253,7 @@ def load_corpus(data: str = "stdlib", val_percent: float = 2.0, tokenizer: str =
     try:
         if data == "stdlib":
             root = Path(sysconfig.get_paths()["stdlib"])
-            files = _list_files(root, {".py"})
+            files = _list_files(root, {".py"}, lenient=True)
             if not files:
                 raise DataError(f"no .py files found in the standard library at {root}")
             train, val = _cached_split(files, root, val_percent, "stdlib")
