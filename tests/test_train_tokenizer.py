@@ -217,3 +217,13 @@ def test_an_empty_cache_dir_variable_is_the_default_cache_and_a_tilde_in_it_is_t
     assert data.cache_dir() == tmp_path / ".cache" / "smet_kernels"
     monkeypatch.setenv("SMET_CACHE_DIR", "~/tokens")
     assert data.cache_dir() == tmp_path / "tokens"
+
+
+def test_bpe_on_validation_text_that_is_not_utf8_warns_that_bits_per_byte_overcount_its_bytes(tmp_path):
+    """Each invalid byte reads as U+FFFD, 3 bytes in the token byte counts: val_bpb came out about a quarter low on
+    Latin-1 text, without a word."""
+    path = tmp_path / "latin1.txt"
+    path.write_bytes("".join(f"caf\u00e9 cr\u00e8me num\u00e9ro {i}\n" for i in range(2000)).encode("latin-1"))
+    with pytest.warns(RuntimeWarning, match="not valid UTF-8: under a BPE tokenizer each invalid byte"):
+        corpus = load_corpus(str(path), tokenizer="bpe:300")
+    assert corpus.bytes_of(corpus.val) > len(load_corpus(str(path)).val)  # what the warning is about

@@ -2,7 +2,8 @@
 (Hugging Face ``tokenizers``, GPT-2 style: bytes mapped to printable characters, no unknown token) trained on the
 training split only, ``VOCAB`` tokens (default 32000, the vocabulary of the GaLore and SMET papers' LLaMA runs).
 
-The text is decoded as UTF-8 (an invalid byte becomes U+FFFD) and cut into chunks of about 1 MiB at line ends,
+The text is decoded as UTF-8 (an invalid byte becomes U+FFFD, 3 bytes: a warning says that bpb then overcounts the
+bytes) and cut into chunks of about 1 MiB at line ends,
 in order, for training and encoding; training is deterministic (same text and vocab -> same merges). The trained
 tokenizer (``tokenizer.json``) and the token streams are cached next to the byte cache they come from.
 
@@ -12,6 +13,7 @@ per token converts to bits per byte: ``bpb = loss · tokens / (ln 2 · bytes)``.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,6 +71,14 @@ def text_chunks(data: np.ndarray) -> list[str]:
     return chunks
 
 
+def _is_utf8(data: np.ndarray) -> bool:
+    try:
+        bytes(np.asarray(data, dtype=np.uint8)).decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 def train_bpe(train_bytes: np.ndarray, vocab_size: int):
     """A byte-level BPE ``tokenizers.Tokenizer`` of at most ``vocab_size`` tokens trained on ``train_bytes``."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -121,6 +131,10 @@ def bpe_streams(train: np.ndarray, val: np.ndarray, cache_stem: Path, vocab_size
             tokenizer.save(str(tmp["tokenizer.json"]))
     tokenizer = Tokenizer.from_file(str(paths["tokenizer.json"]))
     dtype = token_dtype(tokenizer.get_vocab_size())
+    if not _is_utf8(val):
+        warnings.warn("the validation text is not valid UTF-8: under a BPE tokenizer each invalid byte reads as "
+                      "U+FFFD (3 bytes), so val_bpb divides by more bytes than the text holds (the byte tokenizer "
+                      "counts them exactly)", RuntimeWarning, stacklevel=2)  # fmt: skip
 
     def load(name):
         path = paths[name]
