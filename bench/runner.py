@@ -83,6 +83,10 @@ def run_cases(suite, cases, run_one, file, backend, device, no_progress, deadlin
     from .results import environment, stack_note
 
     env = environment(device)
+    unique = {}  # a value given twice (--densities 0.5,0.5) makes one case, not two rows of one key
+    for case in cases:
+        unique.setdefault(file.key_of(case.key_row(backend) | {"gpu": env["gpu"]}), case)
+    cases = list(unique.values())
     rows = [case.key_row(backend) | {"gpu": env["gpu"]} for case in cases]
     todo = [case for case, row in zip(cases, rows) if not file.done(row)]
     kept = stack_note([file.stack(row) for row in rows if file.done(row)], (env["torch"], env["triton"]))

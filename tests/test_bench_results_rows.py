@@ -124,3 +124,18 @@ def test_a_quote_left_open_before_more_than_csvs_field_limit_loses_only_its_own_
     with pytest.warns(TornRowWarning, match="line.s. 2 .*measured again"):
         reopened = kernels_file(tmp_path)
     assert len(reopened) == 1000 and not reopened.done(_row(shape="a")) and reopened.done(_row(shape="c999"))
+
+
+def test_a_value_given_twice_measures_its_cases_once(tmp_path, capsys):
+    """--densities 0.5,0.5 made every sparse case twice: two rows of one key in the CSV, which the report then warned
+    about as two runs writing at once."""
+    from bench.cli import main
+
+    args = ["run", "--quick", "--suites", "optimizer", "--no-progress", "--densities", "0.5,0.50",
+            "--out-dir", str(tmp_path)]  # fmt: skip
+    assert main(args) == 0
+    with (tmp_path / "kernels.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    keys = [tuple(row[k] for k in KERNEL_KEY + ["gpu"]) for row in rows]
+    assert len(rows) == 6 and len(set(keys)) == len(keys)
+    assert "optimizer: 6 cases" in capsys.readouterr().out
