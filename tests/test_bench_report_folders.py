@@ -125,3 +125,25 @@ def test_the_mode_tables_and_the_cases_not_measured_of_two_machines_name_their_d
         table = _section_table(report, heading)
         devices = {row[0] for row in table[1:] if len(row) == len(table[0])}
         assert table[0][0] == "device" and devices == {CUDA["gpu"], gpu["gpu"]}, heading
+
+
+def test_a_dense_or_copy_time_of_zero_gives_no_ratio_rather_than_an_infinite_one():
+    """A cublas_dense row timed at 0 ms was the baseline of its sparse rows: `vs dense` and `vs d×dense` read inf (and
+    so did their geometric means); a copy at 0 ms made the roofline the d × dense line alone, and `% copy` 0."""
+    import pandas as pd
+
+    from bench.report import kernel_comparison
+    from bench.report.sections import optimizer_section
+
+    base = {"shape": "s", "M": 64, "K": 64, "N": 64, "dtype": "bf16", "ms_p20": None, "ms_p80": None, "gpu": "h100",
+            "backend": "torch", "status": "ok", "note": "", "nnz_blocks": 2, "block_size": 32, "density": 0.5}
+    frame = pd.DataFrame([base | row for row in (
+        {"suite": "kernels", "op": "forward", "provider": "cublas_dense", "ms_p50": 0.0, "block_size": None},
+        {"suite": "kernels", "op": "forward", "provider": "triton_grouped", "ms_p50": 0.5},
+        {"suite": "optimizer", "op": "copy", "provider": "device_copy", "shape": "dense:s", "ms_p50": 0.0},
+        {"suite": "optimizer", "op": "adamw", "provider": "smet_adamw", "shape": "dense:s", "ms_p50": 0.1, "gbps": 1.0},
+    )])  # fmt: skip
+    sparse = kernel_comparison(frame)
+    assert sparse[["vs_dense", "vs_d_dense", "vs_roofline"]].isna().all(axis=None)
+    text = optimizer_section(frame)[4]
+    assert "`copy GB/s`, `% copy`" in text and " inf " not in text  # both left out: empty in every row

@@ -22,7 +22,8 @@ def kernel_comparison(kernels: pd.DataFrame) -> pd.DataFrame:
     ``noisy`` and ``dense_noisy``; ``t_dense`` is the ``cublas_dense`` row of the same op, shape, dtype and GPU (a
     folder may hold several machines' rows)."""
     measured = kernels[(kernels["suite"] == "kernels") & kernels["ms_p50"].notna()]
-    dense = measured[(measured["provider"] == "cublas_dense") & (measured["status"] == "ok")]
+    # a dense time of 0 (a timer's rounding) is no baseline: its ratios would read inf
+    dense = measured[(measured["provider"] == "cublas_dense") & (measured["status"] == "ok") & (measured["ms_p50"] > 0)]
     dense = dense.assign(dense_noisy=noisy_flags(dense))[DENSE_MATCH + ["ms_p50", "dense_noisy"]]
     dense = dense.rename(columns={"ms_p50": "dense_ms"}).drop_duplicates(DENSE_MATCH)
     sparse = measured[measured["provider"] != "cublas_dense"].merge(dense, on=DENSE_MATCH, how="left")
@@ -44,7 +45,7 @@ def kernel_comparison(kernels: pd.DataFrame) -> pd.DataFrame:
 
 def copy_bandwidth_gbps(kernels: pd.DataFrame) -> dict:
     """Per GPU, the best ``dst.copy_(src)`` bandwidth of the optimizer suite (fp32: 8 bytes per element)."""
-    copies = kernels[(kernels["suite"] == "optimizer") & (kernels["op"] == "copy") & kernels["ms_p50"].notna()]
+    copies = kernels[(kernels["suite"] == "optimizer") & (kernels["op"] == "copy") & (kernels["ms_p50"] > 0)]
     gbps = copies["N"] * copies["K"] * 8 / (copies["ms_p50"] * 1e-3) / 1e9
     return gbps.groupby(copies["gpu"]).max().to_dict()
 

@@ -157,7 +157,7 @@ def optimizer_section(kernels: pd.DataFrame) -> list[str]:
     rows["shape"] = rows["shape"].str.split(":", n=1).str[1]
     copy_gbps = {  # the device copy of the same shape on the same GPU
         (row["shape"], row["gpu"]): row["N"] * row["K"] * 8 / (row["ms_p50"] * 1e-3) / 1e9
-        for _, row in rows[rows["op"] == "copy"].iterrows()
+        for _, row in rows[(rows["op"] == "copy") & (rows["ms_p50"] > 0)].iterrows()  # 0 ms: no bandwidth
     }
     adamw = rows[rows["op"] == "adamw"].sort_values(
         ["gpu", "shape", "tensor", "density", "provider"], ascending=[True, True, True, False, True]
