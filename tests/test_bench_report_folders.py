@@ -147,3 +147,14 @@ def test_a_dense_or_copy_time_of_zero_gives_no_ratio_rather_than_an_infinite_one
     assert sparse[["vs_dense", "vs_d_dense", "vs_roofline"]].isna().all(axis=None)
     text = optimizer_section(frame)[4]
     assert "`copy GB/s`, `% copy`" in text and " inf " not in text  # both left out: empty in every row
+
+
+def test_the_kernel_detail_table_names_the_dtype_when_a_folder_holds_several(tmp_path, monkeypatch):
+    """A folder measured in fp32 and (--dtype) fp16 listed each case twice in "All kernel measurements", the two rows
+    alike but for their times: nothing said which time was which dtype."""
+    rows = _kernel_rows(CPU)
+    _write(tmp_path / "kernels.csv", KERNEL_COLUMNS, rows + [row | {"dtype": "fp16"} for row in rows])
+    report, _ = _render(tmp_path, monkeypatch)
+    detail = _section_table(report, "### All kernel measurements")
+    assert detail[0][:2] == ["dtype", "op"]
+    assert sorted(row[0] for row in detail[2:] if row[1] == "forward" and "triton_grouped" in row) == ["fp16", "fp32"]

@@ -115,7 +115,7 @@ def kernel_section(kernels: pd.DataFrame, out_dir: Path) -> list[str]:
     detail["time"] = fmt_timings(detail)
     detail["op"] = pd.Categorical(detail["op"], OP_ORDER, ordered=True)
     detail = detail.sort_values(
-        ["op", "N", "K", "M", "block_size", "density", "provider"], ascending=[True] * 5 + [False, True]
+        ["op", "N", "K", "M", "block_size", "density", "provider", "dtype"], ascending=[True] * 5 + [False, True, True]
     )
     lines += [
         "### All kernel measurements (ms median [p20–p80])",
@@ -124,6 +124,7 @@ def kernel_section(kernels: pd.DataFrame, out_dir: Path) -> list[str]:
             pd.DataFrame(
                 {
                     **({"device": detail["gpu"]} if several_gpus else {}),
+                    **({"dtype": detail["dtype"]} if detail["dtype"].nunique() > 1 else {}),
                     "op": detail["op"].astype(str),
                     "shape": detail["shape"],
                     "M×K×N": [f"{m:.0f}×{k:.0f}×{n:.0f}" for m, k, n in zip(detail["M"], detail["K"], detail["N"])],
