@@ -158,3 +158,22 @@ def test_the_kernel_detail_table_names_the_dtype_when_a_folder_holds_several(tmp
     detail = _section_table(report, "### All kernel measurements")
     assert detail[0][:2] == ["dtype", "op"]
     assert sorted(row[0] for row in detail[2:] if row[1] == "forward" and "triton_grouped" in row) == ["fp16", "fp32"]
+
+
+def test_the_optimizer_table_names_the_backend_when_smet_adamw_ran_with_both(tmp_path):
+    """smet_adamw rows of --backend reference and of the Triton backend in one folder were two rows alike but for
+    their times: the optimizer table had no backend column."""
+    import pandas as pd
+
+    from bench.report.sections import optimizer_section
+
+    base = {"suite": "optimizer", "op": "adamw", "provider": "smet_adamw", "shape": "compact:s", "N": 64, "K": 64,
+            "block_size": 32, "density": 0.5, "dtype": "fp32", "gpu": "cpu", "ms_p20": None, "ms_p80": None,
+            "gbps": 1.0, "status": "ok", "note": ""}  # fmt: skip
+    frame = pd.DataFrame([base | {"backend": "reference", "ms_p50": 2.0}, base | {"backend": "triton", "ms_p50": 9.0},
+                          base | {"provider": "torch_adamw_fused", "backend": "torch", "ms_p50": 1.0}])
+    lines = [line for line in optimizer_section(frame)[4].splitlines() if line.startswith("| ")]
+    header = [cell.strip() for cell in lines[0].strip("|").split("|")]
+    rows = [dict(zip(header, (cell.strip() for cell in line.strip("|").split("|")))) for line in lines[1:]]
+    assert {(row["backend"], row["ms"]) for row in rows if row["provider"] == "smet_adamw"} == {("reference", "2"),
+                                                                                               ("triton", "9")}

@@ -161,7 +161,7 @@ def optimizer_section(kernels: pd.DataFrame) -> list[str]:
         for _, row in rows[(rows["op"] == "copy") & (rows["ms_p50"] > 0)].iterrows()  # 0 ms: no bandwidth
     }
     adamw = rows[rows["op"] == "adamw"].sort_values(
-        ["gpu", "shape", "tensor", "density", "provider"], ascending=[True, True, True, False, True]
+        ["gpu", "shape", "tensor", "density", "provider", "backend"], ascending=[True, True, True, False, True, True]
     )
     copy_of = [copy_gbps.get((shape, gpu)) for shape, gpu in zip(adamw["shape"], adamw["gpu"])]
     lines = [
@@ -182,6 +182,9 @@ def optimizer_section(kernels: pd.DataFrame) -> list[str]:
                     "b": adamw["block_size"].map(lambda v: "" if pd.isna(v) else f"{v:.0f}"),
                     "d": adamw["density"].map(lambda v: f"{v:g}"),
                     "provider": adamw["provider"],
+                    # smet_adamw measured with both backends (--backend reference, then triton): two rows, else alike
+                    **({"backend": adamw["backend"]} if adamw.loc[adamw["backend"] != "torch", "backend"].nunique() > 1
+                       else {}),
                     "ms": fmt_timings(adamw),
                     "GB/s": adamw["gbps"].map(lambda v: fmt_num(v, ".4g")),
                     "copy GB/s": [fmt_num(c, ".4g") for c in copy_of],
