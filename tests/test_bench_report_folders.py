@@ -177,3 +177,17 @@ def test_the_optimizer_table_names_the_backend_when_smet_adamw_ran_with_both(tmp
     rows = [dict(zip(header, (cell.strip() for cell in line.strip("|").split("|")))) for line in lines[1:]]
     assert {(row["backend"], row["ms"]) for row in rows if row["provider"] == "smet_adamw"} == {("reference", "2"),
                                                                                                ("triton", "9")}
+
+
+def test_the_training_plots_show_one_smet_backend_not_the_mean_of_two(tmp_path, monkeypatch):
+    """smet rows of --backend reference beside the Triton ones: seaborn drew their mean as the smet line of the
+    throughput plot, a number no run measured; the plots now keep one smet backend (Triton where measured)."""
+    rows = _training_rows(CPU)
+    smet = next(row for row in rows if row["method"] == "smet")
+    rows.append(smet | {"backend": "reference", "tokens_per_s": 64000})
+    _write(tmp_path / "training.csv", TRAINING_COLUMNS, rows)
+    _, figures = _render(tmp_path, monkeypatch)
+    (axis,) = figures["throughput_vs_density.png"].axes
+    smet_line = next(line for line in axis.get_lines() if 0.5 in list(line.get_xdata())
+                     and len(line.get_xdata()) == 1)
+    assert list(smet_line.get_ydata()) == [16000]

@@ -258,6 +258,8 @@ def training_section(training: pd.DataFrame, out_dir: Path) -> list[str]:
         lines += [f"The plots show the steps on {machine[0]} at {machine[1]}: one point per case; the table above "
                   "lists every machine and setting.", ""]
     plotted = plotted[(plotted["gpu"] == machine[0]) & (plotted["setting"] == machine[1])]
+    library = [b for b in ("triton", "reference") if b in set(plotted["backend"])][:1]  # one smet backend, as
+    plotted = plotted[plotted["backend"].isin(library + ["torch"])]  # the kernel plot: a line is not two backends' mean
     plots = [
         (
             "peak memory vs model size",
