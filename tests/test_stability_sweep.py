@@ -503,3 +503,23 @@ def test_a_finished_run_whose_saved_seed_is_not_its_folders_is_refused(tmp_path,
     _edit_saved_config(_finished_runs(spec, tmp_path, monkeypatch)[0], lambda config: config.update(seed=7))
     with pytest.raises(ValueError, match="saved 7 != requested 0"):
         run_sweep(spec, tmp_path, isolate=False, log=lambda *_: None)
+
+
+def test_a_study_json_an_older_release_cut_short_stops_run_and_report_in_one_line_naming_it(tmp_path, monkeypatch,
+                                                                                             capsys):
+    """Written in place by an older release, a cut-short study.json stopped `stability run` with a JSONDecodeError
+    traceback (after recording the command), and the report with json's message alone, naming no file."""
+    from stability_runs import _synthetic_study
+
+    from bench.stability import cli
+
+    monkeypatch.setattr(cli, "run_sweep", lambda *args, **kwargs: dict(NOTHING_RUN))
+    _synthetic_study(tmp_path / "report")
+    for folder in ("run", "report"):
+        (tmp_path / folder).mkdir(exist_ok=True)
+        (tmp_path / folder / "study.json").write_text('{"configs": ["tiny"')
+    error = usage_error(bench_main, ["stability", "run", "--cpu-study", "--out-dir", str(tmp_path / "run")], capsys)
+    assert error.startswith(f"smet-bench: error: {tmp_path / 'run' / 'study.json'} is not a study's settings"), error
+    assert not (tmp_path / "run" / "commands.txt").exists()
+    error = usage_error(bench_main, ["stability", "report", "--out-dir", str(tmp_path / "report")], capsys)
+    assert error.startswith(f"smet-bench: error: {tmp_path / 'report' / 'study.json'} is not a study's"), error

@@ -15,7 +15,7 @@ from smet_kernels.train.config import check_output_folder, naming_options
 
 from ..options import comma_list
 from ..runner import check_minutes, usage_error
-from .report import write_report
+from .report import read_study, write_report
 from .spec import COMMANDS_FILE, DENSE_METHOD, METHODS, PRESETS, TRAINER_SETTINGS, StudySpec, enumerate_runs
 from .sweep import check_runnable, is_done, run_sweep
 
@@ -169,6 +169,8 @@ def main_from_args(args: argparse.Namespace, prog: str, argv: list[str]) -> int:
         with naming_options(RUN_OPTIONS):
             spec = spec_from_args(args)
             check_runnable(spec, out_dir)
+        study = out_dir / "study.json"
+        saved = read_study(study) if study.is_file() else {}
     except ValueError as error:
         usage_error(error, prog)
     if args.dry_run:
@@ -181,8 +183,6 @@ def main_from_args(args: argparse.Namespace, prog: str, argv: list[str]) -> int:
     stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     with (out_dir / COMMANDS_FILE).open("a") as handle:
         handle.write(f"{stamp} {prog} {shlex.join(argv)}\n")
-    study = out_dir / "study.json"
-    saved = json.loads(study.read_text()) if study.is_file() else {}
     temporary = study.with_name("study.json.tmp")  # replaced whole: a cut-short study.json stopped every command
     temporary.write_text(json.dumps(merged_study(saved, spec.to_dict()), indent=1))
     os.replace(temporary, study)

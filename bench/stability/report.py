@@ -198,12 +198,25 @@ def gpu_command(spec: dict, out_dir: str = "reports/stability-gpu") -> str:
     return "smet-bench stability run " + " ".join(f"{flag} {shlex.quote(value)}" for flag, value in options)
 
 
+def read_study(path: Path) -> dict:
+    """The settings a study saved in ``path`` (``study.json``); ``ValueError`` naming the file when it is not one
+    (cut short by a release that wrote it in place, or edited): json's own error named no file, or was a traceback."""
+    try:
+        saved = json.loads(Path(path).read_text())
+    except ValueError as error:  # not JSON, or not text
+        saved = error
+    if not isinstance(saved, dict):
+        raise ValueError(f"{path} is not a study's settings ({saved}): delete it; the next `stability run` writes it "
+                         "again")
+    return saved
+
+
 def gpu_section(out_dir: Path) -> list[str]:
     """The GPU command of this sweep, when the study saved its settings (``study.json``)."""
     path = Path(out_dir) / "study.json"
     if not path.is_file():
         return []
-    command = gpu_command(json.loads(path.read_text()))
+    command = gpu_command(read_study(path))
     return ["## The same sweep on the GPU (20m, 60m)", "",
             "Batch, sequence length and token budget of the H100 preset (≥ 50M tokens per 20m run), the α grid "
             "completed to 0, 0.5, 1; resumable like this one:", "", "```bash", command,
