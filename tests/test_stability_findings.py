@@ -385,3 +385,15 @@ def test_the_density_lr_sentence_compares_only_the_largest_alpha_with_the_smalle
     lines = study_findings(tmp_path)
     assert [line for line in lines if line.startswith("  - tiny smet-linear d=0.5: ")] == [
         "  - tiny smet-linear d=0.5: +0.1000 ± 0.0000 (95% CI) — α=1 is worse"]
+
+
+def test_the_first_step_count_is_the_total_when_the_seeds_measured_unequal_numbers(tmp_path):
+    """Seed 0 measured two first steps, seed 1 one: the bracket read (2×1), two measurements where the mean is over
+    three (3 // 2 seeds)."""
+    for seed, updates in ((0, (10, 20)), (1, (10,))):
+        flat = [2.0] * 30
+        _write_run(tmp_path, RunSpec("tiny", "adamw", None, None, seed), flat)
+        _write_run(tmp_path, RunSpec("tiny", "naive-dst", 0.5, 0.0, seed), flat, {10: 4, 20: 4},
+                   probes=[(step, 0.05, 0.3, 3.0) for step in updates])
+    lines = "\n".join(study_findings(tmp_path, probes=True))
+    assert "naive-dst α=0 3.00× (3 over 2 seeds)" in lines

@@ -289,8 +289,9 @@ class _Findings:
             parts = []
             for row in _in_study_order(group).itertuples():
                 name = row.method + ("" if missing(row.alpha) else f" α={row.alpha:g}")
-                per_seed = row.first_steps // max(row.seeds, 1)
-                parts.append(f"{name} {row.regrown_vs_surviving_1:.2f}× ({row.seeds}×{per_seed})")
+                per_seed, uneven = divmod(row.first_steps, max(row.seeds, 1))  # seeds with unequal counts: the
+                count = f"{row.first_steps} over {row.seeds} seeds" if uneven else f"{row.seeds}×{per_seed}"  # total
+                parts.append(f"{name} {row.regrown_vs_surviving_1:.2f}× ({count})")
             self.lines.append(f"  - {config} d={density:g}: " + "; ".join(parts))
 
     def defaults(self):
