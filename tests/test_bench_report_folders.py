@@ -191,3 +191,16 @@ def test_the_training_plots_show_one_smet_backend_not_the_mean_of_two(tmp_path, 
     smet_line = next(line for line in axis.get_lines() if 0.5 in list(line.get_xdata())
                      and len(line.get_xdata()) == 1)
     assert list(smet_line.get_ydata()) == [16000]
+
+
+def test_the_kernel_plot_leaves_out_a_wrong_results_time_as_the_summary_does(tmp_path, monkeypatch):
+    """A triton_grouped row whose result disagreed with the dense computation (status wrong, 1000× faster) was drawn
+    as a point of its provider's line, where the summary table leaves it out."""
+    rows = _kernel_rows(CPU)
+    wrong = next(row for row in rows if row["provider"] == "triton_grouped" and row["op"] == "forward")
+    rows.append(wrong | {"density": 0.25, "nnz_blocks": 1, "status": "wrong", "ms_p20": 0.001, "ms_p50": 0.00123,
+                         "ms_p80": 0.002})  # fmt: skip
+    _write(tmp_path / "kernels.csv", KERNEL_COLUMNS, rows)
+    _, figures = _render(tmp_path, monkeypatch)
+    forward = figures["kernel_time_vs_density.png"].axes[0]
+    assert all(0.00123 not in list(line.get_ydata()) for line in forward.get_lines())

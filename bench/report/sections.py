@@ -109,8 +109,10 @@ def kernel_section(kernels: pd.DataFrame, out_dir: Path) -> list[str]:
             f"{NOISY_SPREAD:g}, marked in the table below).",
             "",
         ]
-    plot = plot_kernel_times(comparison, out_dir / "kernel_time_vs_density.png")
-    lines += [f"![kernel time vs density]({plot})", ""]
+    valid = comparison[comparison["status"] == "ok"]  # a wrong result's time is not plotted either
+    if len(valid):
+        plot = plot_kernel_times(valid, out_dir / "kernel_time_vs_density.png")
+        lines += [f"![kernel time vs density]({plot})", ""]
     detail = comparison.copy()
     detail["time"] = fmt_timings(detail)
     detail["op"] = pd.Categorical(detail["op"], OP_ORDER, ordered=True)
