@@ -36,10 +36,10 @@ def fmt_bytes(value) -> str:
     return f"{value:.0f} B"
 
 
-def fmt_nvml_peak(value, status) -> str:
-    """NVML's peak; one from a sampler that failed mid-run (status ``failed: ...``) is the peak up to the failure, a
-    lower bound, and says so."""
-    text = fmt_bytes(value)
+def fmt_nvml_peak(value, status, fmt=fmt_bytes) -> str:
+    """NVML's peak as ``fmt`` writes it ("" where there is none); one from a sampler that failed mid-run (status
+    ``failed: ...``) is the peak up to the failure, a lower bound, and says so."""
+    text = fmt(value)
     return text if not text or status == "ok" else f"≥ {text} ({status})"
 
 

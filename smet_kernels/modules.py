@@ -470,9 +470,9 @@ def sparsify_with_layouts(
 
     ``layer_factory(linear, layout)`` builds each replacement (default: ``BlockSparseLinear.from_linear``), which
     keeps the dense layer's mode, device and dtype, its forward and backward hooks and its weights at the active
-    blocks; on the meta device nothing
-    is allocated (a skeleton that a checkpoint then fills). A shared layer stays shared; one tied to another
-    module's parameter raises ``ValueError``, and so does a name that is no dense linear. Returns ``model``.
+    blocks; on the meta device nothing is allocated (a skeleton that a checkpoint then fills). A shared layer stays
+    shared; one tied to another module's parameter raises ``ValueError``, and so does a name that is no dense linear.
+    Returns ``model``.
     """
     _check_factory(layer_factory)
     modules, occurrences = _replaceable(model, layouts)

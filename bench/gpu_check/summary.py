@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from bench.kernels import OPS, VARIANT_OPS
-from bench.markdown import table
+from bench.markdown import fmt_nvml_peak, table
 from bench.report import kernel_comparison, load_csv
 from bench.report.derive import peak_column, side_by_side
 from profiling.roofline import BARS
@@ -43,13 +43,8 @@ def _verdict(ok) -> str:
     return "not measured" if ok is None else ("pass" if ok else "miss")
 
 
-def _nvml_peak(peak_bytes, status: str) -> str:
-    """NVML's peak in GiB, or why there is none; a sampler that failed mid-run left the peak up to the failure: a
-    lower bound, said so."""
-    if peak_bytes is None or pd.isna(peak_bytes):
-        return status
-    gib = _num(peak_bytes / 2.0**30)
-    return gib if status == "ok" else f"≥ {gib} ({status})"
+def _gib(value) -> str:
+    return "" if value is None or pd.isna(value) else _num(value / 2.0**30)
 
 
 def _num(value, spec: str = ".3g") -> str:
@@ -238,7 +233,7 @@ def training_section(training: pd.DataFrame | None, sizes: Sizes, compile_row: d
                 "tokens/s": _num(r.tokens_per_s, ".4g"),
                 "warm-up s": _num(getattr(r, "warmup_s", float("nan")), ".3g"),
                 "peak allocated GiB": _num(r.peak_allocated_bytes / gib),
-                "NVML peak GiB": _nvml_peak(r.nvml_peak_bytes, r.nvml_status),
+                "NVML peak GiB": fmt_nvml_peak(r.nvml_peak_bytes, r.nvml_status, _gib) or r.nvml_status,
                 "predicted peak GiB": _num(r.pred_peak_bytes / gib),
                 "status": r.status,
             }
