@@ -116,7 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--seq-len", type=int, default=None, help="training sequence length in tokens (default: 256; 32 with --quick)"
     )
     run.add_argument(
-        "--steps", type=int, default=None, help="timed training steps per case (default: 10; 3 with --quick)"
+        "--steps", type=int, default=None,
+        help="timed training steps per case (default: 10; 3 with --quick); not part of a row's key, as --seed is not: "
+             "a case already in the folder is kept, so measure with other steps into another --out-dir",
     )
     run.add_argument(
         "--compile",
