@@ -525,6 +525,12 @@ def fixed_values(config: TrainConfig) -> dict:
     return values
 
 
+def saved_defaults(saved_config: dict) -> dict:
+    """The settings that a run of the checkpoint ``config.json`` ``saved_config`` resolved from their defaults (its
+    block size and GaLore rank), as it trained with them."""
+    return {"block_size": saved_block_size(saved_config), "galore_rank": saved_galore_rank(saved_config)}
+
+
 def saved_galore_rank(saved_config: dict) -> int | None:
     """The projection rank a GaLore run of the checkpoint ``config.json`` ``saved_config`` trained with: its
     ``galore_rank``, else its model's default (a run given that rank explicitly trains the same); for another method
@@ -557,8 +563,7 @@ def _fixed_changes(saved_config: dict, values: dict) -> tuple[dict, list[str]]:
     names as such, as in a fresh run."""
     defaults = TrainConfig()
     saved = {name: saved_config.get(name, getattr(defaults, name)) for name in FIXED_ON_RESUME}
-    saved["block_size"] = saved_block_size(saved_config)
-    saved["galore_rank"] = saved_galore_rank(saved_config)
+    saved.update(saved_defaults(saved_config))
     method = METHODS.get(saved["optimizer"])
     inert = set(method.ignored_options) if method else set()
     changed = [name for name in FIXED_ON_RESUME

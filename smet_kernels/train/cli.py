@@ -32,7 +32,7 @@ from .checkpoint import (
     load_checkpoint_config,
     refuse_fixed_changes,
     saved_block_size,
-    saved_galore_rank,
+    saved_defaults,
 )
 from .config import (
     CHECKPOINT_FORMATS,
@@ -320,8 +320,7 @@ def _note_resume_changes(args: argparse.Namespace, config: TrainConfig, options:
     if not config.resume:
         return
     saved = json.loads((Path(config.resume) / "config.json").read_text())  # the checkpoint verified by the setup
-    saved["block_size"] = saved_block_size(saved)  # a default block size as the run resolved it
-    saved["galore_rank"] = saved_galore_rank(saved)  # a default GaLore rank: its model's
+    saved.update(saved_defaults(saved))  # a default block size or GaLore rank as the run resolved it
     changed = []
     for name, value in vars(args).items():
         before = saved.get(name, value)
