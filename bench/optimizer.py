@@ -155,8 +155,16 @@ def _step(case: OptimizerCase, device: torch.device, seed: int, backend: str | N
 
 
 def run_case(
-    case: OptimizerCase, device: torch.device, timing_kwargs: dict, seed: int = 0, backend: str | None = None
+    case: OptimizerCase,
+    device: torch.device,
+    timing_kwargs: dict,
+    seed: int = 0,
+    backend: str | None = None,
+    check: bool = True,
 ) -> dict:
+    """Measure ``case``; ``check``: first compare one step with its reference (:func:`check_step`), a mismatch
+    recorded as ``status = "wrong"`` with the error as the note (the time is still measured, as for kernels)."""
+    note = check_step(case, device, seed, backend) if check else ""
     fn, numel, moved = step_function(case, device, seed, backend)
     fn()  # the first step allocates the optimizer state: outside the clock whatever warm-up the timing does
     timing = measure(fn, device, **timing_kwargs)
@@ -167,6 +175,6 @@ def run_case(
         "ms_p80": timing.ms_p80,
         "bytes_moved": moved,
         "gbps": moved / (timing.ms_p50 * 1e-3) / 1e9,
-        "status": "ok",
-        "note": f"{numel} elements",
+        "status": "wrong" if note else "ok",
+        "note": note or f"{numel} elements",
     }

@@ -295,6 +295,27 @@ def test_an_optimizer_step_is_timed_with_its_state_allocated_even_without_a_warm
     assert optimizer.run_case(case, torch.device("cpu"), {"warmup": 0}, backend="reference")["ms_p50"] == 2.0
 
 
+@pytest.mark.parametrize("provider", optimizer.PROVIDERS)
+def test_an_optimizer_step_that_computes_something_else_is_timed_but_recorded_as_wrong(monkeypatch, fixed_timing,
+                                                                                       provider):
+    """``smet-bench run --suites optimizer`` wrote ``status = ok`` for any step: a step is checked once against
+    its reference first, as kernels are."""
+    from smet_kernels.train.model import LinearShape
+
+    real_step = optimizer._step
+
+    def broken(case, device, seed, backend, reference=False):
+        step, numel, moved, param = real_step(case, device, seed, backend, reference)
+        return (step if reference else lambda: (step(), param.data.add_(1.0))), numel, moved, param
+
+    case = optimizer.OptimizerCase("adamw", provider, "compact", LinearShape("s:x", 64, 64), 32, 0.5)
+    cpu = torch.device("cpu")
+    assert optimizer.run_case(case, cpu, {}, backend="reference")["status"] == "ok"
+    monkeypatch.setattr(optimizer, "_step", broken)
+    row = optimizer.run_case(case, cpu, {}, backend="reference")
+    assert (row["status"], row["ms_p50"]) == ("wrong", 2.0) and row["note"].startswith("max error 1 > ")
+
+
 def test_kernel_tflops_count_the_useful_flops_of_the_drawn_layout_over_the_median_time(fixed_timing):
     """W [96, 96] in blocks of 32 at d = 0.5: 4 of the 9 blocks (exact d = 4/9); 16 tokens: 2 · 16 · 96² · 4/9 =
     131072 useful FLOPs."""

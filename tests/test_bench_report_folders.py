@@ -179,6 +179,22 @@ def test_the_optimizer_table_names_the_backend_when_smet_adamw_ran_with_both(tmp
                                                                                                ("triton", "9")}
 
 
+def test_the_optimizer_table_leaves_out_a_step_that_failed_its_check():
+    """A wrong step's time is listed under "Not measured or flagged", not as a throughput beside the others."""
+    import pandas as pd
+
+    from bench.report.sections import optimizer_section, skipped_section
+
+    base = {"suite": "optimizer", "op": "adamw", "provider": "smet_adamw", "shape": "compact:s", "N": 64, "K": 64,
+            "block_size": 32, "density": 0.5, "dtype": "fp32", "gpu": "cpu", "backend": "triton", "ms_p20": None,
+            "ms_p80": None, "ms_p50": 1.0, "gbps": 1.0, "status": "ok", "note": ""}  # fmt: skip
+    frame = pd.DataFrame([base | {"status": "wrong", "note": "max error 1 > 1e-07"},
+                          base | {"provider": "torch_adamw_fused", "backend": "torch", "ms_p50": 3.0}])
+    table = optimizer_section(frame)[4]
+    assert "torch_adamw_fused" in table and "smet_adamw" not in table
+    assert "max error 1 > 1e-07" in "\n".join(skipped_section(frame, None))
+
+
 def test_the_training_plots_show_one_smet_backend_not_the_mean_of_two(tmp_path, monkeypatch):
     """smet rows of --backend reference beside the Triton ones: seaborn drew their mean as the smet line of the
     throughput plot, a number no run measured; the plots now keep one smet backend (Triton where measured)."""

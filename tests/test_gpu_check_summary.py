@@ -411,3 +411,13 @@ def test_the_nvml_peak_of_a_sampler_that_failed_mid_run_reads_as_a_lower_bound_w
     cells = {line.split("|")[2].strip(): line.split("|")[7].strip() for line in text.splitlines()
              if line.startswith("| 1b ") and "| no " in line}  # NVML peak GiB by method, unchecked steps
     assert cells == {"dense": "11", "smet": "≥ 3 (failed: GPU is lost)", "galore": "ok"}
+
+
+def test_a_compact_adamw_step_that_fails_its_check_misses_the_bar_however_fast():
+    from bench.gpu_check.summary import adamw_section
+
+    rows = _optimizer_rows(990.0)
+    rows.loc[rows["provider"] == "smet_adamw", ["status", "note"]] = ["wrong", "max error 1 > 1e-07"]
+    lines = adamw_section(rows)
+    assert "wrong (max error 1 > 1e-07)" in "\n".join(lines)
+    assert lines[-2] == "Bar: compact AdamW — **miss**: a step does not match its reference (status wrong above)."

@@ -205,9 +205,12 @@ def adamw_section(kernels: pd.DataFrame | None) -> list[str]:
     smet = optimizer[(optimizer["provider"] == "smet_adamw") & (optimizer["density"] == 0.25)]
     if smet.empty:
         return lines + ["Not measured.", ""]
-    rows = [{"provider": r.provider, "tensor": r.shape, "ms": _num(r.ms_p50), "GB/s": _num(r.gbps)}
-            for r in optimizer.itertuples()]  # fmt: skip
+    rows = [{"provider": r.provider, "tensor": r.shape, "ms": _num(r.ms_p50), "GB/s": _num(r.gbps),
+             "status": r.status + (f" ({r.note})" if r.status != "ok" else "")} for r in optimizer.itertuples()]
     lines += [table(pd.DataFrame(rows)), ""]
+    if (smet["status"] != "ok").any():  # a fast step that computes something else passes no bar
+        return lines + [f"Bar: compact AdamW — **{_verdict(False)}**: a step does not match its reference "
+                        "(status wrong above).", ""]  # fmt: skip
     if ceiling.empty:
         return lines + [f"Bar (≥ {ADAMW_BAR:.0%} of the copy ceiling): not measured (stage env did not run).", ""]
     best = ceiling.max()  # this GPU's best copy, as the predictions take it; every compact step is judged on it
