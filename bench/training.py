@@ -200,9 +200,10 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _measure(case: TrainingCase, device: torch.device, backend: str | None, steps: int, seed: int):
-    """Build ``case`` (compiled: its steps run ``torch.compile(model)``), warm up (two steps, their seconds returned
-    too), measure one step's memory, then time ``steps`` steps."""
+def _measure(case: TrainingCase, device: torch.device, backend: str | None, steps: int, seed: int, check: bool):
+    """Build ``case`` (compiled: its steps run ``torch.compile(model)``), ``check``: one eager step against the dense
+    reference (:func:`check_step`, its note returned), warm up (two steps, their seconds returned too), measure one
+    step's memory, then time ``steps`` steps."""
     from profiling.memory_breakdown import measure_step_memory
     from smet_kernels.train.model import lm_loss
 
@@ -215,6 +216,7 @@ def _measure(case: TrainingCase, device: torch.device, backend: str | None, step
     tokens = torch.randint(0, model.config.vocab_size, (case.batch_size, case.seq_len + 1), generator=generator)
     tokens = tokens.to(device)
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    note = check_step(model, optimizer, inputs, targets) if check else ""
 
     def forward() -> torch.Tensor:
         return lm_loss(stepped(inputs), targets)
@@ -233,7 +235,7 @@ def _measure(case: TrainingCase, device: torch.device, backend: str | None, step
     with sampler:
         memory = measure_step_memory(model, optimizer, forward, device)
         times_ms = time_steps(step, device, steps)
-    return memory, sampler, times_ms, warmup_s
+    return memory, sampler, times_ms, warmup_s, note
 
 
 def time_steps(step, device: torch.device, steps: int) -> list[float]:
@@ -248,12 +250,15 @@ def time_steps(step, device: torch.device, steps: int) -> list[float]:
     return times_ms
 
 
-def run_case(case: TrainingCase, device: torch.device, backend: str | None, steps: int, seed: int = 0) -> dict:
-    """Measure ``case``: timing quantiles, tokens/s, measured and predicted memory components."""
+def run_case(
+    case: TrainingCase, device: torch.device, backend: str | None, steps: int, seed: int = 0, check: bool = True
+) -> dict:
+    """Measure ``case``: timing quantiles, tokens/s, measured and predicted memory components; ``check``: a step that
+    fails :func:`check_step` is still measured, recorded as ``status = "wrong"`` with the reason as the note."""
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     try:
-        memory, sampler, times_ms, warmup_s = _measure(case, device, backend, steps, seed)
+        memory, sampler, times_ms, warmup_s, note = _measure(case, device, backend, steps, seed, check)
     except torch.cuda.OutOfMemoryError as error:
         return {"status": "oom", "note": str(error).splitlines()[0][:200]}
     finally:
@@ -274,8 +279,8 @@ def run_case(case: TrainingCase, device: torch.device, backend: str | None, step
         "nvml_status": sampler.status,
         "peak_source": memory.peak_source,
         "pred_peak_bytes": predicted.peak,
-        "status": "ok",
-        "note": "",
+        "status": "wrong" if note else "ok",
+        "note": note,
     }
     for component, value in memory.as_dict().items():
         if component != "peak":

@@ -336,7 +336,7 @@ def _measured_steps(monkeypatch, times_ms) -> training.TrainingCase:
 
     memory = MeasuredMemory(1, 2, 3, 4, None, None, "unavailable on cpu")
     sampler = SimpleNamespace(peak_used_bytes=None, status="unavailable: device is cpu")
-    monkeypatch.setattr(training, "_measure", lambda *args: (memory, sampler, times_ms, 0.5))
+    monkeypatch.setattr(training, "_measure", lambda *args: (memory, sampler, times_ms, 0.5, ""))
     return training.TrainingCase("tiny", "dense", 1.0, 32, 2, 32, torch.float32)
 
 
@@ -354,6 +354,29 @@ def test_a_training_case_times_at_least_one_step(monkeypatch):
     assert training.run_case(case, torch.device("cpu"), None, steps=1)["ms_p50"] == 10.0
     with pytest.raises(ValueError, match="steps must be >= 1, got 0"):
         training.run_case(case, torch.device("cpu"), None, steps=0)
+
+
+def test_a_training_step_that_fails_its_dense_reference_check_is_measured_but_recorded_as_wrong(monkeypatch):
+    """``smet-bench run --suites training`` wrote ``status = ok`` for any step; each case now first runs
+    :func:`bench.training.check_step` (a loss off the dense copy's: wrong), and is measured after it all the same.
+    The dense copy is made wrong here (every weight + 0.5), standing for a sparse step that computes something else."""
+    from smet_kernels import modules
+
+    case, cpu = training.TrainingCase("tiny", "smet", 0.5, 32, 2, 16, torch.float32), torch.device("cpu")
+    row = training.run_case(case, cpu, "reference", steps=1)
+    assert (row["status"], row["note"]) == ("ok", "")
+    densify = modules.densify
+
+    def shifted(model):
+        dense = densify(model)
+        with torch.no_grad():
+            for parameter in dense.parameters():
+                parameter.add_(0.5)
+        return dense
+
+    monkeypatch.setattr(modules, "densify", shifted)
+    row = training.run_case(case, cpu, "reference", steps=1)
+    assert row["status"] == "wrong" and row["note"].startswith("loss ") and row["ms_p50"] > 0
 
 
 def test_training_step_times_are_in_milliseconds_one_per_step_the_gpu_synchronised_around_each(monkeypatch):

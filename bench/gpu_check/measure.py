@@ -220,7 +220,9 @@ def run_training(ctx: Context) -> tuple[int, list[str]]:
         return ctx.run(
             "training",
             training_cases(ctx.sizes),
-            lambda case: training.run_case(case, ctx.device, ctx.backend, ctx.sizes.training_steps, ctx.seed),
+            # unchecked here: stage correctness compares a SMET step with the reference backend
+            lambda case: training.run_case(case, ctx.device, ctx.backend, ctx.sizes.training_steps, ctx.seed,
+                                           check=False),
             training_file(ctx.out_dir),
         )
 
