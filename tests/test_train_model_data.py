@@ -275,9 +275,30 @@ def test_a_folder_corpus_reads_its_text_files_only_and_skips_hidden_files_and_to
     for name, text in files.items():
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).write_text(f"{text}\n" * 50)
-    corpus = load_corpus(str(root))
+    with pytest.warns(UserWarning, match=r"1 file\(s\) of suffix \.png left out"):
+        corpus = load_corpus(str(root))
     text = bytes(corpus.train).decode() + bytes(corpus.val).decode()
     assert {word for word in files.values() if word in text} == {"kept-a", "kept-upper", "kept-bare", "kept-sub"}
+
+
+def test_a_folder_says_which_files_it_leaves_out_and_reads_jsonl_and_tsv_as_text(tmp_path):
+    """Files of another suffix were dropped without a word (a folder of ``.parquet`` shards and a README trained on
+    the README alone); ``.jsonl`` / ``.tsv`` shards are text and are read."""
+    root = tmp_path / "corpus"
+    root.mkdir()
+    (root / "a.jsonl").write_text('{"text": "kept-jsonl"}\n' * 50)
+    (root / "b.tsv").write_text("kept\ttsv\n" * 50)
+    (root / "c.parquet").write_text("out-parquet\n" * 50)
+    (root / "d.arrow").write_text("out-arrow\n" * 50)
+    with pytest.warns(UserWarning, match=r"2 file\(s\) of suffix \.arrow, \.parquet left out \(text suffixes: "):
+        corpus = load_corpus(str(root))
+    text = bytes(corpus.train).decode() + bytes(corpus.val).decode()
+    assert "kept-jsonl" in text and "kept\ttsv" in text and "out-" not in text
+    only = tmp_path / "shards"
+    only.mkdir()
+    (only / "x.parquet").write_text("out\n")
+    with pytest.raises(DataError, match=r"holds no text files \(only \.parquet: give such a file itself as data\)"):
+        load_corpus(str(only))
 
 
 def test_a_folder_or_file_whose_name_is_not_utf8_is_read_and_split_by_the_bytes_of_its_name(tmp_path):

@@ -6,7 +6,8 @@ Sources (:func:`load_corpus`):
   ``site-packages`` excluded), sorted, byte-level tokens (vocab 256). A file goes to validation when
   ``crc32(relative path) % 10000 < 100 · val_percent`` (hundredths of a percent) — the split depends only on the path.
 * a text file: byte-level tokens, the last ``val_percent`` % of the bytes is validation;
-* a folder: its text files (recursively, sorted), split by path like ``stdlib``; a file with a NUL byte in its
+* a folder: its text files (recursively, sorted; the suffixes of ``TEXT_SUFFIXES``, the other files left out with a
+  warning that names their suffixes), split by path like ``stdlib``; a file with a NUL byte in its
   first 8000 bytes (binary, compressed, UTF-16), given or in a folder, is refused;
 * a ``.bin`` file of uint16 tokens: the last ``val_percent`` % is validation; vocab = max token + 1;
 * ``hf:NAME[:CONFIG][@REVISION]``: a Hugging Face dataset (needs ``datasets``), text column byte-tokenised. A hub
@@ -29,6 +30,7 @@ import contextlib
 import hashlib
 import os
 import sysconfig
+import warnings
 import zlib
 from dataclasses import dataclass
 from functools import cached_property
@@ -41,7 +43,8 @@ from .config import setting
 
 SKIPPED_DIRS = {"site-packages", "dist-packages", "__pycache__", ".git"}
 BINARY_SNIFF_BYTES = 8000  # a NUL byte among a text file's first bytes marks it binary (as git tells them apart)
-TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".c", ".h", ".json", ".html", ".tex", ".csv", ".yaml", ".yml", ""}
+TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".c", ".h", ".cpp", ".hpp", ".js", ".ts", ".java", ".go", ".rs", ".sh",
+                 ".json", ".jsonl", ".html", ".xml", ".tex", ".csv", ".tsv", ".yaml", ".yml", ".toml", ""}
 
 
 class DataError(ValueError):
@@ -83,6 +86,10 @@ def _is_val(relative_path: str, val_percent: float) -> bool:
 
 def _raise(error: OSError):
     raise error
+
+
+def _suffix_list() -> str:
+    return ", ".join(sorted(suffix or "(none)" for suffix in TEXT_SUFFIXES))
 
 
 def _list_files(root: Path, suffixes: set[str] | None, lenient: bool = False) -> list[Path]:
@@ -266,9 +273,15 @@ def load_corpus(data: str = "stdlib", val_percent: float = 2.0, tokenizer: str =
             if not path.exists():
                 raise DataError(f"data path {data!r} does not exist (use 'stdlib', a file, a folder or 'hf:NAME')")
             if path.is_dir():
-                files = _list_files(path, TEXT_SUFFIXES)
+                listed = _list_files(path, None)
+                files = [file for file in listed if file.suffix.lower() in TEXT_SUFFIXES]
+                left_out = sorted({file.suffix.lower() for file in listed} - TEXT_SUFFIXES)
                 if not files:
-                    raise DataError(f"data folder {data!r} holds no text files")
+                    raise DataError(f"data folder {data!r} holds no text files" + (
+                        f" (only {', '.join(left_out)}: give such a file itself as data)" if left_out else ""))
+                if left_out:
+                    warnings.warn(f"data folder {data!r}: {len(listed) - len(files)} file(s) of suffix "
+                                  f"{', '.join(left_out)} left out (text suffixes: {_suffix_list()})", stacklevel=2)
                 train, val = _cached_split(files, path, val_percent, "dir")
                 vocab = 256
             elif path.suffix.lower() == ".bin":  # TOKENS.BIN too: read as bytes, its uint16 tokens were text
