@@ -50,6 +50,25 @@ def _check_scale(scale: float) -> None:
         raise ValueError(f"scale must be a finite number > 0, got {scale}")
 
 
+def _real(value) -> bool:
+    return not isinstance(value, bool) and isinstance(value, numbers.Real)  # numpy floats too
+
+
+def _check_adamw_options(group: dict) -> None:
+    """``ValueError`` naming the first of ``betas`` in ``[0, 1)``, ``lr >= 0``, ``eps > 0``, ``weight_decay >= 0``
+    (each finite) that a group (defaults filled in) breaks. ``eps = 0`` would step a gradient element that stayed 0
+    (an unused embedding row) by ``0 / 0 = NaN``. ``lr`` may be a one-element tensor, as in ``torch.optim.AdamW``."""
+    betas = group["betas"]
+    if not (isinstance(betas, (tuple, list)) and len(betas) == 2 and all(_real(b) and 0.0 <= b < 1.0 for b in betas)):
+        raise ValueError(f"betas must lie in [0, 1), got {betas!r}")
+    lr = group["lr"]
+    lr = float(lr) if isinstance(lr, torch.Tensor) and lr.numel() == 1 else lr
+    for name, value, positive in (("lr", lr, False), ("eps", group["eps"], True),
+                                  ("weight_decay", group["weight_decay"], False)):  # fmt: skip
+        if not (_real(value) and math.isfinite(value) and (value > 0.0 if positive else value >= 0.0)):
+            raise ValueError(f"{name} must be {'>' if positive else '>='} 0 and finite, got {value!r}")
+
+
 class GaLoreAdamW(torch.optim.Optimizer):
     """AdamW whose param groups with a ``rank`` key are updated in a GaLore low-rank gradient subspace.
 
@@ -67,20 +86,13 @@ class GaLoreAdamW(torch.optim.Optimizer):
         update_proj_gap: int = GALORE_DEFAULT_UPDATE_PROJ_GAP,
         scale: float = GALORE_DEFAULT_SCALE,
     ):
-        if not lr >= 0.0:
-            raise ValueError(f"lr must be >= 0, got {lr}")
-        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
-            raise ValueError(f"betas must lie in [0, 1), got {betas}")
-        if not eps >= 0.0:
-            raise ValueError(f"eps must be >= 0, got {eps}")
-        if not weight_decay >= 0.0:
-            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
         _check_positive_int(update_proj_gap, "update_proj_gap")
         _check_scale(scale)
         # in the defaults (torch fills them into every group; only groups with a rank use them): a deep-copied or
         # unpickled optimizer keeps them, as torch pickles only defaults, state and groups
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, update_proj_gap=update_proj_gap,
                         scale=scale)
+        _check_adamw_options(defaults)
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict) -> None:
@@ -99,6 +111,11 @@ class GaLoreAdamW(torch.optim.Optimizer):
                 if isinstance(p, torch.Tensor) and p.dim() != 2:  # a non-tensor: torch's TypeError names it
                     raise ValueError(f"params of a group with 'rank' must be 2-D, got shape {tuple(p.shape)}")
         super().add_param_group(param_group)
+        try:
+            _check_adamw_options(self.param_groups[-1])
+        except ValueError:
+            self.param_groups.pop()
+            raise
 
     @staticmethod
     def _projection(grad: torch.Tensor, rank: int) -> torch.Tensor:
