@@ -185,6 +185,12 @@ def test_a_setting_out_of_range_is_refused_by_name_also_in_a_param_group(kwargs,
         GaLoreAdamW([{"params": [nn.Parameter(torch.zeros(8, 6))], **group}], **kwargs)
 
 
+@pytest.mark.parametrize("flag", ["amsgrad", "maximize", "capturable", "differentiable"])
+def test_a_torch_adamw_flag_it_does_not_implement_is_refused_by_name_not_silently_ignored(flag):
+    with pytest.raises(ValueError, match=f"{flag}=True is not supported by GaLoreAdamW"):
+        GaLoreAdamW([{"params": [nn.Parameter(torch.zeros(8, 6))], "rank": 2, flag: True}])
+
+
 def test_a_group_added_with_a_bad_lr_is_refused_and_not_added_and_a_tensor_lr_is_accepted():
     optimizer = GaLoreAdamW([nn.Parameter(torch.zeros(8, 6))], lr=torch.tensor(0.01))
     with pytest.raises(ValueError, match="lr must be >= 0"):

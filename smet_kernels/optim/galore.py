@@ -31,6 +31,7 @@ from torch import nn
 GALORE_DEFAULT_RANK = {"tiny": 16, "20m": 64, "60m": 128, "130m": 256, "350m": 256, "1b": 512, "7b": 1024}
 GALORE_DEFAULT_UPDATE_PROJ_GAP = 200
 GALORE_DEFAULT_SCALE = 0.25
+_UNSUPPORTED_FLAGS = ("amsgrad", "maximize", "capturable", "differentiable")
 
 
 def _check_positive_int(value: int, name: str) -> int:
@@ -57,7 +58,11 @@ def _real(value) -> bool:
 def _check_adamw_options(group: dict) -> None:
     """``ValueError`` naming the first of ``betas`` in ``[0, 1)``, ``lr >= 0``, ``eps > 0``, ``weight_decay >= 0``
     (each finite) that a group (defaults filled in) breaks. ``eps = 0`` would step a gradient element that stayed 0
-    (an unused embedding row) by ``0 / 0 = NaN``. ``lr`` may be a one-element tensor, as in ``torch.optim.AdamW``."""
+    (an unused embedding row) by ``0 / 0 = NaN``. ``lr`` may be a one-element tensor, as in ``torch.optim.AdamW``.
+    ``torch.optim.AdamW`` flags this step does not implement are refused when true, not ignored."""
+    for flag in _UNSUPPORTED_FLAGS:
+        if group.get(flag):
+            raise ValueError(f"{flag}=True is not supported by GaLoreAdamW")
     betas = group["betas"]
     if not (isinstance(betas, (tuple, list)) and len(betas) == 2 and all(_real(b) and 0.0 <= b < 1.0 for b in betas)):
         raise ValueError(f"betas must lie in [0, 1), got {betas!r}")
