@@ -191,6 +191,19 @@ def test_a_torch_adamw_flag_it_does_not_implement_is_refused_by_name_not_silentl
         GaLoreAdamW([{"params": [nn.Parameter(torch.zeros(8, 6))], "rank": 2, flag: True}])
 
 
+@pytest.mark.parametrize("dtype, sparse, message", [
+    (torch.float32, True, "sparse gradients"), (torch.complex64, False, "complex parameters"),
+], ids=["sparse-grad", "complex"])  # fmt: skip
+def test_a_sparse_gradient_or_complex_parameter_is_refused_by_name_before_any_parameter_changes(dtype, sparse, message):
+    first, second = nn.Parameter(torch.ones(8, 6)), nn.Parameter(torch.ones(8, 6, dtype=dtype))
+    optimizer = GaLoreAdamW([{"params": [first], "rank": 2}, {"params": [second]}], lr=0.1)
+    first.grad = torch.ones(8, 6)
+    second.grad = torch.ones_like(second).to_sparse() if sparse else torch.ones_like(second)
+    with pytest.raises(TypeError, match=f"parameter 0 of param group 1: {message}"):
+        optimizer.step()
+    assert torch.equal(first, torch.ones(8, 6)) and not optimizer.state
+
+
 def test_a_group_added_with_a_bad_lr_is_refused_and_not_added_and_a_tensor_lr_is_accepted():
     optimizer = GaLoreAdamW([nn.Parameter(torch.zeros(8, 6))], lr=torch.tensor(0.01))
     with pytest.raises(ValueError, match="lr must be >= 0"):

@@ -130,12 +130,24 @@ class GaLoreAdamW(torch.optim.Optimizer):
         basis = vh[:rank] if grad.shape[0] >= grad.shape[1] else u[:, :rank]
         return basis.to(grad.dtype, copy=True)  # a copy: a view would keep the whole SVD factor alive
 
+    def _check_grads(self) -> None:
+        """``TypeError`` naming the first parameter with a sparse gradient (``nn.Embedding(sparse=True)``) or of a
+        complex dtype (``sqrt(v)`` of a complex ``v`` is no Adam step), before any parameter is updated."""
+        for group_index, group in enumerate(self.param_groups):
+            for index, p in enumerate(group["params"]):
+                name = f"parameter {index} of param group {group_index}"
+                if p.grad is not None and p.grad.layout != torch.strided:
+                    raise TypeError(f"{name}: sparse gradients ({p.grad.layout}) are not supported by GaLoreAdamW")
+                if p.grad is not None and p.is_complex():
+                    raise TypeError(f"{name}: complex parameters ({p.dtype}) are not supported by GaLoreAdamW")
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._check_grads()
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             projected = "rank" in group
