@@ -204,6 +204,15 @@ def test_a_sparse_gradient_or_complex_parameter_is_refused_by_name_before_any_pa
     assert torch.equal(first, torch.ones(8, 6)) and not optimizer.state
 
 
+def test_a_projected_group_given_by_name_refuses_a_parameter_that_is_not_2d():
+    """``named_parameters()`` pairs (torch >= 2.6): a bias in a group with ``rank`` failed the first step instead."""
+    layer = nn.Linear(8, 6)
+    with pytest.raises(ValueError, match=r"must be 2-D, got shape \(6,\)"):
+        GaLoreAdamW([{"params": list(layer.named_parameters()), "rank": 2}])
+    optimizer = GaLoreAdamW([{"params": [("weight", layer.weight)], "rank": 2}])
+    assert optimizer.param_groups[0]["params"] == [layer.weight]
+
+
 def test_a_group_added_with_a_bad_lr_is_refused_and_not_added_and_a_tensor_lr_is_accepted():
     optimizer = GaLoreAdamW([nn.Parameter(torch.zeros(8, 6))], lr=torch.tensor(0.01))
     with pytest.raises(ValueError, match="lr must be >= 0"):

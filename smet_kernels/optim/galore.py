@@ -101,23 +101,21 @@ class GaLoreAdamW(torch.optim.Optimizer):
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict) -> None:
-        params = param_group["params"]
-        if isinstance(params, torch.Tensor):
-            param_group["params"] = [params]
-        elif not isinstance(params, set):  # torch rejects sets; a generator must be read only once
-            param_group["params"] = list(params)
+        """Add a group (defaults filled in); a group with an invalid option, or with ``rank`` and a parameter that is
+        not 2-D (also given by name, as ``named_parameters()`` pairs), raises and is not added."""
         if "rank" in param_group:
             _check_positive_int(param_group["rank"], "rank")
             for key in ("update_proj_gap", "scale"):
                 param_group.setdefault(key, self.defaults[key])
             _check_positive_int(param_group["update_proj_gap"], "update_proj_gap")
             _check_scale(param_group["scale"])
-            for p in param_group["params"]:
-                if isinstance(p, torch.Tensor) and p.dim() != 2:  # a non-tensor: torch's TypeError names it
-                    raise ValueError(f"params of a group with 'rank' must be 2-D, got shape {tuple(p.shape)}")
         super().add_param_group(param_group)
         try:
-            _check_adamw_options(self.param_groups[-1])
+            group = self.param_groups[-1]
+            _check_adamw_options(group)
+            for p in group["params"] if "rank" in group else ():
+                if p.dim() != 2:
+                    raise ValueError(f"params of a group with 'rank' must be 2-D, got shape {tuple(p.shape)}")
         except ValueError:
             self.param_groups.pop()
             raise
