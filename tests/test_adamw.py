@@ -365,3 +365,16 @@ def test_adamw_step_decays_a_bf16_weight_in_fp32_and_rounds_once(backend):
     adamw_step([param], [torch.zeros_like(param)], *([s] for s in state), [1.0], [None], backend=backend,
                betas=(0.9, 0.99), eps=1e-8, weight_decay=0.75, warmup="none")
     assert param.unique().tolist() == [0.251953125]
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_adamw_step_takes_numpy_scalar_hyperparameters_as_the_same_python_numbers(backend, device):
+    """``np.float32(1e-8)`` was refused as "eps must be a finite float > 0"; numbers of a sweep's numpy arrays."""
+    np = pytest.importorskip("numpy")
+    generator = torch.Generator().manual_seed(9)
+    tensors = make_tensors([(3, 16), ("dense", (7,))], torch.float32, device, generator)
+    expected = clone_all(tensors)
+    run(expected, [0.1, 0.01], [None, 3], backend)
+    run(tensors, [np.float32(0.1), np.float64(0.01)], [None, np.int64(3)], backend, betas=(np.float32(0.9), 0.99),
+        eps=np.float32(1e-6), weight_decay=np.float64(0.1), warmup_steps=np.int64(4))
+    assert_close(tensors, expected, torch.float32)

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 
 import torch
 import triton
@@ -317,10 +318,11 @@ def check_tensors(params, grads, exp_avgs, exp_avg_sqs, block_steps, lrs, global
 
 def check_finite(value, name: str, positive: bool = False) -> None:
     """Raise ``ValueError`` naming ``name`` unless ``value`` is a finite real number ``>= 0`` (``> 0`` when
-    ``positive``): an infinite lr, eps or weight decay would silently turn the weights into inf/NaN or freeze them."""
+    ``positive``; numpy scalars too): an infinite lr, eps or weight decay would silently turn the weights into inf/NaN
+    or freeze them."""
     if (
         isinstance(value, bool)
-        or not isinstance(value, (int, float))
+        or not isinstance(value, numbers.Real)
         or not math.isfinite(value)
         or not (value > 0.0 if positive else value >= 0.0)
     ):
@@ -328,17 +330,17 @@ def check_finite(value, name: str, positive: bool = False) -> None:
 
 
 def check_hyperparameters(betas, eps: float, weight_decay: float, warmup: str, warmup_steps: int) -> None:
-    """Raise ``ValueError``/``TypeError`` naming the first invalid AdamW hyper-parameter."""
+    """Raise ``ValueError``/``TypeError`` naming the first invalid AdamW hyper-parameter (numpy scalars are numbers)."""
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
         raise TypeError(f"betas must be a pair (beta1, beta2), got {betas!r}")
     for i, beta in enumerate(betas):
-        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0.0 <= beta < 1.0:
+        if isinstance(beta, bool) or not isinstance(beta, numbers.Real) or not 0.0 <= beta < 1.0:
             raise ValueError(f"betas[{i}] must be a float in [0, 1), got {beta!r}")
     check_finite(eps, "eps", positive=True)
     check_finite(weight_decay, "weight_decay")
     if warmup not in WARMUP_MODES:
         raise ValueError(f"warmup must be one of {WARMUP_MODES}, got {warmup!r}")
-    if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int):
+    if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, numbers.Integral):
         raise TypeError(f"warmup_steps must be an int, got {type(warmup_steps).__name__}")
     if warmup_steps < 1:
         raise ValueError(f"warmup_steps must be >= 1, got {warmup_steps}")

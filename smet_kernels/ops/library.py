@@ -322,7 +322,11 @@ def launch_adamw_step(params, grads, exp_avgs, exp_avg_sqs, block_steps, lrs, gl
                       hyper: dict, backend: str | None, cache: dict | None) -> None:  # fmt: skip
     """:func:`adamw_step` without its checks, on lists (``hyper``: its ``betas``, ``eps``, ``weight_decay``,
     ``warmup``, ``warmup_steps``), for a caller that made them (``SMETAdamW.step`` checks every batch before the first
-    runs, so that a step refused for a later batch changes nothing)."""
+    runs, so that a step refused for a later batch changes nothing). The numbers of ``hyper`` are taken as Python
+    floats and int (a numpy scalar is none)."""
+    betas = tuple(float(beta) for beta in hyper["betas"])
+    hyper = dict(hyper, betas=betas, eps=float(hyper["eps"]), weight_decay=float(hyper["weight_decay"]),
+                 warmup_steps=int(hyper["warmup_steps"]))  # fmt: skip
     groups: dict[tuple, list[int]] = {}
     for i, (p, m) in enumerate(zip(params, exp_avgs)):
         groups.setdefault((p.device, p.dtype, m.dtype), []).append(i)
