@@ -197,3 +197,11 @@ def test_paths_given_as_pathlib_paths_are_kept_as_strings_that_a_checkpoints_con
 def test_checkpoints_asked_of_a_run_without_an_out_dir_are_refused_not_silently_left_unwritten():
     with pytest.raises(ConfigError, match="^checkpoint_every 5 needs out_dir: a run without one writes no checkpoint$"):
         tiny_config(checkpoint_every=5).validate()
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "galore", "smet"])
+def test_eps_zero_is_a_config_error_for_every_method_not_a_failure_when_the_optimizer_is_built(optimizer):
+    """eps = 0 was accepted by the config: the smet methods then failed at build with an optimizer's ValueError, and
+    torch's AdamW stepped an always-zero gradient element (an unused embedding row) by 0 / 0 = NaN."""
+    with pytest.raises(ConfigError, match=r"^eps must be in \(0, inf\), got 0.0$"):
+        tiny_config(optimizer=optimizer, eps=0.0).validate()

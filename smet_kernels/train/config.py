@@ -240,7 +240,7 @@ class TrainConfig:
         number("galore_scale", 0.0, math.inf, low_open=True)
         number("lr", 0.0, math.inf, low_open=True)
         number("weight_decay", 0.0, math.inf)
-        number("eps", 0.0, math.inf)
+        number("eps", 0.0, math.inf, low_open=True)  # eps = 0 steps a gradient element that stays 0 by 0 / 0
         number("grad_clip", 0.0, math.inf)
         for name in ("update_interval", "optimizer_warmup_steps", "galore_update_gap", "batch_size", "seq_len",
                      "grad_accum", "max_steps", "log_every", "spike_window", "eval_batches",
