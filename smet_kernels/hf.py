@@ -196,12 +196,28 @@ def _read_headers(files: list[Path]) -> tuple[dict[str, tuple[Path, list[int]]],
     return shapes, indices
 
 
+def _key_prefixes(model: torch.nn.Module, keys) -> tuple[str, str]:
+    """``(stored, own)``: the key prefix of the checkpoint and the one ``model`` gives it, as ``from_pretrained`` maps
+    them: a head model's ``<base_model_prefix>.`` keys read into its base model (``(prefix, "")``, the head's keys left
+    out), a base model's into a head model (``("", prefix)``); ``("", "")`` when the keys match."""
+    prefix = model.base_model_prefix + "."
+    stored = any(key.startswith(prefix) for key in keys)
+    own = any(key.startswith(prefix) for key in model.state_dict())
+    return (prefix if stored and not own else "", prefix if own and not stored else "")
+
+
+def _model_keys(keys, prefixes: tuple[str, str]) -> dict[str, str]:
+    """``stored key -> model key`` of the checkpoint keys under the stored prefix (:func:`_key_prefixes`)."""
+    stored, own = prefixes
+    return {key: own + key[len(stored):] for key in keys if key.startswith(stored)}
+
+
 def _saved_layouts(
-    model: torch.nn.Module, shapes: dict, indices: dict[str, torch.Tensor]
+    model: torch.nn.Module, shapes: dict, indices: dict[str, torch.Tensor], prefixes: tuple[str, str]
 ) -> tuple[dict[str, BlockLayout], dict[str, BlockLayout]]:
     """``(compact, masked)``: the layout of each layer whose ``<layer>.block_indices`` the checkpoint holds, shaped as
     the model's linear there; compact beside ``<layer>.values [nnz, b, b]`` (block size b), masked beside a dense
-    ``<layer>.weight`` (block size found by :func:`_masked_layouts`)."""
+    ``<layer>.weight`` (block size found by :func:`_masked_layouts`, which reads it under the stored ``prefixes``)."""
     compact, masked = {}, {}
     for key, block_indices in indices.items():
         file, indices_shape = shapes[key]
@@ -230,11 +246,11 @@ def _saved_layouts(
         else:
             raise ValueError(f"'{name}.values' (or a masked layer's '{name}.weight') is missing from the checkpoint "
                              f"(its '{key}' is in {file.name})")  # fmt: skip
-    return compact, _masked_layouts(masked, shapes, indices)
+    return compact, _masked_layouts(masked, shapes, indices, prefixes)
 
 
 def _masked_layouts(
-    layers: dict[str, tuple[int, int]], shapes: dict, indices: dict[str, torch.Tensor]
+    layers: dict[str, tuple[int, int]], shapes: dict, indices: dict[str, torch.Tensor], prefixes: tuple[str, str]
 ) -> dict[str, BlockLayout]:
     """The layout of each masked layer ``name -> (out, in)``, whose block size the checkpoint does not keep: the one
     supported size at which its ``block_indices`` fit the layer and its dense weight is zero outside their blocks
@@ -246,7 +262,7 @@ def _masked_layouts(
     for file, names in by_file.items():
         with safe_open(file, "pt") as f:
             for name in names:
-                weight = f.get_tensor(name + ".weight")
+                weight = f.get_tensor(prefixes[0] + name[len(prefixes[1]):] + ".weight")
                 if list(weight.shape) != list(layers[name]):
                     raise ValueError(f"'{name}.weight' in {file.name} has shape {list(weight.shape)}, the model's "
                                      f"{list(layers[name])}")  # fmt: skip
@@ -323,7 +339,9 @@ def load_sparse_pretrained(
     live, so SMET trains on. ``device``: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``. Raises on a ``model_class`` that
     is no model class or takes another config class than the folder's, a ``dtype`` that is no floating
     ``torch.dtype``, a ``device`` not here, a folder without config or weights, a checkpoint without sparse layer, a
-    masked layer that not exactly one block size fits, and on a missing, unexpected or misshapen key.
+    masked layer that not exactly one block size fits, and on a missing, unexpected or misshapen key. As in
+    ``from_pretrained``, a base model class (``AutoModel``) loads the backbone of a head model's checkpoint (its
+    ``<base_model_prefix>.`` keys; the head's left out) and a head model class a base model's checkpoint.
     """
     if not hasattr(transformers.PreTrainedModel, "named_non_persistent_buffers"):
         raise ImportError(f"load_sparse_pretrained needs transformers >= 5, found {transformers.__version__}")
@@ -348,14 +366,19 @@ def load_sparse_pretrained(
         raise ValueError(f"model_class {model_class.__name__} takes a {config_class.__name__}, but {folder} holds a "
                          f"{type(config).__name__}: pass its model class or an AutoModel... class")  # fmt: skip
     model = _empty_model(model_class, config, dtype)
-    compact, masked = _saved_layouts(model, shapes, indices)
+    prefixes = _key_prefixes(model, shapes)
+    renamed = _model_keys(shapes, prefixes)
+    shapes = {renamed[key]: shape for key, shape in shapes.items() if key in renamed}
+    indices = {renamed[key]: tensor for key, tensor in indices.items() if key in renamed}
+    compact, masked = _saved_layouts(model, shapes, indices, prefixes)
     sparsify_with_layouts(model, compact, backend=backend)
     sparsify_with_layouts(model, masked, layer_factory=MaskedLinear.from_linear)
     _check_keys(model, shapes)
     dtypes = _load_dtypes(model, dtype)
     for file in files:
         with safe_open(file, "pt", device=str(device)) as f:
-            state = {key: _cast(f.get_tensor(key), _key_dtype(key, dtypes)) for key in f.keys()}
+            state = {name: _cast(f.get_tensor(key), _key_dtype(name, dtypes))
+                     for key, name in _model_keys(f.keys(), prefixes).items()}
         model.load_state_dict(state, strict=False, assign=True)  # the keys were checked above
         del state  # before the next shard is read
     model.tie_weights()

@@ -387,3 +387,17 @@ def test_the_modules_a_model_class_keeps_in_fp32_load_in_fp32_as_from_pretrained
     loaded = {name.rpartition(".")[0]: p.dtype for name, p in model.named_parameters()}
     assert loaded == expected and {torch.float32, dtype} == set(loaded.values())
     assert model.model.layers[0].mlp.down_proj.values.dtype == (torch.float32 if dtype == torch.float16 else dtype)
+
+
+def test_a_base_model_class_loads_the_sparse_backbone_of_a_causal_lm_and_a_causal_lm_class_a_backbones(tmp_path):
+    """As ``from_pretrained`` maps them: a causal LM's ``model.*`` keys load into its base model (the head's left out),
+    a base model's keys into a causal LM below its ``model`` (the head tied to the embeddings)."""
+    source = saved(tmp_path / "lm")  # an untied head: lm_head.weight is in the checkpoint
+    backbone = load_sparse_pretrained(tmp_path / "lm", transformers.AutoModel)
+    assert type(backbone) is transformers.LlamaModel and same_layouts(backbone, source.model)
+    torch.testing.assert_close(backbone(IDS).last_hidden_state, source.model(IDS).last_hidden_state, rtol=0, atol=0)
+    tied = sparse_model("qwen2", tie_word_embeddings=True)
+    tied.model.save_pretrained(tmp_path / "backbone")
+    model = load_sparse_pretrained(tmp_path / "backbone", transformers.AutoModelForCausalLM)
+    assert type(model) is transformers.Qwen2ForCausalLM and same_layouts(model, tied)
+    torch.testing.assert_close(model(IDS).logits, tied(IDS).logits, rtol=0, atol=0)
