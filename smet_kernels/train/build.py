@@ -3,6 +3,7 @@ optimizer and topology controller (the method factories of :mod:`.methods` given
 
 from __future__ import annotations
 
+import warnings
 from typing import NamedTuple
 
 import torch
@@ -12,7 +13,7 @@ from .. import backend as backend_module
 from ..optim.galore import GALORE_DEFAULT_RANK
 from . import methods
 from .config import ConfigError, TrainConfig, setting
-from .data import Corpus, DataError, PackedBatches, eval_windows, load_corpus
+from .data import Corpus, DataError, PackedBatches, eval_windows, load_corpus, num_windows
 from .methods import HIDDEN_LINEAR_PATTERN
 from .model import model_config
 
@@ -52,6 +53,14 @@ def prepare_data(config: TrainConfig, device: torch.device, world_size: int = 1)
     try:
         # the validation windows feed the evaluation and the update probe: a run with neither reads no validation
         val_count = config.eval_batches * config.batch_size if config.eval_every or config.update_probe else 0
+        available = num_windows(corpus.val, config.seq_len)
+        if val_count > available > 0:  # spread evenly, some windows then count twice in the mean (none: refused)
+            most = available // config.batch_size
+            warnings.warn(f"{setting('eval_batches')} {config.eval_batches} x {setting('batch_size')} "
+                          f"{config.batch_size} = {val_count} evaluation windows, but the validation split holds "
+                          f"{available}: some are evaluated more than once ("
+                          + (f"{setting('eval_batches')} {most} or fewer sees each once)" if most else
+                             "even one batch repeats some)"), stacklevel=2)  # fmt: skip
         return RunData(corpus, batches, eval_windows(corpus.val, config.seq_len, val_count) if val_count else None)
     except DataError as error:
         raise ConfigError(f"{setting('data')} {config.data!r}: {error}: lower {setting('seq_len')}, or give more "
