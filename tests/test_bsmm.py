@@ -545,3 +545,11 @@ def test_the_reference_grad_weight_gathered_in_chunks_is_the_dense_gradient_at_e
     assert layout.nnz > 1
     torch.testing.assert_close(matmul.torch_bsmm_grad_weight(dy, x, layout.block_indices, 16),
                                matmul.from_dense_reference(dy.t() @ x, layout))
+
+
+def test_a_layout_without_blocks_gets_a_split_count_on_a_gpu_not_a_division_by_zero(monkeypatch):
+    """The weight grad of an empty layout returns zeros without a launch, but asks for its split count first."""
+    from smet_kernels.ops import launch_config as lc
+
+    monkeypatch.setattr(lc, "sm_count", lambda index: 132)
+    assert 1 <= lc.default_split_k(4096, 0, torch.device("cuda", 0)) <= lc.MAX_SPLIT_K

@@ -136,14 +136,15 @@ def _run_time_count(m) -> bool:
 
 def default_split_k(m: int, nnz: int, device: torch.device) -> int:
     """Splits of the token axis of the weight grad so that ``nnz * split_k`` programs fill the GPU about twice
-    over (at most one split per 128 tokens, at most ``MAX_SPLIT_K``); 1 off the GPU."""
+    over (at most one split per 128 tokens, at most ``MAX_SPLIT_K``; a layout without blocks counts as one); 1 off
+    the GPU."""
     if device.type != "cuda":
         return 1
     programs_wanted = 2 * sm_count(_device_index(device))
     # a token count known only at run time (x[mask] under torch.compile) cannot be compared while tracing: the
     # splits the GPU wants (a split past the last token tile adds zeros)
     max_split = MAX_SPLIT_K if _run_time_count(m) else max(1, triton.cdiv(m, 128))
-    return max(1, min(max_split, triton.cdiv(programs_wanted, nnz), MAX_SPLIT_K))
+    return max(1, min(max_split, triton.cdiv(programs_wanted, max(nnz, 1)), MAX_SPLIT_K))
 
 
 def persistent_programs_per_sm(block_m: int, block_size: int, element_size: int) -> int:
