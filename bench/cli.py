@@ -389,9 +389,11 @@ def _validate(args) -> None:
 
 def prepare_device(name: str | None, backend: str) -> tuple[torch.device, str]:
     """The device of ``--device`` (made the current GPU) and the smet_kernels backend that runs there (``auto``:
-    Triton where it can run); on a CPU the Triton interpreter is switched on first."""
+    Triton where it can run); on a CPU the Triton interpreter is switched on first. A bad ``SMET_BACKEND`` or
+    ``SMET_MATMUL_VARIANT`` ends the command here, not each case that reads it."""
     _prepare_interpreter(name, backend)
     from smet_kernels.backend import resolve_backend, resolve_device
+    from smet_kernels.ops.variant import default_variant
 
     try:
         device = resolve_device(name, "--device")
@@ -400,8 +402,9 @@ def prepare_device(name: str | None, backend: str) -> tuple[torch.device, str]:
     if device.type == "cuda" and device.index is not None:  # what launches on the current GPU runs on --device
         torch.cuda.set_device(device)  # (torch's BSR kernels launch Triton there)
     try:
+        default_variant()
         return device, resolve_backend(device, None if backend == "auto" else backend)
-    except ValueError as error:  # the SMET_BACKEND environment variable
+    except ValueError as error:  # the SMET_MATMUL_VARIANT or SMET_BACKEND environment variable
         usage_error(error)
 
 

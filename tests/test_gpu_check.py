@@ -415,6 +415,17 @@ def test_an_out_dir_holding_a_csv_of_another_release_is_refused_with_one_line_be
     assert sorted(p.name for p in tmp_path.iterdir()) == ["kernels.csv"]
 
 
+def test_an_unknown_smet_matmul_variant_in_the_environment_is_refused_with_one_line_before_anything_runs(
+        tmp_path, monkeypatch, capsys):  # fmt: skip
+    """A typo (``TMA``) ran the whole budget: every training case and the training-step check raised on it."""
+    monkeypatch.setenv("SMET_MATMUL_VARIANT", "TMA")
+    for command in (["gpu-check", "--device", "cpu", "--stages", "env"],
+                    ["run", "--quick", "--device", "cpu", "--suites", "kernels", "--providers", "cublas_dense"]):
+        error = usage_error(main, [*command, "--out-dir", str(tmp_path / "out")], capsys)
+        assert error.startswith("smet-bench: error: the SMET_MATMUL_VARIANT environment variable must be one of")
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_later_run_without_correctness_and_compile_still_shows_their_earlier_results(tmp_path, monkeypatch):
     """A second run into the same folder (``--stages env``: a rerun of one bar) rewrites gpu_check.md: the checks and
     the compile result of the first run stay in it, named as an earlier run's; another device's are not shown."""
