@@ -145,6 +145,16 @@ def test_a_stage_that_raises_or_whose_cases_raise_fails_the_command(tmp_path, mo
     assert f"| {status} " in (tmp_path / "gpu_check.md").read_text()
 
 
+def test_a_step_that_torch_compile_cannot_compile_fails_the_command(tmp_path, monkeypatch):
+    """SPEC: torch.compile traces a sparsified model; a compile stage ending ``failed: ...`` exited 0."""
+    from bench.gpu_check import measure
+
+    monkeypatch.setattr(measure, "run_compile", lambda ctx: {"config": "tiny", "status": "failed: Unsupported: x"})
+    assert main(["gpu-check", "--out-dir", str(tmp_path), "--device", "cpu", "--stages", "compile",
+                 "--no-progress"]) == 1  # fmt: skip
+    assert "| failed: Unsupported: x " in (tmp_path / "gpu_check.md").read_text()
+
+
 def test_a_slow_timed_stage_stops_at_its_share_of_the_budget_so_the_later_stages_still_run(tmp_path, monkeypatch):
     from bench.gpu_check import plan
 

@@ -161,6 +161,7 @@ def run(args, argv: list[str]) -> int:
                     origins.pop(stage, None)
                     commands.record()
                     row["status"] = compile_row["status"]
+                    failures += compile_row["status"] != "ok"  # ``failed: ...``: the SPEC says a SMET model compiles
                 else:
                     run_stage = {"env": measure.run_env, "kernels": measure.run_kernels, "adamw": measure.run_adamw,
                                  "training": measure.run_training}[stage]  # fmt: skip
