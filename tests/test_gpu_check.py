@@ -56,6 +56,7 @@ def test_a_spent_budget_lists_every_stage_as_not_run(tmp_path):
     for stage in STAGES:
         assert f"| {stage} " in summary
     assert summary.count("not run (budget)") == len(STAGES)
+    assert " · matmul_variant grouped · " in summary and summary.split("\n\n")[2].endswith(" · backend triton")
 
 
 def test_the_summary_is_written_after_every_stage_so_a_stopped_run_leaves_one(tmp_path, monkeypatch):
@@ -345,6 +346,15 @@ def test_the_environment_of_a_cuda_device_names_its_properties_and_the_torch_bsr
     assert (info["device"], info["sms"], info["memory_gib"], info["l2_mib"], info["capability"]) == (
         "NVIDIA H200", 132, 143.0, 60.0, "9.0")
     assert info["torch_bsr_params"].startswith("defaults")
+
+
+def test_the_environment_names_the_matmul_variant_that_the_training_and_compile_stages_run(monkeypatch):
+    """``SMET_MATMUL_VARIANT`` changes every SMET training row and the compiled step: the summary says which ran."""
+    from bench.gpu_check import measure
+
+    assert measure.environment(torch.device("cpu"))["matmul_variant"] == "grouped"
+    monkeypatch.setenv("SMET_MATMUL_VARIANT", "persistent")
+    assert measure.environment(torch.device("cpu"))["matmul_variant"] == "persistent"
 
 
 def cpu_context(tmp_path):

@@ -91,7 +91,7 @@ def run(args, argv: list[str]) -> int:
     budget = Deadline(args.minutes)
     commands = CommandLog(out_dir, argv)
     ctx = measure.Context(device, backend, sizes, out_dir, budget, commands, args.seed, args.no_progress)
-    env = measure.environment(device)
+    env = measure.environment(device) | {"backend": backend}  # SMET_BACKEND may have chosen the reference
     command = "smet-bench " + shlex.join(argv)
     earlier = saved.load(out_dir, env["device"])  # shown for the stages this run does not run again
     checks: tuple[list, list] = tuple(earlier["correctness"]["value"]) if "correctness" in earlier else ([], [])

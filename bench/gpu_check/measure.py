@@ -24,6 +24,7 @@ from bench.optimizer import OptimizerCase
 from bench.results import kernels_file, training_file
 from bench.runner import run_cases
 from profiling.memory_model import parse_dtype
+from smet_kernels.ops.variant import default_variant
 
 from . import kernel_ops
 from .plan import TIMING_CONFIGS, Sizes
@@ -69,14 +70,15 @@ def _label(case) -> str:
 
 
 def environment(device: torch.device) -> dict:
-    """GPU name, driver, CUDA, torch, Triton, Python, SM count, memory, L2 size (``unavailable: ...`` where not
-    known)."""
+    """GPU name, driver, CUDA, torch, Triton, Python, the matmul variant of the models (``SMET_MATMUL_VARIANT``),
+    SM count, memory, L2 size (``unavailable: ...`` where not known)."""
     import triton
 
     from bench.results import device_name
 
     info = {"device": device_name(device), "torch": torch.__version__, "triton": triton.__version__,
-            "python": platform.python_version(), "cuda": torch.version.cuda or "none"}  # fmt: skip
+            "python": platform.python_version(), "cuda": torch.version.cuda or "none",
+            "matmul_variant": default_variant(device)}  # fmt: skip
     if device.type == "cuda":
         properties = torch.cuda.get_device_properties(device)
         info |= {"sms": properties.multi_processor_count, "memory_gib": round(properties.total_memory / 2**30, 1),
