@@ -250,6 +250,19 @@ def test_each_kernel_bar_is_judged_against_d_dense_where_the_op_is_compute_bound
     assert "* kernel: 3 pass, 2 miss, 0 not measured" in lines
 
 
+def test_a_kernel_point_is_compared_with_the_other_providers_at_its_own_token_count_and_dtype():
+    """A DIR that also holds rows of another M or dtype (``smet-bench run`` into it): the last such row of a provider
+    was taken as this point's time."""
+    from bench.gpu_check.plan import GPU
+    from bench.gpu_check.summary import kernel_section
+
+    frame = _bar_rows()
+    bsr = frame[(frame["shape"] == "p1") & (frame["provider"] == "torch_bsr")].iloc[0].to_dict()
+    others = pd.DataFrame([bsr | {"M": 2048, "ms_p50": 0.1}, bsr | {"dtype": "fp16", "ms_p50": 0.1}])
+    rows = _markdown_rows(kernel_section(pd.concat([frame, others], ignore_index=True), GPU))
+    assert (rows["p1"]["vs BSR"], rows["p1"]["BSR ≥ 1.5×"]) == ("1.5", "pass")
+
+
 def test_a_kernel_bar_without_a_copy_ceiling_is_reported_not_measured_rather_than_left_out():
     """Without a device-copy row (stage env and adamw not run) no op has a roofline, so whether the d×dense bar
     applies is unknown: each b = 128 point is 'not measured', and counted so."""

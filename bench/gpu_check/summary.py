@@ -98,7 +98,7 @@ def _roofline_term(point) -> str:
 
 def _kernel_rows(kernels: pd.DataFrame, sizes: Sizes) -> pd.DataFrame:
     """One row per (shape, b, d, op): the ``grouped`` variant's time (``triton_grouped``), ratios, bars, and each
-    variant's time."""
+    variant's time at the same token count and dtype."""
     comparison = kernel_comparison(kernels)
     comparison = comparison[comparison["status"] == "ok"]
     rows = []
@@ -109,6 +109,8 @@ def _kernel_rows(kernels: pd.DataFrame, sizes: Sizes) -> pd.DataFrame:
             & (comparison["op"] == point.op)
             & (comparison["block_size"] == point.block_size)
             & (comparison["density"] == point.density)
+            & (comparison["M"] == point.M)
+            & (comparison["dtype"] == point.dtype)
         ]
         times = {VARIANT_PROVIDERS.get(p, p): t for p, t in zip(same["provider"], same["ms_p50"])}
         c = BARS.get(round(float(point.density), 6))
