@@ -182,6 +182,9 @@ def test_a_variant_is_paired_with_grouped_at_its_own_density_and_adamw_is_the_me
              optimizer("smet_adamw", "1b:hidden", 400.0, 0.5)]  # another density: not this prediction's point
     measured = cells(rows)
     assert measured[("triton_tma", "0.5, 0.25")] == ["0.9–1", "0.95", "2", "within"]
+    # the same points in fp16 too (another run into the folder): each variant row pairs with grouped of its dtype
+    fp16 = [row | {"dtype": "fp16", "ms_p50": row["ms_p50"] * 3} for row in rows[:5]]
+    assert cells(rows + fp16)[("triton_tma", "0.5, 0.25")] == ["0.9–1", "0.95", "4", "within"]
     assert measured[("smet_adamw", "0.25")] == ["0.88–0.98", "0.9", "2", "within"]
     at_the_edge = [optimizer("device_copy", "dense:ceiling", 4000.0),
                    optimizer("smet_adamw", "1b:hidden", 3920.0, 0.25)]  # 0.98: the top of the range

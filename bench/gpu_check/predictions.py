@@ -57,7 +57,7 @@ def _kernel_values(comparison: pd.DataFrame, prediction: Prediction, block_size:
     mine = comparison[comparison["provider"] == prediction.provider]
     if prediction.against == "d×dense":
         return mine["vs_d_dense"].to_numpy(dtype=float)
-    point = ["shape", "op", "density", "M"]
+    point = ["shape", "op", "density", "M", "dtype"]
     grouped = comparison[comparison["provider"] == "triton_grouped"][point + ["ms_p50"]]
     paired = mine[point + ["ms_p50"]].merge(grouped, on=point, suffixes=("", "_grouped"))
     return (paired["ms_p50"] / paired["ms_p50_grouped"]).to_numpy(dtype=float)
