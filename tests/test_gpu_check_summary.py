@@ -93,6 +93,11 @@ def test_the_variant_table_ranks_the_selectable_variants_by_geometric_mean_time_
     assert cells["grad_weight"][:7] == ["grad_weight", "128", "2", "1.000", "", "", "2.000"]
     assert cells["all"][:7] == ["all", "", "6", "1.000", "0.794", "", "1.260"]  # 0.5^(2/6), 4^(1/6)
     assert sorted(cells["all"][7].split(", ")) == ["grouped 2", "persistent 2", "tma 2"]
+    # a point at another token count is a point of its own, not averaged into the first one's times
+    more = rows + [row("forward", p, 0.5, ms) | {"M": 512} for p, ms in (("triton_grouped", 10.0),
+                                                                         ("triton_persistent", 10.0))]  # fmt: skip
+    forward = next(line for line in variant_section(_kernel_frame(more))[4].splitlines() if line.startswith("| forw"))
+    assert [c.strip() for c in forward.strip("|").split("|")][2:5] == ["3", "1.000", "0.794"]  # 0.5^(1/3)
 
 
 def test_each_kernel_notes_prediction_is_set_beside_its_measured_geometric_mean_and_judged():

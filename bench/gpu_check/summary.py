@@ -178,7 +178,8 @@ def variant_section(kernels: pd.DataFrame | None) -> list[str]:
                        & kernels["provider"].isin(list(VARIANT_PROVIDERS))]  # fmt: skip
     if measured["provider"].nunique() < 2 or not (measured["provider"] == "triton_grouped").any():
         return not_measured
-    wide = measured.pivot_table(index=["op", "block_size", "shape", "density"], columns="provider", values="ms_p50")
+    wide = measured.pivot_table(index=["op", "block_size", "shape", "density", "M", "dtype"], columns="provider",
+                                values="ms_p50")
     wide = wide.rename(columns=VARIANT_PROVIDERS).dropna(subset=["grouped"])
     log_ratio = np.log(wide.div(wide["grouped"], axis=0))
     ops = log_ratio.index.get_level_values("op")
