@@ -210,15 +210,17 @@ def test_eps_zero_is_a_config_error_for_every_method_not_a_failure_when_the_opti
 def test_more_evaluation_windows_than_the_validation_split_holds_warns_that_some_count_twice(tmp_path):
     """The validation share of a small file holds 4 windows of 32 tokens; 4 x 4 = 16 evaluation windows were spread
     over them without a word, weighting some four times in val_loss."""
+    import warnings
+
     from smet_kernels.train.build import prepare_data
 
     text = tmp_path / "corpus.txt"
     text.write_bytes(bytes(range(32, 127)) * 160)  # 15200 bytes: the last 2 % (304) are validation
     config = tiny_config(data=str(text), eval_every=5, eval_batches=4)
-    with pytest.warns(UserWarning, match=r"^eval_batches 4 x batch_size 4 = 16 evaluation windows, but the validation "
-                                         r"split holds 4: some are evaluated more than once \(eval_batches 1 or fewer sees each once\)$"):
+    expected = (r"^eval_batches 4 x batch_size 4 = 16 evaluation windows, but the validation split holds 4: some are "
+                r"evaluated more than once \(eval_batches 1 or fewer sees each once\)$")
+    with pytest.warns(UserWarning, match=expected):
         prepare_data(config, torch.device("cpu"))
-    import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")
