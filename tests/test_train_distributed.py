@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from smet_kernels.train import distributed
-from smet_kernels.train.config import ConfigError
+from smet_kernels.train.config import ConfigError, TrainConfig
 from smet_kernels.train.distributed import DistInfo, TrainingFailed, on_rank0
 
 
@@ -256,3 +256,29 @@ def test_a_batch_size_that_the_ranks_cannot_share_is_refused_before_the_data_is_
     monkeypatch.setattr(build, "load_corpus", read)
     with pytest.raises(ConfigError, match=r"^batch_size \(8\) must be divisible by grad_accum x world size \(1 x 3\)$"):
         build.prepare_data(TrainConfig(batch_size=8), torch.device("cpu"), world_size=3)
+
+
+def test_a_run_refused_after_its_process_group_started_destroys_the_group(monkeypatch, tmp_path):
+    """A setting every rank refuses after ``init_distributed`` (here the data) left the group it started alive: NCCL
+    warns at exit of a group never destroyed, and a second ``train()`` in the process met the stale group. A group
+    the caller started is left to the caller."""
+    from smet_kernels.train import loop
+
+    def one_rank_group(device_name):
+        store = torch.distributed.HashStore()
+        torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=1)
+        return DistInfo(initialised_here=True)
+
+    monkeypatch.setattr(loop, "init_distributed", one_rank_group)
+    config = TrainConfig(model="tiny", data=str(tmp_path / "missing.txt"), max_steps=1, device="cpu")
+    with pytest.raises(ConfigError, match="does not exist"):
+        loop.train(config)
+    assert not torch.distributed.is_initialized()
+    torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
+    try:
+        monkeypatch.setattr(loop, "init_distributed", lambda device_name: DistInfo())
+        with pytest.raises(ConfigError, match="does not exist"):
+            loop.train(config)
+        assert torch.distributed.is_initialized()
+    finally:
+        torch.distributed.destroy_process_group()

@@ -4,6 +4,7 @@ and sharded state dicts."""
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 from collections.abc import Callable
@@ -84,6 +85,20 @@ def init_distributed(device_name: str) -> DistInfo:
             raise ConfigError(f"{error}: {LAUNCH_HINT}") from None
         initialised_here = True
     return DistInfo(rank, world_size, local_rank, initialised_here)
+
+
+@contextlib.contextmanager
+def group_destroyed_on_failure():
+    """A process group that the block starts is destroyed when the block raises (a setting every rank refuses after
+    :func:`init_distributed`): NCCL warns at exit of a group never destroyed, and an in-process caller's next run
+    would find the stale group."""
+    started_before = dist.is_available() and dist.is_initialized()
+    try:
+        yield
+    except BaseException:
+        if not started_before and dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+        raise
 
 
 def on_rank0(ddp: DistInfo, work: Callable[[], T]) -> T | None:

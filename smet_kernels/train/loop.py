@@ -77,11 +77,13 @@ from .checkpoint import (
     write_checkpoint,
     write_sharded_checkpoint,
 )
+from .clipping import clip_grad_norm
 from .config import SPARSE_OPTIMIZERS, ConfigError, TrainConfig, last_update_step, setting
 from .data import PackedBatches, window_batch
 from .distributed import (
     TrainingFailed,
     full_state,
+    group_destroyed_on_failure,
     init_distributed,
     on_rank0,
     reshard,
@@ -105,25 +107,6 @@ def lr_factor(step: int, warmup_steps: int, max_steps: int) -> float:
         return step / warmup_steps
     progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
     return MIN_LR_RATIO + (1.0 - MIN_LR_RATIO) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-
-
-def clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:
-    """``torch.nn.utils.clip_grad_norm_`` (returns the norm before clipping) with the norm in fp32 for bf16/fp16
-    gradients: torch reduces them to a norm in their own dtype (8 significant bits in bf16), so under
-    ``precision="bf16"`` the reported norm and the clip coefficient were off by up to 0.4 % (a norm just above
-    ``max_norm`` could round to it and escape clipping). The gradients' norms are reduced in fp32 from their own
-    values (no fp32 copy), one multi-tensor launch per (device, dtype, tensor type) as in torch; FSDP2's DTensor
-    gradients work as in torch."""
-    parameters = [p for p in parameters if p.grad is not None]
-    if not any(p.grad.dtype in (torch.float16, torch.bfloat16) for p in parameters):
-        return torch.nn.utils.clip_grad_norm_(parameters, max_norm)
-    groups: dict[tuple, list[torch.Tensor]] = {}
-    for p in parameters:
-        groups.setdefault((p.grad.device, p.grad.dtype, type(p.grad)), []).append(p.grad)
-    norms = [norm for grads in groups.values() for norm in torch._foreach_norm(grads, 2.0, dtype=torch.float32)]
-    total = torch.linalg.vector_norm(torch.stack(norms))
-    torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, total)
-    return total
 
 
 class TrainingDiverged(TrainingFailed):
@@ -425,7 +408,8 @@ def train(config: TrainConfig, on_ready: Callable[[], None] | None = None) -> di
     backend_module.set_backend(config.backend)
     run = None
     try:
-        run = Run(config)
+        with group_destroyed_on_failure():
+            run = Run(config)
         if on_ready is not None:
             on_ready()
         return _train_loop(run)
