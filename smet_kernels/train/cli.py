@@ -210,7 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--data",
                      help="'stdlib' (Python standard library sources, byte tokens), a text file, a folder of text "
                      "files (.txt, .md, .jsonl, source code, ...; others left out with a warning), a uint16 .bin "
-                     "token file, or hf:NAME[:CONFIG][@REVISION] (the text column of a Hugging Face dataset, a hub name or a local folder, downloaded once and cached; @REVISION pins a hub "
+                     "token file, or hf:NAME[:CONFIG][@REVISION] (the text column of a Hugging Face dataset, a hub "
+                     "name or a local folder, downloaded once and cached; @REVISION pins a hub "
                      f"branch, tag or commit; needs the datasets package) (default: {d.data})")
     run.add_argument("--tokenizer",
                      help="byte (each byte a token, vocab 256) or bpe[:VOCAB], a byte-level BPE (Hugging Face "
