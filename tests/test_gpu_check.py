@@ -35,6 +35,7 @@ def test_plan_prints_every_stage_with_an_estimate_and_writes_nothing(tmp_path, c
 @pytest.mark.parametrize(
     "option, value, message",
     [("--stages", "env,warp", "--stages must be"), ("--stages", ",", "--stages must be"),
+     ("--stages", "env,,kernels", "--stages must be"), ("--stages", "env,", "--stages must be"),
      ("--minutes", "0", "--minutes must be positive")],
 )
 def test_bad_options_fail_with_one_line_and_exit_code_2_before_anything_runs(tmp_path, option, value, message, capsys):

@@ -58,9 +58,8 @@ def validate(args) -> list[str]:
 
     from ..results import check_results_files
 
-    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
-    unknown = [s for s in stages if s not in STAGES]
-    if unknown or not stages:
+    stages = [s.strip() for s in args.stages.split(",")]
+    if any(s not in STAGES for s in stages):  # an empty item too (``env,,kernels``), as every comma-list option
         usage_error(f"--stages must be a comma-separated list from {','.join(STAGES)}, got {args.stages!r}")
     try:
         check_minutes(args.minutes, "--minutes")
