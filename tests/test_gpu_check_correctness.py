@@ -36,10 +36,12 @@ def test_a_spent_budget_starts_no_adamw_check_and_names_each_as_not_run():
 
 
 def test_a_worker_group_that_raised_died_or_timed_out_is_failed_or_not_run_never_dropped(monkeypatch):
-    """The matmul groups come back from worker processes: a group that raised or died must be failed rows, one that
-    ran past its deadline not-run checks (dropped, the summary would read every check passed), and the checks a
-    returned group did not reach stay named. The workers' deadline is the budget or 3 × the stage's estimate,
-    whichever is sooner; a training step that raises is a failed row, and a spent budget starts no training step."""
+    """The matmul groups come back from worker processes: a group that raised or died must be failed rows, and so
+    must one still running at 3 × the stage's estimate ("timed out": a hanging kernel, not a budget shortfall); one
+    still running when the budget ran out first is not-run checks (dropped, the summary would read every check
+    passed), and the checks a returned group did not reach stay named. The workers' deadline is the budget or 3 × the
+    stage's estimate, whichever is sooner; a training step that raises is a failed row, and a spent budget starts no
+    training step."""
     from bench.gpu_check import parallel
     from bench.runner import Deadline
 
@@ -77,12 +79,19 @@ def test_a_worker_group_that_raised_died_or_timed_out_is_failed_or_not_run_never
     rows, not_run = correctness.run(sizes, cpu, 0, Deadline(100), workers=1)
     checks = {group: [row for row, _ in correctness.group_checks(sizes, cpu, *group)] for group in outcomes}
     failed = [row for row in rows if row["status"] == "fail"]
-    assert len(failed) == len(checks[16, "fp32"]) + len(checks[32, "fp32"]) + 1  # the training step
-    assert {row["note"] for row in failed} == {"not returned: ValueError: x", "not returned: died alone",
-                                               "raised RuntimeError: step fault"}
-    assert not_run == [correctness.not_run_label(row) for row in checks[16, "fp16"]] + ["cut"]
+    assert len(failed) == len(checks[16, "fp32"]) + len(checks[16, "fp16"]) + len(checks[32, "fp32"]) + 1
+    timed_out = (f"timed out after {3 * sizes.estimates_s['correctness'] + parallel.GRACE_S:.0f} s: still running at "
+                 f"3 × the stage's estimate + {parallel.GRACE_S:.0f} s (a hanging kernel or compile?)")  # fmt: skip
+    assert {row["note"] for row in failed} == {"not returned: ValueError: x", "not returned: died alone", timed_out,
+                                               "raised RuntimeError: step fault"}  # fmt: skip
+    assert not_run == ["cut"]
     assert [row["check"] for row in rows].count("training step") == 1
     assert deadlines[0].left_s() <= 3 * sizes.estimates_s["correctness"]
+
+    short = Deadline(sizes.estimates_s["correctness"] / 60)  # the budget ends before 3 × the estimate
+    rows, not_run = correctness.run(sizes, cpu, 0, short, workers=1)
+    assert not any(row.get("note", "").startswith("timed out") for row in rows)
+    assert not_run == [correctness.not_run_label(row) for row in checks[16, "fp16"]] + ["cut"]
 
     class Spent:
         def expired(self):

@@ -379,14 +379,18 @@ def run(sizes: Sizes, device: torch.device, seed: int, budget, workers: int | No
     """Every correctness row (poison, matmul, adamw, regrow, training step) and what the budget did not reach.
 
     The matmul groups run in worker processes (:mod:`.parallel`; on a GPU they also compile the kernel timings'
-    configs) while this process runs the AdamW, regrow and training-step checks."""
+    configs) while this process runs the AdamW, regrow and training-step checks. A group still running at the
+    workers' deadline fails its checks ("timed out") where that deadline was 3 × the stage's estimate, and lists them
+    as not run where it was the budget."""
     from bench.runner import Deadline
 
     from . import parallel
 
     groups = matmul_groups(sizes)
     # the workers' own deadline: the budget, or 3x the stage's estimate if sooner (a stuck worker costs no timings)
-    workers_budget = Deadline(min(budget.left_s(), 3 * sizes.estimates_s["correctness"]) / 60)
+    limit_s = 3 * sizes.estimates_s["correctness"]
+    hang = limit_s < budget.left_s()  # a group past this deadline hangs; past the budget's it was cut short
+    workers_budget = Deadline(min(budget.left_s(), limit_s) / 60)
     tasks = [(parallel.matmul_group, sizes, str(device), seed, *group, workers_budget) for group in groups]
     to_warm = parallel.warm_tasks(sizes, device) if device.type == "cuda" else []
     warm_tasks = [(parallel.warm_kernel_timings, sizes, str(device), seed, block_size, provider, workers_budget, split)
@@ -417,8 +421,12 @@ def run(sizes: Sizes, device: torch.device, seed: int, budget, workers: int | No
             not_run += value[1]
             continue
         checks = [row for row, _ in group_checks(sizes, device, block_size, dtype_name)]
-        if status == "timeout":
+        if status == "timeout" and not hang:
             not_run += [not_run_label(row) for row in checks]
+        elif status == "timeout":
+            note = (f"timed out after {limit_s + parallel.GRACE_S:.0f} s: still running at 3 × the stage's estimate "
+                    f"+ {parallel.GRACE_S:.0f} s (a hanging kernel or compile?)")  # fmt: skip
+            rows += [row | {"status": "fail", "note": note} for row in checks]
         else:
             rows += [row | {"status": "fail", "note": f"not returned: {value}"} for row in checks]
     if warm:

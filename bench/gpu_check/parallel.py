@@ -14,7 +14,8 @@ context each) run
 while the main process runs the AdamW, regrow and training-step checks. The kernel timings then load those binaries
 from the cache instead of compiling them. Nothing is timed while workers run. A worker that dies (a hard fault) breaks
 the pool, so the matmul groups not returned run again, each in a process of its own: only a group that dies again
-fails. A worker still running at its deadline is stopped and its checks are listed as not run.
+fails. A worker still running at its deadline is stopped: its checks fail as timed out where the deadline was
+3 × the stage's estimate (a hang), and are listed as not run where it was the budget (:func:`.correctness.run`).
 """
 
 from __future__ import annotations
