@@ -147,6 +147,26 @@ def test_a_stage_that_raises_or_whose_cases_raise_fails_the_command(tmp_path, mo
     assert f"| {status} " in (tmp_path / "gpu_check.md").read_text()
 
 
+def test_a_timed_case_whose_result_is_wrong_fails_the_command_and_is_named_in_its_stage_while_the_rest_is_timed(
+        tmp_path, monkeypatch):  # fmt: skip
+    """On the real shapes a wrong result is a correctness failure; it was only "not judged", with exit status 0."""
+    from bench import optimizer
+
+    real = optimizer.run_case
+
+    def run_case(case, *args, **kwargs):
+        result = real(case, *args, **kwargs)
+        return result | ({"status": "wrong", "note": "off"} if case.provider == "smet_adamw" else {})
+
+    monkeypatch.setattr(optimizer, "run_case", run_case)
+    assert main(["gpu-check", "--out-dir", str(tmp_path), "--device", "cpu", "--stages", "adamw",
+                 "--no-progress"]) == 1  # fmt: skip
+    adamw = next(line for line in (tmp_path / "gpu_check.md").read_text().splitlines() if line.startswith("| adamw "))
+    assert "| done; 1 wrong: adamw smet_adamw compact:" in adamw
+    with (tmp_path / "kernels.csv").open() as handle:
+        assert len(list(csv.DictReader(handle))) == 3  # every case still timed
+
+
 def test_a_step_that_torch_compile_cannot_compile_fails_the_command(tmp_path, monkeypatch):
     """SPEC: torch.compile traces a sparsified model; a compile stage ending ``failed: ...`` exited 0."""
     from bench.gpu_check import measure

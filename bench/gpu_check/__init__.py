@@ -3,8 +3,9 @@
 Stages in priority order (``plan.STAGES``): ``env`` (versions and the matmul / copy ceilings), ``correctness``,
 ``kernels``, ``adamw``, ``training``, ``compile``. When the ``--minutes`` budget runs out no new case starts and
 everything not reached is listed as "not run"; a failing correctness check is reported first and the timings still
-run. A timed stage of many cases may use its estimate's share of the time left (``SHARED_STAGES``). On a CPU the same
-stages run at interpreter sizes (``plan.CPU``). Compilation is spread over the CPU cores during ``correctness``
+run; a timed case whose result is wrong (status ``wrong``) fails the command too, named in its stage's row. A timed
+stage of many cases may use its estimate's share of the time left (``SHARED_STAGES``). On a CPU the same stages run
+at interpreter sizes (``plan.CPU``). Compilation is spread over the CPU cores during ``correctness``
 (:mod:`.parallel`). Output: ``DIR/gpu_check.md`` (rewritten after every stage, and inside a timed stage after a
 measured row at most every ``SNAPSHOT_EVERY_S``), the long-format ``kernels.csv`` / ``training.csv`` that
 ``smet-bench report --out-dir DIR`` renders, and ``gpu_check_results.json`` (:mod:`.saved`): the correctness and
@@ -164,9 +165,13 @@ def run(args, argv: list[str]) -> int:
                 else:
                     run_stage = {"env": measure.run_env, "kernels": measure.run_kernels, "adamw": measure.run_adamw,
                                  "training": measure.run_training}[stage]  # fmt: skip
+                    ctx.wrong = []
                     failed_cases, not_run = run_stage(ctx)
-                    failures += failed_cases
+                    failures += failed_cases + len(ctx.wrong)  # a wrong result on the real shapes fails the check
                     row["status"] = f"{failed_cases} case(s) raised (see stderr)" if failed_cases else "done"
+                    if ctx.wrong:
+                        row["status"] += f"; {len(ctx.wrong)} wrong: " + "; ".join(ctx.wrong[:5]) + (
+                            " ..." if len(ctx.wrong) > 5 else "")
                     if not_run and not budget.expired():
                         row["status"] += f"; stopped at its share of the budget ({ctx.budget.end - started:.0f} s)"
             except Exception as error:  # one broken stage must not cost the others their time

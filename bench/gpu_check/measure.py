@@ -41,6 +41,7 @@ class Context:
             "warmup": 0, "min_repeats": 2, "max_repeats": 3, "budget_s": 0.0}  # fmt: skip
         self.picks: dict[int, dict] = {}  # block size -> the configs the headline autotuning picked per kernel
         self.after_row = None  # called after each measured row (gpu-check rewrites its summary, throttled)
+        self.wrong: list[str] = []  # the cases this run timed whose result failed its check (status wrong)
 
     def configs_for(self, block_size: int) -> dict | None:
         """What the matmul autotuners may try in a model at ``block_size`` on a GPU: the headline autotuning's picks
@@ -50,10 +51,18 @@ class Context:
         return self.picks.get(block_size) or kernel_ops.pinned_configs(block_size, self.device)
 
     def run(self, suite: str, cases: list, run_one, file) -> tuple[int, list[str]]:
-        """Run ``cases`` not yet in ``file``; (failed cases, labels of the cases the budget did not reach)."""
+        """Run ``cases`` not yet in ``file``; (failed cases, labels of the cases the budget did not reach). A case
+        whose result is wrong is still timed and recorded, named in :attr:`wrong` and printed at once."""
         from bench.results import device_name
 
-        failures = run_cases(suite, cases, run_one, file, self.backend, self.device, self.no_progress, self.budget,
+        def checked(case):
+            result = run_one(case)
+            if result.get("status") == "wrong":
+                self.wrong.append(_label(case))
+                print(f"gpu-check: WRONG {_label(case)}: {result.get('note', '')}", flush=True)
+            return result
+
+        failures = run_cases(suite, cases, checked, file, self.backend, self.device, self.no_progress, self.budget,
                              self.commands, self.after_row)  # fmt: skip
         machine = {"gpu": device_name(self.device)}
         missing = [case for case in cases if not file.done(case.key_row(self.backend) | machine)]
