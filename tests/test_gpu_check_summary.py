@@ -376,6 +376,20 @@ def test_the_training_bars_compare_the_eager_unchecked_smet_step_with_dense_and_
     assert "* SMET peak memory vs galore at 1b: 1.200× — **miss** (less is the bar)" in text
 
 
+@pytest.mark.parametrize("column, value", [("batch_size", 8), ("seq_len", 512), ("dtype", "fp32"),
+                                           ("block_size", 64), ("vocab_size", 256), ("density", 0.5)])
+def test_training_rows_of_other_sizes_than_the_plan_s_are_left_out_of_the_table_and_the_bars(column, value):
+    """Another run into the same folder adds rows of other sizes: its SMET row, read last, stood in for this run's."""
+    from bench.gpu_check.plan import GPU
+    from bench.gpu_check.summary import training_section
+
+    rows = _training_rows()
+    other = rows[rows["method"] == "smet"].head(1).assign(tokens_per_s=5000.0, **{column: value})
+    text = "\n".join(training_section(pd.concat([rows, other], ignore_index=True), GPU, None))
+    assert "* SMET tokens/s vs dense at 1b: 1.200× — **pass**" in text
+    assert "5000" not in text and "1 row(s) of training.csv at other sizes than this plan's" in text
+
+
 def test_a_smet_step_only_as_fast_or_as_large_as_dense_misses_the_training_bars():
     """More tokens/s and less peak memory are the bars: ``>=`` / ``<=`` would pass a tie, SMET no better than
     dense."""

@@ -12,7 +12,7 @@ Bars (the kernel ratios come from :func:`bench.report.kernel_comparison`: ``vs d
 * compact AdamW: GB/s ≥ 90 % of the copy ceiling of stage ``env``;
 * SMET training at the last training config: more tokens/s than dense AdamW, lower peak memory than dense and GaLore
   (eager steps without activation checkpointing); beside them, not bars, what activation checkpointing does to the
-  peak and the tokens/s of SMET and dense there.
+  peak and the tokens/s of SMET and dense there. Only rows at this plan's training sizes count (:func:`of_this_plan`).
 """
 
 from __future__ import annotations
@@ -223,9 +223,27 @@ def adamw_section(kernels: pd.DataFrame | None) -> list[str]:
     return lines
 
 
+def of_this_plan(training: pd.DataFrame, sizes: Sizes) -> pd.DataFrame:
+    """The rows at this plan's training sizes (batch, sequence length, dtype, block size, vocabulary, density): another
+    run into the same folder may have added rows of other sizes, which must not stand in for this run's."""
+    from .measure import TRAINING_DENSITY
+
+    return training[(training["batch_size"] == sizes.training_batch) & (training["seq_len"] == sizes.training_seq)
+                    & (training["dtype"] == sizes.dtype) & (training["block_size"] == sizes.training_block_size)
+                    & (training["vocab_size"] == sizes.training_vocab)
+                    & training["density"].isin([TRAINING_DENSITY, 1.0])]  # fmt: skip
+
+
 def training_section(training: pd.DataFrame | None, sizes: Sizes, compile_row: dict | None,
                      compile_origin: str = "") -> list[str]:  # fmt: skip
     lines = ["## Training steps", ""]
+    if training is not None and not training.empty:
+        mine = of_this_plan(training, sizes)
+        if len(mine) < len(training):
+            lines += [f"{len(training) - len(mine)} row(s) of training.csv at other sizes than this plan's ("
+                      f"{sizes.training_batch} × {sizes.training_seq} tokens, {sizes.dtype}, "
+                      f"b {sizes.training_block_size}, vocab {sizes.training_vocab}) are left out.", ""]  # fmt: skip
+        training = mine
     if training is None or training.empty:
         lines += ["Not measured.", ""]
     else:
