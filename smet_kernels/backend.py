@@ -14,14 +14,25 @@ import warnings
 import torch
 
 BACKENDS = ("auto", "triton", "reference")
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 try:
-    import triton  # noqa: F401
+    import triton
 
     TRITON_AVAILABLE = True
 except ImportError:  # pragma: no cover - triton is a runtime dependency
     TRITON_AVAILABLE = False
+
+
+def _interpret() -> bool:
+    """Whether Triton runs kernels in its CPU interpreter, as Triton itself reads ``TRITON_INTERPRET`` (from 3.4
+    ``true``, ``on`` or ``yes`` too, not only ``1``): both must agree on where the kernels can run."""
+    knobs = getattr(triton, "knobs", None) if TRITON_AVAILABLE else None
+    if knobs is not None:
+        return bool(knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+INTERPRET = _interpret()
 
 
 def _interpreter_problem() -> str | None:

@@ -105,3 +105,20 @@ def test_without_the_interpreter_triton_runs_on_cuda_tensors_only(monkeypatch):
     assert [backend.triton_can_run(torch.device(d)) for d in ("cuda", "cpu", "meta")] == [True, False, False]
     with pytest.raises(ValueError, match="^backend='triton' cannot run on device cpu: Triton needs a CUDA tensor"):
         backend.resolve_backend(torch.device("cpu"), "triton")
+
+
+@pytest.mark.parametrize("value", ["1", "true", "on"])
+def test_triton_interpret_is_read_as_triton_reads_it(value):
+    """``TRITON_INTERPRET=true`` makes Triton interpret its kernels: ``backend='triton'`` then runs on CPU tensors
+    (it was refused as 'Triton needs a CUDA tensor', and ``auto`` fell back to the reference, warning 'unset')."""
+    import os
+    import subprocess
+    import sys
+
+    if not hasattr(triton, "knobs"):
+        pytest.skip("Triton < 3.4 reads only TRITON_INTERPRET=1")
+    code = ("import torch, smet_kernels as sk; from smet_kernels import backend; "
+            "print(backend.INTERPRET, backend.resolve_backend(torch.device('cpu'), 'triton'))")
+    env = dict(os.environ, TRITON_INTERPRET=value)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["True", "triton"]
