@@ -113,14 +113,17 @@ class BlockLayout:
             raise ValueError("block_indices must hold at least one active block (nnz >= 1)")
         self._block_size = block_size
         self._shape = (out_features, in_features)
-        self._block_indices = _static(block_indices.to(torch.int64).contiguous().clone())
-        self._check_indices(self._block_indices)
         self.version = 0
         self._cache: dict = {}
-        # device -> packed index (built here, eagerly, so a traced graph finds it), rewritten in place by _bump
-        self._kernel_index = {str(self.device): _static(self._pack_kernel_index())}
-        #: ``[version]`` as an int64 CPU tensor, rewritten in place by a topology update (see :meth:`kernel_index`)
-        self.version_tensor = _static(torch.zeros(1, dtype=torch.int64, device="cpu"))
+        # tensors a layout made under inference mode keeps for training: normal ones (an inference tensor can
+        # neither be saved for backward nor be rewritten in place by a topology update)
+        with torch.inference_mode(False):
+            self._block_indices = _static(block_indices.to(torch.int64).contiguous().clone())
+            self._check_indices(self._block_indices)
+            # device -> packed index (built here, eagerly, so a traced graph finds it), rewritten in place by _bump
+            self._kernel_index = {str(self.device): _static(self._pack_kernel_index())}
+            #: ``[version]`` as an int64 CPU tensor, rewritten in place by a topology update (see :meth:`kernel_index`)
+            self.version_tensor = _static(torch.zeros(1, dtype=torch.int64, device="cpu"))
 
     # ------------------------------------------------------------------ constructors
     @classmethod
@@ -242,7 +245,8 @@ class BlockLayout:
         that runs after the update."""
         key = str(torch.device(device))
         if key not in self._kernel_index:  # a copy of the layout device's index (traceable: no data-dependent shape)
-            self._kernel_index[key] = _static(self._kernel_index[str(self.device)].to(device))
+            with torch.inference_mode(False):  # first built under inference mode, it still serves training
+                self._kernel_index[key] = _static(self._kernel_index[str(self.device)].to(device))
         return self._kernel_index[key]
 
     def _pack_kernel_index(self) -> torch.Tensor:

@@ -364,3 +364,23 @@ def test_a_layout_change_before_the_double_backward_is_an_error(wrt):
     layout.replace_blocks(torch.tensor([0]), (~layout.mask).nonzero()[:1])
     with pytest.raises(RuntimeError, match="layout"):
         grad.square().sum().backward()
+
+
+@pytest.mark.parametrize("made_under_inference", [True, False])
+def test_a_layout_made_or_first_used_under_inference_mode_trains_afterwards(made_under_inference):
+    """A layout made under ``torch.inference_mode`` (or whose index for another device was first built there, by an
+    evaluation before training) kept inference tensors: the next training backward refused to save them."""
+    from smet_kernels import BlockLayout
+
+    device = "cpu" if made_under_inference else "meta"  # meta: an index copied to a device other than the layout's
+    with torch.inference_mode(made_under_inference):
+        layout = BlockLayout.random(32, 48, 16, 0.5, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        block_sparse_linear(torch.randn(2, 48, device=device), torch.randn(layout.nnz, 16, 16, device=device), layout,
+                            backend="reference")  # fmt: skip
+    x = torch.randn(2, 48, device=device, requires_grad=True)
+    values = torch.randn(layout.nnz, 16, 16, device=device, requires_grad=True)
+    block_sparse_linear(x, values, layout, backend="reference").sum().backward()
+    assert values.grad.shape == values.shape and x.grad.shape == x.shape
+    layout.replace_blocks(torch.tensor([0]), (~layout.mask).nonzero()[:1])  # a topology update rewrites it in place
+    assert layout.version == 1
