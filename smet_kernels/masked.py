@@ -113,8 +113,9 @@ class MaskedLinear(BlockLayoutLinear):
         if torch.compiler.is_compiling():
             return self._traced_dense_mask()
         if self.cached_dense_mask() is None:
-            block_mask = self.layout.mask.to(device=self.weight.device, dtype=self.weight.dtype)
-            self._dense_mask = _expand_blocks(block_mask, self.layout.block_size)
+            with torch.inference_mode(False):  # built by an evaluation under inference mode, it still serves training
+                block_mask = self.layout.mask.to(device=self.weight.device, dtype=self.weight.dtype)
+                self._dense_mask = _expand_blocks(block_mask, self.layout.block_size)
             self._mask_key = self._current_key()
             self._mask_layout = self.layout
         return self._dense_mask

@@ -53,6 +53,17 @@ def test_mask_follows_layout_updates():
     torch.testing.assert_close(layer(x), F.linear(x, layer.weight * expand(layer.layout), layer.bias))
 
 
+def test_a_mask_first_built_by_an_evaluation_under_inference_mode_serves_training():
+    """After a topology update an evaluation under ``torch.inference_mode`` built the new mask as an inference
+    tensor, which the next training backward refused to save."""
+    layer = MaskedLinear(32, 32, density=0.5, block_size=B, generator=torch.Generator().manual_seed(0))
+    layer.layout.replace_blocks(torch.tensor([0]), (~layer.layout.mask).nonzero()[:1])
+    with torch.inference_mode():
+        layer(torch.randn(2, 32))
+    layer(torch.randn(2, 32)).sum().backward()
+    assert torch.equal(layer.weight.grad != 0, expand(layer.layout))
+
+
 def test_mask_follows_a_new_layout_object():
     layer = MaskedLinear(32, 32, density=0.5, block_size=B, generator=torch.Generator().manual_seed(0))
     x = torch.randn(3, 32)
