@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .backend import resolve_backend
+from .backend import get_backend, resolve_backend
 from .layout import BlockLayout
 from .ops import library
 from .ops.variant import default_variant
@@ -62,9 +62,11 @@ def _autocast_available(device_type: str) -> bool:
 
 
 def _select_backend(x: torch.Tensor, backend: str | None) -> str:
+    """The backend for ``x``: ``auto`` runs fp64 through the reference; ``triton``, asked for by argument or set
+    globally (:func:`smet_kernels.backend.set_backend`, ``SMET_BACKEND``), refuses it."""
     name = resolve_backend(x.device, backend)
     if name == "triton" and x.dtype not in TRITON_DTYPES:
-        if backend == "triton":
+        if (backend if backend is not None else get_backend()) == "triton":
             raise TypeError(f"x of dtype {x.dtype} is not supported by the triton backend (fp16, bf16, fp32)")
         return "reference"
     return name

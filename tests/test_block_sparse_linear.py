@@ -299,6 +299,18 @@ def test_fp64_under_the_auto_backend_falls_back_to_the_reference():
     torch.testing.assert_close(y, torch.nn.functional.linear(x, to_dense(values, layout), bias))
 
 
+def test_fp64_under_a_global_triton_backend_is_refused_as_under_backend_triton(monkeypatch):
+    """``set_backend("triton")`` (or ``SMET_BACKEND=triton``) asks for the kernels as ``backend="triton"`` does: fp64
+    is refused by name, not run through the reference in silence."""
+    from smet_kernels import backend
+
+    monkeypatch.setattr(backend, "_backend", "triton")
+    layout = _mask_layout("random", 2, 2, 16)
+    x, values, _, _ = _inputs(layout, 4, torch.float64)
+    with pytest.raises(TypeError, match="not supported by the triton backend"):
+        block_sparse_linear(x, values, layout)
+
+
 def test_torch_compile_traces_the_layer():
     layout = _mask_layout("random", 2, 2, 16)
     x, values, dy, _ = _inputs(layout, 4, torch.float32)
