@@ -202,6 +202,15 @@ def test_resume_without_a_good_checkpoint_is_a_one_line_error(tmp_path, capsys):
         assert not any("Traceback" in line for line in err)
 
 
+def test_a_resume_of_a_folder_that_holds_no_run_is_a_one_line_error_naming_the_option(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("not a run")
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--resume", str(tmp_path), "--no-progress"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("smet-train: error: --resume: no checkpoint found in "), err
+
+
 def test_a_resume_on_data_whose_tokens_changed_is_a_one_line_error(tmp_path, capsys):
     """An edited text file would silently give other batches, a token file with a new vocabulary a shape traceback."""
     text, tokens = tmp_path / "corpus.txt", tmp_path / "tokens.bin"

@@ -267,7 +267,10 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         if not os.path.exists(given["resume"]):
             raise ConfigError(f"--resume {given['resume']!r} does not exist")
         refuse_fixed_changes(given["resume"], given)  # before load_checkpoint_config hashes the checkpoint
-        saved = load_checkpoint_config(given["resume"])
+        try:
+            saved = load_checkpoint_config(given["resume"])
+        except ConfigError as error:  # no checkpoint there, or none that verifies: name the option
+            raise ConfigError(f"--resume: {error}") from None
         values = saved.to_dict()
         values.update({k: v for k, v in given.items() if k != "resume"})
         # by default it follows --prune-fraction: the run keeps its own (None: a dense method, or a model preset or
