@@ -69,6 +69,16 @@ def test_check_choices_names_only_the_values_not_allowed_even_unhashable_ones_in
         check_choices("--configs", ["tiny", "tiyn", ["20m"]], {"tiny": 1, "20m": 2})
 
 
+def test_a_min_prune_fraction_above_the_prune_fraction_asks_to_lower_it_or_raise_the_other_not_to_give_it(capsys):
+    for argv, given in ((["--min-prune-fraction", "0.5"], "0.5"), (["--prune-fraction", "0.001"], "0.005")):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main([*argv, "--no-progress"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exit_info.value.code == 2 and len(err) == 1, err
+        assert err[0].startswith(f"smet-train: error: --min-prune-fraction ({given}) must be <= --prune-fraction")
+        assert err[0].endswith("(lower --min-prune-fraction or raise --prune-fraction)"), err
+
+
 def test_config_from_dict_reads_betas_back_as_a_tuple():
     config = TrainConfig.from_dict({"betas": [0.9, 0.99]})
     assert config.betas == (0.9, 0.99) and config == TrainConfig(betas=(0.9, 0.99))

@@ -223,8 +223,9 @@ class TrainConfig:
         number("min_prune_fraction", 0.0, 1.0)
         if self.min_prune_fraction > self.prune_fraction:
             raise ConfigError(f"{setting('min_prune_fraction')} ({self.min_prune_fraction}) must be <= "
-                              f"{setting('prune_fraction')} ({self.prune_fraction}): the decay ends below its start "
-                              f"(give {setting('min_prune_fraction')} too)")
+                              f"{setting('prune_fraction')} ({self.prune_fraction}): the decay would end above its "
+                              "start "
+                              f"(lower {setting('min_prune_fraction')} or raise {setting('prune_fraction')})")
         number("regrow_init_std", 0.0, math.inf, low_open=True)
         choice("warmup_scope", WARMUP_SCOPES)
         if self.density_lr_exponent is not None:
