@@ -10,6 +10,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import usage_error
 
 from smet_kernels.train import cli
@@ -53,6 +54,31 @@ def test_a_warning_of_the_library_is_one_line_and_one_from_elsewhere_is_passed_o
         cli.main(["--config", "tiny"])
     assert capsys.readouterr().err.splitlines() == ["smet-train: warning: fell back to the reference ops",
                                                     "smet-train: error: stop here"]
+
+
+def test_a_data_folder_with_files_left_out_and_repeated_evaluation_windows_warn_in_one_line_each(monkeypatch, capsys,
+                                                                                                  tmp_path):
+    """Both warnings printed in Python's two-line format, with the library file that raised them."""
+    from smet_kernels.train.build import prepare_data
+
+    monkeypatch.setenv("SMET_CACHE_DIR", str(tmp_path / "cache"))
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "corpus.txt").write_bytes(bytes(range(32, 127)) * 160)  # 15200 bytes: 304 of validation
+    (data / "plot.png").write_bytes(b"PNG")
+
+    def prepares(config, on_ready=None):
+        prepare_data(config, torch.device("cpu"))
+        raise ConfigError("stop here")
+
+    monkeypatch.setattr(cli, "train", prepares)
+    with pytest.raises(SystemExit):
+        cli.main(["--data", str(data), "--seq-len", "32"])
+    err = capsys.readouterr().err.splitlines()
+    assert [line.split(":")[:3] for line in err] == [["smet-train", " warning", " data folder '" + str(data) + "'"],
+                                                     ["smet-train", " warning", " --eval-batches 4 x --batch-size 8 = "
+                                                      "32 evaluation windows, but the validation split holds 9"],
+                                                     ["smet-train", " error", " stop here"]], err
 
 
 def test_smet_bench_prints_a_warning_of_the_library_in_one_line_too_and_ends_an_interrupt_by_sigint(monkeypatch,

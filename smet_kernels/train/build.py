@@ -13,7 +13,7 @@ from .. import backend as backend_module
 from ..optim.galore import GALORE_DEFAULT_RANK
 from . import methods
 from .config import ConfigError, TrainConfig, setting
-from .data import Corpus, DataError, PackedBatches, eval_windows, load_corpus, num_windows
+from .data import Corpus, DataError, DataWarning, PackedBatches, eval_windows, load_corpus, num_windows
 from .methods import HIDDEN_LINEAR_PATTERN
 from .model import model_config
 
@@ -60,7 +60,7 @@ def prepare_data(config: TrainConfig, device: torch.device, world_size: int = 1)
                           f"{config.batch_size} = {val_count} evaluation windows, but the validation split holds "
                           f"{available}: some are evaluated more than once ("
                           + (f"{setting('eval_batches')} {most} or fewer sees each once)" if most else
-                             "even one batch repeats some)"), stacklevel=2)  # fmt: skip
+                             "even one batch repeats some)"), DataWarning, stacklevel=2)  # fmt: skip
         return RunData(corpus, batches, eval_windows(corpus.val, config.seq_len, val_count) if val_count else None)
     except DataError as error:
         raise ConfigError(f"{setting('data')} {config.data!r}: {error}: lower {setting('seq_len')}, or give more "

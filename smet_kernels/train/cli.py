@@ -47,6 +47,7 @@ from .config import (
     last_update_step,
     naming_options,
 )
+from .data import DataWarning
 from .distributed import TrainingFailed
 from .loop import train, update_probe_runs
 from .methods import METHODS, PROBE_SCHEDULE_OPTIONS
@@ -353,11 +354,11 @@ def _note_resume_changes(args: argparse.Namespace, config: TrainConfig, options:
 
 @contextlib.contextmanager
 def one_line_warnings(prog: str, categories: tuple[type[Warning], ...] = ()):
-    """Within it, a warning of this library (a skipped checkpoint or metrics line, one that begins with a
-    :data:`LIBRARY_PREFIXES` name: the CPU fallback, sparsify's density, ...) or of the command's own ``categories``
-    prints as one line ``<prog>: warning: ...``, like a command's errors; others (torch's, ...) keep Python's
-    format."""
-    categories = (CheckpointWarning, MetricsWarning, *categories)
+    """Within it, a warning of this library (a skipped checkpoint or metrics line, data left out or evaluated twice,
+    one that begins with a :data:`LIBRARY_PREFIXES` name: the CPU fallback, sparsify's density, ...) or of the
+    command's own ``categories`` prints as one line ``<prog>: warning: ...``, like a command's errors; others
+    (torch's, ...) keep Python's format."""
+    categories = (CheckpointWarning, MetricsWarning, DataWarning, *categories)
     with warnings.catch_warnings():
         for category in categories:
             warnings.simplefilter("always", category)

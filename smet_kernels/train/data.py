@@ -51,6 +51,11 @@ class DataError(ValueError):
     """The data source cannot be read or is unusable (raised with a one-line message)."""
 
 
+class DataWarning(UserWarning):
+    """The run's data is usable but not all as given: files of a folder left out, evaluation windows repeated
+    (``smet-train`` prints it in one line, as its errors)."""
+
+
 @dataclass
 class Corpus:
     """Train and validation token streams (1-D integer arrays, usually memory-mapped)."""
@@ -281,7 +286,8 @@ def load_corpus(data: str = "stdlib", val_percent: float = 2.0, tokenizer: str =
                         f" (only {', '.join(left_out)}: give such a file itself as data)" if left_out else ""))
                 if left_out:
                     warnings.warn(f"data folder {data!r}: {len(listed) - len(files)} file(s) of suffix "
-                                  f"{', '.join(left_out)} left out (text suffixes: {_suffix_list()})", stacklevel=2)
+                                  f"{', '.join(left_out)} left out (text suffixes: {_suffix_list()})", DataWarning,
+                                  stacklevel=2)
                 train, val = _cached_split(files, path, val_percent, "dir")
                 vocab = 256
             elif path.suffix.lower() == ".bin":  # TOKENS.BIN too: read as bytes, its uint16 tokens were text
