@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from .options import comma_list, seed_int
-from .runner import CommandLog, Deadline, check_minutes, run_cases, usage_error
+from .runner import CommandLog, Deadline, check_minutes, make_out_dir, run_cases, usage_error
 
 SUITES = ("kernels", "optimizer", "training")
 MODES = {"off": (False,), "on": (True,), "both": (False, True)}  # --compile / --activation-checkpointing
@@ -419,8 +419,7 @@ def run(args) -> int:
     args.out_dir = args.out_dir or str(Path("reports") / device_slug(device))
     _validate(args)
     dtype = parse_dtype(args.dtype or ("bf16" if device.type == "cuda" else "fp32"))
-    out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = make_out_dir(args.out_dir)
     commands = CommandLog(out_dir, getattr(args, "argv", None))
     if device.type == "cpu" and not args.quick:
         print(

@@ -298,7 +298,7 @@ def main_from_args(args, prog: str, argv: list[str]) -> int:
     import shlex
 
     from .memory_report import gpu_cases, write_memory_report
-    from .runner import usage_error
+    from .runner import make_out_dir, usage_error
 
     out_dir = Path(args.out_dir)
     try:
@@ -314,6 +314,7 @@ def main_from_args(args, prog: str, argv: list[str]) -> int:
             measured = MEASURED_CONFIGS if args.measure_configs is None else args.measure_configs
             pairs = plan(cases, measured)
             _check_measurable([case for case, source in pairs if source == "measured"])
+            make_out_dir(out_dir, prog)  # before the tracing, which writes its first row only when done
             written = run_plan(pairs, memory_file(out_dir), not args.no_progress)
             if written:
                 with (out_dir / "commands.txt").open("a") as handle:

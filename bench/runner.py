@@ -40,6 +40,17 @@ def usage_error(message, prog: str = "smet-bench") -> NoReturn:
     raise SystemExit(2)
 
 
+def make_out_dir(path, prog: str = "smet-bench") -> Path:
+    """The folder ``path``, created with its parents; a folder that cannot be created (no permission, a read-only
+    file system) ends the command with one line naming ``--out-dir`` (:func:`usage_error`), not a traceback."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        usage_error(f"--out-dir {str(path)!r} cannot be created: {error.strerror or error}", prog)
+    return path
+
+
 def check_minutes(minutes: float | None, option: str) -> None:
     """Raise ``ValueError`` naming ``option`` unless ``minutes`` is None (no limit) or positive: a NaN budget would
     silently never expire, a negative one start nothing."""

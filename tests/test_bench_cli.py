@@ -253,6 +253,24 @@ def test_an_out_dir_that_is_or_lies_under_a_file_is_a_one_line_error(tmp_path, c
     assert a_file.read_text() == "not a folder"
 
 
+@pytest.mark.parametrize("command", [["run", "--quick"], ["gpu-check"], ["stability", "run", "--quick"], ["memory"]])
+def test_an_out_dir_that_cannot_be_created_is_a_one_line_error_naming_it_not_a_traceback(tmp_path, command, capsys,
+                                                                                          monkeypatch):
+    """No permission there (or a read-only file system): ``mkdir`` raised its ``OSError`` out of the command."""
+    make_dir = Path.mkdir
+
+    def mkdir(path, *args, **kwargs):
+        if "locked" in path.parts:
+            raise PermissionError(13, "Permission denied", str(path))
+        return make_dir(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+    out_dir = tmp_path / "locked" / "out"
+    argv = [*command, "--out-dir", str(out_dir)] + (["--device", "cpu"] if command[0] != "memory" else [])
+    error = usage_error(main, argv, capsys)
+    assert error == f"smet-bench: error: --out-dir '{out_dir}' cannot be created: Permission denied"
+
+
 @pytest.mark.parametrize("command, option", [(["run"], "--max-minutes"), (["gpu-check"], "--minutes"),
                                              (["stability", "run", "--quick"], "--max-minutes")])
 @pytest.mark.parametrize("minutes", ["nan", "0", "-1"])

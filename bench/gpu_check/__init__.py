@@ -18,7 +18,6 @@ import argparse
 import shlex
 import signal
 import time
-from pathlib import Path
 
 from ..options import seed_int
 from ..runner import check_minutes, usage_error
@@ -82,12 +81,11 @@ def run(args, argv: list[str]) -> int:
     if args.plan:
         return 0
 
-    from bench.runner import CommandLog, Deadline
+    from bench.runner import CommandLog, Deadline, make_out_dir
 
     from . import correctness, measure, saved, summary
 
-    out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = make_out_dir(args.out_dir)
     budget = Deadline(args.minutes)
     commands = CommandLog(out_dir, argv)
     ctx = measure.Context(device, backend, sizes, out_dir, budget, commands, args.seed, args.no_progress)

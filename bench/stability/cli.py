@@ -14,7 +14,7 @@ from smet_kernels.train.cli import add_topology_arguments, int_at_least
 from smet_kernels.train.config import check_output_folder, naming_options
 
 from ..options import comma_list
-from ..runner import check_minutes, usage_error
+from ..runner import check_minutes, make_out_dir, usage_error
 from .report import read_study, write_report
 from .spec import COMMANDS_FILE, DENSE_METHOD, METHODS, PRESETS, TRAINER_SETTINGS, StudySpec, enumerate_runs
 from .sweep import check_runnable, is_done, run_sweep
@@ -179,7 +179,7 @@ def main_from_args(args: argparse.Namespace, prog: str, argv: list[str]) -> int:
             print(f"{run.config}/{run.name}: {state}")
         print(f"{len(enumerate_runs(spec))} runs, {spec.tokens_per_run:,} tokens each")
         return 0
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_out_dir(out_dir, prog)
     stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     with (out_dir / COMMANDS_FILE).open("a") as handle:
         handle.write(f"{stamp} {prog} {shlex.join(argv)}\n")
