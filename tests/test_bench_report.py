@@ -570,7 +570,7 @@ def test_the_optimizer_table_splits_the_tensor_from_a_shape_label_holding_a_colo
     from bench.report.sections import optimizer_section
 
     base = {"suite": "optimizer", "op": "adamw", "gpu": CUDA["gpu"], "backend": "torch", "N": 1000, "K": 1000,
-            "ms_p20": 1.0, "ms_p50": 1.0, "ms_p80": 1.0}  # fmt: skip
+            "ms_p20": 1.0, "ms_p50": 1.0, "ms_p80": 1.0, "status": "ok"}  # fmt: skip
     frame = pd.DataFrame([
         base | {"op": "copy", "provider": "device_copy", "shape": "dense:tiny:qkvo", "ms_p50": 0.01},
         base | {"provider": "torch_adamw", "shape": "dense:tiny:qkvo", "density": 1.0, "gbps": 400.0},
