@@ -405,7 +405,25 @@ def test_stability_run_without_out_dir_writes_into_the_folder_of_its_preset(tmp_
     monkeypatch.chdir(tmp_path)
     for preset in ([], ["--quick"], ["--cpu-study"]):
         assert bench_main(["stability", "run", *preset]) == 0
-    assert folders == [Path("reports/stability"), Path("reports/cpu-pilot-stability"), Path("reports/stability-cpu")]
+    assert folders == [Path("reports/stability"), Path("runs/stability-pilot"), Path("reports/stability-cpu")]
+
+
+def test_the_cpu_pilot_runs_as_documented_beside_the_committed_older_pilot_runs(tmp_path, monkeypatch, capsys):
+    """``stability run --quick`` wrote into reports/cpu-pilot-stability, whose 32 committed runs predate settings a
+    rerun checks (``--warmup-scope``): the documented command was refused; it now starts a fresh folder."""
+    import shutil
+
+    from bench.stability import cli
+
+    pilot = Path(__file__).resolve().parents[1] / "reports" / "cpu-pilot-stability"
+    shutil.copytree(pilot, tmp_path / "reports" / "cpu-pilot-stability")
+    folders = []
+    monkeypatch.setattr(cli, "run_sweep", lambda spec, out_dir, **kwargs: folders.append(out_dir) or dict(NOTHING_RUN))
+    monkeypatch.chdir(tmp_path)
+    assert bench_main(["stability", "run", "--quick"]) == 0 and folders == [Path("runs/stability-pilot")]
+    with pytest.raises(SystemExit):  # the committed runs themselves are still refused, naming the setting
+        bench_main(["stability", "run", "--quick", "--out-dir", "reports/cpu-pilot-stability"])
+    assert "--warmup-scope" in capsys.readouterr().err
 
 
 @pytest.mark.gpu

@@ -2,8 +2,7 @@
 GaLore at equal tokens, and a density × density-LR-exponent (α) sweep.
 
     smet-bench stability run                                       # H100 study -> reports/stability/
-    smet-bench stability run --quick --out-dir runs/stability-pilot  # CPU pilot (tiny config, minutes; the runs of
-                                                     # its default out-dir, reports/cpu-pilot-stability, are too old)
+    smet-bench stability run --quick                       # CPU pilot (tiny config, minutes) -> runs/stability-pilot/
     smet-bench stability run --cpu-study                   # CPU study (tiny, 3 seeds) -> reports/stability-cpu/
     smet-bench stability report --out-dir reports/stability        # stability.md + PNG plots
 

@@ -63,7 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      f"every {cpu.update_interval} steps, {cpu.backend} backend; options below still override "
                      "(default: neither preset, the H100 study)")
     run.add_argument("--out-dir", default=None,
-                     help="output folder (default: reports/stability; reports/cpu-pilot-stability with --quick; "
+                     help="output folder (default: reports/stability; runs/stability-pilot with --quick; "
                      "reports/stability-cpu with --cpu-study)")
     run.add_argument("--configs", type=comma_list(str, container=tuple),
                      help=f"model configurations from tiny,20m,60m,130m,350m,1b,7b {_default('configs')}")
@@ -162,7 +162,8 @@ def main_from_args(args: argparse.Namespace, prog: str, argv: list[str]) -> int:
             usage_error(error, prog)
         print(f"{prog}: wrote {path}")
         return 0
-    default_dirs = {"pilot": "reports/cpu-pilot-stability", "cpu": "reports/stability-cpu", "h100": "reports/stability"}
+    # the pilot's committed runs (reports/cpu-pilot-stability) predate settings a rerun checks: a fresh folder
+    default_dirs = {"pilot": "runs/stability-pilot", "cpu": "reports/stability-cpu", "h100": "reports/stability"}
     try:
         out_dir = Path(args.out_dir or default_dirs[_preset(args)])
         check_minutes(args.max_minutes, "--max-minutes")
