@@ -217,6 +217,9 @@ def _measure(case: TrainingCase, device: torch.device, backend: str | None, step
     tokens = tokens.to(device)
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
     note = check_step(model, optimizer, inputs, targets) if check else ""
+    if check and device.type == "cuda":  # the check's dense copy and activations: cached, NVML would count them
+        gc.collect()
+        torch.cuda.empty_cache()
 
     def forward() -> torch.Tensor:
         return lm_loss(stepped(inputs), targets)
