@@ -43,7 +43,7 @@ from .config import setting
 
 SKIPPED_DIRS = {"site-packages", "dist-packages", "__pycache__", ".git"}
 BINARY_SNIFF_BYTES = 8000  # a NUL byte among a text file's first bytes marks it binary (as git tells them apart)
-TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".c", ".h", ".cpp", ".hpp", ".js", ".ts", ".java", ".go", ".rs", ".sh",
+TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".c", ".h", ".cpp", ".hpp", ".js", ".java", ".go", ".rs", ".sh",
                  ".json", ".jsonl", ".html", ".xml", ".tex", ".csv", ".tsv", ".yaml", ".yml", ".toml", ""}
 
 
