@@ -167,17 +167,29 @@ def test_a_numpy_scale_is_a_number():
     assert optimizer.param_groups[0]["scale"] == 0.25
 
 
+def test_numpy_integers_are_accepted_as_rank_and_update_gap_and_stored_as_ints():
+    """A rank computed with numpy (``np.int64``: not a Python ``int``) was refused as 'must be an int'."""
+    import numpy as np
+
+    optimizer = GaLoreAdamW([{"params": [nn.Parameter(torch.randn(8, 6))], "rank": np.int64(2)}],
+                            update_proj_gap=np.int32(3))
+    group = optimizer.param_groups[0]
+    assert (group["rank"], group["update_proj_gap"]) == (2, 3)
+    assert type(group["rank"]) is int and type(group["update_proj_gap"]) is int
+
+
 @pytest.mark.parametrize("kwargs, group, error, message", [
-    (dict(betas=(0.9, 1.0)), {}, ValueError, r"betas must lie in \[0, 1\)"),
-    (dict(eps=-1e-8), {}, ValueError, "eps must be > 0"),
-    (dict(eps=0.0), {}, ValueError, "eps must be > 0"),  # an always-zero gradient element would step by 0 / 0
-    (dict(weight_decay=-0.1), {}, ValueError, "weight_decay must be >= 0"),
+    (dict(betas=(0.9, 1.0)), {}, ValueError, r"betas\[1\] must be a float in \[0, 1\)"),
+    (dict(eps=-1e-8), {}, ValueError, "eps must be a finite float > 0"),
+    # an always-zero gradient element would step by 0 / 0
+    (dict(eps=0.0), {}, ValueError, "eps must be a finite float > 0"),
+    (dict(weight_decay=-0.1), {}, ValueError, "weight_decay must be a finite float >= 0"),
     ({}, dict(rank=True), TypeError, "rank must be an int, got bool"),
     ({}, dict(rank=2, update_proj_gap=0), ValueError, "update_proj_gap must be positive"),
-    ({}, dict(lr=-1e-3), ValueError, "lr must be >= 0"),
-    ({}, dict(rank=2, betas=(0.9, 1.5)), ValueError, r"betas must lie in \[0, 1\)"),
-    ({}, dict(eps=0.0), ValueError, "eps must be > 0"),
-    ({}, dict(weight_decay=math.inf), ValueError, "weight_decay must be >= 0 and finite"),
+    ({}, dict(lr=-1e-3), ValueError, "lr must be a finite float >= 0"),
+    ({}, dict(rank=2, betas=(0.9, 1.5)), ValueError, r"betas\[1\] must be a float in \[0, 1\)"),
+    ({}, dict(eps=0.0), ValueError, "eps must be a finite float > 0"),
+    ({}, dict(weight_decay=math.inf), ValueError, "weight_decay must be a finite float >= 0"),
 ], ids=["beta2-one", "eps", "eps-zero", "weight-decay", "bool-rank", "group-gap", "group-lr", "group-betas",
         "group-eps", "group-weight-decay"])  # fmt: skip
 def test_a_setting_out_of_range_is_refused_by_name_also_in_a_param_group(kwargs, group, error, message):
@@ -215,7 +227,7 @@ def test_a_projected_group_given_by_name_refuses_a_parameter_that_is_not_2d():
 
 def test_a_group_added_with_a_bad_lr_is_refused_and_not_added_and_a_tensor_lr_is_accepted():
     optimizer = GaLoreAdamW([nn.Parameter(torch.zeros(8, 6))], lr=torch.tensor(0.01))
-    with pytest.raises(ValueError, match="lr must be >= 0"):
+    with pytest.raises(ValueError, match="lr must be a finite float >= 0"):
         optimizer.add_param_group({"params": [nn.Parameter(torch.zeros(8, 6))], "rank": 2, "lr": -0.01})
     assert len(optimizer.param_groups) == 1
 

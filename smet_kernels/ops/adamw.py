@@ -329,13 +329,18 @@ def check_finite(value, name: str, positive: bool = False) -> None:
         raise ValueError(f"{name} must be a finite float {'>' if positive else '>='} 0, got {value!r}")
 
 
-def check_hyperparameters(betas, eps: float, weight_decay: float, warmup: str, warmup_steps: int) -> None:
-    """Raise ``ValueError``/``TypeError`` naming the first invalid AdamW hyper-parameter (numpy scalars are numbers)."""
+def check_betas(betas) -> None:
+    """``TypeError`` unless ``betas`` is a pair, ``ValueError`` naming the first beta outside ``[0, 1)``."""
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
         raise TypeError(f"betas must be a pair (beta1, beta2), got {betas!r}")
     for i, beta in enumerate(betas):
         if isinstance(beta, bool) or not isinstance(beta, numbers.Real) or not 0.0 <= beta < 1.0:
             raise ValueError(f"betas[{i}] must be a float in [0, 1), got {beta!r}")
+
+
+def check_hyperparameters(betas, eps: float, weight_decay: float, warmup: str, warmup_steps: int) -> None:
+    """Raise ``ValueError``/``TypeError`` naming the first invalid AdamW hyper-parameter (numpy scalars are numbers)."""
+    check_betas(betas)
     check_finite(eps, "eps", positive=True)
     check_finite(weight_decay, "weight_decay")
     if warmup not in WARMUP_MODES:

@@ -27,6 +27,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from ..ops.adamw import check_betas, check_finite
+
 # GaLore paper defaults (rank per model size; gap 200; scale 0.25). tiny/20m/7b extrapolate the table.
 GALORE_DEFAULT_RANK = {"tiny": 16, "20m": 64, "60m": 128, "130m": 256, "350m": 256, "1b": 512, "7b": 1024}
 GALORE_DEFAULT_UPDATE_PROJ_GAP = 200
@@ -35,11 +37,13 @@ _UNSUPPORTED_FLAGS = ("amsgrad", "maximize", "capturable", "differentiable")
 
 
 def _check_positive_int(value: int, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
+    """``value`` as an ``int`` (numpy integers too), ``TypeError``/``ValueError`` naming ``name`` unless a positive
+    integer."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if value <= 0:
         raise ValueError(f"{name} must be positive, got {value}")
-    return value
+    return int(value)
 
 
 def _check_scale(scale: float) -> None:
@@ -51,27 +55,21 @@ def _check_scale(scale: float) -> None:
         raise ValueError(f"scale must be a finite number > 0, got {scale}")
 
 
-def _real(value) -> bool:
-    return not isinstance(value, bool) and isinstance(value, numbers.Real)  # numpy floats too
-
-
 def _check_adamw_options(group: dict) -> None:
-    """``ValueError`` naming the first of ``betas`` in ``[0, 1)``, ``lr >= 0``, ``eps > 0``, ``weight_decay >= 0``
-    (each finite) that a group (defaults filled in) breaks. ``eps = 0`` would step a gradient element that stayed 0
-    (an unused embedding row) by ``0 / 0 = NaN``. ``lr`` may be a one-element tensor, as in ``torch.optim.AdamW``.
-    ``torch.optim.AdamW`` flags this step does not implement are refused when true, not ignored."""
+    """``ValueError``/``TypeError`` naming the first AdamW option of a group (defaults filled in) out of range, with
+    the messages of the fused AdamW step (:func:`~smet_kernels.ops.adamw.check_hyperparameters`): ``betas`` in
+    ``[0, 1)``, finite ``lr >= 0``, ``eps > 0``, ``weight_decay >= 0``. ``eps = 0`` would step a gradient element that
+    stayed 0 (an unused embedding row) by ``0 / 0 = NaN``. ``lr`` may be a one-element tensor, as in
+    ``torch.optim.AdamW``. ``torch.optim.AdamW`` flags this step does not implement are refused when true, not
+    ignored."""
     for flag in _UNSUPPORTED_FLAGS:
         if group.get(flag):
             raise ValueError(f"{flag}=True is not supported by GaLoreAdamW")
-    betas = group["betas"]
-    if not (isinstance(betas, (tuple, list)) and len(betas) == 2 and all(_real(b) and 0.0 <= b < 1.0 for b in betas)):
-        raise ValueError(f"betas must lie in [0, 1), got {betas!r}")
     lr = group["lr"]
-    lr = float(lr) if isinstance(lr, torch.Tensor) and lr.numel() == 1 else lr
-    for name, value, positive in (("lr", lr, False), ("eps", group["eps"], True),
-                                  ("weight_decay", group["weight_decay"], False)):  # fmt: skip
-        if not (_real(value) and math.isfinite(value) and (value > 0.0 if positive else value >= 0.0)):
-            raise ValueError(f"{name} must be {'>' if positive else '>='} 0 and finite, got {value!r}")
+    check_finite(lr.item() if isinstance(lr, torch.Tensor) and lr.numel() == 1 else lr, "lr")
+    check_betas(group["betas"])
+    check_finite(group["eps"], "eps", positive=True)
+    check_finite(group["weight_decay"], "weight_decay")
 
 
 class GaLoreAdamW(torch.optim.Optimizer):
@@ -91,7 +89,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
         update_proj_gap: int = GALORE_DEFAULT_UPDATE_PROJ_GAP,
         scale: float = GALORE_DEFAULT_SCALE,
     ):
-        _check_positive_int(update_proj_gap, "update_proj_gap")
+        update_proj_gap = _check_positive_int(update_proj_gap, "update_proj_gap")
         _check_scale(scale)
         # in the defaults (torch fills them into every group; only groups with a rank use them): a deep-copied or
         # unpickled optimizer keeps them, as torch pickles only defaults, state and groups
@@ -104,10 +102,10 @@ class GaLoreAdamW(torch.optim.Optimizer):
         """Add a group (defaults filled in); a group with an invalid option, or with ``rank`` and a parameter that is
         not 2-D (also given by name, as ``named_parameters()`` pairs), raises and is not added."""
         if "rank" in param_group:
-            _check_positive_int(param_group["rank"], "rank")
+            param_group["rank"] = _check_positive_int(param_group["rank"], "rank")
             for key in ("update_proj_gap", "scale"):
                 param_group.setdefault(key, self.defaults[key])
-            _check_positive_int(param_group["update_proj_gap"], "update_proj_gap")
+            param_group["update_proj_gap"] = _check_positive_int(param_group["update_proj_gap"], "update_proj_gap")
             _check_scale(param_group["scale"])
         super().add_param_group(param_group)
         try:
@@ -192,7 +190,7 @@ def galore_param_groups(
     name may be given as a str."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    _check_positive_int(rank, "rank")
+    rank = _check_positive_int(rank, "rank")
     targets = (target_names,) if isinstance(target_names, str) else tuple(target_names)  # not its characters
     projected = []
     projected_ids = set()
