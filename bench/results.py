@@ -193,7 +193,7 @@ def warn_merged_lines(path: Path, lines: list[int], cells: int, outcome: str) ->
                   f"appended to a half-written one); {outcome}", TornRowWarning, stacklevel=3)
 
 
-def _canonical(value) -> str:
+def canonical(value) -> str:
     """Key values compare as text: numbers in one spelling (``0.5`` == ``0.50``, ``64`` == ``64.0``), a float as the
     file holds it (:func:`_cell`: 6 significant digits); whole numbers in all their digits (``10000001`` is not
     ``10000000``, which 6 digits made them both)."""
@@ -241,7 +241,7 @@ class ResultsFile:
                     self._torn = True  # the next append rewrites the file without them
 
     def key_of(self, row: dict) -> tuple[str, ...]:
-        return tuple(_canonical(row.get(k)) for k in self.key)
+        return tuple(canonical(row.get(k)) for k in self.key)
 
     def done(self, row: dict) -> bool:
         """True when a row with the same key is already in the file."""

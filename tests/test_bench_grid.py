@@ -6,12 +6,12 @@ import torch
 from conftest import DEVICE
 
 from bench import kernels, optimizer, training
-from bench.results import KERNEL_KEY, TRAINING_KEY, _canonical
+from bench.results import KERNEL_KEY, TRAINING_KEY, canonical
 from bench.timing import measure
 
 
 def _key(row, columns):
-    return tuple(_canonical(row.get(c)) for c in columns)
+    return tuple(canonical(row.get(c)) for c in columns)
 
 
 def test_full_kernel_grid():

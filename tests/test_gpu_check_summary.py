@@ -456,3 +456,41 @@ def test_a_compact_adamw_step_that_fails_its_check_misses_the_bar_however_fast()
     lines = adamw_section(rows)
     assert "wrong (max error 1 > 1e-07)" in "\n".join(lines)
     assert lines[-2] == "Bar: compact AdamW — **miss**: a step does not match its reference (status wrong above)."
+
+
+def _plan_rows(sizes, gpu: str) -> list[dict]:
+    """A kernels.csv row for each case of ``sizes``' plan, timed at 1 ms."""
+    from bench.gpu_check import measure
+
+    cases = [*measure.ceiling_cases(sizes), *measure.optimizer_cases(sizes)]
+    for block_size in sizes.kernel_block_sizes:
+        cases += [case for group in measure.kernel_cases(sizes, block_size) for case in group]
+    rows = {case: case.key_row("triton") | {"ms_p50": 1.0, "tflops": 1.0, "gbps": 1.0, "status": "ok", "gpu": gpu,
+                                            "nnz_blocks": None if case.block_size is None else max(1, round(
+                                                case.density * case.shape.K * case.shape.N / case.block_size**2))}
+            for case in cases}  # a dense case is in the cases of every block size
+    return list(rows.values())
+
+
+@pytest.mark.parametrize("column, change", [
+    ("M", lambda m: 4096), ("dtype", lambda d: "bf16"), ("block_size", lambda b: 4 * b), ("density", lambda d: d / 5),
+    ("shape", lambda shape: shape.replace("tiny", "20m")),
+], ids=["tokens", "dtype", "block-size", "density", "shape"])  # fmt: skip
+def test_kernel_rows_of_other_cases_than_the_plan_s_are_left_out_of_every_kernel_section(tmp_path, column, change):
+    """``smet-bench run`` or a run at other sizes into the same folder: its rows (a faster ceiling, 1000 × faster
+    kernels at another token count) set the ceilings, bars, variants and predictions of this run's summary."""
+    from bench.gpu_check import summary
+    from bench.results import kernels_file
+
+    rows = _plan_rows(CPU, "cpu-test")
+    ceiling = next(r for r in rows if r["shape"] == "ceiling") | {"K": 999, "tflops": 777.0}
+    other = [r | {column: change(r[column])} | ({"ms_p50": 1e-3} if r["provider"] == "triton_grouped" else {})
+             for r in rows if r["suite"] == "kernels" and r["shape"] != "ceiling"
+             and (r["density"] < 1 or column not in ("block_size", "density"))]  # a dense row has neither
+    file = kernels_file(tmp_path)
+    for row in rows + other + [ceiling]:
+        file.append(row)
+    assert len(summary.kernels_of_this_plan(pd.read_csv(tmp_path / "kernels.csv"), CPU)) == len(rows)
+    text = summary.write(tmp_path, CPU, {"device": "cpu-test"}, [], ([], []), None, "gpu-check").read_text()
+    assert f"{len(other) + 1} row(s) of kernels.csv measure other cases than this plan's" in text
+    assert "777" not in text and "0.001" not in text and "1000" not in text and "Could not render" not in text

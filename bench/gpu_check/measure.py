@@ -21,7 +21,7 @@ import torch
 from bench import kernels, optimizer, training
 from bench.kernels import KernelCase, LinearShape
 from bench.optimizer import OptimizerCase
-from bench.results import kernels_file, training_file
+from bench.results import canonical, kernels_file, training_file
 from bench.runner import run_cases
 from profiling.memory_model import parse_dtype
 from smet_kernels.ops.variant import default_variant
@@ -195,6 +195,15 @@ def optimizer_cases(sizes: Sizes) -> list[OptimizerCase]:
         OptimizerCase("adamw", "torch_adamw_fused", "dense", shape, None, 1.0),
         OptimizerCase("adamw", "smet_adamw", "compact", shape, sizes.optimizer_block_size, 0.25),
     ]
+
+
+def plan_keys(sizes: Sizes) -> set[tuple[str, ...]]:
+    """The keys (:data:`~bench.results.KERNEL_KEY` but ``backend``, canonical cells) of every kernels.csv row the
+    plan of ``sizes`` measures: its ceilings, kernel timings and optimizer steps."""
+    cases = [*ceiling_cases(sizes), *optimizer_cases(sizes)]
+    for block_size in sizes.kernel_block_sizes:
+        cases += [case for group in kernel_cases(sizes, block_size) for case in group]
+    return {tuple(canonical(v) for k, v in case.key_row("").items() if k != "backend") for case in cases}
 
 
 def run_adamw(ctx: Context) -> tuple[int, list[str]]:

@@ -12,7 +12,10 @@ Bars (the kernel ratios come from :func:`bench.report.kernel_comparison`: ``vs d
 * compact AdamW: GB/s ≥ 90 % of the copy ceiling of stage ``env``;
 * SMET training at the last training config: more tokens/s than dense AdamW, lower peak memory than dense and GaLore
   (eager steps without activation checkpointing); beside them, not bars, what activation checkpointing does to the
-  peak and the tokens/s of SMET and dense there. Only rows at this plan's training sizes count (:func:`of_this_plan`).
+  peak and the tokens/s of SMET and dense there.
+
+Only this plan's rows count: its kernel and optimizer cases (:func:`kernels_of_this_plan`) and training sizes
+(:func:`of_this_plan`); rows another run added to the folder are counted and left out.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from bench.kernels import OPS, VARIANT_OPS
 from bench.markdown import fmt_nvml_peak, table
 from bench.report import kernel_comparison, load_csv
 from bench.report.derive import peak_column, side_by_side
+from bench.results import KERNEL_KEY, canonical
 from profiling.roofline import BARS
 from smet_kernels.ops.variant import VARIANTS
 
@@ -223,6 +227,16 @@ def adamw_section(kernels: pd.DataFrame | None) -> list[str]:
     return lines
 
 
+def kernels_of_this_plan(kernels: pd.DataFrame, sizes: Sizes) -> pd.DataFrame:
+    """The kernels.csv rows of this plan's cases (:func:`.measure.plan_keys`): rows of other sizes, token counts or
+    dtypes that another run added to the folder must not stand in for this run's in the bars, variants, predictions
+    or ceilings."""
+    from .measure import plan_keys
+
+    keys, columns = plan_keys(sizes), [k for k in KERNEL_KEY if k != "backend"]
+    return kernels[[tuple(canonical(v) for v in row) in keys for row in kernels[columns].itertuples(index=False)]]
+
+
 def of_this_plan(training: pd.DataFrame, sizes: Sizes) -> pd.DataFrame:
     """The rows at this plan's training sizes (batch, sequence length, dtype, block size, vocabulary, density): another
     run into the same folder may have added rows of other sizes, which must not stand in for this run's."""
@@ -329,6 +343,13 @@ def write(out_dir: Path, sizes: Sizes, env: dict, stages: list[dict], correctnes
     training = _this_machine(load_csv(out_dir / "training.csv"), env["device"])
     lines = [f"# gpu-check: {env['device']}", "", f"Made by `{command}` ({sizes.name} sizes).", "",
              " · ".join(f"{k} {v}" for k, v in env.items()), ""]  # fmt: skip
+    if kernels is not None:
+        mine = kernels_of_this_plan(kernels, sizes)
+        if len(mine) < len(kernels):
+            lines += [f"{len(kernels) - len(mine)} row(s) of kernels.csv measure other cases than this plan's "
+                      f"({sizes.kernel_tokens} tokens, {sizes.dtype}, b {', '.join(map(str, sizes.kernel_block_sizes))}"
+                      "): they are left out of every section below.", ""]  # fmt: skip
+        kernels = mine
     if kernels is not None:
         matmul = kernels[(kernels["shape"] == "ceiling") & kernels["tflops"].notna()]["tflops"]
         copy = kernels[(kernels["shape"] == "dense:ceiling") & kernels["gbps"].notna()]["gbps"]
