@@ -216,6 +216,7 @@ class ResultsFile:
         self.columns = list(columns)
         self.key = list(key)
         self._done: dict[tuple[str, ...], tuple[str, str]] = {}  # key -> the (torch, triton) that measured it
+        self._status: dict[tuple[str, ...], str] = {}  # key -> the row's status
         self._missing: dict = {}  # added columns the file on disk lacks, with the value its rows had
         self._torn = False  # the file holds a half-written row (at its end, or merged into the next one): rewritten
         if self.path.exists() and self.path.stat().st_size > 0:
@@ -235,7 +236,8 @@ class ResultsFile:
                     )
                 for cells in records:  # rows measured under an old provider name count as done under the new one
                     row = self._missing | dict(zip(header, cells))
-                    self._done[self.key_of(rename_old_providers(row))] = _stack(row)
+                    key = self.key_of(rename_old_providers(row))
+                    self._done[key], self._status[key] = _stack(row), row.get("status", "")
                 if merged:  # not done (their key cells may be whole): measured again, as the report leaves them out
                     warn_merged_lines(self.path, merged, len(header), "measured again")
                     self._torn = True  # the next append rewrites the file without them
@@ -250,6 +252,10 @@ class ResultsFile:
     def stack(self, row: dict) -> tuple[str, str] | None:
         """``(torch, triton)`` versions of the row with ``row``'s key in the file (None when it is not done)."""
         return self._done.get(self.key_of(row))
+
+    def status(self, row: dict) -> str | None:
+        """The ``status`` of the row with ``row``'s key in the file (None when it is not done)."""
+        return self._status.get(self.key_of(row))
 
     def __len__(self) -> int:
         return len(self._done)
@@ -267,7 +273,8 @@ class ResultsFile:
             if write_header:
                 writer.writeheader()
             writer.writerow({c: _cell(row.get(c)) for c in self.columns})
-        self._done[self.key_of(row)] = _stack(row)
+        key = self.key_of(row)
+        self._done[key], self._status[key] = _stack(row), _cell(row.get("status"))
 
     def _rewrite(self) -> None:
         """Rewrite the file under the full header, its rows given the added columns' old values and half-written

@@ -165,6 +165,12 @@ def test_a_timed_case_whose_result_is_wrong_fails_the_command_and_is_named_in_it
     assert "| done; 1 wrong: adamw smet_adamw compact:" in adamw
     with (tmp_path / "kernels.csv").open() as handle:
         assert len(list(csv.DictReader(handle))) == 3  # every case still timed
+    # a rerun into the folder times nothing again, and still fails on the recorded wrong result (it exited 0)
+    monkeypatch.setattr(optimizer, "run_case", real)
+    assert main(["gpu-check", "--out-dir", str(tmp_path), "--device", "cpu", "--stages", "adamw",
+                 "--no-progress"]) == 1  # fmt: skip
+    adamw = next(line for line in (tmp_path / "gpu_check.md").read_text().splitlines() if line.startswith("| adamw "))
+    assert "| done; 1 wrong: adamw smet_adamw compact:tiny:hidden (recorded by an earlier run)" in adamw
 
 
 def test_a_step_that_torch_compile_cannot_compile_fails_the_command(tmp_path, monkeypatch):

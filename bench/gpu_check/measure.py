@@ -52,9 +52,16 @@ class Context:
 
     def run(self, suite: str, cases: list, run_one, file) -> tuple[int, list[str]]:
         """Run ``cases`` not yet in ``file``; (failed cases, labels of the cases the budget did not reach). A case
-        whose result is wrong is still timed and recorded, named in :attr:`wrong` and printed at once."""
+        whose result is wrong is still timed and recorded, named in :attr:`wrong` and printed at once; so is a case
+        an earlier run into the folder recorded as wrong (it is not timed again)."""
         from bench.results import device_name
 
+        machine = {"gpu": device_name(self.device)}
+        for case in dict.fromkeys(cases):
+            if file.status(case.key_row(self.backend) | machine) == "wrong":
+                self.wrong.append(f"{_label(case)} (recorded by an earlier run)")
+                print(f"gpu-check: WRONG {_label(case)}: recorded so by an earlier run into {file.path.parent} (a "
+                      "fresh --out-dir measures it again)", flush=True)  # fmt: skip
         def checked(case):
             result = run_one(case)
             if result.get("status") == "wrong":
@@ -64,7 +71,6 @@ class Context:
 
         failures = run_cases(suite, cases, checked, file, self.backend, self.device, self.no_progress, self.budget,
                              self.commands, self.after_row)  # fmt: skip
-        machine = {"gpu": device_name(self.device)}
         missing = [case for case in cases if not file.done(case.key_row(self.backend) | machine)]
         return failures, ([_label(case) for case in missing] if self.budget.expired() else [])
 
