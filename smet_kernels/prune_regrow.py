@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 import math
-from decimal import Decimal
+from fractions import Fraction
 
 import torch
 
@@ -30,11 +30,12 @@ def cosine_prune_fraction(step: int, end_step: int | None, prune_fraction: float
 def blocks_to_move(prune_fraction: float, nnz: int) -> int:
     """``n = nnz − max(1, floor(nnz · (1 − ζ)))`` (released SMET rule), 0 for an empty layer.
 
-    Exact for decimal fractions: ``ζ`` is read as the decimal its ``repr`` shows, so ``nnz = 180, ζ = 0.35`` keeps
-    ``floor(180 · 0.65) = 117`` and moves 63 (binary floating point would give ``180 · 0.65 = 116.99…``)."""
+    Exact for decimal fractions: ``ζ`` is read as the decimal its ``repr`` shows, in exact rational arithmetic, so
+    ``nnz = 180, ζ = 0.35`` keeps ``floor(180 · 0.65) = 117`` and moves 63 (binary floating point would give
+    ``180 · 0.65 = 116.99…``), and a tiny ``ζ > 0`` still moves a block."""
     if nnz <= 0:
         return 0
-    keep = math.floor(nnz * (1 - Decimal(repr(float(prune_fraction)))))
+    keep = math.floor(nnz * (1 - Fraction(repr(float(prune_fraction)))))
     return nnz - max(1, keep)
 
 

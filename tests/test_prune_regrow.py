@@ -98,6 +98,12 @@ def test_blocks_to_move_keeps_one_block_and_moves_at_least_one(nnz, zeta, moved)
     assert blocks_to_move(zeta, nnz) == moved
 
 
+@pytest.mark.parametrize("zeta", [1e-28, 1e-300, 5e-324])
+def test_blocks_to_move_moves_a_block_for_a_prune_fraction_however_small_above_zero(zeta):
+    assert blocks_to_move(zeta, 2) == 1
+    assert blocks_to_move(zeta, 180) == 1
+
+
 def test_blocks_to_move_matches_the_released_rule_in_integers():
     for z in range(1, 1000, 7):  # ζ = z / 1000, so floor(nnz (1 − ζ)) = nnz (1000 − z) // 1000 exactly
         for nnz in range(1, 400, 13):
