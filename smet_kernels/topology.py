@@ -20,8 +20,8 @@ sparse parameters are handled, found in ``model.parameters()`` by a marker attri
 * compact values ``[nnz, b, b]`` carrying ``p.smet_layout`` (``BlockSparseLinear``): the layout's slots
   are moved with :meth:`BlockLayout.replace_blocks` and the slots' values, Adam moments and per-block
   step are reset by :func:`smet_kernels.ops.library.regrow_blocks` (the other per-weight state of torch.optim's
-  optimizers, e.g. AMSGrad's ``max_exp_avg_sq`` or SGD's ``momentum_buffer``, restarts there too: at zero, Adagrad's
-  ``sum`` at its ``initial_accumulator_value``, Rprop's ``step_size`` at its ``lr``);
+  optimizers, e.g. AMSGrad's ``max_exp_avg_sq``, SGD's ``momentum_buffer`` or Adafactor's per-slot factors, restarts
+  there too: at zero, Adagrad's ``sum`` at its ``initial_accumulator_value``, Rprop's ``step_size`` at its ``lr``);
 * dense masked weights ``[out, in]`` carrying ``p.smet_mask_layout`` (:class:`smet_kernels.masked.MaskedLinear`):
   the layout (hence the mask) is updated the same way, pruned blocks are zeroed, regrown blocks get the
   init values and the optimizer's per-weight state restarts at both (as for compact values).
@@ -89,6 +89,8 @@ _ELEMENTWISE_STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "exp_inf",
                            "grad_avg", "acc_delta", "sum", "prev", "step_size", "ax")  # fmt: skip
 # those of them that start at another value than zero: key -> the param-group entry holding that value
 _FRESH_STATE = {"sum": "initial_accumulator_value", "step_size": "lr"}
+# per-slot state of compact values not shaped like them: Adafactor's factored second moment ([nnz, b, 1], [nnz, 1, b])
+_SLOT_STATE_KEYS = ("row_var", "col_var")
 
 # why a RigL update found no dense gradient after remove_hooks(), and what to do
 DETACHED_HOOKS = ("remove_hooks() detached the recording hooks before the backward (attached again now: run the "
@@ -543,9 +545,14 @@ class SMET:
 
     def _reset_other_state(self, param: torch.Tensor, state: dict, values: torch.Tensor, slots: torch.Tensor) -> None:
         """Restart the state that :func:`regrow_blocks` leaves as the pruned blocks had it (every elementwise state
-        but its own: AMSGrad's maximum, SGD's momentum, ...) at (this rank's) ``values``' ``slots``."""
+        but its own: AMSGrad's maximum, SGD's momentum, ...; Adafactor's per-slot factors) at (this rank's) ``values``'
+        ``slots``."""
         for tensor, value in self._fresh_states(param, state, skip=_REGROW_STATE_KEYS):
             local(tensor)[slots.to(values.device)] = value
+        for key in _SLOT_STATE_KEYS:
+            tensor = state.get(key)
+            if isinstance(tensor, torch.Tensor) and tensor.dim() == param.dim() and tensor.shape[0] == param.shape[0]:
+                local(tensor)[slots.to(values.device)] = 0.0
 
     def _regrow_sharded(self, param: torch.Tensor, state: dict, slots: torch.Tensor) -> None:
         """Regrow ``slots`` of values sharded on dim 0: each rank resets the slots it owns. The ``"normal"`` init

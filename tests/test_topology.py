@@ -188,6 +188,21 @@ def test_a_regrown_slot_inherits_neither_the_amsgrad_maximum_nor_the_sgd_momentu
     assert changed.any() and torch.all(state[changed] == 0) and state[~changed].abs().sum() > 0
 
 
+@pytest.mark.parametrize("key", ["row_var", "col_var"])
+def test_a_regrown_slot_restarts_the_adafactor_second_moment_factors_of_the_pruned_block_at_zero(key):
+    model = TinyMLP()
+    opt = torch.optim.Adafactor(model.parameters(), lr=1e-2)
+    smet = SMET(model, opt, update_interval=1, prune_fraction=0.5)
+    x, target = batch(1)
+    (model(x) - target).pow(2).mean().backward()
+    opt.step()
+    old = model.up.layout.block_indices.clone()
+    smet.step()
+    changed = (model.up.layout.block_indices != old).any(1)
+    state = opt.state[model.up.values][key]
+    assert changed.any() and torch.all(state[changed] == 0) and state[~changed].abs().sum() > 0
+
+
 @pytest.mark.parametrize("name", FRESH_STATE_OPTIMIZERS)
 def test_a_regrown_slot_starts_every_optimizer_state_where_a_fresh_optimizer_starts_it(name):
     """Only Adam's, AMSGrad's and SGD's state restarted: RMSprop's, Adagrad's or Rprop's state of the pruned block
